@@ -1,0 +1,157 @@
+"""The top-level configuration: one section per component, each defined beside its code.
+
+Precedence, lowest first: field defaults, the ``--config`` file (TOML), command-line flags, then
+``section.key=value`` overrides. TOML because Python reads it with the standard library (``tomllib``),
+its values are typed (``steps = 100`` is an int, ``ssd_dirs = ["/a", "/b"]`` a list) and it has no
+YAML-style surprises (``no`` -> False). The resolved config is written back as TOML into the run
+directory, so ``fuyou train --config runs/X/config.toml`` repeats a run.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from fuyou.data.config import DataConfig
+from fuyou.engine.config import OffloadConfig
+from fuyou.errors import ConfigError
+from fuyou.models.config import ModelConfig
+from fuyou.models.presets import preset
+from fuyou.optim.config import AdamWConfig
+from fuyou.planner.config import HardwareConfig
+from fuyou.train.config import TrainConfig
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class RunConfig(BaseModel):
+    """Where a run writes its outputs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    out_dir: str = Field("runs", description="Parent directory of run directories.")
+    name: str | None = Field(None, description="Run directory name (default: model preset and a timestamp).")
+    save_weights: bool = Field(True, description="Write the final weights as model.safetensors.")
+
+
+class FuyouConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: ModelConfig = Field(default_factory=lambda: ModelConfig(**preset("gpt-tiny")))
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    optim: AdamWConfig = Field(default_factory=AdamWConfig)
+    offload: OffloadConfig = Field(default_factory=OffloadConfig)
+    hardware: HardwareConfig = Field(default_factory=HardwareConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+
+
+SECTIONS = {name: f.annotation for name, f in FuyouConfig.model_fields.items()}
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, flags: dict | None = None) -> FuyouConfig:
+    """Build and validate a config from a TOML file, flag values (``{"offload.ssd_dirs": [...]}``)
+    and ``key=value`` strings. Raises ``ConfigError`` with one sentence per problem."""
+    raw: dict[str, dict[str, Any]] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist; see configs/ for examples")
+        try:
+            raw = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{p} is not valid TOML: {e}") from e
+    for key, value in (flags or {}).items():
+        _set(raw, key, value)
+    for item in overrides or []:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} is not of the form section.key=value (e.g. train.steps=100)")
+        _set(raw, key.strip(), _parse_value(text.strip()))
+    return validate(raw)
+
+
+def validate(raw: dict[str, Any]) -> FuyouConfig:
+    for section in raw:
+        if section not in SECTIONS:
+            raise ConfigError(f"unknown section [{section}]; the sections are: {', '.join(SECTIONS)}")
+    model = dict(raw.get("model", {}))
+    if model.get("preset") is not None:
+        model = {**preset(str(model["preset"])), **model}
+    elif "model" not in raw:
+        model = preset("gpt-tiny")
+    try:
+        return FuyouConfig.model_validate({**raw, "model": model})
+    except ValidationError as e:
+        raise ConfigError(explain(e)) from None
+
+
+def explain(err: ValidationError) -> str:
+    """Turn pydantic's report into sentences a user can act on."""
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"])
+        if e["type"] == "extra_forbidden":
+            section = SECTIONS.get(str(e["loc"][0]))
+            allowed = ", ".join(section.model_fields) if section and len(e["loc"]) == 2 else ", ".join(SECTIONS)
+            lines.append(f"unknown key {loc!r}; allowed keys here: {allowed}")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            got = f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict) else ""
+            lines.append(f"{loc}: {msg}{got}")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def _set(raw: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    if len(parts) != 2:
+        raise ConfigError(f"key {dotted!r} must be section.key (sections: {', '.join(SECTIONS)})")
+    raw.setdefault(parts[0], {})
+    if not isinstance(raw[parts[0]], dict):
+        raise ConfigError(f"[{parts[0]}] must be a table")
+    raw[parts[0]][parts[1]] = value
+
+
+def _parse_value(text: str) -> Any:
+    """TOML literal if it parses (numbers, booleans, lists, quoted strings), else the bare string;
+    'none'/'null' unset an optional field."""
+    if text.lower() in ("none", "null"):
+        return None
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def to_toml(cfg: FuyouConfig) -> str:
+    """The resolved config as TOML. TOML has no null: an unset field whose default is also unset is
+    omitted; one whose default is set (``grad_clip``) is written as the string "none"."""
+    out = ["# fuyou resolved configuration: `fuyou train --config THIS_FILE` repeats the run"]
+    for section, values in cfg.model_dump().items():
+        out.append(f"\n[{section}]")
+        fields = SECTIONS[section].model_fields
+        for k, v in values.items():
+            if v is not None:
+                out.append(f"{k} = {_toml_value(v)}")
+            elif fields[k].default is not None:
+                out.append(f'{k} = "none"')
+    return "\n".join(out) + "\n"
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {type(v).__name__} to TOML")

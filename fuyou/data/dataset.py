@@ -1,0 +1,136 @@
+"""Token arrays, the ``.bin`` memmap format, and deterministic batch sampling.
+
+A prepared data directory holds ``train.bin`` and ``val.bin`` (raw little-endian uint16 or uint32
+token ids) and ``meta.json`` (dtype, counts, tokenizer). Batches are drawn by index: batch ``i``
+depends only on (seed, i), so the data position of a run is just its micro-batch counter, which makes
+resuming exact and costs no state.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from fuyou.errors import DataError
+
+META = "meta.json"
+
+
+@dataclass
+class TokenData:
+    """Train and held-out token streams (documents joined with the end-of-document token)."""
+
+    train: np.ndarray
+    val: np.ndarray
+    vocab_size: int
+    eos_id: int
+    tokenizer: str
+
+    def check_fits(self, seq_len: int, model_vocab: int) -> None:
+        if self.vocab_size > model_vocab:
+            raise DataError(
+                f"the tokenizer has {self.vocab_size} tokens but the model's vocab_size is {model_vocab}; "
+                f"set model.vocab_size >= {self.vocab_size}"
+            )
+        for name, arr in (("train", self.train), ("val", self.val)):
+            if len(arr) < seq_len + 1:
+                raise DataError(
+                    f"the {name} split has {len(arr)} tokens, fewer than one sequence of {seq_len}+1; "
+                    f"use more text, a smaller data.seq_len or a different data.val_fraction"
+                )
+
+
+def split_tokens(docs: list[np.ndarray], eos_id: int, val_fraction: float, seed: int = 1234) -> tuple[np.ndarray, np.ndarray]:
+    """Join documents (in a fixed shuffled order) with EOS; the last ``val_fraction`` is held out."""
+    order = np.random.default_rng(seed).permutation(len(docs))
+    eos = np.array([eos_id], dtype=np.int64)
+    joined = np.concatenate([np.concatenate([docs[i].astype(np.int64), eos]) for i in order]) if docs else eos
+    n_val = int(len(joined) * val_fraction)
+    dtype = np.uint16 if joined.max(initial=0) < 2**16 else np.uint32
+    joined = joined.astype(dtype)
+    return joined[: len(joined) - n_val], joined[len(joined) - n_val :]
+
+
+def write_prepared(out_dir: str | Path, data: TokenData) -> None:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    data.train.tofile(out / "train.bin")
+    data.val.tofile(out / "val.bin")
+    meta = {
+        "dtype": str(data.train.dtype), "train_tokens": int(len(data.train)), "val_tokens": int(len(data.val)),
+        "vocab_size": data.vocab_size, "eos_id": data.eos_id, "tokenizer": data.tokenizer,
+    }
+    (out / META).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def read_prepared(path: str | Path) -> TokenData:
+    """Memory-map a prepared directory; sizes are checked against ``meta.json``."""
+    p = Path(path)
+    if not (p / META).is_file():
+        raise DataError(f"{p} is not a prepared data directory (no {META}); create one with `fuyou data prepare`")
+    try:
+        meta = json.loads((p / META).read_text())
+        dtype = np.dtype(meta["dtype"])
+        arrays = {}
+        for split in ("train", "val"):
+            f = p / f"{split}.bin"
+            expect = int(meta[f"{split}_tokens"]) * dtype.itemsize
+            if not f.is_file() or f.stat().st_size != expect:
+                raise DataError(
+                    f"{f} is missing or truncated (expected {expect} bytes); prepare the data again"
+                )
+            arrays[split] = np.memmap(f, dtype=dtype, mode="r") if expect else np.zeros(0, dtype)
+        return TokenData(arrays["train"], arrays["val"], int(meta["vocab_size"]), int(meta["eos_id"]), meta["tokenizer"])
+    except (KeyError, ValueError, TypeError) as e:
+        raise DataError(f"{p / META} is malformed ({e!r}); prepare the data again") from e
+
+
+class BatchSampler:
+    """Random windows of ``seq_len + 1`` tokens; batch ``i`` is a pure function of (seed, i)."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int):
+        self.tokens, self.seq_len, self.batch_size, self.seed = tokens, seq_len, batch_size, seed
+
+    def batch(self, index: int) -> tuple[Tensor, Tensor]:
+        gen = torch.Generator().manual_seed(self.seed * 7_919 + index)
+        hi = len(self.tokens) - self.seq_len - 1
+        starts = torch.randint(0, hi + 1, (self.batch_size,), generator=gen).tolist()
+        return _windows(self.tokens, starts, self.seq_len)
+
+
+class EvalBatches:
+    """A fixed set of evenly spaced held-out windows, the same at every evaluation."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, n_batches: int):
+        hi = len(tokens) - seq_len - 1
+        n = batch_size * n_batches
+        starts = np.linspace(0, hi, num=n).astype(np.int64).tolist()
+        self.batches = [
+            _windows(tokens, starts[i : i + batch_size], seq_len) for i in range(0, n, batch_size)
+        ]
+
+    def __iter__(self):
+        return iter(self.batches)
+
+
+class SyntheticBatches:
+    """Uniform random tokens, for benchmarks: same interface as ``BatchSampler``, no data needed."""
+
+    def __init__(self, vocab_size: int, seq_len: int, batch_size: int, seed: int):
+        self.vocab_size, self.seq_len, self.batch_size, self.seed = vocab_size, seq_len, batch_size, seed
+
+    def batch(self, index: int) -> tuple[Tensor, Tensor]:
+        gen = torch.Generator().manual_seed(self.seed * 7_919 + index)
+        t = torch.randint(0, self.vocab_size, (self.batch_size, self.seq_len + 1), generator=gen)
+        return t[:, :-1].contiguous(), t[:, 1:].contiguous()
+
+
+def _windows(tokens: np.ndarray, starts: list[int], seq_len: int) -> tuple[Tensor, Tensor]:
+    rows = np.stack([np.asarray(tokens[s : s + seq_len + 1], dtype=np.int64) for s in starts])
+    t = torch.from_numpy(rows)
+    return t[:, :-1].contiguous(), t[:, 1:].contiguous()

@@ -1,0 +1,73 @@
+"""Tokenizers: a byte-level one with no files, and Hugging Face tokenizers from a local directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from fuyou.errors import DataError
+
+
+class Tokenizer(Protocol):
+    name: str
+    vocab_size: int
+    eos_id: int
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens 0..255, end-of-document token 256. Vocabulary 257 (models pad to 320)."""
+
+    name = "byte"
+    vocab_size = 257
+    eos_id = 256
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def encode_np(self, text: str) -> np.ndarray:
+        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.uint16)
+
+    def decode(self, ids: list[int]) -> str:
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
+class HFTokenizer:
+    """A tokenizer loaded from a local Hugging Face directory (needs the ``hf`` extra)."""
+
+    def __init__(self, path: str | Path):
+        path = Path(path)
+        if not path.is_dir():
+            raise DataError(f"tokenizer directory {path} does not exist; give a local Hugging Face model directory")
+        try:
+            from transformers import AutoTokenizer  # optional dependency, imported lazily
+        except ImportError:
+            raise DataError(
+                "a Hugging Face tokenizer needs the 'hf' extra: pip install 'fuyou[hf]'"
+            ) from None
+        try:
+            self._tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        except Exception as e:  # transformers raises many kinds; all mean "not a usable tokenizer dir"
+            raise DataError(f"cannot load a tokenizer from {path}: {e}") from e
+        self.name = f"hf:{path}"
+        self.vocab_size = len(self._tok)
+        eos = self._tok.eos_token_id
+        self.eos_id = int(eos) if eos is not None else self.vocab_size - 1
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False)
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(ids)
+
+
+def load_tokenizer(spec: str) -> Tokenizer:
+    """``"byte"`` or a path to a local Hugging Face tokenizer/model directory."""
+    if spec == "byte":
+        return ByteTokenizer()
+    return HFTokenizer(spec)

@@ -1,0 +1,51 @@
+"""Offload settings: where the training state lives and the memory budgets that must be kept."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from fuyou.units import parse_size
+
+
+class OffloadConfig(BaseModel):
+    """'none' trains in memory (the reference); 'ssd' keeps fp32 weights and Adam moments on SSDs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Literal["none", "ssd"] = Field(
+        "none", description="'none': in-memory training; 'ssd': the three-tier engine (SSD, CPU, GPU)."
+    )
+    ssd_dirs: list[str] = Field(
+        default_factory=list,
+        description="Directories on the SSDs (one per drive; large tensors are striped across all of them).",
+    )
+    cpu_mem: int = Field(
+        8 * 1024**3, ge=0, description="CPU memory budget in bytes (or '8GiB'); peak resident memory stays under it."
+    )
+    gpu_mem: int | None = Field(
+        None, ge=0, description="GPU memory budget in bytes (or '20GiB'); default: the device's free memory."
+    )
+    prefetch_depth: int = Field(2, ge=1, description="Stages whose weights are fetched ahead of compute.")
+
+    @field_validator("ssd_dirs", mode="before")
+    @classmethod
+    def _one_dir(cls, v):
+        return [v] if isinstance(v, str) else v
+
+    @field_validator("cpu_mem", "gpu_mem", mode="before")
+    @classmethod
+    def _size(cls, v):
+        return None if v is None else parse_size(v)
+
+    @model_validator(mode="after")
+    def _check_dirs(self) -> "OffloadConfig":
+        if self.mode == "ssd":
+            if not self.ssd_dirs:
+                raise ValueError("offload.mode='ssd' needs at least one directory in offload.ssd_dirs (--ssd DIR)")
+            for d in self.ssd_dirs:
+                if not Path(d).is_dir():
+                    raise ValueError(f"SSD directory {d!r} does not exist or is not a directory; create it first")
+        return self

@@ -1,0 +1,27 @@
+"""Typed errors a user can cause. Each message says what is wrong and what to do about it.
+
+``assert`` is reserved for our own invariants; anything a user's input, disk or budget can trigger
+raises one of these. The CLI prints the message and exits with status 2.
+"""
+
+from __future__ import annotations
+
+
+class FuyouError(Exception):
+    """Base class of every error fuyou raises on purpose."""
+
+
+class ConfigError(FuyouError, ValueError):
+    """A configuration value, file or override is invalid."""
+
+
+class DataError(FuyouError):
+    """A data path, corpus or token file is missing or malformed."""
+
+
+class BudgetError(FuyouError):
+    """A memory or disk budget cannot hold what the configuration needs."""
+
+
+class StoreError(FuyouError):
+    """Base of the SSD tier's errors (I/O failures, corruption, missing space)."""

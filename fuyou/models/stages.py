@@ -1,0 +1,214 @@
+"""Models as a sequence of stages: embedding, one stage per transformer block, head (norm, LM head, loss).
+
+A stage is a *stateless template*: it declares the shapes of its parameters (``ParamSpec``) and is
+called with an explicit parameter dict, so an engine can bind weights that were streamed in from the
+CPU or the SSD (DESIGN.md, Execution model). Nothing is allocated to describe a model; a 175B model's
+stages and counts cost microseconds.
+
+Parameters are named globally ``"<stage>.<local>"`` (``"block.3.qkv.weight"``). Each parameter is
+owned by exactly one stage; a stage may *share* a parameter owned by another (the tied LM head uses
+``"embed.wte"``), which is listed in ``Stage.shared``. Gradients of a shared parameter are summed over
+every stage that uses it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fuyou.models.config import ModelConfig
+from fuyou.models.layers import apply_rope, causal_attention, layer_norm, rms_norm, rope_tables
+
+Init = Literal["normal", "normal_resid", "zeros", "ones"]
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """Shape and initialisation of one parameter. ``decay``: whether weight decay applies to it."""
+
+    shape: tuple[int, ...]
+    init: Init
+    decay: bool
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass
+class Stage:
+    """One unit of the layer loop. Subclasses implement ``forward``."""
+
+    name: str
+    index: int
+    cfg: ModelConfig
+    params: dict[str, ParamSpec] = field(default_factory=dict)
+    shared: dict[str, str] = field(default_factory=dict)  # local name -> global key owned elsewhere
+
+    def key(self, local: str) -> str:
+        return f"{self.name}.{local}"
+
+    @property
+    def num_params(self) -> int:
+        """Parameters this stage owns (shared ones are counted at their owner)."""
+        return sum(s.numel for s in self.params.values())
+
+    @property
+    def matmul_params(self) -> int:
+        """Parameters used as matmul weights in this stage (for the FLOP count)."""
+        return 0
+
+    def bind(self, all_params: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Select this stage's parameters (owned and shared) from a global dict, by local name."""
+        bound = {local: all_params[self.key(local)] for local in self.params}
+        bound.update({local: all_params[gkey] for local, gkey in self.shared.items()})
+        return bound
+
+    def init_params(self, seed: int, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
+        """Initialise this stage's owned parameters on the CPU, independently of every other stage.
+
+        The generator is seeded from (seed, stage index), so an engine can initialise stage i alone,
+        straight into its offload tier, and get the same values as whole-model initialisation.
+        """
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + self.index)
+        std, resid_std = self.cfg.init_std, self.cfg.init_std / math.sqrt(2 * self.cfg.n_layer)
+        out: dict[str, Tensor] = {}
+        for local, spec in self.params.items():
+            if spec.init == "zeros":
+                t = torch.zeros(spec.shape)
+            elif spec.init == "ones":
+                t = torch.ones(spec.shape)
+            else:
+                s = resid_std if spec.init == "normal_resid" else std
+                t = torch.empty(spec.shape).normal_(0.0, s, generator=gen)
+            out[self.key(local)] = t.to(dtype)
+        return out
+
+    def forward(self, params: dict[str, Tensor], x: Tensor, targets: Tensor | None = None) -> Tensor:
+        raise NotImplementedError
+
+
+class EmbeddingStage(Stage):
+    """Token embedding (plus learned positions for GPT). Input: token ids (B, T). Output: (B, T, D)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__("embed", 0, cfg)
+        self.params["wte"] = ParamSpec((cfg.vocab_size, cfg.d_model), "normal", decay=False)
+        if cfg.family == "gpt":
+            self.params["wpe"] = ParamSpec((cfg.max_seq_len, cfg.d_model), "normal", decay=False)
+
+    def forward(self, params, x, targets=None):
+        h = F.embedding(x, params["wte"])
+        if "wpe" in params:
+            h = h + params["wpe"][: x.shape[1]]
+        return h
+
+
+class GPTBlock(Stage):
+    """Pre-norm GPT-2/3 block: LN, fused QKV, causal attention, projection; LN, FC1, GELU(tanh), FC2."""
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__(f"block.{layer}", layer + 1, cfg)
+        d, f = cfg.d_model, cfg.ff_dim
+        p = self.params
+        p["ln1.weight"], p["ln1.bias"] = ParamSpec((d,), "ones", False), ParamSpec((d,), "zeros", False)
+        p["qkv.weight"], p["qkv.bias"] = ParamSpec((3 * d, d), "normal", True), ParamSpec((3 * d,), "zeros", False)
+        p["proj.weight"], p["proj.bias"] = ParamSpec((d, d), "normal_resid", True), ParamSpec((d,), "zeros", False)
+        p["ln2.weight"], p["ln2.bias"] = ParamSpec((d,), "ones", False), ParamSpec((d,), "zeros", False)
+        p["fc1.weight"], p["fc1.bias"] = ParamSpec((f, d), "normal", True), ParamSpec((f,), "zeros", False)
+        p["fc2.weight"], p["fc2.bias"] = ParamSpec((d, f), "normal_resid", True), ParamSpec((d,), "zeros", False)
+
+    @property
+    def matmul_params(self) -> int:
+        return sum(self.params[k].numel for k in ("qkv.weight", "proj.weight", "fc1.weight", "fc2.weight"))
+
+    def forward(self, params, x, targets=None):
+        cfg = self.cfg
+        B, T, D = x.shape
+        h = layer_norm(x, params["ln1.weight"], params["ln1.bias"], cfg.norm_eps)
+        qkv = F.linear(h, params["qkv.weight"], params["qkv.bias"])
+        q, k, v = qkv.view(B, T, 3, cfg.n_head, cfg.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        a = causal_attention(q, k, v).transpose(1, 2).reshape(B, T, D)
+        x = x + F.linear(a, params["proj.weight"], params["proj.bias"])
+        h = layer_norm(x, params["ln2.weight"], params["ln2.bias"], cfg.norm_eps)
+        h = F.gelu(F.linear(h, params["fc1.weight"], params["fc1.bias"]), approximate="tanh")
+        return x + F.linear(h, params["fc2.weight"], params["fc2.bias"])
+
+
+class LlamaBlock(Stage):
+    """Llama block: RMSNorm, Q/K/V with RoPE and grouped-query attention, O; RMSNorm, SwiGLU MLP."""
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__(f"block.{layer}", layer + 1, cfg)
+        d, f, kvd = cfg.d_model, cfg.ff_dim, cfg.kv_heads * cfg.head_dim
+        p = self.params
+        p["attn_norm.weight"] = ParamSpec((d,), "ones", False)
+        p["q.weight"] = ParamSpec((d, d), "normal", True)
+        p["k.weight"] = ParamSpec((kvd, d), "normal", True)
+        p["v.weight"] = ParamSpec((kvd, d), "normal", True)
+        p["o.weight"] = ParamSpec((d, d), "normal_resid", True)
+        p["mlp_norm.weight"] = ParamSpec((d,), "ones", False)
+        p["gate.weight"] = ParamSpec((f, d), "normal", True)
+        p["up.weight"] = ParamSpec((f, d), "normal", True)
+        p["down.weight"] = ParamSpec((d, f), "normal_resid", True)
+        self._rope: dict[tuple, tuple[Tensor, Tensor]] = {}
+
+    @property
+    def matmul_params(self) -> int:
+        return sum(s.numel for k, s in self.params.items() if not k.endswith("norm.weight"))
+
+    def _tables(self, T: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        key = (T, str(device))
+        if key not in self._rope:
+            self._rope[key] = rope_tables(T, self.cfg.head_dim, self.cfg.rope_theta, device)
+        return self._rope[key]
+
+    def forward(self, params, x, targets=None):
+        cfg = self.cfg
+        B, T, D = x.shape
+        hd = cfg.head_dim
+        h = rms_norm(x, params["attn_norm.weight"], cfg.norm_eps)
+        q = F.linear(h, params["q.weight"]).view(B, T, cfg.n_head, hd).transpose(1, 2)
+        k = F.linear(h, params["k.weight"]).view(B, T, cfg.kv_heads, hd).transpose(1, 2)
+        v = F.linear(h, params["v.weight"]).view(B, T, cfg.kv_heads, hd).transpose(1, 2)
+        cos, sin = self._tables(T, x.device)
+        a = causal_attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)
+        x = x + F.linear(a.transpose(1, 2).reshape(B, T, D), params["o.weight"])
+        h = rms_norm(x, params["mlp_norm.weight"], cfg.norm_eps)
+        h = F.silu(F.linear(h, params["gate.weight"])) * F.linear(h, params["up.weight"])
+        return x + F.linear(h, params["down.weight"])
+
+
+class HeadStage(Stage):
+    """Final norm, LM head and mean cross-entropy (computed in fp32). Returns the loss when given
+    ``targets``, the logits otherwise."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__("head", cfg.n_layer + 1, cfg)
+        d = cfg.d_model
+        self.params["norm.weight"] = ParamSpec((d,), "ones", False)
+        if cfg.family == "gpt":
+            self.params["norm.bias"] = ParamSpec((d,), "zeros", False)
+        if cfg.tie_embeddings:
+            self.shared["lm_head.weight"] = "embed.wte"
+        else:
+            self.params["lm_head.weight"] = ParamSpec((cfg.vocab_size, d), "normal", True)
+
+    @property
+    def matmul_params(self) -> int:
+        return self.cfg.vocab_size * self.cfg.d_model
+
+    def forward(self, params, x, targets=None):
+        if "norm.bias" in params:
+            h = layer_norm(x, params["norm.weight"], params["norm.bias"], self.cfg.norm_eps)
+        else:
+            h = rms_norm(x, params["norm.weight"], self.cfg.norm_eps)
+        logits = F.linear(h, params["lm_head.weight"]).float()
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1))

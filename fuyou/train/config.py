@@ -1,0 +1,42 @@
+"""Training-run configuration: steps, batch, schedule, precision, logging."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class TrainConfig(BaseModel):
+    """One training run. Tokens per step = micro_batch_size * grad_accum * data.seq_len."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    steps: int = Field(240, ge=1, description="Optimizer steps to run.")
+    micro_batch_size: int = Field(16, ge=1, description="Sequences per forward/backward pass.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated into one optimizer step.")
+    warmup_steps: int = Field(20, ge=0, description="Linear learning-rate warm-up steps (capped at `steps`).")
+    min_lr_ratio: float = Field(
+        0.1, ge=0, le=1, description="The cosine schedule decays to this fraction of the peak learning rate."
+    )
+    grad_clip: float | None = Field(
+        1.0, gt=0, description="Global gradient-norm clipping threshold; unset (or 'none' on the CLI) disables it."
+    )
+    precision: Literal["fp32", "bf16"] = Field(
+        "bf16", description="Compute precision: 'bf16' (autocast, fp32 master weights and moments) or 'fp32'."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Compute device; 'auto' picks CUDA when available, else the CPU."
+    )
+    seed: int = Field(1234, ge=0, description="Seed of weight init and data order.")
+    eval_every: int = Field(80, ge=0, description="Evaluate every N steps (0: only at start and end).")
+    eval_batches: int = Field(8, ge=1, description="Held-out batches per evaluation.")
+    log_every: int = Field(10, ge=1, description="Write a metrics line every N steps.")
+    threads: int | None = Field(
+        None, ge=1, description="CPU threads for torch (default: torch's choice, usually the core count)."
+    )
+
+    @field_validator("grad_clip", mode="before")
+    @classmethod
+    def _none(cls, v):
+        return None if isinstance(v, str) and v.lower() in ("none", "off") else v

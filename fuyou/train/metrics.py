@@ -1,0 +1,62 @@
+"""What a run shows and records: a progress line and a JSON-lines metrics log."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import TextIO
+
+
+class MetricsLog:
+    """Append-only JSON lines; each line is flushed so a crash loses at most the line being written."""
+
+    def __init__(self, path: Path):
+        self._fh = path.open("a", encoding="utf-8")
+
+    def write(self, record: dict) -> None:
+        self._fh.write(json.dumps(record) + "\n")
+        self._fh.flush()
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+class Progress:
+    """A one-line progress bar on a terminal; plain lines every ``log_every`` steps otherwise."""
+
+    def __init__(self, total: int, log_every: int, stream: TextIO = sys.stderr):
+        self.total, self.log_every, self.stream = total, log_every, stream
+        self.tty = stream.isatty()
+        self.start = time.perf_counter()
+
+    def update(self, step: int, fields: dict[str, str]) -> None:
+        done = step + 1
+        elapsed = time.perf_counter() - self.start
+        eta = elapsed / done * (self.total - done)
+        width = 20
+        filled = int(width * done / self.total)
+        bar = "█" * filled + "░" * (width - filled)
+        text = f"step {done}/{self.total} |{bar}| " + " | ".join(f"{k} {v}" for k, v in fields.items())
+        text += f" | eta {int(eta // 60)}:{int(eta % 60):02d}"
+        if self.tty:
+            self.stream.write("\r" + text + "\033[K")
+            if done == self.total:
+                self.stream.write("\n")
+            self.stream.flush()
+        elif done % self.log_every == 0 or done == self.total or done == 1:
+            print(text, file=self.stream, flush=True)
+
+    def message(self, text: str) -> None:
+        if self.tty:
+            self.stream.write("\r\033[K")
+        print(text, file=self.stream, flush=True)
+
+
+def si(x: float) -> str:
+    """3 significant figures with a k/M/G suffix: 15320 -> '15.3k'."""
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.3g}{unit}"
+    return f"{x:.3g}"

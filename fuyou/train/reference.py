@@ -1,0 +1,127 @@
+"""The in-memory reference trainer: plain PyTorch on the stage model.
+
+Every parameter, gradient and Adam moment lives in memory on one device. This is ``--offload none``
+and the ground truth of every equivalence test: the offloaded engine must reproduce its weights
+(exactly in fp32 where the arithmetic order matches).
+
+One optimizer step: for each of ``grad_accum`` micro-batches, the loss divided by ``grad_accum`` is
+back-propagated (gradients accumulate in fp32); then the global gradient norm is clipped, the
+learning rate set from the schedule and ``torch.optim.AdamW`` (single-tensor, fp32) steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from contextlib import nullcontext
+
+import torch
+from torch import Tensor
+
+from fuyou.config import FuyouConfig
+from fuyou.data import BatchSampler, EvalBatches, SyntheticBatches, TokenData
+from fuyou.models import StageModel
+from fuyou.train.schedule import lr_at
+
+
+@dataclass
+class StepStats:
+    loss: float
+    lr: float
+    grad_norm: float | None
+    tokens: int
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        from fuyou.errors import ConfigError
+
+        raise ConfigError("train.device='cuda' but no CUDA GPU is available; use train.device=cpu or auto")
+    return torch.device(name)
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def make_batches(cfg: FuyouConfig, data: TokenData | None) -> tuple[BatchSampler | SyntheticBatches, EvalBatches | None]:
+    t, seq = cfg.train, cfg.data.seq_len
+    if data is None:
+        train = SyntheticBatches(cfg.model.vocab_size, seq, t.micro_batch_size, t.seed)
+        return train, None
+    data.check_fits(seq, cfg.model.vocab_size)
+    return BatchSampler(data.train, seq, t.micro_batch_size, t.seed), EvalBatches(data.val, seq, t.micro_batch_size, t.eval_batches)
+
+
+def param_groups(model: StageModel, params: dict[str, Tensor], weight_decay: float) -> list[dict]:
+    specs = model.param_specs()
+    decay = [params[k] for k, s in specs.items() if s.decay]
+    no_decay = [params[k] for k, s in specs.items() if not s.decay]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class ReferenceTrainer:
+    """In-memory training of ``StageModel`` (see the module docstring)."""
+
+    def __init__(self, cfg: FuyouConfig, data: TokenData | None):
+        self.cfg = cfg
+        self.device = resolve_device(cfg.train.device)
+        self.model = StageModel(cfg.model)
+        if cfg.data.seq_len > cfg.model.max_seq_len and cfg.model.family == "gpt":
+            from fuyou.errors import ConfigError
+
+            raise ConfigError(
+                f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len} "
+                f"(the GPT position table); lower data.seq_len or raise model.max_seq_len"
+            )
+        self.params = {
+            k: v.to(self.device).requires_grad_(True) for k, v in self.model.init_params(cfg.train.seed).items()
+        }
+        o = cfg.optim
+        self.opt = torch.optim.AdamW(
+            param_groups(self.model, self.params, o.weight_decay),
+            lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, foreach=False,
+        )
+        self.batches, self.eval_batches = make_batches(cfg, data)
+
+    def train_step(self, step: int) -> StepStats:
+        t = self.cfg.train
+        total = 0.0
+        for j in range(t.grad_accum):
+            x, y = (b.to(self.device) for b in self.batches.batch(step * t.grad_accum + j))
+            with autocast(self.device, t.precision):
+                loss = self.model.forward_loss(self.params, x, y) / t.grad_accum
+            loss.backward()
+            total += loss.detach()
+        grad_norm = None
+        if t.grad_clip is not None:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(list(self.params.values()), t.grad_clip))
+        lr = lr_at(step, self.cfg.optim.lr, t.steps, t.warmup_steps, t.min_lr_ratio)
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        tokens = t.grad_accum * t.micro_batch_size * self.cfg.data.seq_len
+        return StepStats(float(total), lr, grad_norm, tokens)  # float(): a sync point on CUDA
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        if self.eval_batches is None:
+            return None
+        losses = []
+        for x, y in self.eval_batches:
+            with autocast(self.device, self.cfg.train.precision):
+                losses.append(float(self.model.forward_loss(self.params, x.to(self.device), y.to(self.device))))
+        return sum(losses) / len(losses)
+
+    def state(self) -> dict[str, Tensor]:
+        """Weights by global key (fp32)."""
+        return {k: v.detach() for k, v in self.params.items()}
+
+    def optimizer_state(self) -> dict[str, dict[str, Tensor]]:
+        """Adam moments by global key: {"exp_avg": ..., "exp_avg_sq": ...}."""
+        by_id = {id(p): k for k, p in self.params.items()}
+        return {by_id[id(p)]: {"exp_avg": s["exp_avg"], "exp_avg_sq": s["exp_avg_sq"]} for p, s in self.opt.state.items()}

@@ -1,0 +1,42 @@
+"""Byte sizes as users write them ("4GiB", "512MB", "1.5 GiB", 4096)."""
+
+from __future__ import annotations
+
+import re
+
+from fuyou.errors import ConfigError
+
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3, "t": 1000**4, "tb": 1000**4,
+    "ki": 1024, "kib": 1024, "mi": 1024**2, "mib": 1024**2, "gi": 1024**3, "gib": 1024**3,
+    "ti": 1024**4, "tib": 1024**4,
+}
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_size(value: int | float | str) -> int:
+    """Return a size in bytes. Decimal units (GB) are powers of 1000, binary units (GiB) of 1024."""
+    if isinstance(value, bool):
+        raise ConfigError(f"expected a size such as '4GiB' or a number of bytes, got {value!r}")
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise ConfigError(f"a size cannot be negative, got {value}")
+        return int(value)
+    m = _SIZE.match(str(value))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ConfigError(
+            f"cannot read {value!r} as a size; write a number of bytes or a number with a unit "
+            f"such as 512MiB, 4GiB, 2GB (binary units: KiB MiB GiB TiB; decimal: KB MB GB TB)"
+        )
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def format_size(n: int | float) -> str:
+    """Human-readable binary size: 1536 -> '1.50 KiB'."""
+    n = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")

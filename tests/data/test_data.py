@@ -1,0 +1,72 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fuyou.data import BatchSampler, DataConfig, EvalBatches, SyntheticBatches, load_data
+from fuyou.data.dataset import read_prepared
+from fuyou.errors import DataError
+from fuyou.cli import main
+
+
+def test_builtin_corpus_is_real_text():
+    d = load_data(DataConfig())
+    assert len(d.train) > 400_000 and len(d.val) > 10_000
+    assert d.vocab_size == 257 and d.train.max() <= 256
+    text = bytes(int(t) for t in d.train[:2000] if t < 256).decode("utf-8", "replace")
+    assert sum(c.isalpha() for c in text) > 1000
+
+
+def test_batches_are_a_function_of_the_index():
+    d = load_data(DataConfig())
+    s = BatchSampler(d.train, 32, 4, seed=1)
+    x1, y1 = s.batch(5)
+    s.batch(0)
+    x2, y2 = s.batch(5)
+    assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    assert torch.equal(x1[:, 1:], y1[:, :-1])
+    assert not torch.equal(s.batch(6)[0], x1)
+    e = list(EvalBatches(d.val, 32, 4, 3))
+    assert len(e) == 3 and e[0][0].shape == (4, 32)
+    sx, sy = SyntheticBatches(320, 16, 2, 0).batch(3)
+    assert sx.shape == (2, 16) and int(sx.max()) < 320
+
+
+def test_prepare_text_and_jsonl(tmp_path, capsys):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.txt").write_text("hello world " * 200)
+    (tmp_path / "docs" / "b.jsonl").write_text("\n".join(json.dumps({"text": f"doc {i} " * 50}) for i in range(20)))
+    out = tmp_path / "prepared"
+    assert main(["data", "prepare", str(tmp_path / "docs"), "--out", str(out)]) == 0
+    d = read_prepared(out)
+    assert d.train.dtype == np.uint16 and len(d.train) + len(d.val) > 2400 + 20 * 300
+    d2 = load_data(DataConfig(source="prepared", path=[str(out)]))
+    assert np.array_equal(np.asarray(d2.val), np.asarray(d.val))
+    d3 = load_data(DataConfig(source="text", path=[str(tmp_path / "docs")]))
+    assert np.array_equal(d3.train, np.asarray(d.train))
+
+
+def test_prepared_truncated_file_is_reported(tmp_path):
+    (tmp_path / "t.txt").write_text("some text " * 500)
+    out = tmp_path / "p"
+    main(["data", "prepare", str(tmp_path / "t.txt"), "--out", str(out)])
+    with open(out / "train.bin", "r+b") as fh:
+        fh.truncate(100)
+    with pytest.raises(DataError, match="truncated"):
+        read_prepared(out)
+
+
+def test_bad_jsonl_line_names_the_line(tmp_path):
+    f = tmp_path / "x.jsonl"
+    f.write_text('{"text": "ok"}\nnot json\n')
+    with pytest.raises(DataError, match=r"x.jsonl:2"):
+        load_data(DataConfig(source="text", path=[str(f)]))
+
+
+def test_too_short_data_is_refused(tmp_path):
+    f = tmp_path / "tiny.txt"
+    f.write_text("ab")
+    d = load_data(DataConfig(source="text", path=[str(f)]))
+    with pytest.raises(DataError, match="fewer than one sequence"):
+        d.check_fits(128, 320)

@@ -1,0 +1,37 @@
+import math
+
+import pytest
+
+from fuyou.models import PRESETS, ModelConfig, StageModel, preset
+from fuyou.errors import ConfigError
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("gpt3-125m", 125.2e6), ("gpt3-350m", 355.9e6), ("gpt3-1.3b", 1.3157e9), ("gpt3-2.7b", 2.65e9),
+    ("gpt3-13b", 12.853e9), ("gpt3-175b", 174.604e9), ("llama-7b", 6.738e9), ("llama-13b", 13.016e9),
+    ("llama-70b", 68.977e9),
+])
+def test_parameter_counts_match_names(name, expected):
+    n = StageModel(ModelConfig(**preset(name))).num_params
+    assert math.isclose(n, expected, rel_tol=2e-3), (name, n)
+
+
+def test_175b_exact_count_without_allocating():
+    # 96 * (12 d^2 + 13 d) + vocab*d + 2048*d + 2d, d = 12288
+    d = 12288
+    expect = 96 * (12 * d * d + 13 * d) + 50257 * d + 2048 * d + 2 * d
+    model = StageModel(ModelConfig(**preset("gpt3-175b")))
+    assert model.num_params == expect == 174_604_259_328
+    assert len(model.stages) == 98
+
+
+def test_every_preset_builds():
+    for name in PRESETS:
+        m = StageModel(ModelConfig(**preset(name)))
+        assert m.num_params > 0
+        assert m.flops_per_token(1024) > 6 * m.matmul_params
+
+
+def test_unknown_preset():
+    with pytest.raises(ConfigError, match="unknown model preset 'gpt5'.*gpt3-175b"):
+        preset("gpt5")

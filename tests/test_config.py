@@ -1,0 +1,53 @@
+import pytest
+
+from fuyou.config import load_config, to_toml
+from fuyou.errors import ConfigError
+
+
+def test_defaults_and_overrides():
+    cfg = load_config(overrides=["train.steps=7", "optim.lr=3e-4", "model.preset=gpt3-125m", "model.n_layer=2"])
+    assert cfg.train.steps == 7 and cfg.optim.lr == 3e-4
+    assert cfg.model.d_model == 768 and cfg.model.n_layer == 2  # explicit field beats the preset
+    assert load_config().model.preset == "gpt-tiny"
+
+
+def test_file_then_flags_then_overrides(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text('[train]\nsteps = 5\nprecision = "fp32"\n[offload]\ncpu_mem = "4GiB"\n')
+    cfg = load_config(f, ["train.steps=9"], {"train.steps": 6, "offload.gpu_mem": "2GiB"})
+    assert cfg.train.steps == 9 and cfg.train.precision == "fp32"
+    assert cfg.offload.cpu_mem == 4 * 1024**3 and cfg.offload.gpu_mem == 2 * 1024**3
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(overrides=["train.grad_clip=none", "model.preset=llama-test"])
+    f = tmp_path / "r.toml"
+    f.write_text(to_toml(cfg))
+    again = load_config(f)
+    assert again == cfg and again.train.grad_clip is None
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["train.stepz=3"], r"unknown key 'train.stepz'; allowed keys here: steps, micro_batch_size"),
+    (["bogus.x=1"], r"unknown section \[bogus\]"),
+    (["train.steps=-3"], r"train.steps: Input should be greater than or equal to 1"),
+    (["offload.cpu_mem=-1"], r"offload.cpu_mem"),
+    (["offload.cpu_mem=lots"], r"cannot read 'lots' as a size"),
+    (["model.n_head=5"], r"n_head=5 does not divide d_model=256"),
+    (["model.preset=llama-test", "model.n_kv_head=3"], r"n_kv_head=3 does not divide n_head=4"),
+    (["train.precision=fp8"], r"train.precision: Input should be 'fp32' or 'bf16'"),
+    (["data.source=text", "data.path=/no/such/file"], r"data path '/no/such/file' does not exist"),
+    (["data.source=prepared"], r"needs data.path"),
+    (["offload.mode=ssd"], r"needs at least one directory"),
+    (["offload.mode=ssd", "offload.ssd_dirs=/no/such/dir"], r"SSD directory '/no/such/dir' does not exist"),
+    (["model.preset=gpt9"], r"unknown model preset 'gpt9'"),
+    (["trainsteps"], r"not of the form section.key=value"),
+])
+def test_bad_config_says_what_is_wrong(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides=overrides)
+
+
+def test_missing_config_file():
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("/no/such.toml")
