@@ -1,0 +1,157 @@
+"""Where a stored tensor lives: the record type, striping arithmetic and the manifest file.
+
+One :class:`TensorRecord` per stored tensor. Its states:
+
+* **allocated** -- the extent(s) are reserved (``posix_fallocate``) and every checksum is ``None``;
+  reading returns whatever the disk holds (zeros on a fresh file) unchecked.
+* **written** -- blocks written with ``verify_checksums`` carry a CRC32 of their logical bytes;
+  blocks written without it (or through kvikio from GPU memory) go back to ``None`` (unchecked).
+
+Striping (RAID-0 style): the tensor's bytes, padded to 4 KiB, are cut into ``stripe_unit`` pieces;
+piece ``s`` goes to lane ``s % lanes``, at offset ``(s // lanes) * stripe_unit`` inside that lane's
+extent. Each lane is one contiguous extent in one directory's data file. A tensor no larger than
+``stripe_unit`` has one lane.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fuyou.store.aligned import round_up
+
+MANIFEST = "fuyou-store.json"
+MARKER = "fuyou-store.id"
+FORMAT_VERSION = 1
+
+_DTYPES: dict[str, torch.dtype] = {
+    name: getattr(torch, name)
+    for name in ("float32", "float64", "float16", "bfloat16", "int8", "uint8", "int16", "int32", "int64",
+                 "bool", "complex64", "float8_e4m3fn", "float8_e5m2", "uint16", "uint32", "uint64")
+    if hasattr(torch, name)
+}
+SUPPORTED_DTYPES: tuple[torch.dtype, ...] = tuple(_DTYPES.values())
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    return _DTYPES[name]
+
+
+def data_file_name(index: int) -> str:
+    return f"fuyou-store.{index}.dat"
+
+
+@dataclass(frozen=True)
+class Extent:
+    """A contiguous byte range of one directory's data file (offset and length multiples of 4 KiB)."""
+
+    dir_index: int
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    """What a caller needs to know about a stored tensor."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        return self.nbytes // torch.empty((), dtype=self.dtype).element_size()
+
+
+@dataclass
+class TensorRecord:
+    """The one record of a stored tensor: shape, dtype, location (striped extents) and checksums.
+
+    ``checksums[i]`` is the CRC32 of logical bytes ``[i*checksum_block, (i+1)*checksum_block)``
+    (clipped to ``nbytes``), or ``None`` when unchecked (see the module docstring for states).
+    """
+
+    key: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    nbytes: int
+    stripe_unit: int
+    extents: tuple[Extent, ...]
+    checksum_block: int
+    checksums: list[int | None] = field(default_factory=list)
+
+    @property
+    def meta(self) -> TensorMeta:
+        return TensorMeta(self.shape, self.dtype, self.nbytes)
+
+    @property
+    def padded(self) -> int:
+        return round_up(max(self.nbytes, 1))
+
+    def locate(self, byte_offset: int) -> tuple[Extent, int, int]:
+        """(extent, file offset, bytes left in this stripe piece) of a logical byte offset."""
+        su, lanes = self.stripe_unit, len(self.extents)
+        s = byte_offset // su
+        ext = self.extents[s % lanes]
+        inner = (s // lanes) * su + byte_offset % su
+        return ext, ext.offset + inner, su - byte_offset % su
+
+    def to_json(self) -> dict[str, Any]:
+        return {"shape": list(self.shape), "dtype": dtype_name(self.dtype), "nbytes": self.nbytes,
+                "stripe_unit": self.stripe_unit, "checksum_block": self.checksum_block,
+                "extents": [[e.dir_index, e.offset, e.length] for e in self.extents],
+                "checksums": self.checksums}
+
+    @classmethod
+    def from_json(cls, key: str, d: dict[str, Any]) -> "TensorRecord":
+        return cls(key=key, shape=tuple(int(x) for x in d["shape"]), dtype=dtype_from_name(d["dtype"]),
+                   nbytes=int(d["nbytes"]), stripe_unit=int(d["stripe_unit"]),
+                   extents=tuple(Extent(int(a), int(b), int(c)) for a, b, c in d["extents"]),
+                   checksum_block=int(d["checksum_block"]),
+                   checksums=[None if c is None else int(c) for c in d["checksums"]])
+
+
+def plan_extents(padded: int, stripe_unit: int, next_offsets: list[int]) -> tuple[int, tuple[Extent, ...]]:
+    """Place ``padded`` bytes: one extent in the least-used directory, or striped over all of them.
+
+    Returns (stripe_unit used, extents). Does not change ``next_offsets``.
+    """
+    ndirs = len(next_offsets)
+    order = sorted(range(ndirs), key=lambda i: (next_offsets[i], i))
+    if padded <= stripe_unit or ndirs == 1:
+        d = order[0]
+        return max(padded, stripe_unit), (Extent(d, next_offsets[d], padded),)
+    pieces = -(-padded // stripe_unit)
+    lanes = min(ndirs, pieces)
+    extents = []
+    for lane in range(lanes):
+        n_lane = len(range(lane, pieces, lanes))
+        last_is_here = (pieces - 1) % lanes == lane
+        length = n_lane * stripe_unit - ((pieces * stripe_unit - padded) if last_is_here else 0)
+        d = order[lane]
+        extents.append(Extent(d, next_offsets[d], length))
+    return stripe_unit, tuple(extents)
+
+
+def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+    """Write JSON durably: tmp file, fsync, rename over ``path``, fsync the directory."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(payload, f, separators=(",", ":"))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)

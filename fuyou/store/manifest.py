@@ -1,0 +1,58 @@
+"""Reading and validating a store's manifest and directory markers; the free-space preflight."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from fuyou.store import layout as L
+from fuyou.store.errors import StoreCorruptError, StoreNotFoundError, StoreSpaceError, StoreUsageError
+
+__all__ = ["preflight", "read_manifest"]
+
+
+def preflight(need: dict[Path, int]) -> None:
+    """Raise :class:`StoreSpaceError` when any directory lacks the bytes it must receive."""
+    have = {d: shutil.disk_usage(d).free for d in need}
+    # directories on one file system share its free space
+    by_dev: dict[int, int] = {}
+    for d, n in need.items():
+        by_dev[os.stat(d).st_dev] = by_dev.get(os.stat(d).st_dev, 0) + n
+    if any(by_dev[os.stat(d).st_dev] > have[d] for d in need):
+        raise StoreSpaceError({str(d): (n, have[d]) for d, n in need.items()})
+
+
+def read_manifest(paths: list[Path]) -> dict:
+    mpath = paths[0] / L.MANIFEST
+    if not mpath.exists():
+        for i, d in enumerate(paths):
+            try:
+                marker = json.loads((d / L.MARKER).read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            raise StoreUsageError(f"{d} is directory {marker.get('index')} of a store but was listed at position "
+                                  f"{i}; list the store's directories in their original order (the first one "
+                                  f"holds {L.MANIFEST})")
+        raise StoreNotFoundError(f"no store in {paths[0]} (missing {L.MANIFEST}); create one with TensorStore.create")
+    try:
+        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+        ok = manifest.get("format") == L.FORMAT_VERSION and len(manifest["next_offsets"]) == len(manifest["dirs"])
+    except (ValueError, KeyError, AttributeError) as exc:
+        raise StoreCorruptError(None, str(mpath), f"manifest unreadable ({exc})") from exc
+    if not ok:
+        raise StoreCorruptError(None, str(mpath), f"manifest format {manifest.get('format')!r} is not "
+                                f"{L.FORMAT_VERSION} or its directory list is inconsistent")
+    if len(manifest["dirs"]) != len(paths):
+        raise StoreUsageError(f"the store was created over {len(manifest['dirs'])} directories "
+                              f"{manifest['dirs']}; {len(paths)} were given. List them all, in order.")
+    for i, d in enumerate(paths):
+        try:
+            marker = json.loads((d / L.MARKER).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise StoreUsageError(f"{d} has no readable {L.MARKER}: it is not part of this store ({exc})") from exc
+        if marker.get("uuid") != manifest["uuid"] or marker.get("index") != i:
+            raise StoreUsageError(f"{d} belongs to another store or to position {marker.get('index')} of this "
+                                  f"one; list the store's directories in their original order: {manifest['dirs']}")
+    return manifest

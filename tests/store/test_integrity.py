@@ -1,0 +1,121 @@
+"""Corruption, truncation, full disk, permissions and preflight space checks."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from fuyou.errors import StoreError
+from fuyou.store import (StoreConfig, StoreCorruptError, StoreFullError, StorePermissionError, StoreSpaceError,
+                         TensorStore)
+from fuyou.store.errors import io_error_from_oserror
+
+from store_testutil import SMALL
+
+
+def _store_with(tmp_path, cfg, t):
+    with TensorStore.create([tmp_path], cfg) as store:
+        store.allocate("block 3 / exp_avg_sq", t.shape, t.dtype)
+        store.write_from("block 3 / exp_avg_sq", t).result()
+        return store.record("block 3 / exp_avg_sq").extents[0], str(tmp_path / "fuyou-store.0.dat")
+
+
+def test_flipped_byte_is_reported_not_returned(tmp_path, cfg):
+    t = torch.randn(20_000)
+    ext, path = _store_with(tmp_path, cfg, t)
+    with open(path, "r+b") as f:
+        f.seek(ext.offset + 40_000)
+        b = f.read(1)
+        f.seek(ext.offset + 40_000)
+        f.write(bytes([b[0] ^ 0x10]))
+    with TensorStore.open([tmp_path], cfg) as store:
+        with pytest.raises(StoreCorruptError, match="block 3 / exp_avg_sq.*fuyou-store.0.dat.*CRC32 mismatch") as e:
+            store.read_into("block 3 / exp_avg_sq", torch.empty_like(t)).result(timeout=30)
+        assert e.value.key == "block 3 / exp_avg_sq" and e.value.path == path
+        ok = torch.empty(4096)  # the untouched first checksum block still reads fine
+        store.read_into("block 3 / exp_avg_sq", ok).result()
+        assert torch.equal(ok, t[:4096])
+
+
+def test_truncated_file_detected_at_open_and_at_read(tmp_path, cfg):
+    t = torch.randn(20_000)
+    ext, path = _store_with(tmp_path, cfg, t)
+    os.truncate(path, ext.offset + 16_384)
+    with pytest.raises(StoreCorruptError, match="truncated"):
+        TensorStore.open([tmp_path], cfg)
+    os.truncate(path, ext.offset + ext.length)          # restore the size, then truncate behind its back
+    with TensorStore.open([tmp_path], cfg) as store:
+        os.truncate(path, ext.offset + 16_384)
+        with pytest.raises(StoreCorruptError, match="truncated") as e:
+            store.read_into("block 3 / exp_avg_sq", torch.empty_like(t)).result(timeout=30)
+        assert e.value.key == "block 3 / exp_avg_sq"
+        os.truncate(path, ext.offset + ext.length)
+
+
+FULL_DISK = textwrap.dedent("""
+    import resource, signal, sys, torch
+    from fuyou.store import StoreConfig, StoreFullError, TensorStore
+    cfg = StoreConfig(block_size="16KiB", checksum_block="16KiB", stripe_unit="64KiB")
+    store = TensorStore.create([sys.argv[1]], cfg)
+    store.allocate("early", (4 << 20,), torch.uint8)            # preallocated before the limit
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.RLIM_INFINITY))
+    try:
+        store.allocate("late", (4 << 20,), torch.uint8)
+        print("allocate: no error")
+    except StoreFullError as e:
+        print("allocate:", type(e).__name__, e.errno == 27, e.path.endswith(".dat"), "late" not in store)
+    fut = store.write_from("early", torch.ones(4 << 20, dtype=torch.uint8))
+    try:
+        fut.result(timeout=30)
+        print("write: no error")
+    except StoreFullError as e:
+        print("write:", type(e).__name__, e.errno == 27, e.offset >= 1 << 20, "early" in str(e))
+""")
+
+
+def test_file_size_limit_gives_typed_full_error(tmp_path):
+    out = subprocess.run([sys.executable, "-c", FULL_DISK, str(tmp_path)], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "allocate: StoreFullError True True True" in out.stdout, out.stdout
+    assert "write: StoreFullError True True True" in out.stdout, out.stdout
+
+
+def test_errno_mapping_names_path_and_extent():
+    for code, cls in [(errno.ENOSPC, StoreFullError), (errno.EFBIG, StoreFullError),
+                      (errno.EACCES, StorePermissionError), (errno.EROFS, StorePermissionError)]:
+        e = io_error_from_oserror(OSError(code, os.strerror(code)), "/ssd/x.dat", 8192, 4096, "write", "k")
+        assert type(e) is cls and isinstance(e, StoreError)
+        assert "/ssd/x.dat" in str(e) and "[8192, 12288)" in str(e) and "'k'" in str(e)
+    e = io_error_from_oserror(OSError(errno.EIO, "I/O error"), "/ssd/x.dat", 0, 4096, "read")
+    assert e.errno == errno.EIO and "EIO" in str(e)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores file permissions")
+def test_unwritable_directory_gives_permission_error(tmp_path, cfg):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        with pytest.raises(StorePermissionError, match=str(ro)):
+            TensorStore.create([ro / "store"], cfg)
+    finally:
+        ro.chmod(0o700)
+
+
+def test_preflight_refuses_and_says_what_is_missing(tmp_path, cfg):
+    with pytest.raises(StoreSpaceError, match="missing") as e:
+        TensorStore.create([tmp_path / "a", tmp_path / "b"], cfg, capacity_hint_bytes=1 << 60)
+    assert e.value.missing > 0 and e.value.needed == 1 << 60
+    with TensorStore.create([tmp_path / "c"], cfg) as store:
+        with pytest.raises(StoreSpaceError, match="needs .* has .* free"):
+            store.allocate_many([("ok", (10,), torch.float32), ("huge", (1 << 58,), torch.float32)])
+        assert "ok" not in store and "huge" not in store   # all or none
+        store.allocate("ok", (10,), torch.float32)
