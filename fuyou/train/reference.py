@@ -6,7 +6,9 @@ and the ground truth of every equivalence test: the offloaded engine must reprod
 
 One optimizer step: for each of ``grad_accum`` micro-batches, the loss divided by ``grad_accum`` is
 back-propagated (gradients accumulate in fp32); then the global gradient norm is clipped, the
-learning rate set from the schedule and ``torch.optim.AdamW`` (single-tensor, fp32) steps.
+learning rate set from the schedule and ``torch.optim.AdamW(fused=True)`` (fp32) steps. The fused
+variant because fuyou's CPU kernel reproduces it bit for bit (the single-tensor one differs by an
+ulp: torch's CPU ``sqrt`` there is not correctly rounded), so the engine can match exactly.
 """
 
 from __future__ import annotations
@@ -83,7 +85,7 @@ class ReferenceTrainer:
         o = cfg.optim
         self.opt = torch.optim.AdamW(
             param_groups(self.model, self.params, o.weight_decay),
-            lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, foreach=False,
+            lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=True,
         )
         self.batches, self.eval_batches = make_batches(cfg, data)
 
@@ -120,6 +122,14 @@ class ReferenceTrainer:
     def state(self) -> dict[str, Tensor]:
         """Weights by global key (fp32)."""
         return {k: v.detach() for k, v in self.params.items()}
+
+    def master_chunks(self):
+        """The fp32 weights as one flat stream, in parameter order (for ``write_safetensors``)."""
+        for k in self.model.param_specs():
+            yield self.params[k].detach()
+
+    def close(self) -> None:
+        pass
 
     def optimizer_state(self) -> dict[str, dict[str, Tensor]]:
         """Adam moments by global key: {"exp_avg": ..., "exp_avg_sq": ...}."""

@@ -1,0 +1,369 @@
+// Fused CPU AdamW for fuyou: one pass over each element reads the fp32 master weight, the gradient
+// (fp32, bf16 or fp16) and Adam's m and v, and writes the new weight, m, v and, optionally, the
+// compute-precision (bf16 or fp16) copy of the new weight that the next forward needs.
+//
+// Built by fuyou/kernels/build.py with torch.utils.cpp_extension.load(is_python_module=False) and
+// called through ctypes (which releases the GIL for the duration of the call). It includes no torch
+// header, so it compiles in a few seconds; the interface is plain C.
+//
+// Note: [Bit-exact with torch]
+// Every path (AVX-512, AVX2, scalar) does the same float operations in the same order as torch's
+// CPU AdamW (fused=True, and the single-tensor path's ops, torch 2.13), so results are bit-exact with
+// fused=True. The single-tensor path differs by an ulp now and then only because its Tensor.sqrt
+// (MKL VML) is not correctly rounded; _mm512_sqrt_ps and std::sqrt are.
+//   p  = p * decay                        decay = float(1 - lr*wd)     (param.mul_)
+//   m  = fma(w1, g - m, m)                w1 = float(1 - beta1) < 0.5  (exp_avg.lerp_, ATen lerp_vec)
+//   v  = fma(c2 * g, g, v * b2)           c2 = float(1 - beta2)        (mul_ then addcmul_)
+//   d  = sqrt(v) / bc2s + eps             bc2s = float(bc2 ** 0.5)     (sqrt, div, add_)
+//   p  = p + (ns * m) / d                 ns = float(-lr / bc1)        (addcdiv_)
+// with g = float(grad) * gscale. The scalars are computed in double by the Python caller exactly as
+// torch computes them and rounded to float here. Since all three paths use the same operations
+// (fmaf is exactly rounded everywhere), a chunked caller gets bit-identical results however it
+// splits a tensor. This file must be compiled with -ffp-contract=off so that the compiler does not
+// fuse the other multiplies and adds (which would change the rounding).
+//
+// Conversions: bf16 -> float is exact (shift); float -> bf16 rounds to nearest even, NaN -> 0x7FC0
+// (as c10::BFloat16); fp16 <-> float uses F16C (round to nearest even, as c10::Half).
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <omp.h>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define FUYOU_X86 1
+#include <immintrin.h>
+#else
+#define FUYOU_X86 0
+#endif
+
+namespace {
+
+enum GradType { G_F32 = 0, G_BF16 = 1, G_F16 = 2 };
+enum LowpType { L_NONE = 0, L_BF16 = 1, L_F16 = 2 };
+enum Isa { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
+
+#ifdef FUYOU_NO_STREAM  // for A/B measurements of the note [Non-temporal copy]
+constexpr bool kStream = false;
+#else
+constexpr bool kStream = true;
+#endif
+
+struct Scalars {
+  float decay, w1, w1m1, b2, c2, bc2s, eps, ns, gs;
+  bool w_small;  // ATen's lerp: weight < 0.5 -> start + w*(end-start), else end + (w-1)*(end-start)
+};
+
+// ---- scalar path (portable; also the tail of the SIMD paths) --------------------------------------
+
+inline float bf16_to_f32(uint16_t h) {
+  uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline uint16_t f32_to_bf16(float f) {
+  if (std::isnan(f)) return 0x7FC0;
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  u += 0x7FFFu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+// IEEE half <-> float without F16C (round to nearest even), used only where F16C is absent.
+inline float f16_to_f32(uint16_t h) {
+  uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  uint32_t exp = (h >> 10) & 0x1Fu, man = h & 0x3FFu, u;
+  if (exp == 0x1F) {
+    u = sign | 0x7F800000u | (man << 13);
+  } else if (exp == 0) {
+    if (man == 0) {
+      u = sign;
+    } else {  // subnormal half -> normal float
+      int e = -1;
+      do { ++e; man <<= 1; } while ((man & 0x400u) == 0);
+      u = sign | (static_cast<uint32_t>(127 - 15 - e) << 23) | ((man & 0x3FFu) << 13);
+    }
+  } else {
+    u = sign | ((exp + 112u) << 23) | (man << 13);
+  }
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline uint16_t f32_to_f16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  uint32_t sign = (u >> 16) & 0x8000u;
+  uint32_t a = u & 0x7FFFFFFFu;
+  if (a > 0x7F800000u) return static_cast<uint16_t>(sign | 0x7E00u | ((a >> 13) & 0x3FFu));  // NaN
+  if (a >= 0x477FF000u) return static_cast<uint16_t>(sign | 0x7C00u);  // rounds to >= 65520: inf
+  if (a < 0x38800000u) {  // result is subnormal or zero: add a magic number to round at bit 24
+    float af, magic = 0.5f;
+    std::memcpy(&af, &a, 4);
+    af += magic;
+    uint32_t r;
+    std::memcpy(&r, &af, 4);
+    return static_cast<uint16_t>(sign | (r - 0x3F000000u));
+  }
+  uint32_t r = a + 0xC8000FFFu + ((a >> 13) & 1u);  // rebias (-112 << 23) and round to nearest even
+  return static_cast<uint16_t>(sign | (r >> 13));
+}
+
+template <int G>
+inline float load_grad_scalar(const void* g, int64_t i) {
+  if constexpr (G == G_F32) return static_cast<const float*>(g)[i];
+  else if constexpr (G == G_BF16) return bf16_to_f32(static_cast<const uint16_t*>(g)[i]);
+  else return f16_to_f32(static_cast<const uint16_t*>(g)[i]);
+}
+
+template <int G, int L>
+void run_scalar(float* __restrict p, const void* __restrict g, float* __restrict m,
+                float* __restrict v, void* __restrict lowp, int64_t b, int64_t e, const Scalars& s) {
+  for (int64_t i = b; i < e; ++i) {
+    float gi = load_grad_scalar<G>(g, i) * s.gs;
+    float pi = p[i] * s.decay;
+    float mi = m[i];
+    mi = s.w_small ? std::fma(s.w1, gi - mi, mi) : std::fma(s.w1m1, gi - mi, gi);
+    float vi = v[i] * s.b2;
+    vi = std::fma(s.c2 * gi, gi, vi);
+    float d = std::sqrt(vi) / s.bc2s + s.eps;
+    pi = pi + (s.ns * mi) / d;
+    p[i] = pi;
+    m[i] = mi;
+    v[i] = vi;
+    if constexpr (L == L_BF16) static_cast<uint16_t*>(lowp)[i] = f32_to_bf16(pi);
+    if constexpr (L == L_F16) static_cast<uint16_t*>(lowp)[i] = f32_to_f16(pi);
+  }
+}
+
+}  // namespace
+
+#if FUYOU_X86
+// ---- AVX-512 path ----------------------------------------------------------------------------------
+#pragma GCC push_options
+#pragma GCC target("avx512f,fma,f16c")
+namespace {
+
+template <int G>
+inline __m512 load_grad_512(const void* g, int64_t i) {
+  if constexpr (G == G_F32) {
+    return _mm512_loadu_ps(static_cast<const float*>(g) + i);
+  } else {
+    __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(g) + i));
+    if constexpr (G == G_BF16) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    else return _mm512_cvtph_ps(h);
+  }
+}
+
+// Note: [Non-temporal copy] The compute-precision copy is written and not read again by this pass
+// (it goes on to the GPU or the SSD), so it is stored around the cache when aligned: that saves the
+// read-for-ownership of its lines, 2 of the ~32 bytes of memory traffic per element. p, m and v are
+// read first, so their lines are in cache anyway and are stored normally.
+inline void store_16x16(__m256i* dst, __m256i x) {
+  if (kStream && (reinterpret_cast<uintptr_t>(dst) & 31) == 0) _mm256_stream_si256(dst, x);
+  else _mm256_storeu_si256(dst, x);
+}
+
+template <int L>
+inline void store_lowp_512(void* l, int64_t i, __m512 x) {
+  __m256i* dst = reinterpret_cast<__m256i*>(static_cast<uint16_t*>(l) + i);
+  if constexpr (L == L_BF16) {
+    __m512i u = _mm512_castps_si512(x);
+    __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF),
+                                 _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
+    r = _mm512_srli_epi32(r, 16);
+    __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+    r = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7FC0));
+    store_16x16(dst, _mm512_cvtepi32_epi16(r));
+  } else if constexpr (L == L_F16) {
+    store_16x16(dst, _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+}
+
+template <int G, int L>
+void run_avx512(float* __restrict p, const void* __restrict g, float* __restrict m,
+                float* __restrict v, void* __restrict lowp, int64_t b, int64_t e, const Scalars& s) {
+  const __m512 decay = _mm512_set1_ps(s.decay), b2 = _mm512_set1_ps(s.b2), c2 = _mm512_set1_ps(s.c2);
+  const __m512 bc2s = _mm512_set1_ps(s.bc2s), eps = _mm512_set1_ps(s.eps), ns = _mm512_set1_ps(s.ns);
+  const __m512 gs = _mm512_set1_ps(s.gs);
+  const __m512 coeff = _mm512_set1_ps(s.w_small ? s.w1 : s.w1m1);
+  int64_t i = b;
+  for (; i + 16 <= e; i += 16) {
+    __m512 gi = _mm512_mul_ps(load_grad_512<G>(g, i), gs);
+    __m512 pi = _mm512_mul_ps(_mm512_loadu_ps(p + i), decay);
+    __m512 mi = _mm512_loadu_ps(m + i);
+    mi = _mm512_fmadd_ps(coeff, _mm512_sub_ps(gi, mi), s.w_small ? mi : gi);
+    __m512 vi = _mm512_mul_ps(_mm512_loadu_ps(v + i), b2);
+    vi = _mm512_fmadd_ps(_mm512_mul_ps(c2, gi), gi, vi);
+    __m512 d = _mm512_add_ps(_mm512_div_ps(_mm512_sqrt_ps(vi), bc2s), eps);
+    pi = _mm512_add_ps(pi, _mm512_div_ps(_mm512_mul_ps(ns, mi), d));
+    _mm512_storeu_ps(p + i, pi);
+    _mm512_storeu_ps(m + i, mi);
+    _mm512_storeu_ps(v + i, vi);
+    store_lowp_512<L>(lowp, i, pi);
+  }
+  if constexpr (L != L_NONE) _mm_sfence();  // order the streaming stores before the caller's use
+  run_scalar<G, L>(p, g, m, v, lowp, i, e, s);
+}
+
+}  // namespace
+#pragma GCC pop_options
+
+// ---- AVX2 path -------------------------------------------------------------------------------------
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+namespace {
+
+template <int G>
+inline __m256 load_grad_256(const void* g, int64_t i) {
+  if constexpr (G == G_F32) {
+    return _mm256_loadu_ps(static_cast<const float*>(g) + i);
+  } else {
+    __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(g) + i));
+    if constexpr (G == G_BF16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    else return _mm256_cvtph_ps(h);
+  }
+}
+
+// See the note [Non-temporal copy].
+inline void store_8x16(__m128i* dst, __m128i x) {
+  if (kStream && (reinterpret_cast<uintptr_t>(dst) & 15) == 0) _mm_stream_si128(dst, x);
+  else _mm_storeu_si128(dst, x);
+}
+
+template <int L>
+inline void store_lowp_256(void* l, int64_t i, __m256 x) {
+  __m128i* dst = reinterpret_cast<__m128i*>(static_cast<uint16_t*>(l) + i);
+  if constexpr (L == L_BF16) {
+    __m256i u = _mm256_castps_si256(x);
+    __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF),
+                                 _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1))));
+    r = _mm256_srli_epi32(r, 16);
+    __m256 nan = _mm256_cmp_ps(x, x, _CMP_UNORD_Q);
+    r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(nan));
+    store_8x16(dst, _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)));
+  } else if constexpr (L == L_F16) {
+    store_8x16(dst, _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+}
+
+template <int G, int L>
+void run_avx2(float* __restrict p, const void* __restrict g, float* __restrict m,
+              float* __restrict v, void* __restrict lowp, int64_t b, int64_t e, const Scalars& s) {
+  const __m256 decay = _mm256_set1_ps(s.decay), b2 = _mm256_set1_ps(s.b2), c2 = _mm256_set1_ps(s.c2);
+  const __m256 bc2s = _mm256_set1_ps(s.bc2s), eps = _mm256_set1_ps(s.eps), ns = _mm256_set1_ps(s.ns);
+  const __m256 gs = _mm256_set1_ps(s.gs);
+  const __m256 coeff = _mm256_set1_ps(s.w_small ? s.w1 : s.w1m1);
+  int64_t i = b;
+  for (; i + 8 <= e; i += 8) {
+    __m256 gi = _mm256_mul_ps(load_grad_256<G>(g, i), gs);
+    __m256 pi = _mm256_mul_ps(_mm256_loadu_ps(p + i), decay);
+    __m256 mi = _mm256_loadu_ps(m + i);
+    mi = _mm256_fmadd_ps(coeff, _mm256_sub_ps(gi, mi), s.w_small ? mi : gi);
+    __m256 vi = _mm256_mul_ps(_mm256_loadu_ps(v + i), b2);
+    vi = _mm256_fmadd_ps(_mm256_mul_ps(c2, gi), gi, vi);
+    __m256 d = _mm256_add_ps(_mm256_div_ps(_mm256_sqrt_ps(vi), bc2s), eps);
+    pi = _mm256_add_ps(pi, _mm256_div_ps(_mm256_mul_ps(ns, mi), d));
+    _mm256_storeu_ps(p + i, pi);
+    _mm256_storeu_ps(m + i, mi);
+    _mm256_storeu_ps(v + i, vi);
+    store_lowp_256<L>(lowp, i, pi);
+  }
+  if constexpr (L != L_NONE) _mm_sfence();  // see the note [Non-temporal copy]
+  run_scalar<G, L>(p, g, m, v, lowp, i, e, s);
+}
+
+}  // namespace
+#pragma GCC pop_options
+#endif  // FUYOU_X86
+
+// ---- dispatch --------------------------------------------------------------------------------------
+namespace {
+
+int best_isa() {
+#if FUYOU_X86
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f")) return ISA_AVX512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return ISA_AVX2;
+#endif
+  return ISA_SCALAR;
+}
+
+using RangeFn = void (*)(float*, const void*, float*, float*, void*, int64_t, int64_t, const Scalars&);
+
+template <int G, int L>
+RangeFn pick_isa(int isa) {
+#if FUYOU_X86
+  if (isa == ISA_AVX512) return run_avx512<G, L>;
+  if (isa == ISA_AVX2) return run_avx2<G, L>;
+#endif
+  (void)isa;
+  return run_scalar<G, L>;
+}
+
+template <int G>
+RangeFn pick_lowp(int l, int isa) {
+  if (l == L_BF16) return pick_isa<G, L_BF16>(isa);
+  if (l == L_F16) return pick_isa<G, L_F16>(isa);
+  return pick_isa<G, L_NONE>(isa);
+}
+
+RangeFn pick(int gtype, int ltype, int isa) {
+  if (gtype == G_BF16) return pick_lowp<G_BF16>(ltype, isa);
+  if (gtype == G_F16) return pick_lowp<G_F16>(ltype, isa);
+  return pick_lowp<G_F32>(ltype, isa);
+}
+
+// Work is handed out in blocks of this many elements (256 KiB of fp32 per array): small enough that
+// a thread delayed by the OS (these machines are shared, and the engine runs torch compute beside the
+// optimizer) does not hold the others at the barrier, large enough that handing out costs nothing.
+// A multiple of 64 keeps each block's 2-byte copy on whole cache lines.
+constexpr int64_t kBlock = 65536;
+
+}  // namespace
+
+extern "C" {
+
+// Best ISA this CPU supports: 2 = AVX-512, 1 = AVX2+FMA, 0 = scalar.
+int fuyou_adamw_best_isa() { return best_isa(); }
+
+// One AdamW step over n contiguous elements; see the note at the top for the exact arithmetic.
+// gtype: 0 fp32, 1 bf16, 2 fp16. ltype: 0 none, 1 bf16, 2 fp16 (lowp may be null when 0).
+// isa: -1 = best available, else 0/1/2 (capped at the best available). Returns the ISA used.
+int fuyou_adamw_step(float* p, const void* g, int gtype, float* m, float* v, void* lowp, int ltype,
+                     int64_t n, double decay, double w1, double beta2, double c2, double bc2_sqrt,
+                     double eps, double neg_step, double grad_scale, int num_threads, int isa) {
+  int best = best_isa();
+  if (isa < 0 || isa > best) isa = best;
+  Scalars s;
+  s.decay = static_cast<float>(decay);
+  s.w1 = static_cast<float>(w1);
+  s.w1m1 = s.w1 - 1.0f;  // ATen: weight - 1 in the op's float math
+  s.w_small = std::fabs(s.w1) < 0.5f;
+  s.b2 = static_cast<float>(beta2);
+  s.c2 = static_cast<float>(c2);
+  s.bc2s = static_cast<float>(bc2_sqrt);
+  s.eps = static_cast<float>(eps);
+  s.ns = static_cast<float>(neg_step);
+  s.gs = static_cast<float>(grad_scale);
+  RangeFn fn = pick(gtype, ltype, isa);
+
+  int64_t nblocks = (n + kBlock - 1) / kBlock;
+  int nt = num_threads < 1 ? 1 : num_threads;
+  if (nt > nblocks) nt = static_cast<int>(nblocks);
+  if (nt <= 1) {
+    fn(p, g, m, v, lowp, 0, n, s);
+    return isa;
+  }
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+  for (int64_t blk = 0; blk < nblocks; ++blk) {
+    int64_t b = blk * kBlock, e = b + kBlock < n ? b + kBlock : n;
+    fn(p, g, m, v, lowp, b, e, s);
+  }
+  return isa;
+}
+
+}  // extern "C"

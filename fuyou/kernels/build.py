@@ -1,0 +1,95 @@
+"""Lazy build of fuyou's C++ kernels, with a fallback that never stops training.
+
+The kernels are plain C functions (``adamw.cpp`` includes no torch header, so a build takes seconds,
+not a minute) compiled on first use by ``torch.utils.cpp_extension.load(is_python_module=False)``
+into torch's extension cache (``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``) and
+called through :mod:`ctypes`, which releases the GIL for the duration of each call: the engine's
+optimizer worker runs the kernel while Python threads go on.
+
+The library holds AVX-512, AVX2 and scalar code and picks one at run time (``__builtin_cpu_supports``),
+so it is built without ``-march=native`` and a cache shared by several x86 machines stays valid; the
+machine's architecture (x86_64, aarch64) is part of the extension's name.
+
+Any failure to build or load (no compiler, no ninja, a compile error) is logged as ONE warning line
+and :func:`load_adamw_lib` returns ``None``; callers then use the pure-torch fallback. Setting
+``FUYOU_NO_EXT=1`` forces the fallback without trying to build.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import platform
+import threading
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+_HERE = Path(__file__).resolve().parent
+_LOCK = threading.Lock()
+_STATE: dict[str, object] = {}  # "adamw" -> ctypes.CDLL or None once tried
+
+# The flags that matter: -O3, OpenMP, and no floating-point contraction (see the note
+# [Bit-exact with torch] in adamw.cpp). torch's libgomp.so.1 is already loaded by `import torch`,
+# so the extension shares torch's OpenMP runtime rather than loading a second one.
+CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-std=c++17"]
+LDFLAGS = ["-fopenmp"]
+
+
+def ext_disabled() -> bool:
+    """True when ``FUYOU_NO_EXT`` is set to a true value (1, true, yes)."""
+    return os.environ.get("FUYOU_NO_EXT", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    c_int, c_i64, c_dbl, c_vp = ctypes.c_int, ctypes.c_int64, ctypes.c_double, ctypes.c_void_p
+    lib.fuyou_adamw_best_isa.restype = c_int
+    lib.fuyou_adamw_best_isa.argtypes = []
+    lib.fuyou_adamw_step.restype = c_int
+    lib.fuyou_adamw_step.argtypes = [
+        c_vp, c_vp, c_int, c_vp, c_vp, c_vp, c_int, c_i64,  # p, g, gtype, m, v, lowp, ltype, n
+        c_dbl, c_dbl, c_dbl, c_dbl, c_dbl, c_dbl, c_dbl, c_dbl,  # decay w1 b2 c2 bc2s eps ns gs
+        c_int, c_int,  # num_threads, isa
+    ]
+
+
+def _build_adamw() -> ctypes.CDLL:
+    from torch.utils import cpp_extension  # imported here: it is slow to import
+
+    name = f"fuyou_adamw_{platform.machine().lower() or 'unknown'}"
+    path = cpp_extension.load(
+        name=name,
+        sources=[str(_HERE / "adamw.cpp")],
+        extra_cflags=CFLAGS,
+        extra_ldflags=LDFLAGS,
+        is_python_module=False,
+        verbose=False,
+    )
+    lib = ctypes.CDLL(str(path))
+    _declare(lib)
+    return lib
+
+
+def load_adamw_lib() -> ctypes.CDLL | None:
+    """The compiled AdamW library, building it on first use; ``None`` means "use the fallback".
+
+    Thread-safe: concurrent first callers wait for one build. The outcome (library or ``None``) is
+    remembered for the life of the process, so a failed build is tried, and warned about, once.
+    """
+    if ext_disabled():
+        return None
+    if "adamw" in _STATE:
+        return _STATE["adamw"]  # type: ignore[return-value]
+    with _LOCK:
+        if "adamw" not in _STATE:
+            try:
+                _STATE["adamw"] = _build_adamw()
+            except Exception as exc:  # noqa: BLE001 -- a build failure must never stop training
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+                logger.warning(
+                    "fuyou: C++ AdamW kernel unavailable (%s: %s); using the slower pure-torch "
+                    "fallback", type(exc).__name__, first)
+                logger.debug("fuyou: AdamW kernel build failure", exc_info=True)
+                _STATE["adamw"] = None
+    return _STATE["adamw"]  # type: ignore[return-value]
