@@ -43,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--gpu-mem", help="GPU memory budget, e.g. 20GiB")
     t.add_argument("--steps", type=int, help="optimizer steps")
     t.add_argument("--out", help="parent directory of run directories (default: runs)")
+    t.add_argument("--trace", metavar="FILE", help="write a Chrome/Perfetto trace of the second step (offload ssd)")
     t.set_defaults(func=_train)
 
     m = sub.add_parser("models", help="list model presets with parameter counts and training-state bytes")
@@ -70,7 +71,11 @@ def _train(args) -> int:
         "run.out_dir": args.out,
     }
     cfg = load_config(args.config, args.overrides, {k: v for k, v in flags.items() if v is not None})
-    run_training(cfg)
+    if args.trace and cfg.offload.mode != "ssd":
+        from fuyou.errors import ConfigError
+
+        raise ConfigError("--trace records the three-tier engine's tasks; use it with --offload ssd")
+    run_training(cfg, trace=args.trace)
     return 0
 
 

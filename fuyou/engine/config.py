@@ -29,6 +29,24 @@ class OffloadConfig(BaseModel):
         None, ge=0, description="GPU memory budget in bytes (or '20GiB'); default: the device's free memory."
     )
     prefetch_depth: int = Field(2, ge=1, description="Stages whose weights are fetched ahead of compute.")
+    cache_weights: bool = Field(
+        True, description="Keep compute-precision weights in CPU memory as far as the budget allows (else SSD)."
+    )
+    optimizer_chunk: int = Field(
+        1 << 20, ge=1, description="Elements per chunk of the out-of-core AdamW pipeline (rounded to the store's blocks)."
+    )
+    optimizer_depth: int = Field(2, ge=1, description="Chunks read ahead and written behind by the out-of-core AdamW.")
+    optimizer_threads: int | None = Field(
+        None, ge=1, description="Threads of the AdamW kernel (default: torch's thread count)."
+    )
+    max_pending_updates: int = Field(
+        2, ge=1, description="Stage updates queued for the optimizer before backward waits (bounds gradient memory)."
+    )
+    io_threads: int = Field(8, ge=1, description="SSD I/O threads (requests in flight at the drives).")
+    verify_checksums: bool = Field(True, description="Check a CRC32 of every block read back from the SSD.")
+    keep_state: bool = Field(
+        False, description="Keep the SSD training state after the run (default: delete it once weights are saved)."
+    )
 
     @field_validator("ssd_dirs", mode="before")
     @classmethod

@@ -11,7 +11,9 @@ from torch import Tensor
 
 
 def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
-    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+    """LayerNorm in the input's precision; weights held in a lower precision (the engine's bf16 copy)
+    are cast up, exactly, since CPU autocast does not do it for layer_norm."""
+    return F.layer_norm(x, (x.shape[-1],), weight.to(x.dtype), bias.to(x.dtype), eps)
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:

@@ -147,9 +147,12 @@ class OutOfCoreAdamW:
                     if a >= b:
                         continue
                     sl = slice(a - s, b - s)
+                    fp32_copy = lowp.dtype == torch.float32  # fp32 training: the compute copy is the master
                     fused_adamw_(master[sl], g[sl], m[sl], v[sl], lr=lr, beta1=c.beta1, beta2=c.beta2, eps=c.eps,
                                  weight_decay=seg.weight_decay, step=step, grad_scale=grad_scale,
-                                 out_lowp=lowp[sl], num_threads=self.num_threads)
+                                 out_lowp=None if fp32_copy else lowp[sl], num_threads=self.num_threads)
+                    if fp32_copy:
+                        lowp[sl].copy_(master[sl])
                 t1 = time.perf_counter()
                 stats.kernel_s += t1 - t0
                 stats.chunks.append((t0, t1))

@@ -3,26 +3,37 @@
 from __future__ import annotations
 
 import json
+import math
+import struct
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from fuyou.config import FuyouConfig, to_toml
 from fuyou.errors import ConfigError
 
 
-def make_run_dir(cfg: FuyouConfig) -> Path:
-    """Create a new run directory and write the resolved config into it. Never reuses a directory."""
+def run_dir_path(cfg: FuyouConfig) -> Path:
+    """The directory this run will write to (not created yet). Never an existing one."""
     parent = Path(cfg.run.out_dir)
     name = cfg.run.name or f"{cfg.model.preset or cfg.model.family}-{time.strftime('%Y%m%d-%H%M%S')}"
     path = parent / name
-    if cfg.run.name is None:
-        n = 1
-        while path.exists():
-            n += 1
-            path = parent / f"{name}-{n}"
+    if cfg.run.name is not None:
+        if path.exists():
+            raise ConfigError(f"run directory {path} already exists; choose another run.name")
+        return path
+    n = 1
+    while path.exists():
+        n += 1
+        path = parent / f"{name}-{n}"
+    return path
+
+
+def make_run_dir(cfg: FuyouConfig, path: Path | None = None) -> Path:
+    """Create the run directory and write the resolved config into it."""
+    path = path or run_dir_path(cfg)
     try:
         path.mkdir(parents=True, exist_ok=False)
     except FileExistsError:
@@ -33,11 +44,43 @@ def make_run_dir(cfg: FuyouConfig) -> Path:
     return path
 
 
-def save_weights(path: Path, params: dict[str, torch.Tensor], cfg: FuyouConfig) -> Path:
-    """fp32 weights by global key (shared parameters once, at their owner), atomically (tmp + rename)."""
-    out = path / "model.safetensors"
-    tmp = path / "model.safetensors.tmp"
-    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in params.items()}
-    save_file(tensors, str(tmp), metadata={"fuyou_model": json.dumps(cfg.model.model_dump())})
-    tmp.replace(out)
-    return out
+def write_safetensors(path: Path, shapes: dict[str, tuple[int, ...]], chunks: Iterable[torch.Tensor],
+                      metadata: dict[str, str] | None = None) -> Path:
+    """Write fp32 tensors as safetensors without holding them all: ``chunks`` yields the tensors'
+    values in ``shapes`` order as a flat stream cut anywhere. Atomic (tmp file, rename).
+
+    The format: 8-byte little-endian header length, a JSON header (dtype, shape and byte offsets per
+    tensor, padded with spaces to a multiple of 8), then the raw little-endian data.
+    """
+    header: dict = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for key, shape in shapes.items():
+        n = 4 * math.prod(shape)
+        header[key] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    tmp = path.with_name(path.name + ".tmp")
+    written = 0
+    with tmp.open("wb") as fh:
+        fh.write(struct.pack("<Q", len(blob)))
+        fh.write(blob)
+        for c in chunks:
+            c = c.detach().to("cpu", torch.float32).contiguous().reshape(-1)
+            fh.write(c.numpy().tobytes())
+            written += 4 * c.numel()
+    if written != offset:
+        tmp.unlink()
+        raise AssertionError(f"write_safetensors: got {written} bytes of data, the header says {offset}")
+    tmp.replace(path)
+    return path
+
+
+def save_weights(path: Path, trainer, cfg: FuyouConfig) -> Path:
+    """fp32 weights by global key (shared parameters once, at their owner) into model.safetensors."""
+    from fuyou.models import StageModel
+
+    specs = StageModel(cfg.model).param_specs()
+    chunks = trainer.master_chunks()
+    return write_safetensors(path / "model.safetensors", {k: s.shape for k, s in specs.items()}, chunks,
+                             {"fuyou_model": json.dumps(cfg.model.model_dump())})

@@ -1,0 +1,444 @@
+"""The three-tier engine: layer-streamed training with the CPU optimizer overlapped with backward.
+
+One optimizer step, per micro-batch (DESIGN.md, Execution model):
+
+1. forward over the stages with weights streamed in (``WeightStreamer``), under ``no_grad``, keeping
+   each stage's input as its checkpoint (fp32, on the compute device);
+2. the head's forward and backward at once (loss → gradient of its input and its parameters);
+3. backward over the blocks and the embedding in reverse: recompute the stage from its checkpoint
+   with autograd, back-propagate, flatten the stage's parameter gradients;
+4. on the last micro-batch, hand each stage's gradient to the ``OptimizerWorker`` *as soon as the
+   stage's backward is done*: its AdamW runs on the CPU, against the SSD, while backward of the
+   earlier stages continues. The next step's forward of a stage waits until its update is done.
+
+Gradient clipping needs the global norm before any update. With ``train.grad_clip`` set the engine
+runs **deferred** updates: each stage's gradient goes to the SSD (``<stage>/grad``) and its per-
+parameter norms are kept; after backward the clip factor is known and every stage is updated with
+it (``grad_scale``). That costs the overlap (the optimizer runs after backward) and 2x the gradient
+bytes of extra SSD traffic. ``train.grad_clip=none`` gives the overlapped schedule.
+
+Gradient accumulation keeps fp32 accumulators of every stage on the compute device for the first
+``grad_accum - 1`` micro-batches (4 bytes per parameter, in the memory plan).
+
+Note: [Sync points] The main thread blocks only (a) in ``WeightStreamer.get`` until a stage's
+weights are loaded, (b) in ``OptimizerWorker.submit`` when ``max_pending_updates`` updates are
+queued, (c) at the end of a step for the loss value (``float(loss)``), and (d) in deferred mode
+for the global norm. On CUDA nothing else synchronises the host with the GPU.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from fuyou.config import FuyouConfig
+from fuyou.data import TokenData
+from fuyou.engine.budget import MemoryPlan, activation_bytes
+from fuyou.engine.layout import StageState, build_states, dtype_size
+from fuyou.engine.trace import StepCounters, Tracer
+from fuyou.engine.weights import WeightStreamer
+from fuyou.engine.worker import OptimizerWorker, UpdateJob
+from fuyou.models import StageModel
+from fuyou.optim.out_of_core import OutOfCoreAdamW
+from fuyou.store import PinnedPool, StoreConfig, TensorStore
+from fuyou.train.reference import StepStats, autocast, make_batches, resolve_device
+from fuyou.train.schedule import lr_at
+
+
+def resident_bytes(field: str = "VmRSS") -> int:
+    """Resident memory of this process from /proc/self/status (VmRSS now, VmHWM peak); 0 elsewhere."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+class Engine:
+    """Trains ``cfg.model`` with fp32 weights and Adam moments on the SSDs (module docstring)."""
+
+    def __init__(self, cfg: FuyouConfig, data: TokenData | None, store_name: str):
+        self.cfg = cfg
+        off, t = cfg.offload, cfg.train
+        self.device = resolve_device(t.device)
+        self.model = StageModel(cfg.model)
+        self.cdtype = torch.bfloat16 if t.precision == "bf16" else torch.float32
+        self.deferred = t.grad_clip is not None
+        self.accumulate = t.grad_accum > 1
+        self.gdtype = torch.float32 if self.accumulate else self.cdtype
+        self.states = build_states(self.model.stages, cfg.optim.weight_decay)
+        self.tied = bool(self.model.stages[-1].shared)
+        self.batches, self.eval_batches = make_batches(cfg, data)
+        self.fixed_overhead = resident_bytes()
+
+        store_cfg = StoreConfig(queue_depth=off.io_threads, verify_checksums=off.verify_checksums)
+        self.store_dirs = [Path(d) / store_name for d in off.ssd_dirs]
+        # OutOfCoreAdamW rounds the chunk to the store's checksum block; plan with that size.
+        align = store_cfg.checksum_block // 2
+        self.chunk = max(align, -(-off.optimizer_chunk // align) * align)
+        self.plan = self._memory_plan()
+        self.plan.check()  # Budgets are promises: refuse before creating anything.
+
+        self.store = TensorStore.create(self.store_dirs, store_cfg, capacity_hint_bytes=self._ssd_bytes())
+        self.opt_pool = PinnedPool(self.plan.cpu_items["optimizer buffers"])
+        self.weight_pool = PinnedPool(max(self.plan.cpu_items.get("weight buffers", 0), 4096))
+        self.grad_pool = PinnedPool(max(self.plan.cpu_items["gradients in flight"], 4096))
+        self.opt = OutOfCoreAdamW(self.store, self.opt_pool, cfg.optim, chunk_numel=self.chunk,
+                                  depth=off.optimizer_depth, num_threads=off.optimizer_threads)
+        self.tracer = Tracer()
+        self.counters = StepCounters()
+        ref = lambda: self.counters  # noqa: E731 - the current step's counters, read by the threads
+        self._init_state()
+        self.streamer = WeightStreamer(self.states, self.store, self.weight_pool, self.device, self.cdtype,
+                                       off.prefetch_depth, self.tracer, ref)
+        self.worker = OptimizerWorker(self.opt, self.cdtype, off.max_pending_updates, self.tracer, ref)
+        if self.device.type == "cuda":
+            self.d2h_stream = torch.cuda.Stream(self.device)
+        self._acc: dict[int, Tensor] = {}
+        self._norms: dict[str, Tensor] = {}
+        self._grad_writes: list = []
+
+    # -- planning --------------------------------------------------------------------------------
+    def _memory_plan(self) -> MemoryPlan:
+        off, t = self.cfg.offload, self.cfg.train
+        csize, gsize = dtype_size(self.cdtype), dtype_size(self.gdtype)
+        plan = MemoryPlan(off.cpu_mem, device_budget=off.gpu_mem)
+        stage_max = max(s.numel for s in self.states)
+        opt_lowp = 0 if off.cache_weights else csize
+        plan.cpu_items["optimizer buffers"] = (2 * off.optimizer_depth + 1) * self.chunk * (
+            12 + (gsize if self.deferred else 0) + opt_lowp)
+        plan.cpu_items["gradients in flight"] = (off.max_pending_updates + 2) * stage_max * gsize
+        plan.cpu_items["initialisation (transient)"] = 0  # filled below: max with steady state
+        act = activation_bytes(self.cfg.model, t.micro_batch_size, self.cfg.data.seq_len)
+        dev = plan.device_items
+        dev["stage weights in window"] = (off.prefetch_depth + 2) * stage_max * csize
+        dev["checkpoints"] = len(self.states) * act["checkpoint"]
+        dev["working memory (estimate)"] = max(act["block_work"], act["head_work"]) + 2 * stage_max * 4
+        if self.accumulate:
+            dev["gradient accumulators"] = 4 * sum(s.numel for s in self.states)
+        if self.tied:
+            dev["tied embedding gradient"] = 4 * self.states[0].numel
+        if self.device.type == "cpu":  # the compute device's memory is CPU memory
+            for k, v in dev.items():
+                plan.cpu_items[f"compute: {k}"] = v
+        # The weight cache gets what is left; stages it cannot hold stream from SSD via weight buffers.
+        steady = sum(plan.cpu_items.values())
+        spare = off.cpu_mem - steady
+        if off.cache_weights:
+            for s in self.states:
+                need = -(-s.numel * csize // 4096) * 4096
+                if spare - need < self._weight_buffer_need(plan.cached_stages + [s.index], stage_max, csize):
+                    break
+                plan.cached_stages.append(s.index)
+                plan.cache_bytes += need
+                spare -= need
+        uncached = [s.numel for s in self.states if s.index not in plan.cached_stages]
+        if uncached:
+            plan.cpu_items["weight buffers"] = (off.prefetch_depth + 1) * max(uncached) * csize
+        # Initialisation holds one stage's fp32 values and its flat copy, before buffers are in use.
+        init = 2 * 4 * stage_max + plan.cache_bytes
+        plan.cpu_items["initialisation (transient)"] = max(0, init - (sum(plan.cpu_items.values()) + plan.cache_bytes))
+        return plan
+
+    def _weight_buffer_need(self, cached: list[int], stage_max: int, csize: int) -> int:
+        rest = [s.numel for s in self.states if s.index not in cached]
+        return (self.cfg.offload.prefetch_depth + 1) * max(rest) * csize if rest else 0
+
+    def _ssd_bytes(self) -> int:
+        n = sum(s.numel for s in self.states)
+        per = 12 + (0 if self.cfg.offload.cache_weights else dtype_size(self.cdtype))
+        return n * per + (n * dtype_size(self.gdtype) if self.deferred else 0) + 64 * 1024**2
+
+    def _init_state(self) -> None:
+        """Initialise each stage straight into the tiers, one stage in memory at a time."""
+        specs = []
+        for s in self.states:
+            specs += [(s.keys.master, (s.numel,), torch.float32), (s.keys.exp_avg, (s.numel,), torch.float32),
+                      (s.keys.exp_avg_sq, (s.numel,), torch.float32)]
+            if s.index not in self.plan.cached_stages:
+                specs.append((s.keys.weights, (s.numel,), self.cdtype))
+            if self.deferred:
+                specs.append((f"{s.stage.name}/grad", (s.numel,), self.gdtype))
+        self.store.allocate_many(specs)
+        zeros = torch.zeros(min(self.chunk, max(s.numel for s in self.states)))
+        for s in self.states:
+            values = s.stage.init_params(self.cfg.train.seed)
+            flat = torch.empty(s.numel)
+            for name, slot in s.slots.items():
+                flat[slot.offset:slot.offset + slot.numel] = values.pop(s.stage.key(name)).reshape(-1)
+            futs = [self.store.write_from(s.keys.master, flat)]
+            for key in (s.keys.exp_avg, s.keys.exp_avg_sq):
+                for a in range(0, s.numel, self.chunk):
+                    futs.append(self.store.write_from(key, zeros[: min(self.chunk, s.numel - a)], start=a))
+            if s.index in self.plan.cached_stages:
+                s.cache = _pinned_like(s.numel, self.cdtype)
+                s.cache.copy_(flat)
+            else:
+                futs.append(self.store.write_from(s.keys.weights, flat.to(self.cdtype)))
+            for f in futs:
+                f.result()
+            del flat
+        self.store.sync()
+
+    # -- one optimizer step ----------------------------------------------------------------------
+    def step_order(self, micro_batches: int) -> list[int]:
+        """Stage indices in the order their weights are needed in one step."""
+        S = len(self.states)
+        fwd = list(range(S - 1)) + ([0] if self.tied else []) + [S - 1]
+        return (fwd + list(range(S - 2, -1, -1))) * micro_batches
+
+    def train_step(self, step: int) -> StepStats:
+        t = self.cfg.train
+        self.counters = StepCounters()
+        self.tracer.enabled = step == self.trace_step
+        lr = lr_at(step, self.cfg.optim.lr, t.steps, t.warmup_steps, t.min_lr_ratio)
+        self.streamer.plan(self.step_order(t.grad_accum))
+        self._pos = 0
+        total = torch.zeros((), device=self.device)
+        try:
+            for j in range(t.grad_accum):
+                x, y = (b.to(self.device) for b in self.batches.batch(step * t.grad_accum + j))
+                total += self._micro_batch(x, y, last=j == t.grad_accum - 1, lr=lr, step=step)
+        except BaseException:
+            self.streamer.drain()
+            raise
+        grad_norm = self._deferred_updates(lr, step) if self.deferred else None
+        tokens = t.grad_accum * t.micro_batch_size * self.cfg.data.seq_len
+        return StepStats(float(total), lr, grad_norm, tokens)  # float(): see Note: [Sync points]
+
+    trace_step = 1  # which step's tasks ``--trace`` records (the second: the first warms caches)
+
+    def _stage_fn(self, i: int):
+        stage = self.model.stages[i]
+        if i == 0:  # the residual stream is fp32, as in the reference trainer
+            return lambda p, x: stage.forward(p, x).float()
+        return lambda p, x: stage.forward(p, x)
+
+    def _micro_batch(self, x: Tensor, y: Tensor, last: bool, lr: float, step: int) -> Tensor:
+        S, prec = len(self.states), self.cfg.train.precision
+        ckpts: list[Tensor] = []
+        h = x
+        with torch.no_grad():
+            for i in range(S - 1):
+                w = self.streamer.get(self._pos)
+                t0 = time.perf_counter()
+                ckpts.append(h)
+                with autocast(self.device, prec):
+                    h = self._stage_fn(i)(self.states[i].views(w.flat), h)
+                self._compute(f"forward {self.states[i].stage.name}", t0)
+                self.streamer.release(self._pos)
+                self._pos += 1
+        # Head: forward and backward at once.
+        head = self.states[-1]
+        emb_pos = None
+        if self.tied:
+            emb_pos = self._pos
+            emb = self.streamer.get(self._pos)
+            self._pos += 1
+        w = self.streamer.get(self._pos)
+        t0 = time.perf_counter()
+        leaves = _leaves(head.views(w.flat))
+        shared = {}
+        if self.tied:
+            shared = _leaves({"lm_head.weight": self.states[0].views(emb.flat)["wte"]})
+        h_in = h.detach().requires_grad_(True)
+        with torch.enable_grad(), autocast(self.device, prec):
+            loss = head.stage.forward({**leaves, **shared}, h_in, y) / self.cfg.train.grad_accum
+        names = list(leaves) + list(shared)
+        grads = torch.autograd.grad(loss, [h_in] + [leaves[n] for n in leaves] + [shared[n] for n in shared])
+        self._compute("forward+backward head", t0)
+        self.streamer.release(self._pos)
+        self._pos += 1
+        if emb_pos is not None:
+            self.streamer.release(emb_pos)
+        grad_out = grads[0]
+        gmap = dict(zip(names, grads[1:]))
+        if self.tied:
+            self._shared_grad = gmap.pop("lm_head.weight")
+        self._stage_grads(head, gmap, last, lr, step)
+        # Backward over the blocks and the embedding.
+        for i in range(S - 2, -1, -1):
+            st = self.states[i]
+            w = self.streamer.get(self._pos)
+            t0 = time.perf_counter()
+            leaves = _leaves(st.views(w.flat))
+            inp = ckpts[i] if i == 0 else ckpts[i].detach().requires_grad_(True)
+            with torch.enable_grad(), autocast(self.device, prec):
+                out = self._stage_fn(i)(leaves, inp)
+            wrt = ([inp] if i > 0 else []) + list(leaves.values())
+            grads = torch.autograd.grad(out, wrt, grad_out)
+            del out
+            self._compute(f"backward {st.stage.name}", t0)
+            self.streamer.release(self._pos)
+            self._pos += 1
+            if i > 0:
+                grad_out, grads = grads[0], grads[1:]
+            gmap = dict(zip(leaves, grads))
+            if i == 0 and self.tied:
+                # One sum, as autograd accumulates a leaf used twice (the order of two addends is exact).
+                gmap["wte"] = gmap["wte"] + self._shared_grad
+                self._shared_grad = None
+            self._stage_grads(st, gmap, last, lr, step)
+            ckpts[i] = None
+        return loss.detach()
+
+    def _compute(self, name: str, t0: float) -> None:
+        t1 = time.perf_counter()
+        self.counters.compute_s += t1 - t0
+        self.tracer.add(name, "compute", t0, t1)
+
+    def _stage_grads(self, st: StageState, grads: dict[str, Tensor], last: bool, lr: float, step: int) -> None:
+        """Accumulate a stage's gradients; on the last micro-batch hand them to the optimizer."""
+        flat = torch.empty(st.numel, dtype=self.gdtype, device=self.device)
+        st.flatten_grads(grads, flat)
+        if self.accumulate:
+            acc = self._acc.pop(st.index, None)
+            if acc is not None:
+                flat = acc + flat  # same order as autograd's accumulation into .grad
+            if not last:
+                self._acc[st.index] = flat
+                return
+        if self.deferred:
+            views = st.views(flat)
+            norms = torch._foreach_norm([views[n].float() for n in st.slots], 2)
+            for n, v in zip(st.slots, norms):
+                self._norms[st.stage.key(n)] = v
+        host, release, event = self._to_host(flat)
+        if self.deferred:
+            fut = self.store.write_from(f"{st.stage.name}/grad", host)
+            self.counters.ssd_write_bytes += host.numel() * host.element_size()
+            self._grad_writes.append((fut, release))
+            return
+        self.worker.submit(UpdateJob(st, host, self.gdtype, lr, step + 1, 1.0, release, event))
+
+    def _to_host(self, flat: Tensor):
+        """The gradient in CPU memory, a release callback and (CUDA) the D2H event; see Note: [Gradient hand-off]."""
+        if self.device.type != "cuda":
+            return flat, None, None
+        buf = self.grad_pool.acquire(flat.numel() * flat.element_size(), flat.dtype)
+        self.d2h_stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.d2h_stream):
+            buf.tensor.copy_(flat, non_blocking=True)
+            ev = torch.cuda.Event()
+            ev.record(self.d2h_stream)
+        self.counters.d2h_bytes += flat.numel() * flat.element_size()
+        keep = [flat, buf]  # the device tensor lives until the copy is done
+
+        def release():
+            keep.clear()
+            buf.release()
+
+        if self.deferred:
+            ev.synchronize()  # deferred mode writes the buffer to SSD right away
+        return buf.tensor, release, ev
+
+    def _deferred_updates(self, lr: float, step: int) -> float:
+        """Exact clipping: the global norm over every parameter, then every stage's update."""
+        for fut, release in self._grad_writes:
+            fut.result()
+            if release is not None:
+                release()
+        self._grad_writes.clear()
+        order = list(self.model.param_specs())
+        total = torch.linalg.vector_norm(torch.stack([self._norms[k] for k in order]), 2)
+        self._norms.clear()
+        clip = float(torch.clamp(self.cfg.train.grad_clip / (total + 1e-6), max=1.0))  # sync point (d)
+        for st in reversed(self.states):
+            self.worker.submit(UpdateJob(st, f"{st.stage.name}/grad", self.gdtype, lr, step + 1, clip))
+        return float(total)
+
+    # -- evaluation and state --------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        if self.eval_batches is None:
+            return None
+        self.worker.wait_all()
+        S = len(self.states)
+        fwd = list(range(S - 1)) + ([0] if self.tied else []) + [S - 1]
+        batches = list(self.eval_batches)
+        self.streamer.plan(fwd * len(batches))
+        pos, losses = 0, []
+        try:
+            for x, y in batches:
+                h = x.to(self.device)
+                for i in range(S - 1):
+                    w = self.streamer.get(pos)
+                    with autocast(self.device, self.cfg.train.precision):
+                        h = self._stage_fn(i)(self.states[i].views(w.flat), h)
+                    self.streamer.release(pos)
+                    pos += 1
+                params = {}
+                if self.tied:
+                    params["lm_head.weight"] = self.states[0].views(self.streamer.get(pos).flat)["wte"]
+                    pos += 1
+                params.update(self.states[-1].views(self.streamer.get(pos).flat))
+                with autocast(self.device, self.cfg.train.precision):
+                    losses.append(float(self.states[-1].stage.forward(params, h, y.to(self.device))))
+                self.streamer.release(pos)
+                if self.tied:
+                    self.streamer.release(pos - 1)
+                pos += 1
+        except BaseException:
+            self.streamer.drain()
+            raise
+        return sum(losses) / len(losses)
+
+    def master_chunks(self):
+        """Yield every stage's fp32 master weights in order, in chunks of pool memory (bounded)."""
+        self.worker.wait_all()
+        for st in self.states:
+            for a in range(0, st.numel, self.chunk):
+                n = min(self.chunk, st.numel - a)
+                with self.opt_pool.acquire(4 * n, torch.float32) as buf:
+                    self.store.read_into(st.keys.master, buf.tensor, start=a).result()
+                    yield buf.tensor
+
+    def state(self) -> dict[str, Tensor]:
+        """fp32 master weights by global key (materialises the model: for tests and small models)."""
+        out = {}
+        self.worker.wait_all()
+        for st in self.states:
+            flat = torch.empty(st.numel)
+            self.store.read_into(st.keys.master, flat).result()
+            out.update({st.stage.key(n): v.clone() for n, v in st.views(flat).items()})
+        return out
+
+    def optimizer_state(self) -> dict[str, dict[str, Tensor]]:
+        out: dict[str, dict[str, Tensor]] = {}
+        self.worker.wait_all()
+        for st in self.states:
+            m, v = torch.empty(st.numel), torch.empty(st.numel)
+            self.store.read_into(st.keys.exp_avg, m).result()
+            self.store.read_into(st.keys.exp_avg_sq, v).result()
+            mv, vv = st.views(m), st.views(v)
+            for n in st.slots:
+                out[st.stage.key(n)] = {"exp_avg": mv[n].clone(), "exp_avg_sq": vv[n].clone()}
+        return out
+
+    def close(self) -> None:
+        """Finish pending updates, stop the threads, close the store (deleting it unless keep_state)."""
+        try:
+            self.worker.wait_all()
+        finally:
+            self.worker.close()
+            self.streamer.close()
+            self.store.close()
+            if not self.cfg.offload.keep_state:
+                for d in self.store_dirs:
+                    shutil.rmtree(d, ignore_errors=True)
+
+
+def _leaves(views: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {k: v.detach().requires_grad_(True) for k, v in views.items()}
+
+
+def _pinned_like(numel: int, dtype: torch.dtype) -> Tensor:
+    """CPU memory for the weight cache: page-locked when CUDA is present (fast, async H2D)."""
+    t = torch.empty(numel, dtype=dtype)
+    return t.pin_memory() if torch.cuda.is_available() else t

@@ -1,0 +1,89 @@
+"""Where each stage's training state lives: one ``StageState`` record per stage.
+
+Each stage's owned parameters are laid out as one flat vector (in ``Stage.params`` order), so the
+state moves in a few large transfers: the store holds ``<stage>/master``, ``<stage>/exp_avg``,
+``<stage>/exp_avg_sq`` (fp32) and, unless they are cached in CPU memory, ``<stage>/weights`` (the
+compute-precision copy the forward and backward use). Parameter ``p`` is elements
+``[offset, offset + numel)`` of each vector.
+
+States of a stage's compute weights, kept in ``StageState.updated``:
+
+* *current* (event set): they reflect every optimizer step submitted so far; loads may proceed.
+* *updating* (event clear): the stage's gradients were handed to the optimizer worker, which is
+  rewriting master, moments and compute weights. Every load of the stage's weights waits for
+  *current* (no stale weights, DESIGN.md idea 1), including prefetches of the next step.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from fuyou.models import Stage
+from fuyou.optim.out_of_core import Segment, StateKeys
+
+
+@dataclass
+class ParamSlot:
+    offset: int
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+@dataclass
+class StageState:
+    """The offloaded state of one stage (see the module docstring for its states)."""
+
+    stage: Stage
+    numel: int
+    slots: dict[str, ParamSlot]
+    segments: list[Segment]
+    keys: StateKeys
+    cache: Tensor | None = None            # compute weights held in CPU memory, or None: on SSD
+    updated: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None     # set when this stage's update failed
+
+    @property
+    def index(self) -> int:
+        return self.stage.index
+
+    def views(self, flat: Tensor) -> dict[str, Tensor]:
+        """Parameter-shaped views of a flat vector of this stage."""
+        return {name: flat[s.offset:s.offset + s.numel].view(s.shape) for name, s in self.slots.items()}
+
+    def flatten_grads(self, grads: dict[str, Tensor], out: Tensor) -> Tensor:
+        for name, s in self.slots.items():
+            out[s.offset:s.offset + s.numel].copy_(grads[name].reshape(-1))
+        return out
+
+
+def build_states(stages: list[Stage], weight_decay: float) -> list[StageState]:
+    states = []
+    for st in stages:
+        slots, segments, off = {}, [], 0
+        for name, spec in st.params.items():
+            slots[name] = ParamSlot(off, spec.shape)
+            wd = weight_decay if spec.decay else 0.0
+            if segments and segments[-1].weight_decay == wd and segments[-1].end == off:
+                segments[-1] = Segment(segments[-1].start, off + spec.numel, wd)
+            else:
+                segments.append(Segment(off, off + spec.numel, wd))
+            off += spec.numel
+        keys = StateKeys(f"{st.name}/master", f"{st.name}/exp_avg", f"{st.name}/exp_avg_sq", f"{st.name}/weights")
+        s = StageState(st, off, slots, segments, keys)
+        s.updated.set()
+        states.append(s)
+    return states
+
+
+def dtype_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()

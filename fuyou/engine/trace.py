@@ -1,0 +1,72 @@
+"""What a step spent its time on: Chrome/Perfetto trace events and per-step counters.
+
+The trace uses the same task names and resources as the planner's simulation (DESIGN.md: "The
+planner, the engine and the trace speak one language"): resources are the rows of the trace
+(``compute``, ``h2d``, ``d2h``, ``ssd-read``, ``ssd-write``, ``cpu-adam``, ``wait``). Open the file in
+ui.perfetto.dev or chrome://tracing.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+RESOURCES = ["compute", "h2d", "d2h", "ssd-read", "ssd-write", "cpu-adam", "wait"]
+
+
+@dataclass
+class StepCounters:
+    """Seconds and bytes of one optimizer step, summed over micro-batches."""
+
+    compute_s: float = 0.0
+    wait_weights_s: float = 0.0
+    wait_optimizer_s: float = 0.0
+    optimizer_busy_s: float = 0.0
+    ssd_read_bytes: int = 0
+    ssd_write_bytes: int = 0
+    h2d_bytes: int = 0
+    d2h_bytes: int = 0
+    cache_hits: int = 0
+
+    def as_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+class Tracer:
+    """Collects complete ("X") events while ``enabled``; thread-safe. Times are perf_counter based."""
+
+    def __init__(self):
+        self.enabled = False
+        self.events: list[dict] = []
+        self._lock = threading.Lock()
+        self._t0 = time.perf_counter()
+
+    def add(self, name: str, resource: str, start: float, end: float, **args) -> None:
+        if not self.enabled:
+            return
+        ev = {"name": name, "cat": resource, "ph": "X", "pid": 1, "tid": RESOURCES.index(resource) + 1,
+              "ts": (start - self._t0) * 1e6, "dur": max(0.0, end - start) * 1e6}
+        if args:
+            ev["args"] = args
+        with self._lock:
+            self.events.append(ev)
+
+    @contextmanager
+    def span(self, name: str, resource: str, **args):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(name, resource, t0, time.perf_counter(), **args)
+
+    def write(self, path: str | Path) -> None:
+        meta = [{"name": "thread_name", "ph": "M", "pid": 1, "tid": i + 1, "args": {"name": r}}
+                for i, r in enumerate(RESOURCES)]
+        meta.append({"name": "process_name", "ph": "M", "pid": 1, "args": {"name": "fuyou step"}})
+        with self._lock:
+            events = sorted(self.events, key=lambda e: e["ts"])
+        Path(path).write_text(json.dumps({"traceEvents": meta + events, "displayTimeUnit": "ms"}))

@@ -1,0 +1,146 @@
+"""Streaming compute-precision weights to the compute device, ``depth`` stages ahead.
+
+A load of stage ``i`` runs on a loader thread: wait until the stage's weights are *current*
+(``StageState.updated``, see ``layout``), then take them from the CPU cache or read them from the
+SSD into a pool buffer, then (CUDA) copy them to the GPU on the H2D stream and record an event. The
+main thread's ``get`` waits for that load and makes the compute stream wait on the event.
+
+Note: [Stream hand-offs]
+    Weights: the H2D copy runs on ``h2d_stream``; ``get`` calls ``compute_stream.wait_event(ev)``, so
+    compute never reads a half-copied tensor and the host never blocks on the GPU. The pool buffer
+    the copy read from is released by the loader thread after ``ev.synchronize()`` (a sync point in
+    the loader thread only, not in the hot loop of the main thread). On the CPU the loaded tensor is
+    the cache entry or the pool buffer itself; no copy, no events.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from fuyou.engine.layout import StageState, dtype_size
+from fuyou.engine.trace import StepCounters, Tracer
+from fuyou.errors import FuyouError
+
+
+@dataclass
+class Loaded:
+    """A stage's compute weights on the compute device, and what to give back when done with them."""
+
+    flat: Tensor
+    ready_at: float            # perf_counter when the stage became current (update finished)
+    done_at: float             # perf_counter when the load finished
+    buffer: object | None = None   # pool buffer to release (CPU device, weights read from SSD)
+    event: object | None = None    # CUDA event recorded after the H2D copy
+
+
+class WeightStreamer:
+    """Loads stages' weights in a given order with a prefetch window (see the module docstring)."""
+
+    def __init__(self, states: list[StageState], store, pool, device: torch.device, dtype: torch.dtype,
+                 depth: int, tracer: Tracer, counters_ref):
+        self.states, self.store, self.pool, self.device, self.dtype = states, store, pool, device, dtype
+        self.depth, self.tracer = depth, tracer
+        self._counters = counters_ref  # callable returning the current StepCounters
+        self._exec = ThreadPoolExecutor(max_workers=max(1, depth), thread_name_prefix="fuyou-load")
+        self._order: list[int] = []
+        self._futures: dict[int, Future] = {}
+        self._next = 0
+        self._lock = threading.Lock()
+        if device.type == "cuda":
+            self.h2d_stream = torch.cuda.Stream(device)
+
+    # -- the window ------------------------------------------------------------------------------
+    def plan(self, order: list[int]) -> None:
+        """The stage indices this step will request, in order (repeats allowed); starts prefetching."""
+        assert not self._futures, "plan() while loads from the previous plan are outstanding"
+        self._order, self._next = order, 0
+        self._fill(0)
+
+    def get(self, pos: int) -> Loaded:
+        """The weights for ``order[pos]``; blocks until loaded. Counts the wait as the optimizer's while
+        the stage was still updating, as the loads' otherwise."""
+        self._fill(pos)
+        fut = self._futures[pos]
+        t0 = time.perf_counter()
+        loaded = fut.result()
+        t1 = time.perf_counter()
+        c: StepCounters = self._counters()
+        waited_opt = max(0.0, min(t1, loaded.ready_at) - t0)
+        c.wait_optimizer_s += waited_opt
+        c.wait_weights_s += (t1 - t0) - waited_opt
+        if t1 - t0 > 1e-4:
+            self.tracer.add(f"wait weights {self.states[self._order[pos]].stage.name}", "wait", t0, t1)
+        if loaded.event is not None:
+            torch.cuda.current_stream(self.device).wait_event(loaded.event)  # see Note: [Stream hand-offs]
+        return loaded
+
+    def release(self, pos: int) -> None:
+        """Done computing with ``order[pos]``: free its buffer and let the window move on."""
+        loaded = self._futures.pop(pos).result()
+        if loaded.buffer is not None and loaded.event is None:
+            loaded.buffer.release()
+        self._fill(pos + 1)
+
+    def _fill(self, pos: int) -> None:
+        with self._lock:
+            while self._next < len(self._order) and self._next < pos + self.depth + 1:
+                i = self._order[self._next]
+                self._futures[self._next] = self._exec.submit(self._load, i)
+                self._next += 1
+
+    # -- one load (loader thread) ----------------------------------------------------------------
+    def _load(self, i: int) -> Loaded:
+        st = self.states[i]
+        st.updated.wait()
+        ready = time.perf_counter()
+        if st.error is not None:
+            raise FuyouError(f"the optimizer update of {st.stage.name} failed, its weights are not usable: {st.error}")
+        c: StepCounters = self._counters()
+        buf = None
+        if st.cache is not None:
+            host = st.cache
+            c.cache_hits += 1
+        else:
+            buf = self.pool.acquire(st.numel * dtype_size(self.dtype), self.dtype)
+            t0 = time.perf_counter()
+            try:
+                self.store.read_into(st.keys.weights, buf.tensor).result()
+            except BaseException:
+                buf.release()
+                raise
+            host = buf.tensor
+            c.ssd_read_bytes += st.numel * dtype_size(self.dtype)
+            self.tracer.add(f"read weights {st.stage.name}", "ssd-read", t0, time.perf_counter())
+        if self.device.type != "cuda":
+            return Loaded(host, ready, time.perf_counter(), buffer=buf)
+        t0 = time.perf_counter()
+        with torch.cuda.stream(self.h2d_stream):
+            dev = torch.empty(st.numel, dtype=self.dtype, device=self.device)
+            dev.copy_(host, non_blocking=True)
+            ev = torch.cuda.Event()
+            ev.record(self.h2d_stream)
+        ev.synchronize()  # loader thread only: the host buffer may be reused after this
+        c.h2d_bytes += st.numel * dtype_size(self.dtype)
+        self.tracer.add(f"h2d weights {st.stage.name}", "h2d", t0, time.perf_counter())
+        if buf is not None:
+            buf.release()
+        return Loaded(dev, ready, time.perf_counter(), event=ev)
+
+    def drain(self) -> None:
+        """Wait for and release every outstanding load (after an error, or at the end)."""
+        for pos in list(self._futures):
+            try:
+                self.release(pos)
+            except BaseException:  # noqa: BLE001 - draining after a failure; the first error is already raised
+                pass
+        self._order, self._next = [], 0
+
+    def close(self) -> None:
+        self.drain()
+        self._exec.shutdown(wait=True)
