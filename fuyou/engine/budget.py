@@ -9,6 +9,8 @@ CPU budget (``offload.cpu_mem``) covers everything the engine allocates in CPU m
   memory of one stage's recompute and backward (an estimate: 4 bytes x batch x seq x (16 d + 4 ff)
   plus attention scores and, for the head, three logits-sized tensors), gradient accumulators
   (``grad_accum > 1``: 4 bytes per parameter) and the tied embedding's pending gradient;
+* ``I/O bounce buffers`` of the store's threads, and a fixed ``allocator and thread slack``
+  (``engine.RUNTIME_SLACK``, measured);
 * ``weight cache``: whatever is left, filled with stages' compute weights in forward order.
 
 Not counted: the *fixed overhead* of the process before the engine starts (interpreter, torch and

@@ -19,8 +19,7 @@ def make_cfg(tmp_path, *overrides, dirs=1):
     base = ["model.preset=gpt-test", "data.seq_len=32", "train.micro_batch_size=2", "train.precision=fp32",
             "train.steps=3", "train.warmup_steps=1", "train.eval_batches=1", "train.grad_clip=none",
             f"run.out_dir={tmp_path / 'runs'}", "offload.cpu_mem=256MiB", "offload.optimizer_chunk=1"]
-    cfg = load_config(overrides=base + list(overrides))
-    return cfg.model_copy(update={"offload": cfg.offload.model_copy(update={"ssd_dirs": ssd})})
+    return load_config(overrides=base + list(overrides), flags={"offload.ssd_dirs": ssd})
 
 
 def run_both(cfg, steps=None):

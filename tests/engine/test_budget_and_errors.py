@@ -1,0 +1,128 @@
+"""Budgets are promises, and impossible configurations are refused before any work starts."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from fuyou.cli import main
+from fuyou.config import load_config
+from fuyou.errors import BudgetError, ConfigError
+
+from engine_testutil import make_cfg
+
+
+def test_peak_resident_memory_stays_under_budget(tmp_path):
+    """A model whose training state is over 4x the CPU budget trains with peak RSS under
+    fixed overhead + budget (measured from /proc/self/status in a fresh process)."""
+    ssd = tmp_path / "ssd"
+    ssd.mkdir()
+    script = textwrap.dedent(f"""
+        import json, sys
+        from fuyou.config import load_config
+        from fuyou.data import load_data
+        from fuyou.engine.engine import Engine, resident_bytes
+        cfg = load_config(overrides=[
+            "model.n_layer=14", "model.d_model=640", "model.n_head=8", "model.vocab_size=320",
+            "data.seq_len=64", "train.micro_batch_size=2", "train.steps=2", "train.grad_clip=none",
+            "offload.mode=ssd", "offload.ssd_dirs={ssd}", "offload.cpu_mem=224MiB", "train.threads=2",
+            "offload.optimizer_chunk=1"])
+        eng = Engine(cfg, load_data(cfg.data), "state")
+        for step in range(2):
+            eng.train_step(step)
+        eng.worker.wait_all()
+        state = sum(s.numel for s in eng.states) * 14
+        print(json.dumps({{"peak": resident_bytes("VmHWM"), "overhead": eng.fixed_overhead,
+                          "budget": cfg.offload.cpu_mem, "state": state,
+                          "cached": len(eng.plan.cached_stages), "stages": len(eng.states)}}))
+        eng.close()
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["state"] >= 4 * r["budget"], r
+    assert 0 < r["cached"] < r["stages"], r  # part cached, the rest streamed from SSD
+    assert r["peak"] <= r["overhead"] + r["budget"], r
+
+
+def test_cpu_budget_too_small_is_refused_with_numbers(tmp_path):
+    cfg = make_cfg(tmp_path, "offload.cpu_mem=1MiB", "offload.mode=ssd")
+    with pytest.raises(BudgetError, match=r"(?s)CPU memory budget 1.00 MiB cannot hold.*optimizer buffers.*raise offload.cpu_mem"):
+        __import__("fuyou.engine.engine").engine.engine.Engine(cfg, None, "state")
+    assert list((tmp_path / "ssd0").iterdir()) == []  # refused before creating anything
+
+
+def test_stage_larger_than_device_budget_is_refused(tmp_path, capsys):
+    ssd = tmp_path / "ssd"
+    ssd.mkdir()
+    rc = main(["train", "--offload", "ssd", "--ssd", str(ssd), "--gpu-mem", "64KiB", "--out", str(tmp_path / "runs"),
+               "model.preset=gpt-test", "train.steps=1"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "device memory budget 64.00 KiB cannot hold one stage's working set" in err and "offload.gpu_mem" in err
+    assert not (tmp_path / "runs").exists() and list(ssd.iterdir()) == []
+
+
+def test_missing_ssd_directory_is_refused(tmp_path, capsys):
+    rc = main(["train", "--offload", "ssd", "--ssd", str(tmp_path / "nope"), "train.steps=1"])
+    assert rc == 2
+    assert "SSD directory" in capsys.readouterr().err
+
+
+def test_ssd_too_small_is_refused(tmp_path):
+    """A directory without the space the state needs: refused with the missing amount (a 1 MiB tmpfs
+    is not available unprivileged, so use a model far larger than the disk)."""
+    cfg = make_cfg(tmp_path, "offload.mode=ssd", "model.preset=gpt3-175b", "offload.cpu_mem=64GiB",
+                   "train.precision=bf16", "data.source=synthetic", "data.seq_len=16", "train.micro_batch_size=1")
+    with pytest.raises(BudgetError, match="missing"):
+        __import__("fuyou.engine.engine").engine.engine.Engine(cfg, None, "state")
+
+
+def test_trace_and_metrics_from_the_cli(tmp_path, capsys):
+    ssd = tmp_path / "ssd"
+    ssd.mkdir()
+    trace = tmp_path / "trace.json"
+    rc = main(["train", "--offload", "ssd", "--ssd", str(ssd), "--cpu-mem", "512MiB", "--out", str(tmp_path / "runs"),
+               "--trace", str(trace), "model.preset=gpt-test", "train.steps=3", "train.grad_clip=none",
+               "offload.cache_weights=false", "data.seq_len=32", "train.micro_batch_size=2", "train.eval_batches=1"])
+    assert rc == 0, capsys.readouterr().err
+    events = json.loads(trace.read_text())["traceEvents"]
+    cats = {e.get("cat") for e in events if e["ph"] == "X"}
+    assert {"compute", "ssd-read", "cpu-adam"} <= cats
+    adam = [e for e in events if e.get("cat") == "cpu-adam"]
+    # every stage's update (the previous step's last updates may overlap into the traced step too)
+    assert {e["name"] for e in adam} == {"adam embed", "adam block.0", "adam block.1", "adam head"}
+    assert all(e["args"]["written_bytes"] > 0 for e in adam)
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    lines = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    step = next(l for l in lines if "loss" in l)
+    for key in ("compute_s", "wait_weights_s", "wait_optimizer_s", "ssd_read_bytes", "ssd_write_bytes", "tflops"):
+        assert key in step
+    assert step["ssd_write_bytes"] > 0
+    assert (run_dir / "model.safetensors").stat().st_size > 0
+    assert list(ssd.iterdir()) == []  # state deleted after saving (offload.keep_state=false)
+    err = capsys.readouterr().err
+    assert "wait w/opt" in err and "ssd r/w" in err
+
+
+def test_saved_weights_equal_reference(tmp_path):
+    """The safetensors written from the SSD store equal the in-memory run's."""
+    from safetensors.torch import load_file
+    import torch
+
+    outs = {}
+    for mode in ("none", "ssd"):
+        ssd = tmp_path / f"ssd-{mode}"
+        ssd.mkdir()
+        args = ["train", "--out", str(tmp_path / f"runs-{mode}"), "model.preset=llama-test", "train.steps=2",
+                "train.precision=fp32", "data.seq_len=32", "train.micro_batch_size=2", "train.eval_batches=1"]
+        if mode == "ssd":
+            args += ["--offload", "ssd", "--ssd", str(ssd), "--cpu-mem", "256MiB", "offload.optimizer_chunk=1"]
+        assert main(args) == 0
+        (run_dir,) = (tmp_path / f"runs-{mode}").iterdir()
+        outs[mode] = load_file(str(run_dir / "model.safetensors"))
+    assert outs["none"].keys() == outs["ssd"].keys()
+    for k in outs["none"]:
+        assert torch.equal(outs["none"][k], outs["ssd"][k]), k
