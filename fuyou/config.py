@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import sys
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -79,9 +80,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def validate(raw: dict[str, Any]) -> FuyouConfig:
-    for section in raw:
+    for section, values in raw.items():
         if section not in SECTIONS:
             raise ConfigError(f"unknown section [{section}]; the sections are: {', '.join(SECTIONS)}")
+        fields = SECTIONS[section].model_fields
+        for key, value in values.items():  # "none" unsets a field that may be unset
+            if isinstance(value, str) and value.lower() in ("none", "null") and key in fields \
+                    and type(None) in typing.get_args(fields[key].annotation):
+                values[key] = None
     model = dict(raw.get("model", {}))
     if model.get("preset") is not None:
         model = {**preset(str(model["preset"])), **model}
@@ -120,10 +126,8 @@ def _set(raw: dict, dotted: str, value: Any) -> None:
 
 
 def _parse_value(text: str) -> Any:
-    """TOML literal if it parses (numbers, booleans, lists, quoted strings), else the bare string;
-    'none'/'null' unset an optional field."""
-    if text.lower() in ("none", "null"):
-        return None
+    """TOML literal if it parses (numbers, booleans, lists, quoted strings), else the bare string.
+    ('none' stays a string: it is a value of some fields, and unsets optional ones, see ``validate``.)"""
     try:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:

@@ -26,6 +26,7 @@ class StepCounters:
     wait_weights_s: float = 0.0
     wait_optimizer_s: float = 0.0
     optimizer_busy_s: float = 0.0
+    optimizer_kernel_s: float = 0.0
     ssd_read_bytes: int = 0
     ssd_write_bytes: int = 0
     h2d_bytes: int = 0

@@ -83,6 +83,7 @@ class OptimizerWorker:
                         grad_dtype=job.grad_dtype)
                     c: StepCounters = self._counters()
                     c.optimizer_busy_s += stats.busy_s
+                    c.optimizer_kernel_s += stats.kernel_s
                     c.ssd_read_bytes += stats.read_bytes
                     c.ssd_write_bytes += stats.written_bytes
                     end = time.perf_counter()
