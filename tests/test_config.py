@@ -51,3 +51,16 @@ def test_bad_config_says_what_is_wrong(overrides, message):
 def test_missing_config_file():
     with pytest.raises(ConfigError, match="does not exist"):
         load_config("/no/such.toml")
+
+
+def test_every_shipped_config_validates(tmp_path):
+    """configs/*.toml load; paths they point at are replaced by existing ones."""
+    from pathlib import Path
+
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "meta.json").write_text("{}")
+    files = sorted(Path(__file__).parent.parent.glob("configs/*.toml"))
+    assert len(files) >= 4
+    for f in files:
+        cfg = load_config(f, flags={"data.path": [str(tmp_path / "corpus")], "offload.ssd_dirs": [str(tmp_path)]})
+        assert cfg.model.preset, f
