@@ -28,14 +28,23 @@ from pathlib import Path
 import torch
 
 from fuyou.store import PinnedPool, StoreConfig, TensorStore
+from fuyou.store.checksum import IMPLEMENTATION as CRC_IMPL
 from fuyou.units import format_size, parse_size
 
 
-def machine_header(directory: Path) -> str:
+def machine_header(directory: Path, with_deepspeed: bool = True) -> str:
     fs = subprocess.run(["df", "-T", str(directory)], capture_output=True, text=True).stdout.splitlines()[-1:]
     fio = subprocess.run(["fio", "--version"], capture_output=True, text=True).stdout.strip() if shutil.which("fio") else "absent"
+    ds = ""
+    if with_deepspeed:
+        try:
+            import deepspeed  # slow (seconds): only when the peer runs
+            ds = f", deepspeed {deepspeed.__version__}"
+        except Exception:  # noqa: BLE001 -- absent or broken: the peer is skipped and says why
+            pass
     return (f"host {platform.node()}, {os.cpu_count()} CPUs, Linux {platform.release()}, Python "
-            f"{platform.python_version()}, torch {torch.__version__}, fio {fio}\n"
+            f"{platform.python_version()}, torch {torch.__version__}, fio {fio}{ds}\n"
+            f"store checksum: CRC-32 by {CRC_IMPL} (FUYOU_STORE_CRC=zlib forces zlib)\n"
             f"directory {directory}: {fs[0] if fs else '?'}")
 
 
@@ -72,13 +81,26 @@ def fio_rate(d: Path, nbytes: int, bs: int, qd: int, rw: str) -> float:
 
 
 def deepspeed_handle(bs: int, qd: int):
+    """DeepSpeed's libaio handle with the settings its aio config would use here (O_DIRECT, overlapped
+    submission, one I/O thread per core), or None when deepspeed or its async_io op is unavailable."""
     try:
         from deepspeed.ops.op_builder import AsyncIOBuilder
         return AsyncIOBuilder().load(verbose=False).aio_handle(block_size=bs, queue_depth=qd, single_submit=False,
-                                                              overlap_events=True, intra_op_parallelism=2)
+                                                              overlap_events=True,
+                                                              intra_op_parallelism=min(os.cpu_count() or 1, 8))
     except Exception as exc:  # not installed, or its op cannot build here
         print(f"deepspeed aio_handle: skipped ({type(exc).__name__}: {str(exc)[:80]})")
         return None
+
+
+def ds_io(fn, buf: torch.Tensor, path: str) -> float:
+    """One timed synchronous aio_handle transfer; returns seconds. It returns 1 on success."""
+    t = time.perf_counter()
+    n = fn(buf, path)
+    dt = time.perf_counter() - t
+    if n != 1:
+        raise RuntimeError(f"deepspeed aio_handle {fn.__name__} on {path} returned {n}, expected 1")
+    return dt
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -94,9 +116,12 @@ def run(args: argparse.Namespace) -> dict:
     ds = None if args.no_deepspeed else deepspeed_handle(bs, args.queue_depth)
     if use_fio:
         fio_rate(d, nbytes, bs, args.queue_depth, "write")  # untimed layout
-    if ds is not None:
+    if ds is not None:  # page-locked buffer, filled with random bytes, checked after every read
         ds_buf = ds.new_cpu_locked_tensor(nbytes, torch.empty(0, dtype=torch.uint8))
-        ds.sync_pwrite(ds_buf, str(d / "ds.dat"))
+        ds_ref = torch.randint(0, 256, (min(nbytes, 64 << 20),), dtype=torch.uint8)
+        for o in range(0, nbytes, ds_ref.numel()):
+            ds_buf[o:o + ds_ref.numel()] = ds_ref[:nbytes - o]
+        ds_io(ds.sync_pwrite, ds_buf, str(d / "ds.dat"))  # untimed: allocates the file's extents
     store_runs = bench_store(d, nbytes, cfg, args.reps)
     for _ in range(args.reps):
         tw, tr = next(store_runs)
@@ -106,12 +131,16 @@ def run(args: argparse.Namespace) -> dict:
             res["fio_w"].append(fio_rate(d, nbytes, bs, args.queue_depth, "write"))
             res["fio_r"].append(fio_rate(d, nbytes, bs, args.queue_depth, "read"))
         if ds is not None:
-            for kind, fn in (("ds_w", ds.sync_pwrite), ("ds_r", ds.sync_pread)):
-                t = time.perf_counter()
-                fn(ds_buf, str(d / "ds.dat"))
-                res[kind].append(nbytes / (time.perf_counter() - t) / 1e9)
+            res["ds_w"].append(nbytes / ds_io(ds.sync_pwrite, ds_buf, str(d / "ds.dat")) / 1e9)
+            ds_buf.zero_()
+            res["ds_r"].append(nbytes / ds_io(ds.sync_pread, ds_buf, str(d / "ds.dat")) / 1e9)
+            for o in range(0, nbytes, ds_ref.numel()):
+                if not torch.equal(ds_buf[o:o + ds_ref.numel()], ds_ref[:nbytes - o]):
+                    raise RuntimeError("deepspeed aio_handle read back different data")
     for _ in store_runs:  # let the generator clean up
         pass
+    if ds is not None:
+        ds.free_cpu_locked_tensor(ds_buf)
     for f in ("fio.dat", "ds.dat"):
         (d / f).unlink(missing_ok=True)
     return {k: statistics.median(v) for k, v in res.items() if v}
@@ -139,13 +168,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--block-size", default=str(StoreConfig().block_size), help="I/O block size, also fio --bs")
     p.add_argument("--queue-depth", type=int, default=StoreConfig().queue_depth, help="store queue depth, fio --iodepth")
     p.add_argument("--reps", type=int, default=3, help="repetitions; the median is reported")
-    p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True, help="store CRC32 checksums")
+    p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True, help="store CRC-32 checksums")
     p.add_argument("--no-fio", action="store_true")
     p.add_argument("--no-deepspeed", action="store_true")
     p.add_argument("--sweep", action="store_true", help="store only, over block sizes x queue depths")
     p.add_argument("--markdown", help="append the result table (with command and machine) to this file")
     args = p.parse_args(argv)
-    header = machine_header(Path(args.dir).parent if not Path(args.dir).exists() else Path(args.dir))
+    header = machine_header(Path(args.dir).parent if not Path(args.dir).exists() else Path(args.dir),
+                            with_deepspeed=not (args.no_deepspeed or args.sweep))
     print(header)
     if args.sweep:
         for bs in ("256KiB", "1MiB", "4MiB"):
@@ -159,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     med = run(args)
     table = report(med, args)
     print(f"size {format_size(parse_size(args.size))}, block {args.block_size}, queue depth {args.queue_depth}, "
-          f"checksums {'on' if args.verify else 'off'}, median of {args.reps}")
+          f"checksums {'on (CRC-32 by ' + CRC_IMPL + ')' if args.verify else 'off'}, median of {args.reps}")
     print(table)
     if args.markdown:
         with open(args.markdown, "a", encoding="utf-8") as f:

@@ -33,7 +33,8 @@ checksum_block)`` bytes, starting on a checksum-block boundary, never crossing a
 unit is one contiguous range of one file). Units go on one queue shared by ``queue_depth`` worker
 threads; each thread issues blocking syscalls of at most ``block_size`` bytes, so ``queue_depth``
 requests are in flight at the device. The GIL is released inside ``preadv``/``pwritev`` and inside
-``zlib.crc32`` (buffers over 5 KiB), so the threads really overlap on two cores.
+the CRC-32 (``fuyou.store.checksum``: ISA-L or zlib-ng when installed, else ``zlib.crc32``), so the
+threads really overlap on two cores.
 
 Fast path: the caller's bytes for a unit start at a 4 KiB-aligned address and are a multiple of 4 KiB
 long -- the syscall goes straight from/to the caller's memory. Otherwise (unaligned buffer, or the
@@ -52,11 +53,11 @@ import os
 import queue
 import threading
 import weakref
-import zlib
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from fuyou.store.aligned import aligned_empty, byte_view, round_up
+from fuyou.store.checksum import crc32
 from fuyou.store.config import ALIGNMENT
 from fuyou.store.errors import StoreCorruptError, StoreIOError, io_error_from_oserror
 
@@ -209,7 +210,7 @@ class ThreadEngine:
         padded = round_up(u.length) if u.direct else u.length
         bounced = u.direct and (u.addr % ALIGNMENT or padded != u.length)
         if u.write:
-            crcs = [zlib.crc32(u.mv[i:i + cb]) for i in range(0, u.length, cb)] if u.verify else None
+            crcs = [crc32(u.mv[i:i + cb]) for i in range(0, u.length, cb)] if u.verify else None
             if bounced:
                 bmv, _ = self._bounce()
                 bmv[:u.length] = u.mv
@@ -229,7 +230,7 @@ class ThreadEngine:
         if u.verify:
             for j, i in enumerate(range(0, u.length, cb)):
                 want = rec.checksums[u.crc_index + j]
-                if want is not None and zlib.crc32(u.mv[i:i + cb]) != want:
+                if want is not None and crc32(u.mv[i:i + cb]) != want:
                     start = (u.crc_index + j) * cb
                     raise StoreCorruptError(rec.key, u.path, (
                         f"CRC32 mismatch in checksum block {u.crc_index + j} (tensor bytes "

@@ -35,6 +35,7 @@ import torch
 
 from fuyou.store import layout as L
 from fuyou.store.aligned import byte_view
+from fuyou.store.checksum import ALGORITHM as CHECKSUM
 from fuyou.store.config import StoreConfig
 from fuyou.store.engine import IOFuture, ThreadEngine, Unit
 from fuyou.store.errors import StoreCorruptError, StoreUsageError, io_error_from_oserror
@@ -63,6 +64,10 @@ class TensorStore:
         self.dirs, self.config = dirs, config
         self.uuid: str = manifest["uuid"]
         self.checksum_block: int = int(manifest["checksum_block"])
+        algo = manifest.get("checksum", "crc32")  # stores written before the field existed used CRC-32
+        if algo != CHECKSUM:
+            raise StoreUsageError(f"the store in {dirs[0]} checksums its blocks with {algo!r}, this fuyou with "
+                                  f"{CHECKSUM!r}; open it with the fuyou version that wrote it")
         if config.stripe_unit % self.checksum_block:
             raise StoreUsageError(f"stripe_unit {format_size(config.stripe_unit)} is not a multiple of this "
                                   f"store's checksum_block {format_size(self.checksum_block)}; change stripe_unit")
@@ -116,7 +121,8 @@ class TensorStore:
         for i, d in enumerate(paths):
             L.write_json_atomic(d / L.MARKER, {"uuid": sid, "index": i, "dirs": len(paths)})
         manifest = {"format": L.FORMAT_VERSION, "uuid": sid, "checksum_block": config.checksum_block,
-                    "alignment": 4096, "dirs": [str(d) for d in paths], "next_offsets": [0] * len(paths),
+                    "checksum": CHECKSUM, "alignment": 4096,
+                    "dirs": [str(d) for d in paths], "next_offsets": [0] * len(paths),
                     "tensors": {}}
         store = cls(paths, config, manifest, create=True)
         store.sync()
@@ -336,7 +342,8 @@ class TensorStore:
                 raise io_error_from_oserror(exc, path, 0, 0, "fsync") from exc
         with self._lock:
             payload = {"format": L.FORMAT_VERSION, "uuid": self.uuid, "checksum_block": self.checksum_block,
-                       "alignment": 4096, "dirs": [str(d) for d in self.dirs], "next_offsets": list(self._next),
+                       "checksum": CHECKSUM, "alignment": 4096,
+                       "dirs": [str(d) for d in self.dirs], "next_offsets": list(self._next),
                        "tensors": {k: r.to_json() for k, r in self._records.items()}}
         path = self.dirs[0] / L.MANIFEST
         try:
