@@ -1,4 +1,4 @@
-"""The ``fuyou`` command: ``train``, ``models``, ``data prepare``."""
+"""The ``fuyou`` command: ``train``, ``models``, ``data prepare``, ``plan``, ``probe``."""
 
 from __future__ import annotations
 
@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--ssd", action="append", metavar="DIR", help="an SSD directory (repeat for several drives)")
     t.add_argument("--cpu-mem", help="CPU memory budget, e.g. 8GiB")
     t.add_argument("--gpu-mem", help="GPU memory budget, e.g. 20GiB")
+    t.add_argument("--act-policy", help="activation policy (offload ssd): 'recompute', e.g. 'fc2,proj=ssd', "
+                   "'30-39:all=gpu', or a JSON file from `fuyou plan --json`")
     t.add_argument("--steps", type=int, help="optimizer steps")
     t.add_argument("--out", help="parent directory of run directories (default: runs)")
     t.add_argument("--trace", metavar="FILE", help="write a Chrome/Perfetto trace of the second step (offload ssd)")
@@ -64,7 +66,113 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--val-fraction", type=float, default=0.05, help="share of tokens held out")
     prep.add_argument("--jsonl-field", default="text", help="field with the text in JSON lines")
     prep.set_defaults(func=_prepare)
+    _add_planner_parsers(sub)
     return p
+
+
+def _add_planner_parsers(sub) -> None:
+    pl = sub.add_parser("plan", help="predict step time, memory and the swap schedule (no GPU, no weights)",
+                        description="Plan a run: bytes per tier, predicted step time and bottleneck, the swap "
+                        "schedule and a timeline of one step. Hardware by preset (--gpu, --ssd NxNAME, --pcie), by "
+                        "numbers, or --profile FILE from `fuyou probe`.")
+    pl.add_argument("--model", default="gpt3-13b", help="model preset (see `fuyou models`)")
+    pl.add_argument("--batch", type=int, default=16, help="micro-batch size (sequences)")
+    pl.add_argument("--seq", type=int, default=1024, help="sequence length")
+    pl.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    pl.add_argument("--cpu-mem", default="256GiB", help="CPU memory budget, e.g. 256GiB")
+    pl.add_argument("--profile", help="hardware profile JSON written by `fuyou probe`")
+    pl.add_argument("--gpu", help="GPU preset: rtx3090, rtx4090, a100-40gb, a100-80gb, h100, h200")
+    pl.add_argument("--ssd", help="SSD preset with a count, e.g. 12xd7-p5510 (d7-p5510, 990-pro, pcie4-generic)")
+    pl.add_argument("--pcie", help="host link: gen3x16, gen4x16, gen5x16 (default: the GPU's)")
+    for flag, what in (("--gpu-tflops", "sustained matmul TFLOPS"), ("--gpu-mem", "GPU memory, e.g. 24GiB"),
+                       ("--ssd-read", "aggregate SSD read GB/s"), ("--ssd-write", "aggregate SSD write GB/s"),
+                       ("--ssd-capacity", "SSD space, e.g. 30TB"), ("--pcie-bw", "PCIe GB/s each way"),
+                       ("--cpu-adam", "CPU AdamW parameters/s")):
+        pl.add_argument(flag, help=f"override: {what}")
+    pl.add_argument("--act-policy", help="predict this activation policy instead of searching "
+                    "(e.g. 'recompute' or 'fc2,proj=cpu;0-3:checkpoint=ssd')")
+    pl.add_argument("--prefetch-depth", type=int, help="with --act-policy: stages fetched ahead (default 2)")
+    pl.add_argument("--json", action="store_true", help="print JSON for tools instead of text")
+    pl.add_argument("--plot", metavar="FILE.png", help="write a Gantt chart of one step (needs matplotlib)")
+    pl.set_defaults(func=_plan)
+
+    pr = sub.add_parser("probe", help="measure this machine (compute, PCIe, SSD via the store, CPU AdamW) "
+                        "and write a hardware profile", description="Measure this machine with fuyou's own code "
+                        "and write a profile for `fuyou plan --profile`.")
+    pr.add_argument("--ssd", required=True, metavar="DIR", help="a directory on the SSD to measure")
+    pr.add_argument("--out", default="profile.json", help="profile JSON to write (default: profile.json)")
+    pr.add_argument("--model", help="model preset whose block shapes to time (default: a 125M/1.3B block)")
+    pr.add_argument("--batch", type=int, help="micro-batch size for the compute probe")
+    pr.add_argument("--seq", type=int, help="sequence length for the compute probe")
+    pr.add_argument("--io-bytes", default="256MiB", help="bytes written and read in the SSD probe")
+    pr.add_argument("--adam-params", type=int, default=1 << 24, help="parameters in the AdamW probe")
+    pr.add_argument("--repeats", type=int, default=3, help="timed repetitions (median)")
+    pr.set_defaults(func=_probe)
+
+
+def _plan(args) -> int:
+    import json
+
+    from fuyou.errors import ConfigError
+    from fuyou.models import ModelConfig, preset
+    from fuyou.planner.config import HardwareConfig
+    from fuyou.planner.cost import Workload
+    from fuyou.planner.hardware import resolve
+    from fuyou.planner.policy import parse_act_policy
+    from fuyou.planner.report import plot, text, to_json
+    from fuyou.planner.search import search
+    from fuyou.units import parse_size
+
+    for name in ("batch", "seq", "grad_accum"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    cfg = ModelConfig(**preset(args.model))
+    if args.seq > cfg.max_seq_len:
+        cfg = cfg.model_copy(update={"max_seq_len": args.seq})
+    nums = {k: getattr(args, k) for k in ("gpu_tflops", "ssd_read", "ssd_write", "pcie_bw", "cpu_adam")}
+    try:
+        nums = {k: float(v) for k, v in nums.items() if v is not None}
+    except ValueError as e:
+        raise ConfigError(f"a numeric hardware override is not a number: {e}") from None
+    try:
+        hwc = HardwareConfig(profile=args.profile, gpu=args.gpu, ssd=args.ssd, pcie=args.pcie, gpu_mem=args.gpu_mem,
+                             ssd_capacity=args.ssd_capacity, **nums)
+    except ValueError as e:
+        raise ConfigError(f"invalid hardware option: {e}") from None
+    hw = resolve(hwc)
+    w = Workload(cfg, args.batch, args.seq, grad_accum=args.grad_accum)
+    policy = None
+    if args.act_policy:
+        policy = parse_act_policy(args.act_policy, cfg.n_layer, prefetch_depth=args.prefetch_depth or 2)
+    plan = search(w, hw, parse_size(args.cpu_mem), policy)
+    print(json.dumps(to_json(plan), indent=1) if args.json else text(plan))
+    if args.plot and plan.feasible:
+        if plot(plan, args.plot):
+            print(f"wrote {args.plot}", file=sys.stderr)
+        else:
+            print("fuyou: --plot needs matplotlib (pip install 'fuyou[plot]'); skipped", file=sys.stderr)
+    return 0 if plan.feasible else 1
+
+
+def _probe(args) -> int:
+    from fuyou.planner.hardware import save_profile
+    from fuyou.planner.probe import probe
+    from fuyou.units import format_size, parse_size
+
+    prof, meas = probe(args.ssd, model=args.model, batch=args.batch, seq=args.seq, io_bytes=parse_size(args.io_bytes),
+                       adam_params=args.adam_params, repeats=args.repeats)
+    save_profile(prof, args.out, meas)
+    c = meas["compute"]
+    print(f"compute ({prof.device}, {c['block_shape']}): block forward {prof.fwd_flops / 1e12:.3g} TFLOPS, "
+          f"recompute+backward {prof.bwd_flops / 1e12:.3g}, matmuls {prof.matmul_flops / 1e12:.3g}")
+    if prof.device == "cuda":
+        print(f"PCIe: H2D {prof.h2d / 1e9:.3g} GB/s, D2H {prof.d2h / 1e9:.3g} GB/s (pinned)")
+    print(f"SSD ({args.ssd}, through the store): write {prof.ssd_write / 1e9:.3g} GB/s, read {prof.ssd_read / 1e9:.3g} "
+          f"GB/s, mixed factor {prof.ssd_mixed_factor:.2f}, free {format_size(prof.ssd_capacity)}")
+    print(f"CPU AdamW: {prof.cpu_adam / 1e9:.3g} G params/s; memory: CPU {format_size(prof.cpu_mem or 0)}, "
+          f"device {format_size(prof.gpu_mem)}")
+    print(f"wrote {args.out}")
+    return 0
 
 
 def _train(args) -> int:
@@ -73,7 +181,7 @@ def _train(args) -> int:
 
     flags = {
         "model.preset": args.model, "offload.mode": args.offload, "offload.ssd_dirs": args.ssd,
-        "offload.cpu_mem": args.cpu_mem, "offload.gpu_mem": args.gpu_mem, "train.steps": args.steps,
+        "offload.cpu_mem": args.cpu_mem, "offload.gpu_mem": args.gpu_mem, "offload.act_policy": args.act_policy, "train.steps": args.steps,
         "run.out_dir": args.out,
     }
     cfg = load_config(args.config, args.overrides, {k: v for k, v in flags.items() if v is not None})

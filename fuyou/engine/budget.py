@@ -10,12 +10,15 @@ CPU budget (``offload.cpu_mem``) covers everything the engine allocates in CPU m
   plus attention scores and, for the head, three logits-sized tensors), gradient accumulators
   (``grad_accum > 1``: 4 bytes per parameter) and the tied embedding's pending gradient;
 * ``I/O bounce buffers`` of the store's threads, and a fixed ``allocator and thread slack``
-  (``engine.RUNTIME_SLACK``, measured);
+  (``RUNTIME_SLACK``, measured);
 * ``weight cache``: whatever is left, filled with stages' compute weights in forward order.
 
 Not counted: the *fixed overhead* of the process before the engine starts (interpreter, torch and
 its libraries, the token arrays), measured as resident memory at engine start and reported. The
 promise is: peak resident memory <= fixed overhead + ``cpu_mem``.
+
+``plan_memory`` computes the plan from shapes and settings alone; the engine (``Engine._memory_plan``)
+and the planner (``fuyou.planner.search``) both call it, so "does it fit?" has one answer.
 """
 
 from __future__ import annotations
@@ -24,6 +27,11 @@ from dataclasses import dataclass, field
 
 from fuyou.errors import BudgetError
 from fuyou.units import format_size
+
+# Memory the itemised plan does not see: allocator fragmentation, per-thread arenas and buffers of
+# the loader, optimizer and I/O threads. Measured: the peak exceeded the itemised plan by at most
+# 24 MiB on tests/engine/test_budget_and_errors.py's model (bench/RESULTS.md has larger models).
+RUNTIME_SLACK = 32 * 1024**2
 
 
 @dataclass
@@ -81,3 +89,93 @@ def activation_bytes(cfg_model, batch: int, seq: int) -> dict[str, int]:
     block = 4 * tokens * (16 * d + 4 * ff) + 4 * batch * h * seq * seq
     head = 3 * 4 * tokens * v + 8 * tokens * d
     return {"checkpoint": checkpoint, "block_work": block, "head_work": head}
+
+
+def plan_memory(stage_numels: list[int], off, *, chunk: int, io_buffer_bytes: int, act: dict[str, int],
+                csize: int, gsize: int, deferred: bool, accumulate: bool, tied: bool, compute_on_cpu: bool,
+                checkpoint_bytes: int | None = None, working_bytes: int | None = None,
+                extra_cpu: dict[str, int] | None = None, extra_device: dict[str, int] | None = None) -> MemoryPlan:
+    """The memory plan of the engine (module docstring) from shapes and settings, allocating nothing.
+
+    ``stage_numels``: parameters owned by each stage, in stage order. ``off``: an ``OffloadConfig``.
+    ``chunk``: the optimizer's chunk in elements (already rounded to the store's blocks);
+    ``io_buffer_bytes``: the store's bounce buffers. ``act``: ``activation_bytes(...)``.
+    ``checkpoint_bytes`` / ``working_bytes`` replace the default device items (every stage's input
+    checkpoint kept on the device; the CPU-oriented working-set estimate); ``extra_cpu`` and
+    ``extra_device`` add items (activations a policy keeps in CPU or device memory). The weight cache
+    gets what the budget has left.
+    """
+    plan = MemoryPlan(off.cpu_mem, device_budget=off.gpu_mem)
+    stage_max = max(stage_numels)
+    opt_lowp = 0 if off.cache_weights else csize
+    plan.cpu_items["optimizer buffers"] = (2 * off.optimizer_depth + 1) * chunk * (
+        12 + (gsize if deferred else 0) + opt_lowp)
+    plan.cpu_items["gradients in flight"] = (off.max_pending_updates + 2) * stage_max * gsize
+    plan.cpu_items["I/O bounce buffers"] = io_buffer_bytes
+    plan.cpu_items["allocator and thread slack"] = RUNTIME_SLACK
+    dev = plan.device_items
+    dev["stage weights in window"] = (off.prefetch_depth + 2) * stage_max * csize
+    dev["checkpoints"] = len(stage_numels) * act["checkpoint"] if checkpoint_bytes is None else checkpoint_bytes
+    dev["working memory (estimate)"] = (max(act["block_work"], act["head_work"]) + 2 * stage_max * 4
+                                        if working_bytes is None else working_bytes)
+    if accumulate:
+        dev["gradient accumulators"] = 4 * sum(stage_numels)
+    if tied:
+        dev["tied embedding gradient"] = 4 * stage_numels[0]
+    dev.update(extra_device or {})
+    if compute_on_cpu:  # the compute device's memory is CPU memory
+        for k, v in dev.items():
+            if k != "stage weights in window":  # on the CPU those are the cache or the weight buffers
+                plan.cpu_items[f"compute: {k}"] = v
+    plan.cpu_items.update(extra_cpu or {})
+    # The weight cache gets what is left; stages it cannot hold stream from SSD via weight buffers.
+    steady = sum(plan.cpu_items.values())
+    spare = off.cpu_mem - steady
+    if off.cache_weights:
+        for index, numel in enumerate(stage_numels):
+            need = -(-numel * csize // 4096) * 4096
+            if spare - need < weight_buffer_need(stage_numels, plan.cached_stages + [index], off.prefetch_depth,
+                                                 tied, csize):
+                break
+            plan.cached_stages.append(index)
+            plan.cache_bytes += need
+            spare -= need
+    need = weight_buffer_need(stage_numels, plan.cached_stages, off.prefetch_depth, tied, csize)
+    if need:
+        plan.cpu_items["weight buffers"] = need
+    # Initialisation holds one stage's fp32 values and its flat copy, before buffers are in use.
+    init = 2 * 4 * stage_max + plan.cache_bytes
+    extra = init - (sum(plan.cpu_items.values()) + plan.cache_bytes)
+    if extra > 0:
+        plan.cpu_items["initialisation (transient)"] = extra
+    return plan
+
+
+def weight_buffer_need(stage_numels: list[int], cached: list[int], prefetch_depth: int, tied: bool, csize: int) -> int:
+    """Pool bytes for the loads in the prefetch window: ``depth + 1`` positions, one more when the
+    tied head holds the embedding's weights too, each rounded up to the 4 KiB pool granule."""
+    rest = [n for i, n in enumerate(stage_numels) if i not in cached]
+    if not rest:
+        return 0
+    window = prefetch_depth + 1 + (1 if tied else 0)
+    return window * (-(-max(rest) * csize // 4096) * 4096)
+
+
+def kept_activation_bytes(cfg_model, policy: dict, batch: int, seq: int, act_bytes: int) -> dict[str, int]:
+    """Bytes of activations a policy (``activations.BlockPolicy`` per block) keeps per tier for one
+    micro-batch. A kept class costs its matmul output; a block kept whole is charged the block
+    working-set estimate (everything autograd saves); a checkpoint moved off the device, 4 B x B·T·d."""
+    d, ff = cfg_model.d_model, cfg_model.ff_dim
+    kv = cfg_model.kv_heads * cfg_model.head_dim
+    tokens = batch * seq
+    per_class = {"fc2": d, "proj": d, "qkv": d + 2 * kv, "fc1": ff * (2 if cfg_model.family == "llama" else 1)}
+    whole = activation_bytes(cfg_model, batch, seq)["block_work"]
+    out = {"gpu": 0, "cpu": 0, "ssd": 0}
+    for b in policy.values():
+        if b.all is not None:
+            out[b.all] += whole
+        for cls, tier in b.classes.items():
+            out[tier] += act_bytes * tokens * per_class[cls]
+        if b.checkpoint != "gpu":
+            out[b.checkpoint] += 4 * tokens * d
+    return out

@@ -42,6 +42,18 @@ class OffloadConfig(BaseModel):
     max_pending_updates: int = Field(
         2, ge=1, description="Stage updates queued for the optimizer before backward waits (bounds gradient memory)."
     )
+    act_policy: str = Field(
+        "recompute",
+        description="Activation policy: 'recompute', rules such as 'fc2,proj=ssd' or '30-39:all=gpu' "
+        "(see fuyou/planner/policy.py), or a policy JSON file from `fuyou plan --json`.",
+    )
+    act_cpu_mem: int | None = Field(
+        None, ge=0, description="CPU memory for activations of tier 'cpu' (bytes or '1GiB'); beyond it they "
+        "overflow to SSD. Default: a quarter of cpu_mem when the policy uses the cpu tier, else 0.",
+    )
+    act_chunk: int = Field(8 * 1024**2, ge=4096, description="Bytes per staging chunk of the activation swap pipeline.")
+    act_staging_chunks: int = Field(4, ge=1, description="Staging chunks of the activation swap pipeline (bounds its CPU memory).")
+    act_prefetch_blocks: int = Field(2, ge=0, description="Blocks whose kept activations are fetched back ahead of backward.")
     io_threads: int = Field(8, ge=1, description="SSD I/O threads (requests in flight at the drives).")
     verify_checksums: bool = Field(True, description="Check a CRC32 of every block read back from the SSD.")
     keep_state: bool = Field(
@@ -53,7 +65,7 @@ class OffloadConfig(BaseModel):
     def _one_dir(cls, v):
         return [v] if isinstance(v, str) else v
 
-    @field_validator("cpu_mem", "gpu_mem", mode="before")
+    @field_validator("cpu_mem", "gpu_mem", "act_cpu_mem", "act_chunk", mode="before")
     @classmethod
     def _size(cls, v):
         return None if v is None else parse_size(v)

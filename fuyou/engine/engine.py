@@ -38,7 +38,8 @@ from torch import Tensor
 
 from fuyou.config import FuyouConfig
 from fuyou.data import TokenData
-from fuyou.engine.budget import MemoryPlan, activation_bytes
+from fuyou.engine.activations import ActivationSwapper, BlockState, backward_block, block_policies, forward_block
+from fuyou.engine.budget import RUNTIME_SLACK, MemoryPlan, activation_bytes, kept_activation_bytes, plan_memory  # noqa: F401
 from fuyou.engine.layout import StageState, build_states, dtype_size
 from fuyou.engine.trace import StepCounters, Tracer
 from fuyou.engine.weights import WeightStreamer
@@ -49,12 +50,6 @@ from fuyou.optim.out_of_core import OutOfCoreAdamW
 from fuyou.store import PinnedPool, StoreConfig, TensorStore
 from fuyou.train.reference import StepStats, autocast, make_batches, resolve_device
 from fuyou.train.schedule import lr_at
-
-
-# Memory the itemised plan does not see: allocator fragmentation, per-thread arenas and buffers of
-# the loader, optimizer and I/O threads. Measured: the peak exceeded the itemised plan by at most
-# 24 MiB on tests/engine/test_budget_and_errors.py's model (bench/RESULTS.md has larger models).
-RUNTIME_SLACK = 32 * 1024**2
 
 
 def bound_malloc() -> None:
@@ -100,6 +95,11 @@ class Engine:
         self.gdtype = torch.float32 if self.accumulate else self.cdtype
         self.states = build_states(self.model.stages, cfg.optim.weight_decay)
         self.tied = bool(self.model.stages[-1].shared)
+        self.act = block_policies(off.act_policy, cfg.model.n_layer)
+        uses = {t for b in self.act.values() for t in (b.checkpoint, b.all, *b.classes.values()) if t}
+        self.act_cpu_mem = (off.act_cpu_mem if off.act_cpu_mem is not None
+                            else (off.cpu_mem // 4 if "cpu" in uses else 0))
+        self.act_offtier = bool(uses & {"cpu", "ssd"})
         self.batches, self.eval_batches = make_batches(cfg, data)
         bound_malloc()
         adamw_backend()  # load (or build) the kernel library now: part of the fixed overhead
@@ -122,6 +122,9 @@ class Engine:
         self.tracer = Tracer()
         self.counters = StepCounters()
         ref = lambda: self.counters  # noqa: E731 - the current step's counters, read by the threads
+        self.act_pool = PinnedPool(max(self.plan.cpu_items.get("activation staging", 0), 4096))
+        self.swapper = ActivationSwapper(self.store, self.device, self.act_cpu_mem, self.act_pool,
+                                         self.cfg.offload.act_chunk, self.tracer, ref)
         self._init_state()
         self.streamer = WeightStreamer(self.states, self.store, self.weight_pool, self.device, self.cdtype,
                                        off.prefetch_depth, self.tracer, ref)
@@ -134,59 +137,32 @@ class Engine:
 
     # -- planning --------------------------------------------------------------------------------
     def _memory_plan(self) -> MemoryPlan:
-        off, t = self.cfg.offload, self.cfg.train
-        csize, gsize = dtype_size(self.cdtype), dtype_size(self.gdtype)
-        plan = MemoryPlan(off.cpu_mem, device_budget=off.gpu_mem)
-        stage_max = max(s.numel for s in self.states)
-        opt_lowp = 0 if off.cache_weights else csize
-        plan.cpu_items["optimizer buffers"] = (2 * off.optimizer_depth + 1) * self.chunk * (
-            12 + (gsize if self.deferred else 0) + opt_lowp)
-        plan.cpu_items["gradients in flight"] = (off.max_pending_updates + 2) * stage_max * gsize
-        plan.cpu_items["I/O bounce buffers"] = self.store_cfg.queue_depth * max(
-            self.store_cfg.block_size, self.store_cfg.checksum_block)
-        plan.cpu_items["allocator and thread slack"] = RUNTIME_SLACK
+        """The plan from ``budget.plan_memory``, the same function the planner uses."""
+        t, off = self.cfg.train, self.cfg.offload
         act = activation_bytes(self.cfg.model, t.micro_batch_size, self.cfg.data.seq_len)
-        dev = plan.device_items
-        dev["stage weights in window"] = (off.prefetch_depth + 2) * stage_max * csize
-        dev["checkpoints"] = len(self.states) * act["checkpoint"]
-        dev["working memory (estimate)"] = max(act["block_work"], act["head_work"]) + 2 * stage_max * 4
-        if self.accumulate:
-            dev["gradient accumulators"] = 4 * sum(s.numel for s in self.states)
-        if self.tied:
-            dev["tied embedding gradient"] = 4 * self.states[0].numel
-        if self.device.type == "cpu":  # the compute device's memory is CPU memory
-            for k, v in dev.items():
-                if k != "stage weights in window":  # on the CPU those are the cache or the weight buffers
-                    plan.cpu_items[f"compute: {k}"] = v
-        # The weight cache gets what is left; stages it cannot hold stream from SSD via weight buffers.
-        steady = sum(plan.cpu_items.values())
-        spare = off.cpu_mem - steady
-        if off.cache_weights:
-            for s in self.states:
-                need = -(-s.numel * csize // 4096) * 4096
-                if spare - need < self._weight_buffer_need(plan.cached_stages + [s.index], stage_max, csize):
-                    break
-                plan.cached_stages.append(s.index)
-                plan.cache_bytes += need
-                spare -= need
-        need = self._weight_buffer_need(plan.cached_stages, stage_max, csize)
-        if need:
-            plan.cpu_items["weight buffers"] = need
-        # Initialisation holds one stage's fp32 values and its flat copy, before buffers are in use.
-        init = 2 * 4 * stage_max + plan.cache_bytes
-        extra = init - (sum(plan.cpu_items.values()) + plan.cache_bytes)
-        if extra > 0:
-            plan.cpu_items["initialisation (transient)"] = extra
-        return plan
-
-    def _weight_buffer_need(self, cached: list[int], stage_max: int, csize: int) -> int:
-        """Pool bytes for the loads in the prefetch window: ``depth + 1`` positions, one more when the
-        tied head holds the embedding's weights too, each rounded up to the 4 KiB pool granule."""
-        rest = [s.numel for s in self.states if s.index not in cached]
-        if not rest:
-            return 0
-        window = self.cfg.offload.prefetch_depth + 1 + (1 if self.tied else 0)
-        return window * (-(-max(rest) * csize // 4096) * 4096)
+        kept = kept_activation_bytes(self.cfg.model, self.act, t.micro_batch_size, self.cfg.data.seq_len,
+                                     dtype_size(self.cdtype))
+        extra_cpu, extra_dev = {}, {}
+        if kept["gpu"]:
+            extra_dev["kept activations (policy, gpu tier)"] = kept["gpu"]
+        if self.act_offtier:
+            cb = self.store_cfg.checksum_block
+            extra_cpu["activation staging"] = off.act_staging_chunks * (-(-off.act_chunk // cb) * cb)
+        if self.act_cpu_mem:
+            extra_cpu["activations (cpu tier share)"] = self.act_cpu_mem
+        # Activations read back from SSD ahead of backward are materialised on the compute device.
+        per_block = [sum(kept_activation_bytes(self.cfg.model, {i: b}, t.micro_batch_size, self.cfg.data.seq_len,
+                                               dtype_size(self.cdtype))[k] for k in ("cpu", "ssd"))
+                     for i, b in self.act.items()]
+        if max(per_block, default=0):
+            extra_dev["activations fetched ahead"] = off.act_prefetch_blocks * max(per_block)
+        on_device = 2 + sum(1 for b in self.act.values() if b.checkpoint == "gpu")  # + embedding and head inputs
+        return plan_memory(
+            [s.numel for s in self.states], self.cfg.offload, chunk=self.chunk,
+            io_buffer_bytes=self.store_cfg.queue_depth * max(self.store_cfg.block_size, self.store_cfg.checksum_block),
+            act=act, checkpoint_bytes=on_device * act["checkpoint"], extra_cpu=extra_cpu, extra_device=extra_dev,
+            csize=dtype_size(self.cdtype), gsize=dtype_size(self.gdtype), deferred=self.deferred,
+            accumulate=self.accumulate, tied=self.tied, compute_on_cpu=self.device.type == "cpu")
 
     def _ssd_bytes(self) -> int:
         n = sum(s.numel for s in self.states)
@@ -255,23 +231,29 @@ class Engine:
     def _stage_fn(self, i: int):
         stage = self.model.stages[i]
         if i == 0:  # the residual stream is fp32, as in the reference trainer
-            return lambda p, x: stage.forward(p, x).float()
-        return lambda p, x: stage.forward(p, x)
+            return lambda p, x, acts=None: stage.forward(p, x).float()
+        return lambda p, x, acts=None: stage.forward(p, x, acts=acts)
+
+    def _autocast(self):
+        return autocast(self.device, self.cfg.train.precision)
 
     def _micro_batch(self, x: Tensor, y: Tensor, last: bool, lr: float, step: int) -> Tensor:
         S, prec = len(self.states), self.cfg.train.precision
-        ckpts: list[Tensor] = []
+        kept: dict[int, BlockState] = {}
         h = x
-        with torch.no_grad():
-            for i in range(S - 1):
-                w = self.streamer.get(self._pos)
-                t0 = time.perf_counter()
-                ckpts.append(h)
-                with autocast(self.device, prec):
-                    h = self._stage_fn(i)(self.states[i].views(w.flat), h)
-                self._compute(f"forward {self.states[i].stage.name}", t0)
-                self.streamer.release(self._pos)
-                self._pos += 1
+        for i in range(S - 1):
+            w = self.streamer.get(self._pos)
+            t0 = time.perf_counter()
+            params = self.states[i].views(w.flat)
+            if i == 0:
+                with torch.no_grad(), self._autocast():
+                    h = self._stage_fn(0)(params, h)
+            else:
+                h, kept[i] = forward_block(self.swapper, i - 1, self.act[i - 1], self._stage_fn(i), w.flat,
+                                           params, h, self._autocast)
+            self._compute(f"forward {self.states[i].stage.name}", t0)
+            self.streamer.release(self._pos)
+            self._pos += 1
         # Head: forward and backward at once.
         head = self.states[-1]
         emb_pos = None
@@ -300,30 +282,32 @@ class Engine:
         if self.tied:
             self._shared_grad = gmap.pop("lm_head.weight")
         self._stage_grads(head, gmap, last, lr, step)
-        # Backward over the blocks and the embedding.
+        # Backward over the blocks and the embedding; kept activations come back in reverse order.
+        ahead = self.cfg.offload.act_prefetch_blocks
         for i in range(S - 2, -1, -1):
+            for j in range(i, max(0, i - ahead - 1), -1):
+                if j in kept:
+                    kept[j].prefetch(self.swapper)
             st = self.states[i]
             w = self.streamer.get(self._pos)
             t0 = time.perf_counter()
-            leaves = _leaves(st.views(w.flat))
-            inp = ckpts[i] if i == 0 else ckpts[i].detach().requires_grad_(True)
-            with torch.enable_grad(), autocast(self.device, prec):
-                out = self._stage_fn(i)(leaves, inp)
-            wrt = ([inp] if i > 0 else []) + list(leaves.values())
-            grads = torch.autograd.grad(out, wrt, grad_out)
-            del out
+            if i > 0:
+                grad_out, gmap = backward_block(self.swapper, kept.pop(i), self._stage_fn(i), w.flat,
+                                                st.views(w.flat), grad_out, self._autocast)
+            else:
+                leaves = _leaves(st.views(w.flat))
+                with torch.enable_grad(), self._autocast():
+                    out = self._stage_fn(0)(leaves, x)
+                gmap = dict(zip(leaves, torch.autograd.grad(out, list(leaves.values()), grad_out)))
+                del out
             self._compute(f"backward {st.stage.name}", t0)
             self.streamer.release(self._pos)
             self._pos += 1
-            if i > 0:
-                grad_out, grads = grads[0], grads[1:]
-            gmap = dict(zip(leaves, grads))
             if i == 0 and self.tied:
                 # One sum, as autograd accumulates a leaf used twice (the order of two addends is exact).
                 gmap["wte"] = gmap["wte"] + self._shared_grad
                 self._shared_grad = None
             self._stage_grads(st, gmap, last, lr, step)
-            ckpts[i] = None
         return loss.detach()
 
     def _compute(self, name: str, t0: float) -> None:
@@ -466,6 +450,7 @@ class Engine:
         finally:
             self.worker.close()
             self.streamer.close()
+            self.swapper.close()
             self.store.close()
             if not self.cfg.offload.keep_state:
                 for d in self.store_dirs:

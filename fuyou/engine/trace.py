@@ -32,6 +32,11 @@ class StepCounters:
     h2d_bytes: int = 0
     d2h_bytes: int = 0
     cache_hits: int = 0
+    wait_activations_s: float = 0.0
+    act_gpu_bytes: int = 0
+    act_cpu_bytes: int = 0
+    act_ssd_write_bytes: int = 0
+    act_ssd_read_bytes: int = 0
 
     def as_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}

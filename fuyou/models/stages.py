@@ -89,8 +89,22 @@ class Stage:
             out[self.key(local)] = t.to(dtype)
         return out
 
-    def forward(self, params: dict[str, Tensor], x: Tensor, targets: Tensor | None = None) -> Tensor:
+    def forward(self, params: dict[str, Tensor], x: Tensor, targets: Tensor | None = None, acts=None) -> Tensor:
+        """Run the stage. ``acts`` (blocks only): an activation context whose ``linear(cls, x, w, b)``
+        replaces each classed matmul (see ``fuyou.engine.activations``)."""
         raise NotImplementedError
+
+
+def _linear(cls: str, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """A block's matmul of activation class ``cls`` (the classes are in ``ACT_CLASSES``). The
+    engine's activation swapper passes its own ``acts.linear`` to keep or restore these outputs."""
+    return F.linear(x, weight, bias)
+
+
+# Activation classes of a block, in DESIGN.md's swap priority (recompute FLOPs saved per byte):
+# the outputs of the second MLP matmul, the attention projection, the QKV projection(s), the first
+# MLP matmul(s) (Llama: gate and up).
+ACT_CLASSES = ("fc2", "proj", "qkv", "fc1")
 
 
 class EmbeddingStage(Stage):
@@ -102,7 +116,7 @@ class EmbeddingStage(Stage):
         if cfg.family == "gpt":
             self.params["wpe"] = ParamSpec((cfg.max_seq_len, cfg.d_model), "normal", decay=False)
 
-    def forward(self, params, x, targets=None):
+    def forward(self, params, x, targets=None, acts=None):
         h = F.embedding(x, params["wte"])
         if "wpe" in params:
             h = h + params["wpe"][: x.shape[1]]
@@ -127,17 +141,18 @@ class GPTBlock(Stage):
     def matmul_params(self) -> int:
         return sum(self.params[k].numel for k in ("qkv.weight", "proj.weight", "fc1.weight", "fc2.weight"))
 
-    def forward(self, params, x, targets=None):
+    def forward(self, params, x, targets=None, acts=None):
         cfg = self.cfg
         B, T, D = x.shape
+        lin = acts.linear if acts is not None else _linear
         h = layer_norm(x, params["ln1.weight"], params["ln1.bias"], cfg.norm_eps)
-        qkv = F.linear(h, params["qkv.weight"], params["qkv.bias"])
+        qkv = lin("qkv", h, params["qkv.weight"], params["qkv.bias"])
         q, k, v = qkv.view(B, T, 3, cfg.n_head, cfg.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         a = causal_attention(q, k, v).transpose(1, 2).reshape(B, T, D)
-        x = x + F.linear(a, params["proj.weight"], params["proj.bias"])
+        x = x + lin("proj", a, params["proj.weight"], params["proj.bias"])
         h = layer_norm(x, params["ln2.weight"], params["ln2.bias"], cfg.norm_eps)
-        h = F.gelu(F.linear(h, params["fc1.weight"], params["fc1.bias"]), approximate="tanh")
-        return x + F.linear(h, params["fc2.weight"], params["fc2.bias"])
+        h = F.gelu(lin("fc1", h, params["fc1.weight"], params["fc1.bias"]), approximate="tanh")
+        return x + lin("fc2", h, params["fc2.weight"], params["fc2.bias"])
 
 
 class LlamaBlock(Stage):
@@ -168,20 +183,21 @@ class LlamaBlock(Stage):
             self._rope[key] = rope_tables(T, self.cfg.head_dim, self.cfg.rope_theta, device)
         return self._rope[key]
 
-    def forward(self, params, x, targets=None):
+    def forward(self, params, x, targets=None, acts=None):
         cfg = self.cfg
         B, T, D = x.shape
         hd = cfg.head_dim
+        lin = acts.linear if acts is not None else _linear
         h = rms_norm(x, params["attn_norm.weight"], cfg.norm_eps)
-        q = F.linear(h, params["q.weight"]).view(B, T, cfg.n_head, hd).transpose(1, 2)
-        k = F.linear(h, params["k.weight"]).view(B, T, cfg.kv_heads, hd).transpose(1, 2)
-        v = F.linear(h, params["v.weight"]).view(B, T, cfg.kv_heads, hd).transpose(1, 2)
+        q = lin("qkv", h, params["q.weight"]).view(B, T, cfg.n_head, hd).transpose(1, 2)
+        k = lin("qkv", h, params["k.weight"]).view(B, T, cfg.kv_heads, hd).transpose(1, 2)
+        v = lin("qkv", h, params["v.weight"]).view(B, T, cfg.kv_heads, hd).transpose(1, 2)
         cos, sin = self._tables(T, x.device)
         a = causal_attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)
-        x = x + F.linear(a.transpose(1, 2).reshape(B, T, D), params["o.weight"])
+        x = x + lin("proj", a.transpose(1, 2).reshape(B, T, D), params["o.weight"])
         h = rms_norm(x, params["mlp_norm.weight"], cfg.norm_eps)
-        h = F.silu(F.linear(h, params["gate.weight"])) * F.linear(h, params["up.weight"])
-        return x + F.linear(h, params["down.weight"])
+        h = F.silu(lin("fc1", h, params["gate.weight"])) * lin("fc1", h, params["up.weight"])
+        return x + lin("fc2", h, params["down.weight"])
 
 
 class HeadStage(Stage):
@@ -203,7 +219,7 @@ class HeadStage(Stage):
     def matmul_params(self) -> int:
         return self.cfg.vocab_size * self.cfg.d_model
 
-    def forward(self, params, x, targets=None):
+    def forward(self, params, x, targets=None, acts=None):
         if "norm.bias" in params:
             h = layer_norm(x, params["norm.weight"], params["norm.bias"], self.cfg.norm_eps)
         else:

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from fuyou.config import FuyouConfig
+from fuyou.errors import ConfigError
 from fuyou.data import BatchSampler, EvalBatches, SyntheticBatches, TokenData
 from fuyou.models import StageModel
 from fuyou.train.schedule import lr_at
@@ -37,8 +38,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        from fuyou.errors import ConfigError
-
         raise ConfigError("train.device='cuda' but no CUDA GPU is available; use train.device=cpu or auto")
     return torch.device(name)
 
@@ -51,6 +50,11 @@ def autocast(device: torch.device, precision: str):
 
 def make_batches(cfg: FuyouConfig, data: TokenData | None) -> tuple[BatchSampler | SyntheticBatches, EvalBatches | None]:
     t, seq = cfg.train, cfg.data.seq_len
+    if seq > cfg.model.max_seq_len and cfg.model.family == "gpt":
+        raise ConfigError(
+            f"data.seq_len={seq} exceeds model.max_seq_len={cfg.model.max_seq_len} "
+            f"(the GPT position table); lower data.seq_len or raise model.max_seq_len"
+        )
     if data is None:
         train = SyntheticBatches(cfg.model.vocab_size, seq, t.micro_batch_size, t.seed)
         return train, None
@@ -72,13 +76,6 @@ class ReferenceTrainer:
         self.cfg = cfg
         self.device = resolve_device(cfg.train.device)
         self.model = StageModel(cfg.model)
-        if cfg.data.seq_len > cfg.model.max_seq_len and cfg.model.family == "gpt":
-            from fuyou.errors import ConfigError
-
-            raise ConfigError(
-                f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len} "
-                f"(the GPT position table); lower data.seq_len or raise model.max_seq_len"
-            )
         self.params = {
             k: v.to(self.device).requires_grad_(True) for k, v in self.model.init_params(cfg.train.seed).items()
         }

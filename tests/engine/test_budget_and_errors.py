@@ -58,7 +58,7 @@ def test_stage_larger_than_device_budget_is_refused(tmp_path, capsys):
     ssd = tmp_path / "ssd"
     ssd.mkdir()
     rc = main(["train", "--offload", "ssd", "--ssd", str(ssd), "--gpu-mem", "64KiB", "--out", str(tmp_path / "runs"),
-               "model.preset=gpt-test", "train.steps=1"])
+               "model.preset=gpt-test", "data.seq_len=32", "train.steps=1"])
     assert rc == 2
     err = capsys.readouterr().err
     assert "device memory budget 64.00 KiB cannot hold one stage's working set" in err and "offload.gpu_mem" in err

@@ -1,0 +1,151 @@
+"""The activation policy: per block, where each activation class is kept, or that it is recomputed.
+
+Classes, in DESIGN.md's swap-priority order (recompute FLOPs saved per byte kept, highest first):
+
+* ``fc2``  output of the second MLP matmul, B*T*d elements;
+* ``proj`` attention output projection, B*T*d;
+* ``qkv``  QKV projection output, B*T*(d + 2*kv_dim) (llama: the q, k and v outputs);
+* ``fc1``  first MLP matmul output, B*T*ff (llama: gate and up outputs, 2*B*T*ff).
+
+Keeping a class saves its matmul's recomputation (2*B*T*in*out FLOPs). The stage input
+``checkpoint`` (B*T*d, fp32) is always kept; only its tier is chosen. Tiers: ``gpu`` (the compute
+device's memory), ``cpu``, ``ssd``; a class not kept is ``recompute``. Activations are stored in the
+compute dtype (2 bytes), the checkpoint in fp32.
+
+The JSON form (what ``fuyou plan --json`` emits and the engine reads)::
+
+    {"blocks": {"0": {"checkpoint": "gpu", "fc2": "cpu", "proj": "recompute", ...}, ...},
+     "cache_weights_stages": 12, "prefetch_depth": 2}
+
+The human form (``fuyou train --act-policy``): ``recompute`` or ``RULE[;RULE...]`` with
+``RULE = [A-B:]CLASSES=TIER``, e.g. ``fc2,proj=ssd``, ``30-39:all=gpu``, ``fc2=cpu;0-3:checkpoint=gpu``.
+Rules apply in order, later ones overriding earlier ones; blocks no rule names keep everything
+recomputed and their checkpoint on the GPU.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from fuyou.errors import ConfigError
+
+CLASSES = ("fc2", "proj", "qkv", "fc1")
+TIERS = ("gpu", "cpu", "ssd")
+Tier = Literal["gpu", "cpu", "ssd"]
+Place = Literal["recompute", "gpu", "cpu", "ssd"]
+
+
+class BlockPolicy(BaseModel):
+    """Where one block's activations live."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    checkpoint: Tier = Field("gpu", description="Tier of the block's input checkpoint (fp32, always kept).")
+    fc2: Place = Field("recompute", description="Second MLP matmul output: tier, or recompute.")
+    proj: Place = Field("recompute", description="Attention output projection: tier, or recompute.")
+    qkv: Place = Field("recompute", description="QKV projection output: tier, or recompute.")
+    fc1: Place = Field("recompute", description="First MLP matmul output(s): tier, or recompute.")
+
+    def kept(self) -> dict[str, str]:
+        """Classes kept (not recomputed), by tier, checkpoint included."""
+        out = {"checkpoint": self.checkpoint}
+        out.update({c: getattr(self, c) for c in CLASSES if getattr(self, c) != "recompute"})
+        return out
+
+
+class ActivationPolicy(BaseModel):
+    """The planner's decision for a whole model (module docstring)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    blocks: dict[int, BlockPolicy] = Field(default_factory=dict, description="Policy per block index (0-based).")
+    cache_weights_stages: int = Field(0, ge=0, description="Stages whose compute weights are cached in CPU memory.")
+    prefetch_depth: int = Field(2, ge=1, description="Stages whose weights (and activations) are fetched ahead.")
+
+    @field_validator("blocks", mode="before")
+    @classmethod
+    def _keys(cls, v):
+        if isinstance(v, dict):
+            for k in v:
+                if not str(k).lstrip("-").isdigit() or int(k) < 0:
+                    raise ValueError(f"block keys are block indices 0, 1, 2, ...; got {k!r}")
+        return v
+
+    def block(self, i: int) -> BlockPolicy:
+        return self.blocks.get(i) or BlockPolicy()
+
+    @classmethod
+    def recompute_all(cls, n_layer: int, checkpoint: str = "gpu", **kw) -> "ActivationPolicy":
+        return cls(blocks={i: BlockPolicy(checkpoint=checkpoint) for i in range(n_layer)}, **kw)
+
+    def check_layers(self, n_layer: int) -> None:
+        bad = [i for i in self.blocks if i >= n_layer]
+        if bad:
+            raise ConfigError(f"the activation policy names block {max(bad)} but the model has {n_layer} blocks "
+                              f"(0-{n_layer - 1})")
+
+    def to_json(self) -> str:
+        return json.dumps({"blocks": {str(i): b.model_dump() for i, b in sorted(self.blocks.items())},
+                           "cache_weights_stages": self.cache_weights_stages, "prefetch_depth": self.prefetch_depth})
+
+    @classmethod
+    def from_json(cls, text: str | dict) -> "ActivationPolicy":
+        try:
+            raw = json.loads(text) if isinstance(text, str) else text
+            return cls.model_validate(raw)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"the activation policy is not valid JSON: {e}") from None
+        except ValidationError as e:
+            msgs = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg'].removeprefix('Value error, ')}"
+                             for x in e.errors())
+            raise ConfigError(f"invalid activation policy ({msgs}); classes are checkpoint (gpu|cpu|ssd) and "
+                              f"{', '.join(CLASSES)} (recompute|gpu|cpu|ssd)") from None
+
+
+_HELP = ("write 'recompute' or RULE[;RULE...] with RULE = [A-B:]CLASSES=TIER, CLASSES a comma list of "
+         f"checkpoint, {', '.join(CLASSES)} or all, TIER one of recompute, gpu, cpu, ssd "
+         "(checkpoint: gpu, cpu or ssd); for example 'fc2,proj=ssd' or '30-39:all=gpu;0-3:checkpoint=cpu'")
+
+
+def parse_act_policy(text: str, n_layer: int, **kw) -> ActivationPolicy:
+    """Parse the human form (module docstring) for a model of ``n_layer`` blocks."""
+    blocks = {i: BlockPolicy().model_dump() for i in range(n_layer)}
+    text = text.strip()
+    if text == "recompute":
+        return ActivationPolicy(blocks={i: BlockPolicy(**b) for i, b in blocks.items()}, **kw)
+    if not text:
+        raise ConfigError(f"empty activation policy; {_HELP}")
+    for rule in filter(None, (r.strip() for r in text.split(";"))):
+        rng, _, body = rule.rpartition(":")
+        lhs, eq, tier = body.partition("=")
+        tier = tier.strip()
+        if not eq or not lhs.strip() or tier not in ("recompute", *TIERS):
+            raise ConfigError(f"cannot read rule {rule!r}; {_HELP}")
+        lo, hi = 0, n_layer - 1
+        if rng:
+            a, dash, b = rng.partition("-")
+            try:
+                lo, hi = (int(a), int(b)) if dash else (int(a), int(a))
+            except ValueError:
+                raise ConfigError(f"block range {rng!r} in rule {rule!r} is not A-B or A; {_HELP}") from None
+            if not 0 <= lo <= hi < n_layer:
+                raise ConfigError(f"block range {rng!r} in rule {rule!r} is outside 0-{n_layer - 1} "
+                                  f"(the model has {n_layer} blocks)")
+        names = [c.strip() for c in lhs.split(",")]
+        classes: list[str] = []
+        for c in names:
+            if c == "all":
+                classes += ["checkpoint", *CLASSES] if tier != "recompute" else list(CLASSES)
+            elif c in ("checkpoint", *CLASSES):
+                classes.append(c)
+            else:
+                raise ConfigError(f"unknown activation class {c!r} in rule {rule!r}; {_HELP}")
+        if "checkpoint" in classes and tier == "recompute":
+            raise ConfigError(f"rule {rule!r}: the checkpoint is always kept (tier gpu, cpu or ssd); {_HELP}")
+        for i in range(lo, hi + 1):
+            for c in classes:
+                blocks[i][c] = tier
+    return ActivationPolicy(blocks={i: BlockPolicy(**b) for i, b in blocks.items()}, **kw)
