@@ -1,8 +1,15 @@
-"""Hardware profile: the figures the planner's cost model runs on."""
+"""Hardware section of the config: which machine the planner's cost model describes.
+
+A machine is given by a profile written by ``fuyou probe`` or by preset names the planner knows
+(``fuyou/planner/hardware.py`` lists them with their sources), and any figure may be overridden by
+a number. ``fuyou.planner.hardware.resolve`` turns this section into a ``HardwareProfile``.
+"""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from fuyou.units import parse_size
 
 
 class HardwareConfig(BaseModel):
@@ -14,3 +21,17 @@ class HardwareConfig(BaseModel):
     gpu: str | None = Field(None, description="GPU preset name (for example 'rtx4090', 'a100-80gb', 'h100').")
     ssd: str | None = Field(None, description="SSD preset, optionally with a count: '12xd7-p5510'.")
     pcie: str | None = Field(None, description="PCIe generation and width, for example 'gen4x16'.")
+    gpu_tflops: float | None = Field(
+        None, gt=0, description="Override: sustained dense matmul TFLOPS of the GPU in the compute dtype.")
+    gpu_mem: int | None = Field(None, gt=0, description="Override: GPU memory in bytes (or '24GiB').")
+    ssd_read: float | None = Field(None, gt=0, description="Override: aggregate SSD read bandwidth, GB/s (1e9 B/s).")
+    ssd_write: float | None = Field(None, gt=0, description="Override: aggregate SSD write bandwidth, GB/s.")
+    ssd_capacity: int | None = Field(None, gt=0, description="Override: usable SSD space in bytes (or '30TB').")
+    pcie_bw: float | None = Field(None, gt=0, description="Override: host<->GPU bandwidth each way, GB/s.")
+    cpu_adam: float | None = Field(
+        None, gt=0, description="Override: CPU AdamW throughput in parameters per second (e.g. 3e9).")
+
+    @field_validator("gpu_mem", "ssd_capacity", mode="before")
+    @classmethod
+    def _size(cls, v):
+        return None if v is None else parse_size(v)

@@ -1,0 +1,157 @@
+"""Validation of the planner's cost model: predicted step time against the engine's, same machine.
+
+1. Probe this machine (``fuyou.planner.probe``): SSD write/read/mixed bandwidth through the store on
+   ``--ssd``, the fused AdamW's throughput, and, for each configuration, one block of its model at its
+   batch and sequence on the compute device. The model's figures come from the probe only; nothing
+   is fitted to the engine's measurements.
+2. For each configuration (bounded by different resources), predict the time of ``--steps`` steps run
+   back to back from an idle engine (``simulate``: makespan / steps, optimizer work included), then
+   run the real engine (``fuyou.engine.engine.Engine``) in a subprocess: ``--warmup`` steps, wait for
+   the optimizer, then ``--steps`` timed steps and a final wait for the optimizer; the median over
+   ``--repeats`` runs.
+3. Report predicted / measured; the target is within 15%.
+
+    flock /tmp/fuyou-bench.lock python bench/planner_validation.py --markdown bench/results_planner.md
+    python bench/planner_validation.py --configs ssd-bound --steps 1 --repeats 1   # smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+MODEL = ["model.n_layer=8", "model.d_model=768", "model.n_head=12", "model.vocab_size=320", "model.max_seq_len=256"]
+CONFIGS = {
+    # compute-bound: 1024 tokens a step, weights cached in CPU memory, optimizer state on SSD
+    "compute-bound": MODEL + ["data.seq_len=256", "train.micro_batch_size=4", "offload.cpu_mem=1GiB"],
+    # SSD-bound: 64 tokens a step, compute weights streamed from SSD at every use (cache off)
+    "ssd-bound": MODEL + ["data.seq_len=64", "train.micro_batch_size=1", "offload.cpu_mem=1GiB",
+                          "offload.cache_weights=false"],
+    # optimizer-bound: 64 tokens, weights cached: the step is the chain of per-stage AdamW jobs
+    # (state read, kernel, write back), which backward and the next forward wait for
+    "optimizer-bound": MODEL + ["data.seq_len=64", "train.micro_batch_size=1", "offload.cpu_mem=1GiB"],
+}
+COMMON = ["data.source=synthetic", "train.grad_clip=none", "train.precision=bf16", "train.eval_every=0",
+          "train.device=cpu"]
+
+
+def worker(args) -> None:
+    """One engine run in this process; prints a JSON line with the timed steps' wall time."""
+    from fuyou.config import load_config
+    from fuyou.data import load_data
+    from fuyou.engine.engine import Engine
+
+    cfg = load_config(overrides=json.loads(args.overrides))
+    eng = Engine(cfg, load_data(cfg.data), f"planner-val-{os.getpid()}")
+    try:
+        for step in range(args.warmup):
+            eng.train_step(step)
+        eng.worker.wait_all()
+        t0 = time.perf_counter()
+        counters = []
+        for step in range(args.warmup, args.warmup + args.steps):
+            eng.train_step(step)
+            counters.append(eng.counters.as_dict())
+        eng.worker.wait_all()
+        dt = time.perf_counter() - t0
+    finally:
+        eng.close()
+    print(json.dumps({"step_s": dt / args.steps, "counters": counters}))
+
+
+def run_engine(overrides: list[str], args) -> dict:
+    cmd = [sys.executable, __file__, "--worker", "--overrides", json.dumps(overrides), "--steps", str(args.steps),
+           "--warmup", str(args.warmup)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    if out.returncode != 0:
+        raise RuntimeError(f"engine run failed: {' '.join(overrides)}\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ssd", default="/tmp/fuyou-planner-val", help="SSD directory (made if missing)")
+    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    p.add_argument("--steps", type=int, default=3, help="timed steps per run (back to back)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3, help="engine runs per configuration")
+    p.add_argument("--io-bytes", default="512MiB", help="size of the probe's SSD measurement")
+    p.add_argument("--timeout", type=int, default=1800)
+    p.add_argument("--markdown", help="append the report to this file")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--overrides", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        worker(args)
+        return 0
+    from fuyou.config import load_config
+    from fuyou.planner.cost import Workload
+    from fuyou.planner.policy import ActivationPolicy
+    from fuyou.planner.probe import probe
+    from fuyou.planner.search import memory_plan
+    from fuyou.planner.cost import stage_costs
+    from fuyou.planner.simulate import simulate
+    from fuyou.units import parse_size
+
+    ssd = Path(args.ssd)
+    ssd.mkdir(parents=True, exist_ok=True)
+    cmd = f"python bench/planner_validation.py {' '.join(argv if argv is not None else sys.argv[1:])}"
+    lines = [f"### planner validation ({time.strftime('%Y-%m-%d %H:%M')})", "", f"`{cmd}`", "",
+             f"host {platform.node()}, {os.cpu_count()} CPUs, torch {torch.__version__}, Python "
+             f"{platform.python_version()}, load average {os.getloadavg()[0]:.1f} at start. Each repeat probes "
+             "(store, AdamW, the config's block) right before its engine run, so both see the same machine; "
+             "figures are medians over repeats.", "",
+             "| config | probe: store write / read GB/s, AdamW Gparam/s, block fwd / bwd ms | predicted step | "
+             "measured step (runs) | predicted / measured (median of per-run ratios) | predicted bottleneck (busy per step) |",
+             "|---|---|---|---|---|---|"]
+    print("\n".join(lines), flush=True)
+    ratios = []
+    med = statistics.median
+    for name in args.configs:
+        overrides = CONFIGS[name] + COMMON + ["offload.mode=ssd", f"offload.ssd_dirs={json.dumps([str(ssd)])}"]
+        cfg = load_config(overrides=overrides)
+        w = Workload.from_config(cfg)
+        costs = stage_costs(w)
+        policy = ActivationPolicy.recompute_all(cfg.model.n_layer, "gpu", prefetch_depth=cfg.offload.prefetch_depth)
+        preds, runs, probes, sims = [], [], [], []
+        for _ in range(args.repeats):
+            hw, meas = probe(ssd, model=cfg.model, batch=w.batch, seq=w.seq, io_bytes=parse_size(args.io_bytes),
+                             device="cpu", store_cfg=w.store)
+            plan, _ = memory_plan(w, hw, costs, policy, cfg.offload.cpu_mem)
+            sim = simulate(w, costs, hw, policy, set(plan.cached_stages), steps=args.steps)
+            preds.append(sim.makespan / args.steps)
+            sims.append(sim)
+            probes.append(meas)
+            runs.append(run_engine(overrides, args)["step_s"])
+        rs = [p_ / m_ for p_, m_ in zip(preds, runs)]
+        ratios.append(med(rs))
+        sim = sims[len(sims) // 2]
+        qb = {k: v for k, v in sorted(sim.queue_busy.items(), key=lambda kv: -kv[1]) if k != "marker"}
+        pr = (f"{med(m['store']['write'] for m in probes) / 1e9:.2f} / {med(m['store']['read'] for m in probes) / 1e9:.2f}, "
+              f"{med(m['adam_params_per_s'] for m in probes) / 1e9:.2f}, "
+              f"{med(m['compute']['fwd_s'] for m in probes) * 1e3:.0f} / {med(m['compute']['bwd_s'] for m in probes) * 1e3:.0f}")
+        lines.append(f"| {name} | {pr} | {med(preds):.3f} s ({', '.join(f'{x:.2f}' for x in preds)}) | "
+                     f"{med(runs):.3f} s ({', '.join(f'{r:.2f}' for r in runs)}) | **{med(rs):.2f}** "
+                     f"({', '.join(f'{r:.2f}' for r in rs)}) | "
+                     f"{sim.bottleneck} ({', '.join(f'{k} {v:.2f} s' for k, v in qb.items())}) |")
+        print(lines[-1], flush=True)
+    lines += ["", f"Within 15%: {sum(abs(r - 1) <= 0.15 for r in ratios)} of {len(ratios)} configurations.", ""]
+    report = "\n".join(lines)
+    print(report)
+    if args.markdown:
+        with open(args.markdown, "a") as fh:
+            fh.write(report + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

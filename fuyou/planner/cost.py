@@ -1,0 +1,151 @@
+"""Per-stage costs of one step, from the model's shapes alone (nothing is allocated).
+
+For each stage: FLOPs of its forward, of each activation class's matmul (what keeping the class
+saves in recomputation), of its recompute + backward; and the bytes it moves: compute weights (read
+from SSD unless cached, host->device at every use), gradients (device->host), optimizer state (12 B
+per parameter read and written, plus the compute copy written when not cached) and activations by
+tier. FLOP conventions match ``StageModel.flops_per_token``: a matmul of an (N, i) input with an (i, o)
+weight is 2*N*i*o; attention's score and value matmuls are 4*N*T*d forward with the causal half
+counted; backward is twice forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fuyou.engine.budget import activation_bytes
+from fuyou.engine.config import OffloadConfig
+from fuyou.models import ModelConfig, StageModel
+from fuyou.planner.policy import CLASSES, ActivationPolicy
+from fuyou.store import StoreConfig
+
+
+@dataclass
+class Workload:
+    """What is trained and how: the model, the batch and the engine settings the step depends on."""
+
+    model: ModelConfig
+    batch: int
+    seq: int
+    offload: OffloadConfig = field(default_factory=OffloadConfig)
+    grad_accum: int = 1
+    csize: int = 2            # compute dtype bytes (bf16)
+    store: StoreConfig = field(default_factory=StoreConfig)
+
+    def __post_init__(self):
+        self.stage_model = StageModel(self.model)
+        self.numels = [s.num_params for s in self.stage_model.stages]
+        self.tied = bool(self.stage_model.stages[-1].shared)
+        self.gsize = 4 if self.grad_accum > 1 else self.csize
+        align = self.store.checksum_block // 2
+        self.chunk = max(align, -(-self.offload.optimizer_chunk // align) * align)
+
+    @classmethod
+    def from_config(cls, cfg) -> "Workload":
+        """The workload of a ``FuyouConfig`` (for predicting what ``fuyou train`` will do)."""
+        return cls(cfg.model, cfg.train.micro_batch_size, cfg.data.seq_len, cfg.offload, cfg.train.grad_accum,
+                   2 if cfg.train.precision == "bf16" else 4,
+                   StoreConfig(queue_depth=cfg.offload.io_threads, verify_checksums=cfg.offload.verify_checksums))
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.seq * self.grad_accum
+
+    @property
+    def model_flops(self) -> float:
+        """Model FLOPs of one optimizer step (no recomputation), for TFLOPS and MFU."""
+        return self.stage_model.flops_per_token(self.seq) * self.tokens
+
+
+@dataclass
+class StageCost:
+    """FLOPs and bytes of one stage for one micro-batch (see the module docstring)."""
+
+    name: str
+    index: int
+    kind: str                     # "embed", "block", "head"
+    numel: int
+    fwd_flops: float
+    class_flops: dict[str, float]  # matmul FLOPs per activation class (recompute saved by keeping it)
+    act_bytes: dict[str, int]      # bytes per activation class, "checkpoint" included
+
+    def recompute_flops(self, kept: set[str]) -> float:
+        return self.fwd_flops - sum(f for c, f in self.class_flops.items() if c in kept)
+
+    def backward_flops(self, kept: set[str]) -> float:
+        """The engine's backward task: recompute (less what is kept) plus backward (2x forward)."""
+        if self.kind == "head":
+            return 3 * self.fwd_flops
+        return self.recompute_flops(kept) + 2 * self.fwd_flops
+
+
+def stage_costs(w: Workload) -> list[StageCost]:
+    cfg, B, T = w.model, w.batch, w.seq
+    N, d, ff = B * T, cfg.d_model, cfg.ff_dim
+    kv = cfg.kv_heads * cfg.head_dim
+    out = []
+    for s, numel in zip(w.stage_model.stages, w.numels):
+        if s.name == "embed":
+            out.append(StageCost(s.name, s.index, "embed", numel, 0.0, {}, {"checkpoint": 0}))
+        elif s.name == "head":
+            out.append(StageCost(s.name, s.index, "head", numel, 2.0 * N * d * cfg.vocab_size, {},
+                                 {"checkpoint": 4 * N * d}))
+        else:
+            fc1_mult = 2 if cfg.family == "llama" else 1
+            flops = {"fc2": 2.0 * N * ff * d, "proj": 2.0 * N * d * d, "qkv": 2.0 * N * d * (d + 2 * kv),
+                     "fc1": 2.0 * N * d * ff * fc1_mult}
+            nbytes = {"checkpoint": 4 * N * d, "fc2": w.csize * N * d, "proj": w.csize * N * d,
+                      "qkv": w.csize * N * (d + 2 * kv), "fc1": w.csize * N * ff * fc1_mult}
+            attn = 4.0 * N * T * d
+            out.append(StageCost(s.name, s.index, "block", numel, sum(flops.values()) + attn, flops, nbytes))
+    return out
+
+
+def gpu_working_bytes(w: Workload) -> int:
+    """Device working memory of the largest stage's recompute + backward on a GPU (an estimate).
+
+    A block's autograd saves its norms' outputs, QKV, attention output, the fp32 residual and the MLP's
+    two ff-wide tensors in the compute dtype (~ (9 d + 2 ff) per token, fused/flash attention: no T*T
+    scores), plus the largest gradient in flight (2 ff per token); parameter gradients in the compute
+    dtype twice (autograd's and the flat copy). The head: the engine's fp32 logits three times. The
+    engine's own estimate (``budget.activation_bytes``) is for a CPU device and counts fp32 throughout.
+    """
+    cfg, N = w.model, w.batch * w.seq
+    d, ff = cfg.d_model, cfg.ff_dim * (2 if cfg.family == "llama" else 1)
+    block = w.csize * N * (9 * d + 4 * ff) + 4 * N * d
+    head = activation_bytes(cfg, w.batch, w.seq)["head_work"]
+    return max(block, head) + 2 * max(w.numels) * w.csize
+
+
+def placement_bytes(w: Workload, costs: list[StageCost], policy: ActivationPolicy) -> dict[str, int]:
+    """Bytes of activations each tier holds at the peak (end of forward), checkpoints separately."""
+    out = {"ckpt_gpu": 0, "ckpt_cpu": 0, "ckpt_ssd": 0, "gpu": 0, "cpu": 0, "ssd": 0, "ssd_max_block": 0}
+    for c in costs:
+        if c.kind != "block":
+            continue
+        b = policy.block(c.index - 1)
+        out["ckpt_" + b.checkpoint] += c.act_bytes["checkpoint"]
+        ssd_block = c.act_bytes["checkpoint"] if b.checkpoint == "ssd" else 0
+        for cls in CLASSES:
+            tier = getattr(b, cls)
+            if tier != "recompute":
+                out[tier] += c.act_bytes[cls]
+                ssd_block += c.act_bytes[cls] if tier == "ssd" else 0
+        out["ssd_max_block"] = max(out["ssd_max_block"], ssd_block)
+    return out
+
+
+def step_bytes(w: Workload, cached: set[int]) -> dict[str, int]:
+    """Optimizer and weight bytes of one step (activations excluded): SSD read/write, H2D, D2H."""
+    reads = writes = h2d = d2h = 0
+    uses = {i: 2 * w.grad_accum for i in range(len(w.numels) - 1)}  # forward and backward
+    uses[len(w.numels) - 1] = w.grad_accum
+    if w.tied:
+        uses[0] += w.grad_accum
+    for i, n in enumerate(w.numels):
+        h2d += uses[i] * n * w.csize
+        reads += 12 * n + (0 if i in cached else uses[i] * n * w.csize)
+        writes += 12 * n + (0 if i in cached else n * w.csize)
+        d2h += n * w.gsize
+    return {"ssd_read": reads, "ssd_write": writes, "h2d": h2d, "d2h": d2h}
+

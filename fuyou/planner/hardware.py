@@ -1,0 +1,177 @@
+"""Hardware presets and the resolved ``HardwareProfile`` the cost model runs on.
+
+Every preset figure is what a workload like fuyou's can sustain, not a marketing peak, and names its
+source. Where a datasheet gives a peak that real kernels do not reach, the preset keeps the datasheet
+value and a *named setting* (``MATMUL_EFFICIENCY``, ``PCIE_EFFICIENCY``, ``STRIPE_EFFICIENCY``)
+documents the discount, so a reader can see and change it.
+
+A profile written by ``fuyou probe`` holds measured figures instead (no discount is applied to them).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from fuyou.errors import ConfigError
+from fuyou.planner.config import HardwareConfig
+
+GB = 1e9
+GiB = 1024**3
+
+#: Fraction of the datasheet dense bf16 tensor-core peak that large transformer matmuls sustain in
+#: training (cuBLAS on the GEMM shapes of GPT-3-class blocks reaches 70-80% of peak; Megatron-LM
+#: reports 52% MFU for the whole model, which includes non-matmul time; we take 0.75 for matmuls,
+#: and ``BLOCK_EFFICIENCY`` for the rest of the block).
+MATMUL_EFFICIENCY = 0.75
+#: A block's time beyond its matmuls (attention softmax, norms, activations, launches) on a GPU, as a
+#: factor on the matmul rate: 0.85 (fused/flash attention at sequence 1024-2048). A probe measures it.
+BLOCK_EFFICIENCY = 0.85
+#: Pinned host<->device copies reach about 80% of the PCIe link rate (bandwidthTest on gen4 x16:
+#: 25-26 GB/s of 31.5; on gen5 x16: 50-55 of 63).
+PCIE_EFFICIENCY = 0.8
+#: RAID-0 / striping across N drives: aggregate = N x drive x this (md-raid and fuyou's striping lose
+#: a little to uneven queueing; LoHan's 12-drive array is reported near-linear).
+STRIPE_EFFICIENCY = 0.9
+
+# GPUs: dense (no sparsity) bf16 tensor TFLOPS with fp32 accumulate, memory in bytes, host link.
+GPUS: dict[str, dict] = {
+    # NVIDIA Ampere GA102 whitepaper, table "RTX 3090": bf16 tensor with fp32 accumulate 71 TFLOPS dense.
+    "rtx3090": dict(tflops=71.0, mem=24 * GiB, pcie="gen4x16"),
+    # NVIDIA Ada Lovelace whitepaper (AD102), RTX 4090: bf16 tensor, fp32 accumulate, 165.2 TFLOPS dense.
+    "rtx4090": dict(tflops=165.2, mem=24 * GiB, pcie="gen4x16"),
+    # NVIDIA A100 datasheet: bf16 tensor 312 TFLOPS dense (624 with sparsity); 40 GB / 80 GB HBM2(e).
+    "a100-40gb": dict(tflops=312.0, mem=40 * GB, pcie="gen4x16"),
+    "a100-80gb": dict(tflops=312.0, mem=80 * GB, pcie="gen4x16"),
+    # NVIDIA H100 datasheet (SXM): bf16 tensor 989 TFLOPS dense (1979 with sparsity), 80 GB HBM3.
+    "h100": dict(tflops=989.0, mem=80 * GB, pcie="gen5x16"),
+    # NVIDIA H200 datasheet (SXM): same compute as H100 SXM, 141 GB HBM3e.
+    "h200": dict(tflops=989.0, mem=141 * GB, pcie="gen5x16"),
+}
+
+# NVMe drives: sustained sequential read / write GB/s and capacity in bytes.
+SSDS: dict[str, dict] = {
+    # Intel/Solidigm D7-P5510 3.84 TB product brief: seq read 6.5 GB/s, seq write 3.4 GB/s (128 KiB).
+    # Enterprise TLC without an SLC cache: the write figure is sustained. LoHan's testbed uses 12.
+    "d7-p5510": dict(read=6.5, write=3.4, capacity=3.84e12),
+    # Samsung 990 Pro 2 TB datasheet: 7.45 read / 6.9 write GB/s, but the write figure holds only inside
+    # the SLC cache (~200 GB); training rewrites terabytes, and reviews (Tom's Hardware, AnandTech)
+    # measure ~1.5 GB/s after the cache fills. We use the sustained figure.
+    "990-pro": dict(read=7.45, write=1.5, capacity=2.0e12),
+    # A generic PCIe 4.0 TLC drive (for example WD SN850X / Crucial P5 Plus class): ~5 GB/s read and
+    # ~2 GB/s sustained write past the SLC cache (review measurements), 2 TB.
+    "pcie4-generic": dict(read=5.0, write=2.0, capacity=2.0e12),
+}
+
+# PCIe x16 links: raw rate per direction after 128b/130b encoding (PCI-SIG): gen3 15.75, gen4 31.5,
+# gen5 63 GB/s; the profile applies PCIE_EFFICIENCY.
+PCIE: dict[str, float] = {"gen3x16": 15.75, "gen4x16": 31.5, "gen5x16": 63.0}
+
+#: CPU AdamW throughput default (parameters per second) for a server socket: the fused kernel moves
+#: ~28 bytes per parameter (fp32 weight, m, v read and written, bf16 gradient in, bf16 copy out) and
+#: is memory-bound; ~100 GB/s of sustained DRAM bandwidth (8-channel DDR4-3200 with STREAM efficiency)
+#: gives ~3.5e9; we take 3e9. The development machine's 2 vCPUs measure ~2e9 (bench/results_adam.md).
+CPU_ADAM_DEFAULT = 3.0e9
+
+
+class HardwareProfile(BaseModel):
+    """Numbers the cost model uses. Bandwidths in bytes/s, throughput in FLOP/s and parameters/s."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: str = Field(description="Where the figures come from (presets, a probe, overrides).")
+    device: Literal["cuda", "cpu"] = Field("cuda", description="Compute device; 'cpu' shares cores with AdamW.")
+    fwd_flops: float = Field(gt=0, description="Sustained FLOP/s of a block's forward (model FLOPs).")
+    bwd_flops: float = Field(gt=0, description="Sustained FLOP/s of a block's recompute + backward.")
+    matmul_flops: float = Field(gt=0, description="Sustained FLOP/s of the model's matmuls alone.")
+    gpu_mem: int = Field(gt=0, description="Device memory usable by training, bytes.")
+    h2d: float = Field(gt=0, description="Host-to-device bandwidth, bytes/s (pinned).")
+    d2h: float = Field(gt=0, description="Device-to-host bandwidth, bytes/s (pinned).")
+    ssd_read: float = Field(gt=0, description="Aggregate SSD read bandwidth through fuyou's store, bytes/s.")
+    ssd_write: float = Field(gt=0, description="Aggregate SSD write bandwidth through fuyou's store, bytes/s.")
+    ssd_mixed_factor: float = Field(
+        1.0, gt=0, description="Measured time of reading and writing at once over the sum of the separate "
+        "times (1.0: the device time-shares; <1: it overlaps some); multiplies every SSD task.")
+    ssd_capacity: int = Field(gt=0, description="Usable SSD space, bytes.")
+    ssd_drives: int = Field(1, ge=1, description="Drives striped (for 'what if twice the SSDs').")
+    cpu_adam: float = Field(gt=0, description="CPU AdamW throughput, parameters/s (fuyou's fused kernel).")
+    cpu_mem: int | None = Field(None, description="CPU memory of the machine, bytes (probe; informative).")
+
+
+def _ssd_preset(spec: str) -> tuple[int, dict]:
+    m = re.fullmatch(r"(?:(\d+)x)?([a-z0-9.\-]+)", spec.strip().lower())
+    if not m or m.group(2) not in SSDS:
+        raise ConfigError(f"unknown SSD {spec!r}; write NAME or NxNAME with NAME one of: {', '.join(SSDS)} "
+                          f"(for example 12xd7-p5510), or give --ssd-read/--ssd-write/--ssd-capacity numbers")
+    n = int(m.group(1) or 1)
+    if n < 1:
+        raise ConfigError(f"SSD count must be at least 1 in {spec!r}")
+    return n, SSDS[m.group(2)]
+
+
+def resolve(hw: HardwareConfig) -> HardwareProfile:
+    """The profile for a hardware section: a probe's file, else presets, then numeric overrides."""
+    if hw.profile:
+        base = load_profile(hw.profile).model_dump()
+        src = [f"probe {hw.profile}"]
+    else:
+        if hw.gpu is None and hw.gpu_tflops is None:
+            raise ConfigError("no hardware given: name a GPU (--gpu, one of: " + ", ".join(GPUS) + ") or "
+                              "--gpu-tflops, or pass --profile FILE written by `fuyou probe`")
+        if hw.ssd is None and (hw.ssd_read is None or hw.ssd_write is None):
+            raise ConfigError("no SSD given: name one (--ssd 12xd7-p5510; presets: " + ", ".join(SSDS) + ") "
+                              "or give --ssd-read and --ssd-write in GB/s")
+        gpu = GPUS.get(hw.gpu or "", None)
+        if hw.gpu is not None and gpu is None:
+            raise ConfigError(f"unknown GPU {hw.gpu!r}; choose one of: {', '.join(GPUS)}, or give --gpu-tflops")
+        gpu = gpu or dict(tflops=hw.gpu_tflops, mem=24 * GiB, pcie="gen4x16")
+        pcie = hw.pcie or gpu["pcie"]
+        if pcie not in PCIE:
+            raise ConfigError(f"unknown PCIe link {pcie!r}; choose one of: {', '.join(PCIE)}, or give --pcie-bw")
+        link = PCIE[pcie] * GB * PCIE_EFFICIENCY
+        mm = gpu["tflops"] * 1e12 * MATMUL_EFFICIENCY
+        n, drive = _ssd_preset(hw.ssd) if hw.ssd else (1, dict(read=0, write=0, capacity=4e12))
+        scale = n * (STRIPE_EFFICIENCY if n > 1 else 1.0)
+        base = dict(device="cuda", matmul_flops=mm, fwd_flops=mm * BLOCK_EFFICIENCY, bwd_flops=mm * BLOCK_EFFICIENCY,
+                    gpu_mem=int(gpu["mem"]), h2d=link, d2h=link, ssd_read=drive["read"] * GB * scale or 1.0,
+                    ssd_write=drive["write"] * GB * scale or 1.0, ssd_capacity=int(drive["capacity"] * n),
+                    ssd_drives=n, cpu_adam=CPU_ADAM_DEFAULT)
+        src = [f"presets gpu={hw.gpu or '-'} ssd={hw.ssd or '-'} pcie={pcie}"]
+    over = {"gpu_mem": hw.gpu_mem, "ssd_capacity": hw.ssd_capacity, "cpu_adam": hw.cpu_adam}
+    if hw.gpu_tflops:
+        mm = hw.gpu_tflops * 1e12 * (MATMUL_EFFICIENCY if not hw.profile else 1.0)
+        over.update(matmul_flops=mm, fwd_flops=mm * BLOCK_EFFICIENCY, bwd_flops=mm * BLOCK_EFFICIENCY)
+    for k, v in (("ssd_read", hw.ssd_read), ("ssd_write", hw.ssd_write), ("h2d", hw.pcie_bw), ("d2h", hw.pcie_bw)):
+        if v is not None:
+            over[k] = v * GB
+    over = {k: v for k, v in over.items() if v is not None}
+    if over:
+        src.append("overrides " + ", ".join(sorted(over)))
+    return HardwareProfile(**{**base, **over, "source": "; ".join(src)})
+
+
+def with_more_ssds(p: HardwareProfile, factor: float) -> HardwareProfile:
+    """The same machine with ``factor`` times the SSD bandwidth and space (a 'what if')."""
+    return p.model_copy(update=dict(ssd_read=p.ssd_read * factor, ssd_write=p.ssd_write * factor,
+                                    ssd_capacity=int(p.ssd_capacity * factor),
+                                    ssd_drives=max(1, round(p.ssd_drives * factor))))
+
+
+def load_profile(path: str | Path) -> HardwareProfile:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"hardware profile {p} does not exist; write one with `fuyou probe --ssd DIR --out {p}`")
+    try:
+        raw = json.loads(p.read_text())
+        return HardwareProfile.model_validate(raw.get("profile", raw))
+    except (json.JSONDecodeError, ValidationError, AttributeError) as e:
+        raise ConfigError(f"{p} is not a hardware profile written by `fuyou probe`: {e}") from None
+
+
+def save_profile(profile: HardwareProfile, path: str | Path, measurements: dict | None = None) -> None:
+    """Write ``{"profile": ..., "measurements": ...}``; ``load_profile`` reads it back."""
+    Path(path).write_text(json.dumps({"profile": profile.model_dump(), "measurements": measurements or {}}, indent=2))

@@ -1,0 +1,203 @@
+"""``fuyou probe``: measure this machine with fuyou's own code and write a hardware profile.
+
+* compute: one transformer block of the model (its real ``Stage.forward``, weights in the compute
+  dtype, under autocast) timed forward (no grad) and recompute+backward, as the engine runs it; and
+  the block's four matmuls alone. On a machine without a GPU the CPU is the compute device.
+* H2D / D2H (CUDA): copies between a pinned buffer and the GPU.
+* SSD: write, read, and both at once (two tensors) through ``fuyou.store.TensorStore`` on ``--ssd``
+  (O_DIRECT, checksums as configured, in the optimizer's request pattern: 4 MiB requests, 6 in flight): the profile's ``ssd_mixed_factor`` is the mixed time over the
+  sum of the separate times.
+* CPU AdamW: ``fuyou.optim.fused_adamw_`` (bf16 gradient, bf16 copy out), parameters per second.
+* memory: CPU total, GPU total, free space under ``--ssd``.
+
+Each figure is the median of ``repeats`` runs after one warm-up. Defaults take well under a minute.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from fuyou.errors import ConfigError
+from fuyou.models import ModelConfig, StageModel, preset
+from fuyou.planner.hardware import HardwareProfile
+from fuyou.store import PinnedPool, StoreConfig, TensorStore
+from fuyou.train.reference import autocast
+
+NOT_USED = 1e15  # bandwidth of a link a CPU-only machine does not have (never the bottleneck)
+
+
+def _median_time(fn, repeats: int, sync=lambda: None) -> float:
+    fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def probe_compute(cfg: ModelConfig, batch: int, seq: int, device: torch.device, repeats: int = 3,
+                  dtype: torch.dtype = torch.bfloat16) -> dict:
+    """FLOP/s of one block's forward, recompute+backward, and its matmuls, at the model's shapes."""
+    model = StageModel(cfg)
+    block = model.stages[1]
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    params = {k.split(".", 2)[2]: v.to(device, dtype) for k, v in block.init_params(0).items()}
+    x = torch.randn(batch, seq, cfg.d_model, device=device)
+    prec = "bf16" if dtype == torch.bfloat16 else "fp32"
+    N, d, ff = batch * seq, cfg.d_model, cfg.ff_dim
+    kv = cfg.kv_heads * cfg.head_dim
+    mm = {"qkv": 2.0 * N * d * (d + 2 * kv), "proj": 2.0 * N * d * d,
+          "fc1": 2.0 * N * d * ff * (2 if cfg.family == "llama" else 1), "fc2": 2.0 * N * ff * d}
+    fwd_flops = sum(mm.values()) + 4.0 * N * seq * d
+
+    def fwd():
+        with torch.no_grad(), autocast(device, prec):
+            block.forward(params, x)
+
+    def bwd():
+        leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+        inp = x.detach().requires_grad_(True)
+        with torch.enable_grad(), autocast(device, prec):
+            out = block.forward(leaves, inp)
+        torch.autograd.grad(out, [inp, *leaves.values()], torch.ones_like(out))
+
+    a = torch.randn(N, d, device=device, dtype=dtype)
+    h = torch.randn(N, ff, device=device, dtype=dtype)
+    ws = [torch.randn(d + 2 * kv, d, device=device, dtype=dtype), torch.randn(d, d, device=device, dtype=dtype),
+          torch.randn(ff, d, device=device, dtype=dtype), torch.randn(d, ff, device=device, dtype=dtype)]
+
+    def matmuls():
+        F.linear(a, ws[0]), F.linear(a, ws[1]), F.linear(a, ws[2]), F.linear(h, ws[3])
+
+    mm_flops = 2.0 * N * d * (d + 2 * kv) + 2.0 * N * d * d + 2.0 * N * d * ff * 2
+    t_f, t_b, t_m = (_median_time(f, repeats, sync) for f in (fwd, bwd, matmuls))
+    return {"block_shape": f"{cfg.family} d={d} ff={ff} batch={batch} seq={seq}", "fwd_s": t_f, "bwd_s": t_b,
+            "fwd_flops": fwd_flops / t_f, "bwd_flops": 3 * fwd_flops / t_b, "matmul_flops": mm_flops / t_m}
+
+
+def probe_adam(numel: int, repeats: int = 3) -> float:
+    """Parameters per second of fuyou's fused AdamW (bf16 gradient, bf16 copy out)."""
+    from fuyou.optim import fused_adamw_
+
+    p, m, v = torch.randn(numel), torch.zeros(numel), torch.zeros(numel)
+    g = torch.randn(numel, dtype=torch.bfloat16)
+    out = torch.empty(numel, dtype=torch.bfloat16)
+    step = [0]
+
+    def run():
+        step[0] += 1
+        fused_adamw_(p, g, m, v, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, step=step[0],
+                     out_lowp=out)
+
+    return numel / _median_time(run, repeats)
+
+
+def probe_store(directory: Path, nbytes: int, repeats: int = 3, cfg: StoreConfig | None = None,
+                request: int = 4 * 1024**2, inflight: int = 6) -> dict:
+    """Write, read and mixed (write one tensor while reading another) bandwidth through the store, in
+    the optimizer's pattern: ``request``-byte requests (a 1M-element fp32 chunk), ``inflight`` at once
+    (``OutOfCoreAdamW``: depth 2 x master, m, v)."""
+    cfg = cfg or StoreConfig()
+    root = directory / f"fuyou-probe-{os.getpid()}"
+    shutil.rmtree(root, ignore_errors=True)
+    nbytes = max(request, nbytes // request * request)
+    pool = PinnedPool(2 * nbytes + (1 << 20))
+
+    def stream(op, key, buf):
+        futs = []
+        for s in range(0, nbytes, request):
+            if len(futs) >= inflight:
+                futs.pop(0).result()
+            futs.append(op(key, buf.tensor[s:s + request], start=s))
+        for f in futs:
+            f.result()
+
+    try:
+        with TensorStore.create([root], cfg) as store, pool.acquire(nbytes) as a, pool.acquire(nbytes) as b, \
+                ThreadPoolExecutor(2) as ex:
+            a.tensor.copy_(torch.randint(0, 256, (nbytes,), dtype=torch.uint8))
+            for k in ("a", "b"):
+                store.allocate(k, (nbytes,), torch.uint8)
+                store.write_from(k, a.tensor).result()  # untimed: turns the fallocated extents into written ones
+            tw = _median_time(lambda: stream(store.write_from, "a", a), repeats)
+            tr = _median_time(lambda: stream(store.read_into, "b", b), repeats)
+
+            def mixed():
+                fw = ex.submit(stream, store.write_from, "a", a)
+                fr = ex.submit(stream, store.read_into, "b", b)
+                fw.result(), fr.result()
+
+            tm = _median_time(mixed, repeats)
+    finally:
+        pool.close()
+        shutil.rmtree(root, ignore_errors=True)
+    return {"write": nbytes / tw, "read": nbytes / tr, "mixed_factor": tm / (tw + tr), "bytes": nbytes,
+            "request": request, "inflight": inflight}
+
+
+def probe_links(nbytes: int, repeats: int = 3) -> dict:
+    """Pinned host<->device copy bandwidth (CUDA)."""
+    dev = torch.device("cuda")
+    host = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
+    gpu = torch.empty(nbytes, dtype=torch.uint8, device=dev)
+    sync = lambda: torch.cuda.synchronize(dev)  # noqa: E731
+    th = _median_time(lambda: gpu.copy_(host, non_blocking=True), repeats, sync)
+    td = _median_time(lambda: host.copy_(gpu, non_blocking=True), repeats, sync)
+    return {"h2d": nbytes / th, "d2h": nbytes / td}
+
+
+def cpu_memory() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def probe(ssd_dir: str | Path, *, model: str | ModelConfig | None = None, batch: int | None = None,
+          seq: int | None = None, io_bytes: int = 256 * 1024**2, adam_params: int = 1 << 24, repeats: int = 3,
+          device: str = "auto", store_cfg: StoreConfig | None = None) -> tuple[HardwareProfile, dict]:
+    """Measure this machine (module docstring); returns the profile and the raw measurements."""
+    d = Path(ssd_dir)
+    if not d.is_dir():
+        raise ConfigError(f"--ssd {d} is not a directory; create it on the SSD you want to measure")
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    cuda = dev.type == "cuda"
+    if model is None:
+        model = "gpt3-1.3b" if cuda else "gpt3-125m"
+    cfg = ModelConfig(**preset(model)) if isinstance(model, str) else model
+    batch = batch or (8 if cuda else 4)
+    seq = min(seq or (1024 if cuda else 256), cfg.max_seq_len)
+    if not cuda and 12 * cfg.d_model**2 > 3e8:  # a block too large to time on CPU in seconds: a smaller one
+        cfg = ModelConfig(**{**preset("gpt3-1.3b"), "family": cfg.family})
+    meas: dict = {"device": str(dev), "torch": torch.__version__, "threads": torch.get_num_threads(),
+                  "compute": probe_compute(cfg, batch, seq, dev, repeats)}
+    meas["adam_params_per_s"] = probe_adam(adam_params, repeats)
+    meas["store"] = probe_store(d, io_bytes, repeats, store_cfg)
+    if cuda:
+        meas["links"] = probe_links(min(io_bytes, 1 << 30), repeats)
+        gpu_mem = torch.cuda.mem_get_info(dev)[1]
+    else:
+        meas["links"] = {"h2d": NOT_USED, "d2h": NOT_USED}
+        gpu_mem = cpu_memory()
+    c, s = meas["compute"], meas["store"]
+    prof = HardwareProfile(
+        source=f"fuyou probe on {os.uname().nodename} ({dev}, {c['block_shape']})", device=dev.type,
+        fwd_flops=c["fwd_flops"], bwd_flops=c["bwd_flops"], matmul_flops=c["matmul_flops"], gpu_mem=gpu_mem,
+        h2d=meas["links"]["h2d"], d2h=meas["links"]["d2h"], ssd_read=s["read"], ssd_write=s["write"],
+        ssd_mixed_factor=s["mixed_factor"], ssd_capacity=shutil.disk_usage(d).free, ssd_drives=1,
+        cpu_adam=meas["adam_params_per_s"], cpu_mem=cpu_memory())
+    return prof, meas

@@ -1,0 +1,174 @@
+"""What ``fuyou plan`` prints: a summary, the swap schedule, a text timeline, JSON, a Gantt chart."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from fuyou.planner.policy import CLASSES
+from fuyou.planner.search import Plan
+from fuyou.planner.simulate import Task
+from fuyou.units import format_size
+
+ROWS = ["compute", "h2d", "d2h", "ssd-read", "ssd-write", "cpu-adam"]
+LABELS = {"compute": "GPU", "h2d": "H2D", "d2h": "D2H", "ssd-read": "SSD read", "ssd-write": "SSD write",
+          "cpu-adam": "CPU Adam"}
+
+
+def _si(x: float) -> str:
+    for unit, f in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= f:
+            return f"{x / f:.2f}{unit}"
+    return f"{x:.0f}"
+
+
+def _window(plan: Plan) -> tuple[float, float, list[Task]]:
+    sim = plan.best.sim
+    tasks = [t for t in sim.last_step_tasks() if t.queue != "marker"]
+    start = sim.step_ends[-2] if sim.steps > 1 else 0.0
+    return start, max(t.end for t in tasks), tasks
+
+
+def summary(plan: Plan) -> dict:
+    w, hw, ev = plan.workload, plan.hardware, plan.best
+    out = {"model": w.model.preset or f"{w.model.family} {w.model.n_layer}x{w.model.d_model}",
+           "parameters": w.stage_model.num_params, "batch": w.batch, "seq": w.seq, "grad_accum": w.grad_accum,
+           "hardware": hw.source, "feasible": ev.feasible}
+    if not ev.feasible:
+        return {**out, "problems": ev.problems, "fixes": plan.fixes}
+    sim = ev.sim
+    cpu = "cpu" if hw.device == "cpu" else "compute"
+    busy_gpu = sim.busy.get("compute", 0.0)
+    out.update({
+        "ssd_bytes": ev.ssd_bytes, "cpu_peak_bytes": ev.memory.cpu_required + ev.memory.cache_bytes,
+        "gpu_peak_bytes": ev.memory.device_required if hw.device == "cuda" else 0,
+        "step_s": sim.step_time, "tokens_per_s": w.tokens / sim.step_time,
+        "model_tflops": w.model_flops / sim.step_time / 1e12, "gpu_busy": busy_gpu / sim.step_time,
+        "bottleneck": sim.bottleneck if sim.bottleneck != "cpu" else f"{cpu} (CPU cores: compute + Adam)",
+        "busy_s": {k: v for k, v in sim.busy.items()}, "whatif_step_s": plan.whatif,
+        "cached_stages": len(ev.memory.cached_stages), "prefetch_depth": ev.policy.prefetch_depth,
+        "evaluations": plan.evaluations})
+    return out
+
+
+def schedule_rows(plan: Plan) -> list[dict]:
+    """Per stage: the policy's placement, where weights come from, and each resource's busy time."""
+    _, _, tasks = _window(plan)
+    busy: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    for t in tasks:
+        busy[t.stage][t.resource] += t.dur
+    cached = set(plan.best.memory.cached_stages)
+    rows = []
+    for c in plan.costs:
+        row = {"stage": c.name, "weights": "cpu cache" if c.index in cached else "ssd"}
+        if c.kind == "block":
+            b = plan.best.policy.block(c.index - 1)
+            row.update({"checkpoint": b.checkpoint, **{k: getattr(b, k) for k in CLASSES}})
+        row["busy_s"] = {r: busy[c.name].get(r, 0.0) for r in ROWS}
+        rows.append(row)
+    return rows
+
+
+def timeline(plan: Plan, width: int = 100) -> str:
+    """One step as text: a row per resource, one column per 1/width of the step."""
+    t0, t1, tasks = _window(plan)
+    span = max(t1 - t0, 1e-12)
+    grid = {r: [0.0] * width for r in ROWS}
+    mark = {r: [" "] * width for r in ROWS}
+    for t in tasks:
+        a, b = (max(t.start, t0) - t0) / span * width, (t.end - t0) / span * width
+        for col in range(int(a), min(width, int(b) + 1)):
+            cover = min(b, col + 1) - max(a, col)
+            if cover > 0:
+                grid[t.resource][col] += cover
+                if t.resource == "compute":
+                    mark[t.resource][col] = "F" if t.name.startswith("forward ") else (
+                        "H" if "head" in t.name else "B")
+    lines = [f"one step, {span:.3g} s from the end of the previous step's compute "
+             f"(F forward, H head, B recompute+backward; # busy, + partly busy):"]
+    for r in ROWS:
+        cells = "".join((mark[r][i] if r == "compute" and mark[r][i] != " " else "#") if v >= 0.5 else
+                        ("+" if v > 0.02 else " ") for i, v in enumerate(grid[r]))
+        lines.append(f"{LABELS[r]:>9} |{cells}|")
+    return "\n".join(lines)
+
+
+def text(plan: Plan) -> str:
+    s = summary(plan)
+    w = plan.workload
+    head = (f"fuyou plan: {s['model']} ({_si(s['parameters'])} parameters), batch {w.batch} x seq {w.seq}"
+            + (f" x {w.grad_accum} micro-batches" if w.grad_accum > 1 else "") + f"\nhardware: {s['hardware']}")
+    if not s["feasible"]:
+        return (head + "\n\nDOES NOT FIT:\n" + "\n".join(f"  - {p}" for p in s["problems"])
+                + "\nwhat would make it fit:\n" + "\n".join(f"  - {f}" for f in s["fixes"]) + "\n")
+    out = [head, "",
+           f"predicted step      {s['step_s']:.3g} s   ({s['tokens_per_s']:.4g} tokens/s, {s['model_tflops']:.3g} model "
+           f"TFLOPS, GPU busy {100 * s['gpu_busy']:.0f}%)",
+           f"bottleneck          {s['bottleneck']}   (busy per step: "
+           + ", ".join(f"{LABELS.get(k, k)} {v:.3g} s" for k, v in s["busy_s"].items()) + ")",
+           "what if             " + "; ".join(f"{k}: {v:.3g} s ({s['step_s'] / v:.2f}x)" for k, v in s["whatif_step_s"].items()),
+           f"SSD footprint       {format_size(s['ssd_bytes'])}",
+           f"CPU peak            {format_size(s['cpu_peak_bytes'])} (weight cache: {s['cached_stages']} of "
+           f"{len(plan.costs)} stages)",
+           f"GPU peak            {format_size(s['gpu_peak_bytes'])}" if plan.hardware.device == "cuda" else
+           "GPU peak            - (CPU compute device: its memory is in the CPU figure)",
+           f"prefetch depth      {s['prefetch_depth']}   ({s['evaluations']} configurations simulated)", "",
+           plan.best.memory.describe(), "", "swap schedule (busy seconds per resource in one step):"]
+    hdr = f"{'stage':<10} {'ckpt':<5} " + " ".join(f"{c:<9}" for c in CLASSES) + f" {'weights':<9} " + \
+        " ".join(f"{LABELS[r]:>9}" for r in ROWS)
+    out += [hdr, "-" * len(hdr)]
+    for r in schedule_rows(plan):
+        cls = " ".join(f"{r.get(c, '-'):<9}" for c in CLASSES)
+        out.append(f"{r['stage']:<10} {r.get('checkpoint', '-'):<5} {cls} {r['weights']:<9} "
+                   + " ".join(f"{r['busy_s'][x]:>9.3g}" for x in ROWS))
+    out += ["", timeline(plan), ""]
+    return "\n".join(out)
+
+
+def to_json(plan: Plan) -> dict:
+    s = summary(plan)
+    if not s["feasible"]:
+        return s
+    t0, _, tasks = _window(plan)
+    return {**s, "policy": plan.best.policy.model_dump(mode="json"),
+            "memory": {"cpu": plan.best.memory.cpu_items, "device": plan.best.memory.device_items,
+                       "cache_bytes": plan.best.memory.cache_bytes},
+            "schedule": schedule_rows(plan),
+            "tasks": [{"name": t.name, "resource": t.resource, "start": t.start - t0, "end": t.end - t0} for t in tasks]}
+
+
+def plot(plan: Plan, path: str) -> bool:
+    """A Gantt chart of one step across the resources; False (and a note) when matplotlib is absent."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    t0, t1, tasks = _window(plan)
+    colors = {"forward": "#4C72B0", "backward": "#DD8452", "head": "#8172B2", "weights": "#55A868",
+              "act": "#C44E52", "grad": "#937860", "adam": "#DA8BC3"}
+
+    def color(t: Task) -> str:
+        for k in ("head", "forward", "backward", "act", "grad", "adam", "weights"):
+            if k in t.name:
+                return colors[k]
+        return "#8C8C8C"
+
+    fig, ax = plt.subplots(figsize=(14, 4.5))
+    for y, r in enumerate(reversed(ROWS)):
+        for t in (t for t in tasks if t.resource == r):
+            ax.broken_barh([(t.start - t0, t.dur)], (y + 0.1, 0.8), facecolors=color(t), edgecolor="none")
+    ax.set_yticks([y + 0.5 for y in range(len(ROWS))], [LABELS[r] for r in reversed(ROWS)])
+    ax.set_xlim(0, t1 - t0)
+    ax.set_xlabel("seconds into the step")
+    s = summary(plan)
+    ax.set_title(f"{s['model']}, batch {plan.workload.batch} x {plan.workload.seq}: step {s['step_s']:.3g} s, "
+                 f"{s['model_tflops']:.3g} TFLOPS, bottleneck {s['bottleneck']}")
+    from matplotlib.patches import Patch
+
+    ax.legend(handles=[Patch(color=c, label=k) for k, c in colors.items()], loc="upper right", ncol=7, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True

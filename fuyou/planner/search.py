@@ -1,0 +1,227 @@
+"""The planner's search: which activations to keep and where, how many weights to cache, the prefetch
+depth, within the GPU, CPU and SSD budgets, minimising the simulated step time.
+
+The memory model is the engine's own (``fuyou.engine.budget.plan_memory``): the same items, the
+weight cache taking what the CPU budget leaves. Activations a policy keeps add items: on the GPU
+("activations kept on device"), in CPU memory, and pinned staging for what goes on to the SSD.
+
+Search (DESIGN.md idea 3): candidates (block, class) are ordered by recompute FLOPs saved per byte
+kept (``fc2`` first: 2*ff FLOPs/element; then ``proj``, ``qkv``, ``fc1``: 2*d) and, within a class, from
+the last block (needed first in backward) to the first. A policy keeps a prefix of that list, each
+item in the first tier with room (GPU, then CPU, then SSD; or GPU then SSD, leaving CPU memory to the
+weight cache: both orders are tried). Step time is close to convex in the prefix length, so a coarse
+grid followed by a ternary refinement finds the minimum in about twenty simulations. The prefetch
+depth (1-3) is chosen first, with nothing swapped.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from fuyou.engine.budget import MemoryPlan, plan_memory, weight_buffer_need
+from fuyou.engine.budget import activation_bytes
+from fuyou.planner.cost import StageCost, Workload, gpu_working_bytes, placement_bytes, stage_costs
+from fuyou.planner.hardware import GPUS, HardwareProfile, with_more_ssds
+from fuyou.planner.policy import CLASSES, ActivationPolicy, BlockPolicy
+from fuyou.planner.simulate import SimResult, simulate
+from fuyou.units import format_size
+
+SEARCH_STEPS = 2   # steps simulated per candidate (steady state from the second)
+REPORT_STEPS = 3   # steps simulated for the chosen plan
+
+
+@dataclass
+class Evaluation:
+    policy: ActivationPolicy
+    memory: MemoryPlan
+    ssd_bytes: int
+    problems: list[str]
+    sim: SimResult | None = None
+
+    @property
+    def feasible(self) -> bool:
+        return not self.problems
+
+    @property
+    def step_time(self) -> float:
+        return self.sim.step_time if self.sim is not None else math.inf
+
+
+@dataclass
+class Plan:
+    workload: Workload
+    hardware: HardwareProfile
+    costs: list[StageCost]
+    best: Evaluation
+    fixes: list[str] = field(default_factory=list)
+    whatif: dict[str, float] = field(default_factory=dict)
+    evaluations: int = 0
+
+    @property
+    def feasible(self) -> bool:
+        return self.best.feasible
+
+
+def memory_plan(w: Workload, hw: HardwareProfile, costs: list[StageCost], policy: ActivationPolicy,
+                cpu_budget: int) -> tuple[MemoryPlan, int]:
+    """The engine's memory plan for this policy, and the SSD bytes it needs."""
+    cuda = hw.device == "cuda"
+    off = w.offload.model_copy(update=dict(prefetch_depth=policy.prefetch_depth, cpu_mem=cpu_budget,
+                                           gpu_mem=hw.gpu_mem if cuda else None))
+    pb = placement_bytes(w, costs, policy)
+    ckpt = costs[-1].act_bytes["checkpoint"]
+    extra_dev = {"activations kept on device": pb["gpu"]} if pb["gpu"] else {}
+    extra_cpu = {}
+    if pb["cpu"] + pb["ckpt_cpu"]:
+        extra_cpu["activations in CPU memory"] = pb["cpu"] + pb["ckpt_cpu"]
+    if pb["ssd"] + pb["ckpt_ssd"]:
+        extra_cpu["activation staging (pinned)"] = (policy.prefetch_depth + 1) * pb["ssd_max_block"]
+    plan = plan_memory(
+        w.numels, off, chunk=w.chunk, io_buffer_bytes=w.store.queue_depth * max(w.store.block_size, w.store.checksum_block),
+        act=activation_bytes(w.model, w.batch, w.seq), csize=w.csize, gsize=w.gsize, deferred=False,
+        accumulate=w.grad_accum > 1, tied=w.tied, compute_on_cpu=not cuda,
+        checkpoint_bytes=pb["ckpt_gpu"] + 2 * ckpt, working_bytes=gpu_working_bytes(w) if cuda else None,
+        extra_cpu=extra_cpu, extra_device=extra_dev)
+    cached = set(plan.cached_stages)
+    ssd = sum(12 * n + (0 if i in cached else w.csize * n) for i, n in enumerate(w.numels))
+    ssd += pb["ssd"] + pb["ckpt_ssd"] + 64 * 1024**2
+    return plan, ssd
+
+
+def evaluate(w: Workload, hw: HardwareProfile, costs, policy: ActivationPolicy, cpu_budget: int,
+             steps: int = SEARCH_STEPS) -> Evaluation:
+    plan, ssd = memory_plan(w, hw, costs, policy, cpu_budget)
+    problems = []
+    if plan.cpu_required > cpu_budget:
+        problems.append(f"CPU memory: needs {format_size(plan.cpu_required)}, the budget is {format_size(cpu_budget)}")
+    if hw.device == "cuda" and plan.device_required > hw.gpu_mem:
+        problems.append(f"GPU memory: one stage's working set needs {format_size(plan.device_required)}, the GPU has "
+                        f"{format_size(hw.gpu_mem)}")
+    if ssd > hw.ssd_capacity:
+        problems.append(f"SSD space: needs {format_size(ssd)}, the drives hold {format_size(hw.ssd_capacity)}")
+    ev = Evaluation(policy, plan, ssd, problems)
+    if not problems:
+        ev.sim = simulate(w, costs, hw, policy, set(plan.cached_stages), steps=steps)
+    return ev
+
+
+def _assign(w, hw, costs, depth: int, tiers: tuple[str, ...], k: int, cpu_budget: int) -> ActivationPolicy:
+    """Checkpoints, then the first ``k`` candidates, each in the first tier of ``tiers`` with room."""
+    L = w.model.n_layer
+    base = ActivationPolicy.recompute_all(L, checkpoint="ssd", prefetch_depth=depth)
+    plan, _ = memory_plan(w, hw, costs, base, cpu_budget)
+    room = {"gpu": hw.gpu_mem - plan.device_required if hw.device == "cuda" else 0,
+            "cpu": cpu_budget - plan.cpu_required - weight_buffer_need(w.numels, [], depth, w.tied, w.csize),
+            "ssd": math.inf}
+    if hw.device == "cpu":  # the compute device's memory is CPU memory: "gpu" and "cpu" are one tier
+        room["gpu"], room["cpu"] = room["cpu"], 0
+    blocks = {i: dict(checkpoint="ssd") for i in range(L)}
+
+    def put(i: int, cls: str, nbytes: int) -> None:
+        for t in tiers:
+            if room[t] >= nbytes:
+                room[t] -= nbytes
+                blocks[i][cls] = t
+                return
+
+    for i in reversed(range(L)):
+        put(i, "checkpoint", costs[i + 1].act_bytes["checkpoint"])
+    cands = [(i, cls) for cls in CLASSES for i in reversed(range(L))]
+    for i, cls in cands[:k]:
+        put(i, cls, costs[i + 1].act_bytes[cls])
+    return ActivationPolicy(blocks={i: BlockPolicy(**b) for i, b in blocks.items()}, prefetch_depth=depth)
+
+
+def search(w: Workload, hw: HardwareProfile, cpu_budget: int, policy: ActivationPolicy | None = None,
+           whatif: bool = True) -> Plan:
+    """The best plan (or, with ``policy``, the prediction for that policy) and what-ifs."""
+    costs = stage_costs(w)
+    n_eval = 0
+
+    def ev(pol, steps=SEARCH_STEPS):
+        nonlocal n_eval
+        n_eval += 1
+        return evaluate(w, hw, costs, pol, cpu_budget, steps)
+
+    if policy is not None:
+        policy.check_layers(w.model.n_layer)
+        best = ev(policy, REPORT_STEPS)
+    else:
+        L = w.model.n_layer
+        tier_orders = [("gpu", "cpu", "ssd"), ("gpu", "ssd")] if hw.device == "cuda" else [("gpu", "ssd")]
+        base = [ev(_assign(w, hw, costs, d, tier_orders[0], 0, cpu_budget)) for d in (1, 2, 3)]
+        best = min(base, key=lambda e: (not e.feasible, e.step_time))
+        if best.feasible:
+            depth = best.policy.prefetch_depth
+            for tiers in tier_orders:
+                memo: dict[int, Evaluation] = {}
+
+                def f(k: int) -> float:
+                    if k not in memo:
+                        memo[k] = ev(_assign(w, hw, costs, depth, tiers, k, cpu_budget))
+                    return memo[k].step_time
+
+                K = 4 * L
+                grid = sorted({round(K * x / 8) for x in range(9)})
+                vals = [f(k) for k in grid]
+                j = min(range(len(grid)), key=vals.__getitem__)
+                lo, hi = grid[max(0, j - 1)], grid[min(len(grid) - 1, j + 1)]
+                while hi - lo > 2:  # ternary refinement on the near-convex curve
+                    m1, m2 = lo + (hi - lo) // 3, hi - (hi - lo) // 3
+                    if f(m1) <= f(m2):
+                        hi = m2
+                    else:
+                        lo = m1
+                for k in range(lo, hi + 1):
+                    f(k)
+                cand = min(memo.values(), key=lambda e: e.step_time)
+                if cand.step_time < best.step_time * (1 - 1e-9):
+                    best = cand
+        if best.feasible:
+            best = ev(best.policy, REPORT_STEPS)
+    if best.feasible:
+        best.policy = best.policy.model_copy(update={"cache_weights_stages": len(best.memory.cached_stages)})
+    plan = Plan(w, hw, costs, best)
+    if not best.feasible:
+        plan.fixes = _fixes(w, hw, cpu_budget, best)
+    elif whatif:
+        cached = set(best.memory.cached_stages)
+        sims = {"twice the SSDs": with_more_ssds(hw, 2),
+                "twice the GPU throughput": hw.model_copy(update=dict(fwd_flops=2 * hw.fwd_flops, bwd_flops=2 * hw.bwd_flops)),
+                "twice the CPU Adam throughput": hw.model_copy(update=dict(cpu_adam=2 * hw.cpu_adam))}
+        if hw.device == "cuda":
+            sims["twice the PCIe bandwidth"] = hw.model_copy(update=dict(h2d=2 * hw.h2d, d2h=2 * hw.d2h))
+        for name, h in sims.items():
+            plan.whatif[name] = simulate(w, costs, h, best.policy, cached, steps=REPORT_STEPS).step_time
+    plan.evaluations = n_eval
+    return plan
+
+
+def _fixes(w: Workload, hw: HardwareProfile, cpu_budget: int, failed: Evaluation) -> list[str]:
+    """What would make an infeasible configuration fit: one sentence per way."""
+    costs = stage_costs(w)
+    fixes = []
+    lean = ActivationPolicy.recompute_all(w.model.n_layer, checkpoint="ssd", prefetch_depth=1)
+    plan, ssd = memory_plan(w, hw, costs, lean, cpu_budget)
+    if hw.device == "cuda" and plan.device_required > hw.gpu_mem:
+        b = w.batch
+        while b > 1:
+            b //= 2
+            w2 = Workload(w.model, b, w.seq, w.offload, w.grad_accum, w.csize, w.store)
+            if memory_plan(w2, hw, stage_costs(w2), lean, cpu_budget)[0].device_required <= hw.gpu_mem:
+                fixes.append(f"batch {b} (of sequence {w.seq}) fits the GPU's {format_size(hw.gpu_mem)}")
+                break
+        need = plan.device_required
+        gpus = [n for n, g in GPUS.items() if g["mem"] >= need]
+        fixes.append(f"a GPU with at least {format_size(need)} of memory" + (f" ({', '.join(gpus)})" if gpus else ""))
+    need_cpu = plan.cpu_required
+    if need_cpu > cpu_budget:
+        fixes.append(f"a CPU memory budget of at least {format_size(need_cpu)} (--cpu-mem)")
+    if ssd > hw.ssd_capacity:
+        per = hw.ssd_capacity / hw.ssd_drives
+        fixes.append(f"at least {format_size(ssd)} of SSD space: {math.ceil(ssd / per)} drives of this size "
+                     f"(--ssd {math.ceil(ssd / per)}xNAME or --ssd-capacity)")
+    if not fixes:
+        fixes.append("; ".join(failed.problems))
+    return fixes

@@ -1,0 +1,242 @@
+"""A discrete-event simulation of training steps as tasks on resources, mirroring the engine.
+
+Tasks carry the engine's trace names and resources (``fuyou.engine.trace.RESOURCES``): ``compute``,
+``h2d``, ``d2h``, ``ssd-read``, ``ssd-write``, ``cpu-adam``. Each task runs on a *queue* (a physical
+device that serves one task at a time, first come first served by the time a task became ready):
+
+* ``ssd``: the SSD reads and writes share one device (the drives of a RAID-0 act as one). A read of
+  b bytes takes b / read bandwidth, a write b / write bandwidth, both times the profile's measured
+  ``ssd_mixed_factor`` (1.0: pure time-sharing). Simplest honest model: the drives' measured
+  sequential rates, time-shared.
+* ``h2d`` and ``d2h``: PCIe, one queue per direction.
+* ``compute``: the GPU; on a CPU-only profile ``compute`` and the AdamW kernels (``cpu-adam``) run on
+  the same cores and share one queue ``cpu`` (both use every core; time-slicing them costs the sum).
+* ``cpu-adam``: the optimizer worker's kernels (one worker thread, jobs in order).
+
+What one step does (``fuyou/engine/engine.py``), for each position of the step's stage order
+(forward 0..S-2, the embedding again for a tied head, the head, backward S-2..0):
+
+* load: wait for the stage's update of the previous step (no stale weights), read its weights from
+  SSD unless cached, copy them host->device (CUDA); a load starts when the compute ``depth + 1``
+  positions earlier has finished (the prefetch window), and the window starts afresh each step;
+* activations a policy swaps leave after the block's forward (D2H, then SSD write) and come back for
+  its backward (SSD read, then H2D) inside the same window;
+* compute: forward; the head's forward+backward; backward = recompute (less the kept classes) +
+  backward; then the gradient D2H (CUDA) and an AdamW job;
+* AdamW job: chunks pipelined as in ``OutOfCoreAdamW`` (read 12 B/param; kernel; write 12 B/param and
+  the compute copy when not cached), jobs one after another; backward blocks when
+  ``max_pending_updates`` jobs wait (the queue's back-pressure).
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass, field
+
+from fuyou.planner.cost import StageCost, Workload
+from fuyou.planner.hardware import HardwareProfile
+from fuyou.planner.policy import CLASSES, ActivationPolicy
+
+MAX_ADAM_CHUNKS = 4  # chunks per AdamW job in the simulation (enough to show the pipeline's fill/drain)
+
+
+@dataclass
+class Task:
+    name: str
+    resource: str
+    queue: str
+    dur: float
+    deps: list[int]
+    step: int
+    stage: str
+    start: float = 0.0
+    end: float = 0.0
+
+
+@dataclass
+class SimResult:
+    tasks: list[Task]
+    steps: int
+    step_ends: list[float]                   # end of each step's last compute task
+    makespan: float                          # every task of every step done (optimizer included)
+    step_time: float                         # steady state: step_ends[-1] - step_ends[-2]
+    busy: dict[str, float] = field(default_factory=dict)        # seconds per resource in the last step
+    queue_busy: dict[str, float] = field(default_factory=dict)  # seconds per queue in the last step
+
+    @property
+    def bottleneck(self) -> str:
+        return max(self.queue_busy, key=self.queue_busy.get)
+
+    def last_step_tasks(self) -> list[Task]:
+        return [t for t in self.tasks if t.step == self.steps - 1]
+
+
+class _Graph:
+    def __init__(self):
+        self.tasks: list[Task] = []
+
+    def add(self, name, resource, queue, dur, deps, step, stage) -> int:
+        self.tasks.append(Task(name, resource, queue, max(0.0, dur), [d for d in deps if d is not None], step, stage))
+        return len(self.tasks) - 1
+
+    def run(self) -> None:
+        """List scheduling on FIFO queues: repeatedly start the task that can start earliest."""
+        tasks = self.tasks
+        n = len(tasks)
+        pending = [len(t.deps) for t in tasks]
+        ready_at = [0.0] * n
+        users: list[list[int]] = [[] for _ in range(n)]
+        for i, t in enumerate(tasks):
+            for d in t.deps:
+                users[d].append(i)
+        heaps: dict[str, list] = {}
+        free: dict[str, float] = {}
+        for i, t in enumerate(tasks):
+            heaps.setdefault(t.queue, [])
+            free.setdefault(t.queue, 0.0)
+            if not pending[i]:
+                heapq.heappush(heaps[t.queue], (0.0, i))
+        done = 0
+        while done < n:
+            best_q, best_s = None, math.inf
+            for q, h in heaps.items():
+                if h:
+                    s = max(free[q], h[0][0])
+                    if s < best_s:
+                        best_q, best_s = q, s
+            if best_q is None:
+                raise AssertionError("simulation deadlock: a dependency cycle in the task graph")
+            _, i = heapq.heappop(heaps[best_q])
+            t = tasks[i]
+            t.start, t.end = best_s, best_s + t.dur
+            free[best_q] = t.end
+            done += 1
+            for u in users[i]:
+                ready_at[u] = max(ready_at[u], t.end)
+                pending[u] -= 1
+                if not pending[u]:
+                    heapq.heappush(heaps[tasks[u].queue], (ready_at[u], u))
+
+
+def simulate(w: Workload, costs: list[StageCost], hw: HardwareProfile, policy: ActivationPolicy,
+             cached: set[int], steps: int = 3, max_chunks: int = MAX_ADAM_CHUNKS) -> SimResult:
+    """Simulate ``steps`` optimizer steps from an idle machine; see the module docstring."""
+    g = _Graph()
+    cuda = hw.device == "cuda"
+    q_compute = "compute" if cuda else "cpu"
+    q_adam = "cpu-adam" if cuda else "cpu"
+    mixed = hw.ssd_mixed_factor
+    S = len(costs)
+    depth = policy.prefetch_depth
+    off = w.offload
+    fwd = list(range(S - 1)) + ([0] if w.tied else []) + [S - 1]
+    order = fwd + list(range(S - 2, -1, -1))
+    updated: dict[int, int | None] = {i: None for i in range(S)}   # last AdamW task of each stage
+    job_ends: list[int] = []                                      # last task of each AdamW job, in order
+    prev_compute = None
+    step_last_compute: list[int] = []
+    for step in range(steps):
+        compute_ids: list[int] = []
+        swapped: dict[int, list[tuple[str, int, str]]] = {}   # stage -> [(class, bytes, tier)] swapped out
+        swap_done: dict[int, int | None] = {}
+        for mb in range(w.grad_accum):
+            last_mb = mb == w.grad_accum - 1
+            head_pos = len(fwd) - 1
+            for pos, i in enumerate(order):
+                c = costs[i]
+                window = compute_ids[-(depth + 1)] if len(compute_ids) >= depth + 1 else (
+                    prev_compute if not compute_ids else None)
+                # -- load the stage's weights
+                nbytes = c.numel * w.csize
+                dep = [updated[i], window]
+                if i not in cached:
+                    dep = [g.add(f"read weights {c.name}", "ssd-read", "ssd", nbytes / hw.ssd_read * mixed,
+                                 dep, step, c.name)]
+                if cuda:
+                    dep = [g.add(f"h2d weights {c.name}", "h2d", "h2d", nbytes / hw.h2d, dep, step, c.name)]
+                deps = dep + [prev_compute]
+                backward = pos > head_pos
+                kept: set[str] = set()
+                if c.kind == "block":
+                    bp = policy.block(c.index - 1)
+                    kept = {k for k in CLASSES if getattr(bp, k) != "recompute"}
+                    if backward:  # bring swapped activations back, inside the same window
+                        for cls, b, tier in swapped.pop(i, []):
+                            d = [swap_done.get((i, cls)), window]
+                            if tier == "ssd":
+                                d = [g.add(f"read act {c.name} {cls}", "ssd-read", "ssd", b / hw.ssd_read * mixed,
+                                           d, step, c.name)]
+                            if cuda:
+                                d = [g.add(f"h2d act {c.name} {cls}", "h2d", "h2d", b / hw.h2d, d, step, c.name)]
+                            deps += d
+                # back-pressure of the optimizer queue (Engine: OptimizerWorker.submit blocks)
+                k = len(job_ends) - off.max_pending_updates - 1
+                if backward and k >= 0:
+                    deps.append(job_ends[k])
+                if pos < head_pos or (w.tied and pos == head_pos - 1):
+                    if pos == head_pos - 1 and w.tied:  # the head's second load (embedding): no compute
+                        compute_ids.append(g.add(f"bind {c.name} for head", "compute", q_compute, 0.0, deps,
+                                                 step, c.name))
+                        prev_compute = compute_ids[-1]
+                        continue
+                    t = g.add(f"forward {c.name}", "compute", q_compute, c.fwd_flops / hw.fwd_flops, deps, step, c.name)
+                elif pos == head_pos:
+                    t = g.add("forward+backward head", "compute", q_compute, c.backward_flops(set()) / hw.bwd_flops,
+                              deps, step, c.name)
+                else:
+                    t = g.add(f"backward {c.name}", "compute", q_compute, c.backward_flops(kept) / hw.bwd_flops,
+                              deps, step, c.name)
+                compute_ids.append(t)
+                prev_compute = t
+                if c.kind == "block" and not backward:  # swap out what the policy keeps off the device
+                    bp = policy.block(c.index - 1)
+                    out = []
+                    for cls in ("checkpoint", *CLASSES):
+                        tier = getattr(bp, cls)
+                        if tier in ("cpu", "ssd") and not (tier == "cpu" and not cuda):
+                            b = c.act_bytes[cls]
+                            d = [t]
+                            if cuda:
+                                d = [g.add(f"d2h act {c.name} {cls}", "d2h", "d2h", b / hw.d2h, d, step, c.name)]
+                            if tier == "ssd":
+                                d = [g.add(f"write act {c.name} {cls}", "ssd-write", "ssd", b / hw.ssd_write * mixed,
+                                           d, step, c.name)]
+                            swap_done[(i, cls)] = d[0]
+                            out.append((cls, b, tier))
+                    swapped[i] = out
+                if not (backward or pos == head_pos) or not last_mb:
+                    continue
+                # -- gradient to the host, then the AdamW job
+                gdep = [t]
+                if cuda:
+                    gdep = [g.add(f"d2h grad {c.name}", "d2h", "d2h", c.numel * w.gsize / hw.d2h, gdep, step, c.name)]
+                first = [gdep[0], job_ends[-1] if job_ends else None]
+                n = max(1, min(max_chunks, math.ceil(c.numel / w.chunk)))
+                per = c.numel / n
+                wbytes = 12 + (0 if i in cached else w.csize)
+                reads, kernels, writes = [], [], []
+                od = off.optimizer_depth
+                for j in range(n):
+                    rd = list(first) if j < od else [kernels[j - od], writes[j - 2 * od] if j >= 2 * od else None]
+                    reads.append(g.add(f"adam read {c.name}", "ssd-read", "ssd", 12 * per / hw.ssd_read * mixed,
+                                       rd, step, c.name))
+                    kernels.append(g.add(f"adam {c.name}", "cpu-adam", q_adam, per / hw.cpu_adam,
+                                         [reads[j], kernels[-1] if kernels else None], step, c.name))
+                    writes.append(g.add(f"adam write {c.name}", "ssd-write", "ssd", wbytes * per / hw.ssd_write * mixed,
+                                        [kernels[j]], step, c.name))
+                end = g.add(f"updated {c.name}", "cpu-adam", "marker", 0.0, writes, step, c.name)
+                job_ends.append(end)
+                updated[i] = end
+        step_last_compute.append(compute_ids[-1])
+    g.run()
+    ends = [g.tasks[i].end for i in step_last_compute]
+    makespan = max(t.end for t in g.tasks)
+    step_time = ends[-1] - ends[-2] if steps > 1 else makespan
+    busy: dict[str, float] = {}
+    qbusy: dict[str, float] = {}
+    for t in g.tasks:
+        if t.step == steps - 1 and t.queue != "marker":
+            busy[t.resource] = busy.get(t.resource, 0.0) + t.dur
+            qbusy[t.queue] = qbusy.get(t.queue, 0.0) + t.dur
+    return SimResult(g.tasks, steps, ends, makespan, step_time, busy, qbusy)

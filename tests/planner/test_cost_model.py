@@ -1,0 +1,114 @@
+"""Hand-computable cases of the simulation and monotonicity of the search."""
+
+import pytest
+
+from fuyou.engine.config import OffloadConfig
+from fuyou.models import ModelConfig, preset
+from fuyou.planner.cost import Workload, stage_costs, step_bytes
+from fuyou.planner.hardware import HardwareProfile, with_more_ssds
+from fuyou.planner.policy import ActivationPolicy
+from fuyou.planner.search import search
+from fuyou.planner.simulate import _Graph, simulate
+
+GiB = 1024**3
+
+
+def graph(spec):
+    g = _Graph()
+    ids = {}
+    for name, queue, dur, deps in spec:
+        ids[name] = g.add(name, queue, queue, dur, [ids[d] for d in deps], 0, "s")
+    g.run()
+    return {t.name: (t.start, t.end) for t in g.tasks}
+
+
+def test_one_resource_serialises():
+    r = graph([("a", "ssd", 1.0, []), ("b", "ssd", 2.0, []), ("c", "ssd", 3.0, [])])
+    assert max(e for _, e in r.values()) == pytest.approx(6.0)
+
+
+def test_perfect_overlap_on_independent_resources():
+    r = graph([("a", "compute", 2.0, []), ("b", "ssd", 2.0, []), ("c", "cpu-adam", 2.0, [])])
+    assert max(e for _, e in r.values()) == pytest.approx(2.0)
+
+
+def test_no_overlap_through_dependencies():
+    r = graph([("a", "compute", 1.0, []), ("b", "ssd", 2.0, ["a"]), ("c", "compute", 3.0, ["b"])])
+    assert r["c"] == pytest.approx((3.0, 6.0))
+
+
+def test_pipeline_is_bound_by_its_slowest_stage():
+    # 10 items through read (1 s) -> compute (2 s): 1 + 10 * 2
+    spec = []
+    for i in range(10):
+        spec.append((f"r{i}", "ssd", 1.0, [f"r{i - 1}"] if i else []))
+        spec.append((f"c{i}", "compute", 2.0, [f"r{i}"] + ([f"c{i - 1}"] if i else [])))
+    assert max(e for _, e in graph(spec).values()) == pytest.approx(21.0)
+
+
+def hw(**kw):
+    base = dict(source="test", device="cuda", fwd_flops=1e14, bwd_flops=1e14, matmul_flops=1e14, gpu_mem=80 * GiB,
+                h2d=25e9, d2h=25e9, ssd_read=6e9, ssd_write=3e9, ssd_capacity=10**14, cpu_adam=3e9)
+    return HardwareProfile(**{**base, **kw})
+
+
+def tiny_workload(**kw):
+    return Workload(ModelConfig(**preset("gpt3-125m")), 4, 512, OffloadConfig(**kw))
+
+
+def test_optimizer_bound_step_equals_ssd_time_of_the_state():
+    """Compute and links nearly free, weights cached: one step = the SSD moving 12 B/param each way."""
+    w = tiny_workload()
+    h = hw(fwd_flops=1e20, bwd_flops=1e20, h2d=1e15, d2h=1e15, cpu_adam=1e15)
+    costs = stage_costs(w)
+    everything = set(range(len(costs)))
+    r = simulate(w, costs, h, ActivationPolicy.recompute_all(w.model.n_layer), everything, steps=3)
+    b = step_bytes(w, everything)
+    expect = b["ssd_read"] / h.ssd_read + b["ssd_write"] / h.ssd_write
+    assert r.queue_busy["ssd"] == pytest.approx(expect, rel=1e-9)
+    assert r.step_time == pytest.approx(expect, rel=0.02)
+    assert r.bottleneck == "ssd"
+
+
+def test_compute_bound_step_equals_compute_time():
+    w = tiny_workload()
+    h = hw(fwd_flops=1e11, bwd_flops=1e11, ssd_read=1e15, ssd_write=1e15, h2d=1e15, d2h=1e15, cpu_adam=1e15)
+    costs = stage_costs(w)
+    pol = ActivationPolicy.recompute_all(w.model.n_layer)
+    r = simulate(w, costs, h, pol, set(range(len(costs))), steps=3)
+    flops = sum(c.fwd_flops for c in costs[:-1]) + sum(c.backward_flops(set()) for c in costs)
+    assert r.busy["compute"] == pytest.approx(flops / 1e11, rel=1e-9)
+    assert r.step_time == pytest.approx(flops / 1e11, rel=0.01)
+
+
+def test_cpu_device_shares_cores_between_compute_and_adam():
+    w = tiny_workload()
+    costs = stage_costs(w)
+    cached = set(range(len(costs)))
+    pol = ActivationPolicy.recompute_all(w.model.n_layer)
+    fast_io = dict(ssd_read=1e15, ssd_write=1e15)
+    gpu = simulate(w, costs, hw(**fast_io, fwd_flops=1e11, bwd_flops=1e11, cpu_adam=1e7), pol, cached)
+    cpu = simulate(w, costs, hw(**fast_io, fwd_flops=1e11, bwd_flops=1e11, cpu_adam=1e7, device="cpu"), pol, cached)
+    compute = gpu.busy["compute"]
+    adam = w.stage_model.num_params / 1e7
+    assert cpu.step_time == pytest.approx(compute + adam, rel=0.02)  # one queue: the sum
+    assert gpu.step_time < compute + 0.5 * adam                     # separate: they mostly overlap
+
+
+@pytest.mark.parametrize("model,batch", [("gpt3-1.3b", 8), ("gpt3-6.7b", 4)])
+def test_more_ssds_never_predict_slower(model, batch):
+    w = Workload(ModelConfig(**preset(model)), batch, 1024)
+    h = hw(ssd_read=3e9, ssd_write=1.5e9, gpu_mem=40 * GiB)
+    times = [search(w, with_more_ssds(h, n), 64 * GiB, whatif=False).best.step_time for n in (1, 2, 4)]
+    assert times[0] >= times[1] >= times[2]
+
+
+def test_larger_cpu_budget_never_predicts_more_ssd_traffic():
+    w = Workload(ModelConfig(**preset("gpt3-1.3b")), 8, 1024)
+    h = hw(gpu_mem=24 * GiB)
+    traffic = []
+    for cpu in (4, 8, 16, 32, 64):
+        best = search(w, h, cpu * GiB, whatif=False).best
+        t = [x for x in best.sim.last_step_tasks() if x.queue == "ssd"]
+        traffic.append(sum(x.dur for x in t))
+    assert all(a >= b - 1e-9 for a, b in zip(traffic, traffic[1:]))

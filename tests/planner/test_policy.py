@@ -1,0 +1,38 @@
+import pytest
+
+from fuyou.errors import ConfigError
+from fuyou.planner.policy import ActivationPolicy, BlockPolicy, parse_act_policy
+
+
+def test_recompute_is_the_default_everywhere():
+    p = parse_act_policy("recompute", 4)
+    assert all(p.block(i) == BlockPolicy() for i in range(4))
+
+
+def test_rules_apply_in_order_with_ranges():
+    p = parse_act_policy("fc2=cpu;0-3:checkpoint=gpu;30-39:all=ssd;35:fc1=recompute", 40)
+    assert p.block(0).fc2 == "cpu" and p.block(0).checkpoint == "gpu" and p.block(0).proj == "recompute"
+    assert p.block(31).kept() == {"checkpoint": "ssd", "fc2": "ssd", "proj": "ssd", "qkv": "ssd", "fc1": "ssd"}
+    assert p.block(35).fc1 == "recompute" and p.block(35).qkv == "ssd"
+    q = parse_act_policy("fc2,proj=ssd", 2)
+    assert q.block(1).fc2 == q.block(1).proj == "ssd" and q.block(1).qkv == "recompute"
+
+
+def test_json_round_trip():
+    p = parse_act_policy("fc2=cpu;1:qkv=gpu", 3, prefetch_depth=3, cache_weights_stages=2)
+    q = ActivationPolicy.from_json(p.to_json())
+    assert q == p and q.prefetch_depth == 3 and q.cache_weights_stages == 2
+
+
+@pytest.mark.parametrize("text", ["", "fc3=cpu", "fc2=disk", "0-99:fc2=cpu", "a-b:fc2=cpu", "checkpoint=recompute",
+                                  "fc2"])
+def test_bad_human_policies_say_what_is_allowed(text):
+    with pytest.raises(ConfigError, match="RULE|outside|recompute"):
+        parse_act_policy(text, 40)
+
+
+@pytest.mark.parametrize("raw", ['{"blocks": {"0": {"fc2": "disk"}}}', '{"blocks": {"x": {}}}', "{not json",
+                                 '{"blocks": {}, "prefetch_depth": 0}', '{"blocks": {"0": {"checkpoint": "recompute"}}}'])
+def test_bad_json_policies_raise_config_error(raw):
+    with pytest.raises(ConfigError):
+        ActivationPolicy.from_json(raw)
