@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--gpu-mem", help="GPU memory budget, e.g. 20GiB")
     t.add_argument("--act-policy", help="activation policy (offload ssd): 'recompute', e.g. 'fc2,proj=ssd', "
                    "'30-39:all=gpu', or a JSON file from `fuyou plan --json`")
+    t.add_argument("--plan", choices=["auto"], help="auto: probe (or load hardware.profile), plan the activation "
+                   "policy and prefetch depth, print the schedule, train with it (offload ssd)")
     t.add_argument("--steps", type=int, help="optimizer steps")
     t.add_argument("--out", help="parent directory of run directories (default: runs)")
     t.add_argument("--trace", metavar="FILE", help="write a Chrome/Perfetto trace of the second step (offload ssd)")
@@ -189,7 +191,7 @@ def _train(args) -> int:
         from fuyou.errors import ConfigError
 
         raise ConfigError("--trace records the three-tier engine's tasks; use it with --offload ssd")
-    run_training(cfg, trace=args.trace)
+    run_training(cfg, trace=args.trace, plan_auto=args.plan == "auto")
     return 0
 
 

@@ -42,10 +42,14 @@ def build_trainer(cfg: FuyouConfig, run_name: str):
     return Engine(cfg, data, store_name=f"{run_name}.fuyou-state")
 
 
-def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None) -> RunResult:
+def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None, plan_auto: bool = False) -> RunResult:
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     run_path = run_dir_path(cfg)
+    if plan_auto:
+        from fuyou.planner.auto import plan_config
+
+        cfg = plan_config(cfg, run_path, stream)
     trainer = build_trainer(cfg, run_path.name)  # refuses impossible configs before anything is written
     try:
         return _loop(cfg, trainer, make_run_dir(cfg, run_path), stream or sys.stderr, trace)

@@ -37,7 +37,8 @@ def make_run_dir(cfg: FuyouConfig, path: Path | None = None) -> Path:
     try:
         path.mkdir(parents=True, exist_ok=False)
     except FileExistsError:
-        raise ConfigError(f"run directory {path} already exists; choose another run.name") from None
+        if not (path / "act-policy.json").is_file():  # made by --plan auto for its profile and policy
+            raise ConfigError(f"run directory {path} already exists; choose another run.name") from None
     except OSError as e:
         raise ConfigError(f"cannot create run directory {path}: {e.strerror}; check run.out_dir") from e
     (path / "config.toml").write_text(to_toml(cfg))

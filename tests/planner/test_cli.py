@@ -100,3 +100,20 @@ def test_probe_refuses_a_missing_directory(tmp_path, capsys):
 def test_plan_rejects_nonpositive_sizes(flag, capsys):
     assert main(["plan", "--gpu", "h100", "--ssd", "d7-p5510", flag, "0"]) == 2
     assert "at least 1" in capsys.readouterr().err
+
+
+def test_train_plan_auto_probes_plans_and_trains(tmp_path, capsys):
+    from fuyou.cli import main
+
+    ssd = tmp_path / "ssd"
+    ssd.mkdir()
+    rc = main(["train", "--offload", "ssd", "--ssd", str(ssd), "--cpu-mem", "1GiB", "--plan", "auto",
+               "--out", str(tmp_path / "runs"), "model.preset=gpt-test", "data.seq_len=32",
+               "train.micro_batch_size=2", "train.steps=2", "train.grad_clip=none", "train.eval_batches=1"])
+    assert rc == 0, capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "swap schedule" in err and "predicted step" in err
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    names = {p.name for p in run_dir.iterdir()}
+    assert {"act-policy.json", "hardware-profile.json", "config.toml", "model.safetensors"} <= names
+    assert "act-policy.json" in (run_dir / "config.toml").read_text()  # the engine trained with the plan

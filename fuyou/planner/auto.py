@@ -1,0 +1,49 @@
+"""``fuyou train --plan auto``: probe this machine (or load ``hardware.profile``), plan, print the
+schedule, and return the config the engine trains with (activation policy and prefetch depth)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from fuyou.config import FuyouConfig
+from fuyou.errors import BudgetError, ConfigError
+
+
+def plan_config(cfg: FuyouConfig, run_dir: Path, stream=None) -> FuyouConfig:
+    from fuyou.planner.cost import Workload
+    from fuyou.planner.hardware import resolve, save_profile
+    from fuyou.planner.probe import probe
+    from fuyou.planner.report import text
+    from fuyou.planner.search import search
+
+    stream = stream or sys.stderr
+    off = cfg.offload
+    if off.mode != "ssd":
+        raise ConfigError("--plan auto plans the three-tier engine; use it with --offload ssd --ssd DIR")
+    hw_cfg = cfg.hardware
+    if hw_cfg.profile is None and not (hw_cfg.gpu or hw_cfg.ssd):
+        print(f"fuyou: probing this machine (SSD {off.ssd_dirs[0]}); set hardware.profile to reuse a profile",
+              file=stream, flush=True)
+        profile, measured = probe(off.ssd_dirs[0], model=cfg.model, batch=cfg.train.micro_batch_size,
+                                  seq=cfg.data.seq_len, io_bytes=128 * 1024**2, repeats=2,
+                                  device=cfg.train.device)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        path = run_dir / "hardware-profile.json"
+        save_profile(profile, path, measured)
+        hw_cfg = hw_cfg.model_copy(update={"profile": str(path)})
+    hw = resolve(hw_cfg)
+    w = Workload(cfg.model, cfg.train.micro_batch_size, cfg.data.seq_len, offload=off, grad_accum=cfg.train.grad_accum,
+                 csize=2 if cfg.train.precision == "bf16" else 4)
+    plan = search(w, hw, off.cpu_mem)
+    print(text(plan), file=stream, flush=True)
+    if not plan.feasible:
+        raise BudgetError("the planner found no configuration that fits: " + "; ".join(plan.best.problems))
+    policy = plan.best.policy
+    run_dir.mkdir(parents=True, exist_ok=True)
+    pfile = run_dir / "act-policy.json"
+    pfile.write_text(policy.to_json())
+    return cfg.model_copy(update={
+        "hardware": hw_cfg,
+        "offload": off.model_copy(update={"act_policy": str(pfile), "prefetch_depth": policy.prefetch_depth}),
+    })
