@@ -84,8 +84,11 @@ def resident_bytes(field: str = "VmRSS") -> int:
 class Engine:
     """Trains ``cfg.model`` with fp32 weights and Adam moments on the SSDs (module docstring)."""
 
-    def __init__(self, cfg: FuyouConfig, data: TokenData | None, store_name: str):
+    def __init__(self, cfg: FuyouConfig, data: TokenData | None, store_name: str, init_values=None):
+        """``init_values(stage) -> {global key: fp32 tensor}`` gives each stage's initial weights (for
+        example streamed from a Hugging Face checkpoint); default: ``stage.init_params(train.seed)``."""
         self.cfg = cfg
+        self.init_values = init_values or (lambda stage: stage.init_params(cfg.train.seed))
         off, t = cfg.offload, cfg.train
         self.device = resolve_device(t.device)
         self.model = StageModel(cfg.model)
@@ -182,7 +185,7 @@ class Engine:
         self.store.allocate_many(specs)
         zeros = torch.zeros(min(self.chunk, max(s.numel for s in self.states)))
         for s in self.states:
-            values = s.stage.init_params(self.cfg.train.seed)
+            values = self.init_values(s.stage)
             flat = torch.empty(s.numel)
             for name, slot in s.slots.items():
                 flat[slot.offset:slot.offset + slot.numel] = values.pop(s.stage.key(name)).reshape(-1)

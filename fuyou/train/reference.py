@@ -72,12 +72,14 @@ def param_groups(model: StageModel, params: dict[str, Tensor], weight_decay: flo
 class ReferenceTrainer:
     """In-memory training of ``StageModel`` (see the module docstring)."""
 
-    def __init__(self, cfg: FuyouConfig, data: TokenData | None):
+    def __init__(self, cfg: FuyouConfig, data: TokenData | None, init_values=None):
+        """``init_values(stage) -> {global key: fp32 tensor}``: initial weights (default: seeded init)."""
         self.cfg = cfg
         self.device = resolve_device(cfg.train.device)
         self.model = StageModel(cfg.model)
+        init = init_values or (lambda stage: stage.init_params(cfg.train.seed))
         self.params = {
-            k: v.to(self.device).requires_grad_(True) for k, v in self.model.init_params(cfg.train.seed).items()
+            k: v.to(self.device).requires_grad_(True) for st in self.model.stages for k, v in init(st).items()
         }
         o = cfg.optim
         self.opt = torch.optim.AdamW(
