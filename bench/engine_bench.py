@@ -34,6 +34,11 @@ CONFIGS = {
     # compute and SSD time of the same order: weights cached in CPU memory, state on SSD
     "balanced": ["model.n_layer=8", "model.d_model=768", "model.n_head=12", "model.vocab_size=320",
                  "data.seq_len=256", "train.micro_batch_size=4", "offload.cpu_mem=1GiB"],
+    # the same with every block's activations kept in memory: no recomputation (a CPU device's
+    # "gpu" tier is its RAM)
+    "balanced-keep": ["model.n_layer=8", "model.d_model=768", "model.n_head=12", "model.vocab_size=320",
+                      "data.seq_len=256", "train.micro_batch_size=4", "offload.cpu_mem=2GiB",
+                      "offload.act_policy=all=gpu"],
     # SSD-bound: little compute per step (one short sequence), weights streamed from the SSD too
     "ssd-bound": ["model.n_layer=8", "model.d_model=768", "model.n_head=12", "model.vocab_size=320",
                   "data.seq_len=64", "train.micro_batch_size=1", "offload.cpu_mem=1GiB",
