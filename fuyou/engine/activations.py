@@ -125,7 +125,9 @@ class ActivationSwapper:
                 if fits:
                     self.cpu_used += nbytes
             if fits:
-                slot.tensor = t if self.device.type == "cpu" else t.to("cpu", non_blocking=False).pin_memory()
+                # CUDA: a synchronous D2H copy (a marked sync point of the main thread; the CPU tier
+                # trades it for keeping SSD bandwidth free)
+                slot.tensor = t if self.device.type == "cpu" else t.to("cpu", non_blocking=False)
                 c.act_cpu_bytes += nbytes
                 return slot
             slot.tier = "ssd"  # CPU share used up: overflow to SSD

@@ -22,8 +22,10 @@ Gradient accumulation keeps fp32 accumulators of every stage on the compute devi
 
 Note: [Sync points] The main thread blocks only (a) in ``WeightStreamer.get`` until a stage's
 weights are loaded, (b) in ``OptimizerWorker.submit`` when ``max_pending_updates`` updates are
-queued, (c) at the end of a step for the loss value (``float(loss)``), and (d) in deferred mode
-for the global norm. On CUDA nothing else synchronises the host with the GPU.
+queued, (c) at the end of a step for the loss value (``float(loss)``), (d) in deferred mode for the
+global norm and for each gradient's D2H copy before it is written to SSD, and (e) when an
+activation of the ``cpu`` tier leaves the GPU (``ActivationSwapper.put``). On CUDA nothing else
+synchronises the host with the GPU.
 """
 
 from __future__ import annotations

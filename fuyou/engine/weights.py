@@ -77,7 +77,11 @@ class WeightStreamer:
         if t1 - t0 > 1e-4:
             self.tracer.add(f"wait weights {self.states[self._order[pos]].stage.name}", "wait", t0, t1)
         if loaded.event is not None:
-            torch.cuda.current_stream(self.device).wait_event(loaded.event)  # see Note: [Stream hand-offs]
+            compute = torch.cuda.current_stream(self.device)
+            compute.wait_event(loaded.event)  # see Note: [Stream hand-offs]
+            # allocated on the H2D stream, read on the compute stream: keep the allocator from
+            # handing its memory to the H2D stream again before compute is done with it
+            loaded.flat.record_stream(compute)
         return loaded
 
     def release(self, pos: int) -> None:
