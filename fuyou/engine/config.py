@@ -56,8 +56,14 @@ class OffloadConfig(BaseModel):
     act_prefetch_blocks: int = Field(2, ge=0, description="Blocks whose kept activations are fetched back ahead of backward.")
     io_threads: int = Field(8, ge=1, description="SSD I/O threads (requests in flight at the drives).")
     verify_checksums: bool = Field(True, description="Check a CRC32 of every block read back from the SSD.")
+    commit: Literal["cow", "none"] = Field(
+        "cow", description="'cow': two copies of the fp32 state on SSD and an atomic commit per step, so a "
+        "killed run resumes exactly (`fuyou train --resume RUN_DIR`), at 2x the SSD space for weights and "
+        "moments; 'none': update in place (no resume).",
+    )
     keep_state: bool = Field(
-        False, description="Keep the SSD training state after the run (default: delete it once weights are saved)."
+        False, description="Keep the SSD training state after a completed run (default: delete it once the weights are "
+        "saved; a stopped or failed run always keeps it for --resume)."
     )
 
     @field_validator("ssd_dirs", mode="before")

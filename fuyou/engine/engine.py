@@ -42,7 +42,9 @@ from fuyou.config import FuyouConfig
 from fuyou.data import TokenData
 from fuyou.engine.activations import ActivationSwapper, BlockState, backward_block, block_policies, forward_block
 from fuyou.engine.budget import RUNTIME_SLACK, MemoryPlan, activation_bytes, kept_activation_bytes, plan_memory  # noqa: F401
+from fuyou.engine.commit import ResumeError, read_record, write_record
 from fuyou.engine.layout import StageState, build_states, dtype_size
+from fuyou.faults import fault
 from fuyou.engine.trace import StepCounters, Tracer
 from fuyou.engine.weights import WeightStreamer
 from fuyou.engine.worker import OptimizerWorker, UpdateJob
@@ -86,9 +88,11 @@ def resident_bytes(field: str = "VmRSS") -> int:
 class Engine:
     """Trains ``cfg.model`` with fp32 weights and Adam moments on the SSDs (module docstring)."""
 
-    def __init__(self, cfg: FuyouConfig, data: TokenData | None, store_name: str, init_values=None):
+    def __init__(self, cfg: FuyouConfig, data: TokenData | None, store_name: str, init_values=None,
+                 resume: bool = False):
         """``init_values(stage) -> {global key: fp32 tensor}`` gives each stage's initial weights (for
-        example streamed from a Hugging Face checkpoint); default: ``stage.init_params(train.seed)``."""
+        example streamed from a Hugging Face checkpoint); default: ``stage.init_params(train.seed)``.
+        ``resume``: open the existing state of ``store_name`` at its last commit instead."""
         self.cfg = cfg
         self.init_values = init_values or (lambda stage: stage.init_params(cfg.train.seed))
         off, t = cfg.offload, cfg.train
@@ -98,7 +102,10 @@ class Engine:
         self.deferred = t.grad_clip is not None
         self.accumulate = t.grad_accum > 1
         self.gdtype = torch.float32 if self.accumulate else self.cdtype
-        self.states = build_states(self.model.stages, cfg.optim.weight_decay)
+        self.states = build_states(self.model.stages, cfg.optim.weight_decay, cow=off.commit == "cow")
+        self.start_step = 0
+        self.resumed = resume
+        self.completed = False
         self.tied = bool(self.model.stages[-1].shared)
         self.act = block_policies(off.act_policy, cfg.model.n_layer)
         uses = {t for b in self.act.values() for t in (b.checkpoint, b.all, *b.classes.values()) if t}
@@ -118,7 +125,10 @@ class Engine:
         self.plan = self._memory_plan()
         self.plan.check()  # Budgets are promises: refuse before creating anything.
 
-        self.store = TensorStore.create(self.store_dirs, store_cfg, capacity_hint_bytes=self._ssd_bytes())
+        if resume:
+            self.store = TensorStore.open(self.store_dirs, store_cfg)
+        else:
+            self.store = TensorStore.create(self.store_dirs, store_cfg, capacity_hint_bytes=self._ssd_bytes())
         self.opt_pool = PinnedPool(self.plan.cpu_items["optimizer buffers"])
         self.weight_pool = PinnedPool(max(self.plan.cpu_items.get("weight buffers", 0), 4096))
         self.grad_pool = PinnedPool(max(self.plan.cpu_items["gradients in flight"], 4096))
@@ -130,7 +140,10 @@ class Engine:
         self.act_pool = PinnedPool(max(self.plan.cpu_items.get("activation staging", 0), 4096))
         self.swapper = ActivationSwapper(self.store, self.device, self.act_cpu_mem, self.act_pool,
                                          self.cfg.offload.act_chunk, self.tracer, ref)
-        self._init_state()
+        if resume:
+            self._resume_state()
+        else:
+            self._init_state()
         self.streamer = WeightStreamer(self.states, self.store, self.weight_pool, self.device, self.cdtype,
                                        off.prefetch_depth, self.tracer, ref)
         self.worker = OptimizerWorker(self.opt, self.cdtype, off.max_pending_updates, self.tracer, ref)
@@ -171,20 +184,13 @@ class Engine:
 
     def _ssd_bytes(self) -> int:
         n = sum(s.numel for s in self.states)
-        per = 12 + (0 if self.cfg.offload.cache_weights else dtype_size(self.cdtype))
+        per = (24 if self.cfg.offload.commit == "cow" else 12) + (
+            0 if self.cfg.offload.cache_weights else dtype_size(self.cdtype))
         return n * per + (n * dtype_size(self.gdtype) if self.deferred else 0) + 64 * 1024**2
 
     def _init_state(self) -> None:
         """Initialise each stage straight into the tiers, one stage in memory at a time."""
-        specs = []
-        for s in self.states:
-            specs += [(s.keys.master, (s.numel,), torch.float32), (s.keys.exp_avg, (s.numel,), torch.float32),
-                      (s.keys.exp_avg_sq, (s.numel,), torch.float32)]
-            if s.index not in self.plan.cached_stages:
-                specs.append((s.keys.weights, (s.numel,), self.cdtype))
-            if self.deferred:
-                specs.append((f"{s.stage.name}/grad", (s.numel,), self.gdtype))
-        self.store.allocate_many(specs)
+        self.store.allocate_many(self._state_specs())
         zeros = torch.zeros(min(self.chunk, max(s.numel for s in self.states)))
         for s in self.states:
             values = self.init_values(s.stage)
@@ -203,7 +209,51 @@ class Engine:
             for f in futs:
                 f.result()
             del flat
+        self._commit(0)
+
+    def _state_specs(self) -> list[tuple]:
+        """Every store tensor the state needs (both copies with copy-on-write commits)."""
+        specs = []
+        for s in self.states:
+            for keys in (s.copies if s.cow else s.copies[:1]):
+                specs += [(k, (s.numel,), torch.float32) for k in (keys.master, keys.exp_avg, keys.exp_avg_sq)]
+            if s.index not in self.plan.cached_stages:
+                specs.append((s.keys.weights, (s.numel,), self.cdtype))
+            if self.deferred:
+                specs.append((f"{s.stage.name}/grad", (s.numel,), self.gdtype))
+        return specs
+
+    def _commit(self, step: int) -> None:
+        """Make the state after ``step`` optimizer steps the one a resume starts from (commit.py)."""
         self.store.sync()
+        if self.cfg.offload.commit != "cow":
+            return
+        write_record(self.store_dirs[0], {"step": step, "copies": [s.cur for s in self.states],
+                                          "store_uuid": self.store.uuid, "model": self.cfg.model.model_dump()})
+
+    def _resume_state(self) -> None:
+        """Open the last commit: current copies from the record, compute weights rebuilt from the
+        masters chunk by chunk (bounded memory), missing tensors (new settings) allocated."""
+        if self.cfg.offload.commit != "cow":
+            raise ResumeError("offload.commit='none' updates the state in place; it cannot be resumed")
+        rec = read_record(self.store_dirs[0], self.store.uuid, len(self.states))
+        for s, c in zip(self.states, rec["copies"]):
+            s.cur = c
+        self.start_step = rec["step"]
+        missing = [spec for spec in self._state_specs() if spec[0] not in self.store]
+        if missing:
+            self.store.allocate_many(missing)
+        for s in self.states:
+            if s.index in self.plan.cached_stages:
+                s.cache = _pinned_like(s.numel, self.cdtype)
+            for a in range(0, s.numel, self.chunk):
+                n = min(self.chunk, s.numel - a)
+                with self.opt_pool.acquire(4 * n, torch.float32) as buf:
+                    self.store.read_into(s.keys.master, buf.tensor, start=a).result()  # CRC-checked
+                    if s.cache is not None:
+                        s.cache[a:a + n].copy_(buf.tensor)
+                    else:
+                        self.store.write_from(s.keys.weights, buf.tensor.to(self.cdtype), start=a).result()
 
     # -- one optimizer step ----------------------------------------------------------------------
     def step_order(self, micro_batches: int) -> list[int]:
@@ -228,6 +278,8 @@ class Engine:
             self.streamer.drain()
             raise
         grad_norm = self._deferred_updates(lr, step) if self.deferred else None
+        if self.cfg.offload.commit == "cow":
+            self.worker.submit_commit(lambda: self._commit(step + 1))
         tokens = t.grad_accum * t.micro_batch_size * self.cfg.data.seq_len
         return StepStats(float(total), lr, grad_norm, tokens)  # float(): see Note: [Sync points]
 
@@ -259,6 +311,7 @@ class Engine:
             self._compute(f"forward {self.states[i].stage.name}", t0)
             self.streamer.release(self._pos)
             self._pos += 1
+            fault("forward", step)
         # Head: forward and backward at once.
         head = self.states[-1]
         emb_pos = None
@@ -308,6 +361,7 @@ class Engine:
             self._compute(f"backward {st.stage.name}", t0)
             self.streamer.release(self._pos)
             self._pos += 1
+            fault("backward", step)
             if i == 0 and self.tied:
                 # One sum, as autograd accumulates a leaf used twice (the order of two addends is exact).
                 gmap["wte"] = gmap["wte"] + self._shared_grad
@@ -449,7 +503,9 @@ class Engine:
         return out
 
     def close(self) -> None:
-        """Finish pending updates, stop the threads, close the store (deleting it unless keep_state)."""
+        """Finish pending updates, stop the threads, close the store. The SSD state is deleted only
+        after a completed run (``completed``) without ``keep_state``: a stopped or failed run keeps it
+        for ``--resume``."""
         try:
             self.worker.wait_all()
         finally:
@@ -457,7 +513,7 @@ class Engine:
             self.streamer.close()
             self.swapper.close()
             self.store.close()
-            if not self.cfg.offload.keep_state:
+            if self.completed and not self.cfg.offload.keep_state:
                 for d in self.store_dirs:
                     shutil.rmtree(d, ignore_errors=True)
 

@@ -1,10 +1,11 @@
 """Where each stage's training state lives: one ``StageState`` record per stage.
 
 Each stage's owned parameters are laid out as one flat vector (in ``Stage.params`` order), so the
-state moves in a few large transfers: the store holds ``<stage>/master``, ``<stage>/exp_avg``,
-``<stage>/exp_avg_sq`` (fp32) and, unless they are cached in CPU memory, ``<stage>/weights`` (the
-compute-precision copy the forward and backward use). Parameter ``p`` is elements
-``[offset, offset + numel)`` of each vector.
+state moves in a few large transfers: the store holds ``<stage>/master.<c>``, ``<stage>/exp_avg.<c>``,
+``<stage>/exp_avg_sq.<c>`` (fp32; copies ``c`` = 0 and 1 with copy-on-write commits, see
+``commit``) and, unless they are cached in CPU memory, ``<stage>/weights`` (the compute-precision
+copy the forward and backward use). Parameter ``p`` is elements ``[offset, offset + numel)`` of
+each vector. ``cur`` names the copy holding the last committed step's state.
 
 States of a stage's compute weights, kept in ``StageState.updated``:
 
@@ -47,7 +48,9 @@ class StageState:
     numel: int
     slots: dict[str, ParamSlot]
     segments: list[Segment]
-    keys: StateKeys
+    copies: tuple[StateKeys, StateKeys]
+    cow: bool = True                       # copy-on-write commits: updates write the other copy
+    cur: int = 0                           # the copy updates read (the last committed state)
     cache: Tensor | None = None            # compute weights held in CPU memory, or None: on SSD
     updated: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None     # set when this stage's update failed
@@ -55,6 +58,16 @@ class StageState:
     @property
     def index(self) -> int:
         return self.stage.index
+
+    @property
+    def keys(self) -> StateKeys:
+        """Where the current state is (updates read it)."""
+        return self.copies[self.cur]
+
+    @property
+    def next_keys(self) -> StateKeys:
+        """Where an update writes (the other copy with copy-on-write, else the same)."""
+        return self.copies[1 - self.cur] if self.cow else self.copies[self.cur]
 
     def views(self, flat: Tensor) -> dict[str, Tensor]:
         """Parameter-shaped views of a flat vector of this stage."""
@@ -66,7 +79,7 @@ class StageState:
         return out
 
 
-def build_states(stages: list[Stage], weight_decay: float) -> list[StageState]:
+def build_states(stages: list[Stage], weight_decay: float, cow: bool = True) -> list[StageState]:
     states = []
     for st in stages:
         slots, segments, off = {}, [], 0
@@ -78,8 +91,9 @@ def build_states(stages: list[Stage], weight_decay: float) -> list[StageState]:
             else:
                 segments.append(Segment(off, off + spec.numel, wd))
             off += spec.numel
-        keys = StateKeys(f"{st.name}/master", f"{st.name}/exp_avg", f"{st.name}/exp_avg_sq", f"{st.name}/weights")
-        s = StageState(st, off, slots, segments, keys)
+        copies = tuple(StateKeys(f"{st.name}/master.{c}", f"{st.name}/exp_avg.{c}", f"{st.name}/exp_avg_sq.{c}",
+                                 f"{st.name}/weights") for c in (0, 1))
+        s = StageState(st, off, slots, segments, copies, cow)
         s.updated.set()
         states.append(s)
     return states

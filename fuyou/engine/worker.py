@@ -57,6 +57,12 @@ class OptimizerWorker:
             self._counters().wait_optimizer_s += waited
             self.tracer.add("wait optimizer queue", "wait", t0, t0 + waited)
 
+    def submit_commit(self, commit) -> None:
+        """Queue ``commit()`` after every update submitted so far; later updates wait for it (the
+        copy-on-write rule of ``fuyou.engine.commit``)."""
+        self.check()
+        self._q.put(commit)
+
     def wait_all(self) -> None:
         """Block until every submitted update is finished (a step boundary for eval and saving)."""
         self._q.join()
@@ -72,6 +78,15 @@ class OptimizerWorker:
             if job is None:
                 self._q.task_done()
                 return
+            if not isinstance(job, UpdateJob):  # a commit
+                try:
+                    if self._error is None:
+                        job()
+                except BaseException as e:  # noqa: BLE001 - handed to the main thread via check()
+                    self._error = self._error or e
+                finally:
+                    self._q.task_done()
+                continue
             st = job.state
             try:
                 if self._error is None:
@@ -80,7 +95,8 @@ class OptimizerWorker:
                     stats = self.opt.update(
                         st.keys, job.grad, numel=st.numel, segments=st.segments, lr=job.lr, step=job.step,
                         grad_scale=job.grad_scale, lowp_out=st.cache, lowp_dtype=self.lowp_dtype,
-                        grad_dtype=job.grad_dtype)
+                        grad_dtype=job.grad_dtype, out_keys=st.next_keys)
+                    st.cur = 1 - st.cur if st.cow else st.cur  # the new copy is current (committed later)
                     c: StepCounters = self._counters()
                     c.optimizer_busy_s += stats.busy_s
                     c.optimizer_kernel_s += stats.kernel_s

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fuyou.faults import fault
 from fuyou.optim.adamw import fused_adamw_
 from fuyou.optim.config import AdamWConfig
 
@@ -79,9 +80,12 @@ class OutOfCoreAdamW:
 
     def update(self, keys: StateKeys, grad: torch.Tensor | str, *, numel: int, segments: list[Segment],
                lr: float, step: int, grad_scale: float = 1.0, lowp_out: torch.Tensor | None = None,
-               lowp_dtype: torch.dtype = torch.bfloat16, grad_dtype: torch.dtype | None = None) -> UpdateStats:
+               lowp_dtype: torch.dtype = torch.bfloat16, grad_dtype: torch.dtype | None = None,
+               out_keys: StateKeys | None = None) -> UpdateStats:
         """One AdamW step of one stage; returns its stats. Blocks until every write is done.
 
+        The state is read from ``keys`` and written to ``out_keys`` (default: the same, in place; a
+        second copy makes crash-safe commits possible, see ``fuyou.engine.commit``).
         ``grad``: a flat CPU tensor of ``numel`` elements, or the store key of one (``grad_dtype``).
         ``lowp_out``: flat tensor receiving the new compute-precision weights; when None they go to
         the store under ``keys.weights`` as ``lowp_dtype``. ``step`` counts from 1.
@@ -89,6 +93,7 @@ class OutOfCoreAdamW:
         the SSD is then partly updated, which the caller must treat as lost (resume from a commit).
         """
         t_start = time.perf_counter()
+        out_keys = out_keys or keys
         stats = UpdateStats(params=numel)
         c = self.cfg
         gkey = grad if isinstance(grad, str) else None
@@ -156,12 +161,14 @@ class OutOfCoreAdamW:
                 t1 = time.perf_counter()
                 stats.kernel_s += t1 - t0
                 stats.chunks.append((t0, t1))
-                wf = [self.store.write_from(k, t, start=s) for k, t in zip((keys.master, keys.exp_avg, keys.exp_avg_sq), (master, m, v))]
+                wf = [self.store.write_from(k, t, start=s)
+                      for k, t in zip((out_keys.master, out_keys.exp_avg, out_keys.exp_avg_sq), (master, m, v))]
                 stats.written_bytes += 12 * (e - s)
                 if wbuf is not None:
-                    wf.append(self.store.write_from(keys.weights, lowp, start=s))
+                    wf.append(self.store.write_from(out_keys.weights, lowp, start=s))
                     stats.written_bytes += (e - s) * _size(wdtype)
                 writing.append((wf, bufs))
+                fault("optimizer", step - 1)  # tests: killed between two chunks of an update
                 while len(writing) > self.depth:
                     retire(writing.popleft())
                 if nxt < len(chunks):

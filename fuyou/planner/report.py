@@ -106,7 +106,10 @@ def text(plan: Plan) -> str:
            f"bottleneck          {s['bottleneck']}   (busy per step: "
            + ", ".join(f"{LABELS.get(k, k)} {v:.3g} s" for k, v in s["busy_s"].items()) + ")",
            "what if             " + "; ".join(f"{k}: {v:.3g} s ({s['step_s'] / v:.2f}x)" for k, v in s["whatif_step_s"].items()),
-           f"SSD footprint       {format_size(s['ssd_bytes'])}",
+           f"SSD footprint       {format_size(s['ssd_bytes'])}" + (
+               f" (crash-safe commits keep a second copy of weights and moments: "
+               f"{format_size(12 * sum(plan.workload.numels))} of it; --commit none drops resume)"
+               if plan.workload.offload.commit == "cow" else " (commit none: no crash-safe resume)"),
            f"CPU peak            {format_size(s['cpu_peak_bytes'])} (weight cache: {s['cached_stages']} of "
            f"{len(plan.costs)} stages)",
            f"GPU peak            {format_size(s['gpu_peak_bytes'])}" if plan.hardware.device == "cuda" else

@@ -84,7 +84,8 @@ def memory_plan(w: Workload, hw: HardwareProfile, costs: list[StageCost], policy
         checkpoint_bytes=pb["ckpt_gpu"] + 2 * ckpt, working_bytes=gpu_working_bytes(w) if cuda else None,
         extra_cpu=extra_cpu, extra_device=extra_dev)
     cached = set(plan.cached_stages)
-    ssd = sum(12 * n + (0 if i in cached else w.csize * n) for i, n in enumerate(w.numels))
+    state = 24 if w.offload.commit == "cow" else 12  # copy-on-write commits keep two copies (engine/commit.py)
+    ssd = sum(state * n + (0 if i in cached else w.csize * n) for i, n in enumerate(w.numels))
     ssd += pb["ssd"] + pb["ckpt_ssd"] + 64 * 1024**2
     return plan, ssd
 

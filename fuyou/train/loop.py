@@ -7,7 +7,9 @@ owns the run directory, logging, evaluation cadence, tracing and saving.
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +22,7 @@ from fuyou.models import StageModel
 from fuyou.train.metrics import MetricsLog, Progress, si
 from fuyou.train.reference import ReferenceTrainer
 from fuyou.train.run import make_run_dir, run_dir_path, save_weights
+from fuyou.errors import ConfigError
 from fuyou.units import format_size
 
 
@@ -31,33 +34,68 @@ class RunResult:
     last_loss: float
     tokens_per_s: float
     peak_rss: int = 0
+    stopped: bool = False
 
 
-def build_trainer(cfg: FuyouConfig, run_name: str):
+def build_trainer(cfg: FuyouConfig, run_name: str, resume: bool = False):
     data = load_data(cfg.data)
+    init_values = None  # seeded random init
+    if cfg.model.init_from:  # streamed from a Hugging Face or fuyou checkpoint, one stage at a time
+        from fuyou.hf import open_checkpoint
+
+        init_values = open_checkpoint(cfg.model.init_from).init_values
     if cfg.offload.mode == "none":
-        return ReferenceTrainer(cfg, data)
+        if resume:
+            raise ConfigError("--resume continues an SSD-offloaded run (its state is committed on the SSD); "
+                              "in-memory runs (offload.mode=none) keep no resumable state")
+        return ReferenceTrainer(cfg, data, init_values)
     from fuyou.engine.engine import Engine
 
-    return Engine(cfg, data, store_name=f"{run_name}.fuyou-state")
+    return Engine(cfg, data, store_name=f"{run_name}.fuyou-state", resume=resume, init_values=init_values)
 
 
-def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None, plan_auto: bool = False) -> RunResult:
+def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None, plan_auto: bool = False,
+                 resume: Path | None = None) -> RunResult:
+    """Train ``cfg`` in a new run directory, or continue the run in ``resume`` from its last commit."""
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    run_path = run_dir_path(cfg)
+    run_path = Path(resume) if resume is not None else run_dir_path(cfg)
     if plan_auto:
         from fuyou.planner.auto import plan_config
 
         cfg = plan_config(cfg, run_path, stream)
-    trainer = build_trainer(cfg, run_path.name)  # refuses impossible configs before anything is written
+    # refuses impossible configs (and unresumable states) before anything is written
+    trainer = build_trainer(cfg, run_path.name, resume=resume is not None)
+    stop = _StopOnSignal()
     try:
-        return _loop(cfg, trainer, make_run_dir(cfg, run_path), stream or sys.stderr, trace)
+        run_dir = run_path if resume is not None else make_run_dir(cfg, run_path)
+        return _loop(cfg, trainer, run_dir, stream or sys.stderr, trace, stop)
     finally:
+        stop.restore()
         trainer.close()
 
 
-def _loop(cfg: FuyouConfig, trainer, run_dir: Path, stream, trace) -> RunResult:
+class _StopOnSignal:
+    """SIGINT/SIGTERM end the run at the next step boundary (after its commit), not mid-step."""
+
+    def __init__(self):
+        self.requested: str | None = None
+        self._old = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.requested is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+
+    def restore(self):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _loop(cfg: FuyouConfig, trainer, run_dir: Path, stream, trace, stop) -> RunResult:
     from fuyou.engine.engine import resident_bytes
 
     log = MetricsLog(run_dir / "metrics.jsonl")
@@ -77,14 +115,18 @@ def _loop(cfg: FuyouConfig, trainer, run_dir: Path, stream, trace) -> RunResult:
             progress.message("train.grad_clip is set: updates wait for the global gradient norm (no overlap with "
                              "backward, gradients make a round trip through the SSD); train.grad_clip=none overlaps them")
 
+    start_step = getattr(trainer, "start_step", 0)
+    if getattr(trainer, "resumed", False):
+        progress.message(f"resuming at step {start_step} from the last commit")
+        progress.done = start_step
     first_eval = last_eval = trainer.evaluate()
     if first_eval is not None:
-        log.write({"step": 0, "eval_loss": first_eval})
-        progress.message(f"eval loss at start: {first_eval:.4f}")
+        log.write({"step": start_step, "eval_loss": first_eval})
+        progress.message(f"eval loss at step {start_step}: {first_eval:.4f}")
     start = time.perf_counter()
     tokens = 0
     stats = None
-    for step in range(t.steps):
+    for step in range(start_step, t.steps):
         t0 = time.perf_counter()
         stats = trainer.train_step(step)
         dt = time.perf_counter() - t0
@@ -116,6 +158,18 @@ def _loop(cfg: FuyouConfig, trainer, run_dir: Path, stream, trace) -> RunResult:
             if last_eval is not None:
                 log.write({"step": step + 1, "eval_loss": last_eval})
                 progress.message(f"eval loss at step {step + 1}: {last_eval:.4f}")
+        if stop.requested and step + 1 < t.steps:
+            if hasattr(trainer, "worker"):
+                trainer.worker.wait_all()  # the step's updates and its commit are on the SSD
+            log.write({"stopped": stop.requested, "step": step + 1})
+            log.close()
+            progress.message(f"stopped by {stop.requested} after step {step + 1} (committed); continue with: "
+                             f"fuyou train --resume {run_dir}")
+            return RunResult(run_dir, first_eval, last_eval, stats.loss, tokens / (time.perf_counter() - start),
+                             resident_bytes("VmHWM"), stopped=True)
+    if hasattr(trainer, "worker"):
+        trainer.worker.wait_all()
+    trainer.completed = True
     elapsed = time.perf_counter() - start
     last_eval = trainer.evaluate()
     if last_eval is not None:
@@ -132,4 +186,4 @@ def _loop(cfg: FuyouConfig, trainer, run_dir: Path, stream, trace) -> RunResult:
         summary += f"; eval loss {first_eval:.4f} -> {last_eval:.4f}"
     summary += f"; peak resident memory {format_size(peak)}"
     progress.message(summary + f"\nrun directory: {run_dir}")
-    return RunResult(run_dir, first_eval, last_eval, stats.loss, mean_tps, peak)
+    return RunResult(run_dir, first_eval, last_eval, stats.loss if stats else float("nan"), mean_tps, peak)

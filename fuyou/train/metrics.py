@@ -30,11 +30,12 @@ class Progress:
         self.total, self.log_every, self.stream = total, log_every, stream
         self.tty = stream.isatty()
         self.start = time.perf_counter()
+        self.done = 0  # steps finished before this process started (a resumed run)
 
     def update(self, step: int, fields: dict[str, str]) -> None:
         done = step + 1
         elapsed = time.perf_counter() - self.start
-        eta = elapsed / done * (self.total - done)
+        eta = elapsed / max(1, done - self.done) * (self.total - done)
         width = 20
         filled = int(width * done / self.total)
         bar = "█" * filled + "░" * (width - filled)

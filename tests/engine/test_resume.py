@@ -1,0 +1,156 @@
+"""Crash-safe resume: a run killed with SIGKILL anywhere resumes to bit-identical final weights."""
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fuyou.cli import main
+
+ARGS = ["model.preset=gpt-test", "train.precision=fp32", "train.steps=4", "train.warmup_steps=1",
+        "data.seq_len=32", "train.micro_batch_size=2", "train.eval_batches=1", "train.eval_every=0",
+        "offload.optimizer_chunk=1"]
+
+
+def train_cmd(tmp_path, name, *extra):
+    ssd = tmp_path / "ssd"
+    ssd.mkdir(exist_ok=True)
+    return [sys.executable, "-m", "fuyou.cli", "train", "--offload", "ssd", "--ssd", str(ssd), "--cpu-mem", "256MiB",
+            "--out", str(tmp_path / "runs"), f"run.name={name}", *ARGS, *extra]
+
+
+def run(cmd, fault=None, timeout=300):
+    env = dict(os.environ)
+    env.pop("FUYOU_FAULT", None)
+    if fault:
+        env["FUYOU_FAULT"] = fault
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """Final weights of an uninterrupted run, per clipping mode."""
+    out = {}
+    for clip in ("none", "0.5"):
+        tmp = tmp_path_factory.mktemp(f"ref-{clip}")
+        r = run(train_cmd(tmp, "ref", f"train.grad_clip={clip}"))
+        assert r.returncode == 0, r.stderr
+        out[clip] = load_file(str(tmp / "runs" / "ref" / "model.safetensors"))
+    return out
+
+
+@pytest.mark.parametrize("fault,clip", [
+    ("forward@2", "none"), ("backward@2", "none"), ("optimizer@2", "none"), ("optimizer@0", "none"),
+    ("commit@3", "none"), ("optimizer@1", "0.5"), ("backward@3", "0.5"),
+])
+def test_sigkill_anywhere_then_resume_is_bit_exact(tmp_path, reference, fault, clip):
+    cmd = train_cmd(tmp_path, "r", f"train.grad_clip={clip}")
+    killed = run(cmd, fault=fault)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    run_dir = tmp_path / "runs" / "r"
+    assert not (run_dir / "model.safetensors").exists()
+    resumed = run([sys.executable, "-m", "fuyou.cli", "train", "--resume", str(run_dir)])
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming at step" in resumed.stderr
+    got = load_file(str(run_dir / "model.safetensors"))
+    ref = reference[clip]
+    assert got.keys() == ref.keys()
+    for k in ref:
+        assert torch.equal(got[k], ref[k]), k
+
+
+def test_sigterm_stops_at_a_step_boundary_and_resumes(tmp_path):
+    steps = ["train.grad_clip=none", "train.steps=60", "train.log_every=1"]
+    ref = run(train_cmd(tmp_path, "ref", *steps))
+    assert ref.returncode == 0, ref.stderr
+    proc = subprocess.Popen(train_cmd(tmp_path, "t", *steps), stderr=subprocess.PIPE, text=True,
+                            env={k: v for k, v in os.environ.items() if k != "FUYOU_FAULT"})
+    run_dir = tmp_path / "runs" / "t"
+    deadline = time.time() + 120
+    while time.time() < deadline:  # wait for the first step's metrics line, then ask it to stop
+        m = run_dir / "metrics.jsonl"
+        if m.exists() and any('"loss"' in l for l in m.read_text().splitlines()):
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "stopped by SIGTERM" in err and "fuyou train --resume" in err, err
+    assert not (run_dir / "model.safetensors").exists()
+    resumed = run([sys.executable, "-m", "fuyou.cli", "train", "--resume", str(run_dir)])
+    assert resumed.returncode == 0, resumed.stderr
+    got = load_file(str(run_dir / "model.safetensors"))
+    for k, v in load_file(str(tmp_path / "runs" / "ref" / "model.safetensors")).items():
+        assert torch.equal(got[k], v), k
+
+
+def _digest(paths):
+    h = hashlib.sha256()
+    for p in sorted(paths):
+        h.update(p.name.encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.mark.parametrize("damage", ["commit-record", "store-manifest", "truncated-extent"])
+def test_damaged_state_is_refused_and_left_untouched(tmp_path, capsys, damage):
+    killed = run(train_cmd(tmp_path, "d", "train.grad_clip=none"), fault="forward@2")
+    assert killed.returncode == -signal.SIGKILL
+    state = tmp_path / "ssd" / "d.fuyou-state"
+    if damage == "commit-record":
+        (state / "fuyou-commit.json").write_text('{"step": 2, "cop')
+    elif damage == "store-manifest":
+        m = state / "fuyou-store.json"
+        m.write_text(m.read_text()[:-40])
+    else:
+        data = next(state.glob("*.dat"))
+        with open(data, "r+b") as fh:
+            fh.truncate(data.stat().st_size // 2)
+    before = _digest([p for p in state.iterdir() if p.is_file()])
+    rc = main(["train", "--resume", str(tmp_path / "runs" / "d")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    named = {"commit-record": "fuyou-commit.json", "store-manifest": "fuyou-store.json", "truncated-extent": ".dat"}
+    assert "fuyou: error:" in err and named[damage] in err, err
+    assert _digest([p for p in state.iterdir() if p.is_file()]) == before  # nothing overwritten
+
+
+def test_resume_needs_a_run_directory(tmp_path, capsys):
+    assert main(["train", "--resume", str(tmp_path)]) == 2
+    assert "not a run directory" in capsys.readouterr().err
+
+
+def test_full_disk_while_committing_keeps_the_previous_commit(tmp_path, monkeypatch):
+    import errno
+
+    from fuyou.engine import commit
+    from fuyou.engine.commit import CommitError
+    from engine_testutil import make_cfg
+    from fuyou.data import load_data
+    from fuyou.engine.engine import Engine
+
+    cfg = make_cfg(tmp_path, "offload.mode=ssd")
+    eng = Engine(cfg, load_data(cfg.data), "s")
+    record = eng.store_dirs[0] / commit.RECORD
+    before = record.read_text()
+    real_write = os.write
+
+    def full(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(commit.os, "write", full)
+    eng.train_step(0)
+    with pytest.raises(CommitError, match=r"(?s)committing step 1 failed.*No space left.*previous commit \(step 0\) is intact"):
+        eng.worker.wait_all()
+    monkeypatch.setattr(commit.os, "write", real_write)
+    assert record.read_text() == before
+    eng.worker._error = None  # the test's cleanup only
+    eng.close()
+    assert record.exists()  # a failed run keeps its state for --resume
