@@ -51,6 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "'30-39:all=gpu', or a JSON file from `fuyou plan --json`")
     t.add_argument("--plan", choices=["auto"], help="auto: probe (or load hardware.profile), plan the activation "
                    "policy and prefetch depth, print the schedule, train with it (offload ssd)")
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue an SSD-offloaded run from its last commit "
+                   "(its config.toml; overrides such as train.steps=N still apply)")
+    t.add_argument("--init-from", metavar="DIR", help="start from these weights: a local Hugging Face model "
+                   "directory (Llama/Mistral/Qwen2/GPT-2, safetensors) or a fuyou run directory (same as "
+                   "model.init_from=DIR; its shape wins over the preset)")
     t.add_argument("--steps", type=int, help="optimizer steps")
     t.add_argument("--out", help="parent directory of run directories (default: runs)")
     t.add_argument("--trace", metavar="FILE", help="write a Chrome/Perfetto trace of the second step (offload ssd)")
@@ -69,7 +74,48 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--jsonl-field", default="text", help="field with the text in JSON lines")
     prep.set_defaults(func=_prepare)
     _add_planner_parsers(sub)
+    _add_hf_parsers(sub)
     return p
+
+
+def _add_hf_parsers(sub) -> None:
+    im = sub.add_parser("import", help="convert a local Hugging Face model into a run directory to train from",
+                        description="Read a local Hugging Face model directory (config.json, *.safetensors, tokenizer "
+                        "files; LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, GPT2LMHeadModel) and write "
+                        "RUN_DIR/model.safetensors (fp32, fuyou's names, streamed tensor by tensor), RUN_DIR/hf/ "
+                        "(config and tokenizer) and RUN_DIR/config.toml; then: fuyou train --config "
+                        "RUN_DIR/config.toml. The SSD training state is built from these weights when training starts.")
+    im.add_argument("hf_dir", metavar="HF_DIR", help="local Hugging Face model directory")
+    im.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory to create (new or empty)")
+    im.set_defaults(func=_import)
+
+    ex = sub.add_parser("export", help="write a run's weights as a Hugging Face model directory",
+                        description="Write RUN_DIR/model.safetensors as sharded Hugging Face safetensors with "
+                        "config.json and the tokenizer files of the model the run started from, loadable with "
+                        "transformers.AutoModelForCausalLM.from_pretrained(HF_DIR). Memory is bounded by a shard.")
+    ex.add_argument("run_dir", metavar="RUN_DIR", help="a finished run directory or one made by `fuyou import`")
+    ex.add_argument("--out", required=True, metavar="HF_DIR", help="output directory (new or empty)")
+    ex.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
+                    help="dtype of the written weights (default fp32, the master weights as they are; bf16 halves the size)")
+    ex.add_argument("--shard-size", default="2GiB", help="largest shard, e.g. 2GiB, 5GB (default 2GiB)")
+    ex.set_defaults(func=_export)
+
+
+def _import(args) -> int:
+    from fuyou.hf import import_checkpoint
+
+    out = import_checkpoint(args.hf_dir, args.out)
+    print(f"imported {args.hf_dir} into {out}; train with: fuyou train --config {out / 'config.toml'}")
+    return 0
+
+
+def _export(args) -> int:
+    from fuyou.hf import export_run
+    from fuyou.units import parse_size
+
+    files = export_run(args.run_dir, args.out, args.dtype, parse_size(args.shard_size))
+    print(f"exported {args.run_dir} to {args.out} ({args.dtype}): {', '.join(files)}")
+    return 0
 
 
 def _add_planner_parsers(sub) -> None:
@@ -94,6 +140,8 @@ def _add_planner_parsers(sub) -> None:
     pl.add_argument("--act-policy", help="predict this activation policy instead of searching "
                     "(e.g. 'recompute' or 'fc2,proj=cpu;0-3:checkpoint=ssd')")
     pl.add_argument("--prefetch-depth", type=int, help="with --act-policy: stages fetched ahead (default 2)")
+    pl.add_argument("--commit", choices=["cow", "none"], default="cow",
+                    help="cow (default): crash-safe resume, two copies of weights and moments on SSD; none: in place")
     pl.add_argument("--json", action="store_true", help="print JSON for tools instead of text")
     pl.add_argument("--plot", metavar="FILE.png", help="write a Gantt chart of one step (needs matplotlib)")
     pl.set_defaults(func=_plan)
@@ -142,7 +190,9 @@ def _plan(args) -> int:
     except ValueError as e:
         raise ConfigError(f"invalid hardware option: {e}") from None
     hw = resolve(hwc)
-    w = Workload(cfg, args.batch, args.seq, grad_accum=args.grad_accum)
+    from fuyou.engine.config import OffloadConfig
+
+    w = Workload(cfg, args.batch, args.seq, grad_accum=args.grad_accum, offload=OffloadConfig(commit=args.commit))
     policy = None
     if args.act_policy:
         policy = parse_act_policy(args.act_policy, cfg.n_layer, prefetch_depth=args.prefetch_depth or 2)
@@ -184,14 +234,26 @@ def _train(args) -> int:
     flags = {
         "model.preset": args.model, "offload.mode": args.offload, "offload.ssd_dirs": args.ssd,
         "offload.cpu_mem": args.cpu_mem, "offload.gpu_mem": args.gpu_mem, "offload.act_policy": args.act_policy, "train.steps": args.steps,
-        "run.out_dir": args.out,
+        "run.out_dir": args.out, "model.init_from": args.init_from,
     }
+    resume = None
+    if args.resume:
+        from pathlib import Path
+
+        from fuyou.errors import ConfigError
+
+        resume = Path(args.resume)
+        if not (resume / "config.toml").is_file():
+            raise ConfigError(f"{resume} is not a run directory (no config.toml); give the directory a run printed")
+        if args.config:
+            raise ConfigError("--resume uses the run's own config.toml; drop --config")
+        args.config = resume / "config.toml"
     cfg = load_config(args.config, args.overrides, {k: v for k, v in flags.items() if v is not None})
     if args.trace and cfg.offload.mode != "ssd":
         from fuyou.errors import ConfigError
 
         raise ConfigError("--trace records the three-tier engine's tasks; use it with --offload ssd")
-    run_training(cfg, trace=args.trace, plan_auto=args.plan == "auto")
+    run_training(cfg, trace=args.trace, plan_auto=args.plan == "auto", resume=resume)
     return 0
 
 

@@ -15,7 +15,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fuyou.data.config import DataConfig
 from fuyou.engine.config import OffloadConfig
@@ -52,6 +52,19 @@ class FuyouConfig(BaseModel):
     offload: OffloadConfig = Field(default_factory=OffloadConfig)
     hardware: HardwareConfig = Field(default_factory=HardwareConfig)
     run: RunConfig = Field(default_factory=RunConfig)
+
+    @model_validator(mode="after")
+    def _checkpoint_tokenizer(self) -> "FuyouConfig":
+        """A model started from a checkpoint with a tokenizer reads text through that tokenizer: when
+        ``model.init_from`` has one and ``data.tokenizer`` is the default 'byte', use it (with a note)."""
+        if self.model.init_from and self.data.tokenizer == "byte" and self.data.source in ("builtin", "text"):
+            from fuyou.hf.source import tokenizer_dir
+
+            tok = tokenizer_dir(self.model.init_from)
+            if tok is not None:
+                print(f"fuyou: note: data.tokenizer={tok} (the tokenizer of model.init_from)", file=sys.stderr)
+                self.data = self.data.model_copy(update={"tokenizer": str(tok)})
+        return self
 
 
 SECTIONS = {name: f.annotation for name, f in FuyouConfig.model_fields.items()}

@@ -40,7 +40,27 @@ class ModelConfig(BaseModel):
     )
     norm_eps: float = Field(1e-5, gt=0, description="Epsilon of LayerNorm/RMSNorm.")
     rope_theta: float = Field(10000.0, gt=0, description="RoPE base frequency (llama).")
+    attn_bias: bool = Field(
+        False,
+        description="Biases on the Q/K/V projections (llama family; Qwen2 has them). GPT blocks always have biases.",
+    )
     init_std: float = Field(0.02, gt=0, description="Standard deviation of the normal weight init.")
+    init_from: str | None = Field(
+        None,
+        description="Start from these weights instead of a random init: a local Hugging Face model directory "
+        "(config.json, *.safetensors, tokenizer files; Llama/Mistral/Qwen2/GPT-2) or a fuyou run directory "
+        "(config.toml, model.safetensors; e.g. one written by `fuyou import`). Its shape fields win over the "
+        "preset and the fields given here (a note lists what changed).",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shape_from_checkpoint(cls, data):
+        if isinstance(data, dict) and data.get("init_from"):
+            from fuyou.hf.source import checkpoint_model_fields  # lazy: fuyou.hf builds on the models
+
+            data = checkpoint_model_fields(data)
+        return data
 
     @model_validator(mode="after")
     def _check_shape(self) -> "ModelConfig":
@@ -55,6 +75,8 @@ class ModelConfig(BaseModel):
                 f"n_kv_head={kv} does not divide n_head={self.n_head}; grouped-query attention needs "
                 f"each key/value head to serve a whole number of query heads"
             )
+        if self.attn_bias and self.family != "llama":
+            raise ValueError("attn_bias applies to the llama family (GPT blocks always have biases); unset it")
         if self.head_dim % 2 and self.family == "llama":
             raise ValueError(f"RoPE needs an even head dimension, got d_model/n_head = {self.head_dim}")
         return self

@@ -166,6 +166,10 @@ class LlamaBlock(Stage):
         p["q.weight"] = ParamSpec((d, d), "normal", True)
         p["k.weight"] = ParamSpec((kvd, d), "normal", True)
         p["v.weight"] = ParamSpec((kvd, d), "normal", True)
+        if cfg.attn_bias:  # Qwen2-style Q/K/V biases
+            p["q.bias"] = ParamSpec((d,), "zeros", False)
+            p["k.bias"] = ParamSpec((kvd,), "zeros", False)
+            p["v.bias"] = ParamSpec((kvd,), "zeros", False)
         p["o.weight"] = ParamSpec((d, d), "normal_resid", True)
         p["mlp_norm.weight"] = ParamSpec((d,), "ones", False)
         p["gate.weight"] = ParamSpec((f, d), "normal", True)
@@ -175,7 +179,7 @@ class LlamaBlock(Stage):
 
     @property
     def matmul_params(self) -> int:
-        return sum(s.numel for k, s in self.params.items() if not k.endswith("norm.weight"))
+        return sum(s.numel for k, s in self.params.items() if k.endswith(".weight") and not k.endswith("norm.weight"))
 
     def _tables(self, T: int, device: torch.device) -> tuple[Tensor, Tensor]:
         key = (T, str(device))
@@ -189,9 +193,9 @@ class LlamaBlock(Stage):
         hd = cfg.head_dim
         lin = acts.linear if acts is not None else _linear
         h = rms_norm(x, params["attn_norm.weight"], cfg.norm_eps)
-        q = lin("qkv", h, params["q.weight"]).view(B, T, cfg.n_head, hd).transpose(1, 2)
-        k = lin("qkv", h, params["k.weight"]).view(B, T, cfg.kv_heads, hd).transpose(1, 2)
-        v = lin("qkv", h, params["v.weight"]).view(B, T, cfg.kv_heads, hd).transpose(1, 2)
+        q = lin("qkv", h, params["q.weight"], params.get("q.bias")).view(B, T, cfg.n_head, hd).transpose(1, 2)
+        k = lin("qkv", h, params["k.weight"], params.get("k.bias")).view(B, T, cfg.kv_heads, hd).transpose(1, 2)
+        v = lin("qkv", h, params["v.weight"], params.get("v.bias")).view(B, T, cfg.kv_heads, hd).transpose(1, 2)
         cos, sin = self._tables(T, x.device)
         a = causal_attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)
         x = x + lin("proj", a.transpose(1, 2).reshape(B, T, D), params["o.weight"])

@@ -1,0 +1,86 @@
+"""``fuyou export RUN_DIR --out HF_DIR``: a run's weights as a Hugging Face model directory.
+
+Reads ``RUN_DIR/model.safetensors`` (the fp32 master weights, which the engine streams out of the SSD
+store at the end of training) one tensor at a time and writes shards in Hugging Face's names and
+layout: ``model.safetensors`` when one shard holds everything, else ``model-0000i-of-0000N.safetensors``
+with ``model.safetensors.index.json``. Memory is bounded by one shard. ``config.json`` comes from the
+config the run started from (``model.init_from``, followed through earlier runs) with the shape fields
+and dtype updated, or is written fresh for a model trained from scratch; the tokenizer and other small
+files of that source are copied. ``transformers.AutoModelForCausalLM.from_pretrained(HF_DIR)`` loads it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from fuyou.errors import ConfigError
+from fuyou.hf.config_map import to_hf
+from fuyou.hf.source import copy_small_files, hf_files_dir, read_json
+from fuyou.hf.weights import FuyouWeights, hf_name
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def export_run(run_dir: str | Path, out_dir: str | Path, dtype: str = "fp32",
+               shard_size: int = 2 * 1024**3) -> list[str]:
+    """Export ``run_dir`` to ``out_dir`` (module docstring). Returns the names of the files written."""
+    from safetensors.torch import save_file
+
+    from fuyou.models import ModelConfig, StageModel
+
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    if shard_size < 1:
+        raise ConfigError(f"--shard-size must be positive, got {shard_size}")
+    run = Path(run_dir).expanduser()
+    weights_file = run / "model.safetensors"
+    if not weights_file.is_file():
+        raise ConfigError(f"{run} has no model.safetensors; export a finished run (run.save_weights=true) or a "
+                          f"directory made by `fuyou import`")
+    out = Path(out_dir).expanduser()
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"{out} exists and is not empty; choose a new --out directory")
+    weights = FuyouWeights(weights_file)
+    model = ModelConfig(**{k: v for k, v in weights.model.items() if k not in ("init_from", "preset")})
+    specs = StageModel(model).param_specs()
+
+    # Plan the shards from the shapes, so each name carries the shard count before anything is written.
+    size = DTYPES[dtype].itemsize
+    shards: list[list[str]] = [[]]
+    used = 0
+    for key, spec in specs.items():
+        n = spec.numel * size
+        if shards[-1] and used + n > shard_size:
+            shards.append([])
+            used = 0
+        shards[-1].append(key)
+        used += n
+    names = ["model.safetensors"] if len(shards) == 1 else \
+        [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+
+    meta_dir = hf_files_dir(run)
+    template = read_json(meta_dir / "config.json") if meta_dir is not None else None
+    out.mkdir(parents=True, exist_ok=True)
+    written = copy_small_files(meta_dir, out, skip=("config.json",)) if meta_dir is not None else []
+    weight_map: dict[str, str] = {}
+    for keys, name in zip(shards, names):
+        tensors = {}
+        for key in keys:
+            hf_key, transposed = hf_name(key, model.family)
+            t = weights.tensor(key, specs[key].shape)
+            tensors[hf_key] = (t.t() if transposed else t).to(DTYPES[dtype]).contiguous()
+            weight_map[hf_key] = name
+        save_file(tensors, str(out / name), metadata={"format": "pt"})
+        del tensors
+    written += names
+    if len(shards) > 1:
+        total = sum(math.prod(s.shape) * size for s in specs.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        written.append("model.safetensors.index.json")
+    (out / "config.json").write_text(json.dumps(to_hf(model, dtype, template), indent=2, sort_keys=True) + "\n")
+    return written + ["config.json"]

@@ -1,0 +1,43 @@
+"""``fuyou import HF_DIR --out RUN_DIR``: a Hugging Face model as a fuyou run directory to train from.
+
+Writes ``RUN_DIR/model.safetensors`` (fp32, fuyou's names, streamed one tensor at a time: peak memory
+is a few copies of the largest tensor, not the model), ``RUN_DIR/hf/`` (the source's config.json,
+tokenizer and other small files, for data preparation and export) and ``RUN_DIR/config.toml`` (the
+resolved config with ``model.init_from = RUN_DIR``), so ``fuyou train --config RUN_DIR/config.toml``
+starts from the imported weights. The SSD training state (master weights, Adam moments at zero) is
+built from these weights when training starts; resuming an SSD state is not implemented yet.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from fuyou.errors import ConfigError
+from fuyou.hf.source import HF_META, copy_small_files, open_checkpoint
+
+
+def import_checkpoint(hf_dir: str | Path, out_dir: str | Path) -> Path:
+    """Convert ``hf_dir`` into the run directory ``out_dir`` (module docstring); returns ``out_dir``."""
+    from fuyou.config import load_config, to_toml
+    from fuyou.models import ModelConfig, StageModel
+    from fuyou.train.run import write_safetensors
+
+    src = Path(hf_dir).expanduser()
+    if not (src / "config.json").is_file():
+        raise ConfigError(f"{src} is not a Hugging Face model directory (no config.json); `fuyou import` reads "
+                          f"a local directory with config.json, *.safetensors and tokenizer files")
+    ckpt = open_checkpoint(src)  # refuses unsupported architectures and missing weights
+    out = Path(out_dir).expanduser()
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"{out} exists and is not empty; choose a new --out directory")
+    model_cfg = ModelConfig(**ckpt.fields)
+    specs = StageModel(model_cfg).param_specs()
+    out.mkdir(parents=True, exist_ok=True)
+    copy_small_files(src, out / HF_META)
+    tensors = (ckpt.weights.tensor(key, spec.shape) for key, spec in specs.items())
+    write_safetensors(out / "model.safetensors", {k: s.shape for k, s in specs.items()}, tensors,
+                      {"fuyou_model": json.dumps(model_cfg.model_dump()), "fuyou_source": str(src.resolve())})
+    cfg = load_config(flags={"model.init_from": str(out.resolve())})
+    (out / "config.toml").write_text(to_toml(cfg))
+    return out

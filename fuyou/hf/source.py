@@ -1,0 +1,122 @@
+"""``model.init_from``: what a path holds, the model shape it implies, and where its tokenizer is.
+
+Two kinds of source:
+
+- a **Hugging Face model directory**: ``config.json``, ``*.safetensors`` (optionally sharded with
+  ``model.safetensors.index.json``) and tokenizer files;
+- a **fuyou run directory**: ``config.toml`` and ``model.safetensors`` in fuyou's names, as written
+  at the end of training or by ``fuyou import`` (which also keeps the source's small files, config
+  and tokenizer, in ``hf/``).
+
+A fuyou run started from another one records it in ``model.init_from``, so the Hugging Face files of
+a run are found by following that chain (``hf_files_dir``); export and the tokenizer use them.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from fuyou.errors import ConfigError
+from fuyou.hf.config_map import SHAPE_FIELDS, SUPPORTED_TEXT, to_fuyou
+from fuyou.hf.weights import WEIGHT_SUFFIXES, FuyouWeights, HFWeights
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+HF_META = "hf"  # the subdirectory of a fuyou run directory holding the source's config and tokenizer
+
+
+class Checkpoint:
+    """A resolved ``init_from``: the model fields it fixes and a reader of its weights."""
+
+    def __init__(self, path: Path, fields: dict[str, Any], weights: HFWeights | FuyouWeights):
+        self.path, self.fields, self.weights = path, fields, weights
+
+    def init_values(self, stage):
+        """``init_values(stage) -> {global key: fp32 tensor}`` for the trainers."""
+        return self.weights.init_values(stage)
+
+
+def open_checkpoint(path: str | Path) -> Checkpoint:
+    """Resolve ``path`` (see the module docstring) or raise a ConfigError saying what is missing."""
+    p = Path(path).expanduser()
+    expected = ("give a local Hugging Face model directory (config.json, *.safetensors, tokenizer files) or a "
+                "fuyou run directory (config.toml, model.safetensors)")
+    if not p.exists():
+        raise ConfigError(f"{p} does not exist; {expected}")
+    if not p.is_dir():
+        raise ConfigError(f"{p} is not a directory; {expected}")
+    if (p / "config.json").is_file():
+        hf = read_json(p / "config.json")
+        fields = to_fuyou(hf, str(p / "config.json"))
+        return Checkpoint(p, fields, HFWeights(p, fields["family"]))
+    if (p / "model.safetensors").is_file():
+        w = FuyouWeights(p / "model.safetensors")
+        return Checkpoint(p, {k: w.model[k] for k in SHAPE_FIELDS if k in w.model}, w)
+    if any(f.suffix in WEIGHT_SUFFIXES for f in p.iterdir()):
+        raise ConfigError(f"{p} has weights but no config.json; a Hugging Face model directory needs its "
+                          f"config.json (fuyou imports {SUPPORTED_TEXT})")
+    raise ConfigError(f"{p} holds no model; {expected}")
+
+
+def checkpoint_model_fields(data: dict[str, Any]) -> dict[str, Any]:
+    """``ModelConfig``'s before-validator: the checkpoint's shape fields win over the preset and the
+    fields given; a note on stderr lists the values that changed."""
+    path = Path(data["init_from"]).expanduser().resolve()
+    fields = open_checkpoint(path).fields
+    changed = [f"{k} {data[k]!r} -> {v!r}" for k, v in fields.items() if k in data and data[k] != v]
+    if data.get("preset"):
+        changed.insert(0, f"preset {data['preset']!r} ignored")
+    if changed:
+        print(f"fuyou: note: model.init_from={path} sets the model's shape: {', '.join(changed)}", file=sys.stderr)
+    return {**data, **fields, "preset": None, "init_from": str(path)}
+
+
+def hf_files_dir(path: str | Path, _depth: int = 0) -> Path | None:
+    """The directory with the Hugging Face config and tokenizer files behind ``path``, if any."""
+    p = Path(path).expanduser()
+    if (p / "config.json").is_file():
+        return p
+    if (p / HF_META / "config.json").is_file():
+        return p / HF_META
+    if (p / "config.toml").is_file() and _depth < 16:
+        from fuyou.config import tomllib
+
+        try:
+            parent = tomllib.loads((p / "config.toml").read_text()).get("model", {}).get("init_from")
+        except (tomllib.TOMLDecodeError, OSError):
+            return None
+        if parent and Path(parent).resolve() != p.resolve():
+            return hf_files_dir(parent, _depth + 1)
+    return None
+
+
+def tokenizer_dir(path: str | Path) -> Path | None:
+    """The Hugging Face tokenizer behind ``path`` (see ``hf_files_dir``), if it has one."""
+    d = hf_files_dir(path)
+    return d if d is not None and any((d / f).is_file() for f in TOKENIZER_FILES) else None
+
+
+def copy_small_files(src: Path, dst: Path, skip: tuple[str, ...] = ()) -> list[str]:
+    """Copy every file of ``src`` that is not a weight file (config, tokenizer, generation config,
+    licence, chat template) into ``dst``; return their names."""
+    dst.mkdir(parents=True, exist_ok=True)
+    names = []
+    for f in sorted(src.iterdir()):
+        if f.is_file() and f.suffix not in WEIGHT_SUFFIXES and not f.name.endswith(".index.json") \
+                and f.name not in skip:
+            shutil.copy2(f, dst / f.name)
+            names.append(f.name)
+    return names
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        out = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot read {path} as JSON: {e}") from e
+    if not isinstance(out, dict):
+        raise ConfigError(f"{path} is not a JSON object; is it a Hugging Face config.json?")
+    return out

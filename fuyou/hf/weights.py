@@ -1,0 +1,157 @@
+"""Checkpoint weights, read one tensor at a time: fuyou's names <-> Hugging Face's, and two readers.
+
+``hf_name(key, family)`` maps a fuyou parameter (``"block.3.q.weight"``) to its Hugging Face name
+(``"model.layers.3.self_attn.q_proj.weight"``) and says whether the layout is transposed: GPT-2 keeps
+its matmul weights as ``Conv1D`` (in x out), fuyou as ``nn.Linear`` (out x in). GPT-2's ``c_attn`` is
+already q|k|v by rows after the transpose, as fuyou's ``qkv``. Llama checkpoints in transformers'
+format hold Q/K in the half-split RoPE layout fuyou uses, so they are copied as they are.
+
+Readers memory-map the safetensors files (``safe_open``) and copy out one tensor per call, so reading
+a model costs about one tensor of memory beyond what the caller keeps (the engine keeps one stage).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from fuyou.errors import ConfigError, DataError
+
+_LLAMA_BLOCK = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "q.weight": "self_attn.q_proj.weight", "q.bias": "self_attn.q_proj.bias",
+    "k.weight": "self_attn.k_proj.weight", "k.bias": "self_attn.k_proj.bias",
+    "v.weight": "self_attn.v_proj.weight", "v.bias": "self_attn.v_proj.bias",
+    "o.weight": "self_attn.o_proj.weight",
+    "mlp_norm.weight": "post_attention_layernorm.weight",
+    "gate.weight": "mlp.gate_proj.weight", "up.weight": "mlp.up_proj.weight", "down.weight": "mlp.down_proj.weight",
+}
+_LLAMA_TOP = {"embed.wte": "model.embed_tokens.weight", "head.norm.weight": "model.norm.weight",
+              "head.lm_head.weight": "lm_head.weight"}
+_GPT_BLOCK = {
+    "ln1.weight": "ln_1.weight", "ln1.bias": "ln_1.bias",
+    "qkv.weight": "attn.c_attn.weight", "qkv.bias": "attn.c_attn.bias",
+    "proj.weight": "attn.c_proj.weight", "proj.bias": "attn.c_proj.bias",
+    "ln2.weight": "ln_2.weight", "ln2.bias": "ln_2.bias",
+    "fc1.weight": "mlp.c_fc.weight", "fc1.bias": "mlp.c_fc.bias",
+    "fc2.weight": "mlp.c_proj.weight", "fc2.bias": "mlp.c_proj.bias",
+}
+_GPT_TOP = {"embed.wte": "transformer.wte.weight", "embed.wpe": "transformer.wpe.weight",
+            "head.norm.weight": "transformer.ln_f.weight", "head.norm.bias": "transformer.ln_f.bias",
+            "head.lm_head.weight": "lm_head.weight"}
+_GPT_CONV1D = {"qkv.weight", "proj.weight", "fc1.weight", "fc2.weight"}
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
+
+
+def hf_name(key: str, family: str) -> tuple[str, bool]:
+    """(Hugging Face name, transposed?) of fuyou parameter ``key``."""
+    stage, _, rest = key.partition(".")
+    if stage == "block":
+        layer, _, local = rest.partition(".")
+        if family == "gpt":
+            return f"transformer.h.{layer}.{_GPT_BLOCK[local]}", local in _GPT_CONV1D
+        return f"model.layers.{layer}.{_LLAMA_BLOCK[local]}", False
+    return (_GPT_TOP if family == "gpt" else _LLAMA_TOP)[key], False
+
+
+def _get(file: Path, name: str) -> Tensor:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return f.get_tensor(name)
+    except (SafetensorError, OSError) as e:
+        raise DataError(f"cannot read tensor {name!r} from {file}: {e}; the file may be truncated or corrupt") from e
+
+
+def _keys(file: Path) -> tuple[list[str], dict[str, str]]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return list(f.keys()), f.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        raise DataError(f"cannot read {file} as safetensors: {e}; the file may be truncated or corrupt") from e
+
+
+class _Reader:
+    """Shared by both checkpoint kinds: ``tensor`` and ``init_values`` over a key -> file index."""
+
+    index: dict[str, Path]
+    family: str
+
+    def _locate(self, key: str) -> tuple[Path, str, bool]:
+        raise NotImplementedError
+
+    def tensor(self, key: str, shape: tuple[int, ...]) -> Tensor:
+        """fuyou parameter ``key`` as a contiguous fp32 tensor of ``shape`` (checked)."""
+        file, name, transposed = self._locate(key)
+        t = _get(file, name)
+        if transposed:
+            t = t.t()
+        if tuple(t.shape) != tuple(shape):
+            raise DataError(f"{file}: tensor {name!r} has shape {tuple(t.shape)}, the model config says "
+                            f"{tuple(shape)}; the weights do not belong to this config")
+        return t.to(torch.float32).contiguous()
+
+    def init_values(self, stage) -> dict[str, Tensor]:
+        """The trainers' ``init_values(stage)``: the stage's owned parameters, by global key."""
+        return {stage.key(local): self.tensor(stage.key(local), spec.shape) for local, spec in stage.params.items()}
+
+
+class HFWeights(_Reader):
+    """The safetensors weights of a Hugging Face model directory (sharded or single-file)."""
+
+    def __init__(self, path: Path, family: str):
+        self.path, self.family = path, family
+        index_file = path / "model.safetensors.index.json"
+        if index_file.is_file():
+            try:
+                weight_map = json.loads(index_file.read_text())["weight_map"]
+            except (ValueError, KeyError) as e:
+                raise DataError(f"{index_file} is not a safetensors index (no weight_map): {e}") from e
+            self.index = {name: path / file for name, file in weight_map.items()}
+            for f in set(self.index.values()):
+                if not f.is_file():
+                    raise ConfigError(f"{index_file} lists {f.name}, which is missing; download the complete model")
+            return
+        files = sorted(path.glob("*.safetensors"))
+        if not files:
+            others = sorted(p.name for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES)
+            hint = (f" (found only {', '.join(others[:4])}: convert them with transformers: "
+                    f"AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(DIR, safe_serialization=True))"
+                    if others else "")
+            raise ConfigError(f"{path} has no *.safetensors weights{hint}; fuyou reads safetensors only")
+        self.index = {name: f for f in files for name in _keys(f)[0]}
+
+    def _locate(self, key):
+        name, transposed = hf_name(key, self.family)
+        if name not in self.index and name.startswith("transformer."):  # GPT-2 saved without the prefix
+            name = name.removeprefix("transformer.")
+        if name not in self.index:
+            raise DataError(f"{self.path}: the checkpoint has no tensor {hf_name(key, self.family)[0]!r} "
+                            f"(fuyou's {key}); the weights are incomplete or of another architecture")
+        return self.index[name], name, transposed
+
+
+class FuyouWeights(_Reader):
+    """A fuyou ``model.safetensors`` (fuyou's parameter names, fp32, the model config in the metadata)."""
+
+    def __init__(self, file: Path):
+        self.path = file
+        keys, meta = _keys(file)
+        if "fuyou_model" not in meta:
+            raise ConfigError(f"{file} was not written by fuyou (no fuyou_model metadata) and {file.parent} has no "
+                              f"config.json: a Hugging Face model directory needs its config.json, a fuyou run "
+                              f"directory the model.safetensors fuyou wrote")
+        self.model = json.loads(meta["fuyou_model"])
+        self.family = self.model["family"]
+        self.index = {k: file for k in keys}
+
+    def _locate(self, key):
+        if key not in self.index:
+            raise DataError(f"{self.path} has no tensor {key!r}; the weights do not belong to this config")
+        return self.path, key, False

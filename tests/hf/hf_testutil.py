@@ -1,0 +1,104 @@
+"""Tiny random Hugging Face models made on the spot (nothing downloaded), and logits on both sides."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from fuyou.data.corpus import builtin_documents
+from fuyou.hf.weights import FuyouWeights
+from fuyou.models import ModelConfig, StageModel
+
+VOCAB = 320  # the tokenizer below has 300 tokens; the models pad to 320 like fuyou's byte models
+
+
+def hf_config(kind: str):
+    """A tiny config of each supported kind: Llama with GQA (untied), Qwen2 (Q/K/V biases, tied),
+    Mistral without a sliding window, GPT-2 (tied)."""
+    import transformers as tf
+
+    llama_shape = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6,
+                       bos_token_id=None, eos_token_id=299)
+    if kind == "llama":
+        return tf.LlamaConfig(**llama_shape, tie_word_embeddings=False, rope_theta=5000.0)
+    if kind == "qwen2":
+        return tf.Qwen2Config(**llama_shape, tie_word_embeddings=True)
+    if kind == "mistral":
+        return tf.MistralConfig(**llama_shape, sliding_window=None)
+    if kind == "gpt2":
+        return tf.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64,
+                             bos_token_id=299, eos_token_id=299)
+    raise ValueError(kind)
+
+
+def make_hf_model(path: Path, kind: str, tokenizer: bool = True) -> Path:
+    """Save a random ``kind`` model (every weight perturbed, so biases and norms are not 0/1) with
+    safetensors, and a byte-level BPE tokenizer trained on a few builtin documents."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(hf_config(kind)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.save_pretrained(path, safe_serialization=True)
+    if tokenizer:
+        make_tokenizer(path)
+    return path
+
+
+def make_tokenizer(path: Path) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(builtin_documents()[:20], trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>").save_pretrained(path)
+
+
+def load_hf(path: Path):
+    """``AutoModelForCausalLM.from_pretrained`` in fp32 (the keyword is ``dtype`` from transformers 4.56)."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    key = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+    return AutoModelForCausalLM.from_pretrained(str(path), **{key: torch.float32}).eval()
+
+
+@torch.no_grad()
+def hf_logits(path: Path, tokens: torch.Tensor) -> torch.Tensor:
+    return load_hf(path)(tokens).logits.float()
+
+
+def fuyou_weights(file: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """The model config and fp32 weights of a fuyou ``model.safetensors``."""
+    w = FuyouWeights(file)
+    cfg = ModelConfig(**{k: v for k, v in w.model.items() if k not in ("init_from", "preset")})
+    return cfg, {k: w.tensor(k, s.shape) for k, s in StageModel(cfg).param_specs().items()}
+
+
+@torch.no_grad()
+def fuyou_logits(file: Path, tokens: torch.Tensor) -> torch.Tensor:
+    cfg, params = fuyou_weights(file)
+    return StageModel(cfg).logits(params, tokens)
+
+
+def write_corpus(path: Path) -> Path:
+    path.write_text("\n\n".join(builtin_documents()[20:40]))
+    return path
+
+
+def tokens(n: int = 2, t: int = 24) -> torch.Tensor:
+    return torch.randint(0, 300, (n, t), generator=torch.Generator().manual_seed(1))
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text())

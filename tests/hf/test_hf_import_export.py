@@ -1,0 +1,146 @@
+"""Hugging Face round trips: import -> logits equal transformers'; fine-tune; export -> transformers
+loads it and its logits equal fuyou's. Tiny random models made in the test, nothing downloaded."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+pytest.importorskip("transformers")
+pytest.importorskip("tokenizers")
+
+from hf_testutil import (fuyou_logits, fuyou_weights, hf_logits, make_hf_model, read_json, tokens,  # noqa: E402
+                         write_corpus)
+
+from fuyou.cli import main  # noqa: E402
+from fuyou.config import load_config  # noqa: E402
+from fuyou.hf import export_run, import_checkpoint, open_checkpoint  # noqa: E402
+from fuyou.models import ModelConfig, StageModel, preset  # noqa: E402
+from fuyou.train.run import write_safetensors  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def hf_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf")
+    return {kind: make_hf_model(root / kind, kind) for kind in ("llama", "qwen2", "mistral", "gpt2")}
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral", "gpt2"])
+def test_import_gives_transformers_logits(hf_models, tmp_path, kind):
+    run = import_checkpoint(hf_models[kind], tmp_path / "run")
+    x = tokens()
+    torch.testing.assert_close(fuyou_logits(run / "model.safetensors", x), hf_logits(hf_models[kind], x),
+                               rtol=0, atol=1e-4)
+    # The run directory trains from itself, with the model's tokenizer.
+    cfg = load_config(run / "config.toml")
+    assert cfg.model.init_from == str(run.resolve()) and cfg.data.tokenizer == str((run / "hf").resolve())
+    assert (run / "hf" / "tokenizer.json").is_file() and not list((run / "hf").glob("*.safetensors"))
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_streamed_init_values_equal_the_imported_weights(hf_models, tmp_path, kind):
+    # What `fuyou train --init-from HF_DIR` streams per stage is what `fuyou import` writes.
+    run = import_checkpoint(hf_models[kind], tmp_path / "run")
+    cfg, imported = fuyou_weights(run / "model.safetensors")
+    ckpt = open_checkpoint(hf_models[kind])
+    assert ckpt.fields == {k: v for k, v in cfg.model_dump().items() if k in ckpt.fields}
+    for stage in StageModel(cfg):
+        for k, v in ckpt.init_values(stage).items():
+            assert v.dtype == torch.float32 and torch.equal(v, imported[k]), k
+
+
+def _train(tmp_path, init: list[str], offload: bool) -> "Path":  # noqa: F821
+    ssd = tmp_path / "ssd"
+    ssd.mkdir(exist_ok=True)
+    args = ["train", *init, "--out", str(tmp_path / "runs"), "--steps", "3", "run.name=r", "train.precision=fp32",
+            "data.source=text", f"data.path={write_corpus(tmp_path / 'corpus.txt')}", "data.seq_len=16",
+            "train.micro_batch_size=2", "train.eval_batches=1", "train.warmup_steps=1", "train.eval_every=0",
+            "train.grad_clip=none"]
+    if offload:
+        args += ["--offload", "ssd", "--ssd", str(ssd), "offload.cpu_mem=256MiB"]
+    assert main(args) == 0
+    return tmp_path / "runs" / "r"
+
+
+@pytest.mark.parametrize("kind,offload", [("llama", False), ("llama", True), ("qwen2", True)])
+def test_finetune_from_hf_dir_then_export(hf_models, tmp_path, kind, offload):
+    src = hf_models[kind]
+    run = _train(tmp_path, ["--init-from", str(src)], offload)
+    cfg = load_config(run / "config.toml")
+    assert cfg.data.tokenizer == str(src.resolve())  # the model's tokenizer, chosen automatically
+
+    # Training started from the Hugging Face weights and moved them a little (3 Adam steps of <= lr).
+    _, start = fuyou_weights(import_checkpoint(src, tmp_path / "imported") / "model.safetensors")
+    _, trained = fuyou_weights(run / "model.safetensors")
+    moved = max(float((trained[k] - start[k]).abs().max()) for k in start)
+    assert 0 < moved < 0.01
+
+    out = tmp_path / "export"
+    assert main(["export", str(run), "--out", str(out)]) == 0
+    x = tokens()
+    torch.testing.assert_close(hf_logits(out, x), fuyou_logits(run / "model.safetensors", x), rtol=0, atol=1e-4)
+    assert read_json(out / "config.json")["architectures"] == read_json(src / "config.json")["architectures"]
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(str(out)).encode("def f(x):") == \
+        AutoTokenizer.from_pretrained(str(src)).encode("def f(x):")
+
+
+def test_import_then_train_from_its_config_then_export(hf_models, tmp_path, capsys):
+    # GPT-2 (Conv1D layout, tied head): fuyou import -> fuyou train --config -> fuyou export.
+    src = hf_models["gpt2"]
+    imported = tmp_path / "imported"
+    assert main(["import", str(src), "--out", str(imported)]) == 0
+    run = _train(tmp_path, ["--config", str(imported / "config.toml")], offload=True)
+    out = tmp_path / "export"
+    assert main(["export", str(run), "--out", str(out), "--dtype", "bf16", "--shard-size", "40KiB"]) == 0
+    index = read_json(out / "model.safetensors.index.json")
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and "lm_head.weight" not in index["weight_map"]  # tied: transformers ties it
+    with safe_open(str(out / shards[0]), framework="pt") as f:
+        assert all(f.get_tensor(k).dtype == torch.bfloat16 for k in f.keys())
+    assert (out / "tokenizer.json").is_file()  # found through the run's init_from chain
+    # Reloaded in fp32: fuyou's logits with the weights rounded to bf16.
+    cfg, params = fuyou_weights(run / "model.safetensors")
+    x = tokens()
+    ours = StageModel(cfg).logits({k: v.bfloat16().float() for k, v in params.items()}, x)
+    torch.testing.assert_close(hf_logits(out, x), ours, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("name,update", [
+    ("gpt-test", {}), ("llama-test", {}), ("llama-test", {"attn_bias": True, "tie_embeddings": True}),
+])
+def test_export_of_a_model_trained_from_scratch(tmp_path, name, update):
+    # No Hugging Face source: config.json is written from the model config (attn_bias -> Qwen2).
+    cfg = ModelConfig(**{**preset(name), **update})
+    model = StageModel(cfg)
+    params = {k: v + 0.01 * torch.randn_like(v) for k, v in model.init_params(seed=5).items()}
+    run = tmp_path / "run"
+    run.mkdir()
+    write_safetensors(run / "model.safetensors", {k: s.shape for k, s in model.param_specs().items()},
+                      (params[k] for k in model.param_specs()), {"fuyou_model": json.dumps(cfg.model_dump())})
+    files = export_run(run, tmp_path / "out")
+    assert "model.safetensors" in files and not (tmp_path / "out" / "tokenizer.json").exists()
+    x = tokens(t=16)
+    torch.testing.assert_close(hf_logits(tmp_path / "out", x), model.logits(params, x), rtol=0, atol=1e-4)
+    if cfg.attn_bias:
+        assert read_json(tmp_path / "out" / "config.json")["architectures"] == ["Qwen2ForCausalLM"]
+
+
+def test_gpt2_checkpoint_without_the_transformer_prefix(hf_models, tmp_path):
+    # The Hub's original gpt2 weights are named "h.0.attn.c_attn.weight", "wte.weight", ...
+    from safetensors.torch import load_file, save_file
+
+    src = tmp_path / "gpt2"
+    src.mkdir()
+    for f in hf_models["gpt2"].iterdir():
+        if f.suffix != ".safetensors":
+            (src / f.name).write_bytes(f.read_bytes())
+    tensors = load_file(str(hf_models["gpt2"] / "model.safetensors"))
+    save_file({k.removeprefix("transformer."): v for k, v in tensors.items()}, str(src / "model.safetensors"),
+              metadata={"format": "pt"})
+    run = import_checkpoint(src, tmp_path / "run")
+    x = tokens()
+    torch.testing.assert_close(fuyou_logits(run / "model.safetensors", x), hf_logits(hf_models["gpt2"], x),
+                               rtol=0, atol=1e-4)
