@@ -2,9 +2,11 @@
 
 Writes then reads N bytes through ``TensorStore`` (pinned/aligned pool buffer, O_DIRECT), through fio
 (``--direct=1 --ioengine=libaio``, same block size, iodepth = the store's queue depth) and, when
-importable, DeepSpeed's ``aio_handle`` (page-locked buffer). Repetitions are interleaved (store, fio,
-deepspeed, store, ...) so drift on a shared machine hits every contender alike; the median is reported.
-GB/s are 1e9 bytes per second. Ratio = store / best peer.
+importable, DeepSpeed's ``aio_handle`` (page-locked buffer). Repetitions are interleaved and their order
+rotates (store, fio, deepspeed; fio, deepspeed, store; ...) so drift on a shared machine, and what the
+previous contender left the disk doing, hit every contender alike; the median is reported, with every
+repetition and the CPU seconds each contender spent per GB. GB/s are 1e9 bytes per second. Ratio =
+store / best peer.
 
     python bench/io_bench.py                          # CI smoke: 64 MiB, 3 reps
     flock /tmp/fuyou-bench.lock python bench/io_bench.py --size 4GiB --reps 5 --markdown bench/results_store.md
@@ -17,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -48,36 +51,103 @@ def machine_header(directory: Path, with_deepspeed: bool = True) -> str:
             f"directory {directory}: {fs[0] if fs else '?'}")
 
 
-def bench_store(d: Path, nbytes: int, cfg: StoreConfig, reps: int):
-    """Yields (write_seconds, read_seconds) per rep; data verified after every read."""
-    shutil.rmtree(d / "store", ignore_errors=True)
-    pool = PinnedPool(2 * nbytes + (1 << 20))
-    with TensorStore.create([d / "store"], cfg) as store, pool.acquire(nbytes) as src, pool.acquire(nbytes) as dst:
-        store.allocate("x", (nbytes,), torch.uint8)
+class Store:
+    """The store as a contender: one tensor of ``nbytes``, written from / read into pool buffers."""
+
+    name = "store"
+
+    def __init__(self, d: Path, nbytes: int, cfg: StoreConfig):
+        shutil.rmtree(d / "store", ignore_errors=True)
+        self.d, self.pool = d, PinnedPool(2 * nbytes + (1 << 20))
+        self.src, self.dst = self.pool.acquire(nbytes), self.pool.acquire(nbytes)
         tile = torch.randint(0, 256, (min(nbytes, 64 << 20),), dtype=torch.uint8)
         for o in range(0, nbytes, tile.numel()):  # random 64 MiB tile repeated: cheap to make at 4 GiB
-            src.tensor[o:o + tile.numel()] = tile[:nbytes - o]
-        store.write_from("x", src.tensor).result()  # untimed: converts the fallocated extent to written
-        for _ in range(reps):
-            t = time.perf_counter()
-            store.write_from("x", src.tensor).result()
-            tw = time.perf_counter() - t
-            t = time.perf_counter()
-            store.read_into("x", dst.tensor).result()
-            tr = time.perf_counter() - t
-            if not torch.equal(src.tensor, dst.tensor):
-                raise RuntimeError("store benchmark read back different data")
-            yield tw, tr
-    shutil.rmtree(d / "store", ignore_errors=True)
+            self.src.tensor[o:o + tile.numel()] = tile[:nbytes - o]
+        self.store = TensorStore.create([d / "store"], cfg)
+        self.store.allocate("x", (nbytes,), torch.uint8)
+        self.write()  # untimed: converts the fallocated extent to written
+
+    def write(self) -> None:
+        self.store.write_from("x", self.src.tensor).result()
+
+    def read(self) -> None:
+        self.store.read_into("x", self.dst.tensor).result()
+
+    def before_read(self) -> None:  # untimed: the read must really fill the buffer
+        self.dst.tensor.zero_()
+
+    def check(self) -> None:
+        if not torch.equal(self.src.tensor, self.dst.tensor):
+            raise RuntimeError("store benchmark read back different data")
+
+    def close(self) -> None:
+        self.store.close()
+        self.src.release()
+        self.dst.release()
+        shutil.rmtree(self.d / "store", ignore_errors=True)
 
 
-def fio_rate(d: Path, nbytes: int, bs: int, qd: int, rw: str) -> float:
-    out = subprocess.run(
-        ["fio", "--name=io_bench", f"--filename={d / 'fio.dat'}", f"--size={nbytes}", f"--bs={bs}",
-         f"--iodepth={qd}", f"--rw={rw}", "--direct=1", "--ioengine=libaio", "--numjobs=1",
-         "--output-format=json"], capture_output=True, text=True, check=True).stdout
-    job = json.loads(out[out.index("{"):])["jobs"][0]
-    return job["write" if rw == "write" else "read"]["bw_bytes"] / 1e9
+class Fio:
+    """fio as a contender; its own bandwidth figure is used, not our wall clock around the process."""
+
+    name = "fio"
+
+    def __init__(self, d: Path, nbytes: int, bs: int, qd: int):
+        self.d, self.nbytes, self.bs, self.qd = d, nbytes, bs, qd
+        self.rate("write")  # untimed layout
+
+    def rate(self, rw: str) -> float:
+        out = subprocess.run(
+            ["fio", "--name=io_bench", f"--filename={self.d / 'fio.dat'}", f"--size={self.nbytes}", f"--bs={self.bs}",
+             f"--iodepth={self.qd}", f"--rw={rw}", "--direct=1", "--ioengine=libaio", "--numjobs=1",
+             "--output-format=json"], capture_output=True, text=True, check=True).stdout
+        job = json.loads(out[out.index("{"):])["jobs"][0]
+        return job["write" if rw == "write" else "read"]["bw_bytes"] / 1e9
+
+    def before_read(self) -> None:
+        pass
+
+    def check(self) -> None:
+        pass
+
+    def close(self) -> None:
+        (self.d / "fio.dat").unlink(missing_ok=True)
+
+
+class DeepSpeed:
+    """DeepSpeed's libaio ``aio_handle`` with a page-locked buffer, data checked after every read."""
+
+    name = "ds"
+
+    def __init__(self, handle, d: Path, nbytes: int):
+        self.h, self.path, self.nbytes = handle, str(d / "ds.dat"), nbytes
+        self.buf = handle.new_cpu_locked_tensor(nbytes, torch.empty(0, dtype=torch.uint8))
+        self.ref = torch.randint(0, 256, (min(nbytes, 64 << 20),), dtype=torch.uint8)
+        for o in range(0, nbytes, self.ref.numel()):
+            self.buf[o:o + self.ref.numel()] = self.ref[:nbytes - o]
+        self.write()  # untimed: allocates the file's extents
+
+    def _io(self, fn) -> None:
+        if fn(self.buf, self.path) != 1:  # it returns the number of completed ops
+            raise RuntimeError(f"deepspeed aio_handle {fn.__name__} on {self.path} failed")
+
+    def write(self) -> None:
+        self._io(self.h.sync_pwrite)
+
+    def read(self) -> None:
+        self._io(self.h.sync_pread)
+
+    def before_read(self) -> None:  # untimed: the read must really fill the buffer
+        self.buf.zero_()
+
+    def check(self) -> None:
+        for o in range(0, self.nbytes, self.ref.numel()):
+            if not torch.equal(self.buf[o:o + self.ref.numel()], self.ref[:self.nbytes - o]):
+                raise RuntimeError("deepspeed aio_handle read back different data")
+
+    def close(self) -> None:
+        self.h.free_cpu_locked_tensor(self.buf)
+        Path(self.path).unlink(missing_ok=True)
 
 
 def deepspeed_handle(bs: int, qd: int):
@@ -93,70 +163,74 @@ def deepspeed_handle(bs: int, qd: int):
         return None
 
 
-def ds_io(fn, buf: torch.Tensor, path: str) -> float:
-    """One timed synchronous aio_handle transfer; returns seconds. It returns 1 on success."""
-    t = time.perf_counter()
-    n = fn(buf, path)
-    dt = time.perf_counter() - t
-    if n != 1:
-        raise RuntimeError(f"deepspeed aio_handle {fn.__name__} on {path} returned {n}, expected 1")
-    return dt
+def _cpu_seconds() -> float:
+    """User + system CPU of this process and its waited-for children (fio) so far."""
+    a, b = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: argparse.Namespace) -> dict[str, list[float]]:
+    """Per-rep GB/s (``store_w`` ...) and CPU seconds per GB (``store_w_cpu`` ...) of every contender.
+
+    The order of the contenders rotates from one repetition to the next (store, fio, ds; fio, ds,
+    store; ...), so none always follows the same neighbour: on this virtio disk a write right after
+    another 4 GiB of writes or reads can be much slower, and a fixed order biased the ratio.
+    """
     d = Path(args.dir)
     d.mkdir(parents=True, exist_ok=True)
     nbytes, bs = parse_size(args.size), parse_size(args.block_size)
+    cb = parse_size(args.checksum_block)
     cfg = StoreConfig(block_size=bs, queue_depth=args.queue_depth, verify_checksums=args.verify,
-                      checksum_block=max(bs, 1 << 20) if bs >= (1 << 20) else bs, stripe_unit=max(64 << 20, bs))
-    res: dict[str, list[float]] = {k: [] for k in ("store_w", "store_r", "fio_w", "fio_r", "ds_w", "ds_r")}
-    use_fio = shutil.which("fio") is not None and not args.no_fio
-    if not use_fio:
+                      checksum_block=cb, stripe_unit=max(64 << 20, bs, cb))
+    contenders: list = [Store(d, nbytes, cfg)]
+    if shutil.which("fio") is not None and not args.no_fio:
+        contenders.append(Fio(d, nbytes, bs, args.queue_depth))
+    else:
         print("fio: skipped (not installed or --no-fio)")
-    ds = None if args.no_deepspeed else deepspeed_handle(bs, args.queue_depth)
-    if use_fio:
-        fio_rate(d, nbytes, bs, args.queue_depth, "write")  # untimed layout
-    if ds is not None:  # page-locked buffer, filled with random bytes, checked after every read
-        ds_buf = ds.new_cpu_locked_tensor(nbytes, torch.empty(0, dtype=torch.uint8))
-        ds_ref = torch.randint(0, 256, (min(nbytes, 64 << 20),), dtype=torch.uint8)
-        for o in range(0, nbytes, ds_ref.numel()):
-            ds_buf[o:o + ds_ref.numel()] = ds_ref[:nbytes - o]
-        ds_io(ds.sync_pwrite, ds_buf, str(d / "ds.dat"))  # untimed: allocates the file's extents
-    store_runs = bench_store(d, nbytes, cfg, args.reps)
-    for _ in range(args.reps):
-        tw, tr = next(store_runs)
-        res["store_w"].append(nbytes / tw / 1e9)
-        res["store_r"].append(nbytes / tr / 1e9)
-        if use_fio:
-            res["fio_w"].append(fio_rate(d, nbytes, bs, args.queue_depth, "write"))
-            res["fio_r"].append(fio_rate(d, nbytes, bs, args.queue_depth, "read"))
-        if ds is not None:
-            res["ds_w"].append(nbytes / ds_io(ds.sync_pwrite, ds_buf, str(d / "ds.dat")) / 1e9)
-            ds_buf.zero_()
-            res["ds_r"].append(nbytes / ds_io(ds.sync_pread, ds_buf, str(d / "ds.dat")) / 1e9)
-            for o in range(0, nbytes, ds_ref.numel()):
-                if not torch.equal(ds_buf[o:o + ds_ref.numel()], ds_ref[:nbytes - o]):
-                    raise RuntimeError("deepspeed aio_handle read back different data")
-    for _ in store_runs:  # let the generator clean up
-        pass
-    if ds is not None:
-        ds.free_cpu_locked_tensor(ds_buf)
-    for f in ("fio.dat", "ds.dat"):
-        (d / f).unlink(missing_ok=True)
-    return {k: statistics.median(v) for k, v in res.items() if v}
+    h = None if args.no_deepspeed else deepspeed_handle(bs, args.queue_depth)
+    if h is not None:
+        contenders.append(DeepSpeed(h, d, nbytes))
+    res: dict[str, list[float]] = {}
+    try:
+        for rep in range(args.reps):
+            k = rep % len(contenders)
+            for c in contenders[k:] + contenders[:k]:
+                for op in ("w", "r"):
+                    if op == "r":
+                        c.before_read()
+                    c0, t = _cpu_seconds(), time.perf_counter()
+                    if isinstance(c, Fio):
+                        rate = c.rate("write" if op == "w" else "read")
+                    else:
+                        c.write() if op == "w" else c.read()
+                        rate = nbytes / (time.perf_counter() - t) / 1e9
+                    res.setdefault(f"{c.name}_{op}", []).append(rate)
+                    res.setdefault(f"{c.name}_{op}_cpu", []).append((_cpu_seconds() - c0) / (nbytes / 1e9))
+                c.check()
+    finally:
+        for c in contenders:
+            c.close()
+    return res
 
 
-def report(med: dict, args: argparse.Namespace) -> str:
-    lines = ["| | write GB/s | read GB/s |", "|---|---|---|"]
+def report(res: dict[str, list[float]]) -> str:
+    """Markdown table of the medians, the store / best-peer ratios, and every repetition's GB/s."""
+    med = {k: statistics.median(v) for k, v in res.items()}
+    lines = ["| | write GB/s | read GB/s | write CPU s/GB | read CPU s/GB |", "|---|---|---|---|---|"]
     names = {"store": "fuyou TensorStore (threads, pinned)", "fio": "fio libaio O_DIRECT", "ds": "DeepSpeed aio_handle"}
     for k, name in names.items():
         if f"{k}_w" in med:
-            lines.append(f"| {name} | {med[k + '_w']:.2f} | {med[k + '_r']:.2f} |")
+            lines.append(f"| {name} | {med[k + '_w']:.2f} | {med[k + '_r']:.2f} | {med[k + '_w_cpu']:.3f} "
+                         f"| {med[k + '_r_cpu']:.3f} |")
     for op, col in (("w", "write"), ("r", "read")):
         peers = [med[f"{p}_{op}"] for p in ("fio", "ds") if f"{p}_{op}" in med]
         if peers:
-            lines.append(f"| **ratio store / best peer, {col}** | {med['store_' + op] / max(peers):.2f} | |"
-                         if op == "w" else f"| **ratio store / best peer, read** | | {med['store_r'] / max(peers):.2f} |")
+            r = f"{med['store_' + op] / max(peers):.2f}"
+            lines.append(f"| **ratio store / best peer, {col}** | {r if op == 'w' else ''} | {r if op == 'r' else ''} | | |")
+    lines.append("")
+    lines.append("Every repetition (GB/s, in run order; CPU = user + system of the process, fio's own "
+                 "start-up included):")
+    lines += [f"- {k}: {', '.join(f'{x:.2f}' for x in v)}" for k, v in res.items() if not k.endswith("_cpu")]
     return "\n".join(lines)
 
 
@@ -166,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="directory on the disk to measure (default %(default)s)")
     p.add_argument("--size", default="64MiB", help="bytes to write and read per repetition (default %(default)s)")
     p.add_argument("--block-size", default=str(StoreConfig().block_size), help="I/O block size, also fio --bs")
+    p.add_argument("--checksum-block", default=str(StoreConfig().checksum_block),
+                   help="bytes per store CRC-32 (independent of --block-size)")
     p.add_argument("--queue-depth", type=int, default=StoreConfig().queue_depth, help="store queue depth, fio --iodepth")
     p.add_argument("--reps", type=int, default=3, help="repetitions; the median is reported")
     p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True, help="store CRC-32 checksums")
@@ -182,13 +258,13 @@ def main(argv: list[str] | None = None) -> int:
             for qd in (1, 2, 4, 8, 16):
                 a = argparse.Namespace(**{**vars(args), "block_size": bs, "queue_depth": qd, "no_fio": True,
                                           "no_deepspeed": True})
-                med = run(a)
+                med = {k: statistics.median(v) for k, v in run(a).items()}
                 print(f"block {bs:>6} qd {qd:2d}: write {med['store_w']:.2f} GB/s  read {med['store_r']:.2f} GB/s",
                       flush=True)
         return 0
-    med = run(args)
-    table = report(med, args)
-    print(f"size {format_size(parse_size(args.size))}, block {args.block_size}, queue depth {args.queue_depth}, "
+    table = report(run(args))
+    print(f"size {format_size(parse_size(args.size))}, block {args.block_size}, checksum block "
+          f"{args.checksum_block}, queue depth {args.queue_depth}, "
           f"checksums {'on (CRC-32 by ' + CRC_IMPL + ')' if args.verify else 'off'}, median of {args.reps}")
     print(table)
     if args.markdown:

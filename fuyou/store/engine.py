@@ -26,6 +26,36 @@ without a measured win; ``aiofiles`` runs the same blocking calls in a thread po
 candidate for the fast path. The benchmark against fio is ``bench/io_bench.py``
 (``bench/results_store.md``).
 
+Against DeepSpeed's aio_handle (issue 3)
+----------------------------------------
+DeepSpeed's ``aio_handle`` (libaio, ``intra_op_parallelism`` 2, queue depth 8, 1 MiB) splits a
+transfer into two contiguous halves, one C++ thread each with 8 ``io_submit`` requests in flight (16
+in all). Store / DeepSpeed at 4 GiB swings between runs of the same code on this shared machine
+(load average about 5 from other sessions): write 0.79-1.15, read 0.73-1.18 (``bench/io_bench.py``
+runs in ``bench/results_store_ds.md``). One such run, order shuffled per repetition, 7 reps; ratio =
+median of the per-repetition ratio to DeepSpeed 1 MiB, same run:
+
+====================================  =====  ====  ==========  ==========
+store setting (checksum block 1 MiB)  write  read  CPU s/GB w  CPU s/GB r
+====================================  =====  ====  ==========  ==========
+1 MiB, 8 threads (default)            1.15   1.18  0.101       0.102
+same, checksums off                   1.13   1.24  0.041       0.055
+2 MiB, 4 threads                      0.98   1.15  0.087       0.093
+4 MiB, 4 threads                      1.16   1.21  0.080       0.083
+4 MiB, 2 threads                      1.03   1.15  0.084       0.090
+DeepSpeed 1 MiB, depth 8 (ref.)       1.00   1.00  0.036       0.045
+DeepSpeed 4 MiB, depth 4              1.05   1.02  0.033       0.041
+====================================  =====  ====  ==========  ==========
+
+Larger syscalls save CPU (fewer units, syscalls and Python steps) but not time, so the default stays
+1 MiB x 8. 16 threads wrote at 0.74 of 8 in another run (reads equal): more threads only contend for
+the GIL and the two cores. Reading into or writing from DeepSpeed's mlock-ed buffer instead of the
+pool's did not help (4.58 vs 5.28 GB/s write, same run). The store spends about 3x DeepSpeed's CPU
+per GB in every run: the CRC-32 (0.05 s/GB, ISA-L) and about 0.01 s/GB of Python per 1 MiB unit.
+At 5 GB/s that is half a core, and every unit needs a Python thread scheduled and the GIL; on a
+machine whose two cores are shared with other work this is the likeliest bound (not proven: no run
+on an idle machine was possible). Closing it would take the per-unit loop out of Python.
+
 How a request runs
 ------------------
 A ``read_into`` / ``write_from`` request is cut into **units**: at most ``max(block_size,
