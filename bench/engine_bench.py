@@ -72,6 +72,7 @@ def worker(args) -> None:
             if hasattr(trainer, "counters"):
                 counters.append(trainer.counters.as_dict())
     if hasattr(trainer, "close"):
+        trainer.completed = True  # a benchmark run: delete its SSD state at close
         trainer.close()
     print(json.dumps({"times": times, "counters": counters, "peak_rss": resident_bytes("VmHWM")}))
 
@@ -86,13 +87,11 @@ def run_one(overrides: list[str], args) -> dict:
 
 
 def store_bandwidth(d: Path, nbytes: int) -> tuple[float, float]:
-    sys.path.insert(0, str(Path(__file__).parent))
-    from io_bench import bench_store
+    """Write and read bandwidth through the store on ``d``, in the optimizer's request pattern."""
+    from fuyou.planner.probe import probe_store
 
-    from fuyou.store import StoreConfig
-
-    runs = list(bench_store(d, nbytes, StoreConfig(), 3))
-    return nbytes / statistics.median(r for r, _ in runs), nbytes / statistics.median(r for _, r in runs)
+    r = probe_store(d, nbytes, repeats=3)
+    return r["write"], r["read"]
 
 
 def main(argv=None) -> int:

@@ -64,6 +64,7 @@ def worker(args) -> None:
         eng.worker.wait_all()
         dt = time.perf_counter() - t0
     finally:
+        eng.completed = True  # a benchmark run: delete its SSD state at close
         eng.close()
     print(json.dumps({"step_s": dt / args.steps, "counters": counters}))
 
