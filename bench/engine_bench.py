@@ -44,6 +44,16 @@ CONFIGS = {
                   "data.seq_len=64", "train.micro_batch_size=1", "offload.cpu_mem=1GiB",
                   "offload.cache_weights=false"],
 }
+# Activation policies on a model where recomputation is costly (long sequences: attention and the
+# MLP dominate), same model and data each: the inputs the planner's cost model must predict.
+_ACT = ["model.n_layer=6", "model.d_model=512", "model.n_head=8", "model.vocab_size=320", "model.max_seq_len=1024",
+        "data.seq_len=1024", "train.micro_batch_size=2", "offload.cpu_mem=3GiB"]
+CONFIGS.update({
+    "act-recompute": _ACT + ["offload.act_policy=recompute"],
+    "act-all-cpu": _ACT + ["offload.act_policy=all=cpu", "offload.act_cpu_mem=2GiB"],
+    "act-ssd": _ACT + ["offload.act_policy=fc2,proj,qkv,fc1=ssd"],
+    "act-mixed": _ACT + ["offload.act_policy=fc2,proj=cpu;0-2:qkv=ssd", "offload.act_cpu_mem=512MiB"],
+})
 COMMON = ["data.source=synthetic", "train.grad_clip=none", "train.precision=bf16", "train.eval_every=0"]
 
 
@@ -97,7 +107,7 @@ def store_bandwidth(d: Path, nbytes: int) -> tuple[float, float]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ssd", default="/tmp/fuyou-engine-bench", help="SSD directory (made if missing)")
-    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    p.add_argument("--configs", nargs="+", default=["balanced", "balanced-keep", "ssd-bound"], choices=list(CONFIGS))
     p.add_argument("--steps", type=int, default=3, help="timed steps per run")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3, help="runs of each system, alternating")
@@ -119,8 +129,8 @@ def main(argv=None) -> int:
              f"`python bench/engine_bench.py {' '.join(argv if argv is not None else sys.argv[1:])}`", "",
              f"host {platform.node()}, {os.cpu_count()} CPUs, torch {torch.__version__}, Python {platform.python_version()}; "
              f"store on {ssd}: write {wbw / 1e9:.2f} GB/s, read {rbw / 1e9:.2f} GB/s (same run)", "",
-             "| config | in-memory step | engine step | compute | AdamW busy / kernel | SSD read / write per step | SSD time | bound | engine / bound | peak RSS engine |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| config | in-memory step | engine step | compute | AdamW busy / kernel | SSD read / write per step | SSD time | bound | engine / bound | peak RSS engine | activations kept: CPU / SSD out / SSD in, wait |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name in args.configs:
         base = CONFIGS[name] + COMMON
         ref_t, eng_t, eng_c, rss = [], [], [], []
@@ -140,7 +150,8 @@ def main(argv=None) -> int:
             f"| {name} | {ref_s:.2f} s | {eng_s:.2f} s (spread {min(eng_t):.2f}-{max(eng_t):.2f}) | {c['compute_s']:.2f} s | "
             f"{c['optimizer_busy_s']:.2f} / {c['optimizer_kernel_s']:.2f} s | "
             f"{format_size(c['ssd_read_bytes'])} / {format_size(c['ssd_write_bytes'])} | {ssd_s:.2f} s | {bound:.2f} s | "
-            f"**{eng_s / bound:.2f}** | {format_size(max(rss))} |")
+            f"**{eng_s / bound:.2f}** | {format_size(max(rss))} | {format_size(c['act_cpu_bytes'])} / "
+            f"{format_size(c['act_ssd_write_bytes'])} / {format_size(c['act_ssd_read_bytes'])}, {c['wait_activations_s']:.2f} s |")
         print(lines[-1], flush=True)
     lines += ["", "bound = max(in-memory step + AdamW kernel time (CPU: shared cores), SSD bytes / measured "
               "bandwidth, AdamW busy time); target engine / bound <= 1.2.", ""]
