@@ -54,27 +54,27 @@ def main(argv=None) -> int:
         g = torch.randn(n).to(torch.bfloat16)
         opt = OutOfCoreAdamW(store, pool, cfg, chunk_numel=args.chunk)
         seg = [Segment(0, n, 0.1)]
-        buf = pool.acquire(4 * n, torch.float32) if 4 * n <= (256 << 20) else None
+        bw_numel = min(n, 64 << 20)  # at most 256 MiB for the raw bandwidth measurement
+        buf = pool.acquire(4 * bw_numel, torch.float32)
         for r in range(args.repeats + 1):
             t0 = time.perf_counter()
             opt.update(keys, g, numel=n, segments=seg, lr=1e-4, step=r + 1)
             if r:
                 ooc.append(n / (time.perf_counter() - t0))
-            if buf is not None:  # raw store bandwidth, same directory, same run
-                t0 = time.perf_counter()
-                store.write_from("x/bw", buf.tensor).result()
-                ssd_w.append(4 * n / (time.perf_counter() - t0))
-                t0 = time.perf_counter()
-                store.read_into("x/bw", buf.tensor).result()
-                ssd_r.append(4 * n / (time.perf_counter() - t0))
+            # raw store bandwidth, same directory, same run
+            t0 = time.perf_counter()
+            store.write_from("x/bw", buf.tensor).result()
+            ssd_w.append(4 * bw_numel / (time.perf_counter() - t0))
+            t0 = time.perf_counter()
+            store.read_into("x/bw", buf.tensor).result()
+            ssd_r.append(4 * bw_numel / (time.perf_counter() - t0))
         p_, m, v = torch.randn(n), torch.zeros(n), torch.zeros(n)
         lo = torch.empty(n, dtype=torch.bfloat16)
         for r in range(args.repeats):
             t0 = time.perf_counter()
             fused_adamw_(p_, g, m, v, lr=1e-4, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, step=r + 1, out_lowp=lo)
             kern.append(n / (time.perf_counter() - t0))
-        if buf is not None:
-            buf.release()
+        buf.release()
     shutil.rmtree(root, ignore_errors=True)
     med = statistics.median
     wbw, rbw = med(ssd_w), med(ssd_r)
