@@ -242,7 +242,7 @@ def run(args: argparse.Namespace) -> dict:
     for step in range(args.steps):
         if step == args.warmup:
             io_start = proc_io()
-        x, y = data.batch(step)
+        x, y = (b.to(engine.device) for b in data.batch(step))  # the accelerator's device (cuda or cpu)
         t = time.perf_counter()
         loss = engine(x, y)
         engine.backward(loss)
@@ -265,7 +265,8 @@ def run(args: argparse.Namespace) -> dict:
         "step_times_s": times, "losses": losses, "reference_loss_step0": ref0,
         "median_step_s": med, "tokens_per_s": tokens_per_step / med,
         "model_tflops": flops_per_step / med / 1e12, "flops_per_token": model.flops_per_token(args.seq),
-        "init_s": t_init, "peak_rss_bytes": peak_rss(), "cpu_mem_note": args.cpu_mem_note,
+        "init_s": t_init, "peak_rss_bytes": peak_rss(),
+        "peak_gpu_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None, "cpu_mem_note": args.cpu_mem_note,
         "io_timed_steps": n_timed, "write_bytes_timed": written, "read_bytes_timed": read,
         "write_bytes_per_step": written / n_timed if written is not None and n_timed else None,
         "read_bytes_per_step": read / n_timed if read is not None and n_timed else None,
