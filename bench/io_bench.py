@@ -9,7 +9,7 @@ repetition and the CPU seconds each contender spent per GB. GB/s are 1e9 bytes p
 store / best peer.
 
     python bench/io_bench.py                          # CI smoke: 64 MiB, 3 reps
-    flock /tmp/fuyou-bench.lock python bench/io_bench.py --size 4GiB --reps 5 --markdown bench/results_store.md
+    flock /tmp/fuyou-bench.lock python bench/io_bench.py --size 4GiB --reps 5 --markdown bench/RESULTS.md
     python bench/io_bench.py --size 1GiB --sweep      # the store over block sizes x queue depths
 """
 

@@ -74,7 +74,7 @@ PCIE: dict[str, float] = {"gen3x16": 15.75, "gen4x16": 31.5, "gen5x16": 63.0}
 #: CPU AdamW throughput default (parameters per second) for a server socket: the fused kernel moves
 #: ~28 bytes per parameter (fp32 weight, m, v read and written, bf16 gradient in, bf16 copy out) and
 #: is memory-bound; ~100 GB/s of sustained DRAM bandwidth (8-channel DDR4-3200 with STREAM efficiency)
-#: gives ~3.5e9; we take 3e9. The development machine's 2 vCPUs measure ~2e9 (bench/results_adam.md).
+#: gives ~3.5e9; we take 3e9. The development machine's 2 vCPUs measure ~2e9 (bench/RESULTS.md, issue 4).
 CPU_ADAM_DEFAULT = 3.0e9
 
 

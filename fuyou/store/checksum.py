@@ -6,7 +6,7 @@ verified by any other; the manifest records the algorithm (``ALGORITHM``) so tha
 large buffers, so the store's I/O threads checksum in parallel.
 
 Measured on the development machine (2 vCPU AVX-512, 1 MiB blocks, GB = 1e9 B, median of 5;
-``bench/results_store_ds.md``): zlib.crc32 4.0 GB/s on one thread, 5.3 GB/s on two; isal 1.9.1
+``bench/RESULTS.md``, issue 3): zlib.crc32 4.0 GB/s on one thread, 5.3 GB/s on two; isal 1.9.1
 22 / 37 GB/s; zlib-ng 1.1.0 27 / 35 GB/s; crc32c 2.9 (CRC-32C, another algorithm) 13 / 22 GB/s;
 google-crc32c 1.9 refuses a memoryview of writable memory (it would need a copy).
 """

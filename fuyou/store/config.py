@@ -2,8 +2,8 @@
 
 The defaults of ``block_size`` and ``queue_depth`` were measured on the development machine (2 vCPU,
 virtio NVMe-backed ext4, Linux 6.18) with ``bench/io_bench.py``; see ``fuyou/store/engine.py`` for the
-figures and ``bench/results_store.md`` for the command. Re-measured against DeepSpeed's ``aio_handle``
-at 4 GiB (``bench/results_store_ds.md``): 2 or 4 MiB syscalls with 2-4 threads cost less CPU but were
+figures and ``bench/RESULTS.md`` (issue 3) for the command. Re-measured against DeepSpeed's ``aio_handle``
+at 4 GiB (``bench/RESULTS.md``, issue 3): 2 or 4 MiB syscalls with 2-4 threads cost less CPU but were
 no faster, 16 threads were slower, so 1 MiB x 8 stays. ``block_size`` and ``checksum_block`` are
 independent: a unit of work is ``max`` of the two, checksummed per ``checksum_block``.
 """

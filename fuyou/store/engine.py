@@ -24,7 +24,7 @@ kernel, not Python, is the limit. An io_uring binding would reap the same way an
 without a measured win; ``aiofiles`` runs the same blocking calls in a thread pool behind asyncio
 (one more hop per request) and cannot read into a caller's buffer at an offset, so it was not a
 candidate for the fast path. The benchmark against fio is ``bench/io_bench.py``
-(``bench/results_store.md``).
+(``bench/RESULTS.md`` (issue 3)).
 
 Against DeepSpeed's aio_handle (issue 3)
 ----------------------------------------
@@ -32,7 +32,7 @@ DeepSpeed's ``aio_handle`` (libaio, ``intra_op_parallelism`` 2, queue depth 8, 1
 transfer into two contiguous halves, one C++ thread each with 8 ``io_submit`` requests in flight (16
 in all). Store / DeepSpeed at 4 GiB swings between runs of the same code on this shared machine
 (load average about 5 from other sessions): write 0.79-1.15, read 0.73-1.18 (``bench/io_bench.py``
-runs in ``bench/results_store_ds.md``). One such run, order shuffled per repetition, 7 reps; ratio =
+runs in ``bench/RESULTS.md``, issue 3). One such run, order shuffled per repetition, 7 reps; ratio =
 median of the per-repetition ratio to DeepSpeed 1 MiB, same run:
 
 ====================================  =====  ====  ==========  ==========
