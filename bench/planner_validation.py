@@ -11,7 +11,7 @@
    ``--repeats`` runs.
 3. Report predicted / measured; the target is within 15%.
 
-    flock /tmp/fuyou-bench.lock python bench/planner_validation.py --markdown bench/results_planner.md
+    flock /tmp/fuyou-bench.lock python bench/planner_validation.py --markdown bench/RESULTS.md
     python bench/planner_validation.py --configs ssd-bound --steps 1 --repeats 1   # smoke
 """
 

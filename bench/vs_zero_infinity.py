@@ -24,7 +24,7 @@ must agree within ``--loss-tol`` (relative; bf16 runs of the same model drift ap
 and step 0's too; a mismatch is reported and makes the exit status 1.
 
     flock /tmp/fuyou-bench.lock python bench/vs_zero_infinity.py --model gpt3-350m --batch 4 --seq 512 \\
-        --ssd /tmp/vs-zinf --cpu-mem 4GiB --steps 4 --warmup 1 --repeats 2 --markdown bench/results_vs_zero_infinity.md
+        --ssd /tmp/vs-zinf --cpu-mem 4GiB --steps 4 --warmup 1 --repeats 2 --markdown bench/RESULTS.md
     python bench/vs_zero_infinity.py --model gpt-tiny --batch 2 --seq 32 --steps 2 --warmup 1 --repeats 1   # smoke
 
 fuyou runs under this interpreter; DeepSpeed under ``--ds-python`` (default: this one if it imports
