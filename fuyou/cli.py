@@ -248,6 +248,9 @@ def _train(args) -> int:
         if args.config:
             raise ConfigError("--resume uses the run's own config.toml; drop --config")
         args.config = resume / "config.toml"
+        # the weights come from the committed SSD state; the saved config already holds the shape and
+        # tokenizer an init_from checkpoint gave, so that checkpoint need not exist any more
+        args.overrides = ["model.init_from=none", *args.overrides]
     cfg = load_config(args.config, args.overrides, {k: v for k, v in flags.items() if v is not None})
     if args.trace and cfg.offload.mode != "ssd":
         from fuyou.errors import ConfigError
