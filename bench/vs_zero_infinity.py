@@ -49,6 +49,8 @@ from pathlib import Path
 
 import torch
 
+from fuyou.engine.engine import resident_bytes
+
 HERE = Path(__file__).resolve().parent
 ZINF = HERE / "zero_infinity.py"
 DS_VENV = "/tmp/dsvenv/bin/python"
@@ -58,14 +60,6 @@ DS_VENV = "/tmp/dsvenv/bin/python"
 def proc_io() -> dict[str, int]:
     with open("/proc/self/io") as f:
         return {k.strip(): int(v) for k, v in (line.split(":") for line in f)}
-
-
-def peak_rss() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def overrides_for(args, data: str, system: str, ssd: Path | None) -> list[str]:
@@ -121,7 +115,7 @@ def worker(args) -> None:
         print(f"step {step} loss {stats.loss:.4f} {times[-1]:.2f} s", file=sys.stderr, flush=True)
     io1 = proc_io()
     n = args.steps
-    res = {"step_times_s": times, "losses": losses, "peak_rss_bytes": peak_rss(), "init_s": t_init,
+    res = {"step_times_s": times, "losses": losses, "peak_rss_bytes": resident_bytes("VmHWM"), "init_s": t_init,
            "write_bytes_per_step": (io1["write_bytes"] - io0["write_bytes"]) / n,
            "read_bytes_per_step": (io1["read_bytes"] - io0["read_bytes"]) / n,
            "peak_gpu_bytes": torch.cuda.max_memory_allocated(trainer.device) if cuda else None,

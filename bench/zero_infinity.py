@@ -58,6 +58,7 @@ import torch
 from torch import nn
 
 from fuyou.data import BatchSampler, DataConfig, SyntheticBatches, load_data
+from fuyou.engine.engine import resident_bytes
 from fuyou.models import ModelConfig, StageModel, preset
 from fuyou.optim.config import AdamWConfig
 from fuyou.units import format_size, parse_size
@@ -168,14 +169,6 @@ def proc_io() -> dict[str, int]:
     return out
 
 
-def peak_rss() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -265,7 +258,7 @@ def run(args: argparse.Namespace) -> dict:
         "step_times_s": times, "losses": losses, "reference_loss_step0": ref0,
         "median_step_s": med, "tokens_per_s": tokens_per_step / med,
         "model_tflops": flops_per_step / med / 1e12, "flops_per_token": model.flops_per_token(args.seq),
-        "init_s": t_init, "peak_rss_bytes": peak_rss(),
+        "init_s": t_init, "peak_rss_bytes": resident_bytes("VmHWM"),
         "peak_gpu_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None, "cpu_mem_note": args.cpu_mem_note,
         "io_timed_steps": n_timed, "write_bytes_timed": written, "read_bytes_timed": read,
         "write_bytes_per_step": written / n_timed if written is not None and n_timed else None,

@@ -41,9 +41,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fuyou.engine.trace import Tracer
-from fuyou.models.stages import ACT_CLASSES
-
-TIERS = ("gpu", "cpu", "ssd")
 
 
 @dataclass
@@ -57,6 +54,11 @@ class BlockPolicy:
     @property
     def recomputes(self) -> bool:
         return self.all is None
+
+
+def leaves(params: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Autograd leaves viewing the given tensors (gradients are taken with respect to these)."""
+    return {k: v.detach().requires_grad_(True) for k, v in params.items()}
 
 
 class KnownLinear(torch.autograd.Function):
@@ -266,8 +268,6 @@ def _name(counter: dict[str, int], cls: str) -> str:
     return f"{cls}.{n}"
 
 
-assert set(ACT_CLASSES) == {"fc2", "proj", "qkv", "fc1"}
-
 
 class GraphKeeper:
     """Saved-tensor hooks of a block kept whole (policy ``all``): every tensor autograd saves leaves
@@ -340,11 +340,11 @@ def forward_block(swapper: ActivationSwapper, block: int, policy: BlockPolicy, f
     """Run block ``block`` forward under ``policy``; return its output and what backward needs."""
     if policy.all is not None:
         inp = x.detach().requires_grad_(True)
-        leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+        params = leaves(params)
         keeper = GraphKeeper(swapper, f"act/{block}", policy.all, weights, inp)
         with torch.enable_grad(), autocast_ctx(), torch.autograd.graph.saved_tensors_hooks(keeper.pack, keeper.unpack):
-            out = fn(leaves, inp, None)
-        return out.detach(), BlockState(graph=(out, inp, leaves), keeper=keeper)
+            out = fn(params, inp, None)
+        return out.detach(), BlockState(graph=(out, inp, params), keeper=keeper)
     ck = swapper.put(f"act/{block}/checkpoint", x, policy.checkpoint)
     rec = RecordContext(swapper, block, policy) if policy.classes else None
     with torch.no_grad(), autocast_ctx():
@@ -357,19 +357,19 @@ def backward_block(swapper: ActivationSwapper, state: BlockState, fn, weights: T
     """Backward of one block (recomputing what the policy did not keep); returns the gradient of
     its input and of its parameters by local name."""
     if state.graph is not None:
-        out, inp, leaves = state.graph
+        out, inp, wrt = state.graph
         state.keeper.bwd_weights = weights
-        grads = torch.autograd.grad(out, [inp, *leaves.values()], grad_out)
+        grads = torch.autograd.grad(out, [inp, *wrt.values()], grad_out)
         state.graph = None
     else:
         inp = swapper.get(state.checkpoint).detach().requires_grad_(True)
-        leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+        wrt = leaves(params)
         rep = ReplayContext(swapper, state.slots) if state.slots else None
         with torch.enable_grad(), autocast_ctx():
-            out = fn(leaves, inp, rep)
-        grads = torch.autograd.grad(out, [inp, *leaves.values()], grad_out)
+            out = fn(wrt, inp, rep)
+        grads = torch.autograd.grad(out, [inp, *wrt.values()], grad_out)
     state.free(swapper)
-    return grads[0], dict(zip(leaves, grads[1:]))
+    return grads[0], dict(zip(wrt, grads[1:]))
 
 
 def block_policies(spec: str, n_layer: int) -> dict[int, BlockPolicy]:

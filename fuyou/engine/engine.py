@@ -40,7 +40,8 @@ from torch import Tensor
 
 from fuyou.config import FuyouConfig
 from fuyou.data import TokenData
-from fuyou.engine.activations import ActivationSwapper, BlockState, backward_block, block_policies, forward_block
+from fuyou.engine.activations import (ActivationSwapper, BlockState, backward_block, block_policies, forward_block,
+                                      leaves)
 from fuyou.engine.budget import RUNTIME_SLACK, MemoryPlan, activation_bytes, kept_activation_bytes, plan_memory  # noqa: F401
 from fuyou.engine.commit import ResumeError, read_record, write_record
 from fuyou.engine.layout import StageState, build_states, dtype_size
@@ -321,15 +322,15 @@ class Engine:
             self._pos += 1
         w = self.streamer.get(self._pos)
         t0 = time.perf_counter()
-        leaves = _leaves(head.views(w.flat))
+        own = leaves(head.views(w.flat))
         shared = {}
         if self.tied:
-            shared = _leaves({"lm_head.weight": self.states[0].views(emb.flat)["wte"]})
+            shared = leaves({"lm_head.weight": self.states[0].views(emb.flat)["wte"]})
         h_in = h.detach().requires_grad_(True)
         with torch.enable_grad(), autocast(self.device, prec):
-            loss = head.stage.forward({**leaves, **shared}, h_in, y) / self.cfg.train.grad_accum
-        names = list(leaves) + list(shared)
-        grads = torch.autograd.grad(loss, [h_in] + [leaves[n] for n in leaves] + [shared[n] for n in shared])
+            loss = head.stage.forward({**own, **shared}, h_in, y) / self.cfg.train.grad_accum
+        names = list(own) + list(shared)
+        grads = torch.autograd.grad(loss, [h_in] + [own[n] for n in own] + [shared[n] for n in shared])
         self._compute("forward+backward head", t0)
         self.streamer.release(self._pos)
         self._pos += 1
@@ -353,10 +354,10 @@ class Engine:
                 grad_out, gmap = backward_block(self.swapper, kept.pop(i), self._stage_fn(i), w.flat,
                                                 st.views(w.flat), grad_out, self._autocast)
             else:
-                leaves = _leaves(st.views(w.flat))
+                emb = leaves(st.views(w.flat))
                 with torch.enable_grad(), self._autocast():
-                    out = self._stage_fn(0)(leaves, x)
-                gmap = dict(zip(leaves, torch.autograd.grad(out, list(leaves.values()), grad_out)))
+                    out = self._stage_fn(0)(emb, x)
+                gmap = dict(zip(emb, torch.autograd.grad(out, list(emb.values()), grad_out)))
                 del out
             self._compute(f"backward {st.stage.name}", t0)
             self.streamer.release(self._pos)
@@ -516,10 +517,6 @@ class Engine:
             if self.completed and not self.cfg.offload.keep_state:
                 for d in self.store_dirs:
                     shutil.rmtree(d, ignore_errors=True)
-
-
-def _leaves(views: dict[str, Tensor]) -> dict[str, Tensor]:
-    return {k: v.detach().requires_grad_(True) for k, v in views.items()}
 
 
 def _pinned_like(numel: int, dtype: torch.dtype) -> Tensor:

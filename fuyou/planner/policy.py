@@ -31,8 +31,9 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from fuyou.errors import ConfigError
+from fuyou.models.stages import ACT_CLASSES
 
-CLASSES = ("fc2", "proj", "qkv", "fc1")
+CLASSES = ACT_CLASSES  # defined beside the block code that produces them
 TIERS = ("gpu", "cpu", "ssd")
 Tier = Literal["gpu", "cpu", "ssd"]
 Place = Literal["recompute", "gpu", "cpu", "ssd"]
