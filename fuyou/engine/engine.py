@@ -42,7 +42,7 @@ from fuyou.config import FuyouConfig
 from fuyou.data import TokenData
 from fuyou.engine.activations import (ActivationSwapper, BlockState, backward_block, block_policies, forward_block,
                                       leaves)
-from fuyou.engine.budget import RUNTIME_SLACK, MemoryPlan, activation_bytes, kept_activation_bytes, plan_memory  # noqa: F401
+from fuyou.engine.budget import MemoryPlan, activation_bytes, kept_activation_bytes, plan_memory
 from fuyou.engine.commit import ResumeError, read_record, write_record
 from fuyou.engine.layout import StageState, build_states, dtype_size
 from fuyou.faults import fault
