@@ -74,3 +74,20 @@ def test_many_threads_never_exceed_capacity():
     for t in threads:
         t.join()
     assert max(seen) <= pool.capacity and pool.in_use == 0
+
+
+def test_large_buffers_are_huge_page_aligned_and_sized_as_asked():
+    from fuyou.store.aligned import HUGE_PAGE, huge_empty
+    t = huge_empty(5 * HUGE_PAGE // 2 + 123)
+    assert t.data_ptr() % HUGE_PAGE == 0 and t.numel() == round_up_4k(5 * HUGE_PAGE // 2 + 123)
+    t.fill_(7)
+    assert int(t.sum()) == 7 * t.numel()
+    with PinnedPool(16 << 20) as pool:
+        with pool.acquire(4 << 20, dtype=torch.float32) as big, pool.acquire(8192) as small:
+            assert big.tensor.data_ptr() % HUGE_PAGE == 0 and big.tensor.numel() == 1 << 20
+            assert small.tensor.data_ptr() % 4096 == 0
+            assert pool.held == (4 << 20) + 8192  # what counts against the budget is the rounded size
+
+
+def round_up_4k(n: int) -> int:
+    return -(-n // 4096) * 4096
