@@ -54,16 +54,16 @@ def machine_header(directory: Path, with_deepspeed: bool = True) -> str:
 class Store:
     """The store as a contender: one tensor of ``nbytes``, written from / read into pool buffers."""
 
-    name = "store"
-
-    def __init__(self, d: Path, nbytes: int, cfg: StoreConfig):
-        shutil.rmtree(d / "store", ignore_errors=True)
+    def __init__(self, d: Path, nbytes: int, cfg: StoreConfig, name: str = "store"):
+        self.name = name
+        shutil.rmtree(d / name, ignore_errors=True)
         self.d, self.pool = d, PinnedPool(2 * nbytes + (1 << 20))
         self.src, self.dst = self.pool.acquire(nbytes), self.pool.acquire(nbytes)
         tile = torch.randint(0, 256, (min(nbytes, 64 << 20),), dtype=torch.uint8)
         for o in range(0, nbytes, tile.numel()):  # random 64 MiB tile repeated: cheap to make at 4 GiB
             self.src.tensor[o:o + tile.numel()] = tile[:nbytes - o]
-        self.store = TensorStore.create([d / "store"], cfg)
+        self.store = TensorStore.create([d / name], cfg)
+        self.engine = self.store.engine_name
         self.store.allocate("x", (nbytes,), torch.uint8)
         self.write()  # untimed: converts the fallocated extent to written
 
@@ -84,7 +84,7 @@ class Store:
         self.store.close()
         self.src.release()
         self.dst.release()
-        shutil.rmtree(self.d / "store", ignore_errors=True)
+        shutil.rmtree(self.d / self.name, ignore_errors=True)
 
 
 class Fio:
@@ -169,8 +169,9 @@ def _cpu_seconds() -> float:
     return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
 
 
-def run(args: argparse.Namespace) -> dict[str, list[float]]:
-    """Per-rep GB/s (``store_w`` ...) and CPU seconds per GB (``store_w_cpu`` ...) of every contender.
+def run(args: argparse.Namespace) -> tuple[dict[str, list[float]], dict[str, str]]:
+    """Per-rep GB/s (``store_w`` ...) and CPU seconds per GB (``store_w_cpu`` ...) of every contender,
+    and the I/O engine each store contender ran with.
 
     The order of the contenders rotates from one repetition to the next (store, fio, ds; fio, ds,
     store; ...), so none always follows the same neighbour: on this virtio disk a write right after
@@ -180,9 +181,12 @@ def run(args: argparse.Namespace) -> dict[str, list[float]]:
     d.mkdir(parents=True, exist_ok=True)
     nbytes, bs = parse_size(args.size), parse_size(args.block_size)
     cb = parse_size(args.checksum_block)
-    cfg = StoreConfig(block_size=bs, queue_depth=args.queue_depth, verify_checksums=args.verify,
-                      checksum_block=cb, stripe_unit=max(64 << 20, bs, cb))
-    contenders: list = [Store(d, nbytes, cfg)]
+    contenders: list = []
+    for i, engine in enumerate(args.engine):
+        cfg = StoreConfig(block_size=bs, queue_depth=args.queue_depth, verify_checksums=args.verify,
+                          checksum_block=cb, stripe_unit=max(64 << 20, bs, cb), engine=engine)
+        contenders.append(Store(d, nbytes, cfg, name="store" if i == 0 else f"store-{engine}"))
+        print(f"{contenders[-1].name}: engine {contenders[-1].engine}")
     if shutil.which("fio") is not None and not args.no_fio:
         contenders.append(Fio(d, nbytes, bs, args.queue_depth))
     else:
@@ -210,14 +214,17 @@ def run(args: argparse.Namespace) -> dict[str, list[float]]:
     finally:
         for c in contenders:
             c.close()
-    return res
+    return res, {c.name: c.engine for c in contenders if isinstance(c, Store)}
 
 
-def report(res: dict[str, list[float]]) -> str:
+def report(res: dict[str, list[float]], engines: dict[str, str] | None = None) -> str:
     """Markdown table of the medians, the store / best-peer ratios, and every repetition's GB/s."""
+    engines = engines or {}
     med = {k: statistics.median(v) for k, v in res.items()}
     lines = ["| | write GB/s | read GB/s | write CPU s/GB | read CPU s/GB |", "|---|---|---|---|---|"]
-    names = {"store": "fuyou TensorStore (threads, pinned)", "fio": "fio libaio O_DIRECT", "ds": "DeepSpeed aio_handle"}
+    names = {k[:-2]: f"fuyou TensorStore ({engines.get(k[:-2], k[6:-2])} engine, pinned)"
+             for k in res if k.startswith("store") and k.endswith("_w")}
+    names.update({"fio": "fio libaio O_DIRECT", "ds": "DeepSpeed aio_handle"})
     for k, name in names.items():
         if f"{k}_w" in med:
             lines.append(f"| {name} | {med[k + '_w']:.2f} | {med[k + '_r']:.2f} | {med[k + '_w_cpu']:.3f} "
@@ -242,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--block-size", default=str(StoreConfig().block_size), help="I/O block size, also fio --bs")
     p.add_argument("--checksum-block", default=str(StoreConfig().checksum_block),
                    help="bytes per store CRC-32 (independent of --block-size)")
+    p.add_argument("--engine", nargs="+", default=["auto"], choices=["auto", "native", "threads"],
+                   help="store I/O engine(s); the first is 'store' in the ratios, the others are shown beside it")
     p.add_argument("--queue-depth", type=int, default=StoreConfig().queue_depth, help="store queue depth, fio --iodepth")
     p.add_argument("--reps", type=int, default=3, help="repetitions; the median is reported")
     p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True, help="store CRC-32 checksums")
@@ -258,11 +267,11 @@ def main(argv: list[str] | None = None) -> int:
             for qd in (1, 2, 4, 8, 16):
                 a = argparse.Namespace(**{**vars(args), "block_size": bs, "queue_depth": qd, "no_fio": True,
                                           "no_deepspeed": True})
-                med = {k: statistics.median(v) for k, v in run(a).items()}
+                med = {k: statistics.median(v) for k, v in run(a)[0].items()}
                 print(f"block {bs:>6} qd {qd:2d}: write {med['store_w']:.2f} GB/s  read {med['store_r']:.2f} GB/s",
                       flush=True)
         return 0
-    table = report(run(args))
+    table = report(*run(args))
     print(f"size {format_size(parse_size(args.size))}, block {args.block_size}, checksum block "
           f"{args.checksum_block}, queue depth {args.queue_depth}, "
           f"checksums {'on (CRC-32 by ' + CRC_IMPL + ')' if args.verify else 'off'}, median of {args.reps}")

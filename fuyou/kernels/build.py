@@ -1,7 +1,7 @@
 """Lazy build of fuyou's C++ kernels, with a fallback that never stops training.
 
-The kernels are plain C functions (``adamw.cpp`` includes no torch header, so a build takes seconds,
-not a minute) compiled on first use by ``torch.utils.cpp_extension.load(is_python_module=False)``
+The kernels are plain C functions (``adamw.cpp``, ``storeio.cpp``; neither includes a torch header, so
+a build takes seconds, not a minute) compiled on first use by ``torch.utils.cpp_extension.load(is_python_module=False)``
 into torch's extension cache (``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``) and
 called through :mod:`ctypes`, which releases the GIL for the duration of each call: the engine's
 optimizer worker runs the kernel while Python threads go on.
@@ -11,7 +11,8 @@ so it is built without ``-march=native`` and a cache shared by several x86 machi
 machine's architecture (x86_64, aarch64) is part of the extension's name.
 
 Any failure to build or load (no compiler, no ninja, a compile error) is logged as ONE warning line
-and :func:`load_adamw_lib` returns ``None``; callers then use the pure-torch fallback. Setting
+and :func:`load_adamw_lib` / :func:`load_storeio_lib` return ``None``; callers then use their
+fallbacks (pure torch; the store's Python-thread engine). Setting
 ``FUYOU_NO_EXT=1`` forces the fallback without trying to build.
 """
 
@@ -28,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 _HERE = Path(__file__).resolve().parent
 _LOCK = threading.Lock()
-_STATE: dict[str, object] = {}  # "adamw" -> ctypes.CDLL or None once tried
+_STATE: dict[str, object] = {}  # "adamw", "storeio" -> ctypes.CDLL or None once tried
 
 # The flags that matter: -O3, OpenMP, and no floating-point contraction (see the note
 # [Bit-exact with torch] in adamw.cpp). torch's libgomp.so.1 is already loaded by `import torch`,
@@ -54,21 +55,61 @@ def _declare(lib: ctypes.CDLL) -> None:
     ]
 
 
-def _build_adamw() -> ctypes.CDLL:
+def _declare_storeio(lib: ctypes.CDLL) -> None:
+    c_int, c_i64, c_vp = ctypes.c_int, ctypes.c_int64, ctypes.c_void_p
+    lib.fy_io_create.restype = c_vp
+    lib.fy_io_create.argtypes = [c_int, c_i64, c_vp, c_int]  # threads, bounce bytes, crc fn, crc kind
+    lib.fy_io_submit.restype = c_int
+    lib.fy_io_submit.argtypes = [c_vp, c_i64, c_vp, c_int]  # engine, request id, units, n
+    lib.fy_io_reap.restype = c_int
+    lib.fy_io_reap.argtypes = [c_vp, c_vp, c_int, c_int]  # engine, out, max, timeout ms
+    lib.fy_io_stop.restype = None
+    lib.fy_io_stop.argtypes = [c_vp]
+    lib.fy_io_free.restype = None
+    lib.fy_io_free.argtypes = [c_vp]
+
+
+# name -> (source, extra C flags, extra link flags, declare)
+_LIBS = {
+    "adamw": ("adamw.cpp", CFLAGS, LDFLAGS, _declare),
+    "storeio": ("storeio.cpp", ["-O2", "-std=c++17", "-pthread"], ["-pthread"], _declare_storeio),
+}
+
+
+def _build(what: str) -> ctypes.CDLL:
     from torch.utils import cpp_extension  # imported here: it is slow to import
 
-    name = f"fuyou_adamw_{platform.machine().lower() or 'unknown'}"
+    source, cflags, ldflags, declare = _LIBS[what]
+    name = f"fuyou_{what}_{platform.machine().lower() or 'unknown'}"
     path = cpp_extension.load(
         name=name,
-        sources=[str(_HERE / "adamw.cpp")],
-        extra_cflags=CFLAGS,
-        extra_ldflags=LDFLAGS,
+        sources=[str(_HERE / source)],
+        extra_cflags=cflags,
+        extra_ldflags=ldflags,
         is_python_module=False,
         verbose=False,
     )
     lib = ctypes.CDLL(str(path))
-    _declare(lib)
+    declare(lib)
     return lib
+
+
+def _load(what: str, fallback: str) -> ctypes.CDLL | None:
+    if ext_disabled():
+        return None
+    if what in _STATE:
+        return _STATE[what]  # type: ignore[return-value]
+    with _LOCK:
+        if what not in _STATE:
+            try:
+                _STATE[what] = _build(what)
+            except Exception as exc:  # noqa: BLE001 -- a build failure must never stop training
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+                logger.warning("fuyou: C++ %s library unavailable (%s: %s); using %s",
+                               what, type(exc).__name__, first, fallback)
+                logger.debug("fuyou: %s build failure", what, exc_info=True)
+                _STATE[what] = None
+    return _STATE[what]  # type: ignore[return-value]
 
 
 def load_adamw_lib() -> ctypes.CDLL | None:
@@ -77,19 +118,10 @@ def load_adamw_lib() -> ctypes.CDLL | None:
     Thread-safe: concurrent first callers wait for one build. The outcome (library or ``None``) is
     remembered for the life of the process, so a failed build is tried, and warned about, once.
     """
-    if ext_disabled():
-        return None
-    if "adamw" in _STATE:
-        return _STATE["adamw"]  # type: ignore[return-value]
-    with _LOCK:
-        if "adamw" not in _STATE:
-            try:
-                _STATE["adamw"] = _build_adamw()
-            except Exception as exc:  # noqa: BLE001 -- a build failure must never stop training
-                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-                logger.warning(
-                    "fuyou: C++ AdamW kernel unavailable (%s: %s); using the slower pure-torch "
-                    "fallback", type(exc).__name__, first)
-                logger.debug("fuyou: AdamW kernel build failure", exc_info=True)
-                _STATE["adamw"] = None
-    return _STATE["adamw"]  # type: ignore[return-value]
+    return _load("adamw", "the slower pure-torch fallback")
+
+
+def load_storeio_lib() -> ctypes.CDLL | None:
+    """The store's native I/O engine (``storeio.cpp``), built on first use like the AdamW kernel;
+    ``None`` means "use the Python-thread engine" (``fuyou/store/engine.py``)."""
+    return _load("storeio", "the store's Python-thread I/O engine")

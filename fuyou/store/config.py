@@ -4,7 +4,8 @@ The defaults of ``block_size`` and ``queue_depth`` were measured on the developm
 virtio NVMe-backed ext4, Linux 6.18) with ``bench/io_bench.py``; see ``fuyou/store/engine.py`` for the
 figures and ``bench/RESULTS.md`` (issue 3) for the command. Re-measured against DeepSpeed's ``aio_handle``
 at 4 GiB (``bench/RESULTS.md``, issue 3): 2 or 4 MiB syscalls with 2-4 threads cost less CPU but were
-no faster, 16 threads were slower, so 1 MiB x 8 stays. ``block_size`` and ``checksum_block`` are
+no faster, 16 threads were slower, so 1 MiB x 8 stays; the native engine (C++ threads, ``native.py``)
+was re-measured at the same setting. ``block_size`` and ``checksum_block`` are
 independent: a unit of work is ``max`` of the two, checksummed per ``checksum_block``.
 """
 
@@ -35,10 +36,11 @@ class StoreConfig(BaseModel):
         default=8, ge=1, le=256,
         description="I/O requests in flight at once (= I/O worker threads of the 'threads' engine, each "
                     "with one blocking preadv/pwritev outstanding). Measured default: 8.")
-    engine: Literal["threads"] = Field(
-        default="threads",
-        description="I/O engine. 'threads' (preadv/pwritev from worker threads, GIL released) was "
-                    "measured fastest on the development disk; see fuyou/store/engine.py.")
+    engine: Literal["auto", "native", "threads"] = Field(
+        default="auto",
+        description="I/O engine. 'native': C++ threads run whole units (CRC + pread/pwrite) without the "
+                    "GIL (fuyou/store/native.py); 'threads': Python worker threads issuing preadv/pwritev "
+                    "(fuyou/store/engine.py); 'auto': native where its library builds, else threads.")
     stripe_unit: int = Field(
         default=16 * MiB, ge=ALIGNMENT,
         description="tensors larger than this many bytes are striped round-robin across all directories "

@@ -38,6 +38,7 @@ from fuyou.store.aligned import byte_view
 from fuyou.store.checksum import ALGORITHM as CHECKSUM
 from fuyou.store.config import StoreConfig
 from fuyou.store.engine import IOFuture, ThreadEngine, Unit
+from fuyou.store.native import NativeEngine, native_available
 from fuyou.store.errors import StoreCorruptError, StoreUsageError, io_error_from_oserror
 from fuyou.store.layout import TensorMeta, TensorRecord
 from fuyou.store.manifest import preflight as _preflight
@@ -71,6 +72,11 @@ class TensorStore:
         if config.stripe_unit % self.checksum_block:
             raise StoreUsageError(f"stripe_unit {format_size(config.stripe_unit)} is not a multiple of this "
                                   f"store's checksum_block {format_size(self.checksum_block)}; change stripe_unit")
+        unit = max(config.block_size, self.checksum_block)
+        unit = -(-unit // self.checksum_block) * self.checksum_block
+        self._engine = _make_engine(config, unit)  # first: a refused engine leaves no file open
+        self.engine_name = "native" if isinstance(self._engine, NativeEngine) else "threads"
+        self._unit_bytes = unit
         self._next: list[int] = [int(x) for x in manifest["next_offsets"]]
         self._records: dict[str, TensorRecord] = {
             k: TensorRecord.from_json(k, v) for k, v in manifest["tensors"].items()}
@@ -88,11 +94,8 @@ class TensorStore:
         except BaseException:
             for fd in self._fds:
                 os.close(fd)
+            self._engine.close()
             raise
-        unit = max(config.block_size, self.checksum_block)
-        unit = -(-unit // self.checksum_block) * self.checksum_block
-        self._engine = ThreadEngine(config.queue_depth, config.block_size, unit)
-        self._unit_bytes = unit
         self._kvikio = None
 
     # -- construction ----------------------------------------------------------------------------
@@ -106,6 +109,8 @@ class TensorStore:
         """
         config = config or StoreConfig()
         paths = _normalise(dirs)
+        if config.engine == "native" and not native_available():
+            _make_engine(config, 0)  # raises the typed error before anything is created
         for d in paths:
             try:
                 d.mkdir(parents=True, exist_ok=True)
@@ -143,6 +148,7 @@ class TensorStore:
             store._validate_files()
         except BaseException:
             store._close_files()
+            store._engine.close()
             raise
         return store
 
@@ -280,13 +286,14 @@ class TensorStore:
                               mv[cur - a:cur - a + n], addr + cur - a, n, rec, cur // self.checksum_block,
                               self.config.verify_checksums))
             cur += n
-        fut = IOFuture(b - a, len(units), keepalive=tensor)
+        native = self.engine_name == "native"
+        fut = IOFuture(b - a, 1 if native else len(units), keepalive=tensor)
         for u in units:
             u.fut = fut
         with self._lock:
             self._inflight.add(fut)
         fut.add_done_callback(self._retire)
-        self._engine.submit(units)
+        self._engine.submit_request(fut, units)
         return fut
 
     def _retire(self, fut: IOFuture) -> None:
@@ -379,6 +386,17 @@ class TensorStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _make_engine(config: StoreConfig, unit_bytes: int) -> "ThreadEngine | NativeEngine":
+    """The I/O engine ``config.engine`` names; 'auto' is the native one where it builds."""
+    if config.engine == "native" or (config.engine == "auto" and native_available()):
+        if not native_available():
+            raise StoreUsageError("engine='native' needs the compiled store I/O library (fuyou/kernels/"
+                                  "storeio.cpp: a C++ compiler and ninja) and a C CRC-32 (isal or libz); "
+                                  "see the warning logged above, or use engine='threads'")
+        return NativeEngine(config.queue_depth, config.block_size, unit_bytes)
+    return ThreadEngine(config.queue_depth, config.block_size, unit_bytes)
 
 
 def _normalise(dirs: Sequence[str | Path]) -> list[Path]:

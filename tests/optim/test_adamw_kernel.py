@@ -208,10 +208,10 @@ def test_env_forces_fallback():
 
 
 def test_build_failure_warns_once_and_falls_back(monkeypatch, caplog):
-    def broken():
-        raise RuntimeError("Error building extension 'fuyou_adamw'\nlong compiler output\n...")
+    def broken(what):
+        raise RuntimeError(f"Error building extension 'fuyou_{what}'\nlong compiler output\n...")
 
-    monkeypatch.setattr(build, "_build_adamw", broken)
+    monkeypatch.setattr(build, "_build", broken)
     monkeypatch.setattr(build, "_STATE", {})
     monkeypatch.delenv("FUYOU_NO_EXT", raising=False)
     with caplog.at_level(logging.WARNING, logger=build.__name__):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fuyou.store import DirectIOFallbackWarning, StoreConfig, TensorStore
+from fuyou.store import DirectIOFallbackWarning, StoreConfig, StoreUsageError, TensorStore
 
 from store_testutil import SMALL, random_tensor, same_bytes
 
@@ -68,3 +68,30 @@ def test_fallback_when_o_direct_refused(tmp_path, cfg, monkeypatch):
 def test_buffered_when_direct_io_off(tmp_path):
     with _round_trip(tmp_path, StoreConfig(**SMALL, direct_io=False)) as store:
         assert store.direct == [False]
+
+
+def test_engine_falls_back_to_threads_when_the_native_library_cannot_build(tmp_path, monkeypatch, caplog):
+    """A failed build of storeio.cpp is one warning; 'auto' then runs the Python-thread engine, and
+    asking for 'native' explicitly is a typed error that says what is missing."""
+    import logging
+
+    from fuyou.kernels import build
+
+    def broken(what):
+        raise RuntimeError(f"Error building extension 'fuyou_{what}'\nlong compiler output")
+
+    monkeypatch.setattr(build, "_build", broken)
+    monkeypatch.setattr(build, "_STATE", {})
+    monkeypatch.delenv("FUYOU_NO_EXT", raising=False)
+    with caplog.at_level(logging.WARNING, logger=build.__name__):
+        with TensorStore.create([tmp_path / "a"], StoreConfig(engine="auto")) as s:
+            assert s.engine_name == "threads"
+            s.allocate("x", (5000,), torch.float32)
+            s.write_from("x", torch.arange(5000.0)).result()
+            out = torch.empty(5000)
+            s.read_into("x", out).result()
+            assert torch.equal(out, torch.arange(5000.0))
+        with pytest.raises(StoreUsageError, match="engine='threads'"):
+            TensorStore.create([tmp_path / "b"], StoreConfig(engine="native"))
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "storeio" in warnings[0].getMessage()

@@ -15,6 +15,7 @@ from fuyou.errors import StoreError
 from fuyou.store import (StoreConfig, StoreCorruptError, StoreFullError, StorePermissionError, StoreSpaceError,
                          TensorStore)
 from fuyou.store.errors import io_error_from_oserror
+from fuyou.store.native import native_available
 
 from store_testutil import SMALL
 
@@ -61,7 +62,7 @@ def test_truncated_file_detected_at_open_and_at_read(tmp_path, cfg):
 FULL_DISK = textwrap.dedent("""
     import resource, signal, sys, torch
     from fuyou.store import StoreConfig, StoreFullError, TensorStore
-    cfg = StoreConfig(block_size="16KiB", checksum_block="16KiB", stripe_unit="64KiB")
+    cfg = StoreConfig(block_size="16KiB", checksum_block="16KiB", stripe_unit="64KiB", engine=sys.argv[2])
     store = TensorStore.create([sys.argv[1]], cfg)
     store.allocate("early", (4 << 20,), torch.uint8)            # preallocated before the limit
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -80,8 +81,11 @@ FULL_DISK = textwrap.dedent("""
 """)
 
 
-def test_file_size_limit_gives_typed_full_error(tmp_path):
-    out = subprocess.run([sys.executable, "-c", FULL_DISK, str(tmp_path)], capture_output=True, text=True,
+@pytest.mark.parametrize("engine", ["native", "threads"])
+def test_file_size_limit_gives_typed_full_error(tmp_path, engine):
+    if engine == "native" and not native_available():
+        pytest.skip("the native store I/O library could not be built here")
+    out = subprocess.run([sys.executable, "-c", FULL_DISK, str(tmp_path), engine], capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 0, out.stderr
     assert "allocate: StoreFullError True True True" in out.stdout, out.stdout
