@@ -128,7 +128,8 @@ def main(argv=None) -> int:
             hw, meas = probe(ssd, model=cfg.model, batch=w.batch, seq=w.seq, io_bytes=parse_size(args.io_bytes),
                              device="cpu", store_cfg=w.store)
             plan, _ = memory_plan(w, hw, costs, policy, cfg.offload.cpu_mem)
-            sim = simulate(w, costs, hw, policy, set(plan.cached_stages), steps=args.steps)
+            sim = simulate(w, costs, hw, policy, set(plan.cached_stages), steps=args.steps,
+                           resident=set(plan.resident_stages))
             preds.append(sim.makespan / args.steps)
             sims.append(sim)
             probes.append(meas)

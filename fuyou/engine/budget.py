@@ -11,7 +11,10 @@ CPU budget (``offload.cpu_mem``) covers everything the engine allocates in CPU m
   (``grad_accum > 1``: 4 bytes per parameter) and the tied embedding's pending gradient;
 * ``I/O bounce buffers`` of the store's threads, and a fixed ``allocator and thread slack``
   (``RUNTIME_SLACK``, measured);
-* ``weight cache``: whatever is left, filled with stages' compute weights in forward order.
+* ``weight cache``: whatever is left, filled with stages' compute weights in forward order;
+* ``resident optimizer state``: what the cache leaves, filled with stages' fp32 master weights and
+  Adam moments (12 B per parameter) in the order 0, 1, 2, ... -- the stages whose updates come last in
+  backward, just before the next step's forward needs them (``offload.resident_mem`` caps it).
 
 Not counted: the *fixed overhead* of the process before the engine starts (interpreter, torch and
 its libraries, the token arrays), measured as resident memory at engine start and reported. The
@@ -42,6 +45,8 @@ class MemoryPlan:
     device_items: dict[str, int] = field(default_factory=dict)
     cached_stages: list[int] = field(default_factory=list)
     cache_bytes: int = 0
+    resident_stages: list[int] = field(default_factory=list)
+    resident_bytes: int = 0
 
     @property
     def cpu_required(self) -> int:
@@ -70,6 +75,9 @@ class MemoryPlan:
         out = [f"CPU budget {format_size(self.cpu_budget)}:"]
         out += [f"  {k:<26} {format_size(v):>12}" for k, v in self.cpu_items.items()]
         out.append(f"  {'weight cache':<26} {format_size(self.cache_bytes):>12} ({len(self.cached_stages)} stages)")
+        if self.resident_stages:
+            out.append(f"  {'resident optimizer state':<26} {format_size(self.resident_bytes):>12} "
+                       f"({len(self.resident_stages)} stages)")
         if self.device_items:
             b = "unlimited" if self.device_budget is None else format_size(self.device_budget)
             out.append(f"device budget {b}:")
@@ -143,9 +151,23 @@ def plan_memory(stage_numels: list[int], off, *, chunk: int, io_buffer_bytes: in
     need = weight_buffer_need(stage_numels, plan.cached_stages, off.prefetch_depth, tied, csize)
     if need:
         plan.cpu_items["weight buffers"] = need
+    # Optimizer state kept in CPU memory gets what the cache leaves (module docstring). Its updates
+    # read nothing from the SSD; the state is still written there every step (crash-safe commits).
+    spare = off.cpu_mem - sum(plan.cpu_items.values()) - plan.cache_bytes
+    cap = getattr(off, "resident_mem", 0)
+    spare = spare if cap is None else min(spare, cap)
+    if spare > 0:
+        for index, numel in enumerate(stage_numels):
+            need = -(-12 * numel // 4096) * 4096
+            if need > spare:
+                break
+            plan.resident_stages.append(index)
+            plan.resident_bytes += need
+            spare -= need
     # Initialisation holds one stage's fp32 values and its flat copy, before buffers are in use.
-    init = 2 * 4 * stage_max + plan.cache_bytes
-    extra = init - (sum(plan.cpu_items.values()) + plan.cache_bytes)
+    held = plan.cache_bytes + plan.resident_bytes
+    init = 2 * 4 * stage_max + held
+    extra = init - (sum(plan.cpu_items.values()) + held)
     if extra > 0:
         plan.cpu_items["initialisation (transient)"] = extra
     return plan

@@ -32,6 +32,12 @@ class OffloadConfig(BaseModel):
     cache_weights: bool = Field(
         True, description="Keep compute-precision weights in CPU memory as far as the budget allows (else SSD)."
     )
+    resident_mem: int | None = Field(
+        None, ge=0, description="CPU memory (bytes or '2GiB') for fp32 master weights and Adam moments of the stages "
+        "updated last (embedding, first blocks), kept resident after the weight cache: their updates read nothing "
+        "from SSD and stop delaying the next step's forward; the state is still written to SSD every step. "
+        "Default: whatever the budget leaves; 0: none.",
+    )
     optimizer_chunk: int = Field(
         1 << 20, ge=1, description="Elements per chunk of the out-of-core AdamW pipeline (rounded to the store's blocks)."
     )
@@ -71,7 +77,7 @@ class OffloadConfig(BaseModel):
     def _one_dir(cls, v):
         return [v] if isinstance(v, str) else v
 
-    @field_validator("cpu_mem", "gpu_mem", "act_cpu_mem", "act_chunk", mode="before")
+    @field_validator("cpu_mem", "gpu_mem", "act_cpu_mem", "act_chunk", "resident_mem", mode="before")
     @classmethod
     def _size(cls, v):
         return None if v is None else parse_size(v)

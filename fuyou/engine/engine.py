@@ -207,6 +207,11 @@ class Engine:
                 s.cache.copy_(flat)
             else:
                 futs.append(self.store.write_from(s.keys.weights, flat.to(self.cdtype)))
+            if s.index in self.plan.resident_stages:
+                s.resident = _resident_state(s.numel)
+                s.resident[0].copy_(flat)
+                s.resident[1].zero_()
+                s.resident[2].zero_()
             for f in futs:
                 f.result()
             del flat
@@ -247,6 +252,10 @@ class Engine:
         for s in self.states:
             if s.index in self.plan.cached_stages:
                 s.cache = _pinned_like(s.numel, self.cdtype)
+            if s.index in self.plan.resident_stages:
+                s.resident = _resident_state(s.numel)
+                for key, t in zip((s.keys.master, s.keys.exp_avg, s.keys.exp_avg_sq), s.resident):
+                    self.store.read_into(key, t).result()  # CRC-checked
             for a in range(0, s.numel, self.chunk):
                 n = min(self.chunk, s.numel - a)
                 with self.opt_pool.acquire(4 * n, torch.float32) as buf:
@@ -471,9 +480,21 @@ class Engine:
             raise
         return sum(losses) / len(losses)
 
+    def _write_back(self) -> None:
+        """Write dirty resident optimizer state to the store (commit 'none' defers it; layout docstring)."""
+        self.worker.wait_all()
+        futs = []
+        for st in self.states:
+            if st.dirty:
+                futs += [self.store.write_from(k, t) for k, t in
+                         zip((st.keys.master, st.keys.exp_avg, st.keys.exp_avg_sq), st.resident)]
+                st.dirty = False
+        for f in futs:
+            f.result()
+
     def master_chunks(self):
         """Yield every stage's fp32 master weights in order, in chunks of pool memory (bounded)."""
-        self.worker.wait_all()
+        self._write_back()
         for st in self.states:
             for a in range(0, st.numel, self.chunk):
                 n = min(self.chunk, st.numel - a)
@@ -484,7 +505,7 @@ class Engine:
     def state(self) -> dict[str, Tensor]:
         """fp32 master weights by global key (materialises the model: for tests and small models)."""
         out = {}
-        self.worker.wait_all()
+        self._write_back()
         for st in self.states:
             flat = torch.empty(st.numel)
             self.store.read_into(st.keys.master, flat).result()
@@ -493,7 +514,7 @@ class Engine:
 
     def optimizer_state(self) -> dict[str, dict[str, Tensor]]:
         out: dict[str, dict[str, Tensor]] = {}
-        self.worker.wait_all()
+        self._write_back()
         for st in self.states:
             m, v = torch.empty(st.numel), torch.empty(st.numel)
             self.store.read_into(st.keys.exp_avg, m).result()
@@ -508,7 +529,7 @@ class Engine:
         after a completed run (``completed``) without ``keep_state``: a stopped or failed run keeps it
         for ``--resume``."""
         try:
-            self.worker.wait_all()
+            self._write_back()
         finally:
             self.worker.close()
             self.streamer.close()
@@ -517,6 +538,14 @@ class Engine:
             if self.completed and not self.cfg.offload.keep_state:
                 for d in self.store_dirs:
                     shutil.rmtree(d, ignore_errors=True)
+
+
+def _resident_state(numel: int) -> tuple[Tensor, Tensor, Tensor]:
+    """CPU memory for a resident stage's fp32 master, m and v: huge-page buffers (the store writes
+    them whole every step; aligned.huge_empty says why huge pages)."""
+    from fuyou.store.aligned import huge_empty
+
+    return tuple(huge_empty(4 * numel).view(torch.float32)[:numel] for _ in range(3))  # type: ignore[return-value]
 
 
 def _pinned_like(numel: int, dtype: torch.dtype) -> Tensor:

@@ -5,7 +5,10 @@ state moves in a few large transfers: the store holds ``<stage>/master.<c>``, ``
 ``<stage>/exp_avg_sq.<c>`` (fp32; copies ``c`` = 0 and 1 with copy-on-write commits, see
 ``commit``) and, unless they are cached in CPU memory, ``<stage>/weights`` (the compute-precision
 copy the forward and backward use). Parameter ``p`` is elements ``[offset, offset + numel)`` of
-each vector. ``cur`` names the copy holding the last committed step's state.
+each vector. ``cur`` names the copy holding the last committed step's state. A *resident* stage also
+holds master, m and v in CPU memory (``resident``): its updates read them there; with copy-on-write
+commits they also write them to the store's next copy every step (the commit needs it), with commit
+'none' they stay *dirty* in CPU memory and are written back only when the store is read or closed.
 
 States of a stage's compute weights, kept in ``StageState.updated``:
 
@@ -52,6 +55,8 @@ class StageState:
     cow: bool = True                       # copy-on-write commits: updates write the other copy
     cur: int = 0                           # the copy updates read (the last committed state)
     cache: Tensor | None = None            # compute weights held in CPU memory, or None: on SSD
+    resident: tuple[Tensor, Tensor, Tensor] | None = None  # fp32 master, m, v held in CPU memory too
+    dirty: bool = False                    # resident state newer than the store's (commit 'none' only)
     updated: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None     # set when this stage's update failed
 

@@ -2,7 +2,9 @@
 
 ``submit`` marks the stage *updating* (layout docstring) and queues the job; a worker thread runs
 the out-of-core AdamW (read fp32 master and moments from SSD, fused kernel, write them back and the
-new compute weights) and marks the stage *current*. At most ``max_pending`` jobs wait in the queue;
+new compute weights) and marks the stage *current*. A resident stage with cached weights is marked
+current as soon as its kernels are done: the next forward needs only the cached compute weights,
+not the state's write to SSD (which the job still waits for before the next job starts). At most ``max_pending`` jobs wait in the queue;
 a further ``submit`` blocks (back-pressure bounds the gradients held in CPU memory), and that blocked
 time is counted as waiting for the optimizer.
 
@@ -95,7 +97,10 @@ class OptimizerWorker:
                     stats = self.opt.update(
                         st.keys, job.grad, numel=st.numel, segments=st.segments, lr=job.lr, step=job.step,
                         grad_scale=job.grad_scale, lowp_out=st.cache, lowp_dtype=self.lowp_dtype,
-                        grad_dtype=job.grad_dtype, out_keys=st.next_keys)
+                        grad_dtype=job.grad_dtype, out_keys=st.next_keys, resident=st.resident,
+                        on_weights_ready=st.updated.set if st.cache is not None else None,
+                        persist=st.cow)
+                    st.dirty = st.resident is not None and not st.cow
                     st.cur = 1 - st.cur if st.cow else st.cur  # the new copy is current (committed later)
                     c: StepCounters = self._counters()
                     c.optimizer_busy_s += stats.busy_s

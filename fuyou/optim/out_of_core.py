@@ -22,6 +22,7 @@ the result is bit-identical to one ``fused_adamw_`` call over the whole flat ten
 
 from __future__ import annotations
 
+import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -81,7 +82,8 @@ class OutOfCoreAdamW:
     def update(self, keys: StateKeys, grad: torch.Tensor | str, *, numel: int, segments: list[Segment],
                lr: float, step: int, grad_scale: float = 1.0, lowp_out: torch.Tensor | None = None,
                lowp_dtype: torch.dtype = torch.bfloat16, grad_dtype: torch.dtype | None = None,
-               out_keys: StateKeys | None = None) -> UpdateStats:
+               out_keys: StateKeys | None = None, resident: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+               on_weights_ready=None, persist: bool = True) -> UpdateStats:
         """One AdamW step of one stage; returns its stats. Blocks until every write is done.
 
         The state is read from ``keys`` and written to ``out_keys`` (default: the same, in place; a
@@ -91,7 +93,18 @@ class OutOfCoreAdamW:
         the store under ``keys.weights`` as ``lowp_dtype``. ``step`` counts from 1.
         Errors (a corrupt chunk, a full disk) propagate after every buffer is released; the state on
         the SSD is then partly updated, which the caller must treat as lost (resume from a commit).
+
+        ``resident``: the stage's (master, m, v) held in CPU memory (flat fp32). They are updated in
+        place, nothing of them is read from the store, and they are then written to ``out_keys``
+        whole, so the store stays the state of record (``persist=False`` skips that write: the caller
+        then writes the state back itself before anyone reads the store). ``on_weights_ready()`` is called once the new
+        compute weights are in ``lowp_out`` / the store, before the state writes are waited for.
         """
+        if resident is not None:
+            return self._update_resident(keys, grad, resident, numel=numel, segments=segments, lr=lr, step=step,
+                                         grad_scale=grad_scale, lowp_out=lowp_out, lowp_dtype=lowp_dtype,
+                                         grad_dtype=grad_dtype, out_keys=out_keys or keys,
+                                         on_weights_ready=on_weights_ready, persist=persist)
         t_start = time.perf_counter()
         out_keys = out_keys or keys
         stats = UpdateStats(params=numel)
@@ -176,6 +189,79 @@ class OutOfCoreAdamW:
                     nxt += 1
         finally:
             _drain(reading, writing, retire)
+        if on_weights_ready is not None:
+            on_weights_ready()
+        stats.busy_s = time.perf_counter() - t_start
+        return stats
+
+    def _update_resident(self, keys: StateKeys, grad, resident, *, numel, segments, lr, step, grad_scale, lowp_out,
+                         lowp_dtype, grad_dtype, out_keys, on_weights_ready, persist) -> UpdateStats:
+        """``update`` for state held in CPU memory: kernels over chunks (the same arithmetic per element,
+        so bit-identical), compute weights to ``lowp_out`` or the store, then the state written whole."""
+        t_start = time.perf_counter()
+        stats = UpdateStats(params=numel)
+        c = self.cfg
+        master, m, v = resident
+        gkey = grad if isinstance(grad, str) else None
+        wdtype = lowp_out.dtype if lowp_out is not None else lowp_dtype
+        pending: list = []  # (future, buffer or None)
+        try:
+            for s in range(0, numel, self.chunk):
+                e = min(s + self.chunk, numel)
+                gbuf = wbuf = None
+                if gkey:
+                    gbuf = self.pool.acquire((e - s) * _size(grad_dtype), grad_dtype)
+                    pending.append((self.store.read_into(gkey, gbuf.tensor, start=s), gbuf))
+                    pending[-1][0].result()
+                    stats.read_bytes += (e - s) * _size(grad_dtype)
+                g = gbuf.tensor if gbuf is not None else grad[s:e]
+                if lowp_out is None:
+                    wbuf = self.pool.acquire((e - s) * _size(wdtype), wdtype)
+                lowp = wbuf.tensor if wbuf is not None else lowp_out[s:e]
+                t0 = time.perf_counter()
+                for seg in segments:
+                    a, b = max(seg.start, s), min(seg.end, e)
+                    if a >= b:
+                        continue
+                    sl, gl = slice(a, b), slice(a - s, b - s)
+                    fp32_copy = lowp.dtype == torch.float32
+                    fused_adamw_(master[sl], g[gl], m[sl], v[sl], lr=lr, beta1=c.beta1, beta2=c.beta2, eps=c.eps,
+                                 weight_decay=seg.weight_decay, step=step, grad_scale=grad_scale,
+                                 out_lowp=None if fp32_copy else lowp[gl], num_threads=self.num_threads)
+                    if fp32_copy:
+                        lowp[gl].copy_(master[sl])
+                t1 = time.perf_counter()
+                stats.kernel_s += t1 - t0
+                stats.chunks.append((t0, t1))
+                if wbuf is not None:
+                    pending.append((self.store.write_from(out_keys.weights, lowp, start=s), wbuf))
+                    stats.written_bytes += (e - s) * _size(wdtype)
+                fault("optimizer", step - 1)
+            for f, buf in pending:  # the compute weights are in place before the forward is told so
+                f.result()
+            for _, buf in pending:
+                buf.release()
+            pending = []
+            if on_weights_ready is not None:
+                on_weights_ready()
+            futs = [self.store.write_from(k, t) for k, t in
+                    zip((out_keys.master, out_keys.exp_avg, out_keys.exp_avg_sq), (master, m, v))] if persist else []
+            stats.written_bytes += 12 * numel if persist else 0
+            pending = [(f, None) for f in futs]
+            for f in futs:
+                f.result()
+            pending = []
+        finally:
+            first = None
+            for f, buf in pending:
+                try:
+                    f.result()
+                except BaseException as exc:  # noqa: BLE001 -- re-raised below unless one propagates
+                    first = first or exc
+                if buf is not None:
+                    buf.release()
+            if first is not None and sys.exc_info()[0] is None:
+                raise first
         stats.busy_s = time.perf_counter() - t_start
         return stats
 

@@ -135,8 +135,10 @@ def placement_bytes(w: Workload, costs: list[StageCost], policy: ActivationPolic
     return out
 
 
-def step_bytes(w: Workload, cached: set[int]) -> dict[str, int]:
-    """Optimizer and weight bytes of one step (activations excluded): SSD read/write, H2D, D2H."""
+def step_bytes(w: Workload, cached: set[int], resident: set[int] | frozenset = frozenset()) -> dict[str, int]:
+    """Optimizer and weight bytes of one step (activations excluded): SSD read/write, H2D, D2H.
+    A ``resident`` stage's optimizer state is read from CPU memory (and written to SSD only for
+    copy-on-write commits)."""
     reads = writes = h2d = d2h = 0
     uses = {i: 2 * w.grad_accum for i in range(len(w.numels) - 1)}  # forward and backward
     uses[len(w.numels) - 1] = w.grad_accum
@@ -144,8 +146,8 @@ def step_bytes(w: Workload, cached: set[int]) -> dict[str, int]:
         uses[0] += w.grad_accum
     for i, n in enumerate(w.numels):
         h2d += uses[i] * n * w.csize
-        reads += 12 * n + (0 if i in cached else uses[i] * n * w.csize)
-        writes += 12 * n + (0 if i in cached else n * w.csize)
+        reads += (0 if i in resident else 12 * n) + (0 if i in cached else uses[i] * n * w.csize)
+        writes += (0 if i in resident and w.offload.commit != "cow" else 12 * n) + (0 if i in cached else n * w.csize)
         d2h += n * w.gsize
     return {"ssd_read": reads, "ssd_write": writes, "h2d": h2d, "d2h": d2h}
 

@@ -39,13 +39,14 @@ def summary(plan: Plan) -> dict:
     cpu = "cpu" if hw.device == "cpu" else "compute"
     busy_gpu = sim.busy.get("compute", 0.0)
     out.update({
-        "ssd_bytes": ev.ssd_bytes, "cpu_peak_bytes": ev.memory.cpu_required + ev.memory.cache_bytes,
+        "ssd_bytes": ev.ssd_bytes, "cpu_peak_bytes": ev.memory.cpu_required + ev.memory.cache_bytes + ev.memory.resident_bytes,
         "gpu_peak_bytes": ev.memory.device_required if hw.device == "cuda" else 0,
         "step_s": sim.step_time, "tokens_per_s": w.tokens / sim.step_time,
         "model_tflops": w.model_flops / sim.step_time / 1e12, "gpu_busy": busy_gpu / sim.step_time,
         "bottleneck": sim.bottleneck if sim.bottleneck != "cpu" else f"{cpu} (CPU cores: compute + Adam)",
         "busy_s": {k: v for k, v in sim.busy.items()}, "whatif_step_s": plan.whatif,
-        "cached_stages": len(ev.memory.cached_stages), "prefetch_depth": ev.policy.prefetch_depth,
+        "cached_stages": len(ev.memory.cached_stages), "resident_stages": len(ev.memory.resident_stages),
+        "prefetch_depth": ev.policy.prefetch_depth,
         "evaluations": plan.evaluations})
     return out
 
@@ -57,9 +58,11 @@ def schedule_rows(plan: Plan) -> list[dict]:
     for t in tasks:
         busy[t.stage][t.resource] += t.dur
     cached = set(plan.best.memory.cached_stages)
+    resident = set(plan.best.memory.resident_stages)
     rows = []
     for c in plan.costs:
-        row = {"stage": c.name, "weights": "cpu cache" if c.index in cached else "ssd"}
+        row = {"stage": c.name, "weights": "cpu cache" if c.index in cached else "ssd",
+               "optimizer state": "cpu (+ssd copy)" if c.index in resident else "ssd"}
         if c.kind == "block":
             b = plan.best.policy.block(c.index - 1)
             row.update({"checkpoint": b.checkpoint, **{k: getattr(b, k) for k in CLASSES}})
@@ -111,17 +114,18 @@ def text(plan: Plan) -> str:
                f"{format_size(12 * sum(plan.workload.numels))} of it; --commit none drops resume)"
                if plan.workload.offload.commit == "cow" else " (commit none: no crash-safe resume)"),
            f"CPU peak            {format_size(s['cpu_peak_bytes'])} (weight cache: {s['cached_stages']} of "
-           f"{len(plan.costs)} stages)",
+           f"{len(plan.costs)} stages; optimizer state resident: {s['resident_stages']})",
            f"GPU peak            {format_size(s['gpu_peak_bytes'])}" if plan.hardware.device == "cuda" else
            "GPU peak            - (CPU compute device: its memory is in the CPU figure)",
            f"prefetch depth      {s['prefetch_depth']}   ({s['evaluations']} configurations simulated)", "",
            plan.best.memory.describe(), "", "swap schedule (busy seconds per resource in one step):"]
-    hdr = f"{'stage':<10} {'ckpt':<5} " + " ".join(f"{c:<9}" for c in CLASSES) + f" {'weights':<9} " + \
+    hdr = f"{'stage':<10} {'ckpt':<5} " + " ".join(f"{c:<9}" for c in CLASSES) + f" {'weights':<9} {'adam st.':<8} " + \
         " ".join(f"{LABELS[r]:>9}" for r in ROWS)
     out += [hdr, "-" * len(hdr)]
     for r in schedule_rows(plan):
         cls = " ".join(f"{r.get(c, '-'):<9}" for c in CLASSES)
-        out.append(f"{r['stage']:<10} {r.get('checkpoint', '-'):<5} {cls} {r['weights']:<9} "
+        state = "cpu" if r["optimizer state"].startswith("cpu") else "ssd"
+        out.append(f"{r['stage']:<10} {r.get('checkpoint', '-'):<5} {cls} {r['weights']:<9} {state:<8} "
                    + " ".join(f"{r['busy_s'][x]:>9.3g}" for x in ROWS))
     out += ["", timeline(plan), ""]
     return "\n".join(out)
@@ -134,7 +138,8 @@ def to_json(plan: Plan) -> dict:
     t0, _, tasks = _window(plan)
     return {**s, "policy": plan.best.policy.model_dump(mode="json"),
             "memory": {"cpu": plan.best.memory.cpu_items, "device": plan.best.memory.device_items,
-                       "cache_bytes": plan.best.memory.cache_bytes},
+                       "cache_bytes": plan.best.memory.cache_bytes,
+                       "resident_bytes": plan.best.memory.resident_bytes},
             "schedule": schedule_rows(plan),
             "tasks": [{"name": t.name, "resource": t.resource, "start": t.start - t0, "end": t.end - t0} for t in tasks]}
 

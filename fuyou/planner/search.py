@@ -103,7 +103,8 @@ def evaluate(w: Workload, hw: HardwareProfile, costs, policy: ActivationPolicy, 
         problems.append(f"SSD space: needs {format_size(ssd)}, the drives hold {format_size(hw.ssd_capacity)}")
     ev = Evaluation(policy, plan, ssd, problems)
     if not problems:
-        ev.sim = simulate(w, costs, hw, policy, set(plan.cached_stages), steps=steps)
+        ev.sim = simulate(w, costs, hw, policy, set(plan.cached_stages), steps=steps,
+                          resident=set(plan.resident_stages))
     return ev
 
 
@@ -194,7 +195,8 @@ def search(w: Workload, hw: HardwareProfile, cpu_budget: int, policy: Activation
         if hw.device == "cuda":
             sims["twice the PCIe bandwidth"] = hw.model_copy(update=dict(h2d=2 * hw.h2d, d2h=2 * hw.d2h))
         for name, h in sims.items():
-            plan.whatif[name] = simulate(w, costs, h, best.policy, cached, steps=REPORT_STEPS).step_time
+            plan.whatif[name] = simulate(w, costs, h, best.policy, cached, steps=REPORT_STEPS,
+                                         resident=set(best.memory.resident_stages)).step_time
     plan.evaluations = n_eval
     return plan
 

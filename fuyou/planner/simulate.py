@@ -25,7 +25,10 @@ What one step does (``fuyou/engine/engine.py``), for each position of the step's
   backward; then the gradient D2H (CUDA) and an AdamW job;
 * AdamW job: chunks pipelined as in ``OutOfCoreAdamW`` (read 12 B/param; kernel; write 12 B/param and
   the compute copy when not cached), jobs one after another; backward blocks when
-  ``max_pending_updates`` jobs wait (the queue's back-pressure).
+  ``max_pending_updates`` jobs wait (the queue's back-pressure). A stage whose optimizer state is
+  resident in CPU memory runs kernels only, is *updated* when they (and its weight writes) are done,
+  and its job ends when the state's 12 B/param are written (copy-on-write commits; with commit
+  'none' the state stays in CPU memory).
 """
 
 from __future__ import annotations
@@ -120,8 +123,12 @@ class _Graph:
 
 
 def simulate(w: Workload, costs: list[StageCost], hw: HardwareProfile, policy: ActivationPolicy,
-             cached: set[int], steps: int = 3, max_chunks: int = MAX_ADAM_CHUNKS) -> SimResult:
-    """Simulate ``steps`` optimizer steps from an idle machine; see the module docstring."""
+             cached: set[int], steps: int = 3, max_chunks: int = MAX_ADAM_CHUNKS,
+             resident: set[int] | frozenset = frozenset()) -> SimResult:
+    """Simulate ``steps`` optimizer steps from an idle machine; see the module docstring.
+
+    ``cached``: stages whose compute weights are in CPU memory; ``resident``: stages whose optimizer
+    state is (``MemoryPlan.resident_stages``)."""
     g = _Graph()
     cuda = hw.device == "cuda"
     q_compute = "compute" if cuda else "cpu"
@@ -217,6 +224,22 @@ def simulate(w: Workload, costs: list[StageCost], hw: HardwareProfile, policy: A
                 wbytes = 12 + (0 if i in cached else w.csize)
                 reads, kernels, writes = [], [], []
                 od = off.optimizer_depth
+                if i in resident:
+                    # State in CPU memory: kernels only, then the state written whole (the next forward
+                    # waits for the kernels when the weights are cached, for the weight writes if not).
+                    for j in range(n):
+                        kernels.append(g.add(f"adam {c.name}", "cpu-adam", q_adam, per / hw.cpu_adam,
+                                             [first[0], kernels[-1] if kernels else first[1]], step, c.name))
+                        if i not in cached:
+                            writes.append(g.add(f"adam write weights {c.name}", "ssd-write", "ssd",
+                                                w.csize * per / hw.ssd_write * mixed, [kernels[j]], step, c.name))
+                    ready = g.add(f"updated {c.name}", "cpu-adam", "marker", 0.0, [kernels[-1]] + writes, step, c.name)
+                    persist = 12 * c.numel if off.commit == "cow" else 0  # commit 'none' writes it back at the end
+                    state = g.add(f"adam write state {c.name}", "ssd-write", "ssd",
+                                  persist / hw.ssd_write * mixed, [ready], step, c.name)
+                    job_ends.append(state)
+                    updated[i] = ready
+                    continue
                 for j in range(n):
                     rd = list(first) if j < od else [kernels[j - od], writes[j - 2 * od] if j >= 2 * od else None]
                     reads.append(g.add(f"adam read {c.name}", "ssd-read", "ssd", 12 * per / hw.ssd_read * mixed,
