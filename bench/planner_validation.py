@@ -31,14 +31,17 @@ import torch
 
 MODEL = ["model.n_layer=8", "model.d_model=768", "model.n_head=12", "model.vocab_size=320", "model.max_seq_len=256"]
 CONFIGS = {
-    # compute-bound: 1024 tokens a step, weights cached in CPU memory, optimizer state on SSD
+    # compute-bound: 1024 tokens a step, weights cached in CPU memory, optimizer state resident in
+    # CPU memory as far as the budget allows (the default), the rest on SSD
     "compute-bound": MODEL + ["data.seq_len=256", "train.micro_batch_size=4", "offload.cpu_mem=1GiB"],
-    # SSD-bound: 64 tokens a step, compute weights streamed from SSD at every use (cache off)
+    # SSD-bound: 64 tokens a step, compute weights streamed from SSD at every use (cache off), the
+    # optimizer state on SSD
     "ssd-bound": MODEL + ["data.seq_len=64", "train.micro_batch_size=1", "offload.cpu_mem=1GiB",
-                          "offload.cache_weights=false"],
-    # optimizer-bound: 64 tokens, weights cached: the step is the chain of per-stage AdamW jobs
-    # (state read, kernel, write back), which backward and the next forward wait for
-    "optimizer-bound": MODEL + ["data.seq_len=64", "train.micro_batch_size=1", "offload.cpu_mem=1GiB"],
+                          "offload.cache_weights=false", "offload.resident_mem=0"],
+    # optimizer-bound: 64 tokens, weights cached, state on SSD: the step is the chain of per-stage
+    # AdamW jobs (state read, kernel, write back), which backward and the next forward wait for
+    "optimizer-bound": MODEL + ["data.seq_len=64", "train.micro_batch_size=1", "offload.cpu_mem=1GiB",
+                                "offload.resident_mem=0"],
 }
 COMMON = ["data.source=synthetic", "train.grad_clip=none", "train.precision=bf16", "train.eval_every=0",
           "train.device=cpu"]

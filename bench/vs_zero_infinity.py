@@ -195,6 +195,17 @@ def summarise(runs: list[dict], warmup: int, tokens: int, flops_per_token: float
             "final_losses": [r["losses"][-1] for r in runs]}
 
 
+def _policy_text(policy, model: str) -> str:
+    """The planner's policy (its JSON dict) in the rule form, with its prefetch depth."""
+    if not isinstance(policy, dict):
+        return str(policy)
+    from fuyou.models import ModelConfig, preset
+    from fuyou.planner.policy import ActivationPolicy
+
+    pol = ActivationPolicy.from_json(policy)
+    return f"{pol.describe(ModelConfig(**preset(model)).n_layer)}, prefetch depth {pol.prefetch_depth}"
+
+
 def gib(n) -> str:
     return "-" if n is None else f"{n / 2**30:.2f} GiB"
 
@@ -302,7 +313,8 @@ def main(argv=None) -> int:
              f"Python {platform.python_version()}, torch {torch.__version__}, deepspeed {ds_ver}, "
              f"fuyou {getattr(fuyou, '__version__', '?')}; SSD directory {args.ssd}. "
              f"{args.repeats} runs per system alternating, {args.warmup} warm-up + {args.steps} timed steps each. "
-             f"fuyou policy: {args.policy}" + (f" ({fuyou_run['policy']})" if args.policy == "auto" else "") +
+             f"fuyou policy: {args.policy}" + (f" ({_policy_text(fuyou_run['policy'], args.model)})"
+                                               if args.policy == "auto" else "") +
              (f"; ZeRO-Infinity options: {' '.join(args.ds_arg)}" if args.ds_arg else ""), "",
              "| data | system | tokens/s | model TFLOPS | step median (min-max) | peak RSS | peak GPU | "
              "SSD write / read per step | loss step 0 → final | vs fuyou final loss |",

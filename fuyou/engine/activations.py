@@ -384,6 +384,13 @@ def block_policies(spec: str, n_layer: int) -> dict[int, BlockPolicy]:
         pol.check_layers(n_layer)
     else:
         pol = parse_act_policy(spec, n_layer)
+    return engine_policies(pol, n_layer)
+
+
+def engine_policies(pol, n_layer: int) -> dict[int, BlockPolicy]:
+    """The engine's per-block policies for a planner ``ActivationPolicy`` (see ``block_policies``)."""
+    from fuyou.planner.policy import CLASSES
+
     out = {}
     for i in range(n_layer):
         b = pol.block(i)

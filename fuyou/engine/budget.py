@@ -204,3 +204,36 @@ def kept_activation_bytes(cfg_model, policy: dict, batch: int, seq: int, act_byt
         if b.checkpoint != "gpu":
             out[b.checkpoint] += 4 * tokens * d
     return out
+
+
+def act_cpu_share(policy: dict, off) -> tuple[int, bool]:
+    """(CPU memory for activations of tier ``cpu``, whether any activation leaves the compute device)
+    for engine block policies (``activations.block_policies``): ``offload.act_cpu_mem``, by default a
+    quarter of ``cpu_mem`` when the policy uses the cpu tier."""
+    uses = {t for b in policy.values() for t in (b.checkpoint, b.all, *b.classes.values()) if t}
+    share = off.act_cpu_mem if off.act_cpu_mem is not None else (off.cpu_mem // 4 if "cpu" in uses else 0)
+    return share, bool(uses & {"cpu", "ssd"})
+
+
+def policy_memory(cfg_model, policy: dict, off, batch: int, seq: int, csize: int,
+                  checksum_block: int) -> tuple[dict[str, int], dict[str, int], int]:
+    """What an activation policy adds to the memory plan: (CPU items, device items, bytes of stage
+    inputs kept on the device). The engine and the planner both call it, with the engine's block
+    policies (a block whose classes are all kept is kept whole and charged its working set)."""
+    act = activation_bytes(cfg_model, batch, seq)
+    kept = kept_activation_bytes(cfg_model, policy, batch, seq, csize)
+    share, offtier = act_cpu_share(policy, off)
+    extra_cpu, extra_dev = {}, {}
+    if kept["gpu"]:
+        extra_dev["kept activations (policy, gpu tier)"] = kept["gpu"]
+    if offtier:
+        extra_cpu["activation staging"] = off.act_staging_chunks * (-(-off.act_chunk // checksum_block) * checksum_block)
+    if share:
+        extra_cpu["activations (cpu tier share)"] = share
+    # Activations read back from SSD ahead of backward are materialised on the compute device.
+    per_block = [sum(kept_activation_bytes(cfg_model, {i: b}, batch, seq, csize)[k] for k in ("cpu", "ssd"))
+                 for i, b in policy.items()]
+    if max(per_block, default=0):
+        extra_dev["activations fetched ahead"] = off.act_prefetch_blocks * max(per_block)
+    on_device = 2 + sum(1 for b in policy.values() if b.checkpoint == "gpu")  # + embedding and head inputs
+    return extra_cpu, extra_dev, on_device * act["checkpoint"]

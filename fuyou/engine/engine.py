@@ -42,7 +42,7 @@ from fuyou.config import FuyouConfig
 from fuyou.data import TokenData
 from fuyou.engine.activations import (ActivationSwapper, BlockState, backward_block, block_policies, forward_block,
                                       leaves)
-from fuyou.engine.budget import MemoryPlan, activation_bytes, kept_activation_bytes, plan_memory
+from fuyou.engine.budget import MemoryPlan, act_cpu_share, activation_bytes, plan_memory, policy_memory
 from fuyou.engine.commit import ResumeError, read_record, write_record
 from fuyou.engine.layout import StageState, build_states, dtype_size
 from fuyou.faults import fault
@@ -122,10 +122,7 @@ class Engine:
         self.completed = False
         self.tied = bool(self.model.stages[-1].shared)
         self.act = block_policies(off.act_policy, cfg.model.n_layer)
-        uses = {t for b in self.act.values() for t in (b.checkpoint, b.all, *b.classes.values()) if t}
-        self.act_cpu_mem = (off.act_cpu_mem if off.act_cpu_mem is not None
-                            else (off.cpu_mem // 4 if "cpu" in uses else 0))
-        self.act_offtier = bool(uses & {"cpu", "ssd"})
+        self.act_cpu_mem, self.act_offtier = act_cpu_share(self.act, off)
         self.batches, self.eval_batches = make_batches(cfg, data)
         # Activations swapped to the cpu/ssd tiers are freed out of order, mid-heap, where glibc cannot
         # return them: with such a policy every large block stays an mmap (bound_malloc's docstring).
@@ -172,30 +169,22 @@ class Engine:
 
     # -- planning --------------------------------------------------------------------------------
     def _memory_plan(self) -> MemoryPlan:
-        """The plan from ``budget.plan_memory``, the same function the planner uses."""
+        """The plan from ``budget.plan_memory`` with the activation items of ``budget.policy_memory``:
+        the same two functions the planner uses."""
         t, off = self.cfg.train, self.cfg.offload
         act = activation_bytes(self.cfg.model, t.micro_batch_size, self.cfg.data.seq_len)
-        kept = kept_activation_bytes(self.cfg.model, self.act, t.micro_batch_size, self.cfg.data.seq_len,
-                                     dtype_size(self.cdtype))
-        extra_cpu, extra_dev = {}, {}
-        if kept["gpu"]:
-            extra_dev["kept activations (policy, gpu tier)"] = kept["gpu"]
-        if self.act_offtier:
-            cb = self.store_cfg.checksum_block
-            extra_cpu["activation staging"] = off.act_staging_chunks * (-(-off.act_chunk // cb) * cb)
-        if self.act_cpu_mem:
-            extra_cpu["activations (cpu tier share)"] = self.act_cpu_mem
-        # Activations read back from SSD ahead of backward are materialised on the compute device.
-        per_block = [sum(kept_activation_bytes(self.cfg.model, {i: b}, t.micro_batch_size, self.cfg.data.seq_len,
-                                               dtype_size(self.cdtype))[k] for k in ("cpu", "ssd"))
-                     for i, b in self.act.items()]
-        if max(per_block, default=0):
-            extra_dev["activations fetched ahead"] = off.act_prefetch_blocks * max(per_block)
-        on_device = 2 + sum(1 for b in self.act.values() if b.checkpoint == "gpu")  # + embedding and head inputs
+        extra_cpu, extra_dev, ckpt = policy_memory(self.cfg.model, self.act, off, t.micro_batch_size,
+                                                   self.cfg.data.seq_len, dtype_size(self.cdtype),
+                                                   self.store_cfg.checksum_block)
+        working = None
+        if self.device.type == "cuda":
+            from fuyou.planner.cost import Workload, gpu_working_bytes
+
+            working = gpu_working_bytes(Workload.from_config(self.cfg))
         return plan_memory(
             [s.numel for s in self.states], self.cfg.offload, chunk=self.chunk,
             io_buffer_bytes=self.store_cfg.queue_depth * max(self.store_cfg.block_size, self.store_cfg.checksum_block),
-            act=act, checkpoint_bytes=on_device * act["checkpoint"], extra_cpu=extra_cpu, extra_device=extra_dev,
+            act=act, checkpoint_bytes=ckpt, working_bytes=working, extra_cpu=extra_cpu, extra_device=extra_dev,
             csize=dtype_size(self.cdtype), gsize=dtype_size(self.gdtype), deferred=self.deferred,
             accumulate=self.accumulate, tied=self.tied, compute_on_cpu=self.device.type == "cpu")
 

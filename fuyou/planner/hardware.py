@@ -96,6 +96,10 @@ class HardwareProfile(BaseModel):
     ssd_mixed_factor: float = Field(
         1.0, gt=0, description="Measured time of reading and writing at once over the sum of the separate "
         "times (1.0: the device time-shares; <1: it overlaps some); multiplies every SSD task.")
+    ssd_cpu_s_per_gb: float = Field(
+        0.0, ge=0, description="CPU seconds the store's I/O threads spend per GB moved (CRC-32, syscalls, the "
+        "kernel's O_DIRECT work), measured by the probe. On a CPU compute device it is charged to the cores "
+        "that compute and AdamW share; 0 (presets) leaves it out.")
     ssd_capacity: int = Field(gt=0, description="Usable SSD space, bytes.")
     ssd_drives: int = Field(1, ge=1, description="Drives striped (for 'what if twice the SSDs').")
     cpu_adam: float = Field(gt=0, description="CPU AdamW throughput, parameters/s (fuyou's fused kernel).")

@@ -88,6 +88,24 @@ class ActivationPolicy(BaseModel):
             raise ConfigError(f"the activation policy names block {max(bad)} but the model has {n_layer} blocks "
                               f"(0-{n_layer - 1})")
 
+    def describe(self, n_layer: int) -> str:
+        """The human form (rules ``parse_act_policy`` reads back to the same blocks), runs of equal
+        blocks merged: for example ``0-11:fc2,proj,qkv,fc1=gpu;12-23:fc2,proj=gpu``."""
+        rules, i = [], 0
+        while i < n_layer:
+            b, j = self.block(i), i
+            while j + 1 < n_layer and self.block(j + 1) == b:
+                j += 1
+            by_tier: dict[str, list[str]] = {}
+            for c in ("checkpoint", *CLASSES):
+                tier = getattr(b, c)
+                if tier != ("gpu" if c == "checkpoint" else "recompute"):
+                    by_tier.setdefault(tier, []).append(c)
+            rng = "" if (i, j) == (0, n_layer - 1) else (f"{i}:" if i == j else f"{i}-{j}:")
+            rules += [f"{rng}{','.join(cs)}={t}" for t, cs in by_tier.items()]
+            i = j + 1
+        return ";".join(rules) or "recompute"
+
     def to_json(self) -> str:
         return json.dumps({"blocks": {str(i): b.model_dump() for i, b in sorted(self.blocks.items())},
                            "cache_weights_stages": self.cache_weights_stages, "prefetch_depth": self.prefetch_depth})

@@ -6,7 +6,8 @@
 * H2D / D2H (CUDA): copies between a pinned buffer and the GPU.
 * SSD: write, read, and both at once (two tensors) through ``fuyou.store.TensorStore`` on ``--ssd``
   (O_DIRECT, checksums as configured, in the optimizer's request pattern: 4 MiB requests, 6 in flight): the profile's ``ssd_mixed_factor`` is the mixed time over the
-  sum of the separate times.
+  sum of the separate times; ``ssd_cpu_s_per_gb`` is the process's CPU time per GB over the separate
+  write and read runs (the I/O threads' CRC-32, syscalls and the kernel's O_DIRECT work).
 * CPU AdamW: ``fuyou.optim.fused_adamw_`` (bf16 gradient, bf16 copy out), parameters per second.
 * memory: CPU total, GPU total, free space under ``--ssd``.
 
@@ -16,6 +17,7 @@ Each figure is the median of ``repeats`` runs after one warm-up. Defaults take w
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import statistics
 import time
@@ -130,8 +132,10 @@ def probe_store(directory: Path, nbytes: int, repeats: int = 3, cfg: StoreConfig
             for k in ("a", "b"):
                 store.allocate(k, (nbytes,), torch.uint8)
                 store.write_from(k, a.tensor).result()  # untimed: turns the fallocated extents into written ones
+            c0 = _cpu_seconds()
             tw = _median_time(lambda: stream(store.write_from, "a", a), repeats)
             tr = _median_time(lambda: stream(store.read_into, "b", b), repeats)
+            cpu_per_byte = (_cpu_seconds() - c0) / (2 * repeats * nbytes)  # the I/O threads' CPU, both ways
 
             def mixed():
                 fw = ex.submit(stream, store.write_from, "a", a)
@@ -143,7 +147,13 @@ def probe_store(directory: Path, nbytes: int, repeats: int = 3, cfg: StoreConfig
         pool.close()
         shutil.rmtree(root, ignore_errors=True)
     return {"write": nbytes / tw, "read": nbytes / tr, "mixed_factor": tm / (tw + tr), "bytes": nbytes,
-            "request": request, "inflight": inflight}
+            "request": request, "inflight": inflight, "cpu_s_per_byte": cpu_per_byte}
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process (every thread) so far."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 def probe_links(nbytes: int, repeats: int = 3) -> dict:
@@ -199,5 +209,6 @@ def probe(ssd_dir: str | Path, *, model: str | ModelConfig | None = None, batch:
         fwd_flops=c["fwd_flops"], bwd_flops=c["bwd_flops"], matmul_flops=c["matmul_flops"], gpu_mem=gpu_mem,
         h2d=meas["links"]["h2d"], d2h=meas["links"]["d2h"], ssd_read=s["read"], ssd_write=s["write"],
         ssd_mixed_factor=s["mixed_factor"], ssd_capacity=shutil.disk_usage(d).free, ssd_drives=1,
+        ssd_cpu_s_per_gb=s["cpu_s_per_byte"] * 1e9,
         cpu_adam=meas["adam_params_per_s"], cpu_mem=cpu_memory())
     return prof, meas

@@ -9,9 +9,9 @@ from fuyou.planner.search import Plan
 from fuyou.planner.simulate import Task
 from fuyou.units import format_size
 
-ROWS = ["compute", "h2d", "d2h", "ssd-read", "ssd-write", "cpu-adam"]
+ROWS = ["compute", "h2d", "d2h", "ssd-read", "ssd-write", "cpu-adam", "io-cpu"]
 LABELS = {"compute": "GPU", "h2d": "H2D", "d2h": "D2H", "ssd-read": "SSD read", "ssd-write": "SSD write",
-          "cpu-adam": "CPU Adam"}
+          "cpu-adam": "CPU Adam", "io-cpu": "I/O CPU"}
 
 
 def _si(x: float) -> str:
@@ -89,6 +89,8 @@ def timeline(plan: Plan, width: int = 100) -> str:
     lines = [f"one step, {span:.3g} s from the end of the previous step's compute "
              f"(F forward, H head, B recompute+backward; # busy, + partly busy):"]
     for r in ROWS:
+        if r == "io-cpu" and not any(grid[r]):
+            continue  # only a CPU compute device charges the I/O threads' CPU time
         cells = "".join((mark[r][i] if r == "compute" and mark[r][i] != " " else "#") if v >= 0.5 else
                         ("+" if v > 0.02 else " ") for i, v in enumerate(grid[r]))
         lines.append(f"{LABELS[r]:>9} |{cells}|")

@@ -1,9 +1,10 @@
 """The planner's search: which activations to keep and where, how many weights to cache, the prefetch
 depth, within the GPU, CPU and SSD budgets, minimising the simulated step time.
 
-The memory model is the engine's own (``fuyou.engine.budget.plan_memory``): the same items, the
-weight cache taking what the CPU budget leaves. Activations a policy keeps add items: on the GPU
-("activations kept on device"), in CPU memory, and pinned staging for what goes on to the SSD.
+The memory model is the engine's own (``fuyou.engine.budget.plan_memory`` and ``policy_memory``):
+the same items, the weight cache and resident optimizer state taking what the CPU budget leaves.
+Activations a policy keeps add the engine's items (kept on the device, the cpu tier's share,
+staging for what goes on to the SSD, what is fetched back ahead of backward).
 
 Search (DESIGN.md idea 3): candidates (block, class) are ordered by recompute FLOPs saved per byte
 kept (``fc2`` first: 2*ff FLOPs/element; then ``proj``, ``qkv``, ``fc1``: 2*d) and, within a class, from
@@ -19,7 +20,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from fuyou.engine.budget import MemoryPlan, plan_memory, weight_buffer_need
+from fuyou.engine.activations import engine_policies
+from fuyou.engine.budget import MemoryPlan, plan_memory, policy_memory, weight_buffer_need
 from fuyou.engine.budget import activation_bytes
 from fuyou.planner.cost import StageCost, Workload, gpu_working_bytes, placement_bytes, stage_costs
 from fuyou.planner.hardware import GPUS, HardwareProfile, with_more_ssds
@@ -70,18 +72,15 @@ def memory_plan(w: Workload, hw: HardwareProfile, costs: list[StageCost], policy
     off = w.offload.model_copy(update=dict(prefetch_depth=policy.prefetch_depth, cpu_mem=cpu_budget,
                                            gpu_mem=hw.gpu_mem if cuda else None))
     pb = placement_bytes(w, costs, policy)
-    ckpt = costs[-1].act_bytes["checkpoint"]
-    extra_dev = {"activations kept on device": pb["gpu"]} if pb["gpu"] else {}
-    extra_cpu = {}
-    if pb["cpu"] + pb["ckpt_cpu"]:
-        extra_cpu["activations in CPU memory"] = pb["cpu"] + pb["ckpt_cpu"]
-    if pb["ssd"] + pb["ckpt_ssd"]:
-        extra_cpu["activation staging (pinned)"] = (policy.prefetch_depth + 1) * pb["ssd_max_block"]
+    # The activation items are the engine's own (budget.policy_memory), from the engine's view of the
+    # policy, so a plan the planner accepts is one the engine accepts.
+    extra_cpu, extra_dev, ckpt_bytes = policy_memory(w.model, engine_policies(policy, w.model.n_layer), off, w.batch,
+                                                     w.seq, w.csize, w.store.checksum_block)
     plan = plan_memory(
         w.numels, off, chunk=w.chunk, io_buffer_bytes=w.store.queue_depth * max(w.store.block_size, w.store.checksum_block),
         act=activation_bytes(w.model, w.batch, w.seq), csize=w.csize, gsize=w.gsize, deferred=False,
         accumulate=w.grad_accum > 1, tied=w.tied, compute_on_cpu=not cuda,
-        checkpoint_bytes=pb["ckpt_gpu"] + 2 * ckpt, working_bytes=gpu_working_bytes(w) if cuda else None,
+        checkpoint_bytes=ckpt_bytes, working_bytes=gpu_working_bytes(w) if cuda else None,
         extra_cpu=extra_cpu, extra_device=extra_dev)
     cached = set(plan.cached_stages)
     state = 24 if w.offload.commit == "cow" else 12  # copy-on-write commits keep two copies (engine/commit.py)

@@ -12,6 +12,8 @@ device that serves one task at a time, first come first served by the time a tas
 * ``compute``: the GPU; on a CPU-only profile ``compute`` and the AdamW kernels (``cpu-adam``) run on
   the same cores and share one queue ``cpu`` (both use every core; time-slicing them costs the sum).
 * ``cpu-adam``: the optimizer worker's kernels (one worker thread, jobs in order).
+* ``io-cpu`` (CPU profile only): the store's CPU time per byte (``ssd_cpu_s_per_gb``, probed) of
+  every SSD transfer, on the shared ``cpu`` queue after the transfer.
 
 What one step does (``fuyou/engine/engine.py``), for each position of the step's stage order
 (forward 0..S-2, the embedding again for a tied head, the head, backward S-2..0):
@@ -252,6 +254,16 @@ def simulate(w: Workload, costs: list[StageCost], hw: HardwareProfile, policy: A
                 job_ends.append(end)
                 updated[i] = end
         step_last_compute.append(compute_ids[-1])
+    if not cuda and hw.ssd_cpu_s_per_gb > 0:
+        # The store's I/O threads run on the cores that compute and AdamW share: each SSD transfer
+        # costs them its measured CPU time, after it (a descheduled compute thread holds up the
+        # whole parallel op, so the cost is counted whole, not divided by the cores).
+        for k in range(len(g.tasks)):
+            t = g.tasks[k]
+            if t.queue == "ssd" and t.dur > 0:
+                bw = hw.ssd_read if t.resource == "ssd-read" else hw.ssd_write
+                g.add(f"io cpu {t.name}", "io-cpu", "cpu", t.dur / mixed * bw * hw.ssd_cpu_s_per_gb / 1e9, [k],
+                      t.step, t.stage)
     g.run()
     ends = [g.tasks[i].end for i in step_last_compute]
     makespan = max(t.end for t in g.tasks)

@@ -112,3 +112,31 @@ def test_larger_cpu_budget_never_predicts_more_ssd_traffic():
         t = [x for x in best.sim.last_step_tasks() if x.queue == "ssd"]
         traffic.append(sum(x.dur for x in t))
     assert all(a >= b - 1e-9 for a, b in zip(traffic, traffic[1:]))
+
+
+@pytest.mark.parametrize("policy", ["recompute", "fc2,proj=gpu;0:all=gpu", "fc2=ssd;1:qkv=gpu", "all=gpu"])
+def test_planner_memory_plan_is_the_engines(tmp_path, policy):
+    """The planner's memory plan for a policy has the engine's items, byte for byte, so a plan the
+    planner finds feasible is one the engine accepts (a block with every class kept is kept whole)."""
+    from fuyou.config import load_config
+    from fuyou.engine.engine import Engine
+    from fuyou.planner.policy import parse_act_policy
+    from fuyou.planner.search import memory_plan
+
+    (tmp_path / "ssd").mkdir()
+    cfg = load_config(overrides=["model.preset=gpt-test", "data.seq_len=32", "train.micro_batch_size=2",
+                                 "train.grad_clip=none", "offload.mode=ssd", f"offload.ssd_dirs=[\"{tmp_path / 'ssd'}\"]",
+                                 "offload.cpu_mem=256MiB", f"offload.act_policy={policy}", "train.device=cpu",
+                                 "data.source=synthetic"])
+    eng = Engine(cfg, None, "state")
+    try:
+        w = Workload.from_config(cfg)
+        hw = HardwareProfile(source="test", device="cpu", fwd_flops=1e11, bwd_flops=1e11, matmul_flops=1e11,
+                             gpu_mem=64 * GiB, h2d=1e15, d2h=1e15, ssd_read=1e9, ssd_write=1e9,
+                             ssd_capacity=1 << 40, cpu_adam=1e9)
+        pol = parse_act_policy(policy, cfg.model.n_layer, prefetch_depth=cfg.offload.prefetch_depth)
+        plan, _ = memory_plan(w, hw, stage_costs(w), pol, cfg.offload.cpu_mem)
+        assert plan.cpu_items == eng.plan.cpu_items
+        assert plan.cached_stages == eng.plan.cached_stages and plan.resident_stages == eng.plan.resident_stages
+    finally:
+        eng.close()

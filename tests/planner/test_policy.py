@@ -36,3 +36,14 @@ def test_bad_human_policies_say_what_is_allowed(text):
 def test_bad_json_policies_raise_config_error(raw):
     with pytest.raises(ConfigError):
         ActivationPolicy.from_json(raw)
+
+
+def test_describe_reads_back_to_the_same_policy():
+    from fuyou.planner.policy import ActivationPolicy, parse_act_policy
+    for text in ("recompute", "all=gpu", "fc2,proj=ssd", "0-3:checkpoint=cpu;fc2=cpu;10-11:all=gpu", "5:qkv,fc1=ssd"):
+        pol = parse_act_policy(text, 12)
+        again = parse_act_policy(pol.describe(12), 12)
+        assert again.blocks == pol.blocks, (text, pol.describe(12))
+    assert parse_act_policy("fc2,proj=gpu;0-11:all=gpu", 24).describe(24) == \
+        "0-11:fc2,proj,qkv,fc1=gpu;12-23:fc2,proj=gpu"
+    assert ActivationPolicy.recompute_all(4).describe(4) == "recompute"
