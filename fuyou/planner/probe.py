@@ -132,10 +132,12 @@ def probe_store(directory: Path, nbytes: int, repeats: int = 3, cfg: StoreConfig
             for k in ("a", "b"):
                 store.allocate(k, (nbytes,), torch.uint8)
                 store.write_from(k, a.tensor).result()  # untimed: turns the fallocated extents into written ones
+            b.tensor.fill_(0)  # untimed: first touch of huge pages costs ~10x a steady read's CPU
             c0 = _cpu_seconds()
             tw = _median_time(lambda: stream(store.write_from, "a", a), repeats)
             tr = _median_time(lambda: stream(store.read_into, "b", b), repeats)
-            cpu_per_byte = (_cpu_seconds() - c0) / (2 * repeats * nbytes)  # the I/O threads' CPU, both ways
+            # The I/O threads' CPU, both ways, over every pass (_median_time runs one more, a warm-up).
+            cpu_per_byte = (_cpu_seconds() - c0) / (2 * (repeats + 1) * nbytes)
 
             def mixed():
                 fw = ex.submit(stream, store.write_from, "a", a)
