@@ -377,7 +377,7 @@ def block_policies(spec: str, n_layer: int) -> dict[int, BlockPolicy]:
     whose four classes are all kept in one tier is kept whole (no recomputation at all)."""
     from pathlib import Path
 
-    from fuyou.planner.policy import CLASSES, ActivationPolicy, parse_act_policy
+    from fuyou.planner.policy import ActivationPolicy, parse_act_policy
 
     if spec.endswith(".json") and Path(spec).is_file():
         pol = ActivationPolicy.from_json(Path(spec).read_text())

@@ -108,7 +108,6 @@ class OutOfCoreAdamW:
         t_start = time.perf_counter()
         out_keys = out_keys or keys
         stats = UpdateStats(params=numel)
-        c = self.cfg
         gkey = grad if isinstance(grad, str) else None
         gdtype = grad_dtype if gkey else grad.dtype
         wdtype = lowp_out.dtype if lowp_out is not None else lowp_dtype
@@ -159,21 +158,7 @@ class OutOfCoreAdamW:
                     lowp = wbuf.tensor
                 else:
                     lowp = lowp_out[s:e]
-                t0 = time.perf_counter()
-                for seg in segments:
-                    a, b = max(seg.start, s), min(seg.end, e)
-                    if a >= b:
-                        continue
-                    sl = slice(a - s, b - s)
-                    fp32_copy = lowp.dtype == torch.float32  # fp32 training: the compute copy is the master
-                    fused_adamw_(master[sl], g[sl], m[sl], v[sl], lr=lr, beta1=c.beta1, beta2=c.beta2, eps=c.eps,
-                                 weight_decay=seg.weight_decay, step=step, grad_scale=grad_scale,
-                                 out_lowp=None if fp32_copy else lowp[sl], num_threads=self.num_threads)
-                    if fp32_copy:
-                        lowp[sl].copy_(master[sl])
-                t1 = time.perf_counter()
-                stats.kernel_s += t1 - t0
-                stats.chunks.append((t0, t1))
+                self._step_chunk(s, e, segments, (master, m, v), s, g, lowp, lr, step, grad_scale, stats)
                 wf = [self.store.write_from(k, t, start=s)
                       for k, t in zip((out_keys.master, out_keys.exp_avg, out_keys.exp_avg_sq), (master, m, v))]
                 stats.written_bytes += 12 * (e - s)
@@ -194,13 +179,35 @@ class OutOfCoreAdamW:
         stats.busy_s = time.perf_counter() - t_start
         return stats
 
+    def _step_chunk(self, s: int, e: int, segments: list[Segment], state, state_start: int, g: torch.Tensor,
+                    lowp: torch.Tensor, lr: float, step: int, grad_scale: float, stats: UpdateStats) -> None:
+        """The fused kernel over elements ``[s, e)``, one call per weight-decay segment. ``state`` is
+        (master, m, v) holding elements from ``state_start`` on (a chunk buffer: ``s``; resident
+        state: 0); ``g`` and ``lowp`` hold elements ``[s, e)``."""
+        c = self.cfg
+        master, m, v = state
+        fp32_copy = lowp.dtype == torch.float32  # fp32 training: the compute copy is the master
+        t0 = time.perf_counter()
+        for seg in segments:
+            a, b = max(seg.start, s), min(seg.end, e)
+            if a >= b:
+                continue
+            st, ch = slice(a - state_start, b - state_start), slice(a - s, b - s)
+            fused_adamw_(master[st], g[ch], m[st], v[st], lr=lr, beta1=c.beta1, beta2=c.beta2, eps=c.eps,
+                         weight_decay=seg.weight_decay, step=step, grad_scale=grad_scale,
+                         out_lowp=None if fp32_copy else lowp[ch], num_threads=self.num_threads)
+            if fp32_copy:
+                lowp[ch].copy_(master[st])
+        t1 = time.perf_counter()
+        stats.kernel_s += t1 - t0
+        stats.chunks.append((t0, t1))
+
     def _update_resident(self, keys: StateKeys, grad, resident, *, numel, segments, lr, step, grad_scale, lowp_out,
                          lowp_dtype, grad_dtype, out_keys, on_weights_ready, persist) -> UpdateStats:
         """``update`` for state held in CPU memory: kernels over chunks (the same arithmetic per element,
         so bit-identical), compute weights to ``lowp_out`` or the store, then the state written whole."""
         t_start = time.perf_counter()
         stats = UpdateStats(params=numel)
-        c = self.cfg
         master, m, v = resident
         gkey = grad if isinstance(grad, str) else None
         wdtype = lowp_out.dtype if lowp_out is not None else lowp_dtype
@@ -218,21 +225,7 @@ class OutOfCoreAdamW:
                 if lowp_out is None:
                     wbuf = self.pool.acquire((e - s) * _size(wdtype), wdtype)
                 lowp = wbuf.tensor if wbuf is not None else lowp_out[s:e]
-                t0 = time.perf_counter()
-                for seg in segments:
-                    a, b = max(seg.start, s), min(seg.end, e)
-                    if a >= b:
-                        continue
-                    sl, gl = slice(a, b), slice(a - s, b - s)
-                    fp32_copy = lowp.dtype == torch.float32
-                    fused_adamw_(master[sl], g[gl], m[sl], v[sl], lr=lr, beta1=c.beta1, beta2=c.beta2, eps=c.eps,
-                                 weight_decay=seg.weight_decay, step=step, grad_scale=grad_scale,
-                                 out_lowp=None if fp32_copy else lowp[gl], num_threads=self.num_threads)
-                    if fp32_copy:
-                        lowp[gl].copy_(master[sl])
-                t1 = time.perf_counter()
-                stats.kernel_s += t1 - t0
-                stats.chunks.append((t0, t1))
+                self._step_chunk(s, e, segments, resident, 0, g, lowp, lr, step, grad_scale, stats)
                 if wbuf is not None:
                     pending.append((self.store.write_from(out_keys.weights, lowp, start=s), wbuf))
                     stats.written_bytes += (e - s) * _size(wdtype)

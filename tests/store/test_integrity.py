@@ -17,7 +17,6 @@ from fuyou.store import (StoreConfig, StoreCorruptError, StoreFullError, StorePe
 from fuyou.store.errors import io_error_from_oserror
 from fuyou.store.native import native_available
 
-from store_testutil import SMALL
 
 
 def _store_with(tmp_path, cfg, t):
