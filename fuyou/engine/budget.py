@@ -157,8 +157,7 @@ def plan_memory(stage_numels: list[int], off, *, chunk: int, io_buffer_bytes: in
     # Optimizer state kept in CPU memory gets what the cache leaves (module docstring). Its updates
     # read nothing from the SSD; the state is still written there every step (crash-safe commits).
     spare = off.cpu_mem - sum(plan.cpu_items.values()) - plan.cache_bytes
-    cap = getattr(off, "resident_mem", 0)
-    spare = spare if cap is None else min(spare, cap)
+    spare = spare if off.resident_mem is None else min(spare, off.resident_mem)
     if spare > 0:
         for index, numel in enumerate(stage_numels):
             need = -(-12 * numel // 4096) * 4096

@@ -227,7 +227,7 @@ class Engine:
         specs = []
         for s in self.states:
             for keys in (s.copies if s.cow else s.copies[:1]):
-                specs += [(k, (s.numel,), torch.float32) for k in (keys.master, keys.exp_avg, keys.exp_avg_sq)]
+                specs += [(k, (s.numel,), torch.float32) for k in keys.fp32]
             if s.index not in self.plan.cached_stages:
                 specs.append((s.keys.weights, (s.numel,), self.cdtype))
             if self.deferred:
@@ -259,7 +259,7 @@ class Engine:
                 s.cache = _pinned_like(s.numel, self.cdtype)
             if s.index in self.plan.resident_stages:
                 s.resident = _resident_state(s.numel)
-                for key, t in zip((s.keys.master, s.keys.exp_avg, s.keys.exp_avg_sq), s.resident):
+                for key, t in zip(s.keys.fp32, s.resident):
                     self.store.read_into(key, t).result()  # CRC-checked
             for a in range(0, s.numel, self.chunk):
                 n = min(self.chunk, s.numel - a)
@@ -500,8 +500,7 @@ class Engine:
         futs = []
         for st in self.states:
             if st.dirty:
-                futs += [self.store.write_from(k, t) for k, t in
-                         zip((st.keys.master, st.keys.exp_avg, st.keys.exp_avg_sq), st.resident)]
+                futs += [self.store.write_from(k, t) for k, t in zip(st.keys.fp32, st.resident)]
                 st.dirty = False
         for f in futs:
             f.result()

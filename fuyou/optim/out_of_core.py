@@ -43,6 +43,11 @@ class StateKeys:
     exp_avg_sq: str
     weights: str | None = None  # compute-precision weights in the store (None: kept in CPU memory)
 
+    @property
+    def fp32(self) -> tuple[str, str, str]:
+        """The three fp32 tensors of the state, in (master, m, v) order."""
+        return (self.master, self.exp_avg, self.exp_avg_sq)
+
 
 @dataclass(frozen=True)
 class Segment:
@@ -119,7 +124,7 @@ class OutOfCoreAdamW:
             s, e = span
             n = e - s
             bufs = [self.pool.acquire(4 * n, torch.float32) for _ in range(3)]
-            futs = [self.store.read_into(k, b.tensor, start=s) for k, b in zip((keys.master, keys.exp_avg, keys.exp_avg_sq), bufs)]
+            futs = [self.store.read_into(k, b.tensor, start=s) for k, b in zip(keys.fp32, bufs)]
             if gkey:
                 gb = self.pool.acquire(n * _size(gdtype), gdtype)
                 bufs.append(gb)
@@ -160,7 +165,7 @@ class OutOfCoreAdamW:
                     lowp = lowp_out[s:e]
                 self._step_chunk(s, e, segments, (master, m, v), s, g, lowp, lr, step, grad_scale, stats)
                 wf = [self.store.write_from(k, t, start=s)
-                      for k, t in zip((out_keys.master, out_keys.exp_avg, out_keys.exp_avg_sq), (master, m, v))]
+                      for k, t in zip(out_keys.fp32, (master, m, v))]
                 stats.written_bytes += 12 * (e - s)
                 if wbuf is not None:
                     wf.append(self.store.write_from(out_keys.weights, lowp, start=s))
@@ -238,7 +243,7 @@ class OutOfCoreAdamW:
             if on_weights_ready is not None:
                 on_weights_ready()
             futs = [self.store.write_from(k, t) for k, t in
-                    zip((out_keys.master, out_keys.exp_avg, out_keys.exp_avg_sq), (master, m, v))] if persist else []
+                    zip(out_keys.fp32, (master, m, v))] if persist else []
             stats.written_bytes += 12 * numel if persist else 0
             pending = [(f, None) for f in futs]
             for f in futs:
