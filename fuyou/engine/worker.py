@@ -4,9 +4,9 @@
 the out-of-core AdamW (read fp32 master and moments from SSD, fused kernel, write them back and the
 new compute weights) and marks the stage *current*. A resident stage with cached weights is marked
 current as soon as its kernels are done: the next forward needs only the cached compute weights,
-not the state's write to SSD (which the job still waits for before the next job starts). At most ``max_pending`` jobs wait in the queue;
-a further ``submit`` blocks (back-pressure bounds the gradients held in CPU memory), and that blocked
-time is counted as waiting for the optimizer.
+not the state's write to SSD (which the job still waits for before the next job starts). At most
+``max_pending`` jobs wait in the queue; a further ``submit`` blocks (back-pressure bounds the
+gradients held in CPU memory), and that blocked time is counted as waiting for the optimizer.
 
 Note: [Gradient hand-off]
     On CUDA the gradient's D2H copy runs on the D2H stream into a pinned pool buffer and records an

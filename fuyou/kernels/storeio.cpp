@@ -8,7 +8,8 @@
 //   fy_io_create(threads, bounce_bytes, crc_fn, crc_kind) -> engine
 //   fy_io_submit(engine, request_id, units, n)             queue one request of n units (copied)
 //   fy_io_reap(engine, out, max, timeout_ms) -> count      finished requests (blocks up to timeout)
-//   fy_io_destroy(engine)                                  finish queued units, join the threads
+//   fy_io_stop(engine)                                     finish queued units, join the threads
+//   fy_io_free(engine)                                     stop, then release the engine
 // A request is reported once, after its last unit has finished; the first failure of any of its units
 // is what it reports, and its later units are skipped (no future hangs, nothing is returned as data).
 //
@@ -131,10 +132,16 @@ int transfer(const fy_unit& u, uint8_t* buf, int64_t n, fy_done& d) {
     return 0;
 }
 
+// O_DIRECT needs an aligned address and a 4 KiB-multiple length: otherwise the unit goes through the
+// thread's bounce buffer (padded with zeros on write).
+bool needs_bounce(const fy_unit& u) {
+    return u.direct && ((reinterpret_cast<uintptr_t>(u.buf) % kAlign) != 0 || round_up(u.length) != u.length);
+}
+
 int run_unit(const Engine& e, const fy_unit& u, uint8_t* bounce, fy_done& d) {
     const int64_t cb = u.crc_block, len = u.length;
     const int64_t padded = u.direct ? round_up(len) : len;
-    const bool bounced = u.direct && ((reinterpret_cast<uintptr_t>(u.buf) % kAlign) != 0 || padded != len);
+    const bool bounced = needs_bounce(u);
     if (u.write) {
         if (u.verify)
             for (int64_t i = 0, j = 0; i < len; i += cb, ++j) u.crcs[j] = e.crc(u.buf + i, std::min(cb, len - i));
@@ -178,8 +185,7 @@ void worker(Engine* e) {
         }
         if (!r->failed.load(std::memory_order_acquire)) {  // a failed request skips its remaining units
             const fy_unit& u = it.unit;
-            const bool need_bounce = u.direct && ((reinterpret_cast<uintptr_t>(u.buf) % kAlign) != 0 ||
-                                                  round_up(u.length) != u.length);
+            const bool need_bounce = needs_bounce(u);
             if (need_bounce && bounce == nullptr)
                 bounce = static_cast<uint8_t*>(std::aligned_alloc(kAlign, static_cast<size_t>(e->bounce_bytes)));
             fy_done d{};
