@@ -70,20 +70,12 @@ def test_buffered_when_direct_io_off(tmp_path):
         assert store.direct == [False]
 
 
-def test_engine_falls_back_to_threads_when_the_native_library_cannot_build(tmp_path, monkeypatch, caplog):
+def test_engine_falls_back_to_threads_when_the_native_library_cannot_build(tmp_path, broken_kernel_build, caplog):
     """A failed build of storeio.cpp is one warning; 'auto' then runs the Python-thread engine, and
     asking for 'native' explicitly is a typed error that says what is missing."""
     import logging
 
-    from fuyou.kernels import build
-
-    def broken(what):
-        raise RuntimeError(f"Error building extension 'fuyou_{what}'\nlong compiler output")
-
-    monkeypatch.setattr(build, "_build", broken)
-    monkeypatch.setattr(build, "_STATE", {})
-    monkeypatch.delenv("FUYOU_NO_EXT", raising=False)
-    with caplog.at_level(logging.WARNING, logger=build.__name__):
+    with caplog.at_level(logging.WARNING, logger=broken_kernel_build.__name__):
         with TensorStore.create([tmp_path / "a"], StoreConfig(engine="auto")) as s:
             assert s.engine_name == "threads"
             s.allocate("x", (5000,), torch.float32)
