@@ -31,11 +31,10 @@ _HERE = Path(__file__).resolve().parent
 _LOCK = threading.Lock()
 _STATE: dict[str, object] = {}  # "adamw", "storeio" -> ctypes.CDLL or None once tried
 
-# The flags that matter: -O3, OpenMP, and no floating-point contraction (see the note
-# [Bit-exact with torch] in adamw.cpp). torch's libgomp.so.1 is already loaded by `import torch`,
-# so the extension shares torch's OpenMP runtime rather than loading a second one.
-CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-std=c++17"]
-LDFLAGS = ["-fopenmp"]
+# The flags that matter: -O3 and no floating-point contraction (see the note [Bit-exact with torch]
+# in adamw.cpp). The kernel uses its own threads, not OpenMP (note [Own threads, not OpenMP]).
+CFLAGS = ["-O3", "-pthread", "-ffp-contract=off", "-fno-math-errno", "-std=c++17"]
+LDFLAGS = ["-pthread"]
 
 
 def ext_disabled() -> bool:

@@ -122,9 +122,11 @@ def fused_adamw_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
             factor ``min(1, max_norm/total_norm)`` to clip. Rounded to fp32, as torch's ``mul_``.
         out_lowp: optional bf16/fp16 tensor that receives ``param.to(out_lowp.dtype)`` of the new
             weight, written in the same pass.
-        num_threads: OpenMP threads for this call (default ``torch.get_num_threads()``). Calls from
-            several Python threads run concurrently (the GIL is released); give each a share of
-            the cores, since their threads otherwise compete. Work is split in 64K-element blocks, so a slice under 128K elements uses one thread.
+        num_threads: threads for this call (default ``torch.get_num_threads()``): the calling
+            thread and helpers of the kernel's own pool, not OpenMP (adamw.cpp, note [Own threads,
+            not OpenMP]). Calls from several Python threads run concurrently (the GIL is released):
+            one uses the pool, the others run on their calling thread alone. Work is split in
+            64K-element blocks, so a slice under 128K elements uses one thread.
         backend: force "avx512", "avx2", "scalar" or "torch" (a SIMD level above the CPU's is
             lowered to the best available); default: the fastest available.
 
