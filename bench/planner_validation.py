@@ -114,7 +114,7 @@ def main(argv=None) -> int:
              f"{platform.python_version()}, load average {os.getloadavg()[0]:.1f} at start. Each repeat probes "
              "(store, AdamW, the config's block) right before its engine run, so both see the same machine; "
              "figures are medians over repeats.", "",
-             "| config | probe: store write / read GB/s, AdamW Gparam/s, block fwd / bwd ms | predicted step | "
+             "| config | probe: store write / read GB/s, AdamW Gparam/s, block fwd / bwd ms, AdamW job efficiency | predicted step | "
              "measured step (runs) | predicted / measured (median of per-run ratios) | predicted bottleneck (busy per step) |",
              "|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
@@ -126,16 +126,18 @@ def main(argv=None) -> int:
         w = Workload.from_config(cfg)
         costs = stage_costs(w)
         policy = ActivationPolicy.recompute_all(cfg.model.n_layer, "gpu", prefetch_depth=cfg.offload.prefetch_depth)
-        preds, runs, probes, sims = [], [], [], []
+        preds, runs, probes, sims, profs = [], [], [], [], []
         for _ in range(args.repeats):
             hw, meas = probe(ssd, model=cfg.model, batch=w.batch, seq=w.seq, io_bytes=parse_size(args.io_bytes),
-                             device="cpu", store_cfg=w.store)
+                             device="cpu", store_cfg=w.store, optimizer_chunk=cfg.offload.optimizer_chunk,
+                             optimizer_depth=cfg.offload.optimizer_depth)
             plan, _ = memory_plan(w, hw, costs, policy, cfg.offload.cpu_mem)
             sim = simulate(w, costs, hw, policy, set(plan.cached_stages), steps=args.steps,
                            resident=set(plan.resident_stages))
             preds.append(sim.makespan / args.steps)
             sims.append(sim)
             probes.append(meas)
+            profs.append(hw)
             runs.append(run_engine(overrides, args)["step_s"])
         rs = [p_ / m_ for p_, m_ in zip(preds, runs)]
         ratios.append(med(rs))
@@ -143,7 +145,8 @@ def main(argv=None) -> int:
         qb = {k: v for k, v in sorted(sim.queue_busy.items(), key=lambda kv: -kv[1]) if k != "marker"}
         pr = (f"{med(m['store']['write'] for m in probes) / 1e9:.2f} / {med(m['store']['read'] for m in probes) / 1e9:.2f}, "
               f"{med(m['adam_params_per_s'] for m in probes) / 1e9:.2f}, "
-              f"{med(m['compute']['fwd_s'] for m in probes) * 1e3:.0f} / {med(m['compute']['bwd_s'] for m in probes) * 1e3:.0f}")
+              f"{med(m['compute']['fwd_s'] for m in probes) * 1e3:.0f} / {med(m['compute']['bwd_s'] for m in probes) * 1e3:.0f}, "
+              f"{med(h.adam_io_efficiency for h in profs):.2f}")
         lines.append(f"| {name} | {pr} | {med(preds):.3f} s ({', '.join(f'{x:.2f}' for x in preds)}) | "
                      f"{med(runs):.3f} s ({', '.join(f'{r:.2f}' for r in runs)}) | **{med(rs):.2f}** "
                      f"({', '.join(f'{r:.2f}' for r in rs)}) | "

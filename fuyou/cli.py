@@ -221,6 +221,9 @@ def _probe(args) -> int:
         print(f"PCIe: H2D {prof.h2d / 1e9:.3g} GB/s, D2H {prof.d2h / 1e9:.3g} GB/s (pinned)")
     print(f"SSD ({args.ssd}, through the store): write {prof.ssd_write / 1e9:.3g} GB/s, read {prof.ssd_read / 1e9:.3g} "
           f"GB/s, mixed factor {prof.ssd_mixed_factor:.2f}, free {format_size(prof.ssd_capacity)}")
+    j = meas["adam_job"]
+    print(f"out-of-core AdamW job ({j['params'] / 1e6:.1f}M params): {j['s'] * 1e3:.1f} ms, predicted "
+          f"{j['predicted_s'] * 1e3:.1f} ms -> efficiency {prof.adam_io_efficiency:.2f}")
     print(f"CPU AdamW: {prof.cpu_adam / 1e9:.3g} G params/s; memory: CPU {format_size(prof.cpu_mem or 0)}, "
           f"device {format_size(prof.gpu_mem)}")
     print(f"wrote {args.out}")

@@ -100,6 +100,11 @@ class HardwareProfile(BaseModel):
         0.0, ge=0, description="CPU seconds the store's I/O threads spend per GB moved (CRC-32, syscalls, the "
         "kernel's O_DIRECT work), measured by the probe. On a CPU compute device it is charged to the cores "
         "that compute and AdamW share; 0 (presets) leaves it out.")
+    adam_io_efficiency: float = Field(
+        1.0, gt=0, description="Measured time the simulator predicts for one out-of-core AdamW job of the model's "
+        "block, alone, over the time the job took (the pipeline's fill and drain at low queue depth and its "
+        "per-request work, which the store's streaming rates leave out); the optimizer's SSD tasks run at this "
+        "fraction of the store's rates. 1.0 (presets): the rates hold.")
     ssd_capacity: int = Field(gt=0, description="Usable SSD space, bytes.")
     ssd_drives: int = Field(1, ge=1, description="Drives striped (for 'what if twice the SSDs').")
     cpu_adam: float = Field(gt=0, description="CPU AdamW throughput, parameters/s (fuyou's fused kernel).")

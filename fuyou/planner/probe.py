@@ -1,14 +1,18 @@
 """``fuyou probe``: measure this machine with fuyou's own code and write a hardware profile.
 
 * compute: one transformer block of the model (its real ``Stage.forward``, weights in the compute
-  dtype, under autocast) timed forward (no grad) and recompute+backward, as the engine runs it; and
-  the block's four matmuls alone. On a machine without a GPU the CPU is the compute device.
+  dtype, under autocast) timed forward (no grad) and recompute+backward with the gradients copied
+  into one flat buffer, as the engine runs it; and the block's four matmuls alone. On a machine
+  without a GPU the CPU is the compute device.
 * H2D / D2H (CUDA): copies between a pinned buffer and the GPU.
 * SSD: write, read, and both at once (two tensors) through ``fuyou.store.TensorStore`` on ``--ssd``
-  (O_DIRECT, checksums as configured, in the optimizer's request pattern: 4 MiB requests, 6 in flight): the profile's ``ssd_mixed_factor`` is the mixed time over the
-  sum of the separate times; ``ssd_cpu_s_per_gb`` is the process's CPU time per GB over the separate
+  (O_DIRECT, checksums as configured, in the optimizer's request pattern: 4 MiB requests, 6 in
+  flight): the profile's ``ssd_mixed_factor`` is the mixed time over the sum of the separate times; ``ssd_cpu_s_per_gb`` is the process's CPU time per GB over the separate
   write and read runs (the I/O threads' CRC-32, syscalls and the kernel's O_DIRECT work).
 * CPU AdamW: ``fuyou.optim.fused_adamw_`` (bf16 gradient, bf16 copy out), parameters per second.
+* one out-of-core AdamW job (``OutOfCoreAdamW.update``, state on ``--ssd``) of the model's block
+  (at most ``JOB_PARAMS_MAX`` parameters), timed, against the simulator's prediction of that job
+  from the figures above: the profile's ``adam_io_efficiency`` is predicted / measured.
 * memory: CPU total, GPU total, free space under ``--ssd``.
 
 Each figure is the median of ``repeats`` runs after one warm-up. Defaults take well under a minute.
@@ -30,10 +34,14 @@ import torch.nn.functional as F
 from fuyou.errors import ConfigError
 from fuyou.models import ModelConfig, StageModel, preset
 from fuyou.planner.hardware import HardwareProfile
+from fuyou.planner.simulate import simulate_job
 from fuyou.store import PinnedPool, StoreConfig, TensorStore
 from fuyou.train.reference import autocast
 
 NOT_USED = 1e15  # bandwidth of a link a CPU-only machine does not have (never the bottleneck)
+#: The largest job the probe times (parameters; 12 B each of SSD state, written before): a larger
+#: block's job fills and drains the same pipeline over more bytes, so its efficiency is no lower.
+JOB_PARAMS_MAX = 32 * 1024**2
 
 
 def _median_time(fn, repeats: int, sync=lambda: None) -> float:
@@ -67,12 +75,17 @@ def probe_compute(cfg: ModelConfig, batch: int, seq: int, device: torch.device, 
         with torch.no_grad(), autocast(device, prec):
             block.forward(params, x)
 
+    flat = torch.empty(sum(v.numel() for v in params.values()), device=device, dtype=dtype)
+
     def bwd():
+        # as Engine._micro_batch and _stage_grads run it: recompute + backward, then the gradients
+        # copied into one flat buffer for the optimizer
         leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
         inp = x.detach().requires_grad_(True)
         with torch.enable_grad(), autocast(device, prec):
             out = block.forward(leaves, inp)
-        torch.autograd.grad(out, [inp, *leaves.values()], torch.ones_like(out))
+        grads = torch.autograd.grad(out, [inp, *leaves.values()], torch.ones_like(out))
+        torch.cat([g.reshape(-1) for g in grads[1:]], out=flat)
 
     a = torch.randn(N, d, device=device, dtype=dtype)
     h = torch.randn(N, ff, device=device, dtype=dtype)
@@ -84,6 +97,7 @@ def probe_compute(cfg: ModelConfig, batch: int, seq: int, device: torch.device, 
 
     mm_flops = 2.0 * N * d * (d + 2 * kv) + 2.0 * N * d * d + 2.0 * N * d * ff * 2
     t_f, t_b, t_m = (_median_time(f, repeats, sync) for f in (fwd, bwd, matmuls))
+    del flat
     return {"block_shape": f"{cfg.family} d={d} ff={ff} batch={batch} seq={seq}", "fwd_s": t_f, "bwd_s": t_b,
             "fwd_flops": fwd_flops / t_f, "bwd_flops": 3 * fwd_flops / t_b, "matmul_flops": mm_flops / t_m}
 
@@ -152,6 +166,46 @@ def probe_store(directory: Path, nbytes: int, repeats: int = 3, cfg: StoreConfig
             "request": request, "inflight": inflight, "cpu_s_per_byte": cpu_per_byte}
 
 
+def probe_adam_job(directory: Path, numel: int, cfg: StoreConfig | None = None, chunk: int = 1 << 20,
+                   depth: int = 2, repeats: int = 3) -> dict:
+    """Seconds of one ``OutOfCoreAdamW.update`` of ``numel`` parameters whose fp32 master, m and v
+    are in a store on ``directory`` (bf16 gradient in CPU memory, bf16 weights out to CPU memory, as
+    for a stage whose compute weights are cached): the engine's optimizer job, alone."""
+    from fuyou.optim.config import AdamWConfig
+    from fuyou.optim.out_of_core import OutOfCoreAdamW, Segment, StateKeys
+
+    cfg = cfg or StoreConfig()
+    root = directory / f"fuyou-probe-job-{os.getpid()}"
+    shutil.rmtree(root, ignore_errors=True)
+    keys = StateKeys("p", "m", "v")
+    try:
+        with TensorStore.create([root], cfg) as store:
+            opt = OutOfCoreAdamW(store, None, AdamWConfig(), chunk_numel=chunk, depth=depth)
+            pool = PinnedPool(opt.max_buffer_bytes(2, 2) + (1 << 20))
+            opt.pool = pool
+            try:
+                init = {"p": torch.randn(numel), "m": torch.zeros(numel), "v": torch.full((numel,), 1e-6)}
+                for k in keys.fp32:
+                    store.allocate(k, (numel,), torch.float32)
+                    store.write_from(k, init[k]).result()
+                del init
+                grad = torch.randn(numel, dtype=torch.bfloat16)
+                out = torch.empty(numel, dtype=torch.bfloat16)
+                step = [0]
+
+                def job():
+                    step[0] += 1
+                    opt.update(keys, grad, numel=numel, segments=[Segment(0, numel, 0.01)], lr=1e-4, step=step[0],
+                               lowp_out=out)
+
+                t = _median_time(job, repeats)
+            finally:
+                pool.close()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return {"params": numel, "s": t, "chunk": opt.chunk, "depth": depth}
+
+
 def _cpu_seconds() -> float:
     """User + system CPU time of this process (every thread) so far."""
     r = resource.getrusage(resource.RUSAGE_SELF)
@@ -181,7 +235,8 @@ def cpu_memory() -> int:
 
 def probe(ssd_dir: str | Path, *, model: str | ModelConfig | None = None, batch: int | None = None,
           seq: int | None = None, io_bytes: int = 256 * 1024**2, adam_params: int = 1 << 24, repeats: int = 3,
-          device: str = "auto", store_cfg: StoreConfig | None = None) -> tuple[HardwareProfile, dict]:
+          device: str = "auto", store_cfg: StoreConfig | None = None, optimizer_chunk: int = 1 << 20,
+          optimizer_depth: int = 2) -> tuple[HardwareProfile, dict]:
     """Measure this machine (module docstring); returns the profile and the raw measurements."""
     d = Path(ssd_dir)
     if not d.is_dir():
@@ -193,12 +248,15 @@ def probe(ssd_dir: str | Path, *, model: str | ModelConfig | None = None, batch:
     cfg = ModelConfig(**preset(model)) if isinstance(model, str) else model
     batch = batch or (8 if cuda else 4)
     seq = min(seq or (1024 if cuda else 256), cfg.max_seq_len)
+    job_params = min(JOB_PARAMS_MAX, StageModel(cfg).stages[1].num_params)  # the model's block
     if not cuda and 12 * cfg.d_model**2 > 3e8:  # a block too large to time on CPU in seconds: a smaller one
         cfg = ModelConfig(**{**preset("gpt3-1.3b"), "family": cfg.family})
     meas: dict = {"device": str(dev), "torch": torch.__version__, "threads": torch.get_num_threads(),
                   "compute": probe_compute(cfg, batch, seq, dev, repeats)}
     meas["adam_params_per_s"] = probe_adam(adam_params, repeats)
     meas["store"] = probe_store(d, io_bytes, repeats, store_cfg)
+    # a job is tens of milliseconds and its figure scales every optimizer SSD task: more repeats
+    meas["adam_job"] = probe_adam_job(d, job_params, store_cfg, optimizer_chunk, optimizer_depth, max(7, repeats))
     if cuda:
         meas["links"] = probe_links(min(io_bytes, 1 << 30), repeats)
         gpu_mem = torch.cuda.mem_get_info(dev)[1]
@@ -213,4 +271,7 @@ def probe(ssd_dir: str | Path, *, model: str | ModelConfig | None = None, batch:
         ssd_mixed_factor=s["mixed_factor"], ssd_capacity=shutil.disk_usage(d).free, ssd_drives=1,
         ssd_cpu_s_per_gb=s["cpu_s_per_byte"] * 1e9,
         cpu_adam=meas["adam_params_per_s"], cpu_mem=cpu_memory())
+    j = meas["adam_job"]
+    j["predicted_s"] = simulate_job(j["params"], prof, j["chunk"], j["depth"])
+    prof = prof.model_copy(update={"adam_io_efficiency": j["predicted_s"] / j["s"]})
     return prof, meas

@@ -15,6 +15,11 @@ device that serves one task at a time, first come first served by the time a tas
 * ``io-cpu`` (CPU profile only): the store's CPU time per byte (``ssd_cpu_s_per_gb``, probed) of
   every SSD transfer, on the shared ``cpu`` queue after the transfer.
 
+The optimizer's streamed SSD tasks run at ``adam_io_efficiency`` of the store's rates: the probe
+measures one out-of-core AdamW job of the model's block and ``simulate_job`` predicts the same job,
+so the factor is what this model of a job leaves out (its fill and drain at low queue depth, its
+per-request work), measured, not fitted to training runs.
+
 What one step does (``fuyou/engine/engine.py``), for each position of the step's stage order
 (forward 0..S-2, the embedding again for a tied head, the head, backward S-2..0):
 
@@ -57,6 +62,7 @@ class Task:
     stage: str
     start: float = 0.0
     end: float = 0.0
+    nbytes: float = 0.0  # bytes an SSD task moves
 
 
 @dataclass
@@ -84,6 +90,14 @@ class _Graph:
     def add(self, name, resource, queue, dur, deps, step, stage) -> int:
         self.tasks.append(Task(name, resource, queue, max(0.0, dur), [d for d in deps if d is not None], step, stage))
         return len(self.tasks) - 1
+
+    def io(self, name, resource, nbytes, deps, step, stage, hw: HardwareProfile, efficiency: float = 1.0) -> int:
+        """An SSD transfer of ``nbytes`` (``resource`` ssd-read or ssd-write) on the ``ssd`` queue, at
+        ``efficiency`` of the profile's rates, times its mixed factor."""
+        bw = hw.ssd_read if resource == "ssd-read" else hw.ssd_write
+        k = self.add(name, resource, "ssd", nbytes / bw * hw.ssd_mixed_factor / efficiency, deps, step, stage)
+        self.tasks[k].nbytes = nbytes
+        return k
 
     def run(self) -> None:
         """List scheduling on FIFO queues: repeatedly start the task that can start earliest."""
@@ -124,6 +138,50 @@ class _Graph:
                     heapq.heappush(heaps[tasks[u].queue], (ready_at[u], u))
 
 
+def _streamed_job(g: _Graph, name: str, numel: int, n: int, wbytes: int, first: list, hw: HardwareProfile,
+                  q_adam: str, depth: int, step: int) -> list[int]:
+    """The tasks of one AdamW job whose state is on SSD, as ``OutOfCoreAdamW.update`` pipelines it:
+    ``n`` chunks, each read (12 B/param) -> kernel -> write (``wbytes``/param), ``depth`` chunks read
+    ahead and written behind. Its SSD tasks run at ``hw.adam_io_efficiency`` of the store's rates.
+    ``first``: what the first reads wait for. Returns the write tasks."""
+    per = numel / n
+    eff = hw.adam_io_efficiency
+    reads, kernels, writes = [], [], []
+    for j in range(n):
+        rd = list(first) if j < depth else [kernels[j - depth], writes[j - 2 * depth] if j >= 2 * depth else None]
+        reads.append(g.io(f"adam read {name}", "ssd-read", 12 * per, rd, step, name, hw, eff))
+        kernels.append(g.add(f"adam {name}", "cpu-adam", q_adam, per / hw.cpu_adam,
+                             [reads[j], kernels[-1] if kernels else None], step, name))
+        writes.append(g.io(f"adam write {name}", "ssd-write", wbytes * per, [kernels[j]], step, name, hw, eff))
+    return writes
+
+
+def _add_io_cpu(g: _Graph, hw: HardwareProfile) -> None:
+    """On a CPU compute device the store's I/O threads run on the cores that compute and AdamW share:
+    each SSD transfer costs them its measured CPU time, after it (a descheduled compute thread holds
+    up the whole parallel op, so the cost is counted whole, not divided by the cores)."""
+    if hw.device == "cuda" or hw.ssd_cpu_s_per_gb <= 0:
+        return
+    for k in range(len(g.tasks)):
+        t = g.tasks[k]
+        if t.queue == "ssd" and t.nbytes > 0:
+            g.add(f"io cpu {t.name}", "io-cpu", "cpu", t.nbytes * hw.ssd_cpu_s_per_gb / 1e9, [k], t.step, t.stage)
+
+
+def simulate_job(numel: int, hw: HardwareProfile, chunk: int, depth: int, max_chunks: int = MAX_ADAM_CHUNKS,
+                 weights_bytes: int = 0) -> float:
+    """Predicted seconds of one AdamW job alone on an idle machine (state on SSD; ``weights_bytes``
+    per parameter of compute weights written back besides the state): what ``fuyou probe`` compares
+    with a measured job to find ``adam_io_efficiency``."""
+    g = _Graph()
+    q_adam = "cpu-adam" if hw.device == "cuda" else "cpu"
+    n = max(1, min(max_chunks, math.ceil(numel / chunk)))
+    _streamed_job(g, "probe", numel, n, 12 + weights_bytes, [], hw, q_adam, depth, 0)
+    _add_io_cpu(g, hw)
+    g.run()
+    return max(t.end for t in g.tasks)
+
+
 def simulate(w: Workload, costs: list[StageCost], hw: HardwareProfile, policy: ActivationPolicy,
              cached: set[int], steps: int = 3, max_chunks: int = MAX_ADAM_CHUNKS,
              resident: set[int] | frozenset = frozenset()) -> SimResult:
@@ -135,7 +193,6 @@ def simulate(w: Workload, costs: list[StageCost], hw: HardwareProfile, policy: A
     cuda = hw.device == "cuda"
     q_compute = "compute" if cuda else "cpu"
     q_adam = "cpu-adam" if cuda else "cpu"
-    mixed = hw.ssd_mixed_factor
     S = len(costs)
     depth = policy.prefetch_depth
     off = w.offload
@@ -160,8 +217,7 @@ def simulate(w: Workload, costs: list[StageCost], hw: HardwareProfile, policy: A
                 nbytes = c.numel * w.csize
                 dep = [updated[i], window]
                 if i not in cached:
-                    dep = [g.add(f"read weights {c.name}", "ssd-read", "ssd", nbytes / hw.ssd_read * mixed,
-                                 dep, step, c.name)]
+                    dep = [g.io(f"read weights {c.name}", "ssd-read", nbytes, dep, step, c.name, hw)]
                 if cuda:
                     dep = [g.add(f"h2d weights {c.name}", "h2d", "h2d", nbytes / hw.h2d, dep, step, c.name)]
                 deps = dep + [prev_compute]
@@ -174,8 +230,7 @@ def simulate(w: Workload, costs: list[StageCost], hw: HardwareProfile, policy: A
                         for cls, b, tier in swapped.pop(i, []):
                             d = [swap_done.get((i, cls)), window]
                             if tier == "ssd":
-                                d = [g.add(f"read act {c.name} {cls}", "ssd-read", "ssd", b / hw.ssd_read * mixed,
-                                           d, step, c.name)]
+                                d = [g.io(f"read act {c.name} {cls}", "ssd-read", b, d, step, c.name, hw)]
                             if cuda:
                                 d = [g.add(f"h2d act {c.name} {cls}", "h2d", "h2d", b / hw.h2d, d, step, c.name)]
                             deps += d
@@ -209,8 +264,7 @@ def simulate(w: Workload, costs: list[StageCost], hw: HardwareProfile, policy: A
                             if cuda:
                                 d = [g.add(f"d2h act {c.name} {cls}", "d2h", "d2h", b / hw.d2h, d, step, c.name)]
                             if tier == "ssd":
-                                d = [g.add(f"write act {c.name} {cls}", "ssd-write", "ssd", b / hw.ssd_write * mixed,
-                                           d, step, c.name)]
+                                d = [g.io(f"write act {c.name} {cls}", "ssd-write", b, d, step, c.name, hw)]
                             swap_done[(i, cls)] = d[0]
                             out.append((cls, b, tier))
                     swapped[i] = out
@@ -224,7 +278,7 @@ def simulate(w: Workload, costs: list[StageCost], hw: HardwareProfile, policy: A
                 n = max(1, min(max_chunks, math.ceil(c.numel / w.chunk)))
                 per = c.numel / n
                 wbytes = 12 + (0 if i in cached else w.csize)
-                reads, kernels, writes = [], [], []
+                kernels, writes = [], []
                 od = off.optimizer_depth
                 if i in resident:
                     # State in CPU memory: kernels only, then the state written whole (the next forward
@@ -233,37 +287,20 @@ def simulate(w: Workload, costs: list[StageCost], hw: HardwareProfile, policy: A
                         kernels.append(g.add(f"adam {c.name}", "cpu-adam", q_adam, per / hw.cpu_adam,
                                              [first[0], kernels[-1] if kernels else first[1]], step, c.name))
                         if i not in cached:
-                            writes.append(g.add(f"adam write weights {c.name}", "ssd-write", "ssd",
-                                                w.csize * per / hw.ssd_write * mixed, [kernels[j]], step, c.name))
+                            writes.append(g.io(f"adam write weights {c.name}", "ssd-write", w.csize * per, [kernels[j]], step,
+                                                 c.name, hw))
                     ready = g.add(f"updated {c.name}", "cpu-adam", "marker", 0.0, [kernels[-1]] + writes, step, c.name)
                     persist = 12 * c.numel if off.commit == "cow" else 0  # commit 'none' writes it back at the end
-                    state = g.add(f"adam write state {c.name}", "ssd-write", "ssd",
-                                  persist / hw.ssd_write * mixed, [ready], step, c.name)
+                    state = g.io(f"adam write state {c.name}", "ssd-write", persist, [ready], step, c.name, hw)
                     job_ends.append(state)
                     updated[i] = ready
                     continue
-                for j in range(n):
-                    rd = list(first) if j < od else [kernels[j - od], writes[j - 2 * od] if j >= 2 * od else None]
-                    reads.append(g.add(f"adam read {c.name}", "ssd-read", "ssd", 12 * per / hw.ssd_read * mixed,
-                                       rd, step, c.name))
-                    kernels.append(g.add(f"adam {c.name}", "cpu-adam", q_adam, per / hw.cpu_adam,
-                                         [reads[j], kernels[-1] if kernels else None], step, c.name))
-                    writes.append(g.add(f"adam write {c.name}", "ssd-write", "ssd", wbytes * per / hw.ssd_write * mixed,
-                                        [kernels[j]], step, c.name))
+                writes = _streamed_job(g, c.name, c.numel, n, wbytes, first, hw, q_adam, od, step)
                 end = g.add(f"updated {c.name}", "cpu-adam", "marker", 0.0, writes, step, c.name)
                 job_ends.append(end)
                 updated[i] = end
         step_last_compute.append(compute_ids[-1])
-    if not cuda and hw.ssd_cpu_s_per_gb > 0:
-        # The store's I/O threads run on the cores that compute and AdamW share: each SSD transfer
-        # costs them its measured CPU time, after it (a descheduled compute thread holds up the
-        # whole parallel op, so the cost is counted whole, not divided by the cores).
-        for k in range(len(g.tasks)):
-            t = g.tasks[k]
-            if t.queue == "ssd" and t.dur > 0:
-                bw = hw.ssd_read if t.resource == "ssd-read" else hw.ssd_write
-                g.add(f"io cpu {t.name}", "io-cpu", "cpu", t.dur / mixed * bw * hw.ssd_cpu_s_per_gb / 1e9, [k],
-                      t.step, t.stage)
+    _add_io_cpu(g, hw)
     g.run()
     ends = [g.tasks[i].end for i in step_last_compute]
     makespan = max(t.end for t in g.tasks)

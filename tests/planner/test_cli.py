@@ -85,7 +85,8 @@ def test_probe_smoke_writes_a_profile_plan_can_use(tmp_path, capsys):
     assert rc == 0
     p = load_profile(prof)
     assert p.ssd_read > 0 and p.ssd_write > 0 and p.cpu_adam > 0 and p.fwd_flops > 0
-    capsys.readouterr()
+    assert 0.2 < p.adam_io_efficiency < 5  # a real job on the store, against the model's own prediction of it
+    assert "out-of-core AdamW job" in capsys.readouterr().out
     assert main(["plan", "--model", "gpt-tiny", "--profile", str(prof), "--cpu-mem", "1GiB", "--batch", "2",
                  "--seq", "64"]) == 0
     assert "swap schedule" in capsys.readouterr().out

@@ -8,7 +8,7 @@ from fuyou.planner.cost import Workload, stage_costs, step_bytes
 from fuyou.planner.hardware import HardwareProfile, with_more_ssds
 from fuyou.planner.policy import ActivationPolicy
 from fuyou.planner.search import search
-from fuyou.planner.simulate import _Graph, simulate
+from fuyou.planner.simulate import _Graph, simulate, simulate_job
 
 GiB = 1024**3
 
@@ -93,6 +93,48 @@ def test_cpu_device_shares_cores_between_compute_and_adam():
     adam = w.stage_model.num_params / 1e7
     assert cpu.step_time == pytest.approx(compute + adam, rel=0.02)  # one queue: the sum
     assert gpu.step_time < compute + 0.5 * adam                     # separate: they mostly overlap
+
+
+def test_one_job_alone_by_hand():
+    """One chunk: read 12 B/param, kernel, write 12 B/param, in sequence; the SSD parts at
+    ``adam_io_efficiency`` of the rates, the kernel unaffected."""
+    n = 1 << 20
+    for eff in (1.0, 0.5):
+        h = hw(adam_io_efficiency=eff)
+        expect = 12 * n / h.ssd_read / eff + n / h.cpu_adam + 12 * n / h.ssd_write / eff
+        assert simulate_job(n, h, chunk=n, depth=2) == pytest.approx(expect, rel=1e-12)
+
+
+def test_job_pipeline_hides_the_kernel_behind_the_ssd():
+    """Four chunks, a kernel shorter than a chunk's write: each kernel runs while the SSD moves
+    another chunk, so the job is the SSD's time alone."""
+    n, chunk = 4 << 20, 1 << 20
+    h = hw(cpu_adam=1e10)
+    ssd = 12 * n / h.ssd_read + 12 * n / h.ssd_write
+    assert simulate_job(n, h, chunk=chunk, depth=2) == pytest.approx(ssd, rel=1e-9)
+    slow = hw(cpu_adam=1e7)  # a kernel far longer than the I/O: the job is the kernels' time plus one read and write
+    t = simulate_job(n, slow, chunk=chunk, depth=2)
+    assert t == pytest.approx(n / slow.cpu_adam + 12 * chunk / slow.ssd_read + 12 * chunk / slow.ssd_write, rel=1e-9)
+
+
+def test_a_less_efficient_optimizer_io_never_predicts_faster():
+    w = tiny_workload(cache_weights=False)
+    costs = stage_costs(w)
+    pol = ActivationPolicy.recompute_all(w.model.n_layer)
+    times = [simulate(w, costs, hw(adam_io_efficiency=e), pol, set(), steps=2).makespan for e in (1.2, 1.0, 0.8, 0.5)]
+    assert times == sorted(times) and times[-1] > times[0]
+
+
+def test_io_cpu_is_charged_by_bytes_not_by_the_efficiency():
+    """On a CPU device each SSD transfer costs ssd_cpu_s_per_gb per GB moved, whatever its speed."""
+    w = tiny_workload()
+    costs = stage_costs(w)
+    pol = ActivationPolicy.recompute_all(w.model.n_layer)
+    busy = [simulate(w, costs, hw(device="cpu", ssd_cpu_s_per_gb=0.1, adam_io_efficiency=e), pol,
+                     set(range(len(costs))), steps=2).busy["io-cpu"] for e in (1.0, 0.5)]
+    b = step_bytes(w, set(range(len(costs))))
+    assert busy[0] == pytest.approx(busy[1], rel=1e-9)
+    assert busy[0] == pytest.approx((b["ssd_read"] + b["ssd_write"]) * 0.1 / 1e9, rel=1e-6)
 
 
 @pytest.mark.parametrize("model,batch", [("gpt3-1.3b", 8), ("gpt3-6.7b", 4)])
