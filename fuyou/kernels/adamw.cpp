@@ -41,6 +41,7 @@
 #include <atomic>
 #include <condition_variable>
 #include <mutex>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -300,7 +301,9 @@ namespace {
 class Pool {
  public:
   // Runs body(block) for every block in [0, nblocks) on the caller and up to nt - 1 helpers. One
-  // job at a time: a caller that finds the pool busy runs its blocks alone.
+  // job at a time: a caller that finds the pool busy runs its blocks alone. The caller takes blocks
+  // too and finishes whatever no helper took, so a helper that never starts (none could be created,
+  // or a fork() left them behind in the parent) delays nothing.
   template <class F>
   void run(int nt, int64_t nblocks, F body) {
     std::unique_lock<std::mutex> busy(run_mu_, std::try_to_lock);
@@ -313,9 +316,14 @@ class Pool {
     {
       std::lock_guard<std::mutex> lk(mu_);
       while (static_cast<int>(threads_) < helpers) {
-        std::thread(&Pool::loop, this).detach();  // lives as long as the process (never destroyed)
+        try {
+          std::thread(&Pool::loop, this).detach();  // lives as long as the process (never destroyed)
+        } catch (const std::system_error&) {
+          break;  // no more threads to be had: the caller and the helpers there are do the work
+        }
         ++threads_;
       }
+      if (helpers > static_cast<int>(threads_)) helpers = static_cast<int>(threads_);
       fn_ = &fn;
       nblocks_ = nblocks;
       next_.store(0);
