@@ -13,6 +13,7 @@
 
     flock /tmp/fuyou-bench.lock python bench/planner_validation.py --markdown bench/RESULTS.md
     python bench/planner_validation.py --configs ssd-bound --steps 1 --repeats 1   # smoke
+    python bench/planner_validation.py --device cuda --markdown bench/RESULTS.md   # on a GPU
 """
 
 from __future__ import annotations
@@ -43,8 +44,14 @@ CONFIGS = {
     "optimizer-bound": MODEL + ["data.seq_len=64", "train.micro_batch_size=1", "offload.cpu_mem=1GiB",
                                 "offload.resident_mem=0"],
 }
-COMMON = ["data.source=synthetic", "train.grad_clip=none", "train.precision=bf16", "train.eval_every=0",
-          "train.device=cpu"]
+#: On a GPU the CPU configurations' compute is negligible beside the SSD: a compute-bound step needs
+#: ~30k tokens against the CPU AdamW of resident state (57M params at ~3 Gparam/s: ~20 ms). Not yet
+#: run (no GPU was lent to the session that wrote it).
+CUDA_CONFIGS = {
+    "compute-bound": [o for o in MODEL if "max_seq_len" not in o] + [
+        "model.max_seq_len=1024", "data.seq_len=1024", "train.micro_batch_size=32", "offload.cpu_mem=8GiB"],
+}
+COMMON = ["data.source=synthetic", "train.grad_clip=none", "train.precision=bf16", "train.eval_every=0"]
 
 
 def worker(args) -> None:
@@ -89,6 +96,8 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3, help="engine runs per configuration")
     p.add_argument("--io-bytes", default="512MiB", help="size of the probe's SSD measurement")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="compute device of the probe and the engine (cuda: the compute-bound config is larger)")
     p.add_argument("--timeout", type=int, default=1800)
     p.add_argument("--markdown", help="append the report to this file")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -109,8 +118,9 @@ def main(argv=None) -> int:
     ssd = Path(args.ssd)
     ssd.mkdir(parents=True, exist_ok=True)
     cmd = f"python bench/planner_validation.py {' '.join(argv if argv is not None else sys.argv[1:])}"
+    gpu = f", {torch.cuda.get_device_name()}" if args.device == "cuda" else ""
     lines = [f"### planner validation ({time.strftime('%Y-%m-%d %H:%M')})", "", f"`{cmd}`", "",
-             f"host {platform.node()}, {os.cpu_count()} CPUs, torch {torch.__version__}, Python "
+             f"host {platform.node()}, {os.cpu_count()} CPUs{gpu}, torch {torch.__version__}, Python "
              f"{platform.python_version()}, load average {os.getloadavg()[0]:.1f} at start. Each repeat probes "
              "(store, AdamW, the config's block) right before its engine run, so both see the same machine; "
              "figures are medians over repeats.", "",
@@ -121,7 +131,9 @@ def main(argv=None) -> int:
     ratios = []
     med = statistics.median
     for name in args.configs:
-        overrides = CONFIGS[name] + COMMON + ["offload.mode=ssd", f"offload.ssd_dirs={json.dumps([str(ssd)])}"]
+        configs = {**CONFIGS, **(CUDA_CONFIGS if args.device == "cuda" else {})}
+        overrides = configs[name] + COMMON + [f"train.device={args.device}", "offload.mode=ssd",
+                                              f"offload.ssd_dirs={json.dumps([str(ssd)])}"]
         cfg = load_config(overrides=overrides)
         w = Workload.from_config(cfg)
         costs = stage_costs(w)
@@ -129,7 +141,7 @@ def main(argv=None) -> int:
         preds, runs, probes, sims, profs = [], [], [], [], []
         for _ in range(args.repeats):
             hw, meas = probe(ssd, model=cfg.model, batch=w.batch, seq=w.seq, io_bytes=parse_size(args.io_bytes),
-                             device="cpu", store_cfg=w.store, optimizer_chunk=cfg.offload.optimizer_chunk,
+                             device=args.device, store_cfg=w.store, optimizer_chunk=cfg.offload.optimizer_chunk,
                              optimizer_depth=cfg.offload.optimizer_depth)
             plan, _ = memory_plan(w, hw, costs, policy, cfg.offload.cpu_mem)
             sim = simulate(w, costs, hw, policy, set(plan.cached_stages), steps=args.steps,
