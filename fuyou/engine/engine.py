@@ -83,19 +83,16 @@ def bound_malloc(threshold: int = 256 * 1024, trim: int | None = None) -> None:
         pass
 
 
-def malloc_threshold(cfg_model, batch: int, seq: int, dtype_bytes: int = 2) -> int:
+def malloc_threshold(cfg_model, batch: int, seq: int, grad_bytes: int = 0) -> int:
     """The largest temporary of one block's forward or backward, rounded up to a power of two above
     it, within [256 KiB, 32 MiB] (glibc's range): an activation (fp32 B x T x max(d, ff)), the
-    attention scores (B x H x T x T), or a weight's gradient (``dtype_bytes`` x its largest matrix),
+    attention scores (B x H x T x T), or ``grad_bytes``, the gradient of the block's largest weight,
     which autograd allocates fresh for every block. Below this size a block's temporaries come from
     the heap and are reused from one block to the next; with weight gradients left out, each of them
     was an mmap that faulted in on first touch (measured: GPT d=768, b1 s64, bf16, 2 cores, 2,300
     page faults and +3.4 ms on a 6.5 ms block backward)."""
-    tokens = batch * seq
-    kv = cfg_model.kv_heads * cfg_model.head_dim
     d, ff = cfg_model.d_model, cfg_model.ff_dim
-    weight = dtype_bytes * max(ff * d, d * (d + 2 * kv))
-    biggest = max(4 * tokens * max(d, ff), 4 * batch * cfg_model.n_head * seq * seq, weight)
+    biggest = max(4 * batch * seq * max(d, ff), 4 * batch * cfg_model.n_head * seq * seq, grad_bytes)
     return min(32 * 1024 * 1024, max(256 * 1024, 1 << int(biggest).bit_length()))
 
 
@@ -140,9 +137,10 @@ class Engine:
         if self.act_offtier:
             bound_malloc(256 * 1024)
         else:
-            thr = malloc_threshold(cfg.model, t.micro_batch_size, cfg.data.seq_len, dtype_size(self.cdtype))
-            block = max((st.numel for st in self.states[1:-1]), default=0)
-            bound_malloc(thr, thr + block * dtype_size(self.cdtype))
+            blocks, gsize = self.model.stages[1:-1], dtype_size(self.cdtype)
+            largest = max((p.numel for b in blocks for p in b.params.values()), default=0)
+            thr = malloc_threshold(cfg.model, t.micro_batch_size, cfg.data.seq_len, gsize * largest)
+            bound_malloc(thr, thr + gsize * max((b.num_params for b in blocks), default=0))
         adamw_backend()  # load (or build) the kernel library now: part of the fixed overhead
         self.fixed_overhead = resident_bytes()
 
