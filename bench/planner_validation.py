@@ -130,8 +130,8 @@ def main(argv=None) -> int:
     print("\n".join(lines), flush=True)
     ratios = []
     med = statistics.median
+    configs = {**CONFIGS, **(CUDA_CONFIGS if args.device == "cuda" else {})}
     for name in args.configs:
-        configs = {**CONFIGS, **(CUDA_CONFIGS if args.device == "cuda" else {})}
         overrides = configs[name] + COMMON + [f"train.device={args.device}", "offload.mode=ssd",
                                               f"offload.ssd_dirs={json.dumps([str(ssd)])}"]
         cfg = load_config(overrides=overrides)

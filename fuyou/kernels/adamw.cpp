@@ -34,16 +34,15 @@
 // Conversions: bf16 -> float is exact (shift); float -> bf16 rounds to nearest even, NaN -> 0x7FC0
 // (as c10::BFloat16); fp16 <-> float uses F16C (round to nearest even, as c10::Half).
 
+#include <atomic>
 #include <cmath>
+#include <condition_variable>
 #include <cstdint>
 #include <cstring>
 #include <functional>
-#include <atomic>
-#include <condition_variable>
 #include <mutex>
 #include <system_error>
 #include <thread>
-#include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
 #define FUYOU_X86 1

@@ -7,8 +7,9 @@
 * H2D / D2H (CUDA): copies between a pinned buffer and the GPU.
 * SSD: write, read, and both at once (two tensors) through ``fuyou.store.TensorStore`` on ``--ssd``
   (O_DIRECT, checksums as configured, in the optimizer's request pattern: 4 MiB requests, 6 in
-  flight): the profile's ``ssd_mixed_factor`` is the mixed time over the sum of the separate times; ``ssd_cpu_s_per_gb`` is the process's CPU time per GB over the separate
-  write and read runs (the I/O threads' CRC-32, syscalls and the kernel's O_DIRECT work).
+  flight): the profile's ``ssd_mixed_factor`` is the mixed time over the sum of the separate times;
+  ``ssd_cpu_s_per_gb`` is the process's CPU time per GB over the separate write and read runs (the
+  I/O threads' CRC-32, syscalls and the kernel's O_DIRECT work).
 * CPU AdamW: ``fuyou.optim.fused_adamw_`` (bf16 gradient, bf16 copy out), parameters per second.
 * one out-of-core AdamW job (``OutOfCoreAdamW.update``, state on ``--ssd``) of the model's block
   (at most ``JOB_PARAMS_MAX`` parameters), timed, against the simulator's prediction of that job
@@ -97,7 +98,6 @@ def probe_compute(cfg: ModelConfig, batch: int, seq: int, device: torch.device, 
 
     mm_flops = 2.0 * N * d * (d + 2 * kv) + 2.0 * N * d * d + 2.0 * N * d * ff * 2
     t_f, t_b, t_m = (_median_time(f, repeats, sync) for f in (fwd, bwd, matmuls))
-    del flat
     return {"block_shape": f"{cfg.family} d={d} ff={ff} batch={batch} seq={seq}", "fwd_s": t_f, "bwd_s": t_b,
             "fwd_flops": fwd_flops / t_f, "bwd_flops": 3 * fwd_flops / t_b, "matmul_flops": mm_flops / t_m}
 

@@ -168,15 +168,18 @@ def _add_io_cpu(g: _Graph, hw: HardwareProfile) -> None:
             g.add(f"io cpu {t.name}", "io-cpu", "cpu", t.nbytes * hw.ssd_cpu_s_per_gb / 1e9, [k], t.step, t.stage)
 
 
-def simulate_job(numel: int, hw: HardwareProfile, chunk: int, depth: int, max_chunks: int = MAX_ADAM_CHUNKS,
-                 weights_bytes: int = 0) -> float:
-    """Predicted seconds of one AdamW job alone on an idle machine (state on SSD; ``weights_bytes``
-    per parameter of compute weights written back besides the state): what ``fuyou probe`` compares
-    with a measured job to find ``adam_io_efficiency``."""
+def _chunk_count(numel: int, chunk: int, max_chunks: int) -> int:
+    """Chunks a job of ``numel`` parameters is simulated in (at most ``max_chunks``)."""
+    return max(1, min(max_chunks, math.ceil(numel / chunk)))
+
+
+def simulate_job(numel: int, hw: HardwareProfile, chunk: int, depth: int, max_chunks: int = MAX_ADAM_CHUNKS) -> float:
+    """Predicted seconds of one AdamW job alone on an idle machine (state on SSD, compute weights
+    kept in CPU memory): what ``fuyou probe`` compares with a measured job to find
+    ``adam_io_efficiency``."""
     g = _Graph()
     q_adam = "cpu-adam" if hw.device == "cuda" else "cpu"
-    n = max(1, min(max_chunks, math.ceil(numel / chunk)))
-    _streamed_job(g, "probe", numel, n, 12 + weights_bytes, [], hw, q_adam, depth, 0)
+    _streamed_job(g, "probe", numel, _chunk_count(numel, chunk, max_chunks), 12, [], hw, q_adam, depth, 0)
     _add_io_cpu(g, hw)
     g.run()
     return max(t.end for t in g.tasks)
@@ -275,27 +278,26 @@ def simulate(w: Workload, costs: list[StageCost], hw: HardwareProfile, policy: A
                 if cuda:
                     gdep = [g.add(f"d2h grad {c.name}", "d2h", "d2h", c.numel * w.gsize / hw.d2h, gdep, step, c.name)]
                 first = [gdep[0], job_ends[-1] if job_ends else None]
-                n = max(1, min(max_chunks, math.ceil(c.numel / w.chunk)))
+                n = _chunk_count(c.numel, w.chunk, max_chunks)
                 per = c.numel / n
-                wbytes = 12 + (0 if i in cached else w.csize)
-                kernels, writes = [], []
-                od = off.optimizer_depth
                 if i in resident:
                     # State in CPU memory: kernels only, then the state written whole (the next forward
                     # waits for the kernels when the weights are cached, for the weight writes if not).
+                    kernels, writes = [], []
                     for j in range(n):
                         kernels.append(g.add(f"adam {c.name}", "cpu-adam", q_adam, per / hw.cpu_adam,
                                              [first[0], kernels[-1] if kernels else first[1]], step, c.name))
                         if i not in cached:
-                            writes.append(g.io(f"adam write weights {c.name}", "ssd-write", w.csize * per, [kernels[j]], step,
-                                                 c.name, hw))
+                            writes.append(g.io(f"adam write weights {c.name}", "ssd-write", w.csize * per,
+                                               [kernels[j]], step, c.name, hw))
                     ready = g.add(f"updated {c.name}", "cpu-adam", "marker", 0.0, [kernels[-1]] + writes, step, c.name)
                     persist = 12 * c.numel if off.commit == "cow" else 0  # commit 'none' writes it back at the end
                     state = g.io(f"adam write state {c.name}", "ssd-write", persist, [ready], step, c.name, hw)
                     job_ends.append(state)
                     updated[i] = ready
                     continue
-                writes = _streamed_job(g, c.name, c.numel, n, wbytes, first, hw, q_adam, od, step)
+                wbytes = 12 + (0 if i in cached else w.csize)
+                writes = _streamed_job(g, c.name, c.numel, n, wbytes, first, hw, q_adam, off.optimizer_depth, step)
                 end = g.add(f"updated {c.name}", "cpu-adam", "marker", 0.0, writes, step, c.name)
                 job_ends.append(end)
                 updated[i] = end
