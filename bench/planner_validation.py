@@ -106,6 +106,8 @@ def main(argv=None) -> int:
     if args.worker:
         worker(args)
         return 0
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: torch sees no CUDA device on this machine")
     from fuyou.config import load_config
     from fuyou.planner.cost import Workload
     from fuyou.planner.policy import ActivationPolicy

@@ -28,3 +28,14 @@ def test_one_config_reports_predicted_and_measured(tmp_path):
     assert ratio == pytest.approx(predicted / measured, rel=0.02)
     assert "Within 15%:" in report
     assert not any((tmp_path / "ssd").glob("planner-val-*"))  # the run deleted its SSD state
+
+
+def test_cuda_without_a_gpu_is_refused_before_any_work(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    proc = subprocess.run([sys.executable, str(BENCH), "--device", "cuda", "--ssd", str(tmp_path / "ssd")],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2 and "no CUDA device" in proc.stderr
+    assert not (tmp_path / "ssd").exists()  # refused before the SSD directory was made
