@@ -2,14 +2,21 @@
 
 With ``FUYOU_FAULT=name`` (or ``name@step``) in the environment, reaching point ``name`` (at that
 step) sends SIGKILL to this process: no cleanup, no flush, as a power cut or the OOM killer would.
-Points: ``forward``, ``backward``, ``optimizer`` (between two chunks of a stage's AdamW), ``commit``
+Points: ``forward``, ``backward``, ``optimizer`` (between two chunks of a stage's AdamW), ``redo``
+(before a stage's update is redone under triggered exact clipping), ``commit``
 (after the record's temporary file is written, before the rename). Unset, it costs one dict lookup.
+
+``FUYOU_FAULT=stall:name`` (or ``stall:name@step``) instead makes the thread reaching ``stall(name)``
+hang for an hour, as a stuck disk or driver would: the engine's deadlines (``engine.watchdog``) must
+turn that into an error. Points: ``optimizer`` (the worker, before a stage's update), ``load`` (a
+weight load, before it reads).
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import time
 
 FAULT_ENV = "FUYOU_FAULT"
 
@@ -21,3 +28,12 @@ def fault(name: str, step: int | None = None) -> None:
     point, _, at = want.partition("@")
     if point == name and (not at or (step is not None and int(at) == step)):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def stall(name: str, step: int | None = None) -> None:
+    want = os.environ.get(FAULT_ENV)
+    if not want or not want.startswith("stall:"):
+        return
+    point, _, at = want[len("stall:"):].partition("@")
+    if point == name and (not at or (step is not None and int(at) == step)):
+        time.sleep(3600)

@@ -40,3 +40,16 @@ def format_size(n: int | float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1024
     raise AssertionError("unreachable")
+
+
+_DURATION = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(s|sec|secs|m|min|mins|h|hr|hours?)\s*$", re.IGNORECASE)
+_SECONDS = {"s": 1, "sec": 1, "secs": 1, "m": 60, "min": 60, "mins": 60, "h": 3600, "hr": 3600, "hour": 3600,
+            "hours": 3600}
+
+
+def parse_duration(value: str) -> float:
+    """Seconds from '30s', '10min', '1.5h' (units s, m/min, h)."""
+    m = _DURATION.match(str(value))
+    if not m:
+        raise ConfigError(f"cannot read {value!r} as a duration; write a number with a unit: 30s, 10min, 1h")
+    return float(m.group(1)) * _SECONDS[m.group(2).lower()]

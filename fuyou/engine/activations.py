@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fuyou.engine import watchdog
 from fuyou.engine.trace import Tracer
 
 
@@ -144,7 +145,8 @@ class ActivationSwapper:
         t0 = time.perf_counter()
         for a in range(0, flat.numel(), per):
             n = min(per, flat.numel() - a)
-            buf = self.pool.acquire(n * flat.element_size(), flat.dtype)  # waits: bounded staging
+            buf = watchdog.acquire(self.pool, n * flat.element_size(), flat.dtype,
+                                   f"a staging buffer for activation {slot.key}")  # waits: bounded staging
             if self.device.type == "cuda":
                 self.d2h_stream.wait_stream(torch.cuda.current_stream(self.device))
                 with torch.cuda.stream(self.d2h_stream):
@@ -178,7 +180,7 @@ class ActivationSwapper:
             return slot.tensor.to(self.device, non_blocking=True)
         self.prefetch(slot)
         t0 = time.perf_counter()
-        out, ev = slot.fetch.result()
+        out, ev = watchdog.result(slot.fetch, f"the activation {slot.key} read back from SSD", slot.nbytes)
         waited = time.perf_counter() - t0
         self._counters().wait_activations_s += waited
         if waited > 1e-4:
@@ -189,7 +191,7 @@ class ActivationSwapper:
 
     def _read_ssd(self, slot: Slot):
         for f in slot.writes:  # a read must not overtake its own writes
-            f.result()
+            watchdog.result(f, f"the write of activation {slot.key}")
         numel = slot.nbytes // torch.empty((), dtype=slot.dtype).element_size()
         out = torch.empty(numel, dtype=slot.dtype, device=self.device)
         per = self.chunk_bytes // out.element_size()
@@ -197,8 +199,9 @@ class ActivationSwapper:
         ev = None
         for a in range(0, numel, per):
             n = min(per, numel - a)
-            with self.pool.acquire(n * out.element_size(), slot.dtype) as buf:
-                self.store.read_into(slot.key, buf.tensor, start=a).result()  # CRC32 checked here
+            with watchdog.acquire(self.pool, n * out.element_size(), slot.dtype, f"a buffer to read {slot.key}") as buf:
+                watchdog.result(self.store.read_into(slot.key, buf.tensor, start=a),  # CRC32 checked here
+                                f"the read of activation {slot.key}")
                 if self.device.type == "cuda":
                     with torch.cuda.stream(self.h2d_stream):
                         out[a:a + n].copy_(buf.tensor, non_blocking=True)

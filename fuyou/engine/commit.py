@@ -86,7 +86,7 @@ def read_record(directory: Path, store_uuid: str, n_stages: int) -> dict:
     except (ValueError, KeyError, TypeError) as e:
         raise ResumeError(f"the commit record {path} is corrupt ({e!r}); the state cannot be trusted, start a new "
                           f"run (nothing was overwritten)") from e
-    if rec.get("store_uuid") != store_uuid or len(copies) != n_stages or any(c not in (0, 1) for c in copies):
+    if rec.get("store_uuid") != store_uuid or len(copies) != n_stages or any(c not in (0, 1, 2) for c in copies):
         raise ResumeError(f"the commit record {path} does not belong to the store beside it (or to this model); "
                           f"nothing was overwritten")
     return {"step": step, "copies": copies}

@@ -63,14 +63,53 @@ class OffloadConfig(BaseModel):
     io_threads: int = Field(8, ge=1, description="SSD I/O threads (requests in flight at the drives).")
     verify_checksums: bool = Field(True, description="Check a CRC32 of every block read back from the SSD.")
     commit: Literal["cow", "none"] = Field(
-        "cow", description="'cow': two copies of the fp32 state on SSD and an atomic commit per step, so a "
-        "killed run resumes exactly (`fuyou train --resume RUN_DIR`), at 2x the SSD space for weights and "
-        "moments; 'none': update in place (no resume).",
+        "cow", description="'cow': crash-safe commits of the fp32 state on SSD (a second copy, a third with exact "
+        "clipping and an interval: fuyou/engine/layout.py), so a killed run resumes exactly from the last commit "
+        "(`fuyou train --resume RUN_DIR`); 'none': no commits, no resume.",
+    )
+    commit_every: int | str = Field(
+        "10min", description="How often a crash-safe commit is made: a number of steps (1: every step) or a time "
+        "('30s', '10min', '1h'; committed at the first step boundary after it). A commit writes the resident "
+        "optimizer state to SSD and fsyncs; a run also commits when it ends or is stopped. Resume restarts at the "
+        "last commit, bit-exactly.",
+    )
+    stall_timeout: float = Field(
+        600.0, gt=0, description="Seconds any wait of the engine (a weight load, a pool buffer, the optimizer, an "
+        "SSD request, an activation) may last before the run stops with an error naming what it waited for "
+        "(the last commit stays intact). Waits for a large transfer get at least bytes / 20 MB/s.",
     )
     keep_state: bool = Field(
         False, description="Keep the SSD training state after a completed run (default: delete it once the weights are "
         "saved; a stopped or failed run always keeps it for --resume)."
     )
+
+    @field_validator("commit_every", mode="before")
+    @classmethod
+    def _interval(cls, v):
+        if isinstance(v, bool):
+            raise ValueError("offload.commit_every is a number of steps (>= 1) or a time such as '10min'")
+        if isinstance(v, int) or (isinstance(v, str) and v.strip().isdigit()):
+            if int(v) < 1:
+                raise ValueError("offload.commit_every must be at least 1 step (or a time such as '10min')")
+            return int(v)
+        from fuyou.units import parse_duration
+
+        try:
+            parse_duration(v)
+        except Exception as e:  # ConfigError: pydantic needs a ValueError to report the field
+            raise ValueError(str(e)) from None
+        return v
+
+    @property
+    def commit_steps(self) -> int | None:
+        """The commit interval in steps, or None when it is a time (``commit_secs``)."""
+        return self.commit_every if isinstance(self.commit_every, int) else None
+
+    @property
+    def commit_secs(self) -> float | None:
+        from fuyou.units import parse_duration
+
+        return None if isinstance(self.commit_every, int) else parse_duration(self.commit_every)
 
     @field_validator("ssd_dirs", mode="before")
     @classmethod

@@ -11,26 +11,37 @@ One optimizer step, per micro-batch (DESIGN.md, Execution model):
    stage's backward is done*: its AdamW runs on the CPU, against the SSD, while backward of the
    earlier stages continues. The next step's forward of a stage waits until its update is done.
 
-Gradient clipping needs the global norm before any update. With ``train.grad_clip`` set the engine
-runs **deferred** updates: each stage's gradient goes to the SSD (``<stage>/grad``) and its per-
-parameter norms are kept; after backward the clip factor is known and every stage is updated with
-it (``grad_scale``). That costs the overlap (the optimizer runs after backward) and 2x the gradient
-bytes of extra SSD traffic. ``train.grad_clip=none`` gives the overlapped schedule.
+Exact gradient clipping (``train.grad_clip``, default 1.0) needs the global norm before any update,
+which would serialise the optimizer after backward. The engine **speculates** instead (DESIGN.md,
+Numerics): each stage that is not resident is updated with its unclipped gradient as soon as its
+backward is done, overlapped as above, into a state copy other than its source (Note: [State
+copies] in ``layout``), while the gradient is also saved to the SSD (``<stage>/grad``). After backward
+the global norm is known; if it exceeds the threshold, every speculated stage is **redone** from its
+source copy with the saved gradient scaled by the clip factor, so the result is bit-identical to
+clipping first. Resident stages (updated last, in CPU memory, which keeps no previous copy) wait for
+the norm: their gradients go to the SSD and come back once it is known. A non-finite norm stops the
+run before anything is committed.
+
+Crash-safe commits (``offload.commit='cow'``) happen every ``offload.commit_every`` steps or minutes
+(``commit.py``): the commit writes the resident stages' state to a store copy, fsyncs, and names the
+copies in the commit record. A run commits when it ends or is stopped, too.
 
 Gradient accumulation keeps fp32 accumulators of every stage on the compute device for the first
 ``grad_accum - 1`` micro-batches (4 bytes per parameter, in the memory plan).
 
 Note: [Sync points] The main thread blocks only (a) in ``WeightStreamer.get`` until a stage's
 weights are loaded, (b) in ``OptimizerWorker.submit`` when ``max_pending_updates`` updates are
-queued, (c) at the end of a step for the loss value (``float(loss)``), (d) in deferred mode for the
-global norm and for each gradient's D2H copy before it is written to SSD, and (e) when an
-activation of the ``cpu`` tier leaves the GPU (``ActivationSwapper.put``). On CUDA nothing else
-synchronises the host with the GPU.
+queued, (c) at the end of a step for the loss value (``float(loss)``), (d) with exact clipping for
+the global norm after backward and for a resident stage's gradient D2H copy before it is written to
+SSD, and (e) when an activation of the ``cpu`` tier leaves the GPU (``ActivationSwapper.put``). On
+CUDA nothing else synchronises the host with the GPU. Every such wait has a deadline
+(``engine.watchdog``).
 """
 
 from __future__ import annotations
 
 import ctypes
+import math
 import shutil
 import time
 from pathlib import Path
@@ -43,8 +54,10 @@ from fuyou.data import TokenData
 from fuyou.engine.activations import (ActivationSwapper, BlockState, backward_block, block_policies, forward_block,
                                       leaves)
 from fuyou.engine.budget import MemoryPlan, act_cpu_share, activation_bytes, plan_memory, policy_memory
+from fuyou.engine import watchdog
 from fuyou.engine.commit import ResumeError, read_record, write_record
-from fuyou.engine.layout import StageState, build_states, dtype_size
+from fuyou.engine.layout import StageState, build_states, copies_needed, dtype_size
+from fuyou.errors import FuyouError
 from fuyou.faults import fault
 from fuyou.engine.trace import StepCounters, Tracer
 from fuyou.engine.weights import WeightStreamer
@@ -121,10 +134,14 @@ class Engine:
         self.device = resolve_device(t.device)
         self.model = StageModel(cfg.model)
         self.cdtype = torch.bfloat16 if t.precision == "bf16" else torch.float32
-        self.deferred = t.grad_clip is not None
+        self.clipping = t.grad_clip is not None
         self.accumulate = t.grad_accum > 1
         self.gdtype = torch.float32 if self.accumulate else self.cdtype
-        self.states = build_states(self.model.stages, cfg.optim.weight_decay, cow=off.commit == "cow")
+        self.states = build_states(self.model.stages, cfg.optim.weight_decay, n_copies=3)
+        watchdog.set_timeout(off.stall_timeout)
+        self.failed = False                 # a step raised: close() must not wait for or write anything
+        self.last_commit_step: int | None = None
+        self._last_commit_time = time.monotonic()
         self.start_step = 0
         self.resumed = resume
         self.completed = False
@@ -151,6 +168,10 @@ class Engine:
         self.chunk = max(align, -(-off.optimizer_chunk // align) * align)
         self.plan = self._memory_plan()
         self.plan.check()  # Budgets are promises: refuse before creating anything.
+        every_step = off.commit_steps == 1
+        for st in self.states:  # Note: [State copies] in layout
+            resident = st.index in self.plan.resident_stages
+            st.copies = st.copies[:copies_needed(off.commit, every_step, self.clipping and not resident)]
 
         if resume:
             self.store = TensorStore.open(self.store_dirs, store_cfg)
@@ -178,7 +199,9 @@ class Engine:
             self.d2h_stream = torch.cuda.Stream(self.device)
         self._acc: dict[int, Tensor] = {}
         self._norms: dict[str, Tensor] = {}
-        self._grad_writes: list = []
+        self._grad_writes: list = []        # resident stages' gradients on their way to the SSD
+        self._speculated: list[UpdateJob] = []  # this step's speculative updates (redone if clipped)
+        self._waiting: list[StageState] = []    # this step's resident stages, updated once the norm is known
 
     # -- planning --------------------------------------------------------------------------------
     def _memory_plan(self) -> MemoryPlan:
@@ -198,14 +221,11 @@ class Engine:
             [s.numel for s in self.states], self.cfg.offload, chunk=self.chunk,
             io_buffer_bytes=self.store_cfg.queue_depth * max(self.store_cfg.block_size, self.store_cfg.checksum_block),
             act=act, checkpoint_bytes=ckpt, working_bytes=working, extra_cpu=extra_cpu, extra_device=extra_dev,
-            csize=dtype_size(self.cdtype), gsize=dtype_size(self.gdtype), deferred=self.deferred,
+            csize=dtype_size(self.cdtype), gsize=dtype_size(self.gdtype), deferred=self.clipping,
             accumulate=self.accumulate, tied=self.tied, compute_on_cpu=self.device.type == "cpu")
 
     def _ssd_bytes(self) -> int:
-        n = sum(s.numel for s in self.states)
-        per = (24 if self.cfg.offload.commit == "cow" else 12) + (
-            0 if self.cfg.offload.cache_weights else dtype_size(self.cdtype))
-        return n * per + (n * dtype_size(self.gdtype) if self.deferred else 0) + 64 * 1024**2
+        return sum(math.prod(shape) * dtype_size(dt) for _, shape, dt in self._state_specs()) + 64 * 1024**2
 
     def _init_state(self) -> None:
         """Initialise each stage straight into the tiers, one stage in memory at a time."""
@@ -231,29 +251,82 @@ class Engine:
                 s.resident[1].zero_()
                 s.resident[2].zero_()
             for f in futs:
-                f.result()
+                watchdog.result(f, f"the initial write of {s.stage.name}")
             del flat
-        self._commit(0)
+        self._commit_initial()
 
     def _state_specs(self) -> list[tuple]:
-        """Every store tensor the state needs (both copies with copy-on-write commits)."""
+        """Every store tensor the state needs (its copies: Note: [State copies] in layout)."""
         specs = []
         for s in self.states:
-            for keys in (s.copies if s.cow else s.copies[:1]):
+            for keys in s.copies:
                 specs += [(k, (s.numel,), torch.float32) for k in keys.fp32]
             if s.index not in self.plan.cached_stages:
                 specs.append((s.keys.weights, (s.numel,), self.cdtype))
-            if self.deferred:
-                specs.append((f"{s.stage.name}/grad", (s.numel,), self.gdtype))
+            if self.clipping:
+                specs.append((_grad_key(s), (s.numel,), self.gdtype))
         return specs
 
-    def _commit(self, step: int) -> None:
-        """Make the state after ``step`` optimizer steps the one a resume starts from (commit.py)."""
+    # -- commits ---------------------------------------------------------------------------------
+    def _commit_due(self, steps_done: int) -> bool:
+        off = self.cfg.offload
+        if off.commit != "cow":
+            return False
+        if off.commit_steps is not None:
+            return steps_done % off.commit_steps == 0
+        return time.monotonic() - self._last_commit_time >= off.commit_secs
+
+    def _submit_commit(self, steps_done: int) -> None:
+        """Queue the commit of the state after ``steps_done`` steps behind this step's updates. The
+        copies it names are fixed now (main thread, Note: [State copies]); the resident stages' state
+        is written to a copy other than the committed one first."""
+        flush = self._claim_flush()
+        for st in self.states:
+            st.committed = st.cur
+        record = {"step": steps_done, "copies": [s.cur for s in self.states], "store_uuid": self.store.uuid,
+                  "model": self.cfg.model.model_dump()}
+        self.last_commit_step = steps_done
+        self._last_commit_time = time.monotonic()
+
+        def commit():
+            self._flush(flush)
+            self.store.sync()
+            write_record(self.store_dirs[0], record)
+
+        self.worker.submit_call(commit, f"the commit of step {steps_done}")
+
+    def commit(self, steps_done: int) -> None:
+        """Commit now unless the last commit is this state (the end of a run, a stop); waits for it."""
+        if self.cfg.offload.commit == "cow" and self.last_commit_step != steps_done:
+            self._submit_commit(steps_done)
+        self.worker.wait_all()
+
+    def _claim_flush(self) -> list[tuple[StageState, int]]:
+        """The dirty resident stages and the copy each will be written to (main thread, before the
+        write is queued or done)."""
+        out = []
+        for st in self.states:
+            if st.dirty:
+                st.cur = st.target(keep_source=False)
+                st.dirty = False
+                out.append((st, st.cur))
+        return out
+
+    def _flush(self, flush: list[tuple[StageState, int]]) -> None:
+        futs = [(self.store.write_from(k, t), st) for st, c in flush for k, t in zip(st.copies[c].fp32, st.resident)]
+        for f, st in futs:
+            watchdog.result(f, f"the write of {st.stage.name}'s resident optimizer state")
+        self.counters.ssd_write_bytes += sum(12 * st.numel for st, _ in flush)
+
+    def _commit_initial(self) -> None:
+        """The commit record of the initial state (step 0), written synchronously."""
         self.store.sync()
-        if self.cfg.offload.commit != "cow":
-            return
-        write_record(self.store_dirs[0], {"step": step, "copies": [s.cur for s in self.states],
-                                          "store_uuid": self.store.uuid, "model": self.cfg.model.model_dump()})
+        for st in self.states:
+            st.committed = st.cur if self.cfg.offload.commit == "cow" else None
+        if self.cfg.offload.commit == "cow":
+            write_record(self.store_dirs[0], {"step": 0, "copies": [s.cur for s in self.states],
+                                              "store_uuid": self.store.uuid, "model": self.cfg.model.model_dump()})
+            self.last_commit_step = 0
 
     def _resume_state(self) -> None:
         """Open the last commit: current copies from the record, compute weights rebuilt from the
@@ -262,8 +335,10 @@ class Engine:
             raise ResumeError("offload.commit='none' updates the state in place; it cannot be resumed")
         rec = read_record(self.store_dirs[0], self.store.uuid, len(self.states))
         for s, c in zip(self.states, rec["copies"]):
-            s.cur = c
-        self.start_step = rec["step"]
+            if c >= len(s.copies):  # the record names a copy this configuration does not keep
+                s.copies = build_states([s.stage], self.cfg.optim.weight_decay, n_copies=c + 1)[0].copies
+            s.cur = s.committed = c
+        self.start_step = self.last_commit_step = rec["step"]
         missing = [spec for spec in self._state_specs() if spec[0] not in self.store]
         if missing:
             self.store.allocate_many(missing)
@@ -291,6 +366,13 @@ class Engine:
         return (fwd + list(range(S - 2, -1, -1))) * micro_batches
 
     def train_step(self, step: int) -> StepStats:
+        try:
+            return self._train_step(step)
+        except BaseException:
+            self.failed = True
+            raise
+
+    def _train_step(self, step: int) -> StepStats:
         t = self.cfg.train
         self.counters = StepCounters()
         self.tracer.enabled = step == self.trace_step
@@ -305,11 +387,14 @@ class Engine:
         except BaseException:
             self.streamer.drain()
             raise
-        grad_norm = self._deferred_updates(lr, step) if self.deferred else None
-        if self.cfg.offload.commit == "cow":
-            self.worker.submit_commit(lambda: self._commit(step + 1))
+        grad_norm = self._finish_clipping(lr, step) if self.clipping else None
+        loss = float(total)  # see Note: [Sync points]
+        if not math.isfinite(loss):
+            raise NonFiniteError(f"the loss of step {step + 1} is {loss}")
+        if self._commit_due(step + 1):
+            self._submit_commit(step + 1)
         tokens = t.grad_accum * t.micro_batch_size * self.cfg.data.seq_len
-        return StepStats(float(total), lr, grad_norm, tokens)  # float(): see Note: [Sync points]
+        return StepStats(loss, lr, grad_norm, tokens)
 
     trace_step = 1  # which step's tasks ``--trace`` records (the second: the first warms caches)
 
@@ -403,12 +488,15 @@ class Engine:
         self.tracer.add(name, "compute", t0, t1)
 
     def _stage_grads(self, st: StageState, grads: dict[str, Tensor], last: bool, lr: float, step: int) -> None:
-        """Accumulate a stage's gradients; on the last micro-batch hand them to the optimizer."""
+        """Accumulate a stage's gradients; on the last micro-batch hand them to the optimizer: an
+        update now (speculative under exact clipping), or, for a resident stage under exact clipping,
+        to the SSD until the global norm is known (module docstring)."""
         pooled = None
         if self.device.type == "cpu" and not self.accumulate:
             # Reused pool memory (huge pages), not a fresh allocation per stage: a new 25 MB tensor
             # costs its page faults every time (measured: ~10 ms per GPT-3 350M block on 2 cores).
-            pooled = self.grad_pool.acquire(st.numel * dtype_size(self.gdtype), self.gdtype)
+            pooled = watchdog.acquire(self.grad_pool, st.numel * dtype_size(self.gdtype), self.gdtype,
+                                      f"a gradient buffer for {st.stage.name}")
             flat = pooled.tensor
         else:
             flat = torch.empty(st.numel, dtype=self.gdtype, device=self.device)
@@ -420,26 +508,39 @@ class Engine:
             if not last:
                 self._acc[st.index] = flat
                 return
-        if self.deferred:
+        if self.clipping:
             views = st.views(flat)
             norms = torch._foreach_norm([views[n].float() for n in st.slots], 2)
             for n, v in zip(st.slots, norms):
                 self._norms[st.stage.key(n)] = v
-        host, release, event = self._to_host(flat)
+        wait_for_norm = self.clipping and st.resident is not None
+        host, release, event = self._to_host(flat, sync=wait_for_norm)
         if pooled is not None:
             release = pooled.release
-        if self.deferred:
-            fut = self.store.write_from(f"{st.stage.name}/grad", host)
+        if wait_for_norm:
+            fut = self.store.write_from(_grad_key(st), host)
+            if release is not None:  # the buffer goes back as soon as the write is done
+                fut.add_done_callback(lambda _f, r=release: r())
             self.counters.ssd_write_bytes += host.numel() * host.element_size()
-            self._grad_writes.append((fut, release))
+            self._grad_writes.append((fut, st))
+            self._waiting.append(st)
             return
-        self.worker.submit(UpdateJob(st, host, self.gdtype, lr, step + 1, 1.0, release, event))
+        # A resident stage is updated in CPU memory; its store copy is chosen when it is flushed.
+        dst = st.cur if st.resident is not None else st.target(keep_source=self.clipping)
+        job = UpdateJob(st, host, self.gdtype, lr, step + 1, 1.0, src=st.cur, dst=dst, release=release,
+                        event=event, save_grad=_grad_key(st) if self.clipping else None)
+        st.cur = dst
+        st.dirty = st.resident is not None
+        if self.clipping:
+            self._speculated.append(job)
+        self.worker.submit(job)
 
-    def _to_host(self, flat: Tensor):
-        """The gradient in CPU memory, a release callback and (CUDA) the D2H event; see Note: [Gradient hand-off]."""
+    def _to_host(self, flat: Tensor, sync: bool = False):
+        """The gradient in CPU memory, a release callback and (CUDA) the D2H event; see Note: [Gradient
+        hand-off]. ``sync``: wait for the copy here (the caller writes the buffer to SSD at once)."""
         if self.device.type != "cuda":
             return flat, None, None
-        buf = self.grad_pool.acquire(flat.numel() * flat.element_size(), flat.dtype)
+        buf = watchdog.acquire(self.grad_pool, flat.numel() * flat.element_size(), flat.dtype, "a gradient buffer")
         self.d2h_stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.d2h_stream):
             buf.tensor.copy_(flat, non_blocking=True)
@@ -452,24 +553,38 @@ class Engine:
             keep.clear()
             buf.release()
 
-        if self.deferred:
-            ev.synchronize()  # deferred mode writes the buffer to SSD right away
+        if sync:
+            ev.synchronize()  # sync point (d)
         return buf.tensor, release, ev
 
-    def _deferred_updates(self, lr: float, step: int) -> float:
-        """Exact clipping: the global norm over every parameter, then every stage's update."""
-        for fut, release in self._grad_writes:
-            fut.result()
-            if release is not None:
-                release()
+    def _finish_clipping(self, lr: float, step: int) -> float:
+        """Exact clipping after backward: the global norm over every parameter (in the reference's
+        order), then the resident stages' updates and, when the norm exceeds the threshold, the redo
+        of every speculative update from its source copy with the clipped gradient (module docstring)."""
+        for fut, st in self._grad_writes:
+            watchdog.result(fut, f"the write of {st.stage.name}'s gradient")
         self._grad_writes.clear()
         order = list(self.model.param_specs())
         total = torch.linalg.vector_norm(torch.stack([self._norms[k] for k in order]), 2)
         self._norms.clear()
-        clip = float(torch.clamp(self.cfg.train.grad_clip / (total + 1e-6), max=1.0))  # sync point (d)
-        for st in reversed(self.states):
-            self.worker.submit(UpdateJob(st, f"{st.stage.name}/grad", self.gdtype, lr, step + 1, clip))
-        return float(total)
+        norm = float(total)  # sync point (d)
+        if not math.isfinite(norm):
+            raise NonFiniteError(f"the gradient norm of step {step + 1} is {norm}")
+        clip = float(torch.clamp(self.cfg.train.grad_clip / (total + 1e-6), max=1.0))
+        self.clipped = clip < 1.0
+        self.counters.clipped = self.clipped
+        # Stages in the order the next forward needs them: the resident ones (0, 1, ...) first.
+        for st in sorted(self._waiting, key=lambda s: s.index):
+            self.worker.submit(UpdateJob(st, _grad_key(st), self.gdtype, lr, step + 1, clip, src=st.cur,
+                                         dst=st.cur))
+            st.dirty = True
+        if self.clipped:
+            for job in sorted(self._speculated, key=lambda j: j.state.index):
+                self.worker.submit(UpdateJob(job.state, _grad_key(job.state), self.gdtype, lr, step + 1, clip,
+                                             src=job.src, dst=job.dst, redo=True))
+        self._waiting.clear()
+        self._speculated.clear()
+        return norm
 
     # -- evaluation and state --------------------------------------------------------------------
     @torch.no_grad()
@@ -508,15 +623,10 @@ class Engine:
         return sum(losses) / len(losses)
 
     def _write_back(self) -> None:
-        """Write dirty resident optimizer state to the store (commit 'none' defers it; layout docstring)."""
+        """Write dirty resident optimizer state to the store (to a copy the last commit does not name),
+        so that reading the store gives the newest state (layout docstring)."""
         self.worker.wait_all()
-        futs = []
-        for st in self.states:
-            if st.dirty:
-                futs += [self.store.write_from(k, t) for k, t in zip(st.keys.fp32, st.resident)]
-                st.dirty = False
-        for f in futs:
-            f.result()
+        self._flush(self._claim_flush())
 
     def master_chunks(self):
         """Yield every stage's fp32 master weights in order, in chunks of pool memory (bounded)."""
@@ -553,7 +663,16 @@ class Engine:
     def close(self) -> None:
         """Finish pending updates, stop the threads, close the store. The SSD state is deleted only
         after a completed run (``completed``) without ``keep_state``: a stopped or failed run keeps it
-        for ``--resume``."""
+        for ``--resume``. After a failed step nothing is waited for or written: the last commit is
+        the state of record, and a stuck thread must not keep the process alive."""
+        if self.failed:
+            for st in self.states:  # loads waiting for an update that will not come give up
+                st.error = st.error or FuyouError("the run stopped")
+                st.updated.set()
+            self.worker.close(timeout=1.0)
+            self.streamer.close(wait=False)
+            self.swapper.close()
+            return
         try:
             self._write_back()
         finally:
@@ -564,6 +683,19 @@ class Engine:
             if self.completed and not self.cfg.offload.keep_state:
                 for d in self.store_dirs:
                     shutil.rmtree(d, ignore_errors=True)
+
+
+class NonFiniteError(FuyouError):
+    """The loss or the gradient norm of a step is not finite; nothing of that step is committed."""
+
+    def __init__(self, what: str):
+        super().__init__(f"{what}: the run stopped before committing that step (the last commit is intact). "
+                         f"Lower optim.lr, check the data, or resume with `fuyou train --resume RUN_DIR`")
+
+
+def _grad_key(st: StageState) -> str:
+    """The store key where a stage's gradient waits for the global norm (exact clipping)."""
+    return f"{st.stage.name}/grad"
 
 
 def _resident_state(numel: int) -> tuple[Tensor, Tensor, Tensor]:

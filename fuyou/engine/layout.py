@@ -2,20 +2,30 @@
 
 Each stage's owned parameters are laid out as one flat vector (in ``Stage.params`` order), so the
 state moves in a few large transfers: the store holds ``<stage>/master.<c>``, ``<stage>/exp_avg.<c>``,
-``<stage>/exp_avg_sq.<c>`` (fp32; copies ``c`` = 0 and 1 with copy-on-write commits, see
-``commit``) and, unless they are cached in CPU memory, ``<stage>/weights`` (the compute-precision
-copy the forward and backward use). Parameter ``p`` is elements ``[offset, offset + numel)`` of
-each vector. ``cur`` names the copy holding the last committed step's state. A *resident* stage also
-holds master, m and v in CPU memory (``resident``): its updates read them there; with copy-on-write
-commits they also write them to the store's next copy every step (the commit needs it), with commit
-'none' they stay *dirty* in CPU memory and are written back only when the store is read or closed.
+``<stage>/exp_avg_sq.<c>`` (fp32, copies ``c`` = 0, 1, ...; see Note: [State copies]) and, unless they
+are cached in CPU memory, ``<stage>/weights`` (the compute-precision copy the forward and backward
+use). Parameter ``p`` is elements ``[offset, offset + numel)`` of each vector. A *resident* stage also
+holds master, m and v in CPU memory (``resident``): its updates read and write them there, and the
+state is written to a store copy only when it is committed or read (until then it is *dirty*).
+
+Note: [State copies]
+    ``cur`` names the copy holding the newest state (the next update reads it), ``committed`` the
+    copy the last commit record names (never written until the next commit replaces it; None
+    without crash-safe commits). An update writes ``target(keep_source)``: in place when it may, or
+    a copy that is neither committed nor, when the update is speculative (exact clipping may have to
+    redo it from its source, ``fuyou.engine.clipping``), its source. So a stage needs one copy
+    (commit 'none', no speculation), two (commits every step, or speculation without commits, or
+    commits at an interval without speculation) or three (commits at an interval with speculation);
+    ``copies_needed`` says which. ``cur`` and ``committed`` are the main thread's: it picks every
+    job's source and target when it submits the job, and the worker runs jobs in that order.
 
 States of a stage's compute weights, kept in ``StageState.updated``:
 
-* *current* (event set): they reflect every optimizer step submitted so far; loads may proceed.
-* *updating* (event clear): the stage's gradients were handed to the optimizer worker, which is
-  rewriting master, moments and compute weights. Every load of the stage's weights waits for
-  *current* (no stale weights, DESIGN.md idea 1), including prefetches of the next step.
+* *current* (event set): they reflect every optimizer job submitted so far; loads may proceed.
+* *updating* (event clear): jobs for the stage were handed to the optimizer worker (``pending`` of
+  them unfinished; a redo may follow a speculative update), which is rewriting master, moments and
+  compute weights. Every load of the stage's weights waits for *current* (no stale weights, DESIGN.md
+  idea 1), including prefetches of the next step.
 """
 
 from __future__ import annotations
@@ -51,14 +61,16 @@ class StageState:
     numel: int
     slots: dict[str, ParamSlot]
     segments: list[Segment]
-    copies: tuple[StateKeys, StateKeys]
-    cow: bool = True                       # copy-on-write commits: updates write the other copy
-    cur: int = 0                           # the copy updates read (the last committed state)
+    copies: tuple[StateKeys, ...]          # the store copies of the fp32 state (Note: [State copies])
+    cur: int = 0                           # the copy holding the newest state
+    committed: int | None = None           # the copy the last commit record names
     cache: Tensor | None = None            # compute weights held in CPU memory, or None: on SSD
     resident: tuple[Tensor, Tensor, Tensor] | None = None  # fp32 master, m, v held in CPU memory too
-    dirty: bool = False                    # resident state newer than the store's (commit 'none' only)
+    dirty: bool = False                    # resident state newer than every store copy
     updated: threading.Event = field(default_factory=threading.Event)
+    pending: int = 0                       # optimizer jobs submitted and not finished
     error: BaseException | None = None     # set when this stage's update failed
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def index(self) -> int:
@@ -66,13 +78,38 @@ class StageState:
 
     @property
     def keys(self) -> StateKeys:
-        """Where the current state is (updates read it)."""
+        """Where the newest state is (updates read it)."""
         return self.copies[self.cur]
 
-    @property
-    def next_keys(self) -> StateKeys:
-        """Where an update writes (the other copy with copy-on-write, else the same)."""
-        return self.copies[1 - self.cur] if self.cow else self.copies[self.cur]
+    def target(self, keep_source: bool) -> int:
+        """The copy the next update (or flush) writes: ``cur`` itself unless it is committed or must be
+        kept as the source of a redo; else a copy that is neither (Note: [State copies])."""
+        avoid = {self.committed} | ({self.cur} if keep_source else set())
+        if self.cur not in avoid:
+            return self.cur
+        free = [c for c in range(len(self.copies)) if c not in avoid]
+        assert free, f"{self.stage.name}: {len(self.copies)} state copies cannot keep {sorted(avoid, key=str)}"
+        return free[0]
+
+    # -- the updated event (module docstring) ----------------------------------------------------
+    def begin_update(self) -> None:
+        """A job for this stage was submitted: loads wait until every pending job is done."""
+        with self._lock:
+            self.pending += 1
+            self.updated.clear()
+
+    def weights_ready(self) -> None:
+        """The running job has written the compute weights: loads may go on unless more jobs follow."""
+        with self._lock:
+            if self.pending <= 1:
+                self.updated.set()
+
+    def end_update(self) -> None:
+        with self._lock:
+            self.pending -= 1
+            if self.pending <= 0:
+                self.pending = 0
+                self.updated.set()
 
     def views(self, flat: Tensor) -> dict[str, Tensor]:
         """Parameter-shaped views of a flat vector of this stage."""
@@ -84,7 +121,18 @@ class StageState:
         return out
 
 
-def build_states(stages: list[Stage], weight_decay: float, cow: bool = True) -> list[StageState]:
+def copies_needed(commit: str, every_step: bool, speculative: bool) -> int:
+    """Store copies of one stage's fp32 state (Note: [State copies]). ``commit``: 'cow' or 'none';
+    ``every_step``: commits after every step; ``speculative``: its updates may be redone (exact
+    clipping, stages that are not resident)."""
+    if commit != "cow":
+        return 1 + speculative
+    return 2 if every_step else 2 + speculative
+
+
+def build_states(stages: list[Stage], weight_decay: float, n_copies: int = 2) -> list[StageState]:
+    """One record per stage with ``n_copies`` store copies (the engine trims them per stage once it
+    knows which stages are resident: ``copies_needed``)."""
     states = []
     for st in stages:
         slots, segments, off = {}, [], 0
@@ -97,8 +145,8 @@ def build_states(stages: list[Stage], weight_decay: float, cow: bool = True) -> 
                 segments.append(Segment(off, off + spec.numel, wd))
             off += spec.numel
         copies = tuple(StateKeys(f"{st.name}/master.{c}", f"{st.name}/exp_avg.{c}", f"{st.name}/exp_avg_sq.{c}",
-                                 f"{st.name}/weights") for c in (0, 1))
-        s = StageState(st, off, slots, segments, copies, cow)
+                                 f"{st.name}/weights") for c in range(n_copies))
+        s = StageState(st, off, slots, segments, copies)
         s.updated.set()
         states.append(s)
     return states

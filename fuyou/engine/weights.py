@@ -23,9 +23,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from fuyou.engine import watchdog
 from fuyou.engine.layout import StageState, dtype_size
 from fuyou.engine.trace import StepCounters, Tracer
 from fuyou.errors import FuyouError
+from fuyou.faults import stall
 
 
 @dataclass
@@ -68,7 +70,8 @@ class WeightStreamer:
         self._fill(pos)
         fut = self._futures[pos]
         t0 = time.perf_counter()
-        loaded = fut.result()
+        name = self.states[self._order[pos]].stage.name
+        loaded = watchdog.result(fut, f"the weights of {name}", self.states[self._order[pos]].numel * 2)
         t1 = time.perf_counter()
         c: StepCounters = self._counters()
         waited_opt = max(0.0, min(t1, loaded.ready_at) - t0)
@@ -101,7 +104,8 @@ class WeightStreamer:
     # -- one load (loader thread) ----------------------------------------------------------------
     def _load(self, i: int) -> Loaded:
         st = self.states[i]
-        st.updated.wait()
+        stall("load")
+        watchdog.wait_event(st.updated, f"the optimizer update of {st.stage.name} (its weights are loaded next)")
         ready = time.perf_counter()
         if st.error is not None:
             raise FuyouError(f"the optimizer update of {st.stage.name} failed, its weights are not usable: {st.error}")
@@ -111,10 +115,11 @@ class WeightStreamer:
             host = st.cache
             c.cache_hits += 1
         else:
-            buf = self.pool.acquire(st.numel * dtype_size(self.dtype), self.dtype)
+            buf = watchdog.acquire(self.pool, st.numel * dtype_size(self.dtype), self.dtype,
+                                   f"a buffer to load {st.stage.name}'s weights")
             t0 = time.perf_counter()
             try:
-                self.store.read_into(st.keys.weights, buf.tensor).result()
+                watchdog.result(self.store.read_into(st.keys.weights, buf.tensor), f"the read of {st.stage.name}'s weights")
             except BaseException:
                 buf.release()
                 raise
@@ -145,6 +150,8 @@ class WeightStreamer:
                 pass
         self._order, self._next = [], 0
 
-    def close(self) -> None:
-        self.drain()
-        self._exec.shutdown(wait=True)
+    def close(self, wait: bool = True) -> None:
+        """Stop the loader threads; ``wait=False`` (after a failure) abandons outstanding loads."""
+        if wait:
+            self.drain()
+        self._exec.shutdown(wait=wait, cancel_futures=not wait)

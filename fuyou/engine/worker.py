@@ -1,12 +1,17 @@
 """The optimizer worker: updates stages on the CPU while backward of earlier stages continues.
 
 ``submit`` marks the stage *updating* (layout docstring) and queues the job; a worker thread runs
-the out-of-core AdamW (read fp32 master and moments from SSD, fused kernel, write them back and the
-new compute weights) and marks the stage *current*. A resident stage with cached weights is marked
-current as soon as its kernels are done: the next forward needs only the cached compute weights,
-not the state's write to SSD (which the job still waits for before the next job starts). At most
-``max_pending`` jobs wait in the queue; a further ``submit`` blocks (back-pressure bounds the
-gradients held in CPU memory), and that blocked time is counted as waiting for the optimizer.
+the out-of-core AdamW (read fp32 master and moments from the job's source copy, fused kernel, write
+them and the new compute weights to its target copy) and marks the stage *current* once no other job
+for it is pending. A resident stage with cached weights is marked current as soon as its kernels are
+done: the next forward needs only the cached compute weights. At most ``max_pending`` jobs wait in
+the queue; a further ``submit`` blocks (back-pressure bounds the gradients held in CPU memory), and
+that blocked time is counted as waiting for the optimizer. Other callables (a commit) can be queued
+between jobs; the worker runs everything in submission order.
+
+A job whose gradient may be needed again (a speculative update under exact clipping, see
+``fuyou.engine.engine``) names ``save_grad``: the worker writes the gradient to that store key while
+it updates, and releases the gradient's buffer only when both are done.
 
 Note: [Gradient hand-off]
     On CUDA the gradient's D2H copy runs on the D2H stream into a pinned pool buffer and records an
@@ -23,51 +28,78 @@ from dataclasses import dataclass
 
 import torch
 
+from fuyou.engine import watchdog
 from fuyou.engine.layout import StageState
 from fuyou.engine.trace import StepCounters, Tracer
+from fuyou.faults import fault, stall
 from fuyou.optim.out_of_core import OutOfCoreAdamW
 
 
 @dataclass
 class UpdateJob:
     state: StageState
-    grad: torch.Tensor | str   # flat CPU tensor, or the store key of a deferred gradient
+    grad: torch.Tensor | str   # flat CPU tensor, or the store key of a saved gradient
     grad_dtype: torch.dtype
     lr: float
     step: int                  # 1-based AdamW step
     grad_scale: float
+    src: int                   # the state copy read (Note: [State copies])
+    dst: int                   # the state copy written
     release: object | None = None   # callable freeing the gradient buffer after the update
     event: object | None = None     # CUDA event of the gradient's D2H copy
+    save_grad: str | None = None    # store key the gradient is also written to (a redo may need it)
+    redo: bool = False              # the redo of a speculative update (exact clipping triggered)
 
 
 class OptimizerWorker:
     def __init__(self, opt: OutOfCoreAdamW, lowp_dtype: torch.dtype, max_pending: int, tracer: Tracer, counters_ref):
         self.opt, self.lowp_dtype, self.tracer = opt, lowp_dtype, tracer
         self._counters = counters_ref
-        self._q: queue.Queue[UpdateJob | None] = queue.Queue(maxsize=max_pending)
+        self._q: queue.Queue = queue.Queue(maxsize=max_pending)
         self._error: BaseException | None = None
+        self._unfinished = 0
+        self._idle = threading.Condition()
+        self._running: str = "nothing"
         self._thread = threading.Thread(target=self._run, name="fuyou-adam", daemon=True)
         self._thread.start()
 
     def submit(self, job: UpdateJob) -> None:
         self.check()
-        job.state.updated.clear()
+        job.state.begin_update()
         t0 = time.perf_counter()
-        self._q.put(job)
+        self._put(job, f"room in the optimizer queue (to update {job.state.stage.name})")
         waited = time.perf_counter() - t0
         if waited > 1e-4:
             self._counters().wait_optimizer_s += waited
             self.tracer.add("wait optimizer queue", "wait", t0, t0 + waited)
 
-    def submit_commit(self, commit) -> None:
-        """Queue ``commit()`` after every update submitted so far; later updates wait for it (the
+    def submit_call(self, fn, name: str) -> None:
+        """Queue ``fn()`` after every job submitted so far (a commit: later updates wait for it, the
         copy-on-write rule of ``fuyou.engine.commit``)."""
         self.check()
-        self._q.put(commit)
+        self._put((name, fn), f"room in the optimizer queue (for {name})")
+
+    def _put(self, item, what: str) -> None:
+        with self._idle:
+            self._unfinished += 1
+        try:
+            watchdog.put(self._q, item, what + f"; the worker is on: {self._running}")
+        except BaseException:
+            self._done()
+            raise
+
+    def _done(self) -> None:
+        with self._idle:
+            self._unfinished -= 1
+            if self._unfinished == 0:
+                self._idle.notify_all()
 
     def wait_all(self) -> None:
-        """Block until every submitted update is finished (a step boundary for eval and saving)."""
-        self._q.join()
+        """Block until every submitted job is finished (a step boundary for eval, commits and saving)."""
+        with self._idle:
+            if not self._idle.wait_for(lambda: self._unfinished == 0, watchdog.limit()):
+                raise watchdog.StallError(f"the optimizer worker to finish (it is on: {self._running})",
+                                          watchdog.limit())
         self.check()
 
     def check(self) -> None:
@@ -78,48 +110,71 @@ class OptimizerWorker:
         while True:
             job = self._q.get()
             if job is None:
-                self._q.task_done()
+                self._done()
                 return
-            if not isinstance(job, UpdateJob):  # a commit
+            if not isinstance(job, UpdateJob):  # a commit or another call
+                self._running, fn = job
                 try:
                     if self._error is None:
-                        job()
+                        fn()
                 except BaseException as e:  # noqa: BLE001 - handed to the main thread via check()
                     self._error = self._error or e
                 finally:
-                    self._q.task_done()
+                    self._running = "nothing"
+                    self._done()
                 continue
             st = job.state
+            self._running = f"the update of {st.stage.name}"
+            saving = None
             try:
                 if self._error is None:
+                    stall("optimizer", job.step - 1)
+                    if job.redo:
+                        fault("redo", job.step - 1)  # tests: killed while a clipped step is redone
                     if job.event is not None:
                         job.event.synchronize()  # see Note: [Gradient hand-off]
+                    if job.save_grad is not None:
+                        saving = self.opt.store.write_from(job.save_grad, job.grad)
                     stats = self.opt.update(
-                        st.keys, job.grad, numel=st.numel, segments=st.segments, lr=job.lr, step=job.step,
-                        grad_scale=job.grad_scale, lowp_out=st.cache, lowp_dtype=self.lowp_dtype,
-                        grad_dtype=job.grad_dtype, out_keys=st.next_keys, resident=st.resident,
-                        on_weights_ready=st.updated.set if st.cache is not None else None,
-                        persist=st.cow)
-                    st.dirty = st.resident is not None and not st.cow
-                    st.cur = 1 - st.cur if st.cow else st.cur  # the new copy is current (committed later)
+                        st.copies[job.src], job.grad, numel=st.numel, segments=st.segments, lr=job.lr,
+                        step=job.step, grad_scale=job.grad_scale, lowp_out=st.cache, lowp_dtype=self.lowp_dtype,
+                        grad_dtype=job.grad_dtype, out_keys=st.copies[job.dst], resident=st.resident,
+                        on_weights_ready=st.weights_ready if st.cache is not None else None, persist=False)
                     c: StepCounters = self._counters()
+                    if saving is not None:
+                        watchdog.result(saving, f"the saved gradient of {st.stage.name}")
+                        saving = None
+                        stats.written_bytes += job.grad.numel() * job.grad.element_size()
                     c.optimizer_busy_s += stats.busy_s
                     c.optimizer_kernel_s += stats.kernel_s
                     c.ssd_read_bytes += stats.read_bytes
                     c.ssd_write_bytes += stats.written_bytes
                     end = time.perf_counter()
-                    self.tracer.add(f"adam {st.stage.name}", "cpu-adam", end - stats.busy_s, end,
+                    name = f"adam {st.stage.name}" + (f" (redo, clip {job.grad_scale:.3g})" if job.redo else "")
+                    self.tracer.add(name, "cpu-adam", end - stats.busy_s, end,
                                     params=stats.params, kernel_s=round(stats.kernel_s, 6),
                                     read_bytes=stats.read_bytes, written_bytes=stats.written_bytes)
             except BaseException as e:  # noqa: BLE001 - handed to the main thread via check()
                 st.error = e
                 self._error = self._error or e
             finally:
+                if saving is not None:  # an error above: the buffer may go only once the write is done
+                    try:
+                        saving.result(watchdog.limit())
+                    except BaseException:  # noqa: BLE001 - the first error is already recorded
+                        pass
                 if job.release is not None:
                     job.release()
-                st.updated.set()
-                self._q.task_done()
+                self._running = "nothing"
+                st.end_update()
+                self._done()
 
-    def close(self) -> None:
-        self._q.put(None)
-        self._thread.join()
+    def close(self, timeout: float | None = None) -> None:
+        """Stop the thread after the queued jobs (``timeout``: give up waiting, after a failure)."""
+        with self._idle:
+            self._unfinished += 1
+        try:
+            self._q.put(None, timeout=timeout if timeout is not None else watchdog.limit())
+        except queue.Full:
+            return
+        self._thread.join(timeout)

@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field
 class AdamWConfig(BaseModel):
     """AdamW with decoupled weight decay, as ``torch.optim.AdamW`` defines it."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     lr: float = Field(1e-3, ge=0, description="Peak learning rate (the schedule scales it).")
     beta1: float = Field(0.9, ge=0, lt=1, description="Adam's first-moment decay.")

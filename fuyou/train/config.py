@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 class TrainConfig(BaseModel):
     """One training run. Tokens per step = micro_batch_size * grad_accum * data.seq_len."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     steps: int = Field(240, ge=1, description="Optimizer steps to run.")
     micro_batch_size: int = Field(16, ge=1, description="Sequences per forward/backward pass.")

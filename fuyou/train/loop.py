@@ -7,6 +7,7 @@ owns the run directory, logging, evaluation cadence, tracing and saving.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -86,9 +87,14 @@ class _StopOnSignal:
                 self._old[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
-        if self.requested is not None:  # a second signal: stop now
-            raise KeyboardInterrupt
+        if self.requested is not None:
+            # A second signal ends the process now, whatever it waits for: the last commit on the SSD
+            # is the state of record (atomic), so nothing committed is lost.
+            os.write(2, b"\nfuyou: second signal, exiting now; the last commit is intact (--resume continues)\n")
+            os._exit(128 + signum)
         self.requested = signal.Signals(signum).name
+        os.write(2, f"\nfuyou: {self.requested}: stopping after this step and its commit (a second signal exits "
+                    f"at once)\n".encode())
 
     def restore(self):
         for sig, old in self._old.items():
@@ -111,9 +117,14 @@ def _loop(cfg: FuyouConfig, trainer, run_dir: Path, stream, trace, stop) -> RunR
     plan = getattr(trainer, "plan", None)
     if plan is not None:
         progress.message(plan.describe() + f"\nfixed overhead before the engine: {format_size(trainer.fixed_overhead)}")
-        if trainer.deferred:
-            progress.message("train.grad_clip is set: updates wait for the global gradient norm (no overlap with "
-                             "backward, gradients make a round trip through the SSD); train.grad_clip=none overlaps them")
+        if trainer.clipping:
+            progress.message(f"exact clipping at {t.grad_clip}: stages are updated speculatively during backward "
+                             f"and redone from the previous state on steps whose gradient norm exceeds it")
+        off = cfg.offload
+        progress.message("crash-safe commits: " + (
+            "none (offload.commit=none: the run cannot be resumed)" if off.commit != "cow" else
+            f"every {off.commit_every} step(s)" if off.commit_steps else f"every {off.commit_every}") +
+            ("" if off.commit != "cow" else ", and when the run ends or is stopped"))
 
     start_step = getattr(trainer, "start_step", 0)
     if getattr(trainer, "resumed", False):
@@ -159,16 +170,16 @@ def _loop(cfg: FuyouConfig, trainer, run_dir: Path, stream, trace, stop) -> RunR
                 log.write({"step": step + 1, "eval_loss": last_eval})
                 progress.message(f"eval loss at step {step + 1}: {last_eval:.4f}")
         if stop.requested and step + 1 < t.steps:
-            if hasattr(trainer, "worker"):
-                trainer.worker.wait_all()  # the step's updates and its commit are on the SSD
+            if hasattr(trainer, "commit"):
+                trainer.commit(step + 1)  # the step's updates and its commit are on the SSD
             log.write({"stopped": stop.requested, "step": step + 1})
             log.close()
             progress.message(f"stopped by {stop.requested} after step {step + 1} (committed); continue with: "
                              f"fuyou train --resume {run_dir}")
             return RunResult(run_dir, first_eval, last_eval, stats.loss, tokens / (time.perf_counter() - start),
                              resident_bytes("VmHWM"), stopped=True)
-    if hasattr(trainer, "worker"):
-        trainer.worker.wait_all()
+    if hasattr(trainer, "commit"):
+        trainer.commit(t.steps)  # the final state is committed before anything may delete it
     trainer.completed = True
     elapsed = time.perf_counter() - start
     last_eval = trainer.evaluate()

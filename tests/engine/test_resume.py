@@ -16,7 +16,7 @@ from fuyou.cli import main
 
 ARGS = ["model.preset=gpt-test", "train.precision=fp32", "train.steps=4", "train.warmup_steps=1",
         "data.seq_len=32", "train.micro_batch_size=2", "train.eval_batches=1", "train.eval_every=0",
-        "offload.optimizer_chunk=1"]
+        "offload.optimizer_chunk=1", "offload.commit_every=1"]
 
 
 def train_cmd(tmp_path, name, *extra):
@@ -38,7 +38,7 @@ def run(cmd, fault=None, timeout=300):
 def reference(tmp_path_factory):
     """Final weights of an uninterrupted run, per clipping mode."""
     out = {}
-    for clip in ("none", "0.5"):
+    for clip in ("none", "0.5", "1e-3"):
         tmp = tmp_path_factory.mktemp(f"ref-{clip}")
         r = run(train_cmd(tmp, "ref", f"train.grad_clip={clip}"))
         assert r.returncode == 0, r.stderr
@@ -52,6 +52,8 @@ def reference(tmp_path_factory):
     ("backward@3", "0.5", "all"),
     # optimizer state streamed from SSD (the large-model case), and the embedding's alone resident
     ("optimizer@2", "none", "0"), ("commit@3", "none", "0"), ("optimizer@1", "0.5", "300KiB"),
+    # exact clipping that triggers on every step: killed while a speculative update, or its redo, runs
+    ("optimizer@1", "1e-3", "0"), ("redo@1", "1e-3", "0"), ("redo@2", "1e-3", "300KiB"),
 ])
 def test_sigkill_anywhere_then_resume_is_bit_exact(tmp_path, reference, fault, clip, resident):
     extra = [] if resident == "all" else [f"offload.resident_mem={resident}"]
@@ -140,7 +142,7 @@ def test_full_disk_while_committing_keeps_the_previous_commit(tmp_path, monkeypa
     from fuyou.data import load_data
     from fuyou.engine.engine import Engine
 
-    cfg = make_cfg(tmp_path, "offload.mode=ssd")
+    cfg = make_cfg(tmp_path, "offload.mode=ssd", "offload.commit_every=1")
     eng = Engine(cfg, load_data(cfg.data), "s")
     record = eng.store_dirs[0] / commit.RECORD
     before = record.read_text()

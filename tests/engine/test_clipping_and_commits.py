@@ -1,0 +1,99 @@
+"""The default offloaded run on a real model, commit intervals, deadlines and signals, through the CLI.
+
+The first wave's default offloaded command (gpt-tiny, exact clipping at 1.0) hung forever; these run
+it as a user does, with a timeout, and check what the issue promised around it: a killed run resumes
+from the last commit of an interval bit-exactly, a stalled wait becomes a typed error that leaves the
+last commit intact, and a second signal always ends the process.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from test_resume import run, train_cmd
+
+
+@pytest.mark.timeout(180)
+def test_default_offloaded_run_finishes(tmp_path):
+    """Regression: `fuyou train --offload ssd --ssd DIR` with every default (gpt-tiny, 4 blocks, exact
+    clipping at 1.0) hung in the gradient pool on any model of more than four stages."""
+    ssd = tmp_path / "ssd"
+    ssd.mkdir()
+    r = subprocess.run([sys.executable, "-m", "fuyou.cli", "train", "--offload", "ssd", "--ssd", str(ssd),
+                        "--out", str(tmp_path / "runs"), "train.steps=3"],
+                       capture_output=True, text=True, timeout=170)
+    assert r.returncode == 0, r.stderr
+    assert "done: 3 steps" in r.stderr and "exact clipping at 1.0" in r.stderr
+    assert not any(ssd.iterdir())  # a completed run's state is removed after the weights are saved
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("resident", ["all", "0"])
+def test_kill_between_commits_resumes_from_the_last_one(tmp_path, resident):
+    """Commits every 2 steps: killed in step 4 (after the commit of step 2), the resumed run starts at
+    step 2 and ends bit-identical to an uninterrupted run that committed at the same steps."""
+    extra = ["train.steps=5", "train.grad_clip=1e-3", "offload.commit_every=2", f"offload.resident_mem={resident}"
+             if resident != "all" else "offload.resident_mem=1GiB"]
+    ref = run(train_cmd(tmp_path, "ref", *extra))
+    assert ref.returncode == 0, ref.stderr
+    cmd = train_cmd(tmp_path, "k", *extra)
+    killed = run(cmd, fault="forward@3")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    run_dir = tmp_path / "runs" / "k"
+    resumed = run([sys.executable, "-m", "fuyou.cli", "train", "--resume", str(run_dir)])
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming at step 2" in resumed.stderr
+    got, want = load_file(str(run_dir / "model.safetensors")), load_file(str(tmp_path / "runs/ref/model.safetensors"))
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+
+
+@pytest.mark.timeout(300)
+def test_a_stalled_optimizer_is_a_typed_error_and_the_commit_survives(tmp_path):
+    ref = run(train_cmd(tmp_path, "ref", "train.grad_clip=1.0", "offload.resident_mem=0"))
+    assert ref.returncode == 0, ref.stderr
+    cmd = train_cmd(tmp_path, "s", "train.grad_clip=1.0", "offload.resident_mem=0", "offload.stall_timeout=2")
+    t0 = time.monotonic()
+    stalled = run(cmd, fault="stall:optimizer@2")
+    assert stalled.returncode == 2, stalled.stderr
+    assert time.monotonic() - t0 < 120
+    assert "fuyou: error: the engine waited" in stalled.stderr and "update of" in stalled.stderr, stalled.stderr
+    assert "Traceback" not in stalled.stderr
+    run_dir = tmp_path / "runs" / "s"
+    resumed = run([sys.executable, "-m", "fuyou.cli", "train", "--resume", str(run_dir)])
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming at step 2" in resumed.stderr
+    got, want = load_file(str(run_dir / "model.safetensors")), load_file(str(tmp_path / "runs/ref/model.safetensors"))
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+
+
+@pytest.mark.timeout(120)
+def test_a_second_signal_always_ends_the_process(tmp_path):
+    """The first SIGTERM asks for a stop at the step boundary; while the step is stuck (a stalled
+    optimizer, long deadline) a second one ends the process at once."""
+    env = {k: v for k, v in os.environ.items() if k != "FUYOU_FAULT"}
+    env["FUYOU_FAULT"] = "stall:optimizer@1"
+    proc = subprocess.Popen(train_cmd(tmp_path, "t", "offload.resident_mem=0", "train.grad_clip=none"),
+                            stderr=subprocess.PIPE, text=True, env=env)
+    run_dir = tmp_path / "runs" / "t"
+    deadline = time.time() + 60
+    m = run_dir / "metrics.jsonl"
+    while time.time() < deadline and not (m.exists() and '"loss"' in m.read_text()):
+        time.sleep(0.05)
+    time.sleep(1.0)  # inside step 2, waiting on the stalled worker
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    assert proc.poll() is None  # the first signal only asks
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "second signal" in err
