@@ -2,7 +2,8 @@
 
 For one model preset, micro-batch, sequence length, SSD directory and CPU memory budget it trains
 the same model (``StageModel``, same initial weights from ``init_params(seed)``, same batches, constant
-learning rate, AdamW with the same hyper-parameters, bf16, no clipping) for a few steps with
+learning rate, AdamW with the same hyper-parameters, bf16, global-norm clipping at ``--clip`` on both
+sides or none) for a few steps with
 
 1. **fuyou**: the three-tier engine, ``offload.mode=ssd``; fp32 master weights, Adam moments and
    activations the policy spills live in ``--ssd``; ``offload.cpu_mem`` = ``--cpu-mem``;
@@ -63,9 +64,9 @@ def proc_io() -> dict[str, int]:
 
 
 def overrides_for(args, data: str, system: str, ssd: Path | None) -> list[str]:
-    """fuyou config for one run: constant learning rate and no clipping, as the DeepSpeed side."""
+    """fuyou config for one run: constant learning rate and the clipping of the DeepSpeed side."""
     o = [f"model.preset={args.model}", f"data.source={data}", f"data.seq_len={args.seq}",
-         f"train.micro_batch_size={args.batch}", "train.grad_clip=none", "train.precision=bf16",
+         f"train.micro_batch_size={args.batch}", f"train.grad_clip={args.clip}", "train.precision=bf16",
          "train.warmup_steps=0", "train.min_lr_ratio=1.0", "train.eval_every=0", f"train.seed={args.seed}",
          f"train.steps={args.warmup + args.steps}", f"train.device={args.device}"]
     if args.lr is not None:
@@ -154,12 +155,22 @@ def run_deepspeed(args, data: str, ssd: Path) -> dict:
                "--no-reference-loss", "--json", str(out_json)]
         if args.lr is not None:
             cmd += ["--lr", str(args.lr)]
+        if args.clip != "none":
+            cmd += ["--grad-clip", args.clip]
         cmd += [a for arg in args.ds_arg for a in shlex.split(arg)]
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
         shutil.rmtree(nvme, ignore_errors=True)
         if out.returncode != 0:
             raise RuntimeError(f"ZeRO-Infinity run failed:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
         return json.loads(out_json.read_text())
+
+
+def _fuyou_commit(args) -> str:
+    """fuyou's commit interval in this run (its default unless --fuyou-set gives one)."""
+    from fuyou.engine.config import OffloadConfig
+
+    given = [kv.split("=", 1)[1] for kv in args.fuyou_set if kv.startswith("offload.commit_every=")]
+    return given[-1] if given else str(OffloadConfig().commit_every)
 
 
 def default_ds_python() -> str | None:
@@ -235,6 +246,9 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: AdamWConfig's)")
+    p.add_argument("--clip", default="none",
+                   help="global-norm clipping threshold on both sides (fuyou: exact, speculative; ZeRO-Infinity: "
+                   "gradient_clipping), or none (default)")
     p.add_argument("--loss-tol", type=float, default=0.02, help="relative tolerance of the final-loss check")
     p.add_argument("--timeout", type=int, default=3600, help="seconds per run")
     p.add_argument("--json", type=Path, help="write all runs and summaries here")
@@ -313,7 +327,8 @@ def main(argv=None) -> int:
              f"Python {platform.python_version()}, torch {torch.__version__}, deepspeed {ds_ver}, "
              f"fuyou {getattr(fuyou, '__version__', '?')}; SSD directory {args.ssd}. "
              f"{args.repeats} runs per system alternating, {args.warmup} warm-up + {args.steps} timed steps each. "
-             f"fuyou policy: {args.policy}" + (f" ({_policy_text(fuyou_run['policy'], args.model)})"
+             f"clipping: {args.clip}; fuyou commits: every "
+             f"{_fuyou_commit(args)}; fuyou policy: {args.policy}" + (f" ({_policy_text(fuyou_run['policy'], args.model)})"
                                                if args.policy == "auto" else "") +
              (f"; ZeRO-Infinity options: {' '.join(args.ds_arg)}" if args.ds_arg else ""), "",
              "| data | system | tokens/s | model TFLOPS | step median (min-max) | peak RSS | peak GPU | "

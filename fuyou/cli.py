@@ -141,7 +141,11 @@ def _add_planner_parsers(sub) -> None:
                     "(e.g. 'recompute' or 'fc2,proj=cpu;0-3:checkpoint=ssd')")
     pl.add_argument("--prefetch-depth", type=int, help="with --act-policy: stages fetched ahead (default 2)")
     pl.add_argument("--commit", choices=["cow", "none"], default="cow",
-                    help="cow (default): crash-safe resume, two copies of weights and moments on SSD; none: in place")
+                    help="cow (default): crash-safe commits and resume (extra state copies on SSD); none: no resume")
+    pl.add_argument("--commit-every", default="10min",
+                    help="commit interval as train uses it: steps (1: every step) or a time such as 10min (default)")
+    pl.add_argument("--grad-clip", default="1.0",
+                    help="exact global-norm clipping threshold as train uses it (default 1.0), or none")
     pl.add_argument("--json", action="store_true", help="print JSON for tools instead of text")
     pl.add_argument("--plot", metavar="FILE.png", help="write a Gantt chart of one step (needs matplotlib)")
     pl.set_defaults(func=_plan)
@@ -192,7 +196,14 @@ def _plan(args) -> int:
     hw = resolve(hwc)
     from fuyou.engine.config import OffloadConfig
 
-    w = Workload(cfg, args.batch, args.seq, grad_accum=args.grad_accum, offload=OffloadConfig(commit=args.commit))
+    try:
+        off = OffloadConfig(commit=args.commit, commit_every=args.commit_every)
+        clip = None if args.grad_clip.lower() == "none" else float(args.grad_clip)
+    except ValueError as e:
+        raise ConfigError(f"invalid --commit-every or --grad-clip: {e}") from None
+    if clip is not None and not (0 < clip < float("inf")):
+        raise ConfigError(f"--grad-clip must be a positive number or none, got {args.grad_clip}")
+    w = Workload(cfg, args.batch, args.seq, grad_accum=args.grad_accum, offload=off, grad_clip=clip)
     policy = None
     if args.act_policy:
         policy = parse_act_policy(args.act_policy, cfg.n_layer, prefetch_depth=args.prefetch_depth or 2)

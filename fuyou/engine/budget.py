@@ -14,7 +14,8 @@ CPU budget (``offload.cpu_mem``) covers everything the engine allocates in CPU m
   (``RUNTIME_SLACK``, measured);
 * ``weight cache``: whatever is left, filled with stages' compute weights in forward order;
 * ``resident optimizer state``: what the cache leaves, filled with stages' fp32 master weights and
-  Adam moments (12 B per parameter) in the order 0, 1, 2, ... -- the stages whose updates come last in
+  Adam moments (12 B per parameter; with exact clipping also the gradient that waits there for the
+  global norm, 2-4 B) in the order 0, 1, 2, ... -- the stages whose updates come last in
   backward, just before the next step's forward needs them (``offload.resident_mem`` caps it).
 
 Not counted: the *fixed overhead* of the process before the engine starts (interpreter, torch and
@@ -159,8 +160,9 @@ def plan_memory(stage_numels: list[int], off, *, chunk: int, io_buffer_bytes: in
     spare = off.cpu_mem - sum(plan.cpu_items.values()) - plan.cache_bytes
     spare = spare if off.resident_mem is None else min(spare, off.resident_mem)
     if spare > 0:
+        held = gsize if deferred else 0  # exact clipping: its gradient waits beside it for the norm
         for index, numel in enumerate(stage_numels):
-            need = -(-12 * numel // 4096) * 4096
+            need = -(-12 * numel // 4096) * 4096 + (-(-held * numel // 4096) * 4096 if held else 0)
             if need > spare:
                 break
             plan.resident_stages.append(index)

@@ -19,8 +19,9 @@ copies] in ``layout``), while the gradient is also saved to the SSD (``<stage>/g
 the global norm is known; if it exceeds the threshold, every speculated stage is **redone** from its
 source copy with the saved gradient scaled by the clip factor, so the result is bit-identical to
 clipping first. Resident stages (updated last, in CPU memory, which keeps no previous copy) wait for
-the norm: their gradients go to the SSD and come back once it is known. A non-finite norm stops the
-run before anything is committed.
+the norm: their gradients are held in CPU memory beside their state (the memory plan counts them)
+and they are updated, in the order the next forward needs them, once it is known. A non-finite norm
+stops the run before anything is committed.
 
 Crash-safe commits (``offload.commit='cow'``) happen every ``offload.commit_every`` steps or minutes
 (``commit.py``): the commit writes the resident stages' state to a store copy, fsyncs, and names the
@@ -32,8 +33,8 @@ Gradient accumulation keeps fp32 accumulators of every stage on the compute devi
 Note: [Sync points] The main thread blocks only (a) in ``WeightStreamer.get`` until a stage's
 weights are loaded, (b) in ``OptimizerWorker.submit`` when ``max_pending_updates`` updates are
 queued, (c) at the end of a step for the loss value (``float(loss)``), (d) with exact clipping for
-the global norm after backward and for a resident stage's gradient D2H copy before it is written to
-SSD, and (e) when an activation of the ``cpu`` tier leaves the GPU (``ActivationSwapper.put``). On
+the global norm after backward and for a resident stage's gradient D2H copy into its CPU buffer,
+and (e) when an activation of the ``cpu`` tier leaves the GPU (``ActivationSwapper.put``). On
 CUDA nothing else synchronises the host with the GPU. Every such wait has a deadline
 (``engine.watchdog``).
 """
@@ -199,7 +200,6 @@ class Engine:
             self.d2h_stream = torch.cuda.Stream(self.device)
         self._acc: dict[int, Tensor] = {}
         self._norms: dict[str, Tensor] = {}
-        self._grad_writes: list = []        # resident stages' gradients on their way to the SSD
         self._speculated: list[UpdateJob] = []  # this step's speculative updates (redone if clipped)
         self._waiting: list[StageState] = []    # this step's resident stages, updated once the norm is known
 
@@ -247,6 +247,7 @@ class Engine:
                 futs.append(self.store.write_from(s.keys.weights, flat.to(self.cdtype)))
             if s.index in self.plan.resident_stages:
                 s.resident = _resident_state(s.numel)
+                s.held_grad = self._held_grad(s)
                 s.resident[0].copy_(flat)
                 s.resident[1].zero_()
                 s.resident[2].zero_()
@@ -263,9 +264,17 @@ class Engine:
                 specs += [(k, (s.numel,), torch.float32) for k in keys.fp32]
             if s.index not in self.plan.cached_stages:
                 specs.append((s.keys.weights, (s.numel,), self.cdtype))
-            if self.clipping:
+            if self.clipping and s.index not in self.plan.resident_stages:
                 specs.append((_grad_key(s), (s.numel,), self.gdtype))
         return specs
+
+    def _held_grad(self, st: StageState) -> Tensor | None:
+        """CPU memory where a resident stage's gradient waits for the global norm (exact clipping)."""
+        if not self.clipping:
+            return None
+        from fuyou.store.aligned import huge_empty
+
+        return huge_empty(st.numel * dtype_size(self.gdtype)).view(self.gdtype)[:st.numel]
 
     # -- commits ---------------------------------------------------------------------------------
     def _commit_due(self, steps_done: int) -> bool:
@@ -347,6 +356,7 @@ class Engine:
                 s.cache = _pinned_like(s.numel, self.cdtype)
             if s.index in self.plan.resident_stages:
                 s.resident = _resident_state(s.numel)
+                s.held_grad = self._held_grad(s)
                 for key, t in zip(s.keys.fp32, s.resident):
                     self.store.read_into(key, t).result()  # CRC-checked
             for a in range(0, s.numel, self.chunk):
@@ -490,9 +500,12 @@ class Engine:
     def _stage_grads(self, st: StageState, grads: dict[str, Tensor], last: bool, lr: float, step: int) -> None:
         """Accumulate a stage's gradients; on the last micro-batch hand them to the optimizer: an
         update now (speculative under exact clipping), or, for a resident stage under exact clipping,
-        to the SSD until the global norm is known (module docstring)."""
+        into its CPU buffer until the global norm is known (module docstring)."""
+        wait_for_norm = last and self.clipping and st.resident is not None
         pooled = None
-        if self.device.type == "cpu" and not self.accumulate:
+        if wait_for_norm and self.device.type == "cpu" and not self.accumulate:
+            flat = st.held_grad  # straight into the buffer it waits in
+        elif self.device.type == "cpu" and not self.accumulate:
             # Reused pool memory (huge pages), not a fresh allocation per stage: a new 25 MB tensor
             # costs its page faults every time (measured: ~10 ms per GPT-3 350M block on 2 cores).
             pooled = watchdog.acquire(self.grad_pool, st.numel * dtype_size(self.gdtype), self.gdtype,
@@ -513,18 +526,14 @@ class Engine:
             norms = torch._foreach_norm([views[n].float() for n in st.slots], 2)
             for n, v in zip(st.slots, norms):
                 self._norms[st.stage.key(n)] = v
-        wait_for_norm = self.clipping and st.resident is not None
-        host, release, event = self._to_host(flat, sync=wait_for_norm)
-        if pooled is not None:
-            release = pooled.release
         if wait_for_norm:
-            fut = self.store.write_from(_grad_key(st), host)
-            if release is not None:  # the buffer goes back as soon as the write is done
-                fut.add_done_callback(lambda _f, r=release: r())
-            self.counters.ssd_write_bytes += host.numel() * host.element_size()
-            self._grad_writes.append((fut, st))
+            if flat is not st.held_grad:
+                st.held_grad.copy_(flat)  # CUDA: a D2H copy into pageable memory, sync point (d)
             self._waiting.append(st)
             return
+        host, release, event = self._to_host(flat)
+        if pooled is not None:
+            release = pooled.release
         # A resident stage is updated in CPU memory; its store copy is chosen when it is flushed.
         dst = st.cur if st.resident is not None else st.target(keep_source=self.clipping)
         job = UpdateJob(st, host, self.gdtype, lr, step + 1, 1.0, src=st.cur, dst=dst, release=release,
@@ -535,9 +544,9 @@ class Engine:
             self._speculated.append(job)
         self.worker.submit(job)
 
-    def _to_host(self, flat: Tensor, sync: bool = False):
+    def _to_host(self, flat: Tensor):
         """The gradient in CPU memory, a release callback and (CUDA) the D2H event; see Note: [Gradient
-        hand-off]. ``sync``: wait for the copy here (the caller writes the buffer to SSD at once)."""
+        hand-off]."""
         if self.device.type != "cuda":
             return flat, None, None
         buf = watchdog.acquire(self.grad_pool, flat.numel() * flat.element_size(), flat.dtype, "a gradient buffer")
@@ -553,17 +562,12 @@ class Engine:
             keep.clear()
             buf.release()
 
-        if sync:
-            ev.synchronize()  # sync point (d)
         return buf.tensor, release, ev
 
     def _finish_clipping(self, lr: float, step: int) -> float:
         """Exact clipping after backward: the global norm over every parameter (in the reference's
         order), then the resident stages' updates and, when the norm exceeds the threshold, the redo
         of every speculative update from its source copy with the clipped gradient (module docstring)."""
-        for fut, st in self._grad_writes:
-            watchdog.result(fut, f"the write of {st.stage.name}'s gradient")
-        self._grad_writes.clear()
         order = list(self.model.param_specs())
         total = torch.linalg.vector_norm(torch.stack([self._norms[k] for k in order]), 2)
         self._norms.clear()
@@ -575,8 +579,7 @@ class Engine:
         self.counters.clipped = self.clipped
         # Stages in the order the next forward needs them: the resident ones (0, 1, ...) first.
         for st in sorted(self._waiting, key=lambda s: s.index):
-            self.worker.submit(UpdateJob(st, _grad_key(st), self.gdtype, lr, step + 1, clip, src=st.cur,
-                                         dst=st.cur))
+            self.worker.submit(UpdateJob(st, st.held_grad, self.gdtype, lr, step + 1, clip, src=st.cur, dst=st.cur))
             st.dirty = True
         if self.clipped:
             for job in sorted(self._speculated, key=lambda j: j.state.index):

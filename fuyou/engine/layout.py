@@ -67,6 +67,7 @@ class StageState:
     cache: Tensor | None = None            # compute weights held in CPU memory, or None: on SSD
     resident: tuple[Tensor, Tensor, Tensor] | None = None  # fp32 master, m, v held in CPU memory too
     dirty: bool = False                    # resident state newer than every store copy
+    held_grad: Tensor | None = None        # resident, exact clipping: the gradient waiting for the norm
     updated: threading.Event = field(default_factory=threading.Event)
     pending: int = 0                       # optimizer jobs submitted and not finished
     error: BaseException | None = None     # set when this stage's update failed

@@ -31,6 +31,7 @@ class Workload:
     grad_accum: int = 1
     csize: int = 2            # compute dtype bytes (bf16)
     store: StoreConfig = field(default_factory=StoreConfig)
+    grad_clip: float | None = 1.0  # exact clipping (speculative updates, gradients saved to SSD) or None
 
     def __post_init__(self):
         self.stage_model = StageModel(self.model)
@@ -45,7 +46,8 @@ class Workload:
         """The workload of a ``FuyouConfig`` (for predicting what ``fuyou train`` will do)."""
         return cls(cfg.model, cfg.train.micro_batch_size, cfg.data.seq_len, cfg.offload, cfg.train.grad_accum,
                    2 if cfg.train.precision == "bf16" else 4,
-                   StoreConfig(queue_depth=cfg.offload.io_threads, verify_checksums=cfg.offload.verify_checksums))
+                   StoreConfig(queue_depth=cfg.offload.io_threads, verify_checksums=cfg.offload.verify_checksums),
+                   cfg.train.grad_clip)
 
     @property
     def tokens(self) -> int:
@@ -137,8 +139,9 @@ def placement_bytes(w: Workload, costs: list[StageCost], policy: ActivationPolic
 
 def step_bytes(w: Workload, cached: set[int], resident: set[int] | frozenset = frozenset()) -> dict[str, int]:
     """Optimizer and weight bytes of one step (activations excluded): SSD read/write, H2D, D2H.
-    A ``resident`` stage's optimizer state is read from CPU memory (and written to SSD only for
-    copy-on-write commits)."""
+    A ``resident`` stage's optimizer state is read from CPU memory (and written to SSD only by a
+    commit, not counted here); exact clipping saves the gradients of the other stages to SSD (a
+    triggered step's redo is not counted)."""
     reads = writes = h2d = d2h = 0
     uses = {i: 2 * w.grad_accum for i in range(len(w.numels) - 1)}  # forward and backward
     uses[len(w.numels) - 1] = w.grad_accum
@@ -146,8 +149,10 @@ def step_bytes(w: Workload, cached: set[int], resident: set[int] | frozenset = f
         uses[0] += w.grad_accum
     for i, n in enumerate(w.numels):
         h2d += uses[i] * n * w.csize
+        clip = w.grad_clip is not None
         reads += (0 if i in resident else 12 * n) + (0 if i in cached else uses[i] * n * w.csize)
-        writes += (0 if i in resident and w.offload.commit != "cow" else 12 * n) + (0 if i in cached else n * w.csize)
+        writes += (0 if i in resident else 12 * n) + (0 if i in cached else n * w.csize) + (
+            n * w.gsize if clip and i not in resident else 0)
         d2h += n * w.gsize
     return {"ssd_read": reads, "ssd_write": writes, "h2d": h2d, "d2h": d2h}
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 from fuyou.planner.policy import CLASSES
-from fuyou.planner.search import Plan
+from fuyou.planner.search import Plan, state_ssd_bytes
 from fuyou.planner.simulate import Task
 from fuyou.units import format_size
 
@@ -38,11 +38,18 @@ def summary(plan: Plan) -> dict:
     sim = ev.sim
     cpu = "cpu" if hw.device == "cpu" else "compute"
     busy_gpu = sim.busy.get("compute", 0.0)
+    step = ev.step_time  # commits amortized
+    off = w.offload
     out.update({
         "ssd_bytes": ev.ssd_bytes, "cpu_peak_bytes": ev.memory.cpu_required + ev.memory.cache_bytes + ev.memory.resident_bytes,
+        "ssd_state_bytes": state_ssd_bytes(w, ev.memory),
         "gpu_peak_bytes": ev.memory.device_required if hw.device == "cuda" else 0,
-        "step_s": sim.step_time, "tokens_per_s": w.tokens / sim.step_time,
-        "model_tflops": w.model_flops / sim.step_time / 1e12, "gpu_busy": busy_gpu / sim.step_time,
+        "step_s": step, "tokens_per_s": w.tokens / step,
+        "model_tflops": w.model_flops / step / 1e12, "gpu_busy": busy_gpu / step,
+        "grad_clip": w.grad_clip, "triggered_step_s": ev.triggered_step,
+        "commit": off.commit if off.commit != "cow" else f"every {off.commit_every}" + (
+            " step(s)" if off.commit_steps else ""),
+        "commit_s_per_step": ev.commit_s, "commit_cost_s": ev.commit_cost_s, "steps_per_commit": ev.steps_per_commit,
         "bottleneck": sim.bottleneck if sim.bottleneck != "cpu" else f"{cpu} (CPU cores: compute + Adam)",
         "busy_s": {k: v for k, v in sim.busy.items()}, "whatif_step_s": plan.whatif,
         "cached_stages": len(ev.memory.cached_stages), "resident_stages": len(ev.memory.resident_stages),
@@ -110,11 +117,11 @@ def text(plan: Plan) -> str:
            f"TFLOPS, GPU busy {100 * s['gpu_busy']:.0f}%)",
            f"bottleneck          {s['bottleneck']}   (busy per step: "
            + ", ".join(f"{LABELS.get(k, k)} {v:.3g} s" for k, v in s["busy_s"].items()) + ")",
+           _clip_line(s),
+           _commit_line(s),
            "what if             " + "; ".join(f"{k}: {v:.3g} s ({s['step_s'] / v:.2f}x)" for k, v in s["whatif_step_s"].items()),
-           f"SSD footprint       {format_size(s['ssd_bytes'])}" + (
-               f" (crash-safe commits keep a second copy of weights and moments: "
-               f"{format_size(12 * sum(plan.workload.numels))} of it; --commit none drops resume)"
-               if plan.workload.offload.commit == "cow" else " (commit none: no crash-safe resume)"),
+           f"SSD footprint       {format_size(s['ssd_bytes'])} (" + ", ".join(
+               f"{k} {format_size(v)}" for k, v in s["ssd_state_bytes"].items() if v) + ")",
            f"CPU peak            {format_size(s['cpu_peak_bytes'])} (weight cache: {s['cached_stages']} of "
            f"{len(plan.costs)} stages; optimizer state resident: {s['resident_stages']})",
            f"GPU peak            {format_size(s['gpu_peak_bytes'])}" if plan.hardware.device == "cuda" else
@@ -131,6 +138,21 @@ def text(plan: Plan) -> str:
                    + " ".join(f"{r['busy_s'][x]:>9.3g}" for x in ROWS))
     out += ["", timeline(plan), ""]
     return "\n".join(out)
+
+
+def _clip_line(s: dict) -> str:
+    if s["grad_clip"] is None:
+        return "clipping            none (train.grad_clip=none): updates overlap backward"
+    return (f"clipping            exact at {s['grad_clip']:g}, speculative: updates overlap backward; a step whose "
+            f"norm exceeds it redoes them, {s['triggered_step_s']:.3g} s")
+
+
+def _commit_line(s: dict) -> str:
+    if s["commit"] == "none":
+        return "crash safety        none (offload.commit=none): a killed run cannot be resumed"
+    per = s["commit_s_per_step"]
+    return (f"crash safety        commits {s['commit']}: {per:.3g} s per step amortized ({100 * per / s['step_s']:.1f}% "
+            f"of the step; one commit {s['commit_cost_s']:.3g} s, every {s['steps_per_commit']:.3g} steps)")
 
 
 def to_json(plan: Plan) -> dict:

@@ -17,11 +17,13 @@ depth (1-3) is chosen first, with nothing swapped.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
 from fuyou.engine.activations import engine_policies
 from fuyou.engine.budget import MemoryPlan, plan_memory, policy_memory, weight_buffer_need
+from fuyou.engine.layout import copies_needed
 from fuyou.engine.budget import activation_bytes
 from fuyou.planner.cost import StageCost, Workload, gpu_working_bytes, placement_bytes, stage_costs
 from fuyou.planner.hardware import GPUS, HardwareProfile, with_more_ssds
@@ -40,6 +42,10 @@ class Evaluation:
     ssd_bytes: int
     problems: list[str]
     sim: SimResult | None = None
+    commit_s: float = 0.0                 # crash safety per step: the commits' cost, amortized
+    steps_per_commit: float = 1.0
+    commit_cost_s: float = 0.0            # one commit (the resident state written) beyond a step
+    triggered_step: float | None = None   # a step on which exact clipping triggers (redo), when clipping
 
     @property
     def feasible(self) -> bool:
@@ -47,7 +53,8 @@ class Evaluation:
 
     @property
     def step_time(self) -> float:
-        return self.sim.step_time if self.sim is not None else math.inf
+        """The steady-state step with crash-safe commits amortized (clipping not triggering)."""
+        return self.sim.step_time + self.commit_s if self.sim is not None else math.inf
 
 
 @dataclass
@@ -78,15 +85,26 @@ def memory_plan(w: Workload, hw: HardwareProfile, costs: list[StageCost], policy
                                                      w.seq, w.csize, w.store.checksum_block)
     plan = plan_memory(
         w.numels, off, chunk=w.chunk, io_buffer_bytes=w.store.queue_depth * max(w.store.block_size, w.store.checksum_block),
-        act=activation_bytes(w.model, w.batch, w.seq), csize=w.csize, gsize=w.gsize, deferred=False,
+        act=activation_bytes(w.model, w.batch, w.seq), csize=w.csize, gsize=w.gsize, deferred=w.grad_clip is not None,
         accumulate=w.grad_accum > 1, tied=w.tied, compute_on_cpu=not cuda,
         checkpoint_bytes=ckpt_bytes, working_bytes=gpu_working_bytes(w) if cuda else None,
         extra_cpu=extra_cpu, extra_device=extra_dev)
-    cached = set(plan.cached_stages)
-    state = 24 if w.offload.commit == "cow" else 12  # copy-on-write commits keep two copies (engine/commit.py)
-    ssd = sum(state * n + (0 if i in cached else w.csize * n) for i, n in enumerate(w.numels))
-    ssd += pb["ssd"] + pb["ckpt_ssd"] + 64 * 1024**2
+    ssd = sum(state_ssd_bytes(w, plan).values()) + pb["ssd"] + pb["ckpt_ssd"] + 64 * 1024**2
     return plan, ssd
+
+
+def state_ssd_bytes(w: Workload, plan: MemoryPlan) -> dict[str, int]:
+    """SSD space of the training state by kind: the fp32 state's copies (one to three per stage, by
+    commit mode, interval and clipping: Note: [State copies] in engine/layout.py), compute weights
+    not cached, and gradients saved for exact clipping."""
+    off, clip = w.offload, w.grad_clip is not None
+    every = off.commit_steps == 1
+    state = sum(12 * n * copies_needed(off.commit, every, clip and i not in plan.resident_stages)
+                for i, n in enumerate(w.numels))
+    weights = sum(w.csize * n for i, n in enumerate(w.numels) if i not in plan.cached_stages)
+    return {"optimizer state copies": state, "compute weights": weights,
+            "saved gradients": w.gsize * sum(n for i, n in enumerate(w.numels) if i not in plan.resident_stages)
+            if clip else 0}
 
 
 def evaluate(w: Workload, hw: HardwareProfile, costs, policy: ActivationPolicy, cpu_budget: int,
@@ -101,9 +119,23 @@ def evaluate(w: Workload, hw: HardwareProfile, costs, policy: ActivationPolicy, 
     if ssd > hw.ssd_capacity:
         problems.append(f"SSD space: needs {format_size(ssd)}, the drives hold {format_size(hw.ssd_capacity)}")
     ev = Evaluation(policy, plan, ssd, problems)
-    if not problems:
-        ev.sim = simulate(w, costs, hw, policy, set(plan.cached_stages), steps=steps,
-                          resident=set(plan.resident_stages))
+    if problems:
+        return ev
+    cached, resident = set(plan.cached_stages), set(plan.resident_stages)
+    every = w.offload.commit == "cow" and w.offload.commit_steps == 1
+    ev.sim = simulate(w, costs, hw, policy, cached, steps=steps, resident=resident, commit=every)
+    if steps < REPORT_STEPS:
+        return ev
+    # The report's figures: crash safety amortized over the interval, and a triggered step.
+    if w.offload.commit == "cow" and not every and resident:
+        with_commit = simulate(w, costs, hw, policy, cached, steps=steps, resident=resident, commit=True)
+        ev.commit_cost_s = max(0.0, with_commit.step_time - ev.sim.step_time)
+        secs = w.offload.commit_secs
+        ev.steps_per_commit = w.offload.commit_steps or max(1.0, secs / max(ev.sim.step_time, 1e-9))
+        ev.commit_s = ev.commit_cost_s / ev.steps_per_commit
+    if w.grad_clip is not None:
+        ev.triggered_step = simulate(w, costs, hw, policy, cached, steps=steps, resident=resident, commit=every,
+                                     triggered=True).step_time + ev.commit_s
     return ev
 
 
@@ -195,7 +227,21 @@ def search(w: Workload, hw: HardwareProfile, cpu_budget: int, policy: Activation
             sims["twice the PCIe bandwidth"] = hw.model_copy(update=dict(h2d=2 * hw.h2d, d2h=2 * hw.d2h))
         for name, h in sims.items():
             plan.whatif[name] = simulate(w, costs, h, best.policy, cached, steps=REPORT_STEPS,
-                                         resident=set(best.memory.resident_stages)).step_time
+                                         resident=set(best.memory.resident_stages),
+                                         commit=w.offload.commit == "cow" and w.offload.commit_steps == 1
+                                         ).step_time + best.commit_s
+        # The engine's own settings: clipping and crash safety (each re-planned: they change memory).
+        off = w.offload
+        variants = {"train.grad_clip=none": dict(grad_clip=None)}
+        if off.commit == "cow" and off.commit_steps != 1:
+            variants["offload.commit_every=1 (commit every step)"] = dict(offload=off.model_copy(update={"commit_every": 1}))
+        if off.commit == "cow":
+            variants["offload.commit=none (no resume)"] = dict(offload=off.model_copy(update={"commit": "none"}))
+        for name, change in variants.items():
+            w2 = dataclasses.replace(w, **change)
+            e2 = evaluate(w2, hw, costs, best.policy, cpu_budget, REPORT_STEPS)
+            if e2.feasible:
+                plan.whatif[name] = e2.step_time
     plan.evaluations = n_eval
     return plan
 

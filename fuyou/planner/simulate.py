@@ -33,9 +33,14 @@ What one step does (``fuyou/engine/engine.py``), for each position of the step's
 * AdamW job: chunks pipelined as in ``OutOfCoreAdamW`` (read 12 B/param; kernel; write 12 B/param and
   the compute copy when not cached), jobs one after another; backward blocks when
   ``max_pending_updates`` jobs wait (the queue's back-pressure). A stage whose optimizer state is
-  resident in CPU memory runs kernels only, is *updated* when they (and its weight writes) are done,
-  and its job ends when the state's 12 B/param are written (copy-on-write commits; with commit
-  'none' the state stays in CPU memory).
+  resident in CPU memory runs kernels only and is *updated* when they (and its weight writes) are
+  done; its state is written to SSD only by a commit;
+* exact clipping (``Workload.grad_clip``): a stage's gradient is also written to SSD for a possible
+  redo; a resident stage's job waits for the norm (the end of backward) with its gradient in CPU
+  memory; with ``triggered`` every other stage's job is redone after backward (reading state and
+  gradient);
+* a commit (``commit=True``: every simulated step commits) is a job after the step's updates that
+  writes the resident stages' state (12 B/param); later jobs wait for it, as the engine's worker does.
 """
 
 from __future__ import annotations
@@ -139,7 +144,7 @@ class _Graph:
 
 
 def _streamed_job(g: _Graph, name: str, numel: int, n: int, wbytes: int, first: list, hw: HardwareProfile,
-                  q_adam: str, depth: int, step: int) -> list[int]:
+                  q_adam: str, depth: int, step: int, rbytes: int = 12) -> list[int]:
     """The tasks of one AdamW job whose state is on SSD, as ``OutOfCoreAdamW.update`` pipelines it:
     ``n`` chunks, each read (12 B/param) -> kernel -> write (``wbytes``/param), ``depth`` chunks read
     ahead and written behind. Its SSD tasks run at ``hw.adam_io_efficiency`` of the store's rates.
@@ -149,7 +154,7 @@ def _streamed_job(g: _Graph, name: str, numel: int, n: int, wbytes: int, first: 
     reads, kernels, writes = [], [], []
     for j in range(n):
         rd = list(first) if j < depth else [kernels[j - depth], writes[j - 2 * depth] if j >= 2 * depth else None]
-        reads.append(g.io(f"adam read {name}", "ssd-read", 12 * per, rd, step, name, hw, eff))
+        reads.append(g.io(f"adam read {name}", "ssd-read", rbytes * per, rd, step, name, hw, eff))
         kernels.append(g.add(f"adam {name}", "cpu-adam", q_adam, per / hw.cpu_adam,
                              [reads[j], kernels[-1] if kernels else None], step, name))
         writes.append(g.io(f"adam write {name}", "ssd-write", wbytes * per, [kernels[j]], step, name, hw, eff))
@@ -185,13 +190,45 @@ def simulate_job(numel: int, hw: HardwareProfile, chunk: int, depth: int, max_ch
     return max(t.end for t in g.tasks)
 
 
+def _resident_job(g: _Graph, c: StageCost, w: Workload, hw: HardwareProfile, cached: set[int], first: list,
+                  q_adam: str, max_chunks: int, step: int, job_ends: list, updated: dict) -> None:
+    """A resident stage's update: kernels only (the next forward waits for them when the weights are
+    cached, for the weight writes if not); its state stays in CPU memory until a commit."""
+    n = _chunk_count(c.numel, w.chunk, max_chunks)
+    per = c.numel / n
+    kernels, writes = [], []
+    for j in range(n):
+        kernels.append(g.add(f"adam {c.name}", "cpu-adam", q_adam, per / hw.cpu_adam,
+                             [first[0], kernels[-1] if kernels else first[1]] + first[2:], step, c.name))
+        if c.index not in cached:
+            writes.append(g.io(f"adam write weights {c.name}", "ssd-write", w.csize * per, [kernels[j]], step,
+                               c.name, hw))
+    ready = g.add(f"updated {c.name}", "cpu-adam", "marker", 0.0, [kernels[-1]] + writes, step, c.name)
+    job_ends.append(ready)
+    updated[c.index] = ready
+
+
+def _streamed_update(g: _Graph, c: StageCost, w: Workload, hw: HardwareProfile, cached: set[int], first: list,
+                     q_adam: str, max_chunks: int, step: int, job_ends: list, updated: dict,
+                     extra_deps: list | None = None, grad_read: bool = False) -> None:
+    """An update whose state is on SSD (``grad_read``: a redo, which reads the saved gradient too)."""
+    n = _chunk_count(c.numel, w.chunk, max_chunks)
+    wbytes = 12 + (0 if c.index in cached else w.csize)
+    writes = _streamed_job(g, c.name, c.numel, n, wbytes, first, hw, q_adam, w.offload.optimizer_depth, step,
+                           rbytes=12 + (w.gsize if grad_read else 0))
+    end = g.add(f"updated {c.name}", "cpu-adam", "marker", 0.0, writes + (extra_deps or []), step, c.name)
+    job_ends.append(end)
+    updated[c.index] = end
+
+
 def simulate(w: Workload, costs: list[StageCost], hw: HardwareProfile, policy: ActivationPolicy,
              cached: set[int], steps: int = 3, max_chunks: int = MAX_ADAM_CHUNKS,
-             resident: set[int] | frozenset = frozenset()) -> SimResult:
+             resident: set[int] | frozenset = frozenset(), commit: bool = False, triggered: bool = False) -> SimResult:
     """Simulate ``steps`` optimizer steps from an idle machine; see the module docstring.
 
     ``cached``: stages whose compute weights are in CPU memory; ``resident``: stages whose optimizer
-    state is (``MemoryPlan.resident_stages``)."""
+    state is (``MemoryPlan.resident_stages``); ``commit``: every step commits; ``triggered``: exact
+    clipping triggers on every step (the speculative updates are redone)."""
     g = _Graph()
     cuda = hw.device == "cuda"
     q_compute = "compute" if cuda else "cpu"
@@ -205,8 +242,11 @@ def simulate(w: Workload, costs: list[StageCost], hw: HardwareProfile, policy: A
     job_ends: list[int] = []                                      # last task of each AdamW job, in order
     prev_compute = None
     step_last_compute: list[int] = []
+    clipping = w.grad_clip is not None
     for step in range(steps):
         compute_ids: list[int] = []
+        waiting: list[tuple[int, int]] = []   # resident stages waiting for the norm: (stage, gradient write)
+        speculated: list[int] = []
         swapped: dict[int, list[tuple[str, int, str]]] = {}   # stage -> [(class, bytes, tier)] swapped out
         swap_done: dict[int, int | None] = {}
         for mb in range(w.grad_accum):
@@ -277,30 +317,32 @@ def simulate(w: Workload, costs: list[StageCost], hw: HardwareProfile, policy: A
                 gdep = [t]
                 if cuda:
                     gdep = [g.add(f"d2h grad {c.name}", "d2h", "d2h", c.numel * w.gsize / hw.d2h, gdep, step, c.name)]
-                first = [gdep[0], job_ends[-1] if job_ends else None]
-                n = _chunk_count(c.numel, w.chunk, max_chunks)
-                per = c.numel / n
-                if i in resident:
-                    # State in CPU memory: kernels only, then the state written whole (the next forward
-                    # waits for the kernels when the weights are cached, for the weight writes if not).
-                    kernels, writes = [], []
-                    for j in range(n):
-                        kernels.append(g.add(f"adam {c.name}", "cpu-adam", q_adam, per / hw.cpu_adam,
-                                             [first[0], kernels[-1] if kernels else first[1]], step, c.name))
-                        if i not in cached:
-                            writes.append(g.io(f"adam write weights {c.name}", "ssd-write", w.csize * per,
-                                               [kernels[j]], step, c.name, hw))
-                    ready = g.add(f"updated {c.name}", "cpu-adam", "marker", 0.0, [kernels[-1]] + writes, step, c.name)
-                    persist = 12 * c.numel if off.commit == "cow" else 0  # commit 'none' writes it back at the end
-                    state = g.io(f"adam write state {c.name}", "ssd-write", persist, [ready], step, c.name, hw)
-                    job_ends.append(state)
-                    updated[i] = ready
+                if clipping and i in resident:  # its gradient waits in CPU memory for the norm
+                    waiting.append((i, gdep[0]))
                     continue
-                wbytes = 12 + (0 if i in cached else w.csize)
-                writes = _streamed_job(g, c.name, c.numel, n, wbytes, first, hw, q_adam, off.optimizer_depth, step)
-                end = g.add(f"updated {c.name}", "cpu-adam", "marker", 0.0, writes, step, c.name)
-                job_ends.append(end)
-                updated[i] = end
+                gsave = None
+                if clipping:  # the gradient is saved for a redo
+                    gsave = g.io(f"write grad {c.name}", "ssd-write", c.numel * w.gsize, [gdep[0]], step, c.name, hw)
+                first = [gdep[0], job_ends[-1] if job_ends else None]
+                if i in resident:
+                    _resident_job(g, c, w, hw, cached, first, q_adam, max_chunks, step, job_ends, updated)
+                    continue
+                speculated.append(i)
+                _streamed_update(g, c, w, hw, cached, first, q_adam, max_chunks, step, job_ends, updated,
+                                 extra_deps=[gsave])
+        # End of backward: the global norm is known (exact clipping).
+        norm = compute_ids[-1]
+        for i, gdone in sorted(waiting):
+            first = [norm, job_ends[-1] if job_ends else None, gdone]
+            _resident_job(g, costs[i], w, hw, cached, first, q_adam, max_chunks, step, job_ends, updated)
+        if triggered:
+            for i in sorted(speculated):
+                _streamed_update(g, costs[i], w, hw, cached, [norm, job_ends[-1]], q_adam, max_chunks, step,
+                                 job_ends, updated, grad_read=True)
+        if commit and resident:
+            state = g.io("commit: write resident state", "ssd-write", 12 * sum(costs[i].numel for i in resident),
+                         [job_ends[-1] if job_ends else None], step, "commit", hw)
+            job_ends.append(state)
         step_last_compute.append(compute_ids[-1])
     _add_io_cpu(g, hw)
     g.run()

@@ -53,23 +53,26 @@ def test_peak_resident_memory_stays_under_budget(tmp_path, budget, ratio):
     assert r["peak"] <= r["overhead"] + r["budget"], r
 
 
-@pytest.mark.parametrize("commit", ["cow", "none"])
+@pytest.mark.parametrize("commit", ["every", "interval", "none"])
 def test_resident_optimizer_state_reads_nothing_from_ssd(tmp_path, commit):
-    """Every stage resident and cached: a step reads nothing from the SSD; with copy-on-write commits
-    it writes the 12 B/param of state, with commit 'none' nothing until the state is read back."""
+    """Every stage resident and cached: a step reads nothing from the SSD; a commit writes the 12 B/param
+    of state (every step, or every second step with an interval), and between commits, or with commit
+    'none', nothing is written until the state is read back."""
     from fuyou.data import load_data
     from fuyou.engine.engine import Engine
 
-    cfg = make_cfg(tmp_path, "offload.mode=ssd", f"offload.commit={commit}")
+    setting = {"every": "offload.commit_every=1", "interval": "offload.commit_every=2", "none": "offload.commit=none"}
+    cfg = make_cfg(tmp_path, "offload.mode=ssd", setting[commit])
     eng = Engine(cfg, load_data(cfg.data), "state")
     try:
         assert eng.plan.resident_stages == list(range(len(eng.states)))
-        eng.train_step(0)
-        eng.worker.wait_all()
         n = sum(s.numel for s in eng.states)
-        assert eng.counters.ssd_read_bytes == 0
-        assert eng.counters.ssd_write_bytes == (12 * n if commit == "cow" else 0)
-        assert all(s.dirty == (commit == "none") for s in eng.states)
+        for step, commits in enumerate({"every": [1, 1], "interval": [0, 1], "none": [0, 0]}[commit]):
+            eng.train_step(step)
+            eng.worker.wait_all()
+            assert eng.counters.ssd_read_bytes == 0
+            assert eng.counters.ssd_write_bytes == 12 * n * commits
+            assert all(s.dirty == (not commits) for s in eng.states)
     finally:
         eng.close()
 
