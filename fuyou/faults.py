@@ -7,7 +7,7 @@ Points: ``forward``, ``backward``, ``optimizer`` (between two chunks of a stage'
 (after the record's temporary file is written, before the rename). Unset, it costs one dict lookup.
 
 ``FUYOU_FAULT=stall:name`` (or ``stall:name@step``) instead makes the thread reaching ``stall(name)``
-hang for an hour, as a stuck disk or driver would: the engine's deadlines (``engine.watchdog``) must
+hang for an hour, as a stuck disk or driver would: the engine's deadlines (``fuyou.watchdog``) must
 turn that into an error. Points: ``optimizer`` (the worker, before a stage's update), ``load`` (a
 weight load, before it reads).
 """

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fuyou.engine import watchdog
+from fuyou import watchdog
 from fuyou.engine.trace import Tracer
 
 

@@ -73,6 +73,11 @@ class OffloadConfig(BaseModel):
         "optimizer state to SSD and fsyncs; a run also commits when it ends or is stopped. Resume restarts at the "
         "last commit, bit-exactly.",
     )
+    clip_schedule: Literal["auto", "speculate", "defer"] = Field(
+        "auto", description="Exact clipping's schedule: 'speculate' updates each stage during backward and redoes "
+        "the step's updates when the norm exceeds train.grad_clip; 'defer' saves gradients to SSD and updates after "
+        "backward (no overlap, no redo); 'auto' speculates unless the previous step clipped.",
+    )
     stall_timeout: float = Field(
         600.0, gt=0, description="Seconds any wait of the engine (a weight load, a pool buffer, the optimizer, an "
         "SSD request, an activation) may last before the run stops with an error naming what it waited for "

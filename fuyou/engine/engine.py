@@ -18,7 +18,10 @@ backward is done, overlapped as above, into a state copy other than its source (
 copies] in ``layout``), while the gradient is also saved to the SSD (``<stage>/grad``). After backward
 the global norm is known; if it exceeds the threshold, every speculated stage is **redone** from its
 source copy with the saved gradient scaled by the clip factor, so the result is bit-identical to
-clipping first. Resident stages (updated last, in CPU memory, which keeps no previous copy) wait for
+clipping first. When the previous step clipped (``offload.clip_schedule='auto'``), the step is
+expected to clip too, and the engine **defers** instead of speculating: gradients go to the SSD and
+every update waits for the norm (no overlap, but no update done twice: on an SSD-bound machine a redo
+costs a second pass over the state). Resident stages (updated last, in CPU memory, which keeps no previous copy) wait for
 the norm: their gradients are held in CPU memory beside their state (the memory plan counts them)
 and they are updated, in the order the next forward needs them, once it is known. A non-finite norm
 stops the run before anything is committed.
@@ -36,7 +39,7 @@ queued, (c) at the end of a step for the loss value (``float(loss)``), (d) with 
 the global norm after backward and for a resident stage's gradient D2H copy into its CPU buffer,
 and (e) when an activation of the ``cpu`` tier leaves the GPU (``ActivationSwapper.put``). On
 CUDA nothing else synchronises the host with the GPU. Every such wait has a deadline
-(``engine.watchdog``).
+(``fuyou.watchdog``).
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ from fuyou.data import TokenData
 from fuyou.engine.activations import (ActivationSwapper, BlockState, backward_block, block_policies, forward_block,
                                       leaves)
 from fuyou.engine.budget import MemoryPlan, act_cpu_share, activation_bytes, plan_memory, policy_memory
-from fuyou.engine import watchdog
+from fuyou import watchdog
 from fuyou.engine.commit import ResumeError, read_record, write_record
 from fuyou.engine.layout import StageState, build_states, copies_needed, dtype_size
 from fuyou.errors import FuyouError
@@ -200,8 +203,10 @@ class Engine:
             self.d2h_stream = torch.cuda.Stream(self.device)
         self._acc: dict[int, Tensor] = {}
         self._norms: dict[str, Tensor] = {}
-        self._speculated: list[UpdateJob] = []  # this step's speculative updates (redone if clipped)
-        self._waiting: list[StageState] = []    # this step's resident stages, updated once the norm is known
+        self._speculated: list[tuple[StageState, int, int]] = []  # this step's speculative updates (stage,
+        # source and target copy), redone if the norm exceeds the threshold
+        self._waiting: list[StageState] = []    # this step's stages updated once the norm is known
+        self.clipped = False                    # the last step's norm exceeded the threshold
 
     # -- planning --------------------------------------------------------------------------------
     def _memory_plan(self) -> MemoryPlan:
@@ -306,9 +311,13 @@ class Engine:
 
     def commit(self, steps_done: int) -> None:
         """Commit now unless the last commit is this state (the end of a run, a stop); waits for it."""
-        if self.cfg.offload.commit == "cow" and self.last_commit_step != steps_done:
-            self._submit_commit(steps_done)
-        self.worker.wait_all()
+        try:
+            if self.cfg.offload.commit == "cow" and self.last_commit_step != steps_done:
+                self._submit_commit(steps_done)
+            self.worker.wait_all()
+        except BaseException:
+            self.failed = True
+            raise
 
     def _claim_flush(self) -> list[tuple[StageState, int]]:
         """The dirty resident stages and the copy each will be written to (main thread, before the
@@ -385,6 +394,9 @@ class Engine:
     def _train_step(self, step: int) -> StepStats:
         t = self.cfg.train
         self.counters = StepCounters()
+        sched = self.cfg.offload.clip_schedule
+        self._defer = self.clipping and (sched == "defer" or (sched == "auto" and self.clipped))
+        self.counters.deferred = self._defer
         self.tracer.enabled = step == self.trace_step
         lr = lr_at(step, self.cfg.optim.lr, t.steps, t.warmup_steps, t.min_lr_ratio)
         self.streamer.plan(self.step_order(t.grad_accum))
@@ -534,6 +546,12 @@ class Engine:
         host, release, event = self._to_host(flat)
         if pooled is not None:
             release = pooled.release
+        if self._defer and st.resident is None:
+            # Deferred: the worker only saves the gradient now; the update follows the norm.
+            self.worker.submit(UpdateJob(st, host, self.gdtype, lr, step + 1, 1.0, src=st.cur, dst=st.cur,
+                                         release=release, event=event, save_grad=_grad_key(st), update=False))
+            self._waiting.append(st)
+            return
         # A resident stage is updated in CPU memory; its store copy is chosen when it is flushed.
         dst = st.cur if st.resident is not None else st.target(keep_source=self.clipping)
         job = UpdateJob(st, host, self.gdtype, lr, step + 1, 1.0, src=st.cur, dst=dst, release=release,
@@ -541,7 +559,7 @@ class Engine:
         st.cur = dst
         st.dirty = st.resident is not None
         if self.clipping:
-            self._speculated.append(job)
+            self._speculated.append((st, job.src, job.dst))
         self.worker.submit(job)
 
     def _to_host(self, flat: Tensor):
@@ -579,12 +597,19 @@ class Engine:
         self.counters.clipped = self.clipped
         # Stages in the order the next forward needs them: the resident ones (0, 1, ...) first.
         for st in sorted(self._waiting, key=lambda s: s.index):
-            self.worker.submit(UpdateJob(st, st.held_grad, self.gdtype, lr, step + 1, clip, src=st.cur, dst=st.cur))
-            st.dirty = True
+            if st.resident is not None:
+                self.worker.submit(UpdateJob(st, st.held_grad, self.gdtype, lr, step + 1, clip, src=st.cur,
+                                             dst=st.cur))
+                st.dirty = True
+            else:  # deferred: its gradient is on the SSD
+                dst = st.target(keep_source=False)
+                self.worker.submit(UpdateJob(st, _grad_key(st), self.gdtype, lr, step + 1, clip, src=st.cur,
+                                             dst=dst))
+                st.cur = dst
         if self.clipped:
-            for job in sorted(self._speculated, key=lambda j: j.state.index):
-                self.worker.submit(UpdateJob(job.state, _grad_key(job.state), self.gdtype, lr, step + 1, clip,
-                                             src=job.src, dst=job.dst, redo=True))
+            for st, src, dst in sorted(self._speculated, key=lambda j: j[0].index):
+                self.worker.submit(UpdateJob(st, _grad_key(st), self.gdtype, lr, step + 1, clip, src=src, dst=dst,
+                                             redo=True))
         self._waiting.clear()
         self._speculated.clear()
         return norm

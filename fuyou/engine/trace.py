@@ -38,6 +38,7 @@ class StepCounters:
     act_ssd_write_bytes: int = 0
     act_ssd_read_bytes: int = 0
     clipped: bool = False          # exact clipping triggered: the step's speculative updates were redone
+    deferred: bool = False         # exact clipping: updates waited for the norm (the previous step clipped)
 
     def as_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from fuyou.engine import watchdog
+from fuyou import watchdog
 from fuyou.engine.layout import StageState, dtype_size
 from fuyou.engine.trace import StepCounters, Tracer
 from fuyou.errors import FuyouError

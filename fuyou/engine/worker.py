@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fuyou.engine import watchdog
+from fuyou import watchdog
 from fuyou.engine.layout import StageState
 from fuyou.engine.trace import StepCounters, Tracer
 from fuyou.faults import fault, stall
@@ -49,6 +49,7 @@ class UpdateJob:
     event: object | None = None     # CUDA event of the gradient's D2H copy
     save_grad: str | None = None    # store key the gradient is also written to (a redo may need it)
     redo: bool = False              # the redo of a speculative update (exact clipping triggered)
+    update: bool = True             # False: only save the gradient (deferred clipping; the update follows)
 
 
 class OptimizerWorker:
@@ -89,6 +90,7 @@ class OptimizerWorker:
             raise
 
     def _done(self) -> None:
+        watchdog.beat()
         with self._idle:
             self._unfinished -= 1
             if self._unfinished == 0:
@@ -97,9 +99,8 @@ class OptimizerWorker:
     def wait_all(self) -> None:
         """Block until every submitted job is finished (a step boundary for eval, commits and saving)."""
         with self._idle:
-            if not self._idle.wait_for(lambda: self._unfinished == 0, watchdog.limit()):
-                raise watchdog.StallError(f"the optimizer worker to finish (it is on: {self._running})",
-                                          watchdog.limit())
+            watchdog.wait_for(self._idle, lambda: self._unfinished == 0,
+                              f"the optimizer worker to finish (it is on: {self._running})")
         self.check()
 
     def check(self) -> None:
@@ -135,6 +136,11 @@ class OptimizerWorker:
                         job.event.synchronize()  # see Note: [Gradient hand-off]
                     if job.save_grad is not None:
                         saving = self.opt.store.write_from(job.save_grad, job.grad)
+                    if not job.update:
+                        watchdog.result(saving, f"the saved gradient of {st.stage.name}")
+                        saving = None
+                        self._counters().ssd_write_bytes += job.grad.numel() * job.grad.element_size()
+                        continue
                     stats = self.opt.update(
                         st.copies[job.src], job.grad, numel=st.numel, segments=st.segments, lr=job.lr,
                         step=job.step, grad_scale=job.grad_scale, lowp_out=st.cache, lowp_dtype=self.lowp_dtype,

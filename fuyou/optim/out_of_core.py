@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fuyou.faults import fault
+from fuyou.watchdog import beat
 from fuyou.optim.adamw import fused_adamw_
 from fuyou.optim.config import AdamWConfig
 
@@ -204,6 +205,7 @@ class OutOfCoreAdamW:
             if fp32_copy:
                 lowp[ch].copy_(master[st])
         t1 = time.perf_counter()
+        beat()  # progress, for the engine's deadlines (fuyou.watchdog)
         stats.kernel_s += t1 - t0
         stats.chunks.append((t0, t1))
 

@@ -46,7 +46,7 @@ def summary(plan: Plan) -> dict:
         "gpu_peak_bytes": ev.memory.device_required if hw.device == "cuda" else 0,
         "step_s": step, "tokens_per_s": w.tokens / step,
         "model_tflops": w.model_flops / step / 1e12, "gpu_busy": busy_gpu / step,
-        "grad_clip": w.grad_clip, "triggered_step_s": ev.triggered_step,
+        "grad_clip": w.grad_clip, "triggered_step_s": ev.triggered_step, "clipping_step_s": ev.clipping_step,
         "commit": off.commit if off.commit != "cow" else f"every {off.commit_every}" + (
             " step(s)" if off.commit_steps else ""),
         "commit_s_per_step": ev.commit_s, "commit_cost_s": ev.commit_cost_s, "steps_per_commit": ev.steps_per_commit,
@@ -143,8 +143,9 @@ def text(plan: Plan) -> str:
 def _clip_line(s: dict) -> str:
     if s["grad_clip"] is None:
         return "clipping            none (train.grad_clip=none): updates overlap backward"
-    return (f"clipping            exact at {s['grad_clip']:g}, speculative: updates overlap backward; a step whose "
-            f"norm exceeds it redoes them, {s['triggered_step_s']:.3g} s")
+    return (f"clipping            exact at {s['grad_clip']:g}, speculative: updates overlap backward; the first step "
+            f"whose norm exceeds it redoes them ({s['triggered_step_s']:.3g} s), later ones while it keeps clipping "
+            f"defer them ({s['clipping_step_s']:.3g} s)")
 
 
 def _commit_line(s: dict) -> str:

@@ -45,7 +45,8 @@ class Evaluation:
     commit_s: float = 0.0                 # crash safety per step: the commits' cost, amortized
     steps_per_commit: float = 1.0
     commit_cost_s: float = 0.0            # one commit (the resident state written) beyond a step
-    triggered_step: float | None = None   # a step on which exact clipping triggers (redo), when clipping
+    triggered_step: float | None = None   # the first step on which exact clipping triggers (its redo)
+    clipping_step: float | None = None    # a step that clips after one that did (deferred updates)
 
     @property
     def feasible(self) -> bool:
@@ -134,8 +135,9 @@ def evaluate(w: Workload, hw: HardwareProfile, costs, policy: ActivationPolicy, 
         ev.steps_per_commit = w.offload.commit_steps or max(1.0, secs / max(ev.sim.step_time, 1e-9))
         ev.commit_s = ev.commit_cost_s / ev.steps_per_commit
     if w.grad_clip is not None:
-        ev.triggered_step = simulate(w, costs, hw, policy, cached, steps=steps, resident=resident, commit=every,
-                                     triggered=True).step_time + ev.commit_s
+        ev.triggered_step, ev.clipping_step = (
+            simulate(w, costs, hw, policy, cached, steps=steps, resident=resident, commit=every,
+                     clip_mode=mode).step_time + ev.commit_s for mode in ("redo", "defer"))
     return ev
 
 
@@ -232,7 +234,7 @@ def search(w: Workload, hw: HardwareProfile, cpu_budget: int, policy: Activation
                                          ).step_time + best.commit_s
         # The engine's own settings: clipping and crash safety (each re-planned: they change memory).
         off = w.offload
-        variants = {"train.grad_clip=none": dict(grad_clip=None)}
+        variants = {"train.grad_clip=none": dict(grad_clip=None)} if w.grad_clip is not None else {}
         if off.commit == "cow" and off.commit_steps != 1:
             variants["offload.commit_every=1 (commit every step)"] = dict(offload=off.model_copy(update={"commit_every": 1}))
         if off.commit == "cow":

@@ -37,8 +37,9 @@ What one step does (``fuyou/engine/engine.py``), for each position of the step's
   done; its state is written to SSD only by a commit;
 * exact clipping (``Workload.grad_clip``): a stage's gradient is also written to SSD for a possible
   redo; a resident stage's job waits for the norm (the end of backward) with its gradient in CPU
-  memory; with ``triggered`` every other stage's job is redone after backward (reading state and
-  gradient);
+  memory; when the norm exceeds the threshold every other stage's job is redone after backward
+  (``clip_mode='redo'``, reading state and gradient), or, after a step that clipped, every job waits
+  for the norm and reads its gradient back (``'defer'``);
 * a commit (``commit=True``: every simulated step commits) is a job after the step's updates that
   writes the resident stages' state (12 B/param); later jobs wait for it, as the engine's worker does.
 """
@@ -223,12 +224,15 @@ def _streamed_update(g: _Graph, c: StageCost, w: Workload, hw: HardwareProfile, 
 
 def simulate(w: Workload, costs: list[StageCost], hw: HardwareProfile, policy: ActivationPolicy,
              cached: set[int], steps: int = 3, max_chunks: int = MAX_ADAM_CHUNKS,
-             resident: set[int] | frozenset = frozenset(), commit: bool = False, triggered: bool = False) -> SimResult:
+             resident: set[int] | frozenset = frozenset(), commit: bool = False, clip_mode: str = "speculate"
+             ) -> SimResult:
     """Simulate ``steps`` optimizer steps from an idle machine; see the module docstring.
 
     ``cached``: stages whose compute weights are in CPU memory; ``resident``: stages whose optimizer
-    state is (``MemoryPlan.resident_stages``); ``commit``: every step commits; ``triggered``: exact
-    clipping triggers on every step (the speculative updates are redone)."""
+    state is (``MemoryPlan.resident_stages``); ``commit``: every step commits; ``clip_mode`` (exact
+    clipping): 'speculate' (the norm stays below the threshold), 'redo' (it exceeds it: every
+    speculative update is redone) or 'defer' (every update waits for the norm: the engine's schedule
+    after a step that clipped)."""
     g = _Graph()
     cuda = hw.device == "cuda"
     q_compute = "compute" if cuda else "cpu"
@@ -321,8 +325,11 @@ def simulate(w: Workload, costs: list[StageCost], hw: HardwareProfile, policy: A
                     waiting.append((i, gdep[0]))
                     continue
                 gsave = None
-                if clipping:  # the gradient is saved for a redo
+                if clipping:  # the gradient is saved for a redo, or waits there for the norm
                     gsave = g.io(f"write grad {c.name}", "ssd-write", c.numel * w.gsize, [gdep[0]], step, c.name, hw)
+                if clipping and clip_mode == "defer":
+                    waiting.append((i, gsave))
+                    continue
                 first = [gdep[0], job_ends[-1] if job_ends else None]
                 if i in resident:
                     _resident_job(g, c, w, hw, cached, first, q_adam, max_chunks, step, job_ends, updated)
@@ -334,8 +341,12 @@ def simulate(w: Workload, costs: list[StageCost], hw: HardwareProfile, policy: A
         norm = compute_ids[-1]
         for i, gdone in sorted(waiting):
             first = [norm, job_ends[-1] if job_ends else None, gdone]
-            _resident_job(g, costs[i], w, hw, cached, first, q_adam, max_chunks, step, job_ends, updated)
-        if triggered:
+            if i in resident:
+                _resident_job(g, costs[i], w, hw, cached, first, q_adam, max_chunks, step, job_ends, updated)
+            else:
+                _streamed_update(g, costs[i], w, hw, cached, first, q_adam, max_chunks, step, job_ends, updated,
+                                 grad_read=True)
+        if clip_mode == "redo":
             for i in sorted(speculated):
                 _streamed_update(g, costs[i], w, hw, cached, [norm, job_ends[-1]], q_adam, max_chunks, step,
                                  job_ends, updated, grad_read=True)

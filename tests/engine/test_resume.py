@@ -52,11 +52,15 @@ def reference(tmp_path_factory):
     ("backward@3", "0.5", "all"),
     # optimizer state streamed from SSD (the large-model case), and the embedding's alone resident
     ("optimizer@2", "none", "0"), ("commit@3", "none", "0"), ("optimizer@1", "0.5", "300KiB"),
-    # exact clipping that triggers on every step: killed while a speculative update, or its redo, runs
-    ("optimizer@1", "1e-3", "0"), ("redo@1", "1e-3", "0"), ("redo@2", "1e-3", "300KiB"),
+    # exact clipping that triggers on every step: killed while a speculative update or its redo runs
+    # (the first step; later ones defer), in deferred updates, and in redos of every step (speculate)
+    ("optimizer@0", "1e-3", "0"), ("redo@0", "1e-3", "0"), ("optimizer@2", "1e-3", "300KiB"),
+    ("redo@2", "1e-3", "300KiB;speculate"),
 ])
 def test_sigkill_anywhere_then_resume_is_bit_exact(tmp_path, reference, fault, clip, resident):
+    resident, _, schedule = resident.partition(";")
     extra = [] if resident == "all" else [f"offload.resident_mem={resident}"]
+    extra += [f"offload.clip_schedule={schedule}"] if schedule else []
     cmd = train_cmd(tmp_path, "r", f"train.grad_clip={clip}", *extra)
     killed = run(cmd, fault=fault)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
