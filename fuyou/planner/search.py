@@ -109,7 +109,10 @@ def state_ssd_bytes(w: Workload, plan: MemoryPlan) -> dict[str, int]:
 
 
 def evaluate(w: Workload, hw: HardwareProfile, costs, policy: ActivationPolicy, cpu_budget: int,
-             steps: int = SEARCH_STEPS) -> Evaluation:
+             steps: int = SEARCH_STEPS, clip_modes: bool = True) -> Evaluation:
+    """Memory plan and simulated step of one policy. With ``steps >= REPORT_STEPS`` (the reported
+    plan) also the commits amortized over their interval and, with ``clip_modes``, the steps on
+    which exact clipping triggers."""
     plan, ssd = memory_plan(w, hw, costs, policy, cpu_budget)
     problems = []
     if plan.cpu_required > cpu_budget:
@@ -134,7 +137,7 @@ def evaluate(w: Workload, hw: HardwareProfile, costs, policy: ActivationPolicy, 
         secs = w.offload.commit_secs
         ev.steps_per_commit = w.offload.commit_steps or max(1.0, secs / max(ev.sim.step_time, 1e-9))
         ev.commit_s = ev.commit_cost_s / ev.steps_per_commit
-    if w.grad_clip is not None:
+    if w.grad_clip is not None and clip_modes:
         ev.triggered_step, ev.clipping_step = (
             simulate(w, costs, hw, policy, cached, steps=steps, resident=resident, commit=every,
                      clip_mode=mode).step_time + ev.commit_s for mode in ("redo", "defer"))
@@ -241,7 +244,7 @@ def search(w: Workload, hw: HardwareProfile, cpu_budget: int, policy: Activation
             variants["offload.commit=none (no resume)"] = dict(offload=off.model_copy(update={"commit": "none"}))
         for name, change in variants.items():
             w2 = dataclasses.replace(w, **change)
-            e2 = evaluate(w2, hw, costs, best.policy, cpu_budget, REPORT_STEPS)
+            e2 = evaluate(w2, hw, costs, best.policy, cpu_budget, REPORT_STEPS, clip_modes=False)
             if e2.feasible:
                 plan.whatif[name] = e2.step_time
     plan.evaluations = n_eval
@@ -269,6 +272,16 @@ def _fixes(w: Workload, hw: HardwareProfile, cpu_budget: int, failed: Evaluation
     if need_cpu > cpu_budget:
         fixes.append(f"a CPU memory budget of at least {format_size(need_cpu)} (--cpu-mem)")
     if ssd > hw.ssd_capacity:
+        off = w.offload
+        for change, what in ((dict(commit_every=1), "offload.commit_every=1 (commit every step: two state copies, "
+                                                    "not three)"),
+                             (dict(commit="none"), "offload.commit=none (one state copy; no resume)")):
+            if off.commit == "cow" and (change.get("commit") == "none" or off.commit_steps != 1):
+                w2 = dataclasses.replace(w, offload=off.model_copy(update=change))
+                need = memory_plan(w2, hw, costs, lean, cpu_budget)[1]
+                if need <= hw.ssd_capacity:
+                    fixes.append(f"{what} needs {format_size(need)} of SSD space")
+                    break
         per = hw.ssd_capacity / hw.ssd_drives
         fixes.append(f"at least {format_size(ssd)} of SSD space: {math.ceil(ssd / per)} drives of this size "
                      f"(--ssd {math.ceil(ssd / per)}xNAME or --ssd-capacity)")

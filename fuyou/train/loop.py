@@ -154,6 +154,8 @@ def _loop(cfg: FuyouConfig, trainer, run_dir: Path, stream, trace, stop) -> RunR
             log.write(record)
         fields = {"loss": f"{stats.loss:.4f}", "tok/s": si(tps), "TFLOPS": f"{record['tflops']:.3g}",
                   "step": f"{dt:.2f}s"}
+        if stats.grad_norm is not None:  # "clipped": the norm exceeded train.grad_clip
+            fields["norm"] = f"{stats.grad_norm:.3g}" + (" clipped" if stats.grad_norm > t.grad_clip else "")
         if counters is not None:
             fields["compute"] = f"{counters.compute_s:.2f}s"
             fields["wait w/opt"] = f"{counters.wait_weights_s:.2f}/{counters.wait_optimizer_s:.2f}s"

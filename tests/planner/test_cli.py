@@ -118,3 +118,67 @@ def test_train_plan_auto_probes_plans_and_trains(tmp_path, capsys):
     names = {p.name for p in run_dir.iterdir()}
     assert {"act-policy.json", "hardware-profile.json", "config.toml", "model.safetensors"} <= names
     assert "act-policy.json" in (run_dir / "config.toml").read_text()  # the engine trained with the plan
+
+
+def test_plan_models_exact_clipping_and_commit_intervals(capsys):
+    """The issue's machine (13B, 2x990 Pro, 256 GiB, batch 8): crash safety at the default interval
+    costs <= 10 % of the step against commit=none, committing every step costs far more, and the plan
+    names clipping, commits and their what-ifs."""
+    from fuyou.engine.config import OffloadConfig
+    from fuyou.models import ModelConfig, preset
+    from fuyou.planner.config import HardwareConfig
+    from fuyou.planner.cost import Workload
+    from fuyou.planner.hardware import resolve
+    from fuyou.planner.search import search
+
+    hw = resolve(HardwareConfig(gpu="rtx4090", ssd="2x990-pro"))
+    model = ModelConfig(**preset("gpt3-13b"))
+
+    def plan(**kw):
+        clip = kw.pop("grad_clip", 1.0)
+        return search(Workload(model, 8, 1024, offload=OffloadConfig(**kw), grad_clip=clip), hw, 256 * 1024**3,
+                      whatif=False).best
+
+    default, none, every = plan(), plan(commit="none"), plan(commit_every=1)
+    assert default.step_time <= 1.10 * none.step_time
+    assert every.step_time > 2 * default.step_time
+    assert default.commit_s > 0 and default.steps_per_commit > 10
+    assert default.triggered_step >= default.step_time and default.clipping_step >= default.step_time
+    noclip = plan(grad_clip=None)
+    assert noclip.triggered_step is None and noclip.step_time <= default.step_time
+    rc = main(["plan", "--model", "gpt3-13b", "--gpu", "rtx4090", "--ssd", "2x990-pro", "--cpu-mem", "256GiB",
+               "--batch", "8", "--seq", "1024"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    for needle in ("clipping            exact at 1", "crash safety        commits every 10min", "train.grad_clip=none:",
+                   "offload.commit_every=1 (commit every step):", "offload.commit=none (no resume):",
+                   "optimizer state copies"):
+        assert needle in out, needle
+
+
+def test_ssd_space_of_each_commit_mode_and_the_fix_it_suggests(capsys):
+    from fuyou.engine.config import OffloadConfig
+    from fuyou.models import ModelConfig, preset
+    from fuyou.planner.config import HardwareConfig
+    from fuyou.planner.cost import Workload, stage_costs
+    from fuyou.planner.hardware import resolve
+    from fuyou.planner.policy import ActivationPolicy
+    from fuyou.planner.search import memory_plan, state_ssd_bytes
+
+    hw = resolve(HardwareConfig(gpu="rtx4090", ssd="2x990-pro"))
+    model = ModelConfig(**preset("gpt3-1.3b"))
+    pol = ActivationPolicy.recompute_all(model.n_layer)
+    n = sum(Workload(model, 1, 512).numels)
+    space = {}
+    for name, kw, clip in (("interval+clip", {}, 1.0), ("interval", {}, None), ("every", {"commit_every": 1}, 1.0),
+                           ("none+clip", {"commit": "none"}, 1.0), ("none", {"commit": "none"}, None)):
+        w = Workload(model, 1, 512, offload=OffloadConfig(resident_mem=0, **kw), grad_clip=clip)
+        mem, _ = memory_plan(w, hw, stage_costs(w), pol, 8 * 1024**3)
+        space[name] = state_ssd_bytes(w, mem)["optimizer state copies"]
+    assert space == {"interval+clip": 36 * n, "interval": 24 * n, "every": 24 * n, "none+clip": 24 * n, "none": 12 * n}
+    # 13B with three copies does not fit one 990 Pro; committing every step (two copies) does
+    rc = main(["plan", "--model", "gpt3-13b", "--gpu", "rtx4090", "--ssd", "1x990-pro", "--ssd-capacity", "400GiB",
+               "--cpu-mem", "64GiB", "--batch", "8", "--seq", "1024"])
+    out = capsys.readouterr().out
+    assert rc == 1 and "SSD space" in out
+    assert "offload.commit_every=1 (commit every step: two state copies, not three)" in out, out
