@@ -118,8 +118,10 @@ def _loop(cfg: FuyouConfig, trainer, run_dir: Path, stream, trace, stop) -> RunR
     if plan is not None:
         progress.message(plan.describe() + f"\nfixed overhead before the engine: {format_size(trainer.fixed_overhead)}")
         if trainer.clipping:
-            progress.message(f"exact clipping at {t.grad_clip}: stages are updated speculatively during backward "
-                             f"and redone from the previous state on steps whose gradient norm exceeds it")
+            progress.message(f"exact clipping at {t.grad_clip}: stages are updated speculatively during backward and "
+                             f"redone from the previous state on steps whose gradient norm exceeds it (after such a "
+                             f"step, updates wait for the norm instead: offload.clip_schedule="
+                             f"{cfg.offload.clip_schedule})")
         off = cfg.offload
         progress.message("crash-safe commits: " + (
             "none (offload.commit=none: the run cannot be resumed)" if off.commit != "cow" else
@@ -182,13 +184,16 @@ def _loop(cfg: FuyouConfig, trainer, run_dir: Path, stream, trace, stop) -> RunR
                              resident_bytes("VmHWM"), stopped=True)
     if hasattr(trainer, "commit"):
         trainer.commit(t.steps)  # the final state is committed before anything may delete it
-    trainer.completed = True
     elapsed = time.perf_counter() - start
     last_eval = trainer.evaluate()
     if last_eval is not None:
         log.write({"step": t.steps, "eval_loss": last_eval})
     if cfg.run.save_weights:
-        save_weights(run_dir, trainer, cfg)
+        save_weights(run_dir, trainer, cfg)  # fsynced and renamed before the SSD state may be deleted
+        trainer.completed = True
+    elif hasattr(trainer, "commit"):
+        progress.message(f"run.save_weights=false: the trained state stays on the SSD ({', '.join(map(str, trainer.store_dirs))}); "
+                         f"delete it yourself when it is no longer needed")
     peak = resident_bytes("VmHWM")
     log.write({"summary": True, "steps": t.steps, "elapsed_s": elapsed, "tokens_per_s": tokens / elapsed,
                "peak_rss_bytes": peak})

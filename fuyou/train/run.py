@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 import time
 from collections.abc import Iterable
@@ -12,7 +13,7 @@ from pathlib import Path
 import torch
 
 from fuyou.config import FuyouConfig, to_toml
-from fuyou.errors import ConfigError
+from fuyou.errors import ConfigError, FuyouError
 
 
 def run_dir_path(cfg: FuyouConfig) -> Path:
@@ -61,20 +62,34 @@ def write_safetensors(path: Path, shapes: dict[str, tuple[int, ...]], chunks: It
         offset += n
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}")  # one name per writer
     written = 0
-    with tmp.open("wb") as fh:
-        fh.write(struct.pack("<Q", len(blob)))
-        fh.write(blob)
-        for c in chunks:
-            c = c.detach().to("cpu", torch.float32).contiguous().reshape(-1)
-            fh.write(c.numpy().tobytes())
-            written += 4 * c.numel()
-    if written != offset:
-        tmp.unlink()
-        raise AssertionError(f"write_safetensors: got {written} bytes of data, the header says {offset}")
-    tmp.replace(path)
+    try:
+        with tmp.open("wb") as fh:
+            fh.write(struct.pack("<Q", len(blob)))
+            fh.write(blob)
+            for c in chunks:
+                c = c.detach().to("cpu", torch.float32).contiguous().reshape(-1)
+                fh.write(c.numpy().tobytes())
+                written += 4 * c.numel()
+            fh.flush()
+            os.fsync(fh.fileno())  # durable before it replaces anything (and before the state may go)
+        if written != offset:
+            raise AssertionError(f"write_safetensors: got {written} bytes of data, the header says {offset}")
+        tmp.replace(path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def save_weights(path: Path, trainer, cfg: FuyouConfig) -> Path:
@@ -83,5 +98,14 @@ def save_weights(path: Path, trainer, cfg: FuyouConfig) -> Path:
 
     specs = StageModel(cfg.model).param_specs()
     chunks = trainer.master_chunks()
-    return write_safetensors(path / "model.safetensors", {k: s.shape for k, s in specs.items()}, chunks,
-                             {"fuyou_model": json.dumps(cfg.model.model_dump())})
+    try:
+        return write_safetensors(path / "model.safetensors", {k: s.shape for k, s in specs.items()}, chunks,
+                                 {"fuyou_model": json.dumps(cfg.model.model_dump())})
+    except OSError as e:
+        kept = (" The trained state is kept on the SSD: free space or fix the disk, then `fuyou train --resume "
+                f"{path}` saves it." if cfg.offload.mode == "ssd" else "")
+        raise SaveError(f"writing {path / 'model.safetensors'} failed ({e.strerror or e}).{kept}") from e
+
+
+class SaveError(FuyouError):
+    """The final weights could not be written (nothing trained is lost with SSD offload)."""
