@@ -99,6 +99,10 @@ class StoreUsageError(StoreError, ValueError):
     """A call broke the store's documented rules (unknown key, wrong dtype, misaligned chunk)."""
 
 
+class StoreLockedError(StoreUsageError):
+    """Another live process holds the store (one owner per state: ``store.lock``)."""
+
+
 class StoreSpaceError(StoreError, BudgetError):
     """Preflight: the directories lack the space the requested allocations need."""
 

@@ -27,6 +27,7 @@ from fuyou.store.aligned import round_up
 
 MANIFEST = "fuyou-store.json"
 MARKER = "fuyou-store.id"
+LOCK = "fuyou-store.lock"
 FORMAT_VERSION = 1
 
 _DTYPES: dict[str, torch.dtype] = {

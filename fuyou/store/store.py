@@ -41,6 +41,7 @@ from fuyou.store.engine import IOFuture, ThreadEngine, Unit
 from fuyou.store.native import NativeEngine, native_available
 from fuyou.store.errors import StoreCorruptError, StoreUsageError, io_error_from_oserror
 from fuyou.store.layout import TensorMeta, TensorRecord
+from fuyou.store.lock import lock_dirs, unlock
 from fuyou.store.manifest import preflight as _preflight
 from fuyou.store.manifest import read_manifest as _read_manifest
 from fuyou.units import format_size
@@ -61,8 +62,9 @@ class TensorStore:
     the manifest. Thread-safe: requests may be issued from several threads.
     """
 
-    def __init__(self, dirs: list[Path], config: StoreConfig, manifest: dict, create: bool):
+    def __init__(self, dirs: list[Path], config: StoreConfig, manifest: dict, create: bool, locks: list[int]):
         self.dirs, self.config = dirs, config
+        self._locks = locks  # store.lock: held until close
         self.uuid: str = manifest["uuid"]
         self.checksum_block: int = int(manifest["checksum_block"])
         algo = manifest.get("checksum", "crc32")  # stores written before the field existed used CRC-32
@@ -95,6 +97,7 @@ class TensorStore:
             for fd in self._fds:
                 os.close(fd)
             self._engine.close()
+            unlock(self._locks)
             raise
         self._kvikio = None
 
@@ -116,20 +119,25 @@ class TensorStore:
                 d.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise io_error_from_oserror(exc, str(d), 0, 0, "create directory") from exc
-        if (paths[0] / L.MANIFEST).exists():
-            raise StoreUsageError(f"{paths[0]} already holds a store ({L.MANIFEST}); use TensorStore.open, "
-                                  f"or delete the store's files to start afresh")
-        if capacity_hint_bytes:
-            share = -(-int(capacity_hint_bytes) // len(paths))
-            _preflight({d: share for d in paths})
-        sid = uuid.uuid4().hex
-        for i, d in enumerate(paths):
-            L.write_json_atomic(d / L.MARKER, {"uuid": sid, "index": i, "dirs": len(paths)})
-        manifest = {"format": L.FORMAT_VERSION, "uuid": sid, "checksum_block": config.checksum_block,
-                    "checksum": CHECKSUM, "alignment": 4096,
-                    "dirs": [str(d) for d in paths], "next_offsets": [0] * len(paths),
-                    "tensors": {}}
-        store = cls(paths, config, manifest, create=True)
+        locks = lock_dirs(paths)
+        try:
+            if (paths[0] / L.MANIFEST).exists():
+                raise StoreUsageError(f"{paths[0]} already holds a store ({L.MANIFEST}); use TensorStore.open, "
+                                      f"or delete the store's files to start afresh")
+            if capacity_hint_bytes:
+                share = -(-int(capacity_hint_bytes) // len(paths))
+                _preflight({d: share for d in paths})
+            sid = uuid.uuid4().hex
+            for i, d in enumerate(paths):
+                L.write_json_atomic(d / L.MARKER, {"uuid": sid, "index": i, "dirs": len(paths)})
+            manifest = {"format": L.FORMAT_VERSION, "uuid": sid, "checksum_block": config.checksum_block,
+                        "checksum": CHECKSUM, "alignment": 4096,
+                        "dirs": [str(d) for d in paths], "next_offsets": [0] * len(paths),
+                        "tensors": {}}
+        except BaseException:
+            unlock(locks)
+            raise
+        store = cls(paths, config, manifest, create=True, locks=locks)
         store.sync()
         return store
 
@@ -142,13 +150,19 @@ class TensorStore:
         """
         config = config or StoreConfig()
         paths = _normalise(dirs)
-        manifest = _read_manifest(paths)
-        store = cls(paths, config, manifest, create=False)
+        locks = lock_dirs([p for p in paths if p.is_dir()])
+        try:
+            manifest = _read_manifest(paths)
+        except BaseException:
+            unlock(locks)
+            raise
+        store = cls(paths, config, manifest, create=False, locks=locks)
         try:
             store._validate_files()
         except BaseException:
             store._close_files()
             store._engine.close()
+            unlock(store._locks)
             raise
         return store
 
@@ -368,6 +382,7 @@ class TensorStore:
             self._closed = True
             self._engine.close()
             self._close_files()
+            unlock(self._locks)
 
     def _close_files(self) -> None:
         if self._kvikio is not None:
@@ -411,17 +426,27 @@ def _normalise(dirs: Sequence[str | Path]) -> list[Path]:
 
 
 def _open_data_file(d: Path, path: str, direct: bool, create: bool) -> tuple[int, bool]:
-    flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT | os.O_TRUNC if create else 0)
+    """The data file; a new store's is created anew (``O_EXCL``: an existing file, or a symlink planted
+    there, is refused, never truncated), and neither open follows a symlink (``O_NOFOLLOW``)."""
+    flags = os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW | (os.O_CREAT | os.O_EXCL if create else 0)
     if direct:
         try:
             return os.open(path, flags | os.O_DIRECT, 0o644), True
         except OSError as exc:
             if exc.errno != errno.EINVAL:
-                raise io_error_from_oserror(exc, path, 0, 0, "open") from exc
+                raise _open_error(exc, path) from exc
             warnings.warn(f"{d}: the file system does not support O_DIRECT; using buffered I/O there (the page "
                           f"cache will hold copies of the data and speeds will include it)",
                           DirectIOFallbackWarning, stacklevel=4)
     try:
         return os.open(path, flags, 0o644), False
     except OSError as exc:
-        raise io_error_from_oserror(exc, path, 0, 0, "open") from exc
+        raise _open_error(exc, path) from exc
+
+
+def _open_error(exc: OSError, path: str) -> Exception:
+    if exc.errno in (errno.EEXIST, errno.ELOOP):
+        what = "a symlink" if os.path.islink(path) else "a file"
+        return StoreUsageError(f"{path} is {what} the store did not make: a state directory holds only the store's "
+                               f"own files. Remove it (or choose another run name) and try again")
+    return io_error_from_oserror(exc, path, 0, 0, "open")

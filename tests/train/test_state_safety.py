@@ -55,3 +55,56 @@ def test_save_weights_false_keeps_the_state(tmp_path, capsys):
     assert _train(tmp_path, "k", "run.save_weights=false") == 0
     assert "stays on the SSD" in capsys.readouterr().err
     assert (tmp_path / "ssd" / "k.fuyou-state" / "fuyou-commit.json").is_file()
+
+
+def _cmd(tmp_path, name, *extra):
+    import sys
+
+    ssd = tmp_path / "ssd"
+    ssd.mkdir(exist_ok=True)
+    return [sys.executable, "-m", "fuyou.cli", "train", "--offload", "ssd", "--ssd", str(ssd), "--cpu-mem", "256MiB",
+            "--out", str(tmp_path / "runs"), f"run.name={name}", *ARGS, *extra]
+
+
+@pytest.mark.timeout(300)
+def test_a_second_process_on_a_live_state_is_refused_with_the_holders_pid(tmp_path):
+    """Issue 14, item 2: a running job plus a concurrent --resume of the same run used to corrupt
+    the manifest. Two real processes: the second is refused at once, the first finishes unharmed."""
+    import os
+    import subprocess
+    import time
+
+    env = {k: v for k, v in os.environ.items() if k != "FUYOU_FAULT"}
+    steps = ["train.steps=60", "train.log_every=1", "offload.commit_every=1"]
+    first = subprocess.Popen(_cmd(tmp_path, "live", *steps), stderr=subprocess.PIPE, text=True, env=env)
+    run_dir = tmp_path / "runs" / "live"
+    m = run_dir / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (m.exists() and '"loss"' in m.read_text()):
+        time.sleep(0.05)
+    second = subprocess.run(_cmd(tmp_path, "x")[:4] + ["--resume", str(run_dir)], capture_output=True,
+                            text=True, timeout=120, env=env)
+    assert first.poll() is None, "the first run ended before the second started; make it longer"
+    assert second.returncode == 2, second.stderr
+    assert f"in use by process {first.pid}" in second.stderr, second.stderr
+    _, err = first.communicate(timeout=240)
+    assert first.returncode == 0, err
+    ref = subprocess.run(_cmd(tmp_path, "ref", *steps), capture_output=True, text=True, timeout=240, env=env)
+    assert ref.returncode == 0, ref.stderr
+    got = load_file(str(run_dir / "model.safetensors"))
+    want = load_file(str(tmp_path / "runs" / "ref" / "model.safetensors"))
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+
+
+def test_a_symlink_planted_in_the_state_directory_is_refused_and_not_followed(tmp_path, capsys):
+    """Issue 14, item 3: a pre-existing fuyou-store.0.dat symlink made fuyou truncate its target."""
+    victim = tmp_path / "precious.bin"
+    victim.write_bytes(b"do not touch" * 1000)
+    state = tmp_path / "ssd" / "s.fuyou-state"
+    state.mkdir(parents=True)
+    (state / "fuyou-store.0.dat").symlink_to(victim)
+    assert _train(tmp_path, "s") == 2
+    err = capsys.readouterr().err
+    assert "is a symlink the store did not make" in err, err
+    assert victim.read_bytes() == b"do not touch" * 1000

@@ -1,0 +1,56 @@
+"""One owner per store: an exclusive ``flock`` on a lock file in every directory of the store.
+
+Two processes on one state corrupt it (a running job and a ``--resume`` of the same run would both
+write the manifest and the copies). :func:`lock_dirs` takes ``LOCK_EX | LOCK_NB`` on
+``fuyou-store.lock`` in each directory before anything of the store is read or created, writes the
+holder's PID into it, and keeps the descriptors open for the store's life; the kernel releases the
+lock when the process ends, however it ends, so a killed run never leaves a stale lock. A second
+user is refused at once with :class:`StoreLockedError` naming the holder's PID.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+
+from fuyou.store import layout as L
+from fuyou.store.errors import StoreLockedError, StoreUsageError
+
+__all__ = ["lock_dirs", "unlock"]
+
+
+def lock_dirs(dirs: list[Path]) -> list[int]:
+    """Lock every directory (made if missing is the caller's business); returns the descriptors."""
+    fds: list[int] = []
+    try:
+        for d in dirs:
+            path = d / L.LOCK
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+            except OSError as exc:
+                raise StoreUsageError(f"cannot open the lock file {path} ({exc.strerror}); a symlink or an "
+                                      f"unwritable directory there is not allowed") from exc
+            fds.append(fd)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+                raise StoreLockedError(
+                    f"the training state in {d} is in use by process {holder} (another fuyou run, or a --resume "
+                    f"of this one); wait for it to end or stop it, then try again") from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except BaseException:
+        unlock(fds)
+        raise
+    return fds
+
+
+def unlock(fds: list[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)  # closing the last descriptor releases the flock
+        except OSError:
+            pass
+    fds.clear()
