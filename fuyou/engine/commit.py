@@ -5,10 +5,16 @@ in place would leave a mix of two steps on the SSD after a crash. With ``offload
 each stage has two copies of its state, A and B: step ``s`` reads the *current* copy and writes the
 other one. When every stage of step ``s`` is updated, a **commit** makes the new copies current:
 
-1. ``store.sync()`` -- the data files are fsync'd and the store's manifest is written atomically;
+1. the copies it names are tagged ``step N`` in the store, and ``store.sync()`` fsyncs the data files
+   and writes the store's manifest (with the tags, and its generation number) atomically;
 2. the commit record (``fuyou-commit.json`` in the first SSD directory: the step reached, the current
-   copy of every stage, the store's id) is written to a temporary file, fsync'd, renamed over the
-   old record, and the directory is fsync'd.
+   copy of every stage, the store's id and the manifest generation it was committed with, and a
+   SHA-256 of all of that) is written to a temporary file, fsync'd, renamed over the old record, and
+   the directory is fsync'd.
+
+Resuming checks the record's checksum, that its store and generation match the store beside it,
+and that every copy it names is tagged with its step: a damaged or edited record (another step,
+other copies) is refused with a sentence, never resumed into wrong weights.
 
 A crash at any moment leaves the last record intact, and the copies it names are never written
 after it (the next step writes the other copies, and only after this commit is durable: the
@@ -24,6 +30,7 @@ updates in place and cannot resume.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -46,7 +53,8 @@ def write_record(directory: Path, record: dict) -> None:
     """Atomically replace the commit record (tmp, fsync, rename, fsync dir). On ENOSPC or EIO the
     previous record is untouched and the error propagates."""
     path = directory / RECORD
-    tmp = directory / (RECORD + ".tmp")
+    tmp = directory / f"{RECORD}.tmp.{os.getpid()}"  # one name per writer
+    record = {**record, "checksum": _digest(record)}
     data = (json.dumps(record, indent=1) + "\n").encode()
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -59,12 +67,18 @@ def write_record(directory: Path, record: dict) -> None:
             os.close(fd)
         fault("commit", record.get("step"))
         os.replace(tmp, path)
+        tmp = None
         dfd = os.open(directory, os.O_RDONLY)
         try:
             os.fsync(dfd)
         finally:
             os.close(dfd)
     except OSError as e:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
         previous = "none"
         try:
             previous = f"step {json.loads(path.read_text())['step']}"
@@ -75,18 +89,39 @@ def write_record(directory: Path, record: dict) -> None:
                           f"with `fuyou train --resume RUN_DIR`") from e
 
 
-def read_record(directory: Path, store_uuid: str, n_stages: int) -> dict:
+def _digest(record: dict) -> str:
+    body = {k: v for k, v in record.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def step_tag(step: int) -> str:
+    """The tag a committed copy carries in the store (module docstring)."""
+    return f"step {step}"
+
+
+def read_record(directory: Path, store, n_stages: int, n_copies: int = 3) -> dict:
+    """The last commit record, checked against itself and the ``store`` beside it (module docstring)."""
     path = directory / RECORD
     if not path.is_file():
         raise ResumeError(f"no commit record {path}: this state never completed a step (or offload.commit was "
                           f"'none'); start a new run")
+    bad = (f"the commit record {path} is damaged or was edited; the state cannot be trusted, start a new run "
+           f"(nothing was overwritten)")
     try:
         rec = json.loads(path.read_text())
-        step, copies = int(rec["step"]), [int(c) for c in rec["copies"]]
-    except (ValueError, KeyError, TypeError) as e:
-        raise ResumeError(f"the commit record {path} is corrupt ({e!r}); the state cannot be trusted, start a new "
-                          f"run (nothing was overwritten)") from e
-    if rec.get("store_uuid") != store_uuid or len(copies) != n_stages or any(c not in (0, 1, 2) for c in copies):
+        step, copies = rec["step"], rec["copies"]
+        ok = (isinstance(rec, dict) and rec.get("checksum") == _digest(rec) and isinstance(step, int)
+              and not isinstance(step, bool) and step >= 0 and isinstance(copies, list)
+              and all(isinstance(c, int) and not isinstance(c, bool) for c in copies))
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
+        raise ResumeError(f"{bad} ({e!r})") from e
+    if not ok:
+        raise ResumeError(f"{bad} (its checksum or fields do not match)")
+    if rec.get("store_uuid") != store.uuid or len(copies) != n_stages or any(not 0 <= c < n_copies for c in copies):
         raise ResumeError(f"the commit record {path} does not belong to the store beside it (or to this model); "
                           f"nothing was overwritten")
+    gen = rec.get("generation")
+    if not isinstance(gen, int) or gen > store.generation:
+        raise ResumeError(f"the commit record {path} names store generation {gen}, newer than the store's "
+                          f"{store.generation}: the store's manifest is older than the commit; start a new run")
     return {"step": step, "copies": copies}

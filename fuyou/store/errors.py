@@ -33,15 +33,22 @@ __all__ = [
 class StoreIOError(StoreError, OSError):
     """An I/O syscall on a store file failed. Carries ``path``, ``offset``, ``length`` and ``errno``."""
 
-    hint = "check the device (dmesg, smartctl) and the file system; the data of this extent is not trustworthy"
+    hint = ("the disk or file system reported an error: check it (dmesg, smartctl); the data of this extent is "
+            "not trustworthy")
 
     def __init__(self, path: str, offset: int, length: int, errno: int | None, op: str, key: str | None = None):
         self.path, self.offset, self.length, self.op, self.key = str(path), offset, length, op, key
         name = _errno.errorcode.get(errno, "?") if errno is not None else "short transfer"
         what = f"tensor {key!r}, " if key else ""
-        msg = (f"{op} of {format_size(length)} at offset {offset} of {path} ({what}extent "
-               f"[{offset}, {offset + length})) failed: {name} "
-               f"({os.strerror(errno) if errno is not None else 'the kernel transferred nothing'}); {self.hint}")
+        reason = os.strerror(errno) if errno is not None else "the kernel transferred nothing"
+        if length:
+            msg = (f"{op} of {format_size(length)} at offset {offset} of {path} ({what}extent "
+                   f"[{offset}, {offset + length})) failed: {name} ({reason}); {self.hint}")
+        else:  # an operation on a file or directory as a whole
+            msg = f"{op} of {path} failed: {name} ({reason}); {self.hint}"
+        if errno == _errno.ENOENT:
+            msg = (f"{op} of {path} failed: the file is gone ({reason}); it was deleted or moved while in use (a "
+                   f"completed run removes its state): start a new run, or restore the directory")
         OSError.__init__(self, errno, msg)
         self.errno = errno
 
@@ -84,8 +91,8 @@ class StoreCorruptError(StoreError):
     def __init__(self, key: str | None, path: str, what: str):
         self.key, self.path, self.what = key, str(path), what
         who = f"tensor {key!r} in {path}" if key else str(path)
-        super().__init__(f"{who}: {what}. The data was not returned; restore the store from a "
-                         f"checkpoint or recreate it (TensorStore.create) and rewrite the tensor.")
+        super().__init__(f"{who}: {what}. The data was not returned and nothing was overwritten; this state "
+                         f"cannot be trusted: start a new run (or restore the directory from a backup).")
 
     def __reduce__(self):
         return (type(self), (self.key, self.path, self.what))

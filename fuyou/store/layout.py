@@ -16,6 +16,7 @@ extent. Each lane is one contiguous extent in one directory's data file. A tenso
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ from typing import Any
 import torch
 
 from fuyou.store.aligned import round_up
+from fuyou.store.config import ALIGNMENT as ALIGN
 
 MANIFEST = "fuyou-store.json"
 MARKER = "fuyou-store.id"
@@ -89,6 +91,7 @@ class TensorRecord:
     extents: tuple[Extent, ...]
     checksum_block: int
     checksums: list[int | None] = field(default_factory=list)
+    tag: str | None = None  # the caller's label of what the tensor holds (the engine: "step N" when committed)
 
     @property
     def meta(self) -> TensorMeta:
@@ -110,15 +113,38 @@ class TensorRecord:
         return {"shape": list(self.shape), "dtype": dtype_name(self.dtype), "nbytes": self.nbytes,
                 "stripe_unit": self.stripe_unit, "checksum_block": self.checksum_block,
                 "extents": [[e.dir_index, e.offset, e.length] for e in self.extents],
-                "checksums": self.checksums}
+                "checksums": self.checksums, **({"tag": self.tag} if self.tag is not None else {})}
 
     @classmethod
-    def from_json(cls, key: str, d: dict[str, Any]) -> "TensorRecord":
-        return cls(key=key, shape=tuple(int(x) for x in d["shape"]), dtype=dtype_from_name(d["dtype"]),
-                   nbytes=int(d["nbytes"]), stripe_unit=int(d["stripe_unit"]),
-                   extents=tuple(Extent(int(a), int(b), int(c)) for a, b, c in d["extents"]),
-                   checksum_block=int(d["checksum_block"]),
-                   checksums=[None if c is None else int(c) for c in d["checksums"]])
+    def from_json(cls, key: str, d: dict[str, Any], ndirs: int | None = None) -> "TensorRecord":
+        """The record of ``key``; with ``ndirs``, also checked for consistency (ValueError saying what
+        is wrong: a manifest edited or damaged must not be used)."""
+        rec = cls(key=key, shape=tuple(int(x) for x in d["shape"]), dtype=dtype_from_name(d["dtype"]),
+                  nbytes=int(d["nbytes"]), stripe_unit=int(d["stripe_unit"]),
+                  extents=tuple(Extent(int(a), int(b), int(c)) for a, b, c in d["extents"]),
+                  checksum_block=int(d["checksum_block"]),
+                  checksums=[None if c is None else int(c) for c in d["checksums"]], tag=d.get("tag"))
+        if ndirs is not None:
+            rec.check(ndirs)
+        return rec
+
+    def check(self, ndirs: int) -> None:
+        """Raise ValueError when the record cannot describe a real tensor of this store."""
+        item = torch.empty((), dtype=self.dtype).element_size()
+        if any(s < 0 for s in self.shape) or self.nbytes != item * math.prod(self.shape):
+            raise ValueError(f"shape {list(self.shape)} of {dtype_name(self.dtype)} is not {self.nbytes} bytes")
+        if self.stripe_unit <= 0 or self.stripe_unit % ALIGN or self.checksum_block <= 0:
+            raise ValueError("stripe unit or checksum block is not a positive multiple of 4 KiB")
+        if not self.extents or any(not 0 <= e.dir_index < ndirs or e.offset < 0 or e.length <= 0 or e.offset % ALIGN
+                                   for e in self.extents):
+            raise ValueError(f"an extent lies outside the store's {ndirs} directories or is misaligned")
+        if sum(e.length for e in self.extents) < self.padded:
+            raise ValueError("its extents are shorter than the tensor")
+        if len(self.checksums) != -(-self.nbytes // self.checksum_block) or any(
+                c is not None and not 0 <= c < 2**32 for c in self.checksums):
+            raise ValueError("its checksum list does not match its size")
+        if self.tag is not None and not isinstance(self.tag, str):
+            raise ValueError("its tag is not a string")
 
 
 def plan_extents(padded: int, stripe_unit: int, next_offsets: list[int]) -> tuple[int, tuple[Extent, ...]]:

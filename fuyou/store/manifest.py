@@ -24,6 +24,15 @@ def preflight(need: dict[Path, int]) -> None:
         raise StoreSpaceError({str(d): (n, have[d]) for d, n in need.items()})
 
 
+def _well_formed(m: dict) -> bool:
+    """The manifest's own fields have the types and ranges the store relies on (records are checked
+    one by one when the store is built)."""
+    ints = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0  # noqa: E731
+    return (isinstance(m.get("uuid"), str) and ints(m.get("checksum_block")) and m["checksum_block"] > 0
+            and isinstance(m.get("tensors"), dict) and isinstance(m.get("dirs"), list)
+            and all(ints(x) for x in m["next_offsets"]) and ints(m.get("generation", 0)))
+
+
 def read_manifest(paths: list[Path]) -> dict:
     mpath = paths[0] / L.MANIFEST
     if not mpath.exists():
@@ -35,11 +44,13 @@ def read_manifest(paths: list[Path]) -> dict:
             raise StoreUsageError(f"{d} is directory {marker.get('index')} of a store but was listed at position "
                                   f"{i}; list the store's directories in their original order (the first one "
                                   f"holds {L.MANIFEST})")
-        raise StoreNotFoundError(f"no store in {paths[0]} (missing {L.MANIFEST}); create one with TensorStore.create")
+        raise StoreNotFoundError(f"no training state in {paths[0]} (missing {L.MANIFEST}): it was never "
+                                 f"committed, or it was deleted (a completed run removes its state); start a new run")
     try:
         manifest = json.loads(mpath.read_text(encoding="utf-8"))
         ok = manifest.get("format") == L.FORMAT_VERSION and len(manifest["next_offsets"]) == len(manifest["dirs"])
-    except (ValueError, KeyError, AttributeError) as exc:
+        ok = ok and _well_formed(manifest)
+    except (ValueError, KeyError, AttributeError, TypeError) as exc:
         raise StoreCorruptError(None, str(mpath), f"manifest unreadable ({exc})") from exc
     if not ok:
         raise StoreCorruptError(None, str(mpath), f"manifest format {manifest.get('format')!r} is not "

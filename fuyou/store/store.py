@@ -74,14 +74,20 @@ class TensorStore:
         if config.stripe_unit % self.checksum_block:
             raise StoreUsageError(f"stripe_unit {format_size(config.stripe_unit)} is not a multiple of this "
                                   f"store's checksum_block {format_size(self.checksum_block)}; change stripe_unit")
+        self._records: dict[str, TensorRecord] = {}
+        for k, v in manifest["tensors"].items():
+            try:
+                self._records[k] = TensorRecord.from_json(k, v, ndirs=len(dirs))
+            except (ValueError, KeyError, TypeError) as exc:
+                raise StoreCorruptError(k, str(dirs[0] / L.MANIFEST), f"the manifest's record of {k!r} is damaged "
+                                        f"({exc}); the state cannot be trusted") from None
+        self.generation: int = int(manifest.get("generation", 0))  # manifests written so far
         unit = max(config.block_size, self.checksum_block)
         unit = -(-unit // self.checksum_block) * self.checksum_block
         self._engine = _make_engine(config, unit)  # first: a refused engine leaves no file open
         self.engine_name = "native" if isinstance(self._engine, NativeEngine) else "threads"
         self._unit_bytes = unit
         self._next: list[int] = [int(x) for x in manifest["next_offsets"]]
-        self._records: dict[str, TensorRecord] = {
-            k: TensorRecord.from_json(k, v) for k, v in manifest["tensors"].items()}
         self._lock = threading.Lock()
         self._inflight: set[IOFuture] = set()
         self._closed = False
@@ -118,12 +124,12 @@ class TensorStore:
             try:
                 d.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
-                raise io_error_from_oserror(exc, str(d), 0, 0, "create directory") from exc
+                raise io_error_from_oserror(exc, str(d), 0, 0, "creating the directory") from exc
         locks = lock_dirs(paths)
         try:
             if (paths[0] / L.MANIFEST).exists():
-                raise StoreUsageError(f"{paths[0]} already holds a store ({L.MANIFEST}); use TensorStore.open, "
-                                      f"or delete the store's files to start afresh")
+                raise StoreUsageError(f"{paths[0]} already holds a training state ({L.MANIFEST}): continue that run "
+                                      f"with `fuyou train --resume RUN_DIR`, or delete {paths[0]} to start afresh")
             if capacity_hint_bytes:
                 share = -(-int(capacity_hint_bytes) // len(paths))
                 _preflight({d: share for d in paths})
@@ -137,7 +143,11 @@ class TensorStore:
         except BaseException:
             unlock(locks)
             raise
-        store = cls(paths, config, manifest, create=True, locks=locks)
+        try:
+            store = cls(paths, config, manifest, create=True, locks=locks)
+        except BaseException:
+            unlock(locks)
+            raise
         store.sync()
         return store
 
@@ -156,7 +166,11 @@ class TensorStore:
         except BaseException:
             unlock(locks)
             raise
-        store = cls(paths, config, manifest, create=False, locks=locks)
+        try:
+            store = cls(paths, config, manifest, create=False, locks=locks)
+        except BaseException:
+            unlock(locks)
+            raise
         try:
             store._validate_files()
         except BaseException:
@@ -168,9 +182,20 @@ class TensorStore:
 
     def _validate_files(self) -> None:
         ends = [0] * len(self.dirs)
+        spans: list[list[tuple[int, int, str]]] = [[] for _ in self.dirs]
         for rec in self._records.values():
             for e in rec.extents:
                 ends[e.dir_index] = max(ends[e.dir_index], e.offset + e.length)
+                spans[e.dir_index].append((e.offset, e.offset + e.length, rec.key))
+        manifest = str(self.dirs[0] / L.MANIFEST)
+        for i, lane in enumerate(spans):  # a damaged manifest could make two tensors share bytes
+            lane.sort()
+            for (a0, a1, ka), (b0, b1, kb) in zip(lane, lane[1:]):
+                if b0 < a1:
+                    raise StoreCorruptError(kb, manifest, f"its extent overlaps that of {ka!r}")
+            if self._next[i] < ends[i]:
+                raise StoreCorruptError(None, manifest, f"the next free offset of directory {i} lies inside its "
+                                        f"tensors (the manifest is damaged)")
         for i, fd in enumerate(self._fds):
             size = os.fstat(fd).st_size
             if size < ends[i]:
@@ -267,6 +292,11 @@ class TensorStore:
             raise StoreUsageError(f"no tensor {key!r} in the store at {self.dirs[0]}; allocate it first") from None
 
     # -- I/O -------------------------------------------------------------------------------------
+    def set_tag(self, key: str, tag: str | None) -> None:
+        """Label what ``key`` holds (kept in the manifest from the next :meth:`sync`)."""
+        with self._lock:
+            self.record(key).tag = tag
+
     def write_from(self, key: str, tensor: torch.Tensor, start: int = 0) -> IOFuture:
         """Write ``tensor``'s elements to elements ``[start, start + numel)`` of ``key``; returns a future.
 
@@ -362,8 +392,9 @@ class TensorStore:
             except OSError as exc:
                 raise io_error_from_oserror(exc, path, 0, 0, "fsync") from exc
         with self._lock:
+            self.generation += 1
             payload = {"format": L.FORMAT_VERSION, "uuid": self.uuid, "checksum_block": self.checksum_block,
-                       "checksum": CHECKSUM, "alignment": 4096,
+                       "checksum": CHECKSUM, "alignment": 4096, "generation": self.generation,
                        "dirs": [str(d) for d in self.dirs], "next_offsets": list(self._next),
                        "tensors": {k: r.to_json() for k, r in self._records.items()}}
         path = self.dirs[0] / L.MANIFEST
@@ -372,12 +403,16 @@ class TensorStore:
         except OSError as exc:
             raise io_error_from_oserror(exc, str(path), 0, 0, "manifest write") from exc
 
-    def close(self) -> None:
-        """Finish in-flight I/O, :meth:`sync`, stop the I/O threads and close the files. Idempotent."""
+    def close(self, sync: bool = True) -> None:
+        """Finish in-flight I/O, :meth:`sync`, stop the I/O threads and close the files. Idempotent.
+        ``sync=False`` writes nothing (a caller that failed before using the store: leave it as found)."""
         if self._closed:
             return
         try:
-            self.sync()
+            if sync:
+                self.sync()
+            else:
+                self.flush()
         finally:
             self._closed = True
             self._engine.close()

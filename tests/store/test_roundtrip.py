@@ -83,7 +83,7 @@ def test_api_rules_raise_typed_errors(tmp_path, cfg):
             store.read_into("a", torch.zeros(10_001))
         with pytest.raises(StoreUsageError, match="no tensor 'b'"):
             store.read_into("b", torch.zeros(1))
-    with pytest.raises(StoreUsageError, match="already holds a store"):
+    with pytest.raises(StoreUsageError, match="already holds a training state"):
         TensorStore.create([tmp_path], cfg)
     with pytest.raises(StoreNotFoundError):
         TensorStore.open([tmp_path / "nothing"], cfg)

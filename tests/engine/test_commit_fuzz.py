@@ -1,0 +1,133 @@
+"""Hundreds of mutations of the commit record and the store manifest, each fed to `--resume`: the
+resume is refused with a one-sentence error (exit 2) that leaves the state as it was, or it is
+bit-exact with an uninterrupted run. Never a traceback, never wrong weights (issue 14, item 4)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import shutil
+import signal
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fuyou.cli import main
+from test_resume import run, train_cmd
+
+EXTRA = ["train.grad_clip=1e-3", "offload.resident_mem=300KiB", "model.n_layer=4"]
+
+
+@pytest.fixture(scope="module")
+def killed(tmp_path_factory):
+    """A run killed after the commit of step 3 (kept pristine), and the uninterrupted run's weights."""
+    tmp = tmp_path_factory.mktemp("fuzz")
+    ref = run(train_cmd(tmp, "ref", *EXTRA))
+    assert ref.returncode == 0, ref.stderr
+    k = run(train_cmd(tmp, "k", *EXTRA), fault="forward@3")
+    assert k.returncode == -signal.SIGKILL, k.stderr
+    return tmp, load_file(str(tmp / "runs" / "ref" / "model.safetensors"))
+
+
+def _numbers(text: str) -> list[tuple[int, int]]:
+    """Spans of the integers in a JSON text."""
+    out, i = [], 0
+    while i < len(text):
+        if text[i].isdigit():
+            j = i
+            while j < len(text) and text[j].isdigit():
+                j += 1
+            out.append((i, j))
+            i = j
+        else:
+            i += 1
+    return out
+
+
+def mutate(text: str, rng: random.Random, resign: bool) -> str:
+    """One random damage or edit of a JSON file (``resign``: recompute the record's checksum after it,
+    as a careful hand edit would)."""
+    kind = rng.choice(["number", "number", "number", "byte", "truncate", "delete-key", "swap", "type"])
+    if kind == "number":
+        spans = _numbers(text)
+        a, b = rng.choice(spans)
+        text = text[:a] + str(rng.choice([0, 1, 2, 3, 5, int(text[a:b]) + 1, max(0, int(text[a:b]) - 1), 4096,
+                                          2**40])) + text[b:]
+    elif kind == "byte":
+        i = rng.randrange(len(text))
+        text = text[:i] + chr(rng.randrange(32, 127)) + text[i + 1:]
+    elif kind == "truncate":
+        text = text[:rng.randrange(len(text))]
+    else:
+        try:
+            obj = json.loads(text)
+        except ValueError:
+            return text[::-1]
+        if not isinstance(obj, dict) or not obj:
+            return "[]"
+        key = rng.choice(sorted(obj))
+        if kind == "delete-key":
+            del obj[key]
+        elif kind == "swap":
+            obj[key] = rng.choice([None, "x", [], {}, -1, 1.5, True])
+        else:
+            obj = [obj]
+        text = json.dumps(obj)
+    if resign:
+        try:
+            obj = json.loads(text)
+            body = {k: v for k, v in obj.items() if k != "checksum"}
+            obj["checksum"] = hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+            text = json.dumps(obj)
+        except (ValueError, AttributeError, TypeError):
+            pass
+    return text
+
+
+def _digest(d):
+    h = hashlib.sha256()
+    for p in sorted(d.iterdir()):
+        if p.is_file() and p.name != "fuyou-store.lock":
+            h.update(p.name.encode() + p.read_bytes())
+    return h.hexdigest()
+
+
+def _check(tmp_path, killed, seed: int, capsys) -> str:
+    src, want = killed
+    rng = random.Random(seed)
+    work = tmp_path / f"m{seed}"
+    shutil.copytree(src / "ssd", work / "ssd", symlinks=True)
+    shutil.copytree(src / "runs" / "k", work / "runs" / "k", symlinks=True)
+    cfg = work / "runs" / "k" / "config.toml"
+    cfg.write_text(cfg.read_text().replace(str(src), str(work)))
+    state = work / "ssd" / "k.fuyou-state"
+    target = state / rng.choice(["fuyou-commit.json", "fuyou-commit.json", "fuyou-store.json"])
+    target.write_text(mutate(target.read_text(), rng, resign=rng.random() < 0.5))
+    before = _digest(state)
+    capsys.readouterr()
+    rc = main(["train", "--resume", str(work / "runs" / "k")])  # any exception fails the test: a traceback
+    err = capsys.readouterr().err
+    if rc == 0:
+        got = load_file(str(work / "runs" / "k" / "model.safetensors"))
+        for k in want:
+            assert torch.equal(got[k], want[k]), (seed, target.name, k)
+        outcome = "exact"
+    else:
+        assert rc == 2 and "fuyou: error:" in err and "Traceback" not in err, (seed, err)
+        assert _digest(state) == before, (seed, "a refused resume changed the state")
+        outcome = "refused"
+    shutil.rmtree(work)
+    return outcome
+
+
+def test_mutated_commit_records_and_manifests(tmp_path, killed, capsys):
+    outcomes = [_check(tmp_path, killed, seed, capsys) for seed in range(120)]
+    assert outcomes.count("refused") > 60  # most damage is caught, the rest resumes exactly
+
+
+@pytest.mark.slow
+def test_mutated_commit_records_and_manifests_many(tmp_path, killed, capsys):
+    for seed in range(120, 600):
+        _check(tmp_path, killed, seed, capsys)
