@@ -10,6 +10,14 @@ The library holds AVX-512, AVX2 and scalar code and picks one at run time (``__b
 so it is built without ``-march=native`` and a cache shared by several x86 machines stays valid; the
 machine's architecture (x86_64, aarch64) is part of the extension's name.
 
+Each library's name carries a hash of its source and flags, so two installs of fuyou on one machine
+(or an upgrade) never rebuild one name in turns, and a cached build always matches the source.
+Builds never wait forever: the builder holds an ``flock`` on ``fuyou-build.lock`` in the build
+directory (released by the kernel however the process ends); a process that gets it while torch's
+own ``lock`` file is still there knows that file is stale (its builder was killed, which once made
+every later run wait on it silently) and removes it. Waiting for another live builder, and the build
+itself, are bounded by ``FUYOU_BUILD_TIMEOUT`` seconds (default 600); past it the fallback is used.
+
 Any failure to build or load (no compiler, no ninja, a compile error) is logged as ONE warning line
 and :func:`load_adamw_lib` / :func:`load_storeio_lib` return ``None``; callers then use their
 fallbacks (pure torch; the store's Python-thread engine). Setting
@@ -19,10 +27,13 @@ fallbacks (pure torch; the store's Python-thread engine). Setting
 from __future__ import annotations
 
 import ctypes
+import fcntl
+import hashlib
 import logging
 import os
 import platform
 import threading
+import time
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -33,8 +44,8 @@ _STATE: dict[str, object] = {}  # "adamw", "storeio" -> ctypes.CDLL or None once
 
 # The flags that matter: -O3 and no floating-point contraction (see the note [Bit-exact with torch]
 # in adamw.cpp). The kernel uses its own threads, not OpenMP (note [Own threads, not OpenMP]).
-CFLAGS = ["-O3", "-pthread", "-ffp-contract=off", "-fno-math-errno", "-std=c++17"]
-LDFLAGS = ["-pthread"]
+CFLAGS = ("-O3", "-pthread", "-ffp-contract=off", "-fno-math-errno", "-std=c++17")
+LDFLAGS = ("-pthread",)
 
 
 def ext_disabled() -> bool:
@@ -71,24 +82,67 @@ def _declare_storeio(lib: ctypes.CDLL) -> None:
 # name -> (source, extra C flags, extra link flags, declare)
 _LIBS = {
     "adamw": ("adamw.cpp", CFLAGS, LDFLAGS, _declare),
-    "storeio": ("storeio.cpp", ["-O2", "-std=c++17", "-pthread"], ["-pthread"], _declare_storeio),
+    "storeio": ("storeio.cpp", ("-O2", "-std=c++17", "-pthread"), ("-pthread",), _declare_storeio),
 }
+
+
+def build_timeout() -> float:
+    return float(os.environ.get("FUYOU_BUILD_TIMEOUT", "600"))
+
+
+def ext_name(what: str) -> str:
+    """The library's name: kind, machine, and a hash of its source and flags (module docstring)."""
+    source, cflags, ldflags, _ = _LIBS[what]
+    h = hashlib.sha256((_HERE / source).read_bytes() + repr((cflags, ldflags)).encode()).hexdigest()[:10]
+    return f"fuyou_{what}_{platform.machine().lower() or 'unknown'}_{h}"
+
+
+class BuildTimeout(RuntimeError):
+    pass
 
 
 def _build(what: str) -> ctypes.CDLL:
     from torch.utils import cpp_extension  # imported here: it is slow to import
 
     source, cflags, ldflags, declare = _LIBS[what]
-    name = f"fuyou_{what}_{platform.machine().lower() or 'unknown'}"
-    path = cpp_extension.load(
-        name=name,
-        sources=[str(_HERE / source)],
-        extra_cflags=cflags,
-        extra_ldflags=ldflags,
-        is_python_module=False,
-        verbose=False,
-    )
-    lib = ctypes.CDLL(str(path))
+    name = ext_name(what)
+    build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
+    deadline = time.monotonic() + build_timeout()
+    fd = os.open(build_dir / "fuyou-build.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        while True:  # one fuyou builder at a time; the kernel frees the lock of a killed one
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise BuildTimeout(f"another process has been building {name} for over "
+                                       f"{build_timeout():.0f} s (FUYOU_BUILD_TIMEOUT)") from None
+                time.sleep(0.2)
+        stale = build_dir / "lock"  # torch's baton: with our flock held, nobody is building
+        if stale.exists():
+            logger.warning("fuyou: removing a stale build lock %s (its builder was killed)", stale)
+            stale.unlink(missing_ok=True)
+        result: dict = {}
+
+        def run():
+            try:
+                result["path"] = cpp_extension.load(name=name, sources=[str(_HERE / source)], extra_cflags=list(cflags),
+                                                    extra_ldflags=list(ldflags), build_directory=str(build_dir),
+                                                    is_python_module=False, verbose=False)
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                result["error"] = exc
+
+        t = threading.Thread(target=run, name=f"fuyou-build-{what}", daemon=True)
+        t.start()
+        t.join(max(0.0, deadline - time.monotonic()))
+        if t.is_alive():
+            raise BuildTimeout(f"building {name} took over {build_timeout():.0f} s (FUYOU_BUILD_TIMEOUT)")
+        if "error" in result:
+            raise result["error"]
+    finally:
+        os.close(fd)  # releases the flock (a timed-out build thread goes on without it)
+    lib = ctypes.CDLL(str(result["path"]))
     declare(lib)
     return lib
 
