@@ -116,6 +116,9 @@ class ActivationSwapper:
     def put(self, key: str, t: Tensor, tier: str) -> Slot:
         t = t.detach()
         nbytes = t.numel() * t.element_size()
+        # The size is part of the store key: a run resumed with another batch or sequence length finds
+        # the earlier run's activation tensors of other sizes in the store and must not reuse them.
+        key = f"{key}/{str(t.dtype).removeprefix('torch.')}x{t.numel()}"
         slot = Slot(key, tier, tuple(t.shape), t.dtype, nbytes=nbytes)
         c = self._counters()
         if tier == "gpu":

@@ -83,6 +83,11 @@ class OffloadConfig(BaseModel):
         "SSD request, an activation) may last before the run stops with an error naming what it waited for "
         "(the last commit stays intact). Waits for a large transfer get at least bytes / 20 MB/s.",
     )
+    replace_state: bool = Field(
+        False, description="A new run whose name already has a committed SSD state deletes it and starts afresh "
+        "(default: refused, so that `--resume` can continue it). A state that was never committed (a run killed "
+        "before its first commit) is always replaced.",
+    )
     keep_state: bool = Field(
         False, description="Keep the SSD training state after a completed run (default: delete it once the weights are "
         "saved; a stopped or failed run always keeps it for --resume)."

@@ -47,6 +47,7 @@ from __future__ import annotations
 import ctypes
 import math
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -59,9 +60,9 @@ from fuyou.engine.activations import (ActivationSwapper, BlockState, backward_bl
                                       leaves)
 from fuyou.engine.budget import MemoryPlan, act_cpu_share, activation_bytes, plan_memory, policy_memory
 from fuyou import watchdog
-from fuyou.engine.commit import ResumeError, read_record, write_record
+from fuyou.engine.commit import ResumeError, read_record, step_tag, write_record
 from fuyou.engine.layout import StageState, build_states, copies_needed, dtype_size
-from fuyou.errors import FuyouError
+from fuyou.errors import ConfigError, FuyouError
 from fuyou.faults import fault
 from fuyou.engine.trace import StepCounters, Tracer
 from fuyou.engine.weights import WeightStreamer
@@ -180,27 +181,32 @@ class Engine:
         if resume:
             self.store = TensorStore.open(self.store_dirs, store_cfg)
         else:
+            self._clear_old_state(store_name)
             self.store = TensorStore.create(self.store_dirs, store_cfg, capacity_hint_bytes=self._ssd_bytes())
-        self.opt_pool = PinnedPool(self.plan.cpu_items["optimizer buffers"])
-        self.weight_pool = PinnedPool(max(self.plan.cpu_items.get("weight buffers", 0), 4096))
-        self.grad_pool = PinnedPool(max(self.plan.cpu_items["gradients in flight"], 4096))
-        self.opt = OutOfCoreAdamW(self.store, self.opt_pool, cfg.optim, chunk_numel=self.chunk,
-                                  depth=off.optimizer_depth, num_threads=off.optimizer_threads)
-        self.tracer = Tracer()
-        self.counters = StepCounters()
-        ref = lambda: self.counters  # noqa: E731 - the current step's counters, read by the threads
-        self.act_pool = PinnedPool(max(self.plan.cpu_items.get("activation staging", 0), 4096))
-        self.swapper = ActivationSwapper(self.store, self.device, self.act_cpu_mem, self.act_pool,
-                                         self.cfg.offload.act_chunk, self.tracer, ref)
-        if resume:
-            self._resume_state()
-        else:
-            self._init_state()
-        self.streamer = WeightStreamer(self.states, self.store, self.weight_pool, self.device, self.cdtype,
-                                       off.prefetch_depth, self.tracer, ref)
-        self.worker = OptimizerWorker(self.opt, self.cdtype, off.max_pending_updates, self.tracer, ref)
-        if self.device.type == "cuda":
-            self.d2h_stream = torch.cuda.Stream(self.device)
+        try:
+            self.opt_pool = PinnedPool(self.plan.cpu_items["optimizer buffers"])
+            self.weight_pool = PinnedPool(max(self.plan.cpu_items.get("weight buffers", 0), 4096))
+            self.grad_pool = PinnedPool(max(self.plan.cpu_items["gradients in flight"], 4096))
+            self.opt = OutOfCoreAdamW(self.store, self.opt_pool, cfg.optim, chunk_numel=self.chunk,
+                                      depth=off.optimizer_depth, num_threads=off.optimizer_threads)
+            self.tracer = Tracer()
+            self.counters = StepCounters()
+            ref = lambda: self.counters  # noqa: E731 - the current step's counters, read by the threads
+            self.act_pool = PinnedPool(max(self.plan.cpu_items.get("activation staging", 0), 4096))
+            self.swapper = ActivationSwapper(self.store, self.device, self.act_cpu_mem, self.act_pool,
+                                             self.cfg.offload.act_chunk, self.tracer, ref)
+            if resume:
+                self._resume_state()
+            else:
+                self._init_state()
+            self.streamer = WeightStreamer(self.states, self.store, self.weight_pool, self.device, self.cdtype,
+                                           off.prefetch_depth, self.tracer, ref)
+            self.worker = OptimizerWorker(self.opt, self.cdtype, off.max_pending_updates, self.tracer, ref)
+            if self.device.type == "cuda":
+                self.d2h_stream = torch.cuda.Stream(self.device)
+        except BaseException:
+            self.store.close(sync=not resume)  # a refused resume leaves the state exactly as it found it
+            raise
         self._acc: dict[int, Tensor] = {}
         self._norms: dict[str, Tensor] = {}
         self._speculated: list[tuple[StageState, int, int]] = []  # this step's speculative updates (stage,
@@ -273,6 +279,40 @@ class Engine:
                 specs.append((_grad_key(s), (s.numel,), self.gdtype))
         return specs
 
+    def _clear_old_state(self, name: str) -> None:
+        """A new run finds its state directories empty, or holding only a store's own files: a state
+        that was never committed (killed before its first commit) is removed; a committed one only with
+        ``offload.replace_state`` (else the user is told to resume it). Anything else is refused."""
+        from fuyou.engine.commit import RECORD
+        from fuyou.store.lock import lock_dirs, unlock
+
+        present = [d for d in self.store_dirs if d.is_symlink() or (d.exists() and any(d.iterdir()))]
+        if not present:
+            return
+        for d in present:
+            if d.is_symlink() or not d.is_dir():
+                raise ConfigError(f"{d} is a symlink or a file, not a state directory fuyou made; remove it or choose "
+                                  f"another run.name")
+            foreign = [p.name for p in d.iterdir() if not (p.name.startswith(("fuyou-store", RECORD)) and p.is_file()
+                                                          and not p.is_symlink())]
+            if foreign:
+                raise ConfigError(f"{d} holds files fuyou did not make ({', '.join(sorted(foreign)[:5])}); a state "
+                                  f"directory holds only the store's files: move them away or choose another run.name")
+        record = self.store_dirs[0] / RECORD
+        if record.exists() and not self.cfg.offload.replace_state:
+            raise ConfigError(f"{self.store_dirs[0]} holds the committed SSD state of an earlier run named {name[:-len('.fuyou-state')]!r}: "
+                              f"continue it with `fuyou train --resume RUN_DIR`, or set offload.replace_state=true to "
+                              f"delete it and start afresh")
+        locks = lock_dirs([d for d in present])  # refuses a state another process is using
+        try:
+            print(f"fuyou: removing the {'committed' if record.exists() else 'never committed'} SSD state in "
+                  f"{', '.join(map(str, present))} (offload.replace_state, or a run killed before its first commit)",
+                  file=sys.stderr)
+            for d in present:
+                shutil.rmtree(d)
+        finally:
+            unlock(locks)
+
     def _held_grad(self, st: StageState) -> Tensor | None:
         """CPU memory where a resident stage's gradient waits for the global norm (exact clipping)."""
         if not self.clipping:
@@ -297,15 +337,13 @@ class Engine:
         flush = self._claim_flush()
         for st in self.states:
             st.committed = st.cur
-        record = {"step": steps_done, "copies": [s.cur for s in self.states], "store_uuid": self.store.uuid,
-                  "model": self.cfg.model.model_dump()}
+        copies = [s.cur for s in self.states]
         self.last_commit_step = steps_done
         self._last_commit_time = time.monotonic()
 
         def commit():
             self._flush(flush)
-            self.store.sync()
-            write_record(self.store_dirs[0], record)
+            self._write_commit(steps_done, copies)
 
         self.worker.submit_call(commit, f"the commit of step {steps_done}")
 
@@ -336,26 +374,41 @@ class Engine:
             watchdog.result(f, f"the write of {st.stage.name}'s resident optimizer state")
         self.counters.ssd_write_bytes += sum(12 * st.numel for st, _ in flush)
 
+    def _write_commit(self, steps_done: int, copies: list[int]) -> None:
+        """Tag the named copies, sync the store, write the record (commit.py's two steps)."""
+        for st, c in zip(self.states, copies):
+            for key in st.copies[c].fp32:
+                self.store.set_tag(key, step_tag(steps_done))
+        self.store.sync()
+        write_record(self.store_dirs[0], {"step": steps_done, "copies": copies, "store_uuid": self.store.uuid,
+                                          "generation": self.store.generation, "model": self.cfg.model.model_dump()})
+
     def _commit_initial(self) -> None:
         """The commit record of the initial state (step 0), written synchronously."""
-        self.store.sync()
         for st in self.states:
             st.committed = st.cur if self.cfg.offload.commit == "cow" else None
         if self.cfg.offload.commit == "cow":
-            write_record(self.store_dirs[0], {"step": 0, "copies": [s.cur for s in self.states],
-                                              "store_uuid": self.store.uuid, "model": self.cfg.model.model_dump()})
+            self._write_commit(0, [s.cur for s in self.states])
             self.last_commit_step = 0
+        else:
+            self.store.sync()
 
     def _resume_state(self) -> None:
         """Open the last commit: current copies from the record, compute weights rebuilt from the
         masters chunk by chunk (bounded memory), missing tensors (new settings) allocated."""
         if self.cfg.offload.commit != "cow":
             raise ResumeError("offload.commit='none' updates the state in place; it cannot be resumed")
-        rec = read_record(self.store_dirs[0], self.store.uuid, len(self.states))
+        rec = read_record(self.store_dirs[0], self.store, len(self.states))
         for s, c in zip(self.states, rec["copies"]):
             if c >= len(s.copies):  # the record names a copy this configuration does not keep
                 s.copies = build_states([s.stage], self.cfg.optim.weight_decay, n_copies=c + 1)[0].copies
             s.cur = s.committed = c
+            for key in s.keys.fp32:
+                tag = self.store.record(key).tag if key in self.store else None
+                if tag != step_tag(rec["step"]):
+                    raise ResumeError(f"the commit record names {key} as the state of step {rec['step']}, but the "
+                                      f"store holds {tag or 'no committed state'} there: the record was edited or "
+                                      f"damaged; start a new run (nothing was overwritten)")
         self.start_step = self.last_commit_step = rec["step"]
         missing = [spec for spec in self._state_specs() if spec[0] not in self.store]
         if missing:

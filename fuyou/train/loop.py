@@ -22,7 +22,7 @@ from fuyou.data import load_data
 from fuyou.models import StageModel
 from fuyou.train.metrics import MetricsLog, Progress, si
 from fuyou.train.reference import ReferenceTrainer
-from fuyou.train.run import make_run_dir, run_dir_path, save_weights
+from fuyou.train.run import make_run_dir, record_resume, resume_changes, run_dir_path, save_weights
 from fuyou.errors import ConfigError
 from fuyou.units import format_size
 
@@ -65,8 +65,18 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
         from fuyou.planner.auto import plan_config
 
         cfg = plan_config(cfg, run_path, stream)
+    changed = None
+    if resume is not None:  # refuses what a resume cannot change, before the state is opened
+        from fuyou.config import load_config
+
+        changed = resume_changes(load_config(run_path / "config.toml"), cfg)
     # refuses impossible configs (and unresumable states) before anything is written
     trainer = build_trainer(cfg, run_path.name, resume=resume is not None)
+    if changed is not None:
+        record_resume(run_path, cfg, getattr(trainer, "start_step", 0), changed)
+        if changed:
+            print("resumed with changes (recorded in resumes.jsonl; config.toml is now the effective config): "
+                  + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()), file=stream or sys.stderr)
     stop = _StopOnSignal()
     try:
         run_dir = run_path if resume is not None else make_run_dir(cfg, run_path)

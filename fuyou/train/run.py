@@ -109,3 +109,40 @@ def save_weights(path: Path, trainer, cfg: FuyouConfig) -> Path:
 
 class SaveError(FuyouError):
     """The final weights could not be written (nothing trained is lost with SSD offload)."""
+
+
+# What a resumed run may change. The committed state's shape and where it lives are fixed by the
+# model and the SSD directories; everything else (steps, learning rate and the rest of the optimizer,
+# batch, data, logging, budgets, schedules) may change and is recorded (``resume_changes``).
+FIXED_ON_RESUME = ("model.", "offload.ssd_dirs", "offload.mode", "offload.commit")
+NOT_COMPARED = ("model.init_from", "run.")
+
+
+def resume_changes(saved: FuyouConfig, cfg: FuyouConfig) -> dict[str, tuple]:
+    """Fields that differ between the run's committed config and the resumed one, ``{key: (old,
+    new)}``; raises ConfigError naming the fields a resume cannot change."""
+    def flat(c: FuyouConfig) -> dict:
+        return {f"{sec}.{k}": v for sec, vals in c.model_dump().items() for k, v in vals.items()}
+
+    old, new = flat(saved), flat(cfg)
+    changed = {k: (old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys())
+               if old.get(k) != new.get(k) and not k.startswith(NOT_COMPARED)}
+    fixed = [k for k in changed if k.startswith(FIXED_ON_RESUME)]
+    if fixed:
+        raise ConfigError("a resumed run cannot change " + ", ".join(f"{k} ({changed[k][0]!r} -> {changed[k][1]!r})"
+                                                                 for k in fixed)
+                          + ": they fix the shape and place of its committed state. Resume with the run's own "
+                          "values, or start a new run (--init-from its model.safetensors once it has one)")
+    return changed
+
+
+def record_resume(run_dir: Path, cfg: FuyouConfig, step: int, changed: dict[str, tuple]) -> None:
+    """Append the resume to ``resumes.jsonl`` and make ``config.toml`` the effective config (the
+    previous one is kept as ``config.step-<N>.toml`` when anything changed)."""
+    entry = {"resumed_at_step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+             "changed": {k: [a, b] for k, (a, b) in changed.items()}}
+    with open(run_dir / "resumes.jsonl", "a") as fh:
+        fh.write(json.dumps(entry, default=str) + "\n")
+    if changed:
+        (run_dir / "config.toml").replace(run_dir / f"config.step-{step}.toml")
+        (run_dir / "config.toml").write_text(to_toml(cfg))

@@ -123,7 +123,7 @@ def test_corrupt_activation_is_reported_not_returned(tmp_path, damage):
         slot = sw.put("act/3/fc2.0", t, "ssd")
         for f in slot.writes:
             f.result()
-        ext = store.record("act/3/fc2.0").extents[0]
+        ext = store.record(slot.key).extents[0]
         path = store.paths[ext.dir_index]
         with open(path, "r+b") as fh:
             if damage == "flip":
