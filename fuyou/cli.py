@@ -113,6 +113,7 @@ def _export(args) -> int:
     from fuyou.hf import export_run
     from fuyou.units import parse_size
 
+    _check_out_dir(args.out)
     files = export_run(args.run_dir, args.out, args.dtype, parse_size(args.shard_size))
     print(f"exported {args.run_dir} to {args.out} ({args.dtype}): {', '.join(files)}")
     return 0
@@ -222,7 +223,17 @@ def _probe(args) -> int:
     from fuyou.planner.probe import probe
     from fuyou.units import format_size, parse_size
 
-    prof, meas = probe(args.ssd, model=args.model, batch=args.batch, seq=args.seq, io_bytes=parse_size(args.io_bytes),
+    from fuyou.errors import ConfigError
+
+    io_bytes = parse_size(args.io_bytes)
+    for flag, value, least in (("--repeats", args.repeats, 1), ("--io-bytes", io_bytes, 1 << 20),
+                               ("--adam-params", args.adam_params, 1 << 16)):
+        if value < least:
+            raise ConfigError(f"{flag} must be at least {least}, got {value}")
+    for flag in ("batch", "seq"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise ConfigError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    prof, meas = probe(args.ssd, model=args.model, batch=args.batch, seq=args.seq, io_bytes=io_bytes,
                        adam_params=args.adam_params, repeats=args.repeats)
     save_profile(prof, args.out, meas)
     c = meas["compute"]
@@ -270,6 +281,16 @@ def _train(args) -> int:
         from fuyou.errors import ConfigError
 
         raise ConfigError("--trace records the three-tier engine's tasks; use it with --offload ssd")
+    if args.trace:
+        from pathlib import Path
+
+        from fuyou.errors import ConfigError
+
+        parent = Path(args.trace).resolve().parent
+        if not parent.is_dir():
+            raise ConfigError(f"--trace {args.trace}: the directory {parent} does not exist; create it first")
+        if Path(args.trace).is_dir():
+            raise ConfigError(f"--trace {args.trace} is a directory; give a file name such as trace.json")
     run_training(cfg, trace=args.trace, plan_auto=args.plan == "auto", resume=resume)
     return 0
 
@@ -297,6 +318,30 @@ def _models(args) -> int:
     return 0
 
 
+def _check_out_dir(out: str) -> None:
+    """An output directory that can be made and written, checked before any work."""
+    import os
+    from pathlib import Path
+
+    from fuyou.errors import ConfigError
+
+    p = Path(out)
+    if p.exists() and not p.is_dir():
+        raise ConfigError(f"--out {p} is a file; give a directory (new, or one to write into)")
+    parent = next((q for q in [p, *p.parents] if q.exists()), Path("."))
+    if not os.access(parent, os.W_OK | os.X_OK) or (parent.is_dir() and _read_only_fs(parent)):
+        raise ConfigError(f"--out {p}: {parent} cannot be written (read-only or no permission); choose another place")
+
+
+def _read_only_fs(d) -> bool:
+    import os
+
+    try:
+        return bool(os.statvfs(d).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
 def _prepare(args) -> int:
     from fuyou.data import iter_documents, tokenize_documents
     from fuyou.data.dataset import write_prepared
@@ -305,6 +350,7 @@ def _prepare(args) -> int:
         from fuyou.errors import ConfigError
 
         raise ConfigError(f"--val-fraction must be between 0 and 1, got {args.val_fraction}")
+    _check_out_dir(args.out)
     docs = list(iter_documents(args.inputs, args.jsonl_field))
     data = tokenize_documents(docs, args.tokenizer, args.val_fraction)
     write_prepared(args.out, data)

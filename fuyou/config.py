@@ -15,7 +15,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import field_validator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fuyou.data.config import DataConfig
 from fuyou.engine.config import OffloadConfig
@@ -40,6 +40,14 @@ class RunConfig(BaseModel):
     out_dir: str = Field("runs", description="Parent directory of run directories.")
     name: str | None = Field(None, description="Run directory name (default: model preset and a timestamp).")
     save_weights: bool = Field(True, description="Write the final weights as model.safetensors.")
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, v):
+        if v is not None and (v in ("", ".", "..") or "/" in v or "\\" in v or "\0" in v):
+            raise ValueError(f"run.name {v!r} must be a plain directory name (no '/', not '.' or '..'): runs live "
+                             f"directly in run.out_dir")
+        return v
 
 
 class FuyouConfig(BaseModel):

@@ -45,8 +45,15 @@ def iter_documents(paths: list[str | Path], jsonl_field: str = "text") -> Iterat
 
 
 def _jsonl_documents(path: Path, field: str) -> Iterator[str]:
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
+    """One document per line; a UTF-8 byte-order mark is accepted, other encodings are refused with
+    the line they fail on."""
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r}); save "
+                                f"the file as UTF-8 (for example `iconv -f latin1 -t utf-8`)") from None
             if not line.strip():
                 continue
             try:

@@ -38,6 +38,12 @@ class TokenData:
                 f"set model.vocab_size >= {self.vocab_size}"
             )
         for name, arr in (("train", self.train), ("val", self.val)):
+            top = int(arr.max()) if len(arr) else 0
+            if top >= model_vocab:
+                raise DataError(
+                    f"the {name} split holds token id {top}, beyond the model's vocabulary of {model_vocab}: the "
+                    f"data was prepared with another tokenizer ({self.tokenizer}) or is damaged; prepare it with "
+                    f"this model's tokenizer")
             if len(arr) < seq_len + 1:
                 raise DataError(
                     f"the {name} split has {len(arr)} tokens, fewer than one sequence of {seq_len}+1; "

@@ -101,10 +101,16 @@ def tokenizer_dir(path: str | Path) -> Path | None:
 
 def copy_small_files(src: Path, dst: Path, skip: tuple[str, ...] = ()) -> list[str]:
     """Copy every file of ``src`` that is not a weight file (config, tokenizer, generation config,
-    licence, chat template) into ``dst``; return their names."""
+    licence, chat template) into ``dst``; return their names. A symlink that leads out of ``src`` is
+    skipped (with a warning): nothing outside the model directory is copied into run or export
+    directories."""
     dst.mkdir(parents=True, exist_ok=True)
     names = []
+    root = src.resolve()
     for f in sorted(src.iterdir()):
+        if f.is_symlink() and not f.resolve().is_relative_to(root):
+            print(f"fuyou: skipping {f}: a symlink out of the model directory ({f.resolve()})", file=sys.stderr)
+            continue
         if f.is_file() and f.suffix not in WEIGHT_SUFFIXES and not f.name.endswith(".index.json") \
                 and f.name not in skip:
             shutil.copy2(f, dst / f.name)

@@ -114,7 +114,11 @@ class HFWeights(_Reader):
             except (ValueError, KeyError) as e:
                 raise DataError(f"{index_file} is not a safetensors index (no weight_map): {e}") from e
             self.index = {name: path / file for name, file in weight_map.items()}
+            root = path.resolve()
             for f in set(self.index.values()):
+                if not f.resolve().is_relative_to(root):
+                    raise ConfigError(f"{index_file} points at {f}, outside the model directory {path}; a model's "
+                                      f"weights must lie in its own directory")
                 if not f.is_file():
                     raise ConfigError(f"{index_file} lists {f.name}, which is missing; download the complete model")
             return

@@ -175,10 +175,14 @@ def load_profile(path: str | Path) -> HardwareProfile:
     if not p.is_file():
         raise ConfigError(f"hardware profile {p} does not exist; write one with `fuyou probe --ssd DIR --out {p}`")
     try:
-        raw = json.loads(p.read_text())
+        raw = json.loads(p.read_text(encoding="utf-8"))
         return HardwareProfile.model_validate(raw.get("profile", raw))
-    except (json.JSONDecodeError, ValidationError, AttributeError) as e:
-        raise ConfigError(f"{p} is not a hardware profile written by `fuyou probe`: {e}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise ConfigError(f"{p} is not a hardware profile written by `fuyou probe` (not JSON: "
+                          f"{type(e).__name__}); write one with `fuyou probe --ssd DIR --out {p}`") from None
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'the file'}: {err['msg']}" for err in e.errors())
+        raise ConfigError(f"{p} is not a hardware profile written by `fuyou probe`: {problems}") from None
 
 
 def save_profile(profile: HardwareProfile, path: str | Path, measurements: dict | None = None) -> None:

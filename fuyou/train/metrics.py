@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -10,13 +11,17 @@ from typing import TextIO
 
 
 class MetricsLog:
-    """Append-only JSON lines; each line is flushed so a crash loses at most the line being written."""
+    """Append-only JSON lines; each line is flushed so a crash loses at most the line being written.
+    Strict JSON: a non-finite number is written as null (``NaN`` is not JSON), and every line carries
+    the wall-clock time (``time``, seconds since the epoch)."""
 
     def __init__(self, path: Path):
         self._fh = path.open("a", encoding="utf-8")
 
     def write(self, record: dict) -> None:
-        self._fh.write(json.dumps(record) + "\n")
+        clean = {"time": round(time.time(), 3),
+                 **{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}}
+        self._fh.write(json.dumps(clean, allow_nan=False) + "\n")
         self._fh.flush()
 
     def close(self) -> None:

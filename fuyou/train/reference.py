@@ -69,6 +69,38 @@ def param_groups(model: StageModel, params: dict[str, Tensor], weight_decay: flo
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def check_in_memory_fits(cfg: FuyouConfig, model: StageModel, device: torch.device) -> None:
+    """Refuse, with the numbers, an in-memory run that cannot fit the machine (before allocating it):
+    fp32 weights, gradients and Adam moments (16 B/param) and the activations autograd keeps for every
+    block of a micro-batch (the engine's per-block estimate, ``budget.activation_bytes``)."""
+    from fuyou.engine.budget import activation_bytes
+    from fuyou.errors import BudgetError
+    from fuyou.units import format_size
+
+    act = activation_bytes(cfg.model, cfg.train.micro_batch_size, cfg.data.seq_len)
+    need = {"weights, gradients and Adam moments (16 B/param)": 16 * model.num_params,
+            "activations of one micro-batch (estimate)": cfg.model.n_layer * act["block_work"] + act["head_work"]}
+    if device.type == "cuda":
+        have, where = torch.cuda.mem_get_info(device)[0], "free GPU memory"
+    else:
+        have, where = _available_memory(), "available CPU memory"
+    if have and sum(need.values()) > have:
+        items = "; ".join(f"{k} {format_size(v)}" for k, v in need.items())
+        raise BudgetError(f"training in memory needs about {format_size(sum(need.values()))} ({items}), more than "
+                          f"the {format_size(have)} of {where}: lower train.micro_batch_size or data.seq_len, or "
+                          f"keep the training state on SSD (--offload ssd --ssd DIR)")
+
+
+def _available_memory() -> int:
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 class ReferenceTrainer:
     """In-memory training of ``StageModel`` (see the module docstring)."""
 
@@ -77,6 +109,7 @@ class ReferenceTrainer:
         self.cfg = cfg
         self.device = resolve_device(cfg.train.device)
         self.model = StageModel(cfg.model)
+        check_in_memory_fits(cfg, self.model, self.device)
         init = init_values or (lambda stage: stage.init_params(cfg.train.seed))
         self.params = {
             k: v.to(self.device).requires_grad_(True) for st in self.model.stages for k, v in init(st).items()

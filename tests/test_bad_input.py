@@ -1,0 +1,178 @@
+"""Bad input through the CLI, as a user meets it: one sentence (exit 2), nothing lost (issue 14).
+
+Each test feeds one kind of bad input or fault and checks the error names the problem and what to
+do; `RELIABILITY.md` in bench/ lists them with their outcomes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from fuyou.cli import main
+
+TINY = ["model.preset=gpt-test", "model.n_layer=4", "train.precision=fp32", "train.steps=2", "data.seq_len=32",
+        "train.micro_batch_size=2", "train.eval_batches=1", "train.eval_every=0"]
+
+
+def _err(capsys, argv) -> str:
+    rc = main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "fuyou: error:" in err and "Traceback" not in err
+    return err
+
+
+def _offload(tmp_path, name, *extra):
+    ssd = tmp_path / "ssd"
+    ssd.mkdir(exist_ok=True)
+    return ["train", "--offload", "ssd", "--ssd", str(ssd), "--cpu-mem", "256MiB", "--out", str(tmp_path / "runs"),
+            f"run.name={name}", *TINY, *extra]
+
+
+@pytest.mark.parametrize("content,needle", [
+    (b'{"text": "caf\xe9 au lait"}\n', "not UTF-8"),
+    (b'{"text": 5}\n', "string field 'text'"),
+    (b'{"text": "a"\n', "not valid JSON"),
+])
+def test_bad_jsonl_in_prepare_and_train(tmp_path, capsys, content, needle):
+    f = tmp_path / "d.jsonl"
+    f.write_bytes(content)
+    assert needle in _err(capsys, ["data", "prepare", str(f), "--out", str(tmp_path / "p")])
+    assert needle in _err(capsys, ["train", *TINY, "data.source=text", f"data.path={json.dumps([str(f)])}",
+                                   f"--out={tmp_path / 'runs'}"])
+
+
+def test_a_byte_order_mark_is_accepted(tmp_path, capsys):
+    f = tmp_path / "bom.jsonl"
+    f.write_bytes(b"\xef\xbb\xbf" + b'{"text": "hello world, this is text"}\n' * 200)
+    assert main(["data", "prepare", str(f), "--out", str(tmp_path / "p")]) == 0
+
+
+def test_prepared_token_ids_beyond_the_vocabulary_are_refused(tmp_path, capsys):
+    f = tmp_path / "d.txt"
+    f.write_text("some text to prepare. " * 400)
+    out = tmp_path / "p"
+    assert main(["data", "prepare", str(f), "--out", str(out)]) == 0
+    train = np.fromfile(out / "train.bin", dtype=json.loads((out / "meta.json").read_text())["dtype"])
+    train[10] = 5000
+    train.tofile(out / "train.bin")
+    err = _err(capsys, ["train", *TINY, "data.source=prepared", f"data.path={out}", f"--out={tmp_path / 'runs'}"])
+    assert "token id 5000" in err and "vocabulary of 320" in err
+
+
+def test_trace_into_a_missing_directory_is_refused_before_step_0(tmp_path, capsys):
+    err = _err(capsys, [*_offload(tmp_path, "t"), "--trace", str(tmp_path / "nope" / "t.json")])
+    assert "does not exist" in err
+    assert not (tmp_path / "runs" / "t").exists()
+
+
+def test_out_naming_a_file(tmp_path, capsys):
+    f = tmp_path / "file"
+    f.write_text("x")
+    src = tmp_path / "d.txt"
+    src.write_text("text " * 100)
+    assert "is a file" in _err(capsys, ["data", "prepare", str(src), "--out", str(f)])
+    assert "is a file" in _err(capsys, ["export", str(tmp_path), "--out", str(f)])
+
+
+@pytest.mark.parametrize("flag,value", [("--repeats", "0"), ("--io-bytes", "0"), ("--adam-params", "0")])
+def test_probe_refuses_zero_sizes(tmp_path, capsys, flag, value):
+    assert "must be at least" in _err(capsys, ["probe", "--ssd", str(tmp_path), flag, value])
+
+
+@pytest.mark.parametrize("content", [b"\x00\xff\xfe binary", b'{"profile": {"device": "tpu", "ssd_read": "fast"}}'])
+def test_plan_profile_of_a_wrong_file(tmp_path, capsys, content):
+    f = tmp_path / "p.json"
+    f.write_bytes(content)
+    err = _err(capsys, ["plan", "--profile", str(f)])
+    assert "is not a hardware profile" in err and "pydantic" not in err and len(err.splitlines()) == 1
+
+
+def test_a_manifest_extent_with_a_bad_directory_index(tmp_path, capsys):
+    from fuyou.store import StoreCorruptError, TensorStore
+    import torch
+
+    with TensorStore.create([tmp_path / "s"]) as store:
+        store.allocate("x", (1000,), torch.float32)
+    m = tmp_path / "s" / "fuyou-store.json"
+    data = json.loads(m.read_text())
+    data["tensors"]["x"]["extents"][0][0] = 7
+    m.write_text(json.dumps(data))
+    with pytest.raises(StoreCorruptError, match="outside the store's 1 directories"):
+        TensorStore.open([tmp_path / "s"])
+
+
+def test_an_in_memory_run_that_cannot_fit_is_refused_with_numbers(tmp_path, capsys):
+    err = _err(capsys, ["train", "--model", "gpt3-175b", "train.steps=1", f"--out={tmp_path / 'runs'}",
+                        "data.source=synthetic", "model.vocab_size=320"])
+    assert "training in memory needs about" in err and "--offload ssd" in err
+
+
+def test_run_name_outside_the_out_dir(tmp_path, capsys):
+    assert "plain directory name" in _err(capsys, ["train", *TINY, "run.name=../x", f"--out={tmp_path / 'runs'}"])
+
+
+def test_rerun_after_a_kill_before_the_first_commit(tmp_path, capsys):
+    """A state that was never committed is replaced with a message; a committed one is refused with
+    the way to resume it, or replaced with offload.replace_state=true."""
+    state = tmp_path / "ssd" / "r.fuyou-state"
+    state.mkdir(parents=True)
+    (state / "fuyou-store.id").write_text("{}")
+    (state / "fuyou-store.0.dat").write_bytes(b"\0" * 4096)
+    assert main(_offload(tmp_path, "r")) == 0
+    assert "never committed SSD state" in capsys.readouterr().err
+    # a committed state of the same name (kept: run.save_weights=false), then a new run named alike
+    assert main(_offload(tmp_path, "k", "run.save_weights=false")) == 0
+    err = _err(capsys, _offload(tmp_path, "k", f"run.out_dir={tmp_path / 'runs2'}"))
+    assert "committed SSD state of an earlier run named 'k'" in err and "--resume" in err
+    assert main(_offload(tmp_path, "k", "offload.replace_state=true", f"run.out_dir={tmp_path / 'runs3'}")) == 0
+
+
+def test_foreign_files_in_a_state_directory_are_refused(tmp_path, capsys):
+    state = tmp_path / "ssd" / "f.fuyou-state"
+    state.mkdir(parents=True)
+    (state / "notes.txt").write_text("mine")
+    assert "files fuyou did not make (notes.txt)" in _err(capsys, _offload(tmp_path, "f"))
+    assert (state / "notes.txt").read_text() == "mine"
+
+
+def test_resume_with_another_shape_is_refused_and_optimizer_changes_are_recorded(tmp_path, capsys):
+    import signal
+
+    env = {**os.environ, "FUYOU_FAULT": "forward@2"}
+    killed = subprocess.run([sys.executable, "-m", "fuyou.cli", *_offload(tmp_path, "c", "offload.commit_every=1",
+                                                                          "train.steps=4")],
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    run_dir = tmp_path / "runs" / "c"
+    err = _err(capsys, ["train", "--resume", str(run_dir), "model.d_model=128"])
+    assert "cannot change model.d_model (64 -> 128)" in err
+    assert main(["train", "--resume", str(run_dir), "optim.lr=0.0005"]) == 0
+    err = capsys.readouterr().err
+    assert "resumed with changes" in err and "optim.lr 0.001 -> 0.0005" in err
+    entry = json.loads((run_dir / "resumes.jsonl").read_text().splitlines()[-1])
+    at = entry["resumed_at_step"]  # the commit of step 2 is asynchronous: the kill may come first
+    assert at in (1, 2) and entry["changed"]["optim.lr"] == [0.001, 0.0005]
+    assert "lr = 0.0005" in (run_dir / "config.toml").read_text()
+    assert (run_dir / f"config.step-{at}.toml").is_file()
+
+
+def test_a_non_finite_loss_stops_before_its_step_is_committed(tmp_path, capsys):
+    """optim.lr=inf is refused as a config; a learning rate that blows the weights up makes a
+    non-finite loss, which stops the run with the last commit intact, and the metrics stay JSON."""
+    assert "finite number" in _err(capsys, _offload(tmp_path, "i", "optim.lr=inf"))
+    err = _err(capsys, _offload(tmp_path, "n", "optim.lr=1e35", "train.steps=6", "train.grad_clip=none",
+                                "offload.commit_every=1", "train.log_every=1", "train.warmup_steps=0"))
+    assert "is nan" in err.lower() or "is inf" in err.lower()
+    assert "the last commit is intact" in err
+    run_dir = tmp_path / "runs" / "n"
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+    rec = json.loads((tmp_path / "ssd" / "n.fuyou-state" / "fuyou-commit.json").read_text())
+    assert rec["step"] >= 1
