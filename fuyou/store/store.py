@@ -140,10 +140,6 @@ class TensorStore:
                         "checksum": CHECKSUM, "alignment": 4096,
                         "dirs": [str(d) for d in paths], "next_offsets": [0] * len(paths),
                         "tensors": {}}
-        except BaseException:
-            unlock(locks)
-            raise
-        try:
             store = cls(paths, config, manifest, create=True, locks=locks)
         except BaseException:
             unlock(locks)
@@ -161,22 +157,16 @@ class TensorStore:
         config = config or StoreConfig()
         paths = _normalise(dirs)
         locks = lock_dirs([p for p in paths if p.is_dir()])
+        store = None
         try:
             manifest = _read_manifest(paths)
-        except BaseException:
-            unlock(locks)
-            raise
-        try:
             store = cls(paths, config, manifest, create=False, locks=locks)
-        except BaseException:
-            unlock(locks)
-            raise
-        try:
             store._validate_files()
         except BaseException:
-            store._close_files()
-            store._engine.close()
-            unlock(store._locks)
+            if store is not None:
+                store._close_files()
+                store._engine.close()
+            unlock(locks)
             raise
         return store
 

@@ -41,3 +41,19 @@ def max_rel_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> floa
         denom = a[k].abs().max().clamp_min(1e-12)
         worst = max(worst, float((a[k] - b[k]).abs().max() / denom))
     return worst
+
+
+def assert_same_training(ref, eng, ref_stats, eng_stats) -> None:
+    """The engine equals the reference bit for bit: losses, gradient norms, weights, Adam moments and
+    the evaluation loss (fp32)."""
+    assert [s.loss for s in eng_stats] == [s.loss for s in ref_stats]
+    assert [s.grad_norm for s in eng_stats] == [s.grad_norm for s in ref_stats]
+    ref_w, eng_w = ref.state(), eng.state()
+    assert ref_w.keys() == eng_w.keys()
+    for k in ref_w:
+        assert torch.equal(ref_w[k], eng_w[k]), k
+    ref_o, eng_o = ref.optimizer_state(), eng.optimizer_state()
+    for k in ref_o:
+        for which in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(ref_o[k][which], eng_o[k][which]), (k, which)
+    assert eng.evaluate() == ref.evaluate()

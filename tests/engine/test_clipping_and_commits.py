@@ -21,6 +21,17 @@ from safetensors.torch import load_file
 from test_resume import run, train_cmd
 
 
+def resume_and_compare(tmp_path, name: str, at_step: int) -> None:
+    """`--resume` the run ``name``: it starts at ``at_step`` and ends bit-identical to run ``ref``."""
+    run_dir = tmp_path / "runs" / name
+    resumed = run([sys.executable, "-m", "fuyou.cli", "train", "--resume", str(run_dir)])
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming at step {at_step}" in resumed.stderr
+    got, want = load_file(str(run_dir / "model.safetensors")), load_file(str(tmp_path / "runs/ref/model.safetensors"))
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+
+
 @pytest.mark.timeout(180)
 def test_default_offloaded_run_finishes(tmp_path):
     """Regression: `fuyou train --offload ssd --ssd DIR` with every default (gpt-tiny, 4 blocks, exact
@@ -47,13 +58,7 @@ def test_kill_between_commits_resumes_from_the_last_one(tmp_path, resident):
     cmd = train_cmd(tmp_path, "k", *extra)
     killed = run(cmd, fault="forward@3")
     assert killed.returncode == -signal.SIGKILL, killed.stderr
-    run_dir = tmp_path / "runs" / "k"
-    resumed = run([sys.executable, "-m", "fuyou.cli", "train", "--resume", str(run_dir)])
-    assert resumed.returncode == 0, resumed.stderr
-    assert "resuming at step 2" in resumed.stderr
-    got, want = load_file(str(run_dir / "model.safetensors")), load_file(str(tmp_path / "runs/ref/model.safetensors"))
-    for k in want:
-        assert torch.equal(got[k], want[k]), k
+    resume_and_compare(tmp_path, "k", at_step=2)
 
 
 @pytest.mark.timeout(300)
@@ -67,13 +72,7 @@ def test_a_stalled_optimizer_is_a_typed_error_and_the_commit_survives(tmp_path):
     assert time.monotonic() - t0 < 120
     assert "fuyou: error: the engine waited" in stalled.stderr and "update of" in stalled.stderr, stalled.stderr
     assert "Traceback" not in stalled.stderr
-    run_dir = tmp_path / "runs" / "s"
-    resumed = run([sys.executable, "-m", "fuyou.cli", "train", "--resume", str(run_dir)])
-    assert resumed.returncode == 0, resumed.stderr
-    assert "resuming at step 2" in resumed.stderr
-    got, want = load_file(str(run_dir / "model.safetensors")), load_file(str(tmp_path / "runs/ref/model.safetensors"))
-    for k in want:
-        assert torch.equal(got[k], want[k]), k
+    resume_and_compare(tmp_path, "s", at_step=2)
 
 
 @pytest.mark.timeout(120)

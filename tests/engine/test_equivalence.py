@@ -8,7 +8,7 @@ autograd accumulates them, fuyou's AdamW kernel bit-exact with torch's fused Ada
 import pytest
 import torch
 
-from engine_testutil import make_cfg, run_both
+from engine_testutil import assert_same_training, make_cfg, run_both
 
 
 CASES = {
@@ -51,17 +51,7 @@ def test_engine_equals_reference_fp32(tmp_path, case, dirs):
             assert resident and resident == list(range(len(resident))) and len(resident) < len(eng.states)
         else:
             assert resident == list(range(len(eng.states)))
-        assert [s.loss for s in eng_stats] == [s.loss for s in ref_stats]
-        assert [s.grad_norm for s in eng_stats] == [s.grad_norm for s in ref_stats]
-        ref_w, eng_w = ref.state(), eng.state()
-        assert ref_w.keys() == eng_w.keys()
-        for k in ref_w:
-            assert torch.equal(ref_w[k], eng_w[k]), k
-        ref_o, eng_o = ref.optimizer_state(), eng.optimizer_state()
-        for k in ref_o:
-            for which in ("exp_avg", "exp_avg_sq"):
-                assert torch.equal(ref_o[k][which], eng_o[k][which]), (k, which)
-        assert eng.evaluate() == ref.evaluate()
+        assert_same_training(ref, eng, ref_stats, eng_stats)
     finally:
         eng.close()
 

@@ -16,7 +16,7 @@ import itertools
 import pytest
 import torch
 
-from engine_testutil import make_cfg, run_both
+from engine_testutil import assert_same_training, make_cfg, run_both
 
 FACTORS: dict[str, dict[str, list[str]]] = {
     "clip": {"none": ["train.grad_clip=none"], "exact": ["train.grad_clip=1e4"],
@@ -72,23 +72,13 @@ def check_case(tmp_path, case: dict[str, str]) -> None:
         expect = {"none": lambda r: r == [], "all": lambda r: r == list(range(n_stages)),
                   "some": lambda r: 0 < len(r) < n_stages}[case["resident"]]
         assert expect(resident), resident
-        assert [s.loss for s in eng_stats] == [s.loss for s in ref_stats]
-        assert [s.grad_norm for s in eng_stats] == [s.grad_norm for s in ref_stats]
         if case["clip"] in ("triggered", "deferred"):  # step 1 redone (auto) or deferred, the rest deferred
             assert all(s.grad_norm > 1e-3 for s in ref_stats) and eng.counters.clipped and eng.counters.deferred
         elif case["clip"] == "exact":  # speculation was right: nothing redone
             assert all(s.grad_norm < 1e4 for s in ref_stats) and not eng.counters.clipped
         if case["act"] == "mixed":
             assert eng.counters.act_ssd_write_bytes > 0
-        ref_w, eng_w = ref.state(), eng.state()
-        assert ref_w.keys() == eng_w.keys()
-        for k in ref_w:
-            assert torch.equal(ref_w[k], eng_w[k]), k
-        ref_o, eng_o = ref.optimizer_state(), eng.optimizer_state()
-        for k in ref_o:
-            for which in ("exp_avg", "exp_avg_sq"):
-                assert torch.equal(ref_o[k][which], eng_o[k][which]), (k, which)
-        assert eng.evaluate() == ref.evaluate()
+        assert_same_training(ref, eng, ref_stats, eng_stats)
     finally:
         eng.close()
 
