@@ -176,3 +176,26 @@ def test_a_non_finite_loss_stops_before_its_step_is_committed(tmp_path, capsys):
         json.loads(line, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
     rec = json.loads((tmp_path / "ssd" / "n.fuyou-state" / "fuyou-commit.json").read_text())
     assert rec["step"] >= 1
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A read-only file system (a tmpfs mounted ro); skipped where this process may not mount."""
+    d = tmp_path / "ro"
+    d.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(d)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a read-only tmpfs here: {r.stderr.decode().strip()}")
+    yield d
+    subprocess.run(["umount", str(d)], capture_output=True)
+
+
+def test_read_only_places(tmp_path, capsys, read_only_dir):
+    src = tmp_path / "d.txt"
+    src.write_text("text " * 100)
+    assert "cannot be written" in _err(capsys, ["data", "prepare", str(src), "--out", str(read_only_dir / "p")])
+    assert "cannot be written" in _err(capsys, ["export", str(tmp_path), "--out", str(read_only_dir / "hf")])
+    err = _err(capsys, ["train", "--offload", "ssd", "--ssd", str(read_only_dir), "--cpu-mem", "256MiB", "--out",
+                        str(tmp_path / "runs"), *TINY])
+    assert "read-only" in err.lower() or "permission" in err.lower() or "EROFS" in err, err
+    assert "0 B at offset 0" not in err

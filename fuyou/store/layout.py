@@ -171,7 +171,7 @@ def plan_extents(padded: int, stripe_unit: int, next_offsets: list[int]) -> tupl
 
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
     """Write JSON durably: tmp file, fsync, rename over ``path``, fsync the directory."""
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}")  # one name per writer
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(payload, f, separators=(",", ":"))
         f.flush()

@@ -104,3 +104,25 @@ def test_init_from_shape_wins_over_the_preset(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "preset 'gpt-test' ignored" in err and "n_layer 3 -> 1" in err
     assert cfg.data.tokenizer == "byte"  # no tokenizer files in the source
+
+
+def test_an_index_pointing_outside_the_model_directory_is_refused(tmp_path):
+    outside = tmp_path / "elsewhere.safetensors"
+    save_file({"model.embed_tokens.weight": torch.zeros(32, 64)}, str(outside))
+    src = hf_dir(tmp_path / "m", LLAMA, files=())
+    (src / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"model.embed_tokens.weight": "../elsewhere.safetensors"}}))
+    with pytest.raises(ConfigError, match="outside the model directory"):
+        open_checkpoint(src)
+
+
+def test_files_symlinked_out_of_the_model_directory_are_not_copied(tmp_path, capsys):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("private")
+    src = hf_dir(tmp_path / "m", LLAMA)
+    (src / "tokenizer_config.json").symlink_to(secret)
+    from fuyou.hf.source import copy_small_files
+
+    copied = copy_small_files(src, tmp_path / "dst")
+    assert "tokenizer_config.json" not in copied and not (tmp_path / "dst" / "tokenizer_config.json").exists()
+    assert "symlink out of the model directory" in capsys.readouterr().err
