@@ -18,6 +18,7 @@ because nothing is committed after a failed step.
 
 from __future__ import annotations
 
+import concurrent.futures
 import queue
 import threading
 import time
@@ -79,7 +80,7 @@ def result(fut, what: str, nbytes: int = 0):
         if not fut.done():
             try:
                 return True, fut.result(s)
-            except TimeoutError:  # concurrent.futures.TimeoutError is the builtin since Python 3.11
+            except (TimeoutError, concurrent.futures.TimeoutError):  # one class since Python 3.11, two before
                 if not fut.done():
                     return False, None
         return True, fut.result()

@@ -55,6 +55,7 @@ def write_record(directory: Path, record: dict) -> None:
     path = directory / RECORD
     tmp = directory / f"{RECORD}.tmp.{os.getpid()}"  # one name per writer
     record = {**record, "checksum": _digest(record)}
+    replaced = False
     data = (json.dumps(record, indent=1) + "\n").encode()
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -68,6 +69,7 @@ def write_record(directory: Path, record: dict) -> None:
         fault("commit", record.get("step"))
         os.replace(tmp, path)
         tmp = None
+        replaced = True
         dfd = os.open(directory, os.O_RDONLY)
         try:
             os.fsync(dfd)
@@ -79,6 +81,11 @@ def write_record(directory: Path, record: dict) -> None:
                 os.unlink(tmp)
             except OSError:
                 pass
+        if replaced:  # only the directory's fsync failed: the new record is in place, maybe not durable
+            reason = e.strerror or e
+            raise CommitError(f"the commit of step {record.get('step')} in {directory} may not be durable ({reason}); "
+                              f"the record is this step's or the previous one, both consistent: fix the disk, then "
+                              f"continue with `fuyou train --resume RUN_DIR`") from e
         previous = "none"
         try:
             previous = f"step {json.loads(path.read_text())['step']}"

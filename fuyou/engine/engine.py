@@ -753,6 +753,8 @@ class Engine:
             self.worker.close(timeout=1.0)
             self.streamer.close(wait=False)
             self.swapper.close()
+            if not self.worker.alive:  # nothing uses the store any more: free it and its locks, writing nothing
+                self.store.close(sync=False)
             return
         try:
             self._write_back()

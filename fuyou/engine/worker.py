@@ -128,7 +128,9 @@ class OptimizerWorker:
             self._running = f"the update of {st.stage.name}"
             saving = None
             try:
-                if self._error is None:
+                if self._error is not None:  # skipped: its stage must not look current with old weights
+                    st.error = st.error or self._error
+                else:
                     stall("optimizer", job.step - 1)
                     if job.redo:
                         fault("redo", job.step - 1)  # tests: killed while a clipped step is redone
@@ -183,4 +185,8 @@ class OptimizerWorker:
             self._q.put(None, timeout=timeout if timeout is not None else watchdog.limit())
         except queue.Full:
             return
-        self._thread.join(timeout)
+        self._thread.join(timeout if timeout is not None else watchdog.limit())
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()

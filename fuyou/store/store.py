@@ -42,6 +42,7 @@ from fuyou.store.native import NativeEngine, native_available
 from fuyou.store.errors import StoreCorruptError, StoreUsageError, io_error_from_oserror
 from fuyou.store.layout import TensorMeta, TensorRecord
 from fuyou.store.lock import lock_dirs, unlock
+from fuyou.watchdog import beat
 from fuyou.store.manifest import preflight as _preflight
 from fuyou.store.manifest import read_manifest as _read_manifest
 from fuyou.units import format_size
@@ -144,7 +145,11 @@ class TensorStore:
         except BaseException:
             unlock(locks)
             raise
-        store.sync()
+        try:
+            store.sync()
+        except BaseException:
+            store.close(sync=False)
+            raise
         return store
 
     @classmethod
@@ -381,6 +386,7 @@ class TensorStore:
                 os.fsync(fd)
             except OSError as exc:
                 raise io_error_from_oserror(exc, path, 0, 0, "fsync") from exc
+            beat()  # progress, for the engine's deadlines (fuyou.watchdog)
         with self._lock:
             self.generation += 1
             payload = {"format": L.FORMAT_VERSION, "uuid": self.uuid, "checksum_block": self.checksum_block,

@@ -81,6 +81,12 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
     try:
         run_dir = run_path if resume is not None else make_run_dir(cfg, run_path)
         return _loop(cfg, trainer, run_dir, stream or sys.stderr, trace, stop)
+    except BaseException:
+        # Whatever failed (a step, an evaluation, the save), closing must not wait on or write to a
+        # state that may be mid-update: the last commit is the state of record.
+        if hasattr(trainer, "failed"):
+            trainer.failed = True
+        raise
     finally:
         stop.restore()
         trainer.close()
