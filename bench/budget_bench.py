@@ -22,6 +22,7 @@ from pathlib import Path
 
 from fuyou.models import ModelConfig, StageModel, preset
 from fuyou.units import format_size, parse_size
+from common import publish  # bench/ is the script's directory: the report tail all benchmarks share
 
 
 def main(argv=None) -> int:
@@ -73,11 +74,7 @@ def main(argv=None) -> int:
                     f"{format_size(s['ssd_read_bytes'])} | {format_size(s['ssd_write_bytes'])} |")
     plan = res.stderr[res.stderr.find("CPU budget"):res.stderr.find("fixed overhead")]
     rows += ["", "Memory plan printed by the engine:", "```", plan.strip(), "```", ""]
-    report = "\n".join(rows)
-    print(report)
-    if args.markdown:
-        with open(args.markdown, "a") as fh:
-            fh.write(report + "\n")
+    publish(rows, args.markdown)
     shutil.rmtree(out, ignore_errors=True)
     return 0 if ok else 1
 

@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import publish  # noqa: E402
 from engine_bench import CONFIGS, run_one  # noqa: E402  (the same worker: one run per process)
 
 CONFIGS = dict(CONFIGS)
@@ -127,11 +128,7 @@ def main(argv=None) -> int:
               f"At the default interval ({OffloadConfig().commit_every}: one commit per {default_s / ref:.0f} steps) that "
               f"is {per_step:.4f} s per step, **{100 * per_step / ref:.2f} %** of the step (target <= 10 %); the "
               f"measured {args.interval} interval above costs what its row says.", ""]
-    report = "\n".join(lines)
-    print(report)
-    if args.markdown:
-        with open(args.markdown, "a") as fh:
-            fh.write(report + "\n")
+    publish(lines, args.markdown)
     return 0
 
 

@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import publish  # bench/ is the script's directory: the report tail all benchmarks share
 
 CONFIGS = {
     # compute and SSD time of the same order: weights cached in CPU memory, state on SSD
@@ -155,11 +156,7 @@ def main(argv=None) -> int:
         print(lines[-1], flush=True)
     lines += ["", "bound = max(in-memory step + AdamW kernel time (CPU: shared cores), SSD bytes / measured "
               "bandwidth, AdamW busy time); target engine / bound <= 1.2.", ""]
-    report = "\n".join(lines)
-    print(report)
-    if args.markdown:
-        with open(args.markdown, "a") as fh:
-            fh.write(report + "\n")
+    publish(lines, args.markdown)
     return 0
 
 

@@ -28,6 +28,7 @@ from fuyou.optim import adamw_backend, fused_adamw_
 from fuyou.optim.config import AdamWConfig
 from fuyou.optim.out_of_core import OutOfCoreAdamW, Segment, StateKeys
 from fuyou.store import PinnedPool, TensorStore
+from common import publish  # bench/ is the script's directory: the report tail all benchmarks share
 
 
 def main(argv=None) -> int:
@@ -89,11 +90,7 @@ def main(argv=None) -> int:
              f"| in-memory kernel (bf16 grad, bf16 copy) | {med(kern) / 1e9:.2f} G params/s |",
              f"| SSD bound (12 B read + 14 B written per parameter) | {ssd_bound / 1e9:.3f} G params/s |",
              f"| **out-of-core AdamW** | **{med(ooc) / 1e9:.3f} G params/s = {med(ooc) / bound:.2f} of the bound** |", ""]
-    report = "\n".join(lines)
-    print(report)
-    if args.markdown:
-        with open(args.markdown, "a") as fh:
-            fh.write(report + "\n")
+    publish(lines, args.markdown)
     return 0
 
 

@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import publish  # bench/ is the script's directory: the report tail all benchmarks share
 
 MODEL = ["model.n_layer=8", "model.d_model=768", "model.n_head=12", "model.vocab_size=320", "model.max_seq_len=256"]
 CONFIGS = {
@@ -167,11 +168,7 @@ def main(argv=None) -> int:
                      f"{sim.bottleneck} ({', '.join(f'{k} {v:.2f} s' for k, v in qb.items())}) |")
         print(lines[-1], flush=True)
     lines += ["", f"Within 15%: {sum(abs(r - 1) <= 0.15 for r in ratios)} of {len(ratios)} configurations.", ""]
-    report = "\n".join(lines)
-    print(report)
-    if args.markdown:
-        with open(args.markdown, "a") as fh:
-            fh.write(report + "\n")
+    publish(lines, args.markdown)
     return 0
 
 

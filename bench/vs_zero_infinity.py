@@ -52,6 +52,9 @@ import torch
 
 from fuyou.engine.engine import resident_bytes
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import publish  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
 ZINF = HERE / "zero_infinity.py"
 DS_VENV = "/tmp/dsvenv/bin/python"
@@ -365,11 +368,7 @@ def main(argv=None) -> int:
                          f"{gib(row['runs']['fuyou'][0]['fixed_overhead_bytes'])}")
     lines.append(f"- loss check: relative difference of the final (and step-0) loss to fuyou's <= {args.loss_tol:.0%}: "
                  + ("passed" if ok else "**FAILED**"))
-    report = "\n".join(lines) + "\n"
-    print(report)
-    if args.markdown:
-        with open(args.markdown, "a") as fh:
-            fh.write(report + "\n")
+    publish("\n".join(lines) + "\n", args.markdown)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     return 0 if ok else 1
