@@ -13,7 +13,7 @@ Note: [State copies]
     copy the last commit record names (never written until the next commit replaces it; None
     without crash-safe commits). An update writes ``target(keep_source)``: in place when it may, or
     a copy that is neither committed nor, when the update is speculative (exact clipping may have to
-    redo it from its source, ``fuyou.engine.clipping``), its source. So a stage needs one copy
+    redo it from its source, ``fuyou.engine.engine``), its source. So a stage needs one copy
     (commit 'none', no speculation), two (commits every step, or speculation without commits, or
     commits at an interval without speculation) or three (commits at an interval with speculation);
     ``copies_needed`` says which. ``cur`` and ``committed`` are the main thread's: it picks every

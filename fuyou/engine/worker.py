@@ -147,7 +147,7 @@ class OptimizerWorker:
                         st.copies[job.src], job.grad, numel=st.numel, segments=st.segments, lr=job.lr,
                         step=job.step, grad_scale=job.grad_scale, lowp_out=st.cache, lowp_dtype=self.lowp_dtype,
                         grad_dtype=job.grad_dtype, out_keys=st.copies[job.dst], resident=st.resident,
-                        on_weights_ready=st.weights_ready if st.cache is not None else None, persist=False)
+                        on_weights_ready=st.weights_ready if st.cache is not None else None)
                     c: StepCounters = self._counters()
                     if saving is not None:
                         watchdog.result(saving, f"the saved gradient of {st.stage.name}")

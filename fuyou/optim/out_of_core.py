@@ -89,7 +89,7 @@ class OutOfCoreAdamW:
                lr: float, step: int, grad_scale: float = 1.0, lowp_out: torch.Tensor | None = None,
                lowp_dtype: torch.dtype = torch.bfloat16, grad_dtype: torch.dtype | None = None,
                out_keys: StateKeys | None = None, resident: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-               on_weights_ready=None, persist: bool = True) -> UpdateStats:
+               on_weights_ready=None) -> UpdateStats:
         """One AdamW step of one stage; returns its stats. Blocks until every write is done.
 
         The state is read from ``keys`` and written to ``out_keys`` (default: the same, in place; a
@@ -101,16 +101,15 @@ class OutOfCoreAdamW:
         the SSD is then partly updated, which the caller must treat as lost (resume from a commit).
 
         ``resident``: the stage's (master, m, v) held in CPU memory (flat fp32). They are updated in
-        place, nothing of them is read from the store, and they are then written to ``out_keys``
-        whole, so the store stays the state of record (``persist=False`` skips that write: the caller
-        then writes the state back itself before anyone reads the store). ``on_weights_ready()`` is called once the new
-        compute weights are in ``lowp_out`` / the store, before the state writes are waited for.
+        place and nothing of them is read from or written to the store: the caller writes them back
+        (the engine's commit flush) before anyone reads the store. ``on_weights_ready()`` is called once
+        the new compute weights are in ``lowp_out`` / the store.
         """
         if resident is not None:
             return self._update_resident(keys, grad, resident, numel=numel, segments=segments, lr=lr, step=step,
                                          grad_scale=grad_scale, lowp_out=lowp_out, lowp_dtype=lowp_dtype,
                                          grad_dtype=grad_dtype, out_keys=out_keys or keys,
-                                         on_weights_ready=on_weights_ready, persist=persist)
+                                         on_weights_ready=on_weights_ready)
         t_start = time.perf_counter()
         out_keys = out_keys or keys
         stats = UpdateStats(params=numel)
@@ -210,9 +209,9 @@ class OutOfCoreAdamW:
         stats.chunks.append((t0, t1))
 
     def _update_resident(self, keys: StateKeys, grad, resident, *, numel, segments, lr, step, grad_scale, lowp_out,
-                         lowp_dtype, grad_dtype, out_keys, on_weights_ready, persist) -> UpdateStats:
+                         lowp_dtype, grad_dtype, out_keys, on_weights_ready) -> UpdateStats:
         """``update`` for state held in CPU memory: kernels over chunks (the same arithmetic per element,
-        so bit-identical), compute weights to ``lowp_out`` or the store, then the state written whole."""
+        so bit-identical) and the compute weights to ``lowp_out`` or the store; the state stays in memory."""
         t_start = time.perf_counter()
         stats = UpdateStats(params=numel)
         master, m, v = resident
@@ -244,13 +243,6 @@ class OutOfCoreAdamW:
             pending = []
             if on_weights_ready is not None:
                 on_weights_ready()
-            futs = [self.store.write_from(k, t) for k, t in
-                    zip(out_keys.fp32, (master, m, v))] if persist else []
-            stats.written_bytes += 12 * numel if persist else 0
-            pending = [(f, None) for f in futs]
-            for f in futs:
-                f.result()
-            pending = []
         finally:
             first = None
             for f, buf in pending:
