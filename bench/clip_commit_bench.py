@@ -28,17 +28,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import publish  # noqa: E402
+from common import machine_header, publish  # noqa: E402
 from engine_bench import CONFIGS, run_one  # noqa: E402  (the same worker: one run per process)
 
 CONFIGS = dict(CONFIGS)
@@ -89,8 +86,7 @@ def main(argv=None) -> int:
     med, mean = statistics.median, statistics.mean
     lines = [f"### exact clipping and crash safety: cost in the engine ({time.strftime('%Y-%m-%d %H:%M')})", "",
              f"`python bench/clip_commit_bench.py {' '.join(argv if argv is not None else sys.argv[1:])}`", "",
-             f"host {platform.node()}, {os.cpu_count()} CPUs, torch {torch.__version__}, Python "
-             f"{platform.python_version()}; SSD directory {ssd}; {args.repeats} runs per variant, alternating", "",
+             machine_header(f"SSD directory {ssd}") + f"; {args.repeats} runs per variant, alternating", "",
              f"Clipping, config `{args.clip_config}` ({' '.join(CONFIGS[args.clip_config])}; optimizer state on SSD, "
              f"commit every {OffloadConfig().commit_every}):", "",
              "| grad_clip | step median (min-max) | vs none | steps clipped / deferred | SSD read / write per step | AdamW busy |",

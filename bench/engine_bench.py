@@ -21,15 +21,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-import torch
-from common import publish  # bench/ is the script's directory: the report tail all benchmarks share
+from common import machine_header, publish, run_worker  # bench/ is the script's directory
 
 CONFIGS = {
     # compute and SSD time of the same order: weights cached in CPU memory, state on SSD
@@ -55,6 +52,9 @@ CONFIGS.update({
     "act-ssd": _ACT + ["offload.act_policy=fc2,proj,qkv,fc1=ssd"],
     "act-mixed": _ACT + ["offload.act_policy=fc2,proj=cpu;0-2:qkv=ssd", "offload.act_cpu_mem=512MiB"],
 })
+# On a GPU (tools/gpu_check.sh): GPT-3 1.3B held to a 24 GiB device budget, the 4090-class card.
+CONFIGS["gpu-1.3b"] = ["model.preset=gpt3-1.3b", "data.seq_len=1024", "train.micro_batch_size=8",
+                       "offload.cpu_mem=32GiB", "offload.gpu_mem=24GiB", "train.device=cuda"]
 COMMON = ["data.source=synthetic", "train.grad_clip=none", "train.precision=bf16", "train.eval_every=0"]
 
 
@@ -85,16 +85,15 @@ def worker(args) -> None:
     if hasattr(trainer, "close"):
         trainer.completed = True  # a benchmark run: delete its SSD state at close
         trainer.close()
-    print(json.dumps({"times": times, "counters": counters, "peak_rss": resident_bytes("VmHWM")}))
+    from fuyou.planner.cost import Workload
+
+    print(json.dumps({"times": times, "counters": counters, "peak_rss": resident_bytes("VmHWM"),
+                      "model_flops": Workload.from_config(cfg).model_flops}))
 
 
 def run_one(overrides: list[str], args) -> dict:
-    cmd = [sys.executable, __file__, "--worker", "--overrides", json.dumps(overrides),
-           "--steps", str(args.steps), "--warmup", str(args.warmup)]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-    if out.returncode != 0:
-        raise RuntimeError(f"run failed: {' '.join(overrides)}\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_worker(__file__, ["--overrides", json.dumps(overrides), "--steps", str(args.steps),
+                                 "--warmup", str(args.warmup)], args.timeout, f"run {' '.join(overrides)}")
 
 
 def store_bandwidth(d: Path, nbytes: int) -> tuple[float, float]:
@@ -128,10 +127,9 @@ def main(argv=None) -> int:
     wbw, rbw = store_bandwidth(ssd, parse_size(args.io_bytes))
     lines = [f"### engine vs in-memory ({time.strftime('%Y-%m-%d')})", "",
              f"`python bench/engine_bench.py {' '.join(argv if argv is not None else sys.argv[1:])}`", "",
-             f"host {platform.node()}, {os.cpu_count()} CPUs, torch {torch.__version__}, Python {platform.python_version()}; "
-             f"store on {ssd}: write {wbw / 1e9:.2f} GB/s, read {rbw / 1e9:.2f} GB/s (same run)", "",
-             "| config | in-memory step | engine step | compute | AdamW busy / kernel | SSD read / write per step | SSD time | bound | engine / bound | peak RSS engine | activations kept: CPU / SSD out / SSD in, wait |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             machine_header(f"store on {ssd}: write {wbw / 1e9:.2f} GB/s, read {rbw / 1e9:.2f} GB/s (same run)"), "",
+             "| config | in-memory step | engine step | compute (device events) | compute busy | model TFLOPS | AdamW busy / kernel | SSD read / write per step | SSD time | bound | engine / bound | peak RSS engine | activations kept: CPU / SSD out / SSD in, wait |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name in args.configs:
         base = CONFIGS[name] + COMMON
         ref_t, eng_t, eng_c, rss = [], [], [], []
@@ -139,6 +137,7 @@ def main(argv=None) -> int:
             ref_t += run_one(base + ["offload.mode=none"], args)["times"]
             r = run_one(base + ["offload.mode=ssd", f"offload.ssd_dirs={json.dumps([str(ssd)])}"], args)
             eng_t += r["times"]
+            flops = r["model_flops"]
             eng_c += r["counters"]
             rss.append(r["peak_rss"])
         med = statistics.median
@@ -149,6 +148,7 @@ def main(argv=None) -> int:
         bound = max(compute_bound, ssd_s, c["optimizer_busy_s"])
         lines.append(
             f"| {name} | {ref_s:.2f} s | {eng_s:.2f} s (spread {min(eng_t):.2f}-{max(eng_t):.2f}) | {c['compute_s']:.2f} s | "
+            f"{c['compute_s'] / eng_s:.0%} | {flops / eng_s / 1e12:.2f} | "
             f"{c['optimizer_busy_s']:.2f} / {c['optimizer_kernel_s']:.2f} s | "
             f"{format_size(c['ssd_read_bytes'])} / {format_size(c['ssd_write_bytes'])} | {ssd_s:.2f} s | {bound:.2f} s | "
             f"**{eng_s / bound:.2f}** | {format_size(max(rss))} | {format_size(c['act_cpu_bytes'])} / "

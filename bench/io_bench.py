@@ -87,6 +87,33 @@ class Store:
         shutil.rmtree(self.d / self.name, ignore_errors=True)
 
 
+class GpuStore(Store):
+    """The store moving data straight between the SSD and GPU memory (kvikio; GPUDirect Storage where
+    the file system allows, else kvikio's own bounce buffers): the activation and weight paths of a
+    CUDA run that bypass the CPU."""
+
+    def __init__(self, d: Path, nbytes: int, cfg: StoreConfig):
+        super().__init__(d, nbytes, cfg, name="store-gpu")
+        self.gsrc = self.src.tensor.to("cuda")
+        self.gdst = torch.empty_like(self.gsrc)
+        self.engine = "kvikio"
+
+    def write(self) -> None:
+        self.store.write_from("x", self.gsrc).result()
+
+    def read(self) -> None:
+        self.store.read_into("x", self.gdst).result()
+        torch.cuda.synchronize()
+
+    def before_read(self) -> None:
+        self.gdst.zero_()
+        torch.cuda.synchronize()
+
+    def check(self) -> None:
+        if not torch.equal(self.gsrc, self.gdst):
+            raise RuntimeError("GPU store benchmark read back different data")
+
+
 class Fio:
     """fio as a contender; its own bandwidth figure is used, not our wall clock around the process."""
 
@@ -187,6 +214,14 @@ def run(args: argparse.Namespace) -> tuple[dict[str, list[float]], dict[str, str
                           checksum_block=cb, stripe_unit=max(64 << 20, bs, cb), engine=engine)
         contenders.append(Store(d, nbytes, cfg, name="store" if i == 0 else f"store-{engine}"))
         print(f"{contenders[-1].name}: engine {contenders[-1].engine}")
+    if args.gpu:
+        from fuyou.store.kvikio_backend import kvikio_available
+
+        if not kvikio_available():
+            raise SystemExit("--gpu needs a CUDA GPU and kvikio")
+        cfg = StoreConfig(block_size=bs, queue_depth=args.queue_depth, verify_checksums=args.verify,
+                          checksum_block=cb, stripe_unit=max(64 << 20, bs, cb))
+        contenders.append(GpuStore(d, nbytes, cfg))
     if shutil.which("fio") is not None and not args.no_fio:
         contenders.append(Fio(d, nbytes, bs, args.queue_depth))
     else:
@@ -255,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=3, help="repetitions; the median is reported")
     p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True, help="store CRC-32 checksums")
     p.add_argument("--no-fio", action="store_true")
+    p.add_argument("--gpu", action="store_true", help="add the store reading into and writing from GPU memory (kvikio)")
     p.add_argument("--no-deepspeed", action="store_true")
     p.add_argument("--sweep", action="store_true", help="store only, over block sizes x queue depths")
     p.add_argument("--markdown", help="append the result table (with command and machine) to this file")

@@ -21,15 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
-from common import publish  # bench/ is the script's directory: the report tail all benchmarks share
+from common import machine_header, publish, run_worker  # bench/ is the script's directory
 
 MODEL = ["model.n_layer=8", "model.d_model=768", "model.n_head=12", "model.vocab_size=320", "model.max_seq_len=256"]
 CONFIGS = {
@@ -81,12 +79,8 @@ def worker(args) -> None:
 
 
 def run_engine(overrides: list[str], args) -> dict:
-    cmd = [sys.executable, __file__, "--worker", "--overrides", json.dumps(overrides), "--steps", str(args.steps),
-           "--warmup", str(args.warmup)]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-    if out.returncode != 0:
-        raise RuntimeError(f"engine run failed: {' '.join(overrides)}\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_worker(__file__, ["--overrides", json.dumps(overrides), "--steps", str(args.steps),
+                                 "--warmup", str(args.warmup)], args.timeout, f"engine run {' '.join(overrides)}")
 
 
 def main(argv=None) -> int:
@@ -111,7 +105,7 @@ def main(argv=None) -> int:
         p.error("--device cuda: torch sees no CUDA device on this machine")
     from fuyou.config import load_config
     from fuyou.planner.cost import Workload
-    from fuyou.planner.policy import ActivationPolicy
+    from fuyou.policy import ActivationPolicy
     from fuyou.planner.probe import probe
     from fuyou.planner.search import memory_plan
     from fuyou.planner.cost import stage_costs
@@ -121,10 +115,8 @@ def main(argv=None) -> int:
     ssd = Path(args.ssd)
     ssd.mkdir(parents=True, exist_ok=True)
     cmd = f"python bench/planner_validation.py {' '.join(argv if argv is not None else sys.argv[1:])}"
-    gpu = f", {torch.cuda.get_device_name()}" if args.device == "cuda" else ""
     lines = [f"### planner validation ({time.strftime('%Y-%m-%d %H:%M')})", "", f"`{cmd}`", "",
-             f"host {platform.node()}, {os.cpu_count()} CPUs{gpu}, torch {torch.__version__}, Python "
-             f"{platform.python_version()}, load average {os.getloadavg()[0]:.1f} at start. Each repeat probes "
+             machine_header(f"device {args.device}") + ". Each repeat probes "
              "(store, AdamW, the config's block) right before its engine run, so both see the same machine; "
              "figures are medians over repeats.", "",
              "| config | probe: store write / read GB/s, AdamW Gparam/s, block fwd / bwd ms, AdamW job efficiency | predicted step | "

@@ -38,7 +38,6 @@ import argparse
 import importlib.util
 import json
 import os
-import platform
 import shlex
 import shutil
 import statistics
@@ -53,7 +52,7 @@ import torch
 from fuyou.engine.engine import resident_bytes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import publish  # noqa: E402
+from common import machine_header, publish, run_worker  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 ZINF = HERE / "zero_infinity.py"
@@ -139,12 +138,9 @@ def worker(args) -> None:
 
 # -- the driver -------------------------------------------------------------------------------------
 def run_fuyou(args, data: str, system: str, ssd: Path) -> dict:
-    cmd = [sys.executable, __file__, "--worker", "--overrides", json.dumps(overrides_for(args, data, system, ssd)),
-           "--steps", str(args.steps), "--warmup", str(args.warmup), "--policy", args.policy]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-    if out.returncode != 0:
-        raise RuntimeError(f"{system} run failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_worker(__file__, ["--overrides", json.dumps(overrides_for(args, data, system, ssd)),
+                                 "--steps", str(args.steps), "--warmup", str(args.warmup), "--policy", args.policy],
+                      args.timeout, f"{system} run")
 
 
 def run_deepspeed(args, data: str, ssd: Path) -> dict:
@@ -214,7 +210,7 @@ def _policy_text(policy, model: str) -> str:
     if not isinstance(policy, dict):
         return str(policy)
     from fuyou.models import ModelConfig, preset
-    from fuyou.planner.policy import ActivationPolicy
+    from fuyou.policy import ActivationPolicy
 
     pol = ActivationPolicy.from_json(policy)
     return f"{pol.describe(ModelConfig(**preset(model)).n_layer)}, prefetch depth {pol.prefetch_depth}"
@@ -268,7 +264,7 @@ def main(argv=None) -> int:
     if use_ds and not args.ds_python:
         p.error("no interpreter with deepspeed found: pass --ds-python or --no-deepspeed")
     from fuyou.models import ModelConfig, StageModel, preset
-    from fuyou.units import format_size, parse_size
+    from fuyou.units import parse_size
 
     parse_size(args.cpu_mem)
     args.ssd.mkdir(parents=True, exist_ok=True)
@@ -325,10 +321,8 @@ def main(argv=None) -> int:
     lines = [f"### {args.model} ({model.num_params / 1e6:.1f}M params), batch {args.batch}, seq {args.seq}, "
              f"fuyou cpu_mem {args.cpu_mem} ({time.strftime('%Y-%m-%d %H:%M')})", "",
              f"`{command}`", "",
-             f"host {platform.node()}, {os.cpu_count()} CPUs, {fuyou_run['device']}, "
-             f"{format_size(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES'))} RAM, Linux {platform.release()}; "
-             f"Python {platform.python_version()}, torch {torch.__version__}, deepspeed {ds_ver}, "
-             f"fuyou {getattr(fuyou, '__version__', '?')}; SSD directory {args.ssd}. "
+             machine_header(f"device {fuyou_run['device']}", f"deepspeed {ds_ver}",
+                            f"fuyou {getattr(fuyou, '__version__', '?')}") + f"; SSD directory {args.ssd}. "
              f"{args.repeats} runs per system alternating, {args.warmup} warm-up + {args.steps} timed steps each. "
              f"clipping: {args.clip}; fuyou commits: every "
              f"{_fuyou_commit(args)}; fuyou policy: {args.policy}" + (f" ({_policy_text(fuyou_run['policy'], args.model)})"

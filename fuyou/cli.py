@@ -173,7 +173,7 @@ def _plan(args) -> int:
     from fuyou.planner.config import HardwareConfig
     from fuyou.planner.cost import Workload
     from fuyou.planner.hardware import resolve
-    from fuyou.planner.policy import parse_act_policy
+    from fuyou.policy import parse_act_policy
     from fuyou.planner.report import plot, text, to_json
     from fuyou.planner.search import search
     from fuyou.units import parse_size

@@ -63,7 +63,7 @@ def test_event_pool_queue_and_condition_waits():
         watchdog.wait_event(ev, "an update")
     _later(0.1, ev.set)
     watchdog.wait_event(ev, "an update")
-    pool = PinnedPool(8192, pin=False)
+    pool = PinnedPool(8192)
     held = pool.acquire(8192)
     with pytest.raises(watchdog.StallError, match="8192 of 8192 pool bytes lent"):
         watchdog.acquire(pool, 4096, None or __import__("torch").uint8, "a gradient buffer")

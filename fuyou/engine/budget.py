@@ -40,6 +40,19 @@ from fuyou.units import format_size
 # compute on the CPU); 64 MiB keeps the promise with room.
 RUNTIME_SLACK = 64 * 1024**2
 
+LEAVING = 2
+"""Outgoing activations whose device copies may still be pending (``swapper``'s Note: [Activation
+stream hand-off]): the swapper waits for the oldest beyond that."""
+
+D2H_DEPTH = 1
+"""Flattened stage gradients on the device at once: before the next stage's is allocated, the main
+thread waits for the previous one's copy to the host (``Engine._bound_leaving``). That copy ran during
+the whole backward of the next stage, far longer than it takes, so the wait is normally nil."""
+
+DEVICE_SLACK = 256 * 1024**2
+"""The caching allocator's rounding and fragmentation beyond the itemised device plan, plus 2 % of the
+items: an estimate until ``tools/gpu_check.sh`` measures ``max_memory_allocated`` against the plan."""
+
 
 @dataclass
 class MemoryPlan:
@@ -100,13 +113,31 @@ def activation_bytes(cfg_model, batch: int, seq: int) -> dict[str, int]:
     checkpoint = 4 * tokens * d
     block = 4 * tokens * (16 * d + 4 * ff) + 4 * batch * h * seq * seq
     head = 3 * 4 * tokens * v + 8 * tokens * d
-    return {"checkpoint": checkpoint, "block_work": block, "head_work": head}
+    return {"checkpoint": checkpoint, "block_work": block, "head_work": head, "batch": 2 * 8 * tokens}
+
+
+def device_working_bytes(cfg_model, batch: int, seq: int, csize: int, stage_max: int) -> int:
+    """Device working memory of the largest stage's recompute + backward on a GPU (an estimate; the
+    CPU's is ``activation_bytes``, which counts fp32 throughout and the attention scores).
+
+    A block's autograd saves its norms' outputs, QKV, attention output, the fp32 residual and the MLP's
+    two ff-wide tensors in the compute dtype (~ (9 d + 2 ff) per token, fused/flash attention: no T*T
+    scores), plus the largest gradient in flight (2 ff per token); the parameter gradients autograd
+    returns, in the compute dtype (their flattened copy is the plan's "gradients leaving the device").
+    The head: the engine's fp32 logits three times.
+    """
+    N = batch * seq
+    d, ff = cfg_model.d_model, cfg_model.ff_dim * (2 if cfg_model.family == "llama" else 1)
+    block = csize * N * (9 * d + 4 * ff) + 4 * N * d
+    head = activation_bytes(cfg_model, batch, seq)["head_work"]
+    return max(block, head) + stage_max * csize
 
 
 def plan_memory(stage_numels: list[int], off, *, chunk: int, io_buffer_bytes: int, act: dict[str, int],
                 csize: int, gsize: int, deferred: bool, accumulate: bool, tied: bool, compute_on_cpu: bool,
                 checkpoint_bytes: int | None = None, working_bytes: int | None = None,
-                extra_cpu: dict[str, int] | None = None, extra_device: dict[str, int] | None = None) -> MemoryPlan:
+                extra_cpu: dict[str, int] | None = None, extra_device: dict[str, int] | None = None,
+                device_budget: int | None = None, offtier_bytes: int = 0) -> MemoryPlan:
     """The memory plan of the engine (module docstring) from shapes and settings, allocating nothing.
 
     ``stage_numels``: parameters owned by each stage, in stage order. ``off``: an ``OffloadConfig``.
@@ -115,9 +146,11 @@ def plan_memory(stage_numels: list[int], off, *, chunk: int, io_buffer_bytes: in
     ``checkpoint_bytes`` / ``working_bytes`` replace the default device items (every stage's input
     checkpoint kept on the device; the CPU-oriented working-set estimate); ``extra_cpu`` and
     ``extra_device`` add items (activations a policy keeps in CPU or device memory). The weight cache
-    gets what the budget has left.
+    gets what the budget has left. ``device_budget``: the device budget when ``off.gpu_mem`` leaves it
+    to the device (the engine's default: the device's free memory). ``offtier_bytes``: the largest
+    block's activations that leave the device (their copies may keep ``LEAVING`` of them alive).
     """
-    plan = MemoryPlan(off.cpu_mem, device_budget=off.gpu_mem)
+    plan = MemoryPlan(off.cpu_mem, device_budget=off.gpu_mem if off.gpu_mem is not None else device_budget)
     stage_max = max(stage_numels)
     opt_lowp = 0 if off.cache_weights else csize
     plan.cpu_items["optimizer buffers"] = (2 * off.optimizer_depth + 1) * chunk * (
@@ -126,7 +159,9 @@ def plan_memory(stage_numels: list[int], off, *, chunk: int, io_buffer_bytes: in
     plan.cpu_items["I/O bounce buffers"] = io_buffer_bytes
     plan.cpu_items["allocator and thread slack"] = RUNTIME_SLACK
     dev = plan.device_items
-    dev["stage weights in window"] = (off.prefetch_depth + 2) * stage_max * csize
+    # the window's depth + 1 loads, the stage whose reference compute drops only when the next arrives,
+    # and the embedding's weights while the tied head uses them
+    dev["stage weights in window"] = (off.prefetch_depth + 2) * stage_max * csize + (stage_numels[0] * csize if tied else 0)
     dev["checkpoints"] = len(stage_numels) * act["checkpoint"] if checkpoint_bytes is None else checkpoint_bytes
     dev["working memory (estimate)"] = (max(act["block_work"], act["head_work"]) + 2 * stage_max * 4
                                         if working_bytes is None else working_bytes)
@@ -135,6 +170,13 @@ def plan_memory(stage_numels: list[int], off, *, chunk: int, io_buffer_bytes: in
     if tied:
         dev["tied embedding gradient"] = 4 * stage_numels[0]
     dev.update(extra_device or {})
+    if not compute_on_cpu:  # a separate device: what crosses to and from it is held a while longer
+        dev["input batch"] = 2 * act["batch"]
+        dev["gradients leaving the device"] = D2H_DEPTH * stage_max * gsize
+        if offtier_bytes:
+            dev["activations leaving the device"] = LEAVING * offtier_bytes
+        dev["allocator slack (estimate)"] = DEVICE_SLACK + sum(dev.values()) // 50
+        plan.cpu_items["input batch staging"] = 2 * (-(-act["batch"] // 4096) * 4096)
     if compute_on_cpu:  # the compute device's memory is CPU memory
         for k, v in dev.items():
             if k != "stage weights in window":  # on the CPU those are the cache or the weight buffers
@@ -188,7 +230,7 @@ def weight_buffer_need(stage_numels: list[int], cached: list[int], prefetch_dept
 
 
 def kept_activation_bytes(cfg_model, policy: dict, batch: int, seq: int, act_bytes: int) -> dict[str, int]:
-    """Bytes of activations a policy (``activations.BlockPolicy`` per block) keeps per tier for one
+    """Bytes of activations a policy (``fuyou.policy.KeepPolicy`` per block) keeps per tier for one
     micro-batch. A kept class costs its matmul output; a block kept whole is charged the block
     working-set estimate (everything autograd saves); a checkpoint moved off the device, 4 B x B·T·d."""
     d, ff = cfg_model.d_model, cfg_model.ff_dim
@@ -207,9 +249,17 @@ def kept_activation_bytes(cfg_model, policy: dict, batch: int, seq: int, act_byt
     return out
 
 
+def offtier_bytes(cfg_model, policy: dict, batch: int, seq: int, csize: int) -> int:
+    """Bytes of the largest block's activations that a policy sends off the device (``KeepPolicy`` per
+    block): what pending outgoing copies may keep alive (``LEAVING`` of them, the plan's "activations
+    leaving the device")."""
+    return max((sum(kept_activation_bytes(cfg_model, {i: b}, batch, seq, csize)[k] for k in ("cpu", "ssd"))
+                for i, b in policy.items()), default=0)
+
+
 def act_cpu_share(policy: dict, off) -> tuple[int, bool]:
     """(CPU memory for activations of tier ``cpu``, whether any activation leaves the compute device)
-    for engine block policies (``activations.block_policies``): ``offload.act_cpu_mem``, by default a
+    for engine block policies (``fuyou.policy.keep_policies``): ``offload.act_cpu_mem``, by default a
     quarter of ``cpu_mem`` when the policy uses the cpu tier."""
     uses = {t for b in policy.values() for t in (b.checkpoint, b.all, *b.classes.values()) if t}
     share = off.act_cpu_mem if off.act_cpu_mem is not None else (off.cpu_mem // 4 if "cpu" in uses else 0)

@@ -51,7 +51,7 @@ class OffloadConfig(BaseModel):
     act_policy: str = Field(
         "recompute",
         description="Activation policy: 'recompute', rules such as 'fc2,proj=ssd' or '30-39:all=gpu' "
-        "(see fuyou/planner/policy.py), or a policy JSON file from `fuyou plan --json`.",
+        "(see fuyou/policy.py), or a policy JSON file from `fuyou plan --json`.",
     )
     act_cpu_mem: int | None = Field(
         None, ge=0, description="CPU memory for activations of tier 'cpu' (bytes or '1GiB'); beyond it they "

@@ -33,13 +33,19 @@ copies in the commit record. A run commits when it ends or is stopped, too.
 Gradient accumulation keeps fp32 accumulators of every stage on the compute device for the first
 ``grad_accum - 1`` micro-batches (4 bytes per parameter, in the memory plan).
 
-Note: [Sync points] The main thread blocks only (a) in ``WeightStreamer.get`` until a stage's
-weights are loaded, (b) in ``OptimizerWorker.submit`` when ``max_pending_updates`` updates are
-queued, (c) at the end of a step for the loss value (``float(loss)``), (d) with exact clipping for
-the global norm after backward and for a resident stage's gradient D2H copy into its CPU buffer,
-and (e) when an activation of the ``cpu`` tier leaves the GPU (``ActivationSwapper.put``). On
-CUDA nothing else synchronises the host with the GPU. Every such wait has a deadline
-(``fuyou.watchdog``).
+Note: [Sync points] Every CUDA call goes through the device seam (``fuyou.engine.device``). The main
+thread blocks only (a) in ``WeightStreamer.get`` until a stage's weights are loaded (the loader has
+*launched* their H2D copy; compute waits for it on the GPU, not the host), (b) in
+``OptimizerWorker.submit`` when ``max_pending_updates`` updates are queued, (c) at the end of a step
+for the loss value (``float(loss)``; the step's device-event timings are read after it), (d) with
+exact clipping for the global norm after backward, (e) when every staging buffer of the activation
+swapper is in use, or more than ``LEAVING`` outgoing activations have copies pending
+(``ActivationSwapper._leave``), (f) before a stage's gradient is flattened on the device, until the
+previous stage's gradient has been copied out (``D2H_DEPTH``; that copy ran during a whole stage's
+backward, so the wait is normally nil), and (g) for a pinned buffer of the input batch. Every copy
+between host and device is from or to page-locked memory and asynchronous; the fake device counts any
+that is not (``sync_copies``) and the tests require none. Every such wait has a deadline
+(``fuyou.watchdog``) except a GPU event's, which sleeps (blocking-sync events) instead of spinning.
 """
 
 from __future__ import annotations
@@ -56,9 +62,11 @@ from torch import Tensor
 
 from fuyou.config import FuyouConfig
 from fuyou.data import TokenData
-from fuyou.engine.activations import (ActivationSwapper, BlockState, backward_block, block_policies, forward_block,
-                                      leaves)
-from fuyou.engine.budget import MemoryPlan, act_cpu_share, activation_bytes, plan_memory, policy_memory
+from fuyou.engine.budget import (D2H_DEPTH, MemoryPlan, act_cpu_share, activation_bytes, device_working_bytes,
+                                 offtier_bytes, plan_memory, policy_memory)
+from fuyou.engine.device import make_device
+from fuyou.engine.recompute import BlockState, backward_block, forward_block, leaves
+from fuyou.engine.swapper import ActivationSwapper
 from fuyou import watchdog
 from fuyou.engine.commit import ResumeError, read_record, step_tag, write_record
 from fuyou.engine.layout import StageState, build_states, copies_needed, dtype_size
@@ -70,8 +78,9 @@ from fuyou.engine.worker import OptimizerWorker, UpdateJob
 from fuyou.models import StageModel
 from fuyou.optim import adamw_backend
 from fuyou.optim.out_of_core import OutOfCoreAdamW
+from fuyou.policy import keep_policies
 from fuyou.store import PinnedPool, StoreConfig, TensorStore
-from fuyou.train.reference import StepStats, autocast, make_batches, resolve_device
+from fuyou.train.reference import StepStats, autocast, make_batches
 from fuyou.train.schedule import lr_at
 
 
@@ -136,7 +145,8 @@ class Engine:
         self.cfg = cfg
         self.init_values = init_values or (lambda stage: stage.init_params(cfg.train.seed))
         off, t = cfg.offload, cfg.train
-        self.device = resolve_device(t.device)
+        self.dev = make_device(t.device)  # the device seam (device.py): every stream, event and copy
+        self.device = self.dev.torch
         self.model = StageModel(cfg.model)
         self.cdtype = torch.bfloat16 if t.precision == "bf16" else torch.float32
         self.clipping = t.grad_clip is not None
@@ -151,7 +161,7 @@ class Engine:
         self.resumed = resume
         self.completed = False
         self.tied = bool(self.model.stages[-1].shared)
-        self.act = block_policies(off.act_policy, cfg.model.n_layer)
+        self.act = keep_policies(off.act_policy, cfg.model.n_layer)
         self.act_cpu_mem, self.act_offtier = act_cpu_share(self.act, off)
         self.batches, self.eval_batches = make_batches(cfg, data)
         # Activations swapped to the cpu/ssd tiers are freed out of order, mid-heap, where glibc cannot
@@ -164,7 +174,12 @@ class Engine:
             thr = malloc_threshold(cfg.model, t.micro_batch_size, cfg.data.seq_len, gsize * largest)
             bound_malloc(thr, thr + gsize * max((b.num_params for b in blocks), default=0))
         adamw_backend()  # load (or build) the kernel library now: part of the fixed overhead
+        if self.dev.kind == "cuda":
+            self._warm_up()  # the CUDA context, cuBLAS and the kernels of a block: fixed overhead too
         self.fixed_overhead = resident_bytes()
+        self.gpu_mem = off.gpu_mem
+        if self.gpu_mem is None and not self.dev.is_host:  # default: what the device has free now
+            self.gpu_mem = int(self.dev.memory()["free"] * 0.95)
 
         self.store_cfg = store_cfg = StoreConfig(queue_depth=off.io_threads, verify_checksums=off.verify_checksums)
         self.store_dirs = [Path(d) / store_name for d in off.ssd_dirs]
@@ -173,6 +188,8 @@ class Engine:
         self.chunk = max(align, -(-off.optimizer_chunk // align) * align)
         self.plan = self._memory_plan()
         self.plan.check()  # Budgets are promises: refuse before creating anything.
+        if not self.dev.is_host:  # and kept: the device enforces the budget (the fake: item by item)
+            self.dev.set_plan(self.plan.device_items, self.plan.device_budget)
         every_step = off.commit_steps == 1
         for st in self.states:  # Note: [State copies] in layout
             resident = st.index in self.plan.resident_stages
@@ -184,35 +201,66 @@ class Engine:
             self._clear_old_state(store_name)
             self.store = TensorStore.create(self.store_dirs, store_cfg, capacity_hint_bytes=self._ssd_bytes())
         try:
-            self.opt_pool = PinnedPool(self.plan.cpu_items["optimizer buffers"])
-            self.weight_pool = PinnedPool(max(self.plan.cpu_items.get("weight buffers", 0), 4096))
-            self.grad_pool = PinnedPool(max(self.plan.cpu_items["gradients in flight"], 4096))
+            dev = None if self.dev.is_host else self.dev  # pools whose buffers the device copies from are pinned
+            self.opt_pool = PinnedPool(self.plan.cpu_items["optimizer buffers"])  # never reaches the device
+            self.weight_pool = PinnedPool(max(self.plan.cpu_items.get("weight buffers", 0), 4096), device=dev)
+            self.grad_pool = PinnedPool(max(self.plan.cpu_items["gradients in flight"], 4096), device=dev)
+            self.cache_pool = PinnedPool(max(self.plan.cache_bytes, 4096), device=dev)
+            self.input_pool = PinnedPool(max(self.plan.cpu_items.get("input batch staging", 0), 4096), device=dev)
+            self._cache_bufs: list = []
+            self._registered: list[Tensor] = []
             self.opt = OutOfCoreAdamW(self.store, self.opt_pool, cfg.optim, chunk_numel=self.chunk,
                                       depth=off.optimizer_depth, num_threads=off.optimizer_threads)
             self.tracer = Tracer()
             self.counters = StepCounters()
             ref = lambda: self.counters  # noqa: E731 - the current step's counters, read by the threads
-            self.act_pool = PinnedPool(max(self.plan.cpu_items.get("activation staging", 0), 4096))
-            self.swapper = ActivationSwapper(self.store, self.device, self.act_cpu_mem, self.act_pool,
+            self.act_pool = PinnedPool(max(self.plan.cpu_items.get("activation staging", 0), 4096), device=dev)
+            self.act_cpu_pool = (PinnedPool(self.act_cpu_mem, device=dev)
+                                 if self.act_cpu_mem and not self.dev.is_host else None)
+            self.swapper = ActivationSwapper(self.store, self.dev, self.act_cpu_pool, self.act_pool,
                                              self.cfg.offload.act_chunk, self.tracer, ref)
+            if self.dev.is_host:
+                self.swapper.cpu_bytes = self.act_cpu_mem
             if resume:
                 self._resume_state()
             else:
                 self._init_state()
-            self.streamer = WeightStreamer(self.states, self.store, self.weight_pool, self.device, self.cdtype,
+            self.streamer = WeightStreamer(self.states, self.store, self.weight_pool, self.dev, self.cdtype,
                                            off.prefetch_depth, self.tracer, ref)
             self.worker = OptimizerWorker(self.opt, self.cdtype, off.max_pending_updates, self.tracer, ref)
-            if self.device.type == "cuda":
-                self.d2h_stream = torch.cuda.Stream(self.device)
+            if not self.dev.is_host:
+                self.d2h_stream = self.dev.new_stream("grad-d2h")
         except BaseException:
             self.store.close(sync=not resume)  # a refused resume leaves the state exactly as it found it
             raise
         self._acc: dict[int, Tensor] = {}
+        self._leaving: list = []                # events of gradients on their way to the host
+        self._held_events: dict[int, object] = {}  # resident stages' gradient copies into held_grad
+        self._spans: list = []                  # compute spans timed by device events (read after the step)
         self._norms: dict[str, Tensor] = {}
         self._speculated: list[tuple[StageState, int, int]] = []  # this step's speculative updates (stage,
         # source and target copy), redone if the norm exceeds the threshold
         self._waiting: list[StageState] = []    # this step's stages updated once the norm is known
         self.clipped = False                    # the last step's norm exceeded the threshold
+
+    def _warm_up(self) -> None:
+        """Create what CUDA creates on first use before the fixed overhead is measured (audit item 2):
+        the context, cuBLAS's handle and workspace, and the kernels of one block's forward and
+        backward at this batch and sequence length, with random weights that are freed after."""
+        t, i = self.cfg.train, min(1, len(self.states) - 2)
+        st = self.states[i]
+        flat = (torch.randn(st.numel, device=self.device) * 0.02).to(self.cdtype)
+        params = leaves(st.views(flat))
+        x = torch.randn(t.micro_batch_size, self.cfg.data.seq_len, self.cfg.model.d_model, device=self.device,
+                        requires_grad=True)
+        with torch.enable_grad(), self._autocast():
+            out = self._stage_fn(i)(params, x) if i > 0 else self._stage_fn(0)(params, x.long().abs())
+        torch.autograd.grad(out.float().sum(), [p for p in params.values()] + ([x] if i > 0 else []),
+                            allow_unused=True)
+        del flat, params, x, out
+        self.dev.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
 
     # -- planning --------------------------------------------------------------------------------
     def _memory_plan(self) -> MemoryPlan:
@@ -224,16 +272,19 @@ class Engine:
                                                    self.cfg.data.seq_len, dtype_size(self.cdtype),
                                                    self.store_cfg.checksum_block)
         working = None
-        if self.device.type == "cuda":
-            from fuyou.planner.cost import Workload, gpu_working_bytes
-
-            working = gpu_working_bytes(Workload.from_config(self.cfg))
+        if not self.dev.is_host:
+            csize = dtype_size(self.cdtype)
+            working = device_working_bytes(self.cfg.model, t.micro_batch_size, self.cfg.data.seq_len, csize,
+                                           max(s.numel for s in self.states))
         return plan_memory(
             [s.numel for s in self.states], self.cfg.offload, chunk=self.chunk,
             io_buffer_bytes=self.store_cfg.queue_depth * max(self.store_cfg.block_size, self.store_cfg.checksum_block),
             act=act, checkpoint_bytes=ckpt, working_bytes=working, extra_cpu=extra_cpu, extra_device=extra_dev,
             csize=dtype_size(self.cdtype), gsize=dtype_size(self.gdtype), deferred=self.clipping,
-            accumulate=self.accumulate, tied=self.tied, compute_on_cpu=self.device.type == "cpu")
+            accumulate=self.accumulate, tied=self.tied, compute_on_cpu=self.dev.is_host,
+            device_budget=self.gpu_mem,
+            offtier_bytes=offtier_bytes(self.cfg.model, self.act, t.micro_batch_size, self.cfg.data.seq_len,
+                                        dtype_size(self.cdtype)))
 
     def _ssd_bytes(self) -> int:
         return sum(math.prod(shape) * dtype_size(dt) for _, shape, dt in self._state_specs()) + 64 * 1024**2
@@ -252,7 +303,7 @@ class Engine:
                 for a in range(0, s.numel, self.chunk):
                     futs.append(self.store.write_from(key, zeros[: min(self.chunk, s.numel - a)], start=a))
             if s.index in self.plan.cached_stages:
-                s.cache = _pinned_like(s.numel, self.cdtype)
+                s.cache = self._cache_buffer(s)
                 s.cache.copy_(flat)
             else:
                 futs.append(self.store.write_from(s.keys.weights, flat.to(self.cdtype)))
@@ -313,13 +364,24 @@ class Engine:
         finally:
             unlock(locks)
 
+    def _cache_buffer(self, st: StageState) -> Tensor:
+        """CPU memory for a stage's cached compute weights, from the cache pool: registered with the
+        device at its exact size (``pin_memory()``'s caching host allocator rounds up to a power of
+        two: a 629 MB stage would lock 1 GiB, up to twice the plan)."""
+        self._cache_bufs.append(self.cache_pool.acquire(st.numel * dtype_size(self.cdtype), self.cdtype))
+        return self._cache_bufs[-1].tensor
+
     def _held_grad(self, st: StageState) -> Tensor | None:
         """CPU memory where a resident stage's gradient waits for the global norm (exact clipping)."""
         if not self.clipping:
             return None
         from fuyou.store.aligned import huge_empty
 
-        return huge_empty(st.numel * dtype_size(self.gdtype)).view(self.gdtype)[:st.numel]
+        t = huge_empty(st.numel * dtype_size(self.gdtype)).view(self.gdtype)[:st.numel]
+        if not self.dev.is_host:  # the gradient's D2H copy lands here asynchronously: page-locked
+            self.dev.register_host(t)
+            self._registered.append(t)
+        return t
 
     # -- commits ---------------------------------------------------------------------------------
     def _commit_due(self, steps_done: int) -> bool:
@@ -415,7 +477,7 @@ class Engine:
             self.store.allocate_many(missing)
         for s in self.states:
             if s.index in self.plan.cached_stages:
-                s.cache = _pinned_like(s.numel, self.cdtype)
+                s.cache = self._cache_buffer(s)
             if s.index in self.plan.resident_stages:
                 s.resident = _resident_state(s.numel)
                 s.held_grad = self._held_grad(s)
@@ -452,18 +514,22 @@ class Engine:
         self.counters.deferred = self._defer
         self.tracer.enabled = step == self.trace_step
         lr = lr_at(step, self.cfg.optim.lr, t.steps, t.warmup_steps, t.min_lr_ratio)
+        self._spans.clear()
+        anchor, anchor_t = self.dev.event(timing=True).record(), time.perf_counter()  # device time -> host time
         self.streamer.plan(self.step_order(t.grad_accum))
         self._pos = 0
         total = torch.zeros((), device=self.device)
         try:
             for j in range(t.grad_accum):
-                x, y = (b.to(self.device) for b in self.batches.batch(step * t.grad_accum + j))
+                x, y = (self._to_device(b, "input batch") for b in self.batches.batch(step * t.grad_accum + j))
                 total += self._micro_batch(x, y, last=j == t.grad_accum - 1, lr=lr, step=step)
         except BaseException:
             self.streamer.drain()
             raise
         grad_norm = self._finish_clipping(lr, step) if self.clipping else None
         loss = float(total)  # see Note: [Sync points]
+        self._read_spans(anchor, anchor_t)
+        self.dev.check()
         if not math.isfinite(loss):
             raise NonFiniteError(f"the loss of step {step + 1} is {loss}")
         if self._commit_due(step + 1):
@@ -488,7 +554,7 @@ class Engine:
         h = x
         for i in range(S - 1):
             w = self.streamer.get(self._pos)
-            t0 = time.perf_counter()
+            t0 = self._begin()
             params = self.states[i].views(w.flat)
             if i == 0:
                 with torch.no_grad(), self._autocast():
@@ -499,6 +565,7 @@ class Engine:
             self._compute(f"forward {self.states[i].stage.name}", t0)
             self.streamer.release(self._pos)
             self._pos += 1
+            w = params = None  # on a GPU, a reference held here keeps a stage's weights on the device
             fault("forward", step)
         # Head: forward and backward at once.
         head = self.states[-1]
@@ -508,7 +575,7 @@ class Engine:
             emb = self.streamer.get(self._pos)
             self._pos += 1
         w = self.streamer.get(self._pos)
-        t0 = time.perf_counter()
+        t0 = self._begin()
         own = leaves(head.views(w.flat))
         shared = {}
         if self.tied:
@@ -518,6 +585,7 @@ class Engine:
             loss = head.stage.forward({**own, **shared}, h_in, y) / self.cfg.train.grad_accum
         names = list(own) + list(shared)
         grads = torch.autograd.grad(loss, [h_in] + [own[n] for n in own] + [shared[n] for n in shared])
+        loss = loss.detach()  # its graph's leaves view the head's and the embedding's weights
         self._compute("forward+backward head", t0)
         self.streamer.release(self._pos)
         self._pos += 1
@@ -526,8 +594,11 @@ class Engine:
         grad_out = grads[0]
         gmap = dict(zip(names, grads[1:]))
         if self.tied:
-            self._shared_grad = gmap.pop("lm_head.weight")
+            self._shared_grad = self.dev.track(gmap.pop("lm_head.weight"), "tied embedding gradient")
         self._stage_grads(head, gmap, last, lr, step)
+        # Nothing of the head stays alive through backward: its weights, its leaves and its gradients.
+        del own, shared, grads, gmap, h_in, w
+        emb = None
         # Backward over the blocks and the embedding; kept activations come back in reverse order.
         ahead = self.cfg.offload.act_prefetch_blocks
         for i in range(S - 2, -1, -1):
@@ -536,7 +607,7 @@ class Engine:
                     kept[j].prefetch(self.swapper)
             st = self.states[i]
             w = self.streamer.get(self._pos)
-            t0 = time.perf_counter()
+            t0 = self._begin()
             if i > 0:
                 grad_out, gmap = backward_block(self.swapper, kept.pop(i), self._stage_fn(i), w.flat,
                                                 st.views(w.flat), grad_out, self._autocast)
@@ -555,12 +626,42 @@ class Engine:
                 gmap["wte"] = gmap["wte"] + self._shared_grad
                 self._shared_grad = None
             self._stage_grads(st, gmap, last, lr, step)
-        return loss.detach()
+            del gmap
+            w = None
+        return loss
 
-    def _compute(self, name: str, t0: float) -> None:
-        t1 = time.perf_counter()
-        self.counters.compute_s += t1 - t0
-        self.tracer.add(name, "compute", t0, t1)
+    def _begin(self):
+        """An event on the compute stream where a timed span of compute starts."""
+        return self.dev.event(timing=True).record()
+
+    def _compute(self, name: str, t0) -> None:
+        """A span of compute from ``t0``: timed by device events, read after the step's sync point
+        (``_read_spans``), as a CUDA kernel launch returns long before the GPU has run it."""
+        self._spans.append((name, t0, self.dev.event(timing=True).record()))
+
+    def _read_spans(self, anchor, anchor_t: float) -> None:
+        """The step's compute time and trace rows, once the compute stream has reached the sync point."""
+        for name, ev0, ev1 in self._spans:
+            dur = ev0.elapsed_s(ev1)
+            self.counters.compute_s += dur
+            if self.tracer.enabled:
+                start = anchor_t + anchor.elapsed_s(ev0)
+                self.tracer.add(name, "compute", start, start + dur)
+        self._spans.clear()
+        self.tracer.resolve_device(anchor, anchor_t)
+
+    def _to_device(self, t: Tensor, item: str) -> Tensor:
+        """A host tensor (the input batch) on the compute device: through a pinned pool buffer and an
+        asynchronous copy on the compute stream, so the host does not stall on a pageable copy."""
+        if self.dev.is_host:
+            return t
+        nbytes = t.numel() * t.element_size()
+        buf = watchdog.acquire(self.input_pool, nbytes, t.dtype, "a buffer for the input batch")
+        buf.tensor.copy_(t.reshape(-1))
+        out = self.dev.empty(t.numel(), t.dtype, item)
+        self.dev.to_device(out, buf.tensor, self.dev.compute)
+        self.dev.after(self.dev.event().record(), buf.release)
+        return out.view(t.shape)
 
     def _stage_grads(self, st: StageState, grads: dict[str, Tensor], last: bool, lr: float, step: int) -> None:
         """Accumulate a stage's gradients; on the last micro-batch hand them to the optimizer: an
@@ -568,21 +669,24 @@ class Engine:
         into its CPU buffer until the global norm is known (module docstring)."""
         wait_for_norm = last and self.clipping and st.resident is not None
         pooled = None
-        if wait_for_norm and self.device.type == "cpu" and not self.accumulate:
+        acc = self._acc.pop(st.index, None)
+        if wait_for_norm and self.dev.is_host and not self.accumulate:
             flat = st.held_grad  # straight into the buffer it waits in
-        elif self.device.type == "cpu" and not self.accumulate:
+        elif self.dev.is_host and not self.accumulate:
             # Reused pool memory (huge pages), not a fresh allocation per stage: a new 25 MB tensor
             # costs its page faults every time (measured: ~10 ms per GPT-3 350M block on 2 cores).
             pooled = watchdog.acquire(self.grad_pool, st.numel * dtype_size(self.gdtype), self.gdtype,
                                       f"a gradient buffer for {st.stage.name}")
             flat = pooled.tensor
         else:
-            flat = torch.empty(st.numel, dtype=self.gdtype, device=self.device)
+            self._bound_leaving(D2H_DEPTH - 1)  # sync point (f)
+            item = "gradient accumulators" if self.accumulate and not last and acc is None else \
+                "gradients leaving the device"
+            flat = self.dev.empty(st.numel, self.gdtype, item)
         st.flatten_grads(grads, flat)
         if self.accumulate:
-            acc = self._acc.pop(st.index, None)
             if acc is not None:
-                flat = acc + flat  # same order as autograd's accumulation into .grad
+                flat = acc.add_(flat)  # acc + flat, in place: the same sums as autograd's accumulation into .grad
             if not last:
                 self._acc[st.index] = flat
                 return
@@ -593,7 +697,7 @@ class Engine:
                 self._norms[st.stage.key(n)] = v
         if wait_for_norm:
             if flat is not st.held_grad:
-                st.held_grad.copy_(flat)  # CUDA: a D2H copy into pageable memory, sync point (d)
+                _, _, self._held_events[st.index] = self._to_host(flat, into=st.held_grad)
             self._waiting.append(st)
             return
         host, release, event = self._to_host(flat)
@@ -615,25 +719,32 @@ class Engine:
             self._speculated.append((st, job.src, job.dst))
         self.worker.submit(job)
 
-    def _to_host(self, flat: Tensor):
-        """The gradient in CPU memory, a release callback and (CUDA) the D2H event; see Note: [Gradient
-        hand-off]."""
-        if self.device.type != "cuda":
+    def _to_host(self, flat: Tensor, into: Tensor | None = None):
+        """The gradient in CPU memory (a grad-pool buffer, or ``into``), a release callback and the copy's
+        event; see Note: [Gradient hand-off]. The device gradient is freed once the copy has run
+        (``record_stream``), not when the worker is done with the host copy."""
+        if self.dev.is_host:
+            if into is not None:
+                into.copy_(flat)
+                return into, None, None
             return flat, None, None
-        buf = watchdog.acquire(self.grad_pool, flat.numel() * flat.element_size(), flat.dtype, "a gradient buffer")
-        self.d2h_stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self.d2h_stream):
-            buf.tensor.copy_(flat, non_blocking=True)
-            ev = torch.cuda.Event()
-            ev.record(self.d2h_stream)
+        release = None
+        if into is None:
+            buf = watchdog.acquire(self.grad_pool, flat.numel() * flat.element_size(), flat.dtype, "a gradient buffer")
+            into, release = buf.tensor, buf.release
+        self.d2h_stream.wait_stream(self.dev.compute)
+        self.dev.record_stream(flat, self.d2h_stream)
+        self.dev.to_host(into, flat, self.d2h_stream)
+        ev = self.dev.event().record(self.d2h_stream)
+        self._leaving.append(ev)
         self.counters.d2h_bytes += flat.numel() * flat.element_size()
-        keep = [flat, buf]  # the device tensor lives until the copy is done
+        return into, release, ev
 
-        def release():
-            keep.clear()
-            buf.release()
-
-        return buf.tensor, release, ev
+    def _bound_leaving(self, n: int) -> None:
+        """At most ``n`` gradients on their way to the host (the plan's "gradients leaving the device"):
+        the main thread waits for older copies beyond that, sync point (f)."""
+        while self._leaving and (len(self._leaving) > n or self._leaving[0].query()):
+            self._leaving.pop(0).synchronize()
 
     def _finish_clipping(self, lr: float, step: int) -> float:
         """Exact clipping after backward: the global norm over every parameter (in the reference's
@@ -652,7 +763,7 @@ class Engine:
         for st in sorted(self._waiting, key=lambda s: s.index):
             if st.resident is not None:
                 self.worker.submit(UpdateJob(st, st.held_grad, self.gdtype, lr, step + 1, clip, src=st.cur,
-                                             dst=st.cur))
+                                             dst=st.cur, event=self._held_events.pop(st.index, None)))
                 st.dirty = True
             else:  # deferred: its gradient is on the SSD
                 dst = st.target(keep_source=False)
@@ -680,12 +791,13 @@ class Engine:
         pos, losses = 0, []
         try:
             for x, y in batches:
-                h = x.to(self.device)
+                h = self._to_device(x, "input batch")
                 for i in range(S - 1):
                     w = self.streamer.get(pos)
                     with autocast(self.device, self.cfg.train.precision):
                         h = self._stage_fn(i)(self.states[i].views(w.flat), h)
                     self.streamer.release(pos)
+                    w = None  # a reference kept here keeps the stage's weights on the device
                     pos += 1
                 params = {}
                 if self.tied:
@@ -693,7 +805,8 @@ class Engine:
                     pos += 1
                 params.update(self.states[-1].views(self.streamer.get(pos).flat))
                 with autocast(self.device, self.cfg.train.precision):
-                    losses.append(float(self.states[-1].stage.forward(params, h, y.to(self.device))))
+                    losses.append(float(self.states[-1].stage.forward(params, h, self._to_device(y, "input batch"))))
+                params = None
                 self.streamer.release(pos)
                 if self.tied:
                     self.streamer.release(pos - 1)
@@ -755,6 +868,7 @@ class Engine:
             self.swapper.close()
             if not self.worker.alive:  # nothing uses the store any more: free it and its locks, writing nothing
                 self.store.close(sync=False)
+                self._release_host_memory()
             return
         try:
             self._write_back()
@@ -763,9 +877,29 @@ class Engine:
             self.streamer.close()
             self.swapper.close()
             self.store.close()
+            self._release_host_memory()
             if self.completed and not self.cfg.offload.keep_state:
                 for d in self.store_dirs:
                     shutil.rmtree(d, ignore_errors=True)
+
+    def _release_host_memory(self) -> None:
+        """Unregister and free what the engine page-locked, once no copy can still use it."""
+        try:
+            self.dev.synchronize()
+        finally:
+            for t in self._registered:
+                self.dev.unregister_host(t)
+            self._registered.clear()
+            for b in self._cache_bufs:
+                b.release()
+            self._cache_bufs.clear()
+            for st in self.states:
+                st.cache = None
+            for pool in (self.weight_pool, self.grad_pool, self.cache_pool, self.input_pool, self.act_pool,
+                         self.act_cpu_pool, self.opt_pool):
+                if pool is not None:
+                    pool.close()
+            self.dev.close()
 
 
 class NonFiniteError(FuyouError):
@@ -789,7 +923,4 @@ def _resident_state(numel: int) -> tuple[Tensor, Tensor, Tensor]:
     return tuple(huge_empty(4 * numel).view(torch.float32)[:numel] for _ in range(3))  # type: ignore[return-value]
 
 
-def _pinned_like(numel: int, dtype: torch.dtype) -> Tensor:
-    """CPU memory for the weight cache: page-locked when CUDA is present (fast, async H2D)."""
-    t = torch.empty(numel, dtype=dtype)
-    return t.pin_memory() if torch.cuda.is_available() else t
+

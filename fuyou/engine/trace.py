@@ -50,6 +50,7 @@ class Tracer:
     def __init__(self):
         self.enabled = False
         self.events: list[dict] = []
+        self._device: list[tuple] = []   # rows timed by device events, resolved after the step's sync
         self._lock = threading.Lock()
         self._t0 = time.perf_counter()
 
@@ -62,6 +63,23 @@ class Tracer:
             ev["args"] = args
         with self._lock:
             self.events.append(ev)
+
+    def add_gpu(self, name: str, resource: str, start_ev, end_ev, **args) -> None:
+        """A row timed by two device events (``fuyou.engine.device``): its times are known only once
+        the device has run it, so it is resolved at the end of the step (``resolve_device``)."""
+        if self.enabled:
+            with self._lock:
+                self._device.append((name, resource, start_ev, end_ev, args))
+
+    def resolve_device(self, anchor, anchor_t: float) -> None:
+        """Turn the step's device-timed rows into host times: ``anchor`` is an event recorded on the
+        compute stream at host time ``anchor_t``."""
+        with self._lock:
+            rows, self._device = self._device, []
+        for name, resource, ev0, ev1, args in rows:
+            ev1.synchronize()
+            start = anchor_t + anchor.elapsed_s(ev0)
+            self.add(name, resource, start, start + ev0.elapsed_s(ev1), **args)
 
     @contextmanager
     def span(self, name: str, resource: str, **args):

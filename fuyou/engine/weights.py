@@ -6,11 +6,14 @@ SSD into a pool buffer, then (CUDA) copy them to the GPU on the H2D stream and r
 main thread's ``get`` waits for that load and makes the compute stream wait on the event.
 
 Note: [Stream hand-offs]
-    Weights: the H2D copy runs on ``h2d_stream``; ``get`` calls ``compute_stream.wait_event(ev)``, so
-    compute never reads a half-copied tensor and the host never blocks on the GPU. The pool buffer
-    the copy read from is released by the loader thread after ``ev.synchronize()`` (a sync point in
-    the loader thread only, not in the hot loop of the main thread). On the CPU the loaded tensor is
-    the cache entry or the pool buffer itself; no copy, no events.
+    Weights: the device buffer is allocated inside the H2D stream's context and the copy runs on
+    that stream; ``get`` makes the compute stream wait on the copy's event and records the buffer's
+    use by compute (``record_stream``), so compute never reads a half-copied tensor, the allocator
+    never hands the buffer back to the H2D stream while compute may still read it, and the host never
+    blocks on the GPU. The loader does not wait for its copy: the pool buffer the copy read from goes
+    back to the pool from the device's landing thread once the event has completed
+    (``Device.after``). On a host device the loaded tensor is the cache entry or the pool buffer
+    itself; no copy, no events. All of it goes through the device seam (``fuyou.engine.device``).
 """
 
 from __future__ import annotations
@@ -44,9 +47,9 @@ class Loaded:
 class WeightStreamer:
     """Loads stages' weights in a given order with a prefetch window (see the module docstring)."""
 
-    def __init__(self, states: list[StageState], store, pool, device: torch.device, dtype: torch.dtype,
+    def __init__(self, states: list[StageState], store, pool, dev, dtype: torch.dtype,
                  depth: int, tracer: Tracer, counters_ref):
-        self.states, self.store, self.pool, self.device, self.dtype = states, store, pool, device, dtype
+        self.states, self.store, self.pool, self.dev, self.dtype = states, store, pool, dev, dtype
         self.depth, self.tracer = depth, tracer
         self._counters = counters_ref  # callable returning the current StepCounters
         self._exec = ThreadPoolExecutor(max_workers=max(1, depth), thread_name_prefix="fuyou-load")
@@ -54,8 +57,8 @@ class WeightStreamer:
         self._futures: dict[int, Future] = {}
         self._next = 0
         self._lock = threading.Lock()
-        if device.type == "cuda":
-            self.h2d_stream = torch.cuda.Stream(device)
+        if not dev.is_host:
+            self.h2d_stream = dev.new_stream("weights-h2d")
 
     # -- the window ------------------------------------------------------------------------------
     def plan(self, order: list[int]) -> None:
@@ -80,11 +83,11 @@ class WeightStreamer:
         if t1 - t0 > 1e-4:
             self.tracer.add(f"wait weights {self.states[self._order[pos]].stage.name}", "wait", t0, t1)
         if loaded.event is not None:
-            compute = torch.cuda.current_stream(self.device)
+            compute = self.dev.compute
             compute.wait_event(loaded.event)  # see Note: [Stream hand-offs]
             # allocated on the H2D stream, read on the compute stream: keep the allocator from
             # handing its memory to the H2D stream again before compute is done with it
-            loaded.flat.record_stream(compute)
+            self.dev.record_stream(loaded.flat, compute)
         return loaded
 
     def release(self, pos: int) -> None:
@@ -126,20 +129,18 @@ class WeightStreamer:
             host = buf.tensor
             c.ssd_read_bytes += st.numel * dtype_size(self.dtype)
             self.tracer.add(f"read weights {st.stage.name}", "ssd-read", t0, time.perf_counter())
-        if self.device.type != "cuda":
+        if self.dev.is_host:
             return Loaded(host, ready, time.perf_counter(), buffer=buf)
-        t0 = time.perf_counter()
-        with torch.cuda.stream(self.h2d_stream):
-            dev = torch.empty(st.numel, dtype=self.dtype, device=self.device)
-            dev.copy_(host, non_blocking=True)
-            ev = torch.cuda.Event()
-            ev.record(self.h2d_stream)
-        ev.synchronize()  # loader thread only: the host buffer may be reused after this
+        with self.dev.on(self.h2d_stream):  # allocated on the stream that fills it (Note: [Stream hand-offs])
+            flat = self.dev.empty(st.numel, self.dtype, "stage weights in window")
+            start = self.dev.event(timing=True).record(self.h2d_stream)
+            self.dev.to_device(flat, host, self.h2d_stream)
+            ev = self.dev.event(timing=True).record(self.h2d_stream)
         c.h2d_bytes += st.numel * dtype_size(self.dtype)
-        self.tracer.add(f"h2d weights {st.stage.name}", "h2d", t0, time.perf_counter())
         if buf is not None:
-            buf.release()
-        return Loaded(dev, ready, time.perf_counter(), event=ev)
+            self.dev.after(ev, buf.release)  # the host buffer is reused only once the copy has landed
+        self.tracer.add_gpu(f"h2d weights {st.stage.name}", "h2d", start, ev)
+        return Loaded(flat, ready, time.perf_counter(), event=ev)
 
     def drain(self) -> None:
         """Wait for and release every outstanding load (after an error, or at the end)."""

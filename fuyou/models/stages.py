@@ -91,7 +91,7 @@ class Stage:
 
     def forward(self, params: dict[str, Tensor], x: Tensor, targets: Tensor | None = None, acts=None) -> Tensor:
         """Run the stage. ``acts`` (blocks only): an activation context whose ``linear(cls, x, w, b)``
-        replaces each classed matmul (see ``fuyou.engine.activations``)."""
+        replaces each classed matmul (see ``fuyou.engine.recompute``)."""
         raise NotImplementedError
 
 

@@ -6,6 +6,6 @@ FLOPs and bytes) -> ``search`` (policy, cache and prefetch depth; memory from th
 """
 
 from fuyou.planner.config import HardwareConfig
-from fuyou.planner.policy import ActivationPolicy, BlockPolicy, parse_act_policy
+from fuyou.policy import ActivationPolicy, BlockPolicy, parse_act_policy
 
 __all__ = ["ActivationPolicy", "BlockPolicy", "HardwareConfig", "parse_act_policy"]

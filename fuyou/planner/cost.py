@@ -13,10 +13,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from fuyou.engine.budget import activation_bytes
+from fuyou.engine.budget import device_working_bytes
 from fuyou.engine.config import OffloadConfig
 from fuyou.models import ModelConfig, StageModel
-from fuyou.planner.policy import CLASSES, ActivationPolicy
+from fuyou.policy import CLASSES, ActivationPolicy
 from fuyou.store import StoreConfig
 
 
@@ -104,19 +104,8 @@ def stage_costs(w: Workload) -> list[StageCost]:
 
 
 def gpu_working_bytes(w: Workload) -> int:
-    """Device working memory of the largest stage's recompute + backward on a GPU (an estimate).
-
-    A block's autograd saves its norms' outputs, QKV, attention output, the fp32 residual and the MLP's
-    two ff-wide tensors in the compute dtype (~ (9 d + 2 ff) per token, fused/flash attention: no T*T
-    scores), plus the largest gradient in flight (2 ff per token); parameter gradients in the compute
-    dtype twice (autograd's and the flat copy). The head: the engine's fp32 logits three times. The
-    engine's own estimate (``budget.activation_bytes``) is for a CPU device and counts fp32 throughout.
-    """
-    cfg, N = w.model, w.batch * w.seq
-    d, ff = cfg.d_model, cfg.ff_dim * (2 if cfg.family == "llama" else 1)
-    block = w.csize * N * (9 * d + 4 * ff) + 4 * N * d
-    head = activation_bytes(cfg, w.batch, w.seq)["head_work"]
-    return max(block, head) + 2 * max(w.numels) * w.csize
+    """Device working memory of the largest stage's recompute + backward on a GPU (``budget.device_working_bytes``)."""
+    return device_working_bytes(w.model, w.batch, w.seq, w.csize, max(w.numels))
 
 
 def placement_bytes(w: Workload, costs: list[StageCost], policy: ActivationPolicy) -> dict[str, int]:

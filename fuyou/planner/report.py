@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from fuyou.planner.policy import CLASSES
+from fuyou.policy import CLASSES
 from fuyou.planner.search import Plan, state_ssd_bytes
 from fuyou.planner.simulate import Task
 from fuyou.units import format_size

@@ -21,13 +21,13 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-from fuyou.engine.activations import engine_policies
-from fuyou.engine.budget import MemoryPlan, plan_memory, policy_memory, weight_buffer_need
+from fuyou.policy import to_keep
+from fuyou.engine.budget import MemoryPlan, offtier_bytes, plan_memory, policy_memory, weight_buffer_need
 from fuyou.engine.layout import copies_needed
 from fuyou.engine.budget import activation_bytes
 from fuyou.planner.cost import StageCost, Workload, gpu_working_bytes, placement_bytes, stage_costs
 from fuyou.planner.hardware import GPUS, HardwareProfile, with_more_ssds
-from fuyou.planner.policy import CLASSES, ActivationPolicy, BlockPolicy
+from fuyou.policy import CLASSES, ActivationPolicy, BlockPolicy
 from fuyou.planner.simulate import SimResult, simulate
 from fuyou.units import format_size
 
@@ -82,14 +82,16 @@ def memory_plan(w: Workload, hw: HardwareProfile, costs: list[StageCost], policy
     pb = placement_bytes(w, costs, policy)
     # The activation items are the engine's own (budget.policy_memory), from the engine's view of the
     # policy, so a plan the planner accepts is one the engine accepts.
-    extra_cpu, extra_dev, ckpt_bytes = policy_memory(w.model, engine_policies(policy, w.model.n_layer), off, w.batch,
-                                                     w.seq, w.csize, w.store.checksum_block)
+    keep = to_keep(policy, w.model.n_layer)
+    extra_cpu, extra_dev, ckpt_bytes = policy_memory(w.model, keep, off, w.batch, w.seq, w.csize,
+                                                     w.store.checksum_block)
     plan = plan_memory(
         w.numels, off, chunk=w.chunk, io_buffer_bytes=w.store.queue_depth * max(w.store.block_size, w.store.checksum_block),
         act=activation_bytes(w.model, w.batch, w.seq), csize=w.csize, gsize=w.gsize, deferred=w.grad_clip is not None,
         accumulate=w.grad_accum > 1, tied=w.tied, compute_on_cpu=not cuda,
         checkpoint_bytes=ckpt_bytes, working_bytes=gpu_working_bytes(w) if cuda else None,
-        extra_cpu=extra_cpu, extra_device=extra_dev)
+        extra_cpu=extra_cpu, extra_device=extra_dev,
+        offtier_bytes=offtier_bytes(w.model, keep, w.batch, w.seq, w.csize))
     ssd = sum(state_ssd_bytes(w, plan).values()) + pb["ssd"] + pb["ckpt_ssd"] + 64 * 1024**2
     return plan, ssd
 

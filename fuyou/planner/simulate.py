@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 
 from fuyou.planner.cost import StageCost, Workload
 from fuyou.planner.hardware import HardwareProfile
-from fuyou.planner.policy import CLASSES, ActivationPolicy
+from fuyou.policy import CLASSES, ActivationPolicy
 
 MAX_ADAM_CHUNKS = 4  # chunks per AdamW job in the simulation (enough to show the pipeline's fill/drain)
 

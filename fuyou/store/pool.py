@@ -8,8 +8,10 @@ release; a request larger than the whole capacity raises :class:`PoolBudgetError
 
 Buffers are 4 KiB aligned (O_DIRECT's rule) and their byte size is rounded up to 4 KiB; that rounded
 size is what counts against the capacity. Buffers of 2 MiB or more are 2 MiB aligned and backed by
-transparent huge pages (:func:`fuyou.store.aligned.huge_empty`, which says what that saves). Without
-CUDA the memory is not page-locked.
+transparent huge pages (:func:`fuyou.store.aligned.huge_empty`, which says what that saves). The
+buffers are page-locked only when the pool is given a ``device`` (``fuyou.engine.device``): the pools
+whose buffers a GPU copies from or to; the optimizer's never reaches the GPU and stays pageable. A
+pinned pool's buffers are unregistered when freed (``trim``, ``close``).
 """
 
 from __future__ import annotations
@@ -26,31 +28,28 @@ from fuyou.store.errors import PoolBudgetError
 __all__ = ["PinnedPool", "PinnedBuffer"]
 
 
-def _cuda_ok() -> bool:
-    return torch.cuda.is_available()
-
-
 class _Block:
     """One allocation: aligned bytes, registered with CUDA when available."""
 
     __slots__ = ("raw", "nbytes", "registered")
 
-    def __init__(self, nbytes: int, alignment: int, pin: bool):
+    def __init__(self, nbytes: int, alignment: int, device):
         # Buffers of a huge page or more get huge pages (aligned.huge_empty: half the kernel's CPU per
         # O_DIRECT GB, measured); smaller ones come from the allocator.
         big = nbytes >= HUGE_PAGE and HUGE_PAGE % alignment == 0
         self.raw = huge_empty(nbytes) if big else aligned_empty(nbytes, torch.uint8, alignment)
         self.nbytes = nbytes
-        self.registered = False
-        if pin:
-            # cudaHostRegister page-locks memory we allocated ourselves, so the alignment is ours.
-            err = torch.cuda.cudart().cudaHostRegister(self.raw.data_ptr(), nbytes, 0)
-            self.registered = int(err) == 0
+        self.registered = None
+        if device is not None:
+            # Page-locked in place at its exact size, through the device seam, which raises when the
+            # system refuses (a pageable buffer would fail later, at an unrelated copy).
+            device.register_host(self.raw)
+            self.registered = device
 
     def free(self) -> None:
-        if self.registered:
-            torch.cuda.cudart().cudaHostUnregister(self.raw.data_ptr())
-            self.registered = False
+        if self.registered is not None:
+            self.registered.unregister_host(self.raw)
+            self.registered = None
         self.raw = None  # type: ignore[assignment]
 
 
@@ -68,12 +67,14 @@ class PinnedBuffer:
 
     @property
     def pinned(self) -> bool:
-        return bool(self._block is not None and self._block.registered)
+        return bool(self._block is not None and self._block.registered is not None)
 
     def release(self) -> None:
         """Return the memory to the pool (idempotent)."""
         if self._block is not None:
             block, self._block, self.tensor = self._block, None, None  # type: ignore[assignment]
+            if self._pool._device is not None:
+                self._pool._device.poison_released(block.raw)  # the fake device: a late reader sees poison
             self._pool._release(block)
 
     def __enter__(self) -> "PinnedBuffer":
@@ -91,12 +92,12 @@ class PinnedPool:
     full and raises :class:`PoolBudgetError` when the request could never fit. Thread-safe.
     """
 
-    def __init__(self, capacity_bytes: int, alignment: int = 4096, pin: bool | None = None):
+    def __init__(self, capacity_bytes: int, alignment: int = 4096, device=None):
         if capacity_bytes <= 0:
             raise ValueError(f"capacity_bytes must be positive, got {capacity_bytes}")
         self.capacity = int(capacity_bytes)
         self.alignment = alignment
-        self._pin = _cuda_ok() if pin is None else pin
+        self._device = device  # the device seam that page-locks the buffers; None: pageable
         self._cv = threading.Condition()
         self._free: dict[int, list[_Block]] = defaultdict(list)  # cached blocks by byte size
         self._held = 0      # bytes allocated (lent + cached)
@@ -130,7 +131,7 @@ class PinnedPool:
                         f"no {size} bytes free in the pinned pool within {timeout} s "
                         f"({self.in_use} of {self.capacity} bytes lent); release buffers or raise the budget")
                 self._cv.wait(left)
-            self.in_use += size
+            self.in_use += block.nbytes
             self.peak = max(self.peak, self.in_use)
         return PinnedBuffer(self, block, block.raw[:nbytes].view(dtype))
 
@@ -139,6 +140,11 @@ class PinnedPool:
         cached = self._free.get(size)
         if cached:
             return cached.pop()
+        # A cached block up to twice the size serves too: no unregister/register churn when sizes vary
+        # (stages of different sizes share the weight pool). It counts at its own size.
+        bigger = [sz for sz, blocks in self._free.items() if blocks and size < sz <= 2 * size]
+        if bigger:
+            return self._free[min(bigger)].pop()
         if self._held + size > self.capacity:
             for sz in list(self._free):
                 while self._free[sz] and self._held + size > self.capacity:
@@ -148,7 +154,7 @@ class PinnedPool:
                 return None
         self._held += size  # allocated under the lock: simple, and pools are filled once and reused
         try:
-            return _Block(size, self.alignment, self._pin)
+            return _Block(size, self.alignment, self._device)
         except BaseException:
             self._held -= size
             raise

@@ -25,8 +25,10 @@ class TrainConfig(BaseModel):
     precision: Literal["fp32", "bf16"] = Field(
         "bf16", description="Compute precision: 'bf16' (autocast, fp32 master weights and moments) or 'fp32'."
     )
-    device: Literal["auto", "cpu", "cuda"] = Field(
-        "auto", description="Compute device; 'auto' picks CUDA when available, else the CPU."
+    device: Literal["auto", "cpu", "cuda", "fake"] = Field(
+        "auto", description="Compute device; 'auto' picks CUDA when available, else the CPU. 'fake' (for "
+        "development): CPU compute through the engine's CUDA code paths, with CUDA's asynchrony modelled "
+        "and its stream and memory rules checked (fuyou.engine.device)."
     )
     seed: int = Field(1234, ge=0, description="Seed of weight init and data order.")
     eval_every: int = Field(80, ge=0, description="Evaluate every N steps (0: only at start and end).")

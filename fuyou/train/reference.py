@@ -35,6 +35,8 @@ class StepStats:
 
 
 def resolve_device(name: str) -> torch.device:
+    if name == "fake":  # the engine's fake CUDA device computes on the CPU (fuyou.engine.device)
+        return torch.device("cpu")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fuyou.engine import activations
-from fuyou.engine.activations import ActivationSwapper
+from fuyou.engine.device import HostDevice
+from fuyou.engine.swapper import ActivationSwapper
 from fuyou.engine.trace import StepCounters, Tracer
 from fuyou.store import PinnedPool, StoreCorruptError, TensorStore
 
@@ -111,14 +111,14 @@ def test_activations_beyond_the_cpu_budget_flow_through_ssd(tmp_path):
 
 
 def _swapper(store, tmp_path):
-    return ActivationSwapper(store, torch.device("cpu"), 0, PinnedPool(8 << 20), 1 << 20, Tracer(), StepCounters)
+    return ActivationSwapper(store, HostDevice(), None, PinnedPool(8 << 20), 1 << 20, Tracer(), StepCounters)
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate"])
 def test_corrupt_activation_is_reported_not_returned(tmp_path, damage):
     with TensorStore.create([tmp_path / "s"]) as store:
         counters = StepCounters()
-        sw = ActivationSwapper(store, torch.device("cpu"), 0, PinnedPool(8 << 20), 1 << 20, Tracer(), lambda: counters)
+        sw = ActivationSwapper(store, HostDevice(), None, PinnedPool(8 << 20), 1 << 20, Tracer(), lambda: counters)
         t = torch.randn(3, 700_000)
         slot = sw.put("act/3/fc2.0", t, "ssd")
         for f in slot.writes:

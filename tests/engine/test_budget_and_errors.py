@@ -8,8 +8,7 @@ import textwrap
 import pytest
 
 from fuyou.cli import main
-from fuyou.config import load_config
-from fuyou.errors import BudgetError, ConfigError
+from fuyou.errors import BudgetError
 
 from engine_testutil import make_cfg
 

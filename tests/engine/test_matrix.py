@@ -14,7 +14,6 @@ from __future__ import annotations
 import itertools
 
 import pytest
-import torch
 
 from engine_testutil import assert_same_training, make_cfg, run_both
 

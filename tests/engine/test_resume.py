@@ -1,7 +1,6 @@
 """Crash-safe resume: a run killed with SIGKILL anywhere resumes to bit-identical final weights."""
 
 import hashlib
-import json
 import os
 import signal
 import subprocess

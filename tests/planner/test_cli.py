@@ -24,7 +24,8 @@ def test_plan_175b_answers_in_seconds_with_a_schedule(capsys):
 
 def test_plan_command_line_is_fast_end_to_end():
     t0 = time.perf_counter()
-    out = subprocess.run([sys.executable, "-m", "fuyou.cli", "plan", "--model", "gpt3-175b", "--gpu", "rtx4090",
+    # (175B on a 24 GiB card does not fit once the device plan counts every item: issue 21's work)
+    out = subprocess.run([sys.executable, "-m", "fuyou.cli", "plan", "--model", "gpt3-175b", "--gpu", "h100",
                           "--cpu-mem", "256GiB", "--ssd", "12xd7-p5510", "--batch", "4", "--seq", "1024"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
@@ -44,7 +45,7 @@ def test_impossible_config_says_what_would_make_it_fit(capsys):
 
 
 def test_plan_json_carries_policy_for_the_engine(capsys):
-    from fuyou.planner.policy import ActivationPolicy
+    from fuyou.policy import ActivationPolicy
 
     assert main(["plan", "--model", "gpt3-1.3b", "--gpu", "rtx4090", "--ssd", "2x990-pro", "--cpu-mem", "32GiB",
                  "--batch", "8", "--json"]) == 0
@@ -162,7 +163,7 @@ def test_ssd_space_of_each_commit_mode_and_the_fix_it_suggests(capsys):
     from fuyou.planner.config import HardwareConfig
     from fuyou.planner.cost import Workload, stage_costs
     from fuyou.planner.hardware import resolve
-    from fuyou.planner.policy import ActivationPolicy
+    from fuyou.policy import ActivationPolicy
     from fuyou.planner.search import memory_plan, state_ssd_bytes
 
     hw = resolve(HardwareConfig(gpu="rtx4090", ssd="2x990-pro"))

@@ -6,7 +6,7 @@ from fuyou.engine.config import OffloadConfig
 from fuyou.models import ModelConfig, preset
 from fuyou.planner.cost import Workload, stage_costs, step_bytes
 from fuyou.planner.hardware import HardwareProfile, with_more_ssds
-from fuyou.planner.policy import ActivationPolicy
+from fuyou.policy import ActivationPolicy
 from fuyou.planner.search import search
 from fuyou.planner.simulate import _Graph, simulate, simulate_job
 
@@ -162,7 +162,7 @@ def test_planner_memory_plan_is_the_engines(tmp_path, policy):
     planner finds feasible is one the engine accepts (a block with every class kept is kept whole)."""
     from fuyou.config import load_config
     from fuyou.engine.engine import Engine
-    from fuyou.planner.policy import parse_act_policy
+    from fuyou.policy import parse_act_policy
     from fuyou.planner.search import memory_plan
 
     (tmp_path / "ssd").mkdir()

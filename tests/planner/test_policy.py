@@ -1,7 +1,7 @@
 import pytest
 
 from fuyou.errors import ConfigError
-from fuyou.planner.policy import ActivationPolicy, BlockPolicy, parse_act_policy
+from fuyou.policy import ActivationPolicy, BlockPolicy, parse_act_policy
 
 
 def test_recompute_is_the_default_everywhere():
@@ -39,7 +39,7 @@ def test_bad_json_policies_raise_config_error(raw):
 
 
 def test_describe_reads_back_to_the_same_policy():
-    from fuyou.planner.policy import ActivationPolicy, parse_act_policy
+    from fuyou.policy import ActivationPolicy, parse_act_policy
     for text in ("recompute", "all=gpu", "fc2,proj=ssd", "0-3:checkpoint=cpu;fc2=cpu;10-11:all=gpu", "5:qkv,fc1=ssd"):
         pol = parse_act_policy(text, 12)
         again = parse_act_policy(pol.describe(12), 12)

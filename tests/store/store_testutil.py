@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from fuyou.store import StoreConfig
 
 SMALL = dict(block_size="16KiB", checksum_block="16KiB", stripe_unit="64KiB", queue_depth=4)
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fuyou.errors import StoreError
-from fuyou.store import (StoreConfig, StoreCorruptError, StoreFullError, StorePermissionError, StoreSpaceError,
+from fuyou.store import (StoreCorruptError, StoreFullError, StorePermissionError, StoreSpaceError,
                          TensorStore)
 from fuyou.store.errors import io_error_from_oserror
 from fuyou.store.native import native_available

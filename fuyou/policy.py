@@ -1,5 +1,8 @@
 """The activation policy: per block, where each activation class is kept, or that it is recomputed.
 
+The planner chooses it (``fuyou.planner``), the engine carries it out (``fuyou.engine.recompute``):
+this module is the language both speak, with the translation into the engine's form (``KeepPolicy``).
+
 Classes, in DESIGN.md's swap-priority order (recompute FLOPs saved per byte kept, highest first):
 
 * ``fc2``  output of the second MLP matmul, B*T*d elements;
@@ -26,6 +29,8 @@ recomputed and their checkpoint on the GPU.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -168,3 +173,42 @@ def parse_act_policy(text: str, n_layer: int, **kw) -> ActivationPolicy:
             for c in classes:
                 blocks[i][c] = tier
     return ActivationPolicy(blocks={i: BlockPolicy(**b) for i, b in blocks.items()}, **kw)
+
+
+@dataclass
+class KeepPolicy:
+    """The engine's form of one block's policy (``fuyou.engine.recompute``): the checkpoint's tier, the
+    kept classes by tier, or ``all``: the whole graph kept in one tier."""
+
+    checkpoint: str = "gpu"
+    classes: dict[str, str] = field(default_factory=dict)   # class -> tier, only kept classes
+    all: str | None = None                                    # keep the whole graph in this tier
+
+    @property
+    def recomputes(self) -> bool:
+        return self.all is None
+
+
+def keep_policies(spec: str, n_layer: int) -> dict[int, KeepPolicy]:
+    """Engine policies from ``--act-policy`` (the planner's human form, or a JSON file path). A block
+    whose four classes are all kept in one tier is kept whole (no recomputation at all)."""
+    if spec.endswith(".json") and Path(spec).is_file():
+        pol = ActivationPolicy.from_json(Path(spec).read_text())
+        pol.check_layers(n_layer)
+    else:
+        pol = parse_act_policy(spec, n_layer)
+    return to_keep(pol, n_layer)
+
+
+def to_keep(pol: ActivationPolicy, n_layer: int) -> dict[int, KeepPolicy]:
+    """The engine's per-block policies for an ``ActivationPolicy`` (see ``keep_policies``)."""
+    out = {}
+    for i in range(n_layer):
+        b = pol.block(i)
+        kept = {c: getattr(b, c) for c in CLASSES if getattr(b, c) != "recompute"}
+        tiers = set(kept.values())
+        if len(kept) == len(CLASSES) and len(tiers) == 1:
+            out[i] = KeepPolicy(checkpoint=b.checkpoint, all=tiers.pop())
+        else:
+            out[i] = KeepPolicy(checkpoint=b.checkpoint, classes=kept)
+    return out

@@ -1,0 +1,209 @@
+"""Recomputation in backward, with kept activations put back: the autograd side of DESIGN.md idea 2.
+
+Policy, per block (``fuyou.policy.KeepPolicy``):
+
+* ``checkpoint``: where the block's input lives between forward and backward (always kept);
+* one tier per activation class (``ACT_CLASSES``: the outputs of fc2, proj, qkv, fc1): a kept class's
+  matmul is *not* recomputed in backward: its stored output is put back in the recomputed graph by
+  ``KnownLinear``, whose backward is the matmul's own (bit-identical gradients, tested);
+* ``all``: the block's whole autograd graph is kept from the forward pass, every tensor autograd
+  saves is swapped out through saved-tensor hooks (``GraphKeeper``), and backward runs **without any
+  recomputation**.
+
+Everything not kept is recomputed from the checkpoint. Where kept tensors go and how they come back
+is the swapper's business (``swapper.py``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fuyou.engine.swapper import ActivationSwapper, Slot
+from fuyou.policy import KeepPolicy
+
+
+def leaves(params: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Autograd leaves viewing the given tensors (gradients are taken with respect to these)."""
+    return {k: v.detach().requires_grad_(True) for k, v in params.items()}
+
+
+class KnownLinear(torch.autograd.Function):
+    """``F.linear(x, w, b)`` whose output is already known (kept from the forward pass): returns it
+    without the matmul, and back-propagates exactly as the matmul does (same kernels, same layouts)."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, y):
+        ctx.save_for_backward(x, w)
+        ctx.has_bias = b is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w = ctx.saved_tensors
+        g2 = grad.reshape(-1, grad.shape[-1])
+        gx = g2.mm(w).view(x.shape)
+        gw = x.reshape(-1, x.shape[-1]).t().mm(g2).t()
+        gb = g2.sum(0) if ctx.has_bias else None
+        return gx, gw, gb, None
+
+
+
+class RecordContext:
+    """Forward pass (no grad) of one block: computes each classed matmul and keeps the kept ones."""
+
+    def __init__(self, swapper: ActivationSwapper, block: int, policy: KeepPolicy):
+        self.swapper, self.block, self.policy = swapper, block, policy
+        self.slots: dict[str, Slot] = {}
+        self._n: dict[str, int] = {}
+
+    def linear(self, cls: str, x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
+        y = F.linear(x, w, b)
+        tier = self.policy.classes.get(cls)
+        if tier is not None:
+            name = _name(self._n, cls)
+            self.slots[name] = self.swapper.put(f"act/{self.block}/{name}", y, tier)
+        return y
+
+
+class ReplayContext:
+    """Recompute of one block (with grad): kept matmul outputs come back through ``KnownLinear``."""
+
+    def __init__(self, swapper: ActivationSwapper, slots: dict[str, Slot]):
+        self.swapper, self.slots = swapper, slots
+        self._n: dict[str, int] = {}
+
+    def linear(self, cls: str, x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
+        name = _name(self._n, cls)
+        slot = self.slots.get(name)
+        if slot is None:
+            return F.linear(x, w, b)
+        y = self.swapper.get(slot)
+        if torch.is_autocast_enabled(x.device.type):  # the casts autocast would have made for F.linear
+            dt = torch.get_autocast_dtype(x.device.type)
+            x, w = x.to(dt), w.to(dt)
+            b = b.to(dt) if b is not None else None
+        return KnownLinear.apply(x, w, b, y)
+
+
+def _name(counter: dict[str, int], cls: str) -> str:
+    n = counter.get(cls, 0)
+    counter[cls] = n + 1
+    return f"{cls}.{n}"
+
+
+
+class GraphKeeper:
+    """Saved-tensor hooks of a block kept whole (policy ``all``): every tensor autograd saves leaves
+    through the swapper, except views of the block's weights and of its input, which are recorded
+    as markers and rebuilt in backward from the weights loaded then (the forward's weight buffer may
+    have been reused) and from the kept input."""
+
+    def __init__(self, swapper: ActivationSwapper, prefix: str, tier: str, weights: Tensor, inp: Tensor):
+        self.swapper, self.prefix, self.tier = swapper, prefix, tier
+        self.fwd_weights, self.inp = weights, inp
+        self.bwd_weights: Tensor | None = None
+        self.slots: list[Slot] = []
+
+    def pack(self, t: Tensor):
+        if t.device != self.inp.device:  # e.g. the CPU RNG state SDPA saves on CUDA: small, kept as is
+            return ("raw", t)
+        ptr = t.untyped_storage().data_ptr()
+        if ptr == self.fwd_weights.untyped_storage().data_ptr():
+            return ("w", t.storage_offset() - self.fwd_weights.storage_offset(), t.shape, t.stride())
+        if ptr == self.inp.untyped_storage().data_ptr():
+            return ("in", t.storage_offset() - self.inp.storage_offset(), t.shape, t.stride())
+        slot = self.swapper.put(f"{self.prefix}/saved{len(self.slots)}", t, self.tier)
+        self.slots.append(slot)
+        return ("s", slot)
+
+    def unpack(self, packed):
+        kind = packed[0]
+        if kind == "raw":
+            return packed[1]
+        if kind == "s":
+            return self.swapper.get(packed[1])
+        _, rel, shape, stride = packed
+        base = self.bwd_weights if kind == "w" else self.inp
+        assert base is not None, "backward of a kept block before its weights were bound"
+        return base.as_strided(shape, stride, base.storage_offset() + rel)
+
+    def prefetch(self) -> None:
+        for s in reversed(self.slots):
+            self.swapper.prefetch(s)
+
+    def free(self) -> None:
+        for s in self.slots:
+            self.swapper.free(s)
+        self.slots.clear()
+
+
+class BlockState:
+    """What the forward pass left for one block's backward."""
+
+    def __init__(self, checkpoint: Slot | None = None, slots: dict[str, Slot] | None = None,
+                 graph: tuple | None = None, keeper: GraphKeeper | None = None):
+        self.checkpoint, self.slots, self.graph, self.keeper = checkpoint, slots or {}, graph, keeper
+
+    def prefetch(self, swapper: ActivationSwapper) -> None:
+        if self.keeper is not None:
+            self.keeper.prefetch()
+            return
+        if self.checkpoint is not None:
+            swapper.prefetch(self.checkpoint)
+        for s in self.slots.values():
+            swapper.prefetch(s)
+
+    def free(self, swapper: ActivationSwapper) -> None:
+        if self.keeper is not None:
+            self.keeper.free()
+        if self.checkpoint is not None:
+            swapper.free(self.checkpoint)
+        for s in self.slots.values():
+            swapper.free(s)
+
+
+def forward_block(swapper: ActivationSwapper, block: int, policy: KeepPolicy, fn, weights: Tensor,
+                  params: dict[str, Tensor], x: Tensor, autocast_ctx) -> tuple[Tensor, BlockState]:
+    """Run block ``block`` forward under ``policy``; return its output and what backward needs."""
+    if policy.all is not None:
+        inp = x.detach().requires_grad_(True)
+        params = leaves(params)
+        keeper = GraphKeeper(swapper, f"act/{block}", policy.all, weights, inp)
+        with torch.enable_grad(), autocast_ctx(), torch.autograd.graph.saved_tensors_hooks(keeper.pack, keeper.unpack):
+            out = fn(params, inp, None)
+        # The graph keeps the leaves, which view the forward's weight buffer: without this the whole
+        # block's forward weights would stay on the device until its backward. Backward rebuilds what
+        # it needs from the weights loaded then (``bwd_weights``); autograd needs only the leaves' identity.
+        for p in params.values():
+            p.data = p.data.new_empty(0)
+        keeper.fwd_weights = None
+        return out.detach(), BlockState(graph=(out, inp, params), keeper=keeper)
+    ck = swapper.put(f"act/{block}/checkpoint", x, policy.checkpoint)
+    rec = RecordContext(swapper, block, policy) if policy.classes else None
+    with torch.no_grad(), autocast_ctx():
+        out = fn(params, x, rec)
+    return out, BlockState(checkpoint=ck, slots=rec.slots if rec else {})
+
+
+def backward_block(swapper: ActivationSwapper, state: BlockState, fn, weights: Tensor,
+                   params: dict[str, Tensor], grad_out: Tensor, autocast_ctx) -> tuple[Tensor, dict[str, Tensor]]:
+    """Backward of one block (recomputing what the policy did not keep); returns the gradient of
+    its input and of its parameters by local name."""
+    if state.graph is not None:
+        out, inp, wrt = state.graph
+        state.keeper.bwd_weights = weights
+        grads = torch.autograd.grad(out, [inp, *wrt.values()], grad_out)
+        state.graph = None
+    else:
+        inp = swapper.get(state.checkpoint).detach().requires_grad_(True)
+        wrt = leaves(params)
+        rep = ReplayContext(swapper, state.slots) if state.slots else None
+        with torch.enable_grad(), autocast_ctx():
+            out = fn(wrt, inp, rep)
+        grads = torch.autograd.grad(out, [inp, *wrt.values()], grad_out)
+    state.free(swapper)
+    return grads[0], dict(zip(wrt, grads[1:]))
+
+
