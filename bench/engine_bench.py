@@ -62,7 +62,8 @@ def worker(args) -> None:
     """One run in this process; prints a JSON line."""
     from fuyou.config import load_config
     from fuyou.data import load_data
-    from fuyou.engine.engine import Engine, resident_bytes
+    from fuyou.engine.engine import Engine
+    from fuyou.engine.malloc import resident_bytes
     from fuyou.train.reference import ReferenceTrainer
 
     overrides = json.loads(args.overrides)

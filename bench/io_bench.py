@@ -63,7 +63,7 @@ class Store:
         for o in range(0, nbytes, tile.numel()):  # random 64 MiB tile repeated: cheap to make at 4 GiB
             self.src.tensor[o:o + tile.numel()] = tile[:nbytes - o]
         self.store = TensorStore.create([d / name], cfg)
-        self.engine = self.store.engine_name
+        self.backend = self.store.backend_name
         self.store.allocate("x", (nbytes,), torch.uint8)
         self.write()  # untimed: converts the fallocated extent to written
 
@@ -96,7 +96,7 @@ class GpuStore(Store):
         super().__init__(d, nbytes, cfg, name="store-gpu")
         self.gsrc = self.src.tensor.to("cuda")
         self.gdst = torch.empty_like(self.gsrc)
-        self.engine = "kvikio"
+        self.backend = "kvikio"
 
     def write(self) -> None:
         self.store.write_from("x", self.gsrc).result()
@@ -198,7 +198,7 @@ def _cpu_seconds() -> float:
 
 def run(args: argparse.Namespace) -> tuple[dict[str, list[float]], dict[str, str]]:
     """Per-rep GB/s (``store_w`` ...) and CPU seconds per GB (``store_w_cpu`` ...) of every contender,
-    and the I/O engine each store contender ran with.
+    and the I/O backend each store contender ran with.
 
     The order of the contenders rotates from one repetition to the next (store, fio, ds; fio, ds,
     store; ...), so none always follows the same neighbour: on this virtio disk a write right after
@@ -209,11 +209,11 @@ def run(args: argparse.Namespace) -> tuple[dict[str, list[float]], dict[str, str
     nbytes, bs = parse_size(args.size), parse_size(args.block_size)
     cb = parse_size(args.checksum_block)
     contenders: list = []
-    for i, engine in enumerate(args.engine):
+    for i, backend in enumerate(args.backend):
         cfg = StoreConfig(block_size=bs, queue_depth=args.queue_depth, verify_checksums=args.verify,
-                          checksum_block=cb, stripe_unit=max(64 << 20, bs, cb), engine=engine)
-        contenders.append(Store(d, nbytes, cfg, name="store" if i == 0 else f"store-{engine}"))
-        print(f"{contenders[-1].name}: engine {contenders[-1].engine}")
+                          checksum_block=cb, stripe_unit=max(64 << 20, bs, cb), backend=backend)
+        contenders.append(Store(d, nbytes, cfg, name="store" if i == 0 else f"store-{backend}"))
+        print(f"{contenders[-1].name}: backend {contenders[-1].backend}")
     if args.gpu:
         from fuyou.store.kvikio_backend import kvikio_available
 
@@ -249,15 +249,15 @@ def run(args: argparse.Namespace) -> tuple[dict[str, list[float]], dict[str, str
     finally:
         for c in contenders:
             c.close()
-    return res, {c.name: c.engine for c in contenders if isinstance(c, Store)}
+    return res, {c.name: c.backend for c in contenders if isinstance(c, Store)}
 
 
-def report(res: dict[str, list[float]], engines: dict[str, str] | None = None) -> str:
+def report(res: dict[str, list[float]], backends: dict[str, str] | None = None) -> str:
     """Markdown table of the medians, the store / best-peer ratios, and every repetition's GB/s."""
-    engines = engines or {}
+    backends = backends or {}
     med = {k: statistics.median(v) for k, v in res.items()}
     lines = ["| | write GB/s | read GB/s | write CPU s/GB | read CPU s/GB |", "|---|---|---|---|---|"]
-    names = {k[:-2]: f"fuyou TensorStore ({engines.get(k[:-2], k[6:-2])} engine, pinned)"
+    names = {k[:-2]: f"fuyou TensorStore ({backends.get(k[:-2], k[6:-2])} backend)"
              for k in res if k.startswith("store") and k.endswith("_w")}
     names.update({"fio": "fio libaio O_DIRECT", "ds": "DeepSpeed aio_handle"})
     for k, name in names.items():
@@ -284,8 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--block-size", default=str(StoreConfig().block_size), help="I/O block size, also fio --bs")
     p.add_argument("--checksum-block", default=str(StoreConfig().checksum_block),
                    help="bytes per store CRC-32 (independent of --block-size)")
-    p.add_argument("--engine", nargs="+", default=["auto"], choices=["auto", "native", "threads"],
-                   help="store I/O engine(s); the first is 'store' in the ratios, the others are shown beside it")
+    p.add_argument("--backend", nargs="+", default=["auto"], choices=["auto", "native", "threads"],
+                   help="store I/O backend(s); the first is 'store' in the ratios, the others are shown beside it")
     p.add_argument("--queue-depth", type=int, default=StoreConfig().queue_depth, help="store queue depth, fio --iodepth")
     p.add_argument("--reps", type=int, default=3, help="repetitions; the median is reported")
     p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True, help="store CRC-32 checksums")

@@ -49,7 +49,7 @@ from pathlib import Path
 
 import torch
 
-from fuyou.engine.engine import resident_bytes
+from fuyou.engine.malloc import resident_bytes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_header, publish, run_worker  # noqa: E402

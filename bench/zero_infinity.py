@@ -58,7 +58,7 @@ import torch
 from torch import nn
 
 from fuyou.data import BatchSampler, DataConfig, SyntheticBatches, load_data
-from fuyou.engine.engine import resident_bytes
+from fuyou.engine.malloc import resident_bytes
 from fuyou.models import ModelConfig, StageModel, preset
 from fuyou.optim.config import AdamWConfig
 from fuyou.units import format_size, parse_size

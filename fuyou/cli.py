@@ -102,7 +102,7 @@ def _add_hf_parsers(sub) -> None:
 
 
 def _import(args) -> int:
-    from fuyou.hf import import_checkpoint
+    from fuyou.train.run import import_checkpoint
 
     out = import_checkpoint(args.hf_dir, args.out)
     print(f"imported {args.hf_dir} into {out}; train with: fuyou train --config {out / 'config.toml'}")

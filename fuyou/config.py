@@ -21,7 +21,7 @@ from fuyou.data.config import DataConfig
 from fuyou.engine.config import OffloadConfig
 from fuyou.errors import ConfigError
 from fuyou.models.config import ModelConfig
-from fuyou.models.presets import preset
+from fuyou.models.config import preset
 from fuyou.optim.config import AdamWConfig
 from fuyou.planner.config import HardwareConfig
 from fuyou.train.config import TrainConfig
@@ -60,6 +60,16 @@ class FuyouConfig(BaseModel):
     offload: OffloadConfig = Field(default_factory=OffloadConfig)
     hardware: HardwareConfig = Field(default_factory=HardwareConfig)
     run: RunConfig = Field(default_factory=RunConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shape_from_checkpoint(cls, data):
+        """``model.init_from``: the checkpoint's shape fields win over the preset and the fields given."""
+        if isinstance(data, dict) and isinstance(data.get("model"), dict) and data["model"].get("init_from"):
+            from fuyou.hf.source import checkpoint_model_fields
+
+            data = {**data, "model": checkpoint_model_fields(dict(data["model"]))}
+        return data
 
     @model_validator(mode="after")
     def _checkpoint_tokenizer(self) -> "FuyouConfig":

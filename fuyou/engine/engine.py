@@ -50,10 +50,8 @@ that is not (``sync_copies``) and the tests require none. Every such wait has a 
 
 from __future__ import annotations
 
-import ctypes
 import math
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -68,9 +66,10 @@ from fuyou.engine.device import make_device
 from fuyou.engine.recompute import BlockState, backward_block, forward_block, leaves
 from fuyou.engine.swapper import ActivationSwapper
 from fuyou import watchdog
-from fuyou.engine.commit import ResumeError, read_record, step_tag, write_record
+from fuyou.engine.malloc import bound_malloc, malloc_threshold, resident_bytes
 from fuyou.engine.layout import StageState, build_states, copies_needed, dtype_size
-from fuyou.errors import ConfigError, FuyouError
+from fuyou.engine.state import TrainingState, grad_key
+from fuyou.errors import FuyouError
 from fuyou.faults import fault
 from fuyou.engine.trace import StepCounters, Tracer
 from fuyou.engine.weights import WeightStreamer
@@ -79,59 +78,12 @@ from fuyou.models import StageModel
 from fuyou.optim import adamw_backend
 from fuyou.optim.out_of_core import OutOfCoreAdamW
 from fuyou.policy import keep_policies
-from fuyou.store import PinnedPool, StoreConfig, TensorStore
-from fuyou.train.reference import StepStats, autocast, make_batches
-from fuyou.train.schedule import lr_at
-
-
-def bound_malloc(threshold: int = 256 * 1024, trim: int | None = None) -> None:
-    """Bound what glibc keeps resident, without making compute pay page faults for its temporaries.
-
-    By default glibc raises its mmap threshold dynamically (up to 32 MiB) after large blocks are
-    freed, and gives each thread its own arena; both let resident memory drift above what the engine
-    holds. Fixing the mmap threshold at ``threshold``, trimming free heap beyond ``trim`` (default:
-    ``threshold``) and capping arenas at 2 keeps peak resident memory within the plan. The engine
-    passes the size of a block's largest temporary (:func:`malloc_threshold`) and, as ``trim``, a
-    block's gradients plus that: temporaries up to that size come from the heap and are reused from
-    one block to the next (the plan's working-memory item holds them), while stage-sized blocks
-    (weights, flattened gradients) are mmap'ed and go back to the OS when freed. A fixed 256 KiB (the
-    earlier setting) kept the budget too, but made every temporary above it a fresh mmap whose pages
-    faulted in on first touch: measured on a GPT-3 350M block (b1 s512, bf16, 2 cores) forward 31.7
-    -> 22.9 ms and backward 65.0 -> 43.2 ms with a 32 MiB threshold. A trim threshold below a block's
-    gradients returns them to the OS after every block and faults them in again in the next one
-    (GPT d=768, b1 s64: 3,100 faults, 6.4 -> 14 ms per block backward). No-op where glibc is absent.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, int(threshold))  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, int(trim if trim is not None else threshold))  # M_TRIM_THRESHOLD
-        libc.mallopt(-8, 2)  # M_ARENA_MAX
-    except (OSError, AttributeError):
-        pass
-
-
-def malloc_threshold(cfg_model, batch: int, seq: int, grad_bytes: int = 0) -> int:
-    """The largest temporary of one block's forward or backward, rounded up to a power of two above
-    it, within [256 KiB, 32 MiB] (glibc's range): an activation (fp32 B x T x max(d, ff)), the
-    attention scores (B x H x T x T), or ``grad_bytes``, the gradient of the block's largest weight,
-    which autograd allocates fresh for every block. Below this size a block's temporaries come from
-    the heap and are reused from one block to the next; with weight gradients left out, each of them
-    was an mmap that faulted in on first touch (measured: GPT d=768, b1 s64, bf16, 2 cores, 2,300
-    page faults and +3.4 ms on a 6.5 ms block backward)."""
-    d, ff = cfg_model.d_model, cfg_model.ff_dim
-    biggest = max(4 * batch * seq * max(d, ff), 4 * batch * cfg_model.n_head * seq * seq, grad_bytes)
-    return min(32 * 1024 * 1024, max(256 * 1024, 1 << int(biggest).bit_length()))
-
-
-def resident_bytes(field: str = "VmRSS") -> int:
-    """Resident memory of this process from /proc/self/status (VmRSS now, VmHWM peak); 0 elsewhere."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+from fuyou.store import PinnedPool, StoreConfig
+from fuyou.units import format_size
+from fuyou.data.batches import make_batches
+from fuyou.models.precision import autocast
+from fuyou.trainer import StepStats
+from fuyou.optim.schedule import lr_at
 
 
 class Engine:
@@ -155,9 +107,6 @@ class Engine:
         self.states = build_states(self.model.stages, cfg.optim.weight_decay, n_copies=3)
         watchdog.set_timeout(off.stall_timeout)
         self.failed = False                 # a step raised: close() must not wait for or write anything
-        self.last_commit_step: int | None = None
-        self._last_commit_time = time.monotonic()
-        self.start_step = 0
         self.resumed = resume
         self.completed = False
         self.tied = bool(self.model.stages[-1].shared)
@@ -195,11 +144,9 @@ class Engine:
             resident = st.index in self.plan.resident_stages
             st.copies = st.copies[:copies_needed(off.commit, every_step, self.clipping and not resident)]
 
-        if resume:
-            self.store = TensorStore.open(self.store_dirs, store_cfg)
-        else:
-            self._clear_old_state(store_name)
-            self.store = TensorStore.create(self.store_dirs, store_cfg, capacity_hint_bytes=self._ssd_bytes())
+        self.ts = TrainingState(cfg, self.states, self.plan, self.store_dirs, store_cfg, self.chunk, self.cdtype,
+                                self.gdtype, self.clipping, self.dev)
+        self.store = self.ts.open_store(resume, store_name)
         try:
             dev = None if self.dev.is_host else self.dev  # pools whose buffers the device copies from are pinned
             self.opt_pool = PinnedPool(self.plan.cpu_items["optimizer buffers"])  # never reaches the device
@@ -207,13 +154,13 @@ class Engine:
             self.grad_pool = PinnedPool(max(self.plan.cpu_items["gradients in flight"], 4096), device=dev)
             self.cache_pool = PinnedPool(max(self.plan.cache_bytes, 4096), device=dev)
             self.input_pool = PinnedPool(max(self.plan.cpu_items.get("input batch staging", 0), 4096), device=dev)
-            self._cache_bufs: list = []
-            self._registered: list[Tensor] = []
+            self.ts.cache_pool, self.ts.opt_pool = self.cache_pool, self.opt_pool
             self.opt = OutOfCoreAdamW(self.store, self.opt_pool, cfg.optim, chunk_numel=self.chunk,
                                       depth=off.optimizer_depth, num_threads=off.optimizer_threads)
             self.tracer = Tracer()
             self.counters = StepCounters()
             ref = lambda: self.counters  # noqa: E731 - the current step's counters, read by the threads
+            self.ts.counters = ref
             self.act_pool = PinnedPool(max(self.plan.cpu_items.get("activation staging", 0), 4096), device=dev)
             self.act_cpu_pool = (PinnedPool(self.act_cpu_mem, device=dev)
                                  if self.act_cpu_mem and not self.dev.is_host else None)
@@ -222,12 +169,13 @@ class Engine:
             if self.dev.is_host:
                 self.swapper.cpu_bytes = self.act_cpu_mem
             if resume:
-                self._resume_state()
+                self.ts.resume()
             else:
-                self._init_state()
+                self.ts.initialise(self.init_values)
             self.streamer = WeightStreamer(self.states, self.store, self.weight_pool, self.dev, self.cdtype,
                                            off.prefetch_depth, self.tracer, ref)
             self.worker = OptimizerWorker(self.opt, self.cdtype, off.max_pending_updates, self.tracer, ref)
+            self.ts.worker = self.worker
             if not self.dev.is_host:
                 self.d2h_stream = self.dev.new_stream("grad-d2h")
         except BaseException:
@@ -286,213 +234,6 @@ class Engine:
             offtier_bytes=offtier_bytes(self.cfg.model, self.act, t.micro_batch_size, self.cfg.data.seq_len,
                                         dtype_size(self.cdtype)))
 
-    def _ssd_bytes(self) -> int:
-        return sum(math.prod(shape) * dtype_size(dt) for _, shape, dt in self._state_specs()) + 64 * 1024**2
-
-    def _init_state(self) -> None:
-        """Initialise each stage straight into the tiers, one stage in memory at a time."""
-        self.store.allocate_many(self._state_specs())
-        zeros = torch.zeros(min(self.chunk, max(s.numel for s in self.states)))
-        for s in self.states:
-            values = self.init_values(s.stage)
-            flat = torch.empty(s.numel)
-            for name, slot in s.slots.items():
-                flat[slot.offset:slot.offset + slot.numel] = values.pop(s.stage.key(name)).reshape(-1)
-            futs = [self.store.write_from(s.keys.master, flat)]
-            for key in (s.keys.exp_avg, s.keys.exp_avg_sq):
-                for a in range(0, s.numel, self.chunk):
-                    futs.append(self.store.write_from(key, zeros[: min(self.chunk, s.numel - a)], start=a))
-            if s.index in self.plan.cached_stages:
-                s.cache = self._cache_buffer(s)
-                s.cache.copy_(flat)
-            else:
-                futs.append(self.store.write_from(s.keys.weights, flat.to(self.cdtype)))
-            if s.index in self.plan.resident_stages:
-                s.resident = _resident_state(s.numel)
-                s.held_grad = self._held_grad(s)
-                s.resident[0].copy_(flat)
-                s.resident[1].zero_()
-                s.resident[2].zero_()
-            for f in futs:
-                watchdog.result(f, f"the initial write of {s.stage.name}")
-            del flat
-        self._commit_initial()
-
-    def _state_specs(self) -> list[tuple]:
-        """Every store tensor the state needs (its copies: Note: [State copies] in layout)."""
-        specs = []
-        for s in self.states:
-            for keys in s.copies:
-                specs += [(k, (s.numel,), torch.float32) for k in keys.fp32]
-            if s.index not in self.plan.cached_stages:
-                specs.append((s.keys.weights, (s.numel,), self.cdtype))
-            if self.clipping and s.index not in self.plan.resident_stages:
-                specs.append((_grad_key(s), (s.numel,), self.gdtype))
-        return specs
-
-    def _clear_old_state(self, name: str) -> None:
-        """A new run finds its state directories empty, or holding only a store's own files: a state
-        that was never committed (killed before its first commit) is removed; a committed one only with
-        ``offload.replace_state`` (else the user is told to resume it). Anything else is refused."""
-        from fuyou.engine.commit import RECORD
-        from fuyou.store.lock import lock_dirs, unlock
-
-        present = [d for d in self.store_dirs if d.is_symlink() or (d.exists() and any(d.iterdir()))]
-        if not present:
-            return
-        for d in present:
-            if d.is_symlink() or not d.is_dir():
-                raise ConfigError(f"{d} is a symlink or a file, not a state directory fuyou made; remove it or choose "
-                                  f"another run.name")
-            foreign = [p.name for p in d.iterdir() if not (p.name.startswith(("fuyou-store", RECORD)) and p.is_file()
-                                                          and not p.is_symlink())]
-            if foreign:
-                raise ConfigError(f"{d} holds files fuyou did not make ({', '.join(sorted(foreign)[:5])}); a state "
-                                  f"directory holds only the store's files: move them away or choose another run.name")
-        record = self.store_dirs[0] / RECORD
-        if record.exists() and not self.cfg.offload.replace_state:
-            raise ConfigError(f"{self.store_dirs[0]} holds the committed SSD state of an earlier run named {name[:-len('.fuyou-state')]!r}: "
-                              f"continue it with `fuyou train --resume RUN_DIR`, or set offload.replace_state=true to "
-                              f"delete it and start afresh")
-        locks = lock_dirs([d for d in present])  # refuses a state another process is using
-        try:
-            print(f"fuyou: removing the {'committed' if record.exists() else 'never committed'} SSD state in "
-                  f"{', '.join(map(str, present))} (offload.replace_state, or a run killed before its first commit)",
-                  file=sys.stderr)
-            for d in present:
-                shutil.rmtree(d)
-        finally:
-            unlock(locks)
-
-    def _cache_buffer(self, st: StageState) -> Tensor:
-        """CPU memory for a stage's cached compute weights, from the cache pool: registered with the
-        device at its exact size (``pin_memory()``'s caching host allocator rounds up to a power of
-        two: a 629 MB stage would lock 1 GiB, up to twice the plan)."""
-        self._cache_bufs.append(self.cache_pool.acquire(st.numel * dtype_size(self.cdtype), self.cdtype))
-        return self._cache_bufs[-1].tensor
-
-    def _held_grad(self, st: StageState) -> Tensor | None:
-        """CPU memory where a resident stage's gradient waits for the global norm (exact clipping)."""
-        if not self.clipping:
-            return None
-        from fuyou.store.aligned import huge_empty
-
-        t = huge_empty(st.numel * dtype_size(self.gdtype)).view(self.gdtype)[:st.numel]
-        if not self.dev.is_host:  # the gradient's D2H copy lands here asynchronously: page-locked
-            self.dev.register_host(t)
-            self._registered.append(t)
-        return t
-
-    # -- commits ---------------------------------------------------------------------------------
-    def _commit_due(self, steps_done: int) -> bool:
-        off = self.cfg.offload
-        if off.commit != "cow":
-            return False
-        if off.commit_steps is not None:
-            return steps_done % off.commit_steps == 0
-        return time.monotonic() - self._last_commit_time >= off.commit_secs
-
-    def _submit_commit(self, steps_done: int) -> None:
-        """Queue the commit of the state after ``steps_done`` steps behind this step's updates. The
-        copies it names are fixed now (main thread, Note: [State copies]); the resident stages' state
-        is written to a copy other than the committed one first."""
-        flush = self._claim_flush()
-        for st in self.states:
-            st.committed = st.cur
-        copies = [s.cur for s in self.states]
-        self.last_commit_step = steps_done
-        self._last_commit_time = time.monotonic()
-
-        def commit():
-            self._flush(flush)
-            self._write_commit(steps_done, copies)
-
-        self.worker.submit_call(commit, f"the commit of step {steps_done}")
-
-    def commit(self, steps_done: int) -> None:
-        """Commit now unless the last commit is this state (the end of a run, a stop); waits for it."""
-        try:
-            if self.cfg.offload.commit == "cow" and self.last_commit_step != steps_done:
-                self._submit_commit(steps_done)
-            self.worker.wait_all()
-        except BaseException:
-            self.failed = True
-            raise
-
-    def _claim_flush(self) -> list[tuple[StageState, int]]:
-        """The dirty resident stages and the copy each will be written to (main thread, before the
-        write is queued or done)."""
-        out = []
-        for st in self.states:
-            if st.dirty:
-                st.cur = st.target(keep_source=False)
-                st.dirty = False
-                out.append((st, st.cur))
-        return out
-
-    def _flush(self, flush: list[tuple[StageState, int]]) -> None:
-        futs = [(self.store.write_from(k, t), st) for st, c in flush for k, t in zip(st.copies[c].fp32, st.resident)]
-        for f, st in futs:
-            watchdog.result(f, f"the write of {st.stage.name}'s resident optimizer state")
-        self.counters.ssd_write_bytes += sum(12 * st.numel for st, _ in flush)
-
-    def _write_commit(self, steps_done: int, copies: list[int]) -> None:
-        """Tag the named copies, sync the store, write the record (commit.py's two steps)."""
-        for st, c in zip(self.states, copies):
-            for key in st.copies[c].fp32:
-                self.store.set_tag(key, step_tag(steps_done))
-        self.store.sync()
-        write_record(self.store_dirs[0], {"step": steps_done, "copies": copies, "store_uuid": self.store.uuid,
-                                          "generation": self.store.generation, "model": self.cfg.model.model_dump()})
-
-    def _commit_initial(self) -> None:
-        """The commit record of the initial state (step 0), written synchronously."""
-        for st in self.states:
-            st.committed = st.cur if self.cfg.offload.commit == "cow" else None
-        if self.cfg.offload.commit == "cow":
-            self._write_commit(0, [s.cur for s in self.states])
-            self.last_commit_step = 0
-        else:
-            self.store.sync()
-
-    def _resume_state(self) -> None:
-        """Open the last commit: current copies from the record, compute weights rebuilt from the
-        masters chunk by chunk (bounded memory), missing tensors (new settings) allocated."""
-        if self.cfg.offload.commit != "cow":
-            raise ResumeError("offload.commit='none' updates the state in place; it cannot be resumed")
-        rec = read_record(self.store_dirs[0], self.store, len(self.states))
-        for s, c in zip(self.states, rec["copies"]):
-            if c >= len(s.copies):  # the record names a copy this configuration does not keep
-                s.copies = build_states([s.stage], self.cfg.optim.weight_decay, n_copies=c + 1)[0].copies
-            s.cur = s.committed = c
-            for key in s.keys.fp32:
-                tag = self.store.record(key).tag if key in self.store else None
-                if tag != step_tag(rec["step"]):
-                    raise ResumeError(f"the commit record names {key} as the state of step {rec['step']}, but the "
-                                      f"store holds {tag or 'no committed state'} there: the record was edited or "
-                                      f"damaged; start a new run (nothing was overwritten)")
-        self.start_step = self.last_commit_step = rec["step"]
-        missing = [spec for spec in self._state_specs() if spec[0] not in self.store]
-        if missing:
-            self.store.allocate_many(missing)
-        for s in self.states:
-            if s.index in self.plan.cached_stages:
-                s.cache = self._cache_buffer(s)
-            if s.index in self.plan.resident_stages:
-                s.resident = _resident_state(s.numel)
-                s.held_grad = self._held_grad(s)
-                for key, t in zip(s.keys.fp32, s.resident):
-                    self.store.read_into(key, t).result()  # CRC-checked
-            for a in range(0, s.numel, self.chunk):
-                n = min(self.chunk, s.numel - a)
-                with self.opt_pool.acquire(4 * n, torch.float32) as buf:
-                    self.store.read_into(s.keys.master, buf.tensor, start=a).result()  # CRC-checked
-                    if s.cache is not None:
-                        s.cache[a:a + n].copy_(buf.tensor)
-                    else:
-                        self.store.write_from(s.keys.weights, buf.tensor.to(self.cdtype), start=a).result()
-
-    # -- one optimizer step ----------------------------------------------------------------------
     def step_order(self, micro_batches: int) -> list[int]:
         """Stage indices in the order their weights are needed in one step."""
         S = len(self.states)
@@ -532,8 +273,8 @@ class Engine:
         self.dev.check()
         if not math.isfinite(loss):
             raise NonFiniteError(f"the loss of step {step + 1} is {loss}")
-        if self._commit_due(step + 1):
-            self._submit_commit(step + 1)
+        if self.ts.commit_due(step + 1):
+            self.ts.submit_commit(step + 1)
         tokens = t.grad_accum * t.micro_batch_size * self.cfg.data.seq_len
         return StepStats(loss, lr, grad_norm, tokens)
 
@@ -706,13 +447,13 @@ class Engine:
         if self._defer and st.resident is None:
             # Deferred: the worker only saves the gradient now; the update follows the norm.
             self.worker.submit(UpdateJob(st, host, self.gdtype, lr, step + 1, 1.0, src=st.cur, dst=st.cur,
-                                         release=release, event=event, save_grad=_grad_key(st), update=False))
+                                         release=release, event=event, save_grad=grad_key(st), update=False))
             self._waiting.append(st)
             return
         # A resident stage is updated in CPU memory; its store copy is chosen when it is flushed.
         dst = st.cur if st.resident is not None else st.target(keep_source=self.clipping)
         job = UpdateJob(st, host, self.gdtype, lr, step + 1, 1.0, src=st.cur, dst=dst, release=release,
-                        event=event, save_grad=_grad_key(st) if self.clipping else None)
+                        event=event, save_grad=grad_key(st) if self.clipping else None)
         st.cur = dst
         st.dirty = st.resident is not None
         if self.clipping:
@@ -767,12 +508,12 @@ class Engine:
                 st.dirty = True
             else:  # deferred: its gradient is on the SSD
                 dst = st.target(keep_source=False)
-                self.worker.submit(UpdateJob(st, _grad_key(st), self.gdtype, lr, step + 1, clip, src=st.cur,
+                self.worker.submit(UpdateJob(st, grad_key(st), self.gdtype, lr, step + 1, clip, src=st.cur,
                                              dst=dst))
                 st.cur = dst
         if self.clipped:
             for st, src, dst in sorted(self._speculated, key=lambda j: j[0].index):
-                self.worker.submit(UpdateJob(st, _grad_key(st), self.gdtype, lr, step + 1, clip, src=src, dst=dst,
+                self.worker.submit(UpdateJob(st, grad_key(st), self.gdtype, lr, step + 1, clip, src=src, dst=dst,
                                              redo=True))
         self._waiting.clear()
         self._speculated.clear()
@@ -816,43 +557,58 @@ class Engine:
             raise
         return sum(losses) / len(losses)
 
-    def _write_back(self) -> None:
-        """Write dirty resident optimizer state to the store (to a copy the last commit does not name),
-        so that reading the store gives the newest state (layout docstring)."""
-        self.worker.wait_all()
-        self._flush(self._claim_flush())
+    # -- the Trainer protocol (fuyou.trainer) beyond stepping and evaluating -----------------------------
+    def startup_lines(self) -> list[str]:
+        off, t = self.cfg.offload, self.cfg.train
+        lines = [self.plan.describe() + f"\nfixed overhead before the engine: {format_size(self.fixed_overhead)}"]
+        if self.clipping:
+            lines.append(f"exact clipping at {t.grad_clip}: stages are updated speculatively during backward and "
+                         f"redone from the previous state on steps whose gradient norm exceeds it (after such a "
+                         f"step, updates wait for the norm instead: offload.clip_schedule={off.clip_schedule})")
+        lines.append("crash-safe commits: " + (
+            "none (offload.commit=none: the run cannot be resumed)" if off.commit != "cow" else
+            f"every {off.commit_every} step(s)" if off.commit_steps else f"every {off.commit_every}") +
+            ("" if off.commit != "cow" else ", and when the run ends or is stopped"))
+        return lines
+
+    def step_counters(self) -> dict | None:
+        return self.counters.as_dict()
+
+    def write_trace(self, path) -> None:
+        self.worker.wait_all()  # the step's optimizer tasks belong in its trace
+        self.tracer.write(path)
+        self.tracer.enabled = False
+
+    def state_location(self) -> str | None:
+        return ", ".join(map(str, self.store_dirs))
+
+    # -- the state (state.py) --------------------------------------------------------------------
+    @property
+    def start_step(self) -> int:
+        return self.ts.start_step
+
+    @property
+    def last_commit_step(self) -> int | None:
+        return self.ts.last_commit_step
+
+    def commit(self, steps_done: int) -> None:
+        """Commit now unless the last commit is this state (the end of a run, a stop); waits for it."""
+        try:
+            self.ts.commit(steps_done)
+        except BaseException:
+            self.failed = True
+            raise
 
     def master_chunks(self):
-        """Yield every stage's fp32 master weights in order, in chunks of pool memory (bounded)."""
-        self._write_back()
-        for st in self.states:
-            for a in range(0, st.numel, self.chunk):
-                n = min(self.chunk, st.numel - a)
-                with self.opt_pool.acquire(4 * n, torch.float32) as buf:
-                    self.store.read_into(st.keys.master, buf.tensor, start=a).result()
-                    yield buf.tensor
+        """Every stage's fp32 master weights in order, in chunks of pool memory (bounded)."""
+        return self.ts.master_chunks()
 
     def state(self) -> dict[str, Tensor]:
         """fp32 master weights by global key (materialises the model: for tests and small models)."""
-        out = {}
-        self._write_back()
-        for st in self.states:
-            flat = torch.empty(st.numel)
-            self.store.read_into(st.keys.master, flat).result()
-            out.update({st.stage.key(n): v.clone() for n, v in st.views(flat).items()})
-        return out
+        return self.ts.state_dict()
 
     def optimizer_state(self) -> dict[str, dict[str, Tensor]]:
-        out: dict[str, dict[str, Tensor]] = {}
-        self._write_back()
-        for st in self.states:
-            m, v = torch.empty(st.numel), torch.empty(st.numel)
-            self.store.read_into(st.keys.exp_avg, m).result()
-            self.store.read_into(st.keys.exp_avg_sq, v).result()
-            mv, vv = st.views(m), st.views(v)
-            for n in st.slots:
-                out[st.stage.key(n)] = {"exp_avg": mv[n].clone(), "exp_avg_sq": vv[n].clone()}
-        return out
+        return self.ts.optimizer_state()
 
     def close(self) -> None:
         """Finish pending updates, stop the threads, close the store. The SSD state is deleted only
@@ -871,7 +627,7 @@ class Engine:
                 self._release_host_memory()
             return
         try:
-            self._write_back()
+            self.ts.write_back()
         finally:
             self.worker.close()
             self.streamer.close()
@@ -887,14 +643,7 @@ class Engine:
         try:
             self.dev.synchronize()
         finally:
-            for t in self._registered:
-                self.dev.unregister_host(t)
-            self._registered.clear()
-            for b in self._cache_bufs:
-                b.release()
-            self._cache_bufs.clear()
-            for st in self.states:
-                st.cache = None
+            self.ts.release_host_memory()
             for pool in (self.weight_pool, self.grad_pool, self.cache_pool, self.input_pool, self.act_pool,
                          self.act_cpu_pool, self.opt_pool):
                 if pool is not None:
@@ -908,19 +657,3 @@ class NonFiniteError(FuyouError):
     def __init__(self, what: str):
         super().__init__(f"{what}: the run stopped before committing that step (the last commit is intact). "
                          f"Lower optim.lr, check the data, or resume with `fuyou train --resume RUN_DIR`")
-
-
-def _grad_key(st: StageState) -> str:
-    """The store key where a stage's gradient waits for the global norm (exact clipping)."""
-    return f"{st.stage.name}/grad"
-
-
-def _resident_state(numel: int) -> tuple[Tensor, Tensor, Tensor]:
-    """CPU memory for a resident stage's fp32 master, m and v: huge-page buffers (the store writes
-    them whole every step; aligned.huge_empty says why huge pages)."""
-    from fuyou.store.aligned import huge_empty
-
-    return tuple(huge_empty(4 * numel).view(torch.float32)[:numel] for _ in range(3))  # type: ignore[return-value]
-
-
-

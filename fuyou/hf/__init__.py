@@ -4,8 +4,9 @@
   the model shape it fixes, its tokenizer;
 - ``config_map``: ``config.json`` <-> ``ModelConfig`` for the supported architectures
   (``SUPPORTED``), refusing what fuyou does not compute;
-- ``weights``: the name/layout table and tensor-at-a-time safetensors readers (``init_values``);
-- ``importer`` / ``export``: ``fuyou import`` and ``fuyou export``.
+- ``weights``: the name/layout table, tensor-at-a-time safetensors readers (``init_values``) and the
+  streaming safetensors writer;
+- ``importer`` / ``export``: the conversions behind ``fuyou import`` and ``fuyou export``.
 
 Reading and writing weights needs only ``safetensors`` (a core dependency); the tokenizer and the
 tests need the ``hf`` extra (transformers, tokenizers).
@@ -13,7 +14,7 @@ tests need the ``hf`` extra (transformers, tokenizers).
 
 from fuyou.hf.config_map import SUPPORTED
 from fuyou.hf.export import export_run
-from fuyou.hf.importer import import_checkpoint
+from fuyou.hf.importer import convert_checkpoint
 from fuyou.hf.source import Checkpoint, open_checkpoint, tokenizer_dir
 
-__all__ = ["SUPPORTED", "Checkpoint", "export_run", "import_checkpoint", "open_checkpoint", "tokenizer_dir"]
+__all__ = ["SUPPORTED", "Checkpoint", "convert_checkpoint", "export_run", "open_checkpoint", "tokenizer_dir"]

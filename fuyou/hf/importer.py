@@ -1,10 +1,9 @@
-"""``fuyou import HF_DIR --out RUN_DIR``: a Hugging Face model as a fuyou run directory to train from.
+"""A Hugging Face model converted into a fuyou run directory to train from (``fuyou import``; the
+run directory's config is written by ``fuyou.train.run.import_checkpoint``).
 
 Writes ``RUN_DIR/model.safetensors`` (fp32, fuyou's names, streamed one tensor at a time: peak memory
-is a few copies of the largest tensor, not the model), ``RUN_DIR/hf/`` (the source's config.json,
-tokenizer and other small files, for data preparation and export) and ``RUN_DIR/config.toml`` (the
-resolved config with ``model.init_from = RUN_DIR``), so ``fuyou train --config RUN_DIR/config.toml``
-starts from the imported weights. The SSD training state (master weights, Adam moments at zero) is
+is a few copies of the largest tensor, not the model) and ``RUN_DIR/hf/`` (the source's config.json,
+tokenizer and other small files, for data preparation and export). The SSD training state (master weights, Adam moments at zero) is
 built from these weights when training starts; resuming an SSD state is not implemented yet.
 """
 
@@ -17,11 +16,10 @@ from fuyou.errors import ConfigError
 from fuyou.hf.source import HF_META, copy_small_files, open_checkpoint
 
 
-def import_checkpoint(hf_dir: str | Path, out_dir: str | Path) -> Path:
+def convert_checkpoint(hf_dir: str | Path, out_dir: str | Path) -> Path:
     """Convert ``hf_dir`` into the run directory ``out_dir`` (module docstring); returns ``out_dir``."""
-    from fuyou.config import load_config, to_toml
+    from fuyou.hf.weights import write_safetensors
     from fuyou.models import ModelConfig, StageModel
-    from fuyou.train.run import write_safetensors
 
     src = Path(hf_dir).expanduser()
     if not (src / "config.json").is_file():
@@ -38,6 +36,4 @@ def import_checkpoint(hf_dir: str | Path, out_dir: str | Path) -> Path:
     tensors = (ckpt.weights.tensor(key, spec.shape) for key, spec in specs.items())
     write_safetensors(out / "model.safetensors", {k: s.shape for k, s in specs.items()}, tensors,
                       {"fuyou_model": json.dumps(model_cfg.model_dump()), "fuyou_source": str(src.resolve())})
-    cfg = load_config(flags={"model.init_from": str(out.resolve())})
-    (out / "config.toml").write_text(to_toml(cfg))
     return out

@@ -62,7 +62,7 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
 
 
 def checkpoint_model_fields(data: dict[str, Any]) -> dict[str, Any]:
-    """``ModelConfig``'s before-validator: the checkpoint's shape fields win over the preset and the
+    """``FuyouConfig``'s before-validator: the checkpoint's shape fields win over the preset and the
     fields given; a note on stderr lists the values that changed."""
     path = Path(data["init_from"]).expanduser().resolve()
     fields = open_checkpoint(path).fields
@@ -82,7 +82,10 @@ def hf_files_dir(path: str | Path, _depth: int = 0) -> Path | None:
     if (p / HF_META / "config.json").is_file():
         return p / HF_META
     if (p / "config.toml").is_file() and _depth < 16:
-        from fuyou.config import tomllib
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python 3.10
+            import tomli as tomllib
 
         try:
             parent = tomllib.loads((p / "config.toml").read_text()).get("model", {}).get("init_from")

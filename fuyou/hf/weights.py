@@ -13,6 +13,10 @@ a model costs about one tensor of memory beyond what the caller keeps (the engin
 from __future__ import annotations
 
 import json
+import math
+import os
+import struct
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -159,3 +163,49 @@ class FuyouWeights(_Reader):
         if key not in self.index:
             raise DataError(f"{self.path} has no tensor {key!r}; the weights do not belong to this config")
         return self.path, key, False
+
+
+def write_safetensors(path: Path, shapes: dict[str, tuple[int, ...]], chunks: Iterable[torch.Tensor],
+                      metadata: dict[str, str] | None = None) -> Path:
+    """Write fp32 tensors as safetensors without holding them all: ``chunks`` yields the tensors'
+    values in ``shapes`` order as a flat stream cut anywhere. Atomic (tmp file, rename).
+
+    The format: 8-byte little-endian header length, a JSON header (dtype, shape and byte offsets per
+    tensor, padded with spaces to a multiple of 8), then the raw little-endian data.
+    """
+    header: dict = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for key, shape in shapes.items():
+        n = 4 * math.prod(shape)
+        header[key] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}")  # one name per writer
+    written = 0
+    try:
+        with tmp.open("wb") as fh:
+            fh.write(struct.pack("<Q", len(blob)))
+            fh.write(blob)
+            for c in chunks:
+                c = c.detach().to("cpu", torch.float32).contiguous().reshape(-1)
+                fh.write(c.numpy().tobytes())
+                written += 4 * c.numel()
+            fh.flush()
+            os.fsync(fh.fileno())  # durable before it replaces anything (and before the state may go)
+        if written != offset:
+            raise AssertionError(f"write_safetensors: got {written} bytes of data, the header says {offset}")
+        tmp.replace(path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

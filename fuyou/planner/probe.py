@@ -37,7 +37,7 @@ from fuyou.models import ModelConfig, StageModel, preset
 from fuyou.planner.hardware import HardwareProfile
 from fuyou.planner.simulate import simulate_job
 from fuyou.store import PinnedPool, StoreConfig, TensorStore
-from fuyou.train.reference import autocast
+from fuyou.models.precision import autocast
 
 NOT_USED = 1e15  # bandwidth of a link a CPU-only machine does not have (never the bottleneck)
 #: The largest job the probe times (parameters; 12 B each of SSD state, written before): a larger

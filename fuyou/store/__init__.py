@@ -10,7 +10,7 @@
 
 from fuyou.store.aligned import aligned_empty, byte_view, is_aligned
 from fuyou.store.config import ALIGNMENT, StoreConfig
-from fuyou.store.engine import IOFuture
+from fuyou.store.io import IOFuture
 from fuyou.store.errors import (PoolBudgetError, StoreCorruptError, StoreFullError, StoreIOError,
                                 StoreNotFoundError, StorePermissionError, StoreSpaceError, StoreUsageError)
 from fuyou.store.layout import SUPPORTED_DTYPES, Extent, TensorMeta, TensorRecord

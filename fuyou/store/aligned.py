@@ -72,7 +72,7 @@ def huge_empty(nbytes: int) -> torch.Tensor:
 
     Why: an O_DIRECT transfer pins every page of the caller's buffer in the kernel for its duration.
     With 4 KiB pages that is 256 pages per MiB; with 2 MiB pages, half of one. Measured on the
-    development machine (native engine, 256 MiB, 8 threads, CRC on, ``bench/RESULTS.md`` issue 3):
+    development machine (native backend, 256 MiB, 8 threads, CRC on, ``bench/RESULTS.md`` issue 3):
     write 5.2-5.6 -> 7.1-7.3 GB/s, read 2.1-2.6 -> 3.6-3.9 GB/s, CPU 0.08 -> 0.047 s per GB, against the
     same buffer from ``aligned_empty``. Costs: 2 MiB of address space (not memory) for the alignment;
     the tail that does not fill a whole huge page stays on 4 KiB pages, so resident memory is never

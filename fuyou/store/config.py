@@ -1,10 +1,10 @@
 """Configuration of the SSD tier (:class:`StoreConfig`).
 
 The defaults of ``block_size`` and ``queue_depth`` were measured on the development machine (2 vCPU,
-virtio NVMe-backed ext4, Linux 6.18) with ``bench/io_bench.py``; see ``fuyou/store/engine.py`` for the
+virtio NVMe-backed ext4, Linux 6.18) with ``bench/io_bench.py``; see ``fuyou/store/io.py`` for the
 figures and ``bench/RESULTS.md`` (issue 3) for the command. Re-measured against DeepSpeed's ``aio_handle``
 at 4 GiB (``bench/RESULTS.md``, issue 3): 2 or 4 MiB syscalls with 2-4 threads cost less CPU but were
-no faster, 16 threads were slower, so 1 MiB x 8 stays; the native engine (C++ threads, ``native.py``)
+no faster, 16 threads were slower, so 1 MiB x 8 stays; the native backend (C++ threads, ``native.py``)
 was re-measured at the same setting. ``block_size`` and ``checksum_block`` are
 independent: a unit of work is ``max`` of the two, checksummed per ``checksum_block``.
 """
@@ -34,13 +34,13 @@ class StoreConfig(BaseModel):
                     "blocks issued in parallel. Measured default: 1 MiB.")
     queue_depth: int = Field(
         default=8, ge=1, le=256,
-        description="I/O requests in flight at once (= I/O worker threads of the 'threads' engine, each "
+        description="I/O requests in flight at once (= I/O worker threads of the 'threads' backend, each "
                     "with one blocking preadv/pwritev outstanding). Measured default: 8.")
-    engine: Literal["auto", "native", "threads"] = Field(
+    backend: Literal["auto", "native", "threads"] = Field(
         default="auto",
-        description="I/O engine. 'native': C++ threads run whole units (CRC + pread/pwrite) without the "
+        description="I/O backend. 'native': C++ threads run whole units (CRC + pread/pwrite) without the "
                     "GIL (fuyou/store/native.py); 'threads': Python worker threads issuing preadv/pwritev "
-                    "(fuyou/store/engine.py); 'auto': native where its library builds, else threads.")
+                    "(fuyou/store/io.py); 'auto': native where its library builds, else threads.")
     stripe_unit: int = Field(
         default=16 * MiB, ge=ALIGNMENT,
         description="tensors larger than this many bytes are striped round-robin across all directories "

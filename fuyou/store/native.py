@@ -1,8 +1,8 @@
-"""The native I/O engine: the store's units run in C++ threads (``fuyou/kernels/storeio.cpp``).
+"""The native I/O backend: the store's units run in C++ threads (``fuyou/kernels/storeio.cpp``).
 
 Why (issue 3, measured)
 -----------------------
-With the Python-thread engine (``engine.py``) every 1 MiB unit needs a Python thread scheduled and
+With the Python-thread backend (``io.py``) every 1 MiB unit needs a Python thread scheduled and
 the GIL three times (checksum, syscall, bookkeeping). Here a request is handed to C++ once (one
 ctypes call, the GIL released), its units run in a pool of POSIX threads -- CRC-32 per checksum
 block, ``pread``/``pwrite`` in syscalls of ``block_size``, bounce copies for unaligned memory and
@@ -11,28 +11,28 @@ touches a request twice, whatever its size, and the I/O threads never wait for t
 
 Measured on the development machine (2 vCPU, ext4 on virtio, 4 GiB per repetition, 1 MiB x 8,
 CRC-32 on, huge-page pool buffers, median of 5, contenders rotated; ``bench/io_bench.py --size 4GiB
---reps 5 --engine native threads``, ``bench/RESULTS.md`` issue 3):
+--reps 5 --engine native threads``, the flag now named ``--backend``, ``bench/RESULTS.md`` issue 3):
 
 ==========================  ===========  ==========  ==============  =============
 contender (same run)        write GB/s   read GB/s   write CPU s/GB  read CPU s/GB
 ==========================  ===========  ==========  ==============  =============
-native engine               7.33         3.51        0.056           0.047
-Python-thread engine        6.47         3.63        0.056           0.059
+native backend               7.33         3.51        0.056           0.047
+Python-thread backend        6.47         3.63        0.056           0.059
 DeepSpeed aio_handle        7.17         3.36        0.027           0.037
 fio (libaio, depth 8)       5.09         1.64        0.081           0.074
 ==========================  ===========  ==========  ==============  =============
 
 Most of what had separated the store from DeepSpeed (0.71 of its write speed) was not Python but the
 buffers: O_DIRECT pins every page of the caller's memory, and huge pages
-(:func:`fuyou.store.aligned.huge_empty`) halved the kernel's CPU per GB for both engines. The native
-engine is the default (``engine="auto"``) for its lower CPU per GB and its faster writes; it is
+(:func:`fuyou.store.aligned.huge_empty`) halved the kernel's CPU per GB for both backends. The native
+backend is the default (``backend="auto"``) for its lower CPU per GB and its faster writes; it is
 what the engine's I/O threads compete with compute for on a machine with few cores.
 
-Same semantics as the thread engine: a request is cut into the same units; the first failing unit's
+Same semantics as the thread backend: a request is cut into the same units; the first failing unit's
 error is the request's (typed, naming path, offset and tensor), its other units are skipped, and the
 future always completes. The CRC is ISA-L's ``crc32_gzip_refl``, a C symbol exported by the ``isal``
 package's extension (a core dependency), else zlib's ``crc32`` from ``libz.so.1``: both give
-``zlib.crc32``'s value, so stores written by either engine verify with the other.
+``zlib.crc32``'s value, so stores written by either backend verify with the other.
 
 A failed write leaves the request's blocks with their previous checksums: blocks that were written
 before the failure then fail verification when read (the data of a failed write is never trusted).
@@ -54,10 +54,10 @@ import numpy as np
 
 from fuyou.kernels.build import load_storeio_lib
 from fuyou.store.aligned import round_up
-from fuyou.store.engine import IOFuture, Unit
+from fuyou.store.io import IOFuture, Unit
 from fuyou.store.errors import StoreCorruptError, StoreIOError, io_error_from_oserror
 
-__all__ = ["NativeEngine", "native_available", "crc_function"]
+__all__ = ["NativeBackend", "native_available", "crc_function"]
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ _CRC: list = []  # [(address, kind, name, keepalive)] once resolved
 
 
 def crc_function() -> tuple[int, int, str] | None:
-    """(address, signature kind, name) of the C CRC-32 the native engine calls, or ``None``.
+    """(address, signature kind, name) of the C CRC-32 the native backend calls, or ``None``.
 
     Kind 0: ISA-L's ``uint32_t crc32_gzip_refl(uint32_t, const uint8_t*, uint64_t)`` from the isal
     package's extension module; kind 1: zlib's ``crc32`` from ``libz.so.1``. ``FUYOU_STORE_CRC=zlib``
@@ -110,14 +110,14 @@ def crc_function() -> tuple[int, int, str] | None:
 
 
 def native_available() -> bool:
-    """True when the native engine can run here (library built, a C CRC-32 found)."""
+    """True when the native backend can run here (library built, a C CRC-32 found)."""
     return load_storeio_lib() is not None and crc_function() is not None
 
 
-_LIVE: "weakref.WeakSet[NativeEngine]" = weakref.WeakSet()
+_LIVE: "weakref.WeakSet[NativeBackend]" = weakref.WeakSet()
 
 
-class NativeEngine:
+class NativeBackend:
     """``threads`` C++ I/O threads; :meth:`submit_request` hands over a whole request's units.
 
     ``bounce_bytes`` is each thread's aligned bounce buffer (one unit), allocated by a thread the first
@@ -128,7 +128,7 @@ class NativeEngine:
         lib = load_storeio_lib()
         crc = crc_function()
         if lib is None or crc is None:
-            raise RuntimeError("the native I/O engine is not available here (see the log for why)")
+            raise RuntimeError("the native I/O backend is not available here (see the log for why)")
         self.block_size, self.unit_bytes = block_size, unit_bytes
         self.crc_name = crc[2]
         self._lib = lib
@@ -169,12 +169,12 @@ class NativeEngine:
         rid = next(self._ids)
         with self._lock:
             if self._closed:
-                raise RuntimeError("the store's I/O engine is closed")
+                raise RuntimeError("the store's I/O backend is closed")
             self._pending[rid] = (fut, units, crcs, known, arr)
         if self._lib.fy_io_submit(self._h, rid, arr, n) != 0:
             with self._lock:
                 self._pending.pop(rid, None)
-            raise RuntimeError("the store's I/O engine refused a request (closed)")
+            raise RuntimeError("the store's I/O backend refused a request (closed)")
 
     def _reap(self) -> None:
         out = (_Done * 64)()
@@ -237,6 +237,6 @@ class NativeEngine:
 
 @atexit.register
 def _stop_live() -> None:
-    # See Note: [Stop I/O threads before interpreter shutdown] in engine.py.
+    # See Note: [Stop I/O threads before interpreter shutdown] in io.py.
     for e in list(_LIVE):
         e.close()

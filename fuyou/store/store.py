@@ -37,8 +37,8 @@ from fuyou.store import layout as L
 from fuyou.store.aligned import byte_view
 from fuyou.store.checksum import ALGORITHM as CHECKSUM
 from fuyou.store.config import StoreConfig
-from fuyou.store.engine import IOFuture, ThreadEngine, Unit
-from fuyou.store.native import NativeEngine, native_available
+from fuyou.store.io import IOFuture, ThreadBackend, Unit
+from fuyou.store.native import NativeBackend, native_available
 from fuyou.store.errors import StoreCorruptError, StoreUsageError, io_error_from_oserror
 from fuyou.store.layout import TensorMeta, TensorRecord
 from fuyou.store.lock import lock_dirs, unlock
@@ -85,8 +85,8 @@ class TensorStore:
         self.generation: int = int(manifest.get("generation", 0))  # manifests written so far
         unit = max(config.block_size, self.checksum_block)
         unit = -(-unit // self.checksum_block) * self.checksum_block
-        self._engine = _make_engine(config, unit)  # first: a refused engine leaves no file open
-        self.engine_name = "native" if isinstance(self._engine, NativeEngine) else "threads"
+        self._backend = _make_backend(config, unit)  # first: a refused backend leaves no file open
+        self.backend_name = "native" if isinstance(self._backend, NativeBackend) else "threads"
         self._unit_bytes = unit
         self._next: list[int] = [int(x) for x in manifest["next_offsets"]]
         self._lock = threading.Lock()
@@ -103,7 +103,7 @@ class TensorStore:
         except BaseException:
             for fd in self._fds:
                 os.close(fd)
-            self._engine.close()
+            self._backend.close()
             unlock(self._locks)
             raise
         self._kvikio = None
@@ -119,8 +119,8 @@ class TensorStore:
         """
         config = config or StoreConfig()
         paths = _normalise(dirs)
-        if config.engine == "native" and not native_available():
-            _make_engine(config, 0)  # raises the typed error before anything is created
+        if config.backend == "native" and not native_available():
+            _make_backend(config, 0)  # raises the typed error before anything is created
         for d in paths:
             try:
                 d.mkdir(parents=True, exist_ok=True)
@@ -170,7 +170,7 @@ class TensorStore:
         except BaseException:
             if store is not None:
                 store._close_files()
-                store._engine.close()
+                store._backend.close()
             unlock(locks)
             raise
         return store
@@ -325,14 +325,14 @@ class TensorStore:
                               mv[cur - a:cur - a + n], addr + cur - a, n, rec, cur // self.checksum_block,
                               self.config.verify_checksums))
             cur += n
-        native = self.engine_name == "native"
+        native = self.backend_name == "native"
         fut = IOFuture(b - a, 1 if native else len(units), keepalive=tensor)
         for u in units:
             u.fut = fut
         with self._lock:
             self._inflight.add(fut)
         fut.add_done_callback(self._retire)
-        self._engine.submit_request(fut, units)
+        self._backend.submit_request(fut, units)
         return fut
 
     def _retire(self, fut: IOFuture) -> None:
@@ -411,7 +411,7 @@ class TensorStore:
                 self.flush()
         finally:
             self._closed = True
-            self._engine.close()
+            self._backend.close()
             self._close_files()
             unlock(self._locks)
 
@@ -434,15 +434,15 @@ class TensorStore:
         self.close()
 
 
-def _make_engine(config: StoreConfig, unit_bytes: int) -> "ThreadEngine | NativeEngine":
-    """The I/O engine ``config.engine`` names; 'auto' is the native one where it builds."""
-    if config.engine == "native" or (config.engine == "auto" and native_available()):
+def _make_backend(config: StoreConfig, unit_bytes: int) -> "ThreadBackend | NativeBackend":
+    """The I/O backend ``config.backend`` names; 'auto' is the native one where it builds."""
+    if config.backend == "native" or (config.backend == "auto" and native_available()):
         if not native_available():
-            raise StoreUsageError("engine='native' needs the compiled store I/O library (fuyou/kernels/"
+            raise StoreUsageError("backend='native' needs the compiled store I/O library (fuyou/kernels/"
                                   "storeio.cpp: a C++ compiler and ninja) and a C CRC-32 (isal or libz); "
-                                  "see the warning logged above, or use engine='threads'")
-        return NativeEngine(config.queue_depth, config.block_size, unit_bytes)
-    return ThreadEngine(config.queue_depth, config.block_size, unit_bytes)
+                                  "see the warning logged above, or use backend='threads'")
+        return NativeBackend(config.queue_depth, config.block_size, unit_bytes)
+    return ThreadBackend(config.queue_depth, config.block_size, unit_bytes)
 
 
 def _normalise(dirs: Sequence[str | Path]) -> list[Path]:

@@ -24,6 +24,7 @@ from fuyou.train.metrics import MetricsLog, Progress, si
 from fuyou.train.reference import ReferenceTrainer
 from fuyou.train.run import make_run_dir, record_resume, resume_changes, run_dir_path, save_weights
 from fuyou.errors import ConfigError
+from fuyou.trainer import Trainer
 from fuyou.units import format_size
 
 
@@ -38,7 +39,7 @@ class RunResult:
     stopped: bool = False
 
 
-def build_trainer(cfg: FuyouConfig, run_name: str, resume: bool = False):
+def build_trainer(cfg: FuyouConfig, run_name: str, resume: bool = False) -> Trainer:
     data = load_data(cfg.data)
     init_values = None  # seeded random init
     if cfg.model.init_from:  # streamed from a Hugging Face or fuyou checkpoint, one stage at a time
@@ -73,7 +74,7 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
     # refuses impossible configs (and unresumable states) before anything is written
     trainer = build_trainer(cfg, run_path.name, resume=resume is not None)
     if changed is not None:
-        record_resume(run_path, cfg, getattr(trainer, "start_step", 0), changed)
+        record_resume(run_path, cfg, trainer.start_step, changed)
         if changed:
             print("resumed with changes (recorded in resumes.jsonl; config.toml is now the effective config): "
                   + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()), file=stream or sys.stderr)
@@ -84,8 +85,7 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
     except BaseException:
         # Whatever failed (a step, an evaluation, the save), closing must not wait on or write to a
         # state that may be mid-update: the last commit is the state of record.
-        if hasattr(trainer, "failed"):
-            trainer.failed = True
+        trainer.failed = True
         raise
     finally:
         stop.restore()
@@ -117,8 +117,8 @@ class _StopOnSignal:
             signal.signal(sig, old)
 
 
-def _loop(cfg: FuyouConfig, trainer, run_dir: Path, stream, trace, stop) -> RunResult:
-    from fuyou.engine.engine import resident_bytes
+def _loop(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, stop) -> RunResult:
+    from fuyou.engine.malloc import resident_bytes
 
     log = MetricsLog(run_dir / "metrics.jsonl")
     model = StageModel(cfg.model)
@@ -130,22 +130,11 @@ def _loop(cfg: FuyouConfig, trainer, run_dir: Path, stream, trace, stop) -> RunR
         f"fuyou: training {cfg.model.preset or cfg.model.family} ({si(model.num_params)} parameters) on "
         f"{trainer.device}, {mode}, {cfg.data.source} data, {t.precision}, {t.steps} steps; run dir {run_dir}"
     )
-    plan = getattr(trainer, "plan", None)
-    if plan is not None:
-        progress.message(plan.describe() + f"\nfixed overhead before the engine: {format_size(trainer.fixed_overhead)}")
-        if trainer.clipping:
-            progress.message(f"exact clipping at {t.grad_clip}: stages are updated speculatively during backward and "
-                             f"redone from the previous state on steps whose gradient norm exceeds it (after such a "
-                             f"step, updates wait for the norm instead: offload.clip_schedule="
-                             f"{cfg.offload.clip_schedule})")
-        off = cfg.offload
-        progress.message("crash-safe commits: " + (
-            "none (offload.commit=none: the run cannot be resumed)" if off.commit != "cow" else
-            f"every {off.commit_every} step(s)" if off.commit_steps else f"every {off.commit_every}") +
-            ("" if off.commit != "cow" else ", and when the run ends or is stopped"))
+    for line in trainer.startup_lines():
+        progress.message(line)
 
-    start_step = getattr(trainer, "start_step", 0)
-    if getattr(trainer, "resumed", False):
+    start_step = trainer.start_step
+    if trainer.resumed:
         progress.message(f"resuming at step {start_step} from the last commit")
         progress.done = start_step
     first_eval = last_eval = trainer.evaluate()
@@ -165,9 +154,9 @@ def _loop(cfg: FuyouConfig, trainer, run_dir: Path, stream, trace, stop) -> RunR
             "step": step + 1, "loss": stats.loss, "lr": stats.lr, "grad_norm": stats.grad_norm,
             "step_time_s": dt, "tokens_per_s": tps, "tflops": tps * flops_per_token / 1e12,
         }
-        counters = getattr(trainer, "counters", None)
+        counters = trainer.step_counters()
         if counters is not None:
-            record.update(counters.as_dict())
+            record.update(counters)
         if (step + 1) % t.log_every == 0 or step == 0 or step + 1 == t.steps:
             log.write(record)
         fields = {"loss": f"{stats.loss:.4f}", "tok/s": si(tps), "TFLOPS": f"{record['tflops']:.3g}",
@@ -175,14 +164,12 @@ def _loop(cfg: FuyouConfig, trainer, run_dir: Path, stream, trace, stop) -> RunR
         if stats.grad_norm is not None:  # "clipped": the norm exceeded train.grad_clip
             fields["norm"] = f"{stats.grad_norm:.3g}" + (" clipped" if stats.grad_norm > t.grad_clip else "")
         if counters is not None:
-            fields["compute"] = f"{counters.compute_s:.2f}s"
-            fields["wait w/opt"] = f"{counters.wait_weights_s:.2f}/{counters.wait_optimizer_s:.2f}s"
-            fields["ssd r/w"] = f"{format_size(counters.ssd_read_bytes)}/{format_size(counters.ssd_write_bytes)}"
+            fields["compute"] = f"{counters['compute_s']:.2f}s"
+            fields["wait w/opt"] = f"{counters['wait_weights_s']:.2f}/{counters['wait_optimizer_s']:.2f}s"
+            fields["ssd r/w"] = f"{format_size(counters['ssd_read_bytes'])}/{format_size(counters['ssd_write_bytes'])}"
         progress.update(step, fields)
-        if trace is not None and step == getattr(trainer, "trace_step", -1):
-            trainer.worker.wait_all()  # the step's optimizer tasks belong in its trace
-            trainer.tracer.write(trace)
-            trainer.tracer.enabled = False
+        if trace is not None and step == trainer.trace_step:
+            trainer.write_trace(trace)
             progress.message(f"wrote a trace of step {step + 1} to {trace} (open it in ui.perfetto.dev)")
         if t.eval_every and (step + 1) % t.eval_every == 0 and step + 1 != t.steps:
             last_eval = trainer.evaluate()
@@ -190,16 +177,14 @@ def _loop(cfg: FuyouConfig, trainer, run_dir: Path, stream, trace, stop) -> RunR
                 log.write({"step": step + 1, "eval_loss": last_eval})
                 progress.message(f"eval loss at step {step + 1}: {last_eval:.4f}")
         if stop.requested and step + 1 < t.steps:
-            if hasattr(trainer, "commit"):
-                trainer.commit(step + 1)  # the step's updates and its commit are on the SSD
+            trainer.commit(step + 1)  # the step's updates and its commit are on the SSD
             log.write({"stopped": stop.requested, "step": step + 1})
             log.close()
             progress.message(f"stopped by {stop.requested} after step {step + 1} (committed); continue with: "
                              f"fuyou train --resume {run_dir}")
             return RunResult(run_dir, first_eval, last_eval, stats.loss, tokens / (time.perf_counter() - start),
                              resident_bytes("VmHWM"), stopped=True)
-    if hasattr(trainer, "commit"):
-        trainer.commit(t.steps)  # the final state is committed before anything may delete it
+    trainer.commit(t.steps)  # the final state is committed before anything may delete it
     elapsed = time.perf_counter() - start
     last_eval = trainer.evaluate()
     if last_eval is not None:
@@ -207,8 +192,8 @@ def _loop(cfg: FuyouConfig, trainer, run_dir: Path, stream, trace, stop) -> RunR
     if cfg.run.save_weights:
         save_weights(run_dir, trainer, cfg)  # fsynced and renamed before the SSD state may be deleted
         trainer.completed = True
-    elif hasattr(trainer, "commit"):
-        progress.message(f"run.save_weights=false: the trained state stays on the SSD ({', '.join(map(str, trainer.store_dirs))}); "
+    elif trainer.state_location() is not None:
+        progress.message(f"run.save_weights=false: the trained state stays on the SSD ({trainer.state_location()}); "
                          f"delete it yourself when it is no longer needed")
     peak = resident_bytes("VmHWM")
     log.write({"summary": True, "steps": t.steps, "elapsed_s": elapsed, "tokens_per_s": tokens / elapsed,

@@ -13,25 +13,18 @@ ulp: torch's CPU ``sqrt`` there is not correctly rounded), so the engine can mat
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from contextlib import nullcontext
 
 import torch
 from torch import Tensor
 
 from fuyou.config import FuyouConfig
 from fuyou.errors import ConfigError
-from fuyou.data import BatchSampler, EvalBatches, SyntheticBatches, TokenData
+from fuyou.data import TokenData
+from fuyou.data.batches import make_batches
+from fuyou.models.precision import autocast
+from fuyou.trainer import StepStats
 from fuyou.models import StageModel
-from fuyou.train.schedule import lr_at
-
-
-@dataclass
-class StepStats:
-    loss: float
-    lr: float
-    grad_norm: float | None
-    tokens: int
+from fuyou.optim.schedule import lr_at
 
 
 def resolve_device(name: str) -> torch.device:
@@ -42,26 +35,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device='cuda' but no CUDA GPU is available; use train.device=cpu or auto")
     return torch.device(name)
-
-
-def autocast(device: torch.device, precision: str):
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return nullcontext()
-
-
-def make_batches(cfg: FuyouConfig, data: TokenData | None) -> tuple[BatchSampler | SyntheticBatches, EvalBatches | None]:
-    t, seq = cfg.train, cfg.data.seq_len
-    if seq > cfg.model.max_seq_len and cfg.model.family == "gpt":
-        raise ConfigError(
-            f"data.seq_len={seq} exceeds model.max_seq_len={cfg.model.max_seq_len} "
-            f"(the GPT position table); lower data.seq_len or raise model.max_seq_len"
-        )
-    if data is None:
-        train = SyntheticBatches(cfg.model.vocab_size, seq, t.micro_batch_size, t.seed)
-        return train, None
-    data.check_fits(seq, cfg.model.vocab_size)
-    return BatchSampler(data.train, seq, t.micro_batch_size, t.seed), EvalBatches(data.val, seq, t.micro_batch_size, t.eval_batches)
 
 
 def param_groups(model: StageModel, params: dict[str, Tensor], weight_decay: float) -> list[dict]:
@@ -122,6 +95,25 @@ class ReferenceTrainer:
             lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=True,
         )
         self.batches, self.eval_batches = make_batches(cfg, data)
+        self.clipping = cfg.train.grad_clip is not None
+        self.start_step, self.resumed, self.failed, self.completed = 0, False, False, False
+        self.trace_step = -1  # nothing to trace: one process, no background work
+
+    # -- the Trainer protocol (fuyou.trainer) beyond stepping and evaluating -----------------------------
+    def startup_lines(self) -> list[str]:
+        return []
+
+    def step_counters(self) -> dict | None:
+        return None
+
+    def commit(self, steps_done: int) -> None:
+        """In memory nothing outlives the process: there is nothing to commit."""
+
+    def write_trace(self, path) -> None:
+        raise NotImplementedError("--trace records the SSD-offloaded engine's tasks (--offload ssd)")
+
+    def state_location(self) -> str | None:
+        return None
 
     def train_step(self, step: int) -> StepStats:
         t = self.cfg.train

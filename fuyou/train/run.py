@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import json
-import math
-import os
-import struct
 import time
-from collections.abc import Iterable
 from pathlib import Path
 
-import torch
 
 from fuyou.config import FuyouConfig, to_toml
 from fuyou.errors import ConfigError, FuyouError
+from fuyou.hf.weights import write_safetensors
 
 
 def run_dir_path(cfg: FuyouConfig) -> Path:
@@ -44,52 +40,6 @@ def make_run_dir(cfg: FuyouConfig, path: Path | None = None) -> Path:
         raise ConfigError(f"cannot create run directory {path}: {e.strerror}; check run.out_dir") from e
     (path / "config.toml").write_text(to_toml(cfg))
     return path
-
-
-def write_safetensors(path: Path, shapes: dict[str, tuple[int, ...]], chunks: Iterable[torch.Tensor],
-                      metadata: dict[str, str] | None = None) -> Path:
-    """Write fp32 tensors as safetensors without holding them all: ``chunks`` yields the tensors'
-    values in ``shapes`` order as a flat stream cut anywhere. Atomic (tmp file, rename).
-
-    The format: 8-byte little-endian header length, a JSON header (dtype, shape and byte offsets per
-    tensor, padded with spaces to a multiple of 8), then the raw little-endian data.
-    """
-    header: dict = {"__metadata__": metadata} if metadata else {}
-    offset = 0
-    for key, shape in shapes.items():
-        n = 4 * math.prod(shape)
-        header[key] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
-    tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}")  # one name per writer
-    written = 0
-    try:
-        with tmp.open("wb") as fh:
-            fh.write(struct.pack("<Q", len(blob)))
-            fh.write(blob)
-            for c in chunks:
-                c = c.detach().to("cpu", torch.float32).contiguous().reshape(-1)
-                fh.write(c.numpy().tobytes())
-                written += 4 * c.numel()
-            fh.flush()
-            os.fsync(fh.fileno())  # durable before it replaces anything (and before the state may go)
-        if written != offset:
-            raise AssertionError(f"write_safetensors: got {written} bytes of data, the header says {offset}")
-        tmp.replace(path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def save_weights(path: Path, trainer, cfg: FuyouConfig) -> Path:
@@ -146,3 +96,16 @@ def record_resume(run_dir: Path, cfg: FuyouConfig, step: int, changed: dict[str,
     if changed:
         (run_dir / "config.toml").replace(run_dir / f"config.step-{step}.toml")
         (run_dir / "config.toml").write_text(to_toml(cfg))
+
+
+def import_checkpoint(hf_dir: str | Path, out_dir: str | Path) -> Path:
+    """``fuyou import HF_DIR --out RUN_DIR``: the checkpoint converted into a run directory
+    (``fuyou.hf.convert_checkpoint``) with ``RUN_DIR/config.toml``, the resolved config with
+    ``model.init_from = RUN_DIR``, so ``fuyou train --config RUN_DIR/config.toml`` starts from it."""
+    from fuyou.config import load_config
+    from fuyou.hf import convert_checkpoint
+
+    out = convert_checkpoint(hf_dir, out_dir)
+    cfg = load_config(flags={"model.init_from": str(out.resolve())})
+    (out / "config.toml").write_text(to_toml(cfg))
+    return out

@@ -86,7 +86,8 @@ def test_activations_beyond_the_cpu_budget_flow_through_ssd(tmp_path):
         import json
         from fuyou.config import load_config
         from fuyou.data import load_data
-        from fuyou.engine.engine import Engine, resident_bytes
+        from fuyou.engine.engine import Engine
+        from fuyou.engine.malloc import resident_bytes
         def run(policy, name):
             cfg = load_config(overrides=[
                 "model.n_layer=12", "model.d_model=256", "model.n_head=4", "model.vocab_size=320",

@@ -24,7 +24,8 @@ def test_peak_resident_memory_stays_under_budget(tmp_path, budget, ratio):
         import json, sys
         from fuyou.config import load_config
         from fuyou.data import load_data
-        from fuyou.engine.engine import Engine, resident_bytes
+        from fuyou.engine.engine import Engine
+        from fuyou.engine.malloc import resident_bytes
         cfg = load_config(overrides=[
             "model.n_layer=16", "model.d_model=640", "model.n_head=8", "model.vocab_size=320",
             "data.seq_len=64", "train.micro_batch_size=2", "train.steps=2", "train.grad_clip=none",

@@ -66,7 +66,8 @@ def test_bf16_on_cuda_tracks_reference(tmp_path):
 def test_device_and_cpu_budgets_hold_on_cuda(tmp_path):
     """torch.cuda.max_memory_allocated <= the device plan; VmHWM <= fixed overhead + cpu budget."""
     from fuyou.data import load_data
-    from fuyou.engine.engine import Engine, resident_bytes
+    from fuyou.engine.engine import Engine
+    from fuyou.engine.malloc import resident_bytes
 
     cfg = make_cfg(tmp_path, "train.device=cuda", "model.preset=gpt-tiny", "data.seq_len=256",
                    "train.micro_batch_size=4", "train.precision=bf16", "offload.cpu_mem=1GiB",

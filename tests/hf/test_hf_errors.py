@@ -10,7 +10,8 @@ from safetensors.torch import save_file
 from fuyou.cli import main
 from fuyou.config import load_config
 from fuyou.errors import ConfigError, DataError
-from fuyou.hf import export_run, import_checkpoint, open_checkpoint
+from fuyou.hf import export_run, open_checkpoint
+from fuyou.train.run import import_checkpoint
 from fuyou.hf.config_map import to_fuyou
 
 LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64, "intermediate_size": 160,

@@ -15,9 +15,10 @@ from hf_testutil import (fuyou_logits, fuyou_weights, hf_logits, make_hf_model, 
 
 from fuyou.cli import main  # noqa: E402
 from fuyou.config import load_config  # noqa: E402
-from fuyou.hf import export_run, import_checkpoint, open_checkpoint  # noqa: E402
+from fuyou.hf import export_run, open_checkpoint  # noqa: E402
+from fuyou.train.run import import_checkpoint  # noqa: E402
 from fuyou.models import ModelConfig, StageModel, preset  # noqa: E402
-from fuyou.train.run import write_safetensors  # noqa: E402
+from fuyou.hf.weights import write_safetensors  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """Fixtures of the store tests: small blocks so odd sizes cross every boundary quickly.
 
-``cfg`` runs every test that takes it once per I/O engine (the native C++ one and the Python-thread
+``cfg`` runs every test that takes it once per I/O backend (the native C++ one and the Python-thread
 fallback): both must give the same bytes, checksums and typed errors.
 """
 
@@ -17,4 +17,4 @@ from fuyou.store.native import native_available
 def cfg(request) -> StoreConfig:
     if request.param == "native" and not native_available():
         pytest.skip("the native store I/O library could not be built here")
-    return StoreConfig(**SMALL, engine=request.param)
+    return StoreConfig(**SMALL, backend=request.param)

@@ -45,28 +45,28 @@ def test_foreign_checksum_algorithm_is_refused(tmp_path):
 
 CROSS = (
     "import sys, torch; from fuyou.store import StoreConfig, TensorStore; from fuyou.store.native import crc_function\n"
-    "d, mode, engine = sys.argv[1:4]\n"
-    "cfg = StoreConfig(block_size='16KiB', checksum_block='16KiB', stripe_unit='64KiB', engine=engine)\n"
+    "d, mode, backend = sys.argv[1:4]\n"
+    "cfg = StoreConfig(block_size='16KiB', checksum_block='16KiB', stripe_unit='64KiB', backend=backend)\n"
     "x = (torch.arange(300_001, dtype=torch.int64) * 2654435761 % 251).to(torch.uint8)\n"
     "if mode == 'write':\n"
     "    s = TensorStore.create([d], cfg); s.allocate('x', x.shape, x.dtype); s.write_from('x', x).result()\n"
     "else:\n"
     "    s = TensorStore.open([d], cfg); t = torch.empty_like(x); s.read_into('x', t).result()\n"
     "    assert torch.equal(t, x)\n"
-    "s.close(); print(s.engine_name, crc_function()[2] if engine == 'native' else '-')\n")
+    "s.close(); print(s.backend_name, crc_function()[2] if backend == 'native' else '-')\n")
 
 
 @pytest.mark.parametrize("writer,reader,crc", [("native", "threads", "auto"), ("threads", "native", "auto"),
                                                 ("native", "threads", "zlib"), ("threads", "native", "zlib")])
-def test_engines_and_crc_implementations_agree(tmp_path, writer, reader, crc):
-    """A store written by one engine (ISA-L's or libz's C CRC-32) verifies with the other (Python's)."""
+def test_backends_and_crc_implementations_agree(tmp_path, writer, reader, crc):
+    """A store written by one backend (ISA-L's or libz's C CRC-32) verifies with the other (Python's)."""
     from fuyou.store.native import native_available
     if not native_available():
         pytest.skip("the native store I/O library could not be built here")
     env = {"PATH": "/usr/bin:/bin", "FUYOU_STORE_CRC": crc}
-    for mode, engine in (("write", writer), ("read", reader)):
-        out = subprocess.run([sys.executable, "-c", CROSS, str(tmp_path), mode, engine], capture_output=True,
+    for mode, backend in (("write", writer), ("read", reader)):
+        out = subprocess.run([sys.executable, "-c", CROSS, str(tmp_path), mode, backend], capture_output=True,
                              text=True, env=env, timeout=120)
         assert out.returncode == 0, out.stderr
-        if engine == "native":
+        if backend == "native":
             assert out.stdout.split() == ["native", "zlib" if crc == "zlib" else "isal"]

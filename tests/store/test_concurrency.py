@@ -17,7 +17,7 @@ from store_testutil import SMALL, random_tensor, same_bytes
 def test_many_concurrent_reads_and_writes(tmp_path, engine):
     if engine == "native" and not native_available():
         pytest.skip("the native store I/O library could not be built here")
-    cfg = StoreConfig(**{**SMALL, "queue_depth": 8, "engine": engine})
+    cfg = StoreConfig(**{**SMALL, "queue_depth": 8, "backend": engine})
     sizes = [(4096 * k + 7 * k,) for k in range(1, 33)]
     data = {f"t{i}": random_tensor(s, torch.bfloat16, seed=i) for i, s in enumerate(sizes)}
     with TensorStore.create([tmp_path], cfg) as store:

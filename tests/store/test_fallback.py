@@ -70,20 +70,20 @@ def test_buffered_when_direct_io_off(tmp_path):
         assert store.direct == [False]
 
 
-def test_engine_falls_back_to_threads_when_the_native_library_cannot_build(tmp_path, broken_kernel_build, caplog):
-    """A failed build of storeio.cpp is one warning; 'auto' then runs the Python-thread engine, and
+def test_backend_falls_back_to_threads_when_the_native_library_cannot_build(tmp_path, broken_kernel_build, caplog):
+    """A failed build of storeio.cpp is one warning; 'auto' then runs the Python-thread backend, and
     asking for 'native' explicitly is a typed error that says what is missing."""
     import logging
 
     with caplog.at_level(logging.WARNING, logger=broken_kernel_build.__name__):
-        with TensorStore.create([tmp_path / "a"], StoreConfig(engine="auto")) as s:
-            assert s.engine_name == "threads"
+        with TensorStore.create([tmp_path / "a"], StoreConfig(backend="auto")) as s:
+            assert s.backend_name == "threads"
             s.allocate("x", (5000,), torch.float32)
             s.write_from("x", torch.arange(5000.0)).result()
             out = torch.empty(5000)
             s.read_into("x", out).result()
             assert torch.equal(out, torch.arange(5000.0))
-        with pytest.raises(StoreUsageError, match="engine='threads'"):
-            TensorStore.create([tmp_path / "b"], StoreConfig(engine="native"))
+        with pytest.raises(StoreUsageError, match="backend='threads'"):
+            TensorStore.create([tmp_path / "b"], StoreConfig(backend="native"))
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "storeio" in warnings[0].getMessage()

@@ -61,7 +61,7 @@ def test_truncated_file_detected_at_open_and_at_read(tmp_path, cfg):
 FULL_DISK = textwrap.dedent("""
     import resource, signal, sys, torch
     from fuyou.store import StoreConfig, StoreFullError, TensorStore
-    cfg = StoreConfig(block_size="16KiB", checksum_block="16KiB", stripe_unit="64KiB", engine=sys.argv[2])
+    cfg = StoreConfig(block_size="16KiB", checksum_block="16KiB", stripe_unit="64KiB", backend=sys.argv[2])
     store = TensorStore.create([sys.argv[1]], cfg)
     store.allocate("early", (4 << 20,), torch.uint8)            # preallocated before the limit
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)

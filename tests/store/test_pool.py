@@ -42,9 +42,9 @@ def test_full_pool_waits_for_release_and_times_out():
         pool.acquire(4096, timeout=0.05)
     threading.Timer(0.2, a.release).start()
     t0 = time.monotonic()
-    with pool.acquire(256 << 10, timeout=10) as c:   # served once `a` is released
+    with pool.acquire(256 << 10, timeout=10) as c:   # served once `a` is released, by a's cached block
         assert time.monotonic() - t0 >= 0.15
-        assert pool.in_use == (512 + 256) << 10
+        assert pool.in_use == (512 + 512) << 10  # a cached block up to twice the size counts at its own size
         assert c.tensor.numel() == 256 << 10
     b.release()
     b.release()  # idempotent
@@ -91,3 +91,15 @@ def test_large_buffers_are_huge_page_aligned_and_sized_as_asked():
 
 def round_up_4k(n: int) -> int:
     return -(-n // 4096) * 4096
+
+
+def test_a_cached_block_up_to_twice_the_size_is_reused_not_reallocated():
+    """Stages of different sizes share a pinned pool: reusing a cached block avoids an unregister and
+    a register per size change (the registration churn of the GPU audit)."""
+    pool = PinnedPool(4 << 20)
+    with pool.acquire(1 << 20) as big:
+        ptr = big.tensor.data_ptr()
+    with pool.acquire(600 << 10) as small:        # within 2x: the same block
+        assert small.tensor.data_ptr() == ptr and small.tensor.numel() == 600 << 10
+    with pool.acquire(256 << 10) as tiny:         # beyond 2x: a block of its own
+        assert tiny.tensor.data_ptr() != ptr

@@ -8,7 +8,7 @@ from fuyou.config import load_config
 from fuyou.models import StageModel
 from fuyou.train.loop import run_training
 from fuyou.train.reference import ReferenceTrainer
-from fuyou.train.schedule import lr_at
+from fuyou.optim.schedule import lr_at
 
 
 def test_default_run_lowers_the_loss_and_writes_a_run_dir(tmp_path, capsys):

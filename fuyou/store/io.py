@@ -1,6 +1,6 @@
-"""The Python-thread I/O engine (worker threads issuing ``os.preadv`` / ``os.pwritev``), and the store's futures.
+"""The Python-thread I/O backend (worker threads issuing ``os.preadv`` / ``os.pwritev``), and the store's futures.
 
-Since issue 3's follow-up the default is the native engine (``native.py``: the same units run in C++
+Since issue 3's follow-up the default is the native backend (``native.py``: the same units run in C++
 threads); this one is its fallback where the C++ library cannot be built, and the reference the
 native one is tested against. The measurements below chose threads over libaio bindings.
 
@@ -11,7 +11,7 @@ from a 4 KiB-aligned buffer, O_DIRECT, median of 3, 1 GB = 1e9 B; shared machine
 figures from the same run):
 
 ==============================================  ===========  ==========
-engine (same file, same run)                    write GB/s   read GB/s
+backend (same file, same run)                   write GB/s   read GB/s
 ==============================================  ===========  ==========
 threads + os.pwritev/preadv, 1 MiB, 8 threads   5.78         2.65
 python-libaio 0.9.5 (io_submit ring), depth 8   4.52         2.34
@@ -100,7 +100,7 @@ from fuyou.store.errors import StoreCorruptError, StoreIOError, io_error_from_os
 if TYPE_CHECKING:
     from fuyou.store.layout import TensorRecord
 
-__all__ = ["IOFuture", "Unit", "ThreadEngine"]
+__all__ = ["IOFuture", "Unit", "ThreadBackend"]
 
 
 class IOFuture:
@@ -179,20 +179,20 @@ class Unit:
         self.record, self.crc_index, self.verify = record, crc_index, verify
 
 
-_LIVE_ENGINES: "weakref.WeakSet[ThreadEngine]" = weakref.WeakSet()
+_LIVE_BACKENDS: "weakref.WeakSet[ThreadBackend]" = weakref.WeakSet()
 
 
 @atexit.register
-def _stop_live_engines() -> None:
+def _stop_live_backends() -> None:
     # Note: [Stop I/O threads before interpreter shutdown] Daemon threads still alive when the
     # interpreter finalizes are torn down mid-call; inside torch's C++ frames that aborts the process
     # ("terminate called without an active exception"). A store the user forgot to close is therefore
     # drained and stopped here, before finalization starts.
-    for engine in list(_LIVE_ENGINES):
-        engine.close()
+    for backend in list(_LIVE_BACKENDS):
+        backend.close()
 
 
-class ThreadEngine:
+class ThreadBackend:
     """``queue_depth`` daemon threads executing :class:`Unit` s from one queue."""
 
     def __init__(self, queue_depth: int, block_size: int, unit_bytes: int):
@@ -204,7 +204,7 @@ class ThreadEngine:
                          for i in range(queue_depth)]
         for t in self._threads:
             t.start()
-        _LIVE_ENGINES.add(self)
+        _LIVE_BACKENDS.add(self)
 
     def submit_request(self, fut: IOFuture, units: Sequence[Unit]) -> None:
         """Queue one request's units (``fut`` counts ``len(units)`` completions)."""
@@ -214,7 +214,7 @@ class ThreadEngine:
 
     def close(self) -> None:
         """Finish queued units, then stop the threads. Idempotent."""
-        _LIVE_ENGINES.discard(self)
+        _LIVE_BACKENDS.discard(self)
         for _ in self._threads:
             self._q.put(None)
         for t in self._threads:

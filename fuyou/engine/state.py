@@ -1,0 +1,325 @@
+"""The training state's lifecycle: where it lives, how it starts, how it is committed and read back.
+
+Where: the store on the SSDs holds every stage's fp32 master weights and Adam moments, in one to three
+copies (Note: [State copies] in ``layout``), and the compute weights of stages the weight cache does
+not hold; CPU memory holds the weight cache and the *resident* stages' state (the memory plan says
+which). How it starts: ``initialise`` writes each stage straight into its tiers, one stage in memory
+at a time, and commits step 0; ``resume`` opens the last commit (``commit.py``) and rebuilds the
+compute weights from the masters. Commits: every ``offload.commit_every``, queued behind the step's
+updates on the optimizer worker, flush the resident stages' state to a copy the last commit does not
+name, sync, and write the record. Reading it back (``write_back``, ``master_chunks``,
+``state_dict``, ``optimizer_state``) first writes dirty resident state to the store.
+
+The engine (``engine.py``) owns one ``TrainingState`` and runs the step schedule against it.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from fuyou import watchdog
+from fuyou.engine.commit import ResumeError, read_record, step_tag, write_record
+from fuyou.engine.layout import StageState, build_states, dtype_size
+from fuyou.errors import ConfigError
+from fuyou.store import TensorStore
+
+
+class TrainingState:
+    """The state of one run (module docstring). ``open_store`` then ``initialise`` or ``resume``; the
+    engine sets ``worker`` (commits run on it) and ``counters`` (where bytes are counted) after."""
+
+    def __init__(self, cfg, states: list[StageState], plan, store_dirs: list[Path], store_cfg, chunk: int,
+                 cdtype: torch.dtype, gdtype: torch.dtype, clipping: bool, dev):
+        self.cfg, self.states, self.plan, self.store_dirs, self.store_cfg = cfg, states, plan, store_dirs, store_cfg
+        self.chunk, self.cdtype, self.gdtype, self.clipping, self.dev = chunk, cdtype, gdtype, clipping, dev
+        self.store: TensorStore | None = None
+        self.worker = None
+        self.counters = None                # callable: the current step's counters
+        self.cache_pool = self.opt_pool = None
+        self.last_commit_step: int | None = None
+        self._last_commit_time = time.monotonic()
+        self.start_step = 0
+        self._cache_bufs: list = []
+        self._registered: list[Tensor] = []
+
+    def open_store(self, resume: bool, name: str) -> TensorStore:
+        """The existing store (resume) or a new one, after clearing what an earlier run left."""
+        if resume:
+            self.store = TensorStore.open(self.store_dirs, self.store_cfg)
+        else:
+            self.clear_old(name)
+            self.store = TensorStore.create(self.store_dirs, self.store_cfg, capacity_hint_bytes=self.ssd_bytes())
+        return self.store
+
+    def release_host_memory(self) -> None:
+        """Unregister what was page-locked and give the cache buffers back (at close)."""
+        for t in self._registered:
+            self.dev.unregister_host(t)
+        self._registered.clear()
+        for b in self._cache_bufs:
+            b.release()
+        self._cache_bufs.clear()
+        for st in self.states:
+            st.cache = None
+
+    def ssd_bytes(self) -> int:
+        return sum(math.prod(shape) * dtype_size(dt) for _, shape, dt in self.specs()) + 64 * 1024**2
+
+    def initialise(self, init_values) -> None:
+        """Initialise each stage straight into the tiers, one stage in memory at a time."""
+        self.store.allocate_many(self.specs())
+        zeros = torch.zeros(min(self.chunk, max(s.numel for s in self.states)))
+        for s in self.states:
+            values = init_values(s.stage)
+            flat = torch.empty(s.numel)
+            for name, slot in s.slots.items():
+                flat[slot.offset:slot.offset + slot.numel] = values.pop(s.stage.key(name)).reshape(-1)
+            futs = [self.store.write_from(s.keys.master, flat)]
+            for key in (s.keys.exp_avg, s.keys.exp_avg_sq):
+                for a in range(0, s.numel, self.chunk):
+                    futs.append(self.store.write_from(key, zeros[: min(self.chunk, s.numel - a)], start=a))
+            if s.index in self.plan.cached_stages:
+                s.cache = self.cache_buffer(s)
+                s.cache.copy_(flat)
+            else:
+                futs.append(self.store.write_from(s.keys.weights, flat.to(self.cdtype)))
+            if s.index in self.plan.resident_stages:
+                s.resident = resident_state(s.numel)
+                s.held_grad = self.held_grad(s)
+                s.resident[0].copy_(flat)
+                s.resident[1].zero_()
+                s.resident[2].zero_()
+            for f in futs:
+                watchdog.result(f, f"the initial write of {s.stage.name}")
+            del flat
+        self.commit_initial()
+
+    def specs(self) -> list[tuple]:
+        """Every store tensor the state needs (its copies: Note: [State copies] in layout)."""
+        specs = []
+        for s in self.states:
+            for keys in s.copies:
+                specs += [(k, (s.numel,), torch.float32) for k in keys.fp32]
+            if s.index not in self.plan.cached_stages:
+                specs.append((s.keys.weights, (s.numel,), self.cdtype))
+            if self.clipping and s.index not in self.plan.resident_stages:
+                specs.append((grad_key(s), (s.numel,), self.gdtype))
+        return specs
+
+    def clear_old(self, name: str) -> None:
+        """A new run finds its state directories empty, or holding only a store's own files: a state
+        that was never committed (killed before its first commit) is removed; a committed one only with
+        ``offload.replace_state`` (else the user is told to resume it). Anything else is refused."""
+        from fuyou.engine.commit import RECORD
+        from fuyou.store.lock import lock_dirs, unlock
+
+        present = [d for d in self.store_dirs if d.is_symlink() or (d.exists() and any(d.iterdir()))]
+        if not present:
+            return
+        for d in present:
+            if d.is_symlink() or not d.is_dir():
+                raise ConfigError(f"{d} is a symlink or a file, not a state directory fuyou made; remove it or choose "
+                                  f"another run.name")
+            foreign = [p.name for p in d.iterdir() if not (p.name.startswith(("fuyou-store", RECORD)) and p.is_file()
+                                                          and not p.is_symlink())]
+            if foreign:
+                raise ConfigError(f"{d} holds files fuyou did not make ({', '.join(sorted(foreign)[:5])}); a state "
+                                  f"directory holds only the store's files: move them away or choose another run.name")
+        record = self.store_dirs[0] / RECORD
+        if record.exists() and not self.cfg.offload.replace_state:
+            raise ConfigError(f"{self.store_dirs[0]} holds the committed SSD state of an earlier run named {name[:-len('.fuyou-state')]!r}: "
+                              f"continue it with `fuyou train --resume RUN_DIR`, or set offload.replace_state=true to "
+                              f"delete it and start afresh")
+        locks = lock_dirs([d for d in present])  # refuses a state another process is using
+        try:
+            print(f"fuyou: removing the {'committed' if record.exists() else 'never committed'} SSD state in "
+                  f"{', '.join(map(str, present))} (offload.replace_state, or a run killed before its first commit)",
+                  file=sys.stderr)
+            for d in present:
+                shutil.rmtree(d)
+        finally:
+            unlock(locks)
+
+    def cache_buffer(self, st: StageState) -> Tensor:
+        """CPU memory for a stage's cached compute weights, from the cache pool: registered with the
+        device at its exact size (``pin_memory()``'s caching host allocator rounds up to a power of
+        two: a 629 MB stage would lock 1 GiB, up to twice the plan)."""
+        self._cache_bufs.append(self.cache_pool.acquire(st.numel * dtype_size(self.cdtype), self.cdtype))
+        return self._cache_bufs[-1].tensor
+
+    def held_grad(self, st: StageState) -> Tensor | None:
+        """CPU memory where a resident stage's gradient waits for the global norm (exact clipping)."""
+        if not self.clipping:
+            return None
+        from fuyou.store.aligned import huge_empty
+
+        t = huge_empty(st.numel * dtype_size(self.gdtype)).view(self.gdtype)[:st.numel]
+        if not self.dev.is_host:  # the gradient's D2H copy lands here asynchronously: page-locked
+            self.dev.register_host(t)
+            self._registered.append(t)
+        return t
+
+    # -- commits ---------------------------------------------------------------------------------
+    def commit_due(self, steps_done: int) -> bool:
+        off = self.cfg.offload
+        if off.commit != "cow":
+            return False
+        if off.commit_steps is not None:
+            return steps_done % off.commit_steps == 0
+        return time.monotonic() - self._last_commit_time >= off.commit_secs
+
+    def submit_commit(self, steps_done: int) -> None:
+        """Queue the commit of the state after ``steps_done`` steps behind this step's updates. The
+        copies it names are fixed now (main thread, Note: [State copies]); the resident stages' state
+        is written to a copy other than the committed one first."""
+        flush = self.claim_flush()
+        for st in self.states:
+            st.committed = st.cur
+        copies = [s.cur for s in self.states]
+        self.last_commit_step = steps_done
+        self._last_commit_time = time.monotonic()
+
+        def commit():
+            self.flush(flush)
+            self.write_commit(steps_done, copies)
+
+        self.worker.submit_call(commit, f"the commit of step {steps_done}")
+
+    def commit(self, steps_done: int) -> None:
+        """Commit now unless the last commit is this state (the end of a run, a stop); waits for it."""
+        if self.cfg.offload.commit == "cow" and self.last_commit_step != steps_done:
+            self.submit_commit(steps_done)
+        self.worker.wait_all()
+
+    def claim_flush(self) -> list[tuple[StageState, int]]:
+        """The dirty resident stages and the copy each will be written to (main thread, before the
+        write is queued or done)."""
+        out = []
+        for st in self.states:
+            if st.dirty:
+                st.cur = st.target(keep_source=False)
+                st.dirty = False
+                out.append((st, st.cur))
+        return out
+
+    def flush(self, flush: list[tuple[StageState, int]]) -> None:
+        futs = [(self.store.write_from(k, t), st) for st, c in flush for k, t in zip(st.copies[c].fp32, st.resident)]
+        for f, st in futs:
+            watchdog.result(f, f"the write of {st.stage.name}'s resident optimizer state")
+        self.counters().ssd_write_bytes += sum(12 * st.numel for st, _ in flush)
+
+    def write_commit(self, steps_done: int, copies: list[int]) -> None:
+        """Tag the named copies, sync the store, write the record (commit.py's two steps)."""
+        for st, c in zip(self.states, copies):
+            for key in st.copies[c].fp32:
+                self.store.set_tag(key, step_tag(steps_done))
+        self.store.sync()
+        write_record(self.store_dirs[0], {"step": steps_done, "copies": copies, "store_uuid": self.store.uuid,
+                                          "generation": self.store.generation, "model": self.cfg.model.model_dump()})
+
+    def commit_initial(self) -> None:
+        """The commit record of the initial state (step 0), written synchronously."""
+        for st in self.states:
+            st.committed = st.cur if self.cfg.offload.commit == "cow" else None
+        if self.cfg.offload.commit == "cow":
+            self.write_commit(0, [s.cur for s in self.states])
+            self.last_commit_step = 0
+        else:
+            self.store.sync()
+
+    def resume(self) -> None:
+        """Open the last commit: current copies from the record, compute weights rebuilt from the
+        masters chunk by chunk (bounded memory), missing tensors (new settings) allocated."""
+        if self.cfg.offload.commit != "cow":
+            raise ResumeError("offload.commit='none' updates the state in place; it cannot be resumed")
+        rec = read_record(self.store_dirs[0], self.store, len(self.states))
+        for s, c in zip(self.states, rec["copies"]):
+            if c >= len(s.copies):  # the record names a copy this configuration does not keep
+                s.copies = build_states([s.stage], self.cfg.optim.weight_decay, n_copies=c + 1)[0].copies
+            s.cur = s.committed = c
+            for key in s.keys.fp32:
+                tag = self.store.record(key).tag if key in self.store else None
+                if tag != step_tag(rec["step"]):
+                    raise ResumeError(f"the commit record names {key} as the state of step {rec['step']}, but the "
+                                      f"store holds {tag or 'no committed state'} there: the record was edited or "
+                                      f"damaged; start a new run (nothing was overwritten)")
+        self.start_step = self.last_commit_step = rec["step"]
+        missing = [spec for spec in self.specs() if spec[0] not in self.store]
+        if missing:
+            self.store.allocate_many(missing)
+        for s in self.states:
+            if s.index in self.plan.cached_stages:
+                s.cache = self.cache_buffer(s)
+            if s.index in self.plan.resident_stages:
+                s.resident = resident_state(s.numel)
+                s.held_grad = self.held_grad(s)
+                for key, t in zip(s.keys.fp32, s.resident):
+                    self.store.read_into(key, t).result()  # CRC-checked
+            for a in range(0, s.numel, self.chunk):
+                n = min(self.chunk, s.numel - a)
+                with self.opt_pool.acquire(4 * n, torch.float32) as buf:
+                    self.store.read_into(s.keys.master, buf.tensor, start=a).result()  # CRC-checked
+                    if s.cache is not None:
+                        s.cache[a:a + n].copy_(buf.tensor)
+                    else:
+                        self.store.write_from(s.keys.weights, buf.tensor.to(self.cdtype), start=a).result()
+
+    # -- one optimizer step ----------------------------------------------------------------------
+
+    def write_back(self) -> None:
+        """Write dirty resident optimizer state to the store (to a copy the last commit does not name),
+        so that reading the store gives the newest state (layout docstring)."""
+        self.worker.wait_all()
+        self.flush(self.claim_flush())
+
+    def master_chunks(self):
+        """Yield every stage's fp32 master weights in order, in chunks of pool memory (bounded)."""
+        self.write_back()
+        for st in self.states:
+            for a in range(0, st.numel, self.chunk):
+                n = min(self.chunk, st.numel - a)
+                with self.opt_pool.acquire(4 * n, torch.float32) as buf:
+                    self.store.read_into(st.keys.master, buf.tensor, start=a).result()
+                    yield buf.tensor
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """fp32 master weights by global key (materialises the model: for tests and small models)."""
+        out = {}
+        self.write_back()
+        for st in self.states:
+            flat = torch.empty(st.numel)
+            self.store.read_into(st.keys.master, flat).result()
+            out.update({st.stage.key(n): v.clone() for n, v in st.views(flat).items()})
+        return out
+
+    def optimizer_state(self) -> dict[str, dict[str, Tensor]]:
+        out: dict[str, dict[str, Tensor]] = {}
+        self.write_back()
+        for st in self.states:
+            m, v = torch.empty(st.numel), torch.empty(st.numel)
+            self.store.read_into(st.keys.exp_avg, m).result()
+            self.store.read_into(st.keys.exp_avg_sq, v).result()
+            mv, vv = st.views(m), st.views(v)
+            for n in st.slots:
+                out[st.stage.key(n)] = {"exp_avg": mv[n].clone(), "exp_avg_sq": vv[n].clone()}
+        return out
+
+
+def grad_key(st: StageState) -> str:
+    """The store key where a stage's gradient waits for the global norm (exact clipping)."""
+    return f"{st.stage.name}/grad"
+
+
+def resident_state(numel: int) -> tuple[Tensor, Tensor, Tensor]:
+    """CPU memory for a resident stage's fp32 master, m and v: huge-page buffers (the store writes
+    them whole every step; aligned.huge_empty says why huge pages)."""
+    from fuyou.store.aligned import huge_empty
+
+    return tuple(huge_empty(4 * numel).view(torch.float32)[:numel] for _ in range(3))  # type: ignore[return-value]
