@@ -300,7 +300,7 @@ class CudaDevice:
         nbytes = t.numel() * t.element_size()
         err = int(self._cart.cudaHostRegister(t.data_ptr(), nbytes, 1))  # cudaHostRegisterPortable
         if err != 0:
-            torch.cuda.synchronize()  # clear the sticky-free error state of the runtime call
+            _clear_last_error(self._cart)  # else the next kernel launch check reports it, far from here
             raise HostRegisterError(
                 f"cudaHostRegister of {format_size(nbytes)} failed (CUDA error {err}): the system refused to "
                 f"page-lock more memory; lower offload.cpu_mem or raise the locked-memory limit (ulimit -l)")
@@ -338,6 +338,25 @@ class CudaDevice:
 @contextmanager
 def _null():
     yield
+
+
+def _clear_last_error(cart) -> None:
+    """Reset the CUDA runtime's last error after a failed call whose failure fuyou reports itself."""
+    get = getattr(cart, "cudaGetLastError", None)
+    if get is not None:
+        get()
+        return
+    try:  # not bound by this torch: the runtime library torch loaded
+        import ctypes
+
+        for name in ("libcudart.so", "libcudart.so.13", "libcudart.so.12"):
+            try:
+                ctypes.CDLL(name).cudaGetLastError()
+                return
+            except OSError:
+                continue
+    except Exception:  # noqa: BLE001 - best effort: the typed error is raised either way
+        pass
 
 
 # ------------------------------------------------------------------------------------------------

@@ -124,7 +124,10 @@ class Engine:
             bound_malloc(thr, thr + gsize * max((b.num_params for b in blocks), default=0))
         adamw_backend()  # load (or build) the kernel library now: part of the fixed overhead
         if self.dev.kind == "cuda":
-            self._warm_up()  # the CUDA context, cuBLAS and the kernels of a block: fixed overhead too
+            try:
+                self._warm_up()  # the CUDA context, cuBLAS and the kernels of a block: fixed overhead too
+            except torch.cuda.OutOfMemoryError:
+                torch.cuda.empty_cache()  # one block does not fit at all: the memory plan refuses it below
         self.fixed_overhead = resident_bytes()
         self.gpu_mem = off.gpu_mem
         if self.gpu_mem is None and not self.dev.is_host:  # default: what the device has free now

@@ -173,11 +173,7 @@ def forward_block(swapper: ActivationSwapper, block: int, policy: KeepPolicy, fn
         keeper = GraphKeeper(swapper, f"act/{block}", policy.all, weights, inp)
         with torch.enable_grad(), autocast_ctx(), torch.autograd.graph.saved_tensors_hooks(keeper.pack, keeper.unpack):
             out = fn(params, inp, None)
-        # The graph keeps the leaves, which view the forward's weight buffer: without this the whole
-        # block's forward weights would stay on the device until its backward. Backward rebuilds what
-        # it needs from the weights loaded then (``bwd_weights``); autograd needs only the leaves' identity.
-        for p in params.values():
-            p.data = p.data.new_empty(0)
+        release_forward_weights(params)
         keeper.fwd_weights = None
         return out.detach(), BlockState(graph=(out, inp, params), keeper=keeper)
     ck = swapper.put(f"act/{block}/checkpoint", x, policy.checkpoint)
@@ -185,6 +181,15 @@ def forward_block(swapper: ActivationSwapper, block: int, policy: KeepPolicy, fn
     with torch.no_grad(), autocast_ctx():
         out = fn(params, x, rec)
     return out, BlockState(checkpoint=ck, slots=rec.slots if rec else {})
+
+
+def release_forward_weights(params: dict[str, Tensor]) -> None:
+    """Let go of a kept block's forward weights. Its graph keeps the leaves, which view the forward's
+    weight buffer: without this the whole block's forward weights would stay on the device until its
+    backward (the fake device's ledger found it). Backward rebuilds what it needs from the weights
+    loaded then (``GraphKeeper.bwd_weights``); autograd needs only the leaves' identity."""
+    for p in params.values():
+        p.data = p.data.new_empty(0)
 
 
 def backward_block(swapper: ActivationSwapper, state: BlockState, fn, weights: Tensor,

@@ -137,6 +137,7 @@ class ActivationSwapper:
         if not self.dev.is_host:
             self.d2h.wait_stream(self.dev.compute)
             self.dev.record_stream(flat, self.d2h)
+            start = self.dev.event(timing=True).record(self.d2h)
         for a in range(0, flat.numel(), per):
             n = min(per, flat.numel() - a)
             buf = watchdog.acquire(self.pool, n * flat.element_size(), flat.dtype,
@@ -150,12 +151,15 @@ class ActivationSwapper:
                 fut = Future()
                 self.dev.after(self.dev.event().record(self.d2h), _writer(self.store, slot.key, buf, a, fut))
             slot.writes.append(fut)
-        if not self.dev.is_host:
-            self._leave(self.dev.event().record(self.d2h), flat)
         c = self._counters()
         c.act_ssd_write_bytes += slot.nbytes
         c.ssd_write_bytes += slot.nbytes
-        self.tracer.add(f"swap out {slot.key}", "d2h", t0, time.perf_counter(), bytes=slot.nbytes)
+        if self.dev.is_host:
+            self.tracer.add(f"swap out {slot.key}", "d2h", t0, time.perf_counter(), bytes=slot.nbytes)
+        else:  # the copies' own time on the device, not the time to launch them
+            end = self.dev.event(timing=True).record(self.d2h)
+            self._leave(end, flat)
+            self.tracer.add_gpu(f"swap out {slot.key}", "d2h", start, end, bytes=slot.nbytes)
 
     # -- back ------------------------------------------------------------------------------------
     def prefetch(self, slot: Slot) -> None:

@@ -40,9 +40,17 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """Causal scaled-dot-product attention on (B, H, T, D) tensors; k/v may have fewer heads (GQA)."""
+    """Causal scaled-dot-product attention on (B, H, T, D) tensors; k/v may have fewer heads (GQA).
+
+    Grouped-query attention is the kernel's own (``enable_gqa``, torch >= 2.5): no copy of k and v per
+    query head (``repeat_interleave`` made one, and autograd saved it: two B*H*T*D tensors per block)."""
     if k.shape[1] != q.shape[1]:
+        if _SDPA_GQA:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         groups = q.shape[1] // k.shape[1]
         k = k.repeat_interleave(groups, dim=1)
         v = v.repeat_interleave(groups, dim=1)
     return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+_SDPA_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)

@@ -262,6 +262,16 @@ def test_reverting_the_bound_on_gradients_leaving_the_device_is_caught(tmp_path,
         _run_fake(tmp_path, "offload.max_pending_updates=8", "offload.resident_mem=0")
 
 
+def test_keeping_the_forward_weights_of_whole_kept_blocks_is_caught(tmp_path, monkeypatch):
+    """Audit item 2: a block kept whole held its forward weights on the device until its backward."""
+    from fuyou.engine import recompute
+
+    monkeypatch.setattr(recompute, "release_forward_weights", lambda params: None)
+    with pytest.raises(DeviceBudgetError, match="stage weights in window"):
+        _run_fake(tmp_path, "model.preset=gpt-tiny", "data.seq_len=32", "offload.act_policy=all=gpu",
+                  "offload.prefetch_depth=1")
+
+
 def test_releasing_a_host_buffer_before_its_copy_ran_is_caught(tmp_path, monkeypatch):
     """The loader used to wait for each H2D copy before releasing its pool buffer; releasing it at once
     (without waiting) lets the next read overwrite it: the fake poisons it on release."""
