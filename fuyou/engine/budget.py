@@ -107,12 +107,19 @@ def _lines(items: dict[str, int]) -> str:
 
 
 def activation_bytes(cfg_model, batch: int, seq: int) -> dict[str, int]:
-    """Estimated device bytes of stage inputs and of one stage's recompute+backward working set."""
+    """Estimated device bytes of stage inputs and of one stage's recompute+backward working set.
+
+    The head computes its loss a slice of tokens at a time (``layers.linear_cross_entropy``): four
+    slice-sized fp32 tensors (logits, the softmax and its temporaries), the input's gradient and normed
+    input (8 B per token and feature), and the LM head's gradient: an fp32 accumulator and its copy in
+    the weights' dtype (8 B per parameter, counted at fp32)."""
+    from fuyou.models.layers import loss_chunk_tokens
+
     d, ff, h, v = cfg_model.d_model, cfg_model.ff_dim, cfg_model.n_head, cfg_model.vocab_size
     tokens = batch * seq
     checkpoint = 4 * tokens * d
     block = 4 * tokens * (16 * d + 4 * ff) + 4 * batch * h * seq * seq
-    head = 3 * 4 * tokens * v + 8 * tokens * d
+    head = 4 * 4 * min(tokens, loss_chunk_tokens(v)) * v + 8 * tokens * d + 8 * v * d
     return {"checkpoint": checkpoint, "block_work": block, "head_work": head, "batch": 2 * 8 * tokens}
 
 

@@ -54,3 +54,67 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 
 
 _SDPA_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
+
+
+LOSS_CHUNK_BYTES = 64 * 1024**2
+"""fp32 logits of one slice of tokens in the chunked LM-head loss (``linear_cross_entropy``): the head
+holds a few such slices, never the whole batch's logits."""
+
+
+def loss_chunk_tokens(vocab_size: int, chunk_bytes: int = LOSS_CHUNK_BYTES) -> int:
+    """Tokens per slice of the chunked LM-head loss: fp32 logits of ``chunk_bytes``, at least one token."""
+    return max(1, chunk_bytes // (4 * vocab_size))
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of ``h @ w.T`` against ``targets``, a slice of tokens at a time. The gradients
+    are computed in the same pass (softmax minus one-hot, back through the matmul) and kept, so neither
+    forward nor backward ever holds the logits of more than one slice. Targets equal to ``ignore_index``
+    count for nothing, as in ``F.cross_entropy``. The matmuls run in autocast's dtype when autocast is on,
+    as ``F.linear`` would; the logits, the softmax and the loss are fp32."""
+
+    @staticmethod
+    def forward(ctx, h, w, targets, chunk, ignore_index):
+        dev = h.device.type
+        dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
+        with torch.autocast(dev, enabled=False):
+            hc, wc = h.to(dt), w.to(dt)
+            valid = targets != ignore_index
+            n = valid.sum()
+            scale = 1.0 / n.clamp_min(1).float()
+            grad_h = torch.empty_like(h)
+            grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
+            total = torch.zeros((), dtype=torch.float32, device=h.device)
+            for a in range(0, h.shape[0], chunk):
+                rows, t, ok = hc[a:a + chunk], targets[a:a + chunk], valid[a:a + chunk]
+                logits = (rows @ wc.t()).float()
+                lse = torch.logsumexp(logits, dim=-1)
+                safe = torch.where(ok, t, torch.zeros_like(t))
+                picked = logits.gather(1, safe[:, None]).squeeze(1)
+                total += torch.where(ok, lse - picked, torch.zeros_like(lse)).sum()
+                g = torch.exp(logits - lse[:, None])              # softmax
+                g[torch.arange(g.shape[0], device=g.device), safe] -= 1.0
+                g *= (ok.float() * scale)[:, None]                # d(mean loss) / d(logits)
+                g = g.to(dt)
+                grad_h[a:a + chunk] = (g @ wc).to(h.dtype)
+                grad_w += (g.t() @ rows).float()
+                del logits, g
+            loss = torch.where(n > 0, total * scale, torch.full_like(total, float("nan")))
+        ctx.save_for_backward(grad_h, grad_w.to(w.dtype))
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad_out.to(grad_h.dtype), grad_w * grad_out.to(grad_w.dtype), None, None, None
+
+
+def linear_cross_entropy(h: Tensor, w: Tensor, targets: Tensor, chunk_tokens: int | None = None,
+                         ignore_index: int = -100) -> Tensor:
+    """Mean cross-entropy of the LM head ``h @ w.T`` over tokens (``h``: (N, d), ``targets``: (N,)),
+    computed ``chunk_tokens`` at a time (default ``loss_chunk_tokens``): the memory of the head's loss
+    and gradients is a slice's fp32 logits, not the batch's (Liger's fused linear cross-entropy, here
+    with the gradients computed in the forward pass). Agrees with ``F.cross_entropy(h @ w.T, targets)``
+    to rounding (tests/models: 1e-6 relative in fp32)."""
+    chunk = chunk_tokens or loss_chunk_tokens(w.shape[0])
+    return _LinearCrossEntropy.apply(h, w, targets, chunk, ignore_index)

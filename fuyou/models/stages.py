@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fuyou.models.config import ModelConfig
-from fuyou.models.layers import apply_rope, causal_attention, layer_norm, rms_norm, rope_tables
+from fuyou.models.layers import apply_rope, causal_attention, layer_norm, linear_cross_entropy, rms_norm, rope_tables
 
 Init = Literal["normal", "normal_resid", "zeros", "ones"]
 
@@ -205,11 +205,12 @@ class LlamaBlock(Stage):
 
 
 class HeadStage(Stage):
-    """Final norm, LM head and mean cross-entropy (computed in fp32). Returns the loss when given
-    ``targets``, the logits otherwise."""
+    """Final norm, LM head and mean cross-entropy (computed in fp32, a slice of tokens at a time:
+    ``layers.linear_cross_entropy``). Returns the loss when given ``targets``, the logits otherwise."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__("head", cfg.n_layer + 1, cfg)
+        self.loss_chunk_tokens: int | None = None  # tokens per slice of the loss; None: layers.loss_chunk_tokens
         d = cfg.d_model
         self.params["norm.weight"] = ParamSpec((d,), "ones", False)
         if cfg.family == "gpt":
@@ -228,7 +229,8 @@ class HeadStage(Stage):
             h = layer_norm(x, params["norm.weight"], params["norm.bias"], self.cfg.norm_eps)
         else:
             h = rms_norm(x, params["norm.weight"], self.cfg.norm_eps)
-        logits = F.linear(h, params["lm_head.weight"]).float()
         if targets is None:
-            return logits
-        return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1))
+            return F.linear(h, params["lm_head.weight"]).float()
+        # Logits, loss and gradients a slice of tokens at a time: never the whole batch's logits.
+        return linear_cross_entropy(h.reshape(-1, h.shape[-1]), params["lm_head.weight"], targets.reshape(-1),
+                                    self.loss_chunk_tokens)
