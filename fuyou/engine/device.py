@@ -60,6 +60,15 @@ from fuyou.errors import BudgetError, ConfigError, FuyouError
 from fuyou.units import format_size
 
 
+def _within(ranges: dict[int, int], t: Tensor) -> bool:
+    """Whether all of ``t``'s bytes lie in one registered host range (start -> end). Not
+    ``Tensor.is_pinned()``: that looks at the start of the tensor's *storage*, which for the pools'
+    aligned views lies before the registered range, so it would call every such copy pageable."""
+    a = t.data_ptr()
+    n = t.numel() * t.element_size()
+    return any(start <= a and a + n <= end for start, end in ranges.items())
+
+
 class DeviceHazard(FuyouError):
     """The fake device found a use of streams or memory that would be a race or stall on CUDA."""
 
@@ -217,16 +226,19 @@ class _Lander:
     """A thread that waits for events in order and runs what was waiting for them (``after``): the
     host buffers of finished copies go back to their pools off the main thread."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, device=None):
         self._q: queue.Queue = queue.Queue()
+        self.error: BaseException | None = None
+        self._device = device
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
-        self.error: BaseException | None = None
 
     def put(self, ev, fn) -> None:
         self._q.put((ev, fn))
 
     def _run(self) -> None:
+        if self._device is not None:
+            torch.cuda.set_device(self._device)  # no stray context on device 0
         while True:
             item = self._q.get()
             if item is None:
@@ -234,8 +246,11 @@ class _Lander:
             ev, fn = item
             try:
                 ev.synchronize()
-                fn()
             except BaseException as e:  # noqa: BLE001 - reported at the next check()
+                self.error = self.error or e
+            try:
+                fn()  # even after a failed wait: a buffer that never returns stalls its pool's users
+            except BaseException as e:  # noqa: BLE001
                 self.error = self.error or e
 
     def close(self) -> None:
@@ -253,8 +268,10 @@ class CudaDevice:
         torch.cuda.set_device(self.torch)
         self.compute = CudaStream(torch.cuda.current_stream(self.torch), "compute")
         self.sync_copies = 0
-        self._lander = _Lander("fuyou-cuda-land")
+        self._lander = _Lander("fuyou-cuda-land", self.torch)
         self._cart = torch.cuda.cudart()
+        self._pinned: dict[int, int] = {}   # host ranges this device registered: start -> end
+        self._pin_lock = threading.Lock()
 
     def new_stream(self, name: str) -> CudaStream:
         return CudaStream(torch.cuda.Stream(self.torch), name)
@@ -274,13 +291,13 @@ class CudaDevice:
         return t
 
     def to_device(self, dst: Tensor, src: Tensor, stream=None) -> None:
-        if not src.is_pinned():
+        if not _within(self._pinned, src):
             self.sync_copies += 1
         with self._maybe_on(stream):
             dst.copy_(src, non_blocking=True)
 
     def to_host(self, dst: Tensor, src: Tensor, stream=None) -> None:
-        if not dst.is_pinned():
+        if not _within(self._pinned, dst):
             self.sync_copies += 1
         with self._maybe_on(stream):
             dst.copy_(src, non_blocking=True)
@@ -304,10 +321,15 @@ class CudaDevice:
             raise HostRegisterError(
                 f"cudaHostRegister of {format_size(nbytes)} failed (CUDA error {err}): the system refused to "
                 f"page-lock more memory; lower offload.cpu_mem or raise the locked-memory limit (ulimit -l)")
+        with self._pin_lock:
+            self._pinned[t.data_ptr()] = t.data_ptr() + nbytes
         return True
 
     def unregister_host(self, t: Tensor) -> None:
-        self._cart.cudaHostUnregister(t.data_ptr())
+        with self._pin_lock:
+            self._pinned.pop(t.data_ptr(), None)
+        if int(self._cart.cudaHostUnregister(t.data_ptr())) != 0:
+            _clear_last_error(self._cart)
 
     def poison_released(self, t: Tensor) -> None:
         pass
@@ -349,7 +371,7 @@ def _clear_last_error(cart) -> None:
     try:  # not bound by this torch: the runtime library torch loaded
         import ctypes
 
-        for name in ("libcudart.so", "libcudart.so.13", "libcudart.so.12"):
+        for name in ("libcudart.so.13", "libcudart.so.12", "libcudart.so"):  # torch's own runtime first
             try:
                 ctypes.CDLL(name).cudaGetLastError()
                 return
@@ -399,8 +421,8 @@ class FakeStream:
 
 
 class FakeEvent:
-    def __init__(self, dev: "FakeDevice"):
-        self.dev = dev
+    def __init__(self, dev: "FakeDevice", timing: bool = False):
+        self.dev, self.timing = dev, timing
         self.stream: FakeStream | None = None
         self.pos = 0
         self.t = None
@@ -425,6 +447,10 @@ class FakeEvent:
         return self.stream is None or self.stream.landed >= self.pos
 
     def elapsed_s(self, end: "FakeEvent") -> float:
+        if not (self.timing and end.timing):  # CUDA raises here too
+            raise DeviceHazard("elapsed time of an event created without timing=True")
+        if not (self.query() and end.query()):
+            raise DeviceHazard("elapsed time of an event that has not completed (wait for it first)")
         return end.t - self.t
 
 
@@ -476,7 +502,7 @@ class FakeDevice:
             self._local.stream = prev
 
     def event(self, timing: bool = False) -> FakeEvent:
-        return FakeEvent(self)
+        return FakeEvent(self, timing)
 
     def _wait(self, waiter: FakeStream | None, s: FakeStream, pos: int) -> None:
         with self._lock:
@@ -606,8 +632,7 @@ class FakeDevice:
                                f"without record_stream({s.name}): the allocator could reuse it before the copy ran")
 
     def _pinned_host(self, t: Tensor) -> bool:
-        a = t.data_ptr()
-        return any(start <= a < end for start, end in self._pinned.items())
+        return _within(self._pinned, t)
 
     def _copy(self, dst: Tensor, src: Tensor, stream, device_side: Tensor, host_side: Tensor, what: str) -> None:
         s = stream or self.current()

@@ -37,15 +37,20 @@ Note: [Sync points] Every CUDA call goes through the device seam (``fuyou.engine
 thread blocks only (a) in ``WeightStreamer.get`` until a stage's weights are loaded (the loader has
 *launched* their H2D copy; compute waits for it on the GPU, not the host), (b) in
 ``OptimizerWorker.submit`` when ``max_pending_updates`` updates are queued, (c) at the end of a step
-for the loss value (``float(loss)``; the step's device-event timings are read after it), (d) with
-exact clipping for the global norm after backward, (e) when every staging buffer of the activation
-swapper is in use, or more than ``LEAVING`` outgoing activations have copies pending
+for the loss value (the step's device-event timings are read after it), (d) with exact clipping for
+the global norm and the clip factor after backward (one transfer), (e) when every staging buffer of
+the activation swapper is in use, or more than ``LEAVING`` outgoing activations have copies pending
 (``ActivationSwapper._leave``), (f) before a stage's gradient is flattened on the device, until the
-previous stage's gradient has been copied out (``D2H_DEPTH``; that copy ran during a whole stage's
-backward, so the wait is normally nil), and (g) for a pinned buffer of the input batch. Every copy
-between host and device is from or to page-locked memory and asynchronous; the fake device counts any
-that is not (``sync_copies``) and the tests require none. Every such wait has a deadline
-(``fuyou.watchdog``) except a GPU event's, which sleeps (blocking-sync events) instead of spinning.
+previous stage's gradient has been copied out (``D2H_DEPTH``; when the GPU runs behind the host this
+is about one stage of backward, and it keeps the host from running further ahead), (g) for a pinned
+buffer of the input batch, and (h) in ``ActivationSwapper.get`` until an activation read back from
+SSD is on the device (the reader thread waits for each chunk's H2D copy before it reuses the
+staging buffer). (c) and (d) wait on a blocking-sync event first, so the host thread sleeps instead of
+spinning on the cores the CPU Adam needs. Loader threads wait too, off the main thread: before a
+load, until compute has released the stage ``prefetch_depth + 2`` positions back. Every copy between
+host and device is from or to page-locked memory and asynchronous; the devices count any that is not
+(``sync_copies``) and the tests require none. Every wait has a deadline (``fuyou.watchdog``) except a
+GPU event's.
 """
 
 from __future__ import annotations
@@ -127,7 +132,8 @@ class Engine:
             try:
                 self._warm_up()  # the CUDA context, cuBLAS and the kernels of a block: fixed overhead too
             except torch.cuda.OutOfMemoryError:
-                torch.cuda.empty_cache()  # one block does not fit at all: the memory plan refuses it below
+                pass  # one block does not fit at all: the memory plan refuses it below
+            torch.cuda.empty_cache()  # outside the except: its traceback no longer holds the tensors
         self.fixed_overhead = resident_bytes()
         self.gpu_mem = off.gpu_mem
         if self.gpu_mem is None and not self.dev.is_host:  # default: what the device has free now
@@ -276,6 +282,7 @@ class Engine:
             self.streamer.drain()
             raise
         grad_norm = self._finish_clipping(lr, step) if self.clipping else None
+        self._host_wait()
         loss = float(total)  # see Note: [Sync points]
         self._read_spans(anchor, anchor_t)
         self.dev.check()
@@ -379,6 +386,12 @@ class Engine:
             if self._drop_early:
                 gmap = w = None
         return loss.detach()
+
+    def _host_wait(self) -> None:
+        """Wait for the compute stream on a blocking-sync event: the host thread sleeps (a stream
+        synchronise, which ``float()`` of a device tensor does, spins a core the CPU Adam needs)."""
+        if not self.dev.is_host:
+            self.dev.event().record(self.dev.compute).synchronize()
 
     def _begin(self):
         """An event on the compute stream where a timed span of compute starts."""
@@ -503,10 +516,11 @@ class Engine:
         order = list(self.model.param_specs())
         total = torch.linalg.vector_norm(torch.stack([self._norms[k] for k in order]), 2)
         self._norms.clear()
-        norm = float(total)  # sync point (d)
+        both = torch.stack([total, torch.clamp(self.cfg.train.grad_clip / (total + 1e-6), max=1.0)])
+        self._host_wait()
+        norm, clip = both.tolist()  # sync point (d): one transfer for the norm and the clip factor
         if not math.isfinite(norm):
             raise NonFiniteError(f"the gradient norm of step {step + 1} is {norm}")
-        clip = float(torch.clamp(self.cfg.train.grad_clip / (total + 1e-6), max=1.0))
         self.clipped = clip < 1.0
         self.counters.clipped = self.clipped
         # Stages in the order the next forward needs them: the resident ones (0, 1, ...) first.
@@ -633,7 +647,8 @@ class Engine:
             self.swapper.close()
             if not self.worker.alive:  # nothing uses the store any more: free it and its locks, writing nothing
                 self.store.close(sync=False)
-                self._release_host_memory()
+                if self.streamer.idle():  # a load still running may copy from pinned memory: leave it be
+                    self._release_host_memory()
             return
         try:
             self.ts.write_back()

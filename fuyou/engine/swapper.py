@@ -137,7 +137,8 @@ class ActivationSwapper:
         if not self.dev.is_host:
             self.d2h.wait_stream(self.dev.compute)
             self.dev.record_stream(flat, self.d2h)
-            start = self.dev.event(timing=True).record(self.d2h)
+            timed = self.tracer.enabled  # timing events only for a traced step
+            start = self.dev.event(timing=True).record(self.d2h) if timed else None
         for a in range(0, flat.numel(), per):
             n = min(per, flat.numel() - a)
             buf = watchdog.acquire(self.pool, n * flat.element_size(), flat.dtype,
@@ -156,10 +157,11 @@ class ActivationSwapper:
         c.ssd_write_bytes += slot.nbytes
         if self.dev.is_host:
             self.tracer.add(f"swap out {slot.key}", "d2h", t0, time.perf_counter(), bytes=slot.nbytes)
-        else:  # the copies' own time on the device, not the time to launch them
-            end = self.dev.event(timing=True).record(self.d2h)
+        else:
+            end = self.dev.event(timing=timed).record(self.d2h)
             self._leave(end, flat)
-            self.tracer.add_gpu(f"swap out {slot.key}", "d2h", start, end, bytes=slot.nbytes)
+            if timed:  # the copies' own time on the device, not the time to launch them
+                self.tracer.add_gpu(f"swap out {slot.key}", "d2h", start, end, bytes=slot.nbytes)
 
     # -- back ------------------------------------------------------------------------------------
     def prefetch(self, slot: Slot) -> None:

@@ -6,13 +6,15 @@ SSD into a pool buffer, then (CUDA) copy them to the GPU on the H2D stream and r
 main thread's ``get`` waits for that load and makes the compute stream wait on the event.
 
 Note: [Stream hand-offs]
-    Weights: the device buffer is allocated inside the H2D stream's context and the copy runs on
-    that stream; ``get`` makes the compute stream wait on the copy's event and records the buffer's
+    Weights: the device buffer is allocated inside the loader thread's H2D stream's context and the
+    copy runs on that stream; ``get`` makes the compute stream wait on the copy's event and records the buffer's
     use by compute (``record_stream``), so compute never reads a half-copied tensor, the allocator
     never hands the buffer back to the H2D stream while compute may still read it, and the host never
     blocks on the GPU. The loader does not wait for its copy: the pool buffer the copy read from goes
     back to the pool from the device's landing thread once the event has completed
-    (``Device.after``). On a host device the loaded tensor is the cache entry or the pool buffer
+    (``Device.after``). The GPU may run behind the host: a load waits (in its loader thread) until
+    compute has released the stage ``prefetch_depth + 2`` positions back, so no more stages are on the
+    device than the plan counts. On a host device the loaded tensor is the cache entry or the pool buffer
     itself; no copy, no events. All of it goes through the device seam (``fuyou.engine.device``).
 """
 
@@ -57,14 +59,16 @@ class WeightStreamer:
         self._futures: dict[int, Future] = {}
         self._next = 0
         self._lock = threading.Lock()
-        if not dev.is_host:
-            self.h2d_stream = dev.new_stream("weights-h2d")
+        self._released: dict[int, object] = {}   # compute events recorded as positions were released
+        self._local = threading.local()           # each loader thread's own H2D stream
+        self._streams: list = []
 
     # -- the window ------------------------------------------------------------------------------
     def plan(self, order: list[int]) -> None:
         """The stage indices this step will request, in order (repeats allowed); starts prefetching."""
         assert not self._futures, "plan() while loads from the previous plan are outstanding"
         self._order, self._next = order, 0
+        self._released.clear()
         self._fill(0)
 
     def get(self, pos: int) -> Loaded:
@@ -95,17 +99,30 @@ class WeightStreamer:
         loaded = self._futures.pop(pos).result()
         if loaded.buffer is not None and loaded.event is None:
             loaded.buffer.release()
+        if not self.dev.is_host:  # where compute is when it is done with this position (the loads' gate)
+            self._released[pos] = self.dev.event().record(self.dev.compute)
         self._fill(pos + 1)
 
     def _fill(self, pos: int) -> None:
         with self._lock:
             while self._next < len(self._order) and self._next < pos + self.depth + 1:
                 i = self._order[self._next]
-                self._futures[self._next] = self._exec.submit(self._load, i)
+                gate = self._released.pop(self._next - self.depth - 2, None)
+                self._futures[self._next] = self._exec.submit(self._load, i, gate)
                 self._next += 1
 
     # -- one load (loader thread) ----------------------------------------------------------------
-    def _load(self, i: int) -> Loaded:
+    def _h2d(self):
+        """This loader thread's H2D stream: copies of different stages are not queued out of order on
+        one shared stream (compute would wait for a later stage's copy, traces would mix them)."""
+        s = getattr(self._local, "stream", None)
+        if s is None:
+            with self._lock:
+                s = self._local.stream = self.dev.new_stream(f"weights-h2d-{len(self._streams)}")
+                self._streams.append(s)
+        return s
+
+    def _load(self, i: int, gate=None) -> Loaded:
         st = self.states[i]
         stall("load")
         watchdog.wait_event(st.updated, f"the optimizer update of {st.stage.name} (its weights are loaded next)")
@@ -131,16 +148,26 @@ class WeightStreamer:
             self.tracer.add(f"read weights {st.stage.name}", "ssd-read", t0, time.perf_counter())
         if self.dev.is_host:
             return Loaded(host, ready, time.perf_counter(), buffer=buf)
-        with self.dev.on(self.h2d_stream):  # allocated on the stream that fills it (Note: [Stream hand-offs])
+        if gate is not None:
+            # The GPU runs behind the host: wait until compute is done with the stage two windows back,
+            # so the device never holds more stages than the plan counts (prefetch_depth + 2).
+            gate.synchronize()
+        h2d, timed = self._h2d(), self.tracer.enabled
+        with self.dev.on(h2d):  # allocated on the stream that fills it (Note: [Stream hand-offs])
             flat = self.dev.empty(st.numel, self.dtype, "stage weights in window")
-            start = self.dev.event(timing=True).record(self.h2d_stream)
-            self.dev.to_device(flat, host, self.h2d_stream)
-            ev = self.dev.event(timing=True).record(self.h2d_stream)
+            start = self.dev.event(timing=True).record(h2d) if timed else None
+            self.dev.to_device(flat, host, h2d)
+            ev = self.dev.event(timing=timed).record(h2d)
         c.h2d_bytes += st.numel * dtype_size(self.dtype)
         if buf is not None:
             self.dev.after(ev, buf.release)  # the host buffer is reused only once the copy has landed
-        self.tracer.add_gpu(f"h2d weights {st.stage.name}", "h2d", start, ev)
+        if timed:
+            self.tracer.add_gpu(f"h2d weights {st.stage.name}", "h2d", start, ev)
         return Loaded(flat, ready, time.perf_counter(), event=ev)
+
+    def idle(self) -> bool:
+        """No load is running (after ``close(wait=False)``, before its memory may be freed)."""
+        return all(f.done() for f in self._futures.values())
 
     def drain(self) -> None:
         """Wait for and release every outstanding load (after an error, or at the end)."""

@@ -172,6 +172,11 @@ class OptimizerWorker:
                     except BaseException:  # noqa: BLE001 - the first error is already recorded
                         pass
                 if job.release is not None:
+                    if job.event is not None:  # skipped or failed before it waited: the copy may still run
+                        try:
+                            job.event.synchronize()
+                        except BaseException:  # noqa: BLE001 - the first error is already recorded
+                            pass
                     job.release()
                 self._running = "nothing"
                 st.end_update()
