@@ -124,7 +124,10 @@ def _add_planner_parsers(sub) -> None:
                         description="Plan a run: bytes per tier, predicted step time and bottleneck, the swap "
                         "schedule and a timeline of one step. Hardware by preset (--gpu, --ssd NxNAME, --pcie), by "
                         "numbers, or --profile FILE from `fuyou probe`.")
-    pl.add_argument("--model", default="gpt3-13b", help="model preset (see `fuyou models`)")
+    pl.add_argument("--model", default="gpt3-13b", help="model preset (see `fuyou models`), or a path: a Hugging "
+                    "Face config.json or model directory, or a fuyou run directory (no weights are read)")
+    pl.add_argument("overrides", nargs="*", metavar="model.KEY=VALUE",
+                    help="model field overrides, as for fuyou train, e.g. model.n_layer=48")
     pl.add_argument("--batch", type=int, default=16, help="micro-batch size (sequences)")
     pl.add_argument("--seq", type=int, default=1024, help="sequence length")
     pl.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
@@ -165,6 +168,35 @@ def _add_planner_parsers(sub) -> None:
     pr.set_defaults(func=_probe)
 
 
+def _plan_model_fields(model: str, overrides: list[str]) -> dict:
+    """The model to plan: a preset or a path (``hf.source.model_shape``), with ``model.KEY=VALUE`` overrides."""
+    from pathlib import Path
+
+    from fuyou.config import _parse_value
+    from fuyou.errors import ConfigError
+    from fuyou.models import PRESETS, preset
+
+    if model in PRESETS:
+        fields = preset(model)
+    elif not Path(model).expanduser().exists():
+        if "/" in model or model.endswith(".json"):
+            raise ConfigError(f"--model {model}: no such file or directory; give a preset (`fuyou models`), a Hugging "
+                              f"Face config.json or model directory, or a fuyou run directory")
+        fields = preset(model)  # an unknown name: the preset error lists the presets
+    else:
+        from fuyou.hf.source import model_shape
+
+        fields = model_shape(model)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        section, _, name = key.strip().partition(".")
+        if not sep or section != "model" or not name:
+            raise ConfigError(f"plan override {item!r}: plan takes model.KEY=VALUE overrides (the batch, sequence and "
+                              f"hardware have their own flags)")
+        fields[name] = _parse_value(text.strip())
+    return fields
+
+
 def _plan(args) -> int:
     import json
 
@@ -181,7 +213,7 @@ def _plan(args) -> int:
     for name in ("batch", "seq", "grad_accum"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    cfg = ModelConfig(**preset(args.model))
+    cfg = ModelConfig(**_plan_model_fields(args.model, args.overrides))
     if args.seq > cfg.max_seq_len:
         cfg = cfg.model_copy(update={"max_seq_len": args.seq})
     nums = {k: getattr(args, k) for k in ("gpu_tflops", "ssd_read", "ssd_write", "pcie_bw", "cpu_adam")}

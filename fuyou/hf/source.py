@@ -61,6 +61,32 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     raise ConfigError(f"{p} holds no model; {expected}")
 
 
+def model_shape(path: str | Path) -> dict[str, Any]:
+    """A model's shape fields from ``path`` without needing its weights (``fuyou plan --model PATH``): a
+    Hugging Face ``config.json`` or its directory, or a fuyou run directory (its ``config.toml``'s
+    ``[model]``, else the header of its ``model.safetensors``)."""
+    p = Path(path).expanduser()
+    if p.is_file() and p.suffix == ".json":
+        return to_fuyou(read_json(p), str(p))
+    if p.is_dir() and (p / "config.json").is_file():
+        return to_fuyou(read_json(p / "config.json"), str(p / "config.json"))
+    if p.is_dir() and (p / "config.toml").is_file():
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python 3.10
+            import tomli as tomllib
+        try:
+            model = tomllib.loads((p / "config.toml").read_text()).get("model", {})
+        except (tomllib.TOMLDecodeError, OSError) as e:
+            raise ConfigError(f"{p / 'config.toml'} cannot be read: {e}") from None
+        return {k: model[k] for k in SHAPE_FIELDS if k in model}
+    if p.is_dir() and (p / "model.safetensors").is_file():
+        w = FuyouWeights(p / "model.safetensors")
+        return {k: w.model[k] for k in SHAPE_FIELDS if k in w.model}
+    raise ConfigError(f"{p} is neither a model preset nor a model: give a preset (`fuyou models`), a Hugging Face "
+                      f"config.json or model directory, or a fuyou run directory")
+
+
 def checkpoint_model_fields(data: dict[str, Any]) -> dict[str, Any]:
     """``FuyouConfig``'s before-validator: the checkpoint's shape fields win over the preset and the
     fields given; a note on stderr lists the values that changed."""

@@ -102,10 +102,13 @@ def _divisors_hint(n: int) -> str:
 # GPT-3 shapes follow the GPT-3 paper (Brown et al. 2020, table 2.1) with the corrections noted in
 # DESIGN.md (1.3B has 16 heads of 128; 13B has width 5120). LoHan (Fuyou) fine-tunes GPT-3 13B and
 # 175B and a 70B of 80 layers, width 8192, 64 heads. Llama shapes follow the Llama 2 paper / released
-# configs (7B 32x4096, 13B 40x5120, 70B 80x8192 with 8 KV heads).
+# configs (7B 32x4096, 13B 40x5120, 70B 80x8192 with 8 KV heads); Llama 3 follows Meta's released
+# configs (8B, 70B, 405B).
 
 _GPT3 = dict(family="gpt", vocab_size=50257, max_seq_len=2048, tie_embeddings=True)
 _LLAMA = dict(family="llama", vocab_size=32000, max_seq_len=4096, tie_embeddings=False, norm_eps=1e-5)
+_LLAMA3 = dict(family="llama", vocab_size=128256, max_seq_len=8192, tie_embeddings=False, norm_eps=1e-5,
+               rope_theta=500000.0)
 
 PRESETS: dict[str, dict] = {
     # Tiny models: the CPU default run and the test suite. Byte-level vocabulary (256 bytes + EOS,
@@ -132,6 +135,10 @@ PRESETS: dict[str, dict] = {
     "llama-7b": dict(_LLAMA, n_layer=32, d_model=4096, n_head=32, d_ff=11008),
     "llama-13b": dict(_LLAMA, n_layer=40, d_model=5120, n_head=40, d_ff=13824),
     "llama-70b": dict(_LLAMA, n_layer=80, d_model=8192, n_head=64, n_kv_head=8, d_ff=28672),
+    # Llama 3 / 3.1 shapes (the released configs): a 128,256-token vocabulary, 8 KV heads, RoPE base 500,000.
+    "llama3-8b": dict(_LLAMA3, n_layer=32, d_model=4096, n_head=32, n_kv_head=8, d_ff=14336),
+    "llama3-70b": dict(_LLAMA3, n_layer=80, d_model=8192, n_head=64, n_kv_head=8, d_ff=28672),
+    "llama3-405b": dict(_LLAMA3, n_layer=126, d_model=16384, n_head=128, n_kv_head=8, d_ff=53248),
 }
 
 

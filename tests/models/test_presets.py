@@ -35,3 +35,12 @@ def test_every_preset_builds():
 def test_unknown_preset():
     with pytest.raises(ConfigError, match="unknown model preset 'gpt5'.*gpt3-175b"):
         preset("gpt5")
+
+
+@pytest.mark.parametrize("name,params", [("llama3-8b", 8.030e9), ("llama3-70b", 70.554e9), ("llama3-405b", 405.853e9)])
+def test_llama3_presets_have_the_released_parameter_counts(name, params):
+    from fuyou.models import ModelConfig, StageModel, preset
+
+    cfg = ModelConfig(**preset(name))
+    assert cfg.vocab_size == 128256 and cfg.kv_heads == 8 and cfg.rope_theta == 500000.0
+    assert abs(StageModel(cfg).num_params - params) <= 1e-3 * params

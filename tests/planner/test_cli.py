@@ -183,3 +183,31 @@ def test_ssd_space_of_each_commit_mode_and_the_fix_it_suggests(capsys):
     out = capsys.readouterr().out
     assert rc == 1 and "SSD space" in out
     assert "offload.commit_every=1 (commit every step: two state copies, not three)" in out, out
+
+
+def test_plan_an_imported_model_by_path_without_its_weights(tmp_path, capsys):
+    """`fuyou plan --model PATH`: a Hugging Face config.json (no weights needed), its directory, a fuyou
+    run directory's config.toml, with model.KEY=VALUE overrides; wrong input gets a clear error."""
+    hf = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 1024,
+          "intermediate_size": 2816, "num_attention_heads": 16, "num_key_value_heads": 4, "num_hidden_layers": 8,
+          "vocab_size": 128256, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+          "tie_word_embeddings": False}
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(hf))
+    flags = ["--gpu", "rtx4090", "--ssd", "2x990-pro", "--cpu-mem", "64GiB", "--batch", "2", "--seq", "512"]
+    for target in (tmp_path / "hf", tmp_path / "hf" / "config.json"):
+        assert main(["plan", "--model", str(target), *flags]) == 0
+        assert "llama 8x1024" in capsys.readouterr().out
+    assert main(["plan", "--model", str(tmp_path / "hf"), *flags, "model.n_layer=4"]) == 0
+    assert "llama 4x1024" in capsys.readouterr().out
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.toml").write_text('[model]\nfamily = "gpt"\nn_layer = 6\nd_model = 512\nn_head = 8\n'
+                                     'vocab_size = 50257\nmax_seq_len = 1024\n')
+    assert main(["plan", "--model", str(run), *flags]) == 0
+    assert "gpt 6x512" in capsys.readouterr().out
+    (tmp_path / "empty").mkdir()
+    for args, says in (([str(tmp_path / "missing")], "no such file"), ([str(run), "train.steps=3"], "model.KEY=VALUE"),
+                       ([str(tmp_path / "empty")], "neither a model preset nor a model")):
+        assert main(["plan", "--model", args[0], *flags, *args[1:]]) == 2
+        assert says in capsys.readouterr().err
