@@ -150,6 +150,8 @@ def _add_planner_parsers(sub) -> None:
                     help="commit interval as train uses it: steps (1: every step) or a time such as 10min (default)")
     pl.add_argument("--grad-clip", default="1.0",
                     help="exact global-norm clipping threshold as train uses it (default 1.0), or none")
+    pl.add_argument("--tokens", help="also give the time to train on this many tokens, e.g. 1G, 500M, 2e9 "
+                    "(an epoch of your data)")
     pl.add_argument("--json", action="store_true", help="print JSON for tools instead of text")
     pl.add_argument("--plot", metavar="FILE.png", help="write a Gantt chart of one step (needs matplotlib)")
     pl.set_defaults(func=_plan)
@@ -166,6 +168,21 @@ def _add_planner_parsers(sub) -> None:
     pr.add_argument("--adam-params", type=int, default=1 << 24, help="parameters in the AdamW probe")
     pr.add_argument("--repeats", type=int, default=3, help="timed repetitions (median)")
     pr.set_defaults(func=_probe)
+
+
+def _token_count(text: str) -> int:
+    """``--tokens``: a count such as 1G, 500M, 20k or 2e9 (decimal)."""
+    from fuyou.errors import ConfigError
+
+    scale = {"k": 1e3, "m": 1e6, "g": 1e9, "b": 1e9, "t": 1e12}
+    t = text.strip().lower()
+    try:
+        n = float(t[:-1]) * scale[t[-1]] if t and t[-1] in scale else float(t)
+    except ValueError:
+        n = -1
+    if not n >= 1:
+        raise ConfigError(f"--tokens {text!r}: give a positive count such as 1G, 500M or 2e9")
+    return int(n)
 
 
 def _plan_model_fields(model: str, overrides: list[str]) -> dict:
@@ -210,6 +227,7 @@ def _plan(args) -> int:
     from fuyou.planner.search import search
     from fuyou.units import parse_size
 
+    tokens_goal = _token_count(args.tokens) if args.tokens else None
     for name in ("batch", "seq", "grad_accum"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
@@ -241,6 +259,7 @@ def _plan(args) -> int:
     if args.act_policy:
         policy = parse_act_policy(args.act_policy, cfg.n_layer, prefetch_depth=args.prefetch_depth or 2)
     plan = search(w, hw, parse_size(args.cpu_mem), policy)
+    plan.tokens_goal = tokens_goal
     print(json.dumps(to_json(plan), indent=1) if args.json else text(plan))
     if args.plot and plan.feasible:
         if plot(plan, args.plot):

@@ -50,8 +50,10 @@ thread waits for the previous one's copy to the host (``Engine._bound_leaving``)
 the whole backward of the next stage, far longer than it takes, so the wait is normally nil."""
 
 DEVICE_SLACK = 256 * 1024**2
-"""The caching allocator's rounding and fragmentation beyond the itemised device plan, plus 2 % of the
-items: an estimate until ``tools/gpu_check.sh`` measures ``max_memory_allocated`` against the plan."""
+DEVICE_SLACK_FRACTION = 0.02
+"""The caching allocator's rounding and fragmentation beyond the itemised device plan: ``DEVICE_SLACK``
+plus this fraction of the items; an estimate until ``tools/gpu_check.sh`` measures
+``max_memory_allocated`` against the plan."""
 
 
 @dataclass
@@ -182,7 +184,7 @@ def plan_memory(stage_numels: list[int], off, *, chunk: int, io_buffer_bytes: in
         dev["gradients leaving the device"] = D2H_DEPTH * stage_max * gsize
         if offtier_bytes:
             dev["activations leaving the device"] = LEAVING * offtier_bytes
-        dev["allocator slack (estimate)"] = DEVICE_SLACK + sum(dev.values()) // 50
+        dev["allocator slack (estimate)"] = DEVICE_SLACK + int(sum(dev.values()) * DEVICE_SLACK_FRACTION)
         plan.cpu_items["input batch staging"] = 2 * (-(-act["batch"] // 4096) * 4096)
     if compute_on_cpu:  # the compute device's memory is CPU memory
         for k, v in dev.items():
@@ -257,11 +259,24 @@ def kept_activation_bytes(cfg_model, policy: dict, batch: int, seq: int, act_byt
 
 
 def offtier_bytes(cfg_model, policy: dict, batch: int, seq: int, csize: int) -> int:
-    """Bytes of the largest block's activations that a policy sends off the device (``KeepPolicy`` per
-    block): what pending outgoing copies may keep alive (``LEAVING`` of them, the plan's "activations
-    leaving the device")."""
-    return max((sum(kept_activation_bytes(cfg_model, {i: b}, batch, seq, csize)[k] for k in ("cpu", "ssd"))
-                for i, b in policy.items()), default=0)
+    """Bytes of the largest single activation a policy sends off the device (``KeepPolicy`` per block):
+    what one pending outgoing copy may keep alive (``LEAVING`` of them make the plan's "activations
+    leaving the device"). A kept class is its matmul output; a block kept whole saves tensors up to
+    the fp32 residual stream or an MLP-wide tensor in the compute dtype; a checkpoint is fp32."""
+    d, ff = cfg_model.d_model, cfg_model.ff_dim
+    kv = cfg_model.kv_heads * cfg_model.head_dim
+    tokens = batch * seq
+    per_class = {"fc2": d, "proj": d, "qkv": d + 2 * kv, "fc1": ff * (2 if cfg_model.family == "llama" else 1)}
+    largest = 0
+    for b in policy.values():
+        if b.all in ("cpu", "ssd"):
+            largest = max(largest, 4 * tokens * d, csize * tokens * per_class["fc1"])
+        for cls, tier in b.classes.items():
+            if tier != "gpu":
+                largest = max(largest, csize * tokens * per_class[cls])
+        if b.checkpoint != "gpu":
+            largest = max(largest, 4 * tokens * d)
+    return largest
 
 
 def act_cpu_share(policy: dict, off) -> tuple[int, bool]:

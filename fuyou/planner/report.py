@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from collections import defaultdict
 
 from fuyou.policy import CLASSES
@@ -55,6 +57,9 @@ def summary(plan: Plan) -> dict:
         "cached_stages": len(ev.memory.cached_stages), "resident_stages": len(ev.memory.resident_stages),
         "prefetch_depth": ev.policy.prefetch_depth,
         "evaluations": plan.evaluations})
+    if plan.tokens_goal:
+        steps = math.ceil(plan.tokens_goal / w.tokens)
+        out.update({"tokens_goal": plan.tokens_goal, "steps_for_tokens": steps, "time_for_tokens_s": steps * step})
     return out
 
 
@@ -104,6 +109,16 @@ def timeline(plan: Plan, width: int = 100) -> str:
     return "\n".join(lines)
 
 
+def _duration(seconds: float) -> str:
+    if seconds >= 86400:
+        return f"{seconds / 86400:.3g} days"
+    if seconds >= 3600:
+        return f"{seconds / 3600:.3g} h"
+    if seconds >= 60:
+        return f"{seconds / 60:.3g} min"
+    return f"{seconds:.3g} s"
+
+
 def text(plan: Plan) -> str:
     s = summary(plan)
     w = plan.workload
@@ -117,6 +132,8 @@ def text(plan: Plan) -> str:
            f"TFLOPS, GPU busy {100 * s['gpu_busy']:.0f}%)",
            f"bottleneck          {s['bottleneck']}   (busy per step: "
            + ", ".join(f"{LABELS.get(k, k)} {v:.3g} s" for k, v in s["busy_s"].items()) + ")",
+           *([f"{_si(s['tokens_goal']) + ' tokens':<20}{_duration(s['time_for_tokens_s'])}   ({s['steps_for_tokens']} "
+               f"steps of {_si(w.tokens)} tokens)"] if "tokens_goal" in s else []),
            _clip_line(s),
            _commit_line(s),
            "what if             " + "; ".join(f"{k}: {v:.3g} s ({s['step_s'] / v:.2f}x)" for k, v in s["whatif_step_s"].items()),

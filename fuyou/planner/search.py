@@ -22,7 +22,7 @@ import math
 from dataclasses import dataclass, field
 
 from fuyou.policy import to_keep
-from fuyou.engine.budget import MemoryPlan, offtier_bytes, plan_memory, policy_memory, weight_buffer_need
+from fuyou.engine.budget import DEVICE_SLACK_FRACTION, MemoryPlan, offtier_bytes, plan_memory, policy_memory, weight_buffer_need
 from fuyou.engine.layout import copies_needed
 from fuyou.engine.budget import activation_bytes
 from fuyou.planner.cost import StageCost, Workload, gpu_working_bytes, placement_bytes, stage_costs
@@ -67,6 +67,7 @@ class Plan:
     fixes: list[str] = field(default_factory=list)
     whatif: dict[str, float] = field(default_factory=dict)
     evaluations: int = 0
+    tokens_goal: int | None = None   # `fuyou plan --tokens`: report the time to train on this many tokens
 
     @property
     def feasible(self) -> bool:
@@ -151,7 +152,8 @@ def _assign(w, hw, costs, depth: int, tiers: tuple[str, ...], k: int, cpu_budget
     L = w.model.n_layer
     base = ActivationPolicy.recompute_all(L, checkpoint="ssd", prefetch_depth=depth)
     plan, _ = memory_plan(w, hw, costs, base, cpu_budget)
-    room = {"gpu": hw.gpu_mem - plan.device_required if hw.device == "cuda" else 0,
+    # what is kept on the GPU also grows the plan's allocator slack (a fraction of the device items)
+    room = {"gpu": (hw.gpu_mem - plan.device_required) / (1 + DEVICE_SLACK_FRACTION) if hw.device == "cuda" else 0,
             "cpu": cpu_budget - plan.cpu_required - weight_buffer_need(w.numels, [], depth, w.tied, w.csize),
             "ssd": math.inf}
     if hw.device == "cpu":  # the compute device's memory is CPU memory: "gpu" and "cpu" are one tier

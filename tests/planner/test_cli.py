@@ -211,3 +211,16 @@ def test_plan_an_imported_model_by_path_without_its_weights(tmp_path, capsys):
                        ([str(tmp_path / "empty")], "neither a model preset nor a model")):
         assert main(["plan", "--model", args[0], *flags, *args[1:]]) == 2
         assert says in capsys.readouterr().err
+
+
+def test_plan_gives_the_time_to_train_on_n_tokens(capsys):
+    flags = ["plan", "--model", "gpt3-1.3b", "--gpu", "rtx4090", "--ssd", "2x990-pro", "--cpu-mem", "64GiB",
+             "--batch", "4", "--seq", "1024", "--grad-accum", "2"]
+    assert main(flags + ["--tokens", "1G", "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["steps_for_tokens"] == -(-10**9 // (4 * 1024 * 2))
+    assert s["time_for_tokens_s"] == pytest.approx(s["steps_for_tokens"] * s["step_s"])
+    assert main(flags + ["--tokens", "5e8"]) == 0
+    assert "500.00M tokens" in capsys.readouterr().out
+    assert main(flags + ["--tokens", "lots"]) == 2
+    assert "positive count" in capsys.readouterr().err
