@@ -218,7 +218,7 @@ def _plan(args) -> int:
     import json
 
     from fuyou.errors import ConfigError
-    from fuyou.models import ModelConfig, preset
+    from fuyou.models import ModelConfig
     from fuyou.planner.config import HardwareConfig
     from fuyou.planner.cost import Workload
     from fuyou.planner.hardware import resolve
