@@ -70,6 +70,7 @@ class ActivationSwapper:
         self._lock = threading.Lock()
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fuyou-act-read")
         self._leaving: deque = deque()
+        self._cpu_releasing = 0  # cpu-tier buffers waiting for their last copy before going back to the pool
         if not dev.is_host:
             self.d2h = dev.new_stream("act-d2h")
             self.h2d = dev.new_stream("act-h2d")
@@ -105,7 +106,14 @@ class ActivationSwapper:
             slot.tensor = t
             return True
         try:
-            buf = self.cpu_pool.acquire(slot.nbytes, t.dtype, timeout=0)
+            try:
+                buf = self.cpu_pool.acquire(slot.nbytes, t.dtype, timeout=0)
+            except TimeoutError:
+                if not self._cpu_releasing:
+                    raise
+                # Buffers of the last backward are on their way back (the landing thread releases them
+                # once their copies have run): wait for them briefly rather than spill to SSD.
+                buf = self.cpu_pool.acquire(slot.nbytes, t.dtype, timeout=0.2)
         except (TimeoutError, PoolBudgetError):  # the share is full, or smaller than this tensor: overflow
             return False
         flat = t.contiguous().view(-1)
@@ -230,7 +238,15 @@ class ActivationSwapper:
             if slot.buffer is not None:
                 buf, slot.buffer = slot.buffer, None
                 ev = slot.writes[0] if slot.fetch is None else slot.fetch.result()[1]
-                self.dev.after(ev, buf.release)  # the last copy from the buffer must have run
+                with self._lock:
+                    self._cpu_releasing += 1
+
+                def release(buf=buf):
+                    buf.release()
+                    with self._lock:
+                        self._cpu_releasing -= 1
+
+                self.dev.after(ev, release)  # the last copy from the buffer must have run
             else:
                 with self._lock:
                     self.cpu_used -= slot.nbytes
