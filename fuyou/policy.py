@@ -70,6 +70,9 @@ class ActivationPolicy(BaseModel):
     blocks: dict[int, BlockPolicy] = Field(default_factory=dict, description="Policy per block index (0-based).")
     cache_weights_stages: int = Field(0, ge=0, description="Stages whose compute weights are cached in CPU memory.")
     prefetch_depth: int = Field(2, ge=1, description="Stages whose weights (and activations) are fetched ahead.")
+    resident_mem: int | None = Field(
+        None, ge=0, description="CPU memory for resident optimizer state the plan chose (offload.resident_mem); "
+        "None: whatever the budget leaves.")
 
     @field_validator("blocks", mode="before")
     @classmethod

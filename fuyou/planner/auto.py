@@ -46,5 +46,7 @@ def plan_config(cfg: FuyouConfig, run_dir: Path, stream=None) -> FuyouConfig:
     pfile.write_text(policy.to_json())
     return cfg.model_copy(update={
         "hardware": hw_cfg,
-        "offload": off.model_copy(update={"act_policy": str(pfile), "prefetch_depth": policy.prefetch_depth}),
+        "offload": off.model_copy(update={"act_policy": str(pfile), "prefetch_depth": policy.prefetch_depth,
+                                          **({"resident_mem": policy.resident_mem}
+                                             if policy.resident_mem is not None else {})}),
     })

@@ -224,3 +224,23 @@ def test_plan_gives_the_time_to_train_on_n_tokens(capsys):
     assert "500.00M tokens" in capsys.readouterr().out
     assert main(flags + ["--tokens", "lots"]) == 2
     assert "positive count" in capsys.readouterr().err
+
+
+def test_plan_holds_less_optimizer_state_in_memory_when_that_is_faster(capsys):
+    """Resident stages wait for the norm under exact clipping: the planner may cap them, says so in the
+    policy (resident_mem, which --plan auto applies), and the capped step is no slower than uncapped."""
+    from fuyou.engine.config import OffloadConfig
+    from fuyou.models import ModelConfig, preset
+    from fuyou.planner.config import HardwareConfig
+    from fuyou.planner.cost import Workload
+    from fuyou.planner.hardware import resolve
+    from fuyou.planner.search import REPORT_STEPS, evaluate, search
+    from fuyou.units import parse_size
+
+    w = Workload(ModelConfig(**preset("gpt3-13b")), 8, 1024, offload=OffloadConfig())
+    hw = resolve(HardwareConfig(gpu="rtx4090", ssd="12xd7-p5510"))
+    plan = search(w, hw, parse_size("64GiB"))
+    cap = plan.best.policy.resident_mem
+    assert cap is not None and plan.workload.offload.resident_mem == cap
+    uncapped = evaluate(w, hw, plan.costs, plan.best.policy, parse_size("64GiB"), REPORT_STEPS)  # w: no cap
+    assert plan.best.step_time <= uncapped.step_time * (1 + 1e-6)
