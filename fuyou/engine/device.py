@@ -126,7 +126,6 @@ class HostDevice:
 
     kind = "cpu"
     is_host = True
-    asynchronous = False
 
     def __init__(self):
         self.torch = torch.device("cpu")
@@ -261,7 +260,6 @@ class _Lander:
 class CudaDevice:
     kind = "cuda"
     is_host = False
-    asynchronous = True
 
     def __init__(self, index: int | None = None):
         self.torch = torch.device("cuda", torch.cuda.current_device() if index is None else index)
@@ -459,7 +457,6 @@ class FakeDevice:
 
     kind = "fake"
     is_host = False
-    asynchronous = True
 
     def __init__(self, capacity: int = 16 * 1024**3):
         self.torch = torch.device("cpu")
