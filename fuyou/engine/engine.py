@@ -584,6 +584,9 @@ class Engine:
     def startup_lines(self) -> list[str]:
         off, t = self.cfg.offload, self.cfg.train
         lines = [self.plan.describe() + f"\nfixed overhead before the engine: {format_size(self.fixed_overhead)}"]
+        if self.dev.kind == "fake":
+            lines.insert(0, "device: fake (train.device=fake): CPU compute through the engine's CUDA code paths, with "
+                            "CUDA's asynchrony modelled and its stream and memory rules checked")
         if self.clipping:
             lines.append(f"exact clipping at {t.grad_clip}: stages are updated speculatively during backward and "
                          f"redone from the previous state on steps whose gradient norm exceeds it (after such a "
