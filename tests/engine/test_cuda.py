@@ -99,13 +99,18 @@ def test_an_impossible_gpu_budget_is_refused_before_any_work(tmp_path):
 
 
 def test_pinned_pool_registers_and_a_refusal_raises():
-    from fuyou.engine.device import CudaDevice, HostRegisterError
+    from fuyou.engine.device import CudaDevice, HostRegisterError, _within
     from fuyou.store import PinnedPool
 
     dev = CudaDevice()
     pool = PinnedPool(8 << 20, device=dev)
     with pool.acquire(3 << 20) as buf:
-        assert buf.pinned and buf.tensor.is_pinned()
+        # (not buf.tensor.is_pinned(): it looks at the storage's start, before the aligned view)
+        assert buf.pinned and _within(dev._pinned, buf.tensor)
+        gpu = torch.ones(buf.tensor.numel(), dtype=torch.uint8, device="cuda")
+        dev.to_host(buf.tensor, gpu)
+        torch.cuda.synchronize()
+        assert dev.sync_copies == 0 and int(buf.tensor.sum()) == buf.tensor.numel()
         with pytest.raises(HostRegisterError):
             dev.register_host(buf.tensor)  # already registered: CUDA refuses, and fuyou says so
     pool.close()
