@@ -136,7 +136,9 @@ def _add_planner_parsers(sub) -> None:
     pl.add_argument("--gpu", help="GPU preset: rtx3090, rtx4090, a100-40gb, a100-80gb, h100, h200")
     pl.add_argument("--ssd", help="SSD preset with a count, e.g. 12xd7-p5510 (d7-p5510, 990-pro, pcie4-generic)")
     pl.add_argument("--pcie", help="host link: gen3x16, gen4x16, gen5x16 (default: the GPU's)")
-    for flag, what in (("--gpu-tflops", "sustained matmul TFLOPS"), ("--gpu-mem", "GPU memory, e.g. 24GiB"),
+    pl.add_argument("--gpu-reserve", help="GPU memory the plan leaves unused, e.g. 2GiB (default: 768 MiB for the "
+                    "CUDA context and 5%% of the rest, what the engine leaves by default)")
+    for flag, what in (("--gpu-tflops", "sustained matmul TFLOPS"), ("--gpu-mem", "the GPU's memory, e.g. 24GiB"),
                        ("--ssd-read", "aggregate SSD read GB/s"), ("--ssd-write", "aggregate SSD write GB/s"),
                        ("--ssd-capacity", "SSD space, e.g. 30TB"), ("--pcie-bw", "PCIe GB/s each way"),
                        ("--cpu-adam", "CPU AdamW parameters/s")):
@@ -241,7 +243,7 @@ def _plan(args) -> int:
         raise ConfigError(f"a numeric hardware override is not a number: {e}") from None
     try:
         hwc = HardwareConfig(profile=args.profile, gpu=args.gpu, ssd=args.ssd, pcie=args.pcie, gpu_mem=args.gpu_mem,
-                             ssd_capacity=args.ssd_capacity, **nums)
+                             gpu_reserve=args.gpu_reserve, ssd_capacity=args.ssd_capacity, **nums)
     except ValueError as e:
         raise ConfigError(f"invalid hardware option: {e}") from None
     hw = resolve(hwc)

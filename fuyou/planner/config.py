@@ -24,6 +24,9 @@ class HardwareConfig(BaseModel):
     gpu_tflops: float | None = Field(
         None, gt=0, description="Override: sustained dense matmul TFLOPS of the GPU in the compute dtype.")
     gpu_mem: int | None = Field(None, gt=0, description="Override: GPU memory in bytes (or '24GiB').")
+    gpu_reserve: int | None = Field(
+        None, ge=0, description="GPU memory the plan leaves unused, bytes (or '2GiB'); default: the CUDA context "
+        "(768 MiB) and 5 % of the rest, as the engine leaves of a GPU's free memory when offload.gpu_mem is unset.")
     ssd_read: float | None = Field(None, gt=0, description="Override: aggregate SSD read bandwidth, GB/s (1e9 B/s).")
     ssd_write: float | None = Field(None, gt=0, description="Override: aggregate SSD write bandwidth, GB/s.")
     ssd_capacity: int | None = Field(None, gt=0, description="Override: usable SSD space in bytes (or '30TB').")
@@ -31,7 +34,7 @@ class HardwareConfig(BaseModel):
     cpu_adam: float | None = Field(
         None, gt=0, description="Override: CPU AdamW throughput in parameters per second (e.g. 3e9).")
 
-    @field_validator("gpu_mem", "ssd_capacity", mode="before")
+    @field_validator("gpu_mem", "ssd_capacity", "gpu_reserve", mode="before")
     @classmethod
     def _size(cls, v):
         return None if v is None else parse_size(v)

@@ -18,6 +18,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fuyou.errors import ConfigError
+from fuyou.units import format_size
 from fuyou.planner.config import HardwareConfig
 
 GB = 1e9
@@ -122,6 +123,11 @@ def _ssd_preset(spec: str) -> tuple[int, dict]:
     return n, SSDS[m.group(2)]
 
 
+CUDA_CONTEXT = 768 * 1024**2
+"""Device memory the CUDA context, cuBLAS and the kernels' modules take before training allocates
+anything (an estimate; the engine measures the real figure as the GPU's free memory after a warm-up)."""
+
+
 def resolve(hw: HardwareConfig) -> HardwareProfile:
     """The profile for a hardware section: a probe's file, else presets, then numeric overrides."""
     if hw.profile:
@@ -160,7 +166,16 @@ def resolve(hw: HardwareConfig) -> HardwareProfile:
     over = {k: v for k, v in over.items() if v is not None}
     if over:
         src.append("overrides " + ", ".join(sorted(over)))
-    return HardwareProfile(**{**base, **over, "source": "; ".join(src)})
+    merged = {**base, **over}
+    if merged.get("device", "cuda") == "cuda":  # headroom: what training may use of the card
+        card = merged["gpu_mem"]
+        usable = card - hw.gpu_reserve if hw.gpu_reserve is not None else int((card - CUDA_CONTEXT) * 0.95)
+        if usable <= 0:
+            raise ConfigError(f"--gpu-reserve {format_size(hw.gpu_reserve)} leaves nothing of the GPU's "
+                              f"{format_size(card)}; reserve less")
+        merged["gpu_mem"] = usable
+        src.append(f"GPU memory {usable / GiB:.2f} of {card / GiB:.2f} GiB usable (--gpu-reserve)")
+    return HardwareProfile(**{**merged, "source": "; ".join(src)})
 
 
 def with_more_ssds(p: HardwareProfile, factor: float) -> HardwareProfile:

@@ -244,3 +244,18 @@ def test_plan_holds_less_optimizer_state_in_memory_when_that_is_faster(capsys):
     assert cap is not None and plan.workload.offload.resident_mem == cap
     uncapped = evaluate(w, hw, plan.costs, plan.best.policy, parse_size("64GiB"), REPORT_STEPS)  # w: no cap
     assert plan.best.step_time <= uncapped.step_time * (1 + 1e-6)
+
+
+def test_plans_keep_headroom_on_the_gpu(capsys):
+    """The plan leaves the CUDA context and a margin unused, as the engine does by default; --gpu-reserve
+    sets it; a reserve larger than the card is refused."""
+    from fuyou.planner.config import HardwareConfig
+    from fuyou.planner.hardware import CUDA_CONTEXT, resolve
+
+    GiB = 1024**3
+    assert resolve(HardwareConfig(gpu="rtx4090", ssd="2x990-pro")).gpu_mem == int((24 * GiB - CUDA_CONTEXT) * 0.95)
+    assert resolve(HardwareConfig(gpu="rtx4090", ssd="2x990-pro", gpu_reserve="2GiB")).gpu_mem == 22 * GiB
+    flags = ["plan", "--model", "gpt3-1.3b", "--gpu", "rtx4090", "--ssd", "2x990-pro", "--batch", "4"]
+    assert main(flags) == 0 and "22.09 of 24.00 GiB usable" in capsys.readouterr().out
+    assert main(flags + ["--gpu-reserve", "30GiB"]) == 2
+    assert "leaves nothing of the GPU's 24.00 GiB" in capsys.readouterr().err
