@@ -238,14 +238,19 @@ def weight_buffer_need(stage_numels: list[int], cached: list[int], prefetch_dept
     return window * (-(-max(rest) * csize // 4096) * 4096)
 
 
+def class_widths(cfg_model) -> dict[str, int]:
+    """Elements per token of each activation class's matmul output (``ACT_CLASSES``): fc2 and proj d,
+    qkv d + 2 x the KV width, fc1 ff (llama: gate and up, 2 ff)."""
+    d, kv = cfg_model.d_model, cfg_model.kv_heads * cfg_model.head_dim
+    return {"fc2": d, "proj": d, "qkv": d + 2 * kv, "fc1": cfg_model.ff_dim * (2 if cfg_model.family == "llama" else 1)}
+
+
 def kept_activation_bytes(cfg_model, policy: dict, batch: int, seq: int, act_bytes: int) -> dict[str, int]:
     """Bytes of activations a policy (``fuyou.policy.KeepPolicy`` per block) keeps per tier for one
     micro-batch. A kept class costs its matmul output; a block kept whole is charged the block
     working-set estimate (everything autograd saves); a checkpoint moved off the device, 4 B x B·T·d."""
-    d, ff = cfg_model.d_model, cfg_model.ff_dim
-    kv = cfg_model.kv_heads * cfg_model.head_dim
-    tokens = batch * seq
-    per_class = {"fc2": d, "proj": d, "qkv": d + 2 * kv, "fc1": ff * (2 if cfg_model.family == "llama" else 1)}
+    d, tokens = cfg_model.d_model, batch * seq
+    per_class = class_widths(cfg_model)
     whole = activation_bytes(cfg_model, batch, seq)["block_work"]
     out = {"gpu": 0, "cpu": 0, "ssd": 0}
     for b in policy.values():
@@ -263,10 +268,8 @@ def offtier_bytes(cfg_model, policy: dict, batch: int, seq: int, csize: int) -> 
     what one pending outgoing copy may keep alive (``LEAVING`` of them make the plan's "activations
     leaving the device"). A kept class is its matmul output; a block kept whole saves tensors up to
     the fp32 residual stream or an MLP-wide tensor in the compute dtype; a checkpoint is fp32."""
-    d, ff = cfg_model.d_model, cfg_model.ff_dim
-    kv = cfg_model.kv_heads * cfg_model.head_dim
-    tokens = batch * seq
-    per_class = {"fc2": d, "proj": d, "qkv": d + 2 * kv, "fc1": ff * (2 if cfg_model.family == "llama" else 1)}
+    d, tokens = cfg_model.d_model, batch * seq
+    per_class = class_widths(cfg_model)
     largest = 0
     for b in policy.values():
         if b.all in ("cpu", "ssd"):

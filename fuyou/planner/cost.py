@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from fuyou.engine.budget import device_working_bytes
+from fuyou.engine.budget import class_widths, device_working_bytes
 from fuyou.engine.config import OffloadConfig
 from fuyou.models import ModelConfig, StageModel
 from fuyou.policy import CLASSES, ActivationPolicy
@@ -96,8 +96,7 @@ def stage_costs(w: Workload) -> list[StageCost]:
             fc1_mult = 2 if cfg.family == "llama" else 1
             flops = {"fc2": 2.0 * N * ff * d, "proj": 2.0 * N * d * d, "qkv": 2.0 * N * d * (d + 2 * kv),
                      "fc1": 2.0 * N * d * ff * fc1_mult}
-            nbytes = {"checkpoint": 4 * N * d, "fc2": w.csize * N * d, "proj": w.csize * N * d,
-                      "qkv": w.csize * N * (d + 2 * kv), "fc1": w.csize * N * ff * fc1_mult}
+            nbytes = {"checkpoint": 4 * N * d, **{c: w.csize * N * n for c, n in class_widths(cfg).items()}}
             attn = 4.0 * N * T * d
             out.append(StageCost(s.name, s.index, "block", numel, sum(flops.values()) + attn, flops, nbytes))
     return out
