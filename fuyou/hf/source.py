@@ -20,6 +20,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
 from fuyou.errors import ConfigError
 from fuyou.hf.config_map import SHAPE_FIELDS, SUPPORTED_TEXT, to_fuyou
 from fuyou.hf.weights import WEIGHT_SUFFIXES, FuyouWeights, HFWeights
@@ -72,11 +77,7 @@ def model_shape(path: str | Path) -> dict[str, Any]:
         return to_fuyou(read_json(p / "config.json"), str(p / "config.json"))
     if p.is_dir() and (p / "config.toml").is_file():
         try:
-            import tomllib
-        except ModuleNotFoundError:  # Python 3.10
-            import tomli as tomllib
-        try:
-            model = tomllib.loads((p / "config.toml").read_text()).get("model", {})
+            model = _run_model_section(p)
         except (tomllib.TOMLDecodeError, OSError) as e:
             raise ConfigError(f"{p / 'config.toml'} cannot be read: {e}") from None
         return {k: model[k] for k in SHAPE_FIELDS if k in model}
@@ -100,6 +101,12 @@ def checkpoint_model_fields(data: dict[str, Any]) -> dict[str, Any]:
     return {**data, **fields, "preset": None, "init_from": str(path)}
 
 
+def _run_model_section(run_dir: Path) -> dict[str, Any]:
+    """The ``[model]`` section of a fuyou run directory's ``config.toml`` (raises what reading and
+    parsing raise)."""
+    return tomllib.loads((run_dir / "config.toml").read_text()).get("model", {})
+
+
 def hf_files_dir(path: str | Path, _depth: int = 0) -> Path | None:
     """The directory with the Hugging Face config and tokenizer files behind ``path``, if any."""
     p = Path(path).expanduser()
@@ -109,12 +116,7 @@ def hf_files_dir(path: str | Path, _depth: int = 0) -> Path | None:
         return p / HF_META
     if (p / "config.toml").is_file() and _depth < 16:
         try:
-            import tomllib
-        except ModuleNotFoundError:  # Python 3.10
-            import tomli as tomllib
-
-        try:
-            parent = tomllib.loads((p / "config.toml").read_text()).get("model", {}).get("init_from")
+            parent = _run_model_section(p).get("init_from")
         except (tomllib.TOMLDecodeError, OSError):
             return None
         if parent and Path(parent).resolve() != p.resolve():
