@@ -51,7 +51,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import Tensor
@@ -301,7 +301,7 @@ class CudaDevice:
             dst.copy_(src, non_blocking=True)
 
     def _maybe_on(self, stream):
-        return torch.cuda.stream(stream.raw) if stream is not None else _null()
+        return torch.cuda.stream(stream.raw) if stream is not None else nullcontext()
 
     def record_stream(self, t: Tensor, stream: CudaStream) -> None:
         t.record_stream(stream.raw)
@@ -353,11 +353,6 @@ class CudaDevice:
 
     def close(self) -> None:
         self._lander.close()
-
-
-@contextmanager
-def _null():
-    yield
 
 
 def _clear_last_error(cart) -> None:

@@ -71,9 +71,8 @@ class ActivationSwapper:
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fuyou-act-read")
         self._leaving: deque = deque()
         self._cpu_releasing = 0  # cpu-tier buffers waiting for their last copy before going back to the pool
-        if not dev.is_host:
-            self.d2h = dev.new_stream("act-d2h")
-            self.h2d = dev.new_stream("act-h2d")
+        self.d2h = dev.new_stream("act-d2h")  # a host device's streams are its one synchronous stream
+        self.h2d = dev.new_stream("act-h2d")
 
     # -- out -------------------------------------------------------------------------------------
     def put(self, key: str, t: Tensor, tier: str) -> Slot:
@@ -210,7 +209,7 @@ class ActivationSwapper:
         # Allocated inside the H2D stream's context: memory the allocator hands out on the compute
         # stream may still be read by compute kernels that have not run yet (Note: [Activation stream
         # hand-off]; the fake device's rule 2).
-        with self.dev.on(self.h2d) if not self.dev.is_host else _nothing():
+        with self.dev.on(self.h2d):
             out = self.dev.empty(numel, slot.dtype, "activations fetched ahead")
         per = self.chunk_bytes // out.element_size()
         t0 = time.perf_counter()
@@ -287,11 +286,3 @@ def _done(value) -> Future:
     f = Future()
     f.set_result(value)
     return f
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
