@@ -700,6 +700,25 @@ def _fill_poison(t: Tensor) -> None:
         t.view(torch.uint8).fill_(0x5A)
 
 
+class InFlight:
+    """Copies whose events are not known to have run, oldest first, with what each keeps alive: the
+    device memory an outgoing copy holds after compute is done with it. ``bound(n)`` waits for the
+    oldest (a bounded host wait) until at most ``n`` are left, dropping those already done."""
+
+    def __init__(self):
+        self._q: deque = deque()
+
+    def add(self, ev, keep=None) -> None:
+        self._q.append((ev, keep))
+
+    def bound(self, n: int) -> None:
+        while self._q and (len(self._q) > n or self._q[0][0].query()):
+            self._q.popleft()[0].synchronize()
+
+    def clear(self) -> None:
+        self._q.clear()
+
+
 def make_device(name: str):
     """The device for ``train.device``: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``fake``."""
     if name == "auto":

@@ -67,7 +67,7 @@ from fuyou.config import FuyouConfig
 from fuyou.data import TokenData
 from fuyou.engine.budget import (D2H_DEPTH, MemoryPlan, act_cpu_share, activation_bytes, device_working_bytes,
                                  offtier_bytes, plan_memory, policy_memory)
-from fuyou.engine.device import make_device
+from fuyou.engine.device import InFlight, make_device
 from fuyou.engine.recompute import BlockState, backward_block, forward_block, leaves
 from fuyou.engine.swapper import ActivationSwapper
 from fuyou import watchdog
@@ -191,7 +191,7 @@ class Engine:
             self.store.close(sync=not resume)  # a refused resume leaves the state exactly as it found it
             raise
         self._acc: dict[int, Tensor] = {}
-        self._leaving: list = []                # events of gradients on their way to the host
+        self._leaving = InFlight()              # gradients on their way to the host
         self._held_events: dict[int, object] = {}  # resident stages' gradient copies into held_grad
         self._spans: list = []                  # compute spans timed by device events (read after the step)
         # On a device, references are dropped as soon as compute is done with them: each holds device
@@ -499,15 +499,14 @@ class Engine:
         self.dev.record_stream(flat, self.d2h_stream)
         self.dev.to_host(into, flat, self.d2h_stream)
         ev = self.dev.event().record(self.d2h_stream)
-        self._leaving.append(ev)
+        self._leaving.add(ev)
         self.counters.d2h_bytes += flat.numel() * flat.element_size()
         return into, release, ev
 
     def _bound_leaving(self, n: int) -> None:
         """At most ``n`` gradients on their way to the host (the plan's "gradients leaving the device"):
         the main thread waits for older copies beyond that, sync point (f)."""
-        while self._leaving and (len(self._leaving) > n or self._leaving[0].query()):
-            self._leaving.pop(0).synchronize()
+        self._leaving.bound(n)
 
     def _finish_clipping(self, lr: float, step: int) -> float:
         """Exact clipping after backward: the global norm over every parameter (in the reference's

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -39,6 +38,7 @@ from torch import Tensor
 from fuyou import watchdog
 from fuyou.engine.trace import Tracer
 from fuyou.engine.budget import LEAVING
+from fuyou.engine.device import InFlight
 from fuyou.store.errors import PoolBudgetError
 
 
@@ -69,7 +69,7 @@ class ActivationSwapper:
         self.cpu_used = 0
         self._lock = threading.Lock()
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fuyou-act-read")
-        self._leaving: deque = deque()
+        self._leaving = InFlight()
         self._cpu_releasing = 0  # cpu-tier buffers waiting for their last copy before going back to the pool
         self.d2h = dev.new_stream("act-d2h")  # a host device's streams are its one synchronous stream
         self.h2d = dev.new_stream("act-h2d")
@@ -130,10 +130,8 @@ class ActivationSwapper:
         """Bound the device memory that outgoing copies keep alive after compute is done with it: at
         most ``LEAVING`` tensors with copies not known to have run (the plan's item "activations
         leaving the device"); beyond that the main thread waits for the oldest (a bounded sync point)."""
-        self._leaving.append((ev, t))
-        while self._leaving and (len(self._leaving) > LEAVING or self._leaving[0][0].query()):
-            old, _ = self._leaving.popleft()
-            old.synchronize()
+        self._leaving.add(ev, t)
+        self._leaving.bound(LEAVING)
 
     def _write_ssd(self, slot: Slot, t: Tensor) -> None:
         flat = t.contiguous().view(-1)
