@@ -8,8 +8,8 @@ CPU budget (``offload.cpu_mem``) covers everything the engine allocates in CPU m
   (pool buffers, each rounded up to 4 KiB);
 * on a CPU compute device, what a GPU would otherwise hold: stage-input checkpoints, the working
   memory of one stage's recompute and backward (an estimate: 4 bytes x batch x seq x (16 d + 4 ff)
-  plus attention scores and, for the head, three logits-sized tensors), gradient accumulators
-  (``grad_accum > 1``: 4 bytes per parameter) and the tied embedding's pending gradient;
+  plus attention scores and, for the head, the loss's logits slices), the stage inputs of every
+  micro-batch between stages and the tied embedding's pending gradient;
 * ``I/O bounce buffers`` of the store's threads, and a fixed ``allocator and thread slack``
   (``RUNTIME_SLACK``, measured);
 * ``weight cache``: whatever is left, filled with stages' compute weights in forward order;
@@ -143,13 +143,16 @@ def device_working_bytes(cfg_model, batch: int, seq: int, csize: int, stage_max:
 
 
 def plan_memory(stage_numels: list[int], off, *, chunk: int, io_buffer_bytes: int, act: dict[str, int],
-                csize: int, gsize: int, deferred: bool, accumulate: bool, tied: bool, compute_on_cpu: bool,
+                csize: int, gsize: int, deferred: bool, micro_batches: int, tied: bool, compute_on_cpu: bool,
                 checkpoint_bytes: int | None = None, working_bytes: int | None = None,
                 extra_cpu: dict[str, int] | None = None, extra_device: dict[str, int] | None = None,
                 device_budget: int | None = None, offtier_bytes: int = 0) -> MemoryPlan:
     """The memory plan of the engine (module docstring) from shapes and settings, allocating nothing.
 
     ``stage_numels``: parameters owned by each stage, in stage order. ``off``: an ``OffloadConfig``.
+    ``micro_batches``: per optimizer step (``train.grad_accum``); the step is layer-major, so the inputs
+    of all of them are held at once, each stage's gradient is summed in one buffer (``gsize``: 4 when
+    they are summed) and the weights are loaded once per step.
     ``chunk``: the optimizer's chunk in elements (already rounded to the store's blocks);
     ``io_buffer_bytes``: the store's bounce buffers. ``act``: ``activation_bytes(...)``.
     ``checkpoint_bytes`` / ``working_bytes`` replace the default device items (every stage's input
@@ -171,16 +174,15 @@ def plan_memory(stage_numels: list[int], off, *, chunk: int, io_buffer_bytes: in
     # the window's depth + 1 loads, the stage whose reference compute drops only when the next arrives,
     # and the embedding's weights while the tied head uses them
     dev["stage weights in window"] = (off.prefetch_depth + 2) * stage_max * csize + (stage_numels[0] * csize if tied else 0)
-    dev["checkpoints"] = len(stage_numels) * act["checkpoint"] if checkpoint_bytes is None else checkpoint_bytes
+    dev["checkpoints"] = ((len(stage_numels) + 1) * micro_batches * act["checkpoint"] if checkpoint_bytes is None
+                          else checkpoint_bytes)
     dev["working memory (estimate)"] = (max(act["block_work"], act["head_work"]) + 2 * stage_max * 4
                                         if working_bytes is None else working_bytes)
-    if accumulate:
-        dev["gradient accumulators"] = 4 * sum(stage_numels)
     if tied:
         dev["tied embedding gradient"] = 4 * stage_numels[0]
     dev.update(extra_device or {})
     if not compute_on_cpu:  # a separate device: what crosses to and from it is held a while longer
-        dev["input batch"] = 2 * act["batch"]
+        dev["input batch"] = (micro_batches + 1) * act["batch"]  # the step's micro-batches, and the next
         dev["gradients leaving the device"] = D2H_DEPTH * stage_max * gsize
         if offtier_bytes:
             dev["activations leaving the device"] = LEAVING * offtier_bytes
@@ -247,8 +249,9 @@ def class_widths(cfg_model) -> dict[str, int]:
 
 def kept_activation_bytes(cfg_model, policy: dict, batch: int, seq: int, act_bytes: int) -> dict[str, int]:
     """Bytes of activations a policy (``fuyou.policy.KeepPolicy`` per block) keeps per tier for one
-    micro-batch. A kept class costs its matmul output; a block kept whole is charged the block
-    working-set estimate (everything autograd saves); a checkpoint moved off the device, 4 B x B·T·d."""
+    micro-batch (a step keeps them for each of its micro-batches). A kept class costs its matmul output;
+    a block kept whole is charged the block working-set estimate (everything autograd saves); a
+    checkpoint moved off the device, 4 B x B·T·d."""
     d, tokens = cfg_model.d_model, batch * seq
     per_class = class_widths(cfg_model)
     whole = activation_bytes(cfg_model, batch, seq)["block_work"]
@@ -292,24 +295,28 @@ def act_cpu_share(policy: dict, off) -> tuple[int, bool]:
 
 
 def policy_memory(cfg_model, policy: dict, off, batch: int, seq: int, csize: int,
-                  checksum_block: int) -> tuple[dict[str, int], dict[str, int], int]:
+                  checksum_block: int, micro_batches: int = 1) -> tuple[dict[str, int], dict[str, int], int]:
     """What an activation policy adds to the memory plan: (CPU items, device items, bytes of stage
     inputs kept on the device). The engine and the planner both call it, with the engine's block
-    policies (a block whose classes are all kept is kept whole and charged its working set)."""
+    policies (a block whose classes are all kept is kept whole and charged its working set). Every
+    micro-batch of a step keeps its activations until backward (layer-major: ``micro_batches``)."""
     act = activation_bytes(cfg_model, batch, seq)
     kept = kept_activation_bytes(cfg_model, policy, batch, seq, csize)
     share, offtier = act_cpu_share(policy, off)
     extra_cpu, extra_dev = {}, {}
     if kept["gpu"]:
-        extra_dev["kept activations (policy, gpu tier)"] = kept["gpu"]
+        extra_dev["kept activations (policy, gpu tier)"] = micro_batches * kept["gpu"]
     if offtier:
         extra_cpu["activation staging"] = off.act_staging_chunks * (-(-off.act_chunk // checksum_block) * checksum_block)
     if share:
         extra_cpu["activations (cpu tier share)"] = share
-    # Activations read back from SSD ahead of backward are materialised on the compute device.
+    # Activations read back ahead of backward are materialised on the compute device: the block (of one
+    # micro-batch) in backward and ``act_prefetch_blocks`` more.
     per_block = [sum(kept_activation_bytes(cfg_model, {i: b}, batch, seq, csize)[k] for k in ("cpu", "ssd"))
                  for i, b in policy.items()]
     if max(per_block, default=0):
-        extra_dev["activations fetched ahead"] = off.act_prefetch_blocks * max(per_block)
-    on_device = 2 + sum(1 for b in policy.values() if b.checkpoint == "gpu")  # + embedding and head inputs
+        extra_dev["activations fetched ahead"] = (off.act_prefetch_blocks + 1) * max(per_block)
+    # Between stages each micro-batch's residual stream (or, in backward, its gradient) is on the device,
+    # with one more while a stage computes; blocks whose checkpoints stay there keep one per micro-batch.
+    on_device = micro_batches + 1 + micro_batches * sum(1 for b in policy.values() if b.checkpoint == "gpu")
     return extra_cpu, extra_dev, on_device * act["checkpoint"]

@@ -1,15 +1,21 @@
 """The three-tier engine: layer-streamed training with the CPU optimizer overlapped with backward.
 
-One optimizer step, per micro-batch (DESIGN.md, Execution model):
+One optimizer step (DESIGN.md, Execution model), **layer-major** over its ``grad_accum`` micro-batches:
+each stage runs every micro-batch before the next stage starts, so its weights are loaded once per step
+and its gradient is summed over the micro-batches in one buffer (GreedySnake's schedule, issue 21):
 
-1. forward over the stages with weights streamed in (``WeightStreamer``), under ``no_grad``, keeping
-   each stage's input as its checkpoint (fp32, on the compute device);
-2. the head's forward and backward at once (loss → gradient of its input and its parameters);
-3. backward over the blocks and the embedding in reverse: recompute the stage from its checkpoint
-   with autograd, back-propagate, flatten the stage's parameter gradients;
-4. on the last micro-batch, hand each stage's gradient to the ``OptimizerWorker`` *as soon as the
-   stage's backward is done*: its AdamW runs on the CPU, against the SSD, while backward of the
-   earlier stages continues. The next step's forward of a stage waits until its update is done.
+1. forward over the stages with weights streamed in (``WeightStreamer``), under ``no_grad``, each
+   micro-batch's stage input kept as its checkpoint in the tier the activation policy names; between
+   stages every micro-batch's residual stream is on the compute device;
+2. the head's forward and backward at once, per micro-batch (loss -> gradient of its input and its
+   parameters); the micro-batches' gradients of the head (and of a tied embedding) are summed;
+3. backward over the blocks and the embedding in reverse: per micro-batch, recompute the stage from
+   its checkpoint with autograd and back-propagate, adding its parameter gradients into the stage's
+   one flat gradient (micro-batch order: the reference's summation order, so fp32 stays exact);
+4. hand each stage's gradient to the ``OptimizerWorker`` *as soon as the stage's backward is done*:
+   its AdamW runs on the CPU, against the SSD, while backward of the earlier stages continues. The
+   next step's forward of a stage waits until its update is done. Weights and optimizer state move
+   once per step whatever the number of micro-batches; only activations grow with it.
 
 Exact gradient clipping (``train.grad_clip``, default 1.0) needs the global norm before any update,
 which would serialise the optimizer after backward. The engine **speculates** instead (DESIGN.md,
@@ -30,8 +36,8 @@ Crash-safe commits (``offload.commit='cow'``) happen every ``offload.commit_ever
 (``commit.py``): the commit writes the resident stages' state to a store copy, fsyncs, and names the
 copies in the commit record. A run commits when it ends or is stopped, too.
 
-Gradient accumulation keeps fp32 accumulators of every stage on the compute device for the first
-``grad_accum - 1`` micro-batches (4 bytes per parameter, in the memory plan).
+With several micro-batches the stage gradient is summed in fp32 (the reference's ``.grad``); only
+one stage's sum is on the compute device at a time ("gradients leaving the device" in the plan).
 
 Note: [Sync points] Every CUDA call goes through the device seam (``fuyou.engine.device``). The main
 thread blocks only (a) in ``WeightStreamer.get`` until a stage's weights are loaded (the loader has
@@ -190,7 +196,7 @@ class Engine:
         except BaseException:
             self.store.close(sync=not resume)  # a refused resume leaves the state exactly as it found it
             raise
-        self._acc: dict[int, Tensor] = {}
+        self._pooled: dict[int, object] = {}    # stages' gradient-pool buffers (CPU device)
         self._leaving = InFlight()              # gradients on their way to the host
         self._held_events: dict[int, object] = {}  # resident stages' gradient copies into held_grad
         self._spans: list = []                  # compute spans timed by device events (read after the step)
@@ -232,7 +238,7 @@ class Engine:
         act = activation_bytes(self.cfg.model, t.micro_batch_size, self.cfg.data.seq_len)
         extra_cpu, extra_dev, ckpt = policy_memory(self.cfg.model, self.act, off, t.micro_batch_size,
                                                    self.cfg.data.seq_len, dtype_size(self.cdtype),
-                                                   self.store_cfg.checksum_block)
+                                                   self.store_cfg.checksum_block, t.grad_accum)
         working = None
         if not self.dev.is_host:
             csize = dtype_size(self.cdtype)
@@ -243,16 +249,17 @@ class Engine:
             io_buffer_bytes=self.store_cfg.queue_depth * max(self.store_cfg.block_size, self.store_cfg.checksum_block),
             act=act, checkpoint_bytes=ckpt, working_bytes=working, extra_cpu=extra_cpu, extra_device=extra_dev,
             csize=dtype_size(self.cdtype), gsize=dtype_size(self.gdtype), deferred=self.clipping,
-            accumulate=self.accumulate, tied=self.tied, compute_on_cpu=self.dev.is_host,
+            micro_batches=t.grad_accum, tied=self.tied, compute_on_cpu=self.dev.is_host,
             device_budget=self.gpu_mem,
             offtier_bytes=offtier_bytes(self.cfg.model, self.act, t.micro_batch_size, self.cfg.data.seq_len,
                                         dtype_size(self.cdtype)))
 
-    def step_order(self, micro_batches: int) -> list[int]:
-        """Stage indices in the order their weights are needed in one step."""
+    def step_order(self) -> list[int]:
+        """Stage indices in the order their weights are needed in one step: each once in forward and
+        once in backward, whatever the number of micro-batches (layer-major)."""
         S = len(self.states)
         fwd = list(range(S - 1)) + ([0] if self.tied else []) + [S - 1]
-        return (fwd + list(range(S - 2, -1, -1))) * micro_batches
+        return fwd + list(range(S - 2, -1, -1))
 
     def train_step(self, step: int) -> StepStats:
         try:
@@ -271,13 +278,10 @@ class Engine:
         lr = lr_at(step, self.cfg.optim.lr, t.steps, t.warmup_steps, t.min_lr_ratio)
         self._spans.clear()
         anchor, anchor_t = self.dev.event(timing=True).record(), time.perf_counter()  # device time -> host time
-        self.streamer.plan(self.step_order(t.grad_accum))
+        self.streamer.plan(self.step_order())
         self._pos = 0
-        total = torch.zeros((), device=self.device)
         try:
-            for j in range(t.grad_accum):
-                x, y = (self._to_device(b, "input batch") for b in self.batches.batch(step * t.grad_accum + j))
-                total += self._micro_batch(x, y, last=j == t.grad_accum - 1, lr=lr, step=step)
+            total = self._step(step, lr)
         except BaseException:
             self.streamer.drain()
             raise
@@ -304,27 +308,34 @@ class Engine:
     def _autocast(self):
         return autocast(self.device, self.cfg.train.precision)
 
-    def _micro_batch(self, x: Tensor, y: Tensor, last: bool, lr: float, step: int) -> Tensor:
-        S, prec = len(self.states), self.cfg.train.precision
-        kept: dict[int, BlockState] = {}
-        h = x
+    def _step(self, step: int, lr: float) -> Tensor:
+        """One step's forward and backward, layer-major (module docstring); returns the summed loss."""
+        S, t, M = len(self.states), self.cfg.train, self.cfg.train.grad_accum
+        xs, ys = [], []
+        for j in range(M):
+            x, y = (self._to_device(b, "input batch") for b in self.batches.batch(step * M + j))
+            xs.append(x)
+            ys.append(y)
+        kept: list[dict[int, BlockState]] = [{} for _ in range(M)]
+        h: list[Tensor | None] = list(xs)  # each micro-batch's residual stream between stages
         for i in range(S - 1):
             w = self.streamer.get(self._pos)
             t0 = self._begin()
             params = self.states[i].views(w.flat)
-            if i == 0:
-                with torch.no_grad(), self._autocast():
-                    h = self._stage_fn(0)(params, h)
-            else:
-                h, kept[i] = forward_block(self.swapper, i - 1, self.act[i - 1], self._stage_fn(i), w.flat,
-                                           params, h, self._autocast)
+            for j in range(M):
+                if i == 0:
+                    with torch.no_grad(), self._autocast():
+                        h[j] = self._stage_fn(0)(params, h[j])
+                else:
+                    h[j], kept[j][i] = forward_block(self.swapper, f"{i - 1}.{j}", self.act[i - 1], self._stage_fn(i),
+                                                     w.flat, params, h[j], self._autocast)
             self._compute(f"forward {self.states[i].stage.name}", t0)
             self.streamer.release(self._pos)
             self._pos += 1
             if self._drop_early:
                 w = params = None  # a reference held here would keep a stage's weights on the device
             fault("forward", step)
-        # Head: forward and backward at once.
+        # Head: forward and backward at once, per micro-batch; h becomes the gradient of each one's output.
         head = self.states[-1]
         emb_pos = None
         if self.tied:
@@ -333,59 +344,83 @@ class Engine:
             self._pos += 1
         w = self.streamer.get(self._pos)
         t0 = self._begin()
-        own = leaves(head.views(w.flat))
-        shared = {}
-        if self.tied:
-            shared = leaves({"lm_head.weight": self.states[0].views(emb.flat)["wte"]})
-        h_in = h.detach().requires_grad_(True)
-        with torch.enable_grad(), autocast(self.device, prec):
-            loss = head.stage.forward({**own, **shared}, h_in, y) / self.cfg.train.grad_accum
-        names = list(own) + list(shared)
-        grads = torch.autograd.grad(loss, [h_in] + [own[n] for n in own] + [shared[n] for n in shared])
-        if self._drop_early:
-            loss = loss.detach()  # its graph's leaves view the head's and the embedding's weights
+        own = head.views(w.flat)
+        shared = {"lm_head.weight": self.states[0].views(emb.flat)["wte"]} if self.tied else {}
+        total = torch.zeros((), device=self.device)
+        acc = shared_acc = None
+        for j in range(M):
+            o, sh = leaves(own), leaves(shared)
+            h_in = h[j].detach().requires_grad_(True)
+            h[j] = None
+            with torch.enable_grad(), self._autocast():
+                loss = head.stage.forward({**o, **sh}, h_in, ys[j]) / M
+            grads = torch.autograd.grad(loss, [h_in, *o.values(), *sh.values()])
+            total += loss.detach()
+            h[j] = grads[0]
+            gmap = dict(zip([*o, *sh], grads[1:]))
+            if self.tied:
+                g = gmap.pop("lm_head.weight")
+                if shared_acc is None:  # in the gradients' dtype: fp32 when micro-batches are summed
+                    shared_acc = self.dev.track(g.to(self.gdtype), "tied embedding gradient")
+                else:
+                    shared_acc.add_(g)
+            acc = self._accumulate(head, gmap, acc)
+            o = sh = h_in = grads = gmap = g = loss = None  # their graphs' leaves view the weights
         self._compute("forward+backward head", t0)
         self.streamer.release(self._pos)
         self._pos += 1
         if emb_pos is not None:
             self.streamer.release(emb_pos)
-        grad_out = grads[0]
-        gmap = dict(zip(names, grads[1:]))
-        if self.tied:
-            self._shared_grad = self.dev.track(gmap.pop("lm_head.weight"), "tied embedding gradient")
-        self._stage_grads(head, gmap, last, lr, step)
+        self._stage_grads(head, acc, lr, step)
         if self._drop_early:  # nothing of the head stays on the device through backward
-            own = shared = grads = gmap = h_in = w = emb = None
-        # Backward over the blocks and the embedding; kept activations come back in reverse order.
-        ahead = self.cfg.offload.act_prefetch_blocks
+            own = shared = w = emb = acc = None
+        # Backward over the blocks and the embedding; kept activations come back in the order used.
+        units = [(i, j) for i in range(S - 2, 0, -1) for j in range(M)]
+        ahead, u = self.cfg.offload.act_prefetch_blocks, 0
         for i in range(S - 2, -1, -1):
-            for j in range(i, max(0, i - ahead - 1), -1):
-                if j in kept:
-                    kept[j].prefetch(self.swapper)
             st = self.states[i]
             w = self.streamer.get(self._pos)
             t0 = self._begin()
-            if i > 0:
-                grad_out, gmap = backward_block(self.swapper, kept.pop(i), self._stage_fn(i), w.flat,
-                                                st.views(w.flat), grad_out, self._autocast)
-            else:
-                emb = leaves(st.views(w.flat))
-                with torch.enable_grad(), self._autocast():
-                    out = self._stage_fn(0)(emb, x)
-                gmap = dict(zip(emb, torch.autograd.grad(out, list(emb.values()), grad_out)))
-                del out
+            acc = None
+            for j in range(M):
+                if i > 0:
+                    for bi, bj in units[u:u + ahead + 1]:
+                        kept[bj][bi].prefetch(self.swapper)
+                    u += 1
+                    h[j], gmap = backward_block(self.swapper, kept[j].pop(i), self._stage_fn(i), w.flat,
+                                                st.views(w.flat), h[j], self._autocast)
+                else:
+                    emb = leaves(st.views(w.flat))
+                    with torch.enable_grad(), self._autocast():
+                        out = self._stage_fn(0)(emb, xs[j])
+                    gmap = dict(zip(emb, torch.autograd.grad(out, list(emb.values()), h[j])))
+                    h[j] = emb = out = None
+                acc = self._accumulate(st, gmap, acc)
+                gmap = None
             self._compute(f"backward {st.stage.name}", t0)
             self.streamer.release(self._pos)
             self._pos += 1
             fault("backward", step)
-            if i == 0 and self.tied:
-                # One sum, as autograd accumulates a leaf used twice (the order of two addends is exact).
-                gmap["wte"] = gmap["wte"] + self._shared_grad
-                self._shared_grad = None
-            self._stage_grads(st, gmap, last, lr, step)
+            if i == 0 and shared_acc is not None:
+                # The head's and the embedding's sums over the micro-batches, added once (the reference
+                # trainer's order; the order of two addends is exact).
+                st.views(acc)["wte"].add_(shared_acc)
+                shared_acc = None
+            self._stage_grads(st, acc, lr, step)
             if self._drop_early:
-                gmap = w = None
-        return loss.detach()
+                w = acc = None
+        return total
+
+    def _accumulate(self, st: StageState, grads: dict[str, Tensor], acc: Tensor | None) -> Tensor:
+        """A micro-batch's gradients of a stage added into the stage's one flat gradient: the first
+        micro-batch's are copied into a new buffer (``_grad_buffer``), later ones added in place, in
+        micro-batch order (the reference's sums: ``.grad`` accumulated over micro-batches)."""
+        if acc is None:
+            return st.flatten_grads(grads, self._grad_buffer(st))
+        views = st.views(acc)
+        for name in st.slots:
+            views[name].add_(grads[name])  # promoted to the gradient dtype, as autograd adds into .grad
+        return acc
 
     def _host_wait(self) -> None:
         """Wait for the compute stream on a blocking-sync event: the host thread sleeps (a stream
@@ -406,7 +441,7 @@ class Engine:
         """The step's compute time and trace rows, once the compute stream has reached the sync point."""
         for name, ev0, ev1 in self._spans:
             dur = ev0.elapsed_s(ev1)
-            self.counters.compute_s += dur
+            self.counters.add(compute_s=dur)
             if self.tracer.enabled:
                 start = anchor_t + anchor.elapsed_s(ev0)
                 self.tracer.add(name, "compute", start, start + dur)
@@ -426,39 +461,37 @@ class Engine:
         self.dev.after(self.dev.event().record(), buf.release)
         return out.view(t.shape)
 
-    def _stage_grads(self, st: StageState, grads: dict[str, Tensor], last: bool, lr: float, step: int) -> None:
-        """Accumulate a stage's gradients; on the last micro-batch hand them to the optimizer: an
-        update now (speculative under exact clipping), or, for a resident stage under exact clipping,
-        into its CPU buffer until the global norm is known (module docstring)."""
-        wait_for_norm = last and self.clipping and st.resident is not None
-        pooled = None
-        acc = self._acc.pop(st.index, None)
-        if wait_for_norm and self.dev.is_host and not self.accumulate:
-            flat = st.held_grad  # straight into the buffer it waits in
-        elif self.dev.is_host and not self.accumulate:
+    def _waits_for_norm(self, st: StageState) -> bool:
+        """A resident stage under exact clipping: its gradient waits in CPU memory for the global norm."""
+        return self.clipping and st.resident is not None
+
+    def _grad_buffer(self, st: StageState) -> Tensor:
+        """Where a stage's gradient is gathered (its micro-batches' sum): on a CPU device the CPU
+        buffer it is handed over in, straight away (a resident stage's ``held_grad`` or a gradient-pool
+        buffer); on an accelerator a new device buffer, copied out by ``_to_host``."""
+        if self.dev.is_host and self._waits_for_norm(st):
+            return st.held_grad
+        if self.dev.is_host:
             # Reused pool memory (huge pages), not a fresh allocation per stage: a new 25 MB tensor
             # costs its page faults every time (measured: ~10 ms per GPT-3 350M block on 2 cores).
             pooled = watchdog.acquire(self.grad_pool, st.numel * dtype_size(self.gdtype), self.gdtype,
                                       f"a gradient buffer for {st.stage.name}")
-            flat = pooled.tensor
-        else:
-            self._bound_leaving(D2H_DEPTH - 1)  # sync point (f)
-            item = "gradient accumulators" if self.accumulate and not last and acc is None else \
-                "gradients leaving the device"
-            flat = self.dev.empty(st.numel, self.gdtype, item)
-        st.flatten_grads(grads, flat)
-        if self.accumulate:
-            if acc is not None:
-                flat = acc.add_(flat)  # acc + flat, in place: the same sums as autograd's accumulation into .grad
-            if not last:
-                self._acc[st.index] = flat
-                return
+            self._pooled[st.index] = pooled
+            return pooled.tensor
+        self._bound_leaving(D2H_DEPTH - 1)  # sync point (f)
+        return self.dev.empty(st.numel, self.gdtype, "gradients leaving the device")
+
+    def _stage_grads(self, st: StageState, flat: Tensor, lr: float, step: int) -> None:
+        """Hand a stage's gradient (summed over the micro-batches, ``_grad_buffer``) to the optimizer:
+        an update now (speculative under exact clipping), or, for a resident stage under exact
+        clipping, into its CPU buffer until the global norm is known (module docstring)."""
+        pooled = self._pooled.pop(st.index, None)
         if self.clipping:
             views = st.views(flat)
             norms = torch._foreach_norm([views[n].float() for n in st.slots], 2)
             for n, v in zip(st.slots, norms):
                 self._norms[st.stage.key(n)] = v
-        if wait_for_norm:
+        if self._waits_for_norm(st):
             if flat is not st.held_grad:
                 _, _, self._held_events[st.index] = self._to_host(flat, into=st.held_grad)
             self._waiting.append(st)
@@ -500,7 +533,7 @@ class Engine:
         self.dev.to_host(into, flat, self.d2h_stream)
         ev = self.dev.event().record(self.d2h_stream)
         self._leaving.add(ev)
-        self.counters.d2h_bytes += flat.numel() * flat.element_size()
+        self.counters.add(d2h_bytes=flat.numel() * flat.element_size())
         return into, release, ev
 
     def _bound_leaving(self, n: int) -> None:

@@ -53,8 +53,8 @@ class KnownLinear(torch.autograd.Function):
 class RecordContext:
     """Forward pass (no grad) of one block: computes each classed matmul and keeps the kept ones."""
 
-    def __init__(self, swapper: ActivationSwapper, block: int, policy: KeepPolicy):
-        self.swapper, self.block, self.policy = swapper, block, policy
+    def __init__(self, swapper: ActivationSwapper, tag: str, policy: KeepPolicy):
+        self.swapper, self.tag, self.policy = swapper, tag, policy
         self.slots: dict[str, Slot] = {}
         self._n: dict[str, int] = {}
 
@@ -63,7 +63,7 @@ class RecordContext:
         tier = self.policy.classes.get(cls)
         if tier is not None:
             name = _name(self._n, cls)
-            self.slots[name] = self.swapper.put(f"act/{self.block}/{name}", y, tier)
+            self.slots[name] = self.swapper.put(f"act/{self.tag}/{name}", y, tier)
         return y
 
 
@@ -164,20 +164,21 @@ class BlockState:
             swapper.free(s)
 
 
-def forward_block(swapper: ActivationSwapper, block: int, policy: KeepPolicy, fn, weights: Tensor,
+def forward_block(swapper: ActivationSwapper, tag: str, policy: KeepPolicy, fn, weights: Tensor,
                   params: dict[str, Tensor], x: Tensor, autocast_ctx) -> tuple[Tensor, BlockState]:
-    """Run block ``block`` forward under ``policy``; return its output and what backward needs."""
+    """Run a block forward under ``policy``; return its output and what backward needs. ``tag`` names
+    what it keeps in the swapper (``act/<tag>/...``): the block and the micro-batch, ``"3.0"``."""
     if policy.all is not None:
         inp = x.detach().requires_grad_(True)
         params = leaves(params)
-        keeper = GraphKeeper(swapper, f"act/{block}", policy.all, weights, inp)
+        keeper = GraphKeeper(swapper, f"act/{tag}", policy.all, weights, inp)
         with torch.enable_grad(), autocast_ctx(), torch.autograd.graph.saved_tensors_hooks(keeper.pack, keeper.unpack):
             out = fn(params, inp, None)
         release_forward_weights(params)
         keeper.fwd_weights = None
         return out.detach(), BlockState(graph=(out, inp, params), keeper=keeper)
-    ck = swapper.put(f"act/{block}/checkpoint", x, policy.checkpoint)
-    rec = RecordContext(swapper, block, policy) if policy.classes else None
+    ck = swapper.put(f"act/{tag}/checkpoint", x, policy.checkpoint)
+    rec = RecordContext(swapper, tag, policy) if policy.classes else None
     with torch.no_grad(), autocast_ctx():
         out = fn(params, x, rec)
     return out, BlockState(checkpoint=ck, slots=rec.slots if rec else {})

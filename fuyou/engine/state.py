@@ -213,7 +213,7 @@ class TrainingState:
         futs = [(self.store.write_from(k, t), st) for st, c in flush for k, t in zip(st.copies[c].fp32, st.resident)]
         for f, st in futs:
             watchdog.result(f, f"the write of {st.stage.name}'s resident optimizer state")
-        self.counters().ssd_write_bytes += sum(12 * st.numel for st, _ in flush)
+        self.counters().add(ssd_write_bytes=sum(12 * st.numel for st, _ in flush))
 
     def write_commit(self, steps_done: int, copies: list[int]) -> None:
         """Tag the named copies, sync the store, write the record (commit.py's two steps)."""

@@ -86,10 +86,10 @@ class ActivationSwapper:
         if tier == "gpu":
             slot.tensor = self.dev.track(t, "checkpoints" if key.split("/")[2] == "checkpoint"
                                          else "kept activations (policy, gpu tier)")
-            c.act_gpu_bytes += nbytes
+            c.add(act_gpu_bytes=nbytes)
             return slot
         if tier == "cpu" and self._put_cpu(slot, t):
-            c.act_cpu_bytes += nbytes
+            c.add(act_cpu_bytes=nbytes)
             return slot
         slot.tier = "ssd"
         self._write_ssd(slot, t)
@@ -158,8 +158,7 @@ class ActivationSwapper:
                 self.dev.after(self.dev.event().record(self.d2h), _writer(self.store, slot.key, buf, a, fut))
             slot.writes.append(fut)
         c = self._counters()
-        c.act_ssd_write_bytes += slot.nbytes
-        c.ssd_write_bytes += slot.nbytes
+        c.add(act_ssd_write_bytes=slot.nbytes, ssd_write_bytes=slot.nbytes)
         if self.dev.is_host:
             self.tracer.add(f"swap out {slot.key}", "d2h", t0, time.perf_counter(), bytes=slot.nbytes)
         else:
@@ -192,7 +191,7 @@ class ActivationSwapper:
         t0 = time.perf_counter()
         out, ev = watchdog.result(slot.fetch, f"the activation {slot.key} read back", slot.nbytes)
         waited = time.perf_counter() - t0
-        self._counters().wait_activations_s += waited
+        self._counters().add(wait_activations_s=waited)
         if waited > 1e-4:
             self.tracer.add(f"wait activation {slot.key}", "wait", t0, t0 + waited)
         if ev is not None:
@@ -224,8 +223,7 @@ class ActivationSwapper:
                     ev = self.dev.event().record(self.h2d)
                     ev.synchronize()  # the staging buffer is reused after this (reader thread only)
         c = self._counters()
-        c.act_ssd_read_bytes += slot.nbytes
-        c.ssd_read_bytes += slot.nbytes
+        c.add(act_ssd_read_bytes=slot.nbytes, ssd_read_bytes=slot.nbytes)
         self.tracer.add(f"swap in {slot.key}", "ssd-read", t0, time.perf_counter(), bytes=slot.nbytes)
         return out.view(slot.shape), ev
 

@@ -40,8 +40,18 @@ class StepCounters:
     clipped: bool = False          # exact clipping triggered: the step's speculative updates were redone
     deferred: bool = False         # exact clipping: updates waited for the norm (the previous step clipped)
 
+    def add(self, **amounts) -> None:
+        """Add to counters from any thread: the loader, reader, optimizer and main threads count into
+        the same step's counters, and ``x += n`` on an attribute is not atomic (updates were lost)."""
+        with _COUNT_LOCK:
+            for k, v in amounts.items():
+                setattr(self, k, getattr(self, k) + v)
+
     def as_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+_COUNT_LOCK = threading.Lock()
 
 
 class Tracer:

@@ -82,8 +82,7 @@ class WeightStreamer:
         t1 = time.perf_counter()
         c: StepCounters = self._counters()
         waited_opt = max(0.0, min(t1, loaded.ready_at) - t0)
-        c.wait_optimizer_s += waited_opt
-        c.wait_weights_s += (t1 - t0) - waited_opt
+        c.add(wait_optimizer_s=waited_opt, wait_weights_s=(t1 - t0) - waited_opt)
         if t1 - t0 > 1e-4:
             self.tracer.add(f"wait weights {self.states[self._order[pos]].stage.name}", "wait", t0, t1)
         if loaded.event is not None:
@@ -133,7 +132,7 @@ class WeightStreamer:
         buf = None
         if st.cache is not None:
             host = st.cache
-            c.cache_hits += 1
+            c.add(cache_hits=1)
         else:
             buf = watchdog.acquire(self.pool, st.numel * dtype_size(self.dtype), self.dtype,
                                    f"a buffer to load {st.stage.name}'s weights")
@@ -144,7 +143,7 @@ class WeightStreamer:
                 buf.release()
                 raise
             host = buf.tensor
-            c.ssd_read_bytes += st.numel * dtype_size(self.dtype)
+            c.add(ssd_read_bytes=st.numel * dtype_size(self.dtype))
             self.tracer.add(f"read weights {st.stage.name}", "ssd-read", t0, time.perf_counter())
         if self.dev.is_host:
             return Loaded(host, ready, time.perf_counter(), buffer=buf)
@@ -158,7 +157,7 @@ class WeightStreamer:
             start = self.dev.event(timing=True).record(h2d) if timed else None
             self.dev.to_device(flat, host, h2d)
             ev = self.dev.event(timing=timed).record(h2d)
-        c.h2d_bytes += st.numel * dtype_size(self.dtype)
+        c.add(h2d_bytes=st.numel * dtype_size(self.dtype))
         if buf is not None:
             self.dev.after(ev, buf.release)  # the host buffer is reused only once the copy has landed
         if timed:

@@ -71,7 +71,7 @@ class OptimizerWorker:
         self._put(job, f"room in the optimizer queue (to update {job.state.stage.name})")
         waited = time.perf_counter() - t0
         if waited > 1e-4:
-            self._counters().wait_optimizer_s += waited
+            self._counters().add(wait_optimizer_s=waited)
             self.tracer.add("wait optimizer queue", "wait", t0, t0 + waited)
 
     def submit_call(self, fn, name: str) -> None:
@@ -141,7 +141,7 @@ class OptimizerWorker:
                     if not job.update:
                         watchdog.result(saving, f"the saved gradient of {st.stage.name}")
                         saving = None
-                        self._counters().ssd_write_bytes += job.grad.numel() * job.grad.element_size()
+                        self._counters().add(ssd_write_bytes=job.grad.numel() * job.grad.element_size())
                         continue
                     stats = self.opt.update(
                         st.copies[job.src], job.grad, numel=st.numel, segments=st.segments, lr=job.lr,
@@ -153,10 +153,8 @@ class OptimizerWorker:
                         watchdog.result(saving, f"the saved gradient of {st.stage.name}")
                         saving = None
                         stats.written_bytes += job.grad.numel() * job.grad.element_size()
-                    c.optimizer_busy_s += stats.busy_s
-                    c.optimizer_kernel_s += stats.kernel_s
-                    c.ssd_read_bytes += stats.read_bytes
-                    c.ssd_write_bytes += stats.written_bytes
+                    c.add(optimizer_busy_s=stats.busy_s, optimizer_kernel_s=stats.kernel_s,
+                          ssd_read_bytes=stats.read_bytes, ssd_write_bytes=stats.written_bytes)
                     end = time.perf_counter()
                     name = f"adam {st.stage.name}" + (f" (redo, clip {job.grad_scale:.3g})" if job.redo else "")
                     self.tracer.add(name, "cpu-adam", end - stats.busy_s, end,

@@ -28,7 +28,7 @@ class Workload:
     batch: int
     seq: int
     offload: OffloadConfig = field(default_factory=OffloadConfig)
-    grad_accum: int = 1
+    grad_accum: int = 1       # micro-batches per step, run layer-major (the engine's schedule)
     csize: int = 2            # compute dtype bytes (bf16)
     store: StoreConfig = field(default_factory=StoreConfig)
     grad_clip: float | None = 1.0  # exact clipping (speculative updates, gradients saved to SSD) or None
@@ -108,7 +108,8 @@ def gpu_working_bytes(w: Workload) -> int:
 
 
 def placement_bytes(w: Workload, costs: list[StageCost], policy: ActivationPolicy) -> dict[str, int]:
-    """Bytes of activations each tier holds at the peak (end of forward), checkpoints separately."""
+    """Bytes of activations each tier holds at the peak (end of forward, every micro-batch's),
+    checkpoints separately; ``ssd_max_block``: one block's of one micro-batch."""
     out = {"ckpt_gpu": 0, "ckpt_cpu": 0, "ckpt_ssd": 0, "gpu": 0, "cpu": 0, "ssd": 0, "ssd_max_block": 0}
     for c in costs:
         if c.kind != "block":
@@ -122,19 +123,22 @@ def placement_bytes(w: Workload, costs: list[StageCost], policy: ActivationPolic
                 out[tier] += c.act_bytes[cls]
                 ssd_block += c.act_bytes[cls] if tier == "ssd" else 0
         out["ssd_max_block"] = max(out["ssd_max_block"], ssd_block)
+    for k in ("ckpt_gpu", "ckpt_cpu", "ckpt_ssd", "gpu", "cpu", "ssd"):
+        out[k] *= w.grad_accum
     return out
 
 
 def step_bytes(w: Workload, cached: set[int], resident: set[int] | frozenset = frozenset()) -> dict[str, int]:
-    """Optimizer and weight bytes of one step (activations excluded): SSD read/write, H2D, D2H.
+    """Optimizer and weight bytes of one step (activations excluded): SSD read/write, H2D, D2H; the
+    same whatever the number of micro-batches (layer-major: each stage is loaded and updated once).
     A ``resident`` stage's optimizer state is read from CPU memory (and written to SSD only by a
     commit, not counted here); exact clipping saves the gradients of the other stages to SSD (a
     triggered step's redo is not counted)."""
     reads = writes = h2d = d2h = 0
-    uses = {i: 2 * w.grad_accum for i in range(len(w.numels) - 1)}  # forward and backward
-    uses[len(w.numels) - 1] = w.grad_accum
+    uses = {i: 2 for i in range(len(w.numels) - 1)}  # forward and backward, once per step (layer-major)
+    uses[len(w.numels) - 1] = 1
     if w.tied:
-        uses[0] += w.grad_accum
+        uses[0] += 1
     for i, n in enumerate(w.numels):
         h2d += uses[i] * n * w.csize
         clip = w.grad_clip is not None

@@ -79,7 +79,7 @@ def probe_compute(cfg: ModelConfig, batch: int, seq: int, device: torch.device, 
     flat = torch.empty(sum(v.numel() for v in params.values()), device=device, dtype=dtype)
 
     def bwd():
-        # as Engine._micro_batch and _stage_grads run it: recompute + backward, then the gradients
+        # as Engine._step and _accumulate run it: recompute + backward, then the gradients
         # copied into one flat buffer for the optimizer
         leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
         inp = x.detach().requires_grad_(True)

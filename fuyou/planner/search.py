@@ -85,11 +85,11 @@ def memory_plan(w: Workload, hw: HardwareProfile, costs: list[StageCost], policy
     # policy, so a plan the planner accepts is one the engine accepts.
     keep = to_keep(policy, w.model.n_layer)
     extra_cpu, extra_dev, ckpt_bytes = policy_memory(w.model, keep, off, w.batch, w.seq, w.csize,
-                                                     w.store.checksum_block)
+                                                     w.store.checksum_block, w.grad_accum)
     plan = plan_memory(
         w.numels, off, chunk=w.chunk, io_buffer_bytes=w.store.queue_depth * max(w.store.block_size, w.store.checksum_block),
         act=activation_bytes(w.model, w.batch, w.seq), csize=w.csize, gsize=w.gsize, deferred=w.grad_clip is not None,
-        accumulate=w.grad_accum > 1, tied=w.tied, compute_on_cpu=not cuda,
+        micro_batches=w.grad_accum, tied=w.tied, compute_on_cpu=not cuda,
         checkpoint_bytes=ckpt_bytes, working_bytes=gpu_working_bytes(w) if cuda else None,
         extra_cpu=extra_cpu, extra_device=extra_dev,
         offtier_bytes=offtier_bytes(w.model, keep, w.batch, w.seq, w.csize))
@@ -167,11 +167,12 @@ def _assign(w, hw, costs, depth: int, tiers: tuple[str, ...], k: int, cpu_budget
                 blocks[i][cls] = t
                 return
 
+    M = w.grad_accum  # each micro-batch of a step keeps its own
     for i in reversed(range(L)):
-        put(i, "checkpoint", costs[i + 1].act_bytes["checkpoint"])
+        put(i, "checkpoint", M * costs[i + 1].act_bytes["checkpoint"])
     cands = [(i, cls) for cls in CLASSES for i in reversed(range(L))]
     for i, cls in cands[:k]:
-        put(i, cls, costs[i + 1].act_bytes[cls])
+        put(i, cls, M * costs[i + 1].act_bytes[cls])
     return ActivationPolicy(blocks={i: BlockPolicy(**b) for i, b in blocks.items()}, prefetch_depth=depth)
 
 

@@ -21,7 +21,8 @@ so the factor is what this model of a job leaves out (its fill and drain at low 
 per-request work), measured, not fitted to training runs.
 
 What one step does (``fuyou/engine/engine.py``), for each position of the step's stage order
-(forward 0..S-2, the embedding again for a tied head, the head, backward S-2..0):
+(forward 0..S-2, the embedding again for a tied head, the head, backward S-2..0), layer-major: a
+stage's weights are loaded once and it computes every micro-batch (``grad_accum``) before the next:
 
 * load: wait for the stage's update of the previous step (no stale weights), read its weights from
   SSD unless cached, copy them host->device (CUDA); a load starts when the compute ``depth + 1``
@@ -29,7 +30,8 @@ What one step does (``fuyou/engine/engine.py``), for each position of the step's
 * activations a policy swaps leave after the block's forward (D2H, then SSD write) and come back for
   its backward (SSD read, then H2D) inside the same window;
 * compute: forward; the head's forward+backward; backward = recompute (less the kept classes) +
-  backward; then the gradient D2H (CUDA) and an AdamW job;
+  backward, once per micro-batch; then the stage's gradient (summed over the micro-batches) D2H (CUDA)
+  and one AdamW job;
 * AdamW job: chunks pipelined as in ``OutOfCoreAdamW`` (read 12 B/param; kernel; write 12 B/param and
   the compute copy when not cached), jobs one after another; backward blocks when
   ``max_pending_updates`` jobs wait (the queue's back-pressure). A stage whose optimizer state is
@@ -247,50 +249,48 @@ def simulate(w: Workload, costs: list[StageCost], hw: HardwareProfile, policy: A
     prev_compute = None
     step_last_compute: list[int] = []
     clipping = w.grad_clip is not None
+    M = w.grad_accum
+    head_pos = len(fwd) - 1
     for step in range(steps):
-        compute_ids: list[int] = []
+        pos_ends: list[int] = []              # the last compute task of each position (the window)
         waiting: list[tuple[int, int]] = []   # resident stages waiting for the norm: (stage, gradient write)
         speculated: list[int] = []
-        swapped: dict[int, list[tuple[str, int, str]]] = {}   # stage -> [(class, bytes, tier)] swapped out
-        swap_done: dict[int, int | None] = {}
-        for mb in range(w.grad_accum):
-            last_mb = mb == w.grad_accum - 1
-            head_pos = len(fwd) - 1
-            for pos, i in enumerate(order):
-                c = costs[i]
-                window = compute_ids[-(depth + 1)] if len(compute_ids) >= depth + 1 else (
-                    prev_compute if not compute_ids else None)
-                # -- load the stage's weights
-                nbytes = c.numel * w.csize
-                dep = [updated[i], window]
-                if i not in cached:
-                    dep = [g.io(f"read weights {c.name}", "ssd-read", nbytes, dep, step, c.name, hw)]
-                if cuda:
-                    dep = [g.add(f"h2d weights {c.name}", "h2d", "h2d", nbytes / hw.h2d, dep, step, c.name)]
-                deps = dep + [prev_compute]
-                backward = pos > head_pos
-                kept: set[str] = set()
-                if c.kind == "block":
-                    bp = policy.block(c.index - 1)
-                    kept = {k for k in CLASSES if getattr(bp, k) != "recompute"}
-                    if backward:  # bring swapped activations back, inside the same window
-                        for cls, b, tier in swapped.pop(i, []):
-                            d = [swap_done.get((i, cls)), window]
-                            if tier == "ssd":
-                                d = [g.io(f"read act {c.name} {cls}", "ssd-read", b, d, step, c.name, hw)]
-                            if cuda:
-                                d = [g.add(f"h2d act {c.name} {cls}", "h2d", "h2d", b / hw.h2d, d, step, c.name)]
-                            deps += d
-                # back-pressure of the optimizer queue (Engine: OptimizerWorker.submit blocks)
-                k = len(job_ends) - off.max_pending_updates - 1
-                if backward and k >= 0:
-                    deps.append(job_ends[k])
-                if pos < head_pos or (w.tied and pos == head_pos - 1):
-                    if pos == head_pos - 1 and w.tied:  # the head's second load (embedding): no compute
-                        compute_ids.append(g.add(f"bind {c.name} for head", "compute", q_compute, 0.0, deps,
-                                                 step, c.name))
-                        prev_compute = compute_ids[-1]
-                        continue
+        swapped: dict[tuple[int, int], list[tuple[str, int, str]]] = {}   # (stage, micro-batch) -> swapped out
+        swap_done: dict[tuple, int | None] = {}
+        for pos, i in enumerate(order):
+            c = costs[i]
+            window = pos_ends[-(depth + 1)] if len(pos_ends) >= depth + 1 else (prev_compute if not pos_ends else None)
+            # -- load the stage's weights: once per step (layer-major)
+            nbytes = c.numel * w.csize
+            dep = [updated[i], window]
+            if i not in cached:
+                dep = [g.io(f"read weights {c.name}", "ssd-read", nbytes, dep, step, c.name, hw)]
+            if cuda:
+                dep = [g.add(f"h2d weights {c.name}", "h2d", "h2d", nbytes / hw.h2d, dep, step, c.name)]
+            backward = pos > head_pos
+            if w.tied and pos == head_pos - 1:  # the head's second load (the embedding): no compute
+                prev_compute = g.add(f"bind {c.name} for head", "compute", q_compute, 0.0, dep + [prev_compute],
+                                     step, c.name)
+                pos_ends.append(prev_compute)
+                continue
+            kept: set[str] = set()
+            if c.kind == "block":
+                bp = policy.block(c.index - 1)
+                kept = {k for k in CLASSES if getattr(bp, k) != "recompute"}
+            # back-pressure of the optimizer queue (Engine: OptimizerWorker.submit blocks)
+            k = len(job_ends) - off.max_pending_updates - 1
+            pressure = [job_ends[k]] if backward and k >= 0 else []
+            for mb in range(M):
+                deps = dep + [prev_compute] + (pressure if mb == 0 else [])
+                if c.kind == "block" and backward:  # bring swapped activations back, inside the same window
+                    for cls, b, tier in swapped.pop((i, mb), []):
+                        d = [swap_done.get((i, mb, cls)), window]
+                        if tier == "ssd":
+                            d = [g.io(f"read act {c.name} {cls}", "ssd-read", b, d, step, c.name, hw)]
+                        if cuda:
+                            d = [g.add(f"h2d act {c.name} {cls}", "h2d", "h2d", b / hw.h2d, d, step, c.name)]
+                        deps += d
+                if pos < head_pos:
                     t = g.add(f"forward {c.name}", "compute", q_compute, c.fwd_flops / hw.fwd_flops, deps, step, c.name)
                 elif pos == head_pos:
                     t = g.add("forward+backward head", "compute", q_compute, c.backward_flops(set()) / hw.bwd_flops,
@@ -298,10 +298,8 @@ def simulate(w: Workload, costs: list[StageCost], hw: HardwareProfile, policy: A
                 else:
                     t = g.add(f"backward {c.name}", "compute", q_compute, c.backward_flops(kept) / hw.bwd_flops,
                               deps, step, c.name)
-                compute_ids.append(t)
                 prev_compute = t
                 if c.kind == "block" and not backward:  # swap out what the policy keeps off the device
-                    bp = policy.block(c.index - 1)
                     out = []
                     for cls in ("checkpoint", *CLASSES):
                         tier = getattr(bp, cls)
@@ -312,33 +310,34 @@ def simulate(w: Workload, costs: list[StageCost], hw: HardwareProfile, policy: A
                                 d = [g.add(f"d2h act {c.name} {cls}", "d2h", "d2h", b / hw.d2h, d, step, c.name)]
                             if tier == "ssd":
                                 d = [g.io(f"write act {c.name} {cls}", "ssd-write", b, d, step, c.name, hw)]
-                            swap_done[(i, cls)] = d[0]
+                            swap_done[(i, mb, cls)] = d[0]
                             out.append((cls, b, tier))
-                    swapped[i] = out
-                if not (backward or pos == head_pos) or not last_mb:
-                    continue
-                # -- gradient to the host, then the AdamW job
-                gdep = [t]
-                if cuda:
-                    gdep = [g.add(f"d2h grad {c.name}", "d2h", "d2h", c.numel * w.gsize / hw.d2h, gdep, step, c.name)]
-                if clipping and i in resident:  # its gradient waits in CPU memory for the norm
-                    waiting.append((i, gdep[0]))
-                    continue
-                gsave = None
-                if clipping:  # the gradient is saved for a redo, or waits there for the norm
-                    gsave = g.io(f"write grad {c.name}", "ssd-write", c.numel * w.gsize, [gdep[0]], step, c.name, hw)
-                if clipping and clip_mode == "defer":
-                    waiting.append((i, gsave))
-                    continue
-                first = [gdep[0], job_ends[-1] if job_ends else None]
-                if i in resident:
-                    _resident_job(g, c, w, hw, cached, first, q_adam, max_chunks, step, job_ends, updated)
-                    continue
-                speculated.append(i)
-                _streamed_update(g, c, w, hw, cached, first, q_adam, max_chunks, step, job_ends, updated,
-                                 extra_deps=[gsave])
+                    swapped[(i, mb)] = out
+            pos_ends.append(t)
+            if not (backward or pos == head_pos):
+                continue
+            # -- the stage's gradient (summed over the micro-batches) to the host, then the AdamW job
+            gdep = [t]
+            if cuda:
+                gdep = [g.add(f"d2h grad {c.name}", "d2h", "d2h", c.numel * w.gsize / hw.d2h, gdep, step, c.name)]
+            if clipping and i in resident:  # its gradient waits in CPU memory for the norm
+                waiting.append((i, gdep[0]))
+                continue
+            gsave = None
+            if clipping:  # the gradient is saved for a redo, or waits there for the norm
+                gsave = g.io(f"write grad {c.name}", "ssd-write", c.numel * w.gsize, [gdep[0]], step, c.name, hw)
+            if clipping and clip_mode == "defer":
+                waiting.append((i, gsave))
+                continue
+            first = [gdep[0], job_ends[-1] if job_ends else None]
+            if i in resident:
+                _resident_job(g, c, w, hw, cached, first, q_adam, max_chunks, step, job_ends, updated)
+                continue
+            speculated.append(i)
+            _streamed_update(g, c, w, hw, cached, first, q_adam, max_chunks, step, job_ends, updated,
+                             extra_deps=[gsave])
         # End of backward: the global norm is known (exact clipping).
-        norm = compute_ids[-1]
+        norm = pos_ends[-1]
         for i, gdone in sorted(waiting):
             first = [norm, job_ends[-1] if job_ends else None, gdone]
             if i in resident:
@@ -354,7 +353,7 @@ def simulate(w: Workload, costs: list[StageCost], hw: HardwareProfile, policy: A
             state = g.io("commit: write resident state", "ssd-write", 12 * sum(costs[i].numel for i in resident),
                          [job_ends[-1] if job_ends else None], step, "commit", hw)
             job_ends.append(state)
-        step_last_compute.append(compute_ids[-1])
+        step_last_compute.append(pos_ends[-1])
     _add_io_cpu(g, hw)
     g.run()
     ends = [g.tasks[i].end for i in step_last_compute]

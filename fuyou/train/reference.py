@@ -5,7 +5,8 @@ and the ground truth of every equivalence test: the offloaded engine must reprod
 (exactly in fp32 where the arithmetic order matches).
 
 One optimizer step: for each of ``grad_accum`` micro-batches, the loss divided by ``grad_accum`` is
-back-propagated (gradients accumulate in fp32); then the global gradient norm is clipped, the
+back-propagated (gradients accumulate in fp32, in micro-batch order; a tied embedding's two uses are
+summed over the micro-batches separately, then added); then the global gradient norm is clipped, the
 learning rate set from the schedule and ``torch.optim.AdamW(fused=True)`` (fp32) steps. The fused
 variant because fuyou's CPU kernel reproduces it bit for bit (the single-tensor one differs by an
 ulp: torch's CPU ``sqrt`` there is not correctly rounded), so the engine can match exactly.
@@ -118,12 +119,21 @@ class ReferenceTrainer:
     def train_step(self, step: int) -> StepStats:
         t = self.cfg.train
         total = 0.0
+        head = self.model.stages[-1]
+        # A tied LM head reads its weight through a leaf of its own: its gradient and the embedding's
+        # are summed over the micro-batches separately and added once (``_add_shared_grads``), the
+        # order the layer-major engine can follow without keeping a gradient per micro-batch.
+        shared = {g: self.params[g].detach().requires_grad_(True) for g in head.shared.values()}
         for j in range(t.grad_accum):
             x, y = (b.to(self.device) for b in self.batches.batch(step * t.grad_accum + j))
             with autocast(self.device, t.precision):
-                loss = self.model.forward_loss(self.params, x, y) / t.grad_accum
+                h = x
+                for s in self.model.stages[:-1]:
+                    h = s.forward(s.bind(self.params), h)
+                loss = head.forward(head.bind({**self.params, **shared}), h, y) / t.grad_accum
             loss.backward()
             total += loss.detach()
+        self._add_shared_grads(shared)
         grad_norm = None
         if t.grad_clip is not None:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(list(self.params.values()), t.grad_clip))
@@ -134,6 +144,17 @@ class ReferenceTrainer:
         self.opt.zero_grad(set_to_none=True)
         tokens = t.grad_accum * t.micro_batch_size * self.cfg.data.seq_len
         return StepStats(float(total), lr, grad_norm, tokens)  # float(): a sync point on CUDA
+
+    @torch.no_grad()
+    def _add_shared_grads(self, shared: dict[str, Tensor]) -> None:
+        for key, leaf in shared.items():
+            p = self.params[key]
+            if leaf.grad is None:
+                continue
+            if p.grad is None:
+                p.grad = leaf.grad
+            else:
+                p.grad.add_(leaf.grad)
 
     @torch.no_grad()
     def evaluate(self) -> float | None:

@@ -161,7 +161,7 @@ def test_corrupt_activation_stops_training(tmp_path, monkeypatch):
 
     monkeypatch.setattr(ActivationSwapper, "_read_ssd", corrupt_then_read)
     before = eng.state()
-    with pytest.raises(StoreCorruptError, match="act/1/fc2.0"):
+    with pytest.raises(StoreCorruptError, match="act/1.0/fc2.0"):
         eng.train_step(0)
     monkeypatch.setattr(ActivationSwapper, "_read_ssd", real)
     after = eng.state()
