@@ -125,21 +125,25 @@ def activation_bytes(cfg_model, batch: int, seq: int) -> dict[str, int]:
     return {"checkpoint": checkpoint, "block_work": block, "head_work": head, "batch": 2 * 8 * tokens}
 
 
-def device_working_bytes(cfg_model, batch: int, seq: int, csize: int, stage_max: int) -> int:
-    """Device working memory of the largest stage's recompute + backward on a GPU (an estimate; the
-    CPU's is ``activation_bytes``, which counts fp32 throughout and the attention scores).
+def device_working_bytes(cfg_model, batch: int, seq: int, csize: int, stage_max: int,
+                         micro_batches: int = 1) -> int:
+    """Device working memory of the largest stage's recompute + backward on a GPU, for one micro-batch
+    of ``batch`` sequences (an estimate; the CPU's is ``activation_bytes``, which counts fp32
+    throughout and the attention scores).
 
     A block's autograd saves its norms' outputs, QKV, attention output, the fp32 residual and the MLP's
     two ff-wide tensors in the compute dtype (~ (9 d + 2 ff) per token, fused/flash attention: no T*T
-    scores), plus the largest gradient in flight (2 ff per token); the parameter gradients autograd
-    returns, in the compute dtype (their flattened copy is the plan's "gradients leaving the device").
-    The head: the engine's fp32 logits three times.
+    scores), plus the largest gradient in flight (2 ff per token). The parameter gradients autograd
+    returns are the plan's "gradients leaving the device" when a step has one micro-batch (they are
+    copied to the host as they are); with several, each micro-batch's are added into the stage's sum
+    (that item) and are counted here. The head: ``activation_bytes``' head work (its loss slices and the
+    LM head's gradient).
     """
     N = batch * seq
     d, ff = cfg_model.d_model, cfg_model.ff_dim * (2 if cfg_model.family == "llama" else 1)
-    block = csize * N * (9 * d + 4 * ff) + 4 * N * d
+    block = csize * N * (9 * d + 4 * ff) + 4 * N * d + (stage_max * csize if micro_batches > 1 else 0)
     head = activation_bytes(cfg_model, batch, seq)["head_work"]
-    return max(block, head) + stage_max * csize
+    return max(block, head)
 
 
 def plan_memory(stage_numels: list[int], off, *, chunk: int, io_buffer_bytes: int, act: dict[str, int],
@@ -171,15 +175,17 @@ def plan_memory(stage_numels: list[int], off, *, chunk: int, io_buffer_bytes: in
     plan.cpu_items["I/O bounce buffers"] = io_buffer_bytes
     plan.cpu_items["allocator and thread slack"] = RUNTIME_SLACK
     dev = plan.device_items
-    # the window's depth + 1 loads, the stage whose reference compute drops only when the next arrives,
-    # and the embedding's weights while the tied head uses them
-    dev["stage weights in window"] = (off.prefetch_depth + 2) * stage_max * csize + (stage_numels[0] * csize if tied else 0)
+    # the window's depth + 1 loads and the stage before them (a load waits until the GPU is done with
+    # the stage two windows back: weights.py); with a tied head, also the embedding's and the head's
+    # weights: the head holds the embedding's position while it runs
+    dev["stage weights in window"] = ((off.prefetch_depth + 2) * stage_max * csize
+                                      + ((stage_numels[0] + stage_numels[-1]) * csize if tied else 0))
     dev["checkpoints"] = ((len(stage_numels) + 1) * micro_batches * act["checkpoint"] if checkpoint_bytes is None
                           else checkpoint_bytes)
     dev["working memory (estimate)"] = (max(act["block_work"], act["head_work"]) + 2 * stage_max * 4
                                         if working_bytes is None else working_bytes)
     if tied:
-        dev["tied embedding gradient"] = 4 * stage_numels[0]
+        dev["tied embedding gradient"] = gsize * stage_numels[0]
     dev.update(extra_device or {})
     if not compute_on_cpu:  # a separate device: what crosses to and from it is held a while longer
         dev["input batch"] = (micro_batches + 1) * act["batch"]  # the step's micro-batches, and the next

@@ -53,7 +53,7 @@ buffer of the input batch, and (h) in ``ActivationSwapper.get`` until an activat
 SSD is on the device (the reader thread waits for each chunk's H2D copy before it reuses the
 staging buffer). (c) and (d) wait on a blocking-sync event first, so the host thread sleeps instead of
 spinning on the cores the CPU Adam needs. Loader threads wait too, off the main thread: before a
-load, until compute has released the stage ``prefetch_depth + 2`` positions back. Every copy between
+load, until the GPU is done with the stage ``prefetch_depth + 2`` positions back. Every copy between
 host and device is from or to page-locked memory and asynchronous; the devices count any that is not
 (``sync_copies``) and the tests require none. Every wait has a deadline (``fuyou.watchdog``) except a
 GPU event's.
@@ -205,6 +205,9 @@ class Engine:
         # for the next stage's (bound_malloc); freeing them early returns the heap to the OS and the next
         # stage faults it back in (measured: GPT d=768 8 blocks b4 s256, 1.10 -> 1.46 s per step).
         self._drop_early = not self.dev.is_host
+        # One micro-batch on an accelerator: each parameter's gradient is copied to the host as autograd
+        # made it, not flattened into a stage-sized device buffer first (that copy was a stage of memory).
+        self._direct = not self.dev.is_host and t.grad_accum == 1
         self._norms: dict[str, Tensor] = {}
         self._speculated: list[tuple[StageState, int, int]] = []  # this step's speculative updates (stage,
         # source and target copy), redone if the norm exceeds the threshold
@@ -243,7 +246,7 @@ class Engine:
         if not self.dev.is_host:
             csize = dtype_size(self.cdtype)
             working = device_working_bytes(self.cfg.model, t.micro_batch_size, self.cfg.data.seq_len, csize,
-                                           max(s.numel for s in self.states))
+                                           max(s.numel for s in self.states), t.grad_accum)
         return plan_memory(
             [s.numel for s in self.states], self.cfg.offload, chunk=self.chunk,
             io_buffer_bytes=self.store_cfg.queue_depth * max(self.store_cfg.block_size, self.store_cfg.checksum_block),
@@ -310,7 +313,7 @@ class Engine:
 
     def _step(self, step: int, lr: float) -> Tensor:
         """One step's forward and backward, layer-major (module docstring); returns the summed loss."""
-        S, t, M = len(self.states), self.cfg.train, self.cfg.train.grad_accum
+        S, M = len(self.states), self.cfg.train.grad_accum
         xs, ys = [], []
         for j in range(M):
             x, y = (self._to_device(b, "input batch") for b in self.batches.batch(step * M + j))
@@ -330,10 +333,11 @@ class Engine:
                     h[j], kept[j][i] = forward_block(self.swapper, f"{i - 1}.{j}", self.act[i - 1], self._stage_fn(i),
                                                      w.flat, params, h[j], self._autocast)
             self._compute(f"forward {self.states[i].stage.name}", t0)
+            # References go before the release: the next load may take the memory once the GPU is done
+            # with it (weights.py), and a reference held here would keep it on the device.
+            w = params = None
             self.streamer.release(self._pos)
             self._pos += 1
-            if self._drop_early:
-                w = params = None  # a reference held here would keep a stage's weights on the device
             fault("forward", step)
         # Head: forward and backward at once, per micro-batch; h becomes the gradient of each one's output.
         head = self.states[-1]
@@ -354,6 +358,7 @@ class Engine:
             h[j] = None
             with torch.enable_grad(), self._autocast():
                 loss = head.stage.forward({**o, **sh}, h_in, ys[j]) / M
+            self._before_grad()
             grads = torch.autograd.grad(loss, [h_in, *o.values(), *sh.values()])
             total += loss.detach()
             h[j] = grads[0]
@@ -367,13 +372,14 @@ class Engine:
             acc = self._accumulate(head, gmap, acc)
             o = sh = h_in = grads = gmap = g = loss = None  # their graphs' leaves view the weights
         self._compute("forward+backward head", t0)
+        own = shared = w = emb = None  # before the release, as above
         self.streamer.release(self._pos)
         self._pos += 1
         if emb_pos is not None:
             self.streamer.release(emb_pos)
         self._stage_grads(head, acc, lr, step)
         if self._drop_early:  # nothing of the head stays on the device through backward
-            own = shared = w = emb = acc = None
+            acc = None
         # Backward over the blocks and the embedding; kept activations come back in the order used.
         units = [(i, j) for i in range(S - 2, 0, -1) for j in range(M)]
         ahead, u = self.cfg.offload.act_prefetch_blocks, 0
@@ -388,33 +394,44 @@ class Engine:
                         kept[bj][bi].prefetch(self.swapper)
                     u += 1
                     h[j], gmap = backward_block(self.swapper, kept[j].pop(i), self._stage_fn(i), w.flat,
-                                                st.views(w.flat), h[j], self._autocast)
+                                                st.views(w.flat), h[j], self._autocast, self._before_grad)
                 else:
                     emb = leaves(st.views(w.flat))
                     with torch.enable_grad(), self._autocast():
                         out = self._stage_fn(0)(emb, xs[j])
+                    self._before_grad()
                     gmap = dict(zip(emb, torch.autograd.grad(out, list(emb.values()), h[j])))
                     h[j] = emb = out = None
                 acc = self._accumulate(st, gmap, acc)
                 gmap = None
             self._compute(f"backward {st.stage.name}", t0)
+            w = None  # before the release, as above
             self.streamer.release(self._pos)
             self._pos += 1
             fault("backward", step)
             if i == 0 and shared_acc is not None:
                 # The head's and the embedding's sums over the micro-batches, added once (the reference
                 # trainer's order; the order of two addends is exact).
-                st.views(acc)["wte"].add_(shared_acc)
+                (acc if isinstance(acc, dict) else st.views(acc))["wte"].add_(shared_acc)
                 shared_acc = None
             self._stage_grads(st, acc, lr, step)
             if self._drop_early:
-                w = acc = None
+                acc = None
         return total
 
-    def _accumulate(self, st: StageState, grads: dict[str, Tensor], acc: Tensor | None) -> Tensor:
+    def _before_grad(self) -> None:
+        """Before autograd allocates a stage's parameter gradients on an accelerator with one micro-batch
+        per step: the previous stage's must have left the device (``_direct``; sync point (f))."""
+        if self._direct:
+            self._bound_leaving(D2H_DEPTH - 1)
+
+    def _accumulate(self, st: StageState, grads: dict[str, Tensor], acc: Tensor | dict | None) -> Tensor | dict:
         """A micro-batch's gradients of a stage added into the stage's one flat gradient: the first
         micro-batch's are copied into a new buffer (``_grad_buffer``), later ones added in place, in
-        micro-batch order (the reference's sums: ``.grad`` accumulated over micro-batches)."""
+        micro-batch order (the reference's sums: ``.grad`` accumulated over micro-batches). With one
+        micro-batch on an accelerator the gradients stay as autograd made them (``_direct``)."""
+        if self._direct:
+            return {n: self.dev.track(grads[n], "gradients leaving the device") for n in st.slots}
         if acc is None:
             return st.flatten_grads(grads, self._grad_buffer(st))
         views = st.views(acc)
@@ -481,22 +498,23 @@ class Engine:
         self._bound_leaving(D2H_DEPTH - 1)  # sync point (f)
         return self.dev.empty(st.numel, self.gdtype, "gradients leaving the device")
 
-    def _stage_grads(self, st: StageState, flat: Tensor, lr: float, step: int) -> None:
-        """Hand a stage's gradient (summed over the micro-batches, ``_grad_buffer``) to the optimizer:
-        an update now (speculative under exact clipping), or, for a resident stage under exact
-        clipping, into its CPU buffer until the global norm is known (module docstring)."""
+    def _stage_grads(self, st: StageState, flat: Tensor | dict[str, Tensor], lr: float, step: int) -> None:
+        """Hand a stage's gradient (summed over the micro-batches, ``_grad_buffer``; or, ``_direct``, the
+        parameters' gradients by name) to the optimizer: an update now (speculative under exact
+        clipping), or, for a resident stage under exact clipping, into its CPU buffer until the global
+        norm is known (module docstring)."""
         pooled = self._pooled.pop(st.index, None)
         if self.clipping:
-            views = st.views(flat)
+            views = flat if isinstance(flat, dict) else st.views(flat)
             norms = torch._foreach_norm([views[n].float() for n in st.slots], 2)
             for n, v in zip(st.slots, norms):
                 self._norms[st.stage.key(n)] = v
         if self._waits_for_norm(st):
             if flat is not st.held_grad:
-                _, _, self._held_events[st.index] = self._to_host(flat, into=st.held_grad)
+                _, _, self._held_events[st.index] = self._to_host(st, flat, into=st.held_grad)
             self._waiting.append(st)
             return
-        host, release, event = self._to_host(flat)
+        host, release, event = self._to_host(st, flat)
         if pooled is not None:
             release = pooled.release
         if self._defer and st.resident is None:
@@ -515,25 +533,29 @@ class Engine:
             self._speculated.append((st, job.src, job.dst))
         self.worker.submit(job)
 
-    def _to_host(self, flat: Tensor, into: Tensor | None = None):
-        """The gradient in CPU memory (a grad-pool buffer, or ``into``), a release callback and the copy's
-        event; see Note: [Gradient hand-off]. The device gradient is freed once the copy has run
-        (``record_stream``), not when the worker is done with the host copy."""
+    def _to_host(self, st: StageState, flat: Tensor | dict[str, Tensor], into: Tensor | None = None):
+        """The stage's gradient in one flat CPU buffer (a grad-pool buffer, or ``into``), a release
+        callback and the copy's event; see Note: [Gradient hand-off]. ``flat`` is the flat device
+        gradient, or the parameters' gradients by name (each copied to its place). Device memory is
+        freed once the copy has run (``record_stream``), not when the worker is done with the host copy."""
         if self.dev.is_host:
             if into is not None:
                 into.copy_(flat)
                 return into, None, None
             return flat, None, None
         release = None
+        parts = ([(flat, 0)] if not isinstance(flat, dict) else
+                 [(flat[n].reshape(-1), s.offset) for n, s in st.slots.items()])
         if into is None:
-            buf = watchdog.acquire(self.grad_pool, flat.numel() * flat.element_size(), flat.dtype, "a gradient buffer")
+            buf = watchdog.acquire(self.grad_pool, st.numel * dtype_size(self.gdtype), self.gdtype, "a gradient buffer")
             into, release = buf.tensor, buf.release
         self.d2h_stream.wait_stream(self.dev.compute)
-        self.dev.record_stream(flat, self.d2h_stream)
-        self.dev.to_host(into, flat, self.d2h_stream)
+        for part, offset in parts:
+            self.dev.record_stream(part, self.d2h_stream)
+            self.dev.to_host(into[offset:offset + part.numel()], part, self.d2h_stream)
         ev = self.dev.event().record(self.d2h_stream)
         self._leaving.add(ev)
-        self.counters.add(d2h_bytes=flat.numel() * flat.element_size())
+        self.counters.add(d2h_bytes=st.numel * dtype_size(self.gdtype))
         return into, release, ev
 
     def _bound_leaving(self, n: int) -> None:
@@ -592,8 +614,8 @@ class Engine:
                     w = self.streamer.get(pos)
                     with autocast(self.device, self.cfg.train.precision):
                         h = self._stage_fn(i)(self.states[i].views(w.flat), h)
+                    w = None  # dropped before the release (Engine._step)
                     self.streamer.release(pos)
-                    w = None  # a reference kept here keeps the stage's weights on the device
                     pos += 1
                 params = {}
                 if self.tied:

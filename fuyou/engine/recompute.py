@@ -194,12 +194,16 @@ def release_forward_weights(params: dict[str, Tensor]) -> None:
 
 
 def backward_block(swapper: ActivationSwapper, state: BlockState, fn, weights: Tensor,
-                   params: dict[str, Tensor], grad_out: Tensor, autocast_ctx) -> tuple[Tensor, dict[str, Tensor]]:
+                   params: dict[str, Tensor], grad_out: Tensor, autocast_ctx,
+                   before_grad=None) -> tuple[Tensor, dict[str, Tensor]]:
     """Backward of one block (recomputing what the policy did not keep); returns the gradient of
-    its input and of its parameters by local name."""
+    its input and of its parameters by local name. ``before_grad()`` runs after the recompute,
+    before autograd allocates the parameter gradients."""
     if state.graph is not None:
         out, inp, wrt = state.graph
         state.keeper.bwd_weights = weights
+        if before_grad is not None:
+            before_grad()
         grads = torch.autograd.grad(out, [inp, *wrt.values()], grad_out)
         state.graph = None
     else:
@@ -208,6 +212,8 @@ def backward_block(swapper: ActivationSwapper, state: BlockState, fn, weights: T
         rep = ReplayContext(swapper, state.slots) if state.slots else None
         with torch.enable_grad(), autocast_ctx():
             out = fn(wrt, inp, rep)
+        if before_grad is not None:
+            before_grad()
         grads = torch.autograd.grad(out, [inp, *wrt.values()], grad_out)
     state.free(swapper)
     return grads[0], dict(zip(wrt, grads[1:]))

@@ -104,7 +104,7 @@ def stage_costs(w: Workload) -> list[StageCost]:
 
 def gpu_working_bytes(w: Workload) -> int:
     """Device working memory of the largest stage's recompute + backward on a GPU (``budget.device_working_bytes``)."""
-    return device_working_bytes(w.model, w.batch, w.seq, w.csize, max(w.numels))
+    return device_working_bytes(w.model, w.batch, w.seq, w.csize, max(w.numels), w.grad_accum)
 
 
 def placement_bytes(w: Workload, costs: list[StageCost], policy: ActivationPolicy) -> dict[str, int]:

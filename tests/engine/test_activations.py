@@ -93,7 +93,7 @@ def test_activations_beyond_the_cpu_budget_flow_through_ssd(tmp_path):
             cfg = load_config(overrides=[
                 "model.n_layer=12", "model.d_model=256", "model.n_head=4", "model.vocab_size=320",
                 "model.max_seq_len=512", "data.seq_len=512", "train.micro_batch_size=16", "train.steps=1", "train.grad_clip=none",
-                "train.precision=fp32", "offload.mode=ssd", "offload.ssd_dirs={ssd}", "offload.cpu_mem=900MiB", "offload.act_prefetch_blocks=1",
+                "train.precision=fp32", "offload.mode=ssd", "offload.ssd_dirs={ssd}", "offload.cpu_mem=900MiB", "offload.act_prefetch_blocks=0",
                 "offload.optimizer_chunk=1", "offload.act_cpu_mem=16MiB", "train.threads=2",
                 "offload.act_policy=" + policy])
             eng = Engine(cfg, load_data(cfg.data), name)
