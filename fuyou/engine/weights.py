@@ -110,6 +110,10 @@ class WeightStreamer:
             ev = self.dev.event().record(self.dev.compute)
             with self._cond:  # marked even if its load failed (drain): later loads must not wait for it
                 self._released[pos] = ev
+                # Loads not yet gated are of positions after this one: none waits for these. (Pruned here,
+                # not by the loaders: with several loader threads one would delete another's gate.)
+                for p in [p for p in self._released if p < pos - self.depth - 1]:
+                    del self._released[p]
                 self._cond.notify_all()
         loaded = fut.result()
         if loaded.buffer is not None and loaded.event is None:
@@ -148,10 +152,7 @@ class WeightStreamer:
                               f"compute to release weights position {pos}")
             if self._closed:
                 raise FuyouError("the weight streamer was closed")
-            ev = self._released[pos]
-            for p in [p for p in self._released if p < pos]:  # no later load waits for these
-                del self._released[p]
-            return ev
+            return self._released[pos]
 
     def _load(self, i: int, gate_pos: int) -> Loaded:
         st = self.states[i]
