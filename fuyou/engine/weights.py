@@ -13,11 +13,8 @@ Note: [Stream hand-offs]
     blocks on the GPU. The loader does not wait for its copy: the pool buffer the copy read from goes
     back to the pool from the device's landing thread once the event has completed
     (``Device.after``). The GPU may run behind the host: a load waits (in its loader thread) until
-    the GPU is done with the stage ``prefetch_depth + 2`` positions back (released by the main thread
-    first: a tied head holds the embedding's position while it runs), so at most ``prefetch_depth + 2``
-    stages are on the device (the plan's window). One position fewer would be enough in CUDA's stream
-    order, but on the fake device a released stage's memory was measured to outlive its release now and
-    then (by reference, not by stream order); the plan keeps that stage until it is understood. On a host device the loaded tensor is the cache entry or the pool buffer
+    compute has released the stage ``prefetch_depth + 2`` positions back, so no more stages are on the
+    device than the plan counts. On a host device the loaded tensor is the cache entry or the pool buffer
     itself; no copy, no events. All of it goes through the device seam (``fuyou.engine.device``).
 """
 
@@ -62,10 +59,7 @@ class WeightStreamer:
         self._futures: dict[int, Future] = {}
         self._next = 0
         self._lock = threading.Lock()
-        self._cond = threading.Condition(self._lock)   # a position released, or the streamer closed
         self._released: dict[int, object] = {}   # compute events recorded as positions were released
-        self._planned = 0                         # positions in the current plan
-        self._closed = False
         self._local = threading.local()           # each loader thread's own H2D stream
         self._streams: list = []
 
@@ -73,12 +67,8 @@ class WeightStreamer:
     def plan(self, order: list[int]) -> None:
         """The stage indices this step will request, in order (repeats allowed); starts prefetching."""
         assert not self._futures, "plan() while loads from the previous plan are outstanding"
-        with self._lock:
-            # The previous plan's last positions become -1, -2, ...: the first loads of this one wait
-            # until the GPU is done with them, as any load waits for the position a window back.
-            last = self._planned
-            self._released = {p - last: ev for p, ev in self._released.items() if p >= last - self.depth - 2}
-            self._order, self._next, self._planned = order, 0, len(order)
+        self._order, self._next = order, 0
+        self._released.clear()
         self._fill(0)
 
     def get(self, pos: int) -> Loaded:
@@ -105,26 +95,19 @@ class WeightStreamer:
 
     def release(self, pos: int) -> None:
         """Done computing with ``order[pos]``: free its buffer and let the window move on."""
-        fut = self._futures.pop(pos)
-        if not self.dev.is_host:  # where compute is when it is done with this position (the loads' gate)
-            ev = self.dev.event().record(self.dev.compute)
-            with self._cond:  # marked even if its load failed (drain): later loads must not wait for it
-                self._released[pos] = ev
-                # Loads not yet gated are of positions after this one: none waits for these. (Pruned here,
-                # not by the loaders: with several loader threads one would delete another's gate.)
-                for p in [p for p in self._released if p < pos - self.depth - 1]:
-                    del self._released[p]
-                self._cond.notify_all()
-        loaded = fut.result()
+        loaded = self._futures.pop(pos).result()
         if loaded.buffer is not None and loaded.event is None:
             loaded.buffer.release()
+        if not self.dev.is_host:  # where compute is when it is done with this position (the loads' gate)
+            self._released[pos] = self.dev.event().record(self.dev.compute)
         self._fill(pos + 1)
 
     def _fill(self, pos: int) -> None:
         with self._lock:
             while self._next < len(self._order) and self._next < pos + self.depth + 1:
                 i = self._order[self._next]
-                self._futures[self._next] = self._exec.submit(self._load, i, self._next - self.depth - 2)
+                gate = self._released.pop(self._next - self.depth - 2, None)
+                self._futures[self._next] = self._exec.submit(self._load, i, gate)
                 self._next += 1
 
     # -- one load (loader thread) ----------------------------------------------------------------
@@ -138,23 +121,7 @@ class WeightStreamer:
                 self._streams.append(s)
         return s
 
-    def _gate(self, pos: int):
-        """The compute event of position ``pos`` once the main thread has released it (loader thread).
-        Positions are released in order but a tied head holds the embedding's position while it runs,
-        so a load may be submitted before the position it waits for is released: wait for that too.
-        Positions before the previous plan's last window need no wait (the step's end synchronised)."""
-        if self.dev.is_host:
-            return None
-        with self._cond:
-            if pos < 0:  # the previous plan's: all released before this plan began (or none: the first)
-                return self._released.get(pos)
-            watchdog.wait_for(self._cond, lambda: pos in self._released or self._closed,
-                              f"compute to release weights position {pos}")
-            if self._closed:
-                raise FuyouError("the weight streamer was closed")
-            return self._released[pos]
-
-    def _load(self, i: int, gate_pos: int) -> Loaded:
+    def _load(self, i: int, gate=None) -> Loaded:
         st = self.states[i]
         stall("load")
         watchdog.wait_event(st.updated, f"the optimizer update of {st.stage.name} (its weights are loaded next)")
@@ -180,7 +147,6 @@ class WeightStreamer:
             self.tracer.add(f"read weights {st.stage.name}", "ssd-read", t0, time.perf_counter())
         if self.dev.is_host:
             return Loaded(host, ready, time.perf_counter(), buffer=buf)
-        gate = self._gate(gate_pos)
         if gate is not None:
             # The GPU runs behind the host: wait until compute is done with the stage two windows back,
             # so the device never holds more stages than the plan counts (prefetch_depth + 2).
@@ -215,7 +181,4 @@ class WeightStreamer:
         """Stop the loader threads; ``wait=False`` (after a failure) abandons outstanding loads."""
         if wait:
             self.drain()
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
         self._exec.shutdown(wait=wait, cancel_futures=not wait)
