@@ -113,8 +113,7 @@ class Engine:
         self.model = StageModel(cfg.model)
         self.cdtype = torch.bfloat16 if t.precision == "bf16" else torch.float32
         self.clipping = t.grad_clip is not None
-        self.accumulate = t.grad_accum > 1
-        self.gdtype = torch.float32 if self.accumulate else self.cdtype
+        self.gdtype = torch.float32 if t.grad_accum > 1 else self.cdtype  # micro-batches are summed in fp32
         self.states = build_states(self.model.stages, cfg.optim.weight_decay, n_copies=3)
         watchdog.set_timeout(off.stall_timeout)
         self.failed = False                 # a step raised: close() must not wait for or write anything
@@ -257,12 +256,16 @@ class Engine:
             offtier_bytes=offtier_bytes(self.cfg.model, self.act, t.micro_batch_size, self.cfg.data.seq_len,
                                         dtype_size(self.cdtype)))
 
+    def forward_order(self) -> list[int]:
+        """Stage indices in the order the forward pass needs their weights (the embedding's again for a
+        tied head, just before the head)."""
+        S = len(self.states)
+        return list(range(S - 1)) + ([0] if self.tied else []) + [S - 1]
+
     def step_order(self) -> list[int]:
         """Stage indices in the order their weights are needed in one step: each once in forward and
         once in backward, whatever the number of micro-batches (layer-major)."""
-        S = len(self.states)
-        fwd = list(range(S - 1)) + ([0] if self.tied else []) + [S - 1]
-        return fwd + list(range(S - 2, -1, -1))
+        return self.forward_order() + list(range(len(self.states) - 2, -1, -1))
 
     def train_step(self, step: int) -> StepStats:
         try:
@@ -603,9 +606,8 @@ class Engine:
             return None
         self.worker.wait_all()
         S = len(self.states)
-        fwd = list(range(S - 1)) + ([0] if self.tied else []) + [S - 1]
         batches = list(self.eval_batches)
-        self.streamer.plan(fwd * len(batches))
+        self.streamer.plan(self.forward_order() * len(batches))
         pos, losses = 0, []
         try:
             for x, y in batches:
