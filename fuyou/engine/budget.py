@@ -175,21 +175,26 @@ def plan_memory(stage_numels: list[int], off, *, chunk: int, io_buffer_bytes: in
     plan.cpu_items["I/O bounce buffers"] = io_buffer_bytes
     plan.cpu_items["allocator and thread slack"] = RUNTIME_SLACK
     dev = plan.device_items
-    # the window's depth + 1 loads and the stage before them (a load waits until the GPU is done with
-    # the stage two windows back: weights.py); with a tied head, also the embedding's and the head's
-    # weights: the head holds the embedding's position while it runs
-    dev["stage weights in window"] = ((off.prefetch_depth + 2) * stage_max * csize
+    # the window's depth + 1 positions (a load waits until the GPU is done with the position depth + 1
+    # back: weights.py); with a tied head, also the embedding's and the head's weights: the head holds
+    # the embedding's position while it runs
+    dev["stage weights in window"] = ((off.prefetch_depth + 1) * stage_max * csize
                                       + ((stage_numels[0] + stage_numels[-1]) * csize if tied else 0))
     dev["checkpoints"] = ((len(stage_numels) + 1) * micro_batches * act["checkpoint"] if checkpoint_bytes is None
                           else checkpoint_bytes)
     dev["working memory (estimate)"] = (max(act["block_work"], act["head_work"]) + 2 * stage_max * 4
                                         if working_bytes is None else working_bytes)
-    if tied:
+    if tied and compute_on_cpu:
         dev["tied embedding gradient"] = gsize * stage_numels[0]
     dev.update(extra_device or {})
     if not compute_on_cpu:  # a separate device: what crosses to and from it is held a while longer
         dev["input batch"] = (micro_batches + 1) * act["batch"]  # the step's micro-batches, and the next
         dev["gradients leaving the device"] = D2H_DEPTH * stage_max * gsize
+        if tied:  # Note: [Tied gradient] in engine.py: it waits in CPU memory through the blocks' backward
+            # on the device beside the head's gradient, then the embedding's (the embedding's size bounds it)
+            dev["gradients leaving the device"] = max(dev["gradients leaving the device"],
+                                                      gsize * (stage_numels[0] + max(stage_numels[0], stage_numels[-1])))
+            plan.cpu_items["tied embedding gradient"] = -(-gsize * stage_numels[0] // 4096) * 4096
         if offtier_bytes:
             dev["activations leaving the device"] = LEAVING * offtier_bytes
         dev["allocator slack (estimate)"] = DEVICE_SLACK + int(sum(dev.values()) * DEVICE_SLACK_FRACTION)

@@ -17,6 +17,14 @@ and its gradient is summed over the micro-batches in one buffer (GreedySnake's s
    next step's forward of a stage waits until its update is done. Weights and optimizer state move
    once per step whatever the number of micro-batches; only activations grow with it.
 
+Note: [Tied gradient]
+    A tied head's gradient of the embedding (``lm_head.weight`` is ``wte``) is made first in backward
+    and needed last, by the embedding's sum. On an accelerator it waits in a pinned host buffer
+    (``shared_pool``) through the blocks' backward instead of on the device (at GPT-3 175B that is
+    2.4 GB of a 24 GB card for the whole backward) and comes back for the embedding's stage; while on
+    the device it is one of the "gradients leaving the device". The copies are exact, the addition is
+    the reference's (two addends), so results do not change.
+
 Exact gradient clipping (``train.grad_clip``, default 1.0) needs the global norm before any update,
 which would serialise the optimizer after backward. The engine **speculates** instead (DESIGN.md,
 Numerics): each stage that is not resident is updated with its unclipped gradient as soon as its
@@ -53,7 +61,7 @@ buffer of the input batch, and (h) in ``ActivationSwapper.get`` until an activat
 SSD is on the device (the reader thread waits for each chunk's H2D copy before it reuses the
 staging buffer). (c) and (d) wait on a blocking-sync event first, so the host thread sleeps instead of
 spinning on the cores the CPU Adam needs. Loader threads wait too, off the main thread: before a
-load, until the GPU is done with the stage ``prefetch_depth + 2`` positions back. Every copy between
+load, until the GPU is done with the stage ``prefetch_depth + 1`` positions back. Every copy between
 host and device is from or to page-locked memory and asynchronous; the devices count any that is not
 (``sync_copies``) and the tests require none. Every wait has a deadline (``fuyou.watchdog``) except a
 GPU event's.
@@ -168,6 +176,9 @@ class Engine:
             self.grad_pool = PinnedPool(max(self.plan.cpu_items["gradients in flight"], 4096), device=dev)
             self.cache_pool = PinnedPool(max(self.plan.cache_bytes, 4096), device=dev)
             self.input_pool = PinnedPool(max(self.plan.cpu_items.get("input batch staging", 0), 4096), device=dev)
+            # a tied head's gradient of the embedding waits here through backward (Note: [Tied gradient])
+            self.shared_pool = (PinnedPool(self.plan.cpu_items["tied embedding gradient"], device=dev)
+                                if "tied embedding gradient" in self.plan.cpu_items else None)
             self.ts.cache_pool, self.ts.opt_pool = self.cache_pool, self.opt_pool
             self.opt = OutOfCoreAdamW(self.store, self.opt_pool, cfg.optim, chunk_numel=self.chunk,
                                       depth=off.optimizer_depth, num_threads=off.optimizer_threads)
@@ -369,7 +380,7 @@ class Engine:
             if self.tied:
                 g = gmap.pop("lm_head.weight")
                 if shared_acc is None:  # in the gradients' dtype: fp32 when micro-batches are summed
-                    shared_acc = self.dev.track(g.to(self.gdtype), "tied embedding gradient")
+                    shared_acc = self.dev.track(g.to(self.gdtype), self._shared_item)
                 else:
                     shared_acc.add_(g)
             acc = self._accumulate(head, gmap, acc)
@@ -383,6 +394,9 @@ class Engine:
         self._stage_grads(head, acc, lr, step)
         if self._drop_early:  # nothing of the head stays on the device through backward
             acc = None
+        shared_out = self._shared_out(shared_acc) if shared_acc is not None and self.shared_pool else None
+        if shared_out is not None:
+            shared_acc = None
         # Backward over the blocks and the embedding; kept activations come back in the order used.
         units = [(i, j) for i in range(S - 2, 0, -1) for j in range(M)]
         ahead, u = self.cfg.offload.act_prefetch_blocks, 0
@@ -412,6 +426,9 @@ class Engine:
             self.streamer.release(self._pos)
             self._pos += 1
             fault("backward", step)
+            if i == 0 and shared_out is not None:
+                shared_acc = self._shared_in(*shared_out)
+                shared_out = None
             if i == 0 and shared_acc is not None:
                 # The head's and the embedding's sums over the micro-batches, added once (the reference
                 # trainer's order; the order of two addends is exact).
@@ -421,6 +438,34 @@ class Engine:
             if self._drop_early:
                 acc = None
         return total
+
+    @property
+    def _shared_item(self) -> str:
+        return "gradients leaving the device" if self.shared_pool is not None else "tied embedding gradient"
+
+    def _shared_out(self, g: Tensor):
+        """The tied head's gradient of the embedding, copied to its pinned host buffer for the blocks'
+        backward (Note: [Tied gradient]): (the buffer, the copy's event)."""
+        buf = watchdog.acquire(self.shared_pool, g.numel() * g.element_size(), g.dtype,
+                               "the host buffer of the tied embedding's gradient")
+        host = buf.tensor.view(g.shape)
+        self.d2h_stream.wait_stream(self.dev.compute)
+        self.dev.record_stream(g, self.d2h_stream)
+        self.dev.to_host(host, g, self.d2h_stream)
+        ev = self.dev.event().record(self.d2h_stream)
+        self._leaving.add(ev)
+        self.counters.add(d2h_bytes=g.numel() * g.element_size())
+        return buf, host, ev
+
+    def _shared_in(self, buf, host: Tensor, ev) -> Tensor:
+        """Back on the device for the embedding's sum, on the compute stream (0.1 s at 175B's 2.4 GB,
+        once a step); the host buffer is reused once the copy has landed."""
+        self.dev.compute.wait_event(ev)
+        g = self.dev.empty(host.numel(), host.dtype, "gradients leaving the device").view(host.shape)
+        self.dev.to_device(g, host, self.dev.compute)
+        self.dev.after(self.dev.event().record(self.dev.compute), buf.release)
+        self.counters.add(h2d_bytes=host.numel() * host.element_size())
+        return g
 
     def _before_grad(self) -> None:
         """Before autograd allocates a stage's parameter gradients on an accelerator with one micro-batch
@@ -728,7 +773,7 @@ class Engine:
         finally:
             self.ts.release_host_memory()
             for pool in (self.weight_pool, self.grad_pool, self.cache_pool, self.input_pool, self.act_pool,
-                         self.act_cpu_pool, self.opt_pool):
+                         self.act_cpu_pool, self.opt_pool, self.shared_pool):
                 if pool is not None:
                     pool.close()
             self.dev.close()

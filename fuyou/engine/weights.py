@@ -13,8 +13,9 @@ Note: [Stream hand-offs]
     blocks on the GPU. The loader does not wait for its copy: the pool buffer the copy read from goes
     back to the pool from the device's landing thread once the event has completed
     (``Device.after``). The GPU may run behind the host: a load waits (in its loader thread) until
-    compute has released the stage ``prefetch_depth + 2`` positions back, so no more stages are on the
-    device than the plan counts. On a host device the loaded tensor is the cache entry or the pool buffer
+    compute has released the position ``prefetch_depth + 1`` back, so no more stages are on the device
+    than the plan counts (the one computing and ``prefetch_depth`` ahead); ``release`` drops the
+    position's tensor before it records that event, so nothing the loader threads hold keeps it alive. On a host device the loaded tensor is the cache entry or the pool buffer
     itself; no copy, no events. All of it goes through the device seam (``fuyou.engine.device``).
 """
 
@@ -98,6 +99,9 @@ class WeightStreamer:
         loaded = self._futures.pop(pos).result()
         if loaded.buffer is not None and loaded.event is None:
             loaded.buffer.release()
+        # The future (and the executor's work item, for a moment after the load) still refers to this
+        # object: the device memory is let go here, before the gate below lets the next load allocate.
+        loaded.flat = None
         if not self.dev.is_host:  # where compute is when it is done with this position (the loads' gate)
             self._released[pos] = self.dev.event().record(self.dev.compute)
         self._fill(pos + 1)
@@ -106,7 +110,7 @@ class WeightStreamer:
         with self._lock:
             while self._next < len(self._order) and self._next < pos + self.depth + 1:
                 i = self._order[self._next]
-                gate = self._released.pop(self._next - self.depth - 2, None)
+                gate = self._released.pop(self._next - self.depth - 1, None)
                 self._futures[self._next] = self._exec.submit(self._load, i, gate)
                 self._next += 1
 
@@ -148,8 +152,8 @@ class WeightStreamer:
         if self.dev.is_host:
             return Loaded(host, ready, time.perf_counter(), buffer=buf)
         if gate is not None:
-            # The GPU runs behind the host: wait until compute is done with the stage two windows back,
-            # so the device never holds more stages than the plan counts (prefetch_depth + 2).
+            # The GPU runs behind the host: wait until compute is done with the position depth + 1 back,
+            # so the device never holds more stages than the plan counts (prefetch_depth + 1).
             gate.synchronize()
         h2d, timed = self._h2d(), self.tracer.enabled
         with self.dev.on(h2d):  # allocated on the stream that fills it (Note: [Stream hand-offs])

@@ -249,7 +249,9 @@ def test_reverting_the_wait_on_a_copy_is_caught(tmp_path, monkeypatch):
         real(self, ev)
 
     monkeypatch.setattr(FakeStream, "wait_event", wait_event)
-    with pytest.raises((NonFiniteError, AssertionError)):  # poisoned weights: a NaN loss, or other weights
+    # poisoned weights: a NaN loss, or other weights; or the copies nobody waited for still hold their
+    # destinations when the window's next load needs the memory
+    with pytest.raises((NonFiniteError, AssertionError, DeviceBudgetError)):
         _run_fake(tmp_path, "offload.cache_weights=false")
 
 
