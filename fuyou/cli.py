@@ -128,9 +128,13 @@ def _add_planner_parsers(sub) -> None:
                     "Face config.json or model directory, or a fuyou run directory (no weights are read)")
     pl.add_argument("overrides", nargs="*", metavar="model.KEY=VALUE",
                     help="model field overrides, as for fuyou train, e.g. model.n_layer=48")
-    pl.add_argument("--batch", type=int, default=16, help="micro-batch size (sequences)")
+    pl.add_argument("--batch", type=int, help="micro-batch size (sequences; default 16, or with --global-batch "
+                    "the planner's split)")
     pl.add_argument("--seq", type=int, default=1024, help="sequence length")
-    pl.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    pl.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
+    pl.add_argument("--global-batch", help="sequences per optimizer step: the planner splits it into micro-batches "
+                    "(or give --batch or --grad-accum too, to set the split); a range LOW-HIGH (e.g. 32-256) also "
+                    "chooses the global batch that trains the most tokens per second")
     pl.add_argument("--cpu-mem", default="256GiB", help="CPU memory budget, e.g. 256GiB")
     pl.add_argument("--profile", help="hardware profile JSON written by `fuyou probe`")
     pl.add_argument("--gpu", help="GPU preset: rtx3090, rtx4090, a100-40gb, a100-80gb, h100, h200")
@@ -187,6 +191,35 @@ def _token_count(text: str) -> int:
     return int(n)
 
 
+def _global_batch(args) -> tuple[int, int] | None:
+    """``fuyou plan --global-batch G`` or ``LOW-HIGH``: (low, high) for the planner to split, or None when
+    the split is by hand (``--batch`` and ``--grad-accum`` are then set from it) or not asked for."""
+    from fuyou.errors import ConfigError
+
+    if args.global_batch is None:
+        return None
+    try:
+        lo, _, hi = args.global_batch.partition("-")
+        lo, hi = int(lo), int(hi or lo)
+    except ValueError:
+        lo = hi = 0
+    if not 1 <= lo <= hi:
+        raise ConfigError(f"--global-batch {args.global_batch!r}: give a number of sequences such as 64, or a range "
+                          f"such as 32-256")
+    if args.batch is None and args.grad_accum is None:
+        return lo, hi
+    if lo != hi:
+        raise ConfigError("--global-batch with a range chooses the split itself: leave out --batch and --grad-accum")
+    if args.batch is not None and args.grad_accum is not None and args.batch * args.grad_accum != lo:
+        raise ConfigError(f"--batch {args.batch} x --grad-accum {args.grad_accum} is not --global-batch {lo}")
+    part = args.batch or args.grad_accum
+    if lo % part:
+        raise ConfigError(f"--global-batch {lo} is not a multiple of {'--batch' if args.batch else '--grad-accum'} "
+                          f"{part}")
+    args.batch, args.grad_accum = (part, lo // part) if args.batch else (lo // part, part)
+    return None
+
+
 def _plan_model_fields(model: str, overrides: list[str]) -> dict:
     """The model to plan: a preset or a path (``hf.source.model_shape``), with ``model.KEY=VALUE`` overrides."""
     from pathlib import Path
@@ -226,13 +259,14 @@ def _plan(args) -> int:
     from fuyou.planner.hardware import resolve
     from fuyou.policy import parse_act_policy
     from fuyou.planner.report import plot, text, to_json
-    from fuyou.planner.search import search
+    from fuyou.planner.search import search, search_global_batch, search_split
     from fuyou.units import parse_size
 
     tokens_goal = _token_count(args.tokens) if args.tokens else None
     for name in ("batch", "seq", "grad_accum"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    split = _global_batch(args)
     cfg = ModelConfig(**_plan_model_fields(args.model, args.overrides))
     if args.seq > cfg.max_seq_len:
         cfg = cfg.model_copy(update={"max_seq_len": args.seq})
@@ -256,11 +290,16 @@ def _plan(args) -> int:
         raise ConfigError(f"invalid --commit-every or --grad-clip: {e}") from None
     if clip is not None and not (0 < clip < float("inf")):
         raise ConfigError(f"--grad-clip must be a positive number or none, got {args.grad_clip}")
-    w = Workload(cfg, args.batch, args.seq, grad_accum=args.grad_accum, offload=off, grad_clip=clip)
+    w = Workload(cfg, args.batch or 16, args.seq, grad_accum=args.grad_accum or 1, offload=off, grad_clip=clip)
     policy = None
     if args.act_policy:
         policy = parse_act_policy(args.act_policy, cfg.n_layer, prefetch_depth=args.prefetch_depth or 2)
-    plan = search(w, hw, parse_size(args.cpu_mem), policy)
+    if split is None:
+        plan = search(w, hw, parse_size(args.cpu_mem), policy)
+    elif split[0] == split[1]:
+        plan = search_split(w, hw, parse_size(args.cpu_mem), split[0], policy)
+    else:
+        plan = search_global_batch(w, hw, parse_size(args.cpu_mem), *split, policy)
     plan.tokens_goal = tokens_goal
     print(json.dumps(to_json(plan), indent=1) if args.json else text(plan))
     if args.plot and plan.feasible:

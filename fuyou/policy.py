@@ -73,6 +73,9 @@ class ActivationPolicy(BaseModel):
     resident_mem: int | None = Field(
         None, ge=0, description="CPU memory for resident optimizer state the plan chose (offload.resident_mem); "
         "None: whatever the budget leaves.")
+    act_cpu_mem: int | None = Field(
+        None, ge=0, description="CPU memory for the cpu activation tier the plan chose (offload.act_cpu_mem); "
+        "None: the engine's default share.")
 
     @field_validator("blocks", mode="before")
     @classmethod

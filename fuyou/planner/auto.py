@@ -1,5 +1,6 @@
 """``fuyou train --plan auto``: probe this machine (or load ``hardware.profile``), plan, print the
-schedule, and return the config the engine trains with (activation policy and prefetch depth)."""
+schedule, and return the config the engine trains with (activation policy and prefetch depth; with
+``train.global_batch`` and no split given, the micro-batch size and count the planner chose)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ def plan_config(cfg: FuyouConfig, run_dir: Path, stream=None) -> FuyouConfig:
     from fuyou.planner.hardware import resolve, save_profile
     from fuyou.planner.probe import probe
     from fuyou.planner.report import text
-    from fuyou.planner.search import search
+    from fuyou.planner.search import search, search_split
 
     stream = stream or sys.stderr
     off = cfg.offload
@@ -36,17 +37,21 @@ def plan_config(cfg: FuyouConfig, run_dir: Path, stream=None) -> FuyouConfig:
     hw = resolve(hw_cfg)
     w = Workload(cfg.model, cfg.train.micro_batch_size, cfg.data.seq_len, offload=off, grad_accum=cfg.train.grad_accum,
                  csize=2 if cfg.train.precision == "bf16" else 4)
-    plan = search(w, hw, off.cpu_mem)
+    split = cfg.train.global_batch if cfg.train._auto_split else None
+    plan = search(w, hw, off.cpu_mem) if split is None else search_split(w, hw, off.cpu_mem, split)
     print(text(plan), file=stream, flush=True)
     if not plan.feasible:
         raise BudgetError("the planner found no configuration that fits: " + "; ".join(plan.best.problems))
     policy = plan.best.policy
+    train = cfg.train
+    if split is not None:  # the planner's split of train.global_batch (its plan says why)
+        train = train.model_copy(update={"micro_batch_size": plan.workload.batch, "grad_accum": plan.workload.grad_accum})
     run_dir.mkdir(parents=True, exist_ok=True)
     pfile = run_dir / "act-policy.json"
     pfile.write_text(policy.to_json())
     return cfg.model_copy(update={
-        "hardware": hw_cfg,
+        "hardware": hw_cfg, "train": train,
         "offload": off.model_copy(update={"act_policy": str(pfile), "prefetch_depth": policy.prefetch_depth,
-                                          **({"resident_mem": policy.resident_mem}
-                                             if policy.resident_mem is not None else {})}),
+                                          **{k: getattr(policy, k) for k in ("resident_mem", "act_cpu_mem")
+                                             if getattr(policy, k) is not None}}),
     })

@@ -35,6 +35,12 @@ def summary(plan: Plan) -> dict:
     out = {"model": w.model.preset or f"{w.model.family} {w.model.n_layer}x{w.model.d_model}",
            "parameters": w.stage_model.num_params, "batch": w.batch, "seq": w.seq, "grad_accum": w.grad_accum,
            "hardware": hw.source, "feasible": ev.feasible}
+    if plan.split:
+        out["split"] = {"global_batch": w.batch * w.grad_accum, "reason": plan.split_reason,
+                        "tried": [{"micro_batch": b, "micro_batches": m, "step_s": t, "note": why}
+                                  for b, m, t, why in plan.split]}
+    if plan.batches:
+        out["global_batches"] = [{"global_batch": g, "tokens_per_s": r} for g, r in plan.batches]
     if not ev.feasible:
         return {**out, "problems": ev.problems, "fixes": plan.fixes}
     sim = ev.sim
@@ -125,9 +131,10 @@ def text(plan: Plan) -> str:
     head = (f"fuyou plan: {s['model']} ({_si(s['parameters'])} parameters), batch {w.batch} x seq {w.seq}"
             + (f" x {w.grad_accum} micro-batches" if w.grad_accum > 1 else "") + f"\nhardware: {s['hardware']}")
     if not s["feasible"]:
-        return (head + "\n\nDOES NOT FIT:\n" + "\n".join(f"  - {p}" for p in s["problems"])
+        return (head + "\n" + "".join(line + "\n" for line in _split_lines(s)) + "\nDOES NOT FIT:\n"
+                + "\n".join(f"  - {p}" for p in s["problems"])
                 + "\nwhat would make it fit:\n" + "\n".join(f"  - {f}" for f in s["fixes"]) + "\n")
-    out = [head, "",
+    out = [head, *_split_lines(s), "",
            f"predicted step      {s['step_s']:.3g} s   ({s['tokens_per_s']:.4g} tokens/s, {s['model_tflops']:.3g} model "
            f"TFLOPS, GPU busy {100 * s['gpu_busy']:.0f}%)",
            f"bottleneck          {s['bottleneck']}   (busy per step: "
@@ -155,6 +162,27 @@ def text(plan: Plan) -> str:
                    + " ".join(f"{r['busy_s'][x]:>9.3g}" for x in ROWS))
     out += ["", timeline(plan), ""]
     return "\n".join(out)
+
+
+def _split_lines(s: dict) -> list[str]:
+    """The global batch and its split, when the planner chose them (``--global-batch``)."""
+    lines = []
+    if "global_batches" in s:
+        rates = "; ".join(f"{d['global_batch']}: " + (f"{d['tokens_per_s']:.4g} tokens/s" if d["tokens_per_s"]
+                                                        else "does not fit") for d in s["global_batches"])
+        lines.append(f"global batches      {rates} (the most tokens/s is chosen)")
+    if "split" in s:
+        sp = s["split"]
+        if s["feasible"]:
+            lines.append(f"global batch        {sp['global_batch']} = {s['grad_accum']} micro-batch"
+                         f"{'es' if s['grad_accum'] > 1 else ''} of {s['batch']}: {sp['reason']}")
+        else:
+            lines.append(f"global batch        {sp['global_batch']}: {sp['reason']}")
+        lines.append("splits tried        " + "; ".join(
+            f"{d['micro_batch']}x{d['micro_batches']} " + (f"{d['step_s']:.3g} s" if d["step_s"] is not None
+                                                            else f"does not fit ({d['note']})")
+            for d in sp["tried"]))
+    return lines
 
 
 def _clip_line(s: dict) -> str:

@@ -22,7 +22,8 @@ import math
 from dataclasses import dataclass, field
 
 from fuyou.policy import to_keep
-from fuyou.engine.budget import DEVICE_SLACK_FRACTION, MemoryPlan, offtier_bytes, plan_memory, policy_memory, weight_buffer_need
+from fuyou.engine.budget import (DEVICE_SLACK_FRACTION, MemoryPlan, act_cpu_share, offtier_bytes, plan_memory,
+                                 policy_memory, weight_buffer_need)
 from fuyou.engine.layout import copies_needed
 from fuyou.engine.budget import activation_bytes
 from fuyou.planner.cost import StageCost, Workload, gpu_working_bytes, placement_bytes, stage_costs
@@ -68,6 +69,12 @@ class Plan:
     whatif: dict[str, float] = field(default_factory=dict)
     evaluations: int = 0
     tokens_goal: int | None = None   # `fuyou plan --tokens`: report the time to train on this many tokens
+    split: list[tuple[int, int, float | None, str]] = field(default_factory=list)
+    """``search_split``: the splits of the global batch considered, (micro-batch, micro-batches, step
+    seconds or None, why it does not fit or why it was chosen), in the order tried."""
+    split_reason: str = ""
+    batches: list[tuple[int, float | None]] = field(default_factory=list)
+    """``search_global_batch``: (global batch, tokens/s of its best split or None) for each candidate."""
 
     @property
     def feasible(self) -> bool:
@@ -176,11 +183,24 @@ def _assign(w, hw, costs, depth: int, tiers: tuple[str, ...], k: int, cpu_budget
     return ActivationPolicy(blocks={i: BlockPolicy(**b) for i, b in blocks.items()}, prefetch_depth=depth)
 
 
+MIN_RUNG = 1 << 30   # the smallest lower CPU budget ``search`` tries (1 GiB)
+
+
 def search(w: Workload, hw: HardwareProfile, cpu_budget: int, policy: ActivationPolicy | None = None,
-           whatif: bool = True) -> Plan:
-    """The best plan (or, with ``policy``, the prediction for that policy) and what-ifs."""
+           whatif: bool = True, ladder: bool = True) -> Plan:
+    """The best plan (or, with ``policy``, the prediction for that policy) and what-ifs.
+
+    More CPU memory must never predict a slower step, but the search is a heuristic, and what it
+    fills the budget with (resident optimizer state waits for the norm under exact clipping; a cpu
+    activation tier takes a share) can cost more than it saves. So with ``ladder`` it also plans the
+    powers of two below the budget (down to ``MIN_RUNG`` or the first that does not fit: a full
+    search each, about half of the planner's time) and keeps any of those plans, held to the memory
+    it used (``resident_mem`` and ``act_cpu_mem`` caps, the weight cache taking the rest, which never
+    slows a step), when it is faster. A plan is then never slower than the plan of any power of two
+    below its budget, and those are monotonic (tested on a grid of budgets)."""
     costs = stage_costs(w)
     n_eval = 0
+    asked = w  # the workload as given: the ladder plans lower budgets from it, not from a capped one
 
     def ev(pol, steps=SEARCH_STEPS):
         nonlocal n_eval
@@ -224,8 +244,21 @@ def search(w: Workload, hw: HardwareProfile, cpu_budget: int, policy: Activation
         if best.feasible:
             best = ev(best.policy, REPORT_STEPS)
         if best.feasible and best.memory.resident_stages and w.offload.resident_mem is None:
-            w, best = _resident_choice(w, hw, costs, best, cpu_budget)
-            n_eval += 4
+            w2, capped = _resident_choice(w, hw, costs, best, cpu_budget)
+            n_eval += 9
+            if w2 is not w:
+                # The activation policy was searched with every resident stage waiting for the norm; with
+                # fewer, another policy may be faster (searched again under the cap: more CPU memory must
+                # not predict a slower step, issue 21).
+                again = search(w2, hw, cpu_budget, None, whatif=False, ladder=False)
+                n_eval += again.evaluations
+                if again.feasible and again.best.step_time < capped.step_time:
+                    capped = again.best
+                    capped.policy = capped.policy.model_copy(update={"resident_mem": w2.offload.resident_mem})
+            w, best = w2, capped
+        if best.feasible and ladder:
+            w, best, n = _from_lower_budgets(asked, w, hw, costs, best, cpu_budget)
+            n_eval += n
     if best.feasible:
         best.policy = best.policy.model_copy(update={"cache_weights_stages": len(best.memory.cached_stages)})
     plan = Plan(w, hw, costs, best)
@@ -259,16 +292,39 @@ def search(w: Workload, hw: HardwareProfile, cpu_budget: int, policy: Activation
     return plan
 
 
+def _from_lower_budgets(asked: Workload, w: Workload, hw: HardwareProfile, costs, best: Evaluation,
+                        cpu_budget: int):
+    """``search``'s ladder: the plan of each power of two below the budget (for the workload as
+    ``asked``), held to the memory it used, evaluated under this budget; the fastest of them and of
+    ``best`` (for ``w``) is kept. Returns (workload, evaluation, evaluations made)."""
+    n, rung = 0, 1 << ((cpu_budget - 1).bit_length() - 1)
+    while rung >= MIN_RUNG:
+        lower = search(asked, hw, rung, None, whatif=False, ladder=False)
+        n += lower.evaluations + 1
+        if not lower.feasible:
+            break
+        low_off = lower.workload.offload.model_copy(update={"cpu_mem": rung})
+        share, _ = act_cpu_share(to_keep(lower.best.policy, w.model.n_layer), low_off)
+        caps = {"resident_mem": lower.best.memory.resident_bytes, "act_cpu_mem": share if share else None}
+        w2 = dataclasses.replace(asked, offload=lower.workload.offload.model_copy(update=caps))
+        e = evaluate(w2, hw, costs, lower.best.policy, cpu_budget, REPORT_STEPS)
+        if e.feasible and e.step_time < best.step_time * (1 - 1e-9):
+            e.policy = e.policy.model_copy(update=caps)
+            w, best = w2, e
+        rung //= 2
+    return w, best, n
+
+
 def _resident_choice(w: Workload, hw: HardwareProfile, costs, best: Evaluation, cpu_budget: int):
     """Whether to hold less optimizer state in CPU memory than the budget allows. Resident stages read
     nothing from the SSD, but under exact clipping they wait for the norm instead of updating during
-    backward, so more of them can make the step longer. Tries a few caps (none, a quarter, a half,
-    three quarters of what fits) for the chosen activation policy and keeps the fastest; the chosen cap
-    is the policy's ``resident_mem`` and ``--plan auto`` applies it. Not yet a guarantee that more CPU
-    memory is never slower: the activation policy is searched once, under the whole budget (issue 21)."""
+    backward, so more of them can make the step longer. Tries caps in eighths of what fits (none, 1/8,
+    ..., 7/8) for the chosen activation policy and keeps the fastest; ``search`` then searches the
+    activation policy again under that cap. The chosen cap is the policy's ``resident_mem`` and
+    ``--plan auto`` applies it."""
     first = evaluate(w, hw, costs, best.policy, cpu_budget, SEARCH_STEPS, clip_modes=False)  # on the same footing
     choices = [(first.step_time, w, None)]
-    for frac in (0.0, 0.25, 0.5, 0.75):
+    for frac in [i / 8 for i in range(8)]:
         cap = int(best.memory.resident_bytes * frac)
         w2 = dataclasses.replace(w, offload=w.offload.model_copy(update={"resident_mem": cap}))
         e2 = evaluate(w2, hw, costs, best.policy, cpu_budget, SEARCH_STEPS, clip_modes=False)
@@ -319,3 +375,94 @@ def _fixes(w: Workload, hw: HardwareProfile, cpu_budget: int, failed: Evaluation
     if not fixes:
         fixes.append("; ".join(failed.problems))
     return fixes
+
+
+SPLIT_TIE = 0.01   # splits within 1% of the fastest count as equally fast: the largest micro-batch wins
+MAX_SPLIT = 16     # micro-batches per step the split search goes to once one split fits
+
+
+def search_split(w: Workload, hw: HardwareProfile, cpu_budget: int, global_batch: int,
+                 policy: ActivationPolicy | None = None, whatif: bool = True) -> Plan:
+    """The best way to run ``global_batch`` sequences per optimizer step: each micro-batch size that
+    divides it (largest first, so ``global_batch`` at once before any accumulation) is planned as in
+    ``search``, and the fastest predicted step that fits is chosen; among splits within ``SPLIT_TIE``
+    of it, the largest micro-batch (a GPU runs larger matmuls more efficiently than the cost model's
+    constant rate says, and fewer micro-batches launch fewer kernels). The search stops after two
+    splits in a row that fit and are not faster than the best so far by more than ``SPLIT_TIE``:
+    smaller micro-batches leave more GPU memory for kept activations, but past that point they only
+    add per-micro-batch work. Once a split fits, it goes no further than ``MAX_SPLIT`` micro-batches
+    (a simulated step grows with them: 64 take seconds per candidate; the cost model's constant GPU
+    rate does not charge small matmuls their inefficiency, so its gains there are not to be trusted);
+    set ``--grad-accum`` for more. The plan lists every split tried and why it lost."""
+    if global_batch < 1:
+        raise ValueError("the global batch must be at least 1")
+    tried, plans = [], {}
+    worse = 0
+    for b in sorted((d for d in range(1, global_batch + 1) if global_batch % d == 0), reverse=True):
+        if plans and global_batch // b > MAX_SPLIT:
+            break
+        w2 = dataclasses.replace(w, batch=b, grad_accum=global_batch // b)
+        p = search(w2, hw, cpu_budget, policy, whatif=False, ladder=False)
+        if not p.feasible:
+            tried.append((b, global_batch // b, None, "; ".join(p.best.problems)))
+            continue
+        best_so_far = min((t for _, _, t, _ in tried if t is not None), default=math.inf)
+        tried.append((b, global_batch // b, p.best.step_time, ""))
+        plans[b] = p
+        worse = worse + 1 if p.best.step_time >= best_so_far * (1 - SPLIT_TIE) else 0
+        if worse >= 2:
+            break
+    if not plans:  # nothing fits: the plan of one sequence per micro-batch says why, with its fixes
+        p = search(dataclasses.replace(w, batch=1, grad_accum=global_batch), hw, cpu_budget, policy, whatif=whatif)
+        p.split, p.split_reason = tried, f"no split of {global_batch} sequences fits"
+        return p
+    fastest = min(t for _, _, t, _ in tried if t is not None)
+    b = max(b for b, _, t, _ in tried if t is not None and t <= fastest * (1 + SPLIT_TIE))
+    chosen = plans[b]
+    t_b = chosen.best.step_time
+    if whatif:  # the chosen split's full plan: the lower budgets' ladder and the what-ifs
+        chosen = search(dataclasses.replace(w, batch=b, grad_accum=global_batch // b), hw, cpu_budget, policy)
+    larger = [(bb, m, t, why) for bb, m, t, why in tried if bb > b]
+    if b == global_batch:
+        reason = f"the whole global batch fits in one micro-batch, and no split is {100 * SPLIT_TIE:g}% faster"
+    elif all(t is None for _, _, t, _ in larger):
+        bb, m, _, why = min(larger)
+        reason = f"the largest micro-batch that fits ({bb} x {m} does not: {why})"
+    elif t_b <= fastest:
+        reason = "the fastest predicted step of the splits that fit"
+    else:
+        reason = f"within {100 * SPLIT_TIE:g}% of the fastest split, with the largest micro-batch"
+    chosen.split = [(bb, m, t, why if t is None else ("chosen" if bb == b else "")) for bb, m, t, why in tried]
+    chosen.split_reason = reason
+    return chosen
+
+
+def global_batch_candidates(lo: int, hi: int) -> list[int]:
+    """The global batches ``search_global_batch`` tries in [lo, hi]: the ends and the powers of two between."""
+    if not 1 <= lo <= hi:
+        raise ValueError(f"a global batch range needs 1 <= low <= high, got {lo}-{hi}")
+    out = {lo, hi}
+    p = 1
+    while p <= hi:
+        if p >= lo:
+            out.add(p)
+        p *= 2
+    return sorted(out)
+
+
+def search_global_batch(w: Workload, hw: HardwareProfile, cpu_budget: int, lo: int, hi: int,
+                        policy: ActivationPolicy | None = None) -> Plan:
+    """The global batch in [lo, hi] (``global_batch_candidates``) whose best split (``search_split``)
+    trains the most tokens per second; the plan lists each candidate's rate. On a machine bound by the
+    SSD or the CPU Adam, a larger global batch spreads the same state traffic over more tokens."""
+    rates, best = [], None
+    for g in global_batch_candidates(lo, hi):
+        p = search_split(w, hw, cpu_budget, g, policy, whatif=False)
+        rate = p.workload.tokens / p.best.step_time if p.feasible else None
+        rates.append((g, rate))
+        if rate is not None and (best is None or rate > best[1]):
+            best = (g, rate)
+    g = best[0] if best else hi
+    chosen = search_split(w, hw, cpu_budget, g, policy, whatif=True)
+    chosen.batches = rates
+    return chosen

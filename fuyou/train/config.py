@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 
 class TrainConfig(BaseModel):
@@ -15,6 +15,11 @@ class TrainConfig(BaseModel):
     steps: int = Field(240, ge=1, description="Optimizer steps to run.")
     micro_batch_size: int = Field(16, ge=1, description="Sequences per forward/backward pass.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated into one optimizer step.")
+    global_batch: int | None = Field(
+        None, ge=1, description="Sequences per optimizer step, split into grad_accum micro-batches of "
+        "micro_batch_size: give one of those two to set the split, or neither and the largest micro-batch "
+        "of at most 16 sequences that divides it is used (`--plan auto`: the planner's fastest split that fits)."
+    )
     warmup_steps: int = Field(20, ge=0, description="Linear learning-rate warm-up steps (capped at `steps`).")
     min_lr_ratio: float = Field(
         0.1, ge=0, le=1, description="The cosine schedule decays to this fraction of the peak learning rate."
@@ -37,6 +42,32 @@ class TrainConfig(BaseModel):
     threads: int | None = Field(
         None, ge=1, description="CPU threads for torch (default: torch's choice, usually the core count)."
     )
+
+    _auto_split: bool = PrivateAttr(False)  # global_batch split by the rule above, not by the user
+
+    @model_validator(mode="after")
+    def _split(self):
+        g = self.global_batch
+        if g is None:
+            return self
+        mb, ga = "micro_batch_size" in self.model_fields_set, "grad_accum" in self.model_fields_set
+        if mb and ga:
+            if self.micro_batch_size * self.grad_accum != g:
+                raise ValueError(f"micro_batch_size {self.micro_batch_size} x grad_accum {self.grad_accum} is not "
+                                 f"global_batch {g}: set two of the three")
+        elif mb or ga:
+            part = self.micro_batch_size if mb else self.grad_accum
+            if g % part:
+                raise ValueError(f"global_batch {g} is not a multiple of "
+                                 f"{'micro_batch_size' if mb else 'grad_accum'} {part}")
+            other = g // part
+            object.__setattr__(self, "grad_accum" if mb else "micro_batch_size", other)
+        else:
+            b = max(d for d in range(1, min(g, 16) + 1) if g % d == 0)
+            object.__setattr__(self, "micro_batch_size", b)
+            object.__setattr__(self, "grad_accum", g // b)
+            self._auto_split = True
+        return self
 
     @field_validator("grad_clip", mode="before")
     @classmethod

@@ -16,7 +16,7 @@ def test_plan_175b_answers_in_seconds_with_a_schedule(capsys):
     elapsed = time.perf_counter() - t0
     out = capsys.readouterr().out
     assert rc == 0
-    assert elapsed < 5.0
+    assert elapsed < 15.0  # a full search at 256 GiB and at each power of two below it (the ladder)
     for needle in ("predicted step", "bottleneck", "twice the SSDs", "SSD footprint", "CPU peak", "GPU peak",
                    "swap schedule", "block.95", "SSD write", "CPU Adam"):
         assert needle in out
