@@ -42,6 +42,10 @@ CONFIGS = {
     # AdamW jobs (state read, kernel, write back), which backward and the next forward wait for
     "optimizer-bound": MODEL + ["data.seq_len=64", "train.micro_batch_size=1", "offload.cpu_mem=1GiB",
                                 "offload.resident_mem=0"],
+    # accumulated: the SSD-bound configuration with 4 micro-batches a step, layer-major (issue 21): each
+    # stage computes 4 micro-batches per weight read and optimizer update
+    "accumulated": MODEL + ["data.seq_len=64", "train.micro_batch_size=1", "train.grad_accum=4",
+                            "offload.cpu_mem=1GiB", "offload.cache_weights=false", "offload.resident_mem=0"],
 }
 #: On a GPU the CPU configurations' compute is negligible beside the SSD: a compute-bound step needs
 #: ~30k tokens against the CPU AdamW of resident state (57M params at ~3 Gparam/s: ~20 ms). Not yet

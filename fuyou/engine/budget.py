@@ -109,24 +109,31 @@ def _lines(items: dict[str, int]) -> str:
 
 
 def activation_bytes(cfg_model, batch: int, seq: int) -> dict[str, int]:
-    """Estimated device bytes of stage inputs and of one stage's recompute+backward working set.
-
-    The head computes its loss a slice of tokens at a time (``layers.linear_cross_entropy``): four
-    slice-sized fp32 tensors (logits, the softmax and its temporaries), the input's gradient and normed
-    input (8 B per token and feature), and the LM head's gradient: an fp32 accumulator and its copy in
-    the weights' dtype (8 B per parameter, counted at fp32)."""
-    from fuyou.models.layers import loss_chunk_tokens
-
-    d, ff, h, v = cfg_model.d_model, cfg_model.ff_dim, cfg_model.n_head, cfg_model.vocab_size
+    """Estimated device bytes of stage inputs and of one stage's recompute+backward working set
+    (``block_work``: the CPU's fp32 estimate; ``head_work``: ``head_working_bytes``)."""
+    d, ff, h = cfg_model.d_model, cfg_model.ff_dim, cfg_model.n_head
     tokens = batch * seq
     checkpoint = 4 * tokens * d
     block = 4 * tokens * (16 * d + 4 * ff) + 4 * batch * h * seq * seq
-    head = 4 * 4 * min(tokens, loss_chunk_tokens(v)) * v + 8 * tokens * d + 8 * v * d
-    return {"checkpoint": checkpoint, "block_work": block, "head_work": head, "batch": 2 * 8 * tokens}
+    return {"checkpoint": checkpoint, "block_work": block, "head_work": head_working_bytes(cfg_model, batch, seq),
+            "batch": 2 * 8 * tokens}
 
 
-def device_working_bytes(cfg_model, batch: int, seq: int, csize: int, stage_max: int,
-                         micro_batches: int = 1) -> int:
+def head_working_bytes(cfg_model, batch: int, seq: int) -> int:
+    """The head's forward+backward: its loss a slice of tokens at a time (``layers.linear_cross_entropy``):
+    three slice-sized fp32 tensors at once (the logits, their difference from the log-sum-exp, the
+    softmax), the LM head's gradient (an fp32 sum and its copy in the weights' dtype, 6 B per
+    parameter) and the input's side (its gradient, its normed and cast copies: ~12 B per token and
+    feature). Calibrated against the CPU allocator's peak in bf16 (tests/engine/test_working_set.py:
+    measured / estimate 0.93-0.96)."""
+    from fuyou.models.layers import loss_chunk_tokens
+
+    d, v, tokens = cfg_model.d_model, cfg_model.vocab_size, batch * seq
+    return 3 * 4 * min(tokens, loss_chunk_tokens(v)) * v + 12 * tokens * d + 6 * v * d
+
+
+def block_working_bytes(cfg_model, batch: int, seq: int, csize: int, stage_max: int,
+                        micro_batches: int = 1) -> int:
     """Device working memory of the largest stage's recompute + backward on a GPU, for one micro-batch
     of ``batch`` sequences (an estimate; the CPU's is ``activation_bytes``, which counts fp32
     throughout and the attention scores).
@@ -136,14 +143,20 @@ def device_working_bytes(cfg_model, batch: int, seq: int, csize: int, stage_max:
     scores), plus the largest gradient in flight (2 ff per token). The parameter gradients autograd
     returns are the plan's "gradients leaving the device" when a step has one micro-batch (they are
     copied to the host as they are); with several, each micro-batch's are added into the stage's sum
-    (that item) and are counted here. The head: ``activation_bytes``' head work (its loss slices and the
-    LM head's gradient).
+    (that item) and are counted here. Against the CPU allocator's peak in bf16, with one micro-batch's
+    gradients added to both: measured / estimate 0.84-0.90 (tests/engine/test_working_set.py).
     """
     N = batch * seq
     d, ff = cfg_model.d_model, cfg_model.ff_dim * (2 if cfg_model.family == "llama" else 1)
-    block = csize * N * (9 * d + 4 * ff) + 4 * N * d + (stage_max * csize if micro_batches > 1 else 0)
-    head = activation_bytes(cfg_model, batch, seq)["head_work"]
-    return max(block, head)
+    return csize * N * (9 * d + 4 * ff) + 4 * N * d + (stage_max * csize if micro_batches > 1 else 0)
+
+
+def device_working_bytes(cfg_model, batch: int, seq: int, csize: int, stage_max: int,
+                         micro_batches: int = 1) -> int:
+    """Device working memory of the largest stage's recompute + backward on a GPU: the larger of a
+    block's (``block_working_bytes``) and the head's (``head_working_bytes``)."""
+    return max(block_working_bytes(cfg_model, batch, seq, csize, stage_max, micro_batches),
+               head_working_bytes(cfg_model, batch, seq))
 
 
 def plan_memory(stage_numels: list[int], off, *, chunk: int, io_buffer_bytes: int, act: dict[str, int],
