@@ -68,7 +68,8 @@ def proc_io() -> dict[str, int]:
 def overrides_for(args, data: str, system: str, ssd: Path | None) -> list[str]:
     """fuyou config for one run: constant learning rate and the clipping of the DeepSpeed side."""
     o = [f"model.preset={args.model}", f"data.source={data}", f"data.seq_len={args.seq}",
-         f"train.micro_batch_size={args.batch}", f"train.grad_clip={args.clip}", "train.precision=bf16",
+         f"train.micro_batch_size={args.batch}", f"train.grad_accum={args.grad_accum}",
+         f"train.grad_clip={args.clip}", "train.precision=bf16",
          "train.warmup_steps=0", "train.min_lr_ratio=1.0", "train.eval_every=0", f"train.seed={args.seed}",
          f"train.steps={args.warmup + args.steps}", f"train.device={args.device}"]
     if args.lr is not None:
@@ -149,6 +150,7 @@ def run_deepspeed(args, data: str, ssd: Path) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out_json = Path(tmp) / "zinf.json"
         cmd = [args.ds_python, str(ZINF), "--model", args.model, "--batch", str(args.batch), "--seq", str(args.seq),
+               "--grad-accum", str(args.grad_accum),
                "--steps", str(args.warmup + args.steps), "--warmup", str(args.warmup), "--data", data,
                "--seed", str(args.seed), "--nvme-dir", str(nvme), "--cpu-mem-note", args.cpu_mem,
                "--no-reference-loss", "--json", str(out_json)]
@@ -229,6 +231,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="gpt-tiny", help="fuyou model preset (default %(default)s)")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seq", type=int, default=32)
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step, on both sides")
     p.add_argument("--ssd", type=Path, default=Path("/tmp/fuyou-vs-zinf"), help="SSD directory, shared by both systems")
     p.add_argument("--cpu-mem", default="4GiB", help="fuyou's CPU budget (offload.cpu_mem); recorded for DeepSpeed")
     p.add_argument("--data", nargs="+", choices=("synthetic", "builtin"), default=["synthetic"],
@@ -269,11 +272,12 @@ def main(argv=None) -> int:
     parse_size(args.cpu_mem)
     args.ssd.mkdir(parents=True, exist_ok=True)
     model = StageModel(ModelConfig(**preset(args.model)))
-    tokens, fpt = args.batch * args.seq, model.flops_per_token(args.seq)
+    tokens, fpt = args.batch * args.seq * args.grad_accum, model.flops_per_token(args.seq)
     inmem = args.inmemory == "yes" or (args.inmemory == "auto" and inmemory_fits(args))
     systems = ["fuyou"] + (["zero-infinity"] if use_ds else []) + (["in-memory"] if inmem else [])
     command = "python bench/vs_zero_infinity.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     results: dict = {"command": command, "model": args.model, "num_params": model.num_params, "batch": args.batch,
+                     "grad_accum": args.grad_accum,
                      "seq": args.seq, "cpu_mem": args.cpu_mem, "policy": args.policy, "rows": {}}
     ok = True
     for data in args.data:
@@ -318,7 +322,8 @@ def main(argv=None) -> int:
         ds_ver = any_ds["versions"]["deepspeed"]
         results["deepspeed_settings"] = any_ds["settings"]
     fuyou_run = next(iter(results["rows"].values()))["runs"]["fuyou"][0]
-    lines = [f"### {args.model} ({model.num_params / 1e6:.1f}M params), batch {args.batch}, seq {args.seq}, "
+    lines = [f"### {args.model} ({model.num_params / 1e6:.1f}M params), batch {args.batch}"
+             + (f" x {args.grad_accum} micro-batches" if args.grad_accum > 1 else "") + f", seq {args.seq}, "
              f"fuyou cpu_mem {args.cpu_mem} ({time.strftime('%Y-%m-%d %H:%M')})", "",
              f"`{command}`", "",
              machine_header(f"device {fuyou_run['device']}", f"deepspeed {ds_ver}",

@@ -134,7 +134,7 @@ def ds_config(model: StageModel, args: argparse.Namespace, opt: AdamWConfig) -> 
         offload["nvme_path"] = str(args.nvme_dir)
     return {
         "train_micro_batch_size_per_gpu": args.batch,
-        "gradient_accumulation_steps": 1,
+        "gradient_accumulation_steps": args.grad_accum,
         "gradient_clipping": args.grad_clip,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
@@ -228,19 +228,21 @@ def run(args: argparse.Namespace) -> dict:
     print(f"initialised in {t_init:.1f}s; optimizer {type(optimizer).__name__}/"
           f"{type(getattr(optimizer, 'optimizer', optimizer)).__name__}", flush=True)
 
-    tokens_per_step = args.batch * args.seq
+    tokens_per_step = args.batch * args.seq * args.grad_accum
     flops_per_step = model.flops_per_token(args.seq) * tokens_per_step
     times, losses = [], []
     io_start = None
     for step in range(args.steps):
         if step == args.warmup:
             io_start = proc_io()
-        x, y = (b.to(engine.device) for b in data.batch(step))  # the accelerator's device (cuda or cpu)
         t = time.perf_counter()
-        loss = engine(x, y)
-        engine.backward(loss)
-        engine.step()
-        lv = float(loss.detach())  # a sync point (nothing is asynchronous on the CPU accelerator)
+        lv = 0.0
+        for j in range(args.grad_accum):  # fuyou's order of micro-batches: batch(step * N + j)
+            x, y = (b.to(engine.device) for b in data.batch(step * args.grad_accum + j))  # the accelerator's device
+            loss = engine(x, y)
+            engine.backward(loss)  # DeepSpeed scales it by 1/N (fuyou divides each micro-batch's loss by N)
+            engine.step()          # an update only at the accumulation boundary
+            lv += float(loss.detach()) / args.grad_accum  # a sync point (nothing is asynchronous on the CPU)
         dt = time.perf_counter() - t
         times.append(dt)
         losses.append(lv)
@@ -284,6 +286,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default="gpt-test", help="fuyou model preset (default %(default)s)")
     p.add_argument("--batch", type=int, default=4, help="micro-batch size (default %(default)s)")
     p.add_argument("--seq", type=int, default=64, help="sequence length (default %(default)s)")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default %(default)s)")
     p.add_argument("--steps", type=int, default=3, help="optimizer steps, warm-up included (default %(default)s)")
     p.add_argument("--warmup", type=int, default=1, help="steps left out of the medians and I/O counts")
     p.add_argument("--data", choices=("synthetic", "builtin"), default="synthetic",

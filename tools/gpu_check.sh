@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The one GPU check (issue 15). On a machine with one CUDA GPU, in about 8 minutes, it runs:
 #   1. pytest -m gpu: the engine on CUDA against the reference for every activation tier and clipping
-#      mode, kvikio, pinned-memory registration, the device and CPU budgets (tests/engine/test_cuda.py,
-#      tests/store/test_kvikio.py);
+#      mode, kvikio, pinned-memory registration, the device and CPU budgets with 1 and 4 micro-batches,
+#      a block's and the head's peak allocation against the plan (tests/engine/test_cuda.py,
+#      tests/engine/test_working_set.py, tests/store/test_kvikio.py);
 #   2. one traced training step (fuyou train --trace) of GPT-3 125M;
 #   3. the engine benchmark on GPT-3 1.3B with a 24 GiB GPU budget (TFLOPS, GPU busy fraction);
 #   4. bench/planner_validation.py --device cuda (one configuration);
@@ -80,7 +81,8 @@ step() {
 }
 
 SSD=$(mktemp -d /tmp/fuyou-gpu-check-XXXX)
-step "pytest -m gpu" 240 "$PY" -m pytest -m gpu -q -x --timeout 120 -p no:cacheprovider tests/engine/test_cuda.py tests/store/test_kvikio.py
+step "pytest -m gpu" 300 "$PY" -m pytest -m gpu -q -x --timeout 120 -p no:cacheprovider tests/engine/test_cuda.py \
+  tests/engine/test_working_set.py tests/store/test_kvikio.py
 step "one traced step" 60 "$PY" -m fuyou.cli train --offload ssd --ssd "$SSD/trace" --out "$SSD/runs" --model gpt3-125m \
   --trace "$DIR/trace.json" train.device=cuda train.steps=3 data.source=synthetic data.seq_len=1024 \
   train.micro_batch_size=8 offload.cpu_mem=16GiB run.save_weights=false train.eval_every=0

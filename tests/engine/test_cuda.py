@@ -63,15 +63,17 @@ def test_bf16_on_cuda_tracks_reference(tmp_path):
     _check(cfg, steps=10, loss_rel=1e-2, weight_rel=None)
 
 
-def test_device_and_cpu_budgets_hold_on_cuda(tmp_path):
-    """torch.cuda.max_memory_allocated <= the device plan; VmHWM <= fixed overhead + cpu budget."""
+@pytest.mark.parametrize("accum", [1, 4])
+def test_device_and_cpu_budgets_hold_on_cuda(tmp_path, accum):
+    """torch.cuda.max_memory_allocated <= the device plan; VmHWM <= fixed overhead + cpu budget; with
+    one micro-batch and with four (layer-major: one stage's fp32 sum, the tied gradient on the host)."""
     from fuyou.data import load_data
     from fuyou.engine.engine import Engine
     from fuyou.engine.malloc import resident_bytes
 
     cfg = make_cfg(tmp_path, "train.device=cuda", "model.preset=gpt-tiny", "data.seq_len=256",
                    "train.micro_batch_size=4", "train.precision=bf16", "offload.cpu_mem=1GiB",
-                   "offload.act_policy=fc2,proj=cpu;qkv=ssd", "train.grad_clip=1.0")
+                   "offload.act_policy=fc2,proj=cpu;qkv=ssd", "train.grad_clip=1.0", f"train.grad_accum={accum}")
     eng = Engine(cfg.model_copy(update={"offload": cfg.offload.model_copy(update={"mode": "ssd"})}),
                  load_data(cfg.data), "state")
     try:

@@ -43,39 +43,57 @@ CASES = {  # (family, d, ff, batch, seq, vocab): the llama one's loss runs in tw
 }
 
 
-def _stage_params(stage, dtype=torch.bfloat16, shared_from=None):
-    out = {k[len(stage.name) + 1:]: v.to(dtype) for k, v in stage.init_params(0).items()}
+def _stage_params(stage, device, dtype=torch.bfloat16, shared_from=None):
+    out = {k[len(stage.name) + 1:]: v.to(device, dtype) for k, v in stage.init_params(0).items()}
     for local, gkey in stage.shared.items():
-        out[local] = shared_from[gkey].to(dtype)
+        out[local] = shared_from[gkey].to(device, dtype)
     return out
 
 
+def peak_cuda_bytes(fn) -> int:
+    """The CUDA caching allocator's peak above what was allocated before ``fn``."""
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("case", CASES)
-def test_block_and_head_working_sets_are_within_the_plan(case):
+def test_working_sets_are_within_the_plan_on_cuda(case):
+    """The same on a GPU (flash attention, cuBLAS), with the caching allocator's peak."""
+    test_block_and_head_working_sets_are_within_the_plan(case, torch.device("cuda"))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_block_and_head_working_sets_are_within_the_plan(case, device=torch.device("cpu")):
     family, d, ff, batch, seq, vocab = CASES[case]
     base = preset("llama-test" if family == "llama" else "gpt-test")
     cfg = ModelConfig(**{**base, "preset": None, "n_layer": 2, "d_model": d, "n_head": 4, "d_ff": ff,
                          "vocab_size": vocab, "max_seq_len": seq, **({"n_kv_head": 4} if family == "llama" else {})})
     model = StageModel(cfg)
-    cpu = torch.device("cpu")
-    x, gy = torch.randn(batch, seq, d), torch.randn(batch, seq, d)
-    targets = torch.randint(0, vocab, (batch, seq))
+    x, gy = torch.randn(batch, seq, d, device=device), torch.randn(batch, seq, d, device=device)
+    targets = torch.randint(0, vocab, (batch, seq), device=device)
+    measure = peak_cuda_bytes if device.type == "cuda" else peak_bytes
 
     block = model.stages[1]
-    bp = _stage_params(block)
+    bp = _stage_params(block, device)
 
     def block_backward():
         inp, w = x.detach().requires_grad_(True), leaves(bp)
-        with torch.enable_grad(), autocast(cpu, "bf16"):
+        with torch.enable_grad(), autocast(device, "bf16"):
             out = block.forward(w, inp)
         torch.autograd.grad(out, [inp, *w.values()], gy)
 
     head = model.stages[-1]
-    hp = _stage_params(head, shared_from=model.stages[0].init_params(0))
+    hp = _stage_params(head, device, shared_from=model.stages[0].init_params(0))
 
     def head_step():
         inp, w = x.detach().requires_grad_(True), leaves(hp)
-        with torch.enable_grad(), autocast(cpu, "bf16"):
+        with torch.enable_grad(), autocast(device, "bf16"):
             loss = head.forward(w, inp, targets)
         torch.autograd.grad(loss, [inp, *w.values()])
 
@@ -83,8 +101,8 @@ def test_block_and_head_working_sets_are_within_the_plan(case):
     # The block's plan: its working set and, with one micro-batch, its gradients as autograd makes them
     # (the plan's "gradients leaving the device").
     plan = block_working_bytes(cfg, batch, seq, 2, block.num_params) + 2 * block.num_params
-    measured = peak_bytes(block_backward)
+    measured = measure(block_backward)
     assert plan >= measured >= 0.8 * plan, (measured / plan, measured, plan)
     plan = head_working_bytes(cfg, batch, seq)
-    measured = peak_bytes(head_step)
+    measured = measure(head_step)
     assert plan >= measured >= 0.8 * plan, (measured / plan, measured, plan)

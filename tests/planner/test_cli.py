@@ -121,6 +121,26 @@ def test_train_plan_auto_probes_plans_and_trains(tmp_path, capsys):
     assert "act-policy.json" in (run_dir / "config.toml").read_text()  # the engine trained with the plan
 
 
+def test_train_plan_auto_splits_a_global_batch(tmp_path, capsys):
+    """train.global_batch without a split: --plan auto chooses it (the plan says which and why) and the
+    engine trains with it; the saved config holds the split, so a resume uses the same one."""
+    from fuyou.cli import main
+    from fuyou.config import load_config
+
+    ssd = tmp_path / "ssd"
+    ssd.mkdir()
+    rc = main(["train", "--offload", "ssd", "--ssd", str(ssd), "--cpu-mem", "1GiB", "--plan", "auto",
+               "--out", str(tmp_path / "runs"), "model.preset=gpt-test", "data.seq_len=32", "train.global_batch=4",
+               "train.steps=1", "train.grad_clip=none", "train.eval_batches=1", "train.eval_every=0"])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert "global batch        4 = " in err and "splits tried" in err
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    t = load_config(run_dir / "config.toml").train
+    assert t.micro_batch_size * t.grad_accum == 4 == t.global_batch
+    assert "1 steps of 4 x 32 tokens" in err
+
+
 def test_plan_models_exact_clipping_and_commit_intervals(capsys):
     """The issue's machine (13B, 2x990 Pro, 256 GiB, batch 8): crash safety at the default interval
     costs <= 10 % of the step against commit=none, committing every step costs far more, and the plan
