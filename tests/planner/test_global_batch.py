@@ -122,3 +122,14 @@ def test_train_reports_the_split(tmp_path, capsys):
     with pytest.raises(ConfigError, match="not a multiple"):
         from fuyou.config import load_config
         load_config(None, ["train.global_batch=6", "train.grad_accum=4"])
+
+
+@pytest.mark.parametrize("model,ssd,cpu,batch", [("gpt3-1.3b", "2x990-pro", 64, 8), ("gpt3-13b", "1x990-pro", 64, 8)])
+def test_the_named_bottleneck_is_the_what_if_that_matters(model, ssd, cpu, batch):
+    from fuyou.planner.report import WHATIF_RESOURCE, summary
+
+    hw = resolve(HardwareConfig(gpu="rtx4090", ssd=ssd))
+    plan = search(Workload(ModelConfig(**preset(model)), batch, 1024), hw, cpu * GiB)
+    s = summary(plan)
+    gains = {WHATIF_RESOURCE[k]: s["step_s"] / t for k, t in plan.whatif.items() if k in WHATIF_RESOURCE}
+    assert s["bottleneck"].split()[0] == max(gains, key=gains.get), (s["bottleneck"], gains)
