@@ -136,6 +136,10 @@ def _add_planner_parsers(sub) -> None:
                     "(or give --batch or --grad-accum too, to set the split); a range LOW-HIGH (e.g. 32-256) also "
                     "chooses the global batch that trains the most tokens per second")
     pl.add_argument("--cpu-mem", default="256GiB", help="CPU memory budget, e.g. 256GiB")
+    pl.add_argument("--cpu-reserve", help="CPU memory the plan leaves unused, e.g. 8GiB (default: the process's fixed "
+                    "overhead, 1.5 GiB with CUDA's context or 256 MiB on a CPU, and 2%% of --cpu-mem for heap "
+                    "fragmentation); "
+                    "`fuyou train --cpu-mem` takes the planned figure")
     pl.add_argument("--profile", help="hardware profile JSON written by `fuyou probe`")
     pl.add_argument("--gpu", help="GPU preset: rtx3090, rtx4090, a100-40gb, a100-80gb, h100, h200")
     pl.add_argument("--ssd", help="SSD preset with a count, e.g. 12xd7-p5510 (d7-p5510, 990-pro, pcie4-generic)")
@@ -259,8 +263,8 @@ def _plan(args) -> int:
     from fuyou.planner.hardware import resolve
     from fuyou.policy import parse_act_policy
     from fuyou.planner.report import plot, text, to_json
-    from fuyou.planner.search import search, search_global_batch, search_split
-    from fuyou.units import parse_size
+    from fuyou.planner.search import CPU_RESERVE, CPU_RESERVE_FRACTION, search, search_global_batch, search_split
+    from fuyou.units import format_size, parse_size
 
     tokens_goal = _token_count(args.tokens) if args.tokens else None
     for name in ("batch", "seq", "grad_accum"):
@@ -294,12 +298,20 @@ def _plan(args) -> int:
     policy = None
     if args.act_policy:
         policy = parse_act_policy(args.act_policy, cfg.n_layer, prefetch_depth=args.prefetch_depth or 2)
+    cpu_given = parse_size(args.cpu_mem)
+    reserve = (parse_size(args.cpu_reserve) if args.cpu_reserve is not None
+               else CPU_RESERVE[hw.device] + int(cpu_given * CPU_RESERVE_FRACTION))
+    cpu = cpu_given - reserve
+    if cpu <= 0:
+        raise ConfigError(f"--cpu-reserve {format_size(reserve)} leaves nothing of --cpu-mem {format_size(cpu_given)}; "
+                          f"reserve less (--cpu-reserve 0 plans the whole budget)")
     if split is None:
-        plan = search(w, hw, parse_size(args.cpu_mem), policy)
+        plan = search(w, hw, cpu, policy)
     elif split[0] == split[1]:
-        plan = search_split(w, hw, parse_size(args.cpu_mem), split[0], policy)
+        plan = search_split(w, hw, cpu, split[0], policy)
     else:
-        plan = search_global_batch(w, hw, parse_size(args.cpu_mem), *split, policy)
+        plan = search_global_batch(w, hw, cpu, *split, policy)
+    plan.cpu_given = cpu_given
     plan.tokens_goal = tokens_goal
     print(json.dumps(to_json(plan), indent=1) if args.json else text(plan))
     if args.plot and plan.feasible:

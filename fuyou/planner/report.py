@@ -56,7 +56,8 @@ def summary(plan: Plan) -> dict:
     w, hw, ev = plan.workload, plan.hardware, plan.best
     out = {"model": w.model.preset or f"{w.model.family} {w.model.n_layer}x{w.model.d_model}",
            "parameters": w.stage_model.num_params, "batch": w.batch, "seq": w.seq, "grad_accum": w.grad_accum,
-           "hardware": hw.source, "feasible": ev.feasible}
+           "hardware": hw.source, "feasible": ev.feasible, "cpu_budget_bytes": ev.memory.cpu_budget,
+           "cpu_given_bytes": plan.cpu_given}
     if plan.split:
         out["split"] = {"global_batch": w.batch * w.grad_accum, "reason": plan.split_reason,
                         "tried": [{"micro_batch": b, "micro_batches": m, "step_s": t, "note": why}
@@ -151,7 +152,9 @@ def text(plan: Plan) -> str:
     s = summary(plan)
     w = plan.workload
     head = (f"fuyou plan: {s['model']} ({_si(s['parameters'])} parameters), batch {w.batch} x seq {w.seq}"
-            + (f" x {w.grad_accum} micro-batches" if w.grad_accum > 1 else "") + f"\nhardware: {s['hardware']}")
+            + (f" x {w.grad_accum} micro-batches" if w.grad_accum > 1 else "") + f"\nhardware: {s['hardware']}"
+            + (f"; CPU memory {s['cpu_budget_bytes'] / 2**30:.2f} of {plan.cpu_given / 2**30:.2f} GiB planned "
+               f"(--cpu-reserve; give fuyou train the planned figure)" if plan.cpu_given else ""))
     if not s["feasible"]:
         return (head + "\n" + "".join(line + "\n" for line in _split_lines(s)) + "\nDOES NOT FIT:\n"
                 + "\n".join(f"  - {p}" for p in s["problems"])

@@ -33,6 +33,10 @@ from fuyou.planner.simulate import SimResult, simulate
 from fuyou.units import format_size
 
 SEARCH_STEPS = 2   # steps simulated per candidate (steady state from the second)
+#: `fuyou plan`: the process's fixed overhead by compute device (torch, and the CUDA context's host side; the
+#: engine prints what it measured as "fixed overhead before the engine": ~0.24 GiB on a CPU)
+CPU_RESERVE = {"cuda": 1536 * 1024**2, "cpu": 256 * 1024**2}
+CPU_RESERVE_FRACTION = 0.02    # and heap fragmentation, of --cpu-mem: left out of the planned budget
 REPORT_STEPS = 3   # steps simulated for the chosen plan
 
 
@@ -69,6 +73,7 @@ class Plan:
     whatif: dict[str, float] = field(default_factory=dict)
     evaluations: int = 0
     tokens_goal: int | None = None   # `fuyou plan --tokens`: report the time to train on this many tokens
+    cpu_given: int | None = None     # `fuyou plan --cpu-mem` before its --cpu-reserve (the plan's budget is less)
     split: list[tuple[int, int, float | None, str]] = field(default_factory=list)
     """``search_split``: the splits of the global batch considered, (micro-batch, micro-batches, step
     seconds or None, why it does not fit or why it was chosen), in the order tried."""

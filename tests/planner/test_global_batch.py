@@ -133,3 +133,19 @@ def test_the_named_bottleneck_is_the_what_if_that_matters(model, ssd, cpu, batch
     s = summary(plan)
     gains = {WHATIF_RESOURCE[k]: s["step_s"] / t for k, t in plan.whatif.items() if k in WHATIF_RESOURCE}
     assert s["bottleneck"].split()[0] == max(gains, key=gains.get), (s["bottleneck"], gains)
+
+
+def test_plans_keep_cpu_headroom(capsys):
+    """Like the GPU's (--gpu-reserve), the CPU budget keeps a stated margin, user-adjustable."""
+    import json
+
+    flags = ["plan", "--model", "gpt3-1.3b", "--gpu", "rtx4090", "--ssd", "2x990-pro", "--cpu-mem", "64GiB", "--json"]
+    assert main(flags) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["cpu_given_bytes"] == 64 * GiB
+    assert s["cpu_budget_bytes"] == 64 * GiB - int(1.5 * GiB) - int(64 * GiB * 0.02)
+    assert s["cpu_peak_bytes"] <= s["cpu_budget_bytes"]
+    assert main([*flags, "--cpu-reserve", "0"]) == 0
+    assert json.loads(capsys.readouterr().out)["cpu_budget_bytes"] == 64 * GiB
+    assert main([*flags[:-1], "--cpu-reserve", "64GiB"]) == 2
+    assert "leaves nothing" in capsys.readouterr().err
