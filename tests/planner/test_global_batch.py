@@ -17,9 +17,13 @@ GiB = 1024**3
 
 
 def _plan(model, ssd, cpu_gib, batch, accum=1, ladder=True):
+    """As `fuyou plan` plans it: the GPU's and the CPU's default reserves left out."""
+    from fuyou.planner.search import CPU_RESERVE, CPU_RESERVE_FRACTION
+
     hw = resolve(HardwareConfig(gpu="rtx4090", ssd=ssd))
     w = Workload(ModelConfig(**preset(model)), batch, 1024, offload=OffloadConfig(), grad_accum=accum)
-    return hw, search(w, hw, cpu_gib * GiB, whatif=False, ladder=ladder)
+    cpu = cpu_gib * GiB - CPU_RESERVE["cuda"] - int(cpu_gib * GiB * CPU_RESERVE_FRACTION)
+    return hw, search(w, hw, cpu, whatif=False, ladder=ladder)
 
 
 @pytest.mark.parametrize("model,ssd,cpu,batch,accum", [
