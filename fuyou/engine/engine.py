@@ -449,13 +449,7 @@ class Engine:
         buf = watchdog.acquire(self.shared_pool, g.numel() * g.element_size(), g.dtype,
                                "the host buffer of the tied embedding's gradient")
         host = buf.tensor.view(g.shape)
-        self.d2h_stream.wait_stream(self.dev.compute)
-        self.dev.record_stream(g, self.d2h_stream)
-        self.dev.to_host(host, g, self.d2h_stream)
-        ev = self.dev.event().record(self.d2h_stream)
-        self._leaving.add(ev)
-        self.counters.add(d2h_bytes=g.numel() * g.element_size())
-        return buf, host, ev
+        return buf, host, self._gradient_d2h([(host, g)])
 
     def _shared_in(self, buf, host: Tensor, ev) -> Tensor:
         """Back on the device for the embedding's sum, on the compute stream (0.1 s at 175B's 2.4 GB,
@@ -597,14 +591,21 @@ class Engine:
         if into is None:
             buf = watchdog.acquire(self.grad_pool, st.numel * dtype_size(self.gdtype), self.gdtype, "a gradient buffer")
             into, release = buf.tensor, buf.release
+        ev = self._gradient_d2h([(into[offset:offset + part.numel()], part) for part, offset in parts])
+        return into, release, ev
+
+    def _gradient_d2h(self, copies: list[tuple[Tensor, Tensor]]):
+        """Copy device gradients to pinned host memory ((host, device) pairs) on the D2H stream, after
+        the compute that made them; the copy is one of the gradients leaving the device (``_leaving``).
+        Returns its event."""
         self.d2h_stream.wait_stream(self.dev.compute)
-        for part, offset in parts:
+        for host, part in copies:
             self.dev.record_stream(part, self.d2h_stream)
-            self.dev.to_host(into[offset:offset + part.numel()], part, self.d2h_stream)
+            self.dev.to_host(host, part, self.d2h_stream)
         ev = self.dev.event().record(self.d2h_stream)
         self._leaving.add(ev)
-        self.counters.add(d2h_bytes=st.numel * dtype_size(self.gdtype))
-        return into, release, ev
+        self.counters.add(d2h_bytes=sum(part.numel() * part.element_size() for _, part in copies))
+        return ev
 
     def _bound_leaving(self, n: int) -> None:
         """At most ``n`` gradients on their way to the host (the plan's "gradients leaving the device"):

@@ -15,8 +15,8 @@ Note: [Stream hand-offs]
     (``Device.after``). The GPU may run behind the host: a load waits (in its loader thread) until
     compute has released the position ``prefetch_depth + 1`` back, so no more stages are on the device
     than the plan counts (the one computing and ``prefetch_depth`` ahead); ``release`` drops the
-    position's tensor before it records that event, so nothing the loader threads hold keeps it alive. On a host device the loaded tensor is the cache entry or the pool buffer
-    itself; no copy, no events. All of it goes through the device seam (``fuyou.engine.device``).
+    position's tensor before it records that event, so nothing the loader threads hold keeps it alive.
+    On a host device the loaded tensor is the cache entry or the pool buffer itself; no copy, no events. All of it goes through the device seam (``fuyou.engine.device``).
 """
 
 from __future__ import annotations
