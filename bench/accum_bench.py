@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
-from common import machine_header, publish, run_worker  # bench/ is the script's directory
+from common import machine_header, publish, run_worker, timed_engine_run  # bench/ is the script's directory
 
 MODEL = ["model.n_layer=8", "model.d_model=768", "model.n_head=12", "model.vocab_size=320", "model.max_seq_len=256"]
 COMMON = ["data.source=synthetic", "train.grad_clip=none", "train.precision=bf16", "train.eval_every=0",
@@ -34,29 +33,10 @@ COMMON = ["data.source=synthetic", "train.grad_clip=none", "train.precision=bf16
 
 
 def worker(args) -> None:
-    from fuyou.config import load_config
-    from fuyou.data import load_data
-    from fuyou.engine.engine import Engine
-
-    cfg = load_config(overrides=json.loads(args.overrides))
-    eng = Engine(cfg, load_data(cfg.data), f"accum-bench-{os.getpid()}")
-    try:
-        for step in range(args.warmup):
-            eng.train_step(step)
-        eng.worker.wait_all()
-        t0 = time.perf_counter()
-        counters = []
-        for step in range(args.warmup, args.warmup + args.steps):
-            eng.train_step(step)
-            counters.append(eng.counters)
-        eng.worker.wait_all()
-        dt = time.perf_counter() - t0
-        total = {k: sum(c.as_dict()[k] for c in counters) / args.steps
-                 for k in counters[0].as_dict() if k.endswith("_bytes")}
-    finally:
-        eng.completed = True
-        eng.close()
-    print(json.dumps({"step_s": dt / args.steps, "bytes": total}))
+    step_s, counters = timed_engine_run(json.loads(args.overrides), args.steps, args.warmup, "accum-bench")
+    total = {k: sum(c.as_dict()[k] for c in counters) / args.steps
+             for k in counters[0].as_dict() if k.endswith("_bytes")}
+    print(json.dumps({"step_s": step_s, "bytes": total}))
 
 
 def main(argv=None) -> int:

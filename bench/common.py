@@ -9,6 +9,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 
@@ -48,3 +49,30 @@ def publish(lines: list[str] | str, markdown: str | Path | None) -> str:
         with open(markdown, "a", encoding="utf-8") as fh:
             fh.write(report + "\n")
     return report
+
+
+def timed_engine_run(overrides: list[str], steps: int, warmup: int, store_name: str) -> tuple[float, list]:
+    """The engine (``fuyou.engine.engine.Engine``) on the config of ``overrides``, in this process:
+    ``warmup`` steps and a wait for the optimizer, then ``steps`` steps timed to the end of their
+    optimizer work. Returns (seconds per timed step, the timed steps' ``StepCounters``, read after the
+    last wait: a step's updates may finish during the next one). Its SSD state is deleted at the end."""
+    from fuyou.config import load_config
+    from fuyou.data import load_data
+    from fuyou.engine.engine import Engine
+
+    cfg = load_config(overrides=overrides)
+    eng = Engine(cfg, load_data(cfg.data), f"{store_name}-{os.getpid()}")
+    try:
+        for step in range(warmup):
+            eng.train_step(step)
+        eng.worker.wait_all()
+        t0 = time.perf_counter()
+        counters = []
+        for step in range(warmup, warmup + steps):
+            eng.train_step(step)
+            counters.append(eng.counters)
+        eng.worker.wait_all()
+        return (time.perf_counter() - t0) / steps, counters
+    finally:
+        eng.completed = True  # a benchmark run: delete its SSD state at close
+        eng.close()

@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
-from common import machine_header, publish, run_worker  # bench/ is the script's directory
+from common import machine_header, publish, run_worker, timed_engine_run  # bench/ is the script's directory
 
 MODEL = ["model.n_layer=8", "model.d_model=768", "model.n_head=12", "model.vocab_size=320", "model.max_seq_len=256"]
 CONFIGS = {
@@ -59,27 +58,8 @@ COMMON = ["data.source=synthetic", "train.grad_clip=none", "train.precision=bf16
 
 def worker(args) -> None:
     """One engine run in this process; prints a JSON line with the timed steps' wall time."""
-    from fuyou.config import load_config
-    from fuyou.data import load_data
-    from fuyou.engine.engine import Engine
-
-    cfg = load_config(overrides=json.loads(args.overrides))
-    eng = Engine(cfg, load_data(cfg.data), f"planner-val-{os.getpid()}")
-    try:
-        for step in range(args.warmup):
-            eng.train_step(step)
-        eng.worker.wait_all()
-        t0 = time.perf_counter()
-        counters = []
-        for step in range(args.warmup, args.warmup + args.steps):
-            eng.train_step(step)
-            counters.append(eng.counters.as_dict())
-        eng.worker.wait_all()
-        dt = time.perf_counter() - t0
-    finally:
-        eng.completed = True  # a benchmark run: delete its SSD state at close
-        eng.close()
-    print(json.dumps({"step_s": dt / args.steps, "counters": counters}))
+    step_s, counters = timed_engine_run(json.loads(args.overrides), args.steps, args.warmup, "planner-val")
+    print(json.dumps({"step_s": step_s, "counters": [c.as_dict() for c in counters]}))
 
 
 def run_engine(overrides: list[str], args) -> dict:
