@@ -126,8 +126,9 @@ def _add_planner_parsers(sub) -> None:
                         "numbers, or --profile FILE from `fuyou probe`.")
     pl.add_argument("--model", default="gpt3-13b", help="model preset (see `fuyou models`), or a path: a Hugging "
                     "Face config.json or model directory, or a fuyou run directory (no weights are read)")
-    pl.add_argument("overrides", nargs="*", metavar="model.KEY=VALUE",
-                    help="model field overrides, as for fuyou train, e.g. model.n_layer=48")
+    pl.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE",
+                    help="overrides, as for fuyou train: model fields (model.n_layer=48), engine settings "
+                    "(offload.checkpoint_dtype=auto) and train.precision")
     pl.add_argument("--batch", type=int, help="micro-batch size (sequences; default 16, or with --global-batch "
                     "the planner's split)")
     pl.add_argument("--seq", type=int, default=1024, help="sequence length")
@@ -224,8 +225,12 @@ def _global_batch(args) -> tuple[int, int] | None:
     return None
 
 
-def _plan_model_fields(model: str, overrides: list[str]) -> dict:
-    """The model to plan: a preset or a path (``hf.source.model_shape``), with ``model.KEY=VALUE`` overrides."""
+PLAN_SECTIONS = ("model", "offload", "train.precision")
+
+
+def _plan_model_fields(model: str, overrides: list[str]) -> tuple[dict, dict]:
+    """The model to plan: a preset or a path (``hf.source.model_shape``), with ``model.KEY=VALUE`` overrides;
+    and the other sections' overrides plan takes (``PLAN_SECTIONS``), as {section: {key: value}}."""
     from pathlib import Path
 
     from fuyou.config import _parse_value
@@ -243,14 +248,18 @@ def _plan_model_fields(model: str, overrides: list[str]) -> dict:
         from fuyou.hf.source import model_shape
 
         fields = model_shape(model)
+    other: dict[str, dict] = {}
     for item in overrides:
         key, sep, text = item.partition("=")
         section, _, name = key.strip().partition(".")
-        if not sep or section != "model" or not name:
-            raise ConfigError(f"plan override {item!r}: plan takes model.KEY=VALUE overrides (the batch, sequence and "
-                              f"hardware have their own flags)")
-        fields[name] = _parse_value(text.strip())
-    return fields
+        if not sep or not name or not (section in PLAN_SECTIONS or key.strip() in PLAN_SECTIONS):
+            raise ConfigError(f"plan override {item!r}: plan takes model.KEY=VALUE, offload.KEY=VALUE and "
+                              f"train.precision=VALUE overrides (the batch, sequence and hardware have their own flags)")
+        if section == "model":
+            fields[name] = _parse_value(text.strip())
+        else:
+            other.setdefault(section, {})[name] = _parse_value(text.strip())
+    return fields, other
 
 
 def _plan(args) -> int:
@@ -271,7 +280,8 @@ def _plan(args) -> int:
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     split = _global_batch(args)
-    cfg = ModelConfig(**_plan_model_fields(args.model, args.overrides))
+    fields, other = _plan_model_fields(args.model, args.overrides)
+    cfg = ModelConfig(**fields)
     if args.seq > cfg.max_seq_len:
         cfg = cfg.model_copy(update={"max_seq_len": args.seq})
     nums = {k: getattr(args, k) for k in ("gpu_tflops", "ssd_read", "ssd_write", "pcie_bw", "cpu_adam")}
@@ -288,13 +298,17 @@ def _plan(args) -> int:
     from fuyou.engine.config import OffloadConfig
 
     try:
-        off = OffloadConfig(commit=args.commit, commit_every=args.commit_every)
+        off = OffloadConfig(**{"commit": args.commit, "commit_every": args.commit_every, **other.get("offload", {})})
         clip = None if args.grad_clip.lower() == "none" else float(args.grad_clip)
     except ValueError as e:
-        raise ConfigError(f"invalid --commit-every or --grad-clip: {e}") from None
+        raise ConfigError(f"invalid --commit-every, --grad-clip or offload override: {e}") from None
+    precision = other.get("train", {}).get("precision", "bf16")
+    if precision not in ("bf16", "fp32"):
+        raise ConfigError(f"train.precision={precision}: bf16 or fp32")
     if clip is not None and not (0 < clip < float("inf")):
         raise ConfigError(f"--grad-clip must be a positive number or none, got {args.grad_clip}")
-    w = Workload(cfg, args.batch or 16, args.seq, grad_accum=args.grad_accum or 1, offload=off, grad_clip=clip)
+    w = Workload(cfg, args.batch or 16, args.seq, grad_accum=args.grad_accum or 1, offload=off, grad_clip=clip,
+                 csize=2 if precision == "bf16" else 4)
     policy = None
     if args.act_policy:
         policy = parse_act_policy(args.act_policy, cfg.n_layer, prefetch_depth=args.prefetch_depth or 2)

@@ -11,9 +11,22 @@ Classes, in DESIGN.md's swap-priority order (recompute FLOPs saved per byte kept
 * ``fc1``  first MLP matmul output, B*T*ff (llama: gate and up outputs, 2*B*T*ff).
 
 Keeping a class saves its matmul's recomputation (2*B*T*in*out FLOPs). The stage input
-``checkpoint`` (B*T*d, fp32) is always kept; only its tier is chosen. Tiers: ``gpu`` (the compute
+``checkpoint`` (B*T*d) is always kept; its tier and its dtype are chosen. Tiers: ``gpu`` (the compute
 device's memory), ``cpu``, ``ssd``; a class not kept is ``recompute``. Activations are stored in the
-compute dtype (2 bytes), the checkpoint in fp32.
+compute dtype (2 bytes); the checkpoint in fp32 (exact) or, with ``checkpoint_dtype=bf16``, in 2 bytes
+(not fp16: the residual stream outgrows its range).
+
+Note: [Checkpoint dtype] A checkpoint stored in bf16 is the block's input *rounded*, and the
+block computes from the rounded value in forward as in its recomputation: forward, recomputation and
+backward are one function, so the gradients are exact for the model with a rounding at that block's
+input (the gradient passes the rounding unchanged, as a straight-through estimator). The residual stream
+between blocks stays fp32 otherwise. This is Megatron-LM's bf16 residual stream
+(``fp32_residual_connection=False``, its default), applied once per block instead of at every add. The
+reference trainer applies the same rounding for the same configuration (``stage_input_dtypes``), so the
+fp32 equivalence tests stay ``torch.equal`` with it; its effect on training against fp32 checkpoints
+is measured in tests/engine/test_checkpoint_dtype.py. ``offload.checkpoint_dtype`` sets it for blocks
+the policy leaves open (``fp32``; ``compute``: the compute dtype; ``auto``: fp32 unless the planner
+chose otherwise); ``fuyou plan`` decides it per block with ``auto`` (``fuyou.planner.search``).
 
 The JSON form (what ``fuyou plan --json`` emits and the engine reads)::
 
@@ -21,7 +34,8 @@ The JSON form (what ``fuyou plan --json`` emits and the engine reads)::
      "cache_weights_stages": 12, "prefetch_depth": 2}
 
 The human form (``fuyou train --act-policy``): ``recompute`` or ``RULE[;RULE...]`` with
-``RULE = [A-B:]CLASSES=TIER``, e.g. ``fc2,proj=ssd``, ``30-39:all=gpu``, ``fc2=cpu;0-3:checkpoint=gpu``.
+``RULE = [A-B:]CLASSES=TIER``, e.g. ``fc2,proj=ssd``, ``30-39:all=gpu``, ``fc2=cpu;0-3:checkpoint=gpu``,
+or ``[A-B:]checkpoint_dtype=fp32|bf16``.
 Rules apply in order, later ones overriding earlier ones; blocks no rule names keep everything
 recomputed and their checkpoint on the GPU.
 """
@@ -42,6 +56,8 @@ CLASSES = ACT_CLASSES  # defined beside the block code that produces them
 TIERS = ("gpu", "cpu", "ssd")
 Tier = Literal["gpu", "cpu", "ssd"]
 Place = Literal["recompute", "gpu", "cpu", "ssd"]
+CkptDtype = Literal["fp32", "bf16"]
+DTYPE_BYTES = {"fp32": 4, "bf16": 2}
 
 
 class BlockPolicy(BaseModel):
@@ -49,7 +65,10 @@ class BlockPolicy(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    checkpoint: Tier = Field("gpu", description="Tier of the block's input checkpoint (fp32, always kept).")
+    checkpoint: Tier = Field("gpu", description="Tier of the block's input checkpoint (always kept).")
+    checkpoint_dtype: CkptDtype | None = Field(
+        None, description="dtype the checkpoint is stored in (16 bits: the block's input rounded, Note: [Checkpoint "
+        "dtype]); None: offload.checkpoint_dtype decides.")
     fc2: Place = Field("recompute", description="Second MLP matmul output: tier, or recompute.")
     proj: Place = Field("recompute", description="Attention output projection: tier, or recompute.")
     qkv: Place = Field("recompute", description="QKV projection output: tier, or recompute.")
@@ -114,6 +133,8 @@ class ActivationPolicy(BaseModel):
                     by_tier.setdefault(tier, []).append(c)
             rng = "" if (i, j) == (0, n_layer - 1) else (f"{i}:" if i == j else f"{i}-{j}:")
             rules += [f"{rng}{','.join(cs)}={t}" for t, cs in by_tier.items()]
+            if b.checkpoint_dtype is not None:
+                rules.append(f"{rng}checkpoint_dtype={b.checkpoint_dtype}")
             i = j + 1
         return ";".join(rules) or "recompute"
 
@@ -132,12 +153,13 @@ class ActivationPolicy(BaseModel):
             msgs = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg'].removeprefix('Value error, ')}"
                              for x in e.errors())
             raise ConfigError(f"invalid activation policy ({msgs}); classes are checkpoint (gpu|cpu|ssd) and "
-                              f"{', '.join(CLASSES)} (recompute|gpu|cpu|ssd)") from None
+                              f"{', '.join(CLASSES)} (recompute|gpu|cpu|ssd), checkpoint_dtype fp32|bf16") from None
 
 
 _HELP = ("write 'recompute' or RULE[;RULE...] with RULE = [A-B:]CLASSES=TIER, CLASSES a comma list of "
          f"checkpoint, {', '.join(CLASSES)} or all, TIER one of recompute, gpu, cpu, ssd "
-         "(checkpoint: gpu, cpu or ssd); for example 'fc2,proj=ssd' or '30-39:all=gpu;0-3:checkpoint=cpu'")
+         "(checkpoint: gpu, cpu or ssd), or [A-B:]checkpoint_dtype=fp32|bf16; for example 'fc2,proj=ssd' or "
+         "'30-39:all=gpu;0-3:checkpoint=cpu;checkpoint_dtype=bf16'")
 
 
 def parse_act_policy(text: str, n_layer: int, **kw) -> ActivationPolicy:
@@ -152,7 +174,10 @@ def parse_act_policy(text: str, n_layer: int, **kw) -> ActivationPolicy:
         rng, _, body = rule.rpartition(":")
         lhs, eq, tier = body.partition("=")
         tier = tier.strip()
-        if not eq or not lhs.strip() or tier not in ("recompute", *TIERS):
+        is_dtype = lhs.strip() == "checkpoint_dtype"
+        if is_dtype and tier not in DTYPE_BYTES:
+            raise ConfigError(f"rule {rule!r}: checkpoint_dtype is fp32 or bf16; {_HELP}")
+        if not eq or (not is_dtype and (not lhs.strip() or tier not in ("recompute", *TIERS))):
             raise ConfigError(f"cannot read rule {rule!r}; {_HELP}")
         lo, hi = 0, n_layer - 1
         if rng:
@@ -164,6 +189,10 @@ def parse_act_policy(text: str, n_layer: int, **kw) -> ActivationPolicy:
             if not 0 <= lo <= hi < n_layer:
                 raise ConfigError(f"block range {rng!r} in rule {rule!r} is outside 0-{n_layer - 1} "
                                   f"(the model has {n_layer} blocks)")
+        if is_dtype:
+            for i in range(lo, hi + 1):
+                blocks[i]["checkpoint_dtype"] = tier
+            continue
         names = [c.strip() for c in lhs.split(",")]
         classes: list[str] = []
         for c in names:
@@ -189,32 +218,54 @@ class KeepPolicy:
     checkpoint: str = "gpu"
     classes: dict[str, str] = field(default_factory=dict)   # class -> tier, only kept classes
     all: str | None = None                                    # keep the whole graph in this tier
+    checkpoint_dtype: str = "fp32"                            # fp32, or bf16: the input rounded
+
+    @property
+    def checkpoint_bytes(self) -> int:
+        """Bytes per element of the stored checkpoint."""
+        return DTYPE_BYTES[self.checkpoint_dtype]
 
     @property
     def recomputes(self) -> bool:
         return self.all is None
 
 
-def keep_policies(spec: str, n_layer: int) -> dict[int, KeepPolicy]:
+def default_checkpoint_dtype(setting: str, precision: str) -> str:
+    """The checkpoint dtype of blocks the policy leaves open: ``offload.checkpoint_dtype`` (``fp32``,
+    ``compute``: the compute dtype, ``auto``: fp32 unless a plan chose) under ``train.precision``."""
+    return precision if setting == "compute" else "fp32"
+
+
+def keep_policies(spec: str, n_layer: int, default_dtype: str = "fp32") -> dict[int, KeepPolicy]:
     """Engine policies from ``--act-policy`` (the planner's human form, or a JSON file path). A block
-    whose four classes are all kept in one tier is kept whole (no recomputation at all)."""
+    whose four classes are all kept in one tier is kept whole (no recomputation at all).
+    ``default_dtype``: the checkpoint dtype of blocks the policy does not set (``default_checkpoint_dtype``)."""
     if spec.endswith(".json") and Path(spec).is_file():
         pol = ActivationPolicy.from_json(Path(spec).read_text())
         pol.check_layers(n_layer)
     else:
         pol = parse_act_policy(spec, n_layer)
-    return to_keep(pol, n_layer)
+    return to_keep(pol, n_layer, default_dtype)
 
 
-def to_keep(pol: ActivationPolicy, n_layer: int) -> dict[int, KeepPolicy]:
+def to_keep(pol: ActivationPolicy, n_layer: int, default_dtype: str = "fp32") -> dict[int, KeepPolicy]:
     """The engine's per-block policies for an ``ActivationPolicy`` (see ``keep_policies``)."""
     out = {}
     for i in range(n_layer):
         b = pol.block(i)
         kept = {c: getattr(b, c) for c in CLASSES if getattr(b, c) != "recompute"}
         tiers = set(kept.values())
+        dtype = b.checkpoint_dtype or default_dtype
         if len(kept) == len(CLASSES) and len(tiers) == 1:
-            out[i] = KeepPolicy(checkpoint=b.checkpoint, all=tiers.pop())
+            out[i] = KeepPolicy(checkpoint=b.checkpoint, all=tiers.pop(), checkpoint_dtype=dtype)
         else:
-            out[i] = KeepPolicy(checkpoint=b.checkpoint, classes=kept)
+            out[i] = KeepPolicy(checkpoint=b.checkpoint, classes=kept, checkpoint_dtype=dtype)
     return out
+
+
+def stage_input_dtypes(cfg) -> dict[int, str]:
+    """Blocks whose input is rounded (Note: [Checkpoint dtype]) -> the dtype, for a run's config: what
+    the engine does, and the reference trainer follows."""
+    pol = keep_policies(cfg.offload.act_policy, cfg.model.n_layer,
+                        default_checkpoint_dtype(cfg.offload.checkpoint_dtype, cfg.train.precision))
+    return {i: k.checkpoint_dtype for i, k in pol.items() if k.checkpoint_dtype != "fp32"}

@@ -275,7 +275,7 @@ def kept_activation_bytes(cfg_model, policy: dict, batch: int, seq: int, act_byt
     """Bytes of activations a policy (``fuyou.policy.KeepPolicy`` per block) keeps per tier for one
     micro-batch (a step keeps them for each of its micro-batches). A kept class costs its matmul output;
     a block kept whole is charged the block working-set estimate (everything autograd saves); a
-    checkpoint moved off the device, 4 B x B·T·d."""
+    checkpoint moved off the device, B·T·d in its dtype (4 B, or 2 B in bf16)."""
     d, tokens = cfg_model.d_model, batch * seq
     per_class = class_widths(cfg_model)
     whole = activation_bytes(cfg_model, batch, seq)["block_work"]
@@ -286,7 +286,7 @@ def kept_activation_bytes(cfg_model, policy: dict, batch: int, seq: int, act_byt
         for cls, tier in b.classes.items():
             out[tier] += act_bytes * tokens * per_class[cls]
         if b.checkpoint != "gpu":
-            out[b.checkpoint] += 4 * tokens * d
+            out[b.checkpoint] += b.checkpoint_bytes * tokens * d
     return out
 
 
@@ -294,7 +294,7 @@ def offtier_bytes(cfg_model, policy: dict, batch: int, seq: int, csize: int) -> 
     """Bytes of the largest single activation a policy sends off the device (``KeepPolicy`` per block):
     what one pending outgoing copy may keep alive (``LEAVING`` of them make the plan's "activations
     leaving the device"). A kept class is its matmul output; a block kept whole saves tensors up to
-    the fp32 residual stream or an MLP-wide tensor in the compute dtype; a checkpoint is fp32."""
+    the fp32 residual stream or an MLP-wide tensor in the compute dtype; a checkpoint is B·T·d in its dtype."""
     d, tokens = cfg_model.d_model, batch * seq
     per_class = class_widths(cfg_model)
     largest = 0
@@ -305,7 +305,7 @@ def offtier_bytes(cfg_model, policy: dict, batch: int, seq: int, csize: int) -> 
             if tier != "gpu":
                 largest = max(largest, csize * tokens * per_class[cls])
         if b.checkpoint != "gpu":
-            largest = max(largest, 4 * tokens * d)
+            largest = max(largest, b.checkpoint_bytes * tokens * d)
     return largest
 
 
@@ -341,6 +341,8 @@ def policy_memory(cfg_model, policy: dict, off, batch: int, seq: int, csize: int
     if max(per_block, default=0):
         extra_dev["activations fetched ahead"] = (off.act_prefetch_blocks + 1) * max(per_block)
     # Between stages each micro-batch's residual stream (or, in backward, its gradient) is on the device,
-    # with one more while a stage computes; blocks whose checkpoints stay there keep one per micro-batch.
-    on_device = micro_batches + 1 + micro_batches * sum(1 for b in policy.values() if b.checkpoint == "gpu")
-    return extra_cpu, extra_dev, on_device * act["checkpoint"]
+    # with one more while a stage computes (fp32); blocks whose checkpoints stay there keep one per
+    # micro-batch, in the checkpoint's dtype.
+    stream = act["checkpoint"] // 4  # elements
+    kept_ckpt = sum(b.checkpoint_bytes for b in policy.values() if b.checkpoint == "gpu") * stream
+    return extra_cpu, extra_dev, (micro_batches + 1) * act["checkpoint"] + micro_batches * kept_ckpt

@@ -53,6 +53,13 @@ class OffloadConfig(BaseModel):
         description="Activation policy: 'recompute', rules such as 'fc2,proj=ssd' or '30-39:all=gpu' "
         "(see fuyou/policy.py), or a policy JSON file from `fuyou plan --json`.",
     )
+    checkpoint_dtype: Literal["fp32", "compute", "auto"] = Field(
+        "fp32", description="dtype of the block-input checkpoints the activation policy does not set: 'fp32' (exact), "
+        "'compute' (train.precision's: 2 bytes under bf16, the block's input rounded to bf16 in forward and "
+        "backward alike, as Megatron-LM's bf16 residual; fuyou/policy.py, Note: [Checkpoint dtype]), 'auto' "
+        "(`fuyou plan` and --plan auto choose per block: the compute dtype where that keeps a checkpoint on the GPU "
+        "that fp32 would push off it; fp32 elsewhere).",
+    )
     act_cpu_mem: int | None = Field(
         None, ge=0, description="CPU memory for activations of tier 'cpu' (bytes or '1GiB'); beyond it they "
         "overflow to SSD. Default: a quarter of cpu_mem when the policy uses the cpu tier, else 0.",

@@ -96,7 +96,7 @@ from fuyou.engine.worker import OptimizerWorker, UpdateJob
 from fuyou.models import StageModel
 from fuyou.optim import adamw_backend
 from fuyou.optim.out_of_core import OutOfCoreAdamW
-from fuyou.policy import keep_policies
+from fuyou.policy import default_checkpoint_dtype, keep_policies
 from fuyou.store import PinnedPool, StoreConfig
 from fuyou.units import format_size
 from fuyou.data.batches import make_batches
@@ -128,7 +128,7 @@ class Engine:
         self.resumed = resume
         self.completed = False
         self.tied = bool(self.model.stages[-1].shared)
-        self.act = keep_policies(off.act_policy, cfg.model.n_layer)
+        self.act = keep_policies(off.act_policy, cfg.model.n_layer, default_checkpoint_dtype(off.checkpoint_dtype, t.precision))
         self.act_cpu_mem, self.act_offtier = act_cpu_share(self.act, off)
         self.batches, self.eval_batches = make_batches(cfg, data)
         # Activations swapped to the cpu/ssd tiers are freed out of order, mid-heap, where glibc cannot

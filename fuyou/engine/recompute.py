@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fuyou.engine.swapper import ActivationSwapper, Slot
+from fuyou.models.precision import DTYPES
 from fuyou.policy import KeepPolicy
 
 
@@ -143,8 +144,9 @@ class BlockState:
     """What the forward pass left for one block's backward."""
 
     def __init__(self, checkpoint: Slot | None = None, slots: dict[str, Slot] | None = None,
-                 graph: tuple | None = None, keeper: GraphKeeper | None = None):
+                 graph: tuple | None = None, keeper: GraphKeeper | None = None, dtype: torch.dtype | None = None):
         self.checkpoint, self.slots, self.graph, self.keeper = checkpoint, slots or {}, graph, keeper
+        self.dtype = dtype  # the block input's dtype, when the checkpoint is stored narrower
 
     def prefetch(self, swapper: ActivationSwapper) -> None:
         if self.keeper is not None:
@@ -167,7 +169,13 @@ class BlockState:
 def forward_block(swapper: ActivationSwapper, tag: str, policy: KeepPolicy, fn, weights: Tensor,
                   params: dict[str, Tensor], x: Tensor, autocast_ctx) -> tuple[Tensor, BlockState]:
     """Run a block forward under ``policy``; return its output and what backward needs. ``tag`` names
-    what it keeps in the swapper (``act/<tag>/...``): the block and the micro-batch, ``"3.0"``."""
+    what it keeps in the swapper (``act/<tag>/...``): the block and the micro-batch, ``"3.0"``.
+    A bf16 ``policy.checkpoint_dtype`` rounds the input first (fuyou/policy.py, Note: [Checkpoint dtype])."""
+    wide, narrow = x.dtype, DTYPES[policy.checkpoint_dtype]
+    rounds = narrow != wide
+    if rounds:
+        rounded = x.to(narrow)
+        x = rounded.to(wide)
     if policy.all is not None:
         inp = x.detach().requires_grad_(True)
         params = leaves(params)
@@ -177,11 +185,12 @@ def forward_block(swapper: ActivationSwapper, tag: str, policy: KeepPolicy, fn, 
         release_forward_weights(params)
         keeper.fwd_weights = None
         return out.detach(), BlockState(graph=(out, inp, params), keeper=keeper)
-    ck = swapper.put(f"act/{tag}/checkpoint", x, policy.checkpoint)
+    ck = swapper.put(f"act/{tag}/checkpoint", rounded if rounds else x, policy.checkpoint)
+    rounded = None
     rec = RecordContext(swapper, tag, policy) if policy.classes else None
     with torch.no_grad(), autocast_ctx():
         out = fn(params, x, rec)
-    return out, BlockState(checkpoint=ck, slots=rec.slots if rec else {})
+    return out, BlockState(checkpoint=ck, slots=rec.slots if rec else {}, dtype=wide if rounds else None)
 
 
 def release_forward_weights(params: dict[str, Tensor]) -> None:
@@ -207,7 +216,12 @@ def backward_block(swapper: ActivationSwapper, state: BlockState, fn, weights: T
         grads = torch.autograd.grad(out, [inp, *wrt.values()], grad_out)
         state.graph = None
     else:
-        inp = swapper.get(state.checkpoint).detach().requires_grad_(True)
+        inp = swapper.get(state.checkpoint).detach()
+        if state.dtype is not None:  # a bf16 checkpoint: widen it and let the narrow copy go at once
+            inp = inp.to(state.dtype)
+            swapper.free(state.checkpoint)
+            state.checkpoint = None
+        inp.requires_grad_(True)
         wrt = leaves(params)
         rep = ReplayContext(swapper, state.slots) if state.slots else None
         with torch.enable_grad(), autocast_ctx():

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from fuyou.engine.budget import class_widths, device_working_bytes
 from fuyou.engine.config import OffloadConfig
 from fuyou.models import ModelConfig, StageModel
-from fuyou.policy import CLASSES, ActivationPolicy
+from fuyou.policy import CLASSES, DTYPE_BYTES, ActivationPolicy, BlockPolicy, default_checkpoint_dtype
 from fuyou.store import StoreConfig
 
 
@@ -52,6 +52,15 @@ class Workload:
     @property
     def tokens(self) -> int:
         return self.batch * self.seq * self.grad_accum
+
+    @property
+    def checkpoint_default(self) -> str:
+        """The checkpoint dtype of blocks a policy leaves open (``offload.checkpoint_dtype``)."""
+        return default_checkpoint_dtype(self.offload.checkpoint_dtype, "bf16" if self.csize == 2 else "fp32")
+
+    def checkpoint_bytes(self, cost: "StageCost", block: BlockPolicy) -> int:
+        """One micro-batch's checkpoint of a block stage under its policy (``act_bytes`` count fp32)."""
+        return cost.act_bytes["checkpoint"] * DTYPE_BYTES[block.checkpoint_dtype or self.checkpoint_default] // 4
 
     @property
     def model_flops(self) -> float:
@@ -115,8 +124,9 @@ def placement_bytes(w: Workload, costs: list[StageCost], policy: ActivationPolic
         if c.kind != "block":
             continue
         b = policy.block(c.index - 1)
-        out["ckpt_" + b.checkpoint] += c.act_bytes["checkpoint"]
-        ssd_block = c.act_bytes["checkpoint"] if b.checkpoint == "ssd" else 0
+        ckpt = w.checkpoint_bytes(c, b)
+        out["ckpt_" + b.checkpoint] += ckpt
+        ssd_block = ckpt if b.checkpoint == "ssd" else 0
         for cls in CLASSES:
             tier = getattr(b, cls)
             if tier != "recompute":

@@ -106,7 +106,8 @@ def schedule_rows(plan: Plan) -> list[dict]:
                "optimizer state": "cpu (+ssd copy)" if c.index in resident else "ssd"}
         if c.kind == "block":
             b = plan.best.policy.block(c.index - 1)
-            row.update({"checkpoint": b.checkpoint, **{k: getattr(b, k) for k in CLASSES}})
+            dtype = b.checkpoint_dtype or plan.workload.checkpoint_default
+            row.update({"checkpoint": b.checkpoint, "checkpoint_dtype": dtype, **{k: getattr(b, k) for k in CLASSES}})
         row["busy_s"] = {r: busy[c.name].get(r, 0.0) for r in ROWS}
         rows.append(row)
     return rows
@@ -177,13 +178,14 @@ def text(plan: Plan) -> str:
            "GPU peak            - (CPU compute device: its memory is in the CPU figure)",
            f"prefetch depth      {s['prefetch_depth']}   ({s['evaluations']} configurations simulated)", "",
            plan.best.memory.describe(), "", "swap schedule (busy seconds per resource in one step):"]
-    hdr = f"{'stage':<10} {'ckpt':<5} " + " ".join(f"{c:<9}" for c in CLASSES) + f" {'weights':<9} {'adam st.':<8} " + \
+    hdr = f"{'stage':<10} {'ckpt':<8} " + " ".join(f"{c:<9}" for c in CLASSES) + f" {'weights':<9} {'adam st.':<8} " + \
         " ".join(f"{LABELS[r]:>9}" for r in ROWS)
     out += [hdr, "-" * len(hdr)]
     for r in schedule_rows(plan):
         cls = " ".join(f"{r.get(c, '-'):<9}" for c in CLASSES)
         state = "cpu" if r["optimizer state"].startswith("cpu") else "ssd"
-        out.append(f"{r['stage']:<10} {r.get('checkpoint', '-'):<5} {cls} {r['weights']:<9} {state:<8} "
+        ckpt = r.get("checkpoint", "-") + ("/bf16" if r.get("checkpoint_dtype") == "bf16" else "")
+        out.append(f"{r['stage']:<10} {ckpt:<8} {cls} {r['weights']:<9} {state:<8} "
                    + " ".join(f"{r['busy_s'][x]:>9.3g}" for x in ROWS))
     out += ["", timeline(plan), ""]
     return "\n".join(out)

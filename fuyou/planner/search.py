@@ -95,7 +95,7 @@ def memory_plan(w: Workload, hw: HardwareProfile, costs: list[StageCost], policy
     pb = placement_bytes(w, costs, policy)
     # The activation items are the engine's own (budget.policy_memory), from the engine's view of the
     # policy, so a plan the planner accepts is one the engine accepts.
-    keep = to_keep(policy, w.model.n_layer)
+    keep = to_keep(policy, w.model.n_layer, w.checkpoint_default)
     extra_cpu, extra_dev, ckpt_bytes = policy_memory(w.model, keep, off, w.batch, w.seq, w.csize,
                                                      w.store.checksum_block, w.grad_accum)
     plan = plan_memory(
@@ -180,8 +180,18 @@ def _assign(w, hw, costs, depth: int, tiers: tuple[str, ...], k: int, cpu_budget
                 return
 
     M = w.grad_accum  # each micro-batch of a step keeps its own
+    narrow = w.offload.checkpoint_dtype == "auto" and w.csize == 2
     for i in reversed(range(L)):
-        put(i, "checkpoint", M * costs[i + 1].act_bytes["checkpoint"])
+        fp32 = M * w.checkpoint_bytes(costs[i + 1], BlockPolicy(checkpoint_dtype="fp32"))
+        if narrow and room["gpu"] < fp32 <= 2 * room["gpu"]:
+            # auto: a bf16 checkpoint where that keeps on the GPU what fp32 would push off it (Note:
+            # [Checkpoint dtype] in fuyou/policy.py); fp32 everywhere else
+            blocks[i]["checkpoint_dtype"] = "bf16"
+            put(i, "checkpoint", fp32 // 2)
+            continue
+        if narrow:
+            blocks[i]["checkpoint_dtype"] = "fp32"
+        put(i, "checkpoint", M * w.checkpoint_bytes(costs[i + 1], BlockPolicy()))
     cands = [(i, cls) for cls in CLASSES for i in reversed(range(L))]
     for i, cls in cands[:k]:
         put(i, cls, M * costs[i + 1].act_bytes[cls])
@@ -309,7 +319,7 @@ def _from_lower_budgets(asked: Workload, w: Workload, hw: HardwareProfile, costs
         if not lower.feasible:
             break
         low_off = lower.workload.offload.model_copy(update={"cpu_mem": rung})
-        share, _ = act_cpu_share(to_keep(lower.best.policy, w.model.n_layer), low_off)
+        share, _ = act_cpu_share(to_keep(lower.best.policy, w.model.n_layer, w.checkpoint_default), low_off)
         caps = {"resident_mem": lower.best.memory.resident_bytes, "act_cpu_mem": share if share else None}
         w2 = dataclasses.replace(asked, offload=lower.workload.offload.model_copy(update=caps))
         e = evaluate(w2, hw, costs, lower.best.policy, cpu_budget, REPORT_STEPS)

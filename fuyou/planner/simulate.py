@@ -319,7 +319,7 @@ def _simulate(w: Workload, costs: list[StageCost], hw: HardwareProfile, policy: 
                     for cls in ("checkpoint", *CLASSES):
                         tier = getattr(bp, cls)
                         if tier in ("cpu", "ssd") and not (tier == "cpu" and not cuda):
-                            b = c.act_bytes[cls]
+                            b = w.checkpoint_bytes(c, bp) if cls == "checkpoint" else c.act_bytes[cls]
                             d = [t]
                             if cuda:
                                 d = [g.add(f"d2h act {c.name} {cls}", "d2h", "d2h", b / hw.d2h, d, step, c.name)]

@@ -22,7 +22,8 @@ from fuyou.config import FuyouConfig
 from fuyou.errors import ConfigError
 from fuyou.data import TokenData
 from fuyou.data.batches import make_batches
-from fuyou.models.precision import autocast
+from fuyou.models.precision import autocast, round_stage_input
+from fuyou.policy import stage_input_dtypes
 from fuyou.trainer import StepStats
 from fuyou.models import StageModel
 from fuyou.optim.schedule import lr_at
@@ -97,6 +98,9 @@ class ReferenceTrainer:
         )
         self.batches, self.eval_batches = make_batches(cfg, data)
         self.clipping = cfg.train.grad_clip is not None
+        # Blocks whose input the engine rounds for a bf16 checkpoint (fuyou/policy.py, Note: [Checkpoint
+        # dtype]): training rounds them here too; evaluation does not, in either.
+        self.rounded = stage_input_dtypes(cfg)
         self.start_step, self.resumed, self.failed, self.completed = 0, False, False, False
         self.trace_step = -1  # nothing to trace: one process, no background work
 
@@ -129,6 +133,8 @@ class ReferenceTrainer:
             with autocast(self.device, t.precision):
                 h = x
                 for s in self.model.stages[:-1]:
+                    if s.index - 1 in self.rounded:  # a block whose checkpoint is bf16
+                        h = round_stage_input(h, self.rounded[s.index - 1])
                     h = s.forward(s.bind(self.params), h)
                 loss = head.forward(head.bind({**self.params, **shared}), h, y) / t.grad_accum
             loss.backward()

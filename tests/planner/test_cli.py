@@ -279,3 +279,29 @@ def test_plans_keep_headroom_on_the_gpu(capsys):
     assert main(flags) == 0 and "22.09 of 24.00 GiB usable" in capsys.readouterr().out
     assert main(flags + ["--gpu-reserve", "30GiB"]) == 2
     assert "leaves nothing of the GPU's 24.00 GiB" in capsys.readouterr().err
+
+
+def test_plan_chooses_checkpoint_dtypes(capsys):
+    """`offload.checkpoint_dtype`: fp32 (default) keeps every checkpoint fp32; compute stores them in bf16
+    (half the checkpoint bytes); auto uses bf16 only for blocks whose fp32 checkpoint would not fit on
+    the GPU but whose bf16 one does, and says so per block; bad values and sections are refused."""
+    flags = ["plan", "--model", "gpt3-13b", "--gpu", "rtx4090", "--ssd", "2x990-pro", "--cpu-mem", "128GiB",
+             "--batch", "32", "--seq", "1024", "--json"]
+    plans = {}
+    for dt in ("fp32", "compute", "auto"):
+        assert main(flags + [f"offload.checkpoint_dtype={dt}"]) == 0
+        plans[dt] = json.loads(capsys.readouterr().out)
+    dtypes = {dt: [r.get("checkpoint_dtype") for r in p["schedule"] if "checkpoint" in r] for dt, p in plans.items()}
+    assert set(dtypes["fp32"]) == {"fp32"} and set(dtypes["compute"]) == {"bf16"}
+    auto_rows = [r for r in plans["auto"]["schedule"] if "checkpoint" in r]
+    narrow = [r for r in auto_rows if r["checkpoint_dtype"] == "bf16"]
+    assert narrow and all(r["checkpoint"] == "gpu" for r in narrow)  # bf16 only to stay on the GPU
+    assert all(r["checkpoint_dtype"] == "fp32" for r in auto_rows if r["checkpoint"] != "gpu")
+    assert all(plans["auto"]["policy"]["blocks"][r["stage"].split(".")[1]]["checkpoint_dtype"] == "bf16"
+               for r in narrow)  # the policy fuyou train --plan auto / --act-policy FILE carries it
+    assert plans["compute"]["ssd_bytes"] < plans["fp32"]["ssd_bytes"]
+    assert plans["compute"]["step_s"] <= plans["fp32"]["step_s"]
+    for bad, says in (("offload.checkpoint_dtype=fp16", "checkpoint_dtype"), ("optim.lr=1", "offload.KEY=VALUE"),
+                      ("train.precision=fp8", "bf16 or fp32")):
+        assert main(flags + [bad]) == 2
+        assert says in capsys.readouterr().err
