@@ -51,6 +51,12 @@
 #define FUYOU_X86 0
 #endif
 
+inline void _mm_sfence_if_x86() {
+#if FUYOU_X86
+  _mm_sfence();
+#endif
+}
+
 namespace {
 
 enum GradType { G_F32 = 0, G_BF16 = 1, G_F16 = 2 };
@@ -458,6 +464,234 @@ int fuyou_adamw_step(float* p, const void* g, int gtype, float* m, float* v, voi
     int64_t b = blk * kBlock, e = b + kBlock < n ? b + kBlock : n;
     fn(p, g, m, v, lowp, b, e, s);
   });
+  return isa;
+}
+
+}  // extern "C"
+
+// ---- compressed state (fuyou/optim/compressed.py, Note: [Compressed state]) -----------------------
+// The update of a chunk whose master is fp32 or bf16 and whose moments are fp32, bf16 or int8 codes
+// with a scale per block of 256. Each block of 256 elements is decoded into fp32 arrays in L1, updated
+// by the fp32 AdamW path above (so its arithmetic is the fp32 kernel's, bit for bit), and encoded
+// back. The decode and encode loops are plain IEEE fp32 operations (division, sqrt, round-half-even
+// through the 1.5*2^23 trick, integer max on the bits of non-negative floats), which GCC vectorises;
+// target_clones compiles them for AVX-512, AVX2 and the baseline, with the same results.
+namespace {
+
+enum PType { P_F32 = 0, P_BF16 = 1 };
+enum MType { M_F32 = 0, M_BF16 = 1, M_INT8 = 3 };
+enum { L_F32 = 3 };
+constexpr int kQ = 256;
+constexpr float kRne = 12582912.0f;
+
+struct QArgs {
+  void* p; int ptype;
+  const void* g; int gtype;
+  void* m; void* v; int mtype; float* ms; float* vs;
+  void* lowp; int ltype;
+  int64_t n;
+  uint32_t index0, key;
+  const int64_t* seg_end; const float* seg_decay; int nseg;
+  Scalars s;
+  int isa;
+};
+
+inline uint32_t lowbias32(uint32_t x) {
+  x ^= x >> 16; x *= 0x7FEB352Du; x ^= x >> 15; x *= 0x846CA68Bu; x ^= x >> 16;
+  return x;
+}
+
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void sr_bf16(const float* __restrict x, uint16_t* __restrict out, int len, uint32_t base) {
+  for (int i = 0; i < len; ++i) {
+    uint32_t u;
+    std::memcpy(&u, x + i, 4);
+    uint32_t r = lowbias32(base + static_cast<uint32_t>(i)) & 0xFFFFu;
+    uint32_t b = ((u + r) >> 16) & 0xFFFFu;
+    bool nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
+    out[i] = static_cast<uint16_t>(nan ? 0x7FC0u : b);
+  }
+}
+
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void widen_bf16(const uint16_t* __restrict h, float* __restrict out, int len) {
+  for (int i = 0; i < len; ++i) {
+    uint32_t u = static_cast<uint32_t>(h[i]) << 16;
+    std::memcpy(out + i, &u, 4);
+  }
+}
+
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void narrow_bf16(const float* __restrict x, uint16_t* __restrict out, int len) {
+  for (int i = 0; i < len; ++i) {
+    uint32_t u;
+    std::memcpy(&u, x + i, 4);
+    bool nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
+    uint32_t b = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    out[i] = static_cast<uint16_t>(nan ? 0x7FC0u : b);
+  }
+}
+
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void decode_m8(const int8_t* __restrict q, float a, float* __restrict out, int len) {
+  for (int i = 0; i < len; ++i) {
+    float qf = static_cast<float>(q[i]);
+    float mag = (qf * qf) / 16129.0f;
+    out[i] = std::copysign(mag * a, qf);
+  }
+}
+
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void decode_v8(const uint8_t* __restrict q, float a, float* __restrict out, int len) {
+  for (int i = 0; i < len; ++i) {
+    float u = static_cast<float>(q[i]) + 1.0f;
+    float t = u * u;
+    out[i] = ((t * t) * 2.3283064365386963e-10f) * a;  // 2^-32
+  }
+}
+
+// The largest |x| of a block, as the bits of a non-negative float (their integer order is the
+// float order); x is finite or the result is garbage, as with any non-finite update.
+__attribute__((target_clones("avx512f", "avx2", "default")))
+float abs_max(const float* __restrict x, int len) {
+  uint32_t mx = 0;
+  for (int i = 0; i < len; ++i) {
+    uint32_t u;
+    std::memcpy(&u, x + i, 4);
+    u &= 0x7FFFFFFFu;
+    mx = u > mx ? u : mx;
+  }
+  float f;
+  std::memcpy(&f, &mx, 4);
+  return f;
+}
+
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void encode_m8(const float* __restrict x, float a, int8_t* __restrict q, int len) {
+  if (!(a > 0.0f)) {
+    for (int i = 0; i < len; ++i) q[i] = 0;
+    return;
+  }
+  for (int i = 0; i < len; ++i) {
+    float y = std::sqrt(std::fabs(x[i]) / a) * 127.0f;
+    float r = (y + kRne) - kRne;
+    q[i] = static_cast<int8_t>(static_cast<int>(std::copysign(r, x[i])));
+  }
+}
+
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void encode_v8(const float* __restrict x, float a, uint8_t* __restrict q, int len) {
+  if (!(a > 0.0f)) {
+    for (int i = 0; i < len; ++i) q[i] = 0;
+    return;
+  }
+  for (int i = 0; i < len; ++i) {
+    float y = std::sqrt(std::sqrt(x[i] / a)) * 256.0f;
+    float r = ((y + kRne) - kRne) - 1.0f;
+    r = r < 0.0f ? 0.0f : (r > 255.0f ? 255.0f : r);
+    q[i] = static_cast<uint8_t>(static_cast<int>(r));
+  }
+}
+
+int gsize(int gtype) { return gtype == G_F32 ? 4 : 2; }
+
+// One block [base, base + len) (len <= 256; base a multiple of 256 from the chunk's start).
+void qblock(const QArgs& A, int64_t base, int len) {
+  alignas(64) float P[kQ], M[kQ], V[kQ];
+  float* pp = A.ptype == P_F32 ? static_cast<float*>(A.p) + base : P;
+  float* mp = A.mtype == M_F32 ? static_cast<float*>(A.m) + base : M;
+  float* vp = A.mtype == M_F32 ? static_cast<float*>(A.v) + base : V;
+  if (A.ptype == P_BF16) widen_bf16(static_cast<const uint16_t*>(A.p) + base, P, len);
+  if (A.mtype == M_BF16) {
+    widen_bf16(static_cast<const uint16_t*>(A.m) + base, M, len);
+    widen_bf16(static_cast<const uint16_t*>(A.v) + base, V, len);
+  } else if (A.mtype == M_INT8) {
+    decode_m8(static_cast<const int8_t*>(A.m) + base, A.ms[base / kQ], M, len);
+    decode_v8(static_cast<const uint8_t*>(A.v) + base, A.vs[base / kQ], V, len);
+  }
+  // the fp32 update, per weight-decay segment; an fp32 master writes a bf16/fp16 copy in the same pass
+  int fn_l = (A.ptype == P_F32 && (A.ltype == L_BF16 || A.ltype == L_F16)) ? A.ltype : L_NONE;
+  RangeFn fn = pick(A.gtype, fn_l, A.isa);
+  const char* g = static_cast<const char*>(A.g) + base * gsize(A.gtype);
+  void* lowp = fn_l == L_NONE ? nullptr : static_cast<char*>(A.lowp) + base * 2;
+  int64_t a = 0;
+  for (int k = 0; k < A.nseg && a < len; ++k) {
+    int64_t e = A.seg_end[k] - base;
+    if (e <= a) continue;
+    if (e > len) e = len;
+    Scalars s = A.s;
+    s.decay = A.seg_decay[k];
+    fn(pp, g, mp, vp, lowp, a, e, s);
+    a = e;
+  }
+  if (fn_l != L_NONE) _mm_sfence_if_x86();
+  if (A.ptype == P_BF16) {
+    uint16_t* out = static_cast<uint16_t*>(A.p) + base;
+    sr_bf16(P, out, len, A.key + A.index0 + static_cast<uint32_t>(base));
+    if (A.ltype == L_BF16) std::memcpy(static_cast<uint16_t*>(A.lowp) + base, out, 2 * len);
+    else if (A.ltype == L_F32) widen_bf16(out, static_cast<float*>(A.lowp) + base, len);
+  } else if (A.ltype == L_F32) {
+    std::memcpy(static_cast<float*>(A.lowp) + base, pp, 4 * len);
+  }
+  if (A.mtype == M_BF16) {
+    narrow_bf16(M, static_cast<uint16_t*>(A.m) + base, len);
+    narrow_bf16(V, static_cast<uint16_t*>(A.v) + base, len);
+  } else if (A.mtype == M_INT8) {
+    float am = abs_max(M, len), av = abs_max(V, len);
+    A.ms[base / kQ] = am;
+    A.vs[base / kQ] = av;
+    encode_m8(M, am, static_cast<int8_t*>(A.m) + base, len);
+    encode_v8(V, av, static_cast<uint8_t*>(A.v) + base, len);
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+// One AdamW step over n elements of a compressed state (Note: [Compressed state]); element j is the
+// stage's element index0 + j (index0 a multiple of 256; ms/vs point at the scale of element 0's
+// block). ptype 0 fp32 / 1 bf16; mtype 0 fp32 / 1 bf16 / 3 int8; ltype 0 none, 1 bf16, 2 fp16,
+// 3 fp32. Segments: nseg (end, decay) pairs covering [0, n) in order. Returns the ISA used.
+int fuyou_adamw_q_step(void* p, int ptype, const void* g, int gtype, void* m, void* v, int mtype,
+                       float* ms, float* vs, void* lowp, int ltype, int64_t n, int64_t index0, uint32_t key,
+                       const int64_t* seg_end, const double* seg_decay_d, int nseg,
+                       double w1, double beta2, double c2, double bc2_sqrt, double eps, double neg_step,
+                       double grad_scale, int num_threads, int isa) {
+  int best = best_isa();
+  if (isa < 0 || isa > best) isa = best;
+  QArgs A;
+  A.p = p; A.ptype = ptype; A.g = g; A.gtype = gtype; A.m = m; A.v = v; A.mtype = mtype; A.ms = ms; A.vs = vs;
+  A.lowp = lowp; A.ltype = ltype; A.n = n; A.index0 = static_cast<uint32_t>(index0); A.key = key;
+  A.seg_end = seg_end; A.nseg = nseg; A.isa = isa;
+  float decays[64];
+  if (nseg > 64) return -1;
+  for (int k = 0; k < nseg; ++k) decays[k] = static_cast<float>(seg_decay_d[k]);
+  A.seg_decay = decays;
+  Scalars& s = A.s;
+  s.decay = 1.0f;
+  s.w1 = static_cast<float>(w1);
+  s.w1m1 = s.w1 - 1.0f;
+  s.w_small = std::fabs(s.w1) < 0.5f;
+  s.b2 = static_cast<float>(beta2);
+  s.c2 = static_cast<float>(c2);
+  s.bc2s = static_cast<float>(bc2_sqrt);
+  s.eps = static_cast<float>(eps);
+  s.ns = static_cast<float>(neg_step);
+  s.gs = static_cast<float>(grad_scale);
+
+  int64_t nblocks = (n + kBlock - 1) / kBlock;
+  int nt = num_threads < 1 ? 1 : num_threads;
+  if (nt > nblocks) nt = static_cast<int>(nblocks);
+  auto body = [&](int64_t blk) {
+    int64_t b = blk * kBlock, e = b + kBlock < n ? b + kBlock : n;
+    for (int64_t q = b; q < e; q += kQ) qblock(A, q, static_cast<int>(e - q < kQ ? e - q : kQ));
+  };
+  if (nt <= 1) {
+    for (int64_t blk = 0; blk < nblocks; ++blk) body(blk);
+  } else {
+    pool().run(nt, nblocks, body);
+  }
   return isa;
 }
 

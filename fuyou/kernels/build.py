@@ -63,6 +63,14 @@ def _declare(lib: ctypes.CDLL) -> None:
         c_dbl, c_dbl, c_dbl, c_dbl, c_dbl, c_dbl, c_dbl, c_dbl,  # decay w1 b2 c2 bc2s eps ns gs
         c_int, c_int,  # num_threads, isa
     ]
+    lib.fuyou_adamw_q_step.restype = c_int
+    lib.fuyou_adamw_q_step.argtypes = [
+        c_vp, c_int, c_vp, c_int, c_vp, c_vp, c_int, c_vp, c_vp,  # p, ptype, g, gtype, m, v, mtype, ms, vs
+        c_vp, c_int, c_i64, c_i64, ctypes.c_uint32,  # lowp, ltype, n, index0, key
+        c_vp, c_vp, c_int,  # segment ends (int64), decays (double), count
+        c_dbl, c_dbl, c_dbl, c_dbl, c_dbl, c_dbl, c_dbl,  # w1 b2 c2 bc2s eps ns gs
+        c_int, c_int,  # num_threads, isa
+    ]
 
 
 def _declare_storeio(lib: ctypes.CDLL) -> None:

@@ -1,0 +1,345 @@
+"""Compressed optimizer state (issue 19): how AdamW's state is stored, and the plain-PyTorch reference of
+the update that reads and writes it.
+
+``optim.master``: ``fp32`` (exact; the compute weights are a separate copy) or ``bf16`` (the master
+weights *are* the compute weights, 2 bytes, updated with stochastic rounding). ``optim.moments``:
+``fp32``, ``bf16`` (round to nearest even) or ``int8`` (block-wise quantised, below). The default
+``fp32``/``fp32`` is the exact state the rest of fuyou has always kept.
+
+Note: [Compressed state]
+    One update of element ``i`` (its index in the stage's flat state) at step ``t``:
+
+    1. *Decode.* A bf16 master or moment widens exactly. An int8 moment is a code ``q`` and the scale
+       ``a`` of its block of ``QBLOCK`` = 256 elements (``i // 256``):
+
+       - m (signed, ``q`` in -127..127): ``m = copysign((q*q / 16129) * a, q)`` — a square-law map
+         (codes are linear in ``sqrt(|m| / a)``), so small moments keep resolution: the smallest step
+         is ``a / 16129``, the relative step at ``|m| = a/100`` about 8 %;
+       - v (unsigned, ``q`` in 0..255): ``v = ((q+1)^4 * 2^-32) * a`` — codes linear in ``(v/a)^(1/4)``,
+         so ``sqrt(v)``, Adam's denominator, spans 65536:1 within a block, and **no code decodes to 0**:
+         a moment quantised to zero would make the update ``m / eps`` (the failure 4-bit optimizers
+         exclude zero for, Li et al. 2023). A block of zeros has scale 0 and decodes to 0.
+    2. *Update* in fp32 with fuyou's AdamW arithmetic (``fused_adamw_``, bit-exact with torch's fused
+       AdamW), per weight-decay segment.
+    3. *Encode.* bf16 moments round to nearest even. int8: ``a`` = the block's largest ``|m|`` (``v``);
+       ``q = rne(sqrt(|m| / a) * 127)`` with m's sign, ``q = clamp(rne(sqrt(sqrt(v / a)) * 256) - 1, 0,
+       255)``; every operation an IEEE fp32 one (correctly rounded division and square roots,
+       round-half-even), so the C++ kernel and this module give the same bits. A bf16 master rounds
+       stochastically: ``bits(p) + r`` truncated to its high 16 bits, ``r`` the low 16 bits of
+       ``lowbias32((key + i) mod 2^32)``, ``key = sr_key(seed, step, stage)``: unbiased
+       (``E[round(p)] = p``), and a deterministic function of (seed, step, position), so a resumed or
+       redone update rounds the same way. NaN encodes as the canonical NaN.
+
+    Bytes per parameter of state (read and written by each update): master 4 or 2, moments 8, 4 or
+    2 + 8/256 (two fp32 scales a block), plus the separate compute copy (2 B, written) only with an fp32
+    master under bf16 compute. ``fp32``/``fp32``: 12 (+2); ``bf16``/``int8``: 4.03.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+QBLOCK = 256                 # elements per int8 quantisation block (one fp32 scale each)
+M_LEVELS = 127               # int8 m codes: -127..127
+V_LEVELS = 256               # uint8 v codes: 0..255 decode to (q+1)/256
+_MASK = 0xFFFFFFFF
+_RNE = 12582912.0            # 1.5 * 2^23: y + _RNE - _RNE rounds |y| < 2^22 to nearest even
+
+MASTERS = ("fp32", "bf16")
+MOMENTS = ("fp32", "bf16", "int8")
+
+
+@dataclass(frozen=True)
+class StateTensor:
+    role: str               # master, exp_avg, exp_avg_sq, exp_avg_scale, exp_avg_sq_scale
+    dtype: torch.dtype
+    per_block: bool = False  # one element per QBLOCK elements of the state (the int8 scales)
+
+    def numel(self, n: int) -> int:
+        return -(-n // QBLOCK) if self.per_block else n
+
+    @property
+    def itemsize(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
+
+@dataclass(frozen=True)
+class StateFormat:
+    """How one run stores AdamW's state (module docstring)."""
+
+    master: str = "fp32"
+    moments: str = "fp32"
+
+    def __post_init__(self):
+        if self.master not in MASTERS or self.moments not in MOMENTS:
+            raise ValueError(f"optim.master is one of {MASTERS}, optim.moments one of {MOMENTS}; "
+                             f"got {self.master!r}, {self.moments!r}")
+
+    @classmethod
+    def of(cls, optim_cfg) -> "StateFormat":
+        return cls(getattr(optim_cfg, "master", "fp32"), getattr(optim_cfg, "moments", "fp32"))
+
+    @property
+    def exact(self) -> bool:
+        return self.master == "fp32" and self.moments == "fp32"
+
+    @property
+    def tensors(self) -> tuple[StateTensor, ...]:
+        """The stored tensors in their fixed order (keys, buffers and kernels use it)."""
+        mdt = {"fp32": torch.float32, "bf16": torch.bfloat16}
+        out = [StateTensor("master", mdt[self.master])]
+        if self.moments == "int8":
+            out += [StateTensor("exp_avg", torch.int8), StateTensor("exp_avg_sq", torch.uint8),
+                    StateTensor("exp_avg_scale", torch.float32, True),
+                    StateTensor("exp_avg_sq_scale", torch.float32, True)]
+        else:
+            out += [StateTensor("exp_avg", mdt[self.moments]), StateTensor("exp_avg_sq", mdt[self.moments])]
+        return tuple(out)
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        return tuple(t.role for t in self.tensors)
+
+    @property
+    def chunked(self) -> tuple[StateTensor, ...]:
+        """Tensors read and written chunk by chunk (the scales move whole: ``OutOfCoreAdamW``)."""
+        return tuple(t for t in self.tensors if not t.per_block)
+
+    def state_bytes(self, n: int) -> int:
+        """Bytes of one copy of the state of ``n`` parameters."""
+        return sum(t.numel(n) * t.itemsize for t in self.tensors)
+
+    def bytes_per_param(self) -> float:
+        return sum(t.itemsize / (QBLOCK if t.per_block else 1) for t in self.tensors)
+
+    def master_is_compute(self, compute_dtype: torch.dtype) -> bool:
+        """The master weights are the compute weights (no separate compute copy is stored)."""
+        return self.master == "bf16" and compute_dtype == torch.bfloat16
+
+    def align(self, checksum_block: int) -> int:
+        """Chunk starts, in elements, that fall on a checksum block of every chunked tensor (and of
+        2-byte compute weights) and on an int8 block."""
+        smallest = min([2, *(t.itemsize for t in self.chunked)])
+        a = max(1, checksum_block // smallest)
+        return a * QBLOCK // math.gcd(a, QBLOCK)
+
+    def describe(self) -> str:
+        return f"master {self.master}, moments {self.moments} ({self.bytes_per_param():.3g} B/param)"
+
+
+# -- stochastic rounding noise -------------------------------------------------------------------
+
+def lowbias32(x: int) -> int:
+    """A 32-bit integer hash (C. Wellons' lowbias32) of a Python int."""
+    x &= _MASK
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & _MASK
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & _MASK
+    return x ^ (x >> 16)
+
+
+def sr_key(seed: int, step: int, stage: int) -> int:
+    """The stochastic-rounding key of one stage's update at ``step`` (Note: [Compressed state])."""
+    return lowbias32((seed & _MASK) ^ lowbias32((step & _MASK) ^ lowbias32(stage + 0x9E3779B9)))
+
+
+def _mul32(x: Tensor, c: int) -> Tensor:
+    """(x * c) mod 2^32 for int64 ``x`` in [0, 2^32), without int64 overflow."""
+    lo, hi = x & 0xFFFF, x >> 16
+    return (lo * c + ((hi * c) << 16)) & _MASK
+
+
+def _lowbias32_t(x: Tensor) -> Tensor:
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def stochastic_bf16(p: Tensor, key: int, index0: int) -> Tensor:
+    """fp32 ``p`` (flat; element j has index ``index0 + j``) rounded stochastically to bf16."""
+    idx = torch.arange(p.numel(), dtype=torch.int64) + index0
+    r = _lowbias32_t((idx + key) & _MASK) & 0xFFFF
+    bits = p.view(torch.int32).to(torch.int64) & _MASK
+    out = ((bits + r) >> 16) & 0xFFFF
+    out = torch.where(torch.isnan(p), torch.full_like(out, 0x7FC0), out)
+    return out.to(torch.int32).to(torch.int16).view(torch.bfloat16)  # low 16 bits, two's complement
+
+
+# -- int8 block codes ----------------------------------------------------------------------------
+
+def _blocks(x: Tensor) -> Tensor:
+    n = x.numel()
+    nb = -(-n // QBLOCK)
+    if nb * QBLOCK != n:
+        x = torch.cat([x, x.new_zeros(nb * QBLOCK - n)])
+    return x.view(nb, QBLOCK)
+
+
+def _expand(scale: Tensor, n: int) -> Tensor:
+    return scale[:, None].expand(-1, QBLOCK).reshape(-1)[:n].contiguous()
+
+
+def _rne(y: Tensor) -> Tensor:
+    return (y + _RNE) - _RNE
+
+
+def _sqrt(x: Tensor) -> Tensor:
+    """Correctly rounded fp32 square root (torch's CPU sqrt is not: ``_torch_adamw_``)."""
+    return x.double().sqrt().float()
+
+
+def encode_m(m: Tensor) -> tuple[Tensor, Tensor]:
+    """fp32 m -> (int8 codes, fp32 block scales)."""
+    n = m.numel()
+    a = _blocks(m.abs()).amax(1)
+    safe = torch.where(a > 0, a, torch.ones_like(a))
+    y = _sqrt(m.abs() / _expand(safe, n)) * float(M_LEVELS)
+    q = torch.copysign(_rne(y), m)
+    q = torch.where(_expand(a, n) > 0, q, torch.zeros_like(q))
+    return q.to(torch.int8), a
+
+
+def decode_m(q: Tensor, a: Tensor) -> Tensor:
+    qf = q.float()
+    mag = (qf * qf) / torch.full_like(qf, float(M_LEVELS * M_LEVELS))
+    return torch.copysign(mag * _expand(a, q.numel()), qf)
+
+
+def encode_v(v: Tensor) -> tuple[Tensor, Tensor]:
+    """fp32 v (>= 0) -> (uint8 codes, fp32 block scales)."""
+    n = v.numel()
+    a = _blocks(v).amax(1)
+    safe = torch.where(a > 0, a, torch.ones_like(a))
+    y = _sqrt(_sqrt(v / _expand(safe, n))) * float(V_LEVELS)
+    q = (_rne(y) - 1).clamp(0, V_LEVELS - 1)
+    q = torch.where(_expand(a, n) > 0, q, torch.zeros_like(q))
+    return q.to(torch.uint8), a
+
+
+def decode_v(q: Tensor, a: Tensor) -> Tensor:
+    u = q.float() + 1
+    t = u * u
+    return (t * t) * 2.0**-32 * _expand(a, q.numel())
+
+
+# -- the reference update --------------------------------------------------------------------------
+
+def decode_state(fmt: StateFormat, state: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """(master, m, v) in fp32 from the stored tensors (fresh tensors)."""
+    p = state["master"].float().clone()
+    if fmt.moments == "int8":
+        m = decode_m(state["exp_avg"], state["exp_avg_scale"])
+        v = decode_v(state["exp_avg_sq"], state["exp_avg_sq_scale"])
+    else:
+        m, v = state["exp_avg"].float().clone(), state["exp_avg_sq"].float().clone()
+    return p, m, v
+
+
+def encode_state(fmt: StateFormat, p: Tensor, m: Tensor, v: Tensor, state: dict[str, Tensor], *,
+                 key: int, index0: int) -> None:
+    """Store fp32 (master, m, v) into ``state``'s tensors, in place (Note: [Compressed state])."""
+    if fmt.master == "bf16":
+        state["master"].copy_(stochastic_bf16(p, key, index0))
+    else:
+        state["master"].copy_(p)
+    if fmt.moments == "int8":
+        for role, enc, x in (("exp_avg", encode_m, m), ("exp_avg_sq", encode_v, v)):
+            q, a = enc(x)
+            state[role].copy_(q)
+            state[role + "_scale"].copy_(a)
+    else:
+        state["exp_avg"].copy_(m)   # bf16: round to nearest even
+        state["exp_avg_sq"].copy_(v)
+
+
+def new_state(fmt: StateFormat, master: Tensor) -> dict[str, Tensor]:
+    """A fresh state (zero moments) for fp32 initial weights ``master`` (flat). A bf16 master starts
+    from the weights rounded to nearest (the initial values are not an update)."""
+    n = master.numel()
+    out = {t.role: torch.zeros(t.numel(n), dtype=t.dtype) for t in fmt.tensors}
+    out["master"].copy_(master)
+    return out
+
+
+def reference_adamw_(fmt: StateFormat, state: dict[str, Tensor], grad: Tensor, *, segments, lr: float,
+                     beta1: float, beta2: float, eps: float, step: int, grad_scale: float = 1.0,
+                     key: int = 0, index0: int = 0, out_lowp: Tensor | None = None) -> None:
+    """One AdamW step over a stage's stored state, in plain PyTorch: the math the fused kernel
+    (``fused_adamw_q_``) reproduces bit for bit. ``segments``: (start, end, weight_decay) ranges of the
+    flat state; ``index0``: the stage index of element 0 (a multiple of ``QBLOCK``)."""
+    from fuyou.optim.adamw import _scalars, _torch_adamw_
+
+    p, m, v = decode_state(fmt, state)
+    g = grad.reshape(-1)
+    for s, e, wd in segments:
+        if s < e:
+            sc = _scalars(lr, beta1, beta2, eps, wd, step)
+            _torch_adamw_(p[s:e], g[s:e], m[s:e], v[s:e], None, sc, float(grad_scale))
+    encode_state(fmt, p, m, v, state, key=key, index0=index0)
+    if out_lowp is not None:
+        out_lowp.copy_(state["master"])
+
+
+# -- the fused kernel ------------------------------------------------------------------------------
+
+_PTYPE = {torch.float32: 0, torch.bfloat16: 1}
+_MTYPE = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 3}
+_LTYPE = {torch.bfloat16: 1, torch.float16: 2, torch.float32: 3}
+
+
+def fused_adamw_q_(fmt: StateFormat, state: dict[str, Tensor], grad: Tensor, *, segments, lr: float,
+                   beta1: float, beta2: float, eps: float, step: int, grad_scale: float = 1.0, key: int = 0,
+                   index0: int = 0, out_lowp: Tensor | None = None, num_threads: int | None = None,
+                   backend: str | None = None) -> str:
+    """``reference_adamw_`` in one fused pass (adamw.cpp, compressed state): the same bits. ``state``
+    holds the chunk's tensors (the scales of its blocks for int8); ``segments`` are relative to the
+    chunk. Falls back to the reference when the C++ library is unavailable or ``backend="torch"``."""
+    from fuyou.kernels.build import load_adamw_lib
+    from fuyou.optim.adamw import _GTYPE, _ISA, _ISA_NAME, _scalars
+
+    lib = None if backend == "torch" else load_adamw_lib()
+    n = state["master"].numel()
+    if index0 % QBLOCK:
+        raise ValueError(f"fused_adamw_q_: a chunk starts on a block of {QBLOCK} (index0={index0})")
+    if grad.numel() != n or (out_lowp is not None and out_lowp.numel() != n):
+        raise ValueError("fused_adamw_q_: grad and out_lowp must have the state's number of elements")
+    if lib is None:
+        reference_adamw_(fmt, state, grad, segments=segments, lr=lr, beta1=beta1, beta2=beta2, eps=eps, step=step,
+                         grad_scale=grad_scale, key=key, index0=index0, out_lowp=out_lowp)
+        return "torch"
+    if n == 0:
+        return _ISA_NAME[lib.fuyou_adamw_best_isa()]
+    segs = [(s, e, wd) for s, e, wd in segments if s < e]
+    if len(segs) > 64:
+        raise ValueError("fused_adamw_q_: at most 64 weight-decay segments per call")
+    for (_, e0, _), (s1, _, _) in zip(segs, segs[1:]):
+        if e0 != s1:
+            raise ValueError("fused_adamw_q_: segments must cover the chunk in order")
+    if segs and (segs[0][0] != 0 or segs[-1][1] != n):
+        raise ValueError("fused_adamw_q_: segments must cover [0, n)")
+    for t in (state[r] for r in fmt.roles):
+        if not t.is_contiguous() or t.device.type != "cpu":
+            raise ValueError("fused_adamw_q_: state tensors must be contiguous CPU tensors")
+    sc0 = _scalars(lr, beta1, beta2, eps, 0.0, step)
+    ends = torch.tensor([e for _, e, _ in segs], dtype=torch.int64)
+    decays = torch.tensor([_scalars(lr, beta1, beta2, eps, wd, step)[0] for _, _, wd in segs], dtype=torch.float64)
+    int8 = fmt.moments == "int8"
+    ms = state["exp_avg_scale"].data_ptr() if int8 else None
+    vs = state["exp_avg_sq_scale"].data_ptr() if int8 else None
+    threads = torch.get_num_threads() if num_threads is None else int(num_threads)
+    isa = _ISA.get(backend, -1) if backend is not None else -1
+    used = lib.fuyou_adamw_q_step(
+        state["master"].data_ptr(), _PTYPE[state["master"].dtype], grad.data_ptr(), _GTYPE[grad.dtype],
+        state["exp_avg"].data_ptr(), state["exp_avg_sq"].data_ptr(),
+        3 if int8 else _MTYPE[state["exp_avg"].dtype], ms, vs,
+        None if out_lowp is None else out_lowp.data_ptr(), 0 if out_lowp is None else _LTYPE[out_lowp.dtype],
+        n, index0, key & _MASK, ends.data_ptr(), decays.data_ptr(), len(segs), *sc0[1:], float(grad_scale),
+        max(1, threads), isa)
+    return _ISA_NAME[used]

@@ -1,0 +1,117 @@
+"""The compressed-state AdamW kernel (issue 19; fuyou/optim/compressed.py, Note: [Compressed state]):
+bit-identical to the plain-PyTorch reference for every format, gradient dtype, compute copy and backend,
+however the state is split into chunks; the codes and the stochastic rounding behave as documented."""
+
+import itertools
+
+import pytest
+import torch
+
+from fuyou.optim.adamw import adamw_backend
+from fuyou.optim.compressed import (QBLOCK, StateFormat, decode_m, decode_v, encode_m, encode_v, fused_adamw_q_,
+                                    new_state, reference_adamw_, sr_key, stochastic_bf16)
+
+FORMATS = [StateFormat(m, o) for m, o in itertools.product(("fp32", "bf16"), ("fp32", "bf16", "int8"))
+           if (m, o) != ("fp32", "fp32")]
+HYPER = dict(lr=3e-3, beta1=0.9, beta2=0.95, eps=1e-8)
+needs_ext = pytest.mark.skipif(adamw_backend() == "torch", reason="the C++ AdamW library is not built here")
+
+
+def _state(fmt, n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    st = new_state(fmt, torch.randn(n, generator=g) * 0.02)
+    return st
+
+
+def _clone(st):
+    return {k: v.clone() for k, v in st.items()}
+
+
+def _equal(a, b):
+    return all(torch.equal(a[k].view(torch.uint8) if a[k].dtype != torch.uint8 else a[k],
+                           b[k].view(torch.uint8) if b[k].dtype != torch.uint8 else b[k]) for k in a)
+
+
+@needs_ext
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f"{f.master}-{f.moments}")
+@pytest.mark.parametrize("gdtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("lowp", [None, torch.bfloat16, torch.float32])
+def test_kernel_equals_reference(fmt, gdtype, lowp):
+    n = 5 * QBLOCK + 77  # a partial last block
+    segs = [(0, 300, 0.1), (300, 301, 0.0), (301, n, 0.1)]  # a segment boundary inside a block
+    ref, ker = _state(fmt, n), _state(fmt, n)
+    gen = torch.Generator().manual_seed(1)
+    for step in range(1, 5):
+        grad = (torch.randn(n, generator=gen) * (10.0 ** -step)).to(gdtype)
+        grad[:QBLOCK] = 0 if step == 1 else grad[:QBLOCK]  # a block of zero moments
+        key = sr_key(7, step, 3)
+        lr_ref = None if lowp is None else torch.empty(n, dtype=lowp)
+        lr_ker = None if lowp is None else torch.empty(n, dtype=lowp)
+        reference_adamw_(fmt, ref, grad, segments=segs, step=step, grad_scale=0.5, key=key, index0=QBLOCK * 8,
+                         out_lowp=lr_ref, **HYPER)
+        for backend in ("avx512", "avx2", "scalar"):
+            k = _clone(ker)
+            out = None if lowp is None else torch.empty(n, dtype=lowp)
+            fused_adamw_q_(fmt, k, grad, segments=segs, step=step, grad_scale=0.5, key=key, index0=QBLOCK * 8,
+                           out_lowp=out, backend=backend, num_threads=2, **HYPER)
+            assert _equal(k, ref), (backend, step)
+            if lowp is not None:
+                assert torch.equal(out, lr_ref)
+        ker = k
+
+
+@needs_ext
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f"{f.master}-{f.moments}")
+def test_chunked_calls_equal_one_call(fmt):
+    n = 300_000  # several of the kernel's 64K work blocks and threads
+    segs = [(0, 1000, 0.0), (1000, n, 0.1)]
+    whole, parts = _state(fmt, n), _state(fmt, n)
+    grad = torch.randn(n, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    fused_adamw_q_(fmt, whole, grad, segments=segs, step=1, key=11, num_threads=2, **HYPER)
+    cut = 128 * QBLOCK
+    for s, e in ((0, cut), (cut, n)):
+        view = {r: (t[s // QBLOCK:-(-e // QBLOCK)] if r.endswith("_scale") else t[s:e]) for r, t in parts.items()}
+        cs = [(max(a, s) - s, min(b, e) - s, wd) for a, b, wd in segs if max(a, s) < min(b, e)]
+        fused_adamw_q_(fmt, view, grad[s:e], segments=cs, step=1, key=11, index0=s, num_threads=1, **HYPER)
+    assert _equal(whole, parts)
+
+
+def test_int8_codes():
+    """The square-law m map and the fourth-root v map: round trips within their stated steps, no
+    v code decodes to zero, a zero block stays zero."""
+    x = torch.randn(4 * QBLOCK, generator=torch.Generator().manual_seed(3))
+    x[QBLOCK:2 * QBLOCK] = 0
+    q, a = encode_m(x)
+    y = decode_m(q, a)
+    assert torch.equal(y[QBLOCK:2 * QBLOCK], torch.zeros(QBLOCK))
+    rel = ((y - x).abs() / a.repeat_interleave(QBLOCK)).nan_to_num()
+    assert float(rel.max()) <= 2 / 127  # |d sqrt(x)| <= 0.5/127, so |dx| <= a * (2 * 0.5/127 + tiny)
+    v = x.square()
+    qv, av = encode_v(v)
+    w = decode_v(qv, av)
+    nz = av.repeat_interleave(QBLOCK) > 0
+    assert bool((w[nz] > 0).all()) and torch.equal(w[~nz], torch.zeros(int((~nz).sum())))
+    big = v > av.repeat_interleave(QBLOCK) * 1e-4  # sqrt(v) within a block's 100:1
+    assert float(((w[big].sqrt() - v[big].sqrt()).abs() / v[big].sqrt()).max()) < 0.05
+
+
+def test_stochastic_rounding_is_unbiased_and_deterministic():
+    p = torch.full((200_000,), 1.0 + 2.0**-9)  # a quarter of the way between two bf16 neighbours
+    r1 = stochastic_bf16(p, sr_key(1, 5, 2), 0).float()
+    assert torch.equal(r1, stochastic_bf16(p, sr_key(1, 5, 2), 0).float())           # same (seed, step, stage)
+    assert not torch.equal(r1, stochastic_bf16(p, sr_key(1, 6, 2), 0).float())       # another step
+    up = float((r1 > 1.0).float().mean())
+    assert abs(up - 0.25) < 0.01 and set(r1.unique().tolist()) == {1.0, 1.0 + 2.0**-7}
+    assert abs(float(r1.double().mean()) - (1.0 + 2.0**-9)) < 4e-5  # 5 sigma
+    nan = stochastic_bf16(torch.tensor([float("nan"), float("inf"), -0.0]), 3, 0)
+    assert torch.isnan(nan[0]) and nan[1] == float("inf")
+
+
+def test_format_sizes():
+    f = StateFormat("bf16", "int8")
+    assert f.bytes_per_param() == pytest.approx(4 + 8 / QBLOCK)
+    assert StateFormat().bytes_per_param() == 12
+    assert f.state_bytes(1000) == 2 * 1000 + 2 * 1000 + 2 * 4 * 4
+    assert f.align(4096) % QBLOCK == 0 and f.align(4096) >= 4096
+    with pytest.raises(ValueError):
+        StateFormat("int8", "fp32")
