@@ -473,16 +473,16 @@ int fuyou_adamw_step(float* p, const void* g, int gtype, float* m, float* v, voi
 // The update of a chunk whose master is fp32 or bf16 and whose moments are fp32, bf16 or int8 codes
 // with a scale per block of 256. Each block of 256 elements is decoded into fp32 arrays in L1, updated
 // by the fp32 AdamW path above (so its arithmetic is the fp32 kernel's, bit for bit), and encoded
-// back. The decode and encode loops are plain IEEE fp32 operations (division, sqrt, round-half-even
-// through the 1.5*2^23 trick, integer max on the bits of non-negative floats), which GCC vectorises;
-// target_clones compiles them for AVX-512, AVX2 and the baseline, with the same results.
+// back. The decode and encode loops are integer operations and IEEE fp32 multiplies (one division a
+// block), which GCC vectorises; target_clones compiles them for AVX-512, AVX2 and the baseline, with
+// the same results. No square root or division an element beyond AdamW's own: those set the fp32
+// kernel's speed on a CPU whose memory keeps up.
 namespace {
 
 enum PType { P_F32 = 0, P_BF16 = 1 };
 enum MType { M_F32 = 0, M_BF16 = 1, M_INT8 = 3 };
 enum { L_F32 = 3 };
 constexpr int kQ = 256;
-constexpr float kRne = 12582912.0f;
 
 struct QArgs {
   void* p; int ptype;
@@ -532,22 +532,39 @@ void narrow_bf16(const float* __restrict x, uint16_t* __restrict out, int len) {
   }
 }
 
+// int8 codes are 8-bit minifloats of x = |m| / a (m: sign and 4 exponent + 3 mantissa bits, x in
+// [2^-15, 1]) and of x = v / a (v: 5 exponent + 3 mantissa bits, x in [2^-31, 1], code 0 the smallest,
+// never zero), rounded to nearest even on the fp32 bits: integer operations and one multiply an element.
+constexpr int32_t kMBias = 896;  // (127 - 15) << 3
+constexpr int32_t kVBias = 768;  // (127 - 31) << 3
+
+inline float from_bits(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline int32_t minifloat(float x) {  // x >= 0: (biased exponent << 3 | 3 mantissa bits), fp32 bias
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  u += 0x7FFFFu + ((u >> 20) & 1u);
+  return static_cast<int32_t>(u >> 20);
+}
+
 __attribute__((target_clones("avx512f", "avx2", "default")))
 void decode_m8(const int8_t* __restrict q, float a, float* __restrict out, int len) {
   for (int i = 0; i < len; ++i) {
-    float qf = static_cast<float>(q[i]);
-    float mag = (qf * qf) / 16129.0f;
-    out[i] = std::copysign(mag * a, qf);
+    int32_t k = q[i];
+    uint32_t sign = static_cast<uint32_t>(k) & 0x80000000u;
+    int32_t c = k < 0 ? -k : k;
+    uint32_t bits = (static_cast<uint32_t>(c + kMBias) << 20) & (c == 0 ? 0u : 0xFFFFFFFFu);
+    out[i] = from_bits(bits | sign) * a;  // (-x) * a == -(x * a): the sign rides on the code
   }
 }
 
 __attribute__((target_clones("avx512f", "avx2", "default")))
 void decode_v8(const uint8_t* __restrict q, float a, float* __restrict out, int len) {
-  for (int i = 0; i < len; ++i) {
-    float u = static_cast<float>(q[i]) + 1.0f;
-    float t = u * u;
-    out[i] = ((t * t) * 2.3283064365386963e-10f) * a;  // 2^-32
-  }
+  for (int i = 0; i < len; ++i) out[i] = from_bits(static_cast<uint32_t>(q[i] + kVBias) << 20) * a;
 }
 
 // The largest |x| of a block, as the bits of a non-negative float (their integer order is the
@@ -561,35 +578,26 @@ float abs_max(const float* __restrict x, int len) {
     u &= 0x7FFFFFFFu;
     mx = u > mx ? u : mx;
   }
-  float f;
-  std::memcpy(&f, &mx, 4);
-  return f;
+  return from_bits(mx);
 }
 
 __attribute__((target_clones("avx512f", "avx2", "default")))
-void encode_m8(const float* __restrict x, float a, int8_t* __restrict q, int len) {
-  if (!(a > 0.0f)) {
-    for (int i = 0; i < len; ++i) q[i] = 0;
-    return;
-  }
+void encode_m8(const float* __restrict x, float inv, int8_t* __restrict q, int len) {
   for (int i = 0; i < len; ++i) {
-    float y = std::sqrt(std::fabs(x[i]) / a) * 127.0f;
-    float r = (y + kRne) - kRne;
-    q[i] = static_cast<int8_t>(static_cast<int>(std::copysign(r, x[i])));
+    uint32_t u;
+    std::memcpy(&u, x + i, 4);
+    int32_t c = minifloat(from_bits(u & 0x7FFFFFFFu) * inv) - kMBias;
+    c = c < 0 ? 0 : (c > 127 ? 127 : c);
+    int32_t neg = -static_cast<int32_t>(u >> 31);  // 0 or -1
+    q[i] = static_cast<int8_t>((c ^ neg) - neg);
   }
 }
 
 __attribute__((target_clones("avx512f", "avx2", "default")))
-void encode_v8(const float* __restrict x, float a, uint8_t* __restrict q, int len) {
-  if (!(a > 0.0f)) {
-    for (int i = 0; i < len; ++i) q[i] = 0;
-    return;
-  }
+void encode_v8(const float* __restrict x, float inv, uint8_t* __restrict q, int len) {
   for (int i = 0; i < len; ++i) {
-    float y = std::sqrt(std::sqrt(x[i] / a)) * 256.0f;
-    float r = ((y + kRne) - kRne) - 1.0f;
-    r = r < 0.0f ? 0.0f : (r > 255.0f ? 255.0f : r);
-    q[i] = static_cast<uint8_t>(static_cast<int>(r));
+    int32_t c = minifloat(x[i] * inv) - kVBias;
+    q[i] = static_cast<uint8_t>(c < 0 ? 0 : (c > 255 ? 255 : c));
   }
 }
 
@@ -640,8 +648,8 @@ void qblock(const QArgs& A, int64_t base, int len) {
     float am = abs_max(M, len), av = abs_max(V, len);
     A.ms[base / kQ] = am;
     A.vs[base / kQ] = av;
-    encode_m8(M, am, static_cast<int8_t*>(A.m) + base, len);
-    encode_v8(V, av, static_cast<uint8_t*>(A.v) + base, len);
+    encode_m8(M, am > 0.0f ? 1.0f / am : 0.0f, static_cast<int8_t*>(A.m) + base, len);
+    encode_v8(V, av > 0.0f ? 1.0f / av : 0.0f, static_cast<uint8_t*>(A.v) + base, len);
   }
 }
 

@@ -9,24 +9,27 @@ weights *are* the compute weights, 2 bytes, updated with stochastic rounding). `
 Note: [Compressed state]
     One update of element ``i`` (its index in the stage's flat state) at step ``t``:
 
-    1. *Decode.* A bf16 master or moment widens exactly. An int8 moment is a code ``q`` and the scale
-       ``a`` of its block of ``QBLOCK`` = 256 elements (``i // 256``):
+    1. *Decode.* A bf16 master or moment widens exactly. An int8 moment is a code and the fp32 scale
+       ``a`` of its block of ``QBLOCK`` = 256 elements (``i // 256``): an 8-bit minifloat of ``x`` = the
+       moment divided by the block's largest, so every code has the same relative precision (3 mantissa
+       bits: within 6.25 %), as the dynamic maps of 8-bit Adam do:
 
-       - m (signed, ``q`` in -127..127): ``m = copysign((q*q / 16129) * a, q)`` — a square-law map
-         (codes are linear in ``sqrt(|m| / a)``), so small moments keep resolution: the smallest step
-         is ``a / 16129``, the relative step at ``|m| = a/100`` about 8 %;
-       - v (unsigned, ``q`` in 0..255): ``v = ((q+1)^4 * 2^-32) * a`` — codes linear in ``(v/a)^(1/4)``,
-         so ``sqrt(v)``, Adam's denominator, spans 65536:1 within a block, and **no code decodes to 0**:
-         a moment quantised to zero would make the update ``m / eps`` (the failure 4-bit optimizers
-         exclude zero for, Li et al. 2023). A block of zeros has scale 0 and decodes to 0.
+       - m: sign, 4 exponent bits and 3 mantissa bits of ``x = |m| / a`` in [2^-15, 1]; code 0 is 0;
+       - v: 5 exponent bits and 3 mantissa bits of ``x = v / a`` in [2^-31, 1]; **no code decodes to
+         0** (code 0 is 2^-31): a second moment quantised to zero would make the update ``m / eps``
+         (the failure 4-bit optimizers exclude zero for, Li et al. 2023). Adam's denominator
+         ``sqrt(v)`` then spans 46341:1 within a block at 3 % precision. A block of zeros has scale 0.
+
+       Decoding is ``bits((code + bias) << 20) * a``, exact integer work and one multiply.
     2. *Update* in fp32 with fuyou's AdamW arithmetic (``fused_adamw_``, bit-exact with torch's fused
        AdamW), per weight-decay segment.
-    3. *Encode.* bf16 moments round to nearest even. int8: ``a`` = the block's largest ``|m|`` (``v``);
-       ``q = rne(sqrt(|m| / a) * 127)`` with m's sign, ``q = clamp(rne(sqrt(sqrt(v / a)) * 256) - 1, 0,
-       255)``; every operation an IEEE fp32 one (correctly rounded division and square roots,
-       round-half-even), so the C++ kernel and this module give the same bits. A bf16 master rounds
-       stochastically: ``bits(p) + r`` truncated to its high 16 bits, ``r`` the low 16 bits of
-       ``lowbias32((key + i) mod 2^32)``, ``key = sr_key(seed, step, stage)``: unbiased
+    3. *Encode.* bf16 moments round to nearest even. int8: ``a`` = the block's largest ``|m|`` (``v``),
+       ``x = |m| * fl(1/a)``, the fp32 bits of ``x`` rounded to 3 mantissa bits (nearest even) and
+       rebiased, clamped to the code range (values under the smallest code flush to it). Integer
+       operations and one multiply an element, one division a block, so the C++ kernel and this module
+       give the same bits and the kernel costs no square root or division beyond AdamW's own. A bf16
+       master rounds stochastically: ``bits(p) + r`` truncated to its high 16 bits, ``r`` the low 16 bits
+       of ``lowbias32((key + i) mod 2^32)``, ``key = sr_key(seed, step, stage)``: unbiased
        (``E[round(p)] = p``), and a deterministic function of (seed, step, position), so a resumed or
        redone update rounds the same way. NaN encodes as the canonical NaN.
 
@@ -44,10 +47,7 @@ import torch
 from torch import Tensor
 
 QBLOCK = 256                 # elements per int8 quantisation block (one fp32 scale each)
-M_LEVELS = 127               # int8 m codes: -127..127
-V_LEVELS = 256               # uint8 v codes: 0..255 decode to (q+1)/256
 _MASK = 0xFFFFFFFF
-_RNE = 12582912.0            # 1.5 * 2^23: y + _RNE - _RNE rounds |y| < 2^22 to nearest even
 
 MASTERS = ("fp32", "bf16")
 MOMENTS = ("fp32", "bf16", "int8")
@@ -186,47 +186,47 @@ def _expand(scale: Tensor, n: int) -> Tensor:
     return scale[:, None].expand(-1, QBLOCK).reshape(-1)[:n].contiguous()
 
 
-def _rne(y: Tensor) -> Tensor:
-    return (y + _RNE) - _RNE
+M_BIAS = (127 - 15) << 3    # m codes: 4 exponent bits (x in [2^-15, 1]) and 3 mantissa bits
+V_BIAS = (127 - 31) << 3    # v codes: 5 exponent bits (x in [2^-31, 1]) and 3 mantissa bits
 
 
-def _sqrt(x: Tensor) -> Tensor:
-    """Correctly rounded fp32 square root (torch's CPU sqrt is not: ``_torch_adamw_``)."""
-    return x.double().sqrt().float()
+def _minifloat(x: Tensor) -> Tensor:
+    """x >= 0 (fp32) -> its bits rounded to 3 mantissa bits (nearest even), as (exponent << 3 | mantissa)."""
+    u = x.view(torch.int32).to(torch.int64)
+    return (u + 0x7FFFF + ((u >> 20) & 1)) >> 20
+
+
+def _from_code(c: Tensor) -> Tensor:
+    return (c.to(torch.int64) << 20).to(torch.int32).view(torch.float32)
+
+
+def _inverse(a: Tensor) -> Tensor:
+    return torch.where(a > 0, torch.ones_like(a) / torch.where(a > 0, a, torch.ones_like(a)), torch.zeros_like(a))
 
 
 def encode_m(m: Tensor) -> tuple[Tensor, Tensor]:
     """fp32 m -> (int8 codes, fp32 block scales)."""
-    n = m.numel()
     a = _blocks(m.abs()).amax(1)
-    safe = torch.where(a > 0, a, torch.ones_like(a))
-    y = _sqrt(m.abs() / _expand(safe, n)) * float(M_LEVELS)
-    q = torch.copysign(_rne(y), m)
-    q = torch.where(_expand(a, n) > 0, q, torch.zeros_like(q))
-    return q.to(torch.int8), a
+    c = (_minifloat(m.abs() * _expand(_inverse(a), m.numel())) - M_BIAS).clamp(0, 127)
+    return torch.where(torch.signbit(m), -c, c).to(torch.int8), a
 
 
 def decode_m(q: Tensor, a: Tensor) -> Tensor:
-    qf = q.float()
-    mag = (qf * qf) / torch.full_like(qf, float(M_LEVELS * M_LEVELS))
-    return torch.copysign(mag * _expand(a, q.numel()), qf)
+    c = q.to(torch.int64).abs()
+    x = torch.where(c == 0, torch.zeros(c.shape), _from_code(c + M_BIAS))
+    y = x * _expand(a, q.numel())
+    return torch.where(q < 0, -y, y)
 
 
 def encode_v(v: Tensor) -> tuple[Tensor, Tensor]:
     """fp32 v (>= 0) -> (uint8 codes, fp32 block scales)."""
-    n = v.numel()
     a = _blocks(v).amax(1)
-    safe = torch.where(a > 0, a, torch.ones_like(a))
-    y = _sqrt(_sqrt(v / _expand(safe, n))) * float(V_LEVELS)
-    q = (_rne(y) - 1).clamp(0, V_LEVELS - 1)
-    q = torch.where(_expand(a, n) > 0, q, torch.zeros_like(q))
-    return q.to(torch.uint8), a
+    c = (_minifloat(v * _expand(_inverse(a), v.numel())) - V_BIAS).clamp(0, 255)
+    return c.to(torch.uint8), a
 
 
 def decode_v(q: Tensor, a: Tensor) -> Tensor:
-    u = q.float() + 1
-    t = u * u
-    return (t * t) * 2.0**-32 * _expand(a, q.numel())
+    return _from_code(q.to(torch.int64) + V_BIAS) * _expand(a, q.numel())
 
 
 # -- the reference update --------------------------------------------------------------------------
