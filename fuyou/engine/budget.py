@@ -13,9 +13,9 @@ CPU budget (``offload.cpu_mem``) covers everything the engine allocates in CPU m
 * ``I/O bounce buffers`` of the store's threads, and a fixed ``allocator and thread slack``
   (``RUNTIME_SLACK``, measured);
 * ``weight cache``: whatever is left, filled with stages' compute weights in forward order;
-* ``resident optimizer state``: what the cache leaves, filled with stages' fp32 master weights and
-  Adam moments (12 B per parameter; with exact clipping also the gradient that waits there for the
-  global norm, 2-4 B) in the order 0, 1, 2, ... -- the stages whose updates come last in
+* ``resident optimizer state``: what the cache leaves, filled with stages' master weights and Adam
+  moments (12 B per parameter in fp32, less when compressed: fuyou/optim/compressed.py; with exact
+  clipping also the gradient that waits there for the global norm, 2-4 B) in the order 0, 1, 2, ... -- the stages whose updates come last in
   backward, just before the next step's forward needs them (``offload.resident_mem`` caps it).
 
 Not counted: the *fixed overhead* of the process before the engine starts (interpreter, torch and
@@ -163,7 +163,7 @@ def plan_memory(stage_numels: list[int], off, *, chunk: int, io_buffer_bytes: in
                 csize: int, gsize: int, deferred: bool, micro_batches: int, tied: bool, compute_on_cpu: bool,
                 checkpoint_bytes: int | None = None, working_bytes: int | None = None,
                 extra_cpu: dict[str, int] | None = None, extra_device: dict[str, int] | None = None,
-                device_budget: int | None = None, offtier_bytes: int = 0) -> MemoryPlan:
+                device_budget: int | None = None, offtier_bytes: int = 0, fmt=None) -> MemoryPlan:
     """The memory plan of the engine (module docstring) from shapes and settings, allocating nothing.
 
     ``stage_numels``: parameters owned by each stage, in stage order. ``off``: an ``OffloadConfig``.
@@ -178,12 +178,17 @@ def plan_memory(stage_numels: list[int], off, *, chunk: int, io_buffer_bytes: in
     gets what the budget has left. ``device_budget``: the device budget when ``off.gpu_mem`` leaves it
     to the device (the engine's default: the device's free memory). ``offtier_bytes``: the largest
     block's activations that leave the device (their copies may keep ``LEAVING`` of them alive).
+    ``fmt``: how the optimizer state is stored (``fuyou.optim.compressed.StateFormat``; default fp32).
     """
+    from fuyou.optim.compressed import StateFormat
+    from fuyou.optim.out_of_core import optimizer_buffer_bytes
+
+    fmt = fmt or StateFormat()
     plan = MemoryPlan(off.cpu_mem, device_budget=off.gpu_mem if off.gpu_mem is not None else device_budget)
     stage_max = max(stage_numels)
     opt_lowp = 0 if off.cache_weights else csize
-    plan.cpu_items["optimizer buffers"] = (2 * off.optimizer_depth + 1) * chunk * (
-        12 + (gsize if deferred else 0) + opt_lowp)
+    plan.cpu_items["optimizer buffers"] = optimizer_buffer_bytes(fmt, chunk, off.optimizer_depth,
+                                                                 gsize if deferred else 0, opt_lowp, stage_max)
     plan.cpu_items["gradients in flight"] = (off.max_pending_updates + 2) * (-(-stage_max * gsize // 4096) * 4096)
     plan.cpu_items["I/O bounce buffers"] = io_buffer_bytes
     plan.cpu_items["allocator and thread slack"] = RUNTIME_SLACK
@@ -239,7 +244,8 @@ def plan_memory(stage_numels: list[int], off, *, chunk: int, io_buffer_bytes: in
     if spare > 0:
         held = gsize if deferred else 0  # exact clipping: its gradient waits beside it for the norm
         for index, numel in enumerate(stage_numels):
-            need = -(-12 * numel // 4096) * 4096 + (-(-held * numel // 4096) * 4096 if held else 0)
+            need = (sum(-(-t.numel(numel) * t.itemsize // 4096) * 4096 for t in fmt.tensors)
+                    + (-(-held * numel // 4096) * 4096 if held else 0))
             if need > spare:
                 break
             plan.resident_stages.append(index)

@@ -95,6 +95,7 @@ from fuyou.engine.weights import WeightStreamer
 from fuyou.engine.worker import OptimizerWorker, UpdateJob
 from fuyou.models import StageModel
 from fuyou.optim import adamw_backend
+from fuyou.optim.compressed import StateFormat
 from fuyou.optim.out_of_core import OutOfCoreAdamW
 from fuyou.policy import default_checkpoint_dtype, keep_policies
 from fuyou.store import PinnedPool, StoreConfig
@@ -122,7 +123,9 @@ class Engine:
         self.cdtype = torch.bfloat16 if t.precision == "bf16" else torch.float32
         self.clipping = t.grad_clip is not None
         self.gdtype = torch.float32 if t.grad_accum > 1 else self.cdtype  # micro-batches are summed in fp32
-        self.states = build_states(self.model.stages, cfg.optim.weight_decay, n_copies=3)
+        self.fmt = StateFormat.of(cfg.optim)  # how the optimizer state is stored (fuyou/optim/compressed.py)
+        self.states = build_states(self.model.stages, cfg.optim.weight_decay, n_copies=3,
+                                   int8=self.fmt.moments == "int8")
         watchdog.set_timeout(off.stall_timeout)
         self.failed = False                 # a step raised: close() must not wait for or write anything
         self.resumed = resume
@@ -155,7 +158,7 @@ class Engine:
         self.store_cfg = store_cfg = StoreConfig(queue_depth=off.io_threads, verify_checksums=off.verify_checksums)
         self.store_dirs = [Path(d) / store_name for d in off.ssd_dirs]
         # OutOfCoreAdamW rounds the chunk to the store's checksum block; plan with that size.
-        align = store_cfg.checksum_block // 2
+        align = self.fmt.align(store_cfg.checksum_block)
         self.chunk = max(align, -(-off.optimizer_chunk // align) * align)
         self.plan = self._memory_plan()
         self.plan.check()  # Budgets are promises: refuse before creating anything.
@@ -181,7 +184,7 @@ class Engine:
                                 if "tied embedding gradient" in self.plan.cpu_items else None)
             self.ts.cache_pool, self.ts.opt_pool = self.cache_pool, self.opt_pool
             self.opt = OutOfCoreAdamW(self.store, self.opt_pool, cfg.optim, chunk_numel=self.chunk,
-                                      depth=off.optimizer_depth, num_threads=off.optimizer_threads)
+                                      depth=off.optimizer_depth, num_threads=off.optimizer_threads, seed=t.seed)
             self.tracer = Tracer()
             self.counters = StepCounters()
             ref = lambda: self.counters  # noqa: E731 - the current step's counters, read by the threads
@@ -263,7 +266,7 @@ class Engine:
             act=act, checkpoint_bytes=ckpt, working_bytes=working, extra_cpu=extra_cpu, extra_device=extra_dev,
             csize=dtype_size(self.cdtype), gsize=dtype_size(self.gdtype), deferred=self.clipping,
             micro_batches=t.grad_accum, tied=self.tied, compute_on_cpu=self.dev.is_host,
-            device_budget=self.gpu_mem,
+            device_budget=self.gpu_mem, fmt=self.fmt,
             offtier_bytes=offtier_bytes(self.cfg.model, self.act, t.micro_batch_size, self.cfg.data.seq_len,
                                         dtype_size(self.cdtype)))
 

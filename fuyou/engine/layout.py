@@ -61,11 +61,11 @@ class StageState:
     numel: int
     slots: dict[str, ParamSlot]
     segments: list[Segment]
-    copies: tuple[StateKeys, ...]          # the store copies of the fp32 state (Note: [State copies])
+    copies: tuple[StateKeys, ...]          # the store copies of the optimizer state (Note: [State copies])
     cur: int = 0                           # the copy holding the newest state
     committed: int | None = None           # the copy the last commit record names
     cache: Tensor | None = None            # compute weights held in CPU memory, or None: on SSD
-    resident: tuple[Tensor, Tensor, Tensor] | None = None  # fp32 master, m, v held in CPU memory too
+    resident: tuple[Tensor, ...] | None = None  # the state's tensors (master, m, v, ...) held in CPU memory too
     dirty: bool = False                    # resident state newer than every store copy
     held_grad: Tensor | None = None        # resident, exact clipping: the gradient waiting for the norm
     updated: threading.Event = field(default_factory=threading.Event)
@@ -131,9 +131,10 @@ def copies_needed(commit: str, every_step: bool, speculative: bool) -> int:
     return 2 if every_step else 2 + speculative
 
 
-def build_states(stages: list[Stage], weight_decay: float, n_copies: int = 2) -> list[StageState]:
+def build_states(stages: list[Stage], weight_decay: float, n_copies: int = 2, int8: bool = False) -> list[StageState]:
     """One record per stage with ``n_copies`` store copies (the engine trims them per stage once it
-    knows which stages are resident: ``copies_needed``)."""
+    knows which stages are resident: ``copies_needed``). ``int8``: the moments are int8 codes, with
+    block scales (``fuyou.optim.compressed``)."""
     states = []
     for st in stages:
         slots, segments, off = {}, [], 0
@@ -146,7 +147,9 @@ def build_states(stages: list[Stage], weight_decay: float, n_copies: int = 2) ->
                 segments.append(Segment(off, off + spec.numel, wd))
             off += spec.numel
         copies = tuple(StateKeys(f"{st.name}/master.{c}", f"{st.name}/exp_avg.{c}", f"{st.name}/exp_avg_sq.{c}",
-                                 f"{st.name}/weights") for c in range(n_copies))
+                                 f"{st.name}/weights",
+                                 *((f"{st.name}/exp_avg_scale.{c}", f"{st.name}/exp_avg_sq_scale.{c}") if int8 else ()))
+                       for c in range(n_copies))
         s = StageState(st, off, slots, segments, copies)
         s.updated.set()
         states.append(s)

@@ -28,6 +28,7 @@ from fuyou import watchdog
 from fuyou.engine.commit import ResumeError, read_record, step_tag, write_record
 from fuyou.engine.layout import StageState, build_states, dtype_size
 from fuyou.errors import ConfigError
+from fuyou.optim.compressed import StateFormat, decode_state
 from fuyou.store import TensorStore
 
 
@@ -39,6 +40,7 @@ class TrainingState:
                  cdtype: torch.dtype, gdtype: torch.dtype, clipping: bool, dev):
         self.cfg, self.states, self.plan, self.store_dirs, self.store_cfg = cfg, states, plan, store_dirs, store_cfg
         self.chunk, self.cdtype, self.gdtype, self.clipping, self.dev = chunk, cdtype, gdtype, clipping, dev
+        self.fmt = StateFormat.of(cfg.optim)  # the stored tensors and their dtypes (fuyou/optim/compressed.py)
         self.store: TensorStore | None = None
         self.worker = None
         self.counters = None                # callable: the current step's counters
@@ -75,30 +77,40 @@ class TrainingState:
     def initialise(self, init_values) -> None:
         """Initialise each stage straight into the tiers, one stage in memory at a time."""
         self.store.allocate_many(self.specs())
-        zeros = torch.zeros(min(self.chunk, max(s.numel for s in self.states)))
+        fmt = self.fmt
+        tensors = dict(zip(fmt.roles, fmt.tensors))
         for s in self.states:
             values = init_values(s.stage)
             flat = torch.empty(s.numel)
             for name, slot in s.slots.items():
                 flat[slot.offset:slot.offset + slot.numel] = values.pop(s.stage.key(name)).reshape(-1)
-            futs = [self.store.write_from(s.keys.master, flat)]
-            for key in (s.keys.exp_avg, s.keys.exp_avg_sq):
-                for a in range(0, s.numel, self.chunk):
-                    futs.append(self.store.write_from(key, zeros[: min(self.chunk, s.numel - a)], start=a))
+            master = flat if fmt.master == "fp32" else flat.to(torch.bfloat16)  # a bf16 master starts rounded
+            keys = dict(zip(fmt.roles, s.keys.state))
+            futs = [self.store.write_from(keys["master"], master)]
+            for role, t in tensors.items():  # moments and scales start at zero, written in chunks
+                if role == "master":
+                    continue
+                n = t.numel(s.numel)
+                step = n if t.per_block else self.chunk
+                zeros = torch.zeros(min(step, n), dtype=t.dtype)
+                for a in range(0, n, step):
+                    futs.append(self.store.write_from(keys[role], zeros[: min(step, n - a)], start=a))
             if s.index in self.plan.cached_stages:
                 s.cache = self.cache_buffer(s)
-                s.cache.copy_(flat)
+                s.cache.copy_(master)
             else:
-                futs.append(self.store.write_from(s.keys.weights, flat.to(self.cdtype)))
+                futs.append(self.store.write_from(s.keys.weights, master.to(self.cdtype)))
             if s.index in self.plan.resident_stages:
-                s.resident = resident_state(s.numel)
+                s.resident = resident_state(s.numel, fmt)
                 s.held_grad = self.held_grad(s)
-                s.resident[0].copy_(flat)
-                s.resident[1].zero_()
-                s.resident[2].zero_()
+                for role, t in zip(fmt.roles, s.resident):
+                    if role == "master":
+                        t.copy_(master)
+                    else:
+                        t.zero_()
             for f in futs:
                 watchdog.result(f, f"the initial write of {s.stage.name}")
-            del flat
+            del flat, master
         self.commit_initial()
 
     def specs(self) -> list[tuple]:
@@ -106,7 +118,7 @@ class TrainingState:
         specs = []
         for s in self.states:
             for keys in s.copies:
-                specs += [(k, (s.numel,), torch.float32) for k in keys.fp32]
+                specs += [(k, (t.numel(s.numel),), t.dtype) for k, t in zip(keys.state, self.fmt.tensors)]
             if s.index not in self.plan.cached_stages:
                 specs.append((s.keys.weights, (s.numel,), self.cdtype))
             if self.clipping and s.index not in self.plan.resident_stages:
@@ -210,15 +222,15 @@ class TrainingState:
         return out
 
     def flush(self, flush: list[tuple[StageState, int]]) -> None:
-        futs = [(self.store.write_from(k, t), st) for st, c in flush for k, t in zip(st.copies[c].fp32, st.resident)]
+        futs = [(self.store.write_from(k, t), st) for st, c in flush for k, t in zip(st.copies[c].state, st.resident)]
         for f, st in futs:
             watchdog.result(f, f"the write of {st.stage.name}'s resident optimizer state")
-        self.counters().add(ssd_write_bytes=sum(12 * st.numel for st, _ in flush))
+        self.counters().add(ssd_write_bytes=sum(self.fmt.state_bytes(st.numel) for st, _ in flush))
 
     def write_commit(self, steps_done: int, copies: list[int]) -> None:
         """Tag the named copies, sync the store, write the record (commit.py's two steps)."""
         for st, c in zip(self.states, copies):
-            for key in st.copies[c].fp32:
+            for key in st.copies[c].state:
                 self.store.set_tag(key, step_tag(steps_done))
         self.store.sync()
         write_record(self.store_dirs[0], {"step": steps_done, "copies": copies, "store_uuid": self.store.uuid,
@@ -242,9 +254,10 @@ class TrainingState:
         rec = read_record(self.store_dirs[0], self.store, len(self.states))
         for s, c in zip(self.states, rec["copies"]):
             if c >= len(s.copies):  # the record names a copy this configuration does not keep
-                s.copies = build_states([s.stage], self.cfg.optim.weight_decay, n_copies=c + 1)[0].copies
+                s.copies = build_states([s.stage], self.cfg.optim.weight_decay, n_copies=c + 1,
+                                        int8=self.fmt.moments == "int8")[0].copies
             s.cur = s.committed = c
-            for key in s.keys.fp32:
+            for key in s.keys.state:
                 tag = self.store.record(key).tag if key in self.store else None
                 if tag != step_tag(rec["step"]):
                     raise ResumeError(f"the commit record names {key} as the state of step {rec['step']}, but the "
@@ -258,13 +271,14 @@ class TrainingState:
             if s.index in self.plan.cached_stages:
                 s.cache = self.cache_buffer(s)
             if s.index in self.plan.resident_stages:
-                s.resident = resident_state(s.numel)
+                s.resident = resident_state(s.numel, self.fmt)
                 s.held_grad = self.held_grad(s)
-                for key, t in zip(s.keys.fp32, s.resident):
+                for key, t in zip(s.keys.state, s.resident):
                     self.store.read_into(key, t).result()  # CRC-checked
+            mdt = self.fmt.tensors[0].dtype
             for a in range(0, s.numel, self.chunk):
                 n = min(self.chunk, s.numel - a)
-                with self.opt_pool.acquire(4 * n, torch.float32) as buf:
+                with self.opt_pool.acquire(n * dtype_size(mdt), mdt) as buf:
                     self.store.read_into(s.keys.master, buf.tensor, start=a).result()  # CRC-checked
                     if s.cache is not None:
                         s.cache[a:a + n].copy_(buf.tensor)
@@ -280,12 +294,14 @@ class TrainingState:
         self.flush(self.claim_flush())
 
     def master_chunks(self):
-        """Yield every stage's fp32 master weights in order, in chunks of pool memory (bounded)."""
+        """Yield every stage's master weights in order, in chunks of pool memory (bounded), in the
+        master's dtype (fp32, or bf16 with ``optim.master=bf16``)."""
         self.write_back()
+        mdt = self.fmt.tensors[0].dtype
         for st in self.states:
             for a in range(0, st.numel, self.chunk):
                 n = min(self.chunk, st.numel - a)
-                with self.opt_pool.acquire(4 * n, torch.float32) as buf:
+                with self.opt_pool.acquire(n * dtype_size(mdt), mdt) as buf:
                     self.store.read_into(st.keys.master, buf.tensor, start=a).result()
                     yield buf.tensor
 
@@ -294,18 +310,20 @@ class TrainingState:
         out = {}
         self.write_back()
         for st in self.states:
-            flat = torch.empty(st.numel)
+            flat = torch.empty(st.numel, dtype=self.fmt.tensors[0].dtype)
             self.store.read_into(st.keys.master, flat).result()
-            out.update({st.stage.key(n): v.clone() for n, v in st.views(flat).items()})
+            out.update({st.stage.key(n): v.float() for n, v in st.views(flat).items()})
         return out
 
     def optimizer_state(self) -> dict[str, dict[str, Tensor]]:
         out: dict[str, dict[str, Tensor]] = {}
         self.write_back()
         for st in self.states:
-            m, v = torch.empty(st.numel), torch.empty(st.numel)
-            self.store.read_into(st.keys.exp_avg, m).result()
-            self.store.read_into(st.keys.exp_avg_sq, v).result()
+            raw = {}
+            for key, t in zip(st.keys.state, self.fmt.tensors):
+                raw[t.role] = torch.empty(t.numel(st.numel), dtype=t.dtype)
+                self.store.read_into(key, raw[t.role]).result()
+            _, m, v = decode_state(self.fmt, raw)  # fp32 values of the stored moments
             mv, vv = st.views(m), st.views(v)
             for n in st.slots:
                 out[st.stage.key(n)] = {"exp_avg": mv[n].clone(), "exp_avg_sq": vv[n].clone()}
@@ -317,9 +335,10 @@ def grad_key(st: StageState) -> str:
     return f"{st.stage.name}/grad"
 
 
-def resident_state(numel: int) -> tuple[Tensor, Tensor, Tensor]:
-    """CPU memory for a resident stage's fp32 master, m and v: huge-page buffers (the store writes
-    them whole every step; aligned.huge_empty says why huge pages)."""
+def resident_state(numel: int, fmt: StateFormat | None = None) -> tuple[Tensor, ...]:
+    """CPU memory for a resident stage's state tensors (fp32 master, m and v by default): huge-page
+    buffers (the store writes them whole every step; aligned.huge_empty says why huge pages)."""
     from fuyou.store.aligned import huge_empty
 
-    return tuple(huge_empty(4 * numel).view(torch.float32)[:numel] for _ in range(3))  # type: ignore[return-value]
+    fmt = fmt or StateFormat()
+    return tuple(huge_empty(t.numel(numel) * t.itemsize).view(t.dtype)[:t.numel(numel)] for t in fmt.tensors)

@@ -146,7 +146,7 @@ class OptimizerWorker:
                     stats = self.opt.update(
                         st.copies[job.src], job.grad, numel=st.numel, segments=st.segments, lr=job.lr,
                         step=job.step, grad_scale=job.grad_scale, lowp_out=st.cache, lowp_dtype=self.lowp_dtype,
-                        grad_dtype=job.grad_dtype, out_keys=st.copies[job.dst], resident=st.resident,
+                        grad_dtype=job.grad_dtype, out_keys=st.copies[job.dst], resident=st.resident, stage=st.index,
                         on_weights_ready=st.weights_ready if st.cache is not None else None)
                     c: StepCounters = self._counters()
                     if saving is not None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -17,3 +19,9 @@ class AdamWConfig(BaseModel):
     weight_decay: float = Field(
         0.1, ge=0, description="Decoupled weight decay, applied to matrices only (not norms, biases, embeddings)."
     )
+    master: Literal["fp32", "bf16"] = Field(
+        "fp32", description="How the master weights are stored: 'fp32' (exact) or 'bf16' (2 bytes, updated with "
+        "stochastic rounding, deterministic in seed, step and position; fuyou/optim/compressed.py).")
+    moments: Literal["fp32", "bf16", "int8"] = Field(
+        "fp32", description="How Adam's moments are stored: 'fp32' (exact), 'bf16' (round to nearest) or 'int8' "
+        "(block-wise 8-bit minifloat codes with an fp32 scale per 256 elements; fuyou/optim/compressed.py).")

@@ -32,22 +32,27 @@ import torch
 from fuyou.faults import fault
 from fuyou.watchdog import beat
 from fuyou.optim.adamw import fused_adamw_
+from fuyou.optim.compressed import QBLOCK, StateFormat, fused_adamw_q_, sr_key
 from fuyou.optim.config import AdamWConfig
 
 
 @dataclass(frozen=True)
 class StateKeys:
-    """Store keys of one stage's optimizer state (flat tensors of equal length)."""
+    """Store keys of one stage's optimizer state (flat tensors; ``compressed.StateFormat`` says their
+    dtypes: fp32 master, m and v by default)."""
 
     master: str
     exp_avg: str
     exp_avg_sq: str
     weights: str | None = None  # compute-precision weights in the store (None: kept in CPU memory)
+    exp_avg_scale: str | None = None     # int8 moments: the block scales of m and v
+    exp_avg_sq_scale: str | None = None
 
     @property
-    def fp32(self) -> tuple[str, str, str]:
-        """The three fp32 tensors of the state, in (master, m, v) order."""
-        return (self.master, self.exp_avg, self.exp_avg_sq)
+    def state(self) -> tuple[str, ...]:
+        """The keys of the state's tensors, in ``StateFormat.roles`` order (master, m, v, scales)."""
+        return tuple(k for k in (self.master, self.exp_avg, self.exp_avg_sq, self.exp_avg_scale,
+                                 self.exp_avg_sq_scale) if k is not None)
 
 
 @dataclass(frozen=True)
@@ -75,21 +80,25 @@ class OutOfCoreAdamW:
     """Updates stages whose AdamW state lives in ``store``, using buffers from ``pool``."""
 
     def __init__(self, store, pool, cfg: AdamWConfig, *, chunk_numel: int = 1 << 20, depth: int = 2,
-                 num_threads: int | None = None):
-        # A chunk must start on a checksum block for every dtype involved (fp32 state, 2-byte weights).
-        align = store.checksum_block // 2
+                 num_threads: int | None = None, seed: int = 0):
+        # A chunk must start on a checksum block for every dtype involved (the state's, 2-byte weights)
+        # and, with int8 moments, on a quantisation block (``StateFormat.align``).
+        self.fmt = StateFormat.of(cfg)
+        align = self.fmt.align(store.checksum_block)
         self.chunk = max(align, (chunk_numel + align - 1) // align * align)
         self.store, self.pool, self.cfg, self.depth, self.num_threads = store, pool, cfg, depth, num_threads
+        self.seed = seed  # of the stochastic rounding of a bf16 master (Note: [Compressed state])
 
-    def max_buffer_bytes(self, grad_bytes: int = 4, lowp_bytes: int = 4) -> int:
-        """The most pool memory one ``update`` holds at once (see the module docstring)."""
-        return (2 * self.depth + 1) * self.chunk * (12 + grad_bytes + lowp_bytes)
+    def max_buffer_bytes(self, grad_bytes: int = 4, lowp_bytes: int = 4, largest_numel: int = 0) -> int:
+        """The most pool memory one ``update`` holds at once (see the module docstring); with int8
+        moments, the block scales of the largest stage (``largest_numel``) too."""
+        return optimizer_buffer_bytes(self.fmt, self.chunk, self.depth, grad_bytes, lowp_bytes, largest_numel)
 
     def update(self, keys: StateKeys, grad: torch.Tensor | str, *, numel: int, segments: list[Segment],
                lr: float, step: int, grad_scale: float = 1.0, lowp_out: torch.Tensor | None = None,
                lowp_dtype: torch.dtype = torch.bfloat16, grad_dtype: torch.dtype | None = None,
-               out_keys: StateKeys | None = None, resident: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-               on_weights_ready=None) -> UpdateStats:
+               out_keys: StateKeys | None = None, resident: tuple[torch.Tensor, ...] | None = None,
+               on_weights_ready=None, stage: int = 0) -> UpdateStats:
         """One AdamW step of one stage; returns its stats. Blocks until every write is done.
 
         The state is read from ``keys`` and written to ``out_keys`` (default: the same, in place; a
@@ -100,11 +109,17 @@ class OutOfCoreAdamW:
         Errors (a corrupt chunk, a full disk) propagate after every buffer is released; the state on
         the SSD is then partly updated, which the caller must treat as lost (resume from a commit).
 
-        ``resident``: the stage's (master, m, v) held in CPU memory (flat fp32). They are updated in
-        place and nothing of them is read from or written to the store: the caller writes them back
-        (the engine's commit flush) before anyone reads the store. ``on_weights_ready()`` is called once
-        the new compute weights are in ``lowp_out`` / the store.
+        ``resident``: the stage's state tensors held in CPU memory (flat, ``StateFormat.roles`` order).
+        They are updated in place and nothing of them is read from or written to the store: the caller
+        writes them back (the engine's commit flush) before anyone reads the store. ``on_weights_ready()``
+        is called once the new compute weights are in ``lowp_out`` / the store. ``stage``: the stage's
+        index (a bf16 master's stochastic rounding depends on it).
         """
+        if not self.fmt.exact:
+            return self._update_q(keys, grad, numel=numel, segments=segments, lr=lr, step=step, grad_scale=grad_scale,
+                                  lowp_out=lowp_out, lowp_dtype=lowp_dtype, grad_dtype=grad_dtype,
+                                  out_keys=out_keys or keys, resident=resident, on_weights_ready=on_weights_ready,
+                                  stage=stage)
         if resident is not None:
             return self._update_resident(keys, grad, resident, numel=numel, segments=segments, lr=lr, step=step,
                                          grad_scale=grad_scale, lowp_out=lowp_out, lowp_dtype=lowp_dtype,
@@ -124,7 +139,7 @@ class OutOfCoreAdamW:
             s, e = span
             n = e - s
             bufs = [self.pool.acquire(4 * n, torch.float32) for _ in range(3)]
-            futs = [self.store.read_into(k, b.tensor, start=s) for k, b in zip(keys.fp32, bufs)]
+            futs = [self.store.read_into(k, b.tensor, start=s) for k, b in zip(keys.state, bufs)]
             if gkey:
                 gb = self.pool.acquire(n * _size(gdtype), gdtype)
                 bufs.append(gb)
@@ -165,7 +180,7 @@ class OutOfCoreAdamW:
                     lowp = lowp_out[s:e]
                 self._step_chunk(s, e, segments, (master, m, v), s, g, lowp, lr, step, grad_scale, stats)
                 wf = [self.store.write_from(k, t, start=s)
-                      for k, t in zip(out_keys.fp32, (master, m, v))]
+                      for k, t in zip(out_keys.state, (master, m, v))]
                 stats.written_bytes += 12 * (e - s)
                 if wbuf is not None:
                     wf.append(self.store.write_from(out_keys.weights, lowp, start=s))
@@ -256,6 +271,134 @@ class OutOfCoreAdamW:
                 raise first
         stats.busy_s = time.perf_counter() - t_start
         return stats
+
+
+    # -- compressed state (fuyou/optim/compressed.py) ---------------------------------------------
+    def _update_q(self, keys: StateKeys, grad, *, numel, segments, lr, step, grad_scale, lowp_out, lowp_dtype,
+                  grad_dtype, out_keys, resident, on_weights_ready, stage) -> UpdateStats:
+        """``update`` for a compressed state: the same pipeline with the format's tensors (the chunked
+        ones chunk by chunk; int8 block scales read whole first and written whole last, 1/64 of the
+        moments' bytes) and the compressed kernel. Resident state is updated in place."""
+        t_start = time.perf_counter()
+        fmt, stats = self.fmt, UpdateStats(params=numel)
+        src, dst = dict(zip(fmt.roles, keys.state)), dict(zip(fmt.roles, out_keys.state))
+        held = dict(zip(fmt.roles, resident)) if resident is not None else None
+        gkey = grad if isinstance(grad, str) else None
+        gdtype = grad_dtype if gkey else grad.dtype
+        wdtype = lowp_out.dtype if lowp_out is not None else lowp_dtype
+        key = sr_key(self.seed, step, stage)
+        chunked, scaled = fmt.chunked, [t for t in fmt.tensors if t.per_block]
+        chunks = [(s, min(s + self.chunk, numel)) for s in range(0, numel, self.chunk)]
+        reading: deque = deque()
+        writing: deque = deque()
+        scales: dict[str, object] = {}
+
+        def issue_read(span):
+            s, e = span
+            n, bufs, futs = e - s, [], []
+            if held is None:
+                for t in chunked:
+                    bufs.append(self.pool.acquire(n * t.itemsize, t.dtype))
+                    futs.append(self.store.read_into(src[t.role], bufs[-1].tensor, start=s))
+            if gkey:
+                bufs.append(self.pool.acquire(n * _size(gdtype), gdtype))
+                futs.append(self.store.read_into(gkey, bufs[-1].tensor, start=s))
+            stats.read_bytes += sum(b.tensor.numel() * b.tensor.element_size() for b in bufs)
+            reading.append((span, bufs, futs))
+
+        def retire(entry):
+            futs, bufs = entry
+            try:
+                for f in futs:
+                    f.result()
+            finally:
+                for b in bufs:
+                    b.release()
+
+        try:
+            for t in scaled:
+                if held is not None:
+                    scales[t.role] = held[t.role]
+                    continue
+                buf = self.pool.acquire(4 * t.numel(numel), torch.float32)
+                scales[t.role] = buf
+                self.store.read_into(src[t.role], buf.tensor).result()
+                stats.read_bytes += 4 * t.numel(numel)
+            for span in chunks[: self.depth]:
+                issue_read(span)
+            nxt = self.depth
+            while reading:
+                (s, e), bufs, futs = reading.popleft()
+                try:
+                    for f in futs:
+                        f.result()
+                except BaseException:
+                    for b in bufs:
+                        b.release()
+                    raise
+                if held is None:
+                    state = {t.role: b.tensor for t, b in zip(chunked, bufs)}
+                else:
+                    state = {t.role: held[t.role][s:e] for t in chunked}
+                for t in scaled:
+                    whole = scales[t.role] if held is not None else scales[t.role].tensor
+                    state[t.role] = whole[s // QBLOCK: -(-e // QBLOCK)]
+                g = bufs[-1].tensor if gkey else grad[s:e]
+                wbuf = None
+                if lowp_out is None:
+                    wbuf = self.pool.acquire((e - s) * _size(wdtype), wdtype)
+                    bufs.append(wbuf)
+                    lowp = wbuf.tensor
+                else:
+                    lowp = lowp_out[s:e]
+                segs = [(max(sg.start, s) - s, min(sg.end, e) - s, sg.weight_decay) for sg in segments
+                        if max(sg.start, s) < min(sg.end, e)]
+                c = self.cfg
+                t0 = time.perf_counter()
+                fused_adamw_q_(fmt, state, g, segments=segs, lr=lr, beta1=c.beta1, beta2=c.beta2, eps=c.eps, step=step,
+                               grad_scale=grad_scale, key=key, index0=s, out_lowp=lowp, num_threads=self.num_threads)
+                t1 = time.perf_counter()
+                beat()
+                stats.kernel_s += t1 - t0
+                stats.chunks.append((t0, t1))
+                wf = []
+                if held is None:
+                    for t in chunked:
+                        wf.append(self.store.write_from(dst[t.role], state[t.role], start=s))
+                        stats.written_bytes += (e - s) * t.itemsize
+                if wbuf is not None:
+                    wf.append(self.store.write_from(out_keys.weights, lowp, start=s))
+                    stats.written_bytes += (e - s) * _size(wdtype)
+                writing.append((wf, bufs))
+                fault("optimizer", step - 1)
+                while len(writing) > self.depth:
+                    retire(writing.popleft())
+                if nxt < len(chunks):
+                    issue_read(chunks[nxt])
+                    nxt += 1
+            _drain(reading, writing, retire)
+            if held is None:
+                for t in scaled:
+                    self.store.write_from(dst[t.role], scales[t.role].tensor).result()
+                    stats.written_bytes += 4 * t.numel(numel)
+        finally:
+            _drain(reading, writing, retire)
+            if held is None:
+                for b in scales.values():
+                    b.release()
+        if on_weights_ready is not None:
+            on_weights_ready()
+        stats.busy_s = time.perf_counter() - t_start
+        return stats
+
+
+def optimizer_buffer_bytes(fmt: StateFormat, chunk: int, depth: int, grad_bytes: int, lowp_bytes: int,
+                           largest_numel: int = 0) -> int:
+    """Pool memory one update holds at most: ``2 * depth + 1`` chunks of the chunked state, a gradient
+    read back and compute weights written; int8 moments add the largest stage's block scales (whole)."""
+    per = sum(t.itemsize for t in fmt.chunked) + grad_bytes + lowp_bytes
+    scales = sum(-(-4 * t.numel(largest_numel) // 4096) * 4096 for t in fmt.tensors if t.per_block)
+    return (2 * depth + 1) * chunk * per + scales
 
 
 def _drain(reading: deque, writing: deque, retire) -> None:

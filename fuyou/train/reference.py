@@ -23,6 +23,7 @@ from fuyou.errors import ConfigError
 from fuyou.data import TokenData
 from fuyou.data.batches import make_batches
 from fuyou.models.precision import autocast, round_stage_input
+from fuyou.optim.compressed import StateFormat, decode_state, new_state, reference_adamw_, sr_key
 from fuyou.policy import stage_input_dtypes
 from fuyou.trainer import StepStats
 from fuyou.models import StageModel
@@ -92,10 +93,14 @@ class ReferenceTrainer:
             k: v.to(self.device).requires_grad_(True) for st in self.model.stages for k, v in init(st).items()
         }
         o = cfg.optim
-        self.opt = torch.optim.AdamW(
-            param_groups(self.model, self.params, o.weight_decay),
-            lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=True,
-        )
+        self.fmt = StateFormat.of(o)
+        if self.fmt.exact:
+            self.opt = torch.optim.AdamW(
+                param_groups(self.model, self.params, o.weight_decay),
+                lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=True,
+            )
+        else:  # compressed state (fuyou/optim/compressed.py): the reference math on each stage's flat state
+            self.opt = CompressedReference(self.model, self.params, o, cfg.train.seed, self.device)
         self.batches, self.eval_batches = make_batches(cfg, data)
         self.clipping = cfg.train.grad_clip is not None
         # Blocks whose input the engine rounds for a bf16 checkpoint (fuyou/policy.py, Note: [Checkpoint
@@ -186,5 +191,61 @@ class ReferenceTrainer:
 
     def optimizer_state(self) -> dict[str, dict[str, Tensor]]:
         """Adam moments by global key: {"exp_avg": ..., "exp_avg_sq": ...}."""
+        if not self.fmt.exact:
+            return self.opt.moments()
         by_id = {id(p): k for k, p in self.params.items()}
         return {by_id[id(p)]: {"exp_avg": s["exp_avg"], "exp_avg_sq": s["exp_avg_sq"]} for p, s in self.opt.state.items()}
+
+
+class CompressedReference:
+    """AdamW over a compressed state, in memory, as the engine lays it out: each stage's parameters
+    flattened in ``Stage.params`` order with its weight-decay segments, the state stored in the format's
+    tensors and updated by ``reference_adamw_`` (plain PyTorch), the stochastic rounding keyed by
+    (seed, step, stage). The model's fp32 parameters hold the decoded master after each step (a bf16
+    master's values), as the engine's compute weights do. The minimal optimizer interface the reference
+    trainer uses: ``param_groups`` (the lr), ``step()``, ``zero_grad()``."""
+
+    def __init__(self, model, params: dict[str, Tensor], o, seed: int, device: torch.device):
+        from fuyou.engine.layout import build_states
+
+        self.fmt, self.o, self.seed, self.params = StateFormat.of(o), o, seed, params
+        self.layout = build_states(model.stages, o.weight_decay, n_copies=1)
+        self.param_groups = [{"lr": o.lr}]
+        self.t = 0
+        self.state = []
+        with torch.no_grad():
+            for st in self.layout:
+                flat = torch.cat([params[st.stage.key(n)].detach().reshape(-1).cpu() for n in st.slots])
+                self.state.append(new_state(self.fmt, flat))
+                self._load(st, self.state[-1])  # a bf16 master starts rounded: so do the weights
+
+    def _load(self, st, state: dict[str, Tensor]) -> None:
+        master = state["master"].float()
+        for n, view in st.views(master).items():
+            self.params[st.stage.key(n)].data.copy_(view)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.t += 1
+        o = self.o
+        for st, state in zip(self.layout, self.state):
+            grad = torch.cat([(self.params[st.stage.key(n)].grad if self.params[st.stage.key(n)].grad is not None
+                               else torch.zeros(s.shape)).detach().reshape(-1).float().cpu()
+                              for n, s in st.slots.items()])
+            reference_adamw_(self.fmt, state, grad, segments=[(g.start, g.end, g.weight_decay) for g in st.segments],
+                             lr=self.param_groups[0]["lr"], beta1=o.beta1, beta2=o.beta2, eps=o.eps, step=self.t,
+                             key=sr_key(self.seed, self.t, st.index))
+            self._load(st, state)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params.values():
+            p.grad = None
+
+    def moments(self) -> dict[str, dict[str, Tensor]]:
+        out = {}
+        for st, state in zip(self.layout, self.state):
+            _, m, v = decode_state(self.fmt, state)
+            mv, vv = st.views(m), st.views(v)
+            for n in st.slots:
+                out[st.stage.key(n)] = {"exp_avg": mv[n].clone(), "exp_avg_sq": vv[n].clone()}
+        return out
