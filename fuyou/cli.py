@@ -62,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_train)
 
     m = sub.add_parser("models", help="list model presets with parameter counts and training-state bytes")
+    m.add_argument("--master", choices=["fp32", "bf16"], default="fp32", help="the master weights' format "
+                   "(optim.master) the byte columns assume")
+    m.add_argument("--moments", choices=["fp32", "bf16", "int8"], default="fp32", help="Adam moments' format "
+                   "(optim.moments) the byte columns assume")
     m.set_defaults(func=_models)
 
     d = sub.add_parser("data", help="data tools")
@@ -128,7 +132,8 @@ def _add_planner_parsers(sub) -> None:
                     "Face config.json or model directory, or a fuyou run directory (no weights are read)")
     pl.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE",
                     help="overrides, as for fuyou train: model fields (model.n_layer=48), engine settings "
-                    "(offload.checkpoint_dtype=auto) and train.precision")
+                    "(offload.checkpoint_dtype=auto), train.precision, and the optimizer state's format "
+                    "(optim.master=bf16 optim.moments=int8)")
     pl.add_argument("--batch", type=int, help="micro-batch size (sequences; default 16, or with --global-batch "
                     "the planner's split)")
     pl.add_argument("--seq", type=int, default=1024, help="sequence length")
@@ -150,6 +155,7 @@ def _add_planner_parsers(sub) -> None:
     for flag, what in (("--gpu-tflops", "sustained matmul TFLOPS"), ("--gpu-mem", "the GPU's memory, e.g. 24GiB"),
                        ("--ssd-read", "aggregate SSD read GB/s"), ("--ssd-write", "aggregate SSD write GB/s"),
                        ("--ssd-capacity", "SSD space, e.g. 30TB"), ("--pcie-bw", "PCIe GB/s each way"),
+                       ("--ssd-tbw", "rated endurance of one drive, TB written (the datasheet's TBW)"),
                        ("--cpu-adam", "CPU AdamW parameters/s")):
         pl.add_argument(flag, help=f"override: {what}")
     pl.add_argument("--act-policy", help="predict this activation policy instead of searching "
@@ -225,7 +231,7 @@ def _global_batch(args) -> tuple[int, int] | None:
     return None
 
 
-PLAN_SECTIONS = ("model", "offload", "train.precision")
+PLAN_SECTIONS = ("model", "offload", "train.precision", "optim.master", "optim.moments")
 
 
 def _plan_model_fields(model: str, overrides: list[str]) -> tuple[dict, dict]:
@@ -253,8 +259,9 @@ def _plan_model_fields(model: str, overrides: list[str]) -> tuple[dict, dict]:
         key, sep, text = item.partition("=")
         section, _, name = key.strip().partition(".")
         if not sep or not name or not (section in PLAN_SECTIONS or key.strip() in PLAN_SECTIONS):
-            raise ConfigError(f"plan override {item!r}: plan takes model.KEY=VALUE, offload.KEY=VALUE and "
-                              f"train.precision=VALUE overrides (the batch, sequence and hardware have their own flags)")
+            raise ConfigError(f"plan override {item!r}: plan takes model.KEY=VALUE, offload.KEY=VALUE, train.precision, "
+                              f"optim.master and optim.moments overrides (the batch, sequence and hardware have their "
+                              f"own flags)")
         if section == "model":
             fields[name] = _parse_value(text.strip())
         else:
@@ -284,7 +291,7 @@ def _plan(args) -> int:
     cfg = ModelConfig(**fields)
     if args.seq > cfg.max_seq_len:
         cfg = cfg.model_copy(update={"max_seq_len": args.seq})
-    nums = {k: getattr(args, k) for k in ("gpu_tflops", "ssd_read", "ssd_write", "pcie_bw", "cpu_adam")}
+    nums = {k: getattr(args, k) for k in ("gpu_tflops", "ssd_read", "ssd_write", "pcie_bw", "cpu_adam", "ssd_tbw")}
     try:
         nums = {k: float(v) for k, v in nums.items() if v is not None}
     except ValueError as e:
@@ -307,8 +314,14 @@ def _plan(args) -> int:
         raise ConfigError(f"train.precision={precision}: bf16 or fp32")
     if clip is not None and not (0 < clip < float("inf")):
         raise ConfigError(f"--grad-clip must be a positive number or none, got {args.grad_clip}")
+    from fuyou.optim.compressed import StateFormat
+
+    try:
+        fmt = StateFormat(**other.get("optim", {}))
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"invalid optim override: {e}") from None
     w = Workload(cfg, args.batch or 16, args.seq, grad_accum=args.grad_accum or 1, offload=off, grad_clip=clip,
-                 csize=2 if precision == "bf16" else 4)
+                 csize=2 if precision == "bf16" else 4, fmt=fmt)
     policy = None
     if args.act_policy:
         policy = parse_act_policy(args.act_policy, cfg.n_layer, prefetch_depth=args.prefetch_depth or 2)
@@ -415,24 +428,29 @@ def _train(args) -> int:
 
 def _models(args) -> int:
     from fuyou.models import PRESETS, ModelConfig, StageModel, preset
+    from fuyou.optim.compressed import StateFormat
     from fuyou.train.metrics import si
     from fuyou.units import format_size
 
+    fmt = StateFormat(args.master, args.moments)
+    small = StateFormat("bf16", "int8")
     header = f"{'preset':<12} {'family':<6} {'layers':>6} {'width':>6} {'heads':>9} {'params':>10}  " \
-             f"{'fp32 master':>12} {'Adam m+v':>12} {'bf16 weights':>12} {'total':>12}"
+             f"{args.master + ' master':>12} {'Adam m+v':>12} {'bf16 weights':>12} {'total':>12} {'bf16/int8':>12}"
     print(header)
     print("-" * len(header))
     for name in PRESETS:
         cfg = ModelConfig(**preset(name))
         model = StageModel(cfg)
-        b = model.state_bytes()
+        n = model.num_params
+        b = model.state_bytes(fmt=fmt)
         heads = f"{cfg.n_head}" + (f"/{cfg.kv_heads}kv" if cfg.kv_heads != cfg.n_head else "")
-        total = sum(b.values())
-        print(f"{name:<12} {cfg.family:<6} {cfg.n_layer:>6} {cfg.d_model:>6} {heads:>9} {si(model.num_params).replace('G', 'B'):>10}  "
-              f"{format_size(b['master_fp32']):>12} {format_size(b['adam_m'] + b['adam_v']):>12} "
-              f"{format_size(b['compute_weights']):>12} {format_size(total):>12}")
-    print("\nTraining state: fp32 master 4 B, Adam m and v 8 B, bf16 compute copy 2 B per parameter "
-          "(activations and gradients in flight come on top).")
+        print(f"{name:<12} {cfg.family:<6} {cfg.n_layer:>6} {cfg.d_model:>6} {heads:>9} {si(n).replace('G', 'B'):>10}  "
+              f"{format_size(b['master']):>12} {format_size(b['moments']):>12} "
+              f"{format_size(b['compute_weights']):>12} {format_size(sum(b.values())):>12} "
+              f"{format_size(sum(model.state_bytes(fmt=small).values())):>12}")
+    print(f"\nTraining state per parameter: {fmt.describe()}, plus a bf16 compute copy of 2 B (activations and "
+          f"gradients in flight come on top). The last column: optim.master=bf16 optim.moments=int8 "
+          f"({small.bytes_per_param():.3g} B + 2 B; fuyou/optim/compressed.py).")
     return 0
 
 

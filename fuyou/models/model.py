@@ -54,10 +54,15 @@ class StageModel:
         """
         return 6.0 * self.matmul_params + 12.0 * self.cfg.n_layer * self.cfg.d_model * seq_len
 
-    def state_bytes(self, compute_bytes: int = 2) -> dict[str, int]:
-        """Bytes the training state needs: fp32 master weights, Adam m and v, compute-precision copy."""
-        n = self.num_params
-        return {"master_fp32": 4 * n, "adam_m": 4 * n, "adam_v": 4 * n, "compute_weights": compute_bytes * n}
+    def state_bytes(self, compute_bytes: int = 2, fmt=None) -> dict[str, int]:
+        """Bytes the training state needs: master weights, Adam m and v (with their int8 block scales),
+        compute-precision copy; ``fmt``: how the optimizer state is stored (default fp32)."""
+        from fuyou.optim.compressed import StateFormat
+
+        fmt, n = fmt or StateFormat(), self.num_params
+        sizes = {t.role: t.numel(n) * t.itemsize for t in fmt.tensors}
+        master = sizes.pop("master")
+        return {"master": master, "moments": sum(sizes.values()), "compute_weights": compute_bytes * n}
 
     # -- materialisation ---------------------------------------------------------------------------
     def init_params(self, seed: int, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:

@@ -49,6 +49,12 @@ from torch import Tensor
 QBLOCK = 256                 # elements per int8 quantisation block (one fp32 scale each)
 _MASK = 0xFFFFFFFF
 
+#: parameters/s of the fused kernel per (master, moments) relative to the fp32 kernel, on the
+#: development machine's two cores (bench/adam_bench.py --formats; bench/RESULTS.md, issue 19): what
+#: the planner charges a compressed update's kernel
+KERNEL_SPEED = {("fp32", "fp32"): 1.0, ("fp32", "bf16"): 0.9, ("fp32", "int8"): 0.85, ("bf16", "fp32"): 0.85,
+                ("bf16", "bf16"): 0.9, ("bf16", "int8"): 0.7}
+
 MASTERS = ("fp32", "bf16")
 MOMENTS = ("fp32", "bf16", "int8")
 
@@ -126,6 +132,11 @@ class StateFormat:
         smallest = min([2, *(t.itemsize for t in self.chunked)])
         a = max(1, checksum_block // smallest)
         return a * QBLOCK // math.gcd(a, QBLOCK)
+
+    @property
+    def kernel_speed(self) -> float:
+        """The fused kernel's parameters/s relative to the fp32 kernel's (``KERNEL_SPEED``, measured)."""
+        return KERNEL_SPEED[(self.master, self.moments)]
 
     def describe(self) -> str:
         return f"master {self.master}, moments {self.moments} ({self.bytes_per_param():.3g} B/param)"

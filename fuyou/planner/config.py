@@ -31,6 +31,8 @@ class HardwareConfig(BaseModel):
     ssd_write: float | None = Field(None, gt=0, description="Override: aggregate SSD write bandwidth, GB/s.")
     ssd_capacity: int | None = Field(None, gt=0, description="Override: usable SSD space in bytes (or '30TB').")
     pcie_bw: float | None = Field(None, gt=0, description="Override: host<->GPU bandwidth each way, GB/s.")
+    ssd_tbw: float | None = Field(
+        None, gt=0, description="Override: rated endurance of one drive in TB written (the datasheet's TBW).")
     cpu_adam: float | None = Field(
         None, gt=0, description="Override: CPU AdamW throughput in parameters per second (e.g. 3e9).")
 

@@ -3,7 +3,7 @@
 For each stage: FLOPs of its forward, of each activation class's matmul (what keeping the class
 saves in recomputation), of its recompute + backward; and the bytes it moves: compute weights (read
 from SSD unless cached, host->device at every use), gradients (device->host), optimizer state (12 B
-per parameter read and written, plus the compute copy written when not cached) and activations by
+per parameter in fp32, ``StateFormat`` bytes when compressed, read and written, plus the compute copy written when not cached) and activations by
 tier. FLOP conventions match ``StageModel.flops_per_token``: a matmul of an (N, i) input with an (i, o)
 weight is 2*N*i*o; attention's score and value matmuls are 4*N*T*d forward with the causal half
 counted; backward is twice forward.
@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from fuyou.engine.budget import class_widths, device_working_bytes
 from fuyou.engine.config import OffloadConfig
 from fuyou.models import ModelConfig, StageModel
+from fuyou.optim.compressed import StateFormat
 from fuyou.policy import CLASSES, DTYPE_BYTES, ActivationPolicy, BlockPolicy, default_checkpoint_dtype
 from fuyou.store import StoreConfig
 
@@ -32,13 +33,14 @@ class Workload:
     csize: int = 2            # compute dtype bytes (bf16)
     store: StoreConfig = field(default_factory=StoreConfig)
     grad_clip: float | None = 1.0  # exact clipping (speculative updates, gradients saved to SSD) or None
+    fmt: StateFormat = field(default_factory=StateFormat)  # how the optimizer state is stored
 
     def __post_init__(self):
         self.stage_model = StageModel(self.model)
         self.numels = [s.num_params for s in self.stage_model.stages]
         self.tied = bool(self.stage_model.stages[-1].shared)
         self.gsize = 4 if self.grad_accum > 1 else self.csize
-        align = self.store.checksum_block // 2
+        align = self.fmt.align(self.store.checksum_block)
         self.chunk = max(align, -(-self.offload.optimizer_chunk // align) * align)
 
     @classmethod
@@ -47,7 +49,12 @@ class Workload:
         return cls(cfg.model, cfg.train.micro_batch_size, cfg.data.seq_len, cfg.offload, cfg.train.grad_accum,
                    2 if cfg.train.precision == "bf16" else 4,
                    StoreConfig(queue_depth=cfg.offload.io_threads, verify_checksums=cfg.offload.verify_checksums),
-                   cfg.train.grad_clip)
+                   cfg.train.grad_clip, StateFormat.of(cfg.optim))
+
+    @property
+    def state_bpp(self) -> float:
+        """Bytes of optimizer state per parameter (``StateFormat``: 12 in fp32)."""
+        return self.fmt.bytes_per_param()
 
     @property
     def tokens(self) -> int:
@@ -152,8 +159,9 @@ def step_bytes(w: Workload, cached: set[int], resident: set[int] | frozenset = f
     for i, n in enumerate(w.numels):
         h2d += uses[i] * n * w.csize
         clip = w.grad_clip is not None
-        reads += (0 if i in resident else 12 * n) + (0 if i in cached else uses[i] * n * w.csize)
-        writes += (0 if i in resident else 12 * n) + (0 if i in cached else n * w.csize) + (
+        state = w.fmt.state_bytes(n)
+        reads += (0 if i in resident else state) + (0 if i in cached else uses[i] * n * w.csize)
+        writes += (0 if i in resident else state) + (0 if i in cached else n * w.csize) + (
             n * w.gsize if clip and i not in resident else 0)
         d2h += n * w.gsize
     return {"ssd_read": reads, "ssd_write": writes, "h2d": h2d, "d2h": d2h}

@@ -54,18 +54,22 @@ GPUS: dict[str, dict] = {
     "h200": dict(tflops=989.0, mem=141 * GB, pcie="gen5x16"),
 }
 
-# NVMe drives: sustained sequential read / write GB/s and capacity in bytes.
+# NVMe drives: sustained sequential read / write GB/s, capacity in bytes and rated endurance (bytes
+# written over the warranty, "TBW", from the same datasheets).
 SSDS: dict[str, dict] = {
     # Intel/Solidigm D7-P5510 3.84 TB product brief: seq read 6.5 GB/s, seq write 3.4 GB/s (128 KiB).
     # Enterprise TLC without an SLC cache: the write figure is sustained. LoHan's testbed uses 12.
-    "d7-p5510": dict(read=6.5, write=3.4, capacity=3.84e12),
+    # Endurance 1 drive write per day for 5 years: 7.0 PBW at 3.84 TB.
+    "d7-p5510": dict(read=6.5, write=3.4, capacity=3.84e12, tbw=7.0e15),
     # Samsung 990 Pro 2 TB datasheet: 7.45 read / 6.9 write GB/s, but the write figure holds only inside
     # the SLC cache (~200 GB); training rewrites terabytes, and reviews (Tom's Hardware, AnandTech)
     # measure ~1.5 GB/s after the cache fills. We use the sustained figure.
-    "990-pro": dict(read=7.45, write=1.5, capacity=2.0e12),
+    # Endurance: 1,200 TBW for the 2 TB model (Samsung's warranty).
+    "990-pro": dict(read=7.45, write=1.5, capacity=2.0e12, tbw=1.2e15),
     # A generic PCIe 4.0 TLC drive (for example WD SN850X / Crucial P5 Plus class): ~5 GB/s read and
     # ~2 GB/s sustained write past the SLC cache (review measurements), 2 TB.
-    "pcie4-generic": dict(read=5.0, write=2.0, capacity=2.0e12),
+    # Endurance 1,200 TBW at 2 TB (SN850X and P5 Plus warranties).
+    "pcie4-generic": dict(read=5.0, write=2.0, capacity=2.0e12, tbw=1.2e15),
 }
 
 # PCIe x16 links: raw rate per direction after 128b/130b encoding (PCI-SIG): gen3 15.75, gen4 31.5,
@@ -108,6 +112,8 @@ class HardwareProfile(BaseModel):
         "fraction of the store's rates. 1.0 (presets): the rates hold.")
     ssd_capacity: int = Field(gt=0, description="Usable SSD space, bytes.")
     ssd_drives: int = Field(1, ge=1, description="Drives striped (for 'what if twice the SSDs').")
+    ssd_tbw: float | None = Field(None, gt=0, description="Rated endurance of all the drives together, bytes "
+                                  "written (presets' datasheets, or --ssd-tbw); None: unknown.")
     cpu_adam: float = Field(gt=0, description="CPU AdamW throughput, parameters/s (fuyou's fused kernel).")
     cpu_mem: int | None = Field(None, description="CPU memory of the machine, bytes (probe; informative).")
 
@@ -154,9 +160,11 @@ def resolve(hw: HardwareConfig) -> HardwareProfile:
         base = dict(device="cuda", matmul_flops=mm, fwd_flops=mm * BLOCK_EFFICIENCY, bwd_flops=mm * BLOCK_EFFICIENCY,
                     gpu_mem=int(gpu["mem"]), h2d=link, d2h=link, ssd_read=drive["read"] * GB * scale or 1.0,
                     ssd_write=drive["write"] * GB * scale or 1.0, ssd_capacity=int(drive["capacity"] * n),
-                    ssd_drives=n, cpu_adam=CPU_ADAM_DEFAULT)
+                    ssd_drives=n, cpu_adam=CPU_ADAM_DEFAULT, ssd_tbw=drive["tbw"] * n if "tbw" in drive else None)
         src = [f"presets gpu={hw.gpu or '-'} ssd={hw.ssd or '-'} pcie={pcie}"]
     over = {"gpu_mem": hw.gpu_mem, "ssd_capacity": hw.ssd_capacity, "cpu_adam": hw.cpu_adam}
+    if hw.ssd_tbw is not None:  # per drive, in TB, as datasheets give it
+        over["ssd_tbw"] = hw.ssd_tbw * 1e12 * (base.get("ssd_drives", 1) or 1)
     if hw.gpu_tflops:
         mm = hw.gpu_tflops * 1e12 * (MATMUL_EFFICIENCY if not hw.profile else 1.0)
         over.update(matmul_flops=mm, fwd_flops=mm * BLOCK_EFFICIENCY, bwd_flops=mm * BLOCK_EFFICIENCY)
@@ -182,6 +190,7 @@ def with_more_ssds(p: HardwareProfile, factor: float) -> HardwareProfile:
     """The same machine with ``factor`` times the SSD bandwidth and space (a 'what if')."""
     return p.model_copy(update=dict(ssd_read=p.ssd_read * factor, ssd_write=p.ssd_write * factor,
                                     ssd_capacity=int(p.ssd_capacity * factor),
+                                    ssd_tbw=p.ssd_tbw * factor if p.ssd_tbw else None,
                                     ssd_drives=max(1, round(p.ssd_drives * factor))))
 
 

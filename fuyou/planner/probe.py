@@ -185,7 +185,7 @@ def probe_adam_job(directory: Path, numel: int, cfg: StoreConfig | None = None, 
             opt.pool = pool
             try:
                 init = {"p": torch.randn(numel), "m": torch.zeros(numel), "v": torch.full((numel,), 1e-6)}
-                for k in keys.fp32:
+                for k in keys.state:
                     store.allocate(k, (numel,), torch.float32)
                     store.write_from(k, init[k]).result()
                 del init

@@ -86,10 +86,36 @@ def summary(plan: Plan) -> dict:
         "cached_stages": len(ev.memory.cached_stages), "resident_stages": len(ev.memory.resident_stages),
         "prefetch_depth": ev.policy.prefetch_depth,
         "evaluations": plan.evaluations})
+    out.update(_wear(plan, step))
     if plan.tokens_goal:
         steps = math.ceil(plan.tokens_goal / w.tokens)
         out.update({"tokens_goal": plan.tokens_goal, "steps_for_tokens": steps, "time_for_tokens_s": steps * step})
     return out
+
+
+def _wear(plan: Plan, step: float) -> dict:
+    """The optimizer state's format and the SSD writes of a step (the simulated step's writes, the
+    commits amortized), per hour, and with the drives' rated endurance how long they last at that rate."""
+    w, ev, hw = plan.workload, plan.best, plan.hardware
+    per_step = sum(t.nbytes for t in ev.sim.last_step_tasks() if t.resource == "ssd-write")
+    resident = sum(w.numels[i] for i in ev.memory.resident_stages)
+    if w.offload.commit == "cow" and w.offload.commit_steps != 1 and resident:
+        per_step += w.fmt.state_bytes(resident) / max(ev.steps_per_commit, 1.0)  # the commit of resident state
+    per_hour = per_step * 3600 / step
+    return {"state_format": w.fmt.describe(), "ssd_write_per_step_bytes": per_step, "ssd_write_per_hour_bytes": per_hour,
+            "ssd_tbw_bytes": hw.ssd_tbw, "ssd_life_hours": hw.ssd_tbw / per_hour if hw.ssd_tbw and per_hour else None}
+
+
+def _wear_line(s: dict) -> str:
+    line = (f"SSD wear            {format_size(s['ssd_write_per_step_bytes'])} written per step, "
+            f"{s['ssd_write_per_hour_bytes'] / 1e12:.3g} TB per hour")
+    if s.get("ssd_life_hours"):
+        h = s["ssd_life_hours"]
+        line += (f"; rated {s['ssd_tbw_bytes'] / 1e15:.3g} PB written: the drives last {h:,.0f} hours of training "
+                 f"({h / 24:,.0f} days) at this rate")
+    else:
+        line += " (give --ssd-tbw for how long the drives last)"
+    return line
 
 
 def schedule_rows(plan: Plan) -> list[dict]:
@@ -170,6 +196,8 @@ def text(plan: Plan) -> str:
            _clip_line(s),
            _commit_line(s),
            "what if             " + "; ".join(f"{k}: {v:.3g} s ({s['step_s'] / v:.2f}x)" for k, v in s["whatif_step_s"].items()),
+           f"optimizer state     {s['state_format']}",
+           _wear_line(s),
            f"SSD footprint       {format_size(s['ssd_bytes'])} (" + ", ".join(
                f"{k} {format_size(v)}" for k, v in s["ssd_state_bytes"].items() if v) + ")",
            f"CPU peak            {format_size(s['cpu_peak_bytes'])} (weight cache: {s['cached_stages']} of "

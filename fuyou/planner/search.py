@@ -30,6 +30,7 @@ from fuyou.planner.cost import StageCost, Workload, gpu_working_bytes, placement
 from fuyou.planner.hardware import GPUS, HardwareProfile, with_more_ssds
 from fuyou.policy import CLASSES, ActivationPolicy, BlockPolicy
 from fuyou.planner.simulate import SimResult, simulate
+from fuyou.optim.compressed import StateFormat
 from fuyou.units import format_size
 
 SEARCH_STEPS = 2   # steps simulated per candidate (steady state from the second)
@@ -104,18 +105,18 @@ def memory_plan(w: Workload, hw: HardwareProfile, costs: list[StageCost], policy
         micro_batches=w.grad_accum, tied=w.tied, compute_on_cpu=not cuda,
         checkpoint_bytes=ckpt_bytes, working_bytes=gpu_working_bytes(w) if cuda else None,
         extra_cpu=extra_cpu, extra_device=extra_dev,
-        offtier_bytes=offtier_bytes(w.model, keep, w.batch, w.seq, w.csize))
+        offtier_bytes=offtier_bytes(w.model, keep, w.batch, w.seq, w.csize), fmt=w.fmt)
     ssd = sum(state_ssd_bytes(w, plan).values()) + pb["ssd"] + pb["ckpt_ssd"] + 64 * 1024**2
     return plan, ssd
 
 
 def state_ssd_bytes(w: Workload, plan: MemoryPlan) -> dict[str, int]:
-    """SSD space of the training state by kind: the fp32 state's copies (one to three per stage, by
+    """SSD space of the training state by kind: the optimizer state's copies (one to three per stage, by
     commit mode, interval and clipping: Note: [State copies] in engine/layout.py), compute weights
     not cached, and gradients saved for exact clipping."""
     off, clip = w.offload, w.grad_clip is not None
     every = off.commit_steps == 1
-    state = sum(12 * n * copies_needed(off.commit, every, clip and i not in plan.resident_stages)
+    state = sum(w.fmt.state_bytes(n) * copies_needed(off.commit, every, clip and i not in plan.resident_stages)
                 for i, n in enumerate(w.numels))
     weights = sum(w.csize * n for i, n in enumerate(w.numels) if i not in plan.cached_stages)
     return {"optimizer state copies": state, "compute weights": weights,
@@ -298,6 +299,12 @@ def search(w: Workload, hw: HardwareProfile, cpu_budget: int, policy: Activation
             variants["offload.commit_every=1 (commit every step)"] = dict(offload=off.model_copy(update={"commit_every": 1}))
         if off.commit == "cow":
             variants["offload.commit=none (no resume)"] = dict(offload=off.model_copy(update={"commit": "none"}))
+        # compressed optimizer state (fuyou/optim/compressed.py): fewer bytes per step where the SSD binds
+        for master, moments in (("fp32", "int8"), ("bf16", "int8")):
+            fmt = StateFormat(master, moments)
+            if fmt.bytes_per_param() < w.fmt.bytes_per_param():
+                variants[f"optim.master={master} optim.moments={moments} ({fmt.bytes_per_param():.3g} B/param of "
+                         f"state)"] = dict(fmt=fmt)
         for name, change in variants.items():
             w2 = dataclasses.replace(w, **change)
             e2 = evaluate(w2, hw, costs, best.policy, cpu_budget, SEARCH_STEPS, clip_modes=False)

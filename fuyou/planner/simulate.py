@@ -32,7 +32,8 @@ stage's weights are loaded once and it computes every micro-batch (``grad_accum`
 * compute: forward; the head's forward+backward; backward = recompute (less the kept classes) +
   backward, once per micro-batch; then the stage's gradient (summed over the micro-batches) D2H (CUDA)
   and one AdamW job;
-* AdamW job: chunks pipelined as in ``OutOfCoreAdamW`` (read 12 B/param; kernel; write 12 B/param and
+* AdamW job: chunks pipelined as in ``OutOfCoreAdamW`` (read the state, 12 B/param in fp32; kernel at the
+  format's rate, ``compressed.KERNEL_SPEED``; write the state and
   the compute copy when not cached), jobs one after another; backward blocks when
   ``max_pending_updates`` jobs wait (the queue's back-pressure). A stage whose optimizer state is
   resident in CPU memory runs kernels only and is *updated* when they (and its weight writes) are
@@ -43,7 +44,7 @@ stage's weights are loaded once and it computes every micro-batch (``grad_accum`
   (``clip_mode='redo'``, reading state and gradient), or, after a step that clipped, every job waits
   for the norm and reads its gradient back (``'defer'``);
 * a commit (``commit=True``: every simulated step commits) is a job after the step's updates that
-  writes the resident stages' state (12 B/param); later jobs wait for it, as the engine's worker does.
+  writes the resident stages' state (its bytes); later jobs wait for it, as the engine's worker does.
 """
 
 from __future__ import annotations
@@ -147,10 +148,11 @@ class _Graph:
                     heapq.heappush(heaps[tasks[u].queue], (ready_at[u], u))
 
 
-def _streamed_job(g: _Graph, name: str, numel: int, n: int, wbytes: int, first: list, hw: HardwareProfile,
-                  q_adam: str, depth: int, step: int, rbytes: int = 12) -> list[int]:
+def _streamed_job(g: _Graph, name: str, numel: int, n: int, wbytes: float, first: list, hw: HardwareProfile,
+                  q_adam: str, depth: int, step: int, rbytes: float = 12, speed: float = 1.0) -> list[int]:
     """The tasks of one AdamW job whose state is on SSD, as ``OutOfCoreAdamW.update`` pipelines it:
-    ``n`` chunks, each read (12 B/param) -> kernel -> write (``wbytes``/param), ``depth`` chunks read
+    ``n`` chunks, each read (``rbytes``/param) -> kernel (at ``speed`` x the fp32 kernel's rate) -> write
+    (``wbytes``/param), ``depth`` chunks read
     ahead and written behind. Its SSD tasks run at ``hw.adam_io_efficiency`` of the store's rates.
     ``first``: what the first reads wait for. Returns the write tasks."""
     per = numel / n
@@ -159,7 +161,7 @@ def _streamed_job(g: _Graph, name: str, numel: int, n: int, wbytes: int, first: 
     for j in range(n):
         rd = list(first) if j < depth else [kernels[j - depth], writes[j - 2 * depth] if j >= 2 * depth else None]
         reads.append(g.io(f"adam read {name}", "ssd-read", rbytes * per, rd, step, name, hw, eff))
-        kernels.append(g.add(f"adam {name}", "cpu-adam", q_adam, per / hw.cpu_adam,
+        kernels.append(g.add(f"adam {name}", "cpu-adam", q_adam, per / (hw.cpu_adam * speed),
                              [reads[j], kernels[-1] if kernels else None], step, name))
         writes.append(g.io(f"adam write {name}", "ssd-write", wbytes * per, [kernels[j]], step, name, hw, eff))
     return writes
@@ -202,7 +204,7 @@ def _resident_job(g: _Graph, c: StageCost, w: Workload, hw: HardwareProfile, cac
     per = c.numel / n
     kernels, writes = [], []
     for j in range(n):
-        kernels.append(g.add(f"adam {c.name}", "cpu-adam", q_adam, per / hw.cpu_adam,
+        kernels.append(g.add(f"adam {c.name}", "cpu-adam", q_adam, per / (hw.cpu_adam * w.fmt.kernel_speed),
                              [first[0], kernels[-1] if kernels else first[1]] + first[2:], step, c.name))
         if c.index not in cached:
             writes.append(g.io(f"adam write weights {c.name}", "ssd-write", w.csize * per, [kernels[j]], step,
@@ -217,9 +219,9 @@ def _streamed_update(g: _Graph, c: StageCost, w: Workload, hw: HardwareProfile, 
                      extra_deps: list | None = None, grad_read: bool = False) -> None:
     """An update whose state is on SSD (``grad_read``: a redo, which reads the saved gradient too)."""
     n = _chunk_count(c.numel, w.chunk, max_chunks)
-    wbytes = 12 + (0 if c.index in cached else w.csize)
+    wbytes = w.state_bpp + (0 if c.index in cached else w.csize)
     writes = _streamed_job(g, c.name, c.numel, n, wbytes, first, hw, q_adam, w.offload.optimizer_depth, step,
-                           rbytes=12 + (w.gsize if grad_read else 0))
+                           rbytes=w.state_bpp + (w.gsize if grad_read else 0), speed=w.fmt.kernel_speed)
     end = g.add(f"updated {c.name}", "cpu-adam", "marker", 0.0, writes + (extra_deps or []), step, c.name)
     job_ends.append(end)
     updated[c.index] = end
@@ -365,7 +367,7 @@ def _simulate(w: Workload, costs: list[StageCost], hw: HardwareProfile, policy: 
                 _streamed_update(g, costs[i], w, hw, cached, [norm, job_ends[-1]], q_adam, max_chunks, step,
                                  job_ends, updated, grad_read=True)
         if commit and resident:
-            state = g.io("commit: write resident state", "ssd-write", 12 * sum(costs[i].numel for i in resident),
+            state = g.io("commit: write resident state", "ssd-write", sum(w.fmt.state_bytes(costs[i].numel) for i in resident),
                          [job_ends[-1] if job_ends else None], step, "commit", hw)
             job_ends.append(state)
         step_last_compute.append(pos_ends[-1])

@@ -46,7 +46,6 @@ def test_kernel_equals_reference(fmt, gdtype, lowp):
         grad[:QBLOCK] = 0 if step == 1 else grad[:QBLOCK]  # a block of zero moments
         key = sr_key(7, step, 3)
         lr_ref = None if lowp is None else torch.empty(n, dtype=lowp)
-        lr_ker = None if lowp is None else torch.empty(n, dtype=lowp)
         reference_adamw_(fmt, ref, grad, segments=segs, step=step, grad_scale=0.5, key=key, index0=QBLOCK * 8,
                          out_lowp=lr_ref, **HYPER)
         for backend in ("avx512", "avx2", "scalar"):

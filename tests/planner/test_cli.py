@@ -305,3 +305,31 @@ def test_plan_chooses_checkpoint_dtypes(capsys):
                       ("train.precision=fp8", "bf16 or fp32")):
         assert main(flags + [bad]) == 2
         assert says in capsys.readouterr().err
+
+
+def test_plan_compressed_state_and_wear(capsys):
+    """`fuyou plan ... optim.master=bf16 optim.moments=int8`: the state's bytes per step drop to about a
+    third, the SSD-bound step gets faster, the plan says the format, the bytes written per step and per
+    hour and how long the drives last (preset TBW, or --ssd-tbw); the fp32 plan's what-ifs name the
+    compressed options; bad values are refused."""
+    flags = ["plan", "--model", "gpt3-13b", "--gpu", "rtx4090", "--ssd", "1x990-pro", "--cpu-mem", "64GiB",
+             "--batch", "8", "--seq", "1024"]
+    assert main(flags + ["--json"]) == 0
+    full = json.loads(capsys.readouterr().out)
+    assert main(flags + ["--json", "optim.master=bf16", "optim.moments=int8"]) == 0
+    small = json.loads(capsys.readouterr().out)
+    assert small["state_format"].startswith("master bf16, moments int8")
+    assert small["ssd_state_bytes"]["optimizer state copies"] < 0.35 * full["ssd_state_bytes"]["optimizer state copies"]
+    assert small["step_s"] < 0.5 * full["step_s"]  # SSD-bound: the bytes are the step
+    assert small["ssd_write_per_step_bytes"] < 0.35 * full["ssd_write_per_step_bytes"]
+    assert full["ssd_tbw_bytes"] == 1.2e15
+    assert full["ssd_life_hours"] == pytest.approx(1.2e15 / full["ssd_write_per_hour_bytes"])
+    assert any(k.startswith("optim.master=bf16 optim.moments=int8") and v < full["step_s"]
+               for k, v in full["whatif_step_s"].items())
+    assert not any(k.startswith("optim.") for k in small["whatif_step_s"])
+    assert main(flags + ["--ssd-tbw", "600"]) == 0
+    out = capsys.readouterr().out
+    assert "rated 0.6 PB written: the drives last" in out and "SSD wear" in out
+    for bad in ("optim.moments=int4", "optim.master=fp16"):
+        assert main(flags + [bad]) == 2
+        assert "optim" in capsys.readouterr().err
