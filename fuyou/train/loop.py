@@ -117,6 +117,23 @@ class _StopOnSignal:
             signal.signal(sig, old)
 
 
+def _endurance(cfg: FuyouConfig) -> float | None:
+    """Rated bytes the run's drives may write (hardware.ssd_tbw per drive, or the hardware.ssd preset's)."""
+    hw = cfg.hardware
+    drives = max(1, len(cfg.offload.ssd_dirs))
+    if hw.ssd_tbw:
+        return hw.ssd_tbw * 1e12 * drives
+    if hw.ssd:
+        from fuyou.planner.hardware import _ssd_preset
+
+        try:
+            n, drive = _ssd_preset(hw.ssd)
+        except Exception:  # noqa: BLE001 -- a bad preset is the planner's error to report, not the summary's
+            return None
+        return drive.get("tbw", 0) * n or None
+    return None
+
+
 def _loop(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, stop) -> RunResult:
     from fuyou.engine.malloc import resident_bytes
 
@@ -145,7 +162,7 @@ def _loop(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, stop
         log.write({"step": start_step, "eval_loss": first_eval})
         progress.message(f"eval loss at step {start_step}: {first_eval:.4f}")
     start = time.perf_counter()
-    tokens = 0
+    tokens = written = 0
     stats = None
     for step in range(start_step, t.steps):
         t0 = time.perf_counter()
@@ -160,6 +177,7 @@ def _loop(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, stop
         counters = trainer.step_counters()
         if counters is not None:
             record.update(counters)
+            written += counters.get("ssd_write_bytes", 0)
         if (step + 1) % t.log_every == 0 or step == 0 or step + 1 == t.steps:
             log.write(record)
         fields = {"loss": f"{stats.loss:.4f}", "tok/s": si(tps), "TFLOPS": f"{record['tflops']:.3g}",
@@ -199,13 +217,27 @@ def _loop(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, stop
         progress.message(f"run.save_weights=false: the trained state stays on the SSD ({trainer.state_location()}); "
                          f"delete it yourself when it is no longer needed")
     peak = resident_bytes("VmHWM")
+    steps_run = max(1, t.steps - start_step)
+    wear = {"ssd_write_per_step_bytes": written / steps_run, "ssd_write_per_hour_bytes": written * 3600 / elapsed} \
+        if cfg.offload.mode == "ssd" else {}
+    tbw = _endurance(cfg)
+    if wear and tbw:
+        wear["ssd_life_hours"] = tbw / wear["ssd_write_per_hour_bytes"] if written else None
     log.write({"summary": True, "steps": t.steps, "elapsed_s": elapsed, "tokens_per_s": tokens / elapsed,
-               "peak_rss_bytes": peak})
+               "peak_rss_bytes": peak, **wear})
     log.close()
     mean_tps = tokens / elapsed
     summary = f"done: {t.steps} steps in {elapsed:.1f}s, {si(mean_tps)} tokens/s, {mean_tps * flops_per_token / 1e12:.3g} TFLOPS"
     if first_eval is not None:
         summary += f"; eval loss {first_eval:.4f} -> {last_eval:.4f}"
     summary += f"; peak resident memory {format_size(peak)}"
+    if wear:
+        summary += (f"\nSSD written: {format_size(wear['ssd_write_per_step_bytes'])} per step, "
+                    f"{wear['ssd_write_per_hour_bytes'] / 1e12:.3g} TB per hour ({cfg.optim.master} master, "
+                    f"{cfg.optim.moments} moments)")
+        if wear.get("ssd_life_hours"):
+            summary += f"; at this rate the drives' rated {tbw / 1e15:.3g} PB last {wear['ssd_life_hours']:,.0f} hours"
+        elif not tbw:
+            summary += "; set hardware.ssd (a preset) or hardware.ssd_tbw for how long the drives last"
     progress.message(summary + f"\nrun directory: {run_dir}")
     return RunResult(run_dir, first_eval, last_eval, stats.loss if stats else float("nan"), mean_tps, peak)
