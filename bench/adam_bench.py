@@ -79,6 +79,29 @@ class Fuyou:
             fused_adamw_(p, g, m, v, step=self.t, out_lowp=lo, num_threads=self.threads, **HYPER)
 
 
+class FuyouCompressed:
+    """fuyou's kernel on a compressed state (``optim.master``/``optim.moments``, fuyou/optim/compressed.py),
+    bf16 gradients, the bf16 compute weights written in the same pass (the master itself when bf16)."""
+
+    def __init__(self, w: Workload, threads: int, master: str, moments: str):
+        from fuyou.optim.compressed import StateFormat, new_state
+
+        self.fmt = StateFormat(master, moments)
+        self.state = [new_state(self.fmt, x.reshape(-1)) for x in w.params]
+        self.g = [g.reshape(-1) for g in w.grads_bf16]
+        self.lowp = [None if master == "bf16" else torch.empty(x.numel(), dtype=torch.bfloat16) for x in w.params]
+        self.threads, self.t = threads, 0
+
+    def step(self) -> None:
+        from fuyou.optim.compressed import fused_adamw_q_, sr_key
+
+        self.t += 1
+        h = {k: v for k, v in HYPER.items() if k != "weight_decay"}
+        for i, (st, g, lo) in enumerate(zip(self.state, self.g, self.lowp)):
+            fused_adamw_q_(self.fmt, st, g, segments=[(0, g.numel(), HYPER["weight_decay"])], step=self.t,
+                           key=sr_key(0, self.t, i), out_lowp=lo, num_threads=self.threads, **h)
+
+
 class TorchLike:
     """A torch.optim-style optimizer's step, then the bf16 copy in a separate pass."""
 
@@ -150,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads(),
                     help="threads for every method (torch.set_num_threads and num_threads)")
     ap.add_argument("--no-deepspeed", action="store_true", help="skip DeepSpeedCPUAdam")
+    ap.add_argument("--formats", default="fp32/int8,bf16/fp32,bf16/bf16,bf16/int8",
+                    help="compressed state formats master/moments to measure too (issue 19; '' for none)")
     ap.add_argument("--md", default=None, help="also write the markdown fragment to this file")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -181,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
             "fuyou (bf16 grad, bf16 copy fused)": Fuyou(w, args.threads, bf16_grads=True),
             "torch AdamW(fused=True) + bf16 copy": TorchLike(w, torch_fused),
         }
+        for fmt in filter(None, args.formats.split(",")):
+            master, moments = fmt.split("/")
+            methods[f"fuyou compressed {fmt} (bf16 grad)"] = FuyouCompressed(w, args.threads, master, moments)
         if make_ds is not None:
             methods["DeepSpeedCPUAdam + bf16 copy"] = TorchLike(w, make_ds)
         med = run(w, methods, args.repeats, args.warmup)

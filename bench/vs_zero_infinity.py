@@ -74,11 +74,12 @@ def overrides_for(args, data: str, system: str, ssd: Path | None) -> list[str]:
          f"train.steps={args.warmup + args.steps}", f"train.device={args.device}"]
     if args.lr is not None:
         o.append(f"optim.lr={args.lr}")
-    if system == "fuyou":
+    if system.startswith("fuyou"):
         o += ["offload.mode=ssd", f"offload.ssd_dirs={json.dumps([str(ssd)])}", f"offload.cpu_mem={args.cpu_mem}"]
         if args.policy != "auto":
             o.append(f"offload.act_policy={args.policy}")
         o += args.fuyou_set
+        o += variants(args).get(system, [])
     else:
         o.append("offload.mode=none")
     return o
@@ -138,6 +139,15 @@ def worker(args) -> None:
 
 
 # -- the driver -------------------------------------------------------------------------------------
+def variants(args) -> dict[str, list[str]]:
+    """``--fuyou-variant 'NAME=KEY=VALUE,KEY=VALUE'``: more fuyou systems, named ``fuyou NAME``."""
+    out = {}
+    for v in args.fuyou_variant:
+        name, _, sets = v.partition("=")
+        out[f"fuyou {name.strip()}"] = [kv.strip() for kv in sets.split(",") if kv.strip()]
+    return out
+
+
 def run_fuyou(args, data: str, system: str, ssd: Path) -> dict:
     return run_worker(__file__, ["--overrides", json.dumps(overrides_for(args, data, system, ssd)),
                                  "--steps", str(args.steps), "--warmup", str(args.warmup), "--policy", args.policy],
@@ -241,6 +251,9 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=2, help="runs of each system, alternating")
     p.add_argument("--policy", default="recompute", help="fuyou's offload.act_policy, or 'auto' (the planner)")
     p.add_argument("--fuyou-set", action="append", default=[], metavar="KEY=VALUE", help="extra fuyou overrides")
+    p.add_argument("--fuyou-variant", action="append", default=[], metavar="NAME=KEY=VALUE[,KEY=VALUE]",
+                   help="another fuyou system run alongside, e.g. 'bf16/int8=optim.master=bf16,optim.moments=int8' "
+                   "(issue 19: compressed optimizer state)")
     p.add_argument("--ds-python", default=default_ds_python(), help="interpreter with deepspeed (default %(default)s)")
     p.add_argument("--ds-arg", action="append", default=[], help="options for bench/zero_infinity.py, e.g. '--checkpoint none'")
     p.add_argument("--no-deepspeed", action="store_true", help="skip the ZeRO-Infinity runs")
@@ -274,7 +287,7 @@ def main(argv=None) -> int:
     model = StageModel(ModelConfig(**preset(args.model)))
     tokens, fpt = args.batch * args.seq * args.grad_accum, model.flops_per_token(args.seq)
     inmem = args.inmemory == "yes" or (args.inmemory == "auto" and inmemory_fits(args))
-    systems = ["fuyou"] + (["zero-infinity"] if use_ds else []) + (["in-memory"] if inmem else [])
+    systems = ["fuyou", *variants(args)] + (["zero-infinity"] if use_ds else []) + (["in-memory"] if inmem else [])
     command = "python bench/vs_zero_infinity.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     results: dict = {"command": command, "model": args.model, "num_params": model.num_params, "batch": args.batch,
                      "grad_accum": args.grad_accum,
@@ -310,8 +323,11 @@ def main(argv=None) -> int:
                          "ok": d_final <= args.loss_tol and d0 <= args.loss_tol}
             ok &= checks[s]["ok"]
         ratio = ref["tokens_per_s"] / summ["zero-infinity"]["tokens_per_s"] if "zero-infinity" in summ else None
+        vratios = {s: {"vs_fuyou": summ[s]["tokens_per_s"] / ref["tokens_per_s"],
+                       "vs_zinf": (summ[s]["tokens_per_s"] / summ["zero-infinity"]["tokens_per_s"]
+                                   if "zero-infinity" in summ else None)} for s in done if s.startswith("fuyou ")}
         results["rows"][data] = {"runs": runs, "summary": summ, "loss_checks": checks, "ratio_fuyou_vs_zinf": ratio,
-                                 "failures": failures}
+                                 "variant_ratios": vratios, "failures": failures}
 
     # -- report ---------------------------------------------------------------------------------------
     import fuyou
@@ -340,8 +356,8 @@ def main(argv=None) -> int:
         for s in row["summary"]:
             m = row["summary"][s]
             extra = ""
-            if s == "fuyou" and "counters" in row["runs"]["fuyou"][0]:
-                c = row["runs"]["fuyou"][0]["counters"]
+            if s.startswith("fuyou") and "counters" in row["runs"][s][0]:
+                c = row["runs"][s][0]["counters"]
                 extra = f" (engine: {gb(c['ssd_write_bytes'])} / {gb(c['ssd_read_bytes'])})"
             chk = row["loss_checks"].get(s)
             lines.append(
@@ -354,6 +370,9 @@ def main(argv=None) -> int:
     for data, row in results["rows"].items():
         if row["ratio_fuyou_vs_zinf"] is not None:
             lines.append(f"- {data}: fuyou / ZeRO-Infinity tokens/s = **{row['ratio_fuyou_vs_zinf']:.2f}x**")
+        for s, r in row.get("variant_ratios", {}).items():
+            lines.append(f"- {data}: {s} ({', '.join(variants(args)[s])}): tokens/s **{r['vs_fuyou']:.2f}x** fuyou's"
+                         + (f", **{r['vs_zinf']:.2f}x** ZeRO-Infinity's" if r["vs_zinf"] is not None else ""))
         for s, errs in row["failures"].items():
             for e in errs:
                 last = [x for x in e.strip().splitlines() if x.strip()][-1]

@@ -496,17 +496,12 @@ struct QArgs {
   int isa;
 };
 
-inline uint32_t lowbias32(uint32_t x) {
-  x ^= x >> 16; x *= 0x7FEB352Du; x ^= x >> 15; x *= 0x846CA68Bu; x ^= x >> 16;
-  return x;
-}
-
 __attribute__((target_clones("avx512f", "avx2", "default")))
 void sr_bf16(const float* __restrict x, uint16_t* __restrict out, int len, uint32_t base) {
   for (int i = 0; i < len; ++i) {
     uint32_t u;
     std::memcpy(&u, x + i, 4);
-    uint32_t r = lowbias32(base + static_cast<uint32_t>(i)) & 0xFFFFu;
+    uint32_t r = ((base + static_cast<uint32_t>(i)) * 0x9E3779B1u) >> 16;  // Note: [Compressed state]
     uint32_t b = ((u + r) >> 16) & 0xFFFFu;
     bool nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
     out[i] = static_cast<uint16_t>(nan ? 0x7FC0u : b);

@@ -28,10 +28,12 @@ Note: [Compressed state]
        rebiased, clamped to the code range (values under the smallest code flush to it). Integer
        operations and one multiply an element, one division a block, so the C++ kernel and this module
        give the same bits and the kernel costs no square root or division beyond AdamW's own. A bf16
-       master rounds stochastically: ``bits(p) + r`` truncated to its high 16 bits, ``r`` the low 16 bits
-       of ``lowbias32((key + i) mod 2^32)``, ``key = sr_key(seed, step, stage)``: unbiased
-       (``E[round(p)] = p``), and a deterministic function of (seed, step, position), so a resumed or
-       redone update rounds the same way. NaN encodes as the canonical NaN.
+       master rounds stochastically: ``bits(p) + r`` truncated to its high 16 bits, ``r`` the high 16
+       bits of ``(key + i) * 0x9E3779B1 mod 2^32`` (a multiplicative hash: one multiply an element),
+       ``key = sr_key(seed, step, stage)`` (a strong hash, so each step's noise of an element is
+       independent of the last): unbiased (``E[round(p)] = p``), and a deterministic function of (seed,
+       step, position), so a resumed or redone update rounds the same way. NaN encodes as the canonical
+       NaN.
 
     Bytes per parameter of state (read and written by each update): master 4 or 2, moments 8, 4 or
     2 + 8/256 (two fp32 scales a block), plus the separate compute copy (2 B, written) only with an fp32
@@ -165,18 +167,10 @@ def _mul32(x: Tensor, c: int) -> Tensor:
     return (lo * c + ((hi * c) << 16)) & _MASK
 
 
-def _lowbias32_t(x: Tensor) -> Tensor:
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
-    return x ^ (x >> 16)
-
-
 def stochastic_bf16(p: Tensor, key: int, index0: int) -> Tensor:
     """fp32 ``p`` (flat; element j has index ``index0 + j``) rounded stochastically to bf16."""
     idx = torch.arange(p.numel(), dtype=torch.int64) + index0
-    r = _lowbias32_t((idx + key) & _MASK) & 0xFFFF
+    r = _mul32((idx + key) & _MASK, 0x9E3779B1) >> 16
     bits = p.view(torch.int32).to(torch.int64) & _MASK
     out = ((bits + r) >> 16) & 0xFFFF
     out = torch.where(torch.isnan(p), torch.full_like(out, 0x7FC0), out)

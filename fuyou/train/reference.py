@@ -150,7 +150,10 @@ class ReferenceTrainer:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(list(self.params.values()), t.grad_clip))
         lr = lr_at(step, self.cfg.optim.lr, t.steps, t.warmup_steps, t.min_lr_ratio)
         for g in self.opt.param_groups:
-            g["lr"] = lr
+            if isinstance(g["lr"], Tensor):  # optimizers that keep lr as a tensor (torchao's) update it in place
+                g["lr"].fill_(lr)
+            else:
+                g["lr"] = lr
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         tokens = t.grad_accum * t.micro_batch_size * self.cfg.data.seq_len
