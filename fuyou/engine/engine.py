@@ -69,6 +69,8 @@ GPU event's.
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 import shutil
 import time
@@ -168,6 +170,10 @@ class Engine:
         for st in self.states:  # Note: [State copies] in layout
             resident = st.index in self.plan.resident_stages
             st.copies = st.copies[:copies_needed(off.commit, every_step, self.clipping and not resident)]
+            if self.fmt.master_is_compute(self.cdtype) and not resident and st.index not in self.plan.cached_stages:
+                # a bf16 master is the compute weights: loads read the current copy's master, and no
+                # separate copy is stored (a resident stage's master is in CPU memory, so it keeps one)
+                st.copies = tuple(dataclasses.replace(k, weights=k.master) for k in st.copies)
 
         self.ts = TrainingState(cfg, self.states, self.plan, self.store_dirs, store_cfg, self.chunk, self.cdtype,
                                 self.gdtype, self.clipping, self.dev)

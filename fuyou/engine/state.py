@@ -98,7 +98,7 @@ class TrainingState:
             if s.index in self.plan.cached_stages:
                 s.cache = self.cache_buffer(s)
                 s.cache.copy_(master)
-            else:
+            elif s.keys.weights != s.keys.master:  # else the bf16 master is the compute weights
                 futs.append(self.store.write_from(s.keys.weights, master.to(self.cdtype)))
             if s.index in self.plan.resident_stages:
                 s.resident = resident_state(s.numel, fmt)
@@ -119,7 +119,7 @@ class TrainingState:
         for s in self.states:
             for keys in s.copies:
                 specs += [(k, (t.numel(s.numel),), t.dtype) for k, t in zip(keys.state, self.fmt.tensors)]
-            if s.index not in self.plan.cached_stages:
+            if s.index not in self.plan.cached_stages and s.keys.weights != s.keys.master:
                 specs.append((s.keys.weights, (s.numel,), self.cdtype))
             if self.clipping and s.index not in self.plan.resident_stages:
                 specs.append((grad_key(s), (s.numel,), self.gdtype))
@@ -282,7 +282,7 @@ class TrainingState:
                     self.store.read_into(s.keys.master, buf.tensor, start=a).result()  # CRC-checked
                     if s.cache is not None:
                         s.cache[a:a + n].copy_(buf.tensor)
-                    else:
+                    elif s.keys.weights != s.keys.master:  # else the bf16 master is the compute weights
                         self.store.write_from(s.keys.weights, buf.tensor.to(self.cdtype), start=a).result()
 
     # -- one optimizer step ----------------------------------------------------------------------

@@ -344,13 +344,13 @@ class OutOfCoreAdamW:
                     whole = scales[t.role] if held is not None else scales[t.role].tensor
                     state[t.role] = whole[s // QBLOCK: -(-e // QBLOCK)]
                 g = bufs[-1].tensor if gkey else grad[s:e]
-                wbuf = None
-                if lowp_out is None:
+                wbuf = lowp = None
+                if lowp_out is not None:
+                    lowp = lowp_out[s:e]
+                elif out_keys.weights != out_keys.master:  # else the new master is the compute weights
                     wbuf = self.pool.acquire((e - s) * _size(wdtype), wdtype)
                     bufs.append(wbuf)
                     lowp = wbuf.tensor
-                else:
-                    lowp = lowp_out[s:e]
                 segs = [(max(sg.start, s) - s, min(sg.end, e) - s, sg.weight_decay) for sg in segments
                         if max(sg.start, s) < min(sg.end, e)]
                 c = self.cfg

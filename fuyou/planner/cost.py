@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 from fuyou.engine.budget import class_widths, device_working_bytes
 from fuyou.engine.config import OffloadConfig
 from fuyou.models import ModelConfig, StageModel
@@ -50,6 +52,12 @@ class Workload:
                    2 if cfg.train.precision == "bf16" else 4,
                    StoreConfig(queue_depth=cfg.offload.io_threads, verify_checksums=cfg.offload.verify_checksums),
                    cfg.train.grad_clip, StateFormat.of(cfg.optim))
+
+    @property
+    def master_is_weights(self) -> bool:
+        """A bf16 master under bf16 compute is the compute weights: stages neither cached nor resident
+        store no separate copy (the engine reads the master)."""
+        return self.fmt.master_is_compute(torch.bfloat16 if self.csize == 2 else torch.float32)
 
     @property
     def state_bpp(self) -> float:
@@ -161,7 +169,8 @@ def step_bytes(w: Workload, cached: set[int], resident: set[int] | frozenset = f
         clip = w.grad_clip is not None
         state = w.fmt.state_bytes(n)
         reads += (0 if i in resident else state) + (0 if i in cached else uses[i] * n * w.csize)
-        writes += (0 if i in resident else state) + (0 if i in cached else n * w.csize) + (
+        separate = i not in cached and not (w.master_is_weights and i not in resident)
+        writes += (0 if i in resident else state) + (n * w.csize if separate else 0) + (
             n * w.gsize if clip and i not in resident else 0)
         d2h += n * w.gsize
     return {"ssd_read": reads, "ssd_write": writes, "h2d": h2d, "d2h": d2h}

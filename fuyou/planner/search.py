@@ -118,7 +118,8 @@ def state_ssd_bytes(w: Workload, plan: MemoryPlan) -> dict[str, int]:
     every = off.commit_steps == 1
     state = sum(w.fmt.state_bytes(n) * copies_needed(off.commit, every, clip and i not in plan.resident_stages)
                 for i, n in enumerate(w.numels))
-    weights = sum(w.csize * n for i, n in enumerate(w.numels) if i not in plan.cached_stages)
+    weights = sum(w.csize * n for i, n in enumerate(w.numels) if i not in plan.cached_stages
+                  and not (w.master_is_weights and i not in plan.resident_stages))
     return {"optimizer state copies": state, "compute weights": weights,
             "saved gradients": w.gsize * sum(n for i, n in enumerate(w.numels) if i not in plan.resident_stages)
             if clip else 0}

@@ -219,7 +219,7 @@ def _streamed_update(g: _Graph, c: StageCost, w: Workload, hw: HardwareProfile, 
                      extra_deps: list | None = None, grad_read: bool = False) -> None:
     """An update whose state is on SSD (``grad_read``: a redo, which reads the saved gradient too)."""
     n = _chunk_count(c.numel, w.chunk, max_chunks)
-    wbytes = w.state_bpp + (0 if c.index in cached else w.csize)
+    wbytes = w.state_bpp + (0 if c.index in cached or w.master_is_weights else w.csize)
     writes = _streamed_job(g, c.name, c.numel, n, wbytes, first, hw, q_adam, w.offload.optimizer_depth, step,
                            rbytes=w.state_bpp + (w.gsize if grad_read else 0), speed=w.fmt.kernel_speed)
     end = g.add(f"updated {c.name}", "cpu-adam", "marker", 0.0, writes + (extra_deps or []), step, c.name)

@@ -125,3 +125,33 @@ def test_compression_really_changes_the_numbers(tmp_path):
     a, b = states["fp32-fp32"], states["bf16-int8"]
     assert any(not torch.equal(a[k], b[k]) for k in a)
     assert all(float((a[k] - b[k]).abs().max()) < 0.05 for k in a)
+
+
+@pytest.mark.parametrize("clip", ["none", "0.05"])
+def test_bf16_master_is_the_compute_weights(tmp_path, clip):
+    """bf16 compute with a bf16 master: stages whose weights are not cached read the current copy's
+    master (no separate compute copy is stored or written); the run equals the one with every stage's
+    weights cached in CPU memory bit for bit, with exact clipping's redo too."""
+    from fuyou.data import load_data
+    from fuyou.engine.engine import Engine
+
+    out = {}
+    for cache in ("true", "false"):
+        (tmp_path / cache).mkdir()
+        cfg = make_cfg(tmp_path / cache, *FOUR_BLOCKS, "offload.mode=ssd", "train.precision=bf16", "optim.master=bf16",
+                       "optim.moments=int8", f"offload.cache_weights={cache}", "offload.resident_mem=0",
+                       f"train.grad_clip={clip}", "train.steps=4")
+        eng = Engine(cfg, load_data(cfg.data), "state")
+        try:
+            losses = [eng.train_step(s).loss for s in range(4)]
+            eng.worker.wait_all()
+            if cache == "false":
+                keys = set(eng.store.keys())
+                assert not any(k.endswith("/weights") for k in keys), sorted(keys)[:8]
+                assert all(st.keys.weights == st.keys.master for st in eng.states)
+            out[cache] = (losses, eng.state())
+        finally:
+            eng.close()
+    assert out["true"][0] == out["false"][0]
+    for k in out["true"][1]:
+        assert torch.equal(out["true"][1][k], out["false"][1][k]), k
