@@ -131,3 +131,12 @@ def test_blocking_events_and_event_timing():
     e1.synchronize()
     assert e0.elapsed_s(e1) > 0
     dev.close()
+
+
+@pytest.mark.parametrize("opts", [["optim.master=bf16", "optim.moments=int8"], ["optim.moments=bf16"]],
+                         ids=["bf16-int8", "fp32-bf16"])
+def test_compressed_state_on_cuda(tmp_path, opts):
+    """Issue 19: the compressed optimizer state on CUDA (weights, gradients and compute weights crossing
+    PCIe as with fp32 state) against the reference with the same option, the fp32 tolerances."""
+    _check(make_cfg(tmp_path, "train.device=cuda", "model.n_layer=4", "train.grad_clip=0.5",
+                    "offload.resident_mem=300KiB", *opts))

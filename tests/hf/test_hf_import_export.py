@@ -145,3 +145,17 @@ def test_gpt2_checkpoint_without_the_transformer_prefix(hf_models, tmp_path):
     x = tokens()
     torch.testing.assert_close(fuyou_logits(run / "model.safetensors", x), hf_logits(hf_models["gpt2"], x),
                                rtol=0, atol=1e-4)
+
+
+def test_compressed_state_finetune_then_export_in_the_masters_precision(hf_models, tmp_path):
+    """Issue 19: fine-tune a Hugging Face Llama with optim.master=bf16 optim.moments=int8 on the SSD;
+    model.safetensors holds the bf16 master's values exactly (fp32 file), an export with --dtype bf16
+    loses nothing, and transformers' logits match fuyou's."""
+    src = hf_models["llama"]
+    run = _train(tmp_path, ["--init-from", str(src), "optim.master=bf16", "optim.moments=int8"], offload=True)
+    cfg, trained = fuyou_weights(run / "model.safetensors")
+    assert all(torch.equal(v, v.bfloat16().float()) for v in trained.values())  # bf16 values
+    out = tmp_path / "export"
+    assert main(["export", str(run), "--out", str(out), "--dtype", "bf16"]) == 0
+    x = tokens()
+    torch.testing.assert_close(hf_logits(out, x), fuyou_logits(run / "model.safetensors", x), rtol=0, atol=1e-4)
