@@ -447,10 +447,12 @@ def _models(args) -> int:
         print(f"{name:<12} {cfg.family:<6} {cfg.n_layer:>6} {cfg.d_model:>6} {heads:>9} {si(n).replace('G', 'B'):>10}  "
               f"{format_size(b['master']):>12} {format_size(b['moments']):>12} "
               f"{format_size(b['compute_weights']):>12} {format_size(sum(b.values())):>12} "
-              f"{format_size(sum(model.state_bytes(fmt=small).values())):>12}")
-    print(f"\nTraining state per parameter: {fmt.describe()}, plus a bf16 compute copy of 2 B (activations and "
-          f"gradients in flight come on top). The last column: optim.master=bf16 optim.moments=int8 "
-          f"({small.bytes_per_param():.3g} B + 2 B; fuyou/optim/compressed.py).")
+              f"{format_size(small.state_bytes(n)):>12}")
+    print(f"\nTraining state per parameter: {fmt.describe()}, plus a bf16 compute copy of 2 B"
+          + (" (the bf16 master is it, where the weights are not cached)" if fmt.master == "bf16" else "")
+          + " (activations and gradients in flight come on top). The last column: optim.master=bf16 "
+          f"optim.moments=int8, {small.bytes_per_param():.3g} B, the master being the compute weights "
+          "(fuyou/optim/compressed.py).")
     return 0
 
 

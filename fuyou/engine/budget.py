@@ -186,7 +186,7 @@ def plan_memory(stage_numels: list[int], off, *, chunk: int, io_buffer_bytes: in
     fmt = fmt or StateFormat()
     plan = MemoryPlan(off.cpu_mem, device_budget=off.gpu_mem if off.gpu_mem is not None else device_budget)
     stage_max = max(stage_numels)
-    opt_lowp = 0 if off.cache_weights else csize
+    opt_lowp = csize  # a stage the cache does not hold writes its compute weights through these buffers
     plan.cpu_items["optimizer buffers"] = optimizer_buffer_bytes(fmt, chunk, off.optimizer_depth,
                                                                  gsize if deferred else 0, opt_lowp, stage_max)
     plan.cpu_items["gradients in flight"] = (off.max_pending_updates + 2) * (-(-stage_max * gsize // 4096) * 4096)
@@ -351,4 +351,5 @@ def policy_memory(cfg_model, policy: dict, off, batch: int, seq: int, csize: int
     # micro-batch, in the checkpoint's dtype.
     stream = act["checkpoint"] // 4  # elements
     kept_ckpt = sum(b.checkpoint_bytes for b in policy.values() if b.checkpoint == "gpu") * stream
+    # (a block whose input is rounded for a bf16 checkpoint rounds the stream tensor in place: no extra copy)
     return extra_cpu, extra_dev, (micro_batches + 1) * act["checkpoint"] + micro_batches * kept_ckpt

@@ -578,11 +578,11 @@ class Engine:
         dst = st.cur if st.resident is not None else st.target(keep_source=self.clipping)
         job = UpdateJob(st, host, self.gdtype, lr, step + 1, 1.0, src=st.cur, dst=dst, release=release,
                         event=event, save_grad=grad_key(st) if self.clipping else None)
-        st.cur = dst
         st.dirty = st.resident is not None
         if self.clipping:
             self._speculated.append((st, job.src, job.dst))
         self.worker.submit(job)
+        st.cur = dst  # after submit's begin_update: a load reading copies[cur] (a bf16 master) waits for it
 
     def _to_host(self, st: StageState, flat: Tensor | dict[str, Tensor], into: Tensor | None = None):
         """The stage's gradient in one flat CPU buffer (a grad-pool buffer, or ``into``), a release

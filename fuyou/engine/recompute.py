@@ -173,9 +173,9 @@ def forward_block(swapper: ActivationSwapper, tag: str, policy: KeepPolicy, fn, 
     A bf16 ``policy.checkpoint_dtype`` rounds the input first (fuyou/policy.py, Note: [Checkpoint dtype])."""
     wide, narrow = x.dtype, DTYPES[policy.checkpoint_dtype]
     rounds = narrow != wide
-    if rounds:
-        rounded = x.to(narrow)
-        x = rounded.to(wide)
+    if rounds:  # in place: the caller's stream tensor (a fresh stage output) becomes the rounded input,
+        rounded = x.to(narrow)  # so no second fp32 copy is held through the block
+        x.copy_(rounded)
     if policy.all is not None:
         inp = x.detach().requires_grad_(True)
         params = leaves(params)

@@ -15,6 +15,7 @@ The engine (``engine.py``) owns one ``TrainingState`` and runs the step schedule
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import shutil
 import sys
@@ -254,8 +255,11 @@ class TrainingState:
         rec = read_record(self.store_dirs[0], self.store, len(self.states))
         for s, c in zip(self.states, rec["copies"]):
             if c >= len(s.copies):  # the record names a copy this configuration does not keep
+                from_master = s.keys.weights == s.keys.master  # a bf16 master is the compute weights (engine)
                 s.copies = build_states([s.stage], self.cfg.optim.weight_decay, n_copies=c + 1,
                                         int8=self.fmt.moments == "int8")[0].copies
+                if from_master:
+                    s.copies = tuple(dataclasses.replace(k, weights=k.master) for k in s.copies)
             s.cur = s.committed = c
             for key in s.keys.state:
                 tag = self.store.record(key).tag if key in self.store else None

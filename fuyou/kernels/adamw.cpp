@@ -745,6 +745,7 @@ void qblock_avx512(const QArgs& A, int64_t base, int len, const float* D) {
       vmax = _mm512_max_epu32(vmax, _mm512_and_si512(_mm512_castps_si512(vi), absmask));
     }
   }
+  if constexpr (PT == P_F32 && (LT == L_BF16 || LT == L_F16)) _mm_sfence();  // Note: [Non-temporal copy]
   if constexpr (MT == M_INT8) {
     uint32_t mb = _mm512_reduce_max_epu32(mmax), vb = _mm512_reduce_max_epu32(vmax);
     float amn = from_bits(mb), avn = from_bits(vb);
@@ -873,6 +874,7 @@ void qblock_avx2(const QArgs& A, int64_t base, int len, const float* D) {
       vmax = _mm256_max_epu32(vmax, _mm256_and_si256(_mm256_castps_si256(vi), absmask));
     }
   }
+  if constexpr (PT == P_F32 && (LT == L_BF16 || LT == L_F16)) _mm_sfence();  // Note: [Non-temporal copy]
   if constexpr (MT == M_INT8) {
     float amn = from_bits(hmax_epu32(mmax)), avn = from_bits(hmax_epu32(vmax));
     A.ms[base / kQ] = amn;

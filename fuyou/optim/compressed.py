@@ -177,6 +177,15 @@ def stochastic_bf16(p: Tensor, key: int, index0: int) -> Tensor:
     return out.to(torch.int32).to(torch.int16).view(torch.bfloat16)  # low 16 bits, two's complement
 
 
+def bf16_rne(x: Tensor) -> Tensor:
+    """fp32 -> bf16, round to nearest even, NaN as the canonical 0x7FC0 (as the kernel; torch's own
+    conversion writes NaN as 0xFFFF)."""
+    u = x.view(torch.int32).to(torch.int64) & _MASK
+    b = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) & 0xFFFF
+    b = torch.where(torch.isnan(x), torch.full_like(b, 0x7FC0), b)
+    return b.to(torch.int32).to(torch.int16).view(torch.bfloat16)
+
+
 # -- int8 block codes ----------------------------------------------------------------------------
 
 def _blocks(x: Tensor) -> Tensor:
@@ -196,9 +205,10 @@ V_BIAS = (127 - 31) << 3    # v codes: 5 exponent bits (x in [2^-31, 1]) and 3 m
 
 
 def _minifloat(x: Tensor) -> Tensor:
-    """x >= 0 (fp32) -> its bits rounded to 3 mantissa bits (nearest even), as (exponent << 3 | mantissa)."""
-    u = x.view(torch.int32).to(torch.int64)
-    return (u + 0x7FFFF + ((u >> 20) & 1)) >> 20
+    """x >= 0 (fp32) -> its bits rounded to 3 mantissa bits (nearest even), as (exponent << 3 | mantissa);
+    the bits read unsigned, as the kernel does (a NaN from inf * 0 has its sign bit set)."""
+    u = x.view(torch.int32).to(torch.int64) & _MASK
+    return ((u + 0x7FFFF + ((u >> 20) & 1)) & _MASK) >> 20  # uint32 arithmetic, wrapping as the kernel's
 
 
 def _from_code(c: Tensor) -> Tensor:
@@ -259,8 +269,11 @@ def encode_state(fmt: StateFormat, p: Tensor, m: Tensor, v: Tensor, state: dict[
             q, a = enc(x)
             state[role].copy_(q)
             state[role + "_scale"].copy_(a)
+    elif fmt.moments == "bf16":
+        state["exp_avg"].copy_(bf16_rne(m))
+        state["exp_avg_sq"].copy_(bf16_rne(v))
     else:
-        state["exp_avg"].copy_(m)   # bf16: round to nearest even
+        state["exp_avg"].copy_(m)
         state["exp_avg_sq"].copy_(v)
 
 
@@ -289,7 +302,9 @@ def reference_adamw_(fmt: StateFormat, state: dict[str, Tensor], grad: Tensor, *
             _torch_adamw_(p[s:e], g[s:e], m[s:e], v[s:e], None, sc, float(grad_scale))
     encode_state(fmt, p, m, v, state, key=key, index0=index0)
     if out_lowp is not None:
-        out_lowp.copy_(state["master"])
+        master = state["master"]
+        out_lowp.copy_(bf16_rne(master) if out_lowp.dtype == torch.bfloat16 and master.dtype == torch.float32
+                       else master)
 
 
 # -- the fused kernel ------------------------------------------------------------------------------
@@ -309,29 +324,35 @@ def fused_adamw_q_(fmt: StateFormat, state: dict[str, Tensor], grad: Tensor, *, 
     from fuyou.kernels.build import load_adamw_lib
     from fuyou.optim.adamw import _GTYPE, _ISA, _ISA_NAME, _scalars
 
-    lib = None if backend == "torch" else load_adamw_lib()
     n = state["master"].numel()
     if index0 % QBLOCK:
         raise ValueError(f"fused_adamw_q_: a chunk starts on a block of {QBLOCK} (index0={index0})")
-    if grad.numel() != n or (out_lowp is not None and out_lowp.numel() != n):
-        raise ValueError("fused_adamw_q_: grad and out_lowp must have the state's number of elements")
+    for name, t in (("grad", grad), ("out_lowp", out_lowp), *((r, state[r]) for r in fmt.roles)):
+        if t is None:
+            continue
+        want = fmt.tensors[fmt.roles.index(name)] if name in fmt.roles else None
+        numel = want.numel(n) if want is not None else n
+        if t.device.type != "cpu" or not t.is_contiguous() or t.numel() != numel:
+            raise ValueError(f"fused_adamw_q_: {name} must be a contiguous CPU tensor of {numel} elements; got "
+                             f"device={t.device}, contiguous={t.is_contiguous()}, numel={t.numel()}")
+        if want is not None and t.dtype != want.dtype:
+            raise TypeError(f"fused_adamw_q_: {name} has dtype {t.dtype}, the format stores {want.dtype}")
+    if out_lowp is not None and (out_lowp.dtype not in _LTYPE or (fmt.master == "bf16" and out_lowp.dtype == torch.float16)):
+        raise TypeError(f"fused_adamw_q_: out_lowp dtype {out_lowp.dtype} is not one of bf16, fp32"
+                        + ("" if fmt.master == "bf16" else ", fp16"))
+    segs = [(s, e, wd) for s, e, wd in segments if s < e]
+    if len(segs) > 64:
+        raise ValueError("fused_adamw_q_: at most 64 weight-decay segments per call")
+    if n and (not segs or segs[0][0] != 0 or segs[-1][1] != n
+              or any(e0 != s1 for (_, e0, _), (s1, _, _) in zip(segs, segs[1:]))):
+        raise ValueError(f"fused_adamw_q_: the segments must cover [0, {n}) in order; got {segments}")
+    lib = None if backend == "torch" else load_adamw_lib()
     if lib is None:
         reference_adamw_(fmt, state, grad, segments=segments, lr=lr, beta1=beta1, beta2=beta2, eps=eps, step=step,
                          grad_scale=grad_scale, key=key, index0=index0, out_lowp=out_lowp)
         return "torch"
     if n == 0:
         return _ISA_NAME[lib.fuyou_adamw_best_isa()]
-    segs = [(s, e, wd) for s, e, wd in segments if s < e]
-    if len(segs) > 64:
-        raise ValueError("fused_adamw_q_: at most 64 weight-decay segments per call")
-    for (_, e0, _), (s1, _, _) in zip(segs, segs[1:]):
-        if e0 != s1:
-            raise ValueError("fused_adamw_q_: segments must cover the chunk in order")
-    if segs and (segs[0][0] != 0 or segs[-1][1] != n):
-        raise ValueError("fused_adamw_q_: segments must cover [0, n)")
-    for t in (state[r] for r in fmt.roles):
-        if not t.is_contiguous() or t.device.type != "cpu":
-            raise ValueError("fused_adamw_q_: state tensors must be contiguous CPU tensors")
     sc0 = _scalars(lr, beta1, beta2, eps, 0.0, step)
     ends = torch.tensor([e for _, e, _ in segs], dtype=torch.int64)
     decays = torch.tensor([_scalars(lr, beta1, beta2, eps, wd, step)[0] for _, _, wd in segs], dtype=torch.float64)

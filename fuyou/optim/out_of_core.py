@@ -336,39 +336,49 @@ class OutOfCoreAdamW:
                     for b in bufs:
                         b.release()
                     raise
-                if held is None:
-                    state = {t.role: b.tensor for t, b in zip(chunked, bufs)}
-                else:
-                    state = {t.role: held[t.role][s:e] for t in chunked}
-                for t in scaled:
-                    whole = scales[t.role] if held is not None else scales[t.role].tensor
-                    state[t.role] = whole[s // QBLOCK: -(-e // QBLOCK)]
-                g = bufs[-1].tensor if gkey else grad[s:e]
-                wbuf = lowp = None
-                if lowp_out is not None:
-                    lowp = lowp_out[s:e]
-                elif out_keys.weights != out_keys.master:  # else the new master is the compute weights
-                    wbuf = self.pool.acquire((e - s) * _size(wdtype), wdtype)
-                    bufs.append(wbuf)
-                    lowp = wbuf.tensor
-                segs = [(max(sg.start, s) - s, min(sg.end, e) - s, sg.weight_decay) for sg in segments
-                        if max(sg.start, s) < min(sg.end, e)]
-                c = self.cfg
-                t0 = time.perf_counter()
-                fused_adamw_q_(fmt, state, g, segments=segs, lr=lr, beta1=c.beta1, beta2=c.beta2, eps=c.eps, step=step,
-                               grad_scale=grad_scale, key=key, index0=s, out_lowp=lowp, num_threads=self.num_threads)
-                t1 = time.perf_counter()
-                beat()
-                stats.kernel_s += t1 - t0
-                stats.chunks.append((t0, t1))
-                wf = []
-                if held is None:
-                    for t in chunked:
-                        wf.append(self.store.write_from(dst[t.role], state[t.role], start=s))
-                        stats.written_bytes += (e - s) * t.itemsize
-                if wbuf is not None:
-                    wf.append(self.store.write_from(out_keys.weights, lowp, start=s))
-                    stats.written_bytes += (e - s) * _size(wdtype)
+                wf: list = []
+                try:
+                    if held is None:
+                        state = {t.role: b.tensor for t, b in zip(chunked, bufs)}
+                    else:
+                        state = {t.role: held[t.role][s:e] for t in chunked}
+                    for t in scaled:
+                        whole = scales[t.role] if held is not None else scales[t.role].tensor
+                        state[t.role] = whole[s // QBLOCK: -(-e // QBLOCK)]
+                    g = bufs[-1].tensor if gkey else grad[s:e]
+                    wbuf = lowp = None
+                    if lowp_out is not None:
+                        lowp = lowp_out[s:e]
+                    elif out_keys.weights != out_keys.master:  # else the new master is the compute weights
+                        wbuf = self.pool.acquire((e - s) * _size(wdtype), wdtype)
+                        bufs.append(wbuf)
+                        lowp = wbuf.tensor
+                    segs = [(max(sg.start, s) - s, min(sg.end, e) - s, sg.weight_decay) for sg in segments
+                            if max(sg.start, s) < min(sg.end, e)]
+                    c = self.cfg
+                    t0 = time.perf_counter()
+                    fused_adamw_q_(fmt, state, g, segments=segs, lr=lr, beta1=c.beta1, beta2=c.beta2, eps=c.eps, step=step,
+                                   grad_scale=grad_scale, key=key, index0=s, out_lowp=lowp, num_threads=self.num_threads)
+                    t1 = time.perf_counter()
+                    beat()
+                    stats.kernel_s += t1 - t0
+                    stats.chunks.append((t0, t1))
+                    if held is None:
+                        for t in chunked:
+                            wf.append(self.store.write_from(dst[t.role], state[t.role], start=s))
+                            stats.written_bytes += (e - s) * t.itemsize
+                    if wbuf is not None:
+                        wf.append(self.store.write_from(out_keys.weights, lowp, start=s))
+                        stats.written_bytes += (e - s) * _size(wdtype)
+                except BaseException:  # the chunk's buffers are in no queue yet: release them here
+                    for f in wf:
+                        try:
+                            f.result()
+                        except BaseException:  # noqa: BLE001 -- the first error propagates
+                            pass
+                    for b in bufs:
+                        b.release()
+                    raise
                 writing.append((wf, bufs))
                 fault("optimizer", step - 1)
                 while len(writing) > self.depth:

@@ -182,17 +182,17 @@ def _assign(w, hw, costs, depth: int, tiers: tuple[str, ...], k: int, cpu_budget
                 return
 
     M = w.grad_accum  # each micro-batch of a step keeps its own
-    narrow = w.offload.checkpoint_dtype == "auto" and w.csize == 2
+    fp32 = [M * w.checkpoint_bytes(costs[i + 1], BlockPolicy(checkpoint_dtype="fp32")) for i in range(L)]
+    # auto (Note: [Checkpoint dtype] in fuyou/policy.py): when the GPU cannot keep every checkpoint in fp32,
+    # the checkpoints it keeps are bf16 (twice as many stay on the device, the last blocks first); the
+    # rest go off the device in fp32. Exact (all fp32) whenever they all fit.
+    narrow = w.offload.checkpoint_dtype == "auto" and w.csize == 2 and sum(fp32) > room["gpu"]
     for i in reversed(range(L)):
-        fp32 = M * w.checkpoint_bytes(costs[i + 1], BlockPolicy(checkpoint_dtype="fp32"))
-        if narrow and room["gpu"] < fp32 <= 2 * room["gpu"]:
-            # auto: a bf16 checkpoint where that keeps on the GPU what fp32 would push off it (Note:
-            # [Checkpoint dtype] in fuyou/policy.py); fp32 everywhere else
-            blocks[i]["checkpoint_dtype"] = "bf16"
-            put(i, "checkpoint", fp32 // 2)
+        if w.offload.checkpoint_dtype == "auto" and w.csize == 2:
+            on_gpu = narrow and fp32[i] // 2 <= room["gpu"]
+            blocks[i]["checkpoint_dtype"] = "bf16" if on_gpu else "fp32"
+            put(i, "checkpoint", fp32[i] // 2 if on_gpu else fp32[i])
             continue
-        if narrow:
-            blocks[i]["checkpoint_dtype"] = "fp32"
         put(i, "checkpoint", M * w.checkpoint_bytes(costs[i + 1], BlockPolicy()))
     cands = [(i, cls) for cls in CLASSES for i in reversed(range(L))]
     for i, cls in cands[:k]:

@@ -118,11 +118,10 @@ class _StopOnSignal:
 
 
 def _endurance(cfg: FuyouConfig) -> float | None:
-    """Rated bytes the run's drives may write (hardware.ssd_tbw per drive, or the hardware.ssd preset's)."""
+    """Rated bytes the run's drives may write, counted as the planner does: hardware.ssd_tbw (per drive) or
+    the hardware.ssd preset's endurance, times the preset's drive count (else the number of SSD directories)."""
     hw = cfg.hardware
-    drives = max(1, len(cfg.offload.ssd_dirs))
-    if hw.ssd_tbw:
-        return hw.ssd_tbw * 1e12 * drives
+    n, drive = max(1, len(cfg.offload.ssd_dirs)), {}
     if hw.ssd:
         from fuyou.planner.hardware import _ssd_preset
 
@@ -130,8 +129,8 @@ def _endurance(cfg: FuyouConfig) -> float | None:
             n, drive = _ssd_preset(hw.ssd)
         except Exception:  # noqa: BLE001 -- a bad preset is the planner's error to report, not the summary's
             return None
-        return drive.get("tbw", 0) * n or None
-    return None
+    per_drive = hw.ssd_tbw * 1e12 if hw.ssd_tbw else drive.get("tbw")
+    return per_drive * n if per_drive else None
 
 
 def _loop(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, stop) -> RunResult:

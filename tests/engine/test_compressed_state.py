@@ -155,3 +155,49 @@ def test_bf16_master_is_the_compute_weights(tmp_path, clip):
     assert out["true"][0] == out["false"][0]
     for k in out["true"][1]:
         assert torch.equal(out["true"][1][k], out["false"][1][k]), k
+
+
+@pytest.mark.parametrize("opts", [["optim.master=bf16", "optim.moments=int8", "train.precision=fp32"],
+                                  ["optim.moments=int8"]])
+def test_the_plan_reserves_what_an_update_holds(tmp_path, opts):
+    """With the weight cache on, a stage it cannot hold still writes its compute weights through the
+    optimizer's buffers: the plan reserves them (else a compressed update blocks on the pool)."""
+    from fuyou.data import load_data
+    from fuyou.engine.engine import Engine
+    from fuyou.optim.out_of_core import optimizer_buffer_bytes
+
+    cfg = make_cfg(tmp_path, *FOUR_BLOCKS, "offload.mode=ssd", "offload.cache_weights=true", "train.grad_clip=0.5",
+                   *opts)
+    eng = Engine(cfg, load_data(cfg.data), "state")
+    try:
+        need = optimizer_buffer_bytes(eng.fmt, eng.chunk, cfg.offload.optimizer_depth, eng.ts.gdtype.itemsize,
+                                      eng.cdtype.itemsize, max(s.numel for s in eng.states))
+        assert eng.plan.cpu_items["optimizer buffers"] >= need
+        eng.train_step(0)
+    finally:
+        eng.close()
+
+
+def test_resume_with_fewer_copies_keeps_the_master_as_the_weights(tmp_path):
+    """A clipped bf16-master run resumed without clipping keeps fewer state copies; copies rebuilt on
+    resume still read the master as the compute weights (no separate copy appears)."""
+    from fuyou.data import load_data
+    from fuyou.engine.engine import Engine
+
+    base = [*FOUR_BLOCKS, "offload.mode=ssd", "train.precision=bf16", "optim.master=bf16", "optim.moments=int8",
+            "offload.cache_weights=false", "offload.resident_mem=0", "offload.commit_every=1"]
+    cfg = make_cfg(tmp_path, *base, "train.grad_clip=0.05")
+    data = load_data(cfg.data)
+    eng = Engine(cfg, data, "state")
+    for s in range(3):
+        eng.train_step(s)
+    eng.commit(3)
+    eng.close()
+    eng = Engine(make_cfg(tmp_path, *base, "train.grad_clip=none"), data, "state", resume=True)
+    try:
+        assert all(st.keys.weights == st.keys.master for st in eng.states)
+        eng.train_step(3)
+        eng.worker.wait_all()
+        assert not any(k.endswith("/weights") for k in eng.store.keys())
+    finally:
+        eng.close()

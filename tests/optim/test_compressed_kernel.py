@@ -116,3 +116,39 @@ def test_format_sizes():
     assert f.align(4096) % QBLOCK == 0 and f.align(4096) >= 4096
     with pytest.raises(ValueError):
         StateFormat("int8", "fp32")
+
+
+@needs_ext
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f"{f.master}-{f.moments}")
+def test_non_finite_values_encode_alike(fmt):
+    """A gradient that overflows v, an inf and a NaN: every path writes the same bits (the reference
+    reads codes unsigned and writes NaN as 0x7FC0, like the kernel)."""
+    n = 4 * QBLOCK
+    grad = torch.randn(n, generator=torch.Generator().manual_seed(5)) * 1e-3
+    grad[3], grad[QBLOCK + 7], grad[2 * QBLOCK + 1] = 1e20, float("inf"), float("nan")
+    ref = _state(fmt, n)
+    reference_adamw_(fmt, ref, grad, segments=[(0, n, 0.1)], step=1, key=3, **HYPER)
+    for backend in ("avx512", "avx2", "scalar"):
+        k = _state(fmt, n)
+        fused_adamw_q_(fmt, k, grad, segments=[(0, n, 0.1)], step=1, key=3, backend=backend, **HYPER)
+        assert _equal(k, ref), backend
+
+
+def test_bad_calls_are_refused():
+    fmt = StateFormat("bf16", "int8")
+    st = _state(fmt, 2 * QBLOCK)
+    g = torch.zeros(2 * QBLOCK)
+    for backend in ("torch", None):
+        with pytest.raises(ValueError, match="segments must cover"):
+            fused_adamw_q_(fmt, st, g, segments=[], step=1, backend=backend, **HYPER)
+        with pytest.raises(ValueError, match="segments must cover"):
+            fused_adamw_q_(fmt, st, g, segments=[(0, 10, 0.0), (11, 2 * QBLOCK, 0.0)], step=1, backend=backend,
+                           **HYPER)
+    with pytest.raises(TypeError, match="out_lowp"):
+        fused_adamw_q_(fmt, st, g, segments=[(0, 2 * QBLOCK, 0.0)], step=1, out_lowp=torch.empty(2 * QBLOCK,
+                       dtype=torch.float16), **HYPER)
+    short = dict(st, exp_avg_scale=st["exp_avg_scale"][:1])
+    with pytest.raises(ValueError, match="exp_avg_scale"):
+        fused_adamw_q_(fmt, short, g, segments=[(0, 2 * QBLOCK, 0.0)], step=1, **HYPER)
+    with pytest.raises(ValueError, match="index0"):
+        fused_adamw_q_(fmt, st, g, segments=[(0, 2 * QBLOCK, 0.0)], step=1, index0=5, **HYPER)

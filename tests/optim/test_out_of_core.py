@@ -138,3 +138,40 @@ def test_corrupt_state_is_reported_and_buffers_released(tmp_path):
             opt.update(keys, torch.zeros(n, dtype=torch.bfloat16), numel=n, segments=[Segment(0, n, 0.0)],
                        lr=CFG.lr, step=1)
         assert pool.in_use == 0
+
+
+@pytest.mark.parametrize("fmt", ["fp32/fp32", "fp32/int8", "bf16/fp32", "bf16/int8", "bf16/bf16"])
+@pytest.mark.parametrize("wdtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("depth", [2, 3])
+def test_the_pool_bound_holds_every_format(tmp_path, fmt, wdtype, depth):
+    """An update never needs more pool memory than ``optimizer_buffer_bytes`` (what the engine's plan
+    reserves: chunks of the state, the gradient read back and the compute weights written), with every
+    state format, compute dtype and depth: a pool of exactly that size never blocks (issue 19 review:
+    compressed chunks are smaller, so a missing compute-weights buffer used to hang the update)."""
+    from fuyou.optim.compressed import StateFormat, new_state
+    from fuyou.optim.out_of_core import optimizer_buffer_bytes
+
+    master, moments = fmt.split("/")
+    cfg = CFG.model_copy(update={"master": master, "moments": moments})
+    f = StateFormat(master, moments)
+    n = 5 * 262_144 + 4096
+    with TensorStore.create([tmp_path / "s"]) as store:
+        keys = StateKeys("l/master", "l/m", "l/v", "l/w",
+                         *(("l/ms", "l/vs") if moments == "int8" else ()))
+        init = new_state(f, torch.randn(n) * 0.02)
+        for k, t in zip(keys.state, f.tensors):
+            store.allocate(k, (t.numel(n),), t.dtype)
+            store.write_from(k, init[t.role]).result()
+        store.allocate(keys.weights, (n,), wdtype)
+        store.allocate("l/g", (n,), torch.bfloat16)
+        store.write_from("l/g", torch.randn(n).bfloat16()).result()
+        probe = OutOfCoreAdamW(store, None, cfg, chunk_numel=262_144, depth=depth)
+        pool = PinnedPool(optimizer_buffer_bytes(f, probe.chunk, depth, 2, wdtype.itemsize, n))
+        opt = OutOfCoreAdamW(store, pool, cfg, chunk_numel=262_144, depth=depth)
+        done = []
+        t = threading.Thread(target=lambda: done.append(opt.update(
+            keys, "l/g", numel=n, segments=[Segment(0, n, 0.1)], lr=1e-3, step=1, lowp_dtype=wdtype,
+            grad_dtype=torch.bfloat16)), daemon=True)
+        t.start()
+        t.join(60)
+        assert done, f"the update blocked on the pool ({pool.capacity} bytes)"
