@@ -57,8 +57,8 @@ class OffloadConfig(BaseModel):
         "fp32", description="dtype of the block-input checkpoints the activation policy does not set: 'fp32' (exact), "
         "'compute' (train.precision's: 2 bytes under bf16, the block's input rounded to bf16 in forward and "
         "backward alike, as Megatron-LM's bf16 residual; fuyou/policy.py, Note: [Checkpoint dtype]), 'auto' "
-        "(`fuyou plan` and --plan auto choose per block: the compute dtype where that keeps a checkpoint on the GPU "
-        "that fp32 would push off it; fp32 elsewhere).",
+        "(`fuyou plan` and --plan auto choose per block: fp32 everywhere when every checkpoint fits on the GPU in "
+        "fp32; else bf16 for those the GPU keeps, twice as many, and fp32 for those that go off it).",
     )
     act_cpu_mem: int | None = Field(
         None, ge=0, description="CPU memory for activations of tier 'cpu' (bytes or '1GiB'); beyond it they "

@@ -627,7 +627,6 @@ void qblock(const QArgs& A, int64_t base, int len) {
     fn(pp, g, mp, vp, lowp, a, e, s);
     a = e;
   }
-  if (fn_l != L_NONE) _mm_sfence_if_x86();
   if (A.ptype == P_BF16) {
     uint16_t* out = static_cast<uint16_t*>(A.p) + base;
     sr_bf16(P, out, len, A.key + A.index0 + static_cast<uint32_t>(base));
@@ -745,7 +744,6 @@ void qblock_avx512(const QArgs& A, int64_t base, int len, const float* D) {
       vmax = _mm512_max_epu32(vmax, _mm512_and_si512(_mm512_castps_si512(vi), absmask));
     }
   }
-  if constexpr (PT == P_F32 && (LT == L_BF16 || LT == L_F16)) _mm_sfence();  // Note: [Non-temporal copy]
   if constexpr (MT == M_INT8) {
     uint32_t mb = _mm512_reduce_max_epu32(mmax), vb = _mm512_reduce_max_epu32(vmax);
     float amn = from_bits(mb), avn = from_bits(vb);
@@ -874,7 +872,6 @@ void qblock_avx2(const QArgs& A, int64_t base, int len, const float* D) {
       vmax = _mm256_max_epu32(vmax, _mm256_and_si256(_mm256_castps_si256(vi), absmask));
     }
   }
-  if constexpr (PT == P_F32 && (LT == L_BF16 || LT == L_F16)) _mm_sfence();  // Note: [Non-temporal copy]
   if constexpr (MT == M_INT8) {
     float amn = from_bits(hmax_epu32(mmax)), avn = from_bits(hmax_epu32(vmax));
     A.ms[base / kQ] = amn;
@@ -1029,6 +1026,7 @@ int fuyou_adamw_q_step(void* p, int ptype, const void* g, int gtype, void* m, vo
   auto body = [&](int64_t blk) {
     int64_t b = blk * kBlock, e = b + kBlock < n ? b + kBlock : n;
     for (int64_t q = b; q < e; q += kQ) qblock_any(A, fast, q, static_cast<int>(e - q < kQ ? e - q : kQ));
+    _mm_sfence_if_x86();  // the compute copy's non-temporal stores, once per work block (Note: [Non-temporal copy])
   };
   if (nt <= 1) {
     for (int64_t blk = 0; blk < nblocks; ++blk) body(blk);

@@ -42,6 +42,7 @@ Note: [Compressed state]
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -54,8 +55,8 @@ _MASK = 0xFFFFFFFF
 #: parameters/s of the fused kernel per (master, moments) relative to the fp32 kernel, on the
 #: development machine's two cores (bench/adam_bench.py --formats; bench/RESULTS.md, issue 19): what
 #: the planner charges a compressed update's kernel
-KERNEL_SPEED = {("fp32", "fp32"): 1.0, ("fp32", "bf16"): 0.9, ("fp32", "int8"): 0.85, ("bf16", "fp32"): 0.85,
-                ("bf16", "bf16"): 0.9, ("bf16", "int8"): 0.7}
+KERNEL_SPEED = {("fp32", "fp32"): 1.0, ("fp32", "bf16"): 0.9, ("fp32", "int8"): 0.65, ("bf16", "fp32"): 1.05,
+                ("bf16", "bf16"): 1.1, ("bf16", "int8"): 0.85}
 
 MASTERS = ("fp32", "bf16")
 MOMENTS = ("fp32", "bf16", "int8")
@@ -72,7 +73,7 @@ class StateTensor:
 
     @property
     def itemsize(self) -> int:
-        return torch.empty((), dtype=self.dtype).element_size()
+        return self.dtype.itemsize
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,7 @@ class StateFormat:
     def exact(self) -> bool:
         return self.master == "fp32" and self.moments == "fp32"
 
-    @property
+    @functools.cached_property
     def tensors(self) -> tuple[StateTensor, ...]:
         """The stored tensors in their fixed order (keys, buffers and kernels use it)."""
         mdt = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -108,11 +109,11 @@ class StateFormat:
             out += [StateTensor("exp_avg", mdt[self.moments]), StateTensor("exp_avg_sq", mdt[self.moments])]
         return tuple(out)
 
-    @property
+    @functools.cached_property
     def roles(self) -> tuple[str, ...]:
         return tuple(t.role for t in self.tensors)
 
-    @property
+    @functools.cached_property
     def chunked(self) -> tuple[StateTensor, ...]:
         """Tensors read and written chunk by chunk (the scales move whole: ``OutOfCoreAdamW``)."""
         return tuple(t for t in self.tensors if not t.per_block)
