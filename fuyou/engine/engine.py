@@ -160,8 +160,7 @@ class Engine:
         self.store_cfg = store_cfg = StoreConfig(queue_depth=off.io_threads, verify_checksums=off.verify_checksums)
         self.store_dirs = [Path(d) / store_name for d in off.ssd_dirs]
         # OutOfCoreAdamW rounds the chunk to the store's checksum block; plan with that size.
-        align = self.fmt.align(store_cfg.checksum_block)
-        self.chunk = max(align, -(-off.optimizer_chunk // align) * align)
+        self.chunk = self.fmt.chunk_elements(off.optimizer_chunk, store_cfg.checksum_block)
         self.plan = self._memory_plan()
         self.plan.check()  # Budgets are promises: refuse before creating anything.
         if not self.dev.is_host:  # and kept: the device enforces the budget (the fake: item by item)

@@ -141,6 +141,15 @@ class StateFormat:
         """The fused kernel's parameters/s relative to the fp32 kernel's (``KERNEL_SPEED``, measured)."""
         return KERNEL_SPEED[(self.master, self.moments)]
 
+    def chunk_elements(self, optimizer_chunk: int, checksum_block: int) -> int:
+        """Elements per chunk of the out-of-core pipeline for ``offload.optimizer_chunk`` (counted in fp32
+        state's elements): as many as keep a chunk's bytes, and so the SSD requests' size, what fp32 state
+        gives (a third more elements per byte of int8 codes), rounded up to ``align``."""
+        per = sum(t.itemsize for t in self.chunked)
+        n = -(-optimizer_chunk * 12 // per)
+        a = self.align(checksum_block)
+        return max(a, -(-n // a) * a)
+
     def describe(self) -> str:
         return f"master {self.master}, moments {self.moments} ({self.bytes_per_param():.3g} B/param)"
 

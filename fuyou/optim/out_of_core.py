@@ -292,6 +292,7 @@ class OutOfCoreAdamW:
         reading: deque = deque()
         writing: deque = deque()
         scales: dict[str, object] = {}
+        scale_reads: list = []
 
         def issue_read(span):
             s, e = span
@@ -322,7 +323,7 @@ class OutOfCoreAdamW:
                     continue
                 buf = self.pool.acquire(4 * t.numel(numel), torch.float32)
                 scales[t.role] = buf
-                self.store.read_into(src[t.role], buf.tensor).result()
+                scale_reads.append(self.store.read_into(src[t.role], buf.tensor))  # beside the first chunks'
                 stats.read_bytes += 4 * t.numel(numel)
             for span in chunks[: self.depth]:
                 issue_read(span)
@@ -330,6 +331,8 @@ class OutOfCoreAdamW:
             while reading:
                 (s, e), bufs, futs = reading.popleft()
                 try:
+                    while scale_reads:
+                        scale_reads.pop().result()
                     for f in futs:
                         f.result()
                 except BaseException:
@@ -386,12 +389,16 @@ class OutOfCoreAdamW:
                 if nxt < len(chunks):
                     issue_read(chunks[nxt])
                     nxt += 1
+            if held is None:  # the scales go out with the last chunks' writes
+                writing.append(([self.store.write_from(dst[t.role], scales[t.role].tensor) for t in scaled], []))
+                stats.written_bytes += sum(4 * t.numel(numel) for t in scaled)
             _drain(reading, writing, retire)
-            if held is None:
-                for t in scaled:
-                    self.store.write_from(dst[t.role], scales[t.role].tensor).result()
-                    stats.written_bytes += 4 * t.numel(numel)
         finally:
+            for f in scale_reads:  # an error before they were waited for: they still land in our buffers
+                try:
+                    f.result()
+                except BaseException:  # noqa: BLE001 -- the first error propagates
+                    pass
             _drain(reading, writing, retire)
             if held is None:
                 for b in scales.values():

@@ -42,8 +42,7 @@ class Workload:
         self.numels = [s.num_params for s in self.stage_model.stages]
         self.tied = bool(self.stage_model.stages[-1].shared)
         self.gsize = 4 if self.grad_accum > 1 else self.csize
-        align = self.fmt.align(self.store.checksum_block)
-        self.chunk = max(align, -(-self.offload.optimizer_chunk // align) * align)
+        self.chunk = self.fmt.chunk_elements(self.offload.optimizer_chunk, self.store.checksum_block)
 
     @classmethod
     def from_config(cls, cfg) -> "Workload":
