@@ -161,9 +161,9 @@ def _add_planner_parsers(sub) -> None:
     pl.add_argument("--act-policy", help="predict this activation policy instead of searching "
                     "(e.g. 'recompute' or 'fc2,proj=cpu;0-3:checkpoint=ssd')")
     pl.add_argument("--prefetch-depth", type=int, help="with --act-policy: stages fetched ahead (default 2)")
-    pl.add_argument("--commit", choices=["cow", "none"], default="cow",
+    pl.add_argument("--commit", choices=["cow", "none"],
                     help="cow (default): crash-safe commits and resume (extra state copies on SSD); none: no resume")
-    pl.add_argument("--commit-every", default="10min",
+    pl.add_argument("--commit-every",
                     help="commit interval as train uses it: steps (1: every step) or a time such as 10min (default)")
     pl.add_argument("--grad-clip", default="1.0",
                     help="exact global-norm clipping threshold as train uses it (default 1.0), or none")
@@ -305,7 +305,14 @@ def _plan(args) -> int:
     from fuyou.engine.config import OffloadConfig
 
     try:
-        off = OffloadConfig(**{"commit": args.commit, "commit_every": args.commit_every, **other.get("offload", {})})
+        given = other.get("offload", {})
+        for flag, key in (("commit", "commit"), ("commit_every", "commit_every")):
+            value = getattr(args, flag)
+            if value is not None and key in given and str(given[key]) != str(value):
+                raise ConfigError(f"--{flag.replace('_', '-')} {value} and offload.{key}={given[key]} disagree; "
+                                  f"give one")
+        flags = {k: getattr(args, k) for k in ("commit", "commit_every") if getattr(args, k) is not None}
+        off = OffloadConfig(**{**flags, **given})
         clip = None if args.grad_clip.lower() == "none" else float(args.grad_clip)
     except ValueError as e:
         raise ConfigError(f"invalid --commit-every, --grad-clip or offload override: {e}") from None

@@ -333,3 +333,12 @@ def test_plan_compressed_state_and_wear(capsys):
     for bad in ("optim.moments=int4", "optim.master=fp16"):
         assert main(flags + [bad]) == 2
         assert "optim" in capsys.readouterr().err
+
+
+def test_commit_flags_and_overrides_agree_or_are_refused(capsys):
+    flags = ["plan", "--model", "gpt3-125m", "--gpu", "rtx4090", "--ssd", "2x990-pro", "--cpu-mem", "64GiB",
+             "--batch", "2", "--json"]
+    assert main(flags + ["offload.commit=none"]) == 0
+    assert json.loads(capsys.readouterr().out)["commit"] == "none"
+    assert main(flags + ["--commit", "none", "offload.commit=cow"]) == 2
+    assert "disagree" in capsys.readouterr().err
