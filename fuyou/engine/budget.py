@@ -15,8 +15,9 @@ CPU budget (``offload.cpu_mem``) covers everything the engine allocates in CPU m
 * ``weight cache``: whatever is left, filled with stages' compute weights in forward order;
 * ``resident optimizer state``: what the cache leaves, filled with stages' master weights and Adam
   moments (12 B per parameter in fp32, less when compressed: fuyou/optim/compressed.py; with exact
-  clipping also the gradient that waits there for the global norm, 2-4 B) in the order 0, 1, 2, ... -- the stages whose updates come last in
-  backward, just before the next step's forward needs them (``offload.resident_mem`` caps it).
+  clipping also the gradient that waits there for the global norm, 2-4 B) in the order 0, 1, 2, ...
+  -- the stages whose updates come last in backward, just before the next step's forward needs them
+  (``offload.resident_mem`` caps it).
 
 Not counted: the *fixed overhead* of the process before the engine starts (interpreter, torch and
 its libraries, the token arrays), measured as resident memory at engine start and reported. The

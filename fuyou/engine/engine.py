@@ -69,8 +69,6 @@ GPU event's.
 
 from __future__ import annotations
 
-import dataclasses
-
 import math
 import shutil
 import time
@@ -133,7 +131,8 @@ class Engine:
         self.resumed = resume
         self.completed = False
         self.tied = bool(self.model.stages[-1].shared)
-        self.act = keep_policies(off.act_policy, cfg.model.n_layer, default_checkpoint_dtype(off.checkpoint_dtype, t.precision))
+        self.act = keep_policies(off.act_policy, cfg.model.n_layer,
+                                 default_checkpoint_dtype(off.checkpoint_dtype, t.precision))
         self.act_cpu_mem, self.act_offtier = act_cpu_share(self.act, off)
         self.batches, self.eval_batches = make_batches(cfg, data)
         # Activations swapped to the cpu/ssd tiers are freed out of order, mid-heap, where glibc cannot
@@ -170,9 +169,7 @@ class Engine:
             resident = st.index in self.plan.resident_stages
             st.copies = st.copies[:copies_needed(off.commit, every_step, self.clipping and not resident)]
             if self.fmt.master_is_compute(self.cdtype) and not resident and st.index not in self.plan.cached_stages:
-                # a bf16 master is the compute weights: loads read the current copy's master, and no
-                # separate copy is stored (a resident stage's master is in CPU memory, so it keeps one)
-                st.copies = tuple(dataclasses.replace(k, weights=k.master) for k in st.copies)
+                st.read_weights_from_master()  # (a resident stage's master is in CPU memory: it keeps a copy)
 
         self.ts = TrainingState(cfg, self.states, self.plan, self.store_dirs, store_cfg, self.chunk, self.cdtype,
                                 self.gdtype, self.clipping, self.dev)

@@ -31,7 +31,7 @@ States of a stage's compute weights, kept in ``StageState.updated``:
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -111,6 +111,11 @@ class StageState:
             if self.pending <= 0:
                 self.pending = 0
                 self.updated.set()
+
+    def read_weights_from_master(self) -> None:
+        """A bf16 master under bf16 compute is the compute weights (``fuyou.optim.compressed``): this
+        stage's loads read the current copy's master, and no separate weights copy is stored."""
+        self.copies = tuple(replace(k, weights=k.master) for k in self.copies)
 
     def views(self, flat: Tensor) -> dict[str, Tensor]:
         """Parameter-shaped views of a flat vector of this stage."""

@@ -15,7 +15,6 @@ The engine (``engine.py``) owns one ``TrainingState`` and runs the step schedule
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import shutil
 import sys
@@ -259,7 +258,7 @@ class TrainingState:
                 s.copies = build_states([s.stage], self.cfg.optim.weight_decay, n_copies=c + 1,
                                         int8=self.fmt.moments == "int8")[0].copies
                 if from_master:
-                    s.copies = tuple(dataclasses.replace(k, weights=k.master) for k in s.copies)
+                    s.read_weights_from_master()
             s.cur = s.committed = c
             for key in s.keys.state:
                 tag = self.store.record(key).tag if key in self.store else None
@@ -279,7 +278,7 @@ class TrainingState:
                 s.held_grad = self.held_grad(s)
                 for key, t in zip(s.keys.state, s.resident):
                     self.store.read_into(key, t).result()  # CRC-checked
-            mdt = self.fmt.tensors[0].dtype
+            mdt = self.fmt.master_dtype
             for a in range(0, s.numel, self.chunk):
                 n = min(self.chunk, s.numel - a)
                 with self.opt_pool.acquire(n * dtype_size(mdt), mdt) as buf:
@@ -301,7 +300,7 @@ class TrainingState:
         """Yield every stage's master weights in order, in chunks of pool memory (bounded), in the
         master's dtype (fp32, or bf16 with ``optim.master=bf16``)."""
         self.write_back()
-        mdt = self.fmt.tensors[0].dtype
+        mdt = self.fmt.master_dtype
         for st in self.states:
             for a in range(0, st.numel, self.chunk):
                 n = min(self.chunk, st.numel - a)
@@ -314,7 +313,7 @@ class TrainingState:
         out = {}
         self.write_back()
         for st in self.states:
-            flat = torch.empty(st.numel, dtype=self.fmt.tensors[0].dtype)
+            flat = torch.empty(st.numel, dtype=self.fmt.master_dtype)
             self.store.read_into(st.keys.master, flat).result()
             out.update({st.stage.key(n): v.float() for n, v in st.views(flat).items()})
         return out

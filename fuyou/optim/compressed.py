@@ -109,6 +109,10 @@ class StateFormat:
             out += [StateTensor("exp_avg", mdt[self.moments]), StateTensor("exp_avg_sq", mdt[self.moments])]
         return tuple(out)
 
+    @property
+    def master_dtype(self) -> torch.dtype:
+        return self.tensors[0].dtype
+
     @functools.cached_property
     def roles(self) -> tuple[str, ...]:
         return tuple(t.role for t in self.tensors)

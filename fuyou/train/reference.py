@@ -100,7 +100,7 @@ class ReferenceTrainer:
                 lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=True,
             )
         else:  # compressed state (fuyou/optim/compressed.py): the reference math on each stage's flat state
-            self.opt = CompressedReference(self.model, self.params, o, cfg.train.seed, self.device)
+            self.opt = CompressedReference(self.model, self.params, o, cfg.train.seed)
         self.batches, self.eval_batches = make_batches(cfg, data)
         self.clipping = cfg.train.grad_clip is not None
         # Blocks whose input the engine rounds for a bf16 checkpoint (fuyou/policy.py, Note: [Checkpoint
@@ -208,7 +208,7 @@ class CompressedReference:
     master's values), as the engine's compute weights do. The minimal optimizer interface the reference
     trainer uses: ``param_groups`` (the lr), ``step()``, ``zero_grad()``."""
 
-    def __init__(self, model, params: dict[str, Tensor], o, seed: int, device: torch.device):
+    def __init__(self, model, params: dict[str, Tensor], o, seed: int):
         from fuyou.engine.layout import build_states
 
         self.fmt, self.o, self.seed, self.params = StateFormat.of(o), o, seed, params
