@@ -13,6 +13,26 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from fuyou.errors import ConfigError
 
 
+class RopeScaling(BaseModel):
+    """RoPE frequency scaling for long contexts, as transformers defines it: 'linear' divides every
+    frequency by ``factor``; 'llama3' (Llama 3.1 and later) divides the low frequencies by ``factor``,
+    keeps the high ones and interpolates between ``low_freq_factor`` and ``high_freq_factor``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["linear", "llama3"] = Field(..., description="'linear' or 'llama3' (Llama 3.1/3.2/3.3).")
+    factor: float = Field(..., gt=0, description="How much longer than pretraining the context is.")
+    low_freq_factor: float = Field(1.0, gt=0, description="llama3: wavelengths above original/low are scaled.")
+    high_freq_factor: float = Field(4.0, gt=0, description="llama3: wavelengths below original/high are kept.")
+    original_max_position_embeddings: int = Field(8192, ge=1, description="llama3: the pretraining context.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "RopeScaling":
+        if self.type == "llama3" and self.high_freq_factor <= self.low_freq_factor:
+            raise ValueError("rope_scaling: high_freq_factor must exceed low_freq_factor")
+        return self
+
+
 class ModelConfig(BaseModel):
     """Shape of a decoder-only transformer. Start from ``preset`` and override single fields."""
 
@@ -46,6 +66,17 @@ class ModelConfig(BaseModel):
         False,
         description="Biases on the Q/K/V projections (llama family; Qwen2 has them). GPT blocks always have biases.",
     )
+    d_head: int | None = Field(
+        None, ge=2, description="Width of one attention head (llama family); defaults to d_model / n_head. "
+        "Qwen3 sets it apart from the width (queries of n_head * d_head features, projected back to d_model).",
+    )
+    qk_norm: bool = Field(
+        False, description="RMSNorm over each query and key head before RoPE (llama family; Qwen3 has it).")
+    rope_scaling: RopeScaling | None = Field(
+        None, description="RoPE frequency scaling (llama family): {type = 'llama3' | 'linear', factor, ...}.")
+    sliding_window: int | None = Field(
+        None, ge=1, description="Attend to the last N tokens only (llama family; Mistral v0.1's 4096); "
+        "unset: full causal attention.")
     init_std: float = Field(0.02, gt=0, description="Standard deviation of the normal weight init.")
     init_from: str | None = Field(
         None,
@@ -57,7 +88,13 @@ class ModelConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_shape(self) -> "ModelConfig":
-        if self.d_model % self.n_head:
+        if self.family != "llama":
+            extra = [f for f in ("d_head", "rope_scaling", "sliding_window") if getattr(self, f) is not None]
+            if self.qk_norm:
+                extra.append("qk_norm")
+            if extra:
+                raise ValueError(f"{', '.join(extra)} apply to the llama family only; unset them for a gpt model")
+        if self.d_head is None and self.d_model % self.n_head:
             raise ValueError(
                 f"n_head={self.n_head} does not divide d_model={self.d_model}; choose a head count "
                 f"that divides the width (e.g. {_divisors_hint(self.d_model)})"
@@ -76,7 +113,13 @@ class ModelConfig(BaseModel):
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_head
+        return self.d_head or self.d_model // self.n_head
+
+    @property
+    def q_width(self) -> int:
+        """Features of the queries (and of the attention output): n_head * head_dim, d_model unless
+        ``d_head`` sets the head width apart."""
+        return self.n_head * self.head_dim
 
     @property
     def kv_heads(self) -> int:

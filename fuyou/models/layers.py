@@ -5,6 +5,8 @@ Every function takes its weights as arguments; nothing here owns a parameter.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -23,34 +25,80 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return weight * h.to(x.dtype)
 
 
-def rope_tables(seq_len: int, head_dim: int, theta: float, device: torch.device) -> tuple[Tensor, Tensor]:
-    """cos and sin of shape (seq_len, head_dim), in the half-split layout transformers' Llama uses."""
+def rope_tables(seq_len: int, head_dim: int, theta: float, device: torch.device, scaling=None) -> tuple[Tensor, Tensor]:
+    """cos and sin of shape (seq_len, head_dim), in the half-split layout transformers' Llama uses.
+    ``scaling``: a ``RopeScaling`` (linear, or Llama 3.1's llama3), computed as transformers does."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.int64).float() / head_dim))
+    if scaling is not None:
+        inv_freq = _scaled_inv_freq(inv_freq, scaling)
     t = torch.arange(seq_len, device=device, dtype=torch.int64).float()
     freqs = torch.outer(t, inv_freq)
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos(), emb.sin()
 
 
+def _scaled_inv_freq(inv_freq: Tensor, sc) -> Tensor:
+    """RoPE frequencies after scaling. llama3: wavelengths shorter than original/high_freq_factor are
+    kept, longer than original/low_freq_factor divided by ``factor``, and those between interpolated
+    linearly in original/wavelength (Meta's Llama 3.1 reference, transformers' ``llama3`` rope type)."""
+    if sc.type == "linear":
+        return inv_freq / sc.factor
+    old = sc.original_max_position_embeddings
+    low_wavelen, high_wavelen = old / sc.low_freq_factor, old / sc.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    out = torch.where(wavelen > low_wavelen, inv_freq / sc.factor, inv_freq)
+    smooth = (old / wavelen - sc.low_freq_factor) / (sc.high_freq_factor - sc.low_freq_factor)
+    smoothed = (1 - smooth) * out / sc.factor + smooth * out
+    medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, out)
+
+
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate (B, H, T, D) queries or keys; cos/sin are (T, D)."""
+    """Rotate (B, H, T, D) queries or keys; cos/sin are (T, D), or (B, 1, T, D) for per-row positions."""
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return (x * cos.to(x.dtype)) + (rotated * sin.to(x.dtype))
 
 
-def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
     """Causal scaled-dot-product attention on (B, H, T, D) tensors; k/v may have fewer heads (GQA).
+    ``mask``: a boolean (B, 1, T, T) mask of the pairs that may attend (``attention_mask``: packed
+    documents, a sliding window), which already holds causality; None: plain causal.
 
     Grouped-query attention is the kernel's own (``enable_gqa``, torch >= 2.5): no copy of k and v per
     query head (``repeat_interleave`` made one, and autograd saved it: two B*H*T*D tensors per block)."""
+    causal = dict(is_causal=True) if mask is None else dict(attn_mask=mask)
     if k.shape[1] != q.shape[1]:
         if _SDPA_GQA:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            return F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **causal)
         groups = q.shape[1] // k.shape[1]
         k = k.repeat_interleave(groups, dim=1)
         v = v.repeat_interleave(groups, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return F.scaled_dot_product_attention(q, k, v, **causal)
+
+
+def attention_mask(positions: Tensor | None, T: int, window: int | None, device: torch.device) -> Tensor | None:
+    """Which query/key pairs of a (B, T) batch may attend, as a boolean (B or 1, 1, T, T) mask, or None
+    when plain causal attention is exact. ``positions``: each token's position in its document, 0 where
+    a document starts (packed sequences: no token attends across a document boundary); None: one
+    document per row. ``window``: a sliding window, keys less than ``window`` tokens back (Mistral's,
+    transformers' ``kv_idx > q_idx - window``).
+
+    The mask is built per block call from the (B, T) positions, not kept: B*T*T bytes for the duration
+    of the attention. A mask costs the fastest kernels: on CUDA, SDPA takes the memory-efficient kernel
+    instead of flash attention (PyTorch's flash kernel has no arbitrary mask)."""
+    idx = torch.arange(T, device=device)
+    packed = positions is not None and T > 1
+    if not packed and (window is None or window >= T):
+        return None
+    allowed = idx[None, :] <= idx[:, None]
+    if window is not None and window < T:
+        allowed = allowed & (idx[None, :] > idx[:, None] - window)
+    allowed = allowed[None, None]
+    if packed:
+        doc = torch.cumsum(positions == 0, dim=1)
+        allowed = allowed & (doc[:, None, :, None] == doc[:, None, None, :])
+    return allowed
 
 
 _SDPA_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
@@ -74,14 +122,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
     as ``F.linear`` would; the logits, the softmax and the loss are fp32."""
 
     @staticmethod
-    def forward(ctx, h, w, targets, chunk, ignore_index):
+    def forward(ctx, h, w, targets, chunk, ignore_index, loss_tokens):
         dev = h.device.type
         dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
         with torch.autocast(dev, enabled=False):
             hc, wc = h.to(dt), w.to(dt)
             valid = targets != ignore_index
             n = valid.sum()
-            scale = 1.0 / n.clamp_min(1).float()
+            scale = 1.0 / n.clamp_min(1).float() if loss_tokens is None else 1.0 / float(loss_tokens)
             grad_h = torch.empty_like(h)
             grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
             total = torch.zeros((), dtype=torch.float32, device=h.device)
@@ -99,22 +147,26 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad_h[a:a + chunk] = (g @ wc).to(h.dtype)
                 grad_w += (g.t() @ rows).float()
                 del logits, g
-            loss = torch.where(n > 0, total * scale, torch.full_like(total, float("nan")))
+            loss = total * scale
+            if loss_tokens is None:
+                loss = torch.where(n > 0, loss, torch.full_like(total, float("nan")))
         ctx.save_for_backward(grad_h, grad_w.to(w.dtype))
         return loss
 
     @staticmethod
     def backward(ctx, grad_out):
         grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_out.to(grad_h.dtype), grad_w * grad_out.to(grad_w.dtype), None, None, None
+        return grad_h * grad_out.to(grad_h.dtype), grad_w * grad_out.to(grad_w.dtype), None, None, None, None
 
 
 def linear_cross_entropy(h: Tensor, w: Tensor, targets: Tensor, chunk_tokens: int | None = None,
-                         ignore_index: int = -100) -> Tensor:
+                         ignore_index: int = -100, loss_tokens: int | None = None) -> Tensor:
     """Mean cross-entropy of the LM head ``h @ w.T`` over tokens (``h``: (N, d), ``targets``: (N,)),
     computed ``chunk_tokens`` at a time (default ``loss_chunk_tokens``): the memory of the head's loss
     and gradients is a slice's fp32 logits, not the batch's (Liger's fused linear cross-entropy, here
     with the gradients computed in the forward pass). Agrees with ``F.cross_entropy(h @ w.T, targets)``
-    to rounding (tests/models: 1e-6 relative in fp32)."""
+    to rounding (tests/models: 1e-6 relative in fp32). ``loss_tokens``: divide the summed loss by this
+    count instead (a step's tokens with a target over all its micro-batches: each token weighs the same
+    whatever micro-batch it falls in, as in transformers' ``num_items_in_batch``)."""
     chunk = chunk_tokens or loss_chunk_tokens(w.shape[0])
-    return _LinearCrossEntropy.apply(h, w, targets, chunk, ignore_index)
+    return _LinearCrossEntropy.apply(h, w, targets, chunk, ignore_index, loss_tokens)

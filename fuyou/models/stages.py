@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fuyou.models.config import ModelConfig
-from fuyou.models.layers import apply_rope, causal_attention, layer_norm, linear_cross_entropy, rms_norm, rope_tables
+from fuyou.models.layers import apply_rope, attention_mask, causal_attention, layer_norm, linear_cross_entropy, rms_norm, rope_tables
 
 Init = Literal["normal", "normal_resid", "zeros", "ones"]
 
@@ -89,9 +89,13 @@ class Stage:
             out[self.key(local)] = t.to(dtype)
         return out
 
-    def forward(self, params: dict[str, Tensor], x: Tensor, targets: Tensor | None = None, acts=None) -> Tensor:
+    def forward(self, params: dict[str, Tensor], x: Tensor, targets: Tensor | None = None, acts=None,
+                pos: Tensor | None = None, loss_tokens: int | None = None) -> Tensor:
         """Run the stage. ``acts`` (blocks only): an activation context whose ``linear(cls, x, w, b)``
-        replaces each classed matmul (see ``fuyou.engine.recompute``)."""
+        replaces each classed matmul (see ``fuyou.engine.recompute``). ``pos``: each token's position in
+        its document, (B, T), 0 where a packed document starts (None: one document per row, positions
+        0..T-1). ``loss_tokens`` (head only): the loss is the sum over tokens divided by this count (the
+        step's tokens with a target, over all its micro-batches), not the micro-batch's mean."""
         raise NotImplementedError
 
 
@@ -116,10 +120,10 @@ class EmbeddingStage(Stage):
         if cfg.family == "gpt":
             self.params["wpe"] = ParamSpec((cfg.max_seq_len, cfg.d_model), "normal", decay=False)
 
-    def forward(self, params, x, targets=None, acts=None):
+    def forward(self, params, x, targets=None, acts=None, pos=None, loss_tokens=None):
         h = F.embedding(x, params["wte"])
         if "wpe" in params:
-            h = h + params["wpe"][: x.shape[1]]
+            h = h + (params["wpe"][: x.shape[1]] if pos is None else F.embedding(pos, params["wpe"]))
         return h
 
 
@@ -141,14 +145,15 @@ class GPTBlock(Stage):
     def matmul_params(self) -> int:
         return sum(self.params[k].numel for k in ("qkv.weight", "proj.weight", "fc1.weight", "fc2.weight"))
 
-    def forward(self, params, x, targets=None, acts=None):
+    def forward(self, params, x, targets=None, acts=None, pos=None, loss_tokens=None):
         cfg = self.cfg
         B, T, D = x.shape
         lin = acts.linear if acts is not None else _linear
         h = layer_norm(x, params["ln1.weight"], params["ln1.bias"], cfg.norm_eps)
         qkv = lin("qkv", h, params["qkv.weight"], params["qkv.bias"])
         q, k, v = qkv.view(B, T, 3, cfg.n_head, cfg.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        a = causal_attention(q, k, v).transpose(1, 2).reshape(B, T, D)
+        mask = attention_mask(pos, T, None, x.device)
+        a = causal_attention(q, k, v, mask).transpose(1, 2).reshape(B, T, D)
         x = x + lin("proj", a, params["proj.weight"], params["proj.bias"])
         h = layer_norm(x, params["ln2.weight"], params["ln2.bias"], cfg.norm_eps)
         h = F.gelu(lin("fc1", h, params["fc1.weight"], params["fc1.bias"]), approximate="tanh")
@@ -160,17 +165,20 @@ class LlamaBlock(Stage):
 
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__(f"block.{layer}", layer + 1, cfg)
-        d, f, kvd = cfg.d_model, cfg.ff_dim, cfg.kv_heads * cfg.head_dim
+        d, f, kvd, qd = cfg.d_model, cfg.ff_dim, cfg.kv_heads * cfg.head_dim, cfg.q_width
         p = self.params
         p["attn_norm.weight"] = ParamSpec((d,), "ones", False)
-        p["q.weight"] = ParamSpec((d, d), "normal", True)
+        p["q.weight"] = ParamSpec((qd, d), "normal", True)
         p["k.weight"] = ParamSpec((kvd, d), "normal", True)
         p["v.weight"] = ParamSpec((kvd, d), "normal", True)
         if cfg.attn_bias:  # Qwen2-style Q/K/V biases
-            p["q.bias"] = ParamSpec((d,), "zeros", False)
+            p["q.bias"] = ParamSpec((qd,), "zeros", False)
             p["k.bias"] = ParamSpec((kvd,), "zeros", False)
             p["v.bias"] = ParamSpec((kvd,), "zeros", False)
-        p["o.weight"] = ParamSpec((d, d), "normal_resid", True)
+        if cfg.qk_norm:  # Qwen3: RMSNorm over each head of the queries and keys
+            p["q_norm.weight"] = ParamSpec((cfg.head_dim,), "ones", False)
+            p["k_norm.weight"] = ParamSpec((cfg.head_dim,), "ones", False)
+        p["o.weight"] = ParamSpec((d, qd), "normal_resid", True)
         p["mlp_norm.weight"] = ParamSpec((d,), "ones", False)
         p["gate.weight"] = ParamSpec((f, d), "normal", True)
         p["up.weight"] = ParamSpec((f, d), "normal", True)
@@ -184,21 +192,27 @@ class LlamaBlock(Stage):
     def _tables(self, T: int, device: torch.device) -> tuple[Tensor, Tensor]:
         key = (T, str(device))
         if key not in self._rope:
-            self._rope[key] = rope_tables(T, self.cfg.head_dim, self.cfg.rope_theta, device)
+            self._rope[key] = rope_tables(T, self.cfg.head_dim, self.cfg.rope_theta, device, self.cfg.rope_scaling)
         return self._rope[key]
 
-    def forward(self, params, x, targets=None, acts=None):
+    def forward(self, params, x, targets=None, acts=None, pos=None, loss_tokens=None):
         cfg = self.cfg
         B, T, D = x.shape
         hd = cfg.head_dim
         lin = acts.linear if acts is not None else _linear
         h = rms_norm(x, params["attn_norm.weight"], cfg.norm_eps)
-        q = lin("qkv", h, params["q.weight"], params.get("q.bias")).view(B, T, cfg.n_head, hd).transpose(1, 2)
-        k = lin("qkv", h, params["k.weight"], params.get("k.bias")).view(B, T, cfg.kv_heads, hd).transpose(1, 2)
+        q = lin("qkv", h, params["q.weight"], params.get("q.bias")).view(B, T, cfg.n_head, hd)
+        k = lin("qkv", h, params["k.weight"], params.get("k.bias")).view(B, T, cfg.kv_heads, hd)
         v = lin("qkv", h, params["v.weight"], params.get("v.bias")).view(B, T, cfg.kv_heads, hd).transpose(1, 2)
+        if cfg.qk_norm:
+            q, k = rms_norm(q, params["q_norm.weight"], cfg.norm_eps), rms_norm(k, params["k_norm.weight"], cfg.norm_eps)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         cos, sin = self._tables(T, x.device)
-        a = causal_attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)
-        x = x + lin("proj", a.transpose(1, 2).reshape(B, T, D), params["o.weight"])
+        if pos is not None:  # per-row positions (packed documents): (B, 1, T, hd) tables
+            cos, sin = cos[pos][:, None], sin[pos][:, None]
+        mask = attention_mask(pos, T, cfg.sliding_window, x.device)
+        a = causal_attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, mask)
+        x = x + lin("proj", a.transpose(1, 2).reshape(B, T, cfg.q_width), params["o.weight"])
         h = rms_norm(x, params["mlp_norm.weight"], cfg.norm_eps)
         h = F.silu(lin("fc1", h, params["gate.weight"])) * lin("fc1", h, params["up.weight"])
         return x + lin("fc2", h, params["down.weight"])
@@ -224,7 +238,7 @@ class HeadStage(Stage):
     def matmul_params(self) -> int:
         return self.cfg.vocab_size * self.cfg.d_model
 
-    def forward(self, params, x, targets=None, acts=None):
+    def forward(self, params, x, targets=None, acts=None, pos=None, loss_tokens=None):
         if "norm.bias" in params:
             h = layer_norm(x, params["norm.weight"], params["norm.bias"], self.cfg.norm_eps)
         else:
@@ -233,4 +247,4 @@ class HeadStage(Stage):
             return F.linear(h, params["lm_head.weight"]).float()
         # Logits, loss and gradients a slice of tokens at a time: never the whole batch's logits.
         return linear_cross_entropy(h.reshape(-1, h.shape[-1]), params["lm_head.weight"], targets.reshape(-1),
-                                    self.loss_chunk_tokens)
+                                    self.loss_chunk_tokens, loss_tokens=loss_tokens)
