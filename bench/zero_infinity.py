@@ -210,7 +210,7 @@ def run(args: argparse.Namespace) -> dict:
         args.nvme_dir.mkdir(parents=True, exist_ok=True)
     config = ds_config(model, args, opt)
     data = batches(args, cfg.vocab_size)
-    x0, y0 = data.batch(0)
+    x0, y0, _ = data.batch(0)
 
     t_init = time.perf_counter()
     init = model.init_params(args.seed)  # outside zero.Init: fp32 values exactly as fuyou draws them
@@ -238,7 +238,7 @@ def run(args: argparse.Namespace) -> dict:
         t = time.perf_counter()
         lv = 0.0
         for j in range(args.grad_accum):  # fuyou's order of micro-batches: batch(step * N + j)
-            x, y = (b.to(engine.device) for b in data.batch(step * args.grad_accum + j))  # the accelerator's device
+            x, y = (b.to(engine.device) for b in data.batch(step * args.grad_accum + j)[:2])  # the accelerator's device
             loss = engine(x, y)
             engine.backward(loss)  # DeepSpeed scales it by 1/N (fuyou divides each micro-batch's loss by N)
             engine.step()          # an update only at the accumulation boundary

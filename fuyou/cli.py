@@ -70,12 +70,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("data", help="data tools")
     dsub = d.add_subparsers(metavar="ACTION")
-    prep = dsub.add_parser("prepare", help="tokenize text/JSONL files or directories into a token memmap")
+    prep = dsub.add_parser("prepare", help="tokenize text, prompt/completion, Alpaca or chat JSONL into memmaps",
+                           description="Tokenize files once for `fuyou train data.path=OUT`: plain text becomes a "
+                           "token stream; fine-tuning records (prompt/completion, instruction/input/output, chat "
+                           "messages) become examples with a loss mask (fuyou/data/formats.py).")
     prep.add_argument("inputs", nargs="+", help="text files, .jsonl files or directories")
-    prep.add_argument("--out", required=True, help="output directory (train.bin, val.bin, meta.json)")
-    prep.add_argument("--tokenizer", default="byte", help="'byte' or a local Hugging Face tokenizer directory")
-    prep.add_argument("--val-fraction", type=float, default=0.05, help="share of tokens held out")
-    prep.add_argument("--jsonl-field", default="text", help="field with the text in JSON lines")
+    prep.add_argument("--out", required=True, help="output directory (*.bin, meta.json)")
+    prep.add_argument("--tokenizer", default="byte", help="'byte' or a local Hugging Face tokenizer or model "
+                      "directory (use the model's own: training checks that they match)")
+    prep.add_argument("--format", default="auto", choices=["auto", "text", "prompt_completion", "alpaca", "messages"],
+                      help="record format of JSON lines (auto: from the first record's keys)")
+    prep.add_argument("--train-on-prompt", action="store_true", help="loss on prompts and user turns too")
+    prep.add_argument("--eval", nargs="+", metavar="PATH", help="held-out files (instead of --val-fraction)")
+    prep.add_argument("--val-fraction", type=float, default=0.05, help="share held out (of tokens for text, "
+                      "of examples for fine-tuning records)")
+    prep.add_argument("--jsonl-field", default="text", help="field with the text in JSON lines of plain text")
     prep.set_defaults(func=_prepare)
     _add_planner_parsers(sub)
     _add_hf_parsers(sub)
@@ -488,19 +497,34 @@ def _read_only_fs(d) -> bool:
 
 
 def _prepare(args) -> int:
-    from fuyou.data import iter_documents, tokenize_documents
+    from fuyou.data import ExampleData, tokenize_records
     from fuyou.data.dataset import write_prepared
+    from fuyou.data.examples import write_examples
 
     if not 0 < args.val_fraction < 1:
         from fuyou.errors import ConfigError
 
         raise ConfigError(f"--val-fraction must be between 0 and 1, got {args.val_fraction}")
+    import numpy as np
+
     _check_out_dir(args.out)
-    docs = list(iter_documents(args.inputs, args.jsonl_field))
-    data = tokenize_documents(docs, args.tokenizer, args.val_fraction)
-    write_prepared(args.out, data)
-    print(f"wrote {len(data.train)} train and {len(data.val)} val tokens ({data.train.dtype}, "
-          f"tokenizer {data.tokenizer}, {len(docs)} documents) to {args.out}")
+    data = tokenize_records(args.inputs, args.tokenizer, args.format, args.train_on_prompt, args.val_fraction,
+                            args.jsonl_field, args.eval)
+    if isinstance(data, ExampleData):
+        write_examples(args.out, data)
+        info, ex = data.info, data.train
+        formats = ", ".join(f"{n} {f}" if len(info["formats"]) > 1 else f for f, n in info["formats"].items())
+        lengths = np.diff(ex.offsets) if len(ex) else np.zeros(1, np.int64)
+        print(f"read {info['records']} records ({formats}); wrote {data.summary()} "
+              f"({ex.tokens.dtype}, tokenizer {data.tokenizer}; example length mean {lengths.mean():.0f}, "
+              f"max {lengths.max()} tokens) to {args.out}")
+        if info["last_turn_only"]:
+            print(f"note: {info['last_turn_only']} conversations carry loss on their last assistant turn only: the "
+                  f"chat template renders earlier turns differently once the conversation goes on")
+    else:
+        write_prepared(args.out, data)
+        print(f"wrote {len(data.train)} train and {len(data.val)} val tokens ({data.train.dtype}, "
+              f"tokenizer {data.tokenizer}; plain text, every token carries loss) to {args.out}")
     return 0
 
 

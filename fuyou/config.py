@@ -50,6 +50,16 @@ class RunConfig(BaseModel):
         return v
 
 
+FINE_TUNING = {
+    # Full fine-tuning recipes agree on these (Stanford Alpaca's train.py recipe: lr 2e-5, no weight decay,
+    # warm-up 3 % of the steps, cosine decay to zero; TRL's SFTConfig: learning_rate 2e-5; transformers'
+    # TrainingArguments: betas (0.9, 0.999), weight_decay 0, max_grad_norm 1.0), unlike pretraining's
+    # lr 1e-3, beta2 0.95 and decay 0.1 (fuyou's defaults for a model trained from scratch).
+    "optim": {"lr": 2e-5, "beta1": 0.9, "beta2": 0.999, "weight_decay": 0.0},
+    "train": {"warmup_ratio": 0.03, "lr_schedule": "cosine", "min_lr_ratio": 0.0},
+}
+
+
 class FuyouConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -72,16 +82,44 @@ class FuyouConfig(BaseModel):
         return data
 
     @model_validator(mode="after")
+    def _fine_tuning_defaults(self) -> "FuyouConfig":
+        """A run that starts from a checkpoint (``model.init_from``) fine-tunes: the optimizer and schedule
+        fields the user left unset take ``FINE_TUNING`` (pretraining defaults would wreck the model), with
+        a note naming them. A resumed run keeps what its config.toml says (every field set there)."""
+        if not self.model.init_from:
+            return self
+        applied = []
+        for section, values in FINE_TUNING.items():
+            sub = getattr(self, section)
+            unset = {k: v for k, v in values.items() if k not in sub.model_fields_set}
+            if section == "train" and "warmup_steps" in sub.model_fields_set:
+                unset.pop("warmup_ratio", None)
+            if unset:
+                setattr(self, section, sub.model_copy(update=unset))
+                applied += [f"{section}.{k}={v}" for k, v in unset.items()]
+        if applied:
+            print(f"fuyou: note: fine-tuning defaults (model.init_from is set): {', '.join(applied)}", file=sys.stderr)
+        return self
+
+    @model_validator(mode="after")
     def _checkpoint_tokenizer(self) -> "FuyouConfig":
-        """A model started from a checkpoint with a tokenizer reads text through that tokenizer: when
-        ``model.init_from`` has one and ``data.tokenizer`` is the default 'byte', use it (with a note)."""
-        if self.model.init_from and self.data.tokenizer == "byte" and self.data.source in ("builtin", "text"):
+        """``data.tokenizer='auto'``: a model started from a checkpoint with a tokenizer reads its data
+        through that tokenizer (with a note); otherwise bytes. An explicit 'byte' for such a model is
+        refused: byte ids are not the model's vocabulary (``fuyou.data.batches.check_tokenizer``)."""
+        if self.data.tokenizer not in ("auto", "byte") or self.data.source not in ("builtin", "text"):
+            return self
+        tok = None
+        if self.model.init_from:
             from fuyou.hf.source import tokenizer_dir
 
             tok = tokenizer_dir(self.model.init_from)
+        if tok is not None and self.data.tokenizer == "byte":
+            raise ValueError(f"data.tokenizer='byte' but model.init_from={self.model.init_from} was trained with the "
+                             f"tokenizer in {tok}; leave data.tokenizer at 'auto' (that tokenizer) or name it")
+        if self.data.tokenizer == "auto":
             if tok is not None:
                 print(f"fuyou: note: data.tokenizer={tok} (the tokenizer of model.init_from)", file=sys.stderr)
-                self.data = self.data.model_copy(update={"tokenizer": str(tok)})
+            self.data = self.data.model_copy(update={"tokenizer": str(tok) if tok is not None else "byte"})
         return self
 
 
@@ -172,6 +210,8 @@ def to_toml(cfg: FuyouConfig) -> str:
     for section, values in cfg.model_dump().items():
         out.append(f"\n[{section}]")
         fields = SECTIONS[section].model_fields
+        if section == "train" and values.get("epochs") is not None:
+            values.pop("steps")  # derived from the epochs and the data
         for k, v in values.items():
             if v is not None:
                 out.append(f"{k} = {_toml_value(v)}")

@@ -18,7 +18,8 @@ class StepStats:
     loss: float
     lr: float
     grad_norm: float | None
-    tokens: int
+    tokens: int            # tokens the step ran (micro-batches x sequences x length, padding included)
+    loss_tokens: int = 0   # of those, the tokens with a target (the loss is their mean)
 
 
 class Trainer(Protocol):
@@ -29,6 +30,7 @@ class Trainer(Protocol):
     failed: bool             # set by the loop when anything raised: ``close`` must not wait or write
     completed: bool          # set by the loop once the final weights are saved: ``close`` may free the state
     trace_step: int          # the step whose tasks ``--trace`` records
+    batches: object          # the training batches (``fuyou.data.batches.make_batches``): batch(i), epochs(n)
 
     def startup_lines(self) -> list[str]:
         """What the loop prints before the first step (the memory plan, clipping, commits)."""

@@ -28,7 +28,7 @@ def test_resolved_config_round_trips(tmp_path):
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (["train.stepz=3"], r"unknown key 'train.stepz'; allowed keys here: steps, micro_batch_size"),
+    (["train.stepz=3"], r"unknown key 'train.stepz'; allowed keys here: steps, epochs, micro_batch_size"),
     (["bogus.x=1"], r"unknown section \[bogus\]"),
     (["train.steps=-3"], r"train.steps: Input should be greater than or equal to 1"),
     (["offload.cpu_mem=-1"], r"offload.cpu_mem"),

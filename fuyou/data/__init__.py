@@ -1,35 +1,128 @@
-"""Corpora, tokenizers, token memmaps and deterministic batch sampling."""
+"""Corpora, fine-tuning records, tokenizers, token memmaps and deterministic batch sampling.
+
+Two kinds of data (``load_data``):
+
+- text (the embedded corpus, text files, ``{"text": ...}`` JSON lines): documents joined into one token
+  stream, trained on windows of it (``fuyou.data.dataset``), every token with loss;
+- fine-tuning examples (prompt/completion, Alpaca, chat ``messages``): one sequence per record with a
+  loss mask, packed or padded into rows (``fuyou.data.examples``).
+"""
 
 from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
 
 import numpy as np
 
 from fuyou.data.config import DataConfig
-from fuyou.data.corpus import builtin_documents, iter_documents
-from fuyou.data.dataset import BatchSampler, EvalBatches, SyntheticBatches, TokenData, read_prepared, split_tokens
+from fuyou.data.corpus import builtin_documents, iter_documents, iter_records
+from fuyou.data.dataset import (META, Batch, BatchSampler, EvalBatches, SyntheticBatches, TokenData, join_tokens,
+                                read_prepared, split_tokens)
+from fuyou.data.examples import ExampleData, Examples, read_examples
+from fuyou.data.formats import Renderer, detect
 from fuyou.data.tokenizer import ByteTokenizer, load_tokenizer
+from fuyou.errors import DataError
 
 __all__ = [
-    "BatchSampler", "ByteTokenizer", "DataConfig", "EvalBatches", "SyntheticBatches", "TokenData",
-    "load_data", "load_tokenizer", "tokenize_documents",
+    "Batch", "BatchSampler", "ByteTokenizer", "DataConfig", "EvalBatches", "ExampleData", "SyntheticBatches",
+    "TokenData", "iter_documents", "load_data", "load_tokenizer", "read_data", "tokenize_documents", "tokenize_records",
 ]
+
+
+def _encode(tok, doc: str) -> np.ndarray:
+    return tok.encode_np(doc) if isinstance(tok, ByteTokenizer) else np.asarray(tok.encode(doc), dtype=np.int64)
 
 
 def tokenize_documents(docs, tokenizer_spec: str, val_fraction: float) -> TokenData:
     tok = load_tokenizer(tokenizer_spec)
-    if isinstance(tok, ByteTokenizer):
-        arrays = [tok.encode_np(d) for d in docs]
+    train, val = split_tokens([_encode(tok, d) for d in docs], tok.eos_id, val_fraction)
+    return TokenData(train, val, tok.vocab_size, tok.eos_id, tok.name, getattr(tok, "fingerprint", ""))
+
+
+def tokenize_records(paths: list[str], tokenizer_spec: str, fmt: str = "auto", train_on_prompt: bool = False,
+                     val_fraction: float = 0.05, text_field: str = "text", eval_paths: list[str] | None = None,
+                     seed: int = 1234) -> TokenData | ExampleData:
+    """Read and tokenize files: plain documents become a token stream (``TokenData``), fine-tuning
+    records become examples with a loss mask (``ExampleData``). The kind is the first record's format
+    (or ``fmt``); every file must hold the same kind. ``eval_paths``: held-out files, else
+    ``val_fraction`` of the documents or examples (a seeded choice)."""
+    tok = load_tokenizer(tokenizer_spec)
+    records = list(iter_records(paths, text_field))
+    if not records:
+        raise DataError(f"{', '.join(map(str, paths))} holds no records")
+    first = fmt if fmt != "auto" else detect(records[0][0], text_field, records[0][1])
+    renderer = Renderer(tok, fmt, train_on_prompt, text_field)
+    if first == "text":
+        docs = [_text(rec, where, text_field) for rec, where in records]
+        if not eval_paths:
+            return tokenize_documents(docs, tokenizer_spec, val_fraction)
+        held = [_text(rec, where, text_field) for rec, where in iter_records(eval_paths, text_field)]
+        train = join_tokens([_encode(tok, d) for d in docs], tok.eos_id)
+        val = join_tokens([_encode(tok, d) for d in held], tok.eos_id)
+        return TokenData(train, val.astype(train.dtype), tok.vocab_size, tok.eos_id, tok.name, tok.fingerprint)
+    rendered = [renderer(rec, where) for rec, where in records]
+    if eval_paths:
+        held = [renderer(rec, where) for rec, where in iter_records(eval_paths, text_field)]
     else:
-        arrays = [np.asarray(tok.encode(d), dtype=np.int64) for d in docs]
-    train, val = split_tokens(arrays, tok.eos_id, val_fraction)
-    return TokenData(train, val, tok.vocab_size, tok.eos_id, tok.name)
+        order = np.random.default_rng(seed).permutation(len(rendered))
+        n_val = int(round(len(rendered) * val_fraction)) if len(rendered) > 1 else 0
+        n_val = max(1, n_val) if len(rendered) > 1 else 0
+        held = [rendered[i] for i in sorted(order[:n_val])]
+        rendered = [rendered[i] for i in sorted(order[n_val:])]
+    st = renderer.stats
+    info = {"records": st.records, "formats": st.formats, "last_turn_only": st.last_turn_only,
+            "train_on_prompt": train_on_prompt}
+    return ExampleData(Examples.from_rendered(rendered), Examples.from_rendered(held), tok.vocab_size, tok.eos_id,
+                       tok.pad_id, tok.name, tok.fingerprint, info)
 
 
-def load_data(cfg: DataConfig) -> TokenData | None:
-    """Token streams for ``cfg`` (None for synthetic data, which needs no tokens)."""
+def _text(rec: dict, where: str, field: str) -> str:
+    if not isinstance(rec.get(field), str):
+        raise DataError(f"{where}: expected an object with a string field {field!r} (the first record was plain "
+                        f"text, so every record must be; data.format names one format for all files)")
+    return rec[field]
+
+
+def read_data(path: str | Path) -> TokenData | ExampleData:
+    """A directory made by ``fuyou data prepare``: a token stream or examples, by its ``meta.json``."""
+    p = Path(path)
+    if not (p / META).is_file():
+        raise DataError(f"{p} is not a prepared data directory (no {META}); create one with `fuyou data prepare`")
+    try:
+        meta = json.loads((p / META).read_text())
+        if meta.get("kind") == "examples":
+            return read_examples(p, meta)
+    except (KeyError, ValueError, TypeError) as e:
+        raise DataError(f"{p / META} is malformed ({e!r}); prepare the data again") from e
+    return read_prepared(p)
+
+
+def load_data(cfg: DataConfig, tokenizer: str | None = None) -> TokenData | ExampleData | None:
+    """Tokens or examples for ``cfg`` (None for synthetic data, which needs no tokens). ``tokenizer``:
+    the resolved ``data.tokenizer`` (``resolve_tokenizer``)."""
     if cfg.source == "synthetic":
         return None
+    spec = tokenizer or (cfg.tokenizer if cfg.tokenizer != "auto" else "byte")
     if cfg.source == "prepared":
-        return read_prepared(cfg.path[0])
-    docs = builtin_documents() if cfg.source == "builtin" else list(iter_documents(cfg.path, cfg.jsonl_field))
-    return tokenize_documents(docs, cfg.tokenizer, cfg.val_fraction)
+        data = read_data(cfg.path[0])
+        if cfg.eval_path:  # held-out files, tokenized with the tokenizer the data was prepared with
+            held = tokenize_records(cfg.eval_path, _spec_of(data), cfg.format, cfg.train_on_prompt, 0.5,
+                                    cfg.jsonl_field, eval_paths=cfg.eval_path)
+            if isinstance(held, ExampleData) != isinstance(data, ExampleData):
+                raise DataError("data.eval_path holds another kind of data (text vs. fine-tuning records) than "
+                                "data.path")
+            data.val = held.val
+        return data
+    if cfg.source == "builtin":
+        return tokenize_documents(builtin_documents(), spec, cfg.val_fraction)
+    data = tokenize_records(cfg.path, spec, cfg.format, cfg.train_on_prompt, cfg.val_fraction, cfg.jsonl_field,
+                            cfg.eval_path or None)
+    if isinstance(data, ExampleData):
+        print(f"fuyou: data: {data.summary()}", file=sys.stderr)
+    return data
+
+
+def _spec_of(data) -> str:
+    return data.tokenizer.removeprefix("hf:") if data.tokenizer.startswith("hf:") else data.tokenizer

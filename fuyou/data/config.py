@@ -23,19 +23,49 @@ class DataConfig(BaseModel):
         default_factory=list, description="Files or directories for source 'text'; one directory for 'prepared'."
     )
     tokenizer: str = Field(
-        "byte", description="'byte' (UTF-8 bytes) or a local Hugging Face tokenizer directory (needs the hf extra)."
+        "auto", description="'byte' (UTF-8 bytes), a local Hugging Face tokenizer directory (needs the hf extra), "
+        "or 'auto': the tokenizer of model.init_from when it has one, else 'byte'."
     )
+    format: Literal["auto", "text", "prompt_completion", "alpaca", "messages"] = Field(
+        "auto", description="Record format of JSON-lines files (fuyou/data/formats.py): 'text' ({jsonl_field: ...}), "
+        "'prompt_completion' ({prompt, completion|response|output}), 'alpaca' ({instruction, input, output}), "
+        "'messages' ({messages: [{role, content}, ...]}, rendered with the tokenizer's chat template); "
+        "'auto' detects it from the first record.",
+    )
+    train_on_prompt: bool = Field(
+        False, description="Fine-tuning formats: loss on every token, not only on the completion / assistant turns.")
+    packing: bool = Field(
+        True, description="Fine-tuning formats: lay several examples into one row (attention and positions kept "
+        "apart per example) instead of one padded example per row.")
+    eval_path: list[str] = Field(
+        default_factory=list, description="A separate held-out file or directory (same format as data.path); "
+        "unset: data.val_fraction of the data is held out.")
     seq_len: int = Field(128, ge=1, description="Tokens per training sequence.")
     val_fraction: float = Field(0.05, gt=0, lt=1, description="Share of tokens held out for evaluation.")
     jsonl_field: str = Field("text", description="Field holding the document text in JSON-lines files.")
 
-    @field_validator("path", mode="before")
+    @field_validator("path", "eval_path", mode="before")
     @classmethod
     def _one_path(cls, v):
         return [v] if isinstance(v, str) else v
 
+    @model_validator(mode="before")
+    @classmethod
+    def _source_from_path(cls, data):
+        """``data.path`` given without ``data.source``: a prepared directory (it has meta.json) or text."""
+        if isinstance(data, dict) and data.get("path") and "source" not in data:
+            paths = [data["path"]] if isinstance(data["path"], str) else data["path"]
+            prepared = len(paths) == 1 and (Path(paths[0]) / "meta.json").is_file()
+            data = {**data, "source": "prepared" if prepared else "text"}
+        return data
+
     @model_validator(mode="after")
     def _check_paths(self) -> "DataConfig":
+        for p in self.eval_path:
+            if not Path(p).exists():
+                raise ValueError(f"data.eval_path {p!r} does not exist")
+        if self.eval_path and self.source not in ("text", "prepared"):
+            raise ValueError("data.eval_path needs data.source 'text' or 'prepared' (a held-out file for your data)")
         if self.source in ("text", "prepared"):
             if not self.path:
                 raise ValueError(f"data.source={self.source!r} needs data.path (a file or directory)")

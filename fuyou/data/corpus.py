@@ -23,9 +23,10 @@ def builtin_documents() -> list[str]:
     return [topics[k] for k in sorted(topics)]
 
 
-def iter_documents(paths: list[str | Path], jsonl_field: str = "text") -> Iterator[str]:
-    """Documents from text files, JSONL files (one document per line, field ``jsonl_field``) and
-    directories (searched recursively for those suffixes, in sorted order)."""
+def iter_records(paths: list[str | Path], text_field: str = "text") -> Iterator[tuple[dict, str]]:
+    """(record, where) pairs from text files (one record ``{text_field: content}`` per file), JSONL files
+    (one JSON object per line) and directories (searched recursively for those suffixes, in sorted
+    order); ``where`` is "file:line" for error messages."""
     for p in map(Path, paths):
         if not p.exists():
             raise DataError(f"data path {p} does not exist; give a text file, a .jsonl file or a directory")
@@ -34,18 +35,26 @@ def iter_documents(paths: list[str | Path], jsonl_field: str = "text") -> Iterat
         for f in files:
             if f.suffix == ".jsonl":
                 found = True
-                yield from _jsonl_documents(f, jsonl_field)
+                yield from _jsonl_records(f)
             elif f.suffix in TEXT_SUFFIXES or not p.is_dir():
                 found = True
-                yield f.read_text(encoding="utf-8", errors="replace")
+                yield {text_field: f.read_text(encoding="utf-8", errors="replace")}, str(f)
         if not found:
             raise DataError(
                 f"{p} holds no usable files; expected {', '.join(sorted(TEXT_SUFFIXES))} or .jsonl files"
             )
 
 
-def _jsonl_documents(path: Path, field: str) -> Iterator[str]:
-    """One document per line; a UTF-8 byte-order mark is accepted, other encodings are refused with
+def iter_documents(paths: list[str | Path], jsonl_field: str = "text") -> Iterator[str]:
+    """Documents (plain text) from ``iter_records``: each record's string field ``jsonl_field``."""
+    for rec, where in iter_records(paths, jsonl_field):
+        if not isinstance(rec.get(jsonl_field), str):
+            raise DataError(f"{where}: expected an object with a string field {jsonl_field!r}")
+        yield rec[jsonl_field]
+
+
+def _jsonl_records(path: Path) -> Iterator[tuple[dict, str]]:
+    """One object per line; a UTF-8 byte-order mark is accepted, other encodings are refused with
     the line they fail on."""
     with path.open("rb") as fh:
         for lineno, raw in enumerate(fh, 1):
@@ -60,6 +69,6 @@ def _jsonl_documents(path: Path, field: str) -> Iterator[str]:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg}); each line must be one JSON object") from e
-            if not isinstance(rec, dict) or not isinstance(rec.get(field), str):
-                raise DataError(f"{path}:{lineno}: expected an object with a string field {field!r}")
-            yield rec[field]
+            if not isinstance(rec, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+            yield rec, f"{path}:{lineno}"

@@ -9,8 +9,10 @@ resuming exact and costs no state.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -19,6 +21,22 @@ from torch import Tensor
 from fuyou.errors import DataError
 
 META = "meta.json"
+IGNORE = -100  # a target that carries no loss (F.cross_entropy's ignore_index)
+
+
+class Batch(NamedTuple):
+    """One micro-batch: ``tokens`` and ``targets`` (B, T), a target of ``IGNORE`` carrying no loss;
+    ``positions`` (B, T): each token's position in its document, 0 where a packed document starts
+    (None: one document per row, causal attention needs no mask)."""
+
+    tokens: Tensor
+    targets: Tensor
+    positions: Tensor | None = None
+
+    @property
+    def loss_tokens(self) -> int:
+        """Tokens with a target (the loss is a mean over these)."""
+        return int((self.targets != IGNORE).sum())
 
 
 @dataclass
@@ -30,6 +48,7 @@ class TokenData:
     vocab_size: int
     eos_id: int
     tokenizer: str
+    fingerprint: str = ""  # names the tokenizer's vocabulary (``fuyou.data.tokenizer``)
 
     def check_fits(self, seq_len: int, model_vocab: int) -> None:
         if self.vocab_size > model_vocab:
@@ -51,14 +70,18 @@ class TokenData:
                 )
 
 
-def split_tokens(docs: list[np.ndarray], eos_id: int, val_fraction: float, seed: int = 1234) -> tuple[np.ndarray, np.ndarray]:
-    """Join documents (in a fixed shuffled order) with EOS; the last ``val_fraction`` is held out."""
+def join_tokens(docs: list[np.ndarray], eos_id: int, seed: int = 1234) -> np.ndarray:
+    """Documents (in a fixed shuffled order) each followed by EOS, as one uint16/uint32 stream."""
     order = np.random.default_rng(seed).permutation(len(docs))
     eos = np.array([eos_id], dtype=np.int64)
     joined = np.concatenate([np.concatenate([docs[i].astype(np.int64), eos]) for i in order]) if docs else eos
+    return joined.astype(np.uint16 if joined.max(initial=0) < 2**16 else np.uint32)
+
+
+def split_tokens(docs: list[np.ndarray], eos_id: int, val_fraction: float, seed: int = 1234) -> tuple[np.ndarray, np.ndarray]:
+    """Join documents (``join_tokens``); the last ``val_fraction`` is held out."""
+    joined = join_tokens(docs, eos_id, seed)
     n_val = int(len(joined) * val_fraction)
-    dtype = np.uint16 if joined.max(initial=0) < 2**16 else np.uint32
-    joined = joined.astype(dtype)
     return joined[: len(joined) - n_val], joined[len(joined) - n_val :]
 
 
@@ -70,6 +93,7 @@ def write_prepared(out_dir: str | Path, data: TokenData) -> None:
     meta = {
         "dtype": str(data.train.dtype), "train_tokens": int(len(data.train)), "val_tokens": int(len(data.val)),
         "vocab_size": data.vocab_size, "eos_id": data.eos_id, "tokenizer": data.tokenizer,
+        "tokenizer_fingerprint": data.fingerprint,
     }
     (out / META).write_text(json.dumps(meta, indent=2) + "\n")
 
@@ -91,7 +115,8 @@ def read_prepared(path: str | Path) -> TokenData:
                     f"{f} is missing or truncated (expected {expect} bytes); prepare the data again"
                 )
             arrays[split] = np.memmap(f, dtype=dtype, mode="r") if expect else np.zeros(0, dtype)
-        return TokenData(arrays["train"], arrays["val"], int(meta["vocab_size"]), int(meta["eos_id"]), meta["tokenizer"])
+        return TokenData(arrays["train"], arrays["val"], int(meta["vocab_size"]), int(meta["eos_id"]), meta["tokenizer"],
+                         meta.get("tokenizer_fingerprint", ""))
     except (KeyError, ValueError, TypeError) as e:
         raise DataError(f"{p / META} is malformed ({e!r}); prepare the data again") from e
 
@@ -102,11 +127,20 @@ class BatchSampler:
     def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int):
         self.tokens, self.seq_len, self.batch_size, self.seed = tokens, seq_len, batch_size, seed
 
-    def batch(self, index: int) -> tuple[Tensor, Tensor]:
+    def batch(self, index: int) -> Batch:
         gen = torch.Generator().manual_seed(self.seed * 7_919 + index)
         hi = len(self.tokens) - self.seq_len - 1
         starts = torch.randint(0, hi + 1, (self.batch_size,), generator=gen).tolist()
         return _windows(self.tokens, starts, self.seq_len)
+
+    def epochs(self, batches: int) -> float:
+        """Passes over the training tokens that ``batches`` micro-batches make (windows are drawn at
+        random: this counts tokens, not coverage)."""
+        return batches * self.batch_size * self.seq_len / max(1, len(self.tokens))
+
+    def steps_for(self, epochs: float, per_step: int) -> int:
+        """Optimizer steps of ``per_step`` windows that draw ``epochs`` times the training tokens."""
+        return max(1, math.ceil(epochs * len(self.tokens) / (per_step * self.seq_len)))
 
 
 class EvalBatches:
@@ -130,13 +164,16 @@ class SyntheticBatches:
     def __init__(self, vocab_size: int, seq_len: int, batch_size: int, seed: int):
         self.vocab_size, self.seq_len, self.batch_size, self.seed = vocab_size, seq_len, batch_size, seed
 
-    def batch(self, index: int) -> tuple[Tensor, Tensor]:
+    def batch(self, index: int) -> Batch:
         gen = torch.Generator().manual_seed(self.seed * 7_919 + index)
         t = torch.randint(0, self.vocab_size, (self.batch_size, self.seq_len + 1), generator=gen)
-        return t[:, :-1].contiguous(), t[:, 1:].contiguous()
+        return Batch(t[:, :-1].contiguous(), t[:, 1:].contiguous())
+
+    def epochs(self, batches: int) -> None:
+        return None
 
 
-def _windows(tokens: np.ndarray, starts: list[int], seq_len: int) -> tuple[Tensor, Tensor]:
+def _windows(tokens: np.ndarray, starts: list[int], seq_len: int) -> Batch:
     rows = np.stack([np.asarray(tokens[s : s + seq_len + 1], dtype=np.int64) for s in starts])
     t = torch.from_numpy(rows)
-    return t[:, :-1].contiguous(), t[:, 1:].contiguous()
+    return Batch(t[:, :-1].contiguous(), t[:, 1:].contiguous())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Protocol
 
@@ -14,8 +16,16 @@ class Tokenizer(Protocol):
     name: str
     vocab_size: int
     eos_id: int
+    pad_id: int
+    fingerprint: str       # names the vocabulary: data and model must agree on it (``check_tokenizer``)
+    chat_template: str | None
 
     def encode(self, text: str) -> list[int]: ...
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """``text`` as the start of a sequence: with the BOS token when the tokenizer adds one."""
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool) -> str: ...
 
     def decode(self, ids: list[int]) -> str: ...
 
@@ -26,9 +36,18 @@ class ByteTokenizer:
     name = "byte"
     vocab_size = 257
     eos_id = 256
+    pad_id = 256
+    fingerprint = "byte"
+    chat_template = None
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
+
+    def encode_prompt(self, text: str) -> list[int]:
+        return self.encode(text)
+
+    def render_chat(self, messages, add_generation_prompt):
+        raise NotImplementedError("the byte tokenizer has no chat template (fuyou.data.formats uses its fallback)")
 
     def encode_np(self, text: str) -> np.ndarray:
         return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.uint16)
@@ -58,9 +77,25 @@ class HFTokenizer:
         self.vocab_size = len(self._tok)
         eos = self._tok.eos_token_id
         self.eos_id = int(eos) if eos is not None else self.vocab_size - 1
+        pad = self._tok.pad_token_id
+        self.pad_id = int(pad) if pad is not None else self.eos_id
+        self.chat_template = getattr(self._tok, "chat_template", None) or None
+        # the special tokens it puts before a sequence (Llama's BOS), never its EOS
+        self._prefix = [i for i in self._tok.encode("", add_special_tokens=True) if i != self.eos_id]
+        vocab = json.dumps(sorted(self._tok.get_vocab().items()), ensure_ascii=False).encode()
+        self.fingerprint = f"{self.vocab_size}:{hashlib.sha256(vocab).hexdigest()[:16]}"
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False)
+
+    def encode_prompt(self, text: str) -> list[int]:
+        return self._prefix + self.encode(text)
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        try:
+            return self._tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        except Exception as e:  # jinja raises its own kinds (a template that refuses a role order, ...)
+            raise DataError(f"the chat template of {self.name} cannot render this conversation: {e}") from e
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids)

@@ -117,7 +117,7 @@ def activation_bytes(cfg_model, batch: int, seq: int) -> dict[str, int]:
     checkpoint = 4 * tokens * d
     block = 4 * tokens * (16 * d + 4 * ff) + 4 * batch * h * seq * seq
     return {"checkpoint": checkpoint, "block_work": block, "head_work": head_working_bytes(cfg_model, batch, seq),
-            "batch": 2 * 8 * tokens}
+            "batch": 3 * 8 * tokens}  # tokens, targets, positions (int64)
 
 
 def head_working_bytes(cfg_model, batch: int, seq: int) -> int:

@@ -103,7 +103,7 @@ from fuyou.units import format_size
 from fuyou.data.batches import make_batches
 from fuyou.models.precision import autocast
 from fuyou.trainer import StepStats
-from fuyou.optim.schedule import lr_at
+from fuyou.optim.schedule import lr_of
 
 
 class Engine:
@@ -297,7 +297,7 @@ class Engine:
         self._defer = self.clipping and (sched == "defer" or (sched == "auto" and self.clipped))
         self.counters.deferred = self._defer
         self.tracer.enabled = step == self.trace_step
-        lr = lr_at(step, self.cfg.optim.lr, t.steps, t.warmup_steps, t.min_lr_ratio)
+        lr = lr_of(self.cfg, step)
         self._spans.clear()
         anchor, anchor_t = self.dev.event(timing=True).record(), time.perf_counter()  # device time -> host time
         self.streamer.plan(self.step_order())
@@ -317,15 +317,17 @@ class Engine:
         if self.ts.commit_due(step + 1):
             self.ts.submit_commit(step + 1)
         tokens = t.grad_accum * t.micro_batch_size * self.cfg.data.seq_len
-        return StepStats(loss, lr, grad_norm, tokens)
+        return StepStats(loss, lr, grad_norm, tokens, self._loss_tokens)
 
     trace_step = 1  # which step's tasks ``--trace`` records (the second: the first warms caches)
 
-    def _stage_fn(self, i: int):
+    def _stage_fn(self, i: int, pos: Tensor | None = None):
+        """Stage ``i`` as a function of (weights, input, activation context), for a micro-batch whose
+        token positions are ``pos`` (packed documents; None: one document per row)."""
         stage = self.model.stages[i]
         if i == 0:  # the residual stream is fp32, as in the reference trainer
-            return lambda p, x, acts=None: stage.forward(p, x).float()
-        return lambda p, x, acts=None: stage.forward(p, x, acts=acts)
+            return lambda p, x, acts=None: stage.forward(p, x, pos=pos).float()
+        return lambda p, x, acts=None: stage.forward(p, x, acts=acts, pos=pos)
 
     def _autocast(self):
         return autocast(self.device, self.cfg.train.precision)
@@ -333,11 +335,13 @@ class Engine:
     def _step(self, step: int, lr: float) -> Tensor:
         """One step's forward and backward, layer-major (module docstring); returns the summed loss."""
         S, M = len(self.states), self.cfg.train.grad_accum
-        xs, ys = [], []
-        for j in range(M):
-            x, y = (self._to_device(b, "input batch") for b in self.batches.batch(step * M + j))
-            xs.append(x)
-            ys.append(y)
+        batches = [self.batches.batch(step * M + j) for j in range(M)]
+        n_loss = sum(b.loss_tokens for b in batches)  # on the host: the loss's divisor, no device sync
+        self._loss_tokens = n_loss
+        xs = [self._to_device(b.tokens, "input batch") for b in batches]
+        ys = [self._to_device(b.targets, "input batch") for b in batches]
+        ps = [None if b.positions is None else self._to_device(b.positions, "input batch") for b in batches]
+        batches = None
         kept: list[dict[int, BlockState]] = [{} for _ in range(M)]
         h: list[Tensor | None] = list(xs)  # each micro-batch's residual stream between stages
         for i in range(S - 1):
@@ -347,10 +351,10 @@ class Engine:
             for j in range(M):
                 if i == 0:
                     with torch.no_grad(), self._autocast():
-                        h[j] = self._stage_fn(0)(params, h[j])
+                        h[j] = self._stage_fn(0, ps[j])(params, h[j])
                 else:
-                    h[j], kept[j][i] = forward_block(self.swapper, f"{i - 1}.{j}", self.act[i - 1], self._stage_fn(i),
-                                                     w.flat, params, h[j], self._autocast)
+                    h[j], kept[j][i] = forward_block(self.swapper, f"{i - 1}.{j}", self.act[i - 1],
+                                                     self._stage_fn(i, ps[j]), w.flat, params, h[j], self._autocast)
             self._compute(f"forward {self.states[i].stage.name}", t0)
             # References go before the release: the next load may take the memory once the GPU is done
             # with it (weights.py), and a reference held here would keep it on the device.
@@ -376,7 +380,7 @@ class Engine:
             h_in = h[j].detach().requires_grad_(True)
             h[j] = None
             with torch.enable_grad(), self._autocast():
-                loss = head.stage.forward({**o, **sh}, h_in, ys[j]) / M
+                loss = head.stage.forward({**o, **sh}, h_in, ys[j], loss_tokens=n_loss)
             self._before_grad()
             grads = torch.autograd.grad(loss, [h_in, *o.values(), *sh.values()])
             total += loss.detach()
@@ -415,12 +419,12 @@ class Engine:
                     for bi, bj in units[u:u + ahead + 1]:
                         kept[bj][bi].prefetch(self.swapper)
                     u += 1
-                    h[j], gmap = backward_block(self.swapper, kept[j].pop(i), self._stage_fn(i), w.flat,
+                    h[j], gmap = backward_block(self.swapper, kept[j].pop(i), self._stage_fn(i, ps[j]), w.flat,
                                                 st.views(w.flat), h[j], self._autocast, self._before_grad)
                 else:
                     emb = leaves(st.views(w.flat))
                     with torch.enable_grad(), self._autocast():
-                        out = self._stage_fn(0)(emb, xs[j])
+                        out = self._stage_fn(0, ps[j])(emb, xs[j])
                     self._before_grad()
                     gmap = dict(zip(emb, torch.autograd.grad(out, list(emb.values()), h[j])))
                     h[j] = emb = out = None
@@ -659,14 +663,15 @@ class Engine:
         S = len(self.states)
         batches = list(self.eval_batches)
         self.streamer.plan(self.forward_order() * len(batches))
-        pos, losses = 0, []
+        pos, total, count = 0, 0.0, 0
         try:
-            for x, y in batches:
-                h = self._to_device(x, "input batch")
+            for b in batches:
+                h = self._to_device(b.tokens, "input batch")
+                p = None if b.positions is None else self._to_device(b.positions, "input batch")
                 for i in range(S - 1):
                     w = self.streamer.get(pos)
                     with autocast(self.device, self.cfg.train.precision):
-                        h = self._stage_fn(i)(self.states[i].views(w.flat), h)
+                        h = self._stage_fn(i, p)(self.states[i].views(w.flat), h)
                     w = None  # dropped before the release (Engine._step)
                     self.streamer.release(pos)
                     pos += 1
@@ -675,8 +680,10 @@ class Engine:
                     params["lm_head.weight"] = self.states[0].views(self.streamer.get(pos).flat)["wte"]
                     pos += 1
                 params.update(self.states[-1].views(self.streamer.get(pos).flat))
-                with autocast(self.device, self.cfg.train.precision):
-                    losses.append(float(self.states[-1].stage.forward(params, h, self._to_device(y, "input batch"))))
+                with autocast(self.device, self.cfg.train.precision):  # the batch's summed loss
+                    total += float(self.states[-1].stage.forward(params, h, self._to_device(b.targets, "input batch"),
+                                                                 loss_tokens=1))
+                count += b.loss_tokens
                 params = None
                 self.streamer.release(pos)
                 if self.tied:
@@ -685,7 +692,7 @@ class Engine:
         except BaseException:
             self.streamer.drain()
             raise
-        return sum(losses) / len(losses)
+        return total / count  # a mean over the held-out tokens with a target, as in training
 
     # -- the Trainer protocol (fuyou.trainer) beyond stepping and evaluating -----------------------------
     def startup_lines(self) -> list[str]:

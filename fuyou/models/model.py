@@ -72,15 +72,17 @@ class StageModel:
             out.update(s.init_params(seed, dtype))
         return out
 
-    def forward_loss(self, params: dict[str, Tensor], tokens: Tensor, targets: Tensor) -> Tensor:
+    def forward_loss(self, params: dict[str, Tensor], tokens: Tensor, targets: Tensor, pos: Tensor | None = None,
+                     loss_tokens: int | None = None) -> Tensor:
+        """Mean loss over the tokens with a target (``loss_tokens``: the sum divided by this count)."""
         x = tokens
         for s in self.stages[:-1]:
-            x = s.forward(s.bind(params), x)
+            x = s.forward(s.bind(params), x, pos=pos)
         head = self.stages[-1]
-        return head.forward(head.bind(params), x, targets)
+        return head.forward(head.bind(params), x, targets, loss_tokens=loss_tokens)
 
-    def logits(self, params: dict[str, Tensor], tokens: Tensor) -> Tensor:
+    def logits(self, params: dict[str, Tensor], tokens: Tensor, pos: Tensor | None = None) -> Tensor:
         x = tokens
         for s in self.stages:
-            x = s.forward(s.bind(params), x)
+            x = s.forward(s.bind(params), x, pos=pos)
         return x

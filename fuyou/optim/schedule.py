@@ -5,11 +5,21 @@ from __future__ import annotations
 import math
 
 
-def lr_at(step: int, peak: float, steps: int, warmup: int, min_ratio: float) -> float:
-    """Learning rate for optimizer step ``step`` (0-based)."""
+def lr_at(step: int, peak: float, steps: int, warmup: int, min_ratio: float, schedule: str = "cosine") -> float:
+    """Learning rate for optimizer step ``step`` (0-based): linear warm-up over ``warmup`` steps, then
+    ``schedule`` (cosine or linear decay to ``min_ratio`` x ``peak`` at the last step, or constant)."""
     warmup = min(warmup, steps)
     if step < warmup:
         return peak * (step + 1) / warmup
+    if schedule == "constant":
+        return peak
     span = max(1, steps - warmup)
     progress = min(1.0, (step - warmup) / span)
-    return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    shape = 1 - progress if schedule == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
+    return peak * (min_ratio + (1 - min_ratio) * shape)
+
+
+def lr_of(cfg, step: int) -> float:
+    """``lr_at`` for a ``FuyouConfig``."""
+    t = cfg.train
+    return lr_at(step, cfg.optim.lr, t.steps, t.warmup, t.min_lr_ratio, t.lr_schedule)

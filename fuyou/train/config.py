@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
@@ -12,7 +13,10 @@ class TrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    steps: int = Field(240, ge=1, description="Optimizer steps to run.")
+    steps: int = Field(240, ge=1, description="Optimizer steps to run (or give train.epochs instead).")
+    epochs: float | None = Field(
+        None, gt=0, description="Passes over the training data instead of train.steps: steps = epochs x rows "
+        "(fine-tuning examples) or tokens (text) / the step's batch, rounded up.")
     micro_batch_size: int = Field(16, ge=1, description="Sequences per forward/backward pass.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated into one optimizer step.")
     global_batch: int | None = Field(
@@ -21,8 +25,12 @@ class TrainConfig(BaseModel):
         "of at most 16 sequences that divides it is used (`--plan auto`: the planner's fastest split that fits)."
     )
     warmup_steps: int = Field(20, ge=0, description="Linear learning-rate warm-up steps (capped at `steps`).")
+    warmup_ratio: float | None = Field(
+        None, ge=0, le=1, description="Warm-up as a share of the steps (rounded up); when set it replaces warmup_steps.")
+    lr_schedule: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="After warm-up: 'cosine' or 'linear' decay to min_lr_ratio x the peak, or 'constant'.")
     min_lr_ratio: float = Field(
-        0.1, ge=0, le=1, description="The cosine schedule decays to this fraction of the peak learning rate."
+        0.1, ge=0, le=1, description="The schedule decays to this fraction of the peak learning rate."
     )
     grad_clip: float | None = Field(
         1.0, gt=0, description="Global gradient-norm clipping threshold; unset (or 'none' on the CLI) disables it."
@@ -44,6 +52,19 @@ class TrainConfig(BaseModel):
     )
 
     _auto_split: bool = PrivateAttr(False)  # global_batch split by the rule above, not by the user
+
+    @property
+    def warmup(self) -> int:
+        """Warm-up steps in effect (``warmup_ratio`` of the steps, else ``warmup_steps``)."""
+        if self.warmup_ratio is not None:
+            return math.ceil(self.warmup_ratio * self.steps)
+        return self.warmup_steps
+
+    @model_validator(mode="after")
+    def _steps_or_epochs(self):
+        if self.epochs is not None and "steps" in self.model_fields_set:
+            raise ValueError(f"train.steps={self.steps} and train.epochs={self.epochs} both given; give one")
+        return self
 
     @model_validator(mode="after")
     def _split(self):

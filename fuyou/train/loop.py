@@ -41,6 +41,14 @@ class RunResult:
 
 def build_trainer(cfg: FuyouConfig, run_name: str, resume: bool = False) -> Trainer:
     data = load_data(cfg.data)
+    if cfg.train.epochs is not None:  # the steps that make the epochs, from the data (before the schedule is read)
+        from fuyou.data.batches import make_batches
+
+        if data is None:
+            raise ConfigError("train.epochs needs real data (synthetic data has no epochs); give train.steps")
+        t = cfg.train
+        sampler, _ = make_batches(cfg, data, quiet=True)
+        object.__setattr__(t, "steps", sampler.steps_for(t.epochs, t.micro_batch_size * t.grad_accum))
     init_values = None  # seeded random init
     if cfg.model.init_from:  # streamed from a Hugging Face or fuyou checkpoint, one stage at a time
         from fuyou.hf import open_checkpoint
@@ -133,6 +141,17 @@ def _endurance(cfg: FuyouConfig) -> float | None:
     return per_drive * n if per_drive else None
 
 
+def _seen(trainer: Trainer, cfg: FuyouConfig, steps: int) -> dict:
+    """Tokens run (padding included) and epochs of training data after ``steps`` steps, for every
+    metrics line."""
+    t = cfg.train
+    out = {"tokens": steps * t.micro_batch_size * t.grad_accum * cfg.data.seq_len}
+    epoch = trainer.batches.epochs(steps * t.grad_accum)
+    if epoch is not None:
+        out["epoch"] = round(epoch, 6)
+    return out
+
+
 def _loop(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, stop) -> RunResult:
     from fuyou.engine.malloc import resident_bytes
 
@@ -158,7 +177,7 @@ def _loop(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, stop
         progress.done = start_step
     first_eval = last_eval = trainer.evaluate()
     if first_eval is not None:
-        log.write({"step": start_step, "eval_loss": first_eval})
+        log.write({"step": start_step, "eval_loss": first_eval, **_seen(trainer, cfg, start_step)})
         progress.message(f"eval loss at step {start_step}: {first_eval:.4f}")
     start = time.perf_counter()
     tokens = written = 0
@@ -172,6 +191,7 @@ def _loop(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, stop
         record = {
             "step": step + 1, "loss": stats.loss, "lr": stats.lr, "grad_norm": stats.grad_norm,
             "step_time_s": dt, "tokens_per_s": tps, "tflops": tps * flops_per_token / 1e12,
+            "loss_tokens": stats.loss_tokens, **_seen(trainer, cfg, step + 1),
         }
         counters = trainer.step_counters()
         if counters is not None:
@@ -194,7 +214,7 @@ def _loop(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, stop
         if t.eval_every and (step + 1) % t.eval_every == 0 and step + 1 != t.steps:
             last_eval = trainer.evaluate()
             if last_eval is not None:
-                log.write({"step": step + 1, "eval_loss": last_eval})
+                log.write({"step": step + 1, "eval_loss": last_eval, **_seen(trainer, cfg, step + 1)})
                 progress.message(f"eval loss at step {step + 1}: {last_eval:.4f}")
         if stop.requested and step + 1 < t.steps:
             trainer.commit(step + 1)  # the step's updates and its commit are on the SSD
@@ -208,7 +228,7 @@ def _loop(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, stop
     elapsed = time.perf_counter() - start
     last_eval = trainer.evaluate()
     if last_eval is not None:
-        log.write({"step": t.steps, "eval_loss": last_eval})
+        log.write({"step": t.steps, "eval_loss": last_eval, **_seen(trainer, cfg, t.steps)})
     if cfg.run.save_weights:
         save_weights(run_dir, trainer, cfg)  # fsynced and renamed before the SSD state may be deleted
         trainer.completed = True

@@ -27,7 +27,7 @@ from fuyou.optim.compressed import StateFormat, decode_state, new_state, referen
 from fuyou.policy import stage_input_dtypes
 from fuyou.trainer import StepStats
 from fuyou.models import StageModel
-from fuyou.optim.schedule import lr_at
+from fuyou.optim.schedule import lr_of
 
 
 def resolve_device(name: str) -> torch.device:
@@ -133,22 +133,27 @@ class ReferenceTrainer:
         # are summed over the micro-batches separately and added once (``_add_shared_grads``), the
         # order the layer-major engine can follow without keeping a gradient per micro-batch.
         shared = {g: self.params[g].detach().requires_grad_(True) for g in head.shared.values()}
-        for j in range(t.grad_accum):
-            x, y = (b.to(self.device) for b in self.batches.batch(step * t.grad_accum + j))
+        batches = [self.batches.batch(step * t.grad_accum + j) for j in range(t.grad_accum)]
+        n_loss = sum(b.loss_tokens for b in batches)  # each token with a target weighs 1 / n_loss
+        for b in batches:
+            x, y = b.tokens.to(self.device), b.targets.to(self.device)
+            pos = None if b.positions is None else b.positions.to(self.device)
             with autocast(self.device, t.precision):
                 h = x
                 for s in self.model.stages[:-1]:
                     if s.index - 1 in self.rounded:  # a block whose checkpoint is bf16
                         h = round_stage_input(h, self.rounded[s.index - 1])
-                    h = s.forward(s.bind(self.params), h)
-                loss = head.forward(head.bind({**self.params, **shared}), h, y) / t.grad_accum
+                    h = s.forward(s.bind(self.params), h, pos=pos)
+                    if s.index == 0:
+                        h = h.float()  # the residual stream is fp32, as in the engine
+                loss = head.forward(head.bind({**self.params, **shared}), h, y, loss_tokens=n_loss)
             loss.backward()
             total += loss.detach()
         self._add_shared_grads(shared)
         grad_norm = None
         if t.grad_clip is not None:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(list(self.params.values()), t.grad_clip))
-        lr = lr_at(step, self.cfg.optim.lr, t.steps, t.warmup_steps, t.min_lr_ratio)
+        lr = lr_of(self.cfg, step)
         for g in self.opt.param_groups:
             if isinstance(g["lr"], Tensor):  # optimizers that keep lr as a tensor (torchao's) update it in place
                 g["lr"].fill_(lr)
@@ -157,7 +162,7 @@ class ReferenceTrainer:
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         tokens = t.grad_accum * t.micro_batch_size * self.cfg.data.seq_len
-        return StepStats(float(total), lr, grad_norm, tokens)  # float(): a sync point on CUDA
+        return StepStats(float(total), lr, grad_norm, tokens, n_loss)  # float(): a sync point on CUDA
 
     @torch.no_grad()
     def _add_shared_grads(self, shared: dict[str, Tensor]) -> None:
@@ -174,11 +179,14 @@ class ReferenceTrainer:
     def evaluate(self) -> float | None:
         if self.eval_batches is None:
             return None
-        losses = []
-        for x, y in self.eval_batches:
+        total, count = 0.0, 0
+        for b in self.eval_batches:  # a mean over the held-out tokens with a target, as in training
+            pos = None if b.positions is None else b.positions.to(self.device)
             with autocast(self.device, self.cfg.train.precision):
-                losses.append(float(self.model.forward_loss(self.params, x.to(self.device), y.to(self.device))))
-        return sum(losses) / len(losses)
+                total += float(self.model.forward_loss(self.params, b.tokens.to(self.device), b.targets.to(self.device),
+                                                       pos=pos, loss_tokens=1))
+            count += b.loss_tokens
+        return total / count
 
     def state(self) -> dict[str, Tensor]:
         """Weights by global key (fp32)."""

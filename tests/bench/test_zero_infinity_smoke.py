@@ -38,7 +38,7 @@ def test_wrapper_is_fuyous_model(name):
     named = dict(net.named_fuyou_parameters())
     assert named.keys() == model.param_specs().keys()
     assert sum(p.numel() for p in net.parameters()) == model.num_params  # the tied head adds none
-    x, y = SyntheticBatches(model.cfg.vocab_size, 16, 2, SEED).batch(0)
+    x, y, _ = SyntheticBatches(model.cfg.vocab_size, 16, 2, SEED).batch(0)
     loss = net(x, y)
     params = {k: v.clone().requires_grad_(True) for k, v in init.items()}
     ref = model.forward_loss(params, x, y)
@@ -74,7 +74,7 @@ def test_two_steps_start_from_fuyous_loss(tmp_path, name):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads(out_json.read_text())
     model = StageModel(ModelConfig(**preset(name)))
-    x, y = SyntheticBatches(model.cfg.vocab_size, seq, batch, SEED).batch(0)
+    x, y, _ = SyntheticBatches(model.cfg.vocab_size, seq, batch, SEED).batch(0)
     with torch.no_grad():
         ref = float(model.forward_loss(model.init_params(SEED), x, y))
     assert len(res["losses"]) == 2 and all(math.isfinite(v) for v in res["losses"])

@@ -21,15 +21,15 @@ def test_builtin_corpus_is_real_text():
 def test_batches_are_a_function_of_the_index():
     d = load_data(DataConfig())
     s = BatchSampler(d.train, 32, 4, seed=1)
-    x1, y1 = s.batch(5)
+    x1, y1, _ = s.batch(5)
     s.batch(0)
-    x2, y2 = s.batch(5)
+    x2, y2, _ = s.batch(5)
     assert torch.equal(x1, x2) and torch.equal(y1, y2)
     assert torch.equal(x1[:, 1:], y1[:, :-1])
     assert not torch.equal(s.batch(6)[0], x1)
     e = list(EvalBatches(d.val, 32, 4, 3))
     assert len(e) == 3 and e[0][0].shape == (4, 32)
-    sx, sy = SyntheticBatches(320, 16, 2, 0).batch(3)
+    sx, sy, _ = SyntheticBatches(320, 16, 2, 0).batch(3)
     assert sx.shape == (2, 16) and int(sx.max()) < 320
 
 

@@ -38,7 +38,7 @@ def test_grad_accumulation_averages_micro_batches(tmp_path):
     p0 = {k: v.detach().clone().requires_grad_(True) for k, v in tr.params.items()}
     losses = []
     for j in range(2):
-        x, y = tr.batches.batch(j)
+        x, y, _ = tr.batches.batch(j)
         losses.append(tr.model.forward_loss(p0, x, y))
     (sum(losses) / 2).backward()
     tr.train_step(0)

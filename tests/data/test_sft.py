@@ -1,0 +1,316 @@
+"""Fine-tuning data: formats, loss masks, packing, epochs, prepared examples, tokenizer checks, and the
+engine trained on packed, masked data equal to the in-memory reference."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fuyou.config import load_config
+from fuyou.data import DataConfig, load_data, tokenize_records
+from fuyou.data.dataset import IGNORE
+from fuyou.data.examples import ExampleData, Rows, read_examples, write_examples
+from fuyou.data.tokenizer import ByteTokenizer
+from fuyou.errors import ConfigError, DataError
+from fuyou.models import StageModel
+from fuyou.models.config import ModelConfig, preset
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "engine"))
+from engine_testutil import assert_same_training, make_cfg, run_both  # noqa: E402
+
+CHAT = [
+    {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of France?"},
+                  {"role": "assistant", "content": "Paris."}, {"role": "user", "content": "And of Italy?"},
+                  {"role": "assistant", "content": "Rome."}]},
+    {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]},
+]
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def qa_records(n: int, seed: int = 0) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    words = ["alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa", "theta"]
+    out = []
+    for i in range(n):
+        q = " ".join(rng.choice(words, size=int(rng.integers(2, 9))))
+        out.append({"prompt": f"Q{i}: {q}?\nA:", "completion": " " + " ".join(reversed(q.split()))})
+    return out
+
+
+def loss_text(ex, k: int, tok=ByteTokenizer()) -> str:
+    """The tokens of example ``k`` that are targets with loss, decoded."""
+    s, e = int(ex.offsets[k]), int(ex.offsets[k + 1])
+    ids = [int(t) for t, f in zip(ex.tokens[s + 1:e], ex.loss[s + 1:e]) if f]
+    return tok.decode(ids), ids
+
+
+# -- formats ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("rec, prompt, answer", [
+    ({"prompt": "Hi?", "completion": " Yes."}, "Hi?", " Yes."),
+    ({"prompt": "Hi?", "response": " Yes."}, "Hi?", " Yes."),
+    ({"prompt": "Hi?", "output": " Yes."}, "Hi?", " Yes."),
+    ({"instruction": "Add.", "input": "2 and 2", "output": "4"}, "### Input:\n2 and 2\n\n### Response:\n", "4"),
+    ({"instruction": "Say hi.", "output": "hi"}, "### Instruction:\nSay hi.\n\n### Response:\n", "hi"),
+])
+def test_only_the_completion_carries_loss(tmp_path, rec, prompt, answer):
+    d = tokenize_records([write_jsonl(tmp_path / "d.jsonl", [rec])], "byte", val_fraction=0.5)
+    ex = d.train
+    text, ids = loss_text(ex, 0)
+    assert text == answer and ids[-1] == ByteTokenizer.eos_id  # the answer and its EOS, nothing else
+    full = ByteTokenizer().decode([int(t) for t in ex.tokens])
+    assert full.startswith(prompt) if "instruction" not in rec else prompt in full
+    d2 = tokenize_records([tmp_path / "d.jsonl"], "byte", train_on_prompt=True, val_fraction=0.5)
+    assert int(d2.train.loss[1:].sum()) == len(d2.train.tokens) - 1  # every target
+
+
+def test_chat_fallback_template_masks_user_turns(tmp_path):
+    d = tokenize_records([write_jsonl(tmp_path / "c.jsonl", CHAT)], "byte", eval_paths=[tmp_path / "c.jsonl"])
+    ex = d.train
+    assert len(ex) == 2
+    text, _ = loss_text(ex, 0)
+    assert text == "Paris.<|im_end|>\n\x00Rome.<|im_end|>\n".replace("\x00", "")  # both assistant turns
+    full = ByteTokenizer().decode([int(t) for t in ex.tokens[: ex.offsets[1]]])
+    assert "<|im_start|>user\nCapital of France?<|im_end|>" in full and "Be brief." in full
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def hf_tok_dir(tmp_path_factory):
+    pytest.importorskip("transformers")
+    from hf_testutil import make_tokenizer
+
+    d = tmp_path_factory.mktemp("tok")
+    make_tokenizer(d)
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = CHATML
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return d
+
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "hf"))
+
+
+def test_chat_template_assistant_turns(tmp_path, hf_tok_dir):
+    from fuyou.data.tokenizer import HFTokenizer
+
+    tok = HFTokenizer(hf_tok_dir)
+    assert tok.chat_template
+    d = tokenize_records([write_jsonl(tmp_path / "c.jsonl", CHAT)], str(hf_tok_dir), eval_paths=[tmp_path / "c.jsonl"])
+    ex = d.train
+    s, e = int(ex.offsets[0]), int(ex.offsets[1])
+    answer = tok.decode([int(t) for t, f in zip(ex.tokens[s + 1:e], ex.loss[s + 1:e]) if f])
+    assert answer.replace(" ", "") == "Paris.<|im_end|>\nRome.<|im_end|>\n".replace(" ", "")
+    assert d.info["last_turn_only"] == 0
+
+
+def test_template_that_rewrites_earlier_turns_trains_the_last_only(tmp_path, hf_tok_dir):
+    from fuyou.data.tokenizer import HFTokenizer
+
+    # a template that renders earlier assistant turns differently (as Qwen3's drops reasoning)
+    rewriting = ("{% for m in messages %}{% if m['role'] == 'assistant' and not loop.last %}<|im_start|>assistant\n"
+                 "[earlier]<|im_end|>\n{% else %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endif %}"
+                 "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    tok = HFTokenizer(hf_tok_dir)
+    tok.chat_template = rewriting
+    tok._tok.chat_template = rewriting
+    from fuyou.data.formats import Renderer
+
+    r = Renderer(tok, "auto", False)
+    out = r(CHAT[0], "x")
+    answer = tok.decode([i for i, f in zip(out.ids, out.loss) if f])
+    assert answer.replace(" ", "") == "Rome.<|im_end|>\n" and r.stats.last_turn_only == 1
+
+
+@pytest.mark.parametrize("rec, message", [
+    ({"foo": 1}, "none of the formats"),
+    ({"messages": []}, "non-empty list"),
+    ({"messages": [{"role": "user", "content": "hi"}]}, "no assistant message"),
+    ({"messages": [{"role": "user"}]}, "string 'role' and 'content'"),
+    ({"prompt": 3, "completion": "x"}, "field 'prompt' must be a string"),
+])
+def test_bad_records_are_refused_with_their_line(tmp_path, rec, message):
+    f = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "a", "completion": "b"}, rec])
+    with pytest.raises(DataError, match=message) as e:
+        tokenize_records([f], "byte")
+    if "none of" not in message:
+        assert "bad.jsonl:2" in str(e.value)
+
+
+# -- packing ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["gpt-test", "llama-test"])
+def test_a_packed_row_computes_what_each_example_computes_alone(tmp_path, family):
+    d = tokenize_records([write_jsonl(tmp_path / "d.jsonl", qa_records(12))], "byte", val_fraction=0.1)
+    rows = Rows.build(d.train, 192, True, d.pad_id, seed=0)
+    assert len(rows) < len(d.train) - 2  # several examples per row
+    model = StageModel(ModelConfig(**{**preset(family), "max_seq_len": 192}))
+    params = model.init_params(0)
+    b = rows.batch([0, 1])
+    packed = float(model.forward_loss(params, b.tokens, b.targets, b.positions, loss_tokens=1))
+    alone = 0.0
+    for r in (0, 1):
+        for k in rows.order[rows.ptr[r]:rows.ptr[r + 1]]:
+            s, n = int(d.train.offsets[k]), int(rows.keep[k])
+            t = torch.as_tensor(np.asarray(d.train.tokens[s:s + n], dtype=np.int64))[None]
+            y = torch.where(torch.as_tensor(d.train.loss[s + 1:s + n] != 0)[None], t[:, 1:], IGNORE)
+            alone += float(model.forward_loss(params, t[:, :-1], y, loss_tokens=1))
+    assert packed == pytest.approx(alone, rel=1e-5)
+    assert b.loss_tokens == sum(int(d.train.loss[d.train.offsets[k] + 1:d.train.offsets[k + 1]].sum())
+                                for r in (0, 1) for k in rows.order[rows.ptr[r]:rows.ptr[r + 1]])
+
+
+def test_padding_truncation_and_dropping(tmp_path):
+    recs = [{"prompt": "p" * 50, "completion": "c" * 50}, {"prompt": "p" * 70, "completion": "c"},
+            {"prompt": "x", "completion": "y"}]
+    d = tokenize_records([write_jsonl(tmp_path / "d.jsonl", recs)], "byte", eval_paths=[tmp_path / "d.jsonl"])
+    rows = Rows.build(d.train, 64, False, d.pad_id, seed=None)
+    assert len(rows) == 2 and rows.truncated == 1 and rows.dropped == 1  # the 2nd lost its answer to the cut
+    b = rows.batch([0, 1])
+    assert b.positions is None and b.tokens.shape == (2, 64)
+    assert int((b.targets[1] != IGNORE).sum()) == 2  # "y" and EOS; the padding carries none
+    assert "1 longer than 65 tokens cut" in rows.report() and "1 dropped" in rows.report()
+
+
+def test_epochs_cover_every_row_once_per_epoch(tmp_path):
+    from fuyou.data.examples import ExampleSampler
+
+    d = tokenize_records([write_jsonl(tmp_path / "d.jsonl", qa_records(40))], "byte", val_fraction=0.1)
+    rows = Rows.build(d.train, 32, False, d.pad_id, seed=3)
+    s = ExampleSampler(rows, 4, seed=3)
+    n = len(rows)
+    seen = [tuple(s.batch(i).tokens[j].tolist()) for i in range(n // 4) for j in range(4)]
+    assert len(set(seen)) == n // 4 * 4  # no row twice within an epoch
+    assert torch.equal(s.batch(5).tokens, s.batch(5).tokens) and s.epochs(n) == pytest.approx(4.0)
+    assert s.steps_for(2.0, 8) == -(-2 * n // 8)
+
+
+# -- prepared examples, CLI -----------------------------------------------------------------------------
+def test_prepare_round_trip_and_report(tmp_path, capsys):
+    from fuyou.cli import main
+
+    src = write_jsonl(tmp_path / "qa.jsonl", qa_records(30))
+    assert main(["data", "prepare", str(src), "--out", str(tmp_path / "prep")]) == 0
+    out = capsys.readouterr().out
+    assert "30 records (prompt_completion)" in out and "% of targets carry loss" in out
+    d = load_data(DataConfig(path=[str(tmp_path / "prep")]))
+    ref = tokenize_records([src], "byte")
+    assert isinstance(d, ExampleData)
+    assert np.array_equal(np.asarray(d.train.tokens), ref.train.tokens)
+    assert np.array_equal(np.asarray(d.train.loss), ref.train.loss)
+    (tmp_path / "prep" / "train.loss.bin").write_bytes(b"\0")  # truncated
+    with pytest.raises(DataError, match="truncated"):
+        load_data(DataConfig(path=[str(tmp_path / "prep")]))
+
+
+def test_written_examples_keep_their_masks(tmp_path):
+    d = tokenize_records([write_jsonl(tmp_path / "c.jsonl", CHAT * 3)], "byte", val_fraction=0.3)
+    write_examples(tmp_path / "p", d)
+    meta = json.loads((tmp_path / "p" / "meta.json").read_text())
+    back = read_examples(tmp_path / "p", meta)
+    for a, b in ((d.train, back.train), (d.val, back.val)):
+        assert np.array_equal(a.tokens, np.asarray(b.tokens)) and np.array_equal(a.loss, np.asarray(b.loss))
+        assert np.array_equal(a.offsets, np.asarray(b.offsets))
+    assert back.fingerprint == "byte" and meta["info"]["formats"] == {"messages": 6}
+
+
+# -- training -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("case", [
+    ["model.preset=llama-test", "model.n_layer=4", "train.grad_accum=2", "train.grad_clip=0.5"],
+    ["model.n_layer=4", "data.packing=false", "offload.resident_mem=0", "offload.cache_weights=false"],
+])
+def test_engine_equals_reference_on_packed_masked_data(tmp_path, case):
+    recs = qa_records(60) + CHAT * 5
+    src = write_jsonl(tmp_path / "d.jsonl", recs)
+    cfg = make_cfg(tmp_path, f"data.path={src}", "data.seq_len=48", "train.steps=3", *case)
+    ref, eng, rs, es = run_both(cfg)
+    try:
+        assert all(0 < s.loss_tokens < 2 * 48 * cfg.train.grad_accum for s in rs)
+        assert [s.loss_tokens for s in rs] == [s.loss_tokens for s in es]
+        assert_same_training(ref, eng, rs, es)
+    finally:
+        eng.close()
+
+
+def test_epochs_and_metrics_lines(tmp_path):
+    from fuyou.train.loop import run_training
+
+    src = write_jsonl(tmp_path / "d.jsonl", qa_records(40))
+    held = write_jsonl(tmp_path / "e.jsonl", qa_records(6, seed=9))
+    cfg = load_config(overrides=["model.preset=gpt-test", f"data.path={src}", f"data.eval_path={held}",
+                                 "data.seq_len=64", "train.micro_batch_size=4", "train.epochs=2", "train.log_every=1",
+                                 "train.eval_every=0", "train.lr_schedule=linear", f"run.out_dir={tmp_path / 'runs'}",
+                                 "run.name=ep"])
+    res = run_training(cfg)
+    lines = [json.loads(x) for x in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [x for x in lines if "loss" in x]
+    assert steps[-1]["epoch"] == pytest.approx(2.0, abs=4 / 40 * 2)
+    assert all("time" in x and "tokens" in x for x in lines if "summary" not in x)
+    assert steps[1]["tokens"] == 2 * 4 * 64 and all(x["loss_tokens"] > 0 for x in steps)
+    toml = (res.run_dir / "config.toml").read_text()
+    assert "epochs = 2.0" in toml and "\nsteps =" not in toml
+    load_config(res.run_dir / "config.toml")  # repeats the run: epochs without a conflicting steps
+
+
+def test_steps_and_epochs_together_are_refused():
+    with pytest.raises(ConfigError, match="both given"):
+        load_config(overrides=["train.steps=10", "train.epochs=1"])
+
+
+def test_eval_loss_is_a_mean_over_target_tokens(tmp_path):
+    from fuyou.train.reference import ReferenceTrainer
+
+    src = write_jsonl(tmp_path / "d.jsonl", qa_records(30))
+    cfg = load_config(overrides=["model.preset=gpt-test", f"data.path={src}", f"data.eval_path={src}",
+                                 "data.seq_len=64", "train.micro_batch_size=3", "train.eval_batches=100",
+                                 "train.precision=fp32"])
+    tr = ReferenceTrainer(cfg, load_data(cfg.data))
+    total = count = 0.0
+    for b in tr.eval_batches:
+        with torch.no_grad():
+            ce = torch.nn.functional.cross_entropy(tr.model.logits(tr.params, b.tokens, b.positions).flatten(0, 1),
+                                                   b.targets.flatten(), ignore_index=IGNORE, reduction="sum")
+        total, count = total + float(ce), count + b.loss_tokens
+    assert tr.evaluate() == pytest.approx(total / count, rel=1e-5)
+
+
+# -- the data must be the model's tokenizer's ----------------------------------------------------------
+def test_data_of_another_tokenizer_is_refused(tmp_path):
+    pytest.importorskip("transformers")
+    from hf_testutil import make_hf_model
+
+    from fuyou.cli import main
+
+    model = make_hf_model(tmp_path / "llama", "llama")
+    src = write_jsonl(tmp_path / "qa.jsonl", qa_records(20))
+    base = [f"model.init_from={model}", "data.seq_len=32", "train.steps=1", f"run.out_dir={tmp_path / 'runs'}"]
+    with pytest.raises(ConfigError, match="data.tokenizer='byte' but model.init_from"):
+        load_config(overrides=base + [f"data.path={src}", "data.tokenizer=byte"])
+    assert main(["data", "prepare", str(src), "--out", str(tmp_path / "bytes")]) == 0
+    from fuyou.train.loop import build_trainer
+
+    cfg = load_config(overrides=base + [f"data.path={tmp_path / 'bytes'}"])
+    with pytest.raises(DataError, match="tokenized byte by byte"):
+        build_trainer(cfg, "x")
+    other = tmp_path / "other"
+    other.mkdir()
+    from hf_testutil import make_tokenizer
+
+    make_tokenizer(other)  # the same trainer on the same text: the same vocabulary
+    assert main(["data", "prepare", str(src), "--out", str(tmp_path / "same"), "--tokenizer", str(other)]) == 0
+    build_trainer(load_config(overrides=base + [f"data.path={tmp_path / 'same'}"]), "y").close()
+    meta = json.loads((tmp_path / "same" / "meta.json").read_text())
+    meta["tokenizer_fingerprint"] = "300:0123456789abcdef"
+    (tmp_path / "same" / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(DataError, match="prepare the data again with --tokenizer"):
+        build_trainer(load_config(overrides=base + [f"data.path={tmp_path / 'same'}"]), "z")
