@@ -40,6 +40,9 @@ class RunConfig(BaseModel):
     out_dir: str = Field("runs", description="Parent directory of run directories.")
     name: str | None = Field(None, description="Run directory name (default: model preset and a timestamp).")
     save_weights: bool = Field(True, description="Write the final weights as model.safetensors.")
+    tensorboard: bool | None = Field(
+        None, description="Also write the metrics as TensorBoard event files (RUN_DIR/tb); unset: when the "
+        "tensorboard package is installed (the tensorboard extra). true without it is refused.")
 
     @field_validator("name")
     @classmethod

@@ -1,7 +1,9 @@
 """``fuyou export RUN_DIR --out HF_DIR``: a run's weights as a Hugging Face model directory.
 
 Reads ``RUN_DIR/model.safetensors`` (the fp32 master weights, which the engine streams out of the SSD
-store at the end of training) one tensor at a time and writes shards in Hugging Face's names and
+store at the end of training, or a snapshot's: ``RUN_DIR/snapshots/step-N``) one tensor at a time, or,
+for an offloaded run stopped before it saved them, its last commit's masters from the SSD state
+(``fuyou.engine.committed``), and writes shards in Hugging Face's names and
 layout: ``model.safetensors`` when one shard holds everything, else ``model-0000i-of-0000N.safetensors``
 with ``model.safetensors.index.json``. Memory is bounded by one shard. ``config.json`` comes from the
 config the run started from (``model.init_from``, followed through earlier runs) with the shape fields
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -28,23 +31,33 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 def export_run(run_dir: str | Path, out_dir: str | Path, dtype: str = "fp32",
                shard_size: int = 2 * 1024**3) -> list[str]:
     """Export ``run_dir`` to ``out_dir`` (module docstring). Returns the names of the files written."""
-    from safetensors.torch import save_file
-
-    from fuyou.models import ModelConfig, StageModel
-
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     if shard_size < 1:
         raise ConfigError(f"--shard-size must be positive, got {shard_size}")
     run = Path(run_dir).expanduser()
     weights_file = run / "model.safetensors"
-    if not weights_file.is_file():
-        raise ConfigError(f"{run} has no model.safetensors; export a finished run (run.save_weights=true) or a "
-                          f"directory made by `fuyou import`")
+    if not weights_file.is_file() and not (run / "config.toml").is_file():
+        raise ConfigError(f"{run} has no model.safetensors; export a run directory (finished, stopped or one of its "
+                          f"snapshots/) or a directory made by `fuyou import`")
     out = Path(out_dir).expanduser()
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"{out} exists and is not empty; choose a new --out directory")
-    weights = FuyouWeights(weights_file)
+    if weights_file.is_file():
+        return _export(FuyouWeights(weights_file), run, out, dtype, shard_size)
+    from fuyou.engine.committed import CommittedWeights
+
+    with CommittedWeights(run) as weights:  # a stopped offloaded run: its last commit on the SSD
+        print(f"fuyou: {run} has no model.safetensors: exporting its last commit (step {weights.step}) from the "
+              f"SSD state", file=sys.stderr)
+        return _export(weights, run, out, dtype, shard_size)
+
+
+def _export(weights, run: Path, out: Path, dtype: str, shard_size: int) -> list[str]:
+    from safetensors.torch import save_file
+
+    from fuyou.models import ModelConfig, StageModel
+
     model = ModelConfig(**{k: v for k, v in weights.model.items() if k not in ("init_from", "preset")})
     specs = StageModel(model).param_specs()
 

@@ -47,6 +47,10 @@ class TrainConfig(BaseModel):
     eval_every: int = Field(80, ge=0, description="Evaluate every N steps (0: only at start and end).")
     eval_batches: int = Field(8, ge=1, description="Held-out batches per evaluation.")
     log_every: int = Field(10, ge=1, description="Write a metrics line every N steps.")
+    save_every: int = Field(
+        0, ge=0, description="Write a snapshot (snapshots/step-N/model.safetensors, exportable with `fuyou export`) "
+        "every N steps, between two steps (0: only the final weights).")
+    keep_snapshots: int = Field(2, ge=1, description="Snapshots kept (the oldest are deleted).")
     threads: int | None = Field(
         None, ge=1, description="CPU threads for torch (default: torch's choice, usually the core count)."
     )

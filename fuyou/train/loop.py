@@ -20,9 +20,9 @@ import torch
 from fuyou.config import FuyouConfig
 from fuyou.data import load_data
 from fuyou.models import StageModel
-from fuyou.train.metrics import MetricsLog, Progress, si
+from fuyou.train.metrics import MetricsLog, Progress, si, tensorboard_available
 from fuyou.train.reference import ReferenceTrainer
-from fuyou.train.run import make_run_dir, record_resume, resume_changes, run_dir_path, save_weights
+from fuyou.train.run import make_run_dir, record_resume, resume_changes, run_dir_path, save_snapshot, save_weights
 from fuyou.errors import ConfigError
 from fuyou.trainer import Trainer
 from fuyou.units import format_size
@@ -67,6 +67,8 @@ def build_trainer(cfg: FuyouConfig, run_name: str, resume: bool = False) -> Trai
 def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None, plan_auto: bool = False,
                  resume: Path | None = None) -> RunResult:
     """Train ``cfg`` in a new run directory, or continue the run in ``resume`` from its last commit."""
+    if cfg.run.tensorboard and not tensorboard_available():
+        raise ConfigError("run.tensorboard=true needs the tensorboard package: pip install 'fuyou[tensorboard]'")
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     run_path = Path(resume) if resume is not None else run_dir_path(cfg)
@@ -86,6 +88,10 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
         if changed:
             print("resumed with changes (recorded in resumes.jsonl; config.toml is now the effective config): "
                   + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()), file=stream or sys.stderr)
+            schedule_note = _schedule_change(load_config(run_path / f"config.step-{trainer.start_step}.toml",
+                                                         ["model.init_from=none"]), cfg, trainer.start_step, changed)
+            if schedule_note:
+                print(schedule_note, file=stream or sys.stderr)
     stop = _StopOnSignal()
     try:
         run_dir = run_path if resume is not None else make_run_dir(cfg, run_path)
@@ -98,6 +104,26 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
     finally:
         stop.restore()
         trainer.close()
+
+
+SCHEDULE_FIELDS = ("train.steps", "train.epochs", "train.warmup_steps", "train.warmup_ratio", "train.lr_schedule",
+                   "train.min_lr_ratio", "optim.lr")
+
+
+def _schedule_change(old: FuyouConfig, new: FuyouConfig, step: int, changed: dict) -> str | None:
+    """What a resume that changes the schedule's fields does to the learning rate: the schedule is a
+    function of (step, train.steps, ...), so from the resumed step on the run follows the new schedule
+    as if it had always been the run's (it is not stretched over the remaining steps)."""
+    keys = [k for k in changed if k in SCHEDULE_FIELDS]
+    if not keys:
+        return None
+    from fuyou.optim.schedule import lr_of
+
+    was = "" if old.train.epochs is not None else f"{lr_of(old, step):.3g} -> "
+    return (f"note: the learning-rate schedule is a function of the step and {', '.join(keys)}; from step {step} on "
+            f"the run follows the new schedule as if it had been the run's from the start (not rescaled to the "
+            f"remaining steps): learning rate at step {step} {was}{lr_of(new, step):.3g}, "
+            f"at the last step ({new.train.steps}) {lr_of(new, new.train.steps - 1):.3g}")
 
 
 class _StopOnSignal:
@@ -155,7 +181,8 @@ def _seen(trainer: Trainer, cfg: FuyouConfig, steps: int) -> dict:
 def _loop(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, stop) -> RunResult:
     from fuyou.engine.malloc import resident_bytes
 
-    log = MetricsLog(run_dir / "metrics.jsonl")
+    tb = cfg.run.tensorboard
+    log = MetricsLog(run_dir / "metrics.jsonl", tensorboard=tensorboard_available() if tb is None else tb)
     model = StageModel(cfg.model)
     flops_per_token = model.flops_per_token(cfg.data.seq_len)
     t = cfg.train
@@ -216,6 +243,10 @@ def _loop(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, stop
             if last_eval is not None:
                 log.write({"step": step + 1, "eval_loss": last_eval, **_seen(trainer, cfg, step + 1)})
                 progress.message(f"eval loss at step {step + 1}: {last_eval:.4f}")
+        if t.save_every and (step + 1) % t.save_every == 0 and step + 1 < t.steps:
+            snap = save_snapshot(run_dir, trainer, cfg, step + 1)
+            log.write({"snapshot": str(snap), "step": step + 1})
+            progress.message(f"snapshot of step {step + 1}: {snap}")
         if stop.requested and step + 1 < t.steps:
             trainer.commit(step + 1)  # the step's updates and its commit are on the SSD
             log.write({"stopped": stop.requested, "step": step + 1})

@@ -13,19 +13,42 @@ from typing import TextIO
 class MetricsLog:
     """Append-only JSON lines; each line is flushed so a crash loses at most the line being written.
     Strict JSON: a non-finite number is written as null (``NaN`` is not JSON), and every line carries
-    the wall-clock time (``time``, seconds since the epoch)."""
+    the wall-clock time (``time``, seconds since the epoch).
 
-    def __init__(self, path: Path):
+    ``tensorboard``: also write every numeric field of a line with a ``step`` as a TensorBoard scalar
+    (``train/loss``, ``eval/eval_loss``, ...) into ``tb/`` beside the log (torch's ``SummaryWriter``,
+    which needs the ``tensorboard`` package: the ``tensorboard`` extra)."""
+
+    def __init__(self, path: Path, tensorboard: bool = False):
         self._fh = path.open("a", encoding="utf-8")
+        self._tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
+
+            self._tb = SummaryWriter(str(path.parent / "tb"))
 
     def write(self, record: dict) -> None:
         clean = {"time": round(time.time(), 3),
                  **{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}}
         self._fh.write(json.dumps(clean, allow_nan=False) + "\n")
         self._fh.flush()
+        if self._tb is not None and isinstance(record.get("step"), int) and "summary" not in record:
+            group = "eval" if "eval_loss" in record else "train"
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                    self._tb.add_scalar(f"{group}/{k}", v, record["step"], walltime=clean["time"])
+            self._tb.flush()
 
     def close(self) -> None:
         self._fh.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def tensorboard_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorboard") is not None
 
 
 class Progress:

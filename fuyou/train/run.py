@@ -57,6 +57,32 @@ def save_weights(path: Path, trainer, cfg: FuyouConfig) -> Path:
         raise SaveError(f"writing {path / 'model.safetensors'} failed ({e.strerror or e}).{kept}") from e
 
 
+def save_snapshot(run_dir: Path, trainer, cfg: FuyouConfig, steps: int) -> Path:
+    """``snapshots/step-N``: the weights after ``steps`` steps (model.safetensors) and a config.toml whose
+    ``model.init_from`` is the run directory, so ``fuyou export`` finds the source's config and tokenizer.
+    Written under a temporary name and renamed, so a snapshot directory is complete or absent; then all
+    but the newest ``train.keep_snapshots`` are deleted. Training waits while the masters are read (from
+    the SSD state with offload: 4 bytes a parameter)."""
+    import shutil
+
+    root = run_dir / "snapshots"
+    final, tmp = root / f"step-{steps:06d}", root / f".step-{steps:06d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        save_weights(tmp, trainer, cfg)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    snap_cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"init_from": str(run_dir.resolve())})})
+    (tmp / "config.toml").write_text(to_toml(snap_cfg))
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-cfg.train.keep_snapshots]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
 class SaveError(FuyouError):
     """The final weights could not be written (nothing trained is lost with SSD offload)."""
 
@@ -94,6 +120,13 @@ def record_resume(run_dir: Path, cfg: FuyouConfig, step: int, changed: dict[str,
     with open(run_dir / "resumes.jsonl", "a") as fh:
         fh.write(json.dumps(entry, default=str) + "\n")
     if changed:
+        import tomllib
+
+        # the resumed config's model.init_from is none (the weights come from the SSD state); the rewritten
+        # config keeps the source's, which export and snapshots follow to its config and tokenizer
+        source = tomllib.loads((run_dir / "config.toml").read_text()).get("model", {}).get("init_from")
+        if source and not cfg.model.init_from:
+            cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"init_from": source})})
         (run_dir / "config.toml").replace(run_dir / f"config.step-{step}.toml")
         (run_dir / "config.toml").write_text(to_toml(cfg))
 

@@ -1,0 +1,160 @@
+"""What a fine-tuning user expects of a run: snapshots, export of a stopped offloaded run from its SSD
+state, fine-tuning defaults, schedules, resume notes, TensorBoard, and torchrun refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fuyou.config import load_config
+from fuyou.errors import ConfigError
+from fuyou.optim.schedule import lr_at
+
+SSD_RUN = ["model.preset=gpt-test", "model.n_layer=4", "data.seq_len=32", "train.micro_batch_size=2",
+           "train.eval_every=0", "train.eval_batches=1", "offload.cpu_mem=1GiB", "train.precision=fp32"]
+
+
+def ssd_cfg(tmp_path, *extra):
+    ssd = tmp_path / "ssd"
+    ssd.mkdir(exist_ok=True)
+    return load_config(overrides=[*SSD_RUN, f"run.out_dir={tmp_path / 'runs'}", *extra],
+                       flags={"offload.mode": "ssd", "offload.ssd_dirs": [str(ssd)]})
+
+
+def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def test_snapshots_are_the_weights_of_their_step_and_only_the_last_k_stay(tmp_path):
+    from fuyou.train.loop import run_training
+
+    flat = ["train.lr_schedule=constant", "train.warmup_steps=0"]  # the same learning rates whatever the steps
+    full = run_training(ssd_cfg(tmp_path, "train.steps=8", "train.save_every=2", "train.keep_snapshots=2",
+                                "run.name=snap", *flat))
+    snaps = sorted(p.name for p in (full.run_dir / "snapshots").iterdir())
+    assert snaps == ["step-000004", "step-000006"]  # step 8 is the final model.safetensors, not a snapshot
+    short = run_training(ssd_cfg(tmp_path, "train.steps=4", "run.name=short", *flat))
+    a = load_safetensors(full.run_dir / "snapshots" / "step-000004" / "model.safetensors")
+    b = load_safetensors(short.run_dir / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    lines = [json.loads(x) for x in (full.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if "snapshot" in x] == [2, 4, 6]
+    # a snapshot exports like a run
+    from fuyou.hf import export_run
+
+    pytest.importorskip("transformers")
+    files = export_run(full.run_dir / "snapshots" / "step-000004", tmp_path / "hf")
+    assert "config.json" in files
+
+
+def test_a_stopped_offloaded_run_exports_its_last_commit(tmp_path):
+    pytest.importorskip("transformers")
+    from fuyou.hf import export_run
+    from fuyou.train.loop import run_training
+
+    ref = run_training(ssd_cfg(tmp_path, "train.steps=3", "run.name=ref"))
+    stopped = run_training(ssd_cfg(tmp_path, "train.steps=3", "run.name=nosave", "run.save_weights=false",
+                                   "offload.keep_state=true"))
+    assert not (stopped.run_dir / "model.safetensors").exists()
+    export_run(ref.run_dir, tmp_path / "a")
+    export_run(stopped.run_dir, tmp_path / "b")
+    a, b = load_safetensors(tmp_path / "a" / "model.safetensors"), load_safetensors(tmp_path / "b" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_exporting_a_running_run_is_refused(tmp_path):
+    from fuyou.engine.committed import CommittedWeights
+    from fuyou.train.loop import run_training
+
+    res = run_training(ssd_cfg(tmp_path, "train.steps=2", "run.name=live", "run.save_weights=false",
+                               "offload.keep_state=true"))
+    with CommittedWeights(res.run_dir) as w:  # holds the store's lock, as a training process does
+        assert w.step == 2
+        with pytest.raises(ConfigError, match="still training"):
+            CommittedWeights(res.run_dir)
+
+
+def test_fine_tuning_defaults_apply_to_unset_fields_only(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    sys.path.insert(0, str(Path(__file__).parents[1] / "hf"))
+    from hf_testutil import make_hf_model
+
+    model = make_hf_model(tmp_path / "m", "llama")
+    cfg = load_config(overrides=[f"model.init_from={model}", "optim.lr=1e-4", "train.warmup_steps=5"])
+    assert cfg.optim.lr == 1e-4 and cfg.optim.weight_decay == 0.0 and cfg.optim.beta2 == 0.999
+    assert cfg.train.warmup_ratio is None and cfg.train.warmup == 5 and cfg.train.min_lr_ratio == 0.0
+    assert "fine-tuning defaults" in capsys.readouterr().err
+    scratch = load_config()
+    assert scratch.optim.lr == 1e-3 and scratch.optim.weight_decay == 0.1
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])
+def test_schedules(schedule):
+    lrs = [lr_at(s, 1.0, 10, 2, 0.1, schedule) for s in range(10)]
+    assert lrs[:2] == [0.5, 1.0]
+    if schedule == "constant":
+        assert set(lrs[2:]) == {1.0}
+    else:
+        assert lrs[-1] == pytest.approx(0.1 + 0.9 * (0.5 * (1 + torch.cos(torch.tensor(7 / 8 * torch.pi)).item())
+                                                     if schedule == "cosine" else 1 / 8))
+        assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))
+
+
+def test_resume_with_more_steps_says_what_the_schedule_does(tmp_path, capsys):
+    from fuyou.train.loop import run_training
+
+    first = run_training(ssd_cfg(tmp_path, "train.steps=4", "run.name=r", "run.save_weights=false",
+                                 "offload.keep_state=true"))
+    cfg = load_config(first.run_dir / "config.toml", ["train.steps=8", "model.init_from=none"])
+    capsys.readouterr()
+    run_training(cfg, resume=first.run_dir)
+    err = capsys.readouterr().err
+    assert "train.steps 4 -> 8" in err and "as if it had been the run's from the start" in err
+
+
+def test_tensorboard_event_files(tmp_path):
+    pytest.importorskip("tensorboard")
+    from fuyou.train.loop import run_training
+
+    cfg = load_config(overrides=["model.preset=gpt-test", "data.seq_len=32", "train.steps=3", "train.eval_every=0",
+                                 "train.micro_batch_size=2", "train.eval_batches=1", f"run.out_dir={tmp_path}",
+                                 "run.name=tb", "run.tensorboard=true", "train.log_every=1"])
+    res = run_training(cfg)
+    events = list((res.run_dir / "tb").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(res.run_dir / "tb"))
+    acc.Reload()
+    assert "train/loss" in acc.Tags()["scalars"] and len(acc.Scalars("train/loss")) == 3
+    assert "eval/eval_loss" in acc.Tags()["scalars"]
+
+
+def test_metrics_lines_are_strict_json_with_time_tokens_and_epoch(tmp_path):
+    from fuyou.train.loop import run_training
+
+    cfg = load_config(overrides=["model.preset=gpt-test", "data.seq_len=32", "train.steps=2", "train.eval_every=0",
+                                 "train.micro_batch_size=2", "train.eval_batches=1", f"run.out_dir={tmp_path}",
+                                 "run.name=m", "train.log_every=1"])
+    res = run_training(cfg)
+    for line in (res.run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+        assert "time" in rec
+        if "step" in rec and "summary" not in rec:
+            assert rec["tokens"] == rec["step"] * 2 * 32 and rec["epoch"] >= 0 and (rec["epoch"] > 0) == (rec["step"] > 0)
+
+
+def test_torchrun_is_refused_with_a_sentence(tmp_path):
+    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}
+    r = subprocess.run([sys.executable, "-m", "fuyou.cli", "train", "train.steps=1", f"run.out_dir={tmp_path}"],
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "rank 1 of 2 processes" in r.stderr and "Traceback" not in r.stderr
+    assert not any(tmp_path.iterdir())  # nothing started
