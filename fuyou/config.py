@@ -99,7 +99,7 @@ class FuyouConfig(BaseModel):
                 unset.pop("warmup_ratio", None)
             if unset:
                 setattr(self, section, sub.model_copy(update=unset))
-                applied += [f"{section}.{k}={v}" for k, v in unset.items()]
+                applied += [f"{section}.{k}={v}" for k, v in unset.items() if getattr(sub, k) != v]
         if applied:
             print(f"fuyou: note: fine-tuning defaults (model.init_from is set): {', '.join(applied)}", file=sys.stderr)
         return self
