@@ -468,7 +468,8 @@ def _models(args) -> int:
 
     fmt = StateFormat(args.master, args.moments)
     small = StateFormat("bf16", "int8")
-    header = f"{'preset':<12} {'family':<6} {'layers':>6} {'width':>6} {'heads':>9} {'params':>10}  " \
+    w = max(len(name) for name in PRESETS)
+    header = f"{'preset':<{w}} {'family':<6} {'layers':>6} {'width':>6} {'heads':>9} {'params':>10}  " \
              f"{args.master + ' master':>12} {'Adam m+v':>12} {'bf16 weights':>12} {'total':>12} {'bf16/int8':>12}"
     print(header)
     print("-" * len(header))
@@ -478,7 +479,7 @@ def _models(args) -> int:
         n = model.num_params
         b = model.state_bytes(fmt=fmt)
         heads = f"{cfg.n_head}" + (f"/{cfg.kv_heads}kv" if cfg.kv_heads != cfg.n_head else "")
-        print(f"{name:<12} {cfg.family:<6} {cfg.n_layer:>6} {cfg.d_model:>6} {heads:>9} {si(n).replace('G', 'B'):>10}  "
+        print(f"{name:<{w}} {cfg.family:<6} {cfg.n_layer:>6} {cfg.d_model:>6} {heads:>9} {si(n).replace('G', 'B'):>10}  "
               f"{format_size(b['master']):>12} {format_size(b['moments']):>12} "
               f"{format_size(b['compute_weights']):>12} {format_size(sum(b.values())):>12} "
               f"{format_size(small.state_bytes(n)):>12}")

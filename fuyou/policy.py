@@ -7,7 +7,8 @@ Classes, in DESIGN.md's swap-priority order (recompute FLOPs saved per byte kept
 
 * ``fc2``  output of the second MLP matmul, B*T*d elements;
 * ``proj`` attention output projection, B*T*d;
-* ``qkv``  QKV projection output, B*T*(d + 2*kv_dim) (llama: the q, k and v outputs);
+* ``qkv``  QKV projection output, B*T*(q_width + 2*kv_dim) (llama: the q, k and v outputs; q_width is d
+  unless ``model.d_head`` sets the heads apart, as Qwen3's);
 * ``fc1``  first MLP matmul output, B*T*ff (llama: gate and up outputs, 2*B*T*ff).
 
 Keeping a class saves its matmul's recomputation (2*B*T*in*out FLOPs). The stage input

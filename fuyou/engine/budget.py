@@ -273,9 +273,11 @@ def weight_buffer_need(stage_numels: list[int], cached: list[int], prefetch_dept
 
 def class_widths(cfg_model) -> dict[str, int]:
     """Elements per token of each activation class's matmul output (``ACT_CLASSES``): fc2 and proj d,
-    qkv d + 2 x the KV width, fc1 ff (llama: gate and up, 2 ff)."""
+    qkv the query width (d unless ``d_head`` sets it apart) + 2 x the KV width, fc1 ff (llama: gate and
+    up, 2 ff)."""
     d, kv = cfg_model.d_model, cfg_model.kv_heads * cfg_model.head_dim
-    return {"fc2": d, "proj": d, "qkv": d + 2 * kv, "fc1": cfg_model.ff_dim * (2 if cfg_model.family == "llama" else 1)}
+    return {"fc2": d, "proj": d, "qkv": cfg_model.q_width + 2 * kv,
+            "fc1": cfg_model.ff_dim * (2 if cfg_model.family == "llama" else 1)}
 
 
 def kept_activation_bytes(cfg_model, policy: dict, batch: int, seq: int, act_bytes: int) -> dict[str, int]:

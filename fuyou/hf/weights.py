@@ -4,7 +4,10 @@
 (``"model.layers.3.self_attn.q_proj.weight"``) and says whether the layout is transposed: GPT-2 keeps
 its matmul weights as ``Conv1D`` (in x out), fuyou as ``nn.Linear`` (out x in). GPT-2's ``c_attn`` is
 already q|k|v by rows after the transpose, as fuyou's ``qkv``. Llama checkpoints in transformers'
-format hold Q/K in the half-split RoPE layout fuyou uses, so they are copied as they are.
+format hold Q/K in the half-split RoPE layout fuyou uses, so they are copied as they are. Every
+name maps one-to-one, whatever the head width: Q is (n_head * head_dim, d_model) and O its transpose's
+shape on both sides, Qwen3's per-head q/k norms are (head_dim,), and a tied LM head is no tensor of
+its own (fuyou shares ``embed.wte``; transformers ties ``lm_head.weight`` to the embedding on load).
 
 Readers memory-map the safetensors files (``safe_open``) and copy out one tensor per call, so reading
 a model costs about one tensor of memory beyond what the caller keeps (the engine keeps one stage).
@@ -29,6 +32,7 @@ _LLAMA_BLOCK = {
     "q.weight": "self_attn.q_proj.weight", "q.bias": "self_attn.q_proj.bias",
     "k.weight": "self_attn.k_proj.weight", "k.bias": "self_attn.k_proj.bias",
     "v.weight": "self_attn.v_proj.weight", "v.bias": "self_attn.v_proj.bias",
+    "q_norm.weight": "self_attn.q_norm.weight", "k_norm.weight": "self_attn.k_norm.weight",  # Qwen3
     "o.weight": "self_attn.o_proj.weight",
     "mlp_norm.weight": "post_attention_layernorm.weight",
     "gate.weight": "mlp.gate_proj.weight", "up.weight": "mlp.up_proj.weight", "down.weight": "mlp.down_proj.weight",

@@ -81,7 +81,7 @@ class ModelConfig(BaseModel):
     init_from: str | None = Field(
         None,
         description="Start from these weights instead of a random init: a local Hugging Face model directory "
-        "(config.json, *.safetensors, tokenizer files; Llama/Mistral/Qwen2/GPT-2) or a fuyou run directory "
+        "(config.json, *.safetensors, tokenizer files; Llama/Mistral/Qwen2/Qwen3/GPT-2) or a fuyou run directory "
         "(config.toml, model.safetensors; e.g. one written by `fuyou import`). Its shape fields win over the "
         "preset and the fields given here (a note lists what changed).",
     )
@@ -146,12 +146,22 @@ def _divisors_hint(n: int) -> str:
 # DESIGN.md (1.3B has 16 heads of 128; 13B has width 5120). LoHan (Fuyou) fine-tunes GPT-3 13B and
 # 175B and a 70B of 80 layers, width 8192, 64 heads. Llama shapes follow the Llama 2 paper / released
 # configs (7B 32x4096, 13B 40x5120, 70B 80x8192 with 8 KV heads); Llama 3 follows Meta's released
-# configs (8B, 70B, 405B).
+# configs (8B, 70B, 405B). Today's families (Llama 3.1-3.3, Qwen2.5, Qwen3, Mistral 7B) copy the
+# config.json of the released Hugging Face models named in each group's comment; tests/models/
+# test_presets.py checks each against the parameter count its model card gives.
 
 _GPT3 = dict(family="gpt", vocab_size=50257, max_seq_len=2048, tie_embeddings=True)
 _LLAMA = dict(family="llama", vocab_size=32000, max_seq_len=4096, tie_embeddings=False, norm_eps=1e-5)
 _LLAMA3 = dict(family="llama", vocab_size=128256, max_seq_len=8192, tie_embeddings=False, norm_eps=1e-5,
                rope_theta=500000.0)
+_LLAMA31 = dict(_LLAMA3, max_seq_len=131072, rope_scaling=dict(
+    type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192))
+_QWEN25 = dict(family="llama", vocab_size=152064, max_seq_len=131072, tie_embeddings=False, norm_eps=1e-6,
+               rope_theta=1e6, attn_bias=True)
+_QWEN3 = dict(family="llama", vocab_size=151936, max_seq_len=40960, tie_embeddings=False, norm_eps=1e-6,
+              rope_theta=1e6, d_head=128, qk_norm=True)
+_MISTRAL = dict(family="llama", n_layer=32, d_model=4096, n_head=32, n_kv_head=8, d_ff=14336, max_seq_len=32768,
+                tie_embeddings=False, norm_eps=1e-5)
 
 PRESETS: dict[str, dict] = {
     # Tiny models: the CPU default run and the test suite. Byte-level vocabulary (256 bytes + EOS,
@@ -182,6 +192,29 @@ PRESETS: dict[str, dict] = {
     "llama3-8b": dict(_LLAMA3, n_layer=32, d_model=4096, n_head=32, n_kv_head=8, d_ff=14336),
     "llama3-70b": dict(_LLAMA3, n_layer=80, d_model=8192, n_head=64, n_kv_head=8, d_ff=28672),
     "llama3-405b": dict(_LLAMA3, n_layer=126, d_model=16384, n_head=128, n_kv_head=8, d_ff=53248),
+    # meta-llama/Llama-3.1-8B, Llama-3.2-1B, Llama-3.2-3B, Llama-3.3-70B-Instruct: llama3 RoPE scaling
+    # (factor 8; 3.2: 32) of an 8192-token original context to 131,072; 3.2 ties its embeddings.
+    "llama3.1-8b": dict(_LLAMA31, n_layer=32, d_model=4096, n_head=32, n_kv_head=8, d_ff=14336),
+    "llama3.2-1b": dict(_LLAMA31, n_layer=16, d_model=2048, n_head=32, n_kv_head=8, d_ff=8192, tie_embeddings=True,
+                        rope_scaling=dict(_LLAMA31["rope_scaling"], factor=32.0)),
+    "llama3.2-3b": dict(_LLAMA31, n_layer=28, d_model=3072, n_head=24, n_kv_head=8, d_ff=8192, tie_embeddings=True,
+                        rope_scaling=dict(_LLAMA31["rope_scaling"], factor=32.0)),
+    "llama3.3-70b": dict(_LLAMA31, n_layer=80, d_model=8192, n_head=64, n_kv_head=8, d_ff=28672),
+    # Qwen/Qwen2.5-0.5B, Qwen2.5-7B, Qwen2.5-72B: Q/K/V biases; 0.5B ties its embeddings and has the
+    # smaller vocabulary and context.
+    "qwen2.5-0.5b": dict(_QWEN25, n_layer=24, d_model=896, n_head=14, n_kv_head=2, d_ff=4864, vocab_size=151936,
+                         max_seq_len=32768, tie_embeddings=True),
+    "qwen2.5-7b": dict(_QWEN25, n_layer=28, d_model=3584, n_head=28, n_kv_head=4, d_ff=18944),
+    "qwen2.5-72b": dict(_QWEN25, n_layer=80, d_model=8192, n_head=64, n_kv_head=8, d_ff=29568),
+    # Qwen/Qwen3-0.6B, Qwen3-8B, Qwen3-32B: q/k norms, heads of 128 whatever the width (0.6B: 16 x 128
+    # = 2048 query features on a width of 1024; 32B: 64 x 128 = 8192 on 5120); 0.6B ties its embeddings.
+    "qwen3-0.6b": dict(_QWEN3, n_layer=28, d_model=1024, n_head=16, n_kv_head=8, d_ff=3072, tie_embeddings=True),
+    "qwen3-8b": dict(_QWEN3, n_layer=36, d_model=4096, n_head=32, n_kv_head=8, d_ff=12288),
+    "qwen3-32b": dict(_QWEN3, n_layer=64, d_model=5120, n_head=64, n_kv_head=8, d_ff=25600),
+    # mistralai/Mistral-7B-v0.1 (a 4096-token sliding window) and Mistral-7B-v0.3 (no window, a
+    # 32,768-token vocabulary, RoPE base 1e6).
+    "mistral-7b-v0.1": dict(_MISTRAL, vocab_size=32000, rope_theta=10000.0, sliding_window=4096),
+    "mistral-7b-v0.3": dict(_MISTRAL, vocab_size=32768, rope_theta=1e6),
 }
 
 

@@ -107,7 +107,7 @@ class StageCost:
 def stage_costs(w: Workload) -> list[StageCost]:
     cfg, B, T = w.model, w.batch, w.seq
     N, d, ff = B * T, cfg.d_model, cfg.ff_dim
-    kv = cfg.kv_heads * cfg.head_dim
+    qw, kv = cfg.q_width, cfg.kv_heads * cfg.head_dim  # query and key/value features (qw: d unless d_head)
     out = []
     for s, numel in zip(w.stage_model.stages, w.numels):
         if s.name == "embed":
@@ -117,10 +117,10 @@ def stage_costs(w: Workload) -> list[StageCost]:
                                  {"checkpoint": 4 * N * d}))
         else:
             fc1_mult = 2 if cfg.family == "llama" else 1
-            flops = {"fc2": 2.0 * N * ff * d, "proj": 2.0 * N * d * d, "qkv": 2.0 * N * d * (d + 2 * kv),
+            flops = {"fc2": 2.0 * N * ff * d, "proj": 2.0 * N * qw * d, "qkv": 2.0 * N * d * (qw + 2 * kv),
                      "fc1": 2.0 * N * d * ff * fc1_mult}
             nbytes = {"checkpoint": 4 * N * d, **{c: w.csize * N * n for c, n in class_widths(cfg).items()}}
-            attn = 4.0 * N * T * d
+            attn = 4.0 * N * T * qw
             out.append(StageCost(s.name, s.index, "block", numel, sum(flops.values()) + attn, flops, nbytes))
     return out
 

@@ -67,10 +67,10 @@ def probe_compute(cfg: ModelConfig, batch: int, seq: int, device: torch.device, 
     x = torch.randn(batch, seq, cfg.d_model, device=device)
     prec = "bf16" if dtype == torch.bfloat16 else "fp32"
     N, d, ff = batch * seq, cfg.d_model, cfg.ff_dim
-    kv = cfg.kv_heads * cfg.head_dim
-    mm = {"qkv": 2.0 * N * d * (d + 2 * kv), "proj": 2.0 * N * d * d,
+    qw, kv = cfg.q_width, cfg.kv_heads * cfg.head_dim
+    mm = {"qkv": 2.0 * N * d * (qw + 2 * kv), "proj": 2.0 * N * qw * d,
           "fc1": 2.0 * N * d * ff * (2 if cfg.family == "llama" else 1), "fc2": 2.0 * N * ff * d}
-    fwd_flops = sum(mm.values()) + 4.0 * N * seq * d
+    fwd_flops = sum(mm.values()) + 4.0 * N * seq * qw
 
     def fwd():
         with torch.no_grad(), autocast(device, prec):
@@ -89,14 +89,15 @@ def probe_compute(cfg: ModelConfig, batch: int, seq: int, device: torch.device, 
         torch.cat([g.reshape(-1) for g in grads[1:]], out=flat)
 
     a = torch.randn(N, d, device=device, dtype=dtype)
+    att = torch.randn(N, qw, device=device, dtype=dtype)
     h = torch.randn(N, ff, device=device, dtype=dtype)
-    ws = [torch.randn(d + 2 * kv, d, device=device, dtype=dtype), torch.randn(d, d, device=device, dtype=dtype),
+    ws = [torch.randn(qw + 2 * kv, d, device=device, dtype=dtype), torch.randn(d, qw, device=device, dtype=dtype),
           torch.randn(ff, d, device=device, dtype=dtype), torch.randn(d, ff, device=device, dtype=dtype)]
 
     def matmuls():
-        F.linear(a, ws[0]), F.linear(a, ws[1]), F.linear(a, ws[2]), F.linear(h, ws[3])
+        F.linear(a, ws[0]), F.linear(att, ws[1]), F.linear(a, ws[2]), F.linear(h, ws[3])
 
-    mm_flops = 2.0 * N * d * (d + 2 * kv) + 2.0 * N * d * d + 2.0 * N * d * ff * 2
+    mm_flops = 2.0 * N * d * (qw + 2 * kv) + 2.0 * N * qw * d + 2.0 * N * d * ff * 2
     t_f, t_b, t_m = (_median_time(f, repeats, sync) for f in (fwd, bwd, matmuls))
     return {"block_shape": f"{cfg.family} d={d} ff={ff} batch={batch} seq={seq}", "fwd_s": t_f, "bwd_s": t_b,
             "fwd_flops": fwd_flops / t_f, "bwd_flops": 3 * fwd_flops / t_b, "matmul_flops": mm_flops / t_m}

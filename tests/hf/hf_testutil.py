@@ -8,15 +8,27 @@ from pathlib import Path
 import torch
 
 from fuyou.data.corpus import builtin_documents
-from fuyou.hf.weights import FuyouWeights
+from fuyou.hf.weights import FuyouWeights, write_safetensors
 from fuyou.models import ModelConfig, StageModel
 
 VOCAB = 320  # the tokenizer below has 300 tokens; the models pad to 320 like fuyou's byte models
 
 
+# Llama 3.1's RoPE scaling shrunk to the tiny models: with head width 16 and base 10000 the wavelengths
+# run from 6 to 20,000 tokens, so an original context of 64 keeps the shortest (< 64/4), interpolates
+# the next two and divides the rest by the factor: every branch of 'llama3' is taken.
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
+WINDOW = 8  # the sliding window of the "mistral-sw" model: shorter than the test sequences (tokens(): 24)
+
+
 def hf_config(kind: str):
     """A tiny config of each supported kind: Llama with GQA (untied), Qwen2 (Q/K/V biases, tied),
-    Mistral without a sliding window, GPT-2 (tied)."""
+    Mistral without a sliding window, GPT-2 (tied); and today's families (tests/hf/test_families.py):
+    Llama 3.1 (llama3 RoPE scaling), Llama 3.2 (tied, llama3 scaling, and a head width of 32 apart from
+    64/4, which 3.2 itself does not have), Qwen2.5 (tied; a sliding window that use_sliding_window=false
+    turns off), Qwen3 (q/k norms, head width 32), Mistral with a sliding window of ``WINDOW``. RoPE
+    scaling is given in v4's spelling (rope_theta, rope_scaling), which v5 reads too."""
     import transformers as tf
 
     llama_shape = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
@@ -28,6 +40,19 @@ def hf_config(kind: str):
         return tf.Qwen2Config(**llama_shape, tie_word_embeddings=True)
     if kind == "mistral":
         return tf.MistralConfig(**llama_shape, sliding_window=None)
+    long = {**llama_shape, "max_position_embeddings": 256}  # longer than the original context, as in 3.1
+    if kind == "llama3.1":
+        return tf.LlamaConfig(**long, tie_word_embeddings=False, rope_theta=10000.0, rope_scaling=LLAMA3_ROPE)
+    if kind == "llama3.2":
+        return tf.LlamaConfig(**long, tie_word_embeddings=True, head_dim=32, rope_theta=10000.0,
+                              rope_scaling={**LLAMA3_ROPE, "factor": 32.0})
+    if kind == "qwen2.5":
+        return tf.Qwen2Config(**llama_shape, tie_word_embeddings=True, rope_theta=1e6, use_sliding_window=False,
+                              sliding_window=WINDOW)
+    if kind == "qwen3":
+        return tf.Qwen3Config(**llama_shape, tie_word_embeddings=False, head_dim=32, rope_theta=1e6)
+    if kind == "mistral-sw":
+        return tf.MistralConfig(**llama_shape, sliding_window=WINDOW)
     if kind == "gpt2":
         return tf.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64,
                              bos_token_id=299, eos_token_id=299)
@@ -89,6 +114,42 @@ def fuyou_weights(file: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
 def fuyou_logits(file: Path, tokens: torch.Tensor) -> torch.Tensor:
     cfg, params = fuyou_weights(file)
     return StageModel(cfg).logits(params, tokens)
+
+
+@torch.no_grad()
+def packed_logits(cfg: ModelConfig, params: dict[str, torch.Tensor], tokens: torch.Tensor,
+                  pos: torch.Tensor) -> torch.Tensor:
+    """fuyou's logits of rows of packed documents: ``pos`` (B, T) restarts at 0 where a document starts."""
+    x = tokens
+    for stage in StageModel(cfg):
+        x = stage.forward(stage.bind(params), x, pos=pos)
+    return x
+
+
+def write_fuyou_run(run: Path, cfg: ModelConfig, params: dict[str, torch.Tensor]) -> Path:
+    """A run directory holding only ``model.safetensors`` (a model trained from scratch, as export sees it)."""
+    specs = StageModel(cfg).param_specs()
+    run.mkdir()
+    write_safetensors(run / "model.safetensors", {k: s.shape for k, s in specs.items()}, (params[k] for k in specs),
+                      {"fuyou_model": json.dumps(cfg.model_dump())})
+    return run
+
+
+def finetune(tmp_path: Path, init: list[str], offload: bool) -> Path:
+    """``fuyou train`` for 3 fp32 steps on a small text corpus (``init``: --init-from or --config), in
+    memory or with the state on an SSD directory; returns the run directory."""
+    from fuyou.cli import main
+
+    ssd = tmp_path / "ssd"
+    ssd.mkdir(exist_ok=True)
+    args = ["train", *init, "--out", str(tmp_path / "runs"), "--steps", "3", "run.name=r", "train.precision=fp32",
+            "data.source=text", f"data.path={write_corpus(tmp_path / 'corpus.txt')}", "data.seq_len=16",
+            "train.micro_batch_size=2", "train.eval_batches=1", "train.warmup_steps=1", "train.eval_every=0",
+            "train.grad_clip=none"]
+    if offload:
+        args += ["--offload", "ssd", "--ssd", str(ssd), "offload.cpu_mem=256MiB"]
+    assert main(args) == 0
+    return tmp_path / "runs" / "r"
 
 
 def write_corpus(path: Path) -> Path:

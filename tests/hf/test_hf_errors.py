@@ -34,37 +34,98 @@ def test_unsupported_architecture_lists_the_supported_ones(tmp_path, capsys):
     src = hf_dir(tmp_path / "bert", {"architectures": ["BertForMaskedLM"], "model_type": "bert"})
     with pytest.raises(ConfigError, match="BertForMaskedLM is not supported") as e:
         import_checkpoint(src, tmp_path / "out")
-    for arch in ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "GPT2LMHeadModel"):
+    for arch in ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "GPT2LMHeadModel"):
         assert arch in str(e.value)
     assert main(["import", str(src), "--out", str(tmp_path / "out")]) == 2
     assert "not supported" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("update,match", [
-    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "RoPE scaling 'llama3' is not supported"),
-    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6}}, "RoPE scaling 'yarn'"),
-    ({"architectures": ["MistralForCausalLM"], "model_type": "mistral", "sliding_window": 16},
-     "sliding-window attention"),
-    ({"head_dim": 32}, "head_dim=32"),
-    ({"attention_bias": True}, "O-projection bias"),
-    ({"hidden_act": "gelu"}, "SwiGLU"),
-    ({"quantization_config": {"quant_method": "gptq"}}, "quantized"),
-    ({"hidden_size": None}, "lacks hidden_size"),
+QWEN2 = {**LLAMA, "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "num_hidden_layers": 2}
+QWEN3 = {**QWEN2, "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "head_dim": 32}
+LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16}
+
+
+@pytest.mark.parametrize("config,match", [
+    ({**LLAMA, "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0}}, "RoPE scaling 'yarn'"),
+    ({**LLAMA, "rope_scaling": {"type": "dynamic", "factor": 2.0}}, "RoPE scaling 'dynamic'"),
+    ({**LLAMA, "rope_scaling": {"rope_type": "longrope", "short_factor": [1.0], "long_factor": [2.0]}},
+     "RoPE scaling 'longrope'"),
+    ({**LLAMA, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "'llama3' lacks low_freq_factor"),
+    ({**LLAMA, "rope_scaling": {**LLAMA31_ROPE, "high_freq_factor": 0.5}}, "high_freq_factor must exceed"),
+    ({**LLAMA, "partial_rotary_factor": 0.5}, "rotates part of each head"),
+    ({**LLAMA, "attention_bias": True}, "Q, K, V and O projections"),
+    ({**QWEN3, "attention_bias": True}, "attention_bias=true in Qwen3ForCausalLM biases the Q, K, V and O"),
+    ({**LLAMA, "hidden_act": "gelu"}, "SwiGLU"),
+    ({**LLAMA, "hidden_size": 66, "head_dim": None}, "not a multiple of num_attention_heads"),
+    ({**LLAMA, "quantization_config": {"quant_method": "gptq"}}, "quantized"),
+    ({**LLAMA, "hidden_size": None}, "lacks hidden_size"),
+    # Sliding-window attention on some layers only: Qwen2's max_window_layers, explicit layer_types.
+    ({**QWEN2, "use_sliding_window": True, "sliding_window": 16, "max_window_layers": 1},
+     "1 of 2 layers use sliding-window attention"),
+    ({**QWEN3, "use_sliding_window": True, "sliding_window": 16,
+      "layer_types": ["sliding_attention", "full_attention"]}, "1 of 2 layers use sliding-window"),
+    ({**LLAMA, "architectures": ["MistralForCausalLM"], "model_type": "mistral", "sliding_window": 16,
+      "layer_types": ["full_attention", "sliding_attention"]}, "one attention to every layer"),
+    ({**QWEN2, "layer_types": ["chunked_attention"] * 2}, "full and sliding-window attention only"),
 ])
-def test_configs_fuyou_does_not_compute_are_refused(update, match):
+def test_configs_fuyou_does_not_compute_are_refused(config, match):
     with pytest.raises(ConfigError, match=match):
-        to_fuyou({**LLAMA, **update})
+        to_fuyou(config)
+
+
+@pytest.mark.parametrize("arch,model_type,why", [
+    ("Gemma2ForCausalLM", "gemma2", r"\(1 \+ w\).*sqrt\(hidden_size\).*GeGLU.*soft-capped"),
+    ("Gemma3ForCausalLM", "gemma3_text", "q/k norms and a second RoPE base"),
+    ("GemmaForCausalLM", "gemma", "GeGLU"),
+    ("Phi3ForCausalLM", "phi3", "qkv_proj.*gate_up_proj.*longrope"),
+])
+def test_gemma_and_phi3_are_refused_with_the_reason(arch, model_type, why):
+    config = {**LLAMA, "architectures": [arch], "model_type": model_type}
+    for c in (config, {k: v for k, v in config.items() if k != "architectures"}):  # also found by model_type
+        with pytest.raises(ConfigError, match=f"{arch} is not supported: .*{why}.*fuyou imports .*Qwen3ForCausalLM"):
+            to_fuyou(c)
 
 
 def test_accepted_spellings():
     v5 = {**LLAMA, "rope_parameters": {"rope_type": "default", "rope_theta": 5e5}}
     del v5["rope_theta"], v5["rope_scaling"]
     assert to_fuyou(v5)["rope_theta"] == 5e5
-    # A sliding window as long as the context is plain causal attention (Mistral v0.2 and later: null).
-    mistral = {**LLAMA, "architectures": ["MistralForCausalLM"], "sliding_window": 64}
-    assert to_fuyou(mistral)["family"] == "llama"
+    # Llama 3.1's RoPE scaling, v4's spelling (rope_type or the older type) and v5's, and linear scaling.
+    scaled = {"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+              "original_max_position_embeddings": 16}
+    assert to_fuyou({**LLAMA, "rope_scaling": LLAMA31_ROPE})["rope_scaling"] == scaled
+    old = {k: v for k, v in LLAMA31_ROPE.items() if k != "rope_type"}
+    assert to_fuyou({**LLAMA, "rope_scaling": {**old, "type": "llama3"}})["rope_scaling"] == scaled
+    assert to_fuyou({**v5, "rope_parameters": {**LLAMA31_ROPE, "rope_theta": 5e5}})["rope_scaling"] == scaled
+    assert to_fuyou({**LLAMA, "rope_scaling": {"type": "linear", "factor": 2.0}})["rope_scaling"]["factor"] == 2.0
+    # A head width apart from hidden/heads (Qwen3, Mistral Nemo); equal to it: no d_head.
+    assert to_fuyou({**LLAMA, "head_dim": 32})["d_head"] == 32
+    assert to_fuyou({**LLAMA, "head_dim": 16})["d_head"] is None
+    assert to_fuyou(QWEN3)["qk_norm"] is True and to_fuyou(QWEN3)["attn_bias"] is False
+    # Sliding windows: Mistral's applies when shorter than the context; as long as the context
+    # (Mistral v0.2 and later: null) it is plain causal attention. Qwen's needs use_sliding_window on
+    # every layer (max_window_layers 0); Llama has none (transformers ignores the key).
+    mistral = {**LLAMA, "architectures": ["MistralForCausalLM"], "model_type": "mistral"}
+    assert to_fuyou({**mistral, "sliding_window": 16})["sliding_window"] == 16
+    assert to_fuyou({**mistral, "sliding_window": 64})["sliding_window"] is None
+    assert to_fuyou({**mistral, "sliding_window": None})["sliding_window"] is None
+    assert to_fuyou({**QWEN2, "use_sliding_window": False, "sliding_window": 16})["sliding_window"] is None
+    assert to_fuyou({**QWEN2, "use_sliding_window": False, "sliding_window": 16,
+                     "max_window_layers": 1})["sliding_window"] is None
+    assert to_fuyou({**QWEN3, "use_sliding_window": True, "sliding_window": 16,
+                     "max_window_layers": 0})["sliding_window"] == 16
+    assert to_fuyou({**LLAMA, "sliding_window": 16})["sliding_window"] is None
     assert to_fuyou({"model_type": "gpt2", "n_embd": 64, "n_layer": 1, "n_head": 4})["tie_embeddings"] is True
+
+
+def test_a_model_no_architecture_computes_is_not_exported():
+    from fuyou.hf.config_map import to_hf
+    from fuyou.models import ModelConfig, preset
+
+    with pytest.raises(ConfigError, match="q/k norms with Q/K/V biases only"):
+        to_hf(ModelConfig(**{**preset("llama-test"), "qk_norm": True, "attn_bias": True}))
 
 
 def test_bin_only_checkpoints_are_refused_with_a_conversion_hint(tmp_path):

@@ -1,8 +1,6 @@
 """Hugging Face round trips: import -> logits equal transformers'; fine-tune; export -> transformers
 loads it and its logits equal fuyou's. Tiny random models made in the test, nothing downloaded."""
 
-import json
-
 import pytest
 import torch
 from safetensors import safe_open
@@ -10,15 +8,14 @@ from safetensors import safe_open
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
-from hf_testutil import (fuyou_logits, fuyou_weights, hf_logits, make_hf_model, read_json, tokens,  # noqa: E402
-                         write_corpus)
+from hf_testutil import (finetune, fuyou_logits, fuyou_weights, hf_logits, make_hf_model, read_json,  # noqa: E402
+                         tokens, write_fuyou_run)
 
 from fuyou.cli import main  # noqa: E402
 from fuyou.config import load_config  # noqa: E402
 from fuyou.hf import export_run, open_checkpoint  # noqa: E402
 from fuyou.train.run import import_checkpoint  # noqa: E402
 from fuyou.models import ModelConfig, StageModel, preset  # noqa: E402
-from fuyou.hf.weights import write_safetensors  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -51,23 +48,10 @@ def test_streamed_init_values_equal_the_imported_weights(hf_models, tmp_path, ki
             assert v.dtype == torch.float32 and torch.equal(v, imported[k]), k
 
 
-def _train(tmp_path, init: list[str], offload: bool) -> "Path":  # noqa: F821
-    ssd = tmp_path / "ssd"
-    ssd.mkdir(exist_ok=True)
-    args = ["train", *init, "--out", str(tmp_path / "runs"), "--steps", "3", "run.name=r", "train.precision=fp32",
-            "data.source=text", f"data.path={write_corpus(tmp_path / 'corpus.txt')}", "data.seq_len=16",
-            "train.micro_batch_size=2", "train.eval_batches=1", "train.warmup_steps=1", "train.eval_every=0",
-            "train.grad_clip=none"]
-    if offload:
-        args += ["--offload", "ssd", "--ssd", str(ssd), "offload.cpu_mem=256MiB"]
-    assert main(args) == 0
-    return tmp_path / "runs" / "r"
-
-
 @pytest.mark.parametrize("kind,offload", [("llama", False), ("llama", True), ("qwen2", True)])
 def test_finetune_from_hf_dir_then_export(hf_models, tmp_path, kind, offload):
     src = hf_models[kind]
-    run = _train(tmp_path, ["--init-from", str(src)], offload)
+    run = finetune(tmp_path, ["--init-from", str(src)], offload)
     cfg = load_config(run / "config.toml")
     assert cfg.data.tokenizer == str(src.resolve())  # the model's tokenizer, chosen automatically
 
@@ -93,7 +77,7 @@ def test_import_then_train_from_its_config_then_export(hf_models, tmp_path, caps
     src = hf_models["gpt2"]
     imported = tmp_path / "imported"
     assert main(["import", str(src), "--out", str(imported)]) == 0
-    run = _train(tmp_path, ["--config", str(imported / "config.toml")], offload=True)
+    run = finetune(tmp_path, ["--config", str(imported / "config.toml")], offload=True)
     out = tmp_path / "export"
     assert main(["export", str(run), "--out", str(out), "--dtype", "bf16", "--shard-size", "40KiB"]) == 0
     index = read_json(out / "model.safetensors.index.json")
@@ -117,11 +101,7 @@ def test_export_of_a_model_trained_from_scratch(tmp_path, name, update):
     cfg = ModelConfig(**{**preset(name), **update})
     model = StageModel(cfg)
     params = {k: v + 0.01 * torch.randn_like(v) for k, v in model.init_params(seed=5).items()}
-    run = tmp_path / "run"
-    run.mkdir()
-    write_safetensors(run / "model.safetensors", {k: s.shape for k, s in model.param_specs().items()},
-                      (params[k] for k in model.param_specs()), {"fuyou_model": json.dumps(cfg.model_dump())})
-    files = export_run(run, tmp_path / "out")
+    files = export_run(write_fuyou_run(tmp_path / "run", cfg, params), tmp_path / "out")
     assert "model.safetensors" in files and not (tmp_path / "out" / "tokenizer.json").exists()
     x = tokens(t=16)
     torch.testing.assert_close(hf_logits(tmp_path / "out", x), model.logits(params, x), rtol=0, atol=1e-4)
@@ -152,7 +132,7 @@ def test_compressed_state_finetune_then_export_in_the_masters_precision(hf_model
     model.safetensors holds the bf16 master's values exactly (fp32 file), an export with --dtype bf16
     loses nothing, and transformers' logits match fuyou's."""
     src = hf_models["llama"]
-    run = _train(tmp_path, ["--init-from", str(src), "optim.master=bf16", "optim.moments=int8"], offload=True)
+    run = finetune(tmp_path, ["--init-from", str(src), "optim.master=bf16", "optim.moments=int8"], offload=True)
     cfg, trained = fuyou_weights(run / "model.safetensors")
     assert all(torch.equal(v, v.bfloat16().float()) for v in trained.values())  # bf16 values
     out = tmp_path / "export"

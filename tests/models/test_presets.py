@@ -44,3 +44,24 @@ def test_llama3_presets_have_the_released_parameter_counts(name, params):
     cfg = ModelConfig(**preset(name))
     assert cfg.vocab_size == 128256 and cfg.kv_heads == 8 and cfg.rope_theta == 500000.0
     assert abs(StageModel(cfg).num_params - params) <= 1e-3 * params
+
+
+@pytest.mark.parametrize("name,params", [
+    # The released checkpoints' parameter counts.
+    ("llama3.1-8b", 8_030_261_248), ("llama3.2-1b", 1_235_814_400), ("llama3.2-3b", 3_212_749_824),
+    ("llama3.3-70b", 70_553_706_496), ("qwen2.5-0.5b", 494_032_768), ("qwen2.5-7b", 7_615_616_512),
+    ("qwen2.5-72b", 72_706_203_648), ("qwen3-0.6b", 596_049_920), ("qwen3-8b", 8_190_735_360),
+    ("qwen3-32b", 32_762_123_264), ("mistral-7b-v0.1", 7_241_732_096), ("mistral-7b-v0.3", 7_248_023_552),
+])
+def test_todays_families_have_the_released_parameter_counts(name, params):
+    assert StageModel(ModelConfig(**preset(name))).num_params == params
+
+
+def test_todays_families_features():
+    qwen3 = ModelConfig(**preset("qwen3-0.6b"))
+    assert qwen3.qk_norm and qwen3.head_dim == 128 and qwen3.q_width == 2048 != qwen3.d_model
+    assert ModelConfig(**preset("llama3.2-1b")).rope_scaling.factor == 32.0
+    assert ModelConfig(**preset("llama3.3-70b")).rope_scaling.type == "llama3"
+    assert ModelConfig(**preset("mistral-7b-v0.1")).sliding_window == 4096
+    assert ModelConfig(**preset("mistral-7b-v0.3")).sliding_window is None
+    assert ModelConfig(**preset("qwen2.5-7b")).attn_bias

@@ -182,3 +182,18 @@ def test_planner_memory_plan_is_the_engines(tmp_path, policy):
         assert plan.cached_stages == eng.plan.cached_stages and plan.resident_stages == eng.plan.resident_stages
     finally:
         eng.close()
+
+
+@pytest.mark.parametrize("name", ["gpt3-125m", "llama3-8b", "qwen3-0.6b", "qwen3-32b"])
+def test_block_matmul_flops_and_widths_follow_the_weights(name):
+    """2 FLOPs per token per matmul weight, whatever the head width (Qwen3's queries are wider than
+    d_model in 0.6B and 32B), and attention's 4·T FLOPs per token per query feature; the qkv class
+    holds the query and key/value outputs."""
+    from fuyou.engine.budget import class_widths
+
+    w = Workload(ModelConfig(**preset(name)), 2, 256, OffloadConfig())
+    block, cost = w.stage_model.stages[1], stage_costs(w)[1]
+    N, cfg = 2 * 256, w.model
+    assert sum(cost.class_flops.values()) == 2.0 * N * block.matmul_params
+    assert cost.fwd_flops - sum(cost.class_flops.values()) == 4.0 * N * 256 * cfg.q_width
+    assert class_widths(cfg)["qkv"] == (cfg.n_head + 2 * cfg.kv_heads) * cfg.head_dim
