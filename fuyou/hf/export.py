@@ -47,10 +47,19 @@ def export_run(run_dir: str | Path, out_dir: str | Path, dtype: str = "fp32",
         return _export(FuyouWeights(weights_file), run, out, dtype, shard_size)
     from fuyou.engine.committed import CommittedWeights
 
-    with CommittedWeights(run) as weights:  # a stopped offloaded run: its last commit on the SSD
-        print(f"fuyou: {run} has no model.safetensors: exporting its last commit (step {weights.step}) from the "
-              f"SSD state", file=sys.stderr)
-        return _export(weights, run, out, dtype, shard_size)
+    created = not out.exists()
+    try:
+        with CommittedWeights(run) as weights:  # an offloaded run stopped or still training: its last commit
+            state = "still training" if weights.live else "stopped"
+            print(f"fuyou: {run} has no model.safetensors ({state}): exporting its last commit (step {weights.step}) "
+                  f"from the SSD state", file=sys.stderr)
+            return _export(weights, run, out, dtype, shard_size)
+    except BaseException:
+        if created:  # a failed export leaves nothing half-written behind
+            import shutil
+
+            shutil.rmtree(out, ignore_errors=True)
+        raise
 
 
 def _export(weights, run: Path, out: Path, dtype: str, shard_size: int) -> list[str]:

@@ -153,15 +153,19 @@ class TensorStore:
         return store
 
     @classmethod
-    def open(cls, dirs: Sequence[str | Path], config: StoreConfig | None = None) -> "TensorStore":
+    def open(cls, dirs: Sequence[str | Path], config: StoreConfig | None = None, lock: bool = True) -> "TensorStore":
         """Open an existing store and validate it: manifest, directory markers, file sizes.
+
+        ``lock=False`` (a reader beside the process that owns the store, ``fuyou.engine.committed``):
+        no lock is taken; the caller only reads, closes with ``sync=False``, and must itself make sure
+        that what it reads is not being written (the manifest it sees is whole: it is replaced by rename).
 
         Raises :class:`StoreNotFoundError`, :class:`StoreCorruptError` (naming the file and what is
         wrong) or :class:`StoreUsageError` (directories missing, reordered or from another store).
         """
         config = config or StoreConfig()
         paths = _normalise(dirs)
-        locks = lock_dirs([p for p in paths if p.is_dir()])
+        locks = lock_dirs([p for p in paths if p.is_dir()]) if lock else []
         store = None
         try:
             manifest = _read_manifest(paths)

@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from fuyou.config import load_config
-from fuyou.errors import ConfigError
 from fuyou.optim.schedule import lr_at
 
 SSD_RUN = ["model.preset=gpt-test", "model.n_layer=4", "data.seq_len=32", "train.micro_batch_size=2",
@@ -70,16 +69,28 @@ def test_a_stopped_offloaded_run_exports_its_last_commit(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_exporting_a_running_run_is_refused(tmp_path):
-    from fuyou.engine.committed import CommittedWeights
+def test_a_running_run_exports_its_last_commit_without_its_lock(tmp_path):
+    pytest.importorskip("transformers")
+    from fuyou.engine.committed import CommitMoved, CommittedWeights
+    from fuyou.hf import export_run
     from fuyou.train.loop import run_training
 
     res = run_training(ssd_cfg(tmp_path, "train.steps=2", "run.name=live", "run.save_weights=false",
                                "offload.keep_state=true"))
-    with CommittedWeights(res.run_dir) as w:  # holds the store's lock, as a training process does
-        assert w.step == 2
-        with pytest.raises(ConfigError, match="still training"):
-            CommittedWeights(res.run_dir)
+    with CommittedWeights(res.run_dir) as owner:  # holds the store's lock, as a training process does
+        assert not owner.live and owner.step == 2
+        export_run(res.run_dir, tmp_path / "live")  # read beside the "running" owner
+        with CommittedWeights(res.run_dir) as reader:
+            assert reader.live
+            record = reader._record_file
+            record.write_bytes(record.read_bytes() + b" ")  # the run commits meanwhile
+            with pytest.raises(CommitMoved, match="run the export again"):
+                reader.tensor("embed.wte", reader.states[0].slots["wte"].shape)
+            record.write_bytes(record.read_bytes()[:-1])
+    export_run(res.run_dir, tmp_path / "stopped")
+    a = load_safetensors(tmp_path / "live" / "model.safetensors")
+    b = load_safetensors(tmp_path / "stopped" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_fine_tuning_defaults_apply_to_unset_fields_only(tmp_path, capsys):
