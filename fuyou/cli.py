@@ -542,8 +542,8 @@ def _prepare(args) -> int:
                   f"chat template renders earlier turns differently once the conversation goes on")
     else:
         write_prepared(args.out, data)
-        print(f"wrote {len(data.train)} train and {len(data.val)} val tokens ({data.train.dtype}, "
-              f"tokenizer {data.tokenizer}; plain text, every token carries loss) to {args.out}")
+        print(f"read {data.documents} documents (plain text: every token carries loss); wrote {len(data.train)} "
+              f"train and {len(data.val)} val tokens ({data.train.dtype}, tokenizer {data.tokenizer}) to {args.out}")
     return 0
 
 

@@ -10,6 +10,7 @@ Two kinds of data (``load_data``):
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -37,8 +38,9 @@ def _encode(tok, doc: str) -> np.ndarray:
 
 def tokenize_documents(docs, tokenizer_spec: str, val_fraction: float) -> TokenData:
     tok = load_tokenizer(tokenizer_spec)
+    docs = list(docs)
     train, val = split_tokens([_encode(tok, d) for d in docs], tok.eos_id, val_fraction)
-    return TokenData(train, val, tok.vocab_size, tok.eos_id, tok.name, getattr(tok, "fingerprint", ""))
+    return TokenData(train, val, tok.vocab_size, tok.eos_id, tok.name, tok.fingerprint, len(docs))
 
 
 def tokenize_records(paths: list[str], tokenizer_spec: str, fmt: str = "auto", train_on_prompt: bool = False,
@@ -49,32 +51,34 @@ def tokenize_records(paths: list[str], tokenizer_spec: str, fmt: str = "auto", t
     (or ``fmt``); every file must hold the same kind. ``eval_paths``: held-out files, else
     ``val_fraction`` of the documents or examples (a seeded choice)."""
     tok = load_tokenizer(tokenizer_spec)
-    records = list(iter_records(paths, text_field))
-    if not records:
+    records = iter_records(paths, text_field)  # streamed: the records are never all held as Python objects
+    head = next(records, None)
+    if head is None:
         raise DataError(f"{', '.join(map(str, paths))} holds no records")
-    first = fmt if fmt != "auto" else detect(records[0][0], text_field, records[0][1])
+    records = itertools.chain([head], records)
+    first = fmt if fmt != "auto" else detect(head[0], text_field, head[1])
     renderer = Renderer(tok, fmt, train_on_prompt, text_field)
     if first == "text":
-        docs = [_text(rec, where, text_field) for rec, where in records]
+        docs = [_encode(tok, _text(rec, where, text_field)) for rec, where in records]
         if not eval_paths:
-            return tokenize_documents(docs, tokenizer_spec, val_fraction)
-        held = [_text(rec, where, text_field) for rec, where in iter_records(eval_paths, text_field)]
-        train = join_tokens([_encode(tok, d) for d in docs], tok.eos_id)
-        val = join_tokens([_encode(tok, d) for d in held], tok.eos_id)
-        return TokenData(train, val.astype(train.dtype), tok.vocab_size, tok.eos_id, tok.name, tok.fingerprint)
-    rendered = [renderer(rec, where) for rec, where in records]
+            train, val = split_tokens(docs, tok.eos_id, val_fraction)
+            return TokenData(train, val, tok.vocab_size, tok.eos_id, tok.name, tok.fingerprint, len(docs))
+        held = [_encode(tok, _text(rec, where, text_field)) for rec, where in iter_records(eval_paths, text_field)]
+        train, val = join_tokens(docs, tok.eos_id), join_tokens(held, tok.eos_id)
+        return TokenData(train, val.astype(train.dtype), tok.vocab_size, tok.eos_id, tok.name, tok.fingerprint,
+                         len(docs) + len(held))
+    rendered = [renderer(rec, where).arrays() for rec, where in records]
     if eval_paths:
-        held = [renderer(rec, where) for rec, where in iter_records(eval_paths, text_field)]
+        held = [renderer(rec, where).arrays() for rec, where in iter_records(eval_paths, text_field)]
     else:
         order = np.random.default_rng(seed).permutation(len(rendered))
-        n_val = int(round(len(rendered) * val_fraction)) if len(rendered) > 1 else 0
-        n_val = max(1, n_val) if len(rendered) > 1 else 0
+        n_val = max(1, int(round(len(rendered) * val_fraction))) if len(rendered) > 1 else 0
         held = [rendered[i] for i in sorted(order[:n_val])]
         rendered = [rendered[i] for i in sorted(order[n_val:])]
     st = renderer.stats
     info = {"records": st.records, "formats": st.formats, "last_turn_only": st.last_turn_only,
             "train_on_prompt": train_on_prompt}
-    return ExampleData(Examples.from_rendered(rendered), Examples.from_rendered(held), tok.vocab_size, tok.eos_id,
+    return ExampleData(Examples.from_arrays(rendered), Examples.from_arrays(held), tok.vocab_size, tok.eos_id,
                        tok.pad_id, tok.name, tok.fingerprint, info)
 
 

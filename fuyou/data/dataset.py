@@ -49,6 +49,7 @@ class TokenData:
     eos_id: int
     tokenizer: str
     fingerprint: str = ""  # names the tokenizer's vocabulary (``fuyou.data.tokenizer``)
+    documents: int = 0     # how many documents were joined (0: not known, e.g. read from a prepared directory)
 
     def check_fits(self, seq_len: int, model_vocab: int) -> None:
         if self.vocab_size > model_vocab:

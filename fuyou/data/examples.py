@@ -48,13 +48,14 @@ class Examples:
     offsets: np.ndarray
 
     @classmethod
-    def from_rendered(cls, rendered: list) -> "Examples":
-        lengths = np.array([len(r.ids) for r in rendered], dtype=np.int64)
+    def from_arrays(cls, examples: list[tuple[np.ndarray, np.ndarray]]) -> "Examples":
+        """From (token ids, loss flags) per example (``formats.Rendered.arrays``)."""
+        lengths = np.array([len(ids) for ids, _ in examples], dtype=np.int64)
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-        ids = [i for r in rendered for i in r.ids]
-        top = max(ids, default=0)
-        tokens = np.array(ids, dtype=np.uint16 if top < 2**16 else np.uint32)
-        loss = np.array([f for r in rendered for f in r.loss], dtype=np.uint8)
+        top = max((int(ids.max()) for ids, _ in examples if len(ids)), default=0)
+        dtype = np.uint16 if top < 2**16 else np.uint32
+        tokens = np.concatenate([ids for ids, _ in examples]).astype(dtype) if examples else np.zeros(0, dtype)
+        loss = np.concatenate([f for _, f in examples]) if examples else np.zeros(0, np.uint8)
         return cls(tokens, loss, offsets)
 
     def __len__(self) -> int:
@@ -121,10 +122,12 @@ class Rows:
     def build(cls, ex: Examples, seq_len: int, packed: bool, pad_id: int, seed: int | None) -> "Rows":
         lengths = np.diff(ex.offsets)
         keep = np.minimum(lengths, seq_len + 1)
-        csum = np.concatenate([[0], np.cumsum(ex.loss, dtype=np.int64)])
         starts = ex.offsets[:-1]
-        # targets with loss among tokens 1 .. keep-1 of each example
-        with_loss = csum[starts + keep] - csum[np.minimum(starts + 1, starts + keep)]
+        # targets with loss among tokens 1 .. keep-1 of each example: sums over [start+1, start+keep),
+        # pairs of increasing indices for reduceat (examples with keep < 2 give junk and are left out)
+        padded = np.concatenate([np.asarray(ex.loss), np.zeros(2, np.uint8)])
+        bounds = np.stack([starts + 1, starts + np.maximum(keep, 1)], axis=1).reshape(-1)
+        with_loss = np.add.reduceat(padded, bounds, dtype=np.int64)[::2] if len(bounds) else np.zeros(0, np.int64)
         usable = np.flatnonzero((keep >= 2) & (with_loss > 0))
         truncated = int(np.count_nonzero(lengths[usable] > seq_len + 1))
         dropped = len(ex) - len(usable)

@@ -30,6 +30,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from fuyou.errors import DataError
 
 FORMATS = ("auto", "text", "prompt_completion", "alpaca", "messages")
@@ -57,6 +59,10 @@ class Rendered:
     def add(self, ids: list[int], loss: bool) -> None:
         self.ids.extend(ids)
         self.loss.extend([loss] * len(ids))
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """(token ids as int64, loss flags as uint8): compact, for holding many examples."""
+        return np.asarray(self.ids, dtype=np.int64), np.asarray(self.loss, dtype=np.uint8)
 
 
 @dataclass
