@@ -123,11 +123,11 @@ def _import(args) -> int:
 
 
 def _export(args) -> int:
-    from fuyou.hf import export_run
+    from fuyou.train.run import export_run_dir
     from fuyou.units import parse_size
 
     _check_out_dir(args.out)
-    files = export_run(args.run_dir, args.out, args.dtype, parse_size(args.shard_size))
+    files = export_run_dir(args.run_dir, args.out, args.dtype, parse_size(args.shard_size))
     print(f"exported {args.run_dir} to {args.out} ({args.dtype}): {', '.join(files)}")
     return 0
 

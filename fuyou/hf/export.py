@@ -3,7 +3,7 @@
 Reads ``RUN_DIR/model.safetensors`` (the fp32 master weights, which the engine streams out of the SSD
 store at the end of training, or a snapshot's: ``RUN_DIR/snapshots/step-N``) one tensor at a time, or,
 for an offloaded run stopped before it saved them, its last commit's masters from the SSD state
-(``fuyou.engine.committed``), and writes shards in Hugging Face's names and
+(``fuyou.train.run.export_run_dir`` passes ``fuyou.engine.committed``'s reader), and writes shards in Hugging Face's names and
 layout: ``model.safetensors`` when one shard holds everything, else ``model-0000i-of-0000N.safetensors``
 with ``model.safetensors.index.json``. Memory is bounded by one shard. ``config.json`` comes from the
 config the run started from (``model.init_from``, followed through earlier runs) with the shape fields
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import torch
@@ -29,37 +28,25 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path, dtype: str = "fp32",
-               shard_size: int = 2 * 1024**3) -> list[str]:
-    """Export ``run_dir`` to ``out_dir`` (module docstring). Returns the names of the files written."""
+               shard_size: int = 2 * 1024**3, weights=None) -> list[str]:
+    """Export ``run_dir`` to ``out_dir`` (module docstring). Returns the names of the files written.
+    ``weights``: where the fp32 weights come from (``tensor(key, shape)``, a ``model`` dict and a
+    ``family``); default: ``run_dir/model.safetensors``."""
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     if shard_size < 1:
         raise ConfigError(f"--shard-size must be positive, got {shard_size}")
     run = Path(run_dir).expanduser()
     weights_file = run / "model.safetensors"
-    if not weights_file.is_file() and not (run / "config.toml").is_file():
-        raise ConfigError(f"{run} has no model.safetensors; export a run directory (finished, stopped or one of its "
-                          f"snapshots/) or a directory made by `fuyou import`")
     out = Path(out_dir).expanduser()
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"{out} exists and is not empty; choose a new --out directory")
-    if weights_file.is_file():
-        return _export(FuyouWeights(weights_file), run, out, dtype, shard_size)
-    from fuyou.engine.committed import CommittedWeights
-
-    created = not out.exists()
-    try:
-        with CommittedWeights(run) as weights:  # an offloaded run stopped or still training: its last commit
-            state = "still training" if weights.live else "stopped"
-            print(f"fuyou: {run} has no model.safetensors ({state}): exporting its last commit (step {weights.step}) "
-                  f"from the SSD state", file=sys.stderr)
-            return _export(weights, run, out, dtype, shard_size)
-    except BaseException:
-        if created:  # a failed export leaves nothing half-written behind
-            import shutil
-
-            shutil.rmtree(out, ignore_errors=True)
-        raise
+    if weights is None:
+        if not weights_file.is_file():
+            raise ConfigError(f"{run} has no model.safetensors; export a finished run (run.save_weights=true) or a "
+                              f"directory made by `fuyou import`")
+        weights = FuyouWeights(weights_file)
+    return _export(weights, run, out, dtype, shard_size)
 
 
 def _export(weights, run: Path, out: Path, dtype: str, shard_size: int) -> list[str]:

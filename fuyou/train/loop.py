@@ -23,7 +23,7 @@ from fuyou.models import StageModel
 from fuyou.train.metrics import MetricsLog, Progress, si, tensorboard_available
 from fuyou.train.reference import ReferenceTrainer
 from fuyou.train.run import make_run_dir, record_resume, resume_changes, run_dir_path, save_snapshot, save_weights
-from fuyou.errors import ConfigError
+from fuyou.errors import ConfigError, DataError
 from fuyou.trainer import Trainer
 from fuyou.units import format_size
 
@@ -41,6 +41,8 @@ class RunResult:
 
 def build_trainer(cfg: FuyouConfig, run_name: str, resume: bool = False) -> Trainer:
     data = load_data(cfg.data)
+    if data is not None:
+        check_tokenizer(cfg, data)
     if cfg.train.epochs is not None:  # the steps that make the epochs, from the data (before the schedule is read)
         from fuyou.data.batches import make_batches
 
@@ -124,6 +126,30 @@ def _schedule_change(old: FuyouConfig, new: FuyouConfig, step: int, changed: dic
             f"the run follows the new schedule as if it had been the run's from the start (not rescaled to the "
             f"remaining steps): learning rate at step {step} {was}{lr_of(new, step):.3g}, "
             f"at the last step ({new.train.steps}) {lr_of(new, new.train.steps - 1):.3g}")
+
+
+def check_tokenizer(cfg: FuyouConfig, data) -> None:
+    """Data tokenized with another vocabulary than the model's trains silently into nonsense: when the
+    model starts from a checkpoint with a tokenizer, the data must have been made with that tokenizer
+    (the same vocabulary, compared by fingerprint: ``fuyou.data.tokenizer``)."""
+    if not cfg.model.init_from:
+        return
+    from fuyou.hf.source import tokenizer_dir
+
+    tok_dir = tokenizer_dir(cfg.model.init_from)
+    if tok_dir is None or data.tokenizer == f"hf:{tok_dir}":
+        return
+    if data.tokenizer == "byte":
+        raise DataError(f"the data was tokenized byte by byte, but model.init_from={cfg.model.init_from} was trained "
+                        f"with the tokenizer in {tok_dir}; prepare the data with it (`fuyou data prepare ... "
+                        f"--tokenizer {tok_dir}`) or leave data.tokenizer at 'auto'")
+    from fuyou.data.tokenizer import HFTokenizer
+
+    want = HFTokenizer(tok_dir).fingerprint
+    if data.fingerprint != want:
+        raise DataError(f"the data was tokenized with {data.tokenizer} (vocabulary {data.fingerprint or 'unknown'}), "
+                        f"but model.init_from={cfg.model.init_from} uses the tokenizer in {tok_dir} (vocabulary "
+                        f"{want}); prepare the data again with --tokenizer {tok_dir}")
 
 
 class _StopOnSignal:

@@ -131,6 +131,37 @@ def record_resume(run_dir: Path, cfg: FuyouConfig, step: int, changed: dict[str,
         (run_dir / "config.toml").write_text(to_toml(cfg))
 
 
+def export_run_dir(run_dir: str | Path, out_dir: str | Path, dtype: str = "fp32", shard_size: int = 2 * 1024**3,
+                   stream=None) -> list[str]:
+    """``fuyou export``: a run directory (or a snapshot, or a ``fuyou import`` directory) as a Hugging
+    Face model directory (``fuyou.hf.export_run``). An offloaded run without ``model.safetensors``,
+    stopped or still training, exports its last commit from the SSD state (``fuyou.engine.committed``);
+    a failed export of it removes its half-written output."""
+    import shutil
+    import sys
+
+    from fuyou.hf import export_run
+
+    run, out = Path(run_dir).expanduser(), Path(out_dir).expanduser()
+    if (run / "model.safetensors").is_file() or not (run / "config.toml").is_file():
+        return export_run(run, out, dtype, shard_size)
+    from fuyou.engine.committed import CommittedWeights
+
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"{out} exists and is not empty; choose a new --out directory")
+    created = not out.exists()
+    try:
+        with CommittedWeights(run) as weights:
+            state = "still training" if weights.live else "stopped"
+            print(f"fuyou: {run} has no model.safetensors ({state}): exporting its last commit (step {weights.step}) "
+                  f"from the SSD state", file=stream or sys.stderr)
+            return export_run(run, out, dtype, shard_size, weights=weights)
+    except BaseException:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
 def import_checkpoint(hf_dir: str | Path, out_dir: str | Path) -> Path:
     """``fuyou import HF_DIR --out RUN_DIR``: the checkpoint converted into a run directory
     (``fuyou.hf.convert_checkpoint``) with ``RUN_DIR/config.toml``, the resolved config with

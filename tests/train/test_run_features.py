@@ -47,7 +47,7 @@ def test_snapshots_are_the_weights_of_their_step_and_only_the_last_k_stay(tmp_pa
     lines = [json.loads(x) for x in (full.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines if "snapshot" in x] == [2, 4, 6]
     # a snapshot exports like a run
-    from fuyou.hf import export_run
+    from fuyou.train.run import export_run_dir as export_run
 
     pytest.importorskip("transformers")
     files = export_run(full.run_dir / "snapshots" / "step-000004", tmp_path / "hf")
@@ -56,7 +56,7 @@ def test_snapshots_are_the_weights_of_their_step_and_only_the_last_k_stay(tmp_pa
 
 def test_a_stopped_offloaded_run_exports_its_last_commit(tmp_path):
     pytest.importorskip("transformers")
-    from fuyou.hf import export_run
+    from fuyou.train.run import export_run_dir as export_run
     from fuyou.train.loop import run_training
 
     ref = run_training(ssd_cfg(tmp_path, "train.steps=3", "run.name=ref"))
@@ -72,7 +72,7 @@ def test_a_stopped_offloaded_run_exports_its_last_commit(tmp_path):
 def test_a_running_run_exports_its_last_commit_without_its_lock(tmp_path):
     pytest.importorskip("transformers")
     from fuyou.engine.committed import CommitMoved, CommittedWeights
-    from fuyou.hf import export_run
+    from fuyou.train.run import export_run_dir as export_run
     from fuyou.train.loop import run_training
 
     res = run_training(ssd_cfg(tmp_path, "train.steps=2", "run.name=live", "run.save_weights=false",
