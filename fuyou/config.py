@@ -22,6 +22,7 @@ from fuyou.engine.config import OffloadConfig
 from fuyou.errors import ConfigError
 from fuyou.models.config import ModelConfig
 from fuyou.models.config import preset
+from fuyou.models.lora import LoRAConfig
 from fuyou.optim.config import AdamWConfig
 from fuyou.planner.config import HardwareConfig
 from fuyou.train.config import TrainConfig
@@ -70,6 +71,7 @@ class FuyouConfig(BaseModel):
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     optim: AdamWConfig = Field(default_factory=AdamWConfig)
+    lora: LoRAConfig = Field(default_factory=LoRAConfig)
     offload: OffloadConfig = Field(default_factory=OffloadConfig)
     hardware: HardwareConfig = Field(default_factory=HardwareConfig)
     run: RunConfig = Field(default_factory=RunConfig)
@@ -83,6 +85,20 @@ class FuyouConfig(BaseModel):
 
             data = {**data, "model": checkpoint_model_fields(dict(data["model"]))}
         return data
+
+    @model_validator(mode="after")
+    def _lora_fits(self) -> "FuyouConfig":
+        if self.lora.enabled:
+            from fuyou.models.lora import resolve_targets
+
+            if self.optim.master != "fp32" or self.optim.moments != "fp32":
+                raise ValueError("optim.master/optim.moments store a full fine-tuning's optimizer state; with LoRA "
+                                 "the adapters' state is small and kept in memory: leave them at fp32")
+            try:
+                resolve_targets(self.model.family, self.lora.targets)
+            except ConfigError as e:
+                raise ValueError(str(e)) from None
+        return self
 
     @model_validator(mode="after")
     def _fine_tuning_defaults(self) -> "FuyouConfig":

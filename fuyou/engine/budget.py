@@ -164,7 +164,8 @@ def plan_memory(stage_numels: list[int], off, *, chunk: int, io_buffer_bytes: in
                 csize: int, gsize: int, deferred: bool, micro_batches: int, tied: bool, compute_on_cpu: bool,
                 checkpoint_bytes: int | None = None, working_bytes: int | None = None,
                 extra_cpu: dict[str, int] | None = None, extra_device: dict[str, int] | None = None,
-                device_budget: int | None = None, offtier_bytes: int = 0, fmt=None) -> MemoryPlan:
+                device_budget: int | None = None, offtier_bytes: int = 0, fmt=None,
+                lora_params: int | None = None) -> MemoryPlan:
     """The memory plan of the engine (module docstring) from shapes and settings, allocating nothing.
 
     ``stage_numels``: parameters owned by each stage, in stage order. ``off``: an ``OffloadConfig``.
@@ -180,6 +181,9 @@ def plan_memory(stage_numels: list[int], off, *, chunk: int, io_buffer_bytes: in
     to the device (the engine's default: the device's free memory). ``offtier_bytes``: the largest
     block's activations that leave the device (their copies may keep ``LEAVING`` of them alive).
     ``fmt``: how the optimizer state is stored (``fuyou.optim.compressed.StateFormat``; default fp32).
+    ``lora_params``: LoRA (``fuyou.engine.lora_state``): the adapters' parameter count; the base has no
+    optimizer state and no gradients, the adapters, their gradients and AdamW moments (16 B each) are
+    on the device.
     """
     from fuyou.optim.compressed import StateFormat
     from fuyou.optim.out_of_core import optimizer_buffer_bytes
@@ -188,9 +192,14 @@ def plan_memory(stage_numels: list[int], off, *, chunk: int, io_buffer_bytes: in
     plan = MemoryPlan(off.cpu_mem, device_budget=off.gpu_mem if off.gpu_mem is not None else device_budget)
     stage_max = max(stage_numels)
     opt_lowp = csize  # a stage the cache does not hold writes its compute weights through these buffers
-    plan.cpu_items["optimizer buffers"] = optimizer_buffer_bytes(fmt, chunk, off.optimizer_depth,
-                                                                 gsize if deferred else 0, opt_lowp, stage_max)
-    plan.cpu_items["gradients in flight"] = (off.max_pending_updates + 2) * (-(-stage_max * gsize // 4096) * 4096)
+    lora = lora_params is not None
+    if lora:  # nothing of the base is updated: no optimizer buffers, no gradients leave the device
+        plan.cpu_items["optimizer buffers"] = 0
+        plan.cpu_items["gradients in flight"] = 0
+    else:
+        plan.cpu_items["optimizer buffers"] = optimizer_buffer_bytes(fmt, chunk, off.optimizer_depth,
+                                                                     gsize if deferred else 0, opt_lowp, stage_max)
+        plan.cpu_items["gradients in flight"] = (off.max_pending_updates + 2) * (-(-stage_max * gsize // 4096) * 4096)
     plan.cpu_items["I/O bounce buffers"] = io_buffer_bytes
     plan.cpu_items["allocator and thread slack"] = RUNTIME_SLACK
     dev = plan.device_items
@@ -203,13 +212,15 @@ def plan_memory(stage_numels: list[int], off, *, chunk: int, io_buffer_bytes: in
                           else checkpoint_bytes)
     dev["working memory (estimate)"] = (max(act["block_work"], act["head_work"]) + 2 * stage_max * 4
                                         if working_bytes is None else working_bytes)
-    if tied and compute_on_cpu:
+    if tied and compute_on_cpu and not lora:
         dev["tied embedding gradient"] = gsize * stage_numels[0]
+    if lora:
+        dev["LoRA adapters, gradients and AdamW moments"] = 16 * lora_params
     dev.update(extra_device or {})
     if not compute_on_cpu:  # a separate device: what crosses to and from it is held a while longer
         dev["input batch"] = (micro_batches + 1) * act["batch"]  # the step's micro-batches, and the next
-        dev["gradients leaving the device"] = D2H_DEPTH * stage_max * gsize
-        if tied:  # Note: [Tied gradient] in engine.py: it waits in CPU memory through the blocks' backward
+        dev["gradients leaving the device"] = 0 if lora else D2H_DEPTH * stage_max * gsize
+        if tied and not lora:  # Note: [Tied gradient] in engine.py: it waits in CPU memory through the blocks' backward
             # on the device beside the head's gradient, then the embedding's (the embedding's size bounds it)
             dev["gradients leaving the device"] = max(dev["gradients leaving the device"],
                                                       gsize * (stage_numels[0] + max(stage_numels[0], stage_numels[-1])))
@@ -242,7 +253,7 @@ def plan_memory(stage_numels: list[int], off, *, chunk: int, io_buffer_bytes: in
     # read nothing from the SSD; the state is still written there every step (crash-safe commits).
     spare = off.cpu_mem - sum(plan.cpu_items.values()) - plan.cache_bytes
     spare = spare if off.resident_mem is None else min(spare, off.resident_mem)
-    if spare > 0:
+    if spare > 0 and not lora:
         held = gsize if deferred else 0  # exact clipping: its gradient waits beside it for the norm
         for index, numel in enumerate(stage_numels):
             need = (sum(-(-t.numel(numel) * t.itemsize // 4096) * 4096 for t in fmt.tensors)

@@ -104,6 +104,8 @@ from fuyou.data.batches import make_batches
 from fuyou.models.precision import autocast
 from fuyou.trainer import StepStats
 from fuyou.optim.schedule import lr_of
+from fuyou.models.lora import attach, dropout_key
+from fuyou.engine.lora_state import LoRATrainingState
 
 
 class Engine:
@@ -120,6 +122,7 @@ class Engine:
         self.dev = make_device(t.device)  # the device seam (device.py): every stream, event and copy
         self.device = self.dev.torch
         self.model = StageModel(cfg.model)
+        self.lora = attach(self.model, cfg.lora)  # LoRA: a frozen base, adapters on the device (lora_state.py)
         self.cdtype = torch.bfloat16 if t.precision == "bf16" else torch.float32
         self.clipping = t.grad_clip is not None
         self.gdtype = torch.float32 if t.grad_accum > 1 else self.cdtype  # micro-batches are summed in fp32
@@ -171,12 +174,21 @@ class Engine:
             if self.fmt.master_is_compute(self.cdtype) and not resident and st.index not in self.plan.cached_stages:
                 st.read_weights_from_master()  # (a resident stage's master is in CPU memory: it keeps a copy)
 
-        self.ts = TrainingState(cfg, self.states, self.plan, self.store_dirs, store_cfg, self.chunk, self.cdtype,
-                                self.gdtype, self.clipping, self.dev)
+        state_cls = LoRATrainingState if self.lora else TrainingState
+        self.ts = state_cls(cfg, self.states, self.plan, self.store_dirs, store_cfg, self.chunk, self.cdtype,
+                            self.gdtype, self.clipping, self.dev)
+        if self.lora:  # the adapters and their optimizer, on the compute device (as the reference trainer's)
+            o = cfg.optim
+            self.adapters = self.ts.adapters = self.ts.new_adapters(t.seed, self.device)
+            self.lora_opt = self.ts.optimizer = torch.optim.AdamW(
+                [{"params": list(self.adapters.values()), "weight_decay": o.weight_decay}],
+                lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=True)
+        else:
+            self.adapters = {}
         self.store = self.ts.open_store(resume, store_name)
         try:
             dev = None if self.dev.is_host else self.dev  # pools whose buffers the device copies from are pinned
-            self.opt_pool = PinnedPool(self.plan.cpu_items["optimizer buffers"])  # never reaches the device
+            self.opt_pool = PinnedPool(max(self.plan.cpu_items["optimizer buffers"], 4096))  # never reaches the device
             self.weight_pool = PinnedPool(max(self.plan.cpu_items.get("weight buffers", 0), 4096), device=dev)
             self.grad_pool = PinnedPool(max(self.plan.cpu_items["gradients in flight"], 4096), device=dev)
             self.cache_pool = PinnedPool(max(self.plan.cache_bytes, 4096), device=dev)
@@ -268,9 +280,12 @@ class Engine:
             act=act, checkpoint_bytes=ckpt, working_bytes=working, extra_cpu=extra_cpu, extra_device=extra_dev,
             csize=dtype_size(self.cdtype), gsize=dtype_size(self.gdtype), deferred=self.clipping,
             micro_batches=t.grad_accum, tied=self.tied, compute_on_cpu=self.dev.is_host,
-            device_budget=self.gpu_mem, fmt=self.fmt,
+            device_budget=self.gpu_mem, fmt=self.fmt, lora_params=self._adapter_numel() if self.lora else None,
             offtier_bytes=offtier_bytes(self.cfg.model, self.act, t.micro_batch_size, self.cfg.data.seq_len,
                                         dtype_size(self.cdtype)))
+
+    def _adapter_numel(self) -> int:
+        return sum(spec.numel for st in self.model.stages for spec in st.adapters.values())
 
     def forward_order(self) -> list[int]:
         """Stage indices in the order the forward pass needs their weights (the embedding's again for a
@@ -307,7 +322,10 @@ class Engine:
         except BaseException:
             self.streamer.drain()
             raise
-        grad_norm = self._finish_clipping(lr, step) if self.clipping else None
+        if self.lora:
+            grad_norm = self._lora_update(lr)
+        else:
+            grad_norm = self._finish_clipping(lr, step) if self.clipping else None
         self._host_wait()
         loss = float(total)  # see Note: [Sync points]
         self._read_spans(anchor, anchor_t)
@@ -321,13 +339,21 @@ class Engine:
 
     trace_step = 1  # which step's tasks ``--trace`` records (the second: the first warms caches)
 
-    def _stage_fn(self, i: int, pos: Tensor | None = None):
+    def _stage_fn(self, i: int, pos: Tensor | None = None, key: int | None = None):
         """Stage ``i`` as a function of (weights, input, activation context), for a micro-batch whose
-        token positions are ``pos`` (packed documents; None: one document per row)."""
+        token positions are ``pos`` (packed documents; None: one document per row) and whose LoRA
+        dropout key is ``key`` (None: no dropout)."""
         stage = self.model.stages[i]
         if i == 0:  # the residual stream is fp32, as in the reference trainer
             return lambda p, x, acts=None: stage.forward(p, x, pos=pos).float()
-        return lambda p, x, acts=None: stage.forward(p, x, acts=acts, pos=pos)
+        return lambda p, x, acts=None: stage.forward(p, x, acts=acts, pos=pos, key=key)
+
+    def _bind(self, i: int, params: dict[str, Tensor]) -> dict[str, Tensor]:
+        """A stage's weights with its LoRA adapters (by local name) added, when it has any."""
+        st = self.model.stages[i]
+        if not st.adapters:
+            return params
+        return {**params, **{local: self.adapters[st.key(local)] for local in st.adapters}}
 
     def _autocast(self):
         return autocast(self.device, self.cfg.train.precision)
@@ -335,6 +361,8 @@ class Engine:
     def _step(self, step: int, lr: float) -> Tensor:
         """One step's forward and backward, layer-major (module docstring); returns the summed loss."""
         S, M = len(self.states), self.cfg.train.grad_accum
+        keys = [dropout_key(self.cfg.train.seed, step, j) if self.lora else None for j in range(M)]
+        trainable = set(self.model.stages[1].adapters) if self.lora else None  # None: every weight trains
         batches = [self.batches.batch(step * M + j) for j in range(M)]
         n_loss = sum(b.loss_tokens for b in batches)  # on the host: the loss's divisor, no device sync
         self._loss_tokens = n_loss
@@ -347,14 +375,15 @@ class Engine:
         for i in range(S - 1):
             w = self.streamer.get(self._pos)
             t0 = self._begin()
-            params = self.states[i].views(w.flat)
+            params = self._bind(i, self.states[i].views(w.flat))
             for j in range(M):
                 if i == 0:
                     with torch.no_grad(), self._autocast():
                         h[j] = self._stage_fn(0, ps[j])(params, h[j])
                 else:
                     h[j], kept[j][i] = forward_block(self.swapper, f"{i - 1}.{j}", self.act[i - 1],
-                                                     self._stage_fn(i, ps[j]), w.flat, params, h[j], self._autocast)
+                                                     self._stage_fn(i, ps[j], keys[j]), w.flat, params, h[j],
+                                                     self._autocast, trainable)
             self._compute(f"forward {self.states[i].stage.name}", t0)
             # References go before the release: the next load may take the memory once the GPU is done
             # with it (weights.py), and a reference held here would keep it on the device.
@@ -376,15 +405,18 @@ class Engine:
         total = torch.zeros((), device=self.device)
         acc = shared_acc = None
         for j in range(M):
-            o, sh = leaves(own), leaves(shared)
+            o, sh = leaves(own, trainable), leaves(shared, trainable)  # LoRA: the head's weights are frozen
             h_in = h[j].detach().requires_grad_(True)
             h[j] = None
             with torch.enable_grad(), self._autocast():
                 loss = head.stage.forward({**o, **sh}, h_in, ys[j], loss_tokens=n_loss)
             self._before_grad()
-            grads = torch.autograd.grad(loss, [h_in, *o.values(), *sh.values()])
+            grads = torch.autograd.grad(loss, [h_in, *(v for v in (*o.values(), *sh.values()) if v.requires_grad)])
             total += loss.detach()
             h[j] = grads[0]
+            if self.lora:
+                o = sh = h_in = grads = loss = None
+                continue
             gmap = dict(zip([*o, *sh], grads[1:]))
             if self.tied:
                 g = gmap.pop("lm_head.weight")
@@ -400,7 +432,8 @@ class Engine:
         self._pos += 1
         if emb_pos is not None:
             self.streamer.release(emb_pos)
-        self._stage_grads(head, acc, lr, step)
+        if not self.lora:
+            self._stage_grads(head, acc, lr, step)
         if self._drop_early:  # nothing of the head stays on the device through backward
             acc = None
         shared_out = self._shared_out(shared_acc) if shared_acc is not None and self.shared_pool else None
@@ -419,8 +452,15 @@ class Engine:
                     for bi, bj in units[u:u + ahead + 1]:
                         kept[bj][bi].prefetch(self.swapper)
                     u += 1
-                    h[j], gmap = backward_block(self.swapper, kept[j].pop(i), self._stage_fn(i, ps[j]), w.flat,
-                                                st.views(w.flat), h[j], self._autocast, self._before_grad)
+                    h[j], gmap = backward_block(self.swapper, kept[j].pop(i), self._stage_fn(i, ps[j], keys[j]),
+                                                w.flat, self._bind(i, st.views(w.flat)), h[j], self._autocast,
+                                                self._before_grad, trainable)
+                    if self.lora:  # the adapters' gradients, summed over the micro-batches in order
+                        self._lora_grads(i, gmap)
+                        continue
+                elif self.lora:  # nothing of the embedding trains
+                    h[j] = None
+                    continue
                 else:
                     emb = leaves(st.views(w.flat))
                     with torch.enable_grad(), self._autocast():
@@ -443,10 +483,36 @@ class Engine:
                 # trainer's order; the order of two addends is exact).
                 (acc if isinstance(acc, dict) else st.views(acc))["wte"].add_(shared_acc)
                 shared_acc = None
+            if self.lora:
+                continue
             self._stage_grads(st, acc, lr, step)
             if self._drop_early:
                 acc = None
         return total
+
+    def _lora_grads(self, i: int, gmap: dict[str, Tensor]) -> None:
+        """Add a micro-batch's adapter gradients of stage ``i`` into their ``.grad`` (the first assigned,
+        later ones added: what autograd does across the reference's micro-batches)."""
+        st = self.model.stages[i]
+        for local, g in gmap.items():
+            p = self.adapters[st.key(local)]
+            if p.grad is None:
+                p.grad = g
+            else:
+                p.grad.add_(g)
+
+    def _lora_update(self, lr: float) -> float | None:
+        """After backward: clip the adapters' global gradient norm and step their AdamW, as the
+        reference trainer does (the same torch calls on the same tensors in the same order)."""
+        params = list(self.adapters.values())
+        norm = None
+        if self.clipping:
+            norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.train.grad_clip))
+        for g in self.lora_opt.param_groups:
+            g["lr"] = lr
+        self.lora_opt.step()
+        self.lora_opt.zero_grad(set_to_none=True)
+        return norm
 
     @property
     def _shared_item(self) -> str:
@@ -671,7 +737,7 @@ class Engine:
                 for i in range(S - 1):
                     w = self.streamer.get(pos)
                     with autocast(self.device, self.cfg.train.precision):
-                        h = self._stage_fn(i, p)(self.states[i].views(w.flat), h)
+                        h = self._stage_fn(i, p)(self._bind(i, self.states[i].views(w.flat)), h)
                     w = None  # dropped before the release (Engine._step)
                     self.streamer.release(pos)
                     pos += 1
@@ -742,6 +808,10 @@ class Engine:
     def master_chunks(self):
         """Every stage's fp32 master weights in order, in chunks of pool memory (bounded)."""
         return self.ts.master_chunks()
+
+    def adapter_state(self) -> dict[str, Tensor]:
+        """LoRA's adapters by global key (fp32, on the CPU)."""
+        return {k: p.detach().cpu() for k, p in self.adapters.items()}
 
     def state(self) -> dict[str, Tensor]:
         """fp32 master weights by global key (materialises the model: for tests and small models)."""

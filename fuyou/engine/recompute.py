@@ -25,9 +25,15 @@ from fuyou.models.precision import DTYPES
 from fuyou.policy import KeepPolicy
 
 
-def leaves(params: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Autograd leaves viewing the given tensors (gradients are taken with respect to these)."""
-    return {k: v.detach().requires_grad_(True) for k, v in params.items()}
+def leaves(params: dict[str, Tensor], trainable: set[str] | None = None) -> dict[str, Tensor]:
+    """Autograd leaves viewing the given tensors (gradients are taken with respect to these).
+    ``trainable``: the local names that train (LoRA's adapters); the others are views autograd does not
+    differentiate (a frozen base). None: every one trains."""
+    return {k: v.detach().requires_grad_(trainable is None or k in trainable) for k, v in params.items()}
+
+
+def _grads_wanted(wrt: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {k: v for k, v in wrt.items() if v.requires_grad}
 
 
 class KnownLinear(torch.autograd.Function):
@@ -45,8 +51,9 @@ class KnownLinear(torch.autograd.Function):
         x, w = ctx.saved_tensors
         g2 = grad.reshape(-1, grad.shape[-1])
         gx = g2.mm(w).view(x.shape)
-        gw = x.reshape(-1, x.shape[-1]).t().mm(g2).t()
-        gb = g2.sum(0) if ctx.has_bias else None
+        need_w, need_b = ctx.needs_input_grad[1], ctx.needs_input_grad[2]  # a frozen base (LoRA): neither
+        gw = x.reshape(-1, x.shape[-1]).t().mm(g2).t() if need_w else None
+        gb = g2.sum(0) if ctx.has_bias and need_b else None
         return gx, gw, gb, None
 
 
@@ -167,7 +174,8 @@ class BlockState:
 
 
 def forward_block(swapper: ActivationSwapper, tag: str, policy: KeepPolicy, fn, weights: Tensor,
-                  params: dict[str, Tensor], x: Tensor, autocast_ctx) -> tuple[Tensor, BlockState]:
+                  params: dict[str, Tensor], x: Tensor, autocast_ctx,
+                  trainable: set[str] | None = None) -> tuple[Tensor, BlockState]:
     """Run a block forward under ``policy``; return its output and what backward needs. ``tag`` names
     what it keeps in the swapper (``act/<tag>/...``): the block and the micro-batch, ``"3.0"``.
     A bf16 ``policy.checkpoint_dtype`` rounds the input first (fuyou/policy.py, Note: [Checkpoint dtype])."""
@@ -178,7 +186,7 @@ def forward_block(swapper: ActivationSwapper, tag: str, policy: KeepPolicy, fn, 
         x.copy_(rounded)
     if policy.all is not None:
         inp = x.detach().requires_grad_(True)
-        params = leaves(params)
+        params = leaves(params, trainable)
         keeper = GraphKeeper(swapper, f"act/{tag}", policy.all, weights, inp)
         with torch.enable_grad(), autocast_ctx(), torch.autograd.graph.saved_tensors_hooks(keeper.pack, keeper.unpack):
             out = fn(params, inp, None)
@@ -204,12 +212,13 @@ def release_forward_weights(params: dict[str, Tensor]) -> None:
 
 def backward_block(swapper: ActivationSwapper, state: BlockState, fn, weights: Tensor,
                    params: dict[str, Tensor], grad_out: Tensor, autocast_ctx,
-                   before_grad=None) -> tuple[Tensor, dict[str, Tensor]]:
+                   before_grad=None, trainable: set[str] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """Backward of one block (recomputing what the policy did not keep); returns the gradient of
-    its input and of its parameters by local name. ``before_grad()`` runs after the recompute,
-    before autograd allocates the parameter gradients."""
+    its input and of its parameters by local name (``trainable`` ones only: see ``leaves``).
+    ``before_grad()`` runs after the recompute, before autograd allocates the parameter gradients."""
     if state.graph is not None:
         out, inp, wrt = state.graph
+        wrt = _grads_wanted(wrt)
         state.keeper.bwd_weights = weights
         if before_grad is not None:
             before_grad()
@@ -222,10 +231,11 @@ def backward_block(swapper: ActivationSwapper, state: BlockState, fn, weights: T
             swapper.free(state.checkpoint)
             state.checkpoint = None
         inp.requires_grad_(True)
-        wrt = leaves(params)
+        bound = leaves(params, trainable)
         rep = ReplayContext(swapper, state.slots) if state.slots else None
         with torch.enable_grad(), autocast_ctx():
-            out = fn(wrt, inp, rep)
+            out = fn(bound, inp, rep)
+        wrt = _grads_wanted(bound)
         if before_grad is not None:
             before_grad()
         grads = torch.autograd.grad(out, [inp, *wrt.values()], grad_out)

@@ -139,8 +139,9 @@ class TrainingState:
             if d.is_symlink() or not d.is_dir():
                 raise ConfigError(f"{d} is a symlink or a file, not a state directory fuyou made; remove it or choose "
                                   f"another run.name")
-            foreign = [p.name for p in d.iterdir() if not (p.name.startswith(("fuyou-store", RECORD)) and p.is_file()
-                                                          and not p.is_symlink())]
+            foreign = [p.name for p in d.iterdir() if not (p.name.startswith(("fuyou-store", RECORD, "lora-state.",
+                                                                              ".lora-state."))
+                                                          and p.is_file() and not p.is_symlink())]
             if foreign:
                 raise ConfigError(f"{d} holds files fuyou did not make ({', '.join(sorted(foreign)[:5])}); a state "
                                   f"directory holds only the store's files: move them away or choose another run.name")

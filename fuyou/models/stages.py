@@ -24,7 +24,7 @@ from torch import Tensor
 from fuyou.models.config import ModelConfig
 from fuyou.models.layers import apply_rope, attention_mask, causal_attention, layer_norm, linear_cross_entropy, rms_norm, rope_tables
 
-Init = Literal["normal", "normal_resid", "zeros", "ones"]
+Init = Literal["normal", "normal_resid", "zeros", "ones", "lora_a"]
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,8 @@ class Stage:
     cfg: ModelConfig
     params: dict[str, ParamSpec] = field(default_factory=dict)
     shared: dict[str, str] = field(default_factory=dict)  # local name -> global key owned elsewhere
+    adapters: dict[str, ParamSpec] = field(default_factory=dict)  # LoRA's A and B (fuyou.models.lora)
+    lora: object = None  # their ``LoRASettings`` when the stage has adapters
 
     def key(self, local: str) -> str:
         return f"{self.name}.{local}"
@@ -64,10 +66,21 @@ class Stage:
         return 0
 
     def bind(self, all_params: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Select this stage's parameters (owned and shared) from a global dict, by local name."""
+        """Select this stage's parameters (owned, shared, and its adapters where ``all_params`` has
+        them) from a global dict, by local name."""
         bound = {local: all_params[self.key(local)] for local in self.params}
         bound.update({local: all_params[gkey] for local, gkey in self.shared.items()})
+        bound.update({local: all_params[self.key(local)] for local in self.adapters if self.key(local) in all_params})
         return bound
+
+    def _matmul(self, lin, cls: str, name: str, x: Tensor, params: dict[str, Tensor], key: int | None) -> Tensor:
+        """Matmul ``name`` (its weight and bias, if any) of activation class ``cls``, plus its LoRA
+        adapter's update when ``params`` holds one (``fuyou.models.lora``; ``key``: dropout's)."""
+        y = lin(cls, x, params[f"{name}.weight"], params.get(f"{name}.bias"))
+        a = params.get(f"{name}.lora_A")
+        if a is not None:
+            y = y + self.lora.delta(self.index, name, x, a, params[f"{name}.lora_B"], key)
+        return y
 
     def init_params(self, seed: int, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
         """Initialise this stage's owned parameters on the CPU, independently of every other stage.
@@ -90,12 +103,13 @@ class Stage:
         return out
 
     def forward(self, params: dict[str, Tensor], x: Tensor, targets: Tensor | None = None, acts=None,
-                pos: Tensor | None = None, loss_tokens: int | None = None) -> Tensor:
+                pos: Tensor | None = None, loss_tokens: int | None = None, key: int | None = None) -> Tensor:
         """Run the stage. ``acts`` (blocks only): an activation context whose ``linear(cls, x, w, b)``
         replaces each classed matmul (see ``fuyou.engine.recompute``). ``pos``: each token's position in
         its document, (B, T), 0 where a packed document starts (None: one document per row, positions
         0..T-1). ``loss_tokens`` (head only): the loss is the sum over tokens divided by this count (the
-        step's tokens with a target, over all its micro-batches), not the micro-batch's mean."""
+        step's tokens with a target, over all its micro-batches), not the micro-batch's mean. ``key``
+        (blocks with LoRA adapters): the micro-batch's dropout key; None: no dropout (evaluation)."""
         raise NotImplementedError
 
 
@@ -120,7 +134,7 @@ class EmbeddingStage(Stage):
         if cfg.family == "gpt":
             self.params["wpe"] = ParamSpec((cfg.max_seq_len, cfg.d_model), "normal", decay=False)
 
-    def forward(self, params, x, targets=None, acts=None, pos=None, loss_tokens=None):
+    def forward(self, params, x, targets=None, acts=None, pos=None, loss_tokens=None, key=None):
         h = F.embedding(x, params["wte"])
         if "wpe" in params:
             h = h + (params["wpe"][: x.shape[1]] if pos is None else F.embedding(pos, params["wpe"]))
@@ -145,19 +159,20 @@ class GPTBlock(Stage):
     def matmul_params(self) -> int:
         return sum(self.params[k].numel for k in ("qkv.weight", "proj.weight", "fc1.weight", "fc2.weight"))
 
-    def forward(self, params, x, targets=None, acts=None, pos=None, loss_tokens=None):
+    def forward(self, params, x, targets=None, acts=None, pos=None, loss_tokens=None, key=None):
         cfg = self.cfg
         B, T, D = x.shape
         lin = acts.linear if acts is not None else _linear
+        mm = self._matmul
         h = layer_norm(x, params["ln1.weight"], params["ln1.bias"], cfg.norm_eps)
-        qkv = lin("qkv", h, params["qkv.weight"], params["qkv.bias"])
+        qkv = mm(lin, "qkv", "qkv", h, params, key)
         q, k, v = qkv.view(B, T, 3, cfg.n_head, cfg.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         mask = attention_mask(pos, T, None, x.device)
         a = causal_attention(q, k, v, mask).transpose(1, 2).reshape(B, T, D)
-        x = x + lin("proj", a, params["proj.weight"], params["proj.bias"])
+        x = x + mm(lin, "proj", "proj", a, params, key)
         h = layer_norm(x, params["ln2.weight"], params["ln2.bias"], cfg.norm_eps)
-        h = F.gelu(lin("fc1", h, params["fc1.weight"], params["fc1.bias"]), approximate="tanh")
-        return x + lin("fc2", h, params["fc2.weight"], params["fc2.bias"])
+        h = F.gelu(mm(lin, "fc1", "fc1", h, params, key), approximate="tanh")
+        return x + mm(lin, "fc2", "fc2", h, params, key)
 
 
 class LlamaBlock(Stage):
@@ -195,15 +210,16 @@ class LlamaBlock(Stage):
             self._rope[key] = rope_tables(T, self.cfg.head_dim, self.cfg.rope_theta, device, self.cfg.rope_scaling)
         return self._rope[key]
 
-    def forward(self, params, x, targets=None, acts=None, pos=None, loss_tokens=None):
+    def forward(self, params, x, targets=None, acts=None, pos=None, loss_tokens=None, key=None):
         cfg = self.cfg
         B, T, D = x.shape
         hd = cfg.head_dim
         lin = acts.linear if acts is not None else _linear
+        mm = self._matmul
         h = rms_norm(x, params["attn_norm.weight"], cfg.norm_eps)
-        q = lin("qkv", h, params["q.weight"], params.get("q.bias")).view(B, T, cfg.n_head, hd)
-        k = lin("qkv", h, params["k.weight"], params.get("k.bias")).view(B, T, cfg.kv_heads, hd)
-        v = lin("qkv", h, params["v.weight"], params.get("v.bias")).view(B, T, cfg.kv_heads, hd).transpose(1, 2)
+        q = mm(lin, "qkv", "q", h, params, key).view(B, T, cfg.n_head, hd)
+        k = mm(lin, "qkv", "k", h, params, key).view(B, T, cfg.kv_heads, hd)
+        v = mm(lin, "qkv", "v", h, params, key).view(B, T, cfg.kv_heads, hd).transpose(1, 2)
         if cfg.qk_norm:
             q, k = rms_norm(q, params["q_norm.weight"], cfg.norm_eps), rms_norm(k, params["k_norm.weight"], cfg.norm_eps)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
@@ -212,10 +228,10 @@ class LlamaBlock(Stage):
             cos, sin = cos[pos][:, None], sin[pos][:, None]
         mask = attention_mask(pos, T, cfg.sliding_window, x.device)
         a = causal_attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, mask)
-        x = x + lin("proj", a.transpose(1, 2).reshape(B, T, cfg.q_width), params["o.weight"])
+        x = x + mm(lin, "proj", "o", a.transpose(1, 2).reshape(B, T, cfg.q_width), params, key)
         h = rms_norm(x, params["mlp_norm.weight"], cfg.norm_eps)
-        h = F.silu(lin("fc1", h, params["gate.weight"])) * lin("fc1", h, params["up.weight"])
-        return x + lin("fc2", h, params["down.weight"])
+        h = F.silu(mm(lin, "fc1", "gate", h, params, key)) * mm(lin, "fc1", "up", h, params, key)
+        return x + mm(lin, "fc2", "down", h, params, key)
 
 
 class HeadStage(Stage):
@@ -238,7 +254,7 @@ class HeadStage(Stage):
     def matmul_params(self) -> int:
         return self.cfg.vocab_size * self.cfg.d_model
 
-    def forward(self, params, x, targets=None, acts=None, pos=None, loss_tokens=None):
+    def forward(self, params, x, targets=None, acts=None, pos=None, loss_tokens=None, key=None):
         if "norm.bias" in params:
             h = layer_norm(x, params["norm.weight"], params["norm.bias"], self.cfg.norm_eps)
         else:

@@ -27,6 +27,7 @@ from fuyou.optim.compressed import StateFormat, decode_state, new_state, referen
 from fuyou.policy import stage_input_dtypes
 from fuyou.trainer import StepStats
 from fuyou.models import StageModel
+from fuyou.models.lora import attach, dropout_key, init_adapters
 from fuyou.optim.schedule import lr_of
 
 
@@ -89,12 +90,18 @@ class ReferenceTrainer:
         self.model = StageModel(cfg.model)
         check_in_memory_fits(cfg, self.model, self.device)
         init = init_values or (lambda stage: stage.init_params(cfg.train.seed))
+        self.lora = attach(self.model, cfg.lora)  # LoRA: the base is frozen, the adapters train
         self.params = {
-            k: v.to(self.device).requires_grad_(True) for st in self.model.stages for k, v in init(st).items()
+            k: v.to(self.device).requires_grad_(not self.lora) for st in self.model.stages for k, v in init(st).items()
         }
+        self.adapters = {k: v.to(self.device).requires_grad_(True) for st in self.model.stages
+                         for k, v in init_adapters(st, cfg.lora, cfg.train.seed).items()}
         o = cfg.optim
         self.fmt = StateFormat.of(o)
-        if self.fmt.exact:
+        if self.lora:  # the adapters are matrices: weight decay applies to them (as transformers' Trainer does)
+            self.opt = torch.optim.AdamW([{"params": list(self.adapters.values()), "weight_decay": o.weight_decay}],
+                                         lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=True)
+        elif self.fmt.exact:
             self.opt = torch.optim.AdamW(
                 param_groups(self.model, self.params, o.weight_decay),
                 lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=True,
@@ -132,27 +139,30 @@ class ReferenceTrainer:
         # A tied LM head reads its weight through a leaf of its own: its gradient and the embedding's
         # are summed over the micro-batches separately and added once (``_add_shared_grads``), the
         # order the layer-major engine can follow without keeping a gradient per micro-batch.
-        shared = {g: self.params[g].detach().requires_grad_(True) for g in head.shared.values()}
+        shared = {g: self.params[g].detach().requires_grad_(not self.lora) for g in head.shared.values()}
         batches = [self.batches.batch(step * t.grad_accum + j) for j in range(t.grad_accum)]
         n_loss = sum(b.loss_tokens for b in batches)  # each token with a target weighs 1 / n_loss
-        for b in batches:
+        weights = {**self.params, **self.adapters}
+        for j, b in enumerate(batches):
             x, y = b.tokens.to(self.device), b.targets.to(self.device)
             pos = None if b.positions is None else b.positions.to(self.device)
+            key = dropout_key(t.seed, step, j)
             with autocast(self.device, t.precision):
                 h = x
                 for s in self.model.stages[:-1]:
                     if s.index - 1 in self.rounded:  # a block whose checkpoint is bf16
                         h = round_stage_input(h, self.rounded[s.index - 1])
-                    h = s.forward(s.bind(self.params), h, pos=pos)
+                    h = s.forward(s.bind(weights), h, pos=pos, key=key)
                     if s.index == 0:
                         h = h.float()  # the residual stream is fp32, as in the engine
-                loss = head.forward(head.bind({**self.params, **shared}), h, y, loss_tokens=n_loss)
+                loss = head.forward(head.bind({**weights, **shared}), h, y, loss_tokens=n_loss)
             loss.backward()
             total += loss.detach()
         self._add_shared_grads(shared)
         grad_norm = None
         if t.grad_clip is not None:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(list(self.params.values()), t.grad_clip))
+            trained = self.adapters if self.lora else self.params
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(list(trained.values()), t.grad_clip))
         lr = lr_of(self.cfg, step)
         for g in self.opt.param_groups:
             if isinstance(g["lr"], Tensor):  # optimizers that keep lr as a tensor (torchao's) update it in place
@@ -183,14 +193,18 @@ class ReferenceTrainer:
         for b in self.eval_batches:  # a mean over the held-out tokens with a target, as in training
             pos = None if b.positions is None else b.positions.to(self.device)
             with autocast(self.device, self.cfg.train.precision):
-                total += float(self.model.forward_loss(self.params, b.tokens.to(self.device), b.targets.to(self.device),
-                                                       pos=pos, loss_tokens=1))
+                total += float(self.model.forward_loss({**self.params, **self.adapters}, b.tokens.to(self.device),
+                                                       b.targets.to(self.device), pos=pos, loss_tokens=1))
             count += b.loss_tokens
         return total / count
 
     def state(self) -> dict[str, Tensor]:
-        """Weights by global key (fp32)."""
-        return {k: v.detach() for k, v in self.params.items()}
+        """Weights by global key (fp32); with LoRA the adapters' too."""
+        return {k: v.detach() for k, v in {**self.params, **self.adapters}.items()}
+
+    def adapter_state(self) -> dict[str, Tensor]:
+        """LoRA's adapters by global key (fp32)."""
+        return {k: v.detach() for k, v in self.adapters.items()}
 
     def master_chunks(self):
         """The fp32 weights as one flat stream, in parameter order (for ``write_safetensors``)."""
@@ -204,7 +218,7 @@ class ReferenceTrainer:
         """Adam moments by global key: {"exp_avg": ..., "exp_avg_sq": ...}."""
         if not self.fmt.exact:
             return self.opt.moments()
-        by_id = {id(p): k for k, p in self.params.items()}
+        by_id = {id(p): k for k, p in {**self.params, **self.adapters}.items()}
         return {by_id[id(p)]: {"exp_avg": s["exp_avg"], "exp_avg_sq": s["exp_avg_sq"]} for p, s in self.opt.state.items()}
 
 

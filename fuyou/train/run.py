@@ -42,9 +42,16 @@ def make_run_dir(cfg: FuyouConfig, path: Path | None = None) -> Path:
     return path
 
 
+ADAPTER_FILE = "adapter.safetensors"
+
+
 def save_weights(path: Path, trainer, cfg: FuyouConfig) -> Path:
-    """fp32 weights by global key (shared parameters once, at their owner) into model.safetensors."""
+    """fp32 weights by global key (shared parameters once, at their owner) into model.safetensors; with
+    LoRA, the adapters by global key into adapter.safetensors (the base is model.init_from's)."""
     from fuyou.models import StageModel
+
+    if cfg.lora.enabled:
+        return save_adapters(path, trainer.adapter_state(), cfg)
 
     specs = StageModel(cfg.model).param_specs()
     chunks = trainer.master_chunks()
@@ -81,6 +88,26 @@ def save_snapshot(run_dir: Path, trainer, cfg: FuyouConfig, steps: int) -> Path:
     for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-cfg.train.keep_snapshots]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def save_adapters(path: Path, adapters: dict, cfg: FuyouConfig) -> Path:
+    """LoRA's adapters (fp32, fuyou's keys) with the model and LoRA settings in the metadata; atomic."""
+    import os
+
+    from safetensors.torch import save
+
+    data = save({k: v.contiguous() for k, v in adapters.items()},
+                metadata={"fuyou_model": json.dumps(cfg.model.model_dump()), "fuyou_lora": json.dumps(cfg.lora.model_dump())})
+    out, tmp = path / ADAPTER_FILE, path / f".{ADAPTER_FILE}.tmp"
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, out)
+    except OSError as e:
+        raise SaveError(f"writing {out} failed ({e.strerror or e}); free space or fix the disk") from e
+    return out
 
 
 class SaveError(FuyouError):

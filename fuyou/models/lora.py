@@ -1,0 +1,168 @@
+"""LoRA: low-rank adapters on a frozen base, with PEFT's meaning.
+
+A targeted matmul ``y = x W^T + b`` becomes ``y + scale * B(A(dropout(x)))`` with ``A`` of shape
+(rank, in) and ``B`` (out, rank), ``scale = alpha / rank`` (``alpha / sqrt(rank)`` with rsLoRA), as in
+PEFT's ``LoraLayer``. Only ``A`` and ``B`` train; the base weights are read, never updated, so they need
+no master copy, no moments and no gradient (``fuyou.engine.engine`` in LoRA mode).
+
+Targets are the module names users write for PEFT (``lora.targets``): Llama/Qwen/Mistral ``q_proj``,
+``k_proj``, ``v_proj``, ``o_proj``, ``gate_proj``, ``up_proj``, ``down_proj``; GPT-2 ``c_attn``,
+``c_fc``, ``c_proj`` (both the attention's and the MLP's, as PEFT's suffix match takes both;
+``attn.c_proj`` / ``mlp.c_proj`` for one); ``all-linear`` (every block matmul; never the LM head or the
+embedding, as in PEFT); fuyou's own names (``q``, ``qkv``, ``fc1``, ...) work too.
+
+Initialisation (``lora.init``): ``default`` is PEFT's: A ~ kaiming-uniform with a = sqrt(5), which is
+U(-1/sqrt(in), 1/sqrt(in)), and B = 0 (the model starts as the base); ``gaussian``: A ~ N(0, 1/rank).
+Each adapter is drawn from a generator seeded by (seed, stage, name): the same values whatever the
+engine or the tier.
+
+Dropout draws its mask from a generator seeded by (key, stage, name), where the trainers' key is a
+function of (seed, step, micro-batch): recomputation in backward redraws the same mask, and a resumed
+run the same masks as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from torch import Tensor
+
+from fuyou.errors import ConfigError
+
+
+class LoRAConfig(BaseModel):
+    """Low-rank adapters (module docstring). ``rank = 0``: full fine-tuning (no adapters)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    rank: int = Field(0, ge=0, description="Adapter rank r; 0 turns LoRA off (every weight trains).")
+    alpha: float = Field(16.0, gt=0, description="Scale numerator: the update is alpha / r x B A x (PEFT's lora_alpha).")
+    targets: list[str] | None = Field(
+        None, description="Matmuls that get adapters: Hugging Face module names (q_proj, k_proj, v_proj, o_proj, "
+        "gate_proj, up_proj, down_proj; GPT-2 c_attn, c_proj, c_fc), 'all-linear', or fuyou's names; unset: "
+        "PEFT's defaults (q_proj and v_proj; GPT-2's c_attn).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapters' input (PEFT's lora_dropout).")
+    use_rslora: bool = Field(False, description="Scale by alpha / sqrt(r) (rank-stabilised LoRA) instead of alpha / r.")
+    init: Literal["default", "gaussian"] = Field(
+        "default", description="A's initialisation: PEFT's default (kaiming-uniform, a=sqrt(5)) or 'gaussian' "
+        "(N(0, 1/r)); B starts at zero either way.")
+
+    @field_validator("targets", mode="before")
+    @classmethod
+    def _one_target(cls, v):
+        return [v] if isinstance(v, str) else v
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+
+
+# Hugging Face module name -> fuyou's matmul weights (local names in a block), per family.
+HF_TARGETS = {
+    "llama": {"q_proj": ["q"], "k_proj": ["k"], "v_proj": ["v"], "o_proj": ["o"], "gate_proj": ["gate"],
+              "up_proj": ["up"], "down_proj": ["down"]},
+    "gpt": {"c_attn": ["qkv"], "c_proj": ["proj", "fc2"], "attn.c_proj": ["proj"], "mlp.c_proj": ["fc2"],
+            "c_fc": ["fc1"]},
+}
+ALL_LINEAR = {"llama": ["q", "k", "v", "o", "gate", "up", "down"], "gpt": ["qkv", "proj", "fc1", "fc2"]}
+# fuyou's matmul -> its Hugging Face module path within a layer (PEFT's adapter names)
+HF_MODULE = {
+    "llama": {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+              "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"},
+    "gpt": {"qkv": "attn.c_attn", "proj": "attn.c_proj", "fc1": "mlp.c_fc", "fc2": "mlp.c_proj"},
+}
+
+
+DEFAULT_TARGETS = {"llama": ["q_proj", "v_proj"], "gpt": ["c_attn"]}  # PEFT's for these architectures
+
+
+def resolve_targets(family: str, targets: list[str] | None) -> list[str]:
+    """fuyou's matmul names (in block order) for ``lora.targets``, or a ConfigError naming the choices."""
+    chosen: set[str] = set()
+    targets = DEFAULT_TARGETS[family] if targets is None else targets
+    if not targets:
+        raise ConfigError("lora.targets is empty; name the matmuls to adapt (e.g. ['q_proj', 'v_proj'] or 'all-linear')")
+    for t in targets:
+        if t == "all-linear":
+            chosen.update(ALL_LINEAR[family])
+        elif t in HF_TARGETS[family]:
+            chosen.update(HF_TARGETS[family][t])
+        elif t in ALL_LINEAR[family]:
+            chosen.add(t)
+        else:
+            names = sorted(HF_TARGETS[family]) + ["all-linear"] + ALL_LINEAR[family]
+            raise ConfigError(f"lora.targets: {t!r} is no matmul of a {family} block; choose from {', '.join(names)}")
+    return [n for n in ALL_LINEAR[family] if n in chosen]
+
+
+@dataclass(frozen=True)
+class LoRASettings:
+    """What a block needs to apply its adapters: the scale and the dropout probability."""
+
+    scale: float
+    dropout: float
+
+    def delta(self, stage_index: int, name: str, x: Tensor, a: Tensor, b: Tensor, key: int | None) -> Tensor:
+        """``scale * B(A(dropout(x)))``; dropout only when ``key`` is given (training)."""
+        if self.dropout > 0 and key is not None:
+            gen = torch.Generator(device=x.device)
+            gen.manual_seed(_mix(key, stage_index, name))
+            keep = torch.rand(x.shape, generator=gen, device=x.device) >= self.dropout
+            x = x * keep.to(x.dtype) * (1.0 / (1.0 - self.dropout))
+        return F.linear(F.linear(x, a), b) * self.scale
+
+
+def _mix(key: int, stage_index: int, name: str) -> int:
+    h = (key * 1_000_003 + stage_index) * 1_000_033 + sum(ord(c) * 31**i for i, c in enumerate(name))
+    return h % (2**63 - 1)
+
+
+def dropout_key(seed: int, step: int, micro_batch: int) -> int:
+    """The dropout key of one micro-batch of one step (module docstring)."""
+    return (seed * 7_919 + step) * 4_099 + micro_batch
+
+
+def attach(model, cfg: LoRAConfig) -> list[str]:
+    """Give every block of ``model`` (a ``StageModel``) its adapter shapes (``Stage.adapters``) and
+    settings; returns the targeted matmuls. A no-op when LoRA is off."""
+    from fuyou.models.stages import ParamSpec
+
+    if not cfg.enabled:
+        return []
+    names = resolve_targets(model.cfg.family, cfg.targets)
+    settings = LoRASettings(cfg.scale, cfg.dropout)
+    for st in model.stages[1:-1]:
+        for n in names:
+            out, inp = st.params[f"{n}.weight"].shape
+            if cfg.rank > min(out, inp):
+                raise ConfigError(f"lora.rank={cfg.rank} exceeds the smaller side of {n} ({out} x {inp})")
+            st.adapters[f"{n}.lora_A"] = ParamSpec((cfg.rank, inp), "lora_a", decay=False)
+            st.adapters[f"{n}.lora_B"] = ParamSpec((out, cfg.rank), "zeros", decay=False)
+        st.lora = settings
+    return names
+
+
+def init_adapters(stage, cfg: LoRAConfig, seed: int) -> dict[str, Tensor]:
+    """A stage's adapters by global key, fp32 (module docstring)."""
+    out = {}
+    for local, spec in stage.adapters.items():
+        if spec.init == "zeros":
+            out[stage.key(local)] = torch.zeros(spec.shape)
+            continue
+        gen = torch.Generator().manual_seed(_mix(seed, stage.index, local))
+        if cfg.init == "gaussian":
+            t = torch.empty(spec.shape).normal_(0.0, 1.0 / cfg.rank, generator=gen)
+        else:
+            bound = 1.0 / math.sqrt(spec.shape[1])
+            t = torch.empty(spec.shape).uniform_(-bound, bound, generator=gen)
+        out[stage.key(local)] = t
+    return out
