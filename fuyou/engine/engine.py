@@ -323,6 +323,7 @@ class Engine:
             self.streamer.drain()
             raise
         if self.lora:
+            self._step_index = step
             grad_norm = self._lora_update(lr)
         else:
             grad_norm = self._finish_clipping(lr, step) if self.clipping else None
@@ -508,6 +509,7 @@ class Engine:
         norm = None
         if self.clipping:
             norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.train.grad_clip))
+        fault("optimizer", self._step_index)
         for g in self.lora_opt.param_groups:
             g["lr"] = lr
         self.lora_opt.step()
