@@ -102,15 +102,25 @@ def _add_hf_parsers(sub) -> None:
     im.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory to create (new or empty)")
     im.set_defaults(func=_import)
 
-    ex = sub.add_parser("export", help="write a run's weights as a Hugging Face model directory",
+    ex = sub.add_parser("export", help="write a run's weights as a Hugging Face model directory (a LoRA run: "
+                        "a PEFT adapter, or with --merge the merged model)",
                         description="Write RUN_DIR/model.safetensors as sharded Hugging Face safetensors with "
                         "config.json and the tokenizer files of the model the run started from, loadable with "
-                        "transformers.AutoModelForCausalLM.from_pretrained(HF_DIR). Memory is bounded by a shard.")
-    ex.add_argument("run_dir", metavar="RUN_DIR", help="a finished run directory or one made by `fuyou import`")
+                        "transformers.AutoModelForCausalLM.from_pretrained(HF_DIR). Memory is bounded by a shard. "
+                        "A LoRA run (RUN_DIR/adapter.safetensors) is written as a PEFT adapter directory "
+                        "(adapter_config.json, adapter_model.safetensors and the tokenizer files), loadable with "
+                        "peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), HF_DIR) where "
+                        "BASE is the run's model.init_from; with --merge, as the base with the adapters merged "
+                        "into its weights: a full model directory as above, no PEFT needed.")
+    ex.add_argument("run_dir", metavar="RUN_DIR", help="a finished run directory, a snapshot "
+                    "(RUN_DIR/snapshots/step-N) or one made by `fuyou import`")
     ex.add_argument("--out", required=True, metavar="HF_DIR", help="output directory (new or empty)")
     ex.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
                     help="dtype of the written weights (default fp32, the master weights as they are; bf16 halves the size)")
     ex.add_argument("--shard-size", default="2GiB", help="largest shard, e.g. 2GiB, 5GB (default 2GiB)")
+    ex.add_argument("--merge", action="store_true",
+                    help="LoRA runs: write the base model with the adapters merged (W + scale * B @ A) as a full "
+                    "Hugging Face model directory instead of a PEFT adapter directory")
     ex.set_defaults(func=_export)
 
 
@@ -127,8 +137,9 @@ def _export(args) -> int:
     from fuyou.units import parse_size
 
     _check_out_dir(args.out)
-    files = export_run_dir(args.run_dir, args.out, args.dtype, parse_size(args.shard_size))
-    print(f"exported {args.run_dir} to {args.out} ({args.dtype}): {', '.join(files)}")
+    files = export_run_dir(args.run_dir, args.out, args.dtype, parse_size(args.shard_size), merge=args.merge)
+    kind = " as a PEFT adapter" if "adapter_config.json" in files else " merged" if args.merge else ""
+    print(f"exported {args.run_dir} to {args.out}{kind} ({args.dtype}): {', '.join(files)}")
     return 0
 
 
@@ -140,7 +151,8 @@ def _add_planner_parsers(sub) -> None:
     pl.add_argument("--model", default="gpt3-13b", help="model preset (see `fuyou models`), or a path: a Hugging "
                     "Face config.json or model directory, or a fuyou run directory (no weights are read)")
     pl.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE",
-                    help="overrides, as for fuyou train: model fields (model.n_layer=48), engine settings "
+                    help="overrides, as for fuyou train: model fields (model.n_layer=48), LoRA (lora.rank=16 "
+                    "lora.targets=all-linear), engine settings "
                     "(offload.checkpoint_dtype=auto), train.precision, and the optimizer state's format "
                     "(optim.master=bf16 optim.moments=int8)")
     pl.add_argument("--batch", type=int, help="micro-batch size (sequences; default 16, or with --global-batch "
@@ -240,7 +252,7 @@ def _global_batch(args) -> tuple[int, int] | None:
     return None
 
 
-PLAN_SECTIONS = ("model", "offload", "train.precision", "optim.master", "optim.moments")
+PLAN_SECTIONS = ("model", "offload", "train.precision", "optim.master", "optim.moments", "lora")
 
 
 def _plan_model_fields(model: str, overrides: list[str]) -> tuple[dict, dict]:
@@ -268,9 +280,9 @@ def _plan_model_fields(model: str, overrides: list[str]) -> tuple[dict, dict]:
         key, sep, text = item.partition("=")
         section, _, name = key.strip().partition(".")
         if not sep or not name or not (section in PLAN_SECTIONS or key.strip() in PLAN_SECTIONS):
-            raise ConfigError(f"plan override {item!r}: plan takes model.KEY=VALUE, offload.KEY=VALUE, train.precision, "
-                              f"optim.master and optim.moments overrides (the batch, sequence and hardware have their "
-                              f"own flags)")
+            raise ConfigError(f"plan override {item!r}: plan takes model.KEY=VALUE, offload.KEY=VALUE, lora.KEY=VALUE, "
+                              f"train.precision, optim.master and optim.moments overrides (the batch, sequence and "
+                              f"hardware have their own flags)")
         if section == "model":
             fields[name] = _parse_value(text.strip())
         else:
@@ -336,8 +348,17 @@ def _plan(args) -> int:
         fmt = StateFormat(**other.get("optim", {}))
     except (TypeError, ValueError) as e:
         raise ConfigError(f"invalid optim override: {e}") from None
+    from fuyou.models.lora import LoRAConfig, resolve_targets
+
+    try:
+        lora = LoRAConfig(**other.get("lora", {}))
+        resolve_targets(cfg.family, lora.targets)
+    except ValueError as e:
+        raise ConfigError(f"invalid lora override: {e}") from None
+    if lora.enabled and not fmt.exact:
+        raise ConfigError("optim.master/optim.moments apply to full fine-tuning; LoRA keeps the adapters' state in memory")
     w = Workload(cfg, args.batch or 16, args.seq, grad_accum=args.grad_accum or 1, offload=off, grad_clip=clip,
-                 csize=2 if precision == "bf16" else 4, fmt=fmt)
+                 csize=2 if precision == "bf16" else 4, fmt=fmt, lora=lora)
     policy = None
     if args.act_policy:
         policy = parse_act_policy(args.act_policy, cfg.n_layer, prefetch_depth=args.prefetch_depth or 2)

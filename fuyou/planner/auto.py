@@ -36,7 +36,7 @@ def plan_config(cfg: FuyouConfig, run_dir: Path, stream=None) -> FuyouConfig:
         hw_cfg = hw_cfg.model_copy(update={"profile": str(path)})
     hw = resolve(hw_cfg)
     w = Workload(cfg.model, cfg.train.micro_batch_size, cfg.data.seq_len, offload=off, grad_accum=cfg.train.grad_accum,
-                 csize=2 if cfg.train.precision == "bf16" else 4)
+                 csize=2 if cfg.train.precision == "bf16" else 4, lora=cfg.lora)
     split = cfg.train.global_batch if cfg.train._auto_split else None
     plan = search(w, hw, off.cpu_mem) if split is None else search_split(w, hw, off.cpu_mem, split)
     print(text(plan), file=stream, flush=True)

@@ -18,6 +18,7 @@ import torch
 from fuyou.engine.budget import class_widths, device_working_bytes
 from fuyou.engine.config import OffloadConfig
 from fuyou.models import ModelConfig, StageModel
+from fuyou.models.lora import LoRAConfig, attach
 from fuyou.optim.compressed import StateFormat
 from fuyou.policy import CLASSES, DTYPE_BYTES, ActivationPolicy, BlockPolicy, default_checkpoint_dtype
 from fuyou.store import StoreConfig
@@ -36,10 +37,15 @@ class Workload:
     store: StoreConfig = field(default_factory=StoreConfig)
     grad_clip: float | None = 1.0  # exact clipping (speculative updates, gradients saved to SSD) or None
     fmt: StateFormat = field(default_factory=StateFormat)  # how the optimizer state is stored
+    lora: LoRAConfig | None = None  # LoRA: a read-only base, adapters and their AdamW on the device
 
     def __post_init__(self):
         self.stage_model = StageModel(self.model)
         self.numels = [s.num_params for s in self.stage_model.stages]
+        attach(self.stage_model, self.lora or LoRAConfig())
+        # LoRA (fuyou.engine.lora_state): the adapters' parameters; None: full fine-tuning
+        self.lora_params = (sum(p.numel for st in self.stage_model.stages for p in st.adapters.values())
+                            if self.lora is not None and self.lora.enabled else None)
         self.tied = bool(self.stage_model.stages[-1].shared)
         self.gsize = 4 if self.grad_accum > 1 else self.csize
         self.chunk = self.fmt.chunk_elements(self.offload.optimizer_chunk, self.store.checksum_block)
@@ -50,7 +56,7 @@ class Workload:
         return cls(cfg.model, cfg.train.micro_batch_size, cfg.data.seq_len, cfg.offload, cfg.train.grad_accum,
                    2 if cfg.train.precision == "bf16" else 4,
                    StoreConfig(queue_depth=cfg.offload.io_threads, verify_checksums=cfg.offload.verify_checksums),
-                   cfg.train.grad_clip, StateFormat.of(cfg.optim))
+                   cfg.train.grad_clip, StateFormat.of(cfg.optim), cfg.lora)
 
     @property
     def master_is_weights(self) -> bool:
@@ -97,11 +103,13 @@ class StageCost:
     def recompute_flops(self, kept: set[str]) -> float:
         return self.fwd_flops - sum(f for c, f in self.class_flops.items() if c in kept)
 
-    def backward_flops(self, kept: set[str]) -> float:
-        """The engine's backward task: recompute (less what is kept) plus backward (2x forward)."""
+    def backward_flops(self, kept: set[str], frozen: bool = False) -> float:
+        """The engine's backward task: recompute (less what is kept) plus backward (2x forward: the
+        gradients of the input and of the weights; ``frozen`` (LoRA's base): the input's only, 1x)."""
+        grads = 1 if frozen else 2
         if self.kind == "head":
-            return 3 * self.fwd_flops
-        return self.recompute_flops(kept) + 2 * self.fwd_flops
+            return (1 + grads) * self.fwd_flops
+        return self.recompute_flops(kept) + grads * self.fwd_flops
 
 
 def stage_costs(w: Workload) -> list[StageCost]:
@@ -165,6 +173,9 @@ def step_bytes(w: Workload, cached: set[int], resident: set[int] | frozenset = f
         uses[0] += 1
     for i, n in enumerate(w.numels):
         h2d += uses[i] * n * w.csize
+        if w.lora_params is not None:  # LoRA: the base is only read; nothing is written or leaves the device
+            reads += 0 if i in cached else uses[i] * n * w.csize
+            continue
         clip = w.grad_clip is not None
         state = w.fmt.state_bytes(n)
         reads += (0 if i in resident else state) + (0 if i in cached else uses[i] * n * w.csize)

@@ -77,7 +77,7 @@ def summary(plan: Plan) -> dict:
         "gpu_peak_bytes": ev.memory.device_required if hw.device == "cuda" else 0,
         "step_s": step, "tokens_per_s": w.tokens / step,
         "model_tflops": w.model_flops / step / 1e12, "gpu_busy": busy_gpu / step,
-        "grad_clip": w.grad_clip, "triggered_step_s": ev.triggered_step, "clipping_step_s": ev.clipping_step,
+        "grad_clip": w.grad_clip, "lora": w.lora_params is not None, "triggered_step_s": ev.triggered_step, "clipping_step_s": ev.clipping_step,
         "commit": off.commit if off.commit != "cow" else f"every {off.commit_every}" + (
             " step(s)" if off.commit_steps else ""),
         "commit_s_per_step": ev.commit_s, "commit_cost_s": ev.commit_cost_s, "steps_per_commit": ev.steps_per_commit,
@@ -93,6 +93,17 @@ def summary(plan: Plan) -> dict:
     return out
 
 
+def lora_line(w) -> str:
+    """What LoRA trains and keeps (the report's optimizer-state line)."""
+    from fuyou.models.lora import resolve_targets
+    from fuyou.units import format_size
+
+    names = resolve_targets(w.model.family, w.lora.targets)
+    return (f"LoRA rank {w.lora.rank} on {', '.join(names)}: {w.lora_params / 1e6:.3g}M adapter parameters "
+            f"({format_size(16 * w.lora_params)} with gradients and AdamW moments, on the GPU); the base is read-only "
+            f"(no master, moments or gradients)")
+
+
 def _wear(plan: Plan, step: float) -> dict:
     """The optimizer state's format and the SSD writes of a step (the simulated step's writes, the
     commits amortized), per hour, and with the drives' rated endurance how long they last at that rate."""
@@ -102,7 +113,8 @@ def _wear(plan: Plan, step: float) -> dict:
     if w.offload.commit == "cow" and w.offload.commit_steps != 1 and resident:
         per_step += w.fmt.state_bytes(resident) / max(ev.steps_per_commit, 1.0)  # the commit of resident state
     per_hour = per_step * 3600 / step
-    return {"state_format": w.fmt.describe(), "ssd_write_per_step_bytes": per_step, "ssd_write_per_hour_bytes": per_hour,
+    fmt = w.fmt.describe() if w.lora_params is None else lora_line(w)
+    return {"state_format": fmt, "ssd_write_per_step_bytes": per_step, "ssd_write_per_hour_bytes": per_hour,
             "ssd_tbw_bytes": hw.ssd_tbw, "ssd_life_hours": hw.ssd_tbw / per_hour if hw.ssd_tbw and per_hour else None}
 
 
@@ -211,7 +223,7 @@ def text(plan: Plan) -> str:
     out += [hdr, "-" * len(hdr)]
     for r in schedule_rows(plan):
         cls = " ".join(f"{r.get(c, '-'):<9}" for c in CLASSES)
-        state = "cpu" if r["optimizer state"].startswith("cpu") else "ssd"
+        state = "-" if plan.workload.lora_params is not None else "cpu" if r["optimizer state"].startswith("cpu") else "ssd"
         ckpt = r.get("checkpoint", "-") + ("/bf16" if r.get("checkpoint_dtype") == "bf16" else "")
         out.append(f"{r['stage']:<10} {ckpt:<8} {cls} {r['weights']:<9} {state:<8} "
                    + " ".join(f"{r['busy_s'][x]:>9.3g}" for x in ROWS))
@@ -241,6 +253,9 @@ def _split_lines(s: dict) -> list[str]:
 
 
 def _clip_line(s: dict) -> str:
+    if s.get("lora"):
+        clip = "none" if s["grad_clip"] is None else f"exact at {s['grad_clip']:g}"
+        return f"clipping            {clip}: the adapters' gradients and update are on the GPU, after backward"
     if s["grad_clip"] is None:
         return "clipping            none (train.grad_clip=none): updates overlap backward"
     return (f"clipping            exact at {s['grad_clip']:g}, speculative: updates overlap backward; the first step "

@@ -105,7 +105,7 @@ def memory_plan(w: Workload, hw: HardwareProfile, costs: list[StageCost], policy
         micro_batches=w.grad_accum, tied=w.tied, compute_on_cpu=not cuda,
         checkpoint_bytes=ckpt_bytes, working_bytes=gpu_working_bytes(w) if cuda else None,
         extra_cpu=extra_cpu, extra_device=extra_dev,
-        offtier_bytes=offtier_bytes(w.model, keep, w.batch, w.seq, w.csize), fmt=w.fmt)
+        offtier_bytes=offtier_bytes(w.model, keep, w.batch, w.seq, w.csize), fmt=w.fmt, lora_params=w.lora_params)
     ssd = sum(state_ssd_bytes(w, plan).values()) + pb["ssd"] + pb["ckpt_ssd"] + 64 * 1024**2
     return plan, ssd
 
@@ -115,6 +115,8 @@ def state_ssd_bytes(w: Workload, plan: MemoryPlan) -> dict[str, int]:
     commit mode, interval and clipping: Note: [State copies] in engine/layout.py), compute weights
     not cached, and gradients saved for exact clipping."""
     off, clip = w.offload, w.grad_clip is not None
+    if w.lora_params is not None:  # LoRA: every stage's base weights in the compute dtype, nothing else
+        return {"optimizer state copies": 0, "compute weights": w.csize * sum(w.numels), "saved gradients": 0}
     every = off.commit_steps == 1
     state = sum(w.fmt.state_bytes(n) * copies_needed(off.commit, every, clip and i not in plan.resident_stages)
                 for i, n in enumerate(w.numels))
@@ -286,6 +288,8 @@ def search(w: Workload, hw: HardwareProfile, cpu_budget: int, policy: Activation
         sims = {"twice the SSDs": with_more_ssds(hw, 2),
                 "twice the GPU throughput": hw.model_copy(update=dict(fwd_flops=2 * hw.fwd_flops, bwd_flops=2 * hw.bwd_flops)),
                 "twice the CPU Adam throughput": hw.model_copy(update=dict(cpu_adam=2 * hw.cpu_adam))}
+        if w.lora_params is not None:  # no CPU Adam in LoRA
+            del sims["twice the CPU Adam throughput"]
         if hw.device == "cuda":
             sims["twice the PCIe bandwidth"] = hw.model_copy(update=dict(h2d=2 * hw.h2d, d2h=2 * hw.d2h))
         for name, h in sims.items():
@@ -295,13 +299,14 @@ def search(w: Workload, hw: HardwareProfile, cpu_budget: int, policy: Activation
                                          ).step_time + best.commit_s
         # The engine's own settings: clipping and crash safety (each re-planned: they change memory).
         off = w.offload
-        variants = {"train.grad_clip=none": dict(grad_clip=None)} if w.grad_clip is not None else {}
+        variants = ({"train.grad_clip=none": dict(grad_clip=None)} if w.grad_clip is not None and w.lora_params is None
+                    else {})
         if off.commit == "cow" and off.commit_steps != 1:
             variants["offload.commit_every=1 (commit every step)"] = dict(offload=off.model_copy(update={"commit_every": 1}))
         if off.commit == "cow":
             variants["offload.commit=none (no resume)"] = dict(offload=off.model_copy(update={"commit": "none"}))
         # compressed optimizer state (fuyou/optim/compressed.py): fewer bytes per step where the SSD binds
-        for master, moments in (("fp32", "int8"), ("bf16", "int8")):
+        for master, moments in (("fp32", "int8"), ("bf16", "int8")) if w.lora_params is None else ():
             fmt = StateFormat(master, moments)
             if fmt.bytes_per_param() < w.fmt.bytes_per_param():
                 variants[f"optim.master={master} optim.moments={moments} ({fmt.bytes_per_param():.3g} B/param of "
@@ -371,7 +376,7 @@ def _fixes(w: Workload, hw: HardwareProfile, cpu_budget: int, failed: Evaluation
         b = w.batch
         while b > 1:
             b //= 2
-            w2 = Workload(w.model, b, w.seq, w.offload, w.grad_accum, w.csize, w.store)
+            w2 = dataclasses.replace(w, batch=b)
             if memory_plan(w2, hw, stage_costs(w2), lean, cpu_budget)[0].device_required <= hw.gpu_mem:
                 fixes.append(f"batch {b} (of sequence {w.seq}) fits the GPU's {format_size(hw.gpu_mem)}")
                 break

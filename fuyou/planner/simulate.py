@@ -265,7 +265,8 @@ def _simulate(w: Workload, costs: list[StageCost], hw: HardwareProfile, policy: 
     job_ends: list[int] = []                                      # last task of each AdamW job, in order
     prev_compute = None
     step_last_compute: list[int] = []
-    clipping = w.grad_clip is not None
+    lora = w.lora_params is not None  # the adapters' update on the device is too small to model
+    clipping = w.grad_clip is not None and not lora
     M = w.grad_accum
     head_pos = len(fwd) - 1
     for step in range(steps):
@@ -310,10 +311,11 @@ def _simulate(w: Workload, costs: list[StageCost], hw: HardwareProfile, policy: 
                 if pos < head_pos:
                     t = g.add(f"forward {c.name}", "compute", q_compute, c.fwd_flops / hw.fwd_flops, deps, step, c.name)
                 elif pos == head_pos:
-                    t = g.add("forward+backward head", "compute", q_compute, c.backward_flops(set()) / hw.bwd_flops,
-                              deps, step, c.name)
+                    t = g.add("forward+backward head", "compute", q_compute,
+                              c.backward_flops(set(), lora) / hw.bwd_flops, deps, step, c.name)
                 else:
-                    t = g.add(f"backward {c.name}", "compute", q_compute, c.backward_flops(kept) / hw.bwd_flops,
+                    t = g.add(f"backward {c.name}", "compute", q_compute,
+                              (0.0 if lora and c.kind == "embed" else c.backward_flops(kept, lora)) / hw.bwd_flops,
                               deps, step, c.name)
                 prev_compute = t
                 if c.kind == "block" and not backward:  # swap out what the policy keeps off the device
@@ -331,7 +333,7 @@ def _simulate(w: Workload, costs: list[StageCost], hw: HardwareProfile, policy: 
                             out.append((cls, b, tier))
                     swapped[(i, mb)] = out
             pos_ends.append(t)
-            if not (backward or pos == head_pos):
+            if lora or not (backward or pos == head_pos):  # LoRA: no gradient of the base, no AdamW job
                 continue
             # -- the stage's gradient (summed over the micro-batches) to the host, then the AdamW job
             gdep = [t]

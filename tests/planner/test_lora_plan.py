@@ -1,0 +1,49 @@
+"""The planner knows LoRA: a read-only base (no optimizer state, no SSD writes of weights, no gradients
+leaving the GPU), adapters and their AdamW state on the device, and the plan it makes."""
+
+from __future__ import annotations
+
+import pytest
+
+from fuyou.cli import main
+from fuyou.models.config import ModelConfig, preset
+from fuyou.models.lora import LoRAConfig
+from fuyou.planner.cost import Workload, step_bytes
+from fuyou.planner.hardware import HardwareConfig, resolve
+from fuyou.planner.search import search, state_ssd_bytes
+
+
+def workload(lora: LoRAConfig | None, model="llama3-70b"):
+    return Workload(ModelConfig(**preset(model)), 4, 1024, lora=lora)
+
+
+def test_lora_traffic_and_footprint():
+    full, lora = workload(None), workload(LoRAConfig(rank=16, targets=["all-linear"]))
+    b_full, b_lora = step_bytes(full, set()), step_bytes(lora, set())
+    assert b_lora["ssd_write"] == 0 and b_lora["d2h"] == 0
+    n = sum(full.numels)
+    assert b_full["ssd_read"] - b_lora["ssd_read"] == 12 * n  # the weights' loads only, not the 12 B/param of state
+    assert lora.lora_params == sum(16 * (a + b) for a, b in [(8192, 8192), (8192, 1024), (8192, 1024), (8192, 8192),
+                                                              (8192, 28672), (8192, 28672), (28672, 8192)]) * 80
+    plan = search(lora, resolve(HardwareConfig(gpu="rtx4090", ssd="1x990-pro")), 120 * 2**30)
+    assert plan.feasible
+    assert state_ssd_bytes(lora, plan.best.memory) == {"optimizer state copies": 0, "compute weights": 2 * n,
+                                                       "saved gradients": 0}
+    assert "LoRA adapters, gradients and AdamW moments" in plan.best.memory.device_items
+    assert not any(t.queue == "cpu-adam" for t in plan.best.sim.tasks if t.dur > 0)
+
+
+def test_fuyou_plan_takes_lora_overrides(capsys):
+    args = ["plan", "--model", "llama3.3-70b", "--gpu", "rtx4090", "--ssd", "1x990-pro", "--cpu-mem", "128GiB",
+            "--batch", "4", "--seq", "1024", "lora.rank=16", "lora.targets=all-linear"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "LoRA rank 16 on q, k, v, o, gate, up, down" in out and "the base is read-only" in out
+    assert "CPU Adam" not in out.split("what if")[1].splitlines()[0]
+    from fuyou.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="invalid lora override"):
+        main(args[:-2] + ["lora.rank=-1"])
+    with pytest.raises(ConfigError, match="c_attn"):
+        main(["plan", "--model", "gpt3-1.3b", "--gpu", "rtx4090", "--ssd", "1x990-pro", "--cpu-mem", "64GiB",
+              "lora.rank=8", "lora.targets=q_proj"])
