@@ -350,11 +350,15 @@ def _plan(args) -> int:
         raise ConfigError(f"invalid optim override: {e}") from None
     from fuyou.models.lora import LoRAConfig, resolve_targets
 
+    from pydantic import ValidationError
+
+    from fuyou.config import explain
+
     try:
         lora = LoRAConfig(**other.get("lora", {}))
-        resolve_targets(cfg.family, lora.targets)
-    except ValueError as e:
-        raise ConfigError(f"invalid lora override: {e}") from None
+    except ValidationError as e:
+        raise ConfigError(explain(e).replace("invalid configuration:", "invalid lora override:")) from None
+    resolve_targets(cfg.family, lora.targets)
     if lora.enabled and not fmt.exact:
         raise ConfigError("optim.master/optim.moments apply to full fine-tuning; LoRA keeps the adapters' state in memory")
     w = Workload(cfg, args.batch or 16, args.seq, grad_accum=args.grad_accum or 1, offload=off, grad_clip=clip,

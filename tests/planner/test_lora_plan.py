@@ -3,8 +3,6 @@ leaving the GPU), adapters and their AdamW state on the device, and the plan it 
 
 from __future__ import annotations
 
-import pytest
-
 from fuyou.cli import main
 from fuyou.models.config import ModelConfig, preset
 from fuyou.models.lora import LoRAConfig
@@ -40,10 +38,8 @@ def test_fuyou_plan_takes_lora_overrides(capsys):
     out = capsys.readouterr().out
     assert "LoRA rank 16 on q, k, v, o, gate, up, down" in out and "the base is read-only" in out
     assert "CPU Adam" not in out.split("what if")[1].splitlines()[0]
-    from fuyou.errors import ConfigError
-
-    with pytest.raises(ConfigError, match="invalid lora override"):
-        main(args[:-2] + ["lora.rank=-1"])
-    with pytest.raises(ConfigError, match="c_attn"):
-        main(["plan", "--model", "gpt3-1.3b", "--gpu", "rtx4090", "--ssd", "1x990-pro", "--cpu-mem", "64GiB",
-              "lora.rank=8", "lora.targets=q_proj"])
+    assert main(args[:-2] + ["lora.rank=-1"]) != 0
+    assert "invalid lora override" in capsys.readouterr().err
+    assert main(["plan", "--model", "gpt3-1.3b", "--gpu", "rtx4090", "--ssd", "1x990-pro", "--cpu-mem", "64GiB",
+                 "lora.rank=8", "lora.targets=q_proj"]) != 0
+    assert "c_attn" in capsys.readouterr().err
