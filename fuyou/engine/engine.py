@@ -769,7 +769,15 @@ class Engine:
         if self.dev.kind == "fake":
             lines.insert(0, "device: fake (train.device=fake): CPU compute through the engine's CUDA code paths, with "
                             "CUDA's asynchrony modelled and its stream and memory rules checked")
-        if self.clipping:
+        if self.lora:
+            n = self._adapter_numel()
+            lines.append(f"LoRA: rank {self.cfg.lora.rank} adapters on {', '.join(self.lora)} of every block, "
+                         f"{n:,} trainable parameters ({100 * n / self.model.num_params:.2f}% of the "
+                         f"{self.model.num_params:,} base parameters, which are read-only: no master, moments or "
+                         f"gradients); adapters, gradients and AdamW moments on {self.device}")
+            if self.clipping:
+                lines.append(f"exact clipping at {t.grad_clip} of the adapters' gradients, after backward")
+        elif self.clipping:
             lines.append(f"exact clipping at {t.grad_clip}: stages are updated speculatively during backward and "
                          f"redone from the previous state on steps whose gradient norm exceeds it (after such a "
                          f"step, updates wait for the norm instead: offload.clip_schedule={off.clip_schedule})")

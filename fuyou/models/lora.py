@@ -55,7 +55,10 @@ class LoRAConfig(BaseModel):
     @field_validator("targets", mode="before")
     @classmethod
     def _one_target(cls, v):
-        return [v] if isinstance(v, str) else v
+        """A string is one name or several: 'q_proj,v_proj' and '[q_proj, v_proj]' (the CLI's unquoted list)."""
+        if isinstance(v, str):
+            return [t.strip().strip("'\"") for t in v.strip().strip("[]").split(",") if t.strip()]
+        return v
 
     @property
     def enabled(self) -> bool:
