@@ -42,7 +42,7 @@ def make_run_dir(cfg: FuyouConfig, path: Path | None = None) -> Path:
     return path
 
 
-ADAPTER_FILE = "adapter.safetensors"
+ADAPTER_FILE = "adapter.safetensors"  # LoRA's adapters (fuyou.hf.peft reads it)
 
 
 def save_weights(path: Path, trainer, cfg: FuyouConfig) -> Path:
@@ -159,17 +159,29 @@ def record_resume(run_dir: Path, cfg: FuyouConfig, step: int, changed: dict[str,
 
 
 def export_run_dir(run_dir: str | Path, out_dir: str | Path, dtype: str = "fp32", shard_size: int = 2 * 1024**3,
-                   stream=None) -> list[str]:
+                   stream=None, merge: bool = False) -> list[str]:
     """``fuyou export``: a run directory (or a snapshot, or a ``fuyou import`` directory) as a Hugging
     Face model directory (``fuyou.hf.export_run``). An offloaded run without ``model.safetensors``,
     stopped or still training, exports its last commit from the SSD state (``fuyou.engine.committed``);
-    a failed export of it removes its half-written output."""
+    a failed export of it removes its half-written output. A LoRA run (``adapter.safetensors``, or the
+    last commit's adapters for one stopped before saving them) is written as a PEFT adapter directory,
+    or with ``merge`` as the base with the adapters merged in (``fuyou.hf.peft``)."""
     import shutil
     import sys
 
     from fuyou.hf import export_run
 
     run, out = Path(run_dir).expanduser(), Path(out_dir).expanduser()
+    adapters = lora_adapters(run, stream)
+    if adapters is not None:
+        from fuyou.hf.peft import write_merged, write_peft_adapter
+
+        if merge:
+            return write_merged(run, out, dtype, shard_size, adapters=adapters)
+        return write_peft_adapter(run, out, dtype, adapters=adapters, stream=stream)
+    if merge:
+        raise ConfigError(f"--merge merges a LoRA run's adapters into its base; {run} is no LoRA run (no "
+                          f"{ADAPTER_FILE}): export it without --merge")
     if (run / "model.safetensors").is_file() or not (run / "config.toml").is_file():
         return export_run(run, out, dtype, shard_size)
     from fuyou.engine.committed import CommittedWeights
@@ -187,6 +199,56 @@ def export_run_dir(run_dir: str | Path, out_dir: str | Path, dtype: str = "fp32"
         if created:
             shutil.rmtree(out, ignore_errors=True)
         raise
+
+
+def lora_adapters(run: Path, stream=None):
+    """The adapters ``fuyou export`` writes for ``run`` (a ``fuyou.hf.peft.Adapters``), None if it is
+    no LoRA run. A LoRA run stopped before it wrote ``adapter.safetensors`` exports the adapters of its
+    last commit (``fuyou.engine.lora_state``: the file the commit record names, checked by its SHA-256)."""
+    import hashlib
+    import sys
+
+    from fuyou.hf.peft import Adapters, base_path, read_adapters
+
+    if (run / ADAPTER_FILE).is_file():
+        return read_adapters(run)
+    if (run / "model.safetensors").is_file() or not (run / "config.toml").is_file():
+        return None
+    from fuyou.config import load_config
+
+    cfg = load_config(run / "config.toml", ["model.init_from=none"])
+    if not cfg.lora.enabled:
+        return None
+    missing = f"{run} is a LoRA run without {ADAPTER_FILE} (it stopped before saving its adapters)"
+    if cfg.offload.mode != "ssd" or cfg.offload.commit != "cow":
+        raise ConfigError(f"{missing} and kept no commits (offload.mode={cfg.offload.mode}, offload.commit="
+                          f"{cfg.offload.commit}): export a snapshot (RUN_DIR/snapshots/step-N) if it wrote one")
+    from fuyou.engine.commit import RECORD
+
+    state = Path(cfg.offload.ssd_dirs[0]) / f"{run.name}.fuyou-state"
+    hint = f"resume it (fuyou train --resume {run}) or export a snapshot (RUN_DIR/snapshots/step-N)"
+    for _ in range(3):  # a live run may replace its commit file between reading the record and the file
+        try:
+            rec = json.loads((state / RECORD).read_text())
+        except (OSError, ValueError):
+            raise ConfigError(f"{missing} and no readable commit in {state}: {hint}") from None
+        name = rec.get("lora_state")
+        try:
+            data = (state / name).read_bytes() if name else b""
+        except OSError:
+            continue
+        if name and hashlib.sha256(data).hexdigest() == rec.get("lora_sha256"):
+            break
+    else:
+        raise ConfigError(f"{missing} and the adapters its commit record in {state} names are missing or damaged: "
+                          f"{hint}")
+    from safetensors.torch import load
+
+    tensors = {k.removeprefix("adapter/"): v.float() for k, v in load(data).items() if k.startswith("adapter/")}
+    print(f"fuyou: {missing}: exporting the adapters of its last commit (step {rec['step']}) from {state}",
+          file=stream or sys.stderr)
+    return Adapters(tensors, rec.get("model") or cfg.model.model_dump(), rec.get("lora") or cfg.lora.model_dump(),
+                    base_path(run), cfg.train.seed, str(state / name))
 
 
 def import_checkpoint(hf_dir: str | Path, out_dir: str | Path) -> Path:

@@ -59,13 +59,17 @@ def hf_config(kind: str):
     raise ValueError(kind)
 
 
-def make_hf_model(path: Path, kind: str, tokenizer: bool = True) -> Path:
+def make_hf_model(path: Path, kind: str, tokenizer: bool = True, n_layer: int | None = None) -> Path:
     """Save a random ``kind`` model (every weight perturbed, so biases and norms are not 0/1) with
-    safetensors, and a byte-level BPE tokenizer trained on a few builtin documents."""
+    safetensors, and a byte-level BPE tokenizer trained on a few builtin documents. ``n_layer``: other
+    than ``hf_config``'s 2 layers."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(hf_config(kind)).eval()
+    config = hf_config(kind)
+    if n_layer is not None:
+        config.num_hidden_layers = n_layer  # GPT-2's n_layer is an alias of it
+    model = AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)

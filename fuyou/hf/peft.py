@@ -1,0 +1,267 @@
+"""A LoRA run's adapters for PEFT and transformers: ``fuyou export RUN_DIR --out DIR [--merge]``.
+
+A LoRA run (``lora.rank > 0``) saves only its adapters, ``RUN_DIR/adapter.safetensors`` (fp32, fuyou's
+keys ``block.{i}.{matmul}.lora_A`` (rank, in) and ``.lora_B`` (out, rank); the model and LoRA configs in
+the metadata), and a snapshot ``snapshots/step-N`` the same file. The base is the run's
+``model.init_from``, found by following ``config.toml``'s ``init_from`` through snapshots and earlier
+runs (``base_path``). Two exports:
+
+- **adapter** (default): a PEFT LoRA adapter directory, ``adapter_config.json`` and
+  ``adapter_model.safetensors``, plus the tokenizer files of the run's source. Load it with
+  ``peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), DIR)``; the config names
+  the base (``base_model_name_or_path``) when it is a Hugging Face directory (or a ``fuyou import`` of
+  one), so ``peft.AutoPeftModelForCausalLM.from_pretrained(DIR)`` works too. A few megabytes.
+- **merged** (``--merge``): the base with ``W + scale * B @ A`` in every adapted matmul, computed in fp32
+  one tensor at a time and written by ``fuyou.hf.export`` as a full Hugging Face model directory (the
+  base's size; no PEFT needed to load it).
+
+PEFT's conventions, as checked against peft 0.21 (``tests/hf/test_peft.py`` loads both exports):
+
+- Keys are the adapted module's path in the ``*ForCausalLM`` model under ``base_model.model.``, then
+  ``lora_A.weight`` / ``lora_B.weight``, without the adapter name ("default") that the live modules
+  carry: ``base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight``, GPT-2
+  ``base_model.model.transformer.h.3.attn.c_attn.lora_B.weight``.
+- ``lora_A``/``lora_B`` are ``nn.Linear`` whatever the base layer, so their weights are (r, in) and
+  (out, r) as fuyou's, GPT-2's ``Conv1D`` included: nothing is transposed. ``fan_in_fan_out = true``
+  (written for GPT-2) only tells PEFT to transpose ``B @ A`` when it merges into a Conv1D's (in, out)
+  weight; PEFT sets it itself for Conv1D, with a warning, when the config says false.
+- ``target_modules`` entries match a module whose name ends with ``.<entry>``, so GPT-2's
+  ``c_proj`` takes both the attention's and the MLP's; an export adapting only one writes
+  ``attn.c_proj`` or ``mlp.c_proj``. ``all-linear`` is written out as the module names it chose.
+- ``scale = lora_alpha / r`` (``/ sqrt(r)`` with ``use_rslora``), as in fuyou (``fuyou.models.lora``).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import Tensor
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+from fuyou.errors import ConfigError
+from fuyou.hf.export import DTYPES
+from fuyou.hf.source import copy_small_files, hf_files_dir
+from fuyou.hf.weights import hf_name
+
+ADAPTER_FILE = "adapter.safetensors"  # as fuyou.train.run.save_adapters names it
+PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+
+
+@dataclass
+class Adapters:
+    """A run's trained adapters: ``tensors`` by fuyou global key (fp32), the configs they were trained
+    with, ``base`` (the run's ``model.init_from``; None: a seeded random base, ``seed``) and where they
+    were read from (``origin``, for messages)."""
+
+    tensors: dict[str, Tensor]
+    model: dict
+    lora: dict
+    base: Path | None
+    seed: int
+    origin: str
+
+    @property
+    def family(self) -> str:
+        return self.model["family"]
+
+    @property
+    def scale(self) -> float:
+        from fuyou.models.lora import LoRAConfig
+
+        return LoRAConfig(**self.lora).scale
+
+    def matmuls(self) -> list[str]:
+        """fuyou's adapted matmul names, in block order (``fuyou.models.lora.ALL_LINEAR``)."""
+        from fuyou.models.lora import ALL_LINEAR
+
+        found = {k.split(".")[2] for k in self.tensors if k.endswith(".lora_A")}
+        return [n for n in ALL_LINEAR[self.family] if n in found]
+
+
+def read_adapters(run_dir: str | Path) -> Adapters:
+    """``run_dir/adapter.safetensors`` (a LoRA run or one of its snapshots) with its base, or a
+    ConfigError saying what is missing."""
+    from safetensors import SafetensorError, safe_open
+
+    run = Path(run_dir).expanduser()
+    file = run / ADAPTER_FILE
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k).float() for k in f.keys()}  # noqa: SIM118 (a file handle)
+    except (SafetensorError, OSError) as e:
+        raise ConfigError(f"cannot read {file}: {e}; the file may be truncated or corrupt") from e
+    if "fuyou_model" not in meta or "fuyou_lora" not in meta:
+        raise ConfigError(f"{file} was not written by fuyou (no fuyou_model / fuyou_lora metadata)")
+    return Adapters(tensors, json.loads(meta["fuyou_model"]), json.loads(meta["fuyou_lora"]), base_path(run),
+                    run_seed(run), str(file))
+
+
+def base_path(run: Path) -> Path | None:
+    """The weights a LoRA run adapted: its ``model.init_from``, followed through snapshots (whose
+    ``init_from`` is their run directory) and LoRA runs (which hold no weights) to a Hugging Face
+    directory or a fuyou directory with ``model.safetensors``. None: the run started from a seeded
+    random base. The path is returned even if it no longer exists (the adapter names it)."""
+    p = run
+    for _ in range(16):
+        init = _run_config(p).get("model", {}).get("init_from")
+        if not init:
+            return None
+        q = Path(init).expanduser()
+        if (q / "config.json").is_file() or (q / "model.safetensors").is_file() or not q.is_dir() \
+                or q.resolve() == p.resolve():
+            return q
+        p = q
+    raise ConfigError(f"{run}: model.init_from leads through more than 16 run directories; export from the base")
+
+
+def run_seed(run: Path) -> int:
+    """``train.seed`` of the run (a seeded random base is drawn from it)."""
+    from fuyou.train.config import TrainConfig
+
+    return int(_run_config(run).get("train", {}).get("seed", TrainConfig().seed))
+
+
+def _run_config(run: Path) -> dict:
+    """A run directory's ``config.toml`` as a dict ({} when it has none)."""
+    if not (run / "config.toml").is_file():
+        return {}
+    try:
+        return tomllib.loads((run / "config.toml").read_text())
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"cannot read {run / 'config.toml'}: {e}") from e
+
+
+def peft_names(adapters: Adapters) -> tuple[dict[str, str], list[str]]:
+    """({fuyou key: PEFT key}, target_modules) for ``adapters`` (module docstring)."""
+    from fuyou.models.lora import HF_MODULE
+
+    family = adapters.family
+    keys = {}
+    for k in adapters.tensors:
+        stem, _, which = k.rpartition(".")  # block.3.q, lora_A
+        module = hf_name(f"{stem}.weight", family)[0].removesuffix(".weight")
+        keys[k] = f"{PEFT_PREFIX}{module}.{which}.weight"
+    chosen = adapters.matmuls()
+    paths = HF_MODULE[family]
+    targets = []
+    for n in chosen:
+        leaf = paths[n].rpartition(".")[2]
+        same_leaf = [m for m, p in paths.items() if p.rpartition(".")[2] == leaf]
+        name = leaf if all(m in chosen for m in same_leaf) else paths[n]
+        if name not in targets:
+            targets.append(name)
+    return keys, targets
+
+
+def hf_base_name(base: Path | None) -> str | None:
+    """What ``base_model_name_or_path`` can name: a Hugging Face directory, or the one a ``fuyou import``
+    directory was converted from (its weights are that model's)."""
+    if base is None:
+        return None
+    if (base / "config.json").is_file():
+        return str(base.resolve())
+    if (base / "model.safetensors").is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(base / "model.safetensors"), framework="pt") as f:
+            src = (f.metadata() or {}).get("fuyou_source")
+        if src and (Path(src) / "config.json").is_file():
+            return src
+    return None
+
+
+def write_peft_adapter(run_dir: str | Path, out_dir: str | Path, dtype: str = "fp32",
+                       adapters: Adapters | None = None, stream=None) -> list[str]:
+    """A PEFT LoRA adapter directory from ``run_dir`` (module docstring); returns the files written.
+    ``adapters``: default ``read_adapters(run_dir)``."""
+    from safetensors.torch import save_file
+
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    run, out = Path(run_dir).expanduser(), Path(out_dir).expanduser()
+    _check_empty(out)
+    adapters = adapters or read_adapters(run)
+    keys, targets = peft_names(adapters)
+    base_name = hf_base_name(adapters.base)
+    if base_name is None:
+        what = f"{adapters.base} is a fuyou directory" if adapters.base else "the run trained on a random base"
+        print(f"fuyou: note: {what}, not a Hugging Face model: the adapter names no base model; load it onto "
+              f"the base exported with `fuyou export`, or export with --merge", file=stream or sys.stderr)
+    lora = adapters.lora
+    alpha = lora["alpha"]
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_name, "revision": None,
+        "r": lora["rank"], "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
+        "lora_dropout": lora["dropout"], "target_modules": targets, "use_rslora": lora["use_rslora"],
+        "init_lora_weights": "gaussian" if lora["init"] == "gaussian" else True,
+        "fan_in_fan_out": adapters.family == "gpt", "bias": "none", "lora_bias": False, "use_dora": False,
+        "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {},
+        "alpha_pattern": {}, "exclude_modules": None, "inference_mode": True,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    meta_dir = hf_files_dir(run)
+    written = copy_small_files(meta_dir, out, skip=("config.json",)) if meta_dir is not None else []
+    tensors = {keys[k]: v.to(DTYPES[dtype]).contiguous() for k, v in adapters.tensors.items()}
+    save_file(tensors, str(out / PEFT_WEIGHTS), metadata={"format": "pt"})
+    (out / PEFT_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return written + [PEFT_WEIGHTS, PEFT_CONFIG]
+
+
+class MergedWeights:
+    """``tensor(key, shape)``: the base's fp32 weight plus ``scale * B @ A`` where ``key`` is adapted
+    (the interface ``fuyou.hf.export`` reads). Memory: one tensor (a seeded base: one stage)."""
+
+    def __init__(self, adapters: Adapters):
+        from fuyou.hf.source import open_checkpoint
+
+        self.adapters, self.model, self.family = adapters, adapters.model, adapters.family
+        self.scale = adapters.scale
+        if adapters.base is not None and not adapters.base.exists():
+            raise ConfigError(f"the run's base model {adapters.base} (its model.init_from) is gone: --merge reads "
+                              f"it; put it back, or export the adapter alone (without --merge)")
+        self.base = open_checkpoint(adapters.base).weights if adapters.base is not None else None
+        self._seeded_stage: dict[str, Tensor] = {}  # a seeded base: the values of the stage being read
+
+    def tensor(self, key: str, shape) -> Tensor:
+        t = self.base.tensor(key, shape) if self.base is not None else self._seeded(key)
+        stem = key.removesuffix(".weight")
+        a = self.adapters.tensors.get(f"{stem}.lora_A")
+        if a is None or stem == key:
+            return t
+        b = self.adapters.tensors[f"{stem}.lora_B"]
+        return t + self.scale * (b @ a)
+
+    def _seeded(self, key: str) -> Tensor:
+        """The seeded initial value of ``key``, as the trainers draw it (``Stage.init_params``)."""
+        from fuyou.models import ModelConfig, StageModel
+
+        if key not in self._seeded_stage:
+            cfg = ModelConfig(**{k: v for k, v in self.model.items() if k not in ("init_from", "preset")})
+            stage = next(s for s in StageModel(cfg).stages if any(s.key(n) == key for n in s.params))
+            self._seeded_stage = stage.init_params(self.adapters.seed)
+        return self._seeded_stage[key]
+
+
+def write_merged(run_dir: str | Path, out_dir: str | Path, dtype: str = "fp32", shard_size: int = 2 * 1024**3,
+                 adapters: Adapters | None = None) -> list[str]:
+    """The base with the adapters merged, as a Hugging Face model directory (module docstring)."""
+    from fuyou.hf.export import export_run
+
+    run = Path(run_dir).expanduser()
+    _check_empty(Path(out_dir).expanduser())
+    adapters = adapters or read_adapters(run)
+    return export_run(run, out_dir, dtype, shard_size, weights=MergedWeights(adapters))
+
+
+def _check_empty(out: Path) -> None:
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"{out} exists and is not empty; choose a new --out directory")

@@ -1,0 +1,296 @@
+"""LoRA against PEFT: fuyou's in-memory LoRA trains as PEFT does on the same transformers model, and
+``fuyou export`` of a LoRA run gives a PEFT adapter (and with --merge a model) with fuyou's logits.
+
+Tolerances (fp32, CPU; fuyou's blocks and transformers' differ by fp32 rounding only): training, each
+step's loss and gradient norm within 1e-5 relative (measured <= 2.5e-7), and after 4 AdamW steps each
+adapter within 1e-5 of its largest magnitude (measured <= 5.5e-6: Adam's normalisation amplifies the
+rounding); exports, logits within 1e-4 absolute (measured <= 1.4e-6)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("transformers")
+pytest.importorskip("tokenizers")
+peft = pytest.importorskip("peft")
+
+from hf_testutil import load_hf, make_hf_model, tokens, write_corpus  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+from fuyou.cli import main  # noqa: E402
+from fuyou.config import load_config  # noqa: E402
+from fuyou.data import load_data  # noqa: E402
+from fuyou.errors import ConfigError  # noqa: E402
+from fuyou.hf import open_checkpoint  # noqa: E402
+from fuyou.models import ModelConfig, StageModel  # noqa: E402
+from fuyou.models.lora import HF_MODULE, LoRAConfig, attach  # noqa: E402
+from fuyou.optim.schedule import lr_of  # noqa: E402
+from fuyou.train.reference import ReferenceTrainer  # noqa: E402
+
+N_LAYER = 4
+
+
+@pytest.fixture(scope="module")
+def hf_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf")
+    return {kind: make_hf_model(root / kind, kind, n_layer=N_LAYER) for kind in ("llama", "gpt2")}
+
+
+def peft_key(family: str, key: str) -> str:
+    """The live PeftModel parameter of fuyou's adapter ``block.{i}.{matmul}.lora_{A,B}`` (written out
+    here, not taken from fuyou.hf.peft, so that the test checks that module's names)."""
+    _, layer, matmul, which = key.split(".")
+    stem = "model.model.layers" if family == "llama" else "model.transformer.h"
+    return f"base_model.{stem}.{layer}.{HF_MODULE[family][matmul]}.{which}.default.weight"
+
+
+def write_records(path, n: int = 40):
+    """prompt/completion records (the prompt carries no loss: targets of -100)."""
+    from fuyou.data.corpus import builtin_documents
+
+    docs = builtin_documents()[20:20 + n]
+    with path.open("w") as fh:
+        for d in docs:
+            fh.write(json.dumps({"prompt": d[:40], "completion": d[40:90]}) + "\n")
+    return path
+
+
+# -- training: fuyou's LoRA == PEFT's -----------------------------------------------------------
+TRAIN_CASES = {
+    # PEFT's usual targets by their Hugging Face names; weight decay, clipping, warm-up then cosine
+    "llama-q_proj-v_proj": ("llama", ["lora.targets=['q_proj','v_proj']"], ["q_proj", "v_proj"]),
+    # every matmul; rsLoRA; prompt/completion records padded one per row (targets of -100); accumulation
+    "llama-all-linear-rslora-masked": ("llama", ["lora.targets=all-linear", "lora.use_rslora=true", "lora.alpha=4",
+                                                 "data.format=prompt_completion", "data.packing=false",
+                                                 "train.grad_accum=2"], "all-linear"),
+    # GPT-2's Conv1D: the fused c_attn and both c_proj (attention's and MLP's); gaussian init
+    "gpt2-c_attn-c_proj": ("gpt2", ["lora.targets=['c_attn','c_proj']", "lora.init=gaussian"], ["c_attn", "c_proj"]),
+    "gpt2-all-linear-rslora": ("gpt2", ["lora.targets=all-linear", "lora.use_rslora=true"], "all-linear"),
+}
+
+
+def train_cfg(tmp_path, src, *extra):
+    records = any("prompt_completion" in e for e in extra)
+    data = write_records(tmp_path / "r.jsonl") if records else write_corpus(tmp_path / "c.txt")
+    return load_config(overrides=[
+        f"model.init_from={src}", "train.precision=fp32", "train.device=cpu", "data.source=text", f"data.path={data}",
+        "data.seq_len=24", "train.micro_batch_size=2", "train.steps=4", "train.warmup_steps=1",
+        "train.lr_schedule=cosine", "train.min_lr_ratio=0.1", "optim.lr=5e-3", "optim.weight_decay=0.1",
+        "optim.beta2=0.99", "train.grad_clip=0.5", "lora.rank=4", "lora.alpha=8", "lora.dropout=0", *extra])
+
+
+@pytest.mark.parametrize("case", list(TRAIN_CASES))
+def test_fuyou_lora_trains_as_peft(hf_models, tmp_path, case):
+    kind, extra, targets = TRAIN_CASES[case]
+    family = "llama" if kind == "llama" else "gpt"
+    cfg = train_cfg(tmp_path, hf_models[kind], *extra)
+    trainer = ReferenceTrainer(cfg, load_data(cfg.data), open_checkpoint(hf_models[kind]).init_values)
+    # B starts at zero in both; make it nonzero so the scale and A's gradient count from the first step
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for k, v in trainer.adapters.items():
+            if k.endswith("lora_B"):
+                v.copy_(torch.randn(v.shape, generator=g) * 0.05)
+    start = {k: v.detach().clone() for k, v in trainer.adapters.items()}
+
+    lora = cfg.lora
+    model = peft.get_peft_model(load_hf(hf_models[kind]), peft.LoraConfig(
+        r=lora.rank, lora_alpha=lora.alpha, target_modules=targets, lora_dropout=0.0, use_rslora=lora.use_rslora,
+        fan_in_fan_out=kind == "gpt2", task_type="CAUSAL_LM"))
+    model.eval()  # no dropout in transformers' blocks (GPT-2 has some); gradients still flow
+    params = dict(model.named_parameters())
+    trainable = {k: p for k, p in params.items() if p.requires_grad}
+    assert trainable.keys() == {peft_key(family, k) for k in trainer.adapters}  # the same matmuls adapted
+    with torch.no_grad():
+        for k, v in trainer.adapters.items():
+            params[peft_key(family, k)].copy_(v)
+    o = cfg.optim
+    opt = torch.optim.AdamW(list(trainable.values()), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                            weight_decay=o.weight_decay, fused=True)
+
+    ga = cfg.train.grad_accum
+    for step in range(cfg.train.steps):
+        batches = [trainer.batches.batch(step * ga + j) for j in range(ga)]
+        assert all(b.positions is None for b in batches)  # one document per row: no mask for transformers
+        n_loss = sum(b.loss_tokens for b in batches)
+        total = 0.0
+        for b in batches:
+            logits = model(input_ids=b.tokens).logits
+            loss = F.cross_entropy(logits.float().flatten(0, 1), b.targets.flatten(), ignore_index=-100,
+                                   reduction="sum") / n_loss
+            loss.backward()
+            total += float(loss.detach())
+        norm = float(torch.nn.utils.clip_grad_norm_(list(trainable.values()), cfg.train.grad_clip))
+        for group in opt.param_groups:
+            group["lr"] = lr_of(cfg, step)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+        stats = trainer.train_step(step)
+        assert stats.loss == pytest.approx(total, rel=1e-5), step  # measured <= 2.5e-7
+        assert stats.grad_norm == pytest.approx(norm, rel=1e-5), step  # measured <= 1.3e-7
+    if "masked" in case:
+        assert any((b.targets == -100).any() for b in batches)
+
+    for k, v in trainer.adapter_state().items():
+        # relative to the tensor's scale: an element near zero is as far off as any other (measured <= 5.5e-6)
+        diff = float((params[peft_key(family, k)].detach() - v).abs().max())
+        assert diff <= 1e-5 * float(v.abs().max()), (k, diff)
+        assert float((v - start[k]).abs().max()) > 1e-3, k  # every adapter trained
+
+
+# -- exports ----------------------------------------------------------------------------------------
+def lora_train(tmp_path, init: list[str], *extra, name="r", offload=False):
+    """``fuyou train`` of LoRA for 2 fp32 steps with a large lr (the adapters move well clear of the
+    tolerances); returns the run directory."""
+    ssd = tmp_path / "ssd"
+    ssd.mkdir(exist_ok=True)
+    args = ["train", *init, "--out", str(tmp_path / "runs"), "--steps", "2", f"run.name={name}",
+            "train.precision=fp32", "data.source=text", f"data.path={write_corpus(tmp_path / 'c.txt')}",
+            "data.seq_len=16", "train.micro_batch_size=2", "train.eval_every=0", "train.warmup_steps=0",
+            "optim.lr=2e-2", "lora.rank=4", *extra]
+    if offload:
+        args += ["--offload", "ssd", "--ssd", str(ssd), "offload.cpu_mem=256MiB"]
+    assert main(args) == 0
+    return tmp_path / "runs" / name
+
+
+@torch.no_grad()
+def fuyou_lora_logits(run_or_snapshot, base_values, x, adapters=None):
+    """fuyou's logits of the model with the adapters (``adapter.safetensors`` of the directory)."""
+    from safetensors import safe_open
+
+    with safe_open(str(run_or_snapshot / "adapter.safetensors"), framework="pt") as f:
+        meta = f.metadata()
+    mcfg = ModelConfig(**{k: v for k, v in json.loads(meta["fuyou_model"]).items() if k not in ("init_from", "preset")})
+    model = StageModel(mcfg)
+    attach(model, LoRAConfig(**json.loads(meta["fuyou_lora"])))
+    adapters = adapters or load_file(str(run_or_snapshot / "adapter.safetensors"))
+    params = {k: v for st in model.stages for k, v in base_values(st).items()}
+    return model.logits({**params, **adapters}, x), model.logits(params, x)
+
+
+@pytest.mark.parametrize("kind,targets,expect", [
+    ("llama", "['q_proj','v_proj']", ["q_proj", "v_proj"]),
+    ("llama", "all-linear", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
+    ("gpt2", "['c_attn','c_proj']", ["c_attn", "c_proj"]),
+    ("gpt2", "['c_attn','attn.c_proj','c_fc']", ["c_attn", "attn.c_proj", "c_fc"]),
+])
+def test_exported_adapter_and_merged_model_give_fuyou_logits(hf_models, tmp_path, kind, targets, expect):
+    src = hf_models[kind]
+    rslora = ["lora.use_rslora=true", "lora.alpha=6"] if kind == "gpt2" else []
+    run = lora_train(tmp_path, ["--init-from", str(src)], f"lora.targets={targets}", *rslora,
+                     "train.save_every=1", "train.keep_snapshots=2")
+    x = tokens()
+    ours, base = fuyou_lora_logits(run, open_checkpoint(src).init_values, x)
+    assert float((ours - base).abs().max()) > 1e-2  # the adapters change the model well beyond the tolerance
+
+    # PEFT adapter: PeftModel.from_pretrained over transformers' base model
+    out = tmp_path / "adapter"
+    assert main(["export", str(run), "--out", str(out)]) == 0
+    conf = json.loads((out / "adapter_config.json").read_text())
+    assert conf["peft_type"] == "LORA" and conf["task_type"] == "CAUSAL_LM" and conf["r"] == 4
+    assert conf["target_modules"] == expect and conf["use_rslora"] == (kind == "gpt2")
+    assert conf["fan_in_fan_out"] == (kind == "gpt2") and conf["base_model_name_or_path"] == str(src.resolve())
+    assert (out / "tokenizer.json").is_file() and not (out / "config.json").exists()
+    model = peft.PeftModel.from_pretrained(load_hf(src), str(out)).eval()
+    family = "llama" if kind == "llama" else "gpt"
+    params = dict(model.named_parameters())
+    adapters = load_file(str(run / "adapter.safetensors"))
+    assert {k for k in params if "lora_" in k} == {peft_key(family, k) for k in adapters}  # nothing left out
+    for k, v in adapters.items():
+        assert torch.equal(params[peft_key(family, k)], v), k
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, ours, rtol=0, atol=1e-4)
+
+    # --merge: a plain transformers model
+    merged = tmp_path / "merged"
+    assert main(["export", str(run), "--out", str(merged), "--merge"]) == 0
+    with torch.no_grad():
+        torch.testing.assert_close(load_hf(merged)(x).logits, ours, rtol=0, atol=1e-4)
+
+    # a snapshot: its base is found through the run directory (its init_from) to the Hugging Face source
+    snap = run / "snapshots" / "step-000001"
+    snap_ours, _ = fuyou_lora_logits(snap, open_checkpoint(src).init_values, x)
+    assert main(["export", str(snap), "--out", str(tmp_path / "snap"), "--merge"]) == 0
+    with torch.no_grad():
+        torch.testing.assert_close(load_hf(tmp_path / "snap")(x).logits, snap_ours, rtol=0, atol=1e-4)
+
+
+def test_auto_peft_model_finds_the_base_through_a_fuyou_import(hf_models, tmp_path):
+    # A LoRA run on a `fuyou import` directory names the Hugging Face model that was imported.
+    src = hf_models["gpt2"]
+    imported = tmp_path / "imported"
+    assert main(["import", str(src), "--out", str(imported)]) == 0
+    run = lora_train(tmp_path, ["--config", str(imported / "config.toml")], "lora.targets=all-linear")
+    out = tmp_path / "adapter"
+    assert main(["export", str(run), "--out", str(out), "--dtype", "bf16"]) == 0
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(src.resolve())
+    assert all(v.dtype == torch.bfloat16 for v in load_file(str(out / "adapter_model.safetensors")).values())
+    model = peft.AutoPeftModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    x = tokens()
+    bf16 = {k: v.bfloat16().float() for k, v in load_file(str(run / "adapter.safetensors")).items()}
+    ours, _ = fuyou_lora_logits(run, open_checkpoint(imported).init_values, x, adapters=bf16)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits.float(), ours, rtol=0, atol=1e-4)
+
+
+def test_merge_of_a_lora_run_on_a_random_base(tmp_path, capsys):
+    # No model.init_from: the base is the seeded init, which --merge redraws; the adapter names no base.
+    run = lora_train(tmp_path, ["model.preset=llama-test", "model.n_layer=2"], "lora.targets=all-linear",
+                     "data.tokenizer=byte")
+    assert main(["export", str(run), "--out", str(tmp_path / "adapter")]) == 0
+    assert "names no base model" in capsys.readouterr().err
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] is None
+    assert main(["export", str(run), "--out", str(tmp_path / "merged"), "--merge"]) == 0
+    cfg = load_config(run / "config.toml")
+    x = tokens(t=16)
+    ours, _ = fuyou_lora_logits(run, lambda st: st.init_params(cfg.train.seed), x)
+    with torch.no_grad():
+        torch.testing.assert_close(load_hf(tmp_path / "merged")(x).logits, ours, rtol=0, atol=1e-4)
+
+
+def test_a_stopped_lora_run_exports_its_last_commit(hf_models, tmp_path, capsys):
+    # No adapter.safetensors (run.save_weights=false), the SSD state kept: its last commit's adapters.
+    src = hf_models["llama"]
+    run = lora_train(tmp_path, ["--init-from", str(src)], "lora.targets=all-linear", "run.save_weights=false",
+                     "offload.keep_state=true", "offload.commit_every=1", offload=True)
+    assert not (run / "adapter.safetensors").exists()
+    capsys.readouterr()
+    out = tmp_path / "adapter"
+    assert main(["export", str(run), "--out", str(out)]) == 0
+    assert "exporting the adapters of its last commit (step 2)" in capsys.readouterr().err
+    (state,) = (tmp_path / "ssd" / f"{run.name}.fuyou-state").glob("lora-state.*.safetensors")
+    committed = {k.removeprefix("adapter/"): v for k, v in load_file(str(state)).items() if k.startswith("adapter/")}
+    model = peft.PeftModel.from_pretrained(load_hf(src), str(out)).eval()
+    params = dict(model.named_parameters())
+    assert committed and all(torch.equal(params[peft_key("llama", k)], v) for k, v in committed.items())
+
+    # the commit file damaged: refused with what to do
+    data = bytearray(state.read_bytes())
+    data[-3] ^= 0xFF
+    state.write_bytes(bytes(data))
+    with pytest.raises(ConfigError, match="missing or damaged.*resume it"):
+        from fuyou.train.run import export_run_dir
+
+        export_run_dir(run, tmp_path / "again")
+
+
+def test_export_errors(hf_models, tmp_path):
+    from fuyou.train.run import export_run_dir
+
+    # an in-memory LoRA run that saved nothing: nothing to export, and it says where else to look
+    run = lora_train(tmp_path, ["--init-from", str(hf_models["gpt2"])], "run.save_weights=false")
+    with pytest.raises(ConfigError, match="without adapter.safetensors.*snapshot"):
+        export_run_dir(run, tmp_path / "out")
+    # --merge of a full fine-tuning's weights
+    full = tmp_path / "full"
+    assert main(["import", str(hf_models["gpt2"]), "--out", str(full)]) == 0
+    with pytest.raises(ConfigError, match="no LoRA run"):
+        export_run_dir(full, tmp_path / "out", merge=True)
+    shutil.rmtree(tmp_path / "out", ignore_errors=True)
