@@ -109,18 +109,19 @@ def _lines(items: dict[str, int]) -> str:
     return "\n".join(f"  {k}: {format_size(v)}" for k, v in items.items())
 
 
-def activation_bytes(cfg_model, batch: int, seq: int) -> dict[str, int]:
+def activation_bytes(cfg_model, batch: int, seq: int, frozen: bool = False) -> dict[str, int]:
     """Estimated device bytes of stage inputs and of one stage's recompute+backward working set
     (``block_work``: the CPU's fp32 estimate; ``head_work``: ``head_working_bytes``)."""
     d, ff, h = cfg_model.d_model, cfg_model.ff_dim, cfg_model.n_head
     tokens = batch * seq
     checkpoint = 4 * tokens * d
     block = 4 * tokens * (16 * d + 4 * ff) + 4 * batch * h * seq * seq
-    return {"checkpoint": checkpoint, "block_work": block, "head_work": head_working_bytes(cfg_model, batch, seq),
+    return {"checkpoint": checkpoint, "block_work": block,
+            "head_work": head_working_bytes(cfg_model, batch, seq, frozen),
             "batch": 3 * 8 * tokens}  # tokens, targets, positions (int64)
 
 
-def head_working_bytes(cfg_model, batch: int, seq: int) -> int:
+def head_working_bytes(cfg_model, batch: int, seq: int, frozen: bool = False) -> int:
     """The head's forward+backward: its loss a slice of tokens at a time (``layers.linear_cross_entropy``):
     three slice-sized fp32 tensors at once (the logits, their difference from the log-sum-exp, the
     softmax), the LM head's gradient (an fp32 sum and its copy in the weights' dtype, 6 B per
@@ -130,7 +131,8 @@ def head_working_bytes(cfg_model, batch: int, seq: int) -> int:
     from fuyou.models.layers import loss_chunk_tokens
 
     d, v, tokens = cfg_model.d_model, cfg_model.vocab_size, batch * seq
-    return 3 * 4 * min(tokens, loss_chunk_tokens(v)) * v + 12 * tokens * d + 6 * v * d
+    head_grad = 0 if frozen else 6 * v * d  # ``frozen``: LoRA's head has no weight gradient
+    return 3 * 4 * min(tokens, loss_chunk_tokens(v)) * v + 12 * tokens * d + head_grad
 
 
 def block_working_bytes(cfg_model, batch: int, seq: int, csize: int, stage_max: int,
@@ -153,11 +155,12 @@ def block_working_bytes(cfg_model, batch: int, seq: int, csize: int, stage_max: 
 
 
 def device_working_bytes(cfg_model, batch: int, seq: int, csize: int, stage_max: int,
-                         micro_batches: int = 1) -> int:
+                         micro_batches: int = 1, frozen: bool = False) -> int:
     """Device working memory of the largest stage's recompute + backward on a GPU: the larger of a
-    block's (``block_working_bytes``) and the head's (``head_working_bytes``)."""
-    return max(block_working_bytes(cfg_model, batch, seq, csize, stage_max, micro_batches),
-               head_working_bytes(cfg_model, batch, seq))
+    block's (``block_working_bytes``) and the head's (``head_working_bytes``). ``frozen`` (LoRA): no
+    parameter gradients of the base."""
+    return max(block_working_bytes(cfg_model, batch, seq, csize, 0 if frozen else stage_max, micro_batches),
+               head_working_bytes(cfg_model, batch, seq, frozen))
 
 
 def plan_memory(stage_numels: list[int], off, *, chunk: int, io_buffer_bytes: int, act: dict[str, int],
@@ -210,7 +213,8 @@ def plan_memory(stage_numels: list[int], off, *, chunk: int, io_buffer_bytes: in
                                       + ((stage_numels[0] + stage_numels[-1]) * csize if tied else 0))
     dev["checkpoints"] = ((len(stage_numels) + 1) * micro_batches * act["checkpoint"] if checkpoint_bytes is None
                           else checkpoint_bytes)
-    dev["working memory (estimate)"] = (max(act["block_work"], act["head_work"]) + 2 * stage_max * 4
+    stage_grads = 0 if lora else 2 * stage_max * 4  # the largest stage's fp32 gradients (none of a frozen base)
+    dev["working memory (estimate)"] = (max(act["block_work"], act["head_work"]) + stage_grads
                                         if working_bytes is None else working_bytes)
     if tied and compute_on_cpu and not lora:
         dev["tied embedding gradient"] = gsize * stage_numels[0]

@@ -265,7 +265,7 @@ class Engine:
         """The plan from ``budget.plan_memory`` with the activation items of ``budget.policy_memory``:
         the same two functions the planner uses."""
         t, off = self.cfg.train, self.cfg.offload
-        act = activation_bytes(self.cfg.model, t.micro_batch_size, self.cfg.data.seq_len)
+        act = activation_bytes(self.cfg.model, t.micro_batch_size, self.cfg.data.seq_len, frozen=bool(self.lora))
         extra_cpu, extra_dev, ckpt = policy_memory(self.cfg.model, self.act, off, t.micro_batch_size,
                                                    self.cfg.data.seq_len, dtype_size(self.cdtype),
                                                    self.store_cfg.checksum_block, t.grad_accum)
@@ -273,7 +273,7 @@ class Engine:
         if not self.dev.is_host:
             csize = dtype_size(self.cdtype)
             working = device_working_bytes(self.cfg.model, t.micro_batch_size, self.cfg.data.seq_len, csize,
-                                           max(s.numel for s in self.states), t.grad_accum)
+                                           max(s.numel for s in self.states), t.grad_accum, frozen=bool(self.lora))
         return plan_memory(
             [s.numel for s in self.states], self.cfg.offload, chunk=self.chunk,
             io_buffer_bytes=self.store_cfg.queue_depth * max(self.store_cfg.block_size, self.store_cfg.checksum_block),

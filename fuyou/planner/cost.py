@@ -135,7 +135,8 @@ def stage_costs(w: Workload) -> list[StageCost]:
 
 def gpu_working_bytes(w: Workload) -> int:
     """Device working memory of the largest stage's recompute + backward on a GPU (``budget.device_working_bytes``)."""
-    return device_working_bytes(w.model, w.batch, w.seq, w.csize, max(w.numels), w.grad_accum)
+    return device_working_bytes(w.model, w.batch, w.seq, w.csize, max(w.numels), w.grad_accum,
+                                frozen=w.lora_params is not None)
 
 
 def placement_bytes(w: Workload, costs: list[StageCost], policy: ActivationPolicy) -> dict[str, int]:

@@ -101,7 +101,7 @@ def memory_plan(w: Workload, hw: HardwareProfile, costs: list[StageCost], policy
                                                      w.store.checksum_block, w.grad_accum)
     plan = plan_memory(
         w.numels, off, chunk=w.chunk, io_buffer_bytes=w.store.queue_depth * max(w.store.block_size, w.store.checksum_block),
-        act=activation_bytes(w.model, w.batch, w.seq), csize=w.csize, gsize=w.gsize, deferred=w.grad_clip is not None,
+        act=activation_bytes(w.model, w.batch, w.seq, frozen=w.lora_params is not None), csize=w.csize, gsize=w.gsize, deferred=w.grad_clip is not None,
         micro_batches=w.grad_accum, tied=w.tied, compute_on_cpu=not cuda,
         checkpoint_bytes=ckpt_bytes, working_bytes=gpu_working_bytes(w) if cuda else None,
         extra_cpu=extra_cpu, extra_device=extra_dev,
