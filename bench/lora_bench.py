@@ -95,9 +95,10 @@ def make_checkpoint(args, out: Path) -> int:
 
 
 def fuyou_overrides(args, model_dir: Path, ssd: Path, lora: bool) -> list[str]:
+    mem = args.cpu_mem if lora else (args.full_cpu_mem or args.cpu_mem)
     out = [f"model.init_from={model_dir}", "data.source=synthetic", f"data.seq_len={args.seq}",
            f"train.micro_batch_size={args.batch}", "train.precision=bf16", "train.lr_schedule=constant",
-           "train.warmup_steps=0", "train.grad_clip=1.0", f"offload.cpu_mem={args.cpu_mem}", "offload.mode=ssd",
+           "train.warmup_steps=0", "train.grad_clip=1.0", f"offload.cpu_mem={mem}", "offload.mode=ssd",
            f"offload.ssd_dirs=['{ssd}']", "optim.lr=1e-4", f"train.seed={args.seed}",
            "offload.commit=none"]  # like the peer, no crash-safe commits (one copy of the state on the SSD)
     if lora:
@@ -144,7 +145,9 @@ def main(argv=None) -> int:
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seq", type=int, default=512)
-    p.add_argument("--cpu-mem", default="768MiB", help="fuyou's CPU budget (both fuyou systems)")
+    p.add_argument("--cpu-mem", default="768MiB", help="fuyou LoRA's CPU budget")
+    p.add_argument("--full-cpu-mem", help="fuyou full fine-tuning's CPU budget (default --cpu-mem; full "
+                   "fine-tuning needs more: its stages' gradients and optimizer buffers)")
     p.add_argument("--ssd", type=Path, default=Path("/tmp/lora-bench"))
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--alpha", type=float, default=32)
@@ -174,6 +177,7 @@ def main(argv=None) -> int:
         if not args.no_peer:
             systems["ZeRO-3 NVMe + PEFT LoRA"] = None
         runs: dict[str, list[dict]] = {k: [] for k in systems}
+        failed: dict[str, str] = {}
         for _ in range(args.repeats):
             for name in systems:
                 print(f"-- {name}", file=sys.stderr, flush=True)
@@ -182,24 +186,31 @@ def main(argv=None) -> int:
                     runs[name].append(run_worker(__file__, ["--overrides", json.dumps(ov), "--steps", str(args.steps),
                                                             "--warmup", str(args.warmup)], args.timeout, name))
                 else:
-                    runs[name].append(run_peer(args, model_dir, args.ssd))
+                    try:
+                        runs[name].append(run_peer(args, model_dir, args.ssd))
+                    except RuntimeError as e:  # reported in the table, not lost with the others' figures
+                        failed[name] = str(e).strip().splitlines()[-1][:200]
+                        print(e, file=sys.stderr)
     finally:
         shutil.rmtree(model_dir, ignore_errors=True)
     tokens = args.batch * args.seq
-    s = {k: summarise(v, args.warmup, tokens) for k, v in runs.items()}
+    s = {k: summarise(v, args.warmup, tokens) for k, v in runs.items() if v}
     gib = lambda b: f"{b / 2**30:.2f} GiB"  # noqa: E731
     lines = [f"\n### LoRA vs full fine-tuning vs ZeRO-3 NVMe + PEFT: Llama-shaped {n / 1e6:.0f}M parameters "
              f"({args.layers} x {args.width}, ff {args.ff}, vocab {args.vocab}), bf16 weights {gib(2 * n)}, "
              f"batch {args.batch} x {args.seq}, rank {args.rank} on {args.targets} ({time.strftime('%Y-%m-%d')})",
              "", f"Machine: {header}.", "",
              f"Command: `python bench/lora_bench.py {' '.join(argv if argv is not None else sys.argv[1:])}`", "",
-             f"fuyou's CPU budget {args.cpu_mem} (the base's bf16 weights are {2 * n / _parse(args.cpu_mem):.1f}x it); "
-             f"medians of {args.repeats} runs x {args.steps} timed steps.", "",
+             f"fuyou LoRA's CPU budget {args.cpu_mem} (the base's bf16 weights are {2 * n / _parse(args.cpu_mem):.1f}x "
+             f"it)" + (f", full fine-tuning's {args.full_cpu_mem} (its minimum for this shape)" if args.full_cpu_mem
+                       else "") + f"; medians of {args.repeats} runs x {args.steps} timed steps.", "",
              "| system | step (median, min-max) | tokens/s | peak RSS | SSD written / read per step | step-0 loss |",
              "|---|---|---|---|---|---|"]
     for k, r in s.items():
         lines.append(f"| {k} | {r['median_s']:.2f} s ({r['min_s']:.2f}-{r['max_s']:.2f}) | {r['tokens_per_s']:.0f} | "
                      f"{gib(r['peak_rss'])} | {gib(r['write'])} / {gib(r['read'])} | {r['loss0']:.4f} |")
+    for k, why in failed.items():
+        lines.append(f"| {k} | failed: {why} | - | - | - | - |")
     lora = s["fuyou LoRA"]["tokens_per_s"]
     ratios = [f"{lora / r['tokens_per_s']:.2f}x {k}" for k, r in s.items() if k != "fuyou LoRA"]
     if ratios:

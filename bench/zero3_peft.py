@@ -62,6 +62,7 @@ def main(argv=None) -> int:
     p.add_argument("--targets", default="q_proj,v_proj")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--nvme-dir", required=True)
+    p.add_argument("--buffers", type=int, default=40, help="offload_param.buffer_count")
     p.add_argument("--json", required=True)
     args = p.parse_args(argv)
 
@@ -83,6 +84,8 @@ def main(argv=None) -> int:
     hf_cfg = AutoConfig.from_pretrained(args.model_dir)
     d, ff = hf_cfg.hidden_size, hf_cfg.intermediate_size
     largest = max(hf_cfg.vocab_size * d, d * ff)
+    kv = hf_cfg.num_key_value_heads * (d // hf_cfg.num_attention_heads)
+    block = 2 * d * d + 2 * d * kv + 3 * d * ff
     mib = 1 << 20
     buffer_size = -(-largest // mib) * mib
     nvme = Path(args.nvme_dir)
@@ -94,12 +97,14 @@ def main(argv=None) -> int:
                                                   "weight_decay": 0.0}},
         "zero_optimization": {
             "stage": 3,
+            # every in-flight parameter takes a whole buffer of the largest one's size: enough for the
+            # blocks live at once (bounded by max_live: three blocks) and the embedding and head
             "offload_param": {"device": "nvme", "nvme_path": str(nvme), "pin_memory": True,
-                              "buffer_count": 2 * 9 + 8, "buffer_size": buffer_size},
+                              "buffer_count": args.buffers, "buffer_size": buffer_size},
             "offload_optimizer": {"device": "cpu", "pin_memory": True},
             "stage3_param_persistence_threshold": 100000,
-            "stage3_prefetch_bucket_size": 2 * (4 * d * d + 3 * d * ff),
-            "stage3_max_live_parameters": int(1e9), "stage3_max_reuse_distance": int(1e9),
+            "stage3_prefetch_bucket_size": 2 * block,
+            "stage3_max_live_parameters": 3 * block, "stage3_max_reuse_distance": 3 * block,
             "contiguous_gradients": True, "overlap_comm": True,
         },
         "aio": {"block_size": 1 << 20, "queue_depth": 32, "intra_op_parallelism": 2, "single_submit": False,
