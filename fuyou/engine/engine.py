@@ -144,6 +144,8 @@ class Engine:
             bound_malloc(256 * 1024)
         else:
             blocks, gsize = self.model.stages[1:-1], dtype_size(self.cdtype)
+            if self.lora:  # no weight gradients: a block's temporaries are its activations only
+                gsize = 0
             largest = max((p.numel for b in blocks for p in b.params.values()), default=0)
             thr = malloc_threshold(cfg.model, t.micro_batch_size, cfg.data.seq_len, gsize * largest)
             bound_malloc(thr, thr + gsize * max((b.num_params for b in blocks), default=0))

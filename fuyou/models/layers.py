@@ -131,7 +131,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             n = valid.sum()
             scale = 1.0 / n.clamp_min(1).float() if loss_tokens is None else 1.0 / float(loss_tokens)
             grad_h = torch.empty_like(h)
-            grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
+            want_w = w.requires_grad  # a frozen LM head (LoRA): no weight gradient, half the backward matmuls
+            grad_w = torch.zeros(w.shape if want_w else (0,), dtype=torch.float32, device=w.device)
             total = torch.zeros((), dtype=torch.float32, device=h.device)
             for a in range(0, h.shape[0], chunk):
                 rows, t, ok = hc[a:a + chunk], targets[a:a + chunk], valid[a:a + chunk]
@@ -145,7 +146,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 g *= (ok.float() * scale)[:, None]                # d(mean loss) / d(logits)
                 g = g.to(dt)
                 grad_h[a:a + chunk] = (g @ wc).to(h.dtype)
-                grad_w += (g.t() @ rows).float()
+                if want_w:
+                    grad_w += (g.t() @ rows).float()
                 del logits, g
             loss = total * scale
             if loss_tokens is None:
@@ -156,7 +158,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_out.to(grad_h.dtype), grad_w * grad_out.to(grad_w.dtype), None, None, None, None
+        gw = grad_w * grad_out.to(grad_w.dtype) if ctx.needs_input_grad[1] else None
+        return grad_h * grad_out.to(grad_h.dtype), gw, None, None, None, None
 
 
 def linear_cross_entropy(h: Tensor, w: Tensor, targets: Tensor, chunk_tokens: int | None = None,

@@ -161,3 +161,40 @@ def test_a_damaged_adapter_commit_is_refused(tmp_path):
     resumed = run([sys.executable, "-m", "fuyou.cli", "train", "--resume", str(tmp_path / "runs" / "d"),
                    "train.steps=3"])
     assert resumed.returncode != 0 and "damaged" in resumed.stderr and "Traceback" not in resumed.stderr
+
+
+@pytest.mark.xfail(strict=True, reason="known defect (issue 16, owed): LoRA's peak RSS overruns fixed overhead + "
+                   "budget by ~22 MiB (5 %) at this 200 MiB budget; the plan's items do not yet cover what a frozen "
+                   "base's backward and its initialisation leave resident")
+def test_lora_peak_resident_memory_stays_under_budget(tmp_path):
+    """LoRA on a model whose bf16 base is over 3x the CPU budget: peak RSS (fresh process) under fixed
+    overhead + budget, the base streamed from the SSD for the stages the cache cannot hold."""
+    import json
+    import textwrap
+
+    ssd = tmp_path / "ssd"
+    ssd.mkdir()
+    script = textwrap.dedent(f"""
+        import json
+        from fuyou.config import load_config
+        from fuyou.data import load_data
+        from fuyou.engine.engine import Engine
+        from fuyou.engine.malloc import resident_bytes
+        cfg = load_config(overrides=[
+            "model.preset=llama-test", "model.n_layer=28", "model.d_model=1024", "model.n_head=16",
+            "model.n_kv_head=4", "model.d_ff=2816", "model.vocab_size=320", "data.seq_len=64",
+            "train.micro_batch_size=2", "train.steps=2", "lora.rank=8", "lora.targets=[q_proj,v_proj]",
+            "offload.mode=ssd", "offload.ssd_dirs={ssd}", "offload.cpu_mem=200MiB", "train.threads=2"])
+        eng = Engine(cfg, load_data(cfg.data), "state")
+        for step in range(2):
+            eng.train_step(step)
+        print(json.dumps({{"peak": resident_bytes("VmHWM"), "overhead": eng.fixed_overhead,
+                          "budget": cfg.offload.cpu_mem, "base": 2 * sum(s.numel for s in eng.states),
+                          "cached": len(eng.plan.cached_stages), "stages": len(eng.states)}}))
+        eng.close()
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["base"] >= 3 * r["budget"] and r["cached"] < r["stages"], r
+    assert r["peak"] <= r["overhead"] + r["budget"], r
