@@ -150,6 +150,8 @@ class Engine:
             thr = malloc_threshold(cfg.model, t.micro_batch_size, cfg.data.seq_len, gsize * largest)
             bound_malloc(thr, thr + gsize * max((b.num_params for b in blocks), default=0))
         adamw_backend()  # load (or build) the kernel library now: part of the fixed overhead
+        if self.lora:  # torch.optim imports its machinery on first use (~70 MiB): fixed overhead too
+            _warm_torch_optim(self.device)
         if self.dev.kind == "cuda":
             try:
                 self._warm_up()  # the CUDA context, cuBLAS and the kernels of a block: fixed overhead too
@@ -872,6 +874,15 @@ class Engine:
                 if pool is not None:
                     pool.close()
             self.dev.close()
+
+
+def _warm_torch_optim(device: torch.device) -> None:
+    """One step of a throwaway fused AdamW and a clip, so that the code torch loads for them lazily is
+    resident before the fixed overhead is measured (it is the library's, not the plan's)."""
+    p = torch.zeros(8, device=device, requires_grad=True)
+    p.grad = torch.ones_like(p)
+    torch.nn.utils.clip_grad_norm_([p], 1.0)
+    torch.optim.AdamW([p], fused=True).step()
 
 
 class NonFiniteError(FuyouError):

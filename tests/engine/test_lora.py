@@ -163,9 +163,6 @@ def test_a_damaged_adapter_commit_is_refused(tmp_path):
     assert resumed.returncode != 0 and "damaged" in resumed.stderr and "Traceback" not in resumed.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="known defect (issue 16, owed): LoRA's peak RSS overruns fixed overhead + "
-                   "budget by ~22 MiB (5 %) at this 200 MiB budget; the plan's items do not yet cover what a frozen "
-                   "base's backward and its initialisation leave resident")
 def test_lora_peak_resident_memory_stays_under_budget(tmp_path):
     """LoRA on a model whose bf16 base is over 3x the CPU budget: peak RSS (fresh process) under fixed
     overhead + budget, the base streamed from the SSD for the stages the cache cannot hold."""
@@ -198,3 +195,4 @@ def test_lora_peak_resident_memory_stays_under_budget(tmp_path):
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert r["base"] >= 3 * r["budget"] and r["cached"] < r["stages"], r
     assert r["peak"] <= r["overhead"] + r["budget"], r
+    print(f"LoRA peak RSS {r['peak'] / 2**20:.1f} MiB, fixed overhead + budget {(r['overhead'] + r['budget']) / 2**20:.1f} MiB")
