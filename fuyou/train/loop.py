@@ -308,9 +308,10 @@ def _loop(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, stop
         summary += f"; eval loss {first_eval:.4f} -> {last_eval:.4f}"
     summary += f"; peak resident memory {format_size(peak)}"
     if wear:
+        state = ("LoRA: the base is read-only, adapters commit only" if cfg.lora.enabled
+                 else f"{cfg.optim.master} master, {cfg.optim.moments} moments")
         summary += (f"\nSSD written: {format_size(wear['ssd_write_per_step_bytes'])} per step, "
-                    f"{wear['ssd_write_per_hour_bytes'] / 1e12:.3g} TB per hour ({cfg.optim.master} master, "
-                    f"{cfg.optim.moments} moments)")
+                    f"{wear['ssd_write_per_hour_bytes'] / 1e12:.3g} TB per hour ({state})")
         if wear.get("ssd_life_hours"):
             summary += f"; at this rate the drives' rated {tbw / 1e15:.3g} PB last {wear['ssd_life_hours']:,.0f} hours"
         elif not tbw:
