@@ -124,7 +124,8 @@ class LoRATrainingState(TrainingState):
         if name is None:
             raise ResumeError(f"the state in {directory} is a full fine-tuning's, not LoRA's: resume it without "
                               f"lora.* settings")
-        if full.get("lora") != self.cfg.lora.model_dump():
+        fixed = lambda d: {k: v for k, v in (d or {}).items() if k != "dropout"}  # noqa: E731 -- dropout may change
+        if fixed(full.get("lora")) != fixed(self.cfg.lora.model_dump()):
             raise ResumeError(f"the adapters in {directory} were made with lora settings {full.get('lora')}; "
                               f"resume with those")
         path = directory / name

@@ -115,9 +115,11 @@ class SaveError(FuyouError):
 
 
 # What a resumed run may change. The committed state's shape and where it lives are fixed by the
-# model, the SSD directories and the state format (optim.master, optim.moments); everything else (steps, learning rate and the rest of the optimizer,
+# model, the SSD directories, the state format (optim.master, optim.moments) and the adapters' shape and
+# scale (lora.*, except dropout); everything else (steps, learning rate and the rest of the optimizer,
 # batch, data, logging, budgets, schedules) may change and is recorded (``resume_changes``).
-FIXED_ON_RESUME = ("model.", "offload.ssd_dirs", "offload.mode", "offload.commit", "optim.master", "optim.moments")
+FIXED_ON_RESUME = ("model.", "offload.ssd_dirs", "offload.mode", "offload.commit", "optim.master", "optim.moments",
+                   "lora.rank", "lora.alpha", "lora.targets", "lora.use_rslora", "lora.init")  # lora.dropout may change
 NOT_COMPARED = ("model.init_from", "run.")
 
 

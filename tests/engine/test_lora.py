@@ -196,3 +196,14 @@ def test_lora_peak_resident_memory_stays_under_budget(tmp_path):
     assert r["base"] >= 3 * r["budget"] and r["cached"] < r["stages"], r
     assert r["peak"] <= r["overhead"] + r["budget"], r
     print(f"LoRA peak RSS {r['peak'] / 2**20:.1f} MiB, fixed overhead + budget {(r['overhead'] + r['budget']) / 2**20:.1f} MiB")
+
+
+def test_resume_refuses_another_adapter_shape_but_takes_new_dropout(tmp_path):
+    r = run(train_cmd(tmp_path, "s", "train.steps=2", "run.save_weights=false", "offload.keep_state=true"))
+    assert r.returncode == 0, r.stderr
+    run_dir = str(tmp_path / "runs" / "s")
+    for change in ("lora.rank=8", "lora.rank=0", "lora.targets=[q_proj]"):
+        refused = run([sys.executable, "-m", "fuyou.cli", "train", "--resume", run_dir, "train.steps=3", change])
+        assert refused.returncode != 0 and "a resumed run cannot change lora." in refused.stderr, refused.stderr
+    ok = run([sys.executable, "-m", "fuyou.cli", "train", "--resume", run_dir, "train.steps=3", "lora.dropout=0.2"])
+    assert ok.returncode == 0 and "lora.dropout 0.1 -> 0.2" in ok.stderr, ok.stderr
