@@ -424,27 +424,9 @@ def _probe(args) -> int:
     return 0
 
 
-def _refuse_torchrun() -> None:
-    """``torchrun --nproc_per_node=N fuyou train`` would start N identical, independent runs (each on all
-    of the data, racing for one run directory and one SSD state). Until data-parallel training exists,
-    a process that torchrun started as one of several is refused."""
-    import os
-
-    from fuyou.errors import ConfigError
-
-    world = os.environ.get("WORLD_SIZE")
-    if world is not None and world.isdigit() and int(world) > 1:
-        raise ConfigError(f"fuyou train was started as rank {os.environ.get('RANK', '?')} of {world} processes "
-                          f"(torchrun or another launcher): fuyou trains on one GPU per run for now, and {world} "
-                          f"processes would run {world} identical, independent jobs. Run `fuyou train ...` without "
-                          f"torchrun (or with --nproc_per_node=1)")
-
-
 def _train(args) -> int:
     from fuyou.config import load_config
     from fuyou.train.loop import run_training
-
-    _refuse_torchrun()
 
     flags = {
         "model.preset": args.model, "offload.mode": args.offload, "offload.ssd_dirs": args.ssd,

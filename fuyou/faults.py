@@ -10,6 +10,8 @@ Points: ``forward``, ``backward``, ``optimizer`` (between two chunks of a stage'
 hang for an hour, as a stuck disk or driver would: the engine's deadlines (``fuyou.watchdog``) must
 turn that into an error. Points: ``optimizer`` (the worker, before a stage's update), ``load`` (a
 weight load, before it reads).
+
+``FUYOU_FAULT_RANK=r`` limits either to the data-parallel rank ``r`` (torchrun's ``RANK``).
 """
 
 from __future__ import annotations
@@ -19,11 +21,17 @@ import signal
 import time
 
 FAULT_ENV = "FUYOU_FAULT"
+RANK_ENV = "FUYOU_FAULT_RANK"  # with data parallelism: only the process of this RANK faults
+
+
+def _this_rank() -> bool:
+    want = os.environ.get(RANK_ENV)
+    return want is None or want == os.environ.get("RANK", "0")
 
 
 def fault(name: str, step: int | None = None) -> None:
     want = os.environ.get(FAULT_ENV)
-    if not want:
+    if not want or not _this_rank():
         return
     point, _, at = want.partition("@")
     if point == name and (not at or (step is not None and int(at) == step)):
@@ -32,7 +40,7 @@ def fault(name: str, step: int | None = None) -> None:
 
 def stall(name: str, step: int | None = None) -> None:
     want = os.environ.get(FAULT_ENV)
-    if not want or not want.startswith("stall:"):
+    if not want or not want.startswith("stall:") or not _this_rank():
         return
     point, _, at = want[len("stall:"):].partition("@")
     if point == name and (not at or (step is not None and int(at) == step)):

@@ -719,14 +719,15 @@ class InFlight:
         self._q.clear()
 
 
-def make_device(name: str):
-    """The device for ``train.device``: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``fake``."""
+def make_device(name: str, index: int | None = None):
+    """The device for ``train.device``: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``fake``;
+    ``index``: which GPU (a data-parallel rank's local rank; default the current one)."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError("train.device='cuda' but no CUDA GPU is available; use train.device=cpu or auto")
-        return CudaDevice()
+        return CudaDevice(index)
     if name == "fake":
         return FakeDevice()
     return HostDevice()

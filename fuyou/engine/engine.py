@@ -89,6 +89,7 @@ from fuyou.engine.malloc import bound_malloc, malloc_threshold, resident_bytes
 from fuyou.engine.layout import StageState, build_states, copies_needed, dtype_size
 from fuyou.engine.state import TrainingState, grad_key
 from fuyou.errors import FuyouError
+from fuyou.engine.commit import ResumeError
 from fuyou.faults import fault
 from fuyou.engine.trace import StepCounters, Tracer
 from fuyou.engine.weights import WeightStreamer
@@ -106,6 +107,7 @@ from fuyou.trainer import StepStats
 from fuyou.optim.schedule import lr_of
 from fuyou.models.lora import attach, dropout_key
 from fuyou.engine.lora_state import LoRATrainingState
+from fuyou import distributed
 
 
 class Engine:
@@ -119,7 +121,9 @@ class Engine:
         self.cfg = cfg
         self.init_values = init_values or (lambda stage: stage.init_params(cfg.train.seed))
         off, t = cfg.offload, cfg.train
-        self.dev = make_device(t.device)  # the device seam (device.py): every stream, event and copy
+        self.dist = distributed.current()  # data parallelism (fuyou/distributed.py); one process: no-ops
+        self.micro = self.dist.micro_batches(t.grad_accum)  # the step's micro-batches this rank runs
+        self.dev = make_device(t.device, self.dist.local_rank if self.dist.enabled else None)  # the device seam
         self.device = self.dev.torch
         self.model = StageModel(cfg.model)
         self.lora = attach(self.model, cfg.lora)  # LoRA: a frozen base, adapters on the device (lora_state.py)
@@ -216,6 +220,7 @@ class Engine:
                 self.swapper.cpu_bytes = self.act_cpu_mem
             if resume:
                 self.ts.resume()
+                self._check_ranks_commits()
             else:
                 self.ts.initialise(self.init_values)
             self.streamer = WeightStreamer(self.states, self.store, self.weight_pool, self.dev, self.cdtype,
@@ -238,12 +243,26 @@ class Engine:
         self._drop_early = not self.dev.is_host
         # One micro-batch on an accelerator: each parameter's gradient is copied to the host as autograd
         # made it, not flattened into a stage-sized device buffer first (that copy was a stage of memory).
-        self._direct = not self.dev.is_host and t.grad_accum == 1
+        # (Data parallel: the stage's gradient is summed over the ranks in one flat buffer.)
+        self._direct = not self.dev.is_host and t.grad_accum == 1 and not self.dist.enabled
         self._norms: dict[str, Tensor] = {}
         self._speculated: list[tuple[StageState, int, int]] = []  # this step's speculative updates (stage,
         # source and target copy), redone if the norm exceeds the threshold
         self._waiting: list[StageState] = []    # this step's stages updated once the norm is known
         self.clipped = False                    # the last step's norm exceeded the threshold
+
+    def _check_ranks_commits(self) -> None:
+        """Every rank resumes the same step (fuyou/distributed.py: commits are all or nothing, except for a
+        crash between two ranks' record renames, which is refused here with the steps found)."""
+        if not self.dist.enabled:
+            return
+        s = self.ts.start_step
+        lo, neg_hi = self.dist.reduce_ints([s, -s], "comparing the ranks' last commits", op="min")
+        if lo != -neg_hi:
+            raise ResumeError(f"the ranks' last commits differ (steps {lo} to {-neg_hi}; this rank, {self.dist.rank}, "
+                              f"has step {s}): the run stopped while the ranks were writing their commit records. "
+                              f"Each rank's state is whole: copy the state directory of a rank at step {-neg_hi} "
+                              f"over the others' (the .fuyou-state directories), or start a new run")
 
     def _warm_up(self) -> None:
         """Create what CUDA creates on first use before the fixed overhead is measured (audit item 2):
@@ -272,18 +291,18 @@ class Engine:
         act = activation_bytes(self.cfg.model, t.micro_batch_size, self.cfg.data.seq_len, frozen=bool(self.lora))
         extra_cpu, extra_dev, ckpt = policy_memory(self.cfg.model, self.act, off, t.micro_batch_size,
                                                    self.cfg.data.seq_len, dtype_size(self.cdtype),
-                                                   self.store_cfg.checksum_block, t.grad_accum)
+                                                   self.store_cfg.checksum_block, len(self.micro))
         working = None
         if not self.dev.is_host:
             csize = dtype_size(self.cdtype)
             working = device_working_bytes(self.cfg.model, t.micro_batch_size, self.cfg.data.seq_len, csize,
-                                           max(s.numel for s in self.states), t.grad_accum, frozen=bool(self.lora))
+                                           max(s.numel for s in self.states), len(self.micro), frozen=bool(self.lora))
         return plan_memory(
             [s.numel for s in self.states], self.cfg.offload, chunk=self.chunk,
             io_buffer_bytes=self.store_cfg.queue_depth * max(self.store_cfg.block_size, self.store_cfg.checksum_block),
             act=act, checkpoint_bytes=ckpt, working_bytes=working, extra_cpu=extra_cpu, extra_device=extra_dev,
             csize=dtype_size(self.cdtype), gsize=dtype_size(self.gdtype), deferred=self.clipping,
-            micro_batches=t.grad_accum, tied=self.tied, compute_on_cpu=self.dev.is_host,
+            micro_batches=len(self.micro), tied=self.tied, compute_on_cpu=self.dev.is_host,
             device_budget=self.gpu_mem, fmt=self.fmt, lora_params=self._adapter_numel() if self.lora else None,
             offtier_bytes=offtier_bytes(self.cfg.model, self.act, t.micro_batch_size, self.cfg.data.seq_len,
                                         dtype_size(self.cdtype)))
@@ -332,12 +351,17 @@ class Engine:
         else:
             grad_norm = self._finish_clipping(lr, step) if self.clipping else None
         self._host_wait()
+        if self.dist.enabled:  # the global batch's loss (each rank's share is already over its divisor)
+            self.dist.all_reduce_(total, "summing the loss over the ranks")
         loss = float(total)  # see Note: [Sync points]
         self._read_spans(anchor, anchor_t)
         self.dev.check()
         if not math.isfinite(loss):
             raise NonFiniteError(f"the loss of step {step + 1} is {loss}")
-        if self.ts.commit_due(step + 1):
+        due = self.ts.commit_due(step + 1)
+        if self.dist.enabled and self.cfg.offload.commit_steps is None:  # a time interval: rank 0's clock decides
+            due = self.dist.broadcast(due, "agreeing on a commit")
+        if due:
             self.ts.submit_commit(step + 1)
         tokens = t.grad_accum * t.micro_batch_size * self.cfg.data.seq_len
         return StepStats(loss, lr, grad_norm, tokens, self._loss_tokens)
@@ -365,11 +389,13 @@ class Engine:
 
     def _step(self, step: int, lr: float) -> Tensor:
         """One step's forward and backward, layer-major (module docstring); returns the summed loss."""
-        S, M = len(self.states), self.cfg.train.grad_accum
-        keys = [dropout_key(self.cfg.train.seed, step, j) if self.lora else None for j in range(M)]
+        S, G, M = len(self.states), self.cfg.train.grad_accum, len(self.micro)
+        keys = [dropout_key(self.cfg.train.seed, step, j) if self.lora else None for j in self.micro]
         trainable = set(self.model.stages[1].adapters) if self.lora else None  # None: every weight trains
-        batches = [self.batches.batch(step * M + j) for j in range(M)]
-        n_loss = sum(b.loss_tokens for b in batches)  # on the host: the loss's divisor, no device sync
+        batches = [self.batches.batch(step * G + j) for j in self.micro]
+        # on the host: the loss's divisor (the global batch's, whichever micro-batches this rank runs)
+        n_loss = (sum(b.loss_tokens for b in batches) if not self.dist.enabled else
+                  sum(self.batches.batch(step * G + j).loss_tokens for j in range(G)))
         self._loss_tokens = n_loss
         xs = [self._to_device(b.tokens, "input batch") for b in batches]
         ys = [self._to_device(b.targets, "input batch") for b in batches]
@@ -483,14 +509,20 @@ class Engine:
             if i == 0 and shared_out is not None:
                 shared_acc = self._shared_in(*shared_out)
                 shared_out = None
+            reduced = False
             if i == 0 and shared_acc is not None:
                 # The head's and the embedding's sums over the micro-batches, added once (the reference
-                # trainer's order; the order of two addends is exact).
+                # trainer's order; the order of two addends is exact). Data parallel: each is summed over
+                # the ranks first, so two ranks of one micro-batch each add as one process does.
+                if self.dist.enabled:
+                    self.dist.all_reduce_(acc, "summing the embedding's gradient over the ranks")
+                    self.dist.all_reduce_(shared_acc, "summing the tied head's gradient over the ranks")
+                    reduced = True
                 (acc if isinstance(acc, dict) else st.views(acc))["wte"].add_(shared_acc)
                 shared_acc = None
             if self.lora:
                 continue
-            self._stage_grads(st, acc, lr, step)
+            self._stage_grads(st, acc, lr, step, reduced)
             if self._drop_early:
                 acc = None
         return total
@@ -510,6 +542,10 @@ class Engine:
         """After backward: clip the adapters' global gradient norm and step their AdamW, as the
         reference trainer does (the same torch calls on the same tensors in the same order)."""
         params = list(self.adapters.values())
+        if self.dist.enabled:  # the adapters' global gradient, in one flat sum over the ranks
+            grads = [p.grad for p in params]
+            flat = self.dist.all_reduce_(torch.cat([g.reshape(-1) for g in grads]), "summing the adapters' gradients")
+            torch._foreach_copy_(grads, [v.view_as(g) for v, g in zip(flat.split([g.numel() for g in grads]), grads)])
         norm = None
         if self.clipping:
             norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.train.grad_clip))
@@ -621,12 +657,15 @@ class Engine:
         self._bound_leaving(D2H_DEPTH - 1)  # sync point (f)
         return self.dev.empty(st.numel, self.gdtype, "gradients leaving the device")
 
-    def _stage_grads(self, st: StageState, flat: Tensor | dict[str, Tensor], lr: float, step: int) -> None:
+    def _stage_grads(self, st: StageState, flat: Tensor | dict[str, Tensor], lr: float, step: int,
+                     reduced: bool = False) -> None:
         """Hand a stage's gradient (summed over the micro-batches, ``_grad_buffer``; or, ``_direct``, the
         parameters' gradients by name) to the optimizer: an update now (speculative under exact
         clipping), or, for a resident stage under exact clipping, into its CPU buffer until the global
         norm is known (module docstring)."""
         pooled = self._pooled.pop(st.index, None)
+        if self.dist.enabled and not reduced:  # the global gradient on every rank: the same norm and update
+            self.dist.all_reduce_(flat, f"summing {st.stage.name}'s gradient over the ranks")
         if self.clipping:
             views = flat if isinstance(flat, dict) else st.views(flat)
             norms = torch._foreach_norm([views[n].float() for n in st.slots], 2)
@@ -733,7 +772,7 @@ class Engine:
             return None
         self.worker.wait_all()
         S = len(self.states)
-        batches = list(self.eval_batches)
+        batches = list(self.eval_batches)[self.dist.rank::self.dist.world]  # each rank its share
         self.streamer.plan(self.forward_order() * len(batches))
         pos, total, count = 0, 0.0, 0
         try:
@@ -764,6 +803,10 @@ class Engine:
         except BaseException:
             self.streamer.drain()
             raise
+        if self.dist.enabled:
+            both = self.dist.all_reduce_(torch.tensor([total, float(count)], dtype=torch.float64, device=(
+                self.device if self.dist.backend == "nccl" else "cpu")), "summing the evaluation loss")
+            total, count = both.tolist()
         return total / count  # a mean over the held-out tokens with a target, as in training
 
     # -- the Trainer protocol (fuyou.trainer) beyond stepping and evaluating -----------------------------
@@ -773,6 +816,12 @@ class Engine:
         if self.dev.kind == "fake":
             lines.insert(0, "device: fake (train.device=fake): CPU compute through the engine's CUDA code paths, with "
                             "CUDA's asynchrony modelled and its stream and memory rules checked")
+        if self.dist.enabled:
+            d = self.dist
+            lines.append(f"{d.describe()}: each rank runs {len(self.micro)} of the step's {t.grad_accum} micro-batches "
+                         f"and sums every stage's gradient over the ranks as its backward ends; the optimizer state "
+                         f"is replicated, one copy per rank ({self.state_location()}); the budgets above are this "
+                         f"rank's share of the machine's (1/{d.local_world})")
         if self.lora:
             n = self._adapter_numel()
             lines.append(f"LoRA: rank {self.cfg.lora.rank} adapters on {', '.join(self.lora)} of every block, "

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from fuyou import watchdog
 from fuyou.engine.commit import RECORD, ResumeError, read_record, write_record
+from fuyou import distributed
 from fuyou.engine.state import TrainingState
 from fuyou.models.lora import init_adapters
 
@@ -103,6 +104,7 @@ class LoRATrainingState(TrainingState):
             os.close(fd)
         os.replace(tmp, directory / name)
         self.store.sync()
+        distributed.current().commit_barrier(steps_done)  # every rank's adapters are durable before any record
         write_record(directory, {"step": steps_done, "copies": [0] * len(self.states), "store_uuid": self.store.uuid,
                                  "generation": self.store.generation, "model": self.cfg.model.model_dump(),
                                  "lora": self.cfg.lora.model_dump(), "lora_state": name,

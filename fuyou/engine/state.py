@@ -26,6 +26,7 @@ from torch import Tensor
 
 from fuyou import watchdog
 from fuyou.engine.commit import ResumeError, read_record, step_tag, write_record
+from fuyou import distributed
 from fuyou.engine.layout import StageState, build_states, dtype_size
 from fuyou.errors import ConfigError
 from fuyou.optim.compressed import StateFormat, decode_state
@@ -234,6 +235,7 @@ class TrainingState:
             for key in st.copies[c].state:
                 self.store.set_tag(key, step_tag(steps_done))
         self.store.sync()
+        distributed.current().commit_barrier(steps_done)  # every rank's state is durable before any record names it
         write_record(self.store_dirs[0], {"step": steps_done, "copies": copies, "store_uuid": self.store.uuid,
                                           "generation": self.store.generation, "model": self.cfg.model.model_dump()})
 

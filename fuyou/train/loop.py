@@ -26,6 +26,7 @@ from fuyou.train.run import make_run_dir, record_resume, resume_changes, run_dir
 from fuyou.errors import ConfigError, DataError
 from fuyou.trainer import Trainer
 from fuyou.units import format_size
+from fuyou import distributed
 
 
 @dataclass
@@ -40,6 +41,8 @@ class RunResult:
 
 
 def build_trainer(cfg: FuyouConfig, run_name: str, resume: bool = False) -> Trainer:
+    """The trainer for ``cfg``: the in-memory reference, or the engine (with data parallelism, this rank's
+    share of the machine's budgets and its own state: fuyou/distributed.py)."""
     data = load_data(cfg.data)
     if data is not None:
         check_tokenizer(cfg, data)
@@ -63,7 +66,9 @@ def build_trainer(cfg: FuyouConfig, run_name: str, resume: bool = False) -> Trai
         return ReferenceTrainer(cfg, data, init_values)
     from fuyou.engine.engine import Engine
 
-    return Engine(cfg, data, store_name=f"{run_name}.fuyou-state", resume=resume, init_values=init_values)
+    dist = distributed.current()
+    return Engine(dist.rank_config(cfg), data, store_name=dist.store_name(f"{run_name}.fuyou-state"), resume=resume,
+                  init_values=init_values)
 
 
 def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None, plan_auto: bool = False,
@@ -73,7 +78,17 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
         raise ConfigError("run.tensorboard=true needs the tensorboard package: pip install 'fuyou[tensorboard]'")
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    run_path = Path(resume) if resume is not None else run_dir_path(cfg)
+    dist = distributed.init(cfg)  # torchrun: join the ranks (one process: nothing)
+    if dist.enabled and plan_auto:
+        raise ConfigError("--plan auto measures this machine for one process; with torchrun give the activation "
+                          "policy (offload.act_policy) and budgets yourself, or plan with `fuyou plan --gpus ...`")
+    if resume is not None:
+        run_path = Path(resume)
+        distributed.check_world(run_path, dist)
+    else:  # rank 0 names the run (the name may hold the time): one run directory for every rank
+        run_path = Path(dist.broadcast(str(run_dir_path(cfg)) if dist.is_main else None, "naming the run directory"))
+    if not dist.is_main:  # progress, metrics and files are rank 0's; errors are every rank's own
+        stream = open(os.devnull, "w")
     if plan_auto:
         from fuyou.planner.auto import plan_config
 
@@ -85,7 +100,7 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
         changed = resume_changes(load_config(run_path / "config.toml"), cfg)
     # refuses impossible configs (and unresumable states) before anything is written
     trainer = build_trainer(cfg, run_path.name, resume=resume is not None)
-    if changed is not None:
+    if changed is not None and dist.is_main:
         record_resume(run_path, cfg, trainer.start_step, changed)
         if changed:
             print("resumed with changes (recorded in resumes.jsonl; config.toml is now the effective config): "
@@ -96,8 +111,13 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
                 print(schedule_note, file=stream or sys.stderr)
     stop = _StopOnSignal()
     try:
-        run_dir = run_path if resume is not None else make_run_dir(cfg, run_path)
-        return _loop(cfg, trainer, run_dir, stream or sys.stderr, trace, stop)
+        if resume is not None or not dist.is_main:
+            run_dir = run_path
+        else:
+            run_dir = make_run_dir(cfg, run_path)
+            if dist.enabled:
+                distributed.record_world(run_dir, dist)
+        result = _loop(cfg, trainer, run_dir, stream or sys.stderr, trace, stop, dist)
     except BaseException:
         # Whatever failed (a step, an evaluation, the save), closing must not wait on or write to a
         # state that may be mid-update: the last commit is the state of record.
@@ -106,6 +126,8 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
     finally:
         stop.restore()
         trainer.close()
+    dist.close()
+    return result
 
 
 SCHEDULE_FIELDS = ("train.steps", "train.epochs", "train.warmup_steps", "train.warmup_ratio", "train.lr_schedule",
@@ -204,11 +226,14 @@ def _seen(trainer: Trainer, cfg: FuyouConfig, steps: int) -> dict:
     return out
 
 
-def _loop(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, stop) -> RunResult:
+def _loop(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, stop,
+          dist: distributed.Dist | None = None) -> RunResult:
     from fuyou.engine.malloc import resident_bytes
 
+    dist = dist or distributed.Dist()
     tb = cfg.run.tensorboard
-    log = MetricsLog(run_dir / "metrics.jsonl", tensorboard=tensorboard_available() if tb is None else tb)
+    log = (MetricsLog(run_dir / "metrics.jsonl", tensorboard=tensorboard_available() if tb is None else tb)
+           if dist.is_main else MetricsLog(Path(os.devnull)))  # one log: rank 0's
     model = StageModel(cfg.model)
     flops_per_token = model.flops_per_token(cfg.data.seq_len)
     t = cfg.train
@@ -261,7 +286,7 @@ def _loop(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, stop
             fields["wait w/opt"] = f"{counters['wait_weights_s']:.2f}/{counters['wait_optimizer_s']:.2f}s"
             fields["ssd r/w"] = f"{format_size(counters['ssd_read_bytes'])}/{format_size(counters['ssd_write_bytes'])}"
         progress.update(step, fields)
-        if trace is not None and step == trainer.trace_step:
+        if trace is not None and step == trainer.trace_step and dist.is_main:
             trainer.write_trace(trace)
             progress.message(f"wrote a trace of step {step + 1} to {trace} (open it in ui.perfetto.dev)")
         if t.eval_every and (step + 1) % t.eval_every == 0 and step + 1 != t.steps:
@@ -269,11 +294,14 @@ def _loop(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, stop
             if last_eval is not None:
                 log.write({"step": step + 1, "eval_loss": last_eval, **_seen(trainer, cfg, step + 1)})
                 progress.message(f"eval loss at step {step + 1}: {last_eval:.4f}")
-        if t.save_every and (step + 1) % t.save_every == 0 and step + 1 < t.steps:
+        if t.save_every and (step + 1) % t.save_every == 0 and step + 1 < t.steps and dist.is_main:
             snap = save_snapshot(run_dir, trainer, cfg, step + 1)
             log.write({"snapshot": str(snap), "step": step + 1})
             progress.message(f"snapshot of step {step + 1}: {snap}")
-        if stop.requested and step + 1 < t.steps:
+        # every rank stops after the same step (a signal reaches them at different moments)
+        stopping = dist.any(stop.requested is not None) if dist.enabled else stop.requested is not None
+        if stopping and step + 1 < t.steps:
+            stop.requested = stop.requested or "a stop on another rank"
             trainer.commit(step + 1)  # the step's updates and its commit are on the SSD
             log.write({"stopped": stop.requested, "step": step + 1})
             log.close()
@@ -287,7 +315,9 @@ def _loop(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, stop
     if last_eval is not None:
         log.write({"step": t.steps, "eval_loss": last_eval, **_seen(trainer, cfg, t.steps)})
     if cfg.run.save_weights:
-        save_weights(run_dir, trainer, cfg)  # fsynced and renamed before the SSD state may be deleted
+        if dist.is_main:  # every rank's state is the same (replicated): rank 0 saves it
+            save_weights(run_dir, trainer, cfg)  # fsynced and renamed before the SSD state may be deleted
+        dist.barrier("waiting for rank 0 to save the weights")  # before any rank deletes its state
         trainer.completed = True
     elif trainer.state_location() is not None:
         progress.message(f"run.save_weights=false: the trained state stays on the SSD ({trainer.state_location()}); "

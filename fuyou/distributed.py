@@ -1,0 +1,240 @@
+"""Data parallelism on torch.distributed, launched with torchrun (issue 17, DESIGN.md "Outside this machine").
+
+``torchrun --nproc_per_node=N fuyou train ...`` starts N processes; each one calls ``init()``, which
+joins torchrun's process group (gloo on the CPU and the fake device, NCCL on GPUs; nothing home-made
+for communication). What is shared and what each rank owns:
+
+- **The global batch** of step ``s`` is the run's ``train.grad_accum`` micro-batches of
+  ``train.micro_batch_size`` rows, as for one process: rank ``r`` runs the contiguous ``grad_accum / N``
+  of them (``micro_batches``), so a run's model does not depend on how many ranks trained it, up to the
+  order in which the ranks' gradients are summed (bit-identical when each rank runs one micro-batch and
+  there are two ranks: a sum of two addends does not depend on their order).
+- **Gradients**: a stage's gradient is summed over the ranks (``all_reduce``) as soon as its backward is
+  done, before the optimizer sees it; every rank then holds the global gradient, so the exact clipping
+  norm, its decision and every update are the same on every rank without further communication.
+- **The optimizer state** is, in this first version, **replicated**: each rank keeps the whole state in
+  its own store (rank 0 under the run's usual name, rank ``r`` under ``...fuyou-state.rank{r}``) and
+  applies the same update. Sharding it (each rank updating 1/N, the weights all-gathered) is the next
+  step and is owed; the closing note of issue 17 says so.
+- **Budgets are per machine**: ``offload.cpu_mem`` (and its ``act_cpu_mem``/``resident_mem`` parts) is
+  divided among the machine's ranks; ``offload.gpu_mem`` is per GPU. SSD directories are per machine:
+  when a machine has at least as many as it has ranks, each rank takes its own share of them.
+- **One run**: rank 0 chooses the run directory and writes config, metrics, progress, snapshots and the
+  saved weights; the others print nothing but errors.
+- **Commits are all or nothing**: each rank writes its state and syncs its store, the ranks meet, and
+  only then does each write its commit record. Resuming reads every rank's record and refuses, with
+  the steps found, if they differ (a crash in the few milliseconds between two ranks' record renames).
+  A resume must use the run's world size (``distributed.json`` in the run directory records it).
+- **Failure**: every collective has a deadline (``offload.stall_timeout``); a rank that dies makes the
+  others' next collective fail, and they stop with ``DistributedError`` naming the rank and the fix.
+  A stop signal (Ctrl-C, SIGTERM) is agreed by all ranks at a step boundary, so all commit the same step.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from fuyou.errors import ConfigError, FuyouError
+
+WORLD_FILE = "distributed.json"
+
+
+class DistributedError(FuyouError):
+    """A collective failed or timed out: another rank stopped (its own error says why)."""
+
+
+class Dist:
+    """This process's place in the job: ``world`` ranks, ``local_world`` of them on this machine. With
+    one process every collective is a no-op."""
+
+    def __init__(self, rank: int = 0, world: int = 1, local_rank: int = 0, local_world: int = 1,
+                 backend: str | None = None):
+        self.rank, self.world, self.local_rank, self.local_world = rank, world, local_rank, local_world
+        self.backend = backend
+        self._commit_group = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def describe(self) -> str:
+        return (f"data parallel: rank {self.rank} of {self.world} ({self.local_world} on this machine), "
+                f"torch.distributed {self.backend}")
+
+    # -- the batch --------------------------------------------------------------------------------
+    def micro_batches(self, grad_accum: int) -> range:
+        """The global micro-batch indices of one step this rank runs (module docstring)."""
+        per = grad_accum // self.world
+        return range(self.rank * per, (self.rank + 1) * per)
+
+    # -- collectives -------------------------------------------------------------------------------
+    @contextmanager
+    def _collective(self, what: str):
+        try:
+            yield
+        except RuntimeError as e:  # gloo and NCCL report a dead peer or a timeout as RuntimeError
+            raise DistributedError(
+                f"rank {self.rank}: {what} failed ({str(e).splitlines()[0] if str(e) else type(e).__name__}): another "
+                f"rank stopped or is stuck (its own error says why). The last commit is intact: fix the cause, then "
+                f"continue with `torchrun --nproc_per_node=... fuyou train --resume RUN_DIR` at the same world "
+                f"size") from e
+
+    def all_reduce_(self, t: torch.Tensor, what: str = "summing a gradient over the ranks") -> torch.Tensor:
+        """Sum ``t`` over the ranks in place."""
+        if self.enabled:
+            import torch.distributed as td
+
+            with self._collective(what):
+                td.all_reduce(t)
+        return t
+
+    def any(self, flag: bool, what: str = "agreeing on a step boundary") -> bool:
+        """True on every rank when it is true on any."""
+        return bool(self.reduce_ints([int(flag)], what, op="max")[0]) if self.enabled else flag
+
+    def reduce_ints(self, values: list[int], what: str, op: str = "sum") -> list[int]:
+        if not self.enabled:
+            return list(values)
+        import torch.distributed as td
+
+        t = torch.tensor(values, dtype=torch.int64)
+        if self.backend == "nccl":
+            t = t.cuda()
+        with self._collective(what):
+            td.all_reduce(t, op={"sum": td.ReduceOp.SUM, "max": td.ReduceOp.MAX, "min": td.ReduceOp.MIN}[op])
+        return [int(v) for v in t.tolist()]
+
+    def broadcast(self, obj, what: str):
+        """Rank 0's ``obj`` on every rank."""
+        if not self.enabled:
+            return obj
+        import torch.distributed as td
+
+        box = [obj]
+        with self._collective(what):
+            td.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self, what: str) -> None:
+        if self.enabled:
+            self.reduce_ints([0], what)
+
+    def commit_barrier(self, step: int) -> None:
+        """All ranks have written and synced the state of ``step`` (called on the optimizer worker's
+        thread, so on a group of its own: collectives of one group must be issued in one order)."""
+        if not self.enabled:
+            return
+        import torch.distributed as td
+
+        t = torch.tensor([step], dtype=torch.int64)
+        with self._collective(f"the commit of step {step} (waiting for every rank's state)"):
+            td.all_reduce(t, op=td.ReduceOp.MIN, group=self._commit_group)
+        if int(t) != step:
+            raise DistributedError(f"rank {self.rank}: the ranks committed different steps ({int(t)} and {step}); "
+                                   f"the last commit is intact, resume with torchrun ... fuyou train --resume RUN_DIR")
+
+    def close(self) -> None:
+        if self.enabled:
+            import torch.distributed as td
+
+            if td.is_initialized():
+                td.destroy_process_group()
+
+    # -- per-rank configuration ---------------------------------------------------------------------
+    def rank_config(self, cfg):
+        """This rank's share of a machine's budgets and SSD directories (module docstring)."""
+        if not self.enabled:
+            return cfg
+        off = cfg.offload
+        share = {}
+        for field in ("cpu_mem", "act_cpu_mem", "resident_mem"):
+            v = getattr(off, field)
+            if v is not None:
+                share[field] = v // self.local_world
+        dirs = list(off.ssd_dirs)
+        if len(dirs) >= self.local_world:
+            per = len(dirs) // self.local_world
+            share["ssd_dirs"] = dirs[self.local_rank * per:(self.local_rank + 1) * per]
+        return cfg.model_copy(update={"offload": off.model_copy(update=share)})
+
+    def store_name(self, name: str) -> str:
+        """Rank 0's state keeps the run's usual name (export and every single-process tool read it)."""
+        return name if self.rank == 0 else f"{name}.rank{self.rank}"
+
+
+_DIST = Dist()
+
+
+def current() -> Dist:
+    return _DIST
+
+
+def launched_world() -> int:
+    """The number of processes a launcher (torchrun) started this one among (1: none)."""
+    w = os.environ.get("WORLD_SIZE", "1")
+    return int(w) if w.isdigit() else 1
+
+
+def init(cfg) -> Dist:
+    """Join torchrun's process group when this process is one of several (module docstring); refuse
+    what data parallelism does not support yet, before anything is written."""
+    global _DIST
+    world = launched_world()
+    if world <= 1:
+        _DIST = Dist()
+        return _DIST
+    env = os.environ
+    rank, local_rank = int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0))
+    local_world = int(env.get("LOCAL_WORLD_SIZE", world))
+    t = cfg.train
+    if cfg.offload.mode != "ssd":
+        raise ConfigError(f"torchrun started {world} processes, but offload.mode={cfg.offload.mode}: data-parallel "
+                          f"training runs the SSD-offloaded engine (--offload ssd --ssd DIR); offload.mode=none is the "
+                          f"single-process reference")
+    if t.grad_accum % world:
+        raise ConfigError(f"train.grad_accum={t.grad_accum} is not a multiple of the {world} ranks: a step's global "
+                          f"batch is grad_accum micro-batches of train.micro_batch_size rows whatever the number of "
+                          f"ranks, and each rank runs grad_accum/{world} of them; set train.grad_accum to a multiple "
+                          f"of {world}")
+    device = t.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    backend = "nccl" if device == "cuda" else "gloo"
+    import torch.distributed as td
+
+    timeout = datetime.timedelta(seconds=max(60.0, float(cfg.offload.stall_timeout)))
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank)
+    try:
+        td.init_process_group(backend, timeout=timeout)
+    except (RuntimeError, ValueError) as e:
+        raise DistributedError(f"rank {rank}: joining the {world} ranks failed ({e}); check torchrun's "
+                               f"--master_addr/--master_port or --rdzv_endpoint") from e
+    _DIST = Dist(rank, world, local_rank, local_world, backend)
+    _DIST._commit_group = td.new_group(backend="gloo", timeout=timeout)
+    return _DIST
+
+
+def record_world(run_dir: Path, d: Dist) -> None:
+    (run_dir / WORLD_FILE).write_text(json.dumps({"world_size": d.world, "backend": d.backend}) + "\n")
+
+
+def check_world(run_dir: Path, d: Dist) -> None:
+    """A run resumes with the world size that trained it (the state is one per rank)."""
+    path = run_dir / WORLD_FILE
+    world = json.loads(path.read_text())["world_size"] if path.is_file() else 1
+    if world != d.world:
+        how = "without torchrun" if world == 1 else f"with torchrun --nproc_per_node={world} (or its nodes)"
+        raise ConfigError(f"{run_dir} was trained by {world} process(es) and this resume has {d.world}: each rank "
+                          f"keeps its own copy of the state, so resume {how}. Resuming at another world size "
+                          f"(resharding) is not supported yet")
