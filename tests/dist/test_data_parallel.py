@@ -1,0 +1,245 @@
+"""Data parallelism on torch.distributed with gloo (issue 17): several processes train one model.
+
+Every test launches real processes: ``python -m torch.distributed.run`` (torchrun) or, to kill one
+rank deterministically, the processes torchrun would start, with its environment. The model has
+four blocks, the state streams from the SSD (``offload.resident_mem=0``, no weight cache), exact
+clipping is on and triggers, and there are several micro-batches per step.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fuyou.config import load_config
+from fuyou.data import load_data
+from fuyou.engine.engine import Engine
+
+pytestmark = pytest.mark.timeout(600)
+
+BASE = ["model.preset=gpt-test", "model.n_layer=4", "data.seq_len=32", "train.micro_batch_size=2",
+        "train.precision=fp32", "train.steps=4", "train.eval_every=2", "train.eval_batches=2", "train.log_every=1",
+        "train.grad_clip=1.0", "offload.resident_mem=0", "offload.cache_weights=false", "offload.keep_state=true",
+        "offload.commit_every=1", "offload.stall_timeout=60"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train_args(tmp_path, name, *extra, ssd=("ssd",)):
+    dirs = []
+    for d in ssd:
+        (tmp_path / d).mkdir(exist_ok=True)
+        dirs += ["--ssd", str(tmp_path / d)]
+    return ["train", "--offload", "ssd", *dirs, "--cpu-mem", "1GiB", *BASE, f"run.out_dir={tmp_path / 'runs'}",
+            f"run.name={name}", *extra]
+
+
+def env(**kw):
+    e = {**os.environ, "OMP_NUM_THREADS": "1", **{k: str(v) for k, v in kw.items()}}
+    for k in ("FUYOU_FAULT", "FUYOU_FAULT_RANK", "WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        if k not in kw:
+            e.pop(k, None)
+    return e
+
+
+def single(args, **kw):
+    r = subprocess.run([sys.executable, "-m", "fuyou.cli", *args], env=env(**kw), capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def torchrun(args, nproc=2, check=True, extra=(), **kw):
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", *extra, "-m", "fuyou.cli", *args]
+    r = subprocess.run(cmd, env=env(**kw), capture_output=True, text=True, timeout=400)
+    if check:
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    return r
+
+
+def open_state(run_dir, store):
+    """The committed weights and moments of one rank's state (opened as a resume would)."""
+    cfg = load_config(run_dir / "config.toml", ["model.init_from=none"])
+    eng = Engine(cfg, load_data(cfg.data), store, resume=True)
+    try:
+        return eng.start_step, eng.state(), eng.optimizer_state()
+    finally:
+        eng.close()
+
+
+LR_STEPS = 1e-3 * 4  # optim.lr x train.steps: how far Adam can move a weight in BASE's run
+
+
+def assert_weights(a, b, exact):
+    """Bit-identical, or every weight within 1e-3 of lr x steps: a sum in another order changes the last
+    bits of a gradient, and Adam turns a gradient that is only rounding noise (the key bias's: softmax
+    ignores it) into full steps of noise (measured: 8.9e-5 of lr x steps at grad_accum=4)."""
+    assert a.keys() == b.keys()
+    for k in a:
+        if exact:
+            assert torch.equal(a[k], b[k]), k
+        else:
+            assert float((a[k] - b[k]).abs().max()) <= 1e-3 * LR_STEPS, k
+
+
+def assert_states(a, b, exact=True):
+    """Weights as ``assert_weights``; moments bit-identical or within 1e-3 of their tensor's largest."""
+    (sa, wa, oa), (sb, wb, ob) = a, b
+    assert sa == sb
+    assert_weights(wa, wb, exact)
+    for k in oa:
+        for m in ("exp_avg", "exp_avg_sq"):
+            x, y = oa[k][m], ob[k][m]
+            if exact:
+                assert torch.equal(x, y), (k, m)
+            else:
+                assert float((x - y).abs().max()) <= 1e-3 * float(x.abs().max().clamp_min(1e-30)), (k, m)
+
+
+def metrics(run_dir):
+    import json
+
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("accum,exact", [(2, True), (4, False)])
+def test_two_ranks_train_the_model_one_process_trains(tmp_path, accum, exact):
+    """The same global batch (grad_accum micro-batches) on one process and on two ranks: with one
+    micro-batch per rank the sum of the two ranks' gradients is the reference's two-addend sum, so the
+    weights and moments are bit-identical; with two per rank the order of the four addends differs
+    (``assert_states``' tolerance). Both ranks' replicas are identical."""
+    single(train_args(tmp_path, "one", f"train.grad_accum={accum}"))
+    r = torchrun(train_args(tmp_path, "two", f"train.grad_accum={accum}"))
+    runs = tmp_path / "runs"
+    one, two = runs / "one", runs / "two"
+    assert "data parallel: rank 0 of 2" in r.stderr and "run directory" in r.stderr
+    assert r.stderr.count("done: 4 steps") == 1  # one progress: rank 0's
+    assert_weights(load_file(one / "model.safetensors"), load_file(two / "model.safetensors"), exact)
+    m1, m2 = metrics(one), metrics(two)
+    steps1 = [m for m in m1 if "loss" in m]
+    steps2 = [m for m in m2 if "loss" in m]
+    assert [m["step"] for m in steps2] == [1, 2, 3, 4]
+    assert all(m["grad_norm"] > 1.0 for m in steps2[:1])  # the first step clipped: the redo path ran
+    for x, y in zip(steps1, steps2):
+        assert x["tokens"] == y["tokens"] and x["loss_tokens"] == y["loss_tokens"]
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-6, abs=0) and x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-5)
+    evals1, evals2 = [m["eval_loss"] for m in m1 if "eval_loss" in m], [m["eval_loss"] for m in m2 if "eval_loss" in m]
+    assert evals2 == pytest.approx(evals1, rel=1e-6)
+    ssd = tmp_path / "ssd"
+    ref = open_state(one, "one.fuyou-state")
+    rank0, rank1 = open_state(two, "two.fuyou-state"), open_state(two, "two.fuyou-state.rank1")
+    assert_states(ref, rank0, exact)
+    assert_states(rank0, rank1)  # replicas
+    assert sorted(p.name for p in ssd.iterdir()) == ["one.fuyou-state", "two.fuyou-state", "two.fuyou-state.rank1"]
+
+
+def test_each_rank_owns_its_ssd_directories_and_its_share_of_the_cpu_budget(tmp_path):
+    r = torchrun(train_args(tmp_path, "dirs", "train.grad_accum=2", "train.steps=1", ssd=("a", "b")))
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["dirs.fuyou-state"]
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["dirs.fuyou-state.rank1"]
+    assert "CPU budget 512.00 MiB" in r.stderr and "(1/2)" in r.stderr  # --cpu-mem 1GiB per machine, 2 ranks
+
+
+def rank_procs(tmp_path, args, fault_rank=None, fault=None, world=2):
+    """The processes torchrun starts, with its environment (so that one can be killed alone)."""
+    port, procs = free_port(), []
+    for r in range(world):
+        kw = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK=r, WORLD_SIZE=world, LOCAL_RANK=r,
+                  LOCAL_WORLD_SIZE=world)
+        if fault:
+            kw.update(FUYOU_FAULT=fault, FUYOU_FAULT_RANK=fault_rank)
+        procs.append(subprocess.Popen([sys.executable, "-m", "fuyou.cli", *args], env=env(**kw),
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return procs
+
+
+def test_a_dead_rank_stops_the_others_with_a_sentence_and_resume_is_exact(tmp_path):
+    """Rank 1 is killed (SIGKILL) in the backward of step 3: rank 0 stops within a bounded time with a
+    sentence naming what failed, not a hang; the committed state (step 2) resumes under torchrun and
+    ends bit-identical to an uninterrupted two-rank run."""
+    torchrun(train_args(tmp_path, "whole", "train.grad_accum=2"))
+    args = train_args(tmp_path, "cut", "train.grad_accum=2")
+    t0 = time.monotonic()
+    procs = rank_procs(tmp_path, args, fault_rank=1, fault="backward@2")
+    outs = [p.communicate(timeout=180) for p in procs]
+    took = time.monotonic() - t0
+    assert procs[1].returncode == -signal.SIGKILL
+    assert procs[0].returncode not in (0, None), outs[0][1][-3000:]
+    err = outs[0][1]
+    assert "another rank stopped" in err and "--resume" in err and "Traceback" not in err, err[-3000:]
+    assert took < 120
+    run = tmp_path / "runs" / "cut"
+    assert [m["step"] for m in metrics(run) if "loss" in m] == [1, 2]
+    torchrun(["train", "--resume", str(run)])
+    assert_states(open_state(tmp_path / "runs" / "whole", "whole.fuyou-state"), open_state(run, "cut.fuyou-state"))
+    a, b = load_file(tmp_path / "runs" / "whole" / "model.safetensors"), load_file(run / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_stop_signal_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
+    """Ctrl-C reaches the ranks at different moments (here: only rank 1): they agree at the step
+    boundary, commit the same step and stop; the resume finishes the run."""
+    args = train_args(tmp_path, "sig", "train.grad_accum=2", "train.steps=40", "train.eval_every=0")
+    procs = rank_procs(tmp_path, args)
+    run = tmp_path / "runs" / "sig"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # wait for a few steps
+        if (run / "metrics.jsonl").is_file() and len(metrics(run)) >= 3:
+            break
+        time.sleep(0.2)
+    procs[1].send_signal(signal.SIGINT)
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+    stopped = [m for m in metrics(run) if "stopped" in m]
+    assert len(stopped) == 1 and stopped[0]["step"] < 40
+    s0 = open_state(run, "sig.fuyou-state")
+    s1 = open_state(run, "sig.fuyou-state.rank1")
+    assert s0[0] == s1[0] == stopped[0]["step"]
+    assert_states(s0, s1)
+    torchrun(["train", "--resume", str(run)])
+    assert [m["step"] for m in metrics(run) if "loss" in m][-1] == 40
+
+
+def test_two_machines_on_loopback(tmp_path):
+    """Two torchrun launches (--nnodes=2), one rank each, meeting through torchrun's rendezvous: each
+    "machine" keeps its own state, rank 0 the run directory; the model is the one-process model."""
+    port = free_port()
+    args = train_args(tmp_path, "nodes", "train.grad_accum=2", "train.steps=2")
+    procs = []
+    for node in range(2):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}", "--nproc_per_node=1",
+               "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "fuyou.cli", *args]
+        procs.append(subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-3000:] + outs[1][1][-3000:]
+    single(train_args(tmp_path, "one", "train.grad_accum=2", "train.steps=2"))
+    a = load_file(tmp_path / "runs" / "one" / "model.safetensors")
+    b = load_file(tmp_path / "runs" / "nodes" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert "rank 0 of 2 (1 on this machine)" in outs[0][1] + outs[1][1]
+
+
+def test_what_data_parallelism_refuses(tmp_path):
+    """A global batch that does not split evenly, and a resume at another world size, are refused
+    with a sentence before anything is written or opened."""
+    r = torchrun(train_args(tmp_path, "odd", "train.grad_accum=3"), check=False)
+    assert r.returncode != 0 and "not a multiple of the 2 ranks" in r.stderr
+    assert r.stderr.count("Traceback") == 1 and "ChildFailedError" in r.stderr  # torchrun's own report, not ours
+    assert not (tmp_path / "runs" / "odd").exists()
+    torchrun(train_args(tmp_path, "two", "train.grad_accum=2", "train.steps=1", "run.save_weights=false"))
+    r = subprocess.run([sys.executable, "-m", "fuyou.cli", "train", "--resume", str(tmp_path / "runs" / "two")],
+                       env=env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "trained by 2 process(es)" in r.stderr and "Traceback" not in r.stderr
