@@ -9,19 +9,26 @@ for communication). What is shared and what each rank owns:
   of them (``micro_batches``), so a run's model does not depend on how many ranks trained it, up to the
   order in which the ranks' gradients are summed (bit-identical when each rank runs one micro-batch and
   there are two ranks: a sum of two addends does not depend on their order).
-- **Gradients**: a stage's gradient is summed over the ranks (``all_reduce``) as soon as its backward is
-  done, before the optimizer sees it; every rank then holds the global gradient, so the exact clipping
-  norm, its decision and every update are the same on every rank without further communication.
-- **The optimizer state** is, in this first version, **replicated**: each rank keeps the whole state in
-  its own store (rank 0 under the run's usual name, rank ``r`` under ``...fuyou-state.rank{r}``) and
-  applies the same update. Sharding it (each rank updating 1/N, the weights all-gathered) is the next
-  step and is owed; the closing note of issue 17 says so.
+- **The optimizer state is sharded by stage**: each stage's master weights and moments live on one rank,
+  its owner (``stage_owners``: largest stages first, each to the least-loaded rank), in that rank's
+  store (rank 0's under the run's usual name, rank ``r``'s under ``...fuyou-state.rank{r}``). As a
+  stage's backward ends its gradient is summed into its owner (``reduce``); the owner alone updates it
+  (speculatively under exact clipping, as with one process) and afterwards sends the new compute
+  weights to the others (``fuyou.engine.exchange``). So each rank reads and writes the optimizer state
+  of about 1/N of the parameters per step, and receives the compute weights of the rest. The exact
+  clipping norm is the sum over the ranks of each parameter's norm, which exactly one rank (its
+  owner) contributes, so every rank sees the one-process norm.
+  Sharding is by whole stages rather than by slices of every stage: the out-of-core optimizer, the
+  commit and the state copies stay per stage as they are; the cost is balance when the ranks are
+  nearly as many as the stages (refused beyond one stage per rank).
+  LoRA (a frozen base, no optimizer state to shard) sums the adapters' gradients over every rank
+  (``all_reduce``) and steps a replicated AdamW.
 - **Budgets are per machine**: ``offload.cpu_mem`` (and its ``act_cpu_mem``/``resident_mem`` parts) is
   divided among the machine's ranks; ``offload.gpu_mem`` is per GPU. SSD directories are per machine:
   when a machine has at least as many as it has ranks, each rank takes its own share of them.
 - **One run**: rank 0 chooses the run directory and writes config, metrics, progress, snapshots and the
   saved weights; the others print nothing but errors.
-- **Commits are all or nothing**: each rank writes its state and syncs its store, the ranks meet, and
+- **Commits are all or nothing**: each rank writes its part of the state and syncs its store, the ranks meet, and
   only then does each write its commit record. Resuming reads every rank's record and refuses, with
   the steps found, if they differ (a crash in the few milliseconds between two ranks' record renames).
   A resume must use the run's world size (``distributed.json`` in the run directory records it).
@@ -58,6 +65,7 @@ class Dist:
         self.rank, self.world, self.local_rank, self.local_world = rank, world, local_rank, local_world
         self.backend = backend
         self._commit_group = None
+        self._exchange_group = None
 
     @property
     def enabled(self) -> bool:
@@ -143,6 +151,25 @@ class Dist:
             raise DistributedError(f"rank {self.rank}: the ranks committed different steps ({int(t)} and {step}); "
                                    f"the last commit is intact, resume with torchrun ... fuyou train --resume RUN_DIR")
 
+    def reduce_(self, t: torch.Tensor, dst: int, what: str) -> torch.Tensor:
+        """Sum ``t`` over the ranks into rank ``dst``'s ``t`` (the others' ``t`` is left undefined)."""
+        if self.enabled:
+            import torch.distributed as td
+
+            with self._collective(what):
+                td.reduce(t, dst=dst)
+        return t
+
+    def broadcast_tensor(self, t: torch.Tensor, src: int, what: str) -> torch.Tensor:
+        """Rank ``src``'s CPU tensor ``t`` into every rank's ``t``, on the group of the weight exchange
+        (its own thread: ``fuyou.engine.exchange``; gloo, as the tensors are in CPU memory)."""
+        if self.enabled:
+            import torch.distributed as td
+
+            with self._collective(what):
+                td.broadcast(t, src=src, group=self._exchange_group)
+        return t
+
     def close(self) -> None:
         if self.enabled:
             import torch.distributed as td
@@ -222,7 +249,20 @@ def init(cfg) -> Dist:
                                f"--master_addr/--master_port or --rdzv_endpoint") from e
     _DIST = Dist(rank, world, local_rank, local_world, backend)
     _DIST._commit_group = td.new_group(backend="gloo", timeout=timeout)
+    _DIST._exchange_group = td.new_group(backend="gloo", timeout=timeout)
     return _DIST
+
+
+def stage_owners(numels: list[int], world: int) -> list[int]:
+    """The rank that owns each stage's optimizer state: largest stages first, each to the rank with
+    the fewest parameters so far (ties: the lower rank). A pure function of the shapes and the world
+    size, so every rank computes the same."""
+    load, owner = [0] * world, [0] * len(numels)
+    for i in sorted(range(len(numels)), key=lambda i: (-numels[i], i)):
+        r = min(range(world), key=lambda r: (load[r], r))
+        owner[i] = r
+        load[r] += numels[i]
+    return owner
 
 
 def record_world(run_dir: Path, d: Dist) -> None:

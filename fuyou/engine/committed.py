@@ -15,6 +15,7 @@ If the run commits meanwhile (with the default ``offload.commit_every`` of ten m
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -49,27 +50,46 @@ class CommittedWeights:
         self.cfg = cfg
         self.model = cfg.model.model_dump()
         self.family = cfg.model.family
-        dirs = [Path(d) / f"{run_dir.name}.fuyou-state" for d in cfg.offload.ssd_dirs]
-        if not all(d.is_dir() for d in dirs):
-            raise ConfigError(f"{run_dir} has no model.safetensors and its SSD state ({', '.join(map(str, dirs))}) is "
-                              f"gone: the run finished without saving weights (run.save_weights=false) and the state "
-                              f"was deleted, or the SSD directory moved")
-        self.live = False  # the run is training: read without the lock (module docstring)
-        try:
-            self.store = TensorStore.open(dirs)
-        except StoreLockedError:
-            self.store = TensorStore.open(dirs, lock=False)
-            self.live = True
-        self._record_file = dirs[0] / RECORD
+        from fuyou.distributed import WORLD_FILE
+
+        name = f"{run_dir.name}.fuyou-state"
+        world_file = run_dir / WORLD_FILE
+        world = json.loads(world_file.read_text())["world_size"] if world_file.is_file() else 1
         stages = StageModel(cfg.model).stages
         self.states = build_states(stages, 0.0, n_copies=3, int8=cfg.optim.moments == "int8")
+        # Data parallel: each rank's state holds the stages it owns (its record's "owned"; fuyou/distributed.py)
+        self.stores, self._records, self._raw, self._where = [], [], [], {}
+        self.live = False  # the run is training: read without the lock (module docstring)
         try:
-            self.record = read_record(dirs[0], self.store, len(self.states))
+            for rank in range(world):
+                rank_name = name if rank == 0 else f"{name}.rank{rank}"
+                dirs = [Path(d) / rank_name for d in cfg.offload.ssd_dirs if (Path(d) / rank_name).is_dir()]
+                if not dirs:
+                    raise ConfigError(f"{run_dir} has no model.safetensors and its SSD state ({rank_name} in "
+                                      f"{', '.join(cfg.offload.ssd_dirs)}) is gone: the run finished without saving "
+                                      f"weights (run.save_weights=false) and the state was deleted, the SSD directory "
+                                      f"moved, or (data parallel) that rank's state is on another machine")
+                try:
+                    store = TensorStore.open(dirs)
+                except StoreLockedError:
+                    store = TensorStore.open(dirs, lock=False)
+                    self.live = True
+                self.stores.append(store)
+                record = read_record(dirs[0], store, len(self.states))
+                raw = (dirs[0] / RECORD).read_bytes()
+                owned = json.loads(raw).get("owned", list(range(len(self.states))))
+                self._records.append(dirs[0] / RECORD)
+                self._raw.append(raw)
+                for i in owned:
+                    self._where.setdefault(i, (store, record["copies"][i]))
+                if rank and record["step"] != self.step:
+                    raise ConfigError(f"the ranks' last commits differ (steps {self.step} and {record['step']}): "
+                                      f"resume the run with torchrun to finish it, then export")
+                self.step = record["step"] if rank == 0 else self.step
         except BaseException:
-            self.store.close(sync=False)
+            self.close()
             raise
-        self._raw = self._record_file.read_bytes()
-        self.step = self.record["step"]
+        self.store = self.stores[0]
         self.mdtype = StateFormat.of(cfg.optim).master_dtype
         self._owner = {s.stage.key(name): s for s in self.states for name in s.slots}
         self._loaded: tuple[int, dict[str, Tensor]] | None = None
@@ -77,17 +97,25 @@ class CommittedWeights:
     def tensor(self, key: str, shape) -> Tensor:
         st = self._owner[key]
         if self._loaded is None or self._loaded[0] != st.index:
-            c = self.record["copies"][st.index]
-            flat = torch.empty(st.numel, dtype=self.mdtype)
-            self.store.read_into(f"{st.stage.name}/master.{c}", flat).result()  # CRC-checked
-            if self.live and self._record_file.read_bytes() != self._raw:
+            flat = self.read(st, "master")
+            if self.live and any(f.read_bytes() != raw for f, raw in zip(self._records, self._raw)):
                 raise CommitMoved(f"the run committed a newer step while its step {self.step} was being read; run "
                                   f"the export again (or stop the run first: Ctrl-C commits and stops it)")
             self._loaded = (st.index, {st.stage.key(n): v for n, v in st.views(flat.float()).items()})
         return self._loaded[1][key].reshape(shape)
 
+    def read(self, st, role: str) -> Tensor:
+        """One committed tensor of stage ``st`` (``master``, ``exp_avg``, ``exp_avg_sq``), from the state
+        that owns it, CRC-checked."""
+        store, c = self._where[st.index]
+        dtype = self.mdtype if role == "master" else torch.float32
+        flat = torch.empty(st.numel, dtype=dtype)
+        store.read_into(f"{st.stage.name}/{role}.{c}", flat).result()
+        return flat
+
     def close(self) -> None:
-        self.store.close(sync=False)
+        for store in self.stores:
+            store.close(sync=False)
 
     def __enter__(self):
         return self

@@ -93,6 +93,7 @@ from fuyou.engine.commit import ResumeError
 from fuyou.faults import fault
 from fuyou.engine.trace import StepCounters, Tracer
 from fuyou.engine.weights import WeightStreamer
+from fuyou.engine.exchange import WeightExchange
 from fuyou.engine.worker import OptimizerWorker, UpdateJob
 from fuyou.models import StageModel
 from fuyou.optim import adamw_backend
@@ -133,6 +134,15 @@ class Engine:
         self.fmt = StateFormat.of(cfg.optim)  # how the optimizer state is stored (fuyou/optim/compressed.py)
         self.states = build_states(self.model.stages, cfg.optim.weight_decay, n_copies=3,
                                    int8=self.fmt.moments == "int8")
+        # Data parallel with full fine-tuning: each stage's optimizer state on one rank (fuyou/engine/exchange.py).
+        self.sharded = self.dist.enabled and not self.lora
+        self.exchange = self.exchange_pool = None
+        if self.sharded:
+            if self.dist.world > len(self.states):
+                raise FuyouError(f"{self.dist.world} ranks for a model of {len(self.states)} stages: each rank owns the "
+                                 f"optimizer state of whole stages, so use at most {len(self.states)} ranks")
+            for st, r in zip(self.states, distributed.stage_owners([st.numel for st in self.states], self.dist.world)):
+                st.owner, st.owned = r, r == self.dist.rank
         watchdog.set_timeout(off.stall_timeout)
         self.failed = False                 # a step raised: close() must not wait for or write anything
         self.resumed = resume
@@ -179,7 +189,8 @@ class Engine:
         for st in self.states:  # Note: [State copies] in layout
             resident = st.index in self.plan.resident_stages
             st.copies = st.copies[:copies_needed(off.commit, every_step, self.clipping and not resident)]
-            if self.fmt.master_is_compute(self.cdtype) and not resident and st.index not in self.plan.cached_stages:
+            if (self.fmt.master_is_compute(self.cdtype) and not resident and st.index not in self.plan.cached_stages
+                    and st.owned):
                 st.read_weights_from_master()  # (a resident stage's master is in CPU memory: it keeps a copy)
 
         state_cls = LoRATrainingState if self.lora else TrainingState
@@ -193,6 +204,7 @@ class Engine:
                 lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=True)
         else:
             self.adapters = {}
+        self.ts.sharded = self.sharded
         self.store = self.ts.open_store(resume, store_name)
         try:
             dev = None if self.dev.is_host else self.dev  # pools whose buffers the device copies from are pinned
@@ -227,6 +239,11 @@ class Engine:
                                            off.prefetch_depth, self.tracer, ref)
             self.worker = OptimizerWorker(self.opt, self.cdtype, off.max_pending_updates, self.tracer, ref)
             self.ts.worker = self.worker
+            if self.sharded:  # every stage this rank does not own gets its owner's weights (first: the initial ones)
+                self.exchange_pool = PinnedPool(self.plan.cpu_items["weight exchange buffer"])
+                self.exchange = WeightExchange(self.dist, self.store, self.exchange_pool, self.cdtype, self.chunk,
+                                               self.tracer, ref)
+                self.exchange.schedule(self.states)
             if not self.dev.is_host:
                 self.d2h_stream = self.dev.new_stream("grad-d2h")
         except BaseException:
@@ -292,6 +309,8 @@ class Engine:
         extra_cpu, extra_dev, ckpt = policy_memory(self.cfg.model, self.act, off, t.micro_batch_size,
                                                    self.cfg.data.seq_len, dtype_size(self.cdtype),
                                                    self.store_cfg.checksum_block, len(self.micro))
+        if self.sharded:  # one chunk of compute weights on its way between the ranks (exchange.py)
+            extra_cpu["weight exchange buffer"] = max(4096, self.chunk * dtype_size(self.cdtype))
         working = None
         if not self.dev.is_host:
             csize = dtype_size(self.cdtype)
@@ -330,6 +349,8 @@ class Engine:
 
     def _train_step(self, step: int) -> StepStats:
         t = self.cfg.train
+        if self.exchange is not None:
+            self.exchange.check()
         self.counters = StepCounters()
         sched = self.cfg.offload.clip_schedule
         self._defer = self.clipping and (sched == "defer" or (sched == "auto" and self.clipped))
@@ -350,6 +371,8 @@ class Engine:
             grad_norm = self._lora_update(lr)
         else:
             grad_norm = self._finish_clipping(lr, step) if self.clipping else None
+        if self.sharded:  # every update of the step is submitted: the owners' new weights go to the others
+            self.exchange.schedule(self.states)
         self._host_wait()
         if self.dist.enabled:  # the global batch's loss (each rank's share is already over its divisor)
             self.dist.all_reduce_(total, "summing the loss over the ranks")
@@ -515,8 +538,8 @@ class Engine:
                 # trainer's order; the order of two addends is exact). Data parallel: each is summed over
                 # the ranks first, so two ranks of one micro-batch each add as one process does.
                 if self.dist.enabled:
-                    self.dist.all_reduce_(acc, "summing the embedding's gradient over the ranks")
-                    self.dist.all_reduce_(shared_acc, "summing the tied head's gradient over the ranks")
+                    self._sum_ranks(st, acc, "the embedding's gradient")
+                    self._sum_ranks(st, shared_acc, "the tied head's gradient")
                     reduced = True
                 (acc if isinstance(acc, dict) else st.views(acc))["wte"].add_(shared_acc)
                 shared_acc = None
@@ -664,8 +687,20 @@ class Engine:
         clipping), or, for a resident stage under exact clipping, into its CPU buffer until the global
         norm is known (module docstring)."""
         pooled = self._pooled.pop(st.index, None)
-        if self.dist.enabled and not reduced:  # the global gradient on every rank: the same norm and update
-            self.dist.all_reduce_(flat, f"summing {st.stage.name}'s gradient over the ranks")
+        if self.sharded and st.owned:  # its last weights must have gone to the other ranks (exchange.py)
+            watchdog.wait_event(st.exchanged, f"the exchange of {st.stage.name}'s weights (before its next update)")
+        if self.dist.enabled and not reduced:
+            self._sum_ranks(st, flat, f"{st.stage.name}'s gradient")
+        if not st.owned:  # data parallel, sharded: its owner updates it; this rank's share of the norm is 0
+            if self.clipping:
+                for n in st.slots:
+                    self._norms[st.stage.key(n)] = torch.zeros((), device=self.device)
+            if pooled is not None:
+                pooled.release()
+            elif not self.dev.is_host:  # a device buffer the reduce read: held until the compute stream is past
+                # it, and counted as a gradient leaving the device until then (the next one waits: sync point (f))
+                self._leaving.add(self.dev.event().record(self.dev.compute))
+            return
         if self.clipping:
             views = flat if isinstance(flat, dict) else st.views(flat)
             norms = torch._foreach_norm([views[n].float() for n in st.slots], 2)
@@ -694,6 +729,25 @@ class Engine:
             self._speculated.append((st, job.src, job.dst))
         self.worker.submit(job)
         st.cur = dst  # after submit's begin_update: a load reading copies[cur] (a bf16 master) waits for it
+
+    def _sum_ranks(self, st: StageState, t: Tensor, what: str) -> None:
+        """Sum a gradient of stage ``st`` over the ranks: into its owner (sharded state), or into every
+        rank (replicated: LoRA's frozen base has no state to shard)."""
+        if self.dev.kind == "fake":
+            # NCCL sums device memory in place; the fake device's memory goes through gloo, whose worker
+            # thread drops its reference to the tensor a moment after the call returns, which the device's
+            # accounting would charge to the next stage: an untracked copy stands in for the device buffer.
+            tmp = t.clone()
+            self._sum_ranks_(st, tmp, what)
+            t.copy_(tmp)
+        else:
+            self._sum_ranks_(st, t, what)
+
+    def _sum_ranks_(self, st: StageState, t: Tensor, what: str) -> None:
+        if self.sharded:
+            self.dist.reduce_(t, st.owner, f"summing {what} into rank {st.owner}")
+        else:
+            self.dist.all_reduce_(t, f"summing {what} over the ranks")
 
     def _to_host(self, st: StageState, flat: Tensor | dict[str, Tensor], into: Tensor | None = None):
         """The stage's gradient in one flat CPU buffer (a grad-pool buffer, or ``into``), a release
@@ -737,7 +791,10 @@ class Engine:
         order), then the resident stages' updates and, when the norm exceeds the threshold, the redo
         of every speculative update from its source copy with the clipped gradient (module docstring)."""
         order = list(self.model.param_specs())
-        total = torch.linalg.vector_norm(torch.stack([self._norms[k] for k in order]), 2)
+        norms = torch.stack([self._norms[k] for k in order])
+        if self.sharded:  # each parameter's norm is its owner's; the others hold 0 (an exact sum)
+            self.dist.all_reduce_(norms, "summing the gradient norms over the ranks")
+        total = torch.linalg.vector_norm(norms, 2)
         self._norms.clear()
         both = torch.stack([total, torch.clamp(self.cfg.train.grad_clip / (total + 1e-6), max=1.0)])
         self._host_wait()
@@ -818,10 +875,17 @@ class Engine:
                             "CUDA's asynchrony modelled and its stream and memory rules checked")
         if self.dist.enabled:
             d = self.dist
-            lines.append(f"{d.describe()}: each rank runs {len(self.micro)} of the step's {t.grad_accum} micro-batches "
-                         f"and sums every stage's gradient over the ranks as its backward ends; the optimizer state "
-                         f"is replicated, one copy per rank ({self.state_location()}); the budgets above are this "
-                         f"rank's share of the machine's (1/{d.local_world})")
+            line = (f"{d.describe()}: each rank runs {len(self.micro)} of the step's {t.grad_accum} micro-batches; ")
+            if self.sharded:
+                mine = [st for st in self.states if st.owned]
+                share = sum(st.numel for st in mine) / self.model.num_params
+                line += (f"the optimizer state is sharded by stage: this rank owns {', '.join(st.stage.name for st in mine)} "
+                         f"({100 * share:.0f}% of the parameters) in {self.state_location()}, receives every stage's "
+                         f"gradient sum when its backward ends and sends the stage's new weights to the other ranks")
+            else:
+                line += ("each stage's gradient is summed over the ranks as its backward ends, and the adapters are "
+                         "replicated")
+            lines.append(line + f"; the CPU budget above is this rank's share of the machine's (1/{d.local_world})")
         if self.lora:
             n = self._adapter_numel()
             lines.append(f"LoRA: rank {self.cfg.lora.rank} adapters on {', '.join(self.lora)} of every block, "
@@ -869,7 +933,11 @@ class Engine:
             raise
 
     def master_chunks(self):
-        """Every stage's fp32 master weights in order, in chunks of pool memory (bounded)."""
+        """Every stage's fp32 master weights in order, in chunks of pool memory (bounded). Sharded data
+        parallel: every rank must iterate it (the owners send their stages); rank 0 gets the chunks."""
+        if self.exchange is not None:
+            self.worker.wait_all()
+            self.exchange.wait_all()  # its group carries the masters now
         return self.ts.master_chunks()
 
     def adapter_state(self) -> dict[str, Tensor]:
@@ -893,6 +961,8 @@ class Engine:
                 st.error = st.error or FuyouError("the run stopped")
                 st.updated.set()
             self.worker.close(timeout=1.0)
+            if self.exchange is not None:
+                self.exchange.close(timeout=1.0)
             self.streamer.close(wait=False)
             self.swapper.close()
             if not self.worker.alive:  # nothing uses the store any more: free it and its locks, writing nothing
@@ -902,7 +972,11 @@ class Engine:
             return
         try:
             self.ts.write_back()
+            if self.exchange is not None:
+                self.exchange.wait_all()
         finally:
+            if self.exchange is not None:
+                self.exchange.close()
             self.worker.close()
             self.streamer.close()
             self.swapper.close()
@@ -919,7 +993,7 @@ class Engine:
         finally:
             self.ts.release_host_memory()
             for pool in (self.weight_pool, self.grad_pool, self.cache_pool, self.input_pool, self.act_pool,
-                         self.act_cpu_pool, self.opt_pool, self.shared_pool):
+                         self.act_cpu_pool, self.opt_pool, self.shared_pool, self.exchange_pool):
                 if pool is not None:
                     pool.close()
             self.dev.close()

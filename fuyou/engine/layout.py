@@ -71,6 +71,10 @@ class StageState:
     updated: threading.Event = field(default_factory=threading.Event)
     pending: int = 0                       # optimizer jobs submitted and not finished
     error: BaseException | None = None     # set when this stage's update failed
+    owned: bool = True                     # data parallel: this rank holds the stage's optimizer state
+    owner: int = 0                         # the rank that does (fuyou.engine.exchange)
+    exchanged: threading.Event = field(default_factory=threading.Event)  # the owner's broadcast of the
+    # last update's weights is done: the next update may overwrite them
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -157,6 +161,7 @@ def build_states(stages: list[Stage], weight_decay: float, n_copies: int = 2, in
                        for c in range(n_copies))
         s = StageState(st, off, slots, segments, copies)
         s.updated.set()
+        s.exchanged.set()
         states.append(s)
     return states
 

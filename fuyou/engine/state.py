@@ -15,6 +15,7 @@ The engine (``engine.py``) owns one ``TrainingState`` and runs the step schedule
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import sys
@@ -51,6 +52,7 @@ class TrainingState:
         self.start_step = 0
         self._cache_bufs: list = []
         self._registered: list[Tensor] = []
+        self.sharded = False                # data parallel: each stage's optimizer state is on its owner only
 
     def open_store(self, resume: bool, name: str) -> TensorStore:
         """The existing store (resume) or a new one, after clearing what an earlier run left."""
@@ -81,6 +83,10 @@ class TrainingState:
         fmt = self.fmt
         tensors = dict(zip(fmt.roles, fmt.tensors))
         for s in self.states:
+            if not s.owned:  # data parallel: its owner's first weight exchange fills it (fuyou.engine.exchange)
+                if s.index in self.plan.cached_stages:
+                    s.cache = self.cache_buffer(s)
+                continue
             values = init_values(s.stage)
             flat = torch.empty(s.numel)
             for name, slot in s.slots.items():
@@ -118,6 +124,10 @@ class TrainingState:
         """Every store tensor the state needs (its copies: Note: [State copies] in layout)."""
         specs = []
         for s in self.states:
+            if not s.owned:  # another rank's optimizer state: only the compute weights, unless cached
+                if s.index not in self.plan.cached_stages:
+                    specs.append((s.keys.weights, (s.numel,), self.cdtype))
+                continue
             for keys in s.copies:
                 specs += [(k, (t.numel(s.numel),), t.dtype) for k, t in zip(keys.state, self.fmt.tensors)]
             if s.index not in self.plan.cached_stages and s.keys.weights != s.keys.master:
@@ -232,12 +242,14 @@ class TrainingState:
     def write_commit(self, steps_done: int, copies: list[int]) -> None:
         """Tag the named copies, sync the store, write the record (commit.py's two steps)."""
         for st, c in zip(self.states, copies):
-            for key in st.copies[c].state:
-                self.store.set_tag(key, step_tag(steps_done))
+            if st.owned:
+                for key in st.copies[c].state:
+                    self.store.set_tag(key, step_tag(steps_done))
         self.store.sync()
         distributed.current().commit_barrier(steps_done)  # every rank's state is durable before any record names it
         write_record(self.store_dirs[0], {"step": steps_done, "copies": copies, "store_uuid": self.store.uuid,
-                                          "generation": self.store.generation, "model": self.cfg.model.model_dump()})
+                                          "generation": self.store.generation, "model": self.cfg.model.model_dump(),
+                                          "owned": [st.index for st in self.states if st.owned]})
 
     def commit_initial(self) -> None:
         """The commit record of the initial state (step 0), written synchronously."""
@@ -255,7 +267,16 @@ class TrainingState:
         if self.cfg.offload.commit != "cow":
             raise ResumeError("offload.commit='none' updates the state in place; it cannot be resumed")
         rec = read_record(self.store_dirs[0], self.store, len(self.states))
+        owned = [st.index for st in self.states if st.owned]
+        from fuyou.engine.commit import RECORD
+
+        had = json.loads((self.store_dirs[0] / RECORD).read_text()).get("owned", list(range(len(self.states))))
+        if had != owned:
+            raise ResumeError(f"the state in {self.store_dirs[0]} holds the optimizer state of stages {had}, "
+                              f"but this rank owns {owned}: resume with the world size that trained the run")
         for s, c in zip(self.states, rec["copies"]):
+            if not s.owned:
+                continue
             if c >= len(s.copies):  # the record names a copy this configuration does not keep
                 from_master = s.keys.weights == s.keys.master  # a bf16 master is the compute weights (engine)
                 s.copies = build_states([s.stage], self.cfg.optim.weight_decay, n_copies=c + 1,
@@ -276,6 +297,8 @@ class TrainingState:
         for s in self.states:
             if s.index in self.plan.cached_stages:
                 s.cache = self.cache_buffer(s)
+            if not s.owned:  # its weights come from its owner (the engine's first exchange)
+                continue
             if s.index in self.plan.resident_stages:
                 s.resident = resident_state(s.numel, self.fmt)
                 s.held_grad = self.held_grad(s)
@@ -304,18 +327,27 @@ class TrainingState:
         master's dtype (fp32, or bf16 with ``optim.master=bf16``)."""
         self.write_back()
         mdt = self.fmt.master_dtype
+        dist = distributed.current()
         for st in self.states:
             for a in range(0, st.numel, self.chunk):
                 n = min(self.chunk, st.numel - a)
                 with self.opt_pool.acquire(n * dtype_size(mdt), mdt) as buf:
-                    self.store.read_into(st.keys.master, buf.tensor, start=a).result()
-                    yield buf.tensor
+                    if st.owned:
+                        self.store.read_into(st.keys.master, buf.tensor, start=a).result()
+                    if self.sharded:  # from the stage's owner to every rank
+                        from fuyou.engine.exchange import _wire
+
+                        dist.broadcast_tensor(_wire(buf.tensor), st.owner, f"sending {st.stage.name}'s master weights")
+                    if dist.is_main:  # every rank runs this loop; rank 0 is the one saving
+                        yield buf.tensor
 
     def state_dict(self) -> dict[str, Tensor]:
         """fp32 master weights by global key (materialises the model: for tests and small models)."""
         out = {}
         self.write_back()
         for st in self.states:
+            if not st.owned:  # data parallel: another rank's (each rank returns the stages it owns)
+                continue
             flat = torch.empty(st.numel, dtype=self.fmt.master_dtype)
             self.store.read_into(st.keys.master, flat).result()
             out.update({st.stage.key(n): v.float() for n, v in st.views(flat).items()})
@@ -325,6 +357,8 @@ class TrainingState:
         out: dict[str, dict[str, Tensor]] = {}
         self.write_back()
         for st in self.states:
+            if not st.owned:
+                continue
             raw = {}
             for key, t in zip(st.keys.state, self.fmt.tensors):
                 raw[t.role] = torch.empty(t.numel(st.numel), dtype=t.dtype)

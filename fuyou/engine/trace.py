@@ -2,7 +2,7 @@
 
 The trace uses the same task names and resources as the planner's simulation (DESIGN.md: "The
 planner, the engine and the trace speak one language"): resources are the rows of the trace
-(``compute``, ``h2d``, ``d2h``, ``ssd-read``, ``ssd-write``, ``cpu-adam``, ``wait``). Open the file in
+(``compute``, ``h2d``, ``d2h``, ``ssd-read``, ``ssd-write``, ``cpu-adam``, ``wait``, and ``exchange``: data parallel weight broadcasts). Open the file in
 ui.perfetto.dev or chrome://tracing.
 """
 
@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-RESOURCES = ["compute", "h2d", "d2h", "ssd-read", "ssd-write", "cpu-adam", "wait"]
+RESOURCES = ["compute", "h2d", "d2h", "ssd-read", "ssd-write", "cpu-adam", "wait", "exchange"]
 
 
 @dataclass

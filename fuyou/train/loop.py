@@ -226,6 +226,14 @@ def _seen(trainer: Trainer, cfg: FuyouConfig, steps: int) -> dict:
     return out
 
 
+def _serve_weights(trainer, cfg: FuyouConfig) -> None:
+    """A rank other than 0 while rank 0 saves: with a sharded optimizer state it sends the master
+    weights of the stages it owns (``Engine.master_chunks`` is a collective); else nothing."""
+    if getattr(trainer, "sharded", False):
+        for _ in trainer.master_chunks():
+            pass
+
+
 def _loop(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, stop,
           dist: distributed.Dist | None = None) -> RunResult:
     from fuyou.engine.malloc import resident_bytes
@@ -294,10 +302,13 @@ def _loop(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, stop
             if last_eval is not None:
                 log.write({"step": step + 1, "eval_loss": last_eval, **_seen(trainer, cfg, step + 1)})
                 progress.message(f"eval loss at step {step + 1}: {last_eval:.4f}")
-        if t.save_every and (step + 1) % t.save_every == 0 and step + 1 < t.steps and dist.is_main:
-            snap = save_snapshot(run_dir, trainer, cfg, step + 1)
-            log.write({"snapshot": str(snap), "step": step + 1})
-            progress.message(f"snapshot of step {step + 1}: {snap}")
+        if t.save_every and (step + 1) % t.save_every == 0 and step + 1 < t.steps:
+            if dist.is_main:
+                snap = save_snapshot(run_dir, trainer, cfg, step + 1)
+                log.write({"snapshot": str(snap), "step": step + 1})
+                progress.message(f"snapshot of step {step + 1}: {snap}")
+            else:
+                _serve_weights(trainer, cfg)
         # every rank stops after the same step (a signal reaches them at different moments)
         stopping = dist.any(stop.requested is not None) if dist.enabled else stop.requested is not None
         if stopping and step + 1 < t.steps:
@@ -315,8 +326,10 @@ def _loop(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, stop
     if last_eval is not None:
         log.write({"step": t.steps, "eval_loss": last_eval, **_seen(trainer, cfg, t.steps)})
     if cfg.run.save_weights:
-        if dist.is_main:  # every rank's state is the same (replicated): rank 0 saves it
+        if dist.is_main:  # rank 0 saves (sharded: the owners send it their stages)
             save_weights(run_dir, trainer, cfg)  # fsynced and renamed before the SSD state may be deleted
+        else:
+            _serve_weights(trainer, cfg)
         dist.barrier("waiting for rank 0 to save the weights")  # before any rank deletes its state
         trainer.completed = True
     elif trainer.state_location() is not None:
