@@ -1,0 +1,120 @@
+"""Data parallelism on one machine: one process against N torchrun ranks on the same global batch.
+
+    python bench/dp_bench.py --ssd /tmp/dpbench --ranks 2 --repeats 3 --markdown bench/RESULTS.md
+
+Each run is ``fuyou train`` from the command line (the ranks through ``python -m torch.distributed.run``)
+on the same model, data, global batch and SSD directory, alternating one process and N ranks
+``--repeats`` times. Reported per configuration (medians over the runs): tokens/s over the steps after
+the first, the SSD bytes per step rank 0 reads and writes (its optimizer state and, with sharding, the
+compute weights it receives), and the size of each rank's state on the SSD. The weights both end with
+are compared (they are the same model: tests/dist/test_data_parallel.py checks how exactly).
+
+On a CPU-only machine the ranks share the cores (torchrun gives each one thread; the single process
+gets ``--threads``), so tokens/s says little about GPUs; the per-rank SSD traffic (1/N of the
+optimizer state) is the point here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import machine_header, publish  # noqa: E402
+
+
+def run(args, ranks: int, name: str) -> dict:
+    out = Path(args.ssd) / "runs"
+    ssd = Path(args.ssd) / "state"
+    ssd.mkdir(parents=True, exist_ok=True)
+    cli = ["train", "--offload", "ssd", "--ssd", str(ssd), "--cpu-mem", args.cpu_mem,
+           f"model.preset={args.model}", f"model.n_layer={args.layers}", f"model.d_model={args.width}",
+           f"model.n_head={max(1, args.width // 64)}", f"model.max_seq_len={args.seq}", f"data.seq_len={args.seq}",
+           f"train.micro_batch_size={args.batch}", f"train.grad_accum={args.accum}", f"train.steps={args.steps}",
+           "train.eval_every=0", "train.log_every=1", "train.precision=fp32", "offload.keep_state=true",
+           "offload.resident_mem=0", "offload.cache_weights=false", f"run.out_dir={out}", f"run.name={name}"]
+    env = {**os.environ}
+    if ranks == 1:
+        cmd = [sys.executable, "-m", "fuyou.cli", *cli, f"train.threads={args.threads}"]
+    else:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}", "--master_addr=127.0.0.1",
+               f"--master_port={port}", "-m", "fuyou.cli", *cli]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
+    if r.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{r.stderr[-3000:]}")
+    lines = [json.loads(x) for x in (out / name / "metrics.jsonl").read_text().splitlines()]
+    steps = [x for x in lines if "loss" in x and x["step"] > 1]
+    sizes = {p.name: sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) for p in ssd.iterdir()
+             if p.name.startswith(f"{name}.fuyou-state")}
+    from safetensors.torch import load_file
+
+    result = {"tps": statistics.median(x["tokens_per_s"] for x in steps),
+              "read": statistics.median(x["ssd_read_bytes"] for x in steps),
+              "written": statistics.median(x["ssd_write_bytes"] for x in steps),
+              "sizes": [sizes[k] for k in sorted(sizes)], "weights": load_file(out / name / "model.safetensors")}
+    shutil.rmtree(out / name)
+    for k in sizes:
+        shutil.rmtree(ssd / k)
+    return result
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--ssd", required=True, help="a directory on the SSD (runs and states are made under it)")
+    p.add_argument("--ranks", type=int, default=2)
+    p.add_argument("--model", default="gpt-test")
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--width", type=int, default=512)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--accum", type=int, default=2)
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--cpu-mem", default="2GiB")
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--markdown")
+    args = p.parse_args(argv)
+    if args.accum % args.ranks:
+        raise SystemExit(f"--accum {args.accum} must be a multiple of --ranks {args.ranks}")
+    results: dict[int, list[dict]] = {1: [], args.ranks: []}
+    for i in range(args.repeats):
+        for n in (1, args.ranks):
+            results[n].append(run(args, n, f"dp{n}-{i}"))
+    one, many = results[1], results[args.ranks]
+    worst = max(float((a["weights"][k] - b["weights"][k]).abs().max()) for a, b in zip(one, many) for k in a["weights"])
+    med = lambda rs, key: statistics.median(r[key] for r in rs)  # noqa: E731
+    gib = 2**30
+    cmd = "python bench/dp_bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    params = sum(t.numel() for t in one[0]["weights"].values())
+    lines = [
+        f"### Data parallel: 1 process vs {args.ranks} ranks (torchrun, gloo), {args.model} {args.layers}x{args.width} "
+        f"({params / 1e6:.1f}M parameters), global batch {args.accum}x{args.batch}x{args.seq}, fp32, state on the SSD",
+        "", f"Machine: {machine_header()}.", f"Command: `{cmd}`", "",
+        "| | tokens/s | rank 0 SSD read per step | rank 0 SSD written per step | state on the SSD per rank |",
+        "|---|---|---|---|---|",
+    ]
+    for n, rs in ((1, one), (args.ranks, many)):
+        sizes = ", ".join(f"{s / gib:.3f}" for s in rs[0]["sizes"])
+        lines.append(f"| {n} {'process' if n == 1 else 'ranks'} | {med(rs, 'tps'):.0f} | {med(rs, 'read') / gib:.3f} GiB "
+                     f"| {med(rs, 'written') / gib:.3f} GiB | {sizes} GiB |")
+    lines += ["", f"Rank 0's SSD traffic per step is {med(many, 'read') / med(one, 'read'):.2f}x (read) and "
+                  f"{med(many, 'written') / med(one, 'written'):.2f}x (written) the single process's; tokens/s "
+                  f"{med(many, 'tps') / med(one, 'tps'):.2f}x. Largest weight difference between the two after "
+                  f"{args.steps} steps: {worst:.3g} (summation order of the micro-batches' gradients). Medians of "
+                  f"{args.repeats} alternating runs.", ""]
+    publish(lines, args.markdown)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
