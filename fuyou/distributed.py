@@ -12,7 +12,9 @@ for communication). What is shared and what each rank owns:
 - **The optimizer state is sharded by stage**: each stage's master weights and moments live on one rank,
   its owner (``stage_owners``: largest stages first, each to the least-loaded rank), in that rank's
   store (rank 0's under the run's usual name, rank ``r``'s under ``...fuyou-state.rank{r}``). As a
-  stage's backward ends its gradient is summed into its owner (``reduce``); the owner alone updates it
+  stage's backward ends its gradient is summed into its owner (``reduce``, started asynchronously and
+  finished when the next stage's gradient is ready, so it overlaps that stage's backward; on a device
+  the next gradient buffer is made only after it: the plan's one gradient leaving the device); the owner alone updates it
   (speculatively under exact clipping, as with one process) and afterwards sends the new compute
   weights to the others (``fuyou.engine.exchange``). So each rank reads and writes the optimizer state
   of about 1/N of the parameters per step, and receives the compute weights of the rest. The exact
@@ -159,6 +161,20 @@ class Dist:
             with self._collective(what):
                 td.reduce(t, dst=dst)
         return t
+
+    def start_sum(self, t: torch.Tensor, dst: int | None, what: str):
+        """Start summing ``t`` over the ranks (into rank ``dst``'s, or every rank's with ``dst=None``);
+        returns the handle ``finish`` waits on. Collectives start in the same order on every rank."""
+        import torch.distributed as td
+
+        with self._collective(what):
+            work = td.all_reduce(t, async_op=True) if dst is None else td.reduce(t, dst=dst, async_op=True)
+        return work, what
+
+    def finish(self, handle) -> None:
+        work, what = handle
+        with self._collective(what):
+            work.wait()
 
     def broadcast_tensor(self, t: torch.Tensor, src: int, what: str) -> torch.Tensor:
         """Rank ``src``'s CPU tensor ``t`` into every rank's ``t``, on the group of the weight exchange

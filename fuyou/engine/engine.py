@@ -263,6 +263,7 @@ class Engine:
         # (Data parallel: the stage's gradient is summed over the ranks in one flat buffer.)
         self._direct = not self.dev.is_host and t.grad_accum == 1 and not self.dist.enabled
         self._norms: dict[str, Tensor] = {}
+        self._summing = None                    # data parallel: a stage's gradient being summed over the ranks
         self._speculated: list[tuple[StageState, int, int]] = []  # this step's speculative updates (stage,
         # source and target copy), redone if the norm exceeds the threshold
         self._waiting: list[StageState] = []    # this step's stages updated once the norm is known
@@ -364,6 +365,7 @@ class Engine:
         try:
             total = self._step(step, lr)
         except BaseException:
+            self._summing = None
             self.streamer.drain()
             raise
         if self.lora:
@@ -538,6 +540,7 @@ class Engine:
                 # trainer's order; the order of two addends is exact). Data parallel: each is summed over
                 # the ranks first, so two ranks of one micro-batch each add as one process does.
                 if self.dist.enabled:
+                    self._finish_sum()
                     self._sum_ranks(st, acc, "the embedding's gradient")
                     self._sum_ranks(st, shared_acc, "the tied head's gradient")
                     reduced = True
@@ -548,6 +551,7 @@ class Engine:
             self._stage_grads(st, acc, lr, step, reduced)
             if self._drop_early:
                 acc = None
+        self._finish_sum()  # the last stage's sum over the ranks
         return total
 
     def _lora_grads(self, i: int, gmap: dict[str, Tensor]) -> None:
@@ -677,6 +681,7 @@ class Engine:
                                       f"a gradient buffer for {st.stage.name}")
             self._pooled[st.index] = pooled
             return pooled.tensor
+        self._finish_sum()  # the previous stage's gradient leaves the device before this one is made
         self._bound_leaving(D2H_DEPTH - 1)  # sync point (f)
         return self.dev.empty(st.numel, self.gdtype, "gradients leaving the device")
 
@@ -686,11 +691,15 @@ class Engine:
         parameters' gradients by name) to the optimizer: an update now (speculative under exact
         clipping), or, for a resident stage under exact clipping, into its CPU buffer until the global
         norm is known (module docstring)."""
+        if self.dist.enabled and not reduced:
+            # Data parallel: start the sum over the ranks and finish this hand-off when the next stage's
+            # gradient is ready (or backward ends), so the sum overlaps that stage's backward.
+            self._finish_sum()
+            self._summing = (st, flat, lr, step, self._start_sum(st, flat, f"{st.stage.name}'s gradient"))
+            return
         pooled = self._pooled.pop(st.index, None)
         if self.sharded and st.owned:  # its last weights must have gone to the other ranks (exchange.py)
             watchdog.wait_event(st.exchanged, f"the exchange of {st.stage.name}'s weights (before its next update)")
-        if self.dist.enabled and not reduced:
-            self._sum_ranks(st, flat, f"{st.stage.name}'s gradient")
         if not st.owned:  # data parallel, sharded: its owner updates it; this rank's share of the norm is 0
             if self.clipping:
                 for n in st.slots:
@@ -729,6 +738,24 @@ class Engine:
             self._speculated.append((st, job.src, job.dst))
         self.worker.submit(job)
         st.cur = dst  # after submit's begin_update: a load reading copies[cur] (a bf16 master) waits for it
+
+    def _start_sum(self, st: StageState, t: Tensor, what: str):
+        """``_sum_ranks`` started asynchronously; ``_finish_sum`` completes it."""
+        tmp = t.clone() if self.dev.kind == "fake" else t  # see _sum_ranks
+        dst = st.owner if self.sharded else None
+        what = f"summing {what} " + (f"into rank {dst}" if self.sharded else "over the ranks")
+        return self.dist.start_sum(tmp, dst, what), tmp, t
+
+    def _finish_sum(self) -> None:
+        """Complete the pending sum of a stage's gradient over the ranks and hand the gradient on."""
+        if self._summing is None:
+            return
+        st, flat, lr, step, (handle, tmp, t) = self._summing
+        self._summing = None
+        self.dist.finish(handle)
+        if tmp is not t:
+            t.copy_(tmp)
+        self._stage_grads(st, flat, lr, step, reduced=True)
 
     def _sum_ranks(self, st: StageState, t: Tensor, what: str) -> None:
         """Sum a gradient of stage ``st`` over the ranks: into its owner (sharded state), or into every
