@@ -38,7 +38,8 @@ def run(args, ranks: int, name: str) -> dict:
            f"model.preset={args.model}", f"model.n_layer={args.layers}", f"model.d_model={args.width}",
            f"model.n_head={max(1, args.width // 64)}", f"model.max_seq_len={args.seq}", f"data.seq_len={args.seq}",
            f"train.micro_batch_size={args.batch}", f"train.grad_accum={args.accum}", f"train.steps={args.steps}",
-           "train.eval_every=0", "train.log_every=1", "train.precision=fp32", "offload.keep_state=true",
+           "train.eval_every=0", "train.log_every=1", f"train.precision={args.precision}", f"train.device={args.device}",
+           "offload.keep_state=true",
            "offload.resident_mem=0", "offload.cache_weights=false", f"run.out_dir={out}", f"run.name={name}"]
     env = {**os.environ}
     if ranks == 1:
@@ -82,6 +83,8 @@ def main(argv=None) -> int:
     p.add_argument("--cpu-mem", default="2GiB")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="cpu", help="train.device: cpu (gloo), or cuda (NCCL, one GPU per rank)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--markdown")
     args = p.parse_args(argv)
     if args.accum % args.ranks:
@@ -98,7 +101,8 @@ def main(argv=None) -> int:
     params = sum(t.numel() for t in one[0]["weights"].values())
     lines = [
         f"### Data parallel: 1 process vs {args.ranks} ranks (torchrun, gloo), {args.model} {args.layers}x{args.width} "
-        f"({params / 1e6:.1f}M parameters), global batch {args.accum}x{args.batch}x{args.seq}, fp32, state on the SSD",
+        f"({params / 1e6:.1f}M parameters), global batch {args.accum}x{args.batch}x{args.seq}, {args.precision} on "
+        f"{args.device}, state on the SSD",
         "", f"Machine: {machine_header()}.", f"Command: `{cmd}`", "",
         "| | tokens/s | rank 0 SSD read per step | rank 0 SSD written per step | state on the SSD per rank |",
         "|---|---|---|---|---|",

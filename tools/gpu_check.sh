@@ -91,6 +91,12 @@ step "engine benchmark, GPT-3 1.3B, 24 GiB GPU budget" 150 "$PY" bench/engine_be
 step "planner validation on cuda" 100 "$PY" bench/planner_validation.py --device cuda --ssd "$SSD/val" \
   --configs "$("$PY" -c 'import sys; sys.path.insert(0, "bench"); import planner_validation as p; print(next(iter(p.CONFIGS)))')" \
   --steps 2 --repeats 1 --io-bytes 512MiB
+if [ "$("$PY" -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
+  step "data parallel, 2 GPUs (NCCL) vs 1" 240 "$PY" bench/dp_bench.py --ssd "$SSD/dp" --ranks 2 --device cuda \
+    --precision bf16 --layers 8 --width 1024 --batch 4 --seq 512 --accum 2 --steps 4 --repeats 1 --cpu-mem 16GiB
+else
+  printf '\n## data parallel on GPUs: skipped (one GPU; NCCL needs one per rank)\n' >> "$REPORT"
+fi
 if "$PY" -c "import kvikio" 2>/dev/null; then
   step "kvikio io_bench" 40 "$PY" bench/io_bench.py --dir "$SSD/io" --size 1GiB --reps 3 --gpu --no-deepspeed
 else
