@@ -153,15 +153,6 @@ class Dist:
             raise DistributedError(f"rank {self.rank}: the ranks committed different steps ({int(t)} and {step}); "
                                    f"the last commit is intact, resume with torchrun ... fuyou train --resume RUN_DIR")
 
-    def reduce_(self, t: torch.Tensor, dst: int, what: str) -> torch.Tensor:
-        """Sum ``t`` over the ranks into rank ``dst``'s ``t`` (the others' ``t`` is left undefined)."""
-        if self.enabled:
-            import torch.distributed as td
-
-            with self._collective(what):
-                td.reduce(t, dst=dst)
-        return t
-
     def start_sum(self, t: torch.Tensor, dst: int | None, what: str):
         """Start summing ``t`` over the ranks (into rank ``dst``'s, or every rank's with ``dst=None``);
         returns the handle ``finish`` waits on. Collectives start in the same order on every rank."""

@@ -278,9 +278,9 @@ class Engine:
         lo, neg_hi = self.dist.reduce_ints([s, -s], "comparing the ranks' last commits", op="min")
         if lo != -neg_hi:
             raise ResumeError(f"the ranks' last commits differ (steps {lo} to {-neg_hi}; this rank, {self.dist.rank}, "
-                              f"has step {s}): the run stopped while the ranks were writing their commit records. "
-                              f"Each rank's state is whole: copy the state directory of a rank at step {-neg_hi} "
-                              f"over the others' (the .fuyou-state directories), or start a new run")
+                              f"has step {s}): the run stopped while the ranks were writing their commit records, "
+                              f"and each rank holds only its own part of the state, so the parts cannot be combined. "
+                              f"Nothing was overwritten; start a new run (from the run's last snapshot, if any)")
 
     def _warm_up(self) -> None:
         """Create what CUDA creates on first use before the fixed overhead is measured (audit item 2):
@@ -419,8 +419,8 @@ class Engine:
         trainable = set(self.model.stages[1].adapters) if self.lora else None  # None: every weight trains
         batches = [self.batches.batch(step * G + j) for j in self.micro]
         # on the host: the loss's divisor (the global batch's, whichever micro-batches this rank runs)
-        n_loss = (sum(b.loss_tokens for b in batches) if not self.dist.enabled else
-                  sum(self.batches.batch(step * G + j).loss_tokens for j in range(G)))
+        mine = dict(zip(self.micro, batches))  # the other ranks' micro-batches are read for their counts only
+        n_loss = sum((mine.get(j) or self.batches.batch(step * G + j)).loss_tokens for j in range(G))
         self._loss_tokens = n_loss
         xs = [self._to_device(b.tokens, "input batch") for b in batches]
         ys = [self._to_device(b.targets, "input batch") for b in batches]
@@ -740,41 +740,35 @@ class Engine:
         st.cur = dst  # after submit's begin_update: a load reading copies[cur] (a bf16 master) waits for it
 
     def _start_sum(self, st: StageState, t: Tensor, what: str):
-        """``_sum_ranks`` started asynchronously; ``_finish_sum`` completes it."""
-        tmp = t.clone() if self.dev.kind == "fake" else t  # see _sum_ranks
+        """Start summing a gradient of stage ``st`` over the ranks: into its owner (sharded state), or
+        into every rank (replicated: LoRA's frozen base has no state to shard). ``_complete_sum`` of
+        the returned handle finishes it."""
+        # NCCL sums device memory in place; the fake device's memory goes through gloo, whose worker
+        # thread drops its reference to the tensor a moment after the call returns, which the device's
+        # accounting would charge to the next stage: an untracked copy stands in for the device buffer.
+        tmp = t.clone() if self.dev.kind == "fake" else t
         dst = st.owner if self.sharded else None
         what = f"summing {what} " + (f"into rank {dst}" if self.sharded else "over the ranks")
         return self.dist.start_sum(tmp, dst, what), tmp, t
+
+    def _complete_sum(self, handle) -> None:
+        work, tmp, t = handle
+        self.dist.finish(work)
+        if tmp is not t:
+            t.copy_(tmp)
+
+    def _sum_ranks(self, st: StageState, t: Tensor, what: str) -> None:
+        """``_start_sum`` and wait for it."""
+        self._complete_sum(self._start_sum(st, t, what))
 
     def _finish_sum(self) -> None:
         """Complete the pending sum of a stage's gradient over the ranks and hand the gradient on."""
         if self._summing is None:
             return
-        st, flat, lr, step, (handle, tmp, t) = self._summing
+        st, flat, lr, step, handle = self._summing
         self._summing = None
-        self.dist.finish(handle)
-        if tmp is not t:
-            t.copy_(tmp)
+        self._complete_sum(handle)
         self._stage_grads(st, flat, lr, step, reduced=True)
-
-    def _sum_ranks(self, st: StageState, t: Tensor, what: str) -> None:
-        """Sum a gradient of stage ``st`` over the ranks: into its owner (sharded state), or into every
-        rank (replicated: LoRA's frozen base has no state to shard)."""
-        if self.dev.kind == "fake":
-            # NCCL sums device memory in place; the fake device's memory goes through gloo, whose worker
-            # thread drops its reference to the tensor a moment after the call returns, which the device's
-            # accounting would charge to the next stage: an untracked copy stands in for the device buffer.
-            tmp = t.clone()
-            self._sum_ranks_(st, tmp, what)
-            t.copy_(tmp)
-        else:
-            self._sum_ranks_(st, t, what)
-
-    def _sum_ranks_(self, st: StageState, t: Tensor, what: str) -> None:
-        if self.sharded:
-            self.dist.reduce_(t, st.owner, f"summing {what} into rank {st.owner}")
-        else:
-            self.dist.all_reduce_(t, f"summing {what} over the ranks")
 
     def _to_host(self, st: StageState, flat: Tensor | dict[str, Tensor], into: Tensor | None = None):
         """The stage's gradient in one flat CPU buffer (a grad-pool buffer, or ``into``), a release

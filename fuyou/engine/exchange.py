@@ -102,13 +102,13 @@ class WeightExchange:
         for a in range(0, st.numel, self.chunk):
             n = min(self.chunk, st.numel - a)
             if st.cache is not None:  # straight from and into the weight cache
-                self.dist.broadcast_tensor(_wire(st.cache[a:a + n]), st.owner, f"the exchange of {st.stage.name}'s weights")
+                self.dist.broadcast_tensor(wire(st.cache[a:a + n]), st.owner, f"the exchange of {st.stage.name}'s weights")
                 continue
             with watchdog.acquire(self.pool, n * size, self.dtype, "a buffer for the weight exchange") as buf:
                 if st.owned:
                     watchdog.result(self.store.read_into(key, buf.tensor, start=a), f"the read of {st.stage.name}'s weights")
                     read += n * size
-                self.dist.broadcast_tensor(_wire(buf.tensor), st.owner, f"the exchange of {st.stage.name}'s weights")
+                self.dist.broadcast_tensor(wire(buf.tensor), st.owner, f"the exchange of {st.stage.name}'s weights")
                 if not st.owned:
                     watchdog.result(self.store.write_from(st.keys.weights, buf.tensor, start=a),
                                     f"the write of {st.stage.name}'s weights")
@@ -122,6 +122,6 @@ class WeightExchange:
         self._thread.join(timeout if timeout is not None else watchdog.limit())
 
 
-def _wire(t: torch.Tensor) -> torch.Tensor:
+def wire(t: torch.Tensor) -> torch.Tensor:
     """The tensor as gloo carries it: its bytes (gloo has no 16-bit types; a broadcast only copies)."""
     return t.view(torch.uint8)

@@ -28,6 +28,7 @@ from torch import Tensor
 from fuyou import watchdog
 from fuyou.engine.commit import ResumeError, read_record, step_tag, write_record
 from fuyou import distributed
+from fuyou.engine.exchange import wire
 from fuyou.engine.layout import StageState, build_states, dtype_size
 from fuyou.errors import ConfigError
 from fuyou.optim.compressed import StateFormat, decode_state
@@ -335,9 +336,7 @@ class TrainingState:
                     if st.owned:
                         self.store.read_into(st.keys.master, buf.tensor, start=a).result()
                     if self.sharded:  # from the stage's owner to every rank
-                        from fuyou.engine.exchange import _wire
-
-                        dist.broadcast_tensor(_wire(buf.tensor), st.owner, f"sending {st.stage.name}'s master weights")
+                        dist.broadcast_tensor(wire(buf.tensor), st.owner, f"sending {st.stage.name}'s master weights")
                     if dist.is_main:  # every rank runs this loop; rank 0 is the one saving
                         yield buf.tensor
 

@@ -81,7 +81,7 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
     dist = distributed.init(cfg)  # torchrun: join the ranks (one process: nothing)
     if dist.enabled and plan_auto:
         raise ConfigError("--plan auto measures this machine for one process; with torchrun give the activation "
-                          "policy (offload.act_policy) and budgets yourself, or plan with `fuyou plan --gpus ...`")
+                          "policy (offload.act_policy) and budgets yourself (`fuyou plan` for one of the GPUs)")
     if resume is not None:
         run_path = Path(resume)
         distributed.check_world(run_path, dist)
@@ -226,7 +226,7 @@ def _seen(trainer: Trainer, cfg: FuyouConfig, steps: int) -> dict:
     return out
 
 
-def _serve_weights(trainer, cfg: FuyouConfig) -> None:
+def _serve_weights(trainer) -> None:
     """A rank other than 0 while rank 0 saves: with a sharded optimizer state it sends the master
     weights of the stages it owns (``Engine.master_chunks`` is a collective); else nothing."""
     if getattr(trainer, "sharded", False):
@@ -308,9 +308,9 @@ def _loop(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, stop
                 log.write({"snapshot": str(snap), "step": step + 1})
                 progress.message(f"snapshot of step {step + 1}: {snap}")
             else:
-                _serve_weights(trainer, cfg)
+                _serve_weights(trainer)
         # every rank stops after the same step (a signal reaches them at different moments)
-        stopping = dist.any(stop.requested is not None) if dist.enabled else stop.requested is not None
+        stopping = dist.any(stop.requested is not None)
         if stopping and step + 1 < t.steps:
             stop.requested = stop.requested or "a stop on another rank"
             trainer.commit(step + 1)  # the step's updates and its commit are on the SSD
@@ -329,7 +329,7 @@ def _loop(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, stop
         if dist.is_main:  # rank 0 saves (sharded: the owners send it their stages)
             save_weights(run_dir, trainer, cfg)  # fsynced and renamed before the SSD state may be deleted
         else:
-            _serve_weights(trainer, cfg)
+            _serve_weights(trainer)
         dist.barrier("waiting for rank 0 to save the weights")  # before any rank deletes its state
         trainer.completed = True
     elif trainer.state_location() is not None:
