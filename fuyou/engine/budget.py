@@ -168,7 +168,7 @@ def plan_memory(stage_numels: list[int], off, *, chunk: int, io_buffer_bytes: in
                 checkpoint_bytes: int | None = None, working_bytes: int | None = None,
                 extra_cpu: dict[str, int] | None = None, extra_device: dict[str, int] | None = None,
                 device_budget: int | None = None, offtier_bytes: int = 0, fmt=None,
-                lora_params: int | None = None) -> MemoryPlan:
+                lora_params: int | None = None, owned: set[int] | None = None) -> MemoryPlan:
     """The memory plan of the engine (module docstring) from shapes and settings, allocating nothing.
 
     ``stage_numels``: parameters owned by each stage, in stage order. ``off``: an ``OffloadConfig``.
@@ -186,7 +186,8 @@ def plan_memory(stage_numels: list[int], off, *, chunk: int, io_buffer_bytes: in
     ``fmt``: how the optimizer state is stored (``fuyou.optim.compressed.StateFormat``; default fp32).
     ``lora_params``: LoRA (``fuyou.engine.lora_state``): the adapters' parameter count; the base has no
     optimizer state and no gradients, the adapters, their gradients and AdamW moments (16 B each) are
-    on the device.
+    on the device. ``owned`` (data parallel, ``fuyou.distributed.stage_owners``): the stages whose
+    optimizer state this rank holds; only they can be resident (default: every stage).
     """
     from fuyou.optim.compressed import StateFormat
     from fuyou.optim.out_of_core import optimizer_buffer_bytes
@@ -263,6 +264,8 @@ def plan_memory(stage_numels: list[int], off, *, chunk: int, io_buffer_bytes: in
     if spare > 0 and not lora:
         held = gsize if deferred else 0  # exact clipping: its gradient waits beside it for the norm
         for index, numel in enumerate(stage_numels):
+            if owned is not None and index not in owned:
+                continue  # another rank's state
             need = (sum(-(-t.numel(numel) * t.itemsize // 4096) * 4096 for t in fmt.tensors)
                     + (-(-held * numel // 4096) * 4096 if held else 0))
             if need > spare:

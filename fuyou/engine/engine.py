@@ -324,6 +324,7 @@ class Engine:
             csize=dtype_size(self.cdtype), gsize=dtype_size(self.gdtype), deferred=self.clipping,
             micro_batches=len(self.micro), tied=self.tied, compute_on_cpu=self.dev.is_host,
             device_budget=self.gpu_mem, fmt=self.fmt, lora_params=self._adapter_numel() if self.lora else None,
+            owned={st.index for st in self.states if st.owned} if self.sharded else None,
             offtier_bytes=offtier_bytes(self.cfg.model, self.act, t.micro_batch_size, self.cfg.data.seq_len,
                                         dtype_size(self.cdtype)))
 
