@@ -12,6 +12,12 @@ are compared (they are the same model: tests/dist/test_data_parallel.py checks h
 On a CPU-only machine the ranks share the cores (torchrun gives each one thread; the single process
 gets ``--threads``), so tokens/s says little about GPUs; the per-rank SSD traffic (1/N of the
 optimizer state) is the point here.
+
+The planner's prediction of both steps (``fuyou plan --gpus N``'s model: ``fuyou.planner.simulate``
+with ``Workload.ranks``) is set beside the measured ones, from a probe of this machine
+(``fuyou.planner.probe``: compute, store, AdamW, gloo between two processes) made before the runs.
+Exact clipping is predicted in the mode the runs were in: most steps clipped (the norm above
+``train.grad_clip``: updates wait for the norm) or not (speculative updates).
 """
 
 from __future__ import annotations
@@ -30,17 +36,45 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import machine_header, publish  # noqa: E402
 
 
+def overrides(args) -> list[str]:
+    """The run's settings as ``fuyou train`` overrides (the SSD directory and budget are flags there)."""
+    return [f"model.preset={args.model}", f"model.n_layer={args.layers}", f"model.d_model={args.width}",
+            f"model.n_head={max(1, args.width // 64)}", f"model.max_seq_len={args.seq}", f"data.seq_len={args.seq}",
+            f"train.micro_batch_size={args.batch}", f"train.grad_accum={args.accum}", f"train.steps={args.steps}",
+            "train.eval_every=0", "train.log_every=1", f"train.precision={args.precision}", f"train.device={args.device}",
+            f"train.grad_clip={args.grad_clip}", "offload.keep_state=true", "offload.resident_mem=0",
+            "offload.cache_weights=false"]
+
+
+def predict(args, ranks: int, hw, clipped: bool) -> float:
+    """The planner's steady-state step for this run on ``ranks`` ranks (each with its share of --cpu-mem)."""
+    import dataclasses
+
+    from fuyou.config import load_config
+    from fuyou.planner.cost import Workload, stage_costs
+    from fuyou.planner.search import memory_plan
+    from fuyou.planner.simulate import simulate
+    from fuyou.policy import ActivationPolicy
+    from fuyou.units import parse_size
+
+    ssd = Path(args.ssd) / "state"
+    cfg = load_config(overrides=overrides(args) + ["offload.mode=ssd", f"offload.ssd_dirs={json.dumps([str(ssd)])}",
+                                                   f"offload.cpu_mem={parse_size(args.cpu_mem) // ranks}"])
+    w = dataclasses.replace(Workload.from_config(cfg), ranks=ranks)
+    costs = stage_costs(w)
+    policy = ActivationPolicy.recompute_all(cfg.model.n_layer, "gpu", prefetch_depth=cfg.offload.prefetch_depth)
+    plan, _ = memory_plan(w, hw, costs, policy, cfg.offload.cpu_mem)
+    mode = "defer" if clipped and w.grad_clip is not None else "speculate"
+    return simulate(w, costs, hw, policy, set(plan.cached_stages), steps=4, resident=set(plan.resident_stages),
+                    clip_mode=mode).step_time
+
+
 def run(args, ranks: int, name: str) -> dict:
     out = Path(args.ssd) / "runs"
     ssd = Path(args.ssd) / "state"
     ssd.mkdir(parents=True, exist_ok=True)
-    cli = ["train", "--offload", "ssd", "--ssd", str(ssd), "--cpu-mem", args.cpu_mem,
-           f"model.preset={args.model}", f"model.n_layer={args.layers}", f"model.d_model={args.width}",
-           f"model.n_head={max(1, args.width // 64)}", f"model.max_seq_len={args.seq}", f"data.seq_len={args.seq}",
-           f"train.micro_batch_size={args.batch}", f"train.grad_accum={args.accum}", f"train.steps={args.steps}",
-           "train.eval_every=0", "train.log_every=1", f"train.precision={args.precision}", f"train.device={args.device}",
-           "offload.keep_state=true",
-           "offload.resident_mem=0", "offload.cache_weights=false", f"run.out_dir={out}", f"run.name={name}"]
+    cli = ["train", "--offload", "ssd", "--ssd", str(ssd), "--cpu-mem", args.cpu_mem, *overrides(args),
+           f"run.out_dir={out}", f"run.name={name}"]
     env = {**os.environ}
     if ranks == 1:
         cmd = [sys.executable, "-m", "fuyou.cli", *cli, f"train.threads={args.threads}"]
@@ -59,7 +93,9 @@ def run(args, ranks: int, name: str) -> dict:
              if p.name.startswith(f"{name}.fuyou-state")}
     from safetensors.torch import load_file
 
+    clip = float(args.grad_clip) if args.grad_clip != "none" else None
     result = {"tps": statistics.median(x["tokens_per_s"] for x in steps),
+              "clipped": clip is not None and sum(x["grad_norm"] > clip for x in steps) > len(steps) / 2,
               "read": statistics.median(x["ssd_read_bytes"] for x in steps),
               "written": statistics.median(x["ssd_write_bytes"] for x in steps),
               "sizes": [sizes[k] for k in sorted(sizes)], "weights": load_file(out / name / "model.safetensors")}
@@ -85,10 +121,21 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cpu", help="train.device: cpu (gloo), or cuda (NCCL, one GPU per rank)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--grad-clip", default="1.0", help="train.grad_clip (default 1.0, exact clipping; or none)")
     p.add_argument("--markdown")
     args = p.parse_args(argv)
     if args.accum % args.ranks:
         raise SystemExit(f"--accum {args.accum} must be a multiple of --ranks {args.ranks}")
+    from fuyou.planner.probe import probe
+
+    probe_dir = Path(args.ssd) / "probe"
+    probe_dir.mkdir(parents=True, exist_ok=True)
+    from fuyou.config import load_config
+
+    model = load_config(overrides=overrides(args)).model  # its block is what the probe times
+    hw, _ = probe(probe_dir, model=model, batch=args.batch, seq=args.seq, io_bytes=128 * 2**20, device=args.device,
+                  precision=args.precision)
+    shutil.rmtree(probe_dir)
     results: dict[int, list[dict]] = {1: [], args.ranks: []}
     for i in range(args.repeats):
         for n in (1, args.ranks):
@@ -104,18 +151,25 @@ def main(argv=None) -> int:
         f"({params / 1e6:.1f}M parameters), global batch {args.accum}x{args.batch}x{args.seq}, {args.precision} on "
         f"{args.device}, state on the SSD",
         "", f"Machine: {machine_header()}.", f"Command: `{cmd}`", "",
-        "| | tokens/s | rank 0 SSD read per step | rank 0 SSD written per step | state on the SSD per rank |",
-        "|---|---|---|---|---|",
+        "| | tokens/s | step measured | step predicted (planner) | predicted / measured | rank 0 SSD read per step "
+        "| rank 0 SSD written per step | state on the SSD per rank |",
+        "|---|---|---|---|---|---|---|---|",
     ]
+    tokens = args.accum * args.batch * args.seq
     for n, rs in ((1, one), (args.ranks, many)):
         sizes = ", ".join(f"{s / gib:.3f}" for s in rs[0]["sizes"])
-        lines.append(f"| {n} {'process' if n == 1 else 'ranks'} | {med(rs, 'tps'):.0f} | {med(rs, 'read') / gib:.3f} GiB "
+        measured = tokens / med(rs, "tps")
+        predicted = predict(args, n, hw, sum(r["clipped"] for r in rs) > len(rs) / 2)
+        lines.append(f"| {n} {'process' if n == 1 else 'ranks'} | {med(rs, 'tps'):.0f} | {measured:.3f} s | "
+                     f"{predicted:.3f} s | **{predicted / measured:.2f}** | {med(rs, 'read') / gib:.3f} GiB "
                      f"| {med(rs, 'written') / gib:.3f} GiB | {sizes} GiB |")
     lines += ["", f"Rank 0's SSD traffic per step is {med(many, 'read') / med(one, 'read'):.2f}x (read) and "
                   f"{med(many, 'written') / med(one, 'written'):.2f}x (written) the single process's; tokens/s "
                   f"{med(many, 'tps') / med(one, 'tps'):.2f}x. Largest weight difference between the two after "
                   f"{args.steps} steps: {worst:.3g} (summation order of the micro-batches' gradients). Medians of "
-                  f"{args.repeats} alternating runs.", ""]
+                  f"{args.repeats} alternating runs. The predictions use a probe of this machine made before the runs "
+                  f"(gloo between two processes: broadcast {hw.gloo_broadcast / 1e9:.2f} GB/s, reduce "
+                  f"{hw.gloo_reduce / 1e9:.2f} GB/s).", ""]
     publish(lines, args.markdown)
     return 0
 

@@ -162,7 +162,11 @@ def _add_planner_parsers(sub) -> None:
     pl.add_argument("--global-batch", help="sequences per optimizer step: the planner splits it into micro-batches "
                     "(or give --batch or --grad-accum too, to set the split); a range LOW-HIGH (e.g. 32-256) also "
                     "chooses the global batch that trains the most tokens per second")
-    pl.add_argument("--cpu-mem", default="256GiB", help="CPU memory budget, e.g. 256GiB")
+    pl.add_argument("--gpus", type=int, default=1, help="data parallel on this many GPUs of the machine (torchrun "
+                    "--nproc_per_node): each runs --grad-accum/N of the step's micro-batches (default --grad-accum: "
+                    "one each) and owns the optimizer state of some stages; --cpu-mem and the SSDs are the machine's, "
+                    "shared")
+    pl.add_argument("--cpu-mem", default="256GiB", help="CPU memory budget of the machine, e.g. 256GiB")
     pl.add_argument("--cpu-reserve", help="CPU memory the plan leaves unused, e.g. 8GiB (default: the process's fixed "
                     "overhead, 1.5 GiB with CUDA's context or 256 MiB on a CPU, and 2%% of --cpu-mem for heap "
                     "fragmentation); "
@@ -177,7 +181,9 @@ def _add_planner_parsers(sub) -> None:
                        ("--ssd-read", "aggregate SSD read GB/s"), ("--ssd-write", "aggregate SSD write GB/s"),
                        ("--ssd-capacity", "SSD space, e.g. 30TB"), ("--pcie-bw", "PCIe GB/s each way"),
                        ("--ssd-tbw", "rated endurance of one drive, TB written (the datasheet's TBW)"),
-                       ("--cpu-adam", "CPU AdamW parameters/s")):
+                       ("--cpu-adam", "CPU AdamW parameters/s"),
+                       ("--gpu-link", "GPU-to-GPU GB/s each way for --gpus' gradient sums (NVLink; 0: none, through "
+                                      "host memory)")):
         pl.add_argument(flag, help=f"override: {what}")
     pl.add_argument("--act-policy", help="predict this activation policy instead of searching "
                     "(e.g. 'recompute' or 'fc2,proj=cpu;0-3:checkpoint=ssd')")
@@ -205,6 +211,8 @@ def _add_planner_parsers(sub) -> None:
     pr.add_argument("--io-bytes", default="256MiB", help="bytes written and read in the SSD probe")
     pr.add_argument("--adam-params", type=int, default=1 << 24, help="parameters in the AdamW probe")
     pr.add_argument("--repeats", type=int, default=3, help="timed repetitions (median)")
+    pr.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
+                    help="compute dtype the block is timed in, as train.precision (default bf16)")
     pr.set_defaults(func=_probe)
 
 
@@ -290,6 +298,24 @@ def _plan_model_fields(model: str, overrides: list[str]) -> tuple[dict, dict]:
     return fields, other
 
 
+def _plan_gpus(args, split) -> int:
+    """``fuyou plan --gpus N``: the step's micro-batches must divide among the ranks (as ``fuyou train``
+    under torchrun requires)."""
+    from fuyou.errors import ConfigError
+
+    n = args.gpus
+    if n < 1:
+        raise ConfigError(f"--gpus must be at least 1, got {n}")
+    if args.grad_accum is not None and args.grad_accum % n:
+        raise ConfigError(f"--grad-accum {args.grad_accum} does not divide among --gpus {n}: each GPU runs the same "
+                          f"number of micro-batches; give a multiple of {n}")
+    if split is not None and split[1] // n * n < split[0]:
+        what = split[0] if split[0] == split[1] else f"{split[0]}-{split[1]}"
+        raise ConfigError(f"--global-batch {what} has no global batch that divides among --gpus {n}; give a multiple "
+                          f"of {n}")
+    return n
+
+
 def _plan(args) -> int:
     import json
 
@@ -308,11 +334,13 @@ def _plan(args) -> int:
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     split = _global_batch(args)
+    gpus = _plan_gpus(args, split)
     fields, other = _plan_model_fields(args.model, args.overrides)
     cfg = ModelConfig(**fields)
     if args.seq > cfg.max_seq_len:
         cfg = cfg.model_copy(update={"max_seq_len": args.seq})
-    nums = {k: getattr(args, k) for k in ("gpu_tflops", "ssd_read", "ssd_write", "pcie_bw", "cpu_adam", "ssd_tbw")}
+    nums = {k: getattr(args, k) for k in ("gpu_tflops", "ssd_read", "ssd_write", "pcie_bw", "cpu_adam", "ssd_tbw",
+                                          "gpu_link")}
     try:
         nums = {k: float(v) for k, v in nums.items() if v is not None}
     except ValueError as e:
@@ -361,18 +389,23 @@ def _plan(args) -> int:
     resolve_targets(cfg.family, lora.targets)
     if lora.enabled and not fmt.exact:
         raise ConfigError("optim.master/optim.moments apply to full fine-tuning; LoRA keeps the adapters' state in memory")
-    w = Workload(cfg, args.batch or 16, args.seq, grad_accum=args.grad_accum or 1, offload=off, grad_clip=clip,
-                 csize=2 if precision == "bf16" else 4, fmt=fmt, lora=lora)
+    w = Workload(cfg, args.batch or 16, args.seq, grad_accum=args.grad_accum or gpus, offload=off, grad_clip=clip,
+                 csize=2 if precision == "bf16" else 4, fmt=fmt, lora=lora, ranks=gpus)
+    if w.sharded and gpus > len(w.numels):
+        raise ConfigError(f"--gpus {gpus} for a model of {len(w.numels)} stages: each rank owns the optimizer state of "
+                          f"whole stages, so use at most {len(w.numels)} GPUs")
     policy = None
     if args.act_policy:
         policy = parse_act_policy(args.act_policy, cfg.n_layer, prefetch_depth=args.prefetch_depth or 2)
     cpu_given = parse_size(args.cpu_mem)
+    share = cpu_given // gpus  # each rank's share of the machine (fuyou/distributed.py: Dist.rank_config)
     reserve = (parse_size(args.cpu_reserve) if args.cpu_reserve is not None
-               else CPU_RESERVE[hw.device] + int(cpu_given * CPU_RESERVE_FRACTION))
-    cpu = cpu_given - reserve
+               else CPU_RESERVE[hw.device] + int(share * CPU_RESERVE_FRACTION))
+    cpu = share - reserve
     if cpu <= 0:
-        raise ConfigError(f"--cpu-reserve {format_size(reserve)} leaves nothing of --cpu-mem {format_size(cpu_given)}; "
-                          f"reserve less (--cpu-reserve 0 plans the whole budget)")
+        each = f" (each of {gpus} ranks' share {format_size(share)})" if gpus > 1 else ""
+        raise ConfigError(f"--cpu-reserve {format_size(reserve)} leaves nothing of --cpu-mem {format_size(cpu_given)}"
+                          f"{each}; reserve less (--cpu-reserve 0 plans the whole budget)")
     if split is None:
         plan = search(w, hw, cpu, policy)
     elif split[0] == split[1]:
@@ -406,6 +439,7 @@ def _probe(args) -> int:
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise ConfigError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     prof, meas = probe(args.ssd, model=args.model, batch=args.batch, seq=args.seq, io_bytes=io_bytes,
+                       precision=args.precision,
                        adam_params=args.adam_params, repeats=args.repeats)
     save_profile(prof, args.out, meas)
     c = meas["compute"]
@@ -415,6 +449,8 @@ def _probe(args) -> int:
         print(f"PCIe: H2D {prof.h2d / 1e9:.3g} GB/s, D2H {prof.d2h / 1e9:.3g} GB/s (pinned)")
     print(f"SSD ({args.ssd}, through the store): write {prof.ssd_write / 1e9:.3g} GB/s, read {prof.ssd_read / 1e9:.3g} "
           f"GB/s, mixed factor {prof.ssd_mixed_factor:.2f}, free {format_size(prof.ssd_capacity)}")
+    print(f"between processes (gloo, data parallel): broadcast {prof.gloo_broadcast / 1e9:.3g} GB/s, reduce "
+          f"{prof.gloo_reduce / 1e9:.3g} GB/s")
     j = meas["adam_job"]
     print(f"out-of-core AdamW job ({j['params'] / 1e6:.1f}M params): {j['s'] * 1e3:.1f} ms, predicted "
           f"{j['predicted_s'] * 1e3:.1f} ms -> efficiency {prof.adam_io_efficiency:.2f}")

@@ -29,7 +29,8 @@ def plan_config(cfg: FuyouConfig, run_dir: Path, stream=None) -> FuyouConfig:
         profile, measured = probe(off.ssd_dirs[0], model=cfg.model, batch=cfg.train.micro_batch_size,
                                   seq=cfg.data.seq_len, io_bytes=128 * 1024**2, repeats=2,
                                   device=cfg.train.device, optimizer_chunk=off.optimizer_chunk,
-                                  optimizer_depth=off.optimizer_depth)
+                                  optimizer_depth=off.optimizer_depth, precision=cfg.train.precision,
+                                  gloo=False)  # one process: nothing between ranks to measure
         run_dir.mkdir(parents=True, exist_ok=True)
         path = run_dir / "hardware-profile.json"
         save_profile(profile, path, measured)

@@ -35,6 +35,9 @@ class HardwareConfig(BaseModel):
         None, gt=0, description="Override: rated endurance of one drive in TB written (the datasheet's TBW).")
     cpu_adam: float | None = Field(
         None, gt=0, description="Override: CPU AdamW throughput in parameters per second (e.g. 3e9).")
+    gpu_link: float | None = Field(
+        None, ge=0, description="Override: GPU-to-GPU bandwidth per direction for data parallelism's gradient sums, "
+        "GB/s (NVLink); 0: none, through host memory over PCIe.")
 
     @field_validator("gpu_mem", "ssd_capacity", "gpu_reserve", mode="before")
     @classmethod

@@ -38,6 +38,7 @@ class Workload:
     grad_clip: float | None = 1.0  # exact clipping (speculative updates, gradients saved to SSD) or None
     fmt: StateFormat = field(default_factory=StateFormat)  # how the optimizer state is stored
     lora: LoRAConfig | None = None  # LoRA: a read-only base, adapters and their AdamW on the device
+    ranks: int = 1            # data parallel (fuyou/distributed.py): GPUs of one machine sharing the step
 
     def __post_init__(self):
         self.stage_model = StageModel(self.model)
@@ -49,6 +50,22 @@ class Workload:
         self.tied = bool(self.stage_model.stages[-1].shared)
         self.gsize = 4 if self.grad_accum > 1 else self.csize
         self.chunk = self.fmt.chunk_elements(self.offload.optimizer_chunk, self.store.checksum_block)
+        if self.ranks < 1 or self.grad_accum % self.ranks:
+            raise ValueError(f"{self.grad_accum} micro-batches do not divide among {self.ranks} ranks")
+        # data parallel with full fine-tuning: each stage's optimizer state on one rank (the engine's rule)
+        from fuyou.distributed import stage_owners
+
+        self.owners = (stage_owners(self.numels, self.ranks) if self.ranks > 1 and self.lora_params is None
+                       else [0] * len(self.numels))
+
+    @property
+    def micro(self) -> int:
+        """Micro-batches each rank runs per step (``grad_accum`` is the global batch's)."""
+        return self.grad_accum // self.ranks
+
+    @property
+    def sharded(self) -> bool:
+        return self.ranks > 1 and self.lora_params is None
 
     @classmethod
     def from_config(cls, cfg) -> "Workload":
@@ -135,12 +152,12 @@ def stage_costs(w: Workload) -> list[StageCost]:
 
 def gpu_working_bytes(w: Workload) -> int:
     """Device working memory of the largest stage's recompute + backward on a GPU (``budget.device_working_bytes``)."""
-    return device_working_bytes(w.model, w.batch, w.seq, w.csize, max(w.numels), w.grad_accum,
+    return device_working_bytes(w.model, w.batch, w.seq, w.csize, max(w.numels), w.micro,
                                 frozen=w.lora_params is not None)
 
 
 def placement_bytes(w: Workload, costs: list[StageCost], policy: ActivationPolicy) -> dict[str, int]:
-    """Bytes of activations each tier holds at the peak (end of forward, every micro-batch's),
+    """Bytes of activations each tier holds at the peak on one rank (end of forward, every micro-batch's),
     checkpoints separately; ``ssd_max_block``: one block's of one micro-batch."""
     out = {"ckpt_gpu": 0, "ckpt_cpu": 0, "ckpt_ssd": 0, "gpu": 0, "cpu": 0, "ssd": 0, "ssd_max_block": 0}
     for c in costs:
@@ -157,7 +174,7 @@ def placement_bytes(w: Workload, costs: list[StageCost], policy: ActivationPolic
                 ssd_block += c.act_bytes[cls] if tier == "ssd" else 0
         out["ssd_max_block"] = max(out["ssd_max_block"], ssd_block)
     for k in ("ckpt_gpu", "ckpt_cpu", "ckpt_ssd", "gpu", "cpu", "ssd"):
-        out[k] *= w.grad_accum
+        out[k] *= w.micro
     return out
 
 

@@ -39,19 +39,27 @@ PCIE_EFFICIENCY = 0.8
 #: a little to uneven queueing; LoHan's 12-drive array is reported near-linear).
 STRIPE_EFFICIENCY = 0.9
 
-# GPUs: dense (no sparsity) bf16 tensor TFLOPS with fp32 accumulate, memory in bytes, host link.
+#: NCCL's reduce over NVLink reaches about 80% of the link's rate per direction (nccl-tests' bus
+#: bandwidth on 8x H100 SXM: ~360-370 GB/s of NVLink 4's 450).
+LINK_EFFICIENCY = 0.8
+
+# GPUs: dense (no sparsity) bf16 tensor TFLOPS with fp32 accumulate, memory in bytes, host link, and
+# the direct GPU-to-GPU link per direction in GB/s (NVLink; absent: data parallelism's collectives go
+# through host memory over each GPU's PCIe link; GeForce cards have no NVLink and no peer-to-peer).
 GPUS: dict[str, dict] = {
     # NVIDIA Ampere GA102 whitepaper, table "RTX 3090": bf16 tensor with fp32 accumulate 71 TFLOPS dense.
     "rtx3090": dict(tflops=71.0, mem=24 * GiB, pcie="gen4x16"),
     # NVIDIA Ada Lovelace whitepaper (AD102), RTX 4090: bf16 tensor, fp32 accumulate, 165.2 TFLOPS dense.
     "rtx4090": dict(tflops=165.2, mem=24 * GiB, pcie="gen4x16"),
     # NVIDIA A100 datasheet: bf16 tensor 312 TFLOPS dense (624 with sparsity); 40 GB / 80 GB HBM2(e).
-    "a100-40gb": dict(tflops=312.0, mem=40 * GB, pcie="gen4x16"),
-    "a100-80gb": dict(tflops=312.0, mem=80 * GB, pcie="gen4x16"),
+    # NVLink 3 (SXM): 600 GB/s total, 300 each way.
+    "a100-40gb": dict(tflops=312.0, mem=40 * GB, pcie="gen4x16", link=300.0),
+    "a100-80gb": dict(tflops=312.0, mem=80 * GB, pcie="gen4x16", link=300.0),
     # NVIDIA H100 datasheet (SXM): bf16 tensor 989 TFLOPS dense (1979 with sparsity), 80 GB HBM3.
-    "h100": dict(tflops=989.0, mem=80 * GB, pcie="gen5x16"),
-    # NVIDIA H200 datasheet (SXM): same compute as H100 SXM, 141 GB HBM3e.
-    "h200": dict(tflops=989.0, mem=141 * GB, pcie="gen5x16"),
+    # NVLink 4 (SXM): 900 GB/s total, 450 each way.
+    "h100": dict(tflops=989.0, mem=80 * GB, pcie="gen5x16", link=450.0),
+    # NVIDIA H200 datasheet (SXM): same compute as H100 SXM, 141 GB HBM3e, the same NVLink.
+    "h200": dict(tflops=989.0, mem=141 * GB, pcie="gen5x16", link=450.0),
 }
 
 # NVMe drives: sustained sequential read / write GB/s, capacity in bytes and rated endurance (bytes
@@ -81,6 +89,14 @@ PCIE: dict[str, float] = {"gen3x16": 15.75, "gen4x16": 31.5, "gen5x16": 63.0}
 #: is memory-bound; ~100 GB/s of sustained DRAM bandwidth (8-channel DDR4-3200 with STREAM efficiency)
 #: gives ~3.5e9; we take 3e9. The development machine's 2 vCPUs measure ~2e9 (bench/RESULTS.md, issue 4).
 CPU_ADAM_DEFAULT = 3.0e9
+
+#: Data parallelism's transfers through CPU memory between the processes of one machine (gloo over
+#: loopback TCP, ``fuyou/engine/exchange.py`` and, on a CPU device, the gradient sums), bytes/s:
+#: measured on the development machine (2 vCPUs; torchrun with 2 ranks, 16-256 MiB tensors,
+#: median of 5): a broadcast 1.5 GB/s, a reduce of fp32 (which also adds) 0.65 GB/s. A server's
+#: cores move more; `fuyou probe` measures this machine's.
+GLOO_BROADCAST_DEFAULT = 1.5e9
+GLOO_REDUCE_DEFAULT = 0.65e9
 
 
 class HardwareProfile(BaseModel):
@@ -116,6 +132,13 @@ class HardwareProfile(BaseModel):
                                   "written (presets' datasheets, or --ssd-tbw); None: unknown.")
     cpu_adam: float = Field(gt=0, description="CPU AdamW throughput, parameters/s (fuyou's fused kernel).")
     cpu_mem: int | None = Field(None, description="CPU memory of the machine, bytes (probe; informative).")
+    gpu_link: float | None = Field(None, gt=0, description="Data parallel: GPU-to-GPU bandwidth per direction for "
+                                   "NCCL's gradient sums, bytes/s (NVLink); None: through host memory over each "
+                                   "GPU's PCIe link.")
+    gloo_broadcast: float = Field(GLOO_BROADCAST_DEFAULT, gt=0, description="Data parallel: bytes/s of a gloo "
+                                  "broadcast between two processes of the machine (the weight exchange).")
+    gloo_reduce: float = Field(GLOO_REDUCE_DEFAULT, gt=0, description="Data parallel on a CPU device: bytes/s of a "
+                               "gloo reduce of fp32 between two processes (the gradient sums).")
 
 
 def _ssd_preset(spec: str) -> tuple[int, dict]:
@@ -160,9 +183,12 @@ def resolve(hw: HardwareConfig) -> HardwareProfile:
         base = dict(device="cuda", matmul_flops=mm, fwd_flops=mm * BLOCK_EFFICIENCY, bwd_flops=mm * BLOCK_EFFICIENCY,
                     gpu_mem=int(gpu["mem"]), h2d=link, d2h=link, ssd_read=drive["read"] * GB * scale or 1.0,
                     ssd_write=drive["write"] * GB * scale or 1.0, ssd_capacity=int(drive["capacity"] * n),
-                    ssd_drives=n, cpu_adam=CPU_ADAM_DEFAULT, ssd_tbw=drive["tbw"] * n if "tbw" in drive else None)
+                    ssd_drives=n, cpu_adam=CPU_ADAM_DEFAULT, ssd_tbw=drive["tbw"] * n if "tbw" in drive else None,
+                    gpu_link=gpu["link"] * GB * LINK_EFFICIENCY if gpu.get("link") else None)
         src = [f"presets gpu={hw.gpu or '-'} ssd={hw.ssd or '-'} pcie={pcie}"]
     over = {"gpu_mem": hw.gpu_mem, "ssd_capacity": hw.ssd_capacity, "cpu_adam": hw.cpu_adam}
+    if hw.gpu_link is not None:  # GB/s; 0: no direct link
+        over["gpu_link"] = hw.gpu_link * GB or None
     if hw.ssd_tbw is not None:  # per drive, in TB, as datasheets give it
         over["ssd_tbw"] = hw.ssd_tbw * 1e12 * (base.get("ssd_drives", 1) or 1)
     if hw.gpu_tflops:
@@ -171,7 +197,7 @@ def resolve(hw: HardwareConfig) -> HardwareProfile:
     for k, v in (("ssd_read", hw.ssd_read), ("ssd_write", hw.ssd_write), ("h2d", hw.pcie_bw), ("d2h", hw.pcie_bw)):
         if v is not None:
             over[k] = v * GB
-    over = {k: v for k, v in over.items() if v is not None}
+    over = {k: v for k, v in over.items() if v is not None or k == "gpu_link"}
     if over:
         src.append("overrides " + ", ".join(sorted(over)))
     merged = {**base, **over}

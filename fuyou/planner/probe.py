@@ -14,6 +14,9 @@
 * one out-of-core AdamW job (``OutOfCoreAdamW.update``, state on ``--ssd``) of the model's block
   (at most ``JOB_PARAMS_MAX`` parameters), timed, against the simulator's prediction of that job
   from the figures above: the profile's ``adam_io_efficiency`` is predicted / measured.
+* data parallelism's transfers through CPU memory: a gloo broadcast (the weight exchange) and a
+  reduce of fp32 (the gradient sums on a CPU device) between two processes of this machine, as the
+  ranks under torchrun make them (``probe_gloo``).
 * memory: CPU total, GPU total, free space under ``--ssd``.
 
 Each figure is the median of ``repeats`` runs after one warm-up. Defaults take well under a minute.
@@ -224,6 +227,58 @@ def probe_links(nbytes: int, repeats: int = 3) -> dict:
     return {"h2d": nbytes / th, "d2h": nbytes / td}
 
 
+def _gloo_worker(rank: int, store_path: str, nbytes: int, repeats: int) -> None:
+    """One of ``probe_gloo``'s two processes; rank 0 prints the figures as JSON."""
+    import json
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)  # as torchrun starts each rank
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, 2), rank=rank, world_size=2)
+    try:
+        t = torch.ones(nbytes // 2, dtype=torch.bfloat16).view(torch.uint8)  # the exchange sends bytes
+        g = torch.ones(nbytes // 4)
+        result = {}
+        for name, fn in (("broadcast", lambda: dist.broadcast(t, 0)), ("reduce", lambda: dist.reduce(g, 0))):
+            times = []
+            for _ in range(repeats + 1):
+                dist.barrier()
+                t0 = time.perf_counter()
+                fn()
+                dist.barrier()
+                times.append(time.perf_counter() - t0)
+            result[name] = nbytes / statistics.median(times[1:])
+        if rank == 0:
+            print(json.dumps(result), flush=True)
+    finally:
+        dist.destroy_process_group()
+
+
+def probe_gloo(nbytes: int = 64 * 1024**2, repeats: int = 3, timeout: float = 120.0) -> dict:
+    """Bytes/s of a gloo broadcast and of a reduce of fp32 between two processes of this machine (two
+    fresh interpreters: nothing of the caller's script is imported again)."""
+    import json
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        store = os.path.join(tmp, "store")
+        procs = [subprocess.Popen([sys.executable, "-c", f"from fuyou.planner.probe import _gloo_worker; "
+                                   f"_gloo_worker({r}, {store!r}, {nbytes}, {repeats})"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+        try:
+            outs = [p.communicate(timeout=timeout) for p in procs]
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            raise ConfigError(f"the gloo probe between two processes did not finish within {timeout:.0f} s") from None
+    if any(p.returncode for p in procs):
+        err = next(e for (_, e), p in zip(outs, procs) if p.returncode).strip().splitlines()
+        raise ConfigError(f"the gloo probe between two processes failed: {err[-1] if err else 'no message'}")
+    return json.loads(outs[0][0].strip().splitlines()[-1])
+
+
 def cpu_memory() -> int:
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -237,8 +292,10 @@ def cpu_memory() -> int:
 def probe(ssd_dir: str | Path, *, model: str | ModelConfig | None = None, batch: int | None = None,
           seq: int | None = None, io_bytes: int = 256 * 1024**2, adam_params: int = 1 << 24, repeats: int = 3,
           device: str = "auto", store_cfg: StoreConfig | None = None, optimizer_chunk: int = 1 << 20,
-          optimizer_depth: int = 2) -> tuple[HardwareProfile, dict]:
-    """Measure this machine (module docstring); returns the profile and the raw measurements."""
+          optimizer_depth: int = 2, precision: str = "bf16", gloo: bool = True) -> tuple[HardwareProfile, dict]:
+    """Measure this machine (module docstring); returns the profile and the raw measurements.
+    ``precision``: the compute dtype the block is timed in (``train.precision``); ``gloo``: measure the
+    transfers between two processes (data parallelism; else the profile keeps the defaults)."""
     d = Path(ssd_dir)
     if not d.is_dir():
         raise ConfigError(f"--ssd {d} is not a directory; create it on the SSD you want to measure")
@@ -253,11 +310,14 @@ def probe(ssd_dir: str | Path, *, model: str | ModelConfig | None = None, batch:
     if not cuda and 12 * cfg.d_model**2 > 3e8:  # a block too large to time on CPU in seconds: a smaller one
         cfg = ModelConfig(**{**preset("gpt3-1.3b"), "family": cfg.family})
     meas: dict = {"device": str(dev), "torch": torch.__version__, "threads": torch.get_num_threads(),
-                  "compute": probe_compute(cfg, batch, seq, dev, repeats)}
+                  "compute": probe_compute(cfg, batch, seq, dev, repeats,
+                                           torch.bfloat16 if precision == "bf16" else torch.float32)}
     meas["adam_params_per_s"] = probe_adam(adam_params, repeats)
     meas["store"] = probe_store(d, io_bytes, repeats, store_cfg)
     # a job is tens of milliseconds and its figure scales every optimizer SSD task: more repeats
     meas["adam_job"] = probe_adam_job(d, job_params, store_cfg, optimizer_chunk, optimizer_depth, max(7, repeats))
+    if gloo:
+        meas["gloo"] = probe_gloo(min(io_bytes, 64 * 1024**2), repeats)
     if cuda:
         meas["links"] = probe_links(min(io_bytes, 1 << 30), repeats)
         gpu_mem = torch.cuda.mem_get_info(dev)[1]
@@ -271,7 +331,8 @@ def probe(ssd_dir: str | Path, *, model: str | ModelConfig | None = None, batch:
         h2d=meas["links"]["h2d"], d2h=meas["links"]["d2h"], ssd_read=s["read"], ssd_write=s["write"],
         ssd_mixed_factor=s["mixed_factor"], ssd_capacity=shutil.disk_usage(d).free, ssd_drives=1,
         ssd_cpu_s_per_gb=s["cpu_s_per_byte"] * 1e9,
-        cpu_adam=meas["adam_params_per_s"], cpu_mem=cpu_memory())
+        cpu_adam=meas["adam_params_per_s"], cpu_mem=cpu_memory(),
+        **({"gloo_broadcast": meas["gloo"]["broadcast"], "gloo_reduce": meas["gloo"]["reduce"]} if gloo else {}))
     j = meas["adam_job"]
     j["predicted_s"] = simulate_job(j["params"], prof, j["chunk"], j["depth"])
     prof = prof.model_copy(update={"adam_io_efficiency": j["predicted_s"] / j["s"]})

@@ -11,9 +11,13 @@ from fuyou.planner.search import Plan, state_ssd_bytes
 from fuyou.planner.simulate import Task
 from fuyou.units import format_size
 
-ROWS = ["compute", "h2d", "d2h", "ssd-read", "ssd-write", "cpu-adam", "io-cpu"]
+ROWS = ["compute", "h2d", "d2h", "ssd-read", "ssd-write", "cpu-adam", "io-cpu", "reduce", "exchange"]
 LABELS = {"compute": "GPU", "h2d": "H2D", "d2h": "D2H", "ssd-read": "SSD read", "ssd-write": "SSD write",
-          "cpu-adam": "CPU Adam", "io-cpu": "I/O CPU"}
+          "cpu-adam": "CPU Adam", "io-cpu": "I/O CPU", "reduce": "grad sum", "exchange": "exchange"}
+#: rows only some plans have: the I/O threads' CPU time (a CPU compute device), data parallelism's transfers
+OPTIONAL_ROWS = ("io-cpu", "reduce", "exchange")
+#: queues named in the bottleneck line beyond the resources: data parallelism's transports
+QUEUE_LABELS = {"gloo": "gloo (the ranks' transfers through CPU memory)", "link": "NVLink (the gradient sums)"}
 
 
 def _si(x: float) -> str:
@@ -25,7 +29,8 @@ def _si(x: float) -> str:
 
 #: The hardware what-ifs and the resource each one doubles (``search``'s what-ifs).
 WHATIF_RESOURCE = {"twice the SSDs": "ssd", "twice the GPU throughput": "compute",
-                   "twice the CPU Adam throughput": "cpu-adam", "twice the PCIe bandwidth": "pcie"}
+                   "twice the CPU Adam throughput": "cpu-adam", "twice the PCIe bandwidth": "pcie",
+                   "twice the bandwidth between ranks": "gloo"}
 
 
 def _bottleneck(plan: Plan, busiest: str, step: float, cpu: str) -> str:
@@ -39,15 +44,15 @@ def _bottleneck(plan: Plan, busiest: str, step: float, cpu: str) -> str:
         name = max(gains, key=gains.get)
         if plan.hardware.device != "cuda" and name in ("compute", "cpu-adam"):
             name = "cpu"  # one queue: the cores run compute and Adam
-    label = name if name != "cpu" else f"{cpu} (CPU cores: compute + Adam)"
+    label = QUEUE_LABELS.get(name, name) if name != "cpu" else f"{cpu} (CPU cores: compute + Adam)"
     if gains and name != busiest and not (name == "cpu" and busiest == "cpu"):
-        label += f" (doubling it: {max(gains.values()):.2f}x; busiest: {busiest})"
+        label += f" (doubling it: {max(gains.values()):.2f}x; busiest: {QUEUE_LABELS.get(busiest, busiest)})"
     return label
 
 
 def _window(plan: Plan) -> tuple[float, float, list[Task]]:
     sim = plan.best.sim
-    tasks = [t for t in sim.last_step_tasks() if t.queue != "marker"]
+    tasks = [t for t in sim.last_step_tasks(rank0=True) if t.queue != "marker"]
     start = sim.step_ends[-2] if sim.steps > 1 else 0.0
     return start, max(t.end for t in tasks), tasks
 
@@ -86,11 +91,50 @@ def summary(plan: Plan) -> dict:
         "cached_stages": len(ev.memory.cached_stages), "resident_stages": len(ev.memory.resident_stages),
         "prefetch_depth": ev.policy.prefetch_depth,
         "evaluations": plan.evaluations})
+    if w.ranks > 1:
+        out["data_parallel"] = _data_parallel(plan)
     out.update(_wear(plan, step))
     if plan.tokens_goal:
         steps = math.ceil(plan.tokens_goal / w.tokens)
         out.update({"tokens_goal": plan.tokens_goal, "steps_for_tokens": steps, "time_for_tokens_s": steps * step})
     return out
+
+
+def _data_parallel(plan: Plan) -> dict:
+    """``--gpus N``: what each rank runs and owns, and what crosses between the ranks per step."""
+    w, ev = plan.workload, plan.best
+    d = {"gpus": w.ranks, "micro_batches_per_gpu": w.micro, "cpu_budget_per_rank_bytes": ev.memory.cpu_budget,
+         "sharded": w.sharded}
+    if w.sharded:
+        d["stages_per_rank"] = [sum(1 for o in w.owners if o == r) for r in range(w.ranks)]
+        d["state_share"] = [sum(n for n, o in zip(w.numels, w.owners) if o == r) / sum(w.numels)
+                            for r in range(w.ranks)]
+        d["gradient_sum_bytes"] = w.gsize * sum(w.numels)  # each rank's gradient of every stage, summed into its owner
+        d["exchange_bytes"] = w.csize * sum(w.numels) * (w.ranks - 1)  # each stage's new weights, to N-1 ranks
+    busy = defaultdict(float)
+    for t in ev.sim.last_step_tasks():
+        if t.resource in ("reduce", "exchange") and t.queue != "marker" and not t.rank:
+            busy[t.resource] += t.dur
+    d["gradient_sum_s"], d["exchange_s"] = busy["reduce"], busy["exchange"]
+    return d
+
+
+def _data_parallel_lines(plan: Plan, s: dict) -> list[str]:
+    d = s.get("data_parallel")
+    if not d:
+        return []
+    hw = plan.hardware
+    if not d["sharded"]:
+        return [f"data parallel       {d['gpus']} GPUs, {d['micro_batches_per_gpu']} micro-batch(es) each; LoRA: the "
+                f"adapters' gradients are all-reduced (small), every rank streams the whole base"]
+    shares = ", ".join(f"rank {r}: {n} stages, {100 * f:.0f}%" for r, (n, f)
+                       in enumerate(zip(d["stages_per_rank"], d["state_share"])))
+    link = ("over NVLink" if hw.gpu_link else "through host memory over PCIe") if hw.device == "cuda" else "gloo, CPU memory"
+    return [f"data parallel       {d['gpus']} GPUs, {d['micro_batches_per_gpu']} micro-batch(es) each; optimizer state "
+            f"sharded by stage ({shares})",
+            f"  between GPUs      gradient sums {format_size(d['gradient_sum_bytes'])} per GPU per step ({link}, "
+            f"{d['gradient_sum_s']:.3g} s busy); weight exchange {format_size(d['exchange_bytes'])} (gloo through CPU "
+            f"memory, {d['exchange_s']:.3g} s busy); every rank streams every stage's weights"]
 
 
 def lora_line(w) -> str:
@@ -142,6 +186,8 @@ def schedule_rows(plan: Plan) -> list[dict]:
     for c in plan.costs:
         row = {"stage": c.name, "weights": "cpu cache" if c.index in cached else "ssd",
                "optimizer state": "cpu (+ssd copy)" if c.index in resident else "ssd"}
+        if plan.workload.sharded:  # data parallel: the rank that holds and updates it
+            row["owner"] = plan.workload.owners[c.index]
         if c.kind == "block":
             b = plan.best.policy.block(c.index - 1)
             dtype = b.checkpoint_dtype or plan.workload.checkpoint_default
@@ -169,8 +215,8 @@ def timeline(plan: Plan, width: int = 100) -> str:
     lines = [f"one step, {span:.3g} s from the end of the previous step's compute "
              f"(F forward, H head, B recompute+backward; # busy, + partly busy):"]
     for r in ROWS:
-        if r == "io-cpu" and not any(grid[r]):
-            continue  # only a CPU compute device charges the I/O threads' CPU time
+        if r in OPTIONAL_ROWS and not any(grid[r]):
+            continue
         cells = "".join((mark[r][i] if r == "compute" and mark[r][i] != " " else "#") if v >= 0.5 else
                         ("+" if v > 0.02 else " ") for i, v in enumerate(grid[r]))
         lines.append(f"{LABELS[r]:>9} |{cells}|")
@@ -191,9 +237,9 @@ def text(plan: Plan) -> str:
     s = summary(plan)
     w = plan.workload
     head = (f"fuyou plan: {s['model']} ({_si(s['parameters'])} parameters), batch {w.batch} x seq {w.seq}"
-            + (f" x {w.grad_accum} micro-batches" if w.grad_accum > 1 else "") + f"\nhardware: {s['hardware']}"
-            + (f"; CPU memory {s['cpu_budget_bytes'] / 2**30:.2f} of {plan.cpu_given / 2**30:.2f} GiB planned "
-               f"(--cpu-reserve; give fuyou train the planned figure)" if plan.cpu_given else ""))
+            + (f" x {w.grad_accum} micro-batches" if w.grad_accum > 1 else "")
+            + (f" on {w.ranks} GPUs" if w.ranks > 1 else "") + f"\nhardware: {s['hardware']}"
+            + _cpu_head(plan, s))
     if not s["feasible"]:
         return (head + "\n" + "".join(line + "\n" for line in _split_lines(s)) + "\nDOES NOT FIT:\n"
                 + "\n".join(f"  - {p}" for p in s["problems"])
@@ -205,6 +251,7 @@ def text(plan: Plan) -> str:
            + ", ".join(f"{LABELS.get(k, k)} {v:.3g} s" for k, v in s["busy_s"].items()) + ")",
            *([f"{_si(s['tokens_goal']) + ' tokens':<20}{_duration(s['time_for_tokens_s'])}   ({s['steps_for_tokens']} "
                f"steps of {_si(w.tokens)} tokens)"] if "tokens_goal" in s else []),
+           *_data_parallel_lines(plan, s),
            _clip_line(s),
            _commit_line(s),
            "what if             " + "; ".join(f"{k}: {v:.3g} s ({s['step_s'] / v:.2f}x)" for k, v in s["whatif_step_s"].items()),
@@ -218,17 +265,32 @@ def text(plan: Plan) -> str:
            "GPU peak            - (CPU compute device: its memory is in the CPU figure)",
            f"prefetch depth      {s['prefetch_depth']}   ({s['evaluations']} configurations simulated)", "",
            plan.best.memory.describe(), "", "swap schedule (busy seconds per resource in one step):"]
+    rows = schedule_rows(plan)
+    shown = [x for x in ROWS if x not in OPTIONAL_ROWS or any(r["busy_s"][x] for r in rows)]
     hdr = f"{'stage':<10} {'ckpt':<8} " + " ".join(f"{c:<9}" for c in CLASSES) + f" {'weights':<9} {'adam st.':<8} " + \
-        " ".join(f"{LABELS[r]:>9}" for r in ROWS)
+        " ".join(f"{LABELS[r]:>9}" for r in shown)
     out += [hdr, "-" * len(hdr)]
-    for r in schedule_rows(plan):
+    for r in rows:
         cls = " ".join(f"{r.get(c, '-'):<9}" for c in CLASSES)
         state = "-" if plan.workload.lora_params is not None else "cpu" if r["optimizer state"].startswith("cpu") else "ssd"
+        state += f"@r{r['owner']}" if "owner" in r else ""
         ckpt = r.get("checkpoint", "-") + ("/bf16" if r.get("checkpoint_dtype") == "bf16" else "")
         out.append(f"{r['stage']:<10} {ckpt:<8} {cls} {r['weights']:<9} {state:<8} "
-                   + " ".join(f"{r['busy_s'][x]:>9.3g}" for x in ROWS))
+                   + " ".join(f"{r['busy_s'][x]:>9.3g}" for x in shown))
     out += ["", timeline(plan), ""]
     return "\n".join(out)
+
+
+def _cpu_head(plan: Plan, s: dict) -> str:
+    if not plan.cpu_given:
+        return ""
+    n = plan.workload.ranks
+    if n == 1:
+        return (f"; CPU memory {s['cpu_budget_bytes'] / 2**30:.2f} of {plan.cpu_given / 2**30:.2f} GiB planned "
+                f"(--cpu-reserve; give fuyou train the planned figure)")
+    return (f"; CPU memory {s['cpu_budget_bytes'] / 2**30:.2f} GiB planned for each of {n} ranks, of "
+            f"{plan.cpu_given / 2**30:.2f} GiB for the machine (--cpu-reserve per rank; give fuyou train "
+            f"--cpu-mem {n * s['cpu_budget_bytes'] / 2**30:.2f}GiB, which torchrun's ranks share)")
 
 
 def _split_lines(s: dict) -> list[str]:
@@ -304,10 +366,11 @@ def plot(plan: Plan, path: str) -> bool:
         return "#8C8C8C"
 
     fig, ax = plt.subplots(figsize=(14, 4.5))
-    for y, r in enumerate(reversed(ROWS)):
+    rows = [r for r in ROWS if r not in OPTIONAL_ROWS or any(t.resource == r for t in tasks)]
+    for y, r in enumerate(reversed(rows)):
         for t in (t for t in tasks if t.resource == r):
             ax.broken_barh([(t.start - t0, t.dur)], (y + 0.1, 0.8), facecolors=color(t), edgecolor="none")
-    ax.set_yticks([y + 0.5 for y in range(len(ROWS))], [LABELS[r] for r in reversed(ROWS)])
+    ax.set_yticks([y + 0.5 for y in range(len(rows))], [LABELS[r] for r in reversed(rows)])
     ax.set_xlim(0, t1 - t0)
     ax.set_xlabel("seconds into the step")
     s = summary(plan)

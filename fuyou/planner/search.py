@@ -89,39 +89,59 @@ class Plan:
 
 def memory_plan(w: Workload, hw: HardwareProfile, costs: list[StageCost], policy: ActivationPolicy,
                 cpu_budget: int) -> tuple[MemoryPlan, int]:
-    """The engine's memory plan for this policy, and the SSD bytes it needs."""
+    """The engine's memory plan for this policy, and the SSD bytes it needs (every rank's together).
+    Data parallel (``w.ranks`` > 1): ``cpu_budget`` is one rank's share and each rank is planned as the
+    engine plans it (its own stages' optimizer state, the weight exchange's buffer); the plan returned
+    is the rank that needs the most CPU memory, with every rank's resident stages."""
+    if not w.sharded:
+        plan = _rank_plan(w, hw, policy, cpu_budget, None)
+    else:
+        plans = [_rank_plan(w, hw, policy, cpu_budget, {i for i, o in enumerate(w.owners) if o == r})
+                 for r in range(w.ranks)]
+        plan = max(plans, key=lambda p: p.cpu_required + p.cache_bytes + p.resident_bytes)
+        plan.resident_stages = sorted(i for p in plans for i in p.resident_stages)
+    pb = placement_bytes(w, costs, policy)
+    ssd = sum(state_ssd_bytes(w, plan).values()) + w.ranks * (pb["ssd"] + pb["ckpt_ssd"] + 64 * 1024**2)
+    return plan, ssd
+
+
+def _rank_plan(w: Workload, hw: HardwareProfile, policy: ActivationPolicy, cpu_budget: int,
+               owned: set[int] | None) -> MemoryPlan:
     cuda = hw.device == "cuda"
     off = w.offload.model_copy(update=dict(prefetch_depth=policy.prefetch_depth, cpu_mem=cpu_budget,
                                            gpu_mem=hw.gpu_mem if cuda else None))
-    pb = placement_bytes(w, costs, policy)
     # The activation items are the engine's own (budget.policy_memory), from the engine's view of the
     # policy, so a plan the planner accepts is one the engine accepts.
     keep = to_keep(policy, w.model.n_layer, w.checkpoint_default)
     extra_cpu, extra_dev, ckpt_bytes = policy_memory(w.model, keep, off, w.batch, w.seq, w.csize,
-                                                     w.store.checksum_block, w.grad_accum)
-    plan = plan_memory(
+                                                     w.store.checksum_block, w.micro)
+    if owned is not None:  # the engine's: one chunk of compute weights on its way between the ranks
+        extra_cpu["weight exchange buffer"] = max(4096, w.chunk * w.csize)
+    return plan_memory(
         w.numels, off, chunk=w.chunk, io_buffer_bytes=w.store.queue_depth * max(w.store.block_size, w.store.checksum_block),
         act=activation_bytes(w.model, w.batch, w.seq, frozen=w.lora_params is not None), csize=w.csize, gsize=w.gsize, deferred=w.grad_clip is not None,
-        micro_batches=w.grad_accum, tied=w.tied, compute_on_cpu=not cuda,
+        micro_batches=w.micro, tied=w.tied, compute_on_cpu=not cuda,
         checkpoint_bytes=ckpt_bytes, working_bytes=gpu_working_bytes(w) if cuda else None,
         extra_cpu=extra_cpu, extra_device=extra_dev,
-        offtier_bytes=offtier_bytes(w.model, keep, w.batch, w.seq, w.csize), fmt=w.fmt, lora_params=w.lora_params)
-    ssd = sum(state_ssd_bytes(w, plan).values()) + pb["ssd"] + pb["ckpt_ssd"] + 64 * 1024**2
-    return plan, ssd
+        offtier_bytes=offtier_bytes(w.model, keep, w.batch, w.seq, w.csize), fmt=w.fmt, lora_params=w.lora_params,
+        owned=owned)
 
 
 def state_ssd_bytes(w: Workload, plan: MemoryPlan) -> dict[str, int]:
-    """SSD space of the training state by kind: the optimizer state's copies (one to three per stage, by
-    commit mode, interval and clipping: Note: [State copies] in engine/layout.py), compute weights
-    not cached, and gradients saved for exact clipping."""
+    """SSD space of the training state by kind (every rank's together): the optimizer state's copies
+    (one to three per stage, by commit mode, interval and clipping: Note: [State copies] in
+    engine/layout.py), compute weights not cached (data parallel: each rank stores those of the stages
+    it does not cache, its owners' new weights written there by the exchange), and gradients saved for
+    exact clipping."""
     off, clip = w.offload, w.grad_clip is not None
     if w.lora_params is not None:  # LoRA: every stage's base weights in the compute dtype, nothing else
-        return {"optimizer state copies": 0, "compute weights": w.csize * sum(w.numels), "saved gradients": 0}
+        return {"optimizer state copies": 0, "compute weights": w.ranks * w.csize * sum(w.numels),
+                "saved gradients": 0}
     every = off.commit_steps == 1
     state = sum(w.fmt.state_bytes(n) * copies_needed(off.commit, every, clip and i not in plan.resident_stages)
                 for i, n in enumerate(w.numels))
-    weights = sum(w.csize * n for i, n in enumerate(w.numels) if i not in plan.cached_stages
-                  and not (w.master_is_weights and i not in plan.resident_stages))
+    weights = sum(w.csize * n * ((w.ranks - 1) + (0 if w.master_is_weights and i not in plan.resident_stages else 1))
+                  for i, n in enumerate(w.numels) if i not in plan.cached_stages)
     return {"optimizer state copies": state, "compute weights": weights,
             "saved gradients": w.gsize * sum(n for i, n in enumerate(w.numels) if i not in plan.resident_stages)
             if clip else 0}
@@ -183,7 +203,7 @@ def _assign(w, hw, costs, depth: int, tiers: tuple[str, ...], k: int, cpu_budget
                 blocks[i][cls] = t
                 return
 
-    M = w.grad_accum  # each micro-batch of a step keeps its own
+    M = w.micro  # each micro-batch of a step (this rank's) keeps its own
     fp32 = [M * w.checkpoint_bytes(costs[i + 1], BlockPolicy(checkpoint_dtype="fp32")) for i in range(L)]
     # auto (Note: [Checkpoint dtype] in fuyou/policy.py): when the GPU cannot keep every checkpoint in fp32,
     # the checkpoints it keeps are bf16 (twice as many stay on the device, the last blocks first); the
@@ -292,6 +312,10 @@ def search(w: Workload, hw: HardwareProfile, cpu_budget: int, policy: Activation
             del sims["twice the CPU Adam throughput"]
         if hw.device == "cuda":
             sims["twice the PCIe bandwidth"] = hw.model_copy(update=dict(h2d=2 * hw.h2d, d2h=2 * hw.d2h))
+        if w.ranks > 1:  # data parallel: gloo through CPU memory (the weight exchange), NVLink
+            sims["twice the bandwidth between ranks"] = hw.model_copy(update=dict(
+                gloo_broadcast=2 * hw.gloo_broadcast, gloo_reduce=2 * hw.gloo_reduce,
+                gpu_link=2 * hw.gpu_link if hw.gpu_link else None))
         for name, h in sims.items():
             plan.whatif[name] = simulate(w, costs, h, best.policy, cached, steps=REPORT_STEPS,
                                          resident=set(best.memory.resident_stages),
@@ -426,7 +450,9 @@ def search_split(w: Workload, hw: HardwareProfile, cpu_budget: int, global_batch
         raise ValueError("the global batch must be at least 1")
     tried, plans = [], {}
     worse = 0
-    for b in sorted((d for d in range(1, global_batch + 1) if global_batch % d == 0), reverse=True):
+    # data parallel: the micro-batches divide among the ranks
+    for b in sorted((d for d in range(1, global_batch + 1) if global_batch % d == 0 and (global_batch // d) % w.ranks == 0),
+                    reverse=True):
         if plans and global_batch // b > MAX_SPLIT:
             break
         w2 = dataclasses.replace(w, batch=b, grad_accum=global_batch // b)
@@ -453,6 +479,9 @@ def search_split(w: Workload, hw: HardwareProfile, cpu_budget: int, global_batch
     larger = [(bb, m, t, why) for bb, m, t, why in tried if bb > b]
     if b == global_batch:
         reason = f"the whole global batch fits in one micro-batch, and no split is {100 * SPLIT_TIE:g}% faster"
+    elif not larger:  # data parallel: one micro-batch per rank is the largest split the ranks can share
+        reason = (f"one micro-batch per GPU, the largest split the {w.ranks} GPUs can share, and no split is "
+                  f"{100 * SPLIT_TIE:g}% faster")
     elif all(t is None for _, _, t, _ in larger):
         bb, m, _, why = min(larger)
         reason = f"the largest micro-batch that fits ({bb} x {m} does not: {why})"
@@ -465,8 +494,9 @@ def search_split(w: Workload, hw: HardwareProfile, cpu_budget: int, global_batch
     return chosen
 
 
-def global_batch_candidates(lo: int, hi: int) -> list[int]:
-    """The global batches ``search_global_batch`` tries in [lo, hi]: the ends and the powers of two between."""
+def global_batch_candidates(lo: int, hi: int, multiple: int = 1) -> list[int]:
+    """The global batches ``search_global_batch`` tries in [lo, hi]: the ends and the powers of two between,
+    each rounded up to a ``multiple`` (data parallel: of the ranks) within the range."""
     if not 1 <= lo <= hi:
         raise ValueError(f"a global batch range needs 1 <= low <= high, got {lo}-{hi}")
     out = {lo, hi}
@@ -475,6 +505,10 @@ def global_batch_candidates(lo: int, hi: int) -> list[int]:
         if p >= lo:
             out.add(p)
         p *= 2
+    m = multiple
+    out = {m * -(-g // m) for g in out if m * -(-g // m) <= hi} | ({hi // m * m} if hi // m * m >= lo else set())
+    if not out:
+        raise ValueError(f"no global batch in {lo}-{hi} is a multiple of {m}")
     return sorted(out)
 
 
@@ -484,7 +518,7 @@ def search_global_batch(w: Workload, hw: HardwareProfile, cpu_budget: int, lo: i
     trains the most tokens per second; the plan lists each candidate's rate. On a machine bound by the
     SSD or the CPU Adam, a larger global batch spreads the same state traffic over more tokens."""
     rates, best = [], None
-    for g in global_batch_candidates(lo, hi):
+    for g in global_batch_candidates(lo, hi, w.ranks):  # data parallel: batches the ranks can share
         p = search_split(w, hw, cpu_budget, g, policy, whatif=False)
         rate = p.workload.tokens / p.best.step_time if p.feasible else None
         rates.append((g, rate))

@@ -73,6 +73,7 @@ class Task:
     start: float = 0.0
     end: float = 0.0
     nbytes: float = 0.0  # bytes an SSD task moves
+    rank: int | None = None  # data parallel: the rank whose GPU or link a task uses (None: the machine's)
 
 
 @dataclass
@@ -89,16 +90,18 @@ class SimResult:
     def bottleneck(self) -> str:
         return max(self.queue_busy, key=self.queue_busy.get)
 
-    def last_step_tasks(self) -> list[Task]:
-        return [t for t in self.tasks if t.step == self.steps - 1]
+    def last_step_tasks(self, rank0: bool = False) -> list[Task]:
+        """The last step's tasks; ``rank0``: only rank 0's GPU and link tasks with the machine's (data parallel)."""
+        return [t for t in self.tasks if t.step == self.steps - 1 and not (rank0 and t.rank)]
 
 
 class _Graph:
     def __init__(self):
         self.tasks: list[Task] = []
 
-    def add(self, name, resource, queue, dur, deps, step, stage) -> int:
-        self.tasks.append(Task(name, resource, queue, max(0.0, dur), [d for d in deps if d is not None], step, stage))
+    def add(self, name, resource, queue, dur, deps, step, stage, rank: int | None = None) -> int:
+        self.tasks.append(Task(name, resource, queue, max(0.0, dur), [d for d in deps if d is not None], step, stage,
+                               rank=rank))
         return len(self.tasks) - 1
 
     def io(self, name, resource, nbytes, deps, step, stage, hw: HardwareProfile, efficiency: float = 1.0) -> int:
@@ -247,98 +250,130 @@ def _simulate(w: Workload, costs: list[StageCost], hw: HardwareProfile, policy: 
               ) -> SimResult:
     """Simulate ``steps`` optimizer steps from an idle machine; see the module docstring.
 
-    ``cached``: stages whose compute weights are in CPU memory; ``resident``: stages whose optimizer
-    state is (``MemoryPlan.resident_stages``); ``commit``: every step commits; ``clip_mode`` (exact
-    clipping): 'speculate' (the norm stays below the threshold), 'redo' (it exceeds it: every
-    speculative update is redone) or 'defer' (every update waits for the norm: the engine's schedule
-    after a step that clipped)."""
+    ``cached``: stages whose compute weights are in CPU memory (on every rank); ``resident``: stages
+    whose optimizer state is (``MemoryPlan.resident_stages``; data parallel: on their owner);
+    ``commit``: every step commits; ``clip_mode`` (exact clipping): 'speculate' (the norm stays below
+    the threshold), 'redo' (it exceeds it: every speculative update is redone) or 'defer' (every
+    update waits for the norm: the engine's schedule after a step that clipped)."""
     g = _Graph()
     cuda = hw.device == "cuda"
-    q_compute = "compute" if cuda else "cpu"
+    R, owner, sharded = w.ranks, w.owners, w.sharded
+
+    def q(name: str, r: int) -> str:  # a rank's own queue (its GPU, its PCIe link); rank 0's keeps the name
+        return name if r == 0 else f"{name}{r}"
+
+    def q_compute(r: int) -> str:
+        return q("compute", r) if cuda else "cpu"  # a CPU device: every rank computes on the same cores
+
+    def join(name: str, deps: list, step: int, stage: str) -> int:
+        return deps[0] if len(deps) == 1 else g.add(name, "compute", "marker", 0.0, deps, step, stage)
+
     q_adam = "cpu-adam" if cuda else "cpu"
     S = len(costs)
     depth = policy.prefetch_depth
     off = w.offload
     fwd = list(range(S - 1)) + ([0] if w.tied else []) + [S - 1]
     order = fwd + list(range(S - 2, -1, -1))
-    updated: dict[int, int | None] = {i: None for i in range(S)}   # last AdamW task of each stage
-    job_ends: list[int] = []                                      # last task of each AdamW job, in order
-    prev_compute = None
+    updated: dict[int, int | None] = {i: None for i in range(S)}   # last AdamW task of each stage (its owner's)
+    # what a rank's next load of a stage waits for: its update, or (data parallel, not its owner) its weights' arrival
+    ready: list[dict[int, int | None]] = [{i: None for i in range(S)} for _ in range(R)]
+    exchanged: dict[int, int | None] = {i: None for i in range(S)}  # the broadcast of a stage's last weights
+    job_ends: list[list[int]] = [[] for _ in range(R)]  # each rank's optimizer worker: the last task of each job
+    prev_compute: list[int | None] = [None] * R
     step_last_compute: list[int] = []
     lora = w.lora_params is not None  # the adapters' update on the device is too small to model
     clipping = w.grad_clip is not None and not lora
-    M = w.grad_accum
+    M = w.micro
     head_pos = len(fwd) - 1
     for step in range(steps):
-        pos_ends: list[int] = []              # the last compute task of each position (the window)
-        waiting: list[tuple[int, int]] = []   # resident stages waiting for the norm: (stage, gradient write)
+        pos_ends: list[list[int]] = [[] for _ in range(R)]  # each rank's last compute task of each position
+        waiting: list[tuple[int, int]] = []   # stages waiting for the norm: (stage, gradient in CPU memory or saved)
         speculated: list[int] = []
-        swapped: dict[tuple[int, int], list[tuple[str, int, str]]] = {}   # (stage, micro-batch) -> swapped out
+        swapped: dict[tuple, list[tuple[str, int, str]]] = {}   # (rank, stage, micro-batch) -> swapped out
         swap_done: dict[tuple, int | None] = {}
+        sums: list[int] = []   # data parallel: each gradient's sum over the ranks, in backward order
         for pos, i in enumerate(order):
             c = costs[i]
-            window = pos_ends[-(depth + 1)] if len(pos_ends) >= depth + 1 else (prev_compute if not pos_ends else None)
-            # -- load the stage's weights: once per step (layer-major)
-            nbytes = c.numel * w.csize
-            dep = [updated[i], window]
-            if i not in cached:
-                dep = [g.io(f"read weights {c.name}", "ssd-read", nbytes, dep, step, c.name, hw)]
-            if cuda:
-                dep = [g.add(f"h2d weights {c.name}", "h2d", "h2d", nbytes / hw.h2d, dep, step, c.name)]
             backward = pos > head_pos
-            if w.tied and pos == head_pos - 1:  # the head's second load (the embedding): no compute
-                prev_compute = g.add(f"bind {c.name} for head", "compute", q_compute, 0.0, dep + [prev_compute],
-                                     step, c.name)
-                pos_ends.append(prev_compute)
-                continue
+            bind = w.tied and pos == head_pos - 1  # the head's second load (the embedding): no compute
             kept: set[str] = set()
             if c.kind == "block":
                 bp = policy.block(c.index - 1)
                 kept = {k for k in CLASSES if getattr(bp, k) != "recompute"}
-            # back-pressure of the optimizer queue (Engine: OptimizerWorker.submit blocks)
-            k = len(job_ends) - off.max_pending_updates - 1
-            pressure = [job_ends[k]] if backward and k >= 0 else []
-            for mb in range(M):
-                deps = dep + [prev_compute] + (pressure if mb == 0 else [])
-                if c.kind == "block" and backward:  # bring swapped activations back, inside the same window
-                    for cls, b, tier in swapped.pop((i, mb), []):
-                        d = [swap_done.get((i, mb, cls)), window]
-                        if tier == "ssd":
-                            d = [g.io(f"read act {c.name} {cls}", "ssd-read", b, d, step, c.name, hw)]
-                        if cuda:
-                            d = [g.add(f"h2d act {c.name} {cls}", "h2d", "h2d", b / hw.h2d, d, step, c.name)]
-                        deps += d
-                if pos < head_pos:
-                    t = g.add(f"forward {c.name}", "compute", q_compute, c.fwd_flops / hw.fwd_flops, deps, step, c.name)
-                elif pos == head_pos:
-                    t = g.add("forward+backward head", "compute", q_compute,
-                              c.backward_flops(set(), lora) / hw.bwd_flops, deps, step, c.name)
-                else:
-                    t = g.add(f"backward {c.name}", "compute", q_compute,
-                              (0.0 if lora and c.kind == "embed" else c.backward_flops(kept, lora)) / hw.bwd_flops,
-                              deps, step, c.name)
-                prev_compute = t
-                if c.kind == "block" and not backward:  # swap out what the policy keeps off the device
-                    out = []
-                    for cls in ("checkpoint", *CLASSES):
-                        tier = getattr(bp, cls)
-                        if tier in ("cpu", "ssd") and not (tier == "cpu" and not cuda):
-                            b = w.checkpoint_bytes(c, bp) if cls == "checkpoint" else c.act_bytes[cls]
-                            d = [t]
-                            if cuda:
-                                d = [g.add(f"d2h act {c.name} {cls}", "d2h", "d2h", b / hw.d2h, d, step, c.name)]
+            ts = []
+            for r in range(R):
+                ends = pos_ends[r]
+                window = ends[-(depth + 1)] if len(ends) >= depth + 1 else (prev_compute[r] if not ends else None)
+                # -- load the stage's weights: once per step (layer-major)
+                nbytes = c.numel * w.csize
+                dep = [ready[r][i] if sharded and owner[i] != r else updated[i], window]
+                if i not in cached:
+                    dep = [g.io(f"read weights {c.name}", "ssd-read", nbytes, dep, step, c.name, hw)]
+                if cuda:
+                    dep = [g.add(f"h2d weights {c.name}", "h2d", q("h2d", r), nbytes / hw.h2d, dep, step, c.name, r)]
+                if bind:
+                    prev_compute[r] = g.add(f"bind {c.name} for head", "compute", q_compute(r), 0.0,
+                                            dep + [prev_compute[r]], step, c.name, r)
+                    ends.append(prev_compute[r])
+                    continue
+                # back-pressure of the optimizer queue (Engine: OptimizerWorker.submit blocks)
+                k = len(job_ends[r]) - off.max_pending_updates - 1
+                pressure = [job_ends[r][k]] if backward and k >= 0 else []
+                # data parallel: a gradient's sum over the ranks is finished before this rank's next gradient
+                # buffer is made (a GPU: before this backward), or once that gradient is ready (a CPU: the next)
+                lag = 1 if cuda else 2
+                pressure += [sums[-lag]] if backward and len(sums) >= lag else []
+                for mb in range(M):
+                    deps = dep + [prev_compute[r]] + (pressure if mb == 0 else [])
+                    if c.kind == "block" and backward:  # bring swapped activations back, inside the same window
+                        for cls, b, tier in swapped.pop((r, i, mb), []):
+                            d = [swap_done.get((r, i, mb, cls)), window]
                             if tier == "ssd":
-                                d = [g.io(f"write act {c.name} {cls}", "ssd-write", b, d, step, c.name, hw)]
-                            swap_done[(i, mb, cls)] = d[0]
-                            out.append((cls, b, tier))
-                    swapped[(i, mb)] = out
-            pos_ends.append(t)
-            if lora or not (backward or pos == head_pos):  # LoRA: no gradient of the base, no AdamW job
+                                d = [g.io(f"read act {c.name} {cls}", "ssd-read", b, d, step, c.name, hw)]
+                            if cuda:
+                                d = [g.add(f"h2d act {c.name} {cls}", "h2d", q("h2d", r), b / hw.h2d, d, step,
+                                           c.name, r)]
+                            deps += d
+                    if pos < head_pos:
+                        t = g.add(f"forward {c.name}", "compute", q_compute(r), c.fwd_flops / hw.fwd_flops, deps,
+                                  step, c.name, r)
+                    elif pos == head_pos:
+                        t = g.add("forward+backward head", "compute", q_compute(r),
+                                  c.backward_flops(set(), lora) / hw.bwd_flops, deps, step, c.name, r)
+                    else:
+                        t = g.add(f"backward {c.name}", "compute", q_compute(r),
+                                  (0.0 if lora and c.kind == "embed" else c.backward_flops(kept, lora)) / hw.bwd_flops,
+                                  deps, step, c.name, r)
+                    prev_compute[r] = t
+                    if c.kind == "block" and not backward:  # swap out what the policy keeps off the device
+                        out = []
+                        for cls in ("checkpoint", *CLASSES):
+                            tier = getattr(bp, cls)
+                            if tier in ("cpu", "ssd") and not (tier == "cpu" and not cuda):
+                                b = w.checkpoint_bytes(c, bp) if cls == "checkpoint" else c.act_bytes[cls]
+                                d = [t]
+                                if cuda:
+                                    d = [g.add(f"d2h act {c.name} {cls}", "d2h", q("d2h", r), b / hw.d2h, d, step,
+                                               c.name, r)]
+                                if tier == "ssd":
+                                    d = [g.io(f"write act {c.name} {cls}", "ssd-write", b, d, step, c.name, hw)]
+                                swap_done[(r, i, mb, cls)] = d[0]
+                                out.append((cls, b, tier))
+                        swapped[(r, i, mb)] = out
+                ends.append(t)
+                ts.append(t)
+            if bind or lora or not (backward or pos == head_pos):  # LoRA: no gradient of the base, no AdamW job
                 continue
-            # -- the stage's gradient (summed over the micro-batches) to the host, then the AdamW job
-            gdep = [t]
+            # -- the stage's gradient (summed over the micro-batches; data parallel: over the ranks, into its
+            # owner) to the host, then the AdamW job on its owner
+            o = owner[i]
+            gdep = ts[:1]
+            if sharded:
+                gdep = [_sum_gradient(g, c, w, hw, ts, step, q)]
+                sums.append(gdep[0])
             if cuda:
-                gdep = [g.add(f"d2h grad {c.name}", "d2h", "d2h", c.numel * w.gsize / hw.d2h, gdep, step, c.name)]
+                gdep = [g.add(f"d2h grad {c.name}", "d2h", q("d2h", o), c.numel * w.gsize / hw.d2h, gdep, step,
+                              c.name, o)]
             if clipping and i in resident:  # its gradient waits in CPU memory for the norm
                 waiting.append((i, gdep[0]))
                 continue
@@ -348,31 +383,37 @@ def _simulate(w: Workload, costs: list[StageCost], hw: HardwareProfile, policy: 
             if clipping and clip_mode == "defer":
                 waiting.append((i, gsave))
                 continue
-            first = [gdep[0], job_ends[-1] if job_ends else None]
+            first = [gdep[0], job_ends[o][-1] if job_ends[o] else None, exchanged[i]]
             if i in resident:
-                _resident_job(g, c, w, hw, cached, first, q_adam, max_chunks, step, job_ends, updated)
+                _resident_job(g, c, w, hw, cached, first, q_adam, max_chunks, step, job_ends[o], updated)
                 continue
             speculated.append(i)
-            _streamed_update(g, c, w, hw, cached, first, q_adam, max_chunks, step, job_ends, updated,
+            _streamed_update(g, c, w, hw, cached, first, q_adam, max_chunks, step, job_ends[o], updated,
                              extra_deps=[gsave])
-        # End of backward: the global norm is known (exact clipping).
-        norm = pos_ends[-1]
+        # End of backward: the global norm is known (exact clipping; data parallel: every rank's, summed).
+        step_end = join("end of step", [ends[-1] for ends in pos_ends], step, "step")
+        norm = join("global norm", [step_end] + sums[-1:], step, "step")
         for i, gdone in sorted(waiting):
-            first = [norm, job_ends[-1] if job_ends else None, gdone]
+            o = owner[i]
+            first = [norm, job_ends[o][-1] if job_ends[o] else None, gdone, exchanged[i]]
             if i in resident:
-                _resident_job(g, costs[i], w, hw, cached, first, q_adam, max_chunks, step, job_ends, updated)
+                _resident_job(g, costs[i], w, hw, cached, first, q_adam, max_chunks, step, job_ends[o], updated)
             else:
-                _streamed_update(g, costs[i], w, hw, cached, first, q_adam, max_chunks, step, job_ends, updated,
+                _streamed_update(g, costs[i], w, hw, cached, first, q_adam, max_chunks, step, job_ends[o], updated,
                                  grad_read=True)
         if clip_mode == "redo":
             for i in sorted(speculated):
-                _streamed_update(g, costs[i], w, hw, cached, [norm, job_ends[-1]], q_adam, max_chunks, step,
-                                 job_ends, updated, grad_read=True)
+                o = owner[i]
+                _streamed_update(g, costs[i], w, hw, cached, [norm, job_ends[o][-1]], q_adam, max_chunks, step,
+                                 job_ends[o], updated, grad_read=True)
         if commit and resident:
             state = g.io("commit: write resident state", "ssd-write", sum(w.fmt.state_bytes(costs[i].numel) for i in resident),
-                         [job_ends[-1] if job_ends else None], step, "commit", hw)
-            job_ends.append(state)
-        step_last_compute.append(pos_ends[-1])
+                         [jobs[-1] for jobs in job_ends if jobs], step, "commit", hw)
+            for jobs in job_ends:
+                jobs.append(state)
+        if sharded:
+            _exchange(g, costs, w, hw, cached, step_end, step, updated, exchanged, ready)
+        step_last_compute.append(step_end)
     _add_io_cpu(g, hw)
     g.run()
     ends = [g.tasks[i].end for i in step_last_compute]
@@ -382,6 +423,53 @@ def _simulate(w: Workload, costs: list[StageCost], hw: HardwareProfile, policy: 
     qbusy: dict[str, float] = {}
     for t in g.tasks:
         if t.step == steps - 1 and t.queue != "marker":
-            busy[t.resource] = busy.get(t.resource, 0.0) + t.dur
+            if not t.rank:  # rank 0's GPU and PCIe link, and the machine's
+                busy[t.resource] = busy.get(t.resource, 0.0) + t.dur
             qbusy[t.queue] = qbusy.get(t.queue, 0.0) + t.dur
     return SimResult(g.tasks, steps, ends, makespan, step_time, busy, qbusy)
+
+
+def _sum_gradient(g: _Graph, c: StageCost, w: Workload, hw: HardwareProfile, ts: list[int], step: int, q) -> int:
+    """Data parallel: the sum of a stage's gradient over the ranks into its owner, once every rank has
+    computed it (``ts``). On GPUs NCCL's reduce moves (N-1)/N of the gradient over each GPU's link: a
+    direct link (NVLink, ``gpu_link``) or, without one, through host memory over each GPU's PCIe link
+    both ways. On a CPU device, gloo through CPU memory (``gloo_reduce``, measured for two ranks)."""
+    R, nb = w.ranks, c.numel * w.gsize
+    if hw.device != "cuda":
+        return g.add(f"sum grad {c.name}", "reduce", "gloo", nb * (R - 1) / hw.gloo_reduce, ts, step, c.name)
+    if hw.gpu_link:
+        return g.add(f"sum grad {c.name}", "reduce", "link", nb * (R - 1) / R / hw.gpu_link, ts, step, c.name)
+    parts = []
+    for r in range(R):
+        parts.append(g.add(f"sum grad {c.name} out", "reduce", q("d2h", r), nb * (R - 1) / R / hw.d2h, ts, step,
+                           c.name, r))
+        parts.append(g.add(f"sum grad {c.name} in", "reduce", q("h2d", r), nb * (R - 1) / R / hw.h2d, ts, step,
+                           c.name, r))
+    return g.add(f"summed grad {c.name}", "reduce", "marker", 0.0, parts, step, c.name)
+
+
+def _exchange(g: _Graph, costs: list[StageCost], w: Workload, hw: HardwareProfile, cached: set[int], step_end: int,
+              step: int, updated: dict, exchanged: dict, ready: list[dict]) -> None:
+    """Data parallel, sharded state (``fuyou/engine/exchange.py``): once the step's updates are submitted,
+    one thread per rank broadcasts every stage's new compute weights from its owner, in forward order,
+    a chunk at a time through one buffer: the owner reads them from its store unless cached, gloo
+    carries them to the N-1 others (``gloo_broadcast``: the root sends to each), and each writes them
+    to its store unless cached. A rank's next load of a stage it does not own waits for its copy; the
+    owner's next update of the stage waits for the broadcast."""
+    R = w.ranks
+    prev = step_end
+    for c in costs:
+        i, o, nb = c.index, w.owners[c.index], c.numel * w.csize
+        d = [updated[i], prev]
+        if i not in cached:
+            d = [g.io(f"exchange: read weights {c.name}", "ssd-read", nb, d, step, c.name, hw)]
+        prev = exchanged[i] = g.add(f"exchange weights {c.name}", "exchange", "gloo", nb * (R - 1) / hw.gloo_broadcast,
+                                    d, step, c.name)
+        if i not in cached:
+            writes = [g.io(f"exchange: write weights {c.name}", "ssd-write", nb, [prev], step, c.name, hw)
+                      for r in range(R) if r != o]
+            prev = writes[0] if len(writes) == 1 else g.add(f"received {c.name}", "exchange", "marker", 0.0, writes,
+                                                             step, c.name)
+        for r in range(R):
+            if r != o:
+                ready[r][i] = prev
