@@ -67,6 +67,7 @@ class MemoryPlan:
     cache_bytes: int = 0
     resident_stages: list[int] = field(default_factory=list)
     resident_bytes: int = 0
+    cache_share: int = 1   # ranks that map one weight cache; cache_bytes is this rank's share of it
 
     @property
     def cpu_required(self) -> int:
@@ -94,7 +95,8 @@ class MemoryPlan:
     def describe(self) -> str:
         out = [f"CPU budget {format_size(self.cpu_budget)}:"]
         out += [f"  {k:<26} {format_size(v):>12}" for k, v in self.cpu_items.items()]
-        out.append(f"  {'weight cache':<26} {format_size(self.cache_bytes):>12} ({len(self.cached_stages)} stages)")
+        shared = f"; this rank's 1/{self.cache_share} of one cache the ranks share" if self.cache_share > 1 else ""
+        out.append(f"  {'weight cache':<26} {format_size(self.cache_bytes):>12} ({len(self.cached_stages)} stages{shared})")
         if self.resident_stages:
             out.append(f"  {'resident optimizer state':<26} {format_size(self.resident_bytes):>12} "
                        f"({len(self.resident_stages)} stages)")
@@ -168,7 +170,7 @@ def plan_memory(stage_numels: list[int], off, *, chunk: int, io_buffer_bytes: in
                 checkpoint_bytes: int | None = None, working_bytes: int | None = None,
                 extra_cpu: dict[str, int] | None = None, extra_device: dict[str, int] | None = None,
                 device_budget: int | None = None, offtier_bytes: int = 0, fmt=None,
-                lora_params: int | None = None, owned: set[int] | None = None) -> MemoryPlan:
+                lora_params: int | None = None, owned: set[int] | None = None, cache_share: int = 1) -> MemoryPlan:
     """The memory plan of the engine (module docstring) from shapes and settings, allocating nothing.
 
     ``stage_numels``: parameters owned by each stage, in stage order. ``off``: an ``OffloadConfig``.
@@ -187,13 +189,17 @@ def plan_memory(stage_numels: list[int], off, *, chunk: int, io_buffer_bytes: in
     ``lora_params``: LoRA (``fuyou.engine.lora_state``): the adapters' parameter count; the base has no
     optimizer state and no gradients, the adapters, their gradients and AdamW moments (16 B each) are
     on the device. ``owned`` (data parallel, ``fuyou.distributed.stage_owners``): the stages whose
-    optimizer state this rank holds; only they can be resident (default: every stage).
+    optimizer state this rank holds; only they can be resident (default: every stage). ``cache_share``:
+    the ranks of one machine that map one weight cache (``fuyou.store.shared``); each plan charges its
+    share of every cached stage, so the machine's plans together hold one cache (``cache_bytes`` is
+    this rank's share; ``shared_cache_layout`` gives the whole).
     """
     from fuyou.optim.compressed import StateFormat
     from fuyou.optim.out_of_core import optimizer_buffer_bytes
 
     fmt = fmt or StateFormat()
-    plan = MemoryPlan(off.cpu_mem, device_budget=off.gpu_mem if off.gpu_mem is not None else device_budget)
+    plan = MemoryPlan(off.cpu_mem, device_budget=off.gpu_mem if off.gpu_mem is not None else device_budget,
+                      cache_share=cache_share)
     stage_max = max(stage_numels)
     opt_lowp = csize  # a stage the cache does not hold writes its compute weights through these buffers
     lora = lora_params is not None
@@ -247,7 +253,7 @@ def plan_memory(stage_numels: list[int], off, *, chunk: int, io_buffer_bytes: in
     spare = off.cpu_mem - steady
     if off.cache_weights:
         for index, numel in enumerate(stage_numels):
-            need = -(-numel * csize // 4096) * 4096
+            need = -(-(-(-numel * csize // 4096) * 4096) // cache_share)
             if spare - need < weight_buffer_need(stage_numels, plan.cached_stages + [index], off.prefetch_depth,
                                                  tied, csize):
                 break
@@ -280,6 +286,16 @@ def plan_memory(stage_numels: list[int], off, *, chunk: int, io_buffer_bytes: in
     if extra > 0:
         plan.cpu_items["initialisation (transient)"] = extra
     return plan
+
+
+def shared_cache_layout(stage_numels: list[int], cached: list[int], csize: int) -> tuple[dict[int, int], int]:
+    """Byte offset of each cached stage in a weight cache the ranks share (4 KiB aligned, in stage
+    order: every rank computes the same), and its size."""
+    offsets, at = {}, 0
+    for i in sorted(cached):
+        offsets[i] = at
+        at += -(-stage_numels[i] * csize // 4096) * 4096
+    return offsets, at
 
 
 def weight_buffer_need(stage_numels: list[int], cached: list[int], prefetch_depth: int, tied: bool, csize: int) -> int:

@@ -70,8 +70,10 @@ GPU event's.
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -80,6 +82,7 @@ from torch import Tensor
 from fuyou.config import FuyouConfig
 from fuyou.data import TokenData
 from fuyou.engine.budget import (D2H_DEPTH, MemoryPlan, act_cpu_share, activation_bytes, device_working_bytes,
+                                 shared_cache_layout,
                                  offtier_bytes, plan_memory, policy_memory)
 from fuyou.engine.device import InFlight, make_device
 from fuyou.engine.recompute import BlockState, backward_block, forward_block, leaves
@@ -88,7 +91,7 @@ from fuyou import watchdog
 from fuyou.engine.malloc import bound_malloc, malloc_threshold, resident_bytes
 from fuyou.engine.layout import StageState, build_states, copies_needed, dtype_size
 from fuyou.engine.state import TrainingState, grad_key
-from fuyou.errors import FuyouError
+from fuyou.errors import BudgetError, FuyouError
 from fuyou.engine.commit import ResumeError
 from fuyou.faults import fault
 from fuyou.engine.trace import StepCounters, Tracer
@@ -101,6 +104,7 @@ from fuyou.optim.compressed import StateFormat
 from fuyou.optim.out_of_core import OutOfCoreAdamW
 from fuyou.policy import default_checkpoint_dtype, keep_policies
 from fuyou.store import PinnedPool, StoreConfig
+from fuyou.store.shared import SHM_DIR, SharedSegment, shm_free
 from fuyou.units import format_size
 from fuyou.data.batches import make_batches
 from fuyou.models.precision import autocast
@@ -181,7 +185,21 @@ class Engine:
         self.store_dirs = [Path(d) / store_name for d in off.ssd_dirs]
         # OutOfCoreAdamW rounds the chunk to the store's checksum block; plan with that size.
         self.chunk = self.fmt.chunk_elements(off.optimizer_chunk, store_cfg.checksum_block)
+        # Data parallel on one machine: the ranks map one weight cache (fuyou/store/shared.py), each charged
+        # its share; where /dev/shm cannot hold it, each keeps its own (rank 0 decides, for every rank).
+        self.cache_share = (self.dist.local_world if self.sharded and self.dist.world == self.dist.local_world
+                            and off.cache_weights else 1)
         self.plan = self._memory_plan()
+        self.shm_note = ""
+        if self.cache_share > 1:
+            _, total = shared_cache_layout([s.numel for s in self.states], self.plan.cached_stages, dtype_size(self.cdtype))
+            free = self.dist.broadcast(shm_free(), "checking /dev/shm for the shared weight cache")
+            if total > free:
+                self.shm_note = (f"{SHM_DIR} has {format_size(free)} free, less than the shared weight cache's "
+                                 f"{format_size(total)}: each rank keeps its own cache (enlarge {SHM_DIR}, e.g. a "
+                                 f"container's --shm-size, to share one)")
+                self.cache_share = 1
+                self.plan = self._memory_plan()
         self.plan.check()  # Budgets are promises: refuse before creating anything.
         if not self.dev.is_host:  # and kept: the device enforces the budget (the fake: item by item)
             self.dev.set_plan(self.plan.device_items, self.plan.device_budget)
@@ -230,6 +248,7 @@ class Engine:
                                              self.cfg.offload.act_chunk, self.tracer, ref)
             if self.dev.is_host:
                 self.swapper.cpu_bytes = self.act_cpu_mem
+            self.shared_cache = self._shared_cache()
             if resume:
                 self.ts.resume()
                 self._check_ranks_commits()
@@ -242,7 +261,7 @@ class Engine:
             if self.sharded:  # every stage this rank does not own gets its owner's weights (first: the initial ones)
                 self.exchange_pool = PinnedPool(self.plan.cpu_items["weight exchange buffer"])
                 self.exchange = WeightExchange(self.dist, self.store, self.exchange_pool, self.cdtype, self.chunk,
-                                               self.tracer, ref)
+                                               self.tracer, ref, shared_cache=self.shared_cache is not None)
                 self.exchange.schedule(self.states)
             if not self.dev.is_host:
                 self.d2h_stream = self.dev.new_stream("grad-d2h")
@@ -324,9 +343,40 @@ class Engine:
             csize=dtype_size(self.cdtype), gsize=dtype_size(self.gdtype), deferred=self.clipping,
             micro_batches=len(self.micro), tied=self.tied, compute_on_cpu=self.dev.is_host,
             device_budget=self.gpu_mem, fmt=self.fmt, lora_params=self._adapter_numel() if self.lora else None,
-            owned={st.index for st in self.states if st.owned} if self.sharded else None,
+            owned={st.index for st in self.states if st.owned} if self.sharded else None, cache_share=self.cache_share,
             offtier_bytes=offtier_bytes(self.cfg.model, self.act, t.micro_batch_size, self.cfg.data.seq_len,
                                         dtype_size(self.cdtype)))
+
+    def _shared_cache(self) -> SharedSegment | None:
+        """The ranks' one weight cache (``cache_share`` > 1): rank 0 makes it, the others map it, then its
+        name goes (fuyou/store/shared.py); every rank page-locks its mapping for the device copies."""
+        if self.cache_share == 1 or not self.plan.cached_stages:
+            return None
+        offsets, total = shared_cache_layout([s.numel for s in self.states], self.plan.cached_stages,
+                                             dtype_size(self.cdtype))
+        d = self.dist
+        path = d.broadcast(str(SHM_DIR / f"fuyou-cache-{os.getpid()}-{uuid.uuid4().hex[:8]}"),
+                           "naming the shared weight cache")
+        seg = err = None
+        try:
+            if d.rank == 0:
+                try:
+                    seg = SharedSegment(path, total, create=True)
+                except (OSError, BudgetError) as e:
+                    err = e
+            if not d.broadcast(err is None, "making the shared weight cache"):
+                raise err or BudgetError(f"rank 0 could not make the ranks' shared weight cache under {SHM_DIR} (its "
+                                         f"error says why)")
+            if d.rank != 0:
+                seg = SharedSegment(path, total, create=False)
+            d.barrier("mapping the shared weight cache")
+        finally:
+            if d.rank == 0 and seg is not None:
+                seg.unlink()
+        if not self.dev.is_host:
+            self.dev.register_host(seg.tensor)
+        self.ts.shared_cache, self.ts.cache_offsets = seg, offsets
+        return seg
 
     def _adapter_numel(self) -> int:
         return sum(spec.numel for st in self.model.stages for spec in st.adapters.values())
@@ -907,7 +957,11 @@ class Engine:
             else:
                 line += ("each stage's gradient is summed over the ranks as its backward ends, and the adapters are "
                          "replicated")
-            lines.append(line + f"; the CPU budget above is this rank's share of the machine's (1/{d.local_world})")
+            line += f"; the CPU budget above is this rank's share of the machine's (1/{d.local_world})"
+            if self.cache_share > 1:
+                line += (f"; the weight cache is one for the {self.cache_share} ranks of this machine ({SHM_DIR}), "
+                         f"each charged its share, and the exchange sends a token for each cached stage")
+            lines.append(line + (f"; {self.shm_note}" if self.shm_note else ""))
         if self.lora:
             n = self._adapter_numel()
             lines.append(f"LoRA: rank {self.cfg.lora.rank} adapters on {', '.join(self.lora)} of every block, "
@@ -1018,6 +1072,12 @@ class Engine:
                          self.act_cpu_pool, self.opt_pool, self.shared_pool, self.exchange_pool):
                 if pool is not None:
                     pool.close()
+            if getattr(self, "shared_cache", None) is not None:
+                if not self.dev.is_host:
+                    self.dev.unregister_host(self.shared_cache.tensor)
+                self.ts.shared_cache = None
+                self.shared_cache.close()
+                self.shared_cache = None
             self.dev.close()
 
 

@@ -7,7 +7,9 @@ stage's forward and backward, so after the owner's update the new compute weight
 rank: this thread broadcasts them, stage by stage in the order the next forward needs them, on a
 gloo group of its own (the weights are in CPU memory: the weight cache or a pool buffer read from the
 store). A receiver writes them where its weight stream reads them (its cache, else its store's
-``<stage>/weights``).
+``<stage>/weights``). Where the ranks of one machine map one weight cache (``fuyou/store/shared.py``)
+a cached stage's new weights are already there: its broadcast is a one-byte token, which keeps the
+order and the waiting the same.
 
 States (``layout``): at ``schedule`` (main thread, once the step's updates, redos included, are all
 submitted) a stage this rank does not own becomes *updating* (``begin_update``): its next load waits
@@ -33,8 +35,11 @@ from fuyou.engine.layout import StageState, dtype_size
 
 
 class WeightExchange:
-    def __init__(self, dist, store, pool, dtype: torch.dtype, chunk: int, tracer, counters_ref):
+    def __init__(self, dist, store, pool, dtype: torch.dtype, chunk: int, tracer, counters_ref,
+                 shared_cache: bool = False):
         self.dist, self.store, self.pool, self.dtype, self.chunk = dist, store, pool, dtype, chunk
+        self.shared_cache = shared_cache  # the ranks map one weight cache: a cached stage's update is already there
+        self._token = torch.zeros(1, dtype=torch.uint8)
         self.tracer, self._counters = tracer, counters_ref
         self._q: queue.Queue = queue.Queue()
         self._error: BaseException | None = None
@@ -98,6 +103,11 @@ class WeightExchange:
             if st.error is not None:
                 raise st.error
         t0, size = time.perf_counter(), dtype_size(self.dtype)
+        if st.cache is not None and self.shared_cache:  # its owner wrote it in place: only say it is done
+            self.dist.broadcast_tensor(self._token, st.owner, f"the exchange of {st.stage.name}'s weights")
+            self.tracer.add(f"{'send' if st.owned else 'receive'} token {st.stage.name}", "exchange", t0,
+                            time.perf_counter())
+            return
         read = written = 0
         for a in range(0, st.numel, self.chunk):
             n = min(self.chunk, st.numel - a)

@@ -54,6 +54,8 @@ class TrainingState:
         self._cache_bufs: list = []
         self._registered: list[Tensor] = []
         self.sharded = False                # data parallel: each stage's optimizer state is on its owner only
+        self.shared_cache = None            # data parallel on one machine: the ranks' one weight cache
+        self.cache_offsets: dict[int, int] = {}
 
     def open_store(self, resume: bool, name: str) -> TensorStore:
         """The existing store (resume) or a new one, after clearing what an earlier run left."""
@@ -175,7 +177,10 @@ class TrainingState:
     def cache_buffer(self, st: StageState) -> Tensor:
         """CPU memory for a stage's cached compute weights, from the cache pool: registered with the
         device at its exact size (``pin_memory()``'s caching host allocator rounds up to a power of
-        two: a 629 MB stage would lock 1 GiB, up to twice the plan)."""
+        two: a 629 MB stage would lock 1 GiB, up to twice the plan). Data parallel on one machine: the
+        stage's part of the ranks' shared cache (its owner writes it; ``fuyou/store/shared.py``)."""
+        if self.shared_cache is not None:
+            return self.shared_cache.view(self.cache_offsets[st.index], st.numel, self.cdtype)
         self._cache_bufs.append(self.cache_pool.acquire(st.numel * dtype_size(self.cdtype), self.cdtype))
         return self._cache_bufs[-1].tensor
 

@@ -110,7 +110,10 @@ def _data_parallel(plan: Plan) -> dict:
         d["state_share"] = [sum(n for n, o in zip(w.numels, w.owners) if o == r) / sum(w.numels)
                             for r in range(w.ranks)]
         d["gradient_sum_bytes"] = w.gsize * sum(w.numels)  # each rank's gradient of every stage, summed into its owner
-        d["exchange_bytes"] = w.csize * sum(w.numels) * (w.ranks - 1)  # each stage's new weights, to N-1 ranks
+        # each streamed stage's new weights, to N-1 ranks; a cached one is in the cache the ranks share: a token
+        cached = set(ev.memory.cached_stages)
+        d["exchange_bytes"] = w.csize * sum(n for i, n in enumerate(w.numels) if i not in cached) * (w.ranks - 1)
+        d["shared_cache_stages"] = len(cached)
     busy = defaultdict(float)
     for t in ev.sim.last_step_tasks():
         if t.resource in ("reduce", "exchange") and t.queue != "marker" and not t.rank:
@@ -134,7 +137,8 @@ def _data_parallel_lines(plan: Plan, s: dict) -> list[str]:
             f"sharded by stage ({shares})",
             f"  between GPUs      gradient sums {format_size(d['gradient_sum_bytes'])} per GPU per step ({link}, "
             f"{d['gradient_sum_s']:.3g} s busy); weight exchange {format_size(d['exchange_bytes'])} (gloo through CPU "
-            f"memory, {d['exchange_s']:.3g} s busy); every rank streams every stage's weights"]
+            f"memory, {d['exchange_s']:.3g} s busy; the {d['shared_cache_stages']} cached stages are in one cache the "
+            f"ranks share, a token each); every rank loads every stage's weights"]
 
 
 def lora_line(w) -> str:

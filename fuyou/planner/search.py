@@ -91,8 +91,9 @@ def memory_plan(w: Workload, hw: HardwareProfile, costs: list[StageCost], policy
                 cpu_budget: int) -> tuple[MemoryPlan, int]:
     """The engine's memory plan for this policy, and the SSD bytes it needs (every rank's together).
     Data parallel (``w.ranks`` > 1): ``cpu_budget`` is one rank's share and each rank is planned as the
-    engine plans it (its own stages' optimizer state, the weight exchange's buffer); the plan returned
-    is the rank that needs the most CPU memory, with every rank's resident stages."""
+    engine plans it (its own stages' optimizer state, the weight exchange's buffer, its share of the one
+    weight cache the ranks of a machine map); the plan returned is the rank that needs the most CPU
+    memory, with every rank's resident stages."""
     if not w.sharded:
         plan = _rank_plan(w, hw, policy, cpu_budget, None)
     else:
@@ -124,7 +125,7 @@ def _rank_plan(w: Workload, hw: HardwareProfile, policy: ActivationPolicy, cpu_b
         checkpoint_bytes=ckpt_bytes, working_bytes=gpu_working_bytes(w) if cuda else None,
         extra_cpu=extra_cpu, extra_device=extra_dev,
         offtier_bytes=offtier_bytes(w.model, keep, w.batch, w.seq, w.csize), fmt=w.fmt, lora_params=w.lora_params,
-        owned=owned)
+        owned=owned, cache_share=w.ranks if w.sharded else 1)
 
 
 def state_ssd_bytes(w: Workload, plan: MemoryPlan) -> dict[str, int]:

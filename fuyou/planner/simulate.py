@@ -452,15 +452,21 @@ def _exchange(g: _Graph, costs: list[StageCost], w: Workload, hw: HardwareProfil
               step: int, updated: dict, exchanged: dict, ready: list[dict]) -> None:
     """Data parallel, sharded state (``fuyou/engine/exchange.py``): once the step's updates are submitted,
     one thread per rank broadcasts every stage's new compute weights from its owner, in forward order,
-    a chunk at a time through one buffer: the owner reads them from its store unless cached, gloo
-    carries them to the N-1 others (``gloo_broadcast``: the root sends to each), and each writes them
-    to its store unless cached. A rank's next load of a stage it does not own waits for its copy; the
+    a chunk at a time through one buffer: the owner reads them from its store, gloo carries them to
+    the N-1 others (``gloo_broadcast``: the root sends to each), and each writes them to its store. A
+    cached stage is in the one cache the ranks of the machine map: its broadcast is a token. A rank's next load of a stage it does not own waits for its copy; the
     owner's next update of the stage waits for the broadcast."""
     R = w.ranks
     prev = step_end
     for c in costs:
         i, o, nb = c.index, w.owners[c.index], c.numel * w.csize
         d = [updated[i], prev]
+        if i in cached:  # the ranks map one cache (fuyou/store/shared.py): the owner wrote it; a token says so
+            prev = exchanged[i] = g.add(f"exchange token {c.name}", "exchange", "gloo", 0.0, d, step, c.name)
+            for r in range(R):
+                if r != o:
+                    ready[r][i] = prev
+            continue
         if i not in cached:
             d = [g.io(f"exchange: read weights {c.name}", "ssd-read", nb, d, step, c.name, hw)]
         prev = exchanged[i] = g.add(f"exchange weights {c.name}", "exchange", "gloo", nb * (R - 1) / hw.gloo_broadcast,

@@ -264,3 +264,36 @@ def test_two_ranks_through_the_device_paths_and_with_lora(tmp_path, extra, saved
     torchrun(train_args(tmp_path, "two", "train.grad_accum=2", *extra))
     a, b = load_file(tmp_path / "runs" / "one" / saved), load_file(tmp_path / "runs" / "two" / saved)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def shm_caches() -> set[str]:
+    from fuyou.store.shared import SHM_DIR
+
+    return {p.name for p in SHM_DIR.glob("fuyou-cache-*")} if SHM_DIR.is_dir() else set()
+
+
+@pytest.mark.parametrize("extra", [(), ("train.device=fake", "model.preset=llama-test", "train.precision=bf16")])
+def test_the_ranks_of_one_machine_share_one_weight_cache(tmp_path, extra):
+    """With the weight cache on (the default), the ranks of a machine map one cache (fuyou/store/shared.py):
+    each stage's owner writes its new weights there, the exchange sends a token. Bit-identical to one
+    process (and, on the CPU, a rank killed mid-step resumes to the uninterrupted run's state); each
+    rank is charged half the cache; nothing stays under /dev/shm."""
+    before = shm_caches()
+    cache = ("train.grad_accum=2", "offload.cache_weights=true", *extra)
+    single(train_args(tmp_path, "one", *cache))
+    r = torchrun(train_args(tmp_path, "two", *cache))
+    assert "the weight cache is one for the 2 ranks of this machine" in r.stderr, r.stderr[-3000:]
+    a, b = load_file(tmp_path / "runs" / "one" / "model.safetensors"), load_file(tmp_path / "runs" / "two" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert shm_caches() == before
+    if extra:
+        return
+    args = train_args(tmp_path, "cut", *cache)
+    procs = rank_procs(tmp_path, args, fault_rank=1, fault="backward@2")
+    outs = [p.communicate(timeout=180) for p in procs]
+    assert procs[1].returncode == -signal.SIGKILL, outs[1][1][-3000:]
+    assert procs[0].returncode not in (0, None), outs[0][1][-3000:]
+    assert shm_caches() == before  # unlinked once mapped: a crash leaves nothing
+    run = tmp_path / "runs" / "cut"
+    torchrun(["train", "--resume", str(run)])
+    assert_states(open_state(tmp_path / "runs" / "two"), open_state(run))

@@ -82,9 +82,10 @@ def test_gradient_sums_use_nvlink_or_each_gpus_pcie_link_and_the_exchange_gloo()
     assert sum(t.dur for t in ex) == pytest.approx(sum(w.numels) * w.csize / hw().gloo_broadcast)  # to N-1 = 1
 
 
-def test_compute_bound_step_halves_on_two_gpus_with_fast_links_and_slows_with_slow_ones():
-    """The same global batch: each GPU runs half the micro-batches. With the weights cached and fast
-    transports the step is about half; the ranks' transfers through CPU memory can undo that."""
+def test_compute_bound_step_halves_on_two_gpus_and_the_shared_cache_needs_no_exchange():
+    """The same global batch: each GPU runs half the micro-batches. With the weights cached (one cache
+    the ranks map: the exchange is a token) the step is about half, whatever gloo's speed; streamed
+    from the SSD, each stage's weights go through gloo, and a slow gloo can undo the gain."""
     kw = dict(grad_clip=None)
     slow_gpu = dict(fwd_flops=2e12, bwd_flops=2e12, matmul_flops=2e12)
     cached = range(6)
@@ -92,9 +93,12 @@ def test_compute_bound_step_halves_on_two_gpus_with_fast_links_and_slows_with_sl
     fast = hw(**slow_gpu, gpu_link=360e9, gloo_broadcast=50e9)
     two = step(workload(ranks=2, accum=8, **kw), fast, cached, cached).step_time
     assert 0.45 < two / one < 0.65
-    slower = [step(workload(ranks=2, accum=8, **kw), fast.model_copy(update={"gloo_broadcast": b}), cached,
-                   cached).step_time for b in (50e9, 5e9, 0.05e9)]
-    assert slower == sorted(slower) and slower[-1] > one  # never faster with a slower exchange
+    assert step(workload(ranks=2, accum=8, **kw), fast.model_copy(update={"gloo_broadcast": 0.05e9}), cached,
+                cached).step_time == pytest.approx(two)
+    one_ssd = step(workload(ranks=1, accum=8, **kw), hw(**slow_gpu)).step_time
+    slower = [step(workload(ranks=2, accum=8, **kw), fast.model_copy(update={"gloo_broadcast": b})).step_time
+              for b in (50e9, 5e9, 0.05e9)]
+    assert slower == sorted(slower) and slower[0] < one_ssd < slower[-1]  # never faster with a slower exchange
 
 
 def test_cpu_device_ranks_share_the_cores():
