@@ -43,7 +43,7 @@ def overrides(args) -> list[str]:
             f"train.micro_batch_size={args.batch}", f"train.grad_accum={args.accum}", f"train.steps={args.steps}",
             "train.eval_every=0", "train.log_every=1", f"train.precision={args.precision}", f"train.device={args.device}",
             f"train.grad_clip={args.grad_clip}", "offload.keep_state=true", "offload.resident_mem=0",
-            "offload.cache_weights=false"]
+            f"offload.cache_weights={str(args.cache).lower()}"]
 
 
 def predict(args, ranks: int, hw, clipped: bool) -> float:
@@ -121,6 +121,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cpu", help="train.device: cpu (gloo), or cuda (NCCL, one GPU per rank)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--cache", action="store_true", help="cache the compute weights in CPU memory (the ranks of the "
+                   "machine share one cache; default: streamed from the SSD, to measure the SSD traffic)")
     p.add_argument("--grad-clip", default="1.0", help="train.grad_clip (default 1.0, exact clipping; or none)")
     p.add_argument("--markdown")
     args = p.parse_args(argv)
@@ -149,7 +151,8 @@ def main(argv=None) -> int:
     lines = [
         f"### Data parallel: 1 process vs {args.ranks} ranks (torchrun, gloo), {args.model} {args.layers}x{args.width} "
         f"({params / 1e6:.1f}M parameters), global batch {args.accum}x{args.batch}x{args.seq}, {args.precision} on "
-        f"{args.device}, state on the SSD",
+        f"{args.device}, state on the SSD, " + ("weights cached in CPU memory (one cache the ranks share)" if args.cache
+                                                else "weights streamed from the SSD"),
         "", f"Machine: {machine_header()}.", f"Command: `{cmd}`", "",
         "| | tokens/s | step measured | step predicted (planner) | predicted / measured | rank 0 SSD read per step "
         "| rank 0 SSD written per step | state on the SSD per rank |",
