@@ -4,7 +4,8 @@ With ``FUYOU_FAULT=name`` (or ``name@step``) in the environment, reaching point 
 step) sends SIGKILL to this process: no cleanup, no flush, as a power cut or the OOM killer would.
 Points: ``forward``, ``backward``, ``optimizer`` (between two chunks of a stage's AdamW), ``redo``
 (before a stage's update is redone under triggered exact clipping), ``commit``
-(after the record's temporary file is written, before the rename). Unset, it costs one dict lookup.
+(after the record's temporary file is written, before the rename), ``map_cache`` (data parallel:
+once the ranks' shared weight cache is mapped, before its name is removed). Unset, it costs one dict lookup.
 
 ``FUYOU_FAULT=stall:name`` (or ``stall:name@step``) instead makes the thread reaching ``stall(name)``
 hang for an hour, as a stuck disk or driver would: the engine's deadlines (``fuyou.watchdog``) must

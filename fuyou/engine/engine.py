@@ -91,7 +91,7 @@ from fuyou import watchdog
 from fuyou.engine.malloc import bound_malloc, malloc_threshold, resident_bytes
 from fuyou.engine.layout import StageState, build_states, copies_needed, dtype_size
 from fuyou.engine.state import TrainingState, grad_key
-from fuyou.errors import BudgetError, FuyouError
+from fuyou.errors import BudgetError, FuyouError, StoreError
 from fuyou.engine.commit import ResumeError
 from fuyou.faults import fault
 from fuyou.engine.trace import StepCounters, Tracer
@@ -104,7 +104,7 @@ from fuyou.optim.compressed import StateFormat
 from fuyou.optim.out_of_core import OutOfCoreAdamW
 from fuyou.policy import default_checkpoint_dtype, keep_policies
 from fuyou.store import PinnedPool, StoreConfig
-from fuyou.store.shared import SHM_DIR, SharedSegment, shm_free
+from fuyou.store.shared import SHM_DIR, SHM_MARGIN, SharedSegment, shm_free, sweep_stale
 from fuyou.units import format_size
 from fuyou.data.batches import make_batches
 from fuyou.models.precision import autocast
@@ -193,11 +193,11 @@ class Engine:
         self.shm_note = ""
         if self.cache_share > 1:
             _, total = shared_cache_layout([s.numel for s in self.states], self.plan.cached_stages, dtype_size(self.cdtype))
-            free = self.dist.broadcast(shm_free(), "checking /dev/shm for the shared weight cache")
-            if total > free:
+            free = self.dist.broadcast(shm_free(), "checking /dev/shm for the shared weight cache")  # rank 0's view
+            if self.dist.broadcast(total + SHM_MARGIN > free, "deciding on the shared weight cache"):  # rank 0 decides
                 self.shm_note = (f"{SHM_DIR} has {format_size(free)} free, less than the shared weight cache's "
-                                 f"{format_size(total)}: each rank keeps its own cache (enlarge {SHM_DIR}, e.g. a "
-                                 f"container's --shm-size, to share one)")
+                                 f"{format_size(total)} and {format_size(SHM_MARGIN)} to spare: each rank keeps its "
+                                 f"own cache (enlarge {SHM_DIR}, e.g. a container's --shm-size, to share one)")
                 self.cache_share = 1
                 self.plan = self._memory_plan()
         self.plan.check()  # Budgets are promises: refuse before creating anything.
@@ -355,24 +355,36 @@ class Engine:
         offsets, total = shared_cache_layout([s.numel for s in self.states], self.plan.cached_stages,
                                              dtype_size(self.cdtype))
         d = self.dist
-        path = d.broadcast(str(SHM_DIR / f"fuyou-cache-{os.getpid()}-{uuid.uuid4().hex[:8]}"),
-                           "naming the shared weight cache")
+        # rank 0's name and layout: every rank must have planned the same cache (offsets into one file)
+        path, ref = d.broadcast((str(SHM_DIR / f"fuyou-cache-{os.getpid()}-{uuid.uuid4().hex[:8]}"),
+                                 (self.plan.cached_stages, total)), "naming the shared weight cache")
         seg = err = None
         try:
-            if d.rank == 0:
+            if ref != (self.plan.cached_stages, total):
+                err = BudgetError(f"rank {d.rank} planned a weight cache of {len(self.plan.cached_stages)} stages "
+                                  f"({format_size(total)}) and rank 0 one of {len(ref[0])} ({format_size(ref[1])}): "
+                                  f"the ranks of a machine must have the same budgets")
+            elif d.rank == 0:
+                sweep_stale()
                 try:
                     seg = SharedSegment(path, total, create=True)
                 except (OSError, BudgetError) as e:
                     err = e
-            if not d.broadcast(err is None, "making the shared weight cache"):
-                raise err or BudgetError(f"rank 0 could not make the ranks' shared weight cache under {SHM_DIR} (its "
-                                         f"error says why)")
+            if d.any(err is not None, "making the shared weight cache"):  # every rank learns of a failure at once
+                raise err or BudgetError(f"another rank could not make the ranks' shared weight cache under {SHM_DIR} "
+                                         f"(its error says why)")
             if d.rank != 0:
-                seg = SharedSegment(path, total, create=False)
-            d.barrier("mapping the shared weight cache")
+                try:
+                    seg = SharedSegment(path, total, create=False)
+                except (OSError, StoreError) as e:
+                    err = e
+            fault("map_cache")  # (tests: a rank killed between making the cache and mapping it)
+            if d.any(err is not None, "mapping the shared weight cache"):
+                raise err or BudgetError(f"another rank could not map the ranks' shared weight cache under {SHM_DIR} "
+                                         f"(its error says why)")
         finally:
-            if d.rank == 0 and seg is not None:
-                seg.unlink()
+            if d.rank == 0:  # by name: whatever happened above, nothing stays under /dev/shm
+                Path(path).unlink(missing_ok=True)
         if not self.dev.is_host:
             self.dev.register_host(seg.tensor)
         self.ts.shared_cache, self.ts.cache_offsets = seg, offsets

@@ -123,7 +123,7 @@ class WeightExchange:
                     watchdog.result(self.store.write_from(st.keys.weights, buf.tensor, start=a),
                                     f"the write of {st.stage.name}'s weights")
                     written += n * size
-        self._counters().add(ssd_read_bytes=read, ssd_write_bytes=written)
+        self._counters().add(ssd_read_bytes=read, ssd_write_bytes=written, exchange_bytes=size * st.numel)
         self.tracer.add(f"{'send' if st.owned else 'receive'} weights {st.stage.name}", "exchange", t0,
                         time.perf_counter())
 

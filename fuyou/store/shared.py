@@ -37,6 +37,24 @@ def shm_free() -> int:
     return st.f_bavail * st.f_frsize
 
 
+#: Room left free under /dev/shm beside the cache: NCCL's shared-memory transport (GPUs without
+#: peer-to-peer) and other processes make segments there too.
+SHM_MARGIN = 256 * 1024**2
+
+
+def sweep_stale() -> None:
+    """Remove caches left by processes that no longer exist (``fuyou-cache-<pid>-...``: a rank 0 killed
+    between making the file and unlinking it, a window of a few collectives)."""
+    for p in SHM_DIR.glob("fuyou-cache-*-*"):
+        try:
+            pid = int(p.name.split("-")[2])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            p.unlink(missing_ok=True)
+        except (ValueError, IndexError, PermissionError, OSError):
+            continue
+
+
 class SharedSegment:
     """``nbytes`` of CPU memory at ``path`` (under ``/dev/shm``), created (``create``) or opened."""
 
@@ -49,38 +67,37 @@ class SharedSegment:
                 try:
                     os.posix_fallocate(fd, 0, self.nbytes)
                 except OSError as e:
-                    os.unlink(self.path)
                     if e.errno in (errno.ENOSPC, errno.ENOMEM):
                         raise BudgetError(f"{SHM_DIR} has no room for the ranks' shared weight cache of "
-                                         f"{self.nbytes / 2**30:.2f} GiB ({shm_free() / 2**30:.2f} GiB free): enlarge it "
-                                         f"(a container's --shm-size) or lower --cpu-mem") from None
+                                          f"{self.nbytes / 2**30:.2f} GiB ({shm_free() / 2**30:.2f} GiB free): enlarge "
+                                          f"it (a container's --shm-size) or lower --cpu-mem") from None
                     raise
             elif os.fstat(fd).st_size != self.nbytes:
                 raise StoreError(f"the shared weight cache {self.path} holds {os.fstat(fd).st_size} bytes, not "
                                  f"{self.nbytes}: the ranks planned different caches")
             self._map = mmap.mmap(fd, self.nbytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            self.tensor = torch.frombuffer(self._map, dtype=torch.uint8)
+        except BaseException:
+            if create:  # whatever failed (mmap under a memory limit, an interrupt), the name goes with it
+                self.path.unlink(missing_ok=True)
+            raise
         finally:
             os.close(fd)
-        self.tensor = torch.frombuffer(self._map, dtype=torch.uint8)
 
     def view(self, offset: int, numel: int, dtype: torch.dtype) -> torch.Tensor:
         """``numel`` elements of ``dtype`` at byte ``offset`` (aligned to the dtype's size). A tensor of
         its own, not a view of ``tensor``: views share their base's version counter, so an in-place write
         to one stage's weights (an update) would fail autograd's check on another stage's, saved for its
-        backward."""
+        backward. Each tensor keeps the mapping alive (it holds the ``mmap`` object)."""
         return torch.frombuffer(self._map, dtype=dtype, count=numel, offset=offset)
 
     def unlink(self) -> None:
         """Remove the name (every rank has mapped it); the memory lives until the last mapping goes."""
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+        self.path.unlink(missing_ok=True)
 
     def close(self) -> None:
-        """Unmap, once no view of it is left (else the mapping lives until the process exits)."""
+        """Drop this object's references. The mapping is not closed here: ``mmap.close`` would unmap
+        memory that a surviving tensor (a failed step's traceback holding a stage's weights) still
+        points at; it goes with the last tensor that holds it."""
         self.tensor = None  # type: ignore[assignment]
-        try:
-            self._map.close()
-        except BufferError:  # a tensor still views it: the process's exit unmaps it
-            pass
+        self._map = None  # type: ignore[assignment]

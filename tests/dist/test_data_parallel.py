@@ -134,6 +134,7 @@ def test_two_ranks_train_the_model_one_process_trains(tmp_path, accum, exact):
     runs = tmp_path / "runs"
     one, two = runs / "one", runs / "two"
     assert "data parallel: rank 0 of 2" in r.stderr and "run directory" in r.stderr
+    assert sum(m["exchange_bytes"] for m in metrics(runs / "two") if "loss" in m) > 0  # streamed: weights cross
     assert r.stderr.count("done: 4 steps") == 1  # one progress: rank 0's
     assert_weights(load_file(one / "model.safetensors"), load_file(two / "model.safetensors"), exact)
     m1, m2 = metrics(one), metrics(two)
@@ -283,11 +284,20 @@ def test_the_ranks_of_one_machine_share_one_weight_cache(tmp_path, extra):
     single(train_args(tmp_path, "one", *cache))
     r = torchrun(train_args(tmp_path, "two", *cache))
     assert "the weight cache is one for the 2 ranks of this machine" in r.stderr, r.stderr[-3000:]
+    assert "stages; this rank's 1/2 of one cache the ranks share)" in r.stderr  # each charged half
     a, b = load_file(tmp_path / "runs" / "one" / "model.safetensors"), load_file(tmp_path / "runs" / "two" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    steps = [m for m in metrics(tmp_path / "runs" / "two") if "loss" in m]
+    assert steps and all(m["exchange_bytes"] == 0 for m in steps)  # every stage cached: tokens only
     assert shm_caches() == before
     if extra:
         return
+    # a rank killed between the cache's creation and the removal of its name: the other stops, nothing stays
+    procs = rank_procs(tmp_path, train_args(tmp_path, "early", *cache), fault_rank=1, fault="map_cache")
+    outs = [p.communicate(timeout=180) for p in procs]
+    assert procs[1].returncode == -signal.SIGKILL and procs[0].returncode not in (0, None), outs[0][1][-3000:]
+    assert "shared weight cache" in outs[0][1] and "Traceback" not in outs[0][1], outs[0][1][-3000:]
+    assert shm_caches() == before
     args = train_args(tmp_path, "cut", *cache)
     procs = rank_procs(tmp_path, args, fault_rank=1, fault="backward@2")
     outs = [p.communicate(timeout=180) for p in procs]
