@@ -68,6 +68,12 @@ class MemoryPlan:
     resident_stages: list[int] = field(default_factory=list)
     resident_bytes: int = 0
     cache_share: int = 1   # ranks that map one weight cache; cache_bytes is this rank's share of it
+    resident_elsewhere: list[int] = field(default_factory=list)  # the planner: stages resident on other ranks
+
+    @property
+    def resident_all(self) -> list[int]:
+        """Every stage whose optimizer state is in CPU memory: this rank's and (data parallel) its owner's."""
+        return sorted(self.resident_stages + self.resident_elsewhere)
 
     @property
     def cpu_required(self) -> int:

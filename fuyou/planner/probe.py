@@ -227,7 +227,7 @@ def probe_links(nbytes: int, repeats: int = 3) -> dict:
     return {"h2d": nbytes / th, "d2h": nbytes / td}
 
 
-def _gloo_worker(rank: int, store_path: str, nbytes: int, repeats: int) -> None:
+def _gloo_worker(rank: int, store_path: str, nbytes: int, message: int, repeats: int) -> None:
     """One of ``probe_gloo``'s two processes; rank 0 prints the figures as JSON."""
     import json
 
@@ -236,10 +236,12 @@ def _gloo_worker(rank: int, store_path: str, nbytes: int, repeats: int) -> None:
     torch.set_num_threads(1)  # as torchrun starts each rank
     dist.init_process_group("gloo", store=dist.FileStore(store_path, 2), rank=rank, world_size=2)
     try:
-        t = torch.ones(nbytes // 2, dtype=torch.bfloat16).view(torch.uint8)  # the exchange sends bytes
-        g = torch.ones(nbytes // 4)
+        t = torch.ones(message, dtype=torch.uint8)  # the exchange sends a chunk's bytes at a time
+        g = torch.ones(nbytes // 4)                 # a stage's gradient is summed whole
+        count = max(1, nbytes // message)
         result = {}
-        for name, fn in (("broadcast", lambda: dist.broadcast(t, 0)), ("reduce", lambda: dist.reduce(g, 0))):
+        for name, fn in (("broadcast", lambda: [dist.broadcast(t, 0) for _ in range(count)]),
+                         ("reduce", lambda: dist.reduce(g, 0))):
             times = []
             for _ in range(repeats + 1):
                 dist.barrier()
@@ -247,16 +249,20 @@ def _gloo_worker(rank: int, store_path: str, nbytes: int, repeats: int) -> None:
                 fn()
                 dist.barrier()
                 times.append(time.perf_counter() - t0)
-            result[name] = nbytes / statistics.median(times[1:])
+            moved = count * message if name == "broadcast" else nbytes
+            result[name] = moved / statistics.median(times[1:])
         if rank == 0:
             print(json.dumps(result), flush=True)
     finally:
         dist.destroy_process_group()
 
 
-def probe_gloo(nbytes: int = 64 * 1024**2, repeats: int = 3, timeout: float = 120.0) -> dict:
-    """Bytes/s of a gloo broadcast and of a reduce of fp32 between two processes of this machine (two
-    fresh interpreters: nothing of the caller's script is imported again)."""
+def probe_gloo(nbytes: int = 64 * 1024**2, repeats: int = 3, message: int = 4 * 1024**2,
+               timeout: float = 120.0) -> dict:
+    """Bytes/s of gloo between two processes of this machine (two fresh interpreters: nothing of the
+    caller's script is imported again): ``nbytes`` broadcast in ``message``-byte pieces (the weight
+    exchange's chunks: the default optimizer chunk of 1M elements in fp32), and a reduce of ``nbytes``
+    of fp32 (a stage's gradient sum on a CPU device)."""
     import json
     import subprocess
     import sys
@@ -264,19 +270,36 @@ def probe_gloo(nbytes: int = 64 * 1024**2, repeats: int = 3, timeout: float = 12
 
     with tempfile.TemporaryDirectory() as tmp:
         store = os.path.join(tmp, "store")
-        procs = [subprocess.Popen([sys.executable, "-c", f"from fuyou.planner.probe import _gloo_worker; "
-                                   f"_gloo_worker({r}, {store!r}, {nbytes}, {repeats})"],
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+        logs = [open(os.path.join(tmp, f"rank{r}.log"), "w+") for r in range(2)]  # files: a pipe could fill and block
         try:
-            outs = [p.communicate(timeout=timeout) for p in procs]
-        except subprocess.TimeoutExpired:
-            for p in procs:
-                p.kill()
-            raise ConfigError(f"the gloo probe between two processes did not finish within {timeout:.0f} s") from None
+            procs = [subprocess.Popen([sys.executable, "-c", f"from fuyou.planner.probe import _gloo_worker; "
+                                       f"_gloo_worker({r}, {store!r}, {nbytes}, {message}, {repeats})"],
+                                      stdout=logs[r], stderr=subprocess.STDOUT, text=True) for r in range(2)]
+            deadline = time.monotonic() + timeout
+            try:
+                for p in procs:
+                    p.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                raise ConfigError(f"the gloo probe between two processes did not finish within {timeout:.0f} s") from None
+            finally:
+                for p in procs:
+                    if p.poll() is None:
+                        p.kill()
+                        p.wait()
+            outs = []
+            for f in logs:
+                f.seek(0)
+                outs.append(f.read())
+        finally:
+            for f in logs:
+                f.close()
     if any(p.returncode for p in procs):
-        err = next(e for (_, e), p in zip(outs, procs) if p.returncode).strip().splitlines()
+        err = next(o for o, p in zip(outs, procs) if p.returncode).strip().splitlines()
         raise ConfigError(f"the gloo probe between two processes failed: {err[-1] if err else 'no message'}")
-    return json.loads(outs[0][0].strip().splitlines()[-1])
+    lines = [x for x in outs[0].splitlines() if x.startswith("{")]  # the figures, among any warnings
+    if not lines:
+        raise ConfigError(f"the gloo probe between two processes printed no figures: {outs[0].strip()[-300:]}")
+    return json.loads(lines[-1])
 
 
 def cpu_memory() -> int:

@@ -17,7 +17,8 @@ LABELS = {"compute": "GPU", "h2d": "H2D", "d2h": "D2H", "ssd-read": "SSD read", 
 #: rows only some plans have: the I/O threads' CPU time (a CPU compute device), data parallelism's transfers
 OPTIONAL_ROWS = ("io-cpu", "reduce", "exchange")
 #: queues named in the bottleneck line beyond the resources: data parallelism's transports
-QUEUE_LABELS = {"gloo": "gloo (the ranks' transfers through CPU memory)", "link": "NVLink (the gradient sums)"}
+QUEUE_LABELS = {"gloo": "gloo (the ranks' transfers through CPU memory)", "link": "NVLink (the gradient sums)",
+                "between-ranks": "the bandwidth between ranks (gloo through CPU memory, NVLink)"}
 
 
 def _si(x: float) -> str:
@@ -30,7 +31,7 @@ def _si(x: float) -> str:
 #: The hardware what-ifs and the resource each one doubles (``search``'s what-ifs).
 WHATIF_RESOURCE = {"twice the SSDs": "ssd", "twice the GPU throughput": "compute",
                    "twice the CPU Adam throughput": "cpu-adam", "twice the PCIe bandwidth": "pcie",
-                   "twice the bandwidth between ranks": "gloo"}
+                   "twice the bandwidth between ranks": "between-ranks"}
 
 
 def _bottleneck(plan: Plan, busiest: str, step: float, cpu: str) -> str:
@@ -88,7 +89,7 @@ def summary(plan: Plan) -> dict:
         "commit_s_per_step": ev.commit_s, "commit_cost_s": ev.commit_cost_s, "steps_per_commit": ev.steps_per_commit,
         "bottleneck": _bottleneck(plan, sim.bottleneck, step, cpu),
         "busy_s": {k: v for k, v in sim.busy.items()}, "whatif_step_s": plan.whatif,
-        "cached_stages": len(ev.memory.cached_stages), "resident_stages": len(ev.memory.resident_stages),
+        "cached_stages": len(ev.memory.cached_stages), "resident_stages": len(ev.memory.resident_all),
         "prefetch_depth": ev.policy.prefetch_depth,
         "evaluations": plan.evaluations})
     if w.ranks > 1:
@@ -109,7 +110,8 @@ def _data_parallel(plan: Plan) -> dict:
         d["stages_per_rank"] = [sum(1 for o in w.owners if o == r) for r in range(w.ranks)]
         d["state_share"] = [sum(n for n, o in zip(w.numels, w.owners) if o == r) / sum(w.numels)
                             for r in range(w.ranks)]
-        d["gradient_sum_bytes"] = w.gsize * sum(w.numels)  # each rank's gradient of every stage, summed into its owner
+        # each rank's gradient of every stage, summed into its owner (a tied head's embedding gradient: once more)
+        d["gradient_sum_bytes"] = w.gsize * (sum(w.numels) + (w.numels[0] if w.tied else 0))
         # each streamed stage's new weights, to N-1 ranks; a cached one is in the cache the ranks share: a token
         cached = set(ev.memory.cached_stages)
         d["exchange_bytes"] = w.csize * sum(n for i, n in enumerate(w.numels) if i not in cached) * (w.ranks - 1)
@@ -137,8 +139,9 @@ def _data_parallel_lines(plan: Plan, s: dict) -> list[str]:
             f"sharded by stage ({shares})",
             f"  between GPUs      gradient sums {format_size(d['gradient_sum_bytes'])} per GPU per step ({link}, "
             f"{d['gradient_sum_s']:.3g} s busy); weight exchange {format_size(d['exchange_bytes'])} (gloo through CPU "
-            f"memory, {d['exchange_s']:.3g} s busy; the {d['shared_cache_stages']} cached stages are in one cache the "
-            f"ranks share, a token each); every rank loads every stage's weights"]
+            f"memory, {d['exchange_s']:.3g} s busy" + (f"; the {d['shared_cache_stages']} cached stages are in one cache "
+                                                         f"the ranks share, a token each" if d["shared_cache_stages"] else "")
+            + "); every rank loads every stage's weights"]
 
 
 def lora_line(w) -> str:
@@ -157,7 +160,7 @@ def _wear(plan: Plan, step: float) -> dict:
     commits amortized), per hour, and with the drives' rated endurance how long they last at that rate."""
     w, ev, hw = plan.workload, plan.best, plan.hardware
     per_step = sum(t.nbytes for t in ev.sim.last_step_tasks() if t.resource == "ssd-write")
-    resident = sum(w.numels[i] for i in ev.memory.resident_stages)
+    resident = sum(w.numels[i] for i in ev.memory.resident_all)
     if w.offload.commit == "cow" and w.offload.commit_steps != 1 and resident:
         per_step += w.fmt.state_bytes(resident) / max(ev.steps_per_commit, 1.0)  # the commit of resident state
     per_hour = per_step * 3600 / step
@@ -185,7 +188,7 @@ def schedule_rows(plan: Plan) -> list[dict]:
     for t in tasks:
         busy[t.stage][t.resource] += t.dur
     cached = set(plan.best.memory.cached_stages)
-    resident = set(plan.best.memory.resident_stages)
+    resident = set(plan.best.memory.resident_all)
     rows = []
     for c in plan.costs:
         row = {"stage": c.name, "weights": "cpu cache" if c.index in cached else "ssd",
@@ -263,8 +266,11 @@ def text(plan: Plan) -> str:
            _wear_line(s),
            f"SSD footprint       {format_size(s['ssd_bytes'])} (" + ", ".join(
                f"{k} {format_size(v)}" for k, v in s["ssd_state_bytes"].items() if v) + ")",
-           f"CPU peak            {format_size(s['cpu_peak_bytes'])} (weight cache: {s['cached_stages']} of "
-           f"{len(plan.costs)} stages; optimizer state resident: {s['resident_stages']})",
+           (f"CPU peak            {format_size(s['cpu_peak_bytes'])} (weight cache: {s['cached_stages']} of "
+            if plan.workload.ranks == 1 else
+            f"CPU peak per rank   {format_size(s['cpu_peak_bytes'])} (weight cache: {s['cached_stages']} of ")
+           + f"{len(plan.costs)} stages; optimizer state resident: {s['resident_stages']}"
+           + (" on their owners)" if plan.workload.ranks > 1 else ")"),
            f"GPU peak            {format_size(s['gpu_peak_bytes'])}" if plan.hardware.device == "cuda" else
            "GPU peak            - (CPU compute device: its memory is in the CPU figure)",
            f"prefetch depth      {s['prefetch_depth']}   ({s['evaluations']} configurations simulated)", "",

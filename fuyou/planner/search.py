@@ -100,7 +100,7 @@ def memory_plan(w: Workload, hw: HardwareProfile, costs: list[StageCost], policy
         plans = [_rank_plan(w, hw, policy, cpu_budget, {i for i, o in enumerate(w.owners) if o == r})
                  for r in range(w.ranks)]
         plan = max(plans, key=lambda p: p.cpu_required + p.cache_bytes + p.resident_bytes)
-        plan.resident_stages = sorted(i for p in plans for i in p.resident_stages)
+        plan.resident_elsewhere = sorted(i for p in plans if p is not plan for i in p.resident_stages)
     pb = placement_bytes(w, costs, policy)
     ssd = sum(state_ssd_bytes(w, plan).values()) + w.ranks * (pb["ssd"] + pb["ckpt_ssd"] + 64 * 1024**2)
     return plan, ssd
@@ -139,12 +139,13 @@ def state_ssd_bytes(w: Workload, plan: MemoryPlan) -> dict[str, int]:
         return {"optimizer state copies": 0, "compute weights": w.ranks * w.csize * sum(w.numels),
                 "saved gradients": 0}
     every = off.commit_steps == 1
-    state = sum(w.fmt.state_bytes(n) * copies_needed(off.commit, every, clip and i not in plan.resident_stages)
+    resident = plan.resident_all
+    state = sum(w.fmt.state_bytes(n) * copies_needed(off.commit, every, clip and i not in resident)
                 for i, n in enumerate(w.numels))
-    weights = sum(w.csize * n * ((w.ranks - 1) + (0 if w.master_is_weights and i not in plan.resident_stages else 1))
+    weights = sum(w.csize * n * ((w.ranks - 1) + (0 if w.master_is_weights and i not in resident else 1))
                   for i, n in enumerate(w.numels) if i not in plan.cached_stages)
     return {"optimizer state copies": state, "compute weights": weights,
-            "saved gradients": w.gsize * sum(n for i, n in enumerate(w.numels) if i not in plan.resident_stages)
+            "saved gradients": w.gsize * sum(n for i, n in enumerate(w.numels) if i not in resident)
             if clip else 0}
 
 
@@ -165,7 +166,7 @@ def evaluate(w: Workload, hw: HardwareProfile, costs, policy: ActivationPolicy, 
     ev = Evaluation(policy, plan, ssd, problems)
     if problems:
         return ev
-    cached, resident = set(plan.cached_stages), set(plan.resident_stages)
+    cached, resident = set(plan.cached_stages), set(plan.resident_all)
     every = w.offload.commit == "cow" and w.offload.commit_steps == 1
     ev.sim = simulate(w, costs, hw, policy, cached, steps=steps, resident=resident, commit=every)
     if steps < REPORT_STEPS:
@@ -283,7 +284,7 @@ def search(w: Workload, hw: HardwareProfile, cpu_budget: int, policy: Activation
                     best = cand
         if best.feasible:
             best = ev(best.policy, REPORT_STEPS)
-        if best.feasible and best.memory.resident_stages and w.offload.resident_mem is None:
+        if best.feasible and best.memory.resident_all and w.offload.resident_mem is None:
             w2, capped = _resident_choice(w, hw, costs, best, cpu_budget)
             n_eval += 9
             if w2 is not w:
@@ -319,7 +320,7 @@ def search(w: Workload, hw: HardwareProfile, cpu_budget: int, policy: Activation
                 gpu_link=2 * hw.gpu_link if hw.gpu_link else None))
         for name, h in sims.items():
             plan.whatif[name] = simulate(w, costs, h, best.policy, cached, steps=REPORT_STEPS,
-                                         resident=set(best.memory.resident_stages),
+                                         resident=set(best.memory.resident_all),
                                          commit=w.offload.commit == "cow" and w.offload.commit_steps == 1
                                          ).step_time + best.commit_s
         # The engine's own settings: clipping and crash safety (each re-planned: they change memory).
@@ -410,7 +411,8 @@ def _fixes(w: Workload, hw: HardwareProfile, cpu_budget: int, failed: Evaluation
         fixes.append(f"a GPU with at least {format_size(need)} of memory" + (f" ({', '.join(gpus)})" if gpus else ""))
     need_cpu = plan.cpu_required
     if need_cpu > cpu_budget:
-        fixes.append(f"a CPU memory budget of at least {format_size(need_cpu)} (--cpu-mem)")
+        each = f" for the machine: {w.ranks} ranks' shares of {format_size(need_cpu)}" if w.ranks > 1 else ""
+        fixes.append(f"a CPU memory budget of at least {format_size(need_cpu * w.ranks)} (--cpu-mem{each})")
     if ssd > hw.ssd_capacity:
         off = w.offload
         for change, what in ((dict(commit_every=1), "offload.commit_every=1 (commit every step: two state copies, "

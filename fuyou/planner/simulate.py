@@ -320,11 +320,16 @@ def _simulate(w: Workload, costs: list[StageCost], hw: HardwareProfile, policy: 
                 k = len(job_ends[r]) - off.max_pending_updates - 1
                 pressure = [job_ends[r][k]] if backward and k >= 0 else []
                 # data parallel: a gradient's sum over the ranks is finished before this rank's next gradient
-                # buffer is made (a GPU: before this backward), or once that gradient is ready (a CPU: the next)
-                lag = 1 if cuda else 2
-                pressure += [sums[-lag]] if backward and len(sums) >= lag else []
+                # buffer is made: on a GPU, once this stage's first micro-batch is issued (the host blocks there;
+                # the device overlaps the sum with it), so the second waits; on a CPU once the next stage's
+                # gradient is ready, so the stage after waits
+                summed = {}
+                if backward and cuda and M > 1 and sums:
+                    summed[1] = sums[-1]
+                elif backward and len(sums) >= 2:
+                    summed[0] = sums[-2]
                 for mb in range(M):
-                    deps = dep + [prev_compute[r]] + (pressure if mb == 0 else [])
+                    deps = dep + [prev_compute[r]] + (pressure if mb == 0 else []) + [summed.get(mb)]
                     if c.kind == "block" and backward:  # bring swapped activations back, inside the same window
                         for cls, b, tier in swapped.pop((r, i, mb), []):
                             d = [swap_done.get((r, i, mb, cls)), window]
@@ -435,6 +440,8 @@ def _sum_gradient(g: _Graph, c: StageCost, w: Workload, hw: HardwareProfile, ts:
     direct link (NVLink, ``gpu_link``) or, without one, through host memory over each GPU's PCIe link
     both ways. On a CPU device, gloo through CPU memory (``gloo_reduce``, measured for two ranks)."""
     R, nb = w.ranks, c.numel * w.gsize
+    if c.kind == "head" and w.tied:  # a tied head's gradient of the embedding is summed with it (engine.py)
+        nb += w.numels[0] * w.gsize
     if hw.device != "cuda":
         return g.add(f"sum grad {c.name}", "reduce", "gloo", nb * (R - 1) / hw.gloo_reduce, ts, step, c.name)
     if hw.gpu_link:

@@ -72,7 +72,9 @@ def test_gradient_sums_use_nvlink_or_each_gpus_pcie_link_and_the_exchange_gloo()
     w = workload(ranks=2, grad_clip=None)
     nv = step(w, hw(gpu_link=360e9)).last_step_tasks()
     sums = [t for t in nv if t.resource == "reduce"]
-    grads = sum(w.numels) * w.gsize  # every stage's gradient is summed, (N-1)/N of it over each link
+    # every stage's gradient is summed, (N-1)/N of it over each link; a tied head's embedding gradient too
+    assert w.tied
+    grads = (sum(w.numels) + w.numels[0]) * w.gsize
     assert {t.queue for t in sums} == {"link"}
     assert sum(t.dur for t in sums) == pytest.approx(grads / 2 / 360e9)
     pcie = step(w, hw()).last_step_tasks()
@@ -112,8 +114,14 @@ def test_each_rank_plans_its_share_of_memory_and_only_its_own_stages_resident():
     w = workload(ranks=2)
     pol = ActivationPolicy.recompute_all(w.model.n_layer, checkpoint="gpu", prefetch_depth=2)
     plan, _ = memory_plan(w, hw(), stage_costs(w), pol, 8 * GiB)
-    assert plan.resident_stages == list(range(len(w.numels)))  # every stage resident on its owner
+    assert plan.resident_all == list(range(len(w.numels)))  # every stage resident on its owner
+    assert len({w.owners[i] for i in plan.resident_stages}) == 1  # the plan shown is one rank's: its own stages
+    assert not set(plan.resident_stages) & set(plan.resident_elsewhere)
     assert "weight exchange buffer" in plan.cpu_items
+    # one weight cache for the machine: each rank is charged half of every cached stage
+    assert plan.cache_share == 2 and plan.cached_stages == list(range(len(w.numels)))
+    whole = sum(-(-n * w.csize // 4096) * 4096 for n in w.numels)
+    assert abs(plan.cache_bytes - whole / 2) <= len(w.numels)
     # the engine's rule: a rank never plans residency for another rank's stage
     off = OffloadConfig(cpu_mem=8 * GiB)
     mine = {i for i, o in enumerate(w.owners) if o == 1}
