@@ -1,6 +1,11 @@
 """Data parallelism on one machine: one process against N torchrun ranks on the same global batch.
 
     python bench/dp_bench.py --ssd /tmp/dpbench --ranks 2 --repeats 3 --markdown bench/RESULTS.md
+    python bench/dp_bench.py --ssd /tmp/dpbench --ranks 2 --repeats 3 --precision bf16 --cache --peer
+
+``--peer`` adds DeepSpeed ZeRO-Infinity (``bench/zero_infinity.py``: ZeRO-3 with parameters and optimizer
+state on NVMe, under torchrun with 1 and N processes, ``--ds-python`` from tools/setup_deepspeed_peer.sh)
+on the same model, batches, global batch and directory, alternating with fuyou's runs.
 
 Each run is ``fuyou train`` from the command line (the ranks through ``python -m torch.distributed.run``)
 on the same model, data, global batch and SSD directory, alternating one process and N ranks
@@ -69,6 +74,33 @@ def predict(args, ranks: int, hw, clipped: bool) -> float:
                     clip_mode=mode).step_time
 
 
+def run_peer(args, ranks: int, name: str) -> dict:
+    """DeepSpeed ZeRO-Infinity (``bench/zero_infinity.py``: ZeRO-3, parameters and optimizer state on NVMe)
+    on the same model, batches, global batch and directory, under torchrun with ``ranks`` processes."""
+    nvme = Path(args.ssd) / "zinf" / name
+    out = Path(args.ssd) / f"{name}.json"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    clip = "0" if args.grad_clip == "none" else args.grad_clip
+    cmd = [args.ds_python, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}", "--master_addr=127.0.0.1",
+           f"--master_port={port}", str(Path(__file__).parent / "zero_infinity.py"), "--model", args.model,
+           "--model-set", f"n_layer={args.layers}", "--model-set", f"d_model={args.width}",
+           "--model-set", f"n_head={max(1, args.width // 64)}", "--model-set", f"max_seq_len={args.seq}",
+           "--batch", str(args.batch), "--seq", str(args.seq), "--grad-accum", str(args.accum),
+           "--steps", str(args.steps), "--warmup", "1", "--grad-clip", clip, "--nvme-dir", str(nvme),
+           "--no-reference-loss", "--json", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
+    if r.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}")
+    res = json.loads(out.read_text())
+    out.unlink()
+    shutil.rmtree(nvme, ignore_errors=True)
+    return {"tps": res["tokens_per_s"], "read": res["read_bytes_per_step"], "written": res["write_bytes_per_step"],
+            "rss": res["peak_rss_bytes"]}
+
+
 def run(args, ranks: int, name: str) -> dict:
     out = Path(args.ssd) / "runs"
     ssd = Path(args.ssd) / "state"
@@ -124,8 +156,14 @@ def main(argv=None) -> int:
     p.add_argument("--cache", action="store_true", help="cache the compute weights in CPU memory (the ranks of the "
                    "machine share one cache; default: streamed from the SSD, to measure the SSD traffic)")
     p.add_argument("--grad-clip", default="1.0", help="train.grad_clip (default 1.0, exact clipping; or none)")
+    p.add_argument("--peer", action="store_true", help="also DeepSpeed ZeRO-Infinity on 1 and N ranks (bench/"
+                   "zero_infinity.py under --ds-python; bf16, as it runs)")
+    p.add_argument("--ds-python", default="/tmp/dsvenv/bin/python",
+                   help="interpreter with deepspeed (tools/setup_deepspeed_peer.sh)")
     p.add_argument("--markdown")
     args = p.parse_args(argv)
+    if args.peer and args.precision != "bf16":
+        raise SystemExit("--peer compares with ZeRO-Infinity in bf16: give --precision bf16")
     if args.accum % args.ranks:
         raise SystemExit(f"--accum {args.accum} must be a multiple of --ranks {args.ranks}")
     from fuyou.planner.probe import probe
@@ -139,9 +177,12 @@ def main(argv=None) -> int:
                   precision=args.precision)
     shutil.rmtree(probe_dir)
     results: dict[int, list[dict]] = {1: [], args.ranks: []}
+    peer: dict[int, list[dict]] = {1: [], args.ranks: []}
     for i in range(args.repeats):
         for n in (1, args.ranks):
             results[n].append(run(args, n, f"dp{n}-{i}"))
+        for n in (1, args.ranks) if args.peer else ():
+            peer[n].append(run_peer(args, n, f"zinf{n}-{i}"))
     one, many = results[1], results[args.ranks]
     worst = max(float((a["weights"][k] - b["weights"][k]).abs().max()) for a, b in zip(one, many) for k in a["weights"])
     med = lambda rs, key: statistics.median(r[key] for r in rs)  # noqa: E731
@@ -166,6 +207,15 @@ def main(argv=None) -> int:
         lines.append(f"| {n} {'process' if n == 1 else 'ranks'} | {med(rs, 'tps'):.0f} | {measured:.3f} s | "
                      f"{predicted:.3f} s | **{predicted / measured:.2f}** | {med(rs, 'read') / gib:.3f} GiB "
                      f"| {med(rs, 'written') / gib:.3f} GiB | {sizes} GiB |")
+    for n, rs in ((1, peer[1]), (args.ranks, peer[args.ranks])) if args.peer else ():
+        lines.append(f"| ZeRO-Infinity, {n} {'process' if n == 1 else 'ranks'} | {med(rs, 'tps'):.0f} | "
+                     f"{tokens / med(rs, 'tps'):.3f} s | - | - | {med(rs, 'read') / gib:.3f} GiB | "
+                     f"{med(rs, 'written') / gib:.3f} GiB | - |")
+    if args.peer:
+        lines += ["", f"fuyou against ZeRO-Infinity at the same world size: **{med(one, 'tps') / med(peer[1], 'tps'):.2f}x** "
+                      f"tokens/s with 1 process, **{med(many, 'tps') / med(peer[args.ranks], 'tps'):.2f}x** with "
+                      f"{args.ranks} ranks. ZeRO-Infinity's bytes are /proc/self/io of its rank 0 (every thread's "
+                      f"O_DIRECT and libaio I/O); fuyou's are the engine's counters of rank 0."]
     lines += ["", f"Rank 0's SSD traffic per step is {med(many, 'read') / med(one, 'read'):.2f}x (read) and "
                   f"{med(many, 'written') / med(one, 'written'):.2f}x (written) the single process's; tokens/s "
                   f"{med(many, 'tps') / med(one, 'tps'):.2f}x. Largest weight difference between the two after "

@@ -7,6 +7,10 @@ initialised from ``StageModel.init_params(seed)``; its forward binds them and ca
 stateless ``forward``), and batch ``i`` is ``fuyou.data`` batch ``i``. Step 0's loss therefore equals
 ``StageModel.forward_loss`` on the same batch within bf16 rounding (tests/bench/test_zero_infinity_smoke.py).
 
+Under torchrun (``WORLD_SIZE`` > 1) it is ZeRO-Infinity data parallel: ``--grad-accum`` stays the global
+batch's micro-batches, each rank runs its contiguous share of them (as fuyou's ranks do), and rank 0
+writes ``--json`` with its own I/O and memory (``bench/dp_bench.py --peer``).
+
     # once: tools/setup_deepspeed_peer.sh (venv /tmp/dsvenv with deepspeed 0.19.8)
     flock /tmp/fuyou-bench.lock /tmp/dsvenv/bin/python bench/zero_infinity.py --model gpt3-125m \\
         --batch 4 --seq 512 --steps 5 --warmup 1 --nvme-dir /tmp/zinf --json zinf.json
@@ -134,7 +138,7 @@ def ds_config(model: StageModel, args: argparse.Namespace, opt: AdamWConfig) -> 
         offload["nvme_path"] = str(args.nvme_dir)
     return {
         "train_micro_batch_size_per_gpu": args.batch,
-        "gradient_accumulation_steps": args.grad_accum,
+        "gradient_accumulation_steps": args.grad_accum // world_size(),  # each rank's share of the global batch
         "gradient_clipping": args.grad_clip,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
@@ -175,6 +179,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def world_size() -> int:
+    """Ranks under torchrun (data parallel: ``--grad-accum`` is the global batch's micro-batches, split
+    among them as fuyou splits them); 1 alone."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def batches(args: argparse.Namespace, vocab: int):
     if args.data == "synthetic":
         return SyntheticBatches(vocab, args.seq, args.batch, args.seed)
@@ -201,7 +211,12 @@ def run(args: argparse.Namespace) -> dict:
     deepspeed.init_distributed(dist_backend="gloo")
     torch.manual_seed(args.seed)
 
-    cfg = ModelConfig(**preset(args.model))
+    fields = preset(args.model)
+    for item in args.model_set:  # KEY=VALUE on the preset's fields (model.n_layer=8 style, without "model.")
+        key, _, value = item.partition("=")
+        fields[key.removeprefix("model.")] = type(fields[key.removeprefix("model.")])(value) if fields.get(
+            key.removeprefix("model.")) is not None else int(value)
+    cfg = ModelConfig(**fields)
     if cfg.family == "gpt" and args.seq > cfg.max_seq_len:
         raise SystemExit(f"--seq {args.seq} exceeds {args.model}'s max_seq_len {cfg.max_seq_len}")
     model = StageModel(cfg)
@@ -228,7 +243,12 @@ def run(args: argparse.Namespace) -> dict:
     print(f"initialised in {t_init:.1f}s; optimizer {type(optimizer).__name__}/"
           f"{type(getattr(optimizer, 'optimizer', optimizer)).__name__}", flush=True)
 
-    tokens_per_step = args.batch * args.seq * args.grad_accum
+    tokens_per_step = args.batch * args.seq * args.grad_accum  # the global batch's
+    world, rank = world_size(), int(os.environ.get("RANK", "0"))
+    if args.grad_accum % world:
+        raise SystemExit(f"--grad-accum {args.grad_accum} does not divide among {world} ranks")
+    per = args.grad_accum // world
+    mine = range(rank * per, (rank + 1) * per)
     flops_per_step = model.flops_per_token(args.seq) * tokens_per_step
     times, losses = [], []
     io_start = None
@@ -237,12 +257,12 @@ def run(args: argparse.Namespace) -> dict:
             io_start = proc_io()
         t = time.perf_counter()
         lv = 0.0
-        for j in range(args.grad_accum):  # fuyou's order of micro-batches: batch(step * N + j)
+        for j in mine:  # fuyou's order of micro-batches: batch(step * N + j), this rank's contiguous share
             x, y = (b.to(engine.device) for b in data.batch(step * args.grad_accum + j)[:2])  # the accelerator's device
             loss = engine(x, y)
             engine.backward(loss)  # DeepSpeed scales it by 1/N (fuyou divides each micro-batch's loss by N)
             engine.step()          # an update only at the accumulation boundary
-            lv += float(loss.detach()) / args.grad_accum  # a sync point (nothing is asynchronous on the CPU)
+            lv += float(loss.detach()) / len(mine)  # a sync point (nothing is asynchronous on the CPU); this rank's
         dt = time.perf_counter() - t
         times.append(dt)
         losses.append(lv)
@@ -254,7 +274,7 @@ def run(args: argparse.Namespace) -> dict:
     read = io_end["read_bytes"] - io_start["read_bytes"] if io_start else None
     n_timed = len(times) - args.warmup
     return {
-        "peer": "deepspeed-zero-infinity",
+        "peer": "deepspeed-zero-infinity", "world_size": world, "rank": rank,
         "model": args.model, "num_params": model.num_params, "batch": args.batch, "seq": args.seq,
         "steps": args.steps, "warmup": args.warmup, "data": args.data, "seed": args.seed,
         "step_times_s": times, "losses": losses, "reference_loss_step0": ref0,
@@ -284,6 +304,8 @@ def _accelerator_name() -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="gpt-test", help="fuyou model preset (default %(default)s)")
+    p.add_argument("--model-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a field of the preset, e.g. n_layer=8 (as fuyou's model.n_layer=8)")
     p.add_argument("--batch", type=int, default=4, help="micro-batch size (default %(default)s)")
     p.add_argument("--seq", type=int, default=64, help="sequence length (default %(default)s)")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default %(default)s)")
@@ -332,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
           f"read {format_size(int(res['read_bytes_per_step'] or 0))}/step", flush=True)
     if res["reference_loss_step0"] is not None:
         print(f"step-0 loss {res['losses'][0]:.4f} vs fuyou reference {res['reference_loss_step0']:.4f}")
-    if args.json:
+    if args.json and res["rank"] == 0:  # data parallel: rank 0's figures (its I/O, its memory)
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(res, indent=2) + "\n")
     return 0
