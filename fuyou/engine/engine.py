@@ -187,7 +187,8 @@ class Engine:
         self.chunk = self.fmt.chunk_elements(off.optimizer_chunk, store_cfg.checksum_block)
         # Data parallel on one machine: the ranks map one weight cache (fuyou/store/shared.py), each charged
         # its share; where /dev/shm cannot hold it, each keeps its own (rank 0 decides, for every rank).
-        self.cache_share = (self.dist.local_world if self.sharded and self.dist.world == self.dist.local_world
+        # (LoRA: the base is read-only and the same on every rank: rank 0 fills the one cache, the others read it)
+        self.cache_share = (self.dist.local_world if self.dist.enabled and self.dist.world == self.dist.local_world
                             and off.cache_weights else 1)
         self.plan = self._memory_plan()
         self.shm_note = ""
@@ -254,6 +255,8 @@ class Engine:
                 self._check_ranks_commits()
             else:
                 self.ts.initialise(self.init_values)
+            if self.lora and self.shared_cache is not None:  # rank 0 filled the base's cache: read it after that
+                self.dist.barrier("filling the shared weight cache")
             self.streamer = WeightStreamer(self.states, self.store, self.weight_pool, self.dev, self.cdtype,
                                            off.prefetch_depth, self.tracer, ref)
             self.worker = OptimizerWorker(self.opt, self.cdtype, off.max_pending_updates, self.tracer, ref)
@@ -387,7 +390,7 @@ class Engine:
                 Path(path).unlink(missing_ok=True)
         if not self.dev.is_host:
             self.dev.register_host(seg.tensor)
-        self.ts.shared_cache, self.ts.cache_offsets = seg, offsets
+        self.ts.shared_cache, self.ts.cache_offsets, self.ts.rank = seg, offsets, d.rank
         return seg
 
     def _adapter_numel(self) -> int:
@@ -972,7 +975,8 @@ class Engine:
             line += f"; the CPU budget above is this rank's share of the machine's (1/{d.local_world})"
             if self.cache_share > 1:
                 line += (f"; the weight cache is one for the {self.cache_share} ranks of this machine ({SHM_DIR}), "
-                         f"each charged its share, and the exchange sends a token for each cached stage")
+                         f"each charged its share" + (", filled by rank 0" if self.lora else
+                                                      ", and the exchange sends a token for each cached stage"))
             lines.append(line + (f"; {self.shm_note}" if self.shm_note else ""))
         if self.lora:
             n = self._adapter_numel()

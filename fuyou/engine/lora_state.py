@@ -56,7 +56,8 @@ class LoRATrainingState(TrainingState):
             fut = self.store.write_from(s.keys.weights, flat)
             if s.index in self.plan.cached_stages:
                 s.cache = self.cache_buffer(s)
-                s.cache.copy_(flat)
+                if self.fills_cache:
+                    s.cache.copy_(flat)
             watchdog.result(fut, f"the initial write of {s.stage.name}'s base weights")
             del flat
         self.commit_initial()
@@ -148,7 +149,14 @@ class LoRATrainingState(TrainingState):
         for s in self.states:
             if s.index in self.plan.cached_stages:
                 s.cache = self.cache_buffer(s)
-                self.store.read_into(s.keys.weights, s.cache).result()  # CRC-checked
+                if self.fills_cache:
+                    self.store.read_into(s.keys.weights, s.cache).result()  # CRC-checked
+
+    @property
+    def fills_cache(self) -> bool:
+        """Data parallel with one cache for the machine's ranks (``fuyou/store/shared.py``): rank 0 fills it
+        with the base, the others only read it (the engine waits for rank 0 before the first load)."""
+        return self.shared_cache is None or self.rank == 0
 
     # -- reading it back -------------------------------------------------------------------------
     def write_back(self) -> None:

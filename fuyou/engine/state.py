@@ -55,6 +55,7 @@ class TrainingState:
         self._registered: list[Tensor] = []
         self.sharded = False                # data parallel: each stage's optimizer state is on its owner only
         self.shared_cache = None            # data parallel on one machine: the ranks' one weight cache
+        self.rank = 0                       # data parallel: this process's rank
         self.cache_offsets: dict[int, int] = {}
 
     def open_store(self, resume: bool, name: str) -> TensorStore:

@@ -131,7 +131,8 @@ def _data_parallel_lines(plan: Plan, s: dict) -> list[str]:
     hw = plan.hardware
     if not d["sharded"]:
         return [f"data parallel       {d['gpus']} GPUs, {d['micro_batches_per_gpu']} micro-batch(es) each; LoRA: the "
-                f"adapters' gradients are all-reduced (small), every rank streams the whole base"]
+                f"adapters' gradients are all-reduced (small); every rank loads the whole base, the cached part from "
+                f"one cache the ranks share"]
     shares = ", ".join(f"rank {r}: {n} stages, {100 * f:.0f}%" for r, (n, f)
                        in enumerate(zip(d["stages_per_rank"], d["state_share"])))
     link = ("over NVLink" if hw.gpu_link else "through host memory over PCIe") if hw.device == "cuda" else "gloo, CPU memory"

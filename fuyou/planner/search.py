@@ -125,7 +125,7 @@ def _rank_plan(w: Workload, hw: HardwareProfile, policy: ActivationPolicy, cpu_b
         checkpoint_bytes=ckpt_bytes, working_bytes=gpu_working_bytes(w) if cuda else None,
         extra_cpu=extra_cpu, extra_device=extra_dev,
         offtier_bytes=offtier_bytes(w.model, keep, w.batch, w.seq, w.csize), fmt=w.fmt, lora_params=w.lora_params,
-        owned=owned, cache_share=w.ranks if w.sharded else 1)
+        owned=owned, cache_share=w.ranks)  # one weight cache per machine (sharded state or LoRA's base)
 
 
 def state_ssd_bytes(w: Workload, plan: MemoryPlan) -> dict[str, int]:

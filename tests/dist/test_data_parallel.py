@@ -273,8 +273,12 @@ def shm_caches() -> set[str]:
     return {p.name for p in SHM_DIR.glob("fuyou-cache-*")} if SHM_DIR.is_dir() else set()
 
 
-@pytest.mark.parametrize("extra", [(), ("train.device=fake", "model.preset=llama-test", "train.precision=bf16")])
-def test_the_ranks_of_one_machine_share_one_weight_cache(tmp_path, extra):
+@pytest.mark.parametrize("extra, saved", [
+    ((), "model.safetensors"),
+    (("train.device=fake", "model.preset=llama-test", "train.precision=bf16"), "model.safetensors"),
+    (("lora.rank=4", "lora.targets=all-linear", "model.preset=llama-test"), "adapter.safetensors"),  # rank 0 fills it
+])
+def test_the_ranks_of_one_machine_share_one_weight_cache(tmp_path, extra, saved):
     """With the weight cache on (the default), the ranks of a machine map one cache (fuyou/store/shared.py):
     each stage's owner writes its new weights there, the exchange sends a token. Bit-identical to one
     process (and, on the CPU, a rank killed mid-step resumes to the uninterrupted run's state); each
@@ -285,19 +289,20 @@ def test_the_ranks_of_one_machine_share_one_weight_cache(tmp_path, extra):
     r = torchrun(train_args(tmp_path, "two", *cache))
     assert "the weight cache is one for the 2 ranks of this machine" in r.stderr, r.stderr[-3000:]
     assert "stages; this rank's 1/2 of one cache the ranks share)" in r.stderr  # each charged half
-    a, b = load_file(tmp_path / "runs" / "one" / "model.safetensors"), load_file(tmp_path / "runs" / "two" / "model.safetensors")
+    a, b = load_file(tmp_path / "runs" / "one" / saved), load_file(tmp_path / "runs" / "two" / saved)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     steps = [m for m in metrics(tmp_path / "runs" / "two") if "loss" in m]
     assert steps and all(m["exchange_bytes"] == 0 for m in steps)  # every stage cached: tokens only
     assert shm_caches() == before
-    if extra:
+    lora = saved == "adapter.safetensors"
+    if "train.device=fake" in extra:
         return
-    # a rank killed between the cache's creation and the removal of its name: the other stops, nothing stays
-    procs = rank_procs(tmp_path, train_args(tmp_path, "early", *cache), fault_rank=1, fault="map_cache")
-    outs = [p.communicate(timeout=180) for p in procs]
-    assert procs[1].returncode == -signal.SIGKILL and procs[0].returncode not in (0, None), outs[0][1][-3000:]
-    assert "shared weight cache" in outs[0][1] and "Traceback" not in outs[0][1], outs[0][1][-3000:]
-    assert shm_caches() == before
+    if not lora:  # a rank killed between the cache's creation and the removal of its name: the other stops, nothing stays
+        procs = rank_procs(tmp_path, train_args(tmp_path, "early", *cache), fault_rank=1, fault="map_cache")
+        outs = [p.communicate(timeout=180) for p in procs]
+        assert procs[1].returncode == -signal.SIGKILL and procs[0].returncode not in (0, None), outs[0][1][-3000:]
+        assert "shared weight cache" in outs[0][1] and "Traceback" not in outs[0][1], outs[0][1][-3000:]
+        assert shm_caches() == before
     args = train_args(tmp_path, "cut", *cache)
     procs = rank_procs(tmp_path, args, fault_rank=1, fault="backward@2")
     outs = [p.communicate(timeout=180) for p in procs]
@@ -305,5 +310,9 @@ def test_the_ranks_of_one_machine_share_one_weight_cache(tmp_path, extra):
     assert procs[0].returncode not in (0, None), outs[0][1][-3000:]
     assert shm_caches() == before  # unlinked once mapped: a crash leaves nothing
     run = tmp_path / "runs" / "cut"
-    torchrun(["train", "--resume", str(run)])
-    assert_states(open_state(tmp_path / "runs" / "two"), open_state(run))
+    torchrun(["train", "--resume", str(run)])  # (LoRA: rank 0 refills the base's cache from its store)
+    if lora:
+        a, b = load_file(tmp_path / "runs" / "two" / saved), load_file(run / saved)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    else:
+        assert_states(open_state(tmp_path / "runs" / "two"), open_state(run))
