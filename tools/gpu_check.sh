@@ -93,7 +93,7 @@ step "planner validation on cuda" 100 "$PY" bench/planner_validation.py --device
   --steps 2 --repeats 1 --io-bytes 512MiB
 if [ "$("$PY" -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
   step "data parallel, 2 GPUs (NCCL) vs 1" 240 "$PY" bench/dp_bench.py --ssd "$SSD/dp" --ranks 2 --device cuda \
-    --precision bf16 --layers 8 --width 1024 --batch 4 --seq 512 --accum 2 --steps 4 --repeats 1 --cpu-mem 16GiB
+    --precision bf16 --layers 8 --width 1024 --batch 4 --seq 512 --accum 2 --steps 4 --repeats 1 --cpu-mem 16GiB --cache
 else
   printf '\n## data parallel on GPUs: skipped (one GPU; NCCL needs one per rank)\n' >> "$REPORT"
 fi

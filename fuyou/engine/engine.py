@@ -217,7 +217,7 @@ class Engine:
                             self.gdtype, self.clipping, self.dev)
         if self.lora:  # the adapters and their optimizer, on the compute device (as the reference trainer's)
             o = cfg.optim
-            self.adapters = self.ts.adapters = self.ts.new_adapters(t.seed, self.device)
+            self.adapters = self.ts.adapters = self.ts.new_adapters(t.seed, self.device, fresh=not resume)
             self.lora_opt = self.ts.optimizer = torch.optim.AdamW(
                 [{"params": list(self.adapters.values()), "weight_decay": o.weight_decay}],
                 lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=True)

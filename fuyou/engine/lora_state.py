@@ -62,9 +62,17 @@ class LoRATrainingState(TrainingState):
             del flat
         self.commit_initial()
 
-    def new_adapters(self, seed: int, device: torch.device) -> dict[str, Tensor]:
-        return {k: v.to(device).requires_grad_(True) for st in self.states
-                for k, v in init_adapters(st.stage, self.cfg.lora, seed).items()}
+    def new_adapters(self, seed: int, device: torch.device, fresh: bool = True) -> dict[str, Tensor]:
+        """The adapters a run starts from: ``lora.init_from``'s (a PEFT adapter) or seeded; a resume
+        (``fresh`` false) overwrites them with its commit's, so it seeds them without reading the adapter."""
+        lora = self.cfg.lora
+        if lora.init_from and fresh:
+            from fuyou.hf.peft import load_peft_adapter
+
+            values = load_peft_adapter(lora.init_from, [st.stage for st in self.states], self.cfg.model.family, lora)
+        else:
+            values = {k: v for st in self.states for k, v in init_adapters(st.stage, lora, seed).items()}
+        return {k: v.to(device).requires_grad_(True) for k, v in values.items()}
 
     # -- commits ---------------------------------------------------------------------------------
     def commit_initial(self) -> None:

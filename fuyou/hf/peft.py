@@ -140,16 +140,19 @@ def _run_config(run: Path) -> dict:
         raise ConfigError(f"cannot read {run / 'config.toml'}: {e}") from e
 
 
+def peft_key(key: str, family: str) -> str:
+    """PEFT's name of fuyou adapter ``key`` (``block.3.q.lora_A``; module docstring)."""
+    stem, _, which = key.rpartition(".")  # block.3.q, lora_A
+    module = hf_name(f"{stem}.weight", family)[0].removesuffix(".weight")
+    return f"{PEFT_PREFIX}{module}.{which}.weight"
+
+
 def peft_names(adapters: Adapters) -> tuple[dict[str, str], list[str]]:
     """({fuyou key: PEFT key}, target_modules) for ``adapters`` (module docstring)."""
     from fuyou.models.lora import HF_MODULE
 
     family = adapters.family
-    keys = {}
-    for k in adapters.tensors:
-        stem, _, which = k.rpartition(".")  # block.3.q, lora_A
-        module = hf_name(f"{stem}.weight", family)[0].removesuffix(".weight")
-        keys[k] = f"{PEFT_PREFIX}{module}.{which}.weight"
+    keys = {k: peft_key(k, family) for k in adapters.tensors}
     chosen = adapters.matmuls()
     paths = HF_MODULE[family]
     targets = []
@@ -265,3 +268,77 @@ def write_merged(run_dir: str | Path, out_dir: str | Path, dtype: str = "fp32", 
 def _check_empty(out: Path) -> None:
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"{out} exists and is not empty; choose a new --out directory")
+
+
+def load_peft_adapter(path: str | Path, stages, family: str, cfg) -> dict[str, Tensor]:
+    """``lora.init_from``: the adapters of a PEFT LoRA directory (``adapter_config.json``,
+    ``adapter_model.safetensors``; the old ``.bin`` is not read) by fuyou global key, fp32, for
+    ``stages`` (a ``StageModel``'s, with ``cfg``'s adapters attached) of a model of ``family``. Its rank, alpha, rsLoRA and adapted matmuls
+    must be the run's: a ConfigError gives the settings that match it. Every adapter of the run must
+    be in the file with its shape, and the file may hold no others (PEFT's ``modules_to_save`` and
+    trained biases are refused: fuyou does not train them)."""
+    from safetensors import SafetensorError, safe_open
+
+    from fuyou.models.lora import resolve_targets
+
+    d = Path(path).expanduser()
+    conf_file, weights = d / PEFT_CONFIG, d / PEFT_WEIGHTS
+    if not conf_file.is_file() or not weights.is_file():
+        raise ConfigError(f"lora.init_from={path}: not a PEFT LoRA adapter directory (it needs {PEFT_CONFIG} and "
+                          f"{PEFT_WEIGHTS}: what peft's save_pretrained and `fuyou export` of a LoRA run write)")
+    try:
+        conf = json.loads(conf_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"lora.init_from: {conf_file} is not JSON ({e})") from None
+    if conf.get("peft_type", "LORA") != "LORA":
+        raise ConfigError(f"lora.init_from: {d} is a {conf.get('peft_type')} adapter; fuyou trains LoRA")
+    theirs = conf.get("target_modules") or []
+    theirs = [theirs] if isinstance(theirs, str) else list(theirs)
+    try:
+        their_matmuls = resolve_targets(family, theirs)
+    except ConfigError:
+        their_matmuls = None
+    ours = resolve_targets(family, cfg.targets)
+    want = {"lora.rank": (conf.get("r"), cfg.rank), "lora.alpha": (conf.get("lora_alpha"), cfg.alpha),
+            "lora.use_rslora": (bool(conf.get("use_rslora", False)), cfg.use_rslora),
+            "lora.targets": (their_matmuls, ours)}
+    differ = [k for k, (a, b) in want.items() if a != b and not (k == "lora.alpha" and a is not None and
+                                                               float(a) == float(b))]
+    if differ:
+        suggest = (f"lora.rank={conf.get('r')} lora.alpha={conf.get('lora_alpha')} "
+                   f"lora.use_rslora={str(bool(conf.get('use_rslora', False))).lower()} "
+                   f"lora.targets=[{','.join(theirs)}]")
+        raise ConfigError(f"lora.init_from={path}: the adapter was trained with other settings ({', '.join(differ)} "
+                          f"differ); train it with its own: {suggest}")
+    if conf.get("modules_to_save") or conf.get("bias", "none") != "none":
+        raise ConfigError(f"lora.init_from={path}: the adapter also trains modules_to_save or biases, which fuyou "
+                          f"does not; only LoRA's A and B matrices can be continued")
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            found = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (a file handle)
+    except (SafetensorError, OSError) as e:
+        raise ConfigError(f"lora.init_from: cannot read {weights}: {e}; the file may be truncated or corrupt") from None
+    out, used = {}, set()
+    for st in stages:
+        for local, spec in st.adapters.items():
+            key = st.key(local)
+            name = peft_key(key, family)
+            t = found.get(name)
+            if t is None:  # a PEFT key may carry the adapter's name ("default") before .weight
+                name = name.removesuffix(".weight") + ".default.weight"
+                t = found.get(name)
+            if t is None:
+                raise ConfigError(f"lora.init_from: {weights} has no {peft_key(key, family)} (the run's {key}); the "
+                                  f"adapter does not fit this model")
+            if tuple(t.shape) != tuple(spec.shape):
+                raise ConfigError(f"lora.init_from: {name} in {weights} is {tuple(t.shape)}, the run's {key} is "
+                                  f"{tuple(spec.shape)}: the adapter was trained on a model of another shape")
+            out[key] = t.float()
+            used.add(name)
+    extra = sorted(k for k in found if k not in used)
+    if extra:
+        raise ConfigError(f"lora.init_from: {weights} holds {len(extra)} tensor(s) this run has no adapter for "
+                          f"({', '.join(extra[:3])}{', ...' if len(extra) > 3 else ''}): the adapter does not fit this "
+                          f"model")
+    return out
+

@@ -29,7 +29,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import Tensor
 
 from fuyou.errors import ConfigError
@@ -48,6 +48,10 @@ class LoRAConfig(BaseModel):
         "PEFT's defaults (q_proj and v_proj; GPT-2's c_attn).")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapters' input (PEFT's lora_dropout).")
     use_rslora: bool = Field(False, description="Scale by alpha / sqrt(r) (rank-stabilised LoRA) instead of alpha / r.")
+    init_from: str | None = Field(
+        None, description="A PEFT LoRA adapter directory (adapter_config.json, adapter_model.safetensors: what peft's "
+        "save_pretrained and `fuyou export` of a LoRA run write) whose A and B a new run starts from; its r, "
+        "lora_alpha, use_rslora and target modules must be this run's.")
     init: Literal["default", "gaussian"] = Field(
         "default", description="A's initialisation: PEFT's default (kaiming-uniform, a=sqrt(5)) or 'gaussian' "
         "(N(0, 1/r)); B starts at zero either way.")
@@ -59,6 +63,14 @@ class LoRAConfig(BaseModel):
         if isinstance(v, str):
             return [t.strip().strip("'\"") for t in v.strip().strip("[]").split(",") if t.strip()]
         return v
+
+    @model_validator(mode="after")
+    def _init_from_needs_lora(self):
+        if self.init_from and not self.rank:
+            raise ValueError(f"lora.init_from={self.init_from} is set but lora.rank is 0 (LoRA off): give the adapter's "
+                             f"own settings too (lora.rank, lora.alpha, lora.targets: its adapter_config.json's r, "
+                             f"lora_alpha and target_modules)")
+        return self
 
     @property
     def enabled(self) -> bool:

@@ -94,8 +94,13 @@ class ReferenceTrainer:
         self.params = {
             k: v.to(self.device).requires_grad_(not self.lora) for st in self.model.stages for k, v in init(st).items()
         }
-        self.adapters = {k: v.to(self.device).requires_grad_(True) for st in self.model.stages
-                         for k, v in init_adapters(st, cfg.lora, cfg.train.seed).items()}
+        if cfg.lora.init_from:  # a PEFT adapter's A and B (fuyou.hf.peft.load_peft_adapter)
+            from fuyou.hf.peft import load_peft_adapter
+
+            start = load_peft_adapter(cfg.lora.init_from, self.model.stages, cfg.model.family, cfg.lora)
+        else:
+            start = {k: v for st in self.model.stages for k, v in init_adapters(st, cfg.lora, cfg.train.seed).items()}
+        self.adapters = {k: v.to(self.device).requires_grad_(True) for k, v in start.items()}
         o = cfg.optim
         self.fmt = StateFormat.of(o)
         if self.lora:  # the adapters are matrices: weight decay applies to them (as transformers' Trainer does)

@@ -294,3 +294,59 @@ def test_export_errors(hf_models, tmp_path):
     with pytest.raises(ConfigError, match="no LoRA run"):
         export_run_dir(full, tmp_path / "out", merge=True)
     shutil.rmtree(tmp_path / "out", ignore_errors=True)
+
+
+# -- continuing an adapter ----------------------------------------------------------------------------
+def peft_made_adapter(src, out, **kw):
+    """An adapter PEFT itself makes and saves, with random A and B (``init_lora_weights=False``), so that
+    it changes the model: what a user brings to continue training."""
+    torch.manual_seed(7)
+    conf = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False, **kw)
+    model = peft.get_peft_model(load_hf(src), conf)
+    model.save_pretrained(str(out))
+    return model.eval()
+
+
+def test_a_run_starts_from_a_peft_adapter_offloaded_as_in_memory(hf_models, tmp_path):
+    """``lora.init_from=DIR``: the run's adapters start as PEFT's (lr 0: they end exactly so, and fuyou's
+    model gives PEFT's logits), and training from them offloaded equals the in-memory trainer bit for bit."""
+    src = hf_models["llama"]
+    theirs = peft_made_adapter(src, tmp_path / "peft")
+    args = ["--init-from", str(src)], "lora.targets=[q_proj,v_proj]", "lora.alpha=8", f"lora.init_from={tmp_path / 'peft'}"
+    still = lora_train(tmp_path, args[0], *args[1:], "optim.lr=0", name="still", offload=True)
+    saved = load_file(str(still / "adapter.safetensors"))
+    params = dict(theirs.named_parameters())
+    assert saved and all(torch.equal(saved[k], params[peft_key("llama", k)].detach()) for k in saved)
+    x = tokens()
+    ours, base = fuyou_lora_logits(still, open_checkpoint(src).init_values, x)
+    assert float((ours - base).abs().max()) > 1e-2  # the adapter matters
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x).logits, ours, rtol=0, atol=1e-4)
+    offloaded = lora_train(tmp_path, *args, name="ssd", offload=True)
+    in_memory = lora_train(tmp_path, *args, name="mem")
+    a, b = load_file(str(offloaded / "adapter.safetensors")), load_file(str(in_memory / "adapter.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], saved[k]) for k in a)  # and they trained
+
+
+def test_peft_adapters_that_do_not_fit_are_refused_with_the_settings_that_would(hf_models, tmp_path, capsys):
+    src = hf_models["llama"]
+    peft_made_adapter(src, tmp_path / "peft")
+    base = ["--init-from", str(src)]
+    for extra, needle in (
+        (["lora.targets=[q_proj,v_proj]", "lora.alpha=16"], "lora.rank=4 lora.alpha=8 lora.use_rslora=false "
+                                                            "lora.targets=["),  # (PEFT saves the names in any order)
+        (["lora.targets=all-linear", "lora.alpha=8"], "lora.targets differ"),
+        ([f"lora.init_from={tmp_path / 'nothing'}", "lora.alpha=8"], "not a PEFT LoRA adapter directory"),
+    ):
+        init = [f"lora.init_from={tmp_path / 'peft'}"] if not any("init_from" in e for e in extra) else []
+        with pytest.raises(AssertionError):
+            lora_train(tmp_path, base, *init, *extra, name="bad")
+        assert needle in capsys.readouterr().err, needle
+    with pytest.raises(ConfigError, match="lora.rank is 0"):
+        load_config(overrides=[f"lora.init_from={tmp_path / 'peft'}"])
+    (tmp_path / "peft" / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(AssertionError):
+        lora_train(tmp_path, base, f"lora.init_from={tmp_path / 'peft'}", "lora.targets=[q_proj,v_proj]", "lora.alpha=8",
+                   name="bad")
+    assert "may be truncated or corrupt" in capsys.readouterr().err
