@@ -94,7 +94,7 @@ def make_checkpoint(args, out: Path) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def fuyou_overrides(args, model_dir: Path, ssd: Path, lora: bool) -> list[str]:
+def fuyou_overrides(args, model_dir: Path, ssd: Path, lora: bool, policy: str | None = None) -> list[str]:
     mem = args.cpu_mem if lora else (args.full_cpu_mem or args.cpu_mem)
     out = [f"model.init_from={model_dir}", "data.source=synthetic", f"data.seq_len={args.seq}",
            f"train.micro_batch_size={args.batch}", "train.precision=bf16", "train.lr_schedule=constant",
@@ -103,10 +103,12 @@ def fuyou_overrides(args, model_dir: Path, ssd: Path, lora: bool) -> list[str]:
            "offload.commit=none"]  # like the peer, no crash-safe commits (one copy of the state on the SSD)
     if lora:
         out += [f"lora.rank={args.rank}", f"lora.alpha={args.alpha}", f"lora.targets={args.targets}"]
+    if policy:
+        out.append(f"offload.act_policy={policy}")
     return out
 
 
-def run_peer(args, model_dir: Path, ssd: Path) -> dict:
+def run_peer(args, model_dir: Path, ssd: Path, checkpointing: bool = True) -> dict:
     nvme = ssd / f"z3p-{os.getpid()}"
     shutil.rmtree(nvme, ignore_errors=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -114,7 +116,7 @@ def run_peer(args, model_dir: Path, ssd: Path) -> dict:
         cmd = [args.ds_python, str(HERE / "zero3_peft.py"), "--model-dir", str(model_dir), "--batch", str(args.batch),
                "--seq", str(args.seq), "--steps", str(args.warmup + args.steps), "--warmup", str(args.warmup),
                "--rank", str(args.rank), "--alpha", str(args.alpha), "--targets", args.targets, "--seed",
-               str(args.seed), "--nvme-dir", str(nvme), "--json", str(js)]
+               str(args.seed), "--nvme-dir", str(nvme), "--json", str(js)] + ([] if checkpointing else ["--no-checkpointing"])
         env = {**os.environ, "PYTHONPATH": str(HERE.parent)}
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
         shutil.rmtree(nvme, ignore_errors=True)
@@ -158,6 +160,9 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--ds-python", default="/tmp/dsvenv/bin/python")
     p.add_argument("--no-peer", action="store_true")
+    p.add_argument("--kept-policy", help="also fuyou LoRA with this offload.act_policy (e.g. 'all=gpu': every "
+                   "block's matmul outputs kept, no recomputation of them), and the peer without activation "
+                   "checkpointing (its equivalent)")
     p.add_argument("--no-full", action="store_true", help="skip fuyou's full fine-tuning")
     p.add_argument("--timeout", type=float, default=3600)
     p.add_argument("--markdown")
@@ -174,20 +179,25 @@ def main(argv=None) -> int:
         systems = {"fuyou LoRA": None}
         if not args.no_full:
             systems["fuyou full fine-tuning"] = None
+        if args.kept_policy:
+            systems[f"fuyou LoRA, act_policy {args.kept_policy}"] = None
         if not args.no_peer:
             systems["ZeRO-3 NVMe + PEFT LoRA"] = None
+            if args.kept_policy:
+                systems["ZeRO-3 NVMe + PEFT LoRA, no checkpointing"] = None
         runs: dict[str, list[dict]] = {k: [] for k in systems}
         failed: dict[str, str] = {}
         for _ in range(args.repeats):
             for name in systems:
                 print(f"-- {name}", file=sys.stderr, flush=True)
                 if name.startswith("fuyou"):
-                    ov = fuyou_overrides(args, model_dir, args.ssd, lora=name == "fuyou LoRA")
+                    ov = fuyou_overrides(args, model_dir, args.ssd, lora=name.startswith("fuyou LoRA"),
+                                         policy=args.kept_policy if "act_policy" in name else None)
                     runs[name].append(run_worker(__file__, ["--overrides", json.dumps(ov), "--steps", str(args.steps),
                                                             "--warmup", str(args.warmup)], args.timeout, name))
                 else:
                     try:
-                        runs[name].append(run_peer(args, model_dir, args.ssd))
+                        runs[name].append(run_peer(args, model_dir, args.ssd, checkpointing="no checkpointing" not in name))
                     except RuntimeError as e:  # reported in the table, not lost with the others' figures
                         failed[name] = str(e).strip().splitlines()[-1][:200]
                         print(e, file=sys.stderr)
@@ -211,10 +221,10 @@ def main(argv=None) -> int:
                      f"{gib(r['peak_rss'])} | {gib(r['write'])} / {gib(r['read'])} | {r['loss0']:.4f} |")
     for k, why in failed.items():
         lines.append(f"| {k} | failed: {why} | - | - | - | - |")
-    lora = s["fuyou LoRA"]["tokens_per_s"]
-    ratios = [f"{lora / r['tokens_per_s']:.2f}x {k}" for k, r in s.items() if k != "fuyou LoRA"]
-    if ratios:
-        lines += ["", "fuyou LoRA tokens/s: " + ", ".join(ratios) + "."]
+    for mine in [k for k in s if k.startswith("fuyou LoRA")]:
+        ratios = [f"{s[mine]['tokens_per_s'] / r['tokens_per_s']:.2f}x {k}" for k, r in s.items() if k != mine]
+        if ratios:
+            lines += ["", f"{mine} tokens/s: " + ", ".join(ratios) + "."]
     publish(lines, args.markdown)
     return 0
 

@@ -64,6 +64,8 @@ def main(argv=None) -> int:
     p.add_argument("--nvme-dir", required=True)
     p.add_argument("--buffers", type=int, default=40, help="offload_param.buffer_count")
     p.add_argument("--json", required=True)
+    p.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=True,
+                   help="activation checkpointing per decoder layer (default on, as PEFT recommends)")
     args = p.parse_args(argv)
 
     for k, v in (("MASTER_ADDR", "127.0.0.1"), ("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
@@ -113,8 +115,9 @@ def main(argv=None) -> int:
     keep = HfDeepSpeedConfig(ds_cfg)  # noqa: F841 -- alive while from_pretrained runs: zero.Init partitions
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.bfloat16)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.enable_input_require_grads()
+    if args.checkpointing:  # (--no-checkpointing: every layer's activations kept, no recomputation)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
     model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=0.0,
                                              target_modules=args.targets.split(","), task_type="CAUSAL_LM"))
     engine, *_ = deepspeed.initialize(model=model, model_parameters=[q for q in model.parameters() if q.requires_grad],
