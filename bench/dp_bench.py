@@ -74,17 +74,22 @@ def predict(args, ranks: int, hw, clipped: bool) -> float:
                     clip_mode=mode).step_time
 
 
+def torchrun(python: str, ranks: int) -> list[str]:
+    """torchrun under ``python`` with ``ranks`` processes on this machine, on a free port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [python, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}", "--master_addr=127.0.0.1",
+            f"--master_port={port}"]
+
+
 def run_peer(args, ranks: int, name: str) -> dict:
     """DeepSpeed ZeRO-Infinity (``bench/zero_infinity.py``: ZeRO-3, parameters and optimizer state on NVMe)
     on the same model, batches, global batch and directory, under torchrun with ``ranks`` processes."""
     nvme = Path(args.ssd) / "zinf" / name
     out = Path(args.ssd) / f"{name}.json"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     clip = "0" if args.grad_clip == "none" else args.grad_clip
-    cmd = [args.ds_python, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}", "--master_addr=127.0.0.1",
-           f"--master_port={port}", str(Path(__file__).parent / "zero_infinity.py"), "--model", args.model,
+    cmd = [*torchrun(args.ds_python, ranks), str(Path(__file__).parent / "zero_infinity.py"), "--model", args.model,
            "--model-set", f"n_layer={args.layers}", "--model-set", f"d_model={args.width}",
            "--model-set", f"n_head={max(1, args.width // 64)}", "--model-set", f"max_seq_len={args.seq}",
            "--batch", str(args.batch), "--seq", str(args.seq), "--grad-accum", str(args.accum),
@@ -111,11 +116,7 @@ def run(args, ranks: int, name: str) -> dict:
     if ranks == 1:
         cmd = [sys.executable, "-m", "fuyou.cli", *cli, f"train.threads={args.threads}"]
     else:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}", "--master_addr=127.0.0.1",
-               f"--master_port={port}", "-m", "fuyou.cli", *cli]
+        cmd = [*torchrun(sys.executable, ranks), "-m", "fuyou.cli", *cli]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
     if r.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{r.stderr[-3000:]}")

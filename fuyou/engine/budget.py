@@ -294,6 +294,12 @@ def plan_memory(stage_numels: list[int], off, *, chunk: int, io_buffer_bytes: in
     return plan
 
 
+def exchange_buffer_bytes(chunk: int, csize: int) -> int:
+    """Data parallel, sharded state: the weight exchange's one buffer, a chunk of compute weights on its
+    way between the ranks (``fuyou/engine/exchange.py``)."""
+    return max(4096, chunk * csize)
+
+
 def shared_cache_layout(stage_numels: list[int], cached: list[int], csize: int) -> tuple[dict[int, int], int]:
     """Byte offset of each cached stage in a weight cache the ranks share (4 KiB aligned, in stage
     order: every rank computes the same), and its size."""

@@ -82,7 +82,7 @@ from torch import Tensor
 from fuyou.config import FuyouConfig
 from fuyou.data import TokenData
 from fuyou.engine.budget import (D2H_DEPTH, MemoryPlan, act_cpu_share, activation_bytes, device_working_bytes,
-                                 shared_cache_layout,
+                                 exchange_buffer_bytes, shared_cache_layout,
                                  offtier_bytes, plan_memory, policy_memory)
 from fuyou.engine.device import InFlight, make_device
 from fuyou.engine.recompute import BlockState, backward_block, forward_block, leaves
@@ -140,7 +140,7 @@ class Engine:
                                    int8=self.fmt.moments == "int8")
         # Data parallel with full fine-tuning: each stage's optimizer state on one rank (fuyou/engine/exchange.py).
         self.sharded = self.dist.enabled and not self.lora
-        self.exchange = self.exchange_pool = None
+        self.exchange = self.exchange_pool = self.shared_cache = None
         if self.sharded:
             if self.dist.world > len(self.states):
                 raise FuyouError(f"{self.dist.world} ranks for a model of {len(self.states)} stages: each rank owns the "
@@ -193,7 +193,9 @@ class Engine:
         self.plan = self._memory_plan()
         self.shm_note = ""
         if self.cache_share > 1:
-            _, total = shared_cache_layout([s.numel for s in self.states], self.plan.cached_stages, dtype_size(self.cdtype))
+            self._cache_layout = shared_cache_layout([s.numel for s in self.states], self.plan.cached_stages,
+                                                     dtype_size(self.cdtype))
+            total = self._cache_layout[1]
             free = self.dist.broadcast(shm_free(), "checking /dev/shm for the shared weight cache")  # rank 0's view
             if self.dist.broadcast(total + SHM_MARGIN > free, "deciding on the shared weight cache"):  # rank 0 decides
                 self.shm_note = (f"{SHM_DIR} has {format_size(free)} free, less than the shared weight cache's "
@@ -333,7 +335,7 @@ class Engine:
                                                    self.cfg.data.seq_len, dtype_size(self.cdtype),
                                                    self.store_cfg.checksum_block, len(self.micro))
         if self.sharded:  # one chunk of compute weights on its way between the ranks (exchange.py)
-            extra_cpu["weight exchange buffer"] = max(4096, self.chunk * dtype_size(self.cdtype))
+            extra_cpu["weight exchange buffer"] = exchange_buffer_bytes(self.chunk, dtype_size(self.cdtype))
         working = None
         if not self.dev.is_host:
             csize = dtype_size(self.cdtype)
@@ -355,8 +357,7 @@ class Engine:
         name goes (fuyou/store/shared.py); every rank page-locks its mapping for the device copies."""
         if self.cache_share == 1 or not self.plan.cached_stages:
             return None
-        offsets, total = shared_cache_layout([s.numel for s in self.states], self.plan.cached_stages,
-                                             dtype_size(self.cdtype))
+        offsets, total = self._cache_layout  # (of this plan: the one kept when the cache is shared)
         d = self.dist
         # rank 0's name and layout: every rank must have planned the same cache (offsets into one file)
         path, ref = d.broadcast((str(SHM_DIR / f"fuyou-cache-{os.getpid()}-{uuid.uuid4().hex[:8]}"),
@@ -1088,7 +1089,7 @@ class Engine:
                          self.act_cpu_pool, self.opt_pool, self.shared_pool, self.exchange_pool):
                 if pool is not None:
                     pool.close()
-            if getattr(self, "shared_cache", None) is not None:
+            if self.shared_cache is not None:
                 if not self.dev.is_host:
                     self.dev.unregister_host(self.shared_cache.tensor)
                 self.ts.shared_cache = None

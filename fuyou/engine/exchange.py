@@ -32,6 +32,7 @@ import torch
 
 from fuyou import watchdog
 from fuyou.engine.layout import StageState, dtype_size
+from fuyou.engine.worker import Outstanding
 
 
 class WeightExchange:
@@ -43,8 +44,7 @@ class WeightExchange:
         self.tracer, self._counters = tracer, counters_ref
         self._q: queue.Queue = queue.Queue()
         self._error: BaseException | None = None
-        self._unfinished = 0
-        self._idle = threading.Condition()
+        self._pending = Outstanding()
         self._thread = threading.Thread(target=self._run, name="fuyou-exchange", daemon=True)
         self._thread.start()
 
@@ -58,13 +58,11 @@ class WeightExchange:
             else:
                 st.begin_update()
             items.append((st, st.keys.weights))  # the key now: the main thread may move ``cur`` on
-        with self._idle:
-            self._unfinished += 1
+        self._pending.add()
         self._q.put(items)
 
     def wait_all(self) -> None:
-        with self._idle:
-            watchdog.wait_for(self._idle, lambda: self._unfinished == 0, "the weight exchange between the ranks")
+        self._pending.wait("the weight exchange between the ranks")
         self.check()
 
     def check(self) -> None:
@@ -92,10 +90,7 @@ class WeightExchange:
                             st.end_update()
             finally:
                 watchdog.beat()
-                with self._idle:
-                    self._unfinished -= 1
-                    if self._unfinished == 0:
-                        self._idle.notify_all()
+                self._pending.done()
 
     def _exchange(self, st: StageState, key: str) -> None:
         if st.owned:  # broadcast what the update wrote, once it is done (redo included)

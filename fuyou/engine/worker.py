@@ -52,14 +52,37 @@ class UpdateJob:
     update: bool = True             # False: only save the gradient (deferred clipping; the update follows)
 
 
+class Outstanding:
+    """Work handed to a background thread and not finished yet (the optimizer worker's jobs, the weight
+    exchange's batches): the submitter counts it in, the thread counts it out, and the main thread waits
+    until none is left."""
+
+    def __init__(self):
+        self._n = 0
+        self._idle = threading.Condition()
+
+    def add(self) -> None:
+        with self._idle:
+            self._n += 1
+
+    def done(self) -> None:
+        with self._idle:
+            self._n -= 1
+            if self._n == 0:
+                self._idle.notify_all()
+
+    def wait(self, what: str) -> None:
+        with self._idle:
+            watchdog.wait_for(self._idle, lambda: self._n == 0, what)
+
+
 class OptimizerWorker:
     def __init__(self, opt: OutOfCoreAdamW, lowp_dtype: torch.dtype, max_pending: int, tracer: Tracer, counters_ref):
         self.opt, self.lowp_dtype, self.tracer = opt, lowp_dtype, tracer
         self._counters = counters_ref
         self._q: queue.Queue = queue.Queue(maxsize=max_pending)
         self._error: BaseException | None = None
-        self._unfinished = 0
-        self._idle = threading.Condition()
+        self._pending = Outstanding()
         self._running: str = "nothing"
         self._thread = threading.Thread(target=self._run, name="fuyou-adam", daemon=True)
         self._thread.start()
@@ -81,8 +104,7 @@ class OptimizerWorker:
         self._put((name, fn), f"room in the optimizer queue (for {name})")
 
     def _put(self, item, what: str) -> None:
-        with self._idle:
-            self._unfinished += 1
+        self._pending.add()
         try:
             watchdog.put(self._q, item, what + f"; the worker is on: {self._running}")
         except BaseException:
@@ -91,16 +113,11 @@ class OptimizerWorker:
 
     def _done(self) -> None:
         watchdog.beat()
-        with self._idle:
-            self._unfinished -= 1
-            if self._unfinished == 0:
-                self._idle.notify_all()
+        self._pending.done()
 
     def wait_all(self) -> None:
         """Block until every submitted job is finished (a step boundary for eval, commits and saving)."""
-        with self._idle:
-            watchdog.wait_for(self._idle, lambda: self._unfinished == 0,
-                              f"the optimizer worker to finish (it is on: {self._running})")
+        self._pending.wait(f"the optimizer worker to finish (it is on: {self._running})")
         self.check()
 
     def check(self) -> None:
@@ -182,8 +199,7 @@ class OptimizerWorker:
 
     def close(self, timeout: float | None = None) -> None:
         """Stop the thread after the queued jobs (``timeout``: give up waiting, after a failure)."""
-        with self._idle:
-            self._unfinished += 1
+        self._pending.add()
         try:
             self._q.put(None, timeout=timeout if timeout is not None else watchdog.limit())
         except queue.Full:

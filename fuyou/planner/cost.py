@@ -55,8 +55,7 @@ class Workload:
         # data parallel with full fine-tuning: each stage's optimizer state on one rank (the engine's rule)
         from fuyou.distributed import stage_owners
 
-        self.owners = (stage_owners(self.numels, self.ranks) if self.ranks > 1 and self.lora_params is None
-                       else [0] * len(self.numels))
+        self.owners = stage_owners(self.numels, self.ranks) if self.sharded else [0] * len(self.numels)
 
     @property
     def micro(self) -> int:

@@ -22,7 +22,8 @@ import math
 from dataclasses import dataclass, field
 
 from fuyou.policy import to_keep
-from fuyou.engine.budget import (DEVICE_SLACK_FRACTION, MemoryPlan, act_cpu_share, offtier_bytes, plan_memory,
+from fuyou.engine.budget import (DEVICE_SLACK_FRACTION, MemoryPlan, act_cpu_share, exchange_buffer_bytes,
+                                 offtier_bytes, plan_memory,
                                  policy_memory, weight_buffer_need)
 from fuyou.engine.layout import copies_needed
 from fuyou.engine.budget import activation_bytes
@@ -117,7 +118,7 @@ def _rank_plan(w: Workload, hw: HardwareProfile, policy: ActivationPolicy, cpu_b
     extra_cpu, extra_dev, ckpt_bytes = policy_memory(w.model, keep, off, w.batch, w.seq, w.csize,
                                                      w.store.checksum_block, w.micro)
     if owned is not None:  # the engine's: one chunk of compute weights on its way between the ranks
-        extra_cpu["weight exchange buffer"] = max(4096, w.chunk * w.csize)
+        extra_cpu["weight exchange buffer"] = exchange_buffer_bytes(w.chunk, w.csize)
     return plan_memory(
         w.numels, off, chunk=w.chunk, io_buffer_bytes=w.store.queue_depth * max(w.store.block_size, w.store.checksum_block),
         act=activation_bytes(w.model, w.batch, w.seq, frozen=w.lora_params is not None), csize=w.csize, gsize=w.gsize, deferred=w.grad_clip is not None,

@@ -461,8 +461,9 @@ def _exchange(g: _Graph, costs: list[StageCost], w: Workload, hw: HardwareProfil
     one thread per rank broadcasts every stage's new compute weights from its owner, in forward order,
     a chunk at a time through one buffer: the owner reads them from its store, gloo carries them to
     the N-1 others (``gloo_broadcast``: the root sends to each), and each writes them to its store. A
-    cached stage is in the one cache the ranks of the machine map: its broadcast is a token. A rank's next load of a stage it does not own waits for its copy; the
-    owner's next update of the stage waits for the broadcast."""
+    cached stage is in the one cache the ranks of the machine map: its broadcast is a token. A rank's
+    next load of a stage it does not own waits for its copy; the owner's next update of the stage
+    waits for the broadcast."""
     R = w.ranks
     prev = step_end
     for c in costs:
@@ -470,15 +471,10 @@ def _exchange(g: _Graph, costs: list[StageCost], w: Workload, hw: HardwareProfil
         d = [updated[i], prev]
         if i in cached:  # the ranks map one cache (fuyou/store/shared.py): the owner wrote it; a token says so
             prev = exchanged[i] = g.add(f"exchange token {c.name}", "exchange", "gloo", 0.0, d, step, c.name)
-            for r in range(R):
-                if r != o:
-                    ready[r][i] = prev
-            continue
-        if i not in cached:
+        else:
             d = [g.io(f"exchange: read weights {c.name}", "ssd-read", nb, d, step, c.name, hw)]
-        prev = exchanged[i] = g.add(f"exchange weights {c.name}", "exchange", "gloo", nb * (R - 1) / hw.gloo_broadcast,
-                                    d, step, c.name)
-        if i not in cached:
+            prev = exchanged[i] = g.add(f"exchange weights {c.name}", "exchange", "gloo",
+                                        nb * (R - 1) / hw.gloo_broadcast, d, step, c.name)
             writes = [g.io(f"exchange: write weights {c.name}", "ssd-write", nb, [prev], step, c.name, hw)
                       for r in range(R) if r != o]
             prev = writes[0] if len(writes) == 1 else g.add(f"received {c.name}", "exchange", "marker", 0.0, writes,
