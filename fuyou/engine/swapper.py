@@ -55,6 +55,7 @@ class Slot:
     writes: list = field(default_factory=list)   # ssd: futures of the chunk writes
     fetch: Future | None = None     # a started read-back (ssd) or (tensor, event) of an H2D copy (cpu)
     nbytes: int = 0
+    perm: tuple[int, ...] | None = None  # copied in this dimension order (``_dense``); ``shape`` is that order's
 
 
 class ActivationSwapper:
@@ -88,14 +89,16 @@ class ActivationSwapper:
                                          else "kept activations (policy, gpu tier)")
             c.add(act_gpu_bytes=nbytes)
             return slot
-        if tier == "cpu" and self._put_cpu(slot, t):
+        dense, slot.perm = _dense(t)  # a copy keeps the tensor's layout (autograd's kernels depend on it)
+        slot.shape = tuple(dense.shape)
+        if tier == "cpu" and self._put_cpu(slot, t, dense):
             c.add(act_cpu_bytes=nbytes)
             return slot
         slot.tier = "ssd"
-        self._write_ssd(slot, t)
+        self._write_ssd(slot, dense)
         return slot
 
-    def _put_cpu(self, slot: Slot, t: Tensor) -> bool:
+    def _put_cpu(self, slot: Slot, t: Tensor, dense: Tensor) -> bool:
         """Keep ``t`` in the CPU tier if its share has room (else the caller overflows it to SSD)."""
         if self.dev.is_host:
             with self._lock:
@@ -115,7 +118,7 @@ class ActivationSwapper:
                 buf = self.cpu_pool.acquire(slot.nbytes, t.dtype, timeout=0.2)
         except (TimeoutError, PoolBudgetError):  # the share is full, or smaller than this tensor: overflow
             return False
-        flat = t.contiguous().view(-1)
+        flat = dense.contiguous().view(-1)
         self.d2h.wait_stream(self.dev.compute)
         self.dev.record_stream(flat, self.d2h)
         self.dev.to_host(buf.tensor, flat, self.d2h)
@@ -197,7 +200,7 @@ class ActivationSwapper:
         if ev is not None:
             self.dev.compute.wait_event(ev)
             self.dev.record_stream(out, self.dev.compute)
-        return out
+        return out if slot.perm is None else out.permute(_inverse(slot.perm))
 
     def _read_ssd(self, slot: Slot):
         for f in slot.writes:  # a read must not overtake its own writes
@@ -282,3 +285,24 @@ def _done(value) -> Future:
     f = Future()
     f.set_result(value)
     return f
+
+
+def _dense(t: Tensor) -> tuple[Tensor, tuple[int, ...] | None]:
+    """``t`` as a contiguous tensor to copy, and the dimension order it was permuted into (None: as it
+    is). A tensor that is dense but not contiguous (a transpose autograd saved) is copied in its memory
+    order and permuted back when it returns, so it comes back with its strides: the backward's matmuls
+    then run the same kernels on the same layouts as without the copy (a contiguous copy changes them,
+    and with them the rounding: found on LoRA's kept blocks, 1e-8 off the reference). Other layouts
+    come back contiguous."""
+    if t.is_contiguous() or t.dim() < 2:
+        return t, None
+    order = tuple(sorted(range(t.dim()), key=lambda d: (-t.stride(d), -t.shape[d])))
+    p = t.permute(order)
+    return (p, order) if p.is_contiguous() else (t, None)
+
+
+def _inverse(order: tuple[int, ...]) -> tuple[int, ...]:
+    inv = [0] * len(order)
+    for i, d in enumerate(order):
+        inv[d] = i
+    return tuple(inv)

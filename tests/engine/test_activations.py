@@ -170,3 +170,21 @@ def test_corrupt_activation_stops_training(tmp_path, monkeypatch):
         if k.startswith(("block.1.", "block.0.", "embed.")):
             assert torch.equal(before[k], after[k]), k
     eng.close()
+
+
+def test_a_swapped_tensor_comes_back_with_its_layout(tmp_path):
+    """Autograd saves transposed views (LoRA's kept blocks): through the SSD tier they come back with the
+    strides they left with, so backward runs the same matmul kernels (a contiguous copy changed the
+    rounding: LoRA over a block kept whole was 1e-8 off the reference, tests/engine/test_lora.py)."""
+    with TensorStore.create([tmp_path / "s"]) as store:
+        sw = _swapper(store, tmp_path)
+        base = torch.randn(5, 7, 3)
+        for t in (base, base.transpose(0, 1), base.permute(2, 0, 1), base[:, ::2]):  # the last is not dense
+            slot = sw.put(f"act/0/x{t.stride()}", t, "ssd")
+            back = sw.get(slot)
+            assert torch.equal(back, t)
+            assert back.stride() == (t.stride() if slot.perm is not None or t.is_contiguous()
+                                     else t.contiguous().stride())
+            sw.free(slot)
+        assert sw.put("act/0/t", base.transpose(0, 1), "ssd").perm == (1, 0, 2)
+        sw.close()
