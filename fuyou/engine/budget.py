@@ -176,7 +176,8 @@ def plan_memory(stage_numels: list[int], off, *, chunk: int, io_buffer_bytes: in
                 checkpoint_bytes: int | None = None, working_bytes: int | None = None,
                 extra_cpu: dict[str, int] | None = None, extra_device: dict[str, int] | None = None,
                 device_budget: int | None = None, offtier_bytes: int = 0, fmt=None,
-                lora_params: int | None = None, owned: set[int] | None = None, cache_share: int = 1) -> MemoryPlan:
+                lora_params: int | None = None, owned: set[int] | None = None, cache_share: int = 1,
+                weight_bytes: list[int] | None = None, dequant_bytes: int = 0) -> MemoryPlan:
     """The memory plan of the engine (module docstring) from shapes and settings, allocating nothing.
 
     ``stage_numels``: parameters owned by each stage, in stage order. ``off``: an ``OffloadConfig``.
@@ -198,7 +199,10 @@ def plan_memory(stage_numels: list[int], off, *, chunk: int, io_buffer_bytes: in
     optimizer state this rank holds; only they can be resident (default: every stage). ``cache_share``:
     the ranks of one machine that map one weight cache (``fuyou.store.shared``); each plan charges its
     share of every cached stage, so the machine's plans together hold one cache (``cache_bytes`` is
-    this rank's share; ``shared_cache_layout`` gives the whole).
+    this rank's share; ``shared_cache_layout`` gives the whole). ``weight_bytes``: each stage's compute
+    weights as stored, cached and streamed (default: its parameters in the compute dtype; LoRA's int8
+    base packs its blocks smaller, ``fuyou.models.quant``), and ``dequant_bytes`` the largest stage's
+    dequantised weights, which its compute holds beside the packed ones.
     """
     from fuyou.optim.compressed import StateFormat
     from fuyou.optim.out_of_core import optimizer_buffer_bytes
@@ -207,6 +211,7 @@ def plan_memory(stage_numels: list[int], off, *, chunk: int, io_buffer_bytes: in
     plan = MemoryPlan(off.cpu_mem, device_budget=off.gpu_mem if off.gpu_mem is not None else device_budget,
                       cache_share=cache_share)
     stage_max = max(stage_numels)
+    wb = weight_bytes or [n * csize for n in stage_numels]
     opt_lowp = csize  # a stage the cache does not hold writes its compute weights through these buffers
     lora = lora_params is not None
     if lora:  # nothing of the base is updated: no optimizer buffers, no gradients leave the device
@@ -222,8 +227,9 @@ def plan_memory(stage_numels: list[int], off, *, chunk: int, io_buffer_bytes: in
     # the window's depth + 1 positions (a load waits until the GPU is done with the position depth + 1
     # back: weights.py); with a tied head, also the embedding's and the head's weights: the head holds
     # the embedding's position while it runs
-    dev["stage weights in window"] = ((off.prefetch_depth + 1) * stage_max * csize
-                                      + ((stage_numels[0] + stage_numels[-1]) * csize if tied else 0))
+    dev["stage weights in window"] = (off.prefetch_depth + 1) * max(wb) + (wb[0] + wb[-1] if tied else 0)
+    if dequant_bytes:
+        dev["int8 base, a stage dequantised"] = dequant_bytes
     dev["checkpoints"] = ((len(stage_numels) + 1) * micro_batches * act["checkpoint"] if checkpoint_bytes is None
                           else checkpoint_bytes)
     # the largest stage's fp32 gradients; a frozen base (LoRA) has none, but its backward still holds about
@@ -258,15 +264,14 @@ def plan_memory(stage_numels: list[int], off, *, chunk: int, io_buffer_bytes: in
     steady = sum(plan.cpu_items.values())
     spare = off.cpu_mem - steady
     if off.cache_weights:
-        for index, numel in enumerate(stage_numels):
-            need = -(-(-(-numel * csize // 4096) * 4096) // cache_share)
-            if spare - need < weight_buffer_need(stage_numels, plan.cached_stages + [index], off.prefetch_depth,
-                                                 tied, csize):
+        for index, nbytes in enumerate(wb):
+            need = -(-(-(-nbytes // 4096) * 4096) // cache_share)
+            if spare - need < weight_buffer_need(wb, plan.cached_stages + [index], off.prefetch_depth, tied):
                 break
             plan.cached_stages.append(index)
             plan.cache_bytes += need
             spare -= need
-    need = weight_buffer_need(stage_numels, plan.cached_stages, off.prefetch_depth, tied, csize)
+    need = weight_buffer_need(wb, plan.cached_stages, off.prefetch_depth, tied)
     if need:
         plan.cpu_items["weight buffers"] = need
     # Optimizer state kept in CPU memory gets what the cache leaves (module docstring). Its updates
@@ -301,6 +306,7 @@ def exchange_buffer_bytes(chunk: int, csize: int) -> int:
 
 
 def shared_cache_layout(stage_numels: list[int], cached: list[int], csize: int) -> tuple[dict[int, int], int]:
+    # (stage_numels: elements of the compute dtype each stage's stored weights take, ``StageState.wnumel``)
     """Byte offset of each cached stage in a weight cache the ranks share (4 KiB aligned, in stage
     order: every rank computes the same), and its size."""
     offsets, at = {}, 0
@@ -310,14 +316,15 @@ def shared_cache_layout(stage_numels: list[int], cached: list[int], csize: int) 
     return offsets, at
 
 
-def weight_buffer_need(stage_numels: list[int], cached: list[int], prefetch_depth: int, tied: bool, csize: int) -> int:
+def weight_buffer_need(stage_bytes: list[int], cached: list[int], prefetch_depth: int, tied: bool) -> int:
     """Pool bytes for the loads in the prefetch window: ``depth + 1`` positions, one more when the
-    tied head holds the embedding's weights too, each rounded up to the 4 KiB pool granule."""
-    rest = [n for i, n in enumerate(stage_numels) if i not in cached]
+    tied head holds the embedding's weights too, each rounded up to the 4 KiB pool granule.
+    ``stage_bytes``: each stage's stored compute weights."""
+    rest = [n for i, n in enumerate(stage_bytes) if i not in cached]
     if not rest:
         return 0
     window = prefetch_depth + 1 + (1 if tied else 0)
-    return window * (-(-max(rest) * csize // 4096) * 4096)
+    return window * (-(-max(rest) // 4096) * 4096)
 
 
 def class_widths(cfg_model) -> dict[str, int]:

@@ -85,7 +85,7 @@ from fuyou.engine.budget import (D2H_DEPTH, MemoryPlan, act_cpu_share, activatio
                                  exchange_buffer_bytes, shared_cache_layout,
                                  offtier_bytes, plan_memory, policy_memory)
 from fuyou.engine.device import InFlight, make_device
-from fuyou.engine.recompute import BlockState, backward_block, forward_block, leaves
+from fuyou.engine.recompute import BlockState, backward_block, forward_block, leaves, weight_bases
 from fuyou.engine.swapper import ActivationSwapper
 from fuyou import watchdog
 from fuyou.engine.malloc import bound_malloc, malloc_threshold, resident_bytes
@@ -111,6 +111,7 @@ from fuyou.models.precision import autocast
 from fuyou.trainer import StepStats
 from fuyou.optim.schedule import lr_of
 from fuyou.models.lora import attach, dropout_key
+from fuyou.models.quant import PackedStage
 from fuyou.engine.lora_state import LoRATrainingState
 from fuyou import distributed
 
@@ -138,6 +139,9 @@ class Engine:
         self.fmt = StateFormat.of(cfg.optim)  # how the optimizer state is stored (fuyou/optim/compressed.py)
         self.states = build_states(self.model.stages, cfg.optim.weight_decay, n_copies=3,
                                    int8=self.fmt.moments == "int8")
+        if self.lora and cfg.lora.base == "int8":  # the blocks' base streams as int8 codes and scales
+            for st in self.states:
+                st.packing = PackedStage.of(st.stage, dtype_size(self.cdtype))
         # Data parallel with full fine-tuning: each stage's optimizer state on one rank (fuyou/engine/exchange.py).
         self.sharded = self.dist.enabled and not self.lora
         self.exchange = self.exchange_pool = self.shared_cache = None
@@ -193,7 +197,7 @@ class Engine:
         self.plan = self._memory_plan()
         self.shm_note = ""
         if self.cache_share > 1:
-            self._cache_layout = shared_cache_layout([s.numel for s in self.states], self.plan.cached_stages,
+            self._cache_layout = shared_cache_layout([s.wnumel for s in self.states], self.plan.cached_stages,
                                                      dtype_size(self.cdtype))
             total = self._cache_layout[1]
             free = self.dist.broadcast(shm_free(), "checking /dev/shm for the shared weight cache")  # rank 0's view
@@ -259,6 +263,9 @@ class Engine:
                 self.ts.initialise(self.init_values)
             if self.lora and self.shared_cache is not None:  # rank 0 filled the base's cache: read it after that
                 self.dist.barrier("filling the shared weight cache")
+            # an int8 base: each block is dequantised into this one buffer before its forward and backward
+            n = max((s.packing.dequant_numel for s in self.states if s.packing is not None), default=0)
+            self._dequant = self.dev.empty(n, self.cdtype, "int8 base, a stage dequantised") if n else None
             self.streamer = WeightStreamer(self.states, self.store, self.weight_pool, self.dev, self.cdtype,
                                            off.prefetch_depth, self.tracer, ref)
             self.worker = OptimizerWorker(self.opt, self.cdtype, off.max_pending_updates, self.tracer, ref)
@@ -349,6 +356,8 @@ class Engine:
             micro_batches=len(self.micro), tied=self.tied, compute_on_cpu=self.dev.is_host,
             device_budget=self.gpu_mem, fmt=self.fmt, lora_params=self._adapter_numel() if self.lora else None,
             owned={st.index for st in self.states if st.owned} if self.sharded else None, cache_share=self.cache_share,
+            weight_bytes=[s.wnumel * dtype_size(self.cdtype) for s in self.states],
+            dequant_bytes=max((s.numel for s in self.states if s.packing is not None), default=0) * dtype_size(self.cdtype),
             offtier_bytes=offtier_bytes(self.cfg.model, self.act, t.micro_batch_size, self.cfg.data.seq_len,
                                         dtype_size(self.cdtype)))
 
@@ -498,19 +507,20 @@ class Engine:
         for i in range(S - 1):
             w = self.streamer.get(self._pos)
             t0 = self._begin()
-            params = self._bind(i, self.states[i].views(w.flat))
+            params = self._bind(i, self.states[i].weight_views(w.flat, self._dequant))
+            bases = weight_bases(w.flat, params, self.states[i].packing)
             for j in range(M):
                 if i == 0:
                     with torch.no_grad(), self._autocast():
                         h[j] = self._stage_fn(0, ps[j])(params, h[j])
                 else:
                     h[j], kept[j][i] = forward_block(self.swapper, f"{i - 1}.{j}", self.act[i - 1],
-                                                     self._stage_fn(i, ps[j], keys[j]), w.flat, params, h[j],
+                                                     self._stage_fn(i, ps[j], keys[j]), bases, params, h[j],
                                                      self._autocast, trainable)
             self._compute(f"forward {self.states[i].stage.name}", t0)
             # References go before the release: the next load may take the memory once the GPU is done
             # with it (weights.py), and a reference held here would keep it on the device.
-            w = params = None
+            w = params = bases = None
             self.streamer.release(self._pos)
             self._pos += 1
             fault("forward", step)
@@ -523,8 +533,8 @@ class Engine:
             self._pos += 1
         w = self.streamer.get(self._pos)
         t0 = self._begin()
-        own = head.views(w.flat)
-        shared = {"lm_head.weight": self.states[0].views(emb.flat)["wte"]} if self.tied else {}
+        own = head.weight_views(w.flat)
+        shared = {"lm_head.weight": self.states[0].weight_views(emb.flat)["wte"]} if self.tied else {}
         total = torch.zeros((), device=self.device)
         acc = shared_acc = None
         for j in range(M):
@@ -570,14 +580,15 @@ class Engine:
             w = self.streamer.get(self._pos)
             t0 = self._begin()
             acc = None
+            params = self._bind(i, st.weight_views(w.flat, self._dequant)) if i > 0 else None  # (int8 base: dequantised once)
+            bases = weight_bases(w.flat, params, st.packing) if i > 0 else None
             for j in range(M):
                 if i > 0:
                     for bi, bj in units[u:u + ahead + 1]:
                         kept[bj][bi].prefetch(self.swapper)
                     u += 1
                     h[j], gmap = backward_block(self.swapper, kept[j].pop(i), self._stage_fn(i, ps[j], keys[j]),
-                                                w.flat, self._bind(i, st.views(w.flat)), h[j], self._autocast,
-                                                self._before_grad, trainable)
+                                                bases, params, h[j], self._autocast, self._before_grad, trainable)
                     if self.lora:  # the adapters' gradients, summed over the micro-batches in order
                         self._lora_grads(i, gmap)
                         continue
@@ -585,7 +596,7 @@ class Engine:
                     h[j] = None
                     continue
                 else:
-                    emb = leaves(st.views(w.flat))
+                    emb = leaves(st.weight_views(w.flat))
                     with torch.enable_grad(), self._autocast():
                         out = self._stage_fn(0, ps[j])(emb, xs[j])
                     self._before_grad()
@@ -594,7 +605,7 @@ class Engine:
                 acc = self._accumulate(st, gmap, acc)
                 gmap = None
             self._compute(f"backward {st.stage.name}", t0)
-            w = None  # before the release, as above
+            w = params = bases = None  # before the release, as above
             self.streamer.release(self._pos)
             self._pos += 1
             fault("backward", step)
@@ -927,15 +938,15 @@ class Engine:
                 for i in range(S - 1):
                     w = self.streamer.get(pos)
                     with autocast(self.device, self.cfg.train.precision):
-                        h = self._stage_fn(i, p)(self._bind(i, self.states[i].views(w.flat)), h)
+                        h = self._stage_fn(i, p)(self._bind(i, self.states[i].weight_views(w.flat, self._dequant)), h)
                     w = None  # dropped before the release (Engine._step)
                     self.streamer.release(pos)
                     pos += 1
                 params = {}
                 if self.tied:
-                    params["lm_head.weight"] = self.states[0].views(self.streamer.get(pos).flat)["wte"]
+                    params["lm_head.weight"] = self.states[0].weight_views(self.streamer.get(pos).flat)["wte"]
                     pos += 1
-                params.update(self.states[-1].views(self.streamer.get(pos).flat))
+                params.update(self.states[-1].weight_views(self.streamer.get(pos).flat))
                 with autocast(self.device, self.cfg.train.precision):  # the batch's summed loss
                     total += float(self.states[-1].stage.forward(params, h, self._to_device(b.targets, "input batch"),
                                                                  loss_tokens=1))
@@ -985,6 +996,12 @@ class Engine:
                          f"{n:,} trainable parameters ({100 * n / self.model.num_params:.2f}% of the "
                          f"{self.model.num_params:,} base parameters, which are read-only: no master, moments or "
                          f"gradients); adapters, gradients and AdamW moments on {self.device}")
+            if self.cfg.lora.base == "int8":
+                packed = sum(s.wnumel for s in self.states) * dtype_size(self.cdtype)
+                lines.append(f"int8 base: the blocks' matmul weights stored and streamed as int8 with fp32 row scales, "
+                             f"{format_size(packed)} (in {t.precision}: "
+                             f"{format_size(self.model.num_params * dtype_size(self.cdtype))}); dequantised on "
+                             f"{self.device} a stage at a time")
             if self.clipping:
                 lines.append(f"exact clipping at {t.grad_clip} of the adapters' gradients, after backward")
         elif self.clipping:

@@ -1,6 +1,7 @@
 """The training state of LoRA (``lora.rank > 0``): a frozen base and small adapters.
 
-The base's weights are only read: the store holds every stage's compute-precision copy, written once
+The base's weights are only read: the store holds every stage's compute-precision copy (with
+``lora.base = int8`` the blocks' packed int8 matmul weights, ``fuyou.models.quant``), written once
 at the start (from the checkpoint or the seeded init) and never again; the weight cache holds as many
 stages as the budget allows, filled from it on resume. No fp32 master, no moments, no gradient of the
 base exist anywhere. The adapters (``fuyou.models.lora``), their gradients and their AdamW moments live
@@ -42,7 +43,7 @@ class LoRATrainingState(TrainingState):
     optimizer: torch.optim.Optimizer
 
     def specs(self) -> list[tuple]:
-        return [(s.keys.weights, (s.numel,), self.cdtype) for s in self.states]
+        return [(s.keys.weights, (s.wnumel,), self.cdtype) for s in self.states]
 
     def initialise(self, init_values) -> None:
         """Each stage's base weights in the compute dtype to the store (and the cache), one stage in
@@ -50,8 +51,10 @@ class LoRATrainingState(TrainingState):
         self.store.allocate_many(self.specs())
         for s in self.states:
             values = init_values(s.stage)
-            flat = torch.empty(s.numel, dtype=self.cdtype)
-            for name, slot in s.slots.items():
+            flat = torch.empty(s.wnumel, dtype=self.cdtype)
+            if s.packing is not None:  # an int8 base, quantised from the fp32 values (fuyou/models/quant.py)
+                s.packing.pack({name: values.pop(s.stage.key(name)) for name in s.slots}, flat)
+            for name, slot in s.slots.items() if s.packing is None else ():
                 flat[slot.offset:slot.offset + slot.numel] = values.pop(s.stage.key(name)).reshape(-1)
             fut = self.store.write_from(s.keys.weights, flat)
             if s.index in self.plan.cached_stages:
@@ -171,12 +174,13 @@ class LoRATrainingState(TrainingState):
         """Nothing to write back: the base never changes and the adapters are the device's."""
 
     def state_dict(self) -> dict[str, Tensor]:
-        """The base weights (compute dtype, as fp32) and the adapters by global key."""
+        """The base weights (compute dtype, or an int8 base's dequantised values, as fp32) and the adapters
+        by global key."""
         out = {}
         for st in self.states:
-            flat = torch.empty(st.numel, dtype=self.cdtype)
+            flat = torch.empty(st.wnumel, dtype=self.cdtype)
             self.store.read_into(st.keys.weights, flat).result()
-            out.update({st.stage.key(n): v.float() for n, v in st.views(flat).items()})
+            out.update({st.stage.key(n): v.float() for n, v in st.weight_views(flat).items()})
         out.update(self.adapter_state())
         return out
 

@@ -106,22 +106,25 @@ class GraphKeeper:
     """Saved-tensor hooks of a block kept whole (policy ``all``): every tensor autograd saves leaves
     through the swapper, except views of the block's weights and of its input, which are recorded
     as markers and rebuilt in backward from the weights loaded then (the forward's weight buffer may
-    have been reused) and from the kept input."""
+    have been reused) and from the kept input. ``weights``: the tensors the block's weights view, in
+    an order the backward's (``bwd_weights``) repeats: the stage's flat weights, and with an int8 base
+    (``fuyou.models.quant``) each dequantised matmul weight after it (``weight_bases``)."""
 
-    def __init__(self, swapper: ActivationSwapper, prefix: str, tier: str, weights: Tensor, inp: Tensor):
+    def __init__(self, swapper: ActivationSwapper, prefix: str, tier: str, weights: list[Tensor], inp: Tensor):
         self.swapper, self.prefix, self.tier = swapper, prefix, tier
         self.fwd_weights, self.inp = weights, inp
-        self.bwd_weights: Tensor | None = None
+        self.bwd_weights: list[Tensor] | None = None
         self.slots: list[Slot] = []
 
     def pack(self, t: Tensor):
         if t.device != self.inp.device:  # e.g. the CPU RNG state SDPA saves on CUDA: small, kept as is
             return ("raw", t)
         ptr = t.untyped_storage().data_ptr()
-        if ptr == self.fwd_weights.untyped_storage().data_ptr():
-            return ("w", t.storage_offset() - self.fwd_weights.storage_offset(), t.shape, t.stride())
+        for k, base in enumerate(self.fwd_weights):
+            if ptr == base.untyped_storage().data_ptr():
+                return ("w", k, t.storage_offset() - base.storage_offset(), t.shape, t.stride())
         if ptr == self.inp.untyped_storage().data_ptr():
-            return ("in", t.storage_offset() - self.inp.storage_offset(), t.shape, t.stride())
+            return ("in", 0, t.storage_offset() - self.inp.storage_offset(), t.shape, t.stride())
         slot = self.swapper.put(f"{self.prefix}/saved{len(self.slots)}", t, self.tier)
         self.slots.append(slot)
         return ("s", slot)
@@ -132,8 +135,8 @@ class GraphKeeper:
             return packed[1]
         if kind == "s":
             return self.swapper.get(packed[1])
-        _, rel, shape, stride = packed
-        base = self.bwd_weights if kind == "w" else self.inp
+        _, k, rel, shape, stride = packed
+        base = (self.bwd_weights[k] if self.bwd_weights is not None else None) if kind == "w" else self.inp
         assert base is not None, "backward of a kept block before its weights were bound"
         return base.as_strided(shape, stride, base.storage_offset() + rel)
 
@@ -173,7 +176,7 @@ class BlockState:
             swapper.free(s)
 
 
-def forward_block(swapper: ActivationSwapper, tag: str, policy: KeepPolicy, fn, weights: Tensor,
+def forward_block(swapper: ActivationSwapper, tag: str, policy: KeepPolicy, fn, weights: list[Tensor],
                   params: dict[str, Tensor], x: Tensor, autocast_ctx,
                   trainable: set[str] | None = None) -> tuple[Tensor, BlockState]:
     """Run a block forward under ``policy``; return its output and what backward needs. ``tag`` names
@@ -201,6 +204,12 @@ def forward_block(swapper: ActivationSwapper, tag: str, policy: KeepPolicy, fn, 
     return out, BlockState(checkpoint=ck, slots=rec.slots if rec else {}, dtype=wide if rounds else None)
 
 
+def weight_bases(flat: Tensor, params: dict[str, Tensor], packing=None) -> list[Tensor]:
+    """The tensors a stage's weights view, for ``GraphKeeper``: its flat weights, and with an int8 base
+    each dequantised matmul weight (``PackedStage.quantised``, in its order)."""
+    return [flat] + ([params[n] for n in packing.quantised] if packing is not None else [])
+
+
 def release_forward_weights(params: dict[str, Tensor]) -> None:
     """Let go of a kept block's forward weights. Its graph keeps the leaves, which view the forward's
     weight buffer: without this the whole block's forward weights would stay on the device until its
@@ -210,11 +219,12 @@ def release_forward_weights(params: dict[str, Tensor]) -> None:
         p.data = p.data.new_empty(0)
 
 
-def backward_block(swapper: ActivationSwapper, state: BlockState, fn, weights: Tensor,
+def backward_block(swapper: ActivationSwapper, state: BlockState, fn, weights: list[Tensor],
                    params: dict[str, Tensor], grad_out: Tensor, autocast_ctx,
                    before_grad=None, trainable: set[str] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """Backward of one block (recomputing what the policy did not keep); returns the gradient of
     its input and of its parameters by local name (``trainable`` ones only: see ``leaves``).
+    ``weights``: what the block's weights view (``weight_bases``), for a block kept whole.
     ``before_grad()`` runs after the recompute, before autograd allocates the parameter gradients."""
     if state.graph is not None:
         out, inp, wrt = state.graph

@@ -181,8 +181,8 @@ class TrainingState:
         two: a 629 MB stage would lock 1 GiB, up to twice the plan). Data parallel on one machine: the
         stage's part of the ranks' shared cache (its owner writes it; ``fuyou/store/shared.py``)."""
         if self.shared_cache is not None:
-            return self.shared_cache.view(self.cache_offsets[st.index], st.numel, self.cdtype)
-        self._cache_bufs.append(self.cache_pool.acquire(st.numel * dtype_size(self.cdtype), self.cdtype))
+            return self.shared_cache.view(self.cache_offsets[st.index], st.wnumel, self.cdtype)
+        self._cache_bufs.append(self.cache_pool.acquire(st.wnumel * dtype_size(self.cdtype), self.cdtype))
         return self._cache_bufs[-1].tensor
 
     def held_grad(self, st: StageState) -> Tensor | None:

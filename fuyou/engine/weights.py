@@ -79,7 +79,7 @@ class WeightStreamer:
         fut = self._futures[pos]
         t0 = time.perf_counter()
         name = self.states[self._order[pos]].stage.name
-        loaded = watchdog.result(fut, f"the weights of {name}", self.states[self._order[pos]].numel * 2)
+        loaded = watchdog.result(fut, f"the weights of {name}", self.states[self._order[pos]].wnumel * dtype_size(self.dtype))
         t1 = time.perf_counter()
         c: StepCounters = self._counters()
         waited_opt = max(0.0, min(t1, loaded.ready_at) - t0)
@@ -138,7 +138,7 @@ class WeightStreamer:
             host = st.cache
             c.add(cache_hits=1)
         else:
-            buf = watchdog.acquire(self.pool, st.numel * dtype_size(self.dtype), self.dtype,
+            buf = watchdog.acquire(self.pool, st.wnumel * dtype_size(self.dtype), self.dtype,
                                    f"a buffer to load {st.stage.name}'s weights")
             t0 = time.perf_counter()
             try:
@@ -147,7 +147,7 @@ class WeightStreamer:
                 buf.release()
                 raise
             host = buf.tensor
-            c.add(ssd_read_bytes=st.numel * dtype_size(self.dtype))
+            c.add(ssd_read_bytes=st.wnumel * dtype_size(self.dtype))
             self.tracer.add(f"read weights {st.stage.name}", "ssd-read", t0, time.perf_counter())
         if self.dev.is_host:
             return Loaded(host, ready, time.perf_counter(), buffer=buf)
@@ -157,11 +157,11 @@ class WeightStreamer:
             gate.synchronize()
         h2d, timed = self._h2d(), self.tracer.enabled
         with self.dev.on(h2d):  # allocated on the stream that fills it (Note: [Stream hand-offs])
-            flat = self.dev.empty(st.numel, self.dtype, "stage weights in window")
+            flat = self.dev.empty(st.wnumel, self.dtype, "stage weights in window")
             start = self.dev.event(timing=True).record(h2d) if timed else None
             self.dev.to_device(flat, host, h2d)
             ev = self.dev.event(timing=timed).record(h2d)
-        c.add(h2d_bytes=st.numel * dtype_size(self.dtype))
+        c.add(h2d_bytes=st.wnumel * dtype_size(self.dtype))
         if buf is not None:
             self.dev.after(ev, buf.release)  # the host buffer is reused only once the copy has landed
         if timed:

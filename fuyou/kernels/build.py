@@ -71,6 +71,8 @@ def _declare(lib: ctypes.CDLL) -> None:
         c_dbl, c_dbl, c_dbl, c_dbl, c_dbl, c_dbl, c_dbl,  # w1 b2 c2 bc2s eps ns gs
         c_int, c_int,  # num_threads, isa
     ]
+    lib.fuyou_dequant_rows.restype = c_int
+    lib.fuyou_dequant_rows.argtypes = [c_vp, c_vp, c_vp, c_int, c_i64, c_i64, c_int]  # q, scale, out, otype, rows, cols, threads
 
 
 def _declare_storeio(lib: ctypes.CDLL) -> None:

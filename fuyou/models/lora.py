@@ -55,6 +55,10 @@ class LoRAConfig(BaseModel):
     init: Literal["default", "gaussian"] = Field(
         "default", description="A's initialisation: PEFT's default (kaiming-uniform, a=sqrt(5)) or 'gaussian' "
         "(N(0, 1/r)); B starts at zero either way.")
+    base: Literal["compute", "int8"] = Field(
+        "compute", description="How the frozen base is stored and streamed: 'compute' in the run's compute "
+        "precision (train.precision: bf16 or fp32); 'int8' its blocks' matmul weights as int8 with an fp32 scale "
+        "per output channel (fuyou/models/quant.py): about 1 byte a parameter, half of bf16's.")
 
     @field_validator("targets", mode="before")
     @classmethod
@@ -70,6 +74,9 @@ class LoRAConfig(BaseModel):
             raise ValueError(f"lora.init_from={self.init_from} is set but lora.rank is 0 (LoRA off): give the adapter's "
                              f"own settings too (lora.rank, lora.alpha, lora.targets: its adapter_config.json's r, "
                              f"lora_alpha and target_modules)")
+        if self.base != "compute" and not self.rank:
+            raise ValueError(f"lora.base={self.base} is set but lora.rank is 0 (LoRA off): a quantised base is "
+                             f"LoRA's, whose base is frozen; set lora.rank, or drop lora.base")
         return self
 
     @property

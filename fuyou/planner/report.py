@@ -83,7 +83,9 @@ def summary(plan: Plan) -> dict:
         "gpu_peak_bytes": ev.memory.device_required if hw.device == "cuda" else 0,
         "step_s": step, "tokens_per_s": w.tokens / step,
         "model_tflops": w.model_flops / step / 1e12, "gpu_busy": busy_gpu / step,
-        "grad_clip": w.grad_clip, "lora": w.lora_params is not None, "triggered_step_s": ev.triggered_step, "clipping_step_s": ev.clipping_step,
+        "grad_clip": w.grad_clip, "lora": w.lora_params is not None,
+        "lora_base": w.lora.base if w.lora_params is not None else None, "base_bytes": sum(w.weight_bytes),
+        "triggered_step_s": ev.triggered_step, "clipping_step_s": ev.clipping_step,
         "commit": off.commit if off.commit != "cow" else f"every {off.commit_every}" + (
             " step(s)" if off.commit_steps else ""),
         "commit_s_per_step": ev.commit_s, "commit_cost_s": ev.commit_cost_s, "steps_per_commit": ev.steps_per_commit,
@@ -153,7 +155,18 @@ def lora_line(w) -> str:
     names = resolve_targets(w.model.family, w.lora.targets)
     return (f"LoRA rank {w.lora.rank} on {', '.join(names)}: {w.lora_params / 1e6:.3g}M adapter parameters "
             f"({format_size(16 * w.lora_params)} with gradients and AdamW moments, on the GPU); the base is read-only "
-            f"(no master, moments or gradients)")
+            f"(no master, moments or gradients), {base_line(w)}")
+
+
+def base_line(w) -> str:
+    """How LoRA's base is stored and streamed (``lora.base``)."""
+    from fuyou.units import format_size
+
+    total = format_size(sum(w.weight_bytes))
+    if w.lora.base == "int8":
+        plain = format_size(w.csize * sum(w.numels))
+        return f"stored and streamed as int8 matmul weights with fp32 row scales: {total} (in the compute dtype {plain})"
+    return f"stored and streamed in the compute dtype: {total}"
 
 
 def _wear(plan: Plan, step: float) -> dict:

@@ -126,7 +126,8 @@ def _rank_plan(w: Workload, hw: HardwareProfile, policy: ActivationPolicy, cpu_b
         checkpoint_bytes=ckpt_bytes, working_bytes=gpu_working_bytes(w) if cuda else None,
         extra_cpu=extra_cpu, extra_device=extra_dev,
         offtier_bytes=offtier_bytes(w.model, keep, w.batch, w.seq, w.csize), fmt=w.fmt, lora_params=w.lora_params,
-        owned=owned, cache_share=w.ranks)  # one weight cache per machine (sharded state or LoRA's base)
+        owned=owned, cache_share=w.ranks,  # one weight cache per machine (sharded state or LoRA's base)
+        weight_bytes=w.weight_bytes, dequant_bytes=w.dequant_bytes)
 
 
 def state_ssd_bytes(w: Workload, plan: MemoryPlan) -> dict[str, int]:
@@ -136,8 +137,8 @@ def state_ssd_bytes(w: Workload, plan: MemoryPlan) -> dict[str, int]:
     it does not cache, its owners' new weights written there by the exchange), and gradients saved for
     exact clipping."""
     off, clip = w.offload, w.grad_clip is not None
-    if w.lora_params is not None:  # LoRA: every stage's base weights in the compute dtype, nothing else
-        return {"optimizer state copies": 0, "compute weights": w.ranks * w.csize * sum(w.numels),
+    if w.lora_params is not None:  # LoRA: every stage's base weights (compute dtype or int8), nothing else
+        return {"optimizer state copies": 0, "compute weights": w.ranks * sum(w.weight_bytes),
                 "saved gradients": 0}
     every = off.commit_steps == 1
     resident = plan.resident_all
@@ -193,7 +194,7 @@ def _assign(w, hw, costs, depth: int, tiers: tuple[str, ...], k: int, cpu_budget
     plan, _ = memory_plan(w, hw, costs, base, cpu_budget)
     # what is kept on the GPU also grows the plan's allocator slack (a fraction of the device items)
     room = {"gpu": (hw.gpu_mem - plan.device_required) / (1 + DEVICE_SLACK_FRACTION) if hw.device == "cuda" else 0,
-            "cpu": cpu_budget - plan.cpu_required - weight_buffer_need(w.numels, [], depth, w.tied, w.csize),
+            "cpu": cpu_budget - plan.cpu_required - weight_buffer_need(w.weight_bytes, [], depth, w.tied),
             "ssd": math.inf}
     if hw.device == "cpu":  # the compute device's memory is CPU memory: "gpu" and "cpu" are one tier
         room["gpu"], room["cpu"] = room["cpu"], 0
@@ -338,6 +339,13 @@ def search(w: Workload, hw: HardwareProfile, cpu_budget: int, policy: Activation
             if fmt.bytes_per_param() < w.fmt.bytes_per_param():
                 variants[f"optim.master={master} optim.moments={moments} ({fmt.bytes_per_param():.3g} B/param of "
                          f"state)"] = dict(fmt=fmt)
+        if w.lora_params is not None and w.lora.base == "compute":  # LoRA: a base of half the bytes or less,
+            # planned afresh (its dequantised stage takes device memory the policy may have given activations)
+            again = search(dataclasses.replace(w, lora=w.lora.model_copy(update={"base": "int8"})), hw, cpu_budget,
+                           None, whatif=False, ladder=False)
+            n_eval += again.evaluations
+            if again.feasible:
+                plan.whatif["lora.base=int8 (the blocks' base weights as int8)"] = again.best.step_time
         for name, change in variants.items():
             w2 = dataclasses.replace(w, **change)
             e2 = evaluate(w2, hw, costs, best.policy, cpu_budget, SEARCH_STEPS, clip_modes=False)

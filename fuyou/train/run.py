@@ -119,7 +119,7 @@ class SaveError(FuyouError):
 # scale (lora.*, except dropout); everything else (steps, learning rate and the rest of the optimizer,
 # batch, data, logging, budgets, schedules) may change and is recorded (``resume_changes``).
 FIXED_ON_RESUME = ("model.", "offload.ssd_dirs", "offload.mode", "offload.commit", "optim.master", "optim.moments",
-                   "lora.rank", "lora.alpha", "lora.targets", "lora.use_rslora", "lora.init")  # lora.dropout may change
+                   "lora.rank", "lora.alpha", "lora.targets", "lora.use_rslora", "lora.init", "lora.base")  # lora.dropout may change
 NOT_COMPARED = ("model.init_from", "run.")
 
 
@@ -179,6 +179,9 @@ def export_run_dir(run_dir: str | Path, out_dir: str | Path, dtype: str = "fp32"
         from fuyou.hf.peft import write_merged, write_peft_adapter
 
         if merge:
+            if adapters.lora.get("base") == "int8":
+                print("fuyou: the adapters were trained over the int8 base (lora.base=int8); they are merged into the "
+                      "base's own weights, as QLoRA adapters are", file=stream or sys.stderr)
             return write_merged(run, out, dtype, shard_size, adapters=adapters)
         return write_peft_adapter(run, out, dtype, adapters=adapters, stream=stream)
     if merge:

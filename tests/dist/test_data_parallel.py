@@ -276,7 +276,8 @@ def shm_caches() -> set[str]:
 @pytest.mark.parametrize("extra, saved", [
     ((), "model.safetensors"),
     (("train.device=fake", "model.preset=llama-test", "train.precision=bf16"), "model.safetensors"),
-    (("lora.rank=4", "lora.targets=all-linear", "model.preset=llama-test"), "adapter.safetensors"),  # rank 0 fills it
+    # rank 0 fills it, here with an int8 base (the packed stages: fuyou/models/quant.py)
+    (("lora.rank=4", "lora.targets=all-linear", "model.preset=llama-test", "lora.base=int8"), "adapter.safetensors"),
 ])
 def test_the_ranks_of_one_machine_share_one_weight_cache(tmp_path, extra, saved):
     """With the weight cache on (the default), the ranks of a machine map one cache (fuyou/store/shared.py):

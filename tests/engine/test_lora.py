@@ -47,6 +47,15 @@ CASES = {
     # the CUDA code paths on the fake device
     "fake-device": ["model.preset=llama-test", "lora.targets=all-linear", "train.device=fake", "train.grad_accum=2",
                     "offload.cache_weights=false"],
+    # an int8 base (fuyou/models/quant.py): streamed from the SSD, cached, a block kept whole (its saved
+    # weights are the dequantised ones: rebuilt in backward, not swapped), on the fake device
+    "llama-int8-base-ssd": ["model.preset=llama-test", "lora.targets=all-linear", "lora.base=int8",
+                            "offload.cache_weights=false", "lora.dropout=0.1", "train.grad_clip=0.5"],
+    "gpt-int8-base-cached-kept": ["lora.targets=['c_attn','c_fc']", "lora.base=int8", "train.grad_accum=2",
+                                  "offload.act_policy=1:all=cpu;2:all=ssd;3:qkv=ssd", "offload.act_cpu_mem=1MiB"],
+    "int8-base-fake-device": ["model.preset=llama-test", "lora.targets=all-linear", "lora.base=int8",
+                              "train.device=fake", "offload.cache_weights=false", "offload.act_policy=1:all=cpu",
+                              "offload.act_cpu_mem=1MiB"],
 }
 
 
@@ -149,6 +158,24 @@ def test_sigkill_then_resume_is_bit_exact(tmp_path, uninterrupted, fault):
     assert got.keys() == uninterrupted.keys()
     for k in got:
         assert torch.equal(got[k], uninterrupted[k]), k
+
+
+def test_an_int8_base_resumes_bit_exactly_and_refuses_another_base(tmp_path):
+    """The packed base is what the store holds: a run killed mid-step resumes from it bit for bit (the
+    resumed run refills its cache from the packed stages), and a resume cannot change lora.base."""
+    ref = run(train_cmd(tmp_path, "ref", "lora.base=int8"))
+    assert ref.returncode == 0, ref.stderr
+    killed = run(train_cmd(tmp_path, "r", "lora.base=int8"), fault="backward@2")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    run_dir = tmp_path / "runs" / "r"
+    other = run([sys.executable, "-m", "fuyou.cli", "train", "--resume", str(run_dir), "lora.base=compute"])
+    assert other.returncode != 0 and "lora.base" in other.stderr and "Traceback" not in other.stderr
+    resumed = run([sys.executable, "-m", "fuyou.cli", "train", "--resume", str(run_dir)])
+    assert resumed.returncode == 0, resumed.stderr
+    want, got = (load_file(str(d / "adapter.safetensors")) for d in (tmp_path / "runs" / "ref", run_dir))
+    assert got.keys() == want.keys()
+    for k in got:
+        assert torch.equal(got[k], want[k]), k
 
 
 def test_a_damaged_adapter_commit_is_refused(tmp_path):

@@ -1,0 +1,146 @@
+"""LoRA's int8 base (fuyou/models/quant.py): the quantisation's error bound, the packed layout, the bytes
+the engine streams and the planner counts, and the settings it refuses."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fuyou.config import load_config
+from fuyou.errors import ConfigError
+from fuyou.models import StageModel
+from fuyou.models.config import ModelConfig
+from fuyou.models.quant import PackedStage, dequantise_rows, fake_quantise, packed_bytes, quantise_rows, quantised_names
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))
+
+
+def test_rows_round_to_the_nearest_code_within_half_a_step():
+    w = torch.randn(64, 96) * torch.logspace(-3, 1, 64)[:, None]  # rows of very different sizes
+    w[5] = 0.0                                                      # and one of zeros
+    codes, scale = quantise_rows(w)
+    assert codes.dtype == torch.int8 and scale.shape == (64,)
+    assert int(codes.abs().max()) == 127 and int(codes[5].abs().max()) == 0 and float(scale[5]) == 0.0
+    back = dequantise_rows(codes, scale, torch.float32)
+    err = (back - w).abs()
+    assert bool((err <= scale[:, None] / 2 * (1 + 1e-6) + 1e-12).all())  # per row: half a step of its scale
+    # each row's largest entry is exact up to fp32 rounding: it defines the scale
+    assert torch.allclose(back.abs().amax(1), w.abs().amax(1), rtol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 17), (5, 70_001), (70_001, 3), (64, 2048)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_dequantisation_kernel_gives_torchs_bits(shape, dtype):
+    """The CPU kernel (adamw.cpp ``fuyou_dequant_rows``) against the mixed-dtype torch op it replaces:
+    the same bits, whatever the shape (rows longer and shorter than a work block), into new memory or
+    into a slice of a scratch buffer."""
+    from fuyou.kernels.build import load_adamw_lib
+
+    if load_adamw_lib() is None:
+        pytest.skip("the kernel library did not build here (its fallback is the torch op itself)")
+    rows, cols = shape
+    codes = torch.randint(-127, 128, shape, dtype=torch.int8)
+    scale = torch.randn(rows).abs() * torch.logspace(-6, 1, rows)
+    want = torch.mul(codes, scale[:, None], out=torch.empty(shape, dtype=dtype))
+    assert torch.equal(dequantise_rows(codes, scale, dtype), want)
+    scratch = torch.full((rows * cols + 9,), float("nan"), dtype=dtype)
+    got = dequantise_rows(codes, scale, dtype, scratch[9:].view(rows, cols))
+    assert got.data_ptr() == scratch[9:].data_ptr() and torch.equal(got, want)
+    assert bool(scratch[:9].isnan().all())  # nothing written outside its slice
+
+
+@pytest.mark.parametrize("family", ["gpt", "llama"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_packed_stage_unpacks_to_what_the_reference_trains(family, dtype):
+    model = StageModel(ModelConfig(family=family, n_layer=2, d_model=64, n_head=4, vocab_size=128, max_seq_len=32))
+    emb, block, head = model.stages[0], model.stages[1], model.stages[-1]
+    csize = torch.empty((), dtype=dtype).element_size()
+    assert PackedStage.of(emb, csize) is None and PackedStage.of(head, csize) is None  # kept in the compute dtype
+    assert quantised_names(block) == [f"{n}.weight" for n in (["qkv", "proj", "fc1", "fc2"] if family == "gpt"
+                                                              else ["q", "k", "v", "o", "gate", "up", "down"])]
+    layout = PackedStage.of(block, csize)
+    values = block.init_params(0)
+    flat = layout.pack({n: values[block.key(n)] for n in block.params}, torch.empty(layout.numel, dtype=dtype))
+    out = layout.unpack(flat)
+    assert list(out) == list(block.params)                         # slot order
+    again = layout.unpack(flat, torch.empty(layout.dequant_numel, dtype=dtype))  # into the engine's scratch
+    assert all(torch.equal(again[n], out[n]) for n in out)
+    ref = fake_quantise(block, values)
+    for n, v in out.items():
+        assert v.dtype == dtype and v.shape == block.params[n].shape
+        assert torch.equal(v, ref[block.key(n)].to(dtype)), n          # bit for bit what the reference uses
+        if n not in layout.quantised:
+            assert torch.equal(v, values[block.key(n)].to(dtype))     # norms and biases untouched
+    # about a byte a parameter: codes, a 4-byte scale per row, 64-byte alignment, small params in the dtype
+    matmul = sum(block.params[n].numel for n in layout.quantised)
+    rows = sum(block.params[n].shape[0] for n in layout.quantised)
+    small = block.num_params - matmul
+    assert matmul + 4 * rows + csize * small <= layout.nbytes <= matmul + 4 * rows + csize * small + 64 * 2 * len(block.params)
+    assert packed_bytes(block, csize) == layout.nbytes and packed_bytes(emb, csize) == csize * emb.num_params
+
+
+def test_the_engine_streams_the_packed_bytes(tmp_path):
+    """Base weights read from the SSD each step: about half of bf16's with an int8 base (the counted
+    bytes are the packed stages'), and the memory plan is charged the packed size."""
+    from engine_testutil import make_cfg, run_both
+
+    counted = {}
+    for base in ("compute", "int8"):
+        (tmp_path / base).mkdir()
+        cfg = make_cfg(tmp_path / base, "model.preset=llama-test", "model.n_layer=4", "lora.rank=4",
+                       "lora.targets=all-linear", "train.precision=bf16", "offload.cache_weights=false",
+                       "train.steps=1", f"lora.base={base}")
+        ref, eng, rs, es = run_both(cfg)
+        try:
+            packed = sum(st.wnumel for st in eng.states) * 2
+            # each stage read in forward and again in backward, the head once (its forward and backward are one)
+            assert eng.counters.ssd_read_bytes == 2 * packed - 2 * eng.states[-1].wnumel
+            counted[base] = eng.counters.ssd_read_bytes
+            if base == "int8":  # the blocks are packed to about a byte a parameter, the rest stays bf16
+                assert all(st.wnumel / st.numel < 0.56 for st in eng.states[1:-1])
+                assert [st.wnumel for st in (eng.states[0], eng.states[-1])] == [eng.states[0].numel, eng.states[-1].numel]
+                assert "int8 base, a stage dequantised" in eng.plan.device_items
+            assert abs(rs[0].loss - es[0].loss) <= 1e-4 * abs(rs[0].loss)
+        finally:
+            eng.close()
+    ratio = counted["int8"] / counted["compute"]
+    print(f"base weights read per step: int8 / bf16 = {ratio:.3f}")
+    assert 0.5 < ratio < 0.62  # (this tiny model's embedding and head, still bf16, weigh more than a large one's)
+
+
+def test_lora_base_is_refused_without_lora_and_fixed_on_resume():
+    with pytest.raises(ConfigError, match="lora.base=int8 is set but lora.rank is 0"):
+        load_config(overrides=["lora.base=int8"])
+    with pytest.raises(ConfigError, match="lora.base"):
+        load_config(overrides=["lora.rank=4", "lora.base=nf4"])
+    from fuyou.train.run import resume_changes
+
+    a = load_config(overrides=["lora.rank=4"])
+    b = load_config(overrides=["lora.rank=4", "lora.base=int8"])
+    with pytest.raises(ConfigError, match="lora.base"):
+        resume_changes(a, b)
+
+
+def test_the_planner_counts_the_packed_base():
+    from fuyou.cli import main
+
+    import contextlib
+    import io
+    import json
+
+    out = {}
+    for base in ("compute", "int8"):
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            rc = main(["plan", "--model", "llama3-70b", "--gpu", "rtx4090", "--ssd", "1x990-pro", "--cpu-mem", "64GiB",
+                       "--batch", "4", "--seq", "1024", "--json", "lora.rank=16", f"lora.base={base}"])
+        assert rc in (0, None)
+        out[base] = json.loads(buf.getvalue())
+    print({b: (o["step_s"], o["ssd_bytes"]) for b, o in out.items()})
+    assert [out[b]["lora_base"] for b in out] == ["compute", "int8"]
+    assert 0.5 < out["int8"]["base_bytes"] / out["compute"]["base_bytes"] < 0.53  # a 70B model: the blocks dominate
+    assert out["int8"]["ssd_bytes"] < 0.6 * out["compute"]["ssd_bytes"]
+    assert out["int8"]["step_s"] < out["compute"]["step_s"]  # streamed from one SSD: fewer bytes, a shorter step
