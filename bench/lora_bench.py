@@ -94,7 +94,8 @@ def make_checkpoint(args, out: Path) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def fuyou_overrides(args, model_dir: Path, ssd: Path, lora: bool, policy: str | None = None) -> list[str]:
+def fuyou_overrides(args, model_dir: Path, ssd: Path, lora: bool, policy: str | None = None,
+                    base: str = "compute") -> list[str]:
     mem = args.cpu_mem if lora else (args.full_cpu_mem or args.cpu_mem)
     out = [f"model.init_from={model_dir}", "data.source=synthetic", f"data.seq_len={args.seq}",
            f"train.micro_batch_size={args.batch}", "train.precision=bf16", "train.lr_schedule=constant",
@@ -102,7 +103,7 @@ def fuyou_overrides(args, model_dir: Path, ssd: Path, lora: bool, policy: str | 
            f"offload.ssd_dirs=['{ssd}']", "optim.lr=1e-4", f"train.seed={args.seed}",
            "offload.commit=none"]  # like the peer, no crash-safe commits (one copy of the state on the SSD)
     if lora:
-        out += [f"lora.rank={args.rank}", f"lora.alpha={args.alpha}", f"lora.targets={args.targets}"]
+        out += [f"lora.rank={args.rank}", f"lora.alpha={args.alpha}", f"lora.targets={args.targets}", f"lora.base={base}"]
     if policy:
         out.append(f"offload.act_policy={policy}")
     return out
@@ -164,6 +165,8 @@ def main(argv=None) -> int:
                    "block's matmul outputs kept, no recomputation of them), and the peer without activation "
                    "checkpointing (its equivalent)")
     p.add_argument("--no-full", action="store_true", help="skip fuyou's full fine-tuning")
+    p.add_argument("--int8-base", action="store_true", help="also fuyou LoRA with lora.base=int8 (the base's block "
+                   "matmuls streamed as int8: fuyou/models/quant.py)")
     p.add_argument("--timeout", type=float, default=3600)
     p.add_argument("--markdown")
     args = p.parse_args(argv)
@@ -181,6 +184,8 @@ def main(argv=None) -> int:
             systems["fuyou full fine-tuning"] = None
         if args.kept_policy:
             systems[f"fuyou LoRA, act_policy {args.kept_policy}"] = None
+        if args.int8_base:
+            systems["fuyou LoRA, int8 base"] = None
         if not args.no_peer:
             systems["ZeRO-3 NVMe + PEFT LoRA"] = None
             if args.kept_policy:
@@ -192,7 +197,8 @@ def main(argv=None) -> int:
                 print(f"-- {name}", file=sys.stderr, flush=True)
                 if name.startswith("fuyou"):
                     ov = fuyou_overrides(args, model_dir, args.ssd, lora=name.startswith("fuyou LoRA"),
-                                         policy=args.kept_policy if "act_policy" in name else None)
+                                         policy=args.kept_policy if "act_policy" in name else None,
+                                         base="int8" if "int8 base" in name else "compute")
                     runs[name].append(run_worker(__file__, ["--overrides", json.dumps(ov), "--steps", str(args.steps),
                                                             "--warmup", str(args.warmup)], args.timeout, name))
                 else:
