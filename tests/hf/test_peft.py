@@ -255,6 +255,22 @@ def test_merge_of_a_lora_run_on_a_random_base(tmp_path, capsys):
         torch.testing.assert_close(load_hf(tmp_path / "merged")(x).logits, ours, rtol=0, atol=1e-4)
 
 
+def test_an_int8_base_run_exports_adapters_merged_into_the_base_itself(hf_models, tmp_path, capsys):
+    """lora.base=int8 trains over the quantised base; the adapter exports as any (PEFT applies it to the
+    base it loads), and --merge adds it to the checkpoint's own weights, saying so (QLoRA's practice)."""
+    src = hf_models["llama"]
+    run = lora_train(tmp_path, ["--init-from", str(src)], "lora.targets=all-linear", "lora.base=int8")
+    assert main(["export", str(run), "--out", str(tmp_path / "adapter")]) == 0
+    model = peft.PeftModel.from_pretrained(load_hf(src), str(tmp_path / "adapter")).eval()
+    x = tokens()
+    ours, _ = fuyou_lora_logits(run, open_checkpoint(src).init_values, x)  # over the checkpoint's own weights
+    assert main(["export", str(run), "--out", str(tmp_path / "merged"), "--merge"]) == 0
+    assert "trained over the int8 base" in capsys.readouterr().err
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, ours, rtol=0, atol=1e-4)
+        torch.testing.assert_close(load_hf(tmp_path / "merged")(x).logits, ours, rtol=0, atol=1e-4)
+
+
 def test_a_stopped_lora_run_exports_its_last_commit(hf_models, tmp_path, capsys):
     # No adapter.safetensors (run.save_weights=false), the SSD state kept: its last commit's adapters.
     src = hf_models["llama"]
