@@ -155,6 +155,8 @@ def test_resume_with_another_shape_is_refused_and_optimizer_changes_are_recorded
     assert "cannot change model.d_model (64 -> 128)" in err
     err = _err(capsys, ["train", "--resume", str(run_dir), "optim.moments=int8"])  # the state's format is fixed
     assert "cannot change optim.moments ('fp32' -> 'int8')" in err
+    err = _err(capsys, ["train", "--resume", str(run_dir), "train.precision=bf16"])  # the stored compute weights'
+    assert "cannot change train.precision ('fp32' -> 'bf16')" in err and "Traceback" not in err
     assert main(["train", "--resume", str(run_dir), "optim.lr=0.0005"]) == 0
     err = capsys.readouterr().err
     assert "resumed with changes" in err and "optim.lr 0.001 -> 0.0005" in err

@@ -30,7 +30,7 @@ from fuyou import watchdog
 from fuyou.engine.commit import RECORD, ResumeError, read_record, write_record
 from fuyou import distributed
 from fuyou.engine.state import TrainingState
-from fuyou.models.lora import init_adapters
+from fuyou.models.lora import LoRAConfig, init_adapters
 
 STATE_FILE = "lora-state.{step}.safetensors"
 
@@ -138,7 +138,9 @@ class LoRATrainingState(TrainingState):
         if name is None:
             raise ResumeError(f"the state in {directory} is a full fine-tuning's, not LoRA's: resume it without "
                               f"lora.* settings")
-        fixed = lambda d: {k: v for k, v in (d or {}).items() if k != "dropout"}  # noqa: E731 -- dropout may change
+        # (a record written before a setting existed holds its default: the run had it)
+        fixed = lambda d: {k: v for k, v in {**LoRAConfig().model_dump(), **(d or {})}.items()  # noqa: E731
+                           if k != "dropout"}  # dropout may change
         if fixed(full.get("lora")) != fixed(self.cfg.lora.model_dump()):
             raise ResumeError(f"the adapters in {directory} were made with lora settings {full.get('lora')}; "
                               f"resume with those")

@@ -47,6 +47,13 @@ def dequantise_rows(codes: Tensor, scale: Tensor, dtype: torch.dtype, out: Tenso
     """``codes * scale`` per row, computed in fp32 and rounded once to ``dtype``. On the CPU the kernel
     library's ``fuyou_dequant_rows`` (adamw.cpp: the same bits, ~20x the mixed-dtype torch op), else torch."""
     out = torch.empty(codes.shape, dtype=dtype, device=codes.device) if out is None else out
+    if (codes.dim() != 2 or codes.dtype != torch.int8 or scale.dtype != torch.float32 or out.dtype != dtype
+            or out.shape != codes.shape or scale.shape != codes.shape[:1]
+            or not codes.device == scale.device == out.device):
+        raise ValueError(f"dequantise_rows: int8 codes {tuple(codes.shape)} on {codes.device}, fp32 scales "
+                         f"{tuple(scale.shape)} and an output of the codes' shape in {dtype} on the same device; got "
+                         f"{codes.dtype} codes, {scale.dtype} scales {tuple(scale.shape)} on {scale.device}, output "
+                         f"{out.dtype} {tuple(out.shape)} on {out.device}")
     lib = _kernel() if codes.device.type == "cpu" and dtype in _OTYPE else None
     if lib is None or not (codes.is_contiguous() and scale.is_contiguous() and out.is_contiguous()):
         return torch.mul(codes, scale[:, None], out=out)

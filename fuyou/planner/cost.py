@@ -195,10 +195,11 @@ def step_bytes(w: Workload, cached: set[int], resident: set[int] | frozenset = f
     if w.tied:
         uses[0] += 1
     for i, n in enumerate(w.numels):
-        h2d += uses[i] * n * w.csize
-        if w.lora_params is not None:  # LoRA: the base is only read; nothing is written or leaves the device
-            reads += 0 if i in cached else uses[i] * n * w.csize
+        if w.lora_params is not None:  # LoRA: the base (as stored: int8 packs it) is only read; nothing is
+            h2d += uses[i] * w.weight_bytes[i]  # written or leaves the device
+            reads += 0 if i in cached else uses[i] * w.weight_bytes[i]
             continue
+        h2d += uses[i] * n * w.csize
         clip = w.grad_clip is not None
         state = w.fmt.state_bytes(n)
         reads += (0 if i in resident else state) + (0 if i in cached else uses[i] * n * w.csize)

@@ -115,10 +115,11 @@ class SaveError(FuyouError):
 
 
 # What a resumed run may change. The committed state's shape and where it lives are fixed by the
-# model, the SSD directories, the state format (optim.master, optim.moments) and the adapters' shape and
-# scale (lora.*, except dropout); everything else (steps, learning rate and the rest of the optimizer,
+# model, the SSD directories, the state format (optim.master, optim.moments), the compute precision (the
+# stored compute weights are in it) and the adapters' shape and scale (lora.*, except dropout); everything else (steps, learning rate and the rest of the optimizer,
 # batch, data, logging, budgets, schedules) may change and is recorded (``resume_changes``).
 FIXED_ON_RESUME = ("model.", "offload.ssd_dirs", "offload.mode", "offload.commit", "optim.master", "optim.moments",
+                   "train.precision",
                    "lora.rank", "lora.alpha", "lora.targets", "lora.use_rslora", "lora.init", "lora.base")  # lora.dropout may change
 NOT_COMPARED = ("model.init_from", "run.")
 

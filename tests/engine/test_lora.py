@@ -178,6 +178,25 @@ def test_an_int8_base_resumes_bit_exactly_and_refuses_another_base(tmp_path):
         assert torch.equal(got[k], want[k]), k
 
 
+def test_a_commit_recorded_before_lora_base_existed_resumes(tmp_path):
+    """A record written by an earlier fuyou has no lora.base: it was a plain base, and resumes as one
+    (found by review: the comparison took the missing key for a changed setting)."""
+    import json
+
+    from fuyou.engine.commit import RECORD, write_record
+
+    r = run(train_cmd(tmp_path, "old", "train.steps=2", "offload.keep_state=true"))
+    assert r.returncode == 0, r.stderr
+    state = tmp_path / "ssd" / "old.fuyou-state"
+    rec = json.loads((state / RECORD).read_text())
+    rec.pop("checksum")
+    assert rec["lora"].pop("base") == "compute"
+    write_record(state, rec)
+    resumed = run([sys.executable, "-m", "fuyou.cli", "train", "--resume", str(tmp_path / "runs" / "old"),
+                   "train.steps=3"])
+    assert resumed.returncode == 0, resumed.stderr
+
+
 def test_a_damaged_adapter_commit_is_refused(tmp_path):
     r = run(train_cmd(tmp_path, "d", "train.steps=2", "run.save_weights=false", "offload.keep_state=true"))
     assert r.returncode == 0, r.stderr

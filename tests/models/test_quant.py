@@ -144,3 +144,23 @@ def test_the_planner_counts_the_packed_base():
     assert 0.5 < out["int8"]["base_bytes"] / out["compute"]["base_bytes"] < 0.53  # a 70B model: the blocks dominate
     assert out["int8"]["ssd_bytes"] < 0.6 * out["compute"]["ssd_bytes"]
     assert out["int8"]["step_s"] < out["compute"]["step_s"]  # streamed from one SSD: fewer bytes, a shorter step
+
+
+def test_dequantise_rows_refuses_what_it_cannot_write():
+    codes, scale = torch.zeros(4, 8, dtype=torch.int8), torch.ones(4)
+    for bad in (torch.empty(4, 8), torch.empty(4, 7, dtype=torch.bfloat16), torch.empty(32, dtype=torch.bfloat16)):
+        with pytest.raises(ValueError, match="dequantise_rows"):
+            dequantise_rows(codes, scale, torch.bfloat16, bad)
+    with pytest.raises(ValueError, match="dequantise_rows"):
+        dequantise_rows(codes, torch.ones(5), torch.float32)
+
+
+def test_the_cost_model_counts_the_packed_base():
+    from fuyou.models.config import preset
+    from fuyou.models.lora import LoRAConfig
+    from fuyou.planner.cost import Workload, step_bytes
+
+    w = {b: Workload(ModelConfig(**preset("llama-7b")), 1, 512, lora=LoRAConfig(rank=16, base=b)) for b in ("compute", "int8")}
+    b = {k: step_bytes(v, set()) for k, v in w.items()}
+    for k in ("ssd_read", "h2d"):
+        assert 0.5 < b["int8"][k] / b["compute"][k] < 0.53, k
