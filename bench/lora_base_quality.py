@@ -1,12 +1,13 @@
-"""What an int8 base costs LoRA in model quality (issue 16): ``lora.base=int8`` against the base in the
-compute dtype.
+"""What a quantised base costs LoRA in model quality (issue 16): ``lora.base=int8`` and ``lora.base=nf4``
+against the base in the compute dtype.
 
 For a small GPT (gpt-tiny, 4 x 256) and a small Llama (4 x 256, GQA, SwiGLU): pretrain once with fp32
 AdamW on the embedded corpus (the base), then train LoRA adapters over it on a second real text (the
 Python reference documentation shipped with every Python), the same adapters, data and schedule, with
-the base in fp32 and with the base as int8 (per-output-channel codes, fp32 scales: fuyou/models/quant.py).
+the base in fp32, as int8 (per-output-channel codes, fp32 scales) and as NF4 (QLoRA's 4-bit NormalFloat,
+an fp32 absmax per block of 64): fuyou/models/quant.py.
 Compute in fp32, so the base's storage is the only difference. The in-memory reference trainer runs
-both; the offloaded engine equals it bit for bit with either base (tests/engine/test_lora.py).
+each; the offloaded engine equals it bit for bit with every base (tests/engine/test_lora.py).
 
 Reported: the base's evaluation loss on the new text before any adapter training (the quantisation's
 direct cost), the final evaluation loss after LoRA, and the relative change.
@@ -70,7 +71,7 @@ def main() -> None:
 
         print(f"{model}: pretrained {args.pretrain} steps, eval loss {pre['evals'][-1][1]:.4f}", file=sys.stderr)
         got = {}
-        for base in ("compute", "int8"):
+        for base in ("compute", "int8", "nf4"):
             cfg = make_cfg(model, corpus_path("pydoc", tmp), args.lr, args.steps,
                            ["train.seed=2", f"lora.rank={args.rank}", f"lora.alpha={2 * args.rank}",
                             f"lora.targets={args.targets}", f"lora.base={base}"])
@@ -79,18 +80,21 @@ def main() -> None:
             print(f"{model} base={base}: eval {ev[0][1]:.5f} before, {ev[-1][1]:.5f} after "
                   f"({got[base]['seconds']:.0f} s)", file=sys.stderr)
         rows.append((model, pre["evals"][-1][1], got))
-    lines = ["", f"### LoRA over an int8 base: model quality (`python bench/lora_base_quality.py --pretrain "
+    lines = ["", f"### LoRA over a quantised base: model quality (`python bench/lora_base_quality.py --pretrain "
              f"{args.pretrain} --steps {args.steps} --rank {args.rank} --targets {args.targets}`)", "",
              machine_header(), "",
              f"A base pretrained {args.pretrain} steps on the embedded corpus (fp32 AdamW), then LoRA rank {args.rank} "
              f"({args.targets}) for {args.steps} steps on the Python reference text, fp32 compute, same data and "
              f"schedule; evaluation loss on that text.", "",
-             "| model | base before LoRA: fp32 | int8 | after LoRA: fp32 base | int8 base | change |",
-             "|---|---|---|---|---|---|"]
+             "| model | base | eval loss of the base, before LoRA | after LoRA | change against the fp32 base after LoRA |",
+             "|---|---|---|---|---|"]
     for model, _, got in rows:
-        a, b = got["compute"]["evals"], got["int8"]["evals"]
-        lines.append(f"| {model} | {a[0][1]:.5f} | {b[0][1]:.5f} ({100 * (b[0][1] / a[0][1] - 1):+.3f} %) | "
-                     f"{a[-1][1]:.5f} | {b[-1][1]:.5f} | {100 * (b[-1][1] / a[-1][1] - 1):+.3f} % |")
+        a = got["compute"]["evals"]
+        for base in ("compute", "int8", "nf4"):
+            b = got[base]["evals"]
+            lines.append(f"| {model} | {'fp32' if base == 'compute' else base} | {b[0][1]:.5f} "
+                         f"({100 * (b[0][1] / a[0][1] - 1):+.3f} %) | {b[-1][1]:.5f} | "
+                         f"{100 * (b[-1][1] / a[-1][1] - 1):+.3f} % |")
     lines.append("")
     publish(lines, args.markdown)
 

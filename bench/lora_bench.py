@@ -167,6 +167,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-full", action="store_true", help="skip fuyou's full fine-tuning")
     p.add_argument("--int8-base", action="store_true", help="also fuyou LoRA with lora.base=int8 (the base's block "
                    "matmuls streamed as int8: fuyou/models/quant.py)")
+    p.add_argument("--nf4-base", action="store_true", help="also fuyou LoRA with lora.base=nf4 (QLoRA's NF4)")
     p.add_argument("--timeout", type=float, default=3600)
     p.add_argument("--markdown")
     args = p.parse_args(argv)
@@ -186,6 +187,8 @@ def main(argv=None) -> int:
             systems[f"fuyou LoRA, act_policy {args.kept_policy}"] = None
         if args.int8_base:
             systems["fuyou LoRA, int8 base"] = None
+        if args.nf4_base:
+            systems["fuyou LoRA, nf4 base"] = None
         if not args.no_peer:
             systems["ZeRO-3 NVMe + PEFT LoRA"] = None
             if args.kept_policy:
@@ -198,7 +201,8 @@ def main(argv=None) -> int:
                 if name.startswith("fuyou"):
                     ov = fuyou_overrides(args, model_dir, args.ssd, lora=name.startswith("fuyou LoRA"),
                                          policy=args.kept_policy if "act_policy" in name else None,
-                                         base="int8" if "int8 base" in name else "compute")
+                                         base=name.split(", ")[-1].removesuffix(" base") if name.endswith(" base")
+                                         else "compute")
                     runs[name].append(run_worker(__file__, ["--overrides", json.dumps(ov), "--steps", str(args.steps),
                                                             "--warmup", str(args.warmup)], args.timeout, name))
                 else:

@@ -139,9 +139,9 @@ class Engine:
         self.fmt = StateFormat.of(cfg.optim)  # how the optimizer state is stored (fuyou/optim/compressed.py)
         self.states = build_states(self.model.stages, cfg.optim.weight_decay, n_copies=3,
                                    int8=self.fmt.moments == "int8")
-        if self.lora and cfg.lora.base == "int8":  # the blocks' base streams as int8 codes and scales
+        if self.lora and cfg.lora.base != "compute":  # the blocks' base streams as int8 or NF4 codes and scales
             for st in self.states:
-                st.packing = PackedStage.of(st.stage, dtype_size(self.cdtype))
+                st.packing = PackedStage.of(st.stage, dtype_size(self.cdtype), cfg.lora.base)
         # Data parallel with full fine-tuning: each stage's optimizer state on one rank (fuyou/engine/exchange.py).
         self.sharded = self.dist.enabled and not self.lora
         self.exchange = self.exchange_pool = self.shared_cache = None
@@ -996,9 +996,10 @@ class Engine:
                          f"{n:,} trainable parameters ({100 * n / self.model.num_params:.2f}% of the "
                          f"{self.model.num_params:,} base parameters, which are read-only: no master, moments or "
                          f"gradients); adapters, gradients and AdamW moments on {self.device}")
-            if self.cfg.lora.base == "int8":
+            if self.cfg.lora.base != "compute":
                 packed = sum(s.wnumel for s in self.states) * dtype_size(self.cdtype)
-                lines.append(f"int8 base: the blocks' matmul weights stored and streamed as int8 with fp32 row scales, "
+                how = "int8 with fp32 row scales" if self.cfg.lora.base == "int8" else "NF4 with an fp32 absmax per 64"
+                lines.append(f"{self.cfg.lora.base} base: the blocks' matmul weights stored and streamed as {how}, "
                              f"{format_size(packed)} (in {t.precision}: "
                              f"{format_size(self.model.num_params * dtype_size(self.cdtype))}); dequantised on "
                              f"{self.device} a stage at a time")

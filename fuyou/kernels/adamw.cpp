@@ -1083,3 +1083,90 @@ int fuyou_dequant_rows(const int8_t* q, const float* scale, void* out, int otype
 }
 
 }  // extern "C"
+
+// NF4 (fuyou/models/quant.py): n values from 4-bit codes (two to a byte, the even element in the low
+// nibble) in blocks of 64, value = level[code] * absmax[block] in fp32, stored as fp32 or rounded to
+// nearest even bf16: the bits of torch's levels[idx] * absmax[:, None] and its rounding.
+namespace {
+
+constexpr float kNF4[16] = {-1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
+                            -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,
+                            0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f,
+                            0.33791524171829224f, 0.44070982933044434f, 0.5626170039176941f,
+                            0.7229568362236023f, 1.0f};
+constexpr int64_t kNF4Block = 64;
+
+// One block of up to 64 values: the 16 levels times its absmax first, then a table lookup per value.
+template <bool BF16>
+void dequant_nf4_block(const uint8_t* __restrict c, float s, void* __restrict out, int64_t n) {
+  float t[16];
+  for (int k = 0; k < 16; ++k) t[k] = kNF4[k] * s;
+  for (int64_t i = 0; i < n; ++i) {
+    float x = t[(c[i >> 1] >> ((i & 1) * 4)) & 15];
+    if constexpr (BF16) {
+      uint32_t u;
+      std::memcpy(&u, &x, 4);
+      static_cast<uint16_t*>(out)[i] = static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+    } else {
+      static_cast<float*>(out)[i] = x;
+    }
+  }
+}
+
+#if FUYOU_X86
+// 16 values a time: 8 bytes of codes split into 16 nibbles in element order, each the index of a lane of
+// the block's scaled table (one permute); the same products as above, so the same bits.
+template <bool BF16>
+__attribute__((target("avx512f")))
+void dequant_nf4_block_avx512(const uint8_t* __restrict c, float s, void* __restrict out, int64_t n) {
+  const __m512 t = _mm512_mul_ps(_mm512_loadu_ps(kNF4), _mm512_set1_ps(s));
+  const __m128i low = _mm_set1_epi8(0x0F);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(c + i / 2));
+    __m128i nib = _mm_unpacklo_epi8(_mm_and_si128(b, low), _mm_and_si128(_mm_srli_epi16(b, 4), low));
+    __m512 x = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(nib), t);
+    if constexpr (BF16) {
+      __m512i u = _mm512_castps_si512(x);
+      __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF),
+                                    _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1)))), 16);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(out) + i), _mm512_cvtepi32_epi16(r));
+    } else {
+      _mm512_storeu_ps(static_cast<float*>(out) + i, x);
+    }
+  }
+  if (i < n) {  // a partial last block: the scalar path from an even element
+    char* o = static_cast<char*>(out) + i * (BF16 ? 2 : 4);
+    dequant_nf4_block<BF16>(c + i / 2, s, o, n - i);
+  }
+}
+#endif
+
+}  // namespace
+
+extern "C" {
+
+// n values of NF4 codes (ceil(n / 64) blocks) with their fp32 absmax; otype 0 fp32, 1 bf16. Returns 0.
+int fuyou_dequant_nf4(const uint8_t* codes, const float* absmax, void* out, int otype, int64_t n, int num_threads) {
+  const int64_t per = kBlock / kNF4Block;  // NF4 blocks per work block
+  int64_t nb = (n + kNF4Block - 1) / kNF4Block, nblocks = (nb + per - 1) / per;
+  using Fn = void (*)(const uint8_t*, float, void*, int64_t);
+  Fn fn = otype == 1 ? dequant_nf4_block<true> : dequant_nf4_block<false>;
+#if FUYOU_X86
+  if (best_isa() == ISA_AVX512) fn = otype == 1 ? dequant_nf4_block_avx512<true> : dequant_nf4_block_avx512<false>;
+#endif
+  const int64_t osize = otype == 1 ? 2 : 4;
+  auto body = [&](int64_t blk) {
+    int64_t b1 = (blk + 1) * per < nb ? (blk + 1) * per : nb;
+    for (int64_t b = blk * per; b < b1; ++b) {
+      int64_t at = b * kNF4Block, len = n - at < kNF4Block ? n - at : kNF4Block;
+      fn(codes + at / 2, absmax[b], static_cast<char*>(out) + at * osize, len);
+    }
+  };
+  int nt = num_threads < 1 ? 1 : num_threads;
+  if (nt > nblocks) nt = static_cast<int>(nblocks);
+  pool().run(nt, nblocks, body);
+  return 0;
+}
+
+}  // extern "C"

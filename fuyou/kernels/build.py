@@ -73,6 +73,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     ]
     lib.fuyou_dequant_rows.restype = c_int
     lib.fuyou_dequant_rows.argtypes = [c_vp, c_vp, c_vp, c_int, c_i64, c_i64, c_int]  # q, scale, out, otype, rows, cols, threads
+    lib.fuyou_dequant_nf4.restype = c_int
+    lib.fuyou_dequant_nf4.argtypes = [c_vp, c_vp, c_vp, c_int, c_i64, c_int]  # codes, absmax, out, otype, n, threads
 
 
 def _declare_storeio(lib: ctypes.CDLL) -> None:

@@ -1,4 +1,5 @@
-"""An int8 base for LoRA (``lora.base = int8``): weight-only, per-output-channel int8 matmul weights.
+"""A quantised base for LoRA (``lora.base = int8 | nf4``): weight-only int8 (per output channel) or
+NF4 (per block of 64) matmul weights.
 
 Each matmul weight ``W`` (out x in) of a block becomes int8 codes ``q`` and one fp32 scale per output
 row: ``s = max|W[r]| / 127``, ``q = round(W / s)`` (round half to even; a row of zeros has ``s = 0`` and
@@ -8,9 +9,16 @@ compute copy. Norms, biases, the embedding and the LM head keep the compute dtyp
 unquantised). A block's base then streams about 1 byte per parameter instead of 2 (bf16) or 4 (fp32):
 the store, the weight cache, the SSD reads and the host-to-device copies all carry the packed stage.
 
+``lora.base = nf4`` is QLoRA's 4-bit NormalFloat (Dettmers et al. 2023): the weight, flattened row
+by row, in blocks of 64 with one fp32 absmax per block; each element is the index (4 bits, two to a
+byte, the even element in the low nibble) of the nearest of 16 levels spaced as the quantiles of a
+normal distribution (``NF4_LEVELS``, the paper's values; ties go to the lower level), read back as
+``level * absmax`` in fp32 rounded once to the compute dtype. About 0.56 bytes a parameter (QLoRA's
+double quantisation of the absmax values, which would save 0.06 more, is not done).
+
 A stage's packed weights are one byte vector, the store's and the cache's unit, in slot order and
 64-byte aligned: each plain parameter's values in the compute dtype, then each quantised one's scales
-(fp32) and codes (int8). It is held in a tensor of the compute dtype (its bytes rounded up), so the
+(fp32) and codes. It is held in a tensor of the compute dtype (its bytes rounded up), so the
 engine's pools, store and device copies treat it like any stage's weights; ``PackedStage.unpack``
 gives the parameters back, the quantised ones dequantised into new tensors on the tensor's device.
 
@@ -19,8 +27,8 @@ and the dequantised stage in the device plan; it charges no time for the dequant
 elementwise pass over a stage that is small beside the stage's matmuls.
 
 The in-memory reference (``fuyou.train.reference``) trains over ``fake_quantise``'s values: the same
-``q * s``, kept in fp32 (rounded to the compute dtype by autocast, as the engine rounds them). So the
-offloaded LoRA over an int8 base equals the reference bit for bit in fp32, as it does over the plain one.
+dequantised values, kept in fp32 (rounded to the compute dtype by autocast, as the engine rounds them). So
+the offloaded LoRA over a quantised base equals the reference bit for bit in fp32, as over the plain one.
 """
 
 from __future__ import annotations
@@ -72,8 +80,87 @@ def _kernel():
     return load_adamw_lib()
 
 
+NF4_BLOCK = 64
+# The 16 NF4 levels (QLoRA, appendix E): quantiles of N(0, 1) scaled to [-1, 1], with an exact zero.
+NF4_LEVELS = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+              -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+              0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+              0.7229568362236023, 1.0)
+
+
+def quantise_nf4(w: Tensor) -> tuple[Tensor, Tensor]:
+    """(packed 4-bit codes, two to a byte, and the fp32 absmax of each block of ``NF4_BLOCK``) of a
+    weight flattened row by row; the last block is padded with zeros (module docstring)."""
+    x = w.float().reshape(-1)
+    nb = -(-x.numel() // NF4_BLOCK)
+    x = torch.cat([x, x.new_zeros(nb * NF4_BLOCK - x.numel())]).view(nb, NF4_BLOCK)
+    absmax = x.abs().amax(dim=1)
+    safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
+    levels = torch.tensor(NF4_LEVELS, dtype=torch.float32)
+    idx = torch.bucketize(x / safe[:, None], (levels[1:] + levels[:-1]) / 2).to(torch.uint8).view(-1, 2)
+    return idx[:, 0] | (idx[:, 1] << 4), absmax
+
+
+def dequantise_nf4(codes: Tensor, absmax: Tensor, numel: int, dtype: torch.dtype, out: Tensor | None = None) -> Tensor:
+    """The first ``numel`` values of NF4 ``codes`` (``quantise_nf4``'s), ``level * absmax`` in fp32 rounded
+    once to ``dtype``, flat. On the CPU the kernel library's ``fuyou_dequant_nf4``, else torch."""
+    nb = absmax.numel()
+    out = torch.empty(numel, dtype=dtype, device=codes.device) if out is None else out.view(-1)
+    if (codes.dtype != torch.uint8 or absmax.dtype != torch.float32 or codes.numel() != nb * NF4_BLOCK // 2
+            or not 0 <= nb * NF4_BLOCK - numel < NF4_BLOCK or out.numel() != numel or out.dtype != dtype
+            or not codes.device == absmax.device == out.device):
+        raise ValueError(f"dequantise_nf4: {nb} blocks of codes (uint8, {nb * NF4_BLOCK // 2} bytes) and fp32 absmax "
+                         f"for {numel} values into {dtype} on one device; got {codes.dtype} x {codes.numel()}, "
+                         f"{absmax.dtype} absmax, output {out.dtype} x {out.numel()}")
+    lib = _kernel() if codes.device.type == "cpu" and dtype in _OTYPE else None
+    if lib is None or not (codes.is_contiguous() and absmax.is_contiguous() and out.is_contiguous()):
+        levels = torch.tensor(NF4_LEVELS, dtype=torch.float32, device=codes.device)
+        idx = torch.stack([codes & 15, codes >> 4], dim=1).view(nb, NF4_BLOCK).long()
+        return out.copy_((levels[idx] * absmax[:, None]).view(-1)[:numel])
+    lib.fuyou_dequant_nf4(codes.data_ptr(), absmax.data_ptr(), out.data_ptr(), _OTYPE[dtype], numel,
+                          torch.get_num_threads())
+    return out
+
+
+class _Int8Rows:
+    """``lora.base = int8``: per-output-channel int8 (module docstring)."""
+
+    @staticmethod
+    def sizes(rows: int, cols: int) -> tuple[int, int]:  # (bytes of scales, bytes of codes)
+        return 4 * rows, rows * cols
+
+    @staticmethod
+    def quantise(w: Tensor) -> tuple[Tensor, Tensor]:
+        codes, scale = quantise_rows(w)
+        return codes.view(torch.uint8).reshape(-1), scale
+
+    @staticmethod
+    def dequantise(codes: Tensor, scale: Tensor, shape, dtype, out=None) -> Tensor:
+        return dequantise_rows(codes.view(torch.int8).view(shape), scale, dtype, out)
+
+
+class _NF4Blocks:
+    """``lora.base = nf4``: QLoRA's NF4, blocks of 64 (module docstring)."""
+
+    @staticmethod
+    def sizes(rows: int, cols: int) -> tuple[int, int]:
+        nb = -(-rows * cols // NF4_BLOCK)
+        return 4 * nb, nb * NF4_BLOCK // 2
+
+    @staticmethod
+    def quantise(w: Tensor) -> tuple[Tensor, Tensor]:
+        return quantise_nf4(w)
+
+    @staticmethod
+    def dequantise(codes: Tensor, scale: Tensor, shape, dtype, out=None) -> Tensor:
+        return dequantise_nf4(codes, scale, _numel(shape), dtype, out).view(shape)
+
+
+FORMATS = {"int8": _Int8Rows, "nf4": _NF4Blocks}
+
+
 def quantised_names(stage) -> list[str]:
-    """The parameters of ``stage`` an int8 base quantises: its blocks' matmul weights (none in the
+    """The parameters of ``stage`` a quantised base quantises: its blocks' matmul weights (none in the
     embedding or the head)."""
     from fuyou.models.lora import ALL_LINEAR
 
@@ -93,26 +180,27 @@ class PackedStage:
     nbytes: int
     csize: int
     order: tuple[str, ...]                                   # the stage's parameters in slot order
+    kind: str = "int8"                                       # the format (``FORMATS``)
 
     @classmethod
-    def of(cls, stage, csize: int) -> "PackedStage | None":
-        """The layout of ``stage``'s packed weights in a compute dtype of ``csize`` bytes; None when it
-        has nothing to quantise (the embedding, the head)."""
-        q = set(quantised_names(stage))
+    def of(cls, stage, csize: int, kind: str = "int8") -> "PackedStage | None":
+        """The layout of ``stage``'s packed weights (format ``kind``) in a compute dtype of ``csize``
+        bytes; None when it has nothing to quantise (the embedding, the head)."""
+        q, fmt = set(quantised_names(stage)), FORMATS[kind]
         if not q:
             return None
         plain, quantised, at = {}, {}, 0
         for name, spec in stage.params.items():
             if name in q:
-                rows = spec.shape[0]
+                scale_bytes, code_bytes = fmt.sizes(*spec.shape)
                 scales = at
-                codes = _align(scales + 4 * rows)
+                codes = _align(scales + scale_bytes)
                 quantised[name] = (scales, codes, tuple(spec.shape))
-                at = _align(codes + spec.numel)
+                at = _align(codes + code_bytes)
             else:
                 plain[name] = (at, tuple(spec.shape))
                 at = _align(at + csize * spec.numel)
-        return cls(plain, quantised, -(-at // csize) * csize, csize, tuple(stage.params))
+        return cls(plain, quantised, -(-at // csize) * csize, csize, tuple(stage.params), kind)
 
     @property
     def numel(self) -> int:
@@ -126,10 +214,11 @@ class PackedStage:
         for name, (at, shape) in self.plain.items():
             n = _numel(shape)
             raw[at:at + self.csize * n].view(out.dtype).copy_(values[name].reshape(-1))
+        fmt = FORMATS[self.kind]
         for name, (s_at, c_at, (rows, cols)) in self.quantised.items():
-            codes, scale = quantise_rows(values[name].reshape(rows, cols))
-            raw[s_at:s_at + 4 * rows].view(torch.float32).copy_(scale)
-            raw[c_at:c_at + rows * cols].view(torch.int8).copy_(codes.reshape(-1))
+            codes, scale = fmt.quantise(values[name].reshape(rows, cols))
+            raw[s_at:s_at + 4 * scale.numel()].view(torch.float32).copy_(scale)
+            raw[c_at:c_at + codes.numel()].copy_(codes)
         return out
 
     @property
@@ -145,10 +234,12 @@ class PackedStage:
         out, at = {}, 0
         for name, (p_at, shape) in self.plain.items():
             out[name] = raw[p_at:p_at + self.csize * _numel(shape)].view(flat.dtype).view(shape)
+        fmt = FORMATS[self.kind]
         for name, (s_at, c_at, (rows, cols)) in self.quantised.items():
-            codes = raw[c_at:c_at + rows * cols].view(torch.int8).view(rows, cols)
+            scale_bytes, code_bytes = fmt.sizes(rows, cols)
             dst = None if scratch is None else scratch[at:at + rows * cols].view(rows, cols)
-            out[name] = dequantise_rows(codes, raw[s_at:s_at + 4 * rows].view(torch.float32), flat.dtype, dst)
+            out[name] = fmt.dequantise(raw[c_at:c_at + code_bytes], raw[s_at:s_at + scale_bytes].view(torch.float32),
+                                       (rows, cols), flat.dtype, dst)
             at += rows * cols
         return {name: out[name] for name in self.order}
 
@@ -160,18 +251,18 @@ def _numel(shape) -> int:
     return n
 
 
-def fake_quantise(stage, values: dict[str, Tensor]) -> dict[str, Tensor]:
-    """``values`` (global key -> fp32) with ``stage``'s quantised weights replaced by their int8 base's
-    values ``q * s`` in fp32: what the reference trains over (module docstring)."""
-    out = dict(values)
+def fake_quantise(stage, values: dict[str, Tensor], kind: str = "int8") -> dict[str, Tensor]:
+    """``values`` (global key -> fp32) with ``stage``'s quantised weights replaced by their quantised
+    base's values in fp32 (format ``kind``): what the reference trains over (module docstring)."""
+    out, fmt = dict(values), FORMATS[kind]
     for name in quantised_names(stage):
         key = stage.key(name)
-        codes, scale = quantise_rows(values[key])
-        out[key] = dequantise_rows(codes, scale, torch.float32)
+        codes, scale = fmt.quantise(values[key])
+        out[key] = fmt.dequantise(codes, scale, tuple(values[key].shape), torch.float32)
     return out
 
 
-def packed_bytes(stage, csize: int) -> int:
-    """Bytes of ``stage``'s base weights as stored and streamed with an int8 base."""
-    p = PackedStage.of(stage, csize)
+def packed_bytes(stage, csize: int, kind: str = "int8") -> int:
+    """Bytes of ``stage``'s base weights as stored and streamed with a quantised base (``kind``)."""
+    p = PackedStage.of(stage, csize, kind)
     return csize * stage.num_params if p is None else p.nbytes

@@ -49,11 +49,11 @@ class Workload:
         self.lora_params = (sum(p.numel for st in self.stage_model.stages for p in st.adapters.values())
                             if self.lora is not None and self.lora.enabled else None)
         self.tied = bool(self.stage_model.stages[-1].shared)
-        # each stage's compute weights as stored and streamed: LoRA's int8 base packs its blocks (models/quant.py)
-        int8 = self.lora_params is not None and self.lora.base == "int8"
-        self.weight_bytes = [packed_bytes(s, self.csize) if int8 else self.csize * s.num_params
+        # each stage's compute weights as stored and streamed: LoRA's int8/NF4 base packs its blocks (models/quant.py)
+        packed = self.lora.base if self.lora_params is not None and self.lora.base != "compute" else None
+        self.weight_bytes = [packed_bytes(s, self.csize, packed) if packed else self.csize * s.num_params
                              for s in self.stage_model.stages]
-        self.dequant_bytes = self.csize * max(self.numels[1:-1] or [0]) if int8 else 0
+        self.dequant_bytes = self.csize * max(self.numels[1:-1] or [0]) if packed else 0
         self.gsize = 4 if self.grad_accum > 1 else self.csize
         self.chunk = self.fmt.chunk_elements(self.offload.optimizer_chunk, self.store.checksum_block)
         if self.ranks < 1 or self.grad_accum % self.ranks:

@@ -163,9 +163,10 @@ def base_line(w) -> str:
     from fuyou.units import format_size
 
     total = format_size(sum(w.weight_bytes))
-    if w.lora.base == "int8":
+    if w.lora.base != "compute":
         plain = format_size(w.csize * sum(w.numels))
-        return f"stored and streamed as int8 matmul weights with fp32 row scales: {total} (in the compute dtype {plain})"
+        how = "int8 with fp32 row scales" if w.lora.base == "int8" else "NF4 with an fp32 absmax per 64"
+        return f"stored and streamed as {how} matmul weights: {total} (in the compute dtype {plain})"
     return f"stored and streamed in the compute dtype: {total}"
 
 

@@ -341,11 +341,12 @@ def search(w: Workload, hw: HardwareProfile, cpu_budget: int, policy: Activation
                          f"state)"] = dict(fmt=fmt)
         if w.lora_params is not None and w.lora.base == "compute":  # LoRA: a base of half the bytes or less,
             # planned afresh (its dequantised stage takes device memory the policy may have given activations)
-            again = search(dataclasses.replace(w, lora=w.lora.model_copy(update={"base": "int8"})), hw, cpu_budget,
-                           None, whatif=False, ladder=False)
-            n_eval += again.evaluations
-            if again.feasible:
-                plan.whatif["lora.base=int8 (the blocks' base weights as int8)"] = again.best.step_time
+            for base in ("int8", "nf4"):
+                again = search(dataclasses.replace(w, lora=w.lora.model_copy(update={"base": base})), hw, cpu_budget,
+                               None, whatif=False, ladder=False)
+                n_eval += again.evaluations
+                if again.feasible:
+                    plan.whatif[f"lora.base={base} (the blocks' base weights as {base})"] = again.best.step_time
         for name, change in variants.items():
             w2 = dataclasses.replace(w, **change)
             e2 = evaluate(w2, hw, costs, best.policy, cpu_budget, SEARCH_STEPS, clip_modes=False)

@@ -91,11 +91,11 @@ class ReferenceTrainer:
         check_in_memory_fits(cfg, self.model, self.device)
         init = init_values or (lambda stage: stage.init_params(cfg.train.seed))
         self.lora = attach(self.model, cfg.lora)  # LoRA: the base is frozen, the adapters train
-        if self.lora and cfg.lora.base == "int8":  # the int8 base's values, q * s (fuyou/models/quant.py)
+        if self.lora and cfg.lora.base != "compute":  # the quantised base's values (fuyou/models/quant.py)
             from fuyou.models.quant import fake_quantise
 
             plain = init
-            init = lambda st: fake_quantise(st, plain(st))  # noqa: E731
+            init = lambda st: fake_quantise(st, plain(st), cfg.lora.base)  # noqa: E731
         self.params = {
             k: v.to(self.device).requires_grad_(not self.lora) for st in self.model.stages for k, v in init(st).items()
         }

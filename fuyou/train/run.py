@@ -180,9 +180,10 @@ def export_run_dir(run_dir: str | Path, out_dir: str | Path, dtype: str = "fp32"
         from fuyou.hf.peft import write_merged, write_peft_adapter
 
         if merge:
-            if adapters.lora.get("base") == "int8":
-                print("fuyou: the adapters were trained over the int8 base (lora.base=int8); they are merged into the "
-                      "base's own weights, as QLoRA adapters are", file=stream or sys.stderr)
+            if adapters.lora.get("base", "compute") != "compute":
+                print(f"fuyou: the adapters were trained over the {adapters.lora['base']} base (lora.base="
+                      f"{adapters.lora['base']}); they are merged into the base's own weights, as QLoRA adapters are",
+                      file=stream or sys.stderr)
             return write_merged(run, out, dtype, shard_size, adapters=adapters)
         return write_peft_adapter(run, out, dtype, adapters=adapters, stream=stream)
     if merge:

@@ -13,7 +13,8 @@ from fuyou.config import load_config
 from fuyou.errors import ConfigError
 from fuyou.models import StageModel
 from fuyou.models.config import ModelConfig
-from fuyou.models.quant import PackedStage, dequantise_rows, fake_quantise, packed_bytes, quantise_rows, quantised_names
+from fuyou.models.quant import (NF4_LEVELS, PackedStage, dequantise_nf4, dequantise_rows, fake_quantise, packed_bytes,
+                                quantise_nf4, quantise_rows, quantised_names)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))
 
@@ -52,34 +53,62 @@ def test_the_dequantisation_kernel_gives_torchs_bits(shape, dtype):
     assert bool(scratch[:9].isnan().all())  # nothing written outside its slice
 
 
+def test_nf4_takes_the_nearest_level_of_each_block():
+    levels = torch.tensor(NF4_LEVELS)
+    absmax = torch.tensor([2.0, 0.5, 0.0, 3e-3])
+    exact = levels.repeat(4)[None, :].expand(4, 64) * absmax[:, None]  # every level in every block
+    w = torch.cat([exact.reshape(-1), torch.randn(100) * 0.1])         # and a partial last block
+    codes, am = quantise_nf4(w)
+    assert codes.dtype == torch.uint8 and codes.numel() == 6 * 32 and am.numel() == 6
+    assert torch.equal(am[:4], absmax) and float(am[5]) > 0
+    back = dequantise_nf4(codes, am, w.numel(), torch.float32)
+    assert torch.equal(back[:256], exact.reshape(-1))  # a level times its block's absmax comes back exactly
+    gaps = (levels[1:] - levels[:-1]).max() / 2
+    blockmax = am.repeat_interleave(64)[:w.numel()]
+    assert bool(((back - w).abs() <= gaps * blockmax * (1 + 1e-6)).all())
+    # the torch path and the kernel agree bit for bit, fp32 and bf16 (odd lengths: a partial block)
+    for n in (1, 63, 65, 64 * 1500 + 7):
+        x = torch.randn(n) * 0.02
+        c, a = quantise_nf4(x)
+        levels_t = levels[torch.stack([c & 15, c >> 4], 1).view(-1, 64).long()]
+        want = (levels_t * a[:, None]).view(-1)[:n]
+        for dt in (torch.float32, torch.bfloat16):
+            assert torch.equal(dequantise_nf4(c, a, n, dt), want.to(dt)), (n, dt)
+    with pytest.raises(ValueError, match="dequantise_nf4"):
+        dequantise_nf4(codes, am, w.numel() + 64, torch.float32)
+
+
+@pytest.mark.parametrize("kind", ["int8", "nf4"])
 @pytest.mark.parametrize("family", ["gpt", "llama"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_packed_stage_unpacks_to_what_the_reference_trains(family, dtype):
+def test_a_packed_stage_unpacks_to_what_the_reference_trains(family, dtype, kind):
     model = StageModel(ModelConfig(family=family, n_layer=2, d_model=64, n_head=4, vocab_size=128, max_seq_len=32))
     emb, block, head = model.stages[0], model.stages[1], model.stages[-1]
     csize = torch.empty((), dtype=dtype).element_size()
-    assert PackedStage.of(emb, csize) is None and PackedStage.of(head, csize) is None  # kept in the compute dtype
+    assert PackedStage.of(emb, csize, kind) is None and PackedStage.of(head, csize, kind) is None  # compute dtype
     assert quantised_names(block) == [f"{n}.weight" for n in (["qkv", "proj", "fc1", "fc2"] if family == "gpt"
                                                               else ["q", "k", "v", "o", "gate", "up", "down"])]
-    layout = PackedStage.of(block, csize)
+    layout = PackedStage.of(block, csize, kind)
     values = block.init_params(0)
     flat = layout.pack({n: values[block.key(n)] for n in block.params}, torch.empty(layout.numel, dtype=dtype))
     out = layout.unpack(flat)
     assert list(out) == list(block.params)                         # slot order
     again = layout.unpack(flat, torch.empty(layout.dequant_numel, dtype=dtype))  # into the engine's scratch
     assert all(torch.equal(again[n], out[n]) for n in out)
-    ref = fake_quantise(block, values)
+    ref = fake_quantise(block, values, kind)
     for n, v in out.items():
         assert v.dtype == dtype and v.shape == block.params[n].shape
         assert torch.equal(v, ref[block.key(n)].to(dtype)), n          # bit for bit what the reference uses
         if n not in layout.quantised:
             assert torch.equal(v, values[block.key(n)].to(dtype))     # norms and biases untouched
-    # about a byte a parameter: codes, a 4-byte scale per row, 64-byte alignment, small params in the dtype
+    # int8: a byte a parameter and a 4-byte scale per row; nf4: half a byte and 4 bytes per 64; 64-byte
+    # alignment; small params in the dtype
     matmul = sum(block.params[n].numel for n in layout.quantised)
     rows = sum(block.params[n].shape[0] for n in layout.quantised)
     small = block.num_params - matmul
-    assert matmul + 4 * rows + csize * small <= layout.nbytes <= matmul + 4 * rows + csize * small + 64 * 2 * len(block.params)
-    assert packed_bytes(block, csize) == layout.nbytes and packed_bytes(emb, csize) == csize * emb.num_params
+    want = csize * small + (matmul + 4 * rows if kind == "int8" else matmul // 2 + 4 * (matmul // 64))
+    assert want <= layout.nbytes <= want + 64 * 2 * len(block.params)
+    assert packed_bytes(block, csize, kind) == layout.nbytes and packed_bytes(emb, csize, kind) == csize * emb.num_params
 
 
 def test_the_engine_streams_the_packed_bytes(tmp_path):
@@ -88,7 +117,7 @@ def test_the_engine_streams_the_packed_bytes(tmp_path):
     from engine_testutil import make_cfg, run_both
 
     counted = {}
-    for base in ("compute", "int8"):
+    for base in ("compute", "int8", "nf4"):
         (tmp_path / base).mkdir()
         cfg = make_cfg(tmp_path / base, "model.preset=llama-test", "model.n_layer=4", "lora.rank=4",
                        "lora.targets=all-linear", "train.precision=bf16", "offload.cache_weights=false",
@@ -99,23 +128,25 @@ def test_the_engine_streams_the_packed_bytes(tmp_path):
             # each stage read in forward and again in backward, the head once (its forward and backward are one)
             assert eng.counters.ssd_read_bytes == 2 * packed - 2 * eng.states[-1].wnumel
             counted[base] = eng.counters.ssd_read_bytes
-            if base == "int8":  # the blocks are packed to about a byte a parameter, the rest stays bf16
-                assert all(st.wnumel / st.numel < 0.56 for st in eng.states[1:-1])
+            if base != "compute":  # the blocks are packed to about a byte (half a byte) a parameter, the rest bf16
+                assert all(st.wnumel / st.numel < (0.56 if base == "int8" else 0.32) for st in eng.states[1:-1])
                 assert [st.wnumel for st in (eng.states[0], eng.states[-1])] == [eng.states[0].numel, eng.states[-1].numel]
                 assert "int8 base, a stage dequantised" in eng.plan.device_items
             assert abs(rs[0].loss - es[0].loss) <= 1e-4 * abs(rs[0].loss)
         finally:
             eng.close()
     ratio = counted["int8"] / counted["compute"]
-    print(f"base weights read per step: int8 / bf16 = {ratio:.3f}")
+    nf4 = counted["nf4"] / counted["compute"]
+    print(f"base weights read per step: int8 / bf16 = {ratio:.3f}, nf4 / bf16 = {nf4:.3f}")
     assert 0.5 < ratio < 0.62  # (this tiny model's embedding and head, still bf16, weigh more than a large one's)
+    assert 0.25 < nf4 < 0.45
 
 
 def test_lora_base_is_refused_without_lora_and_fixed_on_resume():
     with pytest.raises(ConfigError, match="lora.base=int8 is set but lora.rank is 0"):
         load_config(overrides=["lora.base=int8"])
     with pytest.raises(ConfigError, match="lora.base"):
-        load_config(overrides=["lora.rank=4", "lora.base=nf4"])
+        load_config(overrides=["lora.rank=4", "lora.base=fp8"])
     from fuyou.train.run import resume_changes
 
     a = load_config(overrides=["lora.rank=4"])
@@ -132,7 +163,7 @@ def test_the_planner_counts_the_packed_base():
     import json
 
     out = {}
-    for base in ("compute", "int8"):
+    for base in ("compute", "int8", "nf4"):
         buf = io.StringIO()
         with contextlib.redirect_stdout(buf):
             rc = main(["plan", "--model", "llama3-70b", "--gpu", "rtx4090", "--ssd", "1x990-pro", "--cpu-mem", "64GiB",
@@ -140,8 +171,10 @@ def test_the_planner_counts_the_packed_base():
         assert rc in (0, None)
         out[base] = json.loads(buf.getvalue())
     print({b: (o["step_s"], o["ssd_bytes"]) for b, o in out.items()})
-    assert [out[b]["lora_base"] for b in out] == ["compute", "int8"]
+    assert [out[b]["lora_base"] for b in out] == ["compute", "int8", "nf4"]
     assert 0.5 < out["int8"]["base_bytes"] / out["compute"]["base_bytes"] < 0.53  # a 70B model: the blocks dominate
+    assert 0.28 < out["nf4"]["base_bytes"] / out["compute"]["base_bytes"] < 0.31
+    assert out["nf4"]["step_s"] <= out["int8"]["step_s"]
     assert out["int8"]["ssd_bytes"] < 0.6 * out["compute"]["ssd_bytes"]
     assert out["int8"]["step_s"] < out["compute"]["step_s"]  # streamed from one SSD: fewer bytes, a shorter step
 
