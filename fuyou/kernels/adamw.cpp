@@ -1170,3 +1170,83 @@ int fuyou_dequant_nf4(const uint8_t* codes, const float* absmax, void* out, int 
 }
 
 }  // extern "C"
+
+// The quantisers of the same two formats (fuyou/models/quant.py: quantise_rows, quantise_nf4), the bits of
+// their torch formulas: int8: s = max|w_row| / 127 (s = 0: divide by 1), q = round half to even of
+// w / s clamped to [-127, 127]; NF4: blocks of 64 (the last padded with zeros), a = max|x|, the index of x / a
+// (a = 0: / 1) among the 16 levels is the number of midpoints (level[k] + level[k + 1]) / 2 below it.
+namespace {
+
+__attribute__((target_clones("avx512f", "avx2", "default")))  // (an inlined, vectorised nearbyint)
+void quant_row(const float* __restrict w, int8_t* __restrict q, float* scale, int64_t n) {
+  float m = 0.0f;
+  for (int64_t i = 0; i < n; ++i) {
+    float a = std::fabs(w[i]);
+    m = a > m ? a : m;  // (not fmax: a libm call per element)
+  }
+  float s = m / 127.0f;
+  *scale = s;
+  float d = s > 0.0f ? s : 1.0f;
+  for (int64_t i = 0; i < n; ++i) {
+    float r = std::nearbyint(w[i] / d);
+    q[i] = static_cast<int8_t>(r < -127.0f ? -127.0f : (r > 127.0f ? 127.0f : r));
+  }
+}
+
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void quant_nf4_block(const float* __restrict w, uint8_t* __restrict c, float* absmax, int64_t n) {
+  float x[kNF4Block] = {0.0f};
+  float m = 0.0f;
+  for (int64_t i = 0; i < n; ++i) {
+    x[i] = w[i];
+    float a = std::fabs(w[i]);
+    m = a > m ? a : m;
+  }
+  *absmax = m;
+  float d = m > 0.0f ? m : 1.0f;
+  float mid[15];
+  for (int k = 0; k < 15; ++k) mid[k] = (kNF4[k] + kNF4[k + 1]) / 2.0f;
+  uint8_t idx[kNF4Block];
+  for (int64_t i = 0; i < kNF4Block; ++i) {
+    float v = x[i] / d;
+    int k = 0;
+    for (int j = 0; j < 15; ++j) k += mid[j] < v;
+    idx[i] = static_cast<uint8_t>(k);
+  }
+  for (int64_t i = 0; i < kNF4Block / 2; ++i) c[i] = static_cast<uint8_t>(idx[2 * i] | (idx[2 * i + 1] << 4));
+}
+
+}  // namespace
+
+extern "C" {
+
+int fuyou_quant_rows(const float* w, int8_t* q, float* scale, int64_t rows, int64_t cols, int num_threads) {
+  int64_t per = cols >= kBlock ? 1 : kBlock / (cols > 0 ? cols : 1);
+  int64_t nblocks = (rows + per - 1) / per;
+  auto body = [&](int64_t blk) {
+    int64_t r1 = (blk + 1) * per < rows ? (blk + 1) * per : rows;
+    for (int64_t r = blk * per; r < r1; ++r) quant_row(w + r * cols, q + r * cols, scale + r, cols);
+  };
+  int nt = num_threads < 1 ? 1 : num_threads;
+  if (nt > nblocks) nt = static_cast<int>(nblocks);
+  pool().run(nt, nblocks, body);
+  return 0;
+}
+
+int fuyou_quant_nf4(const float* w, uint8_t* codes, float* absmax, int64_t n, int num_threads) {
+  const int64_t per = kBlock / kNF4Block;
+  int64_t nb = (n + kNF4Block - 1) / kNF4Block, nblocks = (nb + per - 1) / per;
+  auto body = [&](int64_t blk) {
+    int64_t b1 = (blk + 1) * per < nb ? (blk + 1) * per : nb;
+    for (int64_t b = blk * per; b < b1; ++b) {
+      int64_t at = b * kNF4Block, len = n - at < kNF4Block ? n - at : kNF4Block;
+      quant_nf4_block(w + at, codes + at / 2, absmax + b, len);
+    }
+  };
+  int nt = num_threads < 1 ? 1 : num_threads;
+  if (nt > nblocks) nt = static_cast<int>(nblocks);
+  pool().run(nt, nblocks, body);
+  return 0;
+}
+
+}  // extern "C"

@@ -53,6 +53,26 @@ def test_the_dequantisation_kernel_gives_torchs_bits(shape, dtype):
     assert bool(scratch[:9].isnan().all())  # nothing written outside its slice
 
 
+@pytest.mark.parametrize("shape", [(1, 1), (3, 17), (5, 70_001), (7, 3), (300, 2048)])
+def test_the_quantisation_kernels_give_the_torch_formulas_bits(shape):
+    """``fuyou_quant_rows`` / ``fuyou_quant_nf4`` (adamw.cpp) against the torch formulas that define the
+    formats (the fallback without the library): codes and scales equal, ties and zeros included."""
+    from fuyou.kernels.build import load_adamw_lib
+
+    if load_adamw_lib() is None:
+        pytest.skip("the kernel library did not build here")
+    rows, cols = shape
+    w = torch.randn(shape) * torch.logspace(-4, 1, rows)[:, None]
+    w[0, 0] = 0.0
+    if cols >= 4:  # a row of scale 1: halves round to even
+        w[-1, :4] = torch.tensor([127.0, 2.5, -3.5, 0.5])
+    if rows > 2:
+        w[1] = 0.0
+    for f in (quantise_rows, quantise_nf4):
+        got, want = f(w), f(w, kernel=False)
+        assert all(torch.equal(a, b) for a, b in zip(got, want)), f.__name__
+
+
 def test_nf4_takes_the_nearest_level_of_each_block():
     levels = torch.tensor(NF4_LEVELS)
     absmax = torch.tensor([2.0, 0.5, 0.0, 3e-3])
