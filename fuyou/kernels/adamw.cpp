@@ -380,6 +380,14 @@ Pool& pool() {
   return *p;
 }
 
+// body(block) for every block in [0, nblocks) on up to num_threads threads (the kernels of the int8/NF4 base).
+template <class F>
+void run_blocks(int num_threads, int64_t nblocks, F body) {
+  int nt = num_threads < 1 ? 1 : num_threads;
+  if (nt > nblocks) nt = static_cast<int>(nblocks);
+  pool().run(nt, nblocks, body);
+}
+
 }  // namespace
 
 // ---- dispatch --------------------------------------------------------------------------------------
@@ -1076,9 +1084,7 @@ int fuyou_dequant_rows(const int8_t* q, const float* scale, void* out, int otype
       else dequant_row_f32(q + r * cols, scale[r], static_cast<float*>(out) + r * cols, cols);
     }
   };
-  int nt = num_threads < 1 ? 1 : num_threads;
-  if (nt > nblocks) nt = static_cast<int>(nblocks);
-  pool().run(nt, nblocks, body);
+  run_blocks(num_threads, nblocks, body);
   return 0;
 }
 
@@ -1163,9 +1169,7 @@ int fuyou_dequant_nf4(const uint8_t* codes, const float* absmax, void* out, int 
       fn(codes + at / 2, absmax[b], static_cast<char*>(out) + at * osize, len);
     }
   };
-  int nt = num_threads < 1 ? 1 : num_threads;
-  if (nt > nblocks) nt = static_cast<int>(nblocks);
-  pool().run(nt, nblocks, body);
+  run_blocks(num_threads, nblocks, body);
   return 0;
 }
 
@@ -1227,9 +1231,7 @@ int fuyou_quant_rows(const float* w, int8_t* q, float* scale, int64_t rows, int6
     int64_t r1 = (blk + 1) * per < rows ? (blk + 1) * per : rows;
     for (int64_t r = blk * per; r < r1; ++r) quant_row(w + r * cols, q + r * cols, scale + r, cols);
   };
-  int nt = num_threads < 1 ? 1 : num_threads;
-  if (nt > nblocks) nt = static_cast<int>(nblocks);
-  pool().run(nt, nblocks, body);
+  run_blocks(num_threads, nblocks, body);
   return 0;
 }
 
@@ -1243,9 +1245,7 @@ int fuyou_quant_nf4(const float* w, uint8_t* codes, float* absmax, int64_t n, in
       quant_nf4_block(w + at, codes + at / 2, absmax + b, len);
     }
   };
-  int nt = num_threads < 1 ? 1 : num_threads;
-  if (nt > nblocks) nt = static_cast<int>(nblocks);
-  pool().run(nt, nblocks, body);
+  run_blocks(num_threads, nblocks, body);
   return 0;
 }
 
