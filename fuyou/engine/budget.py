@@ -200,8 +200,8 @@ def plan_memory(stage_numels: list[int], off, *, chunk: int, io_buffer_bytes: in
     the ranks of one machine that map one weight cache (``fuyou.store.shared``); each plan charges its
     share of every cached stage, so the machine's plans together hold one cache (``cache_bytes`` is
     this rank's share; ``shared_cache_layout`` gives the whole). ``weight_bytes``: each stage's compute
-    weights as stored, cached and streamed (default: its parameters in the compute dtype; LoRA's int8
-    base packs its blocks smaller, ``fuyou.models.quant``), and ``dequant_bytes`` the largest stage's
+    weights as stored, cached and streamed (default: its parameters in the compute dtype; LoRA's int8 or
+    NF4 base packs its blocks smaller, ``fuyou.models.quant``), and ``dequant_bytes`` the largest stage's
     dequantised weights, which its compute holds beside the packed ones.
     """
     from fuyou.optim.compressed import StateFormat

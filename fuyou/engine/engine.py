@@ -112,7 +112,7 @@ from fuyou.models.precision import autocast
 from fuyou.trainer import StepStats
 from fuyou.optim.schedule import lr_of
 from fuyou.models.lora import attach, dropout_key
-from fuyou.models.quant import PackedStage
+from fuyou.models.quant import FORMATS, PackedStage
 from fuyou.engine.lora_state import LoRATrainingState
 from fuyou import distributed
 
@@ -264,7 +264,7 @@ class Engine:
                 self.ts.initialise(self.init_values)
             if self.lora and self.shared_cache is not None:  # rank 0 filled the base's cache: read it after that
                 self.dist.barrier("filling the shared weight cache")
-            # an int8 base: each block is dequantised into this one buffer before its forward and backward
+            # a quantised base: each block is dequantised into this one buffer before its forward and backward
             n = max((s.packing.dequant_numel for s in self.states if s.packing is not None), default=0)
             self._dequant = None
             if n and self.dev.is_host:  # on huge pages, as the cache the plain base is read from: 4 KiB pages made
@@ -586,7 +586,7 @@ class Engine:
             w = self.streamer.get(self._pos)
             t0 = self._begin()
             acc = None
-            params = self._bind(i, st.weight_views(w.flat, self._dequant)) if i > 0 else None  # (int8 base: dequantised once)
+            params = self._bind(i, st.weight_views(w.flat, self._dequant)) if i > 0 else None  # (quantised base: dequantised once)
             bases = weight_bases(w.flat, params, st.packing) if i > 0 else None
             for j in range(M):
                 if i > 0:
@@ -1004,7 +1004,7 @@ class Engine:
                          f"gradients); adapters, gradients and AdamW moments on {self.device}")
             if self.cfg.lora.base != "compute":
                 packed = sum(s.wnumel for s in self.states) * dtype_size(self.cdtype)
-                how = "int8 with fp32 row scales" if self.cfg.lora.base == "int8" else "NF4 with an fp32 absmax per 64"
+                how = FORMATS[self.cfg.lora.base].description
                 lines.append(f"{self.cfg.lora.base} base: the blocks' matmul weights stored and streamed as {how}, "
                              f"{format_size(packed)} (in {t.precision}: "
                              f"{format_size(self.model.num_params * dtype_size(self.cdtype))}); dequantised on "

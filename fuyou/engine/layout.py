@@ -75,7 +75,7 @@ class StageState:
     owner: int = 0                         # the rank that does (fuyou.engine.exchange)
     exchanged: threading.Event = field(default_factory=threading.Event)  # the owner's broadcast of the
     # last update's weights is done: the next update may overwrite them
-    packing: object = None                 # LoRA over an int8 base: the stage's ``PackedStage`` (models/quant.py)
+    packing: object = None                 # LoRA over a quantised base: the stage's ``PackedStage`` (models/quant.py)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -85,7 +85,7 @@ class StageState:
     @property
     def wnumel(self) -> int:
         """Elements of the compute dtype the stage's stored weights take: its parameters, or its packed
-        int8 base's bytes (``packing``)."""
+        quantised base's bytes (``packing``)."""
         return self.numel if self.packing is None else self.packing.numel
 
     @property
@@ -134,7 +134,7 @@ class StageState:
 
     def weight_views(self, flat: Tensor, scratch: Tensor | None = None) -> dict[str, Tensor]:
         """The parameters from a flat vector of the stage's stored weights (``wnumel`` long): views, or
-        with an int8 base the dequantised matmul weights (``PackedStage.unpack``, into ``scratch``)."""
+        with a quantised base the dequantised matmul weights (``PackedStage.unpack``, into ``scratch``)."""
         return self.views(flat) if self.packing is None else self.packing.unpack(flat, scratch)
 
     def flatten_grads(self, grads: dict[str, Tensor], out: Tensor) -> Tensor:

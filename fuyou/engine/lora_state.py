@@ -1,7 +1,7 @@
 """The training state of LoRA (``lora.rank > 0``): a frozen base and small adapters.
 
 The base's weights are only read: the store holds every stage's compute-precision copy (with
-``lora.base = int8`` the blocks' packed int8 matmul weights, ``fuyou.models.quant``), written once
+``lora.base = int8 | nf4`` the blocks' packed quantised matmul weights, ``fuyou.models.quant``), written once
 at the start (from the checkpoint or the seeded init) and never again; the weight cache holds as many
 stages as the budget allows, filled from it on resume. No fp32 master, no moments, no gradient of the
 base exist anywhere. The adapters (``fuyou.models.lora``), their gradients and their AdamW moments live
@@ -52,10 +52,11 @@ class LoRATrainingState(TrainingState):
         for s in self.states:
             values = init_values(s.stage)
             flat = torch.empty(s.wnumel, dtype=self.cdtype)
-            if s.packing is not None:  # an int8 base, quantised from the fp32 values (fuyou/models/quant.py)
+            if s.packing is not None:  # a quantised base, from the fp32 values (fuyou/models/quant.py)
                 s.packing.pack({name: values.pop(s.stage.key(name)) for name in s.slots}, flat)
-            for name, slot in s.slots.items() if s.packing is None else ():
-                flat[slot.offset:slot.offset + slot.numel] = values.pop(s.stage.key(name)).reshape(-1)
+            else:
+                for name, slot in s.slots.items():
+                    flat[slot.offset:slot.offset + slot.numel] = values.pop(s.stage.key(name)).reshape(-1)
             fut = self.store.write_from(s.keys.weights, flat)
             if s.index in self.plan.cached_stages:
                 s.cache = self.cache_buffer(s)
@@ -176,7 +177,7 @@ class LoRATrainingState(TrainingState):
         """Nothing to write back: the base never changes and the adapters are the device's."""
 
     def state_dict(self) -> dict[str, Tensor]:
-        """The base weights (compute dtype, or an int8 base's dequantised values, as fp32) and the adapters
+        """The base weights (compute dtype, or a quantised base's dequantised values, as fp32) and the adapters
         by global key."""
         out = {}
         for st in self.states:

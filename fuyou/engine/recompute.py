@@ -107,7 +107,7 @@ class GraphKeeper:
     through the swapper, except views of the block's weights and of its input, which are recorded
     as markers and rebuilt in backward from the weights loaded then (the forward's weight buffer may
     have been reused) and from the kept input. ``weights``: the tensors the block's weights view, in
-    an order the backward's (``bwd_weights``) repeats: the stage's flat weights, and with an int8 base
+    an order the backward's (``bwd_weights``) repeats: the stage's flat weights, and with a quantised base
     (``fuyou.models.quant``) each dequantised matmul weight after it (``weight_bases``)."""
 
     def __init__(self, swapper: ActivationSwapper, prefix: str, tier: str, weights: list[Tensor], inp: Tensor):
@@ -205,7 +205,7 @@ def forward_block(swapper: ActivationSwapper, tag: str, policy: KeepPolicy, fn, 
 
 
 def weight_bases(flat: Tensor, params: dict[str, Tensor], packing=None) -> list[Tensor]:
-    """The tensors a stage's weights view, for ``GraphKeeper``: its flat weights, and with an int8 base
+    """The tensors a stage's weights view, for ``GraphKeeper``: its flat weights, and with a quantised base
     each dequantised matmul weight (``PackedStage.quantised``, in its order)."""
     return [flat] + ([params[n] for n in packing.quantised] if packing is not None else [])
 

@@ -1046,7 +1046,7 @@ int fuyou_adamw_q_step(void* p, int ptype, const void* g, int gtype, void* m, vo
 
 }  // extern "C"
 
-// ---- LoRA's int8 base (fuyou/models/quant.py) --------------------------------------------------------
+// ---- LoRA's quantised base (int8, NF4: fuyou/models/quant.py) -------------------------------------
 // out[r, c] = float(q[r, c]) * scale[r], one fp32 multiply, stored as fp32 or rounded to nearest even
 // bf16: the bits of torch.mul(q, scale[:, None], out=out) (and of autocast's rounding of the fp32
 // product), vectorised by the compiler for each ISA. The mixed-dtype torch op runs ~2.8 ns an element

@@ -20,7 +20,8 @@ A stage's packed weights are one byte vector, the store's and the cache's unit, 
 64-byte aligned: each plain parameter's values in the compute dtype, then each quantised one's scales
 (fp32) and codes. It is held in a tensor of the compute dtype (its bytes rounded up), so the
 engine's pools, store and device copies treat it like any stage's weights; ``PackedStage.unpack``
-gives the parameters back, the quantised ones dequantised into new tensors on the tensor's device.
+gives the parameters back, the quantised ones dequantised on the tensor's device (into the engine's
+one reused buffer).
 
 The planner (``fuyou.planner``) counts the packed bytes wherever weights are stored, cached or moved,
 and the dequantised stage in the device plan; it charges no time for the dequantisation itself, an
@@ -33,6 +34,7 @@ the offloaded LoRA over a quantised base equals the reference bit for bit in fp3
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -141,6 +143,8 @@ def dequantise_nf4(codes: Tensor, absmax: Tensor, numel: int, dtype: torch.dtype
 class _Int8Rows:
     """``lora.base = int8``: per-output-channel int8 (module docstring)."""
 
+    description = "int8 with fp32 row scales"
+
     @staticmethod
     def sizes(rows: int, cols: int) -> tuple[int, int]:  # (bytes of scales, bytes of codes)
         return 4 * rows, rows * cols
@@ -158,6 +162,8 @@ class _Int8Rows:
 class _NF4Blocks:
     """``lora.base = nf4``: QLoRA's NF4, blocks of 64 (module docstring)."""
 
+    description = "NF4 with an fp32 absmax per 64"
+
     @staticmethod
     def sizes(rows: int, cols: int) -> tuple[int, int]:
         nb = -(-rows * cols // NF4_BLOCK)
@@ -169,7 +175,7 @@ class _NF4Blocks:
 
     @staticmethod
     def dequantise(codes: Tensor, scale: Tensor, shape, dtype, out=None) -> Tensor:
-        return dequantise_nf4(codes, scale, _numel(shape), dtype, out).view(shape)
+        return dequantise_nf4(codes, scale, math.prod(shape), dtype, out).view(shape)
 
 
 FORMATS = {"int8": _Int8Rows, "nf4": _NF4Blocks}
@@ -228,7 +234,7 @@ class PackedStage:
         raw = out.view(torch.uint8)
         raw.zero_()
         for name, (at, shape) in self.plain.items():
-            n = _numel(shape)
+            n = math.prod(shape)
             raw[at:at + self.csize * n].view(out.dtype).copy_(values[name].reshape(-1))
         fmt = FORMATS[self.kind]
         for name, (s_at, c_at, (rows, cols)) in self.quantised.items():
@@ -249,7 +255,7 @@ class PackedStage:
         raw = flat.view(torch.uint8)
         out, at = {}, 0
         for name, (p_at, shape) in self.plain.items():
-            out[name] = raw[p_at:p_at + self.csize * _numel(shape)].view(flat.dtype).view(shape)
+            out[name] = raw[p_at:p_at + self.csize * math.prod(shape)].view(flat.dtype).view(shape)
         fmt = FORMATS[self.kind]
         for name, (s_at, c_at, (rows, cols)) in self.quantised.items():
             scale_bytes, code_bytes = fmt.sizes(rows, cols)
@@ -258,13 +264,6 @@ class PackedStage:
                                        (rows, cols), flat.dtype, dst)
             at += rows * cols
         return {name: out[name] for name in self.order}
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def fake_quantise(stage, values: dict[str, Tensor], kind: str = "int8") -> dict[str, Tensor]:

@@ -195,7 +195,7 @@ def step_bytes(w: Workload, cached: set[int], resident: set[int] | frozenset = f
     if w.tied:
         uses[0] += 1
     for i, n in enumerate(w.numels):
-        if w.lora_params is not None:  # LoRA: the base (as stored: int8 packs it) is only read; nothing is
+        if w.lora_params is not None:  # LoRA: the base (as stored, packed if quantised) is only read; nothing is
             h2d += uses[i] * w.weight_bytes[i]  # written or leaves the device
             reads += 0 if i in cached else uses[i] * w.weight_bytes[i]
             continue

@@ -162,11 +162,13 @@ def base_line(w) -> str:
     """How LoRA's base is stored and streamed (``lora.base``)."""
     from fuyou.units import format_size
 
+    from fuyou.models.quant import FORMATS
+
     total = format_size(sum(w.weight_bytes))
     if w.lora.base != "compute":
         plain = format_size(w.csize * sum(w.numels))
-        how = "int8 with fp32 row scales" if w.lora.base == "int8" else "NF4 with an fp32 absmax per 64"
-        return f"stored and streamed as {how} matmul weights: {total} (in the compute dtype {plain})"
+        return (f"stored and streamed as {FORMATS[w.lora.base].description} matmul weights: {total} (in the compute "
+                f"dtype {plain})")
     return f"stored and streamed in the compute dtype: {total}"
 
 

@@ -137,7 +137,7 @@ def state_ssd_bytes(w: Workload, plan: MemoryPlan) -> dict[str, int]:
     it does not cache, its owners' new weights written there by the exchange), and gradients saved for
     exact clipping."""
     off, clip = w.offload, w.grad_clip is not None
-    if w.lora_params is not None:  # LoRA: every stage's base weights (compute dtype or int8), nothing else
+    if w.lora_params is not None:  # LoRA: every stage's base weights (compute dtype, or packed int8/NF4), nothing else
         return {"optimizer state copies": 0, "compute weights": w.ranks * sum(w.weight_bytes),
                 "saved gradients": 0}
     every = off.commit_steps == 1

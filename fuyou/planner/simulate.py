@@ -305,7 +305,7 @@ def _simulate(w: Workload, costs: list[StageCost], hw: HardwareProfile, policy: 
                 ends = pos_ends[r]
                 window = ends[-(depth + 1)] if len(ends) >= depth + 1 else (prev_compute[r] if not ends else None)
                 # -- load the stage's weights: once per step (layer-major)
-                nbytes = w.weight_bytes[i]  # (an int8 base: its packed bytes)
+                nbytes = w.weight_bytes[i]  # (a quantised base: its packed bytes)
                 dep = [ready[r][i] if sharded and owner[i] != r else updated[i], window]
                 if i not in cached:
                     dep = [g.io(f"read weights {c.name}", "ssd-read", nbytes, dep, step, c.name, hw)]
