@@ -796,7 +796,10 @@ class Engine:
             return
         if self.clipping:
             views = flat if isinstance(flat, dict) else st.views(flat)
-            norms = torch._foreach_norm([views[n].float() for n in st.slots], 2)
+            # In the reference's memory order: its .grad is laid out as the parameter (contiguous), while
+            # a gradient here may come out transposed (a matmul over an activation the swapper brought
+            # back), and a norm sums in memory order: 1 ulp apart, found on fc2 with fc2=cpu
+            norms = torch._foreach_norm([views[n].float().contiguous() for n in st.slots], 2)
             for n, v in zip(st.slots, norms):
                 self._norms[st.stage.key(n)] = v
         if self._waits_for_norm(st):
