@@ -480,11 +480,15 @@ int fuyou_adamw_step(float* p, const void* g, int gtype, float* m, float* v, voi
 // ---- compressed state (fuyou/optim/compressed.py, Note: [Compressed state]) -----------------------
 // The update of a chunk whose master is fp32 or bf16 and whose moments are fp32, bf16 or int8 codes
 // with a scale per block of 256. Each block of 256 elements is decoded into fp32 arrays in L1, updated
-// by the fp32 AdamW path above (so its arithmetic is the fp32 kernel's, bit for bit), and encoded
-// back. The decode and encode loops are integer operations and IEEE fp32 multiplies (one division a
-// block), which GCC vectorises; target_clones compiles them for AVX-512, AVX2 and the baseline, with
-// the same results. No square root or division an element beyond AdamW's own: those set the fp32
-// kernel's speed on a CPU whose memory keeps up.
+// by the fp32 AdamW path above with bc2s folded into eps and the step (one division an element, not
+// two: Note: [Compressed state], 2), and encoded back. The decode and encode loops are integer
+// operations and IEEE fp32 multiplies (one division a block), which GCC vectorises; target_clones
+// compiles them for AVX-512, AVX2 and the baseline, with the same results.
+// Measured on Zen 4 (bench/RESULTS.md, issue 19): the integer work of the codes does not overlap the
+// division and square root, it adds to them, so what made the int8 path as fast as the fp32 kernel
+// was fewer operations: the folded division, packs instead of a narrowing move a vector, and the
+// constants set once a run of blocks. Interleaving one block's encoding with the next block's update
+// was tried and gained nothing.
 namespace {
 
 enum PType { P_F32 = 0, P_BF16 = 1 };
@@ -606,6 +610,22 @@ void encode_v8(const float* __restrict x, float inv, uint8_t* __restrict q, int 
 
 int gsize(int gtype) { return gtype == G_F32 ? 4 : 2; }
 
+// The weight decay of block [base, base + len): one value (in *decay; returns nullptr) or, where
+// segments split the block, one an element in D (returned). seg: the first segment that may cover
+// the block, advanced block by block.
+inline const float* block_decay(const QArgs& A, int64_t base, int len, int& seg, float* D, float* decay) {
+  while (seg < A.nseg && A.seg_end[seg] <= base) ++seg;
+  *decay = seg < A.nseg ? A.seg_decay[seg] : A.s.decay;
+  if (seg >= A.nseg || A.seg_end[seg] >= base + len) return nullptr;
+  int64_t a = 0;
+  for (int j = seg; j < A.nseg && a < len; ++j) {
+    int64_t end = A.seg_end[j] - base;
+    if (end > len) end = len;
+    for (; a < end; ++a) D[a] = A.seg_decay[j];
+  }
+  return D;
+}
+
 // One block [base, base + len) (len <= 256; base a multiple of 256 from the chunk's start).
 void qblock(const QArgs& A, int64_t base, int len) {
   alignas(64) float P[kQ], M[kQ], V[kQ];
@@ -658,10 +678,11 @@ void qblock(const QArgs& A, int64_t base, int len) {
 }  // namespace
 
 // ---- the fused block paths: decode, AdamW, stochastic rounding and the moments' maxima in one loop ----
-// For whole vectors (a block whose length is a multiple of 16; only a stage's last block may not be,
-// and takes qblock above): the same operations in the same order as qblock (decode, the fp32
-// AdamW of run_avx512 / run_avx2, encode), so the same bits, with one pass over the block's memory
-// and one over its moments' codes instead of eight. Decay is per element when segments split a block.
+// For a run of blocks whose lengths are multiples of 16 (only a stage's last block may not be, and
+// takes qblock above): the same operations in the same order as qblock (decode, the fp32 AdamW of
+// run_avx512 / run_avx2 with bc2s = 1, encode), so the same bits, with one pass over the block's
+// memory and one over its moments' codes instead of eight. Decay is per element when segments split a
+// block. The constants are set once a run, not once a block: at 256 elements a block, that showed.
 #if FUYOU_X86
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")
@@ -677,105 +698,139 @@ inline __m256i narrow_rne_512(__m512 x) {
 }
 
 template <int G, int PT, int MT, int LT>
-void qblock_avx512(const QArgs& A, int64_t base, int len, const float* D) {
+void qblocks_avx512(const QArgs& A, int64_t b, int64_t e) {
   const Scalars& s = A.s;
-  const __m512 b2 = _mm512_set1_ps(s.b2), c2 = _mm512_set1_ps(s.c2), bc2s = _mm512_set1_ps(s.bc2s);
+  const __m512 b2 = _mm512_set1_ps(s.b2), c2 = _mm512_set1_ps(s.c2);
   const __m512 eps = _mm512_set1_ps(s.eps), ns = _mm512_set1_ps(s.ns), gs = _mm512_set1_ps(s.gs);
   const __m512 coeff = _mm512_set1_ps(s.w_small ? s.w1 : s.w1m1);
-  const __m512 dec1 = _mm512_set1_ps(s.decay);
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  alignas(64) float M[kQ], V[kQ];
-  __m512i mmax = _mm512_setzero_si512(), vmax = _mm512_setzero_si512();
-  const __m512i absmask = _mm512_set1_epi32(0x7FFFFFFF);
-  float am = 0.0f, av = 0.0f;
-  if (MT == M_INT8) { am = A.ms[base / kQ]; av = A.vs[base / kQ]; }
-  const __m512 amv = _mm512_set1_ps(am), avv = _mm512_set1_ps(av);
-  const char* g = static_cast<const char*>(A.g) + base * gsize(G);
-  for (int i = 0; i < len; i += 16) {
-    const int64_t k = base + i;
-    __m512 pi;
-    if constexpr (PT == P_F32) pi = _mm512_loadu_ps(static_cast<const float*>(A.p) + k);
-    else pi = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
-        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(A.p) + k))), 16));
-    __m512 mi, vi;
-    if constexpr (MT == M_F32) {
-      mi = _mm512_loadu_ps(static_cast<const float*>(A.m) + k);
-      vi = _mm512_loadu_ps(static_cast<const float*>(A.v) + k);
-    } else if constexpr (MT == M_BF16) {
-      mi = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
-          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(A.m) + k))), 16));
-      vi = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
-          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(A.v) + k))), 16));
-    } else {
-      __m512i q = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const int8_t*>(A.m) + k)));
-      __m512i c = _mm512_abs_epi32(q);
-      __m512i sign = _mm512_and_si512(q, _mm512_set1_epi32(static_cast<int>(0x80000000u)));
-      __m512i bits = _mm512_maskz_slli_epi32(_mm512_test_epi32_mask(c, c), _mm512_add_epi32(c, _mm512_set1_epi32(kMBias)), 20);
-      mi = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_or_si512(bits, sign)), amv);
-      __m512i u = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint8_t*>(A.v) + k)));
-      vi = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(kVBias)), 20)), avv);
+  alignas(64) float M[kQ], V[kQ], Dbuf[kQ];
+  int seg = 0;
+  for (int64_t base = b; base < e; base += kQ) {
+    const int len = static_cast<int>(e - base < kQ ? e - base : kQ);
+    float decay;
+    const float* D = block_decay(A, base, len, seg, Dbuf, &decay);
+    const __m512 dec1 = _mm512_set1_ps(decay);
+    __m512i mmax = _mm512_setzero_si512(), vmax = _mm512_setzero_si512();
+    const __m512i absmask = _mm512_set1_epi32(0x7FFFFFFF);
+    float am = 0.0f, av = 0.0f;
+    if (MT == M_INT8) { am = A.ms[base / kQ]; av = A.vs[base / kQ]; }
+    const __m512 amv = _mm512_set1_ps(am), avv = _mm512_set1_ps(av);
+    const char* g = static_cast<const char*>(A.g) + base * gsize(G);
+    // the stochastic rounding's element indices (Note: [Compressed state]), advanced a vector at a time
+    __m512i idx = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(A.key + A.index0 + static_cast<uint32_t>(base))), lane);
+    for (int i = 0; i < len; i += 16, idx = _mm512_add_epi32(idx, _mm512_set1_epi32(16))) {
+      const int64_t k = base + i;
+      __m512 pi;
+      if constexpr (PT == P_F32) pi = _mm512_loadu_ps(static_cast<const float*>(A.p) + k);
+      else pi = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(A.p) + k))), 16));
+      __m512 mi, vi;
+      if constexpr (MT == M_F32) {
+        mi = _mm512_loadu_ps(static_cast<const float*>(A.m) + k);
+        vi = _mm512_loadu_ps(static_cast<const float*>(A.v) + k);
+      } else if constexpr (MT == M_BF16) {
+        mi = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(A.m) + k))), 16));
+        vi = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(A.v) + k))), 16));
+      } else {
+        __m512i q = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const int8_t*>(A.m) + k)));
+        __m512i c = _mm512_abs_epi32(q);
+        __m512i sign = _mm512_and_si512(q, _mm512_set1_epi32(static_cast<int>(0x80000000u)));
+        __m512i bits = _mm512_maskz_slli_epi32(_mm512_test_epi32_mask(c, c), _mm512_add_epi32(c, _mm512_set1_epi32(kMBias)), 20);
+        mi = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_or_si512(bits, sign)), amv);
+        __m512i u = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint8_t*>(A.v) + k)));
+        vi = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(kVBias)), 20)), avv);
+      }
+      // the fp32 AdamW, as run_avx512
+      __m512 gi = _mm512_mul_ps(load_grad_512<G>(g, i), gs);
+      pi = _mm512_mul_ps(pi, D ? _mm512_loadu_ps(D + i) : dec1);
+      mi = _mm512_fmadd_ps(coeff, _mm512_sub_ps(gi, mi), s.w_small ? mi : gi);
+      vi = _mm512_mul_ps(vi, b2);
+      vi = _mm512_fmadd_ps(_mm512_mul_ps(c2, gi), gi, vi);
+      __m512 d = _mm512_add_ps(_mm512_sqrt_ps(vi), eps);  // bc2s is 1 here (fuyou_adamw_q_step)
+      pi = _mm512_add_ps(pi, _mm512_div_ps(_mm512_mul_ps(ns, mi), d));
+      if constexpr (PT == P_F32) {
+        _mm512_storeu_ps(static_cast<float*>(A.p) + k, pi);
+        if constexpr (LT == L_BF16 || LT == L_F16) store_lowp_512<LT>(A.lowp, k, pi);
+        if constexpr (LT == L_F32) _mm512_storeu_ps(static_cast<float*>(A.lowp) + k, pi);
+      } else {
+        __m512i u = _mm512_castps_si512(pi);
+        __m512i r = _mm512_srli_epi32(_mm512_mullo_epi32(idx, _mm512_set1_epi32(static_cast<int>(0x9E3779B1u))), 16);
+        __m512i b = _mm512_srli_epi32(_mm512_add_epi32(u, r), 16);
+        __mmask16 nan = _mm512_cmp_ps_mask(pi, pi, _CMP_UNORD_Q);
+        b = _mm512_mask_mov_epi32(b, nan, _mm512_set1_epi32(0x7FC0));
+        __m256i h = _mm512_cvtepi32_epi16(b);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(A.p) + k), h);
+        if constexpr (LT == L_BF16) _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(A.lowp) + k), h);
+        if constexpr (LT == L_F32) _mm512_storeu_ps(static_cast<float*>(A.lowp) + k, _mm512_castsi512_ps(_mm512_slli_epi32(b, 16)));
+      }
+      if constexpr (MT == M_F32) {
+        _mm512_storeu_ps(static_cast<float*>(A.m) + k, mi);
+        _mm512_storeu_ps(static_cast<float*>(A.v) + k, vi);
+      } else if constexpr (MT == M_BF16) {  // round to nearest even, stored normally (read again next step)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(A.m) + k), narrow_rne_512(mi));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(A.v) + k), narrow_rne_512(vi));
+      } else {
+        _mm512_store_ps(M + i, mi);
+        _mm512_store_ps(V + i, vi);
+        mmax = _mm512_max_epu32(mmax, _mm512_and_si512(_mm512_castps_si512(mi), absmask));
+        vmax = _mm512_max_epu32(vmax, _mm512_and_si512(_mm512_castps_si512(vi), absmask));
+      }
     }
-    // the fp32 AdamW, as run_avx512
-    __m512 gi = _mm512_mul_ps(load_grad_512<G>(g, i), gs);
-    pi = _mm512_mul_ps(pi, D ? _mm512_loadu_ps(D + i) : dec1);
-    mi = _mm512_fmadd_ps(coeff, _mm512_sub_ps(gi, mi), s.w_small ? mi : gi);
-    vi = _mm512_mul_ps(vi, b2);
-    vi = _mm512_fmadd_ps(_mm512_mul_ps(c2, gi), gi, vi);
-    __m512 d = _mm512_add_ps(_mm512_div_ps(_mm512_sqrt_ps(vi), bc2s), eps);
-    pi = _mm512_add_ps(pi, _mm512_div_ps(_mm512_mul_ps(ns, mi), d));
-    if constexpr (PT == P_F32) {
-      _mm512_storeu_ps(static_cast<float*>(A.p) + k, pi);
-      if constexpr (LT == L_BF16 || LT == L_F16) store_lowp_512<LT>(A.lowp, k, pi);
-      if constexpr (LT == L_F32) _mm512_storeu_ps(static_cast<float*>(A.lowp) + k, pi);
-    } else {
-      __m512i u = _mm512_castps_si512(pi);
-      __m512i idx = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(A.key + A.index0 + static_cast<uint32_t>(k))), lane);
-      __m512i r = _mm512_srli_epi32(_mm512_mullo_epi32(idx, _mm512_set1_epi32(static_cast<int>(0x9E3779B1u))), 16);
-      __m512i b = _mm512_srli_epi32(_mm512_add_epi32(u, r), 16);
-      __mmask16 nan = _mm512_cmp_ps_mask(pi, pi, _CMP_UNORD_Q);
-      b = _mm512_mask_mov_epi32(b, nan, _mm512_set1_epi32(0x7FC0));
-      __m256i h = _mm512_cvtepi32_epi16(b);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(A.p) + k), h);
-      if constexpr (LT == L_BF16) _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(A.lowp) + k), h);
-      if constexpr (LT == L_F32) _mm512_storeu_ps(static_cast<float*>(A.lowp) + k, _mm512_castsi512_ps(_mm512_slli_epi32(b, 16)));
-    }
-    if constexpr (MT == M_F32) {
-      _mm512_storeu_ps(static_cast<float*>(A.m) + k, mi);
-      _mm512_storeu_ps(static_cast<float*>(A.v) + k, vi);
-    } else if constexpr (MT == M_BF16) {  // round to nearest even, stored normally (read again next step)
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(A.m) + k), narrow_rne_512(mi));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(A.v) + k), narrow_rne_512(vi));
-    } else {
-      _mm512_store_ps(M + i, mi);
-      _mm512_store_ps(V + i, vi);
-      mmax = _mm512_max_epu32(mmax, _mm512_and_si512(_mm512_castps_si512(mi), absmask));
-      vmax = _mm512_max_epu32(vmax, _mm512_and_si512(_mm512_castps_si512(vi), absmask));
-    }
-  }
-  if constexpr (MT == M_INT8) {
-    uint32_t mb = _mm512_reduce_max_epu32(mmax), vb = _mm512_reduce_max_epu32(vmax);
-    float amn = from_bits(mb), avn = from_bits(vb);
-    A.ms[base / kQ] = amn;
-    A.vs[base / kQ] = avn;
-    const __m512 mi_inv = _mm512_set1_ps(amn > 0.0f ? 1.0f / amn : 0.0f);
-    const __m512 vi_inv = _mm512_set1_ps(avn > 0.0f ? 1.0f / avn : 0.0f);
-    const __m512i rnd = _mm512_set1_epi32(0x7FFFF), one = _mm512_set1_epi32(1);
-    for (int i = 0; i < len; i += 16) {
-      __m512i u = _mm512_castps_si512(_mm512_load_ps(M + i));
-      __m512 x = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_and_si512(u, absmask)), mi_inv);
-      __m512i xb = _mm512_castps_si512(x);
-      xb = _mm512_add_epi32(xb, _mm512_add_epi32(rnd, _mm512_and_si512(_mm512_srli_epi32(xb, 20), one)));
-      __m512i c = _mm512_sub_epi32(_mm512_srli_epi32(xb, 20), _mm512_set1_epi32(kMBias));
-      c = _mm512_min_epi32(_mm512_max_epi32(c, _mm512_setzero_si512()), _mm512_set1_epi32(127));
-      __mmask16 neg = _mm512_movepi32_mask(u);
-      c = _mm512_mask_sub_epi32(c, neg, _mm512_setzero_si512(), c);
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<int8_t*>(A.m) + base + i), _mm512_cvtepi32_epi8(c));
-      __m512 y = _mm512_mul_ps(_mm512_load_ps(V + i), vi_inv);
-      __m512i yb = _mm512_castps_si512(y);
-      yb = _mm512_add_epi32(yb, _mm512_add_epi32(rnd, _mm512_and_si512(_mm512_srli_epi32(yb, 20), one)));
-      __m512i cv = _mm512_sub_epi32(_mm512_srli_epi32(yb, 20), _mm512_set1_epi32(kVBias));
-      cv = _mm512_min_epi32(_mm512_max_epi32(cv, _mm512_setzero_si512()), _mm512_set1_epi32(255));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint8_t*>(A.v) + base + i), _mm512_cvtepi32_epi8(cv));
+    if constexpr (MT == M_INT8) {
+      uint32_t mb = _mm512_reduce_max_epu32(mmax), vb = _mm512_reduce_max_epu32(vmax);
+      float amn = from_bits(mb), avn = from_bits(vb);
+      A.ms[base / kQ] = amn;
+      A.vs[base / kQ] = avn;
+      const __m512 mi_inv = _mm512_set1_ps(amn > 0.0f ? 1.0f / amn : 0.0f);
+      const __m512 vi_inv = _mm512_set1_ps(avn > 0.0f ? 1.0f / avn : 0.0f);
+      const __m512i rnd = _mm512_set1_epi32(0x7FFFF), one = _mm512_set1_epi32(1);
+      const __m512i mbias = _mm512_set1_epi32(kMBias), vbias = _mm512_set1_epi32(kVBias);
+      // Four vectors at a time, narrowed by packs (their saturation is the clamp at 0, and at 255 for v)
+      // and one permute back to element order: fewer operations than a vpmovdb a vector.
+      const __m512i perm = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+      const __m512i c127 = _mm512_set1_epi16(127);
+      int i = 0;
+      for (; i + 64 <= len; i += 64) {
+        __m512i cm[4], sm[4], cv[4];
+        for (int j = 0; j < 4; ++j) {
+          __m512i u = _mm512_castps_si512(_mm512_load_ps(M + i + 16 * j));
+          __m512i xb = _mm512_castps_si512(_mm512_mul_ps(_mm512_castsi512_ps(_mm512_and_si512(u, absmask)), mi_inv));
+          xb = _mm512_add_epi32(xb, _mm512_add_epi32(rnd, _mm512_and_si512(_mm512_srli_epi32(xb, 20), one)));
+          cm[j] = _mm512_sub_epi32(_mm512_srli_epi32(xb, 20), mbias);  // in [-896, 3199]
+          sm[j] = _mm512_srai_epi32(u, 31);                            // 0 or -1
+          __m512i yb = _mm512_castps_si512(_mm512_mul_ps(_mm512_load_ps(V + i + 16 * j), vi_inv));
+          yb = _mm512_add_epi32(yb, _mm512_add_epi32(rnd, _mm512_and_si512(_mm512_srli_epi32(yb, 20), one)));
+          cv[j] = _mm512_sub_epi32(_mm512_srli_epi32(yb, 20), vbias);  // in [-768, 3327]
+        }
+        __m512i w0 = _mm512_min_epu16(_mm512_packus_epi32(cm[0], cm[1]), c127);
+        __m512i w1 = _mm512_min_epu16(_mm512_packus_epi32(cm[2], cm[3]), c127);
+        __m512i s0 = _mm512_packs_epi32(sm[0], sm[1]), s1 = _mm512_packs_epi32(sm[2], sm[3]);
+        w0 = _mm512_sub_epi16(_mm512_xor_si512(w0, s0), s0);
+        w1 = _mm512_sub_epi16(_mm512_xor_si512(w1, s1), s1);
+        _mm512_storeu_si512(static_cast<int8_t*>(A.m) + base + i, _mm512_permutexvar_epi32(perm, _mm512_packs_epi16(w0, w1)));
+        __m512i z = _mm512_packus_epi16(_mm512_packus_epi32(cv[0], cv[1]), _mm512_packus_epi32(cv[2], cv[3]));
+        _mm512_storeu_si512(static_cast<uint8_t*>(A.v) + base + i, _mm512_permutexvar_epi32(perm, z));
+      }
+      for (; i < len; i += 16) {
+        __m512i u = _mm512_castps_si512(_mm512_load_ps(M + i));
+        __m512 x = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_and_si512(u, absmask)), mi_inv);
+        __m512i xb = _mm512_castps_si512(x);
+        xb = _mm512_add_epi32(xb, _mm512_add_epi32(rnd, _mm512_and_si512(_mm512_srli_epi32(xb, 20), one)));
+        __m512i c = _mm512_sub_epi32(_mm512_srli_epi32(xb, 20), _mm512_set1_epi32(kMBias));
+        c = _mm512_min_epi32(_mm512_max_epi32(c, _mm512_setzero_si512()), _mm512_set1_epi32(127));
+        __mmask16 neg = _mm512_movepi32_mask(u);
+        c = _mm512_mask_sub_epi32(c, neg, _mm512_setzero_si512(), c);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<int8_t*>(A.m) + base + i), _mm512_cvtepi32_epi8(c));
+        __m512 y = _mm512_mul_ps(_mm512_load_ps(V + i), vi_inv);
+        __m512i yb = _mm512_castps_si512(y);
+        yb = _mm512_add_epi32(yb, _mm512_add_epi32(rnd, _mm512_and_si512(_mm512_srli_epi32(yb, 20), one)));
+        __m512i cv = _mm512_sub_epi32(_mm512_srli_epi32(yb, 20), _mm512_set1_epi32(kVBias));
+        cv = _mm512_min_epi32(_mm512_max_epi32(cv, _mm512_setzero_si512()), _mm512_set1_epi32(255));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint8_t*>(A.v) + base + i), _mm512_cvtepi32_epi8(cv));
+      }
     }
   }
 }
@@ -809,102 +864,135 @@ inline uint32_t hmax_epu32(__m256i x) {
 }
 
 template <int G, int PT, int MT, int LT>
-void qblock_avx2(const QArgs& A, int64_t base, int len, const float* D) {
+void qblocks_avx2(const QArgs& A, int64_t b, int64_t e) {
   const Scalars& s = A.s;
-  const __m256 b2 = _mm256_set1_ps(s.b2), c2 = _mm256_set1_ps(s.c2), bc2s = _mm256_set1_ps(s.bc2s);
+  const __m256 b2 = _mm256_set1_ps(s.b2), c2 = _mm256_set1_ps(s.c2);
   const __m256 eps = _mm256_set1_ps(s.eps), ns = _mm256_set1_ps(s.ns), gs = _mm256_set1_ps(s.gs);
   const __m256 coeff = _mm256_set1_ps(s.w_small ? s.w1 : s.w1m1);
-  const __m256 dec1 = _mm256_set1_ps(s.decay);
   const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   const __m256i absmask = _mm256_set1_epi32(0x7FFFFFFF);
-  alignas(32) float M[kQ], V[kQ];
-  __m256i mmax = _mm256_setzero_si256(), vmax = _mm256_setzero_si256();
-  float am = 0.0f, av = 0.0f;
-  if (MT == M_INT8) { am = A.ms[base / kQ]; av = A.vs[base / kQ]; }
-  const __m256 amv = _mm256_set1_ps(am), avv = _mm256_set1_ps(av);
-  const char* g = static_cast<const char*>(A.g) + base * gsize(G);
-  for (int i = 0; i < len; i += 8) {
-    const int64_t k = base + i;
-    __m256 pi;
-    if constexpr (PT == P_F32) pi = _mm256_loadu_ps(static_cast<const float*>(A.p) + k);
-    else pi = widen_bf16_256(static_cast<const uint16_t*>(A.p) + k);
-    __m256 mi, vi;
-    if constexpr (MT == M_F32) {
-      mi = _mm256_loadu_ps(static_cast<const float*>(A.m) + k);
-      vi = _mm256_loadu_ps(static_cast<const float*>(A.v) + k);
-    } else if constexpr (MT == M_BF16) {
-      mi = widen_bf16_256(static_cast<const uint16_t*>(A.m) + k);
-      vi = widen_bf16_256(static_cast<const uint16_t*>(A.v) + k);
-    } else {
-      __m256i q = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(static_cast<const int8_t*>(A.m) + k)));
-      __m256i c = _mm256_abs_epi32(q);
-      __m256i sign = _mm256_and_si256(q, _mm256_set1_epi32(static_cast<int>(0x80000000u)));
-      __m256i nz = _mm256_cmpgt_epi32(c, _mm256_setzero_si256());
-      __m256i bits = _mm256_and_si256(_mm256_slli_epi32(_mm256_add_epi32(c, _mm256_set1_epi32(kMBias)), 20), nz);
-      mi = _mm256_mul_ps(_mm256_castsi256_ps(_mm256_or_si256(bits, sign)), amv);
-      __m256i u = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(static_cast<const uint8_t*>(A.v) + k)));
-      vi = _mm256_mul_ps(_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(kVBias)), 20)), avv);
+  alignas(32) float M[kQ], V[kQ], Dbuf[kQ];
+  int seg = 0;
+  for (int64_t base = b; base < e; base += kQ) {
+    const int len = static_cast<int>(e - base < kQ ? e - base : kQ);
+    float decay;
+    const float* D = block_decay(A, base, len, seg, Dbuf, &decay);
+    const __m256 dec1 = _mm256_set1_ps(decay);
+    __m256i mmax = _mm256_setzero_si256(), vmax = _mm256_setzero_si256();
+    float am = 0.0f, av = 0.0f;
+    if (MT == M_INT8) { am = A.ms[base / kQ]; av = A.vs[base / kQ]; }
+    const __m256 amv = _mm256_set1_ps(am), avv = _mm256_set1_ps(av);
+    const char* g = static_cast<const char*>(A.g) + base * gsize(G);
+    __m256i idx = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(A.key + A.index0 + static_cast<uint32_t>(base))), lane);
+    for (int i = 0; i < len; i += 8, idx = _mm256_add_epi32(idx, _mm256_set1_epi32(8))) {
+      const int64_t k = base + i;
+      __m256 pi;
+      if constexpr (PT == P_F32) pi = _mm256_loadu_ps(static_cast<const float*>(A.p) + k);
+      else pi = widen_bf16_256(static_cast<const uint16_t*>(A.p) + k);
+      __m256 mi, vi;
+      if constexpr (MT == M_F32) {
+        mi = _mm256_loadu_ps(static_cast<const float*>(A.m) + k);
+        vi = _mm256_loadu_ps(static_cast<const float*>(A.v) + k);
+      } else if constexpr (MT == M_BF16) {
+        mi = widen_bf16_256(static_cast<const uint16_t*>(A.m) + k);
+        vi = widen_bf16_256(static_cast<const uint16_t*>(A.v) + k);
+      } else {
+        __m256i q = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(static_cast<const int8_t*>(A.m) + k)));
+        __m256i c = _mm256_abs_epi32(q);
+        __m256i sign = _mm256_and_si256(q, _mm256_set1_epi32(static_cast<int>(0x80000000u)));
+        __m256i nz = _mm256_cmpgt_epi32(c, _mm256_setzero_si256());
+        __m256i bits = _mm256_and_si256(_mm256_slli_epi32(_mm256_add_epi32(c, _mm256_set1_epi32(kMBias)), 20), nz);
+        mi = _mm256_mul_ps(_mm256_castsi256_ps(_mm256_or_si256(bits, sign)), amv);
+        __m256i u = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(static_cast<const uint8_t*>(A.v) + k)));
+        vi = _mm256_mul_ps(_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(kVBias)), 20)), avv);
+      }
+      __m256 gi = _mm256_mul_ps(load_grad_256<G>(g, i), gs);
+      pi = _mm256_mul_ps(pi, D ? _mm256_loadu_ps(D + i) : dec1);
+      mi = _mm256_fmadd_ps(coeff, _mm256_sub_ps(gi, mi), s.w_small ? mi : gi);
+      vi = _mm256_mul_ps(vi, b2);
+      vi = _mm256_fmadd_ps(_mm256_mul_ps(c2, gi), gi, vi);
+      __m256 d = _mm256_add_ps(_mm256_sqrt_ps(vi), eps);  // bc2s is 1 here
+      pi = _mm256_add_ps(pi, _mm256_div_ps(_mm256_mul_ps(ns, mi), d));
+      if constexpr (PT == P_F32) {
+        _mm256_storeu_ps(static_cast<float*>(A.p) + k, pi);
+        if constexpr (LT == L_BF16 || LT == L_F16) store_lowp_256<LT>(A.lowp, k, pi);
+        if constexpr (LT == L_F32) _mm256_storeu_ps(static_cast<float*>(A.lowp) + k, pi);
+      } else {
+        __m256i u = _mm256_castps_si256(pi);
+        __m256i r = _mm256_srli_epi32(_mm256_mullo_epi32(idx, _mm256_set1_epi32(static_cast<int>(0x9E3779B1u))), 16);
+        __m256i b = _mm256_srli_epi32(_mm256_add_epi32(u, r), 16);
+        b = _mm256_blendv_epi8(b, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(_mm256_cmp_ps(pi, pi, _CMP_UNORD_Q)));
+        __m128i h = _mm_packus_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(A.p) + k), h);
+        if constexpr (LT == L_BF16) _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(A.lowp) + k), h);
+        if constexpr (LT == L_F32) _mm256_storeu_ps(static_cast<float*>(A.lowp) + k, _mm256_castsi256_ps(_mm256_slli_epi32(b, 16)));
+      }
+      if constexpr (MT == M_F32) {
+        _mm256_storeu_ps(static_cast<float*>(A.m) + k, mi);
+        _mm256_storeu_ps(static_cast<float*>(A.v) + k, vi);
+      } else if constexpr (MT == M_BF16) {
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(A.m) + k), narrow_rne_256(mi));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(A.v) + k), narrow_rne_256(vi));
+      } else {
+        _mm256_store_ps(M + i, mi);
+        _mm256_store_ps(V + i, vi);
+        mmax = _mm256_max_epu32(mmax, _mm256_and_si256(_mm256_castps_si256(mi), absmask));
+        vmax = _mm256_max_epu32(vmax, _mm256_and_si256(_mm256_castps_si256(vi), absmask));
+      }
     }
-    __m256 gi = _mm256_mul_ps(load_grad_256<G>(g, i), gs);
-    pi = _mm256_mul_ps(pi, D ? _mm256_loadu_ps(D + i) : dec1);
-    mi = _mm256_fmadd_ps(coeff, _mm256_sub_ps(gi, mi), s.w_small ? mi : gi);
-    vi = _mm256_mul_ps(vi, b2);
-    vi = _mm256_fmadd_ps(_mm256_mul_ps(c2, gi), gi, vi);
-    __m256 d = _mm256_add_ps(_mm256_div_ps(_mm256_sqrt_ps(vi), bc2s), eps);
-    pi = _mm256_add_ps(pi, _mm256_div_ps(_mm256_mul_ps(ns, mi), d));
-    if constexpr (PT == P_F32) {
-      _mm256_storeu_ps(static_cast<float*>(A.p) + k, pi);
-      if constexpr (LT == L_BF16 || LT == L_F16) store_lowp_256<LT>(A.lowp, k, pi);
-      if constexpr (LT == L_F32) _mm256_storeu_ps(static_cast<float*>(A.lowp) + k, pi);
-    } else {
-      __m256i u = _mm256_castps_si256(pi);
-      __m256i idx = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(A.key + A.index0 + static_cast<uint32_t>(k))), lane);
-      __m256i r = _mm256_srli_epi32(_mm256_mullo_epi32(idx, _mm256_set1_epi32(static_cast<int>(0x9E3779B1u))), 16);
-      __m256i b = _mm256_srli_epi32(_mm256_add_epi32(u, r), 16);
-      b = _mm256_blendv_epi8(b, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(_mm256_cmp_ps(pi, pi, _CMP_UNORD_Q)));
-      __m128i h = _mm_packus_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(A.p) + k), h);
-      if constexpr (LT == L_BF16) _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(A.lowp) + k), h);
-      if constexpr (LT == L_F32) _mm256_storeu_ps(static_cast<float*>(A.lowp) + k, _mm256_castsi256_ps(_mm256_slli_epi32(b, 16)));
-    }
-    if constexpr (MT == M_F32) {
-      _mm256_storeu_ps(static_cast<float*>(A.m) + k, mi);
-      _mm256_storeu_ps(static_cast<float*>(A.v) + k, vi);
-    } else if constexpr (MT == M_BF16) {
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(A.m) + k), narrow_rne_256(mi));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(A.v) + k), narrow_rne_256(vi));
-    } else {
-      _mm256_store_ps(M + i, mi);
-      _mm256_store_ps(V + i, vi);
-      mmax = _mm256_max_epu32(mmax, _mm256_and_si256(_mm256_castps_si256(mi), absmask));
-      vmax = _mm256_max_epu32(vmax, _mm256_and_si256(_mm256_castps_si256(vi), absmask));
-    }
-  }
-  if constexpr (MT == M_INT8) {
-    float amn = from_bits(hmax_epu32(mmax)), avn = from_bits(hmax_epu32(vmax));
-    A.ms[base / kQ] = amn;
-    A.vs[base / kQ] = avn;
-    const __m256 mi_inv = _mm256_set1_ps(amn > 0.0f ? 1.0f / amn : 0.0f);
-    const __m256 vi_inv = _mm256_set1_ps(avn > 0.0f ? 1.0f / avn : 0.0f);
-    const __m256i rnd = _mm256_set1_epi32(0x7FFFF), one = _mm256_set1_epi32(1), zero = _mm256_setzero_si256();
-    for (int i = 0; i < len; i += 8) {
-      __m256i u = _mm256_castps_si256(_mm256_load_ps(M + i));
-      __m256 x = _mm256_mul_ps(_mm256_castsi256_ps(_mm256_and_si256(u, absmask)), mi_inv);
-      __m256i xb = _mm256_castps_si256(x);
-      xb = _mm256_add_epi32(xb, _mm256_add_epi32(rnd, _mm256_and_si256(_mm256_srli_epi32(xb, 20), one)));
-      __m256i c = _mm256_sub_epi32(_mm256_srli_epi32(xb, 20), _mm256_set1_epi32(kMBias));
-      c = _mm256_min_epi32(_mm256_max_epi32(c, zero), _mm256_set1_epi32(127));
-      __m256i neg = _mm256_srai_epi32(u, 31);  // 0 or -1
-      c = _mm256_sub_epi32(_mm256_xor_si256(c, neg), neg);
-      __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1));
-      _mm_storel_epi64(reinterpret_cast<__m128i*>(static_cast<int8_t*>(A.m) + base + i), _mm_packs_epi16(w, w));
-      __m256 y = _mm256_mul_ps(_mm256_load_ps(V + i), vi_inv);
-      __m256i yb = _mm256_castps_si256(y);
-      yb = _mm256_add_epi32(yb, _mm256_add_epi32(rnd, _mm256_and_si256(_mm256_srli_epi32(yb, 20), one)));
-      __m256i cv = _mm256_sub_epi32(_mm256_srli_epi32(yb, 20), _mm256_set1_epi32(kVBias));
-      cv = _mm256_min_epi32(_mm256_max_epi32(cv, zero), _mm256_set1_epi32(255));
-      __m128i wv = _mm_packus_epi32(_mm256_castsi256_si128(cv), _mm256_extracti128_si256(cv, 1));
-      _mm_storel_epi64(reinterpret_cast<__m128i*>(static_cast<uint8_t*>(A.v) + base + i), _mm_packus_epi16(wv, wv));
+    if constexpr (MT == M_INT8) {
+      float amn = from_bits(hmax_epu32(mmax)), avn = from_bits(hmax_epu32(vmax));
+      A.ms[base / kQ] = amn;
+      A.vs[base / kQ] = avn;
+      const __m256 mi_inv = _mm256_set1_ps(amn > 0.0f ? 1.0f / amn : 0.0f);
+      const __m256 vi_inv = _mm256_set1_ps(avn > 0.0f ? 1.0f / avn : 0.0f);
+      const __m256i rnd = _mm256_set1_epi32(0x7FFFF), one = _mm256_set1_epi32(1), zero = _mm256_setzero_si256();
+      const __m256i mbias = _mm256_set1_epi32(kMBias), vbias = _mm256_set1_epi32(kVBias);
+      // Four vectors at a time, as the AVX-512 path: packs narrow and clamp, one permute restores the order
+      const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+      const __m256i c127 = _mm256_set1_epi16(127);
+      int i = 0;
+      for (; i + 32 <= len; i += 32) {
+        __m256i cm[4], sm[4], cv[4];
+        for (int j = 0; j < 4; ++j) {
+          __m256i u = _mm256_castps_si256(_mm256_load_ps(M + i + 8 * j));
+          __m256i xb = _mm256_castps_si256(_mm256_mul_ps(_mm256_castsi256_ps(_mm256_and_si256(u, absmask)), mi_inv));
+          xb = _mm256_add_epi32(xb, _mm256_add_epi32(rnd, _mm256_and_si256(_mm256_srli_epi32(xb, 20), one)));
+          cm[j] = _mm256_sub_epi32(_mm256_srli_epi32(xb, 20), mbias);
+          sm[j] = _mm256_srai_epi32(u, 31);
+          __m256i yb = _mm256_castps_si256(_mm256_mul_ps(_mm256_load_ps(V + i + 8 * j), vi_inv));
+          yb = _mm256_add_epi32(yb, _mm256_add_epi32(rnd, _mm256_and_si256(_mm256_srli_epi32(yb, 20), one)));
+          cv[j] = _mm256_sub_epi32(_mm256_srli_epi32(yb, 20), vbias);
+        }
+        __m256i w0 = _mm256_min_epu16(_mm256_packus_epi32(cm[0], cm[1]), c127);
+        __m256i w1 = _mm256_min_epu16(_mm256_packus_epi32(cm[2], cm[3]), c127);
+        __m256i s0 = _mm256_packs_epi32(sm[0], sm[1]), s1 = _mm256_packs_epi32(sm[2], sm[3]);
+        w0 = _mm256_sub_epi16(_mm256_xor_si256(w0, s0), s0);
+        w1 = _mm256_sub_epi16(_mm256_xor_si256(w1, s1), s1);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<int8_t*>(A.m) + base + i),
+                            _mm256_permutevar8x32_epi32(_mm256_packs_epi16(w0, w1), perm));
+        __m256i z = _mm256_packus_epi16(_mm256_packus_epi32(cv[0], cv[1]), _mm256_packus_epi32(cv[2], cv[3]));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint8_t*>(A.v) + base + i), _mm256_permutevar8x32_epi32(z, perm));
+      }
+      for (; i < len; i += 8) {
+        __m256i u = _mm256_castps_si256(_mm256_load_ps(M + i));
+        __m256 x = _mm256_mul_ps(_mm256_castsi256_ps(_mm256_and_si256(u, absmask)), mi_inv);
+        __m256i xb = _mm256_castps_si256(x);
+        xb = _mm256_add_epi32(xb, _mm256_add_epi32(rnd, _mm256_and_si256(_mm256_srli_epi32(xb, 20), one)));
+        __m256i c = _mm256_sub_epi32(_mm256_srli_epi32(xb, 20), _mm256_set1_epi32(kMBias));
+        c = _mm256_min_epi32(_mm256_max_epi32(c, zero), _mm256_set1_epi32(127));
+        __m256i neg = _mm256_srai_epi32(u, 31);  // 0 or -1
+        c = _mm256_sub_epi32(_mm256_xor_si256(c, neg), neg);
+        __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1));
+        _mm_storel_epi64(reinterpret_cast<__m128i*>(static_cast<int8_t*>(A.m) + base + i), _mm_packs_epi16(w, w));
+        __m256 y = _mm256_mul_ps(_mm256_load_ps(V + i), vi_inv);
+        __m256i yb = _mm256_castps_si256(y);
+        yb = _mm256_add_epi32(yb, _mm256_add_epi32(rnd, _mm256_and_si256(_mm256_srli_epi32(yb, 20), one)));
+        __m256i cv = _mm256_sub_epi32(_mm256_srli_epi32(yb, 20), _mm256_set1_epi32(kVBias));
+        cv = _mm256_min_epi32(_mm256_max_epi32(cv, zero), _mm256_set1_epi32(255));
+        __m128i wv = _mm_packus_epi32(_mm256_castsi256_si128(cv), _mm256_extracti128_si256(cv, 1));
+        _mm_storel_epi64(reinterpret_cast<__m128i*>(static_cast<uint8_t*>(A.v) + base + i), _mm_packus_epi16(wv, wv));
+      }
     }
   }
 }
@@ -915,21 +1003,21 @@ void qblock_avx2(const QArgs& A, int64_t base, int len, const float* D) {
 
 namespace {
 
-using QFn = void (*)(const QArgs&, int64_t, int, const float*);
+using QFn = void (*)(const QArgs&, int64_t, int64_t);
 
 template <int G, int PT, int MT>
 QFn pick_q_l(int lt, int isa) {
 #if FUYOU_X86
   if (isa == ISA_AVX512) {
-    if (lt == L_BF16) return qblock_avx512<G, PT, MT, L_BF16>;
-    if (lt == L_F16 && PT == P_F32) return qblock_avx512<G, PT, MT, L_F16>;
-    if (lt == L_F32) return qblock_avx512<G, PT, MT, L_F32>;
-    if (lt == L_NONE) return qblock_avx512<G, PT, MT, L_NONE>;
+    if (lt == L_BF16) return qblocks_avx512<G, PT, MT, L_BF16>;
+    if (lt == L_F16 && PT == P_F32) return qblocks_avx512<G, PT, MT, L_F16>;
+    if (lt == L_F32) return qblocks_avx512<G, PT, MT, L_F32>;
+    if (lt == L_NONE) return qblocks_avx512<G, PT, MT, L_NONE>;
   } else if (isa == ISA_AVX2) {
-    if (lt == L_BF16) return qblock_avx2<G, PT, MT, L_BF16>;
-    if (lt == L_F16 && PT == P_F32) return qblock_avx2<G, PT, MT, L_F16>;
-    if (lt == L_F32) return qblock_avx2<G, PT, MT, L_F32>;
-    if (lt == L_NONE) return qblock_avx2<G, PT, MT, L_NONE>;
+    if (lt == L_BF16) return qblocks_avx2<G, PT, MT, L_BF16>;
+    if (lt == L_F16 && PT == P_F32) return qblocks_avx2<G, PT, MT, L_F16>;
+    if (lt == L_F32) return qblocks_avx2<G, PT, MT, L_F32>;
+    if (lt == L_NONE) return qblocks_avx2<G, PT, MT, L_NONE>;
   }
 #endif
   (void)lt;
@@ -968,28 +1056,13 @@ QFn pick_q(const QArgs& A) {
 #endif
 }
 
-// A block through the fused path when it can (whole vectors of 16), else qblock.
-void qblock_any(const QArgs& A, QFn fast, int64_t base, int len) {
-  if (fast == nullptr || len % 16 != 0) {
-    qblock(A, base, len);
-    return;
-  }
-  alignas(64) float D[kQ];
-  const float* dp = nullptr;
-  int k = 0;
-  while (k < A.nseg && A.seg_end[k] <= base) ++k;
-  if (k < A.nseg && A.seg_end[k] < base + len) {  // segments split this block: a decay per element
-    int64_t a = 0;
-    for (int j = k; j < A.nseg && a < len; ++j) {
-      int64_t e = A.seg_end[j] - base;
-      if (e > len) e = len;
-      for (; a < e; ++a) D[a] = A.seg_decay[j];
-    }
-    dp = D;
-  }
-  QArgs B = A;
-  if (dp == nullptr && k < A.nseg) B.s.decay = A.seg_decay[k];
-  fast(B, base, len, dp);
+// The blocks of [b, e) (b a multiple of kQ): every block through the fused path when there is one,
+// but a last block whose length is not a multiple of 16, which takes qblock.
+void qblocks(const QArgs& A, QFn fast, int64_t b, int64_t e) {
+  int64_t vec_end = b;
+  if (fast != nullptr) vec_end = (e - b) % kQ % 16 == 0 ? e : e - (e - b) % kQ;
+  if (vec_end > b) fast(A, b, vec_end);
+  for (int64_t base = vec_end; base < e; base += kQ) qblock(A, base, static_cast<int>(e - base < kQ ? e - base : kQ));
 }
 
 }  // namespace
@@ -1022,9 +1095,12 @@ int fuyou_adamw_q_step(void* p, int ptype, const void* g, int gtype, void* m, vo
   s.w_small = std::fabs(s.w1) < 0.5f;
   s.b2 = static_cast<float>(beta2);
   s.c2 = static_cast<float>(c2);
-  s.bc2s = static_cast<float>(bc2_sqrt);
-  s.eps = static_cast<float>(eps);
-  s.ns = static_cast<float>(neg_step);
+  // One division an element instead of two (Note: [Compressed state], 2): sqrt(v) / bc2s + eps times
+  // bc2s is sqrt(v) + eps * bc2s, so the step is (ns * bc2s) * m / (sqrt(v) + eps * bc2s), the two
+  // products rounded from double. qblock's path divides by bc2s = 1, which is exact.
+  s.bc2s = 1.0f;
+  s.eps = static_cast<float>(eps * bc2_sqrt);
+  s.ns = static_cast<float>(neg_step * bc2_sqrt);
   s.gs = static_cast<float>(grad_scale);
 
   int64_t nblocks = (n + kBlock - 1) / kBlock;
@@ -1033,7 +1109,7 @@ int fuyou_adamw_q_step(void* p, int ptype, const void* g, int gtype, void* m, vo
   QFn fast = pick_q(A);
   auto body = [&](int64_t blk) {
     int64_t b = blk * kBlock, e = b + kBlock < n ? b + kBlock : n;
-    for (int64_t q = b; q < e; q += kQ) qblock_any(A, fast, q, static_cast<int>(e - q < kQ ? e - q : kQ));
+    qblocks(A, fast, b, e);
     _mm_sfence_if_x86();  // the compute copy's non-temporal stores, once per work block (Note: [Non-temporal copy])
   };
   if (nt <= 1) {
