@@ -1222,20 +1222,57 @@ void dequant_nf4_block_avx512(const uint8_t* __restrict c, float s, void* __rest
     dequant_nf4_block<BF16>(c + i / 2, s, o, n - i);
   }
 }
+
+// 8 values a time: 4 bytes of codes split into 8 nibbles in element order; the 16 scaled levels are two
+// 8-lane tables, one permute each, the code's bit 3 (shifted into the sign) choosing between them.
+template <bool BF16>
+__attribute__((target("avx2")))
+void dequant_nf4_block_avx2(const uint8_t* __restrict c, float s, void* __restrict out, int64_t n) {
+  const __m256 sv = _mm256_set1_ps(s);
+  const __m256 lo = _mm256_mul_ps(_mm256_loadu_ps(kNF4), sv), hi = _mm256_mul_ps(_mm256_loadu_ps(kNF4 + 8), sv);
+  const __m128i low = _mm_set1_epi8(0x0F);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    int32_t w;
+    std::memcpy(&w, c + i / 2, 4);
+    __m128i b = _mm_cvtsi32_si128(w);
+    __m128i nib = _mm_unpacklo_epi8(_mm_and_si128(b, low), _mm_and_si128(_mm_srli_epi16(b, 4), low));
+    __m256i idx = _mm256_cvtepu8_epi32(nib);
+    __m256 x = _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo, idx), _mm256_permutevar8x32_ps(hi, idx),
+                                _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+    if constexpr (BF16) {
+      __m256i u = _mm256_castps_si256(x);
+      __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF),
+                                    _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1)))), 16);
+      __m128i h = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(out) + i), h);
+    } else {
+      _mm256_storeu_ps(static_cast<float*>(out) + i, x);
+    }
+  }
+  if (i < n) dequant_nf4_block<BF16>(c + i / 2, s, static_cast<char*>(out) + i * (BF16 ? 2 : 4), n - i);
+}
 #endif
 
 }  // namespace
 
 extern "C" {
 
-// n values of NF4 codes (ceil(n / 64) blocks) with their fp32 absmax; otype 0 fp32, 1 bf16. Returns 0.
-int fuyou_dequant_nf4(const uint8_t* codes, const float* absmax, void* out, int otype, int64_t n, int num_threads) {
+// n values of NF4 codes (ceil(n / 64) blocks) with their fp32 absmax; otype 0 fp32, 1 bf16; isa as
+// fuyou_adamw_step's (-1: the best this CPU has; the paths give the same bits). Returns the ISA used.
+int fuyou_dequant_nf4(const uint8_t* codes, const float* absmax, void* out, int otype, int64_t n, int num_threads,
+                      int isa) {
   const int64_t per = kBlock / kNF4Block;  // NF4 blocks per work block
   int64_t nb = (n + kNF4Block - 1) / kNF4Block, nblocks = (nb + per - 1) / per;
   using Fn = void (*)(const uint8_t*, float, void*, int64_t);
+  int best = best_isa();
+  if (isa < 0 || isa > best) isa = best;
   Fn fn = otype == 1 ? dequant_nf4_block<true> : dequant_nf4_block<false>;
 #if FUYOU_X86
-  if (best_isa() == ISA_AVX512) fn = otype == 1 ? dequant_nf4_block_avx512<true> : dequant_nf4_block_avx512<false>;
+  if (isa == ISA_AVX512) fn = otype == 1 ? dequant_nf4_block_avx512<true> : dequant_nf4_block_avx512<false>;
+  else if (isa == ISA_AVX2) fn = otype == 1 ? dequant_nf4_block_avx2<true> : dequant_nf4_block_avx2<false>;
+#else
+  isa = ISA_SCALAR;
 #endif
   const int64_t osize = otype == 1 ? 2 : 4;
   auto body = [&](int64_t blk) {
@@ -1246,7 +1283,7 @@ int fuyou_dequant_nf4(const uint8_t* codes, const float* absmax, void* out, int 
     }
   };
   run_blocks(num_threads, nblocks, body);
-  return 0;
+  return isa;
 }
 
 }  // extern "C"

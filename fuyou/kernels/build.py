@@ -74,7 +74,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.fuyou_dequant_rows.restype = c_int
     lib.fuyou_dequant_rows.argtypes = [c_vp, c_vp, c_vp, c_int, c_i64, c_i64, c_int]  # q, scale, out, otype, rows, cols, threads
     lib.fuyou_dequant_nf4.restype = c_int
-    lib.fuyou_dequant_nf4.argtypes = [c_vp, c_vp, c_vp, c_int, c_i64, c_int]  # codes, absmax, out, otype, n, threads
+    lib.fuyou_dequant_nf4.argtypes = [c_vp, c_vp, c_vp, c_int, c_i64, c_int, c_int]  # codes, absmax, out, otype, n, threads, isa
     lib.fuyou_quant_rows.restype = c_int
     lib.fuyou_quant_rows.argtypes = [c_vp, c_vp, c_vp, c_i64, c_i64, c_int]  # w, q, scale, rows, cols, threads
     lib.fuyou_quant_nf4.restype = c_int

@@ -119,9 +119,11 @@ def quantise_nf4(w: Tensor, kernel: bool = True) -> tuple[Tensor, Tensor]:
     return idx[:, 0] | (idx[:, 1] << 4), absmax
 
 
-def dequantise_nf4(codes: Tensor, absmax: Tensor, numel: int, dtype: torch.dtype, out: Tensor | None = None) -> Tensor:
+def dequantise_nf4(codes: Tensor, absmax: Tensor, numel: int, dtype: torch.dtype, out: Tensor | None = None,
+                   backend: str | None = None) -> Tensor:
     """The first ``numel`` values of NF4 ``codes`` (``quantise_nf4``'s), ``level * absmax`` in fp32 rounded
-    once to ``dtype``, flat. On the CPU the kernel library's ``fuyou_dequant_nf4``, else torch."""
+    once to ``dtype``, flat. On the CPU the kernel library's ``fuyou_dequant_nf4`` (its best path, or
+    ``backend``: avx512, avx2, scalar, or torch), else torch."""
     nb = absmax.numel()
     out = torch.empty(numel, dtype=dtype, device=codes.device) if out is None else out.view(-1)
     if (codes.dtype != torch.uint8 or absmax.dtype != torch.float32 or codes.numel() != nb * NF4_BLOCK // 2
@@ -130,13 +132,14 @@ def dequantise_nf4(codes: Tensor, absmax: Tensor, numel: int, dtype: torch.dtype
         raise ValueError(f"dequantise_nf4: {nb} blocks of codes (uint8, {nb * NF4_BLOCK // 2} bytes) and fp32 absmax "
                          f"for {numel} values into {dtype} on one device; got {codes.dtype} x {codes.numel()}, "
                          f"{absmax.dtype} absmax, output {out.dtype} x {out.numel()}")
-    lib = _kernel() if codes.device.type == "cpu" and dtype in _OTYPE else None
+    lib = _kernel() if codes.device.type == "cpu" and dtype in _OTYPE and backend != "torch" else None
     if lib is None or not (codes.is_contiguous() and absmax.is_contiguous() and out.is_contiguous()):
         levels = torch.tensor(NF4_LEVELS, dtype=torch.float32, device=codes.device)
         idx = torch.stack([codes & 15, codes >> 4], dim=1).view(nb, NF4_BLOCK).long()
         return out.copy_((levels[idx] * absmax[:, None]).view(-1)[:numel])
+    from fuyou.optim.adamw import _ISA
     lib.fuyou_dequant_nf4(codes.data_ptr(), absmax.data_ptr(), out.data_ptr(), _OTYPE[dtype], numel,
-                          torch.get_num_threads())
+                          torch.get_num_threads(), _ISA[backend] if backend is not None else -1)
     return out
 
 

@@ -86,14 +86,16 @@ def test_nf4_takes_the_nearest_level_of_each_block():
     gaps = (levels[1:] - levels[:-1]).max() / 2
     blockmax = am.repeat_interleave(64)[:w.numel()]
     assert bool(((back - w).abs() <= gaps * blockmax * (1 + 1e-6)).all())
-    # the torch path and the kernel agree bit for bit, fp32 and bf16 (odd lengths: a partial block)
-    for n in (1, 63, 65, 64 * 1500 + 7):
+    # the torch path and each of the kernel's paths agree bit for bit, fp32 and bf16 (odd lengths: a partial
+    # block, and within it a tail shorter than a vector)
+    for n in (1, 63, 65, 64 * 1500 + 7, 64 * 3 + 45):
         x = torch.randn(n) * 0.02
         c, a = quantise_nf4(x)
         levels_t = levels[torch.stack([c & 15, c >> 4], 1).view(-1, 64).long()]
         want = (levels_t * a[:, None]).view(-1)[:n]
         for dt in (torch.float32, torch.bfloat16):
-            assert torch.equal(dequantise_nf4(c, a, n, dt), want.to(dt)), (n, dt)
+            for backend in (None, "avx512", "avx2", "scalar", "torch"):
+                assert torch.equal(dequantise_nf4(c, a, n, dt, backend=backend), want.to(dt)), (n, dt, backend)
     with pytest.raises(ValueError, match="dequantise_nf4"):
         dequantise_nf4(codes, am, w.numel() + 64, torch.float32)
 
