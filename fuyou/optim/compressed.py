@@ -59,8 +59,8 @@ _MASK = 0xFFFFFFFF
 #: parameters/s of the fused kernel per (master, moments) relative to the fp32 kernel, on the
 #: development machine's two cores (bench/adam_bench.py --formats; bench/RESULTS.md, issue 19): what
 #: the planner charges a compressed update's kernel
-KERNEL_SPEED = {("fp32", "fp32"): 1.0, ("fp32", "bf16"): 0.9, ("fp32", "int8"): 0.65, ("bf16", "fp32"): 1.05,
-                ("bf16", "bf16"): 1.1, ("bf16", "int8"): 0.85}
+KERNEL_SPEED = {("fp32", "fp32"): 1.0, ("fp32", "bf16"): 1.0, ("fp32", "int8"): 0.85, ("bf16", "fp32"): 1.2,
+                ("bf16", "bf16"): 1.5, ("bf16", "int8"): 1.2}
 
 MASTERS = ("fp32", "bf16")
 MOMENTS = ("fp32", "bf16", "int8")
