@@ -1168,7 +1168,8 @@ int fuyou_dequant_rows(const int8_t* q, const float* scale, void* out, int otype
 
 // NF4 (fuyou/models/quant.py): n values from 4-bit codes (two to a byte, the even element in the low
 // nibble) in blocks of 64, value = level[code] * absmax[block] in fp32, stored as fp32 or rounded to
-// nearest even bf16: the bits of torch's levels[idx] * absmax[:, None] and its rounding.
+// nearest even bf16: the bits of torch's levels[idx] * absmax[:, None] and its rounding (finite absmax;
+// a NaN or inf one, from a checkpoint that holds one, gives NaN or inf, not necessarily torch's NaN bits).
 namespace {
 
 constexpr float kNF4[16] = {-1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,

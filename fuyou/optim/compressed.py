@@ -25,8 +25,10 @@ Note: [Compressed state]
        AdamW), per weight-decay segment, with one division an element instead of two: torch's
        ``p + ns * m / (sqrt(v) / bc2s + eps)`` is computed as ``p + (ns * bc2s) * m / (sqrt(v) + eps *
        bc2s)``, the two scalar products rounded once from double (in the reference, ``bc2s`` = 1 and
-       the folded scalars: the division by 1 is exact). The same value up to an ulp; a compressed state
-       is not torch's bits anyway, and the division was a sixth of the int8 kernel's time.
+       the folded scalars: the division by 1 is exact). The step term differs from torch's by a few
+       ulps (up to 5 measured; about half the elements differ), far below the codes' own rounding; a
+       compressed state is not torch's bits anyway, and the division was a sixth of the int8 kernel's
+       time.
     3. *Encode.* bf16 moments round to nearest even. int8: ``a`` = the block's largest ``|m|`` (``v``),
        ``x = |m| * fl(1/a)``, the fp32 bits of ``x`` rounded to 3 mantissa bits (nearest even) and
        rebiased, clamped to the code range (values under the smallest code flush to it). Integer
@@ -57,8 +59,11 @@ QBLOCK = 256                 # elements per int8 quantisation block (one fp32 sc
 _MASK = 0xFFFFFFFF
 
 #: parameters/s of the fused kernel per (master, moments) relative to the fp32 kernel, on the
-#: development machine's two cores (bench/adam_bench.py --formats; bench/RESULTS.md, issue 19): what
-#: the planner charges a compressed update's kernel
+#: development machine's two cores over buffers in memory (bench/adam_bench.py, medians of 6;
+#: bench/RESULTS.md, issue 19): what the planner charges a compressed update's kernel. The compressed
+#: formats move fewer bytes and compute more (the int8 ones ~1.6x the fp32 kernel's operations an
+#: element, measured in cache on one core), so on a host whose memory keeps up with every core these
+#: ratios are optimistic; the planner validation (2026-12-03) found them right on this one.
 KERNEL_SPEED = {("fp32", "fp32"): 1.0, ("fp32", "bf16"): 1.0, ("fp32", "int8"): 0.85, ("bf16", "fp32"): 1.2,
                 ("bf16", "bf16"): 1.5, ("bf16", "int8"): 1.2}
 
@@ -237,9 +242,15 @@ def _inverse(a: Tensor) -> Tensor:
     return torch.where(a > 0, torch.ones_like(a) / torch.where(a > 0, a, torch.ones_like(a)), torch.zeros_like(a))
 
 
+def _absmax(x: Tensor) -> Tensor:
+    """Each block's largest ``|x|``, as the kernel finds it: the largest bits of ``|x|`` read as integers
+    (the float order for finite values; a NaN keeps its payload, where ``amax`` would make it canonical)."""
+    return _blocks(x.abs()).view(torch.int32).amax(1).view(torch.float32)
+
+
 def encode_m(m: Tensor) -> tuple[Tensor, Tensor]:
     """fp32 m -> (int8 codes, fp32 block scales)."""
-    a = _blocks(m.abs()).amax(1)
+    a = _absmax(m)
     c = (_minifloat(m.abs() * _expand(_inverse(a), m.numel())) - M_BIAS).clamp(0, 127)
     return torch.where(torch.signbit(m), -c, c).to(torch.int8), a
 
@@ -247,13 +258,12 @@ def encode_m(m: Tensor) -> tuple[Tensor, Tensor]:
 def decode_m(q: Tensor, a: Tensor) -> Tensor:
     c = q.to(torch.int64).abs()
     x = torch.where(c == 0, torch.zeros(c.shape), _from_code(c + M_BIAS))
-    y = x * _expand(a, q.numel())
-    return torch.where(q < 0, -y, y)
+    return torch.where(q < 0, -x, x) * _expand(a, q.numel())  # the sign on the code, as the kernel: a NaN scale's bits win
 
 
 def encode_v(v: Tensor) -> tuple[Tensor, Tensor]:
     """fp32 v (>= 0) -> (uint8 codes, fp32 block scales)."""
-    a = _blocks(v).amax(1)
+    a = _absmax(v)
     c = (_minifloat(v * _expand(_inverse(a), v.numel())) - V_BIAS).clamp(0, 255)
     return c.to(torch.uint8), a
 

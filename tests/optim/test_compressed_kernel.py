@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from fuyou.optim.adamw import adamw_backend
+from fuyou.optim.adamw import _ISA, adamw_backend
 from fuyou.optim.compressed import (QBLOCK, StateFormat, decode_m, decode_v, encode_m, encode_v, fused_adamw_q_,
                                     new_state, reference_adamw_, sr_key, stochastic_bf16)
 
@@ -15,6 +15,12 @@ FORMATS = [StateFormat(m, o) for m, o in itertools.product(("fp32", "bf16"), ("f
            if (m, o) != ("fp32", "fp32")]
 HYPER = dict(lr=3e-3, beta1=0.9, beta2=0.95, eps=1e-8)
 needs_ext = pytest.mark.skipif(adamw_backend() == "torch", reason="the C++ AdamW library is not built here")
+
+
+def _backends():
+    """The kernel's paths this CPU can run (a path it lacks would silently run a lower one)."""
+    best = _ISA.get(adamw_backend(), 0)
+    return [b for b in ("avx512", "avx2", "scalar") if _ISA[b] <= best]
 
 
 def _state(fmt, n, seed=0):
@@ -50,11 +56,12 @@ def test_kernel_equals_reference(fmt, gdtype, lowp, tail):
         lr_ref = None if lowp is None else torch.empty(n, dtype=lowp)
         reference_adamw_(fmt, ref, grad, segments=segs, step=step, grad_scale=0.5, key=key, index0=QBLOCK * 8,
                          out_lowp=lr_ref, **HYPER)
-        for backend in ("avx512", "avx2", "scalar"):
+        for backend in _backends():
             k = _clone(ker)
             out = None if lowp is None else torch.empty(n, dtype=lowp)
-            fused_adamw_q_(fmt, k, grad, segments=segs, step=step, grad_scale=0.5, key=key, index0=QBLOCK * 8,
-                           out_lowp=out, backend=backend, num_threads=2, **HYPER)
+            used = fused_adamw_q_(fmt, k, grad, segments=segs, step=step, grad_scale=0.5, key=key,
+                                  index0=QBLOCK * 8, out_lowp=out, backend=backend, num_threads=2, **HYPER)
+            assert used == backend
             assert _equal(k, ref), (backend, step)
             if lowp is not None:
                 assert torch.equal(out, lr_ref)
@@ -75,6 +82,31 @@ def test_chunked_calls_equal_one_call(fmt):
         cs = [(max(a, s) - s, min(b, e) - s, wd) for a, b, wd in segs if max(a, s) < min(b, e)]
         fused_adamw_q_(fmt, view, grad[s:e], segments=cs, step=1, key=11, index0=s, num_threads=1, **HYPER)
     assert _equal(whole, parts)
+
+
+@needs_ext
+@pytest.mark.parametrize("fmt", [StateFormat("bf16", "int8"), StateFormat("fp32", "int8")],
+                         ids=lambda f: f"{f.master}-{f.moments}")
+def test_weight_decay_segments_anywhere_in_a_block(fmt):
+    """The fused paths resolve the weight decay block by block: a boundary at every kind of place in a
+    block (an element, a vector of 8 or 16, a pack of 64), several boundaries in one block, one-element
+    segments, and a chunk that starts past 2^32 elements of stochastic-rounding index."""
+    n = 6 * QBLOCK + 48
+    cuts = sorted({1, 7, 8, 16, 63, 64, 65, 128, 200, QBLOCK, QBLOCK + 1, 2 * QBLOCK + 16, 2 * QBLOCK + 17,
+                   2 * QBLOCK + 18, 3 * QBLOCK + 64, 4 * QBLOCK + 255, 5 * QBLOCK + 8, n - 1})
+    bounds = [0] + cuts + [n]
+    segs = [(a, b, 0.1 * (i % 3)) for i, (a, b) in enumerate(zip(bounds, bounds[1:]))]
+    grad = (torch.randn(n, generator=torch.Generator().manual_seed(4)) * 1e-3).to(torch.bfloat16)
+    ref = _state(fmt, n)
+    index0 = (1 << 32) + QBLOCK * 3
+    for step in (1, 2):
+        reference_adamw_(fmt, ref, grad, segments=segs, step=step, key=99, index0=index0, **HYPER)
+    for backend in _backends():
+        k = _state(fmt, n)
+        for step in (1, 2):
+            fused_adamw_q_(fmt, k, grad, segments=segs, step=step, key=99, index0=index0, backend=backend,
+                           num_threads=2, **HYPER)
+        assert _equal(k, ref), backend
 
 
 def test_int8_codes():
@@ -129,11 +161,24 @@ def test_non_finite_values_encode_alike(fmt):
     grad = torch.randn(n, generator=torch.Generator().manual_seed(5)) * 1e-3
     grad[3], grad[QBLOCK + 7], grad[2 * QBLOCK + 1] = 1e20, float("inf"), float("nan")
     ref = _state(fmt, n)
-    reference_adamw_(fmt, ref, grad, segments=[(0, n, 0.1)], step=1, key=3, **HYPER)
-    for backend in ("avx512", "avx2", "scalar"):
-        k = _state(fmt, n)
-        fused_adamw_q_(fmt, k, grad, segments=[(0, n, 0.1)], step=1, key=3, backend=backend, **HYPER)
-        assert _equal(k, ref), backend
+    kers = {b: _state(fmt, n) for b in _backends()}
+    for step in (1, 2, 3):  # the non-finite moments and scales of one step are read by the next
+        reference_adamw_(fmt, ref, grad, segments=[(0, n, 0.1)], step=step, key=3, **HYPER)
+        for backend, k in kers.items():
+            fused_adamw_q_(fmt, k, grad, segments=[(0, n, 0.1)], step=step, key=3, backend=backend, **HYPER)
+            assert _equal(k, ref), (backend, step)
+    # bf16 gradients: a NaN's payload may come out of torch's ops differently, so the same values, NaN
+    # where the reference has NaN, rather than the same bits
+    g16 = grad.to(torch.bfloat16)
+    ref = _state(fmt, n)
+    kers = {b: _state(fmt, n) for b in _backends()}
+    for step in (1, 2):
+        reference_adamw_(fmt, ref, g16, segments=[(0, n, 0.1)], step=step, key=3, **HYPER)
+        for backend, k in kers.items():
+            fused_adamw_q_(fmt, k, g16, segments=[(0, n, 0.1)], step=step, key=3, backend=backend, **HYPER)
+            for r in ref:
+                a, b = k[r].float(), ref[r].float()
+                assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num()), (backend, r)
 
 
 def test_bad_calls_are_refused():
