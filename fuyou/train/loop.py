@@ -100,6 +100,15 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
         changed = resume_changes(load_config(run_path / "config.toml"), cfg)
     # refuses impossible configs (and unresumable states) before anything is written
     trainer = build_trainer(cfg, run_path.name, resume=resume is not None)
+    if resume is not None and trainer.start_step > cfg.train.steps:
+        # Finishing would save the weights of the committed step and delete the resumable state: a
+        # train.steps below the steps done is a mistake to refuse, not a request to end the run
+        trainer.failed = True  # nothing is written on closing
+        trainer.close()
+        raise ConfigError(f"{run_path} has committed {trainer.start_step} steps and this resume sets train.steps="
+                          f"{cfg.train.steps}: give train.steps of at least {trainer.start_step} (equal to end the "
+                          f"run there and save its weights), or `fuyou export {run_path}` for the committed weights; "
+                          f"nothing was changed")
     if changed is not None and dist.is_main:
         record_resume(run_path, cfg, trainer.start_step, changed)
         if changed:
@@ -346,7 +355,9 @@ def _loop(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, stop
                "peak_rss_bytes": peak, **wear})
     log.close()
     mean_tps = tokens / elapsed
-    summary = f"done: {t.steps} steps in {elapsed:.1f}s, {si(mean_tps)} tokens/s, {mean_tps * flops_per_token / 1e12:.3g} TFLOPS"
+    done = (f"{t.steps} steps" if not start_step else f"steps {start_step + 1}-{t.steps} of {t.steps}"
+            if start_step < t.steps else f"no step left to run ({t.steps} committed)")
+    summary = f"done: {done} in {elapsed:.1f}s, {si(mean_tps)} tokens/s, {mean_tps * flops_per_token / 1e12:.3g} TFLOPS"
     if first_eval is not None:
         summary += f"; eval loss {first_eval:.4f} -> {last_eval:.4f}"
     summary += f"; peak resident memory {format_size(peak)}"

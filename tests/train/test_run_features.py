@@ -131,6 +131,26 @@ def test_resume_with_more_steps_says_what_the_schedule_does(tmp_path, capsys):
     assert "train.steps 4 -> 8" in err and "as if it had been the run's from the start" in err
 
 
+def test_resume_with_fewer_steps_than_done_is_refused_and_loses_nothing(tmp_path, capsys):
+    """A resume whose train.steps is below the committed step would end the run there, save those weights
+    and delete the resumable state: refused before anything changes; a resume with more steps then runs,
+    and its summary counts the steps it ran."""
+    from fuyou.errors import ConfigError
+    from fuyou.train.loop import run_training
+
+    first = run_training(ssd_cfg(tmp_path, "train.steps=4", "run.name=f", "run.save_weights=false",
+                                 "offload.keep_state=true", "offload.commit_every=1"))
+    files = sorted(p.name for p in first.run_dir.iterdir())
+    with pytest.raises(ConfigError, match="has committed 4 steps and this resume sets train.steps=2"):
+        run_training(load_config(first.run_dir / "config.toml", ["train.steps=2", "model.init_from=none"]),
+                     resume=first.run_dir)
+    assert sorted(p.name for p in first.run_dir.iterdir()) == files  # no weights saved, nothing recorded
+    capsys.readouterr()
+    run_training(load_config(first.run_dir / "config.toml", ["train.steps=6", "model.init_from=none"]),
+                       resume=first.run_dir)
+    assert "done: steps 5-6 of 6" in capsys.readouterr().err
+
+
 def test_tensorboard_event_files(tmp_path):
     pytest.importorskip("tensorboard")
     from fuyou.train.loop import run_training
