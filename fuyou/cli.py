@@ -284,6 +284,15 @@ def _plan_model_fields(model: str, overrides: list[str]) -> tuple[dict, dict]:
 
         fields = model_shape(model)
     other: dict[str, dict] = {}
+    run_config = Path(model).expanduser() / "config.toml"
+    if run_config.is_file():  # a fuyou run: plan its state as it trains it (the flags and overrides still win)
+        from fuyou.config import load_config
+
+        run = load_config(run_config, ["model.init_from=none"])
+        other = {"train": {"precision": run.train.precision},
+                 "optim": {"master": run.optim.master, "moments": run.optim.moments}}
+        if run.lora.enabled:
+            other["lora"] = run.lora.model_dump()
     for item in overrides:
         key, sep, text = item.partition("=")
         section, _, name = key.strip().partition(".")

@@ -226,6 +226,19 @@ def test_plan_an_imported_model_by_path_without_its_weights(tmp_path, capsys):
                                      'vocab_size = 50257\nmax_seq_len = 1024\n')
     assert main(["plan", "--model", str(run), *flags]) == 0
     assert "gpt 6x512" in capsys.readouterr().out
+    # a run's optimizer state format and adapters are what the plan plans, unless overridden
+    with open(run / "config.toml", "a") as f:
+        f.write('[optim]\nmaster = "bf16"\nmoments = "int8"\n')
+    assert main(["plan", "--model", str(run), *flags]) == 0
+    assert "master bf16, moments int8" in capsys.readouterr().out
+    assert main(["plan", "--model", str(run), *flags, "optim.moments=fp32"]) == 0
+    assert "master bf16, moments fp32" in capsys.readouterr().out
+    lora_run = tmp_path / "lora-run"
+    lora_run.mkdir()
+    (lora_run / "config.toml").write_text((run / "config.toml").read_text().split("[optim]")[0]
+                                          + '[lora]\nrank = 8\nbase = "nf4"\n')
+    assert main(["plan", "--model", str(lora_run), *flags]) == 0
+    assert "LoRA rank 8" in capsys.readouterr().out
     (tmp_path / "empty").mkdir()
     for args, says in (([str(tmp_path / "missing")], "no such file"), ([str(run), "train.steps=3"], "model.KEY=VALUE"),
                        ([str(tmp_path / "empty")], "neither a model preset nor a model")):
