@@ -193,6 +193,8 @@ def _wear_line(s: dict) -> str:
         h = s["ssd_life_hours"]
         line += (f"; rated {s['ssd_tbw_bytes'] / 1e15:.3g} PB written: the drives last {h:,.0f} hours of training "
                  f"({h / 24:,.0f} days) at this rate")
+    elif not s["ssd_write_per_step_bytes"] and s.get("ssd_tbw_bytes"):
+        line += f": training does not spend the drives' rated {s['ssd_tbw_bytes'] / 1e15:.3g} PB"
     else:
         line += " (give --ssd-tbw for how long the drives last)"
     return line
@@ -356,8 +358,15 @@ def _commit_line(s: dict) -> str:
     if s["commit"] == "none":
         return "crash safety        none (offload.commit=none): a killed run cannot be resumed"
     per = s["commit_s_per_step"]
+    if s["commit"] in ("every 1 step(s)", "every 1"):
+        return "crash safety        commits every step: their writes are in the step time above"
+    if not s["commit_cost_s"]:
+        what = ("a commit writes the adapters and their moments" if s.get("lora") else
+                "no state is held in CPU memory: a commit writes its record, the state is on the SSD")
+        return (f"crash safety        commits {s['commit']} (every {s['steps_per_commit']:,.0f} steps): no cost beyond "
+                f"the step ({what})")
     return (f"crash safety        commits {s['commit']}: {per:.3g} s per step amortized ({100 * per / s['step_s']:.1f}% "
-            f"of the step; one commit {s['commit_cost_s']:.3g} s, every {s['steps_per_commit']:.3g} steps)")
+            f"of the step; one commit {s['commit_cost_s']:.3g} s, every {s['steps_per_commit']:,.0f} steps)")
 
 
 def to_json(plan: Plan) -> dict:

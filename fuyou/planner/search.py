@@ -174,12 +174,12 @@ def evaluate(w: Workload, hw: HardwareProfile, costs, policy: ActivationPolicy, 
     if steps < REPORT_STEPS:
         return ev
     # The report's figures: crash safety amortized over the interval, and a triggered step.
-    if w.offload.commit == "cow" and not every and resident:
-        with_commit = simulate(w, costs, hw, policy, cached, steps=steps, resident=resident, commit=True)
-        ev.commit_cost_s = max(0.0, with_commit.step_time - ev.sim.step_time)
-        secs = w.offload.commit_secs
-        ev.steps_per_commit = w.offload.commit_steps or max(1.0, secs / max(ev.sim.step_time, 1e-9))
-        ev.commit_s = ev.commit_cost_s / ev.steps_per_commit
+    if w.offload.commit == "cow" and not every:
+        ev.steps_per_commit = w.offload.commit_steps or max(1.0, w.offload.commit_secs / max(ev.sim.step_time, 1e-9))
+        if resident:  # without state held in CPU memory a commit writes only its record
+            with_commit = simulate(w, costs, hw, policy, cached, steps=steps, resident=resident, commit=True)
+            ev.commit_cost_s = max(0.0, with_commit.step_time - ev.sim.step_time)
+            ev.commit_s = ev.commit_cost_s / ev.steps_per_commit
     if w.grad_clip is not None and clip_modes:
         ev.triggered_step, ev.clipping_step = (
             simulate(w, costs, hw, policy, cached, steps=steps, resident=resident, commit=every,

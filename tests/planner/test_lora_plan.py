@@ -38,6 +38,10 @@ def test_fuyou_plan_takes_lora_overrides(capsys):
     out = capsys.readouterr().out
     assert "LoRA rank 16 on q, k, v, o, gate, up, down" in out and "the base is read-only" in out
     assert "CPU Adam" not in out.split("what if")[1].splitlines()[0]
+    # nothing is written a step: the commit line and the wear line say so (they said "one commit 0 s, every
+    # 1 steps" and asked for --ssd-tbw, which the drive preset gives)
+    assert "no cost beyond the step (a commit writes the adapters and their moments)" in out
+    assert "training does not spend the drives' rated 1.2 PB" in out
     assert main(args[:-2] + ["lora.rank=-1"]) != 0
     assert "invalid lora override" in capsys.readouterr().err
     assert main(["plan", "--model", "gpt3-1.3b", "--gpu", "rtx4090", "--ssd", "1x990-pro", "--cpu-mem", "64GiB",
