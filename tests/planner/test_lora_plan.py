@@ -41,7 +41,10 @@ def test_fuyou_plan_takes_lora_overrides(capsys):
     # nothing is written a step: the commit line and the wear line say so (they said "one commit 0 s, every
     # 1 steps" and asked for --ssd-tbw, which the drive preset gives)
     assert "no cost beyond the step (a commit writes the adapters and their moments)" in out
-    assert "training does not spend the drives' rated 1.2 PB" in out
+    assert main(["plan", "--model", "gpt3-13b", "--gpu", "rtx4090", "--ssd", "1x990-pro", "--cpu-mem", "64GiB",
+                 "--batch", "8", "--seq", "1024", "lora.rank=8", "lora.base=nf4"]) == 0
+    assert "0 B written per step, 0 TB per hour: training does not spend the drives' rated 1.2 PB" in \
+        capsys.readouterr().out
     assert main(args[:-2] + ["lora.rank=-1"]) != 0
     assert "invalid lora override" in capsys.readouterr().err
     assert main(["plan", "--model", "gpt3-1.3b", "--gpu", "rtx4090", "--ssd", "1x990-pro", "--cpu-mem", "64GiB",
