@@ -145,5 +145,6 @@ class OffloadConfig(BaseModel):
                 raise ValueError("offload.mode='ssd' needs at least one directory in offload.ssd_dirs (--ssd DIR)")
             for d in self.ssd_dirs:
                 if not Path(d).is_dir():
-                    raise ValueError(f"SSD directory {d!r} does not exist or is not a directory; create it first")
+                    raise ValueError(f"SSD directory {d!r} does not exist or is not a directory; create it first (a "
+                                     f"resume whose SSD directories moved: give their new place with --ssd)")
         return self

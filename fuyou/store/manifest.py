@@ -45,7 +45,8 @@ def read_manifest(paths: list[Path]) -> dict:
                                   f"{i}; list the store's directories in their original order (the first one "
                                   f"holds {L.MANIFEST})")
         raise StoreNotFoundError(f"no training state in {paths[0]} (missing {L.MANIFEST}): it was never "
-                                 f"committed, or it was deleted (a completed run removes its state); start a new run")
+                                 f"committed, it was deleted (a completed run removes its state), or it was moved "
+                                 f"(resume with --ssd giving where its directories are now); else start a new run")
     try:
         manifest = json.loads(mpath.read_text(encoding="utf-8"))
         ok = manifest.get("format") == L.FORMAT_VERSION and len(manifest["next_offsets"]) == len(manifest["dirs"])

@@ -12,6 +12,7 @@ import signal
 import sys
 import threading
 import time
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,7 +98,12 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
     if resume is not None:  # refuses what a resume cannot change, before the state is opened
         from fuyou.config import load_config
 
-        changed = resume_changes(load_config(run_path / "config.toml"), cfg)
+        # the saved config as it was, but over this resume's SSD directories (the saved ones may have moved)
+        dirs = {"offload.ssd_dirs": list(cfg.offload.ssd_dirs)}
+        saved_dirs = tomllib.loads((run_path / "config.toml").read_text()).get("offload", {}).get("ssd_dirs")
+        changed = resume_changes(load_config(run_path / "config.toml", flags=dirs), cfg)
+        if saved_dirs is not None and list(saved_dirs) != list(cfg.offload.ssd_dirs):
+            changed["offload.ssd_dirs"] = (list(saved_dirs), list(cfg.offload.ssd_dirs))
     # refuses impossible configs (and unresumable states) before anything is written
     trainer = build_trainer(cfg, run_path.name, resume=resume is not None)
     if resume is not None and trainer.start_step > cfg.train.steps:
@@ -115,7 +121,8 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
             print("resumed with changes (recorded in resumes.jsonl; config.toml is now the effective config): "
                   + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()), file=stream or sys.stderr)
             schedule_note = _schedule_change(load_config(run_path / f"config.step-{trainer.start_step}.toml",
-                                                         ["model.init_from=none"]), cfg, trainer.start_step, changed)
+                                                         ["model.init_from=none"], dirs), cfg, trainer.start_step,
+                                             changed)
             if schedule_note:
                 print(schedule_note, file=stream or sys.stderr)
     stop = _StopOnSignal()

@@ -118,9 +118,11 @@ class SaveError(FuyouError):
 # model, the SSD directories, the state format (optim.master, optim.moments), the compute precision (the
 # stored compute weights are in it) and the adapters' shape and scale (lora.*, except dropout); everything else (steps, learning rate and the rest of the optimizer,
 # batch, data, logging, budgets, schedules) may change and is recorded (``resume_changes``).
-FIXED_ON_RESUME = ("model.", "offload.ssd_dirs", "offload.mode", "offload.commit", "optim.master", "optim.moments",
+FIXED_ON_RESUME = ("model.", "offload.mode", "offload.commit", "optim.master", "optim.moments",
                    "train.precision",
                    "lora.rank", "lora.alpha", "lora.targets", "lora.use_rslora", "lora.init", "lora.base")  # lora.dropout may change
+# offload.ssd_dirs may change: directories moved elsewhere (each store directory's marker names its store
+# and place, so a foreign or reordered one is refused when the state is opened)
 NOT_COMPARED = ("model.init_from", "run.")
 
 

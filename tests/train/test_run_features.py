@@ -151,6 +151,31 @@ def test_resume_with_fewer_steps_than_done_is_refused_and_loses_nothing(tmp_path
     assert "done: steps 5-6 of 6" in capsys.readouterr().err
 
 
+def test_resume_after_the_ssd_directory_moved(tmp_path, capsys):
+    """The SSD directories may move between a run and its resume: --ssd gives their new place (the store's
+    markers make sure it is this run's state), the change is recorded; an empty directory is refused with
+    a sentence that says what to do."""
+    from fuyou.errors import FuyouError
+    from fuyou.train.loop import run_training
+
+    first = run_training(ssd_cfg(tmp_path, "train.steps=3", "run.name=mv", "run.save_weights=false",
+                                 "offload.keep_state=true"))
+    moved = tmp_path / "moved"
+    (tmp_path / "ssd").rename(moved)
+    with pytest.raises(FuyouError, match="give their new place with --ssd"):
+        load_config(first.run_dir / "config.toml", ["train.steps=5", "model.init_from=none"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FuyouError, match="or it was moved"):
+        run_training(load_config(first.run_dir / "config.toml", ["train.steps=5", "model.init_from=none"],
+                                 {"offload.ssd_dirs": [str(tmp_path / "empty")]}), resume=first.run_dir)
+    capsys.readouterr()
+    run_training(load_config(first.run_dir / "config.toml", ["train.steps=5", "model.init_from=none"],
+                             {"offload.ssd_dirs": [str(moved)]}), resume=first.run_dir)
+    assert "done: steps 4-5 of 5" in capsys.readouterr().err
+    entry = json.loads((first.run_dir / "resumes.jsonl").read_text().splitlines()[-1])
+    assert str(moved) in json.dumps(entry)
+
+
 def test_tensorboard_event_files(tmp_path):
     pytest.importorskip("tensorboard")
     from fuyou.train.loop import run_training
