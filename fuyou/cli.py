@@ -133,10 +133,16 @@ def _import(args) -> int:
 
 
 def _export(args) -> int:
+    from pathlib import Path
+
+    from fuyou.errors import ConfigError
     from fuyou.train.run import export_run_dir
     from fuyou.units import parse_size
 
     _check_out_dir(args.out)
+    if not Path(args.run_dir).expanduser().is_dir():
+        raise ConfigError(f"{args.run_dir} does not exist or is not a directory: give a run directory (the one "
+                          f"`fuyou train` printed), a snapshot in it, or a directory made by `fuyou import`")
     files = export_run_dir(args.run_dir, args.out, args.dtype, parse_size(args.shard_size), merge=args.merge)
     kind = " as a PEFT adapter" if "adapter_config.json" in files else " merged" if args.merge else ""
     print(f"exported {args.run_dir} to {args.out}{kind} ({args.dtype}): {', '.join(files)}")
@@ -485,6 +491,8 @@ def _train(args) -> int:
         from fuyou.errors import ConfigError
 
         resume = Path(args.resume)
+        if resume.is_file() and resume.name == "config.toml":
+            raise ConfigError(f"--resume takes the run directory, not its config.toml: --resume {resume.parent}")
         if not (resume / "config.toml").is_file():
             raise ConfigError(f"{resume} is not a run directory (no config.toml); give the directory a run printed")
         if args.config:
@@ -494,6 +502,11 @@ def _train(args) -> int:
         # tokenizer an init_from checkpoint gave, so that checkpoint need not exist any more
         args.overrides = ["model.init_from=none", *args.overrides]
     cfg = load_config(args.config, args.overrides, {k: v for k, v in flags.items() if v is not None})
+    if args.ssd and cfg.offload.mode != "ssd":
+        from fuyou.errors import ConfigError
+
+        raise ConfigError(f"--ssd gives the SSD tier's directories, but this run does not offload to it "
+                          f"(offload.mode={cfg.offload.mode!r}): add --offload ssd, or drop --ssd")
     if args.trace and cfg.offload.mode != "ssd":
         from fuyou.errors import ConfigError
 

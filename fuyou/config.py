@@ -199,7 +199,7 @@ def explain(err: ValidationError) -> str:
         else:
             msg = e["msg"].removeprefix("Value error, ")
             got = f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict) else ""
-            lines.append(f"{loc}: {msg}{got}")
+            lines.append(f"{loc}: {msg}{got}" if loc else f"{msg}{got}")  # a whole-config check has no place
     return "invalid configuration:\n  " + "\n  ".join(lines)
 
 

@@ -203,3 +203,21 @@ def test_read_only_places(tmp_path, capsys, read_only_dir):
                         str(tmp_path / "runs"), *TINY])
     assert "read-only" in err.lower() or "permission" in err.lower() or "EROFS" in err, err
     assert "0 B at offset 0" not in err
+
+
+def test_cli_mistakes_found_by_a_new_user_pass(tmp_path, capsys):
+    """Each gets a sentence that says what to do: --ssd without the SSD tier, --resume given the run's
+    config.toml, export of a directory that does not exist, a whole-config check (no field to name)."""
+    ssd = tmp_path / "ssd"
+    ssd.mkdir()
+    assert "add --offload ssd, or drop --ssd" in _err(capsys, ["train", "--ssd", str(ssd), "--out", str(tmp_path / "r"),
+                                                               "model.preset=gpt-tiny", "train.steps=1"])
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.toml").write_text("[train]\nsteps = 1\n")
+    assert f"--resume {run}" in _err(capsys, ["train", "--resume", str(run / "config.toml")])
+    assert "does not exist or is not a directory" in _err(capsys, ["export", str(tmp_path / "nope"), "--out",
+                                                                   str(tmp_path / "out")])
+    err = _err(capsys, ["train", "--out", str(tmp_path / "r"), "model.preset=gpt-tiny", "lora.base=nf4"])
+    assert "\n  lora" in err or "\n  lora.base" in err or "lora.base=nf4" in err
+    assert "\n  : " not in err

@@ -140,7 +140,9 @@ def resume_changes(saved: FuyouConfig, cfg: FuyouConfig) -> dict[str, tuple]:
         raise ConfigError("a resumed run cannot change " + ", ".join(f"{k} ({changed[k][0]!r} -> {changed[k][1]!r})"
                                                                  for k in fixed)
                           + ": they fix the shape and place of its committed state. Resume with the run's own "
-                          "values, or start a new run (--init-from its model.safetensors once it has one)")
+                          "values, or start a new run ("
+                          + ("lora.init_from its exported adapter, over the same base" if saved.lora.enabled
+                             else "--init-from its model.safetensors once it has one") + ")")
     return changed
 
 
