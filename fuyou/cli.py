@@ -377,6 +377,9 @@ def _plan(args) -> int:
                                   f"give one")
         flags = {k: getattr(args, k) for k in ("commit", "commit_every") if getattr(args, k) is not None}
         off = OffloadConfig(**{**flags, **given})
+        if off.commit == "none" and "commit_every" in {**flags, **given}:
+            raise ConfigError("--commit-every sets how often a crash-safe commit is made, and --commit none makes "
+                              "none; give one")
         clip = None if args.grad_clip.lower() == "none" else float(args.grad_clip)
     except ValueError as e:
         raise ConfigError(f"invalid --commit-every, --grad-clip or offload override: {e}") from None

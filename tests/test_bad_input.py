@@ -221,3 +221,10 @@ def test_cli_mistakes_found_by_a_new_user_pass(tmp_path, capsys):
     err = _err(capsys, ["train", "--out", str(tmp_path / "r"), "model.preset=gpt-tiny", "lora.base=nf4"])
     assert "\n  lora" in err or "\n  lora.base" in err or "lora.base=nf4" in err
     assert "\n  : " not in err
+    assert "--commit none makes none; give one" in _err(capsys, [
+        "plan", "--model", "gpt3-13b", "--gpu", "rtx4090", "--ssd", "1x990-pro", "--cpu-mem", "64GiB", "--commit",
+        "none", "--commit-every", "1"])
+    # LoRA over a random base says so when it starts, not only at export
+    assert main(["train", "--out", str(tmp_path / "r"), "model.preset=gpt-tiny", "lora.rank=2", "train.steps=1",
+                 "train.eval_batches=1"]) == 0
+    assert "note: LoRA over a base drawn at random" in capsys.readouterr().err

@@ -125,6 +125,10 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
                                              changed)
             if schedule_note:
                 print(schedule_note, file=stream or sys.stderr)
+    if cfg.lora.enabled and not cfg.model.init_from and resume is None and dist.is_main:
+        print(f"note: LoRA over a base drawn at random (train.seed={cfg.train.seed}; no --init-from): the adapters "
+              f"learn to correct noise, which suits a test, not a fine-tune; give --init-from HF_DIR for a "
+              f"pretrained base", file=stream or sys.stderr)
     stop = _StopOnSignal()
     try:
         if resume is not None or not dist.is_main:
