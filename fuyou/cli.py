@@ -292,13 +292,16 @@ def _plan_model_fields(model: str, overrides: list[str]) -> tuple[dict, dict]:
     other: dict[str, dict] = {}
     run_config = Path(model).expanduser() / "config.toml"
     if run_config.is_file():  # a fuyou run: plan its state as it trains it (the flags and overrides still win)
-        from fuyou.config import load_config
+        # read as written, not validated as a config to train: its SSD directories need not exist to plan
+        import tomllib
 
-        run = load_config(run_config, ["model.init_from=none"])
-        other = {"train": {"precision": run.train.precision},
-                 "optim": {"master": run.optim.master, "moments": run.optim.moments}}
-        if run.lora.enabled:
-            other["lora"] = run.lora.model_dump()
+        raw = tomllib.loads(run_config.read_text())
+        for section, keys in (("train", ("precision",)), ("optim", ("master", "moments"))):
+            values = {k: raw[section][k] for k in keys if k in raw.get(section, {})}
+            if values:
+                other[section] = values
+        if raw.get("lora", {}).get("rank"):  # (its adapter checkpoint, if any, plays no part in a plan)
+            other["lora"] = {k: v for k, v in raw["lora"].items() if k != "init_from"}
     for item in overrides:
         key, sep, text = item.partition("=")
         section, _, name = key.strip().partition(".")

@@ -226,9 +226,11 @@ def test_plan_an_imported_model_by_path_without_its_weights(tmp_path, capsys):
                                      'vocab_size = 50257\nmax_seq_len = 1024\n')
     assert main(["plan", "--model", str(run), *flags]) == 0
     assert "gpt 6x512" in capsys.readouterr().out
-    # a run's optimizer state format and adapters are what the plan plans, unless overridden
+    # a run's optimizer state format and adapters are what the plan plans, unless overridden; its SSD
+    # directories need not exist (a plan reads no state)
     with open(run / "config.toml", "a") as f:
-        f.write('[optim]\nmaster = "bf16"\nmoments = "int8"\n')
+        f.write(f'[offload]\nmode = "ssd"\nssd_dirs = ["{tmp_path / "gone"}"]\n'
+                '[optim]\nmaster = "bf16"\nmoments = "int8"\n')
     assert main(["plan", "--model", str(run), *flags]) == 0
     assert "master bf16, moments int8" in capsys.readouterr().out
     assert main(["plan", "--model", str(run), *flags, "optim.moments=fp32"]) == 0
