@@ -123,6 +123,28 @@ def _add_hf_parsers(sub) -> None:
                     "Hugging Face model directory instead of a PEFT adapter directory")
     ex.set_defaults(func=_export)
 
+    rs = sub.add_parser("reshard", help="rewrite a stopped run's state for another number of data-parallel "
+                        "processes (torchrun --nproc_per_node) before resuming it",
+                        description="A run trained by N processes keeps one state per rank (full fine-tuning: "
+                        "each rank the optimizer state of the stages it owns). Run this once, without torchrun, "
+                        "between two launches to continue the run's last commit on another number of processes "
+                        "of this machine; then `torchrun --nproc_per_node=M -m fuyou.cli train --resume RUN_DIR` "
+                        "(M=1: `fuyou train --resume RUN_DIR`). The old state is replaced only once the new one is "
+                        "complete; an interrupted reshard is finished by running it again.")
+    rs.add_argument("run_dir", metavar="RUN_DIR", help="a stopped run directory")
+    rs.add_argument("--nproc", type=int, required=True, metavar="M",
+                    help="the number of processes the resume will run (torchrun --nproc_per_node)")
+    rs.add_argument("--ssd", action="append", metavar="DIR",
+                    help="the run's SSD directories, if they moved (repeat for several; give the resume the same)")
+    rs.set_defaults(func=_reshard)
+
+
+def _reshard(args) -> int:
+    from fuyou.reshard import reshard
+
+    print(reshard(args.run_dir, args.nproc, args.ssd))
+    return 0
+
 
 def _import(args) -> int:
     from fuyou.train.run import import_checkpoint

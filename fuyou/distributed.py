@@ -33,7 +33,8 @@ for communication). What is shared and what each rank owns:
 - **Commits are all or nothing**: each rank writes its part of the state and syncs its store, the ranks meet, and
   only then does each write its commit record. Resuming reads every rank's record and refuses, with
   the steps found, if they differ (a crash in the few milliseconds between two ranks' record renames).
-  A resume must use the run's world size (``distributed.json`` in the run directory records it).
+  A resume must use the run's world size (``distributed.json`` in the run directory records it), or
+  another after ``fuyou reshard RUN_DIR --nproc M`` has rewritten the last commit for it (fuyou/reshard.py).
 - **Failure**: every collective has a deadline (``offload.stall_timeout``); a rank that dies makes the
   others' next collective fail, and they stop with ``DistributedError`` naming the rank and the fix.
   A stop signal (Ctrl-C, SIGTERM) is agreed by all ranks at a step boundary, so all commit the same step.
@@ -277,11 +278,15 @@ def record_world(run_dir: Path, d: Dist) -> None:
 
 
 def check_world(run_dir: Path, d: Dist) -> None:
-    """A run resumes with the world size that trained it (the state is one per rank)."""
+    """A run resumes with the world size that trained it (the state is one per rank), or after
+    ``fuyou reshard`` (fuyou/reshard.py) with another."""
+    from fuyou.reshard import check_pending
+
+    check_pending(run_dir)
     path = run_dir / WORLD_FILE
     world = json.loads(path.read_text())["world_size"] if path.is_file() else 1
     if world != d.world:
         how = "without torchrun" if world == 1 else f"with torchrun --nproc_per_node={world} (or its nodes)"
         raise ConfigError(f"{run_dir} was trained by {world} process(es) and this resume has {d.world}: each rank "
-                          f"keeps its own copy of the state, so resume {how}. Resuming at another world size "
-                          f"(resharding) is not supported yet")
+                          f"keeps its own part of the state, so resume {how}, or first rewrite the state for "
+                          f"{d.world} with `fuyou reshard {run_dir} --nproc {d.world}` (one machine)")

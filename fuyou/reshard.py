@@ -1,0 +1,310 @@
+"""A run's last commit rewritten for another number of data-parallel ranks (issue 17).
+
+Data parallelism keeps one state per rank (fuyou/distributed.py): full fine-tuning shards the
+optimizer state by stage (each stage's master weights and moments live on one rank, its owner:
+``distributed.stage_owners``), LoRA keeps the base's weights and the adapters on every rank. So a run
+trained by N processes resumes with N, and ``fuyou reshard`` rewrites the last commit for M, once,
+between two launches::
+
+    fuyou reshard RUN_DIR --nproc 2                                   # trained by one process so far
+    torchrun --nproc_per_node=2 -m fuyou.cli train --resume RUN_DIR
+
+What it writes, for every new rank, in that rank's SSD directories (``Dist.rank_config``: the split
+training uses): a new store holding the committed copy of every stage the rank will own (full
+fine-tuning: the master weights, the moments and, with int8 moments, their scales; LoRA: the base's
+stored weights and the adapters' file, as rank 0 kept them), tagged with the committed step, and a
+commit record naming them. Everything else (the compute weights, the other copies, the gradients
+saved for exact clipping) is rebuilt by the resume, as after any resume. The step, the data order,
+the learning rate and Adam's step count do not change, so a run resharded from two ranks to one
+continues as if one process had trained it all along: bit-identical where the ranks' sum of
+gradients is (one micro-batch per rank, two ranks; tests/dist/test_reshard.py).
+
+Crash safety. The new stores are written beside the old ones (``<state>.reshard``), each synced with
+its record. Only then is ``RUN_DIR/reshard.json`` written, atomically: that is the decision. After it
+the old states are renamed ``<state>.resharded``, the new ones take the states' names,
+``distributed.json`` records the new world size, the old states are deleted and ``reshard.json``
+removed. A crash before the decision leaves the old state as it was (the next ``fuyou reshard``
+removes the partial new one); after it, ``fuyou train --resume`` and ``fuyou export`` refuse the run
+with a sentence until ``fuyou reshard`` is run again, which finishes the renames (each step is
+recognised by the stores' ids, so running it twice never moves a new state away).
+
+Limits: one machine (the states of every rank must be in this machine's SSD directories; with
+torchrun over several machines each keeps its own ranks' states); free space for the committed
+copies beside the old state, checked before anything is written (``StoreSpaceError``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from fuyou import distributed
+from fuyou.errors import ConfigError
+from fuyou.faults import fault
+from fuyou.units import format_size
+
+PENDING = "reshard.json"
+NEW_SUFFIX = ".reshard"
+OLD_SUFFIX = ".resharded"
+COPY_BYTES = 64 * 2**20  # one copy buffer: a multiple of every store's checksum block
+
+
+def check_pending(run_dir: Path) -> None:
+    """Refuse a run whose reshard stopped after its decision (module docstring)."""
+    p = Path(run_dir) / PENDING
+    if p.is_file():
+        try:
+            to = json.loads(p.read_text())["world_to"]
+        except (OSError, ValueError, KeyError, TypeError):
+            to = "N"
+        raise ConfigError(f"{run_dir} was being resharded for {to} process(es) when it stopped; finish it with "
+                          f"`fuyou reshard {run_dir} --nproc {to}` (the new state is complete, only its renames "
+                          f"remain), then resume")
+
+
+def _marker_uuid(d: Path) -> str | None:
+    from fuyou.store import layout as L
+
+    try:
+        return json.loads((d / L.MARKER).read_text())["uuid"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _fsync_dir(d: Path) -> None:
+    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class _NewRank:
+    rank: int
+    finals: list[Path]                       # the rank's state directories, one per SSD directory it uses
+    owned: list[int] = field(default_factory=list)
+
+    @property
+    def temps(self) -> list[Path]:
+        return [p.with_name(p.name + NEW_SUFFIX) for p in self.finals]
+
+
+def reshard(run_dir: str | Path, nproc: int, ssd_dirs: list[str] | None = None) -> str:
+    """Rewrite ``run_dir``'s last commit for ``nproc`` data-parallel ranks on this machine; returns
+    what was done, in a sentence. ``ssd_dirs``: where the run's SSD directories are now, if they moved
+    (give the resume the same ``--ssd``)."""
+    from fuyou.config import load_config
+
+    run_dir = Path(run_dir).expanduser()
+    if not (run_dir / "config.toml").is_file():
+        raise ConfigError(f"{run_dir} is not a run directory (no config.toml): give the directory `fuyou train` "
+                          f"printed")
+    if distributed.launched_world() > 1:
+        raise ConfigError("fuyou reshard runs once, as one process, between two launches: run it without torchrun")
+    if nproc < 1:
+        raise ConfigError(f"--nproc {nproc}: give the number of processes the resume will run (1 or more)")
+    flags = {"offload.ssd_dirs": list(ssd_dirs)} if ssd_dirs else None
+    cfg = load_config(run_dir / "config.toml", ["model.init_from=none"], flags)
+    pending = run_dir / PENDING
+    if pending.is_file():
+        plan = json.loads(pending.read_text())
+        if plan.get("world_to") != nproc:
+            raise ConfigError(f"{run_dir} was being resharded for {plan.get('world_to')} process(es) when it stopped; "
+                              f"finish that first: `fuyou reshard {run_dir} --nproc {plan.get('world_to')}`")
+        _switch(run_dir, plan)
+        return (f"finished the interrupted reshard of {run_dir}: its step-{plan['step']} state is now "
+                f"{nproc} process(es)'")
+    if cfg.offload.mode != "ssd" or cfg.offload.commit != "cow":
+        raise ConfigError(f"{run_dir} keeps no resumable state (offload.mode={cfg.offload.mode}, offload.commit="
+                          f"{cfg.offload.commit}): there is nothing to reshard")
+    old_world = _world(run_dir)
+    if nproc == old_world:
+        raise ConfigError(f"{run_dir} was trained by {old_world} process(es) already: resume it as it is")
+    t = cfg.train
+    if t.grad_accum % nproc:
+        raise ConfigError(f"train.grad_accum={t.grad_accum} is not a multiple of {nproc}: each rank runs grad_accum/"
+                          f"{nproc} of a step's micro-batches, and a resume cannot change the global batch's split; "
+                          f"choose a number of processes that divides {t.grad_accum}")
+    return _reshard(run_dir, cfg, old_world, nproc, ssd_dirs)
+
+
+def _world(run_dir: Path) -> int:
+    path = run_dir / distributed.WORLD_FILE
+    return json.loads(path.read_text())["world_size"] if path.is_file() else 1
+
+
+def _reshard(run_dir: Path, cfg, old_world: int, nproc: int, ssd_dirs: list[str] | None) -> str:
+    from fuyou.engine.commit import RECORD, read_record, step_tag, write_record
+    from fuyou.engine.layout import build_states
+    from fuyou.models import StageModel
+    from fuyou.store import TensorStore
+    from fuyou.store.aligned import aligned_empty
+    from fuyou.store.errors import StoreLockedError
+
+    name = f"{run_dir.name}.fuyou-state"
+    lora = cfg.lora.enabled
+    states = build_states(StageModel(cfg.model).stages, 0.0, n_copies=3, int8=cfg.optim.moments == "int8")
+    if not lora and nproc > len(states):
+        raise ConfigError(f"{nproc} processes for a model of {len(states)} stages: each rank owns the optimizer state "
+                          f"of whole stages, so use at most {len(states)}")
+    dirs = [Path(d) for d in cfg.offload.ssd_dirs]
+    # the new ranks' directories, as training will split them
+    new = []
+    for r in range(nproc):
+        d = distributed.Dist(r, nproc, r, nproc)
+        rank_dirs = [Path(x) for x in d.rank_config(cfg).offload.ssd_dirs]
+        new.append(_NewRank(r, [x / d.store_name(name) for x in rank_dirs]))
+    for nr in new:  # a reshard that stopped before its decision left these: never the state of record
+        for p in nr.temps:
+            if p.exists():
+                shutil.rmtree(p)
+    olds, stores, records = [], [], []
+    try:
+        for r in range(old_world):
+            rank_name = name if r == 0 else f"{name}.rank{r}"
+            found = [d / rank_name for d in dirs if (d / rank_name).is_dir()]
+            if not found:
+                raise ConfigError(f"rank {r}'s state ({rank_name}) is in none of {', '.join(map(str, dirs))}: the run "
+                                  f"finished and its state was deleted, the SSD directories moved (give --ssd), or "
+                                  f"that rank ran on another machine (fuyou reshard works on one machine's states)")
+            try:
+                store = TensorStore.open(found)
+            except StoreLockedError as e:
+                raise ConfigError(f"{run_dir} is being trained (its state is locked: {e}); stop it first "
+                                  f"(Ctrl-C commits and stops)") from e
+            stores.append(store)
+            olds.append(found)
+            rec = read_record(found[0], store, len(states), n_copies=1 if lora else 3)
+            records.append({**json.loads((found[0] / RECORD).read_text()), **rec})
+        steps = {rec["step"] for rec in records}
+        if len(steps) != 1:
+            raise ConfigError(f"the ranks' last commits differ (steps {sorted(steps)}): resume the run with "
+                              f"{old_world} process(es) to a commit they share, then reshard")
+        step = steps.pop()
+        # where each stage's committed state is now
+        src: dict[int, tuple[int, int]] = {}
+        for r, rec in enumerate(records):
+            for i in rec.get("owned", range(len(states))):
+                src.setdefault(i, (r, rec["copies"][i]))
+        if not lora and sorted(src) != list(range(len(states))):
+            raise ConfigError(f"the ranks' commit records name no owner for stages "
+                              f"{sorted(set(range(len(states))) - set(src))}: the state is damaged; nothing was changed")
+        owners = [0] * len(states) if lora else distributed.stage_owners([s.numel for s in states], nproc)
+        for nr in new:
+            nr.owned = list(range(len(states))) if lora else [i for i, o in enumerate(owners) if o == nr.rank]
+        buf = aligned_empty(COPY_BYTES)
+        copied = 0
+        for nr in new:
+            if lora:  # the base's weights as rank 0 stored them (packed, when lora.base quantises it)
+                items = [(0, st.keys.weights) for st in states]
+            else:
+                items = [(src[i][0], key) for i in nr.owned for key in states[i].copies[src[i][1]].state]
+            specs = [(key, stores[r].meta(key).shape, stores[r].meta(key).dtype) for r, key in items]
+            nbytes = sum(stores[r].record(key).nbytes for r, key in items)
+            store = TensorStore.create(nr.temps, stores[0].config, capacity_hint_bytes=nbytes + 64 * 2**20)
+            try:
+                store.allocate_many(specs)
+                for r, key in items:
+                    copied += _copy(stores[r], store, key, buf)
+                    store.set_tag(key, stores[r].record(key).tag)
+                    fault("reshard_copy")
+                store.sync()
+                if lora:
+                    rec0 = records[0]
+                    lf = rec0["lora_state"]
+                    shutil.copyfile(olds[0][0] / lf, nr.temps[0] / lf)
+                    with open(nr.temps[0] / lf, "rb+") as f:
+                        os.fsync(f.fileno())
+                    body = {k: v for k, v in rec0.items() if k != "checksum"}
+                else:
+                    body = {"step": step, "copies": [src[i][1] for i in range(len(states))],
+                            "model": records[0].get("model"), "owned": nr.owned}
+                    for i in nr.owned:
+                        if step_tag(step) != store.record(states[i].copies[src[i][1]].master).tag:
+                            raise ConfigError(f"stage {i}'s committed copy is not tagged with step {step}: the state "
+                                              f"is damaged; nothing was changed")
+                body.update(store_uuid=store.uuid, generation=store.generation)
+                write_record(nr.temps[0], body)
+            finally:
+                store.close(sync=False)
+        old_ids = [s.uuid for s in stores]
+    finally:
+        for s in stores:
+            s.close(sync=False)
+    plan = {"world_from": old_world, "world_to": nproc, "step": step, "backend": _backend(run_dir),
+            "old": [[str(p) for p in found] for found in olds], "old_uuids": old_ids,
+            "new": [[str(p) for p in nr.finals] for nr in new]}
+    from fuyou.store.layout import write_json_atomic
+
+    write_json_atomic(run_dir / PENDING, plan)  # the decision (module docstring)
+    fault("reshard_switch")
+    _switch(run_dir, plan)
+    return (f"resharded {run_dir} from {old_world} to {nproc} process(es) at its step-{step} commit "
+            f"({format_size(copied)} of state copied); continue with "
+            + (f"`fuyou train --resume {run_dir}" if nproc == 1 else
+               f"`torchrun --nproc_per_node={nproc} -m fuyou.cli train --resume {run_dir}")
+            + "".join(f" --ssd {d}" for d in (ssd_dirs or [])) + "`")
+
+
+def _copy(src, dst, key: str, buf: torch.Tensor) -> int:
+    rec = src.record(key)
+    el = torch.empty((), dtype=rec.dtype).element_size()
+    n = rec.nbytes // el
+    per = COPY_BYTES // el
+    view = buf.view(rec.dtype)
+    for a in range(0, n, per):
+        k = min(per, n - a)
+        src.read_into(key, view[:k], start=a).result()  # CRC-checked
+        dst.write_from(key, view[:k], start=a).result()
+    return rec.nbytes
+
+
+def _backend(run_dir: Path) -> str | None:
+    path = run_dir / distributed.WORLD_FILE
+    return json.loads(path.read_text()).get("backend") if path.is_file() else None
+
+
+def _switch(run_dir: Path, plan: dict) -> None:
+    """The renames after the decision; idempotent (module docstring)."""
+    old_ids = set(plan["old_uuids"])
+    parents = set()
+    for found in plan["old"]:
+        for p in map(Path, found):
+            if p.is_dir() and _marker_uuid(p) in old_ids:  # still the old state: move it aside
+                os.replace(p, p.with_name(p.name + OLD_SUFFIX))
+                parents.add(p.parent)
+    for finals in plan["new"]:
+        for p in map(Path, finals):
+            tmp = p.with_name(p.name + NEW_SUFFIX)
+            if tmp.is_dir():
+                if p.exists():
+                    raise ConfigError(f"{p} is in the way of the resharded state ({tmp}); it is not a state fuyou "
+                                      f"moved: move it away, then run `fuyou reshard` again")
+                os.replace(tmp, p)
+                parents.add(p.parent)
+    for d in parents:
+        _fsync_dir(d)
+    world = run_dir / distributed.WORLD_FILE
+    history = []
+    if world.is_file():
+        history = json.loads(world.read_text()).get("resharded", [])
+    if not any(h.get("step") == plan["step"] and h.get("to") == plan["world_to"] for h in history):
+        history.append({"from": plan["world_from"], "to": plan["world_to"], "step": plan["step"],
+                        "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    from fuyou.store.layout import write_json_atomic
+
+    write_json_atomic(world, {"world_size": plan["world_to"], "backend": plan.get("backend"), "resharded": history})
+    for found in plan["old"]:
+        for p in map(Path, found):
+            old = p.with_name(p.name + OLD_SUFFIX)
+            if old.is_dir():
+                shutil.rmtree(old)
+    (run_dir / PENDING).unlink(missing_ok=True)
+    _fsync_dir(run_dir)

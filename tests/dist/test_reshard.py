@@ -1,0 +1,145 @@
+"""``fuyou reshard``: a run's last commit rewritten for another number of data-parallel processes
+(fuyou/reshard.py), then resumed at that number.
+
+The reference is always one process that trains the whole run uninterrupted. A run cut after step 2
+(its commit of step 2 is the state of record), resharded and resumed at the other world size must
+end bit-identical to it: with one micro-batch per rank and two ranks, the two ranks' gradient sum is
+the one-process sum (tests/dist/test_data_parallel.py), and the state moves bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from test_data_parallel import assert_states, env, open_state, rank_procs, single, torchrun, train_args
+
+pytestmark = pytest.mark.timeout(900)
+
+
+def fuyou(*args, check=True, **kw):
+    r = subprocess.run([sys.executable, "-m", "fuyou.cli", *args], env=env(**kw), capture_output=True, text=True,
+                       timeout=300)
+    if check:
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    return r
+
+
+def cut_after_step_2(tmp_path, name, extra, world):
+    """A run killed (SIGKILL; with two ranks rank 0, and rank 1 stops on its error) in the backward of step 3: its last commit is step 2 (or 1,
+    if the kill came before the commit job of step 2 had finished)."""
+    args = train_args(tmp_path, name, "train.grad_accum=2", *extra)
+    if world == 1:
+        r = fuyou(*args, check=False, FUYOU_FAULT="backward@2")
+        assert r.returncode == -9, r.stderr[-3000:]
+    else:
+        procs = rank_procs(tmp_path, args, fault_rank=0, fault="backward@2")
+        [p.communicate(timeout=300) for p in procs]
+        assert all(p.returncode not in (0, None) for p in procs)
+    return tmp_path / "runs" / name
+
+
+def resume(run, world):
+    if world == 1:
+        return single(["train", "--resume", str(run)])
+    return torchrun(["train", "--resume", str(run)], nproc=world)
+
+
+@pytest.mark.parametrize("before,after,extra,saved", [
+    (1, 2, (), "model.safetensors"),
+    (2, 1, (), "model.safetensors"),
+    (1, 2, ("optim.master=bf16", "optim.moments=int8"), "model.safetensors"),
+    (2, 1, ("lora.rank=4", "lora.targets=all-linear", "model.preset=llama-test", "lora.base=int8"),
+     "adapter.safetensors"),
+])
+def test_a_resharded_run_ends_as_one_process_would(tmp_path, extra, saved, before, after):
+    """Cut at step 2 on ``before`` processes, resharded for ``after``, resumed to step 4: the weights (and,
+    for full fine-tuning, the committed master weights and moments) equal one uninterrupted process's,
+    bit for bit; the state lies where a run of ``after`` processes keeps it."""
+    single(train_args(tmp_path, "whole", "train.grad_accum=2", *extra))
+    run = cut_after_step_2(tmp_path, "cut", extra, before)
+    before_state = open_state(run) if not extra else None  # (open_state reads fp32 moments)
+    r = fuyou("reshard", str(run), "--nproc", str(after))
+    assert f"from {before} to {after} process(es) at its step-" in r.stdout, r.stdout
+    states = sorted(p.name for p in (tmp_path / "ssd").iterdir())
+    assert states == sorted(["cut.fuyou-state", "whole.fuyou-state"] + (["cut.fuyou-state.rank1"] if after == 2 else []))
+    assert json.loads((run / "distributed.json").read_text())["world_size"] == after
+    if before_state is not None:
+        assert_states(before_state, open_state(run))  # the move changed no bit
+    resume(run, after)
+    a, b = load_file(tmp_path / "runs" / "whole" / saved), load_file(run / saved)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    if before_state is not None:
+        assert_states(open_state(tmp_path / "runs" / "whole"), open_state(run))
+
+
+def test_a_reshard_killed_before_its_decision_changes_nothing(tmp_path):
+    """Killed while copying: the old state is the state of record (the run resumes at its old world
+    size and exports), and the next reshard starts over from it."""
+    run = cut_after_step_2(tmp_path, "cut", (), 1)
+    state = open_state(run)
+    r = fuyou("reshard", str(run), "--nproc", "2", check=False, FUYOU_FAULT="reshard_copy")
+    assert r.returncode == -9
+    assert not (run / "reshard.json").exists() and not (run / "distributed.json").exists()
+    assert_states(state, open_state(run))
+    fuyou("reshard", str(run), "--nproc", "2")
+    assert sorted(p.name for p in (tmp_path / "ssd").iterdir()) == ["cut.fuyou-state", "cut.fuyou-state.rank1"]
+    assert_states(state, open_state(run))
+
+
+def test_a_reshard_killed_after_its_decision_is_finished_by_running_it_again(tmp_path):
+    """Killed after the decision (the new state complete, the renames not done): resume and export
+    refuse with the command that finishes it; running it again does, and the run resumes exactly."""
+    single(train_args(tmp_path, "whole", "train.grad_accum=2"))
+    run = cut_after_step_2(tmp_path, "cut", (), 2)
+    state = open_state(run)
+    r = fuyou("reshard", str(run), "--nproc", "1", check=False, FUYOU_FAULT="reshard_switch")
+    assert r.returncode == -9 and (run / "reshard.json").is_file()
+    for args in (["train", "--resume", str(run)], ["export", str(run), "--out", str(tmp_path / "hf")]):
+        r = fuyou(*args, check=False)
+        assert r.returncode != 0 and f"fuyou reshard {run} --nproc 1" in r.stderr and "Traceback" not in r.stderr
+    r = fuyou("reshard", str(run), "--nproc", "2", check=False)  # not the interrupted one's number
+    assert r.returncode != 0 and "finish that first" in r.stderr
+    r = fuyou("reshard", str(run), "--nproc", "1")
+    assert "finished the interrupted reshard" in r.stdout
+    assert sorted(p.name for p in (tmp_path / "ssd").iterdir()) == ["cut.fuyou-state", "whole.fuyou-state"]
+    assert_states(state, open_state(run))
+    fuyou("reshard", str(run), "--nproc", "1", check=False)  # nothing left to do: refused, nothing moved
+    assert_states(state, open_state(run))
+    resume(run, 1)
+    a, b = load_file(tmp_path / "runs" / "whole" / "model.safetensors"), load_file(run / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_what_reshard_refuses(tmp_path):
+    """Each with a sentence and no traceback, the state untouched: the same world size, a split of the
+    global batch that does not divide, more ranks than stages, a run being trained, a run without
+    resumable state, a directory that is not a run."""
+    run = cut_after_step_2(tmp_path, "cut", (), 1)
+    state = open_state(run)
+    cases = [(("--nproc", "1"), "already"), (("--nproc", "3"), "not a multiple of 3"),
+             (("--nproc", "0"), "1 or more")]
+    for args, says in cases:
+        r = fuyou("reshard", str(run), *args, check=False)
+        assert r.returncode != 0 and says in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+    r = fuyou(*train_args(tmp_path, "wide", "train.grad_accum=8", "train.steps=1"))
+    r = fuyou("reshard", str(tmp_path / "runs" / "wide"), "--nproc", "8", check=False)
+    assert r.returncode != 0 and "at most 6" in r.stderr, r.stderr
+    r = fuyou(*train_args(tmp_path, "plain", "train.steps=1", "offload.commit=none"))
+    r = fuyou("reshard", str(tmp_path / "runs" / "plain"), "--nproc", "2", check=False)
+    assert r.returncode != 0 and "nothing to reshard" in r.stderr
+    r = fuyou("reshard", str(tmp_path), "--nproc", "2", check=False)
+    assert r.returncode != 0 and "not a run directory" in r.stderr
+    from fuyou.store import TensorStore
+
+    with TensorStore.open([tmp_path / "ssd" / "cut.fuyou-state"]):  # as a training process holds it
+        r = fuyou("reshard", str(run), "--nproc", "2", check=False)
+    assert r.returncode != 0 and "being trained" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert_states(state, open_state(run))
+    assert sorted(p.name for p in (tmp_path / "ssd").iterdir()) == ["cut.fuyou-state", "plain.fuyou-state",
+                                                                   "wide.fuyou-state"]
