@@ -8,7 +8,8 @@ for communication). What is shared and what each rank owns:
   ``train.micro_batch_size`` rows, as for one process: rank ``r`` runs the contiguous ``grad_accum / N``
   of them (``micro_batches``), so a run's model does not depend on how many ranks trained it, up to the
   order in which the ranks' gradients are summed (bit-identical when each rank runs one micro-batch and
-  there are two ranks: a sum of two addends does not depend on their order).
+  there are two ranks: a sum of two addends does not depend on their order; on the CPU also the same
+  number of threads per process, as a matmul's sums depend on it and torchrun sets OMP_NUM_THREADS=1).
 - **The optimizer state is sharded by stage**: each stage's master weights and moments live on one rank,
   its owner (``stage_owners``: largest stages first, each to the least-loaded rank), in that rank's
   store (rank 0's under the run's usual name, rank ``r``'s under ``...fuyou-state.rank{r}``). As a
