@@ -229,7 +229,7 @@ def plan_memory(stage_numels: list[int], off, *, chunk: int, io_buffer_bytes: in
     # the embedding's position while it runs
     dev["stage weights in window"] = (off.prefetch_depth + 1) * max(wb) + (wb[0] + wb[-1] if tied else 0)
     if dequant_bytes:
-        dev["int8 base, a stage dequantised"] = dequant_bytes
+        dev["quantised base, a stage dequantised"] = dequant_bytes
     dev["checkpoints"] = ((len(stage_numels) + 1) * micro_batches * act["checkpoint"] if checkpoint_bytes is None
                           else checkpoint_bytes)
     # the largest stage's fp32 gradients; a frozen base (LoRA) has none, but its backward still holds about

@@ -271,7 +271,7 @@ class Engine:
                 # the matmuls reading a dequantised stage measurably slower (TLB misses)
                 self._dequant = huge_empty(n * dtype_size(self.cdtype)).view(self.cdtype)[:n]
             elif n:
-                self._dequant = self.dev.empty(n, self.cdtype, "int8 base, a stage dequantised")
+                self._dequant = self.dev.empty(n, self.cdtype, "quantised base, a stage dequantised")
             self.streamer = WeightStreamer(self.states, self.store, self.weight_pool, self.dev, self.cdtype,
                                            off.prefetch_depth, self.tracer, ref)
             self.worker = OptimizerWorker(self.opt, self.cdtype, off.max_pending_updates, self.tracer, ref)
