@@ -129,6 +129,11 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
         print(f"note: LoRA over a base drawn at random (train.seed={cfg.train.seed}; no --init-from): the adapters "
               f"learn to correct noise, which suits a test, not a fine-tune; give --init-from HF_DIR for a "
               f"pretrained base", file=stream or sys.stderr)
+    if (cfg.optim.master == "bf16" and cfg.train.precision == "fp32" and cfg.offload.mode == "ssd" and resume is None
+            and dist.is_main):
+        print("note: optim.master=bf16 with train.precision=fp32: every update rounds the weights to bf16, but they "
+              "are computed in fp32 from a separate fp32 copy (4 B a parameter more to store and stream); with "
+              "train.precision=bf16 the bf16 master is the compute weights", file=stream or sys.stderr)
     stop = _StopOnSignal()
     try:
         if resume is not None or not dist.is_main:
