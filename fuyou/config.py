@@ -129,9 +129,16 @@ class FuyouConfig(BaseModel):
             return self
         tok = None
         if self.model.init_from:
-            from fuyou.hf.source import tokenizer_dir
+            from fuyou.hf.source import hf_files_dir, tokenizer_dir
 
             tok = tokenizer_dir(self.model.init_from)
+            hf = hf_files_dir(self.model.init_from)
+            if tok is None and hf is not None and self.data.tokenizer == "auto":
+                raise ValueError(f"model.init_from={self.model.init_from} is a Hugging Face checkpoint without tokenizer "
+                                 f"files in {hf} (tokenizer.json, tokenizer.model, ...), and its vocabulary is not "
+                                 f"bytes: give data.tokenizer=DIR (the model's tokenizer, for example copied from "
+                                 f"the model's original repository), or data.tokenizer=byte to train it on byte ids "
+                                 f"anyway")
         if tok is not None and self.data.tokenizer == "byte":
             raise ValueError(f"data.tokenizer='byte' but model.init_from={self.model.init_from} was trained with the "
                              f"tokenizer in {tok}; leave data.tokenizer at 'auto' (that tokenizer) or name it")

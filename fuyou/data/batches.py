@@ -29,6 +29,9 @@ def make_batches(cfg, data: TokenData | ExampleData | None, quiet: bool = False)
         if not quiet:
             print(f"fuyou: data: {rows.report()}; held out: {held.report()}", file=sys.stderr)
         evals = ExampleEvalBatches(held, t.micro_batch_size, t.eval_batches) if len(held) else None
+        if evals is None and not quiet:
+            print(f"fuyou: note: no held-out example has an answer token within data.seq_len={seq}: evaluation is "
+                  f"off; give data.eval_path a file of examples that fit, or a larger data.seq_len", file=sys.stderr)
         return ExampleSampler(rows, t.micro_batch_size, t.seed), evals
     data.check_fits(seq, cfg.model.vocab_size)
     return BatchSampler(data.train, seq, t.micro_batch_size, t.seed), EvalBatches(data.val, seq, t.micro_batch_size, t.eval_batches)

@@ -14,6 +14,16 @@ from pathlib import Path
 from fuyou.errors import DataError
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text"}
+_TABLE = ("convert it to JSON Lines, one example an object: pandas.read_{}(FILE).to_json(OUT, orient='records', "
+          "lines=True)")
+BINARY_SUFFIXES = {  # refused by name, not trained on as text; what to do instead
+    ".parquet": _TABLE.format("parquet"), ".arrow": _TABLE.format("feather"), ".feather": _TABLE.format("feather"),
+    ".csv": _TABLE.format("csv"), ".tsv": _TABLE.format("csv") + " with sep='\\t'", ".xlsx": _TABLE.format("excel"),
+    ".gz": "decompress it first", ".zst": "decompress it first", ".zip": "unpack it first",
+    ".bz2": "decompress it first", ".xz": "decompress it first",
+    ".bin": "it is not text: give text, .jsonl or .json files", ".npy": "it is not text: give text, .jsonl or .json files",
+    ".pt": "it is not text: give text, .jsonl or .json files",
+    ".safetensors": "it is not text: give text, .jsonl or .json files"}
 
 
 def builtin_documents() -> list[str]:
@@ -33,16 +43,52 @@ def iter_records(paths: list[str | Path], text_field: str = "text") -> Iterator[
         files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
         found = False
         for f in files:
-            if f.suffix == ".jsonl":
+            suffix = f.suffix.lower()
+            if suffix == ".jsonl":
                 found = True
                 yield from _jsonl_records(f)
-            elif f.suffix in TEXT_SUFFIXES or not p.is_dir():
+            elif suffix == ".json" and not p.is_dir():  # (in a directory, .json files are often configs)
                 found = True
-                yield {text_field: f.read_text(encoding="utf-8", errors="replace")}, str(f)
+                yield from _json_records(f)
+            elif suffix in BINARY_SUFFIXES and not p.is_dir():
+                raise DataError(f"{f} is a {suffix} file, which fuyou does not read as data: {BINARY_SUFFIXES[suffix]}")
+            elif suffix in TEXT_SUFFIXES or not p.is_dir():
+                found = True
+                yield {text_field: _read_text(f)}, str(f)
         if not found:
             raise DataError(
-                f"{p} holds no usable files; expected {', '.join(sorted(TEXT_SUFFIXES))} or .jsonl files"
+                f"{p} holds no usable files; expected {', '.join(sorted(TEXT_SUFFIXES))} or .jsonl files "
+                f"(a directory's .json files are not read: give such a file itself)"
             )
+
+
+def _read_text(f: Path) -> str:
+    raw = f.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{f}: not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 1]!r}); save the file as "
+                        f"UTF-8 (for example `iconv -f latin1 -t utf-8`), or, if it is not text, convert it") from None
+
+
+def _json_records(path: Path) -> Iterator[tuple[dict, str]]:
+    """A ``.json`` file: an array of objects (as Alpaca's ``alpaca_data.json``), or JSON Lines under
+    that name."""
+    text = _read_text(path)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        yield from _jsonl_records(path)  # one object a line, named .json
+        return
+    if not isinstance(data, list):
+        raise DataError(f"{path}: a .json file must hold an array of example objects (or one object a line); it "
+                        f"holds a JSON {type(data).__name__}: give the array inside it as its own file")
+    for i, rec in enumerate(data):
+        where = f"{path}[{i}]"
+        if not isinstance(rec, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+        _check_text(rec, text, where)
+        yield rec, where
 
 
 def iter_documents(paths: list[str | Path], jsonl_field: str = "text") -> Iterator[str]:
@@ -71,4 +117,17 @@ def _jsonl_records(path: Path) -> Iterator[tuple[dict, str]]:
                 raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg}); each line must be one JSON object") from e
             if not isinstance(rec, dict):
                 raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+            _check_text(rec, line, f"{path}:{lineno}")
             yield rec, f"{path}:{lineno}"
+
+
+def _check_text(rec, raw: str, where: str) -> None:
+    """JSON's ``\\ud800``-style escapes can spell a lone UTF-16 surrogate, which is no character:
+    refused here, where the line is known, rather than deep in a tokenizer."""
+    if "\\ud" in raw or "\\uD" in raw:
+        try:
+            json.dumps(rec, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as e:
+            bad = e.object[e.start:e.end].encode("unicode_escape").decode()
+            raise DataError(f"{where}: holds {bad}, half of a UTF-16 surrogate pair and no character (a JSON escape "
+                            f"of a broken string); remove or repair it") from None

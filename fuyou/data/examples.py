@@ -140,7 +140,8 @@ class Rows:
                     ptr.append(n)
                     fill = 0
                 fill += width
-            ptr.append(len(order))
+            if len(order):  # no usable example: no row (not one empty row, whose mean loss is 0/0)
+                ptr.append(len(order))
         else:
             ptr = list(range(len(order) + 1))
         return cls(ex, order, np.array(ptr, dtype=np.int64), keep, seq_len, packed, pad_id, truncated, dropped)

@@ -73,7 +73,7 @@ class HFTokenizer:
             self._tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         except Exception as e:  # transformers raises many kinds; all mean "not a usable tokenizer dir"
             raise DataError(f"cannot load a tokenizer from {path}: {e}") from e
-        self.name = f"hf:{path}"
+        self.name = f"hf:{path.resolve()}"  # absolute: prepared data records it, read from anywhere
         self.vocab_size = len(self._tok)
         eos = self._tok.eos_token_id
         self.eos_id = int(eos) if eos is not None else self.vocab_size - 1

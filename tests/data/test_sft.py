@@ -310,7 +310,56 @@ def test_data_of_another_tokenizer_is_refused(tmp_path):
     assert main(["data", "prepare", str(src), "--out", str(tmp_path / "same"), "--tokenizer", str(other)]) == 0
     build_trainer(load_config(overrides=base + [f"data.path={tmp_path / 'same'}"]), "y").close()
     meta = json.loads((tmp_path / "same" / "meta.json").read_text())
+    assert meta["tokenizer"] == f"hf:{other.resolve()}"  # absolute: data.eval_path re-reads it from anywhere
     meta["tokenizer_fingerprint"] = "300:0123456789abcdef"
     (tmp_path / "same" / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(DataError, match="prepare the data again with --tokenizer"):
         build_trainer(load_config(overrides=base + [f"data.path={tmp_path / 'same'}"]), "z")
+
+
+# -- inputs a new-user pass found mishandled -------------------------------------------------------------
+def test_no_usable_held_out_example_turns_evaluation_off_with_a_note(tmp_path, capsys):
+    """Every held-out prompt longer than data.seq_len: no row at all (it was one empty row, whose mean
+    loss divided by zero), evaluation off, and a note that says why."""
+    from fuyou.data.batches import make_batches
+
+    train = write_jsonl(tmp_path / "t.jsonl", qa_records(8))
+    held = write_jsonl(tmp_path / "h.jsonl", [{"prompt": "p" * 200, "completion": "c"}])
+    d = tokenize_records([train], "byte", eval_paths=[held])
+    assert len(Rows.build(d.val, 64, True, d.pad_id, None)) == 0
+    assert len(Rows.build(d.val, 64, False, d.pad_id, None)) == 0
+    cfg = make_cfg(tmp_path, "data.seq_len=64", f"data.path={train}", f"data.eval_path={held}")
+    _, evals = make_batches(cfg, d)
+    assert evals is None and "evaluation is off" in capsys.readouterr().err
+
+
+def test_a_json_array_is_read_as_records_and_other_formats_are_refused(tmp_path):
+    """Alpaca ships a .json array: its records are read as records. Tables, archives and binary files
+    are refused by name, not trained on as text; non-UTF-8 text and lone surrogates are refused with
+    where they are."""
+    recs = qa_records(6)
+    arr = tmp_path / "a.json"
+    arr.write_text(json.dumps(recs))
+    lines = tmp_path / "lines.json"  # JSON Lines under a .json name
+    lines.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    ref = tokenize_records([write_jsonl(tmp_path / "a.jsonl", recs)], "byte", val_fraction=0.2)
+    for f in (arr, lines):
+        d = tokenize_records([f], "byte", val_fraction=0.2)
+        assert np.array_equal(np.asarray(d.train.tokens), np.asarray(ref.train.tokens))
+    (tmp_path / "d.parquet").write_bytes(b"PAR1\x00\x01binary")
+    with pytest.raises(DataError, match="parquet file.*pandas.read_parquet"):
+        tokenize_records([tmp_path / "d.parquet"], "byte")
+    (tmp_path / "obj.json").write_text('{"data": []}')
+    with pytest.raises(DataError, match="array of example objects"):
+        tokenize_records([tmp_path / "obj.json"], "byte")
+    (tmp_path / "l1.txt").write_bytes("caf\xe9".encode("latin1"))
+    with pytest.raises(DataError, match="l1.txt: not UTF-8 text"):
+        tokenize_records([tmp_path / "l1.txt"], "byte")
+    (tmp_path / "s.jsonl").write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "Q \\ud800 x", "completion": "A"}\n')
+    with pytest.raises(DataError, match=r"s.jsonl:2: holds \\ud800"):
+        tokenize_records([tmp_path / "s.jsonl"], "byte")
+    upper = tmp_path / "up"
+    upper.mkdir()
+    (upper / "A.JSONL").write_text(json.dumps(recs[0]) + "\n")
+    d = tokenize_records([upper], "byte", val_fraction=0.5)  # read, not "holds no usable files"
+    assert len(d.train) + len(d.val) == 1

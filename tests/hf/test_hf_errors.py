@@ -161,11 +161,21 @@ def test_incomplete_weights_name_the_missing_tensor(tmp_path):
 
 def test_init_from_shape_wins_over_the_preset(tmp_path, capsys):
     src = hf_dir(tmp_path / "m", LLAMA)
-    cfg = load_config(overrides=["model.preset=gpt-test", "model.n_layer=3"], flags={"model.init_from": str(src)})
+    cfg = load_config(overrides=["model.preset=gpt-test", "model.n_layer=3", "data.source=synthetic"],
+                      flags={"model.init_from": str(src)})
     assert (cfg.model.family, cfg.model.n_layer, cfg.model.vocab_size, cfg.model.preset) == ("llama", 1, 32, None)
     err = capsys.readouterr().err
     assert "preset 'gpt-test' ignored" in err and "n_layer 3 -> 1" in err
-    assert cfg.data.tokenizer == "byte"  # no tokenizer files in the source
+
+
+def test_a_checkpoint_without_a_tokenizer_needs_one_named_for_text_data(tmp_path):
+    """A pretrained model's vocabulary is not bytes: text for a checkpoint without tokenizer files is
+    refused unless a tokenizer (or bytes, knowingly) is named; synthetic data needs none."""
+    src = hf_dir(tmp_path / "m", LLAMA)
+    with pytest.raises(ConfigError, match="without tokenizer files .* data.tokenizer=DIR"):
+        load_config(flags={"model.init_from": str(src)})
+    assert load_config(overrides=["data.tokenizer=byte"], flags={"model.init_from": str(src)}).data.tokenizer == "byte"
+    assert load_config(overrides=["data.source=synthetic"], flags={"model.init_from": str(src)}).data.source == "synthetic"
 
 
 def test_an_index_pointing_outside_the_model_directory_is_refused(tmp_path):
