@@ -366,7 +366,8 @@ def _plan(args) -> int:
     from fuyou.planner.hardware import resolve
     from fuyou.policy import parse_act_policy
     from fuyou.planner.report import plot, text, to_json
-    from fuyou.planner.search import CPU_RESERVE, CPU_RESERVE_FRACTION, search, search_global_batch, search_split
+    from fuyou.planner.search import (CPU_FIX, CPU_RESERVE, CPU_RESERVE_FRACTION, search, search_global_batch,
+                                      search_split)
     from fuyou.units import format_size, parse_size
 
     tokens_goal = _token_count(args.tokens) if args.tokens else None
@@ -457,6 +458,14 @@ def _plan(args) -> int:
         plan = search_global_batch(w, hw, cpu, *split, policy)
     plan.cpu_given = cpu_given
     plan.tokens_goal = tokens_goal
+    if plan.cpu_need:  # the fix in --cpu-mem's terms: the planned budget plus the reserve, per rank, for the machine
+        given = args.cpu_reserve is not None
+        per = (plan.cpu_need + reserve if given
+               else -(-(plan.cpu_need + CPU_RESERVE[hw.device]) // (1 - CPU_RESERVE_FRACTION)))
+        fix = (f"{CPU_FIX} {format_size(int(per) * gpus)} (--cpu-mem; it plans {format_size(plan.cpu_need)} after the "
+               f"reserve of {format_size(reserve if given else int(per) - plan.cpu_need)}"
+               + (f", for each of {gpus} ranks" if gpus > 1 else "") + ")")
+        plan.fixes = [fix if f.startswith(CPU_FIX) else f for f in plan.fixes]
     print(json.dumps(to_json(plan), indent=1) if args.json else text(plan))
     if args.plot and plan.feasible:
         if plot(plan, args.plot):

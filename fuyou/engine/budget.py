@@ -69,6 +69,7 @@ class MemoryPlan:
     resident_bytes: int = 0
     cache_share: int = 1   # ranks that map one weight cache; cache_bytes is this rank's share of it
     resident_elsewhere: list[int] = field(default_factory=list)  # the planner: stages resident on other ranks
+    act_share_cap: int | None = None  # the cpu tier's share is the default quarter of the budget, up to this
 
     @property
     def resident_all(self) -> list[int]:
@@ -80,6 +81,16 @@ class MemoryPlan:
         return sum(self.cpu_items.values())
 
     @property
+    def cpu_minimum(self) -> int:
+        """The least budget under which this plan's items fit. ``cpu_required`` at this budget, except
+        that a default share of the cpu tier is a quarter of the budget (``act_cpu_share``): at a smaller
+        budget it is smaller, so the least budget M solves ``other + min(M // 4, cap) <= M``."""
+        if self.act_share_cap is None:
+            return self.cpu_required
+        other, cap = self.cpu_required - self.cpu_items.get(ACT_SHARE, 0), self.act_share_cap
+        return other + cap if 3 * cap <= other else -(-4 * other // 3) + 3
+
+    @property
     def device_required(self) -> int:
         return sum(self.device_items.values())
 
@@ -88,8 +99,10 @@ class MemoryPlan:
             raise BudgetError(
                 f"the CPU memory budget {format_size(self.cpu_budget)} cannot hold the engine's minimum of "
                 f"{format_size(self.cpu_required)}:\n{_lines(self.cpu_items)}\nraise offload.cpu_mem (--cpu-mem) to at "
-                f"least {format_size(self.cpu_required)}, or lower the batch, sequence length, prefetch_depth, "
+                f"least {format_size(self.cpu_minimum)}, or lower the batch, sequence length, prefetch_depth, "
                 f"optimizer_chunk or grad_accum"
+                + (f" (with offload.act_cpu_mem unset, the activations' CPU tier takes a quarter of the budget, up "
+                   f"to the {format_size(self.act_share_cap)} the policy keeps there)" if self.act_share_cap else "")
             )
         if self.device_budget is not None and self.device_required > self.device_budget:
             raise BudgetError(
@@ -177,7 +190,8 @@ def plan_memory(stage_numels: list[int], off, *, chunk: int, io_buffer_bytes: in
                 extra_cpu: dict[str, int] | None = None, extra_device: dict[str, int] | None = None,
                 device_budget: int | None = None, offtier_bytes: int = 0, fmt=None,
                 lora_params: int | None = None, owned: set[int] | None = None, cache_share: int = 1,
-                weight_bytes: list[int] | None = None, dequant_bytes: int = 0) -> MemoryPlan:
+                weight_bytes: list[int] | None = None, dequant_bytes: int = 0,
+                share_cap: int | None = None) -> MemoryPlan:
     """The memory plan of the engine (module docstring) from shapes and settings, allocating nothing.
 
     ``stage_numels``: parameters owned by each stage, in stage order. ``off``: an ``OffloadConfig``.
@@ -209,7 +223,7 @@ def plan_memory(stage_numels: list[int], off, *, chunk: int, io_buffer_bytes: in
 
     fmt = fmt or StateFormat()
     plan = MemoryPlan(off.cpu_mem, device_budget=off.gpu_mem if off.gpu_mem is not None else device_budget,
-                      cache_share=cache_share)
+                      cache_share=cache_share, act_share_cap=share_cap)  # (``act_share_cap``)
     stage_max = max(stage_numels)
     wb = weight_bytes or [n * csize for n in stage_numels]
     opt_lowp = csize  # a stage the cache does not hold writes its compute weights through these buffers
@@ -374,13 +388,43 @@ def offtier_bytes(cfg_model, policy: dict, batch: int, seq: int, csize: int) -> 
     return largest
 
 
-def act_cpu_share(policy: dict, off) -> tuple[int, bool]:
+ACT_SHARE = "activations (cpu tier share)"
+
+
+def act_share_cap(policy: dict, off, cpu_tier_bytes: int) -> int | None:
+    """The most a default cpu tier share (``act_cpu_share``) takes, or None when the share does not
+    depend on the budget (``offload.act_cpu_mem`` given, or no cpu tier): ``MemoryPlan.cpu_minimum``."""
+    if off.act_cpu_mem is not None or not act_cpu_share(policy, off, cpu_tier_bytes)[0]:
+        return None
+    return _share_cap(cpu_tier_bytes)
+
+
+def _share_cap(cpu_tier_bytes: int) -> int:
+    return cpu_tier_bytes + cpu_tier_bytes // 32 + 2**20  # slack for the pool's rounding of each tensor
+
+
+def act_cpu_share(policy: dict, off, cpu_tier_bytes: int | None = None) -> tuple[int, bool]:
     """(CPU memory for activations of tier ``cpu``, whether any activation leaves the compute device)
     for engine block policies (``fuyou.policy.keep_policies``): ``offload.act_cpu_mem``, by default a
-    quarter of ``cpu_mem`` when the policy uses the cpu tier."""
+    quarter of ``cpu_mem`` when the policy uses the cpu tier, but no more than what the policy keeps
+    there in a step (``cpu_tier_bytes``, ``cpu_tier_need``) with a little slack. (Uncapped, the share
+    grew with the budget, so the smallest budget a refusal named was never enough: each raise raised
+    the share with it. What does not fit the share overflows to the SSD tier.)"""
     uses = {t for b in policy.values() for t in (b.checkpoint, b.all, *b.classes.values()) if t}
-    share = off.act_cpu_mem if off.act_cpu_mem is not None else (off.cpu_mem // 4 if "cpu" in uses else 0)
+    if off.act_cpu_mem is not None:
+        share = off.act_cpu_mem
+    elif "cpu" not in uses:
+        share = 0
+    else:
+        share = off.cpu_mem // 4
+        if cpu_tier_bytes is not None:
+            share = min(share, _share_cap(cpu_tier_bytes))
     return share, bool(uses & {"cpu", "ssd"})
+
+
+def cpu_tier_need(cfg_model, policy: dict, batch: int, seq: int, csize: int, micro_batches: int = 1) -> int:
+    """Bytes a policy keeps in the cpu tier in a step: each micro-batch's, until its backward."""
+    return micro_batches * kept_activation_bytes(cfg_model, policy, batch, seq, csize)["cpu"]
 
 
 def policy_memory(cfg_model, policy: dict, off, batch: int, seq: int, csize: int,
@@ -391,14 +435,14 @@ def policy_memory(cfg_model, policy: dict, off, batch: int, seq: int, csize: int
     micro-batch of a step keeps its activations until backward (layer-major: ``micro_batches``)."""
     act = activation_bytes(cfg_model, batch, seq)
     kept = kept_activation_bytes(cfg_model, policy, batch, seq, csize)
-    share, offtier = act_cpu_share(policy, off)
+    share, offtier = act_cpu_share(policy, off, micro_batches * kept["cpu"])
     extra_cpu, extra_dev = {}, {}
     if kept["gpu"]:
         extra_dev["kept activations (policy, gpu tier)"] = micro_batches * kept["gpu"]
     if offtier:
         extra_cpu["activation staging"] = off.act_staging_chunks * (-(-off.act_chunk // checksum_block) * checksum_block)
     if share:
-        extra_cpu["activations (cpu tier share)"] = share
+        extra_cpu[ACT_SHARE] = share
     # Activations read back ahead of backward are materialised on the compute device: the block (of one
     # micro-batch) in backward and ``act_prefetch_blocks`` more.
     per_block = [sum(kept_activation_bytes(cfg_model, {i: b}, batch, seq, csize)[k] for k in ("cpu", "ssd"))

@@ -81,8 +81,8 @@ from torch import Tensor
 
 from fuyou.config import FuyouConfig
 from fuyou.data import TokenData
-from fuyou.engine.budget import (D2H_DEPTH, MemoryPlan, act_cpu_share, activation_bytes, device_working_bytes,
-                                 exchange_buffer_bytes, shared_cache_layout,
+from fuyou.engine.budget import (D2H_DEPTH, MemoryPlan, act_cpu_share, act_share_cap, activation_bytes, cpu_tier_need,
+                                 device_working_bytes, exchange_buffer_bytes, shared_cache_layout,
                                  offtier_bytes, plan_memory, policy_memory)
 from fuyou.engine.device import InFlight, make_device
 from fuyou.engine.recompute import BlockState, backward_block, forward_block, leaves, weight_bases
@@ -159,7 +159,8 @@ class Engine:
         self.tied = bool(self.model.stages[-1].shared)
         self.act = keep_policies(off.act_policy, cfg.model.n_layer,
                                  default_checkpoint_dtype(off.checkpoint_dtype, t.precision))
-        self.act_cpu_mem, self.act_offtier = act_cpu_share(self.act, off)
+        self.act_cpu_mem, self.act_offtier = act_cpu_share(self.act, off, cpu_tier_need(
+            cfg.model, self.act, t.micro_batch_size, cfg.data.seq_len, dtype_size(self.cdtype), len(self.micro)))
         self.batches, self.eval_batches = make_batches(cfg, data)
         # Activations swapped to the cpu/ssd tiers are freed out of order, mid-heap, where glibc cannot
         # return them: with such a policy every large block stays an mmap (bound_malloc's docstring).
@@ -365,7 +366,10 @@ class Engine:
             weight_bytes=[s.wnumel * dtype_size(self.cdtype) for s in self.states],
             dequant_bytes=max((s.numel for s in self.states if s.packing is not None), default=0) * dtype_size(self.cdtype),
             offtier_bytes=offtier_bytes(self.cfg.model, self.act, t.micro_batch_size, self.cfg.data.seq_len,
-                                        dtype_size(self.cdtype)))
+                                        dtype_size(self.cdtype)),
+            share_cap=act_share_cap(self.act, off, cpu_tier_need(self.cfg.model, self.act, t.micro_batch_size,
+                                                                 self.cfg.data.seq_len, dtype_size(self.cdtype),
+                                                                 len(self.micro))))
 
     def _shared_cache(self) -> SharedSegment | None:
         """The ranks' one weight cache (``cache_share`` > 1): rank 0 makes it, the others map it, then its

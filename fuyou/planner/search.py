@@ -22,8 +22,8 @@ import math
 from dataclasses import dataclass, field
 
 from fuyou.policy import to_keep
-from fuyou.engine.budget import (DEVICE_SLACK_FRACTION, MemoryPlan, act_cpu_share, exchange_buffer_bytes,
-                                 offtier_bytes, plan_memory,
+from fuyou.engine.budget import (DEVICE_SLACK_FRACTION, MemoryPlan, act_cpu_share, act_share_cap, cpu_tier_need,
+                                 exchange_buffer_bytes, offtier_bytes, plan_memory,
                                  policy_memory, weight_buffer_need)
 from fuyou.engine.layout import copies_needed
 from fuyou.engine.budget import activation_bytes
@@ -76,6 +76,7 @@ class Plan:
     evaluations: int = 0
     tokens_goal: int | None = None   # `fuyou plan --tokens`: report the time to train on this many tokens
     cpu_given: int | None = None     # `fuyou plan --cpu-mem` before its --cpu-reserve (the plan's budget is less)
+    cpu_need: int | None = None      # infeasible for CPU memory: the planned budget (each rank's) that would fit
     split: list[tuple[int, int, float | None, str]] = field(default_factory=list)
     """``search_split``: the splits of the global batch considered, (micro-batch, micro-batches, step
     seconds or None, why it does not fit or why it was chosen), in the order tried."""
@@ -127,7 +128,8 @@ def _rank_plan(w: Workload, hw: HardwareProfile, policy: ActivationPolicy, cpu_b
         extra_cpu=extra_cpu, extra_device=extra_dev,
         offtier_bytes=offtier_bytes(w.model, keep, w.batch, w.seq, w.csize), fmt=w.fmt, lora_params=w.lora_params,
         owned=owned, cache_share=w.ranks,  # one weight cache per machine (sharded state or LoRA's base)
-        weight_bytes=w.weight_bytes, dequant_bytes=w.dequant_bytes)
+        weight_bytes=w.weight_bytes, dequant_bytes=w.dequant_bytes,
+        share_cap=act_share_cap(keep, off, cpu_tier_need(w.model, keep, w.batch, w.seq, w.csize, w.micro)))
 
 
 def state_ssd_bytes(w: Workload, plan: MemoryPlan) -> dict[str, int]:
@@ -306,7 +308,7 @@ def search(w: Workload, hw: HardwareProfile, cpu_budget: int, policy: Activation
         best.policy = best.policy.model_copy(update={"cache_weights_stages": len(best.memory.cached_stages)})
     plan = Plan(w, hw, costs, best)
     if not best.feasible:
-        plan.fixes = _fixes(w, hw, cpu_budget, best)
+        plan.fixes, plan.cpu_need = _fixes(w, hw, cpu_budget, best, policy)
     elif whatif:
         cached = set(best.memory.cached_stages)
         sims = {"twice the SSDs": with_more_ssds(hw, 2),
@@ -370,7 +372,8 @@ def _from_lower_budgets(asked: Workload, w: Workload, hw: HardwareProfile, costs
         if not lower.feasible:
             break
         low_off = lower.workload.offload.model_copy(update={"cpu_mem": rung})
-        share, _ = act_cpu_share(to_keep(lower.best.policy, w.model.n_layer, w.checkpoint_default), low_off)
+        keep = to_keep(lower.best.policy, w.model.n_layer, w.checkpoint_default)
+        share, _ = act_cpu_share(keep, low_off, cpu_tier_need(w.model, keep, w.batch, w.seq, w.csize, w.micro))
         caps = {"resident_mem": lower.best.memory.resident_bytes, "act_cpu_mem": share if share else None}
         w2 = dataclasses.replace(asked, offload=lower.workload.offload.model_copy(update=caps))
         e = evaluate(w2, hw, costs, lower.best.policy, cpu_budget, REPORT_STEPS)
@@ -404,11 +407,17 @@ def _resident_choice(w: Workload, hw: HardwareProfile, costs, best: Evaluation, 
     return w2, chosen
 
 
-def _fixes(w: Workload, hw: HardwareProfile, cpu_budget: int, failed: Evaluation) -> list[str]:
-    """What would make an infeasible configuration fit: one sentence per way."""
+CPU_FIX = "a CPU memory budget of at least"
+
+
+def _fixes(w: Workload, hw: HardwareProfile, cpu_budget: int, failed: Evaluation,
+           policy: ActivationPolicy | None = None) -> tuple[list[str], int | None]:
+    """What would make an infeasible configuration fit: one sentence per way, and the planned CPU
+    budget (each rank's) that would, if CPU memory is short. The user's activation policy, if given,
+    is the one planned; else the leanest."""
     costs = stage_costs(w)
     fixes = []
-    lean = ActivationPolicy.recompute_all(w.model.n_layer, checkpoint="ssd", prefetch_depth=1)
+    lean = policy or ActivationPolicy.recompute_all(w.model.n_layer, checkpoint="ssd", prefetch_depth=1)
     plan, ssd = memory_plan(w, hw, costs, lean, cpu_budget)
     if hw.device == "cuda" and plan.device_required > hw.gpu_mem:
         b = w.batch
@@ -421,10 +430,10 @@ def _fixes(w: Workload, hw: HardwareProfile, cpu_budget: int, failed: Evaluation
         need = plan.device_required
         gpus = [n for n, g in GPUS.items() if g["mem"] >= need]
         fixes.append(f"a GPU with at least {format_size(need)} of memory" + (f" ({', '.join(gpus)})" if gpus else ""))
-    need_cpu = plan.cpu_required
-    if need_cpu > cpu_budget:
+    need_cpu = plan.cpu_minimum
+    if plan.cpu_required > cpu_budget:  # the planned budget (after the reserve); `fuyou plan` restates it as --cpu-mem
         each = f" for the machine: {w.ranks} ranks' shares of {format_size(need_cpu)}" if w.ranks > 1 else ""
-        fixes.append(f"a CPU memory budget of at least {format_size(need_cpu * w.ranks)} (--cpu-mem{each})")
+        fixes.append(f"{CPU_FIX} {format_size(need_cpu * w.ranks)} planned, after the reserve{each}")
     if ssd > hw.ssd_capacity:
         off = w.offload
         for change, what in ((dict(commit_every=1), "offload.commit_every=1 (commit every step: two state copies, "
@@ -441,7 +450,7 @@ def _fixes(w: Workload, hw: HardwareProfile, cpu_budget: int, failed: Evaluation
                      f"(--ssd {math.ceil(ssd / per)}xNAME or --ssd-capacity)")
     if not fixes:
         fixes.append("; ".join(failed.problems))
-    return fixes
+    return fixes, (need_cpu if plan.cpu_required > cpu_budget else None)
 
 
 SPLIT_TIE = 0.01   # splits within 1% of the fastest count as equally fast: the largest micro-batch wins

@@ -84,6 +84,26 @@ def test_cpu_budget_too_small_is_refused_with_numbers(tmp_path):
     assert list((tmp_path / "ssd0").iterdir()) == []  # refused before creating anything
 
 
+@pytest.mark.parametrize("policy", ["fc2,proj=cpu", "all=cpu"])
+def test_the_budget_a_refusal_names_is_enough_with_a_cpu_tier_policy(tmp_path, policy):
+    """The activations' cpu tier takes a quarter of the budget by default, up to what the policy keeps
+    there: the least budget the refusal names fits, first time (a new-user pass raised the budget to
+    the named figure three times, the share growing with it). With "all=cpu" the quarter binds."""
+    import re
+
+    from fuyou.engine.engine import Engine
+    from fuyou.units import parse_size
+
+    opts = ["offload.mode=ssd", "model.n_layer=4", "train.micro_batch_size=4", "data.seq_len=64",
+            f"offload.act_policy={policy}"]
+    with pytest.raises(BudgetError) as e:
+        Engine(make_cfg(tmp_path, *opts, "offload.cpu_mem=1MiB"), None, "state")
+    least = parse_size(re.search(r"to at least ([\d.]+ [KMG]iB)", str(e.value)).group(1).replace(" ", ""))
+    Engine(make_cfg(tmp_path, *opts, f"offload.cpu_mem={least + 2**14}"), None, "state").close()  # (3 digits)
+    with pytest.raises(BudgetError):
+        Engine(make_cfg(tmp_path, *opts, f"offload.cpu_mem={int(least * 0.98)}"), None, "state")
+
+
 def test_stage_larger_than_device_budget_is_refused(tmp_path, capsys):
     ssd = tmp_path / "ssd"
     ssd.mkdir()

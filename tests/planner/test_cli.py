@@ -357,3 +357,27 @@ def test_commit_flags_and_overrides_agree_or_are_refused(capsys):
     assert json.loads(capsys.readouterr().out)["commit"] == "none"
     assert main(flags + ["--commit", "none", "offload.commit=cow"]) == 2
     assert "disagree" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra", [[], ["--act-policy", "fc2,proj=cpu;0-3:checkpoint=ssd"], ["--gpus", "2"],
+                                   ["--cpu-reserve", "1GiB"]])
+def test_the_cpu_memory_a_refusal_names_is_enough(capsys, extra):
+    """The fix is stated as --cpu-mem (the planned budget plus the reserve, for the machine's ranks) and
+    for the user's activation policy, and that --cpu-mem fits, where a MiB less does not (a new-user pass
+    found the planned figure labelled --cpu-mem, and the fix of a user's policy computed for another). The
+    figure is the leanest plan's at the refused budget, a few per cent above the least that fits, so
+    "does not" is checked 10 % below it."""
+    import re
+
+    from fuyou.units import parse_size
+
+    args = ["plan", "--model", "gpt3-1.3b", "--gpu", "rtx4090", "--ssd", "2x990-pro", "--batch", "4", "--seq", "512",
+            "--grad-accum", "2", *extra]
+    assert main([*args, "--cpu-mem", "4GiB" if "--gpus" in extra else "3GiB"]) == 1
+    out = capsys.readouterr().out
+    m = re.search(r"a CPU memory budget of at least ([\d.]+ [KMG]iB) \(--cpu-mem", out)
+    assert m, out
+    need = parse_size(m.group(1).replace(" ", ""))
+    assert main([*args, "--cpu-mem", f"{need}"]) == 0, capsys.readouterr().out
+    capsys.readouterr()
+    assert main([*args, "--cpu-mem", f"{int(need * 0.9)}"]) == 1
