@@ -32,8 +32,10 @@ for communication). What is shared and what each rank owns:
 - **One run**: rank 0 chooses the run directory and writes config, metrics, progress, snapshots and the
   saved weights; the others print nothing but errors.
 - **Commits are all or nothing**: each rank writes its part of the state and syncs its store, the ranks meet, and
-  only then does each write its commit record. Resuming reads every rank's record and refuses, with
-  the steps found, if they differ (a crash in the few milliseconds between two ranks' record renames).
+  only then does each write its commit record. A crash between two ranks' record renames leaves some
+  records a commit behind: the resume has every rank behind rewrite its record from its store (whose
+  state of the newer commit was synced before the meeting: ``Engine._agree_on_commit``); records that
+  still differ (a store damaged since) are refused with the steps found.
   A resume must use the run's world size (``distributed.json`` in the run directory records it), or
   another after ``fuyou reshard RUN_DIR --nproc M`` has rewritten the last commit for it (fuyou/reshard.py).
 - **Failure**: every collective has a deadline (``offload.stall_timeout``); a rank that dies makes the

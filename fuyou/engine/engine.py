@@ -72,6 +72,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -259,6 +260,7 @@ class Engine:
                 self.swapper.cpu_bytes = self.act_cpu_mem
             self.shared_cache = self._shared_cache()
             if resume:
+                self._agree_on_commit()
                 self.ts.resume()
                 self._check_ranks_commits()
             else:
@@ -307,18 +309,34 @@ class Engine:
         self._waiting: list[StageState] = []    # this step's stages updated once the norm is known
         self.clipped = False                    # the last step's norm exceeded the threshold
 
+    def _agree_on_commit(self) -> None:
+        """Data parallel: a run killed between two ranks' record renames left some ranks' records a
+        commit behind the others'. Every rank's state of the newer commit is durable (no record is
+        written before every rank has synced it: ``commit_barrier``), so a rank behind rewrites its
+        record for that commit from its store's tags (``roll_forward``) and the run resumes there."""
+        if not self.dist.enabled or self.ts.cfg.offload.commit != "cow":
+            return
+        mine = self.ts.recorded_step()
+        lo, neg_hi = self.dist.reduce_ints([mine, -mine], "comparing the ranks' last commits", op="min")
+        behind = lo != -neg_hi and mine < -neg_hi
+        if behind and self.ts.roll_forward(-neg_hi):
+            print(f"fuyou: rank {self.dist.rank}: the run stopped between the ranks' commit records of step "
+                  f"{-neg_hi}; this rank's state of that step is complete, its record was rewritten", file=sys.stderr)
+
     def _check_ranks_commits(self) -> None:
-        """Every rank resumes the same step (fuyou/distributed.py: commits are all or nothing, except for a
-        crash between two ranks' record renames, which is refused here with the steps found)."""
+        """Every rank resumes the same step (fuyou/distributed.py: commits are all or nothing; a crash
+        between two ranks' record renames was repaired by ``_agree_on_commit``, so records that still
+        differ mean a state that cannot be combined: refused with the steps found)."""
         if not self.dist.enabled:
             return
         s = self.ts.start_step
         lo, neg_hi = self.dist.reduce_ints([s, -s], "comparing the ranks' last commits", op="min")
         if lo != -neg_hi:
             raise ResumeError(f"the ranks' last commits differ (steps {lo} to {-neg_hi}; this rank, {self.dist.rank}, "
-                              f"has step {s}): the run stopped while the ranks were writing their commit records, "
-                              f"and each rank holds only its own part of the state, so the parts cannot be combined. "
-                              f"Nothing was overwritten; start a new run (from the run's last snapshot, if any)")
+                              f"has step {s}), and the ranks behind do not hold the newer step's state (a store "
+                              f"replaced or damaged since); each rank holds only its own part of the state, so the "
+                              f"parts cannot be combined. Nothing was overwritten; start a new run (from the run's "
+                              f"last snapshot, if any)")
 
     def _warm_up(self) -> None:
         """Create what CUDA creates on first use before the fixed overhead is measured (audit item 2):

@@ -127,6 +127,27 @@ class LoRATrainingState(TrainingState):
                 old.unlink(missing_ok=True)
         self.last_commit_step = steps_done
 
+    def recorded_step(self) -> int:
+        try:
+            return read_record(self.store_dirs[0], self.store, len(self.states), n_copies=1)["step"]
+        except ResumeError:
+            return -1
+
+    def roll_forward(self, step: int) -> bool:
+        """The record of ``step`` from this rank's adapters' file of that step (written, fsync'd and
+        renamed before the ranks' commit barrier: ``_write``); see ``TrainingState.roll_forward``."""
+        directory = self.store_dirs[0]
+        path = directory / STATE_FILE.format(step=step)
+        try:
+            old = json.loads((directory / RECORD).read_text())
+            data = path.read_bytes()
+        except (OSError, ValueError):
+            return False
+        write_record(directory, {**{k: v for k, v in old.items() if k != "checksum"}, "step": step,
+                                 "lora_state": path.name, "lora_sha256": hashlib.sha256(data).hexdigest(),
+                                 "store_uuid": self.store.uuid, "generation": self.store.generation})
+        return True
+
     def resume(self) -> None:
         from safetensors.torch import load
 

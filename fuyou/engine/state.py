@@ -268,6 +268,37 @@ class TrainingState:
         else:
             self.store.sync()
 
+    def recorded_step(self) -> int:
+        """The step of this state's commit record (-1 when it has none that is valid)."""
+        try:
+            return read_record(self.store_dirs[0], self.store, len(self.states))["step"]
+        except ResumeError:
+            return -1
+
+    def roll_forward(self, step: int) -> bool:
+        """Rewrite the commit record for ``step`` if the store holds that step's state of every stage
+        this rank owns (each tag written and synced before the ranks' commit barrier; engine's
+        ``_agree_on_commit``). Returns whether it did."""
+        from fuyou.engine.commit import RECORD
+
+        try:
+            old = json.loads((self.store_dirs[0] / RECORD).read_text())
+            copies = list(old["copies"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+        for s in self.states:
+            if not s.owned:
+                continue
+            tagged = [c for c, keys in enumerate(s.copies)
+                      if all(k in self.store and self.store.record(k).tag == step_tag(step) for k in keys.state)]
+            if len(tagged) != 1:
+                return False
+            copies[s.index] = tagged[0]
+        write_record(self.store_dirs[0], {**{k: v for k, v in old.items() if k != "checksum"}, "step": step,
+                                          "copies": copies, "store_uuid": self.store.uuid,
+                                          "generation": self.store.generation})
+        return True
+
     def resume(self) -> None:
         """Open the last commit: current copies from the record, compute weights rebuilt from the
         masters chunk by chunk (bounded memory), missing tensors (new settings) allocated."""

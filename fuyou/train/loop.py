@@ -341,8 +341,10 @@ def _loop(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, stop
             trainer.commit(step + 1)  # the step's updates and its commit are on the SSD
             log.write({"stopped": stop.requested, "step": step + 1})
             log.close()
-            progress.message(f"stopped by {stop.requested} after step {step + 1} (committed); continue with: "
-                             f"fuyou train --resume {run_dir}")
+            how = (f"torchrun --nproc_per_node={dist.local_world} -m fuyou.cli train --resume {run_dir}"
+                   + (" (on each machine, with its --nnodes and rendezvous)" if dist.world > dist.local_world else "")
+                   if dist.enabled else f"fuyou train --resume {run_dir}")
+            progress.message(f"stopped by {stop.requested} after step {step + 1} (committed); continue with: {how}")
             return RunResult(run_dir, first_eval, last_eval, stats.loss, tokens / (time.perf_counter() - start),
                              resident_bytes("VmHWM"), stopped=True)
     trainer.commit(t.steps)  # the final state is committed before anything may delete it

@@ -8,6 +8,7 @@ clipping is on and triggers, and there are several micro-batches per step.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -213,6 +214,7 @@ def test_a_stop_signal_to_one_rank_stops_every_rank_after_the_same_step(tmp_path
     procs[1].send_signal(signal.SIGINT)
     outs = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+    assert f"continue with: torchrun --nproc_per_node=2 -m fuyou.cli train --resume {run}" in outs[0][1]
     stopped = [m for m in metrics(run) if "stopped" in m]
     assert len(stopped) == 1 and stopped[0]["step"] < 400
     assert open_state(run)[0] == stopped[0]["step"]  # both ranks' records name it (else CommittedWeights refuses)
@@ -317,3 +319,27 @@ def test_the_ranks_of_one_machine_share_one_weight_cache(tmp_path, extra, saved)
         assert all(torch.equal(a[k], b[k]) for k in a)
     else:
         assert_states(open_state(tmp_path / "runs" / "two"), open_state(run))
+
+
+@pytest.mark.parametrize("extra,saved", [
+    ((), "model.safetensors"),
+    (("lora.rank=4", "lora.targets=all-linear", "model.preset=llama-test"), "adapter.safetensors"),
+])
+def test_a_rank_killed_between_the_ranks_commit_records_resumes_at_the_newer_commit(tmp_path, extra, saved):
+    """Rank 1 is killed while writing its record of step 3, after every rank synced step 3's state (the
+    commit barrier) and rank 0 wrote its record: the records differ by a commit. The resume rewrites
+    rank 1's record from its store (its step-3 state is complete) and ends bit-identical to an
+    uninterrupted run (a new-user pass found this run refused forever, "start a new run")."""
+    torchrun(train_args(tmp_path, "whole", "train.grad_accum=2", *extra))
+    args = train_args(tmp_path, "cut", "train.grad_accum=2", *extra)
+    procs = rank_procs(tmp_path, args, fault_rank=1, fault="commit@3")
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert procs[1].returncode == -signal.SIGKILL, outs[1][1][-2000:]
+    run = tmp_path / "runs" / "cut"
+    records = [json.loads(p.read_text())["step"] for p in sorted((tmp_path / "ssd").rglob("fuyou-commit.json"))
+               if "cut" in str(p)]
+    assert sorted(records) == [2, 3], records  # rank 0's is step 3, rank 1's still step 2
+    r = torchrun(["train", "--resume", str(run)])
+    assert "its record was rewritten" in r.stderr
+    a, b = load_file(tmp_path / "runs" / "whole" / saved), load_file(run / saved)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
