@@ -21,13 +21,17 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from fuyou.engine.commit import RECORD
-from fuyou.errors import ConfigError
+from fuyou.engine.commit import RECORD, ResumeError
+from fuyou.errors import ConfigError, StoreError
 from fuyou.store.errors import StoreLockedError
 
 
 class CommitMoved(ConfigError):
     """The running run committed a newer step while its last commit was being read."""
+
+
+MOVED = ("the run committed a newer step while its last commit was being read; run the export again (or stop the "
+         "run first: Ctrl-C commits and stops it)")
 
 
 class CommittedWeights:
@@ -58,6 +62,8 @@ class CommittedWeights:
         name = f"{run_dir.name}.fuyou-state"
         world_file = run_dir / WORLD_FILE
         world = json.loads(world_file.read_text())["world_size"] if world_file.is_file() else 1
+        while not world_file.is_file() and any((Path(d) / f"{name}.rank{world}").is_dir() for d in cfg.offload.ssd_dirs):
+            world += 1  # data parallel, its distributed.json lost: the ranks' states say how many there were
         stages = StageModel(cfg.model).stages
         self.states = build_states(stages, 0.0, n_copies=3, int8=cfg.optim.moments == "int8")
         # Data parallel: each rank's state holds the stages it owns (its record's "owned"; fuyou/distributed.py)
@@ -78,17 +84,32 @@ class CommittedWeights:
                     store = TensorStore.open(dirs, lock=False)
                     self.live = True
                 self.stores.append(store)
-                record = read_record(dirs[0], store, len(self.states))
-                raw = (dirs[0] / RECORD).read_bytes()
+                raw = (dirs[0] / RECORD).read_bytes() if (dirs[0] / RECORD).is_file() else b""
+                try:
+                    record = read_record(dirs[0], store, len(self.states))
+                    moved = self.live and (dirs[0] / RECORD).read_bytes() != raw
+                except ResumeError:
+                    moved = self.live  # a commit landed between reading the manifest and the record
+                    if not moved:
+                        raise
+                if moved:
+                    raise CommitMoved(MOVED)
                 owned = json.loads(raw).get("owned", list(range(len(self.states))))
                 self._records.append(dirs[0] / RECORD)
                 self._raw.append(raw)
                 for i in owned:
                     self._where.setdefault(i, (store, record["copies"][i]))
                 if rank and record["step"] != self.step:
+                    if self.live:  # the ranks are writing their records of a commit
+                        raise CommitMoved(MOVED)
                     raise ConfigError(f"the ranks' last commits differ (steps {self.step} and {record['step']}): "
                                       f"resume the run with torchrun to finish it, then export")
                 self.step = record["step"] if rank == 0 else self.step
+            missing = sorted(set(range(len(self.states))) - set(self._where))
+            if missing:
+                raise ConfigError(f"the commit records of {run_dir}'s {world} state(s) hold no stage {missing}: a "
+                                  f"data-parallel rank's state or the run's {WORLD_FILE} is missing; nothing was "
+                                  f"changed")
         except BaseException:
             self.close()
             raise
@@ -100,12 +121,19 @@ class CommittedWeights:
     def tensor(self, key: str, shape) -> Tensor:
         st = self._owner[key]
         if self._loaded is None or self._loaded[0] != st.index:
-            flat = self.read(st, "master")
-            if self.live and any(f.read_bytes() != raw for f, raw in zip(self._records, self._raw)):
-                raise CommitMoved(f"the run committed a newer step while its step {self.step} was being read; run "
-                                  f"the export again (or stop the run first: Ctrl-C commits and stops it)")
+            try:
+                flat = self.read(st, "master")
+            except StoreError:
+                if self.live and self._moved():  # (a copy read after a newer commit let it be overwritten)
+                    raise CommitMoved(MOVED) from None
+                raise
+            if self.live and self._moved():
+                raise CommitMoved(MOVED)
             self._loaded = (st.index, {st.stage.key(n): v for n, v in st.views(flat.float()).items()})
         return self._loaded[1][key].reshape(shape)
+
+    def _moved(self) -> bool:
+        return any(not f.is_file() or f.read_bytes() != raw for f, raw in zip(self._records, self._raw))
 
     def read(self, st, role: str) -> Tensor:
         """One committed tensor of stage ``st`` (``master``, ``exp_avg``, ``exp_avg_sq``), from the state

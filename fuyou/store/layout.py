@@ -172,11 +172,15 @@ def plan_extents(padded: int, stripe_unit: int, next_offsets: list[int]) -> tupl
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
     """Write JSON durably: tmp file, fsync, rename over ``path``, fsync the directory."""
     tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}")  # one name per writer
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(payload, f, separators=(",", ":"))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(payload, f, separators=(",", ":"))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk: no half-written temporary left beside the state
+        tmp.unlink(missing_ok=True)
+        raise
     dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(dfd)

@@ -46,7 +46,8 @@ def read_manifest(paths: list[Path]) -> dict:
                                   f"holds {L.MANIFEST})")
         raise StoreNotFoundError(f"no training state in {paths[0]} (missing {L.MANIFEST}): it was never "
                                  f"committed, it was deleted (a completed run removes its state), or it was moved "
-                                 f"(resume with --ssd giving where its directories are now); else start a new run")
+                                 f"(resume with --ssd giving where its directories are now, in the run's order: "
+                                 f"with torchrun each rank takes its share of them by position); else start a new run")
     try:
         manifest = json.loads(mpath.read_text(encoding="utf-8"))
         ok = manifest.get("format") == L.FORMAT_VERSION and len(manifest["next_offsets"]) == len(manifest["dirs"])

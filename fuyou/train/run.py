@@ -173,7 +173,6 @@ def export_run_dir(run_dir: str | Path, out_dir: str | Path, dtype: str = "fp32"
     a failed export of it removes its half-written output. A LoRA run (``adapter.safetensors``, or the
     last commit's adapters for one stopped before saving them) is written as a PEFT adapter directory,
     or with ``merge`` as the base with the adapters merged in (``fuyou.hf.peft``)."""
-    import shutil
     import sys
 
     from fuyou.hf import export_run
@@ -195,21 +194,42 @@ def export_run_dir(run_dir: str | Path, out_dir: str | Path, dtype: str = "fp32"
                           f"{ADAPTER_FILE}): export it without --merge")
     if (run / "model.safetensors").is_file() or not (run / "config.toml").is_file():
         return export_run(run, out, dtype, shard_size)
-    from fuyou.engine.committed import CommittedWeights
+    from fuyou.engine.committed import CommitMoved, CommittedWeights
 
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"{out} exists and is not empty; choose a new --out directory")
     created = not out.exists()
-    try:
-        with CommittedWeights(run) as weights:
-            state = "still training" if weights.live else "stopped"
-            print(f"fuyou: {run} has no model.safetensors ({state}): exporting its last commit (step {weights.step}) "
-                  f"from the SSD state", file=stream or sys.stderr)
-            return export_run(run, out, dtype, shard_size, weights=weights)
-    except BaseException:
-        if created:
-            shutil.rmtree(out, ignore_errors=True)
-        raise
+    for attempt in range(1, EXPORT_ATTEMPTS + 1):  # a run still training may commit while it is read
+        try:
+            with CommittedWeights(run) as weights:
+                state = "still training" if weights.live else "stopped"
+                print(f"fuyou: {run} has no model.safetensors ({state}): exporting its last commit (step "
+                      f"{weights.step}) from the SSD state", file=stream or sys.stderr)
+                return export_run(run, out, dtype, shard_size, weights=weights)
+        except CommitMoved:
+            _clear_out(out, created)
+            if attempt == EXPORT_ATTEMPTS:
+                raise
+            print("fuyou: the run committed a newer step meanwhile; reading that one", file=stream or sys.stderr)
+        except BaseException:
+            _clear_out(out, created)
+            raise
+
+
+EXPORT_ATTEMPTS = 5
+
+
+def _clear_out(out: Path, created: bool) -> None:
+    import shutil
+
+    if created:
+        shutil.rmtree(out, ignore_errors=True)
+    elif out.is_dir():  # it was empty: leave it so
+        for p in out.iterdir():
+            if p.is_dir():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
 
 
 def lora_adapters(run: Path, stream=None):

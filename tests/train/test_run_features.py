@@ -87,6 +87,17 @@ def test_a_running_run_exports_its_last_commit_without_its_lock(tmp_path):
             with pytest.raises(CommitMoved, match="run the export again"):
                 reader.tensor("embed.wte", reader.states[0].slots["wte"].shape)
             record.write_bytes(record.read_bytes()[:-1])
+        # A commit lands between the reader's manifest and its record (a new-user pass saw "start a new
+        # run" here): the record names a newer generation than the manifest read. Retried, then a sentence.
+        from fuyou.engine.commit import write_record
+
+        saved = record.read_bytes()
+        body = {k: v for k, v in json.loads(saved).items() if k != "checksum"}
+        write_record(record.parent, {**body, "generation": body["generation"] + 1000})
+        with pytest.raises(CommitMoved, match="run the export again"):
+            export_run(res.run_dir, tmp_path / "racing")
+        assert not (tmp_path / "racing").exists()
+        record.write_bytes(saved)
     export_run(res.run_dir, tmp_path / "stopped")
     a = load_safetensors(tmp_path / "live" / "model.safetensors")
     b = load_safetensors(tmp_path / "stopped" / "model.safetensors")
