@@ -629,6 +629,15 @@ def _prepare(args) -> int:
     import numpy as np
 
     _check_out_dir(args.out)
+    from pathlib import Path
+
+    out = Path(args.out)
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / "meta.json").is_file():
+            from fuyou.errors import ConfigError
+
+            raise ConfigError(f"--out {out} holds other files than prepared data; give a new or empty directory")
+        print(f"note: replacing the prepared data in {out}", file=sys.stderr)
     data = tokenize_records(args.inputs, args.tokenizer, args.format, args.train_on_prompt, args.val_fraction,
                             args.jsonl_field, args.eval)
     if isinstance(data, ExampleData):

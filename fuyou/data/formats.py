@@ -164,12 +164,20 @@ class Renderer:
         return out
 
     def _templated(self, messages: list[dict], where: str) -> Rendered:
+        try:
+            return self._templated_turns(messages, where)
+        except DataError as e:
+            if str(e).startswith(where):
+                raise
+            raise DataError(f"{where}: {e}") from e
+
+    def _templated_turns(self, messages: list[dict], where: str) -> Rendered:
         render = self.tok.render_chat
         pieces: list[tuple[str, bool]] = []  # (text, loss)
         done = ""
         for k, m in enumerate(messages):
             if m["role"] == "assistant":
-                head = render(messages[:k], add_generation_prompt=True) if k else render([], True)
+                head = render(messages[:k], add_generation_prompt=True) if k else ""  # (no turn before: no prompt)
                 full = render(messages[: k + 1], add_generation_prompt=False)
                 if not head.startswith(done) or not full.startswith(head):
                     return self._last_turn_only(messages, where)

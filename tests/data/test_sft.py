@@ -363,3 +363,26 @@ def test_a_json_array_is_read_as_records_and_other_formats_are_refused(tmp_path)
     (upper / "A.JSONL").write_text(json.dumps(recs[0]) + "\n")
     d = tokenize_records([upper], "byte", val_fraction=0.5)  # read, not "holds no usable files"
     assert len(d.train) + len(d.val) == 1
+
+
+def test_a_template_that_refuses_a_conversation_names_its_line(tmp_path, hf_tok_dir):
+    """Mistral's and Llama 2's templates raise on roles that do not alternate: the error names the
+    record's file:line. A conversation that opens with the assistant trains that turn (no prompt)."""
+    import shutil
+
+    strict = tmp_path / "strict"
+    shutil.copytree(hf_tok_dir, strict)
+    cfg = json.loads((strict / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+                            "{{ raise_exception('Conversation roles must alternate user/assistant') }}{% endif %}"
+                            "{{ m['content'] }}\n{% endfor %}")
+    (strict / "tokenizer_config.json").write_text(json.dumps(cfg))
+    recs = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
+            {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"},
+                          {"role": "assistant", "content": "c"}]}]
+    with pytest.raises(DataError, match=r"c.jsonl:2: .*roles must alternate"):
+        tokenize_records([write_jsonl(tmp_path / "c.jsonl", recs)], str(strict))
+    first = [{"messages": [{"role": "assistant", "content": "Hello."}, {"role": "user", "content": "hi"},
+                           {"role": "assistant", "content": "Paris."}]}]
+    d = tokenize_records([write_jsonl(tmp_path / "f.jsonl", first)], str(hf_tok_dir), eval_paths=[tmp_path / "f.jsonl"])
+    assert int(np.asarray(d.train.loss).sum()) > 0
