@@ -233,7 +233,8 @@ def _add_planner_parsers(sub) -> None:
                         "and write a profile for `fuyou plan --profile`.")
     pr.add_argument("--ssd", required=True, metavar="DIR", help="a directory on the SSD to measure")
     pr.add_argument("--out", default="profile.json", help="profile JSON to write (default: profile.json)")
-    pr.add_argument("--model", help="model preset whose block shapes to time (default: a 125M/1.3B block)")
+    pr.add_argument("--model", help="model (a preset, or a path as for fuyou plan --model) whose block shapes to "
+                    "time (default: a 125M/1.3B block)")
     pr.add_argument("--batch", type=int, help="micro-batch size for the compute probe")
     pr.add_argument("--seq", type=int, help="sequence length for the compute probe")
     pr.add_argument("--io-bytes", default="256MiB", help="bytes written and read in the SSD probe")
@@ -490,7 +491,13 @@ def _probe(args) -> int:
     for flag in ("batch", "seq"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise ConfigError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
-    prof, meas = probe(args.ssd, model=args.model, batch=args.batch, seq=args.seq, io_bytes=io_bytes,
+    model = args.model
+    if model is not None:  # a preset or a path, as fuyou plan --model takes
+        from fuyou.models import ModelConfig
+
+        fields, _ = _plan_model_fields(model, [])
+        model = ModelConfig(**fields)
+    prof, meas = probe(args.ssd, model=model, batch=args.batch, seq=args.seq, io_bytes=io_bytes,
                        precision=args.precision,
                        adam_params=args.adam_params, repeats=args.repeats)
     save_profile(prof, args.out, meas)

@@ -132,6 +132,9 @@ class HardwareProfile(BaseModel):
                                   "written (presets' datasheets, or --ssd-tbw); None: unknown.")
     cpu_adam: float = Field(gt=0, description="CPU AdamW throughput, parameters/s (fuyou's fused kernel).")
     cpu_mem: int | None = Field(None, description="CPU memory of the machine, bytes (probe; informative).")
+    compute_block: list[int] | None = Field(None, description="The probe's timed block: [d_model, tokens a "
+                                            "micro-batch]. Its FLOP/s hold near that shape; a plan far from it "
+                                            "extrapolates them, and says so. None: presets.")
     gpu_link: float | None = Field(None, gt=0, description="Data parallel: GPU-to-GPU bandwidth per direction for "
                                    "NCCL's gradient sums, bytes/s (NVLink); None: through host memory over each "
                                    "GPU's PCIe link.")
@@ -162,6 +165,9 @@ def resolve(hw: HardwareConfig) -> HardwareProfile:
     if hw.profile:
         base = load_profile(hw.profile).model_dump()
         src = [f"probe {hw.profile}"]
+        m = re.search(r"d=(\d+) ff=\d+ batch=(\d+) seq=(\d+)", base["source"])
+        if base.get("compute_block") is None and m:  # a profile written before the field: its source names it
+            base["compute_block"] = [int(m.group(1)), int(m.group(2)) * int(m.group(3))]
     else:
         if hw.gpu is None and hw.gpu_tflops is None:
             raise ConfigError("no hardware given: name a GPU (--gpu, one of: " + ", ".join(GPUS) + ") or "
@@ -201,6 +207,8 @@ def resolve(hw: HardwareConfig) -> HardwareProfile:
     if over:
         src.append("overrides " + ", ".join(sorted(over)))
     merged = {**base, **over}
+    if hw.gpu_tflops:
+        merged["compute_block"] = None  # the compute rate is the user's, not the probe's shape's
     if merged.get("device", "cuda") == "cuda":  # headroom: what training may use of the card
         card = merged["gpu_mem"]
         usable = card - hw.gpu_reserve if hw.gpu_reserve is not None else int((card - CUDA_CONTEXT) * 0.95)

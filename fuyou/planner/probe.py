@@ -102,7 +102,8 @@ def probe_compute(cfg: ModelConfig, batch: int, seq: int, device: torch.device, 
 
     mm_flops = 2.0 * N * d * (qw + 2 * kv) + 2.0 * N * qw * d + 2.0 * N * d * ff * 2
     t_f, t_b, t_m = (_median_time(f, repeats, sync) for f in (fwd, bwd, matmuls))
-    return {"block_shape": f"{cfg.family} d={d} ff={ff} batch={batch} seq={seq}", "fwd_s": t_f, "bwd_s": t_b,
+    return {"block_shape": f"{cfg.family} d={d} ff={ff} batch={batch} seq={seq}", "d_model": d, "tokens": N,
+            "fwd_s": t_f, "bwd_s": t_b,
             "fwd_flops": fwd_flops / t_f, "bwd_flops": 3 * fwd_flops / t_b, "matmul_flops": mm_flops / t_m}
 
 
@@ -354,7 +355,7 @@ def probe(ssd_dir: str | Path, *, model: str | ModelConfig | None = None, batch:
         h2d=meas["links"]["h2d"], d2h=meas["links"]["d2h"], ssd_read=s["read"], ssd_write=s["write"],
         ssd_mixed_factor=s["mixed_factor"], ssd_capacity=shutil.disk_usage(d).free, ssd_drives=1,
         ssd_cpu_s_per_gb=s["cpu_s_per_byte"] * 1e9,
-        cpu_adam=meas["adam_params_per_s"], cpu_mem=cpu_memory(),
+        cpu_adam=meas["adam_params_per_s"], cpu_mem=cpu_memory(), compute_block=[c["d_model"], c["tokens"]],
         **({"gloo_broadcast": meas["gloo"]["broadcast"], "gloo_reduce": meas["gloo"]["reduce"]} if gloo else {}))
     j = meas["adam_job"]
     j["predicted_s"] = simulate_job(j["params"], prof, j["chunk"], j["depth"])

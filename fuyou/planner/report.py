@@ -259,13 +259,34 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.3g} s"
 
 
+PROBE_SHAPE_RATIO = 4  # a plan's block this far (d_model or tokens a micro-batch) from the probe's is flagged
+
+
+def _probe_shape_note(plan: Plan) -> str:
+    """A probe times one block shape; its FLOP/s are extrapolated to the plan's. Small blocks run far
+    below a machine's throughput (per-call overheads) and large ones near it, so a plan far from the
+    probed shape can be off many times (a new-user pass: 42 s predicted, 0.41 s measured, from a
+    probe of a 64-wide block at 128 tokens)."""
+    probed = plan.hardware.compute_block
+    if not probed:
+        return ""
+    w = plan.workload
+    d, tokens = w.model.d_model, w.batch * w.seq
+    far = max(d / probed[0], probed[0] / d, tokens / probed[1], probed[1] / tokens)
+    if far < PROBE_SHAPE_RATIO:
+        return ""
+    return (f"\nnote: the probe timed a block of width {probed[0]} at {probed[1]} tokens, this plan's is {d} wide at "
+            f"{tokens} tokens: its compute times are extrapolated and may be far off; for a faithful plan run "
+            f"`fuyou probe --model <this model> --batch {w.batch} --seq {w.seq}`")
+
+
 def text(plan: Plan) -> str:
     s = summary(plan)
     w = plan.workload
     head = (f"fuyou plan: {s['model']} ({_si(s['parameters'])} parameters), batch {w.batch} x seq {w.seq}"
             + (f" x {w.grad_accum} micro-batches" if w.grad_accum > 1 else "")
             + (f" on {w.ranks} GPUs" if w.ranks > 1 else "") + f"\nhardware: {s['hardware']}"
-            + _cpu_head(plan, s))
+            + _cpu_head(plan, s) + _probe_shape_note(plan))
     if not s["feasible"]:
         return (head + "\n" + "".join(line + "\n" for line in _split_lines(s)) + "\nDOES NOT FIT:\n"
                 + "\n".join(f"  - {p}" for p in s["problems"])

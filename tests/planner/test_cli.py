@@ -381,3 +381,23 @@ def test_the_cpu_memory_a_refusal_names_is_enough(capsys, extra):
     assert main([*args, "--cpu-mem", f"{need}"]) == 0, capsys.readouterr().out
     capsys.readouterr()
     assert main([*args, "--cpu-mem", f"{int(need * 0.9)}"]) == 1
+
+
+def test_a_plan_far_from_the_probed_block_says_so(tmp_path, capsys):
+    """A probe times one block shape; a plan of a block 4x away in width or tokens extrapolates its
+    FLOP/s (a new-user pass got 42 s predicted for a 0.41 s step) and says so, with the probe to run.
+    A profile written before the field names the shape in its source."""
+    from fuyou.planner.hardware import HardwareProfile, save_profile
+
+    base = dict(source="fuyou probe on vm (cpu, gpt d=768 ff=3072 batch=2 seq=512)", device="cpu", fwd_flops=1e11,
+                bwd_flops=1e11, matmul_flops=2e11, gpu_mem=2**34, h2d=1e15, d2h=1e15, ssd_read=2e9,
+                ssd_write=2e9, ssd_capacity=2**40, cpu_adam=1e9)
+    for name, extra in (("new", {"compute_block": [768, 1024]}), ("old", {})):
+        save_profile(HardwareProfile(**base, **extra), tmp_path / f"{name}.json")
+        args = ["plan", "--profile", str(tmp_path / f"{name}.json"), "--cpu-mem", "16GiB"]
+        main([*args, "--model", "gpt3-125m", "--batch", "2", "--seq", "512"])
+        assert "note: the probe timed" not in capsys.readouterr().out
+        main([*args, "--model", "gpt3-125m", "--batch", "16", "--seq", "1024"])
+        out = capsys.readouterr().out
+        assert "the probe timed a block of width 768 at 1024 tokens, this plan's is 768 wide at 16384" in out
+        assert "fuyou probe --model <this model> --batch 16 --seq 1024" in out
