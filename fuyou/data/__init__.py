@@ -76,6 +76,10 @@ def tokenize_records(paths: list[str], tokenizer_spec: str, fmt: str = "auto", t
         held = [rendered[i] for i in sorted(order[:n_val])]
         rendered = [rendered[i] for i in sorted(order[n_val:])]
     st = renderer.stats
+    if st.fallback_chats and tok.name != "byte":
+        print(f"fuyou: note: the tokenizer {tok.name} has no chat template: {st.fallback_chats} conversations were "
+              f"rendered with fuyou's ChatML-style fallback (<|im_start|>ROLE ... <|im_end|>); prompt the fine-tuned "
+              f"model the same way, or give a tokenizer that has a chat template", file=sys.stderr)
     info = {"records": st.records, "formats": st.formats, "last_turn_only": st.last_turn_only,
             "train_on_prompt": train_on_prompt}
     return ExampleData(Examples.from_arrays(rendered), Examples.from_arrays(held), tok.vocab_size, tok.eos_id,

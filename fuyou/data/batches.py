@@ -15,10 +15,10 @@ def make_batches(cfg, data: TokenData | ExampleData | None, quiet: bool = False)
     the model (the tokenizer: ``fuyou.train.loop.check_tokenizer``)."""
     t, seq = cfg.train, cfg.data.seq_len
     if seq > cfg.model.max_seq_len and cfg.model.family == "gpt":
-        raise ConfigError(
-            f"data.seq_len={seq} exceeds model.max_seq_len={cfg.model.max_seq_len} "
-            f"(the GPT position table); lower data.seq_len or raise model.max_seq_len"
-        )
+        how = (f"the checkpoint model.init_from has {cfg.model.max_seq_len} learned positions: lower data.seq_len to "
+               f"at most that" if cfg.model.init_from else "lower data.seq_len or raise model.max_seq_len")
+        raise ConfigError(f"data.seq_len={seq} exceeds model.max_seq_len={cfg.model.max_seq_len} (the GPT position "
+                          f"table); {how}")
     if data is None:
         train = SyntheticBatches(cfg.model.vocab_size, seq, t.micro_batch_size, t.seed)
         return train, None

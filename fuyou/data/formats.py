@@ -71,6 +71,7 @@ class RenderStats:
 
     records: int = 0
     last_turn_only: int = 0  # conversations whose template rewrites earlier turns (module docstring)
+    fallback_chats: int = 0  # conversations rendered with the fallback template (the tokenizer has none)
     formats: dict[str, int] = field(default_factory=dict)
 
 
@@ -148,6 +149,7 @@ class Renderer:
             raise DataError(f"{where}: the conversation has no assistant message, so nothing in it carries loss; "
                             f"remove it or add the assistant's answer")
         if self.template is None:
+            self.stats.fallback_chats += 1
             return self._fallback(messages)
         return self._templated(messages, where)
 

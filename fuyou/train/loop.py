@@ -272,9 +272,13 @@ def _loop(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, stop
     t = cfg.train
     progress = Progress(t.steps, t.log_every, stream)
     mode = "in memory" if cfg.offload.mode == "none" else f"SSD offload ({', '.join(cfg.offload.ssd_dirs)})"
+    from fuyou.data.examples import ExampleSampler
+
+    data = ("fine-tuning examples" if isinstance(getattr(trainer, "batches", None), ExampleSampler)
+            else f"{cfg.data.source} data")
     progress.message(
         f"fuyou: training {cfg.model.preset or cfg.model.family} ({si(model.num_params)} parameters) on "
-        f"{trainer.device}, {mode}, {cfg.data.source} data, {t.precision}, {t.steps} steps of "
+        f"{trainer.device}, {mode}, {data}, {t.precision}, {t.steps} steps of "
         f"{t.micro_batch_size * t.grad_accum} x {cfg.data.seq_len} tokens"
         + (f" ({t.grad_accum} micro-batches of {t.micro_batch_size})" if t.grad_accum > 1 else "")
         + f"; run dir {run_dir}"
