@@ -5,7 +5,8 @@ For a small GPT (gpt-tiny, 4 x 256) and a small Llama (4 x 256, GQA, SwiGLU): pr
 AdamW on the embedded corpus (the base), then train LoRA adapters over it on a second real text (the
 Python reference documentation shipped with every Python), the same adapters, data and schedule, with
 the base in fp32, as int8 (per-output-channel codes, fp32 scales) and as NF4 (QLoRA's 4-bit NormalFloat,
-an fp32 absmax per block of 64): fuyou/models/quant.py.
+an fp32 absmax per block of 64) and as NF4 with QLoRA's double quantisation of the absmax (nf4dq):
+fuyou/models/quant.py.
 Compute in fp32, so the base's storage is the only difference. The in-memory reference trainer runs
 each; the offloaded engine equals it bit for bit with every base (tests/engine/test_lora.py).
 
@@ -28,6 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common import machine_header, publish  # noqa: E402
 from compressed_quality import corpus_path, make_cfg, train  # noqa: E402
+
+
+BASES = ("compute", "int8", "nf4", "nf4dq")
 
 
 def lora_run(cfg, init, eval_every: int) -> dict:
@@ -71,7 +75,7 @@ def main() -> None:
 
         print(f"{model}: pretrained {args.pretrain} steps, eval loss {pre['evals'][-1][1]:.4f}", file=sys.stderr)
         got = {}
-        for base in ("compute", "int8", "nf4"):
+        for base in BASES:
             cfg = make_cfg(model, corpus_path("pydoc", tmp), args.lr, args.steps,
                            ["train.seed=2", f"lora.rank={args.rank}", f"lora.alpha={2 * args.rank}",
                             f"lora.targets={args.targets}", f"lora.base={base}"])
@@ -90,7 +94,7 @@ def main() -> None:
              "|---|---|---|---|---|"]
     for model, _, got in rows:
         a = got["compute"]["evals"]
-        for base in ("compute", "int8", "nf4"):
+        for base in BASES:
             b = got[base]["evals"]
             lines.append(f"| {model} | {'fp32' if base == 'compute' else base} | {b[0][1]:.5f} "
                          f"({100 * (b[0][1] / a[0][1] - 1):+.3f} %) | {b[-1][1]:.5f} | "

@@ -55,11 +55,12 @@ class LoRAConfig(BaseModel):
     init: Literal["default", "gaussian"] = Field(
         "default", description="A's initialisation: PEFT's default (kaiming-uniform, a=sqrt(5)) or 'gaussian' "
         "(N(0, 1/r)); B starts at zero either way.")
-    base: Literal["compute", "int8", "nf4"] = Field(
+    base: Literal["compute", "int8", "nf4", "nf4dq"] = Field(
         "compute", description="How the frozen base is stored and streamed: 'compute' in the run's compute "
         "precision (train.precision: bf16 or fp32); 'int8' its blocks' matmul weights as int8 with an fp32 scale "
         "per output channel, about 1 byte a parameter, half of bf16's; 'nf4' as QLoRA's 4-bit NormalFloat with "
-        "an fp32 absmax per block of 64, about 0.56 bytes (fuyou/models/quant.py).")
+        "an fp32 absmax per block of 64, about 0.56 bytes; 'nf4dq' NF4 with QLoRA's double quantisation of the "
+        "absmax values (bitsandbytes' bnb_4bit_use_double_quant), about 0.516 bytes (fuyou/models/quant.py).")
 
     @field_validator("targets", mode="before")
     @classmethod

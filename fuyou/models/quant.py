@@ -13,8 +13,10 @@ the store, the weight cache, the SSD reads and the host-to-device copies all car
 by row, in blocks of 64 with one fp32 absmax per block; each element is the index (4 bits, two to a
 byte, the even element in the low nibble) of the nearest of 16 levels spaced as the quantiles of a
 normal distribution (``NF4_LEVELS``, the paper's values; ties go to the lower level), read back as
-``level * absmax`` in fp32 rounded once to the compute dtype. About 0.56 bytes a parameter (QLoRA's
-double quantisation of the absmax values, which would save 0.06 more, is not done).
+``level * absmax`` in fp32 rounded once to the compute dtype. About 0.56 bytes a parameter.
+``lora.base = nf4dq`` adds QLoRA's double quantisation: the absmax values themselves stored as int8
+around their mean, with an fp32 scale per 256 of them (``double_quantise``), about 0.516 bytes a
+parameter, 8 % fewer to store and stream; the absmax read back is ``code * scale / 127 + mean``.
 
 A stage's packed weights are one byte vector, the store's and the cache's unit, in slot order and
 64-byte aligned: each plain parameter's values in the compute dtype, then each quantised one's scales
@@ -159,7 +161,7 @@ class _Int8Rows:
 
     @staticmethod
     def dequantise(codes: Tensor, scale: Tensor, shape, dtype, out=None) -> Tensor:
-        return dequantise_rows(codes.view(torch.int8).view(shape), scale, dtype, out)
+        return dequantise_rows(codes.view(torch.int8).view(shape), scale.view(torch.float32), dtype, out)
 
 
 class _NF4Blocks:
@@ -178,10 +180,61 @@ class _NF4Blocks:
 
     @staticmethod
     def dequantise(codes: Tensor, scale: Tensor, shape, dtype, out=None) -> Tensor:
-        return dequantise_nf4(codes, scale, math.prod(shape), dtype, out).view(shape)
+        return dequantise_nf4(codes, scale.view(torch.float32), math.prod(shape), dtype, out).view(shape)
 
 
-FORMATS = {"int8": _Int8Rows, "nf4": _NF4Blocks}
+NF4DQ_GROUP = 256  # absmax values per second-level scale (QLoRA's double quantisation)
+
+
+def double_quantise(absmax: Tensor) -> Tensor:
+    """QLoRA's double quantisation of NF4's absmax values, as one byte blob: their fp32 mean, then per
+    group of ``NF4DQ_GROUP`` one fp32 scale (the group's largest |absmax - mean|), then one int8 code
+    per absmax, ``round((absmax - mean) / scale * 127)``. 1.02 bytes per block of 64 instead of 4."""
+    a = absmax.float().reshape(-1)
+    nb = a.numel()
+    ng = -(-nb // NF4DQ_GROUP)
+    mean = a.mean().reshape(1)
+    c = a - mean
+    g = torch.cat([c, c.new_zeros(ng * NF4DQ_GROUP - nb)]).view(ng, NF4DQ_GROUP)
+    s2 = g.abs().amax(dim=1)
+    safe = torch.where(s2 > 0, s2, torch.ones_like(s2))
+    q = torch.round(g / safe[:, None] * QMAX).clamp_(-QMAX, QMAX).to(torch.int8).reshape(-1)[:nb]
+    return torch.cat([mean.view(torch.uint8), s2.view(torch.uint8), q.view(torch.uint8)])
+
+
+def double_dequantise(blob: Tensor, nb: int) -> Tensor:
+    """The fp32 absmax values ``double_quantise``'s blob stands for: ``code * (scale / 127) + mean``,
+    computed in fp32 on the blob's device (the same bits on any device: no fused multiply-add)."""
+    ng = -(-nb // NF4DQ_GROUP)
+    mean = blob[:4].view(torch.float32)
+    s2 = blob[4:4 + 4 * ng].view(torch.float32)
+    q = blob[4 + 4 * ng:4 + 4 * ng + nb].view(torch.int8)
+    step = (s2 / QMAX).repeat_interleave(NF4DQ_GROUP)[:nb]
+    return q.float() * step + mean
+
+
+class _NF4Double(_NF4Blocks):
+    """``lora.base = nf4dq``: NF4 with QLoRA's double quantisation of the absmax values (module docstring)."""
+
+    description = "NF4 with double-quantised absmax (int8 per 64, an fp32 scale per 256 of them)"
+
+    @staticmethod
+    def sizes(rows: int, cols: int) -> tuple[int, int]:
+        nb = -(-rows * cols // NF4_BLOCK)
+        return 4 + 4 * -(-nb // NF4DQ_GROUP) + nb, nb * NF4_BLOCK // 2
+
+    @staticmethod
+    def quantise(w: Tensor) -> tuple[Tensor, Tensor]:
+        codes, absmax = quantise_nf4(w)
+        return codes, double_quantise(absmax)
+
+    @staticmethod
+    def dequantise(codes: Tensor, scale: Tensor, shape, dtype, out=None) -> Tensor:
+        absmax = double_dequantise(scale.view(torch.uint8), codes.numel() * 2 // NF4_BLOCK)
+        return dequantise_nf4(codes, absmax, math.prod(shape), dtype, out).view(shape)
+
+
+FORMATS = {"int8": _Int8Rows, "nf4": _NF4Blocks, "nf4dq": _NF4Double}
 
 
 def quantised_names(stage) -> list[str]:
@@ -242,7 +295,8 @@ class PackedStage:
         fmt = FORMATS[self.kind]
         for name, (s_at, c_at, (rows, cols)) in self.quantised.items():
             codes, scale = fmt.quantise(values[name].reshape(rows, cols))
-            raw[s_at:s_at + 4 * scale.numel()].view(torch.float32).copy_(scale)
+            scale = scale.reshape(-1).view(torch.uint8)  # fp32 scales, or a format's byte blob
+            raw[s_at:s_at + scale.numel()].copy_(scale)
             raw[c_at:c_at + codes.numel()].copy_(codes)
         return out
 
@@ -263,8 +317,8 @@ class PackedStage:
         for name, (s_at, c_at, (rows, cols)) in self.quantised.items():
             scale_bytes, code_bytes = fmt.sizes(rows, cols)
             dst = None if scratch is None else scratch[at:at + rows * cols].view(rows, cols)
-            out[name] = fmt.dequantise(raw[c_at:c_at + code_bytes], raw[s_at:s_at + scale_bytes].view(torch.float32),
-                                       (rows, cols), flat.dtype, dst)
+            out[name] = fmt.dequantise(raw[c_at:c_at + code_bytes], raw[s_at:s_at + scale_bytes], (rows, cols),
+                                       flat.dtype, dst)
             at += rows * cols
         return {name: out[name] for name in self.order}
 

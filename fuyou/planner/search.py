@@ -343,7 +343,7 @@ def search(w: Workload, hw: HardwareProfile, cpu_budget: int, policy: Activation
                          f"state)"] = dict(fmt=fmt)
         if w.lora_params is not None and w.lora.base == "compute":  # LoRA: a base of half the bytes or less,
             # planned afresh (its dequantised stage takes device memory the policy may have given activations)
-            for base in ("int8", "nf4"):
+            for base in ("int8", "nf4", "nf4dq"):
                 again = search(dataclasses.replace(w, lora=w.lora.model_copy(update={"base": base})), hw, cpu_budget,
                                None, whatif=False, ladder=False)
                 n_eval += again.evaluations

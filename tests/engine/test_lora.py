@@ -57,6 +57,11 @@ CASES = {
                                  "offload.cache_weights=false", "train.grad_accum=2", "offload.act_policy=2:all=ssd"],
     "nf4-base-fake-device": ["lora.targets=all-linear", "lora.base=nf4", "train.device=fake",
                              "offload.act_policy=1:fc1=cpu", "offload.act_cpu_mem=1MiB"],
+    # NF4 with double-quantised absmax values (QLoRA's), cached, and on the fake device
+    "llama-nf4dq-base-cached": ["model.preset=llama-test", "lora.targets=all-linear", "lora.base=nf4dq",
+                                "lora.dropout=0.1"],
+    "nf4dq-base-fake-device": ["lora.targets=all-linear", "lora.base=nf4dq", "train.device=fake",
+                               "offload.cache_weights=false"],
     "int8-base-fake-device": ["model.preset=llama-test", "lora.targets=all-linear", "lora.base=int8",
                               "train.device=fake", "offload.cache_weights=false", "offload.act_policy=1:all=cpu",
                               "offload.act_cpu_mem=1MiB"],
