@@ -150,12 +150,13 @@ class Dist:
             return
         import torch.distributed as td
 
-        t = torch.tensor([step], dtype=torch.int64)
+        t = torch.tensor([step, -step], dtype=torch.int64)
         with self._collective(f"the commit of step {step} (waiting for every rank's state)"):
             td.all_reduce(t, op=td.ReduceOp.MIN, group=self._commit_group)
-        if int(t) != step:
-            raise DistributedError(f"rank {self.rank}: the ranks committed different steps ({int(t)} and {step}); "
-                                   f"the last commit is intact, resume with torchrun ... fuyou train --resume RUN_DIR")
+        if int(t[0]) != step or int(t[1]) != -step:
+            raise DistributedError(f"rank {self.rank}: the ranks committed different steps ({int(t[0])} to "
+                                   f"{-int(t[1])}; this rank {step}); the last commit is intact, resume with torchrun "
+                                   f"... fuyou train --resume RUN_DIR")
 
     def start_sum(self, t: torch.Tensor, dst: int | None, what: str):
         """Start summing ``t`` over the ranks (into rank ``dst``'s, or every rank's with ``dst=None``);
@@ -274,6 +275,23 @@ def stage_owners(numels: list[int], world: int) -> list[int]:
         owner[i] = r
         load[r] += numels[i]
     return owner
+
+
+def recorded_world(run_dir: Path, ssd_dirs, state_name: str) -> int:
+    """How many processes trained ``run_dir``: ``distributed.json``, or (lost) the ranks' states found
+    (``<state>.rank<r>`` in ``ssd_dirs``). Refuses a file that disagrees with the states."""
+    path = run_dir / WORLD_FILE
+    found = 1
+    while any((Path(d) / f"{state_name}.rank{found}").is_dir() for d in ssd_dirs):
+        found += 1
+    if not path.is_file():
+        return found
+    world = json.loads(path.read_text())["world_size"]
+    if found > world:
+        raise ConfigError(f"{path} says {world} process(es), but the SSD directories hold the states of {found} "
+                          f"ranks ({state_name}.rank{found - 1}): a state of another run, or a damaged "
+                          f"{WORLD_FILE}; nothing was changed")
+    return world
 
 
 def record_world(run_dir: Path, d: Dist) -> None:

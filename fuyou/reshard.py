@@ -28,9 +28,16 @@ removes the partial new one); after it, ``fuyou train --resume`` and ``fuyou exp
 with a sentence until ``fuyou reshard`` is run again, which finishes the renames (each step is
 recognised by the stores' ids, so running it twice never moves a new state away).
 
+The old states stay locked from the moment they are read until the switch is done, so no resume
+can open them meanwhile; a half-switched run is refused by ``check_pending`` until it is finished.
+Before the first rename every new state must be in place with the id the decision recorded (else
+nothing moves and the old state stays the state of record).
+
 Limits: one machine (the states of every rank must be in this machine's SSD directories; with
 torchrun over several machines each keeps its own ranks' states); free space for the committed
-copies beside the old state, checked before anything is written (``StoreSpaceError``).
+copies beside the old state, checked for each new state before it is written (``StoreSpaceError``).
+A run whose ranks' records are a commit apart (a rank killed between the ranks' record writes) is
+resharded at the newer commit, as a resume would repair it.
 """
 
 from __future__ import annotations
@@ -112,19 +119,27 @@ def reshard(run_dir: str | Path, nproc: int, ssd_dirs: list[str] | None = None) 
         raise ConfigError(f"--nproc {nproc}: give the number of processes the resume will run (1 or more)")
     flags = {"offload.ssd_dirs": list(ssd_dirs)} if ssd_dirs else None
     cfg = load_config(run_dir / "config.toml", ["model.init_from=none"], flags)
+    name = f"{run_dir.name}.fuyou-state"
+    dirs = [Path(d) for d in cfg.offload.ssd_dirs]
     pending = run_dir / PENDING
     if pending.is_file():
         plan = json.loads(pending.read_text())
         if plan.get("world_to") != nproc:
             raise ConfigError(f"{run_dir} was being resharded for {plan.get('world_to')} process(es) when it stopped; "
                               f"finish that first: `fuyou reshard {run_dir} --nproc {plan.get('world_to')}`")
-        _switch(run_dir, plan)
-        return (f"finished the interrupted reshard of {run_dir}: its step-{plan['step']} state is now "
-                f"{nproc} process(es)'")
+        from fuyou.store.lock import lock_dirs, unlock
+
+        locks = lock_dirs([Path(p) for found in plan["old"] for p in found if Path(p).is_dir()])
+        try:
+            _switch(run_dir, plan)
+        finally:
+            unlock(locks)
+        return (f"finished the interrupted reshard of {run_dir}: its step-{plan['step']} state is now for "
+                f"{nproc} process(es)")
     if cfg.offload.mode != "ssd" or cfg.offload.commit != "cow":
         raise ConfigError(f"{run_dir} keeps no resumable state (offload.mode={cfg.offload.mode}, offload.commit="
                           f"{cfg.offload.commit}): there is nothing to reshard")
-    old_world = _world(run_dir)
+    old_world = distributed.recorded_world(run_dir, dirs, name)
     if nproc == old_world:
         raise ConfigError(f"{run_dir} was trained by {old_world} process(es) already: resume it as it is")
     t = cfg.train
@@ -135,12 +150,9 @@ def reshard(run_dir: str | Path, nproc: int, ssd_dirs: list[str] | None = None) 
     return _reshard(run_dir, cfg, old_world, nproc, ssd_dirs)
 
 
-def _world(run_dir: Path) -> int:
-    path = run_dir / distributed.WORLD_FILE
-    return json.loads(path.read_text())["world_size"] if path.is_file() else 1
-
-
 def _reshard(run_dir: Path, cfg, old_world: int, nproc: int, ssd_dirs: list[str] | None) -> str:
+    import hashlib
+
     from fuyou.engine.commit import RECORD, read_record, step_tag, write_record
     from fuyou.engine.layout import build_states
     from fuyou.models import StageModel
@@ -161,10 +173,10 @@ def _reshard(run_dir: Path, cfg, old_world: int, nproc: int, ssd_dirs: list[str]
         d = distributed.Dist(r, nproc, r, nproc)
         rank_dirs = [Path(x) for x in d.rank_config(cfg).offload.ssd_dirs]
         new.append(_NewRank(r, [x / d.store_name(name) for x in rank_dirs]))
-    for nr in new:  # a reshard that stopped before its decision left these: never the state of record
-        for p in nr.temps:
-            if p.exists():
-                shutil.rmtree(p)
+    # a reshard that stopped before its decision left these (for this or another --nproc): never the state of record
+    for d in dirs:
+        for p in d.glob(f"{name}*{NEW_SUFFIX}") if d.is_dir() else ():
+            shutil.rmtree(p)
     olds, stores, records = [], [], []
     try:
         for r in range(old_world):
@@ -175,7 +187,7 @@ def _reshard(run_dir: Path, cfg, old_world: int, nproc: int, ssd_dirs: list[str]
                                   f"finished and its state was deleted, the SSD directories moved (give --ssd), or "
                                   f"that rank ran on another machine (fuyou reshard works on one machine's states)")
             try:
-                store = TensorStore.open(found)
+                store = TensorStore.open(found)  # locked until the switch is done: no resume can open it meanwhile
             except StoreLockedError as e:
                 raise ConfigError(f"{run_dir} is being trained (its state is locked: {e}); stop it first "
                                   f"(Ctrl-C commits and stops)") from e
@@ -183,27 +195,45 @@ def _reshard(run_dir: Path, cfg, old_world: int, nproc: int, ssd_dirs: list[str]
             olds.append(found)
             rec = read_record(found[0], store, len(states), n_copies=1 if lora else 3)
             records.append({**json.loads((found[0] / RECORD).read_text()), **rec})
-        steps = {rec["step"] for rec in records}
-        if len(steps) != 1:
-            raise ConfigError(f"the ranks' last commits differ (steps {sorted(steps)}): resume the run with "
-                              f"{old_world} process(es) to a commit they share, then reshard")
-        step = steps.pop()
-        # where each stage's committed state is now
+        step = max(rec["step"] for rec in records)
+        # where each stage's committed state is now; a rank whose record is a commit behind (killed between
+        # the ranks' record writes) holds that commit's state, tagged (Engine._agree_on_commit does the same)
         src: dict[int, tuple[int, int]] = {}
         for r, rec in enumerate(records):
             for i in rec.get("owned", range(len(states))):
-                src.setdefault(i, (r, rec["copies"][i]))
+                c = rec["copies"][i]
+                if rec["step"] != step and not lora:
+                    tagged = [c for c, keys in enumerate(states[i].copies)
+                              if all(k in stores[r] and stores[r].record(k).tag == step_tag(step) for k in keys.state)]
+                    if len(tagged) != 1:
+                        raise ConfigError(f"the ranks' last commits differ (steps {sorted({x['step'] for x in records})})"
+                                          f" and rank {r} does not hold step {step}'s state: the state is damaged; "
+                                          f"nothing was changed")
+                    c = tagged[0]
+                src.setdefault(i, (r, c))
         if not lora and sorted(src) != list(range(len(states))):
             raise ConfigError(f"the ranks' commit records name no owner for stages "
                               f"{sorted(set(range(len(states))) - set(src))}: the state is damaged; nothing was changed")
+        for i, (r, c) in src.items():  # every tensor of the state to move is the committed step's
+            for key in ([] if lora else states[i].copies[c].state):
+                if stores[r].record(key).tag != step_tag(step):
+                    raise ConfigError(f"{key} in rank {r}'s state is not tagged with step {step}: the state is "
+                                      f"damaged; nothing was changed")
+        lsrc = next(r for r, rec in enumerate(records) if rec["step"] == step)  # LoRA: a rank at that step
+        if lora:
+            rec = records[lsrc]
+            ldata = (olds[lsrc][0] / rec["lora_state"]).read_bytes()
+            if hashlib.sha256(ldata).hexdigest() != rec.get("lora_sha256"):
+                raise ConfigError(f"{olds[lsrc][0] / rec['lora_state']} does not match its commit record's SHA-256: "
+                                  f"the adapters are damaged; nothing was changed")
         owners = [0] * len(states) if lora else distributed.stage_owners([s.numel for s in states], nproc)
         for nr in new:
             nr.owned = list(range(len(states))) if lora else [i for i, o in enumerate(owners) if o == nr.rank]
         buf = aligned_empty(COPY_BYTES)
-        copied = 0
+        copied, new_ids = 0, []
         for nr in new:
-            if lora:  # the base's weights as rank 0 stored them (packed, when lora.base quantises it)
-                items = [(0, st.keys.weights) for st in states]
+            if lora:  # the base's weights as the rank stored them (packed, when lora.base quantises it)
+                items = [(lsrc, st.keys.weights) for st in states]
             else:
                 items = [(src[i][0], key) for i in nr.owned for key in states[i].copies[src[i][1]].state]
             specs = [(key, stores[r].meta(key).shape, stores[r].meta(key).dtype) for r, key in items]
@@ -217,35 +247,34 @@ def _reshard(run_dir: Path, cfg, old_world: int, nproc: int, ssd_dirs: list[str]
                     fault("reshard_copy")
                 store.sync()
                 if lora:
-                    rec0 = records[0]
-                    lf = rec0["lora_state"]
-                    shutil.copyfile(olds[0][0] / lf, nr.temps[0] / lf)
-                    with open(nr.temps[0] / lf, "rb+") as f:
+                    rec = records[lsrc]
+                    with open(nr.temps[0] / rec["lora_state"], "wb") as f:
+                        f.write(ldata)
+                        f.flush()
                         os.fsync(f.fileno())
-                    body = {k: v for k, v in rec0.items() if k != "checksum"}
+                    body = {k: v for k, v in rec.items() if k != "checksum"}
                 else:
                     body = {"step": step, "copies": [src[i][1] for i in range(len(states))],
                             "model": records[0].get("model"), "owned": nr.owned}
-                    for i in nr.owned:
-                        if step_tag(step) != store.record(states[i].copies[src[i][1]].master).tag:
-                            raise ConfigError(f"stage {i}'s committed copy is not tagged with step {step}: the state "
-                                              f"is damaged; nothing was changed")
                 body.update(store_uuid=store.uuid, generation=store.generation)
                 write_record(nr.temps[0], body)
+                new_ids.append(store.uuid)
             finally:
                 store.close(sync=False)
+        for p in {t.parent for nr in new for t in nr.temps}:  # the new directories' entries are durable
+            _fsync_dir(p)
         old_ids = [s.uuid for s in stores]
-    finally:
-        for s in stores:
-            s.close(sync=False)
-    plan = {"world_from": old_world, "world_to": nproc, "step": step, "backend": _backend(run_dir),
-            "old": [[str(p) for p in found] for found in olds], "old_uuids": old_ids,
-            "new": [[str(p) for p in nr.finals] for nr in new]}
-    from fuyou.store.layout import write_json_atomic
+        plan = {"world_from": old_world, "world_to": nproc, "step": step,
+                "backend": _backend(run_dir), "old": [[str(p) for p in found] for found in olds], "old_uuids": old_ids,
+                "new": [[str(p) for p in nr.finals] for nr in new], "new_uuids": new_ids}
+        from fuyou.store.layout import write_json_atomic
 
-    write_json_atomic(run_dir / PENDING, plan)  # the decision (module docstring)
-    fault("reshard_switch")
-    _switch(run_dir, plan)
+        write_json_atomic(run_dir / PENDING, plan)  # the decision (module docstring)
+        fault("reshard_switch")
+        _switch(run_dir, plan)
+    finally:
+        for s in stores:  # (after the switch: their locks kept any resume out until the state was whole)
+            s.close(sync=False)  # (no write: flush and unlock)
     return (f"resharded {run_dir} from {old_world} to {nproc} process(es) at its step-{step} commit "
             f"({format_size(copied)} of state copied); continue with "
             + (f"`fuyou train --resume {run_dir}" if nproc == 1 else
@@ -272,8 +301,17 @@ def _backend(run_dir: Path) -> str | None:
 
 
 def _switch(run_dir: Path, plan: dict) -> None:
-    """The renames after the decision; idempotent (module docstring)."""
+    """The renames after the decision; idempotent (module docstring). Nothing is moved unless every
+    new state is in place, as its temporary or its final directory, with the id the plan recorded."""
     old_ids = set(plan["old_uuids"])
+    for finals, uid in zip(plan["new"], plan.get("new_uuids", [None] * len(plan["new"]))):
+        for p in map(Path, finals):
+            tmp = p.with_name(p.name + NEW_SUFFIX)
+            here = [_marker_uuid(x) for x in (tmp, p) if x.is_dir()]
+            if uid is not None and uid not in here:
+                raise ConfigError(f"the resharded state {tmp} is missing (or {p} is another state): the reshard cannot "
+                                  f"be finished, and the old state was left as it is. Remove {run_dir / PENDING} to "
+                                  f"keep the run at {plan['world_from']} process(es), then run `fuyou reshard` again")
     parents = set()
     for found in plan["old"]:
         for p in map(Path, found):

@@ -57,13 +57,10 @@ class CommittedWeights:
         self.cfg = cfg
         self.model = cfg.model.model_dump()
         self.family = cfg.model.family
-        from fuyou.distributed import WORLD_FILE
+        from fuyou.distributed import WORLD_FILE, recorded_world
 
         name = f"{run_dir.name}.fuyou-state"
-        world_file = run_dir / WORLD_FILE
-        world = json.loads(world_file.read_text())["world_size"] if world_file.is_file() else 1
-        while not world_file.is_file() and any((Path(d) / f"{name}.rank{world}").is_dir() for d in cfg.offload.ssd_dirs):
-            world += 1  # data parallel, its distributed.json lost: the ranks' states say how many there were
+        world = recorded_world(run_dir, cfg.offload.ssd_dirs, name)  # (distributed.json, else the states found)
         stages = StageModel(cfg.model).stages
         self.states = build_states(stages, 0.0, n_copies=3, int8=cfg.optim.moments == "int8")
         # Data parallel: each rank's state holds the stages it owns (its record's "owned"; fuyou/distributed.py)

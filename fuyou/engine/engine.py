@@ -318,10 +318,15 @@ class Engine:
             return
         mine = self.ts.recorded_step()
         lo, neg_hi = self.dist.reduce_ints([mine, -mine], "comparing the ranks' last commits", op="min")
-        behind = lo != -neg_hi and mine < -neg_hi
-        if behind and self.ts.roll_forward(-neg_hi):
+        hi = -neg_hi
+        if lo == hi:
+            return
+        f = self.ts.commit_fingerprint(hi)  # (LoRA: the adapters' file of step hi must be the same on every rank)
+        a, neg_b = self.dist.reduce_ints([f, -f], "comparing the ranks' states of the newer commit", op="min")
+        # a rank whose record is invalid (-1) is not repaired: the resume refuses it with the steps found
+        if 0 <= mine < hi and a == -neg_b and a >= 0 and self.ts.roll_forward(hi):
             print(f"fuyou: rank {self.dist.rank}: the run stopped between the ranks' commit records of step "
-                  f"{-neg_hi}; this rank's state of that step is complete, its record was rewritten", file=sys.stderr)
+                  f"{hi}; this rank's state of that step is complete, its record was rewritten", file=sys.stderr)
 
     def _check_ranks_commits(self) -> None:
         """Every rank resumes the same step (fuyou/distributed.py: commits are all or nothing; a crash

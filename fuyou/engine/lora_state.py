@@ -133,6 +133,16 @@ class LoRATrainingState(TrainingState):
         except ResumeError:
             return -1
 
+    def commit_fingerprint(self, step: int) -> int:
+        """The first 60 bits of the SHA-256 of this rank's adapters' file of ``step`` (-1: none). The
+        adapters are replicated, so every rank's file of a step is the same bytes: a rank behind rolls
+        forward only onto a file equal to the others' (one of which its record vouches for)."""
+        path = self.store_dirs[0] / STATE_FILE.format(step=step)
+        try:
+            return int(hashlib.sha256(path.read_bytes()).hexdigest()[:15], 16)
+        except OSError:
+            return -1
+
     def roll_forward(self, step: int) -> bool:
         """The record of ``step`` from this rank's adapters' file of that step (written, fsync'd and
         renamed before the ranks' commit barrier: ``_write``); see ``TrainingState.roll_forward``."""

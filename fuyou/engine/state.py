@@ -275,6 +275,11 @@ class TrainingState:
         except ResumeError:
             return -1
 
+    def commit_fingerprint(self, step: int) -> int:
+        """What the ranks compare before a roll-forward: the optimizer state is each rank's own (its
+        tags decide), so nothing (LoRA's replicated adapters: their file's hash)."""
+        return 0
+
     def roll_forward(self, step: int) -> bool:
         """Rewrite the commit record for ``step`` if the store holds that step's state of every stage
         this rank owns (each tag written and synced before the ranks' commit barrier; engine's
@@ -286,10 +291,12 @@ class TrainingState:
             copies = list(old["copies"])
         except (OSError, ValueError, KeyError, TypeError):
             return False
-        for s in self.states:
+        every = build_states([s.stage for s in self.states], 0.0, n_copies=3, int8=self.fmt.moments == "int8")
+        for s, full in zip(self.states, every):
             if not s.owned:
                 continue
-            tagged = [c for c, keys in enumerate(s.copies)
+            # (over every copy a state may hold: this launch's plan may keep fewer, Note: [State copies])
+            tagged = [c for c, keys in enumerate(full.copies)
                       if all(k in self.store and self.store.record(k).tag == step_tag(step) for k in keys.state)]
             if len(tagged) != 1:
                 return False

@@ -73,8 +73,10 @@ def test_a_resharded_run_ends_as_one_process_would(tmp_path, extra, saved, befor
         assert_states(before_state, open_state(run))  # the move changed no bit
         world = run / "distributed.json"
         saved_world = world.read_bytes()
-        world.unlink()  # lost: export counts the ranks' states (a KeyError traceback before)
+        world.unlink()  # lost: export and reshard count the ranks' states (a KeyError traceback before)
         assert_states(before_state, open_state(run))
+        r = fuyou("reshard", str(run), "--nproc", str(after), check=False)
+        assert r.returncode != 0 and f"trained by {after} process(es) already" in r.stderr
         world.write_bytes(saved_world)
     resume(run, after)
     a, b = load_file(tmp_path / "runs" / "whole" / saved), load_file(run / saved)
@@ -148,3 +150,40 @@ def test_what_reshard_refuses(tmp_path):
     assert_states(state, open_state(run))
     assert sorted(p.name for p in (tmp_path / "ssd").iterdir()) == ["cut.fuyou-state", "plain.fuyou-state",
                                                                    "wide.fuyou-state"]
+
+
+def test_a_run_whose_ranks_records_are_a_commit_apart_is_resharded_at_the_newer_one(tmp_path):
+    """Rank 1 killed while writing its record of step 3 (its state of step 3 synced, as every rank's
+    before any record): reshard takes the newer commit, as a resume would, and the run resumed on one
+    process ends as one process would have."""
+    single(train_args(tmp_path, "whole", "train.grad_accum=2"))
+    args = train_args(tmp_path, "cut", "train.grad_accum=2")
+    procs = rank_procs(tmp_path, args, fault_rank=1, fault="commit@3")
+    [p.communicate(timeout=300) for p in procs]
+    run = tmp_path / "runs" / "cut"
+    r = fuyou("reshard", str(run), "--nproc", "1")
+    assert "at its step-3 commit" in r.stdout, r.stdout
+    resume(run, 1)
+    a, b = load_file(tmp_path / "runs" / "whole" / "model.safetensors"), load_file(run / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_switch_whose_new_state_is_gone_moves_nothing(tmp_path):
+    """After the decision the new state's directory is lost (removed by hand, or a power cut before its
+    entry was durable): finishing refuses and leaves the old state as it was; dropping the decision
+    keeps the run at its old world size."""
+    run = cut_after_step_2(tmp_path, "cut", (), 1)
+    state = open_state(run)
+    r = fuyou("reshard", str(run), "--nproc", "2", check=False, FUYOU_FAULT="reshard_switch")
+    assert r.returncode == -9
+    import shutil
+
+    shutil.rmtree(tmp_path / "ssd" / "cut.fuyou-state.rank1.reshard")
+    r = fuyou("reshard", str(run), "--nproc", "2", check=False)
+    assert r.returncode != 0 and "is missing" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert (tmp_path / "ssd" / "cut.fuyou-state").is_dir()
+    (run / "reshard.json").unlink()
+    assert_states(state, open_state(run))
+    fuyou("reshard", str(run), "--nproc", "2")  # starts over (the other partial new state is removed first)
+    assert sorted(p.name for p in (tmp_path / "ssd").iterdir()) == ["cut.fuyou-state", "cut.fuyou-state.rank1"]
+    assert_states(state, open_state(run))
