@@ -56,6 +56,7 @@ import torch
 from fuyou.errors import ConfigError, FuyouError
 
 WORLD_FILE = "distributed.json"
+RESHARD_PENDING = "reshard.json"  # fuyou/reshard.py's decision, until its switch is done
 
 
 class DistributedError(FuyouError):
@@ -277,6 +278,19 @@ def stage_owners(numels: list[int], world: int) -> list[int]:
     return owner
 
 
+def check_reshard_pending(run_dir: Path) -> None:
+    """Refuse a run whose ``fuyou reshard`` stopped after its decision (fuyou/reshard.py)."""
+    p = Path(run_dir) / RESHARD_PENDING
+    if p.is_file():
+        try:
+            to = json.loads(p.read_text())["world_to"]
+        except (OSError, ValueError, KeyError, TypeError):
+            to = "N"
+        raise ConfigError(f"{run_dir} was being resharded for {to} process(es) when it stopped; finish it with "
+                          f"`fuyou reshard {run_dir} --nproc {to}` (the new state is complete, only its renames "
+                          f"remain), then resume")
+
+
 def recorded_world(run_dir: Path, ssd_dirs, state_name: str) -> int:
     """How many processes trained ``run_dir``: ``distributed.json``, or (lost) the ranks' states found
     (``<state>.rank<r>`` in ``ssd_dirs``). Refuses a file that disagrees with the states."""
@@ -301,9 +315,7 @@ def record_world(run_dir: Path, d: Dist) -> None:
 def check_world(run_dir: Path, d: Dist) -> None:
     """A run resumes with the world size that trained it (the state is one per rank), or after
     ``fuyou reshard`` (fuyou/reshard.py) with another."""
-    from fuyou.reshard import check_pending
-
-    check_pending(run_dir)
+    check_reshard_pending(run_dir)
     path = run_dir / WORLD_FILE
     world = json.loads(path.read_text())["world_size"] if path.is_file() else 1
     if world != d.world:

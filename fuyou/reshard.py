@@ -29,7 +29,8 @@ with a sentence until ``fuyou reshard`` is run again, which finishes the renames
 recognised by the stores' ids, so running it twice never moves a new state away).
 
 The old states stay locked from the moment they are read until the switch is done, so no resume
-can open them meanwhile; a half-switched run is refused by ``check_pending`` until it is finished.
+can open them meanwhile; a half-switched run is refused (``distributed.check_reshard_pending``) until
+it is finished.
 Before the first rename every new state must be in place with the id the decision recorded (else
 nothing moves and the old state stays the state of record).
 
@@ -56,23 +57,10 @@ from fuyou.errors import ConfigError
 from fuyou.faults import fault
 from fuyou.units import format_size
 
-PENDING = "reshard.json"
+PENDING = distributed.RESHARD_PENDING  # (check_reshard_pending refuses a run while it exists)
 NEW_SUFFIX = ".reshard"
 OLD_SUFFIX = ".resharded"
 COPY_BYTES = 64 * 2**20  # one copy buffer: a multiple of every store's checksum block
-
-
-def check_pending(run_dir: Path) -> None:
-    """Refuse a run whose reshard stopped after its decision (module docstring)."""
-    p = Path(run_dir) / PENDING
-    if p.is_file():
-        try:
-            to = json.loads(p.read_text())["world_to"]
-        except (OSError, ValueError, KeyError, TypeError):
-            to = "N"
-        raise ConfigError(f"{run_dir} was being resharded for {to} process(es) when it stopped; finish it with "
-                          f"`fuyou reshard {run_dir} --nproc {to}` (the new state is complete, only its renames "
-                          f"remain), then resume")
 
 
 def _marker_uuid(d: Path) -> str | None:

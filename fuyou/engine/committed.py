@@ -47,9 +47,9 @@ class CommittedWeights:
         from fuyou.store import TensorStore
 
         run_dir = Path(run_dir)
-        from fuyou.reshard import check_pending
+        from fuyou.distributed import check_reshard_pending
 
-        check_pending(run_dir)
+        check_reshard_pending(run_dir)
         cfg = load_config(run_dir / "config.toml", ["model.init_from=none"])
         if cfg.offload.mode != "ssd":
             raise ConfigError(f"{run_dir} has no model.safetensors and trained in memory (offload.mode="
