@@ -209,7 +209,7 @@ class Dist:
 
     def store_name(self, name: str) -> str:
         """Rank 0's state keeps the run's usual name (export and every single-process tool read it)."""
-        return name if self.rank == 0 else f"{name}.rank{self.rank}"
+        return rank_state_name(name, self.rank)
 
 
 _DIST = Dist()
@@ -278,6 +278,11 @@ def stage_owners(numels: list[int], world: int) -> list[int]:
     return owner
 
 
+def rank_state_name(name: str, rank: int) -> str:
+    """The name of rank ``rank``'s state: rank 0's is the run's usual one (``Dist.store_name``)."""
+    return name if rank == 0 else f"{name}.rank{rank}"
+
+
 def check_reshard_pending(run_dir: Path) -> None:
     """Refuse a run whose ``fuyou reshard`` stopped after its decision (fuyou/reshard.py)."""
     p = Path(run_dir) / RESHARD_PENDING
@@ -296,14 +301,14 @@ def recorded_world(run_dir: Path, ssd_dirs, state_name: str) -> int:
     (``<state>.rank<r>`` in ``ssd_dirs``). Refuses a file that disagrees with the states."""
     path = run_dir / WORLD_FILE
     found = 1
-    while any((Path(d) / f"{state_name}.rank{found}").is_dir() for d in ssd_dirs):
+    while any((Path(d) / rank_state_name(state_name, found)).is_dir() for d in ssd_dirs):
         found += 1
     if not path.is_file():
         return found
     world = json.loads(path.read_text())["world_size"]
     if found > world:
         raise ConfigError(f"{path} says {world} process(es), but the SSD directories hold the states of {found} "
-                          f"ranks ({state_name}.rank{found - 1}): a state of another run, or a damaged "
+                          f"ranks ({rank_state_name(state_name, found - 1)}): a state of another run, or a damaged "
                           f"{WORLD_FILE}; nothing was changed")
     return world
 

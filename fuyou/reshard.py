@@ -55,6 +55,7 @@ import torch
 from fuyou import distributed
 from fuyou.errors import ConfigError
 from fuyou.faults import fault
+from fuyou.store.layout import fsync_dir, write_json_atomic
 from fuyou.units import format_size
 
 PENDING = distributed.RESHARD_PENDING  # (check_reshard_pending refuses a run while it exists)
@@ -70,14 +71,6 @@ def _marker_uuid(d: Path) -> str | None:
         return json.loads((d / L.MARKER).read_text())["uuid"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
-
-
-def _fsync_dir(d: Path) -> None:
-    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass
@@ -141,7 +134,7 @@ def reshard(run_dir: str | Path, nproc: int, ssd_dirs: list[str] | None = None) 
 def _reshard(run_dir: Path, cfg, old_world: int, nproc: int, ssd_dirs: list[str] | None) -> str:
     import hashlib
 
-    from fuyou.engine.commit import RECORD, read_record, step_tag, write_record
+    from fuyou.engine.commit import RECORD, read_record, step_tag, tagged_copy, write_record
     from fuyou.engine.layout import build_states
     from fuyou.models import StageModel
     from fuyou.store import TensorStore
@@ -168,7 +161,7 @@ def _reshard(run_dir: Path, cfg, old_world: int, nproc: int, ssd_dirs: list[str]
     olds, stores, records = [], [], []
     try:
         for r in range(old_world):
-            rank_name = name if r == 0 else f"{name}.rank{r}"
+            rank_name = distributed.rank_state_name(name, r)
             found = [d / rank_name for d in dirs if (d / rank_name).is_dir()]
             if not found:
                 raise ConfigError(f"rank {r}'s state ({rank_name}) is in none of {', '.join(map(str, dirs))}: the run "
@@ -191,13 +184,11 @@ def _reshard(run_dir: Path, cfg, old_world: int, nproc: int, ssd_dirs: list[str]
             for i in rec.get("owned", range(len(states))):
                 c = rec["copies"][i]
                 if rec["step"] != step and not lora:
-                    tagged = [c for c, keys in enumerate(states[i].copies)
-                              if all(k in stores[r] and stores[r].record(k).tag == step_tag(step) for k in keys.state)]
-                    if len(tagged) != 1:
+                    c = tagged_copy(stores[r], states[i].copies, step)
+                    if c is None:
                         raise ConfigError(f"the ranks' last commits differ (steps {sorted({x['step'] for x in records})})"
                                           f" and rank {r} does not hold step {step}'s state: the state is damaged; "
                                           f"nothing was changed")
-                    c = tagged[0]
                 src.setdefault(i, (r, c))
         if not lora and sorted(src) != list(range(len(states))):
             raise ConfigError(f"the ranks' commit records name no owner for stages "
@@ -250,13 +241,11 @@ def _reshard(run_dir: Path, cfg, old_world: int, nproc: int, ssd_dirs: list[str]
             finally:
                 store.close(sync=False)
         for p in {t.parent for nr in new for t in nr.temps}:  # the new directories' entries are durable
-            _fsync_dir(p)
+            fsync_dir(p)
         old_ids = [s.uuid for s in stores]
         plan = {"world_from": old_world, "world_to": nproc, "step": step,
                 "backend": _backend(run_dir), "old": [[str(p) for p in found] for found in olds], "old_uuids": old_ids,
                 "new": [[str(p) for p in nr.finals] for nr in new], "new_uuids": new_ids}
-        from fuyou.store.layout import write_json_atomic
-
         write_json_atomic(run_dir / PENDING, plan)  # the decision (module docstring)
         fault("reshard_switch")
         _switch(run_dir, plan)
@@ -316,7 +305,7 @@ def _switch(run_dir: Path, plan: dict) -> None:
                 os.replace(tmp, p)
                 parents.add(p.parent)
     for d in parents:
-        _fsync_dir(d)
+        fsync_dir(d)
     world = run_dir / distributed.WORLD_FILE
     history = []
     if world.is_file():
@@ -324,8 +313,6 @@ def _switch(run_dir: Path, plan: dict) -> None:
     if not any(h.get("step") == plan["step"] and h.get("to") == plan["world_to"] for h in history):
         history.append({"from": plan["world_from"], "to": plan["world_to"], "step": plan["step"],
                         "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
-    from fuyou.store.layout import write_json_atomic
-
     write_json_atomic(world, {"world_size": plan["world_to"], "backend": plan.get("backend"), "resharded": history})
     for found in plan["old"]:
         for p in map(Path, found):
@@ -333,4 +320,4 @@ def _switch(run_dir: Path, plan: dict) -> None:
             if old.is_dir():
                 shutil.rmtree(old)
     (run_dir / PENDING).unlink(missing_ok=True)
-    _fsync_dir(run_dir)
+    fsync_dir(run_dir)

@@ -428,9 +428,9 @@ def cpu_tier_need(cfg_model, policy: dict, batch: int, seq: int, csize: int, mic
 
 
 def policy_memory(cfg_model, policy: dict, off, batch: int, seq: int, csize: int,
-                  checksum_block: int, micro_batches: int = 1) -> tuple[dict[str, int], dict[str, int], int]:
+                  checksum_block: int, micro_batches: int = 1) -> tuple[dict[str, int], dict[str, int], int, int | None]:
     """What an activation policy adds to the memory plan: (CPU items, device items, bytes of stage
-    inputs kept on the device). The engine and the planner both call it, with the engine's block
+    inputs kept on the device, ``plan_memory``'s ``share_cap``: ``act_share_cap``). The engine and the planner both call it, with the engine's block
     policies (a block whose classes are all kept is kept whole and charged its working set). Every
     micro-batch of a step keeps its activations until backward (layer-major: ``micro_batches``)."""
     act = activation_bytes(cfg_model, batch, seq)
@@ -455,4 +455,5 @@ def policy_memory(cfg_model, policy: dict, off, batch: int, seq: int, csize: int
     stream = act["checkpoint"] // 4  # elements
     kept_ckpt = sum(b.checkpoint_bytes for b in policy.values() if b.checkpoint == "gpu") * stream
     # (a block whose input is rounded for a bf16 checkpoint rounds the stream tensor in place: no extra copy)
-    return extra_cpu, extra_dev, (micro_batches + 1) * act["checkpoint"] + micro_batches * kept_ckpt
+    return (extra_cpu, extra_dev, (micro_batches + 1) * act["checkpoint"] + micro_batches * kept_ckpt,
+            act_share_cap(policy, off, micro_batches * kept["cpu"]))

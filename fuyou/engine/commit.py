@@ -106,6 +106,15 @@ def step_tag(step: int) -> str:
     return f"step {step}"
 
 
+def tagged_copy(store, copies, step: int) -> int | None:
+    """The one copy of a stage (``StageState.copies``) whose state tensors are all tagged with ``step``
+    in ``store``, or None (none, or more than one: a damaged state). A rank killed between the ranks'
+    commit records finds its newer commit this way (``TrainingState.roll_forward``, fuyou/reshard.py)."""
+    tagged = [c for c, keys in enumerate(copies)
+              if all(k in store and store.record(k).tag == step_tag(step) for k in keys.state)]
+    return tagged[0] if len(tagged) == 1 else None
+
+
 def read_record(directory: Path, store, n_stages: int, n_copies: int = 3) -> dict:
     """The last commit record, checked against itself and the ``store`` beside it (module docstring)."""
     path = directory / RECORD

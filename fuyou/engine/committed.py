@@ -57,7 +57,7 @@ class CommittedWeights:
         self.cfg = cfg
         self.model = cfg.model.model_dump()
         self.family = cfg.model.family
-        from fuyou.distributed import WORLD_FILE, recorded_world
+        from fuyou.distributed import WORLD_FILE, rank_state_name, recorded_world
 
         name = f"{run_dir.name}.fuyou-state"
         world = recorded_world(run_dir, cfg.offload.ssd_dirs, name)  # (distributed.json, else the states found)
@@ -68,7 +68,7 @@ class CommittedWeights:
         self.live = False  # the run is training: read without the lock (module docstring)
         try:
             for rank in range(world):
-                rank_name = name if rank == 0 else f"{name}.rank{rank}"
+                rank_name = rank_state_name(name, rank)
                 dirs = [Path(d) / rank_name for d in cfg.offload.ssd_dirs if (Path(d) / rank_name).is_dir()]
                 if not dirs:
                     raise ConfigError(f"{run_dir} has no model.safetensors and its SSD state ({rank_name} in "

@@ -82,7 +82,7 @@ from torch import Tensor
 
 from fuyou.config import FuyouConfig
 from fuyou.data import TokenData
-from fuyou.engine.budget import (D2H_DEPTH, MemoryPlan, act_cpu_share, act_share_cap, activation_bytes, cpu_tier_need,
+from fuyou.engine.budget import (D2H_DEPTH, MemoryPlan, act_cpu_share, activation_bytes, cpu_tier_need,
                                  device_working_bytes, exchange_buffer_bytes, shared_cache_layout,
                                  offtier_bytes, plan_memory, policy_memory)
 from fuyou.engine.device import InFlight, make_device
@@ -368,9 +368,9 @@ class Engine:
         the same two functions the planner uses."""
         t, off = self.cfg.train, self.cfg.offload
         act = activation_bytes(self.cfg.model, t.micro_batch_size, self.cfg.data.seq_len, frozen=bool(self.lora))
-        extra_cpu, extra_dev, ckpt = policy_memory(self.cfg.model, self.act, off, t.micro_batch_size,
-                                                   self.cfg.data.seq_len, dtype_size(self.cdtype),
-                                                   self.store_cfg.checksum_block, len(self.micro))
+        extra_cpu, extra_dev, ckpt, share_cap = policy_memory(self.cfg.model, self.act, off, t.micro_batch_size,
+                                                              self.cfg.data.seq_len, dtype_size(self.cdtype),
+                                                              self.store_cfg.checksum_block, len(self.micro))
         if self.sharded:  # one chunk of compute weights on its way between the ranks (exchange.py)
             extra_cpu["weight exchange buffer"] = exchange_buffer_bytes(self.chunk, dtype_size(self.cdtype))
         working = None
@@ -390,9 +390,7 @@ class Engine:
             dequant_bytes=max((s.numel for s in self.states if s.packing is not None), default=0) * dtype_size(self.cdtype),
             offtier_bytes=offtier_bytes(self.cfg.model, self.act, t.micro_batch_size, self.cfg.data.seq_len,
                                         dtype_size(self.cdtype)),
-            share_cap=act_share_cap(self.act, off, cpu_tier_need(self.cfg.model, self.act, t.micro_batch_size,
-                                                                 self.cfg.data.seq_len, dtype_size(self.cdtype),
-                                                                 len(self.micro))))
+            share_cap=share_cap)
 
     def _shared_cache(self) -> SharedSegment | None:
         """The ranks' one weight cache (``cache_share`` > 1): rank 0 makes it, the others map it, then its

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from fuyou import watchdog
-from fuyou.engine.commit import ResumeError, read_record, step_tag, write_record
+from fuyou.engine.commit import ResumeError, read_record, step_tag, tagged_copy, write_record
 from fuyou import distributed
 from fuyou.engine.exchange import wire
 from fuyou.engine.layout import StageState, build_states, dtype_size
@@ -296,11 +296,10 @@ class TrainingState:
             if not s.owned:
                 continue
             # (over every copy a state may hold: this launch's plan may keep fewer, Note: [State copies])
-            tagged = [c for c, keys in enumerate(full.copies)
-                      if all(k in self.store and self.store.record(k).tag == step_tag(step) for k in keys.state)]
-            if len(tagged) != 1:
+            c = tagged_copy(self.store, full.copies, step)
+            if c is None:
                 return False
-            copies[s.index] = tagged[0]
+            copies[s.index] = c
         write_record(self.store_dirs[0], {**{k: v for k, v in old.items() if k != "checksum"}, "step": step,
                                           "copies": copies, "store_uuid": self.store.uuid,
                                           "generation": self.store.generation})

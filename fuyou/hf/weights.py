@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from fuyou.errors import ConfigError, DataError
+from fuyou.store.layout import fsync_dir
 
 _LLAMA_BLOCK = {
     "attn_norm.weight": "input_layernorm.weight",
@@ -200,16 +201,8 @@ def write_safetensors(path: Path, shapes: dict[str, tuple[int, ...]], chunks: It
         if written != offset:
             raise AssertionError(f"write_safetensors: got {written} bytes of data, the header says {offset}")
         tmp.replace(path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return path
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

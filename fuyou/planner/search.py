@@ -22,7 +22,7 @@ import math
 from dataclasses import dataclass, field
 
 from fuyou.policy import to_keep
-from fuyou.engine.budget import (DEVICE_SLACK_FRACTION, MemoryPlan, act_cpu_share, act_share_cap, cpu_tier_need,
+from fuyou.engine.budget import (DEVICE_SLACK_FRACTION, MemoryPlan, act_cpu_share, cpu_tier_need,
                                  exchange_buffer_bytes, offtier_bytes, plan_memory,
                                  policy_memory, weight_buffer_need)
 from fuyou.engine.layout import copies_needed
@@ -116,8 +116,8 @@ def _rank_plan(w: Workload, hw: HardwareProfile, policy: ActivationPolicy, cpu_b
     # The activation items are the engine's own (budget.policy_memory), from the engine's view of the
     # policy, so a plan the planner accepts is one the engine accepts.
     keep = to_keep(policy, w.model.n_layer, w.checkpoint_default)
-    extra_cpu, extra_dev, ckpt_bytes = policy_memory(w.model, keep, off, w.batch, w.seq, w.csize,
-                                                     w.store.checksum_block, w.micro)
+    extra_cpu, extra_dev, ckpt_bytes, share_cap = policy_memory(w.model, keep, off, w.batch, w.seq, w.csize,
+                                                                w.store.checksum_block, w.micro)
     if owned is not None:  # the engine's: one chunk of compute weights on its way between the ranks
         extra_cpu["weight exchange buffer"] = exchange_buffer_bytes(w.chunk, w.csize)
     return plan_memory(
@@ -129,7 +129,7 @@ def _rank_plan(w: Workload, hw: HardwareProfile, policy: ActivationPolicy, cpu_b
         offtier_bytes=offtier_bytes(w.model, keep, w.batch, w.seq, w.csize), fmt=w.fmt, lora_params=w.lora_params,
         owned=owned, cache_share=w.ranks,  # one weight cache per machine (sharded state or LoRA's base)
         weight_bytes=w.weight_bytes, dequant_bytes=w.dequant_bytes,
-        share_cap=act_share_cap(keep, off, cpu_tier_need(w.model, keep, w.batch, w.seq, w.csize, w.micro)))
+        share_cap=share_cap)
 
 
 def state_ssd_bytes(w: Workload, plan: MemoryPlan) -> dict[str, int]:

@@ -181,8 +181,13 @@ def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
     except BaseException:  # a full disk: no half-written temporary left beside the state
         tmp.unlink(missing_ok=True)
         raise
-    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(d: Path) -> None:
+    """Make a directory's entries (a rename, a new file) durable."""
+    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        os.fsync(dfd)
+        os.fsync(fd)
     finally:
-        os.close(dfd)
+        os.close(fd)
