@@ -65,7 +65,8 @@ class Store:
         self.store = TensorStore.create([d / name], cfg)
         self.backend = self.store.backend_name
         self.store.allocate("x", (nbytes,), torch.uint8)
-        self.write()  # untimed: converts the fallocated extent to written
+        Store.write(self)  # untimed: converts the fallocated extent to written (the host copy: a subclass's
+        # write may need what its own __init__ sets up after this; the bytes are the same)
 
     def write(self) -> None:
         self.store.write_from("x", self.src.tensor).result()

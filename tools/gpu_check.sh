@@ -64,7 +64,7 @@ fi
 step() {
   local name=$1 limit=$2
   shift 2
-  local log="$DIR/$(echo "$name" | tr ' /' '__').log" t0=$SECONDS
+  local log="$DIR/$(echo "$name" | tr -c 'A-Za-z0-9._\n-' '_').log" t0=$SECONDS
   timeout "$limit" "$@" > "$log" 2>&1
   local rc=$?
   {
@@ -81,12 +81,16 @@ step() {
 }
 
 SSD=$(mktemp -d /tmp/fuyou-gpu-check-XXXX)
-step "pytest -m gpu" 300 "$PY" -m pytest -m gpu -q -x --timeout 120 -p no:cacheprovider tests/engine/test_cuda.py \
+mkdir -p "$SSD"/{trace,lora,bench,val,dp,io}  # fuyou train refuses an SSD directory that does not exist
+step "pytest -m gpu" 240 "$PY" -m pytest -m gpu -q -rfE --timeout 90 -p no:cacheprovider tests/engine/test_cuda.py \
   tests/engine/test_working_set.py tests/store/test_kvikio.py
 step "one traced step" 60 "$PY" -m fuyou.cli train --offload ssd --ssd "$SSD/trace" --out "$SSD/runs" --model gpt3-125m \
   --trace "$DIR/trace.json" train.device=cuda train.steps=3 data.source=synthetic data.seq_len=1024 \
   train.micro_batch_size=8 offload.cpu_mem=16GiB run.save_weights=false train.eval_every=0
-step "engine benchmark, GPT-3 1.3B, 24 GiB GPU budget" 150 "$PY" bench/engine_bench.py --ssd "$SSD/bench" \
+step "one LoRA step" 60 "$PY" -m fuyou.cli train --offload ssd --ssd "$SSD/lora" --out "$SSD/runs" --model gpt3-125m \
+  train.device=cuda train.steps=4 data.source=synthetic data.seq_len=1024 train.micro_batch_size=8 \
+  offload.cpu_mem=16GiB run.save_weights=false train.eval_every=0 lora.rank=16 lora.targets=all-linear
+step "engine benchmark, GPT-3 1.3B, 24 GiB GPU budget" 140 "$PY" bench/engine_bench.py --ssd "$SSD/bench" \
   --configs gpu-1.3b --steps 2 --warmup 1 --repeats 1 --io-bytes 1GiB
 step "planner validation on cuda" 100 "$PY" bench/planner_validation.py --device cuda --ssd "$SSD/val" \
   --configs "$("$PY" -c 'import sys; sys.path.insert(0, "bench"); import planner_validation as p; print(next(iter(p.CONFIGS)))')" \
