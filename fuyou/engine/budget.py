@@ -167,12 +167,25 @@ def block_working_bytes(cfg_model, batch: int, seq: int, csize: int, stage_max: 
     scores), plus the largest gradient in flight (2 ff per token). The parameter gradients autograd
     returns are the plan's "gradients leaving the device" when a step has one micro-batch (they are
     copied to the host as they are); with several, each micro-batch's are added into the stage's sum
-    (that item) and are counted here. Against the CPU allocator's peak in bf16, with one micro-batch's
-    gradients added to both: measured / estimate 0.84-0.90 (tests/engine/test_working_set.py).
+    (that item) and are counted here. On CUDA, flash attention's backward adds its own transients
+    (``attention_backward_bytes``). Measured against the caching allocator's peak on an H200 (torch
+    2.11, flash attention, bf16), one micro-batch's gradients added to both: GPT 0.94, Llama 0.84;
+    without the attention term the GPT block was 1.10x the estimate (2026-12-04,
+    tests/engine/test_working_set.py). Against the CPU allocator's peak, the estimate less that
+    CUDA-only term: 0.84-0.90.
     """
     N = batch * seq
     d, ff = cfg_model.d_model, cfg_model.ff_dim * (2 if cfg_model.family == "llama" else 1)
-    return csize * N * (9 * d + 4 * ff) + 4 * N * d + (stage_max * csize if micro_batches > 1 else 0)
+    return (csize * N * (9 * d + 4 * ff) + 4 * N * d + attention_backward_bytes(cfg_model, batch, seq, csize)
+            + (stage_max * csize if micro_batches > 1 else 0))
+
+
+def attention_backward_bytes(cfg_model, batch: int, seq: int, csize: int) -> int:
+    """CUDA flash attention's backward transients for one micro-batch: the query, key and value
+    gradients in the compute dtype and the query gradient's fp32 accumulator. A GPT block measured
+    6.1 d bytes per token above the estimate without them (H200, torch 2.11); this term is 10."""
+    N, q, kv = batch * seq, cfg_model.q_width, cfg_model.kv_heads * cfg_model.head_dim
+    return N * (csize * (q + 2 * kv) + 4 * q)
 
 
 def device_working_bytes(cfg_model, batch: int, seq: int, csize: int, stage_max: int,

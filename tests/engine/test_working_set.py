@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from fuyou.engine.budget import block_working_bytes, head_working_bytes
+from fuyou.engine.budget import attention_backward_bytes, block_working_bytes, head_working_bytes
 from fuyou.engine.recompute import leaves
 from fuyou.models import ModelConfig, StageModel, preset
 from fuyou.models.precision import autocast
@@ -101,6 +101,8 @@ def test_block_and_head_working_sets_are_within_the_plan(case, device=torch.devi
     # The block's plan: its working set and, with one micro-batch, its gradients as autograd makes them
     # (the plan's "gradients leaving the device").
     plan = block_working_bytes(cfg, batch, seq, 2, block.num_params) + 2 * block.num_params
+    if device.type != "cuda":  # the CPU's attention kernel has no flash backward transients
+        plan -= attention_backward_bytes(cfg, batch, seq, 2)
     measured = measure(block_backward)
     assert plan >= measured >= 0.8 * plan, (measured / plan, measured, plan)
     plan = head_working_bytes(cfg, batch, seq)
