@@ -3,7 +3,9 @@
 Stated tolerances, engine on CUDA against the in-memory reference on CUDA (the reference steps with
 torch's fused CUDA AdamW, the engine with fuyou's CPU kernel, so they are not bit-identical):
 fp32: every step's loss within 1e-5 relative and every weight within 1e-4 relative of its tensor's
-largest magnitude after 3 steps; bf16: every step's loss within 1% over 10 steps.
+largest magnitude after 3 steps (measured on an H200: 1e-6 at most), except GPT's key bias, whose
+gradient is zero by construction (``_zero_gradient_keys``); bf16: every step's loss within 1% over 10
+steps.
 """
 
 from __future__ import annotations
@@ -32,6 +34,25 @@ CLIP = {
 }
 
 
+def _zero_gradient_keys(cfg, state: dict) -> dict:
+    """Split off the elements whose gradient is zero by construction: GPT's key bias. A query's scores
+    against every key get the same q . b_k, which softmax cancels, so d loss / d b_k is exactly 0 and
+    what either side computes is rounding noise (~1e-9), which AdamW normalises into steps of up to
+    lr: on an H200 those 64 of 192 qkv-bias elements differed by 1.2e-3 of the tensor's largest
+    magnitude between the engine and the CUDA reference, and by 7e-3 between the CUDA and the CPU
+    reference, while every other element agreed within 1e-6. Returns {key: key bias} and removes them
+    from ``state`` (the query and value parts stay)."""
+    out = {}
+    if cfg.model.family != "gpt":
+        return out
+    d = cfg.model.q_width
+    for k in [k for k in state if k.endswith(".qkv.bias")]:
+        t = state[k]
+        out[k] = t[d:2 * d].clone()
+        state[k] = torch.cat([t[:d], t[2 * d:]])
+    return out
+
+
 def _check(cfg, steps=3, loss_rel=1e-5, weight_rel=1e-4):
     ref, eng, rs, es = run_both(cfg, steps=steps)
     try:
@@ -40,7 +61,11 @@ def _check(cfg, steps=3, loss_rel=1e-5, weight_rel=1e-4):
             assert abs(a.loss - b.loss) <= loss_rel * abs(a.loss), (a.loss, b.loss)
         if weight_rel is not None:
             ref_state = {k: v.detach().float().cpu() for k, v in ref.state().items()}
-            assert max_rel_diff(ref_state, eng.state()) <= weight_rel
+            eng_state = {k: v.detach().float().cpu() for k, v in eng.state().items()}
+            ref_kb, eng_kb = _zero_gradient_keys(cfg, ref_state), _zero_gradient_keys(cfg, eng_state)
+            assert max_rel_diff(ref_state, eng_state) <= weight_rel
+            for k in ref_kb:  # noise steps: bounded by AdamW's largest update, lr (and decay) a step
+                assert float((ref_kb[k] - eng_kb[k]).abs().max()) <= 2.5 * cfg.optim.lr * steps, k
         assert eng.dev.sync_copies == 0
         return eng
     finally:
