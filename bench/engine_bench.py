@@ -89,7 +89,7 @@ def worker(args) -> None:
     from fuyou.planner.cost import Workload
 
     print(json.dumps({"times": times, "counters": counters, "peak_rss": resident_bytes("VmHWM"),
-                      "model_flops": Workload.from_config(cfg).model_flops}))
+                      "model_flops": Workload.from_config(cfg).model_flops, "device": trainer.device.type}))
 
 
 def run_one(overrides: list[str], args) -> dict:
@@ -138,6 +138,7 @@ def main(argv=None) -> int:
             ref_t += run_one(base + ["offload.mode=none"], args)["times"]
             r = run_one(base + ["offload.mode=ssd", f"offload.ssd_dirs={json.dumps([str(ssd)])}"], args)
             eng_t += r["times"]
+            on_cpu = r["device"] == "cpu"
             flops = r["model_flops"]
             eng_c += r["counters"]
             rss.append(r["peak_rss"])
@@ -145,7 +146,8 @@ def main(argv=None) -> int:
         ref_s, eng_s = med(ref_t), med(eng_t)
         c = {k: med(x[k] for x in eng_c) for k in eng_c[0]}
         ssd_s = c["ssd_read_bytes"] / rbw + c["ssd_write_bytes"] / wbw
-        compute_bound = ref_s + c["optimizer_kernel_s"]  # CPU-only: compute and AdamW share the cores
+        # On a CPU, compute and AdamW share the cores; on a GPU the AdamW runs beside the compute.
+        compute_bound = ref_s + (c["optimizer_kernel_s"] if on_cpu else 0.0)
         bound = max(compute_bound, ssd_s, c["optimizer_busy_s"])
         lines.append(
             f"| {name} | {ref_s:.2f} s | {eng_s:.2f} s (spread {min(eng_t):.2f}-{max(eng_t):.2f}) | {c['compute_s']:.2f} s | "
@@ -155,7 +157,7 @@ def main(argv=None) -> int:
             f"**{eng_s / bound:.2f}** | {format_size(max(rss))} | {format_size(c['act_cpu_bytes'])} / "
             f"{format_size(c['act_ssd_write_bytes'])} / {format_size(c['act_ssd_read_bytes'])}, {c['wait_activations_s']:.2f} s |")
         print(lines[-1], flush=True)
-    lines += ["", "bound = max(in-memory step + AdamW kernel time (CPU: shared cores), SSD bytes / measured "
+    lines += ["", "bound = max(in-memory step (+ AdamW kernel time when the compute is on the CPU: shared cores), SSD bytes / measured "
               "bandwidth, AdamW busy time); target engine / bound <= 1.2.", ""]
     publish(lines, args.markdown)
     return 0
