@@ -208,7 +208,8 @@ def run(args: argparse.Namespace) -> dict:
 
     ds_logger.setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
-    deepspeed.init_distributed(dist_backend="gloo")
+    # NCCL on a GPU: gloo has no collectives on CUDA tensors that ZeRO-3 needs; gloo on the CPU accelerator.
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     torch.manual_seed(args.seed)
 
     fields = preset(args.model)
