@@ -69,6 +69,8 @@ GPU event's.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import math
 import os
 import shutil
@@ -121,10 +123,12 @@ from fuyou import distributed
 class Engine:
     """Trains ``cfg.model`` with fp32 weights and Adam moments on the SSDs (module docstring)."""
 
-    def __init__(self, cfg: FuyouConfig, data: TokenData | None, store_name: str, init_values=None,
-                 resume: bool = False):
-        """``init_values(stage) -> {global key: fp32 tensor}`` gives each stage's initial weights (for
-        example streamed from a Hugging Face checkpoint); default: ``stage.init_params(train.seed)``.
+    def __init__(self, cfg: FuyouConfig, data: TokenData | None | Callable[[], TokenData | None], store_name: str,
+                 init_values=None, resume: bool = False):
+        """``data``: the tokens, or a function that loads them, called once the memory plan has passed
+        its check (``fuyou train``: a budget that cannot fit is refused before a large dataset is
+        tokenized). ``init_values(stage) -> {global key: fp32 tensor}`` gives each stage's initial weights
+        (for example streamed from a Hugging Face checkpoint); default: ``stage.init_params(train.seed)``.
         ``resume``: open the existing state of ``store_name`` at its last commit instead."""
         self.cfg = cfg
         self.init_values = init_values or (lambda stage: stage.init_params(cfg.train.seed))
@@ -162,7 +166,6 @@ class Engine:
                                  default_checkpoint_dtype(off.checkpoint_dtype, t.precision))
         self.act_cpu_mem, self.act_offtier = act_cpu_share(self.act, off, cpu_tier_need(
             cfg.model, self.act, t.micro_batch_size, cfg.data.seq_len, dtype_size(self.cdtype), len(self.micro)))
-        self.batches, self.eval_batches = make_batches(cfg, data)
         # Activations swapped to the cpu/ssd tiers are freed out of order, mid-heap, where glibc cannot
         # return them: with such a policy every large block stays an mmap (bound_malloc's docstring).
         if self.act_offtier:
@@ -183,7 +186,6 @@ class Engine:
             except torch.cuda.OutOfMemoryError:
                 pass  # one block does not fit at all: the memory plan refuses it below
             torch.cuda.empty_cache()  # outside the except: its traceback no longer holds the tensors
-        self.fixed_overhead = resident_bytes()
         self.gpu_mem = off.gpu_mem
         if self.gpu_mem is None and not self.dev.is_host:  # default: what the device has free now
             self.gpu_mem = int(self.dev.memory()["free"] * 0.95)
@@ -210,7 +212,9 @@ class Engine:
                                  f"own cache (enlarge {SHM_DIR}, e.g. a container's --shm-size, to share one)")
                 self.cache_share = 1
                 self.plan = self._memory_plan()
-        self.plan.check()  # Budgets are promises: refuse before creating anything.
+        self.plan.check()  # Budgets are promises: refuse before creating anything (or tokenizing the data).
+        self.batches, self.eval_batches = make_batches(cfg, data() if callable(data) else data)
+        self.fixed_overhead = resident_bytes()  # with the data: it is not the engine's to budget
         if not self.dev.is_host:  # and kept: the device enforces the budget (the fake: item by item)
             self.dev.set_plan(self.plan.device_items, self.plan.device_budget)
         every_step = off.commit_steps == 1

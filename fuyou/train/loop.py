@@ -44,17 +44,8 @@ class RunResult:
 def build_trainer(cfg: FuyouConfig, run_name: str, resume: bool = False) -> Trainer:
     """The trainer for ``cfg``: the in-memory reference, or the engine (with data parallelism, this rank's
     share of the machine's budgets and its own state: fuyou/distributed.py)."""
-    data = load_data(cfg.data)
-    if data is not None:
-        check_tokenizer(cfg, data)
-    if cfg.train.epochs is not None:  # the steps that make the epochs, from the data (before the schedule is read)
-        from fuyou.data.batches import make_batches
-
-        if data is None:
-            raise ConfigError("train.epochs needs real data (synthetic data has no epochs); give train.steps")
-        t = cfg.train
-        sampler, _ = make_batches(cfg, data, quiet=True)
-        object.__setattr__(t, "steps", sampler.steps_for(t.epochs, t.micro_batch_size * t.grad_accum))
+    if cfg.train.epochs is not None and cfg.data.source == "synthetic":
+        raise ConfigError("train.epochs needs real data (synthetic data has no epochs); give train.steps")
     init_values = None  # seeded random init
     if cfg.model.init_from:  # streamed from a Hugging Face or fuyou checkpoint, one stage at a time
         from fuyou.hf import open_checkpoint
@@ -64,12 +55,29 @@ def build_trainer(cfg: FuyouConfig, run_name: str, resume: bool = False) -> Trai
         if resume:
             raise ConfigError("--resume continues an SSD-offloaded run (its state is committed on the SSD); "
                               "in-memory runs (offload.mode=none) keep no resumable state")
-        return ReferenceTrainer(cfg, data, init_values)
+        return ReferenceTrainer(cfg, load_training_data(cfg), init_values)
     from fuyou.engine.engine import Engine
 
     dist = distributed.current()
-    return Engine(dist.rank_config(cfg), data, store_name=dist.store_name(f"{run_name}.fuyou-state"), resume=resume,
-                  init_values=init_values)
+    # The engine loads the data once its memory plan has passed: a budget that cannot fit is refused
+    # before a large dataset is tokenized. (rank_config shares cfg.train, so the epochs' steps reach it.)
+    return Engine(dist.rank_config(cfg), lambda: load_training_data(cfg),
+                  store_name=dist.store_name(f"{run_name}.fuyou-state"), resume=resume, init_values=init_values)
+
+
+def load_training_data(cfg: FuyouConfig):
+    """The run's tokens (None: synthetic), checked against the model's vocabulary; with ``train.epochs``,
+    ``train.steps`` is set to the steps that make them (before the schedule is read)."""
+    data = load_data(cfg.data)
+    if data is not None:
+        check_tokenizer(cfg, data)
+    if cfg.train.epochs is not None:  # the steps that make the epochs, from the data
+        from fuyou.data.batches import make_batches
+
+        t = cfg.train
+        sampler, _ = make_batches(cfg, data, quiet=True)
+        object.__setattr__(t, "steps", sampler.steps_for(t.epochs, t.micro_batch_size * t.grad_accum))
+    return data
 
 
 def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None, plan_auto: bool = False,

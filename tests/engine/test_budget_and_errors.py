@@ -84,6 +84,27 @@ def test_cpu_budget_too_small_is_refused_with_numbers(tmp_path):
     assert list((tmp_path / "ssd0").iterdir()) == []  # refused before creating anything
 
 
+def test_a_budget_that_cannot_fit_is_refused_before_the_data_is_tokenized(tmp_path, capsys, monkeypatch):
+    """``fuyou train`` on a text file with a CPU budget that cannot fit: the refusal comes from the memory
+    plan before any token is made (a large corpus took its tokenization time to be told), and with the
+    budget fixed the same command trains."""
+    import fuyou.train.loop as loop
+
+    ssd, corpus = tmp_path / "ssd", tmp_path / "corpus.txt"
+    ssd.mkdir()
+    corpus.write_text("The quick brown fox jumps over the lazy dog. " * 400)
+    tokenized = []
+    real = loop.load_data
+    monkeypatch.setattr(loop, "load_data", lambda cfg: tokenized.append(1) or real(cfg))
+    args = ["train", "--offload", "ssd", "--ssd", str(ssd), "--out", str(tmp_path / "runs"), "data.source=text",
+            f"data.path={corpus}", "model.preset=gpt-test", "model.n_layer=4", "data.seq_len=32", "train.steps=1", "train.eval_every=0"]
+    assert main([*args, "--cpu-mem", "1MiB"]) == 2
+    assert "CPU memory budget 1.00 MiB cannot hold" in capsys.readouterr().err
+    assert tokenized == [] and list(ssd.iterdir()) == []
+    assert main([*args, "--cpu-mem", "256MiB"]) == 0
+    assert tokenized == [1]
+
+
 @pytest.mark.parametrize("policy", ["fc2,proj=cpu", "all=cpu"])
 def test_the_budget_a_refusal_names_is_enough_with_a_cpu_tier_policy(tmp_path, policy):
     """The activations' cpu tier takes a quarter of the budget by default, up to what the policy keeps
