@@ -9,16 +9,23 @@ from fuyou.data.examples import ExampleData, ExampleEvalBatches, ExampleSampler,
 from fuyou.errors import ConfigError
 
 
-def make_batches(cfg, data: TokenData | ExampleData | None, quiet: bool = False):
-    """The training batches of a ``FuyouConfig`` (synthetic when ``data`` is None) and the evaluation
-    batches (None when there are none), after checking that the sequence length and the vocabulary fit
-    the model (the tokenizer: ``fuyou.train.loop.check_tokenizer``)."""
-    t, seq = cfg.train, cfg.data.seq_len
+def check_sequence_length(cfg) -> None:
+    """Refuse a ``data.seq_len`` beyond a GPT's position table (a config mistake, which the engine
+    reports before it plans memory for that length)."""
+    seq = cfg.data.seq_len
     if seq > cfg.model.max_seq_len and cfg.model.family == "gpt":
         how = (f"the checkpoint model.init_from has {cfg.model.max_seq_len} learned positions: lower data.seq_len to "
                f"at most that" if cfg.model.init_from else "lower data.seq_len or raise model.max_seq_len")
         raise ConfigError(f"data.seq_len={seq} exceeds model.max_seq_len={cfg.model.max_seq_len} (the GPT position "
                           f"table); {how}")
+
+
+def make_batches(cfg, data: TokenData | ExampleData | None, quiet: bool = False):
+    """The training batches of a ``FuyouConfig`` (synthetic when ``data`` is None) and the evaluation
+    batches (None when there are none), after checking that the sequence length and the vocabulary fit
+    the model (the tokenizer: ``fuyou.train.loop.check_tokenizer``)."""
+    t, seq = cfg.train, cfg.data.seq_len
+    check_sequence_length(cfg)
     if data is None:
         train = SyntheticBatches(cfg.model.vocab_size, seq, t.micro_batch_size, t.seed)
         return train, None

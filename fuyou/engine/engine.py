@@ -110,7 +110,7 @@ from fuyou.store import PinnedPool, StoreConfig
 from fuyou.store.shared import SHM_DIR, SHM_MARGIN, SharedSegment, shm_free, sweep_stale
 from fuyou.store.aligned import huge_empty
 from fuyou.units import format_size
-from fuyou.data.batches import make_batches
+from fuyou.data.batches import check_sequence_length, make_batches
 from fuyou.models.precision import autocast
 from fuyou.trainer import StepStats
 from fuyou.optim.schedule import lr_of
@@ -130,6 +130,7 @@ class Engine:
         tokenized). ``init_values(stage) -> {global key: fp32 tensor}`` gives each stage's initial weights
         (for example streamed from a Hugging Face checkpoint); default: ``stage.init_params(train.seed)``.
         ``resume``: open the existing state of ``store_name`` at its last commit instead."""
+        check_sequence_length(cfg)  # a config mistake, not a budget: before planning memory for that length
         self.cfg = cfg
         self.init_values = init_values or (lambda stage: stage.init_params(cfg.train.seed))
         off, t = cfg.offload, cfg.train

@@ -55,7 +55,7 @@ def build_trainer(cfg: FuyouConfig, run_name: str, resume: bool = False) -> Trai
         if resume:
             raise ConfigError("--resume continues an SSD-offloaded run (its state is committed on the SSD); "
                               "in-memory runs (offload.mode=none) keep no resumable state")
-        return ReferenceTrainer(cfg, load_training_data(cfg), init_values)
+        return ReferenceTrainer(cfg, lambda: load_training_data(cfg), init_values)
     from fuyou.engine.engine import Engine
 
     dist = distributed.current()

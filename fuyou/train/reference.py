@@ -14,6 +14,8 @@ ulp: torch's CPU ``sqrt`` there is not correctly rounded), so the engine can mat
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 
 import torch
 from torch import Tensor
@@ -21,7 +23,7 @@ from torch import Tensor
 from fuyou.config import FuyouConfig
 from fuyou.errors import ConfigError
 from fuyou.data import TokenData
-from fuyou.data.batches import make_batches
+from fuyou.data.batches import check_sequence_length, make_batches
 from fuyou.models.precision import autocast, round_stage_input
 from fuyou.optim.compressed import StateFormat, decode_state, new_state, reference_adamw_, sr_key
 from fuyou.policy import stage_input_dtypes
@@ -83,12 +85,17 @@ def _available_memory() -> int:
 class ReferenceTrainer:
     """In-memory training of ``StageModel`` (see the module docstring)."""
 
-    def __init__(self, cfg: FuyouConfig, data: TokenData | None, init_values=None):
-        """``init_values(stage) -> {global key: fp32 tensor}``: initial weights (default: seeded init)."""
+    def __init__(self, cfg: FuyouConfig, data: TokenData | None | Callable[[], TokenData | None], init_values=None):
+        """``data``: the tokens, or a function that loads them, called once the model is known to fit
+        (as the engine's). ``init_values(stage) -> {global key: fp32 tensor}``: initial weights (default:
+        seeded init)."""
         self.cfg = cfg
         self.device = resolve_device(cfg.train.device)
         self.model = StageModel(cfg.model)
+        check_sequence_length(cfg)
         check_in_memory_fits(cfg, self.model, self.device)
+        if callable(data):
+            data = data()
         init = init_values or (lambda stage: stage.init_params(cfg.train.seed))
         self.lora = attach(self.model, cfg.lora)  # LoRA: the base is frozen, the adapters train
         if self.lora and cfg.lora.base != "compute":  # the quantised base's values (fuyou/models/quant.py)

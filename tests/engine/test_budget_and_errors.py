@@ -197,3 +197,15 @@ def test_saved_weights_equal_reference(tmp_path):
     assert outs["none"].keys() == outs["ssd"].keys()
     for k in outs["none"]:
         assert torch.equal(outs["none"][k], outs["ssd"][k]), k
+
+
+def test_a_config_mistake_is_named_before_a_budget_refusal(tmp_path, capsys):
+    """A sequence longer than GPT's position table is the error to fix, not the budget that length
+    would need (the review found the budget refusal first, its figures for the impossible length)."""
+    ssd = tmp_path / "ssd"
+    ssd.mkdir()
+    rc = main(["train", "--offload", "ssd", "--ssd", str(ssd), "--out", str(tmp_path / "runs"), "--cpu-mem", "1MiB",
+               "model.preset=gpt-test", "data.seq_len=128", "train.steps=1"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "data.seq_len=128 exceeds model.max_seq_len=64" in err and "budget" not in err
