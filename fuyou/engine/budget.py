@@ -182,10 +182,13 @@ def block_working_bytes(cfg_model, batch: int, seq: int, csize: int, stage_max: 
 
 def attention_backward_bytes(cfg_model, batch: int, seq: int, csize: int) -> int:
     """CUDA flash attention's backward transients for one micro-batch: the query, key and value
-    gradients in the compute dtype and the query gradient's fp32 accumulator. A GPT block measured
-    6.1 d bytes per token above the estimate without them (H200, torch 2.11); this term is 10."""
+    gradients in the compute dtype and the query gradient's fp32 accumulator; with grouped-query
+    attention the kernel also makes key and value gradients for every query head before summing them
+    per group. A GPT block measured 6.1 d bytes per token above the estimate without them (H200, torch
+    2.11); this term is 10 there."""
     N, q, kv = batch * seq, cfg_model.q_width, cfg_model.kv_heads * cfg_model.head_dim
-    return N * (csize * (q + 2 * kv) + 4 * q)
+    expanded = 2 * q if kv < q else 0
+    return N * (csize * (q + 2 * kv + expanded) + 4 * q)
 
 
 def device_working_bytes(cfg_model, batch: int, seq: int, csize: int, stage_max: int,

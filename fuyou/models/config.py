@@ -92,6 +92,8 @@ class ModelConfig(BaseModel):
             extra = [f for f in ("d_head", "rope_scaling", "sliding_window") if getattr(self, f) is not None]
             if self.qk_norm:
                 extra.append("qk_norm")
+            if self.n_kv_head is not None and self.n_kv_head != self.n_head:  # GPT blocks have one qkv of 3 d
+                extra.append("n_kv_head (grouped-query attention)")
             if extra:
                 raise ValueError(f"{', '.join(extra)} apply to the llama family only; unset them for a gpt model")
         if self.d_head is None and self.d_model % self.n_head:

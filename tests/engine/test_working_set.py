@@ -37,9 +37,10 @@ def test_the_allocation_peak_is_measured():
     assert peak_bytes(f) == 8 << 20
 
 
-CASES = {  # (family, d, ff, batch, seq, vocab): the llama one's loss runs in two slices of 512 tokens
-    "gpt": ("gpt", 256, 1024, 8, 128, 8192),
-    "llama-sliced-loss": ("llama", 256, 688, 8, 128, 32768),
+CASES = {  # (family, d, ff, batch, seq, vocab, kv heads of 4): the llama ones' loss runs in two slices of 512 tokens
+    "gpt": ("gpt", 256, 1024, 8, 128, 8192, 4),
+    "llama-sliced-loss": ("llama", 256, 688, 8, 128, 32768, 4),
+    "llama-gqa": ("llama", 256, 688, 8, 128, 32768, 2),
 }
 
 
@@ -70,10 +71,10 @@ def test_working_sets_are_within_the_plan_on_cuda(case):
 
 @pytest.mark.parametrize("case", CASES)
 def test_block_and_head_working_sets_are_within_the_plan(case, device=torch.device("cpu")):
-    family, d, ff, batch, seq, vocab = CASES[case]
+    family, d, ff, batch, seq, vocab, kv = CASES[case]
     base = preset("llama-test" if family == "llama" else "gpt-test")
     cfg = ModelConfig(**{**base, "preset": None, "n_layer": 2, "d_model": d, "n_head": 4, "d_ff": ff,
-                         "vocab_size": vocab, "max_seq_len": seq, **({"n_kv_head": 4} if family == "llama" else {})})
+                         "vocab_size": vocab, "max_seq_len": seq, **({"n_kv_head": kv} if family == "llama" else {})})
     model = StageModel(cfg)
     x, gy = torch.randn(batch, seq, d, device=device), torch.randn(batch, seq, d, device=device)
     targets = torch.randint(0, vocab, (batch, seq), device=device)
