@@ -128,7 +128,7 @@ def main(argv=None) -> int:
     for step in range(args.steps):
         if step == args.warmup:
             io0 = proc_io()
-        x, y, _ = data.batch(step)
+        x, y = (b.to(engine.device) for b in data.batch(step)[:2])  # DeepSpeed's forward does not move inputs
         t0 = time.perf_counter()
         logits = engine(input_ids=x).logits
         loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten())

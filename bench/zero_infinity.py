@@ -208,8 +208,11 @@ def run(args: argparse.Namespace) -> dict:
 
     ds_logger.setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
-    # NCCL on a GPU: gloo has no collectives on CUDA tensors that ZeRO-3 needs; gloo on the CPU accelerator.
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    from deepspeed.accelerator import get_accelerator
+
+    # The accelerator's backend: NCCL on a GPU (gloo has no collectives on CUDA tensors that ZeRO-3
+    # needs); on the CPU accelerator gloo (ccl only where oneCCL's bindings are installed).
+    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
     torch.manual_seed(args.seed)
 
     fields = preset(args.model)

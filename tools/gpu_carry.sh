@@ -26,6 +26,7 @@ dl "$(pin pydantic)" "$(pin pydantic-core)" "$(pin annotated-types)" "$(pin typi
 dl kvikio-cu13 libkvikio-cu13 "rapids-logger==0.3.*"
 # DeepSpeed publishes only a source archive; its setup.py imports torch, hence no build isolation.
 python3 -m pip wheel -q --no-deps --no-build-isolation "deepspeed==$DS_VERSION" -w .whl
-(cd .deb && apt-get download libaio1 libaio-dev 2>/dev/null)
+# libaio1 on Debian 12 and Ubuntu 22.04, libaio1t64 from Debian 13 and Ubuntu 24.04 (same library)
+(cd .deb && { apt-get download libaio1 libaio-dev || apt-get download libaio1t64 libaio-dev; })
 ls -l .whl .deb
 du -sh .whl .deb

@@ -10,7 +10,7 @@
 #   5. the kvikio I/O benchmark (bench/io_bench.py), when kvikio is importable;
 # and writes one markdown report, DIR/report.md (default DIR: gpu-check-<date>-<time>), beside the
 # logs and the trace. Usage, from the repository root:
-#   bash tools/gpu_check.sh [DIR]
+#   bash tools/gpu_check.sh [DIR]          # on the device tool: bash tools/gpu_check.sh $OUT/gc
 #
 # The device machine may have no package registry. torch with CUDA must be there. fuyou's other
 # dependencies and the optional kvikio travel as wheels in .whl/ at the repository root, which
@@ -41,14 +41,12 @@ if [ "$("$PY" -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; the
   step "data parallel, 2 GPUs (NCCL) vs 1" 240 "$PY" bench/dp_bench.py --ssd "$SSD/dp" --ranks 2 --device cuda \
     --precision bf16 --layers 8 --width 1024 --batch 4 --seq 512 --accum 2 --steps 4 --repeats 1 --cpu-mem 16GiB --cache
 else
-  printf '\n## data parallel on GPUs: skipped (one GPU; NCCL needs one per rank)\n' >> "$REPORT"
+  say "" "## data parallel on GPUs: skipped (one GPU; NCCL needs one per rank)"
 fi
 if "$PY" -c "import kvikio" 2>/dev/null; then
   step "kvikio io_bench" 40 "$PY" bench/io_bench.py --dir "$SSD/io" --size 1GiB --reps 3 --gpu --no-deepspeed
 else
-  printf '\n## kvikio io_bench: skipped (kvikio is not importable; carry kvikio and libkvikio wheels in .whl/)\n' >> "$REPORT"
+  say "" "## kvikio io_bench: skipped (kvikio is not importable; carry kvikio and libkvikio wheels in .whl/)"
 fi
 rm -rf "$SSD"
-echo >> "$REPORT"
-echo "Record the figures in bench/RESULTS.md with this report's header." >> "$REPORT"
-cat "$REPORT"
+finish

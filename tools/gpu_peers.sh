@@ -10,20 +10,19 @@
 #      NVMe) + PEFT LoRA and fuyou's full fine-tuning (Llama-shaped 501M, batch 8 x 1024): issue 16's >= 3x;
 # and writes DIR/report.md (default DIR: gpu-peers-<date>-<time>). Usage, from the repository root:
 #   bash tools/gpu_carry.sh          # here, where PyPI and Debian are reachable: fills .whl/ and .deb/
-#   bash tools/gpu_peers.sh [DIR]    # there, with .whl and .deb carried
+#   bash tools/gpu_peers.sh [DIR]    # there, with .whl and .deb carried (device tool: DIR=$OUT/gp)
 cd "$(dirname "$0")/.."
 DIR=${1:-gpu-peers-$(date +%Y%m%d-%H%M%S)}
 TITLE="fuyou against the DeepSpeed peers on a GPU" SCRIPT="tools/gpu_peers.sh $*"
 source tools/gpu_common.sh
 
 if ! "$PY" -c "import deepspeed" 2>/dev/null; then
-  printf '\n**stopped**: deepspeed does not import; carry its wheel (tools/gpu_carry.sh).\n' >> "$REPORT"
-  cat "$REPORT"
+  say "" "**stopped**: deepspeed does not import; carry its wheel (tools/gpu_carry.sh)."
   exit 2
 fi
 SSD=$(mktemp -d /tmp/fuyou-gpu-peers-XXXX)
 mkdir -p "$SSD"/{vs,lora}
-step "DeepSpeed ops build" 240 "$PY" - <<'PYEOF'
+step "DeepSpeed ops build" 180 "$PY" - <<'PYEOF'
 import time
 from deepspeed.ops.op_builder import AsyncIOBuilder, CPUAdamBuilder
 for b in (CPUAdamBuilder(), AsyncIOBuilder()):
@@ -33,12 +32,11 @@ for b in (CPUAdamBuilder(), AsyncIOBuilder()):
     b.load(verbose=False)
     print(f"{b.name}: ready in {time.perf_counter() - t:.0f} s")
 PYEOF
-step "vs ZeRO-Infinity, SSD-bound, GPT-3 760M" 300 "$PY" bench/vs_zero_infinity.py --device cuda --ds-python "$PY" \
+step "vs ZeRO-Infinity, SSD-bound, GPT-3 760M" 260 "$PY" bench/vs_zero_infinity.py --device cuda --ds-python "$PY" \
   --model gpt3-760m --batch 1 --seq 128 --ssd "$SSD/vs" --cpu-mem 3GiB --policy auto --steps 3 --warmup 1 --repeats 1 \
-  --data synthetic --timeout 240 --fuyou-variant bf16/int8=optim.master=bf16,optim.moments=int8 --markdown "$DIR/vs.md"
-step "LoRA vs ZeRO-3 NVMe + PEFT, 501M" 200 "$PY" bench/lora_bench.py --ds-python "$PY" --batch 8 --seq 1024 \
-  --cpu-mem 768MiB --full-cpu-mem 2GiB --ssd "$SSD/lora" --steps 3 --warmup 1 --repeats 1 --timeout 150 \
+  --data synthetic --timeout 200 --fuyou-variant bf16/int8=optim.master=bf16,optim.moments=int8 --markdown "$DIR/vs.md"
+step "LoRA vs ZeRO-3 NVMe + PEFT, 501M" 150 "$PY" bench/lora_bench.py --ds-python "$PY" --batch 8 --seq 1024 \
+  --cpu-mem 768MiB --full-cpu-mem 2GiB --ssd "$SSD/lora" --steps 3 --warmup 1 --repeats 1 --timeout 120 \
   --markdown "$DIR/lora.md"
 rm -rf "$SSD"
-printf '\nRecord the figures in bench/RESULTS.md with this report'"'"'s header.\n' >> "$REPORT"
-cat "$REPORT"
+finish
