@@ -31,6 +31,13 @@ def machine_header(*extra: str) -> str:
     return ", ".join(parts + list(extra))
 
 
+def repo_env() -> dict[str, str]:
+    """The environment for a child process that imports fuyou from this checkout: the repository put
+    in front of PYTHONPATH, whatever else is there kept (a GPU machine's carried packages live on it)."""
+    repo, path = str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": repo + (os.pathsep + path if path else "")}
+
+
 def run_worker(script: str, args: list[str], timeout: float, what: str = "run") -> dict:
     """Run ``script --worker ARGS`` in a fresh Python process and return the JSON object it prints last;
     a failure raises with the tail of its stderr."""

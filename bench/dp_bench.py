@@ -38,7 +38,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine_header, publish  # noqa: E402
+from common import machine_header, publish, repo_env  # noqa: E402
 
 
 def overrides(args) -> list[str]:
@@ -95,7 +95,7 @@ def run_peer(args, ranks: int, name: str) -> dict:
            "--batch", str(args.batch), "--seq", str(args.seq), "--grad-accum", str(args.accum),
            "--steps", str(args.steps), "--warmup", "1", "--grad-clip", clip, "--nvme-dir", str(nvme),
            "--no-reference-loss", "--json", str(out)]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    env = repo_env()  # the carried packages' PYTHONPATH kept
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
     if r.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}")

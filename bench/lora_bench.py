@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_header, publish, run_worker  # noqa: E402
+from common import machine_header, publish, repo_env, run_worker  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -118,7 +118,7 @@ def run_peer(args, model_dir: Path, ssd: Path, checkpointing: bool = True) -> di
                "--seq", str(args.seq), "--steps", str(args.warmup + args.steps), "--warmup", str(args.warmup),
                "--rank", str(args.rank), "--alpha", str(args.alpha), "--targets", args.targets, "--seed",
                str(args.seed), "--nvme-dir", str(nvme), "--json", str(js)] + ([] if checkpointing else ["--no-checkpointing"])
-        env = {**os.environ, "PYTHONPATH": str(HERE.parent)}
+        env = repo_env()  # the carried packages' PYTHONPATH kept
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
         shutil.rmtree(nvme, ignore_errors=True)
         if out.returncode != 0:
