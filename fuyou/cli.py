@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args) or 0
     except FuyouError as e:
-        print(f"fuyou: error: {e}", file=sys.stderr)
+        print(f"fuyou: error{_rank_tag()}: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("fuyou: interrupted", file=sys.stderr)
@@ -31,6 +31,15 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `fuyou models | head`: the reader left; not an error
         sys.stderr.close()
         return 0
+
+
+def _rank_tag() -> str:
+    """Under torchrun every rank reports its own error (one may differ: its SSD directories, its share),
+    so each says which rank it is: " (rank 1 of 2)"; nothing in one process."""
+    import os
+
+    world = os.environ.get("WORLD_SIZE", "1")
+    return f" (rank {os.environ.get('RANK', '?')} of {world})" if world != "1" else ""
 
 
 def build_parser() -> argparse.ArgumentParser:

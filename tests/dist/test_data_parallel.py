@@ -247,6 +247,7 @@ def test_what_data_parallelism_refuses(tmp_path):
     with a sentence before anything is written or opened."""
     r = torchrun(train_args(tmp_path, "odd", "train.grad_accum=3"), check=False)
     assert r.returncode != 0 and "not a multiple of the 2 ranks" in r.stderr
+    assert "fuyou: error (rank 0 of 2): " in r.stderr and "fuyou: error (rank 1 of 2): " in r.stderr  # whose is whose
     assert r.stderr.count("Traceback") == 1 and "ChildFailedError" in r.stderr  # torchrun's own report, not ours
     assert not (tmp_path / "runs" / "odd").exists()
     torchrun(train_args(tmp_path, "two", "train.grad_accum=2", "train.steps=1", "run.save_weights=false"))
