@@ -348,6 +348,20 @@ def _plan_model_fields(model: str, overrides: list[str]) -> tuple[dict, dict]:
     return fields, other
 
 
+def _model_config(fields: dict):
+    """``ModelConfig(**fields)``, its validation errors as the sentences ``fuyou train`` gives."""
+    from pydantic import ValidationError
+
+    from fuyou.config import explain
+    from fuyou.errors import ConfigError
+    from fuyou.models import ModelConfig
+
+    try:
+        return ModelConfig(**fields)
+    except ValidationError as e:
+        raise ConfigError(explain(e).replace("invalid configuration:", "invalid model:")) from None
+
+
 def _plan_gpus(args, split) -> int:
     """``fuyou plan --gpus N``: the step's micro-batches must divide among the ranks (as ``fuyou train``
     under torchrun requires)."""
@@ -370,7 +384,6 @@ def _plan(args) -> int:
     import json
 
     from fuyou.errors import ConfigError
-    from fuyou.models import ModelConfig
     from fuyou.planner.config import HardwareConfig
     from fuyou.planner.cost import Workload
     from fuyou.planner.hardware import resolve
@@ -387,8 +400,12 @@ def _plan(args) -> int:
     split = _global_batch(args)
     gpus = _plan_gpus(args, split)
     fields, other = _plan_model_fields(args.model, args.overrides)
-    cfg = ModelConfig(**fields)
+    cfg = _model_config(fields)
     if args.seq > cfg.max_seq_len:
+        if cfg.family == "gpt":  # its learned position table grows with the length (fuyou train refuses it)
+            print(f"note: --seq {args.seq} is beyond the model's {cfg.max_seq_len} positions: planned with "
+                  f"model.max_seq_len={args.seq} (give fuyou train the same, or a shorter data.seq_len)",
+                  file=sys.stderr)
         cfg = cfg.model_copy(update={"max_seq_len": args.seq})
     nums = {k: getattr(args, k) for k in ("gpu_tflops", "ssd_read", "ssd_write", "pcie_bw", "cpu_adam", "ssd_tbw",
                                           "gpu_link")}
@@ -502,10 +519,8 @@ def _probe(args) -> int:
             raise ConfigError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     model = args.model
     if model is not None:  # a preset or a path, as fuyou plan --model takes
-        from fuyou.models import ModelConfig
-
         fields, _ = _plan_model_fields(model, [])
-        model = ModelConfig(**fields)
+        model = _model_config(fields)
     prof, meas = probe(args.ssd, model=model, batch=args.batch, seq=args.seq, io_bytes=io_bytes,
                        precision=args.precision,
                        adam_params=args.adam_params, repeats=args.repeats)

@@ -213,8 +213,12 @@ def resolve(hw: HardwareConfig) -> HardwareProfile:
         card = merged["gpu_mem"]
         usable = card - hw.gpu_reserve if hw.gpu_reserve is not None else int((card - CUDA_CONTEXT) * 0.95)
         if usable <= 0:
-            raise ConfigError(f"--gpu-reserve {format_size(hw.gpu_reserve)} leaves nothing of the GPU's "
-                              f"{format_size(card)}; reserve less")
+            if hw.gpu_reserve is not None:
+                raise ConfigError(f"--gpu-reserve {format_size(hw.gpu_reserve)} leaves nothing of the GPU's "
+                                  f"{format_size(card)}; reserve less")
+            raise ConfigError(f"a GPU of {format_size(card)} leaves nothing for training after CUDA's context "
+                              f"(about {format_size(CUDA_CONTEXT)}); give --gpu-mem the card's memory, or a "
+                              f"larger GPU")
         merged["gpu_mem"] = usable
         src.append(f"GPU memory {usable / GiB:.2f} of {card / GiB:.2f} GiB usable (--gpu-reserve)")
     return HardwareProfile(**{**merged, "source": "; ".join(src)})

@@ -403,3 +403,24 @@ def test_a_plan_far_from_the_probed_block_says_so(tmp_path, capsys):
         out = capsys.readouterr().out
         assert "the probe timed a block of width 768 at 1024 tokens, this plan's is 768 wide at 16384" in out
         assert "fuyou probe --model <this model> --batch 16 --seq 1024" in out
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["model.n_kv_head=2"], "n_kv_head (grouped-query attention) apply to the llama family only"),
+    (["model.n_head=3"], "n_head=3 does not divide d_model=64"),
+    (["model.n_layer=0"], "n_layer: Input should be greater than or equal to 1"),
+    (["--gpu-mem", "300MiB"], "a GPU of 300.00 MiB leaves nothing for training after CUDA's context"),
+])
+def test_plan_refuses_bad_models_and_gpus_with_a_sentence(capsys, args, needle):
+    """A new-user pass found tracebacks here (pydantic's ValidationError; format_size(None) while
+    building the --gpu-reserve message for a reserve never given)."""
+    rc = main(["plan", "--model", "gpt-test", "--gpu", "rtx4090", "--ssd", "1x990-pro", "--cpu-mem", "4GiB",
+               "--seq", "64", *args])
+    assert rc == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_plan_says_when_it_grows_a_gpt_position_table(capsys):
+    assert main(["plan", "--model", "gpt-test", "--gpu", "rtx4090", "--ssd", "1x990-pro", "--cpu-mem", "4GiB",
+                 "--seq", "128"]) == 0
+    assert "beyond the model's 64 positions: planned with model.max_seq_len=128" in capsys.readouterr().err
