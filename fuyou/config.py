@@ -229,6 +229,9 @@ def _parse_value(text: str) -> Any:
         return text
 
 
+_PATH_LISTS = {"data": ("path", "eval_path"), "offload": ("ssd_dirs",)}
+
+
 def to_toml(cfg: FuyouConfig) -> str:
     """The resolved config as TOML. TOML has no null: an unset field whose default is also unset is
     omitted; one whose default is set (``grad_clip``) is written as the string "none"."""
@@ -238,6 +241,9 @@ def to_toml(cfg: FuyouConfig) -> str:
         fields = SECTIONS[section].model_fields
         if section == "train" and values.get("epochs") is not None:
             values.pop("steps")  # derived from the epochs and the data
+        for key in _PATH_LISTS.get(section, ()):  # absolute: a resume from another directory finds them
+            if values.get(key):
+                values[key] = [str(Path(x).absolute()) for x in values[key]]
         for k, v in values.items():
             if v is not None:
                 out.append(f"{k} = {_toml_value(v)}")

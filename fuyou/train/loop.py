@@ -65,6 +65,11 @@ def build_trainer(cfg: FuyouConfig, run_name: str, resume: bool = False) -> Trai
                   store_name=dist.store_name(f"{run_name}.fuyou-state"), resume=resume, init_values=init_values)
 
 
+def _absolute(paths) -> list[str]:
+    paths = [paths] if isinstance(paths, str) else paths
+    return [str(Path(p).absolute()) for p in paths]
+
+
 def load_training_data(cfg: FuyouConfig):
     """The run's tokens (None: synthetic), checked against the model's vocabulary; with ``train.epochs``,
     ``train.steps`` is set to the steps that make them (before the schedule is read)."""
@@ -106,12 +111,17 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
     if resume is not None:  # refuses what a resume cannot change, before the state is opened
         from fuyou.config import load_config
 
-        # the saved config as it was, but over this resume's SSD directories (the saved ones may have moved)
-        dirs = {"offload.ssd_dirs": list(cfg.offload.ssd_dirs)}
-        saved_dirs = tomllib.loads((run_path / "config.toml").read_text()).get("offload", {}).get("ssd_dirs")
+        # the saved config as it was, but over this resume's SSD directories and data files (the saved
+        # ones may have moved: validating them would refuse the resume that names their new place)
+        dirs = {"offload.ssd_dirs": list(cfg.offload.ssd_dirs), "data.path": list(cfg.data.path),
+                "data.eval_path": list(cfg.data.eval_path)}
+        saved_raw = tomllib.loads((run_path / "config.toml").read_text())
         changed = resume_changes(load_config(run_path / "config.toml", flags=dirs), cfg)
-        if saved_dirs is not None and list(saved_dirs) != list(cfg.offload.ssd_dirs):
-            changed["offload.ssd_dirs"] = (list(saved_dirs), list(cfg.offload.ssd_dirs))
+        for key in dirs:
+            section, field = key.split(".")
+            saved_paths = saved_raw.get(section, {}).get(field)
+            if saved_paths is not None and _absolute(saved_paths) != _absolute(dirs[key]):
+                changed[key] = (list(saved_paths), dirs[key])
     # refuses impossible configs (and unresumable states) before anything is written
     trainer = build_trainer(cfg, run_path.name, resume=resume is not None)
     if resume is not None and trainer.start_step > cfg.train.steps:

@@ -187,6 +187,32 @@ def test_resume_after_the_ssd_directory_moved(tmp_path, capsys):
     assert str(moved) in json.dumps(entry)
 
 
+def test_resume_after_the_data_file_moved_from_another_directory(tmp_path, capsys, monkeypatch):
+    """A run started with relative paths is resumed from another working directory with its data file
+    moved: config.toml holds absolute paths, data.path gives the file's new place, and the change is
+    recorded (a new-user pass could resume only by editing config.toml)."""
+    from fuyou.cli import main
+
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    (work / "ssd").mkdir(parents=True)
+    elsewhere.mkdir()
+    (work / "corpus.txt").write_text("The quick brown fox jumps over the lazy dog. " * 300)
+    monkeypatch.chdir(work)
+    assert main(["train", "--offload", "ssd", "--ssd", "ssd", "--out", "runs", "data.source=text", "data.path=corpus.txt",
+                 *SSD_RUN, "train.steps=3", "run.name=dm", "run.save_weights=false", "offload.keep_state=true"]) == 0
+    saved = (work / "runs" / "dm" / "config.toml").read_text()
+    assert f'path = ["{work / "corpus.txt"}"]' in saved and f'ssd_dirs = ["{work / "ssd"}"]' in saved
+    (work / "corpus.txt").rename(elsewhere / "corpus.txt")
+    monkeypatch.chdir(elsewhere)
+    capsys.readouterr()
+    assert main(["train", "--resume", str(work / "runs" / "dm"), "train.steps=5"]) == 2
+    assert "corpus.txt' does not exist" in capsys.readouterr().err  # the old place, named
+    assert main(["train", "--resume", str(work / "runs" / "dm"), "train.steps=5", "data.path=corpus.txt"]) == 0
+    assert "done: steps 4-5 of 5" in capsys.readouterr().err
+    entry = json.loads((work / "runs" / "dm" / "resumes.jsonl").read_text().splitlines()[-1])
+    assert entry["changed"]["data.path"] == [[str(work / "corpus.txt")], ["corpus.txt"]]
+
+
 def test_tensorboard_event_files(tmp_path):
     pytest.importorskip("tensorboard")
     from fuyou.train.loop import run_training
