@@ -65,6 +65,48 @@ def build_trainer(cfg: FuyouConfig, run_name: str, resume: bool = False) -> Trai
                   store_name=dist.store_name(f"{run_name}.fuyou-state"), resume=resume, init_values=init_values)
 
 
+DATA_FILES = "data-files.json"
+
+
+def data_fingerprint(cfg: FuyouConfig) -> dict:
+    """What a resume compares to tell whether the run's data changed: each data.path and data.eval_path
+    entry's size and modification time (a directory's file count, total size and newest time; a moved
+    file keeps its figures), and with train.epochs the steps they made."""
+    def one(p: Path):
+        if p.is_file():
+            st = p.stat()
+            return [st.st_size, st.st_mtime_ns]
+        if p.is_dir():
+            files = [f.stat() for f in sorted(p.rglob("*")) if f.is_file()]
+            return [len(files), sum(f.st_size for f in files), max((f.st_mtime_ns for f in files), default=0)]
+        return None
+    paths = [] if cfg.data.source in ("synthetic", "builtin") else [*cfg.data.path, *cfg.data.eval_path]
+    return {"files": [one(Path(p)) for p in paths], "steps": cfg.train.steps if cfg.train.epochs is not None else None}
+
+
+def record_data(run_dir: Path, cfg: FuyouConfig) -> None:
+    """Write ``data_fingerprint`` into a resumable run's directory (SSD offload, data from files)."""
+    import json
+
+    fp = data_fingerprint(cfg)
+    if cfg.offload.mode == "ssd" and fp["files"]:
+        (run_dir / DATA_FILES).write_text(json.dumps(fp) + "\n")
+
+
+def _recorded_data(run_dir: Path) -> dict | None:
+    import json
+
+    try:
+        return json.loads((run_dir / DATA_FILES).read_text())
+    except (OSError, ValueError):
+        return None  # a run from before the record, or a damaged one: nothing to compare
+
+
+def _data_note(run_dir: Path, cfg: FuyouConfig) -> str:
+    old = _recorded_data(run_dir)
+    return " (the data changed since the run started)" if old and old["files"] != data_fingerprint(cfg)["files"] else ""
+
+
 def _absolute(paths) -> list[str]:
     paths = [paths] if isinstance(paths, str) else paths
     return [str(Path(p).absolute()) for p in paths]
@@ -129,12 +171,26 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
         # train.steps below the steps done is a mistake to refuse, not a request to end the run
         trainer.failed = True  # nothing is written on closing
         trainer.close()
+        if cfg.train.epochs is not None:
+            raise ConfigError(f"{run_path} has committed {trainer.start_step} steps and this resume's train.epochs="
+                              f"{cfg.train.epochs} makes {cfg.train.steps} of its data{_data_note(run_path, cfg)}: "
+                              f"give more train.epochs, or train.epochs=none with train.steps of at least "
+                              f"{trainer.start_step}, or `fuyou export {run_path}` for the committed weights; nothing "
+                              f"was changed")
         raise ConfigError(f"{run_path} has committed {trainer.start_step} steps and this resume sets train.steps="
                           f"{cfg.train.steps}: give train.steps of at least {trainer.start_step} (equal to end the "
                           f"run there and save its weights), or `fuyou export {run_path}` for the committed weights; "
                           f"nothing was changed")
+    if changed is not None:  # data that changed under the run: its batches, epochs and held-out set follow it
+        old = _recorded_data(run_path)
+        new = data_fingerprint(cfg)
+        if old is not None and old["files"] != new["files"]:
+            changed["data files (size, modified)"] = (old["files"], new["files"])
+        if old is not None and cfg.train.epochs is not None and old.get("steps") not in (None, cfg.train.steps):
+            changed["train.steps (from train.epochs)"] = (old["steps"], cfg.train.steps)
     if changed is not None and dist.is_main:
         record_resume(run_path, cfg, trainer.start_step, changed)
+        record_data(run_path, cfg)
         if changed:
             print("resumed with changes (recorded in resumes.jsonl; config.toml is now the effective config): "
                   + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()), file=stream or sys.stderr)
@@ -158,6 +214,7 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
             run_dir = run_path
         else:
             run_dir = make_run_dir(cfg, run_path)
+            record_data(run_dir, cfg)
             if dist.enabled:
                 distributed.record_world(run_dir, dist)
         result = _loop(cfg, trainer, run_dir, stream or sys.stderr, trace, stop, dist)

@@ -213,6 +213,30 @@ def test_resume_after_the_data_file_moved_from_another_directory(tmp_path, capsy
     assert entry["changed"]["data.path"] == [[str(work / "corpus.txt")], ["corpus.txt"]]
 
 
+def test_a_resume_over_changed_data_says_so(tmp_path, capsys, monkeypatch):
+    """Data that changed between a run and its resume (here: grown) changes the batches, the epochs'
+    steps and the held-out set: the resume says so and records it (it was silent: 44 steps became 87)."""
+    from fuyou.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ssd").mkdir()
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("The quick brown fox jumps over the lazy dog. " * 60)
+    assert main(["train", "--offload", "ssd", "--ssd", "ssd", "--out", "runs", "data.source=text", f"data.path={corpus}",
+                 *SSD_RUN, "train.epochs=1", "run.name=grow", "run.save_weights=false", "offload.keep_state=true"]) == 0
+    run = tmp_path / "runs" / "grow"
+    steps = json.loads((run / "data-files.json").read_text())["steps"]
+    assert steps >= 1
+    corpus.write_text(corpus.read_text() * 2)
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "train.epochs=2"]) == 0
+    err = capsys.readouterr().err
+    assert "data files (size, modified)" in err and "train.steps (from train.epochs)" in err
+    entry = json.loads((run / "resumes.jsonl").read_text().splitlines()[-1])
+    assert entry["changed"]["train.steps (from train.epochs)"][0] == steps
+    assert json.loads((run / "data-files.json").read_text())["steps"] > 2 * steps  # the record follows the data
+
+
 def test_tensorboard_event_files(tmp_path):
     pytest.importorskip("tensorboard")
     from fuyou.train.loop import run_training
