@@ -93,7 +93,7 @@ from fuyou.engine.swapper import ActivationSwapper
 from fuyou import watchdog
 from fuyou.engine.malloc import bound_malloc, malloc_threshold, resident_bytes
 from fuyou.engine.layout import StageState, build_states, copies_needed, dtype_size
-from fuyou.engine.state import TrainingState, grad_key
+from fuyou.engine.state import TrainingState, grad_key, refuse_committed_state
 from fuyou.errors import BudgetError, FuyouError, StoreError
 from fuyou.engine.commit import ResumeError
 from fuyou.faults import fault
@@ -214,6 +214,8 @@ class Engine:
                 self.cache_share = 1
                 self.plan = self._memory_plan()
         self.plan.check()  # Budgets are promises: refuse before creating anything (or tokenizing the data).
+        if not resume:  # an earlier run's committed state in the way: said before the data is tokenized too
+            refuse_committed_state(self.store_dirs, cfg, store_name)
         self.batches, self.eval_batches = make_batches(cfg, data() if callable(data) else data)
         self.fixed_overhead = resident_bytes()  # with the data: it is not the engine's to budget
         if not self.dev.is_host:  # and kept: the device enforces the budget (the fake: item by item)

@@ -161,10 +161,7 @@ class TrainingState:
                 raise ConfigError(f"{d} holds files fuyou did not make ({', '.join(sorted(foreign)[:5])}); a state "
                                   f"directory holds only the store's files: move them away or choose another run.name")
         record = self.store_dirs[0] / RECORD
-        if record.exists() and not self.cfg.offload.replace_state:
-            raise ConfigError(f"{self.store_dirs[0]} holds the committed SSD state of an earlier run named {name[:-len('.fuyou-state')]!r}: "
-                              f"continue it with `fuyou train --resume RUN_DIR`, or set offload.replace_state=true to "
-                              f"delete it and start afresh")
+        refuse_committed_state(self.store_dirs, self.cfg, name)
         locks = lock_dirs([d for d in present])  # refuses a state another process is using
         try:
             print(f"fuyou: removing the {'committed' if record.exists() else 'never committed'} SSD state in "
@@ -424,3 +421,14 @@ def resident_state(numel: int, fmt: StateFormat | None = None) -> tuple[Tensor, 
 
     fmt = fmt or StateFormat()
     return tuple(huge_empty(t.numel(numel) * t.itemsize).view(t.dtype)[:t.numel(numel)] for t in fmt.tensors)
+
+
+def refuse_committed_state(store_dirs: list[Path], cfg, name: str) -> None:
+    """A new run whose state directory holds an earlier run's committed state is refused (resume it, or
+    ``offload.replace_state``). Cheap: the engine asks before it loads the data, and again on opening."""
+    from fuyou.engine.commit import RECORD
+
+    if (store_dirs[0] / RECORD).exists() and not cfg.offload.replace_state:
+        raise ConfigError(f"{store_dirs[0]} holds the committed SSD state of an earlier run named "
+                          f"{name[:-len('.fuyou-state')]!r}: continue it with `fuyou train --resume RUN_DIR`, or set "
+                          f"offload.replace_state=true to delete it and start afresh")
