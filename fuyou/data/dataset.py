@@ -141,7 +141,11 @@ class BatchSampler:
 
     def steps_for(self, epochs: float, per_step: int) -> int:
         """Optimizer steps of ``per_step`` windows that draw ``epochs`` times the training tokens."""
-        return max(1, math.ceil(epochs * len(self.tokens) / (per_step * self.seq_len)))
+        return max(1, math.ceil(epochs * self.per_epoch() / per_step))
+
+    def per_epoch(self) -> float:
+        """Windows in one pass over the training tokens."""
+        return len(self.tokens) / self.seq_len
 
 
 class EvalBatches:

@@ -211,7 +211,11 @@ class ExampleSampler:
 
     def steps_for(self, epochs: float, per_step: int) -> int:
         """Optimizer steps of ``per_step`` sequences that cover ``epochs`` passes over the rows."""
-        return max(1, math.ceil(epochs * len(self.rows) / per_step))
+        return max(1, math.ceil(epochs * self.per_epoch() / per_step))
+
+    def per_epoch(self) -> float:
+        """Rows in one pass."""
+        return len(self.rows)
 
 
 class ExampleEvalBatches:

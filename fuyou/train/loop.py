@@ -123,7 +123,13 @@ def load_training_data(cfg: FuyouConfig):
 
         t = cfg.train
         sampler, _ = make_batches(cfg, data, quiet=True)
-        object.__setattr__(t, "steps", sampler.steps_for(t.epochs, t.micro_batch_size * t.grad_accum))
+        per_step = t.micro_batch_size * t.grad_accum
+        object.__setattr__(t, "steps", sampler.steps_for(t.epochs, per_step))
+        drawn = t.steps * per_step / sampler.per_epoch()
+        if drawn > 1.25 * t.epochs and distributed.current().is_main:  # a step larger than the data asked for
+            print(f"note: train.epochs={t.epochs} of {sampler.per_epoch():.0f} sequences at {per_step} a step rounds "
+                  f"up to {t.steps} step(s), which draw {drawn:.2f} epochs (sequences repeat); lower "
+                  f"train.micro_batch_size or train.grad_accum for closer to {t.epochs}", file=sys.stderr)
     return data
 
 

@@ -276,3 +276,17 @@ def test_torchrun_in_memory_is_refused_with_a_sentence(tmp_path):
                        env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "offload.mode=none" in r.stderr and "Traceback" not in r.stderr
     assert not any(tmp_path.iterdir())  # nothing started
+
+
+def test_epochs_larger_than_a_step_say_how_many_they_draw(tmp_path, capsys):
+    """11 short examples pack into fewer rows than one step of 16 draws: train.epochs=1 rounds up to a
+    step of several epochs, and the run says so (a new-user pass saw epoch 1.45 reported, unexplained)."""
+    from fuyou.cli import main
+
+    data = tmp_path / "pc.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"What is {i}+1?", "completion": f" {i + 1}."}) + "\n"
+                            for i in range(12)))
+    assert main(["train", "--out", str(tmp_path / "runs"), "model.preset=gpt-test", "data.source=text",
+                 f"data.path={data}", "data.seq_len=32", "train.epochs=1", "train.eval_every=0"]) == 0
+    err = capsys.readouterr().err
+    assert "rounds up to 1 step(s), which draw" in err and "lower train.micro_batch_size" in err
