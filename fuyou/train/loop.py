@@ -205,6 +205,13 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
                                              changed)
             if schedule_note:
                 print(schedule_note, file=stream or sys.stderr)
+    if cfg.data.seq_len > cfg.model.max_seq_len and cfg.model.family == "llama" and resume is None and dist.is_main:
+        print(f"note: data.seq_len={cfg.data.seq_len} is beyond the model's {cfg.model.max_seq_len} positions "
+              f"(model.max_seq_len): RoPE extends past them, but a pretrained model was not trained there",
+              file=stream or sys.stderr)
+    if cfg.offload.mode == "none" and cfg.offload.cpu_mem != type(cfg.offload)().cpu_mem and dist.is_main:
+        print("note: offload.cpu_mem (--cpu-mem) budgets SSD offload; in memory (offload.mode=none) the whole "
+              "training state is held, and a model that does not fit the machine is refused", file=stream or sys.stderr)
     if cfg.lora.enabled and not cfg.model.init_from and resume is None and dist.is_main:
         print(f"note: LoRA over a base drawn at random (train.seed={cfg.train.seed}; no --init-from): the adapters "
               f"learn to correct noise, which suits a test, not a fine-tune; give --init-from HF_DIR for a "

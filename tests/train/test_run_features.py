@@ -290,3 +290,15 @@ def test_epochs_larger_than_a_step_say_how_many_they_draw(tmp_path, capsys):
                  f"data.path={data}", "data.seq_len=32", "train.epochs=1", "train.eval_every=0"]) == 0
     err = capsys.readouterr().err
     assert "rounds up to 1 step(s), which draw" in err and "lower train.micro_batch_size" in err
+
+
+def test_notes_for_a_llama_beyond_its_positions_and_a_cpu_budget_in_memory(tmp_path, capsys):
+    """Both were accepted without a word (new-user pass): a Llama trained past model.max_seq_len, and
+    --cpu-mem given to an in-memory run, which it does not budget."""
+    from fuyou.cli import main
+
+    assert main(["train", "--out", str(tmp_path / "runs"), "--cpu-mem", "1MiB", "model.preset=llama-test",
+                 "data.seq_len=128", "train.steps=1", "train.eval_every=0"]) == 0
+    err = capsys.readouterr().err
+    assert "data.seq_len=128 is beyond the model's 64 positions" in err
+    assert "offload.cpu_mem (--cpu-mem) budgets SSD offload" in err
