@@ -38,8 +38,10 @@ def _rank_tag() -> str:
     so each says which rank it is: " (rank 1 of 2)"; nothing in one process."""
     import os
 
-    world = os.environ.get("WORLD_SIZE", "1")
-    return f" (rank {os.environ.get('RANK', '?')} of {world})" if world != "1" else ""
+    from fuyou.distributed import launched_world
+
+    world = launched_world()
+    return f" (rank {os.environ.get('RANK', '?')} of {world})" if world > 1 else ""
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -69,14 +69,13 @@ GPU event's.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import math
 import os
 import shutil
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import torch

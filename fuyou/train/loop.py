@@ -84,11 +84,12 @@ def data_fingerprint(cfg: FuyouConfig) -> dict:
     return {"files": [one(Path(p)) for p in paths], "steps": cfg.train.steps if cfg.train.epochs is not None else None}
 
 
-def record_data(run_dir: Path, cfg: FuyouConfig) -> None:
-    """Write ``data_fingerprint`` into a resumable run's directory (SSD offload, data from files)."""
+def record_data(run_dir: Path, cfg: FuyouConfig, fp: dict | None = None) -> None:
+    """Write ``data_fingerprint`` (``fp`` when already taken) into a resumable run's directory (SSD
+    offload, data from files)."""
     import json
 
-    fp = data_fingerprint(cfg)
+    fp = fp or data_fingerprint(cfg)
     if cfg.offload.mode == "ssd" and fp["files"]:
         (run_dir / DATA_FILES).write_text(json.dumps(fp) + "\n")
 
@@ -100,11 +101,6 @@ def _recorded_data(run_dir: Path) -> dict | None:
         return json.loads((run_dir / DATA_FILES).read_text())
     except (OSError, ValueError):
         return None  # a run from before the record, or a damaged one: nothing to compare
-
-
-def _data_note(run_dir: Path, cfg: FuyouConfig) -> str:
-    old = _recorded_data(run_dir)
-    return " (the data changed since the run started)" if old and old["files"] != data_fingerprint(cfg)["files"] else ""
 
 
 def _absolute(paths) -> list[str]:
@@ -172,6 +168,9 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
                 changed[key] = (list(saved_paths), dirs[key])
     # refuses impossible configs (and unresumable states) before anything is written
     trainer = build_trainer(cfg, run_path.name, resume=resume is not None)
+    if resume is not None:  # the data as the run recorded it, and now (with train.epochs: after the loader)
+        data_then, data_now = _recorded_data(run_path), data_fingerprint(cfg)
+        data_moved = data_then is not None and data_then["files"] != data_now["files"]
     if resume is not None and trainer.start_step > cfg.train.steps:
         # Finishing would save the weights of the committed step and delete the resumable state: a
         # train.steps below the steps done is a mistake to refuse, not a request to end the run
@@ -179,7 +178,8 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
         trainer.close()
         if cfg.train.epochs is not None:
             raise ConfigError(f"{run_path} has committed {trainer.start_step} steps and this resume's train.epochs="
-                              f"{cfg.train.epochs} makes {cfg.train.steps} of its data{_data_note(run_path, cfg)}: "
+                              f"{cfg.train.epochs} makes {cfg.train.steps} of its data"
+                              f"{' (the data changed since the run started)' if data_moved else ''}: "
                               f"give more train.epochs, or train.epochs=none with train.steps of at least "
                               f"{trainer.start_step}, or `fuyou export {run_path}` for the committed weights; nothing "
                               f"was changed")
@@ -188,15 +188,14 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
                           f"run there and save its weights), or `fuyou export {run_path}` for the committed weights; "
                           f"nothing was changed")
     if changed is not None:  # data that changed under the run: its batches, epochs and held-out set follow it
-        old = _recorded_data(run_path)
-        new = data_fingerprint(cfg)
-        if old is not None and old["files"] != new["files"]:
-            changed["data files (size, modified)"] = (old["files"], new["files"])
-        if old is not None and cfg.train.epochs is not None and old.get("steps") not in (None, cfg.train.steps):
-            changed["train.steps (from train.epochs)"] = (old["steps"], cfg.train.steps)
+        if data_moved:
+            changed["data files (size, modified)"] = (data_then["files"], data_now["files"])
+        steps_then = data_then.get("steps") if data_then is not None and cfg.train.epochs is not None else None
+        if steps_then not in (None, cfg.train.steps):
+            changed["train.steps (from train.epochs)"] = (steps_then, cfg.train.steps)
     if changed is not None and dist.is_main:
         record_resume(run_path, cfg, trainer.start_step, changed)
-        record_data(run_path, cfg)
+        record_data(run_path, cfg, data_now)
         if changed:
             print("resumed with changes (recorded in resumes.jsonl; config.toml is now the effective config): "
                   + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()), file=stream or sys.stderr)
@@ -209,7 +208,8 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
         print(f"note: data.seq_len={cfg.data.seq_len} is beyond the model's {cfg.model.max_seq_len} positions "
               f"(model.max_seq_len): RoPE extends past them, but a pretrained model was not trained there",
               file=stream or sys.stderr)
-    if cfg.offload.mode == "none" and cfg.offload.cpu_mem != type(cfg.offload)().cpu_mem and dist.is_main:
+    if cfg.offload.mode == "none" and cfg.offload.cpu_mem != type(cfg.offload).model_fields["cpu_mem"].default \
+            and dist.is_main:
         print("note: offload.cpu_mem (--cpu-mem) budgets SSD offload; in memory (offload.mode=none) the whole "
               "training state is held, and a model that does not fit the machine is refused", file=stream or sys.stderr)
     if cfg.lora.enabled and not cfg.model.init_from and resume is None and dist.is_main:
