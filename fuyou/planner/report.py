@@ -91,7 +91,8 @@ def summary(plan: Plan) -> dict:
         "commit_s_per_step": ev.commit_s, "commit_cost_s": ev.commit_cost_s, "steps_per_commit": ev.steps_per_commit,
         "bottleneck": _bottleneck(plan, sim.bottleneck, step, cpu),
         "busy_s": {k: v for k, v in sim.busy.items()}, "whatif_step_s": plan.whatif,
-        "cached_stages": len(ev.memory.cached_stages), "resident_stages": len(ev.memory.resident_all),
+        "stages": len(w.numels), "cached_stages": len(ev.memory.cached_stages),
+        "resident_stages": len(ev.memory.resident_all),
         "prefetch_depth": ev.policy.prefetch_depth,
         "evaluations": plan.evaluations})
     if w.ranks > 1:
@@ -370,9 +371,25 @@ def _clip_line(s: dict) -> str:
         return f"clipping            {clip}: the adapters' gradients and update are on the GPU, after backward"
     if s["grad_clip"] is None:
         return "clipping            none (train.grad_clip=none): updates overlap backward"
-    return (f"clipping            exact at {s['grad_clip']:g}, speculative: updates overlap backward; the first step "
-            f"whose norm exceeds it redoes them ({s['triggered_step_s']:.3g} s), later ones while it keeps clipping "
-            f"defer them ({s['clipping_step_s']:.3g} s)")
+    n, res = s["stages"], s["resident_stages"]
+    unclipped = s["whatif_step_s"].get("train.grad_clip=none")
+    # What exact clipping costs a step that does not clip: the saved gradients' SSD writes, the resident
+    # stages' updates after backward.
+    cost = (f"; a step that does not clip takes {s['step_s'] - unclipped:.3g} s more than with train.grad_clip=none"
+            if unclipped and s["step_s"] > 1.02 * unclipped else "")
+    line = f"clipping            exact at {s['grad_clip']:g}, "
+    # A resident stage's state is updated in place in CPU memory, where no previous copy is kept to redo the
+    # update from, so it waits for the norm (fuyou/engine/engine.py, _waits_for_norm).
+    if res == n:
+        return line + (f"no update overlaps backward: all {n} stages' state is resident in CPU memory, which keeps no "
+                       f"previous copy to redo an update from, so every update waits for the norm ({s['step_s']:.3g} s "
+                       f"a step whether or not it clips){cost}")
+    how = ("speculative: updates overlap backward" if not res else
+           f"speculative for the {n - res} of {n} stages whose state is on the SSD; the {res} resident in CPU memory "
+           f"wait for the norm (no previous copy to redo from), their updates after backward")
+    return line + (f"{how}; the first step whose norm exceeds it redoes the speculative updates "
+                   f"({s['triggered_step_s']:.3g} s), later ones while it keeps clipping defer them "
+                   f"({s['clipping_step_s']:.3g} s){cost}")
 
 
 def _commit_line(s: dict) -> str:
@@ -383,6 +400,7 @@ def _commit_line(s: dict) -> str:
         return "crash safety        commits every step: their writes are in the step time above"
     if not s["commit_cost_s"]:
         what = ("a commit writes the adapters and their moments" if s.get("lora") else
+                "its writes of the resident state overlap the steps after it" if s["resident_stages"] else
                 "no state is held in CPU memory: a commit writes its record, the state is on the SSD")
         return (f"crash safety        commits {s['commit']} (every {s['steps_per_commit']:,.0f} steps): no cost beyond "
                 f"the step ({what})")

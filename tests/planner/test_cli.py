@@ -175,8 +175,16 @@ def test_plan_models_exact_clipping_and_commit_intervals(capsys):
     assert rc == 0
     for needle in ("clipping            exact at 1", "crash safety        commits every 10min", "train.grad_clip=none:",
                    "offload.commit_every=1 (commit every step):", "offload.commit=none (no resume):",
-                   "optimizer state copies"):
+                   "optimizer state copies",
+                   # every stage's state is resident here: no update can be redone, so none is speculative, and the
+                   # plan says so and what it costs (the previous line claimed overlap it did not have)
+                   "no update overlaps backward: all 42 stages' state is resident in CPU memory",
+                   "more than with train.grad_clip=none"):
         assert needle in out, needle
+    rc = main(["plan", "--model", "gpt3-13b", "--gpu", "rtx4090", "--ssd", "1x990-pro", "--cpu-mem", "64GiB",
+               "--batch", "8", "--seq", "1024"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "speculative for the 34 of 42 stages whose state is on the SSD; the 8 resident" in out, out
 
 
 def test_ssd_space_of_each_commit_mode_and_the_fix_it_suggests(capsys):
