@@ -1,4 +1,4 @@
-"""The ``fuyou`` command: ``train``, ``models``, ``data prepare``, ``plan``, ``probe``."""
+"""The ``fuyou`` command and its subcommands (``build_parser``)."""
 
 from __future__ import annotations
 
@@ -45,7 +45,11 @@ def _rank_tag() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fuyou", description=__doc__)
+    from fuyou.data.formats import FORMATS  # (numpy only: the parser stays quick to build)
+
+    p = argparse.ArgumentParser(prog="fuyou", description="fuyou: fine-tune GPT- and Llama-class models larger than "
+                                "GPU or CPU memory on one GPU, with NVMe SSDs as a third memory tier. `fuyou COMMAND "
+                                "--help` describes each command.")
     sub = p.add_subparsers(metavar="COMMAND")
 
     t = sub.add_parser("train", help="train a model (default: a small GPT on the embedded corpus, on the CPU)",
@@ -89,10 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--out", required=True, help="output directory (*.bin, meta.json)")
     prep.add_argument("--tokenizer", default="byte", help="'byte' or a local Hugging Face tokenizer or model "
                       "directory (use the model's own: training checks that they match)")
-    prep.add_argument("--format", default="auto", choices=["auto", "text", "prompt_completion", "alpaca", "messages"],
+    prep.add_argument("--format", default="auto", choices=list(FORMATS),
                       help="record format of JSON lines (auto: from the first record's keys)")
     prep.add_argument("--train-on-prompt", action="store_true", help="loss on prompts and user turns too")
-    prep.add_argument("--eval", nargs="+", metavar="PATH", help="held-out files (instead of --val-fraction)")
+    prep.add_argument("--eval", action="append", metavar="PATH",
+                      help="a held-out file or directory, instead of --val-fraction (repeat it for several)")
     prep.add_argument("--val-fraction", type=float, default=0.05, help="share held out (of tokens for text, "
                       "of examples for fine-tuning records)")
     prep.add_argument("--jsonl-field", default="text", help="field with the text in JSON lines of plain text")

@@ -59,17 +59,18 @@ def tokenize_records(paths: list[str], tokenizer_spec: str, fmt: str = "auto", t
     first = fmt if fmt != "auto" else detect(head[0], text_field, head[1])
     renderer = Renderer(tok, fmt, train_on_prompt, text_field)
     if first == "text":
-        docs = [_encode(tok, _text(rec, where, text_field)) for rec, where in records]
+        docs = [_encode(tok, _text(rec, where, text_field, head[1])) for rec, where in records]
         if not eval_paths:
             train, val = split_tokens(docs, tok.eos_id, val_fraction)
             return TokenData(train, val, tok.vocab_size, tok.eos_id, tok.name, tok.fingerprint, len(docs))
-        held = [_encode(tok, _text(rec, where, text_field)) for rec, where in iter_records(eval_paths, text_field)]
+        held = [_encode(tok, _text(rec, where, text_field, head[1]))
+                for rec, where in iter_records(eval_paths, text_field)]
         train, val = join_tokens(docs, tok.eos_id), join_tokens(held, tok.eos_id)
         return TokenData(train, val.astype(train.dtype), tok.vocab_size, tok.eos_id, tok.name, tok.fingerprint,
                          len(docs) + len(held))
-    rendered = [renderer(rec, where).arrays() for rec, where in records]
+    rendered = _render_all(renderer, records, first, head[1], text_field)
     if eval_paths:
-        held = [renderer(rec, where).arrays() for rec, where in iter_records(eval_paths, text_field)]
+        held = _render_all(renderer, iter_records(eval_paths, text_field), first, head[1], text_field)
     else:
         order = np.random.default_rng(seed).permutation(len(rendered))
         n_val = max(1, int(round(len(rendered) * val_fraction))) if len(rendered) > 1 else 0
@@ -80,16 +81,37 @@ def tokenize_records(paths: list[str], tokenizer_spec: str, fmt: str = "auto", t
         print(f"fuyou: note: the tokenizer {tok.name} has no chat template: {st.fallback_chats} conversations were "
               f"rendered with fuyou's ChatML-style fallback (<|im_start|>ROLE ... <|im_end|>); prompt the fine-tuned "
               f"model the same way, or give a tokenizer that has a chat template", file=sys.stderr)
+    for note in st.notes():
+        print(f"fuyou: note: {note}", file=sys.stderr)
+    if not rendered:
+        raise DataError(f"{', '.join(map(str, paths))} holds no example to train on: " + "; ".join(st.notes()))
     info = {"records": st.records, "formats": st.formats, "last_turn_only": st.last_turn_only,
-            "train_on_prompt": train_on_prompt}
+            "train_on_prompt": train_on_prompt, "skipped_no_answer": st.no_answer}
     return ExampleData(Examples.from_arrays(rendered), Examples.from_arrays(held), tok.vocab_size, tok.eos_id,
                        tok.pad_id, tok.name, tok.fingerprint, info)
 
 
-def _text(rec: dict, where: str, field: str) -> str:
+def _render_all(renderer: Renderer, records, first: str, first_where: str,
+                text_field: str) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Every record rendered; a conversation with nothing to learn is left out (``renderer.stats`` counts it).
+    Plain text among fine-tuning records is refused: it would be one example with loss on every token and no
+    end-of-document token."""
+    out = []
+    for rec, where in records:
+        if renderer.fmt == "auto" and detect(rec, text_field, where) == "text":
+            raise DataError(f"{where} is plain text, but the first record ({first_where}) is {first} data; a run "
+                            f"trains one kind: fine-tuning records, or text. Give the text files as a run of their own")
+        r = renderer(rec, where)
+        if r is not None:
+            out.append(r.arrays())
+    return out
+
+
+def _text(rec: dict, where: str, field: str, first_where: str) -> str:
     if not isinstance(rec.get(field), str):
-        raise DataError(f"{where}: expected an object with a string field {field!r} (the first record was plain "
-                        f"text, so every record must be; data.format names one format for all files)")
+        raise DataError(f"{where}: expected an object with a string field {field!r}: the first record "
+                        f"({first_where}) is plain text, so every record must be (a run trains one kind of data; "
+                        f"data.format names one format for all files)")
     return rec[field]
 
 

@@ -26,10 +26,11 @@ class DataConfig(BaseModel):
         "auto", description="'byte' (UTF-8 bytes), a local Hugging Face tokenizer directory (needs the hf extra), "
         "or 'auto': the tokenizer of model.init_from when it has one, else 'byte'."
     )
-    format: Literal["auto", "text", "prompt_completion", "alpaca", "messages"] = Field(
+    format: Literal["auto", "text", "prompt_completion", "alpaca", "messages", "sharegpt"] = Field(
         "auto", description="Record format of JSON-lines files (fuyou/data/formats.py): 'text' ({jsonl_field: ...}), "
         "'prompt_completion' ({prompt, completion|response|output}), 'alpaca' ({instruction, input, output}), "
-        "'messages' ({messages: [{role, content}, ...]}, rendered with the tokenizer's chat template); "
+        "'messages' ({messages: [{role, content}, ...]}, rendered with the tokenizer's chat template), 'sharegpt' "
+        "({conversations: [{from, value}, ...]}, read as messages); "
         "'auto' detects it from the first record.",
     )
     train_on_prompt: bool = Field(

@@ -8,6 +8,7 @@ default run needs no download.
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,33 +34,69 @@ def builtin_documents() -> list[str]:
     return [topics[k] for k in sorted(topics)]
 
 
+JSONL_SUFFIXES = {".jsonl", ".ndjson"}
+
+
 def iter_records(paths: list[str | Path], text_field: str = "text") -> Iterator[tuple[dict, str]]:
-    """(record, where) pairs from text files (one record ``{text_field: content}`` per file), JSONL files
-    (one JSON object per line) and directories (searched recursively for those suffixes, in sorted
-    order); ``where`` is "file:line" for error messages."""
+    """(record, where) pairs from text files (one record ``{text_field: content}`` per file), JSON Lines
+    files (``.jsonl``/``.ndjson``, one JSON object per line) and directories (searched recursively for
+    those suffixes, in sorted order, hidden files and directories left out); ``where`` is "file:line"
+    for error messages. What a directory holds and fuyou does not read is listed on stderr."""
     for p in map(Path, paths):
         if not p.exists():
             raise DataError(f"data path {p} does not exist; give a text file, a .jsonl file or a directory")
         files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
-        found = False
+        found, skipped = False, []
         for f in files:
             suffix = f.suffix.lower()
-            if suffix == ".jsonl":
+            if p.is_dir() and any(part.startswith(".") for part in f.relative_to(p).parts):
+                skipped.append((f, "hidden"))
+            elif suffix in JSONL_SUFFIXES:
                 found = True
                 yield from _jsonl_records(f)
-            elif suffix == ".json" and not p.is_dir():  # (in a directory, .json files are often configs)
+            elif suffix == ".json":
+                if p.is_dir():  # (in a directory, .json files are often configs)
+                    skipped.append((f, "a directory's .json files are not read: give such a file itself"))
+                    continue
                 found = True
                 yield from _json_records(f)
-            elif suffix in BINARY_SUFFIXES and not p.is_dir():
+            elif suffix in BINARY_SUFFIXES:
+                if p.is_dir():
+                    skipped.append((f, BINARY_SUFFIXES[suffix]))
+                    continue
                 raise DataError(f"{f} is a {suffix} file, which fuyou does not read as data: {BINARY_SUFFIXES[suffix]}")
             elif suffix in TEXT_SUFFIXES or not p.is_dir():
                 found = True
-                yield {text_field: _read_text(f)}, str(f)
+                text = _read_text(f)
+                _refuse_json_lines_as_text(f, text)
+                yield {text_field: text}, str(f)
+            else:
+                skipped.append((f, f"not {', '.join(sorted(TEXT_SUFFIXES | JSONL_SUFFIXES))}"))
+        if skipped:
+            listed = "; ".join(f"{f.relative_to(p)} ({why})" for f, why in skipped[:6])
+            more = f"; and {len(skipped) - 6} more" if len(skipped) > 6 else ""
+            print(f"fuyou: note: {p}: {len(skipped)} file(s) not read: {listed}{more}", file=sys.stderr)
         if not found:
             raise DataError(
-                f"{p} holds no usable files; expected {', '.join(sorted(TEXT_SUFFIXES))} or .jsonl files "
+                f"{p} holds no usable files; expected {', '.join(sorted(TEXT_SUFFIXES | JSONL_SUFFIXES))} files "
                 f"(a directory's .json files are not read: give such a file itself)"
             )
+
+
+def _refuse_json_lines_as_text(f: Path, text: str) -> None:
+    """A JSON Lines file under another name would be trained as one document of JSON syntax: refused."""
+    first = next((line for line in text.splitlines() if line.strip()), "")
+    if not first.lstrip().startswith("{"):
+        return
+    try:
+        rec = json.loads(first)
+    except json.JSONDecodeError:
+        return
+    if isinstance(rec, dict):
+        name = f"ends in {f.suffix!r}" if f.suffix else "has no extension"
+        raise DataError(f"{f} looks like JSON Lines (its first line is a JSON object with keys {sorted(rec)[:6]}), but "
+                        f"its name {name}, so it would be trained on as one plain-text document; rename it to .jsonl "
+                        f"to read its records (to train on such text, write it as {{\"text\": ...}} records)")
 
 
 def _read_text(f: Path) -> str:

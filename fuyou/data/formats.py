@@ -10,7 +10,17 @@ A JSON-lines record is one of (``data.format``; ``auto`` detects it from the key
   the Stanford Alpaca prompt (``ALPACA_PROMPT``);
 - ``messages``: ``{"messages": [{"role": ..., "content": ...}, ...]}``, rendered with the tokenizer's
   own chat template (transformers' ``apply_chat_template``) or, when it has none (the byte tokenizer,
-  a base model's tokenizer), with ``FALLBACK_TEMPLATE`` (ChatML's markers as plain text).
+  a base model's tokenizer), with ``FALLBACK_TEMPLATE`` (ChatML's markers as plain text). OpenAI's
+  fine-tuning keys are read: an assistant message's ``weight`` (0: no loss on that turn, 1: loss) and
+  ``tool_calls`` (``content`` may then be null; rendered by a chat template that renders tool calls,
+  refused where it would be dropped), ``tool_call_id`` and ``name`` (passed to the template); other
+  keys are ignored and counted. TRL's conversational prompt/completion (both lists of messages) is a
+  conversation whose completion alone carries loss;
+- ``sharegpt``: ``{"conversations": [{"from": "human"|"gpt"|"system"|..., "value": ...}, ...]}``, read as
+  ``messages`` (``SHAREGPT_ROLES``).
+
+A conversation with no assistant turn to learn (none, or every one of weight 0) is skipped and counted
+(``RenderStats.no_answer``), not trained on: nothing in it would carry loss.
 
 By default only the completion, or the assistant turns, carry loss (``data.train_on_prompt=false``): the
 model learns to answer, not to predict the user's questions (TRL's ``completion_only_loss``,
@@ -34,7 +44,7 @@ import numpy as np
 
 from fuyou.errors import DataError
 
-FORMATS = ("auto", "text", "prompt_completion", "alpaca", "messages")
+FORMATS = ("auto", "text", "prompt_completion", "alpaca", "messages", "sharegpt")
 COMPLETION_KEYS = ("completion", "response", "output")
 
 ALPACA_PROMPT = (
@@ -47,6 +57,13 @@ ALPACA_PAIRED = ", paired with an input that provides further context"
 # end; each assistant turn is followed by the tokenizer's EOS token (which carries loss).
 FALLBACK_TEMPLATE = "<|im_start|>{role}\n{content}<|im_end|>\n"
 FALLBACK_GENERATION = "<|im_start|>assistant\n"
+
+# ShareGPT's speakers ("from") as chat roles
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
+                  "model": "assistant", "system": "system", "tool": "tool", "function": "tool", "observation": "tool",
+                  "ipython": "tool"}
+# message keys passed to a chat template; ``weight`` is read here; any other key is ignored (and counted)
+TEMPLATE_KEYS = ("role", "content", "tool_calls", "tool_call_id", "name")
 
 
 @dataclass
@@ -73,12 +90,30 @@ class RenderStats:
     last_turn_only: int = 0  # conversations whose template rewrites earlier turns (module docstring)
     fallback_chats: int = 0  # conversations rendered with the fallback template (the tokenizer has none)
     formats: dict[str, int] = field(default_factory=dict)
+    no_answer: int = 0       # conversations skipped: no assistant turn to learn (module docstring)
+    first_no_answer: str = ""
+    ignored_keys: dict[str, int] = field(default_factory=dict)  # message keys no template reads, and how often
+    tool_calls: int = 0      # assistant messages that call tools
+
+    def notes(self) -> list[str]:
+        """What a user should know about the rendering (``fuyou data prepare`` and training print them)."""
+        out = []
+        if self.no_answer:
+            out.append(f"{self.no_answer} conversation(s) with no assistant turn to learn (none, or each of weight 0) "
+                       f"skipped, the first at {self.first_no_answer}")
+        if self.ignored_keys:
+            keys = ", ".join(f"{k!r} ({n}x)" for k, n in sorted(self.ignored_keys.items()))
+            out.append(f"message keys fuyou does not read were ignored: {keys}; it reads {', '.join(TEMPLATE_KEYS)} "
+                       f"and an assistant message's 'weight'")
+        return out
 
 
 def detect(rec: dict, text_field: str, where: str) -> str:
     """The format of one record, from its keys."""
     if "messages" in rec:
         return "messages"
+    if "conversations" in rec:
+        return "sharegpt"
     if "instruction" in rec and "output" in rec:
         return "alpaca"
     if "prompt" in rec and any(k in rec for k in COMPLETION_KEYS):
@@ -88,7 +123,8 @@ def detect(rec: dict, text_field: str, where: str) -> str:
     raise DataError(
         f"{where}: a record with keys {sorted(rec)} is none of the formats fuyou reads: "
         f"{{{text_field!r}: ...}} (text), {{'prompt', 'completion'|'response'|'output'}}, "
-        f"{{'instruction', 'input', 'output'}} (Alpaca) or {{'messages': [{{'role', 'content'}}, ...]}}"
+        f"{{'instruction', 'input', 'output'}} (Alpaca), {{'messages': [{{'role', 'content'}}, ...]}} or ShareGPT's "
+        f"{{'conversations': [{{'from', 'value'}}, ...]}}"
     )
 
 
@@ -109,7 +145,9 @@ class Renderer:
         self.stats = RenderStats()
         self.template = getattr(tok, "chat_template", None)
 
-    def __call__(self, rec: dict, where: str) -> Rendered:
+    def __call__(self, rec: dict, where: str) -> Rendered | None:
+        """The record's tokens and loss flags; None for a conversation with nothing to learn (skipped and
+        counted in ``stats``)."""
         fmt = self.fmt if self.fmt != "auto" else detect(rec, self.text_field, where)
         if self.fmt != "auto" and fmt != "text" and detect(rec, self.text_field, where) != fmt:
             raise DataError(f"{where}: data.format={fmt} but this record is {detect(rec, self.text_field, where)}")
@@ -119,8 +157,21 @@ class Renderer:
             out = Rendered()
             out.add(self.tok.encode(_string(rec, self.text_field, where)), True)
             return out
-        if fmt == "messages":
-            out = self._messages(rec.get("messages"), where)
+        if fmt in ("messages", "sharegpt") or (fmt == "prompt_completion" and isinstance(rec.get("prompt"), list)):
+            if fmt == "sharegpt":
+                turns = self._sharegpt(rec.get("conversations"), where)
+            elif fmt == "messages":
+                turns = self._checked(rec.get("messages"), where, "messages")
+            else:  # TRL's conversational prompt/completion: the prompt's turns carry no loss
+                completion = rec.get(next(k for k in COMPLETION_KEYS if k in rec))
+                if not isinstance(completion, list):
+                    raise DataError(f"{where}: a conversational 'prompt' (a list of messages) needs its completion as "
+                                    f"a list of messages too, got {type(completion).__name__}")
+                turns = ([(m, False) for m, _ in self._checked(rec["prompt"], where, "prompt")]
+                         + self._checked(completion, where, "completion"))
+            out = self._messages(turns, where)
+            if out is None:
+                return None
         else:
             if fmt == "alpaca":
                 inp = _string(rec, "input", where, optional=True)
@@ -139,69 +190,150 @@ class Renderer:
         return out
 
     # -- conversations ---------------------------------------------------------------------------
-    def _messages(self, messages, where: str) -> Rendered:
+    def _checked(self, messages, where: str, key: str) -> list[tuple[dict, bool]]:
+        """The messages of a conversation as (what the template sees, whether the turn carries loss)."""
         if not isinstance(messages, list) or not messages:
-            raise DataError(f"{where}: 'messages' must be a non-empty list of {{'role', 'content'}} objects")
+            raise DataError(f"{where}: {key!r} must be a non-empty list of {{'role', 'content'}} objects")
+        out = []
         for i, m in enumerate(messages):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                raise DataError(f"{where}: messages[{i}] must be an object with string 'role' and 'content'")
-        if not any(m["role"] == "assistant" for m in messages):
-            raise DataError(f"{where}: the conversation has no assistant message, so nothing in it carries loss; "
-                            f"remove it or add the assistant's answer")
-        if self.template is None:
-            self.stats.fallback_chats += 1
-            return self._fallback(messages)
-        return self._templated(messages, where)
+            at = f"{where}: {key}[{i}]"
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+                raise DataError(f"{at} must be an object with a string 'role' and a string 'content'")
+            calls = m.get("tool_calls")
+            if not isinstance(m.get("content"), str):
+                if not (m.get("content") is None and calls and m["role"] == "assistant"):
+                    got = "missing" if "content" not in m else f"a JSON {_json_type(m['content'])}"
+                    raise DataError(f"{at}: 'content' is {got}; it must be a string (null only in an assistant "
+                                    f"message that calls tools: 'tool_calls')")
+            if calls is not None and not (isinstance(calls, list) and calls and m["role"] == "assistant"):
+                raise DataError(f"{at}: 'tool_calls' must be a non-empty list, in an assistant message")
+            weight = m.get("weight", 1)
+            if weight not in (0, 1) or isinstance(weight, bool):
+                raise DataError(f"{at}: 'weight' is {weight!r}; it must be 0 (no loss on this turn) or 1")
+            if "weight" in m and m["role"] != "assistant":
+                raise DataError(f"{at}: 'weight' is read on assistant messages only (OpenAI's fine-tuning format)")
+            for k in m:
+                if k not in TEMPLATE_KEYS and k != "weight":
+                    self.stats.ignored_keys[k] = self.stats.ignored_keys.get(k, 0) + 1
+            if calls:
+                self.stats.tool_calls += 1
+            out.append(({k: m[k] for k in TEMPLATE_KEYS if k in m},
+                        m["role"] == "assistant" and weight == 1))
+        return out
 
-    def _fallback(self, messages: list[dict]) -> Rendered:
+    def _sharegpt(self, turns, where: str) -> list[tuple[dict, bool]]:
+        """ShareGPT's ``conversations`` as messages (``SHAREGPT_ROLES``)."""
+        if not isinstance(turns, list) or not turns:
+            raise DataError(f"{where}: 'conversations' must be a non-empty list of {{'from', 'value'}} objects")
+        messages = []
+        for i, t in enumerate(turns):
+            if not isinstance(t, dict) or not isinstance(t.get("from"), str) or not isinstance(t.get("value"), str):
+                raise DataError(f"{where}: conversations[{i}] must be an object with string 'from' and 'value'")
+            role = SHAREGPT_ROLES.get(t["from"].lower())
+            if role is None:
+                raise DataError(f"{where}: conversations[{i}] is from {t['from']!r}, which is none of ShareGPT's "
+                                f"speakers fuyou knows ({', '.join(SHAREGPT_ROLES)}); rename it, or convert the file "
+                                f"to 'messages' with the roles system, user, assistant and tool")
+            m = {"role": role, "content": t["value"]}
+            if "weight" in t:
+                m["weight"] = t["weight"]
+            messages.append(m)
+        return self._checked(messages, where, "conversations")
+
+    def _messages(self, turns: list[tuple[dict, bool]], where: str) -> Rendered | None:
+        if not any(loss for _, loss in turns):
+            self.stats.no_answer += 1
+            self.stats.first_no_answer = self.stats.first_no_answer or where
+            return None
+        calls = next((i for i, (m, _) in enumerate(turns) if m.get("tool_calls")), None)
+        if self.template is None:
+            if calls is not None:
+                raise DataError(f"{where}: message {calls} calls tools ('tool_calls'), which fuyou's fallback chat "
+                                f"format (for a tokenizer without a chat template) cannot write: the turn would be "
+                                f"trained as an empty answer. Give data.tokenizer (or --init-from) a model whose chat "
+                                f"template renders tool calls, or leave these conversations out")
+            self.stats.fallback_chats += 1
+            return self._fallback(turns)
+        if calls is not None:
+            self._check_template_renders_calls([m for m, _ in turns], calls, where)
+        return self._templated(turns, where)
+
+    def _check_template_renders_calls(self, messages: list[dict], i: int, where: str) -> None:
+        """A template that ignores ``tool_calls`` would train a tool call as an empty answer: refused."""
+        without = dict(messages[i])
+        del without["tool_calls"]
+        render = self.tok.render_chat
+        if render(messages[: i + 1], add_generation_prompt=False) == render(
+                messages[:i] + [without], add_generation_prompt=False):
+            raise DataError(f"{where}: message {i} calls tools ('tool_calls'), but the chat template of "
+                            f"{self.tok.name} does not render them: the turn would be trained as an empty answer. "
+                            f"Use a model whose template renders tool calls, or leave these conversations out")
+
+    def _fallback(self, turns: list[tuple[dict, bool]]) -> Rendered:
         out = Rendered()
         bos = self.tok.encode_prompt("")  # the BOS token, if the tokenizer adds one
         out.add(bos, False)
-        for m in messages:
+        for m, loss in turns:
             if m["role"] == "assistant":
                 out.add(self.tok.encode(FALLBACK_GENERATION), False)
-                out.add(self.tok.encode(m["content"] + "<|im_end|>\n") + [self.tok.eos_id], True)
+                out.add(self.tok.encode(m["content"] + "<|im_end|>\n") + [self.tok.eos_id], loss)
             else:
-                out.add(self.tok.encode(FALLBACK_TEMPLATE.format(**m)), False)
+                out.add(self.tok.encode(FALLBACK_TEMPLATE.format(role=m["role"], content=m["content"])), False)
         return out
 
-    def _templated(self, messages: list[dict], where: str) -> Rendered:
+    def _templated(self, turns: list[tuple[dict, bool]], where: str) -> Rendered:
         try:
-            return self._templated_turns(messages, where)
+            return self._templated_turns(turns, where)
         except DataError as e:
             if str(e).startswith(where):
                 raise
             raise DataError(f"{where}: {e}") from e
 
-    def _templated_turns(self, messages: list[dict], where: str) -> Rendered:
+    def _templated_turns(self, turns: list[tuple[dict, bool]], where: str) -> Rendered:
         render = self.tok.render_chat
+        messages = [m for m, _ in turns]
         pieces: list[tuple[str, bool]] = []  # (text, loss)
         done = ""
-        for k, m in enumerate(messages):
+        for k, (m, loss) in enumerate(turns):
+            full = render(messages[: k + 1], add_generation_prompt=False)
             if m["role"] == "assistant":
-                head = render(messages[:k], add_generation_prompt=True) if k else ""  # (no turn before: no prompt)
-                full = render(messages[: k + 1], add_generation_prompt=False)
+                head = render(messages[:k], add_generation_prompt=True) if k else self._opening(full, m, where)
                 if not head.startswith(done) or not full.startswith(head):
-                    return self._last_turn_only(messages, where)
-                pieces += [(head[len(done):], False), (full[len(head):], True)]
-                done = full
+                    return self._last_turn_only(turns, where)
+                pieces += [(head[len(done):], False), (full[len(head):], loss)]
             else:
-                full = render(messages[: k + 1], add_generation_prompt=False)
                 if not full.startswith(done):
-                    return self._last_turn_only(messages, where)
+                    return self._last_turn_only(turns, where)
                 pieces.append((full[len(done):], False))
-                done = full
+            done = full
         out = Rendered()
         for text, loss in pieces:
             if text:
                 out.add(self.tok.encode(text), loss)
         return out
 
-    def _last_turn_only(self, messages: list[dict], where: str) -> Rendered:
-        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    @staticmethod
+    def _opening(full: str, m: dict, where: str) -> str:
+        """The prompt before a conversation's opening assistant turn (there is no earlier turn to render it
+        with a generation prompt): what the template writes before the turn's content (its BOS, a default
+        system prompt, the assistant header)."""
+        at = full.rfind(m["content"]) if m.get("content") else -1
+        if at < 0:
+            raise DataError(f"{where}: the conversation opens with an assistant turn whose content the chat template "
+                            f"does not write as given, so its answer tokens cannot be told from the prompt; start it "
+                            f"with a user (or system) message")
+        return full[:at]
+
+    def _last_turn_only(self, turns: list[tuple[dict, bool]], where: str) -> Rendered | None:
+        last = max(i for i, (m, _) in enumerate(turns) if m["role"] == "assistant")
+        if not turns[last][1]:  # its weight is 0: nothing to learn from this record's last turn
+            self.stats.no_answer += 1
+            self.stats.first_no_answer = self.stats.first_no_answer or where
+            return None
         render = self.tok.render_chat
-        head = render(messages[:last], add_generation_prompt=True)
+        messages = [m for m, _ in turns]
         full = render(messages[: last + 1], add_generation_prompt=False)
+        head = render(messages[:last], add_generation_prompt=True) if last else self._opening(full, messages[0], where)
         if not full.startswith(head):
             raise DataError(f"{where}: the tokenizer's chat template renders the last assistant turn's prompt "
                             f"differently from the conversation ({head[-60:]!r} is not a prefix); cannot tell which "
@@ -211,3 +343,8 @@ class Renderer:
         out.add(self.tok.encode(head), False)
         out.add(self.tok.encode(full[len(head):]), True)
         return out
+
+
+def _json_type(v) -> str:
+    return {type(None): "null", bool: "boolean", int: "number", float: "number", list: "array",
+            dict: "object"}.get(type(v), type(v).__name__)

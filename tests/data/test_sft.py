@@ -136,8 +136,11 @@ def test_template_that_rewrites_earlier_turns_trains_the_last_only(tmp_path, hf_
 @pytest.mark.parametrize("rec, message", [
     ({"foo": 1}, "none of the formats"),
     ({"messages": []}, "non-empty list"),
-    ({"messages": [{"role": "user", "content": "hi"}]}, "no assistant message"),
-    ({"messages": [{"role": "user"}]}, "string 'role' and 'content'"),
+    ({"messages": [{"role": "user", "content": None}, {"role": "assistant", "content": "x"}]},
+     r"messages\[0\]: 'content' is a JSON null; it must be a string \(null only in an assistant message that calls"),
+    ({"messages": [{"role": "user"}]}, "'content' is missing"),
+    ({"messages": [{"role": "assistant", "content": "x", "weight": 0.5}]}, "'weight' is 0.5; it must be 0"),
+    ({"conversations": [{"from": "narrator", "value": "x"}]}, "from 'narrator', which is none of ShareGPT's"),
     ({"prompt": 3, "completion": "x"}, "field 'prompt' must be a string"),
 ])
 def test_bad_records_are_refused_with_their_line(tmp_path, rec, message):
@@ -386,3 +389,133 @@ def test_a_template_that_refuses_a_conversation_names_its_line(tmp_path, hf_tok_
                            {"role": "assistant", "content": "Paris."}]}]
     d = tokenize_records([write_jsonl(tmp_path / "f.jsonl", first)], str(hf_tok_dir), eval_paths=[tmp_path / "f.jsonl"])
     assert int(np.asarray(d.train.loss).sum()) > 0
+
+
+# -- chat data as users have it (a second new-user pass) ---------------------------------------------------
+def _answers(d, tok, k=0) -> str:
+    ex = d.train
+    s, e = int(ex.offsets[k]), int(ex.offsets[k + 1])
+    return tok.decode([int(t) for t, f in zip(ex.tokens[s + 1:e], ex.loss[s + 1:e]) if f])
+
+
+def _template_dir(tmp_path, hf_tok_dir, template: str, name: str) -> Path:
+    import shutil
+
+    d = tmp_path / name
+    shutil.copytree(hf_tok_dir, d)
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = template
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return d
+
+
+# Qwen2.5's shape: a default system prompt when the conversation has none
+WITH_SYSTEM = ("{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful bot.<|im_end|>\n"
+               "{% endif %}" + CHATML)
+
+
+@pytest.mark.parametrize("template", ["chatml", "default-system"])
+def test_a_conversation_opening_with_the_assistant_trains_only_its_content(tmp_path, hf_tok_dir, template):
+    """The opening assistant turn had no prompt to subtract: the template's header (and Qwen's default
+    system prompt) carried loss. Now only the content and its end-of-turn marker do."""
+    from fuyou.data.tokenizer import HFTokenizer
+
+    tok_dir = hf_tok_dir if template == "chatml" else _template_dir(tmp_path, hf_tok_dir, WITH_SYSTEM, "sys")
+    rec = {"messages": [{"role": "assistant", "content": "Hello, how can I help?"},
+                        {"role": "user", "content": "Capital?"}, {"role": "assistant", "content": "Paris."}]}
+    f = write_jsonl(tmp_path / "a.jsonl", [rec])
+    d = tokenize_records([f], str(tok_dir), eval_paths=[f])
+    got = _answers(d, HFTokenizer(tok_dir)).replace(" ", "")
+    assert got == "Hello,howcanIhelp?<|im_end|>\nParis.<|im_end|>\n", got
+    fb = tokenize_records([f], "byte", eval_paths=[f])  # the fallback format: the same answers
+    assert loss_text(fb.train, 0)[0] == "Hello, how can I help?<|im_end|>\nParis.<|im_end|>\n"
+
+
+def test_weight_zero_turns_and_conversations_without_an_answer_are_not_trained(tmp_path, capsys):
+    """OpenAI's per-message weight: 0 takes the turn's loss away. A conversation with nothing to learn is
+    skipped and counted (it aborted the whole file); a file of nothing but those is refused."""
+    recs = [{"messages": [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "BAD", "weight": 0},
+                          {"role": "user", "content": "Q2"}, {"role": "assistant", "content": "GOOD", "weight": 1}]},
+            {"messages": [{"role": "user", "content": "lonely"}]},
+            {"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "no", "weight": 0}]},
+            {"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}], "id": 7}]
+    f = write_jsonl(tmp_path / "w.jsonl", recs)
+    d = tokenize_records([f], "byte", eval_paths=[f])
+    assert len(d.train) == 2 and d.info["skipped_no_answer"] == 4  # (read twice: train and held-out)
+    assert loss_text(d.train, 0)[0] == "GOOD<|im_end|>\n"
+    err = capsys.readouterr().err
+    assert "4 conversation(s) with no assistant turn to learn" in err and "w.jsonl:2" in err
+    with pytest.raises(DataError, match="holds no example to train on"):
+        tokenize_records([write_jsonl(tmp_path / "none.jsonl", recs[1:3])], "byte")
+
+
+def test_sharegpt_and_trl_conversations_read_as_messages(tmp_path):
+    """ShareGPT's {"conversations": [{"from", "value"}]} and TRL's conversational prompt/completion give
+    the tokens and masks of the same conversation written as messages."""
+    msgs = CHAT[0]["messages"]
+    who = {"system": "system", "user": "human", "assistant": "gpt"}
+    share = {"conversations": [{"from": who[m["role"]], "value": m["content"]} for m in msgs]}
+    # TRL: the prompt's turns carry no loss, the completion's assistant turns do
+    trl = {"prompt": msgs[:4], "completion": msgs[4:]}
+    ref = tokenize_records([f := write_jsonl(tmp_path / "m.jsonl", [CHAT[0]])], "byte", eval_paths=[f])
+    for name, rec in (("s", share), ("t", trl)):
+        g = write_jsonl(tmp_path / f"{name}.jsonl", [rec])
+        d = tokenize_records([g], "byte", eval_paths=[g])
+        assert np.array_equal(np.asarray(d.train.tokens), np.asarray(ref.train.tokens)), name
+        want = "Rome.<|im_end|>\n" if name == "t" else loss_text(ref.train, 0)[0]
+        assert loss_text(d.train, 0)[0] == want, name
+
+
+TOOLS = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m.get('tool_calls') %}{% for c in m['tool_calls'] %}"
+         "<call>{{ c['function']['name'] }}({{ c['function']['arguments'] }})</call>{% endfor %}{% else %}"
+         "{{ m['content'] }}{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+         "{% endif %}")
+
+
+def test_tool_calls_are_trained_where_the_template_writes_them_and_refused_where_they_would_vanish(
+        tmp_path, hf_tok_dir, capsys):
+    from fuyou.data.tokenizer import HFTokenizer
+
+    call = {"type": "function", "function": {"name": "weather", "arguments": '{"city": "Paris"}'}}
+    rec = {"messages": [{"role": "user", "content": "Weather in Paris?"},
+                        {"role": "assistant", "content": None, "tool_calls": [call]},
+                        {"role": "tool", "tool_call_id": "1", "content": "sunny"},
+                        {"role": "assistant", "content": "Sunny.", "refusal": None}]}
+    f = write_jsonl(tmp_path / "t.jsonl", [rec])
+    tools = _template_dir(tmp_path, hf_tok_dir, TOOLS, "tools")
+    d = tokenize_records([f], str(tools), eval_paths=[f])
+    got = _answers(d, HFTokenizer(tools)).replace(" ", "")
+    assert got == '<call>weather({"city":"Paris"})</call><|im_end|>\nSunny.<|im_end|>\n', got
+    assert "'refusal' (2x)" in capsys.readouterr().err  # (train and held-out) an ignored key is counted
+    with pytest.raises(DataError, match="does not render them: the turn would be trained as an empty answer"):
+        tokenize_records([f], str(hf_tok_dir))  # CHATML writes content only
+    with pytest.raises(DataError, match="fallback chat format .* cannot write"):
+        tokenize_records([f], "byte")
+
+
+def test_files_are_read_by_what_they_hold_and_a_directory_says_what_it_skips(tmp_path, capsys):
+    recs = qa_records(4)
+    (tmp_path / "c.ndjson").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    d = tokenize_records([tmp_path / "c.ndjson"], "byte", val_fraction=0.25)
+    assert d.info["formats"] == {"prompt_completion": 4}  # records, not one document of JSON syntax
+    for name in ("c.txt", "noext"):
+        (tmp_path / name).write_text((tmp_path / "c.ndjson").read_text())
+        with pytest.raises(DataError, match="looks like JSON Lines .* rename it to .jsonl"):
+            tokenize_records([tmp_path / name], "byte")
+    top = tmp_path / "dir"
+    (top / ".ipynb_checkpoints").mkdir(parents=True)
+    write_jsonl(top / "a.jsonl", recs)
+    write_jsonl(top / ".ipynb_checkpoints" / "a-checkpoint.jsonl", recs)
+    (top / "b.json").write_text(json.dumps(recs))
+    (top / "c.csv").write_text("prompt,completion\n")
+    d = tokenize_records([top], "byte", val_fraction=0.25)
+    assert len(d.train) + len(d.val) == 4  # the hidden copy is not read twice
+    err = capsys.readouterr().err
+    assert "3 file(s) not read" in err and "b.json" in err and "c.csv" in err and "hidden" in err
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    write_jsonl(mixed / "a.jsonl", recs)
+    (mixed / "b.txt").write_text("plain prose")
+    with pytest.raises(DataError, match=r"b.txt is plain text, but the first record \(.*a.jsonl:1\) is "
+                                        r"prompt_completion data"):
+        tokenize_records([mixed], "byte")
