@@ -137,13 +137,17 @@ def load_data(cfg: DataConfig, tokenizer: str | None = None) -> TokenData | Exam
     spec = tokenizer or (cfg.tokenizer if cfg.tokenizer != "auto" else "byte")
     if cfg.source == "prepared":
         data = read_data(cfg.path[0])
+        _check_prepared_settings(cfg, data)
         if cfg.eval_path:  # held-out files, tokenized with the tokenizer the data was prepared with
-            held = tokenize_records(cfg.eval_path, _spec_of(data), cfg.format, cfg.train_on_prompt, 0.5,
+            on_prompt = data.info.get("train_on_prompt", False) if isinstance(data, ExampleData) else False
+            held = tokenize_records(cfg.eval_path, _spec_of(data), cfg.format, on_prompt, 0.5,
                                     cfg.jsonl_field, eval_paths=cfg.eval_path)
             if isinstance(held, ExampleData) != isinstance(data, ExampleData):
                 raise DataError("data.eval_path holds another kind of data (text vs. fine-tuning records) than "
                                 "data.path")
             data.val = held.val
+        if isinstance(data, ExampleData):
+            print(f"fuyou: data: {data.summary()}", file=sys.stderr)
         return data
     if cfg.source == "builtin":
         return tokenize_documents(builtin_documents(), spec, cfg.val_fraction)
@@ -152,6 +156,31 @@ def load_data(cfg: DataConfig, tokenizer: str | None = None) -> TokenData | Exam
     if isinstance(data, ExampleData):
         print(f"fuyou: data: {data.summary()}", file=sys.stderr)
     return data
+
+
+def _check_prepared_settings(cfg: DataConfig, data) -> None:
+    """Settings that ``fuyou data prepare`` fixed when it made the data would be ignored when training on it:
+    refused, with how to get them (a run's config.toml would otherwise record what did not happen)."""
+    fields = DataConfig.model_fields
+    ignored = []
+    if cfg.format != "auto" and not cfg.eval_path:
+        ignored.append(f"data.format={cfg.format}")
+    if cfg.jsonl_field != fields["jsonl_field"].default and not cfg.eval_path:
+        ignored.append(f"data.jsonl_field={cfg.jsonl_field}")
+    if cfg.val_fraction != fields["val_fraction"].default:
+        ignored.append(f"data.val_fraction={cfg.val_fraction:g} (--val-fraction)")
+    prepared_on_prompt = data.info.get("train_on_prompt", False) if isinstance(data, ExampleData) else False
+    if cfg.train_on_prompt != prepared_on_prompt:
+        ignored.append(f"data.train_on_prompt={str(cfg.train_on_prompt).lower()} (prepared with "
+                       f"{str(prepared_on_prompt).lower()}; --train-on-prompt)")
+    if cfg.tokenizer != "auto":
+        given = "byte" if cfg.tokenizer == "byte" else f"hf:{Path(cfg.tokenizer).resolve()}"
+        if given != data.tokenizer:
+            ignored.append(f"data.tokenizer={cfg.tokenizer} (prepared with {data.tokenizer}; --tokenizer)")
+    if ignored:
+        raise DataError(f"data.path {cfg.path[0]} is prepared data: `fuyou data prepare` fixed these settings when it "
+                        f"made it, so training would ignore {', '.join(ignored)}. Prepare the data again with what "
+                        f"you want (the option in brackets), or leave them out")
 
 
 def _spec_of(data) -> str:

@@ -37,8 +37,29 @@ def make_batches(cfg, data: TokenData | ExampleData | None, quiet: bool = False)
             print(f"fuyou: data: {rows.report()}; held out: {held.report()}", file=sys.stderr)
         evals = ExampleEvalBatches(held, t.micro_batch_size, t.eval_batches) if len(held) else None
         if evals is None and not quiet:
-            print(f"fuyou: note: no held-out example has an answer token within data.seq_len={seq}: evaluation is "
-                  f"off; give data.eval_path a file of examples that fit, or a larger data.seq_len", file=sys.stderr)
+            why = (f"no held-out example has an answer token within data.seq_len={seq}" if len(data.val) else
+                   f"no example is held out ({len(data.train)} in all: data.val_fraction holds out none of so few)")
+            print(f"fuyou: note: {why}: evaluation is off; give data.eval_path a file of examples"
+                  + (" that fit, or a larger data.seq_len" if len(data.val) else ""), file=sys.stderr)
+        _note_repeats(cfg, len(rows), "rows", quiet)
         return ExampleSampler(rows, t.micro_batch_size, t.seed), evals
     data.check_fits(seq, cfg.model.vocab_size)
-    return BatchSampler(data.train, seq, t.micro_batch_size, t.seed), EvalBatches(data.val, seq, t.micro_batch_size, t.eval_batches)
+    train = BatchSampler(data.train, seq, t.micro_batch_size, t.seed)
+    if len(data.val) < seq + 1:  # too little held out for one sequence: no evaluation, not no training
+        if not quiet:
+            how = ("prepare the data again with a larger --val-fraction" if cfg.data.source == "prepared" else
+                   "raise data.val_fraction")
+            print(f"fuyou: note: the held-out split has {len(data.val)} tokens, fewer than one sequence of "
+                  f"{seq}+1: evaluation is off; {how}, give data.eval_path, or lower data.seq_len", file=sys.stderr)
+        return train, None
+    return train, EvalBatches(data.val, seq, t.micro_batch_size, t.eval_batches)
+
+
+def _note_repeats(cfg, n: int, what: str, quiet: bool) -> None:
+    """A step that draws more sequences than the data has repeats them within the step: said once."""
+    t = cfg.train
+    per_step = t.micro_batch_size * t.grad_accum
+    if 0 < n < per_step and not quiet:  # (no row at all: ExampleSampler refuses the run)
+        print(f"fuyou: note: the data makes {n} {what} of {cfg.data.seq_len} tokens and a step draws {per_step} "
+              f"(train.micro_batch_size x train.grad_accum): each step repeats them about {per_step / n:.1f} times; "
+              f"lower train.micro_batch_size or give more data", file=sys.stderr)

@@ -117,6 +117,10 @@ class Rows:
     pad_id: int
     truncated: int
     dropped: int
+    cut_tokens: int = 0        # tokens of the usable examples beyond seq_len + 1 (lost to the cut)
+    cut_loss_tokens: int = 0   # of those, targets that carried loss
+    total_tokens: int = 0      # tokens of the usable examples before the cut
+    total_loss_tokens: int = 0
 
     @classmethod
     def build(cls, ex: Examples, seq_len: int, packed: bool, pad_id: int, seed: int | None) -> "Rows":
@@ -130,6 +134,10 @@ class Rows:
         with_loss = np.add.reduceat(padded, bounds, dtype=np.int64)[::2] if len(bounds) else np.zeros(0, np.int64)
         usable = np.flatnonzero((keep >= 2) & (with_loss > 0))
         truncated = int(np.count_nonzero(lengths[usable] > seq_len + 1))
+        # what the cut costs: the usable examples' targets with loss in all of them, and in what is kept
+        full_bounds = np.stack([starts + 1, starts + np.maximum(lengths, 1)], axis=1).reshape(-1)
+        all_loss = (np.add.reduceat(padded, full_bounds, dtype=np.int64)[::2] if len(full_bounds)
+                    else np.zeros(0, np.int64))
         dropped = len(ex) - len(usable)
         order = usable if seed is None else usable[np.random.default_rng(seed).permutation(len(usable))]
         if packed:
@@ -144,7 +152,10 @@ class Rows:
                 ptr.append(len(order))
         else:
             ptr = list(range(len(order) + 1))
-        return cls(ex, order, np.array(ptr, dtype=np.int64), keep, seq_len, packed, pad_id, truncated, dropped)
+        total, kept = int(lengths[usable].sum()), int(keep[usable].sum())
+        total_loss, kept_loss = int(all_loss[usable].sum()), int(with_loss[usable].sum())
+        return cls(ex, order, np.array(ptr, dtype=np.int64), keep, seq_len, packed, pad_id, truncated, dropped,
+                   total - kept, total_loss - kept_loss, total, total_loss)
 
     def __len__(self) -> int:
         return len(self.ptr) - 1
@@ -178,7 +189,10 @@ class Rows:
         what = "packed into" if self.packed else "padded into"
         out = f"{n} examples {what} {len(self)} rows of {self.seq_len} tokens ({100 * fill:.0f}% real tokens)"
         if self.truncated:
-            out += f"; {self.truncated} longer than {self.seq_len + 1} tokens cut"
+            out += (f"; {self.truncated} longer than {self.seq_len + 1} tokens cut, losing {self.cut_tokens:,} of "
+                    f"{self.total_tokens:,} tokens ({100 * self.cut_tokens / max(1, self.total_tokens):.0f}%) and "
+                    f"{self.cut_loss_tokens:,} of {self.total_loss_tokens:,} answer tokens "
+                    f"({100 * self.cut_loss_tokens / max(1, self.total_loss_tokens):.0f}%)")
         if self.dropped:
             out += f"; {self.dropped} dropped (no answer token left within data.seq_len)"
         return out

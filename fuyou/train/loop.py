@@ -124,7 +124,7 @@ def load_training_data(cfg: FuyouConfig):
         drawn = t.steps * per_step / sampler.per_epoch()
         if drawn > 1.25 * t.epochs and distributed.current().is_main:  # a step larger than the data asked for
             print(f"note: train.epochs={t.epochs} of {sampler.per_epoch():.0f} sequences at {per_step} a step rounds "
-                  f"up to {t.steps} step(s), which draw {drawn:.2f} epochs (sequences repeat); lower "
+                  f"up to {t.steps} step(s), which draw {drawn:.2f} epochs{' (sequences repeat)' if drawn > 1 else ''}; lower "
                   f"train.micro_batch_size or train.grad_accum for closer to {t.epochs}", file=sys.stderr)
     return data
 
@@ -275,9 +275,12 @@ def check_tokenizer(cfg: FuyouConfig, data) -> None:
     if tok_dir is None or data.tokenizer == f"hf:{tok_dir}":
         return
     if data.tokenizer == "byte":
+        how = (f"prepare the data again with it (`fuyou data prepare ... --tokenizer {tok_dir}`)"
+               if cfg.data.source == "prepared" else
+               f"leave data.tokenizer at 'auto' (the model's tokenizer), or prepare the data with it (`fuyou data "
+               f"prepare ... --tokenizer {tok_dir}`)")
         raise DataError(f"the data was tokenized byte by byte, but model.init_from={cfg.model.init_from} was trained "
-                        f"with the tokenizer in {tok_dir}; prepare the data with it (`fuyou data prepare ... "
-                        f"--tokenizer {tok_dir}`) or leave data.tokenizer at 'auto'")
+                        f"with the tokenizer in {tok_dir}; {how}")
     from fuyou.data.tokenizer import HFTokenizer
 
     want = HFTokenizer(tok_dir).fingerprint

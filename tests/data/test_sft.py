@@ -183,6 +183,9 @@ def test_padding_truncation_and_dropping(tmp_path):
     assert b.positions is None and b.tokens.shape == (2, 64)
     assert int((b.targets[1] != IGNORE).sum()) == 2  # "y" and EOS; the padding carries none
     assert "1 longer than 65 tokens cut" in rows.report() and "1 dropped" in rows.report()
+    # what the cut costs, in tokens and answer tokens (the 1st: 50 + 50 + EOS = 101 tokens, 51 answer ones, 65
+    # kept; the 3rd: 3 tokens, 2 answer ones)
+    assert "losing 36 of 104 tokens (35%) and 36 of 53 answer tokens (68%)" in rows.report(), rows.report()
 
 
 def test_epochs_cover_every_row_once_per_epoch(tmp_path):
@@ -519,3 +522,38 @@ def test_files_are_read_by_what_they_hold_and_a_directory_says_what_it_skips(tmp
     with pytest.raises(DataError, match=r"b.txt is plain text, but the first record \(.*a.jsonl:1\) is "
                                         r"prompt_completion data"):
         tokenize_records([mixed], "byte")
+
+
+def test_settings_prepared_data_fixed_are_refused_not_ignored(tmp_path, capsys):
+    """data.train_on_prompt, val_fraction, format and tokenizer given for prepared data changed nothing and
+    were recorded in the run's config as if they had: now refused with how to get them."""
+    from fuyou.cli import main
+
+    src = write_jsonl(tmp_path / "qa.jsonl", qa_records(30))
+    assert main(["data", "prepare", str(src), "--out", str(tmp_path / "prep")]) == 0
+    prep = str(tmp_path / "prep")
+    load_data(DataConfig(path=[prep]))  # as prepared: fine, and the share of answer tokens is said
+    assert "% of targets carry loss" in capsys.readouterr().err
+    for extra, named in (({"train_on_prompt": True}, "data.train_on_prompt=true (prepared with false"),
+                         ({"val_fraction": 0.2}, "data.val_fraction=0.2"), ({"format": "alpaca"}, "data.format=alpaca"),
+                         ({"tokenizer": str(tmp_path)}, "data.tokenizer=")):
+        with pytest.raises(DataError, match="prepared data: `fuyou data prepare` fixed these") as e:
+            load_data(DataConfig(path=[prep], **extra))
+        assert named in str(e.value), str(e.value)
+
+
+def test_too_little_held_out_turns_evaluation_off_and_a_step_larger_than_the_data_is_said(tmp_path, capsys):
+    from fuyou.data.batches import make_batches
+
+    one = write_jsonl(tmp_path / "one.jsonl", qa_records(1))
+    cfg = make_cfg(tmp_path, f"data.path={one}", "train.micro_batch_size=4", "data.seq_len=128",
+                   "model.max_seq_len=128")
+    sampler, evals = make_batches(cfg, load_data(cfg.data))
+    err = capsys.readouterr().err
+    assert evals is None and "no example is held out (1 in all" in err and "answer token within" not in err
+    assert "makes 1 rows of 128 tokens and a step draws 4" in err
+    text = tmp_path / "t.txt"
+    text.write_text("word " * 400)
+    cfg = make_cfg(tmp_path, f"data.path={text}", "data.val_fraction=0.01")
+    sampler, evals = make_batches(cfg, load_data(cfg.data))  # 20 held-out tokens: no evaluation, training goes on
+    assert evals is None and "evaluation is off; raise data.val_fraction" in capsys.readouterr().err
