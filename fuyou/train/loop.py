@@ -307,8 +307,8 @@ class _StopOnSignal:
             os.write(2, b"\nfuyou: second signal, exiting now; the last commit is intact (--resume continues)\n")
             os._exit(128 + signum)
         self.requested = signal.Signals(signum).name
-        os.write(2, f"\nfuyou: {self.requested}: stopping after this step and its commit (a second signal exits "
-                    f"at once)\n".encode())
+        os.write(2, f"\nfuyou: {self.requested}: stopping at the end of this step, with a commit of it (SSD offload) "
+                    f"or a snapshot (in memory); a second signal exits at once\n".encode())
 
     def restore(self):
         for sig, old in self._old.items():
@@ -433,6 +433,22 @@ def _loop(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, stop
         stopping = dist.any(stop.requested is not None)
         if stopping and step + 1 < t.steps:
             stop.requested = stop.requested or "a stop on another rank"
+            if cfg.offload.mode != "ssd":
+                # An in-memory run has no committed state to resume: its weights are kept as a snapshot,
+                # which a new run can start from (its optimizer moments and data position start afresh).
+                snap = None
+                if dist.is_main:
+                    snap = save_snapshot(run_dir, trainer, cfg, step + 1)
+                else:
+                    _serve_weights(trainer)
+                log.write({"stopped": stop.requested, "step": step + 1, "snapshot": str(snap)})
+                log.close()
+                progress.message(f"stopped by {stop.requested} after step {step + 1}; the weights of step {step + 1} "
+                                 f"are in {snap}. An in-memory run keeps no resumable state (offload.mode=ssd runs "
+                                 f"do): to go on from these weights, start a run with --init-from {snap} (its "
+                                 f"AdamW moments, schedule and data position start afresh)")
+                return RunResult(run_dir, first_eval, last_eval, stats.loss, tokens / (time.perf_counter() - start),
+                                 resident_bytes("VmHWM"), stopped=True)
             trainer.commit(step + 1)  # the step's updates and its commit are on the SSD
             log.write({"stopped": stop.requested, "step": step + 1})
             log.close()

@@ -302,3 +302,39 @@ def test_notes_for_a_llama_beyond_its_positions_and_a_cpu_budget_in_memory(tmp_p
     err = capsys.readouterr().err
     assert "data.seq_len=128 is beyond the model's 64 positions" in err
     assert "offload.cpu_mem (--cpu-mem) budgets SSD offload" in err
+
+
+def test_a_stopped_in_memory_run_keeps_its_weights_and_says_how_to_go_on(tmp_path):
+    """Ctrl-C on an in-memory run said "(committed); continue with: fuyou train --resume", saved nothing,
+    and that resume was refused. Now the stopped step's weights are a snapshot a new run starts from."""
+    import signal
+    import time
+
+    run = tmp_path / "runs" / "stop"
+    cmd = [sys.executable, "-m", "fuyou.cli", "train", "model.preset=gpt-test", "model.n_layer=4", "data.seq_len=32",
+           "train.micro_batch_size=2", "train.steps=100000", "train.log_every=1", "train.eval_every=0",
+           f"run.out_dir={tmp_path / 'runs'}", "run.name=stop"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            m = run / "metrics.jsonl"
+            if m.exists() and '"loss"' in m.read_text():
+                break
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    snaps = list((run / "snapshots").glob("step-*"))
+    assert len(snaps) == 1 and (snaps[0] / "model.safetensors").is_file(), out
+    assert f"are in {snaps[0].relative_to(Path.cwd()) if snaps[0].is_relative_to(Path.cwd()) else snaps[0]}" in out
+    assert "keeps no resumable state" in out and "--init-from" in out and "(committed)" not in out
+    from fuyou.train.loop import run_training
+
+    go_on = run_training(load_config(overrides=[f"model.init_from={snaps[0]}", "data.seq_len=32", "train.steps=1",
+                                                "train.micro_batch_size=2", f"run.out_dir={tmp_path / 'runs'}",
+                                                "run.name=again"]))
+    assert (go_on.run_dir / "model.safetensors").is_file()
