@@ -691,7 +691,7 @@ def _prepare(args) -> int:
                   f"chat template renders earlier turns differently once the conversation goes on")
     else:
         write_prepared(args.out, data)
-        print(f"read {data.documents} documents (plain text: every token carries loss); wrote {len(data.train)} "
+        print(f"read {data.documents} document{'s' if data.documents != 1 else ''} (plain text: every token carries loss); wrote {len(data.train)} "
               f"train and {len(data.val)} val tokens ({data.train.dtype}, tokenizer {data.tokenizer}) to {args.out}")
     return 0
 

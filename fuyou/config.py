@@ -158,6 +158,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     raw: dict[str, dict[str, Any]] = {}
     if path is not None:
         p = Path(path)
+        if p.is_dir():
+            raise ConfigError(f"config file {p} is a directory; give the TOML file itself (see configs/ for examples)")
         if not p.is_file():
             raise ConfigError(f"config file {p} does not exist; see configs/ for examples")
         try:
@@ -176,13 +178,22 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def validate(raw: dict[str, Any]) -> FuyouConfig:
     for section, values in raw.items():
+        if not isinstance(values, dict):  # a key written above every [section] of the file
+            home = [name for name, sec in SECTIONS.items() if section in sec.model_fields]
+            where = f"under [{home[0]}]" if home else f"under its section ({', '.join(SECTIONS)})"
+            raise ConfigError(f"{section!r} is set outside any section of the config file; write it {where} "
+                              f"(e.g. [{home[0] if home else 'train'}] followed by {section} = ...)")
         if section not in SECTIONS:
-            raise ConfigError(f"unknown section [{section}]; the sections are: {', '.join(SECTIONS)}")
+            raise ConfigError(f"unknown section [{section}]{_did_you_mean(section, SECTIONS)}; the sections are: "
+                              f"{', '.join(SECTIONS)}")
         fields = SECTIONS[section].model_fields
         for key, value in values.items():  # "none" unsets a field that may be unset
             if isinstance(value, str) and value.lower() in ("none", "null") and key in fields \
                     and type(None) in typing.get_args(fields[key].annotation):
                 values[key] = None
+            elif isinstance(value, str) and key in fields and fields[key].annotation is bool:
+                # pydantic would read "no", "off", "0" as false: the implicit conversion TOML avoids
+                raise ConfigError(f"{section}.{key} is true or false, without quotes; got the string {value!r}")
     model = dict(raw.get("model", {}))
     if model.get("preset") is not None:
         model = {**preset(str(model["preset"])), **model}
@@ -201,13 +212,21 @@ def explain(err: ValidationError) -> str:
         loc = ".".join(str(x) for x in e["loc"])
         if e["type"] == "extra_forbidden":
             section = SECTIONS.get(str(e["loc"][0]))
-            allowed = ", ".join(section.model_fields) if section and len(e["loc"]) == 2 else ", ".join(SECTIONS)
-            lines.append(f"unknown key {loc!r}; allowed keys here: {allowed}")
+            names = list(section.model_fields) if section and len(e["loc"]) == 2 else list(SECTIONS)
+            lines.append(f"unknown key {loc!r}{_did_you_mean(str(e['loc'][-1]), names)}; allowed keys here: "
+                         f"{', '.join(names)}")
         else:
             msg = e["msg"].removeprefix("Value error, ")
             got = f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict) else ""
             lines.append(f"{loc}: {msg}{got}" if loc else f"{msg}{got}")  # a whole-config check has no place
     return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def _did_you_mean(name: str, names) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name, list(names), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _set(raw: dict, dotted: str, value: Any) -> None:

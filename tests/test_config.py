@@ -28,8 +28,11 @@ def test_resolved_config_round_trips(tmp_path):
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (["train.stepz=3"], r"unknown key 'train.stepz'; allowed keys here: steps, epochs, micro_batch_size"),
+    (["train.stepz=3"], r"unknown key 'train.stepz' \(did you mean 'steps'\?\); allowed keys here: steps, epochs, "
+                        r"micro_batch_size"),
     (["bogus.x=1"], r"unknown section \[bogus\]"),
+    (["trian.steps=3"], r"unknown section \[trian\] \(did you mean 'train'\?\)"),
+    (["run.save_weights=no"], r"run.save_weights is true or false, without quotes; got the string 'no'"),
     (["train.steps=-3"], r"train.steps: Input should be greater than or equal to 1"),
     (["offload.cpu_mem=-1"], r"offload.cpu_mem"),
     (["offload.cpu_mem=lots"], r"cannot read 'lots' as a size"),
@@ -48,9 +51,16 @@ def test_bad_config_says_what_is_wrong(overrides, message):
         load_config(overrides=overrides)
 
 
-def test_missing_config_file():
+def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config("/no/such.toml")
+    with pytest.raises(ConfigError, match="is a directory; give the TOML file itself"):
+        load_config(tmp_path)
+    f = tmp_path / "top.toml"
+    f.write_text("steps = 3\n[train]\nlog_every = 1\n")  # a key above every section: it was "unknown section [steps]"
+    with pytest.raises(ConfigError, match=r"'steps' is set outside any section of the config file; write it under "
+                                          r"\[train\]"):
+        load_config(f)
 
 
 def test_every_shipped_config_validates(tmp_path):

@@ -84,6 +84,21 @@ def data_fingerprint(cfg: FuyouConfig) -> dict:
     return {"files": [one(Path(p)) for p in paths], "steps": cfg.train.steps if cfg.train.epochs is not None else None}
 
 
+def _data_files_change(cfg: FuyouConfig, then: list, now: list) -> str:
+    """``data_fingerprint``'s figures that changed, in words (the raw lists go to resumes.jsonl)."""
+    import datetime
+
+    def words(f) -> str:
+        if f is None:
+            return "missing"
+        when = datetime.datetime.fromtimestamp(f[-1] / 1e9).strftime("%Y-%m-%d %H:%M:%S")
+        return (f"{format_size(f[0])}, modified {when}" if len(f) == 2 else
+                f"{f[0]} files, {format_size(f[1])}, newest modified {when}")
+    paths = [*cfg.data.path, *cfg.data.eval_path]
+    parts = [f"{p}: {words(a)} -> {words(b)}" for p, a, b in zip(paths, then, now) if a != b]
+    return "the data changed since the run started (" + "; ".join(parts) + ")"
+
+
 def record_data(run_dir: Path, cfg: FuyouConfig, fp: dict | None = None) -> None:
     """Write ``data_fingerprint`` (``fp`` when already taken) into a resumable run's directory (SSD
     offload, data from files)."""
@@ -198,7 +213,8 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
         record_data(run_path, cfg, data_now)
         if changed:
             print("resumed with changes (recorded in resumes.jsonl; config.toml is now the effective config): "
-                  + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()), file=stream or sys.stderr)
+                  + ", ".join(_data_files_change(cfg, a, b) if k == "data files (size, modified)" else
+                              f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()), file=stream or sys.stderr)
             schedule_note = _schedule_change(load_config(run_path / f"config.step-{trainer.start_step}.toml",
                                                          ["model.init_from=none"], dirs), cfg, trainer.start_step,
                                              changed)
@@ -369,7 +385,7 @@ def _loop(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, stop
             else f"{cfg.data.source} data")
     progress.message(
         f"fuyou: training {cfg.model.preset or cfg.model.family} ({si(model.num_params)} parameters) on "
-        f"{trainer.device}, {mode}, {data}, {t.precision}, {t.steps} steps of "
+        f"{trainer.device}, {mode}, {data}, {t.precision}, {t.steps} step{'s' if t.steps != 1 else ''} of "
         f"{t.micro_batch_size * t.grad_accum} x {cfg.data.seq_len} tokens"
         + (f" ({t.grad_accum} micro-batches of {t.micro_batch_size})" if t.grad_accum > 1 else "")
         + f"; run dir {run_dir}"
@@ -484,7 +500,7 @@ def _loop(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, stop
                "peak_rss_bytes": peak, **wear})
     log.close()
     mean_tps = tokens / elapsed
-    done = (f"{t.steps} steps" if not start_step else f"steps {start_step + 1}-{t.steps} of {t.steps}"
+    done = (f"{t.steps} step{'s' if t.steps != 1 else ''}" if not start_step else f"steps {start_step + 1}-{t.steps} of {t.steps}"
             if start_step < t.steps else f"no step left to run ({t.steps} committed)")
     summary = f"done: {done} in {elapsed:.1f}s, {si(mean_tps)} tokens/s, {mean_tps * flops_per_token / 1e12:.3g} TFLOPS"
     if first_eval is not None:

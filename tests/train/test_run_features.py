@@ -231,7 +231,9 @@ def test_a_resume_over_changed_data_says_so(tmp_path, capsys, monkeypatch):
     capsys.readouterr()
     assert main(["train", "--resume", str(run), "train.epochs=2"]) == 0
     err = capsys.readouterr().err
-    assert "data files (size, modified)" in err and "train.steps (from train.epochs)" in err
+    assert f"the data changed since the run started ({corpus}: 2.64 KiB, modified" in err, err  # in words
+    assert "-> 5.27 KiB, modified" in err and "train.steps (from train.epochs)" in err
+    assert "[[" not in err.split("resumed with changes")[1]  # not the raw record
     entry = json.loads((run / "resumes.jsonl").read_text().splitlines()[-1])
     assert entry["changed"]["train.steps (from train.epochs)"][0] == steps
     assert json.loads((run / "data-files.json").read_text())["steps"] > 2 * steps  # the record follows the data
