@@ -79,8 +79,9 @@ def tokenize_records(paths: list[str], tokenizer_spec: str, fmt: str = "auto", t
     st = renderer.stats
     if st.fallback_chats and tok.name != "byte":
         print(f"fuyou: note: the tokenizer {tok.name} has no chat template: {st.fallback_chats} conversations were "
-              f"rendered with fuyou's ChatML-style fallback (<|im_start|>ROLE ... <|im_end|>); prompt the fine-tuned "
-              f"model the same way, or give a tokenizer that has a chat template", file=sys.stderr)
+              f"rendered with fuyou's ChatML-style fallback (<|im_start|>ROLE ... <|im_end|>, each assistant turn "
+              f"followed by the EOS token, which the model learns as its stop); prompt the fine-tuned model the same "
+              f"way, or give a tokenizer that has a chat template", file=sys.stderr)
     for note in st.notes():
         print(f"fuyou: note: {note}", file=sys.stderr)
     if not rendered:

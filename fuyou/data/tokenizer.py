@@ -77,6 +77,13 @@ class HFTokenizer:
         self.vocab_size = len(self._tok)
         eos = self._tok.eos_token_id
         self.eos_id = int(eos) if eos is not None else self.vocab_size - 1
+        if eos is None:
+            import sys
+
+            print(f"fuyou: note: the tokenizer in {path} defines no EOS token; fuyou ends documents and answers with "
+                  f"its last id, {self.eos_id} ({self._tok.convert_ids_to_tokens(self.eos_id)!r}), which the model "
+                  f"then learns as its stop token: set eos_token in {path / 'tokenizer_config.json'} to the model's "
+                  f"own", file=sys.stderr)
         pad = self._tok.pad_token_id
         self.pad_id = int(pad) if pad is not None else self.eos_id
         self.chat_template = getattr(self._tok, "chat_template", None) or None
