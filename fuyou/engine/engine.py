@@ -465,7 +465,9 @@ class Engine:
         t = self.cfg.train
         if self.exchange is not None:
             self.exchange.check()
-        self.counters = StepCounters()
+        if self.counters.started:  # the previous step's counters were not read (step_counters): closed unread
+            self._roll_counters()
+        self.counters.started = True
         sched = self.cfg.offload.clip_schedule
         self._defer = self.clipping and (sched == "defer" or (sched == "auto" and self.clipped))
         self.counters.deferred = self._defer
@@ -691,6 +693,8 @@ class Engine:
         norm = None
         if self.clipping:
             norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.train.grad_clip))
+            # as clip_grad_norm_ scales: by max_norm / (norm + 1e-6), capped at 1
+            self.counters.clipped = self.cfg.train.grad_clip / (norm + 1e-6) < 1.0
         fault("optimizer", self._step_index)
         for g in self.lora_opt.param_groups:
             g["lr"] = lr
@@ -1056,7 +1060,15 @@ class Engine:
         return lines
 
     def step_counters(self) -> dict | None:
-        return self.counters.as_dict()
+        """The last step's counters; what its background work (optimizer tail, a commit's writes) adds after
+        this read counts into the next step's, so no byte is lost or counted twice. Read after the run's
+        final commit, the commit's own bytes."""
+        return self._roll_counters().as_dict()
+
+    def _roll_counters(self) -> StepCounters:
+        old, self.counters = self.counters, StepCounters()
+        old.close(self.counters)
+        return old
 
     def write_trace(self, path) -> None:
         self.worker.wait_all()  # the step's optimizer tasks belong in its trace

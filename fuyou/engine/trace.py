@@ -12,7 +12,7 @@ import json
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 RESOURCES = ["compute", "h2d", "d2h", "ssd-read", "ssd-write", "cpu-adam", "wait", "exchange"]
@@ -40,16 +40,29 @@ class StepCounters:
     exchange_bytes: int = 0        # data parallel: compute weights this rank sent or received (exchange.py)
     clipped: bool = False          # exact clipping triggered: the step's speculative updates were redone
     deferred: bool = False         # exact clipping: updates waited for the norm (the previous step clipped)
+    started: bool = field(default=False, repr=False, compare=False)  # a step counts into these (Engine)
+    _next: "StepCounters | None" = field(default=None, repr=False, compare=False)
 
     def add(self, **amounts) -> None:
         """Add to counters from any thread: the loader, reader, optimizer and main threads count into
-        the same step's counters, and ``x += n`` on an attribute is not atomic (updates were lost)."""
+        the same step's counters, and ``x += n`` on an attribute is not atomic (updates were lost). Once
+        the step's counters are read (``close``), what a background thread still adds (an update or a
+        commit's writes finishing late) goes to the next counters, not into a record already read."""
         with _COUNT_LOCK:
+            c = self
+            while c._next is not None:
+                c = c._next
             for k, v in amounts.items():
-                setattr(self, k, getattr(self, k) + v)
+                setattr(c, k, getattr(c, k) + v)
+
+    def close(self, successor: "StepCounters") -> None:
+        """Freeze these counters: later adds go to ``successor``."""
+        with _COUNT_LOCK:
+            self._next = successor
 
     def as_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        with _COUNT_LOCK:
+            return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("started", "_next")}
 
 
 _COUNT_LOCK = threading.Lock()

@@ -475,6 +475,9 @@ def _loop(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, stop
             return RunResult(run_dir, first_eval, last_eval, stats.loss, tokens / (time.perf_counter() - start),
                              resident_bytes("VmHWM"), stopped=True)
     trainer.commit(t.steps)  # the final state is committed before anything may delete it
+    tail = trainer.step_counters()  # what landed after the last step's record: its optimizer tail, this commit
+    if tail is not None:
+        written += tail.get("ssd_write_bytes", 0)
     elapsed = time.perf_counter() - start
     last_eval = trainer.evaluate()
     if last_eval is not None:

@@ -88,6 +88,23 @@ def test_offloaded_lora_equals_in_memory_lora(tmp_path, case):
         eng.close()
 
 
+@pytest.mark.parametrize("clip, clipped", [(1e-6, True), (1e6, False)])
+def test_a_clipped_lora_step_is_recorded_as_clipped(tmp_path, clip, clipped):
+    """metrics.jsonl said "clipped": false on LoRA steps whose adapters' norm was clipped (the progress line
+    said clipped): the LoRA update never set the step's counter."""
+    from fuyou.data import load_data
+    from fuyou.engine.engine import Engine
+
+    cfg = make_cfg(tmp_path, "model.n_layer=4", "lora.rank=4", "train.steps=2", f"train.grad_clip={clip}")
+    eng = Engine(cfg, load_data(cfg.data), "clip")
+    try:
+        for s in range(2):
+            norm = eng.train_step(s).grad_norm
+            assert eng.step_counters()["clipped"] is clipped and (norm > clip) is clipped
+    finally:
+        eng.close()
+
+
 def test_bf16_lora_equals_reference(tmp_path):
     cfg = make_cfg(tmp_path, "model.preset=llama-test", "model.n_layer=4", "lora.rank=8", "lora.targets=all-linear",
                    "train.precision=bf16", "train.steps=3")
