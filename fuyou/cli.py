@@ -572,6 +572,17 @@ def _train(args) -> int:
             raise ConfigError(f"{resume} is not a run directory (no config.toml); give the directory a run printed")
         if args.config:
             raise ConfigError("--resume uses the run's own config.toml; drop --config")
+        given = [o.partition("=")[2] for o in args.overrides if o.partition("=")[0].strip() == "model.init_from"]
+        if args.init_from or given:
+            import tomllib
+
+            saved = tomllib.loads((resume / "config.toml").read_text())
+            start, lora = saved.get("model", {}).get("init_from"), saved.get("lora", {}).get("rank", 0) > 0
+            raise ConfigError(f"a resume continues from {resume}'s committed state, which started from "
+                              f"{start or 'a random initialisation'}; --init-from / model.init_from "
+                              f"({args.init_from or given[-1]}) cannot change that. Drop it, or start a new run from "
+                              f"it" + (" (with lora.init_from the run's exported adapter, to keep the adapters)"
+                                       if lora else ""))
         args.config = resume / "config.toml"
         # the weights come from the committed SSD state; the saved config already holds the shape and
         # tokenizer an init_from checkpoint gave, so that checkpoint need not exist any more

@@ -123,6 +123,60 @@ def base_path(run: Path) -> Path | None:
     raise ConfigError(f"{run}: model.init_from leads through more than 16 run directories; export from the base")
 
 
+BASE_RECORD = "base.json"  # a LoRA run's record of the base it adapts (``record_base``)
+SAMPLES = 16               # evenly spaced 4 KiB reads a weight file contributes to ``base_fingerprint``
+
+
+def base_fingerprint(base: Path) -> str:
+    """A fingerprint of a base directory's weights: each weight file's name and size, its first 64 KiB (a
+    safetensors header names every tensor's shape and place) and ``SAMPLES`` 4 KiB reads spread over it.
+    Cheap at any size; another checkpoint of the same shapes differs in the sampled values."""
+    import hashlib
+
+    from fuyou.hf.weights import WEIGHT_SUFFIXES
+
+    h = hashlib.sha256()
+    for f in sorted(p for p in base.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES):
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size};".encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(64 * 1024))
+            for i in range(SAMPLES):
+                fh.seek(size * i // SAMPLES)
+                h.update(fh.read(4096))
+    return h.hexdigest()
+
+
+def record_base(run: Path) -> None:
+    """At a LoRA run's start: which base it adapts and that base's ``base_fingerprint``, so an export that
+    merges (or a PEFT adapter that names the base) can tell when the base directory changed since."""
+    base = base_path(run)
+    if base is None or not base.is_dir():
+        return
+    (run / BASE_RECORD).write_text(json.dumps({"path": str(base.resolve()), "fingerprint": base_fingerprint(base)})
+                                   + "\n")
+
+
+def base_changed(run: Path, base: Path | None) -> str | None:
+    """Why ``base`` is not the base ``run`` recorded at its start (None: it is, or nothing was recorded)."""
+    for p in (run, run.parent.parent):  # a snapshot (RUN/snapshots/step-N): its run's record
+        rec = p / BASE_RECORD
+        if rec.is_file():
+            break
+    else:
+        return None
+    try:
+        want = json.loads(rec.read_text())
+    except (OSError, ValueError):
+        return None
+    if base is None or not base.is_dir():
+        return f"the run's base model {want['path']} is gone"
+    if base_fingerprint(base) != want["fingerprint"]:
+        return (f"the weight files in {base} are not the ones the run trained over (they changed since it started: "
+                f"{rec} records their fingerprint)")
+    return None
+
+
 def run_seed(run: Path) -> int:
     """``train.seed`` of the run (a seeded random base is drawn from it)."""
     from fuyou.train.config import TrainConfig
@@ -195,7 +249,16 @@ def write_peft_adapter(run_dir: str | Path, out_dir: str | Path, dtype: str = "f
     adapters = adapters or read_adapters(run)
     keys, targets = peft_names(adapters)
     base_name = hf_base_name(adapters.base)
-    if base_name is None:
+    changed = base_changed(run, adapters.base)
+    if adapters.base is not None and not adapters.base.exists():
+        base_name = str(adapters.base)  # as recorded: the adapter still names the base it was trained for
+        print(f"fuyou: note: the run's base model {adapters.base} is gone: the adapter names it as recorded, and its "
+              f"tokenizer files (kept there) are not copied; put the base back there before loading the adapter",
+              file=stream or sys.stderr)
+    elif changed:
+        print(f"fuyou: note: {changed}: the adapter names that directory, whose weights are not the ones it was "
+              f"trained for; load it onto the original base", file=stream or sys.stderr)
+    elif base_name is None:
         what = f"{adapters.base} is a fuyou directory" if adapters.base else "the run trained on a random base"
         print(f"fuyou: note: {what}, not a Hugging Face model: the adapter names no base model; load it onto "
               f"the base exported with `fuyou export`, or export with --merge", file=stream or sys.stderr)
@@ -262,6 +325,11 @@ def write_merged(run_dir: str | Path, out_dir: str | Path, dtype: str = "fp32", 
     run = Path(run_dir).expanduser()
     _check_empty(Path(out_dir).expanduser())
     adapters = adapters or read_adapters(run)
+    changed = base_changed(run, adapters.base)
+    if changed and adapters.base is not None and adapters.base.exists():
+        raise ConfigError(f"{changed}: --merge would add the adapters to other weights than they were trained "
+                          f"over. Put the original base back in {adapters.base}, or export the adapter alone "
+                          f"(without --merge)")
     return export_run(run, out_dir, dtype, shard_size, weights=MergedWeights(adapters))
 
 

@@ -244,6 +244,10 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
         else:
             run_dir = make_run_dir(cfg, run_path)
             record_data(run_dir, cfg)
+            if cfg.lora.enabled:
+                from fuyou.hf.peft import record_base
+
+                record_base(run_dir)  # export --merge checks the base is still the one trained over
             if dist.enabled:
                 distributed.record_world(run_dir, dist)
         result = _loop(cfg, trainer, run_dir, stream or sys.stderr, trace, stop, dist)

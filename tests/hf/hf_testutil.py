@@ -59,13 +59,13 @@ def hf_config(kind: str):
     raise ValueError(kind)
 
 
-def make_hf_model(path: Path, kind: str, tokenizer: bool = True, n_layer: int | None = None) -> Path:
+def make_hf_model(path: Path, kind: str, tokenizer: bool = True, n_layer: int | None = None, seed: int = 0) -> Path:
     """Save a random ``kind`` model (every weight perturbed, so biases and norms are not 0/1) with
     safetensors, and a byte-level BPE tokenizer trained on a few builtin documents. ``n_layer``: other
-    than ``hf_config``'s 2 layers."""
+    than ``hf_config``'s 2 layers; ``seed``: another model of the same shapes."""
     from transformers import AutoModelForCausalLM
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     config = hf_config(kind)
     if n_layer is not None:
         config.num_hidden_layers = n_layer  # GPT-2's n_layer is an alias of it

@@ -9,6 +9,7 @@ rounding); exports, logits within 1e-4 absolute (measured <= 1.4e-6)."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -310,6 +311,50 @@ def test_export_errors(hf_models, tmp_path):
     with pytest.raises(ConfigError, match="no LoRA run"):
         export_run_dir(full, tmp_path / "out", merge=True)
     shutil.rmtree(tmp_path / "out", ignore_errors=True)
+
+
+def test_a_base_that_changed_or_went_is_not_merged_over_silently(hf_models, tmp_path, capsys):
+    """export --merge put the adapters onto whatever weights sat in the base directory at export time (a
+    new-user pass swapped the base's model.safetensors: the merged model silently lost its training); a
+    deleted base was called "a fuyou directory". The run records its base's fingerprint at its start."""
+    from fuyou.hf.peft import BASE_RECORD
+    from fuyou.train.run import export_run_dir
+
+    base = tmp_path / "base"
+    shutil.copytree(hf_models["llama"], base)
+    run = lora_train(tmp_path, ["--init-from", str(base)])
+    assert json.loads((run / BASE_RECORD).read_text())["path"] == str(base.resolve())
+    export_run_dir(run, tmp_path / "ok", merge=True)  # unchanged: merged
+    other = make_hf_model(tmp_path / "other", "llama", n_layer=N_LAYER, seed=5)
+    for f in base.glob("*.safetensors"):
+        f.unlink()
+    for f in other.glob("*.safetensors"):
+        shutil.copy(f, base / f.name)  # the same shapes, other values
+    capsys.readouterr()
+    with pytest.raises(ConfigError, match="are not the ones the run trained over .* --merge would add"):
+        export_run_dir(run, tmp_path / "merged", merge=True)
+    assert not (tmp_path / "merged").exists()
+    export_run_dir(run, tmp_path / "adapter")  # the adapter alone is written, with a note
+    assert "whose weights are not the ones it was trained for" in capsys.readouterr().err
+    shutil.rmtree(base)
+    export_run_dir(run, tmp_path / "adapter2")
+    err = capsys.readouterr().err
+    assert f"base model {base} is gone" in err and "a fuyou directory" not in err
+    cfg = json.loads((tmp_path / "adapter2" / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == str(base)  # as recorded, not null
+    with pytest.raises(ConfigError, match="is gone"):
+        export_run_dir(run, tmp_path / "merged2", merge=True)
+
+
+def test_a_resume_refuses_another_init_from(hf_models, tmp_path, capsys):
+    """--init-from on a resume was dropped without a word (the run went on over its own base)."""
+    run = lora_train(tmp_path, ["--init-from", str(hf_models["llama"])], "run.save_weights=false",
+                     "offload.keep_state=true", offload=True)
+    for extra in (["--init-from", str(hf_models["gpt2"])], [f"model.init_from={hf_models['gpt2']}"]):
+        capsys.readouterr()
+        assert main(["train", "--resume", str(run), *extra]) == 2
+        assert re.search("started from .*llama; --init-from / model.init_from .* cannot change that.*lora.init_from",
+                         capsys.readouterr().err)
 
 
 # -- continuing an adapter ----------------------------------------------------------------------------
