@@ -313,7 +313,7 @@ def _plan_model_fields(model: str, overrides: list[str]) -> tuple[dict, dict]:
     and the other sections' overrides plan takes (``PLAN_SECTIONS``), as {section: {key: value}}."""
     from pathlib import Path
 
-    from fuyou.config import _parse_value
+    from fuyou.config import SECTIONS, _parse_value, refuse_implicit
     from fuyou.errors import ConfigError
     from fuyou.models import PRESETS, preset
 
@@ -348,10 +348,13 @@ def _plan_model_fields(model: str, overrides: list[str]) -> tuple[dict, dict]:
             raise ConfigError(f"plan override {item!r}: plan takes model.KEY=VALUE, offload.KEY=VALUE, lora.KEY=VALUE, "
                               f"train.precision, optim.master and optim.moments overrides (the batch, sequence and "
                               f"hardware have their own flags)")
+        value = _parse_value(text.strip())
+        if section in SECTIONS:
+            refuse_implicit(SECTIONS[section], section, name, value)
         if section == "model":
-            fields[name] = _parse_value(text.strip())
+            fields[name] = value
         else:
-            other.setdefault(section, {})[name] = _parse_value(text.strip())
+            other.setdefault(section, {})[name] = value
     return fields, other
 
 
@@ -420,9 +423,18 @@ def _plan(args) -> int:
         nums = {k: float(v) for k, v in nums.items() if v is not None}
     except ValueError as e:
         raise ConfigError(f"a numeric hardware override is not a number: {e}") from None
+    from pydantic import ValidationError
+
+    from fuyou.config import explain
+
     try:
         hwc = HardwareConfig(profile=args.profile, gpu=args.gpu, ssd=args.ssd, pcie=args.pcie, gpu_mem=args.gpu_mem,
                              gpu_reserve=args.gpu_reserve, ssd_capacity=args.ssd_capacity, **nums)
+    except ValidationError as e:  # in the flags' names: the hardware section's fields are plan's options
+        import re
+
+        text = explain(e, "hardware").replace("invalid configuration:", "invalid hardware option:")
+        raise ConfigError(re.sub(r"hardware\.(\w+)", lambda m: "--" + m.group(1).replace("_", "-"), text)) from None
     except ValueError as e:
         raise ConfigError(f"invalid hardware option: {e}") from None
     hw = resolve(hwc)
@@ -436,11 +448,17 @@ def _plan(args) -> int:
                 raise ConfigError(f"--{flag.replace('_', '-')} {value} and offload.{key}={given[key]} disagree; "
                                   f"give one")
         flags = {k: getattr(args, k) for k in ("commit", "commit_every") if getattr(args, k) is not None}
-        off = OffloadConfig(**{**flags, **given})
+        try:
+            off = OffloadConfig(**{**flags, **given})
+        except ValidationError as e:
+            raise ConfigError(explain(e, "offload").replace("invalid configuration:", "invalid offload override "
+                                                            "(or --commit, --commit-every):")) from None
         if off.commit == "none" and "commit_every" in {**flags, **given}:
             raise ConfigError("--commit-every sets how often a crash-safe commit is made, and --commit none makes "
                               "none; give one")
         clip = None if args.grad_clip.lower() == "none" else float(args.grad_clip)
+    except ConfigError:
+        raise
     except ValueError as e:
         raise ConfigError(f"invalid --commit-every, --grad-clip or offload override: {e}") from None
     precision = other.get("train", {}).get("precision", "bf16")
@@ -456,14 +474,10 @@ def _plan(args) -> int:
         raise ConfigError(f"invalid optim override: {e}") from None
     from fuyou.models.lora import LoRAConfig, resolve_targets
 
-    from pydantic import ValidationError
-
-    from fuyou.config import explain
-
     try:
         lora = LoRAConfig(**other.get("lora", {}))
     except ValidationError as e:
-        raise ConfigError(explain(e).replace("invalid configuration:", "invalid lora override:")) from None
+        raise ConfigError(explain(e, "lora").replace("invalid configuration:", "invalid lora override:")) from None
     resolve_targets(cfg.family, lora.targets)
     if lora.enabled and not fmt.exact:
         raise ConfigError("optim.master/optim.moments apply to full fine-tuning; LoRA keeps the adapters' state in memory")

@@ -191,9 +191,8 @@ def validate(raw: dict[str, Any]) -> FuyouConfig:
             if isinstance(value, str) and value.lower() in ("none", "null") and key in fields \
                     and type(None) in typing.get_args(fields[key].annotation):
                 values[key] = None
-            elif isinstance(value, str) and key in fields and fields[key].annotation is bool:
-                # pydantic would read "no", "off", "0" as false: the implicit conversion TOML avoids
-                raise ConfigError(f"{section}.{key} is true or false, without quotes; got the string {value!r}")
+            else:
+                refuse_implicit(SECTIONS[section], section, key, value)
     model = dict(raw.get("model", {}))
     if model.get("preset") is not None:
         model = {**preset(str(model["preset"])), **model}
@@ -205,10 +204,13 @@ def validate(raw: dict[str, Any]) -> FuyouConfig:
         raise ConfigError(explain(e)) from None
 
 
-def explain(err: ValidationError) -> str:
-    """Turn pydantic's report into sentences a user can act on."""
+def explain(err: ValidationError, section: str | None = None) -> str:
+    """Turn pydantic's report into sentences a user can act on. ``section``: the error is of that
+    section's model alone (``fuyou plan`` validates sections one by one)."""
     lines = []
     for e in err.errors():
+        if section is not None:
+            e = {**e, "loc": (section, *e["loc"])}
         loc = ".".join(str(x) for x in e["loc"])
         if e["type"] == "extra_forbidden":
             section = SECTIONS.get(str(e["loc"][0]))
@@ -220,6 +222,22 @@ def explain(err: ValidationError) -> str:
             got = f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict) else ""
             lines.append(f"{loc}: {msg}{got}" if loc else f"{msg}{got}")  # a whole-config check has no place
     return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def refuse_implicit(cls, section: str, key: str, value: Any) -> None:
+    """pydantic reads "no", "off" and 0 as false and "16" as 16: the implicit conversions TOML's typed values
+    avoid, refused for the plain boolean and number fields (those with a parser of their own, sizes and
+    times, take strings)."""
+    f = cls.model_fields.get(key)
+    if f is None:
+        return
+    parsed = {name for v in cls.__pydantic_decorators__.field_validators.values() for name in v.info.fields}
+    if key in parsed:
+        return
+    if f.annotation is bool and not isinstance(value, bool):
+        raise ConfigError(f"{section}.{key} is true or false (TOML's, unquoted); got {value!r}")
+    if f.annotation in (int, float) and isinstance(value, (str, bool)):
+        raise ConfigError(f"{section}.{key} is a number (unquoted); got {value!r}")
 
 
 def _did_you_mean(name: str, names) -> str:

@@ -140,7 +140,7 @@ def test_train_plan_auto_splits_a_global_batch(tmp_path, capsys):
     (run_dir,) = (tmp_path / "runs").iterdir()
     t = load_config(run_dir / "config.toml").train
     assert t.micro_batch_size * t.grad_accum == 4 == t.global_batch
-    assert "1 steps of 4 x 32 tokens" in err
+    assert "1 step of 4 x 32 tokens" in err
 
 
 def test_plan_models_exact_clipping_and_commit_intervals(capsys):

@@ -122,7 +122,7 @@ def test_train_reports_the_split(tmp_path, capsys):
                "train.steps=1", "train.eval_every=0", "train.eval_batches=1"])
     err = capsys.readouterr().err
     assert rc == 0, err
-    assert "1 steps of 6 x 32 tokens (3 micro-batches of 2)" in err
+    assert "1 step of 6 x 32 tokens (3 micro-batches of 2)" in err
     with pytest.raises(ConfigError, match="not a multiple"):
         from fuyou.config import load_config
         load_config(None, ["train.global_batch=6", "train.grad_accum=4"])
