@@ -118,6 +118,24 @@ def _recorded_data(run_dir: Path) -> dict | None:
         return None  # a run from before the record, or a damaged one: nothing to compare
 
 
+def _refuse_finished(run_path: Path, cfg: FuyouConfig) -> None:
+    """A finished run removed its SSD state: say that, and how to train on from it, rather than that
+    the state was never committed, deleted or moved."""
+    from fuyou.train.run import ADAPTER_FILE
+
+    done = next((f for f in ("model.safetensors", ADAPTER_FILE) if (run_path / f).is_file()), None)
+    if done is None or cfg.offload.mode != "ssd" or not cfg.offload.ssd_dirs:
+        return
+    if any(Path(cfg.offload.ssd_dirs[0]).glob(f"{run_path.name}.fuyou-state*")):
+        return  # kept (offload.keep_state=true): it resumes
+    how = (f"lora.init_from=DIR with its adapter exported (`fuyou export {run_path} --out DIR`), over the same base"
+           if cfg.lora.enabled else f"--init-from {run_path}")
+    raise ConfigError(f"{run_path} finished: its {'adapters' if cfg.lora.enabled else 'weights'} are in "
+                      f"{run_path / done}, and a finished run removes its SSD state (offload.keep_state=true keeps "
+                      f"it), so there is nothing to resume. To train on from it, start a new run with {how} (its "
+                      f"AdamW moments and schedule start afresh)")
+
+
 def _absolute(paths) -> list[str]:
     paths = [paths] if isinstance(paths, str) else paths
     return [str(Path(p).absolute()) for p in paths]
@@ -181,6 +199,8 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
             saved_paths = saved_raw.get(section, {}).get(field)
             if saved_paths is not None and _absolute(saved_paths) != _absolute(dirs[key]):
                 changed[key] = (list(saved_paths), dirs[key])
+    if resume is not None:
+        _refuse_finished(run_path, cfg)
     # refuses impossible configs (and unresumable states) before anything is written
     trainer = build_trainer(cfg, run_path.name, resume=resume is not None)
     if resume is not None:  # the data as the run recorded it, and now (with train.epochs: after the loader)
@@ -276,10 +296,13 @@ def _schedule_change(old: FuyouConfig, new: FuyouConfig, step: int, changed: dic
         return None
     from fuyou.optim.schedule import lr_of
 
-    was = "" if old.train.epochs is not None else f"{lr_of(old, step):.3g} -> "
-    return (f"note: the learning-rate schedule is a function of the step and {', '.join(keys)}; from step {step} on "
-            f"the run follows the new schedule as if it had been the run's from the start (not rescaled to the "
-            f"remaining steps): learning rate at step {step} {was}{lr_of(new, step):.3g}, "
+    if step >= new.train.steps:
+        return None  # no step is left to run: no learning rate is used
+    # (lr_of takes the 0-based index of a step; the note counts steps from 1, as the progress line does)
+    was = "" if old.train.epochs is not None or step >= old.train.steps else f"{lr_of(old, step):.3g} -> "
+    return (f"note: the learning-rate schedule is a function of the step and {', '.join(keys)}; from step {step + 1} "
+            f"on the run follows the new schedule as if it had been the run's from the start (not rescaled to the "
+            f"remaining steps): learning rate at step {step + 1} {was}{lr_of(new, step):.3g}, "
             f"at the last step ({new.train.steps}) {lr_of(new, new.train.steps - 1):.3g}")
 
 

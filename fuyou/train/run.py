@@ -137,9 +137,14 @@ def resume_changes(saved: FuyouConfig, cfg: FuyouConfig) -> dict[str, tuple]:
                if old.get(k) != new.get(k) and not k.startswith(NOT_COMPARED)}
     fixed = [k for k in changed if k.startswith(FIXED_ON_RESUME)]
     if fixed:
+        scale = {"lora.alpha", "lora.use_rslora"}
+        why = ("they set the scale its committed adapters were trained at" if set(fixed) <= scale else
+               "they fix the shape, place or format of its committed state"
+               + (" (lora.alpha and lora.use_rslora: the scale its adapters were trained at)" if scale & set(fixed)
+                  else ""))
         raise ConfigError("a resumed run cannot change " + ", ".join(f"{k} ({changed[k][0]!r} -> {changed[k][1]!r})"
                                                                  for k in fixed)
-                          + ": they fix the shape and place of its committed state. Resume with the run's own "
+                          + f": {why}. Resume with the run's own "
                           "values, or start a new run ("
                           + ("lora.init_from its exported adapter, over the same base" if saved.lora.enabled
                              else "--init-from its model.safetensors once it has one") + ")")

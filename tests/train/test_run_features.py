@@ -340,3 +340,42 @@ def test_a_stopped_in_memory_run_keeps_its_weights_and_says_how_to_go_on(tmp_pat
                                                 "train.micro_batch_size=2", f"run.out_dir={tmp_path / 'runs'}",
                                                 "run.name=again"]))
     assert (go_on.run_dir / "model.safetensors").is_file()
+
+
+def test_the_resume_schedule_note_counts_steps_as_the_progress_line_does():
+    """It said "learning rate at step 5 0.00708 -> 0" resuming a finished 5-step run at train.steps=5 (no step
+    left to run; the old schedule read past its end) and counted steps from 0."""
+    from fuyou.optim.schedule import lr_of
+    from fuyou.train.loop import _schedule_change
+
+    old = load_config(overrides=["train.steps=5", "train.warmup_steps=0"])
+    new = load_config(overrides=["train.steps=10", "train.warmup_steps=0"])
+    note = _schedule_change(old, new, 2, {"train.steps": (5, 10)})
+    assert "from step 3 on" in note and f"at step 3 {lr_of(old, 2):.3g} -> {lr_of(new, 2):.3g}" in note
+    assert f"at the last step (10) {lr_of(new, 9):.3g}" in note
+    assert _schedule_change(old, old.model_copy(), 5, {"optim.lr": (1, 2)}) is None  # nothing left to run
+    longer = _schedule_change(old, new, 5, {"train.steps": (5, 10)})  # the old schedule has no step 6
+    assert "at step 6 " in longer and "->" not in longer.split("at step 6 ")[1].split(",")[0]
+
+
+def test_a_finished_run_is_not_resumed_and_says_how_to_train_on(tmp_path, capsys, monkeypatch):
+    """--resume of a finished run said its state was never committed, deleted or moved."""
+    from fuyou.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ssd").mkdir()
+    assert main(["train", "--offload", "ssd", "--ssd", "ssd", "--out", "runs", *SSD_RUN, "train.steps=2",
+                 "run.name=fin"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", "runs/fin", "train.steps=4"]) == 2
+    err = capsys.readouterr().err
+    assert "runs/fin finished: its weights are in runs/fin/model.safetensors" in err and "--init-from runs/fin" in err
+
+
+def test_a_resume_that_changes_the_adapters_scale_says_so():
+    from fuyou.errors import ConfigError
+    from fuyou.train.run import resume_changes
+
+    saved = load_config(overrides=["lora.rank=4", "lora.alpha=8"])
+    with pytest.raises(ConfigError, match=r"lora.alpha \(8.0 -> 16.0\): they set the scale its committed adapters"):
+        resume_changes(saved, load_config(overrides=["lora.rank=4", "lora.alpha=16"]))
