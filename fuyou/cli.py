@@ -643,10 +643,13 @@ def _models(args) -> int:
         model = StageModel(cfg)
         n = model.num_params
         b = model.state_bytes(fmt=fmt)
+        if fmt.master == "bf16":  # the bf16 master is the compute copy: stored once, counted once
+            b["compute_weights"] = 0
         heads = f"{cfg.n_head}" + (f"/{cfg.kv_heads}kv" if cfg.kv_heads != cfg.n_head else "")
+        weights = format_size(b["compute_weights"]) if b["compute_weights"] else "(master)"
         print(f"{name:<{w}} {cfg.family:<6} {cfg.n_layer:>6} {cfg.d_model:>6} {heads:>9} {si(n).replace('G', 'B'):>10}  "
               f"{format_size(b['master']):>12} {format_size(b['moments']):>12} "
-              f"{format_size(b['compute_weights']):>12} {format_size(sum(b.values())):>12} "
+              f"{weights:>12} {format_size(sum(b.values())):>12} "
               f"{format_size(small.state_bytes(n)):>12}")
     print(f"\nTraining state per parameter: {fmt.describe()}, plus a bf16 compute copy of 2 B"
           + (" (the bf16 master is it, where the weights are not cached)" if fmt.master == "bf16" else "")

@@ -74,3 +74,11 @@ def test_models_lists_presets_with_bytes(capsys):
     assert main(["models"]) == 0
     out = capsys.readouterr().out
     assert "gpt3-175b" in out and "175B" in out and "650.45 GiB" in out and "llama-70b" in out
+
+
+def test_models_counts_a_bf16_master_once(capsys):
+    """With optim.master=bf16 the master is the compute copy: the total added it twice (13B: 72.20 GiB in
+    'total' against 48.26 GiB in the bf16/int8 column for the same settings)."""
+    assert main(["models", "--master", "bf16", "--moments", "int8"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("gpt3-13b "))
+    assert "(master)" in row and row.count("48.26 GiB") == 2, row
