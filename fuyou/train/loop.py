@@ -358,11 +358,13 @@ class _StopOnSignal:
             signal.signal(sig, old)
 
 
-def _endurance(cfg: FuyouConfig) -> float | None:
+def _endurance(cfg: FuyouConfig) -> tuple[float, str] | None:
     """Rated bytes the run's drives may write, counted as the planner does: hardware.ssd_tbw (per drive) or
-    the hardware.ssd preset's endurance, times the preset's drive count (else the number of SSD directories)."""
+    the hardware.ssd preset's endurance, times the preset's drive count (else the number of SSD
+    directories); and how the drives were counted, for the summary."""
     hw = cfg.hardware
-    n, drive = max(1, len(cfg.offload.ssd_dirs)), {}
+    dirs = max(1, len(cfg.offload.ssd_dirs))
+    n, drive, how = dirs, {}, f"{dirs} drive{'s' if dirs > 1 else ''}: one per SSD directory"
     if hw.ssd:
         from fuyou.planner.hardware import _ssd_preset
 
@@ -370,8 +372,11 @@ def _endurance(cfg: FuyouConfig) -> float | None:
             n, drive = _ssd_preset(hw.ssd)
         except Exception:  # noqa: BLE001 -- a bad preset is the planner's error to report, not the summary's
             return None
+        how = f"{n} drive{'s' if n > 1 else ''}: hardware.ssd={hw.ssd}"
+        if n != dirs:
+            how += f", not one per SSD directory ({dirs}; a preset such as {dirs}x{hw.ssd.split('x')[-1]} counts so)"
     per_drive = hw.ssd_tbw * 1e12 if hw.ssd_tbw else drive.get("tbw")
-    return per_drive * n if per_drive else None
+    return (per_drive * n, how) if per_drive else None
 
 
 def _seen(trainer: Trainer, cfg: FuyouConfig, steps: int) -> dict:
@@ -523,7 +528,8 @@ def _loop(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, stop
     steps_run = max(1, t.steps - start_step)
     wear = {"ssd_write_per_step_bytes": written / steps_run, "ssd_write_per_hour_bytes": written * 3600 / elapsed} \
         if cfg.offload.mode == "ssd" else {}
-    tbw = _endurance(cfg)
+    rated = _endurance(cfg)
+    tbw, drives = rated if rated else (None, "")
     if wear and tbw:
         wear["ssd_life_hours"] = tbw / wear["ssd_write_per_hour_bytes"] if written else None
     log.write({"summary": True, "steps": t.steps, "elapsed_s": elapsed, "tokens_per_s": tokens / elapsed,
@@ -542,7 +548,8 @@ def _loop(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, stop
         summary += (f"\nSSD written: {format_size(wear['ssd_write_per_step_bytes'])} per step, "
                     f"{wear['ssd_write_per_hour_bytes'] / 1e12:.3g} TB per hour ({state})")
         if wear.get("ssd_life_hours"):
-            summary += f"; at this rate the drives' rated {tbw / 1e15:.3g} PB last {wear['ssd_life_hours']:,.0f} hours"
+            summary += (f"; at this rate the drives' rated {tbw / 1e15:.3g} PB ({drives}) last "
+                        f"{wear['ssd_life_hours']:,.0f} hours")
         elif not tbw:
             summary += "; set hardware.ssd (a preset) or hardware.ssd_tbw for how long the drives last"
     progress.message(summary + f"\nrun directory: {run_dir}")

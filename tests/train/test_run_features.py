@@ -379,3 +379,20 @@ def test_a_resume_that_changes_the_adapters_scale_says_so():
     saved = load_config(overrides=["lora.rank=4", "lora.alpha=8"])
     with pytest.raises(ConfigError, match=r"lora.alpha \(8.0 -> 16.0\): they set the scale its committed adapters"):
         resume_changes(saved, load_config(overrides=["lora.rank=4", "lora.alpha=16"]))
+
+
+@pytest.mark.parametrize("hw, says", [
+    ("hardware.ssd=990-pro", "(1 drive: hardware.ssd=990-pro, not one per SSD directory (2; a preset such as "
+                             "2x990-pro counts so)) last"),
+    ("hardware.ssd_tbw=600", "rated 1.2 PB (2 drives: one per SSD directory) last"),
+])
+def test_the_wear_summary_says_how_it_counted_the_drives(tmp_path, capsys, hw, says):
+    """Two SSD directories: a one-drive preset rated one drive, a per-drive rating two; the summary now
+    says which it counted (a new-user pass read the two as inconsistent)."""
+    from fuyou.cli import main
+
+    for d in ("s1", "s2"):
+        (tmp_path / d).mkdir()
+    assert main(["train", "--offload", "ssd", "--ssd", str(tmp_path / "s1"), "--ssd", str(tmp_path / "s2"), "--out",
+                 str(tmp_path / "runs"), *SSD_RUN, "train.steps=2", hw]) == 0
+    assert says in capsys.readouterr().err
