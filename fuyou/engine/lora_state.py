@@ -116,6 +116,8 @@ class LoRATrainingState(TrainingState):
         finally:
             os.close(fd)
         os.replace(tmp, directory / name)
+        if self.counters is not None:  # the run's SSD-written figures count the adapters' commits
+            self.counters().add(ssd_write_bytes=len(data))
         self.store.sync()
         distributed.current().commit_barrier(steps_done)  # every rank's adapters are durable before any record
         write_record(directory, {"step": steps_done, "copies": [0] * len(self.states), "store_uuid": self.store.uuid,

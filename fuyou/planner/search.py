@@ -140,8 +140,8 @@ def state_ssd_bytes(w: Workload, plan: MemoryPlan) -> dict[str, int]:
     exact clipping."""
     off, clip = w.offload, w.grad_clip is not None
     if w.lora_params is not None:  # LoRA: every stage's base weights (compute dtype, or packed int8/NF4), nothing else
-        return {"optimizer state copies": 0, "compute weights": w.ranks * sum(w.weight_bytes),
-                "saved gradients": 0}
+        name = "base weights" if w.lora.base == "compute" else f"base weights ({w.lora.base})"
+        return {"optimizer state copies": 0, name: w.ranks * sum(w.weight_bytes), "saved gradients": 0}
     every = off.commit_steps == 1
     resident = plan.resident_all
     state = sum(w.fmt.state_bytes(n) * copies_needed(off.commit, every, clip and i not in resident)

@@ -209,7 +209,8 @@ def export_run_dir(run_dir: str | Path, out_dir: str | Path, dtype: str = "fp32"
             with CommittedWeights(run) as weights:
                 state = "still training" if weights.live else "stopped"
                 print(f"fuyou: {run} has no model.safetensors ({state}): exporting its last commit (step "
-                      f"{weights.step}) from the SSD state", file=stream or sys.stderr)
+                      f"{weights.step}) from the SSD state" + (UNTRAINED if weights.step == 0 else ""),
+                      file=stream or sys.stderr)
                 return export_run(run, out, dtype, shard_size, weights=weights)
         except CommitMoved:
             _clear_out(out, created)
@@ -222,6 +223,8 @@ def export_run_dir(run_dir: str | Path, out_dir: str | Path, dtype: str = "fp32"
 
 
 EXPORT_ATTEMPTS = 5
+UNTRAINED = ("; note: no step was trained: these are the initial weights (the base, or adapters whose B is 0, "
+             "which change nothing)")
 
 
 def _clear_out(out: Path, created: bool) -> None:
@@ -281,8 +284,8 @@ def lora_adapters(run: Path, stream=None):
     from safetensors.torch import load
 
     tensors = {k.removeprefix("adapter/"): v.float() for k, v in load(data).items() if k.startswith("adapter/")}
-    print(f"fuyou: {missing}: exporting the adapters of its last commit (step {rec['step']}) from {state}",
-          file=stream or sys.stderr)
+    print(f"fuyou: {missing}: exporting the adapters of its last commit (step {rec['step']}) from {state}"
+          + (UNTRAINED if rec["step"] == 0 else ""), file=stream or sys.stderr)
     return Adapters(tensors, rec.get("model") or cfg.model.model_dump(), rec.get("lora") or cfg.lora.model_dump(),
                     base_path(run), cfg.train.seed, str(state / name))
 

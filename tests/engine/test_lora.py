@@ -4,6 +4,7 @@ run killed anywhere resumes bit-exactly."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -279,3 +280,17 @@ def test_resume_refuses_another_adapter_shape_but_takes_new_dropout(tmp_path):
         assert refused.returncode != 0 and "a resumed run cannot change lora." in refused.stderr, refused.stderr
     ok = run([sys.executable, "-m", "fuyou.cli", "train", "--resume", run_dir, "train.steps=3", "lora.dropout=0.2"])
     assert ok.returncode == 0 and "lora.dropout 0.1 -> 0.2" in ok.stderr, ok.stderr
+
+
+def test_the_adapters_commits_count_in_the_ssd_written_figures(tmp_path):
+    """A LoRA run committing every step said "SSD written: 0 B per step": its commits write the adapters and
+    their moments (a small file), which the figures now count."""
+    from fuyou.train.loop import run_training
+
+    cfg = make_cfg(tmp_path, "model.n_layer=4", "lora.rank=4", "train.steps=3", "offload.mode=ssd",
+                   "offload.commit_every=1", "train.log_every=1", "train.eval_every=0", "run.name=lw")
+    res = run_training(cfg)
+    lines = [json.loads(x) for x in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
+    summary = next(x for x in lines if x.get("summary"))
+    adapters = (res.run_dir / "adapter.safetensors").stat().st_size  # the adapters alone, in fp32
+    assert 2 * adapters < summary["ssd_write_per_step_bytes"] < 4 * adapters  # with m and v: about 3x

@@ -25,7 +25,7 @@ def test_lora_traffic_and_footprint():
                                                               (8192, 28672), (8192, 28672), (28672, 8192)]) * 80
     plan = search(lora, resolve(HardwareConfig(gpu="rtx4090", ssd="1x990-pro")), 120 * 2**30)
     assert plan.feasible
-    assert state_ssd_bytes(lora, plan.best.memory) == {"optimizer state copies": 0, "compute weights": 2 * n,
+    assert state_ssd_bytes(lora, plan.best.memory) == {"optimizer state copies": 0, "base weights": 2 * n,
                                                        "saved gradients": 0}
     assert "LoRA adapters, gradients and AdamW moments" in plan.best.memory.device_items
     assert not any(t.queue == "cpu-adam" for t in plan.best.sim.tasks if t.dur > 0)
