@@ -213,8 +213,8 @@ def explain(err: ValidationError, section: str | None = None) -> str:
             e = {**e, "loc": (section, *e["loc"])}
         loc = ".".join(str(x) for x in e["loc"])
         if e["type"] == "extra_forbidden":
-            section = SECTIONS.get(str(e["loc"][0]))
-            names = list(section.model_fields) if section and len(e["loc"]) == 2 else list(SECTIONS)
+            cls = SECTIONS.get(str(e["loc"][0]))
+            names = list(cls.model_fields) if cls and len(e["loc"]) == 2 else list(SECTIONS)
             lines.append(f"unknown key {loc!r}{_did_you_mean(str(e['loc'][-1]), names)}; allowed keys here: "
                          f"{', '.join(names)}")
         else:
@@ -263,6 +263,10 @@ def _parse_value(text: str) -> Any:
     try:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
+        pass
+    try:  # a number TOML spells otherwise (.0001, 5.): a number all the same, as a user means it
+        return float(text) if any(c.isdigit() for c in text) and text.lower() not in ("nan", "inf") else text
+    except ValueError:
         return text
 
 

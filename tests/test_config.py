@@ -53,6 +53,16 @@ def test_bad_config_says_what_is_wrong(overrides, message):
         load_config(overrides=overrides)
 
 
+def test_every_unknown_key_is_named_and_bare_numbers_are_numbers():
+    """A second unknown key read "<class 'fuyou.train.config.TrainConfig'>.train.lgo_every"; .0001 and 5.
+    (numbers TOML spells otherwise) were refused as quoted."""
+    with pytest.raises(ConfigError) as e:
+        load_config(overrides=["train.stepz=1", "train.lgo_every=2"])
+    assert "unknown key 'train.lgo_every' (did you mean 'log_every'?)" in str(e.value) and "<class" not in str(e.value)
+    cfg = load_config(overrides=["optim.lr=.0001", "lora.alpha=5."])
+    assert cfg.optim.lr == 1e-4 and cfg.lora.alpha == 5.0
+
+
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config("/no/such.toml")

@@ -69,7 +69,9 @@ def tokenize_records(paths: list[str], tokenizer_spec: str, fmt: str = "auto", t
         return TokenData(train, val.astype(train.dtype), tok.vocab_size, tok.eos_id, tok.name, tok.fingerprint,
                          len(docs) + len(held))
     rendered = _render_all(renderer, records, first, head[1], text_field)
-    if eval_paths:
+    if eval_paths and list(map(str, eval_paths)) == list(map(str, paths)):
+        held = list(rendered)  # the same files (held-out files of prepared data): rendered once, counted once
+    elif eval_paths:
         held = _render_all(renderer, iter_records(eval_paths, text_field), first, head[1], text_field)
     else:
         order = np.random.default_rng(seed).permutation(len(rendered))
@@ -85,7 +87,7 @@ def tokenize_records(paths: list[str], tokenizer_spec: str, fmt: str = "auto", t
     for note in st.notes():
         print(f"fuyou: note: {note}", file=sys.stderr)
     if not rendered:
-        raise DataError(f"{', '.join(map(str, paths))} holds no example to train on: " + "; ".join(st.notes()))
+        raise DataError(f"{', '.join(map(str, paths))} holds no usable example: " + "; ".join(st.notes()))
     info = {"records": st.records, "formats": st.formats, "last_turn_only": st.last_turn_only,
             "train_on_prompt": train_on_prompt, "skipped_no_answer": st.no_answer}
     return ExampleData(Examples.from_arrays(rendered), Examples.from_arrays(held), tok.vocab_size, tok.eos_id,
@@ -130,15 +132,18 @@ def read_data(path: str | Path) -> TokenData | ExampleData:
     return read_prepared(p)
 
 
-def load_data(cfg: DataConfig, tokenizer: str | None = None) -> TokenData | ExampleData | None:
+def load_data(cfg: DataConfig, tokenizer: str | None = None,
+              check_prepared: bool = True) -> TokenData | ExampleData | None:
     """Tokens or examples for ``cfg`` (None for synthetic data, which needs no tokens). ``tokenizer``:
-    the resolved ``data.tokenizer`` (``resolve_tokenizer``)."""
+    the resolved ``data.tokenizer`` (``resolve_tokenizer``). ``check_prepared``: refuse settings prepared
+    data fixed (``_check_prepared_settings``; a resume keeps the run's own config, whatever it says)."""
     if cfg.source == "synthetic":
         return None
     spec = tokenizer or (cfg.tokenizer if cfg.tokenizer != "auto" else "byte")
     if cfg.source == "prepared":
         data = read_data(cfg.path[0])
-        _check_prepared_settings(cfg, data)
+        if check_prepared:
+            _check_prepared_settings(cfg, data)
         if cfg.eval_path:  # held-out files, tokenized with the tokenizer the data was prepared with
             on_prompt = data.info.get("train_on_prompt", False) if isinstance(data, ExampleData) else False
             held = tokenize_records(cfg.eval_path, _spec_of(data), cfg.format, on_prompt, 0.5,
@@ -152,7 +157,7 @@ def load_data(cfg: DataConfig, tokenizer: str | None = None) -> TokenData | Exam
         return data
     if cfg.source == "builtin":
         return tokenize_documents(builtin_documents(), spec, cfg.val_fraction)
-    data = tokenize_records(cfg.path, spec, cfg.format, cfg.train_on_prompt, cfg.val_fraction, cfg.jsonl_field,
+    data = tokenize_records(cfg.path, spec, cfg.format, bool(cfg.train_on_prompt), cfg.val_fraction, cfg.jsonl_field,
                             cfg.eval_path or None)
     if isinstance(data, ExampleData):
         print(f"fuyou: data: {data.summary()}", file=sys.stderr)
@@ -171,7 +176,7 @@ def _check_prepared_settings(cfg: DataConfig, data) -> None:
     if cfg.val_fraction != fields["val_fraction"].default:
         ignored.append(f"data.val_fraction={cfg.val_fraction:g} (--val-fraction)")
     prepared_on_prompt = data.info.get("train_on_prompt", False) if isinstance(data, ExampleData) else False
-    if cfg.train_on_prompt != prepared_on_prompt:
+    if cfg.train_on_prompt is not None and cfg.train_on_prompt != prepared_on_prompt:
         ignored.append(f"data.train_on_prompt={str(cfg.train_on_prompt).lower()} (prepared with "
                        f"{str(prepared_on_prompt).lower()}; --train-on-prompt)")
     if cfg.tokenizer != "auto":

@@ -33,8 +33,9 @@ class DataConfig(BaseModel):
         "({conversations: [{from, value}, ...]}, read as messages); "
         "'auto' detects it from the first record.",
     )
-    train_on_prompt: bool = Field(
-        False, description="Fine-tuning formats: loss on every token, not only on the completion / assistant turns.")
+    train_on_prompt: bool | None = Field(
+        None, description="Fine-tuning formats: loss on every token, not only on the completion / assistant turns. "
+        "Unset: false, or for prepared data what `fuyou data prepare` was given.")
     packing: bool = Field(
         True, description="Fine-tuning formats: lay several examples into one row (attention and positions kept "
         "apart per example) instead of one padded example per row.")

@@ -13,8 +13,9 @@ A JSON-lines record is one of (``data.format``; ``auto`` detects it from the key
   a base model's tokenizer), with ``FALLBACK_TEMPLATE`` (ChatML's markers as plain text). OpenAI's
   fine-tuning keys are read: an assistant message's ``weight`` (0: no loss on that turn, 1: loss) and
   ``tool_calls`` (``content`` may then be null; rendered by a chat template that renders tool calls,
-  refused where it would be dropped), ``tool_call_id`` and ``name`` (passed to the template); other
-  keys are ignored and counted. TRL's conversational prompt/completion (both lists of messages) is a
+  refused where it would be dropped); every key but ``weight`` goes to the chat template (so
+  ``reasoning_content`` reaches a template that writes it), and one the rendering writes nothing of is
+  counted as ignored. TRL's conversational prompt/completion (both lists of messages) is a
   conversation whose completion alone carries loss;
 - ``sharegpt``: ``{"conversations": [{"from": "human"|"gpt"|"system"|..., "value": ...}, ...]}``, read as
   ``messages`` (``SHAREGPT_ROLES``).
@@ -22,7 +23,8 @@ A JSON-lines record is one of (``data.format``; ``auto`` detects it from the key
 A conversation with no assistant turn to learn (none, or every one of weight 0) is skipped and counted
 (``RenderStats.no_answer``), not trained on: nothing in it would carry loss.
 
-By default only the completion, or the assistant turns, carry loss (``data.train_on_prompt=false``): the
+By default only the completion, or the assistant turns, carry loss (``data.train_on_prompt=false``; with
+``true`` every token does, but an assistant turn of weight 0): the
 model learns to answer, not to predict the user's questions (TRL's ``completion_only_loss``,
 torchtune's ``train_on_input=False``). A prompt starts with the tokenizer's BOS token when it defines
 one and adds it (Llama's does, GPT-2's and Qwen's do not); a completion ends with its EOS token, which
@@ -57,12 +59,14 @@ ALPACA_PAIRED = ", paired with an input that provides further context"
 # end; each assistant turn is followed by the tokenizer's EOS token (which carries loss).
 FALLBACK_TEMPLATE = "<|im_start|>{role}\n{content}<|im_end|>\n"
 FALLBACK_GENERATION = "<|im_start|>assistant\n"
+CONTENT_MARK = "\ue000fuyou-content\ue000"  # (a private-use character: no template writes it of its own)
 
 # ShareGPT's speakers ("from") as chat roles
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
                   "model": "assistant", "system": "system", "tool": "tool", "function": "tool", "observation": "tool",
                   "ipython": "tool"}
-# message keys passed to a chat template; ``weight`` is read here; any other key is ignored (and counted)
+# message keys every chat rendering reads; any other key (but ``weight``, read here) goes to the chat template
+# too, and is counted as ignored where the rendering writes nothing of it
 TEMPLATE_KEYS = ("role", "content", "tool_calls", "tool_call_id", "name")
 
 
@@ -103,8 +107,8 @@ class RenderStats:
                        f"skipped, the first at {self.first_no_answer}")
         if self.ignored_keys:
             keys = ", ".join(f"{k!r} ({n}x)" for k, n in sorted(self.ignored_keys.items()))
-            out.append(f"message keys fuyou does not read were ignored: {keys}; it reads {', '.join(TEMPLATE_KEYS)} "
-                       f"and an assistant message's 'weight'")
+            out.append(f"message keys the chat rendering writes nothing of were ignored: {keys} (every key goes to "
+                       f"the tokenizer's chat template; fuyou reads an assistant message's 'weight')")
         return out
 
 
@@ -185,8 +189,8 @@ class Renderer:
             out = Rendered()
             out.add(self.tok.encode_prompt(prompt), False)
             out.add(self.tok.encode(completion) + [self.tok.eos_id], True)
-        if self.train_on_prompt:
-            out.loss = [True] * len(out.ids)
+            if self.train_on_prompt:
+                out.loss = [True] * len(out.ids)
         return out
 
     # -- conversations ---------------------------------------------------------------------------
@@ -210,16 +214,28 @@ class Renderer:
             weight = m.get("weight", 1)
             if weight not in (0, 1) or isinstance(weight, bool):
                 raise DataError(f"{at}: 'weight' is {weight!r}; it must be 0 (no loss on this turn) or 1")
-            if "weight" in m and m["role"] != "assistant":
-                raise DataError(f"{at}: 'weight' is read on assistant messages only (OpenAI's fine-tuning format)")
-            for k in m:
-                if k not in TEMPLATE_KEYS and k != "weight":
-                    self.stats.ignored_keys[k] = self.stats.ignored_keys.get(k, 0) + 1
+            if "weight" in m and m["role"] != "assistant":  # OpenAI's format reads it on assistant messages only
+                self.stats.ignored_keys["weight (not an assistant's)"] = (
+                    self.stats.ignored_keys.get("weight (not an assistant's)", 0) + 1)
             if calls:
                 self.stats.tool_calls += 1
-            out.append(({k: m[k] for k in TEMPLATE_KEYS if k in m},
-                        m["role"] == "assistant" and weight == 1))
+            # every key but weight goes to the chat template (reasoning_content, thinking, ... are the
+            # template's to write); one it writes nothing of is counted as ignored (``_count_ignored``)
+            learn = weight == 1 if m["role"] == "assistant" else self.train_on_prompt
+            out.append(({k: v for k, v in m.items() if k != "weight"}, learn))
         return out
+
+    def _count_ignored(self, messages: list[dict]) -> None:
+        """Message keys beyond role and content that the rendering leaves out: counted for the report."""
+        extra = sorted({k for m in messages for k in m if k not in TEMPLATE_KEYS})
+        if not extra:
+            return
+        if self.template is not None:
+            full = self.tok.render_chat(messages, add_generation_prompt=False)
+            extra = [k for k in extra if self.tok.render_chat([{q: v for q, v in m.items() if q != k} for m in messages],
+                                                              add_generation_prompt=False) == full]
+        for k in extra:
+            self.stats.ignored_keys[k] = self.stats.ignored_keys.get(k, 0) + 1
 
     def _sharegpt(self, turns, where: str) -> list[tuple[dict, bool]]:
         """ShareGPT's ``conversations`` as messages (``SHAREGPT_ROLES``)."""
@@ -245,6 +261,7 @@ class Renderer:
             self.stats.no_answer += 1
             self.stats.first_no_answer = self.stats.first_no_answer or where
             return None
+        self._count_ignored([m for m, _ in turns])
         calls = next((i for i, (m, _) in enumerate(turns) if m.get("tool_calls")), None)
         if self.template is None:
             if calls is not None:
@@ -270,15 +287,15 @@ class Renderer:
                             f"Use a model whose template renders tool calls, or leave these conversations out")
 
     def _fallback(self, turns: list[tuple[dict, bool]]) -> Rendered:
-        out = Rendered()
+        out, prompt = Rendered(), self.train_on_prompt
         bos = self.tok.encode_prompt("")  # the BOS token, if the tokenizer adds one
-        out.add(bos, False)
+        out.add(bos, prompt)
         for m, loss in turns:
             if m["role"] == "assistant":
-                out.add(self.tok.encode(FALLBACK_GENERATION), False)
+                out.add(self.tok.encode(FALLBACK_GENERATION), prompt)
                 out.add(self.tok.encode(m["content"] + "<|im_end|>\n") + [self.tok.eos_id], loss)
             else:
-                out.add(self.tok.encode(FALLBACK_TEMPLATE.format(role=m["role"], content=m["content"])), False)
+                out.add(self.tok.encode(FALLBACK_TEMPLATE.format(role=m["role"], content=m["content"])), loss)
         return out
 
     def _templated(self, turns: list[tuple[dict, bool]], where: str) -> Rendered:
@@ -300,11 +317,11 @@ class Renderer:
                 head = render(messages[:k], add_generation_prompt=True) if k else self._opening(full, m, where)
                 if not head.startswith(done) or not full.startswith(head):
                     return self._last_turn_only(turns, where)
-                pieces += [(head[len(done):], False), (full[len(head):], loss)]
+                pieces += [(head[len(done):], self.train_on_prompt), (full[len(head):], loss)]
             else:
                 if not full.startswith(done):
                     return self._last_turn_only(turns, where)
-                pieces.append((full[len(done):], False))
+                pieces.append((full[len(done):], loss))
             done = full
         out = Rendered()
         for text, loss in pieces:
@@ -312,25 +329,29 @@ class Renderer:
                 out.add(self.tok.encode(text), loss)
         return out
 
-    @staticmethod
-    def _opening(full: str, m: dict, where: str) -> str:
+    def _opening(self, full: str, m: dict, where: str) -> str:
         """The prompt before a conversation's opening assistant turn (there is no earlier turn to render it
         with a generation prompt): what the template writes before the turn's content (its BOS, a default
-        system prompt, the assistant header)."""
-        at = full.rfind(m["content"]) if m.get("content") else -1
-        if at < 0:
-            raise DataError(f"{where}: the conversation opens with an assistant turn whose content the chat template "
-                            f"does not write as given, so its answer tokens cannot be told from the prompt; start it "
-                            f"with a user (or system) message")
-        return full[:at]
+        system prompt, the assistant header), found by rendering the turn with a marker as its content (a
+        template may trim or reshape the content itself)."""
+        probe = self.tok.render_chat([{**m, "content": CONTENT_MARK}], add_generation_prompt=False)
+        at = probe.find(CONTENT_MARK)
+        if at < 0 or not full.startswith(probe[:at]):
+            raise DataError(f"{where}: the conversation opens with an assistant turn, and the chat template writes "
+                            f"something before its content that depends on it, so its answer tokens cannot be told "
+                            f"from the prompt; start the conversation with a user (or system) message")
+        return probe[:at]
 
     def _last_turn_only(self, turns: list[tuple[dict, bool]], where: str) -> Rendered | None:
-        last = max(i for i, (m, _) in enumerate(turns) if m["role"] == "assistant")
-        if not turns[last][1]:  # its weight is 0: nothing to learn from this record's last turn
-            self.stats.no_answer += 1
-            self.stats.first_no_answer = self.stats.first_no_answer or where
-            return None
+        # the last assistant turn to learn (of weight 1), after the conversation up to it as the template
+        # renders that prefix
         render = self.tok.render_chat
+        learnable = [i for i, (m, loss) in enumerate(turns) if m["role"] == "assistant" and loss]
+        if not learnable:  # (train_on_prompt: the prompts alone carry loss)
+            out = Rendered()
+            out.add(self.tok.encode(render([m for m, _ in turns], add_generation_prompt=False)), True)
+            return out
+        last = learnable[-1]
         messages = [m for m, _ in turns]
         full = render(messages[: last + 1], add_generation_prompt=False)
         head = render(messages[:last], add_generation_prompt=True) if last else self._opening(full, messages[0], where)
@@ -340,7 +361,7 @@ class Renderer:
                             f"tokens are the answer. Set data.train_on_prompt=true or use a prompt/completion file")
         self.stats.last_turn_only += 1
         out = Rendered()
-        out.add(self.tok.encode(head), False)
+        out.add(self.tok.encode(head), self.train_on_prompt)
         out.add(self.tok.encode(full[len(head):]), True)
         return out
 

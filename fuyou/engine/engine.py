@@ -970,7 +970,15 @@ class Engine:
     def evaluate(self) -> float | None:
         if self.eval_batches is None:
             return None
-        self.worker.wait_all()
+        self.worker.wait_all()  # the step's tail lands in its counters; the evaluation's reads in none
+        counted, self.counters = self.counters, StepCounters()
+        try:
+            return self._evaluate()
+        finally:
+            self.counters = counted
+
+    @torch.no_grad()
+    def _evaluate(self) -> float:
         S = len(self.states)
         batches = list(self.eval_batches)[self.dist.rank::self.dist.world]  # each rank its share
         self.streamer.plan(self.forward_order() * len(batches))

@@ -159,15 +159,14 @@ def record_base(run: Path) -> None:
 
 def base_changed(run: Path, base: Path | None) -> str | None:
     """Why ``base`` is not the base ``run`` recorded at its start (None: it is, or nothing was recorded)."""
-    for p in (run, run.parent.parent):  # a snapshot (RUN/snapshots/step-N): its run's record
-        rec = p / BASE_RECORD
-        if rec.is_file():
-            break
-    else:
+    homes = [run] + ([run.parent.parent] if run.parent.name == "snapshots" else [])  # a snapshot: its run's record
+    rec = next((p / BASE_RECORD for p in homes if (p / BASE_RECORD).is_file()), None)
+    if rec is None:
         return None
     try:
         want = json.loads(rec.read_text())
-    except (OSError, ValueError):
+        want["path"], want["fingerprint"]
+    except (OSError, ValueError, KeyError, TypeError):
         return None
     if base is None or not base.is_dir():
         return f"the run's base model {want['path']} is gone"

@@ -154,9 +154,7 @@ def lora_line(w) -> str:
     from fuyou.units import format_size
 
     names = resolve_targets(w.model.family, w.lora.targets)
-    from fuyou.train.metrics import si
-
-    return (f"LoRA rank {w.lora.rank} on {', '.join(names)}: {si(w.lora_params)} adapter parameters "
+    return (f"LoRA rank {w.lora.rank} on {', '.join(names)}: {_si(w.lora_params)} adapter parameters "
             f"({format_size(16 * w.lora_params)} with gradients and AdamW moments, on the GPU); the base is read-only "
             f"(no master, moments or gradients), {base_line(w)}")
 

@@ -61,7 +61,7 @@ def build_trainer(cfg: FuyouConfig, run_name: str, resume: bool = False) -> Trai
     dist = distributed.current()
     # The engine loads the data once its memory plan has passed: a budget that cannot fit is refused
     # before a large dataset is tokenized. (rank_config shares cfg.train, so the epochs' steps reach it.)
-    return Engine(dist.rank_config(cfg), lambda: load_training_data(cfg),
+    return Engine(dist.rank_config(cfg), lambda: load_training_data(cfg, resume),
                   store_name=dist.store_name(f"{run_name}.fuyou-state"), resume=resume, init_values=init_values)
 
 
@@ -94,8 +94,13 @@ def _data_files_change(cfg: FuyouConfig, then: list, now: list) -> str:
         when = datetime.datetime.fromtimestamp(f[-1] / 1e9).strftime("%Y-%m-%d %H:%M:%S")
         return (f"{format_size(f[0])}, modified {when}" if len(f) == 2 else
                 f"{f[0]} files, {format_size(f[1])}, newest modified {when}")
+    import itertools
+
     paths = [*cfg.data.path, *cfg.data.eval_path]
-    parts = [f"{p}: {words(a)} -> {words(b)}" for p, a, b in zip(paths, then, now) if a != b]
+    def given(f) -> str:
+        return "not given" if f is False else words(f)
+    parts = [f"{p if p is not False else 'a path no longer given'}: {given(a)} -> {given(b)}"
+             for p, a, b in itertools.zip_longest(paths, then, now, fillvalue=False) if a != b]
     return "the data changed since the run started (" + "; ".join(parts) + ")"
 
 
@@ -141,10 +146,11 @@ def _absolute(paths) -> list[str]:
     return [str(Path(p).absolute()) for p in paths]
 
 
-def load_training_data(cfg: FuyouConfig):
+def load_training_data(cfg: FuyouConfig, resume: bool = False):
     """The run's tokens (None: synthetic), checked against the model's vocabulary; with ``train.epochs``,
-    ``train.steps`` is set to the steps that make them (before the schedule is read)."""
-    data = load_data(cfg.data)
+    ``train.steps`` is set to the steps that make them (before the schedule is read). A resume does not
+    refuse what its saved config says of prepared data (``fuyou.data.load_data``)."""
+    data = load_data(cfg.data, check_prepared=not resume)
     if data is not None:
         check_tokenizer(cfg, data)
     if cfg.train.epochs is not None:  # the steps that make the epochs, from the data
@@ -491,10 +497,12 @@ def _loop(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, stop
                     _serve_weights(trainer)
                 log.write({"stopped": stop.requested, "step": step + 1, "snapshot": str(snap)})
                 log.close()
-                progress.message(f"stopped by {stop.requested} after step {step + 1}; the weights of step {step + 1} "
-                                 f"are in {snap}. An in-memory run keeps no resumable state (offload.mode=ssd runs "
-                                 f"do): to go on from these weights, start a run with --init-from {snap} (its "
-                                 f"AdamW moments, schedule and data position start afresh)")
+                how = (f"export them (`fuyou export {snap} --out DIR`) and start a run over the same base with "
+                       f"lora.init_from=DIR" if cfg.lora.enabled else f"start a run with --init-from {snap}")
+                progress.message(f"stopped by {stop.requested} after step {step + 1}; the "
+                                 f"{'adapters' if cfg.lora.enabled else 'weights'} of step {step + 1} are in {snap}. "
+                                 f"An in-memory run keeps no resumable state (offload.mode=ssd runs do): to go on "
+                                 f"from them, {how} (its AdamW moments, schedule and data position start afresh)")
                 return RunResult(run_dir, first_eval, last_eval, stats.loss, tokens / (time.perf_counter() - start),
                                  resident_bytes("VmHWM"), stopped=True)
             trainer.commit(step + 1)  # the step's updates and its commit are on the SSD

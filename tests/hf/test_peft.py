@@ -346,6 +346,20 @@ def test_a_base_that_changed_or_went_is_not_merged_over_silently(hf_models, tmp_
         export_run_dir(run, tmp_path / "merged2", merge=True)
 
 
+def test_a_base_record_is_read_only_for_the_run_or_its_snapshots(tmp_path):
+    """A base.json two levels above a run that is no snapshot is not that run's record."""
+    from fuyou.hf.peft import BASE_RECORD, base_changed
+
+    (tmp_path / BASE_RECORD).write_text('{"unrelated": 1}')
+    run = tmp_path / "runs" / "r"
+    run.mkdir(parents=True)
+    assert base_changed(run, tmp_path / "nowhere") is None
+    snap = tmp_path / "runs" / "snapshots" / "step-000001"
+    snap.mkdir(parents=True)
+    (tmp_path / "runs" / BASE_RECORD).write_text(json.dumps({"path": "/gone", "fingerprint": "x"}))
+    assert "is gone" in base_changed(snap, tmp_path / "nowhere")
+
+
 def test_a_resume_refuses_another_init_from(hf_models, tmp_path, capsys):
     """--init-from on a resume was dropped without a word (the run went on over its own base)."""
     run = lora_train(tmp_path, ["--init-from", str(hf_models["llama"])], "run.save_weights=false",
