@@ -181,12 +181,20 @@ def _check_prepared_settings(cfg: DataConfig, data) -> None:
                        f"{str(prepared_on_prompt).lower()}; --train-on-prompt)")
     if cfg.tokenizer != "auto":
         given = "byte" if cfg.tokenizer == "byte" else f"hf:{Path(cfg.tokenizer).resolve()}"
-        if given != data.tokenizer:
+        if given != data.tokenizer and not _same_vocabulary(cfg.tokenizer, data.fingerprint):
             ignored.append(f"data.tokenizer={cfg.tokenizer} (prepared with {data.tokenizer}; --tokenizer)")
     if ignored:
         raise DataError(f"data.path {cfg.path[0]} is prepared data: `fuyou data prepare` fixed these settings when it "
                         f"made it, so training would ignore {', '.join(ignored)}. Prepare the data again with what "
                         f"you want (the option in brackets), or leave them out")
+
+
+def _same_vocabulary(spec: str, fingerprint: str) -> bool:
+    """Whether tokenizer ``spec`` (a copy elsewhere, say) has the vocabulary the data was prepared with."""
+    try:
+        return bool(fingerprint) and load_tokenizer(spec).fingerprint == fingerprint
+    except DataError:
+        return False
 
 
 def _spec_of(data) -> str:

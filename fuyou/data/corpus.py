@@ -66,9 +66,14 @@ def iter_records(paths: list[str | Path], text_field: str = "text") -> Iterator[
                     continue
                 raise DataError(f"{f} is a {suffix} file, which fuyou does not read as data: {BINARY_SUFFIXES[suffix]}")
             elif suffix in TEXT_SUFFIXES or not p.is_dir():
-                found = True
                 text = _read_text(f)
-                _refuse_json_lines_as_text(f, text)
+                why = _json_lines_as_text(f, text)
+                if why and p.is_dir():  # one such file does not stop a directory: it is listed as not read
+                    skipped.append((f, "it looks like JSON Lines: rename it to .jsonl to read its records"))
+                    continue
+                if why:
+                    raise DataError(why)
+                found = True
                 yield {text_field: text}, str(f)
             else:
                 skipped.append((f, f"not {', '.join(sorted(TEXT_SUFFIXES | JSONL_SUFFIXES))}"))
@@ -83,20 +88,22 @@ def iter_records(paths: list[str | Path], text_field: str = "text") -> Iterator[
             )
 
 
-def _refuse_json_lines_as_text(f: Path, text: str) -> None:
-    """A JSON Lines file under another name would be trained as one document of JSON syntax: refused."""
+def _json_lines_as_text(f: Path, text: str) -> str | None:
+    """Why a text file that is JSON Lines under another name is not read (it would be trained as one
+    document of JSON syntax), or None."""
     first = next((line for line in text.splitlines() if line.strip()), "")
     if not first.lstrip().startswith("{"):
-        return
+        return None
     try:
         rec = json.loads(first)
     except json.JSONDecodeError:
-        return
+        return None
     if isinstance(rec, dict):
         name = f"ends in {f.suffix!r}" if f.suffix else "has no extension"
-        raise DataError(f"{f} looks like JSON Lines (its first line is a JSON object with keys {sorted(rec)[:6]}), but "
-                        f"its name {name}, so it would be trained on as one plain-text document; rename it to .jsonl "
-                        f"to read its records (to train on such text, write it as {{\"text\": ...}} records)")
+        return (f"{f} looks like JSON Lines (its first line is a JSON object with keys {sorted(rec)[:6]}), but its "
+                f"name {name}, so it would be trained on as one plain-text document; rename it to .jsonl to read its "
+                f"records (to train on such text, write it as {{\"text\": ...}} records)")
+    return None
 
 
 def _read_text(f: Path) -> str:

@@ -63,8 +63,9 @@ CONTENT_MARK = "\ue000fuyou-content\ue000"  # (a private-use character: no templ
 
 # ShareGPT's speakers ("from") as chat roles
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
-                  "model": "assistant", "system": "system", "tool": "tool", "function": "tool", "observation": "tool",
-                  "ipython": "tool"}
+                  "model": "assistant", "function_call": "assistant", "system": "system", "tool": "tool",
+                  "function": "tool", "observation": "tool", "ipython": "tool"}
+# (LLaMA-Factory's "function_call" is the assistant's call written as text, "observation" the tool's answer)
 # message keys every chat rendering reads; any other key (but ``weight``, read here) goes to the chat template
 # too, and is counted as ignored where the rendering writes nothing of it
 TEMPLATE_KEYS = ("role", "content", "tool_calls", "tool_call_id", "name")
@@ -148,6 +149,12 @@ class Renderer:
         self.tok, self.fmt, self.train_on_prompt, self.text_field = tok, fmt, train_on_prompt, text_field
         self.stats = RenderStats()
         self.template = getattr(tok, "chat_template", None)
+        self._tools: list | None = None  # the record's tool schemas (OpenAI's "tools"), for its template
+
+    def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        if self._tools:
+            return self.tok.render_chat(messages, add_generation_prompt=add_generation_prompt, tools=self._tools)
+        return self.tok.render_chat(messages, add_generation_prompt=add_generation_prompt)
 
     def __call__(self, rec: dict, where: str) -> Rendered | None:
         """The record's tokens and loss flags; None for a conversation with nothing to learn (skipped and
@@ -162,6 +169,7 @@ class Renderer:
             out.add(self.tok.encode(_string(rec, self.text_field, where)), True)
             return out
         if fmt in ("messages", "sharegpt") or (fmt == "prompt_completion" and isinstance(rec.get("prompt"), list)):
+            self._tools = self._record_tools(rec, where)
             if fmt == "sharegpt":
                 turns = self._sharegpt(rec.get("conversations"), where)
             elif fmt == "messages":
@@ -194,6 +202,21 @@ class Renderer:
         return out
 
     # -- conversations ---------------------------------------------------------------------------
+    @staticmethod
+    def _record_tools(rec: dict, where: str) -> list | None:
+        """The record's tool schemas: OpenAI's ``tools`` list (LLaMA-Factory writes it as a JSON string)."""
+        tools = rec.get("tools")
+        if isinstance(tools, str):
+            import json
+
+            try:
+                tools = json.loads(tools) if tools.strip() else None
+            except ValueError:
+                raise DataError(f"{where}: 'tools' is a string that is not JSON; give a list of tool schemas") from None
+        if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+            raise DataError(f"{where}: 'tools' must be a list of tool schemas (objects)")
+        return tools or None
+
     def _checked(self, messages, where: str, key: str) -> list[tuple[dict, bool]]:
         """The messages of a conversation as (what the template sees, whether the turn carries loss)."""
         if not isinstance(messages, list) or not messages:
@@ -231,8 +254,8 @@ class Renderer:
         if not extra:
             return
         if self.template is not None:
-            full = self.tok.render_chat(messages, add_generation_prompt=False)
-            extra = [k for k in extra if self.tok.render_chat([{q: v for q, v in m.items() if q != k} for m in messages],
+            full = self._render(messages, add_generation_prompt=False)
+            extra = [k for k in extra if self._render([{q: v for q, v in m.items() if q != k} for m in messages],
                                                               add_generation_prompt=False) == full]
         for k in extra:
             self.stats.ignored_keys[k] = self.stats.ignored_keys.get(k, 0) + 1
@@ -263,6 +286,16 @@ class Renderer:
             return None
         self._count_ignored([m for m, _ in turns])
         calls = next((i for i, (m, _) in enumerate(turns) if m.get("tool_calls")), None)
+        if self._tools and self.template is None:
+            raise DataError(f"{where}: the record gives 'tools' (the tool schemas), which fuyou's fallback chat format "
+                            f"(for a tokenizer without a chat template) cannot write; give data.tokenizer (or "
+                            f"--init-from) a model whose chat template renders tools")
+        if self._tools:
+            messages = [m for m, _ in turns]
+            if self._render(messages, False) == self.tok.render_chat(messages, add_generation_prompt=False):
+                raise DataError(f"{where}: the record gives 'tools', but the chat template of {self.tok.name} does "
+                                f"not write them: the model would learn its calls without the schemas in its prompt. "
+                                f"Use a model whose template renders tools, or leave 'tools' out")
         if self.template is None:
             if calls is not None:
                 raise DataError(f"{where}: message {calls} calls tools ('tool_calls'), which fuyou's fallback chat "
@@ -279,7 +312,7 @@ class Renderer:
         """A template that ignores ``tool_calls`` would train a tool call as an empty answer: refused."""
         without = dict(messages[i])
         del without["tool_calls"]
-        render = self.tok.render_chat
+        render = self._render
         if render(messages[: i + 1], add_generation_prompt=False) == render(
                 messages[:i] + [without], add_generation_prompt=False):
             raise DataError(f"{where}: message {i} calls tools ('tool_calls'), but the chat template of "
@@ -307,7 +340,7 @@ class Renderer:
             raise DataError(f"{where}: {e}") from e
 
     def _templated_turns(self, turns: list[tuple[dict, bool]], where: str) -> Rendered:
-        render = self.tok.render_chat
+        render = self._render
         messages = [m for m, _ in turns]
         pieces: list[tuple[str, bool]] = []  # (text, loss)
         done = ""
@@ -334,7 +367,7 @@ class Renderer:
         with a generation prompt): what the template writes before the turn's content (its BOS, a default
         system prompt, the assistant header), found by rendering the turn with a marker as its content (a
         template may trim or reshape the content itself)."""
-        probe = self.tok.render_chat([{**m, "content": CONTENT_MARK}], add_generation_prompt=False)
+        probe = self._render([{**m, "content": CONTENT_MARK}], add_generation_prompt=False)
         at = probe.find(CONTENT_MARK)
         if at < 0 or not full.startswith(probe[:at]):
             raise DataError(f"{where}: the conversation opens with an assistant turn, and the chat template writes "
@@ -345,7 +378,7 @@ class Renderer:
     def _last_turn_only(self, turns: list[tuple[dict, bool]], where: str) -> Rendered | None:
         # the last assistant turn to learn (of weight 1), after the conversation up to it as the template
         # renders that prefix
-        render = self.tok.render_chat
+        render = self._render
         learnable = [i for i, (m, loss) in enumerate(turns) if m["role"] == "assistant" and loss]
         if not learnable:  # (train_on_prompt: the prompts alone carry loss)
             out = Rendered()

@@ -25,7 +25,7 @@ class Tokenizer(Protocol):
     def encode_prompt(self, text: str) -> list[int]:
         """``text`` as the start of a sequence: with the BOS token when the tokenizer adds one."""
 
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool) -> str: ...
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool, tools: list | None = None) -> str: ...
 
     def decode(self, ids: list[int]) -> str: ...
 
@@ -46,7 +46,7 @@ class ByteTokenizer:
     def encode_prompt(self, text: str) -> list[int]:
         return self.encode(text)
 
-    def render_chat(self, messages, add_generation_prompt):
+    def render_chat(self, messages, add_generation_prompt, tools=None):
         raise NotImplementedError("the byte tokenizer has no chat template (fuyou.data.formats uses its fallback)")
 
     def encode_np(self, text: str) -> np.ndarray:
@@ -98,9 +98,10 @@ class HFTokenizer:
     def encode_prompt(self, text: str) -> list[int]:
         return self._prefix + self.encode(text)
 
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool) -> str:
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool, tools: list | None = None) -> str:
         try:
-            return self._tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+            return self._tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                                 **({"tools": tools} if tools else {}))
         except Exception as e:  # jinja raises its own kinds (a template that refuses a role order, ...)
             raise DataError(f"the chat template of {self.name} cannot render this conversation: {e}") from e
 

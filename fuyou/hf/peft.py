@@ -128,14 +128,18 @@ SAMPLES = 16               # evenly spaced 4 KiB reads a weight file contributes
 
 
 def base_fingerprint(base: Path) -> str:
-    """A fingerprint of a base directory's weights: each weight file's name and size, its first 64 KiB (a
-    safetensors header names every tensor's shape and place) and ``SAMPLES`` 4 KiB reads spread over it.
-    Cheap at any size; another checkpoint of the same shapes differs in the sampled values."""
+    """A fingerprint of a base directory's weights: its config.json, each weight file's name and size, its
+    first 64 KiB (a safetensors header names every tensor's shape and place), the first 64 bytes of every
+    tensor of a safetensors file (a merge or an edit of any layer changes them) and ``SAMPLES`` 4 KiB reads
+    spread over each file. A few small reads a tensor: cheap at any size."""
     import hashlib
+    import struct
 
     from fuyou.hf.weights import WEIGHT_SUFFIXES
 
     h = hashlib.sha256()
+    if (base / "config.json").is_file():
+        h.update((base / "config.json").read_bytes())
     for f in sorted(p for p in base.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES):
         size = f.stat().st_size
         h.update(f"{f.name}:{size};".encode())
@@ -144,6 +148,18 @@ def base_fingerprint(base: Path) -> str:
             for i in range(SAMPLES):
                 fh.seek(size * i // SAMPLES)
                 h.update(fh.read(4096))
+            if f.suffix == ".safetensors" and size >= 8:
+                fh.seek(0)
+                n = struct.unpack("<Q", fh.read(8))[0]
+                try:
+                    header = json.loads(fh.read(n)) if n < size else {}
+                except ValueError:
+                    header = {}
+                for name in sorted(k for k in header if k != "__metadata__"):
+                    offsets = header[name].get("data_offsets") if isinstance(header[name], dict) else None
+                    if offsets:
+                        fh.seek(8 + n + int(offsets[0]))
+                        h.update(fh.read(min(64, int(offsets[1]) - int(offsets[0]))))
     return h.hexdigest()
 
 

@@ -511,10 +511,12 @@ def test_files_are_read_by_what_they_hold_and_a_directory_says_what_it_skips(tmp
     write_jsonl(top / ".ipynb_checkpoints" / "a-checkpoint.jsonl", recs)
     (top / "b.json").write_text(json.dumps(recs))
     (top / "c.csv").write_text("prompt,completion\n")
+    (top / "notes.md").write_text((tmp_path / "c.ndjson").read_text())  # JSON Lines by another name: not read
     d = tokenize_records([top], "byte", val_fraction=0.25)
     assert len(d.train) + len(d.val) == 4  # the hidden copy is not read twice
     err = capsys.readouterr().err
-    assert "3 file(s) not read" in err and "b.json" in err and "c.csv" in err and "hidden" in err
+    assert "4 file(s) not read" in err and "b.json" in err and "c.csv" in err and "hidden" in err
+    assert "notes.md (it looks like JSON Lines: rename it to .jsonl" in err
     mixed = tmp_path / "mixed"
     mixed.mkdir()
     write_jsonl(mixed / "a.jsonl", recs)
@@ -621,3 +623,40 @@ def test_weights_under_train_on_prompt_and_templates_that_rewrite_earlier_turns(
     out = r(conv, "z")  # the last turn has weight 0: the last one of weight 1 is trained, not the record skipped
     assert out is not None and tok.decode([i for i, f in zip(out.ids, out.loss) if f]).replace(" ", "") == \
         "GOOD<|im_end|>\n"
+
+
+def test_the_records_tool_schemas_reach_the_template(tmp_path, hf_tok_dir):
+    """OpenAI's record-level "tools" were dropped: calls were learnt without the schemas in the prompt."""
+    from fuyou.data.tokenizer import HFTokenizer
+
+    tools_tpl = "{% if tools %}<tools>{{ tools | tojson }}</tools>\n{% endif %}" + TOOLS
+    tok_dir = _template_dir(tmp_path, hf_tok_dir, tools_tpl, "tools2")
+    schema = {"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}
+    call = {"type": "function", "function": {"name": "weather", "arguments": "{}"}}
+    rec = {"tools": [schema], "messages": [{"role": "user", "content": "Weather?"},
+                                           {"role": "assistant", "content": None, "tool_calls": [call]}]}
+    f = write_jsonl(tmp_path / "t.jsonl", [rec, {**rec, "tools": json.dumps([schema])}])  # (LLaMA-Factory: a string)
+    d = tokenize_records([f], str(tok_dir), eval_paths=[f])
+    tok = HFTokenizer(tok_dir)
+    for k in (0, 1):
+        s, e = int(d.train.offsets[k]), int(d.train.offsets[k + 1])
+        text = tok.decode([int(t) for t in d.train.tokens[s:e]])
+        assert '"name": "weather"' in text.split("<|im_start|>")[0].replace('":"', '": "'), text  # the schema
+        assert _answers(d, tok, k).replace(" ", "") == "<call>weather({})</call><|im_end|>\n"  # no loss on it
+    with pytest.raises(DataError, match="does not write them: the model would learn its calls without the schemas"):
+        tokenize_records([f], str(_template_dir(tmp_path, hf_tok_dir, TOOLS, "notools")))
+    with pytest.raises(DataError, match="'tools' .* fallback chat format"):
+        tokenize_records([f], "byte")
+
+
+def test_a_copy_of_the_prepared_tokenizer_is_the_same_tokenizer(tmp_path, hf_tok_dir):
+    import shutil
+
+    from fuyou.cli import main
+
+    src = write_jsonl(tmp_path / "qa.jsonl", qa_records(10))
+    assert main(["data", "prepare", str(src), "--out", str(tmp_path / "p"), "--tokenizer", str(hf_tok_dir)]) == 0
+    shutil.copytree(hf_tok_dir, tmp_path / "copy")
+    load_data(DataConfig(path=[str(tmp_path / "p")], tokenizer=str(tmp_path / "copy")))  # the same vocabulary
+    with pytest.raises(DataError, match="data.tokenizer=byte"):
+        load_data(DataConfig(path=[str(tmp_path / "p")], tokenizer="byte"))

@@ -360,6 +360,26 @@ def test_a_base_record_is_read_only_for_the_run_or_its_snapshots(tmp_path):
     assert "is gone" in base_changed(snap, tmp_path / "nowhere")
 
 
+def test_the_base_fingerprint_sees_one_changed_layer(hf_models, tmp_path):
+    """A merge that edits one layer keeps every shape and most bytes: the fingerprint reads every tensor's
+    first bytes, so it changes."""
+    from safetensors.torch import load_file, save_file
+
+    from fuyou.hf.peft import base_fingerprint
+
+    base = tmp_path / "b"
+    shutil.copytree(hf_models["llama"], base)
+    before = base_fingerprint(base)
+    f = next(base.glob("*.safetensors"))
+    t = load_file(str(f))
+    save_file(t, str(f), metadata={"format": "pt"})
+    assert base_fingerprint(base) == before  # the same values written again: the same fingerprint
+    key = sorted(k for k in t if "layers.2." in k)[0]
+    t[key] = t[key] + 1e-3
+    save_file(t, str(f), metadata={"format": "pt"})
+    assert base_fingerprint(base) != before
+
+
 def test_a_resume_refuses_another_init_from(hf_models, tmp_path, capsys):
     """--init-from on a resume was dropped without a word (the run went on over its own base)."""
     run = lora_train(tmp_path, ["--init-from", str(hf_models["llama"])], "run.save_weights=false",
