@@ -217,7 +217,8 @@ def _add_planner_parsers(sub) -> None:
                     "`fuyou train --cpu-mem` takes the planned figure")
     pl.add_argument("--profile", help="hardware profile JSON written by `fuyou probe`")
     pl.add_argument("--gpu", help="GPU preset: rtx3090, rtx4090, a100-40gb, a100-80gb, h100, h200")
-    pl.add_argument("--ssd", help="SSD preset with a count, e.g. 12xd7-p5510 (d7-p5510, 990-pro, pcie4-generic)")
+    pl.add_argument("--ssd", action="append", help="SSD preset with a count, e.g. 12xd7-p5510 (d7-p5510, 990-pro, "
+                    "pcie4-generic); once (fuyou train's --ssd, one per drive, repeats)")
     pl.add_argument("--pcie", help="host link: gen3x16, gen4x16, gen5x16 (default: the GPU's)")
     pl.add_argument("--gpu-reserve", help="GPU memory the plan leaves unused, e.g. 2GiB (default: 768 MiB for the "
                     "CUDA context and 5%% of the rest, what the engine leaves by default)")
@@ -369,7 +370,7 @@ def _model_config(fields: dict):
     try:
         return ModelConfig(**fields)
     except ValidationError as e:
-        raise ConfigError(explain(e).replace("invalid configuration:", "invalid model:")) from None
+        raise ConfigError(explain(e, "model").replace("invalid configuration:", "invalid model:")) from None
 
 
 def _plan_gpus(args, split) -> int:
@@ -397,12 +398,16 @@ def _plan(args) -> int:
     from fuyou.planner.config import HardwareConfig
     from fuyou.planner.cost import Workload
     from fuyou.planner.hardware import resolve
-    from fuyou.policy import parse_act_policy
+    from fuyou.policy import read_act_policy
     from fuyou.planner.report import plot, text, to_json
     from fuyou.planner.search import (CPU_FIX, CPU_RESERVE, CPU_RESERVE_FRACTION, search, search_global_batch,
                                       search_split)
     from fuyou.units import format_size, parse_size
 
+    if args.ssd and len(args.ssd) > 1:  # (fuyou train's --ssd is one directory a drive, and repeats)
+        raise ConfigError(f"--ssd names the drives once, with their count: --ssd {len(args.ssd)}x{args.ssd[0]} for "
+                          f"{len(args.ssd)} of them (got --ssd {' --ssd '.join(args.ssd)})")
+    args.ssd = args.ssd[0] if args.ssd else None
     tokens_goal = _token_count(args.tokens) if args.tokens else None
     for name in ("batch", "seq", "grad_accum"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
@@ -487,8 +492,11 @@ def _plan(args) -> int:
         raise ConfigError(f"--gpus {gpus} for a model of {len(w.numels)} stages: each rank owns the optimizer state of "
                           f"whole stages, so use at most {len(w.numels)} GPUs")
     policy = None
-    if args.act_policy:
-        policy = parse_act_policy(args.act_policy, cfg.n_layer, prefetch_depth=args.prefetch_depth or 2)
+    if args.act_policy is not None:  # (an empty one is refused as such, not taken as "search")
+        policy = read_act_policy(args.act_policy, cfg.n_layer,
+                                 **({"prefetch_depth": args.prefetch_depth} if args.prefetch_depth else {}))
+        if not args.act_policy.strip().endswith(".json") and not args.prefetch_depth:
+            policy = policy.model_copy(update={"prefetch_depth": 2})
     cpu_given = parse_size(args.cpu_mem)
     share = cpu_given // gpus  # each rank's share of the machine (fuyou/distributed.py: Dist.rank_config)
     reserve = (parse_size(args.cpu_reserve) if args.cpu_reserve is not None
@@ -538,6 +546,12 @@ def _probe(args) -> int:
     for flag in ("batch", "seq"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise ConfigError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    from pathlib import Path
+
+    out = Path(args.out).expanduser()
+    if out.is_dir() or not out.parent.is_dir():  # checked before minutes of measuring, not after
+        raise ConfigError(f"--out {args.out}: " + ("a directory; give a file name such as profile.json" if out.is_dir()
+                                                   else f"its directory {out.parent} does not exist; create it first"))
     model = args.model
     if model is not None:  # a preset or a path, as fuyou plan --model takes
         fields, _ = _plan_model_fields(model, [])

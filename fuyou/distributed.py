@@ -101,8 +101,8 @@ class Dist:
             raise DistributedError(
                 f"rank {self.rank}: {what} failed ({str(e).splitlines()[0] if str(e) else type(e).__name__}): another "
                 f"rank stopped or is stuck (its own error says why). The last commit is intact: fix the cause, then "
-                f"continue with `torchrun --nproc_per_node=... fuyou train --resume RUN_DIR` at the same world "
-                f"size") from e
+                f"continue with `torchrun --nproc_per_node={self.local_world} -m fuyou.cli train --resume RUN_DIR` "
+                f"(the run directory it printed; {self.world} processes in all, as now)") from e
 
     def all_reduce_(self, t: torch.Tensor, what: str = "summing a gradient over the ranks") -> torch.Tensor:
         """Sum ``t`` over the ranks in place."""

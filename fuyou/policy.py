@@ -147,6 +147,8 @@ class ActivationPolicy(BaseModel):
     def from_json(cls, text: str | dict) -> "ActivationPolicy":
         try:
             raw = json.loads(text) if isinstance(text, str) else text
+            if isinstance(raw, dict) and isinstance(raw.get("policy"), dict):  # a whole `fuyou plan --json` report
+                raw = raw["policy"]
             return cls.model_validate(raw)
         except json.JSONDecodeError as e:
             raise ConfigError(f"the activation policy is not valid JSON: {e}") from None
@@ -187,6 +189,8 @@ def parse_act_policy(text: str, n_layer: int, **kw) -> ActivationPolicy:
                 lo, hi = (int(a), int(b)) if dash else (int(a), int(a))
             except ValueError:
                 raise ConfigError(f"block range {rng!r} in rule {rule!r} is not A-B or A; {_HELP}") from None
+            if lo > hi:
+                raise ConfigError(f"block range {rng!r} in rule {rule!r} runs backwards; write it {hi}-{lo}")
             if not 0 <= lo <= hi < n_layer:
                 raise ConfigError(f"block range {rng!r} in rule {rule!r} is outside 0-{n_layer - 1} "
                                   f"(the model has {n_layer} blocks)")
@@ -241,12 +245,20 @@ def keep_policies(spec: str, n_layer: int, default_dtype: str = "fp32") -> dict[
     """Engine policies from ``--act-policy`` (the planner's human form, or a JSON file path). A block
     whose four classes are all kept in one tier is kept whole (no recomputation at all).
     ``default_dtype``: the checkpoint dtype of blocks the policy does not set (``default_checkpoint_dtype``)."""
-    if spec.endswith(".json") and Path(spec).is_file():
-        pol = ActivationPolicy.from_json(Path(spec).read_text())
+    return to_keep(read_act_policy(spec, n_layer), n_layer, default_dtype)
+
+
+def read_act_policy(spec: str, n_layer: int, **kw) -> ActivationPolicy:
+    """``--act-policy``: a JSON file (a policy, or a whole `fuyou plan --json` report) or the human form."""
+    if spec.strip().endswith(".json"):
+        p = Path(spec.strip()).expanduser()
+        if not p.is_file():
+            raise ConfigError(f"activation policy file {spec} does not exist; give the file `fuyou plan --json` "
+                              f"wrote, or a policy such as 'fc2,proj=ssd'")
+        pol = ActivationPolicy.from_json(p.read_text())
         pol.check_layers(n_layer)
-    else:
-        pol = parse_act_policy(spec, n_layer)
-    return to_keep(pol, n_layer, default_dtype)
+        return pol.model_copy(update=kw) if kw else pol
+    return parse_act_policy(spec, n_layer, **kw)
 
 
 def to_keep(pol: ActivationPolicy, n_layer: int, default_dtype: str = "fp32") -> dict[int, KeepPolicy]:

@@ -88,7 +88,8 @@ class OffloadConfig(BaseModel):
     stall_timeout: float = Field(
         600.0, gt=0, description="Seconds any wait of the engine (a weight load, a pool buffer, the optimizer, an "
         "SSD request, an activation) may last before the run stops with an error naming what it waited for "
-        "(the last commit stays intact). Waits for a large transfer get at least bytes / 20 MB/s.",
+        "(the last commit stays intact). Waits for a large transfer get at least bytes / 20 MB/s; a collective "
+        "between data-parallel ranks at least 60 s (torch.distributed's deadline: a rank may be committing).",
     )
     replace_state: bool = Field(
         False, description="A new run whose name already has a committed SSD state deletes it and starts afresh "
