@@ -418,6 +418,12 @@ def _plan(args) -> int:
     cfg = _model_config(fields)
     if args.seq > cfg.max_seq_len:
         if cfg.family == "gpt":  # its learned position table grows with the length (fuyou train refuses it)
+            from pathlib import Path
+
+            if Path(args.model).expanduser().exists():  # a checkpoint: its learned positions are what they are
+                raise ConfigError(f"--seq {args.seq} is beyond the checkpoint's {cfg.max_seq_len} learned positions "
+                                  f"(a GPT's position table): fuyou train refuses a longer data.seq_len for it; plan "
+                                  f"--seq {cfg.max_seq_len} or less")
             print(f"note: --seq {args.seq} is beyond the model's {cfg.max_seq_len} positions: planned with "
                   f"model.max_seq_len={args.seq} (give fuyou train the same, or a shorter data.seq_len)",
                   file=sys.stderr)

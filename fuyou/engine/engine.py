@@ -1058,9 +1058,18 @@ class Engine:
             if self.clipping:
                 lines.append(f"exact clipping at {t.grad_clip} of the adapters' gradients, after backward")
         elif self.clipping:
-            lines.append(f"exact clipping at {t.grad_clip}: stages are updated speculatively during backward and "
-                         f"redone from the previous state on steps whose gradient norm exceeds it (after such a "
-                         f"step, updates wait for the norm instead: offload.clip_schedule={off.clip_schedule})")
+            n, res = len(self.states), len(self.plan.resident_stages)
+            which = ("stages are" if not res else f"the {n - res} stages whose state is on the SSD are" if res < n
+                     else None)
+            if which is None:
+                lines.append(f"exact clipping at {t.grad_clip}: every stage's state is resident in CPU memory, which "
+                             f"keeps no previous copy to redo an update from, so the updates wait for the gradient "
+                             f"norm, after backward (fuyou plan says what that costs)")
+            else:
+                lines.append(f"exact clipping at {t.grad_clip}: {which} updated speculatively during backward and "
+                             f"redone from the previous state on steps whose gradient norm exceeds it (after such a "
+                             f"step, updates wait for the norm instead: offload.clip_schedule={off.clip_schedule})"
+                             + (f"; the {res} resident in CPU memory wait for the norm" if res else ""))
         lines.append("crash-safe commits: " + (
             "none (offload.commit=none: the run cannot be resumed)" if off.commit != "cow" else
             f"every {off.commit_every} step(s)" if off.commit_steps else f"every {off.commit_every}") +

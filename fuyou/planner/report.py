@@ -314,7 +314,8 @@ def text(plan: Plan) -> str:
            + (" on their owners)" if plan.workload.ranks > 1 else ")"),
            f"GPU peak            {format_size(s['gpu_peak_bytes'])}" if plan.hardware.device == "cuda" else
            "GPU peak            - (CPU compute device: its memory is in the CPU figure)",
-           f"prefetch depth      {s['prefetch_depth']}   ({s['evaluations']} configurations simulated)", "",
+           f"prefetch depth      {s['prefetch_depth']}   ({s['evaluations']} configurations simulated)",
+           _train_line(plan, s), "",
            plan.best.memory.describe(), "", "swap schedule (busy seconds per resource in one step):"]
     rows = schedule_rows(plan)
     shown = [x for x in ROWS if x not in OPTIONAL_ROWS or any(r["busy_s"][x] for r in rows)]
@@ -363,6 +364,23 @@ def _split_lines(s: dict) -> list[str]:
                                                             else f"does not fit ({d['note']})")
             for d in sp["tried"]))
     return lines
+
+
+def _train_line(plan: Plan, s: dict) -> str:
+    """The fuyou train settings that run this plan (the ones that differ from train's defaults): without
+    them train may need more memory than the plan (a new-user pass: the plan fitted at prefetch depth 1,
+    train refused at its default 2)."""
+    pol = plan.best.policy
+    n = plan.workload.model.n_layer
+    b = s["cpu_budget_bytes"]
+    opts = [f"--cpu-mem {b / 2**30:.2f}GiB" if b >= 2**30 else f"--cpu-mem {b // 2**20}MiB"]
+    if pol.prefetch_depth != 2:
+        opts.append(f"offload.prefetch_depth={pol.prefetch_depth}")
+    human = pol.describe(n)
+    if human != "recompute":
+        opts.append(f"--act-policy '{human}'" if len(human) <= 120 else "--act-policy FILE (fuyou plan ... --json > "
+                                                                       "FILE)")
+    return "train as planned    fuyou train ... " + " ".join(opts) + " (or --plan auto, which measures this machine)"
 
 
 def _clip_line(s: dict) -> str:

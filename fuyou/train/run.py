@@ -299,5 +299,7 @@ def import_checkpoint(hf_dir: str | Path, out_dir: str | Path) -> Path:
 
     out = convert_checkpoint(hf_dir, out_dir)
     cfg = load_config(flags={"model.init_from": str(out.resolve())})
+    if cfg.data.seq_len > cfg.model.max_seq_len:  # a checkpoint of fewer positions than the default length
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"seq_len": cfg.model.max_seq_len})})
     (out / "config.toml").write_text(to_toml(cfg))
     return out

@@ -159,3 +159,21 @@ def test_rope_scaling_is_written_in_the_templates_spelling(spelling):
     assert ("rope_scaling" in out) == (spelling == "v4")
     params = transformers.LlamaConfig(**out).rope_parameters
     assert params == {**v4["rope_scaling"], "rope_theta": 500000.0}
+
+
+def test_a_gpt2_checkpoint_of_few_positions_imports_and_plans_within_them(tmp_path, capsys):
+    """fuyou import wrote data.seq_len=128 for a 64-position GPT-2, so the printed next step (fuyou train
+    --config RUN/config.toml) failed at once; fuyou plan --seq 128 told the user to raise model.max_seq_len,
+    which fuyou train then undid from the checkpoint and refused."""
+    from fuyou.cli import main
+    from fuyou.config import load_config
+
+    from hf_testutil import make_hf_model
+
+    gpt2 = make_hf_model(tmp_path / "gpt2", "gpt2")
+    run = import_checkpoint(gpt2, tmp_path / "imp")
+    cfg = load_config(run / "config.toml")
+    assert cfg.model.max_seq_len == 64 and cfg.data.seq_len == 64
+    assert main(["plan", "--model", str(gpt2), "--gpu", "rtx4090", "--ssd", "1x990-pro", "--cpu-mem",
+                 "4GiB", "--seq", "128"]) == 2
+    assert "beyond the checkpoint's 64 learned positions" in capsys.readouterr().err

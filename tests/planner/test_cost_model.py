@@ -197,3 +197,21 @@ def test_block_matmul_flops_and_widths_follow_the_weights(name):
     assert sum(cost.class_flops.values()) == 2.0 * N * block.matmul_params
     assert cost.fwd_flops - sum(cost.class_flops.values()) == 4.0 * N * 256 * cfg.q_width
     assert class_widths(cfg)["qkv"] == (cfg.n_head + 2 * cfg.kv_heads) * cfg.head_dim
+
+
+def test_the_plan_fits_where_train_s_default_policy_fits():
+    """A new-user pass: with a CPU profile the plan refused budgets that fuyou train ran in, because every
+    policy it tried put the checkpoints that did not fit beside an SSD swap's staging buffers; train's
+    default keeps them on the compute device and needs no staging."""
+    from fuyou.planner.search import memory_plan
+
+    h = hw(device="cpu", fwd_flops=1e11, bwd_flops=1e11, matmul_flops=1e11, ssd_cpu_s_per_gb=0.1)
+    w = Workload(ModelConfig(**{**preset("llama-test"), "n_layer": 4, "d_model": 256, "n_head": 4, "n_kv_head": 2,
+                                "d_ff": 512, "vocab_size": 2000}), 4, 256, OffloadConfig())
+    costs = stage_costs(w)
+    need = {c: memory_plan(w, h, costs, ActivationPolicy.recompute_all(4, checkpoint=c, prefetch_depth=1),
+                           1 << 40)[0].cpu_minimum for c in ("gpu", "ssd")}
+    assert need["gpu"] < need["ssd"], need  # the case: train's default is the leaner
+    budget = (need["gpu"] + need["ssd"]) // 2
+    plan = search(w, h, budget, whatif=False, ladder=False)
+    assert plan.feasible and plan.best.memory.cpu_required <= budget
