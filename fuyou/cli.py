@@ -404,6 +404,11 @@ def _plan(args) -> int:
                                       search_split)
     from fuyou.units import format_size, parse_size
 
+    if args.plot:  # checked before planning: a plot asked for and silently skipped is a surprise
+        import importlib.util
+
+        if importlib.util.find_spec("matplotlib") is None:
+            raise ConfigError("--plot needs matplotlib: pip install 'fuyou[plot]'")
     if args.ssd and len(args.ssd) > 1:  # (fuyou train's --ssd is one directory a drive, and repeats)
         raise ConfigError(f"--ssd names the drives once, with their count: --ssd {len(args.ssd)}x{args.ssd[0]} for "
                           f"{len(args.ssd)} of them (got --ssd {' --ssd '.join(args.ssd)})")

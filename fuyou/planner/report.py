@@ -298,7 +298,8 @@ def text(plan: Plan) -> str:
            f"bottleneck          {s['bottleneck']}   (busy per step: "
            + ", ".join(f"{LABELS.get(k, k)} {v:.3g} s" for k, v in s["busy_s"].items()) + ")",
            *([f"{_si(s['tokens_goal']) + ' tokens':<20}{_duration(s['time_for_tokens_s'])}   ({s['steps_for_tokens']} "
-               f"steps of {_si(w.tokens)} tokens)"] if "tokens_goal" in s else []),
+               f"step{'s' if s['steps_for_tokens'] != 1 else ''} of {_si(w.tokens)} tokens)"]
+             if "tokens_goal" in s else []),
            *_data_parallel_lines(plan, s),
            _clip_line(s),
            _commit_line(s),

@@ -67,16 +67,18 @@ def test_plan_fixed_policy_and_bad_inputs(capsys):
     assert "no SSD given" in capsys.readouterr().err
 
 
-def test_plot_is_written_or_skipped_cleanly(tmp_path, capsys):
+def test_plot_is_written_or_refused_cleanly(tmp_path, capsys):
+    """Without matplotlib the plot was skipped with exit 0; now refused before planning."""
+    import importlib.util
+
     png = tmp_path / "step.png"
-    assert main(["plan", "--model", "gpt3-1.3b", "--gpu", "rtx4090", "--ssd", "2x990-pro", "--batch", "4",
-                 "--plot", str(png)]) == 0
+    rc = main(["plan", "--model", "gpt3-1.3b", "--gpu", "rtx4090", "--ssd", "2x990-pro", "--batch", "4",
+               "--plot", str(png)])
     err = capsys.readouterr().err
-    try:
-        import matplotlib  # noqa: F401
-        assert png.stat().st_size > 10_000
-    except ImportError:
-        assert "needs matplotlib" in err and not png.exists()
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert rc == 0 and png.stat().st_size > 10_000
+    else:
+        assert rc == 2 and "needs matplotlib" in err and not png.exists()
 
 
 def test_probe_smoke_writes_a_profile_plan_can_use(tmp_path, capsys):
