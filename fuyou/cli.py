@@ -393,6 +393,7 @@ def _plan_gpus(args, split) -> int:
 
 def _plan(args) -> int:
     import json
+    import math
 
     from fuyou.errors import ConfigError
     from fuyou.planner.config import HardwareConfig
@@ -515,8 +516,14 @@ def _plan(args) -> int:
     cpu = share - reserve
     if cpu <= 0:
         each = f" (each of {gpus} ranks' share {format_size(share)})" if gpus > 1 else ""
-        raise ConfigError(f"--cpu-reserve {format_size(reserve)} leaves nothing of --cpu-mem {format_size(cpu_given)}"
-                          f"{each}; reserve less (--cpu-reserve 0 plans the whole budget)")
+        need = search(w, hw, 4096, policy, whatif=False, ladder=False).cpu_need  # what the smallest plan needs
+        # the default reserve grows with the budget: CPU_RESERVE + CPU_RESERVE_FRACTION of it
+        total = (need + reserve if args.cpu_reserve is not None else
+                 math.ceil((need + CPU_RESERVE[hw.device]) / (1 - CPU_RESERVE_FRACTION))) if need else 0
+        least = f"; this model needs at least {format_size(total * gpus)} (--cpu-mem, with the reserve)" if need else ""
+        raise ConfigError(f"--cpu-reserve {format_size(reserve)} (memory the plan leaves to the process itself) leaves "
+                          f"nothing of --cpu-mem {format_size(cpu_given)}{each}{least}; or reserve less (--cpu-reserve "
+                          f"0 plans the whole budget)")
     if split is None:
         plan = search(w, hw, cpu, policy)
     elif split[0] == split[1]:

@@ -434,3 +434,14 @@ def test_plan_says_when_it_grows_a_gpt_position_table(capsys):
     assert main(["plan", "--model", "gpt-test", "--gpu", "rtx4090", "--ssd", "1x990-pro", "--cpu-mem", "4GiB",
                  "--seq", "128"]) == 0
     assert "beyond the model's 64 positions: planned with model.max_seq_len=128" in capsys.readouterr().err
+
+
+def test_a_budget_the_reserve_eats_says_what_would_fit(capsys):
+    """--cpu-mem 1GiB for GPT-3 1.3B advised only '--cpu-reserve 0'; it now names a budget that fits."""
+    import re
+
+    args = ["plan", "--model", "gpt3-1.3b", "--gpu", "rtx4090", "--ssd", "1x990-pro"]
+    assert main([*args, "--cpu-mem", "1GiB"]) == 2
+    m = re.search(r"needs at least ([\d.]+) GiB", capsys.readouterr().err)
+    assert m, "no minimum named"
+    assert main([*args, "--cpu-mem", f"{m.group(1)}GiB"]) == 0
