@@ -95,7 +95,7 @@ def test_a_budget_that_cannot_fit_is_refused_before_the_data_is_tokenized(tmp_pa
     corpus.write_text("The quick brown fox jumps over the lazy dog. " * 400)
     tokenized = []
     real = loop.load_data
-    monkeypatch.setattr(loop, "load_data", lambda cfg: tokenized.append(1) or real(cfg))
+    monkeypatch.setattr(loop, "load_data", lambda cfg, **kw: tokenized.append(1) or real(cfg, **kw))
     args = ["train", "--offload", "ssd", "--ssd", str(ssd), "--out", str(tmp_path / "runs"), "data.source=text",
             f"data.path={corpus}", "model.preset=gpt-test", "model.n_layer=4", "data.seq_len=32", "train.steps=1", "train.eval_every=0"]
     assert main([*args, "--cpu-mem", "1MiB"]) == 2
