@@ -507,8 +507,6 @@ def _plan(args) -> int:
     if args.act_policy is not None:  # (an empty one is refused as such, not taken as "search")
         policy = read_act_policy(args.act_policy, cfg.n_layer,
                                  **({"prefetch_depth": args.prefetch_depth} if args.prefetch_depth else {}))
-        if not args.act_policy.strip().endswith(".json") and not args.prefetch_depth:
-            policy = policy.model_copy(update={"prefetch_depth": 2})
     cpu_given = parse_size(args.cpu_mem)
     share = cpu_given // gpus  # each rank's share of the machine (fuyou/distributed.py: Dist.rank_config)
     reserve = (parse_size(args.cpu_reserve) if args.cpu_reserve is not None

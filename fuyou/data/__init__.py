@@ -145,8 +145,7 @@ def load_data(cfg: DataConfig, tokenizer: str | None = None,
         if check_prepared:
             _check_prepared_settings(cfg, data)
         if cfg.eval_path:  # held-out files, tokenized with the tokenizer the data was prepared with
-            on_prompt = data.info.get("train_on_prompt", False) if isinstance(data, ExampleData) else False
-            held = tokenize_records(cfg.eval_path, _spec_of(data), cfg.format, on_prompt, 0.5,
+            held = tokenize_records(cfg.eval_path, _spec_of(data), cfg.format, _prepared_on_prompt(data), 0.5,
                                     cfg.jsonl_field, eval_paths=cfg.eval_path)
             if isinstance(held, ExampleData) != isinstance(data, ExampleData):
                 raise DataError("data.eval_path holds another kind of data (text vs. fine-tuning records) than "
@@ -175,7 +174,7 @@ def _check_prepared_settings(cfg: DataConfig, data) -> None:
         ignored.append(f"data.jsonl_field={cfg.jsonl_field}")
     if cfg.val_fraction != fields["val_fraction"].default:
         ignored.append(f"data.val_fraction={cfg.val_fraction:g} (--val-fraction)")
-    prepared_on_prompt = data.info.get("train_on_prompt", False) if isinstance(data, ExampleData) else False
+    prepared_on_prompt = _prepared_on_prompt(data)
     if cfg.train_on_prompt is not None and cfg.train_on_prompt != prepared_on_prompt:
         ignored.append(f"data.train_on_prompt={str(cfg.train_on_prompt).lower()} (prepared with "
                        f"{str(prepared_on_prompt).lower()}; --train-on-prompt)")
@@ -187,6 +186,11 @@ def _check_prepared_settings(cfg: DataConfig, data) -> None:
         raise DataError(f"data.path {cfg.path[0]} is prepared data: `fuyou data prepare` fixed these settings when it "
                         f"made it, so training would ignore {', '.join(ignored)}. Prepare the data again with what "
                         f"you want (the option in brackets), or leave them out")
+
+
+def _prepared_on_prompt(data) -> bool:
+    """``--train-on-prompt`` as ``fuyou data prepare`` was given it (text data: false)."""
+    return bool(data.info.get("train_on_prompt", False)) if isinstance(data, ExampleData) else False
 
 
 def _same_vocabulary(spec: str, fingerprint: str) -> bool:

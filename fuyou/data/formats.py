@@ -40,6 +40,7 @@ renderings of a conversation's prefixes are prefixes of one another; templates t
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -97,8 +98,7 @@ class RenderStats:
     formats: dict[str, int] = field(default_factory=dict)
     no_answer: int = 0       # conversations skipped: no assistant turn to learn (module docstring)
     first_no_answer: str = ""
-    ignored_keys: dict[str, int] = field(default_factory=dict)  # message keys no template reads, and how often
-    tool_calls: int = 0      # assistant messages that call tools
+    ignored_keys: Counter = field(default_factory=Counter)  # message keys no rendering writes, and how often
 
     def notes(self) -> list[str]:
         """What a user should know about the rendering (``fuyou data prepare`` and training print them)."""
@@ -152,9 +152,7 @@ class Renderer:
         self._tools: list | None = None  # the record's tool schemas (OpenAI's "tools"), for its template
 
     def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
-        if self._tools:
-            return self.tok.render_chat(messages, add_generation_prompt=add_generation_prompt, tools=self._tools)
-        return self.tok.render_chat(messages, add_generation_prompt=add_generation_prompt)
+        return self.tok.render_chat(messages, add_generation_prompt=add_generation_prompt, tools=self._tools)
 
     def __call__(self, rec: dict, where: str) -> Rendered | None:
         """The record's tokens and loss flags; None for a conversation with nothing to learn (skipped and
@@ -238,10 +236,7 @@ class Renderer:
             if weight not in (0, 1) or isinstance(weight, bool):
                 raise DataError(f"{at}: 'weight' is {weight!r}; it must be 0 (no loss on this turn) or 1")
             if "weight" in m and m["role"] != "assistant":  # OpenAI's format reads it on assistant messages only
-                self.stats.ignored_keys["weight (not an assistant's)"] = (
-                    self.stats.ignored_keys.get("weight (not an assistant's)", 0) + 1)
-            if calls:
-                self.stats.tool_calls += 1
+                self.stats.ignored_keys["weight (not an assistant's)"] += 1
             # every key but weight goes to the chat template (reasoning_content, thinking, ... are the
             # template's to write); one it writes nothing of is counted as ignored (``_count_ignored``)
             learn = weight == 1 if m["role"] == "assistant" else self.train_on_prompt
@@ -257,8 +252,7 @@ class Renderer:
             full = self._render(messages, add_generation_prompt=False)
             extra = [k for k in extra if self._render([{q: v for q, v in m.items() if q != k} for m in messages],
                                                               add_generation_prompt=False) == full]
-        for k in extra:
-            self.stats.ignored_keys[k] = self.stats.ignored_keys.get(k, 0) + 1
+        self.stats.ignored_keys.update(extra)
 
     def _sharegpt(self, turns, where: str) -> list[tuple[dict, bool]]:
         """ShareGPT's ``conversations`` as messages (``SHAREGPT_ROLES``)."""
@@ -385,13 +379,13 @@ class Renderer:
         # the last assistant turn to learn (of weight 1), after the conversation up to it as the template
         # renders that prefix
         render = self._render
+        messages = [m for m, _ in turns]
         learnable = [i for i, (m, loss) in enumerate(turns) if m["role"] == "assistant" and loss]
         if not learnable:  # (train_on_prompt: the prompts alone carry loss)
             out = Rendered()
-            out.add(self.tok.encode(render([m for m, _ in turns], add_generation_prompt=False)), True)
+            out.add(self.tok.encode(render(messages, add_generation_prompt=False)), True)
             return out
         last = learnable[-1]
-        messages = [m for m, _ in turns]
         full = render(messages[: last + 1], add_generation_prompt=False)
         head = render(messages[:last], add_generation_prompt=True) if last else self._opening(full, messages[0], where)
         if not full.startswith(head):

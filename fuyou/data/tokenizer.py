@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from pathlib import Path
 from typing import Protocol
 
@@ -78,8 +79,6 @@ class HFTokenizer:
         eos = self._tok.eos_token_id
         self.eos_id = int(eos) if eos is not None else self.vocab_size - 1
         if eos is None:
-            import sys
-
             print(f"fuyou: note: the tokenizer in {path} defines no EOS token; fuyou ends documents and answers with "
                   f"its last id, {self.eos_id} ({self._tok.convert_ids_to_tokens(self.eos_id)!r}), which the model "
                   f"then learns as its stop token: set eos_token in {path / 'tokenizer_config.json'} to the model's "

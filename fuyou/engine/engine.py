@@ -1059,13 +1059,12 @@ class Engine:
                 lines.append(f"exact clipping at {t.grad_clip} of the adapters' gradients, after backward")
         elif self.clipping:
             n, res = len(self.states), len(self.plan.resident_stages)
-            which = ("stages are" if not res else f"the {n - res} stages whose state is on the SSD are" if res < n
-                     else None)
-            if which is None:
+            if res == n:
                 lines.append(f"exact clipping at {t.grad_clip}: every stage's state is resident in CPU memory, which "
                              f"keeps no previous copy to redo an update from, so the updates wait for the gradient "
                              f"norm, after backward (fuyou plan says what that costs)")
             else:
+                which = f"the {n - res} stages whose state is on the SSD are" if res else "stages are"
                 lines.append(f"exact clipping at {t.grad_clip}: {which} updated speculatively during backward and "
                              f"redone from the previous state on steps whose gradient norm exceeds it (after such a "
                              f"step, updates wait for the norm instead: offload.clip_schedule={off.clip_schedule})"

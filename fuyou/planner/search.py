@@ -424,11 +424,11 @@ def _fixes(w: Workload, hw: HardwareProfile, cpu_budget: int, failed: Evaluation
     if policy is not None:
         lean = policy
     else:  # the leanest of checkpoints on the SSD (staging buffers) and on the compute device (train's default)
-        options = [ActivationPolicy.recompute_all(w.model.n_layer, checkpoint=c, prefetch_depth=1) for c in ("ssd", "gpu")]
-        plans = [memory_plan(w, hw, costs, p, cpu_budget)[0] for p in options]
-        key = (lambda p: (p.device_required > hw.gpu_mem, p.cpu_minimum)) if hw.device == "cuda" else \
-            (lambda p: p.cpu_minimum)
-        lean = options[min(range(2), key=lambda i: key(plans[i]))]
+        def need(pol: ActivationPolicy) -> tuple[bool, int]:  # fits the GPU first, then the least CPU memory
+            p = memory_plan(w, hw, costs, pol, cpu_budget)[0]
+            return hw.device == "cuda" and p.device_required > hw.gpu_mem, p.cpu_minimum
+        lean = min((ActivationPolicy.recompute_all(w.model.n_layer, checkpoint=c, prefetch_depth=1)
+                    for c in ("ssd", "gpu")), key=need)
     plan, ssd = memory_plan(w, hw, costs, lean, cpu_budget)
     if hw.device == "cuda" and plan.device_required > hw.gpu_mem:
         b = w.batch

@@ -87,19 +87,17 @@ def data_fingerprint(cfg: FuyouConfig) -> dict:
 def _data_files_change(cfg: FuyouConfig, then: list, now: list) -> str:
     """``data_fingerprint``'s figures that changed, in words (the raw lists go to resumes.jsonl)."""
     import datetime
+    import itertools
 
-    def words(f) -> str:
-        if f is None:
-            return "missing"
+    def words(f) -> str:  # (False: no such entry, the number of paths changed; None: the path is missing)
+        if f is False or f is None:
+            return "not given" if f is False else "missing"
         when = datetime.datetime.fromtimestamp(f[-1] / 1e9).strftime("%Y-%m-%d %H:%M:%S")
         return (f"{format_size(f[0])}, modified {when}" if len(f) == 2 else
                 f"{f[0]} files, {format_size(f[1])}, newest modified {when}")
-    import itertools
 
     paths = [*cfg.data.path, *cfg.data.eval_path]
-    def given(f) -> str:
-        return "not given" if f is False else words(f)
-    parts = [f"{p if p is not False else 'a path no longer given'}: {given(a)} -> {given(b)}"
+    parts = [f"{p if p is not False else 'a path no longer given'}: {words(a)} -> {words(b)}"
              for p, a, b in itertools.zip_longest(paths, then, now, fillvalue=False) if a != b]
     return "the data changed since the run started (" + "; ".join(parts) + ")"
 
@@ -163,8 +161,9 @@ def load_training_data(cfg: FuyouConfig, resume: bool = False):
         drawn = t.steps * per_step / sampler.per_epoch()
         if drawn > 1.25 * t.epochs and distributed.current().is_main:  # a step larger than the data asked for
             print(f"note: train.epochs={t.epochs} of {sampler.per_epoch():.0f} sequences at {per_step} a step rounds "
-                  f"up to {t.steps} step(s), which draw {drawn:.2f} epochs{' (sequences repeat)' if drawn > 1 else ''}; lower "
-                  f"train.micro_batch_size or train.grad_accum for closer to {t.epochs}", file=sys.stderr)
+                  f"up to {t.steps} step(s), which draw {drawn:.2f} epochs"
+                  f"{' (sequences repeat)' if drawn > 1 else ''}; lower train.micro_batch_size or train.grad_accum "
+                  f"for closer to {t.epochs}", file=sys.stderr)
     return data
 
 
@@ -544,8 +543,9 @@ def _loop(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, stop
                "peak_rss_bytes": peak, **wear})
     log.close()
     mean_tps = tokens / elapsed
-    done = (f"{t.steps} step{'s' if t.steps != 1 else ''}" if not start_step else f"steps {start_step + 1}-{t.steps} of {t.steps}"
-            if start_step < t.steps else f"no step left to run ({t.steps} committed)")
+    done = (f"{t.steps} step{'s' if t.steps != 1 else ''}" if not start_step
+            else f"steps {start_step + 1}-{t.steps} of {t.steps}" if start_step < t.steps
+            else f"no step left to run ({t.steps} committed)")
     summary = f"done: {done} in {elapsed:.1f}s, {si(mean_tps)} tokens/s, {mean_tps * flops_per_token / 1e12:.3g} TFLOPS"
     if first_eval is not None:
         summary += f"; eval loss {first_eval:.4f} -> {last_eval:.4f}"
