@@ -6,6 +6,9 @@ copy of the new weights, which the next forward needs:
 - ``fuyou``        :func:`fuyou.optim.fused_adamw_` with ``out_lowp`` (the copy is written in the
                    same pass), fp32 gradients: the same data as the peers.
 - ``fuyou-bf16g``  the same with bf16 gradients (what the engine hands over), for information.
+- ``out of place`` the same, reading one copy of the state and writing a second (the two swap each
+                   step): a resident stage with a spare copy under exact clipping (engine.py, Note:
+                   [Spare copies]); its target is the in-place kernel's rate.
 - ``torch``        ``torch.optim.AdamW(fused=True)`` then ``lowp.copy_(param)`` into a preallocated
                    bf16 buffer (cheaper than ``.to(torch.bfloat16)``, which allocates each step).
 - ``deepspeed``    ``DeepSpeedCPUAdam(adamw_mode=True)`` then the same copy, when importable.
@@ -77,6 +80,21 @@ class Fuyou:
         self.t += 1
         for p, g, m, v, lo in zip(self.p, self.g, self.m, self.v, self.lowp):
             fused_adamw_(p, g, m, v, step=self.t, out_lowp=lo, num_threads=self.threads, **HYPER)
+
+
+class FuyouOutOfPlace(Fuyou):
+    """``Fuyou`` with a second copy of the state: each step reads one and writes the other."""
+
+    def __init__(self, w: Workload, threads: int, bf16_grads: bool = False):
+        super().__init__(w, threads, bf16_grads)
+        self.other = [tuple(torch.empty_like(x) for _ in range(3)) for x in self.p]
+
+    def step(self) -> None:
+        self.t += 1
+        for i, (g, lo) in enumerate(zip(self.g, self.lowp)):
+            src, (p, m, v) = (self.p[i], self.m[i], self.v[i]), self.other[i]
+            fused_adamw_(p, g, m, v, step=self.t, out_lowp=lo, num_threads=self.threads, src=src, **HYPER)
+            self.other[i], (self.p[i], self.m[i], self.v[i]) = src, (p, m, v)
 
 
 class FuyouCompressed:
@@ -204,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         methods = {
             "fuyou (fp32 grad, bf16 copy fused)": Fuyou(w, args.threads),
             "fuyou (bf16 grad, bf16 copy fused)": Fuyou(w, args.threads, bf16_grads=True),
+            "fuyou out of place (bf16 grad, bf16 copy fused)": FuyouOutOfPlace(w, args.threads, bf16_grads=True),
             "torch AdamW(fused=True) + bf16 copy": TorchLike(w, torch_fused),
         }
         for fmt in filter(None, args.formats.split(",")):

@@ -66,15 +66,22 @@ class MemoryPlan:
     cached_stages: list[int] = field(default_factory=list)
     cache_bytes: int = 0
     resident_stages: list[int] = field(default_factory=list)
-    resident_bytes: int = 0
+    resident_bytes: int = 0   # their state, the gradients they hold for the norm and their spare copies
+    spare_stages: list[int] = field(default_factory=list)  # resident stages with a spare copy (``plan_memory``)
     cache_share: int = 1   # ranks that map one weight cache; cache_bytes is this rank's share of it
     resident_elsewhere: list[int] = field(default_factory=list)  # the planner: stages resident on other ranks
+    spare_elsewhere: list[int] = field(default_factory=list)     # ... and those of them with a spare copy
     act_share_cap: int | None = None  # the cpu tier's share is the default quarter of the budget, up to this
 
     @property
     def resident_all(self) -> list[int]:
         """Every stage whose optimizer state is in CPU memory: this rank's and (data parallel) its owner's."""
         return sorted(self.resident_stages + self.resident_elsewhere)
+
+    @property
+    def spare_all(self) -> list[int]:
+        """Every resident stage with a spare copy of its state (``spare_stages``), on any rank."""
+        return sorted(self.spare_stages + self.spare_elsewhere)
 
     @property
     def cpu_required(self) -> int:
@@ -117,8 +124,9 @@ class MemoryPlan:
         shared = f"; this rank's 1/{self.cache_share} of one cache the ranks share" if self.cache_share > 1 else ""
         out.append(f"  {'weight cache':<26} {format_size(self.cache_bytes):>12} ({len(self.cached_stages)} stages{shared})")
         if self.resident_stages:
+            spare = f", {len(self.spare_stages)} with a spare copy" if self.spare_stages else ""
             out.append(f"  {'resident optimizer state':<26} {format_size(self.resident_bytes):>12} "
-                       f"({len(self.resident_stages)} stages)")
+                       f"({len(self.resident_stages)} stages{spare})")
         if self.device_items:
             b = "unlimited" if self.device_budget is None else format_size(self.device_budget)
             out.append(f"device budget {b}:")
@@ -320,6 +328,18 @@ def plan_memory(stage_numels: list[int], off, *, chunk: int, io_buffer_bytes: in
             plan.resident_stages.append(index)
             plan.resident_bytes += need
             spare -= need
+        # Exact clipping: a resident stage waits for the norm, there being no copy to redo from, unless
+        # what is left holds a second copy of its state (Note: [Spare copies] in engine.py). The last
+        # stages first: their gradients come first in backward, whose time hides their updates.
+        if deferred and getattr(off, "resident_spare", True):
+            for index in reversed(plan.resident_stages):
+                need = sum(-(-t.numel(stage_numels[index]) * t.itemsize // 4096) * 4096 for t in fmt.tensors)
+                if need > spare:
+                    break
+                plan.spare_stages.append(index)
+                plan.resident_bytes += need
+                spare -= need
+            plan.spare_stages.sort()
     # Initialisation holds one stage's fp32 values and its flat copy, before buffers are in use.
     held = plan.cache_bytes + plan.resident_bytes
     init = 2 * 4 * stage_max + held

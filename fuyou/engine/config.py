@@ -38,6 +38,12 @@ class OffloadConfig(BaseModel):
         "from SSD and stop delaying the next step's forward; the state is still written to SSD every step. "
         "Default: whatever the budget leaves; 0: none.",
     )
+    resident_spare: bool = Field(
+        True, description="Under exact clipping (train.grad_clip), a second copy of the last resident stages' state "
+        "in the CPU memory the resident state leaves over (within resident_mem): their updates read one copy and "
+        "write the other during backward, like streamed stages, instead of waiting for the gradient norm; a redo "
+        "reads the intact copy. false: none.",
+    )
     optimizer_chunk: int = Field(
         1 << 20, ge=1, description="Elements per chunk of the out-of-core AdamW pipeline (rounded to the store's blocks)."
     )

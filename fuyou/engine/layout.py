@@ -68,6 +68,7 @@ class StageState:
     resident: tuple[Tensor, ...] | None = None  # the state's tensors (master, m, v, ...) held in CPU memory too
     dirty: bool = False                    # resident state newer than every store copy
     held_grad: Tensor | None = None        # resident, exact clipping: the gradient waiting for the norm
+    spare: tuple[Tensor, ...] | None = None  # resident, exact clipping: a second copy (engine.py, Note: [Spare copies])
     updated: threading.Event = field(default_factory=threading.Event)
     pending: int = 0                       # optimizer jobs submitted and not finished
     error: BaseException | None = None     # set when this stage's update failed

@@ -114,6 +114,7 @@ class TrainingState:
             if s.index in self.plan.resident_stages:
                 s.resident = resident_state(s.numel, fmt)
                 s.held_grad = self.held_grad(s)
+                s.spare = self.spare(s)
                 for role, t in zip(fmt.roles, s.resident):
                     if role == "master":
                         t.copy_(master)
@@ -194,6 +195,13 @@ class TrainingState:
             self._registered.append(t)
         return t
 
+    def spare(self, st: StageState) -> tuple[Tensor, ...] | None:
+        """A second copy of a resident stage's state, where the memory plan gives it one (engine.py,
+        Note: [Spare copies]); its contents are the first update's to write."""
+        if not self.clipping or st.index not in self.plan.spare_stages:
+            return None
+        return resident_state(st.numel, self.fmt)
+
     # -- commits ---------------------------------------------------------------------------------
     def commit_due(self, steps_done: int) -> bool:
         off = self.cfg.offload
@@ -226,22 +234,23 @@ class TrainingState:
             self.submit_commit(steps_done)
         self.worker.wait_all()
 
-    def claim_flush(self) -> list[tuple[StageState, int]]:
-        """The dirty resident stages and the copy each will be written to (main thread, before the
-        write is queued or done)."""
+    def claim_flush(self) -> list[tuple[StageState, int, tuple[Tensor, ...]]]:
+        """The dirty resident stages, the copy each will be written to and the tensors holding its newest
+        state (main thread, before the write is queued or done: a stage with a spare copy swaps its two
+        at its next update, engine.py's Note: [Spare copies], which may come before the write)."""
         out = []
         for st in self.states:
             if st.dirty:
                 st.cur = st.target(keep_source=False)
                 st.dirty = False
-                out.append((st, st.cur))
+                out.append((st, st.cur, st.resident))
         return out
 
-    def flush(self, flush: list[tuple[StageState, int]]) -> None:
-        futs = [(self.store.write_from(k, t), st) for st, c in flush for k, t in zip(st.copies[c].state, st.resident)]
+    def flush(self, flush: list[tuple[StageState, int, tuple[Tensor, ...]]]) -> None:
+        futs = [(self.store.write_from(k, t), st) for st, c, held in flush for k, t in zip(st.copies[c].state, held)]
         for f, st in futs:
             watchdog.result(f, f"the write of {st.stage.name}'s resident optimizer state")
-        self.counters().add(ssd_write_bytes=sum(self.fmt.state_bytes(st.numel) for st, _ in flush))
+        self.counters().add(ssd_write_bytes=sum(self.fmt.state_bytes(st.numel) for st, _, _ in flush))
 
     def write_commit(self, steps_done: int, copies: list[int]) -> None:
         """Tag the named copies, sync the store, write the record (commit.py's two steps)."""
@@ -343,6 +352,7 @@ class TrainingState:
             if s.index in self.plan.resident_stages:
                 s.resident = resident_state(s.numel, self.fmt)
                 s.held_grad = self.held_grad(s)
+                s.spare = self.spare(s)
                 for key, t in zip(s.keys.state, s.resident):
                     self.store.read_into(key, t).result()  # CRC-checked
             mdt = self.fmt.master_dtype

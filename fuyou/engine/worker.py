@@ -50,6 +50,8 @@ class UpdateJob:
     save_grad: str | None = None    # store key the gradient is also written to (a redo may need it)
     redo: bool = False              # the redo of a speculative update (exact clipping triggered)
     update: bool = True             # False: only save the gradient (deferred clipping; the update follows)
+    state_in: tuple | None = None   # a resident stage with a spare copy: the state tensors read ...
+    state_out: tuple | None = None  # ... and those written (engine.py, Note: [Spare copies]); None: in place
 
 
 class Outstanding:
@@ -163,7 +165,9 @@ class OptimizerWorker:
                     stats = self.opt.update(
                         st.copies[job.src], job.grad, numel=st.numel, segments=st.segments, lr=job.lr,
                         step=job.step, grad_scale=job.grad_scale, lowp_out=st.cache, lowp_dtype=self.lowp_dtype,
-                        grad_dtype=job.grad_dtype, out_keys=st.copies[job.dst], resident=st.resident, stage=st.index,
+                        grad_dtype=job.grad_dtype, out_keys=st.copies[job.dst], stage=st.index,
+                        resident=job.state_out if job.state_out is not None else st.resident,
+                        resident_src=job.state_in,
                         on_weights_ready=st.weights_ready if st.cache is not None else None)
                     c: StepCounters = self._counters()
                     if saving is not None:

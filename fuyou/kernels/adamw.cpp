@@ -433,6 +433,16 @@ RangeFn pick(int gtype, int ltype, int isa) {
 // A multiple of 64 keeps each block's 2-byte copy on whole cache lines.
 constexpr int64_t kBlock = 65536;
 
+// Note: [Out of place]
+// A resident stage that speculates under exact clipping (fuyou/engine/engine.py) keeps two copies of
+// its state in CPU memory: the update reads one and writes the other, which a redo with the clipped
+// gradient then reads again. The kernels stay in place: each thread copies a sub-block of the source
+// into the destination and updates it there while its lines are still in cache, so the memory
+// traffic is that of an out-of-place kernel (read the source, write the destination) and the
+// arithmetic, hence every bit, that of the in-place one. kSub elements of fp32 p, m and v are 192 KiB,
+// well inside a core's L2; a multiple of 256 keeps the compressed state's quantisation blocks whole.
+constexpr int64_t kSub = 16384;
+
 }  // namespace
 
 extern "C" {
@@ -443,9 +453,11 @@ int fuyou_adamw_best_isa() { return best_isa(); }
 // One AdamW step over n contiguous elements; see the note at the top for the exact arithmetic.
 // gtype: 0 fp32, 1 bf16, 2 fp16. ltype: 0 none, 1 bf16, 2 fp16 (lowp may be null when 0).
 // isa: -1 = best available, else 0/1/2 (capped at the best available). Returns the ISA used.
+// ps, ms, vs: null (in place), or the state to read, p, m and v then being only written (Note: [Out of place]).
 int fuyou_adamw_step(float* p, const void* g, int gtype, float* m, float* v, void* lowp, int ltype,
                      int64_t n, double decay, double w1, double beta2, double c2, double bc2_sqrt,
-                     double eps, double neg_step, double grad_scale, int num_threads, int isa) {
+                     double eps, double neg_step, double grad_scale, int num_threads, int isa,
+                     const float* ps, const float* ms, const float* vs) {
   int best = best_isa();
   if (isa < 0 || isa > best) isa = best;
   Scalars s;
@@ -461,16 +473,30 @@ int fuyou_adamw_step(float* p, const void* g, int gtype, float* m, float* v, voi
   s.gs = static_cast<float>(grad_scale);
   RangeFn fn = pick(gtype, ltype, isa);
 
+  auto range = [&](int64_t b, int64_t e) {
+    if (ps == nullptr) {
+      fn(p, g, m, v, lowp, b, e, s);
+      return;
+    }
+    for (int64_t a = b; a < e; a += kSub) {  // Note: [Out of place]
+      int64_t z = a + kSub < e ? a + kSub : e;
+      size_t bytes = 4 * static_cast<size_t>(z - a);
+      std::memcpy(p + a, ps + a, bytes);
+      std::memcpy(m + a, ms + a, bytes);
+      std::memcpy(v + a, vs + a, bytes);
+      fn(p, g, m, v, lowp, a, z, s);
+    }
+  };
   int64_t nblocks = (n + kBlock - 1) / kBlock;
   int nt = num_threads < 1 ? 1 : num_threads;
   if (nt > nblocks) nt = static_cast<int>(nblocks);
   if (nt <= 1) {
-    fn(p, g, m, v, lowp, 0, n, s);
+    range(0, n);
     return isa;
   }
   pool().run(nt, nblocks, [&](int64_t blk) {
     int64_t b = blk * kBlock, e = b + kBlock < n ? b + kBlock : n;
-    fn(p, g, m, v, lowp, b, e, s);
+    range(b, e);
   });
   return isa;
 }
@@ -1077,7 +1103,8 @@ int fuyou_adamw_q_step(void* p, int ptype, const void* g, int gtype, void* m, vo
                        float* ms, float* vs, void* lowp, int ltype, int64_t n, int64_t index0, uint32_t key,
                        const int64_t* seg_end, const double* seg_decay_d, int nseg,
                        double w1, double beta2, double c2, double bc2_sqrt, double eps, double neg_step,
-                       double grad_scale, int num_threads, int isa) {
+                       double grad_scale, int num_threads, int isa,
+                       const void* ps, const void* ms0, const void* vs0, const float* mss, const float* vss) {
   int best = best_isa();
   if (isa < 0 || isa > best) isa = best;
   QArgs A;
@@ -1107,9 +1134,25 @@ int fuyou_adamw_q_step(void* p, int ptype, const void* g, int gtype, void* m, vo
   int nt = num_threads < 1 ? 1 : num_threads;
   if (nt > nblocks) nt = static_cast<int>(nblocks);
   QFn fast = pick_q(A);
+  const size_t psize = ptype == P_F32 ? 4 : 2, msize = mtype == M_F32 ? 4 : (mtype == M_BF16 ? 2 : 1);
   auto body = [&](int64_t blk) {
     int64_t b = blk * kBlock, e = b + kBlock < n ? b + kBlock : n;
-    qblocks(A, fast, b, e);
+    if (ps == nullptr) {
+      qblocks(A, fast, b, e);
+    } else {
+      for (int64_t a = b; a < e; a += kSub) {  // Note: [Out of place]; a and kSub are multiples of kQ
+        int64_t z = a + kSub < e ? a + kSub : e;
+        std::memcpy(static_cast<char*>(p) + a * psize, static_cast<const char*>(ps) + a * psize, (z - a) * psize);
+        std::memcpy(static_cast<char*>(m) + a * msize, static_cast<const char*>(ms0) + a * msize, (z - a) * msize);
+        std::memcpy(static_cast<char*>(v) + a * msize, static_cast<const char*>(vs0) + a * msize, (z - a) * msize);
+        if (mtype == M_INT8) {
+          int64_t q0 = a / kQ, q1 = (z + kQ - 1) / kQ;
+          std::memcpy(ms + q0, mss + q0, 4 * (q1 - q0));
+          std::memcpy(vs + q0, vss + q0, 4 * (q1 - q0));
+        }
+        qblocks(A, fast, a, z);
+      }
+    }
     _mm_sfence_if_x86();  // the compute copy's non-temporal stores, once per work block (Note: [Non-temporal copy])
   };
   if (nt <= 1) {

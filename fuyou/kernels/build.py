@@ -62,6 +62,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         c_vp, c_vp, c_int, c_vp, c_vp, c_vp, c_int, c_i64,  # p, g, gtype, m, v, lowp, ltype, n
         c_dbl, c_dbl, c_dbl, c_dbl, c_dbl, c_dbl, c_dbl, c_dbl,  # decay w1 b2 c2 bc2s eps ns gs
         c_int, c_int,  # num_threads, isa
+        c_vp, c_vp, c_vp,  # the state read when not in place: p, m, v (adamw.cpp, Note: [Out of place])
     ]
     lib.fuyou_adamw_q_step.restype = c_int
     lib.fuyou_adamw_q_step.argtypes = [
@@ -70,6 +71,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         c_vp, c_vp, c_int,  # segment ends (int64), decays (double), count
         c_dbl, c_dbl, c_dbl, c_dbl, c_dbl, c_dbl, c_dbl,  # w1 b2 c2 bc2s eps ns gs
         c_int, c_int,  # num_threads, isa
+        c_vp, c_vp, c_vp, c_vp, c_vp,  # the state read when not in place: p, m, v, m's and v's scales
     ]
     lib.fuyou_dequant_rows.restype = c_int
     lib.fuyou_dequant_rows.argtypes = [c_vp, c_vp, c_vp, c_int, c_i64, c_i64, c_int]  # q, scale, out, otype, rows, cols, threads

@@ -108,7 +108,7 @@ def fused_adamw_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
                  exp_avg_sq: torch.Tensor, *, lr: float, beta1: float, beta2: float, eps: float,
                  weight_decay: float, step: int, grad_scale: float = 1.0,
                  out_lowp: torch.Tensor | None = None, num_threads: int | None = None,
-                 backend: str | None = None) -> str:
+                 backend: str | None = None, src: tuple[torch.Tensor, ...] | None = None) -> str:
     """One AdamW step, in place, over contiguous CPU tensors with the same number of elements.
 
     Args:
@@ -129,6 +129,10 @@ def fused_adamw_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
             64K-element blocks, so a slice under 128K elements uses one thread.
         backend: force "avx512", "avx2", "scalar" or "torch" (a SIMD level above the CPU's is
             lowered to the best available); default: the fastest available.
+        src: out of place: the (param, exp_avg, exp_avg_sq) the step reads, left as they are;
+            ``param``, ``exp_avg`` and ``exp_avg_sq`` are then only written. The same bits as
+            copying them over first (adamw.cpp, Note: [Out of place]), for the memory traffic of
+            an in-place step. They must not overlap the destination.
 
     Returns:
         The backend that ran. Results are bit-identical whichever it is.
@@ -138,11 +142,16 @@ def fused_adamw_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
         ConfigError: a hyperparameter is out of range or ``step < 1``.
     """
     _check(param, grad, exp_avg, exp_avg_sq, out_lowp)
+    if src is not None:
+        _check_src(src, (param, exp_avg, exp_avg_sq), "fused_adamw_")
     sc = _scalars(lr, beta1, beta2, eps, weight_decay, step)
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"fused_adamw_: backend must be one of {BACKENDS}, got {backend!r}")
     lib = None if backend == "torch" else load_adamw_lib()
     if lib is None:
+        if src is not None:
+            for d, s_ in zip((param, exp_avg, exp_avg_sq), src):
+                d.copy_(s_)
         _torch_adamw_(param, grad, exp_avg, exp_avg_sq, out_lowp, sc, float(grad_scale))
         return "torch"
     if param.numel() == 0:
@@ -155,6 +164,20 @@ def fused_adamw_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
     used = lib.fuyou_adamw_step(
         param.data_ptr(), grad.data_ptr(), _GTYPE[grad.dtype], exp_avg.data_ptr(),
         exp_avg_sq.data_ptr(), lowp_ptr, ltype, param.numel(), *sc, float(grad_scale),
-        max(1, threads), isa)
+        max(1, threads), isa, *((None,) * 3 if src is None else (t.data_ptr() for t in src)))
     return _ISA_NAME[used]
+
+
+def _check_src(src, dst, who: str) -> None:
+    """An out-of-place step's source tensors: like their destinations, and apart from them."""
+    if len(src) != len(dst):
+        raise ValueError(f"{who}: src holds {len(src)} tensors, the state {len(dst)}")
+    for s, d in zip(src, dst):
+        if s.dtype != d.dtype or s.device.type != "cpu" or not s.is_contiguous() or s.numel() != d.numel():
+            raise ValueError(f"{who}: a source tensor must be a contiguous CPU tensor like its destination "
+                             f"({d.dtype}, {d.numel()} elements); got {s.dtype}, {s.numel()} elements")
+        a, b = s.data_ptr(), d.data_ptr()
+        n = s.numel() * s.element_size()
+        if n and a < b + n and b < a + n:
+            raise ValueError(f"{who}: a source tensor overlaps its destination (pass src=None for in place)")
 

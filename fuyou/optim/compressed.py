@@ -347,12 +347,14 @@ _LTYPE = {torch.bfloat16: 1, torch.float16: 2, torch.float32: 3}
 def fused_adamw_q_(fmt: StateFormat, state: dict[str, Tensor], grad: Tensor, *, segments, lr: float,
                    beta1: float, beta2: float, eps: float, step: int, grad_scale: float = 1.0, key: int = 0,
                    index0: int = 0, out_lowp: Tensor | None = None, num_threads: int | None = None,
-                   backend: str | None = None) -> str:
+                   backend: str | None = None, src: dict[str, Tensor] | None = None) -> str:
     """``reference_adamw_`` in one fused pass (adamw.cpp, compressed state): the same bits. ``state``
     holds the chunk's tensors (the scales of its blocks for int8); ``segments`` are relative to the
-    chunk. Falls back to the reference when the C++ library is unavailable or ``backend="torch"``."""
+    chunk. Falls back to the reference when the C++ library is unavailable or ``backend="torch"``.
+    ``src``: out of place, the tensors read (like ``state``, which is then only written; the same
+    bits as copying them over first: adamw.cpp, Note: [Out of place])."""
     from fuyou.kernels.build import load_adamw_lib
-    from fuyou.optim.adamw import _GTYPE, _ISA, _ISA_NAME, _scalars
+    from fuyou.optim.adamw import _GTYPE, _ISA, _ISA_NAME, _check_src, _scalars
 
     n = state["master"].numel()
     if index0 % QBLOCK:
@@ -376,8 +378,13 @@ def fused_adamw_q_(fmt: StateFormat, state: dict[str, Tensor], grad: Tensor, *, 
     if n and (not segs or segs[0][0] != 0 or segs[-1][1] != n
               or any(e0 != s1 for (_, e0, _), (s1, _, _) in zip(segs, segs[1:]))):
         raise ValueError(f"fused_adamw_q_: the segments must cover [0, {n}) in order; got {segments}")
+    if src is not None:
+        _check_src([src[r] for r in fmt.roles], [state[r] for r in fmt.roles], "fused_adamw_q_")
     lib = None if backend == "torch" else load_adamw_lib()
     if lib is None:
+        if src is not None:
+            for r in fmt.roles:
+                state[r].copy_(src[r])
         reference_adamw_(fmt, state, grad, segments=segments, lr=lr, beta1=beta1, beta2=beta2, eps=eps, step=step,
                          grad_scale=grad_scale, key=key, index0=index0, out_lowp=out_lowp)
         return "torch"
@@ -397,5 +404,8 @@ def fused_adamw_q_(fmt: StateFormat, state: dict[str, Tensor], grad: Tensor, *, 
         3 if int8 else _MTYPE[state["exp_avg"].dtype], ms, vs,
         None if out_lowp is None else out_lowp.data_ptr(), 0 if out_lowp is None else _LTYPE[out_lowp.dtype],
         n, index0, key & _MASK, ends.data_ptr(), decays.data_ptr(), len(segs), *sc0[1:], float(grad_scale),
-        max(1, threads), isa)
+        max(1, threads), isa,
+        *((None,) * 5 if src is None else
+          (src[r].data_ptr() if r in src else None
+           for r in ("master", "exp_avg", "exp_avg_sq", "exp_avg_scale", "exp_avg_sq_scale"))))
     return _ISA_NAME[used]

@@ -98,7 +98,8 @@ class OutOfCoreAdamW:
                lr: float, step: int, grad_scale: float = 1.0, lowp_out: torch.Tensor | None = None,
                lowp_dtype: torch.dtype = torch.bfloat16, grad_dtype: torch.dtype | None = None,
                out_keys: StateKeys | None = None, resident: tuple[torch.Tensor, ...] | None = None,
-               on_weights_ready=None, stage: int = 0) -> UpdateStats:
+               resident_src: tuple[torch.Tensor, ...] | None = None, on_weights_ready=None,
+               stage: int = 0) -> UpdateStats:
         """One AdamW step of one stage; returns its stats. Blocks until every write is done.
 
         The state is read from ``keys`` and written to ``out_keys`` (default: the same, in place; a
@@ -111,19 +112,21 @@ class OutOfCoreAdamW:
 
         ``resident``: the stage's state tensors held in CPU memory (flat, ``StateFormat.roles`` order).
         They are updated in place and nothing of them is read from or written to the store: the caller
-        writes them back (the engine's commit flush) before anyone reads the store. ``on_weights_ready()``
+        writes them back (the engine's commit flush) before anyone reads the store. ``resident_src``: a
+        second copy of that state, read instead, ``resident`` being only written (a resident stage
+        that speculates under exact clipping: adamw.cpp, Note: [Out of place]). ``on_weights_ready()``
         is called once the new compute weights are in ``lowp_out`` / the store. ``stage``: the stage's
         index (a bf16 master's stochastic rounding depends on it).
         """
         if not self.fmt.exact:
             return self._update_q(keys, grad, numel=numel, segments=segments, lr=lr, step=step, grad_scale=grad_scale,
                                   lowp_out=lowp_out, lowp_dtype=lowp_dtype, grad_dtype=grad_dtype,
-                                  out_keys=out_keys or keys, resident=resident, on_weights_ready=on_weights_ready,
-                                  stage=stage)
+                                  out_keys=out_keys or keys, resident=resident, resident_src=resident_src,
+                                  on_weights_ready=on_weights_ready, stage=stage)
         if resident is not None:
             return self._update_resident(keys, grad, resident, numel=numel, segments=segments, lr=lr, step=step,
                                          grad_scale=grad_scale, lowp_out=lowp_out, lowp_dtype=lowp_dtype,
-                                         grad_dtype=grad_dtype, out_keys=out_keys or keys,
+                                         grad_dtype=grad_dtype, out_keys=out_keys or keys, src=resident_src,
                                          on_weights_ready=on_weights_ready)
         t_start = time.perf_counter()
         out_keys = out_keys or keys
@@ -200,10 +203,12 @@ class OutOfCoreAdamW:
         return stats
 
     def _step_chunk(self, s: int, e: int, segments: list[Segment], state, state_start: int, g: torch.Tensor,
-                    lowp: torch.Tensor, lr: float, step: int, grad_scale: float, stats: UpdateStats) -> None:
+                    lowp: torch.Tensor, lr: float, step: int, grad_scale: float, stats: UpdateStats,
+                    src=None) -> None:
         """The fused kernel over elements ``[s, e)``, one call per weight-decay segment. ``state`` is
         (master, m, v) holding elements from ``state_start`` on (a chunk buffer: ``s``; resident
-        state: 0); ``g`` and ``lowp`` hold elements ``[s, e)``."""
+        state: 0); ``g`` and ``lowp`` hold elements ``[s, e)``. ``src``: out of place, the state read
+        (laid out as ``state``)."""
         c = self.cfg
         master, m, v = state
         fp32_copy = lowp.dtype == torch.float32  # fp32 training: the compute copy is the master
@@ -215,7 +220,8 @@ class OutOfCoreAdamW:
             st, ch = slice(a - state_start, b - state_start), slice(a - s, b - s)
             fused_adamw_(master[st], g[ch], m[st], v[st], lr=lr, beta1=c.beta1, beta2=c.beta2, eps=c.eps,
                          weight_decay=seg.weight_decay, step=step, grad_scale=grad_scale,
-                         out_lowp=None if fp32_copy else lowp[ch], num_threads=self.num_threads)
+                         out_lowp=None if fp32_copy else lowp[ch], num_threads=self.num_threads,
+                         src=None if src is None else tuple(t[st] for t in src))
             if fp32_copy:
                 lowp[ch].copy_(master[st])
         t1 = time.perf_counter()
@@ -224,9 +230,10 @@ class OutOfCoreAdamW:
         stats.chunks.append((t0, t1))
 
     def _update_resident(self, keys: StateKeys, grad, resident, *, numel, segments, lr, step, grad_scale, lowp_out,
-                         lowp_dtype, grad_dtype, out_keys, on_weights_ready) -> UpdateStats:
+                         lowp_dtype, grad_dtype, out_keys, on_weights_ready, src=None) -> UpdateStats:
         """``update`` for state held in CPU memory: kernels over chunks (the same arithmetic per element,
-        so bit-identical) and the compute weights to ``lowp_out`` or the store; the state stays in memory."""
+        so bit-identical) and the compute weights to ``lowp_out`` or the store; the state stays in memory
+        (read from ``src`` when given: ``update``'s ``resident_src``)."""
         t_start = time.perf_counter()
         stats = UpdateStats(params=numel)
         master, m, v = resident
@@ -246,7 +253,7 @@ class OutOfCoreAdamW:
                 if lowp_out is None:
                     wbuf = self.pool.acquire((e - s) * _size(wdtype), wdtype)
                 lowp = wbuf.tensor if wbuf is not None else lowp_out[s:e]
-                self._step_chunk(s, e, segments, resident, 0, g, lowp, lr, step, grad_scale, stats)
+                self._step_chunk(s, e, segments, resident, 0, g, lowp, lr, step, grad_scale, stats, src=src)
                 if wbuf is not None:
                     pending.append((self.store.write_from(out_keys.weights, lowp, start=s), wbuf))
                     stats.written_bytes += (e - s) * _size(wdtype)
@@ -275,14 +282,16 @@ class OutOfCoreAdamW:
 
     # -- compressed state (fuyou/optim/compressed.py) ---------------------------------------------
     def _update_q(self, keys: StateKeys, grad, *, numel, segments, lr, step, grad_scale, lowp_out, lowp_dtype,
-                  grad_dtype, out_keys, resident, on_weights_ready, stage) -> UpdateStats:
+                  grad_dtype, out_keys, resident, on_weights_ready, stage, resident_src=None) -> UpdateStats:
         """``update`` for a compressed state: the same pipeline with the format's tensors (the chunked
         ones chunk by chunk; int8 block scales read whole first and written whole last, 1/64 of the
-        moments' bytes) and the compressed kernel. Resident state is updated in place."""
+        moments' bytes) and the compressed kernel. Resident state is updated in place, or from
+        ``resident_src``."""
         t_start = time.perf_counter()
         fmt, stats = self.fmt, UpdateStats(params=numel)
         src, dst = dict(zip(fmt.roles, keys.state)), dict(zip(fmt.roles, out_keys.state))
         held = dict(zip(fmt.roles, resident)) if resident is not None else None
+        held_src = dict(zip(fmt.roles, resident_src)) if resident_src is not None else None
         gkey = grad if isinstance(grad, str) else None
         gdtype = grad_dtype if gkey else grad.dtype
         wdtype = lowp_out.dtype if lowp_out is not None else lowp_dtype
@@ -348,6 +357,10 @@ class OutOfCoreAdamW:
                     for t in scaled:
                         whole = scales[t.role] if held is not None else scales[t.role].tensor
                         state[t.role] = whole[s // QBLOCK: -(-e // QBLOCK)]
+                    read = None  # out of place: the resident copy read (``resident_src``)
+                    if held_src is not None:
+                        read = {t.role: held_src[t.role][s:e] for t in chunked}
+                        read.update({t.role: held_src[t.role][s // QBLOCK: -(-e // QBLOCK)] for t in scaled})
                     g = bufs[-1].tensor if gkey else grad[s:e]
                     wbuf = lowp = None
                     if lowp_out is not None:
@@ -361,7 +374,8 @@ class OutOfCoreAdamW:
                     c = self.cfg
                     t0 = time.perf_counter()
                     fused_adamw_q_(fmt, state, g, segments=segs, lr=lr, beta1=c.beta1, beta2=c.beta2, eps=c.eps, step=step,
-                                   grad_scale=grad_scale, key=key, index0=s, out_lowp=lowp, num_threads=self.num_threads)
+                                   grad_scale=grad_scale, key=key, index0=s, out_lowp=lowp, num_threads=self.num_threads,
+                                   src=read)
                     t1 = time.perf_counter()
                     beat()
                     stats.kernel_s += t1 - t0

@@ -92,7 +92,7 @@ def summary(plan: Plan) -> dict:
         "bottleneck": _bottleneck(plan, sim.bottleneck, step, cpu),
         "busy_s": {k: v for k, v in sim.busy.items()}, "whatif_step_s": plan.whatif,
         "stages": len(w.numels), "cached_stages": len(ev.memory.cached_stages),
-        "resident_stages": len(ev.memory.resident_all),
+        "resident_stages": len(ev.memory.resident_all), "spare_stages": len(ev.memory.spare_all),
         "prefetch_depth": ev.policy.prefetch_depth,
         "evaluations": plan.evaluations})
     if w.ranks > 1:
@@ -397,15 +397,21 @@ def _clip_line(s: dict) -> str:
     cost = (f"; a step that does not clip takes {s['step_s'] - unclipped:.3g} s more than with train.grad_clip=none"
             if unclipped and s["step_s"] > 1.02 * unclipped else "")
     line = f"clipping            exact at {s['grad_clip']:g}, "
-    # A resident stage's state is updated in place in CPU memory, where no previous copy is kept to redo the
-    # update from, so it waits for the norm (fuyou/engine/engine.py, _waits_for_norm).
-    if res == n:
+    # A resident stage's state is updated in CPU memory; without a spare copy there is no previous copy to
+    # redo the update from, so it waits for the norm (fuyou/engine/engine.py, Note: [Spare copies]).
+    spare = s.get("spare_stages", 0)
+    waits = res - spare
+    if waits == n:
         return line + (f"no update overlaps backward: all {n} stages' state is resident in CPU memory, which keeps no "
-                       f"previous copy to redo an update from, so every update waits for the norm ({s['step_s']:.3g} s "
-                       f"a step whether or not it clips){cost}")
-    how = ("speculative: updates overlap backward" if not res else
-           f"speculative for the {n - res} of {n} stages whose state is on the SSD; the {res} resident in CPU memory "
-           f"wait for the norm (no previous copy to redo from), their updates after backward")
+                       f"previous copy to redo an update from (the budget leaves no room for a spare copy), so every "
+                       f"update waits for the norm ({s['step_s']:.3g} s a step whether or not it clips){cost}")
+    parts = [f"the {n - res} of {n} stages whose state is on the SSD"] if n - res else []
+    if spare:
+        parts.append(f"the {spare} resident with a spare copy in CPU memory")
+    how = ("speculative: updates overlap backward" if not waits and not spare else
+           f"speculative for {' and '.join(parts)}" if not waits else
+           f"speculative for {' and '.join(parts)}; the {waits} resident without a spare copy wait for the norm "
+           f"(no previous copy to redo from), their updates after backward")
     return line + (f"{how}; the first step whose norm exceeds it redoes the speculative updates "
                    f"({s['triggered_step_s']:.3g} s), later ones while it keeps clipping defer them "
                    f"({s['clipping_step_s']:.3g} s){cost}")

@@ -103,6 +103,7 @@ def memory_plan(w: Workload, hw: HardwareProfile, costs: list[StageCost], policy
                  for r in range(w.ranks)]
         plan = max(plans, key=lambda p: p.cpu_required + p.cache_bytes + p.resident_bytes)
         plan.resident_elsewhere = sorted(i for p in plans if p is not plan for i in p.resident_stages)
+        plan.spare_elsewhere = sorted(i for p in plans if p is not plan for i in p.spare_stages)
     pb = placement_bytes(w, costs, policy)
     ssd = sum(state_ssd_bytes(w, plan).values()) + w.ranks * (pb["ssd"] + pb["ckpt_ssd"] + 64 * 1024**2)
     return plan, ssd
@@ -170,22 +171,23 @@ def evaluate(w: Workload, hw: HardwareProfile, costs, policy: ActivationPolicy, 
     ev = Evaluation(policy, plan, ssd, problems)
     if problems:
         return ev
-    cached, resident = set(plan.cached_stages), set(plan.resident_all)
+    cached, resident, spare = set(plan.cached_stages), set(plan.resident_all), set(plan.spare_all)
     every = w.offload.commit == "cow" and w.offload.commit_steps == 1
-    ev.sim = simulate(w, costs, hw, policy, cached, steps=steps, resident=resident, commit=every)
+    ev.sim = simulate(w, costs, hw, policy, cached, steps=steps, resident=resident, commit=every, spare=spare)
     if steps < REPORT_STEPS:
         return ev
     # The report's figures: crash safety amortized over the interval, and a triggered step.
     if w.offload.commit == "cow" and not every:
         ev.steps_per_commit = w.offload.commit_steps or max(1.0, w.offload.commit_secs / max(ev.sim.step_time, 1e-9))
         if resident:  # without state held in CPU memory a commit writes only its record
-            with_commit = simulate(w, costs, hw, policy, cached, steps=steps, resident=resident, commit=True)
+            with_commit = simulate(w, costs, hw, policy, cached, steps=steps, resident=resident, commit=True,
+                                   spare=spare)
             ev.commit_cost_s = max(0.0, with_commit.step_time - ev.sim.step_time)
             ev.commit_s = ev.commit_cost_s / ev.steps_per_commit
     if w.grad_clip is not None and clip_modes:
         ev.triggered_step, ev.clipping_step = (
             simulate(w, costs, hw, policy, cached, steps=steps, resident=resident, commit=every,
-                     clip_mode=mode).step_time + ev.commit_s for mode in ("redo", "defer"))
+                     clip_mode=mode, spare=spare).step_time + ev.commit_s for mode in ("redo", "defer"))
     return ev
 
 
@@ -236,8 +238,8 @@ def search(w: Workload, hw: HardwareProfile, cpu_budget: int, policy: Activation
     """The best plan (or, with ``policy``, the prediction for that policy) and what-ifs.
 
     More CPU memory must never predict a slower step, but the search is a heuristic, and what it
-    fills the budget with (resident optimizer state waits for the norm under exact clipping; a cpu
-    activation tier takes a share) can cost more than it saves. So with ``ladder`` it also plans the
+    fills the budget with (resident optimizer state without a spare copy waits for the norm under exact
+    clipping; a cpu activation tier takes a share) can cost more than it saves. So with ``ladder`` it also plans the
     powers of two below the budget (down to ``MIN_RUNG`` or the first that does not fit: a full
     search each, about half of the planner's time) and keeps any of those plans, held to the memory
     it used (``resident_mem`` and ``act_cpu_mem`` caps, the weight cache taking the rest, which never
@@ -390,8 +392,9 @@ def _from_lower_budgets(asked: Workload, w: Workload, hw: HardwareProfile, costs
 
 def _resident_choice(w: Workload, hw: HardwareProfile, costs, best: Evaluation, cpu_budget: int):
     """Whether to hold less optimizer state in CPU memory than the budget allows. Resident stages read
-    nothing from the SSD, but under exact clipping they wait for the norm instead of updating during
-    backward, so more of them can make the step longer. Tries caps in eighths of what fits (none, 1/8,
+    nothing from the SSD, but under exact clipping those without a spare copy (the memory left after them
+    holds those copies) wait for the norm instead of updating during backward, so more of them can make
+    the step longer. Tries caps in eighths of what fits (none, 1/8,
     ..., 7/8) for the chosen activation policy and keeps the fastest; ``search`` then searches the
     activation policy again under that cap. The chosen cap is the policy's ``resident_mem`` and
     ``--plan auto`` applies it."""

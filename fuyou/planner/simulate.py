@@ -40,9 +40,10 @@ stage's weights are loaded once and it computes every micro-batch (``grad_accum`
   done; its state is written to SSD only by a commit;
 * exact clipping (``Workload.grad_clip``): a stage's gradient is also written to SSD for a possible
   redo; a resident stage's job waits for the norm (the end of backward) with its gradient in CPU
-  memory; when the norm exceeds the threshold every other stage's job is redone after backward
-  (``clip_mode='redo'``, reading state and gradient), or, after a step that clipped, every job waits
-  for the norm and reads its gradient back (``'defer'``);
+  memory, unless it has a spare copy of its state (``spare``), when it speculates like the others,
+  in CPU memory; when the norm exceeds the threshold every speculative job is redone after backward
+  (``clip_mode='redo'``, reading state and gradient; a spare stage's kernels only), or, after a step
+  that clipped, every job waits for the norm and reads its gradient back (``'defer'``);
 * a commit (``commit=True``: every simulated step commits) is a job after the step's updates that
   writes the resident stages' state (its bytes); later jobs wait for it, as the engine's worker does.
 """
@@ -246,15 +247,17 @@ def simulate(*args, **kwargs) -> SimResult:
 
 def _simulate(w: Workload, costs: list[StageCost], hw: HardwareProfile, policy: ActivationPolicy,
               cached: set[int], steps: int = 3, max_chunks: int = MAX_ADAM_CHUNKS,
-              resident: set[int] | frozenset = frozenset(), commit: bool = False, clip_mode: str = "speculate"
-              ) -> SimResult:
+              resident: set[int] | frozenset = frozenset(), commit: bool = False, clip_mode: str = "speculate",
+              spare: set[int] | frozenset = frozenset()) -> SimResult:
     """Simulate ``steps`` optimizer steps from an idle machine; see the module docstring.
 
     ``cached``: stages whose compute weights are in CPU memory (on every rank); ``resident``: stages
     whose optimizer state is (``MemoryPlan.resident_stages``; data parallel: on their owner);
     ``commit``: every step commits; ``clip_mode`` (exact clipping): 'speculate' (the norm stays below
     the threshold), 'redo' (it exceeds it: every speculative update is redone) or 'defer' (every
-    update waits for the norm: the engine's schedule after a step that clipped)."""
+    update waits for the norm: the engine's schedule after a step that clipped); ``spare``: resident
+    stages with a spare copy of their state, which speculate as streamed stages do but in CPU memory
+    (engine.py, Note: [Spare copies]), and wait for the norm only in 'defer'."""
     g = _Graph()
     cuda = hw.device == "cuda"
     R, owner, sharded = w.ranks, w.owners, w.sharded
@@ -379,20 +382,21 @@ def _simulate(w: Workload, costs: list[StageCost], hw: HardwareProfile, policy: 
             if cuda:
                 gdep = [g.add(f"d2h grad {c.name}", "d2h", q("d2h", o), c.numel * w.gsize / hw.d2h, gdep, step,
                               c.name, o)]
-            if clipping and i in resident:  # its gradient waits in CPU memory for the norm
-                waiting.append((i, gdep[0]))
+            if clipping and i in resident and (i not in spare or clip_mode == "defer"):
+                waiting.append((i, gdep[0]))  # its gradient waits in CPU memory for the norm
                 continue
             gsave = None
-            if clipping:  # the gradient is saved for a redo, or waits there for the norm
+            if clipping and i not in resident:  # the gradient is saved for a redo, or waits there for the norm
                 gsave = g.io(f"write grad {c.name}", "ssd-write", c.numel * w.gsize, [gdep[0]], step, c.name, hw)
             if clipping and clip_mode == "defer":
                 waiting.append((i, gsave))
                 continue
             first = [gdep[0], job_ends[o][-1] if job_ends[o] else None, exchanged[i]]
-            if i in resident:
+            if clipping:
+                speculated.append(i)
+            if i in resident:  # (under exact clipping, one with a spare copy: speculative, from memory)
                 _resident_job(g, c, w, hw, cached, first, q_adam, max_chunks, step, job_ends[o], updated)
                 continue
-            speculated.append(i)
             _streamed_update(g, c, w, hw, cached, first, q_adam, max_chunks, step, job_ends[o], updated,
                              extra_deps=[gsave])
         # End of backward: the global norm is known (exact clipping; data parallel: every rank's, summed).
@@ -409,6 +413,10 @@ def _simulate(w: Workload, costs: list[StageCost], hw: HardwareProfile, policy: 
         if clip_mode == "redo":
             for i in sorted(speculated):
                 o = owner[i]
+                if i in resident:  # from its spare copy, with the gradient still in CPU memory
+                    _resident_job(g, costs[i], w, hw, cached, [norm, job_ends[o][-1]], q_adam, max_chunks, step,
+                                  job_ends[o], updated)
+                    continue
                 _streamed_update(g, costs[i], w, hw, cached, [norm, job_ends[o][-1]], q_adam, max_chunks, step,
                                  job_ends[o], updated, grad_read=True)
         if commit and resident:

@@ -18,12 +18,16 @@ OPTIONS = [("fp32", "int8"), ("bf16", "fp32"), ("bf16", "bf16"), ("bf16", "int8"
 @pytest.mark.parametrize("case", [
     ["offload.resident_mem=0", "train.grad_clip=0.05"],                    # state on SSD, clipping redoes
     ["model.preset=llama-test", "train.grad_accum=2", "train.grad_clip=none"],  # resident where it fits
-], ids=["ssd-clip", "llama-accum-resident"])
+    # resident with a spare copy (engine.py, Note: [Spare copies]): speculated and redone every step
+    ["train.grad_clip=0.05", "offload.clip_schedule=speculate"],
+], ids=["ssd-clip", "llama-accum-resident", "resident-spare-redo"])
 def test_engine_equals_reference(tmp_path, master, moments, case):
     cfg = make_cfg(tmp_path, *FOUR_BLOCKS, *case, f"optim.master={master}", f"optim.moments={moments}",
                    "train.steps=4")
     ref, eng, ref_stats, eng_stats = run_both(cfg)
     try:
+        if "offload.clip_schedule=speculate" in case:
+            assert eng.plan.spare_stages == eng.plan.resident_stages == list(range(len(eng.states)))
         assert_same_training(ref, eng, ref_stats, eng_stats)
     finally:
         eng.close()

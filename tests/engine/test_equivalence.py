@@ -28,6 +28,15 @@ CASES = {
     "state-and-weights-on-ssd": ["offload.resident_mem=0", "offload.cache_weights=false"],
     "partly-resident": ["offload.resident_mem=300KiB"],
     "partly-resident-llama-clip": ["model.preset=llama-test", "offload.resident_mem=400KiB", "train.grad_clip=0.5"],
+    # Resident stages under exact clipping speculate from a spare copy (engine.py, Note: [Spare copies]):
+    # never clipping; clipping and redone on every step; 'auto' (speculate, then defer); 4 blocks with
+    # micro-batches, the resident state's budget leaving spares for the last stages only; and without spares.
+    "spare-never-clips": ["train.grad_clip=100"],
+    "spare-redo-every-step": ["train.grad_clip=0.5", "offload.clip_schedule=speculate", "train.steps=4"],
+    "spare-llama-4-blocks-some": ["model.preset=llama-test", "model.n_layer=4", "train.grad_clip=0.05",
+                                  "offload.clip_schedule=speculate", "train.grad_accum=2",
+                                  "offload.resident_mem=4200KiB"],
+    "spare-off-clip": ["train.grad_clip=0.5", "offload.resident_spare=false"],
     # commit 'none': resident state is written back only when read (state(), optimizer_state(), close)
     "commit-none": ["offload.commit=none"],
     "commit-none-partly-resident-ssd-weights": ["offload.commit=none", "offload.resident_mem=300KiB",
@@ -51,6 +60,13 @@ def test_engine_equals_reference_fp32(tmp_path, case, dirs):
             assert resident and resident == list(range(len(resident))) and len(resident) < len(eng.states)
         else:
             assert resident == list(range(len(eng.states)))
+        spare = eng.plan.spare_stages
+        if not eng.clipping or "resident_spare=false" in " ".join(CASES[case]):
+            assert spare == []
+        elif case == "spare-llama-4-blocks-some":  # the last stages' (their backward comes first)
+            assert 0 < len(spare) < len(resident) and spare == resident[len(resident) - len(spare):], (resident, spare)
+        elif "partly-resident" not in case and "resident_mem=0" not in " ".join(CASES[case]):
+            assert spare == resident
         assert_same_training(ref, eng, ref_stats, eng_stats)
     finally:
         eng.close()

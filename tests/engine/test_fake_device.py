@@ -144,6 +144,9 @@ FAKE_CASES = {
     "state-and-weights-on-ssd": ["offload.resident_mem=0", "offload.cache_weights=false"],
     "speculate-redo": ["offload.resident_mem=0", "train.grad_clip=0.05", "offload.clip_schedule=speculate"],
     "defer": ["offload.resident_mem=0", "train.grad_clip=0.05", "offload.clip_schedule=defer"],
+    # resident with spare copies: the gradient's copy into held_grad is the speculative job's event
+    "spare-speculate-redo-4-blocks": ["model.n_layer=4", "train.grad_clip=0.05", "offload.clip_schedule=speculate"],
+    "spare-never-clips": ["train.grad_clip=100"],
     "commit-none": ["offload.commit=none", "offload.resident_mem=300KiB", "offload.cache_weights=false"],
     "classes-ssd-checkpoint-cpu": ["offload.act_policy=fc2,proj=ssd;checkpoint=cpu"],
     "classes-cpu-checkpoint-ssd": ["offload.prefetch_depth=4", "offload.max_pending_updates=1",
@@ -161,6 +164,8 @@ def test_engine_on_the_fake_device_equals_reference(tmp_path, case):
     ref, eng, ref_stats, eng_stats = run_both(cfg)
     try:
         assert eng.dev.kind == "fake" and eng.dev.copies > 0
+        if case.startswith("spare"):
+            assert eng.plan.spare_stages == eng.plan.resident_stages == list(range(len(eng.states)))
         assert_same_training(ref, eng, ref_stats, eng_stats)
         assert eng.dev.sync_copies == 0  # every copy to or from the device is from pinned memory
         for item, peak in eng.dev.peak.items():  # (the ledger raised at once if not; this states it)

@@ -171,18 +171,27 @@ def test_plan_models_exact_clipping_and_commit_intervals(capsys):
     assert default.triggered_step >= default.step_time and default.clipping_step >= default.step_time
     noclip = plan(grad_clip=None)
     assert noclip.triggered_step is None and noclip.step_time <= default.step_time
+    # every stage's state is resident: the memory left holds spare copies of the last stages' state, whose
+    # updates then speculate (engine.py, Note: [Spare copies]); without them every update waits for the norm
+    nospare = plan(resident_spare=False)
+    assert default.memory.spare_stages and not nospare.memory.spare_stages
+    assert len(default.memory.resident_stages) == len(nospare.memory.resident_stages) == 42
+    assert noclip.step_time < default.step_time < 0.95 * nospare.step_time
     rc = main(["plan", "--model", "gpt3-13b", "--gpu", "rtx4090", "--ssd", "2x990-pro", "--cpu-mem", "256GiB",
                "--batch", "8", "--seq", "1024"])
     out = capsys.readouterr().out
     assert rc == 0
     for needle in ("clipping            exact at 1", "crash safety        commits every 10min", "train.grad_clip=none:",
                    "offload.commit_every=1 (commit every step):", "offload.commit=none (no resume):",
-                   "optimizer state copies",
-                   # every stage's state is resident here: no update can be redone, so none is speculative, and the
-                   # plan says so and what it costs (the previous line claimed overlap it did not have)
-                   "no update overlaps backward: all 42 stages' state is resident in CPU memory",
-                   "more than with train.grad_clip=none"):
+                   "optimizer state copies", "resident with a spare copy in CPU memory; the ",
+                   "resident without a spare copy wait for the norm", "more than with train.grad_clip=none"):
         assert needle in out, needle
+    # without spare copies no update can be redone, so none is speculative, and the plan says so and what it
+    # costs (a line before this one claimed overlap it did not have)
+    rc = main(["plan", "--model", "gpt3-13b", "--gpu", "rtx4090", "--ssd", "2x990-pro", "--cpu-mem", "256GiB",
+               "--batch", "8", "--seq", "1024", "offload.resident_spare=false"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "no update overlaps backward: all 42 stages' state is resident in CPU memory" in out, out
     rc = main(["plan", "--model", "gpt3-13b", "--gpu", "rtx4090", "--ssd", "1x990-pro", "--cpu-mem", "64GiB",
                "--batch", "8", "--seq", "1024"])
     out = capsys.readouterr().out
