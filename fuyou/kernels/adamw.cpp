@@ -139,15 +139,17 @@ inline float load_grad_scalar(const void* g, int64_t i) {
   else return f16_to_f32(static_cast<const uint16_t*>(g)[i]);
 }
 
-template <int G, int L>
-void run_scalar(float* __restrict p, const void* __restrict g, float* __restrict m,
-                float* __restrict v, void* __restrict lowp, int64_t b, int64_t e, const Scalars& s) {
+// The range kernels read p, m and v from ps, ms and vs: the same pointers (in place), or, with OOP, a
+// second copy of the state (Note: [Out of place]), p, m and v then being only written.
+template <int G, int L, bool OOP>
+void run_scalar(float* p, const void* __restrict g, float* m, float* v, void* __restrict lowp, int64_t b,
+                int64_t e, const Scalars& s, const float* ps, const float* ms, const float* vs) {
   for (int64_t i = b; i < e; ++i) {
     float gi = load_grad_scalar<G>(g, i) * s.gs;
-    float pi = p[i] * s.decay;
-    float mi = m[i];
+    float pi = ps[i] * s.decay;
+    float mi = ms[i];
     mi = s.w_small ? std::fma(s.w1, gi - mi, mi) : std::fma(s.w1m1, gi - mi, gi);
-    float vi = v[i] * s.b2;
+    float vi = vs[i] * s.b2;
     vi = std::fma(s.c2 * gi, gi, vi);
     float d = std::sqrt(vi) / s.bc2s + s.eps;
     pi = pi + (s.ns * mi) / d;
@@ -203,9 +205,13 @@ inline void store_lowp_512(void* l, int64_t i, __m512 x) {
   }
 }
 
-template <int G, int L>
-void run_avx512(float* __restrict p, const void* __restrict g, float* __restrict m,
-                float* __restrict v, void* __restrict lowp, int64_t b, int64_t e, const Scalars& s) {
+template <int G, int L, bool OOP>
+void run_avx512(float* p, const void* __restrict g, float* m, float* v, void* __restrict lowp, int64_t b,
+                int64_t e, const Scalars& s, const float* ps, const float* ms, const float* vs) {
+  // Out of place, p, m and v are not read in this pass: stored around the cache, as the compute copy
+  // is (Note: [Non-temporal copy]), which saves the read-for-ownership of their lines.
+  const bool nt = OOP && kStream && ((reinterpret_cast<uintptr_t>(p + b) | reinterpret_cast<uintptr_t>(m + b) |
+                                      reinterpret_cast<uintptr_t>(v + b)) & 63) == 0;
   const __m512 decay = _mm512_set1_ps(s.decay), b2 = _mm512_set1_ps(s.b2), c2 = _mm512_set1_ps(s.c2);
   const __m512 bc2s = _mm512_set1_ps(s.bc2s), eps = _mm512_set1_ps(s.eps), ns = _mm512_set1_ps(s.ns);
   const __m512 gs = _mm512_set1_ps(s.gs);
@@ -213,20 +219,26 @@ void run_avx512(float* __restrict p, const void* __restrict g, float* __restrict
   int64_t i = b;
   for (; i + 16 <= e; i += 16) {
     __m512 gi = _mm512_mul_ps(load_grad_512<G>(g, i), gs);
-    __m512 pi = _mm512_mul_ps(_mm512_loadu_ps(p + i), decay);
-    __m512 mi = _mm512_loadu_ps(m + i);
+    __m512 pi = _mm512_mul_ps(_mm512_loadu_ps(ps + i), decay);
+    __m512 mi = _mm512_loadu_ps(ms + i);
     mi = _mm512_fmadd_ps(coeff, _mm512_sub_ps(gi, mi), s.w_small ? mi : gi);
-    __m512 vi = _mm512_mul_ps(_mm512_loadu_ps(v + i), b2);
+    __m512 vi = _mm512_mul_ps(_mm512_loadu_ps(vs + i), b2);
     vi = _mm512_fmadd_ps(_mm512_mul_ps(c2, gi), gi, vi);
     __m512 d = _mm512_add_ps(_mm512_div_ps(_mm512_sqrt_ps(vi), bc2s), eps);
     pi = _mm512_add_ps(pi, _mm512_div_ps(_mm512_mul_ps(ns, mi), d));
-    _mm512_storeu_ps(p + i, pi);
-    _mm512_storeu_ps(m + i, mi);
-    _mm512_storeu_ps(v + i, vi);
+    if (nt) {
+      _mm512_stream_ps(p + i, pi);
+      _mm512_stream_ps(m + i, mi);
+      _mm512_stream_ps(v + i, vi);
+    } else {
+      _mm512_storeu_ps(p + i, pi);
+      _mm512_storeu_ps(m + i, mi);
+      _mm512_storeu_ps(v + i, vi);
+    }
     store_lowp_512<L>(lowp, i, pi);
   }
-  if constexpr (L != L_NONE) _mm_sfence();  // order the streaming stores before the caller's use
-  run_scalar<G, L>(p, g, m, v, lowp, i, e, s);
+  if constexpr (L != L_NONE || OOP) _mm_sfence();  // order the streaming stores before the caller's use
+  run_scalar<G, L, OOP>(p, g, m, v, lowp, i, e, s, ps, ms, vs);
 }
 
 }  // namespace
@@ -270,9 +282,11 @@ inline void store_lowp_256(void* l, int64_t i, __m256 x) {
   }
 }
 
-template <int G, int L>
-void run_avx2(float* __restrict p, const void* __restrict g, float* __restrict m,
-              float* __restrict v, void* __restrict lowp, int64_t b, int64_t e, const Scalars& s) {
+template <int G, int L, bool OOP>
+void run_avx2(float* p, const void* __restrict g, float* m, float* v, void* __restrict lowp, int64_t b,
+              int64_t e, const Scalars& s, const float* ps, const float* ms, const float* vs) {
+  const bool nt = OOP && kStream && ((reinterpret_cast<uintptr_t>(p + b) | reinterpret_cast<uintptr_t>(m + b) |
+                                      reinterpret_cast<uintptr_t>(v + b)) & 31) == 0;  // see run_avx512
   const __m256 decay = _mm256_set1_ps(s.decay), b2 = _mm256_set1_ps(s.b2), c2 = _mm256_set1_ps(s.c2);
   const __m256 bc2s = _mm256_set1_ps(s.bc2s), eps = _mm256_set1_ps(s.eps), ns = _mm256_set1_ps(s.ns);
   const __m256 gs = _mm256_set1_ps(s.gs);
@@ -280,20 +294,26 @@ void run_avx2(float* __restrict p, const void* __restrict g, float* __restrict m
   int64_t i = b;
   for (; i + 8 <= e; i += 8) {
     __m256 gi = _mm256_mul_ps(load_grad_256<G>(g, i), gs);
-    __m256 pi = _mm256_mul_ps(_mm256_loadu_ps(p + i), decay);
-    __m256 mi = _mm256_loadu_ps(m + i);
+    __m256 pi = _mm256_mul_ps(_mm256_loadu_ps(ps + i), decay);
+    __m256 mi = _mm256_loadu_ps(ms + i);
     mi = _mm256_fmadd_ps(coeff, _mm256_sub_ps(gi, mi), s.w_small ? mi : gi);
-    __m256 vi = _mm256_mul_ps(_mm256_loadu_ps(v + i), b2);
+    __m256 vi = _mm256_mul_ps(_mm256_loadu_ps(vs + i), b2);
     vi = _mm256_fmadd_ps(_mm256_mul_ps(c2, gi), gi, vi);
     __m256 d = _mm256_add_ps(_mm256_div_ps(_mm256_sqrt_ps(vi), bc2s), eps);
     pi = _mm256_add_ps(pi, _mm256_div_ps(_mm256_mul_ps(ns, mi), d));
-    _mm256_storeu_ps(p + i, pi);
-    _mm256_storeu_ps(m + i, mi);
-    _mm256_storeu_ps(v + i, vi);
+    if (nt) {
+      _mm256_stream_ps(p + i, pi);
+      _mm256_stream_ps(m + i, mi);
+      _mm256_stream_ps(v + i, vi);
+    } else {
+      _mm256_storeu_ps(p + i, pi);
+      _mm256_storeu_ps(m + i, mi);
+      _mm256_storeu_ps(v + i, vi);
+    }
     store_lowp_256<L>(lowp, i, pi);
   }
-  if constexpr (L != L_NONE) _mm_sfence();  // see the note [Non-temporal copy]
-  run_scalar<G, L>(p, g, m, v, lowp, i, e, s);
+  if constexpr (L != L_NONE || OOP) _mm_sfence();  // see the note [Non-temporal copy]
+  run_scalar<G, L, OOP>(p, g, m, v, lowp, i, e, s, ps, ms, vs);
 }
 
 }  // namespace
@@ -402,29 +422,36 @@ int best_isa() {
   return ISA_SCALAR;
 }
 
-using RangeFn = void (*)(float*, const void*, float*, float*, void*, int64_t, int64_t, const Scalars&);
+// (p, g, m, v, lowp, b, e, scalars, ps, ms, vs): in place with ps, ms, vs = p, m, v.
+using RangeFn = void (*)(float*, const void*, float*, float*, void*, int64_t, int64_t, const Scalars&,
+                         const float*, const float*, const float*);
 
-template <int G, int L>
+template <int G, int L, bool OOP>
 RangeFn pick_isa(int isa) {
 #if FUYOU_X86
-  if (isa == ISA_AVX512) return run_avx512<G, L>;
-  if (isa == ISA_AVX2) return run_avx2<G, L>;
+  if (isa == ISA_AVX512) return run_avx512<G, L, OOP>;
+  if (isa == ISA_AVX2) return run_avx2<G, L, OOP>;
 #endif
   (void)isa;
-  return run_scalar<G, L>;
+  return run_scalar<G, L, OOP>;
 }
 
-template <int G>
+template <int G, bool OOP>
 RangeFn pick_lowp(int l, int isa) {
-  if (l == L_BF16) return pick_isa<G, L_BF16>(isa);
-  if (l == L_F16) return pick_isa<G, L_F16>(isa);
-  return pick_isa<G, L_NONE>(isa);
+  if (l == L_BF16) return pick_isa<G, L_BF16, OOP>(isa);
+  if (l == L_F16) return pick_isa<G, L_F16, OOP>(isa);
+  return pick_isa<G, L_NONE, OOP>(isa);
 }
 
-RangeFn pick(int gtype, int ltype, int isa) {
-  if (gtype == G_BF16) return pick_lowp<G_BF16>(ltype, isa);
-  if (gtype == G_F16) return pick_lowp<G_F16>(ltype, isa);
-  return pick_lowp<G_F32>(ltype, isa);
+template <bool OOP>
+RangeFn pick_g(int gtype, int ltype, int isa) {
+  if (gtype == G_BF16) return pick_lowp<G_BF16, OOP>(ltype, isa);
+  if (gtype == G_F16) return pick_lowp<G_F16, OOP>(ltype, isa);
+  return pick_lowp<G_F32, OOP>(ltype, isa);
+}
+
+RangeFn pick(int gtype, int ltype, int isa, bool oop = false) {
+  return oop ? pick_g<true>(gtype, ltype, isa) : pick_g<false>(gtype, ltype, isa);
 }
 
 // Work is handed out in blocks of this many elements (256 KiB of fp32 per array): small enough that
@@ -434,13 +461,15 @@ RangeFn pick(int gtype, int ltype, int isa) {
 constexpr int64_t kBlock = 65536;
 
 // Note: [Out of place]
-// A resident stage that speculates under exact clipping (fuyou/engine/engine.py) keeps two copies of
-// its state in CPU memory: the update reads one and writes the other, which a redo with the clipped
-// gradient then reads again. The kernels stay in place: each thread copies a sub-block of the source
-// into the destination and updates it there while its lines are still in cache, so the memory
-// traffic is that of an out-of-place kernel (read the source, write the destination) and the
-// arithmetic, hence every bit, that of the in-place one. kSub elements of fp32 p, m and v are 192 KiB,
-// well inside a core's L2; a multiple of 256 keeps the compressed state's quantisation blocks whole.
+// A resident stage that speculates under exact clipping (fuyou/engine/engine.py, Note: [Spare copies])
+// keeps two copies of its state in CPU memory: the update reads one and writes the other, which a redo
+// with the clipped gradient then reads again. The fp32 kernel reads p, m and v from the source and
+// stores them to the destination around the cache (no read-for-ownership): the memory traffic of the
+// in-place step, and its arithmetic, hence every bit. The compressed state's kernel stays in place:
+// each thread copies a sub-block of kSub elements (a few hundred KiB at most, inside a core's L2) into
+// the destination and updates it there while its lines are in cache; that costs the destination's
+// read-for-ownership on top (bench/adam_bench.py measures both). kSub is a multiple of 256, so the
+// quantisation blocks stay whole.
 constexpr int64_t kSub = 16384;
 
 }  // namespace
@@ -471,22 +500,14 @@ int fuyou_adamw_step(float* p, const void* g, int gtype, float* m, float* v, voi
   s.eps = static_cast<float>(eps);
   s.ns = static_cast<float>(neg_step);
   s.gs = static_cast<float>(grad_scale);
-  RangeFn fn = pick(gtype, ltype, isa);
+  RangeFn fn = pick(gtype, ltype, isa, ps != nullptr);
+  if (ps == nullptr) {
+    ps = p;
+    ms = m;
+    vs = v;
+  }
 
-  auto range = [&](int64_t b, int64_t e) {
-    if (ps == nullptr) {
-      fn(p, g, m, v, lowp, b, e, s);
-      return;
-    }
-    for (int64_t a = b; a < e; a += kSub) {  // Note: [Out of place]
-      int64_t z = a + kSub < e ? a + kSub : e;
-      size_t bytes = 4 * static_cast<size_t>(z - a);
-      std::memcpy(p + a, ps + a, bytes);
-      std::memcpy(m + a, ms + a, bytes);
-      std::memcpy(v + a, vs + a, bytes);
-      fn(p, g, m, v, lowp, a, z, s);
-    }
-  };
+  auto range = [&](int64_t b, int64_t e) { fn(p, g, m, v, lowp, b, e, s, ps, ms, vs); };
   int64_t nblocks = (n + kBlock - 1) / kBlock;
   int nt = num_threads < 1 ? 1 : num_threads;
   if (nt > nblocks) nt = static_cast<int>(nblocks);
@@ -678,7 +699,7 @@ void qblock(const QArgs& A, int64_t base, int len) {
     if (e > len) e = len;
     Scalars s = A.s;
     s.decay = A.seg_decay[k];
-    fn(pp, g, mp, vp, lowp, a, e, s);
+    fn(pp, g, mp, vp, lowp, a, e, s, pp, mp, vp);
     a = e;
   }
   if (A.ptype == P_BF16) {
