@@ -51,6 +51,10 @@ CONFIGS = dict(CONFIGS)
 # Most of the optimizer state resident in CPU memory (weights cached too): commits are its only SSD writes.
 CONFIGS["resident"] = ["model.n_layer=8", "model.d_model=768", "model.n_head=12", "model.vocab_size=320",
                        "data.seq_len=256", "train.micro_batch_size=4", "offload.cpu_mem=2GiB"]
+# The same state resident, where the CPU AdamW outweighs the compute (wide blocks, a short batch): the
+# updates that wait for the norm are on the step's critical path (the GPU box at small batches).
+CONFIGS["resident-adam-bound"] = ["model.n_layer=8", "model.d_model=1024", "model.n_head=16", "model.vocab_size=320",
+                                  "data.seq_len=32", "train.micro_batch_size=1", "offload.cpu_mem=4GiB"]
 CONFIGS["tiny"] = ["model.preset=gpt-test", "model.n_layer=4", "data.seq_len=32", "train.micro_batch_size=2",
                    "offload.cpu_mem=256MiB"]
 COMMON = ["data.source=synthetic", "train.precision=bf16", "train.eval_every=0"]

@@ -31,6 +31,9 @@ CLIP = {
     "speculate-redo": ["train.grad_clip=0.05", "offload.clip_schedule=speculate", "offload.resident_mem=0"],
     "defer": ["train.grad_clip=0.05", "offload.clip_schedule=defer", "offload.resident_mem=0"],
     "auto-resident": ["train.grad_clip=0.5"],
+    # resident with spare copies (engine.py, Note: [Spare copies]): speculated and redone every step
+    "spare-redo": ["train.grad_clip=0.05", "offload.clip_schedule=speculate"],
+    "spare-off": ["train.grad_clip=0.5", "offload.resident_spare=false"],
 }
 
 
