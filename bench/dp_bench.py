@@ -58,7 +58,7 @@ def predict(args, ranks: int, hw, clipped: bool) -> float:
     from fuyou.config import load_config
     from fuyou.planner.cost import Workload, stage_costs
     from fuyou.planner.search import memory_plan
-    from fuyou.planner.simulate import simulate
+    from fuyou.planner.simulate import simulate_plan
     from fuyou.policy import ActivationPolicy
     from fuyou.units import parse_size
 
@@ -70,8 +70,7 @@ def predict(args, ranks: int, hw, clipped: bool) -> float:
     policy = ActivationPolicy.recompute_all(cfg.model.n_layer, "gpu", prefetch_depth=cfg.offload.prefetch_depth)
     plan, _ = memory_plan(w, hw, costs, policy, cfg.offload.cpu_mem)
     mode = "defer" if clipped and w.grad_clip is not None else "speculate"
-    return simulate(w, costs, hw, policy, set(plan.cached_stages), steps=4, resident=set(plan.resident_stages),
-                    clip_mode=mode).step_time
+    return simulate_plan(w, costs, hw, policy, plan, steps=4, clip_mode=mode).step_time
 
 
 def torchrun(python: str, ranks: int) -> list[str]:

@@ -100,7 +100,7 @@ def main(argv=None) -> int:
     from fuyou.planner.probe import probe
     from fuyou.planner.search import memory_plan
     from fuyou.planner.cost import stage_costs
-    from fuyou.planner.simulate import simulate
+    from fuyou.planner.simulate import simulate_plan
     from fuyou.units import parse_size
 
     ssd = Path(args.ssd)
@@ -130,8 +130,7 @@ def main(argv=None) -> int:
                              device=args.device, store_cfg=w.store, optimizer_chunk=cfg.offload.optimizer_chunk,
                              optimizer_depth=cfg.offload.optimizer_depth)
             plan, _ = memory_plan(w, hw, costs, policy, cfg.offload.cpu_mem)
-            sim = simulate(w, costs, hw, policy, set(plan.cached_stages), steps=args.steps,
-                           resident=set(plan.resident_stages))
+            sim = simulate_plan(w, costs, hw, policy, plan, steps=args.steps)
             preds.append(sim.makespan / args.steps)
             sims.append(sim)
             probes.append(meas)

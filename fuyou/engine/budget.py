@@ -330,12 +330,14 @@ def plan_memory(stage_numels: list[int], off, *, chunk: int, io_buffer_bytes: in
             spare -= need
         # Exact clipping: a resident stage waits for the norm, there being no copy to redo from, unless
         # what is left holds a second copy of its state (Note: [Spare copies] in engine.py). The last
-        # stages first: their gradients come first in backward, whose time hides their updates.
-        if deferred and getattr(off, "resident_spare", True):
+        # stages first: their gradients come first in backward, whose time hides their updates; one
+        # that does not fit (a large head) leaves the room to the blocks before it. Never in
+        # ``clip_schedule=defer``, where every update waits for the norm anyway.
+        if deferred and getattr(off, "resident_spare", True) and getattr(off, "clip_schedule", "auto") != "defer":
             for index in reversed(plan.resident_stages):
                 need = sum(-(-t.numel(stage_numels[index]) * t.itemsize // 4096) * 4096 for t in fmt.tensors)
                 if need > spare:
-                    break
+                    continue
                 plan.spare_stages.append(index)
                 plan.resident_bytes += need
                 spare -= need

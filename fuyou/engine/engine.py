@@ -1093,29 +1093,43 @@ class Engine:
             if self.clipping:
                 lines.append(f"exact clipping at {t.grad_clip} of the adapters' gradients, after backward")
         elif self.clipping:
-            n, res, spare = len(self.states), len(self.plan.resident_stages), len(self.plan.spare_stages)
-            waits = res - spare
-            if waits == n:
-                lines.append(f"exact clipping at {t.grad_clip}: every stage's state is resident in CPU memory, which "
-                             f"keeps no previous copy to redo an update from, so the updates wait for the gradient "
-                             f"norm, after backward (fuyou plan says what that costs; the budget left no room for "
-                             f"a spare copy, offload.resident_spare)")
-            else:
-                parts = []
-                if n - res:
-                    parts.append(f"{'the ' if res else ''}{n - res} stage{'s' if n - res != 1 else ''} whose state is on the SSD")
-                if spare:
-                    parts.append(f"the {spare} resident with a spare copy in CPU memory")
-                lines.append(f"exact clipping at {t.grad_clip}: {' and '.join(parts)} "
-                             f"{'is' if n - res + spare == 1 else 'are'} updated speculatively during backward and "
-                             f"redone from the previous state on steps whose gradient norm exceeds it (after such a "
-                             f"step, updates wait for the norm instead: offload.clip_schedule={off.clip_schedule})"
-                             + (f"; the {waits} resident without one wait for the norm" if waits else ""))
+            lines.append(self._clipping_line())
         lines.append("crash-safe commits: " + (
             "none (offload.commit=none: the run cannot be resumed)" if off.commit != "cow" else
             f"every {off.commit_every} step(s)" if off.commit_steps else f"every {off.commit_every}") +
             ("" if off.commit != "cow" else ", and when the run ends or is stopped"))
         return lines
+
+    def _clipping_line(self) -> str:
+        """What exact clipping does to this run's updates (Note: [Spare copies]): which stages speculate,
+        which wait for the norm and why."""
+        off, clip = self.cfg.offload, self.cfg.train.grad_clip
+        n = sum(st.owned for st in self.states)  # the stages this rank updates (data parallel: those it owns)
+        res, spare = len(self.plan.resident_stages), len(self.plan.spare_stages)
+        waits = res - spare
+        whose = "" if n == len(self.states) else f" (of the {n} stages this rank updates)"
+        if off.clip_schedule == "defer":
+            return (f"exact clipping at {clip}: every update waits for the gradient norm, after backward "
+                    f"(offload.clip_schedule=defer)")
+        why = "offload.resident_spare=false" if not off.resident_spare else "the budget left no room for one"
+        if waits == n:
+            return (f"exact clipping at {clip}: every stage's state{whose} is resident in CPU memory, which keeps no "
+                    f"previous copy to redo an update from, so the updates wait for the gradient norm, after "
+                    f"backward (no spare copy: {why}; fuyou plan says what that costs)")
+        parts = []
+        if n - res:
+            parts.append(f"{'the ' if res else ''}{n - res} stage{'s' if n - res != 1 else ''}{whose} whose state is "
+                         f"on the SSD")
+        if spare:
+            parts.append(f"the {spare} resident with a spare copy in CPU memory")
+        line = (f"exact clipping at {clip}: {' and '.join(parts)} {'is' if n - res + spare == 1 else 'are'} updated "
+                f"speculatively during backward and redone from the previous state on steps whose gradient norm "
+                f"exceeds it (after such a step, updates wait for the norm instead: "
+                f"offload.clip_schedule={off.clip_schedule})")
+        if waits:
+            line += (f"; the {waits} resident without a spare copy ({why}) "
+                     f"{'waits' if waits == 1 else 'wait'} for the norm")
+        return line
 
     def step_counters(self) -> dict | None:
         """The last step's counters; what its background work (optimizer tail, a commit's writes) adds after

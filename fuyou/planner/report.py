@@ -93,6 +93,7 @@ def summary(plan: Plan) -> dict:
         "busy_s": {k: v for k, v in sim.busy.items()}, "whatif_step_s": plan.whatif,
         "stages": len(w.numels), "cached_stages": len(ev.memory.cached_stages),
         "resident_stages": len(ev.memory.resident_all), "spare_stages": len(ev.memory.spare_all),
+        "resident_spare": off.resident_spare, "clip_schedule": off.clip_schedule,
         "prefetch_depth": ev.policy.prefetch_depth,
         "evaluations": plan.evaluations})
     if w.ranks > 1:
@@ -397,24 +398,32 @@ def _clip_line(s: dict) -> str:
     cost = (f"; a step that does not clip takes {s['step_s'] - unclipped:.3g} s more than with train.grad_clip=none"
             if unclipped and s["step_s"] > 1.02 * unclipped else "")
     line = f"clipping            exact at {s['grad_clip']:g}, "
+    schedule = s.get("clip_schedule", "auto")
+    if schedule == "defer":
+        return line + (f"deferred (offload.clip_schedule=defer): every update waits for the norm, after backward, "
+                       f"its gradient saved to the SSD or held in CPU memory until then{cost}")
     # A resident stage's state is updated in CPU memory; without a spare copy there is no previous copy to
     # redo the update from, so it waits for the norm (fuyou/engine/engine.py, Note: [Spare copies]).
     spare = s.get("spare_stages", 0)
     waits = res - spare
+    why = ("offload.resident_spare=false" if not s.get("resident_spare", True) else
+           "the budget leaves no room for one")
     if waits == n:
         return line + (f"no update overlaps backward: all {n} stages' state is resident in CPU memory, which keeps no "
-                       f"previous copy to redo an update from (the budget leaves no room for a spare copy), so every "
-                       f"update waits for the norm ({s['step_s']:.3g} s a step whether or not it clips){cost}")
+                       f"previous copy to redo an update from (no spare copy: {why}), so every update waits for the "
+                       f"norm ({s['step_s']:.3g} s a step whether or not it clips){cost}")
     parts = [f"the {n - res} of {n} stages whose state is on the SSD"] if n - res else []
     if spare:
         parts.append(f"the {spare} resident with a spare copy in CPU memory")
     how = ("speculative: updates overlap backward" if not waits and not spare else
            f"speculative for {' and '.join(parts)}" if not waits else
-           f"speculative for {' and '.join(parts)}; the {waits} resident without a spare copy wait for the norm "
-           f"(no previous copy to redo from), their updates after backward")
+           f"speculative for {' and '.join(parts)}; the {waits} resident without a spare copy ({why}) "
+           f"{'waits' if waits == 1 else 'wait'} for the norm (no previous copy to redo from), "
+           f"{'its update' if waits == 1 else 'their updates'} after backward")
+    later = ("later ones while it keeps clipping defer them" if schedule == "auto" else
+             "later ones redo them too (offload.clip_schedule=speculate)")
     return line + (f"{how}; the first step whose norm exceeds it redoes the speculative updates "
-                   f"({s['triggered_step_s']:.3g} s), later ones while it keeps clipping defer them "
-                   f"({s['clipping_step_s']:.3g} s){cost}")
+                   f"({s['triggered_step_s']:.3g} s), {later} ({s['clipping_step_s']:.3g} s){cost}")
 
 
 def _commit_line(s: dict) -> str:

@@ -30,7 +30,7 @@ from fuyou.engine.budget import activation_bytes
 from fuyou.planner.cost import StageCost, Workload, gpu_working_bytes, placement_bytes, stage_costs
 from fuyou.planner.hardware import GPUS, HardwareProfile, with_more_ssds
 from fuyou.policy import CLASSES, ActivationPolicy, BlockPolicy
-from fuyou.planner.simulate import SimResult, simulate
+from fuyou.planner.simulate import SimResult, simulate_plan
 from fuyou.optim.compressed import StateFormat
 from fuyou.units import format_size
 
@@ -171,23 +171,27 @@ def evaluate(w: Workload, hw: HardwareProfile, costs, policy: ActivationPolicy, 
     ev = Evaluation(policy, plan, ssd, problems)
     if problems:
         return ev
-    cached, resident, spare = set(plan.cached_stages), set(plan.resident_all), set(plan.spare_all)
     every = w.offload.commit == "cow" and w.offload.commit_steps == 1
-    ev.sim = simulate(w, costs, hw, policy, cached, steps=steps, resident=resident, commit=every, spare=spare)
+    # A step whose norm stays below the threshold: speculative, unless offload.clip_schedule=defer makes
+    # every step wait for the norm (the engine's _defer).
+    schedule = w.offload.clip_schedule if w.grad_clip is not None else None
+    calm = "defer" if schedule == "defer" else "speculate"
+    ev.sim = simulate_plan(w, costs, hw, policy, plan, steps=steps, commit=every, clip_mode=calm)
     if steps < REPORT_STEPS:
         return ev
     # The report's figures: crash safety amortized over the interval, and a triggered step.
     if w.offload.commit == "cow" and not every:
         ev.steps_per_commit = w.offload.commit_steps or max(1.0, w.offload.commit_secs / max(ev.sim.step_time, 1e-9))
-        if resident:  # without state held in CPU memory a commit writes only its record
-            with_commit = simulate(w, costs, hw, policy, cached, steps=steps, resident=resident, commit=True,
-                                   spare=spare)
+        if plan.resident_all:  # without state held in CPU memory a commit writes only its record
+            with_commit = simulate_plan(w, costs, hw, policy, plan, steps=steps, commit=True, clip_mode=calm)
             ev.commit_cost_s = max(0.0, with_commit.step_time - ev.sim.step_time)
             ev.commit_s = ev.commit_cost_s / ev.steps_per_commit
     if w.grad_clip is not None and clip_modes:
-        ev.triggered_step, ev.clipping_step = (
-            simulate(w, costs, hw, policy, cached, steps=steps, resident=resident, commit=every,
-                     clip_mode=mode, spare=spare).step_time + ev.commit_s for mode in ("redo", "defer"))
+        # the first step that clips, and the next ones while it keeps clipping, per schedule
+        modes = {"auto": ("redo", "defer"), "speculate": ("redo", "redo"), "defer": ("defer", "defer")}[schedule]
+        times = {m: simulate_plan(w, costs, hw, policy, plan, steps=steps, commit=every, clip_mode=m).step_time
+                 + ev.commit_s for m in set(modes)}
+        ev.triggered_step, ev.clipping_step = (times[m] for m in modes)
     return ev
 
 
@@ -316,7 +320,6 @@ def search(w: Workload, hw: HardwareProfile, cpu_budget: int, policy: Activation
     if not best.feasible:
         plan.fixes, plan.cpu_need = _fixes(w, hw, cpu_budget, best, policy)
     elif whatif:
-        cached = set(best.memory.cached_stages)
         sims = {"twice the SSDs": with_more_ssds(hw, 2),
                 "twice the GPU throughput": hw.model_copy(update=dict(fwd_flops=2 * hw.fwd_flops, bwd_flops=2 * hw.bwd_flops)),
                 "twice the CPU Adam throughput": hw.model_copy(update=dict(cpu_adam=2 * hw.cpu_adam))}
@@ -329,10 +332,9 @@ def search(w: Workload, hw: HardwareProfile, cpu_budget: int, policy: Activation
                 gloo_broadcast=2 * hw.gloo_broadcast, gloo_reduce=2 * hw.gloo_reduce,
                 gpu_link=2 * hw.gpu_link if hw.gpu_link else None))
         for name, h in sims.items():
-            plan.whatif[name] = simulate(w, costs, h, best.policy, cached, steps=REPORT_STEPS,
-                                         resident=set(best.memory.resident_all),
-                                         commit=w.offload.commit == "cow" and w.offload.commit_steps == 1
-                                         ).step_time + best.commit_s
+            plan.whatif[name] = simulate_plan(w, costs, h, best.policy, best.memory, steps=REPORT_STEPS,
+                                              commit=w.offload.commit == "cow" and w.offload.commit_steps == 1
+                                              ).step_time + best.commit_s
         # The engine's own settings: clipping and crash safety (each re-planned: they change memory).
         off = w.offload
         variants = ({"train.grad_clip=none": dict(grad_clip=None)} if w.grad_clip is not None and w.lora_params is None

@@ -245,6 +245,14 @@ def simulate(*args, **kwargs) -> SimResult:
             gc.enable()
 
 
+def simulate_plan(w: Workload, costs: list[StageCost], hw: HardwareProfile, policy: ActivationPolicy, plan,
+                  **kwargs) -> SimResult:
+    """``simulate`` for a memory plan (``fuyou.engine.budget.MemoryPlan``): its cached stages, resident
+    stages and spare copies (every rank's), so that no caller simulates a plan other than the one it made."""
+    return simulate(w, costs, hw, policy, set(plan.cached_stages), resident=set(plan.resident_all),
+                    spare=set(plan.spare_all), **kwargs)
+
+
 def _simulate(w: Workload, costs: list[StageCost], hw: HardwareProfile, policy: ActivationPolicy,
               cached: set[int], steps: int = 3, max_chunks: int = MAX_ADAM_CHUNKS,
               resident: set[int] | frozenset = frozenset(), commit: bool = False, clip_mode: str = "speculate",

@@ -11,7 +11,7 @@ import torch
 from engine_testutil import assert_same_training, make_cfg, run_both
 
 FOUR_BLOCKS = ["model.n_layer=4"]
-OPTIONS = [("fp32", "int8"), ("bf16", "fp32"), ("bf16", "bf16"), ("bf16", "int8")]
+OPTIONS = [("fp32", "int8"), ("fp32", "bf16"), ("bf16", "fp32"), ("bf16", "bf16"), ("bf16", "int8")]
 
 
 @pytest.mark.parametrize("master,moments", OPTIONS, ids=[f"{a}-{b}" for a, b in OPTIONS])
