@@ -117,7 +117,6 @@ def test_a_head_too_large_for_a_spare_leaves_the_room_to_the_blocks():
     """The last stage first, but one whose copy does not fit (an untied head over a large vocabulary) is
     passed over, not the end of the search: the blocks before it get the memory (a review found every
     stage waiting with room for a block's copy left)."""
-
     from fuyou.engine.budget import plan_memory
     from fuyou.engine.config import OffloadConfig
 
