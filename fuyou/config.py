@@ -273,11 +273,15 @@ def _parse_value(text: str) -> Any:
 _PATH_LISTS = {"data": ("path", "eval_path"), "offload": ("ssd_dirs",)}
 
 
-def to_toml(cfg: FuyouConfig) -> str:
+def to_toml(cfg: FuyouConfig, omit: frozenset[str] = frozenset()) -> str:
     """The resolved config as TOML. TOML has no null: an unset field whose default is also unset is
-    omitted; one whose default is set (``grad_clip``) is written as the string "none"."""
+    omitted; one whose default is set (``grad_clip``) is written as the string "none". ``omit``:
+    "section.key" names left out (their defaults, or what other settings imply, apply when it is read)."""
     out = ["# fuyou resolved configuration: `fuyou train --config THIS_FILE` repeats the run"]
     for section, values in cfg.model_dump().items():
+        for name in omit:
+            if name.startswith(section + "."):
+                values.pop(name[len(section) + 1:], None)
         out.append(f"\n[{section}]")
         fields = SECTIONS[section].model_fields
         if section == "train" and values.get("epochs") is not None:

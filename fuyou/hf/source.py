@@ -27,7 +27,7 @@ except ModuleNotFoundError:  # Python 3.10
 
 from fuyou.errors import ConfigError
 from fuyou.hf.config_map import SHAPE_FIELDS, SUPPORTED_TEXT, to_fuyou
-from fuyou.hf.weights import WEIGHT_SUFFIXES, FuyouWeights, HFWeights
+from fuyou.hf.weights import WEIGHT_SUFFIXES, FuyouWeights, HFWeights, model_roots
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 HF_META = "hf"  # the subdirectory of a fuyou run directory holding the source's config and tokenizer
@@ -132,14 +132,14 @@ def tokenizer_dir(path: str | Path) -> Path | None:
 
 def copy_small_files(src: Path, dst: Path, skip: tuple[str, ...] = ()) -> list[str]:
     """Copy every file of ``src`` that is not a weight file (config, tokenizer, generation config,
-    licence, chat template) into ``dst``; return their names. A symlink that leads out of ``src`` is
-    skipped (with a warning): nothing outside the model directory is copied into run or export
-    directories."""
+    licence, chat template) into ``dst``; return their names. A symlink that leads out of the model's
+    files (``model_roots``: the directory, or a cache snapshot's blobs) is skipped (with a warning):
+    nothing else is copied into run or export directories."""
     dst.mkdir(parents=True, exist_ok=True)
     names = []
-    root = src.resolve()
+    roots = model_roots(src)
     for f in sorted(src.iterdir()):
-        if f.is_symlink() and not f.resolve().is_relative_to(root):
+        if f.is_symlink() and not any(f.resolve().is_relative_to(r) for r in roots):
             print(f"fuyou: skipping {f}: a symlink out of the model directory ({f.resolve()})", file=sys.stderr)
             continue
         if f.is_file() and f.suffix not in WEIGHT_SUFFIXES and not f.name.endswith(".index.json") \

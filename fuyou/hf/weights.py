@@ -111,6 +111,16 @@ class _Reader:
         return {stage.key(local): self.tensor(stage.key(local), spec.shape) for local, spec in stage.params.items()}
 
 
+def model_roots(src: Path) -> list[Path]:
+    """Where the files of model directory ``src`` may lie once symlinks are followed: the directory, and,
+    for a snapshot of the Hugging Face cache (``models--ORG--NAME/snapshots/REV/``, whose files are
+    symlinks to ``../../blobs/HASH``), that repository's blobs."""
+    roots = [src.resolve()]
+    if src.absolute().parent.name == "snapshots":
+        roots.append((src.absolute().parent.parent / "blobs").resolve())
+    return roots
+
+
 class HFWeights(_Reader):
     """The safetensors weights of a Hugging Face model directory (sharded or single-file)."""
 
@@ -123,9 +133,12 @@ class HFWeights(_Reader):
             except (ValueError, KeyError) as e:
                 raise DataError(f"{index_file} is not a safetensors index (no weight_map): {e}") from e
             self.index = {name: path / file for name, file in weight_map.items()}
-            root = path.resolve()
+            roots = model_roots(path)
             for f in set(self.index.values()):
-                if not f.resolve().is_relative_to(root):
+                # the name must not lead out of the directory; a file that is a symlink may lead to a cache
+                # snapshot's blobs (model_roots)
+                inside = Path(os.path.normpath(f.absolute())).is_relative_to(path.absolute())
+                if not inside or (f.is_symlink() and not any(f.resolve().is_relative_to(r) for r in roots)):
                     raise ConfigError(f"{index_file} points at {f}, outside the model directory {path}; a model's "
                                       f"weights must lie in its own directory")
                 if not f.is_file():

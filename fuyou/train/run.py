@@ -301,5 +301,7 @@ def import_checkpoint(hf_dir: str | Path, out_dir: str | Path) -> Path:
     cfg = load_config(flags={"model.init_from": str(out.resolve())})
     if cfg.data.seq_len > cfg.model.max_seq_len:  # a checkpoint of fewer positions than the default length
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"seq_len": cfg.model.max_seq_len})})
-    (out / "config.toml").write_text(to_toml(cfg))
+    # data.source left out: `--config RUN_DIR/config.toml data.path=DIR` infers it from the path (written
+    # as "builtin", it made such a run train on the embedded corpus; a new-user pass found it)
+    (out / "config.toml").write_text(to_toml(cfg, omit=frozenset({"data.source"})))
     return out

@@ -2,6 +2,7 @@
 files are written here (no transformers needed), so these run without the hf extra."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -198,3 +199,66 @@ def test_files_symlinked_out_of_the_model_directory_are_not_copied(tmp_path, cap
     copied = copy_small_files(src, tmp_path / "dst")
     assert "tokenizer_config.json" not in copied and not (tmp_path / "dst" / "tokenizer_config.json").exists()
     assert "symlink out of the model directory" in capsys.readouterr().err
+
+
+def _as_hf_cache(model: Path, root: Path) -> Path:
+    """``model``'s files laid out as the Hugging Face cache keeps them: ``models--me--tiny/blobs/HASH``
+    and ``snapshots/REV/NAME -> ../../blobs/HASH``. Returns the snapshot directory."""
+    import hashlib
+
+    repo = root / "models--me--tiny"
+    (repo / "blobs").mkdir(parents=True)
+    snap = repo / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    for f in model.iterdir():
+        h = hashlib.sha256(f.read_bytes()).hexdigest()
+        (repo / "blobs" / h).write_bytes(f.read_bytes())
+        (snap / f.name).symlink_to(Path("../../blobs") / h)
+    return snap
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_a_snapshot_of_the_hf_cache_imports_with_its_tokenizer(tmp_path, capsys, sharded):
+    """The cache's files are symlinks into its blobs: followed (a new-user pass found a sharded snapshot
+    refused as "outside the model directory", and a single-file one imported without config or tokenizer,
+    then trained on byte ids)."""
+    pytest.importorskip("transformers")
+    from transformers import AutoModelForCausalLM
+
+    from hf_testutil import fuyou_logits, hf_logits, make_hf_model, tokens
+
+    src = make_hf_model(tmp_path / "m", "llama")
+    if sharded:
+        model = AutoModelForCausalLM.from_pretrained(src)
+        shard = tmp_path / "sharded"
+        model.save_pretrained(shard, max_shard_size="40KB")
+        for f in src.iterdir():
+            if not f.name.startswith("model") and not (shard / f.name).exists():
+                (shard / f.name).write_bytes(f.read_bytes())
+        src = shard
+        assert (src / "model.safetensors.index.json").exists()
+    snap = _as_hf_cache(src, tmp_path / "cache")
+    assert main(["import", str(snap), "--out", str(tmp_path / "imp")]) == 0
+    err = capsys.readouterr().err
+    assert "skipping" not in err, err
+    assert (tmp_path / "imp" / "hf" / "config.json").is_file() and (tmp_path / "imp" / "hf" / "tokenizer.json").is_file()
+    assert 'tokenizer = "byte"' not in (tmp_path / "imp" / "config.toml").read_text()
+    x = tokens()
+    assert torch.allclose(fuyou_logits(tmp_path / "imp" / "model.safetensors", x), hf_logits(snap, x), atol=1e-5)
+
+
+def test_an_imported_config_takes_a_data_path(tmp_path):
+    """`fuyou import` prints `fuyou train --config RUN_DIR/config.toml`; a user adds data.path=... and the
+    run reads it (the file used to say data.source="builtin", which kept the embedded corpus); a
+    data.path that the source would not read is refused."""
+    pytest.importorskip("transformers")
+    from hf_testutil import make_hf_model, write_corpus
+
+    src = make_hf_model(tmp_path / "m", "llama")
+    out = import_checkpoint(src, tmp_path / "imp")
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    cfg = load_config(out / "config.toml", overrides=[f"data.path={corpus}"])
+    assert cfg.data.source == "text" and cfg.data.path == [str(corpus)]
+    assert load_config(out / "config.toml").data.source == "builtin"
+    with pytest.raises(ConfigError, match="data.source='builtin' does not read it"):
+        load_config(Path(__file__).parents[2] / "configs" / "default.toml", overrides=[f"data.path={corpus}"])
