@@ -18,6 +18,9 @@ from fuyou.hf.source import HF_META, copy_small_files, open_checkpoint
 
 def convert_checkpoint(hf_dir: str | Path, out_dir: str | Path) -> Path:
     """Convert ``hf_dir`` into the run directory ``out_dir`` (module docstring); returns ``out_dir``."""
+    from pydantic import ValidationError
+
+    from fuyou.config import explain
     from fuyou.hf.weights import write_safetensors
     from fuyou.models import ModelConfig, StageModel
 
@@ -29,7 +32,11 @@ def convert_checkpoint(hf_dir: str | Path, out_dir: str | Path) -> Path:
     out = Path(out_dir).expanduser()
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"{out} exists and is not empty; choose a new --out directory")
-    model_cfg = ModelConfig(**ckpt.fields)
+    try:
+        model_cfg = ModelConfig(**ckpt.fields)
+    except ValidationError as e:
+        raise ConfigError(f"{src / 'config.json'} describes a model fuyou cannot build: {explain(e, 'model')}") from None
+    ckpt.check(model_cfg)
     specs = StageModel(model_cfg).param_specs()
     out.mkdir(parents=True, exist_ok=True)
     copy_small_files(src, out / HF_META)

@@ -43,6 +43,14 @@ class Checkpoint:
         """``init_values(stage) -> {global key: fp32 tensor}`` for the trainers."""
         return self.weights.init_values(stage)
 
+    def check(self, model) -> None:
+        """A Hugging Face checkpoint's weights are all the model's (``ModelConfig`` ``model``), read before
+        any is converted or trained (``HFWeights.check_fits``)."""
+        if isinstance(self.weights, HFWeights):
+            from fuyou.models import StageModel
+
+            self.weights.check_fits(StageModel(model).param_specs(), model.tie_embeddings, self.path / "config.json")
+
 
 def open_checkpoint(path: str | Path) -> Checkpoint:
     """Resolve ``path`` (see the module docstring) or raise a ConfigError saying what is missing."""

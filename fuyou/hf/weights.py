@@ -66,6 +66,10 @@ def hf_name(key: str, family: str) -> tuple[str, bool]:
     return (_GPT_TOP if family == "gpt" else _LLAMA_TOP)[key], False
 
 
+# Saved by some versions of transformers beside the weights; not parameters
+_BUFFERS = ("rotary_emb.inv_freq", "attn.bias", "attn.masked_bias")
+
+
 def _get(file: Path, name: str) -> Tensor:
     from safetensors import SafetensorError, safe_open
 
@@ -144,14 +148,52 @@ class HFWeights(_Reader):
                 if not f.is_file():
                     raise ConfigError(f"{index_file} lists {f.name}, which is missing; download the complete model")
             return
-        files = sorted(path.glob("*.safetensors"))
+        # Without an index, transformers reads model.safetensors alone; fuyou too, and else every file, each
+        # tensor in one of them (a second file with the same keys, an EMA copy, was read in its place)
+        files = [path / "model.safetensors"] if (path / "model.safetensors").is_file() else sorted(path.glob("*.safetensors"))
         if not files:
             others = sorted(p.name for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES)
             hint = (f" (found only {', '.join(others[:4])}: convert them with transformers: "
                     f"AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(DIR, safe_serialization=True))"
                     if others else "")
             raise ConfigError(f"{path} has no *.safetensors weights{hint}; fuyou reads safetensors only")
-        self.index = {name: f for f in files for name in _keys(f)[0]}
+        self.index = {}
+        for f in files:
+            for name in _keys(f)[0]:
+                if name in self.index:
+                    raise ConfigError(f"{path}: {self.index[name].name} and {f.name} both hold {name!r}, and no "
+                                      f"model.safetensors.index.json says which file is the model's; move the other "
+                                      f"files away")
+                self.index[name] = f
+
+    def check_fits(self, keys, tied: bool, config: Path) -> None:
+        """Every tensor of the checkpoint is one the model reads (fuyou parameters ``keys``), so that
+        config.json describes these weights: a tensor left over means a layer, a bias or a separate head it
+        does not mention, which would be dropped in silence. Known buffers (RoPE's inv_freq, GPT-2's
+        attention masks) are not weights. A tied model's ``lm_head.weight`` may be there if it equals the
+        embedding."""
+        used = set()
+        for key in keys:
+            name, _ = hf_name(key, self.family)
+            used.add(name if name in self.index or not name.startswith("transformer.") else
+                     name.removeprefix("transformer."))
+        extra = sorted(n for n in self.index if n not in used and not n.endswith(_BUFFERS))
+        head = "lm_head.weight"
+        if tied and head in extra:
+            embed = hf_name("embed.wte", self.family)[0]
+            embed = embed if embed in self.index else embed.removeprefix("transformer.")
+            if embed in self.index and torch.equal(_get(self.index[head], head), _get(self.index[embed], embed)):
+                extra.remove(head)
+            else:
+                raise ConfigError(f"{config} says tie_word_embeddings=true, but the checkpoint's {head} differs from "
+                                  f"its embedding: fuyou would drop it and tie the head to the embedding. Set "
+                                  f'"tie_word_embeddings": false in {config} to train the separate head (what the '
+                                  f"weights hold), or remove {head} from the weights to tie them")
+        if extra:
+            more = f" and {len(extra) - 5} more" if len(extra) > 5 else ""
+            raise ConfigError(f"{self.path} holds tensors the model {config} describes does not use: "
+                              f"{', '.join(extra[:5])}{more}; config.json and the weights disagree (layers, biases, "
+                              f"a separate head): fix config.json, or remove the tensors that are not the model's")
 
     def _locate(self, key):
         name, transposed = hf_name(key, self.family)

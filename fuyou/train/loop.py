@@ -50,7 +50,9 @@ def build_trainer(cfg: FuyouConfig, run_name: str, resume: bool = False) -> Trai
     if cfg.model.init_from:  # streamed from a Hugging Face or fuyou checkpoint, one stage at a time
         from fuyou.hf import open_checkpoint
 
-        init_values = open_checkpoint(cfg.model.init_from).init_values
+        ckpt = open_checkpoint(cfg.model.init_from)
+        ckpt.check(cfg.model)  # every tensor is the model's: none dropped in silence
+        init_values = ckpt.init_values
     if cfg.offload.mode == "none":
         if resume:
             raise ConfigError("--resume continues an SSD-offloaded run (its state is committed on the SSD); "

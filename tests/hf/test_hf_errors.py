@@ -262,3 +262,73 @@ def test_an_imported_config_takes_a_data_path(tmp_path):
     assert load_config(out / "config.toml").data.source == "builtin"
     with pytest.raises(ConfigError, match="data.source='builtin' does not read it"):
         load_config(Path(__file__).parents[2] / "configs" / "default.toml", overrides=[f"data.path={corpus}"])
+
+
+def _edit_config(path: Path, **changes) -> None:
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.update(changes)
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+def test_weights_config_json_does_not_describe_are_refused_not_dropped(tmp_path):
+    """A new-user pass: config.json saying tied over a separate lm_head (transformers keeps the head;
+    fuyou tied it, logits 7.8 apart), or one layer fewer than the weights hold, imported in silence."""
+    pytest.importorskip("transformers")
+    from hf_testutil import make_hf_model
+
+    src = make_hf_model(tmp_path / "m", "llama")  # untied
+    _edit_config(src, tie_word_embeddings=True)
+    with pytest.raises(ConfigError, match="tie_word_embeddings=true, but the checkpoint's lm_head.weight differs"):
+        import_checkpoint(src, tmp_path / "a")
+    with pytest.raises(ConfigError, match="tie_word_embeddings=true"):  # train --init-from reads it too
+        from fuyou.train.loop import build_trainer
+
+        build_trainer(load_config(flags={"model.init_from": str(src)}), "x")
+    _edit_config(src, tie_word_embeddings=False, num_hidden_layers=1)
+    with pytest.raises(ConfigError, match=r"does not use: model\.layers\.1\."):
+        import_checkpoint(src, tmp_path / "b")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # refused before writing
+
+
+def test_a_tied_checkpoint_may_carry_its_head_when_it_is_the_embedding(tmp_path):
+    pytest.importorskip("transformers")
+    from safetensors.torch import load_file
+
+    from hf_testutil import make_hf_model
+
+    src = make_hf_model(tmp_path / "m", "llama")
+    _edit_config(src, tie_word_embeddings=True)
+    w = load_file(str(src / "model.safetensors"))
+    w["lm_head.weight"] = w["model.embed_tokens.weight"].clone()
+    save_file(w, str(src / "model.safetensors"))
+    import_checkpoint(src, tmp_path / "ok")
+
+
+def test_without_an_index_model_safetensors_is_the_model(tmp_path):
+    """An EMA copy (the same keys) beside model.safetensors is not read in its place; without
+    model.safetensors, two files holding one tensor are refused."""
+    pytest.importorskip("transformers")
+    from safetensors.torch import load_file
+
+    from hf_testutil import fuyou_logits, hf_logits, make_hf_model, tokens
+
+    src = make_hf_model(tmp_path / "m", "llama")
+    w = load_file(str(src / "model.safetensors"))
+    save_file({k: v * 0.5 for k, v in w.items()}, str(src / "model_ema.safetensors"))
+    out = import_checkpoint(src, tmp_path / "imp")
+    x = tokens()
+    assert torch.allclose(fuyou_logits(out / "model.safetensors", x), hf_logits(src, x), atol=1e-5)
+    (src / "model.safetensors").rename(src / "model-a.safetensors")
+    with pytest.raises(ConfigError, match="both hold"):
+        open_checkpoint(src)
+
+
+def test_a_config_fuyou_cannot_build_is_an_error_not_a_traceback(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    from hf_testutil import make_hf_model
+
+    src = make_hf_model(tmp_path / "m", "llama")
+    _edit_config(src, num_key_value_heads=3)
+    assert main(["import", str(src), "--out", str(tmp_path / "imp")]) != 0
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "cannot build" in err, err
