@@ -10,10 +10,11 @@ built from these weights when training starts; resuming an SSD state is not impl
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from fuyou.errors import ConfigError
-from fuyou.hf.source import HF_META, copy_small_files, open_checkpoint
+from fuyou.hf.source import HF_META, copy_small_files, open_checkpoint, tokenizer_dir
 
 
 def convert_checkpoint(hf_dir: str | Path, out_dir: str | Path) -> Path:
@@ -25,6 +26,9 @@ def convert_checkpoint(hf_dir: str | Path, out_dir: str | Path) -> Path:
     from fuyou.models import ModelConfig, StageModel
 
     src = Path(hf_dir).expanduser()
+    if not src.exists():
+        raise ConfigError(f"{src} does not exist; `fuyou import` reads a local Hugging Face model directory "
+                          f"(config.json, *.safetensors, tokenizer files)")
     if not (src / "config.json").is_file():
         raise ConfigError(f"{src} is not a Hugging Face model directory (no config.json); `fuyou import` reads "
                           f"a local directory with config.json, *.safetensors and tokenizer files")
@@ -37,10 +41,24 @@ def convert_checkpoint(hf_dir: str | Path, out_dir: str | Path) -> Path:
     except ValidationError as e:
         raise ConfigError(f"{src / 'config.json'} describes a model fuyou cannot build: {explain(e, 'model')}") from None
     ckpt.check(model_cfg)
+    if tokenizer_dir(src) is None:  # (the run's config needs it) said before the weights are converted
+        raise ConfigError(f"{src} has no tokenizer files (tokenizer.json, tokenizer.model, ...), which `fuyou import` "
+                          f"keeps beside the weights: copy them from the model's original repository into {src} and "
+                          f"import again (or train from it directly: fuyou train --init-from {src} "
+                          f"data.tokenizer=DIR)")
     specs = StageModel(model_cfg).param_specs()
+    made = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    copy_small_files(src, out / HF_META)
-    tensors = (ckpt.weights.tensor(key, spec.shape) for key, spec in specs.items())
-    write_safetensors(out / "model.safetensors", {k: s.shape for k, s in specs.items()}, tensors,
-                      {"fuyou_model": json.dumps(model_cfg.model_dump()), "fuyou_source": str(src.resolve())})
+    try:
+        copy_small_files(src, out / HF_META)
+        tensors = (ckpt.weights.tensor(key, spec.shape) for key, spec in specs.items())
+        write_safetensors(out / "model.safetensors", {k: s.shape for k, s in specs.items()}, tensors,
+                          {"fuyou_model": json.dumps(model_cfg.model_dump()), "fuyou_source": str(src.resolve())})
+    except BaseException:  # a missing or corrupt tensor: nothing half-written is left to block a retry
+        for f in [out] if made else list(out.iterdir()):
+            if f.is_dir():
+                shutil.rmtree(f)
+            else:
+                f.unlink()
+        raise
     return out

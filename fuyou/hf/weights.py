@@ -177,6 +177,7 @@ class HFWeights(_Reader):
             name, _ = hf_name(key, self.family)
             used.add(name if name in self.index or not name.startswith("transformer.") else
                      name.removeprefix("transformer."))
+            self._locate(key)  # a missing one, named
         extra = sorted(n for n in self.index if n not in used and not n.endswith(_BUFFERS))
         head = "lm_head.weight"
         if tied and head in extra:

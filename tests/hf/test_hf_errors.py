@@ -332,3 +332,27 @@ def test_a_config_fuyou_cannot_build_is_an_error_not_a_traceback(tmp_path, capsy
     assert main(["import", str(src), "--out", str(tmp_path / "imp")]) != 0
     err = capsys.readouterr().err
     assert "Traceback" not in err and "cannot build" in err, err
+
+
+def test_import_refuses_early_and_leaves_nothing_behind(tmp_path):
+    """No tokenizer: said before the weights are converted (it was said after, with advice `fuyou import`
+    has no option for); a missing tensor: the half-written directory is removed, so a retry into it works."""
+    pytest.importorskip("transformers")
+    from safetensors.torch import load_file
+
+    from hf_testutil import make_hf_model
+
+    src = make_hf_model(tmp_path / "m", "llama", tokenizer=False)
+    with pytest.raises(ConfigError, match="no tokenizer files .* copy them"):
+        import_checkpoint(src, tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+    src = make_hf_model(tmp_path / "m2", "llama")
+    good = load_file(str(src / "model.safetensors"))
+    save_file({k: v for k, v in good.items() if k != "model.layers.1.mlp.up_proj.weight"}, str(src / "model.safetensors"))
+    with pytest.raises(DataError, match="up_proj"):
+        import_checkpoint(src, tmp_path / "b")
+    assert not (tmp_path / "b").exists()
+    save_file(good, str(src / "model.safetensors"))
+    import_checkpoint(src, tmp_path / "b")
+    with pytest.raises(ConfigError, match="does not exist"):
+        import_checkpoint(tmp_path / "nope", tmp_path / "c")
