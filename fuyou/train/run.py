@@ -39,6 +39,13 @@ def make_run_dir(cfg: FuyouConfig, path: Path | None = None) -> Path:
     except OSError as e:
         raise ConfigError(f"cannot create run directory {path}: {e.strerror}; check run.out_dir") from e
     (path / "config.toml").write_text(to_toml(cfg))
+    if cfg.model.init_from:  # the source's config and tokenizer, kept with the run: export needs them, and the
+        # source may be gone by then (a new-user pass: an export without tokenizer and token ids, said nowhere)
+        from fuyou.hf.source import HF_META, copy_small_files, hf_files_dir
+
+        meta = hf_files_dir(cfg.model.init_from)
+        if meta is not None and meta.resolve() != (path / HF_META).resolve():
+            copy_small_files(meta, path / HF_META)
     return path
 
 

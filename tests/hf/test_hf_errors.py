@@ -356,3 +356,25 @@ def test_import_refuses_early_and_leaves_nothing_behind(tmp_path):
     import_checkpoint(src, tmp_path / "b")
     with pytest.raises(ConfigError, match="does not exist"):
         import_checkpoint(tmp_path / "nope", tmp_path / "c")
+
+
+def test_a_run_keeps_its_sources_config_and_tokenizer_for_export(tmp_path):
+    """Train from a Hugging Face directory, delete it, export: the export still has the tokenizer and the
+    source's token ids (they were lost, with no word, when the source was gone)."""
+    pytest.importorskip("transformers")
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from hf_testutil import finetune, make_hf_model
+
+    src = make_hf_model(tmp_path / "m", "llama")
+    want = json.loads((src / "config.json").read_text())
+    run = finetune(tmp_path, ["--init-from", str(src)], offload=False)
+    shutil.rmtree(src)
+    export_run(run, tmp_path / "ex")
+    got = json.loads((tmp_path / "ex" / "config.json").read_text())
+    assert (tmp_path / "ex" / "tokenizer.json").is_file()
+    AutoTokenizer.from_pretrained(tmp_path / "ex")
+    for k in ("bos_token_id", "eos_token_id"):
+        assert got.get(k) == want.get(k), k
