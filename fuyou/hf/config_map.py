@@ -83,6 +83,11 @@ def architecture(hf: dict[str, Any], where: str = "config.json") -> str:
     """The supported architecture ``hf`` describes, or a ConfigError saying why not (``REFUSED``) or
     listing the supported ones."""
     archs = hf.get("architectures") or []
+    if isinstance(archs, str):  # a hand-edited config
+        archs = [archs]
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise ConfigError(f"{where}: architectures is {archs!r}; a Hugging Face config lists class names there "
+                          f"(e.g. [\"LlamaForCausalLM\"])")
     if not archs:  # old configs: infer from model_type
         by_type = {mt: a for a, (mt, _) in {**SUPPORTED, **REFUSED}.items()}
         archs = [by_type[hf["model_type"]]] if hf.get("model_type") in by_type else []
@@ -101,9 +106,15 @@ def to_fuyou(hf: dict[str, Any], where: str = "config.json") -> dict[str, Any]:
     if hf.get("quantization_config"):
         raise ConfigError(f"{where}: quantized checkpoints are not supported; fuyou trains fp32 weights "
                           f"(use the unquantized model)")
-    if SUPPORTED[arch][1] == "gpt":
-        return _gpt2_to_fuyou(hf, where)
-    return _llama_to_fuyou(hf, arch, where)
+    try:
+        if SUPPORTED[arch][1] == "gpt":
+            return _gpt2_to_fuyou(hf, where)
+        return _llama_to_fuyou(hf, arch, where)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError, AttributeError, KeyError) as e:  # a field of the wrong type ("abc", a string for a dict)
+        raise ConfigError(f"{where}: a field has a value fuyou cannot read ({type(e).__name__}: {e}); is it a valid "
+                          f"Hugging Face config.json?") from None
 
 
 def _require(hf: dict, keys: tuple[str, ...], where: str) -> None:

@@ -134,7 +134,9 @@ class HFWeights(_Reader):
         if index_file.is_file():
             try:
                 weight_map = json.loads(index_file.read_text())["weight_map"]
-            except (ValueError, KeyError) as e:
+                if not isinstance(weight_map, dict):
+                    raise ValueError(f"weight_map is a {type(weight_map).__name__}, not an object")
+            except (ValueError, KeyError, TypeError) as e:
                 raise DataError(f"{index_file} is not a safetensors index (no weight_map): {e}") from e
             self.index = {name: path / file for name, file in weight_map.items()}
             roots = model_roots(path)

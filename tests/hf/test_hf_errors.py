@@ -378,3 +378,13 @@ def test_a_run_keeps_its_sources_config_and_tokenizer_for_export(tmp_path):
     AutoTokenizer.from_pretrained(tmp_path / "ex")
     for k in ("bos_token_id", "eos_token_id"):
         assert got.get(k) == want.get(k), k
+
+
+@pytest.mark.parametrize("bad", [{"hidden_size": "abc"}, {"rope_parameters": "linear"}, {"rope_scaling": [1, 2]},
+                                 {"architectures": [1]}])
+def test_a_malformed_field_is_a_config_error(bad):
+    with pytest.raises(ConfigError, match="architectures is|cannot read"):
+        to_fuyou({**LLAMA, **bad})
+    with pytest.raises(ConfigError) as e:  # a refusal of its own keeps its words
+        to_fuyou({**LLAMA, "rope_scaling": {"rope_type": "yarn", "factor": 2.0}})
+    assert "cannot read" not in str(e.value)
