@@ -311,12 +311,16 @@ def _write_rope(hf: dict, model) -> None:
 def _write_window(hf: dict, arch: str, model) -> None:
     """The sliding window, in the architecture's terms (``_sliding_window`` reads them back)."""
     window = model.sliding_window
+    # No window: a template's that never applies within the context (Mistral's at least its positions; Qwen's
+    # behind use_sliding_window=false) is kept as it was, so that a longer context behaves as the original
+    old = hf.get("sliding_window")
     if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
-        hf.update(use_sliding_window=window is not None, sliding_window=window)
+        hf.update(use_sliding_window=window is not None, sliding_window=window if window is not None else old)
         if window is not None:
             hf["max_window_layers"] = 0  # from layer 0 on: every layer
     elif arch == "MistralForCausalLM":
-        hf["sliding_window"] = window
+        inactive = window is None and isinstance(old, int) and old >= model.max_seq_len
+        hf["sliding_window"] = old if inactive else window
     if "layer_types" in hf or arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
         hf["layer_types"] = ["full_attention" if window is None else "sliding_attention"] * model.n_layer
 

@@ -388,3 +388,19 @@ def test_a_malformed_field_is_a_config_error(bad):
     with pytest.raises(ConfigError) as e:  # a refusal of its own keeps its words
         to_fuyou({**LLAMA, "rope_scaling": {"rope_type": "yarn", "factor": 2.0}})
     assert "cannot read" not in str(e.value)
+
+
+def test_an_inactive_sliding_window_survives_the_round_trip():
+    """Mistral's window at least its positions never applies (fuyou maps it to none), but the export kept
+    null in its place, which changes the model past those positions (found by a new-user pass)."""
+    from fuyou.hf.config_map import to_hf
+    from fuyou.models import ModelConfig
+
+    hf = {**LLAMA, "architectures": ["MistralForCausalLM"], "model_type": "mistral", "sliding_window": 4096,
+          "max_position_embeddings": 256}
+    model = ModelConfig(**to_fuyou(hf))
+    assert model.sliding_window is None
+    assert to_hf(model, template=hf)["sliding_window"] == 4096
+    qwen = {**QWEN2, "use_sliding_window": False, "sliding_window": 131072}
+    out = to_hf(ModelConfig(**to_fuyou(qwen)), template=qwen)
+    assert out["use_sliding_window"] is False and out["sliding_window"] == 131072
