@@ -38,6 +38,9 @@ def export_run(run_dir: str | Path, out_dir: str | Path, dtype: str = "fp32",
         raise ConfigError(f"--shard-size must be positive, got {shard_size}")
     run = Path(run_dir).expanduser()
     weights_file = run / "model.safetensors"
+    if weights is None and (run / "config.json").is_file() and not (run / "config.toml").is_file():
+        raise ConfigError(f"{run} is a Hugging Face model directory, not a fuyou run: transformers loads it as it "
+                          f"is (nothing to export); to train it: fuyou train --init-from {run}")
     out = Path(out_dir).expanduser()
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"{out} exists and is not empty; choose a new --out directory")

@@ -61,6 +61,9 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         raise ConfigError(f"{p} does not exist; {expected}")
     if not p.is_dir():
         raise ConfigError(f"{p} is not a directory; {expected}")
+    if (p / "adapter_config.json").is_file() and not (p / "config.json").is_file():
+        raise ConfigError(f"{p} is a PEFT adapter (adapter_config.json), not a model: give its base model as "
+                          f"--init-from and the adapter as lora.init_from={p}")
     if (p / "config.json").is_file():
         hf = read_json(p / "config.json")
         fields = to_fuyou(hf, str(p / "config.json"))

@@ -404,3 +404,18 @@ def test_an_inactive_sliding_window_survives_the_round_trip():
     qwen = {**QWEN2, "use_sliding_window": False, "sliding_window": 131072}
     out = to_hf(ModelConfig(**to_fuyou(qwen)), template=qwen)
     assert out["use_sliding_window"] is False and out["sliding_window"] == 131072
+
+
+def test_an_hf_directory_given_to_export_and_an_adapter_given_as_a_model_are_named(tmp_path):
+    pytest.importorskip("transformers")
+    from hf_testutil import make_hf_model
+
+    src = make_hf_model(tmp_path / "m", "llama")
+    with pytest.raises(ConfigError, match="is a Hugging Face model directory, not a fuyou run"):
+        export_run(src, tmp_path / "x")
+    ad = tmp_path / "adapter"
+    ad.mkdir()
+    (ad / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+    (ad / "adapter_model.safetensors").write_bytes(b"")
+    with pytest.raises(ConfigError, match="is a PEFT adapter .* lora.init_from="):
+        open_checkpoint(ad)
