@@ -115,6 +115,7 @@ from fuyou.engine.exchange import WeightExchange
 from fuyou.engine.worker import OptimizerWorker, UpdateJob
 from fuyou.models import StageModel
 from fuyou.optim import adamw_backend
+from fuyou.optim.adamw import grad_norm
 from fuyou.optim.compressed import StateFormat
 from fuyou.optim.out_of_core import OutOfCoreAdamW
 from fuyou.policy import default_checkpoint_dtype, keep_policies
@@ -853,7 +854,10 @@ class Engine:
             # In the reference's memory order: its .grad is laid out as the parameter (contiguous), while
             # a gradient here may come out transposed (a matmul over an activation the swapper brought
             # back), and a norm sums in memory order: 1 ulp apart, found on fc2 with fc2=cpu
-            norms = torch._foreach_norm([views[n].float().contiguous() for n in st.slots], 2)
+            if self.dev.is_host and self.gdtype != torch.float32:  # one read (adamw.cpp, Note: [Gradient norm on the CPU])
+                norms = [grad_norm(views[n]) for n in st.slots]
+            else:
+                norms = torch._foreach_norm([views[n].float().contiguous() for n in st.slots], 2)
             for n, v in zip(st.slots, norms):
                 self._norms[st.stage.key(n)] = v
         if self._holds_grad(st):

@@ -43,6 +43,7 @@
 #include <mutex>
 #include <system_error>
 #include <thread>
+#include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
 #define FUYOU_X86 1
@@ -1425,6 +1426,63 @@ int fuyou_quant_nf4(const float* w, uint8_t* codes, float* absmax, int64_t n, in
   };
   run_blocks(num_threads, nblocks, body);
   return 0;
+}
+
+}  // extern "C"
+
+// ---- the sum of squares of a gradient (exact clipping's norm on a CPU device) ------------------------
+// Note: [Gradient norm on the CPU] torch's norm of a bf16 or fp16 tensor in fp32 converts it to an fp32
+// copy first (6 bytes of traffic an element on top of the 2 read): 69 ms a step for 100M parameters on
+// 2 cores, a third of a short step. This reads each element once: squares summed in 16 fp32 lanes over
+// runs of 1024 elements, the runs in double, the work blocks in order, so the result does not depend on
+// the number of threads. fp32 gradients keep torch's norm (the reference trainer's, bit for bit).
+namespace {
+
+template <int G>
+inline __attribute__((always_inline)) double sumsq_range(const uint16_t* __restrict x, int64_t n) {
+  double total = 0.0;
+  int64_t i = 0;
+  for (; i + 1024 <= n; i += 1024) {
+    float acc[16] = {0};
+    for (int j = 0; j < 1024; j += 16)
+      for (int k = 0; k < 16; ++k) {
+        float v = G == G_BF16 ? bf16_to_f32(x[i + j + k]) : f16_to_f32(x[i + j + k]);
+        acc[k] = std::fma(v, v, acc[k]);
+      }
+    double s = 0.0;
+    for (int k = 0; k < 16; ++k) s += acc[k];
+    total += s;
+  }
+  for (; i < n; ++i) {
+    double v = G == G_BF16 ? bf16_to_f32(x[i]) : f16_to_f32(x[i]);
+    total += v * v;
+  }
+  return total;
+}
+
+// compiled per ISA, with sumsq_range inlined into each
+__attribute__((target_clones("avx512f", "avx2", "default")))
+double sumsq_bf16(const uint16_t* __restrict x, int64_t n) { return sumsq_range<G_BF16>(x, n); }
+
+__attribute__((target_clones("avx512f", "avx2", "default")))
+double sumsq_f16(const uint16_t* __restrict x, int64_t n) { return sumsq_range<G_F16>(x, n); }
+
+}  // namespace
+
+extern "C" {
+
+// Sum of squares of n bf16 (gtype 1) or fp16 (2) values; see the note [Gradient norm on the CPU].
+double fuyou_sumsq(const uint16_t* x, int gtype, int64_t n, int num_threads) {
+  int64_t nblocks = (n + kBlock - 1) / kBlock;
+  std::vector<double> part(static_cast<size_t>(nblocks > 0 ? nblocks : 1), 0.0);
+  auto body = [&](int64_t blk) {
+    int64_t b = blk * kBlock, e = b + kBlock < n ? b + kBlock : n;
+    part[blk] = gtype == G_BF16 ? sumsq_bf16(x + b, e - b) : sumsq_f16(x + b, e - b);
+  };
+  if (nblocks > 0) run_blocks(num_threads, nblocks, body);
+  double total = 0.0;
+  for (int64_t b = 0; b < nblocks; ++b) total += part[b];
+  return total;
 }
 
 }  // extern "C"

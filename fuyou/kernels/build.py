@@ -73,6 +73,8 @@ def _declare(lib: ctypes.CDLL) -> None:
         c_int, c_int,  # num_threads, isa
         c_vp, c_vp, c_vp, c_vp, c_vp,  # the state read when not in place: p, m, v, m's and v's scales
     ]
+    lib.fuyou_sumsq.restype = c_dbl
+    lib.fuyou_sumsq.argtypes = [c_vp, c_int, c_i64, c_int]  # x, gtype (1 bf16, 2 fp16), n, threads
     lib.fuyou_dequant_rows.restype = c_int
     lib.fuyou_dequant_rows.argtypes = [c_vp, c_vp, c_vp, c_int, c_i64, c_i64, c_int]  # q, scale, out, otype, rows, cols, threads
     lib.fuyou_dequant_nf4.restype = c_int

@@ -181,3 +181,17 @@ def _check_src(src, dst, who: str) -> None:
         if n and a < b + n and b < a + n:
             raise ValueError(f"{who}: a source tensor overlaps its destination (pass src=None for in place)")
 
+
+def grad_norm(t: torch.Tensor, num_threads: int | None = None) -> torch.Tensor:
+    """The 2-norm of a CPU gradient as a 0-d fp32 tensor. bf16 and fp16: the kernel's sum of squares in one
+    read (adamw.cpp, Note: [Gradient norm on the CPU]), not torch's fp32 copy first; fp32, a tensor on
+    another device, or no kernel: torch's ``vector_norm`` of ``t.float()`` (fp32: the reference's bits)."""
+    lib = None
+    if t.device.type == "cpu" and t.dtype in (torch.bfloat16, torch.float16) and t.is_contiguous():
+        lib = load_adamw_lib()
+    if lib is None:
+        return torch.linalg.vector_norm(t.float().contiguous(), 2)
+    threads = torch.get_num_threads() if num_threads is None else int(num_threads)
+    total = lib.fuyou_sumsq(t.data_ptr(), _GTYPE[t.dtype], t.numel(), max(1, threads))
+    return torch.tensor(total ** 0.5, dtype=torch.float32)
+
