@@ -69,7 +69,8 @@ class DataConfig(BaseModel):
         if self.path and self.source in ("builtin", "synthetic"):
             raise ValueError(f"data.path {self.path} is given, but data.source={self.source!r} does not read it "
                              f"(a config file may have set it): set data.source='text' (or 'prepared' for a "
-                             f"`fuyou data prepare` directory), or drop data.path")
+                             f"`fuyou data prepare` directory), or drop data.path (a run started so trained the "
+                             f"embedded corpus: resume it with --resume RUN_DIR data.path=[])")
         if self.eval_path and self.source not in ("text", "prepared"):
             raise ValueError("data.eval_path needs data.source 'text' or 'prepared' (a held-out file for your data)")
         if self.source in ("text", "prepared"):

@@ -27,7 +27,7 @@ except ModuleNotFoundError:  # Python 3.10
 
 from fuyou.errors import ConfigError
 from fuyou.hf.config_map import SHAPE_FIELDS, SUPPORTED_TEXT, to_fuyou
-from fuyou.hf.weights import WEIGHT_SUFFIXES, FuyouWeights, HFWeights, model_roots
+from fuyou.hf.weights import WEIGHT_SUFFIXES, FuyouWeights, HFWeights, in_model, model_roots
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 HF_META = "hf"  # the subdirectory of a fuyou run directory holding the source's config and tokenizer
@@ -150,14 +150,21 @@ def copy_small_files(src: Path, dst: Path, skip: tuple[str, ...] = ()) -> list[s
     names = []
     roots = model_roots(src)
     for f in sorted(src.iterdir()):
-        if f.is_symlink() and not any(f.resolve().is_relative_to(r) for r in roots):
+        if not in_model(f, roots):
             print(f"fuyou: skipping {f}: a symlink out of the model directory ({f.resolve()})", file=sys.stderr)
             continue
         if f.is_file() and f.suffix not in WEIGHT_SUFFIXES and not f.name.endswith(".index.json") \
                 and f.name not in skip:
+            if f.stat().st_size > SMALL_FILE:  # another framework's weights under a name not listed
+                print(f"fuyou: not copying {f.name} ({f.stat().st_size / 2**20:.0f} MiB): a config or tokenizer file "
+                      f"is smaller than {SMALL_FILE // 2**20} MiB", file=sys.stderr)
+                continue
             shutil.copy2(f, dst / f.name)
             names.append(f.name)
     return names
+
+
+SMALL_FILE = 256 * 2**20  # the largest config or tokenizer file copied (tokenizer.json: ~10-35 MB for 128-256K vocabularies)
 
 
 def read_json(path: Path) -> dict[str, Any]:

@@ -52,7 +52,8 @@ _GPT_TOP = {"embed.wte": "transformer.wte.weight", "embed.wpe": "transformer.wpe
             "head.norm.weight": "transformer.ln_f.weight", "head.norm.bias": "transformer.ln_f.bias",
             "head.lm_head.weight": "lm_head.weight"}
 _GPT_CONV1D = {"qkv.weight", "proj.weight", "fc1.weight", "fc2.weight"}
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".onnx_data",
+                   ".ot", ".tflite", ".mlmodel", ".npz")
 
 
 def hf_name(key: str, family: str) -> tuple[str, bool]:
@@ -67,7 +68,7 @@ def hf_name(key: str, family: str) -> tuple[str, bool]:
 
 
 # Saved by some versions of transformers beside the weights; not parameters
-_BUFFERS = ("rotary_emb.inv_freq", "attn.bias", "attn.masked_bias")
+_BUFFERS = (".rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias")
 
 
 def _get(file: Path, name: str) -> Tensor:
@@ -118,11 +119,21 @@ class _Reader:
 def model_roots(src: Path) -> list[Path]:
     """Where the files of model directory ``src`` may lie once symlinks are followed: the directory, and,
     for a snapshot of the Hugging Face cache (``models--ORG--NAME/snapshots/REV/``, whose files are
-    symlinks to ``../../blobs/HASH``), that repository's blobs."""
+    symlinks to ``../../blobs/HASH``; ``src`` may be a symlink to it), that repository's blobs, when they
+    are a real directory (``in_model`` then takes only files directly in it)."""
     roots = [src.resolve()]
-    if src.absolute().parent.name == "snapshots":
-        roots.append((src.absolute().parent.parent / "blobs").resolve())
+    for snap in {src.absolute(), src.resolve()}:
+        blobs = snap.parent.parent / "blobs"
+        if snap.parent.name == "snapshots" and blobs.is_dir() and not blobs.is_symlink():
+            roots.append(blobs.resolve())
     return roots
+
+
+def in_model(f: Path, roots: list[Path]) -> bool:
+    """File ``f``, symlinks followed, is in the model directory (``roots[0]``, at any depth) or is a blob
+    of its cache repository (directly in one of the other roots)."""
+    target = f.resolve()
+    return target.is_relative_to(roots[0]) or any(target.parent == r for r in roots[1:])
 
 
 class HFWeights(_Reader):
@@ -140,11 +151,11 @@ class HFWeights(_Reader):
                 raise DataError(f"{index_file} is not a safetensors index (no weight_map): {e}") from e
             self.index = {name: path / file for name, file in weight_map.items()}
             roots = model_roots(path)
+            here = Path(os.path.normpath(path.absolute()))
             for f in set(self.index.values()):
-                # the name must not lead out of the directory; a file that is a symlink may lead to a cache
-                # snapshot's blobs (model_roots)
-                inside = Path(os.path.normpath(f.absolute())).is_relative_to(path.absolute())
-                if not inside or (f.is_symlink() and not any(f.resolve().is_relative_to(r) for r in roots)):
+                # the name must not lead out of the directory, nor the file, symlinks followed (model_roots:
+                # a cache snapshot's files are its blobs)
+                if not Path(os.path.normpath(f.absolute())).is_relative_to(here) or not in_model(f, roots):
                     raise ConfigError(f"{index_file} points at {f}, outside the model directory {path}; a model's "
                                       f"weights must lie in its own directory")
                 if not f.is_file():
@@ -168,18 +179,26 @@ class HFWeights(_Reader):
                                       f"files away")
                 self.index[name] = f
 
-    def check_fits(self, keys, tied: bool, config: Path) -> None:
-        """Every tensor of the checkpoint is one the model reads (fuyou parameters ``keys``), so that
-        config.json describes these weights: a tensor left over means a layer, a bias or a separate head it
-        does not mention, which would be dropped in silence. Known buffers (RoPE's inv_freq, GPT-2's
-        attention masks) are not weights. A tied model's ``lm_head.weight`` may be there if it equals the
-        embedding."""
-        used = set()
-        for key in keys:
-            name, _ = hf_name(key, self.family)
-            used.add(name if name in self.index or not name.startswith("transformer.") else
-                     name.removeprefix("transformer."))
-            self._locate(key)  # a missing one, named
+    def check_fits(self, specs, tied: bool, config: Path) -> None:
+        """The checkpoint holds every tensor the model reads (fuyou parameter specs ``specs``, by key), of its
+        shape (from the files' headers), and no other, so that config.json describes these weights: a
+        tensor left over means a layer, a bias or a separate head it does not mention, which would be
+        dropped in silence. Known buffers (RoPE's inv_freq, GPT-2's attention masks) are not weights. A tied
+        model's ``lm_head.weight`` may be there if it equals the embedding."""
+        from safetensors import safe_open
+
+        used, shapes = set(), {}
+        for key, spec in specs.items():
+            file, name, transposed = self._locate(key)  # a missing one, named
+            used.add(name)
+            if file not in shapes:
+                with safe_open(str(file), framework="pt") as f:
+                    shapes[file] = {n: tuple(f.get_slice(n).get_shape()) for n in f.keys()}
+            shape = shapes[file][name][::-1] if transposed else shapes[file][name]
+            if tuple(shape) != tuple(spec.shape):
+                raise DataError(f"{file}: tensor {name!r} has shape {tuple(shapes[file][name])}, {config} says "
+                                f"{tuple(spec.shape)[::-1] if transposed else tuple(spec.shape)}; the weights do not "
+                                f"belong to this config")
         extra = sorted(n for n in self.index if n not in used and not n.endswith(_BUFFERS))
         head = "lm_head.weight"
         if tied and head in extra:

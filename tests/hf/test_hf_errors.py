@@ -419,3 +419,75 @@ def test_an_hf_directory_given_to_export_and_an_adapter_given_as_a_model_are_nam
     (ad / "adapter_model.safetensors").write_bytes(b"")
     with pytest.raises(ConfigError, match="is a PEFT adapter .* lora.init_from="):
         open_checkpoint(ad)
+
+
+def _sharded(tmp_path: Path) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    from hf_testutil import make_hf_model
+
+    src = make_hf_model(tmp_path / "m", "llama")
+    shard = tmp_path / "sharded"
+    AutoModelForCausalLM.from_pretrained(src).save_pretrained(shard, max_shard_size="40KB")
+    for f in src.iterdir():
+        if not f.name.startswith("model") and not (shard / f.name).exists():
+            (shard / f.name).write_bytes(f.read_bytes())
+    return shard
+
+
+def test_paths_and_symlinks_a_user_has_are_followed_and_crafted_ones_are_not(tmp_path, monkeypatch, capsys):
+    """A review of the cache-snapshot change: a sharded model named through '..' was refused; a directory
+    that is a symlink to a snapshot lost its tokenizer; a snapshot whose blobs directory is a symlink could
+    copy any file into the run; an index could reach out through a symlinked subdirectory."""
+    pytest.importorskip("transformers")
+    shard = _sharded(tmp_path)
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    import_checkpoint(Path("../sharded"), tmp_path / "a")  # through ..
+    snap = _as_hf_cache(shard, tmp_path / "cache")
+    (tmp_path / "link").symlink_to(snap)
+    import_checkpoint(tmp_path / "link", tmp_path / "b")  # a symlink to a snapshot
+    assert (tmp_path / "b" / "hf" / "tokenizer.json").is_file() and "skipping" not in capsys.readouterr().err
+    # crafted: blobs is a symlink to a directory of secrets
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    (secrets / "id_rsa").write_text("PRIVATE KEY")
+    repo = tmp_path / "evil" / "models--x--y"
+    evil = repo / "snapshots" / "rev"
+    evil.mkdir(parents=True)
+    (repo / "blobs").symlink_to(secrets)
+    (evil / "notes.txt").symlink_to(Path("../../blobs/id_rsa"))
+    from fuyou.hf.source import copy_small_files
+
+    copied = copy_small_files(evil, tmp_path / "dst")
+    assert "notes.txt" not in copied and not (tmp_path / "dst" / "notes.txt").exists()
+    # an index through a symlinked subdirectory
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "w.safetensors").write_bytes((shard / next(p.name for p in shard.glob("model-*.safetensors"))).read_bytes())
+    sub = tmp_path / "subm"
+    sub.mkdir()
+    (sub / "config.json").write_bytes((shard / "config.json").read_bytes())
+    (sub / "s").symlink_to(outside)
+    (sub / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"model.embed_tokens.weight": "s/w.safetensors"}}))
+    with pytest.raises(ConfigError, match="outside the model directory"):
+        open_checkpoint(sub)
+
+
+def test_known_buffers_and_a_string_architecture_are_accepted_and_a_wrong_shape_refused_before_writing(tmp_path):
+    pytest.importorskip("transformers")
+    from safetensors.torch import load_file
+
+    from hf_testutil import make_hf_model
+
+    src = make_hf_model(tmp_path / "m", "llama")
+    w = load_file(str(src / "model.safetensors"))
+    w["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)
+    save_file(w, str(src / "model.safetensors"))
+    _edit_config(src, architectures="LlamaForCausalLM")
+    import_checkpoint(src, tmp_path / "ok")
+    w["model.layers.1.mlp.up_proj.weight"] = w["model.layers.1.mlp.up_proj.weight"][:, :-1].contiguous()
+    save_file(w, str(src / "model.safetensors"))
+    with pytest.raises(DataError, match="up_proj.weight' has shape"):
+        import_checkpoint(src, tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
