@@ -124,13 +124,15 @@ class SaveError(FuyouError):
 # What a resumed run may change. The committed state's shape and where it lives are fixed by the
 # model, the SSD directories, the state format (optim.master, optim.moments), the compute precision (the
 # stored compute weights are in it) and the adapters' shape and scale (lora.*, except dropout); everything else (steps, learning rate and the rest of the optimizer,
-# batch, data, logging, budgets, schedules) may change and is recorded (``resume_changes``).
+# data, logging, budgets, schedules) may change and is recorded (``resume_changes``); the batch (``DATA_POSITION``) may not.
 FIXED_ON_RESUME = ("model.", "offload.mode", "offload.commit", "optim.master", "optim.moments",
                    "train.precision",
                    "lora.rank", "lora.alpha", "lora.targets", "lora.use_rslora", "lora.init", "lora.base")  # lora.dropout may change
 # offload.ssd_dirs may change: directories moved elsewhere (each store directory's marker names its store
 # and place, so a foreign or reordered one is refused when the state is opened)
 NOT_COMPARED = ("model.init_from", "run.")
+# The data position (rows consumed) is the committed step times these: fixed too
+DATA_POSITION = ("train.grad_accum", "train.micro_batch_size", "data.seq_len")
 
 
 def resume_changes(saved: FuyouConfig, cfg: FuyouConfig) -> dict[str, tuple]:
@@ -142,6 +144,14 @@ def resume_changes(saved: FuyouConfig, cfg: FuyouConfig) -> dict[str, tuple]:
     old, new = flat(saved), flat(cfg)
     changed = {k: (old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys())
                if old.get(k) != new.get(k) and not k.startswith(NOT_COMPARED)}
+    moved = [k for k in changed if k in DATA_POSITION]
+    if moved:  # (a new-user pass: grad_accum 1 -> 2 on resume skipped 44 of 95 examples of an epoch, saying nothing)
+        raise ConfigError("a resumed run cannot change " + ", ".join(f"{k} ({changed[k][0]!r} -> {changed[k][1]!r})"
+                                                                 for k in moved)
+                          + ": its place in the data is counted in steps of train.grad_accum x "
+                          "train.micro_batch_size rows of data.seq_len tokens, so other values would skip or repeat "
+                          "data. Resume with the run's own values (another batch: start a new run with --init-from "
+                          "its model.safetensors once it has one)")
     fixed = [k for k in changed if k.startswith(FIXED_ON_RESUME)]
     if fixed:
         scale = {"lora.alpha", "lora.use_rslora"}

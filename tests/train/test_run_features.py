@@ -419,3 +419,17 @@ def test_evaluation_reads_are_not_counted_in_a_training_step(tmp_path):
     reads = [x["ssd_read_bytes"] for x in map(json.loads, (res.run_dir / "metrics.jsonl").read_text().splitlines())
              if "ssd_read_bytes" in x and "summary" not in x]
     assert len(reads) == 6 and max(reads[1:]) <= 1.2 * min(reads[1:]), reads
+
+
+@pytest.mark.parametrize("change", ["train.grad_accum=2", "train.micro_batch_size=8", "data.seq_len=64"])
+def test_a_resume_cannot_change_the_batch_the_data_position_counts_in(change):
+    """A new-user pass: grad_accum 1 -> 2 on resume moved the data position to step x the new batch,
+    skipping 44 of an epoch's 95 examples with only a note; refused now, saying why."""
+    from fuyou.errors import ConfigError
+    from fuyou.train.run import resume_changes
+
+    saved = load_config(overrides=["train.micro_batch_size=4", "data.seq_len=32"])
+    with pytest.raises(ConfigError, match="place in the data is counted in steps"):
+        resume_changes(saved, load_config(overrides=["train.micro_batch_size=4", "data.seq_len=32", change]))
+    assert "optim.lr" in resume_changes(saved, load_config(overrides=["train.micro_batch_size=4", "data.seq_len=32",
+                                                                       "optim.lr=1e-5"]))
