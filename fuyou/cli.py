@@ -651,8 +651,7 @@ def _train(args) -> int:
             raise ConfigError(f"--trace {args.trace}: the directory {parent} does not exist; create it first")
         if Path(args.trace).is_dir():
             raise ConfigError(f"--trace {args.trace} is a directory; give a file name such as trace.json")
-    run_training(cfg, trace=args.trace, plan_auto=args.plan == "auto", resume=resume)
-    return 0
+    return run_training(cfg, trace=args.trace, plan_auto=args.plan == "auto", resume=resume).exit_status
 
 
 def _models(args) -> int:

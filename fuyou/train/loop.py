@@ -39,6 +39,8 @@ class RunResult:
     tokens_per_s: float
     peak_rss: int = 0
     stopped: bool = False
+    exit_status: int = 0  # a run stopped by a signal: 128 + its number, as a shell reports it (not 0: a script's
+    # `fuyou train ... && fuyou export ...` must not export a half-trained model)
 
 
 def build_trainer(cfg: FuyouConfig, run_name: str, resume: bool = False) -> Trainer:
@@ -340,14 +342,20 @@ def check_tokenizer(cfg: FuyouConfig, data) -> None:
                         f"{want}); prepare the data again with --tokenizer {tok_dir}")
 
 
+def _stop_status(name: str) -> int:
+    """The exit status of a run stopped by signal ``name`` (128 + its number; a rank stopped because another
+    was: SIGTERM's)."""
+    return 128 + (signal.Signals[name] if name in signal.Signals.__members__ else signal.SIGTERM).value
+
+
 class _StopOnSignal:
-    """SIGINT/SIGTERM end the run at the next step boundary (after its commit), not mid-step."""
+    """SIGINT/SIGTERM/SIGHUP end the run at the next step boundary (after its commit), not mid-step."""
 
     def __init__(self):
         self.requested: str | None = None
         self._old = {}
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # SIGHUP: the ssh session dropped
                 self._old[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
@@ -505,7 +513,8 @@ def _loop(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, stop
                                  f"An in-memory run keeps no resumable state (offload.mode=ssd runs do): to go on "
                                  f"from them, {how} (its AdamW moments, schedule and data position start afresh)")
                 return RunResult(run_dir, first_eval, last_eval, stats.loss, tokens / (time.perf_counter() - start),
-                                 resident_bytes("VmHWM"), stopped=True)
+                                 resident_bytes("VmHWM"), stopped=True,
+                             exit_status=_stop_status(stop.requested))
             trainer.commit(step + 1)  # the step's updates and its commit are on the SSD
             log.write({"stopped": stop.requested, "step": step + 1})
             log.close()
@@ -514,7 +523,8 @@ def _loop(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, stop
                    if dist.enabled else f"fuyou train --resume {run_dir}")
             progress.message(f"stopped by {stop.requested} after step {step + 1} (committed); continue with: {how}")
             return RunResult(run_dir, first_eval, last_eval, stats.loss, tokens / (time.perf_counter() - start),
-                             resident_bytes("VmHWM"), stopped=True)
+                             resident_bytes("VmHWM"), stopped=True,
+                             exit_status=_stop_status(stop.requested))
     trainer.commit(t.steps)  # the final state is committed before anything may delete it
     tail = trainer.step_counters()  # what landed after the last step's record: its optimizer tail, this commit
     if tail is not None:

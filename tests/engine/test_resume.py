@@ -75,7 +75,8 @@ def test_sigkill_anywhere_then_resume_is_bit_exact(tmp_path, reference, fault, c
         assert torch.equal(got[k], ref[k]), k
 
 
-def test_sigterm_stops_at_a_step_boundary_and_resumes(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])  # SIGHUP: an ssh session dropped (lost work before)
+def test_sigterm_stops_at_a_step_boundary_and_resumes(tmp_path, sig):
     steps = ["train.grad_clip=none", "train.steps=60", "train.log_every=1"]
     ref = run(train_cmd(tmp_path, "ref", *steps))
     assert ref.returncode == 0, ref.stderr
@@ -88,10 +89,10 @@ def test_sigterm_stops_at_a_step_boundary_and_resumes(tmp_path):
         if m.exists() and any('"loss"' in l for l in m.read_text().splitlines()):
             break
         time.sleep(0.01)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err
-    assert "stopped by SIGTERM" in err and "fuyou train --resume" in err, err
+    assert proc.returncode == 128 + sig, err  # not 0: `fuyou train ... && fuyou export ...` must stop there
+    assert f"stopped by {sig.name}" in err and "fuyou train --resume" in err, err
     assert not (run_dir / "model.safetensors").exists()
     resumed = run([sys.executable, "-m", "fuyou.cli", "train", "--resume", str(run_dir)])
     assert resumed.returncode == 0, resumed.stderr
