@@ -439,6 +439,35 @@ def refuse_committed_state(store_dirs: list[Path], cfg, name: str) -> None:
     from fuyou.engine.commit import RECORD
 
     if (store_dirs[0] / RECORD).exists() and not cfg.offload.replace_state:
-        raise ConfigError(f"{store_dirs[0]} holds the committed SSD state of an earlier run named "
-                          f"{name[:-len('.fuyou-state')]!r}: continue it with `fuyou train --resume RUN_DIR`, or set "
-                          f"offload.replace_state=true to delete it and start afresh")
+        owner = read_owner(store_dirs[0])
+        run = f"the run in {owner}" if owner else f"an earlier run named {name[:-len('.fuyou-state')]!r}"
+        raise ConfigError(f"{store_dirs[0]} holds the committed SSD state of {run}: continue it with `fuyou train "
+                          f"--resume {owner or 'RUN_DIR'}`, or choose another run.name (offload.replace_state=true "
+                          f"deletes that state, and that run could not be resumed again)")
+
+
+OWNER = "fuyou-store-owner.json"  # in a state directory: the run directory whose state it is
+
+
+def write_owner(store_dir: Path, run_dir: Path) -> None:
+    """Record that ``store_dir`` holds the state of the run in ``run_dir`` (a state is found by run.name, which
+    two run directories may share: a resume then checks it is its own, ``owner_mismatch``)."""
+    tmp = store_dir / (OWNER + ".tmp")
+    tmp.write_text(json.dumps({"run_dir": str(Path(run_dir).resolve())}))
+    tmp.replace(store_dir / OWNER)
+
+
+def read_owner(store_dir: Path) -> str | None:
+    try:
+        return json.loads((store_dir / OWNER).read_text())["run_dir"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def owner_mismatch(store_dir: Path, run_dir: Path) -> str | None:
+    """The other run directory whose state ``store_dir`` holds, if it is not ``run_dir``'s and that directory
+    still exists (a run directory that was moved keeps its state)."""
+    owner = read_owner(store_dir)
+    if owner is None or Path(owner) == Path(run_dir).resolve() or not Path(owner).is_dir():
+        return None
+    return owner

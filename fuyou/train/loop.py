@@ -212,6 +212,7 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
         _refuse_finished(run_path, cfg)
     # refuses impossible configs (and unresumable states) before anything is written
     trainer = build_trainer(cfg, run_path.name, resume=resume is not None)
+    _claim_state(trainer, run_path, resume is not None)
     if resume is not None:  # the data as the run recorded it, and now (with train.epochs: after the loader)
         data_then, data_now = _recorded_data(run_path), data_fingerprint(cfg)
         data_moved = data_then is not None and data_then["files"] != data_now["files"]
@@ -340,6 +341,27 @@ def check_tokenizer(cfg: FuyouConfig, data) -> None:
         raise DataError(f"the data was tokenized with {data.tokenizer} (vocabulary {data.fingerprint or 'unknown'}), "
                         f"but model.init_from={cfg.model.init_from} uses the tokenizer in {tok_dir} (vocabulary "
                         f"{want}); prepare the data again with --tokenizer {tok_dir}")
+
+
+def _claim_state(trainer, run_path: Path, resuming: bool) -> None:
+    """The SSD state is this run's: a resume refuses another run directory's state (two runs of one run.name
+    in different run.out_dir share a state directory; a new-user pass found one resuming the other's
+    weights in silence), and every run records itself as the owner."""
+    from fuyou.engine.state import owner_mismatch, write_owner
+
+    dirs = getattr(trainer, "store_dirs", None)
+    if not dirs:  # in memory: no SSD state
+        return
+    other = owner_mismatch(dirs[0], run_path) if resuming else None
+    if other is not None:
+        trainer.failed = True  # nothing is written on closing
+        trainer.close()
+        raise ConfigError(f"the SSD state {dirs[0]} is the state of the run in {other}, not of {run_path}: two runs "
+                          f"named {run_path.name!r} share {dirs[0].parent}. Resume {other}, or give this run's "
+                          f"directory back its own state; nothing was changed")
+    for d in dirs:
+        if d.is_dir():
+            write_owner(d, run_path)
 
 
 def _stop_status(name: str) -> int:

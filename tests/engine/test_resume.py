@@ -166,3 +166,28 @@ def test_full_disk_while_committing_keeps_the_previous_commit(tmp_path, monkeypa
     eng.worker._error = None  # the test's cleanup only
     eng.close()
     assert record.exists()  # a failed run keeps its state for --resume
+
+
+def test_a_resume_refuses_another_run_directorys_state(tmp_path):
+    """Two runs named alike in two run.out_dir share one SSD state directory: the second (with
+    offload.replace_state) took it over, and `--resume` of the first continued the second's weights in
+    silence (a new-user pass). The first is refused now, naming the owner, and the refusal of a new run
+    names the run whose state is in the way."""
+    ssd = tmp_path / "ssd"
+    ssd.mkdir()
+
+    def cmd(out, *extra):
+        return [sys.executable, "-m", "fuyou.cli", "train", "--offload", "ssd", "--ssd", str(ssd), "--cpu-mem", "256MiB",
+                "--out", str(tmp_path / out), "run.name=chat", *ARGS, *extra]
+
+    killed = run(cmd("runsB", "train.steps=6"), fault="forward@2")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    second = run(cmd("runsA", "train.steps=6"))
+    assert second.returncode == 2 and f"the run in {(tmp_path / 'runsB' / 'chat').resolve()}" in second.stderr, second.stderr
+    taken = run(cmd("runsA", "train.steps=6", "offload.replace_state=true"), fault="forward@3")
+    assert taken.returncode == -signal.SIGKILL, taken.stderr
+    resumed = run([sys.executable, "-m", "fuyou.cli", "train", "--resume", str(tmp_path / "runsB" / "chat")])
+    assert resumed.returncode == 2, resumed.stderr
+    assert f"is the state of the run in {(tmp_path / 'runsA' / 'chat').resolve()}" in resumed.stderr, resumed.stderr
+    ok = run([sys.executable, "-m", "fuyou.cli", "train", "--resume", str(tmp_path / "runsA" / "chat")])
+    assert ok.returncode == 0 and "resuming at step 2" in ok.stderr, ok.stderr
