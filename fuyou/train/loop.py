@@ -213,6 +213,14 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
     # refuses impossible configs (and unresumable states) before anything is written
     trainer = build_trainer(cfg, run_path.name, resume=resume is not None)
     _claim_state(trainer, run_path, resume is not None)
+    if resume is not None and dist.is_main:
+        from fuyou.train.run import set_aside_later_snapshots
+
+        moved = set_aside_later_snapshots(run_path, trainer.start_step)
+        if moved:
+            print(f"fuyou: note: {len(moved)} snapshot(s) after step {trainer.start_step}, the commit this resume "
+                  f"starts from, belong to the steps it redoes: renamed {', '.join(p.name for p in moved)}",
+                  file=sys.stderr)
     if resume is not None:  # the data as the run recorded it, and now (with train.epochs: after the loader)
         data_then, data_now = _recorded_data(run_path), data_fingerprint(cfg)
         data_moved = data_then is not None and data_then["files"] != data_now["files"]

@@ -92,9 +92,31 @@ def save_snapshot(run_dir: Path, trainer, cfg: FuyouConfig, steps: int) -> Path:
     (tmp / "config.toml").write_text(to_toml(snap_cfg))
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
-    for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-cfg.train.keep_snapshots]:
+    for old in snapshot_dirs(root)[:-cfg.train.keep_snapshots]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def snapshot_dirs(root: Path) -> list[Path]:
+    """The run's snapshots ``step-N`` in step order (by number: names sorted as text put step-1000000
+    before step-999999)."""
+    found = [p for p in root.glob("step-*") if p.is_dir() and p.name[5:].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def set_aside_later_snapshots(run_dir: Path, step: int) -> list[Path]:
+    """A resume from the commit of ``step``: snapshots of later steps belong to the trajectory it abandons
+    (they would be kept over the new ones, which have lower numbers); renamed ``abandoned-step-N``."""
+    moved = []
+    for p in snapshot_dirs(run_dir / "snapshots"):
+        if int(p.name[5:]) > step:
+            target = p.with_name(f"abandoned-{p.name}")
+            n = 2
+            while target.exists():
+                target, n = p.with_name(f"abandoned-{n}-{p.name}"), n + 1
+            p.rename(target)
+            moved.append(target)
+    return moved
 
 
 def save_adapters(path: Path, adapters: dict, cfg: FuyouConfig) -> Path:

@@ -433,3 +433,20 @@ def test_a_resume_cannot_change_the_batch_the_data_position_counts_in(change):
         resume_changes(saved, load_config(overrides=["train.micro_batch_size=4", "data.seq_len=32", change]))
     assert "optim.lr" in resume_changes(saved, load_config(overrides=["train.micro_batch_size=4", "data.seq_len=32",
                                                                        "optim.lr=1e-5"]))
+
+
+def test_snapshots_are_ordered_by_step_and_a_resume_sets_aside_the_later_ones(tmp_path):
+    """A new-user pass: pruning sorted names as text (step-1000000 before step-999999 deleted the newest),
+    and a resume from an earlier commit kept the abandoned trajectory's later snapshots over its own."""
+    from fuyou.train.run import set_aside_later_snapshots, snapshot_dirs
+
+    root = tmp_path / "run" / "snapshots"
+    for step in (999998, 999999, 1000000, 5, 20):
+        (root / f"step-{step:06d}").mkdir(parents=True)
+    (root / ".step-000030.tmp").mkdir()
+    assert [p.name for p in snapshot_dirs(root)][-1] == "step-1000000"
+    assert [p.name for p in snapshot_dirs(root)][0] == "step-000005"
+    moved = set_aside_later_snapshots(tmp_path / "run", 10)
+    assert sorted(p.name for p in moved) == ["abandoned-step-000020", "abandoned-step-1000000",
+                                             "abandoned-step-999998", "abandoned-step-999999"]
+    assert [p.name for p in snapshot_dirs(root)] == ["step-000005"]
