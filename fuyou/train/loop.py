@@ -23,7 +23,8 @@ from fuyou.data import load_data
 from fuyou.models import StageModel
 from fuyou.train.metrics import MetricsLog, Progress, si, tensorboard_available
 from fuyou.train.reference import ReferenceTrainer
-from fuyou.train.run import make_run_dir, record_resume, resume_changes, run_dir_path, save_snapshot, save_weights
+from fuyou.train.run import (SaveError, make_run_dir, record_resume, resume_changes, run_dir_path, save_snapshot,
+                             save_weights)
 from fuyou.errors import ConfigError, DataError
 from fuyou.trainer import Trainer
 from fuyou.units import format_size
@@ -517,9 +518,17 @@ def _loop(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, stop
                 progress.message(f"eval loss at step {step + 1}: {last_eval:.4f}")
         if t.save_every and (step + 1) % t.save_every == 0 and step + 1 < t.steps:
             if dist.is_main:
-                snap = save_snapshot(run_dir, trainer, cfg, step + 1)
-                log.write({"snapshot": str(snap), "step": step + 1})
-                progress.message(f"snapshot of step {step + 1}: {snap}")
+                try:
+                    snap = save_snapshot(run_dir, trainer, cfg, step + 1)
+                except SaveError as e:
+                    if dist.enabled:  # the other ranks are serving it their weights: not a step to skip alone
+                        raise
+                    # a full run directory: training goes on (its state commits to the SSD as usual)
+                    progress.message(f"warning: the snapshot of step {step + 1} was not written: {e}; training "
+                                     f"goes on")
+                else:
+                    log.write({"snapshot": str(snap), "step": step + 1})
+                    progress.message(f"snapshot of step {step + 1}: {snap}")
             else:
                 _serve_weights(trainer)
         # every rank stops after the same step (a signal reaches them at different moments)

@@ -20,6 +20,8 @@ class MetricsLog:
     which needs the ``tensorboard`` package: the ``tensorboard`` extra)."""
 
     def __init__(self, path: Path, tensorboard: bool = False):
+        self.path = path
+        _drop_torn_line(path)
         self._fh = path.open("a", encoding="utf-8")
         self._tb = None
         if tensorboard:
@@ -30,8 +32,15 @@ class MetricsLog:
     def write(self, record: dict) -> None:
         clean = {"time": round(time.time(), 3),
                  **{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}}
-        self._fh.write(json.dumps(clean, allow_nan=False) + "\n")
-        self._fh.flush()
+        try:
+            self._fh.write(json.dumps(clean, allow_nan=False) + "\n")
+            self._fh.flush()
+        except OSError as e:  # a full run directory: a typed error; the SSD state's last commit is intact
+            from fuyou.errors import FuyouError
+
+            raise FuyouError(f"writing {self.path} failed ({e.strerror or e}): free space in {self.path.parent.parent} "
+                             f"(the run directory's disk), then `fuyou train --resume {self.path.parent}` continues "
+                             f"from the last commit (SSD offload)") from e
         if self._tb is not None and isinstance(record.get("step"), int) and "summary" not in record:
             group = "eval" if "eval_loss" in record else "train"
             for k, v in record.items():
@@ -43,6 +52,27 @@ class MetricsLog:
         self._fh.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def _drop_torn_line(path: Path) -> None:
+    """A line cut short by a full disk or a kill leaves the file without its last newline: cut it off, so
+    the next record starts a line of its own (the log stays JSON lines)."""
+    try:
+        with path.open("r+b") as f:
+            end = f.seek(0, 2)
+            if end == 0 or (f.seek(end - 1), f.read(1))[1] == b"\n":
+                return
+            at = end
+            while at > 0:  # back to the last newline, 64 KiB at a time
+                at = max(0, at - 65536)
+                f.seek(at)
+                cut = f.read(min(65536, end - at)).rfind(b"\n")
+                if cut >= 0:
+                    f.truncate(at + cut + 1)
+                    return
+            f.truncate(0)
+    except OSError:  # absent (a new run), or not a regular file (os.devnull)
+        return
 
 
 def tensorboard_available() -> bool:

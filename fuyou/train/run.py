@@ -52,9 +52,10 @@ def make_run_dir(cfg: FuyouConfig, path: Path | None = None) -> Path:
 ADAPTER_FILE = "adapter.safetensors"  # LoRA's adapters (fuyou.hf.peft reads it)
 
 
-def save_weights(path: Path, trainer, cfg: FuyouConfig) -> Path:
+def save_weights(path: Path, trainer, cfg: FuyouConfig, run_dir: Path | None = None) -> Path:
     """fp32 weights by global key (shared parameters once, at their owner) into model.safetensors; with
-    LoRA, the adapters by global key into adapter.safetensors (the base is model.init_from's)."""
+    LoRA, the adapters by global key into adapter.safetensors (the base is model.init_from's). ``run_dir``:
+    the run's directory when ``path`` is not it (a snapshot), for the advice of a failed write."""
     from fuyou.models import StageModel
 
     if cfg.lora.enabled:
@@ -67,7 +68,7 @@ def save_weights(path: Path, trainer, cfg: FuyouConfig) -> Path:
                                  {"fuyou_model": json.dumps(cfg.model.model_dump())})
     except OSError as e:
         kept = (" The trained state is kept on the SSD: free space or fix the disk, then `fuyou train --resume "
-                f"{path}` saves it." if cfg.offload.mode == "ssd" else "")
+                f"{run_dir or path}` saves it." if cfg.offload.mode == "ssd" else "")
         raise SaveError(f"writing {path / 'model.safetensors'} failed ({e.strerror or e}).{kept}") from e
 
 
@@ -84,7 +85,7 @@ def save_snapshot(run_dir: Path, trainer, cfg: FuyouConfig, steps: int) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        save_weights(tmp, trainer, cfg)
+        save_weights(tmp, trainer, cfg, run_dir=run_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -450,3 +450,60 @@ def test_snapshots_are_ordered_by_step_and_a_resume_sets_aside_the_later_ones(tm
     assert sorted(p.name for p in moved) == ["abandoned-step-000020", "abandoned-step-1000000",
                                              "abandoned-step-999998", "abandoned-step-999999"]
     assert [p.name for p in snapshot_dirs(root)] == ["step-000005"]
+
+
+def test_a_full_run_directory_gives_typed_errors_and_a_clean_log(tmp_path, monkeypatch):
+    """A new-user pass on a small tmpfs: a snapshot that did not fit stopped the run and pointed --resume
+    at its temporary directory; a metrics line that did not fit was a traceback and left a torn line that
+    the resumed run's next record was glued to."""
+    import errno
+
+    from fuyou.errors import FuyouError
+    from fuyou.train.metrics import MetricsLog
+    from fuyou.train.run import SaveError, save_weights
+
+    class Full:
+        def master_chunks(self):
+            raise OSError(errno.ENOSPC, "No space left on device")
+            yield
+
+    cfg = load_config(overrides=["offload.mode=ssd", "model.preset=gpt-test"], flags={"offload.ssd_dirs": [str(tmp_path)]})
+    snap = tmp_path / "run" / "snapshots" / ".step-000010.tmp"
+    snap.mkdir(parents=True)
+    with pytest.raises(SaveError, match=r"--resume .*run` saves it") as e:
+        save_weights(snap, Full(), cfg, run_dir=tmp_path / "run")
+    assert ".tmp" not in str(e.value).split("--resume")[1]
+    log_path = tmp_path / "run" / "metrics.jsonl"
+    log_path.write_text('{"step": 1}\n{"step": 2, "lo')  # torn by a full disk
+    log = MetricsLog(log_path)
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(log._fh, "write", full)
+    with pytest.raises(FuyouError, match="free space in .* `fuyou train --resume"):
+        log.write({"step": 3})
+    log.close()
+    log = MetricsLog(log_path)
+    log.write({"step": 2})
+    log.close()
+    import json
+
+    assert [json.loads(line)["step"] for line in log_path.read_text().splitlines()] == [1, 2]
+
+
+def test_a_snapshot_that_fails_does_not_stop_the_run(tmp_path, monkeypatch, capsys):
+    from fuyou.cli import main
+    from fuyou.train import loop
+    from fuyou.train.run import SaveError
+
+    def full(*a, **k):
+        raise SaveError("writing snapshots/.step-000001.tmp/model.safetensors failed (No space left on device)")
+
+    monkeypatch.setattr(loop, "save_snapshot", full)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ssd").mkdir()
+    assert main(["train", "--offload", "ssd", "--ssd", "ssd", "--out", "runs", *SSD_RUN, "train.steps=3",
+                 "train.save_every=1", "run.name=snap"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("warning: the snapshot of step") == 2 and "done: 3 steps" in err, err
+    assert (tmp_path / "runs" / "snap" / "model.safetensors").is_file()
