@@ -450,7 +450,11 @@ def _loop(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, stop
 
     dist = dist or distributed.Dist()
     tb = cfg.run.tensorboard
-    log = (MetricsLog(run_dir / "metrics.jsonl", tensorboard=tensorboard_available() if tb is None else tb)
+    # a resume from an earlier commit redoes steps already logged: TensorBoard drops its points from there
+    # (purge_step), and the log says where the redone steps start (a "resumed" record)
+    purge = trainer.start_step + 1 if trainer.resumed else None
+    log = (MetricsLog(run_dir / "metrics.jsonl", tensorboard=tensorboard_available() if tb is None else tb,
+                      purge_step=purge)
            if dist.is_main else MetricsLog(Path(os.devnull)))  # one log: rank 0's
     model = StageModel(cfg.model)
     flops_per_token = model.flops_per_token(cfg.data.seq_len)
@@ -475,6 +479,7 @@ def _loop(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, stop
     if trainer.resumed:
         progress.message(f"resuming at step {start_step} from the last commit")
         progress.done = start_step
+        log.write({"resumed": start_step})  # records of later steps before this line are of the redone steps
     first_eval = last_eval = trainer.evaluate()
     if first_eval is not None:
         log.write({"step": start_step, "eval_loss": first_eval, **_seen(trainer, cfg, start_step)})

@@ -17,9 +17,10 @@ class MetricsLog:
 
     ``tensorboard``: also write every numeric field of a line with a ``step`` as a TensorBoard scalar
     (``train/loss``, ``eval/eval_loss``, ...) into ``tb/`` beside the log (torch's ``SummaryWriter``,
-    which needs the ``tensorboard`` package: the ``tensorboard`` extra)."""
+    which needs the ``tensorboard`` package: the ``tensorboard`` extra). ``purge_step``: a resume from an
+    earlier commit; TensorBoard drops the points of the steps from there on, which are redone."""
 
-    def __init__(self, path: Path, tensorboard: bool = False):
+    def __init__(self, path: Path, tensorboard: bool = False, purge_step: int | None = None):
         self.path = path
         _drop_torn_line(path)
         self._fh = path.open("a", encoding="utf-8")
@@ -27,7 +28,7 @@ class MetricsLog:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
 
-            self._tb = SummaryWriter(str(path.parent / "tb"))
+            self._tb = SummaryWriter(str(path.parent / "tb"), purge_step=purge_step)
 
     def write(self, record: dict) -> None:
         clean = {"time": round(time.time(), 3),

@@ -191,3 +191,8 @@ def test_a_resume_refuses_another_run_directorys_state(tmp_path):
     assert f"is the state of the run in {(tmp_path / 'runsA' / 'chat').resolve()}" in resumed.stderr, resumed.stderr
     ok = run([sys.executable, "-m", "fuyou.cli", "train", "--resume", str(tmp_path / "runsA" / "chat")])
     assert ok.returncode == 0 and "resuming at step 2" in ok.stderr, ok.stderr
+    import json
+
+    lines = [json.loads(line) for line in (tmp_path / "runsA" / "chat" / "metrics.jsonl").read_text().splitlines()]
+    at = lines.index(next(m for m in lines if "resumed" in m))
+    assert lines[at]["resumed"] == 2 and [m["step"] for m in lines[at:] if "loss" in m][0] == 3  # redone from 3
