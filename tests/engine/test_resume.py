@@ -195,4 +195,4 @@ def test_a_resume_refuses_another_run_directorys_state(tmp_path):
 
     lines = [json.loads(line) for line in (tmp_path / "runsA" / "chat" / "metrics.jsonl").read_text().splitlines()]
     at = lines.index(next(m for m in lines if "resumed" in m))
-    assert lines[at]["resumed"] == 2 and [m["step"] for m in lines[at:] if "loss" in m][0] == 3  # redone from 3
+    assert lines[at]["resumed"] == 2 and min(m["step"] for m in lines[at:] if "loss" in m) > 2  # redone from 3
