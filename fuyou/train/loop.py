@@ -211,6 +211,7 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
                 changed[key] = (list(saved_paths), dirs[key])
     if resume is not None:
         _refuse_finished(run_path, cfg)
+        _refuse_renamed(run_path, cfg)
     # refuses impossible configs (and unresumable states) before anything is written
     trainer = build_trainer(cfg, run_path.name, resume=resume is not None)
     _claim_state(trainer, run_path, resume is not None)
@@ -350,6 +351,29 @@ def check_tokenizer(cfg: FuyouConfig, data) -> None:
         raise DataError(f"the data was tokenized with {data.tokenizer} (vocabulary {data.fingerprint or 'unknown'}), "
                         f"but model.init_from={cfg.model.init_from} uses the tokenizer in {tok_dir} (vocabulary "
                         f"{want}); prepare the data again with --tokenizer {tok_dir}")
+
+
+def _refuse_renamed(run_path: Path, cfg: FuyouConfig) -> None:
+    """A run's state is found by its directory's name: a renamed run directory finds none. When the SSD
+    directory holds states whose run directory is gone, name them and how to resume (the store's own
+    error said the state was never committed, deleted or moved)."""
+    from fuyou.engine.state import read_owner
+
+    if cfg.offload.mode != "ssd" or not cfg.offload.ssd_dirs:
+        return
+    ssd = Path(cfg.offload.ssd_dirs[0])
+    if (ssd / f"{run_path.name}.fuyou-state").exists():
+        return
+    orphans = []
+    for d in sorted(ssd.glob("*.fuyou-state")):
+        owner = read_owner(d)
+        if owner is not None and not Path(owner).exists():
+            orphans.append(f"{d.name} (of {owner})")
+    if orphans:
+        raise ConfigError(f"{ssd} holds no state of a run named {run_path.name!r}: fuyou finds a run's SSD state by "
+                          f"its directory's name. States there whose run directory is gone: {', '.join(orphans[:5])}. "
+                          f"If {run_path} is one of those runs, renamed, give it its old name back and resume it; "
+                          f"nothing was changed")
 
 
 def _claim_state(trainer, run_path: Path, resuming: bool) -> None:

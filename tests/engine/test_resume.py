@@ -196,3 +196,14 @@ def test_a_resume_refuses_another_run_directorys_state(tmp_path):
     lines = [json.loads(line) for line in (tmp_path / "runsA" / "chat" / "metrics.jsonl").read_text().splitlines()]
     at = lines.index(next(m for m in lines if "resumed" in m))
     assert lines[at]["resumed"] == 2 and min(m["step"] for m in lines[at:] if "loss" in m) > 2  # redone from 3
+
+
+def test_a_renamed_run_directory_is_told_why_its_state_is_not_found(tmp_path):
+    ssd = tmp_path / "ssd"
+    ssd.mkdir()
+    cmd = [sys.executable, "-m", "fuyou.cli", "train", "--offload", "ssd", "--ssd", str(ssd), "--cpu-mem", "256MiB",
+           "--out", str(tmp_path / "runs"), "run.name=AB", *ARGS, "train.steps=4"]
+    assert run(cmd, fault="forward@2").returncode == -signal.SIGKILL
+    (tmp_path / "runs" / "AB").rename(tmp_path / "runs" / "AB-renamed")
+    r = run([sys.executable, "-m", "fuyou.cli", "train", "--resume", str(tmp_path / "runs" / "AB-renamed")])
+    assert r.returncode == 2 and "AB.fuyou-state (of " in r.stderr and "give it its old name back" in r.stderr, r.stderr
