@@ -130,7 +130,8 @@ def test_rerun_after_a_kill_before_the_first_commit(tmp_path, capsys):
     # a committed state of the same name (kept: run.save_weights=false), then a new run named alike
     assert main(_offload(tmp_path, "k", "run.save_weights=false")) == 0
     err = _err(capsys, _offload(tmp_path, "k", f"run.out_dir={tmp_path / 'runs2'}"))
-    assert "committed SSD state of an earlier run named 'k'" in err and "--resume" in err
+    # (the state names its run directory: the refusal says whose state it is and how to resume that run)
+    assert f"committed SSD state of the run in {(tmp_path / 'runs' / 'k').resolve()}" in err and "--resume" in err, err
     assert main(_offload(tmp_path, "k", "offload.replace_state=true", f"run.out_dir={tmp_path / 'runs3'}")) == 0
 
 

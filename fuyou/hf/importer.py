@@ -21,7 +21,6 @@ def convert_checkpoint(hf_dir: str | Path, out_dir: str | Path) -> Path:
     """Convert ``hf_dir`` into the run directory ``out_dir`` (module docstring); returns ``out_dir``."""
     from pydantic import ValidationError
 
-    from fuyou.config import explain
     from fuyou.hf.weights import write_safetensors
     from fuyou.models import ModelConfig, StageModel
 
@@ -39,7 +38,9 @@ def convert_checkpoint(hf_dir: str | Path, out_dir: str | Path) -> Path:
     try:
         model_cfg = ModelConfig(**ckpt.fields)
     except ValidationError as e:
-        raise ConfigError(f"{src / 'config.json'} describes a model fuyou cannot build: {explain(e, 'model')}") from None
+        why = "; ".join(f"{'.'.join(map(str, x['loc'])) or 'model'}: {x['msg'].removeprefix('Value error, ')}"
+                        for x in e.errors())  # (fuyou.config.explain would be an import cycle: config -> hf)
+        raise ConfigError(f"{src / 'config.json'} describes a model fuyou cannot build: {why}") from None
     ckpt.check(model_cfg)
     if tokenizer_dir(src) is None:  # (the run's config needs it) said before the weights are converted
         raise ConfigError(f"{src} has no tokenizer files (tokenizer.json, tokenizer.model, ...), which `fuyou import` "

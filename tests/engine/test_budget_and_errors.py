@@ -215,7 +215,7 @@ def test_an_earlier_runs_state_is_named_before_the_data_is_tokenized(tmp_path, c
     monkeypatch.setattr(loop, "load_data", lambda cfg: tokenized.append(1) or real(cfg))
     capsys.readouterr()
     assert main([*base, "--out", str(tmp_path / "b"), "data.source=text", f"data.path={corpus}"]) == 2
-    assert "holds the committed SSD state of an earlier run named 'x'" in capsys.readouterr().err
+    assert f"holds the committed SSD state of the run in {(tmp_path / 'a' / 'x').resolve()}" in capsys.readouterr().err
     assert tokenized == []
 
 
