@@ -362,7 +362,7 @@ def _refuse_renamed(run_path: Path, cfg: FuyouConfig) -> None:
     if cfg.offload.mode != "ssd" or not cfg.offload.ssd_dirs:
         return
     ssd = Path(cfg.offload.ssd_dirs[0])
-    if (ssd / f"{run_path.name}.fuyou-state").exists():
+    if any(ssd.glob(f"{run_path.name}.fuyou-state*")):  # (data parallel: a rank's is ...fuyou-state.rankR)
         return
     orphans = []
     for d in sorted(ssd.glob("*.fuyou-state")):
