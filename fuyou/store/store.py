@@ -121,6 +121,7 @@ class TensorStore:
         paths = _normalise(dirs)
         if config.backend == "native" and not native_available():
             _make_backend(config, 0)  # raises the typed error before anything is created
+        made = [d for d in paths if not d.exists()]  # removed again if the store is refused (its lock left behind)
         for d in paths:
             try:
                 d.mkdir(parents=True, exist_ok=True)
@@ -144,6 +145,14 @@ class TensorStore:
             store = cls(paths, config, manifest, create=True, locks=locks)
         except BaseException:
             unlock(locks)
+            for d in made:  # a refused store (no space) leaves no directory behind
+                try:
+                    for f in d.iterdir():
+                        if f.name.startswith("fuyou-store"):
+                            f.unlink()
+                    d.rmdir()
+                except OSError:
+                    pass
             raise
         try:
             store.sync()

@@ -117,6 +117,12 @@ def test_preflight_refuses_and_says_what_is_missing(tmp_path, cfg):
     with pytest.raises(StoreSpaceError, match="missing") as e:
         TensorStore.create([tmp_path / "a", tmp_path / "b"], cfg, capacity_hint_bytes=1 << 60)
     assert e.value.missing > 0 and e.value.needed == 1 << 60
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # no lock file left behind
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "mine.txt").write_text("x")
+    with pytest.raises(StoreSpaceError):
+        TensorStore.create([tmp_path / "kept"], cfg, capacity_hint_bytes=1 << 60)
+    assert (tmp_path / "kept" / "mine.txt").exists()  # a directory it did not make is left as it was
     with TensorStore.create([tmp_path / "c"], cfg) as store:
         with pytest.raises(StoreSpaceError, match="needs .* has .* free"):
             store.allocate_many([("ok", (10,), torch.float32), ("huge", (1 << 58,), torch.float32)])
