@@ -52,6 +52,13 @@ def make_batches(cfg, data: TokenData | ExampleData | None, quiet: bool = False)
             print(f"fuyou: note: the held-out split has {len(data.val)} tokens, fewer than one sequence of "
                   f"{seq}+1: evaluation is off; {how}, give data.eval_path, or lower data.seq_len", file=sys.stderr)
         return train, None
+    asked = t.eval_batches * t.micro_batch_size * (seq + 1)
+    if asked > len(data.val) and not quiet:  # evenly spaced windows, then overlapping: tokens counted again
+        fit = max(1, len(data.val) // ((seq + 1) * t.micro_batch_size))
+        print(f"fuyou: note: train.eval_batches={t.eval_batches} of {t.micro_batch_size} x {seq} tokens ask for "
+              f"{asked:,} held-out tokens, the split has {len(data.val):,}: its windows overlap, each token counted "
+              f"about {asked / len(data.val):.1f} times; train.eval_batches={fit} measures the same tokens once",
+              file=sys.stderr)
     return train, EvalBatches(data.val, seq, t.micro_batch_size, t.eval_batches)
 
 

@@ -507,3 +507,16 @@ def test_a_snapshot_that_fails_does_not_stop_the_run(tmp_path, monkeypatch, caps
     err = capsys.readouterr().err
     assert err.count("warning: the snapshot of step") == 2 and "done: 3 steps" in err, err
     assert (tmp_path / "runs" / "snap" / "model.safetensors").is_file()
+
+
+def test_evaluation_batches_beyond_the_held_out_tokens_are_noted(capsys):
+    """A new-user pass: train.eval_batches=200 re-counted the 23k held-out tokens 4.4 times, silently."""
+    from fuyou.data import load_data
+    from fuyou.data.batches import make_batches
+
+    cfg = load_config(overrides=["train.eval_batches=200", "train.micro_batch_size=4"])
+    make_batches(cfg, load_data(cfg.data))
+    err = capsys.readouterr().err
+    assert "its windows overlap, each token counted about" in err and "train.eval_batches=" in err, err
+    make_batches(load_config(), load_data(load_config().data))  # the default run: no note
+    assert "overlap" not in capsys.readouterr().err
