@@ -317,12 +317,14 @@ def plan_memory(stage_numels: list[int], off, *, chunk: int, io_buffer_bytes: in
     spare = off.cpu_mem - sum(plan.cpu_items.values()) - plan.cache_bytes
     spare = spare if off.resident_mem is None else min(spare, off.resident_mem)
     if spare > 0 and not lora:
+        def state_copy(numel: int) -> int:  # one copy of a stage's state tensors, each in whole pages
+            return sum(-(-t.numel(numel) * t.itemsize // 4096) * 4096 for t in fmt.tensors)
+
         held = gsize if deferred else 0  # exact clipping: its gradient waits beside it for the norm
         for index, numel in enumerate(stage_numels):
             if owned is not None and index not in owned:
                 continue  # another rank's state
-            need = (sum(-(-t.numel(numel) * t.itemsize // 4096) * 4096 for t in fmt.tensors)
-                    + (-(-held * numel // 4096) * 4096 if held else 0))
+            need = state_copy(numel) + (-(-held * numel // 4096) * 4096 if held else 0)
             if need > spare:
                 break
             plan.resident_stages.append(index)
@@ -335,7 +337,7 @@ def plan_memory(stage_numels: list[int], off, *, chunk: int, io_buffer_bytes: in
         # ``clip_schedule=defer``, where every update waits for the norm anyway.
         if deferred and getattr(off, "resident_spare", True) and getattr(off, "clip_schedule", "auto") != "defer":
             for index in reversed(plan.resident_stages):
-                need = sum(-(-t.numel(stage_numels[index]) * t.itemsize // 4096) * 4096 for t in fmt.tensors)
+                need = state_copy(stage_numels[index])
                 if need > spare:
                     continue
                 plan.spare_stages.append(index)

@@ -155,8 +155,9 @@ def copy_small_files(src: Path, dst: Path, skip: tuple[str, ...] = ()) -> list[s
             continue
         if f.is_file() and f.suffix not in WEIGHT_SUFFIXES and not f.name.endswith(".index.json") \
                 and f.name not in skip:
-            if f.stat().st_size > SMALL_FILE:  # another framework's weights under a name not listed
-                print(f"fuyou: not copying {f.name} ({f.stat().st_size / 2**20:.0f} MiB): a config or tokenizer file "
+            size = f.stat().st_size
+            if size > SMALL_FILE:  # another framework's weights under a name not listed
+                print(f"fuyou: not copying {f.name} ({size / 2**20:.0f} MiB): a config or tokenizer file "
                       f"is smaller than {SMALL_FILE // 2**20} MiB", file=sys.stderr)
                 continue
             shutil.copy2(f, dst / f.name)

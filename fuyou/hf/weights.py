@@ -202,9 +202,8 @@ class HFWeights(_Reader):
         extra = sorted(n for n in self.index if n not in used and not n.endswith(_BUFFERS))
         head = "lm_head.weight"
         if tied and head in extra:
-            embed = hf_name("embed.wte", self.family)[0]
-            embed = embed if embed in self.index else embed.removeprefix("transformer.")
-            if embed in self.index and torch.equal(_get(self.index[head], head), _get(self.index[embed], embed)):
+            efile, embed, _ = self._locate("embed.wte")  # (the model reads it: present, checked above)
+            if torch.equal(_get(self.index[head], head), _get(efile, embed)):
                 extra.remove(head)
             else:
                 raise ConfigError(f"{config} says tie_word_embeddings=true, but the checkpoint's {head} differs from "
