@@ -465,9 +465,22 @@ def read_owner(store_dir: Path) -> str | None:
 
 
 def owner_mismatch(store_dir: Path, run_dir: Path) -> str | None:
-    """The other run directory whose state ``store_dir`` holds, if it is not ``run_dir``'s and that directory
-    still exists (a run directory that was moved keeps its state)."""
+    """The other run directory whose state ``store_dir`` holds, if it is not ``run_dir``'s, that directory
+    still exists (a run directory that was moved keeps its state) and its config names this state's SSD
+    directory (a copy of a run and its SSD directory, a restored backup, is the copy's own)."""
     owner = read_owner(store_dir)
     if owner is None or Path(owner) == Path(run_dir).resolve() or not Path(owner).is_dir():
         return None
+    config = Path(owner) / "config.toml"
+    if not config.is_file():  # no longer a run directory
+        return None
+    try:
+        import tomllib
+
+        dirs = tomllib.loads(config.read_text()).get("offload", {}).get("ssd_dirs", [])
+        here = Path(store_dir).resolve().parent
+        if not any(Path(d).resolve() == here for d in dirs):
+            return None
+    except (OSError, ValueError, TypeError, AttributeError):  # unreadable: keep the refusal, it is the safe side
+        pass
     return owner

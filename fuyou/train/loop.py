@@ -212,9 +212,10 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
     if resume is not None:
         _refuse_finished(run_path, cfg)
         _refuse_renamed(run_path, cfg)
+        _refuse_others_state(cfg, run_path)
     # refuses impossible configs (and unresumable states) before anything is written
     trainer = build_trainer(cfg, run_path.name, resume=resume is not None)
-    _claim_state(trainer, run_path, resume is not None)
+    _claim_state(trainer, run_path)
     if resume is not None and dist.is_main:
         from fuyou.train.run import set_aside_later_snapshots
 
@@ -376,23 +377,34 @@ def _refuse_renamed(run_path: Path, cfg: FuyouConfig) -> None:
                           f"nothing was changed")
 
 
-def _claim_state(trainer, run_path: Path, resuming: bool) -> None:
-    """The SSD state is this run's: a resume refuses another run directory's state (two runs of one run.name
-    in different run.out_dir share a state directory; a new-user pass found one resuming the other's
-    weights in silence), and every run records itself as the owner."""
-    from fuyou.engine.state import owner_mismatch, write_owner
+def _state_dirs(cfg: FuyouConfig, run_name: str) -> list[Path]:
+    """This rank's SSD state directories, as the engine names them (``build_trainer``)."""
+    dist = distributed.current()
+    if cfg.offload.mode != "ssd":
+        return []
+    name = dist.store_name(f"{run_name}.fuyou-state")
+    return [Path(d) / name for d in dist.rank_config(cfg).offload.ssd_dirs]
 
-    dirs = getattr(trainer, "store_dirs", None)
-    if not dirs:  # in memory: no SSD state
-        return
-    other = owner_mismatch(dirs[0], run_path) if resuming else None
+
+def _refuse_others_state(cfg: FuyouConfig, run_path: Path) -> None:
+    """A resume refuses another run directory's state (two runs of one run.name in different run.out_dir
+    share a state directory; a new-user pass found one resuming the other's weights in silence), before
+    the state is opened: opening it for a resume rebuilds the compute weights in the store."""
+    from fuyou.engine.state import owner_mismatch
+
+    dirs = _state_dirs(cfg, run_path.name)
+    other = owner_mismatch(dirs[0], run_path) if dirs and dirs[0].is_dir() else None
     if other is not None:
-        trainer.failed = True  # nothing is written on closing
-        trainer.close()
         raise ConfigError(f"the SSD state {dirs[0]} is the state of the run in {other}, not of {run_path}: two runs "
                           f"named {run_path.name!r} share {dirs[0].parent}. Resume {other}, or give this run's "
                           f"directory back its own state; nothing was changed")
-    for d in dirs:
+
+
+def _claim_state(trainer, run_path: Path) -> None:
+    """Every run records itself as its SSD state's owner (``_refuse_others_state``)."""
+    from fuyou.engine.state import write_owner
+
+    for d in getattr(trainer, "store_dirs", None) or []:  # in memory: no SSD state
         if d.is_dir():
             write_owner(d, run_path)
 
