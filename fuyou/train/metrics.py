@@ -33,21 +33,40 @@ class MetricsLog:
     def write(self, record: dict) -> None:
         clean = {"time": round(time.time(), 3),
                  **{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}}
+        from fuyou.errors import FuyouError
+
+        self._check_directory()
         try:
             self._fh.write(json.dumps(clean, allow_nan=False) + "\n")
             self._fh.flush()
         except OSError as e:  # a full run directory: a typed error; the SSD state's last commit is intact
-            from fuyou.errors import FuyouError
-
             raise FuyouError(f"writing {self.path} failed ({e.strerror or e}): free space in {self.path.parent.parent} "
                              f"(the run directory's disk), then `fuyou train --resume {self.path.parent}` continues "
                              f"from the last commit (SSD offload)") from e
         if self._tb is not None and isinstance(record.get("step"), int) and "summary" not in record:
             group = "eval" if "eval_loss" in record else "train"
-            for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
-                    self._tb.add_scalar(f"{group}/{k}", v, record["step"], walltime=clean["time"])
-            self._tb.flush()
+            try:
+                for k, v in record.items():
+                    if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                        self._tb.add_scalar(f"{group}/{k}", v, record["step"], walltime=clean["time"])
+                self._tb.flush()
+            except Exception as e:  # noqa: BLE001 -- its writer thread's error, re-raised here
+                self._check_directory()
+                raise FuyouError(f"writing TensorBoard events in {self.path.parent / 'tb'} failed ({e}); "
+                                 f"run.tensorboard=false runs without them") from e
+
+    def _check_directory(self) -> None:
+        """A run directory deleted or moved while training: the log would go on into an unlinked file (and
+        TensorBoard's writer thread fail with a traceback), the snapshots and the weights nowhere."""
+        if not self.path.parent.is_dir():
+            from fuyou.errors import FuyouError
+
+            d = self.path.parent
+            raise FuyouError(f"the run directory {d} was deleted or moved while training: the run stopped, its "
+                             f"log, snapshots and weights having nowhere to go. An SSD-offloaded run's last commit "
+                             f"is intact: move the directory back and `fuyou train --resume {d}` continues from it; "
+                             f"a deleted one cannot be resumed (its config.toml is gone): start a new run "
+                             f"(offload.replace_state=true reuses the run's name)")
 
     def close(self) -> None:
         self._fh.close()

@@ -520,3 +520,29 @@ def test_evaluation_batches_beyond_the_held_out_tokens_are_noted(capsys):
     assert "its windows overlap, each token counted about" in err and "train.eval_batches=" in err, err
     make_batches(load_config(), load_data(load_config().data))  # the default run: no note
     assert "overlap" not in capsys.readouterr().err
+
+
+def test_a_run_directory_deleted_while_training_stops_the_run_with_an_error(tmp_path, monkeypatch, capsys):
+    """A long-run pass deleted the run directory mid-run: TensorBoard's writer thread died with a
+    traceback, and the advice named --resume of a directory that was gone."""
+    import shutil
+
+    from fuyou.cli import main
+    from fuyou.train.metrics import MetricsLog, tensorboard_available
+
+    write = MetricsLog.write
+
+    def deleting(self, record):
+        if record.get("step") == 2 and "loss" in record:
+            shutil.rmtree(self.path.parent)
+        return write(self, record)
+
+    monkeypatch.setattr(MetricsLog, "write", deleting)
+    (tmp_path / "ssd").mkdir()
+    rc = main(["train", "--offload", "ssd", "--ssd", str(tmp_path / "ssd"), "--out", str(tmp_path / "runs"),
+               "model.preset=gpt-test", "data.seq_len=32", "train.steps=4", "train.log_every=1", "run.name=gone",
+               f"run.tensorboard={'true' if tensorboard_available() else 'false'}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err, err
+    assert f"the run directory {tmp_path / 'runs' / 'gone'} was deleted or moved while training" in err, err
+    assert not (tmp_path / "runs" / "gone").exists()  # nothing recreated it half-way
