@@ -20,7 +20,7 @@ import numpy as np
 from fuyou.data.config import DataConfig
 from fuyou.data.corpus import builtin_documents, iter_documents, iter_records
 from fuyou.data.dataset import (META, Batch, BatchSampler, EvalBatches, SyntheticBatches, TokenData, join_tokens,
-                                read_prepared, split_tokens)
+                                read_prepared, split_tokens, token_dtype)
 from fuyou.data.examples import ExampleData, Examples, read_examples
 from fuyou.data.formats import Renderer, detect
 from fuyou.data.tokenizer import ByteTokenizer, load_tokenizer
@@ -39,17 +39,20 @@ def _encode(tok, doc: str) -> np.ndarray:
 def tokenize_documents(docs, tokenizer_spec: str, val_fraction: float) -> TokenData:
     tok = load_tokenizer(tokenizer_spec)
     docs = list(docs)
-    train, val = split_tokens([_encode(tok, d) for d in docs], tok.eos_id, val_fraction)
+    train, val = split_tokens([_encode(tok, d) for d in docs], tok.eos_id, tok.vocab_size, val_fraction)
     return TokenData(train, val, tok.vocab_size, tok.eos_id, tok.name, tok.fingerprint, len(docs))
 
 
 def tokenize_records(paths: list[str], tokenizer_spec: str, fmt: str = "auto", train_on_prompt: bool = False,
                      val_fraction: float = 0.05, text_field: str = "text", eval_paths: list[str] | None = None,
-                     seed: int = 1234) -> TokenData | ExampleData:
+                     seed: int = 1234, note_overlap: bool = True) -> TokenData | ExampleData:
     """Read and tokenize files: plain documents become a token stream (``TokenData``), fine-tuning
     records become examples with a loss mask (``ExampleData``). The kind is the first record's format
     (or ``fmt``); every file must hold the same kind. ``eval_paths``: held-out files, else
-    ``val_fraction`` of the documents or examples (a seeded choice)."""
+    ``val_fraction`` of the documents or examples (a seeded choice); ``note_overlap``: say so when those
+    are (in) the training files."""
+    if eval_paths and note_overlap:
+        _note_overlap(paths, eval_paths)
     tok = load_tokenizer(tokenizer_spec)
     records = iter_records(paths, text_field)  # streamed: the records are never all held as Python objects
     head = next(records, None)
@@ -59,14 +62,16 @@ def tokenize_records(paths: list[str], tokenizer_spec: str, fmt: str = "auto", t
     first = fmt if fmt != "auto" else detect(head[0], text_field, head[1])
     renderer = Renderer(tok, fmt, train_on_prompt, text_field)
     if first == "text":
-        docs = [_encode(tok, _text(rec, where, text_field, head[1])) for rec, where in records]
+        first_where = head[1] if fmt == "auto" else None
+        docs = [_encode(tok, _text(rec, where, text_field, first_where)) for rec, where in records]
         if not eval_paths:
-            train, val = split_tokens(docs, tok.eos_id, val_fraction)
+            train, val = split_tokens(docs, tok.eos_id, tok.vocab_size, val_fraction)
             return TokenData(train, val, tok.vocab_size, tok.eos_id, tok.name, tok.fingerprint, len(docs))
-        held = [_encode(tok, _text(rec, where, text_field, head[1]))
+        held = [_encode(tok, _text(rec, where, text_field, first_where))
                 for rec, where in iter_records(eval_paths, text_field)]
-        train, val = join_tokens(docs, tok.eos_id), join_tokens(held, tok.eos_id)
-        return TokenData(train, val.astype(train.dtype), tok.vocab_size, tok.eos_id, tok.name, tok.fingerprint,
+        train, val = join_tokens(docs, tok.eos_id, tok.vocab_size), join_tokens(held, tok.eos_id, tok.vocab_size)
+        dtype = np.promote_types(train.dtype, val.dtype)  # (ids beyond the tokenizer's vocabulary: the wider)
+        return TokenData(train.astype(dtype), val.astype(dtype), tok.vocab_size, tok.eos_id, tok.name, tok.fingerprint,
                          len(docs) + len(held))
     rendered = _render_all(renderer, records, first, head[1], text_field)
     if eval_paths and list(map(str, eval_paths)) == list(map(str, paths)):
@@ -90,8 +95,23 @@ def tokenize_records(paths: list[str], tokenizer_spec: str, fmt: str = "auto", t
         raise DataError(f"{', '.join(map(str, paths))} holds no usable example: " + "; ".join(st.notes()))
     info = {"records": st.records, "formats": st.formats, "last_turn_only": st.last_turn_only,
             "train_on_prompt": train_on_prompt, "skipped_no_answer": st.no_answer}
-    return ExampleData(Examples.from_arrays(rendered), Examples.from_arrays(held), tok.vocab_size, tok.eos_id,
+    top = max((int(ids.max()) for ids, _ in itertools.chain(rendered, held) if len(ids)), default=0)
+    dtype = token_dtype(tok.vocab_size, top)  # one type for both splits (meta.json records one)
+    return ExampleData(Examples.from_arrays(rendered, dtype), Examples.from_arrays(held, dtype), tok.vocab_size, tok.eos_id,
                        tok.pad_id, tok.name, tok.fingerprint, info)
+
+
+def _note_overlap(paths, eval_paths) -> None:
+    """Held-out files that are, or lie in, the training files: the held-out loss then measures memorisation
+    (a new-user pass gave the training file as its own eval file, and a file of the training directory as
+    --eval, in silence)."""
+    train = [Path(p).resolve() for p in paths]
+    both = [str(e) for e in eval_paths if any(Path(e).resolve() == t or t in Path(e).resolve().parents or
+                                              Path(e).resolve() in t.parents for t in train)]
+    if both:
+        print(f"fuyou: note: the held-out data {', '.join(both)} is (in) the training data "
+              f"{', '.join(map(str, paths))}: its loss measures what the model memorised, not how it generalises; "
+              f"give held-out files of their own, or leave them out to hold out a share of the data", file=sys.stderr)
 
 
 def _render_all(renderer: Renderer, records, first: str, first_where: str,
@@ -110,8 +130,13 @@ def _render_all(renderer: Renderer, records, first: str, first_where: str,
     return out
 
 
-def _text(rec: dict, where: str, field: str, first_where: str) -> str:
+def _text(rec: dict, where: str, field: str, first_where: str | None) -> str:
+    """A text record's document (``first_where``: the record that made the data text, or None: data.format=text)."""
     if not isinstance(rec.get(field), str):
+        if first_where is None:
+            raise DataError(f"{where}: expected an object with a string field {field!r} (data.format=text, --format "
+                            f"text); its keys are {sorted(rec)[:6]}: leave the format to be detected, or name the "
+                            f"field with data.jsonl_field (--jsonl-field)")
         raise DataError(f"{where}: expected an object with a string field {field!r}: the first record "
                         f"({first_where}) is plain text, so every record must be (a run trains one kind of data; "
                         f"data.format names one format for all files)")
@@ -145,11 +170,15 @@ def load_data(cfg: DataConfig, tokenizer: str | None = None,
         if check_prepared:
             _check_prepared_settings(cfg, data)
         if cfg.eval_path:  # held-out files, tokenized with the tokenizer the data was prepared with
-            held = tokenize_records(cfg.eval_path, _spec_of(data), cfg.format, _prepared_on_prompt(data), 0.5,
-                                    cfg.jsonl_field, eval_paths=cfg.eval_path)
+            held = tokenize_records(cfg.eval_path, _eval_tokenizer(data, tokenizer, cfg.tokenizer), cfg.format, _prepared_on_prompt(data), 0.5,
+                                    cfg.jsonl_field, eval_paths=cfg.eval_path, note_overlap=False)
             if isinstance(held, ExampleData) != isinstance(data, ExampleData):
                 raise DataError("data.eval_path holds another kind of data (text vs. fine-tuning records) than "
                                 "data.path")
+            if len(data.val):
+                print(f"fuyou: note: data.eval_path replaces the held-out split prepared in {cfg.path[0]} "
+                      f"({len(data.val)} {'examples' if isinstance(data, ExampleData) else 'tokens'}), which is not "
+                      f"trained on either", file=sys.stderr)
             data.val = held.val
         if isinstance(data, ExampleData):
             print(f"fuyou: data: {data.summary()}", file=sys.stderr)
@@ -199,6 +228,19 @@ def _same_vocabulary(spec: str, fingerprint: str) -> bool:
         return bool(fingerprint) and load_tokenizer(spec).fingerprint == fingerprint
     except DataError:
         return False
+
+
+def _eval_tokenizer(data, *given: str | None) -> str:
+    """The tokenizer for prepared data's held-out files: the one it was prepared with, or a given one with its
+    vocabulary (a copy elsewhere: the data and the model moved to another machine, say)."""
+    for spec in given:
+        if spec and spec not in ("auto", "byte") and _same_vocabulary(spec, data.fingerprint):
+            return spec
+    spec = _spec_of(data)
+    if spec != "byte" and not Path(spec).is_dir():
+        raise DataError(f"data.eval_path is tokenized with the tokenizer the data was prepared with, {spec}, which is "
+                        f"gone: give data.tokenizer=DIR, a copy of it (or model.init_from a model that has it)")
+    return spec
 
 
 def _spec_of(data) -> str:

@@ -54,8 +54,11 @@ class DataConfig(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _source_from_path(cls, data):
-        """``data.path`` given without ``data.source``: a prepared directory (it has meta.json) or text."""
-        if isinstance(data, dict) and data.get("path") and "source" not in data:
+        """``data.path`` given without ``data.source``: a prepared directory (it has meta.json) or text. The
+        path decides between those two even when a source is given: a run's config.toml records the source
+        its path implied, and `--config RUN/config.toml data.path=OTHER` of the other kind was refused with an
+        error about the wrong thing (a prepared directory "holds no usable files")."""
+        if isinstance(data, dict) and data.get("path") and data.get("source", "text") in ("text", "prepared"):
             paths = [data["path"]] if isinstance(data["path"], str) else data["path"]
             prepared = len(paths) == 1 and (Path(paths[0]) / "meta.json").is_file()
             data = {**data, "source": "prepared" if prepared else "text"}
@@ -66,6 +69,10 @@ class DataConfig(BaseModel):
         for p in self.eval_path:
             if not Path(p).exists():
                 raise ValueError(f"data.eval_path {p!r} does not exist")
+            if (Path(p) / "meta.json").is_file():
+                raise ValueError(f"data.eval_path {p!r} is a `fuyou data prepare` directory: held-out files are given "
+                                 f"as they are (.jsonl, text) and tokenized at start-up, or prepared beside the "
+                                 f"training data (`fuyou data prepare TRAIN --eval HELD_OUT --out DIR`)")
         if self.path and self.source in ("builtin", "synthetic"):
             raise ValueError(f"data.path {self.path} is given, but data.source={self.source!r} does not read it "
                              f"(a config file may have set it): set data.source='text' (or 'prepared' for a "

@@ -35,6 +35,19 @@ def builtin_documents() -> list[str]:
 
 
 JSONL_SUFFIXES = {".jsonl", ".ndjson"}
+# In a directory, files a dataset's or project's folder holds beside its data (a Hugging Face dataset card is
+# README.md): not read, and listed as such. Given by name, such a file is read.
+NOT_DATA_STEMS = {"readme", "license", "licence", "changelog", "contributing", "citation", "notice", "authors",
+                  "code_of_conduct", "security"}
+
+
+RECORD_LISTS = {"messages", "conversations", "prompt", "completion", "tools"}  # a record's own list fields
+
+
+def json_type(v) -> str:
+    """A JSON value's type in JSON's words (for messages: ``null``, not ``NoneType``)."""
+    return {type(None): "null", bool: "boolean", int: "number", float: "number", list: "array", str: "string",
+            dict: "object"}.get(type(v), type(v).__name__)
 
 
 def iter_records(paths: list[str | Path], text_field: str = "text") -> Iterator[tuple[dict, str]]:
@@ -51,6 +64,9 @@ def iter_records(paths: list[str | Path], text_field: str = "text") -> Iterator[
             suffix = f.suffix.lower()
             if p.is_dir() and any(part.startswith(".") for part in f.relative_to(p).parts):
                 skipped.append((f, "hidden"))
+            elif p.is_dir() and f.name.split(".")[0].lower() in NOT_DATA_STEMS:
+                skipped.append((f, "a dataset card or project file, not data: give it as a file of its own to "
+                                   "train on it"))
             elif suffix in JSONL_SUFFIXES:
                 found = True
                 yield from _jsonl_records(f)
@@ -124,13 +140,19 @@ def _json_records(path: Path) -> Iterator[tuple[dict, str]]:
     except json.JSONDecodeError:
         yield from _jsonl_records(path)  # one object a line, named .json
         return
+    arrays = [k for k, v in data.items() if isinstance(v, list) and k not in RECORD_LISTS] if isinstance(data, dict) else []
+    if isinstance(data, dict) and not arrays:  # one example (one object a line, of one line)
+        _check_text(data, text, str(path))
+        yield data, str(path)
+        return
     if not isinstance(data, list):
+        inside = f": give the array inside it ({arrays[0]!r}) as its own file" if arrays else ""
         raise DataError(f"{path}: a .json file must hold an array of example objects (or one object a line); it "
-                        f"holds a JSON {type(data).__name__}: give the array inside it as its own file")
+                        f"holds a JSON {json_type(data)}{inside}")
     for i, rec in enumerate(data):
         where = f"{path}[{i}]"
         if not isinstance(rec, dict):
-            raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+            raise DataError(f"{where}: expected a JSON object, got a JSON {json_type(rec)}")
         _check_text(rec, text, where)
         yield rec, where
 
@@ -160,7 +182,7 @@ def _jsonl_records(path: Path) -> Iterator[tuple[dict, str]]:
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg}); each line must be one JSON object") from e
             if not isinstance(rec, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+                raise DataError(f"{path}:{lineno}: expected a JSON object, got a JSON {json_type(rec)}")
             _check_text(rec, line, f"{path}:{lineno}")
             yield rec, f"{path}:{lineno}"
 

@@ -71,17 +71,25 @@ class TokenData:
                 )
 
 
-def join_tokens(docs: list[np.ndarray], eos_id: int, seed: int = 1234) -> np.ndarray:
-    """Documents (in a fixed shuffled order) each followed by EOS, as one uint16/uint32 stream."""
+def token_dtype(vocab_size: int, top: int = 0) -> np.dtype:
+    """The stored type of token ids, one for every split of a dataset: 16 bits while the vocabulary (and the
+    largest id, ``top``) fits, else 32. (Chosen by each split's own largest id, a held-out file with an id
+    above 65535 beside a training split below it was stored in 16 bits, its ids wrapped in silence.)"""
+    return np.dtype(np.uint16 if max(vocab_size - 1, top) < 2**16 else np.uint32)
+
+
+def join_tokens(docs: list[np.ndarray], eos_id: int, vocab_size: int, seed: int = 1234) -> np.ndarray:
+    """Documents (in a fixed shuffled order) each followed by EOS, as one stream (``token_dtype``)."""
     order = np.random.default_rng(seed).permutation(len(docs))
     eos = np.array([eos_id], dtype=np.int64)
     joined = np.concatenate([np.concatenate([docs[i].astype(np.int64), eos]) for i in order]) if docs else eos
-    return joined.astype(np.uint16 if joined.max(initial=0) < 2**16 else np.uint32)
+    return joined.astype(token_dtype(vocab_size, int(joined.max(initial=0))))
 
 
-def split_tokens(docs: list[np.ndarray], eos_id: int, val_fraction: float, seed: int = 1234) -> tuple[np.ndarray, np.ndarray]:
+def split_tokens(docs: list[np.ndarray], eos_id: int, vocab_size: int, val_fraction: float,
+                 seed: int = 1234) -> tuple[np.ndarray, np.ndarray]:
     """Join documents (``join_tokens``); the last ``val_fraction`` is held out."""
-    joined = join_tokens(docs, eos_id, seed)
+    joined = join_tokens(docs, eos_id, vocab_size, seed)
     n_val = int(len(joined) * val_fraction)
     return joined[: len(joined) - n_val], joined[len(joined) - n_val :]
 
@@ -89,10 +97,13 @@ def split_tokens(docs: list[np.ndarray], eos_id: int, val_fraction: float, seed:
 def write_prepared(out_dir: str | Path, data: TokenData) -> None:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    data.train.tofile(out / "train.bin")
-    data.val.tofile(out / "val.bin")
+    for stale in ("train.loss.bin", "train.idx.bin", "val.loss.bin", "val.idx.bin"):  # examples prepared there before
+        (out / stale).unlink(missing_ok=True)
+    dtype = np.promote_types(data.train.dtype, data.val.dtype)  # meta.json records one for both
+    data.train.astype(dtype, copy=False).tofile(out / "train.bin")
+    data.val.astype(dtype, copy=False).tofile(out / "val.bin")
     meta = {
-        "dtype": str(data.train.dtype), "train_tokens": int(len(data.train)), "val_tokens": int(len(data.val)),
+        "dtype": str(dtype), "train_tokens": int(len(data.train)), "val_tokens": int(len(data.val)),
         "vocab_size": data.vocab_size, "eos_id": data.eos_id, "tokenizer": data.tokenizer,
         "tokenizer_fingerprint": data.fingerprint,
     }

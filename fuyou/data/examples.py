@@ -48,12 +48,11 @@ class Examples:
     offsets: np.ndarray
 
     @classmethod
-    def from_arrays(cls, examples: list[tuple[np.ndarray, np.ndarray]]) -> "Examples":
-        """From (token ids, loss flags) per example (``formats.Rendered.arrays``)."""
+    def from_arrays(cls, examples: list[tuple[np.ndarray, np.ndarray]], dtype: np.dtype) -> "Examples":
+        """From (token ids, loss flags) per example (``formats.Rendered.arrays``), ids stored as ``dtype``
+        (``dataset.token_dtype``: the same for every split)."""
         lengths = np.array([len(ids) for ids, _ in examples], dtype=np.int64)
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-        top = max((int(ids.max()) for ids, _ in examples if len(ids)), default=0)
-        dtype = np.uint16 if top < 2**16 else np.uint32
         tokens = np.concatenate([ids for ids, _ in examples]).astype(dtype) if examples else np.zeros(0, dtype)
         loss = np.concatenate([f for _, f in examples]) if examples else np.zeros(0, np.uint8)
         return cls(tokens, loss, offsets)
@@ -247,12 +246,13 @@ class ExampleEvalBatches:
 def write_examples(out_dir: str | Path, data: ExampleData) -> None:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    dtype = np.promote_types(data.train.tokens.dtype, data.val.tokens.dtype)  # meta.json records one for both
     for split, ex in (("train", data.train), ("val", data.val)):
-        ex.tokens.tofile(out / f"{split}.bin")
+        ex.tokens.astype(dtype, copy=False).tofile(out / f"{split}.bin")
         ex.loss.tofile(out / f"{split}.loss.bin")
         ex.offsets.tofile(out / f"{split}.idx.bin")
     meta = {
-        "kind": "examples", "dtype": str(data.train.tokens.dtype),
+        "kind": "examples", "dtype": str(dtype),
         "train_examples": len(data.train), "val_examples": len(data.val),
         "train_tokens": int(len(data.train.tokens)), "val_tokens": int(len(data.val.tokens)),
         "vocab_size": data.vocab_size, "eos_id": data.eos_id, "pad_id": data.pad_id, "tokenizer": data.tokenizer,

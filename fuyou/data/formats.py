@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from fuyou.data.corpus import json_type
 from fuyou.errors import DataError
 
 FORMATS = ("auto", "text", "prompt_completion", "alpaca", "messages", "sharegpt")
@@ -138,7 +139,7 @@ def _string(rec: dict, key: str, where: str, optional: bool = False) -> str:
     if v is None and optional:
         return ""
     if not isinstance(v, str):
-        raise DataError(f"{where}: field {key!r} must be a string, got {type(v).__name__}")
+        raise DataError(f"{where}: field {key!r} must be a string, got a JSON {json_type(v)}")
     return v
 
 
@@ -176,7 +177,7 @@ class Renderer:
                 completion = rec.get(next(k for k in COMPLETION_KEYS if k in rec))
                 if not isinstance(completion, list):
                     raise DataError(f"{where}: a conversational 'prompt' (a list of messages) needs its completion as "
-                                    f"a list of messages too, got {type(completion).__name__}")
+                                    f"a list of messages too, got a JSON {json_type(completion)}")
                 turns = ([(m, False) for m, _ in self._checked(rec["prompt"], where, "prompt")]
                          + self._checked(completion, where, "completion"))
             out = self._messages(turns, where)
@@ -227,7 +228,7 @@ class Renderer:
             calls = m.get("tool_calls")
             if not isinstance(m.get("content"), str):
                 if not (m.get("content") is None and calls and m["role"] == "assistant"):
-                    got = "missing" if "content" not in m else f"a JSON {_json_type(m['content'])}"
+                    got = "missing" if "content" not in m else f"a JSON {json_type(m['content'])}"
                     raise DataError(f"{at}: 'content' is {got}; it must be a string (null only in an assistant "
                                     f"message that calls tools: 'tool_calls')")
             if calls is not None and not (isinstance(calls, list) and calls and m["role"] == "assistant"):
@@ -397,8 +398,3 @@ class Renderer:
         out.add(self.tok.encode(head), self.train_on_prompt)
         out.add(self.tok.encode(full[len(head):]), True)
         return out
-
-
-def _json_type(v) -> str:
-    return {type(None): "null", bool: "boolean", int: "number", float: "number", list: "array",
-            dict: "object"}.get(type(v), type(v).__name__)

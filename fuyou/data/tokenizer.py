@@ -57,13 +57,22 @@ class ByteTokenizer:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
 
+TOKENIZER_FILES = ("tokenizer*", "vocab*", "*.model", "*.tiktoken")  # what a tokenizer directory holds, one of
+
+
 class HFTokenizer:
     """A tokenizer loaded from a local Hugging Face directory (needs the ``hf`` extra)."""
 
     def __init__(self, path: str | Path):
         path = Path(path)
+        if path.is_file():
+            raise DataError(f"{path} is a file: give the directory that holds it (a tokenizer is its files together: "
+                            f"tokenizer.json, tokenizer_config.json, ...), {path.parent}")
         if not path.is_dir():
             raise DataError(f"tokenizer directory {path} does not exist; give a local Hugging Face model directory")
+        if not any(f.is_file() for pattern in TOKENIZER_FILES for f in path.glob(pattern)):
+            raise DataError(f"{path} holds no tokenizer (no {', '.join(TOKENIZER_FILES)}); give the directory of a "
+                            f"Hugging Face model or tokenizer, or 'byte'")
         try:
             from transformers import AutoTokenizer  # optional dependency, imported lazily
         except ImportError:

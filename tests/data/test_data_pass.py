@@ -1,0 +1,145 @@
+"""A new-user pass on the data path (2026-12-05): each test is one finding, reproduced, then fixed."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fuyou.data import DataConfig, load_data, read_data, tokenize_records
+from fuyou.data.dataset import write_prepared
+from fuyou.data.examples import write_examples
+from fuyou.errors import DataError
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "hf"))
+
+
+@pytest.fixture(scope="module")
+def big_vocab(tmp_path_factory):
+    """A word-level tokenizer of 70,003 ids, its end-of-sequence id below 65,536 (as Mistral-Nemo's)."""
+    pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, "</s>": 1, "<pad>": 2, **{f"w{i}": i + 3 for i in range(70000)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    d = tmp_path_factory.mktemp("bigtok")
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>").save_pretrained(d)
+    return d
+
+
+def _jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+@pytest.mark.parametrize("kind", ["text", "prompt_completion"])
+def test_held_out_ids_above_16_bits_are_kept_beside_a_training_split_below(tmp_path, big_vocab, kind):
+    """The held-out split was stored in the training split's type: id 70002 became 4466 in silence (text),
+    or the prepared directory could not be read back (examples)."""
+    def rec(words):
+        return {"text": words} if kind == "text" else {"prompt": "w1 w2", "completion": words}
+
+    train = _jsonl(tmp_path / "train.jsonl", [rec(" ".join(f"w{i}" for i in range(k, k + 40))) for k in range(30)])
+    held = _jsonl(tmp_path / "held.jsonl", [rec("w69999 w5 w69998")])
+    data = tokenize_records([train], str(big_vocab), eval_paths=[held])
+    out = tmp_path / "prepared"
+    (write_prepared if kind == "text" else write_examples)(out, data)
+    back = read_data(out)
+    val = np.asarray(back.val if kind == "text" else back.val.tokens).astype(np.int64)
+    assert 70002 in val.tolist() and 70001 in val.tolist(), val
+
+
+def test_a_dataset_card_in_a_data_directory_is_not_trained_on(tmp_path, capsys):
+    d = tmp_path / "ds"
+    (d / "data").mkdir(parents=True)
+    _jsonl(d / "data" / "train.jsonl", [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(20)])
+    (d / "README.md").write_text("---\nlicense: mit\n---\n# Dataset card\n")
+    (d / "LICENSE").write_text("MIT\n")
+    data = tokenize_records([d], "byte", val_fraction=0.1)
+    assert data.info["records"] == 20
+    err = capsys.readouterr().err
+    assert "README.md (a dataset card or project file, not data" in err and "LICENSE" in err
+    assert len(tokenize_records([d / "README.md"], "byte").train) > 0  # given by name, it is read
+
+
+def test_the_path_decides_text_or_prepared_over_a_saved_source(tmp_path):
+    """A run's config.toml records data.source; `--config RUN/config.toml data.path=OTHER` of the other kind
+    was refused with an error about the wrong thing."""
+    text = _jsonl(tmp_path / "t.jsonl", [{"text": "hello world " * 20}] * 4)
+    prepared = tmp_path / "p"
+    write_prepared(prepared, tokenize_records([text], "byte", val_fraction=0.2))
+    assert DataConfig(source="prepared", path=[str(text)]).source == "text"
+    assert DataConfig(source="text", path=[str(prepared)]).source == "prepared"
+    with pytest.raises(ValueError, match="data.source='builtin' does not read it"):
+        DataConfig(source="builtin", path=[str(text)])
+    with pytest.raises(ValueError, match="is a `fuyou data prepare` directory: held-out files are given"):
+        DataConfig(path=[str(text)], eval_path=[str(prepared)])
+
+
+def test_held_out_data_inside_the_training_data_gets_a_note(tmp_path, capsys):
+    d = tmp_path / "d"
+    d.mkdir()
+    a = _jsonl(d / "a.jsonl", [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(5)])
+    _jsonl(d / "b.jsonl", [{"prompt": f"r{i}", "completion": f"b{i}"} for i in range(5)])
+    tokenize_records([d], "byte", eval_paths=[a])
+    assert f"the held-out data {a} is (in) the training data" in capsys.readouterr().err
+    tokenize_records([a], "byte", eval_paths=[a])
+    assert "is (in) the training data" in capsys.readouterr().err
+    tokenize_records([d / "b.jsonl"], "byte", eval_paths=[a])
+    assert "training data" not in capsys.readouterr().err
+
+
+def test_held_out_files_of_moved_prepared_data_use_the_tokenizer_given(tmp_path, big_vocab, capsys):
+    import shutil
+
+    tok = tmp_path / "tokA2"
+    shutil.copytree(big_vocab, tok)
+    train = _jsonl(tmp_path / "train.jsonl", [{"prompt": "w1", "completion": f"w{i} w{i + 1}"} for i in range(20)])
+    held = _jsonl(tmp_path / "held.jsonl", [{"prompt": "w1", "completion": "w7 w8"}])
+    write_examples(tmp_path / "p", tokenize_records([train], str(tok), val_fraction=0.1))
+    tok.rename(tmp_path / "tokA3")
+    cfg = DataConfig(path=[str(tmp_path / "p")], eval_path=[str(held)], tokenizer=str(tmp_path / "tokA3"))
+    data = load_data(cfg)
+    assert len(data.val) == 1
+    assert "replaces the held-out split prepared in" in capsys.readouterr().err
+    with pytest.raises(DataError, match="which is gone: give data.tokenizer=DIR"):
+        load_data(DataConfig(path=[str(tmp_path / "p")], eval_path=[str(held)]))
+
+
+def test_tokenizer_paths_that_are_not_tokenizer_directories(tmp_path, big_vocab):
+    from fuyou.data.tokenizer import load_tokenizer
+
+    with pytest.raises(DataError, match="is a file: give the directory that holds it"):
+        load_tokenizer(str(big_vocab / "tokenizer.json"))
+    (tmp_path / "data").mkdir()
+    _jsonl(tmp_path / "data" / "x.jsonl", [{"text": "a"}])
+    with pytest.raises(DataError, match="holds no tokenizer"):
+        load_tokenizer(str(tmp_path / "data"))
+
+
+def test_json_files_of_one_object_and_messages_in_json_words(tmp_path):
+    (tmp_path / "one.json").write_text('{"prompt": "q", "completion": "a"}')
+    assert tokenize_records([tmp_path / "one.json"], "byte").info["records"] == 1
+    (tmp_path / "wrapped.json").write_text('{"data": [{"text": "a"}]}')
+    with pytest.raises(DataError, match=r"give the array inside it \('data'\) as its own file"):
+        tokenize_records([tmp_path / "wrapped.json"], "byte")
+    _jsonl(tmp_path / "n.jsonl", [{"prompt": None, "completion": "a"}])
+    with pytest.raises(DataError) as e:
+        tokenize_records([tmp_path / "n.jsonl"], "byte", fmt="prompt_completion")
+    assert "NoneType" not in str(e.value)
+    chat = _jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}])
+    with pytest.raises(DataError, match=r"data.format=text, --format text\); its keys are \['messages'\]"):
+        tokenize_records([chat], "byte", fmt="text")
+
+
+def test_text_prepared_over_examples_leaves_no_stale_files(tmp_path):
+    recs = _jsonl(tmp_path / "r.jsonl", [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(10)])
+    text = _jsonl(tmp_path / "t.jsonl", [{"text": "hello world " * 20}] * 4)
+    write_examples(tmp_path / "p", tokenize_records([recs], "byte", val_fraction=0.2))
+    write_prepared(tmp_path / "p", tokenize_records([text], "byte", val_fraction=0.2))
+    assert sorted(f.name for f in (tmp_path / "p").iterdir()) == ["meta.json", "train.bin", "val.bin"]
