@@ -99,6 +99,8 @@ class RenderStats:
     formats: dict[str, int] = field(default_factory=dict)
     no_answer: int = 0       # conversations skipped: no assistant turn to learn (module docstring)
     first_no_answer: str = ""
+    empty_answers: int = 0   # assistant turns with loss and no content: trained as an immediate end of turn
+    first_empty_answer: str = ""
     ignored_keys: Counter = field(default_factory=Counter)  # message keys no rendering writes, and how often
 
     def notes(self) -> list[str]:
@@ -107,6 +109,10 @@ class RenderStats:
         if self.no_answer:
             out.append(f"{self.no_answer} conversation(s) with no assistant turn to learn (none, or each of weight 0) "
                        f"skipped, the first at {self.first_no_answer}")
+        if self.empty_answers:
+            out.append(f"{self.empty_answers} assistant turn(s) with empty content carry loss: the model learns to end "
+                       f"its turn at once there (the first at {self.first_empty_answer}); give them \"weight\": 0, or "
+                       f"remove them, if that is not what you want")
         if self.ignored_keys:
             keys = ", ".join(f"{k!r} ({n}x)" for k, n in sorted(self.ignored_keys.items()))
             out.append(f"message keys the chat rendering writes nothing of were ignored: {keys} (every key goes to "
@@ -241,6 +247,9 @@ class Renderer:
             # every key but weight goes to the chat template (reasoning_content, thinking, ... are the
             # template's to write); one it writes nothing of is counted as ignored (``_count_ignored``)
             learn = weight == 1 if m["role"] == "assistant" else self.train_on_prompt
+            if learn and m["role"] == "assistant" and not calls and not m["content"].strip():
+                self.stats.empty_answers += 1
+                self.stats.first_empty_answer = self.stats.first_empty_answer or at
             out.append(({k: v for k, v in m.items() if k != "weight"}, learn))
         return out
 

@@ -143,3 +143,14 @@ def test_text_prepared_over_examples_leaves_no_stale_files(tmp_path):
     write_examples(tmp_path / "p", tokenize_records([recs], "byte", val_fraction=0.2))
     write_prepared(tmp_path / "p", tokenize_records([text], "byte", val_fraction=0.2))
     assert sorted(f.name for f in (tmp_path / "p").iterdir()) == ["meta.json", "train.bin", "val.bin"]
+
+
+def test_an_empty_assistant_answer_with_loss_gets_a_note(tmp_path, capsys):
+    chat = _jsonl(tmp_path / "c.jsonl", [
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]},
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " ", "weight": 0},
+                      {"role": "user", "content": "so?"}, {"role": "assistant", "content": "yes"}]}])
+    tokenize_records([chat], "byte", val_fraction=0.3)
+    err = capsys.readouterr().err
+    assert "1 assistant turn(s) with empty content carry loss" in err and "c.jsonl:2: messages[1]" in err, err
