@@ -491,3 +491,21 @@ def test_known_buffers_and_a_string_architecture_are_accepted_and_a_wrong_shape_
     with pytest.raises(DataError, match="up_proj.weight' has shape"):
         import_checkpoint(src, tmp_path / "bad")
     assert not (tmp_path / "bad").exists()
+
+
+def test_stored_tensors_are_compared_a_block_of_rows_at_a_time(tmp_path):
+    """A tied head checked against the embedding: compared in row blocks (bounded memory), every row read."""
+    import torch
+    from safetensors.torch import save_file
+
+    from fuyou.hf.weights import _equal
+
+    e = torch.randn(1000, 48).to(torch.bfloat16)
+    h = e.clone()
+    h[-1, -1] += 1
+    save_file({"e": e, "same": e.clone(), "h": h, "short": e[:999].clone()}, str(tmp_path / "a.safetensors"))
+    save_file({"e16": e.to(torch.float16)}, str(tmp_path / "b.safetensors"))
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    assert _equal(a, "e", a, "same", block=1000)  # 5 rows a block
+    assert not _equal(a, "e", a, "h", block=1000)  # the last row of the last block differs
+    assert not _equal(a, "e", a, "short") and not _equal(a, "e", b, "e16")
