@@ -17,7 +17,8 @@ class DataConfig(BaseModel):
         "builtin",
         description="'builtin': the embedded English corpus (Python's pydoc topics, no download); "
         "'text': text/JSONL files or directories at `path`, tokenized at start-up; "
-        "'prepared': a directory made by `fuyou data prepare`; 'synthetic': random tokens (benchmarks).",
+        "'prepared': a directory made by `fuyou data prepare`; 'synthetic': random tokens (benchmarks). "
+        "With data.path, the path decides between 'text' and 'prepared' (a directory with meta.json is prepared).",
     )
     path: list[str] = Field(
         default_factory=list, description="Files or directories for source 'text'; one directory for 'prepared'."
