@@ -627,6 +627,14 @@ def _train(args) -> int:
                               f"({args.init_from or given[-1]}) cannot change that. Drop it, or start a new run from "
                               f"it" + (" (with lora.init_from the run's exported adapter, to keep the adapters)"
                                        if lora else ""))
+        ranks = [o.partition("=")[2].strip() for o in args.overrides if o.partition("=")[0].strip() == "lora.rank"]
+        if ranks:  # before the config's own checks, which would refuse lora.rank=0 beside the run's lora settings
+            import tomllib
+
+            had = tomllib.loads((resume / "config.toml").read_text()).get("lora", {}).get("rank", 0)
+            if ranks[-1] != str(had):
+                raise ConfigError(f"a resumed run cannot change lora.rank ({had!r} -> {ranks[-1]}): it fixes the shape "
+                                  f"of its committed state. Resume with the run's own value, or start a new run")
         args.config = resume / "config.toml"
         # the weights come from the committed SSD state; the saved config already holds the shape and
         # tokenizer an init_from checkpoint gave, so that checkpoint need not exist any more

@@ -59,7 +59,7 @@ def test_every_unknown_key_is_named_and_bare_numbers_are_numbers():
     with pytest.raises(ConfigError) as e:
         load_config(overrides=["train.stepz=1", "train.lgo_every=2"])
     assert "unknown key 'train.lgo_every' (did you mean 'log_every'?)" in str(e.value) and "<class" not in str(e.value)
-    cfg = load_config(overrides=["optim.lr=.0001", "lora.alpha=5."])
+    cfg = load_config(overrides=["optim.lr=.0001", "lora.rank=4", "lora.alpha=5."])
     assert cfg.optim.lr == 1e-4 and cfg.lora.alpha == 5.0
 
 

@@ -218,11 +218,15 @@ def peft_key(key: str, family: str) -> str:
 
 def peft_names(adapters: Adapters) -> tuple[dict[str, str], list[str]]:
     """({fuyou key: PEFT key}, target_modules) for ``adapters`` (module docstring)."""
+    family = adapters.family
+    return {k: peft_key(k, family) for k in adapters.tensors}, hf_targets(family, adapters.matmuls())
+
+
+def hf_targets(family: str, chosen: list[str]) -> list[str]:
+    """PEFT's ``target_modules`` (and ``lora.targets``) for fuyou's matmuls ``chosen``: the module's last name,
+    or its path in the layer where that name is also another matmul's (GPT-2's ``c_proj``)."""
     from fuyou.models.lora import HF_MODULE
 
-    family = adapters.family
-    keys = {k: peft_key(k, family) for k in adapters.tensors}
-    chosen = adapters.matmuls()
     paths = HF_MODULE[family]
     targets = []
     for n in chosen:
@@ -231,7 +235,41 @@ def peft_names(adapters: Adapters) -> tuple[dict[str, str], list[str]]:
         name = leaf if all(m in chosen for m in same_leaf) else paths[n]
         if name not in targets:
             targets.append(name)
-    return keys, targets
+    return targets
+
+
+def _peft_matmuls(conf: dict, family: str, layers: list[int], path) -> list[str]:
+    """The matmuls (fuyou's names) an adapter config adapts, by PEFT's own matching over this model's module
+    names: ``target_modules`` as a regular expression (a string: ``re.fullmatch``), or a list of names each
+    matching a module that is it or ends in ``.name`` (PEFT writes ``all-linear`` out as every layer's full
+    module names), within ``layers_to_transform``. fuyou adapts the same matmuls in every block: an adapter
+    that adapts different ones in different layers is refused."""
+    import re
+
+    from fuyou.models.lora import ALL_LINEAR
+
+    targets = conf.get("target_modules") or []
+    only = conf.get("layers_to_transform")
+    only = None if only is None else {only} if isinstance(only, int) else set(only)
+    per_layer = {}
+    for i in layers:
+        chosen = []
+        for n in ALL_LINEAR[family]:
+            module = hf_name(f"block.{i}.{n}.weight", family)[0].removesuffix(".weight")
+            if isinstance(targets, str):
+                hit = re.fullmatch(targets, module) is not None
+            else:
+                hit = any(module == t or module.endswith("." + t) for t in targets)
+            if hit and (only is None or i in only):
+                chosen.append(n)
+        per_layer[i] = chosen
+    sets = {tuple(c) for c in per_layer.values()}
+    if len(sets) > 1:
+        why = "its layers_to_transform" if only is not None else "its target_modules"
+        raise ConfigError(f"lora.init_from={path}: the adapter adapts different matmuls in different layers ({why}), "
+                          f"which fuyou does not: it adapts the same matmuls in every block; it cannot be continued "
+                          f"here")
+    return list(sets.pop()) if sets else []
 
 
 def hf_base_name(base: Path | None) -> str | None:
@@ -375,12 +413,14 @@ def load_peft_adapter(path: str | Path, stages, family: str, cfg) -> dict[str, T
         raise ConfigError(f"lora.init_from: {conf_file} is not JSON ({e})") from None
     if conf.get("peft_type", "LORA") != "LORA":
         raise ConfigError(f"lora.init_from: {d} is a {conf.get('peft_type')} adapter; fuyou trains LoRA")
-    theirs = conf.get("target_modules") or []
-    theirs = [theirs] if isinstance(theirs, str) else list(theirs)
-    try:
-        their_matmuls = resolve_targets(family, theirs)
-    except ConfigError:
-        their_matmuls = None
+    unsupported = [k for k in ("rank_pattern", "alpha_pattern") if conf.get(k)] + [
+        k for k in ("use_dora", "lora_bias", "use_qalora") if conf.get(k)]
+    if unsupported:
+        raise ConfigError(f"lora.init_from={path}: the adapter uses PEFT's {', '.join(unsupported)}, which fuyou does "
+                          f"not train (one rank and alpha for every adapter, plain LoRA); it cannot be continued here")
+    layers = sorted({int(st.key(local).split(".")[1]) for st in stages for local in st.adapters
+                     if st.key(local).startswith("block.")})
+    their_matmuls = _peft_matmuls(conf, family, layers, path)
     ours = resolve_targets(family, cfg.targets)
     want = {"lora.rank": (conf.get("r"), cfg.rank), "lora.alpha": (conf.get("lora_alpha"), cfg.alpha),
             "lora.use_rslora": (bool(conf.get("use_rslora", False)), cfg.use_rslora),
@@ -390,7 +430,7 @@ def load_peft_adapter(path: str | Path, stages, family: str, cfg) -> dict[str, T
     if differ:
         suggest = (f"lora.rank={conf.get('r')} lora.alpha={conf.get('lora_alpha')} "
                    f"lora.use_rslora={str(bool(conf.get('use_rslora', False))).lower()} "
-                   f"lora.targets=[{','.join(theirs)}]")
+                   f"lora.targets=[{','.join(hf_targets(family, their_matmuls))}]")
         raise ConfigError(f"lora.init_from={path}: the adapter was trained with other settings ({', '.join(differ)} "
                           f"differ); train it with its own: {suggest}")
     if conf.get("modules_to_save") or conf.get("bias", "none") != "none":

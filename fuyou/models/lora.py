@@ -24,6 +24,7 @@ run the same masks as an uninterrupted one.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -76,6 +77,12 @@ class LoRAConfig(BaseModel):
             raise ValueError(f"lora.init_from={self.init_from} is set but lora.rank is 0 (LoRA off): give the adapter's "
                              f"own settings too (lora.rank, lora.alpha, lora.targets: its adapter_config.json's r, "
                              f"lora_alpha and target_modules)")
+        fields = LoRAConfig.model_fields
+        adapter = [f"lora.{k}" for k in ("targets", "dropout", "alpha", "use_rslora", "init")
+                   if getattr(self, k) != fields[k].default]
+        if adapter and not self.rank:  # (a new-user pass: lora.targets alone ran full fine-tuning in silence)
+            raise ValueError(f"{', '.join(adapter)} set but lora.rank is 0 (LoRA off: every weight trains): set "
+                             f"lora.rank (for example 16) to train adapters, or drop the lora settings")
         if self.base != "compute" and not self.rank:
             raise ValueError(f"lora.base={self.base} is set but lora.rank is 0 (LoRA off): a quantised base is "
                              f"LoRA's, whose base is frozen; set lora.rank, or drop lora.base")
@@ -122,10 +129,28 @@ def resolve_targets(family: str, targets: list[str] | None) -> list[str]:
             chosen.update(HF_TARGETS[family][t])
         elif t in ALL_LINEAR[family]:
             chosen.add(t)
+        elif suffix_of(t, family):  # PEFT's suffix match: 'self_attn.q_proj', 'mlp.c_proj'
+            chosen.update(suffix_of(t, family))
         else:
             names = sorted(HF_TARGETS[family]) + ["all-linear"] + ALL_LINEAR[family]
+            leaf = t.rpartition(".")[2]
+            if re.search(r"(^|\.)\d+\.", t) and leaf in HF_TARGETS[family]:
+                raise ConfigError(f"lora.targets: {t!r} names one layer's module; fuyou adapts the same matmuls in "
+                                  f"every block: give {leaf!r}")
+            if leaf in NOT_BLOCK_MATMULS:
+                raise ConfigError(f"lora.targets: {t!r} is not supported: fuyou adapts the blocks' matmuls, not the "
+                                  f"LM head or the embeddings (PEFT's all-linear leaves the head out too); choose from "
+                                  f"{', '.join(names)}")
             raise ConfigError(f"lora.targets: {t!r} is no matmul of a {family} block; choose from {', '.join(names)}")
     return [n for n in ALL_LINEAR[family] if n in chosen]
+
+
+NOT_BLOCK_MATMULS = {"lm_head", "embed_tokens", "wte", "wpe", "embed_out", "score"}
+
+
+def suffix_of(target: str, family: str) -> list[str]:
+    """fuyou's matmuls whose module path within a layer (``HF_MODULE``) is ``target`` or ends in ``.target``."""
+    return [n for n, p in HF_MODULE[family].items() if p == target or p.endswith("." + target)]
 
 
 @dataclass(frozen=True)

@@ -445,3 +445,52 @@ def test_peft_adapters_that_do_not_fit_are_refused_with_the_settings_that_would(
         lora_train(tmp_path, base, f"lora.init_from={tmp_path / 'peft'}", "lora.targets=[q_proj,v_proj]", "lora.alpha=8",
                    name="bad")
     assert "may be truncated or corrupt" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("targets, ours", [
+    ("all-linear", "all-linear"),                       # PEFT writes every layer's full module names
+    (r".*\.(q_proj|v_proj)", "[q_proj,v_proj]"),        # a regular expression: re.fullmatch
+    (["self_attn.q_proj", "v_proj"], "[self_attn.q_proj,v_proj]"),  # suffixes, in lora.targets too
+])
+def test_peft_adapters_of_every_target_spelling_are_continued(hf_models, tmp_path, targets, ours):
+    """A new-user pass: PEFT's all-linear adapter (its most common setting) and a regex one were refused as
+    'targets differ', with a suggestion that was itself refused."""
+    src = hf_models["llama"]
+    torch.manual_seed(7)
+    conf = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
+    theirs = peft.get_peft_model(load_hf(src), conf)
+    theirs.save_pretrained(str(tmp_path / "peft"))
+    run = lora_train(tmp_path, ["--init-from", str(src)], f"lora.targets={ours}", "lora.alpha=8",
+                     f"lora.init_from={tmp_path / 'peft'}", "optim.lr=0", name="cont")
+    saved = load_file(str(run / "adapter.safetensors"))
+    params = dict(theirs.named_parameters())
+    assert saved and all(torch.equal(saved[k], params[peft_key("llama", k)].detach()) for k in saved)
+    assert len(saved) == sum(1 for n in params if "lora_" in n)
+
+
+@pytest.mark.parametrize("kw, needle", [
+    (dict(target_modules=["q_proj", "v_proj"], layers_to_transform=[0]), "different matmuls in different layers "
+                                                                         "(its layers_to_transform)"),
+    (dict(target_modules=["q_proj", "v_proj"], rank_pattern={"q_proj": 2}), "uses PEFT's rank_pattern"),
+    (dict(target_modules=["q_proj", "v_proj"], use_dora=True), "uses PEFT's use_dora"),
+    (dict(target_modules=["layers.0.self_attn.q_proj", "v_proj"]), "different matmuls in different layers "
+                                                                   "(its target_modules)"),
+])
+def test_peft_features_fuyou_does_not_train_are_named(hf_models, tmp_path, capsys, kw, needle):
+    src = hf_models["llama"]
+    conf = peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **kw)
+    peft.get_peft_model(load_hf(src), conf).save_pretrained(str(tmp_path / "peft"))
+    with pytest.raises(AssertionError):
+        lora_train(tmp_path, ["--init-from", str(src)], "lora.targets=[q_proj,v_proj]", "lora.alpha=8",
+                   f"lora.init_from={tmp_path / 'peft'}", name="bad")
+    assert needle in capsys.readouterr().err
+
+
+def test_lora_settings_without_a_rank_are_refused():
+    """A new-user pass: lora.targets (or dropout, alpha, rsLoRA, init) without lora.rank ran full fine-tuning
+    in silence."""
+    for setting in ("lora.targets=[q_proj]", "lora.dropout=0.1", "lora.alpha=8", "lora.use_rslora=true",
+                    "lora.init=gaussian"):
+        with pytest.raises(ConfigError, match="lora.rank is 0"):
+            load_config(overrides=[setting])
+    load_config(overrides=["lora.rank=0"])  # LoRA off, said plainly
