@@ -210,9 +210,10 @@ def _add_planner_parsers(sub) -> None:
                     "--nproc_per_node): each runs --grad-accum/N of the step's micro-batches (default --grad-accum: "
                     "one each) and owns the optimizer state of some stages; --cpu-mem and the SSDs are the machine's, "
                     "shared")
-    pl.add_argument("--cpu-mem", default="256GiB", help="CPU memory budget of the machine, e.g. 256GiB")
+    pl.add_argument("--cpu-mem", help="CPU memory budget of the machine, e.g. 256GiB (default: the memory --profile "
+                    "measured, else 256GiB)")
     pl.add_argument("--cpu-reserve", help="CPU memory the plan leaves unused, e.g. 8GiB (default: the process's fixed "
-                    "overhead, 1.5 GiB with CUDA's context or 256 MiB on a CPU, and 2%% of --cpu-mem for heap "
+                    "overhead, 1.5 GiB with CUDA's context or 384 MiB on a CPU, and 2%% of --cpu-mem for heap "
                     "fragmentation); "
                     "`fuyou train --cpu-mem` takes the planned figure")
     pl.add_argument("--profile", help="hardware profile JSON written by `fuyou probe`")
@@ -232,7 +233,9 @@ def _add_planner_parsers(sub) -> None:
         pl.add_argument(flag, help=f"override: {what}")
     pl.add_argument("--act-policy", help="predict this activation policy instead of searching "
                     "(e.g. 'recompute' or 'fc2,proj=cpu;0-3:checkpoint=ssd')")
-    pl.add_argument("--prefetch-depth", type=int, help="with --act-policy: stages fetched ahead (default 2)")
+    pl.add_argument("--prefetch-depth", type=int, help="stages fetched ahead (offload.prefetch_depth): with "
+                    "--act-policy, that policy's (default 2); without, the only depth the search tries (default: it "
+                    "tries 1, 2 and 3)")
     pl.add_argument("--commit", choices=["cow", "none"],
                     help="cow (default): crash-safe commits and resume (extra state copies on SSD); none: no resume")
     pl.add_argument("--commit-every",
@@ -306,7 +309,7 @@ def _global_batch(args) -> tuple[int, int] | None:
     return None
 
 
-PLAN_SECTIONS = ("model", "offload", "train.precision", "optim.master", "optim.moments", "lora")
+PLAN_SECTIONS = ("model", "offload", "train.precision", "train.grad_clip", "optim.master", "optim.moments", "lora")
 
 
 def _plan_model_fields(model: str, overrides: list[str]) -> tuple[dict, dict]:
@@ -347,8 +350,8 @@ def _plan_model_fields(model: str, overrides: list[str]) -> tuple[dict, dict]:
         section, _, name = key.strip().partition(".")
         if not sep or not name or not (section in PLAN_SECTIONS or key.strip() in PLAN_SECTIONS):
             raise ConfigError(f"plan override {item!r}: plan takes model.KEY=VALUE, offload.KEY=VALUE, lora.KEY=VALUE, "
-                              f"train.precision, optim.master and optim.moments overrides (the batch, sequence and "
-                              f"hardware have their own flags)")
+                              f"train.precision, train.grad_clip, optim.master and optim.moments overrides (the batch "
+                              f"(--batch, --grad-accum), sequence (--seq) and hardware have their own flags)")
         value = _parse_value(text.strip())
         if section in SECTIONS:
             refuse_implicit(SECTIONS[section], section, name, value)
@@ -391,6 +394,41 @@ def _plan_gpus(args, split) -> int:
     return n
 
 
+def _plan_offload_flags(args, given: dict) -> None:
+    """``offload.*`` overrides that plan has flags for, as fuyou train reads them, or refused where plan plans
+    them itself; a new-user pass found offload.cpu_mem=150MiB planned as the default 256 GiB in silence.
+    ``offload.cpu_mem`` is fuyou train's budget, the planned one: --cpu-mem of it with no reserve."""
+    from fuyou.errors import ConfigError
+
+    for key, flag in (("cpu_mem", "cpu_mem"), ("gpu_mem", "gpu_mem"), ("act_policy", "act_policy"),
+                      ("prefetch_depth", "prefetch_depth")):
+        if key in given and getattr(args, flag) is not None:
+            raise ConfigError(f"offload.{key}={given[key]} and --{flag.replace('_', '-')} {getattr(args, flag)} "
+                              f"both set it; give one")
+    if "cpu_mem" in given:
+        if args.cpu_reserve is not None:
+            raise ConfigError("offload.cpu_mem is fuyou train's budget, planned as it is (no reserve); --cpu-reserve "
+                              "applies to --cpu-mem, the machine's memory: give one of them")
+        args.cpu_mem, args.cpu_reserve = str(given.pop("cpu_mem")), "0"
+    if "gpu_mem" in given:  # fuyou train's device budget, as it is: --gpu-mem of it with no reserve
+        if args.gpu_reserve is not None:
+            raise ConfigError("offload.gpu_mem is fuyou train's device budget, planned as it is (no reserve); "
+                              "--gpu-reserve applies to --gpu-mem, the GPU's memory: give one of them")
+        args.gpu_mem, args.gpu_reserve = str(given.pop("gpu_mem")), "0"
+    if "act_policy" in given:
+        args.act_policy = str(given.pop("act_policy"))
+    if "prefetch_depth" in given:  # (the search then tries that depth alone: Workload.depths)
+        args.prefetch_depth = int(given.pop("prefetch_depth"))
+        if args.prefetch_depth < 1:
+            raise ConfigError(f"offload.prefetch_depth must be at least 1, got {args.prefetch_depth}")
+    if str(given.get("mode", "ssd")) != "ssd":
+        raise ConfigError(f"offload.mode={given['mode']}: plan plans training offloaded to the SSD (offload.mode=ssd)")
+    given.pop("mode", None)
+    if "ssd_dirs" in given:
+        raise ConfigError("offload.ssd_dirs: plan takes the drives as --ssd COUNTxPRESET (e.g. 2x990-pro), or "
+                          "measured: --profile FILE from `fuyou probe --ssd DIR`")
+
+
 def _plan(args) -> int:
     import json
     import math
@@ -421,6 +459,10 @@ def _plan(args) -> int:
     split = _global_batch(args)
     gpus = _plan_gpus(args, split)
     fields, other = _plan_model_fields(args.model, args.overrides)
+    given = other.setdefault("offload", {})
+    _plan_offload_flags(args, given)
+    if "grad_clip" in other.get("train", {}):  # as fuyou train spells it (the plan's what-ifs do): --grad-clip
+        args.grad_clip = str(other["train"].pop("grad_clip"))
     cfg = _model_config(fields)
     if args.seq > cfg.max_seq_len:
         if cfg.family == "gpt":  # its learned position table grows with the length (fuyou train refuses it)
@@ -458,7 +500,6 @@ def _plan(args) -> int:
     from fuyou.engine.config import OffloadConfig
 
     try:
-        given = other.get("offload", {})
         for flag, key in (("commit", "commit"), ("commit_every", "commit_every")):
             value = getattr(args, flag)
             if value is not None and key in given and str(given[key]) != str(value):
@@ -499,7 +540,8 @@ def _plan(args) -> int:
     if lora.enabled and not fmt.exact:
         raise ConfigError("optim.master/optim.moments apply to full fine-tuning; LoRA keeps the adapters' state in memory")
     w = Workload(cfg, args.batch or 16, args.seq, grad_accum=args.grad_accum or gpus, offload=off, grad_clip=clip,
-                 csize=2 if precision == "bf16" else 4, fmt=fmt, lora=lora, ranks=gpus)
+                 csize=2 if precision == "bf16" else 4, fmt=fmt, lora=lora, ranks=gpus,
+                 **({"depths": (args.prefetch_depth,)} if args.prefetch_depth else {}))
     if w.sharded and gpus > len(w.numels):
         raise ConfigError(f"--gpus {gpus} for a model of {len(w.numels)} stages: each rank owns the optimizer state of "
                           f"whole stages, so use at most {len(w.numels)} GPUs")
@@ -507,6 +549,12 @@ def _plan(args) -> int:
     if args.act_policy is not None:  # (an empty one is refused as such, not taken as "search")
         policy = read_act_policy(args.act_policy, cfg.n_layer,
                                  **({"prefetch_depth": args.prefetch_depth} if args.prefetch_depth else {}))
+    if args.cpu_mem is None:  # the machine the profile measured, else the documented default
+        measured = hw.cpu_mem if args.profile else None
+        args.cpu_mem = str(measured) if measured else "256GiB"
+        if measured:
+            print(f"note: planning the {format_size(measured)} of CPU memory {args.profile} measured (--cpu-mem sets "
+                  f"another budget)", file=sys.stderr)
     cpu_given = parse_size(args.cpu_mem)
     share = cpu_given // gpus  # each rank's share of the machine (fuyou/distributed.py: Dist.rank_config)
     reserve = (parse_size(args.cpu_reserve) if args.cpu_reserve is not None
@@ -518,7 +566,7 @@ def _plan(args) -> int:
         # the default reserve grows with the budget: CPU_RESERVE + CPU_RESERVE_FRACTION of it
         total = (need + reserve if args.cpu_reserve is not None else
                  math.ceil((need + CPU_RESERVE[hw.device]) / (1 - CPU_RESERVE_FRACTION))) if need else 0
-        least = f"; this model needs at least {format_size(total * gpus)} (--cpu-mem, with the reserve)" if need else ""
+        least = f"; this model needs at least {format_size(total * gpus, up=True)} (--cpu-mem, with the reserve)" if need else ""
         raise ConfigError(f"--cpu-reserve {format_size(reserve)} (memory the plan leaves to the process itself) leaves "
                           f"nothing of --cpu-mem {format_size(cpu_given)}{each}{least}; or reserve less (--cpu-reserve "
                           f"0 plans the whole budget)")
@@ -534,9 +582,9 @@ def _plan(args) -> int:
         given = args.cpu_reserve is not None
         per = (plan.cpu_need + reserve if given
                else -(-(plan.cpu_need + CPU_RESERVE[hw.device]) // (1 - CPU_RESERVE_FRACTION)))
-        fix = (f"{CPU_FIX} {format_size(int(per) * gpus)} (--cpu-mem; it plans {format_size(plan.cpu_need)} after the "
+        fix = (f"{CPU_FIX} {format_size(int(per) * gpus, up=True)} (--cpu-mem; it plans {format_size(plan.cpu_need)} after the "
                f"reserve of {format_size(reserve if given else int(per) - plan.cpu_need)}"
-               + (f", for each of {gpus} ranks" if gpus > 1 else "") + ")")
+               + (f", for each of {gpus} ranks" if gpus > 1 else "") + ")" + plan.cpu_note)
         plan.fixes = [fix if f.startswith(CPU_FIX) else f for f in plan.fixes]
     print(json.dumps(to_json(plan), indent=1) if args.json else text(plan))
     if args.plot and plan.feasible:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 from fuyou.errors import ConfigError
@@ -32,11 +33,15 @@ def parse_size(value: int | float | str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
-def format_size(n: int | float) -> str:
-    """Human-readable binary size: 1536 -> '1.50 KiB'."""
+def format_size(n: int | float, up: bool = False) -> str:
+    """Human-readable binary size: 1536 -> '1.50 KiB'. ``up``: rounded up, not to the nearest (a minimum:
+    given back as a budget, the figure shown must be enough; 188.856 MiB shown as 188.86 was, 188.855 was not)."""
+    whole = math.ceil(n) if up else None  # (up: in integers, exact)
     n = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+    for k, unit in enumerate(("B", "KiB", "MiB", "GiB", "TiB")):
         if abs(n) < 1024 or unit == "TiB":
+            if up:
+                n = whole if unit == "B" else -(-whole * 100 // 1024**k) / 100
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1024
     raise AssertionError("unreachable")

@@ -105,8 +105,8 @@ class MemoryPlan:
         if self.cpu_required > self.cpu_budget:
             raise BudgetError(
                 f"the CPU memory budget {format_size(self.cpu_budget)} cannot hold the engine's minimum of "
-                f"{format_size(self.cpu_required)}:\n{_lines(self.cpu_items)}\nraise offload.cpu_mem (--cpu-mem) to at "
-                f"least {format_size(self.cpu_minimum)}, or lower the batch, sequence length, prefetch_depth, "
+                f"{format_size(self.cpu_required, up=True)}:\n{_lines(self.cpu_items)}\nraise offload.cpu_mem (--cpu-mem) to at "
+                f"least {format_size(self.cpu_minimum, up=True)}, or lower the batch, sequence length, prefetch_depth, "
                 f"optimizer_chunk or grad_accum"
                 + (f" (with offload.act_cpu_mem unset, the activations' CPU tier takes a quarter of the budget, up "
                    f"to the {format_size(self.act_share_cap)} the policy keeps there)" if self.act_share_cap else "")
@@ -114,8 +114,8 @@ class MemoryPlan:
         if self.device_budget is not None and self.device_required > self.device_budget:
             raise BudgetError(
                 f"the device memory budget {format_size(self.device_budget)} cannot hold one stage's working set "
-                f"of {format_size(self.device_required)}:\n{_lines(self.device_items)}\nraise offload.gpu_mem "
-                f"(--gpu-mem), or lower train.micro_batch_size, data.seq_len or offload.prefetch_depth"
+                f"of {format_size(self.device_required, up=True)}:\n{_lines(self.device_items)}\nraise offload.gpu_mem "
+                f"(--gpu-mem) to at least that, or lower train.micro_batch_size, data.seq_len or offload.prefetch_depth"
             )
 
     def describe(self) -> str:

@@ -40,6 +40,7 @@ class Workload:
     fmt: StateFormat = field(default_factory=StateFormat)  # how the optimizer state is stored
     lora: LoRAConfig | None = None  # LoRA: a read-only base, adapters and their AdamW on the device
     ranks: int = 1            # data parallel (fuyou/distributed.py): GPUs of one machine sharing the step
+    depths: tuple[int, ...] = (1, 2, 3)  # the prefetch depths the search tries (offload.prefetch_depth given: it)
 
     def __post_init__(self):
         self.stage_model = StageModel(self.model)

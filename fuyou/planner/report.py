@@ -374,8 +374,10 @@ def _train_line(plan: Plan, s: dict) -> str:
     train refused at its default 2)."""
     pol = plan.best.policy
     n = plan.workload.model.n_layer
-    b = s["cpu_budget_bytes"]
-    opts = [f"--cpu-mem {b / 2**30:.2f}GiB" if b >= 2**30 else f"--cpu-mem {b // 2**20}MiB"]
+    # fuyou train's --cpu-mem is the machine's, which torchrun's ranks share (this plan is one rank's), rounded
+    # up: the plan's budget given back must be enough (188MiB was printed for a plan of 188.86 MiB)
+    b = s["cpu_budget_bytes"] * plan.workload.ranks
+    opts = [f"--cpu-mem {math.ceil(b / 2**30 * 100) / 100:.2f}GiB" if b >= 2**30 else f"--cpu-mem {-(-b // 2**20)}MiB"]
     if pol.prefetch_depth != 2:
         opts.append(f"offload.prefetch_depth={pol.prefetch_depth}")
     human = pol.describe(n)

@@ -25,6 +25,7 @@ from fuyou.policy import to_keep
 from fuyou.engine.budget import (DEVICE_SLACK_FRACTION, MemoryPlan, act_cpu_share, cpu_tier_need,
                                  exchange_buffer_bytes, offtier_bytes, plan_memory,
                                  policy_memory, weight_buffer_need)
+from fuyou.engine.config import OffloadConfig
 from fuyou.engine.layout import copies_needed
 from fuyou.engine.budget import activation_bytes
 from fuyou.planner.cost import StageCost, Workload, gpu_working_bytes, placement_bytes, stage_costs
@@ -37,7 +38,8 @@ from fuyou.units import format_size
 SEARCH_STEPS = 2   # steps simulated per candidate (steady state from the second)
 #: `fuyou plan`: the process's fixed overhead by compute device (torch, and the CUDA context's host side; the
 #: engine prints what it measured as "fixed overhead before the engine": ~0.24 GiB on a CPU)
-CPU_RESERVE = {"cuda": 1536 * 1024**2, "cpu": 256 * 1024**2}
+CPU_RESERVE = {"cuda": 1536 * 1024**2, "cpu": 384 * 1024**2}  # (a CPU run from a Hugging Face checkpoint, whose
+# tokenizer imports transformers, measured 318 MiB: a new-user pass found a 256 MiB reserve exceeded)
 CPU_RESERVE_FRACTION = 0.02    # and heap fragmentation, of --cpu-mem: left out of the planned budget
 REPORT_STEPS = 3   # steps simulated for the chosen plan
 
@@ -77,6 +79,7 @@ class Plan:
     tokens_goal: int | None = None   # `fuyou plan --tokens`: report the time to train on this many tokens
     cpu_given: int | None = None     # `fuyou plan --cpu-mem` before its --cpu-reserve (the plan's budget is less)
     cpu_need: int | None = None      # infeasible for CPU memory: the planned budget (each rank's) that would fit
+    cpu_note: str = ""               # ... and the settings it is for, when not train's defaults
     split: list[tuple[int, int, float | None, str]] = field(default_factory=list)
     """``search_split``: the splits of the global batch considered, (micro-batch, micro-batches, step
     seconds or None, why it does not fit or why it was chosen), in the order tried."""
@@ -162,7 +165,7 @@ def evaluate(w: Workload, hw: HardwareProfile, costs, policy: ActivationPolicy, 
     plan, ssd = memory_plan(w, hw, costs, policy, cpu_budget)
     problems = []
     if plan.cpu_required > cpu_budget:
-        problems.append(f"CPU memory: needs {format_size(plan.cpu_required)}, the budget is {format_size(cpu_budget)}")
+        problems.append(f"CPU memory: needs {format_size(plan.cpu_required, up=True)}, the budget is {format_size(cpu_budget)}")
     if hw.device == "cuda" and plan.device_required > hw.gpu_mem:
         problems.append(f"GPU memory: one stage's working set needs {format_size(plan.device_required)}, the GPU has "
                         f"{format_size(hw.gpu_mem)}")
@@ -264,11 +267,11 @@ def search(w: Workload, hw: HardwareProfile, cpu_budget: int, policy: Activation
     else:
         L = w.model.n_layer
         tier_orders = [("gpu", "cpu", "ssd"), ("gpu", "ssd")] if hw.device == "cuda" else [("gpu", "ssd")]
-        base = [ev(_assign(w, hw, costs, d, tier_orders[0], 0, cpu_budget)) for d in (1, 2, 3)]
+        base = [ev(_assign(w, hw, costs, d, tier_orders[0], 0, cpu_budget)) for d in w.depths]
         # fuyou train's default too (every checkpoint on the compute device, nothing swapped): where the
         # budget is tight it needs less than checkpoints placed by room left beside an SSD swap's staging
         # buffers (a new-user pass: the plan refused 190 MiB that train ran in)
-        base += [ev(ActivationPolicy.recompute_all(L, checkpoint="gpu", prefetch_depth=d)) for d in (1, 2)]
+        base += [ev(ActivationPolicy.recompute_all(L, checkpoint="gpu", prefetch_depth=d)) for d in w.depths if d < 3]
         best = min(base, key=lambda e: (not e.feasible, e.step_time))
         if best.feasible:
             depth = best.policy.prefetch_depth
@@ -318,7 +321,11 @@ def search(w: Workload, hw: HardwareProfile, cpu_budget: int, policy: Activation
         best.policy = best.policy.model_copy(update={"cache_weights_stages": len(best.memory.cached_stages)})
     plan = Plan(w, hw, costs, best)
     if not best.feasible:
-        plan.fixes, plan.cpu_need = _fixes(w, hw, cpu_budget, best, policy)
+        plan.fixes, plan.cpu_need, plan.cpu_note = _fixes(w, hw, cpu_budget, best, policy)
+        if plan.cpu_need:  # the least it needs, as the fix says, not what the fastest policy tried needed
+            best.problems = [f"CPU memory: needs at least {format_size(plan.cpu_need, up=True)}{plan.cpu_note}, the "
+                             f"budget is {format_size(cpu_budget)}" if p.startswith("CPU memory:") else p
+                             for p in best.problems]
     elif whatif:
         sims = {"twice the SSDs": with_more_ssds(hw, 2),
                 "twice the GPU throughput": hw.model_copy(update=dict(fwd_flops=2 * hw.fwd_flops, bwd_flops=2 * hw.bwd_flops)),
@@ -417,12 +424,14 @@ def _resident_choice(w: Workload, hw: HardwareProfile, costs, best: Evaluation, 
 
 
 CPU_FIX = "a CPU memory budget of at least"
+DEFAULT_PREFETCH = OffloadConfig.model_fields["prefetch_depth"].default  # fuyou train's
 
 
 def _fixes(w: Workload, hw: HardwareProfile, cpu_budget: int, failed: Evaluation,
-           policy: ActivationPolicy | None = None) -> tuple[list[str], int | None]:
-    """What would make an infeasible configuration fit: one sentence per way, and the planned CPU
-    budget (each rank's) that would, if CPU memory is short. The user's activation policy, if given,
+           policy: ActivationPolicy | None = None) -> tuple[list[str], int | None, str]:
+    """What would make an infeasible configuration fit: one sentence per way, the planned CPU budget (each
+    rank's) that would, if CPU memory is short, and the settings that budget is for when they are not
+    fuyou train's defaults (" (at offload.prefetch_depth=1; ...)"). The user's activation policy, if given,
     is the one planned; else the leanest."""
     costs = stage_costs(w)
     fixes = []
@@ -432,7 +441,7 @@ def _fixes(w: Workload, hw: HardwareProfile, cpu_budget: int, failed: Evaluation
         def need(pol: ActivationPolicy) -> tuple[bool, int]:  # fits the GPU first, then the least CPU memory
             p = memory_plan(w, hw, costs, pol, cpu_budget)[0]
             return hw.device == "cuda" and p.device_required > hw.gpu_mem, p.cpu_minimum
-        lean = min((ActivationPolicy.recompute_all(w.model.n_layer, checkpoint=c, prefetch_depth=1)
+        lean = min((ActivationPolicy.recompute_all(w.model.n_layer, checkpoint=c, prefetch_depth=min(w.depths))
                     for c in ("ssd", "gpu")), key=need)
     plan, ssd = memory_plan(w, hw, costs, lean, cpu_budget)
     if hw.device == "cuda" and plan.device_required > hw.gpu_mem:
@@ -445,11 +454,18 @@ def _fixes(w: Workload, hw: HardwareProfile, cpu_budget: int, failed: Evaluation
                 break
         need = plan.device_required
         gpus = [n for n, g in GPUS.items() if g["mem"] >= need]
-        fixes.append(f"a GPU with at least {format_size(need)} of memory" + (f" ({', '.join(gpus)})" if gpus else ""))
+        fixes.append(f"a GPU with at least {format_size(need, up=True)} of memory" + (f" ({', '.join(gpus)})" if gpus else ""))
     need_cpu = plan.cpu_minimum
+    note = ""
     if plan.cpu_required > cpu_budget:  # the planned budget (after the reserve); `fuyou plan` restates it as --cpu-mem
+        if policy is None and lean.prefetch_depth != DEFAULT_PREFETCH:  # (train's minimum at its default differs)
+            default = memory_plan(w, hw, costs, ActivationPolicy.recompute_all(
+                w.model.n_layer, checkpoint="gpu", prefetch_depth=DEFAULT_PREFETCH), cpu_budget)[0].cpu_minimum
+            if default > need_cpu:
+                note = (f" (with offload.prefetch_depth={lean.prefetch_depth}; fuyou train's default depth "
+                        f"{DEFAULT_PREFETCH} needs {format_size(default * w.ranks, up=True)})")
         each = f" for the machine: {w.ranks} ranks' shares of {format_size(need_cpu)}" if w.ranks > 1 else ""
-        fixes.append(f"{CPU_FIX} {format_size(need_cpu * w.ranks)} planned, after the reserve{each}")
+        fixes.append(f"{CPU_FIX} {format_size(need_cpu * w.ranks, up=True)} planned, after the reserve{each}{note}")
     if ssd > hw.ssd_capacity:
         off = w.offload
         for change, what in ((dict(commit_every=1), "offload.commit_every=1 (commit every step: two state copies, "
@@ -466,7 +482,7 @@ def _fixes(w: Workload, hw: HardwareProfile, cpu_budget: int, failed: Evaluation
                      f"(--ssd {math.ceil(ssd / per)}xNAME or --ssd-capacity)")
     if not fixes:
         fixes.append("; ".join(failed.problems))
-    return fixes, (need_cpu if plan.cpu_required > cpu_budget else None)
+    return fixes, (need_cpu if plan.cpu_required > cpu_budget else None), note
 
 
 SPLIT_TIE = 0.01   # splits within 1% of the fastest count as equally fast: the largest micro-batch wins

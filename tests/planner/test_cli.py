@@ -473,3 +473,81 @@ def test_a_budget_the_reserve_eats_says_what_would_fit(capsys):
     m = re.search(r"needs at least ([\d.]+) GiB", capsys.readouterr().err)
     assert m, "no minimum named"
     assert main([*args, "--cpu-mem", f"{m.group(1)}GiB"]) == 0
+
+
+def _cpu_profile(tmp_path, **extra):
+    from fuyou.planner.hardware import HardwareProfile, save_profile
+
+    path = tmp_path / "cpu.json"
+    save_profile(HardwareProfile(source="fuyou probe on vm (cpu)", device="cpu", fwd_flops=1e11, bwd_flops=1e11,
+                                 matmul_flops=2e11, gpu_mem=2**34, h2d=1e15, d2h=1e15, ssd_read=2e9, ssd_write=2e9,
+                                 ssd_capacity=2**40, cpu_adam=1e9, **extra), path)
+    return path
+
+
+def test_plan_takes_the_offload_settings_train_takes(tmp_path, capsys):
+    """A new-user pass: offload.cpu_mem=150MiB (and offload.gpu_mem, prefetch_depth, act_policy) were accepted by
+    plan and ignored: it planned 256 GiB and said the model fits."""
+    args = ["plan", "--model", "gpt-tiny", "--profile", str(_cpu_profile(tmp_path)), "--seq", "128", "--batch", "4"]
+    assert main([*args, "offload.cpu_mem=150MiB"]) == 1
+    out = capsys.readouterr().out
+    assert "CPU memory 0.15 of 0.15 GiB planned" in out and "DOES NOT FIT" in out
+    assert main([*args, "offload.cpu_mem=2GiB", "offload.prefetch_depth=1"]) == 0
+    assert "--cpu-mem 2.00GiB offload.prefetch_depth=1" in capsys.readouterr().out
+    assert main([*args, "offload.cpu_mem=2GiB", "--cpu-mem", "4GiB"]) == 2
+    assert "both set it; give one" in capsys.readouterr().err
+    for bad, needle in (("offload.ssd_dirs=[/x]", "--ssd COUNTxPRESET"), ("offload.mode=none", "offload.mode=ssd")):
+        assert main([*args, bad]) == 2
+        assert needle in capsys.readouterr().err
+    assert main(["plan", "--model", "gpt3-13b", "--gpu", "rtx4090", "--ssd", "1x990-pro", "--batch", "8",
+                 "offload.gpu_mem=2GiB"]) == 1
+    assert "GPU memory 2.00 of 2.00 GiB usable" in capsys.readouterr().out
+    assert main([*args, "train.grad_clip=none"]) == 0  # a what-if, pasted back
+    assert "clipping            none" in capsys.readouterr().out
+
+
+def test_plan_defaults_to_the_memory_the_profile_measured(tmp_path, capsys):
+    args = ["plan", "--model", "gpt3-2.7b", "--profile", str(_cpu_profile(tmp_path, cpu_mem=23 * 2**30)),
+            "--seq", "128", "--batch", "1"]
+    assert main(args) == 0
+    captured = capsys.readouterr()  # (it planned the default 256 GiB: a CPU peak of 73.69 GiB on a 23 GiB machine)
+    assert "planning the 23.00 GiB of CPU memory" in captured.err and "of 23.00 GiB planned" in captured.out
+
+
+def test_a_minimum_the_plan_gives_fits_when_given_back(tmp_path, capsys):
+    """Minimums were rounded to the nearest: 188MiB was printed for a plan of 188.86 MiB, and 'at least
+    453.94 MiB' for 453.95. Given back, each figure must fit."""
+    import re
+
+    args = ["plan", "--model", "gpt-tiny", "--profile", str(_cpu_profile(tmp_path)), "--seq", "128", "--batch", "4"]
+    assert main([*args, "--cpu-mem", "450MiB"]) == 1
+    out = capsys.readouterr().out
+    least = re.search(r"a CPU memory budget of at least (\d+\.\d+ \w+) \(--cpu-mem", out).group(1)
+    assert "CPU memory: needs at least" in out
+    assert main([*args, "--cpu-mem", least.replace(" ", "")]) == 0, least
+    out = capsys.readouterr().out
+    cpu = re.search(r"train as planned +fuyou train \.\.\. --cpu-mem (\S+)", out).group(1)
+    assert main([*args, f"offload.cpu_mem={cpu}", *(["offload.prefetch_depth=1"] if "prefetch_depth=1" in out
+                                                    else [])]) == 0, cpu
+
+
+def test_the_train_line_of_a_data_parallel_plan_gives_the_machines_budget(capsys):
+    assert main(["plan", "--model", "gpt3-13b", "--gpu", "rtx4090", "--ssd", "2x990-pro", "--cpu-mem", "256GiB",
+                 "--batch", "8", "--gpus", "2", "--grad-accum", "4"]) == 0
+    out = capsys.readouterr().out
+    import re
+
+    shared = re.search(r"give fuyou train --cpu-mem (\S+), which torchrun", out).group(1)
+    line = re.search(r"train as planned +fuyou train \.\.\. --cpu-mem (\S+)", out).group(1)
+    assert float(line.removesuffix("GiB")) == pytest.approx(float(shared.removesuffix("GiB")), abs=0.011)
+
+
+def test_sizes_of_minimums_round_up():
+    from fuyou.units import format_size, parse_size
+
+    n = int(188.855 * 2**20)
+    assert format_size(n) == "188.85 MiB" or format_size(n) == "188.86 MiB"
+    assert format_size(n, up=True) == "188.86 MiB" and parse_size("188.86MiB") >= n
+    assert format_size(2**30, up=True) == "1.00 GiB" and format_size(1000, up=True) == "1000 B"
+    for n in (1, 4095, 123456789, 7 * 2**40 + 1):
+        assert parse_size(format_size(n, up=True).replace(" ", "")) >= n, n
