@@ -449,8 +449,16 @@ def _plan(args) -> int:
         if importlib.util.find_spec("matplotlib") is None:
             raise ConfigError("--plot needs matplotlib: pip install 'fuyou[plot]'")
     if args.ssd and len(args.ssd) > 1:  # (fuyou train's --ssd is one directory a drive, and repeats)
-        raise ConfigError(f"--ssd names the drives once, with their count: --ssd {len(args.ssd)}x{args.ssd[0]} for "
-                          f"{len(args.ssd)} of them (got --ssd {' --ssd '.join(args.ssd)})")
+        import re
+
+        kinds = {re.sub(r"^\d+x", "", s.lower()) for s in args.ssd}
+        counts = sum(int(m.group(1)) if (m := re.match(r"^(\d+)x", s.lower())) else 1 for s in args.ssd)
+        dirs = any("/" in s for s in args.ssd)
+        example = (f"--ssd {counts}x{kinds.pop()}" if len(kinds) == 1 and not dirs else
+                   "--ssd COUNTxPRESET (e.g. 2x990-pro), or --profile FILE from `fuyou probe --ssd DIR`")
+        raise ConfigError(f"--ssd names the drives once, with their count: {example} (got --ssd "
+                          f"{' --ssd '.join(args.ssd)}" + ("; plan takes drive models, not directories" if dirs
+                                                            else "") + ")")
     args.ssd = args.ssd[0] if args.ssd else None
     tokens_goal = _token_count(args.tokens) if args.tokens else None
     for name in ("batch", "seq", "grad_accum"):

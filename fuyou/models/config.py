@@ -222,9 +222,11 @@ PRESETS: dict[str, dict] = {
 
 def preset(name: str) -> dict:
     """The field values of preset ``name`` (a copy), or a ConfigError listing the presets."""
-    try:
-        return dict(PRESETS[name], preset=name)
-    except KeyError:
-        raise ConfigError(
-            f"unknown model preset {name!r}; choose one of: {', '.join(PRESETS)}"
-        ) from None
+    key = name if name in PRESETS else name.strip().lower().replace("_", "-")  # GPT3-13B, gpt3_125m
+    if key in PRESETS:
+        return dict(PRESETS[key], preset=key)
+    import difflib
+
+    near = difflib.get_close_matches(key, list(PRESETS), n=1)
+    raise ConfigError(f"unknown model preset {name!r}" + (f" (did you mean {near[0]!r}?)" if near else "")
+                      + f"; choose one of: {', '.join(PRESETS)}")

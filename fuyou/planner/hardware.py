@@ -163,6 +163,11 @@ anything (an estimate; the engine measures the real figure as the GPU's free mem
 def resolve(hw: HardwareConfig) -> HardwareProfile:
     """The profile for a hardware section: a probe's file, else presets, then numeric overrides."""
     if hw.profile:
+        named = [f"--{k} {v}" for k, v in (("gpu", hw.gpu), ("ssd", hw.ssd), ("pcie", hw.pcie)) if v]
+        if named:  # (a new-user pass found them ignored in silence beside a profile)
+            raise ConfigError(f"--profile {hw.profile} is the machine as measured: {' and '.join(named)} would not "
+                              f"be planned; give the presets without --profile, or change a measured figure with "
+                              f"its own flag (--gpu-tflops, --gpu-mem, --ssd-read, --ssd-write, --pcie-bw)")
         base = load_profile(hw.profile).model_dump()
         src = [f"probe {hw.profile}"]
         m = re.search(r"d=(\d+) ff=\d+ batch=(\d+) seq=(\d+)", base["source"])

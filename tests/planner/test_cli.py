@@ -551,3 +551,17 @@ def test_sizes_of_minimums_round_up():
     assert format_size(2**30, up=True) == "1.00 GiB" and format_size(1000, up=True) == "1000 B"
     for n in (1, 4095, 123456789, 7 * 2**40 + 1):
         assert parse_size(format_size(n, up=True).replace(" ", "")) >= n, n
+
+
+def test_plan_flags_a_profile_would_ignore_and_preset_spellings(tmp_path, capsys):
+    prof = str(_cpu_profile(tmp_path))
+    assert main(["plan", "--model", "gpt-tiny", "--profile", prof, "--gpu", "h100", "--ssd", "4x990-pro"]) == 2
+    assert "--gpu h100 and --ssd 4x990-pro would not be planned" in capsys.readouterr().err
+    assert main(["plan", "--model", "gpt3-13b", "--gpu", "rtx4090", "--ssd", "2x990-pro", "--ssd", "990-pro"]) == 2
+    assert "--ssd 3x990-pro" in capsys.readouterr().err
+    assert main(["plan", "--model", "gpt3-13b", "--gpu", "rtx4090", "--ssd", "/mnt/a", "--ssd", "/mnt/b"]) == 2
+    assert "not directories" in capsys.readouterr().err
+    assert main(["plan", "--model", "GPT3_125M", "--gpu", "rtx4090", "--ssd", "990-pro"]) == 0
+    capsys.readouterr()
+    assert main(["plan", "--model", "gpt3-13c", "--gpu", "rtx4090", "--ssd", "990-pro"]) == 2
+    assert "did you mean 'gpt3-13b'?" in capsys.readouterr().err
