@@ -23,7 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args) or 0
     except FuyouError as e:
-        print(f"fuyou: error{_rank_tag()}: {e}", file=sys.stderr)
+        sys.stderr.write(f"fuyou: error{_rank_tag()}: {e}\n")  # one write: torchrun's ranks print beside each other
+        sys.stderr.flush()
+        _leave_ranks()
         return 2
     except KeyboardInterrupt:
         print("fuyou: interrupted", file=sys.stderr)
@@ -31,6 +33,17 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `fuyou models | head`: the reader left; not an error
         sys.stderr.close()
         return 0
+
+
+def _leave_ranks() -> None:
+    """Leave torchrun's process group on an error: left to the interpreter's exit, its gloo threads ended in
+    std::terminate (SIGABRT, "terminate called without an active exception") now and then."""
+    from fuyou import distributed
+
+    try:
+        distributed.current().close()
+    except Exception:  # noqa: BLE001 -- leaving is best effort; the error is already reported
+        pass
 
 
 def _rank_tag() -> str:

@@ -94,12 +94,18 @@ class Dist:
 
     # -- collectives -------------------------------------------------------------------------------
     @contextmanager
-    def _collective(self, what: str):
+    def _collective(self, what: str, started: bool = True):
+        """A collective whose failure (a peer that died) is a DistributedError; ``started``: the run has a
+        state to resume (before it, a peer's refusal is all there is to say)."""
         try:
             yield
         except RuntimeError as e:  # gloo and NCCL report a dead peer or a timeout as RuntimeError
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            if not started:
+                raise DistributedError(f"rank {self.rank}: {what} failed ({why}): another rank stopped (its own error "
+                                       f"says why); nothing was started") from e
             raise DistributedError(
-                f"rank {self.rank}: {what} failed ({str(e).splitlines()[0] if str(e) else type(e).__name__}): another "
+                f"rank {self.rank}: {what} failed ({why}): another "
                 f"rank stopped or is stuck (its own error says why). The last commit is intact: fix the cause, then "
                 f"continue with `torchrun --nproc_per_node={self.local_world} -m fuyou.cli train --resume RUN_DIR` "
                 f"(the run directory it printed; {self.world} processes in all, as now)") from e
@@ -129,16 +135,27 @@ class Dist:
             td.all_reduce(t, op={"sum": td.ReduceOp.SUM, "max": td.ReduceOp.MAX, "min": td.ReduceOp.MIN}[op])
         return [int(v) for v in t.tolist()]
 
-    def broadcast(self, obj, what: str):
-        """Rank 0's ``obj`` on every rank."""
+    def broadcast(self, obj, what: str, started: bool = True):
+        """Rank 0's ``obj`` on every rank. A FuyouError rank 0 passes (its refusal) is raised on every rank,
+        the others naming it as rank 0's (a peer left waiting on a rank that had refused told of a dead rank,
+        and of a commit to resume that did not exist)."""
+        from fuyou.errors import FuyouError
+
         if not self.enabled:
+            if isinstance(obj, FuyouError):
+                raise obj
             return obj
         import torch.distributed as td
 
-        box = [obj]
-        with self._collective(what):
+        box = [obj if not isinstance(obj, FuyouError) else ("refused", str(obj))]
+        with self._collective(what, started):
             td.broadcast_object_list(box, src=0)
-        return box[0]
+        out = box[0]
+        if isinstance(obj, FuyouError):
+            raise obj
+        if isinstance(out, tuple) and len(out) == 2 and out[0] == "refused":
+            raise ConfigError(f"rank 0 refused the run ({what}): {out[1]}")
+        return out
 
     def barrier(self, what: str) -> None:
         if self.enabled:
@@ -225,9 +242,10 @@ def launched_world() -> int:
     return int(w) if w.isdigit() else 1
 
 
-def init(cfg) -> Dist:
+def init(cfg, resume_dir: Path | None = None) -> Dist:
     """Join torchrun's process group when this process is one of several (module docstring); refuse
-    what data parallelism does not support yet, before anything is written."""
+    what data parallelism does not support yet, before anything is written. ``resume_dir``: a resume,
+    whose world size is checked first (``check_world``)."""
     global _DIST
     world = launched_world()
     if world <= 1:
@@ -241,6 +259,8 @@ def init(cfg) -> Dist:
         raise ConfigError(f"torchrun started {world} processes, but offload.mode={cfg.offload.mode}: data-parallel "
                           f"training runs the SSD-offloaded engine (--offload ssd --ssd DIR); offload.mode=none is the "
                           f"single-process reference")
+    if resume_dir is not None:  # (before the batch's check below, whose advice a resume cannot take)
+        _check_world_size(resume_dir, world, t.grad_accum)
     if t.grad_accum % world:
         raise ConfigError(f"train.grad_accum={t.grad_accum} is not a multiple of the {world} ranks: a step's global "
                           f"batch is grad_accum micro-batches of train.micro_batch_size rows whatever the number of "
@@ -321,10 +341,31 @@ def check_world(run_dir: Path, d: Dist) -> None:
     """A run resumes with the world size that trained it (the state is one per rank), or after
     ``fuyou reshard`` (fuyou/reshard.py) with another."""
     check_reshard_pending(run_dir)
+    _check_world_size(run_dir, d.world, None)
+
+
+def _check_world_size(run_dir: Path, now: int, grad_accum: int | None) -> None:
+    """``check_world``'s test, with the reshards that are possible: the process counts that divide the run's
+    train.grad_accum, which a resume keeps (``grad_accum``: the resumed config's; None: read the run's)."""
     path = run_dir / WORLD_FILE
     world = json.loads(path.read_text())["world_size"] if path.is_file() else 1
-    if world != d.world:
-        how = "without torchrun" if world == 1 else f"with torchrun --nproc_per_node={world} (or its nodes)"
-        raise ConfigError(f"{run_dir} was trained by {world} process(es) and this resume has {d.world}: each rank "
-                          f"keeps its own part of the state, so resume {how}, or first rewrite the state for "
-                          f"{d.world} with `fuyou reshard {run_dir} --nproc {d.world}` (one machine)")
+    if world == now:
+        return
+    if grad_accum is None:
+        try:
+            import tomllib
+
+            grad_accum = int(tomllib.loads((run_dir / "config.toml").read_text())["train"]["grad_accum"])
+        except (OSError, KeyError, ValueError, TypeError):
+            grad_accum = now
+    how = "without torchrun" if world == 1 else f"with torchrun --nproc_per_node={world} (or its nodes)"
+    if grad_accum % now == 0:
+        other = f"or first rewrite the state for {now} with `fuyou reshard {run_dir} --nproc {now}` (one machine)"
+    else:
+        ok = [n for n in range(1, grad_accum + 1) if grad_accum % n == 0 and n != world]
+        nproc = str(ok[0]) if len(ok) == 1 else f"N` for N in {', '.join(map(str, ok))}"
+        other = (f"or rewrite the state with `fuyou reshard {run_dir} --nproc {nproc}{'`' if len(ok) == 1 else ''}: "
+                 f"the process counts that divide its train.grad_accum={grad_accum}, which a resume keeps ({now} "
+                 f"does not)" if ok else f"(its train.grad_accum={grad_accum}, which a resume keeps, allows no other)")
+    raise ConfigError(f"{run_dir} was trained by {world} process(es) and this resume has {now}: each rank keeps its "
+                      f"own part of the state, so resume {how}, {other}")

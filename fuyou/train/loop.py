@@ -25,7 +25,7 @@ from fuyou.train.metrics import MetricsLog, Progress, si, tensorboard_available
 from fuyou.train.reference import ReferenceTrainer
 from fuyou.train.run import (SaveError, make_run_dir, record_resume, resume_changes, run_dir_path, save_snapshot,
                              save_weights)
-from fuyou.errors import ConfigError, DataError
+from fuyou.errors import ConfigError, DataError, FuyouError
 from fuyou.trainer import Trainer
 from fuyou.units import format_size
 from fuyou import distributed
@@ -179,7 +179,7 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
         raise ConfigError("run.tensorboard=true needs the tensorboard package: pip install 'fuyou[tensorboard]'")
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    dist = distributed.init(cfg)  # torchrun: join the ranks (one process: nothing)
+    dist = distributed.init(cfg, Path(resume) if resume is not None else None)  # torchrun: join the ranks
     if dist.enabled and plan_auto:
         raise ConfigError("--plan auto measures this machine for one process; with torchrun give the activation "
                           "policy (offload.act_policy) and budgets yourself (`fuyou plan` for one of the GPUs)")
@@ -187,7 +187,13 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
         run_path = Path(resume)
         distributed.check_world(run_path, dist)
     else:  # rank 0 names the run (the name may hold the time): one run directory for every rank
-        run_path = Path(dist.broadcast(str(run_dir_path(cfg)) if dist.is_main else None, "naming the run directory"))
+        named = None
+        if dist.is_main:
+            try:
+                named = str(run_dir_path(cfg))
+            except FuyouError as e:  # every rank stops with it (``Dist.broadcast``), none waits on a dead peer
+                named = e
+        run_path = Path(dist.broadcast(named, "naming the run directory", started=False))
     if not dist.is_main:  # progress, metrics and files are rank 0's; errors are every rank's own
         stream = open(os.devnull, "w")
     if plan_auto:

@@ -187,3 +187,23 @@ def test_a_switch_whose_new_state_is_gone_moves_nothing(tmp_path):
     fuyou("reshard", str(run), "--nproc", "2")  # starts over (the other partial new state is removed first)
     assert sorted(p.name for p in (tmp_path / "ssd").iterdir()) == ["cut.fuyou-state", "cut.fuyou-state.rank1"]
     assert_states(state, open_state(run))
+
+
+def test_a_resume_at_another_world_size_says_which_are_possible(tmp_path):
+    """A new-user pass went in a circle: a 2-rank run (grad_accum 2) resumed by 3 was told to set
+    train.grad_accum to a multiple of 3 (a resume keeps it), then to reshard for 3, which reshard refuses."""
+    run = cut_after_step_2(tmp_path, "cut", (), 2)
+    r = torchrun(["train", "--resume", str(run)], nproc=3, check=False)
+    err = r.stderr
+    assert r.returncode != 0 and "Traceback (most recent call last):\n  File \"/" not in err.split("fuyou: error")[0]
+    assert "trained by 2 process(es) and this resume has 3" in err and f"fuyou reshard {run} --nproc 1`" in err, err
+    assert "multiple of 3" not in err
+
+
+def test_a_refusal_on_rank_0_before_the_run_is_every_ranks_not_a_dead_peer(tmp_path):
+    """A data-parallel run whose run.name existed: rank 1 reported a dead peer and a commit to resume, then
+    aborted (SIGABRT)."""
+    torchrun(train_args(tmp_path, "taken", "train.grad_accum=2", "train.steps=1"))
+    r = torchrun(train_args(tmp_path, "taken", "train.grad_accum=2", "train.steps=1"), check=False)
+    assert "(rank 1 of 2): rank 0 refused the run (naming the run directory): run directory" in r.stderr, r.stderr
+    assert "--resume" not in r.stderr and "terminate called" not in r.stderr, r.stderr
