@@ -73,6 +73,7 @@ class Dist:
         self.backend = backend
         self._commit_group = None
         self._exchange_group = None
+        self.run_dir: Path | None = None  # once named: the --resume an error gives
 
     @property
     def enabled(self) -> bool:
@@ -107,8 +108,9 @@ class Dist:
             raise DistributedError(
                 f"rank {self.rank}: {what} failed ({why}): another "
                 f"rank stopped or is stuck (its own error says why). The last commit is intact: fix the cause, then "
-                f"continue with `torchrun --nproc_per_node={self.local_world} -m fuyou.cli train --resume RUN_DIR` "
-                f"(the run directory it printed; {self.world} processes in all, as now)") from e
+                f"continue with `torchrun --nproc_per_node={self.local_world} -m fuyou.cli train --resume "
+                f"{self.run_dir or 'RUN_DIR'}` " + ("" if self.run_dir else "(the run directory it printed) ")
+                + f"({self.world} processes in all, as now)") from e
 
     def all_reduce_(self, t: torch.Tensor, what: str = "summing a gradient over the ranks") -> torch.Tensor:
         """Sum ``t`` over the ranks in place."""

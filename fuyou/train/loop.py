@@ -194,6 +194,7 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
             except FuyouError as e:  # every rank stops with it (``Dist.broadcast``), none waits on a dead peer
                 named = e
         run_path = Path(dist.broadcast(named, "naming the run directory", started=False))
+    dist.run_dir = run_path
     if not dist.is_main:  # progress, metrics and files are rank 0's; errors are every rank's own
         stream = open(os.devnull, "w")
     if plan_auto:

@@ -223,6 +223,8 @@ def export_run_dir(run_dir: str | Path, out_dir: str | Path, dtype: str = "fp32"
     from fuyou.hf import export_run
 
     run, out = Path(run_dir).expanduser(), Path(out_dir).expanduser()
+    if out.is_dir() and any(out.iterdir()):  # before any note about what would be exported
+        raise ConfigError(f"{out} exists and is not empty; choose a new --out directory")
     adapters = lora_adapters(run, stream)
     if adapters is not None:
         from fuyou.hf.peft import write_merged, write_peft_adapter
@@ -298,7 +300,7 @@ def lora_adapters(run: Path, stream=None):
     cfg = load_config(run / "config.toml", ["model.init_from=none"])
     if not cfg.lora.enabled:
         return None
-    missing = f"{run} is a LoRA run without {ADAPTER_FILE} (it stopped before saving its adapters)"
+    missing = f"{run} is a LoRA run without {ADAPTER_FILE} (still training, or stopped before saving its adapters)"
     if cfg.offload.mode != "ssd" or cfg.offload.commit != "cow":
         raise ConfigError(f"{missing} and kept no commits (offload.mode={cfg.offload.mode}, offload.commit="
                           f"{cfg.offload.commit}): export a snapshot (RUN_DIR/snapshots/step-N) if it wrote one")

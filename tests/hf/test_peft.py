@@ -282,6 +282,8 @@ def test_a_stopped_lora_run_exports_its_last_commit(hf_models, tmp_path, capsys)
     out = tmp_path / "adapter"
     assert main(["export", str(run), "--out", str(out)]) == 0
     assert "exporting the adapters of its last commit (step 2)" in capsys.readouterr().err
+    assert main(["export", str(run), "--out", str(out)]) == 2  # refused before any note of what it would do
+    assert "exporting" not in (err := capsys.readouterr().err) and "is not empty" in err, err
     (state,) = (tmp_path / "ssd" / f"{run.name}.fuyou-state").glob("lora-state.*.safetensors")
     committed = {k.removeprefix("adapter/"): v for k, v in load_file(str(state)).items() if k.startswith("adapter/")}
     model = peft.PeftModel.from_pretrained(load_hf(src), str(out)).eval()
