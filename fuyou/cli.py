@@ -268,11 +268,16 @@ def _add_planner_parsers(sub) -> None:
     pr.add_argument("--out", default="profile.json", help="profile JSON to write (default: profile.json)")
     pr.add_argument("--model", help="model (a preset, or a path as for fuyou plan --model) whose block shapes to "
                     "time (default: a 125M/1.3B block)")
-    pr.add_argument("--batch", type=int, help="micro-batch size for the compute probe")
-    pr.add_argument("--seq", type=int, help="sequence length for the compute probe")
-    pr.add_argument("--io-bytes", default="256MiB", help="bytes written and read in the SSD probe")
-    pr.add_argument("--adam-params", type=int, default=1 << 24, help="parameters in the AdamW probe")
-    pr.add_argument("--repeats", type=int, default=3, help="timed repetitions (median)")
+    pr.add_argument("--batch", type=int, help="micro-batch size for the compute probe (default 8 on a GPU, 4 on a "
+                    "CPU; give the batch you will plan: a plan far from it extrapolates)")
+    pr.add_argument("--seq", type=int, help="sequence length for the compute probe (default 1024 on a GPU, 256 on "
+                    "a CPU, at most the model's positions)")
+    pr.add_argument("--io-bytes", default="256MiB", help="bytes written and read in the SSD probe (default 256MiB, "
+                    "at least 1MiB; the store's I/O unit rounds it up)")
+    pr.add_argument("--adam-params", type=int, default=1 << 24, help="parameters in the AdamW probe (default 16777216, "
+                    "at least 65536; the out-of-core job beside it updates one block of --model)")
+    pr.add_argument("--repeats", type=int, default=3, help="timed repetitions, their median kept (default 3, at "
+                    "least 1)")
     pr.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
                     help="compute dtype the block is timed in, as train.precision (default bf16)")
     pr.set_defaults(func=_probe)
