@@ -436,9 +436,10 @@ def _plan_offload_flags(args, given: dict) -> None:
     if "act_policy" in given:
         args.act_policy = str(given.pop("act_policy"))
     if "prefetch_depth" in given:  # (the search then tries that depth alone: Workload.depths)
-        args.prefetch_depth = int(given.pop("prefetch_depth"))
-        if args.prefetch_depth < 1:
-            raise ConfigError(f"offload.prefetch_depth must be at least 1, got {args.prefetch_depth}")
+        depth = given.pop("prefetch_depth")
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+            raise ConfigError(f"offload.prefetch_depth must be a whole number of stages, at least 1, got {depth!r}")
+        args.prefetch_depth = depth
     if str(given.get("mode", "ssd")) != "ssd":
         raise ConfigError(f"offload.mode={given['mode']}: plan plans training offloaded to the SSD (offload.mode=ssd)")
     given.pop("mode", None)
@@ -608,7 +609,7 @@ def _plan(args) -> int:
         given = args.cpu_reserve is not None
         per = (plan.cpu_need + reserve if given
                else -(-(plan.cpu_need + CPU_RESERVE[hw.device]) // (1 - CPU_RESERVE_FRACTION)))
-        fix = (f"{CPU_FIX} {format_size(int(per) * gpus, up=True)} (--cpu-mem; it plans {format_size(plan.cpu_need)} after the "
+        fix = (f"{CPU_FIX} {format_size(int(per) * gpus, up=True)} (--cpu-mem; it plans {format_size(plan.cpu_need, up=True)} after the "
                f"reserve of {format_size(reserve if given else int(per) - plan.cpu_need)}"
                + (f", for each of {gpus} ranks" if gpus > 1 else "") + ")" + plan.cpu_note)
         plan.fixes = [fix if f.startswith(CPU_FIX) else f for f in plan.fixes]
@@ -702,11 +703,13 @@ def _train(args) -> int:
                               f"it" + (" (with lora.init_from the run's exported adapter, to keep the adapters)"
                                        if lora else ""))
         ranks = [o.partition("=")[2].strip() for o in args.overrides if o.partition("=")[0].strip() == "lora.rank"]
-        if ranks:  # before the config's own checks, which would refuse lora.rank=0 beside the run's lora settings
+        if ranks:  # a clearer refusal than the config's own checks give (LoRA settings without a rank)
             import tomllib
 
+            from fuyou.config import _parse_value
+
             had = tomllib.loads((resume / "config.toml").read_text()).get("lora", {}).get("rank", 0)
-            if ranks[-1] != str(had):
+            if _parse_value(ranks[-1]) != had:
                 raise ConfigError(f"a resumed run cannot change lora.rank ({had!r} -> {ranks[-1]}): it fixes the shape "
                                   f"of its committed state. Resume with the run's own value, or start a new run")
         args.config = resume / "config.toml"

@@ -73,7 +73,7 @@ class Dist:
         self.backend = backend
         self._commit_group = None
         self._exchange_group = None
-        self.run_dir: Path | None = None  # once named: the --resume an error gives
+        self.run_dir: Path | None = None  # once it has a commit to resume: the --resume an error gives
 
     @property
     def enabled(self) -> bool:
@@ -105,6 +105,10 @@ class Dist:
             if not started:
                 raise DistributedError(f"rank {self.rank}: {what} failed ({why}): another rank stopped (its own error "
                                        f"says why); nothing was started") from e
+            if self.run_dir is None:  # no commit yet: nothing to resume
+                raise DistributedError(f"rank {self.rank}: {what} failed ({why}): another rank stopped or is stuck "
+                                       f"(its own error says why), before the run's first commit: fix the cause and "
+                                       f"start it again") from e
             raise DistributedError(
                 f"rank {self.rank}: {what} failed ({why}): another "
                 f"rank stopped or is stuck (its own error says why). The last commit is intact: fix the cause, then "
@@ -262,6 +266,7 @@ def init(cfg, resume_dir: Path | None = None) -> Dist:
                           f"training runs the SSD-offloaded engine (--offload ssd --ssd DIR); offload.mode=none is the "
                           f"single-process reference")
     if resume_dir is not None:  # (before the batch's check below, whose advice a resume cannot take)
+        check_reshard_pending(resume_dir)
         _check_world_size(resume_dir, world, t.grad_accum)
     if t.grad_accum % world:
         raise ConfigError(f"train.grad_accum={t.grad_accum} is not a multiple of the {world} ranks: a step's global "

@@ -233,13 +233,15 @@ def _same_vocabulary(spec: str, fingerprint: str) -> bool:
 def _eval_tokenizer(data, *given: str | None) -> str:
     """The tokenizer for prepared data's held-out files: the one it was prepared with, or a given one with its
     vocabulary (a copy elsewhere: the data and the model moved to another machine, say)."""
-    for spec in given:
-        if spec and spec not in ("auto", "byte") and _same_vocabulary(spec, data.fingerprint):
+    tried = [spec for spec in given if spec and spec not in ("auto", "byte")]
+    for spec in tried:
+        if _same_vocabulary(spec, data.fingerprint):
             return spec
     spec = _spec_of(data)
     if spec != "byte" and not Path(spec).is_dir():
+        other = (f" ({', '.join(dict.fromkeys(tried))} has another vocabulary)" if tried else "")
         raise DataError(f"data.eval_path is tokenized with the tokenizer the data was prepared with, {spec}, which is "
-                        f"gone: give data.tokenizer=DIR, a copy of it (or model.init_from a model that has it)")
+                        f"gone{other}: give data.tokenizer=DIR, a copy of it (or model.init_from a model that has it)")
     return spec
 
 

@@ -8,6 +8,18 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
+def is_prepared(path) -> bool:
+    """Whether ``path`` is a directory ``fuyou data prepare`` wrote: its meta.json is fuyou's (a dataset may
+    ship a meta.json of its own, and is then text)."""
+    import json
+
+    try:
+        meta = json.loads((Path(path) / "meta.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and ("kind" in meta or {"dtype", "train_tokens"} <= meta.keys())
+
+
 class DataConfig(BaseModel):
     """Where training tokens come from."""
 
@@ -61,8 +73,10 @@ class DataConfig(BaseModel):
         error about the wrong thing (a prepared directory "holds no usable files")."""
         if isinstance(data, dict) and data.get("path") and data.get("source", "text") in ("text", "prepared"):
             paths = [data["path"]] if isinstance(data["path"], str) else data["path"]
-            prepared = len(paths) == 1 and (Path(paths[0]) / "meta.json").is_file()
-            data = {**data, "source": "prepared" if prepared else "text"}
+            if len(paths) == 1:  # (several paths: text, or an explicit 'prepared' refused below as such)
+                data = {**data, "source": "prepared" if is_prepared(paths[0]) else "text"}
+            elif "source" not in data:
+                data = {**data, "source": "text"}
         return data
 
     @model_validator(mode="after")
@@ -70,7 +84,7 @@ class DataConfig(BaseModel):
         for p in self.eval_path:
             if not Path(p).exists():
                 raise ValueError(f"data.eval_path {p!r} does not exist")
-            if (Path(p) / "meta.json").is_file():
+            if is_prepared(p):
                 raise ValueError(f"data.eval_path {p!r} is a `fuyou data prepare` directory: held-out files are given "
                                  f"as they are (.jsonl, text) and tokenized at start-up, or prepared beside the "
                                  f"training data (`fuyou data prepare TRAIN --eval HELD_OUT --out DIR`)")

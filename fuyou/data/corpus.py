@@ -35,10 +35,10 @@ def builtin_documents() -> list[str]:
 
 
 JSONL_SUFFIXES = {".jsonl", ".ndjson"}
-# In a directory, files a dataset's or project's folder holds beside its data (a Hugging Face dataset card is
-# README.md): not read, and listed as such. Given by name, such a file is read.
-NOT_DATA_STEMS = {"readme", "license", "licence", "changelog", "contributing", "citation", "notice", "authors",
-                  "code_of_conduct", "security"}
+# In a directory of structured records (JSON Lines), the text files a dataset's folder holds beside them (a
+# Hugging Face dataset card is README.md): not read, and listed as such. In a directory of text, they are
+# text like the others; given by name, such a file is read.
+NOT_DATA_STEMS = {"readme", "license", "licence"}
 
 
 RECORD_LISTS = {"messages", "conversations", "prompt", "completion", "tools"}  # a record's own list fields
@@ -59,12 +59,13 @@ def iter_records(paths: list[str | Path], text_field: str = "text") -> Iterator[
         if not p.exists():
             raise DataError(f"data path {p} does not exist; give a text file, a .jsonl file or a directory")
         files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+        records = p.is_dir() and any(f.suffix.lower() in JSONL_SUFFIXES for f in files)
         found, skipped = False, []
         for f in files:
             suffix = f.suffix.lower()
             if p.is_dir() and any(part.startswith(".") for part in f.relative_to(p).parts):
                 skipped.append((f, "hidden"))
-            elif p.is_dir() and f.name.split(".")[0].lower() in NOT_DATA_STEMS:
+            elif records and f.name.split(".")[0].lower() in NOT_DATA_STEMS and suffix not in JSONL_SUFFIXES:
                 skipped.append((f, "a dataset card or project file, not data: give it as a file of its own to "
                                    "train on it"))
             elif suffix in JSONL_SUFFIXES:

@@ -248,8 +248,17 @@ def _peft_matmuls(conf: dict, family: str, layers: list[int], path) -> list[str]
 
     from fuyou.models.lora import ALL_LINEAR
 
-    targets = conf.get("target_modules") or []
-    only = conf.get("layers_to_transform")
+    from fuyou.models.lora import resolve_targets
+
+    targets = conf.get("target_modules")
+    if not targets:  # PEFT's default for the architecture
+        return resolve_targets(family, None)
+    if targets == "all-linear" or (isinstance(targets, list) and "all-linear" in targets):
+        return list(ALL_LINEAR[family])
+    if conf.get("exclude_modules"):
+        raise ConfigError(f"lora.init_from={path}: the adapter uses PEFT's exclude_modules, which fuyou does not "
+                          f"train (the same matmuls in every block); it cannot be continued here")
+    only = conf.get("layers_to_transform") if not isinstance(targets, str) else None  # (PEFT: list targets only)
     only = None if only is None else {only} if isinstance(only, int) else set(only)
     per_layer = {}
     for i in layers:
@@ -269,7 +278,12 @@ def _peft_matmuls(conf: dict, family: str, layers: list[int], path) -> list[str]
         raise ConfigError(f"lora.init_from={path}: the adapter adapts different matmuls in different layers ({why}), "
                           f"which fuyou does not: it adapts the same matmuls in every block; it cannot be continued "
                           f"here")
-    return list(sets.pop()) if sets else []
+    chosen = list(sets.pop()) if sets else []
+    if not chosen:
+        raise ConfigError(f"lora.init_from={path}: the adapter's target_modules {targets!r} match no matmul of this "
+                          f"{family} model's blocks: it was trained on another architecture, or adapts modules fuyou "
+                          f"does not (the LM head, the embeddings)")
+    return chosen
 
 
 def hf_base_name(base: Path | None) -> str | None:

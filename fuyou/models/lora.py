@@ -80,9 +80,12 @@ class LoRAConfig(BaseModel):
         fields = LoRAConfig.model_fields
         adapter = [f"lora.{k}" for k in ("targets", "dropout", "alpha", "use_rslora", "init")
                    if getattr(self, k) != fields[k].default]
-        if adapter and not self.rank:  # (a new-user pass: lora.targets alone ran full fine-tuning in silence)
-            raise ValueError(f"{', '.join(adapter)} set but lora.rank is 0 (LoRA off: every weight trains): set "
-                             f"lora.rank (for example 16) to train adapters, or drop the lora settings")
+        # a new-user pass: lora.targets alone ran full fine-tuning in silence. An explicit lora.rank=0 is LoRA
+        # turned off knowingly (a config file's [lora] kept for later, and every run's saved config.toml)
+        if adapter and not self.rank and "rank" not in self.model_fields_set:
+            raise ValueError(f"{', '.join(adapter)} set but not lora.rank, which is 0 (LoRA off: every weight "
+                             f"trains): set lora.rank (for example 16) to train adapters, or lora.rank=0 to train "
+                             f"every weight")
         if self.base != "compute" and not self.rank:
             raise ValueError(f"lora.base={self.base} is set but lora.rank is 0 (LoRA off): a quantised base is "
                              f"LoRA's, whose base is frozen; set lora.rank, or drop lora.base")

@@ -135,6 +135,9 @@ class HardwareProfile(BaseModel):
     compute_block: list[int] | None = Field(None, description="The probe's timed block: [d_model, tokens a "
                                             "micro-batch]. Its FLOP/s hold near that shape; a plan far from it "
                                             "extrapolates them, and says so. None: presets.")
+    compute_precision: Literal["bf16", "fp32"] | None = Field(
+        None, description="The dtype the probe timed its block in (probe --precision); a plan of the other "
+        "precision says its compute times are the probe's other dtype's. None: presets, or older profiles.")
     gpu_link: float | None = Field(None, gt=0, description="Data parallel: GPU-to-GPU bandwidth per direction for "
                                    "NCCL's gradient sums, bytes/s (NVLink); None: through host memory over each "
                                    "GPU's PCIe link.")

@@ -269,15 +269,19 @@ def _probe_shape_note(plan: Plan) -> str:
     below a machine's throughput (per-call overheads) and large ones near it, so a plan far from the
     probed shape can be off many times (a new-user pass: 42 s predicted, 0.41 s measured, from a
     probe of a 64-wide block at 128 tokens)."""
+    w = plan.workload
+    timed, planned = plan.hardware.compute_precision, "bf16" if w.csize == 2 else "fp32"
+    dtype = (f"\nnote: the probe timed its block in {timed}, this plan computes in {planned} (train.precision): its "
+             f"compute times are {timed}'s; for a faithful plan run `fuyou probe ... --precision {planned}`"
+             if timed and timed != planned else "")
     probed = plan.hardware.compute_block
     if not probed:
-        return ""
-    w = plan.workload
+        return dtype
     d, tokens = w.model.d_model, w.batch * w.seq
     far = max(d / probed[0], probed[0] / d, tokens / probed[1], probed[1] / tokens)
     if far < PROBE_SHAPE_RATIO:
-        return ""
-    return (f"\nnote: the probe timed a block of width {probed[0]} at {probed[1]} tokens, this plan's is {d} wide at "
+        return dtype
+    return dtype + (f"\nnote: the probe timed a block of width {probed[0]} at {probed[1]} tokens, this plan's is {d} wide at "
             f"{tokens} tokens: its compute times are extrapolated and may be far off; for a faithful plan run "
             f"`fuyou probe --model <this model> --batch {w.batch} --seq {w.seq}`")
 

@@ -461,10 +461,11 @@ def _fixes(w: Workload, hw: HardwareProfile, cpu_budget: int, failed: Evaluation
         if policy is None and lean.prefetch_depth != DEFAULT_PREFETCH:  # (train's minimum at its default differs)
             default = memory_plan(w, hw, costs, ActivationPolicy.recompute_all(
                 w.model.n_layer, checkpoint="gpu", prefetch_depth=DEFAULT_PREFETCH), cpu_budget)[0].cpu_minimum
-            if default > need_cpu:
+            if default > need_cpu:  # (each rank's, as the figure it qualifies)
                 note = (f" (with offload.prefetch_depth={lean.prefetch_depth}; fuyou train's default depth "
-                        f"{DEFAULT_PREFETCH} needs {format_size(default * w.ranks, up=True)})")
-        each = f" for the machine: {w.ranks} ranks' shares of {format_size(need_cpu)}" if w.ranks > 1 else ""
+                        f"{DEFAULT_PREFETCH} needs {format_size(default, up=True)}"
+                        + (" a rank)" if w.ranks > 1 else ")"))
+        each = f" for the machine: {w.ranks} ranks' shares of {format_size(need_cpu, up=True)}" if w.ranks > 1 else ""
         fixes.append(f"{CPU_FIX} {format_size(need_cpu * w.ranks, up=True)} planned, after the reserve{each}{note}")
     if ssd > hw.ssd_capacity:
         off = w.offload

@@ -194,7 +194,8 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
             except FuyouError as e:  # every rank stops with it (``Dist.broadcast``), none waits on a dead peer
                 named = e
         run_path = Path(dist.broadcast(named, "naming the run directory", started=False))
-    dist.run_dir = run_path
+    if resume is not None:  # a commit to resume from (a new run: once it has committed, ``_loop``)
+        dist.run_dir = run_path
     if not dist.is_main:  # progress, metrics and files are rank 0's; errors are every rank's own
         stream = open(os.devnull, "w")
     if plan_auto:
@@ -534,6 +535,8 @@ def _loop(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, stop
         t0 = time.perf_counter()
         stats = trainer.train_step(step)
         dt = time.perf_counter() - t0
+        if dist.run_dir is None and getattr(trainer, "last_commit_step", None):  # now resumable (Dist._collective)
+            dist.run_dir = run_dir
         tokens += stats.tokens
         tps = stats.tokens / dt
         record = {

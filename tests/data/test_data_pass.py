@@ -154,3 +154,19 @@ def test_an_empty_assistant_answer_with_loss_gets_a_note(tmp_path, capsys):
     tokenize_records([chat], "byte", val_fraction=0.3)
     err = capsys.readouterr().err
     assert "1 assistant turn(s) with empty content carry loss" in err and "c.jsonl:2: messages[1]" in err, err
+
+
+def test_a_text_corpus_keeps_its_readmes_and_a_foreign_meta_json_is_text(tmp_path, capsys):
+    """The review of the fixes: a README is text in a directory of text (a documentation corpus), and a
+    dataset's own meta.json does not make its directory 'prepared'."""
+    d = tmp_path / "docs"
+    d.mkdir()
+    (d / "README.md").write_text("# Project\n" + "words " * 50)
+    (d / "guide.md").write_text("guide " * 50)
+    (d / "meta.json").write_text('{"name": "my docs", "license": "mit"}')
+    data = tokenize_records([d], "byte", val_fraction=0.1)
+    assert data.documents == 2
+    assert DataConfig(path=[str(d)]).source == "text"
+    assert DataConfig(source="prepared", path=[str(d)]).source == "text"
+    with pytest.raises(ValueError, match="exactly one directory"):
+        DataConfig(source="prepared", path=[str(d), str(d / "guide.md")])

@@ -488,11 +488,28 @@ def test_peft_features_fuyou_does_not_train_are_named(hf_models, tmp_path, capsy
     assert needle in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("written, ours", [("all-linear", "all-linear"), (None, None), ([], None)])
+def test_peft_configs_as_peft_reads_them(hf_models, tmp_path, written, ours):
+    """The review of the fixes: target_modules written as the string 'all-linear', or missing (PEFT's default
+    for the architecture), as PEFT itself loads them."""
+    from fuyou.hf.peft import _peft_matmuls
+    from fuyou.models.lora import resolve_targets
+
+    conf = {"r": 4} if written is None else {"r": 4, "target_modules": written}
+    assert _peft_matmuls(conf, "llama", [0, 1], "x") == resolve_targets("llama", None if ours is None else [ours])
+    with pytest.raises(ConfigError, match="match no matmul"):
+        _peft_matmuls({"target_modules": ["lm_head"]}, "llama", [0, 1], "x")
+    with pytest.raises(ConfigError, match="exclude_modules"):
+        _peft_matmuls({"target_modules": ["q_proj"], "exclude_modules": ["x"]}, "llama", [0, 1], "x")
+
+
 def test_lora_settings_without_a_rank_are_refused():
     """A new-user pass: lora.targets (or dropout, alpha, rsLoRA, init) without lora.rank ran full fine-tuning
     in silence."""
     for setting in ("lora.targets=[q_proj]", "lora.dropout=0.1", "lora.alpha=8", "lora.use_rslora=true",
                     "lora.init=gaussian"):
-        with pytest.raises(ConfigError, match="lora.rank is 0"):
+        with pytest.raises(ConfigError, match="set but not lora.rank, which is 0"):
             load_config(overrides=[setting])
     load_config(overrides=["lora.rank=0"])  # LoRA off, said plainly
+    # ... as a config file keeps its [lora] for later, and as a run's saved config.toml says it
+    assert not load_config(overrides=["lora.rank=0", "lora.alpha=32", "lora.targets=[q_proj]"]).lora.enabled

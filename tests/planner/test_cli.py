@@ -502,6 +502,8 @@ def test_plan_takes_the_offload_settings_train_takes(tmp_path, capsys):
     assert main(["plan", "--model", "gpt3-13b", "--gpu", "rtx4090", "--ssd", "1x990-pro", "--batch", "8",
                  "offload.gpu_mem=2GiB"]) == 1
     assert "GPU memory 2.00 of 2.00 GiB usable" in capsys.readouterr().out
+    assert main([*args, "offload.prefetch_depth=2.5"]) == 2
+    assert "a whole number of stages" in capsys.readouterr().err
     assert main([*args, "train.grad_clip=none"]) == 0  # a what-if, pasted back
     assert "clipping            none" in capsys.readouterr().out
 
@@ -545,8 +547,8 @@ def test_the_train_line_of_a_data_parallel_plan_gives_the_machines_budget(capsys
 def test_sizes_of_minimums_round_up():
     from fuyou.units import format_size, parse_size
 
-    n = int(188.855 * 2**20)
-    assert format_size(n) == "188.85 MiB" or format_size(n) == "188.86 MiB"
+    n = int(188.851 * 2**20)
+    assert format_size(n) == "188.85 MiB"  # to the nearest: less than n, given back
     assert format_size(n, up=True) == "188.86 MiB" and parse_size("188.86MiB") >= n
     assert format_size(2**30, up=True) == "1.00 GiB" and format_size(1000, up=True) == "1000 B"
     for n in (1, 4095, 123456789, 7 * 2**40 + 1):
