@@ -567,3 +567,12 @@ def test_plan_flags_a_profile_would_ignore_and_preset_spellings(tmp_path, capsys
     capsys.readouterr()
     assert main(["plan", "--model", "gpt3-13c", "--gpu", "rtx4090", "--ssd", "990-pro"]) == 2
     assert "did you mean 'gpt3-13b'?" in capsys.readouterr().err
+
+
+def test_a_plan_in_another_precision_than_the_probe_says_so(tmp_path, capsys):
+    args = ["plan", "--model", "gpt-tiny", "--profile", str(_cpu_profile(tmp_path, compute_precision="fp32")),
+            "--seq", "128", "--batch", "4", "--cpu-mem", "2GiB"]
+    main(args)
+    assert "the probe timed its block in fp32, this plan computes in bf16" in capsys.readouterr().out
+    main([*args, "train.precision=fp32"])
+    assert "the probe timed its block in" not in capsys.readouterr().out
