@@ -102,7 +102,7 @@ GLOO_REDUCE_DEFAULT = 0.65e9
 class HardwareProfile(BaseModel):
     """Numbers the cost model uses. Bandwidths in bytes/s, throughput in FLOP/s and parameters/s."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # (a profile edited to Infinity was taken)
 
     source: str = Field(description="Where the figures come from (presets, a probe, overrides).")
     device: Literal["cuda", "cpu"] = Field("cuda", description="Compute device; 'cpu' shares cores with AdamW.")
