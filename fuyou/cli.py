@@ -593,7 +593,8 @@ def _plan(args) -> int:
         # the default reserve grows with the budget: CPU_RESERVE + CPU_RESERVE_FRACTION of it
         total = (need + reserve if args.cpu_reserve is not None else
                  math.ceil((need + CPU_RESERVE[hw.device]) / (1 - CPU_RESERVE_FRACTION))) if need else 0
-        least = f"; this model needs at least {format_size(total * gpus, up=True)} (--cpu-mem, with the reserve)" if need else ""
+        least = (f"; this model needs at least {format_size(total * gpus, up=True)} (--cpu-mem, with the reserve)"
+                 if need else "")
         raise ConfigError(f"--cpu-reserve {format_size(reserve)} (memory the plan leaves to the process itself) leaves "
                           f"nothing of --cpu-mem {format_size(cpu_given)}{each}{least}; or reserve less (--cpu-reserve "
                           f"0 plans the whole budget)")
@@ -606,11 +607,12 @@ def _plan(args) -> int:
     plan.cpu_given = cpu_given
     plan.tokens_goal = tokens_goal
     if plan.cpu_need:  # the fix in --cpu-mem's terms: the planned budget plus the reserve, per rank, for the machine
-        given = args.cpu_reserve is not None
-        per = (plan.cpu_need + reserve if given
+        reserved = args.cpu_reserve is not None  # (else the default reserve, which grows with the budget)
+        per = (plan.cpu_need + reserve if reserved
                else -(-(plan.cpu_need + CPU_RESERVE[hw.device]) // (1 - CPU_RESERVE_FRACTION)))
-        fix = (f"{CPU_FIX} {format_size(int(per) * gpus, up=True)} (--cpu-mem; it plans {format_size(plan.cpu_need, up=True)} after the "
-               f"reserve of {format_size(reserve if given else int(per) - plan.cpu_need)}"
+        fix = (f"{CPU_FIX} {format_size(int(per) * gpus, up=True)} (--cpu-mem; it plans "
+               f"{format_size(plan.cpu_need, up=True)} after the "
+               f"reserve of {format_size(reserve if reserved else int(per) - plan.cpu_need)}"
                + (f", for each of {gpus} ranks" if gpus > 1 else "") + ")" + plan.cpu_note)
         plan.fixes = [fix if f.startswith(CPU_FIX) else f for f in plan.fixes]
     print(json.dumps(to_json(plan), indent=1) if args.json else text(plan))

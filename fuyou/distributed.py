@@ -254,6 +254,8 @@ def init(cfg, resume_dir: Path | None = None) -> Dist:
     whose world size is checked first (``check_world``)."""
     global _DIST
     world = launched_world()
+    if resume_dir is not None:  # (before the batch's check below, whose advice a resume cannot take)
+        check_world(resume_dir, world)
     if world <= 1:
         _DIST = Dist()
         return _DIST
@@ -265,9 +267,6 @@ def init(cfg, resume_dir: Path | None = None) -> Dist:
         raise ConfigError(f"torchrun started {world} processes, but offload.mode={cfg.offload.mode}: data-parallel "
                           f"training runs the SSD-offloaded engine (--offload ssd --ssd DIR); offload.mode=none is the "
                           f"single-process reference")
-    if resume_dir is not None:  # (before the batch's check below, whose advice a resume cannot take)
-        check_reshard_pending(resume_dir)
-        _check_world_size(resume_dir, world, t.grad_accum)
     if t.grad_accum % world:
         raise ConfigError(f"train.grad_accum={t.grad_accum} is not a multiple of the {world} ranks: a step's global "
                           f"batch is grad_accum micro-batches of train.micro_batch_size rows whatever the number of "
@@ -344,27 +343,21 @@ def record_world(run_dir: Path, d: Dist) -> None:
     (run_dir / WORLD_FILE).write_text(json.dumps({"world_size": d.world, "backend": d.backend}) + "\n")
 
 
-def check_world(run_dir: Path, d: Dist) -> None:
+def check_world(run_dir: Path, now: int) -> None:
     """A run resumes with the world size that trained it (the state is one per rank), or after
-    ``fuyou reshard`` (fuyou/reshard.py) with another."""
+    ``fuyou reshard`` (fuyou/reshard.py) with another: the refusal names the reshards that are possible,
+    the process counts that divide the run's train.grad_accum, which a resume keeps."""
     check_reshard_pending(run_dir)
-    _check_world_size(run_dir, d.world, None)
-
-
-def _check_world_size(run_dir: Path, now: int, grad_accum: int | None) -> None:
-    """``check_world``'s test, with the reshards that are possible: the process counts that divide the run's
-    train.grad_accum, which a resume keeps (``grad_accum``: the resumed config's; None: read the run's)."""
     path = run_dir / WORLD_FILE
     world = json.loads(path.read_text())["world_size"] if path.is_file() else 1
     if world == now:
         return
-    if grad_accum is None:
-        try:
-            import tomllib
+    try:
+        import tomllib
 
-            grad_accum = int(tomllib.loads((run_dir / "config.toml").read_text())["train"]["grad_accum"])
-        except (OSError, KeyError, ValueError, TypeError):
-            grad_accum = now
+        grad_accum = int(tomllib.loads((run_dir / "config.toml").read_text())["train"]["grad_accum"])
+    except (OSError, KeyError, ValueError, TypeError):
+        grad_accum = now
     how = "without torchrun" if world == 1 else f"with torchrun --nproc_per_node={world} (or its nodes)"
     if grad_accum % now == 0:
         other = f"or first rewrite the state for {now} with `fuyou reshard {run_dir} --nproc {now}` (one machine)"

@@ -97,7 +97,8 @@ def tokenize_records(paths: list[str], tokenizer_spec: str, fmt: str = "auto", t
             "train_on_prompt": train_on_prompt, "skipped_no_answer": st.no_answer}
     top = max((int(ids.max()) for ids, _ in itertools.chain(rendered, held) if len(ids)), default=0)
     dtype = token_dtype(tok.vocab_size, top)  # one type for both splits (meta.json records one)
-    return ExampleData(Examples.from_arrays(rendered, dtype), Examples.from_arrays(held, dtype), tok.vocab_size, tok.eos_id,
+    return ExampleData(Examples.from_arrays(rendered, dtype), Examples.from_arrays(held, dtype), tok.vocab_size,
+                       tok.eos_id,
                        tok.pad_id, tok.name, tok.fingerprint, info)
 
 
@@ -170,7 +171,8 @@ def load_data(cfg: DataConfig, tokenizer: str | None = None,
         if check_prepared:
             _check_prepared_settings(cfg, data)
         if cfg.eval_path:  # held-out files, tokenized with the tokenizer the data was prepared with
-            held = tokenize_records(cfg.eval_path, _eval_tokenizer(data, tokenizer, cfg.tokenizer), cfg.format, _prepared_on_prompt(data), 0.5,
+            held = tokenize_records(cfg.eval_path, _eval_tokenizer(data, tokenizer, cfg.tokenizer), cfg.format,
+                                    _prepared_on_prompt(data), 0.5,
                                     cfg.jsonl_field, eval_paths=cfg.eval_path, note_overlap=False)
             if isinstance(held, ExampleData) != isinstance(data, ExampleData):
                 raise DataError("data.eval_path holds another kind of data (text vs. fine-tuning records) than "

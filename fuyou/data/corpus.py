@@ -141,7 +141,8 @@ def _json_records(path: Path) -> Iterator[tuple[dict, str]]:
     except json.JSONDecodeError:
         yield from _jsonl_records(path)  # one object a line, named .json
         return
-    arrays = [k for k, v in data.items() if isinstance(v, list) and k not in RECORD_LISTS] if isinstance(data, dict) else []
+    arrays = ([k for k, v in data.items() if isinstance(v, list) and k not in RECORD_LISTS]
+              if isinstance(data, dict) else [])
     if isinstance(data, dict) and not arrays:  # one example (one object a line, of one line)
         _check_text(data, text, str(path))
         yield data, str(path)

@@ -105,7 +105,8 @@ class MemoryPlan:
         if self.cpu_required > self.cpu_budget:
             raise BudgetError(
                 f"the CPU memory budget {format_size(self.cpu_budget)} cannot hold the engine's minimum of "
-                f"{format_size(self.cpu_required, up=True)}:\n{_lines(self.cpu_items)}\nraise offload.cpu_mem (--cpu-mem) to at "
+                f"{format_size(self.cpu_required, up=True)}:\n{_lines(self.cpu_items)}\nraise offload.cpu_mem "
+                f"(--cpu-mem) to at "
                 f"least {format_size(self.cpu_minimum, up=True)}, or lower the batch, sequence length, prefetch_depth, "
                 f"optimizer_chunk or grad_accum"
                 + (f" (with offload.act_cpu_mem unset, the activations' CPU tier takes a quarter of the budget, up "

@@ -355,7 +355,8 @@ def probe(ssd_dir: str | Path, *, model: str | ModelConfig | None = None, batch:
         h2d=meas["links"]["h2d"], d2h=meas["links"]["d2h"], ssd_read=s["read"], ssd_write=s["write"],
         ssd_mixed_factor=s["mixed_factor"], ssd_capacity=shutil.disk_usage(d).free, ssd_drives=1,
         ssd_cpu_s_per_gb=s["cpu_s_per_byte"] * 1e9,
-        cpu_adam=meas["adam_params_per_s"], cpu_mem=cpu_memory(), compute_block=[c["d_model"], c["tokens"]], compute_precision=precision,
+        cpu_adam=meas["adam_params_per_s"], cpu_mem=cpu_memory(), compute_block=[c["d_model"], c["tokens"]],
+        compute_precision=precision,
         **({"gloo_broadcast": meas["gloo"]["broadcast"], "gloo_reduce": meas["gloo"]["reduce"]} if gloo else {}))
     j = meas["adam_job"]
     j["predicted_s"] = simulate_job(j["params"], prof, j["chunk"], j["depth"])

@@ -281,9 +281,9 @@ def _probe_shape_note(plan: Plan) -> str:
     far = max(d / probed[0], probed[0] / d, tokens / probed[1], probed[1] / tokens)
     if far < PROBE_SHAPE_RATIO:
         return dtype
-    return dtype + (f"\nnote: the probe timed a block of width {probed[0]} at {probed[1]} tokens, this plan's is {d} wide at "
-            f"{tokens} tokens: its compute times are extrapolated and may be far off; for a faithful plan run "
-            f"`fuyou probe --model <this model> --batch {w.batch} --seq {w.seq}`")
+    return dtype + (f"\nnote: the probe timed a block of width {probed[0]} at {probed[1]} tokens, this plan's is {d} "
+                    f"wide at {tokens} tokens: its compute times are extrapolated and may be far off; for a faithful "
+                    f"plan run `fuyou probe --model <this model> --batch {w.batch} --seq {w.seq}`")
 
 
 def text(plan: Plan) -> str:

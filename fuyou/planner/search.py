@@ -165,7 +165,8 @@ def evaluate(w: Workload, hw: HardwareProfile, costs, policy: ActivationPolicy, 
     plan, ssd = memory_plan(w, hw, costs, policy, cpu_budget)
     problems = []
     if plan.cpu_required > cpu_budget:
-        problems.append(f"CPU memory: needs {format_size(plan.cpu_required, up=True)}, the budget is {format_size(cpu_budget)}")
+        problems.append(f"CPU memory: needs {format_size(plan.cpu_required, up=True)}, the budget is "
+                        f"{format_size(cpu_budget)}")
     if hw.device == "cuda" and plan.device_required > hw.gpu_mem:
         problems.append(f"GPU memory: one stage's working set needs {format_size(plan.device_required)}, the GPU has "
                         f"{format_size(hw.gpu_mem)}")
@@ -460,7 +461,8 @@ def _fixes(w: Workload, hw: HardwareProfile, cpu_budget: int, failed: Evaluation
                 break
         need = plan.device_required
         gpus = [n for n, g in GPUS.items() if g["mem"] >= need]
-        fixes.append(f"a GPU with at least {format_size(need, up=True)} of memory" + (f" ({', '.join(gpus)})" if gpus else ""))
+        fixes.append(f"a GPU with at least {format_size(need, up=True)} of memory"
+                     + (f" ({', '.join(gpus)})" if gpus else ""))
     need_cpu = plan.cpu_minimum
     note = ""
     if plan.cpu_required > cpu_budget:  # the planned budget (after the reserve); `fuyou plan` restates it as --cpu-mem

@@ -183,9 +183,8 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
     if dist.enabled and plan_auto:
         raise ConfigError("--plan auto measures this machine for one process; with torchrun give the activation "
                           "policy (offload.act_policy) and budgets yourself (`fuyou plan` for one of the GPUs)")
-    if resume is not None:
+    if resume is not None:  # (its world size checked by distributed.init)
         run_path = Path(resume)
-        distributed.check_world(run_path, dist)
     else:  # rank 0 names the run (the name may hold the time): one run directory for every rank
         named = None
         if dist.is_main:
