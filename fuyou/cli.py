@@ -460,7 +460,7 @@ def _plan(args) -> int:
     from fuyou.planner.report import plot, text, to_json
     from fuyou.planner.search import (CPU_FIX, CPU_RESERVE, CPU_RESERVE_FRACTION, search, search_global_batch,
                                       search_split)
-    from fuyou.units import format_size, parse_size
+    from fuyou.units import format_size, parse_size, unitless_hint
 
     if args.plot:  # checked before planning: a plot asked for and silently skipped is a surprise
         import importlib.util
@@ -596,8 +596,8 @@ def _plan(args) -> int:
         least = (f"; this model needs at least {format_size(total * gpus, up=True)} (--cpu-mem, with the reserve)"
                  if need else "")
         raise ConfigError(f"--cpu-reserve {format_size(reserve)} (memory the plan leaves to the process itself) leaves "
-                          f"nothing of --cpu-mem {format_size(cpu_given)}{each}{least}; or reserve less (--cpu-reserve "
-                          f"0 plans the whole budget)")
+                          f"nothing of --cpu-mem {format_size(cpu_given)}{unitless_hint(cpu_given)}{each}{least}; or "
+                          f"reserve less (--cpu-reserve 0 plans the whole budget)")
     if split is None:
         plan = search(w, hw, cpu, policy)
     elif split[0] == split[1]:

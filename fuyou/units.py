@@ -33,6 +33,11 @@ def parse_size(value: int | float | str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
+def unitless_hint(budget: int) -> str:
+    """A hint for a memory budget of a few bytes: a number of GiB given without its unit ("--cpu-mem 12")."""
+    return f" (a size without a unit is bytes: did you mean {budget}GiB?)" if budget < 4096 else ""
+
+
 def format_size(n: int | float, up: bool = False) -> str:
     """Human-readable binary size: 1536 -> '1.50 KiB'. ``up``: rounded up, not to the nearest (a minimum:
     given back as a budget, the figure shown must be enough; 188.856 MiB shown as 188.86 was, 188.855 was not)."""

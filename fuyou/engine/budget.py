@@ -32,7 +32,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from fuyou.errors import BudgetError
-from fuyou.units import format_size
+from fuyou.units import format_size, unitless_hint
 
 # Memory the itemised plan does not see: allocator fragmentation, per-thread arenas and buffers of
 # the loader, optimizer and I/O threads. Measured on tests/engine/test_budget_and_errors.py's model:
@@ -104,7 +104,8 @@ class MemoryPlan:
     def check(self) -> None:
         if self.cpu_required > self.cpu_budget:
             raise BudgetError(
-                f"the CPU memory budget {format_size(self.cpu_budget)} cannot hold the engine's minimum of "
+                f"the CPU memory budget {format_size(self.cpu_budget)}{unitless_hint(self.cpu_budget)} cannot hold the "
+                f"engine's minimum of "
                 f"{format_size(self.cpu_required, up=True)}:\n{_lines(self.cpu_items)}\nraise offload.cpu_mem "
                 f"(--cpu-mem) to at "
                 f"least {format_size(self.cpu_minimum, up=True)}, or lower the batch, sequence length, prefetch_depth, "
@@ -114,7 +115,8 @@ class MemoryPlan:
             )
         if self.device_budget is not None and self.device_required > self.device_budget:
             raise BudgetError(
-                f"the device memory budget {format_size(self.device_budget)} cannot hold one stage's working set "
+                f"the device memory budget {format_size(self.device_budget)}{unitless_hint(self.device_budget)} "
+                f"cannot hold one stage's working set "
                 f"of {format_size(self.device_required, up=True)}:\n{_lines(self.device_items)}\nraise offload.gpu_mem "
                 f"(--gpu-mem) to at least that, or lower train.micro_batch_size, data.seq_len or offload.prefetch_depth"
             )

@@ -136,6 +136,18 @@ def test_stage_larger_than_device_budget_is_refused(tmp_path, capsys):
     assert not (tmp_path / "runs").exists() and list(ssd.iterdir()) == []
 
 
+def test_budget_without_unit_gets_a_hint(tmp_path, capsys):
+    """`--cpu-mem 12` is 12 bytes (sizes without a unit are bytes); the refusal says what was probably meant."""
+    ssd = tmp_path / "ssd"
+    ssd.mkdir()
+    rc = main(["train", "--offload", "ssd", "--ssd", str(ssd), "--cpu-mem", "12", "--out", str(tmp_path / "runs"),
+               "model.preset=gpt-test", "data.seq_len=32", "train.steps=1"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "CPU memory budget 12 B (a size without a unit is bytes: did you mean 12GiB?)" in err
+    assert not (tmp_path / "runs").exists()
+
+
 def test_missing_ssd_directory_is_refused(tmp_path, capsys):
     rc = main(["train", "--offload", "ssd", "--ssd", str(tmp_path / "nope"), "train.steps=1"])
     assert rc == 2

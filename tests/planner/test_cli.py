@@ -473,6 +473,8 @@ def test_a_budget_the_reserve_eats_says_what_would_fit(capsys):
     m = re.search(r"needs at least ([\d.]+) GiB", capsys.readouterr().err)
     assert m, "no minimum named"
     assert main([*args, "--cpu-mem", f"{m.group(1)}GiB"]) == 0
+    assert main([*args, "--cpu-mem", "64"]) == 2  # 64 bytes: sizes without a unit are bytes
+    assert "--cpu-mem 64 B (a size without a unit is bytes: did you mean 64GiB?)" in capsys.readouterr().err
 
 
 def _cpu_profile(tmp_path, **extra):
