@@ -828,7 +828,8 @@ def _prepare(args) -> int:
         formats = ", ".join(f"{n} {f}" if len(info["formats"]) > 1 else f for f, n in info["formats"].items())
         lengths = np.diff(ex.offsets) if len(ex) else np.zeros(1, np.int64)
         skipped = f", {info['skipped_no_answer']} skipped (nothing to learn)" if info.get("skipped_no_answer") else ""
-        print(f"read {info['records']} records ({formats}){skipped}; wrote {data.summary()} "
+        held = f", {info['held_records']} of them held-out (--eval)" if info.get("held_records") else ""
+        print(f"read {info['records']} records ({formats}){held}{skipped}; wrote {data.summary()} "
               f"({ex.tokens.dtype}, tokenizer {data.tokenizer}; example length mean {lengths.mean():.0f}, "
               f"max {lengths.max()} tokens) to {args.out}")
         if info["last_turn_only"]:
@@ -836,8 +837,9 @@ def _prepare(args) -> int:
                   f"chat template renders earlier turns differently once the conversation goes on")
     else:
         write_prepared(args.out, data)
-        print(f"read {data.documents} document{'s' if data.documents != 1 else ''} (plain text: every token carries "
-              f"loss); wrote {len(data.train)} train and {len(data.val)} val tokens ({data.train.dtype}, tokenizer "
+        held = f", {data.held_documents} of them held-out (--eval)" if data.held_documents else ""
+        print(f"read {data.documents} document{'s' if data.documents != 1 else ''}{held} (plain text: every token "
+              f"carries loss); wrote {len(data.train)} train and {len(data.val)} val tokens ({data.train.dtype}, tokenizer "
               f"{data.tokenizer}) to {args.out}")
     return 0
 

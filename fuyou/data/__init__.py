@@ -72,8 +72,9 @@ def tokenize_records(paths: list[str], tokenizer_spec: str, fmt: str = "auto", t
         train, val = join_tokens(docs, tok.eos_id, tok.vocab_size), join_tokens(held, tok.eos_id, tok.vocab_size)
         dtype = np.promote_types(train.dtype, val.dtype)  # (ids beyond the tokenizer's vocabulary: the wider)
         return TokenData(train.astype(dtype), val.astype(dtype), tok.vocab_size, tok.eos_id, tok.name, tok.fingerprint,
-                         len(docs) + len(held))
+                         len(docs) + len(held), len(held))
     rendered = _render_all(renderer, records, first, head[1], text_field)
+    train_records = renderer.stats.records
     if eval_paths and list(map(str, eval_paths)) == list(map(str, paths)):
         held = list(rendered)  # the same files (held-out files of prepared data): rendered once, counted once
     elif eval_paths:
@@ -93,7 +94,8 @@ def tokenize_records(paths: list[str], tokenizer_spec: str, fmt: str = "auto", t
         print(f"fuyou: note: {note}", file=sys.stderr)
     if not rendered:
         raise DataError(f"{', '.join(map(str, paths))} holds no usable example: " + "; ".join(st.notes()))
-    info = {"records": st.records, "formats": st.formats, "last_turn_only": st.last_turn_only,
+    info = {"records": st.records, "held_records": st.records - train_records if eval_paths else 0,
+            "formats": st.formats, "last_turn_only": st.last_turn_only,
             "train_on_prompt": train_on_prompt, "skipped_no_answer": st.no_answer}
     top = max((int(ids.max()) for ids, _ in itertools.chain(rendered, held) if len(ids)), default=0)
     dtype = token_dtype(tok.vocab_size, top)  # one type for both splits (meta.json records one)

@@ -50,6 +50,7 @@ class TokenData:
     tokenizer: str
     fingerprint: str = ""  # names the tokenizer's vocabulary (``fuyou.data.tokenizer``)
     documents: int = 0     # how many documents were joined (0: not known, e.g. read from a prepared directory)
+    held_documents: int = 0  # of which from held-out files (--eval); 0 where a share of the data is held out
 
     def check_fits(self, seq_len: int, model_vocab: int) -> None:
         if self.vocab_size > model_vocab:

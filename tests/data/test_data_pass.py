@@ -170,3 +170,20 @@ def test_a_text_corpus_keeps_its_readmes_and_a_foreign_meta_json_is_text(tmp_pat
     assert DataConfig(source="prepared", path=[str(d)]).source == "text"
     with pytest.raises(ValueError, match="exactly one directory"):
         DataConfig(source="prepared", path=[str(d), str(d / "guide.md")])
+
+
+def test_prepare_counts_held_out_records_apart(tmp_path, capsys):
+    """`fuyou data prepare` said "read 8 records" for 5 training records and 3 held-out ones (--eval)."""
+    from fuyou.cli import main
+
+    train = _jsonl(tmp_path / "t.jsonl", [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(5)])
+    held = _jsonl(tmp_path / "h.jsonl", [{"prompt": f"r{i}", "completion": f"b{i}"} for i in range(3)])
+    assert main(["data", "prepare", str(train), "--eval", str(held), "--out", str(tmp_path / "p")]) == 0
+    out = capsys.readouterr().out
+    assert "read 8 records (prompt_completion), 3 of them held-out (--eval)" in out and "5 train" in out
+    texts = [tmp_path / "a.txt", tmp_path / "b.txt", tmp_path / "c.txt"]
+    for i, t in enumerate(texts):
+        t.write_text(f"document {i} " * 40)
+    assert main(["data", "prepare", str(texts[0]), str(texts[1]), "--eval", str(texts[2]),
+                 "--out", str(tmp_path / "q")]) == 0
+    assert "read 3 documents, 1 of them held-out (--eval)" in capsys.readouterr().out
