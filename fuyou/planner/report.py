@@ -14,6 +14,11 @@ from fuyou.units import format_size
 ROWS = ["compute", "h2d", "d2h", "ssd-read", "ssd-write", "cpu-adam", "io-cpu", "reduce", "exchange"]
 LABELS = {"compute": "GPU", "h2d": "H2D", "d2h": "D2H", "ssd-read": "SSD read", "ssd-write": "SSD write",
           "cpu-adam": "CPU Adam", "io-cpu": "I/O CPU", "reduce": "grad sum", "exchange": "exchange"}
+def _labels(plan: Plan) -> dict[str, str]:
+    """The rows' names: the compute device's row is "GPU", or "compute" where the CPU computes (a CPU profile)."""
+    return LABELS if plan.hardware.device == "cuda" else {**LABELS, "compute": "compute"}
+
+
 #: rows only some plans have: the I/O threads' CPU time (a CPU compute device), data parallelism's transfers
 OPTIONAL_ROWS = ("io-cpu", "reduce", "exchange")
 #: queues named in the bottleneck line beyond the resources: data parallelism's transports
@@ -240,6 +245,7 @@ def timeline(plan: Plan, width: int = 100) -> str:
                 if t.resource == "compute":
                     mark[t.resource][col] = "F" if t.name.startswith("forward ") else (
                         "H" if "head" in t.name else "B")
+    labels = _labels(plan)
     lines = [f"one step, {span:.3g} s from the end of the previous step's compute "
              f"(F forward, H head, B recompute+backward; # busy, + partly busy):"]
     for r in ROWS:
@@ -247,7 +253,7 @@ def timeline(plan: Plan, width: int = 100) -> str:
             continue
         cells = "".join((mark[r][i] if r == "compute" and mark[r][i] != " " else "#") if v >= 0.5 else
                         ("+" if v > 0.02 else " ") for i, v in enumerate(grid[r]))
-        lines.append(f"{LABELS[r]:>9} |{cells}|")
+        lines.append(f"{labels[r]:>9} |{cells}|")
     return "\n".join(lines)
 
 
@@ -288,6 +294,7 @@ def _probe_shape_note(plan: Plan) -> str:
 
 def text(plan: Plan) -> str:
     s = summary(plan)
+    labels = _labels(plan)
     w = plan.workload
     head = (f"fuyou plan: {s['model']} ({_si(s['parameters'])} parameters), batch {w.batch} x seq {w.seq}"
             + (f" x {w.grad_accum} micro-batches" if w.grad_accum > 1 else "")
@@ -299,16 +306,17 @@ def text(plan: Plan) -> str:
                 + "\nwhat would make it fit:\n" + "\n".join(f"  - {f}" for f in s["fixes"]) + "\n")
     out = [head, *_split_lines(s), "",
            f"predicted step      {s['step_s']:.3g} s   ({s['tokens_per_s']:.4g} tokens/s, {s['model_tflops']:.3g} model "
-           f"TFLOPS, GPU busy {100 * s['gpu_busy']:.0f}%)",
+           f"TFLOPS, {labels['compute']} busy {100 * s['gpu_busy']:.0f}%)",
            f"bottleneck          {s['bottleneck']}   (busy per step: "
-           + ", ".join(f"{LABELS.get(k, k)} {v:.3g} s" for k, v in s["busy_s"].items()) + ")",
+           + ", ".join(f"{labels.get(k, k)} {v:.3g} s" for k, v in s["busy_s"].items()) + ")",
            *([f"{_si(s['tokens_goal']) + ' tokens':<20}{_duration(s['time_for_tokens_s'])}   ({s['steps_for_tokens']} "
                f"step{'s' if s['steps_for_tokens'] != 1 else ''} of {_si(w.tokens)} tokens)"]
              if "tokens_goal" in s else []),
            *_data_parallel_lines(plan, s),
            _clip_line(s),
            _commit_line(s),
-           "what if             " + "; ".join(f"{k}: {v:.3g} s ({s['step_s'] / v:.2f}x)" for k, v in s["whatif_step_s"].items()),
+           "what if             " + "; ".join(f"{k.replace('GPU', labels['compute'])}: {v:.3g} s "
+                                                  f"({s['step_s'] / v:.2f}x)" for k, v in s["whatif_step_s"].items()),
            f"optimizer state     {s['state_format']}",
            _wear_line(s),
            f"SSD footprint       {format_size(s['ssd_bytes'])} (" + ", ".join(
@@ -326,7 +334,7 @@ def text(plan: Plan) -> str:
     rows = schedule_rows(plan)
     shown = [x for x in ROWS if x not in OPTIONAL_ROWS or any(r["busy_s"][x] for r in rows)]
     hdr = f"{'stage':<10} {'ckpt':<8} " + " ".join(f"{c:<9}" for c in CLASSES) + f" {'weights':<9} {'adam st.':<8} " + \
-        " ".join(f"{LABELS[r]:>9}" for r in shown)
+        " ".join(f"{labels[r]:>9}" for r in shown)
     out += [hdr, "-" * len(hdr)]
     for r in rows:
         cls = " ".join(f"{r.get(c, '-'):<9}" for c in CLASSES)
@@ -485,7 +493,7 @@ def plot(plan: Plan, path: str) -> bool:
     for y, r in enumerate(reversed(rows)):
         for t in (t for t in tasks if t.resource == r):
             ax.broken_barh([(t.start - t0, t.dur)], (y + 0.1, 0.8), facecolors=color(t), edgecolor="none")
-    ax.set_yticks([y + 0.5 for y in range(len(rows))], [LABELS[r] for r in reversed(rows)])
+    ax.set_yticks([y + 0.5 for y in range(len(rows))], [_labels(plan)[r] for r in reversed(rows)])
     ax.set_xlim(0, t1 - t0)
     ax.set_xlabel("seconds into the step")
     s = summary(plan)

@@ -516,6 +516,10 @@ def test_plan_defaults_to_the_memory_the_profile_measured(tmp_path, capsys):
     assert main(args) == 0
     captured = capsys.readouterr()  # (it planned the default 256 GiB: a CPU peak of 73.69 GiB on a 23 GiB machine)
     assert "planning the 23.00 GiB of CPU memory" in captured.err and "of 23.00 GiB planned" in captured.out
+    # a CPU profile computes on the CPU: no GPU in the step's lines, the what-ifs or the schedule
+    out = captured.out.split("swap schedule")[0] + captured.out.split("one step,")[1]
+    assert "compute busy" in out and "twice the compute throughput" in out
+    assert "GPU busy" not in out and "twice the GPU" not in out and " GPU |" not in out
 
 
 def test_a_minimum_the_plan_gives_fits_when_given_back(tmp_path, capsys):
