@@ -179,5 +179,9 @@ def build_states(stages: list[Stage], weight_decay: float, n_copies: int = 2, in
     return states
 
 
+#: SSD space a rank's store asks for beyond its tensors (the manifest, files' alignment); the planner counts it
+STORE_MARGIN = 64 * 1024**2
+
+
 def dtype_size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()

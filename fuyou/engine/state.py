@@ -29,7 +29,7 @@ from fuyou import watchdog
 from fuyou.engine.commit import ResumeError, read_record, step_tag, tagged_copy, write_record
 from fuyou import distributed
 from fuyou.engine.exchange import wire
-from fuyou.engine.layout import StageState, build_states, dtype_size
+from fuyou.engine.layout import STORE_MARGIN, StageState, build_states, dtype_size
 from fuyou.errors import ConfigError
 from fuyou.optim.compressed import StateFormat, decode_state
 from fuyou.store import TensorStore
@@ -79,7 +79,7 @@ class TrainingState:
             st.cache = None
 
     def ssd_bytes(self) -> int:
-        return sum(math.prod(shape) * dtype_size(dt) for _, shape, dt in self.specs()) + 64 * 1024**2
+        return sum(math.prod(shape) * dtype_size(dt) for _, shape, dt in self.specs()) + STORE_MARGIN
 
     def initialise(self, init_values) -> None:
         """Initialise each stage straight into the tiers, one stage in memory at a time."""

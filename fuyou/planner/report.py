@@ -7,7 +7,7 @@ import math
 from collections import defaultdict
 
 from fuyou.policy import CLASSES
-from fuyou.planner.search import Plan, state_ssd_bytes
+from fuyou.planner.search import Plan, ssd_parts, state_ssd_bytes
 from fuyou.planner.simulate import Task
 from fuyou.units import format_size
 
@@ -85,6 +85,7 @@ def summary(plan: Plan) -> dict:
     out.update({
         "ssd_bytes": ev.ssd_bytes, "cpu_peak_bytes": ev.memory.cpu_required + ev.memory.cache_bytes + ev.memory.resident_bytes,
         "ssd_state_bytes": state_ssd_bytes(w, ev.memory),
+        "ssd_parts_bytes": ssd_parts(w, ev.memory, plan.costs, ev.policy),
         "gpu_peak_bytes": ev.memory.device_required if hw.device == "cuda" else 0,
         "step_s": step, "tokens_per_s": w.tokens / step,
         "model_tflops": w.model_flops / step / 1e12, "gpu_busy": busy_gpu / step,
@@ -320,7 +321,7 @@ def text(plan: Plan) -> str:
            f"optimizer state     {s['state_format']}",
            _wear_line(s),
            f"SSD footprint       {format_size(s['ssd_bytes'])} (" + ", ".join(
-               f"{k} {format_size(v)}" for k, v in s["ssd_state_bytes"].items() if v) + ")",
+               f"{k} {format_size(v)}" for k, v in s["ssd_parts_bytes"].items() if v) + ")",
            (f"CPU peak            {format_size(s['cpu_peak_bytes'])} (weight cache: {s['cached_stages']} of "
             if plan.workload.ranks == 1 else
             f"CPU peak per rank   {format_size(s['cpu_peak_bytes'])} (weight cache: {s['cached_stages']} of ")

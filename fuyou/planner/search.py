@@ -26,7 +26,7 @@ from fuyou.engine.budget import (DEVICE_SLACK_FRACTION, MemoryPlan, act_cpu_shar
                                  exchange_buffer_bytes, offtier_bytes, plan_memory,
                                  policy_memory, weight_buffer_need)
 from fuyou.engine.config import OffloadConfig
-from fuyou.engine.layout import copies_needed
+from fuyou.engine.layout import STORE_MARGIN, copies_needed
 from fuyou.engine.budget import activation_bytes
 from fuyou.planner.cost import StageCost, Workload, gpu_working_bytes, placement_bytes, stage_costs
 from fuyou.planner.hardware import GPUS, HardwareProfile, with_more_ssds
@@ -107,9 +107,7 @@ def memory_plan(w: Workload, hw: HardwareProfile, costs: list[StageCost], policy
         plan = max(plans, key=lambda p: p.cpu_required + p.cache_bytes + p.resident_bytes)
         plan.resident_elsewhere = sorted(i for p in plans if p is not plan for i in p.resident_stages)
         plan.spare_elsewhere = sorted(i for p in plans if p is not plan for i in p.spare_stages)
-    pb = placement_bytes(w, costs, policy)
-    ssd = sum(state_ssd_bytes(w, plan).values()) + w.ranks * (pb["ssd"] + pb["ckpt_ssd"] + 64 * 1024**2)
-    return plan, ssd
+    return plan, sum(ssd_parts(w, plan, costs, policy).values())
 
 
 def _rank_plan(w: Workload, hw: HardwareProfile, policy: ActivationPolicy, cpu_budget: int,
@@ -155,6 +153,14 @@ def state_ssd_bytes(w: Workload, plan: MemoryPlan) -> dict[str, int]:
     return {"optimizer state copies": state, "compute weights": weights,
             "saved gradients": w.gsize * sum(n for i, n in enumerate(w.numels) if i not in resident)
             if clip else 0}
+
+
+def ssd_parts(w: Workload, plan: MemoryPlan, costs, policy: ActivationPolicy) -> dict[str, int]:
+    """The SSD footprint by part (every rank's together): the training state (``state_ssd_bytes``), the
+    activations and checkpoints the policy swaps to the SSD at the peak, and each rank's store margin."""
+    pb = placement_bytes(w, costs, policy)
+    return {**state_ssd_bytes(w, plan), "swapped activations": w.ranks * pb["ssd"],
+            "swapped checkpoints": w.ranks * pb["ckpt_ssd"], "store margin": w.ranks * STORE_MARGIN}
 
 
 def evaluate(w: Workload, hw: HardwareProfile, costs, policy: ActivationPolicy, cpu_budget: int,

@@ -223,8 +223,8 @@ def test_ssd_space_of_each_commit_mode_and_the_fix_it_suggests(capsys):
     from fuyou.planner.config import HardwareConfig
     from fuyou.planner.cost import Workload, stage_costs
     from fuyou.planner.hardware import resolve
-    from fuyou.policy import ActivationPolicy
-    from fuyou.planner.search import memory_plan, state_ssd_bytes
+    from fuyou.policy import ActivationPolicy, parse_act_policy
+    from fuyou.planner.search import memory_plan, ssd_parts, state_ssd_bytes
 
     hw = resolve(HardwareConfig(gpu="rtx4090", ssd="2x990-pro"))
     model = ModelConfig(**preset("gpt3-1.3b"))
@@ -237,6 +237,12 @@ def test_ssd_space_of_each_commit_mode_and_the_fix_it_suggests(capsys):
         mem, _ = memory_plan(w, hw, stage_costs(w), pol, 8 * 1024**3)
         space[name] = state_ssd_bytes(w, mem)["optimizer state copies"]
     assert space == {"interval+clip": 36 * n, "interval": 24 * n, "every": 24 * n, "none+clip": 24 * n, "none": 12 * n}
+    # the footprint is the sum of its parts, swapped activations and the store's margin included
+    pol_ssd = parse_act_policy("all=ssd", model.n_layer)
+    w = Workload(model, 2, 512, offload=OffloadConfig(resident_mem=0))
+    mem, ssd = memory_plan(w, hw, stage_costs(w), pol_ssd, 8 * 1024**3)
+    parts = ssd_parts(w, mem, stage_costs(w), pol_ssd)
+    assert sum(parts.values()) == ssd and parts["swapped activations"] > 0 and parts["store margin"] == 64 * 2**20
     # 13B with three copies does not fit one 990 Pro; committing every step (two copies) does
     rc = main(["plan", "--model", "gpt3-13b", "--gpu", "rtx4090", "--ssd", "1x990-pro", "--ssd-capacity", "400GiB",
                "--cpu-mem", "64GiB", "--batch", "8", "--seq", "1024"])
