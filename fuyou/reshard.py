@@ -53,6 +53,7 @@ from pathlib import Path
 import torch
 
 from fuyou import distributed
+from fuyou.engine.commit import state_name
 from fuyou.errors import ConfigError
 from fuyou.faults import fault
 from fuyou.store.layout import fsync_dir, write_json_atomic
@@ -100,7 +101,7 @@ def reshard(run_dir: str | Path, nproc: int, ssd_dirs: list[str] | None = None) 
         raise ConfigError(f"--nproc {nproc}: give the number of processes the resume will run (1 or more)")
     flags = {"offload.ssd_dirs": list(ssd_dirs)} if ssd_dirs else None
     cfg = load_config(run_dir / "config.toml", ["model.init_from=none"], flags)
-    name = f"{run_dir.name}.fuyou-state"
+    name = state_name(run_dir.name)
     dirs = [Path(d) for d in cfg.offload.ssd_dirs]
     pending = run_dir / PENDING
     if pending.is_file():
@@ -141,7 +142,7 @@ def _reshard(run_dir: Path, cfg, old_world: int, nproc: int, ssd_dirs: list[str]
     from fuyou.store.aligned import aligned_empty
     from fuyou.store.errors import StoreLockedError
 
-    name = f"{run_dir.name}.fuyou-state"
+    name = state_name(run_dir.name)
     lora = cfg.lora.enabled
     states = build_states(StageModel(cfg.model).stages, 0.0, n_copies=3, int8=cfg.optim.moments == "int8")
     if not lora and nproc > len(states):

@@ -39,6 +39,14 @@ from fuyou.errors import StoreError
 from fuyou.faults import fault
 
 RECORD = "fuyou-commit.json"
+#: a run's SSD state directory is ``<run name>.fuyou-state`` in each SSD directory (data parallel: rank r > 0's
+#: ``<run name>.fuyou-state.rank<r>``, ``fuyou.distributed``)
+STATE_SUFFIX = ".fuyou-state"
+
+
+def state_name(run_name: str) -> str:
+    """The name of a run's SSD state directory (rank 0's)."""
+    return run_name + STATE_SUFFIX
 
 
 class ResumeError(StoreError):

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from fuyou.engine.commit import RECORD, ResumeError
+from fuyou.engine.commit import RECORD, ResumeError, state_name
 from fuyou.errors import ConfigError, StoreError
 from fuyou.store.errors import StoreLockedError
 
@@ -59,7 +59,7 @@ class CommittedWeights:
         self.family = cfg.model.family
         from fuyou.distributed import WORLD_FILE, rank_state_name, recorded_world
 
-        name = f"{run_dir.name}.fuyou-state"
+        name = state_name(run_dir.name)
         world = recorded_world(run_dir, cfg.offload.ssd_dirs, name)  # (distributed.json, else the states found)
         stages = StageModel(cfg.model).stages
         self.states = build_states(stages, 0.0, n_copies=3, int8=cfg.optim.moments == "int8")

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from fuyou import watchdog
-from fuyou.engine.commit import ResumeError, read_record, step_tag, tagged_copy, write_record
+from fuyou.engine.commit import STATE_SUFFIX, ResumeError, read_record, step_tag, tagged_copy, write_record
 from fuyou import distributed
 from fuyou.engine.exchange import wire
 from fuyou.engine.layout import STORE_MARGIN, StageState, build_states, dtype_size
@@ -440,7 +440,7 @@ def refuse_committed_state(store_dirs: list[Path], cfg, name: str) -> None:
 
     if (store_dirs[0] / RECORD).exists() and not cfg.offload.replace_state:
         owner = read_owner(store_dirs[0])
-        run = f"the run in {owner}" if owner else f"an earlier run named {name[:-len('.fuyou-state')]!r}"
+        run = f"the run in {owner}" if owner else f"an earlier run named {name[:-len(STATE_SUFFIX)]!r}"
         raise ConfigError(f"{store_dirs[0]} holds the committed SSD state of {run}: continue it with `fuyou train "
                           f"--resume {owner or 'RUN_DIR'}`, or choose another run.name (offload.replace_state=true "
                           f"deletes that state, and that run could not be resumed again)")

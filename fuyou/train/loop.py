@@ -20,6 +20,7 @@ import torch
 
 from fuyou.config import FuyouConfig
 from fuyou.data import load_data
+from fuyou.engine.commit import STATE_SUFFIX, state_name
 from fuyou.models import StageModel
 from fuyou.train.metrics import MetricsLog, Progress, si, tensorboard_available
 from fuyou.train.reference import ReferenceTrainer
@@ -67,7 +68,7 @@ def build_trainer(cfg: FuyouConfig, run_name: str, resume: bool = False) -> Trai
     # The engine loads the data once its memory plan has passed: a budget that cannot fit is refused
     # before a large dataset is tokenized. (rank_config shares cfg.train, so the epochs' steps reach it.)
     return Engine(dist.rank_config(cfg), lambda: load_training_data(cfg, resume),
-                  store_name=dist.store_name(f"{run_name}.fuyou-state"), resume=resume, init_values=init_values)
+                  store_name=dist.store_name(state_name(run_name)), resume=resume, init_values=init_values)
 
 
 DATA_FILES = "data-files.json"
@@ -134,7 +135,7 @@ def _refuse_finished(run_path: Path, cfg: FuyouConfig) -> None:
     done = next((f for f in ("model.safetensors", ADAPTER_FILE) if (run_path / f).is_file()), None)
     if done is None or cfg.offload.mode != "ssd" or not cfg.offload.ssd_dirs:
         return
-    if any(Path(cfg.offload.ssd_dirs[0]).glob(f"{run_path.name}.fuyou-state*")):
+    if any(Path(cfg.offload.ssd_dirs[0]).glob(state_name(run_path.name) + "*")):
         return  # kept (offload.keep_state=true): it resumes
     how = (f"lora.init_from=DIR with its adapter exported (`fuyou export {run_path} --out DIR`), over the same base"
            if cfg.lora.enabled else f"--init-from {run_path}")
@@ -370,10 +371,10 @@ def _refuse_renamed(run_path: Path, cfg: FuyouConfig) -> None:
     if cfg.offload.mode != "ssd" or not cfg.offload.ssd_dirs:
         return
     ssd = Path(cfg.offload.ssd_dirs[0])
-    if any(ssd.glob(f"{run_path.name}.fuyou-state*")):  # (data parallel: a rank's is ...fuyou-state.rankR)
+    if any(ssd.glob(state_name(run_path.name) + "*")):  # (data parallel: a rank's is ...fuyou-state.rankR)
         return
     orphans = []
-    for d in sorted(ssd.glob("*.fuyou-state")):
+    for d in sorted(ssd.glob("*" + STATE_SUFFIX)):
         owner = read_owner(d)
         if owner is not None and not Path(owner).exists():
             orphans.append(f"{d.name} (of {owner})")
@@ -389,7 +390,7 @@ def _state_dirs(cfg: FuyouConfig, run_name: str) -> list[Path]:
     dist = distributed.current()
     if cfg.offload.mode != "ssd":
         return []
-    name = dist.store_name(f"{run_name}.fuyou-state")
+    name = dist.store_name(state_name(run_name))
     return [Path(d) / name for d in dist.rank_config(cfg).offload.ssd_dirs]
 
 

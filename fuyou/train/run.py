@@ -8,6 +8,7 @@ from pathlib import Path
 
 
 from fuyou.config import FuyouConfig, to_toml
+from fuyou.engine.commit import state_name
 from fuyou.errors import ConfigError, FuyouError
 from fuyou.hf.weights import write_safetensors
 
@@ -306,7 +307,7 @@ def lora_adapters(run: Path, stream=None):
                           f"{cfg.offload.commit}): export a snapshot (RUN_DIR/snapshots/step-N) if it wrote one")
     from fuyou.engine.commit import RECORD
 
-    state = Path(cfg.offload.ssd_dirs[0]) / f"{run.name}.fuyou-state"
+    state = Path(cfg.offload.ssd_dirs[0]) / state_name(run.name)
     hint = f"resume it (fuyou train --resume {run}) or export a snapshot (RUN_DIR/snapshots/step-N)"
     for _ in range(3):  # a live run may replace its commit file between reading the record and the file
         try:
