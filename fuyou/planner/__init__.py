@@ -5,7 +5,18 @@ FLOPs and bytes) -> ``search`` (policy, cache and prefetch depth; memory from th
 -> ``simulate`` (tasks on resources, the engine's trace names) -> ``report``.
 """
 
-from fuyou.planner.config import HardwareConfig
-from fuyou.policy import ActivationPolicy, BlockPolicy, parse_act_policy
-
 __all__ = ["ActivationPolicy", "BlockPolicy", "HardwareConfig", "parse_act_policy"]
+
+
+def __getattr__(name: str):
+    """The names above, imported when first used: ``fuyou.cli`` builds its parser from ``fuyou.planner.cli``
+    on every command, and ``fuyou.policy`` imports torch (a second, for `fuyou --help`)."""
+    if name == "HardwareConfig":
+        from fuyou.planner.config import HardwareConfig
+
+        return HardwareConfig
+    if name in ("ActivationPolicy", "BlockPolicy", "parse_act_policy"):
+        import fuyou.policy
+
+        return getattr(fuyou.policy, name)
+    raise AttributeError(f"module 'fuyou.planner' has no attribute {name!r}")

@@ -1,0 +1,478 @@
+"""`fuyou plan` and `fuyou probe`: their flags, and how the flags become a workload and hardware to plan
+(the rest of the command line is ``fuyou.cli``)."""
+
+from __future__ import annotations
+
+import sys
+
+
+def add_parsers(sub) -> None:
+    """The `fuyou plan` and `fuyou probe` subcommands."""
+    pl = sub.add_parser("plan", help="predict step time, memory and the swap schedule (no GPU, no weights)",
+                        description="Plan a run: bytes per tier, predicted step time and bottleneck, the swap "
+                        "schedule and a timeline of one step. Hardware by preset (--gpu, --ssd NxNAME, --pcie), by "
+                        "numbers, or --profile FILE from `fuyou probe`.")
+    pl.add_argument("--model", default="gpt3-13b", help="model preset (see `fuyou models`), or a path: a Hugging "
+                    "Face config.json or model directory, or a fuyou run directory (no weights are read)")
+    pl.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE",
+                    help="overrides, as for fuyou train: model fields (model.n_layer=48), LoRA (lora.rank=16 "
+                    "lora.targets=all-linear), engine settings "
+                    "(offload.checkpoint_dtype=auto), train.precision, and the optimizer state's format "
+                    "(optim.master=bf16 optim.moments=int8)")
+    pl.add_argument("--batch", type=int, help="micro-batch size (sequences; default 16, or with --global-batch "
+                    "the planner's split)")
+    pl.add_argument("--seq", type=int, default=1024, help="sequence length")
+    pl.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
+    pl.add_argument("--global-batch", help="sequences per optimizer step: the planner splits it into micro-batches "
+                    "(or give --batch or --grad-accum too, to set the split); a range LOW-HIGH (e.g. 32-256) also "
+                    "chooses the global batch that trains the most tokens per second")
+    pl.add_argument("--gpus", type=int, default=1, help="data parallel on this many GPUs of the machine (torchrun "
+                    "--nproc_per_node): each runs --grad-accum/N of the step's micro-batches (default --grad-accum: "
+                    "one each) and owns the optimizer state of some stages; --cpu-mem and the SSDs are the machine's, "
+                    "shared")
+    pl.add_argument("--cpu-mem", help="CPU memory budget of the machine, e.g. 256GiB (default: the memory --profile "
+                    "measured, else 256GiB)")
+    pl.add_argument("--cpu-reserve", help="CPU memory the plan leaves unused, e.g. 8GiB (default: the process's fixed "
+                    "overhead, 1.5 GiB with CUDA's context or 384 MiB on a CPU, and 2%% of --cpu-mem for heap "
+                    "fragmentation); "
+                    "`fuyou train --cpu-mem` takes the planned figure")
+    pl.add_argument("--profile", help="hardware profile JSON written by `fuyou probe`")
+    pl.add_argument("--gpu", help="GPU preset: rtx3090, rtx4090, a100-40gb, a100-80gb, h100, h200")
+    pl.add_argument("--ssd", action="append", help="SSD preset with a count, e.g. 12xd7-p5510 (d7-p5510, 990-pro, "
+                    "pcie4-generic); once (fuyou train's --ssd, one per drive, repeats)")
+    pl.add_argument("--pcie", help="host link: gen3x16, gen4x16, gen5x16 (default: the GPU's)")
+    pl.add_argument("--gpu-reserve", help="GPU memory the plan leaves unused, e.g. 2GiB (default: 768 MiB for the "
+                    "CUDA context and 5%% of the rest, what the engine leaves by default)")
+    for flag, what in (("--gpu-tflops", "sustained matmul TFLOPS"), ("--gpu-mem", "the GPU's memory, e.g. 24GiB"),
+                       ("--ssd-read", "aggregate SSD read GB/s"), ("--ssd-write", "aggregate SSD write GB/s"),
+                       ("--ssd-capacity", "SSD space, e.g. 30TB"), ("--pcie-bw", "PCIe GB/s each way"),
+                       ("--ssd-tbw", "rated endurance of one drive, TB written (the datasheet's TBW)"),
+                       ("--cpu-adam", "CPU AdamW parameters/s"),
+                       ("--gpu-link", "GPU-to-GPU GB/s each way for --gpus' gradient sums (NVLink; 0: none, through "
+                                      "host memory)")):
+        pl.add_argument(flag, help=f"override: {what}")
+    pl.add_argument("--act-policy", help="predict this activation policy instead of searching "
+                    "(e.g. 'recompute' or 'fc2,proj=cpu;0-3:checkpoint=ssd')")
+    pl.add_argument("--prefetch-depth", type=int, help="stages fetched ahead (offload.prefetch_depth): with "
+                    "--act-policy, that policy's (default 2); without, the only depth the search tries (default: it "
+                    "tries 1, 2 and 3)")
+    pl.add_argument("--commit", choices=["cow", "none"],
+                    help="cow (default): crash-safe commits and resume (extra state copies on SSD); none: no resume")
+    pl.add_argument("--commit-every",
+                    help="commit interval as train uses it: steps (1: every step) or a time such as 10min (default)")
+    pl.add_argument("--grad-clip", default="1.0",
+                    help="exact global-norm clipping threshold as train uses it (default 1.0), or none")
+    pl.add_argument("--tokens", help="also give the time to train on this many tokens, e.g. 1G, 500M, 2e9 "
+                    "(an epoch of your data)")
+    pl.add_argument("--json", action="store_true", help="print JSON for tools instead of text")
+    pl.add_argument("--plot", metavar="FILE.png", help="write a Gantt chart of one step (needs matplotlib)")
+    pl.set_defaults(func=_plan)
+
+    pr = sub.add_parser("probe", help="measure this machine (compute, PCIe, SSD via the store, CPU AdamW) "
+                        "and write a hardware profile", description="Measure this machine with fuyou's own code "
+                        "and write a profile for `fuyou plan --profile`.")
+    pr.add_argument("--ssd", required=True, metavar="DIR", help="a directory on the SSD to measure")
+    pr.add_argument("--out", default="profile.json", help="profile JSON to write (default: profile.json)")
+    pr.add_argument("--model", help="model (a preset, or a path as for fuyou plan --model) whose block shapes to "
+                    "time (default: a 125M/1.3B block)")
+    pr.add_argument("--batch", type=int, help="micro-batch size for the compute probe (default 8 on a GPU, 4 on a "
+                    "CPU; give the batch you will plan: a plan far from it extrapolates)")
+    pr.add_argument("--seq", type=int, help="sequence length for the compute probe (default 1024 on a GPU, 256 on "
+                    "a CPU, at most the model's positions)")
+    pr.add_argument("--io-bytes", default="256MiB", help="bytes written and read in the SSD probe (default 256MiB, "
+                    "at least 1MiB; the store's I/O unit rounds it up)")
+    pr.add_argument("--adam-params", type=int, default=1 << 24, help="parameters in the AdamW probe (default 16777216, "
+                    "at least 65536; the out-of-core job beside it updates one block of --model)")
+    pr.add_argument("--repeats", type=int, default=3, help="timed repetitions, their median kept (default 3, at "
+                    "least 1)")
+    pr.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
+                    help="compute dtype the block is timed in, as train.precision (default bf16)")
+    pr.set_defaults(func=_probe)
+
+
+def _token_count(text: str) -> int:
+    """``--tokens``: a count such as 1G, 500M, 20k or 2e9 (decimal)."""
+    from fuyou.errors import ConfigError
+
+    scale = {"k": 1e3, "m": 1e6, "g": 1e9, "b": 1e9, "t": 1e12}
+    t = text.strip().lower()
+    try:
+        n = float(t[:-1]) * scale[t[-1]] if t and t[-1] in scale else float(t)
+    except ValueError:
+        n = -1
+    if not n >= 1:
+        raise ConfigError(f"--tokens {text!r}: give a positive count such as 1G, 500M or 2e9")
+    return int(n)
+
+
+def _global_batch(args) -> tuple[int, int] | None:
+    """``fuyou plan --global-batch G`` or ``LOW-HIGH``: (low, high) for the planner to split, or None when
+    the split is by hand (``--batch`` and ``--grad-accum`` are then set from it) or not asked for."""
+    from fuyou.errors import ConfigError
+
+    if args.global_batch is None:
+        return None
+    try:
+        lo, _, hi = args.global_batch.partition("-")
+        lo, hi = int(lo), int(hi or lo)
+    except ValueError:
+        lo = hi = 0
+    if not 1 <= lo <= hi:
+        raise ConfigError(f"--global-batch {args.global_batch!r}: give a number of sequences such as 64, or a range "
+                          f"such as 32-256")
+    if args.batch is None and args.grad_accum is None:
+        return lo, hi
+    if lo != hi:
+        raise ConfigError("--global-batch with a range chooses the split itself: leave out --batch and --grad-accum")
+    if args.batch is not None and args.grad_accum is not None and args.batch * args.grad_accum != lo:
+        raise ConfigError(f"--batch {args.batch} x --grad-accum {args.grad_accum} is not --global-batch {lo}")
+    part = args.batch or args.grad_accum
+    if lo % part:
+        raise ConfigError(f"--global-batch {lo} is not a multiple of {'--batch' if args.batch else '--grad-accum'} "
+                          f"{part}")
+    args.batch, args.grad_accum = (part, lo // part) if args.batch else (lo // part, part)
+    return None
+
+
+PLAN_SECTIONS = ("model", "offload", "train.precision", "train.grad_clip", "optim.master", "optim.moments", "lora")
+
+
+def _plan_model_fields(model: str, overrides: list[str]) -> tuple[dict, dict]:
+    """The model to plan: a preset or a path (``hf.source.model_shape``), with ``model.KEY=VALUE`` overrides;
+    and the other sections' overrides plan takes (``PLAN_SECTIONS``), as {section: {key: value}}."""
+    from pathlib import Path
+
+    from fuyou.config import SECTIONS, _parse_value, refuse_implicit
+    from fuyou.errors import ConfigError
+    from fuyou.models import PRESETS, preset
+
+    if model in PRESETS:
+        fields = preset(model)
+    elif not Path(model).expanduser().exists():
+        if "/" in model or model.endswith(".json"):
+            raise ConfigError(f"--model {model}: no such file or directory; give a preset (`fuyou models`), a Hugging "
+                              f"Face config.json or model directory, or a fuyou run directory")
+        fields = preset(model)  # an unknown name: the preset error lists the presets
+    else:
+        from fuyou.hf.source import model_shape
+
+        fields = model_shape(model)
+    other: dict[str, dict] = {}
+    run_config = Path(model).expanduser() / "config.toml"
+    if run_config.is_file():  # a fuyou run: plan its state as it trains it (the flags and overrides still win)
+        # read as written, not validated as a config to train: its SSD directories need not exist to plan
+        import tomllib
+
+        raw = tomllib.loads(run_config.read_text())
+        for section, keys in (("train", ("precision",)), ("optim", ("master", "moments"))):
+            values = {k: raw[section][k] for k in keys if k in raw.get(section, {})}
+            if values:
+                other[section] = values
+        if raw.get("lora", {}).get("rank"):  # (its adapter checkpoint, if any, plays no part in a plan)
+            other["lora"] = {k: v for k, v in raw["lora"].items() if k != "init_from"}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        section, _, name = key.strip().partition(".")
+        if not sep or not name or not (section in PLAN_SECTIONS or key.strip() in PLAN_SECTIONS):
+            raise ConfigError(f"plan override {item!r}: plan takes model.KEY=VALUE, offload.KEY=VALUE, lora.KEY=VALUE, "
+                              f"train.precision, train.grad_clip, optim.master and optim.moments overrides (the batch "
+                              f"(--batch, --grad-accum), sequence (--seq) and hardware have their own flags)")
+        value = _parse_value(text.strip())
+        if section in SECTIONS:
+            refuse_implicit(SECTIONS[section], section, name, value)
+        if section == "model":
+            fields[name] = value
+        else:
+            other.setdefault(section, {})[name] = value
+    return fields, other
+
+
+def _model_config(fields: dict):
+    """``ModelConfig(**fields)``, its validation errors as the sentences ``fuyou train`` gives."""
+    from pydantic import ValidationError
+
+    from fuyou.config import explain
+    from fuyou.errors import ConfigError
+    from fuyou.models import ModelConfig
+
+    try:
+        return ModelConfig(**fields)
+    except ValidationError as e:
+        raise ConfigError(explain(e, "model").replace("invalid configuration:", "invalid model:")) from None
+
+
+def _plan_gpus(args, split) -> int:
+    """``fuyou plan --gpus N``: the step's micro-batches must divide among the ranks (as ``fuyou train``
+    under torchrun requires)."""
+    from fuyou.errors import ConfigError
+
+    n = args.gpus
+    if n < 1:
+        raise ConfigError(f"--gpus must be at least 1, got {n}")
+    if args.grad_accum is not None and args.grad_accum % n:
+        raise ConfigError(f"--grad-accum {args.grad_accum} does not divide among --gpus {n}: each GPU runs the same "
+                          f"number of micro-batches; give a multiple of {n}")
+    if split is not None and split[1] // n * n < split[0]:
+        what = split[0] if split[0] == split[1] else f"{split[0]}-{split[1]}"
+        raise ConfigError(f"--global-batch {what} has no global batch that divides among --gpus {n}; give a multiple "
+                          f"of {n}")
+    return n
+
+
+def _plan_offload_flags(args, given: dict) -> None:
+    """``offload.*`` overrides that plan has flags for, as fuyou train reads them, or refused where plan plans
+    them itself; a new-user pass found offload.cpu_mem=150MiB planned as the default 256 GiB in silence.
+    ``offload.cpu_mem`` is fuyou train's budget, the planned one: --cpu-mem of it with no reserve."""
+    from fuyou.errors import ConfigError
+
+    for key, flag in (("cpu_mem", "cpu_mem"), ("gpu_mem", "gpu_mem"), ("act_policy", "act_policy"),
+                      ("prefetch_depth", "prefetch_depth")):
+        if key in given and getattr(args, flag) is not None:
+            raise ConfigError(f"offload.{key}={given[key]} and --{flag.replace('_', '-')} {getattr(args, flag)} "
+                              f"both set it; give one")
+    if "cpu_mem" in given:
+        if args.cpu_reserve is not None:
+            raise ConfigError("offload.cpu_mem is fuyou train's budget, planned as it is (no reserve); --cpu-reserve "
+                              "applies to --cpu-mem, the machine's memory: give one of them")
+        args.cpu_mem, args.cpu_reserve = str(given.pop("cpu_mem")), "0"
+    if "gpu_mem" in given:  # fuyou train's device budget, as it is: --gpu-mem of it with no reserve
+        if args.gpu_reserve is not None:
+            raise ConfigError("offload.gpu_mem is fuyou train's device budget, planned as it is (no reserve); "
+                              "--gpu-reserve applies to --gpu-mem, the GPU's memory: give one of them")
+        args.gpu_mem, args.gpu_reserve = str(given.pop("gpu_mem")), "0"
+    if "act_policy" in given:
+        args.act_policy = str(given.pop("act_policy"))
+    if "prefetch_depth" in given:  # (the search then tries that depth alone: Workload.depths)
+        depth = given.pop("prefetch_depth")
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+            raise ConfigError(f"offload.prefetch_depth must be a whole number of stages, at least 1, got {depth!r}")
+        args.prefetch_depth = depth
+    if str(given.get("mode", "ssd")) != "ssd":
+        raise ConfigError(f"offload.mode={given['mode']}: plan plans training offloaded to the SSD (offload.mode=ssd)")
+    given.pop("mode", None)
+    if "ssd_dirs" in given:
+        raise ConfigError("offload.ssd_dirs: plan takes the drives as --ssd COUNTxPRESET (e.g. 2x990-pro), or "
+                          "measured: --profile FILE from `fuyou probe --ssd DIR`")
+
+
+def _plan(args) -> int:
+    import json
+    import math
+
+    from fuyou.errors import ConfigError
+    from fuyou.planner.config import HardwareConfig
+    from fuyou.planner.cost import Workload
+    from fuyou.planner.hardware import resolve
+    from fuyou.policy import read_act_policy
+    from fuyou.planner.report import plot, text, to_json
+    from fuyou.planner.search import (CPU_FIX, CPU_RESERVE, CPU_RESERVE_FRACTION, search, search_global_batch,
+                                      search_split)
+    from fuyou.units import format_size, parse_size, unitless_hint
+
+    if args.plot:  # checked before planning: a plot asked for and silently skipped is a surprise
+        import importlib.util
+
+        if importlib.util.find_spec("matplotlib") is None:
+            raise ConfigError("--plot needs matplotlib: pip install 'fuyou[plot]'")
+    if args.ssd and len(args.ssd) > 1:  # (fuyou train's --ssd is one directory a drive, and repeats)
+        import re
+
+        kinds = {re.sub(r"^\d+x", "", s.lower()) for s in args.ssd}
+        counts = sum(int(m.group(1)) if (m := re.match(r"^(\d+)x", s.lower())) else 1 for s in args.ssd)
+        dirs = any("/" in s for s in args.ssd)
+        example = (f"--ssd {counts}x{kinds.pop()}" if len(kinds) == 1 and not dirs else
+                   "--ssd COUNTxPRESET (e.g. 2x990-pro), or --profile FILE from `fuyou probe --ssd DIR`")
+        raise ConfigError(f"--ssd names the drives once, with their count: {example} (got --ssd "
+                          f"{' --ssd '.join(args.ssd)}" + ("; plan takes drive models, not directories" if dirs
+                                                            else "") + ")")
+    args.ssd = args.ssd[0] if args.ssd else None
+    tokens_goal = _token_count(args.tokens) if args.tokens else None
+    for name in ("batch", "seq", "grad_accum"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    split = _global_batch(args)
+    gpus = _plan_gpus(args, split)
+    fields, other = _plan_model_fields(args.model, args.overrides)
+    given = other.setdefault("offload", {})
+    _plan_offload_flags(args, given)
+    if "grad_clip" in other.get("train", {}):  # as fuyou train spells it (the plan's what-ifs do): --grad-clip
+        args.grad_clip = str(other["train"].pop("grad_clip"))
+    cfg = _model_config(fields)
+    if args.seq > cfg.max_seq_len:
+        if cfg.family == "gpt":  # its learned position table grows with the length (fuyou train refuses it)
+            from pathlib import Path
+
+            if Path(args.model).expanduser().exists():  # a checkpoint: its learned positions are what they are
+                raise ConfigError(f"--seq {args.seq} is beyond the checkpoint's {cfg.max_seq_len} learned positions "
+                                  f"(a GPT's position table): fuyou train refuses a longer data.seq_len for it; plan "
+                                  f"--seq {cfg.max_seq_len} or less")
+            print(f"note: --seq {args.seq} is beyond the model's {cfg.max_seq_len} positions: planned with "
+                  f"model.max_seq_len={args.seq} (give fuyou train the same, or a shorter data.seq_len)",
+                  file=sys.stderr)
+        cfg = cfg.model_copy(update={"max_seq_len": args.seq})
+    nums = {k: getattr(args, k) for k in ("gpu_tflops", "ssd_read", "ssd_write", "pcie_bw", "cpu_adam", "ssd_tbw",
+                                          "gpu_link")}
+    try:
+        nums = {k: float(v) for k, v in nums.items() if v is not None}
+    except ValueError as e:
+        raise ConfigError(f"a numeric hardware override is not a number: {e}") from None
+    from pydantic import ValidationError
+
+    from fuyou.config import explain
+
+    try:
+        hwc = HardwareConfig(profile=args.profile, gpu=args.gpu, ssd=args.ssd, pcie=args.pcie, gpu_mem=args.gpu_mem,
+                             gpu_reserve=args.gpu_reserve, ssd_capacity=args.ssd_capacity, **nums)
+    except ValidationError as e:  # in the flags' names: the hardware section's fields are plan's options
+        import re
+
+        text = explain(e, "hardware").replace("invalid configuration:", "invalid hardware option:")
+        raise ConfigError(re.sub(r"hardware\.(\w+)", lambda m: "--" + m.group(1).replace("_", "-"), text)) from None
+    except ValueError as e:
+        raise ConfigError(f"invalid hardware option: {e}") from None
+    hw = resolve(hwc)
+    from fuyou.engine.config import OffloadConfig
+
+    try:
+        for flag, key in (("commit", "commit"), ("commit_every", "commit_every")):
+            value = getattr(args, flag)
+            if value is not None and key in given and str(given[key]) != str(value):
+                raise ConfigError(f"--{flag.replace('_', '-')} {value} and offload.{key}={given[key]} disagree; "
+                                  f"give one")
+        flags = {k: getattr(args, k) for k in ("commit", "commit_every") if getattr(args, k) is not None}
+        try:
+            off = OffloadConfig(**{**flags, **given})
+        except ValidationError as e:
+            raise ConfigError(explain(e, "offload").replace("invalid configuration:", "invalid offload override "
+                                                            "(or --commit, --commit-every):")) from None
+        if off.commit == "none" and "commit_every" in {**flags, **given}:
+            raise ConfigError("--commit-every sets how often a crash-safe commit is made, and --commit none makes "
+                              "none; give one")
+        clip = None if args.grad_clip.lower() == "none" else float(args.grad_clip)
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise ConfigError(f"invalid --commit-every, --grad-clip or offload override: {e}") from None
+    precision = other.get("train", {}).get("precision", "bf16")
+    if precision not in ("bf16", "fp32"):
+        raise ConfigError(f"train.precision={precision}: bf16 or fp32")
+    if clip is not None and not (0 < clip < float("inf")):
+        raise ConfigError(f"--grad-clip must be a positive number or none, got {args.grad_clip}")
+    from fuyou.optim.compressed import StateFormat
+
+    try:
+        fmt = StateFormat(**other.get("optim", {}))
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"invalid optim override: {e}") from None
+    from fuyou.models.lora import LoRAConfig, resolve_targets
+
+    try:
+        lora = LoRAConfig(**other.get("lora", {}))
+    except ValidationError as e:
+        raise ConfigError(explain(e, "lora").replace("invalid configuration:", "invalid lora override:")) from None
+    resolve_targets(cfg.family, lora.targets)
+    if lora.enabled and not fmt.exact:
+        raise ConfigError("optim.master/optim.moments apply to full fine-tuning; LoRA keeps the adapters' state in memory")
+    w = Workload(cfg, args.batch or 16, args.seq, grad_accum=args.grad_accum or gpus, offload=off, grad_clip=clip,
+                 csize=2 if precision == "bf16" else 4, fmt=fmt, lora=lora, ranks=gpus,
+                 **({"depths": (args.prefetch_depth,)} if args.prefetch_depth else {}))
+    if w.sharded and gpus > len(w.numels):
+        raise ConfigError(f"--gpus {gpus} for a model of {len(w.numels)} stages: each rank owns the optimizer state of "
+                          f"whole stages, so use at most {len(w.numels)} GPUs")
+    policy = None
+    if args.act_policy is not None:  # (an empty one is refused as such, not taken as "search")
+        policy = read_act_policy(args.act_policy, cfg.n_layer,
+                                 **({"prefetch_depth": args.prefetch_depth} if args.prefetch_depth else {}))
+    if args.cpu_mem is None:  # the machine the profile measured, else the documented default
+        measured = hw.cpu_mem if args.profile else None
+        args.cpu_mem = str(measured) if measured else "256GiB"
+        if measured:
+            print(f"note: planning the {format_size(measured)} of CPU memory {args.profile} measured (--cpu-mem sets "
+                  f"another budget)", file=sys.stderr)
+    cpu_given = parse_size(args.cpu_mem)
+    share = cpu_given // gpus  # each rank's share of the machine (fuyou/distributed.py: Dist.rank_config)
+    reserve = (parse_size(args.cpu_reserve) if args.cpu_reserve is not None
+               else CPU_RESERVE[hw.device] + int(share * CPU_RESERVE_FRACTION))
+    cpu = share - reserve
+    if cpu <= 0:
+        each = f" (each of {gpus} ranks' share {format_size(share)})" if gpus > 1 else ""
+        need = search(w, hw, 4096, policy, whatif=False, ladder=False).cpu_need  # what the smallest plan needs
+        # the default reserve grows with the budget: CPU_RESERVE + CPU_RESERVE_FRACTION of it
+        total = (need + reserve if args.cpu_reserve is not None else
+                 math.ceil((need + CPU_RESERVE[hw.device]) / (1 - CPU_RESERVE_FRACTION))) if need else 0
+        least = (f"; this model needs at least {format_size(total * gpus, up=True)} (--cpu-mem, with the reserve)"
+                 if need else "")
+        raise ConfigError(f"--cpu-reserve {format_size(reserve)} (memory the plan leaves to the process itself) leaves "
+                          f"nothing of --cpu-mem {format_size(cpu_given)}{unitless_hint(cpu_given)}{each}{least}; or "
+                          f"reserve less (--cpu-reserve 0 plans the whole budget)")
+    if split is None:
+        plan = search(w, hw, cpu, policy)
+    elif split[0] == split[1]:
+        plan = search_split(w, hw, cpu, split[0], policy)
+    else:
+        plan = search_global_batch(w, hw, cpu, *split, policy)
+    plan.cpu_given = cpu_given
+    plan.tokens_goal = tokens_goal
+    if plan.cpu_need:  # the fix in --cpu-mem's terms: the planned budget plus the reserve, per rank, for the machine
+        reserved = args.cpu_reserve is not None  # (else the default reserve, which grows with the budget)
+        per = (plan.cpu_need + reserve if reserved
+               else -(-(plan.cpu_need + CPU_RESERVE[hw.device]) // (1 - CPU_RESERVE_FRACTION)))
+        fix = (f"{CPU_FIX} {format_size(int(per) * gpus, up=True)} (--cpu-mem; it plans "
+               f"{format_size(plan.cpu_need, up=True)} after the "
+               f"reserve of {format_size(reserve if reserved else int(per) - plan.cpu_need)}"
+               + (f", for each of {gpus} ranks" if gpus > 1 else "") + ")" + plan.cpu_note)
+        plan.fixes = [fix if f.startswith(CPU_FIX) else f for f in plan.fixes]
+    print(json.dumps(to_json(plan), indent=1) if args.json else text(plan))
+    if args.plot and plan.feasible:
+        if plot(plan, args.plot):
+            print(f"wrote {args.plot}", file=sys.stderr)
+        else:
+            print("fuyou: --plot needs matplotlib (pip install 'fuyou[plot]'); skipped", file=sys.stderr)
+    return 0 if plan.feasible else 1
+
+
+def _probe(args) -> int:
+    from fuyou.planner.hardware import save_profile
+    from fuyou.planner.probe import probe
+    from fuyou.units import format_size, parse_size
+
+    from fuyou.errors import ConfigError
+
+    io_bytes = parse_size(args.io_bytes)
+    for flag, value, least in (("--repeats", args.repeats, 1), ("--io-bytes", io_bytes, 1 << 20),
+                               ("--adam-params", args.adam_params, 1 << 16)):
+        if value < least:
+            raise ConfigError(f"{flag} must be at least {least}, got {value}")
+    for flag in ("batch", "seq"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise ConfigError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    from pathlib import Path
+
+    out = Path(args.out).expanduser()
+    if out.is_dir() or not out.parent.is_dir():  # checked before minutes of measuring, not after
+        raise ConfigError(f"--out {args.out}: " + ("a directory; give a file name such as profile.json" if out.is_dir()
+                                                   else f"its directory {out.parent} does not exist; create it first"))
+    model = args.model
+    if model is not None:  # a preset or a path, as fuyou plan --model takes
+        fields, _ = _plan_model_fields(model, [])
+        model = _model_config(fields)
+    prof, meas = probe(args.ssd, model=model, batch=args.batch, seq=args.seq, io_bytes=io_bytes,
+                       precision=args.precision,
+                       adam_params=args.adam_params, repeats=args.repeats)
+    save_profile(prof, args.out, meas)
+    c = meas["compute"]
+    print(f"compute ({prof.device}, {c['block_shape']}): block forward {prof.fwd_flops / 1e12:.3g} TFLOPS, "
+          f"recompute+backward {prof.bwd_flops / 1e12:.3g}, matmuls {prof.matmul_flops / 1e12:.3g}")
+    if prof.device == "cuda":
+        print(f"PCIe: H2D {prof.h2d / 1e9:.3g} GB/s, D2H {prof.d2h / 1e9:.3g} GB/s (pinned)")
+    print(f"SSD ({args.ssd}, through the store): write {prof.ssd_write / 1e9:.3g} GB/s, read {prof.ssd_read / 1e9:.3g} "
+          f"GB/s, mixed factor {prof.ssd_mixed_factor:.2f}, free {format_size(prof.ssd_capacity)}")
+    print(f"between processes (gloo, data parallel): broadcast {prof.gloo_broadcast / 1e9:.3g} GB/s, reduce "
+          f"{prof.gloo_reduce / 1e9:.3g} GB/s")
+    j = meas["adam_job"]
+    print(f"out-of-core AdamW job ({j['params'] / 1e6:.1f}M params): {j['s'] * 1e3:.1f} ms, predicted "
+          f"{j['predicted_s'] * 1e3:.1f} ms -> efficiency {prof.adam_io_efficiency:.2f}")
+    print(f"CPU AdamW: {prof.cpu_adam / 1e9:.3g} G params/s; memory: CPU {format_size(prof.cpu_mem or 0)}, "
+          f"device {format_size(prof.gpu_mem)}")
+    print(f"wrote {args.out}")
+    return 0
