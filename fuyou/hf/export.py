@@ -79,15 +79,24 @@ def _export(weights, run: Path, out: Path, dtype: str, shard_size: int) -> list[
     out.mkdir(parents=True, exist_ok=True)
     written = copy_small_files(meta_dir, out, skip=("config.json",)) if meta_dir is not None else []
     weight_map: dict[str, str] = {}
-    for keys, name in zip(shards, names):
-        tensors = {}
-        for key in keys:
-            hf_key, transposed = hf_name(key, model.family)
-            t = weights.tensor(key, specs[key].shape)
-            tensors[hf_key] = (t.t() if transposed else t).to(DTYPES[dtype]).contiguous()
-            weight_map[hf_key] = name
-        save_file(tensors, str(out / name), metadata={"format": "pt"})
-        del tensors
+    try:
+        for keys, name in zip(shards, names):
+            tensors = {}
+            for key in keys:
+                hf_key, transposed = hf_name(key, model.family)
+                t = weights.tensor(key, specs[key].shape)
+                if dtype == "fp16" and t.numel() and (big := t.abs().max().item()) > torch.finfo(torch.float16).max:
+                    raise ConfigError(f"{key} holds values up to {big:.4g}, beyond fp16's largest (65504): in fp16 "
+                                      f"they would be inf. Export --dtype bf16 (fp32's range) or fp32; nothing was "
+                                      f"written")
+                tensors[hf_key] = (t.t() if transposed else t).to(DTYPES[dtype]).contiguous()
+                weight_map[hf_key] = name
+            save_file(tensors, str(out / name), metadata={"format": "pt"})
+            del tensors
+    except BaseException:  # (out was empty or absent: export_run checked) no half-written model is left
+        for f in [*written, *names]:
+            (out / f).unlink(missing_ok=True)
+        raise
     written += names
     if len(shards) > 1:
         total = sum(math.prod(s.shape) * size for s in specs.values())

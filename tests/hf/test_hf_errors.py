@@ -509,3 +509,23 @@ def test_stored_tensors_are_compared_a_block_of_rows_at_a_time(tmp_path):
     assert _equal(a, "e", a, "same", block=1000)  # 5 rows a block
     assert not _equal(a, "e", a, "h", block=1000)  # the last row of the last block differs
     assert not _equal(a, "e", a, "short") and not _equal(a, "e", b, "e16")
+
+
+def test_an_fp16_export_of_weights_beyond_its_range_is_refused(tmp_path):
+    """`fuyou export --dtype fp16` of a model with a weight of 1e6 wrote inf, in silence."""
+    from fuyou.models import ModelConfig, StageModel, preset
+    from fuyou.hf.weights import write_safetensors
+
+    cfg = ModelConfig(**preset("gpt-test"))
+    specs = StageModel(cfg).param_specs()
+    params = {k: torch.zeros(s.shape) for k, s in specs.items()}
+    last = list(specs)[-1]
+    params[last].view(-1)[0] = 1e6
+    run = tmp_path / "run"
+    run.mkdir()
+    write_safetensors(run / "model.safetensors", {k: s.shape for k, s in specs.items()}, (params[k] for k in specs),
+                      {"fuyou_model": json.dumps(cfg.model_dump())})
+    with pytest.raises(ConfigError, match=f"{last} holds values up to 1e\\+06, beyond fp16's largest"):
+        export_run(run, tmp_path / "ex", "fp16", shard_size=4096)  # several shards: the first ones written
+    assert not (tmp_path / "ex").exists() or not list((tmp_path / "ex").iterdir())
+    export_run(run, tmp_path / "ex", "bf16")
