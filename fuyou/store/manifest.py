@@ -41,6 +41,9 @@ def read_manifest(paths: list[Path]) -> dict:
                 marker = json.loads((d / L.MARKER).read_text(encoding="utf-8"))
             except (OSError, ValueError):
                 continue
+            if isinstance(marker, dict) and marker.get("index") == i == 0:  # in its place, the manifest gone
+                raise StoreCorruptError(None, str(mpath), f"the store's manifest is missing (deleted?) from {d}, "
+                                        f"which holds the store's other files")
             raise StoreUsageError(f"{d} is directory {marker.get('index')} of a store but was listed at position "
                                   f"{i}; list the store's directories in their original order (the first one "
                                   f"holds {L.MANIFEST})")

@@ -43,6 +43,18 @@ def test_flipped_byte_is_reported_not_returned(tmp_path, cfg):
         assert torch.equal(ok, t[:4096])
 
 
+def test_a_deleted_manifest_is_named(tmp_path, cfg):
+    """A new-user pass deleted fuyou-store.json: the store said its directory 'was listed at position 0' and
+    asked for the directories in their original order."""
+    from fuyou.store import layout as L
+
+    _store_with(tmp_path, cfg, torch.randn(100))
+    (tmp_path / L.MANIFEST).unlink()
+    with pytest.raises(StoreCorruptError, match="manifest is missing .deleted..") as e:
+        TensorStore.open([tmp_path], cfg)
+    assert "original order" not in str(e.value)
+
+
 def test_truncated_file_detected_at_open_and_at_read(tmp_path, cfg):
     t = torch.randn(20_000)
     ext, path = _store_with(tmp_path, cfg, t)
