@@ -14,7 +14,7 @@ def main(argv: list[str] | None = None) -> int:
     # key=value overrides may come before or after options: collect the ones argparse left over.
     args, extra = parser.parse_known_args(argv)
     if extra:
-        if getattr(args, "func", None) is _train and all("=" in e and not e.startswith("-") for e in extra):
+        if isinstance(getattr(args, "overrides", None), list) and all("=" in e and not e.startswith("-") for e in extra):
             args.overrides += extra
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
@@ -222,6 +222,13 @@ def _train(args) -> int:
             raise ConfigError(f"--resume takes the run directory, not its config.toml: --resume {resume.parent}")
         if not (resume / "config.toml").is_file():
             raise ConfigError(f"{resume} is not a run directory (no config.toml); give the directory a run printed")
+        from fuyou.hf.source import snapshot_run
+
+        run = snapshot_run(resume.resolve())
+        if run is not None:  # (a new-user pass got "holds no model", or "cannot change model.preset")
+            raise ConfigError(f"{resume} is a snapshot: weights only, no optimizer state or place in the data. "
+                              f"Resume its run from the run's last commit (--resume {run}), or start a new run from "
+                              f"the snapshot's weights (--init-from {resume})")
         if args.config:
             raise ConfigError("--resume uses the run's own config.toml; drop --config")
         given = [o.partition("=")[2] for o in args.overrides if o.partition("=")[0].strip() == "model.init_from"]
@@ -248,7 +255,7 @@ def _train(args) -> int:
         args.config = resume / "config.toml"
         # the weights come from the committed SSD state; the saved config already holds the shape and
         # tokenizer an init_from checkpoint gave, so that checkpoint need not exist any more
-        args.overrides = ["model.init_from=none", *args.overrides]
+        args.overrides = ["model.init_from=none", *_run_tokenizer(resume, args.overrides), *args.overrides]
     cfg = load_config(args.config, args.overrides, {k: v for k, v in flags.items() if v is not None})
     if args.ssd and cfg.offload.mode != "ssd":
         from fuyou.errors import ConfigError
@@ -270,6 +277,26 @@ def _train(args) -> int:
         if Path(args.trace).is_dir():
             raise ConfigError(f"--trace {args.trace} is a directory; give a file name such as trace.json")
     return run_training(cfg, trace=args.trace, plan_auto=args.plan == "auto", resume=resume).exit_status
+
+
+def _run_tokenizer(run, overrides: list[str]) -> list[str]:
+    """A resume whose tokenizer was the checkpoint it started from, now gone (a cleared model cache), reads
+    the copy the run keeps of it (``RUN/hf``): ``data.tokenizer=RUN/hf``, with a note. Nothing otherwise."""
+    import tomllib
+    from pathlib import Path
+
+    from fuyou.hf.source import tokenizer_dir
+
+    tok = tomllib.loads((run / "config.toml").read_text()).get("data", {}).get("tokenizer")
+    if not isinstance(tok, str) or tok == "byte" or Path(tok).expanduser().exists() or \
+            any(o.partition("=")[0].strip() == "data.tokenizer" for o in overrides):
+        return []
+    copy = tokenizer_dir(run)
+    if copy is None or copy.resolve() == Path(tok).expanduser().resolve():
+        return []
+    print(f"fuyou: note: the run's tokenizer {tok} no longer exists: reading the copy the run keeps, {copy}",
+          file=sys.stderr)
+    return [f"data.tokenizer={copy}"]
 
 
 def _models(args) -> int:

@@ -152,6 +152,36 @@ class FuyouConfig(BaseModel):
 SECTIONS = {name: f.annotation for name, f in FuyouConfig.model_fields.items()}
 
 
+# What a resumed run may change. The committed state's shape and where it lives are fixed by the
+# model, the SSD directories, the state format (optim.master, optim.moments), the compute precision (the
+# stored compute weights are in it) and the adapters' shape and scale (lora.*, except dropout); everything
+# else (steps, learning rate and the rest of the optimizer, data, logging, budgets, schedules) may change and
+# is recorded (fuyou.train.run.resume_changes); the batch (``DATA_POSITION``) may not.
+FIXED_ON_RESUME = ("model.", "offload.mode", "offload.commit", "optim.master", "optim.moments",
+                   "train.precision",
+                   "lora.rank", "lora.alpha", "lora.targets", "lora.use_rslora", "lora.init",
+                   "lora.base")  # lora.dropout may change
+# offload.ssd_dirs may change: directories moved elsewhere (each store directory's marker names its store
+# and place, so a foreign or reordered one is refused when the state is opened)
+NOT_COMPARED = ("model.init_from", "run.")
+# The data position (rows consumed) is the committed step times these: fixed too
+DATA_POSITION = ("train.grad_accum", "train.micro_batch_size", "data.seq_len")
+
+
+def flat_settings(cfg: FuyouConfig) -> dict[str, Any]:
+    """Every setting by its dotted key ("train.grad_accum": 4, ...)."""
+    return {f"{sec}.{k}": v for sec, vals in cfg.model_dump().items() for k, v in vals.items()}
+
+
+def fixed_settings(cfg: FuyouConfig) -> dict[str, Any]:
+    """The settings a resume may not change (``FIXED_ON_RESUME``, ``DATA_POSITION``), as JSON values: the
+    commit record keeps them, so a resume compares with what was committed, not only with config.toml
+    (which the user may have edited: a new-user pass resumed at another batch size that way, in silence)."""
+    return json.loads(json.dumps({k: v for k, v in flat_settings(cfg).items()
+                                  if (k.startswith(FIXED_ON_RESUME) or k in DATA_POSITION)
+                                  and not k.startswith(NOT_COMPARED)}, default=str))
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, flags: dict | None = None) -> FuyouConfig:
     """Build and validate a config from a TOML file, flag values (``{"offload.ssd_dirs": [...]}``)
     and ``key=value`` strings. Raises ``ConfigError`` with one sentence per problem."""
@@ -166,14 +196,43 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raw = tomllib.loads(p.read_text())
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{p} is not valid TOML: {e}") from e
+    given = set()
     for key, value in (flags or {}).items():
         _set(raw, key, value)
+        given.add(key)
     for item in overrides or []:
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"override {item!r} is not of the form section.key=value (e.g. train.steps=100)")
         _set(raw, key.strip(), _parse_value(text.strip()))
+        given.add(key.strip())
+    if path is not None:
+        _give_way(raw.get("train"), {k.partition(".")[2] for k in given if k.startswith("train.")})
     return validate(raw)
+
+
+#: settings of which one (steps, epochs) or two (global_batch, micro_batch_size, grad_accum) are given: those
+#: given on the command line take the place of the file's, which give way in this order
+TIED = (("steps", "epochs"), ("grad_accum", "micro_batch_size", "global_batch"))
+
+
+def _give_way(train: dict | None, given: set[str]) -> None:
+    """The file's train.steps gives way to an epochs given on the command line (and the reverse), and its
+    batch settings to those given (two of global_batch, micro_batch_size, grad_accum are kept). A new-user
+    pass: `--config RUN/config.toml train.epochs=1` was refused as "steps and epochs both given", and
+    train.steps=none is no number."""
+    if not isinstance(train, dict) or not given:
+        return
+    steps, batch = TIED
+    if given & set(steps):
+        for k in steps:
+            if k not in given and train.get(k) not in (None, "none"):
+                del train[k]
+    if given & set(batch):
+        for k in batch:
+            set_now = [b for b in batch if train.get(b) not in (None, "none")]
+            if len(set_now) > 2 and k not in given and k in set_now:
+                del train[k]
 
 
 def validate(raw: dict[str, Any]) -> FuyouConfig:

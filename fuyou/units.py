@@ -13,7 +13,7 @@ _UNITS = {
     "ki": 1024, "kib": 1024, "mi": 1024**2, "mib": 1024**2, "gi": 1024**3, "gib": 1024**3,
     "ti": 1024**4, "tib": 1024**4,
 }
-_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*$")
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*$")
 
 
 def parse_size(value: int | float | str) -> int:
@@ -23,6 +23,9 @@ def parse_size(value: int | float | str) -> int:
     if isinstance(value, (int, float)):
         if value < 0:
             raise ConfigError(f"a size cannot be negative, got {value}")
+        if value != int(value):
+            raise ConfigError(f"{value} is a fraction of a byte (a size without a unit is bytes); give a unit, such "
+                              f"as '{value}GiB'")
         return int(value)
     m = _SIZE.match(str(value))
     if not m or m.group(2).lower() not in _UNITS:
@@ -30,7 +33,11 @@ def parse_size(value: int | float | str) -> int:
             f"cannot read {value!r} as a size; write a number of bytes or a number with a unit "
             f"such as 512MiB, 4GiB, 2GB (binary units: KiB MiB GiB TiB; decimal: KB MB GB TB)"
         )
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    n = float(m.group(1)) * _UNITS[m.group(2).lower()]
+    if n != int(n) and _UNITS[m.group(2).lower()] == 1:  # ("--cpu-mem=0.5" was 0 bytes, in silence)
+        raise ConfigError(f"{value!r} is a fraction of a byte (a size without a unit is bytes); give a unit, such as "
+                          f"{m.group(1)}GiB")
+    return int(n)
 
 
 def unitless_hint(budget: int) -> str:

@@ -88,3 +88,52 @@ def test_every_shipped_config_validates(tmp_path):
         flags = {"offload.ssd_dirs": [str(tmp_path)], **({"data.path": [str(tmp_path / "corpus")]} if reads else {})}
         cfg = load_config(f, flags=flags)
         assert cfg.model.preset, f
+
+
+def test_the_command_line_takes_the_place_of_a_files_steps_or_batch(tmp_path):
+    """`--config RUN/config.toml train.epochs=1` was refused as "train.steps=30 and train.epochs=1 both given"
+    (the steps were the file's), and `train.global_batch=16 train.micro_batch_size=8` over a file as "set two
+    of the three" (the file's grad_accum made the third)."""
+    from fuyou.config import to_toml
+
+    f = tmp_path / "c.toml"
+    f.write_text(to_toml(load_config(overrides=["train.steps=30", "train.micro_batch_size=4"])))
+    cfg = load_config(f, ["train.epochs=1"])
+    assert cfg.train.epochs == 1
+    assert load_config(f, ["train.steps=7"]).train.steps == 7
+    cfg = load_config(f, ["train.global_batch=16", "train.micro_batch_size=8"])
+    assert (cfg.train.global_batch, cfg.train.micro_batch_size, cfg.train.grad_accum) == (16, 8, 2)
+    cfg = load_config(f, ["train.global_batch=16"])  # the file's micro-batch stays, its grad_accum follows
+    assert (cfg.train.micro_batch_size, cfg.train.grad_accum) == (4, 4)
+    f.write_text(to_toml(cfg))  # all three in the file
+    cfg = load_config(f, ["train.micro_batch_size=2"])
+    assert (cfg.train.global_batch, cfg.train.micro_batch_size, cfg.train.grad_accum) == (16, 2, 8)
+    with pytest.raises(ConfigError, match="both given"):  # both on the command line: still a contradiction
+        load_config(f, ["train.steps=3", "train.epochs=1"])
+    with pytest.raises(ConfigError, match="set two of the three"):
+        load_config(f, ["train.global_batch=16", "train.micro_batch_size=3", "train.grad_accum=3"])
+
+
+def test_sizes_in_exponent_form_and_fractions_of_a_byte():
+    """`--cpu-mem 1e9` was refused while offload.cpu_mem=1e9 (a TOML float) was taken; `--cpu-mem=0.5` was 0
+    bytes, in silence."""
+    from fuyou.units import parse_size
+
+    assert parse_size("1e9") == parse_size(1e9) == 10**9 and parse_size("2e3MiB") == 2000 * 2**20
+    for bad in ("0.5", 0.5, "1.5b"):
+        with pytest.raises(ConfigError, match="fraction of a byte.*give a unit"):
+            parse_size(bad)
+    assert parse_size("0.5GiB") == 2**29
+
+
+def test_a_cpu_budget_beyond_the_machines_memory_gets_a_note(tmp_path, capsys):
+    import os
+
+    from fuyou.cli import main
+
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    (tmp_path / "ssd").mkdir()
+    assert main(["train", "--offload", "ssd", "--ssd", str(tmp_path / "ssd"), "--out", str(tmp_path / "runs"),
+                 "--cpu-mem", str(2 * total), "model.preset=gpt-test", "data.seq_len=32", "train.steps=1",
+                 "train.micro_batch_size=2", "train.eval_batches=1"]) == 0
+    assert "is more than this machine's" in capsys.readouterr().err

@@ -69,6 +69,7 @@ class MemoryPlan:
     resident_bytes: int = 0   # their state, the gradients they hold for the norm and their spare copies
     spare_stages: list[int] = field(default_factory=list)  # resident stages with a spare copy (``plan_memory``)
     cache_share: int = 1   # ranks that map one weight cache; cache_bytes is this rank's share of it
+    local_ranks: int = 1   # ranks that share offload.cpu_mem (data parallel: cpu_budget is this rank's share)
     resident_elsewhere: list[int] = field(default_factory=list)  # the planner: stages resident on other ranks
     spare_elsewhere: list[int] = field(default_factory=list)     # ... and those of them with a spare copy
     act_share_cap: int | None = None  # the cpu tier's share is the default quarter of the budget, up to this
@@ -103,13 +104,16 @@ class MemoryPlan:
 
     def check(self) -> None:
         if self.cpu_required > self.cpu_budget:
+            n = self.local_ranks
+            share = f" (this rank's 1/{n} of offload.cpu_mem, which the {n} ranks of this machine share)" if n > 1 else ""
             raise BudgetError(
-                f"the CPU memory budget {format_size(self.cpu_budget)}{unitless_hint(self.cpu_budget)} cannot hold the "
-                f"engine's minimum of "
+                f"the CPU memory budget {format_size(self.cpu_budget)}{unitless_hint(self.cpu_budget)}{share} cannot "
+                f"hold the engine's minimum of "
                 f"{format_size(self.cpu_required, up=True)}:\n{_lines(self.cpu_items)}\nraise offload.cpu_mem "
                 f"(--cpu-mem) to at "
-                f"least {format_size(self.cpu_minimum, up=True)}, or lower the batch, sequence length, prefetch_depth, "
-                f"optimizer_chunk or grad_accum"
+                f"least {format_size(n * self.cpu_minimum, up=True)}" + (f" ({n} x {format_size(self.cpu_minimum, up=True)})"
+                                                                       if n > 1 else "")
+                + ", or lower the batch, sequence length, prefetch_depth, optimizer_chunk or grad_accum"
                 + (f" (with offload.act_cpu_mem unset, the activations' CPU tier takes a quarter of the budget, up "
                    f"to the {format_size(self.act_share_cap)} the policy keeps there)" if self.act_share_cap else "")
             )

@@ -35,13 +35,11 @@ import json
 import os
 from pathlib import Path
 
+from fuyou.engine.config import STATE_SUFFIX
 from fuyou.errors import StoreError
 from fuyou.faults import fault
 
 RECORD = "fuyou-commit.json"
-#: a run's SSD state directory is ``<run name>.fuyou-state`` in each SSD directory (data parallel: rank r > 0's
-#: ``<run name>.fuyou-state.rank<r>``, ``fuyou.distributed``)
-STATE_SUFFIX = ".fuyou-state"
 
 
 def state_name(run_name: str) -> str:

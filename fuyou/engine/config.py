@@ -10,6 +10,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from fuyou.units import parse_size
 
 
+#: a run's SSD state directory is ``<run name>.fuyou-state`` in each SSD directory (data parallel: rank r > 0's
+#: ``<run name>.fuyou-state.rank<r>``, ``fuyou.distributed``); ``fuyou.engine.commit.state_name``
+STATE_SUFFIX = ".fuyou-state"
+
+
 class OffloadConfig(BaseModel):
     """'none' trains in memory (the reference); 'ssd' keeps fp32 weights and Adam moments on SSDs."""
 
@@ -151,7 +156,14 @@ class OffloadConfig(BaseModel):
             if not self.ssd_dirs:
                 raise ValueError("offload.mode='ssd' needs at least one directory in offload.ssd_dirs (--ssd DIR)")
             for d in self.ssd_dirs:
+                if Path(d).exists() and not Path(d).is_dir():
+                    raise ValueError(f"SSD directory {d!r} is a file, not a directory; give a directory on the SSD")
                 if not Path(d).is_dir():
-                    raise ValueError(f"SSD directory {d!r} does not exist or is not a directory; create it first (a "
-                                     f"resume whose SSD directories moved: give their new place with --ssd)")
+                    raise ValueError(f"SSD directory {d!r} does not exist; create it first (a resume whose SSD "
+                                     f"directories moved: give their new place with --ssd)")
+                inside = next((p for p in (Path(d).resolve(), *Path(d).resolve().parents)
+                               if p.name.endswith(STATE_SUFFIX) or STATE_SUFFIX + ".rank" in p.name), None)
+                if inside is not None:  # (a new-user pass: the run that owned it deleted the state inside)
+                    raise ValueError(f"SSD directory {d!r} is inside {inside}, a run's SSD state, which fuyou "
+                                     f"deletes when that run ends; give the directory that holds the states")
         return self

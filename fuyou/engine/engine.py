@@ -226,6 +226,7 @@ class Engine:
                                  f"own cache (enlarge {SHM_DIR}, e.g. a container's --shm-size, to share one)")
                 self.cache_share = 1
                 self.plan = self._memory_plan()
+        self.plan.local_ranks = self.dist.local_world if self.dist.enabled else 1  # (in the refusal's figures)
         self.plan.check()  # Budgets are promises: refuse before creating anything (or tokenizing the data).
         if not resume:  # an earlier run's committed state in the way: said before the data is tokenized too
             refuse_committed_state(self.store_dirs, cfg, store_name)
@@ -268,6 +269,8 @@ class Engine:
             self.opt = OutOfCoreAdamW(self.store, self.opt_pool, cfg.optim, chunk_numel=self.chunk,
                                       depth=off.optimizer_depth, num_threads=off.optimizer_threads, seed=t.seed)
             self.tracer = Tracer()
+            self.store.write_observer = lambda key, n, t0, t1: self.tracer.add(f"write {key}", "ssd-write", t0, t1,
+                                                                               bytes=n)
             self.counters = StepCounters()
             ref = lambda: self.counters  # noqa: E731 - the current step's counters, read by the threads
             self.ts.counters = ref

@@ -29,6 +29,7 @@ from torch import Tensor
 from fuyou import watchdog
 from fuyou.engine.commit import RECORD, ResumeError, read_record, write_record
 from fuyou import distributed
+from fuyou.config import fixed_settings
 from fuyou.engine.state import TrainingState
 from fuyou.models.lora import LoRAConfig, init_adapters
 
@@ -123,7 +124,7 @@ class LoRATrainingState(TrainingState):
         write_record(directory, {"step": steps_done, "copies": [0] * len(self.states), "store_uuid": self.store.uuid,
                                  "generation": self.store.generation, "model": self.cfg.model.model_dump(),
                                  "lora": self.cfg.lora.model_dump(), "lora_state": name,
-                                 "lora_sha256": hashlib.sha256(data).hexdigest()})
+                                 "lora_sha256": hashlib.sha256(data).hexdigest(), "settings": fixed_settings(self.cfg)})
         for old in directory.glob("lora-state.*.safetensors"):
             if old.name != name:
                 old.unlink(missing_ok=True)

@@ -28,11 +28,14 @@ from torch import Tensor
 from fuyou import watchdog
 from fuyou.engine.commit import STATE_SUFFIX, ResumeError, read_record, step_tag, tagged_copy, write_record
 from fuyou import distributed
+from fuyou.config import fixed_settings
 from fuyou.engine.exchange import wire
 from fuyou.engine.layout import STORE_MARGIN, StageState, build_states, dtype_size
 from fuyou.errors import ConfigError
 from fuyou.optim.compressed import StateFormat, decode_state
 from fuyou.store import TensorStore
+from fuyou.store.errors import io_error_from_oserror
+from fuyou.store.lock import lock_holder
 
 
 class TrainingState:
@@ -262,7 +265,8 @@ class TrainingState:
         distributed.current().commit_barrier(steps_done)  # every rank's state is durable before any record names it
         write_record(self.store_dirs[0], {"step": steps_done, "copies": copies, "store_uuid": self.store.uuid,
                                           "generation": self.store.generation, "model": self.cfg.model.model_dump(),
-                                          "owned": [st.index for st in self.states if st.owned]})
+                                          "owned": [st.index for st in self.states if st.owned],
+                                          "settings": fixed_settings(self.cfg)})
 
     def commit_initial(self) -> None:
         """The commit record of the initial state (step 0), written synchronously."""
@@ -441,6 +445,10 @@ def refuse_committed_state(store_dirs: list[Path], cfg, name: str) -> None:
     if (store_dirs[0] / RECORD).exists() and not cfg.offload.replace_state:
         owner = read_owner(store_dirs[0])
         run = f"the run in {owner}" if owner else f"an earlier run named {name[:-len(STATE_SUFFIX)]!r}"
+        live = lock_holder(store_dirs[0])
+        if live is not None:  # (its advice was to resume a run that was still training)
+            raise ConfigError(f"{store_dirs[0]} holds the SSD state of {run}, which is still training (process "
+                              f"{live}); choose another run.name for this one")
         raise ConfigError(f"{store_dirs[0]} holds the committed SSD state of {run}: continue it with `fuyou train "
                           f"--resume {owner or 'RUN_DIR'}`, or choose another run.name (offload.replace_state=true "
                           f"deletes that state, and that run could not be resumed again)")
@@ -449,27 +457,44 @@ def refuse_committed_state(store_dirs: list[Path], cfg, name: str) -> None:
 OWNER = "fuyou-store-owner.json"  # in a state directory: the run directory whose state it is
 
 
-def write_owner(store_dir: Path, run_dir: Path) -> None:
-    """Record that ``store_dir`` holds the state of the run in ``run_dir`` (a state is found by run.name, which
-    two run directories may share: a resume then checks it is its own, ``owner_mismatch``)."""
+def write_owner(store_dir: Path, run_dir: Path, run_id: str | None = None) -> None:
+    """Record that ``store_dir`` holds the state of the run in ``run_dir``, whose id is ``run_id`` (a state is
+    found by run.name, which two run directories may share: a resume then checks it is its own,
+    ``owner_mismatch``)."""
     tmp = store_dir / (OWNER + ".tmp")
-    tmp.write_text(json.dumps({"run_dir": str(Path(run_dir).resolve())}))
-    tmp.replace(store_dir / OWNER)
+    try:
+        tmp.write_text(json.dumps({"run_dir": str(Path(run_dir).resolve()), **({"run_id": run_id} if run_id else {})}))
+        tmp.replace(store_dir / OWNER)
+    except OSError as e:  # (a full disk: a new-user pass got a traceback, and an empty .tmp file left)
+        tmp.unlink(missing_ok=True)
+        raise io_error_from_oserror(e, str(store_dir / OWNER), 0, 0, "writing the state's owner file") from e
+
+
+def _owner(store_dir: Path) -> dict:
+    try:
+        rec = json.loads((store_dir / OWNER).read_text())
+        return rec if isinstance(rec, dict) and isinstance(rec.get("run_dir"), str) else {}
+    except (OSError, ValueError):
+        return {}
 
 
 def read_owner(store_dir: Path) -> str | None:
-    try:
-        return json.loads((store_dir / OWNER).read_text())["run_dir"]
-    except (OSError, ValueError, KeyError, TypeError):
+    return _owner(store_dir).get("run_dir")
+
+
+def owner_mismatch(store_dir: Path, run_dir: Path, run_id: str | None = None) -> str | None:
+    """The other run directory whose state ``store_dir`` holds, if it is not ``run_dir``'s. Where both the
+    state and the run carry a run id (``fuyou.train.run.run_id``), the ids decide: a run directory moved or
+    copied with its SSD directory (a restored backup) keeps its id, another run of the same name has its own,
+    whether its directory still exists or not. Else (runs from before the ids), the other directory must
+    still exist and its config name this state's SSD directory."""
+    rec = _owner(store_dir)
+    owner = rec.get("run_dir")
+    if owner is None:
         return None
-
-
-def owner_mismatch(store_dir: Path, run_dir: Path) -> str | None:
-    """The other run directory whose state ``store_dir`` holds, if it is not ``run_dir``'s, that directory
-    still exists (a run directory that was moved keeps its state) and its config names this state's SSD
-    directory (a copy of a run and its SSD directory, a restored backup, is the copy's own)."""
-    owner = read_owner(store_dir)
-    if owner is None or Path(owner) == Path(run_dir).resolve() or not Path(owner).is_dir():
+    if run_id and isinstance(rec.get("run_id"), str):
+        return None if rec["run_id"] == run_id else owner
+    if Path(owner) == Path(run_dir).resolve() or not Path(owner).is_dir():
         return None
     config = Path(owner) / "config.toml"
     if not config.is_file():  # no longer a run directory

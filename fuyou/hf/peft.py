@@ -47,7 +47,7 @@ except ModuleNotFoundError:  # Python 3.10
 
 from fuyou.errors import ConfigError
 from fuyou.hf.export import DTYPES
-from fuyou.hf.source import copy_small_files, hf_files_dir
+from fuyou.hf.source import copy_small_files, hf_files_dir, snapshot_run
 from fuyou.hf.weights import hf_name
 
 ADAPTER_FILE = "adapter.safetensors"  # as fuyou.train.run.save_adapters names it
@@ -112,7 +112,7 @@ def base_path(run: Path) -> Path | None:
     random base. The path is returned even if it no longer exists (the adapter names it)."""
     p = run
     for _ in range(16):
-        init = _run_config(p).get("model", {}).get("init_from")
+        init = snapshot_run(p) or _run_config(p).get("model", {}).get("init_from")
         if not init:
             return None
         q = Path(init).expanduser()

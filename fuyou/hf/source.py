@@ -15,6 +15,7 @@ a run are found by following that chain (``hf_files_dir``); export and the token
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -118,6 +119,18 @@ def _run_model_section(run_dir: Path) -> dict[str, Any]:
     return tomllib.loads((run_dir / "config.toml").read_text()).get("model", {})
 
 
+def snapshot_run(path: Path) -> Path | None:
+    """The run directory a snapshot (``RUN/snapshots/step-N``, also ``abandoned-step-N``) lies in; None if
+    ``path`` is no snapshot inside a run. A snapshot's config.toml names its run by the path the run had
+    when the snapshot was taken: after the run moved, that path may be gone or be another run's (a new-user
+    pass exported a moved run's snapshot with the tokenizer of a new run of the same name)."""
+    run = path.parent.parent
+    if path.parent.name == "snapshots" and re.fullmatch(r"(abandoned-(\d+-)?)?step-\d+", path.name) \
+            and (run / "config.toml").is_file():
+        return run
+    return None
+
+
 def hf_files_dir(path: str | Path, _depth: int = 0) -> Path | None:
     """The directory with the Hugging Face config and tokenizer files behind ``path``, if any."""
     p = Path(path).expanduser()
@@ -127,7 +140,7 @@ def hf_files_dir(path: str | Path, _depth: int = 0) -> Path | None:
         return p / HF_META
     if (p / "config.toml").is_file() and _depth < 16:
         try:
-            parent = _run_model_section(p).get("init_from")
+            parent = snapshot_run(p) or _run_model_section(p).get("init_from")
         except (tomllib.TOMLDecodeError, OSError):
             return None
         if parent and Path(parent).resolve() != p.resolve():

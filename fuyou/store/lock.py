@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 
 from fuyou.store import layout as L
-from fuyou.store.errors import StoreLockedError, StoreUsageError
+from fuyou.store.errors import StoreLockedError, StoreUsageError, io_error_from_oserror
 
 __all__ = ["lock_dirs", "unlock"]
 
@@ -39,12 +39,30 @@ def lock_dirs(dirs: list[Path]) -> list[int]:
                 raise StoreLockedError(
                     f"the training state in {d} is in use by process {holder} (another fuyou run, or a --resume "
                     f"of this one); wait for it to end or stop it, then try again") from None
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            try:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            except OSError as exc:  # (a full disk: the first write to it; a new-user pass got a traceback)
+                raise io_error_from_oserror(exc, str(path), 0, 0, "writing the lock file") from exc
     except BaseException:
         unlock(fds)
         raise
     return fds
+
+
+def lock_holder(d: Path) -> str | None:
+    """The PID that holds the lock of directory ``d`` (a run still using that state), else None; takes nothing."""
+    try:
+        fd = os.open(d / L.LOCK, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return None
+    except BlockingIOError:
+        return os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+    finally:
+        os.close(fd)  # (releases the shared lock, if it was taken)
 
 
 def unlock(fds: list[int]) -> None:

@@ -26,6 +26,7 @@ import errno
 import math
 import os
 import threading
+import time
 import uuid
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
@@ -305,12 +306,20 @@ class TensorStore:
         with self._lock:
             self.record(key).tag = tag
 
+    #: called as ``observer(key, nbytes, submitted, done)`` (perf_counter times) when a write from CPU memory
+    #: completes, if set: the engine's ``--trace`` records the SSD writes with it
+    write_observer = None
+
     def write_from(self, key: str, tensor: torch.Tensor, start: int = 0) -> IOFuture:
         """Write ``tensor``'s elements to elements ``[start, start + numel)`` of ``key``; returns a future.
 
         Do not modify ``tensor`` until the future is done. Alignment rule: module docstring.
         """
-        return self._submit(key, tensor, start, write=True)
+        observer, t0 = self.write_observer, time.perf_counter()
+        fut = self._submit(key, tensor, start, write=True)
+        if observer is not None and hasattr(fut, "add_done_callback"):  # (kvikio's GPU-direct futures have none)
+            fut.add_done_callback(lambda f: observer(key, f.nbytes, t0, time.perf_counter()))
+        return fut
 
     def read_into(self, key: str, tensor: torch.Tensor, start: int = 0) -> IOFuture:
         """Read elements ``[start, start + numel)`` of ``key`` into ``tensor``; returns a future.

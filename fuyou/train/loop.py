@@ -24,8 +24,8 @@ from fuyou.engine.commit import STATE_SUFFIX, state_name
 from fuyou.models import StageModel
 from fuyou.train.metrics import MetricsLog, Progress, si, tensorboard_available
 from fuyou.train.reference import ReferenceTrainer
-from fuyou.train.run import (SaveError, make_run_dir, record_resume, resume_changes, run_dir_path, save_snapshot,
-                             save_weights)
+from fuyou.train.run import (SaveError, make_run_dir, record_resume, resume_changes, run_dir_path, run_id,
+                             save_snapshot, save_weights)
 from fuyou.errors import ConfigError, DataError, FuyouError
 from fuyou.trainer import Trainer
 from fuyou.units import format_size
@@ -127,6 +127,20 @@ def _recorded_data(run_dir: Path) -> dict | None:
         return None  # a run from before the record, or a damaged one: nothing to compare
 
 
+def _note_budget_beyond_memory(cfg: FuyouConfig, stream) -> None:
+    """A CPU budget beyond the machine's memory is kept by the engine, but the machine cannot give it: the
+    kernel swaps or stops the run (a new-user pass gave --cpu-mem 1TiB on a 23 GiB machine, without a word)."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return
+    budget = cfg.offload.cpu_mem
+    if budget is not None and total > 0 and budget > total:
+        print(f"fuyou: note: offload.cpu_mem {format_size(budget)} is more than this machine's "
+              f"{format_size(total)} of memory: the run may use more than the machine has (swapping, or stopped "
+              f"by the kernel); give at most what it can spare", file=stream)
+
+
 def _refuse_finished(run_path: Path, cfg: FuyouConfig) -> None:
     """A finished run removed its SSD state: say that, and how to train on from it, rather than that
     the state was never committed, deleted or moved."""
@@ -211,7 +225,8 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
         dirs = {"offload.ssd_dirs": list(cfg.offload.ssd_dirs), "data.path": list(cfg.data.path),
                 "data.eval_path": list(cfg.data.eval_path)}
         saved_raw = tomllib.loads((run_path / "config.toml").read_text())
-        changed = resume_changes(load_config(run_path / "config.toml", flags=dirs), cfg)
+        # (model.init_from is not compared, and the checkpoint it names may be gone: the shape is in the file)
+        changed = resume_changes(load_config(run_path / "config.toml", flags={**dirs, "model.init_from": None}), cfg)
         for key in dirs:
             section, field = key.split(".")
             saved_paths = saved_raw.get(section, {}).get(field)
@@ -221,6 +236,9 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
         _refuse_finished(run_path, cfg)
         _refuse_renamed(run_path, cfg)
         _refuse_others_state(cfg, run_path)
+        _refuse_unlike_commit(cfg, run_path)
+    if dist.is_main:
+        _note_budget_beyond_memory(cfg, stream or sys.stderr)
     # refuses impossible configs (and unresumable states) before anything is written
     trainer = build_trainer(cfg, run_path.name, resume=resume is not None)
     _claim_state(trainer, run_path)
@@ -401,11 +419,38 @@ def _refuse_others_state(cfg: FuyouConfig, run_path: Path) -> None:
     from fuyou.engine.state import owner_mismatch
 
     dirs = _state_dirs(cfg, run_path.name)
-    other = owner_mismatch(dirs[0], run_path) if dirs and dirs[0].is_dir() else None
+    other = owner_mismatch(dirs[0], run_path, run_id(run_path)) if dirs and dirs[0].is_dir() else None
     if other is not None:
-        raise ConfigError(f"the SSD state {dirs[0]} is the state of the run in {other}, not of {run_path}: two runs "
-                          f"named {run_path.name!r} share {dirs[0].parent}. Resume {other}, or give this run's "
-                          f"directory back its own state; nothing was changed")
+        where = (f"Resume {other}" if Path(other).is_dir() else
+                 "That run's directory is no longer there (moved? resume it where it is now)")
+        raise ConfigError(f"the SSD state {dirs[0]} is the state of another run named {run_path.name!r} (the run "
+                          f"in {other}), not of {run_path}: both keep their state in {dirs[0].parent}. {where}, or "
+                          f"give this run's directory back its own state; nothing was changed")
+
+
+def _refuse_unlike_commit(cfg: FuyouConfig, run_path: Path) -> None:
+    """The settings a resume may not change, against those the last commit recorded (``fixed_settings``):
+    the check against config.toml (``resume_changes``) misses a config.toml that was edited (a new-user
+    pass doubled train.micro_batch_size there and resumed at the wrong place in the data, in silence)."""
+    import json
+
+    from fuyou.config import fixed_settings
+    from fuyou.engine.commit import RECORD
+
+    dirs = _state_dirs(cfg, run_path.name)
+    try:
+        then = json.loads((dirs[0] / RECORD).read_text()).get("settings") if dirs else None
+    except (OSError, ValueError, AttributeError):
+        return  # no record, or a damaged one: opening the state says so
+    if not isinstance(then, dict):
+        return  # a record written before records kept the settings
+    now = fixed_settings(cfg)
+    diff = [f"{k} = {then[k]!r} (now {now.get(k)!r})" for k in sorted(then) if now.get(k) != then[k]]
+    if diff:
+        raise ConfigError(f"the last commit of {run_path} was made with " + ", ".join(diff) + ", which a resume "
+                          f"cannot change (they fix the committed state's shape or the place in the data); "
+                          f"{run_path / 'config.toml'} was edited since? Put the committed values back there (or "
+                          f"give them as overrides) and resume; nothing was changed")
 
 
 def _claim_state(trainer, run_path: Path) -> None:
@@ -414,7 +459,7 @@ def _claim_state(trainer, run_path: Path) -> None:
 
     for d in getattr(trainer, "store_dirs", None) or []:  # in memory: no SSD state
         if d.is_dir():
-            write_owner(d, run_path)
+            write_owner(d, run_path, run_id(run_path))
 
 
 def _stop_status(name: str) -> int:
@@ -528,6 +573,9 @@ def _loop(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, stop
     if first_eval is not None:
         log.write({"step": start_step, "eval_loss": first_eval, **_seen(trainer, cfg, start_step)})
         progress.message(f"eval loss at step {start_step}: {first_eval:.4f}")
+    if trace is not None and trainer.trace_step >= 0:  # this launch's second step (the first warms caches), or
+        # its only one (a trace of a one-step run, or of a resume, was never written, in silence)
+        trainer.trace_step = start_step + 1 if start_step + 1 < t.steps else start_step
     start = time.perf_counter()
     tokens = written = 0
     stats = None

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 
-from fuyou.config import FuyouConfig, to_toml
+from fuyou.config import DATA_POSITION, FIXED_ON_RESUME, NOT_COMPARED, FuyouConfig, flat_settings, to_toml
 from fuyou.engine.commit import state_name
 from fuyou.errors import ConfigError, FuyouError
 from fuyou.hf.weights import write_safetensors
@@ -40,6 +40,10 @@ def make_run_dir(cfg: FuyouConfig, path: Path | None = None) -> Path:
     except OSError as e:
         raise ConfigError(f"cannot create run directory {path}: {e.strerror}; check run.out_dir") from e
     (path / "config.toml").write_text(to_toml(cfg))
+    if not run_id(path):
+        import uuid
+
+        (path / RUN_ID).write_text(json.dumps({"run_id": uuid.uuid4().hex}) + "\n")
     if cfg.model.init_from:  # the source's config and tokenizer, kept with the run: export needs them, and the
         # source may be gone by then (a new-user pass: an export without tokenizer and token ids, said nowhere)
         from fuyou.hf.source import HF_META, copy_small_files, hf_files_dir
@@ -48,6 +52,18 @@ def make_run_dir(cfg: FuyouConfig, path: Path | None = None) -> Path:
         if meta is not None and meta.resolve() != (path / HF_META).resolve():
             copy_small_files(meta, path / HF_META)
     return path
+
+
+RUN_ID = "fuyou-run.json"  # a run directory's id, which its SSD state records (fuyou.engine.state.owner_mismatch)
+
+
+def run_id(run_dir: Path) -> str | None:
+    """The run's id (None: a run from before runs had one); it moves and is copied with the directory."""
+    try:
+        rid = json.loads((run_dir / RUN_ID).read_text()).get("run_id")
+        return rid if isinstance(rid, str) else None
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 ADAPTER_FILE = "adapter.safetensors"  # LoRA's adapters (fuyou.hf.peft reads it)
@@ -145,27 +161,10 @@ class SaveError(FuyouError):
     """The final weights could not be written (nothing trained is lost with SSD offload)."""
 
 
-# What a resumed run may change. The committed state's shape and where it lives are fixed by the
-# model, the SSD directories, the state format (optim.master, optim.moments), the compute precision (the
-# stored compute weights are in it) and the adapters' shape and scale (lora.*, except dropout); everything else (steps, learning rate and the rest of the optimizer,
-# data, logging, budgets, schedules) may change and is recorded (``resume_changes``); the batch (``DATA_POSITION``) may not.
-FIXED_ON_RESUME = ("model.", "offload.mode", "offload.commit", "optim.master", "optim.moments",
-                   "train.precision",
-                   "lora.rank", "lora.alpha", "lora.targets", "lora.use_rslora", "lora.init", "lora.base")  # lora.dropout may change
-# offload.ssd_dirs may change: directories moved elsewhere (each store directory's marker names its store
-# and place, so a foreign or reordered one is refused when the state is opened)
-NOT_COMPARED = ("model.init_from", "run.")
-# The data position (rows consumed) is the committed step times these: fixed too
-DATA_POSITION = ("train.grad_accum", "train.micro_batch_size", "data.seq_len")
-
-
 def resume_changes(saved: FuyouConfig, cfg: FuyouConfig) -> dict[str, tuple]:
     """Fields that differ between the run's committed config and the resumed one, ``{key: (old,
     new)}``; raises ConfigError naming the fields a resume cannot change."""
-    def flat(c: FuyouConfig) -> dict:
-        return {f"{sec}.{k}": v for sec, vals in c.model_dump().items() for k, v in vals.items()}
-
-    old, new = flat(saved), flat(cfg)
+    old, new = flat_settings(saved), flat_settings(cfg)
     changed = {k: (old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys())
                if old.get(k) != new.get(k) and not k.startswith(NOT_COMPARED)}
     moved = [k for k in changed if k in DATA_POSITION]

@@ -256,6 +256,15 @@ def test_what_data_parallelism_refuses(tmp_path):
     r = subprocess.run([sys.executable, "-m", "fuyou.cli", "train", "--resume", str(tmp_path / "runs" / "two")],
                        env=env(), capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "trained by 2 process(es)" in r.stderr and "Traceback" not in r.stderr
+    # --cpu-mem is the machine's: a refusal names the machine's minimum (it named one rank's, refused again)
+    import re
+
+    small = ("train.grad_accum=2", "train.steps=1", "run.save_weights=false")
+    r = torchrun(train_args(tmp_path, "small", *small, "offload.cpu_mem=64MiB"), check=False)
+    assert r.returncode != 0 and "(this rank's 1/2 of offload.cpu_mem, which the 2 ranks" in r.stderr, r.stderr
+    least = re.search(r"to at least ([\d.]+) MiB \(2 x ([\d.]+) MiB\)", r.stderr)
+    assert least and float(least.group(1)) >= 2 * float(least.group(2)) - 0.01, r.stderr
+    torchrun(train_args(tmp_path, "small2", *small, f"offload.cpu_mem={least.group(1)}MiB"))
 
 
 @pytest.mark.parametrize("extra,saved", [

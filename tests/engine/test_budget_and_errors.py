@@ -152,6 +152,22 @@ def test_missing_ssd_directory_is_refused(tmp_path, capsys):
     rc = main(["train", "--offload", "ssd", "--ssd", str(tmp_path / "nope"), "train.steps=1"])
     assert rc == 2
     assert "SSD directory" in capsys.readouterr().err
+    (tmp_path / "afile").write_text("x")
+    assert main(["train", "--offload", "ssd", "--ssd", str(tmp_path / "afile"), "train.steps=1"]) == 2
+    assert "is a file, not a directory" in capsys.readouterr().err
+
+
+def test_an_ssd_directory_inside_a_runs_state_is_refused(tmp_path, capsys):
+    """A new-user pass gave a run's state directory as another run's --ssd: when the first run finished, it
+    deleted its state directory, and with it the second run's committed state."""
+    nested = tmp_path / "ssd" / "x.fuyou-state" / "sub"
+    nested.mkdir(parents=True)
+    for d in (nested.parent, nested, tmp_path / "ssd" / "x.fuyou-state.rank1"):
+        d.mkdir(exist_ok=True)
+        rc = main(["train", "--offload", "ssd", "--ssd", str(d), "--out", str(tmp_path / "runs"), "train.steps=1"])
+        assert rc == 2
+        assert "a run's SSD state, which fuyou deletes when that run ends" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
 
 
 def test_ssd_too_small_is_refused(tmp_path):
@@ -173,7 +189,9 @@ def test_trace_and_metrics_from_the_cli(tmp_path, capsys):
     assert rc == 0, capsys.readouterr().err
     events = json.loads(trace.read_text())["traceEvents"]
     cats = {e.get("cat") for e in events if e["ph"] == "X"}
-    assert {"compute", "ssd-read", "cpu-adam"} <= cats
+    assert {"compute", "ssd-read", "cpu-adam", "ssd-write"} <= cats  # (the SSD writes were missing)
+    writes = [e for e in events if e.get("cat") == "ssd-write"]
+    assert any("weights" in e["name"] for e in writes) and all(e["args"]["bytes"] > 0 for e in writes)
     adam = [e for e in events if e.get("cat") == "cpu-adam"]
     # every stage's update (the previous step's last updates may overlap into the traced step too)
     assert {e["name"] for e in adam} == {"adam embed", "adam block.0", "adam block.1", "adam head"}
@@ -188,6 +206,16 @@ def test_trace_and_metrics_from_the_cli(tmp_path, capsys):
     assert list(ssd.iterdir()) == []  # state deleted after saving (offload.keep_state=false)
     err = capsys.readouterr().err
     assert "wait w/opt" in err and "ssd r/w" in err
+    # a run of one step, and a resume, write their trace too (both were skipped in silence)
+    one = tmp_path / "one.json"
+    assert main(["train", "--offload", "ssd", "--ssd", str(ssd), "--cpu-mem", "512MiB", "--out", str(tmp_path / "runs"),
+                 "--trace", str(one), "model.preset=gpt-test", "train.steps=1", "data.seq_len=32",
+                 "train.micro_batch_size=2", "train.eval_batches=1", "run.name=one", "offload.keep_state=true",
+                 "run.save_weights=false"]) == 0
+    assert "wrote a trace of step 1" in capsys.readouterr().err and one.is_file()
+    again = tmp_path / "again.json"
+    assert main(["train", "--resume", str(tmp_path / "runs" / "one"), "--trace", str(again), "train.steps=2"]) == 0
+    assert "wrote a trace of step 2" in capsys.readouterr().err and again.is_file()
 
 
 def test_saved_weights_equal_reference(tmp_path):
@@ -241,3 +269,30 @@ def test_a_config_mistake_is_named_before_a_budget_refusal(tmp_path, capsys):
     assert rc == 2
     err = capsys.readouterr().err
     assert "data.seq_len=128 exceeds model.max_seq_len=64" in err and "budget" not in err
+
+
+def test_a_new_run_over_a_live_runs_state_is_not_told_to_resume_it(tmp_path):
+    """Two `fuyou train` of one name started at once: the second was told to `--resume` the first, which
+    was still training (the resume then met the lock)."""
+    import os
+    from types import SimpleNamespace
+
+    from fuyou.engine.commit import RECORD
+    from fuyou.engine.state import refuse_committed_state
+    from fuyou.errors import ConfigError
+    from fuyou.store.lock import lock_dirs, lock_holder, unlock
+
+    d = tmp_path / "x.fuyou-state"
+    d.mkdir()
+    (d / RECORD).write_text("{}")
+    cfg = SimpleNamespace(offload=SimpleNamespace(replace_state=False))
+    fds = lock_dirs([d])
+    try:
+        assert lock_holder(d) == str(os.getpid())
+        with pytest.raises(ConfigError, match=f"still training \\(process {os.getpid()}\\); choose another run.name"):
+            refuse_committed_state([d], cfg, d.name)
+    finally:
+        unlock(fds)
+    assert lock_holder(d) is None
+    with pytest.raises(ConfigError, match="continue it with `fuyou train --resume"):
+        refuse_committed_state([d], cfg, d.name)

@@ -188,12 +188,18 @@ def test_a_resume_refuses_another_run_directorys_state(tmp_path):
     assert taken.returncode == -signal.SIGKILL, taken.stderr
     resumed = run([sys.executable, "-m", "fuyou.cli", "train", "--resume", str(tmp_path / "runsB" / "chat")])
     assert resumed.returncode == 2, resumed.stderr
-    assert f"is the state of the run in {(tmp_path / 'runsA' / 'chat').resolve()}" in resumed.stderr, resumed.stderr
-    ok = run([sys.executable, "-m", "fuyou.cli", "train", "--resume", str(tmp_path / "runsA" / "chat")])
+    assert f"(the run in {(tmp_path / 'runsA' / 'chat').resolve()})" in resumed.stderr, resumed.stderr
+    # the owner moved away: still its state (a new-user pass resumed the other run's state once the owner's
+    # directory was gone); the runs' ids decide
+    (tmp_path / "runsA").rename(tmp_path / "runsA.moved")
+    resumed = run([sys.executable, "-m", "fuyou.cli", "train", "--resume", str(tmp_path / "runsB" / "chat")])
+    assert resumed.returncode == 2 and "another run named 'chat'" in resumed.stderr, resumed.stderr
+    assert "That run's directory is no longer there" in resumed.stderr, resumed.stderr
+    ok = run([sys.executable, "-m", "fuyou.cli", "train", "--resume", str(tmp_path / "runsA.moved" / "chat")])
     assert ok.returncode == 0 and "resuming at step 2" in ok.stderr, ok.stderr
     import json
 
-    lines = [json.loads(line) for line in (tmp_path / "runsA" / "chat" / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (tmp_path / "runsA.moved" / "chat" / "metrics.jsonl").read_text().splitlines()]
     at = lines.index(next(m for m in lines if "resumed" in m))
     assert lines[at]["resumed"] == 2 and min(m["step"] for m in lines[at:] if "loss" in m) > 2  # redone from 3
 

@@ -139,3 +139,54 @@ def test_compressed_state_finetune_then_export_in_the_masters_precision(hf_model
     assert main(["export", str(run), "--out", str(out), "--dtype", "bf16"]) == 0
     x = tokens()
     torch.testing.assert_close(hf_logits(out, x), fuyou_logits(run / "model.safetensors", x), rtol=0, atol=1e-4)
+
+
+def _train_from(src, tmp_path, *extra):
+    ssd = tmp_path / "ssd"
+    ssd.mkdir(exist_ok=True)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("a small corpus for a tokenizer of 300 tokens. " * 200)
+    assert main(["train", "--init-from", str(src), "--out", str(tmp_path / "runs"), "--offload", "ssd", "--ssd",
+                 str(ssd), "offload.cpu_mem=256MiB", "run.name=r", "train.precision=fp32", "data.source=text",
+                 f"data.path={corpus}", "data.seq_len=16", "train.micro_batch_size=2", "train.eval_every=0",
+                 *extra]) == 0
+    return tmp_path / "runs" / "r"
+
+
+def test_a_moved_runs_snapshot_exports_with_its_own_runs_files(hf_models, tmp_path, capsys):
+    """A new-user pass moved a run, started another of the same name from another model, and exported the
+    moved run's snapshot: it took the new run's tokenizer and config (the snapshot's config.toml names its
+    run by the path it had). A snapshot's files now come from the run it lies in."""
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(hf_models["llama"], src)
+    run = _train_from(src, tmp_path, "--steps", "3", "train.save_every=2")
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    run.rename(moved / "r")
+    shutil.rmtree(src)
+    other = _train_from(hf_models["gpt2"], tmp_path, "--steps", "1")  # the same run name, another model
+    assert read_json(other / "hf" / "config.json")["model_type"] == "gpt2"
+    (other / "hf" / "tokenizer_config.json").write_text('{"marker": "the other run\'s tokenizer"}')
+    assert main(["export", str(moved / "r" / "snapshots" / "step-000002"), "--out", str(tmp_path / "exp")]) == 0
+    out = tmp_path / "exp"
+    assert read_json(out / "config.json")["model_type"] == "llama"
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (out / name).read_bytes() == (moved / "r" / "hf" / name).read_bytes()
+
+
+def test_a_resume_after_the_source_checkpoint_is_gone_reads_the_runs_copy(hf_models, tmp_path, capsys):
+    """A cleared model cache stranded a stopped run: the resume opened model.init_from and data.tokenizer,
+    both the deleted source, though the state and the run's copy of the tokenizer (RUN/hf) were intact."""
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(hf_models["llama"], src)
+    run = _train_from(src, tmp_path, "--steps", "2", "offload.keep_state=true", "run.save_weights=false")
+    shutil.rmtree(src)
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--steps", "3"]) == 0
+    err = capsys.readouterr().err
+    assert f"the run's tokenizer {src} no longer exists: reading the copy the run keeps" in err
+    assert "done: steps 3-3 of 3" in err

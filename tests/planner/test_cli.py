@@ -588,3 +588,11 @@ def test_a_plan_in_another_precision_than_the_probe_says_so(tmp_path, capsys):
     assert "the probe timed its block in fp32, this plan computes in bf16" in capsys.readouterr().out
     main([*args, "train.precision=fp32"])
     assert "the probe timed its block in" not in capsys.readouterr().out
+
+
+def test_plan_takes_overrides_among_its_options(capsys):
+    """`fuyou plan ... offload.cpu_mem=300MiB --batch 4 optim.master=bf16` said "unrecognized arguments:
+    optim.master=bf16" (argparse takes one block of positionals); train took them anywhere."""
+    assert main(["plan", "--model", "gpt-tiny", "offload.cpu_mem=300MiB", "--batch", "4", "optim.master=bf16",
+                 "--gpu", "rtx4090", "--ssd", "1x990-pro"]) == 0
+    assert "master bf16, moments fp32" in capsys.readouterr().out

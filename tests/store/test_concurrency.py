@@ -56,3 +56,28 @@ def test_many_concurrent_reads_and_writes(tmp_path, engine):
                 with pool.acquire(n * 2, dtype=torch.bfloat16) as buf:
                     store.read_into(k, buf.tensor).result()
                     assert same_bytes(buf.tensor, data[k].reshape(-1))
+
+
+def test_a_full_disk_at_the_lock_and_the_owner_file_is_a_typed_error(tmp_path, monkeypatch):
+    """The first writes to a state directory (the lock's PID, the owner file) met a full disk with a raw
+    OSError traceback and left an empty owner .tmp file (a new-user pass, on a full tmpfs)."""
+    import errno
+    import os
+
+    from fuyou.engine import state
+    from fuyou.store import lock
+    from fuyou.store.errors import StoreFullError
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(lock.os, "pwrite", full)
+    with pytest.raises(StoreFullError, match="writing the lock file.*free space"):
+        lock.lock_dirs([tmp_path])
+    monkeypatch.undo()
+    fds = lock.lock_dirs([tmp_path])  # released on the failure: it can be taken again
+    lock.unlock(fds)
+    monkeypatch.setattr(state.Path, "replace", full)
+    with pytest.raises(StoreFullError, match="writing the state's owner file"):
+        state.write_owner(tmp_path, tmp_path / "run", "id")
+    assert not list(tmp_path.glob("*.tmp"))

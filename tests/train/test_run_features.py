@@ -32,7 +32,7 @@ def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
-def test_snapshots_are_the_weights_of_their_step_and_only_the_last_k_stay(tmp_path):
+def test_snapshots_are_the_weights_of_their_step_and_only_the_last_k_stay(tmp_path, capsys):
     from fuyou.train.loop import run_training
 
     flat = ["train.lr_schedule=constant", "train.warmup_steps=0"]  # the same learning rates whatever the steps
@@ -46,6 +46,14 @@ def test_snapshots_are_the_weights_of_their_step_and_only_the_last_k_stay(tmp_pa
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     lines = [json.loads(x) for x in (full.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines if "snapshot" in x] == [2, 4, 6]
+    # a snapshot is no resumable run: said so, with the two things it can be used for
+    from fuyou.cli import main
+
+    snap = full.run_dir / "snapshots" / "step-000004"
+    capsys.readouterr()
+    assert main(["train", "--resume", str(snap)]) == 2
+    err = capsys.readouterr().err
+    assert "is a snapshot" in err and f"--resume {full.run_dir.resolve()}" in err and f"--init-from {snap}" in err
     # a snapshot exports like a run
     from fuyou.train.run import export_run_dir as export_run
 
@@ -433,6 +441,28 @@ def test_a_resume_cannot_change_the_batch_the_data_position_counts_in(change):
         resume_changes(saved, load_config(overrides=["train.micro_batch_size=4", "data.seq_len=32", change]))
     assert "optim.lr" in resume_changes(saved, load_config(overrides=["train.micro_batch_size=4", "data.seq_len=32",
                                                                        "optim.lr=1e-5"]))
+
+
+def test_a_resume_compares_with_the_commit_not_only_with_config_toml(tmp_path, capsys):
+    """A new-user pass doubled micro_batch_size in a stopped run's config.toml and resumed: the check against
+    config.toml passed (the file was the baseline), and the run went on at the wrong place in the data."""
+    from fuyou.errors import ConfigError
+    from fuyou.train.loop import run_training
+
+    first = run_training(ssd_cfg(tmp_path, "train.steps=3", "run.name=ed", "run.save_weights=false",
+                                 "offload.keep_state=true"))
+    toml = first.run_dir / "config.toml"
+    original = toml.read_text()
+    assert "micro_batch_size = 2\n" in original
+    toml.write_text(original.replace("micro_batch_size = 2\n", "micro_batch_size = 4\n"))
+    files = {p: p.stat().st_mtime_ns for p in [*first.run_dir.iterdir(), *(tmp_path / "ssd").rglob("*")]}
+    with pytest.raises(ConfigError, match=r"made with train.micro_batch_size = 2 \(now 4\).*was edited since"):
+        run_training(load_config(toml, ["train.steps=5", "model.init_from=none"]), resume=first.run_dir)
+    assert {p: p.stat().st_mtime_ns for p in files} == files  # nothing changed
+    toml.write_text(original)
+    capsys.readouterr()
+    run_training(load_config(toml, ["train.steps=5", "model.init_from=none"]), resume=first.run_dir)
+    assert "done: steps 4-5 of 5" in capsys.readouterr().err
 
 
 def test_snapshots_are_ordered_by_step_and_a_resume_sets_aside_the_later_ones(tmp_path):
