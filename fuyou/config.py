@@ -278,7 +278,8 @@ def explain(err: ValidationError, section: str | None = None) -> str:
                          f"{', '.join(names)}")
         else:
             msg = e["msg"].removeprefix("Value error, ")
-            got = f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict) else ""
+            got = (f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict)
+                   and f"got {e['input']!r}" not in msg and f"got {e['input']}" not in msg else "")  # (not twice)
             lines.append(f"{loc}: {msg}{got}" if loc else f"{msg}{got}")  # a whole-config check has no place
     return "invalid configuration:\n  " + "\n  ".join(lines)
 

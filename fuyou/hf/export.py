@@ -76,6 +76,12 @@ def _export(weights, run: Path, out: Path, dtype: str, shard_size: int) -> list[
 
     meta_dir = hf_files_dir(run)
     template = read_json(meta_dir / "config.json") if meta_dir is not None else None
+    if meta_dir is None:  # (an export without a tokenizer, and nothing said so: a new-user pass)
+        import sys
+
+        print(f"fuyou: note: {run} was trained from a preset, not from a Hugging Face model: the export has no "
+              f"tokenizer files (fuyou's byte tokenizer has none); add those of the tokenizer the data was "
+              f"prepared with, if any, before loading it with a tokenizer", file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)
     written = copy_small_files(meta_dir, out, skip=("config.json",)) if meta_dir is not None else []
     weight_map: dict[str, str] = {}

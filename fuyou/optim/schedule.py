@@ -7,7 +7,9 @@ import math
 
 def lr_at(step: int, peak: float, steps: int, warmup: int, min_ratio: float, schedule: str = "cosine") -> float:
     """Learning rate for optimizer step ``step`` (0-based): linear warm-up over ``warmup`` steps, then
-    ``schedule`` (cosine or linear decay to ``min_ratio`` x ``peak`` at the last step, or constant)."""
+    ``schedule``: cosine or linear decay towards ``min_ratio`` x ``peak``, which step ``steps`` (the one
+    after the last) would reach, as Hugging Face's schedulers do (the last step's rate is one decay step
+    above it); or constant."""
     warmup = min(warmup, steps)
     if step < warmup:
         return peak * (step + 1) / warmup
