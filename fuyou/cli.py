@@ -14,7 +14,8 @@ def main(argv: list[str] | None = None) -> int:
     # key=value overrides may come before or after options: collect the ones argparse left over.
     args, extra = parser.parse_known_args(argv)
     if extra:
-        if isinstance(getattr(args, "overrides", None), list) and all("=" in e and not e.startswith("-") for e in extra):
+        takes = isinstance(getattr(args, "overrides", None), list)  # (train and plan)
+        if takes and all("=" in e and not e.startswith("-") for e in extra):
             args.overrides += extra
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
@@ -287,7 +288,10 @@ def _run_tokenizer(run, overrides: list[str]) -> list[str]:
 
     from fuyou.hf.source import tokenizer_dir
 
-    tok = tomllib.loads((run / "config.toml").read_text()).get("data", {}).get("tokenizer")
+    try:
+        tok = tomllib.loads((run / "config.toml").read_text()).get("data", {}).get("tokenizer")
+    except (tomllib.TOMLDecodeError, OSError, AttributeError):  # (load_config says what is wrong with the file)
+        return []
     if not isinstance(tok, str) or tok == "byte" or Path(tok).expanduser().exists() or \
             any(o.partition("=")[0].strip() == "data.tokenizer" for o in overrides):
         return []
@@ -397,7 +401,8 @@ def _prepare(args) -> int:
         write_prepared(args.out, data)
         held = f", {data.held_documents} of them held-out (--eval)" if data.held_documents else ""
         print(f"read {data.documents} document{'s' if data.documents != 1 else ''}{held} (plain text: every token "
-              f"carries loss); wrote {len(data.train)} train and {len(data.val)} val tokens ({data.train.dtype}, tokenizer "
+              f"carries loss); wrote {len(data.train)} train and {len(data.val)} val tokens ({data.train.dtype}, "
+              f"tokenizer "
               f"{data.tokenizer}) to {args.out}")
     return 0
 

@@ -206,8 +206,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"override {item!r} is not of the form section.key=value (e.g. train.steps=100)")
         _set(raw, key.strip(), _parse_value(text.strip()))
         given.add(key.strip())
-    if path is not None:
-        _give_way(raw.get("train"), {k.partition(".")[2] for k in given if k.startswith("train.")})
+    if path is not None and isinstance(raw.get("train"), dict):  # (a value unset on the command line gives no way)
+        _give_way(raw["train"], {k.partition(".")[2] for k in given if k.startswith("train.")
+                                 and raw["train"].get(k.partition(".")[2]) not in (None, "none")})
     return validate(raw)
 
 

@@ -235,7 +235,8 @@ def _reshard(run_dir: Path, cfg, old_world: int, nproc: int, ssd_dirs: list[str]
                     body = {k: v for k, v in rec.items() if k != "checksum"}
                 else:
                     body = {"step": step, "copies": [src[i][1] for i in range(len(states))],
-                            "model": records[0].get("model"), "owned": nr.owned}
+                            "model": records[0].get("model"), "owned": nr.owned,
+                            **({"settings": records[0]["settings"]} if "settings" in records[0] else {})}
                 body.update(store_uuid=store.uuid, generation=store.generation)
                 write_record(nr.temps[0], body)
                 new_ids.append(store.uuid)

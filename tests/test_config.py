@@ -108,6 +108,7 @@ def test_the_command_line_takes_the_place_of_a_files_steps_or_batch(tmp_path):
     f.write_text(to_toml(cfg))  # all three in the file
     cfg = load_config(f, ["train.micro_batch_size=2"])
     assert (cfg.train.global_batch, cfg.train.micro_batch_size, cfg.train.grad_accum) == (16, 2, 8)
+    assert load_config(f, ["train.epochs=none"]).train.steps == 30  # unsetting gives nothing the file's place
     with pytest.raises(ConfigError, match="both given"):  # both on the command line: still a contradiction
         load_config(f, ["train.steps=3", "train.epochs=1"])
     with pytest.raises(ConfigError, match="set two of the three"):
@@ -124,6 +125,8 @@ def test_sizes_in_exponent_form_and_fractions_of_a_byte():
         with pytest.raises(ConfigError, match="fraction of a byte.*give a unit"):
             parse_size(bad)
     assert parse_size("0.5GiB") == 2**29
+    with pytest.raises(ConfigError, match="too large"):
+        parse_size("1e400")
 
 
 def test_a_cpu_budget_beyond_the_machines_memory_gets_a_note(tmp_path, capsys):

@@ -105,14 +105,15 @@ class MemoryPlan:
     def check(self) -> None:
         if self.cpu_required > self.cpu_budget:
             n = self.local_ranks
-            share = f" (this rank's 1/{n} of offload.cpu_mem, which the {n} ranks of this machine share)" if n > 1 else ""
+            share = (f" (this rank's 1/{n} of offload.cpu_mem, which the {n} ranks of this machine share)"
+                     if n > 1 else "")
+            least = format_size(self.cpu_minimum, up=True)
             raise BudgetError(
-                f"the CPU memory budget {format_size(self.cpu_budget)}{unitless_hint(self.cpu_budget)}{share} cannot "
-                f"hold the engine's minimum of "
+                f"the CPU memory budget {format_size(self.cpu_budget)}{unitless_hint(n * self.cpu_budget)}{share} "
+                f"cannot hold the engine's minimum of "
                 f"{format_size(self.cpu_required, up=True)}:\n{_lines(self.cpu_items)}\nraise offload.cpu_mem "
-                f"(--cpu-mem) to at "
-                f"least {format_size(n * self.cpu_minimum, up=True)}" + (f" ({n} x {format_size(self.cpu_minimum, up=True)})"
-                                                                       if n > 1 else "")
+                f"(--cpu-mem) to at least {format_size(n * self.cpu_minimum, up=True)}"
+                + (f" ({n} x {least})" if n > 1 else "")
                 + ", or lower the batch, sequence length, prefetch_depth, optimizer_chunk or grad_accum"
                 + (f" (with offload.act_cpu_mem unset, the activations' CPU tier takes a quarter of the budget, up "
                    f"to the {format_size(self.act_share_cap)} the policy keeps there)" if self.act_share_cap else "")

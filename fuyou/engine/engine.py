@@ -269,8 +269,6 @@ class Engine:
             self.opt = OutOfCoreAdamW(self.store, self.opt_pool, cfg.optim, chunk_numel=self.chunk,
                                       depth=off.optimizer_depth, num_threads=off.optimizer_threads, seed=t.seed)
             self.tracer = Tracer()
-            self.store.write_observer = lambda key, n, t0, t1: self.tracer.add(f"write {key}", "ssd-write", t0, t1,
-                                                                               bytes=n)
             self.counters = StepCounters()
             ref = lambda: self.counters  # noqa: E731 - the current step's counters, read by the threads
             self.ts.counters = ref
@@ -489,6 +487,8 @@ class Engine:
         self._defer = self.clipping and (sched == "defer" or (sched == "auto" and self.clipped))
         self.counters.deferred = self._defer
         self.tracer.enabled = step == self.trace_step
+        if self.store is not None:  # the SSD writes of a traced step (a callback a write, only then)
+            self.store.write_observer = self._trace_write if self.tracer.enabled else None
         lr = lr_of(self.cfg, step)
         self._spans.clear()
         anchor, anchor_t = self.dev.event(timing=True).record(), time.perf_counter()  # device time -> host time
@@ -524,6 +524,9 @@ class Engine:
         return StepStats(loss, lr, grad_norm, tokens, self._loss_tokens)
 
     trace_step = 1  # which step's tasks ``--trace`` records (the second: the first warms caches)
+
+    def _trace_write(self, key: str, nbytes: int, t0: float, t1: float) -> None:
+        self.tracer.add(f"write {key}", "ssd-write", t0, t1, bytes=nbytes)
 
     def _stage_fn(self, i: int, pos: Tensor | None = None, key: int | None = None):
         """Stage ``i`` as a function of (weights, input, activation context), for a micro-batch whose

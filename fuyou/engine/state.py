@@ -457,13 +457,13 @@ def refuse_committed_state(store_dirs: list[Path], cfg, name: str) -> None:
 OWNER = "fuyou-store-owner.json"  # in a state directory: the run directory whose state it is
 
 
-def write_owner(store_dir: Path, run_dir: Path, run_id: str | None = None) -> None:
-    """Record that ``store_dir`` holds the state of the run in ``run_dir``, whose id is ``run_id`` (a state is
+def write_owner(store_dir: Path, run_dir: Path, rid: str | None = None) -> None:
+    """Record that ``store_dir`` holds the state of the run in ``run_dir``, whose id is ``rid`` (a state is
     found by run.name, which two run directories may share: a resume then checks it is its own,
     ``owner_mismatch``)."""
     tmp = store_dir / (OWNER + ".tmp")
     try:
-        tmp.write_text(json.dumps({"run_dir": str(Path(run_dir).resolve()), **({"run_id": run_id} if run_id else {})}))
+        tmp.write_text(json.dumps({"run_dir": str(Path(run_dir).resolve()), **({"run_id": rid} if rid else {})}))
         tmp.replace(store_dir / OWNER)
     except OSError as e:  # (a full disk: a new-user pass got a traceback, and an empty .tmp file left)
         tmp.unlink(missing_ok=True)
@@ -482,19 +482,39 @@ def read_owner(store_dir: Path) -> str | None:
     return _owner(store_dir).get("run_dir")
 
 
-def owner_mismatch(store_dir: Path, run_dir: Path, run_id: str | None = None) -> str | None:
-    """The other run directory whose state ``store_dir`` holds, if it is not ``run_dir``'s. Where both the
-    state and the run carry a run id (``fuyou.train.run.run_id``), the ids decide: a run directory moved or
-    copied with its SSD directory (a restored backup) keeps its id, another run of the same name has its own,
-    whether its directory still exists or not. Else (runs from before the ids), the other directory must
-    still exist and its config name this state's SSD directory."""
+RUN_ID = "fuyou-run.json"  # in a run directory: its id, which its SSD state's owner file records
+
+
+def run_id(run_dir: Path) -> str | None:
+    """The run's id (None: a run from before runs had one); it moves and is copied with the directory."""
+    try:
+        rid = json.loads((Path(run_dir) / RUN_ID).read_text()).get("run_id")
+        return rid if isinstance(rid, str) else None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def write_run_id(run_dir: Path, rid: str) -> None:
+    (Path(run_dir) / RUN_ID).write_text(json.dumps({"run_id": rid}) + "\n")
+
+
+def owner_mismatch(store_dir: Path, run_dir: Path, rid: str | None = None) -> str | None:
+    """The other run directory whose state ``store_dir`` holds, if it is not ``run_dir``'s (whose id is
+    ``rid``). Another run's id decides, wherever that run is now (a new-user pass resumed the state of a
+    run of the same name once its directory had moved). The same id (the run moved, or was copied) or no
+    ids (runs from before them): the recorded owner, if its directory still holds that run and its config
+    names this state's SSD directory (a copy of a run beside the original shares no state with it; a copy
+    with its own SSD directory, a restored backup, is the copy's own)."""
     rec = _owner(store_dir)
     owner = rec.get("run_dir")
     if owner is None:
         return None
-    if run_id and isinstance(rec.get("run_id"), str):
-        return None if rec["run_id"] == run_id else owner
+    theirs = rec.get("run_id") if isinstance(rec.get("run_id"), str) else None
+    if rid and theirs and theirs != rid:
+        return owner
     if Path(owner) == Path(run_dir).resolve() or not Path(owner).is_dir():
+        return None
+    if theirs and run_id(Path(owner)) != theirs:  # the owner's place holds another run now
         return None
     config = Path(owner) / "config.toml"
     if not config.is_file():  # no longer a run directory

@@ -79,9 +79,9 @@ def _export(weights, run: Path, out: Path, dtype: str, shard_size: int) -> list[
     if meta_dir is None:  # (an export without a tokenizer, and nothing said so: a new-user pass)
         import sys
 
-        print(f"fuyou: note: {run} was trained from a preset, not from a Hugging Face model: the export has no "
-              f"tokenizer files (fuyou's byte tokenizer has none); add those of the tokenizer the data was "
-              f"prepared with, if any, before loading it with a tokenizer", file=sys.stderr)
+        print(f"fuyou: note: no Hugging Face model is behind {run} (trained from a preset, or its source is gone): "
+              f"the export has no tokenizer files (fuyou's byte tokenizer has none); add those of the tokenizer "
+              f"the data was prepared with, if any, before loading it with a tokenizer", file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)
     written = copy_small_files(meta_dir, out, skip=("config.json",)) if meta_dir is not None else []
     weight_map: dict[str, str] = {}

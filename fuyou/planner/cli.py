@@ -372,7 +372,8 @@ def _plan(args) -> int:
         raise ConfigError(explain(e, "lora").replace("invalid configuration:", "invalid lora override:")) from None
     resolve_targets(cfg.family, lora.targets)
     if lora.enabled and not fmt.exact:
-        raise ConfigError("optim.master/optim.moments apply to full fine-tuning; LoRA keeps the adapters' state in memory")
+        raise ConfigError("optim.master/optim.moments apply to full fine-tuning; LoRA keeps the adapters' state "
+                          "in memory")
     w = Workload(cfg, args.batch or 16, args.seq, grad_accum=args.grad_accum or gpus, offload=off, grad_clip=clip,
                  csize=2 if precision == "bf16" else 4, fmt=fmt, lora=lora, ranks=gpus,
                  **({"depths": (args.prefetch_depth,)} if args.prefetch_depth else {}))

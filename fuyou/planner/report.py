@@ -14,6 +14,8 @@ from fuyou.units import format_size
 ROWS = ["compute", "h2d", "d2h", "ssd-read", "ssd-write", "cpu-adam", "io-cpu", "reduce", "exchange"]
 LABELS = {"compute": "GPU", "h2d": "H2D", "d2h": "D2H", "ssd-read": "SSD read", "ssd-write": "SSD write",
           "cpu-adam": "CPU Adam", "io-cpu": "I/O CPU", "reduce": "grad sum", "exchange": "exchange"}
+
+
 def _labels(plan: Plan) -> dict[str, str]:
     """The rows' names: the compute device's row is "GPU", or "compute" where the CPU computes (a CPU profile)."""
     return LABELS if plan.hardware.device == "cuda" else {**LABELS, "compute": "compute"}

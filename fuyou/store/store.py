@@ -318,7 +318,7 @@ class TensorStore:
         observer, t0 = self.write_observer, time.perf_counter()
         fut = self._submit(key, tensor, start, write=True)
         if observer is not None and hasattr(fut, "add_done_callback"):  # (kvikio's GPU-direct futures have none)
-            fut.add_done_callback(lambda f: observer(key, f.nbytes, t0, time.perf_counter()))
+            fut.add_done_callback(lambda f: f.exception(0) or observer(key, f.nbytes, t0, time.perf_counter()))
         return fut
 
     def read_into(self, key: str, tensor: torch.Tensor, start: int = 0) -> IOFuture:

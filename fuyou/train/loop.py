@@ -24,8 +24,9 @@ from fuyou.engine.commit import STATE_SUFFIX, state_name
 from fuyou.models import StageModel
 from fuyou.train.metrics import MetricsLog, Progress, si, tensorboard_available
 from fuyou.train.reference import ReferenceTrainer
-from fuyou.train.run import (SaveError, make_run_dir, record_resume, resume_changes, run_dir_path, run_id,
-                             save_snapshot, save_weights)
+from fuyou.engine.state import run_id, write_run_id
+from fuyou.train.run import (SaveError, make_run_dir, record_resume, resume_changes, run_dir_path, save_snapshot,
+                             save_weights)
 from fuyou.errors import ConfigError, DataError, FuyouError
 from fuyou.trainer import Trainer
 from fuyou.units import format_size
@@ -134,8 +135,8 @@ def _note_budget_beyond_memory(cfg: FuyouConfig, stream) -> None:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError):
         return
-    budget = cfg.offload.cpu_mem
-    if budget is not None and total > 0 and budget > total:
+    budget = cfg.offload.cpu_mem  # (given: the default's 8 GiB on a smaller machine is no one's mistake)
+    if cfg.offload.mode == "ssd" and "cpu_mem" in cfg.offload.model_fields_set and total > 0 and budget > total:
         print(f"fuyou: note: offload.cpu_mem {format_size(budget)} is more than this machine's "
               f"{format_size(total)} of memory: the run may use more than the machine has (swapping, or stopped "
               f"by the kernel); give at most what it can spare", file=stream)
@@ -210,6 +211,14 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
         run_path = Path(dist.broadcast(named, "naming the run directory", started=False))
     if resume is not None:  # a commit to resume from (a new run: once it has committed, ``_loop``)
         dist.run_dir = run_path
+    # the run's id (fuyou-run.json), which its SSD state's owner file records (``_claim_state``): rank 0's, given
+    # before the state is claimed; a run from before ids gets one now
+    rid = run_id(run_path) if resume is not None else None
+    if rid is None:
+        import uuid
+
+        rid = dist.broadcast(uuid.uuid4().hex if dist.is_main else None, "giving the run its id",
+                             started=resume is not None)
     if not dist.is_main:  # progress, metrics and files are rank 0's; errors are every rank's own
         stream = open(os.devnull, "w")
     if plan_auto:
@@ -241,7 +250,9 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
         _note_budget_beyond_memory(cfg, stream or sys.stderr)
     # refuses impossible configs (and unresumable states) before anything is written
     trainer = build_trainer(cfg, run_path.name, resume=resume is not None)
-    _claim_state(trainer, run_path)
+    if resume is not None and dist.is_main and run_id(run_path) is None:
+        write_run_id(run_path, rid)
+    _claim_state(trainer, run_path, rid)
     if resume is not None and dist.is_main:
         from fuyou.train.run import set_aside_later_snapshots
 
@@ -309,7 +320,7 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
         if resume is not None or not dist.is_main:
             run_dir = run_path
         else:
-            run_dir = make_run_dir(cfg, run_path)
+            run_dir = make_run_dir(cfg, run_path, rid)
             record_data(run_dir, cfg)
             if cfg.lora.enabled:
                 from fuyou.hf.peft import record_base
@@ -444,22 +455,22 @@ def _refuse_unlike_commit(cfg: FuyouConfig, run_path: Path) -> None:
         return  # no record, or a damaged one: opening the state says so
     if not isinstance(then, dict):
         return  # a record written before records kept the settings
-    now = fixed_settings(cfg)
-    diff = [f"{k} = {then[k]!r} (now {now.get(k)!r})" for k in sorted(then) if now.get(k) != then[k]]
+    now = fixed_settings(cfg)  # (settings fixed then and now: one freed, or renamed, since is not compared)
+    diff = [f"{k} = {then[k]!r} (now {now[k]!r})" for k in sorted(then.keys() & now.keys()) if now[k] != then[k]]
     if diff:
         raise ConfigError(f"the last commit of {run_path} was made with " + ", ".join(diff) + ", which a resume "
                           f"cannot change (they fix the committed state's shape or the place in the data); "
-                          f"{run_path / 'config.toml'} was edited since? Put the committed values back there (or "
-                          f"give them as overrides) and resume; nothing was changed")
+                          f"{run_path / 'config.toml'} was edited since? Put the committed values back there and "
+                          f"resume; nothing was changed")
 
 
-def _claim_state(trainer, run_path: Path) -> None:
-    """Every run records itself as its SSD state's owner (``_refuse_others_state``)."""
+def _claim_state(trainer, run_path: Path, rid: str) -> None:
+    """Every run records itself, and its id, as its SSD state's owner (``_refuse_others_state``)."""
     from fuyou.engine.state import write_owner
 
     for d in getattr(trainer, "store_dirs", None) or []:  # in memory: no SSD state
         if d.is_dir():
-            write_owner(d, run_path, run_id(run_path))
+            write_owner(d, run_path, rid)
 
 
 def _stop_status(name: str) -> int:

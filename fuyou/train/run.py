@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 
+from fuyou.engine.state import write_run_id
 from fuyou.config import DATA_POSITION, FIXED_ON_RESUME, NOT_COMPARED, FuyouConfig, flat_settings, to_toml
 from fuyou.engine.commit import state_name
 from fuyou.errors import ConfigError, FuyouError
@@ -29,8 +30,8 @@ def run_dir_path(cfg: FuyouConfig) -> Path:
     return path
 
 
-def make_run_dir(cfg: FuyouConfig, path: Path | None = None) -> Path:
-    """Create the run directory and write the resolved config into it."""
+def make_run_dir(cfg: FuyouConfig, path: Path | None = None, rid: str | None = None) -> Path:
+    """Create the run directory and write the resolved config and the run's id ``rid`` into it."""
     path = path or run_dir_path(cfg)
     try:
         path.mkdir(parents=True, exist_ok=False)
@@ -40,10 +41,8 @@ def make_run_dir(cfg: FuyouConfig, path: Path | None = None) -> Path:
     except OSError as e:
         raise ConfigError(f"cannot create run directory {path}: {e.strerror}; check run.out_dir") from e
     (path / "config.toml").write_text(to_toml(cfg))
-    if not run_id(path):
-        import uuid
-
-        (path / RUN_ID).write_text(json.dumps({"run_id": uuid.uuid4().hex}) + "\n")
+    if rid is not None:
+        write_run_id(path, rid)
     if cfg.model.init_from:  # the source's config and tokenizer, kept with the run: export needs them, and the
         # source may be gone by then (a new-user pass: an export without tokenizer and token ids, said nowhere)
         from fuyou.hf.source import HF_META, copy_small_files, hf_files_dir
@@ -52,18 +51,6 @@ def make_run_dir(cfg: FuyouConfig, path: Path | None = None) -> Path:
         if meta is not None and meta.resolve() != (path / HF_META).resolve():
             copy_small_files(meta, path / HF_META)
     return path
-
-
-RUN_ID = "fuyou-run.json"  # a run directory's id, which its SSD state records (fuyou.engine.state.owner_mismatch)
-
-
-def run_id(run_dir: Path) -> str | None:
-    """The run's id (None: a run from before runs had one); it moves and is copied with the directory."""
-    try:
-        rid = json.loads((run_dir / RUN_ID).read_text()).get("run_id")
-        return rid if isinstance(rid, str) else None
-    except (OSError, ValueError, AttributeError):
-        return None
 
 
 ADAPTER_FILE = "adapter.safetensors"  # LoRA's adapters (fuyou.hf.peft reads it)

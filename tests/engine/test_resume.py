@@ -189,6 +189,14 @@ def test_a_resume_refuses_another_run_directorys_state(tmp_path):
     resumed = run([sys.executable, "-m", "fuyou.cli", "train", "--resume", str(tmp_path / "runsB" / "chat")])
     assert resumed.returncode == 2, resumed.stderr
     assert f"(the run in {(tmp_path / 'runsA' / 'chat').resolve()})" in resumed.stderr, resumed.stderr
+    # a copy of the run beside the original (the same id) shares no state with it
+    import shutil
+
+    shutil.copytree(tmp_path / "runsA", tmp_path / "runsC")
+    copy = run([sys.executable, "-m", "fuyou.cli", "train", "--resume", str(tmp_path / "runsC" / "chat")])
+    assert copy.returncode == 2 and f"(the run in {(tmp_path / 'runsA' / 'chat').resolve()})" in copy.stderr, \
+        copy.stderr
+    shutil.rmtree(tmp_path / "runsC")
     # the owner moved away: still its state (a new-user pass resumed the other run's state once the owner's
     # directory was gone); the runs' ids decide
     (tmp_path / "runsA").rename(tmp_path / "runsA.moved")
@@ -199,7 +207,8 @@ def test_a_resume_refuses_another_run_directorys_state(tmp_path):
     assert ok.returncode == 0 and "resuming at step 2" in ok.stderr, ok.stderr
     import json
 
-    lines = [json.loads(line) for line in (tmp_path / "runsA.moved" / "chat" / "metrics.jsonl").read_text().splitlines()]
+    log = tmp_path / "runsA.moved" / "chat" / "metrics.jsonl"
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
     at = lines.index(next(m for m in lines if "resumed" in m))
     assert lines[at]["resumed"] == 2 and min(m["step"] for m in lines[at:] if "loss" in m) > 2  # redone from 3
 

@@ -576,3 +576,14 @@ def test_a_run_directory_deleted_while_training_stops_the_run_with_an_error(tmp_
     assert rc == 2 and "Traceback" not in err, err
     assert f"the run directory {tmp_path / 'runs' / 'gone'} was deleted or moved while training" in err, err
     assert not (tmp_path / "runs" / "gone").exists()  # nothing recreated it half-way
+
+
+def test_a_resume_of_a_damaged_config_toml_says_so(tmp_path, capsys):
+    """A review: the tokenizer check of --resume read config.toml itself, and a damaged file gave a traceback."""
+    from fuyou.cli import main
+
+    run = tmp_path / "runs" / "bad"
+    run.mkdir(parents=True)
+    (run / "config.toml").write_text("[data\ntokenizer = 1\n")
+    assert main(["train", "--resume", str(run)]) == 2
+    assert "is not valid TOML" in capsys.readouterr().err
