@@ -41,7 +41,7 @@ def make_run_dir(cfg: FuyouConfig, path: Path | None = None, rid: str | None = N
     except OSError as e:
         raise ConfigError(f"cannot create run directory {path}: {e.strerror}; check run.out_dir") from e
     (path / "config.toml").write_text(to_toml(cfg))
-    if rid is not None:
+    if rid is not None and cfg.offload.mode == "ssd":  # (what the SSD state records; in memory there is none)
         write_run_id(path, rid)
     if cfg.model.init_from:  # the source's config and tokenizer, kept with the run: export needs them, and the
         # source may be gone by then (a new-user pass: an export without tokenizer and token ids, said nowhere)
