@@ -180,6 +180,7 @@ def _reshard(args) -> int:
 def _import(args) -> int:
     from fuyou.train.run import import_checkpoint
 
+    _check_out_dir(args.out)  # (a file as --out: a NotADirectoryError traceback)
     out = import_checkpoint(args.hf_dir, args.out)
     print(f"imported {args.hf_dir} into {out}; train with: fuyou train --config {out / 'config.toml'}")
     return 0
@@ -292,7 +293,7 @@ def _run_tokenizer(run, overrides: list[str]) -> list[str]:
         tok = tomllib.loads((run / "config.toml").read_text()).get("data", {}).get("tokenizer")
     except (tomllib.TOMLDecodeError, OSError, AttributeError):  # (load_config says what is wrong with the file)
         return []
-    if not isinstance(tok, str) or tok == "byte" or Path(tok).expanduser().exists() or \
+    if not isinstance(tok, str) or tok in ("byte", "auto") or Path(tok).expanduser().exists() or \
             any(o.partition("=")[0].strip() == "data.tokenizer" for o in overrides):
         return []
     copy = tokenizer_dir(run)
@@ -348,6 +349,8 @@ def _check_out_dir(out: str) -> None:
     if p.exists() and not p.is_dir():
         raise ConfigError(f"--out {p} is a file; give a directory (new, or one to write into)")
     parent = next((q for q in [p, *p.parents] if q.exists()), Path("."))
+    if not parent.is_dir():  # (afile/sub: was "cannot be written (read-only or no permission)")
+        raise ConfigError(f"--out {p}: {parent} is a file, not a directory; choose another place")
     if not os.access(parent, os.W_OK | os.X_OK) or (parent.is_dir() and _read_only_fs(parent)):
         raise ConfigError(f"--out {p}: {parent} cannot be written (read-only or no permission); choose another place")
 

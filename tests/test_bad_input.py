@@ -229,3 +229,11 @@ def test_cli_mistakes_found_by_a_new_user_pass(tmp_path, capsys):
     assert main(["train", "--out", str(tmp_path / "r"), "model.preset=gpt-tiny", "lora.rank=2", "train.steps=1",
                  "train.eval_batches=1"]) == 0
     assert "note: LoRA over a base drawn at random" in capsys.readouterr().err
+
+
+def test_import_to_a_file_is_refused_with_a_sentence(tmp_path, capsys):
+    """`fuyou import HF --out afile` gave a NotADirectoryError traceback; `--out afile/sub` too."""
+    f = tmp_path / "afile"
+    f.write_text("x")
+    assert "is a file; give a directory" in _err(capsys, ["import", str(tmp_path), "--out", str(f)])
+    assert "is a file, not a directory" in _err(capsys, ["import", str(tmp_path), "--out", str(f / "sub")])

@@ -22,6 +22,11 @@ def plan_config(cfg: FuyouConfig, run_dir: Path, stream=None) -> FuyouConfig:
     off = cfg.offload
     if off.mode != "ssd":
         raise ConfigError("--plan auto plans the three-tier engine; use it with --offload ssd --ssd DIR")
+    if off.act_policy != "recompute" and not str(off.act_policy).endswith("act-policy.json"):
+        # (a new-user pass: --plan auto --act-policy X trained the planner's policy, in silence; "recompute", the
+        # default, is also what every saved config.toml holds)
+        raise ConfigError(f"--plan auto chooses the activation policy; offload.act_policy={off.act_policy!r} was "
+                          f"given too: give one of them")
     hw_cfg = cfg.hardware
     if hw_cfg.profile is None and not (hw_cfg.gpu or hw_cfg.ssd):
         print(f"fuyou: probing this machine (SSD {off.ssd_dirs[0]}); set hardware.profile to reuse a profile",
@@ -34,7 +39,7 @@ def plan_config(cfg: FuyouConfig, run_dir: Path, stream=None) -> FuyouConfig:
         run_dir.mkdir(parents=True, exist_ok=True)
         path = run_dir / "hardware-profile.json"
         save_profile(profile, path, measured)
-        hw_cfg = hw_cfg.model_copy(update={"profile": str(path)})
+        hw_cfg = hw_cfg.model_copy(update={"profile": str(path.resolve())})  # (absolute: a resume from elsewhere)
     hw = resolve(hw_cfg)
     w = Workload(cfg.model, cfg.train.micro_batch_size, cfg.data.seq_len, offload=off, grad_accum=cfg.train.grad_accum,
                  csize=2 if cfg.train.precision == "bf16" else 4, lora=cfg.lora)
@@ -52,7 +57,7 @@ def plan_config(cfg: FuyouConfig, run_dir: Path, stream=None) -> FuyouConfig:
     pfile.write_text(policy.to_json())
     return cfg.model_copy(update={
         "hardware": hw_cfg, "train": train,
-        "offload": off.model_copy(update={"act_policy": str(pfile), "prefetch_depth": policy.prefetch_depth,
+        "offload": off.model_copy(update={"act_policy": str(pfile.resolve()), "prefetch_depth": policy.prefetch_depth,
                                           **{k: getattr(policy, k) for k in ("resident_mem", "act_cpu_mem")
                                              if getattr(policy, k) is not None}}),
     })

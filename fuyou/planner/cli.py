@@ -242,6 +242,8 @@ def _plan_offload_flags(args, given: dict) -> None:
         args.gpu_mem, args.gpu_reserve = str(given.pop("gpu_mem")), "0"
     if "act_policy" in given:
         args.act_policy = str(given.pop("act_policy"))
+    if args.prefetch_depth is not None and args.prefetch_depth < 1:  # (0 was "not given"; -3 a traceback)
+        raise ConfigError(f"--prefetch-depth must be at least 1 stage, got {args.prefetch_depth}")
     if "prefetch_depth" in given:  # (the search then tries that depth alone: Workload.depths)
         depth = given.pop("prefetch_depth")
         if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
@@ -376,14 +378,15 @@ def _plan(args) -> int:
                           "in memory")
     w = Workload(cfg, args.batch or 16, args.seq, grad_accum=args.grad_accum or gpus, offload=off, grad_clip=clip,
                  csize=2 if precision == "bf16" else 4, fmt=fmt, lora=lora, ranks=gpus,
-                 **({"depths": (args.prefetch_depth,)} if args.prefetch_depth else {}))
+                 **({"depths": (args.prefetch_depth,)} if args.prefetch_depth is not None else {}))
     if w.sharded and gpus > len(w.numels):
         raise ConfigError(f"--gpus {gpus} for a model of {len(w.numels)} stages: each rank owns the optimizer state of "
                           f"whole stages, so use at most {len(w.numels)} GPUs")
     policy = None
     if args.act_policy is not None:  # (an empty one is refused as such, not taken as "search")
         policy = read_act_policy(args.act_policy, cfg.n_layer,
-                                 **({"prefetch_depth": args.prefetch_depth} if args.prefetch_depth else {}))
+                                 **({"prefetch_depth": args.prefetch_depth} if args.prefetch_depth is not None
+                                    else {}))
     if args.cpu_mem is None:  # the machine the profile measured, else the documented default
         measured = hw.cpu_mem if args.profile else None
         args.cpu_mem = str(measured) if measured else "256GiB"
@@ -450,6 +453,9 @@ def _probe(args) -> int:
     from pathlib import Path
 
     out = Path(args.out).expanduser()
+    if out.is_file() and not _is_profile(out):  # (a new-user pass overwrote a model's config.json)
+        raise ConfigError(f"--out {args.out} exists and is not a hardware profile: give a new file name (a profile "
+                          f"fuyou probe wrote is replaced)")
     if out.is_dir() or not out.parent.is_dir():  # checked before minutes of measuring, not after
         raise ConfigError(f"--out {args.out}: " + ("a directory; give a file name such as profile.json" if out.is_dir()
                                                    else f"its directory {out.parent} does not exist; create it first"))
@@ -477,3 +483,15 @@ def _probe(args) -> int:
           f"device {format_size(prof.gpu_mem)}")
     print(f"wrote {args.out}")
     return 0
+
+
+def _is_profile(path) -> bool:
+    """Whether ``path`` holds a hardware profile (a JSON object with the fields ``fuyou probe`` writes)."""
+    import json
+
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    prof = data.get("profile") if isinstance(data, dict) else None  # (save_profile's layout)
+    return isinstance(prof, dict) and {"fwd_flops", "ssd_write"} <= prof.keys()

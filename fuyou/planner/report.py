@@ -270,7 +270,8 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.3g} s"
 
 
-PROBE_SHAPE_RATIO = 4  # a plan's block this far (d_model or tokens a micro-batch) from the probe's is flagged
+PROBE_SHAPE_RATIO = 2  # a plan's block this far (d_model or tokens a micro-batch) from the probe's is flagged
+# (at 2.7x the width the extrapolation was 4.4x off on the CPU: a new-user pass, GPT-3 1.3B from a 768-wide probe)
 
 
 def _probe_shape_note(plan: Plan) -> str:

@@ -161,7 +161,7 @@ def resume_changes(saved: FuyouConfig, cfg: FuyouConfig) -> dict[str, tuple]:
                           + ": its place in the data is counted in steps of train.grad_accum x "
                           "train.micro_batch_size rows of data.seq_len tokens, so other values would skip or repeat "
                           "data. Resume with the run's own values (another batch: start a new run with --init-from "
-                          "its model.safetensors once it has one)")
+                          "its run directory once it holds model.safetensors)")
     fixed = [k for k in changed if k.startswith(FIXED_ON_RESUME)]
     if fixed:
         scale = {"lora.alpha", "lora.use_rslora"}
@@ -174,7 +174,7 @@ def resume_changes(saved: FuyouConfig, cfg: FuyouConfig) -> dict[str, tuple]:
                           + f": {why}. Resume with the run's own "
                           "values, or start a new run ("
                           + ("lora.init_from its exported adapter, over the same base" if saved.lora.enabled
-                             else "--init-from its model.safetensors once it has one") + ")")
+                             else "--init-from its run directory once it holds model.safetensors") + ")")
     return changed
 
 

@@ -596,3 +596,30 @@ def test_plan_takes_overrides_among_its_options(capsys):
     assert main(["plan", "--model", "gpt-tiny", "offload.cpu_mem=300MiB", "--batch", "4", "optim.master=bf16",
                  "--gpu", "rtx4090", "--ssd", "1x990-pro"]) == 0
     assert "master bf16, moments fp32" in capsys.readouterr().out
+
+
+def test_flags_a_new_user_pass_got_wrong(tmp_path, capsys):
+    """probe --out overwrote a model's config.json; --prefetch-depth 0 was "not given" and -3 a traceback;
+    --plan auto with another activation policy trained the planner's, in silence."""
+    other = tmp_path / "config.json"
+    other.write_text('{"model_type": "llama"}')
+    (tmp_path / "ssd").mkdir()
+    assert main(["probe", "--ssd", str(tmp_path / "ssd"), "--out", str(other)]) == 2
+    assert "exists and is not a hardware profile" in capsys.readouterr().err
+    assert other.read_text() == '{"model_type": "llama"}'
+    for depth in ("0", "-3"):
+        assert main(["plan", "--model", "gpt-tiny", "--gpu", "rtx4090", "--ssd", "1x990-pro",
+                     f"--prefetch-depth={depth}"]) == 2
+        assert f"--prefetch-depth must be at least 1 stage, got {depth}" in capsys.readouterr().err
+    assert main(["train", "--offload", "ssd", "--ssd", str(tmp_path / "ssd"), "--plan", "auto", "--act-policy",
+                 "fc2=ssd", "--out", str(tmp_path / "runs"), "model.preset=gpt-test", "train.steps=1"]) == 2
+    assert "--plan auto chooses the activation policy" in capsys.readouterr().err
+
+
+def test_a_resume_with_the_auto_tokenizer_reads_no_copy(tmp_path):
+    """Every resume of a run whose data.tokenizer is 'auto' noted that the tokenizer 'auto' no longer existed
+    and switched it to the run's copy (a review of this session's change missed it; a new-user pass found it)."""
+    from fuyou.cli import _run_tokenizer
+
+    (tmp_path / "config.toml").write_text('[data]\ntokenizer = "auto"\n')
+    assert _run_tokenizer(tmp_path, []) == []
