@@ -130,11 +130,12 @@ class MemoryPlan:
         out = [f"CPU budget {format_size(self.cpu_budget)}:"]
         out += [f"  {k:<26} {format_size(v):>12}" for k, v in self.cpu_items.items()]
         shared = f"; this rank's 1/{self.cache_share} of one cache the ranks share" if self.cache_share > 1 else ""
-        out.append(f"  {'weight cache':<26} {format_size(self.cache_bytes):>12} ({len(self.cached_stages)} stages{shared})")
+        n = len(self.cached_stages)
+        out.append(f"  {'weight cache':<26} {format_size(self.cache_bytes):>12} ({n} stage{'s' * (n != 1)}{shared})")
         if self.resident_stages:
             spare = f", {len(self.spare_stages)} with a spare copy" if self.spare_stages else ""
             out.append(f"  {'resident optimizer state':<26} {format_size(self.resident_bytes):>12} "
-                       f"({len(self.resident_stages)} stages{spare})")
+                       f"({len(self.resident_stages)} stage{'s' * (len(self.resident_stages) != 1)}{spare})")
         if self.device_items:
             b = "unlimited" if self.device_budget is None else format_size(self.device_budget)
             out.append(f"device budget {b}:")

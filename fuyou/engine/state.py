@@ -470,7 +470,8 @@ def write_owner(store_dir: Path, run_dir: Path, rid: str | None = None) -> None:
         raise io_error_from_oserror(e, str(store_dir / OWNER), 0, 0, "writing the state's owner file") from e
 
 
-def _owner(store_dir: Path) -> dict:
+def owner_record(store_dir: Path) -> dict:
+    """The owner file's record ({} if none or unreadable)."""
     try:
         rec = json.loads((store_dir / OWNER).read_text())
         return rec if isinstance(rec, dict) and isinstance(rec.get("run_dir"), str) else {}
@@ -479,7 +480,7 @@ def _owner(store_dir: Path) -> dict:
 
 
 def read_owner(store_dir: Path) -> str | None:
-    return _owner(store_dir).get("run_dir")
+    return owner_record(store_dir).get("run_dir")
 
 
 RUN_ID = "fuyou-run.json"  # in a run directory: its id, which its SSD state's owner file records
@@ -505,7 +506,7 @@ def owner_mismatch(store_dir: Path, run_dir: Path, rid: str | None = None) -> st
     ids (runs from before them): the recorded owner, if its directory still holds that run and its config
     names this state's SSD directory (a copy of a run beside the original shares no state with it; a copy
     with its own SSD directory, a restored backup, is the copy's own)."""
-    rec = _owner(store_dir)
+    rec = owner_record(store_dir)
     owner = rec.get("run_dir")
     if owner is None:
         return None

@@ -152,6 +152,7 @@ def _refuse_finished(run_path: Path, cfg: FuyouConfig) -> None:
         return
     if any(Path(cfg.offload.ssd_dirs[0]).glob(state_name(run_path.name) + "*")):
         return  # kept (offload.keep_state=true): it resumes
+    _refuse_renamed_by_id(run_path, cfg)  # kept, under the name the run had (a pass got "finished" for it)
     how = (f"lora.init_from=DIR with its adapter exported (`fuyou export {run_path} --out DIR`), over the same base"
            if cfg.lora.enabled else f"--init-from {run_path}")
     raise ConfigError(f"{run_path} finished: its {'adapters' if cfg.lora.enabled else 'weights'} are in "
@@ -412,6 +413,20 @@ def _refuse_renamed(run_path: Path, cfg: FuyouConfig) -> None:
                           f"its directory's name. States there whose run directory is gone: {', '.join(orphans[:5])}. "
                           f"If {run_path} is one of those runs, renamed, give it its old name back and resume it; "
                           f"nothing was changed")
+
+
+def _refuse_renamed_by_id(run_path: Path, cfg: FuyouConfig) -> None:
+    """This run's kept state under the name the run directory had: its owner file records this run's id."""
+    from fuyou.engine.state import owner_record
+
+    rid = run_id(run_path)
+    if rid is None:
+        return
+    for d in sorted(Path(cfg.offload.ssd_dirs[0]).glob("*" + STATE_SUFFIX)):
+        if owner_record(d).get("run_id") == rid:
+            raise ConfigError(f"{run_path}'s SSD state is {d} (the run directory was named "
+                              f"{d.name[:-len(STATE_SUFFIX)]!r}): fuyou finds a run's state by its directory's name; "
+                              f"give it its old name back and resume it; nothing was changed")
 
 
 def _state_dirs(cfg: FuyouConfig, run_name: str) -> list[Path]:

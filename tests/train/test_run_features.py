@@ -587,3 +587,18 @@ def test_a_resume_of_a_damaged_config_toml_says_so(tmp_path, capsys):
     (run / "config.toml").write_text("[data\ntokenizer = 1\n")
     assert main(["train", "--resume", str(run)]) == 2
     assert "is not valid TOML" in capsys.readouterr().err
+
+
+def test_a_renamed_finished_run_that_kept_its_state_is_told_so(tmp_path, capsys):
+    """A new-user pass renamed a finished run that kept its state (offload.keep_state=true): the resume said
+    the run had finished and removed its state, which it had not."""
+    from fuyou.cli import main
+    from fuyou.train.loop import run_training
+
+    first = run_training(ssd_cfg(tmp_path, "train.steps=2", "run.name=kept", "offload.keep_state=true"))
+    moved = first.run_dir.with_name("kept-renamed")
+    first.run_dir.rename(moved)
+    capsys.readouterr()
+    assert main(["train", "--resume", str(moved), "train.steps=3"]) == 2
+    err = capsys.readouterr().err
+    assert "kept.fuyou-state (the run directory was named 'kept')" in err and "old name back" in err, err
