@@ -9,7 +9,7 @@ from collections import defaultdict
 from fuyou.policy import CLASSES
 from fuyou.planner.search import Plan, ssd_parts, state_ssd_bytes
 from fuyou.planner.simulate import Task
-from fuyou.units import format_size
+from fuyou.units import format_size, parse_size
 
 ROWS = ["compute", "h2d", "d2h", "ssd-read", "ssd-write", "cpu-adam", "io-cpu", "reduce", "exchange"]
 LABELS = {"compute": "GPU", "h2d": "H2D", "d2h": "D2H", "ssd-read": "SSD read", "ssd-write": "SSD write",
@@ -396,6 +396,11 @@ def _train_line(plan: Plan, s: dict) -> str:
     opts = [f"--cpu-mem {math.ceil(b / 2**30 * 100) / 100:.2f}GiB" if b >= 2**30 else f"--cpu-mem {-(-b // 2**20)}MiB"]
     if pol.prefetch_depth != 2:
         opts.append(f"offload.prefetch_depth={pol.prefetch_depth}")
+    for k in ("resident_mem", "act_cpu_mem"):  # the plan's own caps (a pass: in --json, not on this line)
+        v = getattr(pol, k)
+        if v is not None:
+            unit = next((u for u in ("GiB", "MiB", "KiB") if v % parse_size("1" + u) == 0), None)  # exact
+            opts.append(f"offload.{k}=" + (f"{v // parse_size('1' + unit)}{unit}" if unit else str(v)))
     human = pol.describe(n)
     if human != "recompute":
         opts.append(f"--act-policy '{human}'" if len(human) <= 120 else "--act-policy FILE (fuyou plan ... --json > "

@@ -623,3 +623,18 @@ def test_a_resume_with_the_auto_tokenizer_reads_no_copy(tmp_path):
 
     (tmp_path / "config.toml").write_text('[data]\ntokenizer = "auto"\n')
     assert _run_tokenizer(tmp_path, []) == []
+
+
+def test_the_train_line_gives_the_plans_own_memory_caps(capsys):
+    """The 175B plan chose offload.resident_mem and offload.act_cpu_mem (in --json), but its "train as planned"
+    line left them out: train then planned its own (a new-user pass)."""
+    import re
+
+    from fuyou.units import parse_size
+
+    assert main(["plan", "--model", "gpt3-175b", "--gpu", "rtx4090", "--ssd", "12xd7-p5510", "--cpu-mem", "768GiB",
+                 "--global-batch", "16"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("train as planned"))
+    for k in ("resident_mem", "act_cpu_mem"):
+        m = re.search(rf"offload\.{k}=(\S+)", line)
+        assert m and parse_size(m.group(1)) > 0, line
