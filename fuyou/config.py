@@ -217,13 +217,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 TIED = (("steps", "epochs"), ("grad_accum", "micro_batch_size", "global_batch"))
 
 
-def _give_way(train: dict | None, given: set[str]) -> None:
+def _give_way(train: dict, given: set[str]) -> None:
     """The file's train.steps gives way to an epochs given on the command line (and the reverse), and its
     batch settings to those given (two of global_batch, micro_batch_size, grad_accum are kept). A new-user
     pass: `--config RUN/config.toml train.epochs=1` was refused as "steps and epochs both given", and
     train.steps=none is no number."""
-    if not isinstance(train, dict) or not given:
-        return
     steps, batch = TIED
     if given & set(steps):
         for k in steps:

@@ -23,24 +23,21 @@ def parse_size(value: int | float | str) -> int:
     if isinstance(value, (int, float)):
         if value < 0:
             raise ConfigError(f"a size cannot be negative, got {value}")
-        if not math.isfinite(value):
-            raise ConfigError(f"{value!r} is no size")
-        if value != int(value):
-            raise ConfigError(f"{value} is a fraction of a byte (a size without a unit is bytes); give a unit, such "
-                              f"as '{value}GiB'")
-        return int(value)
-    m = _SIZE.match(str(value))
-    if not m or m.group(2).lower() not in _UNITS:
-        raise ConfigError(
-            f"cannot read {value!r} as a size; write a number of bytes or a number with a unit "
-            f"such as 512MiB, 4GiB, 2GB (binary units: KiB MiB GiB TiB; decimal: KB MB GB TB)"
-        )
-    n = float(m.group(1)) * _UNITS[m.group(2).lower()]
+        n, number, unit = value, value, 1
+    else:
+        m = _SIZE.match(str(value))
+        if not m or m.group(2).lower() not in _UNITS:
+            raise ConfigError(
+                f"cannot read {value!r} as a size; write a number of bytes or a number with a unit "
+                f"such as 512MiB, 4GiB, 2GB (binary units: KiB MiB GiB TiB; decimal: KB MB GB TB)"
+            )
+        unit = _UNITS[m.group(2).lower()]
+        n, number = float(m.group(1)) * unit, m.group(1)
     if not math.isfinite(n):
-        raise ConfigError(f"{value!r} is too large to be a size")
-    if n != int(n) and _UNITS[m.group(2).lower()] == 1:  # ("--cpu-mem=0.5" was 0 bytes, in silence)
+        raise ConfigError(f"{value!r} is too large to be a size" if n == math.inf else f"{value!r} is no size")
+    if n != int(n) and unit == 1:  # ("--cpu-mem=0.5" was 0 bytes, in silence)
         raise ConfigError(f"{value!r} is a fraction of a byte (a size without a unit is bytes); give a unit, such as "
-                          f"{m.group(1)}GiB")
+                          f"'{number}GiB'")
     return int(n)
 
 

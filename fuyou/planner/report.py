@@ -9,7 +9,7 @@ from collections import defaultdict
 from fuyou.policy import CLASSES
 from fuyou.planner.search import Plan, ssd_parts, state_ssd_bytes
 from fuyou.planner.simulate import Task
-from fuyou.units import format_size, parse_size
+from fuyou.units import format_size
 
 ROWS = ["compute", "h2d", "d2h", "ssd-read", "ssd-write", "cpu-adam", "io-cpu", "reduce", "exchange"]
 LABELS = {"compute": "GPU", "h2d": "H2D", "d2h": "D2H", "ssd-read": "SSD read", "ssd-write": "SSD write",
@@ -399,8 +399,8 @@ def _train_line(plan: Plan, s: dict) -> str:
     for k in ("resident_mem", "act_cpu_mem"):  # the plan's own caps (a pass: in --json, not on this line)
         v = getattr(pol, k)
         if v is not None:
-            unit = next((u for u in ("GiB", "MiB", "KiB") if v % parse_size("1" + u) == 0), None)  # exact
-            opts.append(f"offload.{k}=" + (f"{v // parse_size('1' + unit)}{unit}" if unit else str(v)))
+            unit = next(((u, f) for u, f in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)) if v % f == 0), None)
+            opts.append(f"offload.{k}=" + (f"{v // unit[1]}{unit[0]}" if unit else str(v)))  # (exact)
     human = pol.describe(n)
     if human != "recompute":
         opts.append(f"--act-policy '{human}'" if len(human) <= 120 else "--act-policy FILE (fuyou plan ... --json > "

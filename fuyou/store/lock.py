@@ -35,7 +35,7 @@ def lock_dirs(dirs: list[Path]) -> list[int]:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+                holder = _holder(fd)
                 raise StoreLockedError(
                     f"the training state in {d} is in use by process {holder} (another fuyou run, or a --resume "
                     f"of this one); wait for it to end or stop it, then try again") from None
@@ -60,9 +60,14 @@ def lock_holder(d: Path) -> str | None:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         return None
     except BlockingIOError:
-        return os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+        return _holder(fd)
     finally:
         os.close(fd)  # (releases the shared lock, if it was taken)
+
+
+def _holder(fd: int) -> str:
+    """The PID the lock's holder wrote into the lock file (``lock_dirs``)."""
+    return os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
 
 
 def unlock(fds: list[int]) -> None:

@@ -214,7 +214,8 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
         dist.run_dir = run_path
     # the run's id (fuyou-run.json), which its SSD state's owner file records (``_claim_state``): rank 0's, given
     # before the state is claimed; a run from before ids gets one now
-    rid = run_id(run_path) if resume is not None else None
+    recorded = run_id(run_path) if resume is not None else None
+    rid = recorded
     if rid is None:
         import uuid
 
@@ -245,13 +246,13 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
     if resume is not None:
         _refuse_finished(run_path, cfg)
         _refuse_renamed(run_path, cfg)
-        _refuse_others_state(cfg, run_path)
+        _refuse_others_state(cfg, run_path, recorded)
         _refuse_unlike_commit(cfg, run_path)
     if dist.is_main:
         _note_budget_beyond_memory(cfg, stream or sys.stderr)
     # refuses impossible configs (and unresumable states) before anything is written
     trainer = build_trainer(cfg, run_path.name, resume=resume is not None)
-    if resume is not None and dist.is_main and run_id(run_path) is None:
+    if resume is not None and dist.is_main and recorded is None:
         write_run_id(run_path, rid)
     _claim_state(trainer, run_path, rid)
     if resume is not None and dist.is_main:
@@ -438,14 +439,15 @@ def _state_dirs(cfg: FuyouConfig, run_name: str) -> list[Path]:
     return [Path(d) / name for d in dist.rank_config(cfg).offload.ssd_dirs]
 
 
-def _refuse_others_state(cfg: FuyouConfig, run_path: Path) -> None:
+def _refuse_others_state(cfg: FuyouConfig, run_path: Path, rid: str | None) -> None:
     """A resume refuses another run directory's state (two runs of one run.name in different run.out_dir
     share a state directory; a new-user pass found one resuming the other's weights in silence), before
-    the state is opened: opening it for a resume rebuilds the compute weights in the store."""
+    the state is opened: opening it for a resume rebuilds the compute weights in the store. ``rid``: the id
+    the run directory records (None: a run from before ids)."""
     from fuyou.engine.state import owner_mismatch
 
     dirs = _state_dirs(cfg, run_path.name)
-    other = owner_mismatch(dirs[0], run_path, run_id(run_path)) if dirs and dirs[0].is_dir() else None
+    other = owner_mismatch(dirs[0], run_path, rid) if dirs and dirs[0].is_dir() else None
     if other is not None:
         where = (f"Resume {other}" if Path(other).is_dir() else
                  "That run's directory is no longer there (moved? resume it where it is now)")

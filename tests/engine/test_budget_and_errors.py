@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -125,25 +126,25 @@ def test_the_budget_a_refusal_names_is_enough_with_a_cpu_tier_policy(tmp_path, p
         Engine(make_cfg(tmp_path, *opts, f"offload.cpu_mem={int(least * 0.98)}"), None, "state")
 
 
-def test_stage_larger_than_device_budget_is_refused(tmp_path, capsys):
+def _refused_budget(tmp_path, capsys, *flags) -> tuple[str, Path]:
+    """A small offloaded run with ``flags`` that must be refused: its error, and the SSD directory."""
     ssd = tmp_path / "ssd"
     ssd.mkdir()
-    rc = main(["train", "--offload", "ssd", "--ssd", str(ssd), "--gpu-mem", "64KiB", "--out", str(tmp_path / "runs"),
+    rc = main(["train", "--offload", "ssd", "--ssd", str(ssd), *flags, "--out", str(tmp_path / "runs"),
                "model.preset=gpt-test", "data.seq_len=32", "train.steps=1"])
     assert rc == 2
-    err = capsys.readouterr().err
+    return capsys.readouterr().err, ssd
+
+
+def test_stage_larger_than_device_budget_is_refused(tmp_path, capsys):
+    err, ssd = _refused_budget(tmp_path, capsys, "--gpu-mem", "64KiB")
     assert "device memory budget 64.00 KiB cannot hold one stage's working set" in err and "offload.gpu_mem" in err
     assert not (tmp_path / "runs").exists() and list(ssd.iterdir()) == []
 
 
 def test_budget_without_unit_gets_a_hint(tmp_path, capsys):
     """`--cpu-mem 12` is 12 bytes (sizes without a unit are bytes); the refusal says what was probably meant."""
-    ssd = tmp_path / "ssd"
-    ssd.mkdir()
-    rc = main(["train", "--offload", "ssd", "--ssd", str(ssd), "--cpu-mem", "12", "--out", str(tmp_path / "runs"),
-               "model.preset=gpt-test", "data.seq_len=32", "train.steps=1"])
-    assert rc == 2
-    err = capsys.readouterr().err
+    err, _ = _refused_budget(tmp_path, capsys, "--cpu-mem", "12")
     assert "CPU memory budget 12 B (a size without a unit is bytes: did you mean 12GiB?)" in err
     assert not (tmp_path / "runs").exists()
 
