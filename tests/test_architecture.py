@@ -85,3 +85,15 @@ def test_no_import_cycles_between_the_parts_of_fuyou():
 
 def test_the_cycle_finder_finds_a_cycle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c", "a"]]
+
+
+def test_parser_does_not_import_torch():
+    """`fuyou --help` and every command's parser stay quick: torch (about a second) is imported by the
+    commands that need it, not by building the parser (fuyou.data and fuyou.planner import it lazily)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, fuyou.cli; fuyou.cli.build_parser(); "
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.'))[:3])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]", out.stdout

@@ -14,22 +14,37 @@ import itertools
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from fuyou.data.config import DataConfig
 from fuyou.data.corpus import builtin_documents, iter_documents, iter_records
-from fuyou.data.dataset import (META, Batch, BatchSampler, EvalBatches, SyntheticBatches, TokenData, join_tokens,
-                                read_prepared, split_tokens, token_dtype)
-from fuyou.data.examples import ExampleData, Examples, read_examples
 from fuyou.data.formats import Renderer, detect
 from fuyou.data.tokenizer import ByteTokenizer, load_tokenizer
 from fuyou.errors import DataError
+
+if TYPE_CHECKING:
+    from fuyou.data.dataset import Batch, BatchSampler, EvalBatches, SyntheticBatches, TokenData
+    from fuyou.data.examples import ExampleData
 
 __all__ = [
     "Batch", "BatchSampler", "ByteTokenizer", "DataConfig", "EvalBatches", "ExampleData", "SyntheticBatches",
     "TokenData", "iter_documents", "load_data", "load_tokenizer", "read_data", "tokenize_documents", "tokenize_records",
 ]
+
+# The token stream and the examples import torch: they are imported when first used, so that building the
+# command line's parser (``fuyou --help``: ``fuyou.data.formats``) does not (about a second).
+_LAZY = {"Batch": "dataset", "BatchSampler": "dataset", "EvalBatches": "dataset", "SyntheticBatches": "dataset",
+         "TokenData": "dataset", "ExampleData": "examples"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f"fuyou.data.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'fuyou.data' has no attribute {name!r}")
 
 
 def _encode(tok, doc: str) -> np.ndarray:
@@ -37,6 +52,8 @@ def _encode(tok, doc: str) -> np.ndarray:
 
 
 def tokenize_documents(docs, tokenizer_spec: str, val_fraction: float) -> TokenData:
+    from fuyou.data.dataset import TokenData, split_tokens
+
     tok = load_tokenizer(tokenizer_spec)
     docs = list(docs)
     train, val = split_tokens([_encode(tok, d) for d in docs], tok.eos_id, tok.vocab_size, val_fraction)
@@ -51,6 +68,9 @@ def tokenize_records(paths: list[str], tokenizer_spec: str, fmt: str = "auto", t
     (or ``fmt``); every file must hold the same kind. ``eval_paths``: held-out files, else
     ``val_fraction`` of the documents or examples (a seeded choice); ``note_overlap``: say so when those
     are (in) the training files."""
+    from fuyou.data.dataset import TokenData, join_tokens, split_tokens, token_dtype
+    from fuyou.data.examples import ExampleData, Examples
+
     if eval_paths and note_overlap:
         _note_overlap(paths, eval_paths)
     tok = load_tokenizer(tokenizer_spec)
@@ -148,6 +168,9 @@ def _text(rec: dict, where: str, field: str, first_where: str | None) -> str:
 
 def read_data(path: str | Path) -> TokenData | ExampleData:
     """A directory made by ``fuyou data prepare``: a token stream or examples, by its ``meta.json``."""
+    from fuyou.data.dataset import META, read_prepared
+    from fuyou.data.examples import read_examples
+
     p = Path(path)
     if not (p / META).is_file():
         raise DataError(f"{p} is not a prepared data directory (no {META}); create one with `fuyou data prepare`")
@@ -167,6 +190,8 @@ def load_data(cfg: DataConfig, tokenizer: str | None = None,
     data fixed (``_check_prepared_settings``; a resume keeps the run's own config, whatever it says)."""
     if cfg.source == "synthetic":
         return None
+    from fuyou.data.examples import ExampleData
+
     spec = tokenizer or (cfg.tokenizer if cfg.tokenizer != "auto" else "byte")
     if cfg.source == "prepared":
         data = read_data(cfg.path[0])
@@ -223,6 +248,8 @@ def _check_prepared_settings(cfg: DataConfig, data) -> None:
 
 def _prepared_on_prompt(data) -> bool:
     """``--train-on-prompt`` as ``fuyou data prepare`` was given it (text data: false)."""
+    from fuyou.data.examples import ExampleData
+
     return bool(data.info.get("train_on_prompt", False)) if isinstance(data, ExampleData) else False
 
 
