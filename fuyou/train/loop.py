@@ -142,6 +142,19 @@ def _note_budget_beyond_memory(cfg: FuyouConfig, stream) -> None:
               f"by the kernel); give at most what it can spare", file=stream)
 
 
+_OFFLOAD_FLAGS = {"cpu_mem": "--cpu-mem", "gpu_mem": "--gpu-mem", "act_policy": "--act-policy"}
+
+
+def _offload_ignored_in_memory(cfg) -> list[str]:
+    """The offload settings given a value other than their default, which an in-memory run does not use
+    (a new-user pass: --gpu-mem and --act-policy were ignored in silence; --ssd is refused elsewhere)."""
+    if cfg.offload.mode != "none":
+        return []
+    fields = type(cfg.offload).model_fields
+    return [f"offload.{k}" + (f" ({_OFFLOAD_FLAGS[k]})" if k in _OFFLOAD_FLAGS else "")
+            for k in fields if k not in ("mode", "ssd_dirs") and getattr(cfg.offload, k) != fields[k].default]
+
+
 def _refuse_finished(run_path: Path, cfg: FuyouConfig) -> None:
     """A finished run removed its SSD state: say that, and how to train on from it, rather than that
     the state was never committed, deleted or moved."""
@@ -304,10 +317,11 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
         print(f"note: data.seq_len={cfg.data.seq_len} is beyond the model's {cfg.model.max_seq_len} positions "
               f"(model.max_seq_len): RoPE extends past them, but a pretrained model was not trained there",
               file=stream or sys.stderr)
-    if cfg.offload.mode == "none" and cfg.offload.cpu_mem != type(cfg.offload).model_fields["cpu_mem"].default \
-            and dist.is_main:
-        print("note: offload.cpu_mem (--cpu-mem) budgets SSD offload; in memory (offload.mode=none) the whole "
-              "training state is held, and a model that does not fit the machine is refused", file=stream or sys.stderr)
+    ignored = _offload_ignored_in_memory(cfg)
+    if ignored and dist.is_main:
+        print(f"note: {', '.join(ignored)} {'applies' if len(ignored) == 1 else 'apply'} to SSD offload (--offload ssd) "
+              f"and {'is' if len(ignored) == 1 else 'are'} ignored in memory (offload.mode=none): the whole training "
+              f"state is held, and a model that does not fit the machine is refused", file=stream or sys.stderr)
     if cfg.lora.enabled and not cfg.model.init_from and resume is None and dist.is_main:
         print(f"note: LoRA over a base drawn at random (train.seed={cfg.train.seed}; no --init-from): the adapters "
               f"learn to correct noise, which suits a test, not a fine-tune; give --init-from HF_DIR for a "

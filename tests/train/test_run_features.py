@@ -311,7 +311,12 @@ def test_notes_for_a_llama_beyond_its_positions_and_a_cpu_budget_in_memory(tmp_p
                  "data.seq_len=128", "train.steps=1", "train.eval_every=0"]) == 0
     err = capsys.readouterr().err
     assert "data.seq_len=128 is beyond the model's 64 positions" in err
-    assert "offload.cpu_mem (--cpu-mem) budgets SSD offload" in err
+    assert "offload.cpu_mem (--cpu-mem) applies to SSD offload (--offload ssd) and is ignored in memory" in err
+    # the GPU budget and the activation policy were ignored without a word
+    assert main(["train", "--out", str(tmp_path / "runs"), "--gpu-mem", "1GiB", "--act-policy", "fc2=ssd",
+                 "model.preset=gpt-test", "data.seq_len=32", "train.steps=1", "train.eval_every=0"]) == 0
+    assert "offload.gpu_mem (--gpu-mem), offload.act_policy (--act-policy) apply to SSD offload" in \
+        capsys.readouterr().err
 
 
 def test_a_stopped_in_memory_run_keeps_its_weights_and_says_how_to_go_on(tmp_path):
