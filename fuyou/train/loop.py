@@ -319,9 +319,10 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
               file=stream or sys.stderr)
     ignored = _offload_ignored_in_memory(cfg)
     if ignored and dist.is_main:
-        print(f"note: {', '.join(ignored)} {'applies' if len(ignored) == 1 else 'apply'} to SSD offload (--offload ssd) "
-              f"and {'is' if len(ignored) == 1 else 'are'} ignored in memory (offload.mode=none): the whole training "
-              f"state is held, and a model that does not fit the machine is refused", file=stream or sys.stderr)
+        one = len(ignored) == 1
+        print(f"note: {', '.join(ignored)} {'applies' if one else 'apply'} to SSD offload (--offload ssd) and "
+              f"{'is' if one else 'are'} ignored in memory (offload.mode=none): the whole training state is held, "
+              f"and a model that does not fit the machine is refused", file=stream or sys.stderr)
     if cfg.lora.enabled and not cfg.model.init_from and resume is None and dist.is_main:
         print(f"note: LoRA over a base drawn at random (train.seed={cfg.train.seed}; no --init-from): the adapters "
               f"learn to correct noise, which suits a test, not a fine-tune; give --init-from HF_DIR for a "
