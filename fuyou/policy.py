@@ -261,6 +261,22 @@ def read_act_policy(spec: str, n_layer: int, **kw) -> ActivationPolicy:
     return parse_act_policy(spec, n_layer, **kw)
 
 
+PLANNED = ("prefetch_depth", "resident_mem", "act_cpu_mem")  # what a plan's policy sets besides the blocks
+
+
+def planned_settings(spec: str) -> dict:
+    """The offload settings (``PLANNED``) a JSON policy file names besides its blocks (`fuyou plan --json`
+    writes them: the plan's memory holds at them); {} for the human form or a file that names none."""
+    if not spec.strip().endswith(".json"):
+        return {}
+    try:
+        raw = json.loads(Path(spec.strip()).expanduser().read_text())
+    except (OSError, ValueError):
+        return {}  # (read_act_policy says what is wrong with it)
+    if isinstance(raw, dict) and isinstance(raw.get("policy"), dict):
+        raw = raw["policy"]
+    return {k: raw[k] for k in PLANNED if isinstance(raw, dict) and raw.get(k) is not None}
+
 def to_keep(pol: ActivationPolicy, n_layer: int, default_dtype: str = "fp32") -> dict[int, KeepPolicy]:
     """The engine's per-block policies for an ``ActivationPolicy`` (see ``keep_policies``)."""
     out = {}

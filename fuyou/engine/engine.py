@@ -1131,13 +1131,13 @@ class Engine:
             parts.append(f"{'the ' if res else ''}{n - res} stage{'s' if n - res != 1 else ''}{whose} whose state is "
                          f"on the SSD")
         if spare:
-            parts.append(f"the {spare} resident with a spare copy in CPU memory")
+            parts.append(f"the {spare} resident stage{'s' if spare != 1 else ''} with a spare copy in CPU memory")
         line = (f"exact clipping at {clip}: {' and '.join(parts)} {'is' if n - res + spare == 1 else 'are'} updated "
                 f"speculatively during backward and redone from the previous state on steps whose gradient norm "
                 f"exceeds it (after such a step, updates wait for the norm instead: "
                 f"offload.clip_schedule={off.clip_schedule})")
         if waits:
-            line += (f"; the {waits} resident without a spare copy ({why}) "
+            line += (f"; the {waits} resident stage{'s' if waits != 1 else ''} without a spare copy ({why}) "
                      f"{'waits' if waits == 1 else 'wait'} for the norm")
         return line
 

@@ -437,10 +437,11 @@ def _clip_line(s: dict) -> str:
                        f"norm ({s['step_s']:.3g} s a step whether or not it clips){cost}")
     parts = [f"the {n - res} of {n} stages whose state is on the SSD"] if n - res else []
     if spare:
-        parts.append(f"the {spare} resident with a spare copy in CPU memory")
+        parts.append(f"the {spare} resident stage{'s' if spare != 1 else ''} with a spare copy in CPU memory")
     how = ("speculative: updates overlap backward" if not waits and not spare else
            f"speculative for {' and '.join(parts)}" if not waits else
-           f"speculative for {' and '.join(parts)}; the {waits} resident without a spare copy ({why}) "
+           f"speculative for {' and '.join(parts)}; the {waits} resident stage{'s' if waits != 1 else ''} "
+           f"without a spare copy ({why}) "
            f"{'waits' if waits == 1 else 'wait'} for the norm (no previous copy to redo from), "
            f"{'its update' if waits == 1 else 'their updates'} after backward")
     later = ("later ones while it keeps clipping defer them" if schedule == "auto" else

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from pydantic import ValidationError
 
 from fuyou.config import FuyouConfig
 from fuyou.data import load_data
@@ -142,6 +143,35 @@ def _note_budget_beyond_memory(cfg: FuyouConfig, stream) -> None:
               f"by the kernel); give at most what it can spare", file=stream)
 
 
+def _adopt_planned_settings(cfg: FuyouConfig, stream, main: bool) -> FuyouConfig:
+    """A `fuyou plan --json` file as --act-policy: the prefetch depth and caps it was planned with, where
+    the run does not set them (its memory holds at them; a pass found the file's depth ignored in silence).
+    A setting given that differs is kept, with a note."""
+    from fuyou.policy import planned_settings
+
+    planned = planned_settings(cfg.offload.act_policy) if cfg.offload.mode == "ssd" else {}
+    take = {k: v for k, v in planned.items() if k not in cfg.offload.model_fields_set}
+    def shown(k, v):
+        return v if k == "prefetch_depth" or v is None else format_size(v)
+
+    differ = [f"offload.{k}={shown(k, getattr(cfg.offload, k))} (planned {shown(k, v)})" for k, v in planned.items()
+              if k not in take and getattr(cfg.offload, k) != v]
+    if main and take:
+        print(f"note: {', '.join(f'offload.{k}={shown(k, v)}' for k, v in take.items())} from the plan in "
+              f"{cfg.offload.act_policy}", file=stream)
+    if main and differ:
+        print(f"note: this run gives {', '.join(differ)}: it may need other memory than the plan in "
+              f"{cfg.offload.act_policy}", file=stream)
+    if not take:
+        return cfg
+    try:
+        off = type(cfg.offload).model_validate({**cfg.offload.model_dump(exclude_unset=True), **take})
+    except ValidationError as e:
+        raise ConfigError(f"the plan in {cfg.offload.act_policy} holds settings this run refuses: "
+                          f"{e.errors()[0]['msg']}") from None
+    return cfg.model_copy(update={"offload": off})
+
+
 _OFFLOAD_FLAGS = {"cpu_mem": "--cpu-mem", "gpu_mem": "--gpu-mem", "act_policy": "--act-policy"}
 
 
@@ -240,6 +270,8 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
         from fuyou.planner.auto import plan_config
 
         cfg = plan_config(cfg, run_path, stream)
+    elif resume is None:
+        cfg = _adopt_planned_settings(cfg, stream or sys.stderr, dist.is_main)
     changed = None
     if resume is not None:  # refuses what a resume cannot change, before the state is opened
         from fuyou.config import load_config

@@ -364,8 +364,8 @@ def test_two_ranks_with_resident_state_and_spare_copies(tmp_path):
              "offload.clip_schedule=speculate"]
     one = single(train_args(tmp_path, "one", *extra))
     r = torchrun(train_args(tmp_path, "two", *extra))
-    assert "the 6 resident with a spare copy" in one.stderr, one.stderr
-    assert "the 3 resident with a spare copy" in r.stderr, r.stderr  # rank 0's: it owns 3 of the 6 stages
+    assert "the 6 resident stages with a spare copy" in one.stderr, one.stderr
+    assert "the 3 resident stages with a spare copy" in r.stderr, r.stderr  # rank 0's: it owns 3 of the 6 stages
     runs = tmp_path / "runs"
     assert all(m["grad_norm"] > 0.05 for m in metrics(runs / "two") if "loss" in m)  # every step redone
     assert_weights(load_file(runs / "one" / "model.safetensors"), load_file(runs / "two" / "model.safetensors"), True)

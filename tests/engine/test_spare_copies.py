@@ -75,7 +75,7 @@ def test_killed_in_a_spare_update_or_redo_resumes_bit_exact(tmp_path, fault):
     extra = ["model.n_layer=4", "train.grad_clip=1e-3", "offload.clip_schedule=speculate", "offload.commit_every=2"]
     ref = run(train_cmd(tmp_path, "ref", *extra))
     assert ref.returncode == 0, ref.stderr
-    assert "the 6 resident with a spare copy in CPU memory are updated speculatively" in ref.stderr, ref.stderr
+    assert "the 6 resident stages with a spare copy in CPU memory are updated speculatively" in ref.stderr, ref.stderr
     killed = run(train_cmd(tmp_path, "k", *extra), fault=fault)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     run_dir = tmp_path / "runs" / "k"
@@ -105,10 +105,11 @@ def test_the_start_line_names_the_stages_that_wait(tmp_path):
         finally:
             eng.close()
     assert "every stage's state is resident" in lines["off"] and "offload.resident_spare=false" in lines["off"]
-    assert "resident with a spare copy" in lines["on"] and "without" not in lines["on"], lines["on"]
-    assert spares["some"] == [4, 5] and "the 2 resident with a spare copy" in lines["some"], (spares, lines["some"])
-    assert "the 4 resident without a spare copy (the budget left no room for one) wait for" in lines["some"]
-    assert len(spares["one-waits"]) == 5 and "the 1 resident without a spare copy" in lines["one-waits"], lines
+    assert "resident stages with a spare copy" in lines["on"] and "without" not in lines["on"], lines["on"]
+    assert spares["some"] == [4, 5] and "the 2 resident stages with a spare copy" in lines["some"], \
+        (spares, lines["some"])
+    assert "the 4 resident stages without a spare copy (the budget left no room for one) wait for" in lines["some"]
+    assert len(spares["one-waits"]) == 5 and "the 1 resident stage without a spare copy" in lines["one-waits"], lines
     assert "waits for the norm" in lines["one-waits"], lines["one-waits"]
     assert spares["defer"] == [] and "every update waits for the gradient norm" in lines["defer"], lines["defer"]
 

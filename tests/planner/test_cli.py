@@ -183,8 +183,8 @@ def test_plan_models_exact_clipping_and_commit_intervals(capsys):
     assert rc == 0
     for needle in ("clipping            exact at 1", "crash safety        commits every 10min", "train.grad_clip=none:",
                    "offload.commit_every=1 (commit every step):", "offload.commit=none (no resume):",
-                   "optimizer state copies", "resident with a spare copy in CPU memory; the ",
-                   "resident without a spare copy (the budget leaves no room for one) wait for the norm",
+                   "optimizer state copies", "resident stages with a spare copy in CPU memory; the ",
+                   "resident stages without a spare copy (the budget leaves no room for one) wait for the norm",
                    "more than with train.grad_clip=none"):
         assert needle in out, needle
     # the what-ifs simulate the plan's own spare copies: more hardware is never slower (a review found
@@ -638,3 +638,31 @@ def test_the_train_line_gives_the_plans_own_memory_caps(capsys):
     for k in ("resident_mem", "act_cpu_mem"):
         m = re.search(rf"offload\.{k}=(\S+)", line)
         assert m and parse_size(m.group(1)) > 0, line
+
+
+def test_a_plan_file_as_act_policy_brings_its_prefetch_depth_and_caps(tmp_path, capsys):
+    """`fuyou plan --json > FILE` then `fuyou train --act-policy FILE`: the file's prefetch depth and memory caps
+    were ignored in silence (the plan's memory holds at them). They are taken where the run does not set them;
+    a setting given that differs is kept, with a note."""
+    import tomllib
+
+    flags = ["--model", "gpt-tiny", "--gpu", "rtx4090", "--ssd", "1x990-pro", "--cpu-mem", "8GiB", "--seq", "256",
+             "--batch", "2", "--prefetch-depth", "1"]
+    assert main(["plan", *flags, "--json"]) == 0
+    plan = tmp_path / "plan.json"
+    plan.write_text(capsys.readouterr().out)
+    planned = json.loads(plan.read_text())["policy"]
+    assert planned["prefetch_depth"] == 1
+    ssd = tmp_path / "ssd"
+    ssd.mkdir()
+    run = ["train", "--offload", "ssd", "--ssd", str(ssd), "--out", str(tmp_path / "runs"), "--act-policy", str(plan),
+           "model.preset=gpt-tiny", "train.steps=1", "train.eval_every=0", "data.seq_len=32"]
+    assert main([*run, "run.name=taken"]) == 0
+    err = capsys.readouterr().err
+    assert "offload.prefetch_depth=1" in err and f"from the plan in {plan}" in err, err
+    off = tomllib.loads((tmp_path / "runs" / "taken" / "config.toml").read_text())["offload"]
+    assert off["prefetch_depth"] == 1
+    assert off["resident_mem"] == planned["resident_mem"] and planned["resident_mem"] is not None
+    assert main([*run, "run.name=given", "offload.prefetch_depth=3"]) == 0
+    assert "this run gives offload.prefetch_depth=3 (planned 1)" in capsys.readouterr().err
+    assert tomllib.loads((tmp_path / "runs" / "given" / "config.toml").read_text())["offload"]["prefetch_depth"] == 3
