@@ -1121,7 +1121,9 @@ class Engine:
         if off.clip_schedule == "defer":
             return (f"exact clipping at {clip}: every update waits for the gradient norm, after backward "
                     f"(offload.clip_schedule=defer)")
-        why = "offload.resident_spare=false" if not off.resident_spare else "the budget left no room for one"
+        why = ("offload.resident_spare=false" if not off.resident_spare else "the budget left no room for one"
+               if off.resident_mem is None else f"the budget, with resident state capped at offload.resident_mem="
+               f"{format_size(off.resident_mem)}, left no room for one")
         if waits == n:
             return (f"exact clipping at {clip}: every stage's state{whose} is resident in CPU memory, which keeps no "
                     f"previous copy to redo an update from, so the updates wait for the gradient norm, after "

@@ -101,7 +101,8 @@ def summary(plan: Plan) -> dict:
         "busy_s": {k: v for k, v in sim.busy.items()}, "whatif_step_s": plan.whatif,
         "stages": len(w.numels), "cached_stages": len(ev.memory.cached_stages),
         "resident_stages": len(ev.memory.resident_all), "spare_stages": len(ev.memory.spare_all),
-        "resident_spare": off.resident_spare, "clip_schedule": off.clip_schedule,
+        "resident_spare": off.resident_spare, "resident_mem": ev.policy.resident_mem,
+        "clip_schedule": off.clip_schedule,
         "prefetch_depth": ev.policy.prefetch_depth,
         "evaluations": plan.evaluations})
     if w.ranks > 1:
@@ -429,8 +430,10 @@ def _clip_line(s: dict) -> str:
     # redo the update from, so it waits for the norm (fuyou/engine/engine.py, Note: [Spare copies]).
     spare = s.get("spare_stages", 0)
     waits = res - spare
+    cap = s.get("resident_mem")
     why = ("offload.resident_spare=false" if not s.get("resident_spare", True) else
-           "the budget leaves no room for one")
+           "the budget leaves no room for one" if cap is None else
+           f"the budget, with resident state capped at offload.resident_mem={format_size(cap)}, leaves no room for one")
     if waits == n:
         return line + (f"no update overlaps backward: all {n} stages' state is resident in CPU memory, which keeps no "
                        f"previous copy to redo an update from (no spare copy: {why}), so every update waits for the "

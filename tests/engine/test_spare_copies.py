@@ -108,7 +108,8 @@ def test_the_start_line_names_the_stages_that_wait(tmp_path):
     assert "resident stages with a spare copy" in lines["on"] and "without" not in lines["on"], lines["on"]
     assert spares["some"] == [4, 5] and "the 2 resident stages with a spare copy" in lines["some"], \
         (spares, lines["some"])
-    assert "the 4 resident stages without a spare copy (the budget left no room for one) wait for" in lines["some"]
+    assert ("the 4 resident stages without a spare copy (the budget, with resident state capped at "
+            "offload.resident_mem=4.10 MiB, left no room for one) wait for") in lines["some"], lines["some"]
     assert len(spares["one-waits"]) == 5 and "the 1 resident stage without a spare copy" in lines["one-waits"], lines
     assert "waits for the norm" in lines["one-waits"], lines["one-waits"]
     assert spares["defer"] == [] and "every update waits for the gradient norm" in lines["defer"], lines["defer"]
