@@ -84,6 +84,47 @@ class Rendered:
         self.ids.extend(ids)
         self.loss.extend([loss] * len(ids))
 
+    def add_text(self, tok, pieces: list[tuple[str, bool]]) -> None:
+        """Text pieces (text, loss) tokenized as one text, as the model meets them at inference (a chat template's
+        rendering, a prompt and its completion): encoded one by one, a SentencePiece-style tokenizer (Llama 2's,
+        Mistral's) begins each with a word-start mark that the whole text has not, answer tokens included (a
+        new-user pass). Where a token of the whole text would span a prompt's end and its answer's start (a
+        word cut in two, "w2" + "w3"), the text is cut there and each side tokenized alone, as the prompt is
+        at inference. A tokenizer that gives no offsets: piece by piece."""
+        pieces = [(t, loss) for t, loss in pieces if t]
+        enc = tok.encode_offsets("".join(t for t, _ in pieces)) if len(pieces) > 1 and hasattr(tok, "encode_offsets") \
+            else None
+        if enc is None:
+            for text, loss in pieces:
+                self.add(tok.encode(text), loss)
+            return
+        ids, spans = enc
+        flags = np.repeat(np.array([loss for _, loss in pieces], dtype=np.int64), [len(t) for t, _ in pieces])
+        marked = np.concatenate([[0], np.cumsum(flags)])  # flags[a:b].sum() == marked[b] - marked[a]
+        n = len(flags)
+        spans = [(min(a, n - 1), min(max(b, a + 1), n)) for a, b in spans]  # (an empty span: the character there)
+        cuts = set()  # where a prompt meets an answer inside one token of the whole text
+        for a, b in spans:
+            k = marked[b] - marked[a]
+            if 0 < k < b - a:
+                cuts.update(c for c in range(a + 1, b) if flags[c] != flags[c - 1])
+        if cuts:
+            groups, at = [[]], 0
+            for text, loss in pieces:
+                if at in cuts:
+                    groups.append([])
+                groups[-1].append((text, loss))
+                at += len(text)
+            for g in groups:
+                if len(g) == 1:
+                    self.add(tok.encode(g[0][0]), g[0][1])
+                else:
+                    self.add_text(tok, g)
+            return
+        for i, (a, b) in zip(ids, spans):
+            self.ids.append(i)
+            self.loss.append(bool(marked[b] > marked[a]))
+
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
         """(token ids as int64, loss flags as uint8): compact, for holding many examples."""
         return np.asarray(self.ids, dtype=np.int64), np.asarray(self.loss, dtype=np.uint8)
@@ -200,8 +241,9 @@ class Renderer:
                 prompt = _string(rec, "prompt", where)
                 completion = _string(rec, next(k for k in COMPLETION_KEYS if k in rec), where)
             out = Rendered()
-            out.add(self.tok.encode_prompt(prompt), False)
-            out.add(self.tok.encode(completion) + [self.tok.eos_id], True)
+            out.add(self.tok.encode_prompt(""), False)  # (the BOS token, if the tokenizer adds one)
+            out.add_text(self.tok, [(prompt, False), (completion, True)])
+            out.add([self.tok.eos_id], True)
             if self.train_on_prompt:
                 out.loss = [True] * len(out.ids)
         return out
@@ -327,12 +369,16 @@ class Renderer:
         out, prompt = Rendered(), self.train_on_prompt
         bos = self.tok.encode_prompt("")  # the BOS token, if the tokenizer adds one
         out.add(bos, prompt)
+        pieces: list[tuple[str, bool]] = []  # the text since the last EOS token, tokenized as one
         for m, loss in turns:
             if m["role"] == "assistant":
-                out.add(self.tok.encode(FALLBACK_GENERATION), prompt)
-                out.add(self.tok.encode(m["content"] + "<|im_end|>\n") + [self.tok.eos_id], loss)
+                pieces += [(FALLBACK_GENERATION, prompt), (m["content"] + "<|im_end|>\n", loss)]
+                out.add_text(self.tok, pieces)
+                out.add([self.tok.eos_id], loss)
+                pieces = []
             else:
-                out.add(self.tok.encode(FALLBACK_TEMPLATE.format(role=m["role"], content=m["content"])), loss)
+                pieces.append((FALLBACK_TEMPLATE.format(role=m["role"], content=m["content"]), loss))
+        out.add_text(self.tok, pieces)
         return out
 
     def _templated(self, turns: list[tuple[dict, bool]], where: str) -> Rendered:
@@ -367,9 +413,7 @@ class Renderer:
                 return self._last_turn_only(turns, where)
             pieces.append((full[len(done):], self.train_on_prompt))
         out = Rendered()
-        for text, loss in pieces:
-            if text:
-                out.add(self.tok.encode(text), loss)
+        out.add_text(self.tok, pieces)
         return out
 
     def _opening(self, full: str, m: dict, where: str) -> str:
@@ -404,6 +448,5 @@ class Renderer:
                             f"tokens are the answer. Set data.train_on_prompt=true or use a prompt/completion file")
         self.stats.last_turn_only += 1
         out = Rendered()
-        out.add(self.tok.encode(head), self.train_on_prompt)
-        out.add(self.tok.encode(full[len(head):]), True)
+        out.add_text(self.tok, [(head, self.train_on_prompt), (full[len(head):], True)])
         return out

@@ -106,6 +106,14 @@ class HFTokenizer:
     def encode_prompt(self, text: str) -> list[int]:
         return self._prefix + self.encode(text)
 
+    def encode_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]] | None:
+        """``encode(text)`` and each token's (start, end) in characters of ``text``; None where the tokenizer
+        cannot say (a slow, Python one)."""
+        if not getattr(self._tok, "is_fast", False):
+            return None
+        enc = self._tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+
     def render_chat(self, messages: list[dict], add_generation_prompt: bool, tools: list | None = None) -> str:
         try:
             return self._tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,

@@ -115,6 +115,56 @@ def test_chat_template_assistant_turns(tmp_path, hf_tok_dir):
     assert d.info["last_turn_only"] == 0
 
 
+
+LLAMA2 = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}"
+          "{% elif m['role'] == 'assistant' %}{{ ' ' + m['content'] + ' ' + eos_token }}{% endif %}{% endfor %}")
+
+
+def test_sentencepiece_style_tokens_are_the_ones_inference_sees(tmp_path):
+    """A Metaspace tokenizer (Llama 2's, Mistral's) puts a word-start mark at the start of each text it encodes:
+    chat turns and completions encoded one by one began every answer with a token that the whole conversation,
+    as apply_chat_template tokenizes it at inference, has not (a new-user pass: 20 of 38 examples differed).
+    Every rendering is now tokenized as one text, the loss flags taken from the characters."""
+    pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from fuyou.data import builtin_documents
+    from fuyou.data.formats import Renderer
+    from fuyou.data.tokenizer import HFTokenizer
+
+    raw = Tokenizer(models.BPE(unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    raw.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
+    raw.train_from_iterator(builtin_documents()[:20], trainers.BpeTrainer(vocab_size=400, show_progress=False,
+                                                                          special_tokens=["<unk>", "<s>", "</s>"]))
+    fast = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    fast.chat_template = LLAMA2
+    fast.save_pretrained(tmp_path / "sp")
+    tok = HFTokenizer(tmp_path / "sp")
+    r = Renderer(tok, "auto", False)
+    chat = {"messages": [{"role": "user", "content": "What is the capital of France?"},
+                         {"role": "assistant", "content": "Paris, the capital."},
+                         {"role": "user", "content": "And of Italy?"}, {"role": "assistant", "content": "Rome."}]}
+    out = r(chat, "x")
+    assert out.ids == fast(fast.apply_chat_template(chat["messages"], tokenize=False),
+                           add_special_tokens=False)["input_ids"]
+    answers = tok.decode([i for i, f in zip(out.ids, out.loss) if f])
+    assert answers.replace(" ", "") == "Paris,thecapital.</s>Rome.</s>", answers
+    # a prompt and its completion: one text, then the EOS token
+    out = r({"prompt": "The capital of France is", "completion": " Paris."}, "y")
+    whole = fast("The capital of France is Paris.", add_special_tokens=False)["input_ids"]
+    assert out.ids == tok.encode_prompt("") + whole + [tok.eos_id]
+    assert tok.decode([i for i, f in zip(out.ids, out.loss) if f]).strip() == "Paris.</s>"
+    # no chat template: fuyou's fallback, one text between EOS tokens
+    fast.chat_template = None
+    tok._tok.chat_template = tok.chat_template = None
+    out = Renderer(tok, "auto", False)(chat, "z")
+    first_eos = out.ids.index(tok.eos_id)
+    assert out.ids[len(tok.encode_prompt("")):first_eos] == fast(
+        "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\nParis, the capital."
+        "<|im_end|>\n", add_special_tokens=False)["input_ids"]
+
 def test_template_that_rewrites_earlier_turns_trains_the_last_only(tmp_path, hf_tok_dir):
     from fuyou.data.tokenizer import HFTokenizer
 
