@@ -71,8 +71,7 @@ def tokenize_records(paths: list[str], tokenizer_spec: str, fmt: str = "auto", t
     from fuyou.data.dataset import TokenData, join_tokens, split_tokens, token_dtype
     from fuyou.data.examples import ExampleData, Examples
 
-    if eval_paths and note_overlap:
-        _note_overlap(paths, eval_paths)
+    noted = bool(eval_paths and note_overlap and _note_overlap(paths, eval_paths))
     tok = load_tokenizer(tokenizer_spec)
     records = iter_records(paths, text_field)  # streamed: the records are never all held as Python objects
     head = next(records, None)
@@ -119,12 +118,23 @@ def tokenize_records(paths: list[str], tokenizer_spec: str, fmt: str = "auto", t
             "train_on_prompt": train_on_prompt, "skipped_no_answer": st.no_answer}
     top = max((int(ids.max()) for ids, _ in itertools.chain(rendered, held) if len(ids)), default=0)
     dtype = token_dtype(tok.vocab_size, top)  # one type for both splits (meta.json records one)
-    return ExampleData(Examples.from_arrays(rendered, dtype), Examples.from_arrays(held, dtype), tok.vocab_size,
-                       tok.eos_id,
-                       tok.pad_id, tok.name, tok.fingerprint, info)
+    data = ExampleData(Examples.from_arrays(rendered, dtype), Examples.from_arrays(held, dtype), tok.vocab_size,
+                       tok.eos_id, tok.pad_id, tok.name, tok.fingerprint, info)
+    if eval_paths and not noted and list(map(str, eval_paths)) != list(map(str, paths)):
+        note_shared_examples(data.val, data.train, eval_paths)
+    return data
 
 
-def _note_overlap(paths, eval_paths) -> None:
+def note_shared_examples(held, train, eval_paths) -> None:
+    """Held-out examples that are training examples too, by content (``Examples.shared_with``)."""
+    n = held.shared_with(train)
+    if n:
+        print(f"fuyou: note: {n} of the {len(held)} held-out examples in {', '.join(map(str, eval_paths))} are also "
+              f"training examples: their loss measures what the model memorised, not how it generalises; give "
+              f"held-out examples of their own", file=sys.stderr)
+
+
+def _note_overlap(paths, eval_paths) -> bool:
     """Held-out files that are, or lie in, the training files: the held-out loss then measures memorisation
     (a new-user pass gave the training file as its own eval file, and a file of the training directory as
     --eval, in silence)."""
@@ -135,6 +145,7 @@ def _note_overlap(paths, eval_paths) -> None:
         print(f"fuyou: note: the held-out data {', '.join(both)} is (in) the training data "
               f"{', '.join(map(str, paths))}: its loss measures what the model memorised, not how it generalises; "
               f"give held-out files of their own, or leave them out to hold out a share of the data", file=sys.stderr)
+    return bool(both)
 
 
 def _render_all(renderer: Renderer, records, first: str, first_where: str,
@@ -209,6 +220,8 @@ def load_data(cfg: DataConfig, tokenizer: str | None = None,
                       f"({len(data.val)} {'examples' if isinstance(data, ExampleData) else 'tokens'}), which is not "
                       f"trained on either", file=sys.stderr)
             data.val = held.val
+            if isinstance(data, ExampleData):  # (the training examples are prepared: their files are unknown)
+                note_shared_examples(data.val, data.train, cfg.eval_path)
         if isinstance(data, ExampleData):
             print(f"fuyou: data: {data.summary()}", file=sys.stderr)
         return data

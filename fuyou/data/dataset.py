@@ -53,23 +53,32 @@ class TokenData:
     held_documents: int = 0  # of which from held-out files (--eval); 0 where a share of the data is held out
 
     def check_fits(self, seq_len: int, model_vocab: int) -> None:
-        if self.vocab_size > model_vocab:
-            raise DataError(
-                f"the tokenizer has {self.vocab_size} tokens but the model's vocab_size is {model_vocab}; "
-                f"set model.vocab_size >= {self.vocab_size}"
-            )
         for name, arr in (("train", self.train), ("val", self.val)):
             top = int(arr.max()) if len(arr) else 0
             if top >= model_vocab:
-                raise DataError(
-                    f"the {name} split holds token id {top}, beyond the model's vocabulary of {model_vocab}: the "
-                    f"data was prepared with another tokenizer ({self.tokenizer}) or is damaged; prepare it with "
-                    f"this model's tokenizer")
+                raise DataError(beyond_vocab(name, top, model_vocab, self.vocab_size, self.tokenizer))
             if name == "train" and len(arr) < seq_len + 1:  # (a held-out split that small turns evaluation off)
                 raise DataError(
                     f"the train split has {len(arr)} tokens, fewer than one sequence of {seq_len}+1; "
                     f"use more text or a smaller data.seq_len"
                 )
+        if self.eos_id >= model_vocab:
+            raise DataError(beyond_vocab("end-of-document token", self.eos_id, model_vocab, self.vocab_size,
+                                         self.tokenizer))
+
+
+def beyond_vocab(what: str, top: int, model_vocab: int, tok_vocab: int, tokenizer: str) -> str:
+    """Why token id ``top`` of ``what`` has no embedding, and what to do: a tokenizer larger than the model
+    (tokens added to it) is not refused while its data fits (a new-user pass was told to raise
+    model.vocab_size, which a pretrained model's shape overrides)."""
+    holds = f"the {what} is token id {top}" if "token" in what else f"the {what} split holds token id {top}"
+    if tok_vocab > model_vocab:
+        return (f"{holds}, beyond the model's vocabulary of {model_vocab} (model.vocab_size); the tokenizer "
+                f"{tokenizer} has {tok_vocab} tokens, tokens the model has no embedding for. From scratch: set "
+                f"model.vocab_size >= {tok_vocab}. A pretrained model (--init-from): use its own tokenizer, or "
+                f"give it room first (transformers' resize_token_embeddings, then save_pretrained)")
+    return (f"{holds}, beyond the model's vocabulary of {model_vocab}: the data was prepared with another "
+            f"tokenizer ({tokenizer}) or is damaged; prepare it with this model's tokenizer")
 
 
 def token_dtype(vocab_size: int, top: int = 0) -> np.dtype:

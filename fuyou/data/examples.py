@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fuyou.data.dataset import IGNORE, META, Batch
+from fuyou.data.dataset import IGNORE, META, Batch, beyond_vocab
 from fuyou.errors import DataError
 
 
@@ -59,6 +59,16 @@ class Examples:
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
+
+    def shared_with(self, other: "Examples") -> int:
+        """How many of these examples are (token for token) also examples of ``other``: a held-out split
+        that repeats training examples measures memorisation (a copy of the training file under another
+        name, which a path cannot tell)."""
+        def keys(ex):
+            t = np.ascontiguousarray(ex.tokens.astype(np.int64))
+            return (t[a:b].tobytes() for a, b in zip(ex.offsets[:-1], ex.offsets[1:]))
+        seen = set(keys(other))
+        return sum(k in seen for k in keys(self))
 
     @property
     def loss_tokens(self) -> int:
@@ -85,15 +95,13 @@ class ExampleData:
     info: dict  # what rendering did (formats, records, conversations masked on their last turn only)
 
     def check_fits(self, seq_len: int, model_vocab: int) -> None:
-        if self.vocab_size > model_vocab:
-            raise DataError(f"the tokenizer has {self.vocab_size} tokens but the model's vocab_size is {model_vocab}; "
-                            f"set model.vocab_size >= {self.vocab_size}")
         for name, ex in (("train", self.train), ("val", self.val)):
             top = int(ex.tokens.max()) if len(ex.tokens) else 0
             if top >= model_vocab:
-                raise DataError(f"the {name} split holds token id {top}, beyond the model's vocabulary of "
-                                f"{model_vocab}: the data was prepared with another tokenizer ({self.tokenizer}) or "
-                                f"is damaged; prepare it with this model's tokenizer")
+                raise DataError(beyond_vocab(name, top, model_vocab, self.vocab_size, self.tokenizer))
+        for what, i in (("end-of-sequence token", self.eos_id), ("padding token", self.pad_id)):
+            if i >= model_vocab:
+                raise DataError(beyond_vocab(what, i, model_vocab, self.vocab_size, self.tokenizer))
 
     def summary(self) -> str:
         ex = self.train

@@ -68,6 +68,8 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
                   "model": "assistant", "function_call": "assistant", "system": "system", "tool": "tool",
                   "function": "tool", "observation": "tool", "ipython": "tool"}
 # (LLaMA-Factory's "function_call" is the assistant's call written as text, "observation" the tool's answer)
+# the roles of chat messages fuyou knows; a message of another role is prompt, and counted (``RenderStats``)
+KNOWN_ROLES = ("system", "developer", "user", "assistant", "tool", "function", "ipython")
 # message keys every chat rendering reads; any other key (but ``weight``, read here) goes to the chat template
 # too, and is counted as ignored where the rendering writes nothing of it
 TEMPLATE_KEYS = ("role", "content", "tool_calls", "tool_call_id", "name")
@@ -143,6 +145,7 @@ class RenderStats:
     empty_answers: int = 0   # assistant turns with loss and no content: trained as an immediate end of turn
     first_empty_answer: str = ""
     ignored_keys: Counter = field(default_factory=Counter)  # message keys no rendering writes, and how often
+    other_roles: Counter = field(default_factory=Counter)  # roles but KNOWN_ROLES: rendered as prompt (no loss)
 
     def notes(self) -> list[str]:
         """What a user should know about the rendering (``fuyou data prepare`` and training print them)."""
@@ -151,9 +154,13 @@ class RenderStats:
             out.append(f"{self.no_answer} conversation(s) with no assistant turn to learn (none, or each of weight 0) "
                        f"skipped, the first at {self.first_no_answer}")
         if self.empty_answers:
-            out.append(f"{self.empty_answers} assistant turn(s) with empty content carry loss: the model learns to end "
-                       f"its turn at once there (the first at {self.first_empty_answer}); give them \"weight\": 0, or "
-                       f"remove them, if that is not what you want")
+            out.append(f"{self.empty_answers} assistant turn(s) or completion(s) with empty content carry loss: the "
+                       f"model learns to end its turn at once there (the first at {self.first_empty_answer}); remove "
+                       f"them (or give an assistant turn \"weight\": 0), if that is not what you want")
+        if self.other_roles:
+            roles = ", ".join(f"{k!r} ({n}x)" for k, n in sorted(self.other_roles.items()))
+            out.append(f"messages of roles other than {', '.join(KNOWN_ROLES)} are prompt, without loss: {roles}; "
+                       f"if they are the model's answers, name their role 'assistant'")
         if self.ignored_keys:
             keys = ", ".join(f"{k!r} ({n}x)" for k, n in sorted(self.ignored_keys.items()))
             out.append(f"message keys the chat rendering writes nothing of were ignored: {keys} (every key goes to "
@@ -240,6 +247,9 @@ class Renderer:
             else:
                 prompt = _string(rec, "prompt", where)
                 completion = _string(rec, next(k for k in COMPLETION_KEYS if k in rec), where)
+            if not completion.strip():
+                self.stats.empty_answers += 1
+                self.stats.first_empty_answer = self.stats.first_empty_answer or where
             out = Rendered()
             out.add(self.tok.encode_prompt(""), False)  # (the BOS token, if the tokenizer adds one)
             out.add_text(self.tok, [(prompt, False), (completion, True)])
@@ -289,6 +299,8 @@ class Renderer:
             # every key but weight goes to the chat template (reasoning_content, thinking, ... are the
             # template's to write); one it writes nothing of is counted as ignored (``_count_ignored``)
             learn = weight == 1 if m["role"] == "assistant" else self.train_on_prompt
+            if m["role"] not in KNOWN_ROLES:
+                self.stats.other_roles[m["role"]] += 1
             if learn and m["role"] == "assistant" and not calls and not m["content"].strip():
                 self.stats.empty_answers += 1
                 self.stats.first_empty_answer = self.stats.first_empty_answer or at

@@ -153,7 +153,27 @@ def test_an_empty_assistant_answer_with_loss_gets_a_note(tmp_path, capsys):
                       {"role": "user", "content": "so?"}, {"role": "assistant", "content": "yes"}]}])
     tokenize_records([chat], "byte", val_fraction=0.3)
     err = capsys.readouterr().err
-    assert "1 assistant turn(s) with empty content carry loss" in err and "c.jsonl:2: messages[1]" in err, err
+    assert "1 assistant turn(s) or completion(s) with empty content carry loss" in err, err
+    assert "c.jsonl:2: messages[1]" in err, err
+    # an empty completion is the same (it trained on the EOS token alone, in silence: a new-user pass)
+    pc = _jsonl(tmp_path / "p.jsonl", [{"prompt": "p", "completion": "a"}, {"prompt": "p", "response": ""}])
+    tokenize_records([pc], "byte", val_fraction=0.3)
+    assert "1 assistant turn(s) or completion(s) with empty content" in capsys.readouterr().err
+
+
+def test_messages_of_unknown_roles_are_named(tmp_path, capsys):
+    """A 'bot' (or Gemini's 'model') answer was prompt without a word; a file of them only said "no assistant
+    turn to learn" (a new-user pass)."""
+    from fuyou.errors import DataError
+
+    chat = [{"role": "user", "content": "hi"}, {"role": "bot", "content": "hello"}, {"role": "user", "content": "so?"},
+            {"role": "assistant", "content": "yes"}]
+    tokenize_records([_jsonl(tmp_path / "c.jsonl", [{"messages": chat}] * 4)], "byte", val_fraction=0.3)
+    assert "roles other than system, developer, user, assistant, tool, function, ipython are prompt, without loss: " \
+           "'bot' (4x); if they are the model's answers, name their role 'assistant'" in capsys.readouterr().err
+    gemini = [{"role": "user", "content": "hi"}, {"role": "model", "content": "hello"}]
+    with pytest.raises(DataError, match="no usable example.*'model' \\(2x\\)"):
+        tokenize_records([_jsonl(tmp_path / "g.jsonl", [{"messages": gemini}] * 2)], "byte")
 
 
 def test_a_text_corpus_keeps_its_readmes_and_a_foreign_meta_json_is_text(tmp_path, capsys):
@@ -187,3 +207,33 @@ def test_prepare_counts_held_out_records_apart(tmp_path, capsys):
     assert main(["data", "prepare", str(texts[0]), str(texts[1]), "--eval", str(texts[2]),
                  "--out", str(tmp_path / "q")]) == 0
     assert "read 3 documents, 1 of them held-out (--eval)" in capsys.readouterr().out
+
+
+def test_held_out_examples_that_are_training_examples_get_a_note(tmp_path, capsys):
+    """A copy of the training file as --eval, or the file itself as data.eval_path over prepared data, passed
+    without a word: the path check cannot see either (a new-user pass). The examples are compared."""
+    from fuyou.cli import main
+
+    recs = _jsonl(tmp_path / "r.jsonl", [{"prompt": f"question {i}", "completion": f" answer {i}"} for i in range(40)])
+    copy = tmp_path / "copy.jsonl"
+    copy.write_text(recs.read_text())
+    assert main(["data", "prepare", str(recs), "--out", str(tmp_path / "p1"), "--eval", str(copy)]) == 0
+    assert "40 of the 40 held-out examples" in capsys.readouterr().err
+    assert main(["data", "prepare", str(recs), "--out", str(tmp_path / "p2"), "--val-fraction", "0.25"]) == 0
+    assert "held-out examples" not in capsys.readouterr().err  # (a split of its own: none shared)
+    assert main(["train", "--out", str(tmp_path / "runs"), f"data.path={tmp_path / 'p2'}", f"data.eval_path={recs}",
+                 "train.steps=1", "model.preset=gpt-test", "data.seq_len=32", "train.eval_every=0"]) == 0
+    assert "30 of the 40 held-out examples" in capsys.readouterr().err
+
+
+def test_a_tokenizer_larger_than_the_model_is_refused_only_for_ids_the_model_lacks(tmp_path, big_vocab):
+    """A tokenizer with added tokens (one more than the model's vocab_size) was refused with "set
+    model.vocab_size >= N", which a pretrained model's shape overrides (a new-user pass). The data's ids
+    decide; the advice names both cases."""
+    from fuyou.errors import DataError
+
+    data = tokenize_records([_jsonl(tmp_path / "t.jsonl", [{"text": "w1 w2 w3 " * 30}] * 3)], str(big_vocab))
+    data.check_fits(8, 100)  # the tokenizer has 70,003 tokens; this data uses ids below 100
+    with pytest.raises(DataError, match=r"holds token id \d+, beyond the model's vocabulary of 5 .*has 70003 tokens.*"
+                                        r"resize_token_embeddings"):
+        data.check_fits(8, 5)
