@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from fuyou.models import Stage
+from fuyou.optim.adamw import torch_tail_width
 from fuyou.optim.out_of_core import Segment, StateKeys
 
 
@@ -158,15 +159,19 @@ def build_states(stages: list[Stage], weight_decay: float, n_copies: int = 2, in
     knows which stages are resident: ``copies_needed``). ``int8``: the moments are int8 codes, with
     block scales (``fuyou.optim.compressed``)."""
     states = []
+    width = torch_tail_width()  # each tensor's last numel % width elements: rounded as torch does them
     for st in stages:
         slots, segments, off = {}, [], 0
         for name, spec in st.params.items():
             slots[name] = ParamSlot(off, spec.shape)
             wd = weight_decay if spec.decay else 0.0
-            if segments and segments[-1].weight_decay == wd and segments[-1].end == off:
-                segments[-1] = Segment(segments[-1].start, off + spec.numel, wd)
-            else:
-                segments.append(Segment(off, off + spec.numel, wd))
+            body = spec.numel - (spec.numel % width if width else 0)
+            if segments and segments[-1].weight_decay == wd and segments[-1].end == off and not segments[-1].torch_tail:
+                segments[-1] = Segment(segments[-1].start, off + body, wd)
+            elif body:
+                segments.append(Segment(off, off + body, wd))
+            if body < spec.numel:
+                segments.append(Segment(off + body, off + spec.numel, wd, torch_tail=True))
             off += spec.numel
         copies = tuple(StateKeys(f"{st.name}/master.{c}", f"{st.name}/exp_avg.{c}", f"{st.name}/exp_avg_sq.{c}",
                                  f"{st.name}/weights",

@@ -20,6 +20,11 @@
 // CPU AdamW (fused=True, and the single-tensor path's ops, torch 2.13), so results are bit-exact with
 // fused=True. The single-tensor path differs by an ulp now and then only because its Tensor.sqrt
 // (MKL VML) is not correctly rounded; _mm512_sqrt_ps and std::sqrt are.
+// Except in one place: torch's fused kernel updates a tensor's last numel % W elements (W its vector
+// width, 8 on x86 in torch 2.13) in a scalar loop that its compiler contracts differently, so v there
+// is fma(v, b2, (c2 * g) * g) (a new-user pass found widths not a multiple of 8 an ulp off).
+// fuyou_adamw_tail_step computes that form; the caller (fuyou/optim/adamw.py, torch_tail_width) finds
+// W and which elements are a tensor's tail, and checks the form against the torch it runs with.
 //   p  = p * decay                        decay = float(1 - lr*wd)     (param.mul_)
 //   m  = fma(w1, g - m, m)                w1 = float(1 - beta1) < 0.5  (exp_avg.lerp_, ATen lerp_vec)
 //   v  = fma(c2 * g, g, v * b2)           c2 = float(1 - beta2)        (mul_ then addcmul_)
@@ -43,6 +48,7 @@
 #include <mutex>
 #include <system_error>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -142,7 +148,8 @@ inline float load_grad_scalar(const void* g, int64_t i) {
 
 // The range kernels read p, m and v from ps, ms and vs: the same pointers (in place), or, with OOP, a
 // second copy of the state (Note: [Out of place]), p, m and v then being only written.
-template <int G, int L, bool OOP>
+// TAIL: v as torch's scalar loop computes it (Note: [Bit-exact with torch]: a tensor's last elements).
+template <int G, int L, bool OOP, bool TAIL = false>
 void run_scalar(float* p, const void* __restrict g, float* m, float* v, void* __restrict lowp, int64_t b,
                 int64_t e, const Scalars& s, const float* ps, const float* ms, const float* vs) {
   for (int64_t i = b; i < e; ++i) {
@@ -150,8 +157,13 @@ void run_scalar(float* p, const void* __restrict g, float* m, float* v, void* __
     float pi = ps[i] * s.decay;
     float mi = ms[i];
     mi = s.w_small ? std::fma(s.w1, gi - mi, mi) : std::fma(s.w1m1, gi - mi, gi);
-    float vi = vs[i] * s.b2;
-    vi = std::fma(s.c2 * gi, gi, vi);
+    float vi;
+    if constexpr (TAIL) {
+      vi = std::fma(vs[i], s.b2, (s.c2 * gi) * gi);
+    } else {
+      vi = vs[i] * s.b2;
+      vi = std::fma(s.c2 * gi, gi, vi);
+    }
     float d = std::sqrt(vi) / s.bc2s + s.eps;
     pi = pi + (s.ns * mi) / d;
     p[i] = pi;
@@ -521,6 +533,44 @@ int fuyou_adamw_step(float* p, const void* g, int gtype, float* m, float* v, voi
     range(b, e);
   });
   return isa;
+}
+
+// fuyou_adamw_step's arithmetic with v in the form of torch's scalar loop (Note: [Bit-exact with torch]),
+// over the few elements at a tensor's end: scalar, on the calling thread. Returns 0 (the scalar ISA).
+int fuyou_adamw_tail_step(float* p, const void* g, int gtype, float* m, float* v, void* lowp, int ltype,
+                          int64_t n, double decay, double w1, double beta2, double c2, double bc2_sqrt,
+                          double eps, double neg_step, double grad_scale, const float* ps, const float* ms,
+                          const float* vs) {
+  Scalars s;
+  s.decay = static_cast<float>(decay);
+  s.w1 = static_cast<float>(w1);
+  s.w1m1 = s.w1 - 1.0f;
+  s.w_small = std::fabs(s.w1) < 0.5f;
+  s.b2 = static_cast<float>(beta2);
+  s.c2 = static_cast<float>(c2);
+  s.bc2s = static_cast<float>(bc2_sqrt);
+  s.eps = static_cast<float>(eps);
+  s.ns = static_cast<float>(neg_step);
+  s.gs = static_cast<float>(grad_scale);
+  if (ps == nullptr) {
+    ps = p;
+    ms = m;
+    vs = v;
+  }
+  auto go = [&](auto tag_g, auto tag_l) {
+    constexpr int GT = decltype(tag_g)::value, LT = decltype(tag_l)::value;
+    run_scalar<GT, LT, true, true>(p, g, m, v, lowp, 0, n, s, ps, ms, vs);
+  };
+  using std::integral_constant;
+  auto by_l = [&](auto tag_g) {
+    if (ltype == L_BF16) go(tag_g, integral_constant<int, L_BF16>{});
+    else if (ltype == L_F16) go(tag_g, integral_constant<int, L_F16>{});
+    else go(tag_g, integral_constant<int, L_NONE>{});
+  };
+  if (gtype == G_BF16) by_l(integral_constant<int, G_BF16>{});
+  else if (gtype == G_F16) by_l(integral_constant<int, G_F16>{});
+  else by_l(integral_constant<int, G_F32>{});
+  return 0;
 }
 
 }  // extern "C"

@@ -64,6 +64,12 @@ def _declare(lib: ctypes.CDLL) -> None:
         c_int, c_int,  # num_threads, isa
         c_vp, c_vp, c_vp,  # the state read when not in place: p, m, v (adamw.cpp, Note: [Out of place])
     ]
+    lib.fuyou_adamw_tail_step.restype = c_int
+    lib.fuyou_adamw_tail_step.argtypes = [
+        c_vp, c_vp, c_int, c_vp, c_vp, c_vp, c_int, c_i64,  # p, g, gtype, m, v, lowp, ltype, n
+        c_dbl, c_dbl, c_dbl, c_dbl, c_dbl, c_dbl, c_dbl, c_dbl,  # decay w1 b2 c2 bc2s eps ns gs
+        c_vp, c_vp, c_vp,  # the state read when not in place: p, m, v
+    ]
     lib.fuyou_adamw_q_step.restype = c_int
     lib.fuyou_adamw_q_step.argtypes = [
         c_vp, c_int, c_vp, c_int, c_vp, c_vp, c_int, c_vp, c_vp,  # p, ptype, g, gtype, m, v, mtype, ms, vs

@@ -57,11 +57,25 @@ class StateKeys:
 
 @dataclass(frozen=True)
 class Segment:
-    """Elements ``[start, end)`` of the flat state share one weight decay."""
+    """Elements ``[start, end)`` of the flat state share one weight decay. ``torch_tail``: they are a
+    tensor's last elements, which torch's fused AdamW rounds otherwise (``fused_adamw_(torch_tail=True)``)."""
 
     start: int
     end: int
     weight_decay: float
+    torch_tail: bool = False
+
+
+def decay_runs(segments: list[Segment]) -> list[Segment]:
+    """Adjacent segments of one weight decay merged (the compressed state's kernel, whose reference is
+    fuyou's own, has no tails to tell apart, and takes at most 64 segments a call)."""
+    out: list[Segment] = []
+    for sg in segments:
+        if out and out[-1].end == sg.start and out[-1].weight_decay == sg.weight_decay:
+            out[-1] = Segment(out[-1].start, sg.end, sg.weight_decay)
+        else:
+            out.append(Segment(sg.start, sg.end, sg.weight_decay))
+    return out
 
 
 @dataclass
@@ -221,7 +235,7 @@ class OutOfCoreAdamW:
             fused_adamw_(master[st], g[ch], m[st], v[st], lr=lr, beta1=c.beta1, beta2=c.beta2, eps=c.eps,
                          weight_decay=seg.weight_decay, step=step, grad_scale=grad_scale,
                          out_lowp=None if fp32_copy else lowp[ch], num_threads=self.num_threads,
-                         src=None if src is None else tuple(t[st] for t in src))
+                         src=None if src is None else tuple(t[st] for t in src), torch_tail=seg.torch_tail)
             if fp32_copy:
                 lowp[ch].copy_(master[st])
         t1 = time.perf_counter()
@@ -369,7 +383,7 @@ class OutOfCoreAdamW:
                         wbuf = self.pool.acquire((e - s) * _size(wdtype), wdtype)
                         bufs.append(wbuf)
                         lowp = wbuf.tensor
-                    segs = [(max(sg.start, s) - s, min(sg.end, e) - s, sg.weight_decay) for sg in segments
+                    segs = [(max(sg.start, s) - s, min(sg.end, e) - s, sg.weight_decay) for sg in decay_runs(segments)
                             if max(sg.start, s) < min(sg.end, e)]
                     c = self.cfg
                     t0 = time.perf_counter()

@@ -37,6 +37,13 @@ CASES = {
                                   "offload.clip_schedule=speculate", "train.grad_accum=2",
                                   "offload.resident_mem=4200KiB"],
     "spare-off-clip": ["train.grad_clip=0.5", "offload.resident_spare=false"],
+    # widths that are not a multiple of 8: torch's fused AdamW rounds each tensor's last numel % 8 elements
+    # otherwise (adamw.cpp, Note: [Bit-exact with torch]; a pass found them an ulp off); resident, and
+    # streamed in chunks that cut tensors anywhere
+    "odd-widths-llama": ["model.preset=llama-test", "model.d_model=36", "model.n_head=6", "model.n_kv_head=2",
+                         "model.d_ff=97", "model.vocab_size=301", "train.grad_clip=0.5"],
+    "odd-widths-gpt-state-on-ssd": ["model.d_model=36", "model.n_head=4", "model.vocab_size=323",
+                                    "offload.resident_mem=0", "offload.optimizer_chunk=1000"],
     # commit 'none': resident state is written back only when read (state(), optimizer_state(), close)
     "commit-none": ["offload.commit=none"],
     "commit-none-partly-resident-ssd-weights": ["offload.commit=none", "offload.resident_mem=300KiB",
