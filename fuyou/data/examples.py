@@ -194,7 +194,8 @@ class Rows:
         kept = sum(int(self.keep[k]) - 1 for k in self.order)
         fill = kept / max(1, len(self) * self.seq_len)
         what = "packed into" if self.packed else "padded into"
-        out = f"{n} examples {what} {len(self)} rows of {self.seq_len} tokens ({100 * fill:.0f}% real tokens)"
+        out = (f"{n} example{'s' if n != 1 else ''} {what} {len(self)} row{'s' if len(self) != 1 else ''} of "
+               f"{self.seq_len} tokens ({100 * fill:.0f}% real tokens)")
         if self.truncated:
             out += (f"; {self.truncated} longer than {self.seq_len + 1} tokens cut, losing {self.cut_tokens:,} of "
                     f"{self.total_tokens:,} tokens ({100 * self.cut_tokens / max(1, self.total_tokens):.0f}%) and "

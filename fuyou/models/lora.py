@@ -196,7 +196,9 @@ def attach(model, cfg: LoRAConfig) -> list[str]:
         for n in names:
             out, inp = st.params[f"{n}.weight"].shape
             if cfg.rank > min(out, inp):
-                raise ConfigError(f"lora.rank={cfg.rank} exceeds the smaller side of {n} ({out} x {inp})")
+                raise ConfigError(f"lora.rank={cfg.rank} exceeds the smaller side of {n} ({out} x {inp}): the update "
+                                  f"B @ A has rank {min(out, inp)} at most there, so the rest would train nothing; "
+                                  f"give lora.rank <= {min(out, inp)} (or leave {n} out of lora.targets)")
             st.adapters[f"{n}.lora_A"] = ParamSpec((cfg.rank, inp), "lora_a", decay=False)
             st.adapters[f"{n}.lora_B"] = ParamSpec((out, cfg.rank), "zeros", decay=False)
         st.lora = settings
