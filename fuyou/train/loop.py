@@ -172,17 +172,18 @@ def _adopt_planned_settings(cfg: FuyouConfig, stream, main: bool) -> FuyouConfig
     return cfg.model_copy(update={"offload": off})
 
 
-_OFFLOAD_FLAGS = {"cpu_mem": "--cpu-mem", "gpu_mem": "--gpu-mem", "act_policy": "--act-policy"}
+_OFFLOAD_FLAGS = {"cpu_mem": "--cpu-mem", "gpu_mem": "--gpu-mem", "act_policy": "--act-policy", "ssd_dirs": "--ssd"}
 
 
 def _offload_ignored_in_memory(cfg) -> list[str]:
     """The offload settings given a value other than their default, which an in-memory run does not use
-    (a new-user pass: --gpu-mem and --act-policy were ignored in silence; --ssd is refused elsewhere)."""
+    (a new-user pass: --gpu-mem and --act-policy were ignored in silence; a config file's offload.ssd_dirs
+    without offload.mode=ssd trained in memory without a word; the --ssd flag is refused in cli.py)."""
     if cfg.offload.mode != "none":
         return []
     fields = type(cfg.offload).model_fields
     return [f"offload.{k}" + (f" ({_OFFLOAD_FLAGS[k]})" if k in _OFFLOAD_FLAGS else "")
-            for k in fields if k not in ("mode", "ssd_dirs") and getattr(cfg.offload, k) != fields[k].default]
+            for k in fields if k != "mode" and getattr(cfg.offload, k) != fields[k].get_default(call_default_factory=True)]
 
 
 def _refuse_finished(run_path: Path, cfg: FuyouConfig) -> None:

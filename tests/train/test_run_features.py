@@ -317,6 +317,11 @@ def test_notes_for_a_llama_beyond_its_positions_and_a_cpu_budget_in_memory(tmp_p
                  "model.preset=gpt-test", "data.seq_len=32", "train.steps=1", "train.eval_every=0"]) == 0
     assert "offload.gpu_mem (--gpu-mem), offload.act_policy (--act-policy) apply to SSD offload" in \
         capsys.readouterr().err
+    # a config file's SSD directories without offload.mode=ssd trained in memory without a word
+    (tmp_path / "c.toml").write_text(f'[offload]\nssd_dirs = ["{tmp_path}"]\n')
+    assert main(["train", "--config", str(tmp_path / "c.toml"), "--out", str(tmp_path / "runs"),
+                 "model.preset=gpt-test", "data.seq_len=32", "train.steps=1", "train.eval_every=0"]) == 0
+    assert "offload.ssd_dirs (--ssd) applies to SSD offload" in capsys.readouterr().err
 
 
 def test_a_stopped_in_memory_run_keeps_its_weights_and_says_how_to_go_on(tmp_path):
