@@ -183,7 +183,8 @@ def _offload_ignored_in_memory(cfg) -> list[str]:
         return []
     fields = type(cfg.offload).model_fields
     return [f"offload.{k}" + (f" ({_OFFLOAD_FLAGS[k]})" if k in _OFFLOAD_FLAGS else "")
-            for k in fields if k != "mode" and getattr(cfg.offload, k) != fields[k].get_default(call_default_factory=True)]
+            for k in fields if k != "mode" and getattr(cfg.offload, k) != fields[k].get_default(
+                call_default_factory=True)]
 
 
 def _refuse_finished(run_path: Path, cfg: FuyouConfig) -> None:
