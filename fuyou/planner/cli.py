@@ -417,6 +417,11 @@ def _plan(args) -> int:
         plan = search_global_batch(w, hw, cpu, *split, policy)
     plan.cpu_given = cpu_given
     plan.tokens_goal = tokens_goal
+    # the settings given to plan that train must be given too to run this plan (its own choices, the policy and
+    # the memory caps, are on the line already; the model's are the "..." of the line)
+    mine = {"offload.cpu_mem", "offload.act_policy", "offload.mode", "offload.ssd_dirs"}
+    plan.train_settings = [o.strip() for o in args.overrides
+                           if not o.strip().startswith("model.") and o.partition("=")[0].strip() not in mine]
     if plan.cpu_need:  # the fix in --cpu-mem's terms: the planned budget plus the reserve, per rank, for the machine
         reserved = args.cpu_reserve is not None  # (else the default reserve, which grows with the budget)
         per = (plan.cpu_need + reserve if reserved

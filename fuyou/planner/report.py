@@ -402,6 +402,8 @@ def _train_line(plan: Plan, s: dict) -> str:
         if v is not None:
             unit = next(((u, f) for u, f in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)) if v % f == 0), None)
             opts.append(f"offload.{k}=" + (f"{v // unit[1]}{unit[0]}" if unit else str(v)))  # (exact)
+    # the settings given to plan (commit, clipping, state format, LoRA, caps): the plan's time and memory are theirs
+    opts += [o for o in plan.train_settings if not any(x.startswith(o.partition("=")[0] + "=") for x in opts)]
     human = pol.describe(n)
     if human != "recompute":
         opts.append(f"--act-policy '{human}'" if len(human) <= 120 else "--act-policy FILE (fuyou plan ... --json > "

@@ -80,6 +80,7 @@ class Plan:
     cpu_given: int | None = None     # `fuyou plan --cpu-mem` before its --cpu-reserve (the plan's budget is less)
     cpu_need: int | None = None      # infeasible for CPU memory: the planned budget (each rank's) that would fit
     cpu_note: str = ""               # ... and the settings it is for, when not train's defaults
+    train_settings: list[str] = field(default_factory=list)  # overrides given to plan that train needs too
     split: list[tuple[int, int, float | None, str]] = field(default_factory=list)
     """``search_split``: the splits of the global batch considered, (micro-batch, micro-batches, step
     seconds or None, why it does not fit or why it was chosen), in the order tried."""

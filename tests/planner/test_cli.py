@@ -666,3 +666,15 @@ def test_a_plan_file_as_act_policy_brings_its_prefetch_depth_and_caps(tmp_path, 
     assert main([*run, "run.name=given", "offload.prefetch_depth=3"]) == 0
     assert "this run gives offload.prefetch_depth=3 (planned 1)" in capsys.readouterr().err
     assert tomllib.loads((tmp_path / "runs" / "given" / "config.toml").read_text())["offload"]["prefetch_depth"] == 3
+
+
+def test_the_train_line_gives_the_settings_the_plan_was_made_with(capsys):
+    """A plan made with train.grad_clip=none, offload.commit=none and int8 moments printed a train line without
+    them: train then ran (and budgeted) another configuration (a new-user pass)."""
+    assert main(["plan", "--model", "gpt3-13b", "--gpu", "rtx4090", "--ssd", "2x990-pro", "--cpu-mem", "256GiB",
+                 "--batch", "8", "--seq", "1024", "train.grad_clip=none", "offload.commit=none", "optim.moments=int8",
+                 "offload.resident_mem=10GiB", "offload.prefetch_depth=1", "model.n_layer=38"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("train as planned"))
+    for want in ("train.grad_clip=none", "offload.commit=none", "optim.moments=int8", "offload.resident_mem=10GiB"):
+        assert f" {want} " in line, line
+    assert line.count("offload.prefetch_depth=1") == 1 and "model.n_layer" not in line, line
