@@ -99,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=_models)
 
     d = sub.add_parser("data", help="data tools")
+    d.set_defaults(func=lambda args: (d.print_help(), 2)[1])  # no action: this command's help, not the top's
     dsub = d.add_subparsers(metavar="ACTION")
     prep = dsub.add_parser("prepare", help="tokenize text, prompt/completion, Alpaca or chat JSONL into memmaps",
                            description="Tokenize files once for `fuyou train data.path=OUT`: plain text becomes a "
@@ -369,10 +370,10 @@ def _prepare(args) -> int:
     from fuyou.data.dataset import write_prepared
     from fuyou.data.examples import write_examples
 
-    if not 0 < args.val_fraction < 1:
+    if not 0 <= args.val_fraction < 1:
         from fuyou.errors import ConfigError
 
-        raise ConfigError(f"--val-fraction must be between 0 and 1, got {args.val_fraction}")
+        raise ConfigError(f"--val-fraction must be at least 0 (nothing held out) and below 1, got {args.val_fraction}")
     import numpy as np
 
     _check_out_dir(args.out)

@@ -100,7 +100,7 @@ def tokenize_records(paths: list[str], tokenizer_spec: str, fmt: str = "auto", t
         held = _render_all(renderer, iter_records(eval_paths, text_field), first, head[1], text_field)
     else:
         order = np.random.default_rng(seed).permutation(len(rendered))
-        n_val = max(1, int(round(len(rendered) * val_fraction))) if len(rendered) > 1 else 0
+        n_val = max(1, int(round(len(rendered) * val_fraction))) if len(rendered) > 1 and val_fraction else 0
         held = [rendered[i] for i in sorted(order[:n_val])]
         rendered = [rendered[i] for i in sorted(order[n_val:])]
     st = renderer.stats

@@ -38,6 +38,8 @@ def make_batches(cfg, data: TokenData | ExampleData | None, quiet: bool = False)
         evals = ExampleEvalBatches(held, t.micro_batch_size, t.eval_batches) if len(held) else None
         if evals is None and not quiet:
             why = (f"no held-out example has an answer token within data.seq_len={seq}" if len(data.val) else
+                   "no example is held out (data.val_fraction=0)" if cfg.data.val_fraction == 0 else
+                   "the prepared data holds no held-out example" if cfg.data.source == "prepared" else
                    f"no example is held out ({len(data.train)} in all: data.val_fraction holds out none of so few)")
             print(f"fuyou: note: {why}: evaluation is off; give data.eval_path a file of examples"
                   + (" that fit, or a larger data.seq_len" if len(data.val) else ""), file=sys.stderr)
@@ -46,7 +48,9 @@ def make_batches(cfg, data: TokenData | ExampleData | None, quiet: bool = False)
     data.check_fits(seq, cfg.model.vocab_size)
     train = BatchSampler(data.train, seq, t.micro_batch_size, t.seed)
     if len(data.val) < seq + 1:  # too little held out for one sequence: no evaluation, not no training
-        if not quiet:
+        if not quiet and not len(data.val) and cfg.data.val_fraction == 0:
+            print("fuyou: note: nothing is held out (data.val_fraction=0): evaluation is off", file=sys.stderr)
+        elif not quiet:
             how = ("prepare the data again with a larger --val-fraction" if cfg.data.source == "prepared" else
                    "raise data.val_fraction")
             print(f"fuyou: note: the held-out split has {len(data.val)} tokens, fewer than one sequence of "

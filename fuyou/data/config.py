@@ -56,7 +56,8 @@ class DataConfig(BaseModel):
         default_factory=list, description="A separate held-out file or directory (same format as data.path); "
         "unset: data.val_fraction of the data is held out.")
     seq_len: int = Field(128, ge=1, description="Tokens per training sequence.")
-    val_fraction: float = Field(0.05, gt=0, lt=1, description="Share of tokens held out for evaluation.")
+    val_fraction: float = Field(0.05, ge=0, lt=1, description="Share of tokens held out for evaluation (0: none, "
+                                "evaluation off, unless data.eval_path gives held-out files).")
     jsonl_field: str = Field("text", description="Field holding the document text in JSON-lines files.")
 
     @field_validator("path", "eval_path", mode="before")

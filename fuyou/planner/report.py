@@ -318,7 +318,7 @@ def text(plan: Plan) -> str:
                f"step{'s' if s['steps_for_tokens'] != 1 else ''} of {_si(w.tokens)} tokens)"]
              if "tokens_goal" in s else []),
            *_data_parallel_lines(plan, s),
-           _clip_line(s),
+           _clip_line(s, "the GPU" if plan.hardware.device == "cuda" else "the CPU"),
            _commit_line(s),
            "what if             " + "; ".join(f"{k.replace('GPU', labels['compute'])}: {v:.3g} s "
                                                   f"({s['step_s'] / v:.2f}x)" for k, v in s["whatif_step_s"].items()),
@@ -411,10 +411,10 @@ def _train_line(plan: Plan, s: dict) -> str:
     return "train as planned    fuyou train ... " + " ".join(opts) + " (or --plan auto, which measures this machine)"
 
 
-def _clip_line(s: dict) -> str:
+def _clip_line(s: dict, device: str = "the GPU") -> str:
     if s.get("lora"):
         clip = "none" if s["grad_clip"] is None else f"exact at {s['grad_clip']:g}"
-        return f"clipping            {clip}: the adapters' gradients and update are on the GPU, after backward"
+        return f"clipping            {clip}: the adapters' gradients and update are on {device}, after backward"
     if s["grad_clip"] is None:
         return "clipping            none (train.grad_clip=none): updates overlap backward"
     n, res = s["stages"], s["resident_stages"]

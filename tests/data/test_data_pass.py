@@ -237,3 +237,21 @@ def test_a_tokenizer_larger_than_the_model_is_refused_only_for_ids_the_model_lac
     with pytest.raises(DataError, match=r"holds token id \d+, beyond the model's vocabulary of 5 .*has 70003 tokens.*"
                                         r"resize_token_embeddings"):
         data.check_fits(8, 5)
+
+
+def test_val_fraction_zero_holds_out_nothing(tmp_path, capsys):
+    """--val-fraction 0 (train on every record) was refused as "between 0 and 1"; now it holds out nothing,
+    and training says evaluation is off for that reason. `fuyou data` alone shows its own actions."""
+    from fuyou.cli import main
+
+    recs = _jsonl(tmp_path / "r.jsonl", [{"prompt": f"q{i}", "completion": f" a{i}"} for i in range(20)])
+    assert main(["data", "prepare", str(recs), "--out", str(tmp_path / "p"), "--val-fraction", "0"]) == 0
+    assert "wrote 20 train and 0 held-out examples" in capsys.readouterr().out
+    assert main(["train", "--out", str(tmp_path / "runs"), f"data.path={tmp_path / 'p'}", "model.preset=gpt-test",
+                 "data.seq_len=32", "train.steps=1"]) == 0
+    assert "the prepared data holds no held-out example: evaluation is off" in capsys.readouterr().err
+    assert main(["train", "--out", str(tmp_path / "runs"), f"data.path={recs}", "data.val_fraction=0",
+                 "model.preset=gpt-test", "data.seq_len=32", "train.steps=1"]) == 0
+    assert "no example is held out (data.val_fraction=0)" in capsys.readouterr().err
+    assert main(["data"]) == 2
+    assert "prepare" in capsys.readouterr().out
