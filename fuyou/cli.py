@@ -354,6 +354,13 @@ def _check_out_dir(out: str) -> None:
         raise ConfigError(f"--out {p}: {parent} is a file, not a directory; choose another place")
     if not os.access(parent, os.W_OK | os.X_OK) or (parent.is_dir() and _read_only_fs(parent)):
         raise ConfigError(f"--out {p}: {parent} cannot be written (read-only or no permission); choose another place")
+    made = [q for q in [p, *p.parents] if not q.exists()]
+    try:  # made and taken away again: /proc and /sys pass the checks above and refuse a directory
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--out {p} cannot be made ({e.strerror}); choose another place") from None
+    for q in made:
+        q.rmdir()
 
 
 def _read_only_fs(d) -> bool:

@@ -266,16 +266,19 @@ PLANNED = ("prefetch_depth", "resident_mem", "act_cpu_mem")  # what a plan's pol
 
 def planned_settings(spec: str) -> dict:
     """The offload settings (``PLANNED``) a JSON policy file names besides its blocks (`fuyou plan --json`
-    writes them: the plan's memory holds at them); {} for the human form or a file that names none."""
+    writes them: the plan's memory holds at them), and the CPU budget it was planned for (``cpu_mem``, a
+    whole report's); {} for the human form or a file that names none. Values as written (unvalidated)."""
     if not spec.strip().endswith(".json"):
         return {}
     try:
         raw = json.loads(Path(spec.strip()).expanduser().read_text())
     except (OSError, ValueError):
         return {}  # (read_act_policy says what is wrong with it)
+    given = raw.get("cpu_given_bytes") if isinstance(raw, dict) else None  # (a whole report: the budget planned)
     if isinstance(raw, dict) and isinstance(raw.get("policy"), dict):
         raw = raw["policy"]
-    return {k: raw[k] for k in PLANNED if isinstance(raw, dict) and raw.get(k) is not None}
+    out = {k: raw[k] for k in PLANNED if isinstance(raw, dict) and raw.get(k) is not None}
+    return {**out, "cpu_mem": given} if given is not None else out
 
 def to_keep(pol: ActivationPolicy, n_layer: int, default_dtype: str = "fp32") -> dict[int, KeepPolicy]:
     """The engine's per-block policies for an ``ActivationPolicy`` (see ``keep_policies``)."""

@@ -64,11 +64,12 @@ class Examples:
         """How many of these examples are (token for token) also examples of ``other``: a held-out split
         that repeats training examples measures memorisation (a copy of the training file under another
         name, which a path cannot tell)."""
-        def keys(ex):
-            t = np.ascontiguousarray(ex.tokens.astype(np.int64))
-            return (t[a:b].tobytes() for a, b in zip(ex.offsets[:-1], ex.offsets[1:]))
-        seen = set(keys(other))
-        return sum(k in seen for k in keys(self))
+        def keys(ex):  # one example at a time (a training split may be far larger than memory)
+            return (ex.tokens[a:b].astype(np.int64).tobytes() for a, b in zip(ex.offsets[:-1], ex.offsets[1:]))
+        mine = list(keys(self))  # the held-out split: the small one
+        wanted = set(mine)
+        found = {k for k in keys(other) if k in wanted}
+        return sum(k in found for k in mine)
 
     @property
     def loss_tokens(self) -> int:
@@ -99,9 +100,11 @@ class ExampleData:
             top = int(ex.tokens.max()) if len(ex.tokens) else 0
             if top >= model_vocab:
                 raise DataError(beyond_vocab(name, top, model_vocab, self.vocab_size, self.tokenizer))
-        for what, i in (("end-of-sequence token", self.eos_id), ("padding token", self.pad_id)):
-            if i >= model_vocab:
-                raise DataError(beyond_vocab(what, i, model_vocab, self.vocab_size, self.tokenizer))
+        if self.eos_id >= model_vocab:
+            raise DataError(beyond_vocab("end-of-sequence token", self.eos_id, model_vocab, self.vocab_size,
+                                         self.tokenizer))
+        if self.pad_id >= model_vocab:  # (an added [PAD]: padding carries no loss, the EOS token pads as well)
+            self.pad_id = self.eos_id
 
     def summary(self) -> str:
         ex = self.train

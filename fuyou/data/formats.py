@@ -90,27 +90,38 @@ class Rendered:
         """Text pieces (text, loss) tokenized as one text, as the model meets them at inference (a chat template's
         rendering, a prompt and its completion): encoded one by one, a SentencePiece-style tokenizer (Llama 2's,
         Mistral's) begins each with a word-start mark that the whole text has not, answer tokens included (a
-        new-user pass). Where a token of the whole text would span a prompt's end and its answer's start (a
-        word cut in two, "w2" + "w3"), the text is cut there and each side tokenized alone, as the prompt is
-        at inference. A tokenizer that gives no offsets: piece by piece."""
+        new-user pass). A token's loss flag is its characters': from the end of the token before it (offsets
+        that leave out a token's leading space, trim_offsets, still count it) to its own end. Where a token
+        of the whole text would span a prompt's end and its answer's start (a word cut in two, "w2" + "w3", or
+        a prompt's trailing space taken into the answer's first word), the text is cut there and each side
+        tokenized alone, as before: the prompt as inference tokenizes it, the answer possibly with a
+        word-start mark of its own. A tokenizer that gives no offsets (a slow one): piece by piece."""
         pieces = [(t, loss) for t, loss in pieces if t]
-        enc = tok.encode_offsets("".join(t for t, _ in pieces)) if len(pieces) > 1 and hasattr(tok, "encode_offsets") \
-            else None
-        if enc is None:
+        flags = [loss for _, loss in pieces]
+        if len(set(flags)) <= 1:  # (one flag: one text)
+            if pieces:
+                self.add(tok.encode("".join(t for t, _ in pieces)), flags[0])
+            return
+        enc = tok.encode_offsets("".join(t for t, _ in pieces)) if hasattr(tok, "encode_offsets") else None
+        if enc is None or not enc[0]:
             for text, loss in pieces:
                 self.add(tok.encode(text), loss)
             return
         ids, spans = enc
-        flags = np.repeat(np.array([loss for _, loss in pieces], dtype=np.int64), [len(t) for t, _ in pieces])
-        marked = np.concatenate([[0], np.cumsum(flags)])  # flags[a:b].sum() == marked[b] - marked[a]
-        n = len(flags)
-        spans = [(min(a, n - 1), min(max(b, a + 1), n)) for a, b in spans]  # (an empty span: the character there)
-        cuts = set()  # where a prompt meets an answer inside one token of the whole text
-        for a, b in spans:
-            k = marked[b] - marked[a]
-            if 0 < k < b - a:
-                cuts.update(c for c in range(a + 1, b) if flags[c] != flags[c - 1])
-        if cuts:
+        char = np.repeat(np.array(flags, dtype=np.int64), [len(t) for t, _ in pieces])
+        n = len(char)
+        marked = np.concatenate([[0], np.cumsum(char)])  # char[a:b].sum() == marked[b] - marked[a]
+        sp = np.minimum(np.asarray(spans, dtype=np.int64).reshape(-1, 2), n)
+        a, b = sp[:, 0], sp[:, 1]
+        before = np.concatenate([[0], np.maximum.accumulate(b)[:-1]])  # where the tokens before end
+        a = np.minimum(a, before)
+        b = np.minimum(np.maximum(b, a + 1), n)  # (an empty span at the end: the last character)
+        a = np.minimum(a, b - 1)
+        k = marked[b] - marked[a]
+        straddles = (k > 0) & (k < b - a)
+        if straddles.any():  # cut at the flag changes inside those tokens
+            change = set(np.flatnonzero(char[1:] != char[:-1]) + 1)
+            cuts = {c for x, y in zip(a[straddles], b[straddles]) for c in range(x + 1, y) if c in change}
             groups, at = [[]], 0
             for text, loss in pieces:
                 if at in cuts:
@@ -118,14 +129,10 @@ class Rendered:
                 groups[-1].append((text, loss))
                 at += len(text)
             for g in groups:
-                if len(g) == 1:
-                    self.add(tok.encode(g[0][0]), g[0][1])
-                else:
-                    self.add_text(tok, g)
+                self.add_text(tok, g)
             return
-        for i, (a, b) in zip(ids, spans):
-            self.ids.append(i)
-            self.loss.append(bool(marked[b] > marked[a]))
+        self.ids.extend(ids)
+        self.loss.extend((k > 0).tolist())
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
         """(token ids as int64, loss flags as uint8): compact, for holding many examples."""
@@ -252,7 +259,7 @@ class Renderer:
                 self.stats.first_empty_answer = self.stats.first_empty_answer or where
             out = Rendered()
             out.add(self.tok.encode_prompt(""), False)  # (the BOS token, if the tokenizer adds one)
-            out.add_text(self.tok, [(prompt, False), (completion, True)])
+            out.add_text(self.tok, [(prompt, self.train_on_prompt), (completion, True)])
             out.add([self.tok.eos_id], True)
             if self.train_on_prompt:
                 out.loss = [True] * len(out.ids)

@@ -106,13 +106,13 @@ class HFTokenizer:
     def encode_prompt(self, text: str) -> list[int]:
         return self._prefix + self.encode(text)
 
-    def encode_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]] | None:
+    def encode_offsets(self, text: str) -> tuple[list[int], list] | None:
         """``encode(text)`` and each token's (start, end) in characters of ``text``; None where the tokenizer
         cannot say (a slow, Python one)."""
         if not getattr(self._tok, "is_fast", False):
             return None
         enc = self._tok(text, add_special_tokens=False, return_offsets_mapping=True)
-        return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+        return enc["input_ids"], enc["offset_mapping"]
 
     def render_chat(self, messages: list[dict], add_generation_prompt: bool, tools: list | None = None) -> str:
         try:

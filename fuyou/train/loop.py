@@ -146,30 +146,40 @@ def _note_budget_beyond_memory(cfg: FuyouConfig, stream) -> None:
 def _adopt_planned_settings(cfg: FuyouConfig, stream, main: bool) -> FuyouConfig:
     """A `fuyou plan --json` file as --act-policy: the prefetch depth and caps it was planned with, where
     the run does not set them (its memory holds at them; a pass found the file's depth ignored in silence).
-    A setting given that differs is kept, with a note."""
+    A setting given that differs is kept, with a note, as is a CPU budget other than the plan's."""
     from fuyou.policy import planned_settings
 
     planned = planned_settings(cfg.offload.act_policy) if cfg.offload.mode == "ssd" else {}
+    budget = planned.pop("cpu_mem", None)
+    if not planned:
+        return cfg
+    where = cfg.offload.act_policy
+    try:  # (the file may have been edited: its values as the run's own would be read)
+        as_planned = type(cfg.offload).model_validate({**cfg.offload.model_dump(exclude_unset=True), **planned})
+    except ValidationError as e:
+        raise ConfigError(f"the plan in {where} holds settings this run refuses: {e.errors()[0]['msg']}") from None
+    planned = {k: getattr(as_planned, k) for k in planned}
     take = {k: v for k, v in planned.items() if k not in cfg.offload.model_fields_set}
+
     def shown(k, v):
         return v if k == "prefetch_depth" or v is None else format_size(v)
 
     differ = [f"offload.{k}={shown(k, getattr(cfg.offload, k))} (planned {shown(k, v)})" for k, v in planned.items()
               if k not in take and getattr(cfg.offload, k) != v]
     if main and take:
-        print(f"note: {', '.join(f'offload.{k}={shown(k, v)}' for k, v in take.items())} from the plan in "
-              f"{cfg.offload.act_policy}", file=stream)
+        print(f"note: {', '.join(f'offload.{k}={shown(k, v)}' for k, v in take.items())} from the plan in {where}",
+              file=stream)
     if main and differ:
-        print(f"note: this run gives {', '.join(differ)}: it may need other memory than the plan in "
-              f"{cfg.offload.act_policy}", file=stream)
+        print(f"note: this run gives {', '.join(differ)}: it may need other memory than the plan in {where}",
+              file=stream)
+    if main and isinstance(budget, int) and budget != cfg.offload.cpu_mem:
+        print(f"note: the plan in {where} was made for --cpu-mem {format_size(budget)}; this run gives "
+              f"{format_size(cfg.offload.cpu_mem)}: its caps and policy are that budget's (plan again with this one)",
+              file=stream)
     if not take:
         return cfg
-    try:
-        off = type(cfg.offload).model_validate({**cfg.offload.model_dump(exclude_unset=True), **take})
-    except ValidationError as e:
-        raise ConfigError(f"the plan in {cfg.offload.act_policy} holds settings this run refuses: "
-                          f"{e.errors()[0]['msg']}") from None
-    return cfg.model_copy(update={"offload": off})
+    return cfg.model_copy(update={"offload": type(cfg.offload).model_validate(
+        {**cfg.offload.model_dump(exclude_unset=True), **take})})
 
 
 _OFFLOAD_FLAGS = {"cpu_mem": "--cpu-mem", "gpu_mem": "--gpu-mem", "act_policy": "--act-policy", "ssd_dirs": "--ssd"}

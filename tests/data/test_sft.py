@@ -165,6 +165,36 @@ def test_sentencepiece_style_tokens_are_the_ones_inference_sees(tmp_path):
         "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\nParis, the capital."
         "<|im_end|>\n", add_special_tokens=False)["input_ids"]
 
+
+@pytest.mark.parametrize("trim", [False, True])
+def test_a_prompts_trailing_space_is_never_an_answer_token(tmp_path, trim):
+    """A ByteLevel tokenizer that trims offsets (trim_offsets) gives a lone trailing space an empty span at the
+    next character, and leaves the space out of "Ġy": the prompt's space was trained as answer (a review).
+    A token's characters now run from the end of the token before it."""
+    pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from fuyou.data import builtin_documents
+    from fuyou.data.formats import Renderer
+    from fuyou.data.tokenizer import HFTokenizer
+
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    raw.post_processor = processors.ByteLevel(trim_offsets=trim)
+    raw.train_from_iterator(builtin_documents()[:40], trainers.BpeTrainer(
+        vocab_size=600, show_progress=False, special_tokens=["<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<eos>").save_pretrained(tmp_path / "bl")
+    tok = HFTokenizer(tmp_path / "bl")
+    r = Renderer(tok, "auto", False)
+    for prompt, answer in (("Mood: ", "\U0001F600"), ("Q: hi\nA: ", "yes")):
+        out = r({"prompt": prompt, "completion": answer}, "x")
+        learned = tok.decode([i for i, f in zip(out.ids, out.loss) if f])
+        assert learned == answer + "<eos>", (prompt, learned)
+        assert tok.decode([i for i, f in zip(out.ids, out.loss) if not f]) == prompt
+
 def test_template_that_rewrites_earlier_turns_trains_the_last_only(tmp_path, hf_tok_dir):
     from fuyou.data.tokenizer import HFTokenizer
 

@@ -646,7 +646,7 @@ def test_a_plan_file_as_act_policy_brings_its_prefetch_depth_and_caps(tmp_path, 
     a setting given that differs is kept, with a note."""
     import tomllib
 
-    flags = ["--model", "gpt-tiny", "--gpu", "rtx4090", "--ssd", "1x990-pro", "--cpu-mem", "8GiB", "--seq", "256",
+    flags = ["--model", "gpt-tiny", "--gpu", "rtx4090", "--ssd", "1x990-pro", "--cpu-mem", "6GiB", "--seq", "256",
              "--batch", "2", "--prefetch-depth", "1"]
     assert main(["plan", *flags, "--json"]) == 0
     plan = tmp_path / "plan.json"
@@ -660,11 +660,18 @@ def test_a_plan_file_as_act_policy_brings_its_prefetch_depth_and_caps(tmp_path, 
     assert main([*run, "run.name=taken"]) == 0
     err = capsys.readouterr().err
     assert "offload.prefetch_depth=1" in err and f"from the plan in {plan}" in err, err
+    assert f"the plan in {plan} was made for --cpu-mem 6.00 GiB; this run gives 8.00 GiB" in err, err
     off = tomllib.loads((tmp_path / "runs" / "taken" / "config.toml").read_text())["offload"]
     assert off["prefetch_depth"] == 1
     assert off["resident_mem"] == planned["resident_mem"] and planned["resident_mem"] is not None
     assert main([*run, "run.name=given", "offload.prefetch_depth=3"]) == 0
     assert "this run gives offload.prefetch_depth=3 (planned 1)" in capsys.readouterr().err
+    # an edited file's values are read as the run's own are (a traceback, from a review)
+    bad = json.loads(plan.read_text())
+    bad["policy"]["resident_mem"] = "lots"
+    plan.write_text(json.dumps(bad))
+    assert main([*run, "run.name=edited"]) == 2
+    assert "holds settings this run refuses" in capsys.readouterr().err
     assert tomllib.loads((tmp_path / "runs" / "given" / "config.toml").read_text())["offload"]["prefetch_depth"] == 3
 
 
