@@ -180,12 +180,12 @@ def resolve(hw: HardwareConfig) -> HardwareProfile:
         if hw.gpu is None and hw.gpu_tflops is None:
             raise ConfigError("no hardware given: name a GPU (--gpu, one of: " + ", ".join(GPUS) + ") or "
                               "--gpu-tflops, or pass --profile FILE written by `fuyou probe`")
+        gpu = GPUS.get((hw.gpu or "").strip().lower(), None)  # (RTX4090 as rtx4090, as the SSD presets)
+        if hw.gpu is not None and gpu is None:  # (before the SSD: a GPU misnamed is the first thing to say)
+            raise ConfigError(f"unknown GPU {hw.gpu!r}; choose one of: {', '.join(GPUS)}, or give --gpu-tflops")
         if hw.ssd is None and (hw.ssd_read is None or hw.ssd_write is None):
             raise ConfigError("no SSD given: name one (--ssd 12xd7-p5510; presets: " + ", ".join(SSDS) + ") "
                               "or give --ssd-read and --ssd-write in GB/s")
-        gpu = GPUS.get((hw.gpu or "").strip().lower(), None)  # (RTX4090 as rtx4090, as the SSD presets)
-        if hw.gpu is not None and gpu is None:
-            raise ConfigError(f"unknown GPU {hw.gpu!r}; choose one of: {', '.join(GPUS)}, or give --gpu-tflops")
         gpu = gpu or dict(tflops=hw.gpu_tflops, mem=24 * GiB, pcie="gen4x16")
         pcie = hw.pcie or gpu["pcie"]
         if pcie not in PCIE:

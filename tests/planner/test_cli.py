@@ -685,3 +685,9 @@ def test_the_train_line_gives_the_settings_the_plan_was_made_with(capsys):
     for want in ("train.grad_clip=none", "offload.commit=none", "optim.moments=int8", "offload.resident_mem=10GiB"):
         assert f" {want} " in line, line
     assert line.count("offload.prefetch_depth=1") == 1 and "model.n_layer" not in line, line
+
+
+def test_an_unknown_gpu_is_named_before_the_missing_ssd(capsys):
+    """`--gpu rtx5090` without --ssd was told "no SSD given" first (a new-user pass)."""
+    assert main(["plan", "--model", "gpt-tiny", "--gpu", "rtx5090", "--cpu-mem", "8GiB"]) == 2
+    assert "unknown GPU 'rtx5090'" in capsys.readouterr().err
