@@ -289,7 +289,49 @@ def init(cfg, resume_dir: Path | None = None) -> Dist:
     _DIST = Dist(rank, world, local_rank, local_world, backend)
     _DIST._commit_group = td.new_group(backend="gloo", timeout=timeout)
     _DIST._exchange_group = td.new_group(backend="gloo", timeout=timeout)
+    _refuse_unlike_ranks(cfg, _DIST)
     return _DIST
+
+
+# What may differ between ranks: where things are on each machine, and how much of it there is (budgets, threads,
+# queue depths, the activation policy: none changes the arithmetic or the ranks' collectives). Everything else
+# must be the same on every rank (``_refuse_unlike_ranks``).
+PER_MACHINE = {"model.init_from", "data.path", "data.eval_path", "data.tokenizer", "train.threads", "lora.init_from",
+               "run.out_dir", "run.name", "run.tensorboard"}
+SHARED_OFFLOAD = ("mode", "commit", "commit_every", "clip_schedule", "checkpoint_dtype", "replace_state", "keep_state")
+
+
+def agreed_settings(cfg) -> dict:
+    """The settings every rank must share, flat (``section.key``: value)."""
+    out = {}
+    for section, values in cfg.model_dump(mode="json").items():
+        if section == "hardware":
+            continue
+        for key, value in values.items():
+            name = f"{section}.{key}"
+            if name in PER_MACHINE or (section == "offload" and key not in SHARED_OFFLOAD):
+                continue
+            out[name] = value
+    return out
+
+
+def _refuse_unlike_ranks(cfg, dist: Dist) -> None:
+    """Ranks started with different settings (each machine its own command line or config file) trained in
+    silence to other weights (each rank updates the stages it owns with its own settings), or hung (another
+    model: a stage one rank waits for, the other never sends): a hostile pass. Refused on every rank alike,
+    naming the settings, before anything is written."""
+    import torch.distributed as td
+
+    mine = agreed_settings(cfg)
+    every: list = [None] * dist.world
+    td.all_gather_object(every, mine, group=dist._commit_group)
+    unlike = [f"rank {r}: " + ", ".join(f"{k}={theirs.get(k)!r} (rank 0: {every[0].get(k)!r})"
+                                        for k in sorted(set(theirs) | set(every[0]))
+                                        if theirs.get(k) != every[0].get(k))
+              for r, theirs in enumerate(every) if theirs != every[0]]
+    if unlike:
+        raise ConfigError("the ranks were started with different settings: " + "; ".join(unlike) + ". Give every "
+                          "rank the same command line and config (paths, budgets and threads may differ)")
 
 
 def stage_owners(numels: list[int], world: int) -> list[int]:

@@ -244,6 +244,25 @@ def test_two_machines_on_loopback(tmp_path):
     assert "rank 0 of 2 (1 on this machine)" in outs[0][1] + outs[1][1]
 
 
+
+def test_ranks_started_with_different_settings_are_refused(tmp_path):
+    """Two machines, each with its own command line: another learning rate on one trained to other weights in
+    silence, another model hung (a hostile pass). Every rank refuses, naming the settings; paths and budgets
+    may differ."""
+    port = free_port()
+    procs = []
+    for node, extra in enumerate([("--cpu-mem", "1GiB"), ("--cpu-mem", "900MiB", "optim.lr=0.01", "model.n_layer=6")]):
+        args = train_args(tmp_path, "unlike", "train.grad_accum=2", "train.steps=2", ssd=(f"ssd{node}",)) + list(extra)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}", "--nproc_per_node=1",
+               "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "fuyou.cli", *args]
+        procs.append(subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] != [0, 0]
+    for _, err in outs:
+        assert "the ranks were started with different settings: rank 1: model.n_layer=6 (rank 0: 4), " \
+               "optim.lr=0.01 (rank 0: " in err, err[-3000:]
+    assert not (tmp_path / "runs" / "unlike").exists()  # refused before anything was written
+
 def test_what_data_parallelism_refuses(tmp_path):
     """A global batch that does not split evenly, and a resume at another world size, are refused
     with a sentence before anything is written or opened."""
