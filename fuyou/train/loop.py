@@ -558,22 +558,29 @@ def _stop_status(name: str) -> int:
 class _StopOnSignal:
     """SIGINT/SIGTERM/SIGHUP end the run at the next step boundary (after its commit), not mid-step."""
 
+    REPEAT_S = 0.5  # the same signal again within this: the first one delivered twice, not a second request
+
     def __init__(self):
         self.requested: str | None = None
+        self._at = 0.0
         self._old = {}
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # SIGHUP: the ssh session dropped
                 self._old[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
+        if self.requested == signal.Signals(signum).name and time.monotonic() - self._at < self.REPEAT_S:
+            # one stop reaching the process twice: a signal to the process group (systemd, Slurm's scancel,
+            # `timeout`, kill -TERM -PGID) that torchrun forwards again (a hostile pass lost the stop's commit)
+            return
         if self.requested is not None:
             # A second signal ends the process now, whatever it waits for: the last commit on the SSD
             # is the state of record (atomic), so nothing committed is lost.
             os.write(2, b"\nfuyou: second signal, exiting now; the last commit is intact (--resume continues)\n")
             os._exit(128 + signum)
-        self.requested = signal.Signals(signum).name
+        self.requested, self._at = signal.Signals(signum).name, time.monotonic()
         os.write(2, f"\nfuyou: {self.requested}: stopping at the end of this step, with a commit of it (SSD offload) "
-                    f"or a snapshot (in memory); a second signal exits at once\n".encode())
+                    f"or a snapshot (in memory); a second signal (after {self.REPEAT_S:g} s) exits at once\n".encode())
 
     def restore(self):
         for sig, old in self._old.items():
