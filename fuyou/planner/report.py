@@ -395,6 +395,8 @@ def _train_line(plan: Plan, s: dict) -> str:
     # up: the plan's budget given back must be enough (188MiB was printed for a plan of 188.86 MiB)
     b = s["cpu_budget_bytes"] * plan.workload.ranks
     opts = [f"--cpu-mem {math.ceil(b / 2**30 * 100) / 100:.2f}GiB" if b >= 2**30 else f"--cpu-mem {-(-b // 2**20)}MiB"]
+    if plan.split:  # the planner's split of --global-batch (following the line with train.global_batch was refused)
+        opts += [f"train.micro_batch_size={plan.workload.batch}", f"train.grad_accum={plan.workload.grad_accum}"]
     if pol.prefetch_depth != 2:
         opts.append(f"offload.prefetch_depth={pol.prefetch_depth}")
     for k in ("resident_mem", "act_cpu_mem"):  # the plan's own caps (a pass: in --json, not on this line)

@@ -638,6 +638,8 @@ def test_the_train_line_gives_the_plans_own_memory_caps(capsys):
     for k in ("resident_mem", "act_cpu_mem"):
         m = re.search(rf"offload\.{k}=(\S+)", line)
         assert m and parse_size(m.group(1)) > 0, line
+    # the split of --global-batch the plan chose (train.global_batch=16 alone was refused: another split)
+    assert " train.micro_batch_size=2 train.grad_accum=8 " in line, line
 
 
 def test_a_plan_file_as_act_policy_brings_its_prefetch_depth_and_caps(tmp_path, capsys):
