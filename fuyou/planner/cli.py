@@ -394,6 +394,10 @@ def _plan(args) -> int:
             print(f"note: planning the {format_size(measured)} of CPU memory {args.profile} measured (--cpu-mem sets "
                   f"another budget)", file=sys.stderr)
     cpu_given = parse_size(args.cpu_mem)
+    if hw.cpu_mem and cpu_given > hw.cpu_mem:  # (a pass: "fits" at 64 GiB on a profile of a 23.5 GiB machine)
+        print(f"note: --cpu-mem {format_size(cpu_given)} is more than the {format_size(hw.cpu_mem)} of memory of the "
+              f"machine the profile measured: a plan that needs it there would swap or be stopped; give at most what "
+              f"that machine can spare", file=sys.stderr)
     share = cpu_given // gpus  # each rank's share of the machine (fuyou/distributed.py: Dist.rank_config)
     reserve = (parse_size(args.cpu_reserve) if args.cpu_reserve is not None
                else CPU_RESERVE[hw.device] + int(share * CPU_RESERVE_FRACTION))

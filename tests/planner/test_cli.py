@@ -614,6 +614,11 @@ def test_flags_a_new_user_pass_got_wrong(tmp_path, capsys):
     assert main(["train", "--offload", "ssd", "--ssd", str(tmp_path / "ssd"), "--plan", "auto", "--act-policy",
                  "fc2=ssd", "--out", str(tmp_path / "runs"), "model.preset=gpt-test", "train.steps=1"]) == 2
     assert "--plan auto chooses the activation policy" in capsys.readouterr().err
+    # a GPU machine's hardware for a run on the CPU planned 0.002 s steps that took 2.1 s (a planner pass)
+    assert main(["train", "--offload", "ssd", "--ssd", str(tmp_path / "ssd"), "--plan", "auto", "hardware.gpu=rtx4090",
+                 "hardware.ssd=1x990-pro", "--out", str(tmp_path / "runs"), "model.preset=gpt-test", "train.steps=1",
+                 "train.device=cpu"]) == 2
+    assert "is a GPU machine's, but this run computes on the CPU" in capsys.readouterr().err
 
 
 def test_a_resume_with_the_auto_tokenizer_reads_no_copy(tmp_path):
@@ -693,3 +698,16 @@ def test_an_unknown_gpu_is_named_before_the_missing_ssd(capsys):
     """`--gpu rtx5090` without --ssd was told "no SSD given" first (a new-user pass)."""
     assert main(["plan", "--model", "gpt-tiny", "--gpu", "rtx5090", "--cpu-mem", "8GiB"]) == 2
     assert "unknown GPU 'rtx5090'" in capsys.readouterr().err
+
+
+def test_a_budget_beyond_the_profiled_machine_gets_a_note(tmp_path, capsys):
+    """A plan said "fits" at --cpu-mem 64GiB on the profile of a 23.5 GiB machine, without a word (a pass)."""
+    from fuyou.planner.hardware import HardwareProfile, save_profile
+
+    save_profile(HardwareProfile(source="fuyou probe on vm (cpu)", device="cpu", fwd_flops=1e11, bwd_flops=1e11,
+                                 matmul_flops=2e11, gpu_mem=2**34, h2d=1e15, d2h=1e15, ssd_read=2e9, ssd_write=2e9,
+                                 ssd_capacity=2**40, cpu_adam=1e9, cpu_mem=24 * 2**30), tmp_path / "p.json")
+    for mem, noted in (("16GiB", False), ("64GiB", True)):
+        main(["plan", "--profile", str(tmp_path / "p.json"), "--cpu-mem", mem, "--model", "gpt-tiny"])
+        err = capsys.readouterr().err
+        assert ("is more than the 24.00 GiB of memory of the machine the profile measured" in err) == noted, err
