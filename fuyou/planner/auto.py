@@ -46,10 +46,10 @@ def plan_config(cfg: FuyouConfig, run_dir: Path, stream=None) -> FuyouConfig:
     device = cfg.train.device if cfg.train.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if device in ("cuda", "cpu") and hw.device != device:  # (the fake device models either)
         # (a pass: a GPU machine's profile planned 0.002 s steps for a run on the CPU, 2.1 s each, without a word)
-        raise ConfigError(f"the hardware given ({hw.source}) is a {'GPU' if hw.device == 'cuda' else 'CPU'} "
-                          f"machine's, but this run computes on the {'GPU' if device == 'cuda' else 'CPU'}: --plan auto "
-                          f"would plan another machine; leave hardware.* unset (it then measures this one) or give "
-                          f"this machine's profile (`fuyou probe`)")
+        kind = {"cuda": "GPU", "cpu": "CPU"}
+        raise ConfigError(f"the hardware given ({hw.source}) is a {kind[hw.device]} machine's, but this run computes "
+                          f"on the {kind[device]}: --plan auto would plan another machine; leave hardware.* unset (it "
+                          f"then measures this one) or give this machine's profile (`fuyou probe`)")
     w = Workload(cfg.model, cfg.train.micro_batch_size, cfg.data.seq_len, offload=off, grad_accum=cfg.train.grad_accum,
                  csize=2 if cfg.train.precision == "bf16" else 4, lora=cfg.lora)
     split = cfg.train.global_batch if cfg.train._auto_split else None
