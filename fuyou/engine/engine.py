@@ -103,7 +103,7 @@ from fuyou.engine.device import InFlight, make_device
 from fuyou.engine.recompute import BlockState, backward_block, forward_block, leaves, weight_bases
 from fuyou.engine.swapper import ActivationSwapper
 from fuyou import watchdog
-from fuyou.engine.malloc import bound_malloc, malloc_threshold, resident_bytes
+from fuyou.engine.malloc import bound_malloc, malloc_threshold, resident_bytes, trim_heap
 from fuyou.engine.layout import StageState, build_states, copies_needed, dtype_size
 from fuyou.engine.state import TrainingState, grad_key, refuse_committed_state
 from fuyou.errors import BudgetError, FuyouError, StoreError
@@ -475,6 +475,8 @@ class Engine:
         except BaseException:
             self.failed = True
             raise
+        finally:
+            trim_heap()  # (malloc.trim_heap: the step's free heap would stay resident beside the next pass's)
 
     def _train_step(self, step: int) -> StepStats:
         t = self.cfg.train
@@ -619,6 +621,7 @@ class Engine:
             acc = self._accumulate(head, gmap, acc)
             o = sh = h_in = grads = gmap = g = loss = None  # their graphs' leaves view the weights
         self._compute("forward+backward head", t0)
+        trim_heap()  # the head's slices, a vocabulary wide, freed: the blocks' backward must not land beside them
         own = shared = w = emb = None  # before the release, as above
         self.streamer.release(self._pos)
         self._pos += 1
@@ -1021,6 +1024,7 @@ class Engine:
             return self._evaluate()
         finally:
             self.counters = counted
+            trim_heap()
 
     @torch.no_grad()
     def _evaluate(self) -> float:

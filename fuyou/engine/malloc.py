@@ -39,6 +39,20 @@ def bound_malloc(threshold: int = 256 * 1024, trim: int | None = None) -> None:
         pass
 
 
+def trim_heap() -> None:
+    """Give the heap's free pages back to the OS (glibc's malloc_trim(0), which also releases free pages in
+    the middle of the heap, not only at its top). A step's and an evaluation's temporaries below the mmap
+    threshold come from the heap in another order each time; what they free there stays resident, and the
+    next pass's temporaries are laid out beside it: measured on a LoRA step (Llama, vocabulary 32k, 2 cores)
+    144 MiB of free heap at the evaluation after a step, which took the run 20-30 % over its CPU budget
+    (a planner pass). Called between steps and around evaluations; the next step faults the pages in
+    again (a few ms). No-op where glibc is absent."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def malloc_threshold(cfg_model, batch: int, seq: int, grad_bytes: int = 0) -> int:
     """The largest temporary of one block's forward or backward, rounded up to a power of two above
     it, within [256 KiB, 32 MiB] (glibc's range): an activation (fp32 B x T x max(d, ff)), the
