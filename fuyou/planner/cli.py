@@ -459,7 +459,21 @@ def _probe(args) -> int:
     for flag in ("batch", "seq"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise ConfigError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    import os
+    import shutil
     from pathlib import Path
+
+    # the SSD probe holds --io-bytes in memory and writes it under --ssd: both checked before the compute probe
+    # (a pass: --io-bytes 1TB ended in an ENOMEM traceback, after minutes of measuring)
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
+    free = shutil.disk_usage(args.ssd).free if Path(args.ssd).is_dir() else None
+    if memory and io_bytes > memory // 2:
+        raise ConfigError(f"--io-bytes {format_size(io_bytes)} is more than half this machine's "
+                          f"{format_size(memory)} of memory, which the SSD probe holds it in; give less (the "
+                          f"default, 256MiB, measures the drives)")
+    if free is not None and io_bytes > free:
+        raise ConfigError(f"--io-bytes {format_size(io_bytes)} is more than the {format_size(free)} free under "
+                          f"--ssd {args.ssd}; give less (the default, 256MiB, measures the drives)")
 
     out = Path(args.out).expanduser()
     if out.is_file() and not _is_profile(out):  # (a new-user pass overwrote a model's config.json)
