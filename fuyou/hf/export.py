@@ -27,6 +27,32 @@ from fuyou.hf.weights import FuyouWeights, hf_name
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def refuse_nonempty(out: Path) -> None:
+    """An export's --out: new or empty. One that holds weights and no config (written last) is an export
+    stopped before it finished (a pass killed one: "not empty" did not say so)."""
+    names = {p.name for p in out.iterdir()} if out.is_dir() else set()
+    if not names and not out.is_file():
+        return
+    unfinished = (not names & {"config.json", "adapter_config.json"}
+                  and any(n.endswith(".safetensors") or ".tmp" in n for n in names))
+    raise ConfigError(f"{out} exists and is not empty" + ("; it holds an export stopped before it finished (weights, "
+                      "no config.json): remove it and export again, or" if unfinished else ";") +
+                      " choose a new --out directory")
+
+
+def save_atomic(tensors: dict, path: Path) -> None:
+    """safetensors' save_file to a temporary name, then renamed: a file under its own name is whole."""
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def export_run(run_dir: str | Path, out_dir: str | Path, dtype: str = "fp32",
                shard_size: int = 2 * 1024**3, weights=None) -> list[str]:
     """Export ``run_dir`` to ``out_dir`` (module docstring). Returns the names of the files written.
@@ -42,8 +68,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, dtype: str = "fp32",
         raise ConfigError(f"{run} is a Hugging Face model directory, not a fuyou run: transformers loads it as it "
                           f"is (nothing to export); to train it: fuyou train --init-from {run}")
     out = Path(out_dir).expanduser()
-    if out.exists() and any(out.iterdir()):
-        raise ConfigError(f"{out} exists and is not empty; choose a new --out directory")
+    refuse_nonempty(out)
     if weights is None:
         if not weights_file.is_file():
             raise ConfigError(f"{run} has no model.safetensors; export a finished run (run.save_weights=true) or a "
@@ -53,8 +78,6 @@ def export_run(run_dir: str | Path, out_dir: str | Path, dtype: str = "fp32",
 
 
 def _export(weights, run: Path, out: Path, dtype: str, shard_size: int) -> list[str]:
-    from safetensors.torch import save_file
-
     from fuyou.models import ModelConfig, StageModel
 
     model = ModelConfig(**{k: v for k, v in weights.model.items() if k not in ("init_from", "preset")})
@@ -97,7 +120,7 @@ def _export(weights, run: Path, out: Path, dtype: str, shard_size: int) -> list[
                                       f"written")
                 tensors[hf_key] = (t.t() if transposed else t).to(DTYPES[dtype]).contiguous()
                 weight_map[hf_key] = name
-            save_file(tensors, str(out / name), metadata={"format": "pt"})
+            save_atomic(tensors, out / name)
             del tensors
     except BaseException:  # (out was empty or absent: export_run checked) no half-written model is left
         for f in [*written, *names]:

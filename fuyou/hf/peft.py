@@ -46,7 +46,7 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 from fuyou.errors import ConfigError
-from fuyou.hf.export import DTYPES
+from fuyou.hf.export import DTYPES, refuse_nonempty, save_atomic
 from fuyou.hf.source import copy_small_files, hf_files_dir, snapshot_run
 from fuyou.hf.weights import hf_name
 
@@ -307,8 +307,6 @@ def write_peft_adapter(run_dir: str | Path, out_dir: str | Path, dtype: str = "f
                        adapters: Adapters | None = None, stream=None) -> list[str]:
     """A PEFT LoRA adapter directory from ``run_dir`` (module docstring); returns the files written.
     ``adapters``: default ``read_adapters(run_dir)``."""
-    from safetensors.torch import save_file
-
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     run, out = Path(run_dir).expanduser(), Path(out_dir).expanduser()
@@ -344,7 +342,7 @@ def write_peft_adapter(run_dir: str | Path, out_dir: str | Path, dtype: str = "f
     meta_dir = hf_files_dir(run)
     written = copy_small_files(meta_dir, out, skip=("config.json",)) if meta_dir is not None else []
     tensors = {keys[k]: v.to(DTYPES[dtype]).contiguous() for k, v in adapters.tensors.items()}
-    save_file(tensors, str(out / PEFT_WEIGHTS), metadata={"format": "pt"})
+    save_atomic(tensors, out / PEFT_WEIGHTS)
     (out / PEFT_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return written + [PEFT_WEIGHTS, PEFT_CONFIG]
 
@@ -401,8 +399,7 @@ def write_merged(run_dir: str | Path, out_dir: str | Path, dtype: str = "fp32", 
 
 
 def _check_empty(out: Path) -> None:
-    if out.exists() and any(out.iterdir()):
-        raise ConfigError(f"{out} exists and is not empty; choose a new --out directory")
+    refuse_nonempty(out)
 
 
 def load_peft_adapter(path: str | Path, stages, family: str, cfg) -> dict[str, Tensor]:

@@ -267,6 +267,16 @@ class FuyouWeights(_Reader):
         return self.path, key, False
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # (another user's: alive)
+        return True
+    return True
+
+
 def write_safetensors(path: Path, shapes: dict[str, tuple[int, ...]], chunks: Iterable[torch.Tensor],
                       metadata: dict[str, str] | None = None) -> Path:
     """Write fp32 tensors as safetensors without holding them all: ``chunks`` yields the tensors'
@@ -284,6 +294,10 @@ def write_safetensors(path: Path, shapes: dict[str, tuple[int, ...]], chunks: It
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
     tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}")  # one name per writer
+    for stale in path.parent.glob(f"{path.name}.tmp.*"):  # a writer killed mid-file (a pass: one per kill, kept)
+        pid = stale.name.rpartition(".")[2]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            stale.unlink(missing_ok=True)
     written = 0
     try:
         with tmp.open("wb") as fh:

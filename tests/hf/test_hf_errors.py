@@ -529,3 +529,28 @@ def test_an_fp16_export_of_weights_beyond_its_range_is_refused(tmp_path):
         export_run(run, tmp_path / "ex", "fp16", shard_size=4096)  # several shards: the first ones written
     assert not (tmp_path / "ex").exists() or not list((tmp_path / "ex").iterdir())
     export_run(run, tmp_path / "ex", "bf16")
+
+
+def test_a_stopped_export_or_save_leaves_nothing_that_passes_for_whole(tmp_path):
+    """A killed export left a half-written model.safetensors that a second export called only "not empty";
+    a killed save left model.safetensors.tmp.<pid> beside the run for good (a faults pass). Exports write
+    each file under a temporary name and config.json last; a save removes its dead writers' leftovers."""
+    from fuyou.hf.export import refuse_nonempty
+    from fuyou.hf.weights import write_safetensors
+
+    stopped = tmp_path / "stopped"
+    stopped.mkdir()
+    (stopped / "tokenizer.json").write_text("{}")
+    (stopped / ".model.safetensors.tmp").write_bytes(b"half")
+    with pytest.raises(ConfigError, match="an export stopped before it finished"):
+        refuse_nonempty(stopped)
+    (tmp_path / "done").mkdir()
+    (tmp_path / "done" / "config.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"exists and is not empty; choose a new --out directory"):
+        refuse_nonempty(tmp_path / "done")
+    refuse_nonempty(tmp_path / "new")  # (absent: fine)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "model.safetensors.tmp.4194303").write_bytes(b"x")  # above the largest Linux PID: no such writer
+    write_safetensors(run / "model.safetensors", {"a": (2,)}, [torch.ones(2)])
+    assert sorted(p.name for p in run.iterdir()) == ["model.safetensors"]
