@@ -111,7 +111,8 @@ class Dist:
                                        f"start it again") from e
             raise DistributedError(
                 f"rank {self.rank}: {what} failed ({why}): another "
-                f"rank stopped or is stuck (its own error says why). The last commit is intact: fix the cause, then "
+                f"rank stopped or is stuck (its own error says why). This rank's last commit is intact: fix the "
+                f"cause (the other rank's error says whether its state is damaged), then "
                 f"continue with `torchrun --nproc_per_node={self.local_world} -m fuyou.cli train --resume "
                 f"{self.run_dir or 'RUN_DIR'}` " + ("" if self.run_dir else "(the run directory it printed) ")
                 + f"({self.world} processes in all, as now)") from e
