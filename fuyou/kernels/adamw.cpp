@@ -81,6 +81,23 @@ struct Scalars {
   bool w_small;  // ATen's lerp: weight < 0.5 -> start + w*(end-start), else end + (w-1)*(end-start)
 };
 
+// The Python caller's double scalars rounded to float, as torch's ops round them (Note: [Bit-exact with torch]).
+inline Scalars make_scalars(double decay, double w1, double beta2, double c2, double bc2_sqrt, double eps,
+                            double neg_step, double grad_scale) {
+  Scalars s;
+  s.decay = static_cast<float>(decay);
+  s.w1 = static_cast<float>(w1);
+  s.w1m1 = s.w1 - 1.0f;  // ATen: weight - 1 in the op's float math
+  s.w_small = std::fabs(s.w1) < 0.5f;
+  s.b2 = static_cast<float>(beta2);
+  s.c2 = static_cast<float>(c2);
+  s.bc2s = static_cast<float>(bc2_sqrt);
+  s.eps = static_cast<float>(eps);
+  s.ns = static_cast<float>(neg_step);
+  s.gs = static_cast<float>(grad_scale);
+  return s;
+}
+
 // ---- scalar path (portable; also the tail of the SIMD paths) --------------------------------------
 
 inline float bf16_to_f32(uint16_t h) {
@@ -502,17 +519,7 @@ int fuyou_adamw_step(float* p, const void* g, int gtype, float* m, float* v, voi
                      const float* ps, const float* ms, const float* vs) {
   int best = best_isa();
   if (isa < 0 || isa > best) isa = best;
-  Scalars s;
-  s.decay = static_cast<float>(decay);
-  s.w1 = static_cast<float>(w1);
-  s.w1m1 = s.w1 - 1.0f;  // ATen: weight - 1 in the op's float math
-  s.w_small = std::fabs(s.w1) < 0.5f;
-  s.b2 = static_cast<float>(beta2);
-  s.c2 = static_cast<float>(c2);
-  s.bc2s = static_cast<float>(bc2_sqrt);
-  s.eps = static_cast<float>(eps);
-  s.ns = static_cast<float>(neg_step);
-  s.gs = static_cast<float>(grad_scale);
+  const Scalars s = make_scalars(decay, w1, beta2, c2, bc2_sqrt, eps, neg_step, grad_scale);
   RangeFn fn = pick(gtype, ltype, isa, ps != nullptr);
   if (ps == nullptr) {
     ps = p;
@@ -541,17 +548,7 @@ int fuyou_adamw_tail_step(float* p, const void* g, int gtype, float* m, float* v
                           int64_t n, double decay, double w1, double beta2, double c2, double bc2_sqrt,
                           double eps, double neg_step, double grad_scale, const float* ps, const float* ms,
                           const float* vs) {
-  Scalars s;
-  s.decay = static_cast<float>(decay);
-  s.w1 = static_cast<float>(w1);
-  s.w1m1 = s.w1 - 1.0f;
-  s.w_small = std::fabs(s.w1) < 0.5f;
-  s.b2 = static_cast<float>(beta2);
-  s.c2 = static_cast<float>(c2);
-  s.bc2s = static_cast<float>(bc2_sqrt);
-  s.eps = static_cast<float>(eps);
-  s.ns = static_cast<float>(neg_step);
-  s.gs = static_cast<float>(grad_scale);
+  const Scalars s = make_scalars(decay, w1, beta2, c2, bc2_sqrt, eps, neg_step, grad_scale);
   if (ps == nullptr) {
     ps = p;
     ms = m;
@@ -1187,20 +1184,11 @@ int fuyou_adamw_q_step(void* p, int ptype, const void* g, int gtype, void* m, vo
   if (nseg > 64) return -1;
   for (int k = 0; k < nseg; ++k) decays[k] = static_cast<float>(seg_decay_d[k]);
   A.seg_decay = decays;
-  Scalars& s = A.s;
-  s.decay = 1.0f;
-  s.w1 = static_cast<float>(w1);
-  s.w1m1 = s.w1 - 1.0f;
-  s.w_small = std::fabs(s.w1) < 0.5f;
-  s.b2 = static_cast<float>(beta2);
-  s.c2 = static_cast<float>(c2);
   // One division an element instead of two (Note: [Compressed state], 2): sqrt(v) / bc2s + eps times
   // bc2s is sqrt(v) + eps * bc2s, so the step is (ns * bc2s) * m / (sqrt(v) + eps * bc2s), the two
-  // products rounded from double. qblock's path divides by bc2s = 1, which is exact.
-  s.bc2s = 1.0f;
-  s.eps = static_cast<float>(eps * bc2_sqrt);
-  s.ns = static_cast<float>(neg_step * bc2_sqrt);
-  s.gs = static_cast<float>(grad_scale);
+  // products rounded from double. qblock's path divides by bc2s = 1, which is exact. (The decay is per
+  // segment: decays above.)
+  A.s = make_scalars(1.0, w1, beta2, c2, 1.0, eps * bc2_sqrt, neg_step * bc2_sqrt, grad_scale);
 
   int64_t nblocks = (n + kBlock - 1) / kBlock;
   int nt = num_threads < 1 ? 1 : num_threads;
