@@ -296,10 +296,12 @@ def init(cfg, resume_dir: Path | None = None) -> Dist:
 
 # What may differ between ranks: where things are on each machine, and how much of it there is (budgets, threads,
 # queue depths, the activation policy: none changes the arithmetic or the ranks' collectives). Everything else
-# must be the same on every rank (``_refuse_unlike_ranks``).
+# must be the same on every rank (``_refuse_unlike_ranks``); offload.optimizer_chunk too: the weight exchange
+# sends a stage chunk by chunk (a review: two chunk sizes passed, then hung in the exchange).
 PER_MACHINE = {"model.init_from", "data.path", "data.eval_path", "data.tokenizer", "train.threads", "lora.init_from",
                "run.out_dir", "run.name", "run.tensorboard"}
-SHARED_OFFLOAD = ("mode", "commit", "commit_every", "clip_schedule", "checkpoint_dtype", "replace_state", "keep_state")
+SHARED_OFFLOAD = ("mode", "commit", "commit_every", "clip_schedule", "checkpoint_dtype", "replace_state", "keep_state",
+                  "optimizer_chunk")
 
 
 def agreed_settings(cfg) -> dict:

@@ -469,6 +469,12 @@ class Engine:
         once in backward, whatever the number of micro-batches (layer-major)."""
         return self.forward_order() + list(range(len(self.states) - 2, -1, -1))
 
+    def _trim_heap(self) -> None:
+        """``malloc.trim_heap`` where compute runs on the CPU: its temporaries are the heap's. On a GPU they are
+        the device's, and the trim's cost (the walk, the pages faulted in again) buys nothing."""
+        if self.dev.kind != "cuda":
+            trim_heap()
+
     def train_step(self, step: int) -> StepStats:
         try:
             return self._train_step(step)
@@ -476,7 +482,7 @@ class Engine:
             self.failed = True
             raise
         finally:
-            trim_heap()  # (malloc.trim_heap: the step's free heap would stay resident beside the next pass's)
+            self._trim_heap()  # (malloc.trim_heap: the step's free heap would stay beside the next pass's)
 
     def _train_step(self, step: int) -> StepStats:
         t = self.cfg.train
@@ -621,7 +627,7 @@ class Engine:
             acc = self._accumulate(head, gmap, acc)
             o = sh = h_in = grads = gmap = g = loss = None  # their graphs' leaves view the weights
         self._compute("forward+backward head", t0)
-        trim_heap()  # the head's slices, a vocabulary wide, freed: the blocks' backward must not land beside them
+        self._trim_heap()  # the head's slices, a vocabulary wide, freed: the blocks' backward must not lie beside them
         own = shared = w = emb = None  # before the release, as above
         self.streamer.release(self._pos)
         self._pos += 1
@@ -1024,7 +1030,7 @@ class Engine:
             return self._evaluate()
         finally:
             self.counters = counted
-            trim_heap()
+            self._trim_heap()
 
     @torch.no_grad()
     def _evaluate(self) -> float:

@@ -132,5 +132,7 @@ def _export(weights, run: Path, out: Path, dtype: str, shard_size: int) -> list[
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         written.append("model.safetensors.index.json")
-    (out / "config.json").write_text(json.dumps(to_hf(model, dtype, template), indent=2, sort_keys=True) + "\n")
+    tmp = out / ".config.json.tmp"  # last, and whole: an export with a config.json finished (refuse_nonempty)
+    tmp.write_text(json.dumps(to_hf(model, dtype, template), indent=2, sort_keys=True) + "\n")
+    tmp.replace(out / "config.json")
     return written + ["config.json"]

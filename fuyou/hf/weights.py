@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 import struct
 from collections.abc import Iterable
 from pathlib import Path
@@ -293,8 +294,11 @@ def write_safetensors(path: Path, shapes: dict[str, tuple[int, ...]], chunks: It
         offset += n
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
-    tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}")  # one name per writer
-    for stale in path.parent.glob(f"{path.name}.tmp.*"):  # a writer killed mid-file (a pass: one per kill, kept)
+    host = socket.gethostname().replace(".", "-")
+    tmp = path.with_name(f"{path.name}.tmp.{host}.{os.getpid()}")  # one name per writer
+    # a writer killed mid-file (a pass: one model's size per kill, kept): this machine's, whose PID is gone
+    # (another machine's, on a shared file system, cannot be told from here)
+    for stale in path.parent.glob(f"{path.name}.tmp.{host}.*"):
         pid = stale.name.rpartition(".")[2]
         if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
             stale.unlink(missing_ok=True)

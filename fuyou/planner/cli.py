@@ -467,13 +467,15 @@ def _probe(args) -> int:
     # (a pass: --io-bytes 1TB ended in an ENOMEM traceback, after minutes of measuring)
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
     free = shutil.disk_usage(args.ssd).free if Path(args.ssd).is_dir() else None
-    if memory and io_bytes > memory // 2:
-        raise ConfigError(f"--io-bytes {format_size(io_bytes)} is more than half this machine's "
-                          f"{format_size(memory)} of memory, which the SSD probe holds it in; give less (the "
-                          f"default, 256MiB, measures the drives)")
-    if free is not None and io_bytes > free:
-        raise ConfigError(f"--io-bytes {format_size(io_bytes)} is more than the {format_size(free)} free under "
-                          f"--ssd {args.ssd}; give less (the default, 256MiB, measures the drives)")
+    # (it holds about 3x --io-bytes in memory, two pinned buffers and the random source, and writes two tensors)
+    if memory and 3 * io_bytes > memory // 2:
+        raise ConfigError(f"--io-bytes {format_size(io_bytes)}: the SSD probe holds about 3x that in memory, more "
+                          f"than half this machine's {format_size(memory)}; give less (the default, 256MiB, "
+                          f"measures the drives)")
+    if free is not None and 2 * io_bytes > free:
+        raise ConfigError(f"--io-bytes {format_size(io_bytes)}: the SSD probe writes 2x that, more than the "
+                          f"{format_size(free)} free under --ssd {args.ssd}; give less (the default, 256MiB, "
+                          f"measures the drives)")
 
     out = Path(args.out).expanduser()
     if out.is_file() and not _is_profile(out):  # (a new-user pass overwrote a model's config.json)

@@ -551,6 +551,9 @@ def test_a_stopped_export_or_save_leaves_nothing_that_passes_for_whole(tmp_path)
     refuse_nonempty(tmp_path / "new")  # (absent: fine)
     run = tmp_path / "run"
     run.mkdir()
-    (run / "model.safetensors.tmp.4194303").write_bytes(b"x")  # above the largest Linux PID: no such writer
+    import socket
+
+    host = socket.gethostname().replace(".", "-")
+    (run / f"model.safetensors.tmp.{host}.4194303").write_bytes(b"x")  # above the largest Linux PID: no writer
     write_safetensors(run / "model.safetensors", {"a": (2,)}, [torch.ones(2)])
     assert sorted(p.name for p in run.iterdir()) == ["model.safetensors"]
