@@ -280,6 +280,7 @@ def planned_settings(spec: str) -> dict:
     out = {k: raw[k] for k in PLANNED if isinstance(raw, dict) and raw.get(k) is not None}
     return {**out, "cpu_mem": given} if given is not None else out
 
+
 def to_keep(pol: ActivationPolicy, n_layer: int, default_dtype: str = "fp32") -> dict[int, KeepPolicy]:
     """The engine's per-block policies for an ``ActivationPolicy`` (see ``keep_policies``)."""
     out = {}

@@ -72,6 +72,7 @@ def tokenize_records(paths: list[str], tokenizer_spec: str, fmt: str = "auto", t
     from fuyou.data.examples import ExampleData, Examples
 
     noted = bool(eval_paths and note_overlap and _note_overlap(paths, eval_paths))
+    same_files = bool(eval_paths) and list(map(str, eval_paths)) == list(map(str, paths))
     tok = load_tokenizer(tokenizer_spec)
     records = iter_records(paths, text_field)  # streamed: the records are never all held as Python objects
     head = next(records, None)
@@ -94,7 +95,7 @@ def tokenize_records(paths: list[str], tokenizer_spec: str, fmt: str = "auto", t
                          len(docs) + len(held), len(held))
     rendered = _render_all(renderer, records, first, head[1], text_field)
     train_records = renderer.stats.records
-    if eval_paths and list(map(str, eval_paths)) == list(map(str, paths)):
+    if same_files:
         held = list(rendered)  # the same files (held-out files of prepared data): rendered once, counted once
     elif eval_paths:
         held = _render_all(renderer, iter_records(eval_paths, text_field), first, head[1], text_field)
@@ -120,7 +121,7 @@ def tokenize_records(paths: list[str], tokenizer_spec: str, fmt: str = "auto", t
     dtype = token_dtype(tok.vocab_size, top)  # one type for both splits (meta.json records one)
     data = ExampleData(Examples.from_arrays(rendered, dtype), Examples.from_arrays(held, dtype), tok.vocab_size,
                        tok.eos_id, tok.pad_id, tok.name, tok.fingerprint, info)
-    if eval_paths and not noted and list(map(str, eval_paths)) != list(map(str, paths)):
+    if eval_paths and not noted and not same_files:
         note_shared_examples(data.val, data.train, eval_paths)
     return data
 

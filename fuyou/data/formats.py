@@ -97,12 +97,12 @@ class Rendered:
         tokenized alone, as before: the prompt as inference tokenizes it, the answer possibly with a
         word-start mark of its own. A tokenizer that gives no offsets (a slow one): piece by piece."""
         pieces = [(t, loss) for t, loss in pieces if t]
-        flags = [loss for _, loss in pieces]
+        flags, text = [loss for _, loss in pieces], "".join(t for t, _ in pieces)
         if len(set(flags)) <= 1:  # (one flag: one text)
             if pieces:
-                self.add(tok.encode("".join(t for t, _ in pieces)), flags[0])
+                self.add(tok.encode(text), flags[0])
             return
-        enc = tok.encode_offsets("".join(t for t, _ in pieces)) if hasattr(tok, "encode_offsets") else None
+        enc = tok.encode_offsets(text) if hasattr(tok, "encode_offsets") else None
         if enc is None or not enc[0]:
             for text, loss in pieces:
                 self.add(tok.encode(text), loss)
@@ -153,6 +153,11 @@ class RenderStats:
     first_empty_answer: str = ""
     ignored_keys: Counter = field(default_factory=Counter)  # message keys no rendering writes, and how often
     other_roles: Counter = field(default_factory=Counter)  # roles but KNOWN_ROLES: rendered as prompt (no loss)
+
+    def empty_answer(self, where: str) -> None:
+        """An answer with loss and no content (an assistant turn or a completion), counted for ``notes``."""
+        self.empty_answers += 1
+        self.first_empty_answer = self.first_empty_answer or where
 
     def notes(self) -> list[str]:
         """What a user should know about the rendering (``fuyou data prepare`` and training print them)."""
@@ -255,8 +260,7 @@ class Renderer:
                 prompt = _string(rec, "prompt", where)
                 completion = _string(rec, next(k for k in COMPLETION_KEYS if k in rec), where)
             if not completion.strip():
-                self.stats.empty_answers += 1
-                self.stats.first_empty_answer = self.stats.first_empty_answer or where
+                self.stats.empty_answer(where)
             out = Rendered()
             out.add(self.tok.encode_prompt(""), False)  # (the BOS token, if the tokenizer adds one)
             out.add_text(self.tok, [(prompt, self.train_on_prompt), (completion, True)])
@@ -309,8 +313,7 @@ class Renderer:
             if m["role"] not in KNOWN_ROLES:
                 self.stats.other_roles[m["role"]] += 1
             if learn and m["role"] == "assistant" and not calls and not m["content"].strip():
-                self.stats.empty_answers += 1
-                self.stats.first_empty_answer = self.stats.first_empty_answer or at
+                self.stats.empty_answer(at)
             out.append(({k: v for k, v in m.items() if k != "weight"}, learn))
         return out
 

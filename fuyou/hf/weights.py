@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from fuyou.errors import ConfigError, DataError
+from fuyou.store.shared import process_gone
 from fuyou.store.layout import fsync_dir
 
 _LLAMA_BLOCK = {
@@ -268,16 +269,6 @@ class FuyouWeights(_Reader):
         return self.path, key, False
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # (another user's: alive)
-        return True
-    return True
-
-
 def write_safetensors(path: Path, shapes: dict[str, tuple[int, ...]], chunks: Iterable[torch.Tensor],
                       metadata: dict[str, str] | None = None) -> Path:
     """Write fp32 tensors as safetensors without holding them all: ``chunks`` yields the tensors'
@@ -300,7 +291,7 @@ def write_safetensors(path: Path, shapes: dict[str, tuple[int, ...]], chunks: It
     # (another machine's, on a shared file system, cannot be told from here)
     for stale in path.parent.glob(f"{path.name}.tmp.{host}.*"):
         pid = stale.name.rpartition(".")[2]
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and process_gone(int(pid)):
             stale.unlink(missing_ok=True)
     written = 0
     try:

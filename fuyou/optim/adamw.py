@@ -212,7 +212,6 @@ def grad_norm(t: torch.Tensor, num_threads: int | None = None) -> torch.Tensor:
     return torch.tensor(total ** 0.5, dtype=torch.float32)
 
 
-
 _TAIL_WIDTH: int | None = None
 
 

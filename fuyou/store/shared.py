@@ -42,17 +42,27 @@ def shm_free() -> int:
 SHM_MARGIN = 256 * 1024**2
 
 
+def process_gone(pid: int) -> bool:
+    """Whether no process of this machine has ``pid`` (another user's process counts as there)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
 def sweep_stale() -> None:
     """Remove caches left by processes that no longer exist (``fuyou-cache-<pid>-...``: a rank 0 killed
     between making the file and unlinking it, a window of a few collectives)."""
     for p in SHM_DIR.glob("fuyou-cache-*-*"):
         try:
             pid = int(p.name.split("-")[2])
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            p.unlink(missing_ok=True)
-        except (ValueError, IndexError, PermissionError, OSError):
+        except (ValueError, IndexError):
             continue
+        if process_gone(pid):
+            p.unlink(missing_ok=True)
 
 
 class SharedSegment:

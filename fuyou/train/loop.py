@@ -584,7 +584,7 @@ class _StopOnSignal:
             # is the state of record (atomic), so nothing committed is lost.
             os.write(2, b"\nfuyou: second signal, exiting now; the last commit is intact (--resume continues)\n")
             os._exit(128 + signum)
-        self.requested, self._at = signal.Signals(signum).name, time.monotonic()
+        self.requested, self._at = name, time.monotonic()
         os.write(2, f"\nfuyou: {self.requested}: stopping at the end of this step, with a commit of it (SSD offload) "
                     f"or a snapshot (in memory); a second signal (after {self.REPEAT_S:g} s) exits at once\n".encode())
 
