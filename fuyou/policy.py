@@ -12,7 +12,10 @@ Classes, in DESIGN.md's swap-priority order (recompute FLOPs saved per byte kept
 * ``fc1``  first MLP matmul output, B*T*ff (llama: gate and up outputs, 2*B*T*ff).
 
 Keeping a class saves its matmul's recomputation (2*B*T*in*out FLOPs). The stage input
-``checkpoint`` (B*T*d) is always kept; its tier and its dtype are chosen. Tiers: ``gpu`` (the compute
+``checkpoint`` (B*T*d) is always kept; its tier and its dtype are chosen. A block whose four classes
+are kept in one tier is kept whole: everything autograd saves goes to that tier
+(``fuyou.engine.budget.saved_block_bytes``: more than the four classes) and nothing is recomputed;
+its input stays on the compute device with its graph, whatever its checkpoint tier. Tiers: ``gpu`` (the compute
 device's memory), ``cpu``, ``ssd``; a class not kept is ``recompute``. Activations are stored in the
 compute dtype (2 bytes); the checkpoint in fp32 (exact) or, with ``checkpoint_dtype=bf16``, in 2 bytes
 (not fp16: the residual stream outgrows its range).
@@ -289,8 +292,8 @@ def to_keep(pol: ActivationPolicy, n_layer: int, default_dtype: str = "fp32") ->
         kept = {c: getattr(b, c) for c in CLASSES if getattr(b, c) != "recompute"}
         tiers = set(kept.values())
         dtype = b.checkpoint_dtype or default_dtype
-        if len(kept) == len(CLASSES) and len(tiers) == 1:
-            out[i] = KeepPolicy(checkpoint=b.checkpoint, all=tiers.pop(), checkpoint_dtype=dtype)
+        if len(kept) == len(CLASSES) and len(tiers) == 1:  # its input stays on the device with its graph
+            out[i] = KeepPolicy(checkpoint="gpu", all=tiers.pop(), checkpoint_dtype=dtype)
         else:
             out[i] = KeepPolicy(checkpoint=b.checkpoint, classes=kept, checkpoint_dtype=dtype)
     return out

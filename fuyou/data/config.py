@@ -80,6 +80,13 @@ class DataConfig(BaseModel):
                 data = {**data, "source": "text"}
         return data
 
+    @property
+    def may_pack(self) -> bool:
+        """Rows may hold several packed examples (fine-tuning records with ``packing``), so attention takes a
+        mask: the activation estimates count it (``fuyou.engine.budget.saved_block_bytes``). Decided from
+        the settings (the data is read later): plain text (``format='text'``, the embedded corpus) never packs."""
+        return self.packing and self.source in ("text", "prepared") and self.format != "text"
+
     @model_validator(mode="after")
     def _check_paths(self) -> "DataConfig":
         for p in self.eval_path:

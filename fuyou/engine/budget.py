@@ -399,14 +399,74 @@ def class_widths(cfg_model) -> dict[str, int]:
             "fc1": cfg_model.ff_dim * (2 if cfg_model.family == "llama" else 1)}
 
 
-def kept_activation_bytes(cfg_model, policy: dict, batch: int, seq: int, act_bytes: int) -> dict[str, int]:
+def saved_block_bytes(cfg_model, batch: int, seq: int, csize: int, lora=None, packed: bool = False) -> int:
+    """Bytes autograd saves in one block's forward for one micro-batch: what a block kept whole (policy
+    ``all``) swaps (``fuyou.engine.recompute.GraphKeeper``: every saved tensor once, less the block's
+    input and weights). Counted from the blocks' code (``fuyou.models.stages``) as PyTorch saves it, in
+    bytes per token unless said: each norm its statistics (4 B per row; LayerNorm mean and rstd), RMSNorm
+    its fp32 input and, where its weight trains, its fp32 normalised product; each matmul its input
+    where its weight trains or it has an adapter (in the compute dtype, cast once for the matmuls
+    sharing it); attention its query, keys, values (rotated), output (the kernel's fp32 log-sum-exp, 4 B
+    per head) and the output's copy into the projection; the MLP its activation's input and output (Llama:
+    gate, SiLU, up); the fp32 residual before the second norm. Per block: Llama's cos and sin tables
+    (per row with ``packed`` documents), a mask (with packing or a sliding window shorter than the
+    sequence, in the compute dtype), GPT's norm weights cast to fp32 under bf16. ``lora``: a
+    ``LoRAConfig`` (the base frozen: a matmul without an adapter saves no input; an adapter saves
+    A·x, r per token, and its weights, and with dropout the mask and the dropped input instead of the input).
+    Checked against the engine's swapped bytes on the CPU (tests/engine/test_activations.py: GPT and
+    Llama, fp32 and bf16, grouped queries, QK norms, windows, packing, LoRA with and without dropout)."""
+    from fuyou.models.lora import resolve_targets
+
+    c, N, B, T = csize, batch * seq, batch, seq
+    d, ff, hd = cfg_model.d_model, cfg_model.ff_dim, cfg_model.head_dim
+    qw, kv, h, kvh = cfg_model.q_width, cfg_model.kv_heads * hd, cfg_model.n_head, cfg_model.kv_heads
+    fam = cfg_model.family
+    full = lora is None or not lora.enabled
+    adapted = set() if full else set(resolve_targets(fam, lora.targets))
+    inputs = {"llama": {"q": d, "k": d, "v": d, "o": qw, "gate": d, "up": d, "down": ff},
+              "gpt": {"qkv": d, "proj": qw, "fc1": d, "fc2": ff}}[fam]
+    outputs = {"llama": {"q": qw, "k": kv, "v": kv, "o": d, "gate": ff, "up": ff, "down": d},
+               "gpt": {"qkv": qw + 2 * kv, "proj": d, "fc1": ff, "fc2": d}}[fam]
+
+    dropout = not full and lora.dropout > 0
+
+    def saves_input(*names: str) -> bool:  # (an adapter with dropout saves its dropped input instead)
+        return full or (not dropout and any(n in adapted for n in names))
+
+    attn = c * (qw + 2 * kv) + c * qw + 4 * h + (c * qw if saves_input("o" if fam == "llama" else "proj") else 0)
+    mask = (B if packed else 1) * T * T * c if packed or (cfg_model.sliding_window or T) < T else 0
+    if fam == "gpt":
+        per_token = (2 * 8 + 4 * d + attn + c * ff
+                     + (c * d if saves_input("qkv") else 0) + (c * d if saves_input("fc1") else 0)
+                     + (c * ff if saves_input("fc2") else 0))
+        const = 4 * 4 * d if c == 2 else 0  # the norms' weights and biases cast to fp32
+        if packed:
+            const += mask
+    else:
+        first, second = saves_input("q", "k", "v"), saves_input("gate", "up")
+        norms = 2 * 4 + 4 * d + (2 * 4 * d if full else 0) + c * d * (first + second)
+        qk = (4 * (qw + kv) + 4 * (h + kvh) + (c * (qw + kv) if full else 0)) if cfg_model.qk_norm else 0
+        per_token = norms + qk + attn + 3 * c * ff + (c * ff if saves_input("down") else 0)
+        const = 2 * (B if packed else 1) * T * hd * c + mask
+    adapters = 0
+    for n in adapted:
+        adapters += N * c * lora.rank + c * lora.rank * (inputs[n] + outputs[n])
+        if dropout:  # the mask, in the input's dtype (GPT's norms give fp32), and the dropped input
+            adapters += N * inputs[n] * ((4 if fam == "gpt" and n in ("qkv", "fc1") else c) + c)
+    return N * per_token + const + adapters
+
+
+def kept_activation_bytes(cfg_model, policy: dict, batch: int, seq: int, act_bytes: int,
+                          whole: int | None = None) -> dict[str, int]:
     """Bytes of activations a policy (``fuyou.policy.KeepPolicy`` per block) keeps per tier for one
     micro-batch (a step keeps them for each of its micro-batches). A kept class costs its matmul output;
-    a block kept whole is charged the block working-set estimate (everything autograd saves); a
-    checkpoint moved off the device, B·T·d in its dtype (4 B, or 2 B in bf16)."""
+    a block kept whole what autograd saves (``whole``; by default ``saved_block_bytes`` of full
+    fine-tuning without packing), its input staying on the device; a checkpoint moved off the device,
+    B·T·d in its dtype (4 B, or 2 B in bf16)."""
     d, tokens = cfg_model.d_model, batch * seq
     per_class = class_widths(cfg_model)
-    whole = activation_bytes(cfg_model, batch, seq)["block_work"]
+    if whole is None:
+        whole = saved_block_bytes(cfg_model, batch, seq, act_bytes)
     out = {"gpu": 0, "cpu": 0, "ssd": 0}
     for b in policy.values():
         if b.all is not None:
@@ -471,19 +531,22 @@ def act_cpu_share(policy: dict, off, cpu_tier_bytes: int | None = None) -> tuple
     return share, bool(uses & {"cpu", "ssd"})
 
 
-def cpu_tier_need(cfg_model, policy: dict, batch: int, seq: int, csize: int, micro_batches: int = 1) -> int:
+def cpu_tier_need(cfg_model, policy: dict, batch: int, seq: int, csize: int, micro_batches: int = 1,
+                  whole: int | None = None) -> int:
     """Bytes a policy keeps in the cpu tier in a step: each micro-batch's, until its backward."""
-    return micro_batches * kept_activation_bytes(cfg_model, policy, batch, seq, csize)["cpu"]
+    return micro_batches * kept_activation_bytes(cfg_model, policy, batch, seq, csize, whole)["cpu"]
 
 
 def policy_memory(cfg_model, policy: dict, off, batch: int, seq: int, csize: int,
-                  checksum_block: int, micro_batches: int = 1) -> tuple[dict[str, int], dict[str, int], int, int | None]:
+                  checksum_block: int, micro_batches: int = 1,
+                  whole: int | None = None) -> tuple[dict[str, int], dict[str, int], int, int | None]:
     """What an activation policy adds to the memory plan: (CPU items, device items, bytes of stage
     inputs kept on the device, ``plan_memory``'s ``share_cap``: ``act_share_cap``). The engine and the planner both call it, with the engine's block
     policies (a block whose classes are all kept is kept whole and charged its working set). Every
-    micro-batch of a step keeps its activations until backward (layer-major: ``micro_batches``)."""
+    micro-batch of a step keeps its activations until backward (layer-major: ``micro_batches``). ``whole``:
+    what a block kept whole saves (``saved_block_bytes``)."""
     act = activation_bytes(cfg_model, batch, seq)
-    kept = kept_activation_bytes(cfg_model, policy, batch, seq, csize)
+    kept = kept_activation_bytes(cfg_model, policy, batch, seq, csize, whole)
     share, offtier = act_cpu_share(policy, off, micro_batches * kept["cpu"])
     extra_cpu, extra_dev = {}, {}
     if kept["gpu"]:
@@ -494,7 +557,7 @@ def policy_memory(cfg_model, policy: dict, off, batch: int, seq: int, csize: int
         extra_cpu[ACT_SHARE] = share
     # Activations read back ahead of backward are materialised on the compute device: the block (of one
     # micro-batch) in backward and ``act_prefetch_blocks`` more.
-    per_block = [sum(kept_activation_bytes(cfg_model, {i: b}, batch, seq, csize)[k] for k in ("cpu", "ssd"))
+    per_block = [sum(kept_activation_bytes(cfg_model, {i: b}, batch, seq, csize, whole)[k] for k in ("cpu", "ssd"))
                  for i, b in policy.items()]
     if max(per_block, default=0):
         extra_dev["activations fetched ahead"] = (off.act_prefetch_blocks + 1) * max(per_block)
@@ -502,7 +565,8 @@ def policy_memory(cfg_model, policy: dict, off, batch: int, seq: int, csize: int
     # with one more while a stage computes (fp32); blocks whose checkpoints stay there keep one per
     # micro-batch, in the checkpoint's dtype.
     stream = act["checkpoint"] // 4  # elements
-    kept_ckpt = sum(b.checkpoint_bytes for b in policy.values() if b.checkpoint == "gpu") * stream
-    # (a block whose input is rounded for a bf16 checkpoint rounds the stream tensor in place: no extra copy)
+    # (a block whose input is rounded for a bf16 checkpoint rounds the stream tensor in place: no extra copy;
+    # a block kept whole keeps that tensor, fp32, with its graph)
+    kept_ckpt = sum(4 if b.all else b.checkpoint_bytes for b in policy.values() if b.checkpoint == "gpu") * stream
     return (extra_cpu, extra_dev, (micro_batches + 1) * act["checkpoint"] + micro_batches * kept_ckpt,
             act_share_cap(policy, off, micro_batches * kept["cpu"]))

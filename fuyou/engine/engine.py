@@ -98,7 +98,7 @@ from fuyou.config import FuyouConfig
 from fuyou.data import TokenData
 from fuyou.engine.budget import (D2H_DEPTH, MemoryPlan, act_cpu_share, activation_bytes, cpu_tier_need,
                                  device_working_bytes, exchange_buffer_bytes, shared_cache_layout,
-                                 offtier_bytes, plan_memory, policy_memory)
+                                 offtier_bytes, plan_memory, policy_memory, saved_block_bytes)
 from fuyou.engine.device import InFlight, make_device
 from fuyou.engine.recompute import BlockState, backward_block, forward_block, leaves, weight_bases
 from fuyou.engine.swapper import ActivationSwapper
@@ -178,8 +178,11 @@ class Engine:
         self.tied = bool(self.model.stages[-1].shared)
         self.act = keep_policies(off.act_policy, cfg.model.n_layer,
                                  default_checkpoint_dtype(off.checkpoint_dtype, t.precision))
+        self.whole_block = saved_block_bytes(cfg.model, t.micro_batch_size, cfg.data.seq_len, dtype_size(self.cdtype),
+                                             cfg.lora, cfg.data.may_pack)  # what a block kept whole saves
         self.act_cpu_mem, self.act_offtier = act_cpu_share(self.act, off, cpu_tier_need(
-            cfg.model, self.act, t.micro_batch_size, cfg.data.seq_len, dtype_size(self.cdtype), len(self.micro)))
+            cfg.model, self.act, t.micro_batch_size, cfg.data.seq_len, dtype_size(self.cdtype), len(self.micro),
+            self.whole_block))
         # Activations swapped to the cpu/ssd tiers are freed out of order, mid-heap, where glibc cannot
         # return them: with such a policy every large block stays an mmap (bound_malloc's docstring).
         if self.act_offtier:
@@ -391,7 +394,8 @@ class Engine:
         act = activation_bytes(self.cfg.model, t.micro_batch_size, self.cfg.data.seq_len, frozen=bool(self.lora))
         extra_cpu, extra_dev, ckpt, share_cap = policy_memory(self.cfg.model, self.act, off, t.micro_batch_size,
                                                               self.cfg.data.seq_len, dtype_size(self.cdtype),
-                                                              self.store_cfg.checksum_block, len(self.micro))
+                                                              self.store_cfg.checksum_block, len(self.micro),
+                                                              self.whole_block)
         if self.sharded:  # one chunk of compute weights on its way between the ranks (exchange.py)
             extra_cpu["weight exchange buffer"] = exchange_buffer_bytes(self.chunk, dtype_size(self.cdtype))
         working = None

@@ -16,6 +16,8 @@ is the swapper's business (``swapper.py``).
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -115,6 +117,10 @@ class GraphKeeper:
         self.fwd_weights, self.inp = weights, inp
         self.bwd_weights: list[Tensor] | None = None
         self.slots: list[Slot] = []
+        # A tensor saved twice (one input of two matmuls, each through its own view) is kept once. Known by its
+        # place, shape and version while the tensor it views lives (weakly held: memory freed and reused for
+        # a new tensor at the same address is not taken for it).
+        self._seen: dict[tuple, tuple[weakref.ref, Slot]] = {}
 
     def pack(self, t: Tensor):
         if t.device != self.inp.device:  # e.g. the CPU RNG state SDPA saves on CUDA: small, kept as is
@@ -125,8 +131,13 @@ class GraphKeeper:
                 return ("w", k, t.storage_offset() - base.storage_offset(), t.shape, t.stride())
         if ptr == self.inp.untyped_storage().data_ptr():
             return ("in", 0, t.storage_offset() - self.inp.storage_offset(), t.shape, t.stride())
+        seen = (ptr, t.storage_offset(), t.shape, t.stride(), t.dtype, t._version)
+        ref, slot = self._seen.get(seen, (None, None))
+        if ref is not None and ref() is not None:
+            return ("s", slot)
         slot = self.swapper.put(f"{self.prefix}/saved{len(self.slots)}", t, self.tier)
         self.slots.append(slot)
+        self._seen[seen] = (weakref.ref(t if t._base is None else t._base), slot)
         return ("s", slot)
 
     def unpack(self, packed):
@@ -148,6 +159,7 @@ class GraphKeeper:
         for s in self.slots:
             self.swapper.free(s)
         self.slots.clear()
+        self._seen.clear()
 
 
 class BlockState:
@@ -195,6 +207,7 @@ def forward_block(swapper: ActivationSwapper, tag: str, policy: KeepPolicy, fn, 
             out = fn(params, inp, None)
         release_forward_weights(params)
         keeper.fwd_weights = None
+        keeper._seen.clear()
         return out.detach(), BlockState(graph=(out, inp, params), keeper=keeper)
     ck = swapper.put(f"act/{tag}/checkpoint", rounded if rounds else x, policy.checkpoint)
     rounded = None

@@ -25,6 +25,13 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return weight * h.to(x.dtype)
 
 
+def autocast_input(h: Tensor) -> Tensor:
+    """``h`` in autocast's dtype when autocast is on (as is): the input of several matmuls cast once, not by
+    each (the same values; under a saved graph, one copy kept instead of one per matmul)."""
+    dev = h.device.type
+    return h.to(torch.get_autocast_dtype(dev)) if torch.is_autocast_enabled(dev) else h
+
+
 def rope_tables(seq_len: int, head_dim: int, theta: float, device: torch.device, scaling=None) -> tuple[Tensor, Tensor]:
     """cos and sin of shape (seq_len, head_dim), in the half-split layout transformers' Llama uses.
     ``scaling``: a ``RopeScaling`` (linear, or Llama 3.1's llama3), computed as transformers does."""

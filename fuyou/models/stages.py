@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fuyou.models.config import ModelConfig
-from fuyou.models.layers import apply_rope, attention_mask, causal_attention, layer_norm, linear_cross_entropy, rms_norm, rope_tables
+from fuyou.models.layers import apply_rope, attention_mask, autocast_input, causal_attention, layer_norm, linear_cross_entropy, rms_norm, rope_tables
 
 Init = Literal["normal", "normal_resid", "zeros", "ones", "lora_a"]
 
@@ -216,7 +216,7 @@ class LlamaBlock(Stage):
         hd = cfg.head_dim
         lin = acts.linear if acts is not None else _linear
         mm = self._matmul
-        h = rms_norm(x, params["attn_norm.weight"], cfg.norm_eps)
+        h = autocast_input(rms_norm(x, params["attn_norm.weight"], cfg.norm_eps))
         q = mm(lin, "qkv", "q", h, params, key).view(B, T, cfg.n_head, hd)
         k = mm(lin, "qkv", "k", h, params, key).view(B, T, cfg.kv_heads, hd)
         v = mm(lin, "qkv", "v", h, params, key).view(B, T, cfg.kv_heads, hd).transpose(1, 2)
@@ -226,10 +226,11 @@ class LlamaBlock(Stage):
         cos, sin = self._tables(T, x.device)
         if pos is not None:  # per-row positions (packed documents): (B, 1, T, hd) tables
             cos, sin = cos[pos][:, None], sin[pos][:, None]
+        cos, sin = cos.to(q.dtype), sin.to(q.dtype)  # once for both (a saved graph keeps one copy)
         mask = attention_mask(pos, T, cfg.sliding_window, x.device)
         a = causal_attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, mask)
         x = x + mm(lin, "proj", "o", a.transpose(1, 2).reshape(B, T, cfg.q_width), params, key)
-        h = rms_norm(x, params["mlp_norm.weight"], cfg.norm_eps)
+        h = autocast_input(rms_norm(x, params["mlp_norm.weight"], cfg.norm_eps))
         h = F.silu(mm(lin, "fc1", "gate", h, params, key)) * mm(lin, "fc1", "up", h, params, key)
         return x + mm(lin, "fc2", "down", h, params, key)
 

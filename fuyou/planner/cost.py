@@ -15,13 +15,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fuyou.engine.budget import class_widths, device_working_bytes
+from fuyou.engine.budget import class_widths, device_working_bytes, saved_block_bytes
 from fuyou.engine.config import OffloadConfig
 from fuyou.models import ModelConfig, StageModel
 from fuyou.models.lora import LoRAConfig, attach
 from fuyou.models.quant import packed_bytes
 from fuyou.optim.compressed import StateFormat
-from fuyou.policy import CLASSES, DTYPE_BYTES, ActivationPolicy, BlockPolicy, default_checkpoint_dtype
+from fuyou.policy import DTYPE_BYTES, ActivationPolicy, BlockPolicy, default_checkpoint_dtype, to_keep
 from fuyou.store import StoreConfig
 
 
@@ -40,6 +40,7 @@ class Workload:
     fmt: StateFormat = field(default_factory=StateFormat)  # how the optimizer state is stored
     lora: LoRAConfig | None = None  # LoRA: a read-only base, adapters and their AdamW on the device
     ranks: int = 1            # data parallel (fuyou/distributed.py): GPUs of one machine sharing the step
+    packed: bool = False      # rows may pack several examples (``DataConfig.may_pack``): attention takes a mask
     depths: tuple[int, ...] = (1, 2, 3)  # the prefetch depths the search tries (offload.prefetch_depth given: it)
 
     def __post_init__(self):
@@ -57,6 +58,8 @@ class Workload:
         self.dequant_bytes = self.csize * max(self.numels[1:-1] or [0]) if packed else 0
         self.gsize = 4 if self.grad_accum > 1 else self.csize
         self.chunk = self.fmt.chunk_elements(self.offload.optimizer_chunk, self.store.checksum_block)
+        # what a block kept whole (its four classes in one tier) saves, one micro-batch: the engine's figure
+        self.whole = saved_block_bytes(self.model, self.batch, self.seq, self.csize, self.lora, self.packed)
         if self.ranks < 1 or self.grad_accum % self.ranks:
             raise ValueError(f"{self.grad_accum} micro-batches do not divide among {self.ranks} ranks")
         # data parallel with full fine-tuning: each stage's optimizer state on one rank (the engine's rule)
@@ -79,7 +82,7 @@ class Workload:
         return cls(cfg.model, cfg.train.micro_batch_size, cfg.data.seq_len, cfg.offload, cfg.train.grad_accum,
                    2 if cfg.train.precision == "bf16" else 4,
                    StoreConfig(queue_depth=cfg.offload.io_threads, verify_checksums=cfg.offload.verify_checksums),
-                   cfg.train.grad_clip, StateFormat.of(cfg.optim), cfg.lora)
+                   cfg.train.grad_clip, StateFormat.of(cfg.optim), cfg.lora, packed=cfg.data.may_pack)
 
     @property
     def master_is_weights(self) -> bool:
@@ -124,15 +127,22 @@ class StageCost:
     act_bytes: dict[str, int]      # bytes per activation class, "checkpoint" included
 
     def recompute_flops(self, kept: set[str]) -> float:
+        """``kept``: the classes kept, or {"all"} for a block kept whole (nothing recomputed)."""
+        if "all" in kept:
+            return 0.0
         return self.fwd_flops - sum(f for c, f in self.class_flops.items() if c in kept)
 
     def backward_flops(self, kept: set[str], frozen: bool = False) -> float:
         """The engine's backward task: recompute (less what is kept) plus backward (2x forward: the
-        gradients of the input and of the weights; ``frozen`` (LoRA's base): the input's only, 1x)."""
-        grads = 1 if frozen else 2
+        gradients of the input and of the weights; ``frozen`` (LoRA's base): the input's only, 1x, for
+        the base's matmuls; attention's and the adapters' (``adapter_flops``) stay 2x: attention has no
+        weight, the adapters train)."""
         if self.kind == "head":
-            return (1 + grads) * self.fwd_flops
-        return self.recompute_flops(kept) + grads * self.fwd_flops
+            return (2 if frozen else 3) * self.fwd_flops
+        if not frozen:
+            return self.recompute_flops(kept) + 2 * self.fwd_flops
+        base = sum(self.class_flops.values())
+        return self.recompute_flops(kept) + base + 2 * (self.fwd_flops - base)
 
 
 def stage_costs(w: Workload) -> list[StageCost]:
@@ -152,7 +162,9 @@ def stage_costs(w: Workload) -> list[StageCost]:
                      "fc1": 2.0 * N * d * ff * fc1_mult}
             nbytes = {"checkpoint": 4 * N * d, **{c: w.csize * N * n for c, n in class_widths(cfg).items()}}
             attn = 4.0 * N * T * qw
-            out.append(StageCost(s.name, s.index, "block", numel, sum(flops.values()) + attn, flops, nbytes))
+            # LoRA: each adapter's two thin matmuls, B(A x): 2 N r (in + out)
+            adapters = sum(2.0 * N * p.numel for p in s.adapters.values())
+            out.append(StageCost(s.name, s.index, "block", numel, sum(flops.values()) + attn + adapters, flops, nbytes))
     return out
 
 
@@ -162,25 +174,53 @@ def gpu_working_bytes(w: Workload) -> int:
                                 frozen=w.lora_params is not None)
 
 
-def placement_bytes(w: Workload, costs: list[StageCost], policy: ActivationPolicy) -> dict[str, int]:
-    """Bytes of activations each tier holds at the peak on one rank (end of forward, every micro-batch's),
-    checkpoints separately; ``ssd_max_block``: one block's of one micro-batch."""
-    out = {"ckpt_gpu": 0, "ckpt_cpu": 0, "ckpt_ssd": 0, "gpu": 0, "cpu": 0, "ssd": 0, "ssd_max_block": 0}
+def forward_keeps(w: Workload, c: StageCost, b: BlockPolicy) -> list[tuple[str, str, int]]:
+    """What a block stage keeps from its forward, as the engine keeps it (``fuyou.policy.to_keep``): (what,
+    tier, bytes) for its checkpoint and each kept class, or for a block kept whole (its four classes in one
+    tier) everything autograd saves (``Workload.whole``, what "all") with its input on the device."""
+    keep = to_keep(ActivationPolicy(blocks={0: b}), 1, w.checkpoint_default)[0]
+    if keep.all is not None:
+        return [("checkpoint", "gpu", c.act_bytes["checkpoint"]), ("all", keep.all, w.whole)]
+    return [("checkpoint", b.checkpoint, w.checkpoint_bytes(c, b))] + [(cls, getattr(b, cls), c.act_bytes[cls])
+                                                                      for cls in FORWARD_ORDER if getattr(b, cls) != "recompute"]
+
+
+FORWARD_ORDER = ("qkv", "proj", "fc1", "fc2")  # the classes in the order a block's forward produces them
+
+
+def kept_in_forward(w: Workload, costs: list[StageCost], policy: ActivationPolicy, share: int | None,
+                    cuda: bool = True) -> dict[tuple[int, int], list[tuple[str, str, int]]]:
+    """What each block stage keeps in each micro-batch's forward (``forward_keeps``), by (stage index,
+    micro-batch), with the cpu tier's overflow: as the engine's swapper does, in the order of the
+    forward pass (layer-major), an item the cpu tier's ``share`` no longer has room for goes to the
+    SSD (on CUDA the share's pinned buffers round each to 4 KiB). ``share``: the plan's
+    ``activations (cpu tier share)``; None: unbounded."""
+    used, out = 0, {}
     for c in costs:
         if c.kind != "block":
             continue
-        b = policy.block(c.index - 1)
-        ckpt = w.checkpoint_bytes(c, b)
-        out["ckpt_" + b.checkpoint] += ckpt
-        ssd_block = ckpt if b.checkpoint == "ssd" else 0
-        for cls in CLASSES:
-            tier = getattr(b, cls)
-            if tier != "recompute":
-                out[tier] += c.act_bytes[cls]
-                ssd_block += c.act_bytes[cls] if tier == "ssd" else 0
-        out["ssd_max_block"] = max(out["ssd_max_block"], ssd_block)
-    for k in ("ckpt_gpu", "ckpt_cpu", "ckpt_ssd", "gpu", "cpu", "ssd"):
-        out[k] *= w.micro
+        for mb in range(w.micro):
+            items = []
+            for what, tier, nbytes in forward_keeps(w, c, policy.block(c.index - 1)):
+                if tier == "cpu" and share is not None:
+                    size = -(-nbytes // 4096) * 4096 if cuda else nbytes
+                    if used + size > share:
+                        tier = "ssd"
+                    else:
+                        used += size
+                items.append((what, tier, nbytes))
+            out[(c.index, mb)] = items
+    return out
+
+
+def placement_bytes(w: Workload, costs: list[StageCost], policy: ActivationPolicy, share: int | None = None,
+                    cuda: bool = True) -> dict[str, int]:
+    """Bytes of activations each tier holds at the peak on one rank (end of forward, every micro-batch's),
+    checkpoints separately, the cpu tier's overflow (``share``, ``kept_in_forward``) on the SSD."""
+    out = {"ckpt_gpu": 0, "ckpt_cpu": 0, "ckpt_ssd": 0, "gpu": 0, "cpu": 0, "ssd": 0}
+    for items in kept_in_forward(w, costs, policy, share, cuda).values():
+        for what, tier, nbytes in items:
+            out[("ckpt_" if what == "checkpoint" else "") + tier] += nbytes
     return out
 
 

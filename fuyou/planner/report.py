@@ -87,7 +87,7 @@ def summary(plan: Plan) -> dict:
     out.update({
         "ssd_bytes": ev.ssd_bytes, "cpu_peak_bytes": ev.memory.cpu_required + ev.memory.cache_bytes + ev.memory.resident_bytes,
         "ssd_state_bytes": state_ssd_bytes(w, ev.memory),
-        "ssd_parts_bytes": ssd_parts(w, ev.memory, plan.costs, ev.policy),
+        "ssd_parts_bytes": ssd_parts(w, ev.memory, plan.costs, ev.policy, hw.device == "cuda"),
         "gpu_peak_bytes": ev.memory.device_required if hw.device == "cuda" else 0,
         "step_s": step, "tokens_per_s": w.tokens / step,
         "model_tflops": w.model_flops / step / 1e12, "gpu_busy": busy_gpu / step,

@@ -22,7 +22,7 @@ import math
 from dataclasses import dataclass, field
 
 from fuyou.policy import to_keep
-from fuyou.engine.budget import (DEVICE_SLACK_FRACTION, MemoryPlan, act_cpu_share, cpu_tier_need,
+from fuyou.engine.budget import (ACT_SHARE, DEVICE_SLACK_FRACTION, MemoryPlan, act_cpu_share, cpu_tier_need,
                                  exchange_buffer_bytes, offtier_bytes, plan_memory,
                                  policy_memory, weight_buffer_need)
 from fuyou.engine.config import OffloadConfig
@@ -108,7 +108,7 @@ def memory_plan(w: Workload, hw: HardwareProfile, costs: list[StageCost], policy
         plan = max(plans, key=lambda p: p.cpu_required + p.cache_bytes + p.resident_bytes)
         plan.resident_elsewhere = sorted(i for p in plans if p is not plan for i in p.resident_stages)
         plan.spare_elsewhere = sorted(i for p in plans if p is not plan for i in p.spare_stages)
-    return plan, sum(ssd_parts(w, plan, costs, policy).values())
+    return plan, sum(ssd_parts(w, plan, costs, policy, hw.device == "cuda").values())
 
 
 def _rank_plan(w: Workload, hw: HardwareProfile, policy: ActivationPolicy, cpu_budget: int,
@@ -120,7 +120,7 @@ def _rank_plan(w: Workload, hw: HardwareProfile, policy: ActivationPolicy, cpu_b
     # policy, so a plan the planner accepts is one the engine accepts.
     keep = to_keep(policy, w.model.n_layer, w.checkpoint_default)
     extra_cpu, extra_dev, ckpt_bytes, share_cap = policy_memory(w.model, keep, off, w.batch, w.seq, w.csize,
-                                                                w.store.checksum_block, w.micro)
+                                                                w.store.checksum_block, w.micro, w.whole)
     if owned is not None:  # the engine's: one chunk of compute weights on its way between the ranks
         extra_cpu["weight exchange buffer"] = exchange_buffer_bytes(w.chunk, w.csize)
     return plan_memory(
@@ -156,10 +156,10 @@ def state_ssd_bytes(w: Workload, plan: MemoryPlan) -> dict[str, int]:
             if clip else 0}
 
 
-def ssd_parts(w: Workload, plan: MemoryPlan, costs, policy: ActivationPolicy) -> dict[str, int]:
+def ssd_parts(w: Workload, plan: MemoryPlan, costs, policy: ActivationPolicy, cuda: bool = True) -> dict[str, int]:
     """The SSD footprint by part (every rank's together): the training state (``state_ssd_bytes``), the
     activations and checkpoints the policy swaps to the SSD at the peak, and each rank's store margin."""
-    pb = placement_bytes(w, costs, policy)
+    pb = placement_bytes(w, costs, policy, plan.cpu_items.get(ACT_SHARE, 0), cuda)
     return {**state_ssd_bytes(w, plan), "swapped activations": w.ranks * pb["ssd"],
             "swapped checkpoints": w.ranks * pb["ckpt_ssd"], "store margin": w.ranks * STORE_MARGIN}
 
@@ -217,12 +217,21 @@ def _assign(w, hw, costs, depth: int, tiers: tuple[str, ...], k: int, cpu_budget
             "ssd": math.inf}
     if hw.device == "cpu":  # the compute device's memory is CPU memory: "gpu" and "cpu" are one tier
         room["gpu"], room["cpu"] = room["cpu"], 0
+    # the engine's cpu tier is its share (act_cpu_share: offload.act_cpu_mem, by default a quarter of the
+    # budget); what the policy put there beyond it would overflow to the SSD (cost.kept_in_forward)
+    off = w.offload
+    room["cpu"] = min(room["cpu"], off.act_cpu_mem if off.act_cpu_mem is not None else cpu_budget // 4)
     blocks = {i: dict(checkpoint="ssd") for i in range(L)}
 
     def put(i: int, cls: str, nbytes: int) -> None:
         for t in tiers:
-            if room[t] >= nbytes:
-                room[t] -= nbytes
+            # the last of a block's four classes into the tier of the other three keeps the block whole,
+            # which holds everything autograd saves (``Workload.whole``), not just the four
+            others = [blocks[i].get(c) for c in CLASSES if c != cls]
+            whole = cls != "checkpoint" and all(o == t for o in others)
+            extra = M * w.whole - sum(M * costs[i + 1].act_bytes[c] for c in CLASSES) if whole else 0
+            if room[t] >= nbytes + extra:
+                room[t] -= nbytes + extra
                 blocks[i][cls] = t
                 return
 
@@ -402,7 +411,7 @@ def _from_lower_budgets(asked: Workload, w: Workload, hw: HardwareProfile, costs
             break
         low_off = lower.workload.offload.model_copy(update={"cpu_mem": rung})
         keep = to_keep(lower.best.policy, w.model.n_layer, w.checkpoint_default)
-        share, _ = act_cpu_share(keep, low_off, cpu_tier_need(w.model, keep, w.batch, w.seq, w.csize, w.micro))
+        share, _ = act_cpu_share(keep, low_off, cpu_tier_need(w.model, keep, w.batch, w.seq, w.csize, w.micro, w.whole))
         caps = {"resident_mem": lower.best.memory.resident_bytes, "act_cpu_mem": share if share else None}
         w2 = dataclasses.replace(asked, offload=lower.workload.offload.model_copy(update=caps))
         e = evaluate(w2, hw, costs, lower.best.policy, cpu_budget, REPORT_STEPS)

@@ -55,9 +55,10 @@ import heapq
 import math
 from dataclasses import dataclass, field
 
-from fuyou.planner.cost import StageCost, Workload
+from fuyou.engine.budget import ACT_SHARE
+from fuyou.planner.cost import StageCost, Workload, kept_in_forward
 from fuyou.planner.hardware import HardwareProfile
-from fuyou.policy import CLASSES, ActivationPolicy
+from fuyou.policy import ActivationPolicy
 
 MAX_ADAM_CHUNKS = 4  # chunks per AdamW job in the simulation (enough to show the pipeline's fill/drain)
 
@@ -250,13 +251,13 @@ def simulate_plan(w: Workload, costs: list[StageCost], hw: HardwareProfile, poli
     """``simulate`` for a memory plan (``fuyou.engine.budget.MemoryPlan``): its cached stages, resident
     stages and spare copies (every rank's), so that no caller simulates a plan other than the one it made."""
     return simulate(w, costs, hw, policy, set(plan.cached_stages), resident=set(plan.resident_all),
-                    spare=set(plan.spare_all), **kwargs)
+                    spare=set(plan.spare_all), act_share=plan.cpu_items.get(ACT_SHARE, 0), **kwargs)
 
 
 def _simulate(w: Workload, costs: list[StageCost], hw: HardwareProfile, policy: ActivationPolicy,
               cached: set[int], steps: int = 3, max_chunks: int = MAX_ADAM_CHUNKS,
               resident: set[int] | frozenset = frozenset(), commit: bool = False, clip_mode: str = "speculate",
-              spare: set[int] | frozenset = frozenset()) -> SimResult:
+              spare: set[int] | frozenset = frozenset(), act_share: int | None = None) -> SimResult:
     """Simulate ``steps`` optimizer steps from an idle machine; see the module docstring.
 
     ``cached``: stages whose compute weights are in CPU memory (on every rank); ``resident``: stages
@@ -265,9 +266,12 @@ def _simulate(w: Workload, costs: list[StageCost], hw: HardwareProfile, policy: 
     the threshold), 'redo' (it exceeds it: every speculative update is redone) or 'defer' (every
     update waits for the norm: the engine's schedule after a step that clipped); ``spare``: resident
     stages with a spare copy of their state, which speculate as streamed stages do but in CPU memory
-    (engine.py, Note: [Spare copies]), and wait for the norm only in 'defer'."""
+    (engine.py, Note: [Spare copies]), and wait for the norm only in 'defer'; ``act_share``: the cpu
+    tier's share of activations, what does not fit it going to the SSD (``cost.kept_in_forward``; None:
+    unbounded)."""
     g = _Graph()
     cuda = hw.device == "cuda"
+    placed = kept_in_forward(w, costs, policy, act_share, cuda)
     R, owner, sharded = w.ranks, w.owners, w.sharded
 
     def q(name: str, r: int) -> str:  # a rank's own queue (its GPU, its PCIe link); rank 0's keeps the name
@@ -309,8 +313,7 @@ def _simulate(w: Workload, costs: list[StageCost], hw: HardwareProfile, policy: 
             bind = w.tied and pos == head_pos - 1  # the head's second load (the embedding): no compute
             kept: set[str] = set()
             if c.kind == "block":
-                bp = policy.block(c.index - 1)
-                kept = {k for k in CLASSES if getattr(bp, k) != "recompute"}
+                kept = {what for what, _, _ in placed[(c.index, 0)] if what != "checkpoint"}
             ts = []
             for r in range(R):
                 ends = pos_ends[r]
@@ -363,10 +366,8 @@ def _simulate(w: Workload, costs: list[StageCost], hw: HardwareProfile, policy: 
                     prev_compute[r] = t
                     if c.kind == "block" and not backward:  # swap out what the policy keeps off the device
                         out = []
-                        for cls in ("checkpoint", *CLASSES):
-                            tier = getattr(bp, cls)
+                        for cls, tier, b in placed[(c.index, mb)]:
                             if tier in ("cpu", "ssd") and not (tier == "cpu" and not cuda):
-                                b = w.checkpoint_bytes(c, bp) if cls == "checkpoint" else c.act_bytes[cls]
                                 d = [t]
                                 if cuda:
                                     d = [g.add(f"d2h act {c.name} {cls}", "d2h", q("d2h", r), b / hw.d2h, d, step,

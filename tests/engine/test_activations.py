@@ -188,3 +188,86 @@ def test_a_swapped_tensor_comes_back_with_its_layout(tmp_path):
             sw.free(slot)
         assert sw.put("act/0/t", base.transpose(0, 1), "ssd").perm == (1, 0, 2)
         sw.close()
+
+
+# What a block kept whole saves, across the code paths that change it: the planner and the budget count it
+# with ``budget.saved_block_bytes``, the engine swaps what autograd saves (``recompute.GraphKeeper``).
+WHOLE = {
+    "gpt-fp32": ["model.preset=gpt-test"],
+    "gpt-bf16": ["model.preset=gpt-test", "train.precision=bf16"],
+    "llama-bf16": ["model.preset=llama-test", "train.precision=bf16"],
+    "llama-fp32-qknorm": ["model.preset=llama-test", "model.qk_norm=true"],
+    "llama-bf16-qknorm-mqa": ["model.preset=llama-test", "train.precision=bf16", "model.qk_norm=true",
+                              "model.n_kv_head=1", "model.d_head=32"],
+    "llama-window": ["model.preset=llama-test", "train.precision=bf16", "model.sliding_window=8"],
+    "gpt-lora": ["model.preset=gpt-test", "lora.rank=4"],
+    "gpt-lora-bf16-dropout": ["model.preset=gpt-test", "train.precision=bf16", "lora.rank=4",
+                              "lora.targets=all-linear", "lora.dropout=0.1"],
+    "llama-lora": ["model.preset=llama-test", "train.precision=bf16", "lora.rank=4", "lora.targets=all-linear"],
+    "llama-lora-dropout": ["model.preset=llama-test", "train.precision=bf16", "lora.rank=4", "lora.dropout=0.1"],
+    "llama-packed": ["model.preset=llama-test", "train.precision=bf16", "PACKED"],
+    "gpt-packed-lora": ["model.preset=gpt-test", "lora.rank=2", "lora.targets=c_fc", "PACKED"],
+}
+
+
+@pytest.mark.parametrize("case", list(WHOLE), ids=list(WHOLE))
+def test_a_block_kept_whole_swaps_what_the_estimate_counts(tmp_path, case):
+    """The SSD bytes of ``all=ssd`` are ``saved_block_bytes`` per block and micro-batch, exactly (they were
+    counted as the four classes, half to a third of it); the planner counts the same."""
+    from fuyou.data import load_data
+    from fuyou.engine.budget import saved_block_bytes
+    from fuyou.engine.engine import Engine
+    from fuyou.planner.cost import Workload, placement_bytes, stage_costs
+    from fuyou.policy import read_act_policy
+
+    over = list(WHOLE[case])
+    if "PACKED" in over:  # fine-tuning records, several to a row: attention takes a mask
+        over.remove("PACKED")
+        data = tmp_path / "qa.jsonl"
+        data.write_text("".join(json.dumps({"prompt": f"Q{i}?", "completion": f" {i}."}) + "\n" for i in range(60)))
+        over += [f"data.path={data}", "data.format=prompt_completion"]
+    cfg = make_cfg(tmp_path, "model.n_layer=4", "offload.act_policy=all=ssd;checkpoint=ssd", "offload.mode=ssd",
+                   "train.grad_accum=2", *over)
+    data = load_data(cfg.data)
+    eng = Engine(cfg, data, "whole")
+    try:
+        eng.train_step(0)
+        swapped = eng.counters.act_ssd_write_bytes
+    finally:
+        eng.close()
+    B, T = cfg.train.micro_batch_size, cfg.data.seq_len
+    est = saved_block_bytes(cfg.model, B, T, 2 if cfg.train.precision == "bf16" else 4, cfg.lora,
+                            cfg.data.may_pack)
+    assert swapped == 4 * 2 * est  # four blocks, two micro-batches; the input stays on the device
+    w = Workload.from_config(cfg)
+    placed = placement_bytes(w, stage_costs(w), read_act_policy(cfg.offload.act_policy, 4))
+    assert (placed["ssd"], placed["ckpt_ssd"], placed["ckpt_gpu"]) == (swapped, 0, 2 * 4 * 4 * B * T * cfg.model.d_model)
+
+
+@pytest.mark.parametrize("policy, share", [("fc1,qkv=cpu;checkpoint=cpu", "300KiB"), ("all=cpu", "2MiB"),
+                                           ("fc1,qkv=cpu", None)])
+def test_what_the_cpu_tier_cannot_hold_is_counted_on_the_ssd(tmp_path, policy, share):
+    """The cpu tier is a share of the budget (offload.act_cpu_mem); what overflows it goes to the SSD,
+    in forward order. The planner counted the whole policy's cpu items in CPU memory (a pass measured
+    141 MiB/step written where the plan said 82); it now overflows the same items. A block kept whole is
+    one item to the planner and tensor by tensor to the engine: they agree within that block."""
+    from fuyou.data import load_data
+    from fuyou.engine.engine import Engine
+    from fuyou.planner.cost import Workload, placement_bytes, stage_costs
+    from fuyou.policy import read_act_policy
+
+    cfg = make_cfg(tmp_path, "model.n_layer=4", "model.preset=gpt-tiny", "train.grad_accum=2", "offload.mode=ssd",
+                   f"offload.act_policy={policy}", *([f"offload.act_cpu_mem={share}"] if share else []))
+    eng = Engine(cfg, load_data(cfg.data), "spill")
+    try:
+        eng.train_step(0)
+        c = eng.counters
+    finally:
+        eng.close()
+    assert share is None or c.act_ssd_write_bytes > 0  # (the case overflows)
+    w = Workload.from_config(cfg)
+    placed = placement_bytes(w, stage_costs(w), read_act_policy(policy, 4), eng.act_cpu_mem, cuda=False)
+    total = c.act_ssd_write_bytes + c.act_cpu_bytes
+    assert placed["ssd"] + placed["ckpt_ssd"] + placed["cpu"] + placed["ckpt_cpu"] == total
+    boundary = w.whole if policy.startswith("all") else 0
+    assert abs(placed["ssd"] + placed["ckpt_ssd"] - c.act_ssd_write_bytes) <= boundary
