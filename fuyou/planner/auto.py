@@ -35,7 +35,8 @@ def plan_config(cfg: FuyouConfig, run_dir: Path, stream=None) -> FuyouConfig:
                                   seq=cfg.data.seq_len, io_bytes=128 * 1024**2, repeats=2,
                                   device=cfg.train.device, optimizer_chunk=off.optimizer_chunk,
                                   optimizer_depth=off.optimizer_depth, precision=cfg.train.precision,
-                                  gloo=False)  # one process: nothing between ranks to measure
+                                  gloo=False,  # one process: nothing between ranks to measure
+                                  lora=cfg.lora)
         run_dir.mkdir(parents=True, exist_ok=True)
         path = run_dir / "hardware-profile.json"
         save_profile(profile, path, measured)

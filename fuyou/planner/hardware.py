@@ -109,6 +109,19 @@ class HardwareProfile(BaseModel):
     fwd_flops: float = Field(gt=0, description="Sustained FLOP/s of a block's forward (model FLOPs).")
     bwd_flops: float = Field(gt=0, description="Sustained FLOP/s of a block's recompute + backward.")
     matmul_flops: float = Field(gt=0, description="Sustained FLOP/s of the model's matmuls alone.")
+    lora_fwd_flops: float | None = Field(
+        None, gt=0, description="Sustained FLOP/s of a block's forward with LoRA adapters on a frozen base "
+        "(`fuyou probe` times it); unset: fwd_flops.")
+    lora_bwd_flops: float | None = Field(
+        None, gt=0, description="Sustained FLOP/s of a block's recompute + backward with LoRA adapters on a frozen "
+        "base (only the input's and the adapters' gradients); unset: bwd_flops.")
+    head_flops: float | None = Field(
+        None, gt=0, description="Sustained FLOP/s of the head's forward + backward (model FLOPs, 3x the LM head "
+        "matmul; the loss's softmax over the vocabulary included), `fuyou probe` at the model's vocabulary; unset: "
+        "bwd_flops.")
+    lora_head_flops: float | None = Field(
+        None, gt=0, description="The same with the head frozen (LoRA: no weight gradient, 2x the matmul); unset: "
+        "head_flops, else bwd_flops.")
     gpu_mem: int = Field(gt=0, description="Device memory usable by training, bytes.")
     h2d: float = Field(gt=0, description="Host-to-device bandwidth, bytes/s (pinned).")
     d2h: float = Field(gt=0, description="Device-to-host bandwidth, bytes/s (pinned).")
@@ -217,6 +230,8 @@ def resolve(hw: HardwareConfig) -> HardwareProfile:
     merged = {**base, **over}
     if hw.gpu_tflops:
         merged["compute_block"] = None  # the compute rate is the user's, not the probe's shape's
+        for k in ("lora_fwd_flops", "lora_bwd_flops", "head_flops", "lora_head_flops"):  # (nor its other rates)
+            merged[k] = None
     if merged.get("device", "cuda") == "cuda":  # headroom: what training may use of the card
         card = merged["gpu_mem"]
         usable = card - hw.gpu_reserve if hw.gpu_reserve is not None else int((card - CUDA_CONTEXT) * 0.95)

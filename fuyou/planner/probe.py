@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from fuyou.errors import ConfigError
 from fuyou.models import ModelConfig, StageModel, preset
+from fuyou.models.lora import LoRAConfig, attach, init_adapters, resolve_targets
 from fuyou.planner.hardware import HardwareProfile
 from fuyou.planner.simulate import simulate_job
 from fuyou.store import PinnedPool, StoreConfig, TensorStore
@@ -60,9 +61,15 @@ def _median_time(fn, repeats: int, sync=lambda: None) -> float:
     return statistics.median(times)
 
 
+PROBE_LORA = LoRAConfig(rank=16, targets=["all-linear"])  # the adapters timed when the run's are not known
+
+
 def probe_compute(cfg: ModelConfig, batch: int, seq: int, device: torch.device, repeats: int = 3,
-                  dtype: torch.dtype = torch.bfloat16) -> dict:
-    """FLOP/s of one block's forward, recompute+backward, and its matmuls, at the model's shapes."""
+                  dtype: torch.dtype = torch.bfloat16, lora: LoRAConfig | None = None) -> dict:
+    """FLOP/s of one block's forward, recompute+backward, and its matmuls, at the model's shapes; and of
+    its forward and recompute+backward with LoRA adapters (``lora``, default ``PROBE_LORA``) on a frozen
+    base, as the engine runs it: the base's weight gradients gone, thin adapter matmuls, their casts and
+    dropout, at other FLOP rates (a LoRA step on this CPU took 1.45x the full fine-tuning rates' prediction)."""
     model = StageModel(cfg)
     block = model.stages[1]
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
@@ -102,9 +109,60 @@ def probe_compute(cfg: ModelConfig, batch: int, seq: int, device: torch.device, 
 
     mm_flops = 2.0 * N * d * (qw + 2 * kv) + 2.0 * N * qw * d + 2.0 * N * d * ff * 2
     t_f, t_b, t_m = (_median_time(f, repeats, sync) for f in (fwd, bwd, matmuls))
+    lora = lora if lora is not None and lora.enabled else PROBE_LORA
+    lora = lora.model_copy(update={"rank": min(lora.rank, d)})  # (a small probe block)
+    lmodel = StageModel(cfg)
+    attach(lmodel, lora)
+    lblock = lmodel.stages[1]
+    adapters = {k.split(".", 2)[2]: v.to(device) for k, v in init_adapters(lblock, lora, 0).items()}
+    key = 1 if lora.dropout > 0 else None
+
+    def lora_fwd():
+        with torch.no_grad(), autocast(device, prec):
+            lblock.forward({**params, **adapters}, x, key=key)
+
+    def lora_bwd():  # the base frozen: gradients of the input and the adapters only (Engine in LoRA mode)
+        trained = {k: v.detach().requires_grad_(True) for k, v in adapters.items()}
+        inp = x.detach().requires_grad_(True)
+        with torch.enable_grad(), autocast(device, prec):
+            out = lblock.forward({**params, **trained}, inp, key=key)
+        torch.autograd.grad(out, [inp, *trained.values()], torch.ones_like(out))
+
+    # the FLOPs the planner counts (cost.StageCost.backward_flops, frozen): the adapters' 2 N r (in + out)
+    # in forward; recompute, then the base's input gradients (1x) and attention's and the adapters' (2x)
+    adapter_flops = sum(2.0 * N * p.numel for p in lblock.adapters.values())
+    lora_fwd_flops = fwd_flops + adapter_flops
+    lora_bwd_flops = lora_fwd_flops + sum(mm.values()) + 2 * (lora_fwd_flops - sum(mm.values()))
+    t_lf, t_lb = (_median_time(f, repeats, sync) for f in (lora_fwd, lora_bwd))
+
+    # the head's forward+backward (the engine's one task): the chunked loss's softmax over the vocabulary
+    # is elementwise work the blocks' rates do not carry (a 32k vocabulary's head took 1.46x their prediction)
+    head, V = model.stages[-1], cfg.vocab_size
+    hp = {"norm.weight": torch.ones(d, device=device, dtype=dtype),
+          "lm_head.weight": (torch.randn(V, d, device=device) * 0.02).to(dtype)}
+    if cfg.family == "gpt":
+        hp["norm.bias"] = torch.zeros(d, device=device, dtype=dtype)
+    targets = torch.randint(V, (batch, seq), device=device)
+
+    def head_step(frozen: bool):
+        def run():
+            ws = {k: v.detach().requires_grad_(not frozen) for k, v in hp.items()}
+            inp = x.detach().requires_grad_(True)
+            with torch.enable_grad(), autocast(device, prec):
+                loss = head.forward(ws, inp, targets, loss_tokens=N)
+            torch.autograd.grad(loss, [inp] + ([] if frozen else list(ws.values())))
+        return run
+
+    head_fwd = 2.0 * N * d * V
+    t_h, t_lh = (_median_time(head_step(frozen), repeats, sync) for frozen in (False, True))
     return {"block_shape": f"{cfg.family} d={d} ff={ff} batch={batch} seq={seq}", "d_model": d, "tokens": N,
             "fwd_s": t_f, "bwd_s": t_b,
-            "fwd_flops": fwd_flops / t_f, "bwd_flops": 3 * fwd_flops / t_b, "matmul_flops": mm_flops / t_m}
+            "fwd_flops": fwd_flops / t_f, "bwd_flops": 3 * fwd_flops / t_b, "matmul_flops": mm_flops / t_m,
+            "lora": f"rank {lora.rank} on {', '.join(resolve_targets(cfg.family, lora.targets))}"
+                    + (f", dropout {lora.dropout}" if lora.dropout else ""),
+            "lora_fwd_s": t_lf, "lora_bwd_s": t_lb,
+            "lora_fwd_flops": lora_fwd_flops / t_lf, "lora_bwd_flops": lora_bwd_flops / t_lb,
+            "head_s": t_h, "lora_head_s": t_lh, "head_flops": 3 * head_fwd / t_h, "lora_head_flops": 2 * head_fwd / t_lh}
 
 
 def probe_adam(numel: int, repeats: int = 3) -> float:
@@ -316,10 +374,12 @@ def cpu_memory() -> int:
 def probe(ssd_dir: str | Path, *, model: str | ModelConfig | None = None, batch: int | None = None,
           seq: int | None = None, io_bytes: int = 256 * 1024**2, adam_params: int = 1 << 24, repeats: int = 3,
           device: str = "auto", store_cfg: StoreConfig | None = None, optimizer_chunk: int = 1 << 20,
-          optimizer_depth: int = 2, precision: str = "bf16", gloo: bool = True) -> tuple[HardwareProfile, dict]:
+          optimizer_depth: int = 2, precision: str = "bf16", gloo: bool = True,
+          lora: LoRAConfig | None = None) -> tuple[HardwareProfile, dict]:
     """Measure this machine (module docstring); returns the profile and the raw measurements.
     ``precision``: the compute dtype the block is timed in (``train.precision``); ``gloo``: measure the
-    transfers between two processes (data parallelism; else the profile keeps the defaults)."""
+    transfers between two processes (data parallelism; else the profile keeps the defaults); ``lora``:
+    the adapters to time the LoRA rates with (``probe_compute``)."""
     d = Path(ssd_dir)
     if not d.is_dir():
         raise ConfigError(f"--ssd {d} is not a directory; create it on the SSD you want to measure")
@@ -335,7 +395,7 @@ def probe(ssd_dir: str | Path, *, model: str | ModelConfig | None = None, batch:
         cfg = ModelConfig(**{**preset("gpt3-1.3b"), "family": cfg.family})
     meas: dict = {"device": str(dev), "torch": torch.__version__, "threads": torch.get_num_threads(),
                   "compute": probe_compute(cfg, batch, seq, dev, repeats,
-                                           torch.bfloat16 if precision == "bf16" else torch.float32)}
+                                           torch.bfloat16 if precision == "bf16" else torch.float32, lora)}
     meas["adam_params_per_s"] = probe_adam(adam_params, repeats)
     meas["store"] = probe_store(d, io_bytes, repeats, store_cfg)
     # a job is tens of milliseconds and its figure scales every optimizer SSD task: more repeats
@@ -352,6 +412,8 @@ def probe(ssd_dir: str | Path, *, model: str | ModelConfig | None = None, batch:
     prof = HardwareProfile(
         source=f"fuyou probe on {os.uname().nodename} ({dev}, {c['block_shape']})", device=dev.type,
         fwd_flops=c["fwd_flops"], bwd_flops=c["bwd_flops"], matmul_flops=c["matmul_flops"], gpu_mem=gpu_mem,
+        lora_fwd_flops=c["lora_fwd_flops"], lora_bwd_flops=c["lora_bwd_flops"], head_flops=c["head_flops"],
+        lora_head_flops=c["lora_head_flops"],
         h2d=meas["links"]["h2d"], d2h=meas["links"]["d2h"], ssd_read=s["read"], ssd_write=s["write"],
         ssd_mixed_factor=s["mixed_factor"], ssd_capacity=shutil.disk_usage(d).free, ssd_drives=1,
         ssd_cpu_s_per_gb=s["cpu_s_per_byte"] * 1e9,

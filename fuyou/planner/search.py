@@ -351,7 +351,9 @@ def search(w: Workload, hw: HardwareProfile, cpu_budget: int, policy: Activation
                              for p in best.problems]
     elif whatif:
         sims = {"twice the SSDs": with_more_ssds(hw, 2),
-                "twice the GPU throughput": hw.model_copy(update=dict(fwd_flops=2 * hw.fwd_flops, bwd_flops=2 * hw.bwd_flops)),
+                "twice the GPU throughput": hw.model_copy(update={k: 2 * getattr(hw, k) for k in (
+                    "fwd_flops", "bwd_flops", "lora_fwd_flops", "lora_bwd_flops", "head_flops", "lora_head_flops")
+                    if getattr(hw, k)}),
                 "twice the CPU Adam throughput": hw.model_copy(update=dict(cpu_adam=2 * hw.cpu_adam))}
         if w.lora_params is not None:  # no CPU Adam in LoRA
             del sims["twice the CPU Adam throughput"]

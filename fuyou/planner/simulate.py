@@ -272,6 +272,10 @@ def _simulate(w: Workload, costs: list[StageCost], hw: HardwareProfile, policy: 
     g = _Graph()
     cuda = hw.device == "cuda"
     placed = kept_in_forward(w, costs, policy, act_share, cuda)
+    adapted = w.lora_params is not None  # the blocks' rates (the head has no adapters)
+    fwd_rate = (hw.lora_fwd_flops if adapted else None) or hw.fwd_flops
+    bwd_rate = (hw.lora_bwd_flops if adapted else None) or hw.bwd_flops
+    head_rate = (hw.lora_head_flops if adapted else None) or hw.head_flops or hw.bwd_flops
     R, owner, sharded = w.ranks, w.owners, w.sharded
 
     def q(name: str, r: int) -> str:  # a rank's own queue (its GPU, its PCIe link); rank 0's keeps the name
@@ -354,14 +358,14 @@ def _simulate(w: Workload, costs: list[StageCost], hw: HardwareProfile, policy: 
                                            c.name, r)]
                             deps += d
                     if pos < head_pos:
-                        t = g.add(f"forward {c.name}", "compute", q_compute(r), c.fwd_flops / hw.fwd_flops, deps,
+                        t = g.add(f"forward {c.name}", "compute", q_compute(r), c.fwd_flops / fwd_rate, deps,
                                   step, c.name, r)
                     elif pos == head_pos:
                         t = g.add("forward+backward head", "compute", q_compute(r),
-                                  c.backward_flops(set(), lora) / hw.bwd_flops, deps, step, c.name, r)
+                                  c.backward_flops(set(), lora) / head_rate, deps, step, c.name, r)
                     else:
                         t = g.add(f"backward {c.name}", "compute", q_compute(r),
-                                  (0.0 if lora and c.kind == "embed" else c.backward_flops(kept, lora)) / hw.bwd_flops,
+                                  (0.0 if lora and c.kind == "embed" else c.backward_flops(kept, lora)) / bwd_rate,
                                   deps, step, c.name, r)
                     prev_compute[r] = t
                     if c.kind == "block" and not backward:  # swap out what the policy keeps off the device

@@ -81,6 +81,36 @@ def test_compute_bound_step_equals_compute_time():
     assert r.step_time == pytest.approx(flops / 1e11, rel=0.01)
 
 
+def test_the_head_and_lora_blocks_run_at_their_own_rates():
+    """A LoRA step on the CPU took 1.45x its prediction: its blocks (thin adapter matmuls, no weight
+    gradients) and the head (the loss's softmax over the vocabulary) run at rates of their own, which the
+    probe times; each compute task is charged at its own, and a profile without them uses bwd_flops."""
+    from fuyou.models.lora import LoRAConfig
+
+    fast = dict(ssd_read=1e15, ssd_write=1e15, h2d=1e15, d2h=1e15, cpu_adam=1e15)
+    rates = dict(fwd_flops=1e11, bwd_flops=1e11, lora_fwd_flops=5e10, lora_bwd_flops=2.5e10, head_flops=4e10,
+                 lora_head_flops=2e10)
+    for lora in (None, LoRAConfig(rank=8, targets=["all-linear"])):
+        w = Workload(ModelConfig(**preset("gpt3-125m")), 4, 512, OffloadConfig(), lora=lora)
+        costs = stage_costs(w)
+        pol = ActivationPolicy.recompute_all(w.model.n_layer)
+        r = simulate(w, costs, hw(**fast, **rates), pol, set(range(len(costs))), steps=3)
+        frozen = lora is not None
+        f, b, h = ((5e10, 2.5e10, 2e10) if frozen else (1e11, 1e11, 4e10))
+        blocks = [c for c in costs if c.kind == "block"]
+        expect = (sum(c.fwd_flops for c in blocks) / f + sum(c.backward_flops(set(), frozen) for c in blocks) / b
+                  + costs[-1].backward_flops(set(), frozen) / h)
+        assert r.busy["compute"] == pytest.approx(expect, rel=1e-9)
+        plain = simulate(w, costs, hw(**fast, fwd_flops=1e11, bwd_flops=1e11), pol, set(range(len(costs))), steps=3)
+        assert plain.busy["compute"] == pytest.approx(
+            (sum(c.fwd_flops for c in blocks) + sum(c.backward_flops(set(), frozen) for c in costs[1:])) / 1e11,
+            rel=1e-9)
+        if frozen:  # attention's and the adapters' backward stay 2x with a frozen base
+            c = blocks[0]
+            base = sum(c.class_flops.values())
+            assert c.backward_flops(set(), True) == pytest.approx(c.fwd_flops + base + 2 * (c.fwd_flops - base))
+
+
 def test_cpu_device_shares_cores_between_compute_and_adam():
     w = tiny_workload()
     costs = stage_costs(w)
