@@ -107,7 +107,7 @@ from fuyou.engine.malloc import bound_malloc, malloc_threshold, resident_bytes, 
 from fuyou.engine.layout import StageState, build_states, copies_needed, dtype_size
 from fuyou.engine.state import TrainingState, grad_key, refuse_committed_state
 from fuyou.errors import BudgetError, FuyouError, StoreError
-from fuyou.engine.commit import ResumeError
+from fuyou.engine.commit import RECORD, ResumeError
 from fuyou.faults import fault
 from fuyou.engine.trace import StepCounters, Tracer
 from fuyou.engine.weights import WeightStreamer
@@ -347,8 +347,10 @@ class Engine:
             return
         f = self.ts.commit_fingerprint(hi)  # (LoRA: the adapters' file of step hi must be the same on every rank)
         a, neg_b = self.dist.reduce_ints([f, -f], "comparing the ranks' states of the newer commit", op="min")
-        # a rank whose record is invalid (-1) is not repaired: the resume refuses it with the steps found
-        if 0 <= mine < hi and a == -neg_b and a >= 0 and self.ts.roll_forward(hi):
+        # a rank whose record is invalid (-1) is not repaired: the resume refuses it with the steps found; one
+        # with none was killed writing its first (step 0's, every rank's state of it synced)
+        missing = not (self.ts.store_dirs[0] / RECORD).exists()
+        if (0 <= mine or missing) and mine < hi and a == -neg_b and a >= 0 and self.ts.roll_forward(hi):
             print(f"fuyou: rank {self.dist.rank}: the run stopped between the ranks' commit records of step "
                   f"{hi}; this rank's state of that step is complete, its record was rewritten", file=sys.stderr)
 

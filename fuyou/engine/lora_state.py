@@ -121,10 +121,9 @@ class LoRATrainingState(TrainingState):
             self.counters().add(ssd_write_bytes=len(data))
         self.store.sync()
         distributed.current().commit_barrier(steps_done)  # every rank's adapters are durable before any record
-        write_record(directory, {"step": steps_done, "copies": [0] * len(self.states), "store_uuid": self.store.uuid,
-                                 "generation": self.store.generation, "model": self.cfg.model.model_dump(),
-                                 "lora": self.cfg.lora.model_dump(), "lora_state": name,
-                                 "lora_sha256": hashlib.sha256(data).hexdigest(), "settings": fixed_settings(self.cfg)})
+        write_record(directory, {**self._record_fields(), "step": steps_done, "store_uuid": self.store.uuid,
+                                 "generation": self.store.generation, "lora_state": name,
+                                 "lora_sha256": hashlib.sha256(data).hexdigest()})
         for old in directory.glob("lora-state.*.safetensors"):
             if old.name != name:
                 old.unlink(missing_ok=True)
@@ -146,13 +145,18 @@ class LoRATrainingState(TrainingState):
         except OSError:
             return -1
 
+    def _record_fields(self) -> dict:
+        """What a commit record says of the run besides its step and the adapters' file."""
+        return {"copies": [0] * len(self.states), "model": self.cfg.model.model_dump(),
+                "lora": self.cfg.lora.model_dump(), "settings": fixed_settings(self.cfg)}
+
     def roll_forward(self, step: int) -> bool:
         """The record of ``step`` from this rank's adapters' file of that step (written, fsync'd and
         renamed before the ranks' commit barrier: ``_write``); see ``TrainingState.roll_forward``."""
         directory = self.store_dirs[0]
         path = directory / STATE_FILE.format(step=step)
-        try:
-            old = json.loads((directory / RECORD).read_text())
+        try:  # (no record: a rank killed writing its first, step 0's)
+            old = json.loads((directory / RECORD).read_text()) if (directory / RECORD).exists() else self._record_fields()
             data = path.read_bytes()
         except (OSError, ValueError):
             return False

@@ -263,10 +263,13 @@ class TrainingState:
                     self.store.set_tag(key, step_tag(steps_done))
         self.store.sync()
         distributed.current().commit_barrier(steps_done)  # every rank's state is durable before any record names it
-        write_record(self.store_dirs[0], {"step": steps_done, "copies": copies, "store_uuid": self.store.uuid,
-                                          "generation": self.store.generation, "model": self.cfg.model.model_dump(),
-                                          "owned": [st.index for st in self.states if st.owned],
-                                          "settings": fixed_settings(self.cfg)})
+        write_record(self.store_dirs[0], {**self._record_fields(), "step": steps_done, "copies": copies,
+                                          "store_uuid": self.store.uuid, "generation": self.store.generation})
+
+    def _record_fields(self) -> dict:
+        """What a commit record says of the run besides its step and copies."""
+        return {"model": self.cfg.model.model_dump(), "owned": [st.index for st in self.states if st.owned],
+                "settings": fixed_settings(self.cfg)}
 
     def commit_initial(self) -> None:
         """The commit record of the initial state (step 0), written synchronously."""
@@ -293,11 +296,14 @@ class TrainingState:
     def roll_forward(self, step: int) -> bool:
         """Rewrite the commit record for ``step`` if the store holds that step's state of every stage
         this rank owns (each tag written and synced before the ranks' commit barrier; engine's
-        ``_agree_on_commit``). Returns whether it did."""
+        ``_agree_on_commit``). Returns whether it did. A rank killed writing its first record (step 0's)
+        has none: its fields are this run's (``_record_fields``)."""
         from fuyou.engine.commit import RECORD
 
+        path = self.store_dirs[0] / RECORD
         try:
-            old = json.loads((self.store_dirs[0] / RECORD).read_text())
+            old = json.loads(path.read_text()) if path.exists() else {**self._record_fields(),
+                                                                      "copies": [0] * len(self.states)}
             copies = list(old["copies"])
         except (OSError, ValueError, KeyError, TypeError):
             return False

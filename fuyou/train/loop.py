@@ -8,6 +8,7 @@ owns the run directory, logging, evaluation cadence, tracing and saving.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -32,6 +33,7 @@ from fuyou.errors import ConfigError, DataError, FuyouError
 from fuyou.trainer import Trainer
 from fuyou.units import format_size
 from fuyou import distributed
+from fuyou.faults import fault
 
 
 @dataclass
@@ -197,23 +199,49 @@ def _offload_ignored_in_memory(cfg) -> list[str]:
                 call_default_factory=True)]
 
 
-def _refuse_finished(run_path: Path, cfg: FuyouConfig) -> None:
+def _refuse_finished(run_path: Path, cfg: FuyouConfig, dist: distributed.Dist) -> None:
     """A finished run removed its SSD state: say that, and how to train on from it, rather than that
-    the state was never committed, deleted or moved."""
+    the state was never committed, deleted or moved. Rank 0 decides (it saves the weights, then every rank
+    deletes its state); a rank whose own state is still there was stopped after the save, before it
+    deleted it (a pass found its state asking to be resumed, and the resume refused, in a loop): that
+    state is of no use and is removed, as the finished run would have."""
     from fuyou.train.run import ADAPTER_FILE
 
-    done = next((f for f in ("model.safetensors", ADAPTER_FILE) if (run_path / f).is_file()), None)
-    if done is None or cfg.offload.mode != "ssd" or not cfg.offload.ssd_dirs:
+    finished = None
+    if dist.is_main:
+        try:
+            finished = _finished(run_path, cfg, ADAPTER_FILE)
+        except FuyouError as e:  # (a state under the run's earlier name: every rank stops with it)
+            finished = e
+    finished = dist.broadcast(finished, "checking whether the run finished", started=False)
+    if finished is None:
         return
-    if any(Path(cfg.offload.ssd_dirs[0]).glob(state_name(run_path.name) + "*")):
-        return  # kept (offload.keep_state=true): it resumes
+    mine = [d for d in _state_dirs(cfg, run_path.name) if d.is_dir()]
+    if mine and not cfg.offload.keep_state:
+        from fuyou.engine.state import owner_mismatch
+
+        if owner_mismatch(mine[0], run_path, run_id(run_path)) is None:  # (this run's own, not a namesake's)
+            print(f"fuyou: rank {dist.rank}: removing the SSD state {', '.join(map(str, mine))}, left by a process "
+                  f"stopped after the run's weights were saved, before it removed it", file=sys.stderr)
+            for d in mine:
+                shutil.rmtree(d, ignore_errors=True)
+    raise ConfigError(finished)
+
+
+def _finished(run_path: Path, cfg: FuyouConfig, adapter_file: str) -> str | None:
+    """Why ``run_path`` has nothing to resume (its weights saved, rank 0's state removed), or None."""
+    done = next((f for f in ("model.safetensors", adapter_file) if (run_path / f).is_file()), None)
+    if done is None or cfg.offload.mode != "ssd" or not cfg.offload.ssd_dirs:
+        return None
+    if any(d.is_dir() for d in _state_dirs(cfg, run_path.name)):
+        return None  # kept (offload.keep_state=true): it resumes
     _refuse_renamed_by_id(run_path, cfg)  # kept, under the name the run had (a pass got "finished" for it)
     how = (f"lora.init_from=DIR with its adapter exported (`fuyou export {run_path} --out DIR`), over the same base"
            if cfg.lora.enabled else f"--init-from {run_path}")
-    raise ConfigError(f"{run_path} finished: its {'adapters' if cfg.lora.enabled else 'weights'} are in "
-                      f"{run_path / done}, and a finished run removes its SSD state (offload.keep_state=true keeps "
-                      f"it), so there is nothing to resume. To train on from it, start a new run with {how} (its "
-                      f"AdamW moments and schedule start afresh)")
+    return (f"{run_path} finished: its {'adapters' if cfg.lora.enabled else 'weights'} are in "
+            f"{run_path / done}, and a finished run removes its SSD state (offload.keep_state=true keeps "
+            f"it), so there is nothing to resume. To train on from it, start a new run with {how} (its "
+            f"AdamW moments and schedule start afresh)")
 
 
 def _absolute(paths) -> list[str]:
@@ -301,7 +329,7 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
             if saved_paths is not None and _absolute(saved_paths) != _absolute(dirs[key]):
                 changed[key] = (list(saved_paths), dirs[key])
     if resume is not None:
-        _refuse_finished(run_path, cfg)
+        _refuse_finished(run_path, cfg, dist)
         _refuse_renamed(run_path, cfg)
         _refuse_others_state(cfg, run_path, recorded)
         _refuse_unlike_commit(cfg, run_path)
@@ -638,6 +666,8 @@ def _loop(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, stop
     from fuyou.engine.malloc import resident_bytes
 
     dist = dist or distributed.Dist()
+    if dist.run_dir is None and getattr(trainer, "last_commit_step", None) is not None:  # step 0's commit is
+        dist.run_dir = run_dir  # written: a peer lost from now on leaves a run to resume (Dist._collective)
     tb = cfg.run.tensorboard
     # a resume from an earlier commit redoes steps already logged: TensorBoard drops its points from there
     # (purge_step), and the log says where the redone steps start (a "resumed" record)
@@ -683,7 +713,7 @@ def _loop(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, stop
         t0 = time.perf_counter()
         stats = trainer.train_step(step)
         dt = time.perf_counter() - t0
-        if dist.run_dir is None and getattr(trainer, "last_commit_step", None):  # now resumable (Dist._collective)
+        if dist.run_dir is None and getattr(trainer, "last_commit_step", None) is not None:  # now resumable
             dist.run_dir = run_dir
         tokens += stats.tokens
         tps = stats.tokens / dt
@@ -777,6 +807,7 @@ def _loop(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, stop
         else:
             _serve_weights(trainer)
         dist.barrier("waiting for rank 0 to save the weights")  # before any rank deletes its state
+        fault("saved")
         trainer.completed = True
     elif trainer.state_location() is not None:
         progress.message(f"run.save_weights=false: the trained state stays on the SSD ({trainer.state_location()}); "

@@ -352,28 +352,51 @@ def test_the_ranks_of_one_machine_share_one_weight_cache(tmp_path, extra, saved)
         assert_states(open_state(tmp_path / "runs" / "two"), open_state(run))
 
 
-@pytest.mark.parametrize("extra,saved", [
-    ((), "model.safetensors"),
-    (("lora.rank=4", "lora.targets=all-linear", "model.preset=llama-test"), "adapter.safetensors"),
+@pytest.mark.parametrize("extra,saved,step", [
+    ((), "model.safetensors", 3),
+    (("lora.rank=4", "lora.targets=all-linear", "model.preset=llama-test"), "adapter.safetensors", 3),
+    ((), "model.safetensors", 0),
+    (("lora.rank=4", "model.preset=llama-test"), "adapter.safetensors", 0),
 ])
-def test_a_rank_killed_between_the_ranks_commit_records_resumes_at_the_newer_commit(tmp_path, extra, saved):
+def test_a_rank_killed_between_the_ranks_commit_records_resumes_at_the_newer_commit(tmp_path, extra, saved, step):
     """Rank 1 is killed while writing its record of step 3, after every rank synced step 3's state (the
     commit barrier) and rank 0 wrote its record: the records differ by a commit. The resume rewrites
     rank 1's record from its store (its step-3 state is complete) and ends bit-identical to an
-    uninterrupted run (a new-user pass found this run refused forever, "start a new run")."""
+    uninterrupted run (a new-user pass found this run refused forever, "start a new run"). Killed writing
+    its first record (step 0's) it has none: rank 0 said "start it again", which the run directory refused,
+    and the resume was refused ("no commit record"); now rank 0 names the resume, which writes the record."""
     torchrun(train_args(tmp_path, "whole", "train.grad_accum=2", *extra))
     args = train_args(tmp_path, "cut", "train.grad_accum=2", *extra)
-    procs = rank_procs(tmp_path, args, fault_rank=1, fault="commit@3")
+    procs = rank_procs(tmp_path, args, fault_rank=1, fault=f"commit@{step}")
     outs = [p.communicate(timeout=300) for p in procs]
     assert procs[1].returncode == -signal.SIGKILL, outs[1][1][-2000:]
     run = tmp_path / "runs" / "cut"
+    assert f"--resume {run}" in outs[0][1], outs[0][1][-2000:]
     records = [json.loads(p.read_text())["step"] for p in sorted((tmp_path / "ssd").rglob("fuyou-commit.json"))
                if "cut" in str(p)]
-    assert sorted(records) == [2, 3], records  # rank 0's is step 3, rank 1's still step 2
+    assert sorted(records) == ([2, 3] if step else [0]), records  # rank 0's is the step's, rank 1's one behind
     r = torchrun(["train", "--resume", str(run)])
     assert "its record was rewritten" in r.stderr
     a, b = load_file(tmp_path / "runs" / "whole" / saved), load_file(run / saved)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_rank_killed_after_the_final_save_leaves_no_state_that_asks_to_be_resumed(tmp_path):
+    """Rank 1 is killed after rank 0 saved the weights (the barrier before the states are deleted): rank 0
+    finishes and removes its state, rank 1's stays. A resume said to rank 0 that the state was never
+    committed or deleted and to rank 1 that its commit was intact ("continue with --resume"), in a loop.
+    Now every rank says the run finished, and rank 1's leftover state is removed."""
+    args = [a for a in train_args(tmp_path, "cut", "train.grad_accum=2") if a != "offload.keep_state=true"]
+    procs = rank_procs(tmp_path, args, fault_rank=1, fault="saved")
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, -signal.SIGKILL], outs[0][1][-2000:]
+    assert [p.name for p in (tmp_path / "ssd").iterdir()] == ["cut.fuyou-state.rank1"]
+    run = tmp_path / "runs" / "cut"
+    r = torchrun(["train", "--resume", str(run)], check=False)
+    assert r.returncode != 0
+    assert r.stderr.count(f"{run} finished: its weights are in") == 2, r.stderr[-3000:]
+    assert "removing the SSD state" in r.stderr and "--resume" not in r.stderr.split("finished")[0]
+    assert list((tmp_path / "ssd").iterdir()) == []
 
 
 def test_two_ranks_with_resident_state_and_spare_copies(tmp_path):
