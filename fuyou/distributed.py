@@ -305,7 +305,8 @@ SHARED_OFFLOAD = ("mode", "commit", "commit_every", "clip_schedule", "checkpoint
 
 
 def agreed_settings(cfg) -> dict:
-    """The settings every rank must share, flat (``section.key``: value)."""
+    """The settings every rank must share, flat (``section.key``: value), as they act: a commit interval by
+    its steps or seconds (``600s`` is ``10min``), ``train.device=auto`` by the device it picks."""
     out = {}
     for section, values in cfg.model_dump(mode="json").items():
         if section == "hardware":
@@ -315,6 +316,10 @@ def agreed_settings(cfg) -> dict:
             if name in PER_MACHINE or (section == "offload" and key not in SHARED_OFFLOAD):
                 continue
             out[name] = value
+    if "offload.commit_every" in out:
+        out["offload.commit_every"] = cfg.offload.commit_steps or f"{cfg.offload.commit_secs:g}s"
+    if out.get("train.device") == "auto":
+        out["train.device"] = "cuda" if torch.cuda.is_available() else "cpu"
     return out
 
 
@@ -327,7 +332,8 @@ def _refuse_unlike_ranks(cfg, dist: Dist) -> None:
 
     mine = agreed_settings(cfg)
     every: list = [None] * dist.world
-    td.all_gather_object(every, mine, group=dist._commit_group)
+    with dist._collective("comparing the ranks' settings", started=False):  # (a peer gone: a sentence)
+        td.all_gather_object(every, mine, group=dist._commit_group)
     unlike = [f"rank {r}: " + ", ".join(f"{k}={theirs.get(k)!r} (rank 0: {every[0].get(k)!r})"
                                         for k in sorted(set(theirs) | set(every[0]))
                                         if theirs.get(k) != every[0].get(k))

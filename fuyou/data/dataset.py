@@ -203,3 +203,26 @@ def _windows(tokens: np.ndarray, starts: list[int], seq_len: int) -> Batch:
     rows = np.stack([np.asarray(tokens[s : s + seq_len + 1], dtype=np.int64) for s in starts])
     t = torch.from_numpy(rows)
     return Batch(t[:, :-1].contiguous(), t[:, 1:].contiguous())
+
+
+SAMPLED = 1 << 20  # elements of each array ``content_fingerprint`` reads at most
+
+
+def content_fingerprint(data) -> int:
+    """A 60-bit fingerprint of the training data (``TokenData``, ``ExampleData`` or None for synthetic):
+    each split's arrays' sizes and a strided sample of their contents (at most ``SAMPLED`` elements an
+    array: cheap on any size). Data-parallel ranks compare it: each machine reads its own ``data.path``, and
+    ranks that read different files trained each on its own in silence."""
+    import zlib
+
+    if data is None:
+        return 0
+    arrays = []
+    for split in (data.train, data.val):
+        arrays += [split] if isinstance(split, np.ndarray) else [split.tokens, split.loss, split.offsets]
+    crc, size = 0, 0
+    for a in arrays:
+        step = max(1, len(a) // SAMPLED)
+        crc = zlib.crc32(np.ascontiguousarray(a[::step]).tobytes(), zlib.crc32(str((len(a), a.dtype.str)).encode(), crc))
+        size = (size * 1_000_003 + len(a)) % (1 << 28)
+    return (size << 32 | crc) & ((1 << 60) - 1)

@@ -106,7 +106,7 @@ from fuyou import watchdog
 from fuyou.engine.malloc import bound_malloc, malloc_threshold, resident_bytes, trim_heap
 from fuyou.engine.layout import StageState, build_states, copies_needed, dtype_size
 from fuyou.engine.state import TrainingState, grad_key, refuse_committed_state
-from fuyou.errors import BudgetError, FuyouError, StoreError
+from fuyou.errors import BudgetError, ConfigError, FuyouError, StoreError
 from fuyou.engine.commit import RECORD, ResumeError
 from fuyou.faults import fault
 from fuyou.engine.trace import StepCounters, Tracer
@@ -233,7 +233,9 @@ class Engine:
         self.plan.check()  # Budgets are promises: refuse before creating anything (or tokenizing the data).
         if not resume:  # an earlier run's committed state in the way: said before the data is tokenized too
             refuse_committed_state(self.store_dirs, cfg, store_name)
-        self.batches, self.eval_batches = make_batches(cfg, data() if callable(data) else data)
+        data = data() if callable(data) else data
+        self._agree_on_data(data)
+        self.batches, self.eval_batches = make_batches(cfg, data)
         self.fixed_overhead = resident_bytes()  # with the data: it is not the engine's to budget
         if not self.dev.is_host:  # and kept: the device enforces the budget (the fake: item by item)
             self.dev.set_plan(self.plan.device_items, self.plan.device_budget)
@@ -332,6 +334,21 @@ class Engine:
         # source and target copy), redone if the norm exceeds the threshold
         self._waiting: list[StageState] = []    # this step's stages updated once the norm is known
         self.clipped = False                    # the last step's norm exceeded the threshold
+
+    def _agree_on_data(self, data) -> None:
+        """Data parallel: every rank reads the same data (each machine its own data.path; the settings the ranks
+        compare name the paths, not what is there). Ranks that read different files trained on each's own, or
+        with train.epochs ran different numbers of steps: refused on every rank before the first step."""
+        if not self.dist.enabled:
+            return
+        from fuyou.data.dataset import content_fingerprint
+
+        f = content_fingerprint(data)
+        lo, neg_hi = self.dist.reduce_ints([f, -f], "comparing the ranks' data", op="min")
+        if lo != -neg_hi:
+            raise ConfigError(f"the ranks read different data (rank {self.dist.rank}'s fingerprint {f:x}; data.path "
+                              f"{', '.join(self.cfg.data.path) or self.cfg.data.source}): give every rank the same "
+                              f"files (each machine's data.path must hold the same data, and tokenize it the same way)")
 
     def _agree_on_commit(self) -> None:
         """Data parallel: a run killed between two ranks' record renames left some ranks' records a

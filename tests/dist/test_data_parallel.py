@@ -263,6 +263,34 @@ def test_ranks_started_with_different_settings_are_refused(tmp_path):
                "optim.lr=0.01 (rank 0: " in err, err[-3000:]
     assert not (tmp_path / "runs" / "unlike").exists()  # refused before anything was written
 
+
+def test_ranks_that_read_different_data_are_refused_and_equal_spellings_are_not(tmp_path):
+    """data.path may differ between machines (each has its own copy), so the settings did not catch two
+    different files: each rank trained on its own in silence. The ranks now compare the data's fingerprint.
+    And settings that act the same but are spelled differently (600s and 10min) were refused."""
+    files = []
+    for node, text in enumerate(["the cat sat on the mat. " * 400, "a dog ran in the park. " * 400]):
+        files.append(tmp_path / f"data{node}.txt")
+        files[-1].write_text(text)
+
+    def launch(name, per_node):
+        port, procs = free_port(), []
+        for node, extra in enumerate(per_node):
+            args = train_args(tmp_path, name, "train.grad_accum=2", "train.steps=2", ssd=(f"{name}{node}",)) + list(extra)
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}",
+                   "--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "fuyou.cli", *args]
+            procs.append(subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        return procs, [p.communicate(timeout=300) for p in procs]
+
+    procs, outs = launch("other", [(f"data.path={files[0]}",), (f"data.path={files[1]}",)])
+    assert [p.returncode for p in procs] != [0, 0]
+    for _, err in outs:
+        assert "the ranks read different data" in err and "Traceback" not in err.split("fuyou: error")[0], err[-3000:]
+    procs, outs = launch("same", [(f"data.path={files[0]}", "offload.commit_every=600s"),
+                                  (f"data.path={files[0]}", "offload.commit_every=10min")])
+    assert [p.returncode for p in procs] == [0, 0], outs[1][1][-3000:]
+
+
 def test_what_data_parallelism_refuses(tmp_path):
     """A global batch that does not split evenly, and a resume at another world size, are refused
     with a sentence before anything is written or opened."""
