@@ -199,6 +199,30 @@ def _offload_ignored_in_memory(cfg) -> list[str]:
                 call_default_factory=True)]
 
 
+STOP_WRITE_RATE = 1e9  # bytes/s a stop's commit is assumed to write at (a consumer NVMe drive, with its fsyncs)
+
+
+def _note_torchrun_shutdown(trainer, dist: distributed.Dist, stream) -> None:
+    """torchrun passes a stop (Ctrl-C, SIGTERM) on to its workers and kills them 30 s later
+    (``--shutdown-timeout``, or TORCH_ELASTIC_SHUTDOWN_TIMEOUT): a stop's commit writing the optimizer state held
+    in CPU memory may need longer, and a worker killed mid-commit leaves the previous commit (steps lost,
+    nothing damaged). Said once, by rank 0, when the commit would need more than the timeout at
+    ``STOP_WRITE_RATE``."""
+    plan = getattr(trainer, "plan", None)
+    if not dist.enabled or not dist.is_main or "TORCHELASTIC_RUN_ID" not in os.environ or plan is None:
+        return
+    try:
+        timeout = float(os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "30"))
+    except ValueError:
+        timeout = 30.0
+    need = plan.resident_bytes / STOP_WRITE_RATE
+    if need > timeout:
+        print(f"fuyou: note: a stop (Ctrl-C, SIGTERM) commits the {format_size(plan.resident_bytes)} of optimizer state "
+              f"this rank holds in CPU memory (~{need:.0f} s at 1 GB/s), and torchrun kills its workers {timeout:g} s "
+              f"after passing a stop on: launch torchrun with --shutdown-timeout {max(60, int(2 * need))} (else a "
+              f"stop keeps the previous commit), or cap offload.resident_mem", file=stream)
+
+
 def _refuse_finished(run_path: Path, cfg: FuyouConfig, dist: distributed.Dist) -> None:
     """A finished run removed its SSD state: say that, and how to train on from it, rather than that
     the state was never committed, deleted or moved. Rank 0 decides (it saves the weights, then every rank
@@ -404,6 +428,7 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
         print("note: optim.master=bf16 with train.precision=fp32: every update rounds the weights to bf16, but they "
               "are computed in fp32 from a separate fp32 copy (4 B a parameter more to store and stream); with "
               "train.precision=bf16 the bf16 master is the compute weights", file=stream or sys.stderr)
+    _note_torchrun_shutdown(trainer, dist, stream or sys.stderr)
     stop = _StopOnSignal()
     try:
         if resume is not None or not dist.is_main:

@@ -440,3 +440,26 @@ def test_two_ranks_with_resident_state_and_spare_copies(tmp_path):
     assert all(m["grad_norm"] > 0.05 for m in metrics(runs / "two") if "loss" in m)  # every step redone
     assert_weights(load_file(runs / "one" / "model.safetensors"), load_file(runs / "two" / "model.safetensors"), True)
     assert_states(open_state(runs / "one"), open_state(runs / "two"), True)
+
+
+def test_a_stop_commit_longer_than_torchruns_shutdown_timeout_is_named(monkeypatch, capsys):
+    """torchrun kills its workers 30 s after passing a stop on: a stop's commit of much resident state needs
+    longer (a pass saw it killed mid-commit). Rank 0 names torchrun's --shutdown-timeout when it would."""
+    from types import SimpleNamespace
+
+    from fuyou.distributed import Dist
+    from fuyou.train.loop import _note_torchrun_shutdown
+
+    trainer = SimpleNamespace(plan=SimpleNamespace(resident_bytes=80 * 10**9))
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
+    monkeypatch.delenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", raising=False)
+    _note_torchrun_shutdown(trainer, Dist(0, 2, 0, 2, "gloo"), sys.stderr)
+    assert "--shutdown-timeout 160" in capsys.readouterr().err
+    monkeypatch.setenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "600")
+    _note_torchrun_shutdown(trainer, Dist(0, 2, 0, 2, "gloo"), sys.stderr)
+    trainer.plan.resident_bytes = 10**9
+    monkeypatch.delenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT")
+    _note_torchrun_shutdown(trainer, Dist(0, 2, 0, 2, "gloo"), sys.stderr)
+    _note_torchrun_shutdown(SimpleNamespace(plan=SimpleNamespace(resident_bytes=10**12)), Dist(1, 2, 1, 2, "gloo"),
+                            sys.stderr)
+    assert capsys.readouterr().err == ""
