@@ -333,6 +333,11 @@ def _plan(args) -> int:
     except ValueError as e:
         raise ConfigError(f"invalid hardware option: {e}") from None
     hw = resolve(hwc)
+    for flag in ("gpu_mem", "gpu_tflops", "pcie_bw", "gpu_link"):  # (a pass: taken, and nothing changed)
+        if hw.device == "cpu" and getattr(args, flag, None) is not None:
+            raise ConfigError(f"--{flag.replace('_', '-')} is a GPU's, and {args.profile} was measured on a CPU (its "
+                              f"compute device is the CPU, whose memory is --cpu-mem): drop it, or plan with a GPU "
+                              f"profile or --gpu")
     from fuyou.engine.config import OffloadConfig
 
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import shlex
 
 from collections import defaultdict
 
@@ -405,11 +406,13 @@ def _train_line(plan: Plan, s: dict) -> str:
             unit = next(((u, f) for u, f in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)) if v % f == 0), None)
             opts.append(f"offload.{k}=" + (f"{v // unit[1]}{unit[0]}" if unit else str(v)))  # (exact)
     # the settings given to plan (commit, clipping, state format, LoRA, caps): the plan's time and memory are theirs
-    opts += [o for o in plan.train_settings if not any(x.startswith(o.partition("=")[0] + "=") for x in opts)]
+    # (quoted for a shell where needed: lora.targets=[q_proj, v_proj] was two words)
+    opts += [shlex.quote(o) for o in plan.train_settings
+             if not any(x.startswith(o.partition("=")[0] + "=") for x in opts)]
     human = pol.describe(n)
     if human != "recompute":
-        opts.append(f"--act-policy '{human}'" if len(human) <= 120 else "--act-policy FILE (fuyou plan ... --json > "
-                                                                       "FILE)")
+        opts.append(f"--act-policy {shlex.quote(human)}" if len(human) <= 120 else "--act-policy FILE (fuyou plan ... "
+                                                                                    "--json > FILE)")
     return "train as planned    fuyou train ... " + " ".join(opts) + " (or --plan auto, which measures this machine)"
 
 

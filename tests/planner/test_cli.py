@@ -95,6 +95,12 @@ def test_probe_smoke_writes_a_profile_plan_can_use(tmp_path, capsys):
     assert main(["plan", "--model", "gpt-tiny", "--profile", str(prof), "--cpu-mem", "1GiB", "--batch", "2",
                  "--seq", "64"]) == 0
     assert "swap schedule" in capsys.readouterr().out
+    # the rates LoRA's blocks and the head run at, timed (the planner charges each task at its own)
+    assert p.lora_fwd_flops > 0 and p.lora_bwd_flops > 0 and p.head_flops > 0 and p.lora_head_flops > 0
+    # a GPU's figure with a CPU profile was taken and changed nothing (a pass)
+    assert main(["plan", "--model", "gpt-tiny", "--profile", str(prof), "--gpu-mem", "8GiB", "--batch", "2",
+                 "--seq", "64"]) == 2
+    assert "--gpu-mem is a GPU's" in capsys.readouterr().err
 
 
 def test_probe_refuses_a_missing_directory(tmp_path, capsys):
@@ -721,3 +727,12 @@ def test_a_probe_larger_than_memory_or_disk_is_refused_before_measuring(tmp_path
     err = capsys.readouterr().err
     assert "more than half this machine's" in err or "free under --ssd" in err, err
     assert not (tmp_path / "p.json").exists()
+
+
+def test_the_train_line_quotes_what_a_shell_would_split(capsys):
+    """The train line is pasted into a shell: a setting with a space (lora.targets=[c_attn, c_fc]) was
+    two words there."""
+    assert main(["plan", "--model", "gpt3-125m", "--gpu", "rtx4090", "--ssd", "1x990-pro", "--cpu-mem", "16GiB",
+                 "--batch", "4", "--seq", "512", "lora.rank=8", "lora.targets=[c_attn, c_fc]"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("train as planned"))
+    assert "'lora.targets=[c_attn, c_fc]'" in line and "lora.rank=8" in line
