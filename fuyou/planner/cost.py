@@ -174,11 +174,13 @@ def gpu_working_bytes(w: Workload) -> int:
                                 frozen=w.lora_params is not None)
 
 
-def forward_keeps(w: Workload, c: StageCost, b: BlockPolicy) -> list[tuple[str, str, int]]:
-    """What a block stage keeps from its forward, as the engine keeps it (``fuyou.policy.to_keep``): (what,
-    tier, bytes) for its checkpoint and each kept class, or for a block kept whole (its four classes in one
-    tier) everything autograd saves (``Workload.whole``, what "all") with its input on the device."""
-    keep = to_keep(ActivationPolicy(blocks={0: b}), 1, w.checkpoint_default)[0]
+def forward_keeps(w: Workload, c: StageCost, b: BlockPolicy, keep=None) -> list[tuple[str, str, int]]:
+    """What a block stage keeps from its forward, as the engine keeps it (``fuyou.policy.to_keep``: ``keep``,
+    its ``KeepPolicy`` when known): (what, tier, bytes) for its checkpoint and each kept class, or for a
+    block kept whole (its four classes in one tier) everything autograd saves (``Workload.whole``, what
+    "all") with its input on the device."""
+    if keep is None:
+        keep = to_keep(ActivationPolicy(blocks={0: b}), 1, w.checkpoint_default)[0]
     if keep.all is not None:
         return [("checkpoint", "gpu", c.act_bytes["checkpoint"]), ("all", keep.all, w.whole)]
     return [("checkpoint", b.checkpoint, w.checkpoint_bytes(c, b))] + [(cls, getattr(b, cls), c.act_bytes[cls])
@@ -196,13 +198,19 @@ def kept_in_forward(w: Workload, costs: list[StageCost], policy: ActivationPolic
     SSD (on CUDA the share's pinned buffers round each to 4 KiB). ``share``: the plan's
     ``activations (cpu tier share)``; None: unbounded."""
     used, out = 0, {}
+    keep = to_keep(policy, w.model.n_layer, w.checkpoint_default)
     for c in costs:
         if c.kind != "block":
             continue
+        keeps = forward_keeps(w, c, policy.block(c.index - 1), keep[c.index - 1])
+        bounded = share is not None and any(tier == "cpu" for _, tier, _ in keeps)
         for mb in range(w.micro):
+            if not bounded:
+                out[(c.index, mb)] = keeps
+                continue
             items = []
-            for what, tier, nbytes in forward_keeps(w, c, policy.block(c.index - 1)):
-                if tier == "cpu" and share is not None:
+            for what, tier, nbytes in keeps:
+                if tier == "cpu":
                     size = -(-nbytes // 4096) * 4096 if cuda else nbytes
                     if used + size > share:
                         tier = "ssd"
