@@ -168,3 +168,28 @@ def test_compressed_state_on_cuda(tmp_path, opts):
     PCIe as with fp32 state) against the reference with the same option, the fp32 tolerances."""
     _check(make_cfg(tmp_path, "train.device=cuda", "model.n_layer=4", "train.grad_clip=0.5",
                     "offload.resident_mem=300KiB", *opts))
+
+
+@pytest.mark.parametrize("case", ["gpt-bf16", "llama-bf16", "llama-bf16-qknorm-mqa", "llama-window", "llama-lora",
+                                  "gpt-lora-bf16-dropout"])
+def test_a_block_kept_whole_swaps_what_the_estimate_counts_on_cuda(tmp_path, case):
+    """``saved_block_bytes`` is counted from what autograd saves on the CPU (tests/engine/test_activations.py):
+    on CUDA, SDPA's kernels save their own tensors (flash attention's RNG state, the memory-efficient
+    kernel's padded log-sum-exp and its mask). Stated tolerance: within 2 % of the bytes the engine swaps."""
+    from fuyou.data import load_data
+    from fuyou.engine.budget import saved_block_bytes
+    from fuyou.engine.engine import Engine
+
+    from test_activations import WHOLE
+
+    cfg = make_cfg(tmp_path, "model.n_layer=4", "offload.act_policy=all=ssd", "offload.mode=ssd", "train.device=cuda",
+                   *WHOLE[case])
+    eng = Engine(cfg, load_data(cfg.data), "whole")
+    try:
+        eng.train_step(0)
+        swapped = eng.counters.act_ssd_write_bytes
+    finally:
+        eng.close()
+    est = 4 * saved_block_bytes(cfg.model, cfg.train.micro_batch_size, cfg.data.seq_len,
+                                2 if cfg.train.precision == "bf16" else 4, cfg.lora, cfg.data.may_pack)
+    assert abs(swapped - est) <= 0.02 * est, (swapped, est)
