@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 from typing import Literal
 
@@ -85,7 +87,18 @@ class DataConfig(BaseModel):
         """Rows may hold several packed examples (fine-tuning records with ``packing``), so attention takes a
         mask: the activation estimates count it (``fuyou.engine.budget.saved_block_bytes``). Decided from
         the settings (the data is read later): plain text (``format='text'``, the embedded corpus) never packs."""
-        return self.packing and self.source in ("text", "prepared") and self.format != "text"
+        if not self.packing or self.source not in ("text", "prepared") or self.format == "text":
+            return False
+        if self.source == "prepared":  # examples (meta.json's kind), not a token stream
+            try:
+                return json.loads((Path(self.path[0]) / "meta.json").read_text()).get("kind") == "examples"
+            except (OSError, ValueError, AttributeError):
+                return True
+        if self.format != "auto":
+            return True
+        # auto: records are JSON Lines (or JSON) files; plain text files never pack
+        return any(Path(p).suffix in (".jsonl", ".json") or (Path(p).is_dir() and any(
+            f.suffix in (".jsonl", ".json") for f in Path(p).rglob("*"))) for p in self.path)
 
     @model_validator(mode="after")
     def _check_paths(self) -> "DataConfig":

@@ -399,7 +399,8 @@ def class_widths(cfg_model) -> dict[str, int]:
             "fc1": cfg_model.ff_dim * (2 if cfg_model.family == "llama" else 1)}
 
 
-def saved_block_bytes(cfg_model, batch: int, seq: int, csize: int, lora=None, packed: bool = False) -> int:
+def saved_block_bytes(cfg_model, batch: int, seq: int, csize: int, lora=None, packed: bool = False,
+                      cuda: bool = False) -> int:
     """Bytes autograd saves in one block's forward for one micro-batch: what a block kept whole (policy
     ``all``) swaps (``fuyou.engine.recompute.GraphKeeper``: every saved tensor once, less the block's
     input and weights). Counted from the blocks' code (``fuyou.models.stages``) as PyTorch saves it, in
@@ -407,7 +408,9 @@ def saved_block_bytes(cfg_model, batch: int, seq: int, csize: int, lora=None, pa
     its fp32 input and, where its weight trains, its fp32 normalised product; each matmul its input
     where its weight trains or it has an adapter (in the compute dtype, cast once for the matmuls
     sharing it); attention its query, keys, values (rotated), output (the kernel's fp32 log-sum-exp, 4 B
-    per head) and the output's copy into the projection; the MLP its activation's input and output (Llama:
+    per head) and the output's copy into the projection (with grouped queries the keys and values per query
+    head where the kernel does not take them, ``layers.kernel_gqa``: ``cuda`` with a mask or in fp32); the
+    MLP its activation's input and output (Llama:
     gate, SiLU, up); the fp32 residual before the second norm. Per block: Llama's cos and sin tables
     (per row with ``packed`` documents), a mask (with packing or a sliding window shorter than the
     sequence, in the compute dtype), GPT's norm weights cast to fp32 under bf16. ``lora``: a
@@ -415,6 +418,9 @@ def saved_block_bytes(cfg_model, batch: int, seq: int, csize: int, lora=None, pa
     A·x, r per token, and its weights, and with dropout the mask and the dropped input instead of the input).
     Checked against the engine's swapped bytes on the CPU (tests/engine/test_activations.py: GPT and
     Llama, fp32 and bf16, grouped queries, QK norms, windows, packing, LoRA with and without dropout)."""
+    import torch
+
+    from fuyou.models.layers import kernel_gqa
     from fuyou.models.lora import resolve_targets
 
     c, N, B, T = csize, batch * seq, batch, seq
@@ -433,8 +439,11 @@ def saved_block_bytes(cfg_model, batch: int, seq: int, csize: int, lora=None, pa
     def saves_input(*names: str) -> bool:  # (an adapter with dropout saves its dropped input instead)
         return full or (not dropout and any(n in adapted for n in names))
 
-    attn = c * (qw + 2 * kv) + c * qw + 4 * h + (c * qw if saves_input("o" if fam == "llama" else "proj") else 0)
-    mask = (B if packed else 1) * T * T * c if packed or (cfg_model.sliding_window or T) < T else 0
+    masked = packed or (cfg_model.sliding_window or T) < T
+    mask = (B if packed else 1) * T * T * c if masked else 0
+    expand = kv < qw and not kernel_gqa("cuda" if cuda else "cpu", torch.bfloat16 if c == 2 else torch.float32, masked)
+    kv_saved = qw if expand else kv  # keys and values expanded per query head, or as they are
+    attn = c * (qw + 2 * kv_saved) + c * qw + 4 * h + (c * qw if saves_input("o" if fam == "llama" else "proj") else 0)
     if fam == "gpt":
         per_token = (2 * 8 + 4 * d + attn + c * ff
                      + (c * d if saves_input("qkv") else 0) + (c * d if saves_input("fc1") else 0)

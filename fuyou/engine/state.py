@@ -168,9 +168,10 @@ class TrainingState:
         refuse_committed_state(self.store_dirs, self.cfg, name)
         locks = lock_dirs([d for d in present])  # refuses a state another process is using
         try:
-            print(f"fuyou: removing the {'committed' if record.exists() else 'never committed'} SSD state in "
-                  f"{', '.join(map(str, present))} (offload.replace_state, or a run killed before its first commit)",
-                  file=sys.stderr)
+            what = ("never committed" if not record.exists() else "committed" if self.cfg.offload.replace_state
+                    else "initial (its run's directory was never made)")
+            print(f"fuyou: removing the {what} SSD state in {', '.join(map(str, present))} (offload.replace_state, or a "
+                  f"run killed before its first commit)", file=sys.stderr)
             for d in present:
                 shutil.rmtree(d)
         finally:
@@ -450,6 +451,8 @@ def refuse_committed_state(store_dirs: list[Path], cfg, name: str) -> None:
 
     if (store_dirs[0] / RECORD).exists() and not cfg.offload.replace_state:
         owner = read_owner(store_dirs[0])
+        if _unstarted(store_dirs[0], owner):
+            return  # the initial state of a run whose directory was never made: nothing to resume, it is removed
         run = f"the run in {owner}" if owner else f"an earlier run named {name[:-len(STATE_SUFFIX)]!r}"
         live = lock_holder(store_dirs[0])
         if live is not None:  # (its advice was to resume a run that was still training)
@@ -458,6 +461,19 @@ def refuse_committed_state(store_dirs: list[Path], cfg, name: str) -> None:
         raise ConfigError(f"{store_dirs[0]} holds the committed SSD state of {run}: continue it with `fuyou train "
                           f"--resume {owner or 'RUN_DIR'}`, or choose another run.name (offload.replace_state=true "
                           f"deletes that state, and that run could not be resumed again)")
+
+
+def _unstarted(store_dir: Path, owner: str | None) -> bool:
+    """Whether a committed state is only a run's initial one (step 0) and its run directory was never made
+    (data parallel: rank 0 killed between the ranks' step-0 commit and the run directory; a peer kept its
+    state, which said "continue it with --resume" of a directory that did not exist, in a loop)."""
+    from fuyou.engine.commit import RECORD
+
+    try:
+        step = json.loads((store_dir / RECORD).read_text()).get("step")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return step == 0 and owner is not None and not Path(owner).exists()
 
 
 OWNER = "fuyou-store-owner.json"  # in a state directory: the run directory whose state it is

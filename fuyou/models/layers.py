@@ -72,11 +72,12 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None
     ``mask``: a boolean (B, 1, T, T) mask of the pairs that may attend (``attention_mask``: packed
     documents, a sliding window), which already holds causality; None: plain causal.
 
-    Grouped-query attention is the kernel's own (``enable_gqa``, torch >= 2.5): no copy of k and v per
-    query head (``repeat_interleave`` made one, and autograd saved it: two B*H*T*D tensors per block)."""
+    Grouped-query attention is the kernel's own (``enable_gqa``) where ``kernel_gqa`` says the kernel takes
+    it: no copy of k and v per query head (``repeat_interleave`` makes one, and autograd saves it: two
+    B*H*T*D tensors per block)."""
     causal = dict(is_causal=True) if mask is None else dict(attn_mask=mask)
     if k.shape[1] != q.shape[1]:
-        if _SDPA_GQA:
+        if kernel_gqa(q.device.type, q.dtype, mask is not None):
             return F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **causal)
         groups = q.shape[1] // k.shape[1]
         k = k.repeat_interleave(groups, dim=1)
@@ -109,6 +110,14 @@ def attention_mask(positions: Tensor | None, T: int, window: int | None, device:
 
 
 _SDPA_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
+
+
+def kernel_gqa(device_type: str, dtype: torch.dtype, masked: bool) -> bool:
+    """Whether SDPA takes grouped-query attention itself (``enable_gqa``, torch >= 2.5) for these inputs. On
+    CUDA only flash attention does (besides the math kernel), and flash takes no mask and no fp32: there the
+    math kernel would keep the T x T scores in fp32 for backward (GiBs per block at long sequences), so k and
+    v are expanded per query head for the memory-efficient kernel instead. The CPU's kernel takes both."""
+    return _SDPA_GQA and (device_type != "cuda" or (not masked and dtype in (torch.float16, torch.bfloat16)))
 
 
 LOSS_CHUNK_BYTES = 64 * 1024**2

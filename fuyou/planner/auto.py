@@ -52,7 +52,8 @@ def plan_config(cfg: FuyouConfig, run_dir: Path, stream=None) -> FuyouConfig:
                           f"on the {kind[device]}: --plan auto would plan another machine; leave hardware.* unset (it "
                           f"then measures this one) or give this machine's profile (`fuyou probe`)")
     w = Workload(cfg.model, cfg.train.micro_batch_size, cfg.data.seq_len, offload=off, grad_accum=cfg.train.grad_accum,
-                 csize=2 if cfg.train.precision == "bf16" else 4, lora=cfg.lora)
+                 csize=2 if cfg.train.precision == "bf16" else 4, lora=cfg.lora, packed=cfg.data.may_pack,
+                 cuda=device == "cuda")
     split = cfg.train.global_batch if cfg.train._auto_split else None
     plan = search(w, hw, off.cpu_mem) if split is None else search_split(w, hw, off.cpu_mem, split)
     print(text(plan), file=stream, flush=True)

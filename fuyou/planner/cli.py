@@ -382,7 +382,7 @@ def _plan(args) -> int:
         raise ConfigError("optim.master/optim.moments apply to full fine-tuning; LoRA keeps the adapters' state "
                           "in memory")
     w = Workload(cfg, args.batch or 16, args.seq, grad_accum=args.grad_accum or gpus, offload=off, grad_clip=clip,
-                 csize=2 if precision == "bf16" else 4, fmt=fmt, lora=lora, ranks=gpus,
+                 csize=2 if precision == "bf16" else 4, fmt=fmt, lora=lora, ranks=gpus, cuda=hw.device == "cuda",
                  **({"depths": (args.prefetch_depth,)} if args.prefetch_depth is not None else {}))
     if w.sharded and gpus > len(w.numels):
         raise ConfigError(f"--gpus {gpus} for a model of {len(w.numels)} stages: each rank owns the optimizer state of "

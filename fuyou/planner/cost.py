@@ -41,6 +41,7 @@ class Workload:
     lora: LoRAConfig | None = None  # LoRA: a read-only base, adapters and their AdamW on the device
     ranks: int = 1            # data parallel (fuyou/distributed.py): GPUs of one machine sharing the step
     packed: bool = False      # rows may pack several examples (``DataConfig.may_pack``): attention takes a mask
+    cuda: bool = True         # the compute device is a GPU (its attention kernels save what the CPU's do not)
     depths: tuple[int, ...] = (1, 2, 3)  # the prefetch depths the search tries (offload.prefetch_depth given: it)
 
     def __post_init__(self):
@@ -59,7 +60,7 @@ class Workload:
         self.gsize = 4 if self.grad_accum > 1 else self.csize
         self.chunk = self.fmt.chunk_elements(self.offload.optimizer_chunk, self.store.checksum_block)
         # what a block kept whole (its four classes in one tier) saves, one micro-batch: the engine's figure
-        self.whole = saved_block_bytes(self.model, self.batch, self.seq, self.csize, self.lora, self.packed)
+        self.whole = saved_block_bytes(self.model, self.batch, self.seq, self.csize, self.lora, self.packed, self.cuda)
         if self.ranks < 1 or self.grad_accum % self.ranks:
             raise ValueError(f"{self.grad_accum} micro-batches do not divide among {self.ranks} ranks")
         # data parallel with full fine-tuning: each stage's optimizer state on one rank (the engine's rule)
@@ -82,7 +83,8 @@ class Workload:
         return cls(cfg.model, cfg.train.micro_batch_size, cfg.data.seq_len, cfg.offload, cfg.train.grad_accum,
                    2 if cfg.train.precision == "bf16" else 4,
                    StoreConfig(queue_depth=cfg.offload.io_threads, verify_checksums=cfg.offload.verify_checksums),
-                   cfg.train.grad_clip, StateFormat.of(cfg.optim), cfg.lora, packed=cfg.data.may_pack)
+                   cfg.train.grad_clip, StateFormat.of(cfg.optim), cfg.lora, packed=cfg.data.may_pack,
+                   cuda=cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available()))
 
     @property
     def master_is_weights(self) -> bool:

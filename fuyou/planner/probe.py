@@ -110,7 +110,8 @@ def probe_compute(cfg: ModelConfig, batch: int, seq: int, device: torch.device, 
     mm_flops = 2.0 * N * d * (qw + 2 * kv) + 2.0 * N * qw * d + 2.0 * N * d * ff * 2
     t_f, t_b, t_m = (_median_time(f, repeats, sync) for f in (fwd, bwd, matmuls))
     lora = lora if lora is not None and lora.enabled else PROBE_LORA
-    lora = lora.model_copy(update={"rank": min(lora.rank, d)})  # (a small probe block)
+    narrowest = min(d, qw, kv, ff)  # (a small block, or the smaller one the probe times on a CPU: attach refuses
+    lora = lora.model_copy(update={"rank": min(lora.rank, narrowest)})  # a rank beyond a matmul's side)
     lmodel = StageModel(cfg)
     attach(lmodel, lora)
     lblock = lmodel.stages[1]

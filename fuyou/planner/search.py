@@ -223,16 +223,31 @@ def _assign(w, hw, costs, depth: int, tiers: tuple[str, ...], k: int, cpu_budget
     room["cpu"] = min(room["cpu"], off.act_cpu_mem if off.act_cpu_mem is not None else cpu_budget // 4)
     blocks = {i: dict(checkpoint="ssd") for i in range(L)}
 
+    charged: dict[int, tuple[str, int]] = {}  # each block's checkpoint: its tier and the bytes charged there
+
     def put(i: int, cls: str, nbytes: int) -> None:
         for t in tiers:
-            # the last of a block's four classes into the tier of the other three keeps the block whole,
-            # which holds everything autograd saves (``Workload.whole``), not just the four
+            # the last of a block's four classes into the tier of the other three keeps the block whole: it
+            # holds everything autograd saves (``Workload.whole``), not just the four, and its fp32 input stays
+            # on the device in place of its checkpoint (``policy.to_keep``), which the policy then says
             others = [blocks[i].get(c) for c in CLASSES if c != cls]
-            whole = cls != "checkpoint" and all(o == t for o in others)
-            extra = M * w.whole - sum(M * costs[i + 1].act_bytes[c] for c in CLASSES) if whole else 0
-            if room[t] >= nbytes + extra:
-                room[t] -= nbytes + extra
-                blocks[i][cls] = t
+            if cls == "checkpoint" or not all(o == t for o in others):
+                if room[t] >= nbytes:
+                    room[t] -= nbytes
+                    blocks[i][cls] = t
+                    if cls == "checkpoint":
+                        charged[i] = (t, nbytes)
+                    return
+                continue
+            after = dict(room)
+            tier, ck = charged.get(i, ("gpu", 0))
+            after[tier] += ck
+            after["gpu"] -= M * costs[i + 1].act_bytes["checkpoint"]
+            after[t] -= nbytes + M * w.whole - sum(M * costs[i + 1].act_bytes[c] for c in CLASSES)
+            if after[t] >= 0 and after["gpu"] >= 0:
+                room.update(after)
+                blocks[i].update({cls: t, "checkpoint": "gpu"})
+                charged[i] = ("gpu", M * costs[i + 1].act_bytes["checkpoint"])
                 return
 
     M = w.micro  # each micro-batch of a step (this rank's) keeps its own

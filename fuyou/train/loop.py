@@ -202,6 +202,25 @@ def _offload_ignored_in_memory(cfg) -> list[str]:
 STOP_WRITE_RATE = 1e9  # bytes/s a stop's commit is assumed to write at (a consumer NVMe drive, with its fsyncs)
 
 
+def _torchrun_shutdown_timeout() -> float:
+    """torchrun's --shutdown-timeout: from its command line (the workers' parent, torch's elastic agent), else
+    TORCH_ELASTIC_SHUTDOWN_TIMEOUT, else its default 30 s."""
+    try:
+        args = [a.decode(errors="replace") for a in Path(f"/proc/{os.getppid()}/cmdline").read_bytes().split(b"\0")]
+    except OSError:
+        args = []
+    try:
+        for i, a in enumerate(args):
+            for flag in ("--shutdown-timeout", "--shutdown_timeout"):
+                if a == flag and i + 1 < len(args):
+                    return float(args[i + 1])
+                if a.startswith(flag + "="):
+                    return float(a.partition("=")[2])
+        return float(os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "30"))
+    except ValueError:
+        return 30.0
+
+
 def _note_torchrun_shutdown(trainer, dist: distributed.Dist, stream) -> None:
     """torchrun passes a stop (Ctrl-C, SIGTERM) on to its workers and kills them 30 s later
     (``--shutdown-timeout``, or TORCH_ELASTIC_SHUTDOWN_TIMEOUT): a stop's commit writing the optimizer state held
@@ -211,10 +230,7 @@ def _note_torchrun_shutdown(trainer, dist: distributed.Dist, stream) -> None:
     plan = getattr(trainer, "plan", None)
     if not dist.enabled or not dist.is_main or "TORCHELASTIC_RUN_ID" not in os.environ or plan is None:
         return
-    try:
-        timeout = float(os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "30"))
-    except ValueError:
-        timeout = 30.0
+    timeout = _torchrun_shutdown_timeout()
     need = plan.resident_bytes / STOP_WRITE_RATE
     if need > timeout:
         print(f"fuyou: note: a stop (Ctrl-C, SIGTERM) commits the {format_size(plan.resident_bytes)} of optimizer state "
@@ -692,7 +708,12 @@ def _loop(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, stop
 
     dist = dist or distributed.Dist()
     if dist.run_dir is None and getattr(trainer, "last_commit_step", None) is not None:  # step 0's commit is
-        dist.run_dir = run_dir  # written: a peer lost from now on leaves a run to resume (Dist._collective)
+        # written, and once rank 0 has made the run directory (after it) a peer lost leaves a run to resume
+        # (Dist._collective's advice): rank 0 knows it has; the others once it says so
+        if dist.is_main:
+            dist.run_dir = run_dir
+        dist.barrier("waiting for rank 0 to create the run directory")
+        dist.run_dir = run_dir
     tb = cfg.run.tensorboard
     # a resume from an earlier commit redoes steps already logged: TensorBoard drops its points from there
     # (purge_step), and the log says where the redone steps start (a "resumed" record)

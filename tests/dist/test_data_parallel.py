@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -409,6 +410,20 @@ def test_a_rank_killed_between_the_ranks_commit_records_resumes_at_the_newer_com
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_rank_0_killed_before_the_run_directory_leaves_a_run_that_starts_again(tmp_path):
+    """Rank 0 killed writing its step-0 record, before it made the run directory: rank 1 (step 0 committed)
+    advised `--resume` of a directory that never existed, and starting again was refused by rank 1's
+    state ("continue it with --resume"), in a loop (review). Now rank 1 says start again, and it starts."""
+    args = train_args(tmp_path, "cut", "train.grad_accum=2")
+    procs = rank_procs(tmp_path, args, fault_rank=0, fault="commit@0")
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert procs[0].returncode == -signal.SIGKILL, outs[0][1][-2000:]
+    assert "start it again" in outs[1][1] and "--resume" not in outs[1][1], outs[1][1][-2000:]
+    assert not (tmp_path / "runs" / "cut").exists()
+    r = torchrun(args)
+    assert "removing the initial (its run's directory was never made) SSD state" in r.stderr
+
+
 def test_a_rank_killed_after_the_final_save_leaves_no_state_that_asks_to_be_resumed(tmp_path):
     """Rank 1 is killed after rank 0 saved the weights (the barrier before the states are deleted): rank 0
     finishes and removes its state, rank 1's stays. A resume said to rank 0 that the state was never
@@ -442,7 +457,7 @@ def test_two_ranks_with_resident_state_and_spare_copies(tmp_path):
     assert_states(open_state(runs / "one"), open_state(runs / "two"), True)
 
 
-def test_a_stop_commit_longer_than_torchruns_shutdown_timeout_is_named(monkeypatch, capsys):
+def test_a_stop_commit_longer_than_torchruns_shutdown_timeout_is_named(tmp_path, monkeypatch, capsys):
     """torchrun kills its workers 30 s after passing a stop on: a stop's commit of much resident state needs
     longer (a pass saw it killed mid-commit). Rank 0 names torchrun's --shutdown-timeout when it would."""
     from types import SimpleNamespace
@@ -462,4 +477,13 @@ def test_a_stop_commit_longer_than_torchruns_shutdown_timeout_is_named(monkeypat
     _note_torchrun_shutdown(trainer, Dist(0, 2, 0, 2, "gloo"), sys.stderr)
     _note_torchrun_shutdown(SimpleNamespace(plan=SimpleNamespace(resident_bytes=10**12)), Dist(1, 2, 1, 2, "gloo"),
                             sys.stderr)
+    assert capsys.readouterr().err == ""
+    # torchrun's flag reaches its workers only on its own command line, which the note reads
+    trainer.plan.resident_bytes = 80 * 10**9
+    cmdline = tmp_path / "cmdline"
+    cmdline.write_bytes(b"\x00".join([b"python", b"-m", b"torch.distributed.run", b"--shutdown-timeout", b"600", b"-m",
+                                       b"fuyou.cli"]))
+    real = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda p: real(cmdline) if str(p).endswith("/cmdline") else real(p))
+    _note_torchrun_shutdown(trainer, Dist(0, 2, 0, 2, "gloo"), sys.stderr)
     assert capsys.readouterr().err == ""
