@@ -37,6 +37,9 @@ def plan_config(cfg: FuyouConfig, run_dir: Path, stream=None) -> FuyouConfig:
                                   optimizer_depth=off.optimizer_depth, precision=cfg.train.precision,
                                   gloo=False,  # one process: nothing between ranks to measure
                                   lora=cfg.lora)
+        from fuyou.engine.malloc import trim_heap
+
+        trim_heap()  # the probe's freed temporaries: not part of the run's fixed overhead (a pass saw it raised)
         run_dir.mkdir(parents=True, exist_ok=True)
         path = run_dir / "hardware-profile.json"
         save_profile(profile, path, measured)

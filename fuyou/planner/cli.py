@@ -499,7 +499,9 @@ def _probe(args) -> int:
     save_profile(prof, args.out, meas)
     c = meas["compute"]
     print(f"compute ({prof.device}, {c['block_shape']}): block forward {prof.fwd_flops / 1e12:.3g} TFLOPS, "
-          f"recompute+backward {prof.bwd_flops / 1e12:.3g}, matmuls {prof.matmul_flops / 1e12:.3g}")
+          f"recompute+backward {prof.bwd_flops / 1e12:.3g}, matmuls {prof.matmul_flops / 1e12:.3g}; with LoRA "
+          f"({c['lora']}) {prof.lora_fwd_flops / 1e12:.3g} and {prof.lora_bwd_flops / 1e12:.3g}; the head "
+          f"{prof.head_flops / 1e12:.3g} ({prof.lora_head_flops / 1e12:.3g} frozen)")
     if prof.device == "cuda":
         print(f"PCIe: H2D {prof.h2d / 1e9:.3g} GB/s, D2H {prof.d2h / 1e9:.3g} GB/s (pinned)")
     print(f"SSD ({args.ssd}, through the store): write {prof.ssd_write / 1e9:.3g} GB/s, read {prof.ssd_read / 1e9:.3g} "
@@ -512,6 +514,9 @@ def _probe(args) -> int:
     print(f"CPU AdamW: {prof.cpu_adam / 1e9:.3g} G params/s; memory: CPU {format_size(prof.cpu_mem or 0)}, "
           f"device {format_size(prof.gpu_mem)}")
     print(f"wrote {args.out}")
+    if args.repeats < 3:  # (a pass: a --repeats 1 profile was 30x off on a busy machine, without a word)
+        print(f"note: --repeats {args.repeats}: each figure is {'one timing' if args.repeats == 1 else 'a median of two'}, "
+              f"which a busy machine can make far off; the default 3 keeps the median of three", file=sys.stderr)
     return 0
 
 

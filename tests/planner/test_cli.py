@@ -91,7 +91,9 @@ def test_probe_smoke_writes_a_profile_plan_can_use(tmp_path, capsys):
     # a real job on the store, against the model's own prediction of it: a sanity bound (units, not speed: on a
     # shared 2-core machine under a concurrent benchmark it measured 0.13)
     assert 0.02 < p.adam_io_efficiency < 50
-    assert "out-of-core AdamW job" in capsys.readouterr().out
+    out = capsys.readouterr()
+    assert "out-of-core AdamW job" in out.out and "with LoRA (rank" in out.out and "the head" in out.out
+    assert "--repeats 1: each figure is one timing" in out.err
     assert main(["plan", "--model", "gpt-tiny", "--profile", str(prof), "--cpu-mem", "1GiB", "--batch", "2",
                  "--seq", "64"]) == 0
     assert "swap schedule" in capsys.readouterr().out
