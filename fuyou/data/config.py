@@ -96,9 +96,14 @@ class DataConfig(BaseModel):
                 return True
         if self.format != "auto":
             return True
-        # auto: records are JSON Lines (or JSON) files; plain text files never pack
-        return any(Path(p).suffix in (".jsonl", ".json") or (Path(p).is_dir() and any(
-            f.suffix in (".jsonl", ".json") for f in Path(p).rglob("*"))) for p in self.path)
+        # auto: records are JSON Lines files (as the reader knows them); plain text files never pack
+        from fuyou.data.corpus import JSONL_SUFFIXES
+
+        def records(f: Path) -> bool:
+            return f.suffix.lower() in JSONL_SUFFIXES
+
+        return any(records(Path(p)) or Path(p).suffix.lower() == ".json"  # (a .json file given by name: records)
+                   or (Path(p).is_dir() and any(records(f) for f in Path(p).rglob("*"))) for p in self.path)
 
     @model_validator(mode="after")
     def _check_paths(self) -> "DataConfig":

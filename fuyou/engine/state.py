@@ -473,7 +473,7 @@ def _unstarted(store_dir: Path, owner: str | None) -> bool:
         step = json.loads((store_dir / RECORD).read_text()).get("step")
     except (OSError, ValueError, AttributeError):
         return False
-    return step == 0 and owner is not None and not Path(owner).exists()
+    return step == 0 and (owner is None or not Path(owner).exists())  # (no owner: killed before it was claimed)
 
 
 OWNER = "fuyou-store-owner.json"  # in a state directory: the run directory whose state it is

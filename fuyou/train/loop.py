@@ -204,7 +204,8 @@ STOP_WRITE_RATE = 1e9  # bytes/s a stop's commit is assumed to write at (a consu
 
 def _torchrun_shutdown_timeout() -> float:
     """torchrun's --shutdown-timeout: from its command line (the workers' parent, torch's elastic agent), else
-    TORCH_ELASTIC_SHUTDOWN_TIMEOUT, else its default 30 s."""
+    PET_SHUTDOWN_TIMEOUT (torchrun's flags' environment form), else TORCH_ELASTIC_SHUTDOWN_TIMEOUT, else its
+    default 30 s."""
     try:
         args = [a.decode(errors="replace") for a in Path(f"/proc/{os.getppid()}/cmdline").read_bytes().split(b"\0")]
     except OSError:
@@ -216,7 +217,7 @@ def _torchrun_shutdown_timeout() -> float:
                     return float(args[i + 1])
                 if a.startswith(flag + "="):
                     return float(a.partition("=")[2])
-        return float(os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "30"))
+        return float(os.environ.get("PET_SHUTDOWN_TIMEOUT") or os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "30"))
     except ValueError:
         return 30.0
 

@@ -740,3 +740,19 @@ def test_a_copy_of_the_prepared_tokenizer_is_the_same_tokenizer(tmp_path, hf_tok
     load_data(DataConfig(path=[str(tmp_path / "p")], tokenizer=str(tmp_path / "copy")))  # the same vocabulary
     with pytest.raises(DataError, match="data.tokenizer=byte"):
         load_data(DataConfig(path=[str(tmp_path / "p")], tokenizer="byte"))
+
+
+def test_may_pack_is_true_only_for_records(tmp_path):
+    """Whether rows may pack several examples (attention then takes a mask the activation estimates count):
+    records (.jsonl/.ndjson in any case, a .json file by name, a directory holding them, a prepared
+    directory of examples), not text or a token stream."""
+    from fuyou.data.config import DataConfig
+
+    for name in ("a.jsonl", "b.NDJSON", "c.json"):
+        (tmp_path / name).write_text('{"prompt": "q", "completion": "a"}\n')
+        assert DataConfig(path=[str(tmp_path / name)]).may_pack, name
+    (tmp_path / "t.txt").write_text("plain text")
+    assert not DataConfig(path=[str(tmp_path / "t.txt")]).may_pack
+    assert not DataConfig(path=[str(tmp_path / "t.txt")], format="prompt_completion", packing=False).may_pack
+    assert DataConfig(path=[str(tmp_path)]).may_pack  # (a directory with records)
+    assert not DataConfig().may_pack  # the embedded corpus

@@ -191,5 +191,6 @@ def test_a_block_kept_whole_swaps_what_the_estimate_counts_on_cuda(tmp_path, cas
     finally:
         eng.close()
     est = 4 * saved_block_bytes(cfg.model, cfg.train.micro_batch_size, cfg.data.seq_len,
-                                2 if cfg.train.precision == "bf16" else 4, cfg.lora, cfg.data.may_pack)
+                                2 if cfg.train.precision == "bf16" else 4, cfg.lora, cfg.data.may_pack, cuda=True)
+    assert est == 4 * eng.whole_block  # (what the engine's budget charged)
     assert abs(swapped - est) <= 0.02 * est, (swapped, est)

@@ -222,3 +222,22 @@ def test_a_renamed_run_directory_is_told_why_its_state_is_not_found(tmp_path):
     (tmp_path / "runs" / "AB").rename(tmp_path / "runs" / "AB-renamed")
     r = run([sys.executable, "-m", "fuyou.cli", "train", "--resume", str(tmp_path / "runs" / "AB-renamed")])
     assert r.returncode == 2 and "AB.fuyou-state (of " in r.stderr and "give it its old name back" in r.stderr, r.stderr
+
+
+def test_only_an_initial_state_whose_run_never_started_is_taken_for_unstarted(tmp_path):
+    """A new start removes a committed state only where it is a run's initial one (step 0) whose run directory
+    was never made, or that was never claimed (no owner file): data parallel, rank 0 killed between the ranks'
+    step-0 commit and the run directory left its peers' state refusing every start. A later step is kept."""
+    import json
+
+    from fuyou.engine.commit import RECORD
+    from fuyou.engine.state import _unstarted
+
+    d = tmp_path / "state"
+    d.mkdir()
+    (d / RECORD).write_text(json.dumps({"step": 0}))
+    assert _unstarted(d, None) and _unstarted(d, str(tmp_path / "never-made"))
+    (tmp_path / "run").mkdir()
+    assert not _unstarted(d, str(tmp_path / "run"))
+    (d / RECORD).write_text(json.dumps({"step": 3}))
+    assert not _unstarted(d, None)
