@@ -174,7 +174,7 @@ def head_working_bytes(cfg_model, batch: int, seq: int, frozen: bool = False) ->
 
 
 def block_working_bytes(cfg_model, batch: int, seq: int, csize: int, stage_max: int,
-                        micro_batches: int = 1) -> int:
+                        micro_batches: int = 1, packed: bool = False) -> int:
     """Device working memory of the largest stage's recompute + backward on a GPU, for one micro-batch
     of ``batch`` sequences (an estimate; the CPU's is ``activation_bytes``, which counts fp32
     throughout and the attention scores).
@@ -189,12 +189,22 @@ def block_working_bytes(cfg_model, batch: int, seq: int, csize: int, stage_max: 
     2.11, flash attention, bf16), one micro-batch's gradients added to both: GPT 0.94, Llama 0.84;
     without the attention term the GPT block was 1.10x the estimate (2026-12-04,
     tests/engine/test_working_set.py). Against the CPU allocator's peak, the estimate less that
-    CUDA-only term: 0.84-0.90.
+    CUDA-only term: 0.84-0.90. With a mask (``packed`` rows, a sliding window shorter than the sequence):
+    the mask, boolean and in the compute dtype, and with grouped queries the keys and values expanded per
+    query head that autograd then saves (``layers.kernel_gqa``; not measured on a GPU yet).
     """
+    import torch
+
+    from fuyou.models.layers import kernel_gqa
+
     N = batch * seq
     d, ff = cfg_model.d_model, cfg_model.ff_dim * (2 if cfg_model.family == "llama" else 1)
+    q, kv = cfg_model.q_width, cfg_model.kv_heads * cfg_model.head_dim
+    masked = packed or (cfg_model.sliding_window or seq) < seq
+    mask = (batch if packed else 1) * seq * seq * (1 + csize) if masked else 0
+    expand = kv < q and not kernel_gqa("cuda", torch.bfloat16 if csize == 2 else torch.float32, masked)
     return (csize * N * (9 * d + 4 * ff) + 4 * N * d + attention_backward_bytes(cfg_model, batch, seq, csize)
-            + (stage_max * csize if micro_batches > 1 else 0))
+            + (stage_max * csize if micro_batches > 1 else 0) + mask + (2 * csize * N * (q - kv) if expand else 0))
 
 
 def attention_backward_bytes(cfg_model, batch: int, seq: int, csize: int) -> int:
@@ -209,11 +219,11 @@ def attention_backward_bytes(cfg_model, batch: int, seq: int, csize: int) -> int
 
 
 def device_working_bytes(cfg_model, batch: int, seq: int, csize: int, stage_max: int,
-                         micro_batches: int = 1, frozen: bool = False) -> int:
+                         micro_batches: int = 1, frozen: bool = False, packed: bool = False) -> int:
     """Device working memory of the largest stage's recompute + backward on a GPU: the larger of a
     block's (``block_working_bytes``) and the head's (``head_working_bytes``). ``frozen`` (LoRA): no
-    parameter gradients of the base."""
-    return max(block_working_bytes(cfg_model, batch, seq, csize, 0 if frozen else stage_max, micro_batches),
+    parameter gradients of the base; ``packed``: rows may pack several examples (a mask)."""
+    return max(block_working_bytes(cfg_model, batch, seq, csize, 0 if frozen else stage_max, micro_batches, packed),
                head_working_bytes(cfg_model, batch, seq, frozen))
 
 

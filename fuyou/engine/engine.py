@@ -422,7 +422,8 @@ class Engine:
         if not self.dev.is_host:
             csize = dtype_size(self.cdtype)
             working = device_working_bytes(self.cfg.model, t.micro_batch_size, self.cfg.data.seq_len, csize,
-                                           max(s.numel for s in self.states), len(self.micro), frozen=bool(self.lora))
+                                           max(s.numel for s in self.states), len(self.micro), frozen=bool(self.lora),
+                                           packed=self.cfg.data.may_pack)
         return plan_memory(
             [s.numel for s in self.states], self.cfg.offload, chunk=self.chunk,
             io_buffer_bytes=self.store_cfg.queue_depth * max(self.store_cfg.block_size, self.store_cfg.checksum_block),

@@ -173,7 +173,7 @@ def stage_costs(w: Workload) -> list[StageCost]:
 def gpu_working_bytes(w: Workload) -> int:
     """Device working memory of the largest stage's recompute + backward on a GPU (``budget.device_working_bytes``)."""
     return device_working_bytes(w.model, w.batch, w.seq, w.csize, max(w.numels), w.micro,
-                                frozen=w.lora_params is not None)
+                                frozen=w.lora_params is not None, packed=w.packed)
 
 
 def forward_keeps(w: Workload, c: StageCost, b: BlockPolicy, keep=None) -> list[tuple[str, str, int]]:
