@@ -73,6 +73,7 @@ class MemoryPlan:
     resident_elsewhere: list[int] = field(default_factory=list)  # the planner: stages resident on other ranks
     spare_elsewhere: list[int] = field(default_factory=list)     # ... and those of them with a spare copy
     act_share_cap: int | None = None  # the cpu tier's share is the default quarter of the budget, up to this
+    first_cached_delta: int = 0  # with nothing cached: what caching the first stage changes (cache + buffers)
 
     @property
     def resident_all(self) -> list[int]:
@@ -92,10 +93,20 @@ class MemoryPlan:
     def cpu_minimum(self) -> int:
         """The least budget under which this plan's items fit. ``cpu_required`` at this budget, except
         that a default share of the cpu tier is a quarter of the budget (``act_cpu_share``): at a smaller
-        budget it is smaller, so the least budget M solves ``other + min(M // 4, cap) <= M``."""
+        budget it is smaller, so the least budget M solves ``other + min(M // 4, cap) <= M``. And where
+        nothing is cached, caching the first stage (the embedding, often the largest) can need less than
+        streaming it, whose weight buffers are sized for it (``first_cached_delta`` < 0): the lesser of the two
+        (the cache takes the first stages first: at that budget it takes the embedding)."""
+        other = self.cpu_required - self.cpu_items.get(ACT_SHARE, 0)
+        least = self._least(other)
+        if not self.cached_stages and self.first_cached_delta < 0:
+            least = min(least, self._least(other + self.first_cached_delta))
+        return least
+
+    def _least(self, other: int) -> int:
         if self.act_share_cap is None:
-            return self.cpu_required
-        other, cap = self.cpu_required - self.cpu_items.get(ACT_SHARE, 0), self.act_share_cap
+            return other + self.cpu_items.get(ACT_SHARE, 0)
+        cap = self.act_share_cap
         return other + cap if 3 * cap <= other else -(-4 * other // 3) + 3
 
     @property
@@ -331,6 +342,9 @@ def plan_memory(stage_numels: list[int], off, *, chunk: int, io_buffer_bytes: in
     need = weight_buffer_need(wb, plan.cached_stages, off.prefetch_depth, tied)
     if need:
         plan.cpu_items["weight buffers"] = need
+    if off.cache_weights and wb and not plan.cached_stages:  # (cpu_minimum: the first stage cached instead)
+        plan.first_cached_delta = (-(-(-(-wb[0] // 4096) * 4096) // cache_share)
+                                   + weight_buffer_need(wb, [0], off.prefetch_depth, tied) - need)
     # Optimizer state kept in CPU memory gets what the cache leaves (module docstring). Its updates
     # read nothing from the SSD; the state is still written there every step (crash-safe commits).
     spare = off.cpu_mem - sum(plan.cpu_items.values()) - plan.cache_bytes

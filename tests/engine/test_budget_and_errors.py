@@ -297,3 +297,28 @@ def test_a_new_run_over_a_live_runs_state_is_not_told_to_resume_it(tmp_path):
     assert lock_holder(d) is None
     with pytest.raises(ConfigError, match="continue it with `fuyou train --resume"):
         refuse_committed_state([d], cfg, d.name)
+
+
+@pytest.mark.parametrize("extra", [[], ["offload.prefetch_depth=1"], ["model.tie_embeddings=false"]])
+def test_the_minimum_a_refusal_names_is_the_least_that_fits(tmp_path, extra):
+    """The refusal named the minimum with nothing cached: streaming a large embedding needs weight buffers
+    sized for it, and caching it instead needs less (a pass: refused ~5-15 % below what would fit). The
+    minimum named fits, and 1 % less does not."""
+    import re
+
+    from fuyou.data import load_data
+    from fuyou.engine.engine import Engine
+
+    def refusal(mem: int):
+        cfg = make_cfg(tmp_path, "model.preset=gpt-tiny", "model.vocab_size=32000", "data.seq_len=64",
+                       f"offload.cpu_mem={mem}", "offload.mode=ssd", *extra)
+        try:
+            Engine(cfg, load_data(cfg.data), f"m{mem}").close()
+            return None
+        except BudgetError as e:
+            return str(e)
+
+    named = re.search(r"to at least ([\d.]+) MiB", refusal(40 * 2**20))
+    least = int(float(named.group(1)) * 2**20) + 2**20 // 100  # (its rounding up to 0.01 MiB)
+    assert refusal(least) is None
+    assert refusal(int(least * 0.99)) is not None
