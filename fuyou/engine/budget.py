@@ -172,16 +172,17 @@ def activation_bytes(cfg_model, batch: int, seq: int, frozen: bool = False) -> d
 
 def head_working_bytes(cfg_model, batch: int, seq: int, frozen: bool = False) -> int:
     """The head's forward+backward: its loss a slice of tokens at a time (``layers.linear_cross_entropy``):
-    three slice-sized fp32 tensors at once (the logits, their difference from the log-sum-exp, the
-    softmax), the LM head's gradient (an fp32 sum and its copy in the weights' dtype, 6 B per
-    parameter) and the input's side (its gradient, its normed and cast copies: ~12 B per token and
-    feature). Calibrated against the CPU allocator's peak in bf16 (tests/engine/test_working_set.py:
-    measured / estimate 0.93-0.96)."""
+    about 8 B a logit of the slice at once (the matmul's bf16 output as it becomes the fp32 logits, which
+    then become the softmax in place; the softmax's bf16 copy and its transpose for the weight gradient's
+    matmul), the LM head's gradient (an fp32 sum and its copy in the weights' dtype, 6 B per parameter)
+    and the input's side (its gradient, its normed and cast copies: ~12 B per token and feature); 9 B a
+    logit are charged. Calibrated against the CPU allocator's peak in bf16 (tests/engine/test_working_set.py:
+    measured / estimate 0.81-0.92; before the softmax was made in place, 3 fp32 slices: 0.93-0.96 of 12 B)."""
     from fuyou.models.layers import loss_chunk_tokens
 
     d, v, tokens = cfg_model.d_model, cfg_model.vocab_size, batch * seq
     head_grad = 0 if frozen else 6 * v * d  # ``frozen``: LoRA's head has no weight gradient
-    return 3 * 4 * min(tokens, loss_chunk_tokens(v)) * v + 12 * tokens * d + head_grad
+    return 9 * min(tokens, loss_chunk_tokens(v)) * v + 12 * tokens * d + head_grad
 
 
 def block_working_bytes(cfg_model, batch: int, seq: int, csize: int, stage_max: int,
@@ -236,6 +237,9 @@ def device_working_bytes(cfg_model, batch: int, seq: int, csize: int, stage_max:
     parameter gradients of the base; ``packed``: rows may pack several examples (a mask)."""
     return max(block_working_bytes(cfg_model, batch, seq, csize, 0 if frozen else stage_max, micro_batches, packed),
                head_working_bytes(cfg_model, batch, seq, frozen))
+
+
+HEAP_SLACK = 3  # CPU compute: a third of the working set for the heap's fragmentation (plan_memory)
 
 
 def plan_memory(stage_numels: list[int], off, *, chunk: int, io_buffer_bytes: int, act: dict[str, int],
@@ -327,6 +331,11 @@ def plan_memory(stage_numels: list[int], off, *, chunk: int, io_buffer_bytes: in
         for k, v in dev.items():
             if k != "stage weights in window":  # on the CPU those are the cache or the weight buffers
                 plan.cpu_items[f"compute: {k}"] = v
+        # glibc's heap between a pass's temporaries: what one frees is not always where the next fits (the
+        # heap is trimmed after each head and step, engine/malloc.trim_heap). Measured at a plan's minimum
+        # (LoRA, Llama d 512, vocabulary 32k, batch 8 x 256, 5 runs each): peaks 4-8 % over the budget
+        # without this item, up to 0.7 % over with a quarter of the working set, 2-17 % under with a third
+        plan.cpu_items["compute: heap fragmentation (estimate)"] = dev["working memory (estimate)"] // HEAP_SLACK
     plan.cpu_items.update(extra_cpu or {})
     # The weight cache gets what is left; stages it cannot hold stream from SSD via weight buffers.
     steady = sum(plan.cpu_items.values())

@@ -138,7 +138,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     as ``F.linear`` would; the logits, the softmax and the loss are fp32."""
 
     @staticmethod
-    def forward(ctx, h, w, targets, chunk, ignore_index, loss_tokens):
+    def forward(ctx, h, w, targets, chunk, ignore_index, loss_tokens, grads=True):
         dev = h.device.type
         dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
         with torch.autocast(dev, enabled=False):
@@ -146,18 +146,25 @@ class _LinearCrossEntropy(torch.autograd.Function):
             valid = targets != ignore_index
             n = valid.sum()
             scale = 1.0 / n.clamp_min(1).float() if loss_tokens is None else 1.0 / float(loss_tokens)
-            grad_h = torch.empty_like(h)
-            want_w = w.requires_grad  # a frozen LM head (LoRA): no weight gradient, half the backward matmuls
+            grad_h = torch.empty_like(h) if grads else torch.empty(0, dtype=h.dtype, device=h.device)
+            want_w = grads and w.requires_grad  # a frozen LM head (LoRA): no weight gradient, half the backward matmuls
             grad_w = torch.zeros(w.shape if want_w else (0,), dtype=torch.float32, device=w.device)
             total = torch.zeros((), dtype=torch.float32, device=h.device)
             for a in range(0, h.shape[0], chunk):
                 rows, t, ok = hc[a:a + chunk], targets[a:a + chunk], valid[a:a + chunk]
                 logits = (rows @ wc.t()).float()
-                lse = torch.logsumexp(logits, dim=-1)
                 safe = torch.where(ok, t, torch.zeros_like(t))
                 picked = logits.gather(1, safe[:, None]).squeeze(1)
+                # log-sum-exp and softmax in the logits' own memory: logsumexp and exp(logits - lse) each made
+                # a slice-sized fp32 temporary (a LoRA run's peak memory was the head's)
+                top = logits.amax(dim=-1, keepdim=True)
+                sums = logits.sub_(top).exp_().sum(dim=-1, keepdim=True)
+                lse = (top + sums.log()).squeeze(1)
                 total += torch.where(ok, lse - picked, torch.zeros_like(lse)).sum()
-                g = torch.exp(logits - lse[:, None])              # softmax
+                if not grads:  # (evaluation: the loss alone, neither the softmax's gradient nor its matmul)
+                    del logits
+                    continue
+                g = logits.div_(sums)                             # softmax
                 g[torch.arange(g.shape[0], device=g.device), safe] -= 1.0
                 g *= (ok.float() * scale)[:, None]                # d(mean loss) / d(logits)
                 g = g.to(dt)
@@ -175,7 +182,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_out):
         grad_h, grad_w = ctx.saved_tensors
         gw = grad_w * grad_out.to(grad_w.dtype) if ctx.needs_input_grad[1] else None
-        return grad_h * grad_out.to(grad_h.dtype), gw, None, None, None, None
+        return grad_h * grad_out.to(grad_h.dtype), gw, None, None, None, None, None
 
 
 def linear_cross_entropy(h: Tensor, w: Tensor, targets: Tensor, chunk_tokens: int | None = None,
@@ -188,4 +195,7 @@ def linear_cross_entropy(h: Tensor, w: Tensor, targets: Tensor, chunk_tokens: in
     count instead (a step's tokens with a target over all its micro-batches: each token weighs the same
     whatever micro-batch it falls in, as in transformers' ``num_items_in_batch``)."""
     chunk = chunk_tokens or loss_chunk_tokens(w.shape[0])
-    return _LinearCrossEntropy.apply(h, w, targets, chunk, ignore_index, loss_tokens)
+    # without autograd (evaluation) the gradients are not computed: the head's loss costs half, and holds no
+    # softmax or input gradient (a LoRA run's peak memory was its evaluation's head)
+    grads = torch.is_grad_enabled() and (h.requires_grad or w.requires_grad)
+    return _LinearCrossEntropy.apply(h, w, targets, chunk, ignore_index, loss_tokens, grads)

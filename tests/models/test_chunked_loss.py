@@ -64,3 +64,18 @@ def test_chunked_loss_under_bf16_autocast_with_bf16_weights():
 def test_the_default_slice_bounds_the_logits_held():
     assert loss_chunk_tokens(50257) * 4 * 50257 <= 64 * 1024**2
     assert loss_chunk_tokens(128256) >= 1 and loss_chunk_tokens(10**12) == 1
+
+
+def test_without_autograd_the_loss_alone_is_computed_and_is_the_same():
+    """Evaluation (no autograd) computed the gradients too, and held them: its head was a LoRA run's peak
+    memory. Without autograd the loss is the same, bit for bit, with nothing kept for a backward."""
+    torch.manual_seed(0)
+    h, w = torch.randn(100, 16, requires_grad=True), torch.randn(37, 16)
+    t = torch.randint(0, 37, (100,))
+    t[::7] = -100
+    with_grads = linear_cross_entropy(h, w, t, chunk_tokens=13)
+    with torch.no_grad():
+        alone = linear_cross_entropy(h, w, t, chunk_tokens=13)
+    assert torch.equal(with_grads.detach(), alone) and alone.grad_fn is None
+    ref = torch.nn.functional.cross_entropy(h @ w.t(), t)
+    assert torch.allclose(alone, ref, rtol=1e-6)
