@@ -156,7 +156,8 @@ class LoRATrainingState(TrainingState):
         directory = self.store_dirs[0]
         path = directory / STATE_FILE.format(step=step)
         try:  # (no record: a rank killed writing its first, step 0's)
-            old = json.loads((directory / RECORD).read_text()) if (directory / RECORD).exists() else self._record_fields()
+            record = directory / RECORD
+            old = json.loads(record.read_text()) if record.exists() else self._record_fields()
             data = path.read_bytes()
         except (OSError, ValueError):
             return False

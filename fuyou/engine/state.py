@@ -170,8 +170,8 @@ class TrainingState:
         try:
             what = ("never committed" if not record.exists() else "committed" if self.cfg.offload.replace_state
                     else "initial (its run's directory was never made)")
-            print(f"fuyou: removing the {what} SSD state in {', '.join(map(str, present))} (offload.replace_state, or a "
-                  f"run killed before its first commit)", file=sys.stderr)
+            print(f"fuyou: removing the {what} SSD state in {', '.join(map(str, present))} "
+                  f"(offload.replace_state, or a run killed before its first commit)", file=sys.stderr)
             for d in present:
                 shutil.rmtree(d)
         finally:

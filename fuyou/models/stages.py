@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fuyou.models.config import ModelConfig
-from fuyou.models.layers import apply_rope, attention_mask, autocast_input, causal_attention, layer_norm, linear_cross_entropy, rms_norm, rope_tables
+from fuyou.models.layers import (apply_rope, attention_mask, autocast_input, causal_attention, layer_norm,
+                                 linear_cross_entropy, rms_norm, rope_tables)
 
 Init = Literal["normal", "normal_resid", "zeros", "ones", "lora_a"]
 

@@ -515,8 +515,9 @@ def _probe(args) -> int:
           f"device {format_size(prof.gpu_mem)}")
     print(f"wrote {args.out}")
     if args.repeats < 3:  # (a pass: a --repeats 1 profile was 30x off on a busy machine, without a word)
-        print(f"note: --repeats {args.repeats}: each figure is {'one timing' if args.repeats == 1 else 'a median of two'}, "
-              f"which a busy machine can make far off; the default 3 keeps the median of three", file=sys.stderr)
+        each = "one timing" if args.repeats == 1 else "a median of two"
+        print(f"note: --repeats {args.repeats}: each figure is {each}, which a busy machine can make far off; the "
+              f"default 3 keeps the median of three", file=sys.stderr)
     return 0
 
 

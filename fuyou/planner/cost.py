@@ -185,8 +185,8 @@ def forward_keeps(w: Workload, c: StageCost, b: BlockPolicy, keep=None) -> list[
         keep = to_keep(ActivationPolicy(blocks={0: b}), 1, w.checkpoint_default)[0]
     if keep.all is not None:
         return [("checkpoint", "gpu", c.act_bytes["checkpoint"]), ("all", keep.all, w.whole)]
-    return [("checkpoint", b.checkpoint, w.checkpoint_bytes(c, b))] + [(cls, getattr(b, cls), c.act_bytes[cls])
-                                                                      for cls in FORWARD_ORDER if getattr(b, cls) != "recompute"]
+    kept = [(cls, getattr(b, cls), c.act_bytes[cls]) for cls in FORWARD_ORDER if getattr(b, cls) != "recompute"]
+    return [("checkpoint", b.checkpoint, w.checkpoint_bytes(c, b))] + kept
 
 
 FORWARD_ORDER = ("qkv", "proj", "fc1", "fc2")  # the classes in the order a block's forward produces them

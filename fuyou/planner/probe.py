@@ -163,7 +163,8 @@ def probe_compute(cfg: ModelConfig, batch: int, seq: int, device: torch.device, 
                     + (f", dropout {lora.dropout}" if lora.dropout else ""),
             "lora_fwd_s": t_lf, "lora_bwd_s": t_lb,
             "lora_fwd_flops": lora_fwd_flops / t_lf, "lora_bwd_flops": lora_bwd_flops / t_lb,
-            "head_s": t_h, "lora_head_s": t_lh, "head_flops": 3 * head_fwd / t_h, "lora_head_flops": 2 * head_fwd / t_lh}
+            "head_s": t_h, "lora_head_s": t_lh, "head_flops": 3 * head_fwd / t_h,
+            "lora_head_flops": 2 * head_fwd / t_lh}
 
 
 def probe_adam(numel: int, repeats: int = 3) -> float:

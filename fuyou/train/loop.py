@@ -234,10 +234,11 @@ def _note_torchrun_shutdown(trainer, dist: distributed.Dist, stream) -> None:
     timeout = _torchrun_shutdown_timeout()
     need = plan.resident_bytes / STOP_WRITE_RATE
     if need > timeout:
-        print(f"fuyou: note: a stop (Ctrl-C, SIGTERM) commits the {format_size(plan.resident_bytes)} of optimizer state "
-              f"this rank holds in CPU memory (~{need:.0f} s at 1 GB/s), and torchrun kills its workers {timeout:g} s "
-              f"after passing a stop on: launch torchrun with --shutdown-timeout {max(60, int(2 * need))} (else a "
-              f"stop keeps the previous commit), or cap offload.resident_mem", file=stream)
+        print(f"fuyou: note: a stop (Ctrl-C, SIGTERM) commits the {format_size(plan.resident_bytes)} of optimizer "
+              f"state this rank holds in CPU memory (~{need:.0f} s at 1 GB/s), and torchrun kills its workers "
+              f"{timeout:g} s after passing a stop on: launch torchrun with --shutdown-timeout "
+              f"{max(60, int(2 * need))} (else a stop keeps the previous commit), or cap offload.resident_mem",
+              file=stream)
 
 
 def _refuse_finished(run_path: Path, cfg: FuyouConfig, dist: distributed.Dist) -> None:

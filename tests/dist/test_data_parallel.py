@@ -277,7 +277,8 @@ def test_ranks_that_read_different_data_are_refused_and_equal_spellings_are_not(
     def launch(name, per_node):
         port, procs = free_port(), []
         for node, extra in enumerate(per_node):
-            args = train_args(tmp_path, name, "train.grad_accum=2", "train.steps=2", ssd=(f"{name}{node}",)) + list(extra)
+            args = train_args(tmp_path, name, "train.grad_accum=2", "train.steps=2",
+                              ssd=(f"{name}{node}",)) + list(extra)
             cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}",
                    "--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "fuyou.cli", *args]
             procs.append(subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))

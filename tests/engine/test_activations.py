@@ -241,7 +241,8 @@ def test_a_block_kept_whole_swaps_what_the_estimate_counts(tmp_path, case):
     assert swapped == 4 * 2 * est  # four blocks, two micro-batches; the input stays on the device
     w = Workload.from_config(cfg)
     placed = placement_bytes(w, stage_costs(w), read_act_policy(cfg.offload.act_policy, 4))
-    assert (placed["ssd"], placed["ckpt_ssd"], placed["ckpt_gpu"]) == (swapped, 0, 2 * 4 * 4 * B * T * cfg.model.d_model)
+    inputs = 2 * 4 * 4 * B * T * cfg.model.d_model  # two micro-batches' fp32 inputs of four blocks, on the device
+    assert (placed["ssd"], placed["ckpt_ssd"], placed["ckpt_gpu"]) == (swapped, 0, inputs)
 
 
 @pytest.mark.parametrize("policy, share", [("fc1,qkv=cpu;checkpoint=cpu", "300KiB"), ("all=cpu", "2MiB"),
