@@ -22,6 +22,9 @@ def is_prepared(path) -> bool:
     return isinstance(meta, dict) and ("kind" in meta or {"dtype", "train_tokens"} <= meta.keys())
 
 
+JSONL_SUFFIXES = {".jsonl", ".ndjson"}  # files of JSON Lines records (fuyou.data.corpus reads them)
+
+
 class DataConfig(BaseModel):
     """Where training tokens come from."""
 
@@ -97,8 +100,6 @@ class DataConfig(BaseModel):
         if self.format != "auto":
             return True
         # auto: records are JSON Lines files (as the reader knows them); plain text files never pack
-        from fuyou.data.corpus import JSONL_SUFFIXES
-
         def records(f: Path) -> bool:
             return f.suffix.lower() in JSONL_SUFFIXES
 

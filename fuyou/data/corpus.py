@@ -12,6 +12,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from fuyou.data.config import JSONL_SUFFIXES
 from fuyou.errors import DataError
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text"}
@@ -34,7 +35,6 @@ def builtin_documents() -> list[str]:
     return [topics[k] for k in sorted(topics)]
 
 
-JSONL_SUFFIXES = {".jsonl", ".ndjson"}
 # In a directory of structured records (JSON Lines), the text files a dataset's folder holds beside them (a
 # Hugging Face dataset card is README.md): not read, and listed as such. In a directory of text, they are
 # text like the others; given by name, such a file is read.

@@ -251,10 +251,10 @@ def test_lora_peak_resident_memory_stays_under_budget(tmp_path):
         from fuyou.engine.engine import Engine
         from fuyou.engine.malloc import resident_bytes
         cfg = load_config(overrides=[
-            "model.preset=llama-test", "model.n_layer=28", "model.d_model=1024", "model.n_head=16",
+            "model.preset=llama-test", "model.n_layer=32", "model.d_model=1024", "model.n_head=16",
             "model.n_kv_head=4", "model.d_ff=2816", "model.vocab_size=320", "data.seq_len=64",
             "train.micro_batch_size=2", "train.steps=2", "lora.rank=8", "lora.targets=[q_proj,v_proj]",
-            "offload.mode=ssd", "offload.ssd_dirs={ssd}", "offload.cpu_mem=200MiB", "train.threads=2"])
+            "offload.mode=ssd", "offload.ssd_dirs={ssd}", "offload.cpu_mem=220MiB", "train.threads=2"])
         eng = Engine(cfg, load_data(cfg.data), "state")
         for step in range(2):
             eng.train_step(step)
