@@ -142,6 +142,11 @@ class Dist:
             td.all_reduce(t, op={"sum": td.ReduceOp.SUM, "max": td.ReduceOp.MAX, "min": td.ReduceOp.MIN}[op])
         return [int(v) for v in t.tolist()]
 
+    def min_max(self, value: int, what: str) -> tuple[int, int]:
+        """The least and the greatest of ``value`` over the ranks (one all-reduce; equal when every rank has it)."""
+        lo, neg_hi = self.reduce_ints([value, -value], what, op="min")
+        return lo, -neg_hi
+
     def broadcast(self, obj, what: str, started: bool = True):
         """Rank 0's ``obj`` on every rank. A FuyouError rank 0 passes (its refusal) is raised on every rank,
         the others naming it as rank 0's (a peer left waiting on a rank that had refused told of a dead rank,

@@ -345,8 +345,8 @@ class Engine:
         from fuyou.data.dataset import content_fingerprint
 
         f = content_fingerprint(data)
-        lo, neg_hi = self.dist.reduce_ints([f, -f], "comparing the ranks' data", op="min")
-        if lo != -neg_hi:
+        lo, hi = self.dist.min_max(f, "comparing the ranks' data")
+        if lo != hi:
             raise ConfigError(f"the ranks read different data (rank {self.dist.rank}'s fingerprint {f:x}; data.path "
                               f"{', '.join(self.cfg.data.path) or self.cfg.data.source}): give every rank the same "
                               f"files (each machine's data.path must hold the same data, and tokenize it the same way)")
@@ -359,16 +359,15 @@ class Engine:
         if not self.dist.enabled or self.ts.cfg.offload.commit != "cow":
             return
         mine = self.ts.recorded_step()
-        lo, neg_hi = self.dist.reduce_ints([mine, -mine], "comparing the ranks' last commits", op="min")
-        hi = -neg_hi
+        lo, hi = self.dist.min_max(mine, "comparing the ranks' last commits")
         if lo == hi:
             return
         f = self.ts.commit_fingerprint(hi)  # (LoRA: the adapters' file of step hi must be the same on every rank)
-        a, neg_b = self.dist.reduce_ints([f, -f], "comparing the ranks' states of the newer commit", op="min")
+        a, b = self.dist.min_max(f, "comparing the ranks' states of the newer commit")
         # a rank whose record is invalid (-1) is not repaired: the resume refuses it with the steps found; one
         # with none was killed writing its first (step 0's, every rank's state of it synced)
         missing = not (self.ts.store_dirs[0] / RECORD).exists()
-        if (0 <= mine or missing) and mine < hi and a == -neg_b and a >= 0 and self.ts.roll_forward(hi):
+        if (0 <= mine or missing) and mine < hi and a == b and a >= 0 and self.ts.roll_forward(hi):
             print(f"fuyou: rank {self.dist.rank}: the run stopped between the ranks' commit records of step "
                   f"{hi}; this rank's state of that step is complete, its record was rewritten", file=sys.stderr)
 
@@ -379,9 +378,9 @@ class Engine:
         if not self.dist.enabled:
             return
         s = self.ts.start_step
-        lo, neg_hi = self.dist.reduce_ints([s, -s], "comparing the ranks' last commits", op="min")
-        if lo != -neg_hi:
-            raise ResumeError(f"the ranks' last commits differ (steps {lo} to {-neg_hi}; this rank, {self.dist.rank}, "
+        lo, hi = self.dist.min_max(s, "comparing the ranks' last commits")
+        if lo != hi:
+            raise ResumeError(f"the ranks' last commits differ (steps {lo} to {hi}; this rank, {self.dist.rank}, "
                               f"has step {s}), and the ranks behind do not hold the newer step's state (a store "
                               f"replaced or damaged since); each rank holds only its own part of the state, so the "
                               f"parts cannot be combined. Nothing was overwritten; start a new run (from the run's "
