@@ -205,18 +205,29 @@ def block_working_bytes(cfg_model, batch: int, seq: int, csize: int, stage_max: 
     the mask, boolean and in the compute dtype, and with grouped queries the keys and values expanded per
     query head that autograd then saves (``layers.kernel_gqa``; not measured on a GPU yet).
     """
-    import torch
-
-    from fuyou.models.layers import kernel_gqa
-
     N = batch * seq
     d, ff = cfg_model.d_model, cfg_model.ff_dim * (2 if cfg_model.family == "llama" else 1)
-    q, kv = cfg_model.q_width, cfg_model.kv_heads * cfg_model.head_dim
-    masked = packed or (cfg_model.sliding_window or seq) < seq
-    mask = (batch if packed else 1) * seq * seq * (1 + csize) if masked else 0
-    expand = kv < q and not kernel_gqa("cuda", torch.bfloat16 if csize == 2 else torch.float32, masked)
+    mask, kv_saved = attention_saves(cfg_model, batch, seq, csize, packed, cuda=True)
     return (csize * N * (9 * d + 4 * ff) + 4 * N * d + attention_backward_bytes(cfg_model, batch, seq, csize)
-            + (stage_max * csize if micro_batches > 1 else 0) + mask + (2 * csize * N * (q - kv) if expand else 0))
+            + (stage_max * csize if micro_batches > 1 else 0) + mask * (1 + csize)
+            + 2 * csize * N * (kv_saved - cfg_model.kv_heads * cfg_model.head_dim))
+
+
+def attention_saves(cfg_model, batch: int, seq: int, csize: int, packed: bool, cuda: bool) -> tuple[int, int]:
+    """What attention adds to a block's saved tensors, as ``layers.causal_attention`` runs: the elements of
+    its mask ((B or 1) x T x T where it takes one, ``layers.masked``; GPT blocks take no sliding window),
+    and the width of the keys and values autograd saves (expanded to the queries' where the kernel does not
+    take grouped queries, ``layers.kernel_gqa``)."""
+    import torch
+
+    from fuyou.models.layers import kernel_gqa, masked
+
+    window = cfg_model.sliding_window if cfg_model.family == "llama" else None
+    has_mask = masked(packed, window, seq)
+    kv, q = cfg_model.kv_heads * cfg_model.head_dim, cfg_model.q_width
+    expand = kv < q and not kernel_gqa("cuda" if cuda else "cpu", torch.bfloat16 if csize == 2 else torch.float32,
+                                       has_mask)
+    return ((batch if packed else 1) * seq * seq if has_mask else 0), (q if expand else kv)
 
 
 def attention_backward_bytes(cfg_model, batch: int, seq: int, csize: int) -> int:
@@ -340,9 +351,12 @@ def plan_memory(stage_numels: list[int], off, *, chunk: int, io_buffer_bytes: in
     # The weight cache gets what is left; stages it cannot hold stream from SSD via weight buffers.
     steady = sum(plan.cpu_items.values())
     spare = off.cpu_mem - steady
+    def cached(nbytes: int) -> int:  # a stage's weights in the cache: whole pages, this rank's share of them
+        return -(-(-(-nbytes // 4096) * 4096) // cache_share)
+
     if off.cache_weights:
         for index, nbytes in enumerate(wb):
-            need = -(-(-(-nbytes // 4096) * 4096) // cache_share)
+            need = cached(nbytes)
             if spare - need < weight_buffer_need(wb, plan.cached_stages + [index], off.prefetch_depth, tied):
                 break
             plan.cached_stages.append(index)
@@ -352,8 +366,7 @@ def plan_memory(stage_numels: list[int], off, *, chunk: int, io_buffer_bytes: in
     if need:
         plan.cpu_items["weight buffers"] = need
     if off.cache_weights and wb and not plan.cached_stages:  # (cpu_minimum: the first stage cached instead)
-        plan.first_cached_delta = (-(-(-(-wb[0] // 4096) * 4096) // cache_share)
-                                   + weight_buffer_need(wb, [0], off.prefetch_depth, tied) - need)
+        plan.first_cached_delta = cached(wb[0]) + weight_buffer_need(wb, [0], off.prefetch_depth, tied) - need
     # Optimizer state kept in CPU memory gets what the cache leaves (module docstring). Its updates
     # read nothing from the SSD; the state is still written there every step (crash-safe commits).
     spare = off.cpu_mem - sum(plan.cpu_items.values()) - plan.cache_bytes
@@ -451,9 +464,6 @@ def saved_block_bytes(cfg_model, batch: int, seq: int, csize: int, lora=None, pa
     A·x, r per token, and its weights, and with dropout the mask and the dropped input instead of the input).
     Checked against the engine's swapped bytes on the CPU (tests/engine/test_activations.py: GPT and
     Llama, fp32 and bf16, grouped queries, QK norms, windows, packing, LoRA with and without dropout)."""
-    import torch
-
-    from fuyou.models.layers import kernel_gqa
     from fuyou.models.lora import resolve_targets
 
     c, N, B, T = csize, batch * seq, batch, seq
@@ -472,18 +482,14 @@ def saved_block_bytes(cfg_model, batch: int, seq: int, csize: int, lora=None, pa
     def saves_input(*names: str) -> bool:  # (an adapter with dropout saves its dropped input instead)
         return full or (not dropout and any(n in adapted for n in names))
 
-    masked = packed or (cfg_model.sliding_window or T) < T
-    mask = (B if packed else 1) * T * T * c if masked else 0
-    expand = kv < qw and not kernel_gqa("cuda" if cuda else "cpu", torch.bfloat16 if c == 2 else torch.float32, masked)
-    kv_saved = qw if expand else kv  # keys and values expanded per query head, or as they are
+    mask, kv_saved = attention_saves(cfg_model, batch, seq, c, packed, cuda)
+    mask *= c  # (in the compute dtype)
     attn = c * (qw + 2 * kv_saved) + c * qw + 4 * h + (c * qw if saves_input("o" if fam == "llama" else "proj") else 0)
     if fam == "gpt":
         per_token = (2 * 8 + 4 * d + attn + c * ff
                      + (c * d if saves_input("qkv") else 0) + (c * d if saves_input("fc1") else 0)
                      + (c * ff if saves_input("fc2") else 0))
-        const = 4 * 4 * d if c == 2 else 0  # the norms' weights and biases cast to fp32
-        if packed:
-            const += mask
+        const = (4 * 4 * d if c == 2 else 0) + mask  # the norms' weights and biases cast to fp32 under bf16
     else:
         first, second = saves_input("q", "k", "v"), saves_input("gate", "up")
         norms = 2 * 4 + 4 * d + (2 * 4 * d if full else 0) + c * d * (first + second)

@@ -85,6 +85,12 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None
     return F.scaled_dot_product_attention(q, k, v, **causal)
 
 
+def masked(packed: bool, window: int | None, T: int) -> bool:
+    """Whether attention over ``T`` tokens takes a mask (``attention_mask``): rows that pack several documents
+    (``packed``, more than one token) or a sliding window shorter than the sequence."""
+    return (packed and T > 1) or (window is not None and window < T)
+
+
 def attention_mask(positions: Tensor | None, T: int, window: int | None, device: torch.device) -> Tensor | None:
     """Which query/key pairs of a (B, T) batch may attend, as a boolean (B or 1, 1, T, T) mask, or None
     when plain causal attention is exact. ``positions``: each token's position in its document, 0 where
@@ -95,10 +101,10 @@ def attention_mask(positions: Tensor | None, T: int, window: int | None, device:
     The mask is built per block call from the (B, T) positions, not kept: B*T*T bytes for the duration
     of the attention. A mask costs the fastest kernels: on CUDA, SDPA takes the memory-efficient kernel
     instead of flash attention (PyTorch's flash kernel has no arbitrary mask)."""
+    if not masked(positions is not None, window, T):
+        return None
     idx = torch.arange(T, device=device)
     packed = positions is not None and T > 1
-    if not packed and (window is None or window >= T):
-        return None
     allowed = idx[None, :] <= idx[:, None]
     if window is not None and window < T:
         allowed = allowed & (idx[None, :] > idx[:, None] - window)
