@@ -140,6 +140,12 @@ class GraphKeeper:
         self._seen[seen] = (weakref.ref(t if t._base is None else t._base), slot)
         return ("s", slot)
 
+    def forward_done(self) -> None:
+        """The forward pass is over: its weight buffer is the streamer's again, and no tensor saved later can be
+        one it saved."""
+        self.fwd_weights = None
+        self._seen.clear()
+
     def unpack(self, packed):
         kind = packed[0]
         if kind == "raw":
@@ -206,8 +212,7 @@ def forward_block(swapper: ActivationSwapper, tag: str, policy: KeepPolicy, fn, 
         with torch.enable_grad(), autocast_ctx(), torch.autograd.graph.saved_tensors_hooks(keeper.pack, keeper.unpack):
             out = fn(params, inp, None)
         release_forward_weights(params)
-        keeper.fwd_weights = None
-        keeper._seen.clear()
+        keeper.forward_done()
         return out.detach(), BlockState(graph=(out, inp, params), keeper=keeper)
     ck = swapper.put(f"act/{tag}/checkpoint", rounded if rounds else x, policy.checkpoint)
     rounded = None

@@ -761,8 +761,6 @@ def _loop(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, stop
         t0 = time.perf_counter()
         stats = trainer.train_step(step)
         dt = time.perf_counter() - t0
-        if dist.run_dir is None and getattr(trainer, "last_commit_step", None) is not None:  # now resumable
-            dist.run_dir = run_dir
         tokens += stats.tokens
         tps = stats.tokens / dt
         record = {
