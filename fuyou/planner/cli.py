@@ -451,7 +451,7 @@ def _plan(args) -> int:
 
 def _probe(args) -> int:
     from fuyou.planner.hardware import save_profile
-    from fuyou.planner.probe import probe
+    from fuyou.planner.probe import cpu_memory, probe
     from fuyou.units import format_size, parse_size
 
     from fuyou.errors import ConfigError
@@ -464,13 +464,12 @@ def _probe(args) -> int:
     for flag in ("batch", "seq"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise ConfigError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
-    import os
     import shutil
     from pathlib import Path
 
     # the SSD probe holds --io-bytes in memory and writes it under --ssd: both checked before the compute probe
     # (a pass: --io-bytes 1TB ended in an ENOMEM traceback, after minutes of measuring)
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
+    memory = cpu_memory()
     free = shutil.disk_usage(args.ssd).free if Path(args.ssd).is_dir() else None
     # (it holds about 3x --io-bytes in memory, two pinned buffers and the random source, and writes two tensors)
     if memory and 3 * io_bytes > memory // 2:

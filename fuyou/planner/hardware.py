@@ -99,6 +99,10 @@ GLOO_BROADCAST_DEFAULT = 1.5e9
 GLOO_REDUCE_DEFAULT = 0.65e9
 
 
+# compute rates a probe times besides the blocks' forward and backward (``HardwareProfile``; unset: those)
+PROBED_RATES = ("lora_fwd_flops", "lora_bwd_flops", "head_flops", "lora_head_flops")
+
+
 class HardwareProfile(BaseModel):
     """Numbers the cost model uses. Bandwidths in bytes/s, throughput in FLOP/s and parameters/s."""
 
@@ -230,7 +234,7 @@ def resolve(hw: HardwareConfig) -> HardwareProfile:
     merged = {**base, **over}
     if hw.gpu_tflops:
         merged["compute_block"] = None  # the compute rate is the user's, not the probe's shape's
-        for k in ("lora_fwd_flops", "lora_bwd_flops", "head_flops", "lora_head_flops"):  # (nor its other rates)
+        for k in PROBED_RATES:  # (nor the rates it timed beside the block's)
             merged[k] = None
     if merged.get("device", "cuda") == "cuda":  # headroom: what training may use of the card
         card = merged["gpu_mem"]

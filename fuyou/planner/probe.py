@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from fuyou.errors import ConfigError
 from fuyou.models import ModelConfig, StageModel, preset
 from fuyou.models.lora import LoRAConfig, attach, init_adapters, resolve_targets
+from fuyou.planner.cost import StageCost
 from fuyou.planner.hardware import HardwareProfile
 from fuyou.planner.simulate import simulate_job
 from fuyou.store import PinnedPool, StoreConfig, TensorStore
@@ -129,11 +130,11 @@ def probe_compute(cfg: ModelConfig, batch: int, seq: int, device: torch.device, 
             out = lblock.forward({**params, **trained}, inp, key=key)
         torch.autograd.grad(out, [inp, *trained.values()], torch.ones_like(out))
 
-    # the FLOPs the planner counts (cost.StageCost.backward_flops, frozen): the adapters' 2 N r (in + out)
-    # in forward; recompute, then the base's input gradients (1x) and attention's and the adapters' (2x)
-    adapter_flops = sum(2.0 * N * p.numel for p in lblock.adapters.values())
-    lora_fwd_flops = fwd_flops + adapter_flops
-    lora_bwd_flops = lora_fwd_flops + sum(mm.values()) + 2 * (lora_fwd_flops - sum(mm.values()))
+    # the FLOPs the planner charges these tasks (cost.StageCost): the adapters' 2 N r (in + out) in forward;
+    # recompute, then the base's input gradients (1x) and attention's and the adapters' (2x)
+    adapted = StageCost("block", 1, "block", 0, fwd_flops + sum(2.0 * N * p.numel for p in lblock.adapters.values()),
+                        mm, {})
+    lora_fwd_flops, lora_bwd_flops = adapted.fwd_flops, adapted.backward_flops(set(), frozen=True)
     t_lf, t_lb = (_median_time(f, repeats, sync) for f in (lora_fwd, lora_bwd))
 
     # the head's forward+backward (the engine's one task): the chunked loss's softmax over the vocabulary
@@ -154,7 +155,7 @@ def probe_compute(cfg: ModelConfig, batch: int, seq: int, device: torch.device, 
             torch.autograd.grad(loss, [inp] + ([] if frozen else list(ws.values())))
         return run
 
-    head_fwd = 2.0 * N * d * V
+    head_cost = StageCost("head", 2, "head", 0, 2.0 * N * d * V, {}, {})
     t_h, t_lh = (_median_time(head_step(frozen), repeats, sync) for frozen in (False, True))
     return {"block_shape": f"{cfg.family} d={d} ff={ff} batch={batch} seq={seq}", "d_model": d, "tokens": N,
             "fwd_s": t_f, "bwd_s": t_b,
@@ -163,8 +164,8 @@ def probe_compute(cfg: ModelConfig, batch: int, seq: int, device: torch.device, 
                     + (f", dropout {lora.dropout}" if lora.dropout else ""),
             "lora_fwd_s": t_lf, "lora_bwd_s": t_lb,
             "lora_fwd_flops": lora_fwd_flops / t_lf, "lora_bwd_flops": lora_bwd_flops / t_lb,
-            "head_s": t_h, "lora_head_s": t_lh, "head_flops": 3 * head_fwd / t_h,
-            "lora_head_flops": 2 * head_fwd / t_lh}
+            "head_s": t_h, "lora_head_s": t_lh, "head_flops": head_cost.backward_flops(set()) / t_h,
+            "lora_head_flops": head_cost.backward_flops(set(), frozen=True) / t_lh}
 
 
 def probe_adam(numel: int, repeats: int = 3) -> float:

@@ -29,7 +29,7 @@ from fuyou.engine.config import OffloadConfig
 from fuyou.engine.layout import STORE_MARGIN, copies_needed
 from fuyou.engine.budget import activation_bytes
 from fuyou.planner.cost import StageCost, Workload, gpu_working_bytes, placement_bytes, stage_costs
-from fuyou.planner.hardware import GPUS, HardwareProfile, with_more_ssds
+from fuyou.planner.hardware import GPUS, PROBED_RATES, HardwareProfile, with_more_ssds
 from fuyou.policy import CLASSES, ActivationPolicy, BlockPolicy
 from fuyou.planner.simulate import SimResult, simulate_plan
 from fuyou.optim.compressed import StateFormat
@@ -367,8 +367,7 @@ def search(w: Workload, hw: HardwareProfile, cpu_budget: int, policy: Activation
     elif whatif:
         sims = {"twice the SSDs": with_more_ssds(hw, 2),
                 "twice the GPU throughput": hw.model_copy(update={k: 2 * getattr(hw, k) for k in (
-                    "fwd_flops", "bwd_flops", "lora_fwd_flops", "lora_bwd_flops", "head_flops", "lora_head_flops")
-                    if getattr(hw, k)}),
+                    "fwd_flops", "bwd_flops", *PROBED_RATES) if getattr(hw, k)}),
                 "twice the CPU Adam throughput": hw.model_copy(update=dict(cpu_adam=2 * hw.cpu_adam))}
         if w.lora_params is not None:  # no CPU Adam in LoRA
             del sims["twice the CPU Adam throughput"]
