@@ -456,8 +456,7 @@ def saved_block_bytes(cfg_model, batch: int, seq: int, csize: int, lora=None, pa
     sharing it); attention its query, keys, values (rotated), output (the kernel's fp32 log-sum-exp, 4 B
     per head) and the output's copy into the projection (with grouped queries the keys and values per query
     head where the kernel does not take them, ``layers.kernel_gqa``: ``cuda`` with a mask or in fp32); the
-    MLP its activation's input and output (Llama:
-    gate, SiLU, up); the fp32 residual before the second norm. Per block: Llama's cos and sin tables
+    MLP its activation's input and output (Llama: gate, SiLU, up); the fp32 residual before the second norm. Per block: Llama's cos and sin tables
     (per row with ``packed`` documents), a mask (with packing or a sliding window shorter than the
     sequence, in the compute dtype), GPT's norm weights cast to fp32 under bf16. ``lora``: a
     ``LoRAConfig`` (the base frozen: a matmul without an adapter saves no input; an adapter saves

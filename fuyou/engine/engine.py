@@ -178,9 +178,9 @@ class Engine:
         self.tied = bool(self.model.stages[-1].shared)
         self.act = keep_policies(off.act_policy, cfg.model.n_layer,
                                  default_checkpoint_dtype(off.checkpoint_dtype, t.precision))
+        # what a block kept whole saves (budget.saved_block_bytes)
         self.whole_block = saved_block_bytes(cfg.model, t.micro_batch_size, cfg.data.seq_len, dtype_size(self.cdtype),
-                                             cfg.lora, cfg.data.may_pack, self.device.type == "cuda")  # what a
-        # block kept whole saves
+                                             cfg.lora, cfg.data.may_pack, self.device.type == "cuda")
         self.act_cpu_mem, self.act_offtier = act_cpu_share(self.act, off, cpu_tier_need(
             cfg.model, self.act, t.micro_batch_size, cfg.data.seq_len, dtype_size(self.cdtype), len(self.micro),
             self.whole_block))
