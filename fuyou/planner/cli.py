@@ -16,12 +16,13 @@ def add_parsers(sub) -> None:
                     "Face config.json or model directory, or a fuyou run directory (no weights are read)")
     pl.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE",
                     help="overrides, as for fuyou train: model fields (model.n_layer=48), LoRA (lora.rank=16 "
-                    "lora.targets=all-linear), engine settings "
+                    "lora.targets=all-linear), data settings (data.path=chat.jsonl: packed rows), engine settings "
                     "(offload.checkpoint_dtype=auto), train.precision, and the optimizer state's format "
                     "(optim.master=bf16 optim.moments=int8)")
     pl.add_argument("--batch", type=int, help="micro-batch size (sequences; default 16, or with --global-batch "
                     "the planner's split)")
-    pl.add_argument("--seq", type=int, default=1024, help="sequence length")
+    pl.add_argument("--seq", type=int, help="sequence length (default: data.seq_len when given, a run directory's, "
+                    "else 1024)")
     pl.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
     pl.add_argument("--global-batch", help="sequences per optimizer step: the planner splits it into micro-batches "
                     "(or give --batch or --grad-accum too, to set the split); a range LOW-HIGH (e.g. 32-256) also "
@@ -134,7 +135,9 @@ def _global_batch(args) -> tuple[int, int] | None:
     return None
 
 
-PLAN_SECTIONS = ("model", "offload", "train.precision", "train.grad_clip", "optim.master", "optim.moments", "lora")
+PLAN_SECTIONS = ("model", "offload", "train.precision", "train.grad_clip", "optim.master", "optim.moments", "lora",
+                 "data")
+RUN_DATA_KEYS = ("source", "path", "format", "packing", "seq_len")  # a run's rows: packed or not, and their length
 
 
 def _plan_model_fields(model: str, overrides: list[str]) -> tuple[dict, dict]:
@@ -170,13 +173,16 @@ def _plan_model_fields(model: str, overrides: list[str]) -> tuple[dict, dict]:
                 other[section] = values
         if raw.get("lora", {}).get("rank"):  # (its adapter checkpoint, if any, plays no part in a plan)
             other["lora"] = {k: v for k, v in raw["lora"].items() if k != "init_from"}
+        run_data = {k: raw["data"][k] for k in RUN_DATA_KEYS if k in raw.get("data", {})}
+        if run_data:
+            other["run_data"] = run_data
     for item in overrides:
         key, sep, text = item.partition("=")
         section, _, name = key.strip().partition(".")
         if not sep or not name or not (section in PLAN_SECTIONS or key.strip() in PLAN_SECTIONS):
             raise ConfigError(f"plan override {item!r}: plan takes model.KEY=VALUE, offload.KEY=VALUE, lora.KEY=VALUE, "
-                              f"train.precision, train.grad_clip, optim.master and optim.moments overrides (the batch "
-                              f"(--batch, --grad-accum), sequence (--seq) and hardware have their own flags)")
+                              f"data.KEY=VALUE, train.precision, train.grad_clip, optim.master and optim.moments "
+                              f"overrides (the batch (--batch, --grad-accum) and hardware have their own flags)")
         value = _parse_value(text.strip())
         if section in SECTIONS:
             refuse_implicit(SECTIONS[section], section, name, value)
@@ -185,6 +191,35 @@ def _plan_model_fields(model: str, overrides: list[str]) -> tuple[dict, dict]:
         else:
             other.setdefault(section, {})[name] = value
     return fields, other
+
+
+def _plan_data(other: dict, args) -> bool:
+    """The data plan is told of (``data.KEY=VALUE``, as fuyou train takes them, over what a run directory's
+    config says): whether its rows may pack several examples, so that attention takes a mask, which the
+    activations' and the working set's estimates count (``DataConfig.may_pack``); and ``data.seq_len`` as
+    the sequence to plan (``--seq`` must agree with it)."""
+    from pydantic import ValidationError
+
+    from fuyou.config import explain
+    from fuyou.data.config import DataConfig
+    from fuyou.errors import ConfigError
+
+    given, run = other.pop("data", {}), other.pop("run_data", {})
+    if "seq_len" in given:
+        if args.seq is not None and args.seq != given["seq_len"]:
+            raise ConfigError(f"--seq {args.seq} and data.seq_len={given['seq_len']} disagree; give one")
+        args.seq = given["seq_len"]
+    args.seq = args.seq or run.get("seq_len") or 1024  # (a run directory: the sequence it trains)
+    if not given and not run:
+        return False
+    try:
+        return DataConfig(**{**run, **given}).may_pack
+    except ValidationError as e:
+        gone = all(x["type"] == "value_error" and "does not exist" in x["msg"] for x in e.errors())
+        if not (run and gone) or "path" in given or "source" in given:
+            raise ConfigError(explain(e, "data").replace("invalid configuration:", "invalid data override:")) from None
+    # the run's data is gone (moved, or on another machine): its settings say whether rows packed
+    return DataConfig.model_construct(**{**DataConfig().model_dump(), **run, **given}).may_pack
 
 
 def _model_config(fields: dict):
@@ -295,6 +330,7 @@ def _plan(args) -> int:
     split = _global_batch(args)
     gpus = _plan_gpus(args, split)
     fields, other = _plan_model_fields(args.model, args.overrides)
+    packed = _plan_data(other, args)
     given = other.setdefault("offload", {})
     _plan_offload_flags(args, given)
     if "grad_clip" in other.get("train", {}):  # as fuyou train spells it (the plan's what-ifs do): --grad-clip
@@ -383,6 +419,7 @@ def _plan(args) -> int:
                           "in memory")
     w = Workload(cfg, args.batch or 16, args.seq, grad_accum=args.grad_accum or gpus, offload=off, grad_clip=clip,
                  csize=2 if precision == "bf16" else 4, fmt=fmt, lora=lora, ranks=gpus, cuda=hw.device == "cuda",
+                 packed=packed,
                  **({"depths": (args.prefetch_depth,)} if args.prefetch_depth is not None else {}))
     if w.sharded and gpus > len(w.numels):
         raise ConfigError(f"--gpus {gpus} for a model of {len(w.numels)} stages: each rank owns the optimizer state of "

@@ -70,7 +70,7 @@ def summary(plan: Plan) -> dict:
     w, hw, ev = plan.workload, plan.hardware, plan.best
     out = {"model": w.model.preset or f"{w.model.family} {w.model.n_layer}x{w.model.d_model}",
            "parameters": w.stage_model.num_params, "batch": w.batch, "seq": w.seq, "grad_accum": w.grad_accum,
-           "hardware": hw.source, "feasible": ev.feasible, "cpu_budget_bytes": ev.memory.cpu_budget,
+           "packed": w.packed, "hardware": hw.source, "feasible": ev.feasible, "cpu_budget_bytes": ev.memory.cpu_budget,
            "cpu_given_bytes": plan.cpu_given}
     if plan.split:
         out["split"] = {"global_batch": w.batch * w.grad_accum, "reason": plan.split_reason,
@@ -304,6 +304,7 @@ def text(plan: Plan) -> str:
     w = plan.workload
     head = (f"fuyou plan: {s['model']} ({_si(s['parameters'])} parameters), batch {w.batch} x seq {w.seq}"
             + (f" x {w.grad_accum} micro-batches" if w.grad_accum > 1 else "")
+            + (" (rows pack examples: attention takes a mask)" if w.packed else "")
             + (f" on {w.ranks} GPUs" if w.ranks > 1 else "") + f"\nhardware: {s['hardware']}"
             + _cpu_head(plan, s) + _probe_shape_note(plan))
     if not s["feasible"]:

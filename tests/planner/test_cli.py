@@ -738,3 +738,45 @@ def test_the_train_line_quotes_what_a_shell_would_split(capsys):
                  "--batch", "4", "--seq", "512", "lora.rank=8", "lora.targets=[c_attn, c_fc]"]) == 0
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("train as planned"))
     assert "'lora.targets=[c_attn, c_fc]'" in line and "lora.rank=8" in line
+
+
+def test_plan_takes_the_data_settings_and_counts_packed_rows_mask(tmp_path, capsys):
+    """`fuyou plan` took no data settings, so it planned fine-tuning records as unpacked rows: the mask
+    packed rows give attention (B x T x T) went uncounted on the GPU. It now takes them as fuyou train does
+    (and a run directory's), says when rows pack, and counts the mask; data.seq_len is the planned sequence."""
+    import json as _json
+
+    records = tmp_path / "ft.jsonl"
+    records.write_text("".join(_json.dumps({"prompt": f"q{i}", "completion": "a"}) + "\n" for i in range(4)))
+    (tmp_path / "plain.txt").write_text("some text\n" * 10)
+    base = ["plan", "--model", "llama-7b", "--gpu", "rtx4090", "--ssd", "1x990-pro", "--cpu-mem", "64GiB",
+            "--batch", "4", "--json"]
+
+    def plan(*extra):
+        assert main([*base, *extra]) == 0
+        return _json.loads(capsys.readouterr().out)
+
+    plain, packed = plan("data.seq_len=4096"), plan("--seq", "4096", f"data.path={records}")
+    assert plain["seq"] == packed["seq"] == 4096 and not plain["packed"] and packed["packed"]
+    mask = 4 * 4096 * 4096 * (1 + 2)  # boolean and bf16, a row each
+    assert packed["memory"]["device"]["working memory (estimate)"] - plain["memory"]["device"][
+        "working memory (estimate)"] == mask
+    assert not plan(f"data.path={records}", "data.packing=false")["packed"]
+    assert not plan(f"data.path={tmp_path / 'plain.txt'}")["packed"]
+    assert main([*base[:-1], f"data.path={records}"]) == 0
+    out = capsys.readouterr().out
+    assert "(rows pack examples: attention takes a mask)" in out
+    line = next(x for x in out.splitlines() if x.startswith("train as planned"))
+    assert f"data.path={records}" in line
+    # a run directory's data settings (its data may be gone: its settings still say whether rows pack)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.toml").write_text(f'[model]\nfamily = "gpt"\nn_layer = 4\nd_model = 256\nn_head = 4\n'
+                                     f'[data]\nsource = "text"\npath = ["{tmp_path / "gone.jsonl"}"]\nseq_len = 256\n')
+    base[2] = str(run)
+    assert plan()["packed"] and plan()["seq"] == 256 and not plan("data.packing=false")["packed"]
+    for bad, needle in ((["--seq", "256", "data.seq_len=512"], "--seq 256 and data.seq_len=512 disagree"),
+                        ([f"data.path={tmp_path / 'nope.jsonl'}"], "does not exist"),
+                        (["data.bogus=1"], "unknown key 'data.bogus'")):
+        assert main([*base, *bad]) == 2
+        assert needle in capsys.readouterr().err
