@@ -57,16 +57,18 @@ def tokenize_documents(docs, tokenizer_spec: str, val_fraction: float) -> TokenD
     tok = load_tokenizer(tokenizer_spec)
     docs = list(docs)
     train, val = split_tokens([_encode(tok, d) for d in docs], tok.eos_id, tok.vocab_size, val_fraction)
-    return TokenData(train, val, tok.vocab_size, tok.eos_id, tok.name, tok.fingerprint, len(docs))
+    return TokenData(train, val, tok.vocab_size, tok.eos_id, tok.name, tok.fingerprint, len(docs),
+                     val_fraction=val_fraction)
 
 
 def tokenize_records(paths: list[str], tokenizer_spec: str, fmt: str = "auto", train_on_prompt: bool = False,
                      val_fraction: float = 0.05, text_field: str = "text", eval_paths: list[str] | None = None,
-                     seed: int = 1234, note_overlap: bool = True) -> TokenData | ExampleData:
+                     note_overlap: bool = True) -> TokenData | ExampleData:
     """Read and tokenize files: plain documents become a token stream (``TokenData``), fine-tuning
     records become examples with a loss mask (``ExampleData``). The kind is the first record's format
     (or ``fmt``); every file must hold the same kind. ``eval_paths``: held-out files, else
-    ``val_fraction`` of the documents or examples (a seeded choice); ``note_overlap``: say so when those
+    ``val_fraction`` of the documents' tokens (the tail of a seeded shuffle of them) or of the examples
+    (``held_out``: by their content); ``note_overlap``: say so when those
     are (in) the training files."""
     from fuyou.data.dataset import TokenData, join_tokens, split_tokens, token_dtype
     from fuyou.data.examples import ExampleData, Examples
@@ -84,11 +86,16 @@ def tokenize_records(paths: list[str], tokenizer_spec: str, fmt: str = "auto", t
     if first == "text":
         first_where = head[1] if fmt == "auto" else None
         docs = [_encode(tok, _text(rec, where, text_field, first_where)) for rec, where in records]
+        if not any(len(d) for d in docs):  # (an empty file was "1 document" of one token, refused only by training)
+            raise DataError(f"{', '.join(map(str, paths))} holds no text (empty documents only)")
         if not eval_paths:
             train, val = split_tokens(docs, tok.eos_id, tok.vocab_size, val_fraction)
-            return TokenData(train, val, tok.vocab_size, tok.eos_id, tok.name, tok.fingerprint, len(docs))
+            return TokenData(train, val, tok.vocab_size, tok.eos_id, tok.name, tok.fingerprint, len(docs),
+                             val_fraction=val_fraction)
         held = [_encode(tok, _text(rec, where, text_field, first_where))
                 for rec, where in iter_records(eval_paths, text_field)]
+        if not noted and not same_files:
+            _note_shared_documents(held, docs, eval_paths)
         train, val = join_tokens(docs, tok.eos_id, tok.vocab_size), join_tokens(held, tok.eos_id, tok.vocab_size)
         dtype = np.promote_types(train.dtype, val.dtype)  # (ids beyond the tokenizer's vocabulary: the wider)
         return TokenData(train.astype(dtype), val.astype(dtype), tok.vocab_size, tok.eos_id, tok.name, tok.fingerprint,
@@ -100,10 +107,9 @@ def tokenize_records(paths: list[str], tokenizer_spec: str, fmt: str = "auto", t
     elif eval_paths:
         held = _render_all(renderer, iter_records(eval_paths, text_field), first, head[1], text_field)
     else:
-        order = np.random.default_rng(seed).permutation(len(rendered))
-        n_val = max(1, int(round(len(rendered) * val_fraction))) if len(rendered) > 1 and val_fraction else 0
-        held = [rendered[i] for i in sorted(order[:n_val])]
-        rendered = [rendered[i] for i in sorted(order[n_val:])]
+        out = held_out(rendered, val_fraction)
+        held = [r for r, o in zip(rendered, out) if o]
+        rendered = [r for r, o in zip(rendered, out) if not o]
     st = renderer.stats
     if st.fallback_chats and tok.name != "byte":
         print(f"fuyou: note: the tokenizer {tok.name} has no chat template: {st.fallback_chats} conversations were "
@@ -116,7 +122,8 @@ def tokenize_records(paths: list[str], tokenizer_spec: str, fmt: str = "auto", t
         raise DataError(f"{', '.join(map(str, paths))} holds no usable example: " + "; ".join(st.notes()))
     info = {"records": st.records, "held_records": st.records - train_records if eval_paths else 0,
             "formats": st.formats, "last_turn_only": st.last_turn_only,
-            "train_on_prompt": train_on_prompt, "skipped_no_answer": st.no_answer}
+            "train_on_prompt": train_on_prompt, "skipped_no_answer": st.no_answer,
+            "val_fraction": None if eval_paths else val_fraction}
     top = max((int(ids.max()) for ids, _ in itertools.chain(rendered, held) if len(ids)), default=0)
     dtype = token_dtype(tok.vocab_size, top)  # one type for both splits (meta.json records one)
     data = ExampleData(Examples.from_arrays(rendered, dtype), Examples.from_arrays(held, dtype), tok.vocab_size,
@@ -126,6 +133,26 @@ def tokenize_records(paths: list[str], tokenizer_spec: str, fmt: str = "auto", t
     return data
 
 
+def held_out(examples: list[tuple[np.ndarray, np.ndarray]], fraction: float) -> list[bool]:
+    """Which examples ``data.val_fraction`` holds out: each by its tokens alone, held out when a hash of them
+    falls in the lowest ``fraction`` of its range. Adding or removing other records moves no example between
+    the splits (a seeded shuffle of them all redrew the split, and a resume over grown data evaluated on
+    examples it had trained on), and repeated examples fall on one side. About ``fraction`` of them, and at
+    least one held out and one trained on when there are two or more."""
+    import hashlib
+
+    if not fraction or len(examples) < 2:
+        return [False] * len(examples)
+    keys = [int.from_bytes(hashlib.blake2b(ids.astype(np.int64).tobytes(), digest_size=8).digest(), "little")
+            for ids, _ in examples]
+    out = [k < fraction * 2**64 for k in keys]
+    if not any(out):
+        out[keys.index(min(keys))] = True
+    if all(out):
+        out[keys.index(max(keys))] = False
+    return out
+
+
 def note_shared_examples(held, train, eval_paths) -> None:
     """Held-out examples that are training examples too, by content (``Examples.shared_with``)."""
     n = held.shared_with(train)
@@ -133,6 +160,21 @@ def note_shared_examples(held, train, eval_paths) -> None:
         print(f"fuyou: note: {n} of the {len(held)} held-out examples in {', '.join(map(str, eval_paths))} are also "
               f"training examples: their loss measures what the model memorised, not how it generalises; give "
               f"held-out examples of their own", file=sys.stderr)
+
+
+def _note_shared_documents(held: list[np.ndarray], docs: list[np.ndarray], eval_paths) -> None:
+    """Held-out documents that are training documents too, token for token (a copy of a training file)."""
+    import hashlib
+
+    def key(d: np.ndarray) -> bytes:
+        return hashlib.blake2b(d.astype(np.int64).tobytes(), digest_size=16).digest()
+
+    train = {key(d) for d in docs}
+    n = sum(key(h) in train for h in held)
+    if n:
+        print(f"fuyou: note: {n} of the {len(held)} held-out documents in {', '.join(map(str, eval_paths))} are also "
+              f"training documents: their loss measures what the model memorised, not how it generalises; give "
+              f"held-out text of its own", file=sys.stderr)
 
 
 def _note_overlap(paths, eval_paths) -> bool:
@@ -238,13 +280,19 @@ def load_data(cfg: DataConfig, tokenizer: str | None = None,
 def _check_prepared_settings(cfg: DataConfig, data) -> None:
     """Settings that ``fuyou data prepare`` fixed when it made the data would be ignored when training on it:
     refused, with how to get them (a run's config.toml would otherwise record what did not happen)."""
+    from fuyou.data.examples import ExampleData
+
     fields = DataConfig.model_fields
     ignored = []
     if cfg.format != "auto" and not cfg.eval_path:
         ignored.append(f"data.format={cfg.format}")
     if cfg.jsonl_field != fields["jsonl_field"].default and not cfg.eval_path:
         ignored.append(f"data.jsonl_field={cfg.jsonl_field}")
-    if cfg.val_fraction != fields["val_fraction"].default:
+    prepared = (data.info.get("val_fraction") if isinstance(data, ExampleData) else data.val_fraction)
+    if prepared is not None:  # (recorded since 2026-12-05: the share it held out)
+        if "val_fraction" in cfg.model_fields_set and cfg.val_fraction != prepared:
+            ignored.append(f"data.val_fraction={cfg.val_fraction:g} (prepared with {prepared:g}; --val-fraction)")
+    elif cfg.val_fraction != fields["val_fraction"].default:
         ignored.append(f"data.val_fraction={cfg.val_fraction:g} (--val-fraction)")
     prepared_on_prompt = _prepared_on_prompt(data)
     if cfg.train_on_prompt is not None and cfg.train_on_prompt != prepared_on_prompt:

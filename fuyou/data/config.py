@@ -61,7 +61,8 @@ class DataConfig(BaseModel):
         default_factory=list, description="A separate held-out file or directory (same format as data.path); "
         "unset: data.val_fraction of the data is held out.")
     seq_len: int = Field(128, ge=1, description="Tokens per training sequence.")
-    val_fraction: float = Field(0.05, ge=0, lt=1, description="Share of tokens held out for evaluation (0: none, "
+    val_fraction: float = Field(0.05, ge=0, lt=1, description="Share held out for evaluation: of plain text's "
+                                "tokens, of fine-tuning examples (each by its content: about that share) (0: none, "
                                 "evaluation off, unless data.eval_path gives held-out files).")
     jsonl_field: str = Field("text", description="Field holding the document text in JSON-lines files.")
 
@@ -127,7 +128,8 @@ class DataConfig(BaseModel):
                 raise ValueError(f"data.source={self.source!r} needs data.path (a file or directory)")
             for p in self.path:
                 if not Path(p).exists():
-                    raise ValueError(f"data path {p!r} does not exist; check the path or use data.source='builtin'")
+                    raise ValueError(f"data path {p!r} does not exist; check the path (data.path=WHERE_IT_IS, also "
+                                     f"with --resume)")
             if self.source == "prepared" and len(self.path) != 1:
                 raise ValueError("data.source='prepared' takes exactly one directory in data.path")
         return self

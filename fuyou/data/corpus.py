@@ -12,7 +12,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from fuyou.data.config import JSONL_SUFFIXES
+from fuyou.data.config import JSONL_SUFFIXES, is_prepared
 from fuyou.errors import DataError
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text"}
@@ -58,6 +58,9 @@ def iter_records(paths: list[str | Path], text_field: str = "text") -> Iterator[
     for p in map(Path, paths):
         if not p.exists():
             raise DataError(f"data path {p} does not exist; give a text file, a .jsonl file or a directory")
+        if p.is_dir() and is_prepared(p):
+            raise DataError(f"{p} is data `fuyou data prepare` wrote: train on it as the only data.path (not among "
+                            f"others), and prepare again from the original files, not from it")
         files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
         records = p.is_dir() and any(f.suffix.lower() in JSONL_SUFFIXES for f in files)
         found, skipped = False, []

@@ -51,6 +51,7 @@ class TokenData:
     fingerprint: str = ""  # names the tokenizer's vocabulary (``fuyou.data.tokenizer``)
     documents: int = 0     # how many documents were joined (0: not known, e.g. read from a prepared directory)
     held_documents: int = 0  # of which from held-out files (--eval); 0 where a share of the data is held out
+    val_fraction: float | None = None  # the share held out (None: held-out files, or not recorded)
 
     def check_fits(self, seq_len: int, model_vocab: int) -> None:
         for name, arr in (("train", self.train), ("val", self.val)):
@@ -115,7 +116,7 @@ def write_prepared(out_dir: str | Path, data: TokenData) -> None:
     meta = {
         "dtype": str(dtype), "train_tokens": int(len(data.train)), "val_tokens": int(len(data.val)),
         "vocab_size": data.vocab_size, "eos_id": data.eos_id, "tokenizer": data.tokenizer,
-        "tokenizer_fingerprint": data.fingerprint,
+        "tokenizer_fingerprint": data.fingerprint, "val_fraction": data.val_fraction,
     }
     (out / META).write_text(json.dumps(meta, indent=2) + "\n")
 
@@ -138,7 +139,7 @@ def read_prepared(path: str | Path) -> TokenData:
                 )
             arrays[split] = np.memmap(f, dtype=dtype, mode="r") if expect else np.zeros(0, dtype)
         return TokenData(arrays["train"], arrays["val"], int(meta["vocab_size"]), int(meta["eos_id"]), meta["tokenizer"],
-                         meta.get("tokenizer_fingerprint", ""))
+                         meta.get("tokenizer_fingerprint", ""), val_fraction=meta.get("val_fraction"))
     except (KeyError, ValueError, TypeError) as e:
         raise DataError(f"{p / META} is malformed ({e!r}); prepare the data again") from e
 

@@ -153,6 +153,8 @@ class RenderStats:
     first_empty_answer: str = ""
     ignored_keys: Counter = field(default_factory=Counter)  # message keys no rendering writes, and how often
     other_roles: Counter = field(default_factory=Counter)  # roles but KNOWN_ROLES: rendered as prompt (no loss)
+    rewritten_weight0: int = 0  # train_on_prompt, a rewritten history with a weight-0 turn: its prompt has no loss
+    first_rewritten_weight0: str = ""
 
     def empty_answer(self, where: str) -> None:
         """An answer with loss and no content (an assistant turn or a completion), counted for ``notes``."""
@@ -173,6 +175,12 @@ class RenderStats:
             roles = ", ".join(f"{k!r} ({n}x)" for k, n in sorted(self.other_roles.items()))
             out.append(f"messages of roles other than {', '.join(KNOWN_ROLES)} are prompt, without loss: {roles}; "
                        f"if they are the model's answers, name their role 'assistant'")
+        if self.rewritten_weight0:
+            out.append(f"{self.rewritten_weight0} conversation(s) hold an assistant turn of weight 0 in a history the "
+                       f"chat template rewrites (last-turn-only), where its tokens cannot be told from the prompt's: "
+                       f"their prompt carries no loss despite data.train_on_prompt, so that the weight-0 turn carries "
+                       f"none (those with no turn of weight 1 are left out), the first at "
+                       f"{self.first_rewritten_weight0}")
         if self.ignored_keys:
             keys = ", ".join(f"{k!r} ({n}x)" for k, n in sorted(self.ignored_keys.items()))
             out.append(f"message keys the chat rendering writes nothing of were ignored: {keys} (every key goes to "
@@ -244,7 +252,8 @@ class Renderer:
                 if not isinstance(completion, list):
                     raise DataError(f"{where}: a conversational 'prompt' (a list of messages) needs its completion as "
                                     f"a list of messages too, got a JSON {json_type(completion)}")
-                turns = ([(m, False) for m, _ in self._checked(rec["prompt"], where, "prompt")]
+                turns = ([(m, learn and self.train_on_prompt) for m, learn in self._checked(rec["prompt"], where,
+                                                                                             "prompt")]
                          + self._checked(completion, where, "completion"))
             out = self._messages(turns, where)
             if out is None:
@@ -453,22 +462,47 @@ class Renderer:
 
     def _last_turn_only(self, turns: list[tuple[dict, bool]], where: str) -> Rendered | None:
         # the last assistant turn to learn (of weight 1), after the conversation up to it as the template
-        # renders that prefix
+        # renders that prefix; the template rewrites the earlier turns there, so with train_on_prompt the
+        # prefix carries loss as a whole, unless it holds an assistant turn of weight 0, whose tokens must carry
+        # none (the prefix is then prompt without loss, counted: ``stats.rewritten_weight0``)
         render = self._render
         messages = [m for m, _ in turns]
         learnable = [i for i, (m, loss) in enumerate(turns) if m["role"] == "assistant" and loss]
-        if not learnable:  # (train_on_prompt: the prompts alone carry loss)
+        last = learnable[-1] if learnable else len(turns)
+
+        def silent(upto: int) -> bool:  # an assistant turn of weight 0 before ``upto``
+            return any(m["role"] == "assistant" and not loss for m, loss in turns[:upto])
+
+        def whole() -> Rendered:  # train_on_prompt: every token of the conversation
             out = Rendered()
             out.add(self.tok.encode(render(messages, add_generation_prompt=False)), True)
             return out
-        last = learnable[-1]
+
+        if not learnable:  # (train_on_prompt: the prompts alone carry loss)
+            if silent(len(turns)):
+                return self._rewritten_weight0(where)
+            return whole()
         full = render(messages[: last + 1], add_generation_prompt=False)
         head = render(messages[:last], add_generation_prompt=True) if last else self._opening(full, messages[0], where)
         if not full.startswith(head):
+            if self.train_on_prompt and not silent(len(turns)):
+                return whole()
+            advice = ("Set data.train_on_prompt=true (every token then carries loss), or use a prompt/completion file"
+                      if not self.train_on_prompt and not silent(len(turns)) else
+                      "Use a prompt/completion file, or a tokenizer whose chat template renders a conversation's "
+                      "start as the conversation up to that turn does")
             raise DataError(f"{where}: the tokenizer's chat template renders the last assistant turn's prompt "
                             f"differently from the conversation ({head[-60:]!r} is not a prefix); cannot tell which "
-                            f"tokens are the answer. Set data.train_on_prompt=true or use a prompt/completion file")
+                            f"tokens are the answer. {advice}")
         self.stats.last_turn_only += 1
+        prompt_loss = self.train_on_prompt
+        if prompt_loss and silent(last):
+            self._rewritten_weight0(where)
+            prompt_loss = False
         out = Rendered()
-        out.add_text(self.tok, [(head, self.train_on_prompt), (full[len(head):], True)])
+        out.add_text(self.tok, [(head, prompt_loss), (full[len(head):], True)])
         return out
+
+    def _rewritten_weight0(self, where: str) -> None:
+        self.stats.rewritten_weight0 += 1
+        self.stats.first_rewritten_weight0 = self.stats.first_rewritten_weight0 or where

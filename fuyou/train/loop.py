@@ -109,7 +109,11 @@ def _data_files_change(cfg: FuyouConfig, then: list, now: list) -> str:
     paths = [*cfg.data.path, *cfg.data.eval_path]
     parts = [f"{p if p is not False else 'a path no longer given'}: {words(a)} -> {words(b)}"
              for p, a, b in itertools.zip_longest(paths, then, now, fillvalue=False) if a != b]
-    return "the data changed since the run started (" + "; ".join(parts) + ")"
+    held = ("" if cfg.data.eval_path or not cfg.data.val_fraction or cfg.data.source == "prepared" else
+            "; of data.val_fraction's held-out share, fine-tuning examples keep their side (each is held out by its "
+            "content), and plain text's is the tail of the changed token stream: evaluation losses from before and "
+            "after this resume are not comparable")
+    return "the data changed since the run started (" + "; ".join(parts) + ")" + held
 
 
 def record_data(run_dir: Path, cfg: FuyouConfig, fp: dict | None = None) -> None:
@@ -520,7 +524,8 @@ def check_tokenizer(cfg: FuyouConfig, data) -> None:
     if data.fingerprint != want:
         raise DataError(f"the data was tokenized with {data.tokenizer} (vocabulary {data.fingerprint or 'unknown'}), "
                         f"but model.init_from={cfg.model.init_from} uses the tokenizer in {tok_dir} (vocabulary "
-                        f"{want}); prepare the data again with --tokenizer {tok_dir}")
+                        f"{want}); " + (f"prepare the data again with --tokenizer {tok_dir}" if cfg.data.source ==
+                                        "prepared" else "leave data.tokenizer at 'auto' (the model's tokenizer)"))
 
 
 def _refuse_renamed(run_path: Path, cfg: FuyouConfig) -> None:

@@ -223,7 +223,8 @@ def test_held_out_examples_that_are_training_examples_get_a_note(tmp_path, capsy
     assert "held-out examples" not in capsys.readouterr().err  # (a split of its own: none shared)
     assert main(["train", "--out", str(tmp_path / "runs"), f"data.path={tmp_path / 'p2'}", f"data.eval_path={recs}",
                  "train.steps=1", "model.preset=gpt-test", "data.seq_len=32", "train.eval_every=0"]) == 0
-    assert "30 of the 40 held-out examples" in capsys.readouterr().err
+    trained = json.loads((tmp_path / "p2" / "meta.json").read_text())["train_examples"]  # (about 30: held_out)
+    assert 20 < trained < 40 and f"{trained} of the 40 held-out examples" in capsys.readouterr().err
 
 
 def test_a_tokenizer_larger_than_the_model_is_refused_only_for_ids_the_model_lacks(tmp_path, big_vocab):
@@ -255,3 +256,69 @@ def test_val_fraction_zero_holds_out_nothing(tmp_path, capsys):
     assert "no example is held out (data.val_fraction=0)" in capsys.readouterr().err
     assert main(["data"]) == 2
     assert "prepare" in capsys.readouterr().out
+
+
+def test_held_out_examples_stay_held_out_when_records_are_added_and_repeats_fall_on_one_side(tmp_path):
+    """data.val_fraction drew the held-out examples by a seeded shuffle of all of them: a record added
+    before a resume redrew the split, and the run then evaluated on examples it had trained on, in
+    silence; a repeated record fell on both sides (a new-user pass). Each example's side is now decided
+    by its own tokens (``fuyou.data.held_out``)."""
+    from fuyou.data import tokenize_records
+
+    def examples(ex):
+        return {ex.tokens[a:b].tobytes() for a, b in zip(ex.offsets[:-1], ex.offsets[1:])}
+
+    recs = [{"prompt": f"question {i}", "completion": f" answer {i}"} for i in range(300)]
+    before = tokenize_records([str(_jsonl(tmp_path / "a.jsonl", recs))], "byte", val_fraction=0.1)
+    grown = [{"prompt": f"new question {i}", "completion": f" new {i}"} for i in range(60)]
+    after = tokenize_records([str(_jsonl(tmp_path / "b.jsonl", grown[:30] + recs + grown[30:]))], "byte",
+                             val_fraction=0.1)
+    assert 15 <= len(before.val) <= 45  # about a tenth
+    assert examples(before.val) <= examples(after.val) and not examples(after.val) & examples(before.train)
+    repeated = tokenize_records([str(_jsonl(tmp_path / "c.jsonl", recs[:40] * 3))], "byte", val_fraction=0.2)
+    assert len(repeated.val) and repeated.val.shared_with(repeated.train) == 0
+    # at least one example held out, and one trained on, of a few
+    few = tokenize_records([str(_jsonl(tmp_path / "d.jsonl", recs[:2]))], "byte", val_fraction=0.01)
+    assert (len(few.train), len(few.val)) == (1, 1)
+    most = tokenize_records([str(_jsonl(tmp_path / "e.jsonl", recs[:3]))], "byte", val_fraction=0.99)
+    assert len(most.train) >= 1 and len(most.val) >= 1
+
+
+def test_plain_text_held_out_copies_get_a_note_and_an_empty_text_file_is_refused(tmp_path, capsys):
+    """A held-out text file that copies a training document passed in silence (only fine-tuning examples
+    were compared); an empty .txt file was "1 document" of one token to `fuyou data prepare`, refused only
+    when training (a new-user pass)."""
+    from fuyou.cli import main
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(3):
+        (docs / f"d{i}.txt").write_text(f"document number {i} " * 30)
+    copy = tmp_path / "copy.txt"
+    copy.write_text((docs / "d1.txt").read_text())
+    assert main(["data", "prepare", str(docs), "--eval", str(copy), "--out", str(tmp_path / "p")]) == 0
+    assert "1 of the 1 held-out documents" in capsys.readouterr().err
+    own = tmp_path / "own.txt"
+    own.write_text("a text of its own " * 20)
+    assert main(["data", "prepare", str(docs), "--eval", str(own), "--out", str(tmp_path / "q")]) == 0
+    assert "held-out documents" not in capsys.readouterr().err
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert main(["data", "prepare", str(empty), "--out", str(tmp_path / "r")]) == 2
+    assert "holds no text" in capsys.readouterr().err and not (tmp_path / "r" / "meta.json").exists()
+
+
+def test_a_prepared_directory_among_inputs_is_named_as_such(tmp_path, capsys):
+    """A prepared directory given to `fuyou data prepare`, or beside other files in data.path, "held no
+    usable files", listed its .bin files as not text (a new-user pass)."""
+    from fuyou.cli import main
+
+    recs = _jsonl(tmp_path / "r.jsonl", [{"prompt": f"q {i}", "completion": f" a {i}"} for i in range(10)])
+    assert main(["data", "prepare", str(recs), "--out", str(tmp_path / "p")]) == 0
+    capsys.readouterr()
+    assert main(["data", "prepare", str(tmp_path / "p"), "--out", str(tmp_path / "q")]) == 2
+    err = capsys.readouterr().err
+    assert "is data `fuyou data prepare` wrote" in err and "not read" not in err
+    assert main(["train", "--out", str(tmp_path / "runs"), f'data.path=["{tmp_path / "p"}","{recs}"]',
+                 "model.preset=gpt-test", "data.seq_len=32", "train.steps=1"]) == 2
+    assert "train on it as the only data.path" in capsys.readouterr().err

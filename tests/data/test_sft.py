@@ -756,3 +756,88 @@ def test_may_pack_is_true_only_for_records(tmp_path):
     assert not DataConfig(path=[str(tmp_path / "t.txt")], format="prompt_completion", packing=False).may_pack
     assert DataConfig(path=[str(tmp_path)]).may_pack  # (a directory with records)
     assert not DataConfig().may_pack  # the embedded corpus
+
+
+REWRITES_EARLIER = ("{% for m in messages %}{% if m['role'] == 'assistant' and not loop.last %}<|im_start|>assistant\n"
+                    "[earlier]{{ m['content'][-4:] }}<|im_end|>\n{% else %}<|im_start|>{{ m['role'] }}\n"
+                    "{{ m['content'] }}<|im_end|>\n{% endif %}{% endfor %}"
+                    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_train_on_prompt_never_gives_a_weight_0_turn_loss_under_a_rewriting_template(hf_tok_dir):
+    """With data.train_on_prompt=true and a template that rewrites earlier turns (as Qwen3's drops their
+    thinking), the whole rewritten history carried loss, a weight-0 turn's text in it too (a new-user pass:
+    "SECRET" was learnt). Such a history is now prompt without loss, counted in a note; a conversation with no
+    turn of weight 1 there is left out. TRL's conversational prompt carries loss with train_on_prompt too,
+    but for its weight-0 assistant turns (it carried none at all)."""
+    from fuyou.data.formats import Renderer
+    from fuyou.data.tokenizer import HFTokenizer
+
+    tok = HFTokenizer(hf_tok_dir)
+    tok.chat_template = tok._tok.chat_template = REWRITES_EARLIER
+
+    def learned(r, rec):
+        out = r(rec, "x")
+        return None if out is None else tok.decode([i for i, f in zip(out.ids, out.loss) if f]).replace(" ", "")
+
+    secret = {"messages": [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "SECRET", "weight": 0},
+                           {"role": "user", "content": "Q2"}, {"role": "assistant", "content": "A2"}]}
+    r = Renderer(tok, "auto", True)
+    assert learned(r, secret) == "A2<|im_end|>\n" and r.stats.rewritten_weight0 == 1
+    assert "despite data.train_on_prompt" in " ".join(r.stats.notes())
+    plain = {"messages": [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "FIRST"},
+                          {"role": "user", "content": "Q2"}, {"role": "assistant", "content": "A2"}]}
+    assert "Q1" in learned(r, plain) and "Q2" in learned(r, plain)  # (no weight-0 turn: the history carries loss)
+    only_silent = {"messages": [*secret["messages"][:3], {"role": "assistant", "content": "NO", "weight": 0}]}
+    assert learned(r, only_silent) is None and r.stats.rewritten_weight0 == 2
+    trl = {"prompt": [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "PREV"},
+                      {"role": "user", "content": "Q2"}],
+           "completion": [{"role": "assistant", "content": "A2"}]}
+    assert "PREV" in learned(Renderer(tok, "auto", True), trl) and "Q1" in learned(Renderer(tok, "auto", True), trl)
+    assert learned(Renderer(tok, "auto", False), trl) == "A2<|im_end|>\n"
+
+
+def test_a_template_whose_prefix_differs_is_refused_with_advice_that_works(hf_tok_dir):
+    """A template whose rendering of the prompt is not a prefix of the conversation's was refused with
+    "Set data.train_on_prompt=true", which was refused the same way (a new-user pass). With train_on_prompt
+    every token carries loss, so it now trains the conversation whole; without, the advice is that."""
+    from fuyou.data.formats import Renderer
+    from fuyou.data.tokenizer import HFTokenizer
+    from fuyou.errors import DataError
+
+    tok = HFTokenizer(hf_tok_dir)
+    odd = ("{% for m in messages %}<|im_start|>{{ m['role'] }}{% if loop.last %}!{% endif %}\n{{ m['content'] }}"
+           "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    tok.chat_template = tok._tok.chat_template = odd
+    conv = {"messages": [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"}]}
+    with pytest.raises(DataError, match="Set data.train_on_prompt=true"):
+        Renderer(tok, "auto", False)(conv, "x")
+    out = Renderer(tok, "auto", True)(conv, "x")
+    assert all(out.loss) and "A1" in tok.decode(out.ids)
+    silent = {"messages": [conv["messages"][0], {**conv["messages"][1], "weight": 0}, {"role": "user", "content": "Q"},
+                           {"role": "assistant", "content": "A2"}]}
+    with pytest.raises(DataError, match="Use a prompt/completion file") as e:
+        Renderer(tok, "auto", True)(silent, "x")
+    assert "train_on_prompt=true" not in str(e.value)
+
+
+@pytest.mark.parametrize("kind", ["examples", "text"])
+def test_prepared_data_records_its_held_out_share_and_takes_the_same_again(tmp_path, kind):
+    """Data prepared with --val-fraction 0.3 and trained with data.val_fraction=0.3 was refused ("training
+    would ignore" it), and an explicit data.val_fraction=0.05 was taken in silence (a new-user pass): the
+    share a preparation held out was not recorded. It is now (meta.json), and a setting is compared with it."""
+    from fuyou.cli import main
+
+    if kind == "examples":
+        src = write_jsonl(tmp_path / "qa.jsonl", qa_records(30))
+    else:
+        src = tmp_path / "t.txt"
+        src.write_text("some words " * 300)
+    assert main(["data", "prepare", str(src), "--out", str(tmp_path / "p"), "--val-fraction", "0.3"]) == 0
+    prep = str(tmp_path / "p")
+    assert json.loads((tmp_path / "p" / "meta.json").read_text()).get("val_fraction", (
+        json.loads((tmp_path / "p" / "meta.json").read_text()).get("info", {}).get("val_fraction"))) == 0.3
+    load_data(DataConfig(path=[prep], val_fraction=0.3))  # the same: taken
+    load_data(DataConfig(path=[prep]))  # unset: as prepared
+    with pytest.raises(DataError, match=r"data.val_fraction=0.05 \(prepared with 0.3"):
+        load_data(DataConfig(path=[prep], val_fraction=0.05))
