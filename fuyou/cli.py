@@ -144,8 +144,9 @@ def _add_hf_parsers(sub) -> None:
                         "peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), HF_DIR) where "
                         "BASE is the run's model.init_from; with --merge, as the base with the adapters merged "
                         "into its weights: a full model directory as above, no PEFT needed.")
-    ex.add_argument("run_dir", metavar="RUN_DIR", help="a finished run directory, a snapshot "
-                    "(RUN_DIR/snapshots/step-N) or one made by `fuyou import`")
+    ex.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (finished; or offloaded and stopped or "
+                    "still training: its last commit), a snapshot (RUN_DIR/snapshots/step-N) or one made by "
+                    "`fuyou import`")
     ex.add_argument("--out", required=True, metavar="HF_DIR", help="output directory (new or empty)")
     ex.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
                     help="dtype of the written weights (default fp32, the master weights as they are; bf16 halves the size)")
@@ -198,11 +199,35 @@ def _export(args) -> int:
     if not Path(args.run_dir).expanduser().is_dir():
         raise ConfigError(f"{args.run_dir} does not exist or is not a directory: give a run directory (the one "
                           f"`fuyou train` printed), a snapshot in it, or a directory made by `fuyou import`")
-    files = export_run_dir(args.run_dir, args.out, args.dtype, parse_size(args.shard_size), merge=args.merge)
+    out = Path(args.out).expanduser()
+    made = not out.exists()
+    try:
+        files = export_run_dir(args.run_dir, args.out, args.dtype, parse_size(args.shard_size), merge=args.merge)
+    except Exception as e:
+        # a full or failing disk (OSError, or safetensors' own error for the same): a sentence, not a traceback,
+        # and nothing half-written left in --out (it was new or empty: export_run_dir checks that first)
+        if isinstance(e, FuyouError) or not (isinstance(e, OSError) or type(e).__name__ == "SafetensorError"):
+            raise
+        _clear_export(out, made)
+        from fuyou.train.run import SaveError
+
+        raise SaveError(f"writing the export to {out} failed ({getattr(e, 'strerror', None) or e}); free space or "
+                        f"fix the disk and export again (nothing was kept in {out}; the run is unchanged)") from e
     kind = " as a PEFT adapter" if "adapter_config.json" in files else " merged" if args.merge else ""
     print(f"exported {args.run_dir} to {args.out}{kind} ({args.dtype}): {', '.join(files)}")
     return 0
 
+
+
+def _clear_export(out, made: bool) -> None:
+    """Remove what a failed export wrote to ``out`` (new, or empty before it: nothing of the user's)."""
+    import shutil
+
+    if made:
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    for f in list(out.iterdir()) if out.is_dir() else []:
+        shutil.rmtree(f, ignore_errors=True) if f.is_dir() else f.unlink(missing_ok=True)
 
 
 def _train(args) -> int:

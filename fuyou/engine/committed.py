@@ -52,8 +52,12 @@ class CommittedWeights:
         check_reshard_pending(run_dir)
         cfg = load_config(run_dir / "config.toml", ["model.init_from=none"])
         if cfg.offload.mode != "ssd":
+            snaps = sorted((p for p in (run_dir / "snapshots").glob("step-*") if p.is_dir() and p.name[5:].isdigit()),
+                           key=lambda p: int(p.name[5:]))  # (as fuyou.train.run.snapshot_dirs: train imports this)
+            kept = (f"its last snapshot is {snaps[-1]} (a stopped in-memory run keeps its weights there): `fuyou "
+                    f"export {snaps[-1]}`" if snaps else "nothing of it was kept; export a finished run")
             raise ConfigError(f"{run_dir} has no model.safetensors and trained in memory (offload.mode="
-                              f"{cfg.offload.mode}): nothing of it was kept; export a finished run")
+                              f"{cfg.offload.mode}): {kept}")
         self.cfg = cfg
         self.model = cfg.model.model_dump()
         self.family = cfg.model.family
@@ -74,7 +78,9 @@ class CommittedWeights:
                     raise ConfigError(f"{run_dir} has no model.safetensors and its SSD state ({rank_name} in "
                                       f"{', '.join(cfg.offload.ssd_dirs)}) is gone: the run finished without saving "
                                       f"weights (run.save_weights=false) and the state was deleted, the SSD directory "
-                                      f"moved, or (data parallel) that rank's state is on another machine")
+                                      f"moved, or (data parallel) that rank's state is on another machine. A moved "
+                                      f"state is found by `fuyou train --resume {run_dir} --ssd NEW_DIR` (with "
+                                      f"train.steps=THE_COMMITTED_STEP it saves the weights and ends there)")
                 try:
                     store = TensorStore.open(dirs)
                 except StoreLockedError:

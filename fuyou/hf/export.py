@@ -114,6 +114,10 @@ def _export(weights, run: Path, out: Path, dtype: str, shard_size: int) -> list[
             for key in keys:
                 hf_key, transposed = hf_name(key, model.family)
                 t = weights.tensor(key, specs[key].shape)
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    raise ConfigError(f"{key} holds non-finite values (NaN or inf): its weights file is damaged (a "
+                                      f"training step with a non-finite loss or norm is never committed); nothing "
+                                      f"was written. Export a snapshot or resume the run from its last commit")
                 if dtype == "fp16" and t.numel() and (big := t.abs().max().item()) > torch.finfo(torch.float16).max:
                     raise ConfigError(f"{key} holds values up to {big:.4g}, beyond fp16's largest (65504): in fp16 "
                                       f"they would be inf. Export --dtype bf16 (fp32's range) or fp32; nothing was "

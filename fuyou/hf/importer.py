@@ -3,8 +3,10 @@ run directory's config is written by ``fuyou.train.run.import_checkpoint``).
 
 Writes ``RUN_DIR/model.safetensors`` (fp32, fuyou's names, streamed one tensor at a time: peak memory
 is a few copies of the largest tensor, not the model) and ``RUN_DIR/hf/`` (the source's config.json,
-tokenizer and other small files, for data preparation and export). The SSD training state (master weights, Adam moments at zero) is
-built from these weights when training starts; resuming an SSD state is not implemented yet.
+tokenizer and other small files, for data preparation and export). The SSD training state (master weights,
+Adam moments at zero) is built from these weights when training starts. The source's path and a
+fingerprint of its weights are recorded, so that a LoRA adapter trained over the import names the source
+as its base only while the source still holds those weights (``fuyou.hf.peft.hf_base_name``).
 """
 
 from __future__ import annotations
@@ -47,14 +49,17 @@ def convert_checkpoint(hf_dir: str | Path, out_dir: str | Path) -> Path:
                           f"keeps beside the weights: copy them from the model's original repository into {src} and "
                           f"import again (or train from it directly: fuyou train --init-from {src} "
                           f"data.tokenizer=DIR)")
+    from fuyou.hf.peft import base_fingerprint
+
     specs = StageModel(model_cfg).param_specs()
+    source = {"fuyou_source": str(src.resolve()), "fuyou_source_fingerprint": base_fingerprint(src)}
     made = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     try:
         copy_small_files(src, out / HF_META)
         tensors = (ckpt.weights.tensor(key, spec.shape) for key, spec in specs.items())
         write_safetensors(out / "model.safetensors", {k: s.shape for k, s in specs.items()}, tensors,
-                          {"fuyou_model": json.dumps(model_cfg.model_dump()), "fuyou_source": str(src.resolve())})
+                          {"fuyou_model": json.dumps(model_cfg.model_dump()), **source})
     except BaseException:  # a missing or corrupt tensor: nothing half-written is left to block a retry
         for f in [out] if made else list(out.iterdir()):
             if f.is_dir():

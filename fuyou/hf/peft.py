@@ -288,7 +288,9 @@ def _peft_matmuls(conf: dict, family: str, layers: list[int], path) -> list[str]
 
 def hf_base_name(base: Path | None) -> str | None:
     """What ``base_model_name_or_path`` can name: a Hugging Face directory, or the one a ``fuyou import``
-    directory was converted from (its weights are that model's)."""
+    directory was converted from (its weights are that model's) while its weights are still the ones
+    imported (their fingerprint, recorded by imports since 2026-12-05: a changed source was named in
+    silence, and PEFT loaded the adapter onto other weights)."""
     if base is None:
         return None
     if (base / "config.json").is_file():
@@ -297,10 +299,24 @@ def hf_base_name(base: Path | None) -> str | None:
         from safetensors import safe_open
 
         with safe_open(str(base / "model.safetensors"), framework="pt") as f:
-            src = (f.metadata() or {}).get("fuyou_source")
+            meta = f.metadata() or {}
+        src = meta.get("fuyou_source")
         if src and (Path(src) / "config.json").is_file():
-            return src
+            was = meta.get("fuyou_source_fingerprint")
+            return src if was is None or base_fingerprint(Path(src)) == was else None
     return None
+
+
+def source_changed(base: Path | None) -> str | None:
+    """The Hugging Face directory a ``fuyou import`` directory ``base`` was converted from, when its weights
+    are no longer the ones imported (None otherwise)."""
+    if base is None or not (base / "model.safetensors").is_file() or (base / "config.json").is_file():
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(base / "model.safetensors"), framework="pt") as f:
+        src = (f.metadata() or {}).get("fuyou_source")
+    return src if src and (Path(src) / "config.json").is_file() and hf_base_name(base) is None else None
 
 
 def write_peft_adapter(run_dir: str | Path, out_dir: str | Path, dtype: str = "fp32",
@@ -315,6 +331,7 @@ def write_peft_adapter(run_dir: str | Path, out_dir: str | Path, dtype: str = "f
     keys, targets = peft_names(adapters)
     base_name = hf_base_name(adapters.base)
     changed = base_changed(run, adapters.base)
+    moved = source_changed(adapters.base) if adapters.base is not None and adapters.base.exists() else None
     if adapters.base is not None and not adapters.base.exists():
         base_name = str(adapters.base)  # as recorded: the adapter still names the base it was trained for
         print(f"fuyou: note: the run's base model {adapters.base} is gone: the adapter names it as recorded, and its "
@@ -323,6 +340,10 @@ def write_peft_adapter(run_dir: str | Path, out_dir: str | Path, dtype: str = "f
     elif changed:
         print(f"fuyou: note: {changed}: the adapter names that directory, whose weights are not the ones it was "
               f"trained for; load it onto the original base", file=stream or sys.stderr)
+    elif moved:
+        print(f"fuyou: note: {moved}, which {adapters.base} was imported from, holds other weights now: the adapter "
+              f"names no base model; load it onto the base exported with `fuyou export {adapters.base}`, or export "
+              f"with --merge", file=stream or sys.stderr)
     elif base_name is None:
         what = f"{adapters.base} is a fuyou directory" if adapters.base else "the run trained on a random base"
         print(f"fuyou: note: {what}, not a Hugging Face model: the adapter names no base model; load it onto "

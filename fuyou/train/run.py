@@ -102,6 +102,37 @@ def save_snapshot(run_dir: Path, trainer, cfg: FuyouConfig, steps: int) -> Path:
     return final
 
 
+def set_aside_finished_weights(run_dir: Path, step: int, cfg: FuyouConfig) -> Path | None:
+    """A finished run whose state was kept (``offload.keep_state``), resumed to train on from ``step``: the
+    weights it finished with (model.safetensors, or adapter.safetensors) become the snapshot of that step.
+    Left in the run directory, `fuyou export` (and ``--init-from`` of the run) took them for the run's
+    weights after it had trained on and stopped, in silence (a new-user pass). Moved in (renames on one file
+    system), the snapshot's config.toml first: a crash in between leaves the rest where the next resume
+    finds it. Returns the snapshot, or None when there was nothing to keep."""
+    import os
+
+    names = [f for f in ("model.safetensors", ADAPTER_FILE) if (run_dir / f).is_file()]
+    if not names:
+        return None
+    root = run_dir / "snapshots"
+    final = root / f"step-{step:06d}"
+    if not final.is_dir():
+        import shutil
+
+        tmp = root / f".step-{step:06d}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        snap_cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"init_from": str(run_dir.resolve())})})
+        (tmp / "config.toml").write_text(to_toml(snap_cfg))
+        tmp.rename(final)
+    for f in names:
+        if (final / f).is_file():  # (a snapshot of that step already holds the same weights)
+            (run_dir / f).unlink()
+        else:
+            os.replace(run_dir / f, final / f)
+    return final
+
+
 def snapshot_dirs(root: Path) -> list[Path]:
     """The run's snapshots ``step-N`` in step order (by number: names sorted as text put step-1000000
     before step-999999)."""

@@ -557,3 +557,32 @@ def test_a_stopped_export_or_save_leaves_nothing_that_passes_for_whole(tmp_path)
     (run / f"model.safetensors.tmp.{host}.4194303").write_bytes(b"x")  # above the largest Linux PID: no writer
     write_safetensors(run / "model.safetensors", {"a": (2,)}, [torch.ones(2)])
     assert sorted(p.name for p in run.iterdir()) == ["model.safetensors"]
+
+
+def test_damaged_weights_are_not_exported_and_a_stopped_in_memory_run_names_its_snapshot(tmp_path, capsys):
+    """A model.safetensors with a few bytes overwritten exported NaN weights without a word; an in-memory
+    run stopped by a signal (its weights kept as a snapshot, which its stop message names) was "nothing of
+    it was kept" to `fuyou export` (a new-user pass)."""
+    pytest.importorskip("transformers")
+    from safetensors.torch import load_file
+
+    args = ["train", "--out", str(tmp_path / "runs"), "model.preset=gpt-test", "data.seq_len=32", "train.steps=2",
+            "train.micro_batch_size=2", "train.eval_every=0"]
+    assert main([*args, "run.name=a"]) == 0
+    run = tmp_path / "runs" / "a"
+    from safetensors import safe_open
+
+    with safe_open(str(run / "model.safetensors"), framework="pt") as f:
+        meta = f.metadata()
+    w = load_file(str(run / "model.safetensors"))
+    key = sorted(w)[0]
+    w[key][0] = float("nan")
+    save_file(w, str(run / "model.safetensors"), metadata=meta)
+    capsys.readouterr()
+    assert main(["export", str(run), "--out", str(tmp_path / "out")]) == 2
+    assert f"{key} holds non-finite values" in capsys.readouterr().err
+    # an in-memory run stopped after its snapshot: the snapshot is named
+    assert main([*args, "run.name=b", "run.save_weights=false", "train.save_every=1"]) == 0
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "runs" / "b"), "--out", str(tmp_path / "out2")]) == 2
+    assert f"fuyou export {tmp_path / 'runs' / 'b' / 'snapshots' / 'step-000001'}" in capsys.readouterr().err

@@ -139,9 +139,12 @@ def test_fuyou_lora_trains_as_peft(hf_models, tmp_path, case):
         assert any((b.targets == -100).any() for b in batches)
 
     for k, v in trainer.adapter_state().items():
-        # relative to the tensor's scale: an element near zero is as far off as any other (measured <= 5.5e-6)
+        # relative to the tensor's scale: an element near zero is as far off as any other. Measured <= 5.5e-6,
+        # and 3.0e-5 once the held-out examples were chosen by content (other training examples): AdamW's
+        # m / sqrt(v) magnifies the two implementations' rounding where a gradient is small, so the bound is
+        # 1e-4 of the scale (the losses and norms above agree to 1e-5 at every step)
         diff = float((params[peft_key(family, k)].detach() - v).abs().max())
-        assert diff <= 1e-5 * float(v.abs().max()), (k, diff)
+        assert diff <= 1e-4 * float(v.abs().max()), (k, diff)
         assert float((v - start[k]).abs().max()) > 1e-3, k  # every adapter trained
 
 
@@ -239,6 +242,27 @@ def test_auto_peft_model_finds_the_base_through_a_fuyou_import(hf_models, tmp_pa
     ours, _ = fuyou_lora_logits(run, open_checkpoint(imported).init_values, x, adapters=bf16)
     with torch.no_grad():
         torch.testing.assert_close(model(x).logits.float(), ours, rtol=0, atol=1e-4)
+
+
+def test_an_imported_base_whose_source_changed_is_not_named(hf_models, tmp_path, capsys):
+    """The adapter of a run over a `fuyou import` directory named the Hugging Face source even after that
+    source's weights had changed: PEFT then loaded it onto other weights (a new-user pass: logits off by 11)."""
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(hf_models["gpt2"], src)
+    imported = tmp_path / "imported"
+    assert main(["import", str(src), "--out", str(imported)]) == 0
+    run = lora_train(tmp_path, ["--config", str(imported / "config.toml")], "lora.targets=all-linear")
+    weights = load_file(str(src / "model.safetensors"))
+    from safetensors.torch import save_file
+
+    save_file({k: v + 0.5 for k, v in weights.items()}, str(src / "model.safetensors"), metadata={"format": "pt"})
+    capsys.readouterr()
+    assert main(["export", str(run), "--out", str(tmp_path / "adapter")]) == 0
+    err = capsys.readouterr().err
+    assert f"{src.resolve()}, which {imported} was imported from, holds other weights now" in err, err
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] is None
 
 
 def test_merge_of_a_lora_run_on_a_random_base(tmp_path, capsys):
@@ -513,3 +537,32 @@ def test_lora_settings_without_a_rank_are_refused():
     load_config(overrides=["lora.rank=0"])  # LoRA off, said plainly
     # ... as a config file keeps its [lora] for later, and as a run's saved config.toml says it
     assert not load_config(overrides=["lora.rank=0", "lora.alpha=32", "lora.targets=[q_proj]"]).lora.enabled
+
+
+FULL_DISK_EXPORT = """
+import resource, signal, sys
+from fuyou.cli import main
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (2048, resource.RLIM_INFINITY))
+sys.exit(main(["export", *sys.argv[1:]]))
+"""
+
+
+@pytest.mark.parametrize("merge", [False, True])
+def test_an_export_onto_a_full_disk_is_a_sentence_and_leaves_nothing(hf_models, tmp_path, merge):
+    """A full disk under --out gave a traceback (safetensors' error, or OSError), and a PEFT adapter export
+    left its tokenizer files and a 0-byte one behind, which the retry then refused as "not empty" (a
+    new-user pass). Files are capped at 2 KiB here (RLIMIT_FSIZE: the writes fail as on a full disk)."""
+    import subprocess
+    import sys
+
+    run = lora_train(tmp_path, ["--init-from", str(hf_models["gpt2"])], "lora.targets=all-linear")
+    for out in (tmp_path / "new", tmp_path / "empty"):
+        if out.name == "empty":
+            out.mkdir()
+        r = subprocess.run([sys.executable, "-c", FULL_DISK_EXPORT, str(run), "--out", str(out),
+                            *(["--merge"] if merge else [])], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert f"writing the export to {out} failed" in r.stderr and "export again" in r.stderr, r.stderr
+        assert (not out.exists()) if out.name == "new" else list(out.iterdir()) == []
+    assert main(["export", str(run), "--out", str(tmp_path / "empty"), *(["--merge"] if merge else [])]) == 0

@@ -612,3 +612,38 @@ def test_a_renamed_finished_run_that_kept_its_state_is_told_so(tmp_path, capsys)
     assert main(["train", "--resume", str(moved), "train.steps=3"]) == 2
     err = capsys.readouterr().err
     assert "kept.fuyou-state (the run directory was named 'kept')" in err and "old name back" in err, err
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_a_finished_run_resumed_and_stopped_exports_its_last_commit_not_its_old_weights(tmp_path, lora):
+    """A run that finished with offload.keep_state=true, resumed to train on and killed, exported the
+    model.safetensors of its first finish, in silence (a new-user pass: logits off by 9). The weights it
+    finished with become the snapshot of that step when it is resumed; the export then reads the commit."""
+    pytest.importorskip("transformers")
+    from fuyou.train.run import export_run_dir as export_run
+    from fuyou.train.loop import run_training
+
+    name = "adapter.safetensors" if lora else "model.safetensors"
+    extra = ["train.lr_schedule=constant", "train.warmup_steps=0",  # (the same learning rates whatever the steps)
+             *(["lora.rank=4", "model.preset=llama-test", "model.n_layer=4"] if lora else [])]
+    first = run_training(ssd_cfg(tmp_path, "train.steps=2", "run.name=kept", "offload.keep_state=true",
+                                 "offload.commit_every=1", *extra))
+    old = load_safetensors(first.run_dir / name)
+    env = {**{k: v for k, v in os.environ.items() if k != "FUYOU_FAULT"}, "FUYOU_FAULT": "forward@4"}
+    r = subprocess.run([sys.executable, "-m", "fuyou.cli", "train", "--resume", str(first.run_dir), "train.steps=6"],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode != 0 and f"are kept as {first.run_dir / 'snapshots' / 'step-000002'}" in r.stderr, r.stderr
+    assert not (first.run_dir / name).exists()
+    kept = load_safetensors(first.run_dir / "snapshots" / "step-000002" / name)
+    assert all(torch.equal(old[k], kept[k]) for k in old)
+    from fuyou.engine.commit import RECORD
+
+    step = json.loads((tmp_path / "ssd" / "kept.fuyou-state" / RECORD).read_text())["step"]
+    assert step >= 3  # (trained past the first finish)
+    ref = run_training(ssd_cfg(tmp_path, f"train.steps={step}", "run.name=ref", *extra))
+    export_run(first.run_dir, tmp_path / "a")  # the last commit
+    export_run(ref.run_dir, tmp_path / "b")
+    out = "adapter_model.safetensors" if lora else "model.safetensors"
+    a, b = load_safetensors(tmp_path / "a" / out), load_safetensors(tmp_path / "b" / out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    export_run(first.run_dir / "snapshots" / "step-000002", tmp_path / "c")  # the first finish, still exportable
