@@ -63,13 +63,13 @@ def tokenize_documents(docs, tokenizer_spec: str, val_fraction: float) -> TokenD
 
 def tokenize_records(paths: list[str], tokenizer_spec: str, fmt: str = "auto", train_on_prompt: bool = False,
                      val_fraction: float = 0.05, text_field: str = "text", eval_paths: list[str] | None = None,
-                     note_overlap: bool = True) -> TokenData | ExampleData:
+                     note_overlap: bool = True, split: str = "content") -> TokenData | ExampleData:
     """Read and tokenize files: plain documents become a token stream (``TokenData``), fine-tuning
     records become examples with a loss mask (``ExampleData``). The kind is the first record's format
     (or ``fmt``); every file must hold the same kind. ``eval_paths``: held-out files, else
     ``val_fraction`` of the documents' tokens (the tail of a seeded shuffle of them) or of the examples
-    (``held_out``: by their content); ``note_overlap``: say so when those
-    are (in) the training files."""
+    (``held_out``: by their content; ``split="shuffle"``: a seeded shuffle of them, as runs started before
+    2026-12-05 chose them, for their resumes); ``note_overlap``: say so when those are (in) the training files."""
     from fuyou.data.dataset import TokenData, join_tokens, split_tokens, token_dtype
     from fuyou.data.examples import ExampleData, Examples
 
@@ -106,6 +106,11 @@ def tokenize_records(paths: list[str], tokenizer_spec: str, fmt: str = "auto", t
         held = list(rendered)  # the same files (held-out files of prepared data): rendered once, counted once
     elif eval_paths:
         held = _render_all(renderer, iter_records(eval_paths, text_field), first, head[1], text_field)
+    elif split == "shuffle":  # (fuyou before 2026-12-05: kept for the resumes of runs it started)
+        order = np.random.default_rng(1234).permutation(len(rendered))
+        n_val = max(1, int(round(len(rendered) * val_fraction))) if len(rendered) > 1 and val_fraction else 0
+        held = [rendered[i] for i in sorted(order[:n_val])]
+        rendered = [rendered[i] for i in sorted(order[n_val:])]
     else:
         out = held_out(rendered, val_fraction)
         held = [r for r, o in zip(rendered, out) if o]
@@ -237,8 +242,8 @@ def read_data(path: str | Path) -> TokenData | ExampleData:
     return read_prepared(p)
 
 
-def load_data(cfg: DataConfig, tokenizer: str | None = None,
-              check_prepared: bool = True) -> TokenData | ExampleData | None:
+def load_data(cfg: DataConfig, tokenizer: str | None = None, check_prepared: bool = True,
+              split: str = "content") -> TokenData | ExampleData | None:
     """Tokens or examples for ``cfg`` (None for synthetic data, which needs no tokens). ``tokenizer``:
     the resolved ``data.tokenizer`` (``resolve_tokenizer``). ``check_prepared``: refuse settings prepared
     data fixed (``_check_prepared_settings``; a resume keeps the run's own config, whatever it says)."""
@@ -271,7 +276,7 @@ def load_data(cfg: DataConfig, tokenizer: str | None = None,
     if cfg.source == "builtin":
         return tokenize_documents(builtin_documents(), spec, cfg.val_fraction)
     data = tokenize_records(cfg.path, spec, cfg.format, bool(cfg.train_on_prompt), cfg.val_fraction, cfg.jsonl_field,
-                            cfg.eval_path or None)
+                            cfg.eval_path or None, split=split)
     if isinstance(data, ExampleData):
         print(f"fuyou: data: {data.summary()}", file=sys.stderr)
     return data

@@ -49,9 +49,10 @@ class RunResult:
     # `fuyou train ... && fuyou export ...` must not export a half-trained model)
 
 
-def build_trainer(cfg: FuyouConfig, run_name: str, resume: bool = False) -> Trainer:
+def build_trainer(cfg: FuyouConfig, run_name: str, resume: bool = False, split: str = "content") -> Trainer:
     """The trainer for ``cfg``: the in-memory reference, or the engine (with data parallelism, this rank's
-    share of the machine's budgets and its own state: fuyou/distributed.py)."""
+    share of the machine's budgets and its own state: fuyou/distributed.py). ``split``: how fine-tuning
+    examples are held out (``fuyou.data.tokenize_records``; a resume keeps its run's)."""
     if cfg.train.epochs is not None and cfg.data.source == "synthetic":
         raise ConfigError("train.epochs needs real data (synthetic data has no epochs); give train.steps")
     init_values = None  # seeded random init
@@ -71,7 +72,7 @@ def build_trainer(cfg: FuyouConfig, run_name: str, resume: bool = False) -> Trai
     dist = distributed.current()
     # The engine loads the data once its memory plan has passed: a budget that cannot fit is refused
     # before a large dataset is tokenized. (rank_config shares cfg.train, so the epochs' steps reach it.)
-    return Engine(dist.rank_config(cfg), lambda: load_training_data(cfg, resume),
+    return Engine(dist.rank_config(cfg), lambda: load_training_data(cfg, resume, split),
                   store_name=dist.store_name(state_name(run_name)), resume=resume, init_values=init_values)
 
 
@@ -94,7 +95,7 @@ def data_fingerprint(cfg: FuyouConfig) -> dict:
     return {"files": [one(Path(p)) for p in paths], "steps": cfg.train.steps if cfg.train.epochs is not None else None}
 
 
-def _data_files_change(cfg: FuyouConfig, then: list, now: list) -> str:
+def _data_files_change(cfg: FuyouConfig, then: list, now: list, split: str = "content") -> str:
     """``data_fingerprint``'s figures that changed, in words (the raw lists go to resumes.jsonl)."""
     import datetime
     import itertools
@@ -110,20 +111,30 @@ def _data_files_change(cfg: FuyouConfig, then: list, now: list) -> str:
     parts = [f"{p if p is not False else 'a path no longer given'}: {words(a)} -> {words(b)}"
              for p, a, b in itertools.zip_longest(paths, then, now, fillvalue=False) if a != b]
     held = ("" if cfg.data.eval_path or not cfg.data.val_fraction or cfg.data.source == "prepared" else
-            "; of data.val_fraction's held-out share, fine-tuning examples keep their side (each is held out by its "
-            "content), and plain text's is the tail of the changed token stream: evaluation losses from before and "
-            "after this resume are not comparable")
+            "; of data.val_fraction's held-out share, " + (
+                "fine-tuning examples keep their side (each is held out by its content)" if split == "content" else
+                "fine-tuning examples are drawn again (this run started before fuyou held them out by content), "
+                "possibly among the examples trained on") + ", and plain text's is the tail of the changed token "
+            "stream: evaluation losses from before and after this resume are not comparable")
     return "the data changed since the run started (" + "; ".join(parts) + ")" + held
 
 
-def record_data(run_dir: Path, cfg: FuyouConfig, fp: dict | None = None) -> None:
+def record_data(run_dir: Path, cfg: FuyouConfig, fp: dict | None = None, split: str = "content") -> None:
     """Write ``data_fingerprint`` (``fp`` when already taken) into a resumable run's directory (SSD
-    offload, data from files)."""
+    offload, data from files), with how its fine-tuning examples are held out (``split``)."""
     import json
 
     fp = fp or data_fingerprint(cfg)
     if cfg.offload.mode == "ssd" and fp["files"]:
-        (run_dir / DATA_FILES).write_text(json.dumps(fp) + "\n")
+        (run_dir / DATA_FILES).write_text(json.dumps({**fp, "split": split}) + "\n")
+
+
+def run_split(run_dir: Path) -> str:
+    """How a run being resumed holds its fine-tuning examples out: as recorded, else as fuyou did before
+    it recorded it (a seeded shuffle): its resume keeps the run's held-out set (examples held out by their
+    content from then on would have put examples it trained on among them, in silence)."""
+    rec = _recorded_data(run_dir)
+    return rec.get("split", "shuffle") if isinstance(rec, dict) else "shuffle"
 
 
 def _recorded_data(run_dir: Path) -> dict | None:
@@ -295,11 +306,11 @@ def _absolute(paths) -> list[str]:
     return [str(Path(p).absolute()) for p in paths]
 
 
-def load_training_data(cfg: FuyouConfig, resume: bool = False):
+def load_training_data(cfg: FuyouConfig, resume: bool = False, split: str = "content"):
     """The run's tokens (None: synthetic), checked against the model's vocabulary; with ``train.epochs``,
     ``train.steps`` is set to the steps that make them (before the schedule is read). A resume does not
     refuse what its saved config says of prepared data (``fuyou.data.load_data``)."""
-    data = load_data(cfg.data, check_prepared=not resume)
+    data = load_data(cfg.data, check_prepared=not resume, split=split)
     if data is not None:
         check_tokenizer(cfg, data)
     if cfg.train.epochs is not None:  # the steps that make the epochs, from the data
@@ -382,7 +393,10 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
     if dist.is_main:
         _note_budget_beyond_memory(cfg, stream or sys.stderr)
     # refuses impossible configs (and unresumable states) before anything is written
-    trainer = build_trainer(cfg, run_path.name, resume=resume is not None)
+    split = "content"
+    if resume is not None:  # (every rank reads the run directory, as its id above; rank 0's decides)
+        split = dist.broadcast(run_split(run_path) if dist.is_main else None, "agreeing on the held-out examples")
+    trainer = build_trainer(cfg, run_path.name, resume=resume is not None, split=split)
     if resume is not None and dist.is_main and recorded is None:
         write_run_id(run_path, rid)
     _claim_state(trainer, run_path, rid)
@@ -428,10 +442,10 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
             changed["train.steps (from train.epochs)"] = (steps_then, cfg.train.steps)
     if changed is not None and dist.is_main:
         record_resume(run_path, cfg, trainer.start_step, changed)
-        record_data(run_path, cfg, data_now)
+        record_data(run_path, cfg, data_now, split)
         if changed:
             print("resumed with changes (recorded in resumes.jsonl; config.toml is now the effective config): "
-                  + ", ".join(_data_files_change(cfg, a, b) if k == "data files (size, modified)" else
+                  + ", ".join(_data_files_change(cfg, a, b, split) if k == "data files (size, modified)" else
                               f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()), file=stream or sys.stderr)
             schedule_note = _schedule_change(load_config(run_path / f"config.step-{trainer.start_step}.toml",
                                                          ["model.init_from=none"], dirs), cfg, trainer.start_step,

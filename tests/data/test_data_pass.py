@@ -322,3 +322,31 @@ def test_a_prepared_directory_among_inputs_is_named_as_such(tmp_path, capsys):
     assert main(["train", "--out", str(tmp_path / "runs"), f'data.path=["{tmp_path / "p"}","{recs}"]',
                  "model.preset=gpt-test", "data.seq_len=32", "train.steps=1"]) == 2
     assert "train on it as the only data.path" in capsys.readouterr().err
+
+
+def test_a_run_started_before_examples_were_held_out_by_content_resumes_with_its_own_split(tmp_path):
+    """Runs started before the held-out examples were chosen by content chose them by a seeded shuffle:
+    their resume keeps that choice (else examples they trained on would be held out in silence). A run
+    records its choice (data-files.json); one without it is such an earlier run."""
+    import numpy as np
+
+    from fuyou.config import load_config
+    from fuyou.data import tokenize_records
+    from fuyou.train.loop import record_data, run_split
+
+    recs = _jsonl(tmp_path / "r.jsonl", [{"prompt": f"q {i}", "completion": f" a {i}"} for i in range(50)])
+    cfg = load_config(overrides=[f"data.path={recs}"], flags={"offload.mode": "ssd", "offload.ssd_dirs": [str(tmp_path)]})
+    run = tmp_path / "run"
+    run.mkdir()
+    record_data(run, cfg)
+    assert run_split(run) == "content"
+    rec = json.loads((run / "data-files.json").read_text())
+    del rec["split"]
+    (run / "data-files.json").write_text(json.dumps(rec))
+    assert run_split(run) == "shuffle" and run_split(tmp_path / "nothing") == "shuffle"
+    old = tokenize_records([str(recs)], "byte", val_fraction=0.1, split="shuffle")
+    every = tokenize_records([str(recs)], "byte", val_fraction=0.0)
+    order = np.random.default_rng(1234).permutation(50)  # fuyou's choice before: the first 5 of this order
+    want = {every.train.tokens[every.train.offsets[i]:every.train.offsets[i + 1]].tobytes() for i in order[:5]}
+    got = {old.val.tokens[a:b].tobytes() for a, b in zip(old.val.offsets[:-1], old.val.offsets[1:])}
+    assert got == want
