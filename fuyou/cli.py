@@ -211,8 +211,10 @@ def _export(args) -> int:
         _clear_export(out, made)
         from fuyou.train.run import SaveError
 
-        raise SaveError(f"writing the export to {out} failed ({getattr(e, 'strerror', None) or e}); free space or "
-                        f"fix the disk and export again (nothing was kept in {out}; the run is unchanged)") from e
+        where = f" ({e.filename})" if isinstance(e, OSError) and e.filename else ""
+        raise SaveError(f"the export to {out} failed: {getattr(e, 'strerror', None) or e}{where}. Free space or fix "
+                        f"the disk that names (writing to {out}, or reading the run) and export again; nothing was "
+                        f"kept in {out}, and the run is unchanged") from e
     kind = " as a PEFT adapter" if "adapter_config.json" in files else " merged" if args.merge else ""
     print(f"exported {args.run_dir} to {args.out}{kind} ({args.dtype}): {', '.join(files)}")
     return 0

@@ -143,7 +143,9 @@ def held_out(examples: list[tuple[np.ndarray, np.ndarray]], fraction: float) -> 
     falls in the lowest ``fraction`` of its range. Adding or removing other records moves no example between
     the splits (a seeded shuffle of them all redrew the split, and a resume over grown data evaluated on
     examples it had trained on), and repeated examples fall on one side. About ``fraction`` of them, and at
-    least one held out and one trained on when there are two or more."""
+    least one held out and one trained on when there are two different ones: where none falls under the
+    fraction (a few examples), the lowest (with its repeats) is held out, which examples added later may
+    change."""
     import hashlib
 
     if not fraction or len(examples) < 2:
@@ -151,10 +153,12 @@ def held_out(examples: list[tuple[np.ndarray, np.ndarray]], fraction: float) -> 
     keys = [int.from_bytes(hashlib.blake2b(ids.astype(np.int64).tobytes(), digest_size=8).digest(), "little")
             for ids, _ in examples]
     out = [k < fraction * 2**64 for k in keys]
-    if not any(out):
-        out[keys.index(min(keys))] = True
+    if not any(out):  # (by key: an example's repeats go with it)
+        low = min(keys)
+        out = [k == low for k in keys]
     if all(out):
-        out[keys.index(max(keys))] = False
+        high = max(keys)
+        out = [k != high for k in keys]
     return out
 
 
@@ -256,6 +260,9 @@ def load_data(cfg: DataConfig, tokenizer: str | None = None, check_prepared: boo
         data = read_data(cfg.path[0])
         if check_prepared:
             _check_prepared_settings(cfg, data)
+            prepared = data.info.get("val_fraction") if isinstance(data, ExampleData) else data.val_fraction
+            if prepared is not None and "val_fraction" not in cfg.model_fields_set:  # the run's config says what acts
+                object.__setattr__(cfg, "val_fraction", prepared)
         if cfg.eval_path:  # held-out files, tokenized with the tokenizer the data was prepared with
             held = tokenize_records(cfg.eval_path, _eval_tokenizer(data, tokenizer, cfg.tokenizer), cfg.format,
                                     _prepared_on_prompt(data), 0.5,

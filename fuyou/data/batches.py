@@ -38,8 +38,8 @@ def make_batches(cfg, data: TokenData | ExampleData | None, quiet: bool = False)
         evals = ExampleEvalBatches(held, t.micro_batch_size, t.eval_batches) if len(held) else None
         if evals is None and not quiet:
             why = (f"no held-out example has an answer token within data.seq_len={seq}" if len(data.val) else
-                   "no example is held out (data.val_fraction=0)" if cfg.data.val_fraction == 0 else
                    "the prepared data holds no held-out example" if cfg.data.source == "prepared" else
+                   "no example is held out (data.val_fraction=0)" if cfg.data.val_fraction == 0 else
                    f"no example is held out ({len(data.train)} in all: data.val_fraction holds out none of so few)")
             print(f"fuyou: note: {why}: evaluation is off; give data.eval_path a file of examples"
                   + (" that fit, or a larger data.seq_len" if len(data.val) else ""), file=sys.stderr)

@@ -473,22 +473,22 @@ class Renderer:
         def silent(upto: int) -> bool:  # an assistant turn of weight 0 before ``upto``
             return any(m["role"] == "assistant" and not loss for m, loss in turns[:upto])
 
-        def whole() -> Rendered:  # train_on_prompt: every token of the conversation
+        def whole(upto: int) -> Rendered:  # train_on_prompt: every token of the conversation up to ``upto``
             out = Rendered()
-            out.add(self.tok.encode(render(messages, add_generation_prompt=False)), True)
+            out.add(self.tok.encode(render(messages[:upto], add_generation_prompt=False)), True)
             return out
 
         if not learnable:  # (train_on_prompt: the prompts alone carry loss)
             if silent(len(turns)):
                 return self._rewritten_weight0(where)
-            return whole()
+            return whole(len(turns))
         full = render(messages[: last + 1], add_generation_prompt=False)
         head = render(messages[:last], add_generation_prompt=True) if last else self._opening(full, messages[0], where)
-        if not full.startswith(head):
-            if self.train_on_prompt and not silent(len(turns)):
-                return whole()
+        if not full.startswith(head):  # (the turns after the last one to learn are left out, as below)
+            if self.train_on_prompt and not silent(last):
+                return whole(last + 1)
             advice = ("Set data.train_on_prompt=true (every token then carries loss), or use a prompt/completion file"
-                      if not self.train_on_prompt and not silent(len(turns)) else
+                      if not self.train_on_prompt and not silent(last) else
                       "Use a prompt/completion file, or a tokenizer whose chat template renders a conversation's "
                       "start as the conversation up to that turn does")
             raise DataError(f"{where}: the tokenizer's chat template renders the last assistant turn's prompt "

@@ -427,13 +427,6 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
                           f"{cfg.train.steps}: give train.steps of at least {trainer.start_step} (equal to end the "
                           f"run there and save its weights), or `fuyou export {run_path}` for the committed weights; "
                           f"nothing was changed")
-    if resume is not None and dist.is_main and trainer.start_step < cfg.train.steps:
-        from fuyou.train.run import set_aside_finished_weights
-
-        kept = set_aside_finished_weights(run_path, trainer.start_step, cfg)
-        if kept is not None:
-            print(f"fuyou: note: the weights the run finished with at step {trainer.start_step} are kept as {kept} "
-                  f"(`fuyou export {kept}`); the run trains on from there", file=stream or sys.stderr)
     if changed is not None:  # data that changed under the run: its batches, epochs and held-out set follow it
         if data_moved:
             changed["data files (size, modified)"] = (data_then["files"], data_now["files"])
@@ -875,7 +868,7 @@ def _loop(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, stop
         log.write({"step": t.steps, "eval_loss": last_eval, **_seen(trainer, cfg, t.steps)})
     if cfg.run.save_weights:
         if dist.is_main:  # rank 0 saves (sharded: the owners send it their stages)
-            save_weights(run_dir, trainer, cfg)  # fsynced and renamed before the SSD state may be deleted
+            save_weights(run_dir, trainer, cfg, t.steps)  # fsynced and renamed before the SSD state may be deleted
         else:
             _serve_weights(trainer)
         dist.barrier("waiting for rank 0 to save the weights")  # before any rank deletes its state

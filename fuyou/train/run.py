@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+import tomllib
 from pathlib import Path
 
 
@@ -56,20 +57,21 @@ def make_run_dir(cfg: FuyouConfig, path: Path | None = None, rid: str | None = N
 ADAPTER_FILE = "adapter.safetensors"  # LoRA's adapters (fuyou.hf.peft reads it)
 
 
-def save_weights(path: Path, trainer, cfg: FuyouConfig, run_dir: Path | None = None) -> Path:
+def save_weights(path: Path, trainer, cfg: FuyouConfig, step: int, run_dir: Path | None = None) -> Path:
     """fp32 weights by global key (shared parameters once, at their owner) into model.safetensors; with
-    LoRA, the adapters by global key into adapter.safetensors (the base is model.init_from's). ``run_dir``:
-    the run's directory when ``path`` is not it (a snapshot), for the advice of a failed write."""
+    LoRA, the adapters by global key into adapter.safetensors (the base is model.init_from's); the
+    ``step`` they are the weights of in the metadata (``weights_step``). ``run_dir``: the run's directory
+    when ``path`` is not it (a snapshot), for the advice of a failed write."""
     from fuyou.models import StageModel
 
     if cfg.lora.enabled:
-        return save_adapters(path, trainer.adapter_state(), cfg)
+        return save_adapters(path, trainer.adapter_state(), cfg, step)
 
     specs = StageModel(cfg.model).param_specs()
     chunks = trainer.master_chunks()
     try:
         return write_safetensors(path / "model.safetensors", {k: s.shape for k, s in specs.items()}, chunks,
-                                 {"fuyou_model": json.dumps(cfg.model.model_dump())})
+                                 {"fuyou_model": json.dumps(cfg.model.model_dump()), "fuyou_step": str(step)})
     except OSError as e:
         kept = (" The trained state is kept on the SSD: free space or fix the disk, then `fuyou train --resume "
                 f"{run_dir or path}` saves it." if cfg.offload.mode == "ssd" else "")
@@ -89,7 +91,7 @@ def save_snapshot(run_dir: Path, trainer, cfg: FuyouConfig, steps: int) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        save_weights(tmp, trainer, cfg, run_dir=run_dir)
+        save_weights(tmp, trainer, cfg, steps, run_dir=run_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -102,35 +104,50 @@ def save_snapshot(run_dir: Path, trainer, cfg: FuyouConfig, steps: int) -> Path:
     return final
 
 
-def set_aside_finished_weights(run_dir: Path, step: int, cfg: FuyouConfig) -> Path | None:
-    """A finished run whose state was kept (``offload.keep_state``), resumed to train on from ``step``: the
-    weights it finished with (model.safetensors, or adapter.safetensors) become the snapshot of that step.
-    Left in the run directory, `fuyou export` (and ``--init-from`` of the run) took them for the run's
-    weights after it had trained on and stopped, in silence (a new-user pass). Moved in (renames on one file
-    system), the snapshot's config.toml first: a crash in between leaves the rest where the next resume
-    finds it. Returns the snapshot, or None when there was nothing to keep."""
-    import os
+def weights_step(path: Path) -> int | None:
+    """The step whose weights a model.safetensors or adapter.safetensors fuyou saved holds (recorded since
+    2026-12-05; None before, or for a file from elsewhere)."""
+    from safetensors import safe_open
 
-    names = [f for f in ("model.safetensors", ADAPTER_FILE) if (run_dir / f).is_file()]
-    if not names:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            step = (f.metadata() or {}).get("fuyou_step")
+        return int(step) if step is not None else None
+    except (OSError, ValueError, TypeError):
         return None
-    root = run_dir / "snapshots"
-    final = root / f"step-{step:06d}"
-    if not final.is_dir():
-        import shutil
+    except Exception:  # (safetensors' own error for a damaged file: the reader that follows says so)
+        return None
 
-        tmp = root / f".step-{step:06d}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        snap_cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"init_from": str(run_dir.resolve())})})
-        (tmp / "config.toml").write_text(to_toml(snap_cfg))
-        tmp.rename(final)
-    for f in names:
-        if (final / f).is_file():  # (a snapshot of that step already holds the same weights)
-            (run_dir / f).unlink()
-        else:
-            os.replace(run_dir / f, final / f)
-    return final
+
+def newer_commit(run: Path, weights: Path) -> int | None:
+    """The step of the run's last commit when it is newer than ``weights``, the weights file in the run
+    directory; None when that file is the run's latest. A finished run whose state was kept
+    (``offload.keep_state``) and is resumed to train on keeps the weights it finished with there until it
+    finishes again: its export, after a stop, took them for the run's in silence (a new-user pass). Told by
+    the steps (the file's ``weights_step``) or, for a file without one, by which was written last (the final
+    commit is written before the weights)."""
+    from fuyou.engine.commit import RECORD
+
+    if not (run / "config.toml").is_file():
+        return None
+    try:
+        raw = tomllib.loads((run / "config.toml").read_text())
+    except (OSError, tomllib.TOMLDecodeError):
+        return None
+    off = raw.get("offload", {})
+    if off.get("mode") != "ssd":
+        return None
+    records = [Path(d) / state_name(run.name) / RECORD for d in off.get("ssd_dirs", [])]
+    record = next((r for r in records if r.is_file()), None)
+    if record is None:
+        return None
+    try:
+        step = int(json.loads(record.read_text())["step"])
+        newer = record.stat().st_mtime_ns > weights.stat().st_mtime_ns
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    mine = weights_step(weights)
+    return step if (step > mine if mine is not None else newer and step > 0) else None
 
 
 def snapshot_dirs(root: Path) -> list[Path]:
@@ -155,14 +172,16 @@ def set_aside_later_snapshots(run_dir: Path, step: int) -> list[Path]:
     return moved
 
 
-def save_adapters(path: Path, adapters: dict, cfg: FuyouConfig) -> Path:
+def save_adapters(path: Path, adapters: dict, cfg: FuyouConfig, step: int | None = None) -> Path:
     """LoRA's adapters (fp32, fuyou's keys) with the model and LoRA settings in the metadata; atomic."""
     import os
 
     from safetensors.torch import save
 
     data = save({k: v.contiguous() for k, v in adapters.items()},
-                metadata={"fuyou_model": json.dumps(cfg.model.model_dump()), "fuyou_lora": json.dumps(cfg.lora.model_dump())})
+                metadata={"fuyou_model": json.dumps(cfg.model.model_dump()),
+                          "fuyou_lora": json.dumps(cfg.lora.model_dump()),
+                          **({"fuyou_step": str(step)} if step is not None else {})})
     out, tmp = path / ADAPTER_FILE, path / f".{ADAPTER_FILE}.tmp"
     try:
         with open(tmp, "wb") as fh:
@@ -258,7 +277,9 @@ def export_run_dir(run_dir: str | Path, out_dir: str | Path, dtype: str = "fp32"
         raise ConfigError(f"--merge merges a LoRA run's adapters into its base; {run} is no LoRA run (no "
                           f"{ADAPTER_FILE}): export it without --merge")
     if (run / "model.safetensors").is_file() or not (run / "config.toml").is_file():
-        return export_run(run, out, dtype, shard_size)
+        if not (run / "model.safetensors").is_file() or newer_commit(run, run / "model.safetensors") is None:
+            return export_run(run, out, dtype, shard_size)
+        _say_newer_commit(run, "model.safetensors", stream)
     from fuyou.engine.committed import CommitMoved, CommittedWeights
 
     if out.exists() and any(out.iterdir()):
@@ -268,7 +289,9 @@ def export_run_dir(run_dir: str | Path, out_dir: str | Path, dtype: str = "fp32"
         try:
             with CommittedWeights(run) as weights:
                 state = "still training" if weights.live else "stopped"
-                print(f"fuyou: {run} has no model.safetensors ({state}): exporting its last commit (step "
+                what = ("was resumed past its model.safetensors" if (run / "model.safetensors").is_file() else
+                        "has no model.safetensors")
+                print(f"fuyou: {run} {what} ({state}): exporting its last commit (step "
                       f"{weights.step}) from the SSD state" + (UNTRAINED if weights.step == 0 else ""),
                       file=stream or sys.stderr)
                 return export_run(run, out, dtype, shard_size, weights=weights)
@@ -280,6 +303,15 @@ def export_run_dir(run_dir: str | Path, out_dir: str | Path, dtype: str = "fp32"
         except BaseException:
             _clear_out(out, created)
             raise
+
+
+def _say_newer_commit(run: Path, name: str, stream=None) -> None:
+    import sys
+
+    step = weights_step(run / name)
+    print(f"fuyou: note: {run / name} holds the weights the run finished with{f' at step {step}' if step else ''}, "
+          f"and it was resumed (offload.keep_state) and has committed later steps: its last commit is exported (the "
+          f"file is replaced when the run finishes again)", file=stream or sys.stderr)
 
 
 EXPORT_ATTEMPTS = 5
@@ -310,15 +342,18 @@ def lora_adapters(run: Path, stream=None):
     from fuyou.hf.peft import Adapters, base_path, read_adapters
 
     if (run / ADAPTER_FILE).is_file():
-        return read_adapters(run)
-    if (run / "model.safetensors").is_file() or not (run / "config.toml").is_file():
+        if newer_commit(run, run / ADAPTER_FILE) is None:
+            return read_adapters(run)
+        _say_newer_commit(run, ADAPTER_FILE, stream)
+    elif (run / "model.safetensors").is_file() or not (run / "config.toml").is_file():
         return None
     from fuyou.config import load_config
 
     cfg = load_config(run / "config.toml", ["model.init_from=none"])
     if not cfg.lora.enabled:
         return None
-    missing = f"{run} is a LoRA run without {ADAPTER_FILE} (still training, or stopped before saving its adapters)"
+    missing = (f"{run} is a LoRA run resumed past its {ADAPTER_FILE}" if (run / ADAPTER_FILE).is_file() else
+               f"{run} is a LoRA run without {ADAPTER_FILE} (still training, or stopped before saving its adapters)")
     if cfg.offload.mode != "ssd" or cfg.offload.commit != "cow":
         raise ConfigError(f"{missing} and kept no commits (offload.mode={cfg.offload.mode}, offload.commit="
                           f"{cfg.offload.commit}): export a snapshot (RUN_DIR/snapshots/step-N) if it wrote one")

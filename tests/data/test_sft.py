@@ -841,3 +841,15 @@ def test_prepared_data_records_its_held_out_share_and_takes_the_same_again(tmp_p
     load_data(DataConfig(path=[prep]))  # unset: as prepared
     with pytest.raises(DataError, match=r"data.val_fraction=0.05 \(prepared with 0.3"):
         load_data(DataConfig(path=[prep], val_fraction=0.05))
+
+
+def test_a_run_on_prepared_data_records_the_share_the_preparation_held_out(tmp_path):
+    """data.val_fraction unset over data prepared with --val-fraction 0.3: the run's config.toml said 0.05
+    (found by review)."""
+    from fuyou.cli import main
+
+    src = write_jsonl(tmp_path / "qa.jsonl", qa_records(30))
+    assert main(["data", "prepare", str(src), "--out", str(tmp_path / "p"), "--val-fraction", "0.3"]) == 0
+    assert main(["train", "--out", str(tmp_path / "runs"), f"data.path={tmp_path / 'p'}", "model.preset=gpt-test",
+                 "data.seq_len=32", "train.steps=1", "run.name=r"]) == 0
+    assert load_config(tmp_path / "runs" / "r" / "config.toml").data.val_fraction == 0.3

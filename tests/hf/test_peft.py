@@ -80,7 +80,8 @@ def train_cfg(tmp_path, src, *extra):
     data = write_records(tmp_path / "r.jsonl") if records else write_corpus(tmp_path / "c.txt")
     return load_config(overrides=[
         f"model.init_from={src}", "train.precision=fp32", "train.device=cpu", "data.source=text", f"data.path={data}",
-        "data.seq_len=24", "train.micro_batch_size=2", "train.steps=4", "train.warmup_steps=1",
+        "data.val_fraction=0.05", "data.seq_len=24", "train.micro_batch_size=2", "train.steps=4",
+        "train.warmup_steps=1",
         "train.lr_schedule=cosine", "train.min_lr_ratio=0.1", "optim.lr=5e-3", "optim.weight_decay=0.1",
         "optim.beta2=0.99", "train.grad_clip=0.5", "lora.rank=4", "lora.alpha=8", "lora.dropout=0", *extra])
 
@@ -139,10 +140,11 @@ def test_fuyou_lora_trains_as_peft(hf_models, tmp_path, case):
         assert any((b.targets == -100).any() for b in batches)
 
     for k, v in trainer.adapter_state().items():
-        # relative to the tensor's scale: an element near zero is as far off as any other. Measured <= 5.5e-6,
-        # and 3.0e-5 once the held-out examples were chosen by content (other training examples): AdamW's
-        # m / sqrt(v) magnifies the two implementations' rounding where a gradient is small, so the bound is
-        # 1e-4 of the scale (the losses and norms above agree to 1e-5 at every step)
+        # relative to the tensor's scale: an element near zero is as far off as any other. Measured <= 5.5e-6
+        # with the held-out examples drawn by a shuffle; 3.0e-5 with them drawn by content (other examples
+        # trained on), and up to 6e-4 in one element with data.val_fraction=0.15: AdamW's m / sqrt(v) magnifies
+        # the two implementations' rounding where an element's gradients are small. The losses and gradient
+        # norms above agree within 1e-5 at every step; the data is pinned (val_fraction) and the bound 1e-4.
         diff = float((params[peft_key(family, k)].detach() - v).abs().max())
         assert diff <= 1e-4 * float(v.abs().max()), (k, diff)
         assert float((v - start[k]).abs().max()) > 1e-3, k  # every adapter trained
@@ -563,6 +565,6 @@ def test_an_export_onto_a_full_disk_is_a_sentence_and_leaves_nothing(hf_models, 
         r = subprocess.run([sys.executable, "-c", FULL_DISK_EXPORT, str(run), "--out", str(out),
                             *(["--merge"] if merge else [])], capture_output=True, text=True, timeout=300)
         assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
-        assert f"writing the export to {out} failed" in r.stderr and "export again" in r.stderr, r.stderr
+        assert f"the export to {out} failed" in r.stderr and "export again" in r.stderr, r.stderr
         assert (not out.exists()) if out.name == "new" else list(out.iterdir()) == []
     assert main(["export", str(run), "--out", str(tmp_path / "empty"), *(["--merge"] if merge else [])]) == 0

@@ -511,7 +511,7 @@ def test_a_full_run_directory_gives_typed_errors_and_a_clean_log(tmp_path, monke
     snap = tmp_path / "run" / "snapshots" / ".step-000010.tmp"
     snap.mkdir(parents=True)
     with pytest.raises(SaveError, match=r"--resume .*run` saves it") as e:
-        save_weights(snap, Full(), cfg, run_dir=tmp_path / "run")
+        save_weights(snap, Full(), cfg, 10, run_dir=tmp_path / "run")
     assert ".tmp" not in str(e.value).split("--resume")[1]
     log_path = tmp_path / "run" / "metrics.jsonl"
     log_path.write_text('{"step": 1}\n{"step": 2, "lo')  # torn by a full disk
@@ -615,12 +615,14 @@ def test_a_renamed_finished_run_that_kept_its_state_is_told_so(tmp_path, capsys)
 
 
 @pytest.mark.parametrize("lora", [False, True])
-def test_a_finished_run_resumed_and_stopped_exports_its_last_commit_not_its_old_weights(tmp_path, lora):
+def test_a_finished_run_resumed_and_stopped_exports_its_last_commit_not_its_old_weights(tmp_path, lora, capsys):
     """A run that finished with offload.keep_state=true, resumed to train on and killed, exported the
-    model.safetensors of its first finish, in silence (a new-user pass: logits off by 9). The weights it
-    finished with become the snapshot of that step when it is resumed; the export then reads the commit."""
+    model.safetensors of its first finish, in silence (a new-user pass: logits off by 9). The export now
+    exports the newer commit, told by the step the file records (or, for a file from before, by which was
+    written last), and says so; the file stays (the run's finished weights until it finishes again)."""
     pytest.importorskip("transformers")
     from fuyou.train.run import export_run_dir as export_run
+    from fuyou.train.run import weights_step
     from fuyou.train.loop import run_training
 
     name = "adapter.safetensors" if lora else "model.safetensors"
@@ -628,22 +630,35 @@ def test_a_finished_run_resumed_and_stopped_exports_its_last_commit_not_its_old_
              *(["lora.rank=4", "model.preset=llama-test", "model.n_layer=4"] if lora else [])]
     first = run_training(ssd_cfg(tmp_path, "train.steps=2", "run.name=kept", "offload.keep_state=true",
                                  "offload.commit_every=1", *extra))
-    old = load_safetensors(first.run_dir / name)
+    assert weights_step(first.run_dir / name) == 2
+    export_run(first.run_dir, tmp_path / "finished")  # (finished: its file, which is the last commit too)
     env = {**{k: v for k, v in os.environ.items() if k != "FUYOU_FAULT"}, "FUYOU_FAULT": "forward@4"}
     r = subprocess.run([sys.executable, "-m", "fuyou.cli", "train", "--resume", str(first.run_dir), "train.steps=6"],
                        capture_output=True, text=True, timeout=300, env=env)
-    assert r.returncode != 0 and f"are kept as {first.run_dir / 'snapshots' / 'step-000002'}" in r.stderr, r.stderr
-    assert not (first.run_dir / name).exists()
-    kept = load_safetensors(first.run_dir / "snapshots" / "step-000002" / name)
-    assert all(torch.equal(old[k], kept[k]) for k in old)
+    assert r.returncode != 0 and (first.run_dir / name).is_file(), r.stderr
     from fuyou.engine.commit import RECORD
 
     step = json.loads((tmp_path / "ssd" / "kept.fuyou-state" / RECORD).read_text())["step"]
     assert step >= 3  # (trained past the first finish)
     ref = run_training(ssd_cfg(tmp_path, f"train.steps={step}", "run.name=ref", *extra))
-    export_run(first.run_dir, tmp_path / "a")  # the last commit
-    export_run(ref.run_dir, tmp_path / "b")
+    export_run(ref.run_dir, tmp_path / "ref")
     out = "adapter_model.safetensors" if lora else "model.safetensors"
-    a, b = load_safetensors(tmp_path / "a" / out), load_safetensors(tmp_path / "b" / out)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    export_run(first.run_dir / "snapshots" / "step-000002", tmp_path / "c")  # the first finish, still exportable
+    want = load_safetensors(tmp_path / "ref" / out)
+    capsys.readouterr()
+    export_run(first.run_dir, tmp_path / "a")  # the last commit
+    assert "holds the weights the run finished with at step 2" in capsys.readouterr().err
+    # a file from before the step was recorded: told by which was written last
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(first.run_dir / name), framework="pt") as f:
+        meta = {k: v for k, v in (f.metadata() or {}).items() if k != "fuyou_step"}
+    save_file(load_safetensors(first.run_dir / name), str(first.run_dir / name), metadata=meta)
+    state = tmp_path / "ssd" / "kept.fuyou-state" / RECORD
+    os.utime(first.run_dir / name, ns=(state.stat().st_mtime_ns - 10**9,) * 2)
+    export_run(first.run_dir, tmp_path / "b")
+    for d in ("a", "b"):
+        got = load_safetensors(tmp_path / d / out)
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got), d
+    old = load_safetensors(tmp_path / "finished" / out)
+    assert not all(torch.equal(old[k], want[k]) for k in old)
