@@ -31,7 +31,8 @@ from fuyou.engine.commit import RECORD, ResumeError, read_record, write_record
 from fuyou import distributed
 from fuyou.config import fixed_settings
 from fuyou.engine.state import TrainingState
-from fuyou.models.lora import LoRAConfig, init_adapters
+from fuyou.errors import ConfigError
+from fuyou.models.lora import LoRAConfig, init_adapters, resolve_targets
 
 STATE_FILE = "lora-state.{step}.safetensors"
 
@@ -179,8 +180,16 @@ class LoRATrainingState(TrainingState):
             raise ResumeError(f"the state in {directory} is a full fine-tuning's, not LoRA's: resume it without "
                               f"lora.* settings")
         # (a record written before a setting existed holds its default: the run had it)
-        fixed = lambda d: {k: v for k, v in {**LoRAConfig().model_dump(), **(d or {})}.items()  # noqa: E731
-                           if k != "dropout"}  # dropout may change
+        family = self.cfg.model.family
+
+        def fixed(d):  # dropout may change; the targets are the matmuls they name (q_proj or q, the default's)
+            out = {k: v for k, v in {**LoRAConfig().model_dump(), **(d or {})}.items() if k != "dropout"}
+            try:
+                out["targets"] = resolve_targets(family, out["targets"])
+            except ConfigError:
+                pass
+            return out
+
         if fixed(full.get("lora")) != fixed(self.cfg.lora.model_dump()):
             raise ResumeError(f"the adapters in {directory} were made with lora settings {full.get('lora')}; "
                               f"resume with those")

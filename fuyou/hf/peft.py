@@ -436,6 +436,10 @@ def load_peft_adapter(path: str | Path, stages, family: str, cfg) -> dict[str, T
 
     d = Path(path).expanduser()
     conf_file, weights = d / PEFT_CONFIG, d / PEFT_WEIGHTS
+    if not conf_file.is_file() and (d / "config.toml").is_file() and ((d / ADAPTER_FILE).is_file() or (
+            d / "snapshots").is_dir()):
+        raise ConfigError(f"lora.init_from={path} is a fuyou LoRA run directory: export its adapter first (`fuyou "
+                          f"export {path} --out DIR`) and give lora.init_from=DIR")
     if not conf_file.is_file() or not weights.is_file():
         raise ConfigError(f"lora.init_from={path}: not a PEFT LoRA adapter directory (it needs {PEFT_CONFIG} and "
                           f"{PEFT_WEIGHTS}: what peft's save_pretrained and `fuyou export` of a LoRA run write)")

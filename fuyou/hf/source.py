@@ -72,6 +72,10 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     if (p / "model.safetensors").is_file():
         w = FuyouWeights(p / "model.safetensors")
         return Checkpoint(p, {k: w.model[k] for k in SHAPE_FIELDS if k in w.model}, w)
+    if (p / "adapter.safetensors").is_file() and (p / "config.toml").is_file():
+        raise ConfigError(f"{p} is a LoRA run: it holds adapters, not a model. Give its base model as --init-from "
+                          f"and its adapter as lora.init_from=DIR (`fuyou export {p} --out DIR`), or export it "
+                          f"merged (`fuyou export {p} --out DIR --merge`) and give --init-from DIR")
     if any(f.suffix in WEIGHT_SUFFIXES for f in p.iterdir()):
         raise ConfigError(f"{p} has weights but no config.json; a Hugging Face model directory needs its "
                           f"config.json (fuyou imports {SUPPORTED_TEXT})")

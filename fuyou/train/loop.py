@@ -622,7 +622,18 @@ def _refuse_unlike_commit(cfg: FuyouConfig, run_path: Path) -> None:
     if not isinstance(then, dict):
         return  # a record written before records kept the settings
     now = fixed_settings(cfg)  # (settings fixed then and now: one freed, or renamed, since is not compared)
-    diff = [f"{k} = {then[k]!r} (now {now[k]!r})" for k in sorted(then.keys() & now.keys()) if now[k] != then[k]]
+
+    def same(k: str) -> bool:  # (lora.targets: the same matmuls however spelt, q_proj or q, or the default's)
+        if k == "lora.targets" and cfg.lora.enabled:
+            from fuyou.models.lora import resolve_targets
+
+            try:
+                return resolve_targets(cfg.model.family, then[k]) == resolve_targets(cfg.model.family, now[k])
+            except ConfigError:
+                return False
+        return now[k] == then[k]
+
+    diff = [f"{k} = {then[k]!r} (now {now[k]!r})" for k in sorted(then.keys() & now.keys()) if not same(k)]
     if diff:
         raise ConfigError(f"the last commit of {run_path} was made with " + ", ".join(diff) + ", which a resume "
                           f"cannot change (they fix the committed state's shape or the place in the data); "

@@ -134,7 +134,13 @@ class ReferenceTrainer:
 
     # -- the Trainer protocol (fuyou.trainer) beyond stepping and evaluating -----------------------------
     def startup_lines(self) -> list[str]:
-        return []
+        if not self.lora:
+            return []
+        n = sum(v.numel() for v in self.adapters.values())
+        base = f", over the {self.cfg.lora.base} base" if self.cfg.lora.base != "compute" else ""
+        return [f"LoRA: rank {self.cfg.lora.rank} adapters on {', '.join(self.lora)} of every block{base}, {n:,} "
+                f"trainable parameters ({100 * n / self.model.num_params:.2f}% of the {self.model.num_params:,} base "
+                f"parameters, which stay frozen)"]
 
     def step_counters(self) -> dict | None:
         return None

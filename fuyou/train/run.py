@@ -204,14 +204,25 @@ def resume_changes(saved: FuyouConfig, cfg: FuyouConfig) -> dict[str, tuple]:
     old, new = flat_settings(saved), flat_settings(cfg)
     changed = {k: (old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys())
                if old.get(k) != new.get(k) and not k.startswith(NOT_COMPARED)}
+    if "lora.targets" in changed and saved.lora.enabled and cfg.lora.enabled:  # the same matmuls, spelt otherwise
+        from fuyou.models.lora import resolve_targets
+
+        try:  # (q_proj,v_proj written out is the default's; q,v are fuyou's names for them)
+            if resolve_targets(saved.model.family, saved.lora.targets) == resolve_targets(cfg.model.family,
+                                                                                         cfg.lora.targets):
+                del changed["lora.targets"]
+        except ConfigError:
+            pass  # (refused below as a change, and by the engine as a bad value)
+    new_run = ("start a new run with lora.init_from its exported adapter (`fuyou export RUN --out DIR`), over the "
+               "same base" if saved.lora.enabled else
+               "start a new run with --init-from its run directory once it holds model.safetensors")
     moved = [k for k in changed if k in DATA_POSITION]
     if moved:  # (a new-user pass: grad_accum 1 -> 2 on resume skipped 44 of 95 examples of an epoch, saying nothing)
         raise ConfigError("a resumed run cannot change " + ", ".join(f"{k} ({changed[k][0]!r} -> {changed[k][1]!r})"
                                                                  for k in moved)
                           + ": its place in the data is counted in steps of train.grad_accum x "
                           "train.micro_batch_size rows of data.seq_len tokens, so other values would skip or repeat "
-                          "data. Resume with the run's own values (another batch: start a new run with --init-from "
-                          "its run directory once it holds model.safetensors)")
+                          f"data. Resume with the run's own values (another batch: {new_run})")
     fixed = [k for k in changed if k.startswith(FIXED_ON_RESUME)]
     if fixed:
         scale = {"lora.alpha", "lora.use_rslora"}
@@ -221,10 +232,7 @@ def resume_changes(saved: FuyouConfig, cfg: FuyouConfig) -> dict[str, tuple]:
                   else ""))
         raise ConfigError("a resumed run cannot change " + ", ".join(f"{k} ({changed[k][0]!r} -> {changed[k][1]!r})"
                                                                  for k in fixed)
-                          + f": {why}. Resume with the run's own "
-                          "values, or start a new run ("
-                          + ("lora.init_from its exported adapter, over the same base" if saved.lora.enabled
-                             else "--init-from its run directory once it holds model.safetensors") + ")")
+                          + f": {why}. Resume with the run's own values, or {new_run}")
     return changed
 
 

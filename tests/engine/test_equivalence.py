@@ -92,16 +92,21 @@ def test_state_is_on_ssd_and_removed_at_close(tmp_path):
     assert not store_dir.exists()
 
 
-def test_bf16_loss_curve_tracks_reference(tmp_path):
-    """bf16: the engine keeps bf16 weights (the reference autocasts fp32 weights), so the curves
-    differ by rounding. Stated tolerance over 50 steps: every step's loss within 1% of the
-    reference's, and the mean of the last 10 steps within 0.5% (measured: 0.15% and 0.01%)."""
+@pytest.mark.parametrize("lora", [False, True])
+def test_bf16_loss_curve_tracks_reference(tmp_path, lora):
+    """bf16: the engine keeps bf16 weights (the reference autocasts fp32 weights; with LoRA the base is
+    streamed in bf16 and its norms too), so the curves differ by rounding. Stated tolerance over 50 steps:
+    every step's loss within 1% of the reference's (LoRA: 2%), and the mean of the last 10 steps within 0.5%
+    (measured: 0.09% and 0.002%; LoRA rank 8 on every matmul at lr 1e-2: 0.89% and 0.03%, where a new-user
+    pass saw the adapters 2-3% from an fp32 run's and the reference's 0.2-0.9%: the engine's embedding, norms
+    and base are bf16 values, the reference's fp32 under autocast)."""
     cfg = make_cfg(tmp_path, "train.precision=bf16", "train.steps=50", "train.warmup_steps=5",
-                   "data.seq_len=64", "train.micro_batch_size=8", "optim.lr=2e-3")
+                   "data.seq_len=64", "train.micro_batch_size=8",
+                   *(["optim.lr=1e-2", "lora.rank=8", "lora.targets=all-linear"] if lora else ["optim.lr=2e-3"]))
     ref, eng, ref_stats, eng_stats = run_both(cfg)
     eng.close()
     r = torch.tensor([s.loss for s in ref_stats])
     e = torch.tensor([s.loss for s in eng_stats])
-    assert r[-5:].mean() < r[:5].mean() - 1.0  # it really trains
-    assert float(((e - r).abs() / r).max()) < 0.01, (r, e)
+    assert r[-5:].mean() < r[:5].mean() - (0.05 if lora else 1.0)  # it really trains (LoRA on a random base: slowly)
+    assert float(((e - r).abs() / r).max()) < (0.02 if lora else 0.01), (r, e)
     assert abs(float(e[-10:].mean() / r[-10:].mean()) - 1) < 0.005, (r, e)

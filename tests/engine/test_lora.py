@@ -294,3 +294,31 @@ def test_the_adapters_commits_count_in_the_ssd_written_figures(tmp_path):
     summary = next(x for x in lines if x.get("summary"))
     adapters = (res.run_dir / "adapter.safetensors").stat().st_size  # the adapters alone, in fp32
     assert 2 * adapters < summary["ssd_write_per_step_bytes"] < 4 * adapters  # with m and v: about 3x
+
+
+def test_lora_runs_are_named_as_such_in_messages_and_targets_compare_as_resolved(tmp_path, capsys):
+    """From a new-user pass of LoRA: a resume with another batch advised --init-from a run that never holds
+    model.safetensors; --init-from a LoRA run said "weights but no config.json"; lora.init_from of a run
+    directory was "not a PEFT adapter"; lora.targets=[q_proj,v_proj] (the default's) on resume was refused as
+    a change; an in-memory LoRA run did not say LoRA was on."""
+    from fuyou.cli import main
+
+    ssd = tmp_path / "ssd"
+    ssd.mkdir()
+    base = ["model.preset=llama-test", "data.seq_len=32", "train.micro_batch_size=2", "train.eval_every=0",
+            "lora.rank=4"]
+    assert main(["train", "--out", str(tmp_path / "runs"), "--offload", "ssd", "--ssd", str(ssd), "--cpu-mem",
+                 "256MiB", "run.name=ks", "train.steps=2", "offload.keep_state=true", *base]) == 0
+    run = tmp_path / "runs" / "ks"
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "train.steps=3", "train.grad_accum=2"]) == 2
+    err = capsys.readouterr().err
+    assert "lora.init_from its exported adapter" in err and "model.safetensors" not in err, err
+    assert main(["train", "--resume", str(run), "train.steps=3", "lora.targets=[q_proj,v_proj]"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--out", str(tmp_path / "runs"), "--init-from", str(run), "train.steps=1", *base]) == 2
+    assert "is a LoRA run: it holds adapters, not a model" in capsys.readouterr().err
+    assert main(["train", "--out", str(tmp_path / "runs"), f"lora.init_from={run}", "train.steps=1", *base]) == 2
+    assert "is a fuyou LoRA run directory: export its adapter first" in capsys.readouterr().err
+    assert main(["train", "--out", str(tmp_path / "runs"), "train.steps=1", *base]) == 0
+    assert "LoRA: rank 4 adapters on q, v of every block" in capsys.readouterr().err
