@@ -53,6 +53,18 @@ class Checkpoint:
             self.weights.check_fits(StageModel(model).param_specs(), model.tie_embeddings, self.path / "config.json")
 
 
+def _lora_run(p: Path) -> bool:
+    """A fuyou run directory of LoRA adapters (adapter.safetensors, or lora.rank in its config.toml)."""
+    if (p / "adapter.safetensors").is_file():
+        return True
+    try:
+        import tomllib
+
+        return bool(tomllib.loads((p / "config.toml").read_text()).get("lora", {}).get("rank"))
+    except (OSError, ValueError):
+        return False
+
+
 def open_checkpoint(path: str | Path) -> Checkpoint:
     """Resolve ``path`` (see the module docstring) or raise a ConfigError saying what is missing."""
     p = Path(path).expanduser()
@@ -72,7 +84,7 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     if (p / "model.safetensors").is_file():
         w = FuyouWeights(p / "model.safetensors")
         return Checkpoint(p, {k: w.model[k] for k in SHAPE_FIELDS if k in w.model}, w)
-    if (p / "adapter.safetensors").is_file() and (p / "config.toml").is_file():
+    if (p / "config.toml").is_file() and not (p / "model.safetensors").is_file() and _lora_run(p):
         raise ConfigError(f"{p} is a LoRA run: it holds adapters, not a model. Give its base model as --init-from "
                           f"and its adapter as lora.init_from=DIR (`fuyou export {p} --out DIR`), or export it "
                           f"merged (`fuyou export {p} --out DIR --merge`) and give --init-from DIR")

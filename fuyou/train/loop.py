@@ -61,6 +61,16 @@ def build_trainer(cfg: FuyouConfig, run_name: str, resume: bool = False, split: 
 
         ckpt = open_checkpoint(cfg.model.init_from)
         ckpt.check(cfg.model)  # every tensor is the model's: none dropped in silence
+        src = Path(cfg.model.init_from)
+        if (src / "model.safetensors").is_file() and distributed.current().is_main:
+            from fuyou.train.run import newer_commit, weights_step
+
+            later = newer_commit(src, src / "model.safetensors")
+            if later is not None:  # (a kept run resumed past its finish: its file is the finish's)
+                step = weights_step(src / "model.safetensors")
+                print(f"fuyou: note: --init-from {src} takes the weights it finished with"
+                      f"{f' at step {step}' if step else ''}; it was resumed since and has committed step {later} "
+                      f"(`fuyou export {src} --out DIR` exports that commit, for --init-from DIR)", file=sys.stderr)
         init_values = ckpt.init_values
     if cfg.offload.mode == "none":
         if resume:

@@ -141,6 +141,10 @@ def newer_commit(run: Path, weights: Path) -> int | None:
     record = next((r for r in records if r.is_file()), None)
     if record is None:
         return None
+    from fuyou.engine.state import owner_mismatch, run_id
+
+    if owner_mismatch(record.parent, run, run_id(run)) is not None:  # a namesake's state (its run.name)
+        return None
     try:
         step = int(json.loads(record.read_text())["step"])
         newer = record.stat().st_mtime_ns > weights.stat().st_mtime_ns
@@ -284,10 +288,12 @@ def export_run_dir(run_dir: str | Path, out_dir: str | Path, dtype: str = "fp32"
     if merge:
         raise ConfigError(f"--merge merges a LoRA run's adapters into its base; {run} is no LoRA run (no "
                           f"{ADAPTER_FILE}): export it without --merge")
+    finished = None  # the weights file a newer commit is exported over (the fallback if that cannot be read)
     if (run / "model.safetensors").is_file() or not (run / "config.toml").is_file():
         if not (run / "model.safetensors").is_file() or newer_commit(run, run / "model.safetensors") is None:
             return export_run(run, out, dtype, shard_size)
         _say_newer_commit(run, "model.safetensors", stream)
+        finished = run / "model.safetensors"
     from fuyou.engine.committed import CommitMoved, CommittedWeights
 
     if out.exists() and any(out.iterdir()):
@@ -308,6 +314,13 @@ def export_run_dir(run_dir: str | Path, out_dir: str | Path, dtype: str = "fp32"
             if attempt == EXPORT_ATTEMPTS:
                 raise
             print("fuyou: the run committed a newer step meanwhile; reading that one", file=stream or sys.stderr)
+        except FuyouError as e:
+            _clear_out(out, created)
+            if finished is None:
+                raise
+            print(f"fuyou: note: its last commit cannot be read ({e}); exporting {finished} instead",
+                  file=stream or sys.stderr)
+            return export_run(run, out, dtype, shard_size)
         except BaseException:
             _clear_out(out, created)
             raise
@@ -318,8 +331,8 @@ def _say_newer_commit(run: Path, name: str, stream=None) -> None:
 
     step = weights_step(run / name)
     print(f"fuyou: note: {run / name} holds the weights the run finished with{f' at step {step}' if step else ''}, "
-          f"and it was resumed (offload.keep_state) and has committed later steps: its last commit is exported (the "
-          f"file is replaced when the run finishes again)", file=stream or sys.stderr)
+          f"and it was resumed (offload.keep_state) and has committed later steps: its last commit is exported",
+          file=stream or sys.stderr)
 
 
 EXPORT_ATTEMPTS = 5
@@ -343,18 +356,33 @@ def _clear_out(out: Path, created: bool) -> None:
 def lora_adapters(run: Path, stream=None):
     """The adapters ``fuyou export`` writes for ``run`` (a ``fuyou.hf.peft.Adapters``), None if it is
     no LoRA run. A LoRA run stopped before it wrote ``adapter.safetensors`` exports the adapters of its
-    last commit (``fuyou.engine.lora_state``: the file the commit record names, checked by its SHA-256)."""
-    import hashlib
+    last commit (``fuyou.engine.lora_state``: the file the commit record names, checked by its SHA-256), as
+    does one resumed past the adapters it finished with (``newer_commit``)."""
     import sys
 
-    from fuyou.hf.peft import Adapters, base_path, read_adapters
+    from fuyou.hf.peft import read_adapters
 
     if (run / ADAPTER_FILE).is_file():
         if newer_commit(run, run / ADAPTER_FILE) is None:
             return read_adapters(run)
         _say_newer_commit(run, ADAPTER_FILE, stream)
-    elif (run / "model.safetensors").is_file() or not (run / "config.toml").is_file():
+        try:
+            return _committed_adapters(run, stream)
+        except ConfigError as e:  # (a damaged commit: the finished adapters are still there)
+            print(f"fuyou: note: its last commit cannot be read ({e}); exporting {run / ADAPTER_FILE} instead",
+                  file=stream or sys.stderr)
+            return read_adapters(run)
+    if (run / "model.safetensors").is_file() or not (run / "config.toml").is_file():
         return None
+    return _committed_adapters(run, stream)
+
+
+def _committed_adapters(run: Path, stream=None):
+    """``lora_adapters`` of the run's last commit (None: no LoRA run)."""
+    import hashlib
+    import sys
+
+    from fuyou.hf.peft import Adapters, base_path
     from fuyou.config import load_config
 
     cfg = load_config(run / "config.toml", ["model.init_from=none"])

@@ -314,6 +314,9 @@ def test_lora_runs_are_named_as_such_in_messages_and_targets_compare_as_resolved
     assert main(["train", "--resume", str(run), "train.steps=3", "train.grad_accum=2"]) == 2
     err = capsys.readouterr().err
     assert "lora.init_from its exported adapter" in err and "model.safetensors" not in err, err
+    for other in ("lora.targets=[q_proj]", "lora.targets=all-linear"):  # other matmuls: still refused
+        assert main(["train", "--resume", str(run), "train.steps=3", other]) == 2
+        assert "lora.targets" in capsys.readouterr().err
     assert main(["train", "--resume", str(run), "train.steps=3", "lora.targets=[q_proj,v_proj]"]) == 0
     capsys.readouterr()
     assert main(["train", "--out", str(tmp_path / "runs"), "--init-from", str(run), "train.steps=1", *base]) == 2
