@@ -114,8 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--train-on-prompt", action="store_true", help="loss on prompts and user turns too")
     prep.add_argument("--eval", action="append", metavar="PATH",
                       help="a held-out file or directory, instead of --val-fraction (repeat it for several)")
-    prep.add_argument("--val-fraction", type=float, default=0.05, help="share held out (of tokens for text, "
-                      "of examples for fine-tuning records)")
+    prep.add_argument("--val-fraction", type=float, default=0.05, help="share held out (of tokens for text; of "
+                      "examples for fine-tuning records, each by its content: about that share, repeats together)")
     prep.add_argument("--jsonl-field", default="text", help="field with the text in JSON lines of plain text")
     prep.set_defaults(func=_prepare)
     add_planner_parsers(sub)
