@@ -52,8 +52,9 @@ class CommittedWeights:
         check_reshard_pending(run_dir)
         cfg = load_config(run_dir / "config.toml", ["model.init_from=none"])
         if cfg.offload.mode != "ssd":
-            snaps = sorted((p for p in (run_dir / "snapshots").glob("step-*") if p.is_dir() and p.name[5:].isdigit()),
-                           key=lambda p: int(p.name[5:]))  # (as fuyou.train.run.snapshot_dirs: train imports this)
+            from fuyou.engine.state import snapshot_dirs
+
+            snaps = snapshot_dirs(run_dir / "snapshots")
             kept = (f"its last snapshot is {snaps[-1]} (a stopped in-memory run keeps its weights there): `fuyou "
                     f"export {snaps[-1]}`" if snaps else "nothing of it was kept; export a finished run")
             raise ConfigError(f"{run_dir} has no model.safetensors and trained in memory (offload.mode="

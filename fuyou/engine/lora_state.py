@@ -31,8 +31,7 @@ from fuyou.engine.commit import RECORD, ResumeError, read_record, write_record
 from fuyou import distributed
 from fuyou.config import fixed_settings
 from fuyou.engine.state import TrainingState
-from fuyou.errors import ConfigError
-from fuyou.models.lora import LoRAConfig, init_adapters, resolve_targets
+from fuyou.models.lora import LoRAConfig, init_adapters, same_targets
 
 STATE_FILE = "lora-state.{step}.safetensors"
 
@@ -180,17 +179,9 @@ class LoRATrainingState(TrainingState):
             raise ResumeError(f"the state in {directory} is a full fine-tuning's, not LoRA's: resume it without "
                               f"lora.* settings")
         # (a record written before a setting existed holds its default: the run had it)
-        family = self.cfg.model.family
-
-        def fixed(d):  # dropout may change; the targets are the matmuls they name (q_proj or q, the default's)
-            out = {k: v for k, v in {**LoRAConfig().model_dump(), **(d or {})}.items() if k != "dropout"}
-            try:
-                out["targets"] = resolve_targets(family, out["targets"])
-            except ConfigError:
-                pass
-            return out
-
-        if fixed(full.get("lora")) != fixed(self.cfg.lora.model_dump()):
+        then, now = {**LoRAConfig().model_dump(), **(full.get("lora") or {})}, self.cfg.lora.model_dump()
+        fixed = lambda d: {k: v for k, v in d.items() if k not in ("dropout", "targets")}  # noqa: E731 (may change)
+        if fixed(then) != fixed(now) or not same_targets(self.cfg.model.family, then["targets"], now["targets"]):
             raise ResumeError(f"the adapters in {directory} were made with lora settings {full.get('lora')}; "
                               f"resume with those")
         path = directory / name

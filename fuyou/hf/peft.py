@@ -47,7 +47,7 @@ except ModuleNotFoundError:  # Python 3.10
 
 from fuyou.errors import ConfigError
 from fuyou.hf.export import DTYPES, refuse_nonempty, save_atomic
-from fuyou.hf.source import copy_small_files, hf_files_dir, snapshot_run
+from fuyou.hf.source import copy_small_files, hf_files_dir, lora_run, snapshot_run
 from fuyou.hf.weights import hf_name
 
 ADAPTER_FILE = "adapter.safetensors"  # as fuyou.train.run.save_adapters names it
@@ -286,12 +286,6 @@ def _peft_matmuls(conf: dict, family: str, layers: list[int], path) -> list[str]
     return chosen
 
 
-def _is_lora_run(d: Path) -> bool:
-    """Whether ``d`` is a fuyou run directory (or a snapshot of one) that trained LoRA adapters."""
-    return (d / ADAPTER_FILE).is_file() or bool(_run_config(d).get("lora", {}).get("rank")) if (
-        d / "config.toml").is_file() else False
-
-
 def hf_base_name(base: Path | None) -> str | None:
     """What ``base_model_name_or_path`` can name: a Hugging Face directory, or the one a ``fuyou import``
     directory was converted from (its weights are that model's) while its weights are still the ones
@@ -442,7 +436,7 @@ def load_peft_adapter(path: str | Path, stages, family: str, cfg) -> dict[str, T
 
     d = Path(path).expanduser()
     conf_file, weights = d / PEFT_CONFIG, d / PEFT_WEIGHTS
-    if not conf_file.is_file() and _is_lora_run(d):
+    if not conf_file.is_file() and (d / "config.toml").is_file() and lora_run(d):
         raise ConfigError(f"lora.init_from={path} is a fuyou LoRA run directory: export its adapter first (`fuyou "
                           f"export {path} --out DIR`) and give lora.init_from=DIR")
     if not conf_file.is_file() or not weights.is_file():

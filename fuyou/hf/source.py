@@ -53,8 +53,9 @@ class Checkpoint:
             self.weights.check_fits(StageModel(model).param_specs(), model.tie_embeddings, self.path / "config.json")
 
 
-def _lora_run(p: Path) -> bool:
-    """A fuyou run directory of LoRA adapters (adapter.safetensors, or lora.rank in its config.toml)."""
+def lora_run(p: Path) -> bool:
+    """A fuyou run directory of LoRA adapters (adapter.safetensors, or lora.rank in its config.toml; a
+    stopped one may have no adapter file yet)."""
     if (p / "adapter.safetensors").is_file():
         return True
     try:
@@ -84,7 +85,7 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     if (p / "model.safetensors").is_file():
         w = FuyouWeights(p / "model.safetensors")
         return Checkpoint(p, {k: w.model[k] for k in SHAPE_FIELDS if k in w.model}, w)
-    if (p / "config.toml").is_file() and not (p / "model.safetensors").is_file() and _lora_run(p):
+    if (p / "config.toml").is_file() and not (p / "model.safetensors").is_file() and lora_run(p):
         raise ConfigError(f"{p} is a LoRA run: it holds adapters, not a model. Give its base model as --init-from "
                           f"and its adapter as lora.init_from=DIR (`fuyou export {p} --out DIR`), or export it "
                           f"merged (`fuyou export {p} --out DIR --merge`) and give --init-from DIR")

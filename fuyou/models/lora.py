@@ -148,6 +148,16 @@ def resolve_targets(family: str, targets: list[str] | None) -> list[str]:
     return [n for n in ALL_LINEAR[family] if n in chosen]
 
 
+def same_targets(family: str, a: list[str] | None, b: list[str] | None) -> bool:
+    """Whether two ``lora.targets`` values adapt the same matmuls however spelt (``q_proj`` or ``q``, the
+    default's written out, ``all-linear`` or its list): what a resume compares. Values that resolve to
+    nothing valid are compared as written."""
+    try:
+        return resolve_targets(family, a) == resolve_targets(family, b)
+    except ConfigError:
+        return a == b
+
+
 NOT_BLOCK_MATMULS = {"lm_head", "embed_tokens", "wte", "wpe", "embed_out", "score"}
 
 

@@ -633,14 +633,11 @@ def _refuse_unlike_commit(cfg: FuyouConfig, run_path: Path) -> None:
         return  # a record written before records kept the settings
     now = fixed_settings(cfg)  # (settings fixed then and now: one freed, or renamed, since is not compared)
 
-    def same(k: str) -> bool:  # (lora.targets: the same matmuls however spelt, q_proj or q, or the default's)
+    def same(k: str) -> bool:
         if k == "lora.targets" and cfg.lora.enabled:
-            from fuyou.models.lora import resolve_targets
+            from fuyou.models.lora import same_targets
 
-            try:
-                return resolve_targets(cfg.model.family, then[k]) == resolve_targets(cfg.model.family, now[k])
-            except ConfigError:
-                return False
+            return same_targets(cfg.model.family, then[k], now[k])
         return now[k] == then[k]
 
     diff = [f"{k} = {then[k]!r} (now {now[k]!r})" for k in sorted(then.keys() & now.keys()) if not same(k)]

@@ -8,7 +8,7 @@ import tomllib
 from pathlib import Path
 
 
-from fuyou.engine.state import write_run_id
+from fuyou.engine.state import snapshot_dirs, write_run_id
 from fuyou.config import DATA_POSITION, FIXED_ON_RESUME, NOT_COMPARED, FuyouConfig, flat_settings, to_toml
 from fuyou.engine.commit import state_name
 from fuyou.errors import ConfigError, FuyouError
@@ -113,9 +113,7 @@ def weights_step(path: Path) -> int | None:
         with safe_open(str(path), framework="pt") as f:
             step = (f.metadata() or {}).get("fuyou_step")
         return int(step) if step is not None else None
-    except (OSError, ValueError, TypeError):
-        return None
-    except Exception:  # (safetensors' own error for a damaged file: the reader that follows says so)
+    except Exception:  # (unreadable, or safetensors' own error for a damaged file: the reader that follows says so)
         return None
 
 
@@ -152,13 +150,6 @@ def newer_commit(run: Path, weights: Path) -> int | None:
         return None
     mine = weights_step(weights)
     return step if (step > mine if mine is not None else newer and step > 0) else None
-
-
-def snapshot_dirs(root: Path) -> list[Path]:
-    """The run's snapshots ``step-N`` in step order (by number: names sorted as text put step-1000000
-    before step-999999)."""
-    found = [p for p in root.glob("step-*") if p.is_dir() and p.name[5:].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[5:]))
 
 
 def set_aside_later_snapshots(run_dir: Path, step: int) -> list[Path]:
@@ -208,15 +199,11 @@ def resume_changes(saved: FuyouConfig, cfg: FuyouConfig) -> dict[str, tuple]:
     old, new = flat_settings(saved), flat_settings(cfg)
     changed = {k: (old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys())
                if old.get(k) != new.get(k) and not k.startswith(NOT_COMPARED)}
-    if "lora.targets" in changed and saved.lora.enabled and cfg.lora.enabled:  # the same matmuls, spelt otherwise
-        from fuyou.models.lora import resolve_targets
+    if "lora.targets" in changed and saved.lora.enabled and cfg.lora.enabled:
+        from fuyou.models.lora import same_targets
 
-        try:  # (q_proj,v_proj written out is the default's; q,v are fuyou's names for them)
-            if resolve_targets(saved.model.family, saved.lora.targets) == resolve_targets(cfg.model.family,
-                                                                                         cfg.lora.targets):
-                del changed["lora.targets"]
-        except ConfigError:
-            pass  # (refused below as a change, and by the engine as a bad value)
+        if same_targets(saved.model.family, saved.lora.targets, cfg.lora.targets):  # (the same matmuls)
+            del changed["lora.targets"]
     new_run = ("start a new run with lora.init_from its exported adapter (`fuyou export RUN --out DIR`), over the "
                "same base" if saved.lora.enabled else
                "start a new run with --init-from its run directory once it holds model.safetensors")
