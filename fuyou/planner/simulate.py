@@ -124,33 +124,48 @@ class _Graph:
         for i, t in enumerate(tasks):
             for d in t.deps:
                 users[d].append(i)
-        heaps: dict[str, list] = {}
-        free: dict[str, float] = {}
-        for i, t in enumerate(tasks):
-            heaps.setdefault(t.queue, [])
-            free.setdefault(t.queue, 0.0)
+        # each queue's waiting tasks by (ready, index); ``cand`` holds each queue's earliest start
+        # (max of its free time and its first task's ready time) keyed (start, queue order, version), stale
+        # entries skipped: the same choice as scanning every queue for the earliest start, ties to the first queue
+        order: dict[str, int] = {}
+        for t in tasks:
+            order.setdefault(t.queue, len(order))
+        heaps: list[list] = [[] for _ in order]
+        free = [0.0] * len(order)
+        version = [0] * len(order)
+        qof = [order[t.queue] for t in tasks]
+        for i in range(n):
             if not pending[i]:
-                heapq.heappush(heaps[t.queue], (0.0, i))
+                heaps[qof[i]].append((0.0, i))
+        cand: list = []
+        for q, h in enumerate(heaps):
+            heapq.heapify(h)
+            if h:
+                cand.append((max(free[q], h[0][0]), q, 0))
+        heapq.heapify(cand)
         done = 0
         while done < n:
-            best_q, best_s = None, math.inf
-            for q, h in heaps.items():
-                if h:
-                    s = max(free[q], h[0][0])
-                    if s < best_s:
-                        best_q, best_s = q, s
-            if best_q is None:
+            if not cand:
                 raise AssertionError("simulation deadlock: a dependency cycle in the task graph")
-            _, i = heapq.heappop(heaps[best_q])
+            s, q, ver = heapq.heappop(cand)
+            if ver != version[q]:
+                continue
+            _, i = heapq.heappop(heaps[q])
             t = tasks[i]
-            t.start, t.end = best_s, best_s + t.dur
-            free[best_q] = t.end
+            t.start, t.end = s, s + t.dur
+            free[q] = t.end
             done += 1
+            touched = {q}
             for u in users[i]:
                 ready_at[u] = max(ready_at[u], t.end)
                 pending[u] -= 1
                 if not pending[u]:
-                    heapq.heappush(heaps[tasks[u].queue], (ready_at[u], u))
+                    heapq.heappush(heaps[qof[u]], (ready_at[u], u))
+                    touched.add(qof[u])
+            for r in touched:
+                version[r] += 1
+                if heaps[r]:
+                    heapq.heappush(cand, (max(free[r], heaps[r][0][0]), r, version[r]))
 
 
 def _streamed_job(g: _Graph, name: str, numel: int, n: int, wbytes: float, first: list, hw: HardwareProfile,
