@@ -185,8 +185,8 @@ class Dist:
             td.all_reduce(t, op=td.ReduceOp.MIN, group=self._commit_group)
         if int(t[0]) != step or int(t[1]) != -step:
             raise DistributedError(f"rank {self.rank}: the ranks committed different steps ({int(t[0])} to "
-                                   f"{-int(t[1])}; this rank {step}); the last commit is intact, resume with torchrun "
-                                   f"... fuyou train --resume RUN_DIR")
+                                   f"{-int(t[1])}; this rank {step}); the last commit is intact, resume with "
+                                   f"`{resume_command()}`")
 
     def start_sum(self, t: torch.Tensor, dst: int | None, what: str):
         """Start summing ``t`` over the ranks (into rank ``dst``'s, or every rank's with ``dst=None``);
@@ -248,16 +248,28 @@ def current() -> Dist:
     return _DIST
 
 
+def resume_command(run_dir=None) -> str:
+    """The command that resumes this run as it runs now (torchrun's, under torchrun): errors' advice (a pass
+    was told `fuyou train --resume`, which a run of several ranks refuses)."""
+    d = _DIST
+    where = run_dir or d.run_dir or "RUN_DIR"
+    if not d.enabled:
+        return f"fuyou train --resume {where}"
+    return (f"torchrun --nproc_per_node={d.local_world} -m fuyou.cli train --resume {where}"
+            + (" (on each machine, with its --nnodes and rendezvous)" if d.world > d.local_world else ""))
+
+
 def launched_world() -> int:
     """The number of processes a launcher (torchrun) started this one among (1: none)."""
     w = os.environ.get("WORLD_SIZE", "1")
     return int(w) if w.isdigit() else 1
 
 
-def init(cfg, resume_dir: Path | None = None) -> Dist:
+def init(cfg, resume_dir: Path | None = None, resumed_run: str | None = None) -> Dist:
     """Join torchrun's process group when this process is one of several (module docstring); refuse
     what data parallelism does not support yet, before anything is written. ``resume_dir``: a resume,
-    whose world size is checked first (``check_world``)."""
+    whose world size is checked first (``check_world``); ``resumed_run``: what tells its run from another
+    (its id), which every rank must share."""
     global _DIST
     world = launched_world()
     if resume_dir is not None:  # (before the batch's check below, whose advice a resume cannot take)
@@ -278,6 +290,11 @@ def init(cfg, resume_dir: Path | None = None) -> Dist:
                           f"batch is grad_accum micro-batches of train.micro_batch_size rows whatever the number of "
                           f"ranks, and each rank runs grad_accum/{world} of them; set train.grad_accum to a multiple "
                           f"of {world}")
+    dirs = cfg.offload.ssd_dirs
+    if len(dirs) > local_world and len(dirs) % local_world:  # (rank_config: a pass's third went unused, in silence)
+        raise ConfigError(f"{len(dirs)} --ssd directories among the {local_world} processes of this machine: each "
+                          f"rank stripes its state over its own share of them, so give a multiple of {local_world} "
+                          f"(or fewer directories than processes, which every rank shares)")
     device = t.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -295,7 +312,7 @@ def init(cfg, resume_dir: Path | None = None) -> Dist:
     _DIST = Dist(rank, world, local_rank, local_world, backend)
     _DIST._commit_group = td.new_group(backend="gloo", timeout=timeout)
     _DIST._exchange_group = td.new_group(backend="gloo", timeout=timeout)
-    _refuse_unlike_ranks(cfg, _DIST)
+    _refuse_unlike_ranks(cfg, _DIST, resumed_run if resume_dir is not None else None)
     return _DIST
 
 
@@ -306,7 +323,8 @@ def init(cfg, resume_dir: Path | None = None) -> Dist:
 PER_MACHINE = {"model.init_from", "data.path", "data.eval_path", "data.tokenizer", "train.threads", "lora.init_from",
                "run.out_dir", "run.name", "run.tensorboard"}
 SHARED_OFFLOAD = ("mode", "commit", "commit_every", "clip_schedule", "checkpoint_dtype", "replace_state", "keep_state",
-                  "optimizer_chunk")
+                  "optimizer_chunk", "cache_weights")  # (the ranks of a machine map one weight cache or none: a pass
+# with offload.cache_weights=false on one rank hung where the other waited for it at the cache)
 
 
 def agreed_settings(cfg) -> dict:
@@ -328,7 +346,7 @@ def agreed_settings(cfg) -> dict:
     return out
 
 
-def _refuse_unlike_ranks(cfg, dist: Dist) -> None:
+def _refuse_unlike_ranks(cfg, dist: Dist, resumed_run: str | None = None) -> None:
     """Ranks started with different settings (each machine its own command line or config file) trained in
     silence to other weights (each rank updates the stages it owns with its own settings), or hung (another
     model: a stage one rank waits for, the other never sends): a hostile pass. Refused on every rank alike,
@@ -336,6 +354,9 @@ def _refuse_unlike_ranks(cfg, dist: Dist) -> None:
     import torch.distributed as td
 
     mine = agreed_settings(cfg)
+    # every rank resumes one run (each from its machine's path): a pass resumed two runs' states as one, and
+    # a rank resuming beside ranks starting afresh broadcast past them
+    mine["--resume"] = resumed_run
     every: list = [None] * dist.world
     with dist._collective("comparing the ranks' settings", started=False):  # (a peer gone: a sentence)
         td.all_gather_object(every, mine, group=dist._commit_group)
@@ -344,8 +365,11 @@ def _refuse_unlike_ranks(cfg, dist: Dist) -> None:
                                         if theirs.get(k) != every[0].get(k))
               for r, theirs in enumerate(every) if theirs != every[0]]
     if unlike:
+        runs = any(theirs.get("--resume") != every[0].get("--resume") for theirs in every)
         raise ConfigError("the ranks were started with different settings: " + "; ".join(unlike) + ". Give every "
-                          "rank the same command line and config (paths, budgets and threads may differ)")
+                          "rank the same command line and config (paths, budgets and threads may differ)"
+                          + ("; every rank resumes the same run (--resume RUN_DIR, each machine's copy of it), or none"
+                             if runs else ""))
 
 
 def stage_owners(numels: list[int], world: int) -> list[int]:

@@ -24,6 +24,7 @@ import threading
 import time
 
 from fuyou.errors import FuyouError
+from fuyou.distributed import resume_command
 
 MIN_RATE = 20e6  # bytes per second below which a single transfer counts as stalled
 POLL_S = 0.5     # how often a wait looks at the heartbeat
@@ -37,7 +38,7 @@ class StallError(FuyouError):
     def __init__(self, what: str, seconds: float):
         super().__init__(
             f"the engine waited {seconds:.0f} s for {what}, with no progress anywhere, and stopped (nothing after "
-            f"the last commit was committed; continue with `fuyou train --resume RUN_DIR`). If the disk or machine "
+            f"the last commit was committed; continue with `{resume_command()}`). If the disk or machine "
             f"is only slow, raise offload.stall_timeout; otherwise look at the disk (dmesg) and at other processes")
         self.what = what
 

@@ -37,6 +37,7 @@ from pathlib import Path
 
 from fuyou.engine.config import STATE_SUFFIX
 from fuyou.errors import StoreError
+from fuyou.distributed import resume_command
 from fuyou.faults import fault
 
 RECORD = "fuyou-commit.json"
@@ -91,7 +92,7 @@ def write_record(directory: Path, record: dict) -> None:
             reason = e.strerror or e
             raise CommitError(f"the commit of step {record.get('step')} in {directory} may not be durable ({reason}); "
                               f"the record is this step's or the previous one, both consistent: fix the disk, then "
-                              f"continue with `fuyou train --resume RUN_DIR`") from e
+                              f"continue with `{resume_command()}`") from e
         previous = "none"
         try:
             previous = f"step {json.loads(path.read_text())['step']}"
@@ -99,7 +100,7 @@ def write_record(directory: Path, record: dict) -> None:
             pass
         raise CommitError(f"committing step {record.get('step')} failed in {directory} ({e.strerror or e}); the "
                           f"previous commit ({previous}) is intact: free space or fix the disk, then continue "
-                          f"with `fuyou train --resume RUN_DIR`") from e
+                          f"with `{resume_command()}`") from e
 
 
 def _digest(record: dict) -> str:

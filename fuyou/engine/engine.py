@@ -109,6 +109,7 @@ from fuyou.engine.state import TrainingState, grad_key, refuse_committed_state
 from fuyou.errors import BudgetError, ConfigError, FuyouError, StoreError
 from fuyou.engine.commit import RECORD, ResumeError
 from fuyou.faults import fault
+from fuyou.distributed import resume_command
 from fuyou.engine.trace import StepCounters, Tracer
 from fuyou.engine.weights import WeightStreamer
 from fuyou.engine.exchange import WeightExchange
@@ -440,20 +441,26 @@ class Engine:
     def _shared_cache(self) -> SharedSegment | None:
         """The ranks' one weight cache (``cache_share`` > 1): rank 0 makes it, the others map it, then its
         name goes (fuyou/store/shared.py); every rank page-locks its mapping for the device copies."""
-        if self.cache_share == 1 or not self.plan.cached_stages:
+        if self.cache_share == 1:
             return None
         offsets, total = self._cache_layout  # (of this plan: the one kept when the cache is shared)
         d = self.dist
-        # rank 0's name and layout: every rank must have planned the same cache (offsets into one file)
+        # rank 0's name and layout: every rank must have planned the same cache (offsets into one file); a rank
+        # whose budget caches nothing takes part too (one that returned here hung the others: a pass)
         path, ref = d.broadcast((str(SHM_DIR / f"fuyou-cache-{os.getpid()}-{uuid.uuid4().hex[:8]}"),
                                  (self.plan.cached_stages, total)), "naming the shared weight cache")
+        unlike = ref != (self.plan.cached_stages, total)
+        if d.any(unlike, "comparing the ranks' weight caches"):
+            who = (f"rank {d.rank} planned a weight cache of {len(self.plan.cached_stages)} stages ({format_size(total)})"
+                   f" and rank 0 one of {len(ref[0])} ({format_size(ref[1])})" if unlike else
+                   "another rank planned another weight cache than rank 0 (its error says which)")
+            raise BudgetError(f"{who}: the ranks of a machine share one cache, so they need the same budgets "
+                              f"(--cpu-mem, offload.resident_mem, offload.act_cpu_mem)")
+        if not self.plan.cached_stages:
+            return None
         seg = err = None
         try:
-            if ref != (self.plan.cached_stages, total):
-                err = BudgetError(f"rank {d.rank} planned a weight cache of {len(self.plan.cached_stages)} stages "
-                                  f"({format_size(total)}) and rank 0 one of {len(ref[0])} ({format_size(ref[1])}): "
-                                  f"the ranks of a machine must have the same budgets")
-            elif d.rank == 0:
+            if d.rank == 0:
                 sweep_stale()
                 try:
                     seg = SharedSegment(path, total, create=True)
@@ -1300,4 +1307,4 @@ class NonFiniteError(FuyouError):
 
     def __init__(self, what: str):
         super().__init__(f"{what}: the run stopped before committing that step (the last commit is intact). "
-                         f"Lower optim.lr, check the data, or resume with `fuyou train --resume RUN_DIR`")
+                         f"Lower optim.lr, check the data, or resume with `{resume_command()}`")

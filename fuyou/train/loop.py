@@ -274,10 +274,13 @@ def _refuse_finished(run_path: Path, cfg: FuyouConfig, dist: distributed.Dist) -
     state is of no use and is removed, as the finished run would have."""
     from fuyou.train.run import ADAPTER_FILE
 
+    # every rank's state there: kept (offload.keep_state=true), or stopped before any was removed; it resumes.
+    # (rank 0's alone decided: rank 0 stopped after the save, rank 1's state removed, asked to be resumed: a pass)
+    kept = not dist.any(not any(d.is_dir() for d in _state_dirs(cfg, run_path.name)), "comparing the ranks' states")
     finished = None
     if dist.is_main:
         try:
-            finished = _finished(run_path, cfg, ADAPTER_FILE)
+            finished = _finished(run_path, cfg, ADAPTER_FILE, kept)
         except FuyouError as e:  # (a state under the run's earlier name: every rank stops with it)
             finished = e
     finished = dist.broadcast(finished, "checking whether the run finished", started=False)
@@ -295,12 +298,13 @@ def _refuse_finished(run_path: Path, cfg: FuyouConfig, dist: distributed.Dist) -
     raise ConfigError(finished)
 
 
-def _finished(run_path: Path, cfg: FuyouConfig, adapter_file: str) -> str | None:
-    """Why ``run_path`` has nothing to resume (its weights saved, rank 0's state removed), or None."""
+def _finished(run_path: Path, cfg: FuyouConfig, adapter_file: str, kept: bool) -> str | None:
+    """Why ``run_path`` has nothing to resume (its weights saved, a rank's state removed), or None; ``kept``:
+    every rank's state is there."""
     done = next((f for f in ("model.safetensors", adapter_file) if (run_path / f).is_file()), None)
     if done is None or cfg.offload.mode != "ssd" or not cfg.offload.ssd_dirs:
         return None
-    if any(d.is_dir() for d in _state_dirs(cfg, run_path.name)):
+    if kept:
         return None  # kept (offload.keep_state=true): it resumes
     _refuse_renamed_by_id(run_path, cfg)  # kept, under the name the run had (a pass got "finished" for it)
     how = (f"lora.init_from=DIR with its adapter exported (`fuyou export {run_path} --out DIR`), over the same base"
@@ -309,6 +313,32 @@ def _finished(run_path: Path, cfg: FuyouConfig, adapter_file: str) -> str | None
             f"{run_path / done}, and a finished run removes its SSD state (offload.keep_state=true keeps "
             f"it), so there is nothing to resume. To train on from it, start a new run with {how} (its "
             f"AdamW moments and schedule start afresh)")
+
+
+def _agree_on_sources(cfg: FuyouConfig, dist: distributed.Dist) -> None:
+    """Data parallel, a new run: model.init_from and lora.init_from may name another path on each machine
+    (``distributed.PER_MACHINE``), but each rank initialises the stages it owns from its own: a pass trained a
+    model whose layers came from two checkpoints, and two adapters as one, in silence. The ranks compare the
+    weights' fingerprints (``hf.peft.base_fingerprint``: a few small reads a tensor) before anything is read."""
+    if not dist.enabled:
+        return
+    from fuyou.hf.peft import base_fingerprint
+
+    for key, path in (("model.init_from", cfg.model.init_from), ("lora.init_from", cfg.lora.init_from)):
+        err = None
+        try:  # (every rank takes part, one without the setting too: 0)
+            f = int(base_fingerprint(Path(path).expanduser())[:15], 16) if path else 0
+        except OSError as e:
+            f, err = -1, e
+        lo, hi = dist.min_max(f, f"comparing the ranks' {key}")
+        if err is not None:
+            raise ConfigError(f"rank {dist.rank}: {key}={path} cannot be read ({err}); give every rank a copy of the "
+                              f"same checkpoint")
+        if lo != hi:
+            raise ConfigError(f"the ranks' {key} hold different weights (rank {dist.rank}: "
+                              f"{path or 'none, a seeded init'}): each rank initialises the stages it owns from its "
+                              f"own, so every machine's {key} must hold a copy of the same checkpoint (the paths may "
+                              f"differ)")
 
 
 def _absolute(paths) -> list[str]:
@@ -346,7 +376,11 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
         raise ConfigError("run.tensorboard=true needs the tensorboard package: pip install 'fuyou[tensorboard]'")
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    dist = distributed.init(cfg, Path(resume) if resume is not None else None)  # torchrun: join the ranks
+    resumed_run = None
+    if resume is not None:  # its id (a run from before ids: its directory's name)
+        rid = run_id(Path(resume))
+        resumed_run = f"run id {rid}" if rid else f"{Path(resume).name} (a run without an id)"
+    dist = distributed.init(cfg, Path(resume) if resume is not None else None, resumed_run)  # torchrun: join the ranks
     if dist.enabled and plan_auto:
         raise ConfigError("--plan auto measures this machine for one process; with torchrun give the activation "
                           "policy (offload.act_policy) and budgets yourself (`fuyou plan` for one of the GPUs)")
@@ -406,6 +440,8 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
     split = "content"
     if resume is not None:  # (every rank reads the run directory, as its id above; rank 0's decides)
         split = dist.broadcast(run_split(run_path) if dist.is_main else None, "agreeing on the held-out examples")
+    if resume is None:
+        _agree_on_sources(cfg, dist)
     trainer = build_trainer(cfg, run_path.name, resume=resume is not None, split=split)
     if resume is not None and dist.is_main and recorded is None:
         write_run_id(run_path, rid)
@@ -583,7 +619,8 @@ def _refuse_renamed_by_id(run_path: Path, cfg: FuyouConfig) -> None:
     if rid is None:
         return
     for d in sorted(Path(cfg.offload.ssd_dirs[0]).glob("*" + STATE_SUFFIX)):
-        if owner_record(d).get("run_id") == rid:
+        if owner_record(d).get("run_id") == rid and d.name != state_name(run_path.name):  # (not its own: a rank's
+            # left beside another's removed, ``_refuse_finished``)
             raise ConfigError(f"{run_path}'s SSD state is {d} (the run directory was named "
                               f"{d.name[:-len(STATE_SUFFIX)]!r}): fuyou finds a run's state by its directory's name; "
                               f"give it its old name back and resume it; nothing was changed")
@@ -694,7 +731,7 @@ class _StopOnSignal:
             os._exit(128 + signum)
         self.requested, self._at = name, time.monotonic()
         os.write(2, f"\nfuyou: {self.requested}: stopping at the end of this step, with a commit of it (SSD offload) "
-                    f"or a snapshot (in memory); a second signal (after {self.REPEAT_S:g} s) exits at once\n".encode())
+                    f"or a snapshot (in memory, or offload.commit=none); a second signal (after {self.REPEAT_S:g} s) exits at once\n".encode())
 
     def restore(self):
         for sig, old in self._old.items():
@@ -847,31 +884,36 @@ def _loop(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, stop
         stopping = dist.any(stop.requested is not None)
         if stopping and step + 1 < t.steps:
             stop.requested = stop.requested or "a stop on another rank"
-            if cfg.offload.mode != "ssd":
-                # An in-memory run has no committed state to resume: its weights are kept as a snapshot,
-                # which a new run can start from (its optimizer moments and data position start afresh).
+            if cfg.offload.mode != "ssd" or cfg.offload.commit == "none":
+                # An in-memory run (or one with offload.commit=none) has no committed state to resume: its weights
+                # are kept as a snapshot, which a new run can start from (its optimizer moments and data position
+                # start afresh). (commit=none said "committed; continue with --resume", which it refused: a pass)
                 snap = None
                 if dist.is_main:
                     snap = save_snapshot(run_dir, trainer, cfg, step + 1)
                 else:
                     _serve_weights(trainer)
+                if cfg.offload.mode == "ssd":  # nothing resumes a state never committed: it goes, as a finished run's
+                    trainer.completed = True
                 log.write({"stopped": stop.requested, "step": step + 1, "snapshot": str(snap)})
                 log.close()
                 how = (f"export them (`fuyou export {snap} --out DIR`) and start a run over the same base with "
                        f"lora.init_from=DIR" if cfg.lora.enabled else f"start a run with --init-from {snap}")
                 progress.message(f"stopped by {stop.requested} after step {step + 1}; the "
                                  f"{'adapters' if cfg.lora.enabled else 'weights'} of step {step + 1} are in {snap}. "
-                                 f"An in-memory run keeps no resumable state (offload.mode=ssd runs do): to go on "
-                                 f"from them, {how} (its AdamW moments, schedule and data position start afresh)")
+                                 + ("An in-memory run keeps no resumable state (offload.mode=ssd runs do)"
+                                    if cfg.offload.mode != "ssd" else
+                                    "A run with offload.commit=none keeps no resumable state (offload.commit=cow runs "
+                                    "do)")
+                                 + f": to go on from them, {how} (its AdamW moments, schedule and data position start "
+                                   f"afresh)")
                 return RunResult(run_dir, first_eval, last_eval, stats.loss, tokens / (time.perf_counter() - start),
                                  resident_bytes("VmHWM"), stopped=True,
                              exit_status=_stop_status(stop.requested))
             trainer.commit(step + 1)  # the step's updates and its commit are on the SSD
             log.write({"stopped": stop.requested, "step": step + 1})
             log.close()
-            how = (f"torchrun --nproc_per_node={dist.local_world} -m fuyou.cli train --resume {run_dir}"
-                   + (" (on each machine, with its --nnodes and rendezvous)" if dist.world > dist.local_world else "")
-                   if dist.enabled else f"fuyou train --resume {run_dir}")
+            how = distributed.resume_command(run_dir)
             progress.message(f"stopped by {stop.requested} after step {step + 1} (committed); continue with: {how}")
             return RunResult(run_dir, first_eval, last_eval, stats.loss, tokens / (time.perf_counter() - start),
                              resident_bytes("VmHWM"), stopped=True,
@@ -880,6 +922,12 @@ def _loop(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, stop
     tail = trainer.step_counters()  # what landed after the last step's record: its optimizer tail, this commit
     if tail is not None:
         written += tail.get("ssd_write_bytes", 0)
+    if dist.enabled:  # a machine's drives and memory serve all its ranks (a pass read rank 0's alone: half the wear);
+        # summed before the save, after which a rank may be gone (killed past the save: the run is complete)
+        machines = max(1, dist.world // dist.local_world)
+        peak_then = resident_bytes("VmHWM")
+        written, ranks_peak = (v // machines for v in dist.reduce_ints([int(written), peak_then], "summing the ranks' "
+                                                                        "SSD writes and memory"))
     elapsed = time.perf_counter() - start
     last_eval = trainer.evaluate()
     if last_eval is not None:
@@ -896,6 +944,7 @@ def _loop(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, stop
         progress.message(f"run.save_weights=false: the trained state stays on the SSD ({trainer.state_location()}); "
                          f"delete it yourself when it is no longer needed")
     peak = resident_bytes("VmHWM")
+    machine_peak = ranks_peak - peak_then + peak if dist.enabled else peak
     steps_run = max(1, t.steps - start_step)
     wear = {"ssd_write_per_step_bytes": written / steps_run, "ssd_write_per_hour_bytes": written * 3600 / elapsed} \
         if cfg.offload.mode == "ssd" else {}
@@ -904,7 +953,7 @@ def _loop(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, stop
     if wear and tbw:
         wear["ssd_life_hours"] = tbw / wear["ssd_write_per_hour_bytes"] if written else None
     log.write({"summary": True, "steps": t.steps, "elapsed_s": elapsed, "tokens_per_s": tokens / elapsed,
-               "peak_rss_bytes": peak, **wear})
+               "peak_rss_bytes": peak, **({"machine_peak_rss_bytes": machine_peak} if dist.enabled else {}), **wear})
     log.close()
     mean_tps = tokens / elapsed
     done = (f"{t.steps} step{'s' if t.steps != 1 else ''}" if not start_step
@@ -914,10 +963,13 @@ def _loop(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, stop
     if first_eval is not None:
         summary += f"; eval loss {first_eval:.4f} -> {last_eval:.4f}"
     summary += f"; peak resident memory {format_size(peak)}"
+    if dist.enabled:
+        summary += f" (rank 0; a machine's {dist.local_world} ranks together {format_size(machine_peak)})"
     if wear:
         state = ("LoRA: the base is read-only, adapters commit only" if cfg.lora.enabled
                  else f"{cfg.optim.master} master, {cfg.optim.moments} moments")
-        summary += (f"\nSSD written: {format_size(wear['ssd_write_per_step_bytes'])} per step, "
+        summary += (f"\nSSD written{' (a machine, its ranks together)' if dist.enabled else ''}: "
+                    f"{format_size(wear['ssd_write_per_step_bytes'])} per step, "
                     f"{wear['ssd_write_per_hour_bytes'] / 1e12:.3g} TB per hour ({state})")
         if wear.get("ssd_life_hours"):
             summary += (f"; at this rate the drives' rated {tbw / 1e15:.3g} PB ({drives}) last "

@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import TextIO
 
+from fuyou.distributed import resume_command
+
 
 class MetricsLog:
     """Append-only JSON lines; each line is flushed so a crash loses at most the line being written.
@@ -41,7 +43,7 @@ class MetricsLog:
             self._fh.flush()
         except OSError as e:  # a full run directory: a typed error; the SSD state's last commit is intact
             raise FuyouError(f"writing {self.path} failed ({e.strerror or e}): free space in {self.path.parent.parent} "
-                             f"(the run directory's disk), then `fuyou train --resume {self.path.parent}` continues "
+                             f"(the run directory's disk), then `{resume_command(self.path.parent)}` continues "
                              f"from the last commit (SSD offload)") from e
         if self._tb is not None and isinstance(record.get("step"), int) and "summary" not in record:
             group = "eval" if "eval_loss" in record else "train"
@@ -64,7 +66,7 @@ class MetricsLog:
             d = self.path.parent
             raise FuyouError(f"the run directory {d} was deleted or moved while training: the run stopped, its "
                              f"log, snapshots and weights having nowhere to go. An SSD-offloaded run's last commit "
-                             f"is intact: move the directory back and `fuyou train --resume {d}` continues from it; "
+                             f"is intact: move the directory back and `{resume_command(d)}` continues from it; "
                              f"a deleted one cannot be resumed (its config.toml is gone): start a new run "
                              f"(offload.replace_state=true reuses the run's name)")
 

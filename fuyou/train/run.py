@@ -12,6 +12,7 @@ from fuyou.engine.state import snapshot_dirs, write_run_id
 from fuyou.config import DATA_POSITION, FIXED_ON_RESUME, NOT_COMPARED, FuyouConfig, flat_settings, to_toml
 from fuyou.engine.commit import state_name
 from fuyou.errors import ConfigError, FuyouError
+from fuyou.distributed import resume_command
 from fuyou.hf.weights import write_safetensors
 
 
@@ -73,8 +74,8 @@ def save_weights(path: Path, trainer, cfg: FuyouConfig, step: int, run_dir: Path
         return write_safetensors(path / "model.safetensors", {k: s.shape for k, s in specs.items()}, chunks,
                                  {"fuyou_model": json.dumps(cfg.model.model_dump()), "fuyou_step": str(step)})
     except OSError as e:
-        kept = (" The trained state is kept on the SSD: free space or fix the disk, then `fuyou train --resume "
-                f"{run_dir or path}` saves it." if cfg.offload.mode == "ssd" else "")
+        kept = (f" The trained state is kept on the SSD: free space or fix the disk, then "
+                f"`{resume_command(run_dir or path)}` saves it." if cfg.offload.mode == "ssd" else "")
         raise SaveError(f"writing {path / 'model.safetensors'} failed ({e.strerror or e}).{kept}") from e
 
 

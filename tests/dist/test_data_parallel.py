@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -166,9 +167,11 @@ def test_each_rank_owns_its_ssd_directories_and_its_share_of_the_cpu_budget(tmp_
 
 
 def rank_procs(tmp_path, args, fault_rank=None, fault=None, world=2):
-    """The processes torchrun starts, with its environment (so that one can be killed alone)."""
+    """The processes torchrun starts, with its environment (so that one can be killed alone). ``args``: every
+    rank's, or a list of each rank's (a command line per machine)."""
     port, procs = free_port(), []
-    for r in range(world):
+    each = args if isinstance(args[0], list) else [args] * world
+    for r, args in enumerate(each):
         kw = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK=r, WORLD_SIZE=world, LOCAL_RANK=r,
                   LOCAL_WORLD_SIZE=world)
         if fault:
@@ -313,7 +316,17 @@ def test_what_data_parallelism_refuses(tmp_path):
     assert r.returncode != 0 and "(this rank's 1/2 of offload.cpu_mem, which the 2 ranks" in r.stderr, r.stderr
     least = re.search(r"to at least ([\d.]+) MiB \(2 x ([\d.]+) MiB\)", r.stderr)
     assert least and float(least.group(1)) >= 2 * float(least.group(2)) - 0.01, r.stderr
-    torchrun(train_args(tmp_path, "small2", *small, f"offload.cpu_mem={least.group(1)}MiB"))
+    r = torchrun(train_args(tmp_path, "small2", *small, f"offload.cpu_mem={least.group(1)}MiB"))
+    assert "(rank 0; a machine's 2 ranks together" in r.stderr  # the end summary counts the machine's ranks
+    # three SSD directories for two ranks: the third went unused in silence
+    r = torchrun(train_args(tmp_path, "three", *small, ssd=("d1", "d2", "d3")), check=False)
+    assert r.returncode != 0 and "3 --ssd directories among the 2 processes of this machine" in r.stderr
+    # the ranks of a machine map one weight cache or none: one without it hung the other (a pass)
+    procs = rank_procs(tmp_path, [train_args(tmp_path, "cache", *small, f"offload.cache_weights={c}")
+                                  for c in ("true", "false")])
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode not in (0, None) for p in procs)
+    assert all("offload.cache_weights=False (rank 0: True)" in err for _, err in outs), outs[0][1][-2000:]
 
 
 @pytest.mark.parametrize("extra,saved", [
@@ -425,22 +438,76 @@ def test_rank_0_killed_before_the_run_directory_leaves_a_run_that_starts_again(t
     assert "removing the initial (its run's directory was never made) SSD state" in r.stderr
 
 
-def test_a_rank_killed_after_the_final_save_leaves_no_state_that_asks_to_be_resumed(tmp_path):
-    """Rank 1 is killed after rank 0 saved the weights (the barrier before the states are deleted): rank 0
-    finishes and removes its state, rank 1's stays. A resume said to rank 0 that the state was never
-    committed or deleted and to rank 1 that its commit was intact ("continue with --resume"), in a loop.
-    Now every rank says the run finished, and rank 1's leftover state is removed."""
+@pytest.mark.parametrize("killed", [1, 0])
+def test_a_rank_killed_after_the_final_save_leaves_no_state_that_asks_to_be_resumed(tmp_path, killed):
+    """A rank is killed after rank 0 saved the weights (the barrier before the states are deleted): the other
+    finishes and removes its state, the killed one's stays. A resume said to one rank that the state was never
+    committed or deleted and to the other that its commit was intact ("continue with --resume"), in a loop
+    (rank 1 killed: a first pass; rank 0 killed, which alone decided whether the run finished: a second).
+    Now every rank says the run finished, and the leftover state is removed."""
     args = [a for a in train_args(tmp_path, "cut", "train.grad_accum=2") if a != "offload.keep_state=true"]
-    procs = rank_procs(tmp_path, args, fault_rank=1, fault="saved")
+    procs = rank_procs(tmp_path, args, fault_rank=killed, fault="saved")
     outs = [p.communicate(timeout=300) for p in procs]
-    assert [p.returncode for p in procs] == [0, -signal.SIGKILL], outs[0][1][-2000:]
-    assert [p.name for p in (tmp_path / "ssd").iterdir()] == ["cut.fuyou-state.rank1"]
+    codes = [0, 0]
+    codes[killed] = -signal.SIGKILL
+    assert [p.returncode for p in procs] == codes, outs[1 - killed][1][-2000:]
+    assert [p.name for p in (tmp_path / "ssd").iterdir()] == ["cut.fuyou-state" + (".rank1" if killed else "")]
     run = tmp_path / "runs" / "cut"
     r = torchrun(["train", "--resume", str(run)], check=False)
     assert r.returncode != 0
     assert r.stderr.count(f"{run} finished: its weights are in") == 2, r.stderr[-3000:]
     assert "removing the SSD state" in r.stderr and "--resume" not in r.stderr.split("finished")[0]
     assert list((tmp_path / "ssd").iterdir()) == []
+
+
+def test_ranks_resuming_other_runs_or_starting_afresh_beside_a_resume_are_refused(tmp_path):
+    """Each machine names its run directory, so nothing compared them: ranks given two runs' directories
+    resumed each its own state as one run (the first run's weights changed in silence, the second's left
+    unresumable), and a rank started afresh beside one resuming failed with a bare path (a hostile pass).
+    The ranks compare the run's id; nothing is changed."""
+    torchrun(train_args(tmp_path, "ra", "train.grad_accum=2", "train.steps=1", "run.save_weights=false"))
+    run, other = tmp_path / "runs" / "ra", tmp_path / "runs" / "rb"
+    shutil.copytree(run, other)
+    (other / "fuyou-run.json").write_text('{"run_id": "another"}\n')
+    before = open_state(run)
+    fresh = train_args(tmp_path, "rc", "train.grad_accum=2", "train.steps=2")
+    for second in (["train", "--resume", str(other), "train.steps=2"], fresh):
+        procs = rank_procs(tmp_path, [["train", "--resume", str(run), "train.steps=2"], second])
+        outs = [p.communicate(timeout=300) for p in procs]
+        assert all(p.returncode not in (0, None) for p in procs), outs[0][1][-2000:]
+        for _, err in outs:
+            assert "the ranks were started with different settings: rank 1: --resume=" in err, err[-2000:]
+            assert "every rank resumes the same run" in err and "Traceback" not in err, err[-2000:]
+    assert_states(before, open_state(run))
+    assert not (tmp_path / "runs" / "rc").exists()
+
+
+def test_ranks_initialised_from_different_checkpoints_are_refused(tmp_path):
+    """model.init_from may name another path on each machine, and each rank initialises the stages it owns
+    from its own: two checkpoints trained one model made of both, in silence (a hostile pass). The ranks
+    compare the checkpoints' fingerprints; a copy at another path is the same checkpoint."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    single(train_args(tmp_path, "base", "train.grad_accum=2", "train.steps=1"))
+    a, same, b = tmp_path / "runs" / "base", tmp_path / "copy", tmp_path / "other"
+    shutil.copytree(a, same)
+    b.mkdir()
+    with safe_open(a / "model.safetensors", "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    k = sorted(tensors)[-1]
+    tensors[k] = tensors[k] + 1e-3
+    save_file(tensors, b / "model.safetensors", metadata=meta)
+    procs = rank_procs(tmp_path, [train_args(tmp_path, f"mix{r}", "train.grad_accum=2", "train.steps=1",
+                                             "model.init_from=" + str(d)) for r, d in enumerate((a, b))])
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode not in (0, None) for p in procs), outs[0][1][-2000:]
+    for _, err in outs:
+        assert "the ranks' model.init_from hold different weights" in err and "Traceback" not in err, err[-2000:]
+    procs = rank_procs(tmp_path, [train_args(tmp_path, "same", "train.grad_accum=2", "train.steps=1",
+                                             "model.init_from=" + str(d)) for d in (a, same)])
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[1][1][-2000:]
 
 
 def test_two_ranks_with_resident_state_and_spare_copies(tmp_path):

@@ -324,16 +324,20 @@ def test_notes_for_a_llama_beyond_its_positions_and_a_cpu_budget_in_memory(tmp_p
     assert "offload.ssd_dirs (--ssd) applies to SSD offload" in capsys.readouterr().err
 
 
-def test_a_stopped_in_memory_run_keeps_its_weights_and_says_how_to_go_on(tmp_path):
-    """Ctrl-C on an in-memory run said "(committed); continue with: fuyou train --resume", saved nothing,
-    and that resume was refused. Now the stopped step's weights are a snapshot a new run starts from."""
+@pytest.mark.parametrize("offload", [(), ("--offload", "ssd", "offload.commit=none")])
+def test_a_stopped_run_without_commits_keeps_its_weights_and_says_how_to_go_on(tmp_path, offload):
+    """Ctrl-C on an in-memory run, and on an SSD run with offload.commit=none (a later pass), said "(committed);
+    continue with: fuyou train --resume", saved nothing, and that resume was refused. Now the stopped step's
+    weights are a snapshot a new run starts from."""
     import signal
     import time
 
     run = tmp_path / "runs" / "stop"
-    cmd = [sys.executable, "-m", "fuyou.cli", "train", "model.preset=gpt-test", "model.n_layer=4", "data.seq_len=32",
-           "train.micro_batch_size=2", "train.steps=100000", "train.log_every=1", "train.eval_every=0",
-           f"run.out_dir={tmp_path / 'runs'}", "run.name=stop"]
+    ssd = ("--ssd", str(tmp_path / "ssd"), "--cpu-mem", "1GiB") if offload else ()
+    (tmp_path / "ssd").mkdir()
+    cmd = [sys.executable, "-m", "fuyou.cli", "train", *offload, *ssd, "model.preset=gpt-test", "model.n_layer=4",
+           "data.seq_len=32", "train.micro_batch_size=2", "train.steps=100000", "train.log_every=1",
+           "train.eval_every=0", f"run.out_dir={tmp_path / 'runs'}", "run.name=stop"]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
@@ -352,6 +356,8 @@ def test_a_stopped_in_memory_run_keeps_its_weights_and_says_how_to_go_on(tmp_pat
     assert len(snaps) == 1 and (snaps[0] / "model.safetensors").is_file(), out
     assert f"are in {snaps[0].relative_to(Path.cwd()) if snaps[0].is_relative_to(Path.cwd()) else snaps[0]}" in out
     assert "keeps no resumable state" in out and "--init-from" in out and "(committed)" not in out
+    assert ("offload.commit=none keeps no" in out) == bool(offload)
+    assert list((tmp_path / "ssd").iterdir()) == []  # a state never committed is of no use: it goes
     from fuyou.train.loop import run_training
 
     go_on = run_training(load_config(overrides=[f"model.init_from={snaps[0]}", "data.seq_len=32", "train.steps=1",
