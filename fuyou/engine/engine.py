@@ -451,8 +451,8 @@ class Engine:
                                  (self.plan.cached_stages, total)), "naming the shared weight cache")
         unlike = ref != (self.plan.cached_stages, total)
         if d.any(unlike, "comparing the ranks' weight caches"):
-            who = (f"rank {d.rank} planned a weight cache of {len(self.plan.cached_stages)} stages ({format_size(total)})"
-                   f" and rank 0 one of {len(ref[0])} ({format_size(ref[1])})" if unlike else
+            who = (f"rank {d.rank} planned a weight cache of {len(self.plan.cached_stages)} stages "
+                   f"({format_size(total)}) and rank 0 one of {len(ref[0])} ({format_size(ref[1])})" if unlike else
                    "another rank planned another weight cache than rank 0 (its error says which)")
             raise BudgetError(f"{who}: the ranks of a machine share one cache, so they need the same budgets "
                               f"(--cpu-mem, offload.resident_mem, offload.act_cpu_mem)")

@@ -731,7 +731,8 @@ class _StopOnSignal:
             os._exit(128 + signum)
         self.requested, self._at = name, time.monotonic()
         os.write(2, f"\nfuyou: {self.requested}: stopping at the end of this step, with a commit of it (SSD offload) "
-                    f"or a snapshot (in memory, or offload.commit=none); a second signal (after {self.REPEAT_S:g} s) exits at once\n".encode())
+                    f"or a snapshot (in memory, or offload.commit=none); a second signal (after {self.REPEAT_S:g} s) "
+                    f"exits at once\n".encode())
 
     def restore(self):
         for sig, old in self._old.items():
