@@ -54,9 +54,9 @@ def plan_config(cfg: FuyouConfig, run_dir: Path, stream=None) -> FuyouConfig:
         raise ConfigError(f"the hardware given ({hw.source}) is a {kind[hw.device]} machine's, but this run computes "
                           f"on the {kind[device]}: --plan auto would plan another machine; leave hardware.* unset (it "
                           f"then measures this one) or give this machine's profile (`fuyou probe`)")
-    w = Workload(cfg.model, cfg.train.micro_batch_size, cfg.data.seq_len, offload=off, grad_accum=cfg.train.grad_accum,
-                 csize=2 if cfg.train.precision == "bf16" else 4, lora=cfg.lora, packed=cfg.data.may_pack,
-                 cuda=device == "cuda")
+    # the run as it is configured: its optimizer state's format, clipping and store too (a pass: the plan of fp32
+    # state and clipping, for a run of int8 moments and grad_clip=none, was refused or overran the budget)
+    w = Workload.from_config(cfg)
     split = cfg.train.global_batch if cfg.train._auto_split else None
     plan = search(w, hw, off.cpu_mem) if split is None else search_split(w, hw, off.cpu_mem, split)
     print(text(plan), file=stream, flush=True)

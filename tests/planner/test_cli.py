@@ -123,10 +123,13 @@ def test_train_plan_auto_probes_plans_and_trains(tmp_path, capsys):
     ssd.mkdir()
     rc = main(["train", "--offload", "ssd", "--ssd", str(ssd), "--cpu-mem", "1GiB", "--plan", "auto",
                "--out", str(tmp_path / "runs"), "model.preset=gpt-test", "data.seq_len=32",
-               "train.micro_batch_size=2", "train.steps=2", "train.grad_clip=none", "train.eval_batches=1"])
-    assert rc == 0, capsys.readouterr().err
+               "train.micro_batch_size=2", "train.steps=2", "train.grad_clip=none", "train.eval_batches=1",
+               "optim.master=bf16", "optim.moments=int8"])
     err = capsys.readouterr().err
+    assert rc == 0, err
     assert "swap schedule" in err and "predicted step" in err
+    # the run's own state format and clipping (a pass: it planned fp32 state and clipping at 1.0)
+    assert "master bf16, moments int8" in err and "clipping exact" not in err, err
     (run_dir,) = (tmp_path / "runs").iterdir()
     names = {p.name for p in run_dir.iterdir()}
     assert {"act-policy.json", "hardware-profile.json", "config.toml", "model.safetensors"} <= names
