@@ -10,6 +10,8 @@ A profile written by ``fuyou probe`` holds measured figures instead (no discount
 
 from __future__ import annotations
 
+import math
+
 import json
 import re
 from pathlib import Path
@@ -127,6 +129,10 @@ class HardwareProfile(BaseModel):
         None, gt=0, description="The same with the head frozen (LoRA: no weight gradient, 2x the matmul); unset: "
         "head_flops, else bwd_flops.")
     gpu_mem: int = Field(gt=0, description="Device memory usable by training, bytes.")
+    gpu_card: int | None = Field(None, gt=0, description="The card's memory, bytes, of which gpu_mem is what training "
+                                 "may use (``resolve``: after --gpu-reserve); unset: gpu_mem.")
+    gpu_reserve: int | None = Field(None, ge=0, description="--gpu-reserve as given (unset: the default headroom, "
+                                    "CUDA's context and 5 %).")
     h2d: float = Field(gt=0, description="Host-to-device bandwidth, bytes/s (pinned).")
     d2h: float = Field(gt=0, description="Device-to-host bandwidth, bytes/s (pinned).")
     ssd_read: float = Field(gt=0, description="Aggregate SSD read bandwidth through fuyou's store, bytes/s.")
@@ -246,9 +252,19 @@ def resolve(hw: HardwareConfig) -> HardwareProfile:
             raise ConfigError(f"a GPU of {format_size(card)} leaves nothing for training after CUDA's context "
                               f"(about {format_size(CUDA_CONTEXT)}); give --gpu-mem the card's memory, or a "
                               f"larger GPU")
-        merged["gpu_mem"] = usable
+        merged["gpu_mem"], merged["gpu_card"], merged["gpu_reserve"] = usable, card, hw.gpu_reserve
         src.append(f"GPU memory {usable / GiB:.2f} of {card / GiB:.2f} GiB usable (--gpu-reserve)")
     return HardwareProfile(**{**merged, "source": "; ".join(src)})
+
+
+def card_for(hw: HardwareProfile, usable: int) -> int:
+    """The card memory whose usable part (``resolve``'s headroom, as this profile's) is ``usable``: what a
+    plan's "a GPU with at least" names (a pass: it named the usable figure, which a card of that size lacks)."""
+    if hw.gpu_card is None:
+        return usable
+    if hw.gpu_reserve is not None:
+        return usable + hw.gpu_reserve
+    return math.ceil(usable / 0.95) + CUDA_CONTEXT
 
 
 def with_more_ssds(p: HardwareProfile, factor: float) -> HardwareProfile:

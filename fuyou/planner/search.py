@@ -29,7 +29,7 @@ from fuyou.engine.config import OffloadConfig
 from fuyou.engine.layout import STORE_MARGIN, copies_needed
 from fuyou.engine.budget import activation_bytes
 from fuyou.planner.cost import StageCost, Workload, gpu_working_bytes, placement_bytes, stage_costs
-from fuyou.planner.hardware import GPUS, PROBED_RATES, HardwareProfile, with_more_ssds
+from fuyou.planner.hardware import GPUS, PROBED_RATES, HardwareProfile, card_for, with_more_ssds
 from fuyou.policy import CLASSES, ActivationPolicy, BlockPolicy
 from fuyou.planner.simulate import SimResult, simulate_plan
 from fuyou.optim.compressed import StateFormat
@@ -477,13 +477,16 @@ def _fixes(w: Workload, hw: HardwareProfile, cpu_budget: int, failed: Evaluation
     if policy is not None:
         lean = policy
     else:  # the leanest of checkpoints on the SSD (staging buffers) and on the compute device (train's default)
-        def need(pol: ActivationPolicy) -> tuple[bool, int]:  # fits the GPU first, then the least CPU memory
+        def need(pol: ActivationPolicy) -> tuple[bool, int, int]:  # fits the GPU first (else the least GPU memory:
+            # a pass was told of a GPU 3.6x the one that fits), then the least CPU memory
             p = memory_plan(w, hw, costs, pol, cpu_budget)[0]
-            return hw.device == "cuda" and p.device_required > hw.gpu_mem, p.cpu_minimum
+            over = hw.device == "cuda" and p.device_required > hw.gpu_mem
+            return over, p.device_required if over else 0, p.cpu_minimum
         lean = min((ActivationPolicy.recompute_all(w.model.n_layer, checkpoint=c, prefetch_depth=min(w.depths))
                     for c in ("ssd", "gpu")), key=need)
     plan, ssd = memory_plan(w, hw, costs, lean, cpu_budget)
-    if hw.device == "cuda" and plan.device_required > hw.gpu_mem:
+    gpu_need = min(plan.device_required, failed.memory.device_required)  # (the search's own plan may need less)
+    if hw.device == "cuda" and gpu_need > hw.gpu_mem:
         b = w.batch
         while b > 1:
             b //= 2
@@ -491,7 +494,7 @@ def _fixes(w: Workload, hw: HardwareProfile, cpu_budget: int, failed: Evaluation
             if memory_plan(w2, hw, stage_costs(w2), lean, cpu_budget)[0].device_required <= hw.gpu_mem:
                 fixes.append(f"batch {b} (of sequence {w.seq}) fits the GPU's {format_size(hw.gpu_mem)}")
                 break
-        need = plan.device_required
+        need = card_for(hw, gpu_need)  # the card's memory, its headroom included
         gpus = [n for n, g in GPUS.items() if g["mem"] >= need]
         fixes.append(f"a GPU with at least {format_size(need, up=True)} of memory"
                      + (f" ({', '.join(gpus)})" if gpus else ""))

@@ -783,3 +783,28 @@ def test_plan_takes_the_data_settings_and_counts_packed_rows_mask(tmp_path, caps
                         (["data.bogus=1"], "unknown key 'data.bogus'")):
         assert main([*base, *bad]) == 2
         assert needle in capsys.readouterr().err
+
+
+def test_the_plans_gpu_remedy_names_a_card_that_fits(capsys):
+    """"a GPU with at least X" named the usable memory a plan needs (a card of X keeps its headroom back and
+    still did not fit), and for a 405B model the leanest policy's 170 GiB where the search's own plan needed
+    47. The figure is now a card's, and a card of that size fits."""
+    import re
+
+    def gpu_fix(*args):
+        assert main(["plan", "--ssd", "8xd7-p5510", "--cpu-mem", "1TiB", *args]) != 0
+        out = capsys.readouterr().out
+        return float(re.search(r"a GPU with at least ([\d.]+) GiB", out).group(1))
+
+    for model, seq in (("gpt-tiny", "100000"), ("llama3-405b", "1024")):
+        need = gpu_fix("--model", model, "--seq", seq, "--gpu-tflops", "100", "--gpu-mem", "24GiB")
+        assert need < 60 if model == "llama3-405b" else need > 24
+        assert main(["plan", "--model", model, "--seq", seq, "--ssd", "8xd7-p5510", "--cpu-mem", "1TiB",
+                     "--gpu-tflops", "100", "--gpu-mem", f"{need}GiB"]) == 0, capsys.readouterr().out
+        capsys.readouterr()
+        # with --gpu-reserve, the card is the need and that reserve
+        need2 = gpu_fix("--model", model, "--seq", seq, "--gpu-tflops", "100", "--gpu-mem", "24GiB",
+                        "--gpu-reserve", "4GiB")
+        assert main(["plan", "--model", model, "--seq", seq, "--ssd", "8xd7-p5510", "--cpu-mem", "1TiB",
+                     "--gpu-tflops", "100", "--gpu-mem", f"{need2}GiB", "--gpu-reserve", "4GiB"]) == 0
+        capsys.readouterr()
