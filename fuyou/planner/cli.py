@@ -350,10 +350,15 @@ def _plan(args) -> int:
         cfg = cfg.model_copy(update={"max_seq_len": args.seq})
     nums = {k: getattr(args, k) for k in ("gpu_tflops", "ssd_read", "ssd_write", "pcie_bw", "cpu_adam", "ssd_tbw",
                                           "gpu_link")}
-    try:
-        nums = {k: float(v) for k, v in nums.items() if v is not None}
-    except ValueError as e:
-        raise ConfigError(f"a numeric hardware override is not a number: {e}") from None
+    units = {"gpu_tflops": "TFLOPS", "ssd_read": "GB/s", "ssd_write": "GB/s", "pcie_bw": "GB/s",
+             "cpu_adam": "parameters/s", "ssd_tbw": "TB written", "gpu_link": "GB/s"}
+    for k, v in nums.items():
+        try:
+            float(v) if v is not None else None
+        except ValueError:
+            raise ConfigError(f"--{k.replace('_', '-')} {v}: give a plain number, in {units[k]} (e.g. --"
+                              f"{k.replace('_', '-')} 600 for 600 {units[k]})") from None
+    nums = {k: float(v) for k, v in nums.items() if v is not None}
     from pydantic import ValidationError
 
     from fuyou.config import explain
@@ -513,6 +518,10 @@ def _probe(args) -> int:
         raise ConfigError(f"--io-bytes {format_size(io_bytes)}: the SSD probe holds about 3x that in memory, more "
                           f"than half this machine's {format_size(memory)}; give less (the default, 256MiB, "
                           f"measures the drives)")
+    if memory and 16 * args.adam_params > memory // 2:  # fp32 weights and moments, a bf16 gradient and copy out
+        raise ConfigError(f"--adam-params {args.adam_params}: the AdamW probe holds 16 B a parameter "
+                          f"({format_size(16 * args.adam_params)}), more than half this machine's "
+                          f"{format_size(memory)}; give fewer (the default, {1 << 24}, measures the kernel)")
     if free is not None and 2 * io_bytes > free:
         raise ConfigError(f"--io-bytes {format_size(io_bytes)}: the SSD probe writes 2x that, more than the "
                           f"{format_size(free)} free under --ssd {args.ssd}; give less (the default, 256MiB, "

@@ -181,6 +181,19 @@ def _ssd_preset(spec: str) -> tuple[int, dict]:
     return n, SSDS[m.group(2)]
 
 
+def check_names(hw: HardwareConfig) -> None:
+    """The preset names of ``hw`` (hardware.gpu, hardware.ssd, hardware.pcie) are the planner's, or a
+    ConfigError naming the choices: fuyou train took unknown ones in silence and then said to set them (a pass)."""
+    if hw.gpu is not None and hw.gpu.strip().lower() not in GPUS:
+        raise ConfigError(f"unknown GPU hardware.gpu={hw.gpu!r}; choose one of: {', '.join(GPUS)}, or give "
+                          f"hardware.gpu_tflops")
+    if hw.ssd is not None:
+        _ssd_preset(hw.ssd)
+    if hw.pcie is not None and hw.pcie not in PCIE:
+        raise ConfigError(f"unknown PCIe link hardware.pcie={hw.pcie!r}; choose one of: {', '.join(PCIE)}, or give "
+                          f"hardware.pcie_bw")
+
+
 CUDA_CONTEXT = 768 * 1024**2
 """Device memory the CUDA context, cuBLAS and the kernels' modules take before training allocates
 anything (an estimate; the engine measures the real figure as the GPU's free memory after a warm-up)."""

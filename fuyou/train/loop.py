@@ -374,6 +374,9 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
     """Train ``cfg`` in a new run directory, or continue the run in ``resume`` from its last commit."""
     if cfg.run.tensorboard and not tensorboard_available():
         raise ConfigError("run.tensorboard=true needs the tensorboard package: pip install 'fuyou[tensorboard]'")
+    from fuyou.planner.hardware import check_names
+
+    check_names(cfg.hardware)  # (the summary's wear and --plan auto read them)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     resumed_run = None
@@ -744,8 +747,14 @@ def _endurance(cfg: FuyouConfig) -> tuple[float, str] | None:
     the hardware.ssd preset's endurance, times the preset's drive count (else the number of SSD
     directories); and how the drives were counted, for the summary."""
     hw = cfg.hardware
-    dirs = max(1, len(cfg.offload.ssd_dirs))
-    n, drive, how = dirs, {}, f"{dirs} drive{'s' if dirs > 1 else ''}: one per SSD directory"
+    devices = set()
+    for d in cfg.offload.ssd_dirs:  # (two directories on one drive are one drive: a pass saw its life doubled)
+        try:
+            devices.add(os.stat(d).st_dev)
+        except OSError:
+            devices.add(d)
+    dirs = max(1, len(devices))
+    n, drive, how = dirs, {}, f"{dirs} drive{'s' if dirs > 1 else ''}: one per file system of the SSD directories"
     if hw.ssd:
         from fuyou.planner.hardware import _ssd_preset
 
@@ -755,7 +764,8 @@ def _endurance(cfg: FuyouConfig) -> tuple[float, str] | None:
             return None
         how = f"{n} drive{'s' if n > 1 else ''}: hardware.ssd={hw.ssd}"
         if n != dirs:
-            how += f", not one per SSD directory ({dirs}; a preset such as {dirs}x{hw.ssd.split('x')[-1]} counts so)"
+            how += (f", not one per file system of the SSD directories ({dirs}; a preset such as "
+                    f"{dirs}x{hw.ssd.split('x')[-1]} counts so)")
     per_drive = hw.ssd_tbw * 1e12 if hw.ssd_tbw else drive.get("tbw")
     return (per_drive * n, how) if per_drive else None
 

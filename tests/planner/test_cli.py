@@ -110,6 +110,13 @@ def test_probe_refuses_a_missing_directory(tmp_path, capsys):
     assert "not a directory" in capsys.readouterr().err
 
 
+def test_probe_refuses_an_adam_probe_larger_than_memory(tmp_path, capsys):
+    """--adam-params had no upper bound: an ENOMEM traceback after the compute probe (a hostile pass)."""
+    assert main(["probe", "--ssd", str(tmp_path), "--out", str(tmp_path / "p.json"), "--adam-params",
+                 str(10**12)]) == 2
+    assert "the AdamW probe holds 16 B a parameter" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("flag", ["--batch", "--seq"])
 def test_plan_rejects_nonpositive_sizes(flag, capsys):
     assert main(["plan", "--gpu", "h100", "--ssd", "d7-p5510", flag, "0"]) == 2

@@ -406,13 +406,14 @@ def test_a_resume_that_changes_the_adapters_scale_says_so():
 
 
 @pytest.mark.parametrize("hw, says", [
-    ("hardware.ssd=990-pro", "(1 drive: hardware.ssd=990-pro, not one per SSD directory (2; a preset such as "
-                             "2x990-pro counts so)) last"),
-    ("hardware.ssd_tbw=600", "rated 1.2 PB (2 drives: one per SSD directory) last"),
+    ("hardware.ssd=2x990-pro", "(2 drives: hardware.ssd=2x990-pro, not one per file system of the SSD directories "
+                               "(1; a preset such as 1x990-pro counts so)) last"),
+    ("hardware.ssd_tbw=600", "rated 0.6 PB (1 drive: one per file system of the SSD directories) last"),
 ])
 def test_the_wear_summary_says_how_it_counted_the_drives(tmp_path, capsys, hw, says):
-    """Two SSD directories: a one-drive preset rated one drive, a per-drive rating two; the summary now
-    says which it counted (a new-user pass read the two as inconsistent)."""
+    """Two SSD directories: a preset rated its drives, a per-drive rating one per directory; the summary
+    says which it counted (a new-user pass read the two as inconsistent). Two directories on one file system
+    are one drive (a later pass saw the drives' life doubled)."""
     from fuyou.cli import main
 
     for d in ("s1", "s2"):
@@ -420,6 +421,18 @@ def test_the_wear_summary_says_how_it_counted_the_drives(tmp_path, capsys, hw, s
     assert main(["train", "--offload", "ssd", "--ssd", str(tmp_path / "s1"), "--ssd", str(tmp_path / "s2"), "--out",
                  str(tmp_path / "runs"), *SSD_RUN, "train.steps=2", hw]) == 0
     assert says in capsys.readouterr().err
+
+
+def test_unknown_hardware_presets_are_refused_by_train(tmp_path, capsys):
+    """fuyou plan refused them; fuyou train wrote them to config.toml and its summary then asked for a preset
+    (a hostile pass)."""
+    from fuyou.cli import main
+
+    for bad, says in (("hardware.gpu=rtx9090", "unknown GPU hardware.gpu='rtx9090'"),
+                      ("hardware.ssd=99-pro", "unknown SSD '99-pro'"), ("hardware.pcie=gen9x1", "unknown PCIe")):
+        assert main(["train", "--out", str(tmp_path / "runs"), "train.steps=1", bad]) == 2
+        assert says in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
 
 
 def test_a_change_in_the_number_of_data_files_is_said(tmp_path):
