@@ -28,6 +28,7 @@ import os
 import resource
 import shutil
 import statistics
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -61,6 +62,9 @@ def _median_time(fn, repeats: int, sync=lambda: None) -> float:
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
+
+UNSTEADY_RATIO = 4.0  # forward and backward rates further apart than this: measured while the machine was busy
+UNSTEADY_TRIES = 3   # measurements of the block before the probe says its rates are not to be trusted
 
 PROBE_LORA = LoRAConfig(rank=16, targets=["all-linear"])  # the adapters timed when the run's are not known
 
@@ -109,7 +113,15 @@ def probe_compute(cfg: ModelConfig, batch: int, seq: int, device: torch.device, 
         F.linear(a, ws[0]), F.linear(att, ws[1]), F.linear(a, ws[2]), F.linear(h, ws[3])
 
     mm_flops = 2.0 * N * d * (qw + 2 * kv) + 2.0 * N * qw * d + 2.0 * N * d * ff * 2
-    t_f, t_b, t_m = (_median_time(f, repeats, sync) for f in (fwd, bwd, matmuls))
+    # The forward and the recompute + backward run the same matmuls at about one rate. One far from the other (a
+    # pass: 33x, the plan's steps 4-6x off) was measured while something else took the cores: measured again
+    unsteady = True
+    for attempt in range(UNSTEADY_TRIES):
+        t_f, t_b, t_m = (_median_time(f, repeats, sync) for f in (fwd, bwd, matmuls))
+        rf, rb = fwd_flops / t_f, 3 * fwd_flops / t_b
+        if max(rf, rb) <= UNSTEADY_RATIO * min(rf, rb):
+            unsteady = False
+            break
     lora = lora if lora is not None and lora.enabled else PROBE_LORA
     narrowest = min(d, qw, kv, ff)  # (a small block, or the smaller one the probe times on a CPU: attach refuses
     lora = lora.model_copy(update={"rank": min(lora.rank, narrowest)})  # a rank beyond a matmul's side)
@@ -158,6 +170,7 @@ def probe_compute(cfg: ModelConfig, batch: int, seq: int, device: torch.device, 
     head_cost = StageCost("head", 2, "head", 0, 2.0 * N * d * V, {}, {})
     t_h, t_lh = (_median_time(head_step(frozen), repeats, sync) for frozen in (False, True))
     return {"block_shape": f"{cfg.family} d={d} ff={ff} batch={batch} seq={seq}", "d_model": d, "tokens": N,
+            "unsteady": unsteady,
             "fwd_s": t_f, "bwd_s": t_b,
             "fwd_flops": fwd_flops / t_f, "bwd_flops": 3 * fwd_flops / t_b, "matmul_flops": mm_flops / t_m,
             "lora": f"rank {lora.rank} on {', '.join(resolve_targets(cfg.family, lora.targets))}"
@@ -412,6 +425,11 @@ def probe(ssd_dir: str | Path, *, model: str | ModelConfig | None = None, batch:
         meas["links"] = {"h2d": NOT_USED, "d2h": NOT_USED}
         gpu_mem = cpu_memory()
     c, s = meas["compute"], meas["store"]
+    if c["unsteady"]:
+        print(f"fuyou probe: warning: the block's forward and backward ran at rates {UNSTEADY_RATIO:g}x apart or "
+              f"more in {UNSTEADY_TRIES} measurements (forward {c['fwd_flops'] / 1e12:.3g}, backward "
+              f"{c['bwd_flops'] / 1e12:.3g} TFLOPS): another process took the machine's cores while it measured, so "
+              f"the plan's step times may be far off; probe again on a quiet machine", file=sys.stderr)
     prof = HardwareProfile(
         source=f"fuyou probe on {os.uname().nodename} ({dev}, {c['block_shape']})", device=dev.type,
         fwd_flops=c["fwd_flops"], bwd_flops=c["bwd_flops"], matmul_flops=c["matmul_flops"], gpu_mem=gpu_mem,

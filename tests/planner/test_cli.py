@@ -815,3 +815,32 @@ def test_the_plans_gpu_remedy_names_a_card_that_fits(capsys):
         assert main(["plan", "--model", model, "--seq", seq, "--ssd", "8xd7-p5510", "--cpu-mem", "1TiB",
                      "--gpu-tflops", "100", "--gpu-mem", f"{need2}GiB", "--gpu-reserve", "4GiB"]) == 0
         capsys.readouterr()
+
+
+def test_the_probe_measures_again_when_forward_and_backward_disagree(monkeypatch):
+    """A forward measured 33x slower than its backward (the machine busy with another process) went into the
+    profile, and the plan's steps were 4-6x off (a hostile pass). The block is measured again; rates that stay
+    apart are flagged (``unsteady``: fuyou probe warns)."""
+    import torch
+
+    from fuyou.config import preset
+    from fuyou.models.config import ModelConfig
+    from fuyou.planner import probe as pr
+
+    calls = []
+
+    def timed(busy_for):
+        def fake(fn, repeats, sync=lambda: None):
+            calls.append(fn.__name__)
+            n = calls.count("fwd")
+            return 1.0 if fn.__name__ == "fwd" and n <= busy_for else 1e-3
+        return fake
+
+    cfg = ModelConfig(**preset("gpt-test"))
+    monkeypatch.setattr(pr, "_median_time", timed(1))  # busy during the first measurement only
+    c = pr.probe_compute(cfg, 1, 16, torch.device("cpu"), 1)
+    assert calls.count("fwd") == 2 and not c["unsteady"] and c["fwd_flops"] == c["bwd_flops"] / 3
+    calls.clear()
+    monkeypatch.setattr(pr, "_median_time", timed(99))
+    assert pr.probe_compute(cfg, 1, 16, torch.device("cpu"), 1)["unsteady"]
+    assert calls.count("fwd") == pr.UNSTEADY_TRIES
