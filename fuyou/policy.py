@@ -284,6 +284,23 @@ def planned_settings(spec: str) -> dict:
     return {**out, "cpu_mem": given} if given is not None else out
 
 
+PLANNED_WORKLOAD = ("model", "batch", "seq", "grad_accum", "state_format")  # what a `fuyou plan --json` report planned
+
+
+def planned_workload(spec: str) -> dict:
+    """What a `fuyou plan --json` report given as the policy file was planned for (``PLANNED_WORKLOAD``, as
+    written); {} for a policy file alone or anything unreadable."""
+    if not spec.strip().endswith(".json"):
+        return {}
+    try:
+        raw = json.loads(Path(spec.strip()).expanduser().read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(raw, dict) or not isinstance(raw.get("policy"), dict):
+        return {}
+    return {k: raw[k] for k in PLANNED_WORKLOAD if k in raw}
+
+
 def to_keep(pol: ActivationPolicy, n_layer: int, default_dtype: str = "fp32") -> dict[int, KeepPolicy]:
     """The engine's per-block policies for an ``ActivationPolicy`` (see ``keep_policies``)."""
     out = {}

@@ -174,13 +174,26 @@ def _adopt_planned_settings(cfg: FuyouConfig, stream, main: bool) -> FuyouConfig
     """A `fuyou plan --json` file as --act-policy: the prefetch depth and caps it was planned with, where
     the run does not set them (its memory holds at them; a pass found the file's depth ignored in silence).
     A setting given that differs is kept, with a note, as is a CPU budget other than the plan's."""
-    from fuyou.policy import planned_settings
+    from fuyou.optim.compressed import StateFormat
+    from fuyou.policy import planned_settings, planned_workload
 
     planned = planned_settings(cfg.offload.act_policy) if cfg.offload.mode == "ssd" else {}
     budget = planned.pop("cpu_mem", None)
+    where = cfg.offload.act_policy
+    if cfg.offload.mode == "ssd" and main:  # the workload it was planned for (a pass trained another in silence)
+        was = planned_workload(where)
+        now = {"model": cfg.model.preset or cfg.model.family, "batch": cfg.train.micro_batch_size,
+               "seq": cfg.data.seq_len, "grad_accum": cfg.train.grad_accum,
+               "state_format": StateFormat.of(cfg.optim).describe()}
+        names = {"model": "model", "batch": "micro-batch", "seq": "sequence", "grad_accum": "grad_accum",
+                 "state_format": "optimizer state"}
+        differ = [f"{names[k]} {was[k]} (this run: {now[k]})" for k in was if was[k] != now[k]
+                  and not (k == "model" and cfg.model.init_from)]  # (a checkpoint's model: named by its shape)
+        if differ:
+            print(f"note: the plan in {where} was made for another run: {'; '.join(differ)}; its policy and caps "
+                  f"are that run's memory (plan again with this run's settings)", file=stream)
     if not planned:
         return cfg
-    where = cfg.offload.act_policy
     try:  # (the file may have been edited: its values as the run's own would be read)
         as_planned = type(cfg.offload).model_validate({**cfg.offload.model_dump(exclude_unset=True), **planned})
     except ValidationError as e:

@@ -686,6 +686,9 @@ def test_a_plan_file_as_act_policy_brings_its_prefetch_depth_and_caps(tmp_path, 
     err = capsys.readouterr().err
     assert "offload.prefetch_depth=1" in err and f"from the plan in {plan}" in err, err
     assert f"the plan in {plan} was made for --cpu-mem 6.00 GiB; this run gives 8.00 GiB" in err, err
+    # the workload it was planned for (a pass trained another batch and state format with it in silence)
+    assert (f"the plan in {plan} was made for another run: micro-batch 2 (this run: 16); sequence 256 (this run: "
+            f"32);") in err
     off = tomllib.loads((tmp_path / "runs" / "taken" / "config.toml").read_text())["offload"]
     assert off["prefetch_depth"] == 1
     assert off["resident_mem"] == planned["resident_mem"] and planned["resident_mem"] is not None
