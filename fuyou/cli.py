@@ -22,6 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(args, "func"):
         parser.print_help()
         return 2
+    _quiet_other_ranks()
     try:
         return args.func(args) or 0
     except FuyouError as e:
@@ -35,6 +36,40 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `fuyou models | head`: the reader left; not an error
         sys.stderr.close()
         return 0
+
+
+class _NotesDropped:
+    """A rank other than 0's stderr under torchrun: its notes (``NOTES``) are rank 0's to print (the same
+    lines from every rank, interleaved: a pass); its errors, warnings and anything else pass, a line at a time."""
+
+    NOTES = ("note:", "fuyou: note:", "fuyou: data:")
+
+    def __init__(self, stream):
+        self.stream, self.part = stream, ""
+
+    def write(self, text: str) -> int:
+        *lines, self.part = (self.part + text).split("\n")
+        kept = [line for line in lines if not line.startswith(self.NOTES)]
+        if kept:
+            self.stream.write("\n".join(kept) + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+def _quiet_other_ranks() -> None:
+    import atexit
+    import os
+
+    from fuyou.distributed import launched_world
+
+    if launched_world() > 1 and os.environ.get("RANK", "0") != "0" and not isinstance(sys.stderr, _NotesDropped):
+        sys.stderr = quiet = _NotesDropped(sys.stderr)
+        atexit.register(lambda: quiet.part and quiet.stream.write(quiet.part))
 
 
 def _leave_ranks() -> None:

@@ -92,6 +92,11 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     if any(f.suffix in WEIGHT_SUFFIXES for f in p.iterdir()):
         raise ConfigError(f"{p} has weights but no config.json; a Hugging Face model directory needs its "
                           f"config.json (fuyou imports {SUPPORTED_TEXT})")
+    if (p / "config.toml").is_file():  # (a pass was told it "holds no model")
+        snaps = sorted((p / "snapshots").glob("step-*")) if (p / "snapshots").is_dir() else []
+        raise ConfigError(f"{p} is a fuyou run without model.safetensors: it was stopped, or is still training (a "
+                          f"finished run saves it). Export its last commit (`fuyou export {p} --out DIR`) and give "
+                          f"--init-from DIR" + (f", or give a snapshot ({snaps[-1]})" if snaps else ""))
     raise ConfigError(f"{p} holds no model; {expected}")
 
 

@@ -90,16 +90,23 @@ def save_snapshot(run_dir: Path, trainer, cfg: FuyouConfig, steps: int) -> Path:
     root = run_dir / "snapshots"
     final, tmp = root / f"step-{steps:06d}", root / f".step-{steps:06d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    try:  # (a snapshots path that is a file, a full disk: a sentence, not a traceback: a pass)
+        tmp.mkdir(parents=True)
+    except OSError as e:
+        raise SaveError(f"the snapshot of step {steps} cannot be written: making {tmp} failed ({e.strerror or e})"
+                        + (f"; {root} is not a directory" if root.exists() and not root.is_dir() else "")) from e
     try:
         save_weights(tmp, trainer, cfg, steps, run_dir=run_dir)
+        snap_cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"init_from": str(run_dir.resolve())})})
+        (tmp / "config.toml").write_text(to_toml(snap_cfg))
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise SaveError(f"the snapshot of step {steps} was not written to {final} ({e.strerror or e})") from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    snap_cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"init_from": str(run_dir.resolve())})})
-    (tmp / "config.toml").write_text(to_toml(snap_cfg))
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
     for old in snapshot_dirs(root)[:-cfg.train.keep_snapshots]:
         shutil.rmtree(old, ignore_errors=True)
     return final

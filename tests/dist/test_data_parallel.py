@@ -508,6 +508,8 @@ def test_ranks_initialised_from_different_checkpoints_are_refused(tmp_path):
                                              "model.init_from=" + str(d)) for d in (a, same)])
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs[1][1][-2000:]
+    # notes are rank 0's to print (every rank printed them, interleaved: a pass)
+    assert "fine-tuning defaults" in outs[0][1] and "fine-tuning defaults" not in outs[1][1], outs[1][1]
 
 
 def test_two_ranks_with_resident_state_and_spare_copies(tmp_path):

@@ -10,6 +10,7 @@ the one-process sum (tests/dist/test_data_parallel.py), and the state moves bit 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -142,6 +143,12 @@ def test_what_reshard_refuses(tmp_path):
     assert r.returncode != 0 and "nothing to reshard" in r.stderr
     r = fuyou("reshard", str(tmp_path), "--nproc", "2", check=False)
     assert r.returncode != 0 and "not a run directory" in r.stderr
+    snap = tmp_path / "runs" / "plain" / "snapshots" / "step-000001"  # (it said "trained by 1 process(es)")
+    snap.mkdir(parents=True)
+    (snap / "model.safetensors").write_bytes(b"")
+    shutil.copy(tmp_path / "runs" / "plain" / "config.toml", snap)
+    r = fuyou("reshard", str(snap), "--nproc", "2", check=False)
+    assert r.returncode != 0 and "is a snapshot (weights only" in r.stderr, r.stderr
     from fuyou.store import TensorStore
 
     with TensorStore.open([tmp_path / "ssd" / "cut.fuyou-state"]):  # as a training process holds it

@@ -711,3 +711,20 @@ def test_a_finished_run_is_exported_as_it_finished_beside_a_namesakes_later_stat
     export_run(first.run_dir, tmp_path / "after")
     a, b = (load_safetensors(tmp_path / d / "model.safetensors") for d in ("before", "after"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_snapshot_that_cannot_be_written_is_a_sentence_and_init_from_a_stopped_run_says_export(tmp_path):
+    """A hostile pass: `snapshots` made a file ended rank 0 in a NotADirectoryError traceback; --init-from a
+    stopped run (no model.safetensors) said it "holds no model"."""
+    from fuyou.errors import ConfigError
+    from fuyou.hf.source import open_checkpoint
+    from fuyou.train.run import SaveError, save_snapshot
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "snapshots").write_text("in the way")
+    with pytest.raises(SaveError, match=r"the snapshot of step 3 cannot be written: .* is not a directory"):
+        save_snapshot(run, None, load_config(), 3)
+    (run / "config.toml").write_text("")
+    with pytest.raises(ConfigError, match=r"a fuyou run without model.safetensors: it was stopped.*fuyou export"):
+        open_checkpoint(run)
