@@ -43,7 +43,7 @@ def parse_size(value: int | float | str) -> int:
 
 def unitless_hint(budget: int) -> str:
     """A hint for a memory budget of a few bytes: a number of GiB given without its unit ("--cpu-mem 12")."""
-    return f" (a size without a unit is bytes: did you mean {budget}GiB?)" if budget < 4096 else ""
+    return f" (a size without a unit is bytes: did you mean {budget}GiB?)" if 0 < budget < 4096 else ""
 
 
 def format_size(n: int | float, up: bool = False) -> str:
