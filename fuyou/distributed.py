@@ -113,9 +113,7 @@ class Dist:
                 f"rank {self.rank}: {what} failed ({why}): another "
                 f"rank stopped or is stuck (its own error says why). This rank's last commit is intact: fix the "
                 f"cause (the other rank's error says whether its state is damaged), then "
-                f"continue with `torchrun --nproc_per_node={self.local_world} -m fuyou.cli train --resume "
-                f"{self.run_dir or 'RUN_DIR'}` " + ("" if self.run_dir else "(the run directory it printed) ")
-                + f"({self.world} processes in all, as now)") from e
+                f"continue with `{resume_command(self.run_dir, self)}` ({self.world} processes in all, as now)") from e
 
     def all_reduce_(self, t: torch.Tensor, what: str = "summing a gradient over the ranks") -> torch.Tensor:
         """Sum ``t`` over the ranks in place."""
@@ -248,10 +246,10 @@ def current() -> Dist:
     return _DIST
 
 
-def resume_command(run_dir=None) -> str:
+def resume_command(run_dir=None, d: Dist | None = None) -> str:
     """The command that resumes this run as it runs now (torchrun's, under torchrun): errors' advice (a pass
-    was told `fuyou train --resume`, which a run of several ranks refuses)."""
-    d = _DIST
+    was told `fuyou train --resume`, which a run of several ranks refuses). ``d``: the ranks (this process's)."""
+    d = d or _DIST
     where = run_dir or d.run_dir or "RUN_DIR"
     if not d.enabled:
         return f"fuyou train --resume {where}"
@@ -294,7 +292,8 @@ def init(cfg, resume_dir: Path | None = None, resumed_run: str | None = None) ->
     if len(dirs) > local_world and len(dirs) % local_world:  # (rank_config: a pass's third went unused, in silence)
         raise ConfigError(f"{len(dirs)} --ssd directories among the {local_world} processes of this machine: each "
                           f"rank stripes its state over its own share of them, so give a multiple of {local_world} "
-                          f"(or fewer directories than processes, which every rank shares)")
+                          f"(or fewer directories than processes, which every rank shares; a run started with more "
+                          f"resumes with the first {len(dirs) // local_world * local_world}: the others went unused)")
     device = t.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -284,7 +284,7 @@ def planned_settings(spec: str) -> dict:
     return {**out, "cpu_mem": given} if given is not None else out
 
 
-PLANNED_WORKLOAD = ("model", "batch", "seq", "grad_accum", "state_format")  # what a `fuyou plan --json` report planned
+PLANNED_WORKLOAD = ("model", "batch", "seq", "grad_accum", "model_shape", "optim", "lora")  # a plan report's workload
 
 
 def planned_workload(spec: str) -> dict:

@@ -92,8 +92,9 @@ def reshard(run_dir: str | Path, nproc: int, ssd_dirs: list[str] | None = None) 
     from fuyou.config import load_config
 
     run_dir = Path(run_dir).expanduser()
-    if run_dir.parent.name == "snapshots" and (run_dir / "model.safetensors").is_file():  # (a pass was told it was
-        # "trained by 1 process(es)"): a snapshot holds weights only, which any number of processes start from
+    weights = ("model.safetensors", "adapter.safetensors")
+    if run_dir.parent.name == "snapshots" and any((run_dir / f).is_file() for f in weights):
+        # (a pass was told it was "trained by 1 process(es)"): a snapshot holds weights only, for any number of ranks
         raise ConfigError(f"{run_dir} is a snapshot (weights only, no training state): nothing to reshard; "
                           f"--init-from {run_dir} starts a run from it with any number of processes, and "
                           f"`fuyou reshard {run_dir.parent.parent} --nproc N` reshards its run")

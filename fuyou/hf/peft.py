@@ -128,19 +128,35 @@ SAMPLES = 16               # evenly spaced 4 KiB reads a weight file contributes
 
 
 def base_fingerprint(base: Path) -> str:
-    """A fingerprint of a base directory's weights: its config.json, each weight file's name and size, its
-    first 64 KiB (a safetensors header names every tensor's shape and place), the first 64 bytes of every
-    tensor of a safetensors file (a merge or an edit of any layer changes them) and ``SAMPLES`` 4 KiB reads
-    spread over each file. A few small reads a tensor: cheap at any size."""
+    """A fingerprint of a base directory's weights: its config.json and ``files_fingerprint`` of every weight
+    file in it."""
     import hashlib
-    import struct
 
     from fuyou.hf.weights import WEIGHT_SUFFIXES
 
     h = hashlib.sha256()
     if (base / "config.json").is_file():
         h.update((base / "config.json").read_bytes())
-    for f in sorted(p for p in base.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES):
+    _hash_files(h, sorted(p for p in base.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES))
+    return h.hexdigest()
+
+
+def files_fingerprint(files) -> str:
+    """A fingerprint of weight files: each one's name and size, its first 64 KiB (a safetensors header names
+    every tensor's shape and place), the first 64 bytes of every tensor of a safetensors file (a merge or an
+    edit of any layer changes them) and ``SAMPLES`` 4 KiB reads spread over it. A few small reads a tensor:
+    cheap at any size."""
+    import hashlib
+
+    h = hashlib.sha256()
+    _hash_files(h, sorted(files))
+    return h.hexdigest()
+
+
+def _hash_files(h, files) -> None:
+    import struct
+
+    for f in files:
         size = f.stat().st_size
         h.update(f"{f.name}:{size};".encode())
         with open(f, "rb") as fh:
@@ -160,7 +176,6 @@ def base_fingerprint(base: Path) -> str:
                     if offsets:
                         fh.seek(8 + n + int(offsets[0]))
                         h.update(fh.read(min(64, int(offsets[1]) - int(offsets[0]))))
-    return h.hexdigest()
 
 
 def record_base(run: Path) -> None:

@@ -93,10 +93,13 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         raise ConfigError(f"{p} has weights but no config.json; a Hugging Face model directory needs its "
                           f"config.json (fuyou imports {SUPPORTED_TEXT})")
     if (p / "config.toml").is_file():  # (a pass was told it "holds no model")
-        snaps = sorted((p / "snapshots").glob("step-*")) if (p / "snapshots").is_dir() else []
-        raise ConfigError(f"{p} is a fuyou run without model.safetensors: it was stopped, or is still training (a "
-                          f"finished run saves it). Export its last commit (`fuyou export {p} --out DIR`) and give "
-                          f"--init-from DIR" + (f", or give a snapshot ({snaps[-1]})" if snaps else ""))
+        snaps = sorted((q for q in (p / "snapshots").glob("step-*") if q.is_dir() and q.name[5:].isdigit()),
+                       key=lambda q: int(q.name[5:]))  # (engine.state.snapshot_dirs: engine imports hf)
+        raise ConfigError(f"{p} is a fuyou run without model.safetensors: it was stopped, is still training, or ran "
+                          f"with run.save_weights=false. "
+                          + (f"Give one of its snapshots (the last: {snaps[-1]}), or export" if snaps else "Export")
+                          + f" its last commit (an SSD-offloaded run's: `fuyou export {p} --out DIR`) and give "
+                            f"--init-from DIR")
     raise ConfigError(f"{p} holds no model; {expected}")
 
 

@@ -356,8 +356,7 @@ def _plan(args) -> int:
         try:
             float(v) if v is not None else None
         except ValueError:
-            raise ConfigError(f"--{k.replace('_', '-')} {v}: give a plain number, in {units[k]} (e.g. --"
-                              f"{k.replace('_', '-')} 600 for 600 {units[k]})") from None
+            raise ConfigError(f"--{k.replace('_', '-')} {v}: give a plain number, in {units[k]}") from None
     nums = {k: float(v) for k, v in nums.items() if v is not None}
     from pydantic import ValidationError
 

@@ -10,9 +10,8 @@ A profile written by ``fuyou probe`` holds measured figures instead (no discount
 
 from __future__ import annotations
 
-import math
-
 import json
+import math
 import re
 from pathlib import Path
 from typing import Literal

@@ -116,7 +116,7 @@ def probe_compute(cfg: ModelConfig, batch: int, seq: int, device: torch.device, 
     # The forward and the recompute + backward run the same matmuls at about one rate. One far from the other (a
     # pass: 33x, the plan's steps 4-6x off) was measured while something else took the cores: measured again
     unsteady = True
-    for attempt in range(UNSTEADY_TRIES):
+    for _ in range(UNSTEADY_TRIES):
         t_f, t_b, t_m = (_median_time(f, repeats, sync) for f in (fwd, bwd, matmuls))
         rf, rb = fwd_flops / t_f, 3 * fwd_flops / t_b
         if max(rf, rb) <= UNSTEADY_RATIO * min(rf, rb):

@@ -66,12 +66,18 @@ def _window(plan: Plan) -> tuple[float, float, list[Task]]:
     return start, max(t.end for t in tasks), tasks
 
 
+SHAPE_KEYS = ("family", "n_layer", "d_model", "n_head", "kv_heads", "ff_dim", "vocab_size")
+
+
 def summary(plan: Plan) -> dict:
     w, hw, ev = plan.workload, plan.hardware, plan.best
     out = {"model": w.model.preset or f"{w.model.family} {w.model.n_layer}x{w.model.d_model}",
            "parameters": w.stage_model.num_params, "batch": w.batch, "seq": w.seq, "grad_accum": w.grad_accum,
            "packed": w.packed, "hardware": hw.source, "feasible": ev.feasible, "cpu_budget_bytes": ev.memory.cpu_budget,
-           "cpu_given_bytes": plan.cpu_given}
+           "cpu_given_bytes": plan.cpu_given,
+           # what a run given this report as --act-policy compares with its own (``policy.planned_workload``)
+           "model_shape": {k: getattr(w.model, k) for k in SHAPE_KEYS},
+           "optim": {"master": w.fmt.master, "moments": w.fmt.moments}}
     if plan.split:
         out["split"] = {"global_batch": w.batch * w.grad_accum, "reason": plan.split_reason,
                         "tried": [{"micro_batch": b, "micro_batches": m, "step_s": t, "note": why}

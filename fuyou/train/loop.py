@@ -174,7 +174,6 @@ def _adopt_planned_settings(cfg: FuyouConfig, stream, main: bool) -> FuyouConfig
     """A `fuyou plan --json` file as --act-policy: the prefetch depth and caps it was planned with, where
     the run does not set them (its memory holds at them; a pass found the file's depth ignored in silence).
     A setting given that differs is kept, with a note, as is a CPU budget other than the plan's."""
-    from fuyou.optim.compressed import StateFormat
     from fuyou.policy import planned_settings, planned_workload
 
     planned = planned_settings(cfg.offload.act_policy) if cfg.offload.mode == "ssd" else {}
@@ -182,13 +181,18 @@ def _adopt_planned_settings(cfg: FuyouConfig, stream, main: bool) -> FuyouConfig
     where = cfg.offload.act_policy
     if cfg.offload.mode == "ssd" and main:  # the workload it was planned for (a pass trained another in silence)
         was = planned_workload(where)
-        now = {"model": cfg.model.preset or cfg.model.family, "batch": cfg.train.micro_batch_size,
-               "seq": cfg.data.seq_len, "grad_accum": cfg.train.grad_accum,
-               "state_format": StateFormat.of(cfg.optim).describe()}
-        names = {"model": "model", "batch": "micro-batch", "seq": "sequence", "grad_accum": "grad_accum",
-                 "state_format": "optimizer state"}
-        differ = [f"{names[k]} {was[k]} (this run: {now[k]})" for k in was if was[k] != now[k]
-                  and not (k == "model" and cfg.model.init_from)]  # (a checkpoint's model: named by its shape)
+        differ = [f"{name} {was[k]} (this run: {now})" for k, name, now in (
+            ("batch", "micro-batch", cfg.train.micro_batch_size), ("seq", "sequence", cfg.data.seq_len),
+            ("grad_accum", "grad_accum", cfg.train.grad_accum), ("lora", "LoRA", cfg.lora.enabled))
+            if k in was and was[k] != now]
+        shape = was.get("model_shape")  # (a report from before it recorded the shape: not compared)
+        if isinstance(shape, dict):
+            differ += [f"model.{k} {v} (this run: {getattr(cfg.model, k, None)})" for k, v in shape.items()
+                       if v != getattr(cfg.model, k, None)]
+        state = was.get("optim")
+        if isinstance(state, dict) and not cfg.lora.enabled and not was.get("lora"):
+            differ += [f"optim.{k}={state.get(k)} (this run: {getattr(cfg.optim, k)})" for k in ("master", "moments")
+                       if state.get(k) != getattr(cfg.optim, k)]
         if differ:
             print(f"note: the plan in {where} was made for another run: {'; '.join(differ)}; its policy and caps "
                   f"are that run's memory (plan again with this run's settings)", file=stream)
@@ -332,21 +336,33 @@ def _agree_on_sources(cfg: FuyouConfig, dist: distributed.Dist) -> None:
     """Data parallel, a new run: model.init_from and lora.init_from may name another path on each machine
     (``distributed.PER_MACHINE``), but each rank initialises the stages it owns from its own: a pass trained a
     model whose layers came from two checkpoints, and two adapters as one, in silence. The ranks compare the
-    weights' fingerprints (``hf.peft.base_fingerprint``: a few small reads a tensor) before anything is read."""
+    fingerprints of the files each reads (``hf.peft.files_fingerprint``: a few small reads a tensor; the shape is
+    among the settings compared) before anything is read: another file beside them is no difference."""
     if not dist.enabled:
         return
-    from fuyou.hf.peft import base_fingerprint
+    from fuyou.hf.peft import files_fingerprint
+
+    def read_files(key: str, path: Path) -> list[Path]:
+        if key == "lora.init_from":
+            return [path / "adapter_model.safetensors"]
+        from fuyou.hf import open_checkpoint
+
+        return sorted(set(open_checkpoint(path).weights.index.values()))
 
     for key, path in (("model.init_from", cfg.model.init_from), ("lora.init_from", cfg.lora.init_from)):
         err = None
         try:  # (every rank takes part, one without the setting too: 0)
-            f = int(base_fingerprint(Path(path).expanduser())[:15], 16) if path else 0
-        except OSError as e:
+            f = int(files_fingerprint(read_files(key, Path(path).expanduser()))[:15], 16) if path else 0
+        except (OSError, FuyouError) as e:
             f, err = -1, e
         lo, hi = dist.min_max(f, f"comparing the ranks' {key}")
+        unreadable = dist.any(err is not None, f"comparing the ranks' {key}")
+        if isinstance(err, FuyouError):
+            raise err
         if err is not None:
-            raise ConfigError(f"rank {dist.rank}: {key}={path} cannot be read ({err}); give every rank a copy of the "
-                              f"same checkpoint")
+            raise ConfigError(f"{key}={path} cannot be read ({err.strerror or err})")
+        if unreadable:
+            raise ConfigError(f"another rank could not read its {key} (its error says why)")
         if lo != hi:
             raise ConfigError(f"the ranks' {key} hold different weights (rank {dist.rank}: "
                               f"{path or 'none, a seeded init'}): each rank initialises the stages it owns from its "
@@ -950,8 +966,10 @@ def _loop(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, stop
         # summed before the save, after which a rank may be gone (killed past the save: the run is complete)
         machines = max(1, dist.world // dist.local_world)
         peak_then = resident_bytes("VmHWM")
-        written, ranks_peak = (v // machines for v in dist.reduce_ints([int(written), peak_then], "summing the ranks' "
-                                                                        "SSD writes and memory"))
+        shared = resident_bytes("RssShmem")  # the ranks' one weight cache (/dev/shm): in each rank's figure, once
+        written, ranks_peak = (v // machines for v in dist.reduce_ints([int(written), peak_then - shared],
+                                                                        "summing the ranks' SSD writes and memory"))
+        ranks_peak += dist.reduce_ints([shared], "summing the ranks' SSD writes and memory", op="max")[0]
     elapsed = time.perf_counter() - start
     last_eval = trainer.evaluate()
     if last_eval is not None:

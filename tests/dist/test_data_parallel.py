@@ -492,6 +492,7 @@ def test_ranks_initialised_from_different_checkpoints_are_refused(tmp_path):
     single(train_args(tmp_path, "base", "train.grad_accum=2", "train.steps=1"))
     a, same, b = tmp_path / "runs" / "base", tmp_path / "copy", tmp_path / "other"
     shutil.copytree(a, same)
+    (same / "pytorch_model.bin").write_bytes(b"another file beside the weights read: no difference (a review)")
     b.mkdir()
     with safe_open(a / "model.safetensors", "pt") as f:
         meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}

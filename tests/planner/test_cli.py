@@ -136,7 +136,7 @@ def test_train_plan_auto_probes_plans_and_trains(tmp_path, capsys):
     assert rc == 0, err
     assert "swap schedule" in err and "predicted step" in err
     # the run's own state format and clipping (a pass: it planned fp32 state and clipping at 1.0)
-    assert "master bf16, moments int8" in err and "clipping exact" not in err, err
+    assert "master bf16, moments int8" in err and "clipping            none" in err, err
     (run_dir,) = (tmp_path / "runs").iterdir()
     names = {p.name for p in run_dir.iterdir()}
     assert {"act-policy.json", "hardware-profile.json", "config.toml", "model.safetensors"} <= names
@@ -701,6 +701,16 @@ def test_a_plan_file_as_act_policy_brings_its_prefetch_depth_and_caps(tmp_path, 
     assert main([*run, "run.name=edited"]) == 2
     assert "holds settings this run refuses" in capsys.readouterr().err
     assert tomllib.loads((tmp_path / "runs" / "given" / "config.toml").read_text())["offload"]["prefetch_depth"] == 3
+    # a plan of the run's own workload (LoRA, a model by its shape) is no other run's; another layer count is
+    same = ["--model", "gpt-tiny", "--gpu", "rtx4090", "--ssd", "1x990-pro", "--cpu-mem", "8GiB", "--seq", "32",
+            "--batch", "16", "lora.rank=4"]
+    for extra, other in (((), False), (("model.n_layer=3",), True)):
+        assert main(["plan", *same, *extra, "--json"]) == 0
+        plan.write_text(capsys.readouterr().out)
+        assert main([*run, f"run.name=lora{len(extra)}", "lora.rank=4"]) == 0
+        err = capsys.readouterr().err
+        assert ("made for another run: model.n_layer 3 (this run: 4)" in err) == other, err
+        assert ("made for another run" in err) == other, err
 
 
 def test_the_train_line_gives_the_settings_the_plan_was_made_with(capsys):
