@@ -107,6 +107,8 @@ class ActivationSwapper:
                 self.cpu_used += slot.nbytes
             slot.tensor = t
             return True
+        if self.cpu_pool is None:  # no CPU tier (offload.act_cpu_mem=0): everything overflows (it was a traceback)
+            return False
         try:
             try:
                 buf = self.cpu_pool.acquire(slot.nbytes, t.dtype, timeout=0)

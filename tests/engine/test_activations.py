@@ -272,3 +272,19 @@ def test_what_the_cpu_tier_cannot_hold_is_counted_on_the_ssd(tmp_path, policy, s
     assert placed["ssd"] + placed["ckpt_ssd"] + placed["cpu"] + placed["ckpt_cpu"] == total
     boundary = w.whole if policy.startswith("all") else 0
     assert abs(placed["ssd"] + placed["ckpt_ssd"] - c.act_ssd_write_bytes) <= boundary
+
+
+@pytest.mark.parametrize("policy", ["qkv,fc1=cpu", "checkpoint=cpu"])
+def test_no_cpu_tier_on_a_device_overflows_to_the_ssd(tmp_path, policy):
+    """offload.act_cpu_mem=0 with a cpu-tier policy on a device (the fake one runs the CUDA paths): there is no
+    pinned pool, and the first swap was an AttributeError traceback (a hostile pass); it overflows to the SSD."""
+    cfg = make_cfg(tmp_path, "model.preset=gpt-test", f"offload.act_policy={policy}", "offload.act_cpu_mem=0",
+                   "train.device=fake")
+    ref, eng, ref_stats, eng_stats = run_both(cfg)
+    try:
+        assert [s.loss for s in eng_stats] == [s.loss for s in ref_stats]
+        rw, ew = ref.state(), eng.state()
+        assert all(torch.equal(rw[k], ew[k]) for k in rw)
+        assert eng.counters.act_ssd_write_bytes > 0
+    finally:
+        eng.close()

@@ -24,8 +24,8 @@ def test_json_round_trip():
     assert q == p and q.prefetch_depth == 3 and q.cache_weights_stages == 2
 
 
-@pytest.mark.parametrize("text", ["", "fc3=cpu", "fc2=disk", "0-99:fc2=cpu", "a-b:fc2=cpu", "checkpoint=recompute",
-                                  "fc2"])
+@pytest.mark.parametrize("text", ["", " ; ;", "fc3=cpu", "fc2=disk", "0-99:fc2=cpu", "a-b:fc2=cpu",
+                                  "checkpoint=recompute", "fc2"])
 def test_bad_human_policies_say_what_is_allowed(text):
     with pytest.raises(ConfigError, match="RULE|outside|recompute"):
         parse_act_policy(text, 40)
