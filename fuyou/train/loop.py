@@ -235,9 +235,14 @@ def _offload_ignored_in_memory(cfg) -> list[str]:
     without offload.mode=ssd trained in memory without a word; the --ssd flag is refused in cli.py)."""
     if cfg.offload.mode != "none":
         return []
+    from fuyou.policy import stage_input_dtypes
+
+    # checkpoint dtypes other than fp32 apply in memory too: the reference rounds block inputs as the engine would
+    # (a pass was told they were ignored, and trained other weights)
+    used = {"act_policy", "checkpoint_dtype"} if stage_input_dtypes(cfg) else set()
     fields = type(cfg.offload).model_fields
     return [f"offload.{k}" + (f" ({_OFFLOAD_FLAGS[k]})" if k in _OFFLOAD_FLAGS else "")
-            for k in fields if k != "mode" and getattr(cfg.offload, k) != fields[k].get_default(
+            for k in fields if k != "mode" and k not in used and getattr(cfg.offload, k) != fields[k].get_default(
                 call_default_factory=True)]
 
 

@@ -728,3 +728,16 @@ def test_a_snapshot_that_cannot_be_written_is_a_sentence_and_init_from_a_stopped
     (run / "config.toml").write_text("")
     with pytest.raises(ConfigError, match=r"a fuyou run without model.safetensors: it was stopped.*fuyou export"):
         open_checkpoint(run)
+
+
+def test_checkpoint_dtypes_are_not_called_ignored_in_memory():
+    """The in-memory reference rounds block inputs to the checkpoint dtype a policy gives, as the engine does;
+    a pass was told offload.act_policy / offload.checkpoint_dtype were ignored and got other weights."""
+    from fuyou.train.loop import _offload_ignored_in_memory
+
+    assert _offload_ignored_in_memory(load_config(overrides=["offload.act_policy=checkpoint_dtype=bf16",
+                                                             "train.precision=fp32"])) == []
+    assert _offload_ignored_in_memory(load_config(overrides=["offload.checkpoint_dtype=compute",
+                                                             "train.precision=bf16"])) == []
+    assert _offload_ignored_in_memory(load_config(overrides=["offload.act_policy=fc2=ssd"])) == [
+        "offload.act_policy (--act-policy)"]
