@@ -267,16 +267,22 @@ def read_act_policy(spec: str, n_layer: int, **kw) -> ActivationPolicy:
 PLANNED = ("prefetch_depth", "resident_mem", "act_cpu_mem")  # what a plan's policy sets besides the blocks
 
 
+def _policy_file(spec: str):
+    """The parsed JSON of a policy file (a policy, or a whole `fuyou plan --json` report); None for the human
+    form or a file that cannot be read (read_act_policy says what is wrong with it)."""
+    if not spec.strip().endswith(".json"):
+        return None
+    try:
+        return json.loads(Path(spec.strip()).expanduser().read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def planned_settings(spec: str) -> dict:
     """The offload settings (``PLANNED``) a JSON policy file names besides its blocks (`fuyou plan --json`
     writes them: the plan's memory holds at them), and the CPU budget it was planned for (``cpu_mem``, a
     whole report's); {} for the human form or a file that names none. Values as written (unvalidated)."""
-    if not spec.strip().endswith(".json"):
-        return {}
-    try:
-        raw = json.loads(Path(spec.strip()).expanduser().read_text())
-    except (OSError, ValueError):
-        return {}  # (read_act_policy says what is wrong with it)
+    raw = _policy_file(spec)
     given = raw.get("cpu_given_bytes") if isinstance(raw, dict) else None  # (a whole report: the budget planned)
     if isinstance(raw, dict) and isinstance(raw.get("policy"), dict):
         raw = raw["policy"]
@@ -290,12 +296,7 @@ PLANNED_WORKLOAD = ("model", "batch", "seq", "grad_accum", "model_shape", "optim
 def planned_workload(spec: str) -> dict:
     """What a `fuyou plan --json` report given as the policy file was planned for (``PLANNED_WORKLOAD``, as
     written); {} for a policy file alone or anything unreadable."""
-    if not spec.strip().endswith(".json"):
-        return {}
-    try:
-        raw = json.loads(Path(spec.strip()).expanduser().read_text())
-    except (OSError, ValueError):
-        return {}
+    raw = _policy_file(spec)
     if not isinstance(raw, dict) or not isinstance(raw.get("policy"), dict):
         return {}
     return {k: raw[k] for k in PLANNED_WORKLOAD if k in raw}

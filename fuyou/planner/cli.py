@@ -352,12 +352,13 @@ def _plan(args) -> int:
                                           "gpu_link")}
     units = {"gpu_tflops": "TFLOPS", "ssd_read": "GB/s", "ssd_write": "GB/s", "pcie_bw": "GB/s",
              "cpu_adam": "parameters/s", "ssd_tbw": "TB written", "gpu_link": "GB/s"}
-    for k, v in nums.items():
+    overrides, nums = nums, {}
+    for k, v in overrides.items():
         try:
-            float(v) if v is not None else None
+            if v is not None:
+                nums[k] = float(v)
         except ValueError:
             raise ConfigError(f"--{k.replace('_', '-')} {v}: give a plain number, in {units[k]}") from None
-    nums = {k: float(v) for k, v in nums.items() if v is not None}
     from pydantic import ValidationError
 
     from fuyou.config import explain

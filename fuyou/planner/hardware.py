@@ -194,6 +194,7 @@ def check_names(hw: HardwareConfig) -> None:
 
 
 CUDA_CONTEXT = 768 * 1024**2
+GPU_USABLE_FRACTION = 0.95  # of a card's memory beyond the context, without --gpu-reserve (``resolve``, ``card_for``)
 """Device memory the CUDA context, cuBLAS and the kernels' modules take before training allocates
 anything (an estimate; the engine measures the real figure as the GPU's free memory after a warm-up)."""
 
@@ -256,7 +257,8 @@ def resolve(hw: HardwareConfig) -> HardwareProfile:
             merged[k] = None
     if merged.get("device", "cuda") == "cuda":  # headroom: what training may use of the card
         card = merged["gpu_mem"]
-        usable = card - hw.gpu_reserve if hw.gpu_reserve is not None else int((card - CUDA_CONTEXT) * 0.95)
+        usable = (card - hw.gpu_reserve if hw.gpu_reserve is not None
+                  else int((card - CUDA_CONTEXT) * GPU_USABLE_FRACTION))
         if usable <= 0:
             if hw.gpu_reserve is not None:
                 raise ConfigError(f"--gpu-reserve {format_size(hw.gpu_reserve)} leaves nothing of the GPU's "
@@ -276,7 +278,7 @@ def card_for(hw: HardwareProfile, usable: int) -> int:
         return usable
     if hw.gpu_reserve is not None:
         return usable + hw.gpu_reserve
-    return math.ceil(usable / 0.95) + CUDA_CONTEXT
+    return math.ceil(usable / GPU_USABLE_FRACTION) + CUDA_CONTEXT
 
 
 def with_more_ssds(p: HardwareProfile, factor: float) -> HardwareProfile:
