@@ -559,18 +559,24 @@ def _share_cap(cpu_tier_bytes: int) -> int:
     return cpu_tier_bytes + cpu_tier_bytes // 32 + 2**20  # slack for the pool's rounding of each tensor
 
 
+def policy_tiers(policy: dict) -> set[str]:
+    """The activation tiers (gpu, cpu, ssd) engine block policies (``fuyou.policy.keep_policies``) use."""
+    return {t for b in policy.values() for t in (b.checkpoint, b.all, *b.classes.values()) if t}
+
+
 def act_cpu_share(policy: dict, off, cpu_tier_bytes: int | None = None) -> tuple[int, bool]:
     """(CPU memory for activations of tier ``cpu``, whether any activation leaves the compute device)
     for engine block policies (``fuyou.policy.keep_policies``): ``offload.act_cpu_mem``, by default a
     quarter of ``cpu_mem`` when the policy uses the cpu tier, but no more than what the policy keeps
-    there in a step (``cpu_tier_bytes``, ``cpu_tier_need``) with a little slack. (Uncapped, the share
+    there in a step (``cpu_tier_bytes``, ``cpu_tier_need``) with a little slack; nothing when the policy
+    keeps nothing there, whatever ``act_cpu_mem`` says (it was charged, from resident optimizer state). (Uncapped, the share
     grew with the budget, so the smallest budget a refusal named was never enough: each raise raised
     the share with it. What does not fit the share overflows to the SSD tier.)"""
-    uses = {t for b in policy.values() for t in (b.checkpoint, b.all, *b.classes.values()) if t}
-    if off.act_cpu_mem is not None:
-        share = off.act_cpu_mem
-    elif "cpu" not in uses:
+    uses = policy_tiers(policy)
+    if "cpu" not in uses:  # nothing to hold: a given offload.act_cpu_mem is unused (loop.py notes it), not charged
         share = 0
+    elif off.act_cpu_mem is not None:
+        share = off.act_cpu_mem
     else:
         share = off.cpu_mem // 4
         if cpu_tier_bytes is not None:

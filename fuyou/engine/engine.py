@@ -1145,6 +1145,9 @@ class Engine:
                 lines.append(f"exact clipping at {t.grad_clip} of the adapters' gradients, after backward")
         elif self.clipping:
             lines.append(self._clipping_line())
+        if off.act_cpu_mem and not self.act_cpu_mem:
+            lines.append(f"note: offload.act_cpu_mem={format_size(off.act_cpu_mem)} is unused: the activation policy "
+                         f"keeps nothing in the cpu tier (offload.act_policy), so the budget holds no share for it")
         lines.append("crash-safe commits: " + (
             "none (offload.commit=none: the run cannot be resumed)" if off.commit != "cow" else
             f"every {off.commit_every} step(s)" if off.commit_steps else f"every {off.commit_every}") +

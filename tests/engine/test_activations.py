@@ -288,3 +288,28 @@ def test_no_cpu_tier_on_a_device_overflows_to_the_ssd(tmp_path, policy):
         assert eng.counters.act_ssd_write_bytes > 0
     finally:
         eng.close()
+
+
+def test_a_cpu_share_is_not_charged_when_the_policy_keeps_nothing_there(tmp_path):
+    """offload.act_cpu_mem with a policy that keeps nothing in the cpu tier: the share was charged to the
+    budget all the same (a pass saw 80 MiB of a 300 MiB budget taken from resident optimizer state, without
+    a word). It is now unused, not charged, and the run says so."""
+    from fuyou.data import load_data
+    from fuyou.engine.budget import ACT_SHARE
+    from fuyou.engine.engine import Engine
+
+    plans = {}
+    for share in (None, "80MiB"):
+        (tmp_path / str(share)).mkdir()
+        cfg = make_cfg(tmp_path / str(share), "model.n_layer=4", "model.preset=gpt-tiny", "offload.mode=ssd",
+                       "offload.cpu_mem=420MiB", "offload.act_policy=fc2,proj=ssd",
+                       *([f"offload.act_cpu_mem={share}"] if share else []))
+        eng = Engine(cfg, load_data(cfg.data), "share")
+        try:
+            plans[share] = (eng.plan.cpu_items, eng.plan.resident_bytes, eng.act_cpu_mem, eng.startup_lines())
+        finally:
+            eng.close()
+    (items, resident, act, lines), (items80, resident80, act80, lines80) = plans[None], plans["80MiB"]
+    assert ACT_SHARE not in items80 and items80 == items and resident80 == resident and act80 == act == 0
+    assert not any("act_cpu_mem" in line for line in lines)
+    assert any("offload.act_cpu_mem=80.00 MiB is unused" in line for line in lines80)
