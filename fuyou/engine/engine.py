@@ -531,13 +531,13 @@ class Engine:
         lr = lr_of(self.cfg, step)
         self._spans.clear()
         anchor, anchor_t = self.dev.event(timing=True).record(), time.perf_counter()  # device time -> host time
-        self.streamer.plan(self.step_order())
+        self.streamer.plan(self.step_order(), step)
         self._pos = 0
         try:
             total = self._step(step, lr)
-        except BaseException:
+        except BaseException as e:
             self._summing = None
-            self.streamer.drain()
+            self.streamer.drain(patient=not isinstance(e, watchdog.StallError))
             raise
         if self.lora:
             self._step_index = step
@@ -1094,8 +1094,8 @@ class Engine:
                 if self.tied:
                     self.streamer.release(pos - 1)
                 pos += 1
-        except BaseException:
-            self.streamer.drain()
+        except BaseException as e:
+            self.streamer.drain(patient=not isinstance(e, watchdog.StallError))
             raise
         if self.dist.enabled:
             both = self.dist.all_reduce_(torch.tensor([total, float(count)], dtype=torch.float64, device=(

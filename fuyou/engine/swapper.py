@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
@@ -39,6 +39,7 @@ from fuyou import watchdog
 from fuyou.engine.trace import Tracer
 from fuyou.engine.budget import LEAVING
 from fuyou.engine.device import InFlight
+from fuyou.engine.threads import DaemonExecutor
 from fuyou.store.errors import PoolBudgetError
 
 
@@ -69,7 +70,7 @@ class ActivationSwapper:
         self.tracer, self._counters = tracer, counters_ref
         self.cpu_used = 0
         self._lock = threading.Lock()
-        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fuyou-act-read")
+        self._reader = DaemonExecutor(1, "fuyou-act-read")  # (threads.py: never holds a failed run's exit)
         self._leaving = InFlight()
         self._cpu_releasing = 0  # cpu-tier buffers waiting for their last copy before going back to the pool
         self.d2h = dev.new_stream("act-d2h")  # a host device's streams are its one synchronous stream

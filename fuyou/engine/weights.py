@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +31,7 @@ from torch import Tensor
 
 from fuyou import watchdog
 from fuyou.engine.layout import StageState, dtype_size
+from fuyou.engine.threads import DaemonExecutor
 from fuyou.engine.trace import StepCounters, Tracer
 from fuyou.errors import FuyouError
 from fuyou.faults import stall
@@ -55,20 +56,23 @@ class WeightStreamer:
         self.states, self.store, self.pool, self.dev, self.dtype = states, store, pool, dev, dtype
         self.depth, self.tracer = depth, tracer
         self._counters = counters_ref  # callable returning the current StepCounters
-        self._exec = ThreadPoolExecutor(max_workers=max(1, depth), thread_name_prefix="fuyou-load")
+        self._exec = DaemonExecutor(depth, "fuyou-load")  # a load stuck in a driver call never holds the exit
         self._order: list[int] = []
         self._futures: dict[int, Future] = {}
+        self._abandoned: list[Future] = []       # loads a failed step's drain left running (``drain``)
         self._next = 0
+        self._step: int | None = None
         self._lock = threading.Lock()
         self._released: dict[int, object] = {}   # compute events recorded as positions were released
         self._local = threading.local()           # each loader thread's own H2D stream
         self._streams: list = []
 
     # -- the window ------------------------------------------------------------------------------
-    def plan(self, order: list[int]) -> None:
-        """The stage indices this step will request, in order (repeats allowed); starts prefetching."""
+    def plan(self, order: list[int], step: int | None = None) -> None:
+        """The stage indices this step will request, in order (repeats allowed); starts prefetching.
+        ``step``: the training step they are for (None: an evaluation), for ``faults.stall``."""
         assert not self._futures, "plan() while loads from the previous plan are outstanding"
-        self._order, self._next = order, 0
+        self._order, self._next, self._step = order, 0, step
         self._released.clear()
         self._fill(0)
 
@@ -111,7 +115,7 @@ class WeightStreamer:
             while self._next < len(self._order) and self._next < pos + self.depth + 1:
                 i = self._order[self._next]
                 gate = self._released.pop(self._next - self.depth - 1, None)
-                self._futures[self._next] = self._exec.submit(self._load, i, gate)
+                self._futures[self._next] = self._exec.submit(self._load, i, gate, self._step)
                 self._next += 1
 
     # -- one load (loader thread) ----------------------------------------------------------------
@@ -125,9 +129,9 @@ class WeightStreamer:
                 self._streams.append(s)
         return s
 
-    def _load(self, i: int, gate=None) -> Loaded:
+    def _load(self, i: int, gate=None, step: int | None = None) -> Loaded:
         st = self.states[i]
-        stall("load")
+        stall("load", step)  # (the step was never given: stall:load@N did not fire)
         watchdog.wait_event(st.updated, f"the optimizer update of {st.stage.name} (its weights are loaded next)")
         ready = time.perf_counter()
         if st.error is not None:
@@ -170,15 +174,32 @@ class WeightStreamer:
 
     def idle(self) -> bool:
         """No load is running (after ``close(wait=False)``, before its memory may be freed)."""
-        return all(f.done() for f in self._futures.values())
+        return all(f.done() for f in (*self._futures.values(), *self._abandoned))
 
-    def drain(self) -> None:
-        """Wait for and release every outstanding load (after an error, or at the end)."""
-        for pos in list(self._futures):
+    def drain(self, patient: bool = True) -> None:
+        """Release every outstanding load (after an error, or at the end), starting no other. Each wait has the
+        deadline: a load stuck in a driver call is abandoned (``idle`` stays false: ``close(wait=False)``
+        leaves its memory be), where the drain after a failed step waited for it forever (a stall injected in
+        a load hung the run after its error). ``patient=False`` (the step failed on a deadline already) waits
+        for no load still running."""
+        self._next = len(self._order)  # (a release fills the window: nothing more is loaded)
+        for pos in sorted(self._futures):
+            fut = self._futures[pos]
+            if fut.cancel():  # queued, never started
+                del self._futures[pos]
+                continue
+            if not patient and not fut.done():
+                continue
             try:
+                watchdog.result(fut, f"the weights of {self.states[self._order[pos]].stage.name} (a load outstanding "
+                                     f"when the step stopped)")
                 self.release(pos)
+            except watchdog.StallError:
+                patient = False
             except BaseException:  # noqa: BLE001 - draining after a failure; the first error is already raised
                 pass
+        self._abandoned += [f for f in self._futures.values() if not f.done()]
+        self._futures.clear()
         self._order, self._next = [], 0
 
     def close(self, wait: bool = True) -> None:

@@ -76,6 +76,20 @@ def test_a_stalled_optimizer_is_a_typed_error_and_the_commit_survives(tmp_path, 
     resume_and_compare(tmp_path, "s", at_step=at)
 
 
+@pytest.mark.timeout(300)
+def test_a_stalled_weight_load_at_a_given_step_is_a_typed_error_and_the_commit_survives(tmp_path):
+    """``FUYOU_FAULT=stall:load@N`` never fired (the load's hook was given no step): a load stalled in step
+    N is the watchdog's typed error, and the run resumes from the commit before it bit-identically."""
+    ref = run(train_cmd(tmp_path, "ref", "train.grad_clip=1.0", "offload.resident_mem=0"))
+    assert ref.returncode == 0, ref.stderr
+    cmd = train_cmd(tmp_path, "s", "train.grad_clip=1.0", "offload.resident_mem=0", "offload.stall_timeout=2")
+    stalled = run(cmd, fault="stall:load@2")
+    assert stalled.returncode == 2, stalled.stderr
+    assert "fuyou: error: the engine waited" in stalled.stderr and "weights of" in stalled.stderr, stalled.stderr
+    assert "Traceback" not in stalled.stderr
+    resume_and_compare(tmp_path, "s", at_step=2)  # (commits every step: stalled in the third, not before)
+
+
 @pytest.mark.timeout(120)
 def test_a_second_signal_always_ends_the_process(tmp_path):
     """The first SIGTERM asks for a stop at the step boundary; while the step is stuck (a stalled
