@@ -19,6 +19,16 @@ class DataError(FuyouError):
     """A data path, corpus or token file is missing or malformed."""
 
 
+class NonFiniteError(FuyouError):
+    """The loss or the gradient norm of a step is not finite: the step's update is not kept (the engine
+    commits nothing of it; an in-memory run applies none, and keeps the weights before it as a snapshot).
+    ``step``: the step's number, from 1."""
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step
+
+
 class BudgetError(FuyouError):
     """A memory or disk budget cannot hold what the configuration needs."""
 

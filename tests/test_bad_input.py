@@ -13,6 +13,8 @@ import sys
 
 import numpy as np
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from fuyou.cli import main
 
@@ -181,6 +183,26 @@ def test_a_non_finite_loss_stops_before_its_step_is_committed(tmp_path, capsys):
         json.loads(line, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
     rec = json.loads((tmp_path / "ssd" / "n.fuyou-state" / "fuyou-commit.json").read_text())
     assert rec["step"] >= 1
+
+
+@pytest.mark.parametrize("clip", ["1.0", "none"])
+def test_an_in_memory_run_stops_at_a_non_finite_loss_and_keeps_the_weights_before_it(tmp_path, capsys, clip):
+    """In memory, a non-finite loss was trained through: NaN weights saved, exit 0, and the snapshots of good
+    steps rotated away by NaN ones (a pass). The step is not applied, the run stops with the engine's error,
+    and the weights before it are kept as a snapshot (finite: it exports)."""
+    out = tmp_path / "runs"
+    err = _err(capsys, ["train", "--out", str(out), "run.name=m", *TINY, "optim.lr=1e12", "train.warmup_steps=0",
+                        "train.steps=6", "train.save_every=1", "train.keep_snapshots=2", f"train.grad_clip={clip}"])
+    assert " is nan" in err or " is inf" in err, err
+    run_dir = out / "m"
+    stopped = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert stopped["stopped"] == "non-finite"
+    snap = run_dir / "snapshots" / f"step-{stopped['step']:06d}"
+    assert f"kept in {snap}" in err and snap.is_dir()
+    weights = load_file(str(snap / "model.safetensors"))
+    assert all(bool(torch.isfinite(w).all()) for w in weights.values())
+    assert not (run_dir / "model.safetensors").exists()  # (it held NaN weights)
+    assert main(["export", str(snap), "--out", str(tmp_path / "ex")]) == 0  # (it refused every NaN snapshot)
 
 
 @pytest.fixture

@@ -106,7 +106,7 @@ from fuyou import watchdog
 from fuyou.engine.malloc import bound_malloc, malloc_threshold, resident_bytes, trim_heap
 from fuyou.engine.layout import StageState, build_states, copies_needed, dtype_size
 from fuyou.engine.state import TrainingState, grad_key, refuse_committed_state
-from fuyou.errors import BudgetError, ConfigError, FuyouError, StoreError
+from fuyou.errors import BudgetError, ConfigError, FuyouError, NonFiniteError, StoreError
 from fuyou.engine.commit import RECORD, ResumeError
 from fuyou.faults import fault
 from fuyou.distributed import resume_command
@@ -553,7 +553,7 @@ class Engine:
         self._read_spans(anchor, anchor_t)
         self.dev.check()
         if not math.isfinite(loss):
-            raise NonFiniteError(f"the loss of step {step + 1} is {loss}")
+            raise non_finite(f"the loss of step {step + 1} is {loss}", step + 1, self.cfg.offload.commit == "cow")
         due = self.ts.commit_due(step + 1)
         if self.dist.enabled and self.cfg.offload.commit_steps is None:  # a time interval: rank 0's clock decides
             due = self.dist.broadcast(due, "agreeing on a commit")
@@ -1023,7 +1023,8 @@ class Engine:
         self._host_wait()
         norm, clip = both.tolist()  # sync point (d): one transfer for the norm and the clip factor
         if not math.isfinite(norm):
-            raise NonFiniteError(f"the gradient norm of step {step + 1} is {norm}")
+            raise non_finite(f"the gradient norm of step {step + 1} is {norm}", step + 1,
+                             self.cfg.offload.commit == "cow")
         self.clipped = clip < 1.0
         self.counters.clipped = self.clipped
         # Stages in the order the next forward needs them: the resident ones (0, 1, ...) first.
@@ -1305,9 +1306,11 @@ def _warm_torch_optim(device: torch.device) -> None:
     torch.optim.AdamW([p], fused=True).step()
 
 
-class NonFiniteError(FuyouError):
-    """The loss or the gradient norm of a step is not finite; nothing of that step is committed."""
-
-    def __init__(self, what: str):
-        super().__init__(f"{what}: the run stopped before committing that step (the last commit is intact). "
-                         f"Lower optim.lr, check the data, or resume with `{resume_command()}`")
+def non_finite(what: str, step: int, commits: bool) -> NonFiniteError:
+    """The engine's error for a step whose loss or gradient norm is not finite: nothing of it is committed."""
+    if not commits:  # (offload.commit=none: there is no commit to be intact, nor any resume)
+        return NonFiniteError(f"{what}: the run stopped; offload.commit=none keeps no resumable state (its state "
+                              f"was updated in place). Lower optim.lr or check the data, and start again (from a "
+                              f"snapshot, with --init-from, if the run wrote one)", step)
+    return NonFiniteError(f"{what}: the run stopped before committing that step (the last commit is intact). "
+                          f"Lower optim.lr, check the data, or resume with `{resume_command()}`", step)

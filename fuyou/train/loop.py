@@ -29,7 +29,7 @@ from fuyou.train.reference import ReferenceTrainer
 from fuyou.engine.state import run_id, write_run_id
 from fuyou.train.run import (SaveError, make_run_dir, record_resume, resume_changes, run_dir_path, save_snapshot,
                              save_weights)
-from fuyou.errors import ConfigError, DataError, FuyouError
+from fuyou.errors import ConfigError, DataError, FuyouError, NonFiniteError
 from fuyou.trainer import Trainer
 from fuyou.units import format_size
 from fuyou import distributed
@@ -574,6 +574,24 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
     return result
 
 
+def _kept_before_non_finite(e: NonFiniteError, run_dir: Path, trainer: Trainer, cfg: FuyouConfig,
+                            step: int) -> NonFiniteError:
+    """An in-memory run whose step ``step + 1`` was not finite applied no update: its weights (those after ``step``
+    steps) are kept as a snapshot when they are finite, as an engine run keeps its last commit (it trained on with
+    NaN weights, and its snapshots rotated the good ones away: a pass)."""
+    if not all(bool(torch.isfinite(c).all()) for c in trainer.master_chunks()):
+        return NonFiniteError(f"{e}; the weights were not finite already (no snapshot written). Start again from an "
+                              f"earlier snapshot (--init-from), if the run has one, with a lower optim.lr", e.step)
+    snap = run_dir / "snapshots" / f"step-{step:06d}"  # (train.save_every may have written it already)
+    try:
+        if not snap.is_dir():
+            snap = save_snapshot(run_dir, trainer, cfg, step)
+    except SaveError as err:
+        return NonFiniteError(f"{e}; the weights of step {step} could not be kept: {err}", e.step)
+    return NonFiniteError(f"{e}; the weights of step {step} are kept in {snap}: an in-memory run keeps no resumable "
+                          f"state, so lower optim.lr (or check the data) and start a run with --init-from {snap}", e.step)
+
+
 SCHEDULE_FIELDS = ("train.steps", "train.epochs", "train.warmup_steps", "train.warmup_ratio", "train.lr_schedule",
                    "train.min_lr_ratio", "optim.lr")
 
@@ -878,7 +896,14 @@ def _loop(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, stop
     stats = None
     for step in range(start_step, t.steps):
         t0 = time.perf_counter()
-        stats = trainer.train_step(step)
+        try:
+            stats = trainer.train_step(step)
+        except NonFiniteError as e:
+            if cfg.offload.mode != "none":
+                raise  # (the engine's last commit is the state of record)
+            log.write({"stopped": "non-finite", "step": step})
+            log.close()
+            raise _kept_before_non_finite(e, run_dir, trainer, cfg, step) from None
         dt = time.perf_counter() - t0
         tokens += stats.tokens
         tps = stats.tokens / dt

@@ -14,13 +14,14 @@ ulp: torch's CPU ``sqrt`` there is not correctly rounded), so the engine can mat
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from fuyou.config import FuyouConfig
-from fuyou.errors import ConfigError
+from fuyou.errors import ConfigError, NonFiniteError
 from fuyou.data import TokenData
 from fuyou.data.batches import check_sequence_length, make_batches
 from fuyou.models.precision import autocast, round_stage_input
@@ -185,6 +186,14 @@ class ReferenceTrainer:
         if t.grad_clip is not None:
             trained = self.adapters if self.lora else self.params
             grad_norm = float(torch.nn.utils.clip_grad_norm_(list(trained.values()), t.grad_clip))
+        # Not finite: no update (it went on training NaN weights, which then rotated the good snapshots away:
+        # a pass); the loop keeps the weights before the step as a snapshot, as the engine keeps its last commit.
+        loss = float(total)  # (a sync point on CUDA, which the step's end had anyway)
+        for what, v in (("loss", loss), ("gradient norm", grad_norm)):
+            if v is not None and not math.isfinite(v):
+                self.opt.zero_grad(set_to_none=True)
+                raise NonFiniteError(f"the {what} of step {step + 1} is {v}: the run stopped before that step's "
+                                     f"update", step + 1)
         lr = lr_of(self.cfg, step)
         for g in self.opt.param_groups:
             if isinstance(g["lr"], Tensor):  # optimizers that keep lr as a tensor (torchao's) update it in place
@@ -194,7 +203,7 @@ class ReferenceTrainer:
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         tokens = t.grad_accum * t.micro_batch_size * self.cfg.data.seq_len
-        return StepStats(float(total), lr, grad_norm, tokens, n_loss)  # float(): a sync point on CUDA
+        return StepStats(loss, lr, grad_norm, tokens, n_loss)
 
     @torch.no_grad()
     def _add_shared_grads(self, shared: dict[str, Tensor]) -> None:
