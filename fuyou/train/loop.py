@@ -886,8 +886,10 @@ def _loop(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, stop
         log.write({"resumed": start_step})  # records of later steps before this line are of the redone steps
     first_eval = last_eval = trainer.evaluate()
     if first_eval is not None:
-        log.write({"step": start_step, "eval_loss": first_eval, **_seen(trainer, cfg, start_step)})
+        if not (trainer.resumed and log.logged_eval(start_step)):  # (evaluated at the commit's step already)
+            log.write({"step": start_step, "eval_loss": first_eval, **_seen(trainer, cfg, start_step)})
         progress.message(f"eval loss at step {start_step}: {first_eval:.4f}")
+    ran = start_step < t.steps  # (a finished run resumed with no step left: nothing to evaluate again or sum up)
     if trace is not None and trainer.trace_step >= 0:  # this launch's second step (the first warms caches), or
         # its only one (a trace of a one-step run, or of a resume, was never written, in silence)
         trainer.trace_step = start_step + 1 if start_step + 1 < t.steps else start_step
@@ -1001,9 +1003,10 @@ def _loop(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, stop
                                                                         "summing the ranks' SSD writes and memory"))
         ranks_peak += dist.reduce_ints([shared], "summing the ranks' SSD writes and memory", op="max")[0]
     elapsed = time.perf_counter() - start
-    last_eval = trainer.evaluate()
-    if last_eval is not None:
-        log.write({"step": t.steps, "eval_loss": last_eval, **_seen(trainer, cfg, t.steps)})
+    if ran:
+        last_eval = trainer.evaluate()
+        if last_eval is not None:
+            log.write({"step": t.steps, "eval_loss": last_eval, **_seen(trainer, cfg, t.steps)})
     if cfg.run.save_weights:
         if dist.is_main:  # rank 0 saves (sharded: the owners send it their stages)
             save_weights(run_dir, trainer, cfg, t.steps)  # fsynced and renamed before the SSD state may be deleted
@@ -1019,19 +1022,24 @@ def _loop(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, stop
     machine_peak = ranks_peak - peak_then + peak if dist.enabled else peak
     steps_run = max(1, t.steps - start_step)
     wear = {"ssd_write_per_step_bytes": written / steps_run, "ssd_write_per_hour_bytes": written * 3600 / elapsed} \
-        if cfg.offload.mode == "ssd" else {}
+        if cfg.offload.mode == "ssd" and ran else {}
     rated = _endurance(cfg)
     tbw, drives = rated if rated else (None, "")
     if wear and tbw:
         wear["ssd_life_hours"] = tbw / wear["ssd_write_per_hour_bytes"] if written else None
-    log.write({"summary": True, "steps": t.steps, "elapsed_s": elapsed, "tokens_per_s": tokens / elapsed,
-               "peak_rss_bytes": peak, **({"machine_peak_rss_bytes": machine_peak} if dist.enabled else {}), **wear})
+    if ran:  # (a second summary of zeros was what a reader of the last one got: a pass)
+        log.write({"summary": True, "steps": t.steps, "elapsed_s": elapsed, "tokens_per_s": tokens / elapsed,
+                   "peak_rss_bytes": peak, **({"machine_peak_rss_bytes": machine_peak} if dist.enabled else {}),
+                   **wear})
     log.close()
     mean_tps = tokens / elapsed
-    done = (f"{t.steps} step{'s' if t.steps != 1 else ''}" if not start_step
-            else f"steps {start_step + 1}-{t.steps} of {t.steps}" if start_step < t.steps
-            else f"no step left to run ({t.steps} committed)")
-    summary = f"done: {done} in {elapsed:.1f}s, {si(mean_tps)} tokens/s, {mean_tps * flops_per_token / 1e12:.3g} TFLOPS"
+    if not ran:
+        summary = f"done: no step left to run ({t.steps} committed; raise train.steps to train on)"
+    else:
+        done = (f"{t.steps} step{'s' if t.steps != 1 else ''}" if not start_step
+                else f"steps {start_step + 1}-{t.steps} of {t.steps}")
+        summary = (f"done: {done} in {elapsed:.1f}s, {si(mean_tps)} tokens/s, "
+                   f"{mean_tps * flops_per_token / 1e12:.3g} TFLOPS")
     if first_eval is not None:
         summary += f"; eval loss {first_eval:.4f} -> {last_eval:.4f}"
     summary += f"; peak resident memory {format_size(peak)}"

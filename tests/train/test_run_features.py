@@ -3,6 +3,7 @@ state, fine-tuning defaults, schedules, resume notes, TensorBoard, and torchrun 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fuyou.cli import main
 from fuyou.config import load_config
 from fuyou.optim.schedule import lr_at
 
@@ -741,3 +743,33 @@ def test_checkpoint_dtypes_are_not_called_ignored_in_memory():
                                                              "train.precision=bf16"])) == []
     assert _offload_ignored_in_memory(load_config(overrides=["offload.act_policy=fc2=ssd"])) == [
         "offload.act_policy (--act-policy)"]
+
+
+def test_a_resume_logs_each_evaluation_once(tmp_path, capsys):
+    """A resume at a commit whose step was evaluated logged that evaluation again (metrics.jsonl, and TensorBoard,
+    whose purge starts after it); a finished run (offload.keep_state) resumed with no step left logged its last
+    evaluation twice and a second summary of zeros (a pass). Each evaluation is logged once; no summary is added."""
+    tb = importlib.util.find_spec("tensorboard") is not None
+    ssd = tmp_path / "ssd"
+    ssd.mkdir()
+    args = ["train", "--offload", "ssd", "--ssd", str(ssd), "--cpu-mem", "256MiB", "--out", str(tmp_path / "runs"),
+            "model.preset=gpt-test", "data.seq_len=32", "train.micro_batch_size=2", "train.eval_batches=1",
+            "train.eval_every=2", "offload.commit_every=2", "offload.keep_state=true", f"run.tensorboard={tb}"]
+    env = {**os.environ, "FUYOU_FAULT": "forward@3"}  # killed in step 4, after the commit (and evaluation) of 2
+    r = subprocess.run([sys.executable, "-m", "fuyou.cli", *args, "run.name=r", "train.steps=4"], env=env,
+                       capture_output=True, text=True, timeout=240)
+    assert r.returncode == -9, r.stderr
+    run = tmp_path / "runs" / "r"
+    for _ in range(2):  # the resume runs steps 3-4; the second has none left
+        assert main(["train", "--resume", str(run)]) == 0
+    assert "no step left to run (4 committed" in capsys.readouterr().err
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [r["step"] for r in records if "eval_loss" in r]
+    assert evals == [0, 2, 4], evals
+    assert sum("summary" in r for r in records) == 1 and records[-1].get("resumed") == 4
+    if tb:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        acc = EventAccumulator(str(run / "tb"))
+        acc.Reload()
+        assert [e.step for e in acc.Scalars("eval/eval_loss")] == [0, 2, 4]
