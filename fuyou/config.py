@@ -133,7 +133,7 @@ class FuyouConfig(BaseModel):
 
             tok = tokenizer_dir(self.model.init_from)
             hf = hf_files_dir(self.model.init_from)
-            if tok is None and hf is not None and self.data.tokenizer == "auto":
+            if tok is None and hf is not None and self.data.tokenizer == "auto" and not _byte_model(hf):
                 raise ValueError(f"model.init_from={self.model.init_from} is a Hugging Face checkpoint without tokenizer "
                                  f"files in {hf} (tokenizer.json, tokenizer.model, ...), and its vocabulary is not "
                                  f"bytes: give data.tokenizer=DIR (the model's tokenizer, for example copied from "
@@ -147,6 +147,17 @@ class FuyouConfig(BaseModel):
                 print(f"fuyou: note: data.tokenizer={tok} (the tokenizer of model.init_from)", file=sys.stderr)
             self.data = self.data.model_copy(update={"tokenizer": str(tok) if tok is not None else "byte"})
         return self
+
+
+def _byte_model(hf_dir) -> bool:
+    """A ``fuyou export`` of a model trained on byte ids records it in its config.json (``hf.export.BYTE_MARK``):
+    its data is read as bytes again (a round trip was refused for want of tokenizer files: a pass)."""
+    import json
+
+    try:
+        return json.loads((hf_dir / "config.json").read_text()).get("fuyou_tokenizer") == "byte"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 SECTIONS = {name: f.annotation for name, f in FuyouConfig.model_fields.items()}

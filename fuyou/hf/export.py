@@ -77,6 +77,21 @@ def export_run(run_dir: str | Path, out_dir: str | Path, dtype: str = "fp32",
     return _export(weights, run, out, dtype, shard_size)
 
 
+BYTE_MARK = "fuyou_tokenizer"  # config.json: "byte" where the model was trained on fuyou's byte ids
+
+
+def _trained_on_bytes(run: Path) -> bool:
+    """The run (or snapshot) read its data as bytes: its config.toml's data.tokenizer (a preset on the embedded
+    corpus or text files resolves 'auto' to 'byte'; prepared data records its tokenizer elsewhere: not told)."""
+    import tomllib
+
+    try:
+        data = tomllib.loads((run / "config.toml").read_text()).get("data", {})
+    except (OSError, tomllib.TOMLDecodeError):
+        return False
+    return data.get("tokenizer") == "byte" and data.get("source", "builtin") in ("builtin", "text")
+
+
 def _export(weights, run: Path, out: Path, dtype: str, shard_size: int) -> list[str]:
     from fuyou.models import ModelConfig, StageModel
 
@@ -99,12 +114,19 @@ def _export(weights, run: Path, out: Path, dtype: str, shard_size: int) -> list[
 
     meta_dir = hf_files_dir(run)
     template = read_json(meta_dir / "config.json") if meta_dir is not None else None
+    on_bytes = False
     if meta_dir is None:  # (an export without a tokenizer, and nothing said so: a new-user pass)
         import sys
 
-        print(f"fuyou: note: no Hugging Face model is behind {run} (trained from a preset, or its source is gone): "
-              f"the export has no tokenizer files (fuyou's byte tokenizer has none); add those of the tokenizer "
-              f"the data was prepared with, if any, before loading it with a tokenizer", file=sys.stderr)
+        on_bytes = _trained_on_bytes(run)
+        if on_bytes:  # recorded, so that --init-from the export trains on bytes again (it was refused: a pass)
+            print(f"fuyou: note: {run} was trained from a preset on byte ids (fuyou's byte tokenizer: a token is a "
+                  f"byte's value), which has no tokenizer files: config.json records it (fuyou_tokenizer=byte), "
+                  f"and `fuyou train --init-from` the export reads its data as bytes again", file=sys.stderr)
+        else:
+            print(f"fuyou: note: no Hugging Face model is behind {run} (trained from a preset, or its source is "
+                  f"gone): the export has no tokenizer files (fuyou's byte tokenizer has none); add those of the "
+                  f"tokenizer the data was prepared with, if any, before loading it with a tokenizer", file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)
     written = copy_small_files(meta_dir, out, skip=("config.json",)) if meta_dir is not None else []
     weight_map: dict[str, str] = {}
@@ -137,6 +159,9 @@ def _export(weights, run: Path, out: Path, dtype: str, shard_size: int) -> list[
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         written.append("model.safetensors.index.json")
     tmp = out / ".config.json.tmp"  # last, and whole: an export with a config.json finished (refuse_nonempty)
-    tmp.write_text(json.dumps(to_hf(model, dtype, template), indent=2, sort_keys=True) + "\n")
+    config = to_hf(model, dtype, template)
+    if on_bytes:
+        config[BYTE_MARK] = "byte"
+    tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     tmp.replace(out / "config.json")
     return written + ["config.json"]

@@ -109,6 +109,23 @@ def test_export_of_a_model_trained_from_scratch(tmp_path, name, update):
         assert read_json(tmp_path / "out" / "config.json")["architectures"] == ["Qwen2ForCausalLM"]
 
 
+def test_a_model_trained_on_bytes_round_trips_through_its_export(tmp_path, capsys):
+    """A preset trained on the embedded corpus (byte ids) exports without tokenizer files; `--init-from` the
+    export was refused for want of them (a pass). The export records fuyou_tokenizer=byte, the new run reads
+    bytes again, and a step at lr 0 keeps the weights bit for bit."""
+    out, ex = tmp_path / "runs", tmp_path / "ex"
+    small = ["train.precision=fp32", "data.seq_len=32", "train.micro_batch_size=2", "train.eval_every=0",
+             "train.eval_batches=1", "train.steps=1"]
+    assert main(["train", "--model", "gpt-test", "--out", str(out), "run.name=a", *small]) == 0
+    assert main(["export", str(out / "a"), "--out", str(ex)]) == 0
+    assert "fuyou_tokenizer=byte" in capsys.readouterr().err
+    assert read_json(ex / "config.json")["fuyou_tokenizer"] == "byte"
+    assert main(["train", "--init-from", str(ex), "--out", str(out), "run.name=b", *small, "optim.lr=0"]) == 0
+    assert load_config(out / "b" / "config.toml").data.tokenizer == "byte"
+    (_, a), (_, b) = fuyou_weights(out / "a" / "model.safetensors"), fuyou_weights(out / "b" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_gpt2_checkpoint_without_the_transformer_prefix(hf_models, tmp_path):
     # The Hub's original gpt2 weights are named "h.0.attn.c_attn.weight", "wte.weight", ...
     from safetensors.torch import load_file, save_file
