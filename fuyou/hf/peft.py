@@ -347,11 +347,14 @@ def write_peft_adapter(run_dir: str | Path, out_dir: str | Path, dtype: str = "f
     base_name = hf_base_name(adapters.base)
     changed = base_changed(run, adapters.base)
     moved = source_changed(adapters.base) if adapters.base is not None and adapters.base.exists() else None
+    meta_dir = hf_files_dir(run)
     if adapters.base is not None and not adapters.base.exists():
         base_name = str(adapters.base)  # as recorded: the adapter still names the base it was trained for
-        print(f"fuyou: note: the run's base model {adapters.base} is gone: the adapter names it as recorded, and its "
-              f"tokenizer files (kept there) are not copied; put the base back there before loading the adapter",
-              file=stream or sys.stderr)
+        # (the note said the tokenizer files were not copied where the run's own copy of them was: a pass)
+        tok = ("its tokenizer files are copied from the run's copy" if meta_dir is not None else
+               "its tokenizer files (kept there) are not copied")
+        print(f"fuyou: note: the run's base model {adapters.base} is gone: the adapter names it as recorded, and "
+              f"{tok}; put the base back there before loading the adapter", file=stream or sys.stderr)
     elif changed:
         print(f"fuyou: note: {changed}: the adapter names that directory, whose weights are not the ones it was "
               f"trained for; load it onto the original base", file=stream or sys.stderr)
@@ -359,10 +362,14 @@ def write_peft_adapter(run_dir: str | Path, out_dir: str | Path, dtype: str = "f
         print(f"fuyou: note: {moved}, which {adapters.base} was imported from, holds other weights now: the adapter "
               f"names no base model; load it onto the base exported with `fuyou export {adapters.base}`, or export "
               f"with --merge", file=stream or sys.stderr)
-    elif base_name is None:
-        what = f"{adapters.base} is a fuyou directory" if adapters.base else "the run trained on a random base"
-        print(f"fuyou: note: {what}, not a Hugging Face model: the adapter names no base model; load it onto "
-              f"the base exported with `fuyou export`, or export with --merge", file=stream or sys.stderr)
+    elif base_name is None and adapters.base is not None:
+        print(f"fuyou: note: {adapters.base} is a fuyou directory, not a Hugging Face model: the adapter names no "
+              f"base model; load it onto the base exported with `fuyou export {adapters.base}`, or export with "
+              f"--merge", file=stream or sys.stderr)
+    elif base_name is None:  # (the note said to load it onto "the base exported with fuyou export": none can be)
+        print(f"fuyou: note: the run trained over a random base drawn from train.seed={adapters.seed} (no "
+              f"--init-from), which no model directory holds: the adapter names no base model and fits only that "
+              f"base; export with --merge for a model transformers loads", file=stream or sys.stderr)
     lora = adapters.lora
     alpha = lora["alpha"]
     config = {
@@ -375,7 +382,6 @@ def write_peft_adapter(run_dir: str | Path, out_dir: str | Path, dtype: str = "f
         "alpha_pattern": {}, "exclude_modules": None, "inference_mode": True,
     }
     out.mkdir(parents=True, exist_ok=True)
-    meta_dir = hf_files_dir(run)
     written = copy_small_files(meta_dir, out, skip=("config.json",)) if meta_dir is not None else []
     tensors = {keys[k]: v.to(DTYPES[dtype]).contiguous() for k, v in adapters.tensors.items()}
     save_atomic(tensors, out / PEFT_WEIGHTS)

@@ -386,8 +386,11 @@ def _committed_adapters(run: Path, stream=None):
     missing = (f"{run} is a LoRA run resumed past its {ADAPTER_FILE}" if (run / ADAPTER_FILE).is_file() else
                f"{run} is a LoRA run without {ADAPTER_FILE} (still training, or stopped before saving its adapters)")
     if cfg.offload.mode != "ssd" or cfg.offload.commit != "cow":
+        snaps = snapshot_dirs(run / "snapshots")  # (named, as a full fine-tuning run's error does: a pass)
         raise ConfigError(f"{missing} and kept no commits (offload.mode={cfg.offload.mode}, offload.commit="
-                          f"{cfg.offload.commit}): export a snapshot (RUN_DIR/snapshots/step-N) if it wrote one")
+                          f"{cfg.offload.commit}): " + (f"its last snapshot is {snaps[-1]} (a stopped run keeps its "
+                                                        f"adapters there): `fuyou export {snaps[-1]}`" if snaps else
+                                                        "it wrote no snapshot, so nothing of it was kept"))
     from fuyou.engine.commit import RECORD
 
     state = Path(cfg.offload.ssd_dirs[0]) / state_name(run.name)

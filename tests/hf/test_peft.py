@@ -32,6 +32,7 @@ from fuyou.models import ModelConfig, StageModel  # noqa: E402
 from fuyou.models.lora import HF_MODULE, LoRAConfig, attach  # noqa: E402
 from fuyou.optim.schedule import lr_of  # noqa: E402
 from fuyou.train.reference import ReferenceTrainer  # noqa: E402
+from fuyou.train.run import export_run_dir  # noqa: E402
 
 N_LAYER = 4
 
@@ -267,12 +268,26 @@ def test_an_imported_base_whose_source_changed_is_not_named(hf_models, tmp_path,
     assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] is None
 
 
+def test_an_in_memory_lora_run_without_adapters_names_its_last_snapshot(tmp_path):
+    """The export of an in-memory LoRA run that saved no adapters said "export a snapshot ... if it wrote one"
+    where it had (a pass); the full fine-tuning error names the snapshot, and so does this one now."""
+    run = lora_train(tmp_path, ["model.preset=llama-test", "model.n_layer=2"], "data.tokenizer=byte",
+                     "run.save_weights=false", "train.save_every=1")
+    snap = run / "snapshots" / "step-000001"
+    with pytest.raises(ConfigError, match=f"its last snapshot is {snap}"):
+        export_run_dir(run, tmp_path / "adapter")
+    export_run_dir(snap, tmp_path / "adapter")  # the named snapshot exports
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+
+
 def test_merge_of_a_lora_run_on_a_random_base(tmp_path, capsys):
     # No model.init_from: the base is the seeded init, which --merge redraws; the adapter names no base.
     run = lora_train(tmp_path, ["model.preset=llama-test", "model.n_layer=2"], "lora.targets=all-linear",
                      "data.tokenizer=byte")
     assert main(["export", str(run), "--out", str(tmp_path / "adapter")]) == 0
-    assert "names no base model" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    # (it said to load the adapter onto "the base exported with fuyou export", which no command writes: a pass)
+    assert "names no base model" in err and "random base drawn from train.seed" in err and "base exported" not in err
     assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] is None
     assert main(["export", str(run), "--out", str(tmp_path / "merged"), "--merge"]) == 0
     cfg = load_config(run / "config.toml")
@@ -368,6 +383,9 @@ def test_a_base_that_changed_or_went_is_not_merged_over_silently(hf_models, tmp_
     export_run_dir(run, tmp_path / "adapter2")
     err = capsys.readouterr().err
     assert f"base model {base} is gone" in err and "a fuyou directory" not in err
+    # the run's copy of the tokenizer files is copied, as the note now says (it said they were not: a pass)
+    assert "tokenizer files are copied from the run's copy" in err
+    assert (tmp_path / "adapter2" / "tokenizer_config.json").is_file()
     cfg = json.loads((tmp_path / "adapter2" / "adapter_config.json").read_text())
     assert cfg["base_model_name_or_path"] == str(base)  # as recorded, not null
     with pytest.raises(ConfigError, match="is gone"):
