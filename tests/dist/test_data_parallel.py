@@ -9,7 +9,9 @@ clipping is on and triggers, and there are several micro-batches per step.
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -511,6 +513,30 @@ def test_ranks_initialised_from_different_checkpoints_are_refused(tmp_path):
     assert [p.returncode for p in procs] == [0, 0], outs[1][1][-2000:]
     # notes are rank 0's to print (every rank printed them, interleaved: a pass)
     assert "fine-tuning defaults" in outs[0][1] and "fine-tuning defaults" not in outs[1][1], outs[1][1]
+
+
+def test_ranks_whose_budget_caches_no_stage_still_meet_at_the_shared_cache(tmp_path):
+    """A budget just over the minimum caches no stage: every rank still takes part in the shared cache's
+    collectives before returning (one that returned early hung the others, a pass), and the run equals one
+    process's. The budget is the refusal's minimum (per rank) plus less than half the smallest stage."""
+    before = shm_caches()
+    cache = ("train.grad_accum=2", "offload.cache_weights=true")
+
+    def at(budget, name):
+        args = train_args(tmp_path, name, *cache)
+        args[args.index("1GiB")] = budget
+        return args
+
+    low = torchrun(at("200MiB", "low"), check=False)
+    found = re.search(r"engine's minimum of ([\d.]+) MiB", low.stderr)
+    assert low.returncode != 0 and found, low.stderr[-3000:]
+    per_rank = math.ceil(float(found.group(1)) * 2**20) + 8192  # (the figure is rounded to 0.01 MiB)
+    r = torchrun(at(str(2 * per_rank), "two"))
+    assert re.search(r"weight cache\s+0 B \(0 stages; this rank's 1/2 of one cache", r.stderr), r.stderr[-3000:]
+    single(train_args(tmp_path, "one", "train.grad_accum=2"))
+    runs = tmp_path / "runs"
+    assert_weights(load_file(runs / "one" / "model.safetensors"), load_file(runs / "two" / "model.safetensors"), True)
+    assert shm_caches() == before
 
 
 def test_two_ranks_with_resident_state_and_spare_copies(tmp_path):
