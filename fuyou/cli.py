@@ -436,7 +436,7 @@ def _read_only_fs(d) -> bool:
 
 def _prepare(args) -> int:
     from fuyou.data import ExampleData, tokenize_records
-    from fuyou.data.dataset import write_prepared
+    from fuyou.data.dataset import replace_prepared, write_prepared
     from fuyou.data.examples import write_examples
 
     if not 0 <= args.val_fraction < 1:
@@ -454,11 +454,20 @@ def _prepare(args) -> int:
             from fuyou.errors import ConfigError
 
             raise ConfigError(f"--out {out} holds other files than prepared data; give a new or empty directory")
-        print(f"note: replacing the prepared data in {out}", file=sys.stderr)
+    replacing = (out / "meta.json").is_file()
     data = tokenize_records(args.inputs, args.tokenizer, args.format, args.train_on_prompt, args.val_fraction,
                             args.jsonl_field, args.eval)
+    try:  # a new directory put in the old one's place (replace_prepared): the old data or the new, whole
+        replace_prepared(out, lambda d: (write_examples if isinstance(data, ExampleData) else write_prepared)(d, data))
+    except OSError as e:
+        from fuyou.errors import DataError
+
+        raise DataError(f"writing the prepared data to {out} failed ({e.strerror or e}): "
+                        + ("its previous data is intact" if replacing else "nothing was left there")
+                        + "; free space (or choose another --out) and run the command again") from None
+    if replacing:  # (it said "replacing" before tokenizing, also when the prepare then failed: a pass)
+        print(f"note: replaced the prepared data in {out}", file=sys.stderr)
     if isinstance(data, ExampleData):
-        write_examples(args.out, data)
         info, ex = data.info, data.train
         formats = ", ".join(f"{n} {f}" if len(info["formats"]) > 1 else f for f, n in info["formats"].items())
         lengths = np.diff(ex.offsets) if len(ex) else np.zeros(1, np.int64)
@@ -471,7 +480,6 @@ def _prepare(args) -> int:
             print(f"note: {info['last_turn_only']} conversations carry loss on their last assistant turn only: the "
                   f"chat template renders earlier turns differently once the conversation goes on")
     else:
-        write_prepared(args.out, data)
         held = f", {data.held_documents} of them held-out (--eval)" if data.held_documents else ""
         print(f"read {data.documents} document{'s' if data.documents != 1 else ''}{held} (plain text: every token "
               f"carries loss); wrote {len(data.train)} train and {len(data.val)} val tokens ({data.train.dtype}, "

@@ -105,11 +105,80 @@ def split_tokens(docs: list[np.ndarray], eos_id: int, vocab_size: int, val_fract
     return joined[: len(joined) - n_val], joined[len(joined) - n_val :]
 
 
+PREPARED_FILES = ("train.bin", "val.bin", "train.loss.bin", "train.idx.bin", "val.loss.bin", "val.idx.bin", META)
+
+
+def replace_prepared(out_dir: str | Path, write) -> None:
+    """``write(directory)`` into a new directory beside ``out_dir``, then put it in ``out_dir``'s place. The files
+    were overwritten in place, one after another: a Ctrl-C between two left new tokens with old loss masks and
+    offsets that trained without a word, a full disk destroyed the previous data, and a run reading the old files
+    died of SIGBUS (a pass). Now ``out_dir`` holds the old data or the new, whole; a run that has the old mapped
+    keeps reading it. Where ``out_dir`` is a mount point (it cannot be renamed) the new files are written inside it
+    and each renamed over the old one, ``meta.json`` last (that window is one rename per file)."""
+    import os
+    import secrets
+    import shutil
+
+    out = Path(out_dir)
+    inside = out.is_dir() and os.path.ismount(out)
+    base = out if inside else out.parent
+    base.mkdir(parents=True, exist_ok=True)
+    _sweep_leftovers(base, out.name)
+    tag = f"{os.getpid()}-{secrets.token_hex(4)}"
+    tmp = base / f".{out.name}.prepare-{tag}"
+    tmp.mkdir()  # (as a plain mkdir makes it, with the umask's permissions: mkdtemp's are 0700)
+    try:
+        write(tmp)
+        for f in tmp.iterdir():  # on the disk before they take the old data's place
+            with f.open("rb") as fh:
+                os.fsync(fh.fileno())
+        if inside:
+            new = sorted(f.name for f in tmp.iterdir())
+            for name in sorted(new, key=lambda n: n == META):
+                os.replace(tmp / name, out / name)
+            for name in PREPARED_FILES:
+                if name not in new:
+                    (out / name).unlink(missing_ok=True)
+            tmp.rmdir()
+        else:
+            old = None
+            if out.exists():
+                old = base / f".{out.name}.old-{tag}"
+                os.rename(out, old)
+            os.rename(tmp, out)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        fd = os.open(base, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _sweep_leftovers(base: Path, name: str) -> None:
+    """Directories a killed ``replace_prepared`` left (its pid in the name, no longer running)."""
+    import os
+    import shutil
+
+    for d in base.glob(f".{name}.*-*-*"):
+        kind, _, rest = d.name[len(name) + 2:].partition("-")
+        pid = rest.split("-", 1)[0]
+        if kind not in ("prepare", "old") or not pid.isdigit() or not d.is_dir():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+        except OSError:
+            pass
+
+
 def write_prepared(out_dir: str | Path, data: TokenData) -> None:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for stale in ("train.loss.bin", "train.idx.bin", "val.loss.bin", "val.idx.bin"):  # examples prepared there before
-        (out / stale).unlink(missing_ok=True)
     dtype = np.promote_types(data.train.dtype, data.val.dtype)  # meta.json records one for both
     data.train.astype(dtype, copy=False).tofile(out / "train.bin")
     data.val.astype(dtype, copy=False).tofile(out / "val.bin")

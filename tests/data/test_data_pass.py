@@ -365,3 +365,70 @@ def test_the_held_out_example_forced_for_a_few_takes_its_repeats_along():
         out = held_out([x, x, y], 0.01)
         assert out[0] == out[1] and out.count(True) in (1, 2) and not all(out)
     assert held_out([a] * 5, 0.05) == [False] * 5 and held_out([a] * 5, 0.9) == [False] * 5
+
+
+def _files(d: Path) -> dict[str, bytes]:
+    return {f.name: f.read_bytes() for f in sorted(d.iterdir())}
+
+
+@pytest.mark.parametrize("kind", ["text", "prompt_completion"])
+@pytest.mark.parametrize("fault", ["interrupt", "full disk"])
+def test_a_prepare_that_stops_while_writing_keeps_the_old_data_whole(tmp_path, monkeypatch, capsys, kind, fault):
+    """`data prepare` over prepared data wrote its files in place one by one: a Ctrl-C between two left new tokens
+    with old masks and offsets (trained without a word), a full disk destroyed the old data (a pass). The new data
+    is written beside it and put in its place whole; a stop or a full disk leaves the old data byte for byte, and
+    nothing else behind."""
+    import errno
+
+    import fuyou.data.dataset as dataset
+    import fuyou.data.examples as examples
+    from fuyou.cli import main
+
+    def records(n, rev=False):
+        rows = [{"prompt": f"Q{i}?", "completion": f" A{i}."} if kind != "text" else {"text": f"doc {i} " * 5}
+                for i in range(n)]
+        return rows[::-1] if rev else rows
+
+    out = tmp_path / "prep"
+    assert main(["data", "prepare", str(_jsonl(tmp_path / "a.jsonl", records(40))), "--out", str(out)]) == 0
+    before = _files(out)
+    writer = "write_examples" if kind != "text" else "write_prepared"
+    real = getattr(examples if kind != "text" else dataset, writer)
+
+    def stops_midway(d, data):
+        real(d, data)
+        (Path(d) / "meta.json").unlink()  # the files half there, as a stop between two of them leaves them
+        if fault == "interrupt":
+            raise KeyboardInterrupt
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(examples if kind != "text" else dataset, writer, stops_midway)
+    new = str(_jsonl(tmp_path / "b.jsonl", records(60, rev=True)))
+    capsys.readouterr()
+    if fault == "interrupt":
+        assert main(["data", "prepare", new, "--out", str(out)]) == 130
+    else:
+        assert main(["data", "prepare", new, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert "No space left on device" in err and "its previous data is intact" in err, err
+        assert "replaced" not in err
+    assert _files(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl", "b.jsonl", "prep"]  # no leftovers
+    monkeypatch.undo()
+    assert main(["data", "prepare", new, "--out", str(out)]) == 0
+    assert _files(out) != before
+
+
+def test_a_run_reading_prepared_data_keeps_reading_it_while_it_is_replaced(tmp_path):
+    """The files were overwritten under a run that had them mapped: it died of SIGBUS (a pass). The old files
+    stay whole under the mapping once the new data takes the directory's place."""
+    from fuyou.cli import main
+
+    out = tmp_path / "prep"
+    assert main(["data", "prepare", str(_jsonl(tmp_path / "a.jsonl", [{"text": "abc " * 4000}])), "--out",
+                 str(out)]) == 0
+    mapped = np.memmap(out / "train.bin", dtype=np.uint16, mode="r")
+    was = np.array(mapped)
+    assert main(["data", "prepare", str(_jsonl(tmp_path / "b.jsonl", [{"text": "x"}])), "--out", str(out)]) == 0
+    assert np.array_equal(np.array(mapped), was)  # (a shortened file under the mapping is a SIGBUS)
+    assert (out / "train.bin").stat().st_size < was.nbytes
