@@ -217,6 +217,30 @@ def read_only_dir(tmp_path):
     subprocess.run(["umount", str(d)], capture_output=True)
 
 
+@pytest.fixture
+def small_dir(tmp_path):
+    """A 2 MiB file system (a tmpfs); skipped where this process may not mount."""
+    d = tmp_path / "small"
+    d.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(d)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
+    yield d
+    subprocess.run(["umount", str(d)], capture_output=True)
+
+
+def test_a_run_directory_too_small_for_the_weights_is_refused_before_training(tmp_path, capsys, small_dir):
+    """An in-memory run whose run directory's disk filled up lost its trained weights at the end (a pass): the
+    weights (and snapshots) the run will save are checked against the free space before anything starts."""
+    err = _err(capsys, ["train", "--out", str(small_dir / "runs"), *TINY, "model.n_layer=12"])  # 2.5 MB of weights
+    assert "the run directory's disk" in err and "4 B a parameter" in err, err
+    assert not any(small_dir.iterdir())  # nothing was started
+    err = _err(capsys, ["train", "--out", str(small_dir / "runs"), *TINY, "model.n_layer=1", "train.steps=10",
+                        "train.save_every=1", "train.keep_snapshots=8"])  # 10 x 0.3 MB
+    assert "up to 9 snapshots" in err and "lower train.keep_snapshots" in err, err
+    assert main(["train", "--out", str(small_dir / "runs"), *TINY, "model.n_layer=1"]) == 0  # 1 block fits
+
+
 def test_read_only_places(tmp_path, capsys, read_only_dir):
     src = tmp_path / "d.txt"
     src.write_text("text " * 100)

@@ -473,6 +473,7 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
         _refuse_unlike_commit(cfg, run_path)
     if dist.is_main:
         _note_budget_beyond_memory(cfg, stream or sys.stderr)
+        _check_run_dir_space(cfg, run_path)
     # refuses impossible configs (and unresumable states) before anything is written
     split = "content"
     if resume is not None:  # (every rank reads the run directory, as its id above; rank 0's decides)
@@ -572,6 +573,41 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
         trainer.close()
     dist.close()
     return result
+
+
+def _check_run_dir_space(cfg: FuyouConfig, run_path: Path) -> None:
+    """The run directory's disk must hold the weights the run saves: model.safetensors (fp32, 4 B a parameter)
+    and, with train.save_every, up to train.keep_snapshots + 1 snapshots of the same size (the newest is written
+    before the oldest goes). An in-memory run whose disk filled up lost its trained weights at the very end (a
+    pass); it is refused before any work, with the numbers. (LoRA saves only its small adapters: not checked.)"""
+    import shutil
+
+    from fuyou.models import StageModel
+
+    if cfg.lora.enabled or not cfg.run.save_weights:
+        return
+    size = 4 * StageModel(cfg.model).num_params
+    t = cfg.train
+    snapshots = 0
+    if t.save_every:
+        made = (t.steps - 1) // t.save_every if t.epochs is None else t.keep_snapshots + 1  # (epochs: steps unknown yet)
+        snapshots = min(made, t.keep_snapshots + 1)
+    here = run_path if run_path.exists() else next((q for q in run_path.parents if q.exists()), Path("."))
+    held = sum(f.stat().st_size for f in ([run_path / "model.safetensors"] if (run_path / "model.safetensors").is_file()
+                                           else []) + list(run_path.glob("snapshots/*/model.safetensors")))
+    need = (1 + snapshots) * size - held  # (a resume: what its earlier launches wrote is there already)
+    try:
+        free = shutil.disk_usage(here).free
+    except OSError:
+        return
+    if need > free:
+        kept = (f" and up to {snapshots} snapshots of {format_size(size)} each (train.save_every={t.save_every}, "
+                f"train.keep_snapshots={t.keep_snapshots}, and the newest written before the oldest goes)"
+                if snapshots else "")
+        raise ConfigError(f"the run directory's disk ({here}) has {format_size(free)} free, and the run writes up to "
+                          f"{format_size(need)} there: model.safetensors ({format_size(size)}, 4 B a parameter){kept}. "
+                          f"Free space, choose another run.out_dir (--out)"
+                          + (", or lower train.keep_snapshots or raise train.save_every" if snapshots else ""))
 
 
 def _kept_before_non_finite(e: NonFiniteError, run_dir: Path, trainer: Trainer, cfg: FuyouConfig,
