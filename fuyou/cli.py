@@ -298,9 +298,9 @@ def _train(args) -> int:
             raise ConfigError("--resume uses the run's own config.toml; drop --config")
         given = [o.partition("=")[2] for o in args.overrides if o.partition("=")[0].strip() == "model.init_from"]
         if args.init_from or given:
-            import tomllib
+            from fuyou.tomlfile import read_toml
 
-            saved = tomllib.loads((resume / "config.toml").read_text())
+            saved = read_toml(resume / "config.toml")
             start, lora = saved.get("model", {}).get("init_from"), saved.get("lora", {}).get("rank", 0) > 0
             raise ConfigError(f"a resume continues from {resume}'s committed state, which started from "
                               f"{start or 'a random initialisation'}; --init-from / model.init_from "
@@ -309,11 +309,10 @@ def _train(args) -> int:
                                        if lora else ""))
         ranks = [o.partition("=")[2].strip() for o in args.overrides if o.partition("=")[0].strip() == "lora.rank"]
         if ranks:  # a clearer refusal than the config's own checks give (LoRA settings without a rank)
-            import tomllib
-
             from fuyou.config import _parse_value
+            from fuyou.tomlfile import read_toml
 
-            had = tomllib.loads((resume / "config.toml").read_text()).get("lora", {}).get("rank", 0)
+            had = read_toml(resume / "config.toml").get("lora", {}).get("rank", 0)
             if _parse_value(ranks[-1]) != had:
                 raise ConfigError(f"a resumed run cannot change lora.rank ({had!r} -> {ranks[-1]}): it fixes the shape "
                                   f"of its committed state. Resume with the run's own value, or start a new run")
@@ -347,14 +346,15 @@ def _train(args) -> int:
 def _run_tokenizer(run, overrides: list[str]) -> list[str]:
     """A resume whose tokenizer was the checkpoint it started from, now gone (a cleared model cache), reads
     the copy the run keeps of it (``RUN/hf``): ``data.tokenizer=RUN/hf``, with a note. Nothing otherwise."""
-    import tomllib
     from pathlib import Path
 
+    from fuyou.errors import ConfigError
     from fuyou.hf.source import tokenizer_dir
+    from fuyou.tomlfile import read_toml
 
     try:
-        tok = tomllib.loads((run / "config.toml").read_text()).get("data", {}).get("tokenizer")
-    except (tomllib.TOMLDecodeError, OSError, AttributeError):  # (load_config says what is wrong with the file)
+        tok = read_toml(run / "config.toml").get("data", {}).get("tokenizer")
+    except (ConfigError, OSError, AttributeError):  # (load_config says what is wrong with the file)
         return []
     if not isinstance(tok, str) or tok in ("byte", "auto") or Path(tok).expanduser().exists() or \
             any(o.partition("=")[0].strip() == "data.tokenizer" for o in overrides):

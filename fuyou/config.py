@@ -25,6 +25,7 @@ from fuyou.models.config import preset
 from fuyou.models.lora import LoRAConfig
 from fuyou.optim.config import AdamWConfig
 from fuyou.planner.config import HardwareConfig
+from fuyou.tomlfile import read_toml
 from fuyou.train.config import TrainConfig
 
 if sys.version_info >= (3, 11):
@@ -203,10 +204,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"config file {p} is a directory; give the TOML file itself (see configs/ for examples)")
         if not p.is_file():
             raise ConfigError(f"config file {p} does not exist; see configs/ for examples")
-        try:
-            raw = tomllib.loads(p.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{p} is not valid TOML: {e}") from e
+        raw = read_toml(p)
     given = set()
     for key, value in (flags or {}).items():
         _set(raw, key, value)

@@ -432,9 +432,9 @@ def check_world(run_dir: Path, now: int) -> None:
     if world == now:
         return
     try:
-        import tomllib
+        from fuyou.tomlfile import read_toml
 
-        grad_accum = int(tomllib.loads((run_dir / "config.toml").read_text())["train"]["grad_accum"])
+        grad_accum = int(read_toml(run_dir / "config.toml")["train"]["grad_accum"])
     except (OSError, KeyError, ValueError, TypeError):
         grad_accum = now
     how = "without torchrun" if world == 1 else f"with torchrun --nproc_per_node={world} (or its nodes)"

@@ -283,3 +283,21 @@ def test_import_to_a_file_is_refused_with_a_sentence(tmp_path, capsys):
     f.write_text("x")
     assert "is a file; give a directory" in _err(capsys, ["import", str(tmp_path), "--out", str(f)])
     assert "is a file, not a directory" in _err(capsys, ["import", str(tmp_path), "--out", str(f / "sub")])
+
+
+def test_a_toml_file_that_is_not_utf8_is_a_sentence_and_a_byte_order_mark_is_read(tmp_path, capsys):
+    """A config saved in Latin-1 was a UnicodeDecodeError traceback wherever it was read (train --config, a run's
+    config.toml under --resume, export, plan --model RUN), and one with a byte-order mark "Invalid statement"
+    (a pass)."""
+    latin1 = tmp_path / "latin1.toml"
+    latin1.write_bytes(b"# r\xe9glages\n[train]\nsteps = 1\n")
+    err = _err(capsys, ["train", "--config", str(latin1)])
+    assert "is not UTF-8 text (line 1" in err and "iconv" in err
+    bom = tmp_path / "bom.toml"
+    bom.write_bytes(b"\xef\xbb\xbf[train]\nsteps = 1\n")
+    out = tmp_path / "runs"
+    assert main(["train", "--config", str(bom), "--out", str(out), "run.name=b", *TINY[:-2], "train.steps=1"]) == 0
+    run = out / "b"
+    (run / "config.toml").write_bytes(b"\xff\xfe garbage")
+    for argv in (["train", "--resume", str(run)], ["plan", "--model", str(run)]):
+        assert "is not UTF-8 text" in _err(capsys, argv), argv

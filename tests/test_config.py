@@ -140,3 +140,11 @@ def test_a_cpu_budget_beyond_the_machines_memory_gets_a_note(tmp_path, capsys):
                  "--cpu-mem", str(2 * total), "model.preset=gpt-test", "data.seq_len=32", "train.steps=1",
                  "train.micro_batch_size=2", "train.eval_batches=1"]) == 0
     assert "is more than this machine's" in capsys.readouterr().err
+
+
+def test_a_seed_beyond_32_bits_is_refused():
+    """train.seed from a clock in nanoseconds overflowed the generators' seeds derived from it: a ValueError
+    traceback at the first stage's initialisation (a pass)."""
+    with pytest.raises(ConfigError, match="train.seed"):
+        load_config(overrides=["train.seed=1796506857841000000"])
+    assert load_config(overrides=[f"train.seed={2**32 - 1}"]).train.seed == 2**32 - 1

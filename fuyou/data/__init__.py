@@ -239,11 +239,37 @@ def read_data(path: str | Path) -> TokenData | ExampleData:
         raise DataError(f"{p} is not a prepared data directory (no {META}); create one with `fuyou data prepare`")
     try:
         meta = json.loads((p / META).read_text())
+        bad = _meta_problem(meta)
+        if bad:  # (an edited field reached the code as an AttributeError, or a run's config.toml: a pass)
+            raise ValueError(bad)
         if meta.get("kind") == "examples":
             return read_examples(p, meta)
     except (KeyError, ValueError, TypeError) as e:
-        raise DataError(f"{p / META} is malformed ({e!r}); prepare the data again") from e
+        raise DataError(f"{p / META} is malformed ({e}); prepare the data again") from e
     return read_prepared(p)
+
+
+_META_INTS = ("train_tokens", "val_tokens", "vocab_size", "eos_id", "train_examples", "val_examples")
+
+
+def _meta_problem(meta) -> str | None:
+    """What is wrong with the types of a prepared directory's ``meta.json`` fields (None: nothing)."""
+    if not isinstance(meta, dict):
+        return f"a JSON {type(meta).__name__}, not an object"
+    for k in _META_INTS:
+        v = meta.get(k, 0)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            return f"{k} is {v!r}, not a count"
+    for k, kind in (("dtype", str), ("tokenizer", str), ("info", dict), ("kind", str)):
+        if k in meta and not isinstance(meta[k], kind):
+            return f"{k} is {meta[k]!r}, not a {'string' if kind is str else 'JSON object'}"
+    for k in ("tokenizer_fingerprint", "pad_id"):
+        if meta.get(k) is not None and not isinstance(meta[k], (str if k == "tokenizer_fingerprint" else int)):
+            return f"{k} is {meta[k]!r}"
+    for frac in (meta.get("val_fraction"), (meta.get("info") or {}).get("val_fraction")):
+        if frac is not None and (not isinstance(frac, (int, float)) or isinstance(frac, bool) or not 0 <= frac < 1):
+            return f"val_fraction is {frac!r}, not a share from 0 to below 1"
+    return None
 
 
 def load_data(cfg: DataConfig, tokenizer: str | None = None, check_prepared: bool = True,

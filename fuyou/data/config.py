@@ -18,7 +18,9 @@ def is_prepared(path) -> bool:
     try:
         meta = json.loads((Path(path) / "meta.json").read_text())
     except (OSError, ValueError):
-        return False
+        # a damaged meta.json beside prepared tokens is prepared data (read_data says what is wrong), not a text
+        # directory "with no usable files" (a pass)
+        return (Path(path) / "meta.json").is_file() and (Path(path) / "train.bin").is_file()
     return isinstance(meta, dict) and ("kind" in meta or {"dtype", "train_tokens"} <= meta.keys())
 
 

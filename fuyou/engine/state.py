@@ -550,9 +550,9 @@ def owner_mismatch(store_dir: Path, run_dir: Path, rid: str | None = None) -> st
     if not config.is_file():  # no longer a run directory
         return None
     try:
-        import tomllib
+        from fuyou.tomlfile import read_toml
 
-        dirs = tomllib.loads(config.read_text()).get("offload", {}).get("ssd_dirs", [])
+        dirs = read_toml(config).get("offload", {}).get("ssd_dirs", [])
         here = Path(store_dir).resolve().parent
         if not any(Path(d).resolve() == here for d in dirs):
             return None

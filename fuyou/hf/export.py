@@ -83,11 +83,11 @@ BYTE_MARK = "fuyou_tokenizer"  # config.json: "byte" where the model was trained
 def _trained_on_bytes(run: Path) -> bool:
     """The run (or snapshot) read its data as bytes: its config.toml's data.tokenizer (a preset on the embedded
     corpus or text files resolves 'auto' to 'byte'; prepared data records its tokenizer elsewhere: not told)."""
-    import tomllib
+    from fuyou.tomlfile import read_toml
 
     try:
-        data = tomllib.loads((run / "config.toml").read_text()).get("data", {})
-    except (OSError, tomllib.TOMLDecodeError):
+        data = read_toml(run / "config.toml").get("data", {})
+    except (OSError, ConfigError):
         return False
     return data.get("tokenizer") == "byte" and data.get("source", "builtin") in ("builtin", "text")
 

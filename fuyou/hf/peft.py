@@ -40,12 +40,8 @@ from pathlib import Path
 
 from torch import Tensor
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
-
 from fuyou.errors import ConfigError
+from fuyou.tomlfile import read_toml
 from fuyou.hf.export import DTYPES, refuse_nonempty, save_atomic
 from fuyou.hf.source import copy_small_files, hf_files_dir, lora_run, snapshot_run
 from fuyou.hf.weights import hf_name
@@ -219,8 +215,8 @@ def _run_config(run: Path) -> dict:
     if not (run / "config.toml").is_file():
         return {}
     try:
-        return tomllib.loads((run / "config.toml").read_text())
-    except (OSError, tomllib.TOMLDecodeError) as e:
+        return read_toml(run / "config.toml")
+    except (OSError, ConfigError) as e:
         raise ConfigError(f"cannot read {run / 'config.toml'}: {e}") from e
 
 

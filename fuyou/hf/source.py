@@ -21,12 +21,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
-
 from fuyou.errors import ConfigError
+from fuyou.tomlfile import read_toml
 from fuyou.hf.config_map import SHAPE_FIELDS, SUPPORTED_TEXT, to_fuyou
 from fuyou.hf.weights import WEIGHT_SUFFIXES, FuyouWeights, HFWeights, in_model, model_roots
 
@@ -59,9 +55,9 @@ def lora_run(p: Path) -> bool:
     if (p / "adapter.safetensors").is_file():
         return True
     try:
-        import tomllib
+        from fuyou.tomlfile import read_toml
 
-        return bool(tomllib.loads((p / "config.toml").read_text()).get("lora", {}).get("rank"))
+        return bool(read_toml(p / "config.toml").get("lora", {}).get("rank"))
     except (OSError, ValueError):
         return False
 
@@ -115,7 +111,7 @@ def model_shape(path: str | Path) -> dict[str, Any]:
     if p.is_dir() and (p / "config.toml").is_file():
         try:
             model = _run_model_section(p)
-        except (tomllib.TOMLDecodeError, OSError) as e:
+        except OSError as e:  # (a ConfigError names the file itself)
             raise ConfigError(f"{p / 'config.toml'} cannot be read: {e}") from None
         return {k: model[k] for k in SHAPE_FIELDS if k in model}
     if p.is_dir() and (p / "model.safetensors").is_file():
@@ -141,7 +137,7 @@ def checkpoint_model_fields(data: dict[str, Any]) -> dict[str, Any]:
 def _run_model_section(run_dir: Path) -> dict[str, Any]:
     """The ``[model]`` section of a fuyou run directory's ``config.toml`` (raises what reading and
     parsing raise)."""
-    return tomllib.loads((run_dir / "config.toml").read_text()).get("model", {})
+    return read_toml(run_dir / "config.toml").get("model", {})
 
 
 def snapshot_run(path: Path) -> Path | None:
@@ -166,7 +162,7 @@ def hf_files_dir(path: str | Path, _depth: int = 0) -> Path | None:
     if (p / "config.toml").is_file() and _depth < 16:
         try:
             parent = snapshot_run(p) or _run_model_section(p).get("init_from")
-        except (tomllib.TOMLDecodeError, OSError):
+        except (ConfigError, OSError):
             return None
         if parent and Path(parent).resolve() != p.resolve():
             return hf_files_dir(parent, _depth + 1)

@@ -164,9 +164,9 @@ def _plan_model_fields(model: str, overrides: list[str]) -> tuple[dict, dict]:
     run_config = Path(model).expanduser() / "config.toml"
     if run_config.is_file():  # a fuyou run: plan its state as it trains it (the flags and overrides still win)
         # read as written, not validated as a config to train: its SSD directories need not exist to plan
-        import tomllib
+        from fuyou.tomlfile import read_toml
 
-        raw = tomllib.loads(run_config.read_text())
+        raw = read_toml(run_config)
         for section, keys in (("train", ("precision",)), ("optim", ("master", "moments"))):
             values = {k: raw[section][k] for k in keys if k in raw.get(section, {})}
             if values:

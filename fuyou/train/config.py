@@ -43,7 +43,8 @@ class TrainConfig(BaseModel):
         "development): CPU compute through the engine's CUDA code paths, with CUDA's asynchrony modelled "
         "and its stream and memory rules checked (fuyou.engine.device)."
     )
-    seed: int = Field(1234, ge=0, description="Seed of weight init and data order.")
+    seed: int = Field(1234, ge=0, le=2**32 - 1, description="Seed of weight init and data order (0 to 2**32 - 1: the "
+                      "generators' seeds are derived from it; a clock in nanoseconds overflowed them, a pass).")
     eval_every: int = Field(80, ge=0, description="Evaluate every N steps (0: only at start and end).")
     eval_batches: int = Field(8, ge=1, description="Held-out batches per evaluation.")
     log_every: int = Field(10, ge=1, description="Write a metrics line every N steps.")

@@ -13,13 +13,13 @@ import signal
 import sys
 import threading
 import time
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from pydantic import ValidationError
 
+from fuyou.tomlfile import read_toml
 from fuyou.config import FuyouConfig
 from fuyou.data import load_data
 from fuyou.engine.commit import STATE_SUFFIX, state_name
@@ -458,7 +458,7 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
         # ones may have moved: validating them would refuse the resume that names their new place)
         dirs = {"offload.ssd_dirs": list(cfg.offload.ssd_dirs), "data.path": list(cfg.data.path),
                 "data.eval_path": list(cfg.data.eval_path)}
-        saved_raw = tomllib.loads((run_path / "config.toml").read_text())
+        saved_raw = read_toml(run_path / "config.toml")
         # (model.init_from is not compared, and the checkpoint it names may be gone: the shape is in the file)
         changed = resume_changes(load_config(run_path / "config.toml", flags={**dirs, "model.init_from": None}), cfg)
         for key in dirs:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import time
-import tomllib
 from pathlib import Path
 
 
+from fuyou.tomlfile import read_toml
 from fuyou.engine.state import snapshot_dirs, write_run_id
 from fuyou.config import DATA_POSITION, FIXED_ON_RESUME, NOT_COMPARED, FuyouConfig, flat_settings, to_toml
 from fuyou.engine.commit import state_name
@@ -137,8 +137,8 @@ def newer_commit(run: Path, weights: Path) -> int | None:
     if not (run / "config.toml").is_file():
         return None
     try:
-        raw = tomllib.loads((run / "config.toml").read_text())
-    except (OSError, tomllib.TOMLDecodeError):
+        raw = read_toml(run / "config.toml")
+    except (OSError, ConfigError):
         return None
     off = raw.get("offload", {})
     if off.get("mode") != "ssd":
@@ -243,11 +243,11 @@ def record_resume(run_dir: Path, cfg: FuyouConfig, step: int, changed: dict[str,
     with open(run_dir / "resumes.jsonl", "a") as fh:
         fh.write(json.dumps(entry, default=str) + "\n")
     if changed:
-        import tomllib
+        from fuyou.tomlfile import read_toml
 
         # the resumed config's model.init_from is none (the weights come from the SSD state); the rewritten
         # config keeps the source's, which export and snapshots follow to its config and tokenizer
-        source = tomllib.loads((run_dir / "config.toml").read_text()).get("model", {}).get("init_from")
+        source = read_toml(run_dir / "config.toml").get("model", {}).get("init_from")
         if source and not cfg.model.init_from:
             cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"init_from": source})})
         (run_dir / "config.toml").replace(run_dir / f"config.step-{step}.toml")

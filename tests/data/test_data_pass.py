@@ -432,3 +432,19 @@ def test_a_run_reading_prepared_data_keeps_reading_it_while_it_is_replaced(tmp_p
     assert main(["data", "prepare", str(_jsonl(tmp_path / "b.jsonl", [{"text": "x"}])), "--out", str(out)]) == 0
     assert np.array_equal(np.array(mapped), was)  # (a shortened file under the mapping is a SIGBUS)
     assert (out / "train.bin").stat().st_size < was.nbytes
+
+
+@pytest.mark.parametrize("edit", [{"info": [1]}, {"val_fraction": "x"}, {"train_tokens": -3}, {"dtype": 5}, None])
+def test_an_edited_or_truncated_meta_json_is_named(tmp_path, edit):
+    """An edited meta.json ("info": [1]) was an AttributeError traceback, a string val_fraction went into the run's
+    config.toml, and a truncated one made the directory "hold no usable files" (a pass): each is a DataError that
+    names meta.json."""
+    from fuyou.cli import main
+
+    out = tmp_path / "prep"
+    rows = [{"prompt": f"Q{i}?", "completion": f" A{i}."} for i in range(20)]
+    assert main(["data", "prepare", str(_jsonl(tmp_path / "a.jsonl", rows)), "--out", str(out)]) == 0
+    meta = json.loads((out / "meta.json").read_text())
+    (out / "meta.json").write_text(json.dumps({**meta, **edit}) if edit else json.dumps(meta)[:20])
+    with pytest.raises(DataError, match="meta.json is malformed"):
+        load_data(DataConfig(path=[str(out)]))
