@@ -17,8 +17,15 @@ def main(argv: list[str] | None = None) -> int:
         takes = isinstance(getattr(args, "overrides", None), list)  # (train and plan)
         if takes and all("=" in e and not e.startswith("-") for e in extra):
             args.overrides += extra
-        else:
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        else:  # the command's own usage, with the option it may have meant (it printed the top's: a pass)
+            import difflib
+
+            own = getattr(args, "command_parser", parser)
+            options = [o for a in own._actions for o in a.option_strings]
+            close = [m for e in extra if e.startswith("--")
+                     for m in difflib.get_close_matches(e.split("=")[0], options, n=1)]
+            own.error(f"unrecognized arguments: {' '.join(extra)}" + (f" (did you mean {', '.join(close)}?)"
+                                                                       if close else ""))
     if not hasattr(args, "func"):
         parser.print_help()
         return 2
@@ -94,6 +101,20 @@ def _rank_tag() -> str:
     return f" (rank {os.environ.get('RANK', '?')} of {world})" if world > 1 else ""
 
 
+class _Once(argparse.Action):
+    """An option that takes one value: given twice, the second replaced the first in silence (two --config
+    files trained the second's model: a pass); refused instead."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, self.dest, None) is not None:
+            parser.error(f"{option_string} given twice ({getattr(namespace, self.dest)!r} and {values!r}): give it "
+                         f"once (several config files are not merged; put the settings in one, or give the others "
+                         f"as KEY=VALUE overrides)" if self.dest == "config" else
+                         f"{option_string} given twice ({getattr(namespace, self.dest)!r} and {values!r}): give it "
+                         f"once")
+        setattr(namespace, self.dest, values)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from fuyou.data.formats import FORMATS  # (numpy only: the parser stays quick to build)
 
@@ -104,27 +125,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a model (default: a small GPT on the embedded corpus, on the CPU)",
                        description="Train a model. Overrides are section.key=value, e.g. train.steps=100 "
-                       "model.preset=gpt3-125m optim.lr=3e-4 (sections: model data train optim offload hardware run).")
+                       "model.preset=gpt3-125m optim.lr=3e-4 (sections: model data train optim offload lora hardware "
+                       "run).")
     t.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
-    t.add_argument("--config", help="a TOML config file (see configs/)")
-    t.add_argument("--model", help="model preset (same as model.preset=NAME)")
-    t.add_argument("--offload", choices=["none", "ssd"], help="where the training state lives")
+    t.add_argument("--config", action=_Once, help="a TOML config file (see configs/)")
+    t.add_argument("--model", action=_Once, help="model preset (same as model.preset=NAME)")
+    t.add_argument("--offload", action=_Once, choices=["none", "ssd"], help="where the training state lives")
     t.add_argument("--ssd", action="append", metavar="DIR", help="an SSD directory (repeat for several drives)")
-    t.add_argument("--cpu-mem", help="CPU memory budget, e.g. 8GiB")
-    t.add_argument("--gpu-mem", help="GPU memory budget, e.g. 20GiB")
-    t.add_argument("--act-policy", help="activation policy (offload ssd): 'recompute', e.g. 'fc2,proj=ssd', "
+    t.add_argument("--cpu-mem", action=_Once, help="CPU memory budget, e.g. 8GiB")
+    t.add_argument("--gpu-mem", action=_Once, help="GPU memory budget, e.g. 20GiB")
+    t.add_argument("--act-policy", action=_Once,
+                   help="activation policy (offload ssd): 'recompute', e.g. 'fc2,proj=ssd', "
                    "'30-39:all=gpu', or a JSON file from `fuyou plan --json`")
-    t.add_argument("--plan", choices=["auto"], help="auto: probe (or load hardware.profile), plan the activation "
+    t.add_argument("--plan", action=_Once,
+                   choices=["auto"], help="auto: probe (or load hardware.profile), plan the activation "
                    "policy and prefetch depth, print the schedule, train with it (offload ssd)")
-    t.add_argument("--resume", metavar="RUN_DIR", help="continue an SSD-offloaded run from its last commit "
+    t.add_argument("--resume", action=_Once,
+                   metavar="RUN_DIR", help="continue an SSD-offloaded run from its last commit "
                    "(its config.toml; overrides such as train.steps=N still apply)")
-    t.add_argument("--init-from", metavar="DIR", help="start from these weights: a local Hugging Face model "
+    t.add_argument("--init-from", action=_Once,
+                   metavar="DIR", help="start from these weights: a local Hugging Face model "
                    "directory (Llama/Mistral/Qwen2/GPT-2, safetensors) or a fuyou run directory (same as "
                    "model.init_from=DIR; its shape wins over the preset)")
-    t.add_argument("--steps", type=int, help="optimizer steps")
-    t.add_argument("--out", help="parent directory of run directories (default: runs)")
-    t.add_argument("--trace", metavar="FILE", help="write a Chrome/Perfetto trace of the second step (offload ssd)")
-    t.set_defaults(func=_train)
+    t.add_argument("--steps", action=_Once, type=int, help="optimizer steps")
+    t.add_argument("--out", action=_Once, help="parent directory of run directories (default: runs)")
+    t.add_argument("--trace", action=_Once,
+                   metavar="FILE", help="write a Chrome/Perfetto trace of the second step (offload ssd)")
+    t.set_defaults(func=_train, command_parser=t)
 
     m = sub.add_parser("models", help="list model presets with parameter counts and training-state bytes")
     m.add_argument("--master", choices=["fp32", "bf16"], default="fp32", help="the master weights' format "
@@ -141,7 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "token stream; fine-tuning records (prompt/completion, instruction/input/output, chat "
                            "messages) become examples with a loss mask (fuyou/data/formats.py).")
     prep.add_argument("inputs", nargs="+", help="text files, .jsonl files or directories")
-    prep.add_argument("--out", required=True, help="output directory (*.bin, meta.json)")
+    prep.add_argument("--out", required=True, help="output directory (*.bin, meta.json); prepared data already "
+                      "there is replaced, whole, once the new data is written")
     prep.add_argument("--tokenizer", default="byte", help="'byte' or a local Hugging Face tokenizer or model "
                       "directory (use the model's own: training checks that they match)")
     prep.add_argument("--format", default="auto", choices=list(FORMATS),
@@ -152,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--val-fraction", type=float, default=0.05, help="share held out (of tokens for text; of "
                       "examples for fine-tuning records, each by its content: about that share, repeats together)")
     prep.add_argument("--jsonl-field", default="text", help="field with the text in JSON lines of plain text")
-    prep.set_defaults(func=_prepare)
+    prep.set_defaults(func=_prepare, command_parser=prep)
     add_planner_parsers(sub)
     _add_hf_parsers(sub)
     return p

@@ -46,6 +46,13 @@ class RunConfig(BaseModel):
         None, description="Also write the metrics as TensorBoard event files (RUN_DIR/tb); unset: when the "
         "tensorboard package is installed (the tensorboard extra). true without it is refused.")
 
+    @field_validator("out_dir")
+    @classmethod
+    def _some_dir(cls, v):
+        if not v.strip():  # (`run.out_dir=` wrote run directories into the current one in silence: a pass)
+            raise ValueError("run.out_dir is empty: give a directory (the default is runs; '.' for this one)")
+        return v
+
     @field_validator("name")
     @classmethod
     def _plain_name(cls, v):

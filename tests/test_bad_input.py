@@ -301,3 +301,49 @@ def test_a_toml_file_that_is_not_utf8_is_a_sentence_and_a_byte_order_mark_is_rea
     (run / "config.toml").write_bytes(b"\xff\xfe garbage")
     for argv in (["train", "--resume", str(run)], ["plan", "--model", str(run)]):
         assert "is not UTF-8 text" in _err(capsys, argv), argv
+
+
+def test_cli_mistakes_found_by_a_second_new_user_pass(tmp_path, capsys):
+    """Each was silent or said the wrong thing (a pass, 2026-12-05)."""
+    out = tmp_path / "runs"
+    a, b = tmp_path / "a.toml", tmp_path / "b.toml"
+    a.write_text('[model]\npreset = "gpt-test"\n')
+    b.write_text("[train]\nsteps = 1\n")
+    # a second --config replaced the first; an option given twice kept the last
+    with pytest.raises(SystemExit):
+        main(["train", "--config", str(a), "--config", str(b)])
+    assert "--config given twice" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--stpes", "3"])
+    err = capsys.readouterr().err
+    assert "usage: fuyou train" in err and "did you mean --steps?" in err
+    # empty values
+    assert "run.out_dir is empty" in _err(capsys, ["train", "run.out_dir="])
+    assert "an empty path" in _err(capsys, ["train", "data.path="])
+    # a model directory as a preset; prepared data as a model
+    model = tmp_path / "model"
+    model.mkdir()
+    assert "--init-from" in _err(capsys, ["train", "--model", str(model)])
+    prep = tmp_path / "prep"
+    assert main(["data", "prepare", str(_write(tmp_path / "t.txt", "some text " * 50)), "--out", str(prep)]) == 0
+    assert "is prepared data" in _err(capsys, ["train", "--init-from", str(prep), "--out", str(out)])
+    # UTF-16 text is not Latin-1; a file given twice is read once; a linked directory is named
+    (tmp_path / "u16.txt").write_bytes("hello world\n".encode("utf-16"))
+    err = _err(capsys, ["data", "prepare", str(tmp_path / "u16.txt"), "--out", str(tmp_path / "x")])
+    assert "iconv -f utf-16" in err
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    _write(docs / "one.txt", "first document " * 20)
+    (docs / "linked").symlink_to(tmp_path / "model")
+    assert main(["data", "prepare", str(docs), str(docs / "one.txt"), "--out", str(tmp_path / "y")]) == 0
+    cap = capsys.readouterr()
+    assert "given twice" in cap.err and "a link to a directory, not followed" in cap.err
+    assert "read 1 document " in cap.out  # once, not twice
+    # a budget given with its unit is not asked whether it meant GiB
+    err = _err(capsys, ["train", "--offload", "ssd", "--ssd", str(tmp_path), "--cpu-mem", "1KiB", "--out", str(out)])
+    assert "did you mean" not in err
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path

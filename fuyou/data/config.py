@@ -71,7 +71,10 @@ class DataConfig(BaseModel):
     @field_validator("path", "eval_path", mode="before")
     @classmethod
     def _one_path(cls, v):
-        return [v] if isinstance(v, str) else v
+        v = [v] if isinstance(v, str) else v
+        if isinstance(v, list) and any(isinstance(p, str) and not p.strip() for p in v):  # (`data.path=`: a pass)
+            raise ValueError("an empty path: give a file or directory (data.path=[] for none)")
+        return v
 
     @model_validator(mode="before")
     @classmethod

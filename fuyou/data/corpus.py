@@ -55,6 +55,7 @@ def iter_records(paths: list[str | Path], text_field: str = "text") -> Iterator[
     files (``.jsonl``/``.ndjson``, one JSON object per line) and directories (searched recursively for
     those suffixes, in sorted order, hidden files and directories left out); ``where`` is "file:line"
     for error messages. What a directory holds and fuyou does not read is listed on stderr."""
+    seen: set[Path] = set()  # files read already (a file given twice, or inside a directory also given)
     for p in map(Path, paths):
         if not p.exists():
             raise DataError(f"data path {p} does not exist; give a text file, a .jsonl file or a directory")
@@ -64,8 +65,17 @@ def iter_records(paths: list[str | Path], text_field: str = "text") -> Iterator[
         files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
         records = p.is_dir() and any(f.suffix.lower() in JSONL_SUFFIXES for f in files)
         found, skipped = False, []
+        if p.is_dir():  # (links to directories are not followed, and went unmentioned: a pass)
+            skipped += [(d, "a link to a directory, not followed: give its target itself")
+                        for d in sorted(p.rglob("*")) if d.is_symlink() and d.is_dir()]
         for f in files:
             suffix = f.suffix.lower()
+            if f.resolve() in seen:  # (tokenized twice, and a text could land in both splits: a pass)
+                found = True
+                print(f"fuyou: note: {f} is given twice (or also inside a directory given): read once",
+                      file=sys.stderr)
+                continue
+            seen.add(f.resolve())
             if p.is_dir() and any(part.startswith(".") for part in f.relative_to(p).parts):
                 skipped.append((f, "hidden"))
             elif records and f.name.split(".")[0].lower() in NOT_DATA_STEMS and suffix not in JSONL_SUFFIXES:
@@ -126,13 +136,21 @@ def _json_lines_as_text(f: Path, text: str) -> str | None:
     return None
 
 
+def encoding_advice(raw: bytes) -> str:
+    """How to convert a file that is not UTF-8, from its first bytes: UTF-16 (a byte-order mark, or NUL bytes
+    between ASCII characters) has its own command (Latin-1's, followed, filled the text with NULs: a pass)."""
+    if raw[:2] in (b"\xff\xfe", b"\xfe\xff") or raw[:200].count(b"\x00") > len(raw[:200]) // 4:
+        return "it looks like UTF-16: convert it with `iconv -f utf-16 -t utf-8`"
+    return "save the file as UTF-8 (for example `iconv -f latin1 -t utf-8` for Latin-1)"
+
+
 def _read_text(f: Path) -> str:
     raw = f.read_bytes()
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise DataError(f"{f}: not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 1]!r}); save the file as "
-                        f"UTF-8 (for example `iconv -f latin1 -t utf-8`), or, if it is not text, convert it") from None
+        raise DataError(f"{f}: not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 1]!r}); {encoding_advice(raw)}, "
+                        f"or, if it is not text, convert it") from None
 
 
 def _json_records(path: Path) -> Iterator[tuple[dict, str]]:
@@ -178,8 +196,8 @@ def _jsonl_records(path: Path) -> Iterator[tuple[dict, str]]:
             try:
                 line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
             except UnicodeDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r}); save "
-                                f"the file as UTF-8 (for example `iconv -f latin1 -t utf-8`)") from None
+                raise DataError(f"{path}:{lineno}: not UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r}); "
+                                f"{encoding_advice(raw)}") from None
             if not line.strip():
                 continue
             try:

@@ -179,6 +179,8 @@ def _sweep_leftovers(base: Path, name: str) -> None:
 def write_prepared(out_dir: str | Path, data: TokenData) -> None:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    for stale in ("train.loss.bin", "train.idx.bin", "val.loss.bin", "val.idx.bin"):  # examples prepared there before
+        (out / stale).unlink(missing_ok=True)
     dtype = np.promote_types(data.train.dtype, data.val.dtype)  # meta.json records one for both
     data.train.astype(dtype, copy=False).tofile(out / "train.bin")
     data.val.astype(dtype, copy=False).tofile(out / "val.bin")

@@ -85,6 +85,9 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         raise ConfigError(f"{p} is a LoRA run: it holds adapters, not a model. Give its base model as --init-from "
                           f"and its adapter as lora.init_from=DIR (`fuyou export {p} --out DIR`), or export it "
                           f"merged (`fuyou export {p} --out DIR --merge`) and give --init-from DIR")
+    if (p / "meta.json").is_file() and (p / "train.bin").is_file():  # (".bin": "has weights but no config.json")
+        raise ConfigError(f"{p} is prepared data (`fuyou data prepare`), not a model: give it as data.path={p}, and a "
+                          f"model with --init-from (or a preset)")
     if any(f.suffix in WEIGHT_SUFFIXES for f in p.iterdir()):
         raise ConfigError(f"{p} has weights but no config.json; a Hugging Face model directory needs its "
                           f"config.json (fuyou imports {SUPPORTED_TEXT})")

@@ -227,6 +227,11 @@ def preset(name: str) -> dict:
         return dict(PRESETS[key], preset=key)
     import difflib
 
+    from pathlib import Path
+
     near = difflib.get_close_matches(key, list(PRESETS), n=1)
+    if Path(name).expanduser().is_dir():  # (a model directory given as a preset: fuyou plan takes one there, a pass)
+        raise ConfigError(f"{name!r} is a directory, not a model preset: to start from a model's weights give "
+                          f"--init-from {name} (model.init_from); presets are: {', '.join(PRESETS)}")
     raise ConfigError(f"unknown model preset {name!r}" + (f" (did you mean {near[0]!r}?)" if near else "")
                       + f"; choose one of: {', '.join(PRESETS)}")

@@ -586,7 +586,12 @@ def _check_run_dir_space(cfg: FuyouConfig, run_path: Path) -> None:
 
     if cfg.lora.enabled or not cfg.run.save_weights:
         return
-    size = 4 * StageModel(cfg.model).num_params
+    model = StageModel(cfg.model)
+    if cfg.offload.mode == "none":  # a model that cannot be trained in memory at all says so first
+        from fuyou.train.reference import check_in_memory_fits, resolve_device
+
+        check_in_memory_fits(cfg, model, resolve_device(cfg.train.device))
+    size = 4 * model.num_params
     t = cfg.train
     snapshots = 0
     if t.save_every:
