@@ -239,7 +239,13 @@ def _offload_ignored_in_memory(cfg) -> list[str]:
 
     # checkpoint dtypes other than fp32 apply in memory too: the reference rounds block inputs as the engine would
     # (a pass was told they were ignored, and trained other weights)
-    used = {"act_policy", "checkpoint_dtype"} if stage_input_dtypes(cfg) else set()
+    rounded = stage_input_dtypes(cfg)
+    used = {"checkpoint_dtype"} if rounded else set()
+    # the policy's tiers are not: it is used only where it changes what is rounded (it was validated, then
+    # ignored without a note whenever anything was rounded: a pass)
+    plain = cfg.model_copy(update={"offload": cfg.offload.model_copy(update={"act_policy": "recompute"})})
+    if rounded != stage_input_dtypes(plain):
+        used.add("act_policy")
     fields = type(cfg.offload).model_fields
     return [f"offload.{k}" + (f" ({_OFFLOAD_FLAGS[k]})" if k in _OFFLOAD_FLAGS else "")
             for k in fields if k != "mode" and k not in used and getattr(cfg.offload, k) != fields[k].get_default(

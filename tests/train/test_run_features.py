@@ -743,6 +743,11 @@ def test_checkpoint_dtypes_are_not_called_ignored_in_memory():
                                                              "train.precision=bf16"])) == []
     assert _offload_ignored_in_memory(load_config(overrides=["offload.act_policy=fc2=ssd"])) == [
         "offload.act_policy (--act-policy)"]
+    # offload.checkpoint_dtype rounds every block's input whatever the policy: its tiers are still ignored, and
+    # were not said to be
+    cfg = load_config(overrides=["offload.act_policy=fc2=ssd", "offload.checkpoint_dtype=compute",
+                                 "train.precision=bf16"])
+    assert _offload_ignored_in_memory(cfg) == ["offload.act_policy (--act-policy)"]
 
 
 def test_a_resume_logs_each_evaluation_once(tmp_path, capsys):
