@@ -485,6 +485,11 @@ def _prepare(args) -> int:
     replacing = (out / "meta.json").is_file()
     data = tokenize_records(args.inputs, args.tokenizer, args.format, args.train_on_prompt, args.val_fraction,
                             args.jsonl_field, args.eval)
+    if isinstance(data, ExampleData) and not data.train.loss_tokens:  # (prepared, then refused by train: a pass)
+        from fuyou.errors import DataError
+
+        raise DataError(f"no training example has a token to learn ({data.summary()}): every answer is empty or the "
+                        f"examples are a single token; nothing was written to {out}")
     try:  # a new directory put in the old one's place (replace_prepared): the old data or the new, whole
         replace_prepared(out, lambda d: (write_examples if isinstance(data, ExampleData) else write_prepared)(d, data))
     except OSError as e:

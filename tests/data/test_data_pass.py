@@ -448,3 +448,13 @@ def test_an_edited_or_truncated_meta_json_is_named(tmp_path, edit):
     (out / "meta.json").write_text(json.dumps({**meta, **edit}) if edit else json.dumps(meta)[:20])
     with pytest.raises(DataError, match="meta.json is malformed"):
         load_data(DataConfig(path=[str(out)]))
+
+
+def test_examples_with_nothing_to_learn_are_refused_when_prepared(tmp_path, capsys):
+    """Empty prompts and completions were prepared ("0.0% of targets carry loss") and refused only by train."""
+    from fuyou.cli import main
+
+    rows = [{"prompt": "", "completion": ""}] * 3
+    assert main(["data", "prepare", str(_jsonl(tmp_path / "e.jsonl", rows)), "--out", str(tmp_path / "p")]) == 2
+    assert "no training example has a token to learn" in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()
