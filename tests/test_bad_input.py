@@ -39,7 +39,7 @@ def _offload(tmp_path, name, *extra):
 
 @pytest.mark.parametrize("content,needle", [
     (b'{"text": "caf\xe9 au lait"}\n', "not UTF-8"),
-    (b'{"text": 5}\n', "string field 'text'"),
+    (b'{"text": 5}\n', "'text' is number, not a string"),
     (b'{"text": "a"\n', "not valid JSON"),
 ])
 def test_bad_jsonl_in_prepare_and_train(tmp_path, capsys, content, needle):

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from fuyou.data.config import DataConfig
-from fuyou.data.corpus import builtin_documents, iter_documents, iter_records
+from fuyou.data.corpus import builtin_documents, iter_documents, iter_records, json_type
 from fuyou.data.formats import Renderer, detect
 from fuyou.data.tokenizer import ByteTokenizer, load_tokenizer
 from fuyou.errors import DataError
@@ -223,7 +223,11 @@ def _text(rec: dict, where: str, field: str, first_where: str | None) -> str:
             raise DataError(f"{where}: expected an object with a string field {field!r} (data.format=text, --format "
                             f"text); its keys are {sorted(rec)[:6]}: leave the format to be detected, or name the "
                             f"field with data.jsonl_field (--jsonl-field)")
-        raise DataError(f"{where}: expected an object with a string field {field!r}: the first record "
+        got = json_type(rec.get(field)) if field in rec else "missing"
+        if where == first_where:  # (it said "the first record (this one) is plain text, so every record must be")
+            raise DataError(f"{where}: the field {field!r} is {got}, not a string: a text record is "
+                            f"{{{field!r}: \"...\"}}")
+        raise DataError(f"{where}: expected an object with a string field {field!r} (it is {got}): the first record "
                         f"({first_where}) is plain text, so every record must be (a run trains one kind of data; "
                         f"data.format names one format for all files)")
     return rec[field]
