@@ -339,6 +339,8 @@ def test_cli_mistakes_found_by_a_second_new_user_pass(tmp_path, capsys):
     cap = capsys.readouterr()
     assert "given twice" in cap.err and "a link to a directory, not followed" in cap.err
     assert "read 1 document " in cap.out  # once, not twice
+    # /proc as an SSD directory failed as a state "deleted or moved while in use"
+    assert "no storage" in _err(capsys, ["train", "--offload", "ssd", "--ssd", "/proc", "--out", str(out)])
     # a budget given with its unit is not asked whether it meant GiB
     err = _err(capsys, ["train", "--offload", "ssd", "--ssd", str(tmp_path), "--cpu-mem", "1KiB", "--out", str(out)])
     assert "did you mean" not in err

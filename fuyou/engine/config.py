@@ -15,6 +15,21 @@ from fuyou.units import parse_size
 STATE_SUFFIX = ".fuyou-state"
 
 
+def _no_storage(d: str) -> bool:
+    """A pseudo file system (proc, sysfs: no blocks, and a directory cannot be made there). Some network file
+    systems report no blocks too, and do hold files: those are tried with a directory made and removed."""
+    import os
+    import tempfile
+
+    try:
+        if os.statvfs(d).f_blocks:
+            return False
+        os.rmdir(tempfile.mkdtemp(dir=d, prefix=".fuyou-probe-"))
+        return False
+    except OSError:
+        return True
+
+
 class OffloadConfig(BaseModel):
     """'none' trains in memory (the reference); 'ssd' keeps fp32 weights and Adam moments on SSDs."""
 
@@ -166,4 +181,7 @@ class OffloadConfig(BaseModel):
                 if inside is not None:  # (a new-user pass: the run that owned it deleted the state inside)
                     raise ValueError(f"SSD directory {d!r} is inside {inside}, a run's SSD state, which fuyou "
                                      f"deletes when that run ends; give the directory that holds the states")
+                if _no_storage(d):  # (/proc passed, and the state's mkdir failed as "deleted while in use": a pass)
+                    raise ValueError(f"SSD directory {d!r} is on a file system with no storage (such as /proc or "
+                                     f"/sys); give a directory on the SSD")
         return self
