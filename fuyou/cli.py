@@ -425,7 +425,8 @@ def _models(args) -> int:
           + (" (the bf16 master is it, where the weights are not cached)" if fmt.master == "bf16" else "")
           + " (activations and gradients in flight come on top). The last column: optim.master=bf16 "
           f"optim.moments=int8, {small.bytes_per_param():.3g} B, the master being the compute weights "
-          "(fuyou/optim/compressed.py).")
+          "(fuyou/optim/compressed.py). These are one copy of the state; an SSD-offloaded run keeps more on its "
+          "drives (the crash-safe commit's copies of the master and moments): `fuyou plan` gives that footprint.")
     return 0
 
 
