@@ -52,7 +52,7 @@ class CommittedWeights:
         check_reshard_pending(run_dir)
         cfg = load_config(run_dir / "config.toml", ["model.init_from=none"])
         if cfg.offload.mode != "ssd":
-            from fuyou.engine.state import snapshot_dirs
+            from fuyou.snapshots import snapshot_dirs
 
             snaps = snapshot_dirs(run_dir / "snapshots")
             kept = (f"its last snapshot is {snaps[-1]} (a stopped in-memory run keeps its weights there): `fuyou "

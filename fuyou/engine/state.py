@@ -508,13 +508,6 @@ def read_owner(store_dir: Path) -> str | None:
 RUN_ID = "fuyou-run.json"  # in a run directory: its id, which its SSD state's owner file records
 
 
-def snapshot_dirs(root: Path) -> list[Path]:
-    """A run's snapshots ``step-N`` (in ``root``, its snapshots directory) in step order (by number: names
-    sorted as text put step-1000000 before step-999999)."""
-    found = [p for p in root.glob("step-*") if p.is_dir() and p.name[5:].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[5:]))
-
-
 def run_id(run_dir: Path) -> str | None:
     """The run's id (None: a run from before runs had one); it moves and is copied with the directory."""
     try:

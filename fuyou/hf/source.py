@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from fuyou.errors import ConfigError
+from fuyou.snapshots import snapshot_dirs
 from fuyou.tomlfile import read_toml
 from fuyou.hf.config_map import SHAPE_FIELDS, SUPPORTED_TEXT, to_fuyou
 from fuyou.hf.weights import WEIGHT_SUFFIXES, FuyouWeights, HFWeights, in_model, model_roots
@@ -92,8 +93,7 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         raise ConfigError(f"{p} has weights but no config.json; a Hugging Face model directory needs its "
                           f"config.json (fuyou imports {SUPPORTED_TEXT})")
     if (p / "config.toml").is_file():  # (a pass was told it "holds no model")
-        snaps = sorted((q for q in (p / "snapshots").glob("step-*") if q.is_dir() and q.name[5:].isdigit()),
-                       key=lambda q: int(q.name[5:]))  # (engine.state.snapshot_dirs: engine imports hf)
+        snaps = snapshot_dirs(p / "snapshots")
         raise ConfigError(f"{p} is a fuyou run without model.safetensors: it was stopped, is still training, or ran "
                           f"with run.save_weights=false. "
                           + (f"Give one of its snapshots (the last: {snaps[-1]}), or export" if snaps else "Export")

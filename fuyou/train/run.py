@@ -8,7 +8,8 @@ from pathlib import Path
 
 
 from fuyou.tomlfile import read_toml
-from fuyou.engine.state import snapshot_dirs, write_run_id
+from fuyou.engine.state import write_run_id
+from fuyou.snapshots import snapshot_dirs
 from fuyou.config import DATA_POSITION, FIXED_ON_RESUME, NOT_COMPARED, FuyouConfig, flat_settings, to_toml
 from fuyou.engine.commit import state_name
 from fuyou.errors import ConfigError, FuyouError
