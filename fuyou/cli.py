@@ -478,6 +478,11 @@ def _prepare(args) -> int:
     from pathlib import Path
 
     out = Path(args.out)
+    if out.is_dir():  # (leftovers of a killed prepare inside it are not "other files")
+        from fuyou.data.dataset import sweep_leftovers
+
+        sweep_leftovers(out, out.resolve().name)
+        sweep_leftovers(out.resolve().parent, out.resolve().name)
     if out.is_dir() and any(out.iterdir()):
         if not (out / "meta.json").is_file():
             from fuyou.errors import ConfigError
@@ -494,11 +499,15 @@ def _prepare(args) -> int:
     try:  # a new directory put in the old one's place (replace_prepared): the old data or the new, whole
         replace_prepared(out, lambda d: (write_examples if isinstance(data, ExampleData) else write_prepared)(d, data))
     except OSError as e:
+        import errno
+
         from fuyou.errors import DataError
 
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT)
         raise DataError(f"writing the prepared data to {out} failed ({e.strerror or e}): "
                         + ("its previous data is intact" if replacing else "nothing was left there")
-                        + "; free space (or choose another --out) and run the command again") from None
+                        + ("; free space (or choose another --out) and run the command again" if full else
+                           "; choose another --out (or fix what the error names) and run the command again")) from None
     if replacing:  # (it said "replacing" before tokenizing, also when the prepare then failed: a pass)
         print(f"note: replaced the prepared data in {out}", file=sys.stderr)
     if isinstance(data, ExampleData):

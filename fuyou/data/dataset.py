@@ -113,17 +113,23 @@ def replace_prepared(out_dir: str | Path, write) -> None:
     were overwritten in place, one after another: a Ctrl-C between two left new tokens with old loss masks and
     offsets that trained without a word, a full disk destroyed the previous data, and a run reading the old files
     died of SIGBUS (a pass). Now ``out_dir`` holds the old data or the new, whole; a run that has the old mapped
-    keeps reading it. Where ``out_dir`` is a mount point (it cannot be renamed) the new files are written inside it
-    and each renamed over the old one, ``meta.json`` last (that window is one rename per file)."""
+    keeps reading it. The swap is two renames with SIGINT/SIGTERM held off between them, and a kill between them
+    is undone by the next call (the old directory is put back). ``out_dir`` is followed if it is a link, and keeps
+    its permissions. Where it cannot be renamed (a mount point, the current directory) or its parent cannot be
+    written, the new files are written inside it and each renamed over the old one, ``meta.json`` last (that
+    window is one rename per file)."""
     import os
     import secrets
     import shutil
+    import signal
+    import threading
 
-    out = Path(out_dir)
-    inside = out.is_dir() and os.path.ismount(out)
+    out = Path(os.path.realpath(out_dir))  # (a link to a directory: its target, not the link, is replaced)
+    inside = out.is_dir() and (os.path.ismount(out) or out == Path.cwd().resolve()
+                               or not os.access(out.parent, os.W_OK | os.X_OK))
     base = out if inside else out.parent
     base.mkdir(parents=True, exist_ok=True)
-    _sweep_leftovers(base, out.name)
+    sweep_leftovers(base, out.name)
     tag = f"{os.getpid()}-{secrets.token_hex(4)}"
     tmp = base / f".{out.name}.prepare-{tag}"
     tmp.mkdir()  # (as a plain mkdir makes it, with the umask's permissions: mkdtemp's are 0700)
@@ -143,9 +149,24 @@ def replace_prepared(out_dir: str | Path, write) -> None:
         else:
             old = None
             if out.exists():
+                st = out.stat()
+                os.chmod(tmp, st.st_mode & 0o7777)  # (a group-only, setgid data directory came back 0755)
+                try:
+                    os.chown(tmp, -1, st.st_gid)
+                except OSError:
+                    pass
                 old = base / f".{out.name}.old-{tag}"
-                os.rename(out, old)
-            os.rename(tmp, out)
+            main = threading.current_thread() is threading.main_thread()
+            held = {signal.SIGINT, signal.SIGTERM}
+            if main:
+                signal.pthread_sigmask(signal.SIG_BLOCK, held)  # a Ctrl-C between the renames would lose both
+            try:
+                if old is not None:
+                    os.rename(out, old)
+                os.rename(tmp, out)
+            finally:
+                if main:
+                    signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
             if old is not None:
                 shutil.rmtree(old, ignore_errors=True)
         fd = os.open(base, os.O_RDONLY)
@@ -158,22 +179,31 @@ def replace_prepared(out_dir: str | Path, write) -> None:
         raise
 
 
-def _sweep_leftovers(base: Path, name: str) -> None:
-    """Directories a killed ``replace_prepared`` left (its pid in the name, no longer running)."""
+def sweep_leftovers(base: Path, name: str) -> None:
+    """What a killed ``replace_prepared`` left (its pid in the name, no longer running): a new directory not yet
+    in place is removed; an old one whose place is empty (killed between the two renames) is put back."""
     import os
     import shutil
 
-    for d in base.glob(f".{name}.*-*-*"):
-        kind, _, rest = d.name[len(name) + 2:].partition("-")
+    for d in sorted(Path(base).iterdir()) if Path(base).is_dir() else []:
+        head = f".{name}."
+        if not d.name.startswith(head) or not d.is_dir() or d.is_symlink():
+            continue
+        kind, _, rest = d.name[len(head):].partition("-")
         pid = rest.split("-", 1)[0]
-        if kind not in ("prepare", "old") or not pid.isdigit() or not d.is_dir():
+        if kind not in ("prepare", "old") or not pid.isdigit():
             continue
         try:
             os.kill(int(pid), 0)
+            continue  # (still running)
         except ProcessLookupError:
-            shutil.rmtree(d, ignore_errors=True)
-        except OSError:
             pass
+        except OSError:
+            continue
+        if kind == "old" and not (Path(base) / name).exists():
+            os.rename(d, Path(base) / name)
+        else:
+            shutil.rmtree(d, ignore_errors=True)
 
 
 def write_prepared(out_dir: str | Path, data: TokenData) -> None:

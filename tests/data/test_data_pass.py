@@ -458,3 +458,38 @@ def test_examples_with_nothing_to_learn_are_refused_when_prepared(tmp_path, caps
     assert main(["data", "prepare", str(_jsonl(tmp_path / "e.jsonl", rows)), "--out", str(tmp_path / "p")]) == 2
     assert "no training example has a token to learn" in capsys.readouterr().err
     assert not (tmp_path / "p").exists()
+
+
+def test_replacing_prepared_data_through_a_link_in_the_current_directory_and_after_a_kill(tmp_path, monkeypatch):
+    """The review of the atomic replacement: a link to the data directory was itself replaced (the data landed
+    beside it and a link to the old data stayed for good), a setgid group directory came back 0755, `--out .`
+    failed (the current directory cannot be renamed), and a kill between the two renames lost both."""
+    import os
+
+    from fuyou.cli import main
+    from fuyou.data.dataset import sweep_leftovers
+
+    src = _jsonl(tmp_path / "a.jsonl", [{"text": "some text " * 30}])
+    target = tmp_path / "big" / "data"
+    target.mkdir(parents=True)
+    os.chmod(target, 0o2770)
+    (tmp_path / "link").symlink_to(target)
+    for _ in range(2):
+        assert main(["data", "prepare", str(src), "--out", str(tmp_path / "link")]) == 0
+    assert (tmp_path / "link").is_symlink() and (target / "meta.json").is_file()
+    assert oct(target.stat().st_mode & 0o7777) == oct(0o2770)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl", "big", "link"]
+    assert sorted(p.name for p in target.parent.iterdir()) == ["data"]
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    for _ in range(2):
+        assert main(["data", "prepare", str(src), "--out", "."]) == 0
+    assert sorted(p.name for p in here.iterdir()) == ["meta.json", "train.bin", "val.bin"]
+    # killed between the renames: the old directory moved aside, the new not yet in place; the next call puts it back
+    before = _files(target)
+    dead = 2**22 + 12345  # (beyond pid_max's default: no such process)
+    target.rename(target.parent / f".data.old-{dead}-abcd")
+    (target.parent / f".data.prepare-{dead}-abcd").mkdir()
+    sweep_leftovers(target.parent, "data")
+    assert sorted(p.name for p in target.parent.iterdir()) == ["data"] and _files(target) == before
