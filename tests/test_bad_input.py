@@ -236,9 +236,12 @@ def test_a_run_directory_too_small_for_the_weights_is_refused_before_training(tm
     assert "the run directory's disk" in err and "4 B a parameter" in err, err
     assert not any(small_dir.iterdir())  # nothing was started
     err = _err(capsys, ["train", "--out", str(small_dir / "runs"), *TINY, "model.n_layer=1", "train.steps=10",
-                        "train.save_every=1", "train.keep_snapshots=8"])  # 10 x 0.3 MB
-    assert "up to 9 snapshots" in err and "lower train.keep_snapshots" in err, err
+                        "train.save_every=1", "train.keep_snapshots=8"])  # (8 + 1) x 0.3 MB
+    assert "up to 8 snapshots" in err and "lower train.keep_snapshots" in err, err
     assert main(["train", "--out", str(small_dir / "runs"), *TINY, "model.n_layer=1"]) == 0  # 1 block fits
+    # the most held at once is what the check counts: 3 snapshots kept and the final weights (4 x 0.31 MB) fit
+    assert main(["train", "--out", str(small_dir / "runs"), *TINY, "model.n_layer=1", "train.steps=6",
+                 "train.save_every=1", "train.keep_snapshots=3", "run.name=three"]) == 0
 
 
 def test_read_only_places(tmp_path, capsys, read_only_dir):

@@ -479,7 +479,13 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
         _refuse_unlike_commit(cfg, run_path)
     if dist.is_main:
         _note_budget_beyond_memory(cfg, stream or sys.stderr)
-        _check_run_dir_space(cfg, run_path)
+    space = None
+    if dist.is_main:  # (rank 0 saves; its refusal reaches every rank, none waits on it: ``Dist.broadcast``)
+        try:
+            _check_run_dir_space(cfg, run_path)
+        except FuyouError as e:
+            space = e
+    dist.broadcast(space, "checking the run directory's disk", started=False)
     # refuses impossible configs (and unresumable states) before anything is written
     split = "content"
     if resume is not None:  # (every rank reads the run directory, as its id above; rank 0's decides)
@@ -582,13 +588,17 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
 
 
 def _check_run_dir_space(cfg: FuyouConfig, run_path: Path) -> None:
-    """The run directory's disk must hold the weights the run saves: model.safetensors (fp32, 4 B a parameter)
-    and, with train.save_every, up to train.keep_snapshots + 1 snapshots of the same size (the newest is written
-    before the oldest goes). An in-memory run whose disk filled up lost its trained weights at the very end (a
-    pass); it is refused before any work, with the numbers. (LoRA saves only its small adapters: not checked.)"""
+    """The run directory's disk must hold the weights the run saves: model.safetensors (fp32, 4 B a parameter) and,
+    with train.save_every, up to train.keep_snapshots snapshots of the same size. A snapshot is written and then the
+    oldest beyond the kept number deleted, and the final weights are written beside the kept snapshots: the most
+    held at once is min(snapshots made, kept) + 1 copies (a resume: less the snapshots there already, which count
+    among them; its model.safetensors, if any, is rewritten beside itself and not counted off). An in-memory run
+    whose disk filled up lost its trained weights at the very end (a pass); it is refused before any work, with the
+    numbers. (LoRA saves only its small adapters: not checked.)"""
     import shutil
 
     from fuyou.models import StageModel
+    from fuyou.snapshots import snapshot_dirs
 
     if cfg.lora.enabled or not cfg.run.save_weights:
         return
@@ -601,23 +611,22 @@ def _check_run_dir_space(cfg: FuyouConfig, run_path: Path) -> None:
     t = cfg.train
     snapshots = 0
     if t.save_every:
-        made = (t.steps - 1) // t.save_every if t.epochs is None else t.keep_snapshots + 1  # (epochs: steps unknown yet)
-        snapshots = min(made, t.keep_snapshots + 1)
+        made = (t.steps - 1) // t.save_every if t.epochs is None else t.keep_snapshots  # (epochs: steps unknown yet)
+        snapshots = min(made, t.keep_snapshots)
     here = run_path if run_path.exists() else next((q for q in run_path.parents if q.exists()), Path("."))
-    held = sum(f.stat().st_size for f in ([run_path / "model.safetensors"] if (run_path / "model.safetensors").is_file()
-                                           else []) + list(run_path.glob("snapshots/*/model.safetensors")))
-    need = (1 + snapshots) * size - held  # (a resume: what its earlier launches wrote is there already)
+    held = sum(p.stat().st_size for d in snapshot_dirs(run_path / "snapshots")[-t.keep_snapshots:]
+               for p in [d / "model.safetensors"] if p.is_file())
+    need = (1 + snapshots) * size - held
     try:
         free = shutil.disk_usage(here).free
     except OSError:
         return
     if need > free:
-        kept = (f" and up to {snapshots} snapshots of {format_size(size)} each (train.save_every={t.save_every}, "
-                f"train.keep_snapshots={t.keep_snapshots}, and the newest written before the oldest goes)"
-                if snapshots else "")
+        kept = (f" and up to {snapshots} snapshot{'s' if snapshots != 1 else ''} of {format_size(size)} each "
+                f"(train.save_every={t.save_every}, train.keep_snapshots={t.keep_snapshots})" if snapshots else "")
         raise ConfigError(f"the run directory's disk ({here}) has {format_size(free)} free, and the run writes up to "
-                          f"{format_size(need)} there: model.safetensors ({format_size(size)}, 4 B a parameter){kept}. "
-                          f"Free space, choose another run.out_dir (--out)"
+                          f"{format_size(need)} more there: model.safetensors ({format_size(size)}, 4 B a parameter)"
+                          f"{kept}. Free space, choose another run.out_dir (--out)"
                           + (", or lower train.keep_snapshots or raise train.save_every" if snapshots else ""))
 
 
