@@ -185,24 +185,36 @@ def test_a_non_finite_loss_stops_before_its_step_is_committed(tmp_path, capsys):
     assert rec["step"] >= 1
 
 
-@pytest.mark.parametrize("clip", ["1.0", "none"])
-def test_an_in_memory_run_stops_at_a_non_finite_loss_and_keeps_the_weights_before_it(tmp_path, capsys, clip):
+@pytest.mark.parametrize("extra", [["train.grad_clip=1.0"], ["train.grad_clip=none"],
+                                   ["lora.rank=2", "model.preset=llama-test"], ["optim.moments=int8"]])
+def test_an_in_memory_run_stops_at_a_non_finite_loss_and_keeps_the_weights_before_it(tmp_path, capsys, extra):
     """In memory, a non-finite loss was trained through: NaN weights saved, exit 0, and the snapshots of good
     steps rotated away by NaN ones (a pass). The step is not applied, the run stops with the engine's error,
-    and the weights before it are kept as a snapshot (finite: it exports)."""
+    and the weights before it (LoRA: the adapters) are kept as a snapshot, equal to a clean run's of that step;
+    the advice fits the run (a LoRA snapshot is not an --init-from)."""
     out = tmp_path / "runs"
-    err = _err(capsys, ["train", "--out", str(out), "run.name=m", *TINY, "optim.lr=1e12", "train.warmup_steps=0",
-                        "train.steps=6", "train.save_every=1", "train.keep_snapshots=2", f"train.grad_clip={clip}"])
+    base = ["train", "--out", str(out), *TINY, "optim.lr=1e12", "train.warmup_steps=0", "train.lr_schedule=constant",
+            "train.save_every=1", "train.keep_snapshots=2", *extra]
+    err = _err(capsys, [*base, "train.steps=6", "run.name=m"])
     assert " is nan" in err or " is inf" in err, err
     run_dir = out / "m"
     stopped = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
-    assert stopped["stopped"] == "non-finite"
     snap = run_dir / "snapshots" / f"step-{stopped['step']:06d}"
+    assert stopped["stopped"] == "non-finite" and stopped["snapshot"] == str(snap)
     assert f"kept in {snap}" in err and snap.is_dir()
-    weights = load_file(str(snap / "model.safetensors"))
-    assert all(bool(torch.isfinite(w).all()) for w in weights.values())
-    assert not (run_dir / "model.safetensors").exists()  # (it held NaN weights)
-    assert main(["export", str(snap), "--out", str(tmp_path / "ex")]) == 0  # (it refused every NaN snapshot)
+    lora = "lora.rank=2" in extra
+    error = next(line for line in err.splitlines() if line.startswith("fuyou: error"))
+    assert ("lora.init_from" in error) == lora and ("--init-from" in error) != lora
+    name = "adapter.safetensors" if lora else "model.safetensors"
+    kept = load_file(str(snap / name))
+    assert all(bool(torch.isfinite(w).all()) for w in kept.values())
+    assert not (run_dir / name).exists()  # (it held NaN weights)
+    if stopped["step"]:  # the same run stopped cleanly after that step saved the same weights
+        assert main([*base, f"train.steps={stopped['step']}", "run.name=clean"]) == 0
+        clean = load_file(str(out / "clean" / name))
+        assert clean.keys() == kept.keys() and all(torch.equal(clean[k], kept[k]) for k in kept)
+    if not lora:
+        assert main(["export", str(snap), "--out", str(tmp_path / "ex")]) == 0  # (it refused every NaN snapshot)
 
 
 @pytest.fixture

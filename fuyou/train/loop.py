@@ -631,21 +631,26 @@ def _check_run_dir_space(cfg: FuyouConfig, run_path: Path) -> None:
 
 
 def _kept_before_non_finite(e: NonFiniteError, run_dir: Path, trainer: Trainer, cfg: FuyouConfig,
-                            step: int) -> NonFiniteError:
+                            step: int) -> tuple[NonFiniteError, Path | None]:
     """An in-memory run whose step ``step + 1`` was not finite applied no update: its weights (those after ``step``
-    steps) are kept as a snapshot when they are finite, as an engine run keeps its last commit (it trained on with
-    NaN weights, and its snapshots rotated the good ones away: a pass)."""
-    if not all(bool(torch.isfinite(c).all()) for c in trainer.master_chunks()):
-        return NonFiniteError(f"{e}; the weights were not finite already (no snapshot written). Start again from an "
-                              f"earlier snapshot (--init-from), if the run has one, with a lower optim.lr", e.step)
+    steps; with LoRA its adapters) are kept as a snapshot when they are finite, as an engine run keeps its last
+    commit (it trained on with NaN weights, and its snapshots rotated the good ones away: a pass). The error to
+    raise, and the snapshot (None: none kept)."""
+    trained = trainer.adapter_state().values() if cfg.lora.enabled else trainer.master_chunks()
+    what = "adapters" if cfg.lora.enabled else "weights"
+    if not all(bool(torch.isfinite(c).all()) for c in trained):
+        return NonFiniteError(f"{e}; the {what} were not finite already (no snapshot written). Start again from an "
+                              f"earlier snapshot, if the run has one, with a lower optim.lr", e.step), None
     snap = run_dir / "snapshots" / f"step-{step:06d}"  # (train.save_every may have written it already)
     try:
         if not snap.is_dir():
             snap = save_snapshot(run_dir, trainer, cfg, step)
     except SaveError as err:
-        return NonFiniteError(f"{e}; the weights of step {step} could not be kept: {err}", e.step)
-    return NonFiniteError(f"{e}; the weights of step {step} are kept in {snap}: an in-memory run keeps no resumable "
-                          f"state, so lower optim.lr (or check the data) and start a run with --init-from {snap}", e.step)
+        return NonFiniteError(f"{e}; the {what} of step {step} could not be kept: {err}", e.step), None
+    how = (f"export them (`fuyou export {snap} --out DIR`) and start a run over the same base with lora.init_from=DIR"
+           if cfg.lora.enabled else f"start a run with --init-from {snap}")  # (--init-from a LoRA snapshot is refused)
+    return NonFiniteError(f"{e}; the {what} of step {step} are kept in {snap}: an in-memory run keeps no resumable "
+                          f"state, so lower optim.lr (or check the data) and {how}", e.step), snap
 
 
 SCHEDULE_FIELDS = ("train.steps", "train.epochs", "train.warmup_steps", "train.warmup_ratio", "train.lr_schedule",
@@ -959,9 +964,10 @@ def _loop(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, stop
         except NonFiniteError as e:
             if cfg.offload.mode != "none":
                 raise  # (the engine's last commit is the state of record)
-            log.write({"stopped": "non-finite", "step": step})
+            err, snap = _kept_before_non_finite(e, run_dir, trainer, cfg, step)
+            log.write({"stopped": "non-finite", "step": step, **({"snapshot": str(snap)} if snap else {})})
             log.close()
-            raise _kept_before_non_finite(e, run_dir, trainer, cfg, step) from None
+            raise err from None
         dt = time.perf_counter() - t0
         tokens += stats.tokens
         tps = stats.tokens / dt
