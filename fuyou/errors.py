@@ -35,3 +35,11 @@ class BudgetError(FuyouError):
 
 class StoreError(FuyouError):
     """Base of the SSD tier's errors (I/O failures, corruption, missing space)."""
+
+
+def encoding_advice(raw: bytes) -> str:
+    """How to convert a file that is not UTF-8, from its first bytes: UTF-16 (a byte-order mark, or NUL bytes
+    between ASCII characters) has its own command (Latin-1's, followed, filled the text with NULs: a pass)."""
+    if raw[:2] in (b"\xff\xfe", b"\xfe\xff") or raw[:200].count(b"\x00") > len(raw[:200]) // 4:
+        return "it looks like UTF-16: convert it with `iconv -f utf-16 -t utf-8`"
+    return "save the file as UTF-8 (for example `iconv -f latin1 -t utf-8` for Latin-1)"

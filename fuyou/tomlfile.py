@@ -14,7 +14,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-from fuyou.errors import ConfigError
+from fuyou.errors import ConfigError, encoding_advice
 
 
 def read_toml(path: str | Path) -> dict:
@@ -27,8 +27,7 @@ def read_toml(path: str | Path) -> dict:
     except UnicodeDecodeError as e:
         line = data[:e.start].count(b"\n") + 1
         raise ConfigError(f"{p} is not UTF-8 text (line {line} has the byte {data[e.start:e.start + 1]!r}): TOML "
-                          f"files are UTF-8; save it as UTF-8 (a Latin-1 file: `iconv -f latin1 -t utf-8 {p.name}`)"
-                          ) from None
+                          f"files are UTF-8; {encoding_advice(data)}") from None
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from fuyou.data.config import JSONL_SUFFIXES, is_prepared
-from fuyou.errors import DataError
+from fuyou.errors import DataError, encoding_advice
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text"}
 _TABLE = ("convert it to JSON Lines, one example an object: pandas.read_{}(FILE).to_json(OUT, orient='records', "
@@ -134,14 +134,6 @@ def _json_lines_as_text(f: Path, text: str) -> str | None:
                 f"name {name}, so it would be trained on as one plain-text document; rename it to .jsonl to read its "
                 f"records (to train on such text, write it as {{\"text\": ...}} records)")
     return None
-
-
-def encoding_advice(raw: bytes) -> str:
-    """How to convert a file that is not UTF-8, from its first bytes: UTF-16 (a byte-order mark, or NUL bytes
-    between ASCII characters) has its own command (Latin-1's, followed, filled the text with NULs: a pass)."""
-    if raw[:2] in (b"\xff\xfe", b"\xfe\xff") or raw[:200].count(b"\x00") > len(raw[:200]) // 4:
-        return "it looks like UTF-16: convert it with `iconv -f utf-16 -t utf-8`"
-    return "save the file as UTF-8 (for example `iconv -f latin1 -t utf-8` for Latin-1)"
 
 
 def _read_text(f: Path) -> str:

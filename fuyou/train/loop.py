@@ -1096,7 +1096,9 @@ def _loop(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, stop
     log.close()
     mean_tps = tokens / elapsed
     if not ran:
-        summary = f"done: no step left to run ({t.steps} committed; raise train.steps to train on)"
+        more = ("; its state is kept (offload.keep_state): raise train.steps to train on" if cfg.offload.keep_state
+                else "")  # (without keep_state the state goes once the weights are saved: no resume is left)
+        summary = f"done: no step left to run ({t.steps} committed{more})"
     else:
         done = (f"{t.steps} step{'s' if t.steps != 1 else ''}" if not start_step
                 else f"steps {start_step + 1}-{t.steps} of {t.steps}")
