@@ -89,6 +89,11 @@ def result(fut, what: str, nbytes: int = 0):
     return _wait(poll, what, nbytes or getattr(fut, "nbytes", 0))
 
 
+def wait_done(fut, what: str, nbytes: int = 0) -> None:
+    """Wait, with the deadline, until ``fut`` (a ``concurrent.futures.Future``) is done, whatever its outcome."""
+    _wait(lambda s: (bool(concurrent.futures.wait([fut], timeout=s).done), None), what, nbytes)
+
+
 def wait_event(event: threading.Event, what: str) -> None:
     _wait(lambda s: (event.wait(s), None), what)
 

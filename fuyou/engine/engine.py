@@ -315,6 +315,15 @@ class Engine:
             if not self.dev.is_host:
                 self.d2h_stream = self.dev.new_stream("grad-d2h")
         except BaseException:
+            # the threads started so far stop (the loaders' start with their pool: a failed start left them idle
+            # in a long-lived process, the review)
+            for part in ("exchange", "worker", "streamer", "swapper"):
+                obj = getattr(self, part, None)
+                if obj is not None:
+                    try:
+                        obj.close(timeout=1.0) if part in ("exchange", "worker") else obj.close(wait=False)
+                    except Exception:  # noqa: BLE001 - the first error is the one raised
+                        pass
             self.store.close(sync=not resume)  # a refused resume leaves the state exactly as it found it
             raise
         self._pooled: dict[int, object] = {}    # stages' gradient-pool buffers (CPU device)
@@ -1256,11 +1265,11 @@ class Engine:
             if self.exchange is not None:
                 self.exchange.close(timeout=1.0)
             self.streamer.close(wait=False)
-            self.swapper.close()
+            self.swapper.close(wait=False)  # (it joined its reader: one stuck held the failed run's exit, review)
             if not self.worker.alive:  # nothing uses the store any more: free it and its locks, writing nothing
                 self.store.close(sync=False)
-                if self.streamer.idle():  # a load still running may copy from pinned memory: leave it be
-                    self._release_host_memory()
+                if self.streamer.idle() and self.swapper.idle():  # a load or read still running may copy from
+                    self._release_host_memory()                     # pinned memory: leave it be
             return
         try:
             self.ts.write_back()

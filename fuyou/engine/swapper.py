@@ -255,9 +255,14 @@ class ActivationSwapper:
         slot.fetch = None
         slot.writes = []
 
-    def close(self) -> None:
-        self._reader.shutdown(wait=True)
+    def close(self, wait: bool = True) -> None:
+        """Stop the reader; ``wait=False`` (a failed step) cancels queued reads and leaves a stuck one behind
+        (``idle`` says when none runs: its buffers may be freed then)."""
+        self._reader.shutdown(wait=wait, cancel_futures=not wait)
         self._leaving.clear()
+
+    def idle(self) -> bool:
+        return self._reader.idle()
 
 
 def _writer(store, key: str, buf, start: int, fut: Future):

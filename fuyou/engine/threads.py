@@ -23,6 +23,8 @@ class DaemonExecutor:
         self._threads = [threading.Thread(target=self._run, name=f"{name}-{i}", daemon=True)
                          for i in range(max(1, workers))]
         self._closed = False
+        self._lock = threading.Lock()
+        self._running = 0
         for t in self._threads:
             t.start()
 
@@ -39,12 +41,22 @@ class DaemonExecutor:
             if job is None:
                 return
             fut, fn, args = job
-            if not fut.set_running_or_notify_cancel():  # cancelled while queued
-                continue
+            with self._lock:
+                if not fut.set_running_or_notify_cancel():  # cancelled while queued
+                    continue
+                self._running += 1
             try:
                 fut.set_result(fn(*args))
             except BaseException as e:  # noqa: BLE001 - handed to whoever waits on the future
                 fut.set_exception(e)
+            finally:
+                with self._lock:
+                    self._running -= 1
+
+    def idle(self) -> bool:
+        """No job is running (a queued one may still be cancelled: ``shutdown(cancel_futures=True)``)."""
+        with self._lock:
+            return self._running == 0
 
     def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
         """Stop the threads once the queued jobs are done; ``cancel_futures`` cancels those not started;

@@ -188,14 +188,17 @@ class WeightStreamer:
             if fut.cancel():  # queued, never started
                 del self._futures[pos]
                 continue
-            if not patient and not fut.done():
-                continue
+            if not fut.done():
+                if not patient:
+                    continue
+                try:  # (only this wait's own deadline ends the patience, not a load that failed on its own)
+                    watchdog.wait_done(fut, f"the weights of {self.states[self._order[pos]].stage.name} (a load "
+                                            f"outstanding when the step stopped)")
+                except watchdog.StallError:
+                    patient = False
+                    continue
             try:
-                watchdog.result(fut, f"the weights of {self.states[self._order[pos]].stage.name} (a load outstanding "
-                                     f"when the step stopped)")
                 self.release(pos)
-            except watchdog.StallError:
-                patient = False
             except BaseException:  # noqa: BLE001 - draining after a failure; the first error is already raised
                 pass
         self._abandoned += [f for f in self._futures.values() if not f.done()]

@@ -947,7 +947,8 @@ def _loop(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, stop
         log.write({"resumed": start_step})  # records of later steps before this line are of the redone steps
     first_eval = last_eval = trainer.evaluate()
     if first_eval is not None:
-        if not (trainer.resumed and log.logged_eval(start_step)):  # (evaluated at the commit's step already)
+        # (evaluated at the commit's step already, to the same value: held-out data changed on resume logs anew)
+        if not (trainer.resumed and log.logged_eval(start_step) == first_eval):
             log.write({"step": start_step, "eval_loss": first_eval, **_seen(trainer, cfg, start_step)})
         progress.message(f"eval loss at step {start_step}: {first_eval:.4f}")
     ran = start_step < t.steps  # (a finished run resumed with no step left: nothing to evaluate again or sum up)

@@ -26,18 +26,19 @@ class MetricsLog:
         self.path = path
         _drop_torn_line(path)
         self._fh = path.open("a", encoding="utf-8")
-        self._evals: set[int] | None = None  # (logged_eval: the steps evaluated before this launch, read once)
+        self._evals: dict[int, float] | None = None  # (logged_eval: evaluations before this launch, read once)
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
 
             self._tb = SummaryWriter(str(path.parent / "tb"), purge_step=purge_step)
 
-    def logged_eval(self, step: int) -> bool:
-        """The log holds an evaluation at ``step`` from an earlier launch (a resume at that step's commit would
-        log it again: twice in metrics.jsonl, and in TensorBoard, whose purge starts after it: a pass)."""
+    def logged_eval(self, step: int) -> float | None:
+        """The evaluation loss the log holds at ``step`` from an earlier launch, if any (a resume at that step's
+        commit would log the same again: twice in metrics.jsonl, and in TensorBoard, whose purge starts after it:
+        a pass)."""
         if self._evals is None:
-            self._evals = set()
+            self._evals = {}
             try:
                 for line in self.path.read_text(encoding="utf-8").splitlines():
                     try:
@@ -45,10 +46,10 @@ class MetricsLog:
                     except ValueError:
                         continue
                     if isinstance(rec, dict) and "eval_loss" in rec and isinstance(rec.get("step"), int):
-                        self._evals.add(rec["step"])
+                        self._evals[rec["step"]] = rec["eval_loss"]
             except OSError:
                 pass
-        return step in self._evals
+        return self._evals.get(step)
 
     def write(self, record: dict) -> None:
         clean = {"time": round(time.time(), 3),

@@ -19,9 +19,13 @@ def test_results_errors_and_cancellation():
         ex.submit(lambda: 1 / 0).result(5)
     blocked = [ex.submit(gate.wait, 10) for _ in range(2)]  # both threads busy
     queued = ex.submit(lambda: "ran")
+    while sum(f.running() for f in blocked) < 2:
+        threading.Event().wait(0.01)
+    assert not ex.idle()
     assert queued.cancel() and queued.cancelled()
     gate.set()
     assert all(f.result(5) for f in blocked)
+    assert ex.idle()
     ex.shutdown(wait=True)
     with pytest.raises(RuntimeError):
         ex.submit(lambda: None)
