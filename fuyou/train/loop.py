@@ -1114,7 +1114,8 @@ def _loop(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, stop
         state = ("LoRA: the base is read-only, adapters commit only" if cfg.lora.enabled
                  else f"{cfg.optim.master} master, {cfg.optim.moments} moments")
         summary += (f"\nSSD written{' (a machine, its ranks together)' if dist.enabled else ''}: "
-                    f"{format_size(wear['ssd_write_per_step_bytes'])} per step, "
+                    f"{format_size(wear['ssd_write_per_step_bytes'])} per step with the commits (the progress "
+                    f"line's ssd r/w is the step's own), "
                     f"{wear['ssd_write_per_hour_bytes'] / 1e12:.3g} TB per hour ({state})")
         if wear.get("ssd_life_hours"):
             summary += (f"; at this rate the drives' rated {tbw / 1e15:.3g} PB ({drives}) last "
