@@ -1,7 +1,7 @@
 """How long `fuyou plan` takes, end to end (a fresh process: interpreter and imports included), on the plans
 users ask for most: a 175B model on a lab box, a 13B model on a 24 GB card at a large global batch (the
 slowest: several batch splits, each a search), and a 70B LoRA plan. The median of ``--repeats`` runs each,
-beside the time of `fuyou --help` (the interpreter and imports alone) measured the same way.
+beside the time of `fuyou --help` (the interpreter and fuyou's command line, without torch) measured the same way.
 
 The planner must answer before a user loses interest: the targets are 15 s for each plan on the 2-core
 development machine (they were timed unit tests, which a loaded machine failed; timings live here).
@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     base = statistics.median(timed(["--help"]) for _ in range(args.repeats))
     lines = ["", f"### `fuyou plan` latency ({time.strftime('%Y-%m-%d')})", "", machine_header(), "",
              f"Command: `python bench/plan_speed.py --repeats {args.repeats}`; median of {args.repeats} fresh "
-             f"processes each; `fuyou --help` (interpreter and imports) {base:.2f} s.", "",
+             f"processes each; `fuyou --help` (the interpreter and the command line, no torch) {base:.2f} s.", "",
              "| plan | median s | target s | met |", "|---|---:|---:|---|"]
     ok = True
     for name, flags in PLANS.items():
