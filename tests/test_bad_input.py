@@ -217,28 +217,26 @@ def test_an_in_memory_run_stops_at_a_non_finite_loss_and_keeps_the_weights_befor
         assert main(["export", str(snap), "--out", str(tmp_path / "ex")]) == 0  # (it refused every NaN snapshot)
 
 
-@pytest.fixture
-def read_only_dir(tmp_path):
-    """A read-only file system (a tmpfs mounted ro); skipped where this process may not mount."""
-    d = tmp_path / "ro"
+def _tmpfs(d, options: str):
+    """A tmpfs mounted at ``d`` (made) with ``options``; the test is skipped where this process may not mount."""
     d.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(d)], capture_output=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a read-only tmpfs here: {r.stderr.decode().strip()}")
-    yield d
-    subprocess.run(["umount", str(d)], capture_output=True)
-
-
-@pytest.fixture
-def small_dir(tmp_path):
-    """A 2 MiB file system (a tmpfs); skipped where this process may not mount."""
-    d = tmp_path / "small"
-    d.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(d)], capture_output=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(d)], capture_output=True)
     if r.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
     yield d
     subprocess.run(["umount", str(d)], capture_output=True)
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A read-only file system."""
+    yield from _tmpfs(tmp_path / "ro", "ro,size=1m")
+
+
+@pytest.fixture
+def small_dir(tmp_path):
+    """A 2 MiB file system."""
+    yield from _tmpfs(tmp_path / "small", "size=2m")
 
 
 def test_a_run_directory_too_small_for_the_weights_is_refused_before_training(tmp_path, capsys, small_dir):
