@@ -569,7 +569,8 @@ def act_cpu_share(policy: dict, off, cpu_tier_bytes: int | None = None) -> tuple
     for engine block policies (``fuyou.policy.keep_policies``): ``offload.act_cpu_mem``, by default a
     quarter of ``cpu_mem`` when the policy uses the cpu tier, but no more than what the policy keeps
     there in a step (``cpu_tier_bytes``, ``cpu_tier_need``) with a little slack; nothing when the policy
-    keeps nothing there, whatever ``act_cpu_mem`` says (it was charged, from resident optimizer state). (Uncapped, the share
+    keeps nothing there, whatever ``act_cpu_mem`` says (it was charged, from resident optimizer state).
+    (Uncapped, the share
     grew with the budget, so the smallest budget a refusal named was never enough: each raise raised
     the share with it. What does not fit the share overflows to the SSD tier.)"""
     uses = policy_tiers(policy)
