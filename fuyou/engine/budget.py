@@ -570,9 +570,8 @@ def act_cpu_share(policy: dict, off, cpu_tier_bytes: int | None = None) -> tuple
     quarter of ``cpu_mem`` when the policy uses the cpu tier, but no more than what the policy keeps
     there in a step (``cpu_tier_bytes``, ``cpu_tier_need``) with a little slack; nothing when the policy
     keeps nothing there, whatever ``act_cpu_mem`` says (it was charged, from resident optimizer state).
-    (Uncapped, the share
-    grew with the budget, so the smallest budget a refusal named was never enough: each raise raised
-    the share with it. What does not fit the share overflows to the SSD tier.)"""
+    (Uncapped, the share grew with the budget, so the smallest budget a refusal named was never enough:
+    each raise raised the share with it. What does not fit the share overflows to the SSD tier.)"""
     uses = policy_tiers(policy)
     if "cpu" not in uses:  # nothing to hold: a given offload.act_cpu_mem is unused (loop.py notes it), not charged
         share = 0
