@@ -483,7 +483,7 @@ def _prepare(args) -> int:
 
         sweep_leftovers(out, out.resolve().name)
         sweep_leftovers(out.resolve().parent, out.resolve().name)
-    if out.is_dir() and any(out.iterdir()):
+    if out.is_dir() and any(not p.name.startswith(f".{out.resolve().name}.") for p in out.iterdir()):
         if not (out / "meta.json").is_file():
             from fuyou.errors import ConfigError
 
@@ -503,7 +503,8 @@ def _prepare(args) -> int:
 
         from fuyou.errors import DataError
 
-        full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+        # (numpy's tofile says "N requested and M written", with no errno: a full disk too, a pass)
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT) or (e.errno is None and "written" in str(e))
         raise DataError(f"writing the prepared data to {out} failed ({e.strerror or e}): "
                         + ("its previous data is intact" if replacing else "nothing was left there")
                         + ("; free space (or choose another --out) and run the command again" if full else

@@ -113,60 +113,57 @@ def replace_prepared(out_dir: str | Path, write) -> None:
     were overwritten in place, one after another: a Ctrl-C between two left new tokens with old loss masks and
     offsets that trained without a word, a full disk destroyed the previous data, and a run reading the old files
     died of SIGBUS (a pass). Now ``out_dir`` holds the old data or the new, whole; a run that has the old mapped
-    keeps reading it. The swap is two renames with SIGINT/SIGTERM held off between them, and a kill between them
-    is undone by the next call (the old directory is put back). ``out_dir`` is followed if it is a link, and keeps
-    its permissions. Where it cannot be renamed (a mount point, the current directory) or its parent cannot be
-    written, the new files are written inside it and each renamed over the old one, ``meta.json`` last (that
-    window is one rename per file)."""
+    keeps reading it. The swap is two renames with SIGINT/SIGTERM deferred across them (``_signals_deferred``),
+    and a kill between them is undone by the next call (the old directory is put back). ``out_dir`` is followed
+    if it is a link, and its permissions and group are the new directory's from the start. Where it cannot be
+    renamed (a mount point, the current directory), its parent cannot be written, or it holds other files than
+    prepared data (kept: a swap deleted them, a pass), the new files are written inside it and renamed over the
+    old ones, ``meta.json`` last, signals deferred across the renames."""
     import os
     import secrets
     import shutil
-    import signal
-    import threading
 
     out = Path(os.path.realpath(out_dir))  # (a link to a directory: its target, not the link, is replaced)
+    base = out.parent
+    if out.is_dir():
+        sweep_leftovers(out, out.name)
     inside = out.is_dir() and (os.path.ismount(out) or out == Path.cwd().resolve()
-                               or not os.access(out.parent, os.W_OK | os.X_OK))
-    base = out if inside else out.parent
+                               or not os.access(out.parent, os.W_OK | os.X_OK)
+                               or any(p.name not in PREPARED_FILES for p in out.iterdir()))
+    if inside:
+        base = out
     base.mkdir(parents=True, exist_ok=True)
     sweep_leftovers(base, out.name)
     tag = f"{os.getpid()}-{secrets.token_hex(4)}"
     tmp = base / f".{out.name}.prepare-{tag}"
     tmp.mkdir()  # (as a plain mkdir makes it, with the umask's permissions: mkdtemp's are 0700)
     try:
+        if out.exists() and not inside:  # before the files: they inherit a setgid directory's group (a pass)
+            st = out.stat()
+            try:
+                os.chown(tmp, -1, st.st_gid)
+            except OSError:
+                pass
+            os.chmod(tmp, st.st_mode & 0o7777)
         write(tmp)
         for f in tmp.iterdir():  # on the disk before they take the old data's place
             with f.open("rb") as fh:
                 os.fsync(fh.fileno())
         if inside:
             new = sorted(f.name for f in tmp.iterdir())
-            for name in sorted(new, key=lambda n: n == META):
-                os.replace(tmp / name, out / name)
-            for name in PREPARED_FILES:
-                if name not in new:
-                    (out / name).unlink(missing_ok=True)
+            with _signals_deferred():
+                for name in sorted(new, key=lambda n: n == META):
+                    os.replace(tmp / name, out / name)
+                for name in PREPARED_FILES:
+                    if name not in new:
+                        (out / name).unlink(missing_ok=True)
             tmp.rmdir()
         else:
-            old = None
-            if out.exists():
-                st = out.stat()
-                os.chmod(tmp, st.st_mode & 0o7777)  # (a group-only, setgid data directory came back 0755)
-                try:
-                    os.chown(tmp, -1, st.st_gid)
-                except OSError:
-                    pass
-                old = base / f".{out.name}.old-{tag}"
-            main = threading.current_thread() is threading.main_thread()
-            held = {signal.SIGINT, signal.SIGTERM}
-            if main:
-                signal.pthread_sigmask(signal.SIG_BLOCK, held)  # a Ctrl-C between the renames would lose both
-            try:
+            old = base / f".{out.name}.old-{tag}" if out.exists() else None
+            with _signals_deferred():
                 if old is not None:
                     os.rename(out, old)
                 os.rename(tmp, out)
-            finally:
-                if main:
-                    signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
             if old is not None:
                 shutil.rmtree(old, ignore_errors=True)
         fd = os.open(base, os.O_RDONLY)
@@ -179,11 +176,41 @@ def replace_prepared(out_dir: str | Path, write) -> None:
         raise
 
 
-def sweep_leftovers(base: Path, name: str) -> None:
-    """What a killed ``replace_prepared`` left (its pid in the name, no longer running): a new directory not yet
-    in place is removed; an old one whose place is empty (killed between the two renames) is put back."""
+class _signals_deferred:
+    """SIGINT and SIGTERM that arrive inside are handled once it ends (in the main thread: elsewhere nothing is
+    changed). Blocking them in the main thread did not hold them off: another thread took them (a pass)."""
+
+    SIGNALS = ("SIGINT", "SIGTERM")
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        self.got, self.old = [], {}
+        if threading.current_thread() is threading.main_thread():
+            for name in self.SIGNALS:
+                sig = getattr(signal, name)
+                self.old[sig] = signal.signal(sig, lambda s, f: self.got.append(s))
+        return self
+
+    def __exit__(self, *exc):
+        import os
+        import signal
+
+        for sig, handler in self.old.items():
+            signal.signal(sig, handler)
+        for sig in dict.fromkeys(self.got):
+            os.kill(os.getpid(), sig)  # (now to the handler it had: Ctrl-C's KeyboardInterrupt, SIGTERM's end)
+        return False
+
+
+def sweep_leftovers(base: Path, name: str, quiet_s: float = 600.0) -> None:
+    """What a killed ``replace_prepared`` left (its pid in the name, no longer running, and nothing in it written
+    for ``quiet_s``: a pid from another container's namespace is not ours to judge, a pass): a new directory not
+    yet in place is removed; an old one whose place is empty (killed between the two renames) is put back."""
     import os
     import shutil
+    import time
 
     for d in sorted(Path(base).iterdir()) if Path(base).is_dir() else []:
         head = f".{name}."
@@ -200,9 +227,13 @@ def sweep_leftovers(base: Path, name: str) -> None:
             pass
         except OSError:
             continue
+        try:
+            latest = max([d.stat().st_mtime] + [f.stat().st_mtime for f in d.iterdir()])
+        except OSError:
+            continue
         if kind == "old" and not (Path(base) / name).exists():
-            os.rename(d, Path(base) / name)
-        else:
+            os.rename(d, Path(base) / name)  # (the data, put back: whenever it was moved aside)
+        elif time.time() - latest >= quiet_s:
             shutil.rmtree(d, ignore_errors=True)
 
 

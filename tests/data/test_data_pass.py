@@ -491,5 +491,53 @@ def test_replacing_prepared_data_through_a_link_in_the_current_directory_and_aft
     dead = 2**22 + 12345  # (beyond pid_max's default: no such process)
     target.rename(target.parent / f".data.old-{dead}-abcd")
     (target.parent / f".data.prepare-{dead}-abcd").mkdir()
-    sweep_leftovers(target.parent, "data")
+    sweep_leftovers(target.parent, "data", quiet_s=0)
     assert sorted(p.name for p in target.parent.iterdir()) == ["data"] and _files(target) == before
+
+
+def test_replacing_prepared_data_keeps_other_files_and_a_setgid_group(tmp_path):
+    """The hostile pass on the replacement: other files in --out (notes, the raw input itself) went with the old
+    directory, and files made before the new directory took a setgid directory's group were not the group's."""
+    import grp
+    import os
+
+    from fuyou.cli import main
+
+    out = tmp_path / "D"
+    src = _jsonl(tmp_path / "a.jsonl", [{"text": "some text " * 30}])
+    assert main(["data", "prepare", str(src), "--out", str(out)]) == 0
+    (out / "NOTES.txt").write_text("mine")
+    (out / "raw").mkdir()
+    assert main(["data", "prepare", str(src), "--out", str(out)]) == 0
+    assert (out / "NOTES.txt").read_text() == "mine" and (out / "raw").is_dir()
+    other = next((g.gr_gid for g in grp.getgrall() if g.gr_gid != os.getgid()), None)
+    if other is None or os.geteuid() != 0:
+        return  # (no other group to give it here)
+    shared = tmp_path / "S"
+    shared.mkdir()
+    os.chown(shared, -1, other)
+    os.chmod(shared, 0o2750)
+    for _ in range(2):
+        assert main(["data", "prepare", str(src), "--out", str(shared)]) == 0
+    assert shared.stat().st_gid == other and all(f.stat().st_gid == other for f in shared.iterdir())
+
+
+def test_a_signal_during_the_swap_is_handled_after_it():
+    """Blocking SIGINT in the main thread did not hold it off (another thread took it, a pass): the swap's signals
+    are deferred by handlers, and delivered once the renames are done."""
+    import os
+    import signal
+    import threading
+
+    from fuyou.data.dataset import _signals_deferred
+
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with _signals_deferred():
+            t = threading.Thread(target=os.kill, args=(os.getpid(), signal.SIGINT))
+            t.start()
+            t.join()
+            for _ in range(1000):  # the handler runs between bytecodes: it has had its chance
+                pass
+            done.append(True)  # (the "second rename": reached)
+    assert done == [True]
