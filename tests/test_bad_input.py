@@ -209,6 +209,9 @@ def test_an_in_memory_run_stops_at_a_non_finite_loss_and_keeps_the_weights_befor
     kept = load_file(str(snap / name))
     assert all(bool(torch.isfinite(w).all()) for w in kept.values())
     assert not (run_dir / name).exists()  # (it held NaN weights)
+    if stopped["step"] > 1:  # not rotated out by the kept weights, which gave the non-finite loss: the one before
+        assert (run_dir / "snapshots" / f"step-{stopped['step'] - 1:06d}").is_dir()
+        assert f"snapshots/step-{stopped['step'] - 1:06d}" in error
     if stopped["step"]:  # the same run stopped cleanly after that step saved the same weights
         assert main([*base, f"train.steps={stopped['step']}", "run.name=clean"]) == 0
         clean = load_file(str(out / "clean" / name))
@@ -362,3 +365,18 @@ def test_cli_mistakes_found_by_a_second_new_user_pass(tmp_path, capsys):
 def _write(path, text):
     path.write_text(text)
     return path
+
+
+def test_the_weights_kept_after_a_non_finite_loss_push_out_no_earlier_snapshot(tmp_path, capsys):
+    """The weights kept after a non-finite loss are the ones that gave it: kept, they rotated out the last finite
+    snapshot, and the advice to start from them looped (a pass). They are kept beside the earlier snapshots, and
+    the advice names the earlier one first."""
+    out = tmp_path / "runs"
+    err = _err(capsys, ["train", "--out", str(out), "run.name=n", "model.preset=gpt-test", "data.seq_len=32",
+                        "train.steps=20", "optim.lr=1e3", "train.save_every=4", "train.keep_snapshots=1"])
+    stopped = json.loads((out / "n" / "metrics.jsonl").read_text().splitlines()[-1])
+    step = stopped["step"]
+    assert stopped["stopped"] == "non-finite" and step > 4 and step % 4, (step, err)  # (the case: between saves)
+    earlier = f"step-{step // 4 * 4:06d}"
+    assert sorted(p.name for p in (out / "n" / "snapshots").iterdir()) == [earlier, f"step-{step:06d}"]
+    assert f"start from an earlier snapshot (start a run with --init-from {out / 'n' / 'snapshots' / earlier})" in err

@@ -641,16 +641,26 @@ def _kept_before_non_finite(e: NonFiniteError, run_dir: Path, trainer: Trainer, 
     if not all(bool(torch.isfinite(c).all()) for c in trained):
         return NonFiniteError(f"{e}; the {what} were not finite already (no snapshot written). Start again from an "
                               f"earlier snapshot, if the run has one, with a lower optim.lr", e.step), None
+    from fuyou.snapshots import snapshot_dirs
+
     snap = run_dir / "snapshots" / f"step-{step:06d}"  # (train.save_every may have written it already)
     try:
-        if not snap.is_dir():
-            snap = save_snapshot(run_dir, trainer, cfg, step)
+        if not snap.is_dir():  # not rotated: they are what gave the non-finite loss, and pushed out finite older ones
+            snap = save_snapshot(run_dir, trainer, cfg, step, rotate=False)
     except SaveError as err:
         return NonFiniteError(f"{e}; the {what} of step {step} could not be kept: {err}", e.step), None
-    how = (f"export them (`fuyou export {snap} --out DIR`) and start a run over the same base with lora.init_from=DIR"
-           if cfg.lora.enabled else f"start a run with --init-from {snap}")  # (--init-from a LoRA snapshot is refused)
-    return NonFiniteError(f"{e}; the {what} of step {step} are kept in {snap}: an in-memory run keeps no resumable "
-                          f"state, so lower optim.lr (or check the data) and {how}", e.step), snap
+    earlier = [d for d in snapshot_dirs(run_dir / "snapshots") if d != snap]
+
+    def how(src):  # (--init-from a LoRA snapshot is refused)
+        return (f"export it (`fuyou export {src} --out DIR`) and start a run over the same base with lora.init_from="
+                f"DIR" if cfg.lora.enabled else f"start a run with --init-from {src}")
+
+    # (the advice was to start from them: they gave the same non-finite loss again, a loop; a pass)
+    start = (f"start from an earlier snapshot ({how(earlier[-1])})" if earlier else
+             "start again from the run's beginning")
+    return NonFiniteError(f"{e}; the {what} of step {step} are kept in {snap}, but they are the ones that gave it "
+                          f"and may not train on at all (an in-memory run keeps no resumable state): lower optim.lr "
+                          f"(or check the data) and {start}, or {how(snap)} if they do", e.step), snap
 
 
 SCHEDULE_FIELDS = ("train.steps", "train.epochs", "train.warmup_steps", "train.warmup_ratio", "train.lr_schedule",

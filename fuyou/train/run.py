@@ -80,11 +80,11 @@ def save_weights(path: Path, trainer, cfg: FuyouConfig, step: int, run_dir: Path
         raise SaveError(f"writing {path / 'model.safetensors'} failed ({e.strerror or e}).{kept}") from e
 
 
-def save_snapshot(run_dir: Path, trainer, cfg: FuyouConfig, steps: int) -> Path:
+def save_snapshot(run_dir: Path, trainer, cfg: FuyouConfig, steps: int, rotate: bool = True) -> Path:
     """``snapshots/step-N``: the weights after ``steps`` steps (model.safetensors) and a config.toml whose
     ``model.init_from`` is the run directory, so ``fuyou export`` finds the source's config and tokenizer.
     Written under a temporary name and renamed, so a snapshot directory is complete or absent; then all
-    but the newest ``train.keep_snapshots`` are deleted. Training waits while the masters are read (from
+    but the newest ``train.keep_snapshots`` are deleted (``rotate``; not for the weights a failed step leaves). Training waits while the masters are read (from
     the SSD state with offload: 4 bytes a parameter)."""
     import shutil
 
@@ -108,7 +108,7 @@ def save_snapshot(run_dir: Path, trainer, cfg: FuyouConfig, steps: int) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for old in snapshot_dirs(root)[:-cfg.train.keep_snapshots]:
+    for old in snapshot_dirs(root)[:-cfg.train.keep_snapshots] if rotate else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
