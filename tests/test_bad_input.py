@@ -238,21 +238,21 @@ def read_only_dir(tmp_path):
 
 @pytest.fixture
 def small_dir(tmp_path):
-    """A 2 MiB file system."""
-    yield from _tmpfs(tmp_path / "small", "size=2m")
+    """A 4 MiB file system."""
+    yield from _tmpfs(tmp_path / "small", "size=4m")
 
 
 def test_a_run_directory_too_small_for_the_weights_is_refused_before_training(tmp_path, capsys, small_dir):
     """An in-memory run whose run directory's disk filled up lost its trained weights at the end (a pass): the
     weights (and snapshots) the run will save are checked against the free space before anything starts."""
-    err = _err(capsys, ["train", "--out", str(small_dir / "runs"), *TINY, "model.n_layer=12"])  # 2.5 MB of weights
+    err = _err(capsys, ["train", "--out", str(small_dir / "runs"), *TINY, "model.n_layer=24"])  # 5 MB of weights
     assert "the run directory's disk" in err and "4 B a parameter" in err, err
     assert not any(small_dir.iterdir())  # nothing was started
     err = _err(capsys, ["train", "--out", str(small_dir / "runs"), *TINY, "model.n_layer=1", "train.steps=10",
-                        "train.save_every=1", "train.keep_snapshots=8"])  # (8 + 1) x 0.3 MB
+                        "train.save_every=1", "train.keep_snapshots=8"])  # (8 + 1) x 0.4 MB and the logs' 1 MiB
     assert "up to 8 snapshots" in err and "lower train.keep_snapshots" in err, err
     assert main(["train", "--out", str(small_dir / "runs"), *TINY, "model.n_layer=1"]) == 0  # 1 block fits
-    # the most held at once is what the check counts: 3 snapshots kept and the final weights (4 x 0.31 MB) fit
+    # the most held at once is what the check counts: 3 snapshots kept and the final weights (4 x 0.4 MB) fit
     assert main(["train", "--out", str(small_dir / "runs"), *TINY, "model.n_layer=1", "train.steps=6",
                  "train.save_every=1", "train.keep_snapshots=3", "run.name=three"]) == 0
 

@@ -607,16 +607,18 @@ def _check_run_dir_space(cfg: FuyouConfig, run_path: Path) -> None:
         from fuyou.train.reference import check_in_memory_fits, resolve_device
 
         check_in_memory_fits(cfg, model, resolve_device(cfg.train.device))
-    size = 4 * model.num_params
+    # a copy: the tensors, the safetensors header (~200 B a tensor), a snapshot's config.toml, the blocks they
+    # round up to (a run let through by a few KiB failed at its save: a pass)
+    size = 4 * model.num_params + 256 * len(model.param_specs()) + 64 * 1024
     t = cfg.train
     snapshots = 0
-    if t.save_every:
-        made = (t.steps - 1) // t.save_every if t.epochs is None else t.keep_snapshots  # (epochs: steps unknown yet)
-        snapshots = min(made, t.keep_snapshots)
+    if t.save_every and t.epochs is None:  # (with train.epochs the steps are known only once the data is read: a
+        # snapshot that then does not fit is a warning, and training goes on; the final weights are checked)
+        snapshots = min((t.steps - 1) // t.save_every, t.keep_snapshots)
     here = run_path if run_path.exists() else next((q for q in run_path.parents if q.exists()), Path("."))
     held = sum(p.stat().st_size for d in snapshot_dirs(run_path / "snapshots")[-t.keep_snapshots:]
                for p in [d / "model.safetensors"] if p.is_file())
-    need = (1 + snapshots) * size - held
+    need = (1 + snapshots) * size - held + 2**20  # (and the metrics and event files, as they grow)
     try:
         free = shutil.disk_usage(here).free
     except OSError:
@@ -625,7 +627,8 @@ def _check_run_dir_space(cfg: FuyouConfig, run_path: Path) -> None:
         kept = (f" and up to {snapshots} snapshot{'s' if snapshots != 1 else ''} of {format_size(size)} each "
                 f"(train.save_every={t.save_every}, train.keep_snapshots={t.keep_snapshots})" if snapshots else "")
         raise ConfigError(f"the run directory's disk ({here}) has {format_size(free)} free, and the run writes up to "
-                          f"{format_size(need)} more there: model.safetensors ({format_size(size)}, 4 B a parameter)"
+                          f"{format_size(need)} more there: model.safetensors ({format_size(size)}, 4 B a parameter "
+                          f"and its header), the logs"
                           f"{kept}. Free space, choose another run.out_dir (--out)"
                           + (", or lower train.keep_snapshots or raise train.save_every" if snapshots else ""))
 
