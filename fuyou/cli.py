@@ -183,7 +183,19 @@ def build_parser() -> argparse.ArgumentParser:
     prep.set_defaults(func=_prepare, command_parser=prep)
     add_planner_parsers(sub)
     _add_hf_parsers(sub)
+    _own_usage(p)
     return p
+
+
+def _own_usage(parser: argparse.ArgumentParser) -> None:
+    """Every command's parser is the one whose usage (and did-you-mean) an unknown option gets (``main``): plan
+    and models printed the top's (a pass)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                if child.get_default("command_parser") is None:
+                    child.set_defaults(command_parser=child)
+                _own_usage(child)
 
 
 def _add_hf_parsers(sub) -> None:

@@ -336,6 +336,11 @@ def test_cli_mistakes_found_by_a_second_new_user_pass(tmp_path, capsys):
         main(["train", "--stpes", "3"])
     err = capsys.readouterr().err
     assert "usage: fuyou train" in err and "did you mean --steps?" in err
+    with pytest.raises(SystemExit):
+        main(["plan", "--gpuu", "h100"])
+    err = capsys.readouterr().err
+    assert "usage: fuyou plan" in err and "did you mean --gpu?" in err
+    assert "an empty path" in _err(capsys, ["train", "--offload", "ssd", "--ssd", "", "--out", str(out)])
     # empty values
     assert "run.out_dir is empty" in _err(capsys, ["train", "run.out_dir="])
     assert "an empty path" in _err(capsys, ["train", "data.path="])

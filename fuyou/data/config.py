@@ -73,7 +73,7 @@ class DataConfig(BaseModel):
     def _one_path(cls, v):
         v = [v] if isinstance(v, str) else v
         if isinstance(v, list) and any(isinstance(p, str) and not p.strip() for p in v):  # (`data.path=`: a pass)
-            raise ValueError("an empty path: give a file or directory (data.path=[] for none)")
+            raise ValueError("an empty path: give a file or directory ([] for none)")
         return v
 
     @model_validator(mode="before")

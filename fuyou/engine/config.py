@@ -171,6 +171,8 @@ class OffloadConfig(BaseModel):
             if not self.ssd_dirs:
                 raise ValueError("offload.mode='ssd' needs at least one directory in offload.ssd_dirs (--ssd DIR)")
             for d in self.ssd_dirs:
+                if not str(d).strip():  # (--ssd '' was "on a file system with no storage": a pass)
+                    raise ValueError("an SSD directory is an empty path; give a directory on the SSD (--ssd DIR)")
                 if Path(d).exists() and not Path(d).is_dir():
                     raise ValueError(f"SSD directory {d!r} is a file, not a directory; give a directory on the SSD")
                 if not Path(d).is_dir():
