@@ -84,8 +84,8 @@ def save_snapshot(run_dir: Path, trainer, cfg: FuyouConfig, steps: int, rotate: 
     """``snapshots/step-N``: the weights after ``steps`` steps (model.safetensors) and a config.toml whose
     ``model.init_from`` is the run directory, so ``fuyou export`` finds the source's config and tokenizer.
     Written under a temporary name and renamed, so a snapshot directory is complete or absent; then all
-    but the newest ``train.keep_snapshots`` are deleted (``rotate``; not for the weights a failed step leaves). Training waits while the masters are read (from
-    the SSD state with offload: 4 bytes a parameter)."""
+    but the newest ``train.keep_snapshots`` are deleted (``rotate``; not for the weights a failed step leaves).
+    Training waits while the masters are read (from the SSD state with offload: 4 bytes a parameter)."""
     import shutil
 
     root = run_dir / "snapshots"
