@@ -107,11 +107,10 @@ class _Once(argparse.Action):
 
     def __call__(self, parser, namespace, values, option_string=None):
         if getattr(namespace, self.dest, None) is not None:
+            hint = (" (several config files are not merged; put the settings in one, or give the others as "
+                    "KEY=VALUE overrides)" if self.dest == "config" else "")
             parser.error(f"{option_string} given twice ({getattr(namespace, self.dest)!r} and {values!r}): give it "
-                         f"once (several config files are not merged; put the settings in one, or give the others "
-                         f"as KEY=VALUE overrides)" if self.dest == "config" else
-                         f"{option_string} given twice ({getattr(namespace, self.dest)!r} and {values!r}): give it "
-                         f"once")
+                         f"once{hint}")
         setattr(namespace, self.dest, values)
 
 
@@ -490,12 +489,13 @@ def _prepare(args) -> int:
     from pathlib import Path
 
     out = Path(args.out)
+    name = out.resolve().name
     if out.is_dir():  # (leftovers of a killed prepare inside it are not "other files")
         from fuyou.data.dataset import sweep_leftovers
 
-        sweep_leftovers(out, out.resolve().name)
-        sweep_leftovers(out.resolve().parent, out.resolve().name)
-    if out.is_dir() and any(not p.name.startswith(f".{out.resolve().name}.") for p in out.iterdir()):
+        sweep_leftovers(out, name)
+        sweep_leftovers(out.resolve().parent, name)
+    if out.is_dir() and any(not p.name.startswith(f".{name}.") for p in out.iterdir()):
         if not (out / "meta.json").is_file():
             from fuyou.errors import ConfigError
 

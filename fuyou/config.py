@@ -162,8 +162,10 @@ def _byte_model(hf_dir) -> bool:
     its data is read as bytes again (a round trip was refused for want of tokenizer files: a pass)."""
     import json
 
+    from fuyou.hf.export import BYTE_MARK
+
     try:
-        return json.loads((hf_dir / "config.json").read_text()).get("fuyou_tokenizer") == "byte"
+        return json.loads((hf_dir / "config.json").read_text()).get(BYTE_MARK) == "byte"
     except (OSError, ValueError, AttributeError):
         return False
 

@@ -12,3 +12,8 @@ def snapshot_dirs(root: Path) -> list[Path]:
     sorted as text put step-1000000 before step-999999)."""
     found = [p for p in Path(root).glob("step-*") if p.is_dir() and p.name[5:].isdigit()]
     return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def snapshot_path(run_dir: Path, step: int) -> Path:
+    """Where the snapshot of ``step`` is (or goes): ``RUN_DIR/snapshots/step-NNNNNN``."""
+    return Path(run_dir) / "snapshots" / f"step-{step:06d}"

@@ -267,8 +267,8 @@ def _meta_problem(meta) -> str | None:
     for k, kind in (("dtype", str), ("tokenizer", str), ("info", dict), ("kind", str)):
         if k in meta and not isinstance(meta[k], kind):
             return f"{k} is {meta[k]!r}, not a {'string' if kind is str else 'JSON object'}"
-    for k in ("tokenizer_fingerprint", "pad_id"):
-        if meta.get(k) is not None and not isinstance(meta[k], (str if k == "tokenizer_fingerprint" else int)):
+    for k, kind in (("tokenizer_fingerprint", str), ("pad_id", int)):
+        if meta.get(k) is not None and not isinstance(meta[k], kind):
             return f"{k} is {meta[k]!r}"
     for frac in (meta.get("val_fraction"), (meta.get("info") or {}).get("val_fraction")):
         if frac is not None and (not isinstance(frac, (int, float)) or isinstance(frac, bool) or not 0 <= frac < 1):

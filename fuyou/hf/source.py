@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from fuyou.data.config import is_prepared
 from fuyou.errors import ConfigError
 from fuyou.snapshots import snapshot_dirs
 from fuyou.tomlfile import read_toml
@@ -56,8 +57,6 @@ def lora_run(p: Path) -> bool:
     if (p / "adapter.safetensors").is_file():
         return True
     try:
-        from fuyou.tomlfile import read_toml
-
         return bool(read_toml(p / "config.toml").get("lora", {}).get("rank"))
     except (OSError, ValueError):
         return False
@@ -86,7 +85,7 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         raise ConfigError(f"{p} is a LoRA run: it holds adapters, not a model. Give its base model as --init-from "
                           f"and its adapter as lora.init_from=DIR (`fuyou export {p} --out DIR`), or export it "
                           f"merged (`fuyou export {p} --out DIR --merge`) and give --init-from DIR")
-    if (p / "meta.json").is_file() and (p / "train.bin").is_file():  # (".bin": "has weights but no config.json")
+    if is_prepared(p):  # (its .bin files: "has weights but no config.json")
         raise ConfigError(f"{p} is prepared data (`fuyou data prepare`), not a model: give it as data.path={p}, and a "
                           f"model with --init-from (or a preset)")
     if any(f.suffix in WEIGHT_SUFFIXES for f in p.iterdir()):

@@ -644,9 +644,9 @@ def _kept_before_non_finite(e: NonFiniteError, run_dir: Path, trainer: Trainer, 
     if not all(bool(torch.isfinite(c).all()) for c in trained):
         return NonFiniteError(f"{e}; the {what} were not finite already (no snapshot written). Start again from an "
                               f"earlier snapshot, if the run has one, with a lower optim.lr", e.step), None
-    from fuyou.snapshots import snapshot_dirs
+    from fuyou.snapshots import snapshot_dirs, snapshot_path
 
-    snap = run_dir / "snapshots" / f"step-{step:06d}"  # (train.save_every may have written it already)
+    snap = snapshot_path(run_dir, step)  # (train.save_every may have written it already)
     try:
         if not snap.is_dir():  # not rotated: they are what gave the non-finite loss, and pushed out finite older ones
             snap = save_snapshot(run_dir, trainer, cfg, step, rotate=False)

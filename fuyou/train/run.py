@@ -9,7 +9,7 @@ from pathlib import Path
 
 from fuyou.tomlfile import read_toml
 from fuyou.engine.state import write_run_id
-from fuyou.snapshots import snapshot_dirs
+from fuyou.snapshots import snapshot_dirs, snapshot_path
 from fuyou.config import DATA_POSITION, FIXED_ON_RESUME, NOT_COMPARED, FuyouConfig, flat_settings, to_toml
 from fuyou.engine.commit import state_name
 from fuyou.errors import ConfigError, FuyouError
@@ -88,8 +88,8 @@ def save_snapshot(run_dir: Path, trainer, cfg: FuyouConfig, steps: int, rotate: 
     Training waits while the masters are read (from the SSD state with offload: 4 bytes a parameter)."""
     import shutil
 
-    root = run_dir / "snapshots"
-    final, tmp = root / f"step-{steps:06d}", root / f".step-{steps:06d}.tmp"
+    final = snapshot_path(run_dir, steps)
+    root, tmp = final.parent, final.with_name(f".{final.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:  # (a snapshots path that is a file, a full disk: a sentence, not a traceback: a pass)
         tmp.mkdir(parents=True)
