@@ -130,11 +130,6 @@ def reshard(run_dir: str | Path, nproc: int, ssd_dirs: list[str] | None = None) 
     old_world = distributed.recorded_world(run_dir, dirs, name)
     if nproc == old_world:
         raise ConfigError(f"{run_dir} was trained by {old_world} process(es) already: resume it as it is")
-    t = cfg.train
-    if t.grad_accum % nproc:
-        raise ConfigError(f"train.grad_accum={t.grad_accum} is not a multiple of {nproc}: each rank runs grad_accum/"
-                          f"{nproc} of a step's micro-batches, and a resume cannot change the global batch's split; "
-                          f"choose a number of processes that divides {t.grad_accum}")
     return _reshard(run_dir, cfg, old_world, nproc, ssd_dirs)
 
 
@@ -148,7 +143,10 @@ def _reshard(run_dir: Path, cfg, old_world: int, nproc: int, ssd_dirs: list[str]
     from fuyou.store.aligned import aligned_empty
     from fuyou.store.errors import StoreLockedError
 
+    from fuyou.engine.state import owner_mismatch, run_id, write_owner
+
     name = state_name(run_dir.name)
+    rid = run_id(run_dir)
     lora = cfg.lora.enabled
     states = build_states(StageModel(cfg.model).stages, 0.0, n_copies=3, int8=cfg.optim.moments == "int8")
     if not lora and nproc > len(states):
@@ -174,6 +172,11 @@ def _reshard(run_dir: Path, cfg, old_world: int, nproc: int, ssd_dirs: list[str]
                 raise ConfigError(f"rank {r}'s state ({rank_name}) is in none of {', '.join(map(str, dirs))}: the run "
                                   f"finished and its state was deleted, the SSD directories moved (give --ssd), or "
                                   f"that rank ran on another machine (fuyou reshard works on one machine's states)")
+            other = owner_mismatch(found[0], run_dir, rid)
+            if other is not None:  # (a resume of the other run refuses it: so does its reshard)
+                raise ConfigError(f"the SSD state {found[0]} is the state of another run named {run_dir.name!r} (the run "
+                                  f"in {other}), not of {run_dir}: reshard that run, or give this run's directory "
+                                  f"back its own state; nothing was changed")
             try:
                 store = TensorStore.open(found)  # locked until the switch is done: no resume can open it meanwhile
             except StoreLockedError as e:
@@ -183,6 +186,11 @@ def _reshard(run_dir: Path, cfg, old_world: int, nproc: int, ssd_dirs: list[str]
             olds.append(found)
             rec = read_record(found[0], store, len(states), n_copies=1 if lora else 3)
             records.append({**json.loads((found[0] / RECORD).read_text()), **rec})
+        t = cfg.train  # (after the states are found: a finished run was told to choose a divisor of its grad_accum)
+        if t.grad_accum % nproc:
+            raise ConfigError(f"train.grad_accum={t.grad_accum} is not a multiple of {nproc}: each rank runs "
+                              f"grad_accum/{nproc} of a step's micro-batches, and a resume cannot change the global "
+                              f"batch's split; choose a number of processes that divides {t.grad_accum}")
         step = max(rec["step"] for rec in records)
         # where each stage's committed state is now; a rank whose record is a commit behind (killed between
         # the ranks' record writes) holds that commit's state, tagged (Engine._agree_on_commit does the same)
@@ -245,6 +253,8 @@ def _reshard(run_dir: Path, cfg, old_world: int, nproc: int, ssd_dirs: list[str]
                             **({"settings": records[0]["settings"]} if "settings" in records[0] else {})}
                 body.update(store_uuid=store.uuid, generation=store.generation)
                 write_record(nr.temps[0], body)
+                for d in nr.temps:  # whose state it is: a reshard that dropped this let another run of the
+                    write_owner(d, run_dir, rid)  # same run.name resume it, over its own weights (a pass)
                 new_ids.append(store.uuid)
             finally:
                 store.close(sync=False)

@@ -214,3 +214,34 @@ def test_a_refusal_on_rank_0_before_the_run_is_every_ranks_not_a_dead_peer(tmp_p
     r = torchrun(train_args(tmp_path, "taken", "train.grad_accum=2", "train.steps=1"), check=False)
     assert "(rank 1 of 2): rank 0 refused the run (naming the run directory): run directory" in r.stderr, r.stderr
     assert "--resume" not in r.stderr and "terminate called" not in r.stderr, r.stderr
+
+
+def test_a_reshard_keeps_whose_state_it_is(tmp_path):
+    """Two runs of one run.name in different run.out_dir share a state directory name: a resume of the
+    one refuses the other's state, by the owner file the state keeps. A reshard dropped that file, and the
+    other run then resumed this one's state in silence, overwriting its own weights and deleting this
+    run's state (a new-user pass). The resharded state keeps its owner; a reshard of the other run's state
+    is refused, as its resume is; and a finished run is told so, not to choose a divisor of its grad_accum."""
+    run = cut_after_step_2(tmp_path, "same", (), 1)
+    other = tmp_path / "runs2"
+    r = fuyou("reshard", str(run), "--nproc", "2")
+    assert all((tmp_path / "ssd" / d / "fuyou-store-owner.json").is_file()
+               for d in ("same.fuyou-state", "same.fuyou-state.rank1"))
+    fuyou("reshard", str(run), "--nproc", "1")
+    owner = json.loads((tmp_path / "ssd" / "same.fuyou-state" / "fuyou-store-owner.json").read_text())
+    assert owner["run_dir"] == str(run.resolve()) and owner["run_id"] == json.loads(
+        (run / "fuyou-run.json").read_text())["run_id"]
+    # a second run of that name, elsewhere: its directory, with its own id, and no state of its own
+    twin = other / "same"
+    twin.mkdir(parents=True, exist_ok=True)
+    shutil.copy(run / "config.toml", twin / "config.toml")
+    (twin / "fuyou-run.json").write_text(json.dumps({"run_id": "another"}))
+    state = open_state(run)
+    r = fuyou("train", "--resume", str(twin), check=False)
+    assert r.returncode != 0 and "another run named 'same'" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    r = fuyou("reshard", str(twin), "--nproc", "2", check=False)
+    assert r.returncode != 0 and "another run named 'same'" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert_states(state, open_state(run))
+    single(["train", "--resume", str(run), "offload.keep_state=false"])  # finishes; its state is deleted
+    r = fuyou("reshard", str(run), "--nproc", "2", check=False)
+    assert r.returncode != 0 and "finished" in r.stderr and "divides" not in r.stderr, r.stderr
