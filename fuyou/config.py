@@ -187,6 +187,10 @@ FIXED_ON_RESUME = ("model.", "offload.mode", "offload.commit", "optim.master", "
 NOT_COMPARED = ("model.init_from", "run.")
 # The data position (rows consumed) is the committed step times these: fixed too
 DATA_POSITION = ("train.grad_accum", "train.micro_batch_size", "data.seq_len")
+# Which rows the data makes, their order and the held-out set: fixed as well (a new-user pass changed train.seed
+# and data.packing on resume: examples of the epoch under way were skipped or repeated, and data.val_fraction put
+# examples trained on into the held-out set, each only listed as a change)
+DATA_ORDER = ("train.seed", "data.packing", "data.val_fraction", "data.format", "data.jsonl_field")
 
 
 def flat_settings(cfg: FuyouConfig) -> dict[str, Any]:
@@ -195,11 +199,11 @@ def flat_settings(cfg: FuyouConfig) -> dict[str, Any]:
 
 
 def fixed_settings(cfg: FuyouConfig) -> dict[str, Any]:
-    """The settings a resume may not change (``FIXED_ON_RESUME``, ``DATA_POSITION``), as JSON values: the
+    """The settings a resume may not change (``FIXED_ON_RESUME``, ``DATA_POSITION``, ``DATA_ORDER``), as JSON values: the
     commit record keeps them, so a resume compares with what was committed, not only with config.toml
     (which the user may have edited: a new-user pass resumed at another batch size that way, in silence)."""
     return json.loads(json.dumps({k: v for k, v in flat_settings(cfg).items()
-                                  if (k.startswith(FIXED_ON_RESUME) or k in DATA_POSITION)
+                                  if (k.startswith(FIXED_ON_RESUME) or k in DATA_POSITION or k in DATA_ORDER)
                                   and not k.startswith(NOT_COMPARED)}, default=str))
 
 

@@ -49,10 +49,12 @@ class RunResult:
     # `fuyou train ... && fuyou export ...` must not export a half-trained model)
 
 
-def build_trainer(cfg: FuyouConfig, run_name: str, resume: bool = False, split: str = "content") -> Trainer:
+def build_trainer(cfg: FuyouConfig, run_name: str, resume: bool = False, split: str = "content",
+                  vocabulary: dict | None = None) -> Trainer:
     """The trainer for ``cfg``: the in-memory reference, or the engine (with data parallelism, this rank's
     share of the machine's budgets and its own state: fuyou/distributed.py). ``split``: how fine-tuning
-    examples are held out (``fuyou.data.tokenize_records``; a resume keeps its run's)."""
+    examples are held out (``fuyou.data.tokenize_records``; a resume keeps its run's). ``vocabulary``:
+    ``load_training_data``'s record of the data's vocabulary (a resume gives the run's)."""
     if cfg.train.epochs is not None and cfg.data.source == "synthetic":
         raise ConfigError("train.epochs needs real data (synthetic data has no epochs); give train.steps")
     init_values = None  # seeded random init
@@ -76,13 +78,13 @@ def build_trainer(cfg: FuyouConfig, run_name: str, resume: bool = False, split: 
         if resume:
             raise ConfigError("--resume continues an SSD-offloaded run (its state is committed on the SSD); "
                               "in-memory runs (offload.mode=none) keep no resumable state")
-        return ReferenceTrainer(cfg, lambda: load_training_data(cfg), init_values)
+        return ReferenceTrainer(cfg, lambda: load_training_data(cfg, vocabulary=vocabulary), init_values)
     from fuyou.engine.engine import Engine
 
     dist = distributed.current()
     # The engine loads the data once its memory plan has passed: a budget that cannot fit is refused
     # before a large dataset is tokenized. (rank_config shares cfg.train, so the epochs' steps reach it.)
-    return Engine(dist.rank_config(cfg), lambda: load_training_data(cfg, resume, split),
+    return Engine(dist.rank_config(cfg), lambda: load_training_data(cfg, resume, split, vocabulary),
                   store_name=dist.store_name(state_name(run_name)), resume=resume, init_values=init_values)
 
 
@@ -129,14 +131,25 @@ def _data_files_change(cfg: FuyouConfig, then: list, now: list, split: str = "co
     return "the data changed since the run started (" + "; ".join(parts) + ")" + held
 
 
-def record_data(run_dir: Path, cfg: FuyouConfig, fp: dict | None = None, split: str = "content") -> None:
+def record_data(run_dir: Path, cfg: FuyouConfig, fp: dict | None = None, split: str = "content",
+                vocabulary: dict | None = None) -> None:
     """Write ``data_fingerprint`` (``fp`` when already taken) into a resumable run's directory (SSD
-    offload, data from files), with how its fine-tuning examples are held out (``split``)."""
+    offload, data from files), with how its fine-tuning examples are held out (``split``) and the data's
+    vocabulary (``load_training_data``'s record), which a resume's data must share."""
     import json
 
     fp = fp or data_fingerprint(cfg)
     if cfg.offload.mode == "ssd" and fp["files"]:
-        (run_dir / DATA_FILES).write_text(json.dumps({**fp, "split": split}) + "\n")
+        (run_dir / DATA_FILES).write_text(json.dumps({**fp, "split": split, **(vocabulary or {})}) + "\n")
+
+
+def run_vocabulary(run_dir: Path) -> dict:
+    """The vocabulary a run being resumed recorded for its data (``record_data``): ``{"vocabulary":
+    fingerprint, "tokenizer": name}``, or {} for a run from before the record (nothing to compare)."""
+    rec = _recorded_data(run_dir)
+    if not isinstance(rec, dict) or not isinstance(rec.get("vocabulary"), str):
+        return {}
+    return {"vocabulary": rec["vocabulary"], "tokenizer": str(rec.get("tokenizer"))}
 
 
 def run_split(run_dir: Path) -> str:
@@ -386,13 +399,19 @@ def _absolute(paths) -> list[str]:
     return [str(Path(p).absolute()) for p in paths]
 
 
-def load_training_data(cfg: FuyouConfig, resume: bool = False, split: str = "content"):
+def load_training_data(cfg: FuyouConfig, resume: bool = False, split: str = "content",
+                       vocabulary: dict | None = None):
     """The run's tokens (None: synthetic), checked against the model's vocabulary; with ``train.epochs``,
     ``train.steps`` is set to the steps that make them (before the schedule is read). A resume does not
-    refuse what its saved config says of prepared data (``fuyou.data.load_data``)."""
+    refuse what its saved config says of prepared data (``fuyou.data.load_data``). ``vocabulary``: the
+    run's record of its data's vocabulary, which the data must share (a resume: ``run_vocabulary``;
+    its checkpoint, which ``check_tokenizer`` compares with, is not read again), else filled in with it."""
     data = load_data(cfg.data, check_prepared=not resume, split=split)
     if data is not None:
         check_tokenizer(cfg, data)
+        if vocabulary is not None and data.fingerprint:
+            check_vocabulary(vocabulary, data, cfg)
+            vocabulary.update(vocabulary=data.fingerprint, tokenizer=data.tokenizer)
     if cfg.train.epochs is not None:  # the steps that make the epochs, from the data
         from fuyou.data.batches import make_batches
 
@@ -492,7 +511,8 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
         split = dist.broadcast(run_split(run_path) if dist.is_main else None, "agreeing on the held-out examples")
     if resume is None:
         _agree_on_sources(cfg, dist)
-    trainer = build_trainer(cfg, run_path.name, resume=resume is not None, split=split)
+    vocabulary = run_vocabulary(run_path) if resume is not None else {}  # (filled in as the data loads)
+    trainer = build_trainer(cfg, run_path.name, resume=resume is not None, split=split, vocabulary=vocabulary)
     if resume is not None and dist.is_main and recorded is None:
         write_run_id(run_path, rid)
     _claim_state(trainer, run_path, rid)
@@ -531,7 +551,7 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
             changed["train.steps (from train.epochs)"] = (steps_then, cfg.train.steps)
     if changed is not None and dist.is_main:
         record_resume(run_path, cfg, trainer.start_step, changed)
-        record_data(run_path, cfg, data_now, split)
+        record_data(run_path, cfg, data_now, split, vocabulary)
         if changed:
             print("resumed with changes (recorded in resumes.jsonl; config.toml is now the effective config): "
                   + ", ".join(_data_files_change(cfg, a, b, split) if k == "data files (size, modified)" else
@@ -567,7 +587,7 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
             run_dir = run_path
         else:
             run_dir = make_run_dir(cfg, run_path, rid)
-            record_data(run_dir, cfg)
+            record_data(run_dir, cfg, vocabulary=vocabulary)
             if cfg.lora.enabled:
                 from fuyou.hf.peft import record_base
 
@@ -715,6 +735,22 @@ def check_tokenizer(cfg: FuyouConfig, data) -> None:
                         f"but model.init_from={cfg.model.init_from} uses the tokenizer in {tok_dir} (vocabulary "
                         f"{want}); " + (f"prepare the data again with --tokenizer {tok_dir}" if cfg.data.source ==
                                         "prepared" else "leave data.tokenizer at 'auto' (the model's tokenizer)"))
+
+
+def check_vocabulary(run: dict, data, cfg: FuyouConfig) -> None:
+    """A resume's data must have the vocabulary the run trained on (``run``: ``run_vocabulary``): data
+    prepared again with another tokenizer at the same path, or another data.tokenizer, trained the model on
+    token ids that mean other text, and its export shipped the first tokenizer with it (a new-user pass;
+    a resume reads no checkpoint, so ``check_tokenizer`` had nothing to compare with)."""
+    if not run.get("vocabulary") or run["vocabulary"] == data.fingerprint:
+        return
+    how = (f"prepare the data again with the run's tokenizer (`fuyou data prepare ... --tokenizer "
+           f"{run['tokenizer'].removeprefix('hf:')}`)" if cfg.data.source == "prepared" else
+           f"resume with the run's own data.tokenizer ({run['tokenizer'].removeprefix('hf:')})")
+    raise DataError(f"the data was tokenized with {data.tokenizer} (vocabulary {data.fingerprint}), but this run "
+                    f"trained on data tokenized with {run['tokenizer']} (vocabulary {run['vocabulary']}): its token "
+                    f"ids would mean other text to the model. {how[0].upper() + how[1:]}, or start a new run from its "
+                    f"weights; nothing was changed")
 
 
 def _refuse_renamed(run_path: Path, cfg: FuyouConfig) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 from fuyou.tomlfile import read_toml
 from fuyou.engine.state import write_run_id
 from fuyou.snapshots import snapshot_dirs, snapshot_path
-from fuyou.config import DATA_POSITION, FIXED_ON_RESUME, NOT_COMPARED, FuyouConfig, flat_settings, to_toml
+from fuyou.config import DATA_ORDER, DATA_POSITION, FIXED_ON_RESUME, NOT_COMPARED, FuyouConfig, flat_settings, to_toml
 from fuyou.engine.commit import state_name
 from fuyou.errors import ConfigError, FuyouError
 from fuyou.distributed import resume_command
@@ -223,6 +223,13 @@ def resume_changes(saved: FuyouConfig, cfg: FuyouConfig) -> dict[str, tuple]:
                           + ": its place in the data is counted in steps of train.grad_accum x "
                           "train.micro_batch_size rows of data.seq_len tokens, so other values would skip or repeat "
                           f"data. Resume with the run's own values (another batch: {new_run})")
+    order = [k for k in changed if k in DATA_ORDER]
+    if order:
+        raise ConfigError("a resumed run cannot change " + ", ".join(f"{k} ({changed[k][0]!r} -> {changed[k][1]!r})"
+                                                                 for k in order)
+                          + ": they decide the rows its data makes, their order and the held-out set, so other "
+                          "values would skip or repeat examples of the epoch under way and could hold out examples "
+                          f"it trained on. Resume with the run's own values, or {new_run}")
     fixed = [k for k in changed if k.startswith(FIXED_ON_RESUME)]
     if fixed:
         scale = {"lora.alpha", "lora.use_rslora"}

@@ -4,6 +4,7 @@ engine trained on packed, masked data equal to the in-memory reference."""
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -401,6 +402,43 @@ def test_data_of_another_tokenizer_is_refused(tmp_path):
     (tmp_path / "same" / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(DataError, match="prepare the data again with --tokenizer"):
         build_trainer(load_config(overrides=base + [f"data.path={tmp_path / 'same'}"]), "z")
+
+
+@pytest.mark.timeout(300)
+def test_a_resume_refuses_data_of_another_vocabulary(tmp_path, capsys):
+    """A resume reads no checkpoint, so the data's tokenizer was not compared with anything: data prepared
+    again at the run's path with another tokenizer (or another data.tokenizer) trained the model on token
+    ids of another vocabulary in silence, and its export shipped the first tokenizer (a new-user pass). The
+    run records its data's vocabulary, and a resume refuses data of another, with nothing changed."""
+    pytest.importorskip("transformers")
+    from hf_testutil import make_hf_model
+
+    from fuyou.cli import main
+    from fuyou.train.loop import DATA_FILES
+
+    model = make_hf_model(tmp_path / "llama", "llama")
+    src = write_jsonl(tmp_path / "qa.jsonl", qa_records(20))
+    (tmp_path / "ssd").mkdir()
+    base = ["--offload", "ssd", "--ssd", str(tmp_path / "ssd"), "--cpu-mem", "256MiB", "data.seq_len=32",
+            "train.steps=1", "train.precision=fp32", "offload.keep_state=true", f"run.out_dir={tmp_path / 'runs'}"]
+    assert main(["data", "prepare", str(src), "--out", str(tmp_path / "data"), "--tokenizer", str(model)]) == 0
+    assert main(["train", "--init-from", str(model), *base, f"data.path={tmp_path / 'data'}", "run.name=p"]) == 0
+    run = tmp_path / "runs" / "p"
+    assert json.loads((run / DATA_FILES).read_text())["vocabulary"].startswith("300:")
+    assert main(["data", "prepare", str(src), "--out", str(tmp_path / "data")]) == 0  # replaced: byte ids
+    state = sorted((p.name, p.stat().st_size) for p in (tmp_path / "ssd").rglob("*"))
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "train.steps=2"]) == 2
+    assert re.search(r"trained on data tokenized with hf:.*Prepare the data again with the run's tokenizer "
+                     r"\(`fuyou data prepare \.\.\. --tokenizer .*llama", capsys.readouterr().err)
+    assert sorted((p.name, p.stat().st_size) for p in (tmp_path / "ssd").rglob("*")) == state
+    assert "resumed" not in (run / "metrics.jsonl").read_text()
+    # text data: another data.tokenizer
+    assert main(["train", "--init-from", str(model), *base, f"data.path={src}", "run.name=t"]) == 0
+    assert main(["train", "--resume", str(tmp_path / "runs" / "t"), "train.steps=2", "data.tokenizer=byte"]) == 2
+    assert re.search(r"the data was tokenized with byte .*Resume with the run's own data\.tokenizer",
+                     capsys.readouterr().err)
+    assert main(["train", "--resume", str(tmp_path / "runs" / "t"), "train.steps=2"]) == 0  # its own: resumes
 
 
 # -- inputs a new-user pass found mishandled -------------------------------------------------------------

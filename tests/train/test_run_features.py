@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -474,6 +475,21 @@ def test_a_resume_cannot_change_the_batch_the_data_position_counts_in(change):
                                                                        "optim.lr=1e-5"]))
 
 
+@pytest.mark.parametrize("change", ["train.seed=99", "data.packing=false", "data.val_fraction=0.3",
+                                    "data.format=alpaca", "data.jsonl_field=body"])
+def test_a_resume_cannot_change_which_rows_the_data_makes(change):
+    """A new-user pass resumed an epochs run with train.seed or data.packing changed (examples of the epoch
+    under way skipped or repeated) and data.val_fraction raised (examples trained on held out), each only
+    listed as a change: refused now, saying why."""
+    from fuyou.errors import ConfigError
+    from fuyou.train.run import resume_changes
+
+    saved = load_config(overrides=["data.seq_len=32"])
+    key = change.partition("=")[0]
+    with pytest.raises(ConfigError, match=rf"cannot change {re.escape(key)} .*skip or repeat examples of the epoch"):
+        resume_changes(saved, load_config(overrides=["data.seq_len=32", change]))
+
+
 def test_a_resume_compares_with_the_commit_not_only_with_config_toml(tmp_path, capsys):
     """A new-user pass doubled micro_batch_size in a stopped run's config.toml and resumed: the check against
     config.toml passed (the file was the baseline), and the run went on at the wrong place in the data."""
@@ -490,6 +506,11 @@ def test_a_resume_compares_with_the_commit_not_only_with_config_toml(tmp_path, c
     with pytest.raises(ConfigError, match=r"made with train.micro_batch_size = 2 \(now 4\).*was edited since"):
         run_training(load_config(toml, ["train.steps=5", "model.init_from=none"]), resume=first.run_dir)
     assert {p: p.stat().st_mtime_ns for p in files} == files  # nothing changed
+    toml.write_text(original.replace("seed = 1234\n", "seed = 7\n"))  # (an edited seed was resumed in silence)
+    files = {p: p.stat().st_mtime_ns for p in [*first.run_dir.iterdir(), *(tmp_path / "ssd").rglob("*")]}
+    with pytest.raises(ConfigError, match=r"made with train.seed = 1234 \(now 7\).*was edited since"):
+        run_training(load_config(toml, ["train.steps=5", "model.init_from=none"]), resume=first.run_dir)
+    assert {p: p.stat().st_mtime_ns for p in files} == files
     toml.write_text(original)
     capsys.readouterr()
     run_training(load_config(toml, ["train.steps=5", "model.init_from=none"]), resume=first.run_dir)
