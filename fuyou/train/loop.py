@@ -519,10 +519,13 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
     if resume is not None and dist.is_main:
         from fuyou.train.run import set_aside_later_snapshots
 
-        moved = set_aside_later_snapshots(run_path, trainer.start_step)
-        if moved:
-            print(f"fuyou: note: {len(moved)} snapshot(s) after step {trainer.start_step}, the commit this resume "
-                  f"starts from, belong to the steps it redoes: renamed {', '.join(p.name for p in moved)}",
+        moved, dropped = set_aside_later_snapshots(run_path, trainer.start_step)
+        if moved or dropped:
+            print(f"fuyou: note: {len(moved) + len(dropped)} snapshot(s) after step {trainer.start_step}, the commit "
+                  f"this resume starts from, belong to the steps it redoes: "
+                  + "; ".join(([f"renamed {', '.join(p.name for p in moved)}"] if moved else [])
+                              + ([f"deleted {', '.join(p.name for p in dropped)} (the same as the abandoned "
+                                  f"snapshot of its step kept already)"] if dropped else [])),
                   file=sys.stderr)
     if resume is not None:  # the data as the run recorded it, and now (with train.epochs: after the loader)
         data_then, data_now = _recorded_data(run_path), data_fingerprint(cfg)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -161,19 +162,48 @@ def newer_commit(run: Path, weights: Path) -> int | None:
     return step if (step > mine if mine is not None else newer and step > 0) else None
 
 
-def set_aside_later_snapshots(run_dir: Path, step: int) -> list[Path]:
+def set_aside_later_snapshots(run_dir: Path, step: int) -> tuple[list[Path], list[Path]]:
     """A resume from the commit of ``step``: snapshots of later steps belong to the trajectory it abandons
-    (they would be kept over the new ones, which have lower numbers); renamed ``abandoned-step-N``."""
-    moved = []
+    (they would be kept over the new ones, which have lower numbers); renamed ``abandoned-step-N``. One
+    the same, file for file, as an abandoned snapshot of its step kept already is deleted instead: a
+    run killed and resumed again redoes the same steps bit for bit, and a new-user pass found a copy of
+    the weights piling up at every kill. Returns (the renamed, the deleted)."""
+    import shutil
+
+    moved, dropped = [], []
     for p in snapshot_dirs(run_dir / "snapshots"):
         if int(p.name[5:]) > step:
+            kept = [q for q in p.parent.iterdir() if re.fullmatch(rf"abandoned-(\d+-)?{re.escape(p.name)}", q.name)]
+            if any(q.is_dir() and same_files(p, q) for q in kept):
+                shutil.rmtree(p)
+                dropped.append(p)
+                continue
             target = p.with_name(f"abandoned-{p.name}")
             n = 2
             while target.exists():
                 target, n = p.with_name(f"abandoned-{n}-{p.name}"), n + 1
             p.rename(target)
             moved.append(target)
-    return moved
+    return moved, dropped
+
+
+def same_files(a: Path, b: Path, chunk: int = 16 * 2**20) -> bool:
+    """Whether directories ``a`` and ``b`` hold the same files with the same bytes (read until the first
+    difference; files of other sizes are not read)."""
+    names = sorted(p.name for p in a.iterdir() if p.is_file())
+    if names != sorted(p.name for p in b.iterdir() if p.is_file()):
+        return False
+    if any((a / n).stat().st_size != (b / n).stat().st_size for n in names):
+        return False
+    for n in names:
+        with open(a / n, "rb") as fa, open(b / n, "rb") as fb:
+            while True:
+                x = fa.read(chunk)
+                if x != fb.read(chunk):
+                    return False
+                if not x:
+                    break
+    return True
 
 
 def save_adapters(path: Path, adapters: dict, cfg: FuyouConfig, step: int | None = None) -> Path:

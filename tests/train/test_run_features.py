@@ -528,10 +528,20 @@ def test_snapshots_are_ordered_by_step_and_a_resume_sets_aside_the_later_ones(tm
     (root / ".step-000030.tmp").mkdir()
     assert [p.name for p in snapshot_dirs(root)][-1] == "step-1000000"
     assert [p.name for p in snapshot_dirs(root)][0] == "step-000005"
-    moved = set_aside_later_snapshots(tmp_path / "run", 10)
+    moved, dropped = set_aside_later_snapshots(tmp_path / "run", 10)
     assert sorted(p.name for p in moved) == ["abandoned-step-000020", "abandoned-step-1000000",
-                                             "abandoned-step-999998", "abandoned-step-999999"]
+                                             "abandoned-step-999998", "abandoned-step-999999"] and not dropped
     assert [p.name for p in snapshot_dirs(root)] == ["step-000005"]
+    # killed and resumed again: the redone steps' snapshots are the same bytes, and a copy piled up at every
+    # kill (a new-user pass); one that differs (a resume that changed the learning rate) is kept beside
+    (root / "abandoned-step-000020" / "model.safetensors").write_bytes(b"w" * 1000)
+    for body in (b"w" * 1000, b"w" * 999 + b"x", b"w" * 1000):
+        (root / "step-000020").mkdir()
+        (root / "step-000020" / "model.safetensors").write_bytes(body)
+        set_aside_later_snapshots(tmp_path / "run", 10)
+    assert sorted(p.name for p in root.iterdir() if p.name.endswith("-step-000020")) == [
+        "abandoned-2-step-000020", "abandoned-step-000020"]
+    assert (root / "abandoned-2-step-000020" / "model.safetensors").read_bytes().endswith(b"x")
 
 
 def test_a_full_run_directory_gives_typed_errors_and_a_clean_log(tmp_path, monkeypatch):
