@@ -346,6 +346,18 @@ def _train(args) -> int:
                               f"({args.init_from or given[-1]}) cannot change that. Drop it, or start a new run from "
                               f"it" + (" (with lora.init_from the run's exported adapter, to keep the adapters)"
                                        if lora else ""))
+        if args.model:  # (before the config's own checks, which blamed the preset's family: a pass)
+            from fuyou.tomlfile import read_toml
+
+            had = read_toml(resume / "config.toml").get("model", {}).get("preset")
+            if args.model != had:
+                raise ConfigError(f"a resumed run cannot change model.preset ({had!r} -> {args.model!r}): its "
+                                  f"committed state has the run's model. Drop --model, or start a new run")
+        placed = [o.partition("=")[0].strip() for o in args.overrides
+                  if o.partition("=")[0].strip() in ("run.out_dir", "run.name")] + (["--out"] if args.out else [])
+        if placed:  # (ignored in silence: a pass)
+            print(f"fuyou: note: {', '.join(placed)} name a new run's directory; a resume continues in {resume}",
+                  file=sys.stderr)
         ranks = [o.partition("=")[2].strip() for o in args.overrides if o.partition("=")[0].strip() == "lora.rank"]
         if ranks:  # a clearer refusal than the config's own checks give (LoRA settings without a rank)
             from fuyou.config import _parse_value

@@ -160,6 +160,11 @@ def test_resume_with_another_shape_is_refused_and_optimizer_changes_are_recorded
     assert "cannot change optim.moments ('fp32' -> 'int8')" in err
     err = _err(capsys, ["train", "--resume", str(run_dir), "train.precision=bf16"])  # the stored compute weights'
     assert "cannot change train.precision ('fp32' -> 'bf16')" in err and "Traceback" not in err
+    err = _err(capsys, ["train", "--resume", str(run_dir), "--model", "llama-test"])  # (it blamed the family)
+    assert "cannot change model.preset ('gpt-test' -> 'llama-test')" in err, err
+    err = _err(capsys, ["train", "--resume", str(run_dir), "--out", str(tmp_path / "elsewhere"), "run.name=x",
+                        "optim.moments=int8"])  # (ignored in silence)
+    assert "note: run.name, --out name a new run's directory; a resume continues in" in err, err
     assert main(["train", "--resume", str(run_dir), "optim.lr=0.0005"]) == 0
     err = capsys.readouterr().err
     assert "resumed with changes" in err and "optim.lr 0.001 -> 0.0005" in err
@@ -178,7 +183,8 @@ def test_a_non_finite_loss_stops_before_its_step_is_committed(tmp_path, capsys):
                                 "offload.commit_every=1", "train.log_every=1", "train.warmup_steps=0"))
     assert "is nan" in err.lower() or "is inf" in err.lower()
     assert "the last commit is intact" in err
-    run_dir = tmp_path / "runs" / "n"
+    run_dir = tmp_path / "runs" / "n"  # (a plain resume, as the advice said, read lr=1e35 again: a pass)
+    assert f"`fuyou train --resume {run_dir} optim.lr=1e+34`; it is 1e+35 now" in err, err
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         json.loads(line, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
     rec = json.loads((tmp_path / "ssd" / "n.fuyou-state" / "fuyou-commit.json").read_text())

@@ -8,9 +8,11 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
+from fuyou.kernels import build
 from fuyou.kernels.build import ext_name
 
 PROBE = ("import logging, sys; logging.basicConfig(level=logging.WARNING);"
@@ -37,6 +39,20 @@ def test_a_stale_lock_of_a_killed_builder_is_removed(tmp_path):
     r = _probe(tmp_path, "380", 390)
     assert r.returncode == 0, r.stderr
     assert "LOADED" in r.stdout and "stale build lock" in r.stderr
+    # built once, loaded as it is: another checkout of the same source had torch rebuild it at every switch
+    # (its build.ninja named the other checkout's path; a pass)
+    so = next(d.glob("*.so"))
+    before = so.stat().st_mtime_ns
+    ninja = d / "build.ninja"
+    ninja.write_text(ninja.read_text().replace(str(Path(build.__file__).parent), "/another/checkout"))
+    r = _probe(tmp_path, "380", 390)
+    assert "LOADED" in r.stdout and so.stat().st_mtime_ns == before, r.stderr
+    # a library that is not what the record says (a damaged cache) is built again
+    size = so.stat().st_size
+    with open(so, "r+b") as f:
+        f.truncate(size // 2)
+    r = _probe(tmp_path, "380", 390)
+    assert "LOADED" in r.stdout and so.stat().st_size == size, r.stderr
 
 
 @pytest.mark.timeout(120)

@@ -562,7 +562,8 @@ class Engine:
         self._read_spans(anchor, anchor_t)
         self.dev.check()
         if not math.isfinite(loss):
-            raise non_finite(f"the loss of step {step + 1} is {loss}", step + 1, self.cfg.offload.commit == "cow")
+            raise non_finite(f"the loss of step {step + 1} is {loss}", step + 1, self.cfg.offload.commit == "cow",
+                             self.cfg.optim.lr)
         due = self.ts.commit_due(step + 1)
         if self.dist.enabled and self.cfg.offload.commit_steps is None:  # a time interval: rank 0's clock decides
             due = self.dist.broadcast(due, "agreeing on a commit")
@@ -1033,7 +1034,7 @@ class Engine:
         norm, clip = both.tolist()  # sync point (d): one transfer for the norm and the clip factor
         if not math.isfinite(norm):
             raise non_finite(f"the gradient norm of step {step + 1} is {norm}", step + 1,
-                             self.cfg.offload.commit == "cow")
+                             self.cfg.offload.commit == "cow", self.cfg.optim.lr)
         self.clipped = clip < 1.0
         self.counters.clipped = self.clipped
         # Stages in the order the next forward needs them: the resident ones (0, 1, ...) first.
@@ -1315,11 +1316,17 @@ def _warm_torch_optim(device: torch.device) -> None:
     torch.optim.AdamW([p], fused=True).step()
 
 
-def non_finite(what: str, step: int, commits: bool) -> NonFiniteError:
-    """The engine's error for a step whose loss or gradient norm is not finite: nothing of it is committed."""
+def non_finite(what: str, step: int, commits: bool, lr: float | None = None) -> NonFiniteError:
+    """The engine's error for a step whose loss or gradient norm is not finite: nothing of it is committed.
+    ``lr``: the run's optim.lr, which the advice's resume lowers (a plain resume reads the run's config.toml,
+    and after a resume that raised the rate, followed the advice into the same failure: a pass)."""
     if not commits:  # (offload.commit=none: there is no commit to be intact, nor any resume)
         return NonFiniteError(f"{what}: the run stopped; offload.commit=none keeps no resumable state (its state "
                               f"was updated in place). Lower optim.lr or check the data, and start again (from a "
                               f"snapshot, with --init-from, if the run wrote one)", step)
-    return NonFiniteError(f"{what}: the run stopped before committing that step (the last commit is intact). "
-                          f"Lower optim.lr, check the data, or resume with `{resume_command()}`", step)
+    if not lr:
+        return NonFiniteError(f"{what}: the run stopped before committing that step (the last commit is intact). "
+                              f"Lower optim.lr, check the data, or resume with `{resume_command()}`", step)
+    return NonFiniteError(f"{what}: the run stopped before committing that step (the last commit is intact). Resume "
+                          f"with a lower learning rate (`{resume_command()} optim.lr={lr / 10:.3g}`; it is {lr:.3g} "
+                          f"now), or check the data first", step)

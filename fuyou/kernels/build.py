@@ -10,8 +10,11 @@ The library holds AVX-512, AVX2 and scalar code and picks one at run time (``__b
 so it is built without ``-march=native`` and a cache shared by several x86 machines stays valid; the
 machine's architecture (x86_64, aarch64) is part of the extension's name.
 
-Each library's name carries a hash of its source and flags, so two installs of fuyou on one machine
-(or an upgrade) never rebuild one name in turns, and a cached build always matches the source.
+Each library's name carries a hash of its source and flags, so a cached build always matches the source,
+and a library built once is loaded as it is (a ``fuyou-built.json`` record beside it, written after a
+build that succeeded, names it and its size): torch's own check rebuilt it whenever another install of
+the same source (another checkout, a CI clone) had built it last, its ``build.ninja`` naming the other
+source path.
 Builds never wait forever: the builder holds an ``flock`` on ``fuyou-build.lock`` in the build
 directory (released by the kernel however the process ends); a process that gets it while torch's
 own ``lock`` file is still there knows that file is stale (its builder was killed, which once made
@@ -29,6 +32,7 @@ from __future__ import annotations
 import ctypes
 import fcntl
 import hashlib
+import json
 import logging
 import os
 import platform
@@ -149,6 +153,15 @@ def _build(what: str) -> ctypes.CDLL:
         if stale.exists():
             logger.warning("fuyou: removing a stale build lock %s (its builder was killed)", stale)
             stale.unlink(missing_ok=True)
+        built = _built(build_dir)
+        if built is not None:
+            try:
+                lib = ctypes.CDLL(str(built))
+                declare(lib)
+                return lib
+            except (OSError, AttributeError):  # damaged: build it again
+                (build_dir / BUILT).unlink(missing_ok=True)
+                built.unlink(missing_ok=True)
         result: dict = {}
 
         def run():
@@ -166,11 +179,34 @@ def _build(what: str) -> ctypes.CDLL:
             raise BuildTimeout(f"building {name} took over {build_timeout():.0f} s (FUYOU_BUILD_TIMEOUT)")
         if "error" in result:
             raise result["error"]
+        lib = ctypes.CDLL(str(result["path"]))
+        declare(lib)
+        so = Path(result["path"])
+        tmp = build_dir / (BUILT + ".tmp")
+        tmp.write_text(json.dumps({"library": so.name, "bytes": so.stat().st_size}))
+        tmp.replace(build_dir / BUILT)
+        return lib
     finally:
         os.close(fd)  # releases the flock (a timed-out build thread goes on without it)
-    lib = ctypes.CDLL(str(result["path"]))
-    declare(lib)
-    return lib
+
+
+BUILT = "fuyou-built.json"
+
+
+def _built(build_dir: Path) -> Path | None:
+    """The library a build that succeeded left in ``build_dir`` (``BUILT``), if it is there whole. One of
+    another size is removed with its record: ninja would not rebuild it (its command is unchanged), and
+    loading a truncated library dies of SIGBUS."""
+    try:
+        rec = json.loads((build_dir / BUILT).read_text())
+        so = build_dir / Path(rec["library"]).name
+        if so.is_file() and so.stat().st_size == rec["bytes"]:
+            return so
+        so.unlink(missing_ok=True)
+        (build_dir / BUILT).unlink(missing_ok=True)
+        return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _load(what: str, fallback: str) -> ctypes.CDLL | None:

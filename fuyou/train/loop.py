@@ -107,8 +107,11 @@ def data_fingerprint(cfg: FuyouConfig) -> dict:
     return {"files": [one(Path(p)) for p in paths], "steps": cfg.train.steps if cfg.train.epochs is not None else None}
 
 
-def _data_files_change(cfg: FuyouConfig, then: list, now: list, split: str = "content") -> str:
-    """``data_fingerprint``'s figures that changed, in words (the raw lists go to resumes.jsonl)."""
+def _data_files_change(cfg: FuyouConfig, then: list, now: list, split: str = "content",
+                       then_paths: list | None = None) -> str:
+    """``data_fingerprint``'s figures that changed, in words (the raw lists go to resumes.jsonl).
+    ``then_paths``: the run's data.path and data.eval_path entries before the resume, named beside the
+    new ones where they differ (the old figures stood under the new name)."""
     import datetime
     import itertools
 
@@ -120,6 +123,9 @@ def _data_files_change(cfg: FuyouConfig, then: list, now: list, split: str = "co
                 f"{f[0]} files, {format_size(f[1])}, newest modified {when}")
 
     paths = [*cfg.data.path, *cfg.data.eval_path]
+    if then_paths is not None:  # "old -> new" where the entry is another path now
+        paths = [p if p is False or q is False or _absolute(q) == _absolute(p) else f"{q} -> {p}"
+                 for p, q in itertools.zip_longest(paths, then_paths, fillvalue=False)]
     parts = [f"{p if p is not False else 'a path no longer given'}: {words(a)} -> {words(b)}"
              for p, a, b in itertools.zip_longest(paths, then, now, fillvalue=False) if a != b]
     held = ("" if cfg.data.eval_path or not cfg.data.val_fraction or cfg.data.source == "prepared" else
@@ -475,6 +481,17 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
         cfg = plan_config(cfg, run_path, stream)
     elif resume is None:
         cfg = _adopt_planned_settings(cfg, stream or sys.stderr, dist.is_main)
+    if resume is not None and (cfg.offload.mode != "ssd" or cfg.offload.commit == "none"):
+        from fuyou.snapshots import snapshot_dirs
+
+        kept = [*snapshot_dirs(run_path / "snapshots"), *([run_path] if (run_path / "model.safetensors").is_file()
+                                                          else [])]
+        why = ("an in-memory run, offload.mode=none, commits no state to resume from" if cfg.offload.mode != "ssd"
+               else "offload.commit=none commits nothing")
+        raise ConfigError(f"{run_path} keeps no resumable state ({why}): "
+                          + (f"start a new run from its last saved weights, --init-from {kept[-1]}" if kept else
+                             "it saved no weights to start a new run from either (train.save_every keeps snapshots)")
+                          + "; nothing was changed")  # (it said "never committed ... or moved (resume with --ssd)")
     changed = None
     if resume is not None:  # refuses what a resume cannot change, before the state is opened
         from fuyou.config import load_config
@@ -490,7 +507,7 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
             section, field = key.split(".")
             saved_paths = saved_raw.get(section, {}).get(field)
             if saved_paths is not None and _absolute(saved_paths) != _absolute(dirs[key]):
-                changed[key] = (list(saved_paths), dirs[key])
+                changed[key] = ([saved_paths] if isinstance(saved_paths, str) else list(saved_paths), dirs[key])
     if resume is not None:
         _refuse_finished(run_path, cfg, dist)
         _refuse_renamed(run_path, cfg)
@@ -552,16 +569,22 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
         steps_then = data_then.get("steps") if data_then is not None and cfg.train.epochs is not None else None
         if steps_then not in (None, cfg.train.steps):
             changed["train.steps (from train.epochs)"] = (steps_then, cfg.train.steps)
+        made = data_then.get("steps") if isinstance(data_then, dict) else None
+        if "train.steps" in changed and made:  # (the epochs' steps, not the unused train.steps: "240 -> 30")
+            changed["train.steps"] = (made, changed["train.steps"][1])
     if changed is not None and dist.is_main:
+        then_paths = [*(changed.get("data.path", [cfg.data.path])[0] or []),
+                      *(changed.get("data.eval_path", [cfg.data.eval_path])[0] or [])]
         record_resume(run_path, cfg, trainer.start_step, changed)
         record_data(run_path, cfg, data_now, split, vocabulary)
         if changed:
             print("resumed with changes (recorded in resumes.jsonl; config.toml is now the effective config): "
-                  + ", ".join(_data_files_change(cfg, a, b, split) if k == "data files (size, modified)" else
-                              f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()), file=stream or sys.stderr)
+                  + ", ".join(_data_files_change(cfg, a, b, split, then_paths)
+                              if k == "data files (size, modified)" else f"{k} {a!r} -> {b!r}"
+                              for k, (a, b) in changed.items()), file=stream or sys.stderr)
             schedule_note = _schedule_change(load_config(run_path / f"config.step-{trainer.start_step}.toml",
                                                          ["model.init_from=none"], dirs), cfg, trainer.start_step,
-                                             changed)
+                                             changed, data_then.get("steps") if isinstance(data_then, dict) else None)
             if schedule_note:
                 print(schedule_note, file=stream or sys.stderr)
     if cfg.data.seq_len > cfg.model.max_seq_len and cfg.model.family == "llama" and resume is None and dist.is_main:
@@ -693,10 +716,12 @@ SCHEDULE_FIELDS = ("train.steps", "train.epochs", "train.warmup_steps", "train.w
                    "train.min_lr_ratio", "optim.lr")
 
 
-def _schedule_change(old: FuyouConfig, new: FuyouConfig, step: int, changed: dict) -> str | None:
+def _schedule_change(old: FuyouConfig, new: FuyouConfig, step: int, changed: dict,
+                     old_steps: int | None = None) -> str | None:
     """What a resume that changes the schedule's fields does to the learning rate: the schedule is a
     function of (step, train.steps, ...), so from the resumed step on the run follows the new schedule
-    as if it had always been the run's (it is not stretched over the remaining steps)."""
+    as if it had always been the run's (it is not stretched over the remaining steps). ``old_steps``: the
+    steps the run's train.epochs made (``data-files.json``), its config's train.steps being unused then."""
     keys = [k for k in changed if k in SCHEDULE_FIELDS]
     if not keys:
         return None
@@ -704,8 +729,11 @@ def _schedule_change(old: FuyouConfig, new: FuyouConfig, step: int, changed: dic
 
     if step >= new.train.steps:
         return None  # no step is left to run: no learning rate is used
+    if old.train.epochs is not None and old_steps:
+        object.__setattr__(old.train, "steps", old_steps)  # (as load_training_data sets it)
     # (lr_of takes the 0-based index of a step; the note counts steps from 1, as the progress line does)
-    was = "" if old.train.epochs is not None or step >= old.train.steps else f"{lr_of(old, step):.3g} -> "
+    was = ("" if (old.train.epochs is not None and not old_steps) or step >= old.train.steps else
+           f"{lr_of(old, step):.3g} -> ")
     return (f"note: the learning-rate schedule is a function of the step and {', '.join(keys)}; from step {step + 1} "
             f"on the run follows the new schedule as if it had been the run's from the start (not rescaled to the "
             f"remaining steps): learning rate at step {step + 1} {was}{lr_of(new, step):.3g}, "

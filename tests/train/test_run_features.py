@@ -361,6 +361,10 @@ def test_a_stopped_run_without_commits_keeps_its_weights_and_says_how_to_go_on(t
     assert "keeps no resumable state" in out and "--init-from" in out and "(committed)" not in out
     assert ("offload.commit=none keeps no" in out) == bool(offload)
     assert list((tmp_path / "ssd").iterdir()) == []  # a state never committed is of no use: it goes
+    r = subprocess.run([sys.executable, "-m", "fuyou.cli", "train", "--resume", str(run)], capture_output=True,
+                       text=True, env=env, timeout=120)  # (commit=none: it said "never committed ... or moved")
+    assert r.returncode == 2 and "keeps no resumable state" in r.stderr and f"--init-from {snaps[0]}" in r.stderr, \
+        r.stderr
     from fuyou.train.loop import run_training
 
     go_on = run_training(load_config(overrides=[f"model.init_from={snaps[0]}", "data.seq_len=32", "train.steps=1",
