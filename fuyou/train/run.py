@@ -207,22 +207,16 @@ def same_files(a: Path, b: Path, chunk: int = 16 * 2**20) -> bool:
 
 
 def save_adapters(path: Path, adapters: dict, cfg: FuyouConfig, step: int | None = None) -> Path:
-    """LoRA's adapters (fp32, fuyou's keys) with the model and LoRA settings in the metadata; atomic."""
-    import os
-
-    from safetensors.torch import save
-
-    data = save({k: v.contiguous() for k, v in adapters.items()},
-                metadata={"fuyou_model": json.dumps(cfg.model.model_dump()),
-                          "fuyou_lora": json.dumps(cfg.lora.model_dump()),
-                          **({"fuyou_step": str(step)} if step is not None else {})})
-    out, tmp = path / ADAPTER_FILE, path / f".{ADAPTER_FILE}.tmp"
+    """LoRA's adapters (fp32, fuyou's keys) with the model and LoRA settings in the metadata; atomic. Written
+    by ``write_safetensors``, whose header is in a fixed order: safetensors' own writer orders the metadata
+    as its hash map does, and a resumed run's file differed in bytes from an uninterrupted one's (a pass)."""
+    out = path / ADAPTER_FILE
+    keys = sorted(adapters)
     try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, out)
+        write_safetensors(out, {k: tuple(adapters[k].shape) for k in keys}, (adapters[k] for k in keys),
+                          metadata={"fuyou_model": json.dumps(cfg.model.model_dump(), sort_keys=True),
+                                    "fuyou_lora": json.dumps(cfg.lora.model_dump(), sort_keys=True),
+                                    **({"fuyou_step": str(step)} if step is not None else {})})
     except OSError as e:
         raise SaveError(f"writing {out} failed ({e.strerror or e}); free space or fix the disk") from e
     return out

@@ -325,3 +325,25 @@ def test_lora_runs_are_named_as_such_in_messages_and_targets_compare_as_resolved
     assert "is a fuyou LoRA run directory: export its adapter first" in capsys.readouterr().err
     assert main(["train", "--out", str(tmp_path / "runs"), "train.steps=1", *base]) == 0
     assert "LoRA: rank 4 adapters on q, v of every block" in capsys.readouterr().err
+
+
+def test_the_adapter_file_is_the_same_bytes_for_the_same_adapters(tmp_path):
+    """A resumed run's adapter.safetensors differed in bytes from an uninterrupted run's, its tensors equal
+    (safetensors' writer orders the metadata as a hash map does; a new-user pass): the file's bytes follow
+    from the adapters and settings alone, whatever order they come in."""
+    from safetensors.torch import load_file
+
+    from fuyou.config import load_config
+    from fuyou.train.run import save_adapters
+
+    cfg = load_config(overrides=["model.preset=llama-test", "lora.rank=2"])
+    g = torch.Generator().manual_seed(0)
+    a = {f"blocks.{i}.attn.{w}.lora_{ab}": torch.randn(2, 8, generator=g) for i in range(2) for w in "qv"
+         for ab in "AB"}
+    (tmp_path / "x").mkdir()
+    (tmp_path / "y").mkdir()
+    save_adapters(tmp_path / "x", a, cfg, step=3)
+    save_adapters(tmp_path / "y", dict(reversed(list(a.items()))), cfg, step=3)
+    assert (tmp_path / "x" / "adapter.safetensors").read_bytes() == (tmp_path / "y" / "adapter.safetensors").read_bytes()
+    back = load_file(str(tmp_path / "x" / "adapter.safetensors"))
+    assert back.keys() == a.keys() and all(torch.equal(back[k], a[k]) for k in a)
