@@ -509,6 +509,8 @@ def _probe(args) -> int:
     import shutil
     from pathlib import Path
 
+    if not args.ssd.strip():  # (an empty "$SSD": Path("") is the current directory; a traceback)
+        raise ConfigError("--ssd is empty: give a directory on the SSD to measure")
     # the SSD probe holds --io-bytes in memory and writes it under --ssd: both checked before the compute probe
     # (a pass: --io-bytes 1TB ended in an ENOMEM traceback, after minutes of measuring)
     memory = cpu_memory()
@@ -534,14 +536,36 @@ def _probe(args) -> int:
     if out.is_dir() or not out.parent.is_dir():  # checked before minutes of measuring, not after
         raise ConfigError(f"--out {args.out}: " + ("a directory; give a file name such as profile.json" if out.is_dir()
                                                    else f"its directory {out.parent} does not exist; create it first"))
+    _check_writable(out)
+    fs = _filesystem(Path(args.ssd))
+    if fs in ("tmpfs", "ramfs"):
+        print(f"fuyou: note: --ssd {args.ssd} is on {fs}, which is memory: its figures are memory's, not an SSD's, "
+              f"and its free space is this machine's memory; a plan from this profile counts that memory twice",
+              file=sys.stderr)
     model = args.model
     if model is not None:  # a preset or a path, as fuyou plan --model takes
         fields, _ = _plan_model_fields(model, [])
         model = _model_config(fields)
-    prof, meas = probe(args.ssd, model=model, batch=args.batch, seq=args.seq, io_bytes=io_bytes,
-                       precision=args.precision,
-                       adam_params=args.adam_params, repeats=args.repeats)
-    save_profile(prof, args.out, meas)
+    import signal
+
+    def stop(signum, frame):  # SIGTERM ends the probe as Ctrl-C does: its stores removed (one was left)
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        prof, meas = probe(args.ssd, model=model, batch=args.batch, seq=args.seq, io_bytes=io_bytes,
+                           precision=args.precision,
+                           adam_params=args.adam_params, repeats=args.repeats)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    try:
+        save_profile(prof, args.out, meas)
+    except OSError as e:  # (a full disk after minutes of measuring: a traceback, the figures lost)
+        import json
+
+        print(json.dumps({"profile": prof.model_dump(), "measurements": meas}, indent=2))
+        raise ConfigError(f"writing --out {args.out} failed ({e.strerror or e}); the profile is printed above: save "
+                          f"it to a file and give that to --profile") from e
     c = meas["compute"]
     print(f"compute ({prof.device}, {c['block_shape']}): block forward {prof.fwd_flops / 1e12:.3g} TFLOPS, "
           f"recompute+backward {prof.bwd_flops / 1e12:.3g}, matmuls {prof.matmul_flops / 1e12:.3g}; with LoRA "
@@ -564,6 +588,38 @@ def _probe(args) -> int:
         print(f"note: --repeats {args.repeats}: each figure is {each}, which a busy machine can make far off; the "
               f"default 3 keeps the median of three", file=sys.stderr)
     return 0
+
+
+def _check_writable(out) -> None:
+    """``--out``'s directory takes a new file (a pass: /proc, after minutes of measuring, was a traceback)."""
+    import os
+
+    from fuyou.errors import ConfigError
+
+    probe = out.parent / f".{out.name}.{os.getpid()}.check"
+    try:
+        probe.write_bytes(b"{}")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"--out {out}: cannot write there ({e.strerror or e}); give a file in a writable "
+                          f"directory") from e
+
+
+def _filesystem(path) -> str | None:
+    """The file system type of the mount that holds ``path`` (``/proc/mounts``), or None."""
+    try:
+        real = str(path.resolve())
+        best, kind = "", None
+        for line in open("/proc/mounts").read().splitlines():
+            parts = line.split()
+            if len(parts) < 3:
+                continue
+            mnt = parts[1].replace("\\040", " ")
+            if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
+                best, kind = mnt, parts[2]
+        return kind
+    except OSError:
+        return None
 
 
 def _is_profile(path) -> bool:

@@ -219,7 +219,7 @@ def resolve(hw: HardwareConfig) -> HardwareProfile:
         gpu = GPUS.get((hw.gpu or "").strip().lower(), None)  # (RTX4090 as rtx4090, as the SSD presets)
         if hw.gpu is not None and gpu is None:  # (before the SSD: a GPU misnamed is the first thing to say)
             raise ConfigError(f"unknown GPU {hw.gpu!r}; choose one of: {', '.join(GPUS)}, or give --gpu-tflops")
-        if hw.ssd is None and (hw.ssd_read is None or hw.ssd_write is None):
+        if not (hw.ssd or "").strip() and (hw.ssd_read is None or hw.ssd_write is None):  # ("": 1 B/s: a pass)
             raise ConfigError("no SSD given: name one (--ssd 12xd7-p5510; presets: " + ", ".join(SSDS) + ") "
                               "or give --ssd-read and --ssd-write in GB/s")
         gpu = gpu or dict(tflops=hw.gpu_tflops, mem=24 * GiB, pcie="gen4x16")
@@ -236,6 +236,8 @@ def resolve(hw: HardwareConfig) -> HardwareProfile:
                     ssd_drives=n, cpu_adam=CPU_ADAM_DEFAULT, ssd_tbw=drive["tbw"] * n if "tbw" in drive else None,
                     gpu_link=gpu["link"] * GB * LINK_EFFICIENCY if gpu.get("link") else None)
         src = [f"presets gpu={hw.gpu or '-'} ssd={hw.ssd or '-'} pcie={pcie}"]
+        if not hw.ssd and hw.ssd_capacity is None:  # (a 4 TB drive stood in the plan unsaid: a pass)
+            src.append("SSD capacity assumed 4 TB (--ssd-capacity)")
     over = {"gpu_mem": hw.gpu_mem, "ssd_capacity": hw.ssd_capacity, "cpu_adam": hw.cpu_adam}
     if hw.gpu_link is not None:  # GB/s; 0: no direct link
         over["gpu_link"] = hw.gpu_link * GB or None

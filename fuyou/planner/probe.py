@@ -198,12 +198,37 @@ def probe_adam(numel: int, repeats: int = 3) -> float:
     return numel / _median_time(run, repeats)
 
 
+def sweep_probe_dirs(directory: Path, quiet_s: float = 120.0) -> list[Path]:
+    """Remove the stores a killed probe left under ``directory`` (``fuyou-probe-<pid>``, ``fuyou-probe-job-<pid>``:
+    SIGKILL runs no cleanup; a pass found one left at every kill): those whose process is gone and whose files
+    have not changed for ``quiet_s`` (a probe writes without pause while its store exists; the pid may be
+    another container's)."""
+    import re
+
+    from fuyou.store.shared import process_gone
+
+    gone = []
+    for p in Path(directory).glob("fuyou-probe-*"):
+        m = re.fullmatch(r"fuyou-probe-(?:job-)?(\d+)", p.name)
+        if not m or not p.is_dir() or int(m.group(1)) == os.getpid() or not process_gone(int(m.group(1))):
+            continue
+        try:
+            newest = max([p.stat().st_mtime, *(f.stat().st_mtime for f in p.iterdir())])
+        except OSError:
+            continue
+        if time.time() - newest >= quiet_s:
+            shutil.rmtree(p, ignore_errors=True)
+            gone.append(p)
+    return gone
+
+
 def probe_store(directory: Path, nbytes: int, repeats: int = 3, cfg: StoreConfig | None = None,
                 request: int = 4 * 1024**2, inflight: int = 6) -> dict:
     """Write, read and mixed (write one tensor while reading another) bandwidth through the store, in
     the optimizer's pattern: ``request``-byte requests (a 1M-element fp32 chunk), ``inflight`` at once
     (``OutOfCoreAdamW``: depth 2 x master, m, v)."""
     cfg = cfg or StoreConfig()
+    sweep_probe_dirs(directory)
     root = directory / f"fuyou-probe-{os.getpid()}"
     shutil.rmtree(root, ignore_errors=True)
     nbytes = max(request, nbytes // request * request)
@@ -254,6 +279,7 @@ def probe_adam_job(directory: Path, numel: int, cfg: StoreConfig | None = None, 
     from fuyou.optim.out_of_core import OutOfCoreAdamW, Segment, StateKeys
 
     cfg = cfg or StoreConfig()
+    sweep_probe_dirs(directory)
     root = directory / f"fuyou-probe-job-{os.getpid()}"
     shutil.rmtree(root, ignore_errors=True)
     keys = StateKeys("p", "m", "v")

@@ -750,6 +750,54 @@ def test_a_probe_larger_than_memory_or_disk_is_refused_before_measuring(tmp_path
     assert not (tmp_path / "p.json").exists()
 
 
+def test_probe_and_plan_refuse_empty_and_unwritable_places_before_measuring(tmp_path, capsys, monkeypatch):
+    """A new-user pass: `probe --ssd ""` (an empty "$SSD") was a traceback, `plan --ssd ""` planned an SSD of
+    1 B/s with exit 0, and `probe --out /proc/x.json` failed with a traceback after minutes of measuring."""
+    assert main(["probe", "--ssd", "", "--out", str(tmp_path / "p.json")]) == 2
+    assert "--ssd is empty" in capsys.readouterr().err
+    assert main(["probe", "--ssd", str(tmp_path), "--out", "/proc/fuyou-x.json"]) == 2
+    assert "cannot write there" in capsys.readouterr().err
+    assert main(["plan", "--model", "gpt3-1.3b", "--gpu", "rtx4090", "--ssd", "", "--cpu-mem", "64GiB"]) == 2
+    assert "no SSD given" in capsys.readouterr().err
+    assert main(["plan", "--model", "gpt3-1.3b", "--gpu-tflops", "100", "--gpu-mem", "80GiB", "--ssd-read", "7",
+                 "--ssd-write", "5", "--cpu-mem", "64GiB"]) == 0  # a capacity nobody gave is said
+    assert "SSD capacity assumed 4 TB (--ssd-capacity)" in capsys.readouterr().out
+    # the profile could not be written after measuring: printed, and a typed error
+    from fuyou.planner import hardware
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(hardware, "save_profile", full)
+    assert main(["probe", "--ssd", str(tmp_path), "--out", str(tmp_path / "p.json"), "--model", "gpt-test",
+                 "--batch", "1", "--seq", "16", "--io-bytes", "4MiB", "--adam-params", "70000", "--repeats", "1"]) == 2
+    out = capsys.readouterr()
+    assert "No space left on device" in out.err and "the profile is printed above" in out.err
+    assert json.loads(out.out[:out.out.rindex("}") + 1])["profile"]["ssd_write"] > 0
+
+
+def test_stores_a_killed_probe_left_are_swept_once_quiet(tmp_path):
+    """SIGKILL (or SIGTERM, before it was handled) during the SSD probe left its store under --ssd at every kill."""
+    import os
+    import time
+
+    from fuyou.planner.probe import sweep_probe_dirs
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    old, recent, alive = (tmp_path / f"fuyou-probe-{dead.pid}", tmp_path / f"fuyou-probe-job-{dead.pid}",
+                          tmp_path / f"fuyou-probe-{os.getppid()}")
+    for d in (old, recent, alive):
+        d.mkdir()
+        (d / "fuyou-store.0.dat").write_bytes(b"x")
+    then = time.time() - 600
+    for d in (old, alive):
+        for p in (d / "fuyou-store.0.dat", d):
+            os.utime(p, (then, then))
+    assert sweep_probe_dirs(tmp_path) == [old]
+    assert recent.is_dir() and alive.is_dir()
+
+
 def test_the_train_line_quotes_what_a_shell_would_split(capsys):
     """The train line is pasted into a shell: a setting with a space (lora.targets=[c_attn, c_fc]) was
     two words there."""
