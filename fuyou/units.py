@@ -43,8 +43,9 @@ def parse_size(value: int | float | str) -> int:
 
 def unitless_hint(budget: int) -> str:
     """A hint for a memory budget of a few bytes: a number of GiB given without its unit ("--cpu-mem 12")."""
-    # (the value's spelling is not known here: "--cpu-mem 1KiB" is asked too, "1024" must be; a pass, the review)
-    return f" (a size without a unit is bytes: did you mean {budget}GiB?)" if 0 < budget < 4096 else ""
+    # (the value's spelling is not known here: below 1000 bytes no unit was given, or B; "2KB" was asked whether
+    # it meant 2000GiB: a pass)
+    return f" (a size without a unit is bytes: did you mean {budget}GiB?)" if 0 < budget < 1000 else ""
 
 
 def format_size(n: int | float, up: bool = False) -> str:

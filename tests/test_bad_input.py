@@ -96,6 +96,28 @@ def test_plan_profile_of_a_wrong_file(tmp_path, capsys, content):
     assert "is not a hardware profile" in err and "pydantic" not in err and len(err.splitlines()) == 1
 
 
+def test_plan_profile_mistakes_are_named_as_they_are(tmp_path, capsys):
+    """A new-user pass: a directory and /dev/null were said not to exist, a JSON list was "not JSON", a
+    Windows byte-order mark was "not JSON", a field from another version was unexplained, and a cpu_mem of 0
+    or -1 was taken (256 GiB planned; -1 blamed a size nobody typed)."""
+    from fuyou.planner.hardware import load_profile, resolve
+    from fuyou.planner.config import HardwareConfig
+
+    good = resolve(HardwareConfig(gpu="rtx4090", ssd="990-pro")).model_dump()
+    assert "is a directory" in _err(capsys, ["plan", "--profile", str(tmp_path)])
+    assert "is not a regular file" in _err(capsys, ["plan", "--profile", "/dev/null"])
+    f = tmp_path / "p.json"
+    f.write_text("[1, 2]")
+    assert "JSON, but a list" in _err(capsys, ["plan", "--profile", str(f)])
+    f.write_bytes(b"\xef\xbb\xbf" + json.dumps({"profile": good}).encode())
+    assert load_profile(f).ssd_write == good["ssd_write"]
+    f.write_text(json.dumps({"profile": {**good, "nvlink_gen": 5}}))
+    assert "a profile from another version?" in _err(capsys, ["plan", "--profile", str(f)])
+    for bad in (0, -1):
+        f.write_text(json.dumps({"profile": {**good, "cpu_mem": bad}}))
+        assert "cpu_mem: Input should be greater than 0" in _err(capsys, ["plan", "--profile", str(f)])
+
+
 def test_a_manifest_extent_with_a_bad_directory_index(tmp_path, capsys):
     from fuyou.store import StoreCorruptError, TensorStore
     import torch

@@ -153,7 +153,7 @@ class HardwareProfile(BaseModel):
     ssd_tbw: float | None = Field(None, gt=0, description="Rated endurance of all the drives together, bytes "
                                   "written (presets' datasheets, or --ssd-tbw); None: unknown.")
     cpu_adam: float = Field(gt=0, description="CPU AdamW throughput, parameters/s (fuyou's fused kernel).")
-    cpu_mem: int | None = Field(None, description="CPU memory of the machine, bytes (probe; informative).")
+    cpu_mem: int | None = Field(None, gt=0, description="CPU memory of the machine, bytes (probe; informative).")
     compute_block: list[int] | None = Field(None, description="The probe's timed block: [d_model, tokens a "
                                             "micro-batch]. Its FLOP/s hold near that shape; a plan far from it "
                                             "extrapolates them, and says so. None: presets.")
@@ -293,17 +293,27 @@ def with_more_ssds(p: HardwareProfile, factor: float) -> HardwareProfile:
 
 def load_profile(path: str | Path) -> HardwareProfile:
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"hardware profile {p} does not exist; write one with `fuyou probe --ssd DIR --out {p}`")
+    if not p.is_file():  # (a directory or /dev/null was said not to exist: a pass)
+        what = ("does not exist" if not p.exists() else "is a directory" if p.is_dir() else "is not a regular file")
+        raise ConfigError(f"hardware profile {p} {what}; write one with `fuyou probe --ssd DIR --out FILE`")
     try:
-        raw = json.loads(p.read_text(encoding="utf-8"))
-        return HardwareProfile.model_validate(raw.get("profile", raw))
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raw = json.loads(p.read_text(encoding="utf-8-sig"))  # (a byte-order mark: a file saved on Windows)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{p} is not a hardware profile written by `fuyou probe` (not JSON: "
                           f"{type(e).__name__}); write one with `fuyou probe --ssd DIR --out {p}`") from None
+    prof = raw.get("profile", raw) if isinstance(raw, dict) else raw
+    if not isinstance(prof, dict):
+        raise ConfigError(f"{p} is not a hardware profile written by `fuyou probe` (JSON, but a "
+                          f"{type(prof).__name__}, not an object of figures); write one with `fuyou probe --ssd DIR "
+                          f"--out {p}`")
+    try:
+        return HardwareProfile.model_validate(prof)
     except ValidationError as e:
         problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'the file'}: {err['msg']}" for err in e.errors())
-        raise ConfigError(f"{p} is not a hardware profile written by `fuyou probe`: {problems}") from None
+        newer = any(err["type"] == "extra_forbidden" for err in e.errors())
+        raise ConfigError(f"{p} is not a hardware profile written by `fuyou probe`: {problems}"
+                          + ("; a field this fuyou does not know (a profile from another version? probe again, or "
+                             "remove the field)" if newer else "")) from None
 
 
 def save_profile(profile: HardwareProfile, path: str | Path, measurements: dict | None = None) -> None:

@@ -431,10 +431,17 @@ def probe(ssd_dir: str | Path, *, model: str | ModelConfig | None = None, batch:
         model = "gpt3-1.3b" if cuda else "gpt3-125m"
     cfg = ModelConfig(**preset(model)) if isinstance(model, str) else model
     batch = batch or (8 if cuda else 4)
+    asked = seq
     seq = min(seq or (1024 if cuda else 256), cfg.max_seq_len)
+    if asked and seq < asked:  # (clamped in silence: a pass)
+        print(f"fuyou probe: note: --seq {asked} is beyond the model's {cfg.max_seq_len} positions; timing {seq}",
+              file=sys.stderr)
     job_params = min(JOB_PARAMS_MAX, StageModel(cfg).stages[1].num_params)  # the model's block
     if not cuda and 12 * cfg.d_model**2 > 3e8:  # a block too large to time on CPU in seconds: a smaller one
+        big = cfg.d_model
         cfg = ModelConfig(**{**preset("gpt3-1.3b"), "family": cfg.family})
+        print(f"fuyou probe: note: the model's block (d={big}) is too large to time on the CPU in seconds: timing "
+              f"a block of d={cfg.d_model}; a plan of the model extrapolates its rates, and says so", file=sys.stderr)
     meas: dict = {"device": str(dev), "torch": torch.__version__, "threads": torch.get_num_threads(),
                   "compute": probe_compute(cfg, batch, seq, dev, repeats,
                                            torch.bfloat16 if precision == "bf16" else torch.float32, lora)}
