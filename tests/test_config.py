@@ -47,6 +47,8 @@ def test_resolved_config_round_trips(tmp_path):
     (["offload.mode=ssd", "offload.ssd_dirs=/no/such/dir"], r"SSD directory '/no/such/dir' does not exist"),
     (["model.preset=gpt9"], r"unknown model preset 'gpt9'"),
     (["trainsteps"], r"not of the form section.key=value"),
+    (["offload.commit_every=0"], r"offload.commit_every must be at least 1 step"),
+    (["offload.commit_every=0s"], r"a time must be above 0"),  # ("commits every 0s": a pass)
 ])
 def test_bad_config_says_what_is_wrong(overrides, message):
     with pytest.raises(ConfigError, match=message):

@@ -139,9 +139,11 @@ class OffloadConfig(BaseModel):
         from fuyou.units import parse_duration
 
         try:
-            parse_duration(v)
+            secs = parse_duration(v)
         except Exception as e:  # ConfigError: pydantic needs a ValueError to report the field
             raise ValueError(str(e)) from None
+        if secs <= 0:  # (as 0 steps is: '0s' was taken, "commits every 0s", a pass)
+            raise ValueError(f"offload.commit_every={v!r}: a time must be above 0 (or give 1 for every step)")
         return v
 
     @property
