@@ -295,6 +295,14 @@ def test_plan_an_imported_model_by_path_without_its_weights(tmp_path, capsys):
     assert "master bf16, moments int8" in capsys.readouterr().out
     assert main(["plan", "--model", str(run), *flags, "optim.moments=fp32"]) == 0
     assert "master bf16, moments fp32" in capsys.readouterr().out
+    # its batch too, as its sequence (it planned 16 and asked to probe at 16: a pass); flags still win
+    with open(run / "config.toml", "a") as f:
+        f.write('[train]\nmicro_batch_size = 3\ngrad_accum = 2\n[data]\nseq_len = 256\n')
+    no_batch = [f for f in flags if f not in ("--batch", "2", "--seq", "512")]
+    assert main(["plan", "--model", str(run), *no_batch]) == 0
+    assert "batch 3 x seq 256" in capsys.readouterr().out
+    assert main(["plan", "--model", str(run), *flags]) == 0
+    assert "batch 2 x seq 512" in capsys.readouterr().out
     lora_run = tmp_path / "lora-run"
     lora_run.mkdir()
     (lora_run / "config.toml").write_text((run / "config.toml").read_text().split("[optim]")[0]
