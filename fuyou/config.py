@@ -193,6 +193,19 @@ DATA_POSITION = ("train.grad_accum", "train.micro_batch_size", "data.seq_len")
 DATA_ORDER = ("train.seed", "data.packing", "data.val_fraction", "data.format", "data.jsonl_field")
 
 
+def orders_rows(key: str, *cfgs: "FuyouConfig") -> bool:
+    """Whether ``DATA_ORDER``'s ``key`` decides the rows of the data of any of ``cfgs`` (a run's saved and
+    resumed configs): a setting the data does not read is no change to refuse (the review: data.val_fraction
+    beside data.eval_path, data.format for prepared or synthetic data)."""
+    if key == "data.val_fraction":
+        return any(not c.data.eval_path and c.data.source != "synthetic" for c in cfgs)
+    if key in ("data.format", "data.jsonl_field"):
+        return any(c.data.source == "text" for c in cfgs)
+    if key == "data.packing":
+        return any(c.data.source in ("text", "prepared") for c in cfgs)
+    return True
+
+
 def flat_settings(cfg: FuyouConfig) -> dict[str, Any]:
     """Every setting by its dotted key ("train.grad_accum": 4, ...)."""
     return {f"{sec}.{k}": v for sec, vals in cfg.model_dump().items() for k, v in vals.items()}

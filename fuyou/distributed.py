@@ -246,11 +246,12 @@ def current() -> Dist:
     return _DIST
 
 
-def resume_command(run_dir=None, d: Dist | None = None) -> str:
+def resume_command(run_dir=None, d: Dist | None = None, extra: str = "") -> str:
     """The command that resumes this run as it runs now (torchrun's, under torchrun): errors' advice (a pass
-    was told `fuyou train --resume`, which a run of several ranks refuses). ``d``: the ranks (this process's)."""
+    was told `fuyou train --resume`, which a run of several ranks refuses). ``d``: the ranks (this process's).
+    ``extra``: overrides to add to the command (before any words about it)."""
     d = d or _DIST
-    where = run_dir or d.run_dir or "RUN_DIR"
+    where = f"{run_dir or d.run_dir or 'RUN_DIR'}{extra}"
     if not d.enabled:
         return f"fuyou train --resume {where}"
     return (f"torchrun --nproc_per_node={d.local_world} -m fuyou.cli train --resume {where}"

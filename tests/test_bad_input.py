@@ -182,6 +182,10 @@ def test_resume_with_another_shape_is_refused_and_optimizer_changes_are_recorded
     assert "cannot change optim.moments ('fp32' -> 'int8')" in err
     err = _err(capsys, ["train", "--resume", str(run_dir), "train.precision=bf16"])  # the stored compute weights'
     assert "cannot change train.precision ('fp32' -> 'bf16')" in err and "Traceback" not in err
+    for change, says in (("offload.commit=none", "cannot change offload.commit ('cow' -> 'none')"),
+                         ("offload.mode=none", "cannot change offload.mode ('ssd' -> 'none')")):
+        err = _err(capsys, ["train", "--resume", str(run_dir), change])  # (not "keeps no resumable state": a review)
+        assert says in err and "keeps no resumable state" not in err, err
     err = _err(capsys, ["train", "--resume", str(run_dir), "--model", "llama-test"])  # (it blamed the family)
     assert "cannot change model.preset ('gpt-test' -> 'llama-test')" in err, err
     err = _err(capsys, ["train", "--resume", str(run_dir), "--out", str(tmp_path / "elsewhere"), "run.name=x",

@@ -1327,6 +1327,6 @@ def non_finite(what: str, step: int, commits: bool, lr: float | None = None) -> 
     if not lr:
         return NonFiniteError(f"{what}: the run stopped before committing that step (the last commit is intact). "
                               f"Lower optim.lr, check the data, or resume with `{resume_command()}`", step)
+    again = resume_command(extra=f" optim.lr={lr / 10:.3g}")
     return NonFiniteError(f"{what}: the run stopped before committing that step (the last commit is intact). Resume "
-                          f"with a lower learning rate (`{resume_command()} optim.lr={lr / 10:.3g}`; it is {lr:.3g} "
-                          f"now), or check the data first", step)
+                          f"with a lower learning rate (`{again}`; it is {lr:.3g} now), or check the data first", step)

@@ -183,8 +183,11 @@ def _build(what: str) -> ctypes.CDLL:
         declare(lib)
         so = Path(result["path"])
         tmp = build_dir / (BUILT + ".tmp")
-        tmp.write_text(json.dumps({"library": so.name, "bytes": so.stat().st_size}))
-        tmp.replace(build_dir / BUILT)
+        try:  # (a cache that takes no record, full or read-only, only builds again next time)
+            tmp.write_text(json.dumps({"library": so.name, "bytes": so.stat().st_size}))
+            tmp.replace(build_dir / BUILT)
+        except OSError:
+            tmp.unlink(missing_ok=True)
         return lib
     finally:
         os.close(fd)  # releases the flock (a timed-out build thread goes on without it)

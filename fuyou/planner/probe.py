@@ -200,17 +200,20 @@ def probe_adam(numel: int, repeats: int = 3) -> float:
 
 def sweep_probe_dirs(directory: Path, quiet_s: float = 120.0) -> list[Path]:
     """Remove the stores a killed probe left under ``directory`` (``fuyou-probe-<pid>``, ``fuyou-probe-job-<pid>``:
-    SIGKILL runs no cleanup; a pass found one left at every kill): those whose process is gone and whose files
-    have not changed for ``quiet_s`` (a probe writes without pause while its store exists; the pid may be
-    another container's)."""
+    SIGKILL runs no cleanup; a pass found one left at every kill): those whose process is gone, whose store
+    lock nobody holds (the flock is seen across containers; a pid may be another container's) and whose files
+    have not changed for ``quiet_s`` (a store made but not locked yet)."""
     import re
 
+    from fuyou.store.lock import lock_holder
     from fuyou.store.shared import process_gone
 
     gone = []
     for p in Path(directory).glob("fuyou-probe-*"):
         m = re.fullmatch(r"fuyou-probe-(?:job-)?(\d+)", p.name)
         if not m or not p.is_dir() or int(m.group(1)) == os.getpid() or not process_gone(int(m.group(1))):
+            continue
+        if lock_holder(p) is not None:  # (a live probe's read phase writes nothing for minutes: the review)
             continue
         try:
             newest = max([p.stat().st_mtime, *(f.stat().st_mtime for f in p.iterdir())])

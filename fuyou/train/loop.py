@@ -481,13 +481,17 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
         cfg = plan_config(cfg, run_path, stream)
     elif resume is None:
         cfg = _adopt_planned_settings(cfg, stream or sys.stderr, dist.is_main)
-    if resume is not None and (cfg.offload.mode != "ssd" or cfg.offload.commit == "none"):
+    saved_off = read_toml(run_path / "config.toml").get("offload", {}) if resume is not None else {}
+    saved_off = saved_off if isinstance(saved_off, dict) else {}
+    # (the run's own settings: an override of them is a change a resume refuses, not a run without state: the review)
+    if resume is not None and (saved_off.get("mode", cfg.offload.mode) != "ssd"
+                               or saved_off.get("commit", cfg.offload.commit) == "none"):
         from fuyou.snapshots import snapshot_dirs
 
         kept = [*snapshot_dirs(run_path / "snapshots"), *([run_path] if (run_path / "model.safetensors").is_file()
                                                           else [])]
-        why = ("an in-memory run, offload.mode=none, commits no state to resume from" if cfg.offload.mode != "ssd"
-               else "offload.commit=none commits nothing")
+        why = ("an in-memory run, offload.mode=none, commits no state to resume from"
+               if saved_off.get("mode", cfg.offload.mode) != "ssd" else "offload.commit=none commits nothing")
         raise ConfigError(f"{run_path} keeps no resumable state ({why}): "
                           + (f"start a new run from its last saved weights, --init-from {kept[-1]}" if kept else
                              "it saved no weights to start a new run from either (train.save_every keeps snapshots)")
@@ -573,8 +577,11 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
         if "train.steps" in changed and made:  # (the epochs' steps, not the unused train.steps: "240 -> 30")
             changed["train.steps"] = (made, changed["train.steps"][1])
     if changed is not None and dist.is_main:
-        then_paths = [*(changed.get("data.path", [cfg.data.path])[0] or []),
-                      *(changed.get("data.eval_path", [cfg.data.eval_path])[0] or [])]
+        then_data = changed.get("data.path", [cfg.data.path])[0] or []
+        then_eval = changed.get("data.eval_path", [cfg.data.eval_path])[0] or []
+        # "old -> new" by position within each list of the same length (else an eval file showed as renamed)
+        then_paths = ([*then_data, *then_eval] if len(then_data) == len(cfg.data.path) and
+                      len(then_eval) == len(cfg.data.eval_path) else None)
         record_resume(run_path, cfg, trainer.start_step, changed)
         record_data(run_path, cfg, data_now, split, vocabulary)
         if changed:
@@ -775,6 +782,11 @@ def check_vocabulary(run: dict, data, cfg: FuyouConfig) -> None:
     a resume reads no checkpoint, so ``check_tokenizer`` had nothing to compare with)."""
     if not run.get("vocabulary") or run["vocabulary"] == data.fingerprint:
         return
+    if data.tokenizer == run.get("tokenizer"):  # the same place, another vocabulary: nothing to name but that
+        raise DataError(f"the tokenizer {data.tokenizer.removeprefix('hf:')} has another vocabulary now "
+                        f"({data.fingerprint}) than when this run started ({run['vocabulary']}): replaced or edited "
+                        f"since? Give the run the tokenizer it trained with (data.tokenizer=DIR), or start a new run "
+                        f"from its weights; nothing was changed")
     how = (f"prepare the data again with the run's tokenizer (`fuyou data prepare ... --tokenizer "
            f"{run['tokenizer'].removeprefix('hf:')}`)" if cfg.data.source == "prepared" else
            f"resume with the run's own data.tokenizer ({run['tokenizer'].removeprefix('hf:')})")
@@ -854,7 +866,7 @@ def _refuse_unlike_commit(cfg: FuyouConfig, run_path: Path) -> None:
     pass doubled train.micro_batch_size there and resumed at the wrong place in the data, in silence)."""
     import json
 
-    from fuyou.config import fixed_settings
+    from fuyou.config import DATA_ORDER, fixed_settings, orders_rows
     from fuyou.engine.commit import RECORD
 
     dirs = _state_dirs(cfg, run_path.name)
@@ -867,6 +879,8 @@ def _refuse_unlike_commit(cfg: FuyouConfig, run_path: Path) -> None:
     now = fixed_settings(cfg)  # (settings fixed then and now: one freed, or renamed, since is not compared)
 
     def same(k: str) -> bool:
+        if k in DATA_ORDER and not orders_rows(k, cfg):  # (a setting the data does not read)
+            return True
         if k == "lora.targets" and cfg.lora.enabled:
             from fuyou.models.lora import same_targets
 

@@ -11,7 +11,8 @@ from pathlib import Path
 from fuyou.tomlfile import read_toml
 from fuyou.engine.state import write_run_id
 from fuyou.snapshots import snapshot_dirs, snapshot_path
-from fuyou.config import DATA_ORDER, DATA_POSITION, FIXED_ON_RESUME, NOT_COMPARED, FuyouConfig, flat_settings, to_toml
+from fuyou.config import (DATA_ORDER, DATA_POSITION, FIXED_ON_RESUME, NOT_COMPARED, FuyouConfig, flat_settings,
+                          orders_rows, to_toml)
 from fuyou.engine.commit import state_name
 from fuyou.errors import ConfigError, FuyouError
 from fuyou.distributed import resume_command
@@ -101,6 +102,7 @@ def save_snapshot(run_dir: Path, trainer, cfg: FuyouConfig, steps: int, rotate: 
         save_weights(tmp, trainer, cfg, steps, run_dir=run_dir)
         snap_cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"init_from": str(run_dir.resolve())})})
         (tmp / "config.toml").write_text(to_toml(snap_cfg))
+        (tmp / SNAPSHOT_RECORD).write_text(json.dumps({"step": steps, "lineage": lineage(run_dir)}) + "\n")
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
     except OSError as e:
@@ -162,19 +164,48 @@ def newer_commit(run: Path, weights: Path) -> int | None:
     return step if (step > mine if mine is not None else newer and step > 0) else None
 
 
+SNAPSHOT_RECORD = "fuyou-snapshot.json"  # in a snapshot: its step and the lineage of the weights (``lineage``)
+
+
+def lineage(run_dir: Path) -> str:
+    """What a run's weights at a step follow from beyond its start: the resumes that changed something
+    (``resumes.jsonl``), in order. A resume starts from the last commit, so the steps a run redoes after a
+    resume that changed nothing are the steps it abandoned, bit for bit; the same lineage and step, the same
+    weights. A changed setting that changes no bit (the CPU budget) makes a new lineage too: the safe side."""
+    import hashlib
+
+    try:
+        entries = [json.loads(line) for line in (run_dir / "resumes.jsonl").read_text().splitlines() if line.strip()]
+    except (OSError, ValueError):
+        entries = []
+    changes = [[e.get("resumed_at_step"), e.get("changed")] for e in entries
+               if isinstance(e, dict) and e.get("changed")]
+    return hashlib.sha256(json.dumps(changes, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def snapshot_record(snap: Path) -> dict | None:
+    try:
+        rec = json.loads((snap / SNAPSHOT_RECORD).read_text())
+        return rec if isinstance(rec, dict) and isinstance(rec.get("lineage"), str) else None
+    except (OSError, ValueError):
+        return None  # (a snapshot from before the record: never taken for another)
+
+
 def set_aside_later_snapshots(run_dir: Path, step: int) -> tuple[list[Path], list[Path]]:
     """A resume from the commit of ``step``: snapshots of later steps belong to the trajectory it abandons
-    (they would be kept over the new ones, which have lower numbers); renamed ``abandoned-step-N``. One
-    the same, file for file, as an abandoned snapshot of its step kept already is deleted instead: a
-    run killed and resumed again redoes the same steps bit for bit, and a new-user pass found a copy of
-    the weights piling up at every kill. Returns (the renamed, the deleted)."""
+    (they would be kept over the new ones, which have lower numbers); renamed ``abandoned-step-N``. One of
+    the step and lineage (``lineage``) of an abandoned snapshot kept already is deleted instead: the same
+    weights (a run killed and resumed again redoes its steps bit for bit; a new-user pass found a copy of
+    the weights piling up at every kill). Told by the records, not by reading the weights (a 70B model's
+    are 280 GB a copy). Returns (the renamed, the deleted)."""
     import shutil
 
     moved, dropped = [], []
     for p in snapshot_dirs(run_dir / "snapshots"):
         if int(p.name[5:]) > step:
+            rec = snapshot_record(p)
             kept = [q for q in p.parent.iterdir() if re.fullmatch(rf"abandoned-(\d+-)?{re.escape(p.name)}", q.name)]
-            if any(q.is_dir() and same_files(p, q) for q in kept):
+            if rec is not None and any(snapshot_record(q) == rec for q in kept):
                 shutil.rmtree(p)
                 dropped.append(p)
                 continue
@@ -185,25 +216,6 @@ def set_aside_later_snapshots(run_dir: Path, step: int) -> tuple[list[Path], lis
             p.rename(target)
             moved.append(target)
     return moved, dropped
-
-
-def same_files(a: Path, b: Path, chunk: int = 16 * 2**20) -> bool:
-    """Whether directories ``a`` and ``b`` hold the same files with the same bytes (read until the first
-    difference; files of other sizes are not read)."""
-    names = sorted(p.name for p in a.iterdir() if p.is_file())
-    if names != sorted(p.name for p in b.iterdir() if p.is_file()):
-        return False
-    if any((a / n).stat().st_size != (b / n).stat().st_size for n in names):
-        return False
-    for n in names:
-        with open(a / n, "rb") as fa, open(b / n, "rb") as fb:
-            while True:
-                x = fa.read(chunk)
-                if x != fb.read(chunk):
-                    return False
-                if not x:
-                    break
-    return True
 
 
 def save_adapters(path: Path, adapters: dict, cfg: FuyouConfig, step: int | None = None) -> Path:
@@ -247,7 +259,7 @@ def resume_changes(saved: FuyouConfig, cfg: FuyouConfig) -> dict[str, tuple]:
                           + ": its place in the data is counted in steps of train.grad_accum x "
                           "train.micro_batch_size rows of data.seq_len tokens, so other values would skip or repeat "
                           f"data. Resume with the run's own values (another batch: {new_run})")
-    order = [k for k in changed if k in DATA_ORDER]
+    order = [k for k in changed if k in DATA_ORDER and orders_rows(k, saved, cfg)]
     if order:
         raise ConfigError("a resumed run cannot change " + ", ".join(f"{k} ({changed[k][0]!r} -> {changed[k][1]!r})"
                                                                  for k in order)

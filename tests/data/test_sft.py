@@ -438,6 +438,12 @@ def test_a_resume_refuses_data_of_another_vocabulary(tmp_path, capsys):
     assert main(["train", "--resume", str(tmp_path / "runs" / "t"), "train.steps=2", "data.tokenizer=byte"]) == 2
     assert re.search(r"the data was tokenized with byte .*Resume with the run's own data\.tokenizer",
                      capsys.readouterr().err)
+    record = tmp_path / "runs" / "t" / DATA_FILES
+    rec = json.loads(record.read_text())
+    record.write_text(json.dumps({**rec, "vocabulary": "300:0123456789abcdef"}))  # as if the tokenizer was edited
+    assert main(["train", "--resume", str(tmp_path / "runs" / "t"), "train.steps=2"]) == 2
+    assert "has another vocabulary now" in capsys.readouterr().err
+    record.write_text(json.dumps(rec))
     assert main(["train", "--resume", str(tmp_path / "runs" / "t"), "train.steps=2"]) == 0  # its own: resumes
 
 

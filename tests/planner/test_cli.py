@@ -804,6 +804,19 @@ def test_stores_a_killed_probe_left_are_swept_once_quiet(tmp_path):
             os.utime(p, (then, then))
     assert sweep_probe_dirs(tmp_path) == [old]
     assert recent.is_dir() and alive.is_dir()
+    # a store whose lock is held (a probe in another container, reading for minutes) is not swept
+    from fuyou.store.lock import lock_dirs, unlock
+
+    held = tmp_path / f"fuyou-probe-{dead.pid}"
+    held.mkdir()
+    fds = lock_dirs([held])
+    for p in (*held.iterdir(), held):
+        os.utime(p, (then, then))
+    try:
+        assert sweep_probe_dirs(tmp_path) == [] and held.is_dir()
+    finally:
+        unlock(fds)
+    assert sweep_probe_dirs(tmp_path) == [held]
 
 
 def test_the_train_line_quotes_what_a_shell_would_split(capsys):

@@ -488,10 +488,18 @@ def test_a_resume_cannot_change_which_rows_the_data_makes(change):
     from fuyou.errors import ConfigError
     from fuyou.train.run import resume_changes
 
-    saved = load_config(overrides=["data.seq_len=32"])
+    text = Path(__file__).parents[2] / "README.md"  # (text data reads every one of them)
+    base = ["data.seq_len=32", f"data.path={text}"]
+    saved = load_config(overrides=base)
     key = change.partition("=")[0]
     with pytest.raises(ConfigError, match=rf"cannot change {re.escape(key)} .*skip or repeat examples of the epoch"):
-        resume_changes(saved, load_config(overrides=["data.seq_len=32", change]))
+        resume_changes(saved, load_config(overrides=[*base, change]))
+    # a setting the data does not read is listed, not refused (the review): the built-in corpus has no records
+    # to format or pack, and held-out files leave nothing to data.val_fraction
+    if key != "train.seed":
+        others = ["data.seq_len=32", *([f"data.path={text}", f"data.eval_path={text}"] if "val_fraction" in key
+                                       else [])]
+        assert key in resume_changes(load_config(overrides=others), load_config(overrides=[*others, change]))
 
 
 def test_a_resume_compares_with_the_commit_not_only_with_config_toml(tmp_path, capsys):
@@ -536,16 +544,24 @@ def test_snapshots_are_ordered_by_step_and_a_resume_sets_aside_the_later_ones(tm
     assert sorted(p.name for p in moved) == ["abandoned-step-000020", "abandoned-step-1000000",
                                              "abandoned-step-999998", "abandoned-step-999999"] and not dropped
     assert [p.name for p in snapshot_dirs(root)] == ["step-000005"]
-    # killed and resumed again: the redone steps' snapshots are the same bytes, and a copy piled up at every
-    # kill (a new-user pass); one that differs (a resume that changed the learning rate) is kept beside
-    (root / "abandoned-step-000020" / "model.safetensors").write_bytes(b"w" * 1000)
-    for body in (b"w" * 1000, b"w" * 999 + b"x", b"w" * 1000):
+    # killed and resumed again: the redone steps' snapshots are the same weights, and a copy piled up at every
+    # kill (a new-user pass); one of another lineage (a resume that changed the learning rate) is kept beside,
+    # and one without a record (older) is never taken for another
+    from fuyou.train.run import SNAPSHOT_RECORD, lineage
+
+    run = tmp_path / "run"
+    same = json.dumps({"step": 20, "lineage": lineage(run)})
+    (root / "abandoned-step-000020" / SNAPSHOT_RECORD).write_text(same)
+    (run / "resumes.jsonl").write_text(json.dumps({"resumed_at_step": 10, "changed": {"optim.lr": [1, 2]}}) + "\n")
+    other = json.dumps({"step": 20, "lineage": lineage(run)})
+    for record in (same, other, same, None, other):
         (root / "step-000020").mkdir()
-        (root / "step-000020" / "model.safetensors").write_bytes(body)
-        set_aside_later_snapshots(tmp_path / "run", 10)
+        if record:
+            (root / "step-000020" / SNAPSHOT_RECORD).write_text(record)
+        set_aside_later_snapshots(run, 10)
     assert sorted(p.name for p in root.iterdir() if p.name.endswith("-step-000020")) == [
-        "abandoned-2-step-000020", "abandoned-step-000020"]
-    assert (root / "abandoned-2-step-000020" / "model.safetensors").read_bytes().endswith(b"x")
+        "abandoned-2-step-000020", "abandoned-3-step-000020", "abandoned-step-000020"]
+    assert not (root / "abandoned-3-step-000020" / SNAPSHOT_RECORD).exists()
 
 
 def test_a_full_run_directory_gives_typed_errors_and_a_clean_log(tmp_path, monkeypatch):
