@@ -186,6 +186,14 @@ def test_resume_with_another_shape_is_refused_and_optimizer_changes_are_recorded
                          ("offload.mode=none", "cannot change offload.mode ('ssd' -> 'none')")):
         err = _err(capsys, ["train", "--resume", str(run_dir), change])  # (not "keeps no resumable state": a review)
         assert says in err and "keeps no resumable state" not in err, err
+    toml = run_dir / "config.toml"  # a preset a later fuyou dropped, named by the run's own config
+    original = toml.read_text()
+    toml.write_text(original.replace("[hardware]\n", '[hardware]\ngpu = "rtx9090"\n', 1))
+    err = _err(capsys, ["train", "--resume", str(run_dir)])
+    assert "unknown GPU hardware.gpu='rtx9090'" in err and "the run's config.toml names it" in err, err
+    toml.write_text(original)
+    err = _err(capsys, ["train", "--resume", str(run_dir), "hardware.gpu=foo"])  # given now: no word of the file
+    assert "unknown GPU hardware.gpu='foo'" in err and "config.toml names it" not in err, err
     err = _err(capsys, ["train", "--resume", str(run_dir), "--model", "llama-test"])  # (it blamed the family)
     assert "cannot change model.preset ('gpt-test' -> 'llama-test')" in err, err
     err = _err(capsys, ["train", "--resume", str(run_dir), "--out", str(tmp_path / "elsewhere"), "run.name=x",

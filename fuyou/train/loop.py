@@ -441,7 +441,16 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
         raise ConfigError("run.tensorboard=true needs the tensorboard package: pip install 'fuyou[tensorboard]'")
     from fuyou.planner.hardware import check_names
 
-    check_names(cfg.hardware)  # (the summary's wear and --plan auto read them)
+    try:
+        check_names(cfg.hardware)  # (the summary's wear and --plan auto read them)
+    except ConfigError as e:
+        saved = read_toml(Path(resume) / "config.toml").get("hardware", {}) if resume is not None else {}
+        if not isinstance(saved, dict) or all(saved.get(k) != getattr(cfg.hardware, k) for k in ("gpu", "ssd", "pcie")
+                                              if getattr(cfg.hardware, k) is not None):
+            raise  # (a name this resume gave)
+        # (a preset a later fuyou renamed or dropped: the run's own config.toml names it, and the resume can replace it)
+        raise ConfigError(f"{e} (the run's config.toml names it: resume with hardware.gpu=, hardware.ssd= or "
+                          f"hardware.pcie= set to a known one, or to none)") from None
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     resumed_run = None
