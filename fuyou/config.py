@@ -190,7 +190,8 @@ DATA_POSITION = ("train.grad_accum", "train.micro_batch_size", "data.seq_len")
 # Which rows the data makes, their order and the held-out set: fixed as well (a new-user pass changed train.seed
 # and data.packing on resume: examples of the epoch under way were skipped or repeated, and data.val_fraction put
 # examples trained on into the held-out set, each only listed as a change)
-DATA_ORDER = ("train.seed", "data.packing", "data.val_fraction", "data.format", "data.jsonl_field")
+DATA_ORDER = ("train.seed", "data.packing", "data.val_fraction", "data.format", "data.jsonl_field",
+              "data.train_on_prompt")  # (a pass: conversations without an assistant turn came back into the data)
 
 
 def orders_rows(key: str, *cfgs: "FuyouConfig") -> bool:
@@ -200,10 +201,16 @@ def orders_rows(key: str, *cfgs: "FuyouConfig") -> bool:
     if key == "data.val_fraction":
         return any(not c.data.eval_path and c.data.source != "synthetic" for c in cfgs)
     if key in ("data.format", "data.jsonl_field"):
-        return any(c.data.source == "text" for c in cfgs)
-    if key == "data.packing":
-        return any(c.data.source in ("text", "prepared") for c in cfgs)
+        return any(c.data.source == "text" and _records(c.data.path) for c in cfgs)
+    if key in ("data.packing", "data.train_on_prompt"):
+        return any(c.data.source == "prepared" or c.data.source == "text" and _records(c.data.path) for c in cfgs)
     return True
+
+
+def _records(paths) -> bool:
+    """Whether text data at ``paths`` may hold JSON-lines records (a directory may; plain-text files do not):
+    plain text reads none of the records' settings (a pass was refused data.packing on a .txt run)."""
+    return any(not str(p).lower().endswith((".txt", ".md", ".text", ".rst")) for p in paths)
 
 
 def flat_settings(cfg: FuyouConfig) -> dict[str, Any]:

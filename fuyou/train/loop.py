@@ -145,7 +145,7 @@ def record_data(run_dir: Path, cfg: FuyouConfig, fp: dict | None = None, split: 
     import json
 
     fp = fp or data_fingerprint(cfg)
-    if cfg.offload.mode == "ssd" and fp["files"]:
+    if cfg.offload.mode == "ssd" and (fp["files"] or (vocabulary or {}).get("vocabulary")):  # (builtin: its vocabulary)
         (run_dir / DATA_FILES).write_text(json.dumps({**fp, "split": split, **(vocabulary or {})}) + "\n")
 
 
@@ -521,6 +521,13 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
             saved_paths = saved_raw.get(section, {}).get(field)
             if saved_paths is not None and _absolute(saved_paths) != _absolute(dirs[key]):
                 changed[key] = ([saved_paths] if isinstance(saved_paths, str) else list(saved_paths), dirs[key])
+                if key == "data.eval_path" and bool(saved_paths) != bool(dirs[key]) and cfg.data.val_fraction and \
+                        cfg.data.source != "synthetic":  # (a pass: the held-out examples were trained on)
+                    swap = "held out would be trained on" if dirs[key] else "trained on would be held out"
+                    raise ConfigError(f"a resumed run cannot {'add' if dirs[key] else 'drop'} data.eval_path: "
+                                      f"without it data.val_fraction holds examples of the data out, so the "
+                                      f"run's training examples and held-out set would change (examples {swap}). "
+                                      f"Resume as the run started, or start a new run from its weights")
     if resume is not None:
         _refuse_finished(run_path, cfg, dist)
         _refuse_renamed(run_path, cfg)

@@ -191,13 +191,39 @@ def snapshot_record(snap: Path) -> dict | None:
         return None  # (a snapshot from before the record: never taken for another)
 
 
+def same_sampled(a: Path, b: Path, samples: int = 16, chunk: int = 1 << 20) -> bool:
+    """Whether snapshots ``a`` and ``b`` hold the same files, of the same sizes, with the same config.toml
+    and weights files equal in ``samples`` chunks spread over them (their headers first and their ends
+    last): a few MiB read, where a redo of the same steps is equal everywhere and any other weights
+    (another learning rate, another kernel's rounding) differ in nearly every element."""
+    names = sorted(p.name for p in a.iterdir() if p.is_file())
+    if names != sorted(p.name for p in b.iterdir() if p.is_file()):
+        return False
+    for n in names:
+        size = (a / n).stat().st_size
+        if size != (b / n).stat().st_size:
+            return False
+        whole = size <= samples * chunk or not n.endswith(".safetensors")
+        starts = [0] if whole else sorted({k * (size - chunk) // (samples - 1) for k in range(samples)})
+        with open(a / n, "rb") as fa, open(b / n, "rb") as fb:
+            for at in starts:
+                fa.seek(at)
+                fb.seek(at)
+                want = size if whole else chunk
+                if fa.read(want) != fb.read(want):
+                    return False
+    return True
+
+
 def set_aside_later_snapshots(run_dir: Path, step: int) -> tuple[list[Path], list[Path]]:
     """A resume from the commit of ``step``: snapshots of later steps belong to the trajectory it abandons
     (they would be kept over the new ones, which have lower numbers); renamed ``abandoned-step-N``. One of
     the step and lineage (``lineage``) of an abandoned snapshot kept already is deleted instead: the same
     weights (a run killed and resumed again redoes its steps bit for bit; a new-user pass found a copy of
-    the weights piling up at every kill). Told by the records, not by reading the weights (a 70B model's
-    are 280 GB a copy). Returns (the renamed, the deleted)."""
+    the weights piling up at every kill), checked by ``same_sampled``: the same config.toml (an edited
+    learning rate is no recorded change) and weights alike where sampled (another trajectory, even one
+    of other kernels' rounding, differs nearly everywhere), not by reading both copies whole (a 70B
+    model's are 280 GB each). Returns (the renamed, the deleted)."""
     import shutil
 
     moved, dropped = [], []
@@ -205,7 +231,7 @@ def set_aside_later_snapshots(run_dir: Path, step: int) -> tuple[list[Path], lis
         if int(p.name[5:]) > step:
             rec = snapshot_record(p)
             kept = [q for q in p.parent.iterdir() if re.fullmatch(rf"abandoned-(\d+-)?{re.escape(p.name)}", q.name)]
-            if rec is not None and any(snapshot_record(q) == rec for q in kept):
+            if rec is not None and any(snapshot_record(q) == rec and same_sampled(p, q) for q in kept):
                 shutil.rmtree(p)
                 dropped.append(p)
                 continue

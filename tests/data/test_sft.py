@@ -445,6 +445,13 @@ def test_a_resume_refuses_data_of_another_vocabulary(tmp_path, capsys):
     assert "has another vocabulary now" in capsys.readouterr().err
     record.write_text(json.dumps(rec))
     assert main(["train", "--resume", str(tmp_path / "runs" / "t"), "train.steps=2"]) == 0  # its own: resumes
+    # held-out files added on a resume: data.val_fraction's held-out examples would be trained on (a pass)
+    assert main(["train", "--resume", str(tmp_path / "runs" / "t"), "train.steps=3", f"data.eval_path={src}"]) == 2
+    assert "cannot add data.eval_path" in capsys.readouterr().err
+    # the built-in corpus has no data files, and its run recorded nothing to compare (a pass)
+    assert main(["train", "--init-from", str(model), *base, "data.source=builtin", "run.name=b"]) == 0
+    assert main(["train", "--resume", str(tmp_path / "runs" / "b"), "train.steps=2", "data.tokenizer=byte"]) == 2
+    assert "the data was tokenized with byte" in capsys.readouterr().err
 
 
 # -- inputs a new-user pass found mishandled -------------------------------------------------------------

@@ -480,7 +480,7 @@ def test_a_resume_cannot_change_the_batch_the_data_position_counts_in(change):
 
 
 @pytest.mark.parametrize("change", ["train.seed=99", "data.packing=false", "data.val_fraction=0.3",
-                                    "data.format=alpaca", "data.jsonl_field=body"])
+                                    "data.format=alpaca", "data.jsonl_field=body", "data.train_on_prompt=true"])
 def test_a_resume_cannot_change_which_rows_the_data_makes(change):
     """A new-user pass resumed an epochs run with train.seed or data.packing changed (examples of the epoch
     under way skipped or repeated) and data.val_fraction raised (examples trained on held out), each only
@@ -488,7 +488,7 @@ def test_a_resume_cannot_change_which_rows_the_data_makes(change):
     from fuyou.errors import ConfigError
     from fuyou.train.run import resume_changes
 
-    text = Path(__file__).parents[2] / "README.md"  # (text data reads every one of them)
+    text = Path(__file__).parents[2] / "pyproject.toml"  # (text data not named plain text reads every one of them)
     base = ["data.seq_len=32", f"data.path={text}"]
     saved = load_config(overrides=base)
     key = change.partition("=")[0]
@@ -500,6 +500,9 @@ def test_a_resume_cannot_change_which_rows_the_data_makes(change):
         others = ["data.seq_len=32", *([f"data.path={text}", f"data.eval_path={text}"] if "val_fraction" in key
                                        else [])]
         assert key in resume_changes(load_config(overrides=others), load_config(overrides=[*others, change]))
+    if key not in ("train.seed", "data.val_fraction"):  # plain-text files read no record settings (a pass)
+        plain = ["data.seq_len=32", f"data.path={Path(__file__).parents[2] / 'README.md'}"]
+        assert key in resume_changes(load_config(overrides=plain), load_config(overrides=[*plain, change]))
 
 
 def test_a_resume_compares_with_the_commit_not_only_with_config_toml(tmp_path, capsys):
@@ -554,14 +557,27 @@ def test_snapshots_are_ordered_by_step_and_a_resume_sets_aside_the_later_ones(tm
     (root / "abandoned-step-000020" / SNAPSHOT_RECORD).write_text(same)
     (run / "resumes.jsonl").write_text(json.dumps({"resumed_at_step": 10, "changed": {"optim.lr": [1, 2]}}) + "\n")
     other = json.dumps({"step": 20, "lineage": lineage(run)})
-    for record in (same, other, same, None, other):
+    (root / "abandoned-step-000020" / "config.toml").write_text("lr = 0.001\n")
+    (root / "abandoned-step-000020" / "model.safetensors").write_bytes(bytes(range(256)) * 2**14)
+    # (a hostile pass: an edited config.toml's learning rate is no recorded change, and the snapshot it made was
+    # deleted as "the same"; it is told by the snapshot's config.toml and by sampling the weights)
+    for record, lr, flip in ((same, "0.001", None), (other, "0.001", None), (same, "0.001", None),
+                             (None, "0.001", None), (other, "0.001", None), (same, "0.01", None),
+                             (same, "0.001", 3 * 2**20 + 5), (same, "0.001", None)):
         (root / "step-000020").mkdir()
         if record:
             (root / "step-000020" / SNAPSHOT_RECORD).write_text(record)
+        (root / "step-000020" / "config.toml").write_text(f"lr = {lr}\n")
+        weights = bytearray(bytes(range(256)) * 2**14)
+        if flip is not None:
+            weights[flip] ^= 1
+        (root / "step-000020" / "model.safetensors").write_bytes(bytes(weights))
         set_aside_later_snapshots(run, 10)
     assert sorted(p.name for p in root.iterdir() if p.name.endswith("-step-000020")) == [
-        "abandoned-2-step-000020", "abandoned-3-step-000020", "abandoned-step-000020"]
+        "abandoned-2-step-000020", "abandoned-3-step-000020", "abandoned-4-step-000020", "abandoned-5-step-000020",
+        "abandoned-step-000020"]
     assert not (root / "abandoned-3-step-000020" / SNAPSHOT_RECORD).exists()
+    assert "0.01" in (root / "abandoned-4-step-000020" / "config.toml").read_text()
 
 
 def test_a_full_run_directory_gives_typed_errors_and_a_clean_log(tmp_path, monkeypatch):
