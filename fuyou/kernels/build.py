@@ -153,6 +153,10 @@ def _build(what: str) -> ctypes.CDLL:
         if stale.exists():
             logger.warning("fuyou: removing a stale build lock %s (its builder was killed)", stale)
             stale.unlink(missing_ok=True)
+        for so in build_dir.glob(f"{name}*.so"):  # (no record: one cut short is removed, so ninja builds it again)
+            if not whole_elf(so):
+                logger.warning("fuyou: removing %s, cut short (a build killed while linking?)", so)
+                so.unlink(missing_ok=True)
         built = _built(build_dir)
         if built is not None:
             try:
@@ -179,6 +183,10 @@ def _build(what: str) -> ctypes.CDLL:
             raise BuildTimeout(f"building {name} took over {build_timeout():.0f} s (FUYOU_BUILD_TIMEOUT)")
         if "error" in result:
             raise result["error"]
+        if not whole_elf(Path(result["path"])):  # (ninja left a truncated library in place: it is built again)
+            Path(result["path"]).unlink(missing_ok=True)
+            raise OSError(f"{result['path']} is cut short (a build killed while linking?); it was removed and is "
+                          f"built again on the next start")
         lib = ctypes.CDLL(str(result["path"]))
         declare(lib)
         so = Path(result["path"])
@@ -196,6 +204,30 @@ def _build(what: str) -> ctypes.CDLL:
 BUILT = "fuyou-built.json"
 
 
+def whole_elf(path: Path) -> bool:
+    """Whether ``path`` holds all an ELF file's header says it has (its section table ends within the file):
+    loading a truncated library dies of SIGBUS (a pass truncated a cached one that had no build record)."""
+    import struct
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+        size = path.stat().st_size
+    except OSError:
+        return False
+    if len(head) < 64 or head[:4] != b"\x7fELF":
+        return False
+    if head[4] == 2:  # 64-bit: e_shoff at 0x28, e_shentsize and e_shnum at 0x3A
+        end = "<" if head[5] == 1 else ">"
+        shoff, = struct.unpack_from(end + "Q", head, 0x28)
+        shentsize, shnum = struct.unpack_from(end + "HH", head, 0x3A)
+    else:  # 32-bit: e_shoff at 0x20, e_shentsize and e_shnum at 0x2E
+        end = "<" if head[5] == 1 else ">"
+        shoff, = struct.unpack_from(end + "I", head, 0x20)
+        shentsize, shnum = struct.unpack_from(end + "HH", head, 0x2E)
+    return shoff + shentsize * shnum <= size
+
+
 def _built(build_dir: Path) -> Path | None:
     """The library a build that succeeded left in ``build_dir`` (``BUILT``), if it is there whole. One of
     another size is removed with its record: ninja would not rebuild it (its command is unchanged), and
@@ -203,7 +235,7 @@ def _built(build_dir: Path) -> Path | None:
     try:
         rec = json.loads((build_dir / BUILT).read_text())
         so = build_dir / Path(rec["library"]).name
-        if so.is_file() and so.stat().st_size == rec["bytes"]:
+        if so.is_file() and so.stat().st_size == rec["bytes"] and whole_elf(so):
             return so
         so.unlink(missing_ok=True)
         (build_dir / BUILT).unlink(missing_ok=True)
