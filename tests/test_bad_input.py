@@ -217,6 +217,11 @@ def test_a_non_finite_loss_stops_before_its_step_is_committed(tmp_path, capsys):
                                 "offload.commit_every=1", "train.log_every=1", "train.warmup_steps=0"))
     assert "is nan" in err.lower() or "is inf" in err.lower()
     assert "the last commit is intact" in err
+    first = _err(capsys, _offload(tmp_path, "n1", "model.init_std=1e30", "train.steps=2"))  # (lower-lr advice looped)
+    assert "no update had been made yet" in first and "optim.lr=" not in first, first
+    first = _err(capsys, ["train", "--out", str(tmp_path / "runs"), "run.name=m1", *TINY, "model.init_std=1e30",
+                          "train.steps=2"])
+    assert "no update had been made yet" in first and not (tmp_path / "runs" / "m1" / "snapshots").exists(), first
     run_dir = tmp_path / "runs" / "n"  # (a plain resume, as the advice said, read lr=1e35 again: a pass)
     assert f"`fuyou train --resume {run_dir} optim.lr=1e+34`; it is 1e+35 now" in err, err
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
