@@ -1326,7 +1326,8 @@ def non_finite(what: str, step: int, commits: bool, lr: float | None = None) -> 
                               f"snapshot, with --init-from, if the run wrote one)", step)
     if step == 1:  # before any update: no learning rate made it (a pass followed lower-lr advice in a loop)
         return NonFiniteError(f"{what}: no update had been made yet, so the initial weights (model.init_std, "
-                              f"--init-from) or the data make it so, not the learning rate: check them and start again", step)
+                              f"--init-from) or the data make it so, not the learning rate: check them and start "
+                              f"again", step)
     if not lr:
         return NonFiniteError(f"{what}: the run stopped before committing that step (the last commit is intact). "
                               f"Lower optim.lr, check the data, or resume with `{resume_command()}`", step)

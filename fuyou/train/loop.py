@@ -710,7 +710,8 @@ def _kept_before_non_finite(e: NonFiniteError, run_dir: Path, trainer: Trainer, 
     raise, and the snapshot (None: none kept)."""
     if step == 0:  # before any update: the start gave it, which a snapshot would only copy (a pass)
         return NonFiniteError(f"{e}; no update had been made yet, so the initial weights (model.init_std, --init-from) "
-                              f"or the data make it so, not the learning rate: check them and start again", e.step), None
+                              f"or the data make it so, not the learning rate: check them and start again",
+                              e.step), None
     trained = trainer.adapter_state().values() if cfg.lora.enabled else trainer.master_chunks()
     what = "adapters" if cfg.lora.enabled else "weights"
     if not all(bool(torch.isfinite(c).all()) for c in trained):
