@@ -386,12 +386,41 @@ def _train(args) -> int:
 
         from fuyou.errors import ConfigError
 
-        parent = Path(args.trace).resolve().parent
+        import os
+
+        trace = Path(args.trace)
+        parent = trace.resolve().parent
         if not parent.is_dir():
-            raise ConfigError(f"--trace {args.trace}: the directory {parent} does not exist; create it first")
-        if Path(args.trace).is_dir():
+            raise ConfigError(f"--trace {args.trace}: {parent} " + ("is not a directory" if parent.exists() else
+                                                                    "does not exist; create it first"))
+        if trace.is_dir():
             raise ConfigError(f"--trace {args.trace} is a directory; give a file name such as trace.json")
+        if trace.exists() and not _is_trace(trace):  # (a pass wrote it over the run's config.toml, and a --config)
+            raise ConfigError(f"--trace {args.trace} exists and is not a trace fuyou wrote: give a new file name (a "
+                              f"trace is replaced)")
+        check = parent / f".{trace.name}.{os.getpid()}.check"  # (/proc, /dev/full: a traceback after step 2)
+        try:
+            check.write_bytes(b"{}")
+            check.unlink()
+        except OSError as e:
+            raise ConfigError(f"--trace {args.trace}: cannot write there ({e.strerror or e}); give a file in a "
+                              f"writable directory") from e
     return run_training(cfg, trace=args.trace, plan_auto=args.plan == "auto", resume=resume).exit_status
+
+
+def _is_trace(path) -> bool:
+    """Whether ``path`` holds a Chrome/Perfetto trace (JSON with ``traceEvents``) or nothing, which --trace may
+    replace."""
+    import json
+    from pathlib import Path
+
+    try:
+        if Path(path).stat().st_size == 0:
+            return True
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(data, dict) and "traceEvents" in data
 
 
 def _run_tokenizer(run, overrides: list[str]) -> list[str]:

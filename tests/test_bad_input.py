@@ -72,6 +72,17 @@ def test_trace_into_a_missing_directory_is_refused_before_step_0(tmp_path, capsy
     err = _err(capsys, [*_offload(tmp_path, "t"), "--trace", str(tmp_path / "nope" / "t.json")])
     assert "does not exist" in err
     assert not (tmp_path / "runs" / "t").exists()
+    # a pass: /proc was a traceback after step 2, a file as the directory "did not exist", and a trace replaced the
+    # run's config.toml and the user's --config
+    mine = tmp_path / "my.toml"
+    mine.write_text("[train]\nsteps = 3\n")
+    (tmp_path / "afile").write_text("x")
+    for where, says in (("/proc/self/fuyou-t.json", "cannot write there"), (str(tmp_path / "afile" / "t.json"),
+                                                                           "is not a directory"),
+                        (str(mine), "exists and is not a trace fuyou wrote")):
+        err = _err(capsys, [*_offload(tmp_path, "t"), "--trace", where])
+        assert says in err and "Traceback" not in err, err
+    assert mine.read_text() == "[train]\nsteps = 3\n" and not (tmp_path / "runs" / "t").exists()
 
 
 def test_out_naming_a_file(tmp_path, capsys):

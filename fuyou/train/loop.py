@@ -1107,8 +1107,12 @@ def _loop(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, stop
             fields["ssd r/w"] = f"{format_size(counters['ssd_read_bytes'])}/{format_size(counters['ssd_write_bytes'])}"
         progress.update(step, fields)
         if trace is not None and step == trainer.trace_step and dist.is_main:
-            trainer.write_trace(trace)
-            progress.message(f"wrote a trace of step {step + 1} to {trace} (open it in ui.perfetto.dev)")
+            try:
+                trainer.write_trace(trace)
+                progress.message(f"wrote a trace of step {step + 1} to {trace} (open it in ui.perfetto.dev)")
+            except OSError as e:  # (a trace is a diagnosis: its failure ended the run in a traceback; a pass)
+                progress.message(f"warning: the trace of step {step + 1} could not be written to {trace} "
+                                 f"({e.strerror or e}); training goes on")
         if t.eval_every and (step + 1) % t.eval_every == 0 and step + 1 != t.steps:
             last_eval = trainer.evaluate()
             if last_eval is not None:

@@ -217,6 +217,23 @@ def test_trace_and_metrics_from_the_cli(tmp_path, capsys):
     again = tmp_path / "again.json"
     assert main(["train", "--resume", str(tmp_path / "runs" / "one"), "--trace", str(again), "train.steps=2"]) == 0
     assert "wrote a trace of step 2" in capsys.readouterr().err and again.is_file()
+    # a trace that cannot be written (a full disk) is a warning: it ended the run in a traceback (a pass)
+    from fuyou.engine.engine import Engine
+
+    def full(self, path):
+        raise OSError(28, "No space left on device")
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(Engine, "write_trace", full)
+    try:
+        assert main(["train", "--offload", "ssd", "--ssd", str(ssd), "--cpu-mem", "512MiB", "--out",
+                     str(tmp_path / "runs"), "--trace", str(tmp_path / "full.json"), "model.preset=gpt-test",
+                     "train.steps=2", "data.seq_len=32", "train.micro_batch_size=2", "train.eval_batches=1",
+                     "run.name=full"]) == 0
+    finally:
+        mp.undo()
+    err = capsys.readouterr().err
+    assert "could not be written" in err and "No space left on device" in err and "training goes on" in err
 
 
 def test_saved_weights_equal_reference(tmp_path):
