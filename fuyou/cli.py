@@ -340,7 +340,8 @@ def _train(args) -> int:
             from fuyou.tomlfile import read_toml
 
             saved = read_toml(resume / "config.toml")
-            start, lora = saved.get("model", {}).get("init_from"), saved.get("lora", {}).get("rank", 0) > 0
+            model, lora = (x if isinstance(x, dict) else {} for x in (saved.get("model"), saved.get("lora")))
+            start, lora = model.get("init_from"), (lora.get("rank") or 0) > 0
             raise ConfigError(f"a resume continues from {resume}'s committed state, which started from "
                               f"{start or 'a random initialisation'}; --init-from / model.init_from "
                               f"({args.init_from or given[-1]}) cannot change that. Drop it, or start a new run from "
@@ -349,8 +350,9 @@ def _train(args) -> int:
         if args.model:  # (before the config's own checks, which blamed the preset's family: a pass)
             from fuyou.tomlfile import read_toml
 
-            had = read_toml(resume / "config.toml").get("model", {}).get("preset")
-            if args.model != had:
+            section = read_toml(resume / "config.toml").get("model")
+            had = section.get("preset") if isinstance(section, dict) else None  # (not a table: load_config says so)
+            if isinstance(section, dict) and args.model != had:
                 raise ConfigError(f"a resumed run cannot change model.preset ({had!r} -> {args.model!r}): its "
                                   f"committed state has the run's model. Drop --model, or start a new run")
         placed = [o.partition("=")[0].strip() for o in args.overrides
@@ -363,7 +365,8 @@ def _train(args) -> int:
             from fuyou.config import _parse_value
             from fuyou.tomlfile import read_toml
 
-            had = read_toml(resume / "config.toml").get("lora", {}).get("rank", 0)
+            section = read_toml(resume / "config.toml").get("lora", {})
+            had = section.get("rank", 0) if isinstance(section, dict) else 0
             if _parse_value(ranks[-1]) != had:
                 raise ConfigError(f"a resumed run cannot change lora.rank ({had!r} -> {ranks[-1]}): it fixes the shape "
                                   f"of its committed state. Resume with the run's own value, or start a new run")
@@ -444,7 +447,7 @@ def _run_tokenizer(run, overrides: list[str]) -> list[str]:
         return []
     print(f"fuyou: note: the run's tokenizer {tok} no longer exists: reading the copy the run keeps, {copy}",
           file=sys.stderr)
-    return [f"data.tokenizer={copy}"]
+    return [f"data.tokenizer={copy.resolve()}"]  # (relative, it was a change again from another directory: a pass)
 
 
 def _models(args) -> int:

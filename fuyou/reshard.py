@@ -127,6 +127,11 @@ def reshard(run_dir: str | Path, nproc: int, ssd_dirs: list[str] | None = None) 
     if cfg.offload.mode != "ssd" or cfg.offload.commit != "cow":
         raise ConfigError(f"{run_dir} keeps no resumable state (offload.mode={cfg.offload.mode}, offload.commit="
                           f"{cfg.offload.commit}): there is nothing to reshard")
+    if (run_dir / "model.safetensors").is_file() and not any((d / distributed.rank_state_name(name, 0)).is_dir()
+                                                             for d in dirs):  # (it gave three guesses, or said
+        raise ConfigError(f"{run_dir} finished: its weights are in model.safetensors and its SSD state was removed, "
+                          f"so there is nothing to reshard; start a new run from it with any number of processes "
+                          f"(--init-from {run_dir})")  # "resume it as it is", which is refused: a pass)
     old_world = distributed.recorded_world(run_dir, dirs, name)
     if nproc == old_world:
         raise ConfigError(f"{run_dir} was trained by {old_world} process(es) already: resume it as it is")

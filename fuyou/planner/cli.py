@@ -176,7 +176,10 @@ def _plan_model_fields(model: str, overrides: list[str]) -> tuple[dict, dict]:
         run_data = {k: raw["data"][k] for k in RUN_DATA_KEYS if k in raw.get("data", {})}
         if run_data:
             other["run_data"] = run_data
-        batch = {k: raw["train"][k] for k in ("micro_batch_size", "grad_accum") if k in raw.get("train", {})}
+        train = raw.get("train") if isinstance(raw.get("train"), dict) else {}
+        # (whole numbers >= 1 only: "x" was a traceback, -3 planned "batch -3": a pass)
+        batch = {k: train[k] for k in ("micro_batch_size", "grad_accum")
+                 if isinstance(train.get(k), int) and not isinstance(train.get(k), bool) and train[k] >= 1}
         if batch:  # (its sequence was planned, its batch was not: 16, and the notes asked to probe at 16; a pass)
             other["run_batch"] = batch
     for item in overrides:
@@ -332,9 +335,8 @@ def _plan(args) -> int:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     fields, other = _plan_model_fields(args.model, args.overrides)
     run_batch = other.pop("run_batch", {})
-    if run_batch and args.batch is None and args.grad_accum is None and args.global_batch is None and \
-            getattr(args, "gpus", None) in (None, 1):  # a run directory: the batch it trains, as its sequence
-        args.batch, args.grad_accum = run_batch.get("micro_batch_size"), run_batch.get("grad_accum")
+    if run_batch and args.batch is None and args.grad_accum is None and args.global_batch is None:
+        args.batch, args.grad_accum = run_batch.get("micro_batch_size"), run_batch.get("grad_accum")  # as its seq
     split = _global_batch(args)
     gpus = _plan_gpus(args, split)
     packed = _plan_data(other, args)

@@ -155,7 +155,12 @@ def run_vocabulary(run_dir: Path) -> dict:
     rec = _recorded_data(run_dir)
     if not isinstance(rec, dict) or not isinstance(rec.get("vocabulary"), str):
         return {}
-    return {"vocabulary": rec["vocabulary"], "tokenizer": str(rec.get("tokenizer"))}
+    from fuyou.hf.source import tokenizer_dir
+
+    copy = tokenizer_dir(run_dir)  # the copy of its tokenizer the run keeps, if any (for the advice)
+    kept = copy is not None and copy.resolve().is_relative_to(Path(run_dir).resolve())
+    return {"vocabulary": rec["vocabulary"], "tokenizer": str(rec.get("tokenizer")),
+            **({"copy": str(copy.resolve())} if kept else {})}
 
 
 def run_split(run_dir: Path) -> str:
@@ -417,6 +422,7 @@ def load_training_data(cfg: FuyouConfig, resume: bool = False, split: str = "con
         check_tokenizer(cfg, data)
         if vocabulary is not None and data.fingerprint:
             check_vocabulary(vocabulary, data, cfg)
+            vocabulary.pop("copy", None)
             vocabulary.update(vocabulary=data.fingerprint, tokenizer=data.tokenizer)
     if cfg.train.epochs is not None:  # the steps that make the epochs, from the data
         from fuyou.data.batches import make_batches
@@ -805,8 +811,9 @@ def check_vocabulary(run: dict, data, cfg: FuyouConfig) -> None:
     if data.tokenizer == run.get("tokenizer"):  # the same place, another vocabulary: nothing to name but that
         raise DataError(f"the tokenizer {data.tokenizer.removeprefix('hf:')} has another vocabulary now "
                         f"({data.fingerprint}) than when this run started ({run['vocabulary']}): replaced or edited "
-                        f"since? Give the run the tokenizer it trained with (data.tokenizer=DIR), or start a new run "
-                        f"from its weights; nothing was changed")
+                        f"since? Give the run the tokenizer it trained with (data.tokenizer="
+                        f"{run.get('copy', 'DIR')}{': the copy the run keeps' if 'copy' in run else ''}), or start a "
+                        f"new run from its weights; nothing was changed")
     how = (f"prepare the data again with the run's tokenizer (`fuyou data prepare ... --tokenizer "
            f"{run['tokenizer'].removeprefix('hf:')}`)" if cfg.data.source == "prepared" else
            f"resume with the run's own data.tokenizer ({run['tokenizer'].removeprefix('hf:')})")

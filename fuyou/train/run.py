@@ -252,7 +252,10 @@ def save_adapters(path: Path, adapters: dict, cfg: FuyouConfig, step: int | None
     keys = sorted(adapters)
     try:
         write_safetensors(out, {k: tuple(adapters[k].shape) for k in keys}, (adapters[k] for k in keys),
-                          metadata={"fuyou_model": json.dumps(cfg.model.model_dump(), sort_keys=True),
+                          # (the base is the run's config.toml's init_from; a resume's config has none, and its
+                          # file's bytes differed from an uninterrupted run's by it: a pass)
+                          metadata={"fuyou_model": json.dumps(cfg.model.model_dump(exclude={"init_from"}),
+                                                              sort_keys=True),
                                     "fuyou_lora": json.dumps(cfg.lora.model_dump(), sort_keys=True),
                                     **({"fuyou_step": str(step)} if step is not None else {})})
     except OSError as e:
