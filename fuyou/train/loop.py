@@ -637,6 +637,7 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
               "train.precision=bf16 the bf16 master is the compute weights", file=stream or sys.stderr)
     _note_torchrun_shutdown(trainer, dist, stream or sys.stderr)
     stop = _StopOnSignal()
+    stop.commits = cfg.offload.mode == "ssd" and cfg.offload.commit != "none"  # (in memory it said "commit intact")
     try:
         if resume is not None or not dist.is_main:
             run_dir = run_path
@@ -944,6 +945,7 @@ class _StopOnSignal:
 
     def __init__(self):
         self.requested: str | None = None
+        self.commits = True  # whether the run commits a resumable state (the second signal's words)
         self._at = 0.0
         self._old = {}
         if threading.current_thread() is threading.main_thread():
@@ -964,12 +966,14 @@ class _StopOnSignal:
         if self.requested is not None:
             # A second signal ends the process now, whatever it waits for: the last commit on the SSD
             # is the state of record (atomic), so nothing committed is lost.
-            os.write(2, b"\nfuyou: second signal, exiting now; the last commit is intact (--resume continues)\n")
+            os.write(2, b"\nfuyou: second signal, exiting now; " + (
+                b"the last commit is intact (--resume continues)\n" if self.commits else
+                b"this run commits no state: what it trained since its last snapshot is lost\n"))
             os._exit(128 + signum)
         self.requested, self._at = name, time.monotonic()
-        os.write(2, f"\nfuyou: {self.requested}: stopping at the end of this step, with a commit of it (SSD offload) "
-                    f"or a snapshot (in memory, or offload.commit=none); a second signal (after {self.REPEAT_S:g} s) "
-                    f"exits at once\n".encode())
+        os.write(2, f"\nfuyou: {self.requested}: stopping at the end of this step (an evaluation under way "
+                    f"finishes first), with a commit of it (SSD offload) or a snapshot (in memory, or "
+                    f"offload.commit=none); a second signal (after {self.REPEAT_S:g} s) exits at once\n".encode())
 
     def restore(self):
         for sig, old in self._old.items():
