@@ -1082,6 +1082,7 @@ def _loop(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, stop
         trainer.trace_step = start_step + 1 if start_step + 1 < t.steps else start_step
     start = time.perf_counter()
     tokens = written = 0
+    step_s = 0.0  # the steps' own time (the wear's hours: evaluations and snapshots write nothing to the state)
     stats = None
     for step in range(start_step, t.steps):
         t0 = time.perf_counter()
@@ -1095,6 +1096,7 @@ def _loop(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, stop
             log.close()
             raise err from None
         dt = time.perf_counter() - t0
+        step_s += dt
         tokens += stats.tokens
         tps = stats.tokens / dt
         record = {
@@ -1213,8 +1215,10 @@ def _loop(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, stop
     peak = resident_bytes("VmHWM")
     machine_peak = ranks_peak - peak_then + peak if dist.enabled else peak
     steps_run = max(1, t.steps - start_step)
-    wear = {"ssd_write_per_step_bytes": written / steps_run, "ssd_write_per_hour_bytes": written * 3600 / elapsed} \
-        if cfg.offload.mode == "ssd" and ran else {}
+    # per hour of the steps' own time: over the run's (evaluations, the first step's warm-up of the loop included)
+    # the rate fell with the evaluations' share and a busy machine (a pass)
+    wear = {"ssd_write_per_step_bytes": written / steps_run,
+            "ssd_write_per_hour_bytes": written * 3600 / max(step_s, 1e-9)} if cfg.offload.mode == "ssd" and ran else {}
     rated = _endurance(cfg)
     tbw, drives = rated if rated else (None, "")
     if wear and tbw:
