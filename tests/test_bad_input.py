@@ -120,6 +120,8 @@ def test_plan_profile_mistakes_are_named_as_they_are(tmp_path, capsys):
     f = tmp_path / "p.json"
     f.write_text("[1, 2]")
     assert "JSON, but a list" in _err(capsys, ["plan", "--profile", str(f)])
+    f.write_text('{"profile": null}')
+    assert "JSON, but null" in _err(capsys, ["plan", "--profile", str(f)])
     f.write_bytes(b"\xef\xbb\xbf" + json.dumps({"profile": good}).encode())
     assert load_profile(f).ssd_write == good["ssd_write"]
     f.write_text(json.dumps({"profile": {**good, "nvlink_gen": 5}}))

@@ -303,9 +303,9 @@ def load_profile(path: str | Path) -> HardwareProfile:
                           f"{type(e).__name__}); write one with `fuyou probe --ssd DIR --out {p}`") from None
     prof = raw.get("profile", raw) if isinstance(raw, dict) else raw
     if not isinstance(prof, dict):
-        raise ConfigError(f"{p} is not a hardware profile written by `fuyou probe` (JSON, but a "
-                          f"{type(prof).__name__}, not an object of figures); write one with `fuyou probe --ssd DIR "
-                          f"--out {p}`")
+        kind = {type(None): "null", list: "a list", str: "a string", bool: "true or false"}.get(type(prof), "a number")
+        raise ConfigError(f"{p} is not a hardware profile written by `fuyou probe` (JSON, but {kind}, not an object "
+                          f"of figures); write one with `fuyou probe --ssd DIR --out {p}`")
     try:
         return HardwareProfile.model_validate(prof)
     except ValidationError as e:

@@ -521,7 +521,13 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
                 "data.eval_path": list(cfg.data.eval_path)}
         saved_raw = read_toml(run_path / "config.toml")
         # (model.init_from is not compared, and the checkpoint it names may be gone: the shape is in the file)
-        changed = resume_changes(load_config(run_path / "config.toml", flags={**dirs, "model.init_from": None}), cfg)
+        try:
+            saved_cfg = load_config(run_path / "config.toml", flags={**dirs, "model.init_from": None})
+        except ConfigError as e:  # (one an earlier fuyou took, such as commit_every='0s': the override did not mend it)
+            raise ConfigError(f"{run_path / 'config.toml'}, the run's config as it was, is not valid now: {e}. Edit "
+                              f"those values there (to the run's own, where a resume cannot change them) and resume"
+                              ) from None
+        changed = resume_changes(saved_cfg, cfg)
         for key in dirs:
             section, field = key.split(".")
             saved_paths = saved_raw.get(section, {}).get(field)
