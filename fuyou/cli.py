@@ -389,8 +389,6 @@ def _train(args) -> int:
 
         from fuyou.errors import ConfigError
 
-        import os
-
         trace = Path(args.trace)
         parent = trace.resolve().parent
         if not parent.is_dir():
@@ -401,13 +399,9 @@ def _train(args) -> int:
         if trace.exists() and not _is_trace(trace):  # (a pass wrote it over the run's config.toml, and a --config)
             raise ConfigError(f"--trace {args.trace} exists and is not a trace fuyou wrote: give a new file name (a "
                               f"trace is replaced)")
-        check = parent / f".{trace.name}.{os.getpid()}.check"  # (/proc, /dev/full: a traceback after step 2)
-        try:
-            check.write_bytes(b"{}")
-            check.unlink()
-        except OSError as e:
-            raise ConfigError(f"--trace {args.trace}: cannot write there ({e.strerror or e}); give a file in a "
-                              f"writable directory") from e
+        from fuyou.planner.cli import check_writable
+
+        check_writable(trace, "--trace")
     return run_training(cfg, trace=args.trace, plan_auto=args.plan == "auto", resume=resume).exit_status
 
 

@@ -545,7 +545,7 @@ def _probe(args) -> int:
     if out.is_dir() or not out.parent.is_dir():  # checked before minutes of measuring, not after
         raise ConfigError(f"--out {args.out}: " + ("a directory; give a file name such as profile.json" if out.is_dir()
                                                    else f"its directory {out.parent} does not exist; create it first"))
-    _check_writable(out)
+    check_writable(out)
     fs = _filesystem(Path(args.ssd))
     if fs in ("tmpfs", "ramfs"):
         print(f"fuyou: note: --ssd {args.ssd} is on {fs}, which is memory: its figures are memory's, not an SSD's, "
@@ -599,8 +599,9 @@ def _probe(args) -> int:
     return 0
 
 
-def _check_writable(out) -> None:
-    """``--out``'s directory takes a new file (a pass: /proc, after minutes of measuring, was a traceback)."""
+def check_writable(out, flag: str = "--out") -> None:
+    """``out``'s directory takes a new file, checked before the work that writes it (a pass: `probe --out /proc/..`
+    after minutes of measuring, and `train --trace` after step 2, were tracebacks)."""
     import os
 
     from fuyou.errors import ConfigError
@@ -610,7 +611,7 @@ def _check_writable(out) -> None:
         probe.write_bytes(b"{}")
         probe.unlink()
     except OSError as e:
-        raise ConfigError(f"--out {out}: cannot write there ({e.strerror or e}); give a file in a writable "
+        raise ConfigError(f"{flag} {out}: cannot write there ({e.strerror or e}); give a file in a writable "
                           f"directory") from e
 
 
