@@ -178,7 +178,8 @@ class OptimizerWorker:
                           ssd_read_bytes=stats.read_bytes, ssd_write_bytes=stats.written_bytes)
                     end = time.perf_counter()
                     name = f"adam {st.stage.name}" + (f" (redo, clip {job.grad_scale:.3g})" if job.redo else "")
-                    self.tracer.add(name, "cpu-adam", end - stats.busy_s, end,
+                    # (step: a trace of step N holds the tail of step N-1's updates too, which it did not say)
+                    self.tracer.add(name, "cpu-adam", end - stats.busy_s, end, step=job.step,
                                     params=stats.params, kernel_s=round(stats.kernel_s, 6),
                                     read_bytes=stats.read_bytes, written_bytes=stats.written_bytes)
             except BaseException as e:  # noqa: BLE001 - handed to the main thread via check()

@@ -193,6 +193,12 @@ def test_trace_and_metrics_from_the_cli(tmp_path, capsys):
     assert {"compute", "ssd-read", "cpu-adam", "ssd-write"} <= cats  # (the SSD writes were missing)
     writes = [e for e in events if e.get("cat") == "ssd-write"]
     assert any("weights" in e["name"] for e in writes) and all(e["args"]["bytes"] > 0 for e in writes)
+    rows: dict = {}  # a row's events apart in time: overlapping ones (threads writing at once) were dropped or
+    for e in sorted((e for e in events if e["ph"] == "X"), key=lambda e: e["ts"]):  # garbled by Perfetto (a pass)
+        assert e["ts"] >= rows.get(e["tid"], float("-inf")) - 1e-3, e
+        rows[e["tid"]] = e["ts"] + e["dur"]
+    named = {e["tid"] for e in events if e["ph"] == "M" and e["name"] == "thread_name"}
+    assert set(rows) <= named
     adam = [e for e in events if e.get("cat") == "cpu-adam"]
     # every stage's update (the previous step's last updates may overlap into the traced step too)
     assert {e["name"] for e in adam} == {"adam embed", "adam block.0", "adam block.1", "adam head"}
