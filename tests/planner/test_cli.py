@@ -641,6 +641,16 @@ def test_flags_a_new_user_pass_got_wrong(tmp_path, capsys):
                  "hardware.ssd=1x990-pro", "--out", str(tmp_path / "runs"), "model.preset=gpt-test", "train.steps=1",
                  "train.device=cpu"]) == 2
     assert "is a GPU machine's, but this run computes on the CPU" in capsys.readouterr().err
+    # a CPU machine's profile and --gpu-mem: planned as unlimited, then refused by the engine (a pass)
+    from fuyou.planner.config import HardwareConfig
+    from fuyou.planner.hardware import resolve, save_profile
+
+    cpu = resolve(HardwareConfig(gpu="rtx4090", ssd="990-pro")).model_copy(update={"device": "cpu"})
+    save_profile(cpu, tmp_path / "cpu.json")
+    assert main(["train", "--offload", "ssd", "--ssd", str(tmp_path / "ssd"), "--plan", "auto", "--gpu-mem", "1MiB",
+                 f"hardware.profile={tmp_path / 'cpu.json'}", "--out", str(tmp_path / "runs"), "model.preset=gpt-test",
+                 "train.steps=1", "train.device=cpu"]) == 2
+    assert "--gpu-mem is a GPU's, and this run computes on the CPU" in capsys.readouterr().err
 
 
 def test_a_resume_with_the_auto_tokenizer_reads_no_copy(tmp_path):
