@@ -335,26 +335,22 @@ def _train(args) -> int:
                               f"the snapshot's weights (--init-from {resume})")
         if args.config:
             raise ConfigError("--resume uses the run's own config.toml; drop --config")
+        from fuyou.tomlfile import read_toml
+
+        saved = read_toml(resume / "config.toml")  # (read once, for the refusals below that name its values)
+        model, lora = (saved.get(k) if isinstance(saved.get(k), dict) else None for k in ("model", "lora"))
         given = [o.partition("=")[2] for o in args.overrides if o.partition("=")[0].strip() == "model.init_from"]
         if args.init_from or given:
-            from fuyou.tomlfile import read_toml
-
-            saved = read_toml(resume / "config.toml")
-            model, lora = (x if isinstance(x, dict) else {} for x in (saved.get("model"), saved.get("lora")))
-            start, lora = model.get("init_from"), (lora.get("rank") or 0) > 0
+            start, adapted = (model or {}).get("init_from"), ((lora or {}).get("rank") or 0) > 0
             raise ConfigError(f"a resume continues from {resume}'s committed state, which started from "
                               f"{start or 'a random initialisation'}; --init-from / model.init_from "
                               f"({args.init_from or given[-1]}) cannot change that. Drop it, or start a new run from "
                               f"it" + (" (with lora.init_from the run's exported adapter, to keep the adapters)"
-                                       if lora else ""))
-        if args.model:  # (before the config's own checks, which blamed the preset's family: a pass)
-            from fuyou.tomlfile import read_toml
-
-            section = read_toml(resume / "config.toml").get("model")
-            had = section.get("preset") if isinstance(section, dict) else None  # (not a table: load_config says so)
-            if isinstance(section, dict) and args.model != had:
-                raise ConfigError(f"a resumed run cannot change model.preset ({had!r} -> {args.model!r}): its "
-                                  f"committed state has the run's model. Drop --model, or start a new run")
+                                       if adapted else ""))
+        # (before the config's own checks, which blamed the preset's family: a pass; [model] no table: they say so)
+        if args.model and model is not None and args.model != model.get("preset"):
+            raise ConfigError(f"a resumed run cannot change model.preset ({model.get('preset')!r} -> {args.model!r}): "
+                              f"its committed state has the run's model. Drop --model, or start a new run")
         placed = [o.partition("=")[0].strip() for o in args.overrides
                   if o.partition("=")[0].strip() in ("run.out_dir", "run.name")] + (["--out"] if args.out else [])
         if placed:  # (ignored in silence: a pass)
@@ -363,10 +359,8 @@ def _train(args) -> int:
         ranks = [o.partition("=")[2].strip() for o in args.overrides if o.partition("=")[0].strip() == "lora.rank"]
         if ranks:  # a clearer refusal than the config's own checks give (LoRA settings without a rank)
             from fuyou.config import _parse_value
-            from fuyou.tomlfile import read_toml
 
-            section = read_toml(resume / "config.toml").get("lora", {})
-            had = section.get("rank", 0) if isinstance(section, dict) else 0
+            had = (lora or {}).get("rank", 0)
             if _parse_value(ranks[-1]) != had:
                 raise ConfigError(f"a resumed run cannot change lora.rank ({had!r} -> {ranks[-1]}): it fixes the shape "
                                   f"of its committed state. Resume with the run's own value, or start a new run")

@@ -219,8 +219,8 @@ def flat_settings(cfg: FuyouConfig) -> dict[str, Any]:
 
 
 def fixed_settings(cfg: FuyouConfig) -> dict[str, Any]:
-    """The settings a resume may not change (``FIXED_ON_RESUME``, ``DATA_POSITION``, ``DATA_ORDER``), as JSON values: the
-    commit record keeps them, so a resume compares with what was committed, not only with config.toml
+    """The settings a resume may not change (``FIXED_ON_RESUME``, ``DATA_POSITION``, ``DATA_ORDER``), as JSON
+    values: the commit record keeps them, so a resume compares with what was committed, not only with config.toml
     (which the user may have edited: a new-user pass resumed at another batch size that way, in silence)."""
     return json.loads(json.dumps({k: v for k, v in flat_settings(cfg).items()
                                   if (k.startswith(FIXED_ON_RESUME) or k in DATA_POSITION or k in DATA_ORDER)

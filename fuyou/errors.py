@@ -28,6 +28,10 @@ class NonFiniteError(FuyouError):
         super().__init__(message)
         self.step = step
 
+    #: the advice for step 1, engine's and in-memory's alike: no learning rate made it (lower-lr advice looped: a pass)
+    BEFORE_ANY_UPDATE = ("no update had been made yet, so the initial weights (model.init_std, --init-from) or the "
+                         "data make it so, not the learning rate: check them and start again")
+
 
 class BudgetError(FuyouError):
     """A memory or disk budget cannot hold what the configuration needs."""

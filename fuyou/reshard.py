@@ -143,12 +143,11 @@ def _reshard(run_dir: Path, cfg, old_world: int, nproc: int, ssd_dirs: list[str]
 
     from fuyou.engine.commit import RECORD, read_record, step_tag, tagged_copy, write_record
     from fuyou.engine.layout import build_states
+    from fuyou.engine.state import owner_mismatch, run_id, write_owner
     from fuyou.models import StageModel
     from fuyou.store import TensorStore
     from fuyou.store.aligned import aligned_empty
     from fuyou.store.errors import StoreLockedError
-
-    from fuyou.engine.state import owner_mismatch, run_id, write_owner
 
     name = state_name(run_dir.name)
     rid = run_id(run_dir)
@@ -179,9 +178,9 @@ def _reshard(run_dir: Path, cfg, old_world: int, nproc: int, ssd_dirs: list[str]
                                   f"that rank ran on another machine (fuyou reshard works on one machine's states)")
             other = owner_mismatch(found[0], run_dir, rid)
             if other is not None:  # (a resume of the other run refuses it: so does its reshard)
-                raise ConfigError(f"the SSD state {found[0]} is the state of another run named {run_dir.name!r} (the run "
-                                  f"in {other}), not of {run_dir}: reshard that run, or give this run's directory "
-                                  f"back its own state; nothing was changed")
+                raise ConfigError(f"the SSD state {found[0]} is the state of another run named {run_dir.name!r} "
+                                  f"(the run in {other}), not of {run_dir}: reshard that run, or give this run's "
+                                  f"directory back its own state; nothing was changed")
             try:
                 store = TensorStore.open(found)  # locked until the switch is done: no resume can open it meanwhile
             except StoreLockedError as e:

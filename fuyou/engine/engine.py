@@ -1324,10 +1324,8 @@ def non_finite(what: str, step: int, commits: bool, lr: float | None = None) -> 
         return NonFiniteError(f"{what}: the run stopped; offload.commit=none keeps no resumable state (its state "
                               f"was updated in place). Lower optim.lr or check the data, and start again (from a "
                               f"snapshot, with --init-from, if the run wrote one)", step)
-    if step == 1:  # before any update: no learning rate made it (a pass followed lower-lr advice in a loop)
-        return NonFiniteError(f"{what}: no update had been made yet, so the initial weights (model.init_std, "
-                              f"--init-from) or the data make it so, not the learning rate: check them and start "
-                              f"again", step)
+    if step == 1:  # before any update
+        return NonFiniteError(f"{what}: {NonFiniteError.BEFORE_ANY_UPDATE}", step)
     if not lr:
         return NonFiniteError(f"{what}: the run stopped before committing that step (the last commit is intact). "
                               f"Lower optim.lr, check the data, or resume with `{resume_command()}`", step)

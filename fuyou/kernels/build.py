@@ -183,13 +183,9 @@ def _build(what: str) -> ctypes.CDLL:
             raise BuildTimeout(f"building {name} took over {build_timeout():.0f} s (FUYOU_BUILD_TIMEOUT)")
         if "error" in result:
             raise result["error"]
-        if not whole_elf(Path(result["path"])):  # (ninja left a truncated library in place: it is built again)
-            Path(result["path"]).unlink(missing_ok=True)
-            raise OSError(f"{result['path']} is cut short (a build killed while linking?); it was removed and is "
-                          f"built again on the next start")
-        lib = ctypes.CDLL(str(result["path"]))
+        so = Path(result["path"])  # (one cut short was removed above, under this lock: ninja built it again)
+        lib = ctypes.CDLL(str(so))
         declare(lib)
-        so = Path(result["path"])
         tmp = build_dir / (BUILT + ".tmp")
         try:  # (a cache that takes no record, full or read-only, only builds again next time)
             tmp.write_text(json.dumps({"library": so.name, "bytes": so.stat().st_size}))
@@ -229,13 +225,13 @@ def whole_elf(path: Path) -> bool:
 
 
 def _built(build_dir: Path) -> Path | None:
-    """The library a build that succeeded left in ``build_dir`` (``BUILT``), if it is there whole. One of
-    another size is removed with its record: ninja would not rebuild it (its command is unchanged), and
-    loading a truncated library dies of SIGBUS."""
+    """The library a build that succeeded left in ``build_dir`` (``BUILT``), if it is there as built (one cut
+    short is gone already: ``_build``). One of another size is removed with its record: ninja would not rebuild
+    it (its command is unchanged)."""
     try:
         rec = json.loads((build_dir / BUILT).read_text())
         so = build_dir / Path(rec["library"]).name
-        if so.is_file() and so.stat().st_size == rec["bytes"] and whole_elf(so):
+        if so.is_file() and so.stat().st_size == rec["bytes"]:
             return so
         so.unlink(missing_ok=True)
         (build_dir / BUILT).unlink(missing_ok=True)

@@ -617,10 +617,12 @@ def check_writable(out, flag: str = "--out") -> None:
 
 def _filesystem(path) -> str | None:
     """The file system type of the mount that holds ``path`` (``/proc/mounts``), or None."""
+    from pathlib import Path
+
     try:
         real = str(path.resolve())
         best, kind = "", None
-        for line in open("/proc/mounts").read().splitlines():
+        for line in Path("/proc/mounts").read_text().splitlines():
             parts = line.split()
             if len(parts) < 3:
                 continue

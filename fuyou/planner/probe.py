@@ -281,8 +281,7 @@ def probe_adam_job(directory: Path, numel: int, cfg: StoreConfig | None = None, 
     from fuyou.optim.config import AdamWConfig
     from fuyou.optim.out_of_core import OutOfCoreAdamW, Segment, StateKeys
 
-    cfg = cfg or StoreConfig()
-    sweep_probe_dirs(directory)
+    cfg = cfg or StoreConfig()  # (what a killed probe left here, probe_store swept: it runs first)
     root = directory / f"fuyou-probe-job-{os.getpid()}"
     shutil.rmtree(root, ignore_errors=True)
     keys = StateKeys("p", "m", "v")

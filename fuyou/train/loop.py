@@ -447,12 +447,17 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
         raise ConfigError("run.tensorboard=true needs the tensorboard package: pip install 'fuyou[tensorboard]'")
     from fuyou.planner.hardware import check_names
 
+    saved_raw = read_toml(Path(resume) / "config.toml") if resume is not None else {}  # the run's config as written
+
+    def saved_section(name: str) -> dict:
+        return saved_raw.get(name) if isinstance(saved_raw.get(name), dict) else {}
+
     try:
         check_names(cfg.hardware)  # (the summary's wear and --plan auto read them)
     except ConfigError as e:
-        saved = read_toml(Path(resume) / "config.toml").get("hardware", {}) if resume is not None else {}
-        if not isinstance(saved, dict) or all(saved.get(k) != getattr(cfg.hardware, k) for k in ("gpu", "ssd", "pcie")
-                                              if getattr(cfg.hardware, k) is not None):
+        saved = saved_section("hardware")
+        if all(saved.get(k) != getattr(cfg.hardware, k) for k in ("gpu", "ssd", "pcie")
+               if getattr(cfg.hardware, k) is not None):
             raise  # (a name this resume gave)
         # (a preset a later fuyou renamed or dropped: the run's own config.toml names it, and the resume can replace it)
         raise ConfigError(f"{e} (the run's config.toml names it: resume with hardware.gpu=, hardware.ssd= or "
@@ -496,8 +501,7 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
         cfg = plan_config(cfg, run_path, stream)
     elif resume is None:
         cfg = _adopt_planned_settings(cfg, stream or sys.stderr, dist.is_main)
-    saved_off = read_toml(run_path / "config.toml").get("offload", {}) if resume is not None else {}
-    saved_off = saved_off if isinstance(saved_off, dict) else {}
+    saved_off = saved_section("offload")
     # (the run's own settings: an override of them is a change a resume refuses, not a run without state: the review)
     if resume is not None and (saved_off.get("mode", cfg.offload.mode) != "ssd"
                                or saved_off.get("commit", cfg.offload.commit) == "none"):
@@ -519,7 +523,6 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
         # ones may have moved: validating them would refuse the resume that names their new place)
         dirs = {"offload.ssd_dirs": list(cfg.offload.ssd_dirs), "data.path": list(cfg.data.path),
                 "data.eval_path": list(cfg.data.eval_path)}
-        saved_raw = read_toml(run_path / "config.toml")
         # (model.init_from is not compared, and the checkpoint it names may be gone: the shape is in the file)
         try:
             saved_cfg = load_config(run_path / "config.toml", flags={**dirs, "model.init_from": None})
@@ -530,7 +533,7 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
         changed = resume_changes(saved_cfg, cfg)
         for key in dirs:
             section, field = key.split(".")
-            saved_paths = saved_raw.get(section, {}).get(field)
+            saved_paths = saved_section(section).get(field)
             if saved_paths is not None and _absolute(saved_paths) != _absolute(dirs[key]):
                 changed[key] = ([saved_paths] if isinstance(saved_paths, str) else list(saved_paths), dirs[key])
                 if key == "data.eval_path" and bool(saved_paths) != bool(dirs[key]) and cfg.data.val_fraction and \
@@ -598,10 +601,9 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
     if changed is not None:  # data that changed under the run: its batches, epochs and held-out set follow it
         if data_moved:
             changed["data files (size, modified)"] = (data_then["files"], data_now["files"])
-        steps_then = data_then.get("steps") if data_then is not None and cfg.train.epochs is not None else None
-        if steps_then not in (None, cfg.train.steps):
-            changed["train.steps (from train.epochs)"] = (steps_then, cfg.train.steps)
-        made = data_then.get("steps") if isinstance(data_then, dict) else None
+        made = data_then.get("steps") if isinstance(data_then, dict) else None  # the steps the run's epochs made
+        if cfg.train.epochs is not None and made not in (None, cfg.train.steps):
+            changed["train.steps (from train.epochs)"] = (made, cfg.train.steps)
         if "train.steps" in changed and made:  # (the epochs' steps, not the unused train.steps: "240 -> 30")
             changed["train.steps"] = (made, changed["train.steps"][1])
     if changed is not None and dist.is_main:
@@ -619,7 +621,7 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
                               for k, (a, b) in changed.items()), file=stream or sys.stderr)
             schedule_note = _schedule_change(load_config(run_path / f"config.step-{trainer.start_step}.toml",
                                                          ["model.init_from=none"], dirs), cfg, trainer.start_step,
-                                             changed, data_then.get("steps") if isinstance(data_then, dict) else None)
+                                             changed, made)
             if schedule_note:
                 print(schedule_note, file=stream or sys.stderr)
     if cfg.data.seq_len > cfg.model.max_seq_len and cfg.model.family == "llama" and resume is None and dist.is_main:
@@ -722,9 +724,7 @@ def _kept_before_non_finite(e: NonFiniteError, run_dir: Path, trainer: Trainer, 
     commit (it trained on with NaN weights, and its snapshots rotated the good ones away: a pass). The error to
     raise, and the snapshot (None: none kept)."""
     if step == 0:  # before any update: the start gave it, which a snapshot would only copy (a pass)
-        return NonFiniteError(f"{e}; no update had been made yet, so the initial weights (model.init_std, --init-from) "
-                              f"or the data make it so, not the learning rate: check them and start again",
-                              e.step), None
+        return NonFiniteError(f"{e}; {NonFiniteError.BEFORE_ANY_UPDATE}", e.step), None
     trained = trainer.adapter_state().values() if cfg.lora.enabled else trainer.master_chunks()
     what = "adapters" if cfg.lora.enabled else "weights"
     if not all(bool(torch.isfinite(c).all()) for c in trained):

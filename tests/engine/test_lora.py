@@ -344,6 +344,7 @@ def test_the_adapter_file_is_the_same_bytes_for_the_same_adapters(tmp_path):
     (tmp_path / "y").mkdir()
     save_adapters(tmp_path / "x", a, cfg, step=3)
     save_adapters(tmp_path / "y", dict(reversed(list(a.items()))), cfg, step=3)
-    assert (tmp_path / "x" / "adapter.safetensors").read_bytes() == (tmp_path / "y" / "adapter.safetensors").read_bytes()
+    x, y = (tmp_path / d / "adapter.safetensors" for d in "xy")
+    assert x.read_bytes() == y.read_bytes()
     back = load_file(str(tmp_path / "x" / "adapter.safetensors"))
     assert back.keys() == a.keys() and all(torch.equal(back[k], a[k]) for k in a)
