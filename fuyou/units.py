@@ -41,6 +41,15 @@ def parse_size(value: int | float | str) -> int:
     return int(n)
 
 
+def format_decimal(n: float) -> str:
+    """Bytes in the drives' own decimal units, as their endurance is rated: 2.4e11 -> '240 GB' (an hour of
+    writes in TB only read '0.000238 TB')."""
+    for k, unit in enumerate(("B", "kB", "MB", "GB", "TB")):
+        if abs(n) < 1000 ** (k + 1) or unit == "TB":
+            return f"{n / 1000 ** k:.3g} {unit}"
+    raise AssertionError("unreachable")
+
+
 def unitless_hint(budget: int) -> str:
     """A hint for a memory budget of a few bytes: a number of GiB given without its unit ("--cpu-mem 12")."""
     # (the value's spelling is not known here: below 1000 bytes no unit was given, or B; "2KB" was asked whether

@@ -118,7 +118,7 @@ class LoRATrainingState(TrainingState):
             os.close(fd)
         os.replace(tmp, directory / name)
         if self.counters is not None:  # the run's SSD-written figures count the adapters' commits
-            self.counters().add(ssd_write_bytes=len(data))
+            self.counters().add(ssd_write_bytes=len(data), commit_write_bytes=len(data), commits=1)
         self.store.sync()
         distributed.current().commit_barrier(steps_done)  # every rank's adapters are durable before any record
         write_record(directory, {**self._record_fields(), "step": steps_done, "store_uuid": self.store.uuid,

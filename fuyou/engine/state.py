@@ -227,7 +227,7 @@ class TrainingState:
         self._last_commit_time = time.monotonic()
 
         def commit():
-            self.flush(flush)
+            self.flush(flush, commit=True)
             self.write_commit(steps_done, copies)
 
         self.worker.submit_call(commit, f"the commit of step {steps_done}")
@@ -250,11 +250,12 @@ class TrainingState:
                 out.append((st, st.cur, st.resident))
         return out
 
-    def flush(self, flush: list[tuple[StageState, int, tuple[Tensor, ...]]]) -> None:
+    def flush(self, flush: list[tuple[StageState, int, tuple[Tensor, ...]]], commit: bool = False) -> None:
         futs = [(self.store.write_from(k, t), st) for st, c, held in flush for k, t in zip(st.copies[c].state, held)]
         for f, st in futs:
             watchdog.result(f, f"the write of {st.stage.name}'s resident optimizer state")
-        self.counters().add(ssd_write_bytes=sum(self.fmt.state_bytes(st.numel) for st, _, _ in flush))
+        nbytes = sum(self.fmt.state_bytes(st.numel) for st, _, _ in flush)
+        self.counters().add(ssd_write_bytes=nbytes, **({"commit_write_bytes": nbytes, "commits": 1} if commit else {}))
 
     def write_commit(self, steps_done: int, copies: list[int]) -> None:
         """Tag the named copies, sync the store, write the record (commit.py's two steps)."""

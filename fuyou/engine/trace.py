@@ -29,6 +29,8 @@ class StepCounters:
     optimizer_kernel_s: float = 0.0
     ssd_read_bytes: int = 0
     ssd_write_bytes: int = 0
+    commit_write_bytes: int = 0    # of ssd_write_bytes, a commit's writes (the resident state, LoRA's adapters)
+    commits: int = 0               # commits whose writes landed in these counters
     h2d_bytes: int = 0
     d2h_bytes: int = 0
     cache_hits: int = 0

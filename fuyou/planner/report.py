@@ -10,7 +10,7 @@ from collections import defaultdict
 from fuyou.policy import CLASSES
 from fuyou.planner.search import Plan, ssd_parts, state_ssd_bytes
 from fuyou.planner.simulate import Task
-from fuyou.units import format_size
+from fuyou.units import format_decimal, format_size
 
 ROWS = ["compute", "h2d", "d2h", "ssd-read", "ssd-write", "cpu-adam", "io-cpu", "reduce", "exchange"]
 LABELS = {"compute": "GPU", "h2d": "H2D", "d2h": "D2H", "ssd-read": "SSD read", "ssd-write": "SSD write",
@@ -206,7 +206,7 @@ def _wear(plan: Plan, step: float) -> dict:
 
 def _wear_line(s: dict) -> str:
     line = (f"SSD wear            {format_size(s['ssd_write_per_step_bytes'])} written per step, "
-            f"{s['ssd_write_per_hour_bytes'] / 1e12:.3g} TB per hour")
+            f"{format_decimal(s['ssd_write_per_hour_bytes'])} per hour")
     if s.get("ssd_life_hours"):
         h = s["ssd_life_hours"]
         line += (f"; rated {s['ssd_tbw_bytes'] / 1e15:.3g} PB written: the drives last {h:,.0f} hours of training "

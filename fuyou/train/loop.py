@@ -31,7 +31,7 @@ from fuyou.train.run import (SaveError, make_run_dir, record_resume, resume_chan
                              save_weights)
 from fuyou.errors import ConfigError, DataError, FuyouError, NonFiniteError
 from fuyou.trainer import Trainer
-from fuyou.units import format_size
+from fuyou.units import format_decimal, format_size
 from fuyou import distributed
 from fuyou.faults import fault
 
@@ -986,6 +986,40 @@ class _StopOnSignal:
             signal.signal(sig, old)
 
 
+def _wear(cfg: FuyouConfig, written: int, commit_written: int, commits: int, steps_run: int,
+          step_s: float) -> dict:
+    """The SSD writes of a step at the run's commit cadence, the planner's model (report.wear_summary): the
+    steps' own writes plus one commit's amortized over the steps between commits; per hour of the steps' own
+    time (evaluations write nothing to the state); and what this run wrote in all. A short run's final commit
+    is one commit of the cadence, not a share of each step: a 4-step run said 9.5 MiB a step, 0.023 TB an
+    hour, where its steps wrote nothing and a long run writes the resident state once every 10min."""
+    off = cfg.offload
+    mean_step = max(step_s, 1e-9) / steps_run
+    per_commit = commit_written / commits if commits else 0.0
+    if off.commit != "cow" or not commits:
+        every = None
+    elif off.commit_steps is not None:
+        every = float(off.commit_steps)
+    else:  # a time: committed at the first step boundary after it, at most once a step
+        every = max(1.0, off.commit_secs / mean_step)
+    own = max(0, written - commit_written) / steps_run
+    per_step = own + (per_commit / every if every else 0.0)
+    return {"ssd_write_per_step_bytes": per_step, "ssd_write_per_hour_bytes": per_step * 3600 / mean_step,
+            "ssd_step_write_bytes": own, "ssd_commit_bytes": per_commit, "steps_per_commit": every,
+            "ssd_written_bytes": written}
+
+
+def _wear_parts(cfg: FuyouConfig, wear: dict) -> str:
+    """What the summary's bytes a step are made of."""
+    own = f"the steps' own {format_size(wear['ssd_step_write_bytes'])}"
+    every = wear["steps_per_commit"]
+    if every is None:
+        return own + (", no commits (offload.commit=none)" if cfg.offload.commit != "cow" else "")
+    cadence = (f"every {every:,.0f} step{'s' if every != 1 else ''}" if cfg.offload.commit_steps is not None
+               else f"every {cfg.offload.commit_every}, {every:,.0f} steps at this run's pace")
+    return f"{own} + a commit's {format_size(wear['ssd_commit_bytes'])} {cadence}"
+
+
 def _endurance(cfg: FuyouConfig) -> tuple[float, str] | None:
     """Rated bytes the run's drives may write, counted as the planner does: hardware.ssd_tbw (per drive) or
     the hardware.ssd preset's endurance, times the preset's drive count (else the number of SSD
@@ -1087,7 +1121,7 @@ def _loop(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, stop
         # its only one (a trace of a one-step run, or of a resume, was never written, in silence)
         trainer.trace_step = start_step + 1 if start_step + 1 < t.steps else start_step
     start = time.perf_counter()
-    tokens = written = 0
+    tokens = written = commit_written = commits = 0
     step_s = 0.0  # the steps' own time (the wear's hours: evaluations and snapshots write nothing to the state)
     stats = None
     for step in range(start_step, t.steps):
@@ -1114,6 +1148,8 @@ def _loop(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, stop
         if counters is not None:
             record.update(counters)
             written += counters.get("ssd_write_bytes", 0)
+            commit_written += counters.get("commit_write_bytes", 0)
+            commits += counters.get("commits", 0)
         if (step + 1) % t.log_every == 0 or step == 0 or step + 1 == t.steps:
             log.write(record)
         fields = {"loss": f"{stats.loss:.4f}", "tok/s": si(tps), "TFLOPS": f"{record['tflops']:.3g}",
@@ -1194,13 +1230,16 @@ def _loop(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, stop
     tail = trainer.step_counters()  # what landed after the last step's record: its optimizer tail, this commit
     if tail is not None:
         written += tail.get("ssd_write_bytes", 0)
+        commit_written += tail.get("commit_write_bytes", 0)
+        commits += tail.get("commits", 0)
     if dist.enabled:  # a machine's drives and memory serve all its ranks (a pass read rank 0's alone: half the wear);
         # summed before the save, after which a rank may be gone (killed past the save: the run is complete)
         machines = max(1, dist.world // dist.local_world)
         peak_then = resident_bytes("VmHWM")
         shared = resident_bytes("RssShmem")  # the ranks' one weight cache (/dev/shm): in each rank's figure, once
-        written, ranks_peak = (v // machines for v in dist.reduce_ints([int(written), peak_then - shared],
-                                                                        "summing the ranks' SSD writes and memory"))
+        written, commit_written, ranks_peak = (
+            v // machines for v in dist.reduce_ints([int(written), int(commit_written), peak_then - shared],
+                                                    "summing the ranks' SSD writes and memory"))
         ranks_peak += dist.reduce_ints([shared], "summing the ranks' SSD writes and memory", op="max")[0]
     elapsed = time.perf_counter() - start
     if ran:
@@ -1221,10 +1260,8 @@ def _loop(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, stop
     peak = resident_bytes("VmHWM")
     machine_peak = ranks_peak - peak_then + peak if dist.enabled else peak
     steps_run = max(1, t.steps - start_step)
-    # per hour of the steps' own time: over the run's (evaluations, the first step's warm-up of the loop included)
-    # the rate fell with the evaluations' share and a busy machine (a pass)
-    wear = {"ssd_write_per_step_bytes": written / steps_run,
-            "ssd_write_per_hour_bytes": written * 3600 / max(step_s, 1e-9)} if cfg.offload.mode == "ssd" and ran else {}
+    wear = (_wear(cfg, written, commit_written, commits, steps_run, step_s)
+            if cfg.offload.mode == "ssd" and ran else {})
     rated = _endurance(cfg)
     tbw, drives = rated if rated else (None, "")
     if wear and tbw:
@@ -1253,9 +1290,9 @@ def _loop(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, stop
         state = ("LoRA: the base is read-only, adapters commit only" if cfg.lora.enabled
                  else f"{cfg.optim.master} master, {cfg.optim.moments} moments")
         summary += (f"\nSSD written{' (a machine, its ranks together)' if dist.enabled else ''}: "
-                    f"{format_size(wear['ssd_write_per_step_bytes'])} per step with the commits (the progress "
-                    f"line's ssd r/w is the step's own), "
-                    f"{wear['ssd_write_per_hour_bytes'] / 1e12:.3g} TB per hour ({state})")
+                    f"{format_size(wear['ssd_write_per_step_bytes'])} per step ({_wear_parts(cfg, wear)}), "
+                    f"{format_decimal(wear['ssd_write_per_hour_bytes'])} per hour ({state}); this run "
+                    f"{format_size(wear['ssd_written_bytes'])} in all")
         if wear.get("ssd_life_hours"):
             summary += (f"; at this rate the drives' rated {tbw / 1e15:.3g} PB ({drives}) last "
                         f"{wear['ssd_life_hours']:,.0f} hours")

@@ -235,3 +235,32 @@ def test_every_commit_counts_in_the_ssd_written_figures(tmp_path, master, moment
     assert len(per_step) == steps
     # a step's record may hold the previous step's late commit, never lose it: the run's total is exact
     assert summary["ssd_write_per_step_bytes"] == pytest.approx(per_commit, rel=0.02), (per_step, per_commit)
+
+
+@pytest.mark.parametrize("every", ["2", "10min"])
+def test_the_final_commit_is_not_charged_to_a_short_runs_steps(tmp_path, every):
+    """A 4-step run whose state is all held in CPU memory writes nothing in its steps and one commit at its
+    end; the summary said that commit's bytes divided by 4 were written each step (9.5 MiB a step, 0.023 TB
+    an hour for gpt-tiny) where a long run writes one commit every offload.commit_every. A step now costs
+    its own writes plus a commit shared over the steps between commits, as the planner counts it, and the
+    run's total is said apart."""
+    from fuyou.models import StageModel
+    from fuyou.optim.compressed import StateFormat
+    from fuyou.train.loop import run_training
+
+    steps = 4
+    cfg = make_cfg(tmp_path, *FOUR_BLOCKS, "offload.mode=ssd", f"offload.commit_every={every}",
+                   "offload.cpu_mem=1GiB", f"train.steps={steps}", "train.log_every=1", "train.eval_every=0",
+                   "run.save_weights=false", "run.name=short", "train.grad_clip=none")
+    res = run_training(cfg)
+    lines = [json.loads(x) for x in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
+    s = next(x for x in lines if x.get("summary"))
+    state = StateFormat.of(cfg.optim).state_bytes(StageModel(cfg.model).num_params)
+    assert s["ssd_step_write_bytes"] == 0 and s["ssd_commit_bytes"] == pytest.approx(state, rel=0.02)
+    commits = steps // 2 if every == "2" else 1  # (every 2 steps: the final commit is step 4's own)
+    assert s["ssd_written_bytes"] == pytest.approx(commits * state, rel=0.02)
+    every_steps = s["steps_per_commit"]
+    assert every_steps == 2 if every == "2" else every_steps > 100  # 10 minutes of steps of well under a second
+    assert s["ssd_write_per_step_bytes"] == pytest.approx(state / every_steps, rel=0.02)
+    step_s = sum(x["step_time_s"] for x in lines if "step_time_s" in x) / steps
+    assert s["ssd_write_per_hour_bytes"] == pytest.approx(s["ssd_write_per_step_bytes"] * 3600 / step_s, rel=0.01)

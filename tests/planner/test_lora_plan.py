@@ -43,7 +43,7 @@ def test_fuyou_plan_takes_lora_overrides(capsys):
     assert "no cost beyond the step (a commit writes the adapters and their moments)" in out
     assert main(["plan", "--model", "gpt3-13b", "--gpu", "rtx4090", "--ssd", "1x990-pro", "--cpu-mem", "64GiB",
                  "--batch", "8", "--seq", "1024", "lora.rank=8", "lora.base=nf4"]) == 0
-    assert "0 B written per step, 0 TB per hour: training does not spend the drives' rated 1.2 PB" in \
+    assert "0 B written per step, 0 B per hour: training does not spend the drives' rated 1.2 PB" in \
         capsys.readouterr().out
     assert main(args[:-2] + ["lora.rank=-1"]) != 0
     assert "invalid lora override" in capsys.readouterr().err
