@@ -535,8 +535,10 @@ class Engine:
         self._defer = self.clipping and (sched == "defer" or (sched == "auto" and self.clipped))
         self.counters.deferred = self._defer
         self.tracer.enabled = step == self.trace_step
-        if self.store is not None:  # the SSD writes of a traced step (a callback a write, only then)
+        if self.store is not None:  # the SSD writes and the optimizer's reads of a traced step (a callback each, only then)
             self.store.write_observer = self._trace_write if self.tracer.enabled else None
+        if self.opt is not None:
+            self.opt.read_observer = self._trace_read if self.tracer.enabled else None
         lr = lr_of(self.cfg, step)
         self._spans.clear()
         anchor, anchor_t = self.dev.event(timing=True).record(), time.perf_counter()  # device time -> host time
@@ -576,6 +578,9 @@ class Engine:
 
     def _trace_write(self, key: str, nbytes: int, t0: float, t1: float) -> None:
         self.tracer.add(f"write {key}", "ssd-write", t0, t1, bytes=nbytes)
+
+    def _trace_read(self, key: str, nbytes: int, t0: float, t1: float) -> None:
+        self.tracer.add(f"read {key}", "ssd-read", t0, t1, bytes=nbytes)
 
     def _stage_fn(self, i: int, pos: Tensor | None = None, key: int | None = None):
         """Stage ``i`` as a function of (weights, input, activation context), for a micro-batch whose
@@ -782,7 +787,7 @@ class Engine:
         buf = watchdog.acquire(self.shared_pool, g.numel() * g.element_size(), g.dtype,
                                "the host buffer of the tied embedding's gradient")
         host = buf.tensor.view(g.shape)
-        return buf, host, self._gradient_d2h([(host, g)])
+        return buf, host, self._gradient_d2h([(host, g)], "tied embedding")
 
     def _shared_in(self, buf, host: Tensor, ev) -> Tensor:
         """Back on the device for the embedding's sum, on the compute stream (0.1 s at 175B's 2.4 GB,
@@ -998,20 +1003,25 @@ class Engine:
         if into is None:
             buf = watchdog.acquire(self.grad_pool, st.numel * dtype_size(self.gdtype), self.gdtype, "a gradient buffer")
             into, release = buf.tensor, buf.release
-        ev = self._gradient_d2h([(into[offset:offset + part.numel()], part) for part, offset in parts])
+        ev = self._gradient_d2h([(into[offset:offset + part.numel()], part) for part, offset in parts], st.stage.name)
         return into, release, ev
 
-    def _gradient_d2h(self, copies: list[tuple[Tensor, Tensor]]):
+    def _gradient_d2h(self, copies: list[tuple[Tensor, Tensor]], name: str):
         """Copy device gradients to pinned host memory ((host, device) pairs) on the D2H stream, after
         the compute that made them; the copy is one of the gradients leaving the device (``_leaving``).
         Returns its event."""
         self.d2h_stream.wait_stream(self.dev.compute)
+        timed = self.tracer.enabled
+        start = self.dev.event(timing=True).record(self.d2h_stream) if timed else None
         for host, part in copies:
             self.dev.record_stream(part, self.d2h_stream)
             self.dev.to_host(host, part, self.d2h_stream)
-        ev = self.dev.event().record(self.d2h_stream)
+        ev = self.dev.event(timing=timed).record(self.d2h_stream)
         self._leaving.add(ev)
-        self.counters.add(d2h_bytes=sum(part.numel() * part.element_size() for _, part in copies))
+        nbytes = sum(part.numel() * part.element_size() for _, part in copies)
+        self.counters.add(d2h_bytes=nbytes)
+        if timed:  # the copy's own time on the device (as the weights' H2D rows)
+            self.tracer.add_gpu(f"d2h gradient {name}", "d2h", start, ev, bytes=nbytes)
         return ev
 
     def _bound_leaving(self, n: int) -> None:

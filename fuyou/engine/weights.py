@@ -151,8 +151,9 @@ class WeightStreamer:
                 buf.release()
                 raise
             host = buf.tensor
-            c.add(ssd_read_bytes=st.wnumel * dtype_size(self.dtype))
-            self.tracer.add(f"read weights {st.stage.name}", "ssd-read", t0, time.perf_counter())
+            nbytes = st.wnumel * dtype_size(self.dtype)
+            c.add(ssd_read_bytes=nbytes)
+            self.tracer.add(f"read weights {st.stage.name}", "ssd-read", t0, time.perf_counter(), bytes=nbytes)
         if self.dev.is_host:
             return Loaded(host, ready, time.perf_counter(), buffer=buf)
         if gate is not None:

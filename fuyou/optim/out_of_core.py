@@ -103,6 +103,18 @@ class OutOfCoreAdamW:
         self.store, self.pool, self.cfg, self.depth, self.num_threads = store, pool, cfg, depth, num_threads
         self.seed = seed  # of the stochastic rounding of a bf16 master (Note: [Compressed state])
 
+    #: called as ``observer(key, nbytes, submitted, done)`` (perf_counter times) when one of the optimizer's
+    #: reads completes, if set: the engine's ``--trace`` records the state's and saved gradients' SSD reads with it
+    #: (an observer of every store read would see the weights' and activations' too, which have rows of their own)
+    read_observer = None
+
+    def _read(self, key: str, tensor: torch.Tensor, start: int = 0):
+        observer, t0 = self.read_observer, time.perf_counter()
+        fut = self.store.read_into(key, tensor, start=start)
+        if observer is not None and hasattr(fut, "add_done_callback"):  # (kvikio's GPU-direct futures have none)
+            fut.add_done_callback(lambda f: f.exception(0) or observer(key, f.nbytes, t0, time.perf_counter()))
+        return fut
+
     def max_buffer_bytes(self, grad_bytes: int = 4, lowp_bytes: int = 4, largest_numel: int = 0) -> int:
         """The most pool memory one ``update`` holds at once (see the module docstring); with int8
         moments, the block scales of the largest stage (``largest_numel``) too."""
@@ -156,11 +168,11 @@ class OutOfCoreAdamW:
             s, e = span
             n = e - s
             bufs = [self.pool.acquire(4 * n, torch.float32) for _ in range(3)]
-            futs = [self.store.read_into(k, b.tensor, start=s) for k, b in zip(keys.state, bufs)]
+            futs = [self._read(k, b.tensor, start=s) for k, b in zip(keys.state, bufs)]
             if gkey:
                 gb = self.pool.acquire(n * _size(gdtype), gdtype)
                 bufs.append(gb)
-                futs.append(self.store.read_into(gkey, gb.tensor, start=s))
+                futs.append(self._read(gkey, gb.tensor, start=s))
             stats.read_bytes += sum(b.tensor.numel() * b.tensor.element_size() for b in bufs)
             reading.append((span, bufs, futs))
 
@@ -260,7 +272,7 @@ class OutOfCoreAdamW:
                 gbuf = wbuf = None
                 if gkey:
                     gbuf = self.pool.acquire((e - s) * _size(grad_dtype), grad_dtype)
-                    pending.append((self.store.read_into(gkey, gbuf.tensor, start=s), gbuf))
+                    pending.append((self._read(gkey, gbuf.tensor, start=s), gbuf))
                     pending[-1][0].result()
                     stats.read_bytes += (e - s) * _size(grad_dtype)
                 g = gbuf.tensor if gbuf is not None else grad[s:e]
@@ -323,10 +335,10 @@ class OutOfCoreAdamW:
             if held is None:
                 for t in chunked:
                     bufs.append(self.pool.acquire(n * t.itemsize, t.dtype))
-                    futs.append(self.store.read_into(src[t.role], bufs[-1].tensor, start=s))
+                    futs.append(self._read(src[t.role], bufs[-1].tensor, start=s))
             if gkey:
                 bufs.append(self.pool.acquire(n * _size(gdtype), gdtype))
-                futs.append(self.store.read_into(gkey, bufs[-1].tensor, start=s))
+                futs.append(self._read(gkey, bufs[-1].tensor, start=s))
             stats.read_bytes += sum(b.tensor.numel() * b.tensor.element_size() for b in bufs)
             reading.append((span, bufs, futs))
 
@@ -346,7 +358,7 @@ class OutOfCoreAdamW:
                     continue
                 buf = self.pool.acquire(4 * t.numel(numel), torch.float32)
                 scales[t.role] = buf
-                scale_reads.append(self.store.read_into(src[t.role], buf.tensor))  # beside the first chunks'
+                scale_reads.append(self._read(src[t.role], buf.tensor))  # beside the first chunks'
                 stats.read_bytes += 4 * t.numel(numel)
             for span in chunks[: self.depth]:
                 issue_read(span)

@@ -1017,6 +1017,8 @@ def _wear_parts(cfg: FuyouConfig, wear: dict) -> str:
         return own + (", no commits (offload.commit=none)" if cfg.offload.commit != "cow" else "")
     cadence = (f"every {every:,.0f} step{'s' if every != 1 else ''}" if cfg.offload.commit_steps is not None
                else f"every {cfg.offload.commit_every}, {every:,.0f} steps at this run's pace")
+    if not wear["ssd_commit_bytes"]:
+        return f"{own}; its commits, {cadence}, write no state: none is held in CPU memory"
     return f"{own} + a commit's {format_size(wear['ssd_commit_bytes'])} {cadence}"
 
 

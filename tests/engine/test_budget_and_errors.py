@@ -1,6 +1,7 @@
 """Budgets are promises, and impossible configurations are refused before any work starts."""
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -186,13 +187,20 @@ def test_trace_and_metrics_from_the_cli(tmp_path, capsys):
     trace = tmp_path / "trace.json"
     rc = main(["train", "--offload", "ssd", "--ssd", str(ssd), "--cpu-mem", "512MiB", "--out", str(tmp_path / "runs"),
                "--trace", str(trace), "model.preset=gpt-test", "train.steps=3", "train.grad_clip=none",
-               "offload.cache_weights=false", "data.seq_len=32", "train.micro_batch_size=2", "train.eval_batches=1"])
+               "offload.cache_weights=false", "offload.resident_mem=0", "data.seq_len=32", "train.micro_batch_size=2",
+               "train.eval_batches=1"])
     assert rc == 0, capsys.readouterr().err
     events = json.loads(trace.read_text())["traceEvents"]
     cats = {e.get("cat") for e in events if e["ph"] == "X"}
     assert {"compute", "ssd-read", "cpu-adam", "ssd-write"} <= cats  # (the SSD writes were missing)
     writes = [e for e in events if e.get("cat") == "ssd-write"]
     assert any("weights" in e["name"] for e in writes) and all(e["args"]["bytes"] > 0 for e in writes)
+    reads = [e for e in events if e.get("cat") == "ssd-read"]  # the weights' and, no state resident, the optimizer's
+    assert all(e["args"]["bytes"] > 0 for e in reads)
+    names = sorted(e["name"] for e in reads)
+    assert any(n.startswith("read weights ") for n in names), names
+    for part in ("master", "exp_avg", "exp_avg_sq"):  # a stage's state is "STAGE/PART.COPY" in the store
+        assert any(re.fullmatch(rf"read [\w.]+/{part}\.\d", n) for n in names), (part, names)
     rows: dict = {}  # a row's events apart in time: overlapping ones (threads writing at once) were dropped or
     for e in sorted((e for e in events if e["ph"] == "X"), key=lambda e: e["ts"]):  # garbled by Perfetto (a pass)
         assert e["ts"] >= rows.get(e["tid"], float("-inf")) - 1e-3, e

@@ -198,6 +198,10 @@ def test_compute_time_comes_from_events_and_the_trace_has_device_rows(tmp_path):
         st = eng.states[1]
         simulated = st.numel * 4 / device.FAKE_COPY_BW * 1e6  # the copy's time on the fake's clock (µs)
         assert simulated * 0.9 <= rows[f"h2d weights {st.stage.name}"]["dur"] <= simulated + 50_000  # + host gaps
+        d2h = {e["name"]: e for e in eng.tracer.events if e["cat"] == "d2h"}  # each stage's gradient leaving
+        for st in eng.states:
+            row = d2h[f"d2h gradient {st.stage.name}"]
+            assert row["args"]["bytes"] == st.numel * eng.gdtype.itemsize and row["dur"] > 0
         compute = [e for e in eng.tracer.events if e["cat"] == "compute"]
         assert len(compute) == 2 * (len(eng.states) - 1) + (1 if eng.tied else 0) or compute
         assert eng.counters.compute_s > 0
