@@ -535,7 +535,7 @@ class Engine:
         self._defer = self.clipping and (sched == "defer" or (sched == "auto" and self.clipped))
         self.counters.deferred = self._defer
         self.tracer.enabled = step == self.trace_step
-        if self.store is not None:  # the SSD writes and the optimizer's reads of a traced step (a callback each, only then)
+        if self.store is not None:  # the SSD writes and the optimizer's reads of a traced step (a callback each)
             self.store.write_observer = self._trace_write if self.tracer.enabled else None
         if self.opt is not None:
             self.opt.read_observer = self._trace_read if self.tracer.enabled else None
