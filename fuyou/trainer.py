@@ -22,6 +22,11 @@ class StepStats:
     loss_tokens: int = 0   # of those, the tokens with a target (the loss is their mean)
 
 
+class EvaluationStopped(Exception):
+    """``evaluate(should_stop)``: the stop was asked for between two held-out batches, and the evaluation
+    abandoned there (its loss would be of part of the held-out data)."""
+
+
 class Trainer(Protocol):
     device: torch.device
     clipping: bool
@@ -40,7 +45,10 @@ class Trainer(Protocol):
     def step_counters(self) -> dict | None:
         """The last step's counters (seconds and bytes by kind), or None."""
 
-    def evaluate(self) -> float | None: ...
+    def evaluate(self, should_stop=None) -> float | None:
+        """The mean loss over the held-out batches, or None without any. ``should_stop()`` is asked before
+        each batch (on every rank at the same points: it may agree over them) and, when true, the evaluation
+        is abandoned by raising :class:`EvaluationStopped`."""
 
     def commit(self, steps_done: int) -> None:
         """Make the state after ``steps_done`` steps the one a resume starts from (no-op in memory)."""

@@ -126,7 +126,7 @@ from fuyou.store.aligned import huge_empty
 from fuyou.units import format_size
 from fuyou.data.batches import check_sequence_length, make_batches
 from fuyou.models.precision import autocast
-from fuyou.trainer import StepStats
+from fuyou.trainer import EvaluationStopped, StepStats
 from fuyou.optim.schedule import lr_of
 from fuyou.models.lora import attach, dropout_key
 from fuyou.models.quant import FORMATS, PackedStage
@@ -1073,25 +1073,32 @@ class Engine:
 
     # -- evaluation and state --------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self) -> float | None:
+    def evaluate(self, should_stop=None) -> float | None:
         if self.eval_batches is None:
             return None
         self.worker.wait_all()  # the step's tail lands in its counters; the evaluation's reads in none
         counted, self.counters = self.counters, StepCounters()
         try:
-            return self._evaluate()
+            return self._evaluate(should_stop)
         finally:
             self.counters = counted
             self._trim_heap()
 
     @torch.no_grad()
-    def _evaluate(self) -> float:
+    def _evaluate(self, should_stop=None) -> float:
         S = len(self.states)
-        batches = list(self.eval_batches)[self.dist.rank::self.dist.world]  # each rank its share
+        every = list(self.eval_batches)
+        batches = every[self.dist.rank::self.dist.world]  # each rank its share
         self.streamer.plan(self.forward_order() * len(batches))
         pos, total, count = 0, 0.0, 0
         try:
-            for b in batches:
+            # asked as often on every rank (a rank with a batch fewer too): the answer may be agreed over them
+            for k in range(-(-len(every) // self.dist.world)):
+                if should_stop is not None and should_stop():
+                    raise EvaluationStopped
+                if k >= len(batches):
+                    continue
+                b = batches[k]
                 h = self._to_device(b.tokens, "input batch")
                 p = None if b.positions is None else self._to_device(b.positions, "input batch")
                 for i in range(S - 1):

@@ -30,7 +30,7 @@ from fuyou.engine.state import run_id, write_run_id
 from fuyou.train.run import (SaveError, make_run_dir, record_resume, resume_changes, run_dir_path, save_snapshot,
                              save_weights)
 from fuyou.errors import ConfigError, DataError, FuyouError, NonFiniteError
-from fuyou.trainer import Trainer
+from fuyou.trainer import EvaluationStopped, Trainer
 from fuyou.units import format_decimal, format_size
 from fuyou import distributed
 from fuyou.faults import fault
@@ -978,7 +978,7 @@ class _StopOnSignal:
             os._exit(128 + signum)
         self.requested, self._at = name, time.monotonic()
         os.write(2, f"\nfuyou: {self.requested}: stopping at the end of this step (an evaluation under way "
-                    f"finishes first), with a commit of it (SSD offload) or a snapshot (in memory, or "
+                    f"is abandoned after its batch), with a commit of it (SSD offload) or a snapshot (in memory, or "
                     f"offload.commit=none); a second signal (after {self.REPEAT_S:g} s) exits at once\n".encode())
 
     def restore(self):
@@ -1061,6 +1061,27 @@ def _seen(trainer: Trainer, cfg: FuyouConfig, steps: int) -> dict:
     return out
 
 
+def _stop_before_any_step(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, log, progress, stop, start_step: int,
+                          first_eval: float | None) -> RunResult:
+    """A stop that came during the evaluation before this launch's first step: nothing was trained. A run
+    that commits is left at its commit (step 0's, or the one it resumed from); any other keeps nothing."""
+    from fuyou.engine.malloc import resident_bytes
+
+    log.write({"stopped": stop.requested, "step": start_step})
+    log.close()
+    if cfg.offload.mode == "ssd" and cfg.offload.commit == "cow":
+        how = distributed.resume_command(run_dir)
+        progress.message(f"stopped by {stop.requested} before step {start_step + 1}: nothing was trained in this "
+                         f"launch; the commit of step {start_step} is intact; continue with: {how}")
+    else:
+        if cfg.offload.mode == "ssd":  # (offload.commit=none: a state nothing resumes goes, as a finished run's)
+            trainer.completed = True
+        progress.message(f"stopped by {stop.requested} before the first step: nothing was trained and nothing "
+                         f"is kept; start the run again")
+    return RunResult(run_dir, first_eval, None, float("nan"), 0.0, resident_bytes("VmHWM"), stopped=True,
+                     exit_status=_stop_status(stop.requested))
+
+
 def _serve_weights(trainer) -> None:
     """A rank other than 0 while rank 0 saves: with a sharded optimizer state it sends the master
     weights of the stages it owns (``Engine.master_chunks`` is a collective); else nothing."""
@@ -1112,7 +1133,18 @@ def _loop(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, stop
         progress.message(f"resuming at step {start_step} from the last commit")
         progress.done = start_step
         log.write({"resumed": start_step})  # records of later steps before this line are of the redone steps
-    first_eval = last_eval = trainer.evaluate()
+    def should_stop() -> bool:  # between held-out batches: a stop abandons an evaluation (every rank at once)
+        return dist.any(stop.requested is not None, "agreeing on a stop during the evaluation")
+
+    def evaluate(at: int) -> float | None:
+        try:
+            return trainer.evaluate(should_stop)
+        except EvaluationStopped:
+            stop.requested = stop.requested or "a stop on another rank"
+            progress.message(f"the evaluation at step {at} was abandoned ({stop.requested})")
+            return None
+
+    first_eval = last_eval = evaluate(start_step)
     if first_eval is not None:
         # (evaluated at the commit's step already, to the same value: held-out data changed on resume logs anew)
         if not (trainer.resumed and log.logged_eval(start_step) == first_eval):
@@ -1123,6 +1155,8 @@ def _loop(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, stop
         # its only one (a trace of a one-step run, or of a resume, was never written, in silence)
         trainer.trace_step = start_step + 1 if start_step + 1 < t.steps else start_step
     start = time.perf_counter()
+    if ran and stop.requested is not None:  # (agreed: the evaluation before the first step was abandoned)
+        return _stop_before_any_step(cfg, trainer, run_dir, log, progress, stop, start_step, first_eval)
     tokens = written = commit_written = commits = 0
     step_s = 0.0  # the steps' own time (the wear's hours: evaluations and snapshots write nothing to the state)
     stats = None
@@ -1171,7 +1205,7 @@ def _loop(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, stop
                 progress.message(f"warning: the trace of step {step + 1} could not be written to {trace} "
                                  f"({e.strerror or e}); training goes on")
         if t.eval_every and (step + 1) % t.eval_every == 0 and step + 1 != t.steps:
-            last_eval = trainer.evaluate()
+            last_eval = evaluate(step + 1)
             if last_eval is not None:
                 log.write({"step": step + 1, "eval_loss": last_eval, **_seen(trainer, cfg, step + 1)})
                 progress.message(f"eval loss at step {step + 1}: {last_eval:.4f}")
@@ -1245,7 +1279,7 @@ def _loop(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, stop
         ranks_peak += dist.reduce_ints([shared], "summing the ranks' SSD writes and memory", op="max")[0]
     elapsed = time.perf_counter() - start
     if ran:
-        last_eval = trainer.evaluate()
+        last_eval = evaluate(t.steps)  # (a stop now skips it: the run is complete, its weights are saved next)
         if last_eval is not None:
             log.write({"step": t.steps, "eval_loss": last_eval, **_seen(trainer, cfg, t.steps)})
     if cfg.run.save_weights:
@@ -1284,7 +1318,8 @@ def _loop(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, stop
         summary = (f"done: {done} in {elapsed:.1f}s, {si(mean_tps)} tokens/s, "
                    f"{mean_tps * flops_per_token / 1e12:.3g} TFLOPS")
     if first_eval is not None:
-        summary += f"; eval loss {first_eval:.4f} -> {last_eval:.4f}"
+        summary += f"; eval loss {first_eval:.4f} -> " + (f"{last_eval:.4f}" if last_eval is not None else
+                                                          "(the last evaluation was abandoned)")
     summary += f"; peak resident memory {format_size(peak)}"
     if dist.enabled:
         summary += f" (rank 0; a machine's {dist.local_world} ranks together {format_size(machine_peak)})"

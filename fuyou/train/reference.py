@@ -27,7 +27,7 @@ from fuyou.data.batches import check_sequence_length, make_batches
 from fuyou.models.precision import autocast, round_stage_input
 from fuyou.optim.compressed import StateFormat, decode_state, new_state, reference_adamw_, sr_key
 from fuyou.policy import stage_input_dtypes
-from fuyou.trainer import StepStats
+from fuyou.trainer import EvaluationStopped, StepStats
 from fuyou.models import StageModel
 from fuyou.models.lora import attach, dropout_key, init_adapters
 from fuyou.optim.schedule import lr_of
@@ -217,11 +217,13 @@ class ReferenceTrainer:
                 p.grad.add_(leaf.grad)
 
     @torch.no_grad()
-    def evaluate(self) -> float | None:
+    def evaluate(self, should_stop=None) -> float | None:
         if self.eval_batches is None:
             return None
         total, count = 0.0, 0
         for b in self.eval_batches:  # a mean over the held-out tokens with a target, as in training
+            if should_stop is not None and should_stop():
+                raise EvaluationStopped
             pos = None if b.positions is None else b.positions.to(self.device)
             with autocast(self.device, self.cfg.train.precision):
                 total += float(self.model.forward_loss({**self.params, **self.adapters}, b.tokens.to(self.device),
