@@ -10,6 +10,10 @@ weights saved, before its SSD state is deleted), ``reshard_copy`` (fuyou
 reshard, while copying a tensor into the new state), ``reshard_switch`` (fuyou reshard, after its
 decision, before the renames). Unset, it costs one dict lookup.
 
+``FUYOU_FAULT=sigint:name`` (or ``sigint:name@step``) sends SIGINT instead, as Ctrl-C would, at a point
+reached in the main thread. Points for it too: ``evaluation`` (before the second held-out batch of an
+evaluation; its step: which evaluation of this process, 0 the first).
+
 ``FUYOU_FAULT=stall:name`` (or ``stall:name@step``) instead makes the thread reaching ``stall(name)``
 hang for an hour, as a stuck disk or driver would: the engine's deadlines (``fuyou.watchdog``) must
 turn that into an error. Points: ``optimizer`` (the worker, before a stage's update), ``load`` (a
@@ -37,9 +41,12 @@ def fault(name: str, step: int | None = None) -> None:
     want = os.environ.get(FAULT_ENV)
     if not want or not _this_rank():
         return
+    sig = signal.SIGKILL
+    if want.startswith("sigint:"):
+        sig, want = signal.SIGINT, want[len("sigint:"):]
     point, _, at = want.partition("@")
     if point == name and (not at or (step is not None and int(at) == step)):
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), sig)
 
 
 def stall(name: str, step: int | None = None) -> None:

@@ -575,6 +575,7 @@ class Engine:
         return StepStats(loss, lr, grad_norm, tokens, self._loss_tokens)
 
     trace_step = 1  # which step's tasks ``--trace`` records (the second: the first warms caches)
+    _evaluations = 0  # evaluations run by this process (faults.py's ``evaluation`` point)
 
     def _trace_write(self, key: str, nbytes: int, t0: float, t1: float) -> None:
         self.tracer.add(f"write {key}", "ssd-write", t0, t1, bytes=nbytes)
@@ -1093,7 +1094,10 @@ class Engine:
         pos, total, count = 0, 0.0, 0
         try:
             # asked as often on every rank (a rank with a batch fewer too): the answer may be agreed over them
-            for k in range(-(-len(every) // self.dist.world)):
+            rounds = -(-len(every) // self.dist.world)
+            for k in range(rounds):
+                if k == min(1, rounds - 1):
+                    fault("evaluation", self._evaluations)  # tests: a stop or a kill in the middle of an evaluation
                 if should_stop is not None and should_stop():
                     raise EvaluationStopped
                 if k >= len(batches):
@@ -1125,6 +1129,8 @@ class Engine:
         except BaseException as e:
             self.streamer.drain(patient=not isinstance(e, watchdog.StallError))
             raise
+        finally:
+            self._evaluations += 1
         if self.dist.enabled:
             both = self.dist.all_reduce_(torch.tensor([total, float(count)], dtype=torch.float64, device=(
                 self.device if self.dist.backend == "nccl" else "cpu")), "summing the evaluation loss")

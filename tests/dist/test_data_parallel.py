@@ -585,3 +585,23 @@ def test_a_stop_commit_longer_than_torchruns_shutdown_timeout_is_named(tmp_path,
     monkeypatch.setattr(Path, "read_bytes", lambda p: real(cmdline) if str(p).endswith("/cmdline") else real(p))
     _note_torchrun_shutdown(trainer, Dist(0, 2, 0, 2, "gloo"), sys.stderr)
     assert capsys.readouterr().err == ""
+
+
+def test_a_stop_on_one_rank_in_an_evaluation_abandons_it_on_every_rank(tmp_path):
+    """Ctrl-C reaches rank 1 in the middle of the evaluation after step 2 (three held-out batches: rank 1
+    has one, rank 0 two; the signal comes where rank 1 has none left and still asks): both ranks abandon
+    the evaluation at the same batch, commit step 2 and stop, with nothing of it logged; the resume ends
+    bit-identical to an uninterrupted run."""
+    extra = ("train.eval_batches=3", "train.grad_accum=2")
+    torchrun(train_args(tmp_path, "whole", *extra))
+    procs = rank_procs(tmp_path, train_args(tmp_path, "cut", *extra), fault_rank=1, fault="sigint:evaluation@1")
+    outs = [p.communicate(timeout=180) for p in procs]
+    assert [p.returncode for p in procs] == [128 + signal.SIGTERM, 128 + signal.SIGINT], outs[0][1][-2000:] + \
+        outs[1][1][-2000:]
+    assert "the evaluation at step 2 was abandoned (a stop on another rank)" in outs[0][1], outs[0][1][-2000:]
+    run = tmp_path / "runs" / "cut"
+    lines = metrics(run)
+    assert [m["step"] for m in lines if "eval_loss" in m] == [0] and lines[-1]["stopped"] and lines[-1]["step"] == 2
+    torchrun(["train", "--resume", str(run)])
+    a, b = load_file(tmp_path / "runs" / "whole" / "model.safetensors"), load_file(run / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
