@@ -960,14 +960,18 @@ class _StopOnSignal:
 
     def _handle(self, signum, frame):
         name = signal.Signals(signum).name
-        repeat = self.requested == name and (time.monotonic() - self._at < self.REPEAT_S or (
-            name == "SIGTERM" and "TORCHELASTIC_RUN_ID" in os.environ))
+        torchrun = self.requested is not None and name == "SIGTERM" and "TORCHELASTIC_RUN_ID" in os.environ
+        repeat = torchrun or (self.requested == name and time.monotonic() - self._at < self.REPEAT_S)
         if repeat:
             # one stop reaching the process twice: a signal to the process group or cgroup (systemd, Slurm's
             # scancel, `timeout`, kill -TERM -PGID) that torchrun forwards again (a hostile pass lost the stop's
-            # commit). The window counts from when Python runs the handler, which a long C call delays (a review):
-            # under torchrun a repeated SIGTERM is always the same stop (SIGKILL, or Ctrl-C twice, ends it now).
-            os.write(2, f"fuyou: {name} again: taken as the same stop\n".encode())
+            # commit). The window counts from when Python runs the handler, which a long C call delays (a review).
+            # Under torchrun any SIGTERM after a stop is the same stop: torchrun passes a stop on, and a second
+            # one that reaches it (`timeout` forwarding a Ctrl-C to it, two SIGHUPs of a dropped session) it
+            # passes on as SIGTERM at once (a pass lost the commit so); SIGKILL, or Ctrl-C again, ends it now.
+            os.write(2, (f"fuyou: {name} again: taken as the same stop\n" if name == self.requested else
+                         f"fuyou: {name} after {self.requested}: taken as the same stop (torchrun passing it on)\n"
+                         ).encode())
             return
         if self.requested is not None:
             # A second signal ends the process now, whatever it waits for: the last commit on the SSD

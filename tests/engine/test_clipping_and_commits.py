@@ -112,3 +112,34 @@ def test_a_second_signal_always_ends_the_process(tmp_path):
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert "second signal" in err
+
+
+def test_under_torchrun_a_sigterm_after_a_stop_is_the_same_stop(tmp_path):
+    """torchrun passes a stop on to its workers; a second one reaching it (`timeout` forwarding a Ctrl-C
+    sent to the process group, two SIGHUPs of a dropped session) it passes on as SIGTERM in the same
+    millisecond, which ended the workers without the stop's commit (a hostile pass: 12 steps lost). Under
+    torchrun a SIGTERM after a stop is the same stop; another SIGINT still ends the process at once."""
+    env = {k: v for k, v in os.environ.items() if k != "FUYOU_FAULT"}
+    env.update(FUYOU_FAULT="stall:optimizer@1", TORCHELASTIC_RUN_ID="test")
+    proc = subprocess.Popen(train_cmd(tmp_path, "t", "offload.resident_mem=0", "train.grad_clip=none"),
+                            stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        m = tmp_path / "runs" / "t" / "metrics.jsonl"
+        deadline = time.time() + 60
+        while time.time() < deadline and not (m.exists() and '"loss"' in m.read_text()):
+            time.sleep(0.05)
+        time.sleep(1.0)  # inside step 2, waiting on the stalled worker
+        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGTERM)  # torchrun's escalation
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGTERM)  # later too: torchrun's own shutdown
+        time.sleep(1.0)
+        assert proc.poll() is None  # still only asked
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGINT, err
+    assert err.count("SIGTERM after SIGINT: taken as the same stop (torchrun passing it on)") == 2, err
+    assert "second signal" in err
