@@ -507,13 +507,18 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
                                or saved_off.get("commit", cfg.offload.commit) == "none"):
         from fuyou.snapshots import snapshot_dirs
 
-        kept = [*snapshot_dirs(run_path / "snapshots"), *([run_path] if (run_path / "model.safetensors").is_file()
-                                                          else [])]
+        lora = int(saved_section("lora").get("rank", cfg.lora.rank) or 0) > 0  # (a LoRA run saves adapters)
+        saved = "adapter.safetensors" if lora else "model.safetensors"
+        kept = [*snapshot_dirs(run_path / "snapshots"), *([run_path] if (run_path / saved).is_file() else [])]
         why = ("an in-memory run, offload.mode=none, commits no state to resume from"
                if saved_off.get("mode", cfg.offload.mode) != "ssd" else "offload.commit=none commits nothing")
+        # (a LoRA run's advice named --init-from its adapters, which that refuses: a pass)
+        how = (f"export its last saved adapters (`fuyou export {kept[-1]} --out DIR`) and start a run over the same "
+               f"base with lora.init_from=DIR" if lora else f"start a new run from its last saved weights, "
+                                                            f"--init-from {kept[-1]}") if kept else None
         raise ConfigError(f"{run_path} keeps no resumable state ({why}): "
-                          + (f"start a new run from its last saved weights, --init-from {kept[-1]}" if kept else
-                             "it saved no weights to start a new run from either (train.save_every keeps snapshots)")
+                          + (how or f"it saved no {'adapters' if lora else 'weights'} to start a new run from either "
+                                    f"(train.save_every keeps snapshots)")
                           + "; nothing was changed")  # (it said "never committed ... or moved (resume with --ssd)")
     changed = None
     if resume is not None:  # refuses what a resume cannot change, before the state is opened

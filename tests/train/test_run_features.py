@@ -846,3 +846,23 @@ def test_a_resume_logs_each_evaluation_once(tmp_path, capsys):
         acc.Reload()
         # (sorted: TensorBoard reads the event files by name, and two launches in one second sort by their pid)
         assert sorted(e.step for e in acc.Scalars("eval/eval_loss")) == [0, 2, 4]
+
+
+def test_a_lora_run_without_commits_names_its_adapters_to_start_from(tmp_path, capsys):
+    """--resume of a finished in-memory LoRA run said it "saved no weights" (its adapter.safetensors was not
+    counted), and of a stopped one "--init-from SNAPSHOT", which refuses a LoRA run's adapters: the advice is
+    now the stop's own, export them and start over the same base with lora.init_from."""
+    out = str(tmp_path / "runs")
+    base = ["model.preset=gpt-test", "model.n_layer=4", "data.seq_len=32", "lora.rank=4", "train.eval_every=0"]
+    assert main(["train", "--out", out, *base, "train.steps=2", "run.name=done"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", str(tmp_path / "runs" / "done")]) == 2
+    err = capsys.readouterr().err
+    assert f"`fuyou export {tmp_path / 'runs' / 'done'} --out DIR`" in err and "lora.init_from=DIR" in err, err
+    assert "--init-from" not in err
+    assert main(["train", "--out", out, *base, "train.steps=2", "train.save_every=1", "run.save_weights=false",
+                 "run.name=snap"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", str(tmp_path / "runs" / "snap")]) == 2
+    err = capsys.readouterr().err
+    assert "snapshots/step-000001` --out DIR`" in err.replace(" --out", "` --out") or "step-000001 --out DIR" in err, err
