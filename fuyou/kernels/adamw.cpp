@@ -636,9 +636,13 @@ void narrow_bf16(const float* __restrict x, uint16_t* __restrict out, int len) {
 
 // int8 codes are 8-bit minifloats of x = |m| / a (m: sign and 4 exponent + 3 mantissa bits, x in
 // [2^-15, 1]) and of x = v / a (v: 5 exponent + 3 mantissa bits, x in [2^-31, 1], code 0 the smallest,
-// never zero), rounded to nearest even on the fp32 bits: integer operations and one multiply an element.
+// never zero), rounded to nearest on the fp32 bits, a tie (1 value in 2^20) up: one multiply, one add
+// and one arithmetic shift an element, the rebias folded into the add (code - bias = (bits + 2^19 -
+// (bias << 20)) >> 20, signed; Note: [Compressed state], 3). Nearest-even took three operations more.
 constexpr int32_t kMBias = 896;  // (127 - 15) << 3
 constexpr int32_t kVBias = 768;  // (127 - 31) << 3
+constexpr int32_t kMRound = 0x80000 - (kMBias << 20);
+constexpr int32_t kVRound = 0x80000 - (kVBias << 20);
 
 inline float from_bits(uint32_t u) {
   float f;
@@ -646,11 +650,10 @@ inline float from_bits(uint32_t u) {
   return f;
 }
 
-inline int32_t minifloat(float x) {  // x >= 0: (biased exponent << 3 | 3 mantissa bits), fp32 bias
+inline int32_t minifloat(float x, int32_t round) {  // x >= 0: the code - bias (round: kMRound, kVRound)
   uint32_t u;
   std::memcpy(&u, &x, 4);
-  u += 0x7FFFFu + ((u >> 20) & 1u);
-  return static_cast<int32_t>(u >> 20);
+  return static_cast<int32_t>(u + static_cast<uint32_t>(round)) >> 20;  // the kernels' add, read signed
 }
 
 __attribute__((target_clones("avx512f", "avx2", "default")))
@@ -688,7 +691,7 @@ void encode_m8(const float* __restrict x, float inv, int8_t* __restrict q, int l
   for (int i = 0; i < len; ++i) {
     uint32_t u;
     std::memcpy(&u, x + i, 4);
-    int32_t c = minifloat(from_bits(u & 0x7FFFFFFFu) * inv) - kMBias;
+    int32_t c = minifloat(from_bits(u & 0x7FFFFFFFu) * inv, kMRound);
     c = c < 0 ? 0 : (c > 127 ? 127 : c);
     int32_t neg = -static_cast<int32_t>(u >> 31);  // 0 or -1
     q[i] = static_cast<int8_t>((c ^ neg) - neg);
@@ -698,7 +701,7 @@ void encode_m8(const float* __restrict x, float inv, int8_t* __restrict q, int l
 __attribute__((target_clones("avx512f", "avx2", "default")))
 void encode_v8(const float* __restrict x, float inv, uint8_t* __restrict q, int len) {
   for (int i = 0; i < len; ++i) {
-    int32_t c = minifloat(x[i] * inv) - kVBias;
+    int32_t c = minifloat(x[i] * inv, kVRound);
     q[i] = static_cast<uint8_t>(c < 0 ? 0 : (c > 255 ? 255 : c));
   }
 }
@@ -881,8 +884,7 @@ void qblocks_avx512(const QArgs& A, int64_t b, int64_t e) {
       A.vs[base / kQ] = avn;
       const __m512 mi_inv = _mm512_set1_ps(amn > 0.0f ? 1.0f / amn : 0.0f);
       const __m512 vi_inv = _mm512_set1_ps(avn > 0.0f ? 1.0f / avn : 0.0f);
-      const __m512i rnd = _mm512_set1_epi32(0x7FFFF), one = _mm512_set1_epi32(1);
-      const __m512i mbias = _mm512_set1_epi32(kMBias), vbias = _mm512_set1_epi32(kVBias);
+      const __m512i mk = _mm512_set1_epi32(kMRound), vk = _mm512_set1_epi32(kVRound);
       // Four vectors at a time, narrowed by packs (their saturation is the clamp at 0, and at 255 for v)
       // and one permute back to element order: fewer operations than a vpmovdb a vector.
       const __m512i perm = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
@@ -893,12 +895,10 @@ void qblocks_avx512(const QArgs& A, int64_t b, int64_t e) {
         for (int j = 0; j < 4; ++j) {
           __m512i u = _mm512_castps_si512(_mm512_load_ps(M + i + 16 * j));
           __m512i xb = _mm512_castps_si512(_mm512_mul_ps(_mm512_castsi512_ps(_mm512_and_si512(u, absmask)), mi_inv));
-          xb = _mm512_add_epi32(xb, _mm512_add_epi32(rnd, _mm512_and_si512(_mm512_srli_epi32(xb, 20), one)));
-          cm[j] = _mm512_sub_epi32(_mm512_srli_epi32(xb, 20), mbias);  // in [-896, 3199]
-          sm[j] = _mm512_srai_epi32(u, 31);                            // 0 or -1
+          cm[j] = _mm512_srai_epi32(_mm512_add_epi32(xb, mk), 20);  // code - bias (packs clamp it)
+          sm[j] = _mm512_srai_epi32(u, 31);                         // 0 or -1
           __m512i yb = _mm512_castps_si512(_mm512_mul_ps(_mm512_load_ps(V + i + 16 * j), vi_inv));
-          yb = _mm512_add_epi32(yb, _mm512_add_epi32(rnd, _mm512_and_si512(_mm512_srli_epi32(yb, 20), one)));
-          cv[j] = _mm512_sub_epi32(_mm512_srli_epi32(yb, 20), vbias);  // in [-768, 3327]
+          cv[j] = _mm512_srai_epi32(_mm512_add_epi32(yb, vk), 20);
         }
         __m512i w0 = _mm512_min_epu16(_mm512_packus_epi32(cm[0], cm[1]), c127);
         __m512i w1 = _mm512_min_epu16(_mm512_packus_epi32(cm[2], cm[3]), c127);
@@ -912,17 +912,13 @@ void qblocks_avx512(const QArgs& A, int64_t b, int64_t e) {
       for (; i < len; i += 16) {
         __m512i u = _mm512_castps_si512(_mm512_load_ps(M + i));
         __m512 x = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_and_si512(u, absmask)), mi_inv);
-        __m512i xb = _mm512_castps_si512(x);
-        xb = _mm512_add_epi32(xb, _mm512_add_epi32(rnd, _mm512_and_si512(_mm512_srli_epi32(xb, 20), one)));
-        __m512i c = _mm512_sub_epi32(_mm512_srli_epi32(xb, 20), _mm512_set1_epi32(kMBias));
+        __m512i c = _mm512_srai_epi32(_mm512_add_epi32(_mm512_castps_si512(x), mk), 20);
         c = _mm512_min_epi32(_mm512_max_epi32(c, _mm512_setzero_si512()), _mm512_set1_epi32(127));
         __mmask16 neg = _mm512_movepi32_mask(u);
         c = _mm512_mask_sub_epi32(c, neg, _mm512_setzero_si512(), c);
         _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<int8_t*>(A.m) + base + i), _mm512_cvtepi32_epi8(c));
         __m512 y = _mm512_mul_ps(_mm512_load_ps(V + i), vi_inv);
-        __m512i yb = _mm512_castps_si512(y);
-        yb = _mm512_add_epi32(yb, _mm512_add_epi32(rnd, _mm512_and_si512(_mm512_srli_epi32(yb, 20), one)));
-        __m512i cv = _mm512_sub_epi32(_mm512_srli_epi32(yb, 20), _mm512_set1_epi32(kVBias));
+        __m512i cv = _mm512_srai_epi32(_mm512_add_epi32(_mm512_castps_si512(y), vk), 20);
         cv = _mm512_min_epi32(_mm512_max_epi32(cv, _mm512_setzero_si512()), _mm512_set1_epi32(255));
         _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint8_t*>(A.v) + base + i), _mm512_cvtepi32_epi8(cv));
       }
@@ -1041,8 +1037,7 @@ void qblocks_avx2(const QArgs& A, int64_t b, int64_t e) {
       A.vs[base / kQ] = avn;
       const __m256 mi_inv = _mm256_set1_ps(amn > 0.0f ? 1.0f / amn : 0.0f);
       const __m256 vi_inv = _mm256_set1_ps(avn > 0.0f ? 1.0f / avn : 0.0f);
-      const __m256i rnd = _mm256_set1_epi32(0x7FFFF), one = _mm256_set1_epi32(1), zero = _mm256_setzero_si256();
-      const __m256i mbias = _mm256_set1_epi32(kMBias), vbias = _mm256_set1_epi32(kVBias);
+      const __m256i mk = _mm256_set1_epi32(kMRound), vk = _mm256_set1_epi32(kVRound), zero = _mm256_setzero_si256();
       // Four vectors at a time, as the AVX-512 path: packs narrow and clamp, one permute restores the order
       const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
       const __m256i c127 = _mm256_set1_epi16(127);
@@ -1052,12 +1047,10 @@ void qblocks_avx2(const QArgs& A, int64_t b, int64_t e) {
         for (int j = 0; j < 4; ++j) {
           __m256i u = _mm256_castps_si256(_mm256_load_ps(M + i + 8 * j));
           __m256i xb = _mm256_castps_si256(_mm256_mul_ps(_mm256_castsi256_ps(_mm256_and_si256(u, absmask)), mi_inv));
-          xb = _mm256_add_epi32(xb, _mm256_add_epi32(rnd, _mm256_and_si256(_mm256_srli_epi32(xb, 20), one)));
-          cm[j] = _mm256_sub_epi32(_mm256_srli_epi32(xb, 20), mbias);
+          cm[j] = _mm256_srai_epi32(_mm256_add_epi32(xb, mk), 20);
           sm[j] = _mm256_srai_epi32(u, 31);
           __m256i yb = _mm256_castps_si256(_mm256_mul_ps(_mm256_load_ps(V + i + 8 * j), vi_inv));
-          yb = _mm256_add_epi32(yb, _mm256_add_epi32(rnd, _mm256_and_si256(_mm256_srli_epi32(yb, 20), one)));
-          cv[j] = _mm256_sub_epi32(_mm256_srli_epi32(yb, 20), vbias);
+          cv[j] = _mm256_srai_epi32(_mm256_add_epi32(yb, vk), 20);
         }
         __m256i w0 = _mm256_min_epu16(_mm256_packus_epi32(cm[0], cm[1]), c127);
         __m256i w1 = _mm256_min_epu16(_mm256_packus_epi32(cm[2], cm[3]), c127);
@@ -1072,18 +1065,14 @@ void qblocks_avx2(const QArgs& A, int64_t b, int64_t e) {
       for (; i < len; i += 8) {
         __m256i u = _mm256_castps_si256(_mm256_load_ps(M + i));
         __m256 x = _mm256_mul_ps(_mm256_castsi256_ps(_mm256_and_si256(u, absmask)), mi_inv);
-        __m256i xb = _mm256_castps_si256(x);
-        xb = _mm256_add_epi32(xb, _mm256_add_epi32(rnd, _mm256_and_si256(_mm256_srli_epi32(xb, 20), one)));
-        __m256i c = _mm256_sub_epi32(_mm256_srli_epi32(xb, 20), _mm256_set1_epi32(kMBias));
+        __m256i c = _mm256_srai_epi32(_mm256_add_epi32(_mm256_castps_si256(x), mk), 20);
         c = _mm256_min_epi32(_mm256_max_epi32(c, zero), _mm256_set1_epi32(127));
         __m256i neg = _mm256_srai_epi32(u, 31);  // 0 or -1
         c = _mm256_sub_epi32(_mm256_xor_si256(c, neg), neg);
         __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1));
         _mm_storel_epi64(reinterpret_cast<__m128i*>(static_cast<int8_t*>(A.m) + base + i), _mm_packs_epi16(w, w));
         __m256 y = _mm256_mul_ps(_mm256_load_ps(V + i), vi_inv);
-        __m256i yb = _mm256_castps_si256(y);
-        yb = _mm256_add_epi32(yb, _mm256_add_epi32(rnd, _mm256_and_si256(_mm256_srli_epi32(yb, 20), one)));
-        __m256i cv = _mm256_sub_epi32(_mm256_srli_epi32(yb, 20), _mm256_set1_epi32(kVBias));
+        __m256i cv = _mm256_srai_epi32(_mm256_add_epi32(_mm256_castps_si256(y), vk), 20);
         cv = _mm256_min_epi32(_mm256_max_epi32(cv, zero), _mm256_set1_epi32(255));
         __m128i wv = _mm_packus_epi32(_mm256_castsi256_si128(cv), _mm256_extracti128_si256(cv, 1));
         _mm_storel_epi64(reinterpret_cast<__m128i*>(static_cast<uint8_t*>(A.v) + base + i), _mm_packus_epi16(wv, wv));

@@ -199,3 +199,14 @@ def test_bad_calls_are_refused():
         fused_adamw_q_(fmt, short, g, segments=[(0, 2 * QBLOCK, 0.0)], step=1, **HYPER)
     with pytest.raises(ValueError, match="index0"):
         fused_adamw_q_(fmt, st, g, segments=[(0, 2 * QBLOCK, 0.0)], step=1, index0=5, **HYPER)
+
+
+def test_an_int8_tie_rounds_up():
+    """Halfway between two codes (0.53125: 0.5 and 0.5625 in a block whose largest value is 1), the code
+    rounds up, as the kernel does it (one add; nearest-even cost it three operations a vector more)."""
+    x = torch.zeros(QBLOCK)
+    x[0], x[1], x[2], x[3] = 1.0, 0.53125, -0.53125, 0.53124
+    y = decode_m(*encode_m(x))
+    assert y[1].item() == 0.5625 and y[2].item() == -0.5625 and y[3].item() == 0.5
+    w = decode_v(*encode_v(x.abs()))
+    assert w[1].item() == 0.5625 and w[3].item() == 0.5
