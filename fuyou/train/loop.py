@@ -160,7 +160,53 @@ def run_vocabulary(run_dir: Path) -> dict:
     copy = tokenizer_dir(run_dir)  # the copy of its tokenizer the run keeps, if any (for the advice)
     kept = copy is not None and copy.resolve().is_relative_to(Path(run_dir).resolve())
     return {"vocabulary": rec["vocabulary"], "tokenizer": str(rec.get("tokenizer")),
-            **({"copy": str(copy.resolve())} if kept else {})}
+            **({"copy": str(copy.resolve())} if kept else {}),
+            **({"prepared": rec["prepared"]} if isinstance(rec.get("prepared"), dict) else {})}
+
+
+def prepared_settings(data) -> dict | None:
+    """What `fuyou data prepare` fixed of prepared data that a resume must keep: the held-out share (or
+    held-out files) and, for fine-tuning examples, which tokens carry loss (None: not prepared data, or a
+    directory from before meta.json recorded them)."""
+    from fuyou.data.examples import ExampleData
+
+    if isinstance(data, ExampleData):
+        info = data.info or {}
+        if "train_on_prompt" not in info:
+            return None
+        return {"val_fraction": info.get("val_fraction"), "train_on_prompt": bool(info["train_on_prompt"]),
+                "eval_files": bool(info.get("held_records"))}
+    if getattr(data, "val_fraction", None) is None and not getattr(data, "held_documents", 0):
+        return None  # (read from a directory: held-out files are not told apart from an unrecorded share)
+    return {"val_fraction": data.val_fraction}
+
+
+def check_prepared_settings(run: dict, now: dict | None, cfg: FuyouConfig) -> None:
+    """Prepared data prepared again with another held-out share, other held-out files or another loss on
+    prompts under a run being resumed: refused as those settings are when given to the resume (a new-user
+    pass: four of seven new held-out examples had been trained on, and the masks changed mid-run, while the
+    resume said only "the data changed")."""
+    then = run.get("prepared")
+    if not isinstance(then, dict) or now is None or then == now:
+        return
+    def flags(d: dict) -> str:
+        out = []
+        if d.get("eval_files"):
+            out.append("--eval FILES")
+        elif d.get("val_fraction") is not None:
+            out.append(f"--val-fraction {d['val_fraction']:g}")
+        if d.get("train_on_prompt"):
+            out.append("--train-on-prompt")
+        return " ".join(out) or "the defaults"
+    what = []
+    if then.get("val_fraction") != now.get("val_fraction") or then.get("eval_files") != now.get("eval_files"):
+        what.append("its held-out examples could be ones the run trained on")
+    if then.get("train_on_prompt") != now.get("train_on_prompt"):
+        what.append("the tokens that carry loss changed")
+    raise DataError(f"{cfg.data.path[0]} was prepared again with {flags(now)} where this run started on data "
+                    f"prepared with {flags(then)}: {' and '.join(what)}. Prepare it as it was (`fuyou data prepare "
+                    f"... --out {cfg.data.path[0]} {flags(then)}`), or start a new run from this run's weights; "
+                    f"nothing was changed")
 
 
 def run_split(run_dir: Path) -> str:
@@ -424,6 +470,12 @@ def load_training_data(cfg: FuyouConfig, resume: bool = False, split: str = "con
             check_vocabulary(vocabulary, data, cfg)
             vocabulary.pop("copy", None)
             vocabulary.update(vocabulary=data.fingerprint, tokenizer=data.tokenizer)
+        if vocabulary is not None and cfg.data.source == "prepared":
+            settings = prepared_settings(data)
+            check_prepared_settings(vocabulary, settings, cfg)
+            vocabulary.pop("prepared", None)
+            if settings is not None:
+                vocabulary["prepared"] = settings
     if cfg.train.epochs is not None:  # the steps that make the epochs, from the data
         from fuyou.data.batches import make_batches
 

@@ -541,3 +541,39 @@ def test_a_signal_during_the_swap_is_handled_after_it():
                 pass
             done.append(True)  # (the "second rename": reached)
     assert done == [True]
+
+
+@pytest.mark.parametrize("kind", ["examples", "text"])
+def test_data_prepared_again_with_another_split_or_masks_under_a_run_is_refused_on_resume(tmp_path, capsys, kind):
+    """A run's prepared data prepared again at the same place with another --val-fraction (or with
+    --train-on-prompt) resumed with "the data changed" only: four of seven new held-out examples had been
+    trained on, and the loss masks changed mid-run, where the same change given as data.val_fraction or
+    data.train_on_prompt is refused. Prepared again as it was, the resume goes on."""
+    from fuyou.cli import main
+
+    if kind == "examples":
+        src = _jsonl(tmp_path / "r.jsonl", [{"prompt": f"question {i} ", "completion": f"answer {i}"} for i in range(60)])
+    else:
+        src = tmp_path / "t.txt"
+        src.write_text("".join(f"line {i} of a plain text corpus.\n" for i in range(400)))
+    data, ssd = tmp_path / "data", tmp_path / "ssd"
+    ssd.mkdir()
+    assert main(["data", "prepare", str(src), "--out", str(data), "--val-fraction", "0.1"]) == 0
+    run = tmp_path / "runs" / "p"
+    assert main(["train", "--offload", "ssd", "--ssd", str(ssd), "--out", str(tmp_path / "runs"), "run.name=p",
+                 "model.preset=gpt-test", "data.seq_len=32", f"data.path={data}", "train.steps=2",
+                 "train.eval_every=0", "run.save_weights=false", "offload.keep_state=true"]) == 0
+    changes = [["--val-fraction", "0.3"]] + ([["--val-fraction", "0.1", "--train-on-prompt"]]
+                                              if kind == "examples" else [])
+    for change in changes:
+        assert main(["data", "prepare", str(src), "--out", str(data), *change]) == 0
+        capsys.readouterr()
+        assert main(["train", "--resume", str(run), "train.steps=3"]) == 2
+        err = capsys.readouterr().err
+        assert f"was prepared again with {' '.join(change)} where this run started on data prepared with " \
+               f"--val-fraction 0.1" in err, err
+        assert ("could be ones the run trained on" in err) == ("0.3" in change), err
+        assert ("the tokens that carry loss changed" in err) == ("--train-on-prompt" in change), err
+        assert f"--out {data} --val-fraction 0.1`" in err
+    assert main(["data", "prepare", str(src), "--out", str(data), "--val-fraction", "0.1"]) == 0
+    assert main(["train", "--resume", str(run), "train.steps=3"]) == 0
