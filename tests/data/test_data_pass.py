@@ -552,7 +552,8 @@ def test_data_prepared_again_with_another_split_or_masks_under_a_run_is_refused_
     from fuyou.cli import main
 
     if kind == "examples":
-        src = _jsonl(tmp_path / "r.jsonl", [{"prompt": f"question {i} ", "completion": f"answer {i}"} for i in range(60)])
+        src = _jsonl(tmp_path / "r.jsonl",
+                     [{"prompt": f"question {i} ", "completion": f"answer {i}"} for i in range(60)])
     else:
         src = tmp_path / "t.txt"
         src.write_text("".join(f"line {i} of a plain text corpus.\n" for i in range(400)))
