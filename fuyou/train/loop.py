@@ -681,6 +681,17 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
                                              changed, made)
             if schedule_note:
                 print(schedule_note, file=stream or sys.stderr)
+            if data_moved and trainer.start_step:  # (the epoch field went back, unexplained: a pass)
+                from fuyou.data.examples import ExampleSampler
+
+                seen = _seen(trainer, cfg, trainer.start_step).get("epoch")
+                order = ("the examples' order is drawn over the changed data, so in the pass under way some are read "
+                         "once more or once less than the others" if isinstance(trainer.batches, ExampleSampler) else
+                         "its windows are drawn at random over the changed data")
+                print(f"note: the run's place in its data is a count of batches ({trainer.start_step} steps'): it "
+                      f"goes on at that count in the changed data"
+                      + (f", epoch {seen:.3g} of it (metrics.jsonl's epoch counts the changed data from here on); "
+                         f"{order}" if seen is not None else ""), file=stream or sys.stderr)
     if cfg.data.seq_len > cfg.model.max_seq_len and cfg.model.family == "llama" and resume is None and dist.is_main:
         print(f"note: data.seq_len={cfg.data.seq_len} is beyond the model's {cfg.model.max_seq_len} positions "
               f"(model.max_seq_len): RoPE extends past them, but a pretrained model was not trained there",
@@ -819,7 +830,8 @@ def _schedule_change(old: FuyouConfig, new: FuyouConfig, step: int, changed: dic
     function of (step, train.steps, ...), so from the resumed step on the run follows the new schedule
     as if it had always been the run's (it is not stretched over the remaining steps). ``old_steps``: the
     steps the run's train.epochs made (``data-files.json``), its config's train.steps being unused then."""
-    keys = [k for k in changed if k in SCHEDULE_FIELDS]
+    # (the steps the epochs make of data that changed under the run count too: the lr jumped unexplained, a pass)
+    keys = [k for k in changed if k in SCHEDULE_FIELDS or k == "train.steps (from train.epochs)"]
     if not keys:
         return None
     from fuyou.optim.schedule import lr_of

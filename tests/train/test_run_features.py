@@ -250,6 +250,31 @@ def test_a_resume_over_changed_data_says_so(tmp_path, capsys, monkeypatch):
     assert json.loads((run / "data-files.json").read_text())["steps"] > 2 * steps  # the record follows the data
 
 
+def test_data_grown_under_an_epochs_run_says_what_its_schedule_and_epochs_do(tmp_path, capsys, monkeypatch):
+    """Grown data makes more steps of the same train.epochs: the learning rate jumped at the resume with no
+    note (the note came only when train.epochs itself changed), and metrics.jsonl's epoch went back (1.38 ->
+    0.86) unexplained (a hostile pass). Both are said now."""
+    from fuyou.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ssd").mkdir()
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("The quick brown fox jumps over the lazy dog. " * 60)
+    assert main(["train", "--offload", "ssd", "--ssd", "ssd", "--out", "runs", "data.source=text",
+                 f"data.path={corpus}", *SSD_RUN, "train.epochs=1", "run.name=g", "run.save_weights=false",
+                 "offload.keep_state=true"]) == 0
+    run = tmp_path / "runs" / "g"
+    steps = json.loads((run / "data-files.json").read_text())["steps"]
+    corpus.write_text(corpus.read_text() * 3)
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run)]) == 0
+    err = capsys.readouterr().err
+    assert "note: the learning-rate schedule is a function of the step and train.steps (from train.epochs)" in err, err
+    assert f"from step {steps + 1} on the run follows the new schedule" in err
+    assert f"note: the run's place in its data is a count of batches ({steps} steps')" in err
+    assert "metrics.jsonl's epoch counts the changed data from here on" in err
+
+
 def test_tensorboard_event_files(tmp_path):
     pytest.importorskip("tensorboard")
     from fuyou.train.loop import run_training
