@@ -21,7 +21,7 @@ import numpy as np
 from fuyou.data.config import DataConfig
 from fuyou.data.corpus import builtin_documents, iter_documents, iter_records, json_type
 from fuyou.data.formats import Renderer, detect
-from fuyou.data.tokenizer import ByteTokenizer, load_tokenizer
+from fuyou.data.tokenizer import ByteTokenizer, compact_ids, load_tokenizer
 from fuyou.errors import DataError
 
 if TYPE_CHECKING:
@@ -48,7 +48,8 @@ def __getattr__(name: str):
 
 
 def _encode(tok, doc: str) -> np.ndarray:
-    return tok.encode_np(doc) if isinstance(tok, ByteTokenizer) else np.asarray(tok.encode(doc), dtype=np.int64)
+    return tok.encode_np(doc) if isinstance(tok, ByteTokenizer) else compact_ids(np.asarray(tok.encode(doc),
+                                                                                            dtype=np.int64))
 
 
 def tokenize_documents(docs, tokenizer_spec: str, val_fraction: float) -> TokenData:

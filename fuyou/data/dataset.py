@@ -90,11 +90,21 @@ def token_dtype(vocab_size: int, top: int = 0) -> np.dtype:
 
 
 def join_tokens(docs: list[np.ndarray], eos_id: int, vocab_size: int, seed: int = 1234) -> np.ndarray:
-    """Documents (in a fixed shuffled order) each followed by EOS, as one stream (``token_dtype``)."""
+    """Documents (in a fixed shuffled order) each followed by EOS, as one stream (``token_dtype``), written
+    into one array of that type (no int64 copies of the stream: ``compact_ids``)."""
     order = np.random.default_rng(seed).permutation(len(docs))
-    eos = np.array([eos_id], dtype=np.int64)
-    joined = np.concatenate([np.concatenate([docs[i].astype(np.int64), eos]) for i in order]) if docs else eos
-    return joined.astype(token_dtype(vocab_size, int(joined.max(initial=0))))
+    top = max([eos_id, *(int(d.max(initial=0)) for d in docs)])
+    out = np.empty(sum(len(d) for d in docs) + max(1, len(docs)), dtype=token_dtype(vocab_size, top))
+    pos = 0
+    for i in order:
+        d = docs[i]
+        out[pos:pos + len(d)] = d
+        pos += len(d)
+        out[pos] = eos_id
+        pos += 1
+    if not docs:
+        out[0] = eos_id
+    return out
 
 
 def split_tokens(docs: list[np.ndarray], eos_id: int, vocab_size: int, val_fraction: float,

@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fuyou.data.corpus import json_type
+from fuyou.data.tokenizer import compact_ids
 from fuyou.errors import DataError
 
 FORMATS = ("auto", "text", "prompt_completion", "alpaca", "messages", "sharegpt")
@@ -135,8 +136,8 @@ class Rendered:
         self.loss.extend((k > 0).tolist())
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        """(token ids as int64, loss flags as uint8): compact, for holding many examples."""
-        return np.asarray(self.ids, dtype=np.int64), np.asarray(self.loss, dtype=np.uint8)
+        """(token ids in 16 or 32 bits, loss flags as uint8): compact, for holding many examples."""
+        return compact_ids(np.asarray(self.ids, dtype=np.int64)), np.asarray(self.loss, dtype=np.uint8)
 
 
 @dataclass

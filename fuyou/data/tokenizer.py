@@ -13,6 +13,14 @@ import numpy as np
 from fuyou.errors import DataError
 
 
+def compact_ids(ids) -> np.ndarray:
+    """Token ids in 16 bits where they fit, else 32: how a document or an example is held until it is
+    written (as int64 they took four times the memory: `fuyou data prepare` of 78 MB of text peaked at
+    1.6 GB, a pass)."""
+    a = np.asarray(ids)
+    return a.astype(np.uint16 if int(a.max(initial=0)) < 2**16 else np.uint32, copy=False)
+
+
 class Tokenizer(Protocol):
     name: str
     vocab_size: int

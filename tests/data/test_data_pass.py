@@ -578,3 +578,27 @@ def test_data_prepared_again_with_another_split_or_masks_under_a_run_is_refused_
         assert f"--out {data} --val-fraction 0.1`" in err
     assert main(["data", "prepare", str(src), "--out", str(data), "--val-fraction", "0.1"]) == 0
     assert main(["train", "--resume", str(run), "train.steps=3"]) == 0
+
+
+def test_documents_and_examples_are_held_in_their_stored_width_and_joined_without_copies():
+    """`fuyou data prepare` held every document as int64 and joined them through two more int64 copies: 78 MB
+    of text peaked at 1.6 GB (20 bytes a token; now 0.53 GB, the same files). The stream is the same as the
+    plain concatenation in the seeded order, 32-bit ids among 16-bit ones included."""
+    from fuyou.data.dataset import join_tokens
+    from fuyou.data.examples import Examples
+    from fuyou.data.tokenizer import compact_ids
+
+    rng = np.random.default_rng(0)
+    docs = [compact_ids(rng.integers(0, 300, size=int(rng.integers(0, 50)))) for i in range(9)]
+    docs[3] = compact_ids(np.array([5, 69999, 7]))
+    assert {d.dtype for d in docs} == {np.dtype(np.uint16), np.dtype(np.uint32)}
+    order = np.random.default_rng(1234).permutation(len(docs))
+    want = np.concatenate([np.concatenate([docs[i].astype(np.int64), [2]]) for i in order])
+    got = join_tokens(docs, 2, 300)
+    assert got.dtype == np.uint32 and np.array_equal(got.astype(np.int64), want)
+    small = join_tokens([d for i, d in enumerate(docs) if i != 3], 2, 300)
+    assert small.dtype == np.uint16 and np.array_equal(join_tokens([], 2, 300), [2])
+    ex = Examples.from_arrays([(d, (d % 2).astype(np.uint8)) for d in docs], np.dtype(np.uint32))
+    assert np.array_equal(ex.tokens.astype(np.int64), np.concatenate([d.astype(np.int64) for d in docs]))
+    assert np.array_equal(ex.loss, np.concatenate([d % 2 for d in docs]).astype(np.uint8))
+    assert ex.offsets[-1] == len(ex.tokens) and len(ex) == len(docs)
