@@ -176,8 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--train-on-prompt", action="store_true", help="loss on prompts and user turns too")
     prep.add_argument("--eval", action="append", metavar="PATH",
                       help="a held-out file or directory, instead of --val-fraction (repeat it for several)")
-    prep.add_argument("--val-fraction", type=float, default=0.05, help="share held out (of tokens for text; of "
-                      "examples for fine-tuning records, each by its content: about that share, repeats together)")
+    prep.add_argument("--val-fraction", type=float, default=None, help="share held out (default 0.05; of tokens "
+                      "for text; of examples for fine-tuning records, each by its content: about that share, repeats "
+                      "together)")
     prep.add_argument("--jsonl-field", default="text", help="field with the text in JSON lines of plain text")
     prep.set_defaults(func=_prepare, command_parser=prep)
     add_planner_parsers(sub)
@@ -511,9 +512,14 @@ def _prepare(args) -> int:
     from fuyou.data.dataset import replace_prepared, write_prepared
     from fuyou.data.examples import write_examples
 
-    if not 0 <= args.val_fraction < 1:
-        from fuyou.errors import ConfigError
+    from fuyou.errors import ConfigError
 
+    if args.val_fraction is not None and args.eval:  # (the share was dropped without a word: a pass)
+        raise ConfigError("--val-fraction and --eval both choose the held-out data: --eval's files are held out "
+                          "instead of a share of the inputs; give one of them")
+    if args.val_fraction is None:
+        args.val_fraction = 0.05
+    if not 0 <= args.val_fraction < 1:
         raise ConfigError(f"--val-fraction must be at least 0 (nothing held out) and below 1, got {args.val_fraction}")
     import numpy as np
 

@@ -83,12 +83,20 @@ def tokenize_records(paths: list[str], tokenizer_spec: str, fmt: str = "auto", t
         raise DataError(f"{', '.join(map(str, paths))} holds no records")
     records = itertools.chain([head], records)
     first = fmt if fmt != "auto" else detect(head[0], text_field, head[1])
+    if fmt == "auto" and first != "text" and text_field in head[0]:  # (chosen in silence: a pass)
+        print(f"fuyou: note: the first record ({head[1]}) is {first} data and has a {text_field!r} field too: the "
+              f"records are read as {first}, their {text_field!r} unused (--format text, data.format=text, reads "
+              f"that instead)", file=sys.stderr)
     renderer = Renderer(tok, fmt, train_on_prompt, text_field)
     if first == "text":
         first_where = head[1] if fmt == "auto" else None
         docs = [_encode(tok, _text(rec, where, text_field, first_where)) for rec, where in records]
         if not any(len(d) for d in docs):  # (an empty file was "1 document" of one token, refused only by training)
             raise DataError(f"{', '.join(map(str, paths))} holds no text (empty documents only)")
+        empty = sum(not len(d) for d in docs)
+        if empty:  # (each is an end-of-document token alone in the stream: a pass saw the counts and wondered)
+            print(f"fuyou: note: {empty} of the {len(docs)} documents are empty: each adds an end-of-document token "
+                  f"alone", file=sys.stderr)
         if not eval_paths:
             train, val = split_tokens(docs, tok.eos_id, tok.vocab_size, val_fraction)
             return TokenData(train, val, tok.vocab_size, tok.eos_id, tok.name, tok.fingerprint, len(docs),

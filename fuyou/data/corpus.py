@@ -66,8 +66,10 @@ def iter_records(paths: list[str | Path], text_field: str = "text") -> Iterator[
         records = p.is_dir() and any(f.suffix.lower() in JSONL_SUFFIXES for f in files)
         found, skipped = False, []
         if p.is_dir():  # (links to directories are not followed, and went unmentioned: a pass)
-            skipped += [(d, "a link to a directory, not followed: give its target itself")
-                        for d in sorted(p.rglob("*")) if d.is_symlink() and d.is_dir()]
+            links = [d for d in sorted(p.rglob("*")) if d.is_symlink()]
+            skipped += [(d, "a link to a directory, not followed: give its target itself") for d in links if d.is_dir()]
+            # (a link whose target is gone was left out without a word: a pass)
+            skipped += [(d, "a link to nothing: its target is gone") for d in links if not d.exists()]
         for f in files:
             suffix = f.suffix.lower()
             if f.resolve() in seen:  # (tokenized twice, and a text could land in both splits: a pass)

@@ -602,3 +602,29 @@ def test_documents_and_examples_are_held_in_their_stored_width_and_joined_withou
     assert np.array_equal(ex.tokens.astype(np.int64), np.concatenate([d.astype(np.int64) for d in docs]))
     assert np.array_equal(ex.loss, np.concatenate([d % 2 for d in docs]).astype(np.uint8))
     assert ex.offsets[-1] == len(ex.tokens) and len(ex) == len(docs)
+
+
+def test_inputs_a_prepare_used_to_pass_over_in_silence(tmp_path, capsys):
+    """From a hostile pass of `fuyou data prepare`: a link to nothing in an input directory, empty documents
+    beside others, a record of two formats, and --val-fraction given beside --eval were all taken without a
+    word (the link left out, the empties one end-of-document token each, the text field unused, the share
+    dropped)."""
+    from fuyou.cli import main
+
+    d = tmp_path / "texts"
+    d.mkdir()
+    (d / "a.txt").write_text("some words " * 20)
+    (d / "empty.txt").write_text("")
+    (d / "gone.txt").symlink_to(tmp_path / "nowhere.txt")
+    data = tokenize_records([d], "byte", val_fraction=0.1)
+    err = capsys.readouterr().err
+    assert "gone.txt (a link to nothing: its target is gone)" in err
+    assert "1 of the 2 documents are empty: each adds an end-of-document token alone" in err
+    assert data.documents == 2
+    both = _jsonl(tmp_path / "both.jsonl", [{"prompt": "q", "completion": " a", "text": "other"}] * 3)
+    tokenize_records([both], "byte", val_fraction=0.0)
+    assert "is prompt_completion data and has a 'text' field too" in capsys.readouterr().err
+    assert main(["data", "prepare", str(d), "--out", str(tmp_path / "p"), "--eval", str(d / "a.txt"),
+                 "--val-fraction", "0.2"]) == 2
+    assert "--val-fraction and --eval both choose the held-out data" in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()
