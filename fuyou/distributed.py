@@ -432,11 +432,19 @@ def check_world(run_dir: Path, now: int) -> None:
     world = json.loads(path.read_text())["world_size"] if path.is_file() else 1
     if world == now:
         return
-    try:
-        from fuyou.tomlfile import read_toml
+    from fuyou.tomlfile import read_toml
 
-        grad_accum = int(read_toml(run_dir / "config.toml")["train"]["grad_accum"])
-    except (OSError, KeyError, ValueError, TypeError):
+    try:
+        saved = read_toml(run_dir / "config.toml")
+    except (OSError, ConfigError):
+        saved = {}
+    off = saved.get("offload") if isinstance(saved.get("offload"), dict) else {}
+    if off.get("keep_state") is not True and any((run_dir / f).is_file() for f in ("model.safetensors",
+                                                                                 "adapter.safetensors")):
+        return  # finished, its state removed: the resume says so (a reshard was advised, which then refused)
+    try:
+        grad_accum = int(saved["train"]["grad_accum"])
+    except (KeyError, ValueError, TypeError):
         grad_accum = now
     how = "without torchrun" if world == 1 else f"with torchrun --nproc_per_node={world} (or its nodes)"
     if grad_accum % now == 0:

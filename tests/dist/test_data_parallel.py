@@ -605,3 +605,23 @@ def test_a_stop_on_one_rank_in_an_evaluation_abandons_it_on_every_rank(tmp_path)
     torchrun(["train", "--resume", str(run)])
     a, b = load_file(tmp_path / "runs" / "whole" / "model.safetensors"), load_file(run / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_finished_runs_resume_with_another_process_count_says_it_finished(tmp_path):
+    """--resume of a finished two-process run without torchrun advised `fuyou reshard`, which then refused:
+    the run finished and its state is gone (a hostile pass). The world check leaves a finished run to the
+    resume's own message; a run that kept its state is still checked."""
+    from fuyou.distributed import WORLD_FILE, check_world
+    from fuyou.errors import ConfigError
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / WORLD_FILE).write_text('{"world_size": 2}')
+    (run / "config.toml").write_text("[train]\ngrad_accum = 2\n[offload]\nkeep_state = false\n")
+    with pytest.raises(ConfigError, match="fuyou reshard"):
+        check_world(run, 1)  # stopped: its state is there to reshard
+    (run / "adapter.safetensors").write_bytes(b"")
+    check_world(run, 1)  # finished: the resume says so, with how to go on
+    (run / "config.toml").write_text("[train]\ngrad_accum = 2\n[offload]\nkeep_state = true\n")
+    with pytest.raises(ConfigError, match="fuyou reshard"):
+        check_world(run, 1)  # finished, its state kept: it resumes, with two processes or after a reshard
