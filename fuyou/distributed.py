@@ -442,6 +442,8 @@ def check_world(run_dir: Path, now: int) -> None:
     if off.get("keep_state") is not True and any((run_dir / f).is_file() for f in ("model.safetensors",
                                                                                  "adapter.safetensors")):
         return  # finished, its state removed: the resume says so (a reshard was advised, which then refused)
+    if off.get("mode", "ssd") != "ssd" or off.get("commit") == "none":
+        return  # no state to resume or reshard: the resume says what to start from instead (a review)
     try:
         grad_accum = int(saved["train"]["grad_accum"])
     except (KeyError, ValueError, TypeError):

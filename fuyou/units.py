@@ -44,9 +44,11 @@ def parse_size(value: int | float | str) -> int:
 def format_decimal(n: float) -> str:
     """Bytes in the drives' own decimal units, as their endurance is rated: 2.4e11 -> '240 GB' (an hour of
     writes in TB only read '0.000238 TB')."""
-    for k, unit in enumerate(("B", "kB", "MB", "GB", "TB")):
-        if abs(n) < 1000 ** (k + 1) or unit == "TB":
-            return f"{n / 1000 ** k:.3g} {unit}"
+    units = ("B", "kB", "MB", "GB", "TB", "PB")
+    for k, unit in enumerate(units):
+        v = float(f"{n / 1000 ** k:.3g}")  # rounded before the unit is chosen (999,600 read "1e+03 kB": a review)
+        if abs(v) < 1000 or unit == units[-1]:
+            return f"{v:g} {unit}" if abs(v) < 1e6 else f"{v:.3g} {unit}"
     raise AssertionError("unreachable")
 
 

@@ -262,7 +262,7 @@ def read_data(path: str | Path) -> TokenData | ExampleData:
     return read_prepared(p)
 
 
-_META_INTS = ("train_tokens", "val_tokens", "vocab_size", "eos_id", "train_examples", "val_examples")
+_META_INTS = ("train_tokens", "val_tokens", "vocab_size", "eos_id", "train_examples", "val_examples", "held_documents")
 
 
 def _meta_problem(meta) -> str | None:

@@ -259,6 +259,7 @@ def write_prepared(out_dir: str | Path, data: TokenData) -> None:
         "dtype": str(dtype), "train_tokens": int(len(data.train)), "val_tokens": int(len(data.val)),
         "vocab_size": data.vocab_size, "eos_id": data.eos_id, "tokenizer": data.tokenizer,
         "tokenizer_fingerprint": data.fingerprint, "val_fraction": data.val_fraction,
+        "held_documents": data.held_documents,  # (from --eval files; a resume compares it: train.loop)
     }
     (out / META).write_text(json.dumps(meta, indent=2) + "\n")
 

@@ -164,48 +164,67 @@ def run_vocabulary(run_dir: Path) -> dict:
             **({"prepared": rec["prepared"]} if isinstance(rec.get("prepared"), dict) else {})}
 
 
-def prepared_settings(data) -> dict | None:
-    """What `fuyou data prepare` fixed of prepared data that a resume must keep: the held-out share (or
-    held-out files) and, for fine-tuning examples, which tokens carry loss (None: not prepared data, or a
-    directory from before meta.json recorded them)."""
-    from fuyou.data.examples import ExampleData
+def prepared_settings(path) -> dict | None:
+    """What `fuyou data prepare` fixed of the prepared data at ``path`` that a resume must keep, as its
+    meta.json records it: the held-out share, whether held-out files were given instead, and for fine-tuning
+    examples whether prompts carry loss. A field an earlier fuyou did not record is left out (and so not
+    compared); None: nothing recorded."""
+    import json
 
-    if isinstance(data, ExampleData):
-        info = data.info or {}
-        if "train_on_prompt" not in info:
-            return None
-        return {"val_fraction": info.get("val_fraction"), "train_on_prompt": bool(info["train_on_prompt"]),
-                "eval_files": bool(info.get("held_records"))}
-    if getattr(data, "val_fraction", None) is None and not getattr(data, "held_documents", 0):
-        return None  # (read from a directory: held-out files are not told apart from an unrecorded share)
-    return {"val_fraction": data.val_fraction}
+    try:
+        meta = json.loads((Path(path) / "meta.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(meta, dict):
+        return None
+    info = meta.get("info") if isinstance(meta.get("info"), dict) else {}
+    out = {}
+    if meta.get("kind") == "examples":
+        if "val_fraction" in info:
+            out["val_fraction"] = info["val_fraction"]
+        if "held_records" in info:
+            out["eval_files"] = bool(info["held_records"])
+        if "train_on_prompt" in info:
+            out["train_on_prompt"] = bool(info["train_on_prompt"])
+    elif "held_documents" in meta:
+        out.update(val_fraction=meta.get("val_fraction"), eval_files=bool(meta["held_documents"]))
+    elif meta.get("val_fraction") is not None:
+        out["val_fraction"] = meta["val_fraction"]
+    return out or None
 
 
 def check_prepared_settings(run: dict, now: dict | None, cfg: FuyouConfig) -> None:
     """Prepared data prepared again with another held-out share, other held-out files or another loss on
     prompts under a run being resumed: refused as those settings are when given to the resume (a new-user
     pass: four of seven new held-out examples had been trained on, and the masks changed mid-run, while the
-    resume said only "the data changed")."""
+    resume said only "the data changed"). Only what both records hold is compared."""
     then = run.get("prepared")
-    if not isinstance(then, dict) or now is None or then == now:
+    if not isinstance(then, dict) or now is None:
         return
+    changed = {k for k in then.keys() & now.keys() if then[k] != now[k]}
+    if not changed:
+        return
+
     def flags(d: dict) -> str:
-        out = []
         if d.get("eval_files"):
-            out.append("--eval FILES")
+            out = ["--eval FILES"]
         elif d.get("val_fraction") is not None:
-            out.append(f"--val-fraction {d['val_fraction']:g}")
+            out = [f"--val-fraction {d['val_fraction']:g}"]
+        else:
+            out = ["a held-out share it did not record"]
         if d.get("train_on_prompt"):
             out.append("--train-on-prompt")
-        return " ".join(out) or "the defaults"
+        return " ".join(out)
     what = []
-    if then.get("val_fraction") != now.get("val_fraction") or then.get("eval_files") != now.get("eval_files"):
-        what.append("its held-out examples could be ones the run trained on")
-    if then.get("train_on_prompt") != now.get("train_on_prompt"):
+    if changed & {"val_fraction", "eval_files"}:
+        held = "examples" if "train_on_prompt" in now else "tokens"
+        what.append(f"its held-out {held} could be ones the run trained on")
+    if "train_on_prompt" in changed:
         what.append("the tokens that carry loss changed")
+    restore = flags(then) if (then.get("eval_files") or then.get("val_fraction") is not None) else "as it was"
     raise DataError(f"{cfg.data.path[0]} was prepared again with {flags(now)} where this run started on data "
                     f"prepared with {flags(then)}: {' and '.join(what)}. Prepare it as it was (`fuyou data prepare "
-                    f"... --out {cfg.data.path[0]} {flags(then)}`), or start a new run from this run's weights; "
+                    f"... --out {cfg.data.path[0]} {restore}`), or start a new run from this run's weights; "
                     f"nothing was changed")
 
 
@@ -471,10 +490,9 @@ def load_training_data(cfg: FuyouConfig, resume: bool = False, split: str = "con
             vocabulary.pop("copy", None)
             vocabulary.update(vocabulary=data.fingerprint, tokenizer=data.tokenizer)
         if vocabulary is not None and cfg.data.source == "prepared":
-            settings = prepared_settings(data)
+            settings = prepared_settings(cfg.data.path[0])
             check_prepared_settings(vocabulary, settings, cfg)
-            vocabulary.pop("prepared", None)
-            if settings is not None:
+            if settings is not None:  # (else the run's record stays, for a later resume to compare)
                 vocabulary["prepared"] = settings
     if cfg.train.epochs is not None:  # the steps that make the epochs, from the data
         from fuyou.data.batches import make_batches
@@ -1013,6 +1031,9 @@ def _stop_status(name: str) -> int:
     return 128 + (signal.Signals[name] if name in signal.Signals.__members__ else signal.SIGTERM).value
 
 
+OTHER_RANK = "a stop on another rank"  # what stopped a rank that got no signal itself (the ranks agree on a stop)
+
+
 class _StopOnSignal:
     """SIGINT/SIGTERM/SIGHUP end the run at the next step boundary (after its commit), not mid-step."""
 
@@ -1029,6 +1050,11 @@ class _StopOnSignal:
 
     def _handle(self, signum, frame):
         name = signal.Signals(signum).name
+        if self.requested == OTHER_RANK:  # this rank's own copy of the stop the ranks agreed on (a review: it exited
+            # at once, without the stop's commit, where signals reach each process apart, as Slurm's)
+            self.requested, self._at = name, time.monotonic()
+            os.write(2, f"fuyou: {name}: the stop under way, from another rank\n".encode())
+            return
         torchrun = self.requested is not None and name == "SIGTERM" and "TORCHELASTIC_RUN_ID" in os.environ
         repeat = torchrun or (self.requested == name and time.monotonic() - self._at < self.REPEAT_S)
         if repeat:
@@ -1088,8 +1114,9 @@ def _wear_parts(cfg: FuyouConfig, wear: dict) -> str:
     every = wear["steps_per_commit"]
     if every is None:
         return own + (", no commits (offload.commit=none)" if cfg.offload.commit != "cow" else "")
-    cadence = (f"every {every:,.0f} step{'s' if every != 1 else ''}" if cfg.offload.commit_steps is not None
-               else f"every {cfg.offload.commit_every}, {every:,.0f} steps at this run's pace")
+    steps = f"{every:,.0f} step{'s' if round(every) != 1 else ''}"
+    cadence = (f"every {steps}" if cfg.offload.commit_steps is not None
+               else f"every {cfg.offload.commit_every}, {steps} at this run's pace")
     if not wear["ssd_commit_bytes"]:
         return f"{own}; its commits, {cadence}, write no state: none is held in CPU memory"
     return f"{own} + a commit's {format_size(wear['ssd_commit_bytes'])} {cadence}"
@@ -1213,7 +1240,7 @@ def _loop(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, stop
         try:
             return trainer.evaluate(should_stop)
         except EvaluationStopped:
-            stop.requested = stop.requested or "a stop on another rank"
+            stop.requested = stop.requested or OTHER_RANK
             progress.message(f"the evaluation at step {at} was abandoned ({stop.requested})")
             return None
 
@@ -1228,7 +1255,11 @@ def _loop(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, stop
         # its only one (a trace of a one-step run, or of a resume, was never written, in silence)
         trainer.trace_step = start_step + 1 if start_step + 1 < t.steps else start_step
     start = time.perf_counter()
-    if ran and stop.requested is not None:  # (agreed: the evaluation before the first step was abandoned)
+    # a stop before the first step (the evaluation abandoned, or none to abandon), agreed: a rank that returned
+    # alone left the others in the step's collectives (a review)
+    fault("loop_start")  # tests: a stop that reaches one rank between the first evaluation and the first step
+    if ran and dist.any(stop.requested is not None, "agreeing on a stop before the first step"):
+        stop.requested = stop.requested or OTHER_RANK
         return _stop_before_any_step(cfg, trainer, run_dir, log, progress, stop, start_step, first_eval)
     tokens = written = commit_written = commits = 0
     step_s = 0.0  # the steps' own time (the wear's hours: evaluations and snapshots write nothing to the state)
@@ -1300,7 +1331,7 @@ def _loop(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, stop
         # every rank stops after the same step (a signal reaches them at different moments)
         stopping = dist.any(stop.requested is not None)
         if stopping and step + 1 < t.steps:
-            stop.requested = stop.requested or "a stop on another rank"
+            stop.requested = stop.requested or OTHER_RANK
             if cfg.offload.mode != "ssd" or cfg.offload.commit == "none":
                 # An in-memory run (or one with offload.commit=none) has no committed state to resume: its weights
                 # are kept as a snapshot, which a new run can start from (its optimizer moments and data position

@@ -564,16 +564,21 @@ def test_data_prepared_again_with_another_split_or_masks_under_a_run_is_refused_
     assert main(["train", "--offload", "ssd", "--ssd", str(ssd), "--out", str(tmp_path / "runs"), "run.name=p",
                  "model.preset=gpt-test", "data.seq_len=32", f"data.path={data}", "train.steps=2",
                  "train.eval_every=0", "run.save_weights=false", "offload.keep_state=true"]) == 0
-    changes = [["--val-fraction", "0.3"]] + ([["--val-fraction", "0.1", "--train-on-prompt"]]
-                                              if kind == "examples" else [])
+    (tmp_path / "held.txt").write_text("".join(f"held line {i}.\n" for i in range(50)))
+    held = _jsonl(tmp_path / "held.jsonl", [{"prompt": f"held {i} ", "completion": "x"} for i in range(9)])
+    changes = [["--val-fraction", "0.3"], ["--eval", str(held if kind == "examples" else tmp_path / "held.txt")]]
+    if kind == "examples":
+        changes.append(["--val-fraction", "0.1", "--train-on-prompt"])
     for change in changes:
         assert main(["data", "prepare", str(src), "--out", str(data), *change]) == 0
         capsys.readouterr()
         assert main(["train", "--resume", str(run), "train.steps=3"]) == 2
         err = capsys.readouterr().err
-        assert f"was prepared again with {' '.join(change)} where this run started on data prepared with " \
+        said = "--eval FILES" if "--eval" in change else " ".join(change)
+        assert f"was prepared again with {said} where this run started on data prepared with " \
                f"--val-fraction 0.1" in err, err
-        assert ("could be ones the run trained on" in err) == ("0.3" in change), err
+        assert ("could be ones the run trained on" in err) == ("--train-on-prompt" not in change), err
+        assert f"held-out {'examples' if kind == 'examples' else 'tokens'} could" in err or "--train-on" in said
         assert ("the tokens that carry loss changed" in err) == ("--train-on-prompt" in change), err
         assert f"--out {data} --val-fraction 0.1`" in err
     assert main(["data", "prepare", str(src), "--out", str(data), "--val-fraction", "0.1"]) == 0

@@ -625,3 +625,22 @@ def test_a_finished_runs_resume_with_another_process_count_says_it_finished(tmp_
     (run / "config.toml").write_text("[train]\ngrad_accum = 2\n[offload]\nkeep_state = true\n")
     with pytest.raises(ConfigError, match="fuyou reshard"):
         check_world(run, 1)  # finished, its state kept: it resumes, with two processes or after a reshard
+    (run / "adapter.safetensors").unlink()
+    (run / "config.toml").write_text("[train]\ngrad_accum = 2\n[offload]\ncommit = \"none\"\n")
+    check_world(run, 1)  # stopped without commits: nothing to reshard; the resume names the snapshot instead
+
+
+def test_a_stop_on_one_rank_before_the_first_step_stops_every_rank(tmp_path):
+    """A stop that reached rank 1 after the first evaluation (or in a run with none to abandon) made it return
+    alone while rank 0 went into the first step's collectives (a review): the ranks agree before the first
+    step, both stop at the commit of step 0, and the resume trains the run."""
+    procs = rank_procs(tmp_path, train_args(tmp_path, "early", "train.grad_accum=2"), fault_rank=1,
+                       fault="sigint:loop_start")
+    outs = [p.communicate(timeout=180) for p in procs]
+    assert [p.returncode for p in procs] == [128 + signal.SIGTERM, 128 + signal.SIGINT], outs[0][1][-2000:] + \
+        outs[1][1][-2000:]
+    assert "before step 1: nothing was trained in this launch; the commit of step 0 is intact" in outs[0][1]
+    run = tmp_path / "runs" / "early"
+    assert not any("loss" in m for m in metrics(run))
+    torchrun(["train", "--resume", str(run)])
+    assert [m["step"] for m in metrics(run) if "loss" in m][-1] == 4

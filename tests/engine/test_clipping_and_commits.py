@@ -143,3 +143,20 @@ def test_under_torchrun_a_sigterm_after_a_stop_is_the_same_stop(tmp_path):
     assert proc.returncode == 128 + signal.SIGINT, err
     assert err.count("SIGTERM after SIGINT: taken as the same stop (torchrun passing it on)") == 2, err
     assert "second signal" in err
+
+
+def test_a_ranks_own_copy_of_an_agreed_stop_is_the_same_stop(capfd):
+    """A rank stopped because another rank was ("a stop on another rank") exited at once, without the stop's
+    commit, when its own copy of the same signal arrived later (signals that reach each process apart, as
+    Slurm's; a review): it is the stop under way."""
+    from fuyou.train.loop import OTHER_RANK, _StopOnSignal
+
+    stop = _StopOnSignal()
+    try:
+        stop.requested = OTHER_RANK
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)  # (the handler runs at the next bytecode boundary)
+        assert stop.requested == "SIGINT"
+        assert "fuyou: SIGINT: the stop under way, from another rank" in capfd.readouterr().err
+    finally:
+        stop.restore()

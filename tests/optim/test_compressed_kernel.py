@@ -156,7 +156,8 @@ def test_format_sizes():
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f"{f.master}-{f.moments}")
 def test_non_finite_values_encode_alike(fmt):
     """A gradient that overflows v, an inf and a NaN: every path writes the same bits (the reference
-    reads codes unsigned and writes NaN as 0x7FC0, like the kernel)."""
+    reads a code's rounded bits as a signed 32-bit integer, so a NaN with its sign bit set encodes to code
+    0, and writes NaN as 0x7FC0, like the kernel)."""
     n = 4 * QBLOCK
     grad = torch.randn(n, generator=torch.Generator().manual_seed(5)) * 1e-3
     grad[3], grad[QBLOCK + 7], grad[2 * QBLOCK + 1] = 1e20, float("inf"), float("nan")
