@@ -37,12 +37,12 @@ def test_a_commit_behind_the_next_steps_swap_writes_the_state_it_claimed(tmp_pat
     assert eng.plan.spare_stages == list(range(len(eng.states))) == eng.plan.resident_stages
     flush, raced = eng.ts.flush, []
 
-    def late_flush(claimed):
+    def late_flush(claimed, **kw):
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline and all(st.resident is held for st, _, held in claimed):
             time.sleep(0.001)
         raced.append(any(st.resident is not held for st, _, held in claimed))
-        flush(claimed)
+        flush(claimed, **kw)
 
     eng.ts.flush = late_flush
     for step in range(2):
