@@ -48,8 +48,9 @@ def __getattr__(name: str):
 
 
 def _encode(tok, doc: str) -> np.ndarray:
-    return tok.encode_np(doc) if isinstance(tok, ByteTokenizer) else compact_ids(np.asarray(tok.encode(doc),
-                                                                                            dtype=np.int64))
+    if hasattr(tok, "encode_np"):  # (byte; a Hugging Face tokenizer: a long document in pieces)
+        return tok.encode_np(doc)
+    return compact_ids(np.asarray(tok.encode(doc), dtype=np.int64))
 
 
 def tokenize_documents(docs, tokenizer_spec: str, val_fraction: float) -> TokenData:

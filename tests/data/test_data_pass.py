@@ -633,3 +633,35 @@ def test_inputs_a_prepare_used_to_pass_over_in_silence(tmp_path, capsys):
                  "--val-fraction", "0.2"]) == 2
     assert "--val-fraction and --eval both choose the held-out data" in capsys.readouterr().err
     assert not (tmp_path / "p").exists()
+
+
+def test_a_long_document_is_encoded_in_pieces_with_the_same_ids(tmp_path, monkeypatch):
+    """A 60 MB text file is one document: a Hugging Face tokenizer encoding it whole held 155 bytes a
+    character (9.3 GB; a pass). It is encoded in pieces cut after line breaks, each boundary checked to
+    encode apart as together, with the whole document's ids; a tokenizer that marks the start of every
+    encoding (SentencePiece's word prefix) fails that check and gets the document whole."""
+    pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from fuyou.data.tokenizer import HFTokenizer
+
+    sys.path.insert(0, str(Path(__file__).parents[2] / "tools"))
+    from make_tiny_checkpoint import make_tokenizer
+
+    make_tokenizer("llama3.1", tmp_path / "bpe")
+    lines = [f"Line {i}: the quick brown fox {'jumps' if i % 3 else 'sleeps'} over {i * 7} lazy dogs.\n"
+             + ("\n  indented, after a blank line\n" if i % 11 == 0 else "") for i in range(400)]
+    text = "".join(lines)
+    monkeypatch.setattr(HFTokenizer, "PIECE", 500)
+    tok = HFTokenizer(tmp_path / "bpe")
+    cuts = tok._cuts(text)
+    assert len(cuts) > 10 and all(text[c - 1] == "\n" and not text[c].isspace() for c in cuts)
+    assert tok.encode_np(text).tolist() == tok.encode(text)
+    sp = Tokenizer(models.BPE(unk_token="<unk>"))
+    sp.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="always")
+    sp.train_from_iterator(lines, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "</s>"],
+                                                      show_progress=False))
+    PreTrainedTokenizerFast(tokenizer_object=sp, eos_token="</s>").save_pretrained(tmp_path / "sp")
+    spt = HFTokenizer(tmp_path / "sp")
+    assert spt._cuts(text) == [] and spt.encode_np(text).tolist() == spt.encode(text)
