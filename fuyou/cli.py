@@ -547,7 +547,10 @@ def _prepare(args) -> int:
         raise DataError(f"no training example has a token to learn ({data.summary()}): every answer is empty or the "
                         f"examples are a single token; nothing was written to {out}")
     try:  # a new directory put in the old one's place (replace_prepared): the old data or the new, whole
-        replace_prepared(out, lambda d: (write_examples if isinstance(data, ExampleData) else write_prepared)(d, data))
+        # which held-out files: a resume compares them and names them (train.loop.prepared_settings)
+        extra = {"eval_paths": [str(Path(e).resolve()) for e in args.eval]} if args.eval else None
+        replace_prepared(out, lambda d: (write_examples if isinstance(data, ExampleData) else write_prepared)(
+            d, data, extra))
     except OSError as e:
         import errno
 

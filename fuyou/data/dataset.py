@@ -247,7 +247,8 @@ def sweep_leftovers(base: Path, name: str, quiet_s: float = 600.0) -> None:
             shutil.rmtree(d, ignore_errors=True)
 
 
-def write_prepared(out_dir: str | Path, data: TokenData) -> None:
+def write_prepared(out_dir: str | Path, data: TokenData, extra: dict | None = None) -> None:
+    """The token streams and meta.json (with ``extra``'s fields: the held-out files given, ``fuyou data prepare``)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for stale in ("train.loss.bin", "train.idx.bin", "val.loss.bin", "val.idx.bin"):  # examples prepared there before
@@ -260,6 +261,7 @@ def write_prepared(out_dir: str | Path, data: TokenData) -> None:
         "vocab_size": data.vocab_size, "eos_id": data.eos_id, "tokenizer": data.tokenizer,
         "tokenizer_fingerprint": data.fingerprint, "val_fraction": data.val_fraction,
         "held_documents": data.held_documents,  # (from --eval files; a resume compares it: train.loop)
+        **(extra or {}),
     }
     (out / META).write_text(json.dumps(meta, indent=2) + "\n")
 

@@ -257,7 +257,7 @@ class ExampleEvalBatches:
 
 
 # -- on disk ---------------------------------------------------------------------------------------
-def write_examples(out_dir: str | Path, data: ExampleData) -> None:
+def write_examples(out_dir: str | Path, data: ExampleData, extra: dict | None = None) -> None:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dtype = np.promote_types(data.train.tokens.dtype, data.val.tokens.dtype)  # meta.json records one for both
@@ -270,7 +270,7 @@ def write_examples(out_dir: str | Path, data: ExampleData) -> None:
         "train_examples": len(data.train), "val_examples": len(data.val),
         "train_tokens": int(len(data.train.tokens)), "val_tokens": int(len(data.val.tokens)),
         "vocab_size": data.vocab_size, "eos_id": data.eos_id, "pad_id": data.pad_id, "tokenizer": data.tokenizer,
-        "tokenizer_fingerprint": data.fingerprint, "info": data.info,
+        "tokenizer_fingerprint": data.fingerprint, "info": data.info, **(extra or {}),
     }
     (out / META).write_text(json.dumps(meta, indent=2) + "\n")
 

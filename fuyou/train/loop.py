@@ -166,9 +166,9 @@ def run_vocabulary(run_dir: Path) -> dict:
 
 def prepared_settings(path) -> dict | None:
     """What `fuyou data prepare` fixed of the prepared data at ``path`` that a resume must keep, as its
-    meta.json records it: the held-out share, whether held-out files were given instead, and for fine-tuning
-    examples whether prompts carry loss. A field an earlier fuyou did not record is left out (and so not
-    compared); None: nothing recorded."""
+    meta.json records it: the kind (examples or text), the held-out share or the held-out files given
+    instead, and for fine-tuning examples whether prompts carry loss. A field an earlier fuyou did not
+    record is left out (and so not compared); None: no meta.json to read."""
     import json
 
     try:
@@ -178,7 +178,9 @@ def prepared_settings(path) -> dict | None:
     if not isinstance(meta, dict):
         return None
     info = meta.get("info") if isinstance(meta.get("info"), dict) else {}
-    out = {}
+    out = {"kind": "examples" if meta.get("kind") == "examples" else "text"}  # (--format text made examples text)
+    if isinstance(meta.get("eval_paths"), list):
+        out["eval_paths"] = meta["eval_paths"]
     if meta.get("kind") == "examples":
         if "val_fraction" in info:
             out["val_fraction"] = info["val_fraction"]
@@ -190,7 +192,7 @@ def prepared_settings(path) -> dict | None:
         out.update(val_fraction=meta.get("val_fraction"), eval_files=bool(meta["held_documents"]))
     elif meta.get("val_fraction") is not None:
         out["val_fraction"] = meta["val_fraction"]
-    return out or None
+    return out
 
 
 def check_prepared_settings(run: dict, now: dict | None, cfg: FuyouConfig) -> None:
@@ -206,7 +208,9 @@ def check_prepared_settings(run: dict, now: dict | None, cfg: FuyouConfig) -> No
         return
 
     def flags(d: dict) -> str:
-        if d.get("eval_files"):
+        if d.get("eval_paths"):
+            out = [f"--eval {p}" for p in d["eval_paths"]]
+        elif d.get("eval_files"):
             out = ["--eval FILES"]
         elif d.get("val_fraction") is not None:
             out = [f"--val-fraction {d['val_fraction']:g}"]
@@ -216,12 +220,18 @@ def check_prepared_settings(run: dict, now: dict | None, cfg: FuyouConfig) -> No
             out.append("--train-on-prompt")
         return " ".join(out)
     what = []
-    if changed & {"val_fraction", "eval_files"}:
+    if "kind" in changed:  # (--format text made the run's examples a token stream: a hostile pass)
+        kinds = {"examples": "fine-tuning examples", "text": "plain text"}
+        what.append(f"its {kinds[then['kind']]} became {kinds[now['kind']]}: which tokens carry loss and what is "
+                    f"held out changed")
+    if changed & {"val_fraction", "eval_files", "eval_paths"}:
         held = "examples" if "train_on_prompt" in now else "tokens"
         what.append(f"its held-out {held} could be ones the run trained on")
     if "train_on_prompt" in changed:
         what.append("the tokens that carry loss changed")
-    restore = flags(then) if (then.get("eval_files") or then.get("val_fraction") is not None) else "as it was"
+    restore = flags(then) if (then.get("eval_paths") or then.get("val_fraction") is not None) else "as it was"
+    if "kind" in changed:
+        restore += " --format auto" if then["kind"] == "examples" else " --format text"
     raise DataError(f"{cfg.data.path[0]} was prepared again with {flags(now)} where this run started on data "
                     f"prepared with {flags(then)}: {' and '.join(what)}. Prepare it as it was (`fuyou data prepare "
                     f"... --out {cfg.data.path[0]} {restore}`), or start a new run from this run's weights; "

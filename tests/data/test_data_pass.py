@@ -553,7 +553,8 @@ def test_data_prepared_again_with_another_split_or_masks_under_a_run_is_refused_
 
     if kind == "examples":
         src = _jsonl(tmp_path / "r.jsonl",
-                     [{"prompt": f"question {i} ", "completion": f"answer {i}"} for i in range(60)])
+                     [{"prompt": f"question {i} ", "completion": f"answer {i}", "text": f"question {i} answer {i}"}
+                      for i in range(60)])
     else:
         src = tmp_path / "t.txt"
         src.write_text("".join(f"line {i} of a plain text corpus.\n" for i in range(400)))
@@ -566,21 +567,37 @@ def test_data_prepared_again_with_another_split_or_masks_under_a_run_is_refused_
                  "train.eval_every=0", "run.save_weights=false", "offload.keep_state=true"]) == 0
     (tmp_path / "held.txt").write_text("".join(f"held line {i}.\n" for i in range(50)))
     held = _jsonl(tmp_path / "held.jsonl", [{"prompt": f"held {i} ", "completion": "x"} for i in range(9)])
-    changes = [["--val-fraction", "0.3"], ["--eval", str(held if kind == "examples" else tmp_path / "held.txt")]]
+    eval_file = held if kind == "examples" else tmp_path / "held.txt"
+    changes = [["--val-fraction", "0.3"], ["--eval", str(eval_file)]]
     if kind == "examples":
-        changes.append(["--val-fraction", "0.1", "--train-on-prompt"])
+        changes += [["--val-fraction", "0.1", "--train-on-prompt"], ["--val-fraction", "0.1", "--format", "text"]]
     for change in changes:
         assert main(["data", "prepare", str(src), "--out", str(data), *change]) == 0
         capsys.readouterr()
         assert main(["train", "--resume", str(run), "train.steps=3"]) == 2
         err = capsys.readouterr().err
-        said = "--eval FILES" if "--eval" in change else " ".join(change)
+        said = " ".join(change).replace(str(eval_file), str(eval_file.resolve())).replace(" --format text", "")
         assert f"was prepared again with {said} where this run started on data prepared with " \
                f"--val-fraction 0.1" in err, err
-        assert ("could be ones the run trained on" in err) == ("--train-on-prompt" not in change), err
-        assert f"held-out {'examples' if kind == 'examples' else 'tokens'} could" in err or "--train-on" in said
+        held_changed = "--train-on-prompt" not in change and "text" not in change
+        assert ("could be ones the run trained on" in err) == held_changed, err
+        assert f"held-out {'examples' if kind == 'examples' else 'tokens'} could" in err or not held_changed
         assert ("the tokens that carry loss changed" in err) == ("--train-on-prompt" in change), err
-        assert f"--out {data} --val-fraction 0.1`" in err
+        assert ("its fine-tuning examples became plain text" in err) == ("text" in change), err
+        assert f"--out {data} --val-fraction 0.1" + (" --format auto`" if "text" in change else "`") in err
+    # held-out files of its own, then others: the files are compared and named
+    assert main(["data", "prepare", str(src), "--out", str(data), "--eval", str(eval_file)]) == 0
+    other = tmp_path / ("other.jsonl" if kind == "examples" else "other.txt")
+    other.write_bytes(eval_file.read_bytes())
+    assert main(["train", "--out", str(tmp_path / "runs"), "--offload", "ssd", "--ssd", str(ssd), "run.name=q",
+                 "model.preset=gpt-test", "data.seq_len=32", f"data.path={data}", "train.steps=2",
+                 "train.eval_every=0", "run.save_weights=false", "offload.keep_state=true"]) == 0
+    assert main(["data", "prepare", str(src), "--out", str(data), "--eval", str(other)]) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", str(tmp_path / "runs" / "q"), "train.steps=3"]) == 2
+    err = capsys.readouterr().err
+    assert f"prepared again with --eval {other.resolve()} where this run started on data prepared with --eval " \
+           f"{eval_file.resolve()}" in err and f"--out {data} --eval {eval_file.resolve()}`" in err, err
     assert main(["data", "prepare", str(src), "--out", str(data), "--val-fraction", "0.1"]) == 0
     assert main(["train", "--resume", str(run), "train.steps=3"]) == 0
 
