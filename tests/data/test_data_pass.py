@@ -395,8 +395,8 @@ def test_a_prepare_that_stops_while_writing_keeps_the_old_data_whole(tmp_path, m
     writer = "write_examples" if kind != "text" else "write_prepared"
     real = getattr(examples if kind != "text" else dataset, writer)
 
-    def stops_midway(d, data):
-        real(d, data)
+    def stops_midway(d, data, extra=None):
+        real(d, data, extra)
         (Path(d) / "meta.json").unlink()  # the files half there, as a stop between two of them leaves them
         if fault == "interrupt":
             raise KeyboardInterrupt
