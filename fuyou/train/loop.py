@@ -1041,7 +1041,6 @@ def _stop_status(name: str) -> int:
     return 128 + (signal.Signals[name] if name in signal.Signals.__members__ else signal.SIGTERM).value
 
 
-OTHER_RANK = "a stop on another rank"  # what stopped a rank that got no signal itself (the ranks agree on a stop)
 
 
 class _StopOnSignal:
@@ -1051,6 +1050,8 @@ class _StopOnSignal:
 
     def __init__(self):
         self.requested: str | None = None
+        self.from_other = False  # requested by another rank's signal (``agree``): this rank's own copy is that stop
+        self.origin = ""  # " on another rank" where it was (the messages')
         self.commits = True  # whether the run commits a resumable state (the second signal's words)
         self._at = 0.0
         self._old = {}
@@ -1060,9 +1061,9 @@ class _StopOnSignal:
 
     def _handle(self, signum, frame):
         name = signal.Signals(signum).name
-        if self.requested == OTHER_RANK:  # this rank's own copy of the stop the ranks agreed on (a review: it exited
-            # at once, without the stop's commit, where signals reach each process apart, as Slurm's)
-            self.requested, self._at = name, time.monotonic()
+        if self.from_other:  # this rank's own copy of the stop the ranks agreed on (a review: it exited at once,
+            # without the stop's commit, where signals reach each process apart, as Slurm's)
+            self.from_other, self._at = False, time.monotonic()
             os.write(2, f"fuyou: {name}: the stop under way, from another rank\n".encode())
             return
         torchrun = self.requested is not None and name == "SIGTERM" and "TORCHELASTIC_RUN_ID" in os.environ
@@ -1089,6 +1090,17 @@ class _StopOnSignal:
         os.write(2, f"\nfuyou: {self.requested}: stopping at the end of this step (an evaluation under way "
                     f"is abandoned after its batch), with a commit of it (SSD offload) or a snapshot (in memory, or "
                     f"offload.commit=none); a second signal (after {self.REPEAT_S:g} s) exits at once\n".encode())
+
+    def agree(self, dist: distributed.Dist, what: str) -> bool:
+        """Whether any rank was asked to stop, on every rank at the same point; a rank that was not takes the
+        signal's name (the largest number among the ranks'), so the ranks report the same stop and exit with
+        the same status (an unsignalled rank said "a stop on another rank" and exited with SIGTERM's, which
+        torchrun then named the root cause: a pass)."""
+        mine = 0 if self.requested is None else signal.Signals[self.requested].value
+        top = dist.reduce_ints([mine], what, op="max")[0] if dist.enabled else mine
+        if top and self.requested is None:
+            self.requested, self.from_other, self.origin = signal.Signals(top).name, True, " on another rank"
+        return bool(top)
 
     def restore(self):
         for sig, old in self._old.items():
@@ -1181,13 +1193,19 @@ def _stop_before_any_step(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, log
     log.close()
     if cfg.offload.mode == "ssd" and cfg.offload.commit == "cow":
         how = distributed.resume_command(run_dir)
-        progress.message(f"stopped by {stop.requested} before step {start_step + 1}: nothing was trained in this "
-                         f"launch; the commit of step {start_step} is intact; continue with: {how}")
+        progress.message(f"stopped by {stop.requested}{stop.origin} before step {start_step + 1}: nothing was "
+                         f"trained in this launch; the commit of step {start_step} is intact; continue with: {how}")
     else:
         if cfg.offload.mode == "ssd":  # (offload.commit=none: a state nothing resumes goes, as a finished run's)
             trainer.completed = True
-        progress.message(f"stopped by {stop.requested} before the first step: nothing was trained and nothing "
-                         f"is kept; start the run again")
+        again = "delete it or give another run.name to start the run again"
+        if not distributed.current().enabled and not trainer.resumed:  # (its directory refused the same command)
+            import shutil
+
+            shutil.rmtree(run_dir, ignore_errors=True)
+            again = "it is removed, so the same command starts the run again"
+        progress.message(f"stopped by {stop.requested}{stop.origin} before the first step: nothing was trained "
+                         f"and nothing is kept in {run_dir}: {again}")
     return RunResult(run_dir, first_eval, None, float("nan"), 0.0, resident_bytes("VmHWM"), stopped=True,
                      exit_status=_stop_status(stop.requested))
 
@@ -1244,14 +1262,13 @@ def _loop(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, stop
         progress.done = start_step
         log.write({"resumed": start_step})  # records of later steps before this line are of the redone steps
     def should_stop() -> bool:  # between held-out batches: a stop abandons an evaluation (every rank at once)
-        return dist.any(stop.requested is not None, "agreeing on a stop during the evaluation")
+        return stop.agree(dist, "agreeing on a stop during the evaluation")
 
     def evaluate(at: int) -> float | None:
         try:
             return trainer.evaluate(should_stop)
         except EvaluationStopped:
-            stop.requested = stop.requested or OTHER_RANK
-            progress.message(f"the evaluation at step {at} was abandoned ({stop.requested})")
+            progress.message(f"the evaluation at step {at} was abandoned ({stop.requested}{stop.origin})")
             return None
 
     first_eval = last_eval = evaluate(start_step)
@@ -1268,8 +1285,7 @@ def _loop(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, stop
     # a stop before the first step (the evaluation abandoned, or none to abandon), agreed: a rank that returned
     # alone left the others in the step's collectives (a review)
     fault("loop_start")  # tests: a stop that reaches one rank between the first evaluation and the first step
-    if ran and dist.any(stop.requested is not None, "agreeing on a stop before the first step"):
-        stop.requested = stop.requested or OTHER_RANK
+    if ran and stop.agree(dist, "agreeing on a stop before the first step"):
         return _stop_before_any_step(cfg, trainer, run_dir, log, progress, stop, start_step, first_eval)
     tokens = written = commit_written = commits = 0
     step_s = 0.0  # the steps' own time (the wear's hours: evaluations and snapshots write nothing to the state)
@@ -1339,9 +1355,8 @@ def _loop(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, stop
             else:
                 _serve_weights(trainer)
         # every rank stops after the same step (a signal reaches them at different moments)
-        stopping = dist.any(stop.requested is not None)
+        stopping = stop.agree(dist, "agreeing on a step boundary")
         if stopping and step + 1 < t.steps:
-            stop.requested = stop.requested or OTHER_RANK
             if cfg.offload.mode != "ssd" or cfg.offload.commit == "none":
                 # An in-memory run (or one with offload.commit=none) has no committed state to resume: its weights
                 # are kept as a snapshot, which a new run can start from (its optimizer moments and data position
@@ -1357,7 +1372,7 @@ def _loop(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, stop
                 log.close()
                 how = (f"export them (`fuyou export {snap} --out DIR`) and start a run over the same base with "
                        f"lora.init_from=DIR" if cfg.lora.enabled else f"start a run with --init-from {snap}")
-                progress.message(f"stopped by {stop.requested} after step {step + 1}; the "
+                progress.message(f"stopped by {stop.requested}{stop.origin} after step {step + 1}; the "
                                  f"{'adapters' if cfg.lora.enabled else 'weights'} of step {step + 1} are in {snap}. "
                                  + ("An in-memory run keeps no resumable state (offload.mode=ssd runs do)"
                                     if cfg.offload.mode != "ssd" else
@@ -1372,7 +1387,8 @@ def _loop(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, stop
             log.write({"stopped": stop.requested, "step": step + 1})
             log.close()
             how = distributed.resume_command(run_dir)
-            progress.message(f"stopped by {stop.requested} after step {step + 1} (committed); continue with: {how}")
+            progress.message(f"stopped by {stop.requested}{stop.origin} after step {step + 1} (committed); continue "
+                             f"with: {how}")
             return RunResult(run_dir, first_eval, last_eval, stats.loss, tokens / (time.perf_counter() - start),
                              resident_bytes("VmHWM"), stopped=True,
                              exit_status=_stop_status(stop.requested))

@@ -111,9 +111,14 @@ def test_a_run_without_commits_stopped_before_its_first_step_keeps_nothing(tmp_p
     cls = Engine if ssd else ReferenceTrainer
     signal_in_evaluation(monkeypatch, cls, evaluation=0, batch=1)
     extra = ["offload.commit=none"] if ssd else []
-    res = run_training(cfg_of(tmp_path, "train.steps=3", "run.name=none", *extra, ssd=ssd))
+    res = run_training(cfg_of(tmp_path, "train.steps=3", "run.name=early", *extra, ssd=ssd))
     assert res.stopped
-    assert "before the first step: nothing was trained and nothing is kept" in capsys.readouterr().err
-    assert not (res.run_dir / "snapshots").exists() and not (res.run_dir / "model.safetensors").exists()
+    err = capsys.readouterr().err
+    assert "before the first step: nothing was trained and nothing is kept in" in err
+    assert "it is removed, so the same command starts the run again" in err
+    assert not res.run_dir.exists()  # (it was kept, and refused the same command: the name was taken)
     if ssd:
         assert list((tmp_path / "ssd").iterdir()) == []
+    monkeypatch.undo()
+    again = run_training(cfg_of(tmp_path, "train.steps=3", "run.name=early", *extra, ssd=ssd))
+    assert not again.stopped and again.run_dir == res.run_dir
