@@ -117,7 +117,8 @@ class LoRATrainingState(TrainingState):
         finally:
             os.close(fd)
         os.replace(tmp, directory / name)
-        if self.counters is not None:  # the run's SSD-written figures count the adapters' commits
+        if self.counters is not None and steps_done:  # the run's SSD-written figures count the adapters' commits
+            # (not step 0's, the initial state's write, which a full run's figures do not count either: a pass)
             self.counters().add(ssd_write_bytes=len(data), commit_write_bytes=len(data), commits=1)
         self.store.sync()
         distributed.current().commit_barrier(steps_done)  # every rank's adapters are durable before any record

@@ -198,6 +198,9 @@ def _wear(plan: Plan, step: float) -> dict:
     resident = sum(w.numels[i] for i in ev.memory.resident_all)
     if w.offload.commit == "cow" and w.offload.commit_steps != 1 and resident:
         per_step += w.fmt.state_bytes(resident) / max(ev.steps_per_commit, 1.0)  # the commit of resident state
+    if w.offload.commit == "cow" and w.lora_params is not None:  # a commit writes the adapters and their moments
+        # (fp32, three copies: the run's summary counted them, the plan said 0 B a step: a pass)
+        per_step += 12 * w.lora_params / max(ev.steps_per_commit, 1.0)
     per_hour = per_step * 3600 / step
     fmt = w.fmt.describe() if w.lora_params is None else lora_line(w)
     return {"state_format": fmt, "ssd_write_per_step_bytes": per_step, "ssd_write_per_hour_bytes": per_hour,

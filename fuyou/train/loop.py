@@ -1458,8 +1458,8 @@ def _loop(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, stop
                  else f"{cfg.optim.master} master, {cfg.optim.moments} moments")
         summary += (f"\nSSD written{' (a machine, its ranks together)' if dist.enabled else ''}: "
                     f"{format_size(wear['ssd_write_per_step_bytes'])} per step ({_wear_parts(cfg, wear)}), "
-                    f"{format_decimal(wear['ssd_write_per_hour_bytes'])} per hour ({state}); this run "
-                    f"{format_size(wear['ssd_written_bytes'])} in all")
+                    f"{format_decimal(wear['ssd_write_per_hour_bytes'])} per hour ({state}); this run's steps and "
+                    f"commits {format_size(wear['ssd_written_bytes'])} in all (the initial state's write not counted)")
         if wear.get("ssd_life_hours"):
             summary += (f"; at this rate the drives' rated {tbw / 1e15:.3g} PB ({drives}) last "
                         f"{wear['ssd_life_hours']:,.0f} hours")
