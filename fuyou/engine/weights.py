@@ -166,11 +166,12 @@ class WeightStreamer:
             start = self.dev.event(timing=True).record(h2d) if timed else None
             self.dev.to_device(flat, host, h2d)
             ev = self.dev.event(timing=timed).record(h2d)
-        c.add(h2d_bytes=st.wnumel * dtype_size(self.dtype))
+        nbytes = st.wnumel * dtype_size(self.dtype)
+        c.add(h2d_bytes=nbytes)
         if buf is not None:
             self.dev.after(ev, buf.release)  # the host buffer is reused only once the copy has landed
         if timed:
-            self.tracer.add_gpu(f"h2d weights {st.stage.name}", "h2d", start, ev)
+            self.tracer.add_gpu(f"h2d weights {st.stage.name}", "h2d", start, ev, bytes=nbytes)
         return Loaded(flat, ready, time.perf_counter(), event=ev)
 
     def idle(self) -> bool:

@@ -194,7 +194,7 @@ def test_compute_time_comes_from_events_and_the_trace_has_device_rows(tmp_path):
     try:
         rows = {e["name"]: e for e in eng.tracer.events}
         h2d = [e for e in eng.tracer.events if e["cat"] == "h2d"]
-        assert h2d and all(e["dur"] > 0 for e in h2d)
+        assert h2d and all(e["dur"] > 0 and e["args"]["bytes"] > 0 for e in h2d)
         st = eng.states[1]
         simulated = st.numel * 4 / device.FAKE_COPY_BW * 1e6  # the copy's time on the fake's clock (µs)
         assert simulated * 0.9 <= rows[f"h2d weights {st.stage.name}"]["dur"] <= simulated + 50_000  # + host gaps
