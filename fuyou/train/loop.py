@@ -91,20 +91,50 @@ def build_trainer(cfg: FuyouConfig, run_name: str, resume: bool = False, split: 
 DATA_FILES = "data-files.json"
 
 
-def data_fingerprint(cfg: FuyouConfig) -> dict:
+def data_fingerprint(cfg: FuyouConfig, like: dict | None = None) -> dict:
     """What a resume compares to tell whether the run's data changed: each data.path and data.eval_path
     entry's size and modification time (a directory's file count, total size and newest time; a moved
-    file keeps its figures), and with train.epochs the steps they made."""
-    def one(p: Path):
+    file keeps its figures; prepared data: a digest of its meta.json and of samples of its files instead of
+    the time, so that data prepared again the same compares equal: a pass was told its data changed, and
+    its rows' order too), and with train.epochs the steps they made. ``like``: a record to match the form of
+    (a run recorded before prepared data had a digest: its times)."""
+    from fuyou.data.config import is_prepared
+
+    def one(p: Path, then):
         if p.is_file():
             st = p.stat()
             return [st.st_size, st.st_mtime_ns]
         if p.is_dir():
-            files = [f.stat() for f in sorted(p.rglob("*")) if f.is_file()]
-            return [len(files), sum(f.st_size for f in files), max((f.st_mtime_ns for f in files), default=0)]
+            paths = [f for f in sorted(p.rglob("*")) if f.is_file()]
+            files = [f.stat() for f in paths]
+            head = [len(files), sum(f.st_size for f in files)]
+            if is_prepared(p) and not (isinstance(then, list) and len(then) == 3 and isinstance(then[2], int)):
+                return [*head, _prepared_digest(p, paths)]
+            return [*head, max((f.st_mtime_ns for f in files), default=0)]
         return None
     paths = [] if cfg.data.source in ("synthetic", "builtin") else [*cfg.data.path, *cfg.data.eval_path]
-    return {"files": [one(Path(p)) for p in paths], "steps": cfg.train.steps if cfg.train.epochs is not None else None}
+    then = (like or {}).get("files") if isinstance(like, dict) else None
+    then = then if isinstance(then, list) else []
+    return {"files": [one(Path(p), then[i] if i < len(then) else None) for i, p in enumerate(paths)],
+            "steps": cfg.train.steps if cfg.train.epochs is not None else None}
+
+
+def _prepared_digest(root: Path, paths: list[Path]) -> str:
+    """A digest of prepared data: its meta.json whole, and 16 slices of 64 KiB spread over each other file."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in paths:
+        h.update(str(f.relative_to(root)).encode() + b"\0")
+        with open(f, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            if f.name == "meta.json" or size <= 16 << 16:
+                h.update(fh.read())
+                continue
+            for k in range(16):
+                fh.seek((size - (1 << 16)) * k // 15)
+                h.update(fh.read(1 << 16))
+    return "sha256:" + h.hexdigest()[:32]
 
 
 def _data_files_change(cfg: FuyouConfig, then: list, now: list, split: str = "content",
@@ -118,6 +148,8 @@ def _data_files_change(cfg: FuyouConfig, then: list, now: list, split: str = "co
     def words(f) -> str:  # (False: no such entry, the number of paths changed; None: the path is missing)
         if f is False or f is None:
             return "not given" if f is False else "missing"
+        if isinstance(f[-1], str):  # prepared data's digest
+            return f"{f[0]} files, {format_size(f[1])}, content {f[-1].removeprefix('sha256:')[:12]}"
         when = datetime.datetime.fromtimestamp(f[-1] / 1e9).strftime("%Y-%m-%d %H:%M:%S")
         return (f"{format_size(f[0])}, modified {when}" if len(f) == 2 else
                 f"{f[0]} files, {format_size(f[1])}, newest modified {when}")
@@ -665,7 +697,8 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
                                   f"snapshot of its step kept already)"] if dropped else [])),
                   file=sys.stderr)
     if resume is not None:  # the data as the run recorded it, and now (with train.epochs: after the loader)
-        data_then, data_now = _recorded_data(run_path), data_fingerprint(cfg)
+        data_then = _recorded_data(run_path)
+        data_now = data_fingerprint(cfg, like=data_then)
         data_moved = data_then is not None and data_then["files"] != data_now["files"]
     if resume is not None and trainer.start_step > cfg.train.steps:
         # Finishing would save the weights of the committed step and delete the resumable state: a

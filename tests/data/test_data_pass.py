@@ -682,3 +682,46 @@ def test_a_long_document_is_encoded_in_pieces_with_the_same_ids(tmp_path, monkey
     PreTrainedTokenizerFast(tokenizer_object=sp, eos_token="</s>").save_pretrained(tmp_path / "sp")
     spt = HFTokenizer(tmp_path / "sp")
     assert spt._cuts(text) == [] and spt.encode_np(text).tolist() == spt.encode(text)
+
+
+def test_prepared_data_prepared_again_the_same_is_not_data_that_changed(tmp_path, capsys):
+    """A run's prepared data prepared again from the same files with the same settings is the same data,
+    byte for byte: its resume said the data changed (the files' times had) and that the rows' order was
+    drawn anew (a hostile pass). Prepared data is compared by a digest of its contents; other data still
+    tells a change."""
+    from fuyou.cli import main
+
+    src = _jsonl(tmp_path / "r.jsonl", [{"prompt": f"question {i} ", "completion": f"answer {i}"} for i in range(60)])
+    data, ssd = tmp_path / "data", tmp_path / "ssd"
+    ssd.mkdir()
+    assert main(["data", "prepare", str(src), "--out", str(data)]) == 0
+    run = tmp_path / "runs" / "p"
+    assert main(["train", "--offload", "ssd", "--ssd", str(ssd), "--out", str(tmp_path / "runs"), "run.name=p",
+                 "model.preset=gpt-test", "data.seq_len=32", f"data.path={data}", "train.steps=2",
+                 "train.eval_every=0", "run.save_weights=false", "offload.keep_state=true"]) == 0
+    record = json.loads((run / "data-files.json").read_text())
+    assert record["files"][0][2].startswith("sha256:")
+    # a run recorded before the digest (the newest time) resumes over unchanged data without a change
+    record["files"][0][2] = max(f.stat().st_mtime_ns for f in data.iterdir())
+    (run / "data-files.json").write_text(json.dumps(record))
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "train.steps=2"]) == 0
+    assert "the data changed" not in capsys.readouterr().err
+    assert isinstance(json.loads((run / "data-files.json").read_text())["files"][0][2], int)
+    record["files"][0] = json.loads((run / "data-files.json").read_text())["files"][0][:2] + ["sha256:x"]
+    (run / "data-files.json").write_text(json.dumps(record))  # (as a run started now records it)
+    assert main(["data", "prepare", str(src), "--out", str(data)]) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "train.steps=3", "offload.keep_state=true"]) == 0
+    err = capsys.readouterr().err
+    assert "the data changed" in err  # ("sha256:x" is no digest of it)
+    assert main(["data", "prepare", str(src), "--out", str(data)]) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "train.steps=3", "offload.keep_state=true"]) == 0
+    assert "the data changed" not in capsys.readouterr().err
+    _jsonl(src, [{"prompt": f"question {i} ", "completion": f"other answer {i}"} for i in range(60)])
+    assert main(["data", "prepare", str(src), "--out", str(data)]) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "train.steps=4"]) == 0
+    err = capsys.readouterr().err
+    assert "the data changed since the run started" in err and ", content " in err, err
