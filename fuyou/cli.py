@@ -507,6 +507,22 @@ def _read_only_fs(d) -> bool:
         return False
 
 
+def _files_digest(paths) -> str:
+    """A digest of the files at ``paths`` (a directory: its files, by name under it), by content: which
+    held-out files a prepare read, wherever they sit (a resume compares it: train.loop.prepared_settings)."""
+    import hashlib
+    from pathlib import Path
+
+    h = hashlib.blake2b(digest_size=16)
+    for p in map(Path, paths):
+        for f in (sorted(x for x in p.rglob("*") if x.is_file() and not x.name.startswith(".")) if p.is_dir() else [p]):
+            h.update((str(f.relative_to(p)) if p.is_dir() else "").encode() + b"\0")
+            with open(f, "rb") as fh:
+                while chunk := fh.read(1 << 20):
+                    h.update(chunk)
+    return "blake2b:" + h.hexdigest()
+
+
 def _prepare(args) -> int:
     from fuyou.data import ExampleData, tokenize_records
     from fuyou.data.dataset import replace_prepared, write_prepared
@@ -548,7 +564,8 @@ def _prepare(args) -> int:
                         f"examples are a single token; nothing was written to {out}")
     try:  # a new directory put in the old one's place (replace_prepared): the old data or the new, whole
         # which held-out files: a resume compares them and names them (train.loop.prepared_settings)
-        extra = {"eval_paths": [str(Path(e).resolve()) for e in args.eval]} if args.eval else None
+        extra = ({"eval_paths": [str(Path(e).resolve()) for e in args.eval], "eval_content": _files_digest(args.eval)}
+                 if args.eval else None)
         replace_prepared(out, lambda d: (write_examples if isinstance(data, ExampleData) else write_prepared)(
             d, data, extra))
     except OSError as e:

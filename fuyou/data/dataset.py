@@ -247,6 +247,19 @@ def sweep_leftovers(base: Path, name: str, quiet_s: float = 600.0) -> None:
             shutil.rmtree(d, ignore_errors=True)
 
 
+def content_hash(*arrays) -> str:
+    """A hash of every byte of ``arrays`` (a prepared directory's tokens, masks and offsets), kept in its
+    meta.json: a resume compares prepared data by it (an edit that kept the size went unseen by samples)."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=16)
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(str(a.dtype).encode() + str(len(a)).encode())
+        h.update(memoryview(a).cast("B") if a.size else b"")
+    return "blake2b:" + h.hexdigest()
+
+
 def write_prepared(out_dir: str | Path, data: TokenData, extra: dict | None = None) -> None:
     """The token streams and meta.json (with ``extra``'s fields: the held-out files given, ``fuyou data prepare``)."""
     out = Path(out_dir)
@@ -261,6 +274,7 @@ def write_prepared(out_dir: str | Path, data: TokenData, extra: dict | None = No
         "vocab_size": data.vocab_size, "eos_id": data.eos_id, "tokenizer": data.tokenizer,
         "tokenizer_fingerprint": data.fingerprint, "val_fraction": data.val_fraction,
         "held_documents": data.held_documents,  # (from --eval files; a resume compares it: train.loop)
+        "content": content_hash(data.train.astype(dtype, copy=False), data.val.astype(dtype, copy=False)),
         **(extra or {}),
     }
     (out / META).write_text(json.dumps(meta, indent=2) + "\n")

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fuyou.data.dataset import IGNORE, META, Batch, beyond_vocab
+from fuyou.data.dataset import IGNORE, META, Batch, beyond_vocab, content_hash
 from fuyou.errors import DataError
 
 
@@ -270,7 +270,10 @@ def write_examples(out_dir: str | Path, data: ExampleData, extra: dict | None = 
         "train_examples": len(data.train), "val_examples": len(data.val),
         "train_tokens": int(len(data.train.tokens)), "val_tokens": int(len(data.val.tokens)),
         "vocab_size": data.vocab_size, "eos_id": data.eos_id, "pad_id": data.pad_id, "tokenizer": data.tokenizer,
-        "tokenizer_fingerprint": data.fingerprint, "info": data.info, **(extra or {}),
+        "tokenizer_fingerprint": data.fingerprint, "info": data.info,
+        "content": content_hash(*(a for ex in (data.train, data.val) for a in (ex.tokens.astype(dtype, copy=False),
+                                                                              ex.loss, ex.offsets))),
+        **(extra or {}),
     }
     (out / META).write_text(json.dumps(meta, indent=2) + "\n")
 

@@ -118,9 +118,10 @@ class HFTokenizer:
         """``encode(text)`` as compact ids (``compact_ids``), a long document in pieces of about ``PIECE``
         characters cut after a line break that a line starting with a non-space follows: the tokenizer holds
         well over a hundred bytes a character while it encodes (a 60 MB text file, one document, peaked at
-        9.3 GB, a pass). A piece boundary is kept only where the two lines around it encode as they do
-        together (a tokenizer that marks the start of each encoding, as SentencePiece's word prefix does,
-        gets the document whole), so the ids are the whole document's."""
+        9.3 GB, a pass). A piece boundary is kept only where the tokenizer's pre-tokenizer starts a word (BPE
+        merges stay within words) and the two lines around it encode as they do together (a tokenizer that
+        marks the start of each encoding, as SentencePiece's word prefix does, or has no pre-tokenizer, gets
+        the document whole), so the ids are the whole document's."""
         cuts = self._cuts(text) if len(text) > 2 * self.PIECE else []
         if not cuts:
             return compact_ids(np.asarray(self.encode(text), dtype=np.int64))
@@ -133,6 +134,9 @@ class HFTokenizer:
     def _cuts(self, text: str) -> list[int]:
         """Where ``encode_np`` may cut ``text``: about every ``PIECE`` characters, after a line break that a
         non-space follows, where the lines either side encode apart as together; none if a boundary fails."""
+        bt = getattr(self._tok, "backend_tokenizer", None)  # (a fast tokenizer's: its pre-tokenizer cuts words)
+        if bt is None or bt.pre_tokenizer is None:  # one "word" may span the document: merges could cross any cut
+            return []
         cuts, pos = [], self.PIECE
         while pos < len(text) - self.PIECE:
             c = pos
@@ -143,7 +147,12 @@ class HFTokenizer:
             before = text[max(text.rfind("\n", 0, c - 1) + 1, c - 200):c]
             after = text[c:c + 200]
             after = after[:after.find("\n") + 1] or after
-            if self.encode(before + after) != self.encode(before) + self.encode(after):
+            window = before + after
+            if bt.normalizer is not None and bt.normalizer.normalize_str(window) != window:
+                return []  # (a normalizer that changes text: offsets and boundaries are not the text's)
+            if len(before) not in {a for _, (a, _) in bt.pre_tokenizer.pre_tokenize_str(window)}:
+                return []  # (no word starts at the cut: a merge could span it, beyond what a window shows; a review)
+            if self.encode(window) != self.encode(before) + self.encode(after):
                 return []  # (this tokenizer's encoding is not separable there: the document goes whole)
             cuts.append(c)
             pos = c + self.PIECE

@@ -99,6 +99,7 @@ def data_fingerprint(cfg: FuyouConfig, like: dict | None = None) -> dict:
     its rows' order too), and with train.epochs the steps they made. ``like``: a record to match the form of
     (a run recorded before prepared data had a digest: its times)."""
     from fuyou.data.config import is_prepared
+    from fuyou.data.dataset import PREPARED_FILES
 
     def one(p: Path, then):
         if p.is_file():
@@ -106,11 +107,12 @@ def data_fingerprint(cfg: FuyouConfig, like: dict | None = None) -> dict:
             return [st.st_size, st.st_mtime_ns]
         if p.is_dir():
             paths = [f for f in sorted(p.rglob("*")) if f.is_file()]
-            files = [f.stat() for f in paths]
-            head = [len(files), sum(f.st_size for f in files)]
             if is_prepared(p) and not (isinstance(then, list) and len(then) == 3 and isinstance(then[2], int)):
-                return [*head, _prepared_digest(p, paths)]
-            return [*head, max((f.st_mtime_ns for f in files), default=0)]
+                # its own files only (a killed prepare's hidden leftovers, other files beside it: a review)
+                paths = [p / n for n in PREPARED_FILES if (p / n).is_file()]
+                return [len(paths), sum(f.stat().st_size for f in paths), _prepared_digest(p, paths)]
+            files = [f.stat() for f in paths]
+            return [len(files), sum(f.st_size for f in files), max((f.st_mtime_ns for f in files), default=0)]
         return None
     paths = [] if cfg.data.source in ("synthetic", "builtin") else [*cfg.data.path, *cfg.data.eval_path]
     then = (like or {}).get("files") if isinstance(like, dict) else None
@@ -120,7 +122,8 @@ def data_fingerprint(cfg: FuyouConfig, like: dict | None = None) -> dict:
 
 
 def _prepared_digest(root: Path, paths: list[Path]) -> str:
-    """A digest of prepared data: its meta.json whole, and 16 slices of 64 KiB spread over each other file."""
+    """A digest of prepared data: its meta.json whole (which holds a hash of all the tokens where a prepare
+    wrote one: ``content``), and 16 slices of 64 KiB spread over each other file."""
     import hashlib
 
     h = hashlib.sha256()
@@ -211,8 +214,10 @@ def prepared_settings(path) -> dict | None:
         return None
     info = meta.get("info") if isinstance(meta.get("info"), dict) else {}
     out = {"kind": "examples" if meta.get("kind") == "examples" else "text"}  # (--format text made examples text)
-    if isinstance(meta.get("eval_paths"), list):
+    if isinstance(meta.get("eval_paths"), list):  # named in the messages; compared by their content
         out["eval_paths"] = meta["eval_paths"]
+    if isinstance(meta.get("eval_content"), str):
+        out["eval_content"] = meta["eval_content"]
     if meta.get("kind") == "examples":
         if "val_fraction" in info:
             out["val_fraction"] = info["val_fraction"]
@@ -235,7 +240,9 @@ def check_prepared_settings(run: dict, now: dict | None, cfg: FuyouConfig) -> No
     then = run.get("prepared")
     if not isinstance(then, dict) or now is None:
         return
-    changed = {k for k in then.keys() & now.keys() if then[k] != now[k]}
+    # (held-out files are compared by content: the same files elsewhere, a copied data directory, are the same)
+    both = then.keys() & now.keys()
+    changed = {k for k in both if then[k] != now[k] and not (k == "eval_paths" and "eval_content" in both)}
     if not changed:
         return
 
@@ -256,7 +263,7 @@ def check_prepared_settings(run: dict, now: dict | None, cfg: FuyouConfig) -> No
         kinds = {"examples": "fine-tuning examples", "text": "plain text"}
         what.append(f"its {kinds[then['kind']]} became {kinds[now['kind']]}: which tokens carry loss and what is "
                     f"held out changed")
-    if changed & {"val_fraction", "eval_files", "eval_paths"}:
+    if changed & {"val_fraction", "eval_files", "eval_paths", "eval_content"}:
         held = "examples" if "train_on_prompt" in now else "tokens"
         what.append(f"its held-out {held} could be ones the run trained on")
     if "train_on_prompt" in changed:
@@ -1133,6 +1140,8 @@ class _StopOnSignal:
         top = dist.reduce_ints([mine], what, op="max")[0] if dist.enabled else mine
         if top and self.requested is None:
             self.requested, self.from_other, self.origin = signal.Signals(top).name, True, " on another rank"
+        elif top and top != mine:  # ranks that got different signals: all take the largest (a review)
+            self.requested = signal.Signals(top).name
         return bool(top)
 
     def restore(self):

@@ -585,19 +585,24 @@ def test_data_prepared_again_with_another_split_or_masks_under_a_run_is_refused_
         assert ("the tokens that carry loss changed" in err) == ("--train-on-prompt" in change), err
         assert ("its fine-tuning examples became plain text" in err) == ("text" in change), err
         assert f"--out {data} --val-fraction 0.1" + (" --format auto`" if "text" in change else "`") in err
-    # held-out files of its own, then others: the files are compared and named
+    # held-out files of its own, then others: the files are compared by content and named
     assert main(["data", "prepare", str(src), "--out", str(data), "--eval", str(eval_file)]) == 0
-    other = tmp_path / ("other.jsonl" if kind == "examples" else "other.txt")
-    other.write_bytes(eval_file.read_bytes())
     assert main(["train", "--out", str(tmp_path / "runs"), "--offload", "ssd", "--ssd", str(ssd), "run.name=q",
                  "model.preset=gpt-test", "data.seq_len=32", f"data.path={data}", "train.steps=2",
                  "train.eval_every=0", "run.save_weights=false", "offload.keep_state=true"]) == 0
+    copy = tmp_path / "elsewhere" / eval_file.name
+    copy.parent.mkdir()
+    copy.write_bytes(eval_file.read_bytes())  # the same files at another place: the same held-out data
+    assert main(["data", "prepare", str(src), "--out", str(data), "--eval", str(copy)]) == 0
+    assert main(["train", "--resume", str(tmp_path / "runs" / "q"), "train.steps=3", "offload.keep_state=true"]) == 0
+    other = tmp_path / ("other.jsonl" if kind == "examples" else "other.txt")
+    other.write_bytes(eval_file.read_bytes().replace(b"held", b"kept"))
     assert main(["data", "prepare", str(src), "--out", str(data), "--eval", str(other)]) == 0
     capsys.readouterr()
-    assert main(["train", "--resume", str(tmp_path / "runs" / "q"), "train.steps=3"]) == 2
+    assert main(["train", "--resume", str(tmp_path / "runs" / "q"), "train.steps=4"]) == 2
     err = capsys.readouterr().err
     assert f"prepared again with --eval {other.resolve()} where this run started on data prepared with --eval " \
-           f"{eval_file.resolve()}" in err and f"--out {data} --eval {eval_file.resolve()}`" in err, err
+           f"{copy.resolve()}" in err and f"--out {data} --eval {copy.resolve()}`" in err, err
     assert main(["data", "prepare", str(src), "--out", str(data), "--val-fraction", "0.1"]) == 0
     assert main(["train", "--resume", str(run), "train.steps=3"]) == 0
 
@@ -682,6 +687,13 @@ def test_a_long_document_is_encoded_in_pieces_with_the_same_ids(tmp_path, monkey
     PreTrainedTokenizerFast(tokenizer_object=sp, eos_token="</s>").save_pretrained(tmp_path / "sp")
     spt = HFTokenizer(tmp_path / "sp")
     assert spt._cuts(text) == [] and spt.encode_np(text).tolist() == spt.encode(text)
+    # no pre-tokenizer: the document is one word, whose merges may cross any cut (a review: "\nb" merged)
+    raw = Tokenizer(models.BPE(vocab={"a": 0, "\n": 1, "b": 2, "c": 3, "aa": 4, "a\n": 5, "\nb": 6, "</s>": 7},
+                               merges=[("a", "a"), ("a", "\n"), ("\n", "b")]))
+    PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="</s>").save_pretrained(tmp_path / "raw")
+    rawt = HFTokenizer(tmp_path / "raw")
+    odd = "c" * 700 + "a" * 400 + "\nb" + "c" * 3000
+    assert rawt._cuts(odd) == [] and rawt.encode_np(odd).tolist() == rawt.encode(odd)
 
 
 def test_prepared_data_prepared_again_the_same_is_not_data_that_changed(tmp_path, capsys):
@@ -719,7 +731,13 @@ def test_prepared_data_prepared_again_the_same_is_not_data_that_changed(tmp_path
     capsys.readouterr()
     assert main(["train", "--resume", str(run), "train.steps=3", "offload.keep_state=true"]) == 0
     assert "the data changed" not in capsys.readouterr().err
-    _jsonl(src, [{"prompt": f"question {i} ", "completion": f"other answer {i}"} for i in range(60)])
+    leftover = data / ".data.prepare-999-x"  # a killed prepare's: not the data (a review)
+    leftover.mkdir()
+    (leftover / "train.bin").write_bytes(b"partial")
+    (data / "notes.txt").write_text("mine")
+    assert main(["train", "--resume", str(run), "train.steps=3", "offload.keep_state=true"]) == 0
+    assert "the data changed" not in capsys.readouterr().err
+    _jsonl(src, [{"prompt": f"question {i} ", "completion": f"reply! {i}"} for i in range(60)])  # the same size
     assert main(["data", "prepare", str(src), "--out", str(data)]) == 0
     capsys.readouterr()
     assert main(["train", "--resume", str(run), "train.steps=4"]) == 0
