@@ -1092,6 +1092,7 @@ class _StopOnSignal:
         self.requested: str | None = None
         self.from_other = False  # requested by another rank's signal (``agree``): this rank's own copy is that stop
         self.origin = ""  # " on another rank" where it was (the messages')
+        self._own: str | None = None  # the signal that reached this process first (``requested`` may be agreed)
         self.commits = True  # whether the run commits a resumable state (the second signal's words)
         self._at = 0.0
         self._old = {}
@@ -1103,11 +1104,11 @@ class _StopOnSignal:
         name = signal.Signals(signum).name
         if self.from_other:  # this rank's own copy of the stop the ranks agreed on (a review: it exited at once,
             # without the stop's commit, where signals reach each process apart, as Slurm's)
-            self.from_other, self._at = False, time.monotonic()
+            self.from_other, self._own, self._at = False, name, time.monotonic()
             os.write(2, f"fuyou: {name}: the stop under way, from another rank\n".encode())
             return
         torchrun = self.requested is not None and name == "SIGTERM" and "TORCHELASTIC_RUN_ID" in os.environ
-        repeat = torchrun or (self.requested == name and time.monotonic() - self._at < self.REPEAT_S)
+        repeat = torchrun or (name == self._own and time.monotonic() - self._at < self.REPEAT_S)
         if repeat:
             # one stop reaching the process twice: a signal to the process group or cgroup (systemd, Slurm's
             # scancel, `timeout`, kill -TERM -PGID) that torchrun forwards again (a hostile pass lost the stop's
@@ -1115,7 +1116,7 @@ class _StopOnSignal:
             # Under torchrun any SIGTERM after a stop is the same stop: torchrun passes a stop on, and a second
             # one that reaches it (`timeout` forwarding a Ctrl-C to it, two SIGHUPs of a dropped session) it
             # passes on as SIGTERM at once (a pass lost the commit so); SIGKILL, or Ctrl-C again, ends it now.
-            os.write(2, (f"fuyou: {name} again: taken as the same stop\n" if name == self.requested else
+            os.write(2, (f"fuyou: {name} again: taken as the same stop\n" if name == self._own else
                          f"fuyou: {name} after {self.requested}: taken as the same stop (torchrun passing it on)\n"
                          ).encode())
             return
@@ -1126,7 +1127,7 @@ class _StopOnSignal:
                 b"the last commit is intact (--resume continues)\n" if self.commits else
                 b"this run commits no state: what it trained since its last snapshot is lost\n"))
             os._exit(128 + signum)
-        self.requested, self._at = name, time.monotonic()
+        self.requested, self._own, self._at = name, name, time.monotonic()
         os.write(2, f"\nfuyou: {self.requested}: stopping at the end of this step (an evaluation under way "
                     f"is abandoned after its batch), with a commit of it (SSD offload) or a snapshot (in memory, or "
                     f"offload.commit=none); a second signal (after {self.REPEAT_S:g} s) exits at once\n".encode())
