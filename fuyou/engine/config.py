@@ -157,6 +157,12 @@ class OffloadConfig(BaseModel):
 
         return None if isinstance(self.commit_every, int) else parse_duration(self.commit_every)
 
+    def steps_per_commit(self, step_s: float) -> float:
+        """Steps between two commits at ``step_s`` seconds a step: the interval in steps, or a time's worth
+        of steps (committed at the first step boundary after it: at most once a step). The planner's and the
+        end-of-run summary's commit cadence."""
+        return self.commit_steps or max(1.0, self.commit_secs / max(step_s, 1e-9))
+
     @field_validator("ssd_dirs", mode="before")
     @classmethod
     def _one_dir(cls, v):

@@ -192,7 +192,7 @@ def evaluate(w: Workload, hw: HardwareProfile, costs, policy: ActivationPolicy, 
         return ev
     # The report's figures: crash safety amortized over the interval, and a triggered step.
     if w.offload.commit == "cow" and not every:
-        ev.steps_per_commit = w.offload.commit_steps or max(1.0, w.offload.commit_secs / max(ev.sim.step_time, 1e-9))
+        ev.steps_per_commit = w.offload.steps_per_commit(ev.sim.step_time)
         if plan.resident_all:  # without state held in CPU memory a commit writes only its record
             with_commit = simulate_plan(w, costs, hw, policy, plan, steps=steps, commit=True, clip_mode=calm)
             ev.commit_cost_s = max(0.0, with_commit.step_time - ev.sim.step_time)

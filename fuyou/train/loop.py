@@ -1152,7 +1152,7 @@ class _StopOnSignal:
 
 def _wear(cfg: FuyouConfig, written: int, commit_written: int, commits: int, steps_run: int,
           step_s: float) -> dict:
-    """The SSD writes of a step at the run's commit cadence, the planner's model (report.wear_summary): the
+    """The SSD writes of a step at the run's commit cadence, the planner's model (planner.report._wear): the
     steps' own writes plus one commit's amortized over the steps between commits; per hour of the steps' own
     time (evaluations write nothing to the state); and what this run wrote in all. A short run's final commit
     is one commit of the cadence, not a share of each step: a 4-step run said 9.5 MiB a step, 0.023 TB an
@@ -1160,12 +1160,7 @@ def _wear(cfg: FuyouConfig, written: int, commit_written: int, commits: int, ste
     off = cfg.offload
     mean_step = max(step_s, 1e-9) / steps_run
     per_commit = commit_written / commits if commits else 0.0
-    if off.commit != "cow" or not commits:
-        every = None
-    elif off.commit_steps is not None:
-        every = float(off.commit_steps)
-    else:  # a time: committed at the first step boundary after it, at most once a step
-        every = max(1.0, off.commit_secs / mean_step)
+    every = float(off.steps_per_commit(mean_step)) if off.commit == "cow" and commits else None
     own = max(0, written - commit_written) / steps_run
     per_step = own + (per_commit / every if every else 0.0)
     return {"ssd_write_per_step_bytes": per_step, "ssd_write_per_hour_bytes": per_step * 3600 / mean_step,
