@@ -100,18 +100,20 @@ def data_fingerprint(cfg: FuyouConfig, like: dict | None = None) -> dict:
     (a run recorded before prepared data had a digest: its times)."""
     from fuyou.data.config import is_prepared
     from fuyou.data.dataset import PREPARED_FILES
+    from fuyou.hf.peft import files_fingerprint
 
     def one(p: Path, then):
         if p.is_file():
             st = p.stat()
             return [st.st_size, st.st_mtime_ns]
         if p.is_dir():
-            paths = [f for f in sorted(p.rglob("*")) if f.is_file()]
             if is_prepared(p) and not (isinstance(then, list) and len(then) == 3 and isinstance(then[2], int)):
-                # its own files only (a killed prepare's hidden leftovers, other files beside it: a review)
+                # its own files only (a killed prepare's hidden leftovers, other files beside it: a review), by a
+                # sampled fingerprint, which reads the small meta.json whole, and so its hash of all the tokens
                 paths = [p / n for n in PREPARED_FILES if (p / n).is_file()]
-                return [len(paths), sum(f.stat().st_size for f in paths), _prepared_digest(p, paths)]
-            files = [f.stat() for f in paths]
+                return [len(paths), sum(f.stat().st_size for f in paths),
+                        "sha256:" + files_fingerprint(paths)[:32]]
+            files = [f.stat() for f in sorted(p.rglob("*")) if f.is_file()]
             return [len(files), sum(f.st_size for f in files), max((f.st_mtime_ns for f in files), default=0)]
         return None
     paths = [] if cfg.data.source in ("synthetic", "builtin") else [*cfg.data.path, *cfg.data.eval_path]
@@ -119,25 +121,6 @@ def data_fingerprint(cfg: FuyouConfig, like: dict | None = None) -> dict:
     then = then if isinstance(then, list) else []
     return {"files": [one(Path(p), then[i] if i < len(then) else None) for i, p in enumerate(paths)],
             "steps": cfg.train.steps if cfg.train.epochs is not None else None}
-
-
-def _prepared_digest(root: Path, paths: list[Path]) -> str:
-    """A digest of prepared data: its meta.json whole (which holds a hash of all the tokens where a prepare
-    wrote one: ``content``), and 16 slices of 64 KiB spread over each other file."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for f in paths:
-        h.update(str(f.relative_to(root)).encode() + b"\0")
-        with open(f, "rb") as fh:
-            size = os.fstat(fh.fileno()).st_size
-            if f.name == "meta.json" or size <= 16 << 16:
-                h.update(fh.read())
-                continue
-            for k in range(16):
-                fh.seek((size - (1 << 16)) * k // 15)
-                h.update(fh.read(1 << 16))
-    return "sha256:" + h.hexdigest()[:32]
 
 
 def _data_files_change(cfg: FuyouConfig, then: list, now: list, split: str = "content",
