@@ -1059,11 +1059,9 @@ def _claim_state(trainer, run_path: Path, rid: str) -> None:
 
 
 def _stop_status(name: str) -> int:
-    """The exit status of a run stopped by signal ``name`` (128 + its number; a rank stopped because another
-    was: SIGTERM's)."""
-    return 128 + (signal.Signals[name] if name in signal.Signals.__members__ else signal.SIGTERM).value
-
-
+    """The exit status of a run stopped by signal ``name`` (128 + its number; every rank has the signal's name,
+    ``_StopOnSignal.agree``)."""
+    return 128 + signal.Signals[name].value
 
 
 class _StopOnSignal:
