@@ -155,8 +155,10 @@ class Progress:
 
 
 def si(x: float) -> str:
-    """3 significant figures with a k/M/G suffix: 15320 -> '15.3k'."""
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(x) >= scale:
-            return f"{x / scale:.3g}{unit}"
+    """3 significant figures with a k/M/G/T suffix: 15320 -> '15.3k'. Rounded before the unit is chosen,
+    as ``units.format_decimal`` is (999,600 read "1e+03k")."""
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        v = float(f"{x / scale:.3g}")
+        if abs(v) >= 1:
+            return f"{v:.3g}{unit}"
     return f"{x:.3g}"
