@@ -91,13 +91,19 @@ def tokenize_records(paths: list[str], tokenizer_spec: str, fmt: str = "auto", t
     renderer = Renderer(tok, fmt, train_on_prompt, text_field)
     if first == "text":
         first_where = head[1] if fmt == "auto" else None
-        docs = [_encode(tok, _text(rec, where, text_field, first_where)) for rec, where in records]
+        docs, empties = [], []
+        for rec, where in records:
+            docs.append(_encode(tok, _text(rec, where, text_field, first_where)))
+            if not len(docs[-1]) and len(empties) < 3:
+                empties.append(where)
         if not any(len(d) for d in docs):  # (an empty file was "1 document" of one token, refused only by training)
             raise DataError(f"{', '.join(map(str, paths))} holds no text (empty documents only)")
         empty = sum(not len(d) for d in docs)
-        if empty:  # (each is an end-of-document token alone in the stream: a pass saw the counts and wondered)
-            print(f"fuyou: note: {empty} of the {len(docs)} documents are empty: each adds an end-of-document token "
-                  f"alone", file=sys.stderr)
+        if empty:  # (each is an end-of-document token alone in the stream: a pass saw the counts and wondered;
+            # which they are was left to find: a note of session 17)
+            more = ", ..." if empty > len(empties) else ""
+            print(f"fuyou: note: {empty} of the {len(docs)} documents are empty ({', '.join(empties)}{more}): each "
+                  f"adds an end-of-document token alone", file=sys.stderr)
         if not eval_paths:
             train, val = split_tokens(docs, tok.eos_id, tok.vocab_size, val_fraction)
             return TokenData(train, val, tok.vocab_size, tok.eos_id, tok.name, tok.fingerprint, len(docs),

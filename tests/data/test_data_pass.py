@@ -646,7 +646,12 @@ def test_inputs_a_prepare_used_to_pass_over_in_silence(tmp_path, capsys):
     data = tokenize_records([d], "byte", val_fraction=0.1)
     err = capsys.readouterr().err
     assert "gone.txt (a link to nothing: its target is gone)" in err
-    assert "1 of the 2 documents are empty: each adds an end-of-document token alone" in err
+    assert f"1 of the 2 documents are empty ({d / 'empty.txt'}): each adds an end-of-document token alone" in err
+    for k in range(5):
+        (d / f"e{k}.txt").write_text("")
+    tokenize_records([d], "byte", val_fraction=0.1)
+    assert f"6 of the 7 documents are empty ({d / 'e0.txt'}, {d / 'e1.txt'}, {d / 'e2.txt'}, ...)" in \
+        capsys.readouterr().err
     assert data.documents == 2
     both = _jsonl(tmp_path / "both.jsonl", [{"prompt": "q", "completion": " a", "text": "other"}] * 3)
     tokenize_records([both], "byte", val_fraction=0.0)
