@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 
 from pathlib import Path
 from typing import Literal
@@ -133,6 +134,14 @@ class DataConfig(BaseModel):
                 raise ValueError(f"data.source={self.source!r} needs data.path (a file or directory)")
             for p in self.path:
                 if not Path(p).exists():
+                    from fuyou.data.dataset import swapped_aside
+
+                    aside = swapped_aside(p)
+                    if aside is not None:
+                        raise ValueError(f"data path {p!r} does not exist: a `fuyou data prepare` into it was killed "
+                                         f"while putting new data in place, and the data it held is in {aside}; "
+                                         f"put it back with `mv {shlex.quote(str(aside))} {shlex.quote(p)}` (or "
+                                         f"prepare the data again)")
                     raise ValueError(f"data path {p!r} does not exist; check the path (data.path=WHERE_IT_IS, also "
                                      f"with --resume)")
             if self.source == "prepared" and len(self.path) != 1:

@@ -460,7 +460,8 @@ def test_examples_with_nothing_to_learn_are_refused_when_prepared(tmp_path, caps
     assert not (tmp_path / "p").exists()
 
 
-def test_replacing_prepared_data_through_a_link_in_the_current_directory_and_after_a_kill(tmp_path, monkeypatch):
+def test_replacing_prepared_data_through_a_link_in_the_current_directory_and_after_a_kill(tmp_path, monkeypatch,
+                                                                                          capsys):
     """The review of the atomic replacement: a link to the data directory was itself replaced (the data landed
     beside it and a link to the old data stayed for good), a setgid group directory came back 0755, `--out .`
     failed (the current directory cannot be renamed), and a kill between the two renames lost both."""
@@ -491,6 +492,10 @@ def test_replacing_prepared_data_through_a_link_in_the_current_directory_and_aft
     dead = 2**22 + 12345  # (beyond pid_max's default: no such process)
     target.rename(target.parent / f".data.old-{dead}-abcd")
     (target.parent / f".data.prepare-{dead}-abcd").mkdir()
+    # a run started meanwhile is told where its data is (it said only "does not exist")
+    assert main(["train", "--out", str(tmp_path / "runs"), "model.preset=gpt-tiny", f"data.path={target}",
+                 "data.source=prepared", "train.steps=1"]) == 2
+    assert f"is in {target.parent / f'.data.old-{dead}-abcd'}; put it back with `mv " in capsys.readouterr().err
     sweep_leftovers(target.parent, "data", quiet_s=0)
     assert sorted(p.name for p in target.parent.iterdir()) == ["data"] and _files(target) == before
 
