@@ -45,6 +45,26 @@ class RunConfig(BaseModel):
     tensorboard: bool | None = Field(
         None, description="Also write the metrics as TensorBoard event files (RUN_DIR/tb); unset: when the "
         "tensorboard package is installed (the tensorboard extra). true without it is refused.")
+    wandb: typing.Literal["off", "online", "offline"] = Field(
+        "off", description="Also log the metrics to Weights & Biases (the wandb extra): 'online' (an API key: "
+        "`wandb login` or WANDB_API_KEY), or 'offline' into RUN_DIR/wandb, which `wandb sync` uploads later. "
+        "A resume continues the same W&B run; under torchrun rank 0 logs.")
+    wandb_project: str = Field("fuyou", description="The W&B project of run.wandb's run.")
+    wandb_entity: str | None = Field(None, description="The W&B team or user (unset: the API key's default).")
+
+    @field_validator("wandb", mode="before")
+    @classmethod
+    def _wandb_switch(cls, v):
+        if isinstance(v, bool) or (isinstance(v, str) and v.lower() in ("true", "false")):  # (run.wandb=true)
+            return "online" if str(v).lower() == "true" else "off"
+        return v
+
+    @field_validator("wandb_project")
+    @classmethod
+    def _some_project(cls, v):
+        if not v.strip() or any(c in v for c in '/\\#?%:'):
+            raise ValueError(f"run.wandb_project {v!r}: give a W&B project name (no '/', '\\', '#', '?', '%', ':')")
+        return v
 
     @field_validator("out_dir")
     @classmethod

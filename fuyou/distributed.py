@@ -321,7 +321,7 @@ def init(cfg, resume_dir: Path | None = None, resumed_run: str | None = None) ->
 # must be the same on every rank (``_refuse_unlike_ranks``); offload.optimizer_chunk too: the weight exchange
 # sends a stage chunk by chunk (a review: two chunk sizes passed, then hung in the exchange).
 PER_MACHINE = {"model.init_from", "data.path", "data.eval_path", "data.tokenizer", "train.threads", "lora.init_from",
-               "run.out_dir", "run.name", "run.tensorboard"}
+               "run.out_dir", "run.name", "run.tensorboard", "run.wandb", "run.wandb_project", "run.wandb_entity"}
 SHARED_OFFLOAD = ("mode", "commit", "commit_every", "clip_schedule", "checkpoint_dtype", "replace_state", "keep_state",
                   "optimizer_chunk", "cache_weights")  # (the ranks of a machine map one weight cache or none: a pass
 # with offload.cache_weights=false on one rank hung where the other waited for it at the cache)

@@ -24,7 +24,7 @@ from fuyou.config import FuyouConfig
 from fuyou.data import load_data
 from fuyou.engine.commit import STATE_SUFFIX, state_name
 from fuyou.models import StageModel
-from fuyou.train.metrics import MetricsLog, Progress, si, tensorboard_available
+from fuyou.train.metrics import MetricsLog, Progress, WandbLog, check_wandb, si, tensorboard_available
 from fuyou.train.reference import ReferenceTrainer
 from fuyou.engine.state import run_id, write_run_id
 from fuyou.train.run import (SaveError, make_run_dir, record_resume, resume_changes, run_dir_path, save_snapshot,
@@ -547,6 +547,7 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
     """Train ``cfg`` in a new run directory, or continue the run in ``resume`` from its last commit."""
     if cfg.run.tensorboard and not tensorboard_available():
         raise ConfigError("run.tensorboard=true needs the tensorboard package: pip install 'fuyou[tensorboard]'")
+    check_wandb(cfg.run.wandb)  # (every rank: one refused alone would leave the others waiting for it)
     from fuyou.planner.hardware import check_names
 
     saved_raw = read_toml(Path(resume) / "config.toml") if resume is not None else {}  # the run's config as written
@@ -1253,8 +1254,10 @@ def _loop(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, stop
     # a resume from an earlier commit redoes steps already logged: TensorBoard drops its points from there
     # (purge_step), and the log says where the redone steps start (a "resumed" record)
     purge = trainer.start_step + 1 if trainer.resumed else None
+    wandb = (WandbLog(run_dir, cfg.run.wandb, cfg.run.wandb_project, cfg.run.wandb_entity,
+                      cfg.model_dump(mode="json"), stream) if dist.is_main and cfg.run.wandb != "off" else None)
     log = (MetricsLog(run_dir / "metrics.jsonl", tensorboard=tensorboard_available() if tb is None else tb,
-                      purge_step=purge)
+                      purge_step=purge, wandb=wandb)
            if dist.is_main else MetricsLog(Path(os.devnull)))  # one log: rank 0's
     model = StageModel(cfg.model)
     flops_per_token = model.flops_per_token(cfg.data.seq_len)

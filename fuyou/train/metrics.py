@@ -22,11 +22,13 @@ class MetricsLog:
     which needs the ``tensorboard`` package: the ``tensorboard`` extra). ``purge_step``: a resume from an
     earlier commit; TensorBoard drops the points of the steps from there on, which are redone."""
 
-    def __init__(self, path: Path, tensorboard: bool = False, purge_step: int | None = None):
+    def __init__(self, path: Path, tensorboard: bool = False, purge_step: int | None = None,
+                 wandb: "WandbLog | None" = None):
         self.path = path
         _drop_torn_line(path)
         self._fh = path.open("a", encoding="utf-8")
         self._evals: dict[int, float] | None = None  # (logged_eval: evaluations before this launch, read once)
+        self._wandb = wandb
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
@@ -64,6 +66,8 @@ class MetricsLog:
             raise FuyouError(f"writing {self.path} failed ({e.strerror or e}): free space in {self.path.parent.parent} "
                              f"(the run directory's disk), then `{resume_command(self.path.parent)}` continues "
                              f"from the last commit (SSD offload)") from e
+        if self._wandb is not None:
+            self._wandb.write(record)
         if self._tb is not None and isinstance(record.get("step"), int) and "summary" not in record:
             group = "eval" if "eval_loss" in record else "train"
             try:
@@ -93,6 +97,124 @@ class MetricsLog:
         self._fh.close()
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.close()
+
+
+class WandbLog:
+    """The metrics as a Weights & Biases run (``run.wandb``): the log's lines with a ``step`` under
+    ``train/`` and ``eval/`` as TensorBoard has them, plotted against ``step`` (its own metric, so that
+    the steps a resume from an earlier commit redoes are logged again rather than dropped by W&B's
+    increasing step: they follow a ``train/resumed`` point at the commit's step); the run's config; the
+    summary line and a stop in the run's summary. The W&B run's id is kept in ``RUN_DIR/wandb.json``,
+    so a resume continues the same W&B run; its files are in ``RUN_DIR/wandb``.
+
+    Logging is a record beside ``metrics.jsonl``, not the run's work: an online run that cannot reach
+    W&B at the start logs offline instead (``wandb sync`` uploads it), and one whose logging fails later
+    goes on without it, each said once. A missing API key is refused before any work
+    (``check_wandb``)."""
+
+    def __init__(self, run_dir: Path, mode: str, project: str, entity: str | None, config: dict, stream):
+        import json as _json
+        import os
+        import uuid
+
+        import wandb
+
+        self.stream, self.run_dir = stream, Path(run_dir)
+        record = self.run_dir / "wandb.json"
+        try:
+            run_id = _json.loads(record.read_text())["id"]
+        except (OSError, ValueError, KeyError, TypeError):
+            run_id = uuid.uuid4().hex[:12]
+            record.write_text(_json.dumps({"id": run_id}) + "\n")
+        kw = dict(project=project, entity=entity, name=self.run_dir.name, id=run_id, resume="allow",
+                  dir=str(self.run_dir), config=config)
+        # console "wrap": stdout/stderr copied at Python's level (no descriptors redirected under a run whose
+        # children and signals are its own); silent: the run's place is said once, below
+        settings = dict(console="wrap", silent=True)
+        try:
+            wait = float(os.environ.get("WANDB_INIT_TIMEOUT", 60))
+            self.run = wandb.init(mode=mode, settings=wandb.Settings(init_timeout=wait, **settings), **kw)
+        except Exception as e:  # noqa: BLE001 -- W&B's own errors (CommError, UsageError, timeouts)
+            if mode != "online":
+                from fuyou.errors import FuyouError
+
+                raise FuyouError(f"Weights & Biases did not start ({_first_line(e)}); run.wandb=off trains "
+                                 f"without it") from e
+            wandb.teardown()  # (the failed run holds its id in W&B's service until it goes)
+            self.run = wandb.init(mode="offline", settings=wandb.Settings(**settings), **kw)
+            mode = "offline"
+            print(f"fuyou: note: W&B could not be reached ({_first_line(e)}): the metrics are logged offline into "
+                  f"{self.run_dir / 'wandb'}; `wandb sync {self.run_dir / 'wandb'}/offline-run-*` uploads them",
+                  file=stream)
+        self.run.define_metric("step")
+        for group in ("train", "eval"):
+            self.run.define_metric(f"{group}/*", step_metric="step")
+        url = self.run.get_url() if mode == "online" else None
+        print(f"fuyou: W&B run {run_id} " + (f"at {url}" if url else f"offline in {self.run_dir / 'wandb'} "
+                                                   f"(`wandb sync` uploads it)"), file=stream)
+        self.exit_code = 0
+
+    def write(self, record: dict) -> None:
+        if self.run is None:
+            return
+        try:
+            if record.get("summary"):
+                self.run.summary.update({k: v for k, v in record.items() if _number(v) and k != "summary"})
+            elif "stopped" in record:
+                self.run.summary["stopped"] = record["stopped"]
+                self.exit_code = 1 if record["stopped"] == "non-finite" else 0
+            elif "resumed" in record:
+                self.run.log({"train/resumed": record["resumed"], "step": record["resumed"]})
+            elif isinstance(record.get("step"), int):
+                group = "eval" if "eval_loss" in record else "train"
+                values = {f"{group}/{k}": v for k, v in record.items() if k != "step" and _number(v)}
+                if values:
+                    self.run.log({**values, "step": record["step"]})
+        except Exception as e:  # noqa: BLE001 -- a record, not the run's work: said once, then left out
+            print(f"fuyou: warning: logging to W&B failed ({_first_line(e)}); training goes on without it "
+                  f"(metrics.jsonl has every line)", file=self.stream)
+            self.run = None
+
+    def close(self) -> None:
+        if self.run is not None:
+            try:
+                self.run.finish(exit_code=self.exit_code)
+            except Exception as e:  # noqa: BLE001
+                print(f"fuyou: warning: finishing the W&B run failed ({_first_line(e)})", file=self.stream)
+            self.run = None
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def check_wandb(mode: str) -> None:
+    """``run.wandb`` before any work: the package installed, and for ``online`` an API key (W&B asks for one
+    on a terminal, and fails without one, once the run is built)."""
+    if mode == "off":
+        return
+    import importlib.util
+
+    from fuyou.errors import ConfigError
+
+    if importlib.util.find_spec("wandb") is None:
+        raise ConfigError(f"run.wandb={mode} needs the wandb package: pip install 'fuyou[wandb]'")
+    if mode == "online":
+        import wandb
+
+        try:
+            wandb.setup(settings=wandb.Settings(silent=True))  # (login's "API key is configured" lines)
+            wandb.login(verify=False)
+        except Exception as e:  # noqa: BLE001 -- wandb.errors.UsageError: no key
+            raise ConfigError(f"run.wandb=online needs a W&B API key ({_first_line(e)}): `wandb login`, or "
+                              f"WANDB_API_KEY=...; run.wandb=offline logs into the run directory without one "
+                              f"(`wandb sync` uploads it later)") from None
 
 
 def _drop_torn_line(path: Path) -> None:
