@@ -1265,6 +1265,11 @@ class Engine:
             self.exchange.wait_all()  # its group carries the masters now
         return self.ts.master_chunks()
 
+    def master_chunks_now(self):
+        """The master weights as the last update left them, writing nothing first (``TrainingState.
+        master_chunks_now``): what a run whose final commit failed still saves."""
+        return self.ts.master_chunks_now()
+
     def adapter_state(self) -> dict[str, Tensor]:
         """LoRA's adapters by global key (fp32, on the CPU)."""
         return {k: p.detach().cpu() for k, p in self.adapters.items()}

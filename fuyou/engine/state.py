@@ -31,7 +31,7 @@ from fuyou import distributed
 from fuyou.config import fixed_settings
 from fuyou.engine.exchange import wire
 from fuyou.engine.layout import STORE_MARGIN, StageState, build_states, dtype_size
-from fuyou.errors import ConfigError
+from fuyou.errors import ConfigError, FuyouError
 from fuyou.optim.compressed import StateFormat, decode_state
 from fuyou.store import TensorStore
 from fuyou.store.errors import io_error_from_oserror
@@ -401,6 +401,27 @@ class TrainingState:
                         dist.broadcast_tensor(wire(buf.tensor), st.owner, f"sending {st.stage.name}'s master weights")
                     if dist.is_main:  # every rank runs this loop; rank 0 is the one saving
                         yield buf.tensor
+
+    def master_chunks_now(self):
+        """The master weights as the last update left them, like ``master_chunks`` but writing nothing first
+        (``master_chunks`` writes the resident state back): a run whose final commit failed (a full or removed
+        SSD directory, a file system that refuses writes) still saves what it trained. Resident stages come
+        from CPU memory, the others from their newest store copy (open files: a directory removed under the
+        run is still read). One process, every update done without error."""
+        failed = [st.stage.name for st in self.states if st.error is not None]
+        if failed or self.sharded or not all(st.owned for st in self.states):
+            raise FuyouError("the weights cannot be read as they are: "
+                             + (f"the update of {', '.join(failed)} failed" if failed else "a data-parallel run"))
+        mdt = self.fmt.master_dtype
+        for st in self.states:
+            for a in range(0, st.numel, self.chunk):
+                n = min(self.chunk, st.numel - a)
+                if st.resident is not None:
+                    yield st.resident[0][a:a + n]
+                    continue
+                with self.opt_pool.acquire(n * dtype_size(mdt), mdt) as buf:
+                    self.store.read_into(st.keys.master, buf.tensor, start=a).result()
+                    yield buf.tensor
 
     def state_dict(self) -> dict[str, Tensor]:
         """fp32 master weights by global key (materialises the model: for tests and small models)."""

@@ -1230,6 +1230,27 @@ def _stop_before_any_step(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, log
                      exit_status=_stop_status(stop.requested))
 
 
+def _save_after_a_failed_final_commit(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, dist: distributed.Dist,
+                                      steps: int, error: FuyouError) -> str | None:
+    """The run trained every step but its final commit failed (the SSD directory full, removed or refusing
+    writes): the weights are still in CPU memory and the store's open files, so they are saved to the run
+    directory before the error is raised, with what it means for the state. A finished run whose commit failed
+    lost everything since its last commit (at the default interval, often step 0: a hostile pass). Returns the
+    error's message with what was saved (None: nothing to add). One process; a data-parallel run's ranks raise
+    as before."""
+    if not cfg.run.save_weights or dist.enabled:
+        return None
+    try:
+        path = save_weights(run_dir, trainer, cfg, steps, as_they_are=True)
+    except (FuyouError, OSError) as e2:
+        return f"{error}; saving the trained weights without the commit failed too ({e2})"
+    kept = (f"the SSD state ({trainer.state_location()}) holds no commit of step {steps}: a --resume would go "
+            f"back to an earlier one, so delete it once the weights are safe")
+    what = "adapters" if cfg.lora.enabled else "weights"
+    return (f"{error}. The run had trained all {steps} steps: their {what} are saved in {path}, read from memory "
+            f"and the state's open files; {kept}")
+
+
 def _serve_weights(trainer) -> None:
     """A rank other than 0 while rank 0 saves: with a sharded optimizer state it sends the master
     weights of the stages it owns (``Engine.master_chunks`` is a collective); else nothing."""
@@ -1414,7 +1435,13 @@ def _loop(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, stop
             return RunResult(run_dir, first_eval, last_eval, stats.loss, tokens / (time.perf_counter() - start),
                              resident_bytes("VmHWM"), stopped=True,
                              exit_status=_stop_status(stop.requested))
-    trainer.commit(t.steps)  # the final state is committed before anything may delete it
+    try:
+        trainer.commit(t.steps)  # the final state is committed before anything may delete it
+    except FuyouError as e:
+        said = _save_after_a_failed_final_commit(cfg, trainer, run_dir, dist, t.steps, e)
+        if said is None:
+            raise
+        raise FuyouError(said) from e
     tail = trainer.step_counters()  # what landed after the last step's record: its optimizer tail, this commit
     if tail is not None:
         written += tail.get("ssd_write_bytes", 0)

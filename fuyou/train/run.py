@@ -61,18 +61,20 @@ def make_run_dir(cfg: FuyouConfig, path: Path | None = None, rid: str | None = N
 ADAPTER_FILE = "adapter.safetensors"  # LoRA's adapters (fuyou.hf.peft reads it)
 
 
-def save_weights(path: Path, trainer, cfg: FuyouConfig, step: int, run_dir: Path | None = None) -> Path:
+def save_weights(path: Path, trainer, cfg: FuyouConfig, step: int, run_dir: Path | None = None,
+                 as_they_are: bool = False) -> Path:
     """fp32 weights by global key (shared parameters once, at their owner) into model.safetensors; with
     LoRA, the adapters by global key into adapter.safetensors (the base is model.init_from's); the
     ``step`` they are the weights of in the metadata (``weights_step``). ``run_dir``: the run's directory
-    when ``path`` is not it (a snapshot), for the advice of a failed write."""
+    when ``path`` is not it (a snapshot), for the advice of a failed write. ``as_they_are``: read without
+    writing the resident state back first (``Engine.master_chunks_now``: after a failed commit)."""
     from fuyou.models import StageModel
 
     if cfg.lora.enabled:
         return save_adapters(path, trainer.adapter_state(), cfg, step)
 
     specs = StageModel(cfg.model).param_specs()
-    chunks = trainer.master_chunks()
+    chunks = trainer.master_chunks_now() if as_they_are else trainer.master_chunks()
     try:
         return write_safetensors(path / "model.safetensors", {k: s.shape for k, s in specs.items()}, chunks,
                                  {"fuyou_model": json.dumps(cfg.model.model_dump()), "fuyou_step": str(step)})

@@ -113,3 +113,33 @@ def test_a_symlink_planted_in_the_state_directory_is_refused_and_not_followed(tm
     err = capsys.readouterr().err
     assert "fuyou-store.0.dat" in err and ("did not make" in err), err
     assert victim.read_bytes() == b"do not touch" * 1000
+
+
+@pytest.mark.parametrize("resident", ["offload.resident_mem=0", "train.log_every=1"])  # (the default: resident)
+def test_a_run_whose_final_commit_fails_still_saves_what_it_trained(tmp_path, monkeypatch, capsys, resident):
+    """A hostile pass removed the SSD directory during step 3 of a run that commits every 10 minutes: it
+    trained to the end, the final commit failed, and no weights were saved (everything since step 0 lost).
+    The weights are in CPU memory (resident stages) and in the store's open files: they are saved, the
+    same as a run that was never disturbed, and the error says so."""
+    import shutil
+
+    from fuyou.engine.engine import Engine
+
+    steps = ["train.steps=4", "offload.cpu_mem=1GiB", resident]
+    assert _train(tmp_path, "ref", *steps) == 0
+    real_step = Engine.train_step
+
+    def train_step(self, step):
+        if step == 2:  # the directory goes while the run trains (the last commit: step 0's)
+            shutil.rmtree(tmp_path / "ssd" / "gone.fuyou-state")
+        return real_step(self, step)
+
+    monkeypatch.setattr(Engine, "train_step", train_step)
+    capsys.readouterr()
+    assert _train(tmp_path, "gone", *steps) == 2
+    err = capsys.readouterr().err
+    assert "The run had trained all 4 steps: their weights are saved in" in err
+    assert "holds no commit of step 4: a --resume would go back to an earlier one" in err
+    got = load_file(str(tmp_path / "runs" / "gone" / "model.safetensors"))
+    want = load_file(str(tmp_path / "runs" / "ref" / "model.safetensors"))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
