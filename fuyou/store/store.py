@@ -488,6 +488,13 @@ def _open_data_file(d: Path, path: str, direct: bool, create: bool) -> tuple[int
         except OSError as exc:
             if exc.errno != errno.EINVAL:
                 raise _open_error(exc, path) from exc
+            if create:  # Linux makes the file before it refuses O_DIRECT (O_EXCL passed: the file is this call's),
+                # and the buffered open's O_EXCL then called it a file the store did not make (a hostile pass on ramfs)
+                try:
+                    if os.path.isfile(path) and not os.path.islink(path) and os.path.getsize(path) == 0:
+                        os.unlink(path)
+                except OSError:
+                    pass
             warnings.warn(f"{d}: the file system does not support O_DIRECT; using buffered I/O there (the page "
                           f"cache will hold copies of the data and speeds will include it)",
                           DirectIOFallbackWarning, stacklevel=4)

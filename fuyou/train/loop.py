@@ -824,10 +824,11 @@ def _check_run_dir_space(cfg: FuyouConfig, run_path: Path) -> None:
                for p in [d / "model.safetensors"] if p.is_file())
     need = (1 + snapshots) * size - held + 2**20  # (and the metrics and event files, as they grow)
     try:
-        free = shutil.disk_usage(here).free
+        usage = shutil.disk_usage(here)
     except OSError:
         return
-    if need > free:
+    free = usage.free
+    if need > free and usage.total > 0:  # (total 0: a file system that reports no capacity, ramfs: not judged)
         kept = (f" and up to {snapshots} snapshot{'s' if snapshots != 1 else ''} of {format_size(size)} each "
                 f"(train.save_every={t.save_every}, train.keep_snapshots={t.keep_snapshots})" if snapshots else "")
         raise ConfigError(f"the run directory's disk ({here}) has {format_size(free)} free, and the run writes up to "

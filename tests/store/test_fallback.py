@@ -50,11 +50,16 @@ def test_dev_shm_works_direct_or_with_warning(cfg):
 
 
 def test_fallback_when_o_direct_refused(tmp_path, cfg, monkeypatch):
-    """Emulate a file system without O_DIRECT: open(2) with O_DIRECT fails with EINVAL, as on old tmpfs."""
+    """Emulate a file system without O_DIRECT as Linux behaves on one (ramfs, tmpfs before 6.6, some FUSE
+    mounts): open(2) with O_CREAT | O_DIRECT creates the file, then fails with EINVAL. (The emulation raised
+    before creating anything, and the store's buffered retry, O_EXCL, met the file the kernel had left: every
+    new state was refused as "a file the store did not make", a hostile pass on ramfs.)"""
     real_open = os.open
 
     def open_without_direct(path, flags, *args, **kwargs):
         if flags & os.O_DIRECT:
+            if flags & os.O_CREAT:
+                os.close(real_open(path, flags & ~os.O_DIRECT, *args, **kwargs))
             raise OSError(errno.EINVAL, "Invalid argument", path)
         return real_open(path, flags, *args, **kwargs)
 
@@ -87,3 +92,22 @@ def test_backend_falls_back_to_threads_when_the_native_library_cannot_build(tmp_
             TensorStore.create([tmp_path / "b"], StoreConfig(backend="native"))
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "storeio" in warnings[0].getMessage()
+
+
+def test_a_file_system_without_o_direct_or_a_capacity_holds_a_store(tmp_path, cfg):
+    """ramfs, mounted for the test where this user may: Linux creates a file there before refusing O_DIRECT, and
+    it reports a capacity of 0 (0 bytes free). Both refused every new state (a hostile pass)."""
+    import subprocess
+    import warnings
+
+    d = tmp_path / "ramfs"
+    d.mkdir()
+    if subprocess.run(["mount", "-t", "ramfs", "ramfs", str(d)], capture_output=True).returncode != 0:
+        pytest.skip("ramfs cannot be mounted here (not root)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DirectIOFallbackWarning)
+            with _round_trip(d / "state", cfg) as store:
+                assert store.direct == [False]
+    finally:
+        subprocess.run(["umount", str(d)], capture_output=True)
