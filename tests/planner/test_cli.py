@@ -515,6 +515,26 @@ def _cpu_profile(tmp_path, **extra):
     return path
 
 
+@pytest.mark.parametrize("threads", [1, 32])
+def test_the_plans_minimum_is_trains_whatever_the_io_threads(tmp_path, capsys, threads):
+    """A pass: plan took offload.io_threads=32 and planned the store's bounce buffers of 8 (8 MiB, not 32): it
+    said a budget fits that train then refused."""
+    import re
+
+    (tmp_path / "ssd").mkdir()
+    common = [f"offload.io_threads={threads}", "offload.cpu_mem=1MiB", "--act-policy", "recompute"]
+    assert main(["plan", "--model", "gpt-tiny", "--profile", str(_cpu_profile(tmp_path)), "--seq", "128",
+                 "--batch", "4", *common]) == 1
+    out = capsys.readouterr().out
+    planned = re.search(r"CPU memory: needs at least (\S+ \w+)", out).group(1)
+    assert main(["train", "--offload", "ssd", "--ssd", str(tmp_path / "ssd"), "--out", str(tmp_path / "runs"),
+                 "model.preset=gpt-tiny", "data.seq_len=128", "train.micro_batch_size=4", "train.device=cpu",
+                 *common]) == 2
+    err = capsys.readouterr().err
+    assert f"I/O bounce buffers: {threads}.00 MiB" in err
+    assert re.search(r"to at least (\S+ \w+)", err).group(1) == planned
+
+
 def test_plan_takes_the_offload_settings_train_takes(tmp_path, capsys):
     """A new-user pass: offload.cpu_mem=150MiB (and offload.gpu_mem, prefetch_depth, act_policy) were accepted by
     plan and ignored: it planned 256 GiB and said the model fits."""
