@@ -119,13 +119,17 @@ class MemoryPlan:
             share = (f" (this rank's 1/{n} of offload.cpu_mem, which the {n} ranks of this machine share)"
                      if n > 1 else "")
             least = format_size(self.cpu_minimum, up=True)
+            need = format_size(self.cpu_required, up=True)
+            # (the items at this budget: a share that grows with the budget made "the minimum" read one figure
+            # and the advice a larger one, a pass)
+            what = (f"the engine's minimum of {need}" if self.cpu_required == self.cpu_minimum else
+                    f"the {need} the engine needs at that budget")
             raise BudgetError(
                 f"the CPU memory budget {format_size(self.cpu_budget)}{unitless_hint(n * self.cpu_budget)}{share} "
-                f"cannot hold the engine's minimum of "
-                f"{format_size(self.cpu_required, up=True)}:\n{_lines(self.cpu_items)}\nraise offload.cpu_mem "
+                f"cannot hold {what}:\n{_lines(self.cpu_items)}\nraise offload.cpu_mem "
                 f"(--cpu-mem) to at least {format_size(n * self.cpu_minimum, up=True)}"
                 + (f" ({n} x {least})" if n > 1 else "")
-                + ", or lower the batch, sequence length, prefetch_depth, optimizer_chunk or grad_accum"
+                + f", or lower {_levers(self.cpu_items, self.act_share_cap is None)}"
                 + (f" (with offload.act_cpu_mem unset, the activations' CPU tier takes a quarter of the budget, up "
                    f"to the {format_size(self.act_share_cap)} the policy keeps there)" if self.act_share_cap else "")
             )
@@ -545,6 +549,30 @@ def offtier_bytes(cfg_model, policy: dict, batch: int, seq: int, csize: int) -> 
 
 
 ACT_SHARE = "activations (cpu tier share)"
+
+
+# What lowers each item of the CPU plan (the items that follow the budget, such as the weight cache, have none).
+LEVERS = (("optimizer buffers", "offload.optimizer_chunk or offload.optimizer_depth"),
+          ("gradients in flight", "offload.max_pending_updates"),
+          ("I/O bounce buffers", "offload.io_threads"),
+          ("weight buffers", "offload.prefetch_depth"),
+          ("weight exchange buffer", "offload.optimizer_chunk"),
+          ("activation staging", "offload.act_staging_chunks"),
+          ("compute:", "the batch, sequence length or grad_accum"),
+          ("input batch staging", "the batch, sequence length or grad_accum"))
+
+
+def _levers(items: dict[str, int], act_cpu_mem_given: bool) -> str:
+    """The settings that lower a refused plan's items, largest item first (the advice named the optimizer's
+    chunk under LoRA, which has no optimizer buffers, and never the offload.act_cpu_mem that was the cause: a
+    pass)."""
+    out: list[str] = []
+    for name, size in sorted(items.items(), key=lambda kv: -kv[1]):
+        lever = ("offload.act_cpu_mem" if name == ACT_SHARE and act_cpu_mem_given else
+                 next((lv for key, lv in LEVERS if name.startswith(key)), None))
+        if size > 0 and lever and lever not in out:
+            out.append(lever)
+    return ("what takes the most: " + "; ".join(out[:3])) if out else "the batch or sequence length"
 
 
 def act_share_cap(policy: dict, off, cpu_tier_bytes: int) -> int | None:

@@ -531,7 +531,7 @@ def test_ranks_whose_budget_caches_no_stage_still_meet_at_the_shared_cache(tmp_p
         return args
 
     low = torchrun(at("200MiB", "low"), check=False)
-    found = re.search(r"engine's minimum of ([\d.]+) MiB", low.stderr)
+    found = re.search(r"to at least [\d.]+ MiB \(2 x ([\d.]+) MiB\)", low.stderr)  # (per rank)
     assert low.returncode != 0 and found, low.stderr[-3000:]
     per_rank = math.ceil(float(found.group(1)) * 2**20) + 8192  # (the figure is rounded to 0.01 MiB)
     r = torchrun(at(str(2 * per_rank), "two"))

@@ -125,6 +125,26 @@ def test_the_budget_a_refusal_names_is_enough_with_a_cpu_tier_policy(tmp_path, p
     Engine(make_cfg(tmp_path, *opts, f"offload.cpu_mem={least + 2**14}"), None, "state").close()  # (3 digits)
     with pytest.raises(BudgetError):
         Engine(make_cfg(tmp_path, *opts, f"offload.cpu_mem={int(least * 0.98)}"), None, "state")
+    # the figure before the items is what they sum to at the refused budget, not called "the minimum" (a pass
+    # retried at it and was refused again)
+    assert "the engine's minimum" not in str(e.value) and "the engine needs at that budget" in str(e.value)
+
+
+def test_a_refusal_names_what_lowers_its_largest_items(tmp_path):
+    """The advice named prefetch_depth and optimizer_chunk whatever the items were: under LoRA, which has no
+    optimizer buffers, too, and never offload.act_cpu_mem where that was the cause (a pass)."""
+    from fuyou.engine.engine import Engine
+
+    opts = ["offload.mode=ssd", "model.n_layer=4", "train.micro_batch_size=4", "data.seq_len=64"]
+    with pytest.raises(BudgetError) as e:
+        Engine(make_cfg(tmp_path, *opts, "offload.act_policy=fc2,proj=cpu", "offload.act_cpu_mem=2GiB",
+                        "offload.cpu_mem=500MiB"), None, "state")
+    assert "the engine's minimum of" in str(e.value)
+    assert "or lower what takes the most: offload.act_cpu_mem; " in str(e.value)
+    with pytest.raises(BudgetError) as e:
+        Engine(make_cfg(tmp_path, *opts, "lora.rank=8", "lora.targets=all-linear", "offload.cpu_mem=1MiB"), None,
+               "state")
+    assert "optimizer_chunk" not in str(e.value) and "or lower what takes the most: " in str(e.value)
 
 
 def _refused_budget(tmp_path, capsys, *flags) -> tuple[str, Path]:
