@@ -295,7 +295,9 @@ def plan_memory(stage_numels: list[int], off, *, chunk: int, io_buffer_bytes: in
     from fuyou.optim.out_of_core import optimizer_buffer_bytes
 
     fmt = fmt or StateFormat()
-    plan = MemoryPlan(off.cpu_mem, device_budget=off.gpu_mem if off.gpu_mem is not None else device_budget,
+    # (compute on the CPU: a GPU's budget does not apply, the CPU budget counts its compute: the engine says so)
+    given = off.gpu_mem if off.gpu_mem is not None else device_budget
+    plan = MemoryPlan(off.cpu_mem, device_budget=None if compute_on_cpu else given,
                       cache_share=cache_share, act_share_cap=share_cap)  # (``act_share_cap``)
     stage_max = max(stage_numels)
     wb = weight_bytes or [n * csize for n in stage_numels]

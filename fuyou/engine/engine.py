@@ -206,6 +206,11 @@ class Engine:
                 pass  # one block does not fit at all: the memory plan refuses it below
             torch.cuda.empty_cache()  # outside the except: its traceback no longer holds the tensors
         self.gpu_mem = off.gpu_mem
+        # a GPU's budget: with the compute on the CPU it held that device plan (items the CPU budget counts too)
+        # to a second figure, in silence (a pass); it is ignored there, and the startup says so
+        self.gpu_mem_ignored = self.dev.kind == "cpu" and self.gpu_mem is not None
+        if self.gpu_mem_ignored:
+            self.gpu_mem = None
         if self.gpu_mem is None and not self.dev.is_host:  # default: what the device has free now
             self.gpu_mem = int(self.dev.memory()["free"] * 0.95)
 
@@ -1141,6 +1146,9 @@ class Engine:
     def startup_lines(self) -> list[str]:
         off, t = self.cfg.offload, self.cfg.train
         lines = [self.plan.describe() + f"\nfixed overhead before the engine: {format_size(self.fixed_overhead)}"]
+        if self.gpu_mem_ignored:
+            lines.insert(0, "note: offload.gpu_mem (--gpu-mem) is a GPU's budget and is ignored: the compute runs on "
+                            "the CPU (train.device), whose memory the CPU budget counts")
         if self.dev.kind == "fake":
             lines.insert(0, "device: fake (train.device=fake): CPU compute through the engine's CUDA code paths, with "
                             "CUDA's asynchrony modelled and its stream and memory rules checked")

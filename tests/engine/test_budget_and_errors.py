@@ -158,9 +158,20 @@ def _refused_budget(tmp_path, capsys, *flags) -> tuple[str, Path]:
 
 
 def test_stage_larger_than_device_budget_is_refused(tmp_path, capsys):
-    err, ssd = _refused_budget(tmp_path, capsys, "--gpu-mem", "64KiB")
+    err, ssd = _refused_budget(tmp_path, capsys, "--gpu-mem", "64KiB", "train.device=fake")
     assert "device memory budget 64.00 KiB cannot hold one stage's working set" in err and "offload.gpu_mem" in err
     assert not (tmp_path / "runs").exists() and list(ssd.iterdir()) == []
+
+
+def test_a_gpu_budget_with_the_compute_on_the_cpu_is_ignored_and_said_so(tmp_path, capsys):
+    """A pass: --gpu-mem with no GPU held a "device plan" of the CPU's own compute items to it, in silence."""
+    ssd = tmp_path / "ssd"
+    ssd.mkdir()
+    assert main(["train", "--offload", "ssd", "--ssd", str(ssd), "--gpu-mem", "64KiB", "--out", str(tmp_path / "runs"),
+                 "model.preset=gpt-test", "data.seq_len=32", "train.steps=1", "train.device=cpu"]) == 0
+    err = capsys.readouterr().err
+    assert "offload.gpu_mem (--gpu-mem) is a GPU's budget and is ignored: the compute runs on the CPU" in err
+    assert "device budget unlimited" in err  # (as without --gpu-mem)
 
 
 def test_budget_without_unit_gets_a_hint(tmp_path, capsys):
