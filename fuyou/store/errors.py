@@ -62,8 +62,8 @@ class StoreIOError(StoreError, OSError):
 class StoreFullError(StoreIOError):
     """ENOSPC, EDQUOT or EFBIG: the disk, a quota or a file-size limit (ulimit -f) is exhausted."""
 
-    hint = ("free space on that file system, raise the quota / file-size limit (ulimit -f), or list "
-            "another directory in the store's dirs")
+    hint = ("free space on that file system, raise the quota / file-size limit (ulimit -f), or add another SSD "
+            "directory (--ssd)")
 
 
 class StorePermissionError(StoreIOError):
@@ -76,6 +76,10 @@ def io_error_from_oserror(exc: OSError, path: str, offset: int, length: int, op:
                           key: str | None = None) -> StoreIOError:
     """Map an ``OSError`` from a syscall on ``path`` to the matching typed store error."""
     code = exc.errno
+    if code == _errno.EINVAL and length and _beyond_file_size_limit(offset + length):
+        # an O_DIRECT write cut short by a file-size limit that is not 4 KiB-aligned ends in EINVAL, not EFBIG, and
+        # read as a failing disk (a pass with `prlimit --fsize=1000000`)
+        code = _errno.EFBIG
     if code in (_errno.ENOSPC, _errno.EFBIG, _errno.EDQUOT):
         cls: type[StoreIOError] = StoreFullError
     elif code in (_errno.EACCES, _errno.EPERM, _errno.EROFS):
@@ -83,6 +87,17 @@ def io_error_from_oserror(exc: OSError, path: str, offset: int, length: int, op:
     else:
         cls = StoreIOError
     return cls(path, offset, length, code, op, key)
+
+
+def _beyond_file_size_limit(end: int) -> bool:
+    """Whether a transfer ending at byte ``end`` passes this process's file-size limit (RLIMIT_FSIZE)."""
+    try:
+        import resource
+
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    except (ImportError, OSError, ValueError):
+        return False
+    return limit != resource.RLIM_INFINITY and end > limit
 
 
 class StoreCorruptError(StoreError):
