@@ -1257,6 +1257,11 @@ class Engine:
     def last_commit_step(self) -> int | None:
         return self.ts.last_commit_step
 
+    @property
+    def durable_commit_step(self) -> int | None:
+        """The step of the last commit written whole (a resume's starting point), None before any."""
+        return self.ts.durable_step
+
     def commit(self, steps_done: int) -> None:
         """Commit now unless the last commit is this state (the end of a run, a stop); waits for it."""
         try:

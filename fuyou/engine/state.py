@@ -52,6 +52,7 @@ class TrainingState:
         self.counters = None                # callable: the current step's counters
         self.cache_pool = self.opt_pool = None
         self.last_commit_step: int | None = None
+        self.durable_step: int | None = None  # the last commit whose record is written (last_commit_step: queued)
         self._last_commit_time = time.monotonic()
         self.start_step = 0
         self._cache_bufs: list = []
@@ -229,6 +230,7 @@ class TrainingState:
         def commit():
             self.flush(flush, commit=True)
             self.write_commit(steps_done, copies)
+            self.durable_step = steps_done
 
         self.worker.submit_call(commit, f"the commit of step {steps_done}")
 
@@ -279,7 +281,7 @@ class TrainingState:
             st.committed = st.cur if self.cfg.offload.commit == "cow" else None
         if self.cfg.offload.commit == "cow":
             self.write_commit(0, [s.cur for s in self.states])
-            self.last_commit_step = 0
+            self.last_commit_step = self.durable_step = 0
         else:
             self.store.sync()
 
@@ -352,7 +354,7 @@ class TrainingState:
                     raise ResumeError(f"the commit record names {key} as the state of step {rec['step']}, but the "
                                       f"store holds {tag or 'no committed state'} there: the record was edited or "
                                       f"damaged; start a new run (nothing was overwritten)")
-        self.start_step = self.last_commit_step = rec["step"]
+        self.start_step = self.last_commit_step = self.durable_step = rec["step"]
         missing = [spec for spec in self.specs() if spec[0] not in self.store]
         if missing:
             self.store.allocate_many(missing)

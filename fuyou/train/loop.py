@@ -779,10 +779,13 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
             if dist.enabled:
                 distributed.record_world(run_dir, dist)
         result = _loop(cfg, trainer, run_dir, stream or sys.stderr, trace, stop, dist)
-    except BaseException:
+    except BaseException as e:
         # Whatever failed (a step, an evaluation, the save), closing must not wait on or write to a
         # state that may be mid-update: the last commit is the state of record.
         trainer.failed = True
+        advice = _resume_advice(e, trainer, run_path)
+        if advice:
+            raise FuyouError(f"{e}. {advice}") from e
         raise
     finally:
         stop.restore()
@@ -1229,6 +1232,20 @@ def _stop_before_any_step(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, log
                          f"and nothing is kept in {run_dir}: {again}")
     return RunResult(run_dir, first_eval, None, float("nan"), 0.0, resident_bytes("VmHWM"), stopped=True,
                      exit_status=_stop_status(stop.requested))
+
+
+def _resume_advice(e: BaseException, trainer, run_path: Path) -> str | None:
+    """What a disk that filled up or refused writes during training leaves (a pass: its error named the disk
+    and not the commit that is intact, nor how to go on from it)."""
+    from fuyou.store.errors import StoreFullError, StorePermissionError, StoreSpaceError
+
+    step = getattr(trainer, "durable_commit_step", None)
+    if not isinstance(e, (StoreFullError, StorePermissionError, StoreSpaceError)) or step is None:
+        return None
+    if "--resume" in str(e) or not (run_path / "config.toml").is_file():  # (said already; a run never started)
+        return None
+    return (f"It happened during training: the commit of step {step} is intact, and once that is mended "
+            f"`{distributed.resume_command(run_path)}` continues from it")
 
 
 def _save_after_a_failed_final_commit(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, dist: distributed.Dist,

@@ -143,3 +143,34 @@ def test_a_run_whose_final_commit_fails_still_saves_what_it_trained(tmp_path, mo
     got = load_file(str(tmp_path / "runs" / "gone" / "model.safetensors"))
     want = load_file(str(tmp_path / "runs" / "ref" / "model.safetensors"))
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_a_disk_that_fills_during_training_names_the_intact_commit_and_the_resume(tmp_path, monkeypatch, capsys):
+    """A pass: a full SSD at a commit mid-run said to free space and nothing of the commit that is intact or how
+    to go on. The commit of step 3 fails (ENOSPC); the error names step 2's, and the resume from it ends as an
+    undisturbed run."""
+    import errno as _errno
+
+    from fuyou.engine.state import TrainingState
+    from fuyou.store.errors import StoreFullError
+
+    steps = ["train.steps=4", "offload.commit_every=1"]
+    assert _train(tmp_path, "ref", *steps) == 0
+    real = TrainingState.write_commit
+
+    def write_commit(self, steps_done, copies):
+        if steps_done == 3:
+            raise StoreFullError(str(tmp_path / "ssd"), 0, 0, _errno.ENOSPC, "manifest write")
+        return real(self, steps_done, copies)
+
+    monkeypatch.setattr(TrainingState, "write_commit", write_commit)
+    capsys.readouterr()
+    assert _train(tmp_path, "full", *steps) == 2
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "add another SSD directory (--ssd)" in err
+    run_dir = tmp_path / "runs" / "full"
+    assert f"the commit of step 2 is intact, and once that is mended `fuyou train --resume {run_dir}`" in err
+    monkeypatch.undo()
+    assert main(["train", "--resume", str(run_dir)]) == 0
+    got, want = load_file(str(run_dir / "model.safetensors")), load_file(str(tmp_path / "runs/ref/model.safetensors"))
+    assert all(torch.equal(got[k], want[k]) for k in want)
