@@ -1500,7 +1500,9 @@ def _loop(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, stop
     if wear and tbw:
         wear["ssd_life_hours"] = tbw / wear["ssd_write_per_hour_bytes"] if written else None
     if ran:  # (a second summary of zeros was what a reader of the last one got: a pass)
-        log.write({"summary": True, "steps": t.steps, "elapsed_s": elapsed, "tokens_per_s": tokens / elapsed,
+        # (elapsed and tokens/s are this launch's: a resumed run's summary said "steps": 1900 beside 45 s, a pass)
+        log.write({"summary": True, "steps": t.steps, **({"resumed_from": start_step} if start_step else {}),
+                   "elapsed_s": elapsed, "tokens_per_s": tokens / elapsed,
                    "peak_rss_bytes": peak, **({"machine_peak_rss_bytes": machine_peak} if dist.enabled else {}),
                    **wear})
     log.close()
