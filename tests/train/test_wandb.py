@@ -16,9 +16,7 @@ pytest.importorskip("wandb")
 from fuyou.config import load_config  # noqa: E402
 from fuyou.engine.engine import Engine  # noqa: E402
 from fuyou.train.loop import run_training  # noqa: E402
-
-RUN = ["model.preset=gpt-test", "model.n_layer=4", "data.seq_len=32", "train.micro_batch_size=2",
-       "train.eval_batches=2", "train.precision=fp32", "offload.cpu_mem=1GiB", "train.log_every=1"]
+from test_stop_in_evaluation import cfg_of  # noqa: E402  (the same small offloaded runs)
 
 
 @pytest.fixture(autouse=True)
@@ -29,14 +27,6 @@ def _no_wandb_account(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "home" / ".wandb"))
     monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "home" / ".cache"))
-
-
-def cfg_of(tmp_path, *extra, ssd=True):
-    flags = {}
-    if ssd:
-        (tmp_path / "ssd").mkdir(exist_ok=True)
-        flags = {"offload.mode": "ssd", "offload.ssd_dirs": [str(tmp_path / "ssd")]}
-    return load_config(overrides=[*RUN, f"run.out_dir={tmp_path / 'runs'}", *extra], flags=flags)
 
 
 def wandb_records(path):
