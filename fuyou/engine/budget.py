@@ -561,7 +561,7 @@ LEVERS = (("optimizer buffers", "offload.optimizer_chunk or offload.optimizer_de
           ("weight exchange buffer", "offload.optimizer_chunk"),
           ("activation staging", "offload.act_staging_chunks"),
           ("compute:", "the batch, sequence length or grad_accum"),
-          ("input batch staging", "the batch, sequence length or grad_accum"))
+          ("input batch staging", "the batch or sequence length"))
 
 
 def _levers(items: dict[str, int], act_cpu_mem_given: bool) -> str:

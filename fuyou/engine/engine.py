@@ -1278,6 +1278,10 @@ class Engine:
             self.exchange.wait_all()  # its group carries the masters now
         return self.ts.master_chunks()
 
+    def weights_settled(self) -> bool:
+        """Every submitted update finished without error (``TrainingState.settled``)."""
+        return self.ts.settled()
+
     def master_chunks_now(self):
         """The master weights as the last update left them, writing nothing first (``TrainingState.
         master_chunks_now``): what a run whose final commit failed still saves."""

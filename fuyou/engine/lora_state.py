@@ -128,7 +128,7 @@ class LoRATrainingState(TrainingState):
         for old in directory.glob("lora-state.*.safetensors"):
             if old.name != name:
                 old.unlink(missing_ok=True)
-        self.last_commit_step = steps_done
+        self.last_commit_step = self.durable_step = steps_done
 
     def recorded_step(self) -> int:
         try:
@@ -199,7 +199,7 @@ class LoRATrainingState(TrainingState):
                     self.optimizer.state[p] = {
                         "step": torch.tensor(float(step), dtype=torch.float32, device=_step_device(self.optimizer, p)),
                         "exp_avg": tensors[f"exp_avg/{k}"].to(p.device), "exp_avg_sq": tensors[f"exp_avg_sq/{k}"].to(p.device)}
-        self.start_step = self.last_commit_step = rec["step"]
+        self.start_step = self.last_commit_step = self.durable_step = rec["step"]
         for s in self.states:
             if s.index in self.plan.cached_stages:
                 s.cache = self.cache_buffer(s)

@@ -410,10 +410,8 @@ class TrainingState:
         SSD directory, a file system that refuses writes) still saves what it trained. Resident stages come
         from CPU memory, the others from their newest store copy (open files: a directory removed under the
         run is still read). One process, every update done without error."""
-        failed = [st.stage.name for st in self.states if st.error is not None]
-        if failed or self.sharded or not all(st.owned for st in self.states):
-            raise FuyouError("the weights cannot be read as they are: "
-                             + (f"the update of {', '.join(failed)} failed" if failed else "a data-parallel run"))
+        if not self.settled():
+            raise FuyouError("the weights cannot be read as they are: an update did not finish, or was skipped")
         mdt = self.fmt.master_dtype
         for st in self.states:
             for a in range(0, st.numel, self.chunk):
@@ -422,8 +420,15 @@ class TrainingState:
                     yield st.resident[0][a:a + n]
                     continue
                 with self.opt_pool.acquire(n * dtype_size(mdt), mdt) as buf:
-                    self.store.read_into(st.keys.master, buf.tensor, start=a).result()
+                    watchdog.result(self.store.read_into(st.keys.master, buf.tensor, start=a),
+                                    f"reading {st.stage.name}'s master weights")
                     yield buf.tensor
+
+    def settled(self) -> bool:
+        """Every update submitted has finished without error (none skipped after another failed, none still
+        running: a stalled one may be writing the resident state), one process: what ``master_chunks_now``
+        needs to read a consistent model."""
+        return (not self.sharded and all(st.owned and st.error is None and st.pending == 0 for st in self.states))
 
     def state_dict(self) -> dict[str, Tensor]:
         """fp32 master weights by global key (materialises the model: for tests and small models)."""

@@ -54,9 +54,7 @@ def plan_config(cfg: FuyouConfig, run_dir: Path, stream=None) -> FuyouConfig:
         raise ConfigError(f"the hardware given ({hw.source}) is a {kind[hw.device]} machine's, but this run computes "
                           f"on the {kind[device]}: --plan auto would plan another machine; leave hardware.* unset (it "
                           f"then measures this one) or give this machine's profile (`fuyou probe`)")
-    if hw.device == "cpu" and off.gpu_mem is not None:  # (planned as unlimited, then refused by the engine: a pass)
-        raise ConfigError("--gpu-mem is a GPU's, and this run computes on the CPU (whose memory is --cpu-mem): drop "
-                          "it for --plan auto")
+    # (--gpu-mem with the compute on the CPU: planned as unlimited, and the engine ignores it too, saying so)
     # the run as it is configured: its optimizer state's format, clipping and store too (a pass: the plan of fp32
     # state and clipping, for a run of int8 moments and grad_clip=none, was refused or overran the budget)
     w = Workload.from_config(cfg)

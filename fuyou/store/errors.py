@@ -62,8 +62,7 @@ class StoreIOError(StoreError, OSError):
 class StoreFullError(StoreIOError):
     """ENOSPC, EDQUOT or EFBIG: the disk, a quota or a file-size limit (ulimit -f) is exhausted."""
 
-    hint = ("free space on that file system, raise the quota / file-size limit (ulimit -f), or add another SSD "
-            "directory (--ssd)")
+    hint = "free space on that file system, or raise the quota / file-size limit (ulimit -f)"
 
 
 class StorePermissionError(StoreIOError):
@@ -76,7 +75,7 @@ def io_error_from_oserror(exc: OSError, path: str, offset: int, length: int, op:
                           key: str | None = None) -> StoreIOError:
     """Map an ``OSError`` from a syscall on ``path`` to the matching typed store error."""
     code = exc.errno
-    if code == _errno.EINVAL and length and _beyond_file_size_limit(offset + length):
+    if code == _errno.EINVAL and length and op != "read" and _beyond_file_size_limit(offset + length):
         # an O_DIRECT write cut short by a file-size limit that is not 4 KiB-aligned ends in EINVAL, not EFBIG, and
         # read as a failing disk (a pass with `prlimit --fsize=1000000`)
         code = _errno.EFBIG

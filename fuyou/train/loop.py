@@ -547,7 +547,7 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
     """Train ``cfg`` in a new run directory, or continue the run in ``resume`` from its last commit."""
     if cfg.run.tensorboard and not tensorboard_available():
         raise ConfigError("run.tensorboard=true needs the tensorboard package: pip install 'fuyou[tensorboard]'")
-    check_wandb(cfg.run.wandb)  # (every rank: one refused alone would leave the others waiting for it)
+    check_wandb(cfg.run.wandb)  # (rank 0, which logs; a refusal there ends the others: torchrun stops the group)
     from fuyou.planner.hardware import check_names
 
     saved_raw = read_toml(Path(resume) / "config.toml") if resume is not None else {}  # the run's config as written
@@ -1254,14 +1254,20 @@ def _save_after_a_failed_final_commit(cfg: FuyouConfig, trainer: Trainer, run_di
     writes): the weights are still in CPU memory and the store's open files, so they are saved to the run
     directory before the error is raised, with what it means for the state. A finished run whose commit failed
     lost everything since its last commit (at the default interval, often step 0: a hostile pass). Returns the
-    error's message with what was saved (None: nothing to add). One process; a data-parallel run's ranks raise
-    as before."""
-    if not cfg.run.save_weights or dist.enabled:
+    error's message with what was saved (None: nothing saved, the error is raised as it is). One process; a
+    data-parallel run's ranks raise as before."""
+    from fuyou.watchdog import StallError
+
+    # (not after a stall, whose job may still be writing the resident state, nor when an update failed or was
+    # skipped after an earlier commit's failure: the original error, with its advice, then: a review)
+    if not cfg.run.save_weights or dist.enabled or isinstance(error, StallError):
+        return None
+    if not cfg.lora.enabled and not trainer.weights_settled():
         return None
     try:
         path = save_weights(run_dir, trainer, cfg, steps, as_they_are=True)
-    except (FuyouError, OSError) as e2:
-        return f"{error}; saving the trained weights without the commit failed too ({e2})"
+    except (FuyouError, OSError):
+        return None
     kept = (f"the SSD state ({trainer.state_location()}) holds no commit of step {steps}: a --resume would go "
             f"back to an earlier one, so delete it once the weights are safe")
     what = "adapters" if cfg.lora.enabled else "weights"

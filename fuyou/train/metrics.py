@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -133,17 +134,26 @@ class WandbLog:
         # console "wrap": stdout/stderr copied at Python's level (no descriptors redirected under a run whose
         # children and signals are its own); silent: the run's place is said once, below
         settings = dict(console="wrap", silent=True)
+        from fuyou.errors import FuyouError
+
+        if wandb.run is not None:  # (a run an earlier run_training of this process left: init would return it)
+            wandb.run.finish(exit_code=1)
         try:
             wait = float(os.environ.get("WANDB_INIT_TIMEOUT", 60))
             self.run = wandb.init(mode=mode, settings=wandb.Settings(init_timeout=wait, **settings), **kw)
         except Exception as e:  # noqa: BLE001 -- W&B's own errors (CommError, UsageError, timeouts)
-            if mode != "online":
-                from fuyou.errors import FuyouError
-
-                raise FuyouError(f"Weights & Biases did not start ({_first_line(e)}); run.wandb=off trains "
+            # only a W&B that cannot be reached is logged offline instead: a refused key, entity or project
+            # would be refused again by `wandb sync` (a review)
+            if mode != "online" or not isinstance(e, wandb.errors.CommError) or _refused(e):
+                raise FuyouError(f"Weights & Biases did not start ({_first_line(e)}); check run.wandb_project and "
+                                 f"run.wandb_entity and the API key (`wandb login`), or run.wandb=off trains "
                                  f"without it") from e
-            wandb.teardown()  # (the failed run holds its id in W&B's service until it goes)
-            self.run = wandb.init(mode="offline", settings=wandb.Settings(**settings), **kw)
+            try:
+                wandb.teardown()  # (the failed run holds its id in W&B's service until it goes)
+                self.run = wandb.init(mode="offline", settings=wandb.Settings(**settings), **kw)
+            except Exception as e2:  # noqa: BLE001
+                raise FuyouError(f"Weights & Biases could not be reached ({_first_line(e)}) nor log offline "
+                                 f"({_first_line(e2)}); run.wandb=off trains without it") from e2
             mode = "offline"
             print(f"fuyou: note: W&B could not be reached ({_first_line(e)}): the metrics are logged offline into "
                   f"{self.run_dir / 'wandb'}; `wandb sync {self.run_dir / 'wandb'}/offline-run-*` uploads them",
@@ -162,6 +172,9 @@ class WandbLog:
         try:
             if record.get("summary"):
                 self.run.summary.update({k: v for k, v in record.items() if _number(v) and k != "summary"})
+                if "stopped" in self.run.summary.keys():  # (an earlier launch's stop: this one completed the run;
+                    # `in` on W&B's summary object itself raises KeyError)
+                    del self.run.summary["stopped"]
             elif "stopped" in record:
                 self.run.summary["stopped"] = record["stopped"]
                 self.exit_code = 1 if record["stopped"] == "non-finite" else 0
@@ -175,7 +188,8 @@ class WandbLog:
         except Exception as e:  # noqa: BLE001 -- a record, not the run's work: said once, then left out
             print(f"fuyou: warning: logging to W&B failed ({_first_line(e)}); training goes on without it "
                   f"(metrics.jsonl has every line)", file=self.stream)
-            self.run = None
+            self.exit_code = 1
+            self.close()
 
     def close(self) -> None:
         if self.run is not None:
@@ -184,6 +198,12 @@ class WandbLog:
             except Exception as e:  # noqa: BLE001
                 print(f"fuyou: warning: finishing the W&B run failed ({_first_line(e)})", file=self.stream)
             self.run = None
+
+
+def _refused(e: BaseException) -> bool:
+    """A W&B error that is an answer (a refused key, a missing entity or project), not a failure to connect."""
+    text = str(e).lower()
+    return any(w in text for w in ("401", "403", "404", "unauthorized", "permission", "not found", "invalid"))
 
 
 def _number(v) -> bool:
@@ -203,18 +223,23 @@ def check_wandb(mode: str) -> None:
 
     from fuyou.errors import ConfigError
 
-    if importlib.util.find_spec("wandb") is None:
+    if importlib.util.find_spec("wandb") is None and os.environ.get("RANK", "0") == "0":
         raise ConfigError(f"run.wandb={mode} needs the wandb package: pip install 'fuyou[wandb]'")
-    if mode == "online":
+    if mode == "online" and os.environ.get("RANK", "0") == "0":  # (rank 0 logs: the others need no key)
         import wandb
 
         try:
             wandb.setup(settings=wandb.Settings(silent=True))  # (login's "API key is configured" lines)
-            wandb.login(verify=False)
+            # never a prompt: under torchrun every rank asked at once on one terminal (a review)
+            ok = wandb.login(verify=False, prompt=False)
         except Exception as e:  # noqa: BLE001 -- wandb.errors.UsageError: no key
-            raise ConfigError(f"run.wandb=online needs a W&B API key ({_first_line(e)}): `wandb login`, or "
-                              f"WANDB_API_KEY=...; run.wandb=offline logs into the run directory without one "
-                              f"(`wandb sync` uploads it later)") from None
+            ok, why = False, _first_line(e)
+        else:
+            why = "no key found"
+        if not ok:
+            raise ConfigError(f"run.wandb=online needs a W&B API key ({why}): `wandb login`, or WANDB_API_KEY=...; "
+                              f"run.wandb=offline logs into the run directory without one (`wandb sync` uploads it "
+                              f"later)") from None
 
 
 def _drop_torn_line(path: Path) -> None:

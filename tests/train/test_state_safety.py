@@ -167,7 +167,7 @@ def test_a_disk_that_fills_during_training_names_the_intact_commit_and_the_resum
     capsys.readouterr()
     assert _train(tmp_path, "full", *steps) == 2
     err = capsys.readouterr().err
-    assert "No space left on device" in err and "add another SSD directory (--ssd)" in err
+    assert "No space left on device" in err and "raise the quota / file-size limit (ulimit -f)" in err
     run_dir = tmp_path / "runs" / "full"
     assert f"the commit of step 2 is intact, and once that is mended `fuyou train --resume {run_dir}`" in err
     monkeypatch.undo()

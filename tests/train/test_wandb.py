@@ -124,6 +124,7 @@ def test_a_stopped_and_resumed_run_continues_its_wandb_run(tmp_path, monkeypatch
     assert [r["step"] for r in second["rows"] if "train/loss" in r] == [3, 4]
     last = json.loads((res.run_dir / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["summary"] is True and last["resumed_from"] == 2 == second["summary"]["resumed_from"]
+    assert "stopped" not in second["summary"] and second["exit"] == 0
 
 
 def test_online_without_an_api_key_is_refused_before_any_work(tmp_path, capsys):
