@@ -28,6 +28,29 @@ def is_prepared(path) -> bool:
 JSONL_SUFFIXES = {".jsonl", ".ndjson"}  # files of JSON Lines records (fuyou.data.corpus reads them)
 
 
+def swapped_aside(path: str | Path) -> Path | None:
+    """The old data of a ``replace_prepared`` killed between its two renames, where ``path`` is gone: the
+    directory it moved aside (``.NAME.old-PID-TAG`` beside it, its process no longer running), else None.
+    A run told only "does not exist" did not know its data was one ``mv`` away (session 17's note). (Here, not
+    in ``dataset`` beside ``replace_prepared``, which names them so: the config does not import the data's code.)"""
+    import os
+
+    p = Path(os.path.abspath(path))
+    if p.exists() or not p.parent.is_dir():
+        return None
+    for d in sorted(p.parent.glob(f".{p.name}.old-*")):
+        pid = d.name[len(f".{p.name}.old-"):].split("-", 1)[0]
+        if not pid.isdigit() or not (d / "meta.json").is_file():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return d
+        except OSError:
+            continue
+    return None
+
+
 class DataConfig(BaseModel):
     """Where training tokens come from."""
 
@@ -134,8 +157,6 @@ class DataConfig(BaseModel):
                 raise ValueError(f"data.source={self.source!r} needs data.path (a file or directory)")
             for p in self.path:
                 if not Path(p).exists():
-                    from fuyou.data.dataset import swapped_aside
-
                     aside = swapped_aside(p)
                     if aside is not None:
                         raise ValueError(f"data path {p!r} does not exist: a `fuyou data prepare` into it was killed "

@@ -247,28 +247,6 @@ def sweep_leftovers(base: Path, name: str, quiet_s: float = 600.0) -> None:
             shutil.rmtree(d, ignore_errors=True)
 
 
-def swapped_aside(path: str | Path) -> Path | None:
-    """The old data of a ``replace_prepared`` killed between its two renames, where ``path`` is gone: the
-    directory it moved aside (``.NAME.old-PID-TAG`` beside it, its process no longer running), else None.
-    A run told only "does not exist" did not know its data was one ``mv`` away (session 17's note)."""
-    import os
-
-    p = Path(os.path.abspath(path))
-    if p.exists() or not p.parent.is_dir():
-        return None
-    for d in sorted(p.parent.glob(f".{p.name}.old-*")):
-        pid = d.name[len(f".{p.name}.old-"):].split("-", 1)[0]
-        if not pid.isdigit() or not (d / META).is_file():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            return d
-        except OSError:
-            continue
-    return None
-
-
 def content_hash(*arrays) -> str:
     """A hash of every byte of ``arrays`` (a prepared directory's tokens, masks and offsets), kept in its
     meta.json: a resume compares prepared data by it (an edit that kept the size went unseen by samples)."""
