@@ -116,26 +116,24 @@ class WandbLog:
     (``check_wandb``)."""
 
     def __init__(self, run_dir: Path, mode: str, project: str, entity: str | None, config: dict, stream):
-        import json as _json
-        import os
         import uuid
 
         import wandb
 
+        from fuyou.errors import FuyouError
+
         self.stream, self.run_dir = stream, Path(run_dir)
         record = self.run_dir / "wandb.json"
         try:
-            run_id = _json.loads(record.read_text())["id"]
+            run_id = json.loads(record.read_text())["id"]
         except (OSError, ValueError, KeyError, TypeError):
             run_id = uuid.uuid4().hex[:12]
-            record.write_text(_json.dumps({"id": run_id}) + "\n")
+            record.write_text(json.dumps({"id": run_id}) + "\n")
         kw = dict(project=project, entity=entity, name=self.run_dir.name, id=run_id, resume="allow",
                   dir=str(self.run_dir), config=config)
         # console "wrap": stdout/stderr copied at Python's level (no descriptors redirected under a run whose
         # children and signals are its own); silent: the run's place is said once, below
         settings = dict(console="wrap", silent=True)
-        from fuyou.errors import FuyouError
-
         if wandb.run is not None:  # (a run an earlier run_training of this process left: init would return it)
             wandb.run.finish(exit_code=1)
         try:
@@ -215,8 +213,8 @@ def _first_line(e: BaseException) -> str:
 
 
 def check_wandb(mode: str) -> None:
-    """``run.wandb`` before any work: the package installed, and for ``online`` an API key (W&B asks for one
-    on a terminal, and fails without one, once the run is built)."""
+    """``run.wandb`` before any work, on rank 0 (which logs): the package installed, and for ``online`` an API
+    key, found without a prompt (W&B's own check would prompt on a terminal, or fail once the run is built)."""
     if mode == "off":
         return
     import importlib.util
