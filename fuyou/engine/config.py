@@ -157,6 +157,13 @@ class OffloadConfig(BaseModel):
 
         return None if isinstance(self.commit_every, int) else parse_duration(self.commit_every)
 
+    def store_config(self):
+        """The SSD store these settings make (``fuyou.store.StoreConfig``): the engine builds it, and the planner
+        counts its bounce buffers by it (the plan had its own, which left out offload.io_threads: a pass)."""
+        from fuyou.store import StoreConfig
+
+        return StoreConfig(queue_depth=self.io_threads, verify_checksums=self.verify_checksums)
+
     def steps_per_commit(self, step_s: float) -> float:
         """Steps between two commits at ``step_s`` seconds a step: the interval in steps, or a time's worth
         of steps (committed at the first step boundary after it: at most once a step). The planner's and the

@@ -120,7 +120,7 @@ from fuyou.optim.adamw import grad_norm
 from fuyou.optim.compressed import StateFormat
 from fuyou.optim.out_of_core import OutOfCoreAdamW
 from fuyou.policy import default_checkpoint_dtype, keep_policies
-from fuyou.store import PinnedPool, StoreConfig
+from fuyou.store import PinnedPool
 from fuyou.store.shared import SHM_DIR, SHM_MARGIN, SharedSegment, shm_free, sweep_stale
 from fuyou.store.aligned import huge_empty
 from fuyou.units import format_size
@@ -214,7 +214,7 @@ class Engine:
         if self.gpu_mem is None and not self.dev.is_host:  # default: what the device has free now
             self.gpu_mem = int(self.dev.memory()["free"] * 0.95)
 
-        self.store_cfg = store_cfg = StoreConfig(queue_depth=off.io_threads, verify_checksums=off.verify_checksums)
+        self.store_cfg = store_cfg = off.store_config()
         self.store_dirs = [Path(d) / store_name for d in off.ssd_dirs]
         # OutOfCoreAdamW rounds the chunk to the store's checksum block; plan with that size.
         self.chunk = self.fmt.chunk_elements(off.optimizer_chunk, store_cfg.checksum_block)

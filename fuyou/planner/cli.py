@@ -305,7 +305,6 @@ def _plan(args) -> int:
     from fuyou.errors import ConfigError
     from fuyou.planner.config import HardwareConfig
     from fuyou.planner.cost import Workload
-    from fuyou.store import StoreConfig
     from fuyou.planner.hardware import resolve
     from fuyou.policy import read_act_policy
     from fuyou.planner.report import plot, text, to_json
@@ -434,8 +433,7 @@ def _plan(args) -> int:
                           "in memory")
     w = Workload(cfg, args.batch or 16, args.seq, grad_accum=args.grad_accum or gpus, offload=off, grad_clip=clip,
                  csize=2 if precision == "bf16" else 4, fmt=fmt, lora=lora, ranks=gpus, cuda=hw.device == "cuda",
-                 packed=packed,  # the store as train builds it (offload.io_threads: its bounce buffers; a pass)
-                 store=StoreConfig(queue_depth=off.io_threads, verify_checksums=off.verify_checksums),
+                 packed=packed, store=off.store_config(),  # (the store train builds: its bounce buffers)
                  **({"depths": (args.prefetch_depth,)} if args.prefetch_depth is not None else {}))
     if w.sharded and gpus > len(w.numels):
         raise ConfigError(f"--gpus {gpus} for a model of {len(w.numels)} stages: each rank owns the optimizer state of "

@@ -82,7 +82,7 @@ class Workload:
         """The workload of a ``FuyouConfig`` (for predicting what ``fuyou train`` will do)."""
         return cls(cfg.model, cfg.train.micro_batch_size, cfg.data.seq_len, cfg.offload, cfg.train.grad_accum,
                    2 if cfg.train.precision == "bf16" else 4,
-                   StoreConfig(queue_depth=cfg.offload.io_threads, verify_checksums=cfg.offload.verify_checksums),
+                   cfg.offload.store_config(),
                    cfg.train.grad_clip, StateFormat.of(cfg.optim), cfg.lora, packed=cfg.data.may_pack,
                    cuda=cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available()))
 
