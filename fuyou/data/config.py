@@ -28,27 +28,41 @@ def is_prepared(path) -> bool:
 JSONL_SUFFIXES = {".jsonl", ".ndjson"}  # files of JSON Lines records (fuyou.data.corpus reads them)
 
 
+def leftover_kind(d: Path, name: str) -> str | None:
+    """What a ``replace_prepared`` into ``name`` that was killed left in ``d``: "prepare" (a new directory not yet
+    in place) or "old" (the data it moved aside), named ``.NAME.KIND-PID-TAG`` with the PID no longer running;
+    None for anything else (a PID still running, or one from another container's namespace, is not ours to
+    judge). ``sweep_leftovers`` and ``swapped_aside`` read the names so. (Here, not in ``dataset`` beside
+    ``replace_prepared``, which makes them: the config does not import the data's code.)"""
+    import os
+
+    head = f".{name}."
+    if not d.name.startswith(head) or not d.is_dir() or d.is_symlink():
+        return None
+    kind, _, rest = d.name[len(head):].partition("-")
+    pid = rest.split("-", 1)[0]
+    if kind not in ("prepare", "old") or not pid.isdigit():
+        return None
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return kind
+    except OSError:
+        pass
+    return None  # (still running)
+
+
 def swapped_aside(path: str | Path) -> Path | None:
     """The old data of a ``replace_prepared`` killed between its two renames, where ``path`` is gone: the
-    directory it moved aside (``.NAME.old-PID-TAG`` beside it, its process no longer running), else None.
-    A run told only "does not exist" did not know its data was one ``mv`` away (session 17's note). (Here, not
-    in ``dataset`` beside ``replace_prepared``, which names them so: the config does not import the data's code.)"""
+    directory it moved aside (``leftover_kind`` "old"), else None. A run told only "does not exist" did not
+    know its data was one ``mv`` away (session 17's note)."""
     import os
 
     p = Path(os.path.abspath(path))
     if p.exists() or not p.parent.is_dir():
         return None
-    for d in sorted(p.parent.glob(f".{p.name}.old-*")):
-        pid = d.name[len(f".{p.name}.old-"):].split("-", 1)[0]
-        if not pid.isdigit() or not (d / "meta.json").is_file():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            return d
-        except OSError:
-            continue
-    return None
+    return next((d for d in sorted(p.parent.glob(f".{p.name}.old-*"))
+                 if leftover_kind(d, p.name) == "old" and (d / "meta.json").is_file()), None)
 
 
 class DataConfig(BaseModel):

@@ -222,20 +222,11 @@ def sweep_leftovers(base: Path, name: str, quiet_s: float = 600.0) -> None:
     import shutil
     import time
 
+    from fuyou.data.config import leftover_kind
+
     for d in sorted(Path(base).iterdir()) if Path(base).is_dir() else []:
-        head = f".{name}."
-        if not d.name.startswith(head) or not d.is_dir() or d.is_symlink():
-            continue
-        kind, _, rest = d.name[len(head):].partition("-")
-        pid = rest.split("-", 1)[0]
-        if kind not in ("prepare", "old") or not pid.isdigit():
-            continue
-        try:
-            os.kill(int(pid), 0)
-            continue  # (still running)
-        except ProcessLookupError:
-            pass
-        except OSError:
+        kind = leftover_kind(d, name)
+        if kind is None:
             continue
         try:
             latest = max([d.stat().st_mtime] + [f.stat().st_mtime for f in d.iterdir()])
