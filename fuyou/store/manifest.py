@@ -17,8 +17,9 @@ def preflight(need: dict[Path, int]) -> None:
     """Raise :class:`StoreSpaceError` when any directory lacks the bytes it must receive. A file system that
     reports no capacity at all (ramfs, some FUSE mounts: total 0) is not judged: its 0 bytes free meant
     nothing, and refused every state there."""
-    need = {d: n for d, n in need.items() if shutil.disk_usage(d).total > 0}
-    have = {d: shutil.disk_usage(d).free for d in need}
+    usage = {d: shutil.disk_usage(d) for d in need}
+    need = {d: n for d, n in need.items() if usage[d].total > 0}
+    have = {d: usage[d].free for d in need}
     # directories on one file system share its free space
     by_dev: dict[int, int] = {}
     for d, n in need.items():

@@ -25,6 +25,7 @@ from __future__ import annotations
 import errno
 import math
 import os
+import stat
 import threading
 import time
 import uuid
@@ -491,7 +492,8 @@ def _open_data_file(d: Path, path: str, direct: bool, create: bool) -> tuple[int
             if create:  # Linux makes the file before it refuses O_DIRECT (O_EXCL passed: the file is this call's),
                 # and the buffered open's O_EXCL then called it a file the store did not make (a hostile pass on ramfs)
                 try:
-                    if os.path.isfile(path) and not os.path.islink(path) and os.path.getsize(path) == 0:
+                    st = os.lstat(path)
+                    if stat.S_ISREG(st.st_mode) and st.st_size == 0:  # (a plain empty file, never a link)
                         os.unlink(path)
                 except OSError:
                     pass
