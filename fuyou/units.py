@@ -13,6 +13,7 @@ _UNITS = {
     "ki": 1024, "kib": 1024, "mi": 1024**2, "mib": 1024**2, "gi": 1024**3, "gib": 1024**3,
     "ti": 1024**4, "tib": 1024**4,
 }
+_LARGEST = 1024**6  # 1 EiB
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*$")
 
 
@@ -35,6 +36,9 @@ def parse_size(value: int | float | str) -> int:
         n, number = float(m.group(1)) * unit, m.group(1)
     if not math.isfinite(n):
         raise ConfigError(f"{value!r} is too large to be a size" if n == math.inf else f"{value!r} is no size")
+    if n > _LARGEST:  # ("--cpu-mem 1e99" planned an 88-digit TiB budget: a pass)
+        raise ConfigError(f"{value!r} is more than an exbibyte, more memory or disk than any machine has; give the size "
+                          f"you mean")
     if n != int(n) and unit == 1:  # ("--cpu-mem=0.5" was 0 bytes, in silence)
         raise ConfigError(f"{value!r} is a fraction of a byte (a size without a unit is bytes); give a unit, such as "
                           f"'{number}GiB'")
@@ -52,10 +56,14 @@ def format_decimal(n: float) -> str:
     raise AssertionError("unreachable")
 
 
-def unitless_hint(budget: int) -> str:
-    """A hint for a memory budget of a few bytes: a number of GiB given without its unit ("--cpu-mem 12")."""
-    # (the value's spelling is not known here: below 1000 bytes no unit was given, or B; "2KB" was asked whether
-    # it meant 2000GiB: a pass)
+def unitless_hint(budget: int, spelled: object = None) -> str:
+    """A hint for a memory budget of a few bytes: a number of GiB given without its unit ("--cpu-mem 12").
+    ``spelled``: the budget as the user wrote it, where it is known ("0.5KiB" was asked whether it meant 512GiB)."""
+    # (where the spelling is not known: below 1000 bytes no unit was given, or B; "2KB" was asked whether it meant
+    # 2000GiB: a pass)
+    m = _SIZE.match(str(spelled)) if spelled is not None else None
+    if m and m.group(2):
+        return ""
     return f" (a size without a unit is bytes: did you mean {budget}GiB?)" if 0 < budget < 1000 else ""
 
 

@@ -30,3 +30,21 @@ def test_a_minimum_shown_as_a_size_is_rounded_up():
     assert float(format_size(n, up=True).split()[0]) * 1024 ** 2 >= n
     assert format_size(1536) == "1.50 KiB"
     assert format_size(100) == "100 B"
+
+
+def test_a_size_beyond_any_machine_is_refused():
+    import pytest
+    from fuyou.errors import ConfigError
+    from fuyou.units import parse_size
+    assert parse_size("1024TiB") == 1024**5
+    for absurd in ("1e99", 1e30, "2000000TiB"):  # "--cpu-mem 1e99" planned an 88-digit TiB budget
+        with pytest.raises(ConfigError, match="more than an exbibyte"):
+            parse_size(absurd)
+
+
+def test_the_unitless_hint_is_for_sizes_given_without_a_unit():
+    from fuyou.units import unitless_hint
+    assert "did you mean 12GiB?" in unitless_hint(12)
+    assert "did you mean 12GiB?" in unitless_hint(12, "12")
+    assert unitless_hint(512, "0.5KiB") == ""  # it asked whether 0.5KiB meant 512GiB
+    assert unitless_hint(2 * 1024**3, "2GiB") == ""
