@@ -194,7 +194,7 @@ def _wear(plan: Plan, step: float) -> dict:
     """The optimizer state's format and the SSD writes of a step (the simulated step's writes, the
     commits amortized), per hour, and with the drives' rated endurance how long they last at that rate."""
     w, ev, hw = plan.workload, plan.best, plan.hardware
-    per_step = sum(t.nbytes for t in ev.sim.last_step_tasks() if t.resource == "ssd-write")
+    per_step = ev.sim.step_written()
     resident = sum(w.numels[i] for i in ev.memory.resident_all)
     if w.offload.commit == "cow" and w.offload.commit_steps != 1 and resident:
         per_step += w.fmt.state_bytes(resident) / max(ev.steps_per_commit, 1.0)  # the commit of resident state
@@ -204,12 +204,14 @@ def _wear(plan: Plan, step: float) -> dict:
     per_hour = per_step * 3600 / step
     fmt = w.fmt.describe() if w.lora_params is None else lora_line(w)
     return {"state_format": fmt, "ssd_write_per_step_bytes": per_step, "ssd_write_per_hour_bytes": per_hour,
-            "ssd_tbw_bytes": hw.ssd_tbw, "ssd_life_hours": hw.ssd_tbw / per_hour if hw.ssd_tbw and per_hour else None}
+            "ssd_redo_write_bytes": ev.redo_write_bytes, "ssd_tbw_bytes": hw.ssd_tbw, "ssd_life_hours": hw.ssd_tbw / per_hour if hw.ssd_tbw and per_hour else None}
 
 
 def _wear_line(s: dict) -> str:
     line = (f"SSD wear            {format_size(s['ssd_write_per_step_bytes'])} written per step, "
             f"{format_decimal(s['ssd_write_per_hour_bytes'])} per hour")
+    if s.get("ssd_redo_write_bytes"):  # (the exact clipping's redo, which the figures above leave out)
+        line += f" (a step that redoes its updates for clipping writes {format_size(s['ssd_redo_write_bytes'])} more)"
     if s.get("ssd_life_hours"):
         h = s["ssd_life_hours"]
         line += (f"; rated {s['ssd_tbw_bytes'] / 1e15:.3g} PB written: the drives last {h:,.0f} hours of training "

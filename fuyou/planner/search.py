@@ -55,6 +55,7 @@ class Evaluation:
     steps_per_commit: float = 1.0
     commit_cost_s: float = 0.0            # one commit (the resident state written) beyond a step
     triggered_step: float | None = None   # the first step on which exact clipping triggers (its redo)
+    redo_write_bytes: int = 0             # what that step writes to SSD beyond a step that does not clip
     clipping_step: float | None = None    # a step that clips after one that did (deferred updates)
 
     @property
@@ -200,9 +201,10 @@ def evaluate(w: Workload, hw: HardwareProfile, costs, policy: ActivationPolicy, 
     if w.grad_clip is not None and clip_modes:
         # the first step that clips, and the next ones while it keeps clipping, per schedule
         modes = {"auto": ("redo", "defer"), "speculate": ("redo", "redo"), "defer": ("defer", "defer")}[schedule]
-        times = {m: simulate_plan(w, costs, hw, policy, plan, steps=steps, commit=every, clip_mode=m).step_time
-                 + ev.commit_s for m in set(modes)}
-        ev.triggered_step, ev.clipping_step = (times[m] for m in modes)
+        sims = {m: simulate_plan(w, costs, hw, policy, plan, steps=steps, commit=every, clip_mode=m) for m in set(modes)}
+        ev.triggered_step, ev.clipping_step = (sims[m].step_time + ev.commit_s for m in modes)
+        if "redo" in sims:  # what a redo writes again (the wear the plan showed left it out: a note)
+            ev.redo_write_bytes = max(0, sims["redo"].step_written() - ev.sim.step_written())
     return ev
 
 

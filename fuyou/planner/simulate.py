@@ -96,6 +96,10 @@ class SimResult:
         """The last step's tasks; ``rank0``: only rank 0's GPU and link tasks with the machine's (data parallel)."""
         return [t for t in self.tasks if t.step == self.steps - 1 and not (rank0 and t.rank)]
 
+    def step_written(self) -> int:
+        """Bytes the last step writes to the SSDs (every rank's)."""
+        return sum(t.nbytes for t in self.last_step_tasks() if t.resource == "ssd-write")
+
 
 class _Graph:
     def __init__(self):

@@ -418,6 +418,22 @@ def test_plan_compressed_state_and_wear(capsys):
         assert "optim" in capsys.readouterr().err
 
 
+def test_plan_wear_names_what_a_redone_step_writes(capsys):
+    """Exact clipping's redo rewrites the state of every speculatively updated stage: the plan's wear line
+    says how much more such a step writes (it said nothing), and a run without clipping has no redo."""
+    flags = ["plan", "--model", "gpt3-13b", "--gpu", "rtx4090", "--ssd", "1x990-pro", "--cpu-mem", "64GiB",
+             "--batch", "8", "--seq", "1024", "--json"]
+    assert main(flags) == 0
+    clip = json.loads(capsys.readouterr().out)
+    assert main(flags + ["train.grad_clip=none"]) == 0
+    none = json.loads(capsys.readouterr().out)
+    assert none["ssd_redo_write_bytes"] == 0
+    on_ssd = 1 - clip["resident_stages"] / clip["stages"]  # about that share of the parameters: 12 B each again
+    assert clip["ssd_redo_write_bytes"] == pytest.approx(12 * clip["parameters"] * on_ssd, rel=0.15)
+    assert main(flags[:-1]) == 0
+    assert "a step that redoes its updates for clipping writes" in capsys.readouterr().out
+
+
 def test_commit_flags_and_overrides_agree_or_are_refused(capsys):
     flags = ["plan", "--model", "gpt3-125m", "--gpu", "rtx4090", "--ssd", "2x990-pro", "--cpu-mem", "64GiB",
              "--batch", "2", "--json"]
