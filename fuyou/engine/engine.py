@@ -1262,6 +1262,13 @@ class Engine:
         """The step of the last commit written whole (a resume's starting point), None before any."""
         return self.ts.durable_step
 
+    @property
+    def pending_commit_step(self) -> int | None:
+        """The step of a commit queued and neither written nor failed yet (it may still be written), else None."""
+        queued, ts = self.ts.last_commit_step, self.ts
+        pending = queued is not None and queued != ts.durable_step and queued != ts.failed_commit_step
+        return queued if pending else None
+
     def commit(self, steps_done: int) -> None:
         """Commit now unless the last commit is this state (the end of a run, a stop); waits for it."""
         try:

@@ -53,6 +53,7 @@ class TrainingState:
         self.cache_pool = self.opt_pool = None
         self.last_commit_step: int | None = None
         self.durable_step: int | None = None  # the last commit whose record is written (last_commit_step: queued)
+        self.failed_commit_step: int | None = None  # a commit that failed (on the worker thread)
         self._last_commit_time = time.monotonic()
         self.start_step = 0
         self._cache_bufs: list = []
@@ -228,8 +229,12 @@ class TrainingState:
         self._last_commit_time = time.monotonic()
 
         def commit():
-            self.flush(flush, commit=True)
-            self.write_commit(steps_done, copies)
+            try:
+                self.flush(flush, commit=True)
+                self.write_commit(steps_done, copies)
+            except BaseException:
+                self.failed_commit_step = steps_done
+                raise
             self.durable_step = steps_done
 
         self.worker.submit_call(commit, f"the commit of step {steps_done}")

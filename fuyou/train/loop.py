@@ -1244,7 +1244,10 @@ def _resume_advice(e: BaseException, trainer, run_path: Path) -> str | None:
         return None
     if "--resume" in str(e) or not (run_path / "config.toml").is_file():  # (said already; a run never started)
         return None
-    return (f"It happened during training: the commit of step {step} is intact, and once that is mended "
+    queued = getattr(trainer, "pending_commit_step", None)
+    later = (f" (step {queued}'s, still being written then, may be too: a resume starts at the latest whole one)"
+             if queued is not None else "")  # (it named the earlier one only: a note)
+    return (f"It happened during training: the commit of step {step} is intact{later}, and once that is mended "
             f"`{distributed.resume_command(run_path)}` continues from it")
 
 

@@ -174,3 +174,46 @@ def test_a_disk_that_fills_during_training_names_the_intact_commit_and_the_resum
     assert main(["train", "--resume", str(run_dir)]) == 0
     got, want = load_file(str(run_dir / "model.safetensors")), load_file(str(tmp_path / "runs/ref/model.safetensors"))
     assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_a_disk_error_while_a_commit_is_queued_says_that_commit_may_be_the_resumes(tmp_path, monkeypatch, capsys):
+    """A note: an SSD error on the main thread while the next commit was still being written named only the
+    commit before it, and the resume then started at the later one. Step 3's commit is held until step 4
+    fails; the error names step 2's as intact and step 3's as maybe; the resume starts at step 3 and ends
+    as an undisturbed run."""
+    import errno as _errno
+    import threading
+
+    from fuyou.engine.engine import Engine
+    from fuyou.engine.state import TrainingState
+    from fuyou.store.errors import StoreFullError
+
+    steps = ["train.steps=5", "offload.commit_every=1"]
+    assert _train(tmp_path, "ref", *steps) == 0
+    real_commit, real_step = TrainingState.write_commit, Engine.train_step
+    failing = threading.Event()
+
+    def write_commit(self, steps_done, copies):
+        if steps_done == 3:
+            assert failing.wait(30)
+        return real_commit(self, steps_done, copies)
+
+    def train_step(self, step, *a, **k):
+        if step == 3:
+            threading.Timer(0.3, failing.set).start()  # (after the error is composed, while the run closes)
+            raise StoreFullError(str(tmp_path / "ssd"), 0, 0, _errno.ENOSPC, "swap write")
+        return real_step(self, step, *a, **k)
+
+    monkeypatch.setattr(TrainingState, "write_commit", write_commit)
+    monkeypatch.setattr(Engine, "train_step", train_step)
+    capsys.readouterr()
+    assert _train(tmp_path, "q", *steps) == 2
+    err = capsys.readouterr().err
+    run_dir = tmp_path / "runs" / "q"
+    assert ("the commit of step 2 is intact (step 3's, still being written then, may be too: a resume starts at "
+            f"the latest whole one), and once that is mended `fuyou train --resume {run_dir}`") in err
+    monkeypatch.undo()
+    assert main(["train", "--resume", str(run_dir)]) == 0
+    assert "resuming at step 3 from the last commit" in capsys.readouterr().err
+    got, want = load_file(str(run_dir / "model.safetensors")), load_file(str(tmp_path / "runs/ref/model.safetensors"))
+    assert all(torch.equal(got[k], want[k]) for k in want)
