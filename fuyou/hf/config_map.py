@@ -96,6 +96,10 @@ def architecture(hf: dict[str, Any], where: str = "config.json") -> str:
     if len(archs) == 1 and archs[0] in REFUSED:
         raise ConfigError(f"{where}: architecture {archs[0]} is not supported: {REFUSED[archs[0]][1]}. fuyou "
                           f"imports {SUPPORTED_TEXT}")
+    if not archs and hf.get("model_type") is None:  # (it said "architecture model_type None": a pass)
+        raise ConfigError(f"{where} has neither architectures nor model_type, so it names no architecture; a Hugging "
+                          f"Face config gives them (e.g. \"architectures\": [\"LlamaForCausalLM\"]); fuyou imports "
+                          f"{SUPPORTED_TEXT}")
     got = ", ".join(archs) or f"model_type {hf.get('model_type')!r}"
     raise ConfigError(f"{where}: architecture {got} is not supported; fuyou imports {SUPPORTED_TEXT}")
 

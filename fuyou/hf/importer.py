@@ -30,10 +30,18 @@ def convert_checkpoint(hf_dir: str | Path, out_dir: str | Path) -> Path:
     if not src.exists():
         raise ConfigError(f"{src} does not exist; `fuyou import` reads a local Hugging Face model directory "
                           f"(config.json, *.safetensors, tokenizer files)")
+    if src.is_file():  # (it said "no config.json" of config.json itself: a pass)
+        hint = f": give its directory, {src.parent}" if src.name == "config.json" else ""
+        raise ConfigError(f"{src} is a file{hint}; `fuyou import` reads a local Hugging Face model directory "
+                          f"(config.json, *.safetensors, tokenizer files)")
+    if not (src / "config.json").is_file() and (src / "config.toml").is_file():
+        raise ConfigError(f"{src} is a fuyou run directory, which needs no import: train from it with fuyou train "
+                          f"--init-from {src}, or write it for transformers with fuyou export {src} --out DIR")
     if not (src / "config.json").is_file():
         raise ConfigError(f"{src} is not a Hugging Face model directory (no config.json); `fuyou import` reads "
                           f"a local directory with config.json, *.safetensors and tokenizer files")
     ckpt = open_checkpoint(src)  # refuses unsupported architectures and missing weights
+    ckpt.note_untrained()
     out = Path(out_dir).expanduser()
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"{out} exists and is not empty; choose a new --out directory")

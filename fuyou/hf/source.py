@@ -32,11 +32,26 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer
 HF_META = "hf"  # the subdirectory of a fuyou run directory holding the source's config and tokenizer
 
 
+#: Hugging Face config fields of dropout in the model (GPT-2's, Llama's and Qwen's)
+DROPOUT_FIELDS = ("resid_pdrop", "embd_pdrop", "attn_pdrop", "attention_dropout", "hidden_dropout")
+
+
 class Checkpoint:
     """A resolved ``init_from``: the model fields it fixes and a reader of its weights."""
 
-    def __init__(self, path: Path, fields: dict[str, Any], weights: HFWeights | FuyouWeights):
-        self.path, self.fields, self.weights = path, fields, weights
+    def __init__(self, path: Path, fields: dict[str, Any], weights: HFWeights | FuyouWeights,
+                 hf: dict[str, Any] | None = None):
+        self.path, self.fields, self.weights, self.hf = path, fields, weights, hf
+
+    def note_untrained(self) -> None:
+        """A note on stderr of what a Hugging Face config asks for that fuyou's training leaves out: dropout
+        (GPT-2's configs carry 0.1 of each; fuyou trained without it, and said nothing: a pass)."""
+        drops = {k: v for k, v in (self.hf or {}).items() if k in DROPOUT_FIELDS and isinstance(v, (int, float))
+                 and not isinstance(v, bool) and v > 0}
+        if drops:
+            print(f"fuyou: note: {self.path / 'config.json'} sets dropout ({', '.join(f'{k}={v}' for k, v in drops.items())}); "
+                  f"fuyou trains without dropout in the model (lora.dropout is the adapters'), as is usual for "
+                  f"fine-tuning", file=sys.stderr)
 
     def init_values(self, stage):
         """``init_values(stage) -> {global key: fp32 tensor}`` for the trainers."""
@@ -77,7 +92,7 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     if (p / "config.json").is_file():
         hf = read_json(p / "config.json")
         fields = to_fuyou(hf, str(p / "config.json"))
-        return Checkpoint(p, fields, HFWeights(p, fields["family"]))
+        return Checkpoint(p, fields, HFWeights(p, fields["family"]), hf)
     if (p / "model.safetensors").is_file():
         w = FuyouWeights(p / "model.safetensors")
         return Checkpoint(p, {k: w.model[k] for k in SHAPE_FIELDS if k in w.model}, w)
@@ -127,7 +142,9 @@ def checkpoint_model_fields(data: dict[str, Any]) -> dict[str, Any]:
     """``FuyouConfig``'s before-validator: the checkpoint's shape fields win over the preset and the
     fields given; a note on stderr lists the values that changed."""
     path = Path(data["init_from"]).expanduser().resolve()
-    fields = open_checkpoint(path).fields
+    ckpt = open_checkpoint(path)
+    ckpt.note_untrained()
+    fields = ckpt.fields
     changed = [f"{k} {data[k]!r} -> {v!r}" for k, v in fields.items() if k in data and data[k] != v]
     if data.get("preset"):
         changed.insert(0, f"preset {data['preset']!r} ignored")

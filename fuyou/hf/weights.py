@@ -104,6 +104,17 @@ def _equal(file_a: Path, name_a: str, file_b: Path, name_b: str, block: int = 32
                         f"truncated or corrupt") from e
 
 
+def _shapes(file: Path) -> dict[str, tuple[int, ...]]:
+    """Each tensor's shape, from the file's header."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return {n: tuple(f.get_slice(n).get_shape()) for n in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise DataError(f"cannot read {file} as safetensors: {e}; the file may be truncated or corrupt") from e
+
+
 def _keys(file: Path) -> tuple[list[str], dict[str, str]]:
     from safetensors import SafetensorError, safe_open
 
@@ -208,15 +219,15 @@ class HFWeights(_Reader):
         tensor left over means a layer, a bias or a separate head it does not mention, which would be
         dropped in silence. Known buffers (RoPE's inv_freq, GPT-2's attention masks) are not weights. A tied
         model's ``lm_head.weight`` may be there if it equals the embedding."""
-        from safetensors import safe_open
-
         used, shapes = set(), {}
         for key, spec in specs.items():
             file, name, transposed = self._locate(key)  # a missing one, named
             used.add(name)
-            if file not in shapes:
-                with safe_open(str(file), framework="pt") as f:
-                    shapes[file] = {n: tuple(f.get_slice(n).get_shape()) for n in f.keys()}
+            if file not in shapes:  # (a truncated shard was a traceback: a pass)
+                shapes[file] = _shapes(file)
+            if name not in shapes[file]:  # (a KeyError traceback: a pass)
+                raise DataError(f"{self.path / 'model.safetensors.index.json'} lists {name!r} in {file.name}, which "
+                                f"does not hold it; the index and the weight files disagree: download the model again")
             shape = shapes[file][name][::-1] if transposed else shapes[file][name]
             if tuple(shape) != tuple(spec.shape):
                 raise DataError(f"{file}: tensor {name!r} has shape {tuple(shapes[file][name])}, {config} says "

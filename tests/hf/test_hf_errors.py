@@ -586,3 +586,77 @@ def test_damaged_weights_are_not_exported_and_a_stopped_in_memory_run_names_its_
     capsys.readouterr()
     assert main(["export", str(tmp_path / "runs" / "b"), "--out", str(tmp_path / "out2")]) == 2
     assert f"fuyou export {tmp_path / 'runs' / 'b' / 'snapshots' / 'step-000001'}" in capsys.readouterr().err
+
+
+def _sharded(tmp_path, name: str) -> Path:
+    """A tiny GPT-2 checkpoint cut into two shards with its index (dropout 0.1 each, transformers' default)."""
+    pytest.importorskip("transformers")
+    from safetensors.torch import load_file
+
+    from tests.hf.hf_testutil import make_hf_model
+
+    src = make_hf_model(tmp_path / name, "gpt2")
+    tensors = load_file(str(src / "model.safetensors"))
+    (src / "model.safetensors").unlink()
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
+              "model-00002-of-00002.safetensors": names[len(names) // 2:]}
+    for file, keys in shards.items():
+        save_file({k: tensors[k].contiguous() for k in keys}, str(src / file))
+    index = {"metadata": {}, "weight_map": {k: f for f, keys in shards.items() for k in keys}}
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    return src
+
+
+def test_a_damaged_shard_or_index_is_a_sentence_not_a_traceback(tmp_path, capsys):
+    """A pass: a truncated shard of a sharded checkpoint, and an index that puts a tensor in the wrong shard,
+    were tracebacks (SafetensorError, KeyError); a single model.safetensors truncated the same way had its
+    sentence. Nothing is left behind."""
+    src = _sharded(tmp_path, "ok")
+    assert main(["import", str(src), "--out", str(tmp_path / "out-ok")]) == 0
+    err = capsys.readouterr().err  # (GPT-2's configs carry them; fuyou trained without them in silence)
+    assert "sets dropout (attn_pdrop=0.1, embd_pdrop=0.1, resid_pdrop=0.1); fuyou trains without dropout" in err
+    shard = src / "model-00002-of-00002.safetensors"
+    data = shard.read_bytes()
+    shard.write_bytes(data[:100])
+    assert main(["import", str(src), "--out", str(tmp_path / "out-trunc")]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot read {shard} as safetensors" in err and "truncated or corrupt" in err and "Traceback" not in err
+    assert main(["train", "--init-from", str(src), "train.steps=1", "--out", str(tmp_path / "runs")]) == 2
+    assert "truncated or corrupt" in capsys.readouterr().err
+    shard.write_bytes(data)
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    moved = next(k for k, f in index["weight_map"].items() if f.startswith("model-00002") and k.endswith(".weight"))
+    index["weight_map"][moved] = "model-00001-of-00002.safetensors"
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert main(["import", str(src), "--out", str(tmp_path / "out-index")]) == 2
+    assert (f"lists {moved!r} in model-00001-of-00002.safetensors, which does not hold it; the index and the weight "
+            f"files disagree") in capsys.readouterr().err
+    assert not any((tmp_path / f"out-{n}").exists() for n in ("trunc", "index"))
+
+
+def test_import_names_what_it_was_given_in_place_of_a_model_directory(tmp_path, capsys):
+    """A pass: `fuyou import DIR/config.json` said the path had "no config.json"; a run directory, a config with
+    neither architectures nor model_type ("architecture model_type None"), and an export of an adapter
+    given to export got sentences that did not say what they were."""
+    src = hf_dir(tmp_path / "m", LLAMA)
+    for given, says in ((src / "config.json", f"is a file: give its directory, {src}"),
+                        (src / "model.safetensors", "is a file; `fuyou import` reads a local Hugging Face model")):
+        assert main(["import", str(given), "--out", str(tmp_path / "out")]) == 2
+        assert says in capsys.readouterr().err
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.toml").write_text("[model]\npreset = 'gpt-test'\n")
+    assert main(["import", str(run), "--out", str(tmp_path / "out")]) == 2
+    assert f"is a fuyou run directory, which needs no import: train from it with fuyou train --init-from {run}" in \
+        capsys.readouterr().err
+    bare = hf_dir(tmp_path / "bare", {k: v for k, v in LLAMA.items() if k not in ("architectures", "model_type")})
+    assert main(["import", str(bare), "--out", str(tmp_path / "out")]) == 2
+    assert "has neither architectures nor model_type, so it names no architecture" in capsys.readouterr().err
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    assert main(["export", str(adapter), "--out", str(tmp_path / "out")]) == 2
+    assert "is a PEFT adapter directory (an export of a LoRA run, or PEFT's own), not a fuyou run" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
