@@ -297,6 +297,22 @@ def _give_way(train: dict, given: set[str]) -> None:
 
 
 def validate(raw: dict[str, Any]) -> FuyouConfig:
+    validate_keys(raw, whole=True)
+    model = dict(raw.get("model", {}))
+    if model.get("preset") is not None:
+        model = {**preset(str(model["preset"])), **model}
+    elif "model" not in raw:
+        model = preset("gpt-tiny")
+    try:
+        return FuyouConfig.model_validate({**raw, "model": model})
+    except ValidationError as e:
+        raise ConfigError(explain(e)) from None
+
+
+def validate_keys(raw: dict[str, Any], whole: bool = False) -> None:
+    """Refuse a config's unknown sections and keys, keys set outside any section and implicit conversions
+    (``refuse_implicit``); "none" unsets a field that may be unset (in place). ``whole``: the config is validated
+    whole next, whose report names every unknown key."""
     for section, values in raw.items():
         if not isinstance(values, dict):  # a key written above every [section] of the file
             home = [name for name, sec in SECTIONS.items() if section in sec.model_fields]
@@ -313,15 +329,10 @@ def validate(raw: dict[str, Any]) -> FuyouConfig:
                 values[key] = None
             else:
                 refuse_implicit(SECTIONS[section], section, key, value)
-    model = dict(raw.get("model", {}))
-    if model.get("preset") is not None:
-        model = {**preset(str(model["preset"])), **model}
-    elif "model" not in raw:
-        model = preset("gpt-tiny")
-    try:
-        return FuyouConfig.model_validate({**raw, "model": model})
-    except ValidationError as e:
-        raise ConfigError(explain(e)) from None
+        unknown = [k for k in values if k not in fields]
+        if unknown and not whole:  # (validate's own are pydantic's: explain says them all)
+            raise ConfigError(f"unknown key '{section}.{unknown[0]}'{_did_you_mean(unknown[0], fields)}; allowed "
+                              f"keys here: {', '.join(fields)}")
 
 
 def explain(err: ValidationError, section: str | None = None) -> str:

@@ -12,8 +12,12 @@ def add_parsers(sub) -> None:
                         description="Plan a run: bytes per tier, predicted step time and bottleneck, the swap "
                         "schedule and a timeline of one step. Hardware by preset (--gpu, --ssd NxNAME, --pcie), by "
                         "numbers, or --profile FILE from `fuyou probe`.")
-    pl.add_argument("--model", default="gpt3-13b", help="model preset (see `fuyou models`), or a path: a Hugging "
-                    "Face config.json or model directory, or a fuyou run directory (no weights are read)")
+    pl.add_argument("--model", help="model preset (see `fuyou models`), or a path: a Hugging Face config.json or "
+                    "model directory, or a fuyou run directory (no weights are read); default: --config's model, "
+                    "else gpt3-13b")
+    pl.add_argument("--config", help="a fuyou train config file (see configs/): plan the run it describes (its model, "
+                    "sequence, batch, precision, clipping, optimizer state, LoRA, offload settings and hardware "
+                    "section); flags and overrides given here win over it")
     pl.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE",
                     help="overrides, as for fuyou train: model fields (model.n_layer=48), LoRA (lora.rank=16 "
                     "lora.targets=all-linear), data settings (data.path=chat.jsonl: packed rows), engine settings "
@@ -61,7 +65,7 @@ def add_parsers(sub) -> None:
                     help="cow (default): crash-safe commits and resume (extra state copies on SSD); none: no resume")
     pl.add_argument("--commit-every",
                     help="commit interval as train uses it: steps (1: every step) or a time such as 10min (default)")
-    pl.add_argument("--grad-clip", default="1.0",
+    pl.add_argument("--grad-clip",
                     help="exact global-norm clipping threshold as train uses it (default 1.0), or none")
     pl.add_argument("--tokens", help="also give the time to train on this many tokens, e.g. 1G, 500M, 2e9 "
                     "(an epoch of your data)")
@@ -140,9 +144,105 @@ PLAN_SECTIONS = ("model", "offload", "train.precision", "train.grad_clip", "opti
 RUN_DATA_KEYS = ("source", "path", "format", "packing", "seq_len")  # a run's rows: packed or not, and their length
 
 
-def _plan_model_fields(model: str, overrides: list[str]) -> tuple[dict, dict]:
+def _plan_config_file(args) -> dict:
+    """``fuyou plan --config FILE``: the run a ``fuyou train`` config file describes, as plan's own inputs
+    (a pass: `plan --config configs/gpt3-1.3b-ssd.toml` was refused, and the file had to be typed again as
+    flags). Its model (unless --model), its sequence and batch, precision and clipping, optimizer state, LoRA
+    and offload settings, as {section: {key: value}} for ``_plan_model_fields`` beneath the command line's
+    overrides; its hardware section and the flags it has (offload.cpu_mem: train's budget, planned as it is)
+    where the command line leaves them out. Read as written, not validated as a config to train: its SSD
+    directories and data need not exist to plan."""
+    from pathlib import Path
+
+    from fuyou.config import validate_keys
+    from fuyou.errors import ConfigError
+    from fuyou.tomlfile import read_toml
+
+    p = Path(args.config).expanduser()
+    if p.is_dir():
+        raise ConfigError(f"--config {p} is a directory; give the TOML file itself (a run directory: --model DIR)")
+    if not p.is_file():
+        raise ConfigError(f"--config {p} does not exist; see configs/ for examples")
+    raw = read_toml(p)
+    validate_keys(raw)
+    sec = {name: dict(raw.get(name) or {}) for name in ("model", "data", "train", "optim", "lora", "offload",
+                                                        "hardware")}
+    out: dict[str, dict] = {}
+    model = sec["model"]
+    if args.model is None:  # (--model replaces the file's model, its fields too)
+        init = model.pop("init_from", None)
+        args.model = str(Path(init).expanduser()) if init else str(model.pop("preset", "gpt-tiny"))
+        if init:
+            model.pop("preset", None)
+        out["model"] = model
+    out["run_data"] = {k: v for k, v in sec["data"].items() if k in RUN_DATA_KEYS}
+    train = sec["train"]
+    out["train"] = {k: train[k] for k in ("precision",) if k in train}
+    if args.grad_clip is None and "grad_clip" in train:  # (none: validate_keys made it None)
+        args.grad_clip = "none" if train["grad_clip"] is None else str(train["grad_clip"])
+    mbs, accum, gb = (train.get(k) for k in ("micro_batch_size", "grad_accum", "global_batch"))
+    for k, v in (("micro_batch_size", mbs), ("grad_accum", accum), ("global_batch", gb)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ConfigError(f"{p}: train.{k} must be a whole number, at least 1; got {v!r}")
+    out["run_batch"] = {k: v for k, v in (("micro_batch_size", mbs), ("grad_accum", accum), ("global_batch", gb))
+                        if v is not None}
+    out["optim"] = {k: sec["optim"][k] for k in ("master", "moments") if k in sec["optim"]}
+    if sec["lora"].get("rank"):
+        out["lora"] = {k: v for k, v in sec["lora"].items() if k != "init_from"}
+    off = sec["offload"]
+    from fuyou.engine.config import OffloadConfig
+
+    mode = str(off.pop("mode", OffloadConfig.model_fields["mode"].default))
+    if mode != "ssd":
+        print(f"note: {p} trains in memory (offload.mode={mode}); planned offloaded to the SSD, what plan plans "
+              f"(fuyou train --offload ssd --ssd DIR)", file=sys.stderr)
+    off.pop("ssd_dirs", None)  # (the drives: --ssd COUNTxPRESET or the hardware section's ssd)
+    for key, flag in (("cpu_mem", "cpu_mem"), ("gpu_mem", "gpu_mem"), ("act_policy", "act_policy"),
+                      ("prefetch_depth", "prefetch_depth"), ("commit", "commit"), ("commit_every", "commit_every")):
+        if getattr(args, flag) is not None or (key == "cpu_mem" and args.cpu_reserve is not None):
+            off.pop(key, None)  # the command line's wins
+    out["offload"] = off
+    hardware = sec["hardware"]
+    if "gpu_mem" in off:  # (train's device budget, beside which the GPU's own memory is not asked)
+        hardware.pop("gpu_mem", None)
+    for key, value in hardware.items():
+        if value is not None and getattr(args, key, None) is None:
+            setattr(args, key, [str(value)] if key == "ssd" else str(value))
+    return {k: v for k, v in out.items() if v}
+
+
+def _plan_run_batch(args, run: dict) -> None:
+    """The batch of a run directory or --config file (``run``: its micro_batch_size, grad_accum, global_batch),
+    beneath the command line's, which it gives way to as ``fuyou train --config FILE`` has its file's: two of
+    the three are kept, those given here first (a run's grad_accum with --batch; a file's global batch split by
+    --batch or --grad-accum)."""
+    from fuyou.errors import ConfigError
+
+    if not run or args.global_batch is not None or (args.batch is not None and args.grad_accum is not None):
+        return
+    mbs, accum, gb = (run.get(k) for k in ("micro_batch_size", "grad_accum", "global_batch"))
+    if args.batch is None and args.grad_accum is None:
+        if gb is not None and mbs is None and accum is None:
+            args.global_batch = str(gb)  # (alone: the planner's split, as train's)
+            return
+        args.batch = mbs if mbs is not None else (gb // accum if gb is not None else None)
+        args.grad_accum = accum if accum is not None else (gb // mbs if gb is not None and mbs else None)
+        return
+    given, other = ("--batch", "grad_accum") if args.batch is not None else ("--grad-accum", "batch")
+    part = args.batch or args.grad_accum
+    if gb is None:  # (the file's other setting stays)
+        setattr(args, other, accum if other == "grad_accum" else mbs)
+    elif gb % part:
+        raise ConfigError(f"train.global_batch={gb} (of {args.config or args.model}) is not a multiple of {given} {part}; "
+                          f"give {given} a divisor of it, or --global-batch")
+    else:
+        setattr(args, other, gb // part)
+
+
+def _plan_model_fields(model: str, overrides: list[str], base: dict | None = None) -> tuple[dict, dict]:
     """The model to plan: a preset or a path (``hf.source.model_shape``), with ``model.KEY=VALUE`` overrides;
-    and the other sections' overrides plan takes (``PLAN_SECTIONS``), as {section: {key: value}}."""
+    and the other sections' overrides plan takes (``PLAN_SECTIONS``), as {section: {key: value}}. ``base``:
+    the same from a config file (``_plan_config_file``), beneath the overrides."""
     from pathlib import Path
 
     from fuyou.config import SECTIONS, _parse_value, refuse_implicit
@@ -160,7 +260,9 @@ def _plan_model_fields(model: str, overrides: list[str]) -> tuple[dict, dict]:
         from fuyou.hf.source import model_shape
 
         fields = model_shape(model)
-    other: dict[str, dict] = {}
+    base = {k: dict(v) for k, v in (base or {}).items()}
+    fields.update(base.pop("model", {}))
+    other: dict[str, dict] = base
     run_config = Path(model).expanduser() / "config.toml"
     if run_config.is_file():  # a fuyou run: plan its state as it trains it (the flags and overrides still win)
         # read as written, not validated as a config to train: its SSD directories need not exist to plan
@@ -169,13 +271,13 @@ def _plan_model_fields(model: str, overrides: list[str]) -> tuple[dict, dict]:
         raw = read_toml(run_config)
         for section, keys in (("train", ("precision",)), ("optim", ("master", "moments"))):
             values = {k: raw[section][k] for k in keys if k in raw.get(section, {})}
-            if values:
-                other[section] = values
+            if values:  # (over a --config file's: --model RUN_DIR is the command line's)
+                other.setdefault(section, {}).update(values)
         if raw.get("lora", {}).get("rank"):  # (its adapter checkpoint, if any, plays no part in a plan)
             other["lora"] = {k: v for k, v in raw["lora"].items() if k != "init_from"}
         run_data = {k: raw["data"][k] for k in RUN_DATA_KEYS if k in raw.get("data", {})}
         if run_data:
-            other["run_data"] = run_data
+            other.setdefault("run_data", {}).update(run_data)
         train = raw.get("train") if isinstance(raw.get("train"), dict) else {}
         # (whole numbers >= 1 only: "x" was a traceback, -3 planned "batch -3": a pass)
         batch = {k: train[k] for k in ("micro_batch_size", "grad_accum")
@@ -317,6 +419,7 @@ def _plan(args) -> int:
 
         if importlib.util.find_spec("matplotlib") is None:
             raise ConfigError("--plot needs matplotlib: pip install 'fuyou[plot]'")
+    from_file = _plan_config_file(args) if args.config else {}  # (first: it sets flags left out)
     if args.ssd and len(args.ssd) > 1:  # (fuyou train's --ssd is one directory a drive, and repeats)
         import re
 
@@ -333,10 +436,9 @@ def _plan(args) -> int:
     for name in ("batch", "seq", "grad_accum"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    fields, other = _plan_model_fields(args.model, args.overrides)
-    run_batch = other.pop("run_batch", {})
-    if run_batch and args.batch is None and args.grad_accum is None and args.global_batch is None:
-        args.batch, args.grad_accum = run_batch.get("micro_batch_size"), run_batch.get("grad_accum")  # as its seq
+    args.model = args.model or "gpt3-13b"
+    fields, other = _plan_model_fields(args.model, args.overrides, from_file)
+    _plan_run_batch(args, other.pop("run_batch", {}))
     split = _global_batch(args)
     gpus = _plan_gpus(args, split)
     packed = _plan_data(other, args)
@@ -344,6 +446,7 @@ def _plan(args) -> int:
     _plan_offload_flags(args, given)
     if "grad_clip" in other.get("train", {}):  # as fuyou train spells it (the plan's what-ifs do): --grad-clip
         args.grad_clip = str(other["train"].pop("grad_clip"))
+    args.grad_clip = args.grad_clip or "1.0"
     cfg = _model_config(fields)
     if args.seq > cfg.max_seq_len:
         if cfg.family == "gpt":  # its learned position table grows with the length (fuyou train refuses it)

@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -969,3 +970,70 @@ def test_the_probe_measures_again_when_forward_and_backward_disagree(monkeypatch
     monkeypatch.setattr(pr, "_median_time", timed(99))
     assert pr.probe_compute(cfg, 1, 16, torch.device("cpu"), 1)["unsteady"]
     assert calls.count("fwd") == pr.UNSTEADY_TRIES
+
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+def _plan_json(capsys, *argv):
+    capsys.readouterr()
+    assert main(["plan", *argv, "--json"]) == 0, capsys.readouterr().err
+    return json.loads(capsys.readouterr().out)
+
+
+def test_plan_config_plans_the_run_a_train_config_describes(capsys):
+    """A pass: `fuyou plan --config configs/gpt3-1.3b-ssd.toml` was refused ("did you mean --commit?") and the
+    file had to be typed again as flags. Every shipped config plans; the SSD one as it trains: its model and
+    vocabulary, sequence, batch, no clipping and its 4 GiB budget as train's (no reserve); an in-memory config
+    is planned offloaded, and says so."""
+    hw = ["--gpu", "rtx4090", "--ssd", "990-pro"]
+    for path in sorted(CONFIGS.glob("*.toml")):
+        capsys.readouterr()
+        assert main(["plan", "--config", str(path), *hw]) == 0, (path, capsys.readouterr().err)
+    p = _plan_json(capsys, "--config", str(CONFIGS / "gpt3-1.3b-ssd.toml"), *hw)
+    assert (p["model"], p["seq"], p["batch"], p["grad_accum"], p["grad_clip"]) == ("gpt3-1.3b", 512, 4, 1, None)
+    assert p["model_shape"]["vocab_size"] == 320 and p["cpu_budget_bytes"] == 4 * 1024**3
+    capsys.readouterr()
+    assert main(["plan", "--config", str(CONFIGS / "default.toml"), *hw]) == 0
+    assert "trains in memory (offload.mode=none); planned offloaded to the SSD" in capsys.readouterr().err
+
+
+def test_plan_config_gives_way_to_the_command_line(tmp_path, capsys):
+    """The file's settings are the defaults of the plan: its hardware section, budget, batch, precision,
+    optimizer state and commits are planned; a flag or an override given beside it wins, --model replaces its
+    model, and the batch gives way as fuyou train's does (two of global batch, micro-batch, accumulation kept,
+    the command line's first). Its SSD directories and data need not exist."""
+    cfg = tmp_path / "run.toml"
+    cfg.write_text('[model]\npreset = "gpt3-1.3b"\nn_layer = 8\n[data]\nsource = "prepared"\npath = ["nowhere"]\n'
+                   'seq_len = 256\n[train]\nglobal_batch = 32\nmicro_batch_size = 4\nprecision = "fp32"\n'
+                   '[optim]\nmaster = "bf16"\nmoments = "int8"\n[offload]\nmode = "ssd"\nssd_dirs = ["/nonexistent"]\n'
+                   'cpu_mem = "8GiB"\ncommit_every = 5\n[hardware]\ngpu = "rtx4090"\nssd = "2x990-pro"\n')
+    p = _plan_json(capsys, "--config", str(cfg))
+    assert (p["model_shape"]["n_layer"], p["seq"], p["batch"], p["grad_accum"]) == (8, 256, 4, 8)
+    assert p["state_format"].startswith("master bf16, moments int8") and p["commit"] == "every 5 step(s)"
+    assert p["cpu_budget_bytes"] == 8 * 1024**3 and "gpu=rtx4090 ssd=2x990-pro" in p["hardware"]
+    q = _plan_json(capsys, "--config", str(cfg), "--gpu", "h100", "--cpu-mem", "16GiB", "--batch", "8",
+                   "optim.moments=fp32", "--commit-every", "10min")
+    assert (q["batch"], q["grad_accum"]) == (8, 4)  # the file's global batch of 32, split by the flag's
+    assert "gpu=h100" in q["hardware"] and q["cpu_given_bytes"] == 16 * 1024**3
+    assert q["state_format"].startswith("master bf16, moments fp32") and "10min" in q["commit"]
+    r = _plan_json(capsys, "--config", str(cfg), "--model", "gpt3-125m", "--grad-accum", "2")
+    assert (r["model"], r["model_shape"]["n_layer"], r["batch"], r["grad_accum"]) == ("gpt3-125m", 12, 16, 2)
+    assert main(["plan", "--config", str(cfg), "--batch", "3"]) == 2
+    assert "train.global_batch=32" in capsys.readouterr().err
+
+
+def test_plan_config_wrong_input(tmp_path, capsys):
+    """A missing file, a directory, an unknown key and a batch that is no number: one sentence each."""
+    bad = tmp_path / "bad.toml"
+    for argv, says in ((["--config", str(tmp_path / "none.toml")], "does not exist; see configs/"),
+                       (["--config", str(tmp_path)], "is a directory; give the TOML file itself"),
+                       (["--config", str(bad)], "unknown key 'train.stepz' (did you mean 'steps'?)"),
+                       (["--config", str(bad) + "x"], "does not exist")):
+        bad.write_text("[train]\nstepz = 3\n")
+        capsys.readouterr()
+        assert main(["plan", *argv, "--gpu", "rtx4090", "--ssd", "990-pro"]) == 2
+        assert says in capsys.readouterr().err
+    bad.write_text('[train]\nmicro_batch_size = 0\n')
+    assert main(["plan", "--config", str(bad), "--gpu", "rtx4090", "--ssd", "990-pro"]) == 2
+    assert "train.micro_batch_size must be a whole number, at least 1; got 0" in capsys.readouterr().err
