@@ -1288,8 +1288,7 @@ def _serve_weights(trainer) -> None:
 
 def _loop(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, stop,
           dist: distributed.Dist | None = None) -> RunResult:
-    from fuyou.engine.malloc import resident_bytes
-
+    """Open the run's log (metrics.jsonl, TensorBoard, W&B) and train (``_steps``); a failure is its last line."""
     dist = dist or distributed.Dist()
     if dist.run_dir is None and getattr(trainer, "last_commit_step", None) is not None:  # step 0's commit is
         # written, and once rank 0 has made the run directory (after it) a peer lost leaves a run to resume
@@ -1307,6 +1306,18 @@ def _loop(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, stop
     log = (MetricsLog(run_dir / "metrics.jsonl", tensorboard=tensorboard_available() if tb is None else tb,
                       purge_step=purge, wandb=wandb)
            if dist.is_main else MetricsLog(Path(os.devnull)))  # one log: rank 0's
+    try:
+        return _steps(cfg, trainer, run_dir, stream, trace, stop, dist, log)
+    except Exception as e:  # (W&B recorded a launch that failed as one that finished: a pass)
+        log.fail(e)
+        raise
+
+
+def _steps(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, stop, dist: distributed.Dist,
+           log: MetricsLog) -> RunResult:
+    """The run's evaluations, steps, final commit and save, logged to ``log`` (``_loop``)."""
+    from fuyou.engine.malloc import resident_bytes
+
     model = StageModel(cfg.model)
     flops_per_token = model.flops_per_token(cfg.data.seq_len)
     t = cfg.train
@@ -1357,7 +1368,7 @@ def _loop(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, stop
     fault("loop_start")  # tests: a stop that reaches one rank between the first evaluation and the first step
     if ran and stop.agree(dist, "agreeing on a stop before the first step"):
         return _stop_before_any_step(cfg, trainer, run_dir, log, progress, stop, start_step, first_eval)
-    tokens = written = commit_written = commits = 0
+    tokens = written = read = commit_written = commits = 0
     step_s = 0.0  # the steps' own time (the wear's hours: evaluations and snapshots write nothing to the state)
     stats = None
     for step in range(start_step, t.steps):
@@ -1384,8 +1395,13 @@ def _loop(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, stop
         if counters is not None:
             record.update(counters)
             written += counters.get("ssd_write_bytes", 0)
+            read += counters.get("ssd_read_bytes", 0)
             commit_written += counters.get("commit_write_bytes", 0)
             commits += counters.get("commits", 0)
+            # this launch's running totals: a line's own counters are its step's, and the steps between two lines
+            # (train.log_every) were in none (a pass summed the lines' commit bytes to a quarter of the summary's)
+            record.update(ssd_read_bytes_total=read, ssd_write_bytes_total=written,
+                          commit_write_bytes_total=commit_written, commits_total=commits)
         if (step + 1) % t.log_every == 0 or step == 0 or step + 1 == t.steps:
             log.write(record)
         fields = {"loss": f"{stats.loss:.4f}", "tok/s": si(tps), "TFLOPS": f"{record['tflops']:.3g}",

@@ -217,3 +217,24 @@ def test_a_disk_error_while_a_commit_is_queued_says_that_commit_may_be_the_resum
     assert "resuming at step 3 from the last commit" in capsys.readouterr().err
     got, want = load_file(str(run_dir / "model.safetensors")), load_file(str(tmp_path / "runs/ref/model.safetensors"))
     assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_metrics_lines_carry_the_launchs_running_totals_of_ssd_bytes_and_commits(tmp_path):
+    """A pass: a line's counters are its own step's, so with train.log_every=3 the commits of the steps between
+    two lines were in no line, and the lines' commit bytes summed to a quarter of the summary's. Each line now
+    carries the launch's running totals: monotone, and the summary's SSD bytes are the last line's plus what
+    landed after it (the final commit)."""
+    import json
+
+    assert _train(tmp_path, "t", "train.steps=7", "train.log_every=3", "offload.commit_every=2",
+                  "offload.resident_mem=0") == 0
+    lines = [json.loads(x) for x in (tmp_path / "runs" / "t" / "metrics.jsonl").read_text().splitlines()]
+    steps = [x for x in lines if "loss" in x]
+    assert [x["step"] for x in steps] == [1, 3, 6, 7]
+    for a, b in zip(steps, steps[1:]):
+        for k in ("ssd_read_bytes_total", "ssd_write_bytes_total", "commit_write_bytes_total", "commits_total"):
+            assert a[k] <= b[k], k
+        assert b["ssd_write_bytes_total"] - a["ssd_write_bytes_total"] >= b["ssd_write_bytes"] > 0
+    assert steps[-1]["commits_total"] >= 2  # steps 2 and 4's at least (6's may land after step 7's line)
+    summary = lines[-1]
+    assert summary["summary"] and summary["ssd_written_bytes"] >= steps[-1]["ssd_write_bytes_total"]

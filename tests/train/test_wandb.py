@@ -127,6 +127,34 @@ def test_a_stopped_and_resumed_run_continues_its_wandb_run(tmp_path, monkeypatch
     assert "stopped" not in second["summary"] and second["exit"] == 0
 
 
+def test_a_launch_that_fails_is_a_failed_wandb_run_and_the_logs_last_line(tmp_path, monkeypatch):
+    """A pass: a launch that died (a rank killed, a stall, a full disk) finished its W&B run with exit code 0 and
+    no word of the error, and metrics.jsonl just stopped. The error is the log's last line and the W&B summary's,
+    with a failed exit; the resume's launch finishes the same W&B run normally."""
+    from fuyou.errors import FuyouError
+
+    original = Engine.train_step
+
+    def train_step(self, step, *a, **k):
+        if step == 2:
+            raise FuyouError("the SSD went away\nsecond line")
+        return original(self, step, *a, **k)
+
+    monkeypatch.setattr(Engine, "train_step", train_step)
+    cfg = cfg_of(tmp_path, "train.steps=4", "train.log_every=1", "offload.commit_every=1", "run.wandb=offline")
+    with pytest.raises(FuyouError, match="the SSD went away"):
+        run_training(cfg)
+    monkeypatch.undo()
+    [run_dir] = [d for d in (tmp_path / "runs").iterdir() if d.is_dir()]
+    last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last == {"time": last["time"], "error": "the SSD went away", "step": 2}
+    [failed] = logged(run_dir)
+    assert failed["summary"]["error"] == "the SSD went away" and failed["exit"] == 1
+    run_training(load_config(run_dir / "config.toml", ["model.init_from=none"]), resume=run_dir)
+    first, second = logged(run_dir)
+    assert first["id"] == second["id"] and second["exit"] == 0
+
+
 def test_online_without_an_api_key_is_refused_before_any_work(tmp_path, capsys):
     from fuyou.cli import main
 
