@@ -31,10 +31,10 @@ def add_parsers(sub) -> None:
     pl.add_argument("--global-batch", help="sequences per optimizer step: the planner splits it into micro-batches "
                     "(or give --batch or --grad-accum too, to set the split); a range LOW-HIGH (e.g. 32-256) also "
                     "chooses the global batch that trains the most tokens per second")
-    pl.add_argument("--gpus", type=int, default=1, help="data parallel on this many GPUs of the machine (torchrun "
+    pl.add_argument("--gpus", type=int, help="data parallel on this many GPUs of the machine (torchrun "
                     "--nproc_per_node): each runs --grad-accum/N of the step's micro-batches (default --grad-accum: "
                     "one each) and owns the optimizer state of some stages; --cpu-mem and the SSDs are the machine's, "
-                    "shared")
+                    "shared (default 1, or the processes that trained a --model run directory)")
     pl.add_argument("--cpu-mem", help="CPU memory budget of the machine, e.g. 256GiB (default: the memory --profile "
                     "measured, else 256GiB)")
     pl.add_argument("--cpu-reserve", help="CPU memory the plan leaves unused, e.g. 8GiB (default: the process's fixed "
@@ -222,6 +222,8 @@ def _plan_run_batch(args, run: dict) -> None:
         return
     mbs, accum, gb = (run.get(k) for k in ("micro_batch_size", "grad_accum", "global_batch"))
     if args.batch is None and args.grad_accum is None:
+        if accum is not None:
+            args.accum_from = f"train.grad_accum={accum} (of {args.config or args.model})"
         if gb is not None and mbs is None and accum is None:
             args.global_batch = str(gb)  # (alone: the planner's split, as train's)
             return
@@ -243,6 +245,7 @@ def _plan_model_fields(model: str, overrides: list[str], base: dict | None = Non
     """The model to plan: a preset or a path (``hf.source.model_shape``), with ``model.KEY=VALUE`` overrides;
     and the other sections' overrides plan takes (``PLAN_SECTIONS``), as {section: {key: value}}. ``base``:
     the same from a config file (``_plan_config_file``), beneath the overrides."""
+    import json
     from pathlib import Path
 
     from fuyou.config import SECTIONS, _parse_value, refuse_implicit
@@ -284,6 +287,14 @@ def _plan_model_fields(model: str, overrides: list[str], base: dict | None = Non
                  if isinstance(train.get(k), int) and not isinstance(train.get(k), bool) and train[k] >= 1}
         if batch:  # (its sequence was planned, its batch was not: 16, and the notes asked to probe at 16; a pass)
             other["run_batch"] = batch
+        from fuyou.distributed import WORLD_FILE
+
+        try:  # the processes that trained it (planned as one: a pass)
+            world = json.loads((Path(model).expanduser() / WORLD_FILE).read_text())["world_size"]
+        except (OSError, ValueError, KeyError, TypeError):
+            world = None
+        if isinstance(world, int) and not isinstance(world, bool) and world > 1:
+            other["run_world"] = world
     for item in overrides:
         key, sep, text = item.partition("=")
         section, _, name = key.strip().partition(".")
@@ -353,8 +364,10 @@ def _plan_gpus(args, split) -> int:
     if n < 1:
         raise ConfigError(f"--gpus must be at least 1, got {n}")
     if args.grad_accum is not None and args.grad_accum % n:
-        raise ConfigError(f"--grad-accum {args.grad_accum} does not divide among --gpus {n}: each GPU runs the same "
-                          f"number of micro-batches; give a multiple of {n}")
+        # (named as given: a run directory's grad_accum was called "--grad-accum", a flag never given: a pass)
+        accum = getattr(args, "accum_from", None) or f"--grad-accum {args.grad_accum}"
+        raise ConfigError(f"{accum} does not divide among --gpus {n}: each GPU runs the same number of "
+                          f"micro-batches; give a multiple of {n}")
     if split is not None and split[1] // n * n < split[0]:
         what = split[0] if split[0] == split[1] else f"{split[0]}-{split[1]}"
         raise ConfigError(f"--global-batch {what} has no global batch that divides among --gpus {n}; give a multiple "
@@ -439,6 +452,12 @@ def _plan(args) -> int:
     args.model = args.model or "gpt3-13b"
     fields, other = _plan_model_fields(args.model, args.overrides, from_file)
     _plan_run_batch(args, other.pop("run_batch", {}))
+    run_world = other.pop("run_world", None)
+    if args.gpus is None and run_world:
+        args.gpus = run_world
+        print(f"note: {args.model} was trained by {run_world} processes: planned on {run_world} GPUs (--gpus sets "
+              f"another number)", file=sys.stderr)
+    args.gpus = 1 if args.gpus is None else args.gpus
     split = _global_batch(args)
     gpus = _plan_gpus(args, split)
     packed = _plan_data(other, args)

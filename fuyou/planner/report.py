@@ -200,7 +200,8 @@ def _wear(plan: Plan, step: float) -> dict:
         per_step += w.fmt.state_bytes(resident) / max(ev.steps_per_commit, 1.0)  # the commit of resident state
     if w.offload.commit == "cow" and w.lora_params is not None:  # a commit writes the adapters and their moments
         # (fp32, three copies: the run's summary counted them, the plan said 0 B a step: a pass)
-        per_step += 12 * w.lora_params / max(ev.steps_per_commit, 1.0)
+        # (every rank writes its own copy: a pass found --gpus 2's plan at one rank's)
+        per_step += 12 * w.lora_params * w.ranks / max(ev.steps_per_commit, 1.0)
     per_hour = per_step * 3600 / step
     fmt = w.fmt.describe() if w.lora_params is None else lora_line(w)
     return {"state_format": fmt, "ssd_write_per_step_bytes": per_step, "ssd_write_per_hour_bytes": per_hour,
@@ -374,7 +375,15 @@ def _cpu_head(plan: Plan, s: dict) -> str:
                 f"(--cpu-reserve; give fuyou train the planned figure)")
     return (f"; CPU memory {s['cpu_budget_bytes'] / 2**30:.2f} GiB planned for each of {n} ranks, of "
             f"{plan.cpu_given / 2**30:.2f} GiB for the machine (--cpu-reserve per rank; give fuyou train "
-            f"--cpu-mem {n * s['cpu_budget_bytes'] / 2**30:.2f}GiB, which torchrun's ranks share)")
+            f"{train_cpu_mem(n * s['cpu_budget_bytes'])}, which torchrun's ranks share)")
+
+
+def train_cpu_mem(nbytes: int) -> str:
+    """fuyou train's --cpu-mem for a planned budget, rounded up: the plan's budget given back must be enough
+    (188MiB was printed for a plan of 188.86 MiB; the header rounded to the nearest, 0.01 GiB under the
+    "train as planned" line's: a pass)."""
+    return (f"--cpu-mem {math.ceil(nbytes / 2**30 * 100) / 100:.2f}GiB" if nbytes >= 2**30
+            else f"--cpu-mem {-(-nbytes // 2**20)}MiB")
 
 
 def _split_lines(s: dict) -> list[str]:
@@ -404,10 +413,8 @@ def _train_line(plan: Plan, s: dict) -> str:
     train refused at its default 2)."""
     pol = plan.best.policy
     n = plan.workload.model.n_layer
-    # fuyou train's --cpu-mem is the machine's, which torchrun's ranks share (this plan is one rank's), rounded
-    # up: the plan's budget given back must be enough (188MiB was printed for a plan of 188.86 MiB)
-    b = s["cpu_budget_bytes"] * plan.workload.ranks
-    opts = [f"--cpu-mem {math.ceil(b / 2**30 * 100) / 100:.2f}GiB" if b >= 2**30 else f"--cpu-mem {-(-b // 2**20)}MiB"]
+    # fuyou train's --cpu-mem is the machine's, which torchrun's ranks share (this plan is one rank's)
+    opts = [train_cpu_mem(s["cpu_budget_bytes"] * plan.workload.ranks)]
     if plan.split:  # the planner's split of --global-batch (following the line with train.global_batch was refused)
         opts += [f"train.micro_batch_size={plan.workload.batch}", f"train.grad_accum={plan.workload.grad_accum}"]
     if pol.prefetch_depth != 2:
@@ -425,7 +432,9 @@ def _train_line(plan: Plan, s: dict) -> str:
     if human != "recompute":
         opts.append(f"--act-policy {shlex.quote(human)}" if len(human) <= 120 else "--act-policy FILE (fuyou plan ... "
                                                                                     "--json > FILE)")
-    return "train as planned    fuyou train ... " + " ".join(opts) + " (or --plan auto, which measures this machine)"
+    launch = (f"torchrun --nproc_per_node={plan.workload.ranks} -m fuyou.cli train ..." if plan.workload.ranks > 1
+              else "fuyou train ...")  # (a pass: --gpus 2's line named no torchrun)
+    return f"train as planned    {launch} " + " ".join(opts) + " (or --plan auto, which measures this machine)"
 
 
 def _clip_line(s: dict, device: str = "the GPU") -> str:

@@ -190,3 +190,21 @@ def test_global_batch_splits_into_micro_batches_each_gpu_can_share(capsys):
 
 def test_data_parallel_workload_is_a_dataclass_field():
     assert "ranks" in {f.name for f in dataclasses.fields(Workload)}
+
+
+def test_a_run_directory_is_planned_on_the_processes_that_trained_it(tmp_path, capsys):
+    """A pass: `plan --model RUN` of a 2-rank run planned one GPU, and `--gpus 7` then named "--grad-accum 2", a
+    flag never given (the value was the run's)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.toml").write_text('[model]\npreset = "gpt3-1.3b"\nmax_seq_len = 2048\n[data]\nseq_len = 512\n'
+                                     '[train]\nmicro_batch_size = 4\ngrad_accum = 2\n')
+    (run / "distributed.json").write_text(json.dumps({"world_size": 2, "backend": "gloo"}))
+    args = ["plan", "--model", str(run), "--gpu", "rtx4090", "--ssd", "990-pro", "--cpu-mem", "64GiB"]
+    assert main(args + ["--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["data_parallel"]["gpus"] == 2 and "was trained by 2 processes: planned on 2 GPUs" in err
+    assert main(args + ["--gpus", "1", "--json"]) == 0
+    assert "data_parallel" not in json.loads(capsys.readouterr().out)
+    assert main(args + ["--gpus", "7"]) == 2
+    assert f"train.grad_accum=2 (of {run}) does not divide among --gpus 7" in capsys.readouterr().err

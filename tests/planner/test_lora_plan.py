@@ -3,6 +3,8 @@ leaving the GPU), adapters and their AdamW state on the device, and the plan it 
 
 from __future__ import annotations
 
+import pytest
+
 from fuyou.cli import main
 from fuyou.models.config import ModelConfig, preset
 from fuyou.models.lora import LoRAConfig
@@ -52,3 +54,17 @@ def test_fuyou_plan_takes_lora_overrides(capsys):
     assert main(["plan", "--model", "gpt3-1.3b", "--gpu", "rtx4090", "--ssd", "1x990-pro", "--cpu-mem", "64GiB",
                  "lora.rank=8", "lora.targets=q_proj"]) != 0
     assert "c_attn" in capsys.readouterr().err
+
+
+def test_a_data_parallel_lora_plan_counts_every_ranks_adapter_commits(capsys):
+    """A pass: each rank commits its own copy of the adapters and their moments (a 2-rank run's summary counted
+    both), and `--gpus 2`'s plan said one rank's bytes."""
+    import json
+
+    args = ["plan", "--model", "gpt-tiny", "--gpu", "rtx4090", "--ssd", "1x990-pro", "--cpu-mem", "8GiB", "--batch",
+            "4", "--seq", "64", "--grad-accum", "2", "--commit-every", "4", "lora.rank=8", "--json"]
+    wear = {}
+    for gpus in (1, 2):
+        assert main(args + ["--gpus", str(gpus)]) == 0
+        wear[gpus] = json.loads(capsys.readouterr().out)["ssd_write_per_step_bytes"]
+    assert wear[1] > 0 and wear[2] == pytest.approx(2 * wear[1])
