@@ -7,6 +7,7 @@ owns the run directory, logging, evaluation cadence, tracing and saving.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -571,6 +572,8 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
     if resume is not None:  # its id (a run from before ids: its directory's name)
         rid = run_id(Path(resume))
         resumed_run = f"run id {rid}" if rid else f"{Path(resume).name} (a run without an id)"
+    if resume is not None and cfg.offload.mode == "ssd":
+        _refuse_live(Path(resume), cfg)
     dist = distributed.init(cfg, Path(resume) if resume is not None else None, resumed_run)  # torchrun: join the ranks
     if dist.enabled and plan_auto:
         raise ConfigError("--plan auto measures this machine for one process; with torchrun give the activation "
@@ -1232,6 +1235,26 @@ def _stop_before_any_step(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, log
                          f"and nothing is kept in {run_dir}: {again}")
     return RunResult(run_dir, first_eval, None, float("nan"), 0.0, resident_bytes("VmHWM"), stopped=True,
                      exit_status=_stop_status(stop.requested))
+
+
+def _refuse_live(run_dir: Path, cfg: FuyouConfig) -> None:
+    """A run whose state a process still holds (it is training) is refused as in use, before the process count
+    is checked: a resume with another count was advised to reshard, which then refused the state as locked (a
+    pass). Every rank's state (``distributed.json``'s world size)."""
+    from fuyou.engine.commit import state_name
+    from fuyou.store.lock import lock_holder
+
+    try:
+        world = int(json.loads((run_dir / distributed.WORLD_FILE).read_text())["world_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        world = 1
+    for r in range(world):
+        for d in cfg.offload.ssd_dirs:
+            state = Path(d) / distributed.rank_state_name(state_name(run_dir.name), r)
+            holder = lock_holder(state)
+            if holder:
+                raise ConfigError(f"{run_dir} is still training: its state in {state} is in use by process {holder}; "
+                                  f"wait for it to end or stop it, then resume it")
 
 
 def _resume_advice(e: BaseException, trainer, run_path: Path) -> str | None:

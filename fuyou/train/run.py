@@ -373,8 +373,10 @@ def export_run_dir(run_dir: str | Path, out_dir: str | Path, dtype: str = "fp32"
         try:
             with CommittedWeights(run) as weights:
                 state = "still training" if weights.live else "stopped"
-                what = ("was resumed past its model.safetensors" if (run / "model.safetensors").is_file() else
+                what = ("was resumed past its model.safetensors" if finished is not None else
                         "has no model.safetensors")
+                if finished is None and (run / "model.safetensors").is_file():  # (it finished meanwhile: it was
+                    what, state = "had no model.safetensors", "it finished meanwhile"  # "resumed past": a pass)
                 print(f"fuyou: {run} {what} ({state}): exporting its last commit (step "
                       f"{weights.step}) from the SSD state" + (UNTRAINED if weights.step == 0 else ""),
                       file=stream or sys.stderr)

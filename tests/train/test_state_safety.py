@@ -238,3 +238,28 @@ def test_metrics_lines_carry_the_launchs_running_totals_of_ssd_bytes_and_commits
     assert steps[-1]["commits_total"] >= 2  # steps 2 and 4's at least (6's may land after step 7's line)
     summary = lines[-1]
     assert summary["summary"] and summary["ssd_written_bytes"] >= steps[-1]["ssd_write_bytes_total"]
+
+
+def test_a_resume_of_a_run_still_training_says_so_before_the_process_count(tmp_path, capsys):
+    """A pass: `fuyou train --resume RUN` on one process while RUN's two ranks were still training advised
+    `fuyou reshard`, which then refused the state as locked. A state a process holds is refused as in use
+    first, naming the holder; once it is free the process count's advice follows."""
+    import json
+    import os
+
+    from fuyou.store.lock import lock_dirs, unlock
+
+    assert _train(tmp_path, "live", "offload.keep_state=true") == 0
+    run_dir = tmp_path / "runs" / "live"
+    (run_dir / "distributed.json").write_text(json.dumps({"world_size": 2, "backend": "gloo"}))
+    held = lock_dirs([tmp_path / "ssd" / "live.fuyou-state"])  # (as the run's rank 0 holds it while it trains)
+    try:
+        capsys.readouterr()
+        assert main(["train", "--resume", str(run_dir)]) == 2
+        err = capsys.readouterr().err
+        assert f"{run_dir} is still training: its state in {tmp_path / 'ssd' / 'live.fuyou-state'} is in use by " \
+               f"process {os.getpid()}" in err and "reshard" not in err
+    finally:
+        unlock(held)
+    assert main(["train", "--resume", str(run_dir)]) == 2
+    assert "was trained by 2 process(es) and this resume has 1" in capsys.readouterr().err
