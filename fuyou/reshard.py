@@ -54,6 +54,7 @@ import torch
 
 from fuyou import distributed
 from fuyou.engine.commit import state_name
+from fuyou.engine.layout import store_margin
 from fuyou.errors import ConfigError
 from fuyou.faults import fault
 from fuyou.store.layout import fsync_dir, write_json_atomic
@@ -236,7 +237,9 @@ def _reshard(run_dir: Path, cfg, old_world: int, nproc: int, ssd_dirs: list[str]
                 items = [(src[i][0], key) for i in nr.owned for key in states[i].copies[src[i][1]].state]
             specs = [(key, stores[r].meta(key).shape, stores[r].meta(key).dtype) for r, key in items]
             nbytes = sum(stores[r].record(key).nbytes for r, key in items)
-            store = TensorStore.create(nr.temps, stores[0].config, capacity_hint_bytes=nbytes + 64 * 2**20)
+            scfg = stores[0].config
+            spread, head = store_margin(nbytes, len(items), scfg.checksum_block, scfg.stripe_unit)
+            store = TensorStore.create(nr.temps, scfg, capacity_hint_bytes=nbytes + spread, head_bytes=head)
             try:
                 store.allocate_many(specs)
                 for r, key in items:

@@ -184,8 +184,18 @@ def build_states(stages: list[Stage], weight_decay: float, n_copies: int = 2, in
     return states
 
 
-#: SSD space a rank's store asks for beyond its tensors (the manifest, files' alignment); the planner counts it
-STORE_MARGIN = 64 * 1024**2
+#: SSD space a rank's store asks for beyond its tensors and its manifest: the commit record, the markers
+STORE_FILES = 1024**2
+
+
+def store_margin(nbytes: int, n_tensors: int, checksum_block: int, stripe_unit: int) -> tuple[int, int]:
+    """SSD space a rank's store needs beyond its tensors' ``nbytes``: each tensor's padding to 4 KiB and the
+    small files, spread over its directories; and its manifest, in the first (``store.layout.manifest_bytes``).
+    The planner counts both. (A constant 64 MiB asked 1.5x a small state's space, and was a third of what
+    a 175B state's manifest needs.)"""
+    from fuyou.store.layout import ALIGN, manifest_bytes
+
+    return ALIGN * n_tensors + STORE_FILES, manifest_bytes(nbytes, n_tensors, checksum_block, stripe_unit)
 
 
 def dtype_size(dtype: torch.dtype) -> int:

@@ -30,7 +30,7 @@ from fuyou.engine.commit import STATE_SUFFIX, ResumeError, read_record, step_tag
 from fuyou import distributed
 from fuyou.config import fixed_settings
 from fuyou.engine.exchange import wire
-from fuyou.engine.layout import STORE_MARGIN, StageState, build_states, dtype_size
+from fuyou.engine.layout import StageState, build_states, dtype_size, store_margin
 from fuyou.errors import ConfigError, FuyouError
 from fuyou.optim.compressed import StateFormat, decode_state
 from fuyou.store import TensorStore
@@ -69,7 +69,9 @@ class TrainingState:
             self.store = TensorStore.open(self.store_dirs, self.store_cfg)
         else:
             self.clear_old(name)
-            self.store = TensorStore.create(self.store_dirs, self.store_cfg, capacity_hint_bytes=self.ssd_bytes())
+            spread, head = self.ssd_margin()
+            self.store = TensorStore.create(self.store_dirs, self.store_cfg, capacity_hint_bytes=self.tensor_bytes()
+                                            + spread, head_bytes=head)
         return self.store
 
     def release_host_memory(self) -> None:
@@ -83,8 +85,14 @@ class TrainingState:
         for st in self.states:
             st.cache = None
 
-    def ssd_bytes(self) -> int:
-        return sum(math.prod(shape) * dtype_size(dt) for _, shape, dt in self.specs()) + STORE_MARGIN
+    def tensor_bytes(self) -> int:
+        """The bytes of the store's tensors (``specs``)."""
+        return sum(math.prod(shape) * dtype_size(dt) for _, shape, dt in self.specs())
+
+    def ssd_margin(self) -> tuple[int, int]:
+        """What the store needs beyond its tensors: spread over its directories, and in the first (``store_margin``)."""
+        cfg = self.store_cfg
+        return store_margin(self.tensor_bytes(), len(self.specs()), cfg.checksum_block, cfg.stripe_unit)
 
     def initialise(self, init_values) -> None:
         """Initialise each stage straight into the tiers, one stage in memory at a time."""

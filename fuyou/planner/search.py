@@ -26,7 +26,7 @@ from fuyou.engine.budget import (ACT_SHARE, DEVICE_SLACK_FRACTION, MemoryPlan, a
                                  exchange_buffer_bytes, offtier_bytes, plan_memory,
                                  policy_memory, weight_buffer_need)
 from fuyou.engine.config import OffloadConfig
-from fuyou.engine.layout import STORE_MARGIN, copies_needed
+from fuyou.engine.layout import copies_needed, store_margin
 from fuyou.engine.budget import activation_bytes
 from fuyou.planner.cost import StageCost, Workload, gpu_working_bytes, placement_bytes, stage_costs
 from fuyou.planner.hardware import GPUS, PROBED_RATES, HardwareProfile, card_for, with_more_ssds
@@ -161,8 +161,16 @@ def ssd_parts(w: Workload, plan: MemoryPlan, costs, policy: ActivationPolicy, cu
     """The SSD footprint by part (every rank's together): the training state (``state_ssd_bytes``), the
     activations and checkpoints the policy swaps to the SSD at the peak, and each rank's store margin."""
     pb = placement_bytes(w, costs, policy, plan.cpu_items.get(ACT_SHARE, 0), cuda)
-    return {**state_ssd_bytes(w, plan), "swapped activations": w.ranks * pb["ssd"],
-            "swapped checkpoints": w.ranks * pb["ckpt_ssd"], "store margin": w.ranks * STORE_MARGIN}
+    state = state_ssd_bytes(w, plan)
+    return {**state, "swapped activations": w.ranks * pb["ssd"], "swapped checkpoints": w.ranks * pb["ckpt_ssd"],
+            "store margin": w.ranks * sum(rank_store_margin(w, sum(state.values()) // w.ranks))}
+
+
+def rank_store_margin(w: Workload, nbytes: int) -> tuple[int, int]:
+    """A rank's store margin (``engine.layout.store_margin``) for ``nbytes`` of its tensors: at most a tensor per
+    state role and copy, compute weights and a saved gradient per stage (the engine's ``TrainingState.specs``)."""
+    per_stage = 1 if w.lora_params is not None else len(w.fmt.tensors) * 3 + 2
+    return store_margin(nbytes, per_stage * len(w.numels), w.store.checksum_block, w.store.stripe_unit)
 
 
 def evaluate(w: Workload, hw: HardwareProfile, costs, policy: ActivationPolicy, cpu_budget: int,
@@ -201,7 +209,8 @@ def evaluate(w: Workload, hw: HardwareProfile, costs, policy: ActivationPolicy, 
     if w.grad_clip is not None and clip_modes:
         # the first step that clips, and the next ones while it keeps clipping, per schedule
         modes = {"auto": ("redo", "defer"), "speculate": ("redo", "redo"), "defer": ("defer", "defer")}[schedule]
-        sims = {m: simulate_plan(w, costs, hw, policy, plan, steps=steps, commit=every, clip_mode=m) for m in set(modes)}
+        sims = {m: simulate_plan(w, costs, hw, policy, plan, steps=steps, commit=every, clip_mode=m)
+                for m in set(modes)}
         ev.triggered_step, ev.clipping_step = (sims[m].step_time + ev.commit_s for m in modes)
         if "redo" in sims:  # what a redo writes again (the wear the plan showed left it out: a note)
             ev.redo_write_bytes = max(0, sims["redo"].step_written() - ev.sim.step_written())

@@ -169,6 +169,15 @@ def plan_extents(padded: int, stripe_unit: int, next_offsets: list[int]) -> tupl
     return stripe_unit, tuple(extents)
 
 
+def manifest_bytes(nbytes: int, n_tensors: int, checksum_block: int, stripe_unit: int) -> int:
+    """An upper bound of the manifest's size for ``n_tensors`` tensors of ``nbytes`` in all: a record of about
+    200 bytes each (key, shape, dtype, tag), an extent of 40 per stripe unit, a CRC-32 of up to 11 digits per
+    checksum block (a 175B model's three copies of fp32 state: about 90 MB), twice over: it is rewritten
+    beside itself (``write_json_atomic``). It lives in the first directory."""
+    one = 256 * n_tensors + 40 * (-(-nbytes // stripe_unit) + n_tensors) + 12 * -(-nbytes // checksum_block)
+    return 2 * one
+
+
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
     """Write JSON durably: tmp file, fsync, rename over ``path``, fsync the directory."""
     tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}")  # one name per writer

@@ -113,10 +113,11 @@ class TensorStore:
     # -- construction ----------------------------------------------------------------------------
     @classmethod
     def create(cls, dirs: Sequence[str | Path], config: StoreConfig | None = None,
-               capacity_hint_bytes: int | None = None) -> "TensorStore":
+               capacity_hint_bytes: int | None = None, head_bytes: int = 0) -> "TensorStore":
         """Create an empty store in ``dirs`` (made if missing). Refuses a directory already holding one.
 
-        ``capacity_hint_bytes``: total bytes the store will hold; checked against free space now
+        ``capacity_hint_bytes``: total bytes the store will hold, spread over its directories, and
+        ``head_bytes`` more in the first (the manifest); checked against free space now
         (:class:`StoreSpaceError` naming what is missing per directory) so a run fails before it starts.
         """
         config = config or StoreConfig()
@@ -134,9 +135,9 @@ class TensorStore:
             if (paths[0] / L.MANIFEST).exists():
                 raise StoreUsageError(f"{paths[0]} already holds a training state ({L.MANIFEST}): continue that run "
                                       f"with `fuyou train --resume RUN_DIR`, or delete {paths[0]} to start afresh")
-            if capacity_hint_bytes:
-                share = -(-int(capacity_hint_bytes) // len(paths))
-                _preflight({d: share for d in paths})
+            if capacity_hint_bytes or head_bytes:
+                share = -(-int(capacity_hint_bytes or 0) // len(paths))
+                _preflight({d: share + (int(head_bytes) if i == 0 else 0) for i, d in enumerate(paths)})
             sid = uuid.uuid4().hex
             for i, d in enumerate(paths):
                 L.write_json_atomic(d / L.MARKER, {"uuid": sid, "index": i, "dirs": len(paths)})

@@ -384,3 +384,31 @@ def test_the_minimum_a_refusal_names_is_the_least_that_fits(tmp_path, extra):
     least = int(float(named.group(1)) * 2**20) + 2**20 // 100  # (its rounding up to 0.01 MiB)
     assert refusal(least) is None
     assert refusal(int(least * 0.99)) is not None
+
+
+@pytest.mark.parametrize("extra", [[], ["optim.master=bf16", "optim.moments=int8"]])
+def test_the_space_a_store_asks_for_holds_what_it_writes(tmp_path, extra):
+    """The SSD space check asked a constant 64 MiB beyond the tensors: 1.5x what a small state used (a pass),
+    and a third of a 175B state's manifest. It now asks for each tensor's 4 KiB padding and the manifest,
+    which must hold what a run writes: the data files within the tensors and their padding, the manifest
+    within half its share (it is rewritten beside itself), on 2 directories with clipping and commits."""
+    from fuyou.data import load_data
+    from fuyou.engine.engine import Engine
+    from fuyou.store.layout import ALIGN, MANIFEST
+
+    cfg = make_cfg(tmp_path, "model.n_layer=4", "train.grad_clip=1.0", "offload.commit_every=1",
+                   "offload.resident_mem=0", *extra, dirs=2)
+    eng = Engine(cfg, load_data(cfg.data), "state")
+    try:
+        for step in range(3):
+            eng.train_step(step)
+        eng.commit(3)
+        ts = eng.ts
+        tensors, n = ts.tensor_bytes(), len(ts.specs())
+        spread, head = ts.ssd_margin()
+        files = [p for d in ts.store_dirs for p in d.iterdir() if p.suffix == ".dat"]
+        assert len(files) == 2 and sum(p.stat().st_size for p in files) <= tensors + ALIGN * n < tensors + spread
+        assert (ts.store_dirs[0] / MANIFEST).stat().st_size <= head / 2
+        assert spread + head < 4 * 2**20  # (it was 64 MiB: 23 times this state)
+    finally:
+        eng.close()

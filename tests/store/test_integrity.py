@@ -135,6 +135,10 @@ def test_preflight_refuses_and_says_what_is_missing(tmp_path, cfg):
         TensorStore.create([tmp_path / "a", tmp_path / "b"], cfg, capacity_hint_bytes=1 << 60)
     assert e.value.missing > 0 and e.value.needed == 1 << 60
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # no lock file left behind
+    with pytest.raises(StoreSpaceError) as e:  # the manifest's share: the first directory's alone
+        TensorStore.create([tmp_path / "a", tmp_path / "b"], cfg, capacity_hint_bytes=2 << 20, head_bytes=1 << 60)
+    assert e.value.per_dir[str(tmp_path / "a")][0] == (1 << 20) + (1 << 60)
+    assert e.value.per_dir[str(tmp_path / "b")][0] == 1 << 20
     (tmp_path / "kept").mkdir()
     (tmp_path / "kept" / "mine.txt").write_text("x")
     with pytest.raises(StoreSpaceError):
