@@ -37,8 +37,8 @@ def parse_size(value: int | float | str) -> int:
     if not math.isfinite(n):
         raise ConfigError(f"{value!r} is too large to be a size" if n == math.inf else f"{value!r} is no size")
     if n > _LARGEST:  # ("--cpu-mem 1e99" planned an 88-digit TiB budget: a pass)
-        raise ConfigError(f"{value!r} is more than an exbibyte, more memory or disk than any machine has; give the size "
-                          f"you mean")
+        raise ConfigError(f"{value!r} is more than an exbibyte, more memory or disk than any machine has; give the "
+                          f"size you mean")
     if n != int(n) and unit == 1:  # ("--cpu-mem=0.5" was 0 bytes, in silence)
         raise ConfigError(f"{value!r} is a fraction of a byte (a size without a unit is bytes); give a unit, such as "
                           f"'{number}GiB'")

@@ -71,8 +71,8 @@ def export_run(run_dir: str | Path, out_dir: str | Path, dtype: str = "fp32",
     refuse_nonempty(out)
     if weights is None:
         if (run / "adapter_config.json").is_file() and not (run / "config.toml").is_file():
-            raise ConfigError(f"{run} is a PEFT adapter directory (an export of a LoRA run, or PEFT's own), not a fuyou "
-                              f"run: peft loads it as it is; to merge it, export the LoRA run it came from with "
+            raise ConfigError(f"{run} is a PEFT adapter directory (an export of a LoRA run, or PEFT's own), not a "
+                              f"fuyou run: peft loads it as it is; to merge it, export the LoRA run it came from with "
                               f"--merge")
         if not weights_file.is_file():
             raise ConfigError(f"{run} has no model.safetensors; export a finished run (run.save_weights=true) or a "

@@ -15,6 +15,7 @@ a run are found by following that chain (``hf_files_dir``); export and the token
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import sys
@@ -32,8 +33,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer
 HF_META = "hf"  # the subdirectory of a fuyou run directory holding the source's config and tokenizer
 
 
-#: Hugging Face config fields of dropout in the model (GPT-2's, Llama's and Qwen's)
-DROPOUT_FIELDS = ("resid_pdrop", "embd_pdrop", "attn_pdrop", "attention_dropout", "hidden_dropout")
+#: Hugging Face config fields of dropout in the model (GPT-2's; Llama's, Qwen's and Mistral's)
+DROPOUT_FIELDS = ("resid_pdrop", "embd_pdrop", "attn_pdrop", "attention_dropout")
 
 
 class Checkpoint:
@@ -48,10 +49,10 @@ class Checkpoint:
         (GPT-2's configs carry 0.1 of each; fuyou trained without it, and said nothing: a pass)."""
         drops = {k: v for k, v in (self.hf or {}).items() if k in DROPOUT_FIELDS and isinstance(v, (int, float))
                  and not isinstance(v, bool) and v > 0}
-        if drops:
-            print(f"fuyou: note: {self.path / 'config.json'} sets dropout ({', '.join(f'{k}={v}' for k, v in drops.items())}); "
-                  f"fuyou trains without dropout in the model (lora.dropout is the adapters'), as is usual for "
-                  f"fine-tuning", file=sys.stderr)
+        if drops and os.environ.get("RANK", "0") == "0":  # (once, not on every torchrun rank: a review)
+            given = ", ".join(f"{k}={v}" for k, v in drops.items())
+            print(f"fuyou: note: {self.path / 'config.json'} sets dropout ({given}); fuyou trains without dropout "
+                  f"in the model (lora.dropout is the adapters'), as is usual for fine-tuning", file=sys.stderr)
 
     def init_values(self, stage):
         """``init_values(stage) -> {global key: fp32 tensor}`` for the trainers."""

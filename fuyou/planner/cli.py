@@ -154,7 +154,9 @@ def _plan_config_file(args) -> dict:
     directories and data need not exist to plan."""
     from pathlib import Path
 
-    from fuyou.config import validate_keys
+    from pydantic import ValidationError
+
+    from fuyou.config import explain, validate_keys
     from fuyou.errors import ConfigError
     from fuyou.tomlfile import read_toml
 
@@ -172,26 +174,35 @@ def _plan_config_file(args) -> dict:
     if args.model is None:  # (--model replaces the file's model, its fields too)
         init = model.pop("init_from", None)
         args.model = str(Path(init).expanduser()) if init else str(model.pop("preset", "gpt-tiny"))
-        if init:
-            model.pop("preset", None)
+        if init:  # the checkpoint's shape wins over the file's, as in train (hf.source.checkpoint_model_fields)
+            from fuyou.hf.config_map import SHAPE_FIELDS
+
+            model = {k: v for k, v in model.items() if k != "preset" and k not in SHAPE_FIELDS}
         out["model"] = model
-    out["run_data"] = {k: v for k, v in sec["data"].items() if k in RUN_DATA_KEYS}
+    # where the file is silent, train's defaults, not plan's (a review: seq 1024 and 256 GiB were planned for a
+    # file train runs at 128 tokens and 8 GiB)
+    from fuyou.data.config import DataConfig
+    from fuyou.engine.config import OffloadConfig
+    from fuyou.train.config import TrainConfig
+
+    out["run_data"] = {"seq_len": DataConfig.model_fields["seq_len"].default,
+                       **{k: v for k, v in sec["data"].items() if k in RUN_DATA_KEYS}}
     train = sec["train"]
     out["train"] = {k: train[k] for k in ("precision",) if k in train}
-    if args.grad_clip is None and "grad_clip" in train:  # (none: validate_keys made it None)
-        args.grad_clip = "none" if train["grad_clip"] is None else str(train["grad_clip"])
-    mbs, accum, gb = (train.get(k) for k in ("micro_batch_size", "grad_accum", "global_batch"))
-    for k, v in (("micro_batch_size", mbs), ("grad_accum", accum), ("global_batch", gb)):
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-            raise ConfigError(f"{p}: train.{k} must be a whole number, at least 1; got {v!r}")
-    out["run_batch"] = {k: v for k, v in (("micro_batch_size", mbs), ("grad_accum", accum), ("global_batch", gb))
-                        if v is not None}
+    if args.grad_clip is None:  # (none: validate_keys made it None)
+        clip = train.get("grad_clip", TrainConfig.model_fields["grad_clip"].default)
+        args.grad_clip = "none" if clip is None else str(clip)
+    given = {k: train[k] for k in ("micro_batch_size", "grad_accum", "global_batch") if train.get(k) is not None}
+    try:  # split as train splits it (a review: 5 x 6 was planned for global_batch 32, which train refuses)
+        split = TrainConfig(**given)
+    except ValidationError as e:
+        raise ConfigError(f"{p}: " + explain(e, "train").replace("invalid configuration:\n  ", "")) from None
+    out["run_batch"] = {"micro_batch_size": split.micro_batch_size, "grad_accum": split.grad_accum,
+                        **({"global_batch": given["global_batch"]} if "global_batch" in given else {})}
     out["optim"] = {k: sec["optim"][k] for k in ("master", "moments") if k in sec["optim"]}
     if sec["lora"].get("rank"):
         out["lora"] = {k: v for k, v in sec["lora"].items() if k != "init_from"}
     off = sec["offload"]
-    from fuyou.engine.config import OffloadConfig
-
     mode = str(off.pop("mode", OffloadConfig.model_fields["mode"].default))
     if mode != "ssd":
         print(f"note: {p} trains in memory (offload.mode={mode}); planned offloaded to the SSD, what plan plans "
@@ -201,10 +212,13 @@ def _plan_config_file(args) -> dict:
                       ("prefetch_depth", "prefetch_depth"), ("commit", "commit"), ("commit_every", "commit_every")):
         if getattr(args, flag) is not None or (key == "cpu_mem" and args.cpu_reserve is not None):
             off.pop(key, None)  # the command line's wins
+    if args.cpu_mem is None and args.cpu_reserve is None and "cpu_mem" not in off:
+        off["cpu_mem"] = OffloadConfig.model_fields["cpu_mem"].default  # train's budget when the file is silent
     out["offload"] = off
     hardware = sec["hardware"]
-    if "gpu_mem" in off:  # (train's device budget, beside which the GPU's own memory is not asked)
+    if "gpu_mem" in off:  # (train's device budget, beside which the GPU's own memory and reserve are not asked)
         hardware.pop("gpu_mem", None)
+        hardware.pop("gpu_reserve", None)
     for key, value in hardware.items():
         if value is not None and getattr(args, key, None) is None:
             setattr(args, key, [str(value)] if key == "ssd" else str(value))
@@ -212,33 +226,32 @@ def _plan_config_file(args) -> dict:
 
 
 def _plan_run_batch(args, run: dict) -> None:
-    """The batch of a run directory or --config file (``run``: its micro_batch_size, grad_accum, global_batch),
-    beneath the command line's, which it gives way to as ``fuyou train --config FILE`` has its file's: two of
-    the three are kept, those given here first (a run's grad_accum with --batch; a file's global batch split by
-    --batch or --grad-accum)."""
+    """The batch of a run directory or --config file (``run``: its micro_batch_size and grad_accum, and a file's
+    global_batch where it gave one), beneath the command line's, which it gives way to as ``fuyou train --config
+    FILE`` has its file's: two of the three are kept, those given here first (a run's grad_accum with --batch; a
+    file's global batch split by --batch or --grad-accum). ``args.accum_from`` names where grad_accum came from."""
     from fuyou.errors import ConfigError
 
     if not run or args.global_batch is not None or (args.batch is not None and args.grad_accum is not None):
         return
+    src = args.config or args.model
     mbs, accum, gb = (run.get(k) for k in ("micro_batch_size", "grad_accum", "global_batch"))
     if args.batch is None and args.grad_accum is None:
+        args.batch, args.grad_accum = mbs, accum
         if accum is not None:
-            args.accum_from = f"train.grad_accum={accum} (of {args.config or args.model})"
-        if gb is not None and mbs is None and accum is None:
-            args.global_batch = str(gb)  # (alone: the planner's split, as train's)
-            return
-        args.batch = mbs if mbs is not None else (gb // accum if gb is not None else None)
-        args.grad_accum = accum if accum is not None else (gb // mbs if gb is not None and mbs else None)
+            args.accum_from = f"train.grad_accum={accum} (of {src})"
         return
-    given, other = ("--batch", "grad_accum") if args.batch is not None else ("--grad-accum", "batch")
-    part = args.batch or args.grad_accum
-    if gb is None:  # (the file's other setting stays)
-        setattr(args, other, accum if other == "grad_accum" else mbs)
-    elif gb % part:
-        raise ConfigError(f"train.global_batch={gb} (of {args.config or args.model}) is not a multiple of {given} {part}; "
-                          f"give {given} a divisor of it, or --global-batch")
+    given, part = ("--batch", args.batch) if args.batch is not None else ("--grad-accum", args.grad_accum)
+    if gb is not None and gb % part:
+        raise ConfigError(f"train.global_batch={gb} (of {src}) is not a multiple of {given} {part}; give {given} a "
+                          f"divisor of it, or --global-batch")
+    if args.batch is not None:
+        args.grad_accum = gb // part if gb is not None else accum
+        if args.grad_accum is not None:
+            args.accum_from = (f"grad_accum {args.grad_accum} (train.global_batch={gb} of {src} over --batch {part})"
+                               if gb is not None else f"train.grad_accum={accum} (of {src})")
     else:
-        setattr(args, other, gb // part)
+        args.batch = gb // part if gb is not None else mbs
 
 
 def _plan_model_fields(model: str, overrides: list[str], base: dict | None = None) -> tuple[dict, dict]:

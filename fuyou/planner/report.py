@@ -205,7 +205,8 @@ def _wear(plan: Plan, step: float) -> dict:
     per_hour = per_step * 3600 / step
     fmt = w.fmt.describe() if w.lora_params is None else lora_line(w)
     return {"state_format": fmt, "ssd_write_per_step_bytes": per_step, "ssd_write_per_hour_bytes": per_hour,
-            "ssd_redo_write_bytes": ev.redo_write_bytes, "ssd_tbw_bytes": hw.ssd_tbw, "ssd_life_hours": hw.ssd_tbw / per_hour if hw.ssd_tbw and per_hour else None}
+            "ssd_redo_write_bytes": ev.redo_write_bytes, "ssd_tbw_bytes": hw.ssd_tbw,
+            "ssd_life_hours": hw.ssd_tbw / per_hour if hw.ssd_tbw and per_hour else None}
 
 
 def _wear_line(s: dict) -> str:

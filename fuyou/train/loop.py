@@ -1249,8 +1249,10 @@ def _refuse_live(run_dir: Path, cfg: FuyouConfig) -> None:
     except (OSError, ValueError, KeyError, TypeError):
         world = 1
     for r in range(world):
-        for d in cfg.offload.ssd_dirs:
-            state = Path(d) / distributed.rank_state_name(state_name(run_dir.name), r)
+        states = [Path(d) / distributed.rank_state_name(state_name(run_dir.name), r) for d in cfg.offload.ssd_dirs]
+        if not any(s.is_dir() for s in states):
+            break  # (no further rank's state: a damaged world size is not probed on)
+        for state in states:
             holder = lock_holder(state)
             if holder:
                 raise ConfigError(f"{run_dir} is still training: its state in {state} is in use by process {holder}; "
@@ -1395,6 +1397,7 @@ def _steps(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, sto
     step_s = 0.0  # the steps' own time (the wear's hours: evaluations and snapshots write nothing to the state)
     stats = None
     for step in range(start_step, t.steps):
+        log.step = step + 1  # (a failure's line names it: the last logged step was named, 30 for 37: a review)
         t0 = time.perf_counter()
         try:
             stats = trainer.train_step(step)

@@ -29,7 +29,7 @@ class MetricsLog:
         _drop_torn_line(path)
         self._fh = path.open("a", encoding="utf-8")
         self._evals: dict[int, float] | None = None  # (logged_eval: evaluations before this launch, read once)
-        self._step: int | None = None  # the last step a line was written for (``fail``'s line names it)
+        self.step: int | None = None  # the step the run is on (set by the loop; ``fail``'s line names it)
         self._wandb = wandb
         self._tb = None
         if tensorboard:
@@ -68,8 +68,6 @@ class MetricsLog:
             raise FuyouError(f"writing {self.path} failed ({e.strerror or e}): free space in {self.path.parent.parent} "
                              f"(the run directory's disk), then `{resume_command(self.path.parent)}` continues "
                              f"from the last commit (SSD offload)") from e
-        if isinstance(record.get("step"), int):
-            self._step = record["step"]
         if self._wandb is not None:
             self._wandb.write(record)
         if self._tb is not None and isinstance(record.get("step"), int) and "summary" not in record:
@@ -98,14 +96,13 @@ class MetricsLog:
                              f"(offload.replace_state=true reuses the run's name)")
 
     def fail(self, error: BaseException) -> None:
-        """The run failed: an ``{"error": ...}`` line (its first line; W&B records it and a failed exit), then
-        close. Nothing if the log is closed already (a non-finite loss writes its own line), or cannot be
-        written (the error may be the log's own)."""
+        """The run failed: a line ``{"error": the error's first line, "step": the step it was on}`` (W&B records
+        it, and a failed exit), then close. Nothing if the log is closed already (a non-finite loss writes its
+        own line), or cannot be written (the error may be the log's own)."""
         if self._fh.closed:
             return
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         try:
-            self.write({"error": message, **({"step": self._step} if self._step is not None else {})})
+            self.write({"error": _first_line(error), **({"step": self.step} if self.step is not None else {})})
         except Exception:  # noqa: BLE001 -- the run's own error is what is raised
             pass
         try:

@@ -377,6 +377,7 @@ def export_run_dir(run_dir: str | Path, out_dir: str | Path, dtype: str = "fp32"
                         "has no model.safetensors")
                 if finished is None and (run / "model.safetensors").is_file():  # (it finished meanwhile: it was
                     what, state = "had no model.safetensors", "it finished meanwhile"  # "resumed past": a pass)
+                    finished = run / "model.safetensors"  # (the fallback if its commit cannot be read: a review)
                 print(f"fuyou: {run} {what} ({state}): exporting its last commit (step "
                       f"{weights.step}) from the SSD state" + (UNTRAINED if weights.step == 0 else ""),
                       file=stream or sys.stderr)

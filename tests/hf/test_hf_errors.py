@@ -588,7 +588,7 @@ def test_damaged_weights_are_not_exported_and_a_stopped_in_memory_run_names_its_
     assert f"fuyou export {tmp_path / 'runs' / 'b' / 'snapshots' / 'step-000001'}" in capsys.readouterr().err
 
 
-def _sharded(tmp_path, name: str) -> Path:
+def _two_shards(tmp_path, name: str) -> Path:
     """A tiny GPT-2 checkpoint cut into two shards with its index (dropout 0.1 each, transformers' default)."""
     pytest.importorskip("transformers")
     from safetensors.torch import load_file
@@ -612,7 +612,7 @@ def test_a_damaged_shard_or_index_is_a_sentence_not_a_traceback(tmp_path, capsys
     """A pass: a truncated shard of a sharded checkpoint, and an index that puts a tensor in the wrong shard,
     were tracebacks (SafetensorError, KeyError); a single model.safetensors truncated the same way had its
     sentence. Nothing is left behind."""
-    src = _sharded(tmp_path, "ok")
+    src = _two_shards(tmp_path, "ok")
     assert main(["import", str(src), "--out", str(tmp_path / "out-ok")]) == 0
     err = capsys.readouterr().err  # (GPT-2's configs carry them; fuyou trained without them in silence)
     assert "sets dropout (attn_pdrop=0.1, embd_pdrop=0.1, resid_pdrop=0.1); fuyou trains without dropout" in err

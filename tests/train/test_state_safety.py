@@ -200,12 +200,21 @@ def test_a_disk_error_while_a_commit_is_queued_says_that_commit_may_be_the_resum
 
     def train_step(self, step, *a, **k):
         if step == 3:
-            threading.Timer(0.3, failing.set).start()  # (after the error is composed, while the run closes)
             raise StoreFullError(str(tmp_path / "ssd"), 0, 0, _errno.ENOSPC, "swap write")
         return real_step(self, step, *a, **k)
 
+    def resume_advice(*a, **k):  # step 3's commit is written once the error is composed, as the run closes
+        try:
+            return real_advice(*a, **k)
+        finally:
+            failing.set()
+
+    from fuyou.train import loop
+
+    real_advice = loop._resume_advice
     monkeypatch.setattr(TrainingState, "write_commit", write_commit)
     monkeypatch.setattr(Engine, "train_step", train_step)
+    monkeypatch.setattr(loop, "_resume_advice", resume_advice)
     capsys.readouterr()
     assert _train(tmp_path, "q", *steps) == 2
     err = capsys.readouterr().err

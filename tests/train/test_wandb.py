@@ -147,7 +147,7 @@ def test_a_launch_that_fails_is_a_failed_wandb_run_and_the_logs_last_line(tmp_pa
     monkeypatch.undo()
     [run_dir] = [d for d in (tmp_path / "runs").iterdir() if d.is_dir()]
     last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
-    assert last == {"time": last["time"], "error": "the SSD went away", "step": 2}
+    assert last == {"time": last["time"], "error": "the SSD went away", "step": 3}  # (the step it was on)
     [failed] = logged(run_dir)
     assert failed["summary"]["error"] == "the SSD went away" and failed["exit"] == 1
     run_training(load_config(run_dir / "config.toml", ["model.init_from=none"]), resume=run_dir)
