@@ -211,6 +211,11 @@ def _plan_config_file(args) -> dict:
     for key, flag in (("cpu_mem", "cpu_mem"), ("gpu_mem", "gpu_mem"), ("act_policy", "act_policy"),
                       ("prefetch_depth", "prefetch_depth"), ("commit", "commit"), ("commit_every", "commit_every")):
         if getattr(args, flag) is not None or (key == "cpu_mem" and args.cpu_reserve is not None):
+            if key in ("cpu_mem", "gpu_mem") and key in off:  # (a budget is not a machine's memory: said, a review)
+                flags = " and ".join(f"--{f.replace('_', '-')}" for f in (flag, "cpu_reserve")
+                                     if getattr(args, f) is not None and (f == flag or key == "cpu_mem"))
+                print(f"note: {flags} given: {p}'s offload.{key}={off[key]} (train's budget) is not planned",
+                      file=sys.stderr)
             off.pop(key, None)  # the command line's wins
     if args.cpu_mem is None and args.cpu_reserve is None and "cpu_mem" not in off:
         off["cpu_mem"] = OffloadConfig.model_fields["cpu_mem"].default  # train's budget when the file is silent

@@ -1020,6 +1020,9 @@ def test_plan_config_gives_way_to_the_command_line(tmp_path, capsys):
     assert (q["batch"], q["grad_accum"]) == (8, 4)  # the file's global batch of 32, split by the flag's
     assert "gpu=h100" in q["hardware"] and q["cpu_given_bytes"] == 16 * 1024**3
     assert q["state_format"].startswith("master bf16, moments fp32") and "10min" in q["commit"]
+    assert main(["plan", "--config", str(cfg), "--cpu-mem", "16GiB"]) == 0
+    assert f"note: --cpu-mem given: {cfg}'s offload.cpu_mem=8GiB (train's budget) is not planned" in \
+        capsys.readouterr().err
     r = _plan_json(capsys, "--config", str(cfg), "--model", "gpt3-125m", "--grad-accum", "2")
     assert (r["model"], r["model_shape"]["n_layer"], r["batch"], r["grad_accum"]) == ("gpt3-125m", 12, 16, 2)
     assert main(["plan", "--config", str(cfg), "--batch", "3"]) == 2
