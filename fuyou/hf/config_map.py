@@ -11,8 +11,8 @@ layout, RMSNorm in fp32 then scaled, GELU-tanh for GPT-2), so a supported config
 - Qwen3 (dense): q/k RMSNorm -> ``qk_norm``, ``head_dim`` (128, apart from hidden/heads) -> ``d_head``.
 - GPT-2.
 
-A sliding window at least ``max_position_embeddings`` long never applies within the model's context
-and maps to none. Anything else that would change the arithmetic is refused with a sentence, not
+A sliding window at least ``max_position_embeddings`` long is kept too: fuyou trains a RoPE model past
+its positions, where it applies, and within it attention takes no mask. Anything else that would change the arithmetic is refused with a sentence, not
 approximated: other RoPE scalings (dynamic, yarn, longrope), partial rotary embeddings, an
 O-projection bias (``attention_bias`` in Llama, Mistral and Qwen3 biases Q, K, V *and* O; fuyou's block
 has Q/K/V biases only, as Qwen2), MLP biases, sliding-window attention on some layers only,
@@ -162,7 +162,7 @@ def rope(hf: dict, where: str = "config.json") -> tuple[float, dict[str, Any] | 
     return theta, scaling_cfg.model_dump()
 
 
-def _sliding_window(hf: dict, arch: str, n_layer: int, max_pos: int, where: str) -> int | None:
+def _sliding_window(hf: dict, arch: str, n_layer: int, where: str) -> int | None:
     """The sliding window every layer uses, None for full attention; refuses a mix of the two.
 
     Mistral applies ``sliding_window`` to every layer when it is set. Qwen2/Qwen3 apply it only with
@@ -189,8 +189,10 @@ def _sliding_window(hf: dict, arch: str, n_layer: int, max_pos: int, where: str)
                           f"attention (layer_types / max_window_layers); fuyou applies one attention to every layer")
     if not active or (kinds == {"full_attention"} and arch != "MistralForCausalLM"):  # Mistral: every layer
         return None
-    window = int(window)
-    return window if window < max_pos else None
+    # kept however long: fuyou trains a RoPE model past its positions (with a note), where a window as long as
+    # them applies, as transformers applies it (it was dropped, and the model trained with full attention: a pass);
+    # within the window the attention takes no mask (layers.attention_mask), so it costs nothing there
+    return int(window)
 
 
 def _llama_to_fuyou(hf: dict, arch: str, where: str) -> dict[str, Any]:
@@ -217,7 +219,7 @@ def _llama_to_fuyou(hf: dict, arch: str, where: str) -> dict[str, Any]:
         "tie_embeddings": bool(hf.get("tie_word_embeddings", False)), "norm_eps": float(hf.get("rms_norm_eps", 1e-6)),
         "rope_theta": theta, "attn_bias": arch == "Qwen2ForCausalLM",
         "d_head": head_dim if head_dim * heads != d else None, "qk_norm": arch == "Qwen3ForCausalLM",
-        "rope_scaling": scaling, "sliding_window": _sliding_window(hf, arch, n_layer, max_pos, where),
+        "rope_scaling": scaling, "sliding_window": _sliding_window(hf, arch, n_layer, where),
     }
 
 
@@ -248,21 +250,33 @@ def _expresses(arch: str, model) -> bool:
         return model.family == "gpt" and arch == "GPT2LMHeadModel"
     if model.attn_bias != (arch == "Qwen2ForCausalLM") or model.qk_norm != (arch == "Qwen3ForCausalLM"):
         return False
-    return model.sliding_window is None or arch != "LlamaForCausalLM"
+    if arch == "LlamaForCausalLM":  # (LlamaConfig refuses a width its heads do not divide, head_dim or not: a pass)
+        return model.sliding_window is None and model.d_model % model.n_head == 0
+    return True
+
+
+def unexportable(model) -> str | None:
+    """Why no Hugging Face architecture computes ``model``, else None (said when such a model is trained or
+    planned: it trained, and its export was refused at the end: a pass)."""
+    if model.family != "gpt" and model.qk_norm and model.attn_bias:
+        return ("no Hugging Face architecture computes q/k norms with Q/K/V biases only (Qwen3's attention_bias "
+                "also biases the O projection)")
+    return None
 
 
 def hf_architecture(model) -> str:
     """The architecture a model trained from scratch is exported as, or a ConfigError when none computes it."""
     if model.family == "gpt":
         return "GPT2LMHeadModel"
-    if model.qk_norm and model.attn_bias:
-        raise ConfigError("no Hugging Face architecture computes q/k norms with Q/K/V biases only (Qwen3's "
-                          "attention_bias also biases the O projection); export a model without attn_bias")
+    if unexportable(model):
+        raise ConfigError(f"{unexportable(model)}; export a model without attn_bias")
     if model.qk_norm:
         return "Qwen3ForCausalLM"
     if model.attn_bias:
         return "Qwen2ForCausalLM"
-    return "MistralForCausalLM" if model.sliding_window is not None else "LlamaForCausalLM"
+    # Mistral: a sliding window, or a width the heads do not divide (head_dim apart), which LlamaConfig refuses
+    llama = model.sliding_window is None and model.d_model % model.n_head == 0
+    return "LlamaForCausalLM" if llama else "MistralForCausalLM"
 
 
 def to_hf(model, dtype: str = "fp32", template: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -118,7 +118,8 @@ def _export(weights, run: Path, out: Path, dtype: str, shard_size: int) -> list[
 
     meta_dir = hf_files_dir(run)
     template = read_json(meta_dir / "config.json") if meta_dir is not None else None
-    on_bytes = False
+    config = to_hf(model, dtype, template)  # before any shard: a model no architecture computes is refused (it
+    on_bytes = False                         # was refused after its weights were written: a pass)
     if meta_dir is None:  # (an export without a tokenizer, and nothing said so: a new-user pass)
         import sys
 
@@ -163,7 +164,6 @@ def _export(weights, run: Path, out: Path, dtype: str, shard_size: int) -> list[
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         written.append("model.safetensors.index.json")
     tmp = out / ".config.json.tmp"  # last, and whole: an export with a config.json finished (refuse_nonempty)
-    config = to_hf(model, dtype, template)
     if on_bytes:
         config[BYTE_MARK] = "byte"
     tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

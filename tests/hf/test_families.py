@@ -125,6 +125,8 @@ def test_a_packed_row_gives_each_documents_logits(hf_models, tmp_path, kind):
     ({"sliding_window": WINDOW}, "MistralForCausalLM"),
     ({"attn_bias": True, "sliding_window": WINDOW}, "Qwen2ForCausalLM"),
     ({"qk_norm": True, "sliding_window": WINDOW, "rope_scaling": _LLAMA3, "max_seq_len": 256}, "Qwen3ForCausalLM"),
+    # a width its heads do not divide: LlamaConfig refuses it (head_dim or not), Mistral's computes it (a pass)
+    ({"d_model": 72, "n_head": 5, "n_kv_head": 1, "d_head": 10}, "MistralForCausalLM"),
 ])
 def test_export_of_a_model_trained_from_scratch(tmp_path, update, arch):
     # No template: the architecture is the one that computes the model, in v4's spelling (v5 reads it).

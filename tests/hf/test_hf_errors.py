@@ -105,12 +105,12 @@ def test_accepted_spellings():
     assert to_fuyou({**LLAMA, "head_dim": 32})["d_head"] == 32
     assert to_fuyou({**LLAMA, "head_dim": 16})["d_head"] is None
     assert to_fuyou(QWEN3)["qk_norm"] is True and to_fuyou(QWEN3)["attn_bias"] is False
-    # Sliding windows: Mistral's applies when shorter than the context; as long as the context
-    # (Mistral v0.2 and later: null) it is plain causal attention. Qwen's needs use_sliding_window on
-    # every layer (max_window_layers 0); Llama has none (transformers ignores the key).
+    # Sliding windows: Mistral's applies to every layer when set (Mistral v0.2 and later: null), also one as long
+    # as the context, which a sequence past the model's positions reaches (it was dropped: a pass). Qwen's needs
+    # use_sliding_window on every layer (max_window_layers 0); Llama has none (transformers ignores the key).
     mistral = {**LLAMA, "architectures": ["MistralForCausalLM"], "model_type": "mistral"}
     assert to_fuyou({**mistral, "sliding_window": 16})["sliding_window"] == 16
-    assert to_fuyou({**mistral, "sliding_window": 64})["sliding_window"] is None
+    assert to_fuyou({**mistral, "sliding_window": 64})["sliding_window"] == 64
     assert to_fuyou({**mistral, "sliding_window": None})["sliding_window"] is None
     assert to_fuyou({**QWEN2, "use_sliding_window": False, "sliding_window": 16})["sliding_window"] is None
     assert to_fuyou({**QWEN2, "use_sliding_window": False, "sliding_window": 16,
@@ -121,12 +121,26 @@ def test_accepted_spellings():
     assert to_fuyou({"model_type": "gpt2", "n_embd": 64, "n_layer": 1, "n_head": 4})["tie_embeddings"] is True
 
 
-def test_a_model_no_architecture_computes_is_not_exported():
+def test_a_model_no_architecture_computes_is_not_exported(tmp_path, capsys):
+    """A pass: such a model trained and planned without a word, and its export was refused after its weights were
+    written, leaving a half-made directory. Train and plan say so; export refuses before writing anything."""
     from fuyou.hf.config_map import to_hf
-    from fuyou.models import ModelConfig, preset
+    from fuyou.models import ModelConfig, StageModel, preset
 
+    from hf_testutil import write_fuyou_run
+
+    cfg = ModelConfig(**{**preset("llama-test"), "qk_norm": True, "attn_bias": True})
     with pytest.raises(ConfigError, match="q/k norms with Q/K/V biases only"):
-        to_hf(ModelConfig(**{**preset("llama-test"), "qk_norm": True, "attn_bias": True}))
+        to_hf(cfg)
+    run = write_fuyou_run(tmp_path / "run", cfg, StageModel(cfg).init_params(seed=1))
+    assert main(["export", str(run), "--out", str(tmp_path / "out")]) == 2
+    assert "q/k norms with Q/K/V biases only" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    shape = ["model.qk_norm=true", "model.attn_bias=true"]
+    assert main(["plan", "--model", "llama-test", "--gpu", "rtx4090", "--ssd", "990-pro", "--seq", "64", *shape]) == 0
+    assert "this model trains, but `fuyou export` cannot write it for transformers" in capsys.readouterr().err
+    assert main(["train", "--model", "llama-test", "--out", str(tmp_path / "runs"), "train.steps=1",
+                 "data.seq_len=16", "train.micro_batch_size=2", "train.eval_batches=1", *shape]) == 0
+    assert "this model trains, but `fuyou export` cannot write it for transformers" in capsys.readouterr().err
 
 
 def test_bin_only_checkpoints_are_refused_with_a_conversion_hint(tmp_path):
@@ -391,15 +405,16 @@ def test_a_malformed_field_is_a_config_error(bad):
 
 
 def test_an_inactive_sliding_window_survives_the_round_trip():
-    """Mistral's window at least its positions never applies (fuyou maps it to none), but the export kept
-    null in its place, which changes the model past those positions (found by a new-user pass)."""
+    """Mistral's window at least its positions applies only past them: the export kept null in its place, which
+    changed the model there (found by a new-user pass); fuyou, which trains past them, keeps it too (it mapped
+    it to none, and trained with full attention where transformers' model has the window: a later pass)."""
     from fuyou.hf.config_map import to_hf
     from fuyou.models import ModelConfig
 
     hf = {**LLAMA, "architectures": ["MistralForCausalLM"], "model_type": "mistral", "sliding_window": 4096,
           "max_position_embeddings": 256}
     model = ModelConfig(**to_fuyou(hf))
-    assert model.sliding_window is None
+    assert model.sliding_window == 4096
     assert to_hf(model, template=hf)["sliding_window"] == 4096
     qwen = {**QWEN2, "use_sliding_window": False, "sliding_window": 131072}
     out = to_hf(ModelConfig(**to_fuyou(qwen)), template=qwen)
