@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import sys
+import types
 import typing
 from pathlib import Path
 from typing import Any
@@ -126,6 +127,15 @@ class FuyouConfig(BaseModel):
                 resolve_targets(self.model.family, self.lora.targets)
             except ConfigError as e:
                 raise ValueError(str(e)) from None
+        return self
+
+    @model_validator(mode="after")
+    def _default_sequence_within_positions(self) -> "FuyouConfig":
+        """A data.seq_len left at its default fits a GPT's position table (`fuyou train --model gpt-test`, a
+        listed preset of 64 positions, was refused its default 128: a pass); one given is checked as given."""
+        if (self.model.family == "gpt" and "seq_len" not in self.data.model_fields_set
+                and self.data.seq_len > self.model.max_seq_len):
+            self.data = self.data.model_copy(update={"seq_len": self.model.max_seq_len})
         return self
 
     @model_validator(mode="after")
@@ -266,7 +276,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"override {item!r} is not of the form section.key=value (e.g. train.steps=100)")
-        _set(raw, key.strip(), _parse_value(text.strip()))
+        value = _parse_value(text.strip())
+        if not isinstance(value, str) and _text_field(key.strip()):  # (run.name=nan was the float nan: a pass)
+            value = text.strip()
+        _set(raw, key.strip(), value)
         given.add(key.strip())
     if path is not None and isinstance(raw.get("train"), dict):  # (a value unset on the command line gives no way)
         _give_way(raw["train"], {k.partition(".")[2] for k in given if k.startswith("train.")
@@ -387,6 +400,17 @@ def _set(raw: dict, dotted: str, value: Any) -> None:
     if not isinstance(raw[parts[0]], dict):
         raise ConfigError(f"[{parts[0]}] must be a table")
     raw[parts[0]][parts[1]] = value
+
+
+def _text_field(dotted: str) -> bool:
+    """Whether ``section.key`` is a field of text only (a name, a path): a value written for it is its text."""
+    section, _, name = dotted.partition(".")
+    field = getattr(SECTIONS.get(section), "model_fields", {}).get(name)
+    if field is None:
+        return False
+    ann = field.annotation
+    union = typing.get_origin(ann) in (typing.Union, types.UnionType)  # (not list[str]: a list is no text)
+    return ann is str or (union and set(typing.get_args(ann)) <= {str, type(None)})
 
 
 def _parse_value(text: str) -> Any:

@@ -150,3 +150,24 @@ def test_a_seed_beyond_32_bits_is_refused():
     with pytest.raises(ConfigError, match="train.seed"):
         load_config(overrides=["train.seed=1796506857841000000"])
     assert load_config(overrides=[f"train.seed={2**32 - 1}"]).train.seed == 2**32 - 1
+
+
+def test_the_default_sequence_fits_a_gpts_positions():
+    """A pass: `fuyou train --model gpt-test` (a listed preset of 64 positions) was refused its default
+    data.seq_len of 128. Left at its default it fits the position table; given, it is checked as given."""
+    from fuyou.data.batches import check_sequence_length
+
+    assert load_config(overrides=["model.preset=gpt-test"]).data.seq_len == 64
+    assert load_config(overrides=["model.preset=llama-test"]).data.seq_len == 128  # (RoPE extends)
+    given = load_config(overrides=["model.preset=gpt-test", "data.seq_len=128"])
+    with pytest.raises(ConfigError, match="data.seq_len=128 exceeds model.max_seq_len=64"):
+        check_sequence_length(given)
+
+
+def test_a_name_or_path_is_read_as_written():
+    """A pass: `run.name=nan` was the float nan ("Input should be a valid string"); a field of text takes the
+    text a user wrote, a list stays a list."""
+    cfg = load_config(overrides=["run.name=nan", "hardware.gpu=inf", "data.tokenizer=1e3"])
+    assert (cfg.run.name, cfg.hardware.gpu, cfg.data.tokenizer) == ("nan", "inf", "1e3")
+    assert load_config(overrides=["run.name=123"]).run.name == "123"
+    assert load_config(overrides=["optim.lr=1e-4"]).optim.lr == 1e-4

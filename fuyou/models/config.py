@@ -110,7 +110,8 @@ class ModelConfig(BaseModel):
         if self.attn_bias and self.family != "llama":
             raise ValueError("attn_bias applies to the llama family (GPT blocks always have biases); unset it")
         if self.head_dim % 2 and self.family == "llama":
-            raise ValueError(f"RoPE needs an even head dimension, got d_model/n_head = {self.head_dim}")
+            which = "d_head" if self.d_head is not None else "d_model/n_head"  # (the one set: a pass)
+            raise ValueError(f"RoPE needs an even head dimension, got {which} = {self.head_dim}")
         return self
 
     @property

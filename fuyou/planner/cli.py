@@ -497,6 +497,11 @@ def _plan(args) -> int:
                   f"model.max_seq_len={args.seq} (give fuyou train the same, or a shorter data.seq_len)",
                   file=sys.stderr)
         cfg = cfg.model_copy(update={"max_seq_len": args.seq})
+    from fuyou.hf.config_map import unexportable
+
+    if unexportable(cfg):  # (it planned and trained, and export refused it at the end: a pass)
+        print(f"note: {unexportable(cfg)}: this model trains, but `fuyou export` cannot write it for transformers",
+              file=sys.stderr)
     nums = {k: getattr(args, k) for k in ("gpu_tflops", "ssd_read", "ssd_write", "pcie_bw", "cpu_adam", "ssd_tbw",
                                           "gpu_link")}
     units = {"gpu_tflops": "TFLOPS", "ssd_read": "GB/s", "ssd_write": "GB/s", "pcie_bw": "GB/s",

@@ -751,6 +751,11 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
         print(f"note: data.seq_len={cfg.data.seq_len} is beyond the model's {cfg.model.max_seq_len} positions "
               f"(model.max_seq_len): RoPE extends past them, but a pretrained model was not trained there",
               file=stream or sys.stderr)
+    from fuyou.hf.config_map import unexportable
+
+    if unexportable(cfg.model) and resume is None and dist.is_main:
+        print(f"note: {unexportable(cfg.model)}: this model trains, but `fuyou export` cannot write it for "
+              f"transformers", file=stream or sys.stderr)
     ignored = _offload_ignored_in_memory(cfg)
     if ignored and dist.is_main:
         one = len(ignored) == 1
