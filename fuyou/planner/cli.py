@@ -611,9 +611,9 @@ def _plan(args) -> int:
                  math.ceil((need + CPU_RESERVE[hw.device]) / (1 - CPU_RESERVE_FRACTION))) if need else 0
         least = (f"; this model needs at least {format_size(total * gpus, up=True)} (--cpu-mem, with the reserve)"
                  if need else "")
-        given = f"{format_size(cpu_given)}{unitless_hint(cpu_given, args.cpu_mem)}"
+        asked = f"{format_size(cpu_given)}{unitless_hint(cpu_given, args.cpu_mem)}"
         raise ConfigError(f"--cpu-reserve {format_size(reserve)} (memory the plan leaves to the process itself) leaves "
-                          f"nothing of --cpu-mem {given}{each}{least}; or "
+                          f"nothing of --cpu-mem {asked}{each}{least}; or "
                           f"reserve less (--cpu-reserve 0 plans the whole budget)")
     if split is None:
         plan = search(w, hw, cpu, policy)
