@@ -266,6 +266,7 @@ def _import(args) -> int:
 def _export(args) -> int:
     from pathlib import Path
 
+    from fuyou.config import given_run_dir
     from fuyou.errors import ConfigError
     from fuyou.train.run import export_run_dir
     from fuyou.units import parse_size
@@ -277,7 +278,8 @@ def _export(args) -> int:
     out = Path(args.out).expanduser()
     made = not out.exists()
     try:
-        files = export_run_dir(args.run_dir, args.out, args.dtype, parse_size(args.shard_size), merge=args.merge)
+        files = export_run_dir(given_run_dir(args.run_dir), args.out, args.dtype, parse_size(args.shard_size),
+                               merge=args.merge)
     except Exception as e:
         # a full or failing disk (OSError, or safetensors' own error for the same): a sentence, not a traceback,
         # and nothing half-written left in --out (it was new or empty: export_run_dir checks that first)
@@ -322,7 +324,9 @@ def _train(args) -> int:
 
         from fuyou.errors import ConfigError
 
-        resume = Path(args.resume)
+        from fuyou.config import given_run_dir
+
+        resume = given_run_dir(args.resume)  # (`--resume .` looked for the state ".fuyou-state": a pass)
         if resume.is_file() and resume.name == "config.toml":
             raise ConfigError(f"--resume takes the run directory, not its config.toml: --resume {resume.parent}")
         if not (resume / "config.toml").is_file():

@@ -10,6 +10,7 @@ directory, so ``fuyou train --config runs/X/config.toml`` repeats a run.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import types
 import typing
@@ -72,7 +73,7 @@ class RunConfig(BaseModel):
     def _some_dir(cls, v):
         if not v.strip():  # (`run.out_dir=` wrote run directories into the current one in silence: a pass)
             raise ValueError("run.out_dir is empty: give a directory (the default is runs; '.' for this one)")
-        return v
+        return os.path.expanduser(v)  # (--out '~/runs' made a directory named '~': a pass)
 
     @field_validator("name")
     @classmethod
@@ -262,7 +263,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     and ``key=value`` strings. Raises ``ConfigError`` with one sentence per problem."""
     raw: dict[str, dict[str, Any]] = {}
     if path is not None:
-        p = Path(path)
+        p = Path(path).expanduser()
         if p.is_dir():
             raise ConfigError(f"config file {p} is a directory; give the TOML file itself (see configs/ for examples)")
         if not p.is_file():
@@ -402,6 +403,19 @@ def _set(raw: dict, dotted: str, value: Any) -> None:
     raw[parts[0]][parts[1]] = value
 
 
+def user_path(path: str | Path) -> Path:
+    """A path as a user means it: ~ expanded, absolute, normalised (".", ".."), symlinks kept."""
+    return Path(os.path.abspath(os.path.expanduser(path)))
+
+
+def given_run_dir(path: str | Path) -> Path:
+    """A run directory as given to --resume or export: ``user_path``, and a symlink to it followed, since its
+    SSD state is named after the directory itself (`--resume .` looked for ".fuyou-state", and a link of another
+    name was told the run had been renamed: a pass)."""
+    p = user_path(path)
+    return p.resolve() if p.is_symlink() else p
+
+
 def _text_field(dotted: str) -> bool:
     """Whether ``section.key`` is a field of text only (a name, a path): a value written for it is its text."""
     section, _, name = dotted.partition(".")
@@ -443,8 +457,8 @@ def to_toml(cfg: FuyouConfig, omit: frozenset[str] = frozenset()) -> str:
         if section == "train" and values.get("epochs") is not None:
             values.pop("steps")  # derived from the epochs and the data
         for key in _PATH_LISTS.get(section, ()):  # absolute: a resume from another directory finds them
-            if values.get(key):
-                values[key] = [str(Path(x).absolute()) for x in values[key]]
+            if values.get(key):  # (normalised: "CWD/../ssd" named a directory that may go: a pass)
+                values[key] = [os.path.abspath(x) for x in values[key]]
         for k, v in values.items():
             if v is not None:
                 out.append(f"{k} = {_toml_value(v)}")

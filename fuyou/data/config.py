@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
 
 from pathlib import Path
@@ -34,8 +35,6 @@ def leftover_kind(d: Path, name: str) -> str | None:
     None for anything else (a PID still running, or one from another container's namespace, is not ours to
     judge). ``sweep_leftovers`` and ``swapped_aside`` read the names so. (Here, not in ``dataset`` beside
     ``replace_prepared``, which makes them: the config does not import the data's code.)"""
-    import os
-
     head = f".{name}."
     if not d.name.startswith(head) or not d.is_dir() or d.is_symlink():
         return None
@@ -56,8 +55,6 @@ def swapped_aside(path: str | Path) -> Path | None:
     """The old data of a ``replace_prepared`` killed between its two renames, where ``path`` is gone: the
     directory it moved aside (``leftover_kind`` "old"), else None. A run told only "does not exist" did not
     know its data was one ``mv`` away (session 17's note)."""
-    import os
-
     p = Path(os.path.abspath(path))
     if p.exists() or not p.parent.is_dir():
         return None
@@ -112,7 +109,8 @@ class DataConfig(BaseModel):
         v = [v] if isinstance(v, str) else v
         if isinstance(v, list) and any(isinstance(p, str) and not p.strip() for p in v):  # (`data.path=`: a pass)
             raise ValueError("an empty path: give a file or directory ([] for none)")
-        return v
+        # (~ as a shell would: "~/data" was refused as missing, where --init-from took it: a pass)
+        return [os.path.expanduser(p) if isinstance(p, str) else p for p in v] if isinstance(v, list) else v
 
     @model_validator(mode="before")
     @classmethod

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -173,7 +174,8 @@ class OffloadConfig(BaseModel):
     @field_validator("ssd_dirs", mode="before")
     @classmethod
     def _one_dir(cls, v):
-        return [v] if isinstance(v, str) else v
+        v = [v] if isinstance(v, str) else v  # (~ as a shell would, as data.path and run.out_dir: a pass)
+        return [os.path.expanduser(d) if isinstance(d, str) else d for d in v] if isinstance(v, list) else v
 
     @field_validator("cpu_mem", "gpu_mem", "act_cpu_mem", "act_chunk", "resident_mem", mode="before")
     @classmethod

@@ -176,6 +176,7 @@ class Engine:
         self.failed = False                 # a step raised: close() must not wait for or write anything
         self.resumed = resume
         self.completed = False
+        self.abandoned = False              # the state belongs to no run (its directory was taken): close removes it
         self.tied = bool(self.model.stages[-1].shared)
         self.act = keep_policies(off.act_policy, cfg.model.n_layer,
                                  default_checkpoint_dtype(off.checkpoint_dtype, t.precision))
@@ -1321,6 +1322,9 @@ class Engine:
             self.swapper.close(wait=False)  # (it joined its reader: one stuck held the failed run's exit, review)
             if not self.worker.alive:  # nothing uses the store any more: free it and its locks, writing nothing
                 self.store.close(sync=False)
+                if self.abandoned:
+                    for d in self.store_dirs:
+                        shutil.rmtree(d, ignore_errors=True)
                 if self.streamer.idle() and self.swapper.idle():  # a load or read still running may copy from
                     self._release_host_memory()                     # pinned memory: leave it be
             return

@@ -778,7 +778,11 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
         if resume is not None or not dist.is_main:
             run_dir = run_path
         else:
-            run_dir = make_run_dir(cfg, run_path, rid)
+            try:
+                run_dir = make_run_dir(cfg, run_path, rid)
+            except ConfigError:  # another process took the name meanwhile: the state made for it is no run's (it
+                trainer.abandoned = True  # was left committed, and later named as "another run's": a pass)
+                raise
             record_data(run_dir, cfg, vocabulary=vocabulary)
             if cfg.lora.enabled:
                 from fuyou.hf.peft import record_base
@@ -1410,7 +1414,7 @@ def _steps(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, sto
             if cfg.offload.mode != "none":
                 raise  # (the engine's last commit is the state of record)
             err, snap = _kept_before_non_finite(e, run_dir, trainer, cfg, step)
-            log.write({"stopped": "non-finite", "step": step, **({"snapshot": str(snap)} if snap else {})})
+            log.write({"stopped": "non-finite", "step": step, **({"snapshot": os.path.abspath(snap)} if snap else {})})
             log.close()
             raise err from None
         dt = time.perf_counter() - t0
@@ -1467,7 +1471,8 @@ def _steps(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, sto
                     progress.message(f"warning: the snapshot of step {step + 1} was not written: {e}; training "
                                      f"goes on")
                 else:
-                    log.write({"snapshot": str(snap), "step": step + 1})
+                    # (absolute: relative to the launch's directory, a resume from another wrote another base: a pass)
+                    log.write({"snapshot": os.path.abspath(snap), "step": step + 1})
                     progress.message(f"snapshot of step {step + 1}: {snap}")
             else:
                 _serve_weights(trainer)
@@ -1485,7 +1490,7 @@ def _steps(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, sto
                     _serve_weights(trainer)
                 if cfg.offload.mode == "ssd":  # nothing resumes a state never committed: it goes, as a finished run's
                     trainer.completed = True
-                log.write({"stopped": stop.requested, "step": step + 1, "snapshot": str(snap)})
+                log.write({"stopped": stop.requested, "step": step + 1, "snapshot": os.path.abspath(snap)})
                 log.close()
                 how = (f"export them (`fuyou export {snap} --out DIR`) and start a run over the same base with "
                        f"lora.init_from=DIR" if cfg.lora.enabled else f"start a run with --init-from {snap}")

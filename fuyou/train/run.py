@@ -337,11 +337,23 @@ def export_run_dir(run_dir: str | Path, out_dir: str | Path, dtype: str = "fp32"
     a failed export of it removes its half-written output. A LoRA run (``adapter.safetensors``, or the
     last commit's adapters for one stopped before saving them) is written as a PEFT adapter directory,
     or with ``merge`` as the base with the adapters merged in (``fuyou.hf.peft``)."""
+    try:
+        return _export_run_dir(Path(run_dir).expanduser(), Path(out_dir).expanduser(), dtype, shard_size, stream, merge)
+    except ConfigError as e:
+        gone = re.search(r"SSD directory '(.+?)' does not exist", str(e))
+        if gone is None:
+            raise
+        # (it said to give their new place with --ssd, which export does not take: a pass)
+        raise ConfigError(f"the SSD directory {gone.group(1)} of {run_dir}'s state does not exist: export reads the "
+                          f"state where the run put it; if it moved, link the old place to the new one (ln -s NEW "
+                          f"{gone.group(1)}), or resume the run with --ssd NEW, then export") from None
+
+
+def _export_run_dir(run: Path, out: Path, dtype: str, shard_size: int, stream, merge: bool) -> list[str]:
     import sys
 
     from fuyou.hf import export_run
 
-    run, out = Path(run_dir).expanduser(), Path(out_dir).expanduser()
     if out.is_dir() and any(out.iterdir()):  # before any note about what would be exported
         raise ConfigError(f"{out} exists and is not empty; choose a new --out directory")
     adapters = lora_adapters(run, stream)

@@ -1,0 +1,134 @@
+"""Paths as a user gives them from scripts (a hostile pass): relative to a launch directory that is gone,
+`.` for the run directory, a symlink of another name, `~`; a run directory another process took at the same
+moment; an export whose SSD state moved."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from safetensors.torch import load_file
+
+from fuyou.cli import main
+
+TINY = ["model.preset=gpt-test", "model.n_layer=2", "train.precision=fp32", "data.seq_len=32",
+        "train.micro_batch_size=2", "train.eval_batches=1", "train.eval_every=0"]
+
+
+def _stopped_run(tmp_path, monkeypatch, name="r", ssd="ssd", out="runs"):
+    """A run stopped by SIGTERM after 2 of 4 steps, launched from tmp_path/launch with relative paths."""
+    import signal
+
+    from fuyou.engine.engine import Engine
+
+    launch = tmp_path / "launch"
+    launch.mkdir(parents=True, exist_ok=True)
+    original = Engine.train_step
+
+    def train_step(self, step, *a, **k):
+        done = original(self, step, *a, **k)
+        if step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return done
+
+    with monkeypatch.context() as m:
+        m.chdir(launch)
+        os.makedirs(ssd, exist_ok=True)
+        m.setattr(Engine, "train_step", train_step)
+        assert main(["train", "--offload", "ssd", "--ssd", ssd, "--cpu-mem", "256MiB", "--out", out,
+                     f"run.name={name}", "train.steps=4", *TINY]) == 128 + signal.SIGTERM
+    return launch
+
+
+def test_resume_and_export_of_dot_a_symlink_and_from_another_directory(tmp_path, monkeypatch, capsys):
+    """`--resume .` and `export .` looked for a state named ".fuyou-state" and called the run's state gone; a
+    symlink of another name was told the run had been renamed. All three resume (or export) the run, equal to an
+    undisturbed one."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ref-ssd").mkdir()
+    assert main(["train", "--offload", "ssd", "--ssd", "ref-ssd", "--cpu-mem", "256MiB", "--out", "ref",
+                 "run.name=r", "train.steps=4", *TINY]) == 0
+    want = load_file(str(tmp_path / "ref" / "r" / "model.safetensors"))
+    launch = _stopped_run(tmp_path, monkeypatch)
+    run = launch / "runs" / "r"
+    monkeypatch.chdir(run)
+    assert main(["export", ".", "--out", str(tmp_path / "exp")]) == 0  # (its last commit, step 2)
+    assert "exporting its last commit (step 2)" in capsys.readouterr().err
+    (tmp_path / "link").symlink_to(run)
+    monkeypatch.chdir(tmp_path)
+    assert main(["plan", "--model", "link", "--gpu", "rtx4090", "--ssd", "990-pro"]) == 0
+    monkeypatch.chdir(run)
+    assert main(["train", "--resume", "."]) == 0
+    got = load_file(str(run / "model.safetensors"))
+    assert all(bool((got[k] == want[k]).all()) for k in want)
+    launch2 = _stopped_run(tmp_path / "b", monkeypatch)  # and a symlink of another name, from another directory
+    (tmp_path / "link-b").symlink_to(launch2 / "runs" / "r")
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--resume", "link-b"]) == 0
+    got = load_file(str(launch2 / "runs" / "r" / "model.safetensors"))
+    assert all(bool((got[k] == want[k]).all()) for k in want)
+
+
+def test_relative_paths_are_kept_normalised_and_tilde_is_home(tmp_path, monkeypatch, capsys):
+    """A run launched with --ssd ../ssd from a directory removed since was told its SSD directory
+    ('/launch/../ssd') did not exist; `--out '~/runs'` made a directory named '~'; snapshot paths in
+    metrics.jsonl were relative to each launch's directory."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home" / "ssd").mkdir(parents=True)
+    job = tmp_path / "job"
+    job.mkdir()
+    monkeypatch.chdir(job)
+    assert main(["train", "--offload", "ssd", "--ssd", "~/ssd", "--cpu-mem", "256MiB", "--out", "~/runs",
+                 "run.name=t", "train.steps=2", "train.save_every=1", "offload.keep_state=true", *TINY]) == 0
+    run = tmp_path / "home" / "runs" / "t"
+    assert run.is_dir() and not (job / "~").exists()
+    saved = (run / "config.toml").read_text()
+    assert f'ssd_dirs = ["{tmp_path / "home" / "ssd"}"]' in saved
+    snaps = [json.loads(x)["snapshot"] for x in (run / "metrics.jsonl").read_text().splitlines() if '"snapshot"' in x]
+    assert snaps == [str(run / "snapshots" / "step-000001")]
+    monkeypatch.chdir(tmp_path / "home")
+    assert main(["train", "--offload", "ssd", "--ssd", "../home/ssd", "--cpu-mem", "256MiB", "--out", "runs",
+                 "run.name=u", "train.steps=2", *TINY]) == 0
+    assert f'ssd_dirs = ["{tmp_path / "home" / "ssd"}"]' in (tmp_path / "home" / "runs" / "u" / "config.toml").read_text()
+
+
+def test_a_run_directory_taken_meanwhile_leaves_no_state(tmp_path, monkeypatch, capsys):
+    """Two runs of one name started at once on different SSDs: the one refused ("already exists") had already
+    committed a full state for the directory, which later runs and resumes called another run's. It is removed."""
+    from fuyou.train import loop
+
+    real = loop.make_run_dir
+
+    def taken(cfg, path, rid):  # the other process makes the directory between the check and this one's
+        path.mkdir(parents=True)
+        return real(cfg, path, rid)
+
+    monkeypatch.setattr(loop, "make_run_dir", taken)
+    (tmp_path / "ssd").mkdir()
+    assert main(["train", "--offload", "ssd", "--ssd", str(tmp_path / "ssd"), "--cpu-mem", "256MiB", "--out",
+                 str(tmp_path / "runs"), "run.name=race", "train.steps=2", *TINY]) == 2
+    assert "run directory" in capsys.readouterr().err
+    assert list((tmp_path / "ssd").iterdir()) == []
+
+
+def test_an_export_whose_ssd_state_moved_says_how_to_reach_it(tmp_path, monkeypatch, capsys):
+    """It said to give the new place with --ssd, which export does not take."""
+    launch = _stopped_run(tmp_path, monkeypatch)
+    (launch / "ssd").rename(launch / "moved")
+    assert main(["export", str(launch / "runs" / "r"), "--out", str(tmp_path / "exp")]) == 2
+    err = capsys.readouterr().err
+    assert f"the SSD directory {launch / 'ssd'} of {launch / 'runs' / 'r'}'s state does not exist" in err
+    assert "ln -s NEW" in err and "--ssd" not in err.partition("resume the run with")[0]
+    (launch / "ssd").symlink_to(launch / "moved")
+    assert main(["export", str(launch / "runs" / "r"), "--out", str(tmp_path / "exp")]) == 0
+
+
+@pytest.mark.parametrize("where", ["/nonexistent/chat.jsonl", "chat.jsonl"])
+def test_plan_config_says_when_its_data_is_not_here(tmp_path, monkeypatch, capsys, where):
+    """plan --config planned a data.path that is not here as unpacked rows in silence (packed where it is)."""
+    monkeypatch.chdir(tmp_path)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[model]\npreset = "gpt-tiny"\n[data]\npath = "{where}"\nseq_len = 64\n')
+    assert main(["plan", "--config", str(cfg), "--gpu", "rtx4090", "--ssd", "990-pro"]) == 0
+    assert f"note: data.path {where} is not here: planned with unpacked rows" in capsys.readouterr().err
