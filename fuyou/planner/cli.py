@@ -358,7 +358,8 @@ def _plan_data(other: dict, args) -> bool:
     # the run's data is gone (moved, or on another machine): its settings say whether rows packed
     packed = DataConfig.model_construct(**{**DataConfig().model_dump(), **run, **given}).may_pack
     paths = run.get("path") or []
-    print(f"note: data.path {', '.join(map(str, [paths] if isinstance(paths, str) else paths))} is not here: planned with "  # (in silence: a pass)
+    paths = ", ".join(map(str, [paths] if isinstance(paths, str) else paths))
+    print(f"note: data.path {paths} is not here: planned with "  # (in silence: a pass)
           f"{'packed' if packed else 'unpacked'} rows, as its settings say without the data (give data.path=... of "
           f"the data here, or data.packing)", file=sys.stderr)
     return packed
