@@ -14,9 +14,9 @@ layout, RMSNorm in fp32 then scaled, GELU-tanh for GPT-2), so a supported config
 A sliding window at least ``max_position_embeddings`` long is kept too: fuyou trains a RoPE model past
 its positions, where it applies, and within it attention takes no mask. Anything else that would change
 the arithmetic is refused with a sentence, not approximated: other RoPE scalings (dynamic, yarn,
-longrope), partial rotary embeddings, an O-projection bias (``attention_bias`` in Llama, Mistral and Qwen3 biases Q, K, V *and* O; fuyou's block
-has Q/K/V biases only, as Qwen2), MLP biases, sliding-window attention on some layers only,
-quantisation.
+longrope), partial rotary embeddings, an O-projection bias (``attention_bias`` in Llama, Mistral and
+Qwen3 biases Q, K, V *and* O; fuyou's block has Q/K/V biases only, as Qwen2), MLP biases,
+sliding-window attention on some layers only, quantisation.
 
 Not implemented, by decision (``REFUSED`` gives the user the reason):
 

@@ -90,7 +90,8 @@ def test_relative_paths_are_kept_normalised_and_tilde_is_home(tmp_path, monkeypa
     monkeypatch.chdir(tmp_path / "home")
     assert main(["train", "--offload", "ssd", "--ssd", "../home/ssd", "--cpu-mem", "256MiB", "--out", "runs",
                  "run.name=u", "train.steps=2", *TINY]) == 0
-    assert f'ssd_dirs = ["{tmp_path / "home" / "ssd"}"]' in (tmp_path / "home" / "runs" / "u" / "config.toml").read_text()
+    saved = (tmp_path / "home" / "runs" / "u" / "config.toml").read_text()
+    assert f'ssd_dirs = ["{tmp_path / "home" / "ssd"}"]' in saved
 
 
 def test_a_run_directory_taken_meanwhile_leaves_no_state(tmp_path, monkeypatch, capsys):
