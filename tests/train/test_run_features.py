@@ -425,7 +425,8 @@ def test_a_finished_run_is_not_resumed_and_says_how_to_train_on(tmp_path, capsys
     capsys.readouterr()
     assert main(["train", "--resume", "runs/fin", "train.steps=4"]) == 2
     err = capsys.readouterr().err
-    assert "runs/fin finished: its weights are in runs/fin/model.safetensors" in err and "--init-from runs/fin" in err
+    run = tmp_path / "runs" / "fin"  # (absolute: a resume's run directory is named as it is, whatever the cwd)
+    assert f"{run} finished: its weights are in {run}/model.safetensors" in err and f"--init-from {run}" in err
 
 
 def test_a_resume_that_changes_the_adapters_scale_says_so():
