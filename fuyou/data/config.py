@@ -122,7 +122,9 @@ class DataConfig(BaseModel):
         if isinstance(data, dict) and data.get("path") and data.get("source", "text") in ("text", "prepared"):
             paths = [data["path"]] if isinstance(data["path"], str) else data["path"]
             if len(paths) == 1:  # (several paths: text, or an explicit 'prepared' refused below as such)
-                data = {**data, "source": "prepared" if is_prepared(paths[0]) else "text"}
+                # (~ expanded first: "~/prepared" was read as text, a review)
+                prepared = isinstance(paths[0], str) and is_prepared(os.path.expanduser(paths[0]))
+                data = {**data, "source": "prepared" if prepared else "text"}
             elif "source" not in data:
                 data = {**data, "source": "text"}
         return data

@@ -353,13 +353,15 @@ def _plan_data(other: dict, args) -> bool:
         return DataConfig(**{**run, **given}).may_pack
     except ValidationError as e:
         gone = all(x["type"] == "value_error" and "does not exist" in x["msg"] for x in e.errors())
+        missing = "; ".join(x["msg"] for x in e.errors())
         if not (run and gone) or "path" in given or "source" in given:
             raise ConfigError(explain(e, "data").replace("invalid configuration:", "invalid data override:")) from None
     # the run's data is gone (moved, or on another machine): its settings say whether rows packed
     packed = DataConfig.model_construct(**{**DataConfig().model_dump(), **run, **given}).may_pack
-    paths = run.get("path") or []
-    paths = ", ".join(map(str, [paths] if isinstance(paths, str) else paths))
-    print(f"note: data.path {paths} is not here: planned with "  # (in silence: a pass)
+    import re
+
+    missing = ", ".join(re.findall(r"'([^']+)' does not exist", missing)) or missing  # (data.path or eval_path)
+    print(f"note: the data {missing} does not exist here: planned with "  # (in silence: a pass)
           f"{'packed' if packed else 'unpacked'} rows, as its settings say without the data (give data.path=... of "
           f"the data here, or data.packing)", file=sys.stderr)
     return packed

@@ -340,13 +340,13 @@ def export_run_dir(run_dir: str | Path, out_dir: str | Path, dtype: str = "fp32"
     try:
         return _export_run_dir(Path(run_dir).expanduser(), Path(out_dir).expanduser(), dtype, shard_size, stream, merge)
     except ConfigError as e:
-        gone = re.search(r"SSD directory '(.+?)' does not exist", str(e))
+        gone = re.search(r"SSD directory ['\"](.+?)['\"] does not exist", str(e))
         if gone is None:
             raise
         # (it said to give their new place with --ssd, which export does not take: a pass)
         raise ConfigError(f"the SSD directory {gone.group(1)} of {run_dir}'s state does not exist: export reads the "
                           f"state where the run put it; if it moved, link the old place to the new one (ln -s NEW "
-                          f"{gone.group(1)}), or resume the run with --ssd NEW, then export") from None
+                          f"{gone.group(1)}), or move it back") from None
 
 
 def _export_run_dir(run: Path, out: Path, dtype: str, shard_size: int, stream, merge: bool) -> list[str]:

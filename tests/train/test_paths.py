@@ -132,4 +132,27 @@ def test_plan_config_says_when_its_data_is_not_here(tmp_path, monkeypatch, capsy
     cfg = tmp_path / "c.toml"
     cfg.write_text(f'[model]\npreset = "gpt-tiny"\n[data]\npath = "{where}"\nseq_len = 64\n')
     assert main(["plan", "--config", str(cfg), "--gpu", "rtx4090", "--ssd", "990-pro"]) == 0
-    assert f"note: data.path {where} is not here: planned with unpacked rows" in capsys.readouterr().err
+    assert f"note: the data {where} does not exist here: planned with unpacked rows" in \
+        capsys.readouterr().err
+
+
+def test_a_resume_with_the_same_relative_ssd_is_no_change(tmp_path, monkeypatch, capsys):
+    """A review: config.toml records `--ssd ../ssd` normalised, and a resume giving the same `--ssd ../ssd`
+    compared it unnormalised: "resumed with changes: offload.ssd_dirs"."""
+    launch = _stopped_run(tmp_path / "x", monkeypatch, ssd="../ssd")
+    monkeypatch.chdir(launch)
+    capsys.readouterr()
+    assert main(["train", "--resume", "runs/r", "--ssd", "../ssd"]) == 0
+    assert "resumed with changes" not in capsys.readouterr().err
+
+
+def test_a_prepared_directory_under_home_is_prepared_data(tmp_path, monkeypatch):
+    """A review: `data.path=~/prep` was read as text, its ~ expanded after the prepared-or-text decision."""
+    from fuyou.config import load_config
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    text = tmp_path / "a.txt"
+    text.write_text("some text to prepare. " * 200)
+    assert main(["data", "prepare", str(text), "--out", str(tmp_path / "prep")]) == 0
+    cfg = load_config(overrides=["data.path=~/prep"])
+    assert cfg.data.source == "prepared" and cfg.data.path == [str(tmp_path / "prep")]
