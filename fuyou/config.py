@@ -403,17 +403,13 @@ def _set(raw: dict, dotted: str, value: Any) -> None:
     raw[parts[0]][parts[1]] = value
 
 
-def saved_path(path: str | Path) -> str:
-    """A path as config.toml records it: absolute, and normalised ("CWD/../ssd" named a directory that may go:
-    a pass) unless a symlink before a ".." makes the text's parent another directory than the link's."""
+def user_path(path: str | Path) -> Path:
+    """A path as a user means it, and as config.toml records it: ~ expanded, absolute, symlinks kept, and
+    normalised (".", ".."; "CWD/../ssd" named a directory that may go: a pass) unless a symlink before a ".."
+    makes the text's parent another directory than the link's."""
     p = os.path.expanduser(str(path))
     norm = os.path.abspath(p)
-    return norm if os.path.realpath(norm) == os.path.realpath(p) else str(Path(p).absolute())
-
-
-def user_path(path: str | Path) -> Path:
-    """A path as a user means it: ~ expanded, absolute, normalised (".", ".."), symlinks kept."""
-    return Path(os.path.abspath(os.path.expanduser(path)))
+    return Path(norm if os.path.realpath(norm) == os.path.realpath(p) else Path(p).absolute())
 
 
 def given_run_dir(path: str | Path) -> Path:
@@ -466,7 +462,7 @@ def to_toml(cfg: FuyouConfig, omit: frozenset[str] = frozenset()) -> str:
             values.pop("steps")  # derived from the epochs and the data
         for key in _PATH_LISTS.get(section, ()):  # absolute: a resume from another directory finds them
             if values.get(key):
-                values[key] = [saved_path(x) for x in values[key]]
+                values[key] = [str(user_path(x)) for x in values[key]]
         for k, v in values.items():
             if v is not None:
                 out.append(f"{k} = {_toml_value(v)}")

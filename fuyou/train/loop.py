@@ -504,11 +504,11 @@ def _agree_on_sources(cfg: FuyouConfig, dist: distributed.Dist) -> None:
 
 
 def _absolute(paths) -> list[str]:
-    """Paths as config.toml records them (``config.saved_path``), so that the same ones compare equal."""
-    from fuyou.config import saved_path
+    """Paths as config.toml records them (``config.user_path``), so that the same ones compare equal."""
+    from fuyou.config import user_path
 
     paths = [paths] if isinstance(paths, str) else paths
-    return [saved_path(p) for p in paths]
+    return [str(user_path(p)) for p in paths]
 
 
 def load_training_data(cfg: FuyouConfig, resume: bool = False, split: str = "content",
