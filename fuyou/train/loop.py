@@ -778,14 +778,22 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
     stop = _StopOnSignal()
     stop.commits = cfg.offload.mode == "ssd" and cfg.offload.commit != "none"  # (in memory it said "commit intact")
     try:
-        if resume is not None or not dist.is_main:
+        if resume is not None:
             run_dir = run_path
         else:
-            try:
-                run_dir = make_run_dir(cfg, run_path, rid)
+            made: Path | ConfigError = run_path
+            if dist.is_main:
+                try:
+                    made = make_run_dir(cfg, run_path, rid)
+                except ConfigError as e:
+                    made = e
+            try:  # every rank learns of it: under torchrun the others' states were left behind (a pass)
+                run_dir = Path(dist.broadcast(made if isinstance(made, ConfigError) else str(made),
+                                              "making the run directory", started=False))
             except ConfigError:  # another process took the name meanwhile: the state made for it is no run's (it
                 trainer.abandoned = True  # was left committed, and later named as "another run's": a pass)
                 raise
+        if resume is None and dist.is_main:
             record_data(run_dir, cfg, vocabulary=vocabulary)
             if cfg.lora.enabled:
                 from fuyou.hf.peft import record_base

@@ -443,6 +443,26 @@ def test_rank_0_killed_before_the_run_directory_leaves_a_run_that_starts_again(t
     assert "removing the initial (its run's directory was never made) SSD state" in r.stderr
 
 
+def test_a_run_directory_taken_meanwhile_leaves_no_rank_s_state(tmp_path):
+    """Another process makes the run's directory between rank 0's check and its own: every rank's state, made
+    for a run that never was, is removed (rank 1's was left committed, named later as another run's: a pass),
+    and every rank says why rather than waiting on rank 0."""
+    taken = ("import sys; from fuyou.train import loop; real = loop.make_run_dir\n"
+             "def make(cfg, path, rid):\n    path.mkdir(parents=True)\n    return real(cfg, path, rid)\n"
+             "loop.make_run_dir = make\nfrom fuyou.cli import main\nsys.exit(main(sys.argv[1:]))")
+    port, procs = free_port(), []
+    for r in range(2):
+        kw = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK=r, WORLD_SIZE=2, LOCAL_RANK=r, LOCAL_WORLD_SIZE=2)
+        args = train_args(tmp_path, "race", "train.grad_accum=2")
+        procs.append(subprocess.Popen([sys.executable, "-c", taken, *args], env=env(**kw),
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [2, 2], [o[1][-2000:] for o in outs]
+    assert "already exists" in outs[0][1], outs[0][1][-2000:]
+    assert "rank 0 refused the run (making the run directory)" in outs[1][1], outs[1][1][-2000:]
+    assert list((tmp_path / "ssd").iterdir()) == []
+
+
 @pytest.mark.parametrize("killed", [1, 0])
 def test_a_rank_killed_after_the_final_save_leaves_no_state_that_asks_to_be_resumed(tmp_path, killed):
     """A rank is killed after rank 0 saved the weights (the barrier before the states are deleted): the other
