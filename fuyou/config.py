@@ -136,6 +136,9 @@ class FuyouConfig(BaseModel):
         listed preset of 64 positions, was refused its default 128: a pass); one given is checked as given."""
         if (self.model.family == "gpt" and "seq_len" not in self.data.model_fields_set
                 and self.data.seq_len > self.model.max_seq_len):
+            if self.model.init_from:  # (a preset's shorter sequence is in its listing; a checkpoint's is not)
+                print(f"fuyou: note: data.seq_len={self.model.max_seq_len}, the positions of model.init_from="
+                      f"{self.model.init_from} (the default {self.data.seq_len} is beyond them)", file=sys.stderr)
             self.data = self.data.model_copy(update={"seq_len": self.model.max_seq_len})
         return self
 

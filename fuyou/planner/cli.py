@@ -346,6 +346,7 @@ def _plan_data(other: dict, args) -> bool:
         if args.seq is not None and args.seq != given["seq_len"]:
             raise ConfigError(f"--seq {args.seq} and data.seq_len={given['seq_len']} disagree; give one")
         args.seq = given["seq_len"]
+    args.seq_default = not (args.seq or run.get("seq_len"))  # (a GPT's shorter position table then lowers it)
     args.seq = args.seq or run.get("seq_len") or 1024  # (a run directory: the sequence it trains)
     if not given and not run:
         return False
@@ -493,6 +494,10 @@ def _plan(args) -> int:
         args.grad_clip = str(other["train"].pop("grad_clip"))
     args.grad_clip = args.grad_clip or "1.0"
     cfg = _model_config(fields)
+    if args.seq > cfg.max_seq_len and cfg.family == "gpt" and getattr(args, "seq_default", False):
+        print(f"note: planned with --seq {cfg.max_seq_len}, the model's positions (a GPT's learned position table; "
+              f"--seq's default {args.seq} is beyond them)", file=sys.stderr)
+        args.seq = cfg.max_seq_len
     if args.seq > cfg.max_seq_len:
         if cfg.family == "gpt":  # its learned position table grows with the length (fuyou train refuses it)
             from pathlib import Path

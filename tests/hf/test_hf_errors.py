@@ -675,3 +675,22 @@ def test_import_names_what_it_was_given_in_place_of_a_model_directory(tmp_path, 
     assert "is a PEFT adapter directory (an export of a LoRA run, or PEFT's own), not a fuyou run" in \
         capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_gpt_checkpoint_of_fewer_positions_says_the_sequence_it_trains_and_plans(tmp_path, capsys):
+    """A GPT checkpoint of 64 positions: train's default data.seq_len (128) and plan's --seq (1024) are beyond
+    them. Train lowered it without a word, plan refused its own default; both now take the positions and say so.
+    A sequence given is checked as given."""
+    pytest.importorskip("transformers")
+    from hf_testutil import make_hf_model
+
+    src = make_hf_model(tmp_path / "gpt2", "gpt2")
+    cfg = load_config(overrides=[f"model.init_from={src}"])
+    assert cfg.data.seq_len == 64
+    assert f"note: data.seq_len=64, the positions of model.init_from={src}" in capsys.readouterr().err
+    plan = ["plan", "--model", str(src), "--gpu", "rtx4090", "--ssd", "1x990-pro", "--cpu-mem", "4GiB"]
+    assert main(plan) == 0
+    out = capsys.readouterr()
+    assert "planned with --seq 64, the model's positions" in out.err and "batch 16 x seq 64" in out.out, out.out[:600]
+    assert main([*plan, "--seq", "128"]) == 2
+    assert "--seq 128 is beyond the checkpoint's 64 learned positions" in capsys.readouterr().err
