@@ -34,12 +34,27 @@ MOVED = ("the run committed a newer step while its last commit was being read; r
          "run first: Ctrl-C commits and stops it)")
 
 
+def run_state_config(run_dir: Path):
+    """The run's config.toml, for reading its state where the run put it: an SSD directory that is gone is
+    said as export can act on it (the config's own error said to give --ssd, which export does not take: a
+    pass)."""
+    from fuyou.config import load_config
+    from fuyou.tomlfile import read_toml
+
+    off = read_toml(Path(run_dir) / "config.toml").get("offload", {})
+    if off.get("mode") == "ssd":
+        for d in off.get("ssd_dirs") or []:
+            if isinstance(d, str) and d.strip() and not Path(d).exists():
+                raise ConfigError(f"the SSD directory {d} of {run_dir}'s state does not exist: export reads the "
+                                  f"state where the run put it; if it moved, link the old place to the new one "
+                                  f"(ln -s NEW {d}), or move it back")
+    return load_config(Path(run_dir) / "config.toml", ["model.init_from=none"])
+
 class CommittedWeights:
     """``tensor(key, shape)`` of the last commit's fp32 master weights, one stage in memory at a time
     (the interface of ``fuyou.hf.weights.FuyouWeights``). Use as a context manager (closes the store)."""
 
     def __init__(self, run_dir: Path):
-        from fuyou.config import load_config
         from fuyou.engine.commit import read_record
         from fuyou.engine.layout import build_states
         from fuyou.models import StageModel
@@ -50,7 +65,7 @@ class CommittedWeights:
         from fuyou.distributed import check_reshard_pending
 
         check_reshard_pending(run_dir)
-        cfg = load_config(run_dir / "config.toml", ["model.init_from=none"])
+        cfg = run_state_config(run_dir)
         if cfg.offload.mode != "ssd":
             from fuyou.snapshots import snapshot_dirs
 

@@ -1323,8 +1323,7 @@ class Engine:
             if not self.worker.alive:  # nothing uses the store any more: free it and its locks, writing nothing
                 self.store.close(sync=False)
                 if self.abandoned:
-                    for d in self.store_dirs:
-                        shutil.rmtree(d, ignore_errors=True)
+                    self._remove_state()
                 if self.streamer.idle() and self.swapper.idle():  # a load or read still running may copy from
                     self._release_host_memory()                     # pinned memory: leave it be
             return
@@ -1341,8 +1340,12 @@ class Engine:
             self.store.close()
             self._release_host_memory()
             if self.completed and not self.cfg.offload.keep_state:
-                for d in self.store_dirs:
-                    shutil.rmtree(d, ignore_errors=True)
+                self._remove_state()
+
+    def _remove_state(self) -> None:
+        """Delete the SSD state (a finished run's, or one made for a run that never was)."""
+        for d in self.store_dirs:
+            shutil.rmtree(d, ignore_errors=True)
 
     def _release_host_memory(self) -> None:
         """Unregister and free what the engine page-locked, once no copy can still use it."""

@@ -337,16 +337,7 @@ def export_run_dir(run_dir: str | Path, out_dir: str | Path, dtype: str = "fp32"
     a failed export of it removes its half-written output. A LoRA run (``adapter.safetensors``, or the
     last commit's adapters for one stopped before saving them) is written as a PEFT adapter directory,
     or with ``merge`` as the base with the adapters merged in (``fuyou.hf.peft``)."""
-    try:
-        return _export_run_dir(Path(run_dir).expanduser(), Path(out_dir).expanduser(), dtype, shard_size, stream, merge)
-    except ConfigError as e:
-        gone = re.search(r"SSD directory ['\"](.+?)['\"] does not exist", str(e))
-        if gone is None:
-            raise
-        # (it said to give their new place with --ssd, which export does not take: a pass)
-        raise ConfigError(f"the SSD directory {gone.group(1)} of {run_dir}'s state does not exist: export reads the "
-                          f"state where the run put it; if it moved, link the old place to the new one (ln -s NEW "
-                          f"{gone.group(1)}), or move it back") from None
+    return _export_run_dir(Path(run_dir).expanduser(), Path(out_dir).expanduser(), dtype, shard_size, stream, merge)
 
 
 def _export_run_dir(run: Path, out: Path, dtype: str, shard_size: int, stream, merge: bool) -> list[str]:
@@ -467,10 +458,10 @@ def _committed_adapters(run: Path, stream=None):
     import hashlib
     import sys
 
+    from fuyou.engine.committed import run_state_config
     from fuyou.hf.peft import Adapters, base_path
-    from fuyou.config import load_config
 
-    cfg = load_config(run / "config.toml", ["model.init_from=none"])
+    cfg = run_state_config(run)
     if not cfg.lora.enabled:
         return None
     missing = (f"{run} is a LoRA run resumed past its {ADAPTER_FILE}" if (run / ADAPTER_FILE).is_file() else
