@@ -52,6 +52,8 @@ def main(argv=None) -> int:
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--overrides", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if min(args.steps, args.repeats, args.global_batch, args.seq) < 1 or args.warmup < 0:
+        p.error("--steps, --repeats, --global-batch and --seq must be at least 1, --warmup at least 0")
     if args.worker:
         worker(args)
         return 0

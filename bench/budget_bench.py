@@ -20,9 +20,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from fuyou.engine.commit import state_name
 from fuyou.models import ModelConfig, StageModel, preset
 from fuyou.units import format_size, parse_size
-from common import publish  # bench/ is the script's directory: the report tail all benchmarks share
+from common import publish, repo_env  # bench/ is the script's directory: what all benchmarks share
 
 
 def main(argv=None) -> int:
@@ -41,12 +42,21 @@ def main(argv=None) -> int:
     out = Path(tempfile.mkdtemp(prefix="fuyou-budget-runs-"))
     model = StageModel(ModelConfig(**preset(args.model)))
     state = 14 * model.num_params
-    cmd = ["fuyou", "train", "--model", args.model, "--offload", "ssd", "--ssd", str(ssd), "--cpu-mem", args.cpu_mem,
+    cmd = [sys.executable, "-m", "fuyou.cli", "train", "--model", args.model, "--offload", "ssd", "--ssd", str(ssd), "--cpu-mem", args.cpu_mem,
            "--out", str(out), "data.source=synthetic", f"data.seq_len={args.seq}", f"train.micro_batch_size={args.batch}",
            f"train.steps={args.steps}", "train.grad_clip=none", "train.eval_every=0", "train.log_every=1",
            "run.save_weights=false", *args.extra]
+    try:  # (fuyou from PATH measured whatever was installed, not this checkout: a pass)
+        return _measure(args, argv, cmd, out, model, state)
+    finally:  # the run and its state (kept: the run saves no weights) are the benchmark's: 32 GB a run was left
+        for run_dir in out.iterdir():
+            shutil.rmtree(ssd / state_name(run_dir.name), ignore_errors=True)
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def _measure(args, argv, cmd, out: Path, model, state: int) -> int:
     t0 = time.perf_counter()
-    res = subprocess.run(cmd, capture_output=True, text=True)
+    res = subprocess.run(cmd, capture_output=True, text=True, env=repo_env())
     wall = time.perf_counter() - t0
     if res.returncode != 0:
         print(res.stderr[-4000:], file=sys.stderr)
@@ -60,8 +70,8 @@ def main(argv=None) -> int:
     ok = peak <= overhead + budget
     rows = [f"### {args.model} under a {args.cpu_mem} CPU budget ({time.strftime('%Y-%m-%d')})", "",
             f"`python bench/budget_bench.py {' '.join(argv if argv is not None else sys.argv[1:])}` "
-            f"(runs `{' '.join(cmd[:2])} ...` with the overrides shown in the script)", "",
-            f"- parameters {model.num_params / 1e9:.3f} B; training state on SSD + cache {format_size(state)} "
+            f"(runs `fuyou train ...` with the overrides shown in the script)", "",
+            f"- parameters {model.num_params / 1e9:.3g} B; training state on SSD + cache {format_size(state)} "
             f"= {state / budget:.1f}x the budget; batch {args.batch} x {args.seq} tokens",
             f"- peak resident memory {format_size(peak)} <= fixed overhead {format_size(overhead)} + budget "
             f"{format_size(budget)} = {format_size(overhead + budget)}: **{'kept' if ok else 'EXCEEDED'}**",
@@ -75,7 +85,6 @@ def main(argv=None) -> int:
     plan = res.stderr[res.stderr.find("CPU budget"):res.stderr.find("fixed overhead")]
     rows += ["", "Memory plan printed by the engine:", "```", plan.strip(), "```", ""]
     publish(rows, args.markdown)
-    shutil.rmtree(out, ignore_errors=True)
     return 0 if ok else 1
 
 

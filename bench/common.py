@@ -38,6 +38,29 @@ def repo_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": repo + (os.pathsep + path if path else "")}
 
 
+DS_VENV = "/tmp/dsvenv/bin/python"  # tools/setup_deepspeed_peer.sh's venv
+NO_DEEPSPEED = ("needs DeepSpeed: run `bash tools/setup_deepspeed_peer.sh` (a venv at /tmp/dsvenv with the pinned "
+                "version, bench/PEERS_SETUP.md)")
+
+
+def require_deepspeed(what: str, python: str | None = None, skip: str = "") -> None:
+    """Before any measuring: ``what`` needs DeepSpeed, in this interpreter or in ``python``; else a sentence and exit
+    status 2 (scripts ran every fuyou side first, then failed with a traceback: a pass). ``skip``: the flag that
+    leaves the peer out."""
+    import importlib.util
+
+    if python is None or Path(python).resolve() == Path(sys.executable).resolve():
+        ok, where = importlib.util.find_spec("deepspeed") is not None, sys.executable
+    else:
+        ok, where = Path(python).exists() and subprocess.run(
+            [python, "-c", "import importlib.util, sys; sys.exit(importlib.util.find_spec('deepspeed') is None)"],
+            capture_output=True).returncode == 0, python
+    if not ok:
+        print(f"{what} {NO_DEEPSPEED}; {where} has none" + (f" (or give {skip} to leave the peer out)" if skip else ""),
+              file=sys.stderr)
+        raise SystemExit(2)
+
+
 def run_worker(script: str, args: list[str], timeout: float, what: str = "run") -> dict:
     """Run ``script --worker ARGS`` in a fresh Python process and return the JSON object it prints last;
     a failure raises with the tail of its stderr."""

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import shutil
 import sys
 import tempfile
 import time
@@ -42,9 +44,31 @@ OPTIONS = ["torch fp32", "fp32/int8", "bf16/fp32", "bf16/bf16", "bf16/int8", "to
 TARGET = {"fp32/int8": 0.01, "bf16/fp32": 0.02, "bf16/bf16": 0.02, "bf16/int8": 0.02}
 
 
+CORPORA = ("builtin", "pydoc")
+
+
+def choices(given: str, allowed, what: str) -> list[str]:
+    """``given`` (comma-separated) as a list, each one of ``allowed`` (any other name trained on the Python
+    text under the name given, or ended in a KeyError after every run: a pass)."""
+    names = [x.strip() for x in given.split(",") if x.strip()]
+    wrong = [x for x in names if x not in allowed]
+    if wrong or not names:
+        raise SystemExit(f"{what}: {', '.join(wrong) or 'none given'} is not one of {', '.join(allowed)}")
+    return names
+
+
+def check_plot(path: str | None) -> None:
+    """Before any training: a plot asked for needs matplotlib (it failed after every run)."""
+    import importlib.util
+
+    if path and importlib.util.find_spec("matplotlib") is None:
+        raise SystemExit("--plot needs matplotlib: pip install -e '.[plot]'")
+
+
 def corpus_path(name: str, tmp: Path) -> list[str]:
     if name == "builtin":
         return ["data.source=builtin"]
+    assert name == "pydoc", name
     import pydoc_data.topics as topics
 
     f = tmp / "python-reference.txt"
@@ -54,12 +78,13 @@ def corpus_path(name: str, tmp: Path) -> list[str]:
 
 
 def make_cfg(model: str, data: list[str], lr: float, steps: int, extra: list[str]):
+    """The run's config (the in-memory reference trainer's: it writes no run directory)."""
     from fuyou.config import load_config
 
     return load_config(overrides=[*MODELS[model], *data, "data.seq_len=128", "train.micro_batch_size=8",
                                   "train.precision=fp32", f"train.steps={steps}", "train.warmup_steps=20",
                                   f"optim.lr={lr}", "train.grad_clip=1.0", "train.eval_batches=8", "train.device=cpu",
-                                  "run.out_dir=/tmp/fuyou-quality-runs", *extra])
+                                  *extra])
 
 
 def train(cfg, init, option: str, eval_every: int) -> dict:
@@ -102,19 +127,33 @@ def main() -> None:
     ap.add_argument("--plot", help="plot the evaluation curves (PNG; needs matplotlib, extra 'plot')")
     ap.add_argument("--markdown", help="append the report to this file (bench/RESULTS.md)")
     args = ap.parse_args()
+    if args.steps < 1 or args.pretrain < 0:
+        raise SystemExit("--steps must be at least 1 and --pretrain at least 0")
+    models, corpora = choices(args.models, MODELS, "--models"), choices(args.corpora, CORPORA, "--corpora")
+    options = choices(args.options, OPTIONS, "--options")
+    if "torch fp32" not in options:  # every figure is a change against it
+        options.insert(0, "torch fp32")
+    check_plot(args.plot)
 
     import torch
 
     torch.manual_seed(0)
-    options = args.options.split(",")
     try:
         import torchao.optim  # noqa: F401
     except ImportError:
         options = [o for o in options if not o.startswith("torchao")]
         print("torchao is not installed (pip install -e .[optim-peers]): its AdamW8bit is left out", file=sys.stderr)
-    results: dict = {}
     tmp = Path(tempfile.mkdtemp(prefix="fuyou-quality-"))
-    for model in args.models.split(","):
+    try:
+        results = run_all(args, models, corpora, options, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    report(args, models, corpora, options, results)
+
+
+def run_all(args, models: list[str], corpora: list[str], options: list[str], tmp: Path) -> dict:
+    results: dict = {}
+    for model in models:
         init, lr = None, 1e-3
         if args.pretrain:
             pre = train(make_cfg(model, corpus_path("builtin", tmp), 1e-3, args.pretrain, ["train.seed=1"]), None,
@@ -125,7 +164,7 @@ def main() -> None:
                 return {stage.key(n): ckpt[stage.key(n)].clone() for n in stage.params}
 
             print(f"{model}: pretrained {args.pretrain} steps, eval loss {pre['evals'][-1][1]:.4f}", file=sys.stderr)
-        for corpus in args.corpora.split(","):
+        for corpus in corpora:
             for option in options:
                 cfg = make_cfg(model, corpus_path(corpus, tmp), lr, args.steps, ["train.seed=2"])
                 r = train(cfg, init, option, max(1, args.steps // 10))
@@ -133,15 +172,19 @@ def main() -> None:
                 results[(model, corpus, option)] = r
                 print(f"{model} {corpus} {option}: final eval {r['evals'][-1][1]:.4f} ({r['seconds']:.0f} s)",
                       file=sys.stderr)
+    return results
+
+
+def report(args, models: list[str], corpora: list[str], options: list[str], results: dict) -> None:
     lines = ["", f"### Compressed optimizer state: model quality (`python bench/compressed_quality.py "
-             f"--steps {args.steps} --pretrain {args.pretrain}`)", "", machine_header(), "",
+             f"{' '.join(shlex.quote(a) for a in sys.argv[1:])}`)", "", machine_header(), "",
              ("Final evaluation loss after fine-tuning from an fp32-pretrained checkpoint" if args.pretrain else
               "Final evaluation loss after training from scratch (lr 1e-3)")
              + " (fp32 compute, same data and schedule); in brackets the change against torch's fp32 AdamW.", "",
              "| model | corpus | " + " | ".join(options) + " |", "|" + "---|" * (len(options) + 2)]
     verdicts = []
-    for model in args.models.split(","):
-        for corpus in args.corpora.split(","):
+    for model in models:
+        for corpus in corpora:
             base = results[(model, corpus, "torch fp32")]["evals"][-1][1]
             cells = []
             for o in options:
@@ -164,7 +207,6 @@ def main() -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        models, corpora = args.models.split(","), args.corpora.split(",")
         fig, axes = plt.subplots(len(models), len(corpora), figsize=(6 * len(corpora), 4 * len(models)), squeeze=False)
         for i, m in enumerate(models):
             for j, c in enumerate(corpora):

@@ -38,7 +38,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine_header, publish, repo_env  # noqa: E402
+from common import DS_VENV, machine_header, publish, repo_env, require_deepspeed  # noqa: E402
 
 
 def overrides(args) -> list[str]:
@@ -158,12 +158,14 @@ def main(argv=None) -> int:
     p.add_argument("--grad-clip", default="1.0", help="train.grad_clip (default 1.0, exact clipping; or none)")
     p.add_argument("--peer", action="store_true", help="also DeepSpeed ZeRO-Infinity on 1 and N ranks (bench/"
                    "zero_infinity.py under --ds-python; bf16, as it runs)")
-    p.add_argument("--ds-python", default="/tmp/dsvenv/bin/python",
+    p.add_argument("--ds-python", default=DS_VENV,
                    help="interpreter with deepspeed (tools/setup_deepspeed_peer.sh)")
     p.add_argument("--markdown")
     args = p.parse_args(argv)
     if args.peer and args.precision != "bf16":
         raise SystemExit("--peer compares with ZeRO-Infinity in bf16: give --precision bf16")
+    if args.peer:
+        require_deepspeed("--peer (DeepSpeed ZeRO-Infinity, bench/zero_infinity.py)", args.ds_python)
     if args.accum % args.ranks:
         raise SystemExit(f"--accum {args.accum} must be a multiple of --ranks {args.ranks}")
     from fuyou.planner.probe import probe

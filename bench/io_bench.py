@@ -21,6 +21,7 @@ import os
 import platform
 import resource
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -30,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from fuyou.errors import FuyouError
 from fuyou.store import PinnedPool, StoreConfig, TensorStore
 from fuyou.store.checksum import IMPLEMENTATION as CRC_IMPL
 from fuyou.units import format_size, parse_size
@@ -62,9 +64,13 @@ class Store:
         tile = torch.randint(0, 256, (min(nbytes, 64 << 20),), dtype=torch.uint8)
         for o in range(0, nbytes, tile.numel()):  # random 64 MiB tile repeated: cheap to make at 4 GiB
             self.src.tensor[o:o + tile.numel()] = tile[:nbytes - o]
-        self.store = TensorStore.create([d / name], cfg)
-        self.backend = self.store.backend_name
-        self.store.allocate("x", (nbytes,), torch.uint8)
+        try:  # (a full or read-only directory left a part-made store: a pass)
+            self.store = TensorStore.create([d / name], cfg)
+            self.backend = self.store.backend_name
+            self.store.allocate("x", (nbytes,), torch.uint8)
+        except BaseException:
+            shutil.rmtree(d / name, ignore_errors=True)
+            raise
         Store.write(self)  # untimed: converts the fallocated extent to written (the host copy: a subclass's
         # write may need what its own __init__ sets up after this; the bytes are the same)
 
@@ -210,6 +216,14 @@ def run(args: argparse.Namespace) -> tuple[dict[str, list[float]], dict[str, str
     nbytes, bs = parse_size(args.size), parse_size(args.block_size)
     cb = parse_size(args.checksum_block)
     contenders: list = []
+    try:  # (a contender that failed to start left the others' files: a pass)
+        return _run(args, d, nbytes, bs, cb, contenders)
+    finally:
+        for c in contenders:
+            c.close()
+
+
+def _run(args, d: Path, nbytes: int, bs: int, cb: int, contenders: list):
     for i, backend in enumerate(args.backend):
         cfg = StoreConfig(block_size=bs, queue_depth=args.queue_depth, verify_checksums=args.verify,
                           checksum_block=cb, stripe_unit=max(64 << 20, bs, cb), backend=backend)
@@ -231,25 +245,21 @@ def run(args: argparse.Namespace) -> tuple[dict[str, list[float]], dict[str, str
     if h is not None:
         contenders.append(DeepSpeed(h, d, nbytes))
     res: dict[str, list[float]] = {}
-    try:
-        for rep in range(args.reps):
-            k = rep % len(contenders)
-            for c in contenders[k:] + contenders[:k]:
-                for op in ("w", "r"):
-                    if op == "r":
-                        c.before_read()
-                    c0, t = _cpu_seconds(), time.perf_counter()
-                    if isinstance(c, Fio):
-                        rate = c.rate("write" if op == "w" else "read")
-                    else:
-                        c.write() if op == "w" else c.read()
-                        rate = nbytes / (time.perf_counter() - t) / 1e9
-                    res.setdefault(f"{c.name}_{op}", []).append(rate)
-                    res.setdefault(f"{c.name}_{op}_cpu", []).append((_cpu_seconds() - c0) / (nbytes / 1e9))
-                c.check()
-    finally:
-        for c in contenders:
-            c.close()
+    for rep in range(args.reps):
+        k = rep % len(contenders)
+        for c in contenders[k:] + contenders[:k]:
+            for op in ("w", "r"):
+                if op == "r":
+                    c.before_read()
+                c0, t = _cpu_seconds(), time.perf_counter()
+                if isinstance(c, Fio):
+                    rate = c.rate("write" if op == "w" else "read")
+                else:
+                    c.write() if op == "w" else c.read()
+                    rate = nbytes / (time.perf_counter() - t) / 1e9
+                res.setdefault(f"{c.name}_{op}", []).append(rate)
+                res.setdefault(f"{c.name}_{op}_cpu", []).append((_cpu_seconds() - c0) / (nbytes / 1e9))
+            c.check()
     return res, {c.name: c.backend for c in contenders if isinstance(c, Store)}
 
 
@@ -296,6 +306,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sweep", action="store_true", help="store only, over block sizes x queue depths")
     p.add_argument("--markdown", help="append the result table (with command and machine) to this file")
     args = p.parse_args(argv)
+    if args.reps < 1 or args.queue_depth < 1:
+        p.error("--reps and --queue-depth must be at least 1")
+    if Path(args.dir).exists() and not Path(args.dir).is_dir():
+        p.error(f"--dir {args.dir} is a file; give a directory on the disk to measure")
+    # SIGTERM (a timeout, a killed job) ends the run through its ``finally``: the store's file (--size, 4 GiB)
+    # was left behind
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        return _main(args)
+    except FuyouError as e:  # (a read-only or full directory was a StorePermissionError traceback)
+        print(f"io_bench: {e}", file=sys.stderr)
+        return 2
+
+
+def _main(args) -> int:
     header = machine_header(Path(args.dir).parent if not Path(args.dir).exists() else Path(args.dir),
                             with_deepspeed=not (args.no_deepspeed or args.sweep))
     print(header)

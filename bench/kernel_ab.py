@@ -35,9 +35,15 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=15, help="timed calls of each (the first is dropped)")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
+    if args.params < 1 or args.repeats < 2:
+        ap.error("--params must be at least 1 and --repeats at least 2 (the first is dropped)")
     libs = {}
     for tag, path in (("old", args.old), ("new", args.new)):
-        libs[tag] = ctypes.CDLL(path)
+        try:
+            libs[tag] = ctypes.CDLL(path)
+        except OSError as e:
+            raise SystemExit(f"{tag} kernel library {path}: {e}; give the paths of two builds of the AdamW kernel "
+                             f"(.so)") from None
         kb._declare(libs[tag])
     n = int(args.params)
     g = (torch.randn(n) * 1e-3).to(torch.bfloat16)

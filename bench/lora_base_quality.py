@@ -19,6 +19,8 @@ direct cost), the final evaluation loss after LoRA, and the relative change.
 from __future__ import annotations
 
 import argparse
+import shlex
+import shutil
 import sys
 import tempfile
 import time
@@ -28,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common import machine_header, publish  # noqa: E402
-from compressed_quality import corpus_path, make_cfg, train  # noqa: E402
+from compressed_quality import MODELS, choices, corpus_path, make_cfg, train  # noqa: E402
 
 
 BASES = ("compute", "int8", "nf4", "nf4dq")
@@ -59,13 +61,24 @@ def main() -> None:
     ap.add_argument("--models", default="gpt,llama")
     ap.add_argument("--markdown", help="append the report to this file (bench/RESULTS.md)")
     args = ap.parse_args()
+    if args.steps < 1 or args.pretrain < 0 or args.rank < 1:
+        raise SystemExit("--steps and --rank must be at least 1, --pretrain at least 0")
+    models = choices(args.models, MODELS, "--models")
 
     import torch
 
     torch.manual_seed(0)
     tmp = Path(tempfile.mkdtemp(prefix="fuyou-lora-quality-"))
+    try:
+        rows = run_all(args, models, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    report(args, rows)
+
+
+def run_all(args, models: list[str], tmp: Path) -> list:
     rows = []
-    for model in args.models.split(","):
+    for model in models:
         pre = train(make_cfg(model, corpus_path("builtin", tmp), 1e-3, args.pretrain, ["train.seed=1"]), None,
                     "torch fp32", args.pretrain)
         ckpt = pre["state"]
@@ -84,8 +97,12 @@ def main() -> None:
             print(f"{model} base={base}: eval {ev[0][1]:.5f} before, {ev[-1][1]:.5f} after "
                   f"({got[base]['seconds']:.0f} s)", file=sys.stderr)
         rows.append((model, pre["evals"][-1][1], got))
-    lines = ["", f"### LoRA over a quantised base: model quality (`python bench/lora_base_quality.py --pretrain "
-             f"{args.pretrain} --steps {args.steps} --rank {args.rank} --targets {args.targets}`)", "",
+    return rows
+
+
+def report(args, rows: list) -> None:
+    lines = ["", f"### LoRA over a quantised base: model quality (`python bench/lora_base_quality.py "
+             f"{' '.join(shlex.quote(a) for a in sys.argv[1:])}`)", "",
              machine_header(), "",
              f"A base pretrained {args.pretrain} steps on the embedded corpus (fp32 AdamW), then LoRA rank {args.rank} "
              f"({args.targets}) for {args.steps} steps on the Python reference text, fp32 compute, same data and "

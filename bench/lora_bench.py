@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_header, publish, repo_env, run_worker  # noqa: E402
+from common import DS_VENV, machine_header, publish, repo_env, require_deepspeed, run_worker  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -159,7 +159,7 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--ds-python", default="/tmp/dsvenv/bin/python")
+    p.add_argument("--ds-python", default=DS_VENV)
     p.add_argument("--no-peer", action="store_true")
     p.add_argument("--kept-policy", help="also fuyou LoRA with this offload.act_policy (e.g. 'all=gpu': every "
                    "block's matmul outputs kept, no recomputation of them), and the peer without activation "
@@ -175,6 +175,8 @@ def main(argv=None) -> int:
         worker(args)
         return 0
 
+    if not args.no_peer:
+        require_deepspeed("the peer (ZeRO-3 NVMe + PEFT LoRA, bench/zero3_peft.py)", args.ds_python, "--no-peer")
     args.ssd.mkdir(parents=True, exist_ok=True)
     model_dir = args.ssd / f"model-{os.getpid()}"
     header = machine_header()

@@ -52,11 +52,10 @@ import torch
 from fuyou.engine.malloc import resident_bytes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_header, publish, run_worker  # noqa: E402
+from common import DS_VENV, machine_header, publish, require_deepspeed, run_worker  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 ZINF = HERE / "zero_infinity.py"
-DS_VENV = "/tmp/dsvenv/bin/python"
 
 
 # -- measurement helpers (the same for every system) ------------------------------------------------
@@ -279,6 +278,8 @@ def main(argv=None) -> int:
     use_ds = not args.no_deepspeed
     if use_ds and not args.ds_python:
         p.error("no interpreter with deepspeed found: pass --ds-python or --no-deepspeed")
+    if use_ds:  # (an interpreter without it ran every fuyou side, then reported "loss check: FAILED": a pass)
+        require_deepspeed("the peer (ZeRO-Infinity, bench/zero_infinity.py)", args.ds_python, "--no-deepspeed")
     from fuyou.models import ModelConfig, StageModel, preset
     from fuyou.units import parse_size
 

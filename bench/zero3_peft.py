@@ -67,6 +67,10 @@ def main(argv=None) -> int:
     p.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=True,
                    help="activation checkpointing per decoder layer (default on, as PEFT recommends)")
     args = p.parse_args(argv)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from common import require_deepspeed
+
+    require_deepspeed("bench/zero3_peft.py (DeepSpeed ZeRO-3 + PEFT)")
 
     for k, v in (("MASTER_ADDR", "127.0.0.1"), ("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
         os.environ.setdefault(k, v)

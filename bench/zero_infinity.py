@@ -28,8 +28,8 @@ Settings given to ZeRO-Infinity (chosen so the peer is not crippled; each is pri
   ``pipeline_read``/``pipeline_write`` can overlap the NVMe traffic of one sub-group with CPU Adam of
   another; the optimizer swapper then needs ``buffer_count`` 12 (3 tensors x read/compute/write + grads).
 * ``aio``: 1 MiB blocks, ``queue_depth`` 32, ``intra_op_parallelism`` 2 (one per core),
-  ``single_submit`` off, ``overlap_events`` on: the fastest of the settings in
-  ``shared/peers/deepspeed_aio_bench.py`` on the development machine (``thread_count`` is ignored by
+  ``single_submit`` off, ``overlap_events`` on: the fastest in a sweep of ``aio_handle`` settings on the
+  development machine (``thread_count`` is ignored by
   current DeepSpeed; ``intra_op_parallelism`` is the thread knob).
 * Activation checkpointing per transformer block (``--checkpoint block``, the default), as
   ZeRO-Infinity is run in its paper and as any model larger than toy needs on a GPU; ``--checkpoint none``
@@ -349,6 +349,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from common import require_deepspeed
+
+    require_deepspeed("bench/zero_infinity.py (DeepSpeed ZeRO-Infinity)")
     res = run(args)
     res["command"] = "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
     print(f"{res['model']} ({res['num_params'] / 1e6:.1f}M params) batch {res['batch']} seq {res['seq']}: "

@@ -17,8 +17,9 @@
 # `bash tools/gpu_carry.sh` fills where PyPI is reachable (tools/gpu_common.sh installs them first).
 # What is missing is skipped and named in the report. The DeepSpeed peers on the GPU:
 # tools/gpu_peers.sh, a second run.
+DIR=${1:+$(realpath -m "$1")}  # a DIR given relative is the caller's, not the repository's
 cd "$(dirname "$0")/.."
-DIR=${1:-gpu-check-$(date +%Y%m%d-%H%M%S)}
+DIR=${DIR:-gpu-check-$(date +%Y%m%d-%H%M%S)}
 TITLE="fuyou GPU check" SCRIPT="tools/gpu_check.sh $*"
 source tools/gpu_common.sh
 

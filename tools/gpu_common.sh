@@ -62,8 +62,12 @@ PYEOF
 say '```'
 [ -n "$SETUP" ] && say "$SETUP"
 
-if ! "$PY" -c "import torch, pydantic, safetensors, numpy; assert torch.cuda.is_available()" >> "$REPORT" 2>&1; then
-  say "**stopped**: torch with CUDA and fuyou's dependencies must import (see above)."
+if ! "$PY" -c "import torch, pydantic, safetensors, numpy" >> "$REPORT" 2>&1; then
+  say "**stopped**: torch and fuyou's dependencies must import (see above; tools/gpu_carry.sh carries the wheels)."
+  exit 2
+fi
+if ! "$PY" -c "import sys, torch; sys.exit(not torch.cuda.is_available())" >> "$REPORT" 2>&1; then
+  say "**stopped**: no CUDA GPU here (torch $("$PY" -c 'import torch; print(torch.__version__)') sees none): run this on the GPU machine."
   exit 2
 fi
 

@@ -11,8 +11,9 @@
 # and writes DIR/report.md (default DIR: gpu-peers-<date>-<time>). Usage, from the repository root:
 #   bash tools/gpu_carry.sh          # here, where PyPI and Debian are reachable: fills .whl/ and .deb/
 #   bash tools/gpu_peers.sh [DIR]    # there, with .whl and .deb carried (device tool: DIR=$OUT/gp)
+DIR=${1:+$(realpath -m "$1")}  # a DIR given relative is the caller's, not the repository's
 cd "$(dirname "$0")/.."
-DIR=${1:-gpu-peers-$(date +%Y%m%d-%H%M%S)}
+DIR=${DIR:-gpu-peers-$(date +%Y%m%d-%H%M%S)}
 TITLE="fuyou against the DeepSpeed peers on a GPU" SCRIPT="tools/gpu_peers.sh $*"
 source tools/gpu_common.sh
 

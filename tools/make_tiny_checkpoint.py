@@ -117,16 +117,27 @@ def main(argv=None) -> int:
     p.add_argument("--chat-data", help="also write a chat JSONL (pydoc topics as conversations) here")
     args = p.parse_args(argv)
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        print(f"{out} is a file; --out is the checkpoint directory to write", file=sys.stderr)
+        return 2
     if out.exists() and any(out.iterdir()):
         print(f"{out} exists and is not empty; choose a new --out", file=sys.stderr)
         return 2
-    out.mkdir(parents=True, exist_ok=True)
+    chat = Path(args.chat_data) if args.chat_data else None
+    if chat is not None and (chat.is_dir() or not chat.parent.is_dir()):  # (checked first: the checkpoint was
+        print(f"--chat-data {chat}: give a file in an existing directory", file=sys.stderr)  # written, then a crash)
+        return 2
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        print(f"cannot make --out {out}: {e.strerror}", file=sys.stderr)
+        return 2
     tok = make_tokenizer(args.family, out)
     make_model(args.family, out, tok)
     print(f"wrote a tiny {args.family} checkpoint ({len(tok)}-token tokenizer with a chat template) to {out}")
     if args.chat_data:
         recs = chat_records()
-        Path(args.chat_data).write_text("".join(json.dumps(r) + "\n" for r in recs))
+        chat.write_text("".join(json.dumps(r) + "\n" for r in recs))
         print(f"wrote {len(recs)} conversations to {args.chat_data}")
     return 0
 

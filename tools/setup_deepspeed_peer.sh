@@ -6,7 +6,7 @@
 #   bash tools/setup_deepspeed_peer.sh            # venv at /tmp/dsvenv
 #   DSVENV=/opt/dsvenv bash tools/setup_deepspeed_peer.sh
 # Needs root (or sudo) for apt-get, network access to PyPI and Debian, about 8 minutes on 2 cores.
-# Recipe and pitfalls: shared/PEERS.md and bench/PEERS_SETUP.md.
+# Recipe and pitfalls: bench/PEERS_SETUP.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)

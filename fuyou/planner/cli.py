@@ -674,7 +674,6 @@ def _probe(args) -> int:
     for flag in ("batch", "seq"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise ConfigError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
-    import shutil
     from pathlib import Path
 
     if not args.ssd.strip():  # (an empty "$SSD": Path("") is the current directory; a traceback)
@@ -682,7 +681,6 @@ def _probe(args) -> int:
     # the SSD probe holds --io-bytes in memory and writes it under --ssd: both checked before the compute probe
     # (a pass: --io-bytes 1TB ended in an ENOMEM traceback, after minutes of measuring)
     memory = cpu_memory()
-    free = shutil.disk_usage(args.ssd).free if Path(args.ssd).is_dir() else None
     # (it holds about 3x --io-bytes in memory, two pinned buffers and the random source, and writes two tensors)
     if memory and 3 * io_bytes > memory // 2:
         raise ConfigError(f"--io-bytes {format_size(io_bytes)}: the SSD probe holds about 3x that in memory, more "
@@ -692,10 +690,12 @@ def _probe(args) -> int:
         raise ConfigError(f"--adam-params {args.adam_params}: the AdamW probe holds 16 B a parameter "
                           f"({format_size(16 * args.adam_params)}), more than half this machine's "
                           f"{format_size(memory)}; give fewer (the default, {1 << 24}, measures the kernel)")
-    if free is not None and 2 * io_bytes > free:
-        raise ConfigError(f"--io-bytes {format_size(io_bytes)}: the SSD probe writes 2x that, more than the "
-                          f"{format_size(free)} free under --ssd {args.ssd}; give less (the default, 256MiB, "
-                          f"measures the drives)")
+    if Path(args.ssd).is_dir():
+        from fuyou.engine.config import _no_storage
+
+        if _no_storage(args.ssd):  # (it was told to give less --io-bytes: a pass)
+            raise ConfigError(f"--ssd {args.ssd} is on a file system with no storage (such as /proc or /sys); give "
+                              f"a directory on the SSD to measure")
 
     out = Path(args.out).expanduser()
     if out.is_file() and not _is_profile(out):  # (a new-user pass overwrote a model's config.json)
@@ -708,7 +708,7 @@ def _probe(args) -> int:
     fs = _filesystem(Path(args.ssd))
     if fs in ("tmpfs", "ramfs"):
         print(f"fuyou: note: --ssd {args.ssd} is on {fs}, which is memory: its figures are memory's, not an SSD's, "
-              f"and its free space is this machine's memory; a plan from this profile counts that memory twice",
+              f"and what it holds takes this machine's memory; a plan from this profile counts that memory twice",
               file=sys.stderr)
     model = args.model
     if model is not None:  # a preset or a path, as fuyou plan --model takes
@@ -751,6 +751,12 @@ def _probe(args) -> int:
     print(f"CPU AdamW: {prof.cpu_adam / 1e9:.3g} G params/s; memory: CPU {format_size(prof.cpu_mem or 0)}, "
           f"device {format_size(prof.gpu_mem)}")
     print(f"wrote {args.out}")
+    small = [f for f, v, d in (("--io-bytes", io_bytes, 64 << 20), ("--adam-params", args.adam_params, 1 << 22))
+             if v < d]
+    if small:  # (a pass: --io-bytes 1MiB --adam-params 65536 measured the I/O CPU 7.5x and AdamW 3.7x off)
+        print(f"note: {' and '.join(small)} below the defaults: start-up costs weigh on so small a measurement, "
+              f"and its figures can be several times off (the defaults, 256MiB and {1 << 24}, measure the drives "
+              f"and the kernel)", file=sys.stderr)
     if args.repeats < 3:  # (a pass: a --repeats 1 profile was 30x off on a busy machine, without a word)
         each = "one timing" if args.repeats == 1 else "a median of two"
         print(f"note: --repeats {args.repeats}: each figure is {each}, which a busy machine can make far off; the "

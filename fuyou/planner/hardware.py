@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, conlist, field_validator
 
 from fuyou.errors import ConfigError
 from fuyou.units import format_size
@@ -148,13 +148,13 @@ class HardwareProfile(BaseModel):
         "block, alone, over the time the job took (the pipeline's fill and drain at low queue depth and its "
         "per-request work, which the store's streaming rates leave out); the optimizer's SSD tasks run at this "
         "fraction of the store's rates. 1.0 (presets): the rates hold.")
-    ssd_capacity: int = Field(gt=0, description="Usable SSD space, bytes.")
+    ssd_capacity: int = Field(gt=0, le=1 << 70, description="Usable SSD space, bytes (at most 1 ZiB).")
     ssd_drives: int = Field(1, ge=1, description="Drives striped (for 'what if twice the SSDs').")
     ssd_tbw: float | None = Field(None, gt=0, description="Rated endurance of all the drives together, bytes "
                                   "written (presets' datasheets, or --ssd-tbw); None: unknown.")
     cpu_adam: float = Field(gt=0, description="CPU AdamW throughput, parameters/s (fuyou's fused kernel).")
     cpu_mem: int | None = Field(None, gt=0, description="CPU memory of the machine, bytes (probe; informative).")
-    compute_block: list[int] | None = Field(None, description="The probe's timed block: [d_model, tokens a "
+    compute_block: conlist(int, min_length=2, max_length=2) | None = Field(None, description="The probe's timed block: [d_model, tokens a "
                                             "micro-batch]. Its FLOP/s hold near that shape; a plan far from it "
                                             "extrapolates them, and says so. None: presets.")
     compute_precision: Literal["bf16", "fp32"] | None = Field(
@@ -167,6 +167,21 @@ class HardwareProfile(BaseModel):
                                   "broadcast between two processes of the machine (the weight exchange).")
     gloo_reduce: float = Field(GLOO_REDUCE_DEFAULT, gt=0, description="Data parallel on a CPU device: bytes/s of a "
                                "gloo reduce of fp32 between two processes (the gradient sums).")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans(cls, v):
+        """``true`` is not a figure (``"ssd_read": true`` was taken as 1 B/s: a pass)."""
+        if isinstance(v, bool):
+            raise ValueError("a number is expected, not true/false")
+        return v
+
+    @field_validator("compute_block")
+    @classmethod
+    def _positive_block(cls, v):
+        if v is not None and min(v) < 1:  # (a hand-edited [0, 1024] divided by zero in the report: a pass)
+            raise ValueError("compute_block is [d_model, tokens], both at least 1")
+        return v
 
 
 def _ssd_preset(spec: str) -> tuple[int, dict]:

@@ -225,6 +225,27 @@ def sweep_probe_dirs(directory: Path, quiet_s: float = 120.0) -> list[Path]:
     return gone
 
 
+STORE_REQUEST = 4 * 1024**2  # ``probe_store``'s request: its tensors are a whole number of them
+
+
+def check_probe_space(d: Path, io_bytes: int, job_params: int) -> None:
+    """Before any measuring: what the probe writes under ``d`` fits its free space. The SSD probe's two tensors
+    of ``io_bytes`` (whole requests, at least one) and then the AdamW job's fp32 master and moments of the model's
+    block (it checked 2x --io-bytes: a 9 MiB file system failed in the last phase, after the measuring)."""
+    from fuyou.units import format_size
+
+    store = 2 * max(STORE_REQUEST, io_bytes // STORE_REQUEST * STORE_REQUEST)
+    job = 12 * job_params
+    need, free = max(store, job) + (1 << 20), shutil.disk_usage(d).free  # (+ the stores' manifests and locks)
+    if need > free:
+        cut = ("give a smaller --io-bytes" if store >= job and io_bytes > STORE_REQUEST else
+               "give a smaller --model (the job is one of its blocks)" if job > store else "free space there")
+        raise ConfigError(f"--ssd {d}: the probe writes up to {format_size(need)} there (the SSD probe's two tensors "
+                          f"of {format_size(store // 2)}, then the AdamW job's state of the model's block, "
+                          f"{format_size(job)}), more than the {format_size(free)} free: {cut}, or measure a "
+                          f"directory with more room")
+
+
 def probe_store(directory: Path, nbytes: int, repeats: int = 3, cfg: StoreConfig | None = None,
                 request: int = 4 * 1024**2, inflight: int = 6) -> dict:
     """Write, read and mixed (write one tensor while reading another) bandwidth through the store, in
@@ -234,7 +255,7 @@ def probe_store(directory: Path, nbytes: int, repeats: int = 3, cfg: StoreConfig
     sweep_probe_dirs(directory)
     root = directory / f"fuyou-probe-{os.getpid()}"
     shutil.rmtree(root, ignore_errors=True)
-    nbytes = max(request, nbytes // request * request)
+    nbytes = max(request, nbytes // request * request)  # (``check_probe_space`` counts the same)
     pool = PinnedPool(2 * nbytes + (1 << 20))
 
     def stream(op, key, buf):
@@ -439,6 +460,7 @@ def probe(ssd_dir: str | Path, *, model: str | ModelConfig | None = None, batch:
         print(f"fuyou probe: note: --seq {asked} is beyond the model's {cfg.max_seq_len} positions; timing {seq}",
               file=sys.stderr)
     job_params = min(JOB_PARAMS_MAX, StageModel(cfg).stages[1].num_params)  # the model's block
+    check_probe_space(d, io_bytes, job_params)
     if not cuda and 12 * cfg.d_model**2 > 3e8:  # a block too large to time on CPU in seconds: a smaller one
         big = cfg.d_model
         cfg = ModelConfig(**{**preset("gpt3-1.3b"), "family": cfg.family})

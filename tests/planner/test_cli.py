@@ -91,6 +91,7 @@ def test_probe_smoke_writes_a_profile_plan_can_use(tmp_path, capsys):
     out = capsys.readouterr()
     assert "out-of-core AdamW job" in out.out and "with LoRA (rank" in out.out and "the head" in out.out
     assert "--repeats 1: each figure is one timing" in out.err
+    assert "--io-bytes and --adam-params below the defaults" in out.err  # (1 MiB: 7.5x off, said nothing: a pass)
     assert main(["plan", "--model", "gpt-tiny", "--profile", str(prof), "--cpu-mem", "1GiB", "--batch", "2",
                  "--seq", "64"]) == 0
     assert "swap schedule" in capsys.readouterr().out
@@ -1065,3 +1066,51 @@ def test_plan_config_wrong_input(tmp_path, capsys):
         bad.write_text(f"[train]\n{text}\n")  # (train refuses them; plan planned 5 x 6 and 4 x 3: a review)
         assert main(["plan", "--config", str(bad), "--gpu", "rtx4090", "--ssd", "990-pro"]) == 2
         assert f"{bad}: {says}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("compute_block", [0, 1024], "compute_block is [d_model, tokens], both at least 1"),
+    ("compute_block", [256], "compute_block"),
+    ("ssd_read", True, "a number is expected, not true/false"),
+    ("ssd_capacity", 10**400, "ssd_capacity"),
+])
+def test_a_hand_edited_profile_is_refused_with_the_field(tmp_path, capsys, field, value, needle):
+    """A pass: compute_block [0, 1024] divided by zero in the report and [256] was an IndexError; "ssd_read": true
+    planned a step of 2.4e5 s at 1 B/s; a capacity of 10**400 bytes was taken."""
+    import json
+
+    path = _cpu_profile(tmp_path, compute_block=[256, 1024])
+    raw = json.loads(path.read_text())
+    body = raw.get("profile", raw)
+    body[field] = value
+    path.write_text(json.dumps(raw))
+    assert main(["plan", "--model", "gpt-tiny", "--profile", str(path), "--seq", "128", "--batch", "4"]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err, err
+
+
+def test_probe_counts_what_it_writes_before_measuring(tmp_path, capsys, monkeypatch):
+    """A pass: the check asked 2x --io-bytes, but the SSD probe writes whole 4 MiB requests and then the AdamW job
+    writes the model's block's fp32 state: --io-bytes 1MiB in 6 MiB failed in the store with training's advice,
+    and in 9 MiB only in the last phase, after the measuring. /proc was told to give less --io-bytes."""
+    import shutil
+    from collections import namedtuple
+
+    from fuyou.planner import probe as probe_mod
+
+    (tmp_path / "ssd").mkdir()
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda d: usage(9 << 20, 0, 9 << 20))
+    def measuring(*a, **k):
+        raise RuntimeError("measuring")
+
+    monkeypatch.setattr(probe_mod, "probe_compute", measuring)
+    args = ["probe", "--ssd", str(tmp_path / "ssd"), "--io-bytes", "1MiB", "--out", str(tmp_path / "p.json")]
+    assert main([*args, "--model", "gpt-tiny"]) == 2  # its block: 0.8M parameters, 9.0 MiB of state
+    err = capsys.readouterr().err
+    assert "the probe writes up to 10.0" in err and "give a smaller --model" in err, err
+    with pytest.raises(RuntimeError, match="measuring"):  # a small block (gpt-test's): past the check
+        main([*args, "--model", "gpt-test"])
+    assert not (tmp_path / "p.json").exists()
+    assert main(["probe", "--ssd", "/proc", "--out", str(tmp_path / "p.json")]) == 2
+    assert "no storage" in capsys.readouterr().err
