@@ -13,8 +13,8 @@ def add_parsers(sub) -> None:
                         "schedule and a timeline of one step. Hardware by preset (--gpu, --ssd NxNAME, --pcie), by "
                         "numbers, or --profile FILE from `fuyou probe`.")
     pl.add_argument("--model", help="model preset (see `fuyou models`), or a path: a Hugging Face config.json or "
-                    "model directory, or a fuyou run directory (no weights are read); default: --config's model, "
-                    "else gpt3-13b")
+                    "model directory, or a fuyou run directory (planned as its config.toml trains it, as --config "
+                    "plans a file; no weights are read); default: --config's model, else gpt3-13b")
     pl.add_argument("--config", help="a fuyou train config file (see configs/): plan the run it describes (its model, "
                     "sequence, batch, precision, clipping, optimizer state, LoRA, offload settings and hardware "
                     "section); flags and overrides given here win over it")
@@ -166,6 +166,7 @@ def _plan_config_file(args) -> dict:
     if not p.is_file():
         raise ConfigError(f"--config {p} does not exist; see configs/ for examples")
     raw = read_toml(p)
+    named = p.parent if getattr(args, "from_run", False) else p  # (a run directory is named as the user gave it)
     validate_keys(raw)
     sec = {name: dict(raw.get(name) or {}) for name in ("model", "data", "train", "optim", "lora", "offload",
                                                         "hardware")}
@@ -196,7 +197,7 @@ def _plan_config_file(args) -> dict:
     try:  # split as train splits it (a review: 5 x 6 was planned for global_batch 32, which train refuses)
         split = TrainConfig(**given)
     except ValidationError as e:
-        raise ConfigError(f"{p}: " + explain(e, "train").replace("invalid configuration:\n  ", "")) from None
+        raise ConfigError(f"{named}: " + explain(e, "train").replace("invalid configuration:\n  ", "")) from None
     out["run_batch"] = {"micro_batch_size": split.micro_batch_size, "grad_accum": split.grad_accum,
                         **({"global_batch": given["global_batch"]} if "global_batch" in given else {})}
     out["optim"] = {k: sec["optim"][k] for k in ("master", "moments") if k in sec["optim"]}
@@ -205,7 +206,7 @@ def _plan_config_file(args) -> dict:
     off = sec["offload"]
     mode = str(off.pop("mode", OffloadConfig.model_fields["mode"].default))
     if mode != "ssd":
-        print(f"note: {p} trains in memory (offload.mode={mode}); planned offloaded to the SSD, what plan plans "
+        print(f"note: {named} trains in memory (offload.mode={mode}); planned offloaded to the SSD, what plan plans "
               f"(fuyou train --offload ssd --ssd DIR)", file=sys.stderr)
     off.pop("ssd_dirs", None)  # (the drives: --ssd COUNTxPRESET or the hardware section's ssd)
     for key, flag in (("cpu_mem", "cpu_mem"), ("gpu_mem", "gpu_mem"), ("act_policy", "act_policy"),
@@ -214,7 +215,7 @@ def _plan_config_file(args) -> dict:
             if key in ("cpu_mem", "gpu_mem") and key in off:  # (a budget is not a machine's memory: said, a review)
                 flags = " and ".join(f"--{f.replace('_', '-')}" for f in (flag, "cpu_reserve")
                                      if getattr(args, f) is not None and (f == flag or key == "cpu_mem"))
-                print(f"note: {flags} given: {p}'s offload.{key}={off[key]} (train's budget) is not planned",
+                print(f"note: {flags} given: {named}'s offload.{key}={off[key]} (train's budget) is not planned",
                       file=sys.stderr)
             off.pop(key, None)  # the command line's wins
     if args.cpu_mem is None and args.cpu_reserve is None and "cpu_mem" not in off:
@@ -239,7 +240,7 @@ def _plan_run_batch(args, run: dict) -> None:
 
     if not run or args.global_batch is not None or (args.batch is not None and args.grad_accum is not None):
         return
-    src = args.config or args.model
+    src = args.model if getattr(args, "from_run", False) else args.config or args.model
     mbs, accum, gb = (run.get(k) for k in ("micro_batch_size", "grad_accum", "global_batch"))
     if args.batch is None and args.grad_accum is None:
         args.batch, args.grad_accum = mbs, accum
@@ -443,6 +444,7 @@ def _plan_offload_flags(args, given: dict) -> None:
 def _plan(args) -> int:
     import json
     import math
+    from pathlib import Path
 
     from fuyou.errors import ConfigError
     from fuyou.planner.config import HardwareConfig
@@ -459,6 +461,10 @@ def _plan(args) -> int:
 
         if importlib.util.find_spec("matplotlib") is None:
             raise ConfigError("--plot needs matplotlib: pip install 'fuyou[plot]'")
+    if args.config is None and args.model and (Path(args.model).expanduser() / "config.toml").is_file():
+        # a run directory: the run as its config.toml trains it, as --config plans a file (its shape, batch and
+        # state format were taken; its clipping, commits, policy and budget were plan's defaults: a pass)
+        args.config, args.from_run = str(Path(args.model).expanduser() / "config.toml"), True
     from_file = _plan_config_file(args) if args.config else {}  # (first: it sets flags left out)
     if args.ssd and len(args.ssd) > 1:  # (fuyou train's --ssd is one directory a drive, and repeats)
         import re

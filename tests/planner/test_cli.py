@@ -1114,3 +1114,25 @@ def test_probe_counts_what_it_writes_before_measuring(tmp_path, capsys, monkeypa
     assert not (tmp_path / "p.json").exists()
     assert main(["probe", "--ssd", "/proc", "--out", str(tmp_path / "p.json")]) == 2
     assert "no storage" in capsys.readouterr().err
+
+
+def test_a_run_directory_is_planned_with_its_clipping_commits_policy_and_budget(tmp_path, capsys):
+    """A pass: `plan --model RUN_DIR` took the run's shape, batch and state format, and planned exact clipping,
+    commits every 10 minutes, a searched policy and plan's own budget for a run of grad_clip none, commit_every 1,
+    an activation policy and 280 MiB; it said only the budget. The run is planned as --config plans its file."""
+    (tmp_path / "ssd").mkdir()
+    assert main(["train", "--offload", "ssd", "--ssd", str(tmp_path / "ssd"), "--cpu-mem", "280MiB", "--out",
+                 str(tmp_path / "runs"), "run.name=cfg1", "model.preset=gpt-tiny", "data.seq_len=64",
+                 "train.micro_batch_size=4", "train.steps=1", "train.grad_clip=none", "offload.commit_every=1",
+                 "--act-policy", "fc2,proj=ssd", "optim.moments=int8", "train.eval_every=0"]) == 0
+    capsys.readouterr()
+    run = tmp_path / "runs" / "cfg1"
+    assert main(["plan", "--model", str(run), "--profile", str(_cpu_profile(tmp_path)), "--json"]) == 0
+    by_run = json.loads(capsys.readouterr().out)
+    assert main(["plan", "--config", str(run / "config.toml"), "--profile", str(_cpu_profile(tmp_path)),
+                 "--json"]) == 0
+    by_file = json.loads(capsys.readouterr().out)
+    assert by_run["grad_clip"] is None and by_run["commit"] == "every 1 step(s)", by_run
+    blocks = by_run["policy"]["blocks"]
+    assert by_run["cpu_given_bytes"] == 280 * 2**20 and {b["fc2"] for b in blocks.values()} == {"ssd"}
+    assert {**by_run, "model": None} == {**by_file, "model": None}  # (the model named by its shape, or preset)
