@@ -423,7 +423,7 @@ def _plan_offload_flags(args, given: dict) -> None:
         if args.gpu_reserve is not None:
             raise ConfigError("offload.gpu_mem is fuyou train's device budget, planned as it is (no reserve); "
                               "--gpu-reserve applies to --gpu-mem, the GPU's memory: give one of them")
-        args.gpu_mem, args.gpu_reserve = str(given.pop("gpu_mem")), "0"
+        args.gpu_mem, args.gpu_reserve, args.gpu_budget = str(given.pop("gpu_mem")), "0", True
     if "act_policy" in given:
         args.act_policy = str(given.pop("act_policy"))
     if args.prefetch_depth is not None and args.prefetch_depth < 1:  # (0 was "not given"; -3 a traceback)
@@ -546,7 +546,7 @@ def _plan(args) -> int:
         raise ConfigError(re.sub(r"hardware\.(\w+)", lambda m: "--" + m.group(1).replace("_", "-"), text)) from None
     except ValueError as e:
         raise ConfigError(f"invalid hardware option: {e}") from None
-    hw = resolve(hwc)
+    hw = resolve(hwc, getattr(args, "gpu_budget", False))  # (a budget was told as "the GPU has", "a GPU with": a pass)
     for flag in ("gpu_mem", "gpu_tflops", "pcie_bw", "gpu_link"):  # (a pass: taken, and nothing changed)
         if hw.device == "cpu" and getattr(args, flag, None) is not None:
             raise ConfigError(f"--{flag.replace('_', '-')} is a GPU's, and {args.profile} was measured on a CPU (its "

@@ -130,6 +130,8 @@ class HardwareProfile(BaseModel):
     gpu_mem: int = Field(gt=0, description="Device memory usable by training, bytes.")
     gpu_card: int | None = Field(None, gt=0, description="The card's memory, bytes, of which gpu_mem is what training "
                                  "may use (``resolve``: after --gpu-reserve); unset: gpu_mem.")
+    gpu_budget: bool = Field(False, description="gpu_mem is fuyou train's device budget (offload.gpu_mem), not a "
+                             "card's memory: what does not fit is told as that budget (plan).")
     gpu_reserve: int | None = Field(None, ge=0, description="--gpu-reserve as given (unset: the default headroom, "
                                     "CUDA's context and 5 %).")
     h2d: float = Field(gt=0, description="Host-to-device bandwidth, bytes/s (pinned).")
@@ -170,9 +172,9 @@ class HardwareProfile(BaseModel):
 
     @field_validator("*", mode="before")
     @classmethod
-    def _no_booleans(cls, v):
+    def _no_booleans(cls, v, info):
         """``true`` is not a figure (``"ssd_read": true`` was taken as 1 B/s: a pass)."""
-        if isinstance(v, bool):
+        if isinstance(v, bool) and info.field_name != "gpu_budget":
             raise ValueError("a number is expected, not true/false")
         return v
 
@@ -214,8 +216,9 @@ GPU_USABLE_FRACTION = 0.95  # of a card's memory beyond the context, without --g
 anything (an estimate; the engine measures the real figure as the GPU's free memory after a warm-up)."""
 
 
-def resolve(hw: HardwareConfig) -> HardwareProfile:
-    """The profile for a hardware section: a probe's file, else presets, then numeric overrides."""
+def resolve(hw: HardwareConfig, gpu_budget: bool = False) -> HardwareProfile:
+    """The profile for a hardware section: a probe's file, else presets, then numeric overrides. ``gpu_budget``:
+    its gpu_mem is fuyou train's device budget (offload.gpu_mem, no reserve), not a card's memory."""
     if hw.profile:
         named = [f"--{k} {v}" for k, v in (("gpu", hw.gpu), ("ssd", hw.ssd), ("pcie", hw.pcie)) if v]
         if named:  # (a new-user pass found them ignored in silence beside a profile)
@@ -284,7 +287,9 @@ def resolve(hw: HardwareConfig) -> HardwareProfile:
                               f"(about {format_size(CUDA_CONTEXT)}); give --gpu-mem the card's memory, or a "
                               f"larger GPU")
         merged["gpu_mem"], merged["gpu_card"], merged["gpu_reserve"] = usable, card, hw.gpu_reserve
-        src.append(f"GPU memory {usable / GiB:.2f} of {card / GiB:.2f} GiB usable (--gpu-reserve)")
+        merged["gpu_budget"] = gpu_budget
+        src.append(f"device budget {format_size(usable)} (offload.gpu_mem)" if gpu_budget else
+                   f"GPU memory {usable / GiB:.2f} of {card / GiB:.2f} GiB usable (--gpu-reserve)")
     return HardwareProfile(**{**merged, "source": "; ".join(src)})
 
 

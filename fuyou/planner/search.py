@@ -188,8 +188,9 @@ def evaluate(w: Workload, hw: HardwareProfile, costs, policy: ActivationPolicy, 
         problems.append(f"CPU memory: needs {format_size(plan.cpu_required, up=True)}, the budget is "
                         f"{format_size(cpu_budget)}")
     if hw.device == "cuda" and plan.device_required > hw.gpu_mem:
-        problems.append(f"GPU memory: one stage's working set needs {format_size(plan.device_required)}, the GPU has "
-                        f"{format_size(hw.gpu_mem)}")
+        problems.append(f"GPU memory: one stage's working set needs {format_size(plan.device_required)}, "
+                        + ("the device budget (offload.gpu_mem) is " if hw.gpu_budget else "the GPU has ")
+                        + format_size(hw.gpu_mem))
     if ssd > hw.ssd_capacity:
         problems.append(f"SSD space: needs {format_size(ssd)}, the drives hold {format_size(hw.ssd_capacity)}")
     ev = Evaluation(policy, plan, ssd, problems)
@@ -509,10 +510,21 @@ def _fixes(w: Workload, hw: HardwareProfile, cpu_budget: int, failed: Evaluation
             if memory_plan(w2, hw, stage_costs(w2), lean, cpu_budget)[0].device_required <= hw.gpu_mem:
                 fixes.append(f"batch {b} (of sequence {w.seq}) fits the GPU's {format_size(hw.gpu_mem)}")
                 break
-        need = card_for(hw, gpu_need)  # the card's memory, its headroom included
-        gpus = [n for n, g in GPUS.items() if g["mem"] >= need]
-        fixes.append(f"a GPU with at least {format_size(need, up=True)} of memory"
-                     + (f" ({', '.join(gpus)})" if gpus else ""))
+        if hw.gpu_budget:  # train's own budget, not a card: raise it (at train's default depth, as it runs)
+            depth = ""
+            if policy is None and lean.prefetch_depth != DEFAULT_PREFETCH:
+                default = memory_plan(w, hw, costs, lean.model_copy(update={"prefetch_depth": DEFAULT_PREFETCH}),
+                                      cpu_budget)[0].device_required
+                if default > gpu_need:  # (plan said it fits at depth 1, and a plain train refused: a pass)
+                    depth = (f" with offload.prefetch_depth={lean.prefetch_depth}; fuyou train's default depth "
+                             f"{DEFAULT_PREFETCH} needs {format_size(default, up=True)}")
+            fixes.append(f"offload.gpu_mem of at least {format_size(gpu_need, up=True)} (fuyou train's device "
+                         f"budget){depth}")
+        else:
+            need = card_for(hw, gpu_need)  # the card's memory, its headroom included
+            gpus = [n for n, g in GPUS.items() if g["mem"] >= need]
+            fixes.append(f"a GPU with at least {format_size(need, up=True)} of memory"
+                         + (f" ({', '.join(gpus)})" if gpus else ""))
     need_cpu = plan.cpu_minimum
     note = ""
     if plan.cpu_required > cpu_budget:  # the planned budget (after the reserve); `fuyou plan` restates it as --cpu-mem

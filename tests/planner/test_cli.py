@@ -571,7 +571,7 @@ def test_plan_takes_the_offload_settings_train_takes(tmp_path, capsys):
         assert needle in capsys.readouterr().err
     assert main(["plan", "--model", "gpt3-13b", "--gpu", "rtx4090", "--ssd", "1x990-pro", "--batch", "8",
                  "offload.gpu_mem=2GiB"]) == 1
-    assert "GPU memory 2.00 of 2.00 GiB usable" in capsys.readouterr().out
+    assert "device budget 2.00 GiB (offload.gpu_mem)" in capsys.readouterr().out
     assert main([*args, "offload.prefetch_depth=2.5"]) == 2
     assert "a whole number of stages" in capsys.readouterr().err
     assert main([*args, "train.grad_clip=none"]) == 0  # a what-if, pasted back
@@ -1136,3 +1136,23 @@ def test_a_run_directory_is_planned_with_its_clipping_commits_policy_and_budget(
     blocks = by_run["policy"]["blocks"]
     assert by_run["cpu_given_bytes"] == 280 * 2**20 and {b["fc2"] for b in blocks.values()} == {"ssd"}
     assert {**by_run, "model": None} == {**by_file, "model": None}  # (the model named by its shape, or preset)
+
+
+def test_a_device_budget_too_small_is_told_as_the_budget_at_trains_depth(tmp_path, capsys):
+    """A pass: plan told offload.gpu_mem=200MiB as "the GPU has 200 MiB", advised GPUs rather than the budget, and
+    named the figure at prefetch depth 1, which a plain train (depth 2) then refused. The figure at train's depth
+    is named, and train takes it."""
+    import re
+
+    common = ["--model", "gpt-tiny", "--batch", "4", "--seq", "64", "offload.cpu_mem=300MiB"]
+    assert main(["plan", "--gpu", "rtx4090", "--ssd", "1x990-pro", *common, "offload.gpu_mem=200MiB"]) == 1
+    out = capsys.readouterr().out
+    assert "the device budget (offload.gpu_mem) is 200.00 MiB" in out and "a GPU with" not in out, out
+    m = re.search(r"offload.gpu_mem of at least ([\d.]+) MiB .*default depth 2 needs ([\d.]+) MiB", out)
+    assert m, out
+    (tmp_path / "ssd").mkdir()
+    train = ["train", "--offload", "ssd", "--ssd", str(tmp_path / "ssd"), "--out", str(tmp_path / "runs"),
+             "model.preset=gpt-tiny", "data.seq_len=64", "train.micro_batch_size=4", "train.steps=1",
+             "train.device=fake", "offload.cpu_mem=300MiB", "train.eval_every=0"]
+    assert main([*train, f"offload.gpu_mem={float(m.group(2)) + 0.01}MiB"]) == 0
+    assert main([*train, f"offload.gpu_mem={float(m.group(1)) + 0.01}MiB", "offload.prefetch_depth=1"]) == 0
