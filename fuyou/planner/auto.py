@@ -14,7 +14,6 @@ from fuyou.errors import BudgetError, ConfigError
 def plan_config(cfg: FuyouConfig, run_dir: Path, stream=None) -> FuyouConfig:
     from fuyou.planner.cost import Workload
     from fuyou.planner.hardware import resolve, save_profile
-    from fuyou.planner.probe import probe
     from fuyou.planner.report import text
     from fuyou.planner.search import search, search_split
 
@@ -31,15 +30,12 @@ def plan_config(cfg: FuyouConfig, run_dir: Path, stream=None) -> FuyouConfig:
     if hw_cfg.profile is None and not (hw_cfg.gpu or hw_cfg.ssd):
         print(f"fuyou: probing this machine (SSD {off.ssd_dirs[0]}); set hardware.profile to reuse a profile",
               file=stream, flush=True)
-        profile, measured = probe(off.ssd_dirs[0], model=cfg.model, batch=cfg.train.micro_batch_size,
-                                  seq=cfg.data.seq_len, io_bytes=128 * 1024**2, repeats=2,
-                                  device=cfg.train.device, optimizer_chunk=off.optimizer_chunk,
-                                  optimizer_depth=off.optimizer_depth, precision=cfg.train.precision,
-                                  gloo=False,  # one process: nothing between ranks to measure
-                                  lora=cfg.lora)
-        from fuyou.engine.malloc import trim_heap
-
-        trim_heap()  # the probe's freed temporaries: not part of the run's fixed overhead (a pass saw it raised)
+        profile, measured = _probe_apart(off.ssd_dirs[0], model=cfg.model, batch=cfg.train.micro_batch_size,
+                                         seq=cfg.data.seq_len, io_bytes=128 * 1024**2, repeats=2,
+                                         device=cfg.train.device, optimizer_chunk=off.optimizer_chunk,
+                                         optimizer_depth=off.optimizer_depth, precision=cfg.train.precision,
+                                         gloo=False,  # one process: nothing between ranks to measure
+                                         lora=cfg.lora)
         run_dir.mkdir(parents=True, exist_ok=True)
         path = run_dir / "hardware-profile.json"
         save_profile(profile, path, measured)
@@ -76,3 +72,71 @@ def plan_config(cfg: FuyouConfig, run_dir: Path, stream=None) -> FuyouConfig:
                                           **{k: getattr(policy, k) for k in ("resident_mem", "act_cpu_mem")
                                              if getattr(policy, k) is not None}}),
     })
+
+
+def _probe_apart(ssd_dir, **kw):
+    """``planner.probe.probe`` in a process of its own (spawned, so no thread or CUDA state is inherited): its
+    buffers (the SSD probe's pinned pair, the AdamW probe's 256 MiB) were the run's peak resident memory, over
+    --cpu-mem and the fixed overhead, and its leftovers raised that overhead by 80 MiB (a pass). Its error, a
+    sentence, is raised here; a stop (Ctrl-C, SIGTERM) ends it too, and it ends when this process dies."""
+    import multiprocessing
+    import signal
+
+    from fuyou.errors import FuyouError
+
+    def stop(signum, frame):  # SIGTERM while it measures: the probe is ended too, not left running alone
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    ctx = multiprocessing.get_context("spawn")
+    recv, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_probe_process, args=(send, str(ssd_dir), kw), daemon=True, name="fuyou-probe")
+    try:
+        proc.start()
+        send.close()
+        try:
+            ok, value = recv.recv()
+        except EOFError:
+            proc.join()
+            raise FuyouError(f"the probe of this machine ended without a result (its process's exit status "
+                             f"{proc.exitcode}); give hardware.profile from `fuyou probe`, or start again") from None
+        if not ok:
+            raise value
+        return value
+    finally:
+        if proc.is_alive():
+            proc.terminate()  # (its SIGTERM removes its stores: ``_probe_process``)
+        proc.join()
+        recv.close()
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _probe_process(send, ssd_dir: str, kw: dict) -> None:
+    """The probe's process: sends (True, (profile, measurements)) or (False, its error). SIGTERM ends it through its
+    cleanup (its stores under the SSD directory removed), and it gets one when the run's process dies, however (a
+    run killed while probing left it measuring alone); Ctrl-C is the run's, which ends this one."""
+    import ctypes
+    import pickle
+    import signal
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG (Linux)
+    except (OSError, AttributeError):
+        pass
+    from fuyou.errors import FuyouError
+    from fuyou.planner.probe import probe
+
+    try:
+        result = (True, probe(ssd_dir, **kw))
+    except Exception as e:  # noqa: BLE001 -- every error is the run's to report
+        try:
+            pickle.dumps(e)
+            result = (False, e)
+        except Exception:  # noqa: BLE001
+            result = (False, FuyouError(f"{type(e).__name__}: {e}"))
+    send.send(result)

@@ -141,6 +141,27 @@ def test_train_plan_auto_probes_plans_and_trains(tmp_path, capsys):
     assert "act-policy.json" in (run_dir / "config.toml").read_text()  # the engine trained with the plan
 
 
+def test_train_plan_auto_keeps_the_budget_its_probe_included(tmp_path):
+    """A pass: --plan auto's probe (a pinned pair of 128 MiB, the AdamW probe's 256 MiB) ran in the run's process:
+    its peak resident memory was 578 MiB against 220 MiB + a fixed overhead the probe's leftovers had raised by 80
+    MiB. It measures in a process of its own now."""
+    import re
+    import subprocess
+    import sys
+
+    (tmp_path / "ssd").mkdir()
+    r = subprocess.run([sys.executable, "-m", "fuyou.cli", "train", "--model", "gpt-tiny", "--offload", "ssd", "--ssd",
+                        str(tmp_path / "ssd"), "--cpu-mem", "220MiB", "--plan", "auto", "--out", str(tmp_path / "runs"),
+                        "train.steps=2", "data.seq_len=64", "train.micro_batch_size=4", "train.eval_every=0"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    overhead = float(re.search(r"fixed overhead before the engine: ([\d.]+) MiB", r.stderr).group(1))
+    peak = float(re.search(r"peak resident memory ([\d.]+) MiB", r.stderr).group(1))
+    assert peak <= overhead + 220, (peak, overhead)
+    assert list((tmp_path / "ssd").iterdir()) == [] or all(p.name.endswith(".fuyou-state")
+                                                            for p in (tmp_path / "ssd").iterdir())
+
+
 def test_train_plan_auto_splits_a_global_batch(tmp_path, capsys):
     """train.global_batch without a split: --plan auto chooses it (the plan says which and why) and the
     engine trains with it; the saved config holds the split, so a resume uses the same one."""
