@@ -95,6 +95,8 @@ class ActivationSwapper:
         if tier == "cpu" and self._put_cpu(slot, t, dense):
             c.add(act_cpu_bytes=nbytes)
             return slot
+        if tier == "cpu":  # (the plan labelled it cpu and train said nothing: a pass)
+            c.add(act_overflow_bytes=slot.nbytes)
         slot.tier = "ssd"
         self._write_ssd(slot, dense)
         return slot

@@ -39,6 +39,7 @@ class StepCounters:
     act_cpu_bytes: int = 0
     act_ssd_write_bytes: int = 0
     act_ssd_read_bytes: int = 0
+    act_overflow_bytes: int = 0    # of act_ssd_write_bytes, the cpu tier's: its share was full (offload.act_cpu_mem)
     exchange_bytes: int = 0        # data parallel: compute weights this rank sent or received (exchange.py)
     clipped: bool = False          # exact clipping triggered: the step's speculative updates were redone
     deferred: bool = False         # exact clipping: updates waited for the norm (the previous step clipped)

@@ -226,6 +226,25 @@ def _wear_line(s: dict) -> str:
     return line
 
 
+def _spilled(plan: Plan) -> dict[int, set[str]]:
+    """By block stage, what the policy puts in the cpu tier that overflows to the SSD in some micro-batch (the
+    share, offload.act_cpu_mem, full by then: ``cost.kept_in_forward``, as the engine's swapper does)."""
+    from fuyou.engine.budget import ACT_SHARE
+    from fuyou.planner.cost import kept_in_forward
+
+    w, mem = plan.workload, plan.best.memory
+    if ACT_SHARE not in mem.cpu_items:
+        return {}
+    out: dict[int, set[str]] = defaultdict(set)
+    kept = kept_in_forward(w, plan.costs, plan.best.policy, mem.cpu_items[ACT_SHARE], plan.hardware.device == "cuda")
+    for (stage, _), items in kept.items():
+        b = plan.best.policy.block(stage - 1)
+        for what, tier, _ in items:
+            if tier == "ssd" and (b.checkpoint if what == "checkpoint" else getattr(b, what, None)) == "cpu":
+                out[stage].add(what)
+    return out
+
+
 def schedule_rows(plan: Plan) -> list[dict]:
     """Per stage: the policy's placement, where weights come from, and each resource's busy time."""
     _, _, tasks = _window(plan)
@@ -234,6 +253,7 @@ def schedule_rows(plan: Plan) -> list[dict]:
         busy[t.stage][t.resource] += t.dur
     cached = set(plan.best.memory.cached_stages)
     resident = set(plan.best.memory.resident_all)
+    spilled = _spilled(plan)
     rows = []
     for c in plan.costs:
         row = {"stage": c.name, "weights": "cpu cache" if c.index in cached else "ssd",
@@ -244,6 +264,8 @@ def schedule_rows(plan: Plan) -> list[dict]:
             b = plan.best.policy.block(c.index - 1)
             dtype = b.checkpoint_dtype or plan.workload.checkpoint_default
             row.update({"checkpoint": b.checkpoint, "checkpoint_dtype": dtype, **{k: getattr(b, k) for k in CLASSES}})
+            for what in spilled.get(c.index, ()):  # (all "cpu" while 11 of 14.5 MiB went to the SSD: a pass)
+                row[what] = "cpu>ssd"
         row["busy_s"] = {r: busy[c.name].get(r, 0.0) for r in ROWS}
         rows.append(row)
     return rows
@@ -364,6 +386,9 @@ def text(plan: Plan) -> str:
         ckpt = r.get("checkpoint", "-") + ("/bf16" if r.get("checkpoint_dtype") == "bf16" else "")
         out.append(f"{r['stage']:<10} {ckpt:<8} {cls} {r['weights']:<9} {state:<8} "
                    + " ".join(f"{r['busy_s'][x]:>9.3g}" for x in shown))
+    if any(v == "cpu>ssd" for r in rows for v in r.values()):
+        out.append("cpu>ssd: kept in the cpu tier while its share (offload.act_cpu_mem) has room; what does not fit "
+                   "overflows to the SSD")
     out += ["", timeline(plan), ""]
     return "\n".join(out)
 

@@ -1414,6 +1414,7 @@ def _steps(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, sto
     if ran and stop.agree(dist, "agreeing on a stop before the first step"):
         return _stop_before_any_step(cfg, trainer, run_dir, log, progress, stop, start_step, first_eval)
     tokens = written = read = commit_written = commits = 0
+    overflow_said = False  # the note that the cpu tier's activations overflowed to the SSD, once a launch
     step_s = 0.0  # the steps' own time (the wear's hours: evaluations and snapshots write nothing to the state)
     stats = None
     for step in range(start_step, t.steps):
@@ -1450,6 +1451,11 @@ def _steps(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, sto
                           commit_write_bytes_total=commit_written, commits_total=commits)
         if (step + 1) % t.log_every == 0 or step == 0 or step + 1 == t.steps:
             log.write(record)
+        if counters and counters.get("act_overflow_bytes") and not overflow_said:
+            overflow_said = True
+            progress.message(f"note: step {step + 1}: {format_size(counters['act_overflow_bytes'])} of the cpu tier's "
+                             f"activations overflowed to the SSD, its share (offload.act_cpu_mem) being full; a "
+                             f"larger share keeps them in CPU memory (metrics.jsonl: act_overflow_bytes)")
         fields = {"loss": f"{stats.loss:.4f}", "tok/s": si(tps), "TFLOPS": f"{record['tflops']:.3g}",
                   "step": f"{dt:.2f}s"}
         if stats.grad_norm is not None:  # "clipped": the norm exceeded train.grad_clip

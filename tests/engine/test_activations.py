@@ -266,6 +266,7 @@ def test_what_the_cpu_tier_cannot_hold_is_counted_on_the_ssd(tmp_path, policy, s
     finally:
         eng.close()
     assert share is None or c.act_ssd_write_bytes > 0  # (the case overflows)
+    assert c.act_overflow_bytes == c.act_ssd_write_bytes  # (every SSD write is the cpu tier's overflow: counted)
     w = Workload.from_config(cfg)
     placed = placement_bytes(w, stage_costs(w), read_act_policy(policy, 4), eng.act_cpu_mem, cuda=False)
     total = c.act_ssd_write_bytes + c.act_cpu_bytes

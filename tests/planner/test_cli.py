@@ -1177,3 +1177,21 @@ def test_a_device_budget_too_small_is_told_as_the_budget_at_trains_depth(tmp_pat
              "train.device=fake", "offload.cpu_mem=300MiB", "train.eval_every=0"]
     assert main([*train, f"offload.gpu_mem={float(m.group(2)) + 0.01}MiB"]) == 0
     assert main([*train, f"offload.gpu_mem={float(m.group(1)) + 0.01}MiB", "offload.prefetch_depth=1"]) == 0
+
+
+def test_activations_that_overflow_the_cpu_tier_are_said_by_plan_and_train(tmp_path, capsys):
+    """A pass: with offload.act_cpu_mem=4MiB the plan's schedule said "cpu" for qkv and fc1 in every block while its
+    footprint put 11 of 14.5 MiB on the SSD, and train said nothing of it."""
+    common = ["offload.cpu_mem=300MiB", "--act-policy", "qkv,fc1=cpu", "offload.act_cpu_mem=4MiB"]
+    assert main(["plan", "--profile", str(_cpu_profile(tmp_path)), "--model", "gpt-tiny", "--batch", "8", "--seq",
+                 "128", *common]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if line.startswith("block.")]
+    assert rows[0][4:6] == ["cpu", "cpu"] and all(r[4:6] == ["cpu>ssd", "cpu>ssd"] for r in rows[1:]), out
+    assert "cpu>ssd: kept in the cpu tier while its share" in out
+    (tmp_path / "ssd").mkdir()
+    assert main(["train", "--offload", "ssd", "--ssd", str(tmp_path / "ssd"), "--out", str(tmp_path / "runs"),
+                 "model.preset=gpt-tiny", "data.seq_len=128", "train.micro_batch_size=8", "train.steps=2",
+                 "train.eval_every=0", *common]) == 0
+    err = capsys.readouterr().err
+    assert err.count("of the cpu tier's activations overflowed to the SSD") == 1, err
