@@ -171,3 +171,10 @@ def test_a_name_or_path_is_read_as_written():
     assert (cfg.run.name, cfg.hardware.gpu, cfg.data.tokenizer) == ("nan", "inf", "1e3")
     assert load_config(overrides=["run.name=123"]).run.name == "123"
     assert load_config(overrides=["optim.lr=1e-4"]).optim.lr == 1e-4
+
+
+def test_a_kept_state_without_commits_is_refused():
+    """A pass: offload.keep_state=true with offload.commit=none kept 49 MB of state that --resume then refused."""
+    with pytest.raises(ConfigError, match="offload.commit=none writes no commit for either"):
+        load_config(overrides=["offload.keep_state=true", "offload.commit=none"])
+    assert load_config(overrides=["offload.keep_state=true"]).offload.keep_state

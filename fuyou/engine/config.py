@@ -183,6 +183,14 @@ class OffloadConfig(BaseModel):
         return None if v is None else parse_size(v)
 
     @model_validator(mode="after")
+    def _kept_state_is_resumable(self) -> "OffloadConfig":
+        if self.keep_state and self.commit == "none":  # (49 MB kept that --resume then refused: a pass)
+            raise ValueError("offload.keep_state=true keeps the SSD state for a resume or an export, and "
+                             "offload.commit=none writes no commit for either: the state kept could not be used; "
+                             "give one of them")
+        return self
+
+    @model_validator(mode="after")
     def _check_dirs(self) -> "OffloadConfig":
         if self.mode == "ssd":
             if not self.ssd_dirs:
