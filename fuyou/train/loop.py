@@ -1598,10 +1598,15 @@ def _steps(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, sto
         summary += f"; eval loss {first_eval:.4f} -> " + (f"{last_eval:.4f}" if last_eval is not None else
                                                           "(the last evaluation was abandoned)")
     summary += f"; peak resident memory {format_size(peak)}"
+    overhead = getattr(trainer, "fixed_overhead", None)  # (the engine's: an in-memory run budgets nothing)
+    if isinstance(overhead, int) and cfg.offload.mode == "ssd" and not dist.enabled:
+        # the budget is beyond the process's fixed overhead: the peak compared with it read as over budget (a pass)
+        summary += (f" (the fixed overhead {format_size(overhead)} + {format_size(max(0, peak - overhead))}; "
+                    f"--cpu-mem {format_size(cfg.offload.cpu_mem)} is beyond that overhead)")
     if dist.enabled:
         summary += f" (rank 0; a machine's {dist.local_world} ranks together {format_size(machine_peak)})"
     if wear:
-        state = ("LoRA: the base is read-only, adapters commit only" if cfg.lora.enabled
+        state = ("LoRA: the base is read-only; the adapters' commits and any swapped activations" if cfg.lora.enabled
                  else f"{cfg.optim.master} master, {cfg.optim.moments} moments")
         summary += (f"\nSSD written{' (a machine, its ranks together)' if dist.enabled else ''}: "
                     f"{format_size(wear['ssd_write_per_step_bytes'])} per step ({_wear_parts(cfg, wear)}), "
