@@ -1415,6 +1415,7 @@ def _steps(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, sto
         return _stop_before_any_step(cfg, trainer, run_dir, log, progress, stop, start_step, first_eval)
     tokens = written = read = commit_written = commits = 0
     overflow_said = False  # the note that the cpu tier's activations overflowed to the SSD, once a launch
+    redone = 0  # steps that redid their updates for exact clipping: their writes are in the step's own bytes
     step_s = 0.0  # the steps' own time (the wear's hours: evaluations and snapshots write nothing to the state)
     stats = None
     for step in range(start_step, t.steps):
@@ -1445,6 +1446,8 @@ def _steps(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, sto
             read += counters.get("ssd_read_bytes", 0)
             commit_written += counters.get("commit_write_bytes", 0)
             commits += counters.get("commits", 0)
+            # (a deferred step waited for the norm, and LoRA's adapters clip in memory: neither redoes an update)
+            redone += bool(counters.get("clipped")) and not counters.get("deferred") and not cfg.lora.enabled
             # this launch's running totals: a line's own counters are its step's, and the steps between two lines
             # (train.log_every) were in none (a pass summed the lines' commit bytes to a quarter of the summary's)
             record.update(ssd_read_bytes_total=read, ssd_write_bytes_total=written,
@@ -1612,6 +1615,11 @@ def _steps(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, sto
                     f"{format_size(wear['ssd_write_per_step_bytes'])} per step ({_wear_parts(cfg, wear)}), "
                     f"{format_decimal(wear['ssd_write_per_hour_bytes'])} per hour ({state}); this run's steps and "
                     f"commits {format_size(wear['ssd_written_bytes'])} in all (the initial state's write not counted)")
+        if redone:  # (a short run's figure was above the plan's, with nothing to say why: a pass)
+            summary += (f"; {redone} of the {steps_run} steps clipped and redid {'its' if redone == 1 else 'their'} "
+                        f"speculative updates (exact "
+                        f"clipping): what that wrote again is in the steps' own bytes (`fuyou plan`'s wear line "
+                        f"gives it apart from a step's)")
         if wear.get("ssd_life_hours"):
             summary += (f"; at this rate the drives' rated {tbw / 1e15:.3g} PB ({drives}) last "
                         f"{wear['ssd_life_hours']:,.0f} hours")

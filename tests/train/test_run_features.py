@@ -892,3 +892,19 @@ def test_a_lora_run_without_commits_names_its_adapters_to_start_from(tmp_path, c
     assert main(["train", "--resume", str(tmp_path / "runs" / "snap")]) == 2
     err = capsys.readouterr().err
     assert "snapshots/step-000001` --out DIR`" in err.replace(" --out", "` --out") or "step-000001 --out DIR" in err, err
+
+
+def test_the_summary_says_which_steps_redid_their_updates(tmp_path, capsys):
+    """A pass: a short run's SSD bytes a step read above the plan's, and nothing said why: its first step clipped
+    and redid its speculative updates. The summary counts such steps; LoRA's adapters clip in memory and a
+    step that waited for the norm redoes nothing."""
+    (tmp_path / "ssd").mkdir()
+    common = ["train", "--offload", "ssd", "--ssd", str(tmp_path / "ssd"), "--out", str(tmp_path / "runs"),
+              "--cpu-mem", "512MiB", "model.preset=gpt-tiny", "train.steps=3", "train.eval_every=0",
+              "train.grad_clip=1.0", "data.seq_len=64", "train.micro_batch_size=4"]
+    assert main([*common, "run.name=full", "offload.resident_mem=0"]) == 0
+    metrics = [json.loads(x) for x in (tmp_path / "runs" / "full" / "metrics.jsonl").read_text().splitlines()]
+    redone = sum(1 for m in metrics if m.get("clipped") and not m.get("deferred"))
+    assert redone >= 1 and f"; {redone} of the 3 steps clipped and redid" in capsys.readouterr().err
+    assert main([*common, "run.name=lora", "lora.rank=4"]) == 0
+    assert "redid" not in capsys.readouterr().err
