@@ -42,15 +42,19 @@ def main(argv=None) -> int:
     out = Path(tempfile.mkdtemp(prefix="fuyou-budget-runs-"))
     model = StageModel(ModelConfig(**preset(args.model)))
     state = 14 * model.num_params
-    cmd = [sys.executable, "-m", "fuyou.cli", "train", "--model", args.model, "--offload", "ssd", "--ssd", str(ssd), "--cpu-mem", args.cpu_mem,
-           "--out", str(out), "data.source=synthetic", f"data.seq_len={args.seq}", f"train.micro_batch_size={args.batch}",
+    cmd = [sys.executable, "-m", "fuyou.cli", "train", "--model", args.model, "--offload", "ssd", "--ssd", str(ssd),
+           "--cpu-mem", args.cpu_mem, "--out", str(out), "data.source=synthetic", f"data.seq_len={args.seq}",
+           f"train.micro_batch_size={args.batch}",
            f"train.steps={args.steps}", "train.grad_clip=none", "train.eval_every=0", "train.log_every=1",
            "run.save_weights=false", *args.extra]
+    before = set(ssd.iterdir())
     try:  # (fuyou from PATH measured whatever was installed, not this checkout: a pass)
         return _measure(args, argv, cmd, out, model, state)
     finally:  # the run and its state (kept: the run saves no weights) are the benchmark's: 32 GB a run was left
         for run_dir in out.iterdir():
-            shutil.rmtree(ssd / state_name(run_dir.name), ignore_errors=True)
+            made = ssd / state_name(run_dir.name)
+            if made not in before:  # (not a state of that name that was there before: another run's)
+                shutil.rmtree(made, ignore_errors=True)
         shutil.rmtree(out, ignore_errors=True)
 
 

@@ -173,8 +173,15 @@ def test_a_name_or_path_is_read_as_written():
     assert load_config(overrides=["optim.lr=1e-4"]).optim.lr == 1e-4
 
 
-def test_a_kept_state_without_commits_is_refused():
-    """A pass: offload.keep_state=true with offload.commit=none kept 49 MB of state that --resume then refused."""
-    with pytest.raises(ConfigError, match="offload.commit=none writes no commit for either"):
-        load_config(overrides=["offload.keep_state=true", "offload.commit=none"])
-    assert load_config(overrides=["offload.keep_state=true"]).offload.keep_state
+def test_a_kept_state_without_commits_is_refused(tmp_path, capsys):
+    """A pass: offload.keep_state=true with offload.commit=none kept 49 MB of state that --resume then refused. A new
+    SSD run is refused before any work (in memory neither applies; a resume of such a run says what it can do)."""
+    from fuyou.cli import main
+
+    (tmp_path / "ssd").mkdir()
+    both = ["offload.keep_state=true", "offload.commit=none", "model.preset=gpt-test", "train.steps=1"]
+    assert main(["train", "--offload", "ssd", "--ssd", str(tmp_path / "ssd"), "--out", str(tmp_path / "runs"),
+                 *both]) == 2
+    assert "offload.commit=none writes no commit for either" in capsys.readouterr().err
+    assert list((tmp_path / "ssd").iterdir()) == [] and not (tmp_path / "runs").exists()
+    assert load_config(overrides=both).offload.keep_state  # (a config, and an in-memory run, take them)

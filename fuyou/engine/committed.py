@@ -42,9 +42,10 @@ def run_state_config(run_dir: Path):
     from fuyou.tomlfile import read_toml
 
     off = read_toml(Path(run_dir) / "config.toml").get("offload", {})
-    if off.get("mode") == "ssd":
-        for d in off.get("ssd_dirs") or []:
-            if isinstance(d, str) and d.strip() and not Path(d).exists():
+    if isinstance(off, dict) and off.get("mode") == "ssd":
+        dirs = off.get("ssd_dirs") or []
+        for d in [dirs] if isinstance(dirs, str) else dirs:  # (one directory may be written as a string)
+            if isinstance(d, str) and d.strip() and not Path(d).expanduser().exists():
                 raise ConfigError(f"the SSD directory {d} of {run_dir}'s state does not exist: export reads the "
                                   f"state where the run put it; if it moved, link the old place to the new one "
                                   f"(ln -s NEW {d}), or move it back")

@@ -16,7 +16,7 @@ from fuyou.units import parse_size
 STATE_SUFFIX = ".fuyou-state"
 
 
-def _no_storage(d: str) -> bool:
+def no_storage(d: str) -> bool:
     """A pseudo file system (proc, sysfs: no blocks, and a directory cannot be made there). Some network file
     systems report no blocks too, and do hold files: those are tried with a directory made and removed."""
     import os
@@ -183,14 +183,6 @@ class OffloadConfig(BaseModel):
         return None if v is None else parse_size(v)
 
     @model_validator(mode="after")
-    def _kept_state_is_resumable(self) -> "OffloadConfig":
-        if self.keep_state and self.commit == "none":  # (49 MB kept that --resume then refused: a pass)
-            raise ValueError("offload.keep_state=true keeps the SSD state for a resume or an export, and "
-                             "offload.commit=none writes no commit for either: the state kept could not be used; "
-                             "give one of them")
-        return self
-
-    @model_validator(mode="after")
     def _check_dirs(self) -> "OffloadConfig":
         if self.mode == "ssd":
             if not self.ssd_dirs:
@@ -208,7 +200,7 @@ class OffloadConfig(BaseModel):
                 if inside is not None:  # (a new-user pass: the run that owned it deleted the state inside)
                     raise ValueError(f"SSD directory {d!r} is inside {inside}, a run's SSD state, which fuyou "
                                      f"deletes when that run ends; give the directory that holds the states")
-                if _no_storage(d):  # (/proc passed, and the state's mkdir failed as "deleted while in use": a pass)
+                if no_storage(d):  # (/proc passed, and the state's mkdir failed as "deleted while in use": a pass)
                     raise ValueError(f"SSD directory {d!r} is on a file system with no storage (such as /proc or "
                                      f"/sys); give a directory on the SSD")
         return self

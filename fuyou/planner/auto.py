@@ -35,7 +35,8 @@ def plan_config(cfg: FuyouConfig, run_dir: Path, stream=None) -> FuyouConfig:
                                          device=cfg.train.device, optimizer_chunk=off.optimizer_chunk,
                                          optimizer_depth=off.optimizer_depth, precision=cfg.train.precision,
                                          gloo=False,  # one process: nothing between ranks to measure
-                                         lora=cfg.lora)
+                                         lora=cfg.lora, space_advice="free space there, or give hardware.profile "
+                                         "(a profile `fuyou probe` wrote) or hardware.gpu and hardware.ssd presets")
         run_dir.mkdir(parents=True, exist_ok=True)
         path = run_dir / "hardware-profile.json"
         save_profile(profile, path, measured)
@@ -100,13 +101,17 @@ def _probe_apart(ssd_dir, **kw):
             proc.join()
             raise FuyouError(f"the probe of this machine ended without a result (its process's exit status "
                              f"{proc.exitcode}); give hardware.profile from `fuyou probe`, or start again") from None
+        proc.join(timeout=30)  # it exits once it has sent (terminated then, its handler ran in its exit: a review)
         if not ok:
             raise value
         return value
     finally:
         if proc.is_alive():
             proc.terminate()  # (its SIGTERM removes its stores: ``_probe_process``)
-        proc.join()
+            proc.join(timeout=10)
+            if proc.is_alive():  # stuck in a driver call: not waited for longer
+                proc.kill()
+        proc.join(timeout=10)
         recv.close()
         signal.signal(signal.SIGTERM, previous)
 
@@ -116,6 +121,7 @@ def _probe_process(send, ssd_dir: str, kw: dict) -> None:
     cleanup (its stores under the SSD directory removed), and it gets one when the run's process dies, however (a
     run killed while probing left it measuring alone); Ctrl-C is the run's, which ends this one."""
     import ctypes
+    import os
     import pickle
     import signal
 
@@ -124,10 +130,15 @@ def _probe_process(send, ssd_dir: str, kw: dict) -> None:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    parent = os.getppid()
     try:
         ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG (Linux)
     except (OSError, AttributeError):
         pass
+    if os.getppid() != parent:  # the run died before the line above: nothing to measure for
+        return
+    import traceback
+
     from fuyou.errors import FuyouError
     from fuyou.planner.probe import probe
 
@@ -135,8 +146,10 @@ def _probe_process(send, ssd_dir: str, kw: dict) -> None:
         result = (True, probe(ssd_dir, **kw))
     except Exception as e:  # noqa: BLE001 -- every error is the run's to report
         try:
-            pickle.dumps(e)
-            result = (False, e)
+            pickle.loads(pickle.dumps(e))  # (one that pickles but does not load back arrived as a TypeError)
+            result = (False, e if isinstance(e, FuyouError) else
+                      FuyouError(f"the probe of this machine failed:\n{traceback.format_exc()}"))
         except Exception:  # noqa: BLE001
-            result = (False, FuyouError(f"{type(e).__name__}: {e}"))
+            result = (False, FuyouError(f"the probe of this machine failed:\n{traceback.format_exc()}"))
     send.send(result)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # sent: a terminate now ends it, no cleanup is left to run

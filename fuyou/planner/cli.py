@@ -188,6 +188,7 @@ def _plan_config_file(args) -> dict:
 
     out["run_data"] = {"seq_len": DataConfig.model_fields["seq_len"].default,
                        **{k: v for k, v in sec["data"].items() if k in RUN_DATA_KEYS}}
+    args.seq_file_default = "seq_len" not in sec["data"]  # (train's default: a short GPT lowers it, as train does)
     train = sec["train"]
     out["train"] = {k: train[k] for k in ("precision",) if k in train}
     if args.grad_clip is None:  # (none: validate_keys made it None)
@@ -225,6 +226,18 @@ def _plan_config_file(args) -> dict:
     if "gpu_mem" in off:  # (train's device budget, beside which the GPU's own memory and reserve are not asked)
         hardware.pop("gpu_mem", None)
         hardware.pop("gpu_reserve", None)
+    given = [k for k in ("profile", "gpu", "ssd", "pcie", "gpu_tflops", "ssd_read", "ssd_write", "pcie_bw", "cpu_adam")
+             if getattr(args, k, None) is not None]
+    profile = hardware.pop("profile", None)
+    if profile is not None and not given:  # (with --gpu given, a run's own profile was refused as "--profile": a review)
+        if Path(str(profile)).expanduser().is_file():
+            args.profile = str(profile)
+            print(f"note: planned with {named}'s hardware.profile {profile}" + (
+                " (the machine --plan auto measured)" if Path(str(profile)).name == "hardware-profile.json" else "")
+                + "; hardware flags plan another", file=sys.stderr)
+        else:
+            print(f"note: {named}'s hardware.profile {profile} is not there (moved?): give --profile or presets",
+                  file=sys.stderr)
     for key, value in hardware.items():
         if value is not None and getattr(args, key, None) is None:
             setattr(args, key, [str(value)] if key == "ssd" else str(value))
@@ -347,7 +360,8 @@ def _plan_data(other: dict, args) -> bool:
         if args.seq is not None and args.seq != given["seq_len"]:
             raise ConfigError(f"--seq {args.seq} and data.seq_len={given['seq_len']} disagree; give one")
         args.seq = given["seq_len"]
-    args.seq_default = not (args.seq or run.get("seq_len"))  # (a GPT's shorter position table then lowers it)
+    # (a GPT's shorter position table then lowers it; a --config file silent on it has train's default: a review)
+    args.seq_default = args.seq is None and (getattr(args, "seq_file_default", False) or not run.get("seq_len"))
     args.seq = args.seq or run.get("seq_len") or 1024  # (a run directory: the sequence it trains)
     if not given and not run:
         return False
@@ -697,9 +711,9 @@ def _probe(args) -> int:
                           f"({format_size(16 * args.adam_params)}), more than half this machine's "
                           f"{format_size(memory)}; give fewer (the default, {1 << 24}, measures the kernel)")
     if Path(args.ssd).is_dir():
-        from fuyou.engine.config import _no_storage
+        from fuyou.engine.config import no_storage
 
-        if _no_storage(args.ssd):  # (it was told to give less --io-bytes: a pass)
+        if no_storage(args.ssd):  # (it was told to give less --io-bytes: a pass)
             raise ConfigError(f"--ssd {args.ssd} is on a file system with no storage (such as /proc or /sys); give "
                               f"a directory on the SSD to measure")
 

@@ -338,4 +338,5 @@ def load_profile(path: str | Path) -> HardwareProfile:
 
 def save_profile(profile: HardwareProfile, path: str | Path, measurements: dict | None = None) -> None:
     """Write ``{"profile": ..., "measurements": ...}``; ``load_profile`` reads it back."""
-    Path(path).write_text(json.dumps({"profile": profile.model_dump(), "measurements": measurements or {}}, indent=2))
+    body = profile.model_dump(exclude={"gpu_budget"})  # (a plan's reading of gpu_mem, not a figure of the machine)
+    Path(path).write_text(json.dumps({"profile": body, "measurements": measurements or {}}, indent=2))

@@ -228,7 +228,7 @@ def sweep_probe_dirs(directory: Path, quiet_s: float = 120.0) -> list[Path]:
 STORE_REQUEST = 4 * 1024**2  # ``probe_store``'s request: its tensors are a whole number of them
 
 
-def check_probe_space(d: Path, io_bytes: int, job_params: int) -> None:
+def check_probe_space(d: Path, io_bytes: int, job_params: int, advice: str | None = None) -> None:
     """Before any measuring: what the probe writes under ``d`` fits its free space. The SSD probe's two tensors
     of ``io_bytes`` (whole requests, at least one) and then the AdamW job's fp32 master and moments of the model's
     block (it checked 2x --io-bytes: a 9 MiB file system failed in the last phase, after the measuring)."""
@@ -238,8 +238,8 @@ def check_probe_space(d: Path, io_bytes: int, job_params: int) -> None:
     job = 12 * job_params
     need, free = max(store, job) + (1 << 20), shutil.disk_usage(d).free  # (+ the stores' manifests and locks)
     if need > free:
-        cut = ("give a smaller --io-bytes" if store >= job and io_bytes > STORE_REQUEST else
-               "give a smaller --model (the job is one of its blocks)" if job > store else "free space there")
+        cut = advice or ("give a smaller --io-bytes" if store >= job and io_bytes > STORE_REQUEST else
+                         "give a smaller --model (the job is one of its blocks)" if job > store else "free space there")
         raise ConfigError(f"--ssd {d}: the probe writes up to {format_size(need)} there (the SSD probe's two tensors "
                           f"of {format_size(store // 2)}, then the AdamW job's state of the model's block, "
                           f"{format_size(job)}), more than the {format_size(free)} free: {cut}, or measure a "
@@ -440,7 +440,7 @@ def probe(ssd_dir: str | Path, *, model: str | ModelConfig | None = None, batch:
           seq: int | None = None, io_bytes: int = 256 * 1024**2, adam_params: int = 1 << 24, repeats: int = 3,
           device: str = "auto", store_cfg: StoreConfig | None = None, optimizer_chunk: int = 1 << 20,
           optimizer_depth: int = 2, precision: str = "bf16", gloo: bool = True,
-          lora: LoRAConfig | None = None) -> tuple[HardwareProfile, dict]:
+          lora: LoRAConfig | None = None, space_advice: str | None = None) -> tuple[HardwareProfile, dict]:
     """Measure this machine (module docstring); returns the profile and the raw measurements.
     ``precision``: the compute dtype the block is timed in (``train.precision``); ``gloo``: measure the
     transfers between two processes (data parallelism; else the profile keeps the defaults); ``lora``:
@@ -460,7 +460,7 @@ def probe(ssd_dir: str | Path, *, model: str | ModelConfig | None = None, batch:
         print(f"fuyou probe: note: --seq {asked} is beyond the model's {cfg.max_seq_len} positions; timing {seq}",
               file=sys.stderr)
     job_params = min(JOB_PARAMS_MAX, StageModel(cfg).stages[1].num_params)  # the model's block
-    check_probe_space(d, io_bytes, job_params)
+    check_probe_space(d, io_bytes, job_params, space_advice)
     if not cuda and 12 * cfg.d_model**2 > 3e8:  # a block too large to time on CPU in seconds: a smaller one
         big = cfg.d_model
         cfg = ModelConfig(**{**preset("gpt3-1.3b"), "family": cfg.family})

@@ -264,8 +264,8 @@ def schedule_rows(plan: Plan) -> list[dict]:
             b = plan.best.policy.block(c.index - 1)
             dtype = b.checkpoint_dtype or plan.workload.checkpoint_default
             row.update({"checkpoint": b.checkpoint, "checkpoint_dtype": dtype, **{k: getattr(b, k) for k in CLASSES}})
-            for what in spilled.get(c.index, ()):  # (all "cpu" while 11 of 14.5 MiB went to the SSD: a pass)
-                row[what] = "cpu>ssd"
+            if spilled.get(c.index):  # (all "cpu" while 11 of 14.5 MiB went to the SSD: a pass)
+                row["overflow_to_ssd"] = sorted(spilled[c.index])  # (its own key: the tiers stay the policy's)
         row["busy_s"] = {r: busy[c.name].get(r, 0.0) for r in ROWS}
         rows.append(row)
     return rows
@@ -380,13 +380,15 @@ def text(plan: Plan) -> str:
         " ".join(f"{labels[r]:>9}" for r in shown)
     out += [hdr, "-" * len(hdr)]
     for r in rows:
-        cls = " ".join(f"{r.get(c, '-'):<9}" for c in CLASSES)
+        over = set(r.get("overflow_to_ssd", ()))
+        cls = " ".join(f"{'cpu>ssd' if c in over else r.get(c, '-'):<9}" for c in CLASSES)
         state = "-" if plan.workload.lora_params is not None else "cpu" if r["optimizer state"].startswith("cpu") else "ssd"
         state += f"@r{r['owner']}" if "owner" in r else ""
-        ckpt = r.get("checkpoint", "-") + ("/bf16" if r.get("checkpoint_dtype") == "bf16" else "")
+        ckpt = ("cpu>ssd" if "checkpoint" in over else  # (with /bf16 it broke the column: the dtype is the rest's)
+                r.get("checkpoint", "-") + ("/bf16" if r.get("checkpoint_dtype") == "bf16" else ""))
         out.append(f"{r['stage']:<10} {ckpt:<8} {cls} {r['weights']:<9} {state:<8} "
                    + " ".join(f"{r['busy_s'][x]:>9.3g}" for x in shown))
-    if any(v == "cpu>ssd" for r in rows for v in r.values()):
+    if any(r.get("overflow_to_ssd") for r in rows):
         out.append("cpu>ssd: kept in the cpu tier while its share (offload.act_cpu_mem) has room; what does not fit "
                    "overflows to the SSD")
     out += ["", timeline(plan), ""]

@@ -508,18 +508,22 @@ def _fixes(w: Workload, hw: HardwareProfile, cpu_budget: int, failed: Evaluation
             b //= 2
             w2 = dataclasses.replace(w, batch=b)
             if memory_plan(w2, hw, stage_costs(w2), lean, cpu_budget)[0].device_required <= hw.gpu_mem:
-                fixes.append(f"batch {b} (of sequence {w.seq}) fits the GPU's {format_size(hw.gpu_mem)}")
+                fixes.append(f"batch {b} (of sequence {w.seq}) fits "
+                             + ("the device budget of " if hw.gpu_budget else "the GPU's ")
+                             + f"{format_size(hw.gpu_mem)}"
+                             + (f" (with --act-policy '{lean.describe(w.model.n_layer)}')" if policy is None else ""))
                 break
-        if hw.gpu_budget:  # train's own budget, not a card: raise it (at train's default depth, as it runs)
-            depth = ""
-            if policy is None and lean.prefetch_depth != DEFAULT_PREFETCH:
-                default = memory_plan(w, hw, costs, lean.model_copy(update={"prefetch_depth": DEFAULT_PREFETCH}),
-                                      cpu_budget)[0].device_required
-                if default > gpu_need:  # (plan said it fits at depth 1, and a plain train refused: a pass)
-                    depth = (f" with offload.prefetch_depth={lean.prefetch_depth}; fuyou train's default depth "
-                             f"{DEFAULT_PREFETCH} needs {format_size(default, up=True)}")
-            fixes.append(f"offload.gpu_mem of at least {format_size(gpu_need, up=True)} (fuyou train's device "
-                         f"budget){depth}")
+        if hw.gpu_budget:  # train's own budget, not a card: raise it, at what a plain train runs as well
+            lean_too = ""
+            if policy is None:  # (the leanest policy's figure alone was refused by a plain train: a review)
+                default = memory_plan(w, hw, costs, ActivationPolicy.recompute_all(
+                    w.model.n_layer, checkpoint="gpu", prefetch_depth=DEFAULT_PREFETCH), cpu_budget)[0].device_required
+                if default > gpu_need:
+                    lean_too = (f" (fuyou train's default policy and prefetch depth {DEFAULT_PREFETCH}); "
+                                f"{format_size(gpu_need, up=True)} with --act-policy "
+                                f"'{lean.describe(w.model.n_layer)}' offload.prefetch_depth={lean.prefetch_depth}")
+                    gpu_need = default
+            fixes.append(f"offload.gpu_mem of at least {format_size(gpu_need, up=True)}{lean_too}")
         else:
             need = card_for(hw, gpu_need)  # the card's memory, its headroom included
             gpus = [n for n, g in GPUS.items() if g["mem"] >= need]

@@ -569,6 +569,12 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
         # (a preset a later fuyou renamed or dropped: the run's own config.toml names it, and the resume can replace it)
         raise ConfigError(f"{e} (the run's config.toml names it: resume with hardware.gpu=, hardware.ssd= or "
                           f"hardware.pcie= set to a known one, or to none)") from None
+    off = cfg.offload
+    if off.keep_state and off.commit == "none" and off.mode == "ssd" and resume is None:
+        # (49 MB kept that --resume then refused: a pass; a new run only, a resume of one says what it can do)
+        raise ConfigError("offload.keep_state=true keeps the SSD state for a resume or an export, and "
+                          "offload.commit=none writes no commit for either: the state kept could not be used; "
+                          "give one of them")
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     resumed_run = None
@@ -787,6 +793,9 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
                     made = make_run_dir(cfg, run_path, rid)
                 except ConfigError as e:
                     made = e
+                except (FuyouError, OSError) as e:  # (a full disk: the others waited out the collective's timeout)
+                    made = ConfigError(f"making the run directory {run_path} failed: "
+                                       f"{(e.strerror or e) if isinstance(e, OSError) else e}")
             try:  # every rank learns of it: under torchrun the others' states were left behind (a pass)
                 run_dir = Path(dist.broadcast(made if isinstance(made, ConfigError) else str(made),
                                               "making the run directory", started=False))
@@ -1605,7 +1614,7 @@ def _steps(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, sto
     if isinstance(overhead, int) and cfg.offload.mode == "ssd" and not dist.enabled:
         # the budget is beyond the process's fixed overhead: the peak compared with it read as over budget (a pass)
         summary += (f" (the fixed overhead {format_size(overhead)} + {format_size(max(0, peak - overhead))}; "
-                    f"--cpu-mem {format_size(cfg.offload.cpu_mem)} is beyond that overhead)")
+                    f"--cpu-mem {format_size(cfg.offload.cpu_mem)} comes on top of that overhead)")
     if dist.enabled:
         summary += f" (rank 0; a machine's {dist.local_world} ranks together {format_size(machine_peak)})"
     if wear:

@@ -694,3 +694,8 @@ def test_a_gpt_checkpoint_of_fewer_positions_says_the_sequence_it_trains_and_pla
     assert "planned with --seq 64, the model's positions" in out.err and "batch 16 x seq 64" in out.out, out.out[:600]
     assert main([*plan, "--seq", "128"]) == 2
     assert "--seq 128 is beyond the checkpoint's 64 learned positions" in capsys.readouterr().err
+    conf = tmp_path / "run.toml"  # a file silent on data.seq_len: train's default, lowered as train lowers it
+    conf.write_text(f'[model]\ninit_from = "{src}"\n')
+    assert main(["plan", "--config", str(conf), *plan[3:]]) == 0
+    out = capsys.readouterr()
+    assert "planned with --seq 64, the model's positions" in out.err and "batch 16 x seq 64" in out.out, out.err
