@@ -185,3 +185,14 @@ def test_a_kept_state_without_commits_is_refused(tmp_path, capsys):
     assert "offload.commit=none writes no commit for either" in capsys.readouterr().err
     assert list((tmp_path / "ssd").iterdir()) == [] and not (tmp_path / "runs").exists()
     assert load_config(overrides=both).offload.keep_state  # (a config, and an in-memory run, take them)
+
+
+def test_a_warmup_given_takes_the_place_of_the_files(tmp_path):
+    """A pass: a config.toml with train.warmup_ratio (every --init-from run's, the fine-tuning default) kept it over
+    train.warmup_steps given on the command line, which did nothing, while a resume said it was changed."""
+    f = tmp_path / "c.toml"
+    f.write_text("[train]\nwarmup_ratio = 0.5\nwarmup_steps = 20\nsteps = 10\n")
+    t = load_config(f, ["train.warmup_steps=1"]).train
+    assert (t.warmup_ratio, t.warmup_steps, t.warmup) == (None, 1, 1)
+    t = load_config(f, ["train.warmup_ratio=0.2"]).train
+    assert (t.warmup_ratio, t.warmup) == (0.2, 2)
