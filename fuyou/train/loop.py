@@ -689,7 +689,7 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
         write_run_id(run_path, rid)
     _claim_state(trainer, run_path, rid)
     if resume is not None and dist.is_main:
-        from fuyou.train.run import set_aside_later_snapshots
+        from fuyou.train.run import prune_abandoned, set_aside_later_snapshots
 
         moved, dropped = set_aside_later_snapshots(run_path, trainer.start_step)
         if moved or dropped:
@@ -699,6 +699,10 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
                               + ([f"deleted {', '.join(p.name for p in dropped)} (the same as the abandoned "
                                   f"snapshot of its step kept already)"] if dropped else [])),
                   file=sys.stderr)
+        pruned = prune_abandoned(run_path, cfg.train.keep_snapshots)
+        if pruned:
+            print(f"fuyou: note: deleted the set-aside snapshot(s) {', '.join(p.name for p in pruned)}: the newest "
+                  f"train.keep_snapshots={cfg.train.keep_snapshots} set aside are kept", file=sys.stderr)
     if resume is not None:  # the data as the run recorded it, and now (with train.epochs: after the loader)
         data_then = _recorded_data(run_path)
         data_now = data_fingerprint(cfg, like=data_then)

@@ -246,6 +246,24 @@ def set_aside_later_snapshots(run_dir: Path, step: int) -> tuple[list[Path], lis
     return moved, dropped
 
 
+def prune_abandoned(run_dir: Path, keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` (train.keep_snapshots) set-aside snapshots (``abandoned-...``), newest by
+    when they were set aside: each resume from an earlier commit adds its later steps' snapshots, and with a change
+    recorded each was another lineage, kept: seven directories under keep_snapshots=1 (a pass). Returns the
+    deleted."""
+    import shutil
+
+    root = run_dir / "snapshots"
+    if not root.is_dir():
+        return []
+    aside = [p for p in root.iterdir() if p.is_dir() and re.fullmatch(r"abandoned-(\d+-)?step-\d+", p.name)]
+    aside.sort(key=lambda p: (p.stat().st_mtime_ns, p.name))
+    gone = aside[:-keep] if keep > 0 else aside
+    for p in gone:
+        shutil.rmtree(p, ignore_errors=True)
+    return gone
+
+
 def save_adapters(path: Path, adapters: dict, cfg: FuyouConfig, step: int | None = None) -> Path:
     """LoRA's adapters (fp32, fuyou's keys) with the model and LoRA settings in the metadata; atomic. Written
     by ``write_safetensors``, whose header is in a fixed order: safetensors' own writer orders the metadata

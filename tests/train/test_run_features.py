@@ -908,3 +908,21 @@ def test_the_summary_says_which_steps_redid_their_updates(tmp_path, capsys):
     assert redone >= 1 and f"; {redone} of the 3 steps clipped and redid" in capsys.readouterr().err
     assert main([*common, "run.name=lora", "lora.rank=4"]) == 0
     assert "redid" not in capsys.readouterr().err
+
+
+def test_set_aside_snapshots_are_bounded_by_keep_snapshots(tmp_path):
+    """A pass: each resume from an earlier commit that recorded a change set its later snapshots aside as another
+    lineage, and none was ever deleted: seven directories (97 MiB) under train.keep_snapshots=1. The newest
+    keep_snapshots set aside are kept."""
+    import os
+
+    from fuyou.train.run import prune_abandoned
+
+    root = tmp_path / "run" / "snapshots"
+    names = ["abandoned-step-000006", "abandoned-2-step-000006", "abandoned-step-000008", "abandoned-2-step-000008",
+             "abandoned-3-step-000008", "step-000006"]
+    for i, name in enumerate(names):
+        (root / name).mkdir(parents=True)
+        os.utime(root / name, ns=(10**18 + i, 10**18 + i))  # set aside in this order
+    assert [p.name for p in prune_abandoned(tmp_path / "run", 2)] == names[:3]
+    assert sorted(p.name for p in root.iterdir()) == sorted(names[3:])
