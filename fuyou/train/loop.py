@@ -731,6 +731,10 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
             changed["train.steps (from train.epochs)"] = (made, cfg.train.steps)
         if "train.steps" in changed and made:  # (the epochs' steps, not the unused train.steps: "240 -> 30")
             changed["train.steps"] = (made, changed["train.steps"][1])
+        if cfg.train.epochs is not None and "train.steps" in changed:  # steps made epochs: its steps are the epochs'
+            then = changed.pop("train.steps")[0]  # (it said "100 -> 240", the default, for 57 steps: a pass)
+            if then != cfg.train.steps:
+                changed.setdefault("train.steps (from train.epochs)", (then, cfg.train.steps))
     if changed is not None and dist.is_main:
         then_data = changed.get("data.path", [cfg.data.path])[0] or []
         then_eval = changed.get("data.eval_path", [cfg.data.eval_path])[0] or []

@@ -926,3 +926,21 @@ def test_set_aside_snapshots_are_bounded_by_keep_snapshots(tmp_path):
         os.utime(root / name, ns=(10**18 + i, 10**18 + i))  # set aside in this order
     assert [p.name for p in prune_abandoned(tmp_path / "run", 2)] == names[:3]
     assert sorted(p.name for p in root.iterdir()) == sorted(names[3:])
+
+
+def test_a_resume_that_turns_steps_into_epochs_names_the_epochs_steps(tmp_path, capsys):
+    """A pass: a run of train.steps resumed with train.epochs said (and recorded) "train.steps 100 -> 240", the
+    default, for a run that then trained to the 57 steps of its epoch."""
+    text = tmp_path / "t.txt"
+    text.write_text(("some words for a small epoch of text. " * 30 + "\n\n") * 3)
+    (tmp_path / "ssd").mkdir()
+    assert main(["train", "--offload", "ssd", "--ssd", str(tmp_path / "ssd"), "--cpu-mem", "1GiB", "--out",
+                 str(tmp_path / "runs"), "run.name=se", "model.preset=gpt-test", f"data.path={text}",
+                 "data.seq_len=32", "train.micro_batch_size=2", "train.steps=2", "train.eval_every=0",
+                 "offload.keep_state=true"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", str(tmp_path / "runs" / "se"), "train.epochs=1"]) == 0
+    err = capsys.readouterr().err
+    m = re.search(r"train.steps \(from train.epochs\) 2 -> (\d+)", err)
+    assert m and int(m.group(1)) > 2 and "train.steps 2 -> 240" not in err, err
+    assert f"done: steps 3-{m.group(1)} of {m.group(1)}" in err
