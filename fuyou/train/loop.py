@@ -788,6 +788,13 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
         print("note: optim.master=bf16 with train.precision=fp32: every update rounds the weights to bf16, but they "
               "are computed in fp32 from a separate fp32 copy (4 B a parameter more to store and stream); with "
               "train.precision=bf16 the bf16 master is the compute weights", file=stream or sys.stderr)
+    t = cfg.train
+    if resume is None and dist.is_main and t.lr_schedule != "constant" and t.warmup >= t.steps > 1:
+        # (a 10-step run warmed up to its last step at the peak, cosine and min_lr_ratio unused, unsaid: a pass)
+        given = "train.warmup_ratio" if t.warmup_ratio is not None else "train.warmup_steps"
+        print(f"note: the warm-up ({t.warmup} steps, {given}) covers all {t.steps} steps: the learning rate rises "
+              f"to optim.lr and never decays (train.lr_schedule={t.lr_schedule} does not apply); give fewer warm-up "
+              f"steps for a schedule", file=stream or sys.stderr)
     _note_torchrun_shutdown(trainer, dist, stream or sys.stderr)
     stop = _StopOnSignal()
     stop.commits = cfg.offload.mode == "ssd" and cfg.offload.commit != "none"  # (in memory it said "commit intact")

@@ -944,3 +944,14 @@ def test_a_resume_that_turns_steps_into_epochs_names_the_epochs_steps(tmp_path, 
     m = re.search(r"train.steps \(from train.epochs\) 2 -> (\d+)", err)
     assert m and int(m.group(1)) > 2 and "train.steps 2 -> 240" not in err, err
     assert f"done: steps 3-{m.group(1)} of {m.group(1)}" in err
+
+
+def test_a_warm_up_as_long_as_the_run_is_said(tmp_path, capsys):
+    """A pass: a run of 20 steps or fewer at the default warm-up (20) rose to its peak learning rate at its last step
+    and never decayed, cosine and min_lr_ratio unused, and nothing said so."""
+    common = ["train", "model.preset=gpt-test", "data.seq_len=32", "train.micro_batch_size=2", "train.eval_every=0",
+              "--out", str(tmp_path / "runs")]
+    assert main([*common, "train.steps=3", "run.name=short"]) == 0
+    assert capsys.readouterr().err.count("note: the warm-up (20 steps, train.warmup_steps) covers all 3 steps") == 1
+    assert main([*common, "train.steps=3", "train.warmup_steps=1", "run.name=warm1"]) == 0
+    assert "covers all" not in capsys.readouterr().err
