@@ -77,7 +77,10 @@ def save_weights(path: Path, trainer, cfg: FuyouConfig, step: int, run_dir: Path
     chunks = trainer.master_chunks_now() if as_they_are else trainer.master_chunks()
     try:
         return write_safetensors(path / "model.safetensors", {k: s.shape for k, s in specs.items()}, chunks,
-                                 {"fuyou_model": json.dumps(cfg.model.model_dump()), "fuyou_step": str(step)})
+                                 # (init_from is the run's config.toml's; a resume's config has none, and its file
+                                 # differed in bytes from an uninterrupted run's by it: a pass, as the adapters')
+                                 {"fuyou_model": json.dumps(cfg.model.model_dump(exclude={"init_from"})),
+                                  "fuyou_step": str(step)})
     except OSError as e:
         kept = (f" The trained state is kept on the SSD: free space or fix the disk, then "
                 f"`{resume_command(run_dir or path)}` saves it." if cfg.offload.mode == "ssd" else "")
