@@ -741,16 +741,15 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
         # "old -> new" by position within each list of the same length (else an eval file showed as renamed)
         then_paths = ([*then_data, *then_eval] if len(then_data) == len(cfg.data.path) and
                       len(then_eval) == len(cfg.data.eval_path) else None)
-        record_resume(run_path, cfg, trainer.start_step, changed)
+        before = record_resume(run_path, cfg, trainer.start_step, changed)
         record_data(run_path, cfg, data_now, split, vocabulary)
         if changed:
             print("resumed with changes (recorded in resumes.jsonl; config.toml is now the effective config): "
                   + ", ".join(_data_files_change(cfg, a, b, split, then_paths)
                               if k == "data files (size, modified)" else f"{k} {a!r} -> {b!r}"
                               for k, (a, b) in changed.items()), file=stream or sys.stderr)
-            schedule_note = _schedule_change(load_config(run_path / f"config.step-{trainer.start_step}.toml",
-                                                         ["model.init_from=none"], dirs), cfg, trainer.start_step,
-                                             changed, made)
+            schedule_note = _schedule_change(load_config(before, ["model.init_from=none"], dirs), cfg,
+                                             trainer.start_step, changed, made)
             if schedule_note:
                 print(schedule_note, file=stream or sys.stderr)
             if data_moved and trainer.start_step:  # (the epoch field went back, unexplained: a pass)

@@ -331,9 +331,11 @@ def resume_changes(saved: FuyouConfig, cfg: FuyouConfig) -> dict[str, tuple]:
     return changed
 
 
-def record_resume(run_dir: Path, cfg: FuyouConfig, step: int, changed: dict[str, tuple]) -> None:
+def record_resume(run_dir: Path, cfg: FuyouConfig, step: int, changed: dict[str, tuple]) -> Path | None:
     """Append the resume to ``resumes.jsonl`` and make ``config.toml`` the effective config (the
-    previous one is kept as ``config.step-<N>.toml`` when anything changed)."""
+    previous one is kept as ``config.step-<N>.toml`` when anything changed, ``config.step-<N>-<k>.toml`` for
+    the k-th resume at the same step: six resumes at one commit left only the last one's: a pass). Returns the
+    previous config's file, or None."""
     entry = {"resumed_at_step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
              "changed": {k: [a, b] for k, (a, b) in changed.items()}}
     with open(run_dir / "resumes.jsonl", "a") as fh:
@@ -346,8 +348,13 @@ def record_resume(run_dir: Path, cfg: FuyouConfig, step: int, changed: dict[str,
         source = read_toml(run_dir / "config.toml").get("model", {}).get("init_from")
         if source and not cfg.model.init_from:
             cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"init_from": source})})
-        (run_dir / "config.toml").replace(run_dir / f"config.step-{step}.toml")
+        kept, k = run_dir / f"config.step-{step}.toml", 2
+        while kept.exists():
+            kept, k = run_dir / f"config.step-{step}-{k}.toml", k + 1
+        (run_dir / "config.toml").replace(kept)
         (run_dir / "config.toml").write_text(to_toml(cfg))
+        return kept
+    return None
 
 
 def export_run_dir(run_dir: str | Path, out_dir: str | Path, dtype: str = "fp32", shard_size: int = 2 * 1024**3,

@@ -971,3 +971,19 @@ def test_a_resumed_fine_tune_writes_the_same_bytes_as_an_uninterrupted_one(tmp_p
     assert main(["train", "--resume", str(tmp_path / "runs" / "parts"), "train.steps=4"]) == 0
     whole, parts = (tmp_path / "runs" / n / "model.safetensors" for n in ("whole", "parts"))
     assert whole.read_bytes() == parts.read_bytes()
+
+
+def test_resumes_at_one_step_keep_each_config_before_them(tmp_path):
+    """A pass: six resumes at one commit, each changing a setting, left config.step-5.toml holding the config
+    before the last of them: the run's first config was gone from disk."""
+    (tmp_path / "ssd").mkdir()
+    assert main(["train", "--offload", "ssd", "--ssd", str(tmp_path / "ssd"), "--cpu-mem", "1GiB", "--out",
+                 str(tmp_path / "runs"), "run.name=r", "model.preset=gpt-test", "data.seq_len=32",
+                 "train.micro_batch_size=2", "train.steps=2", "train.eval_every=0", "offload.keep_state=true",
+                 "optim.lr=0.001"]) == 0
+    run = tmp_path / "runs" / "r"
+    for lr in ("0.0009", "0.0008"):
+        assert main(["train", "--resume", str(run), "train.steps=2", f"optim.lr={lr}"]) == 0
+    assert load_config(run / "config.step-2.toml", ["model.init_from=none"]).optim.lr == 0.001
+    assert load_config(run / "config.step-2-2.toml", ["model.init_from=none"]).optim.lr == 0.0009
+    assert load_config(run / "config.toml", ["model.init_from=none"]).optim.lr == 0.0008
