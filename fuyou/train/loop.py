@@ -788,6 +788,11 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
               "are computed in fp32 from a separate fp32 copy (4 B a parameter more to store and stream); with "
               "train.precision=bf16 the bf16 master is the compute weights", file=stream or sys.stderr)
     t = cfg.train
+    if cfg.offload.mode == "none" and not cfg.run.save_weights and resume is None and dist.is_main:
+        # (the weights were dropped without a word, and export then said to export a finished run: a pass)
+        print("note: run.save_weights=false in memory: the trained weights are kept nowhere (no SSD state either)"
+              + (", but in the snapshots of train.save_every" if t.save_every else "; give train.save_every for "
+                 "snapshots, or leave run.save_weights on"), file=stream or sys.stderr)
     if resume is None and dist.is_main and t.lr_schedule != "constant" and t.warmup >= t.steps > 1:
         # (a 10-step run warmed up to its last step at the peak, cosine and min_lr_ratio unused, unsaid: a pass)
         given = "train.warmup_ratio" if t.warmup_ratio is not None else "train.warmup_steps"

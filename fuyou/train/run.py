@@ -404,6 +404,9 @@ def _export_run_dir(run: Path, out: Path, dtype: str, shard_size: int, stream, m
         try:
             with CommittedWeights(run) as weights:
                 state = "still training" if weights.live else "stopped"
+                c = weights.cfg
+                if not weights.live and not c.run.save_weights and weights.step >= c.train.steps:
+                    state = "finished with run.save_weights=false"  # (it said "stopped": a pass)
                 what = ("was resumed past its model.safetensors" if finished is not None else
                         "has no model.safetensors")
                 if finished is None and (run / "model.safetensors").is_file():  # (it finished meanwhile: it was

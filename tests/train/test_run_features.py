@@ -987,3 +987,17 @@ def test_resumes_at_one_step_keep_each_config_before_them(tmp_path):
     assert load_config(run / "config.step-2.toml", ["model.init_from=none"]).optim.lr == 0.001
     assert load_config(run / "config.step-2-2.toml", ["model.init_from=none"]).optim.lr == 0.0009
     assert load_config(run / "config.toml", ["model.init_from=none"]).optim.lr == 0.0008
+
+
+def test_weights_not_saved_are_said_at_the_start_and_at_export(tmp_path, capsys):
+    """A pass: an in-memory run with run.save_weights=false dropped its weights without a word, and the export of a
+    finished SSD run that saved none said it had "stopped"."""
+    common = ["model.preset=gpt-test", "data.seq_len=32", "train.micro_batch_size=2", "train.steps=2",
+              "train.eval_every=0", "run.save_weights=false", "--out", str(tmp_path / "runs")]
+    assert main(["train", *common, "run.name=mem"]) == 0
+    assert "the trained weights are kept nowhere" in capsys.readouterr().err
+    (tmp_path / "ssd").mkdir()
+    assert main(["train", "--offload", "ssd", "--ssd", str(tmp_path / "ssd"), *common, "run.name=ssd"]) == 0
+    assert "kept nowhere" not in capsys.readouterr().err
+    assert main(["export", str(tmp_path / "runs" / "ssd"), "--out", str(tmp_path / "hf")]) == 0
+    assert "(finished with run.save_weights=false): exporting its last commit (step 2)" in capsys.readouterr().err
