@@ -29,8 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(args, "func"):
         parser.print_help()
         return 2
-    _quiet_other_ranks()
     try:
+        _quiet_other_ranks()  # (it imports torch: a Ctrl-C then was a traceback, not "interrupted": a pass)
         return args.func(args) or 0
     except FuyouError as e:
         sys.stderr.write(f"fuyou: error{_rank_tag()}: {e}\n")  # one write: torchrun's ranks print beside each other
