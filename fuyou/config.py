@@ -293,7 +293,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 #: settings of which one (steps, epochs) or two (global_batch, micro_batch_size, grad_accum) are given: those
 #: given on the command line take the place of the file's, which give way in this order
-TIED = (("steps", "epochs"), ("warmup_steps", "warmup_ratio"), ("grad_accum", "micro_batch_size", "global_batch"))
+TIED = (("steps", "epochs"), ("grad_accum", "micro_batch_size", "global_batch"))
 
 
 def _give_way(train: dict, given: set[str]) -> None:
@@ -301,12 +301,15 @@ def _give_way(train: dict, given: set[str]) -> None:
     batch settings to those given (two of global_batch, micro_batch_size, grad_accum are kept). A new-user
     pass: `--config RUN/config.toml train.epochs=1` was refused as "steps and epochs both given", and
     train.steps=none is no number."""
-    *ones, batch = TIED
-    for one in ones:  # (warmup_steps over a file's warmup_ratio was ignored, and a resume said it was changed: a pass)
-        if given & set(one):
-            for k in one:
-                if k not in given and train.get(k) not in (None, "none"):
-                    del train[k]
+    steps, batch = TIED
+    if given & set(steps):
+        for k in steps:
+            if k not in given and train.get(k) not in (None, "none"):
+                del train[k]
+    # one way: a warmup_steps given replaces the file's warmup_ratio, which would override it (it was ignored, and a
+    # resume said it was changed: a pass); a warmup_ratio given overrides the file's warmup_steps as it is
+    if "warmup_steps" in given and "warmup_ratio" not in given:
+        train.pop("warmup_ratio", None)
     if given & set(batch):
         for k in batch:
             set_now = [b for b in batch if train.get(b) not in (None, "none")]

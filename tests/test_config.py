@@ -195,4 +195,4 @@ def test_a_warmup_given_takes_the_place_of_the_files(tmp_path):
     t = load_config(f, ["train.warmup_steps=1"]).train
     assert (t.warmup_ratio, t.warmup_steps, t.warmup) == (None, 1, 1)
     t = load_config(f, ["train.warmup_ratio=0.2"]).train
-    assert (t.warmup_ratio, t.warmup) == (0.2, 2)
+    assert (t.warmup_ratio, t.warmup, t.warmup_steps) == (0.2, 2, 20)  # (the file's steps kept: no invented change)

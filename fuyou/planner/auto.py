@@ -81,6 +81,7 @@ def _probe_apart(ssd_dir, **kw):
     --cpu-mem and the fixed overhead, and its leftovers raised that overhead by 80 MiB (a pass). Its error, a
     sentence, is raised here; a stop (Ctrl-C, SIGTERM) ends it too, and it ends when this process dies."""
     import multiprocessing
+    import os
     import signal
 
     from fuyou.errors import FuyouError
@@ -91,7 +92,8 @@ def _probe_apart(ssd_dir, **kw):
     previous = signal.signal(signal.SIGTERM, stop)
     ctx = multiprocessing.get_context("spawn")
     recv, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_probe_process, args=(send, str(ssd_dir), kw), daemon=True, name="fuyou-probe")
+    proc = ctx.Process(target=_probe_process, args=(send, str(ssd_dir), kw, os.getpid()), daemon=True,
+                       name="fuyou-probe")
     try:
         proc.start()
         send.close()
@@ -116,7 +118,7 @@ def _probe_apart(ssd_dir, **kw):
         signal.signal(signal.SIGTERM, previous)
 
 
-def _probe_process(send, ssd_dir: str, kw: dict) -> None:
+def _probe_process(send, ssd_dir: str, kw: dict, parent: int) -> None:
     """The probe's process: sends (True, (profile, measurements)) or (False, its error). SIGTERM ends it through its
     cleanup (its stores under the SSD directory removed), and it gets one when the run's process dies, however (a
     run killed while probing left it measuring alone); Ctrl-C is the run's, which ends this one."""
@@ -130,12 +132,11 @@ def _probe_process(send, ssd_dir: str, kw: dict) -> None:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    parent = os.getppid()
     try:
         ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG (Linux)
     except (OSError, AttributeError):
         pass
-    if os.getppid() != parent:  # the run died before the line above: nothing to measure for
+    if os.getppid() != parent:  # the run died before the line above (its pid given: a review): nothing to measure
         return
     import traceback
 

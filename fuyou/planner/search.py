@@ -511,7 +511,10 @@ def _fixes(w: Workload, hw: HardwareProfile, cpu_budget: int, failed: Evaluation
                 fixes.append(f"batch {b} (of sequence {w.seq}) fits "
                              + ("the device budget of " if hw.gpu_budget else "the GPU's ")
                              + f"{format_size(hw.gpu_mem)}"
-                             + (f" (with --act-policy '{lean.describe(w.model.n_layer)}')" if policy is None else ""))
+                             + (f" (with --act-policy '{lean.describe(w.model.n_layer)}'"
+                                + (f" offload.prefetch_depth={lean.prefetch_depth}"
+                                   if lean.prefetch_depth != DEFAULT_PREFETCH else "") + ")"
+                                if policy is None else ""))
                 break
         if hw.gpu_budget:  # train's own budget, not a card: raise it, at what a plain train runs as well
             lean_too = ""

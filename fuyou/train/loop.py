@@ -28,8 +28,8 @@ from fuyou.models import StageModel
 from fuyou.train.metrics import MetricsLog, Progress, WandbLog, check_wandb, si, tensorboard_available
 from fuyou.train.reference import ReferenceTrainer
 from fuyou.engine.state import run_id, write_run_id
-from fuyou.train.run import (SaveError, make_run_dir, record_resume, resume_changes, run_dir_path, save_snapshot,
-                             save_weights)
+from fuyou.train.run import (DATA_FILES, SaveError, make_run_dir, record_resume, resume_changes, run_dir_path,
+                             save_snapshot, save_weights)
 from fuyou.errors import ConfigError, DataError, FuyouError, NonFiniteError
 from fuyou.trainer import EvaluationStopped, Trainer
 from fuyou.units import format_decimal, format_size
@@ -89,7 +89,6 @@ def build_trainer(cfg: FuyouConfig, run_name: str, resume: bool = False, split: 
                   store_name=dist.store_name(state_name(run_name)), resume=resume, init_values=init_values)
 
 
-DATA_FILES = "data-files.json"
 
 
 def data_fingerprint(cfg: FuyouConfig, like: dict | None = None) -> dict:
@@ -689,7 +688,7 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
         write_run_id(run_path, rid)
     _claim_state(trainer, run_path, rid)
     if resume is not None and dist.is_main:
-        from fuyou.train.run import prune_abandoned, set_aside_later_snapshots
+        from fuyou.train.run import set_aside_later_snapshots
 
         moved, dropped = set_aside_later_snapshots(run_path, trainer.start_step)
         if moved or dropped:
@@ -699,10 +698,6 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
                               + ([f"deleted {', '.join(p.name for p in dropped)} (the same as the abandoned "
                                   f"snapshot of its step kept already)"] if dropped else [])),
                   file=sys.stderr)
-        pruned = prune_abandoned(run_path, cfg.train.keep_snapshots)
-        if pruned:
-            print(f"fuyou: note: deleted the set-aside snapshot(s) {', '.join(p.name for p in pruned)}: the newest "
-                  f"train.keep_snapshots={cfg.train.keep_snapshots} set aside are kept", file=sys.stderr)
     if resume is not None:  # the data as the run recorded it, and now (with train.epochs: after the loader)
         data_then = _recorded_data(run_path)
         data_now = data_fingerprint(cfg, like=data_then)
@@ -790,9 +785,9 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
     t = cfg.train
     if cfg.offload.mode == "none" and not cfg.run.save_weights and resume is None and dist.is_main:
         # (the weights were dropped without a word, and export then said to export a finished run: a pass)
-        print("note: run.save_weights=false in memory: the trained weights are kept nowhere (no SSD state either)"
-              + (", but in the snapshots of train.save_every" if t.save_every else "; give train.save_every for "
-                 "snapshots, or leave run.save_weights on"), file=stream or sys.stderr)
+        print("note: run.save_weights=false in memory: the final weights are kept nowhere (no SSD state either)"
+              + ("; only the snapshots of train.save_every before the last step are" if t.save_every else "")
+              + "; leave run.save_weights on to keep them", file=stream or sys.stderr)
     if resume is None and dist.is_main and t.lr_schedule != "constant" and t.warmup >= t.steps > 1:
         # (a 10-step run warmed up to its last step at the peak, cosine and min_lr_ratio unused, unsaid: a pass)
         given = "train.warmup_ratio" if t.warmup_ratio is not None else "train.warmup_steps"
@@ -829,6 +824,14 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
                 record_base(run_dir)  # export --merge checks the base is still the one trained over
             if dist.enabled:
                 distributed.record_world(run_dir, dist)
+        if resume is not None and dist.is_main:  # (after every refusal: a refused resume deleted them: a review)
+            from fuyou.train.run import prune_abandoned
+
+            pruned = prune_abandoned(run_path, cfg.train.keep_snapshots)
+            if pruned:
+                print(f"fuyou: note: deleted the set-aside snapshot(s) {', '.join(p.name for p in pruned)}: the "
+                      f"newest train.keep_snapshots={cfg.train.keep_snapshots} set aside are kept (raise it to keep "
+                      f"more; a LoRA run over one needs it for export --merge)", file=stream or sys.stderr)
         result = _loop(cfg, trainer, run_dir, stream or sys.stderr, trace, stop, dist)
     except BaseException as e:
         # Whatever failed (a step, an evaluation, the save), closing must not wait on or write to a

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from pathlib import Path
@@ -17,6 +18,9 @@ from fuyou.engine.commit import state_name
 from fuyou.errors import ConfigError, FuyouError
 from fuyou.distributed import resume_command
 from fuyou.hf.weights import write_safetensors
+
+
+DATA_FILES = "data-files.json"  # the data files a resumable run read, and the steps its epochs made (train.loop)
 
 
 def run_dir_path(cfg: FuyouConfig) -> Path:
@@ -236,9 +240,12 @@ def set_aside_later_snapshots(run_dir: Path, step: int) -> tuple[list[Path], lis
         if int(p.name[5:]) > step:
             rec = snapshot_record(p)
             kept = [q for q in p.parent.iterdir() if re.fullmatch(rf"abandoned-(\d+-)?{re.escape(p.name)}", q.name)]
-            if rec is not None and any(snapshot_record(q) == rec and same_sampled(p, q) for q in kept):
+            same = next((q for q in kept if rec is not None and snapshot_record(q) == rec and same_sampled(p, q)),
+                        None)
+            if same is not None:
                 shutil.rmtree(p)
                 dropped.append(p)
+                os.utime(same)  # set aside again, as now (``prune_abandoned`` keeps the newest: a review)
                 continue
             target = p.with_name(f"abandoned-{p.name}")
             n = 2
@@ -259,8 +266,11 @@ def prune_abandoned(run_dir: Path, keep: int) -> list[Path]:
     root = run_dir / "snapshots"
     if not root.is_dir():
         return []
-    aside = [p for p in root.iterdir() if p.is_dir() and re.fullmatch(r"abandoned-(\d+-)?step-\d+", p.name)]
-    aside.sort(key=lambda p: (p.stat().st_mtime_ns, p.name))
+    aside = [(p, m) for p in root.iterdir() if p.is_dir()
+             and (m := re.fullmatch(r"abandoned-(?:(\d+)-)?step-(\d+)", p.name))]
+    # set aside when renamed (a rename changes the inode's ctime, not its mtime: a review), then by step and copy
+    aside.sort(key=lambda pm: (pm[0].stat().st_ctime_ns, int(pm[1].group(2)), int(pm[1].group(1) or 1)))
+    aside = [p for p, _ in aside]
     gone = aside[:-keep] if keep > 0 else aside
     for p in gone:
         shutil.rmtree(p, ignore_errors=True)
@@ -405,7 +415,14 @@ def _export_run_dir(run: Path, out: Path, dtype: str, shard_size: int, stream, m
             with CommittedWeights(run) as weights:
                 state = "still training" if weights.live else "stopped"
                 c = weights.cfg
-                if not weights.live and not c.run.save_weights and weights.step >= c.train.steps:
+                if c.train.epochs is not None:  # its steps are its epochs', recorded with its data (a review)
+                    try:
+                        steps = json.loads((run / DATA_FILES).read_text()).get("steps")
+                    except (OSError, ValueError, AttributeError):
+                        steps = None
+                else:
+                    steps = c.train.steps
+                if not weights.live and not c.run.save_weights and isinstance(steps, int) and weights.step >= steps:
                     state = "finished with run.save_weights=false"  # (it said "stopped": a pass)
                 what = ("was resumed past its model.safetensors" if finished is not None else
                         "has no model.safetensors")

@@ -913,19 +913,23 @@ def test_the_summary_says_which_steps_redid_their_updates(tmp_path, capsys):
 def test_set_aside_snapshots_are_bounded_by_keep_snapshots(tmp_path):
     """A pass: each resume from an earlier commit that recorded a change set its later snapshots aside as another
     lineage, and none was ever deleted: seven directories (97 MiB) under train.keep_snapshots=1. The newest
-    keep_snapshots set aside are kept."""
+    keep_snapshots set aside are kept, newest by when they were set aside (a review: a rename keeps the mtime, and
+    a snapshot written long ago but set aside last was taken for the oldest)."""
     import os
 
-    from fuyou.train.run import prune_abandoned
+    from fuyou.train.run import prune_abandoned, set_aside_later_snapshots
 
-    root = tmp_path / "run" / "snapshots"
-    names = ["abandoned-step-000006", "abandoned-2-step-000006", "abandoned-step-000008", "abandoned-2-step-000008",
-             "abandoned-3-step-000008", "step-000006"]
-    for i, name in enumerate(names):
-        (root / name).mkdir(parents=True)
-        os.utime(root / name, ns=(10**18 + i, 10**18 + i))  # set aside in this order
-    assert [p.name for p in prune_abandoned(tmp_path / "run", 2)] == names[:3]
-    assert sorted(p.name for p in root.iterdir()) == sorted(names[3:])
+    run = tmp_path / "run"
+    root = run / "snapshots"
+    for _ in range(2):  # two resumes from step 4, each setting aside the steps 6 and 8 it redoes
+        for step in (6, 8):
+            (root / f"step-{step:06d}").mkdir(parents=True)
+            os.utime(root / f"step-{step:06d}", ns=(10**9, 10**9))  # (written long ago: mtime is no guide)
+        set_aside_later_snapshots(run, 4)
+    assert sorted(p.name for p in root.iterdir()) == ["abandoned-2-step-000006", "abandoned-2-step-000008",
+                                                      "abandoned-step-000006", "abandoned-step-000008"]
+    assert sorted(p.name for p in prune_abandoned(run, 2)) == ["abandoned-step-000006", "abandoned-step-000008"]
+    assert sorted(p.name for p in root.iterdir()) == ["abandoned-2-step-000006", "abandoned-2-step-000008"]
 
 
 def test_a_resume_that_turns_steps_into_epochs_names_the_epochs_steps(tmp_path, capsys):
@@ -995,7 +999,7 @@ def test_weights_not_saved_are_said_at_the_start_and_at_export(tmp_path, capsys)
     common = ["model.preset=gpt-test", "data.seq_len=32", "train.micro_batch_size=2", "train.steps=2",
               "train.eval_every=0", "run.save_weights=false", "--out", str(tmp_path / "runs")]
     assert main(["train", *common, "run.name=mem"]) == 0
-    assert "the trained weights are kept nowhere" in capsys.readouterr().err
+    assert "the final weights are kept nowhere" in capsys.readouterr().err
     (tmp_path / "ssd").mkdir()
     assert main(["train", "--offload", "ssd", "--ssd", str(tmp_path / "ssd"), *common, "run.name=ssd"]) == 0
     assert "kept nowhere" not in capsys.readouterr().err
