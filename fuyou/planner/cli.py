@@ -229,7 +229,7 @@ def _plan_config_file(args) -> dict:
     given = [k for k in ("profile", "gpu", "ssd", "pcie", "gpu_tflops", "ssd_read", "ssd_write", "pcie_bw", "cpu_adam")
              if getattr(args, k, None) is not None]
     profile = hardware.pop("profile", None)
-    if profile is not None and not given:  # (with --gpu given, a run's own profile was refused as "--profile": a review)
+    if profile is not None and not given:  # (with --gpu given, a run's own profile was refused as --profile: a review)
         if Path(str(profile)).expanduser().is_file():
             args.profile = str(profile)
             print(f"note: planned with {named}'s hardware.profile {profile}" + (

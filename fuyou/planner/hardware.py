@@ -156,9 +156,9 @@ class HardwareProfile(BaseModel):
                                   "written (presets' datasheets, or --ssd-tbw); None: unknown.")
     cpu_adam: float = Field(gt=0, description="CPU AdamW throughput, parameters/s (fuyou's fused kernel).")
     cpu_mem: int | None = Field(None, gt=0, description="CPU memory of the machine, bytes (probe; informative).")
-    compute_block: conlist(int, min_length=2, max_length=2) | None = Field(None, description="The probe's timed block: [d_model, tokens a "
-                                            "micro-batch]. Its FLOP/s hold near that shape; a plan far from it "
-                                            "extrapolates them, and says so. None: presets.")
+    compute_block: conlist(int, min_length=2, max_length=2) | None = Field(
+        None, description="The probe's timed block: [d_model, tokens a micro-batch]. Its FLOP/s hold near that "
+        "shape; a plan far from it extrapolates them, and says so. None: presets.")
     compute_precision: Literal["bf16", "fp32"] | None = Field(
         None, description="The dtype the probe timed its block in (probe --precision); a plan of the other "
         "precision says its compute times are the probe's other dtype's. None: presets, or older profiles.")
