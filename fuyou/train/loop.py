@@ -89,8 +89,6 @@ def build_trainer(cfg: FuyouConfig, run_name: str, resume: bool = False, split: 
                   store_name=dist.store_name(state_name(run_name)), resume=resume, init_values=init_values)
 
 
-
-
 def data_fingerprint(cfg: FuyouConfig, like: dict | None = None) -> dict:
     """What a resume compares to tell whether the run's data changed: each data.path and data.eval_path
     entry's size and modification time (a directory's file count, total size and newest time; a moved
@@ -1648,9 +1646,8 @@ def _steps(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, sto
                     f"commits {format_size(wear['ssd_written_bytes'])} in all (the initial state's write not counted)")
         if redone:  # (a short run's figure was above the plan's, with nothing to say why: a pass)
             summary += (f"; {redone} of the {steps_run} steps clipped and redid {'its' if redone == 1 else 'their'} "
-                        f"speculative updates (exact "
-                        f"clipping): what that wrote again is in the steps' own bytes (`fuyou plan`'s wear line "
-                        f"gives it apart from a step's)")
+                        f"speculative updates (exact clipping): what that wrote again is in the steps' own bytes "
+                        f"(`fuyou plan`'s wear line gives it apart from a step's)")
         if wear.get("ssd_life_hours"):
             summary += (f"; at this rate the drives' rated {tbw / 1e15:.3g} PB ({drives}) last "
                         f"{wear['ssd_life_hours']:,.0f} hours")
