@@ -28,8 +28,8 @@ from fuyou.models import StageModel
 from fuyou.train.metrics import MetricsLog, Progress, WandbLog, check_wandb, si, tensorboard_available
 from fuyou.train.reference import ReferenceTrainer
 from fuyou.engine.state import run_id, write_run_id
-from fuyou.train.run import (DATA_FILES, SaveError, make_run_dir, record_resume, resume_changes, run_dir_path,
-                             save_snapshot, save_weights)
+from fuyou.train.run import (DATA_FILES, SaveError, make_run_dir, record_resume, recorded_data, resume_changes,
+                             run_dir_path, save_snapshot, save_weights)
 from fuyou.errors import ConfigError, DataError, FuyouError, NonFiniteError
 from fuyou.trainer import EvaluationStopped, Trainer
 from fuyou.units import format_decimal, format_size
@@ -168,7 +168,7 @@ def record_data(run_dir: Path, cfg: FuyouConfig, fp: dict | None = None, split: 
 def run_vocabulary(run_dir: Path) -> dict:
     """The vocabulary a run being resumed recorded for its data (``record_data``): ``{"vocabulary":
     fingerprint, "tokenizer": name}``, or {} for a run from before the record (nothing to compare)."""
-    rec = _recorded_data(run_dir)
+    rec = recorded_data(run_dir)
     if not isinstance(rec, dict) or not isinstance(rec.get("vocabulary"), str):
         return {}
     from fuyou.hf.source import tokenizer_dir
@@ -262,17 +262,8 @@ def run_split(run_dir: Path) -> str:
     """How a run being resumed holds its fine-tuning examples out: as recorded, else as fuyou did before
     it recorded it (a seeded shuffle): its resume keeps the run's held-out set (examples held out by their
     content from then on would have put examples it trained on among them, in silence)."""
-    rec = _recorded_data(run_dir)
+    rec = recorded_data(run_dir)
     return rec.get("split", "shuffle") if isinstance(rec, dict) else "shuffle"
-
-
-def _recorded_data(run_dir: Path) -> dict | None:
-    import json
-
-    try:
-        return json.loads((run_dir / DATA_FILES).read_text())
-    except (OSError, ValueError):
-        return None  # a run from before the record, or a damaged one: nothing to compare
 
 
 def _note_budget_beyond_memory(cfg: FuyouConfig, stream) -> None:
@@ -697,7 +688,7 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
                                   f"snapshot of its step kept already)"] if dropped else [])),
                   file=sys.stderr)
     if resume is not None:  # the data as the run recorded it, and now (with train.epochs: after the loader)
-        data_then = _recorded_data(run_path)
+        data_then = recorded_data(run_path)
         data_now = data_fingerprint(cfg, like=data_then)
         data_moved = data_then is not None and data_then["files"] != data_now["files"]
     if resume is not None and trainer.start_step > cfg.train.steps:

@@ -23,6 +23,14 @@ from fuyou.hf.weights import write_safetensors
 DATA_FILES = "data-files.json"  # the data files a resumable run read, and the steps its epochs made (train.loop)
 
 
+def recorded_data(run_dir: Path) -> dict | None:
+    """The run's ``DATA_FILES`` record; None for a run from before it, or a damaged one: nothing to compare."""
+    try:
+        return json.loads((run_dir / DATA_FILES).read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def run_dir_path(cfg: FuyouConfig) -> Path:
     """The directory this run will write to (not created yet). Never an existing one."""
     parent = Path(cfg.run.out_dir)
@@ -415,13 +423,10 @@ def _export_run_dir(run: Path, out: Path, dtype: str, shard_size: int, stream, m
             with CommittedWeights(run) as weights:
                 state = "still training" if weights.live else "stopped"
                 c = weights.cfg
+                steps = c.train.steps
                 if c.train.epochs is not None:  # its steps are its epochs', recorded with its data (a review)
-                    try:
-                        steps = json.loads((run / DATA_FILES).read_text()).get("steps")
-                    except (OSError, ValueError, AttributeError):
-                        steps = None
-                else:
-                    steps = c.train.steps
+                    rec = recorded_data(run)
+                    steps = rec.get("steps") if isinstance(rec, dict) else None
                 if not weights.live and not c.run.save_weights and isinstance(steps, int) and weights.step >= steps:
                     state = "finished with run.save_weights=false"  # (it said "stopped": a pass)
                 what = ("was resumed past its model.safetensors" if finished is not None else
