@@ -18,6 +18,7 @@ depth (1-3) is chosen first, with nothing swapped.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -502,6 +503,14 @@ def _fixes(w: Workload, hw: HardwareProfile, cpu_budget: int, failed: Evaluation
                     for c in ("ssd", "gpu")), key=need)
     plan, ssd = memory_plan(w, hw, costs, lean, cpu_budget)
     gpu_need = min(plan.device_required, failed.memory.device_required)  # (the search's own plan may need less)
+
+    @functools.cache
+    def plain() -> MemoryPlan:  # what a plain fuyou train runs: recompute, checkpoints on the device, its depth
+        return memory_plan(w, hw, costs, ActivationPolicy.recompute_all(
+            w.model.n_layer, checkpoint="gpu", prefetch_depth=DEFAULT_PREFETCH), cpu_budget)[0]
+
+    lean_flags = (f"--act-policy '{lean.describe(w.model.n_layer)}'" + (
+        f" offload.prefetch_depth={lean.prefetch_depth}" if lean.prefetch_depth != DEFAULT_PREFETCH else ""))
     if hw.device == "cuda" and gpu_need > hw.gpu_mem:
         b = w.batch
         while b > 1:
@@ -511,20 +520,15 @@ def _fixes(w: Workload, hw: HardwareProfile, cpu_budget: int, failed: Evaluation
                 fixes.append(f"batch {b} (of sequence {w.seq}) fits "
                              + ("the device budget of " if hw.gpu_budget else "the GPU's ")
                              + f"{format_size(hw.gpu_mem)}"
-                             + (f" (with --act-policy '{lean.describe(w.model.n_layer)}'"
-                                + (f" offload.prefetch_depth={lean.prefetch_depth}"
-                                   if lean.prefetch_depth != DEFAULT_PREFETCH else "") + ")"
-                                if policy is None else ""))
+                             + (f" (with {lean_flags})" if policy is None else ""))
                 break
         if hw.gpu_budget:  # train's own budget, not a card: raise it, at what a plain train runs as well
             lean_too = ""
             if policy is None:  # (the leanest policy's figure alone was refused by a plain train: a review)
-                default = memory_plan(w, hw, costs, ActivationPolicy.recompute_all(
-                    w.model.n_layer, checkpoint="gpu", prefetch_depth=DEFAULT_PREFETCH), cpu_budget)[0].device_required
+                default = plain().device_required
                 if default > gpu_need:
                     lean_too = (f" (fuyou train's default policy and prefetch depth {DEFAULT_PREFETCH}); "
-                                f"{format_size(gpu_need, up=True)} with --act-policy "
-                                f"'{lean.describe(w.model.n_layer)}' offload.prefetch_depth={lean.prefetch_depth}")
+                                f"{format_size(gpu_need, up=True)} with {lean_flags}")
                     gpu_need = default
             fixes.append(f"offload.gpu_mem of at least {format_size(gpu_need, up=True)}{lean_too}")
         else:
@@ -536,8 +540,7 @@ def _fixes(w: Workload, hw: HardwareProfile, cpu_budget: int, failed: Evaluation
     note = ""
     if plan.cpu_required > cpu_budget:  # the planned budget (after the reserve); `fuyou plan` restates it as --cpu-mem
         if policy is None and lean.prefetch_depth != DEFAULT_PREFETCH:  # (train's minimum at its default differs)
-            default = memory_plan(w, hw, costs, ActivationPolicy.recompute_all(
-                w.model.n_layer, checkpoint="gpu", prefetch_depth=DEFAULT_PREFETCH), cpu_budget)[0].cpu_minimum
+            default = plain().cpu_minimum
             if default > need_cpu:  # (each rank's, as the figure it qualifies)
                 note = (f" (with offload.prefetch_depth={lean.prefetch_depth}; fuyou train's default depth "
                         f"{DEFAULT_PREFETCH} needs {format_size(default, up=True)}"
