@@ -51,6 +51,7 @@ def run_state_config(run_dir: Path):
                                   f"(ln -s NEW {d}), or move it back")
     return load_config(Path(run_dir) / "config.toml", ["model.init_from=none"])
 
+
 class CommittedWeights:
     """``tensor(key, shape)`` of the last commit's fp32 master weights, one stage in memory at a time
     (the interface of ``fuyou.hf.weights.FuyouWeights``). Use as a context manager (closes the store)."""

@@ -85,11 +85,9 @@ def _probe_apart(ssd_dir, **kw):
     import signal
 
     from fuyou.errors import FuyouError
+    from fuyou.planner.probe import exit_on_signal
 
-    def stop(signum, frame):  # SIGTERM while it measures: the probe is ended too, not left running alone
-        raise SystemExit(128 + signum)
-
-    previous = signal.signal(signal.SIGTERM, stop)
+    previous = signal.signal(signal.SIGTERM, exit_on_signal)  # (while it measures: the probe is ended too, below)
     ctx = multiprocessing.get_context("spawn")
     recv, send = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_probe_process, args=(send, str(ssd_dir), kw, os.getpid()), daemon=True,
@@ -127,10 +125,6 @@ def _probe_process(send, ssd_dir: str, kw: dict, parent: int) -> None:
     import pickle
     import signal
 
-    def stop(signum, frame):
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG (Linux)
@@ -141,16 +135,18 @@ def _probe_process(send, ssd_dir: str, kw: dict, parent: int) -> None:
     import traceback
 
     from fuyou.errors import FuyouError
-    from fuyou.planner.probe import probe
+    from fuyou.planner.probe import exit_on_signal, probe
 
+    signal.signal(signal.SIGTERM, exit_on_signal)  # (before it: nothing made that a SIGTERM's default leaves)
     try:
         result = (True, probe(ssd_dir, **kw))
     except Exception as e:  # noqa: BLE001 -- every error is the run's to report
+        said = e if isinstance(e, FuyouError) else None  # (its sentence; anything else with its traceback)
         try:
-            pickle.loads(pickle.dumps(e))  # (one that pickles but does not load back arrived as a TypeError)
-            result = (False, e if isinstance(e, FuyouError) else
-                      FuyouError(f"the probe of this machine failed:\n{traceback.format_exc()}"))
+            if said is not None:
+                pickle.loads(pickle.dumps(said))  # (one that pickles but does not load back arrived as a TypeError)
         except Exception:  # noqa: BLE001
-            result = (False, FuyouError(f"the probe of this machine failed:\n{traceback.format_exc()}"))
+            said = None
+        result = (False, said or FuyouError(f"the probe of this machine failed:\n{traceback.format_exc()}"))
     send.send(result)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # sent: a terminate now ends it, no cleanup is left to run

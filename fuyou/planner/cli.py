@@ -349,6 +349,8 @@ def _plan_data(other: dict, args) -> bool:
     config says): whether its rows may pack several examples, so that attention takes a mask, which the
     activations' and the working set's estimates count (``DataConfig.may_pack``); and ``data.seq_len`` as
     the sequence to plan (``--seq`` must agree with it)."""
+    from pathlib import Path
+
     from pydantic import ValidationError
 
     from fuyou.config import explain
@@ -369,14 +371,14 @@ def _plan_data(other: dict, args) -> bool:
         return DataConfig(**{**run, **given}).may_pack
     except ValidationError as e:
         gone = all(x["type"] == "value_error" and "does not exist" in x["msg"] for x in e.errors())
-        missing = "; ".join(x["msg"] for x in e.errors())
         if not (run and gone) or "path" in given or "source" in given:
             raise ConfigError(explain(e, "data").replace("invalid configuration:", "invalid data override:")) from None
     # the run's data is gone (moved, or on another machine): its settings say whether rows packed
-    packed = DataConfig.model_construct(**{**DataConfig().model_dump(), **run, **given}).may_pack
-    import re
-
-    missing = ", ".join(re.findall(r"'([^']+)' does not exist", missing)) or missing  # (data.path or eval_path)
+    merged = {**run, **given}
+    packed = DataConfig.model_construct(**{**DataConfig().model_dump(), **merged}).may_pack
+    named = [merged.get(k) or [] for k in ("path", "eval_path")]  # (data.path or eval_path: a string or a list)
+    missing = ", ".join(str(p) for ps in named for p in ([ps] if isinstance(ps, str) else ps)
+                        if not Path(str(p)).expanduser().exists())
     print(f"note: the data {missing} does not exist here: planned with "  # (in silence: a pass)
           f"{'packed' if packed else 'unpacked'} rows, as its settings say without the data (give data.path=... of "
           f"the data here, or data.packing)", file=sys.stderr)
@@ -520,8 +522,6 @@ def _plan(args) -> int:
         args.seq = cfg.max_seq_len
     if args.seq > cfg.max_seq_len:
         if cfg.family == "gpt":  # its learned position table grows with the length (fuyou train refuses it)
-            from pathlib import Path
-
             if Path(args.model).expanduser().exists():  # a checkpoint: its learned positions are what they are
                 raise ConfigError(f"--seq {args.seq} is beyond the checkpoint's {cfg.max_seq_len} learned positions "
                                   f"(a GPT's position table): fuyou train refuses a longer data.seq_len for it; plan "
@@ -736,10 +736,9 @@ def _probe(args) -> int:
         model = _model_config(fields)
     import signal
 
-    def stop(signum, frame):  # SIGTERM ends the probe as Ctrl-C does: its stores removed (one was left)
-        raise SystemExit(128 + signum)
+    from fuyou.planner.probe import exit_on_signal
 
-    previous = signal.signal(signal.SIGTERM, stop)
+    previous = signal.signal(signal.SIGTERM, exit_on_signal)  # (a probe stopped so left its store: a pass)
     try:
         prof, meas = probe(args.ssd, model=model, batch=args.batch, seq=args.seq, io_bytes=io_bytes,
                            precision=args.precision,

@@ -225,6 +225,12 @@ def sweep_probe_dirs(directory: Path, quiet_s: float = 120.0) -> list[Path]:
     return gone
 
 
+def exit_on_signal(signum, frame) -> None:
+    """A SIGTERM handler while the probe measures: it ends through its cleanup (its stores under the SSD directory
+    removed), as Ctrl-C ends it, with exit status 128 + the signal's number."""
+    raise SystemExit(128 + signum)
+
+
 STORE_REQUEST = 4 * 1024**2  # ``probe_store``'s request: its tensors are a whole number of them
 
 
