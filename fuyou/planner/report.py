@@ -205,9 +205,23 @@ def _wear(plan: Plan, step: float) -> dict:
         per_step += 12 * w.lora_params * w.ranks / max(ev.steps_per_commit, 1.0)
     per_hour = per_step * 3600 / step
     fmt = w.fmt.describe() if w.lora_params is None else lora_line(w)
+    parts = {k: {"read": r, "written": wr} for k, (r, wr) in ev.sim.step_traffic().items()}
+    amortized = per_step - ev.sim.step_written()  # commits between steps (and LoRA's adapter files)
+    if amortized > 0.5:
+        parts.setdefault("commits", {"read": 0.0, "written": 0.0})["written"] += amortized
     return {"state_format": fmt, "ssd_write_per_step_bytes": per_step, "ssd_write_per_hour_bytes": per_hour,
+            "ssd_read_per_step_bytes": ev.sim.step_read(), "ssd_traffic_bytes": parts,
             "ssd_redo_write_bytes": ev.redo_write_bytes, "ssd_tbw_bytes": hw.ssd_tbw,
             "ssd_life_hours": hw.ssd_tbw / per_hour if hw.ssd_tbw and per_hour else None}
+
+
+def _traffic_line(s: dict) -> str:
+    """What a step reads from and writes to the SSDs, by what moves (the engine's ``ssd r/w`` a step)."""
+    parts = [f"{k} {format_size(v['read'])}/{format_size(v['written'])}" for k, v in s["ssd_traffic_bytes"].items()
+             if v["read"] or v["written"]]
+    return (f"SSD traffic         {format_size(s['ssd_read_per_step_bytes'])} read, "
+            f"{format_size(s['ssd_write_per_step_bytes'])} written per step"
+            + (f" (read/written: {', '.join(parts)})" if parts else ""))
 
 
 def _wear_line(s: dict) -> str:
@@ -361,6 +375,7 @@ def text(plan: Plan) -> str:
            "what if             " + "; ".join(f"{k.replace('GPU', labels['compute'])}: {v:.3g} s "
                                                   f"({s['step_s'] / v:.2f}x)" for k, v in s["whatif_step_s"].items()),
            f"optimizer state     {s['state_format']}",
+           _traffic_line(s),
            _wear_line(s),
            f"SSD footprint       {format_size(s['ssd_bytes'])} (" + ", ".join(
                f"{k} {format_size(v)}" for k, v in s["ssd_parts_bytes"].items() if v) + ")",

@@ -100,6 +100,29 @@ class SimResult:
         """Bytes the last step writes to the SSDs (every rank's)."""
         return sum(t.nbytes for t in self.last_step_tasks() if t.resource == "ssd-write")
 
+    def step_read(self) -> int:
+        """Bytes the last step reads from the SSDs (every rank's)."""
+        return sum(t.nbytes for t in self.last_step_tasks() if t.resource == "ssd-read")
+
+    def step_traffic(self) -> dict[str, tuple[float, float]]:
+        """The last step's SSD bytes (read, written) by what moves: the optimizer state (with the compute
+        weights its updates write), the weights streamed in, swapped activations, gradients saved for
+        exact clipping, a commit's resident state (every rank's)."""
+        parts: dict[str, list[float]] = {}
+        for t in self.last_step_tasks():
+            if t.resource not in ("ssd-read", "ssd-write"):
+                continue
+            what = next((v for k, v in _TRAFFIC if t.name.startswith(k)), "other")
+            parts.setdefault(what, [0.0, 0.0])[t.resource == "ssd-write"] += t.nbytes
+        order = [v for _, v in _TRAFFIC] + ["other"]
+        return {k: (r, w) for k, (r, w) in sorted(parts.items(), key=lambda kv: order.index(kv[0]))}
+
+
+# Task names' prefixes by what an SSD task moves (``SimResult.step_traffic``)
+_TRAFFIC = (("adam ", "optimizer state"), ("read weights", "weights"), ("exchange:", "weights"),
+            ("read act", "activations"), ("write act", "activations"), ("write grad", "gradients"),
+            ("commit", "commits"))
+
 
 class _Graph:
     def __init__(self):

@@ -7,6 +7,7 @@ import pytest
 
 from fuyou.cli import main
 from fuyou.planner.hardware import load_profile
+from fuyou.units import format_size
 
 
 def test_plan_175b_answers_in_seconds_with_a_schedule(capsys):
@@ -1221,3 +1222,33 @@ def test_activations_that_overflow_the_cpu_tier_are_said_by_plan_and_train(tmp_p
                  "train.eval_every=0", *common]) == 0
     err = capsys.readouterr().err
     assert err.count("of the cpu tier's activations overflowed to the SSD") == 1, err
+
+
+@pytest.mark.parametrize("clip,budget", [("none", "302MiB"), ("100", "312MiB")])
+def test_the_plans_ssd_traffic_is_what_train_reads_and_writes(tmp_path, capsys, clip, budget):
+    """The plan gave SSD seconds and written bytes a step, not what a step reads. A run that streams its
+    weights (one stage cached), swaps activations to the SSD and keeps its optimizer state there: the plan's
+    bytes read and written a step, and the activations' share, are the engine's counters of a step that did
+    not clip (grad_clip=100: the gradients are saved for a redo that never comes), to the byte."""
+    (tmp_path / "ssd").mkdir()
+    common = ["model.preset=gpt-tiny", f"train.grad_clip={clip}", "offload.act_policy=fc2,proj=ssd;0-3:checkpoint=ssd"]
+    assert main(["train", "--offload", "ssd", "--ssd", str(tmp_path / "ssd"), "--out", str(tmp_path / "runs"),
+                 "--cpu-mem", budget, *common, "train.steps=3", "train.log_every=1", "train.eval_every=0",
+                 "train.device=cpu", "offload.keep_state=true", "run.name=t", "run.save_weights=false"]) == 0
+    run = tmp_path / "runs" / "t"
+    steps = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    last = [x for x in steps if "ssd_read_bytes" in x][-1]  # (the first step's record lacks the tail it leaves)
+    capsys.readouterr()
+    assert main(["plan", "--model", str(run), "--profile", str(_cpu_profile(tmp_path)), "--json"]) == 0
+    p = json.loads(capsys.readouterr().out)
+    assert p["cached_stages"] == 1 and p["resident_stages"] == 0  # (the figures below move weights and state)
+    assert p["ssd_read_per_step_bytes"] == last["ssd_read_bytes"]
+    assert p["ssd_traffic_bytes"]["activations"] == {"read": last["act_ssd_read_bytes"],
+                                                     "written": last["act_ssd_write_bytes"]}
+    assert p["ssd_write_per_step_bytes"] == last["ssd_write_bytes"]  # (no resident state: a commit writes nothing)
+    assert sum(v["read"] for v in p["ssd_traffic_bytes"].values()) == p["ssd_read_per_step_bytes"]
+    assert ("gradients" in p["ssd_traffic_bytes"]) == (clip != "none")
+    assert main(["plan", "--model", str(run), "--profile", str(_cpu_profile(tmp_path))]) == 0
+    out = capsys.readouterr().out
+    assert f"SSD traffic         {format_size(last['ssd_read_bytes'])} read" in out
+    assert "activations 16.00 MiB/16.00 MiB" in out
