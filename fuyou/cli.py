@@ -229,6 +229,9 @@ def _add_hf_parsers(sub) -> None:
     ex.add_argument("--merge", action="store_true",
                     help="LoRA runs: write the base model with the adapters merged (W + scale * B @ A) as a full "
                     "Hugging Face model directory instead of a PEFT adapter directory")
+    ex.add_argument("--ssd", action="append", metavar="DIR",
+                    help="a stopped run's SSD directories, if its state moved (repeat for several, as the run had "
+                    "them; train --resume and reshard take the same)")
     ex.set_defaults(func=_export)
 
     rs = sub.add_parser("reshard", help="rewrite a stopped run's state for another number of data-parallel "
@@ -279,7 +282,7 @@ def _export(args) -> int:
     made = not out.exists()
     try:
         files = export_run_dir(given_run_dir(args.run_dir), args.out, args.dtype, parse_size(args.shard_size),
-                               merge=args.merge)
+                               merge=args.merge, ssd_dirs=args.ssd)
     except Exception as e:
         # a full or failing disk (OSError, or safetensors' own error for the same): a sentence, not a traceback,
         # and nothing half-written left in --out (it was new or empty: export_run_dir checks that first)

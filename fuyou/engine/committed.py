@@ -34,29 +34,56 @@ MOVED = ("the run committed a newer step while its last commit was being read; r
          "run first: Ctrl-C commits and stops it)")
 
 
-def run_state_config(run_dir: Path):
+def run_state_config(run_dir: Path, ssd_dirs: list[str] | None = None):
     """The run's config.toml, for reading its state where the run put it: an SSD directory that is gone is
-    said as export can act on it (the config's own error said to give --ssd, which export does not take: a
-    pass)."""
+    said as export can act on it (the config's own error said to give --ssd, which export did not take: a
+    pass). ``ssd_dirs``: where the state is now, if it moved (``fuyou export --ssd``, as for a resume and a
+    reshard); a state found there must be this run's (``owner_mismatch``: one of the same run.name is not)."""
     from fuyou.config import load_config
     from fuyou.tomlfile import read_toml
 
-    off = read_toml(Path(run_dir) / "config.toml").get("offload", {})
-    if isinstance(off, dict) and off.get("mode") == "ssd":
+    run_dir = Path(run_dir)
+    off = read_toml(run_dir / "config.toml").get("offload", {})
+    ssd = isinstance(off, dict) and off.get("mode") == "ssd"
+    if ssd_dirs:
+        if not ssd:
+            mode = off.get("mode") if isinstance(off, dict) else None
+            raise ConfigError(f"--ssd names where a run's SSD state moved; {run_dir} kept no SSD state (offload.mode="
+                              f"{mode or 'none'}): export it without --ssd")
+        cfg = load_config(run_dir / "config.toml", ["model.init_from=none"], {"offload.ssd_dirs": list(ssd_dirs)})
+        _refuse_others_state(run_dir, cfg)
+        return cfg
+    if ssd:
         dirs = off.get("ssd_dirs") or []
         for d in [dirs] if isinstance(dirs, str) else dirs:  # (one directory may be written as a string)
             if isinstance(d, str) and d.strip() and not Path(d).expanduser().exists():
                 raise ConfigError(f"the SSD directory {d} of {run_dir}'s state does not exist: export reads the "
-                                  f"state where the run put it; if it moved, link the old place to the new one "
-                                  f"(ln -s NEW {d}), or move it back")
-    return load_config(Path(run_dir) / "config.toml", ["model.init_from=none"])
+                                  f"state where the run put it; if it moved, give its new place (fuyou export "
+                                  f"{run_dir} --ssd NEW_DIR ..., one --ssd per directory, as the run had them)")
+    return load_config(run_dir / "config.toml", ["model.init_from=none"])
+
+
+def _refuse_others_state(run_dir: Path, cfg) -> None:
+    """A state in the directories ``--ssd`` gives that another run of the same run.name owns (its owner
+    file, ``fuyou.engine.state``) is not exported as this run's."""
+    from fuyou.engine.state import owner_mismatch, run_id
+
+    name = state_name(run_dir.name)
+    for d in cfg.offload.ssd_dirs:
+        for found in sorted(Path(d).glob(name + "*")):  # every rank's (``rank_state_name``)
+            rank = found.name.removeprefix(name)
+            if found.is_dir() and (not rank or rank.startswith(".rank") and rank[5:].isdigit()):
+                other = owner_mismatch(found, run_dir, run_id(run_dir))
+                if other is not None:
+                    raise ConfigError(f"{found} is the state of another run named {run_dir.name!r} (the run in "
+                                      f"{other}), not of {run_dir}: give the directories that hold this run's state")
 
 
 class CommittedWeights:
     """``tensor(key, shape)`` of the last commit's fp32 master weights, one stage in memory at a time
     (the interface of ``fuyou.hf.weights.FuyouWeights``). Use as a context manager (closes the store)."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, ssd_dirs: list[str] | None = None):
         from fuyou.engine.commit import read_record
         from fuyou.engine.layout import build_states
         from fuyou.models import StageModel
@@ -67,7 +94,7 @@ class CommittedWeights:
         from fuyou.distributed import check_reshard_pending
 
         check_reshard_pending(run_dir)
-        cfg = run_state_config(run_dir)
+        cfg = run_state_config(run_dir, ssd_dirs)
         if cfg.offload.mode != "ssd":
             from fuyou.snapshots import snapshot_dirs
 

@@ -146,13 +146,13 @@ def weights_step(path: Path) -> int | None:
         return None
 
 
-def newer_commit(run: Path, weights: Path) -> int | None:
+def newer_commit(run: Path, weights: Path, ssd_dirs: list[str] | None = None) -> int | None:
     """The step of the run's last commit when it is newer than ``weights``, the weights file in the run
     directory; None when that file is the run's latest. A finished run whose state was kept
     (``offload.keep_state``) and is resumed to train on keeps the weights it finished with there until it
     finishes again: its export, after a stop, took them for the run's in silence (a new-user pass). Told by
     the steps (the file's ``weights_step``) or, for a file without one, by which was written last (the final
-    commit is written before the weights)."""
+    commit is written before the weights). ``ssd_dirs``: where the state is now, if it moved."""
     from fuyou.engine.commit import RECORD
 
     if not (run / "config.toml").is_file():
@@ -164,7 +164,7 @@ def newer_commit(run: Path, weights: Path) -> int | None:
     off = raw.get("offload", {})
     if off.get("mode") != "ssd":
         return None
-    records = [Path(d) / state_name(run.name) / RECORD for d in off.get("ssd_dirs", [])]
+    records = [Path(d) / state_name(run.name) / RECORD for d in ssd_dirs or off.get("ssd_dirs", [])]
     record = next((r for r in records if r.is_file()), None)
     if record is None:
         return None
@@ -324,9 +324,13 @@ def resume_changes(saved: FuyouConfig, cfg: FuyouConfig) -> dict[str, tuple]:
                "start a new run with --init-from its run directory once it holds model.safetensors")
     moved = [k for k in changed if k in DATA_POSITION]
     if moved:  # (a new-user pass: grad_accum 1 -> 2 on resume skipped 44 of 95 examples of an epoch, saying nothing)
+        g = cfg.train.global_batch
+        mb, ga = saved.train.micro_batch_size, saved.train.grad_accum
+        implied = (f" (from train.global_batch={g}: the run's micro_batch_size x grad_accum is {mb} x {ga})"
+                   if "train.global_batch" in changed and g is not None else "")
         raise ConfigError("a resumed run cannot change " + ", ".join(f"{k} ({changed[k][0]!r} -> {changed[k][1]!r})"
                                                                  for k in moved)
-                          + ": its place in the data is counted in steps of train.grad_accum x "
+                          + implied + ": its place in the data is counted in steps of train.grad_accum x "
                           "train.micro_batch_size rows of data.seq_len tokens, so other values would skip or repeat "
                           f"data. Resume with the run's own values (another batch: {new_run})")
     order = [k for k in changed if k in DATA_ORDER and orders_rows(k, saved, cfg)]
@@ -376,24 +380,27 @@ def record_resume(run_dir: Path, cfg: FuyouConfig, step: int, changed: dict[str,
 
 
 def export_run_dir(run_dir: str | Path, out_dir: str | Path, dtype: str = "fp32", shard_size: int = 2 * 1024**3,
-                   stream=None, merge: bool = False) -> list[str]:
+                   stream=None, merge: bool = False, ssd_dirs: list[str] | None = None) -> list[str]:
     """``fuyou export``: a run directory (or a snapshot, or a ``fuyou import`` directory) as a Hugging
     Face model directory (``fuyou.hf.export_run``). An offloaded run without ``model.safetensors``,
     stopped or still training, exports its last commit from the SSD state (``fuyou.engine.committed``);
     a failed export of it removes its half-written output. A LoRA run (``adapter.safetensors``, or the
     last commit's adapters for one stopped before saving them) is written as a PEFT adapter directory,
-    or with ``merge`` as the base with the adapters merged in (``fuyou.hf.peft``)."""
-    return _export_run_dir(Path(run_dir).expanduser(), Path(out_dir).expanduser(), dtype, shard_size, stream, merge)
+    or with ``merge`` as the base with the adapters merged in (``fuyou.hf.peft``). ``ssd_dirs``: where
+    the run's SSD state is now, if it moved (``fuyou export --ssd``)."""
+    return _export_run_dir(Path(run_dir).expanduser(), Path(out_dir).expanduser(), dtype, shard_size, stream, merge,
+                           ssd_dirs)
 
 
-def _export_run_dir(run: Path, out: Path, dtype: str, shard_size: int, stream, merge: bool) -> list[str]:
+def _export_run_dir(run: Path, out: Path, dtype: str, shard_size: int, stream, merge: bool,
+                    ssd_dirs: list[str] | None) -> list[str]:
     import sys
 
     from fuyou.hf import export_run
 
     if out.is_dir() and any(out.iterdir()):  # before any note about what would be exported
         raise ConfigError(f"{out} exists and is not empty; choose a new --out directory")
-    adapters = lora_adapters(run, stream)
+    adapters = lora_adapters(run, stream, ssd_dirs)
     if adapters is not None:
         from fuyou.hf.peft import write_merged, write_peft_adapter
 
@@ -409,7 +416,8 @@ def _export_run_dir(run: Path, out: Path, dtype: str, shard_size: int, stream, m
                           f"{ADAPTER_FILE}): export it without --merge")
     finished = None  # the weights file a newer commit is exported over (the fallback if that cannot be read)
     if (run / "model.safetensors").is_file() or not (run / "config.toml").is_file():
-        if not (run / "model.safetensors").is_file() or newer_commit(run, run / "model.safetensors") is None:
+        if not (run / "model.safetensors").is_file() or newer_commit(run, run / "model.safetensors", ssd_dirs) is None:
+            _unused_ssd(run, "model.safetensors", ssd_dirs, stream)
             return export_run(run, out, dtype, shard_size)
         _say_newer_commit(run, "model.safetensors", stream)
         finished = run / "model.safetensors"
@@ -420,7 +428,7 @@ def _export_run_dir(run: Path, out: Path, dtype: str, shard_size: int, stream, m
     created = not out.exists()
     for attempt in range(1, EXPORT_ATTEMPTS + 1):  # a run still training may commit while it is read
         try:
-            with CommittedWeights(run) as weights:
+            with CommittedWeights(run, ssd_dirs) as weights:
                 state = "still training" if weights.live else "stopped"
                 c = weights.cfg
                 steps = c.train.steps
@@ -464,6 +472,13 @@ def _say_newer_commit(run: Path, name: str, stream=None) -> None:
           file=stream or sys.stderr)
 
 
+def _unused_ssd(run: Path, name: str, ssd_dirs: list[str] | None, stream=None) -> None:
+    import sys
+
+    if ssd_dirs:
+        print(f"fuyou: note: --ssd is not read: {run / name} holds the run's latest weights", file=stream or sys.stderr)
+
+
 EXPORT_ATTEMPTS = 5
 UNTRAINED = ("; note: no step was trained: these are the initial weights (the base, or adapters whose B is 0, "
              "which change nothing)")
@@ -482,7 +497,7 @@ def _clear_out(out: Path, created: bool) -> None:
                 p.unlink()
 
 
-def lora_adapters(run: Path, stream=None):
+def lora_adapters(run: Path, stream=None, ssd_dirs: list[str] | None = None):
     """The adapters ``fuyou export`` writes for ``run`` (a ``fuyou.hf.peft.Adapters``), None if it is
     no LoRA run. A LoRA run stopped before it wrote ``adapter.safetensors`` exports the adapters of its
     last commit (``fuyou.engine.lora_state``: the file the commit record names, checked by its SHA-256), as
@@ -492,21 +507,22 @@ def lora_adapters(run: Path, stream=None):
     from fuyou.hf.peft import read_adapters
 
     if (run / ADAPTER_FILE).is_file():
-        if newer_commit(run, run / ADAPTER_FILE) is None:
+        if newer_commit(run, run / ADAPTER_FILE, ssd_dirs) is None:
+            _unused_ssd(run, ADAPTER_FILE, ssd_dirs, stream)
             return read_adapters(run)
         _say_newer_commit(run, ADAPTER_FILE, stream)
         try:
-            return _committed_adapters(run, stream)
+            return _committed_adapters(run, stream, ssd_dirs)
         except ConfigError as e:  # (a damaged commit: the finished adapters are still there)
             print(f"fuyou: note: its last commit cannot be read ({e}); exporting {run / ADAPTER_FILE} instead",
                   file=stream or sys.stderr)
             return read_adapters(run)
     if (run / "model.safetensors").is_file() or not (run / "config.toml").is_file():
         return None
-    return _committed_adapters(run, stream)
+    return _committed_adapters(run, stream, ssd_dirs)
 
 
-def _committed_adapters(run: Path, stream=None):
+def _committed_adapters(run: Path, stream=None, ssd_dirs: list[str] | None = None):
     """``lora_adapters`` of the run's last commit (None: no LoRA run)."""
     import hashlib
     import sys
@@ -514,7 +530,7 @@ def _committed_adapters(run: Path, stream=None):
     from fuyou.engine.committed import run_state_config
     from fuyou.hf.peft import Adapters, base_path
 
-    cfg = run_state_config(run)
+    cfg = run_state_config(run, ssd_dirs)
     if not cfg.lora.enabled:
         return None
     missing = (f"{run} is a LoRA run resumed past its {ADAPTER_FILE}" if (run / ADAPTER_FILE).is_file() else

@@ -16,7 +16,7 @@ TINY = ["model.preset=gpt-test", "model.n_layer=2", "train.precision=fp32", "dat
         "train.micro_batch_size=2", "train.eval_batches=1", "train.eval_every=0"]
 
 
-def _stopped_run(tmp_path, monkeypatch, name="r", ssd="ssd", out="runs"):
+def _stopped_run(tmp_path, monkeypatch, name="r", ssd="ssd", out="runs", extra=()):
     """A run stopped by SIGTERM after 2 of 4 steps, launched from tmp_path/launch with relative paths."""
     import signal
 
@@ -37,7 +37,7 @@ def _stopped_run(tmp_path, monkeypatch, name="r", ssd="ssd", out="runs"):
         os.makedirs(ssd, exist_ok=True)
         m.setattr(Engine, "train_step", train_step)
         assert main(["train", "--offload", "ssd", "--ssd", ssd, "--cpu-mem", "256MiB", "--out", out,
-                     f"run.name={name}", "train.steps=4", *TINY]) == 128 + signal.SIGTERM
+                     f"run.name={name}", "train.steps=4", *TINY, *extra]) == 128 + signal.SIGTERM
     return launch
 
 
@@ -113,16 +113,43 @@ def test_a_run_directory_taken_meanwhile_leaves_no_state(tmp_path, monkeypatch, 
     assert list((tmp_path / "ssd").iterdir()) == []
 
 
-def test_an_export_whose_ssd_state_moved_says_how_to_reach_it(tmp_path, monkeypatch, capsys):
-    """It said to give the new place with --ssd, which export does not take."""
-    launch = _stopped_run(tmp_path, monkeypatch)
+@pytest.mark.parametrize("lora", [False, True])
+def test_an_export_whose_ssd_state_moved_takes_its_new_place(tmp_path, monkeypatch, capsys, lora):
+    """It said to give the new place with --ssd, which export did not take (a link was the only way): export
+    --ssd reads the moved state as train --resume and reshard do, to the same bytes, and refuses a state of
+    another run of the same name found there."""
+    extra = ("lora.rank=4",) if lora else ()
+    launch = _stopped_run(tmp_path, monkeypatch, extra=extra)
+    run = launch / "runs" / "r"
+    assert main(["export", str(run), "--out", str(tmp_path / "before")]) == 0
     (launch / "ssd").rename(launch / "moved")
-    assert main(["export", str(launch / "runs" / "r"), "--out", str(tmp_path / "exp")]) == 2
+    capsys.readouterr()
+    assert main(["export", str(run), "--out", str(tmp_path / "exp")]) == 2
     err = capsys.readouterr().err
-    assert f"the SSD directory {launch / 'ssd'} of {launch / 'runs' / 'r'}'s state does not exist" in err
-    assert "ln -s NEW" in err and "--ssd" not in err.partition("resume the run with")[0]
-    (launch / "ssd").symlink_to(launch / "moved")
-    assert main(["export", str(launch / "runs" / "r"), "--out", str(tmp_path / "exp")]) == 0
+    assert f"the SSD directory {launch / 'ssd'} of {run}'s state does not exist" in err
+    assert f"fuyou export {run} --ssd NEW_DIR" in err
+    assert main(["export", str(run), "--out", str(tmp_path / "exp"), "--ssd", str(launch / "moved")]) == 0
+    files = ("adapter_model.safetensors",) if lora else ("model.safetensors",)
+    for f in files:
+        assert (tmp_path / "exp" / f).read_bytes() == (tmp_path / "before" / f).read_bytes()
+    # a namesake's state where --ssd points: another run directory's, refused, nothing written
+    other = _stopped_run(tmp_path / "other", monkeypatch, extra=extra)
+    assert main(["export", str(run), "--out", str(tmp_path / "wrong"), "--ssd", str(other / "ssd")]) == 2
+    assert f"is the state of another run named 'r' (the run in {other / 'runs' / 'r'})" in capsys.readouterr().err
+    assert not (tmp_path / "wrong").exists()
+    # the run still resumes from the moved state, as the message says
+    assert main(["train", "--resume", str(run), "--ssd", str(launch / "moved")]) == 0
+
+
+def test_export_ssd_of_a_run_without_ssd_state_says_so(tmp_path, capsys):
+    assert main(["train", "--out", str(tmp_path / "runs"), "run.name=m", "train.steps=1", *TINY,
+                 "train.save_every=0"]) == 0
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "runs" / "m"), "--out", str(tmp_path / "f"), "--ssd", str(tmp_path)]) == 0
+    assert "note: --ssd is not read: " in capsys.readouterr().err  # (its weights are the run's latest)
+    (tmp_path / "runs" / "m" / "model.safetensors").unlink()
+    assert main(["export", str(tmp_path / "runs" / "m"), "--out", str(tmp_path / "e"), "--ssd", str(tmp_path)]) == 2
+    assert "kept no SSD state (offload.mode=" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("where", ["/nonexistent/chat.jsonl", "chat.jsonl"])
