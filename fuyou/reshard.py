@@ -134,9 +134,16 @@ def reshard(run_dir: str | Path, nproc: int, ssd_dirs: list[str] | None = None) 
                           f"so there is nothing to reshard; start a new run from it with any number of processes "
                           f"(--init-from {run_dir})")  # "resume it as it is", which is refused: a pass)
     old_world = distributed.recorded_world(run_dir, dirs, name)
-    if nproc == old_world:
-        raise ConfigError(f"{run_dir} was trained by {old_world} process(es) already: resume it as it is")
+    if nproc == old_world:  # (it was refused: a script resharding for the launch it makes failed when N stayed)
+        return (f"nothing to do: {run_dir} was trained by {nproc} process(es) already; continue with "
+                + _resume_advice(run_dir, nproc, ssd_dirs))
     return _reshard(run_dir, cfg, old_world, nproc, ssd_dirs)
+
+
+def _resume_advice(run_dir: Path, nproc: int, ssd_dirs: list[str] | None) -> str:
+    return ((f"`fuyou train --resume {run_dir}" if nproc == 1 else
+             f"`torchrun --nproc_per_node={nproc} -m fuyou.cli train --resume {run_dir}")
+            + "".join(f" --ssd {d}" for d in (ssd_dirs or [])) + "`")
 
 
 def _reshard(run_dir: Path, cfg, old_world: int, nproc: int, ssd_dirs: list[str] | None) -> str:
@@ -278,10 +285,7 @@ def _reshard(run_dir: Path, cfg, old_world: int, nproc: int, ssd_dirs: list[str]
         for s in stores:  # (after the switch: their locks kept any resume out until the state was whole)
             s.close(sync=False)  # (no write: flush and unlock)
     return (f"resharded {run_dir} from {old_world} to {nproc} process(es) at its step-{step} commit "
-            f"({format_size(copied)} of state copied); continue with "
-            + (f"`fuyou train --resume {run_dir}" if nproc == 1 else
-               f"`torchrun --nproc_per_node={nproc} -m fuyou.cli train --resume {run_dir}")
-            + "".join(f" --ssd {d}" for d in (ssd_dirs or [])) + "`")
+            f"({format_size(copied)} of state copied); continue with " + _resume_advice(run_dir, nproc, ssd_dirs))
 
 
 def _copy(src, dst, key: str, buf: torch.Tensor) -> int:

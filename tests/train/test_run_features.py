@@ -491,7 +491,8 @@ def test_evaluation_reads_are_not_counted_in_a_training_step(tmp_path):
     assert len(reads) == 6 and max(reads[1:]) <= 1.2 * min(reads[1:]), reads
 
 
-@pytest.mark.parametrize("change", ["train.grad_accum=2", "train.micro_batch_size=8", "data.seq_len=64"])
+@pytest.mark.parametrize("change", ["train.grad_accum=2", "train.micro_batch_size=8", "data.seq_len=64",
+                                    "train.global_batch=8"])
 def test_a_resume_cannot_change_the_batch_the_data_position_counts_in(change):
     """A new-user pass: grad_accum 1 -> 2 on resume moved the data position to step x the new batch,
     skipping 44 of an epoch's 95 examples with only a note; refused now, saying why."""
@@ -501,6 +502,10 @@ def test_a_resume_cannot_change_the_batch_the_data_position_counts_in(change):
     saved = load_config(overrides=["train.micro_batch_size=4", "data.seq_len=32"])
     with pytest.raises(ConfigError, match="place in the data is counted in steps"):
         resume_changes(saved, load_config(overrides=["train.micro_batch_size=4", "data.seq_len=32", change]))
+    if change.startswith("train.global_batch"):  # (it named only the grad_accum it implies, not what was given)
+        with pytest.raises(ConfigError, match=r"grad_accum \(1 -> 2\) \(from train.global_batch=8: the run's "
+                                              r"micro_batch_size x grad_accum is 4 x 1\)"):
+            resume_changes(saved, load_config(overrides=["train.micro_batch_size=4", "data.seq_len=32", change]))
     assert "optim.lr" in resume_changes(saved, load_config(overrides=["train.micro_batch_size=4", "data.seq_len=32",
                                                                        "optim.lr=1e-5"]))
 
