@@ -50,7 +50,14 @@ def run_state_config(run_dir: Path, ssd_dirs: list[str] | None = None):
             mode = off.get("mode") if isinstance(off, dict) else None
             raise ConfigError(f"--ssd names where a run's SSD state moved; {run_dir} kept no SSD state (offload.mode="
                               f"{mode or 'none'}): export it without --ssd")
+        for d in ssd_dirs:  # (the config's own error said to create it, as for a new run)
+            if not Path(d).expanduser().is_dir():
+                raise ConfigError(f"--ssd {d} is not a directory: give the directory {run_dir}'s SSD state moved to "
+                                  f"(the one holding {state_name(run_dir.name)})")
         cfg = load_config(run_dir / "config.toml", ["model.init_from=none"], {"offload.ssd_dirs": list(ssd_dirs)})
+        if not any((Path(d) / state_name(run_dir.name)).is_dir() for d in cfg.offload.ssd_dirs):
+            raise ConfigError(f"{state_name(run_dir.name)} is not in {', '.join(cfg.offload.ssd_dirs)} (--ssd): give "
+                              f"the directories {run_dir}'s SSD state moved to")
         _refuse_others_state(run_dir, cfg)
         return cfg
     if ssd:
@@ -124,8 +131,7 @@ class CommittedWeights:
                                       f"{', '.join(cfg.offload.ssd_dirs)}) is gone: the run finished without saving "
                                       f"weights (run.save_weights=false) and the state was deleted, the SSD directory "
                                       f"moved, or (data parallel) that rank's state is on another machine. A moved "
-                                      f"state is found by `fuyou train --resume {run_dir} --ssd NEW_DIR` (with "
-                                      f"train.steps=THE_COMMITTED_STEP it saves the weights and ends there)")
+                                      f"state is read from its new place by `fuyou export {run_dir} --ssd NEW_DIR`")
                 try:
                     store = TensorStore.open(dirs)
                 except StoreLockedError:

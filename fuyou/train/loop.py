@@ -1530,7 +1530,9 @@ def _steps(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, sto
                     _serve_weights(trainer)
                 if cfg.offload.mode == "ssd":  # nothing resumes a state never committed: it goes, as a finished run's
                     trainer.completed = True
-                log.write({"stopped": stop.requested, "step": step + 1, "snapshot": os.path.abspath(snap)})
+                # (rank 0's snapshot: another rank's None was a TypeError there, which left its state: a pass)
+                log.write({"stopped": stop.requested, "step": step + 1,
+                           **({"snapshot": os.path.abspath(snap)} if snap else {})})
                 log.close()
                 how = (f"export them (`fuyou export {snap} --out DIR`) and start a run over the same base with "
                        f"lora.init_from=DIR" if cfg.lora.enabled else f"start a run with --init-from {snap}")

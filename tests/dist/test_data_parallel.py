@@ -664,3 +664,20 @@ def test_a_stop_on_one_rank_before_the_first_step_stops_every_rank(tmp_path):
     assert not any("loss" in m for m in metrics(run))
     torchrun(["train", "--resume", str(run)])
     assert [m["step"] for m in metrics(run) if "loss" in m][-1] == 4
+
+
+def test_a_stop_of_a_run_without_commits_keeps_rank_0s_snapshot_and_no_rank_s_state(tmp_path):
+    """offload.commit=none under torchrun, stopped (SIGINT to rank 1): rank 1 died of a TypeError writing
+    rank 0's snapshot path (None on it) and left its never-committed state on the SSD. Every rank stops with
+    the signal's status, rank 0 names the snapshot, and no rank's state is left."""
+    args = train_args(tmp_path, "cn", "train.grad_accum=2", "train.steps=50", "train.eval_every=0",
+                      "offload.commit=none", "offload.keep_state=false", ssd=("a", "b"))
+    procs = rank_procs(tmp_path, args, fault_rank=1, fault="sigint:backward@1")
+    outs = [p.communicate(timeout=180) for p in procs]
+    assert [p.returncode for p in procs] == [128 + signal.SIGINT] * 2, outs[0][1][-2000:] + outs[1][1][-2000:]
+    assert "Traceback" not in outs[1][1], outs[1][1][-3000:]
+    run = tmp_path / "runs" / "cn"
+    snap = run / "snapshots" / "step-000002"
+    assert f"the weights of step 2 are in {snap}" in outs[0][1], outs[0][1][-2000:]
+    assert (snap / "model.safetensors").is_file()
+    assert list((tmp_path / "a").iterdir()) == [] and list((tmp_path / "b").iterdir()) == []

@@ -137,6 +137,10 @@ def test_an_export_whose_ssd_state_moved_takes_its_new_place(tmp_path, monkeypat
     assert main(["export", str(run), "--out", str(tmp_path / "wrong"), "--ssd", str(other / "ssd")]) == 2
     assert f"is the state of another run named 'r' (the run in {other / 'runs' / 'r'})" in capsys.readouterr().err
     assert not (tmp_path / "wrong").exists()
+    for given, says in ((tmp_path / "nowhere", "is not a directory: give the directory"),
+                        (tmp_path / "before", "r.fuyou-state is not in")):  # (no state there)
+        assert main(["export", str(run), "--out", str(tmp_path / "wrong"), "--ssd", str(given)]) == 2
+        assert says in capsys.readouterr().err
     # the run still resumes from the moved state, as the message says
     assert main(["train", "--resume", str(run), "--ssd", str(launch / "moved")]) == 0
 
