@@ -48,6 +48,8 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import sys
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -57,6 +59,8 @@ from fuyou.errors import ConfigError, FuyouError
 
 WORLD_FILE = "distributed.json"
 RESHARD_PENDING = "reshard.json"  # fuyou/reshard.py's decision, until its switch is done
+MIN_COLLECTIVE_S = 60.0  # the least deadline of joining the ranks and of a collective (offload.stall_timeout above it)
+JOIN_NOTE_S = 30.0  # a rank still waiting for the others to join says so after this long
 
 
 class DistributedError(FuyouError):
@@ -111,8 +115,9 @@ class Dist:
                                        f"start it again") from e
             raise DistributedError(
                 f"rank {self.rank}: {what} failed ({why}): another "
-                f"rank stopped or is stuck (its own error says why). This rank's last commit is intact: fix the "
-                f"cause (the other rank's error says whether its state is damaged), then "
+                f"rank stopped or is stuck (its own error says why; a rank killed outright, by SIGKILL or the "
+                f"out-of-memory killer, prints none: its last commit stands, as a crash leaves it). This rank's last "
+                f"commit is intact: fix the cause (the other rank's error says whether its state is damaged), then "
                 f"continue with `{resume_command(self.run_dir, self)}` ({self.world} processes in all, as now)") from e
 
     def all_reduce_(self, t: torch.Tensor, what: str = "summing a gradient over the ranks") -> torch.Tensor:
@@ -285,10 +290,15 @@ def init(cfg, resume_dir: Path | None = None, resumed_run: str | None = None) ->
                           f"training runs the SSD-offloaded engine (--offload ssd --ssd DIR); offload.mode=none is the "
                           f"single-process reference")
     if t.grad_accum % world:
+        g = t.global_batch  # (given alone it was split without the ranks, and the error named a grad_accum never given)
+        fit = [d for d in range(1, min(g or 0, 16) + 1) if g % (d * world) == 0]
+        how = (f"train.global_batch={g} was split as micro_batch_size {t.micro_batch_size} x grad_accum {t.grad_accum}; "
+               + (f"give train.micro_batch_size={fit[-1]} with it (grad_accum {g // fit[-1]})" if fit else
+                  f"give a train.global_batch that is a multiple of {world}")
+               if g is not None else f"set train.grad_accum to a multiple of {world}")
         raise ConfigError(f"train.grad_accum={t.grad_accum} is not a multiple of the {world} ranks: a step's global "
                           f"batch is grad_accum micro-batches of train.micro_batch_size rows whatever the number of "
-                          f"ranks, and each rank runs grad_accum/{world} of them; set train.grad_accum to a multiple "
-                          f"of {world}")
+                          f"ranks, and each rank runs grad_accum/{world} of them; {how}")
     dirs = cfg.offload.ssd_dirs
     if len(dirs) > local_world and len(dirs) % local_world:  # (rank_config: a pass's third went unused, in silence)
         raise ConfigError(f"{len(dirs)} --ssd directories among the {local_world} processes of this machine: each "
@@ -301,14 +311,28 @@ def init(cfg, resume_dir: Path | None = None, resumed_run: str | None = None) ->
     backend = "nccl" if device == "cuda" else "gloo"
     import torch.distributed as td
 
-    timeout = datetime.timedelta(seconds=max(60.0, float(cfg.offload.stall_timeout)))
+    timeout = datetime.timedelta(seconds=max(MIN_COLLECTIVE_S, float(cfg.offload.stall_timeout)))
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
+    # A rank that fails before joining (a refused setting, a path missing on its machine) leaves the others
+    # waiting for it until the deadline: on one machine torchrun stops them, across machines nothing does (a
+    # pass: ten minutes in silence). They say so while they wait.
+    late = threading.Timer(JOIN_NOTE_S, lambda: print(
+        f"fuyou: rank {rank}: still waiting for the other ranks to join after {JOIN_NOTE_S:.0f} s (every machine's "
+        f"torchrun must be started); a rank that failed before joining (its own output, on its machine, says why) "
+        f"leaves this one waiting until offload.stall_timeout ({timeout.total_seconds():.0f} s)",
+        file=sys.stderr, flush=True))
+    late.daemon = True
+    late.start()
     try:
         td.init_process_group(backend, timeout=timeout)
     except (RuntimeError, ValueError) as e:
-        raise DistributedError(f"rank {rank}: joining the {world} ranks failed ({e}); check torchrun's "
-                               f"--master_addr/--master_port or --rdzv_endpoint") from e
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DistributedError(f"rank {rank}: joining the {world} ranks failed ({why}): another rank failed before "
+                               f"joining (its own output says why), or was never started, or the ranks do not reach "
+                               f"each other (check torchrun's --master_addr/--master_port or --rdzv_endpoint)") from e
+    finally:
+        late.cancel()
     _DIST = Dist(rank, world, local_rank, local_world, backend)
     _DIST._commit_group = td.new_group(backend="gloo", timeout=timeout)
     _DIST._exchange_group = td.new_group(backend="gloo", timeout=timeout)

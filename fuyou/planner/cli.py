@@ -580,6 +580,9 @@ def _plan(args) -> int:
         except ValidationError as e:
             raise ConfigError(explain(e, "offload").replace("invalid configuration:", "invalid offload override "
                                                             "(or --commit, --commit-every):")) from None
+        if gpus > 1:  # the machine's caps, each rank's share of them (as train's Dist.rank_config divides them)
+            off = off.model_copy(update={k: getattr(off, k) // gpus for k in ("act_cpu_mem", "resident_mem")
+                                         if getattr(off, k) is not None})
         if off.commit == "none" and "commit_every" in {**flags, **given}:
             raise ConfigError("--commit-every sets how often a crash-safe commit is made, and --commit none makes "
                               "none; give one")

@@ -109,7 +109,7 @@ def summary(plan: Plan) -> dict:
         "busy_s": {k: v for k, v in sim.busy.items()}, "whatif_step_s": plan.whatif,
         "stages": len(w.numels), "cached_stages": len(ev.memory.cached_stages),
         "resident_stages": len(ev.memory.resident_all), "spare_stages": len(ev.memory.spare_all),
-        "resident_spare": off.resident_spare, "resident_mem": ev.policy.resident_mem,
+        "resident_spare": off.resident_spare, "resident_mem": machine_cap(plan, "resident_mem"),
         "clip_schedule": off.clip_schedule,
         "prefetch_depth": ev.policy.prefetch_depth,
         "evaluations": plan.evaluations})
@@ -464,7 +464,7 @@ def _train_line(plan: Plan, s: dict) -> str:
     if pol.prefetch_depth != 2:
         opts.append(f"offload.prefetch_depth={pol.prefetch_depth}")
     for k in ("resident_mem", "act_cpu_mem"):  # the plan's own caps (a pass: in --json, not on this line)
-        v = getattr(pol, k)
+        v = machine_cap(plan, k)
         if v is not None:
             unit = next(((u, f) for u, f in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)) if v % f == 0), None)
             opts.append(f"offload.{k}=" + (f"{v // unit[1]}{unit[0]}" if unit else str(v)))  # (exact)
@@ -478,7 +478,8 @@ def _train_line(plan: Plan, s: dict) -> str:
                                                                                     "--json > FILE)")
     launch = (f"torchrun --nproc_per_node={plan.workload.ranks} -m fuyou.cli train ..." if plan.workload.ranks > 1
               else "fuyou train ...")  # (a pass: --gpus 2's line named no torchrun)
-    return f"train as planned    {launch} " + " ".join(opts) + " (or --plan auto, which measures this machine)"
+    auto = " (or --plan auto, which measures this machine)" if plan.workload.ranks == 1 else ""  # (one process's)
+    return f"train as planned    {launch} " + " ".join(opts) + auto
 
 
 def _clip_line(s: dict, device: str = "the GPU") -> str:
@@ -541,12 +542,21 @@ def _commit_line(s: dict) -> str:
             f"of the step; one commit {s['commit_cost_s']:.3g} s, every {s['steps_per_commit']:,.0f} steps)")
 
 
+def machine_cap(plan: Plan, key: str) -> int | None:
+    """The plan's ``resident_mem`` or ``act_cpu_mem`` cap as train takes it: the machine's, which train divides
+    among its ranks (``Dist.rank_config``; the plan is one rank's: --gpus 2's cap, given to train, was halved, and
+    a quarter of the planned state stayed on the SSD: a pass)."""
+    v = getattr(plan.best.policy, key)
+    return None if v is None else v * plan.workload.ranks
+
+
 def to_json(plan: Plan) -> dict:
     s = summary(plan)
     if not s["feasible"]:
         return s
     t0, _, tasks = _window(plan)
-    return {**s, "policy": plan.best.policy.model_dump(mode="json"),
+    policy = plan.best.policy.model_copy(update={k: machine_cap(plan, k) for k in ("resident_mem", "act_cpu_mem")})
+    return {**s, "policy": policy.model_dump(mode="json"),
             "memory": {"cpu": plan.best.memory.cpu_items, "device": plan.best.memory.device_items,
                        "cache_bytes": plan.best.memory.cache_bytes,
                        "resident_bytes": plan.best.memory.resident_bytes},

@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import load_file
 
 from fuyou.engine.committed import CommittedWeights
+from fuyou.errors import ConfigError
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -681,3 +682,52 @@ def test_a_stop_of_a_run_without_commits_keeps_rank_0s_snapshot_and_no_rank_s_st
     assert f"the weights of step 2 are in {snap}" in outs[0][1], outs[0][1][-2000:]
     assert (snap / "model.safetensors").is_file()
     assert list((tmp_path / "a").iterdir()) == [] and list((tmp_path / "b").iterdir()) == []
+
+
+def test_plan_auto_under_torchrun_names_the_plan_for_the_ranks(tmp_path):
+    """--plan auto measures one process and is refused under torchrun; it pointed at planning one GPU, and plan
+    --gpus 2 offered --plan auto beside its torchrun line. The refusal names plan --gpus N and --act-policy."""
+    procs = rank_procs(tmp_path, train_args(tmp_path, "auto", "train.grad_accum=2", "--plan", "auto"))
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 2 for p in procs), outs[0][1][-2000:]
+    assert "`fuyou plan --gpus 2 ... --json > plan.json`" in outs[0][1] and "--act-policy plan.json" in outs[0][1]
+    assert not (tmp_path / "runs" / "auto").exists()
+
+
+@pytest.mark.parametrize("given,says", [
+    (["train.global_batch=6"], "train.global_batch=6 was split as micro_batch_size 6 x grad_accum 1; give "
+                               "train.micro_batch_size=3 with it (grad_accum 2)"),
+    (["train.global_batch=3"], "give a train.global_batch that is a multiple of 2"),
+    (["train.grad_accum=3"], "set train.grad_accum to a multiple of 2")])
+def test_a_global_batch_the_ranks_cannot_share_says_how_to_split_it(tmp_path, monkeypatch, given, says):
+    """train.global_batch=6 alone under 2 ranks was split 6 x 1 without them, and refused naming a
+    train.grad_accum=1 the user never gave. Refused before joining the ranks, with the split that works."""
+    from fuyou import distributed
+    from fuyou.config import load_config
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg = load_config(overrides=["offload.mode=ssd", *given], flags={"offload.ssd_dirs": [str(tmp_path)]})
+    with pytest.raises(ConfigError, match="is not a multiple of the 2 ranks") as e:
+        distributed.init(cfg, None, None)
+    assert says in str(e.value)
+
+
+def test_a_rank_waiting_for_one_that_never_joins_says_so(tmp_path, monkeypatch, capsys):
+    """Across machines a rank that fails before joining (a path missing there) is not stopped by torchrun: the
+    others waited for it until offload.stall_timeout, ten minutes, in silence, then blamed the address. Rank 0 of
+    2, alone: it says it is waiting, then fails naming a rank that never joined."""
+    from fuyou import distributed
+    from fuyou.config import load_config
+
+    monkeypatch.setattr(distributed, "JOIN_NOTE_S", 0.5)
+    monkeypatch.setattr(distributed, "MIN_COLLECTIVE_S", 3.0)
+    for k, v in dict(WORLD_SIZE="2", RANK="0", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                     MASTER_PORT=str(free_port())).items():
+        monkeypatch.setenv(k, v)
+    cfg = load_config(overrides=["offload.mode=ssd", "train.grad_accum=2", "offload.stall_timeout=1",
+                                 "train.device=cpu"], flags={"offload.ssd_dirs": [str(tmp_path)]})
+    t0 = time.monotonic()
+    with pytest.raises(distributed.DistributedError, match="another rank failed before joining"):
+        distributed.init(cfg, None, None)
+    assert time.monotonic() - t0 < 60
+    assert "still waiting for the other ranks to join after 0 s" in capsys.readouterr().err

@@ -208,3 +208,28 @@ def test_a_run_directory_is_planned_on_the_processes_that_trained_it(tmp_path, c
     assert "data_parallel" not in json.loads(capsys.readouterr().out)
     assert main(args + ["--gpus", "7"]) == 2
     assert f"train.grad_accum=2 (of {run}) does not divide among --gpus 7" in capsys.readouterr().err
+
+
+def test_the_plans_caps_are_the_machines_as_train_takes_them(capsys):
+    """A pass: --gpus 2 printed (and wrote in its JSON policy) one rank's offload.resident_mem, which train
+    takes as the machine's and divides among its ranks (``Dist.rank_config``): half the planned state stayed on
+    the SSD (28.64 MiB written a step against the plan's 84 B). The plan now writes the machine's caps, and a cap
+    given to plan is the machine's, as train reads it."""
+    from fuyou.config import load_config
+    from fuyou.distributed import Dist
+
+    args = ["plan", "--model", "gpt-tiny", "--gpus", "2", "--cpu-mem", "600MiB", "--cpu-reserve", "0", "--batch", "2",
+            "--grad-accum", "2", "--seq", "64", "--gpu", "h100", "--ssd", "2x990-pro"]
+    assert main([*args, "--json"]) in (0, 1)
+    p = json.loads(capsys.readouterr().out)
+    cap = p["policy"]["resident_mem"]
+    assert cap and p["memory"]["resident_bytes"] <= cap // 2  # (each rank's resident state within its share)
+    assert main(args) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("train as planned"))
+    assert f"offload.resident_mem={cap // 1024}KiB" in line and "--plan auto" not in line  # (one process's only)
+    cfg = load_config(overrides=["model.preset=gpt-tiny", f"offload.resident_mem={cap}"])
+    share = Dist(rank=1, world=2, local_rank=1, local_world=2).rank_config(cfg).offload
+    assert share.resident_mem == cap // 2 >= p["memory"]["resident_bytes"]  # (train's rank 1, given the plan's cap)
+    # a cap given to plan is the machine's: each rank plans half of it
+    assert main([*args, "--json", f"offload.resident_mem={8 * 2**20}"]) in (0, 1)
+    assert json.loads(capsys.readouterr().out)["memory"]["resident_bytes"] <= 4 * 2**20
