@@ -292,7 +292,8 @@ def init(cfg, resume_dir: Path | None = None, resumed_run: str | None = None) ->
     if t.grad_accum % world:
         g = t.global_batch  # (given alone it was split without the ranks, and the error named a grad_accum never given)
         fit = [d for d in range(1, min(g or 0, 16) + 1) if g % (d * world) == 0]
-        how = (f"train.global_batch={g} was split as micro_batch_size {t.micro_batch_size} x grad_accum {t.grad_accum}; "
+        how = (f"train.global_batch={g} was split as micro_batch_size {t.micro_batch_size} x grad_accum "
+               f"{t.grad_accum}; "
                + (f"give train.micro_batch_size={fit[-1]} with it (grad_accum {g // fit[-1]})" if fit else
                   f"give a train.global_batch that is a multiple of {world}")
                if g is not None else f"set train.grad_accum to a multiple of {world}")

@@ -574,8 +574,8 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
     dist = distributed.init(cfg, Path(resume) if resume is not None else None, resumed_run)  # torchrun: join the ranks
     if dist.enabled and plan_auto:
         raise ConfigError(f"--plan auto measures this machine for one process; with torchrun, plan the ranks "
-                          f"(`fuyou plan --gpus {dist.local_world} ... --json > plan.json`, --profile from `fuyou probe` "
-                          f"for this machine's figures) and give the plan: --act-policy plan.json")
+                          f"(`fuyou plan --gpus {dist.local_world} ... --json > plan.json`, --profile from `fuyou "
+                          f"probe` for this machine's figures) and give the plan: --act-policy plan.json")
     if resume is not None:  # (its world size checked by distributed.init)
         run_path = Path(resume)
     else:  # rank 0 names the run (the name may hold the time): one run directory for every rank
