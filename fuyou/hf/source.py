@@ -230,3 +230,75 @@ def read_json(path: Path) -> dict[str, Any]:
     if not isinstance(out, dict):
         raise ConfigError(f"{path} is not a JSON object; is it a Hugging Face config.json?")
     return out
+
+
+# The files a Hugging Face tokenizer is made of (a chat template may be a file of its own, which transformers
+# prefers to tokenizer_config.json's): what an export replaces with the data's tokenizer (``data_tokenizer``)
+TOKENIZER_PARTS = ("tokenizer*", "vocab*", "merges.txt", "*.model", "*.tiktoken", "special_tokens_map.json",
+                   "added_tokens.json", "chat_template*")
+
+
+def _tokenizer_parts(d: Path) -> dict[str, Path]:
+    return {f.name: f for pattern in TOKENIZER_PARTS for f in sorted(d.glob(pattern)) if f.is_file()}
+
+
+def data_tokenizer(run: Path, model_dir: Path | None) -> tuple[Path | None, str | None]:
+    """The Hugging Face tokenizer a run (or snapshot) tokenized its data with where it is not the model's own
+    in ``model_dir`` (data.tokenizer=DIR, or prepared data's, as its meta.json records it): ``(dir, None)``;
+    ``(None, name)`` when that tokenizer is gone; ``(None, None)`` when the data took the model's tokenizer (or
+    bytes), or one made of the same files. An export shipped the base's tokenizer beside a model trained on
+    another's chat template, or none for a base without one trained with data.tokenizer=DIR (a pass)."""
+    try:
+        data = read_toml(run / "config.toml").get("data", {})
+    except (OSError, ConfigError):
+        return None, None
+    spec = data.get("tokenizer", "auto") if isinstance(data, dict) else "auto"
+    paths = data.get("path") if isinstance(data, dict) else None
+    paths = [paths] if isinstance(paths, str) else paths or []
+    if spec in ("auto", "byte") and paths and data.get("source") == "prepared":
+        try:
+            spec = json.loads((Path(paths[0]) / "meta.json").read_text()).get("tokenizer", "byte")
+        except (OSError, ValueError, AttributeError):
+            return None, None
+        spec = spec.removeprefix("hf:") if isinstance(spec, str) and spec.startswith("hf:") else "byte"
+    if not isinstance(spec, str) or spec in ("auto", "byte"):
+        return None, None
+    d = Path(spec).expanduser()
+    if not d.is_dir():
+        return None, spec
+    theirs = _tokenizer_parts(d)
+    if model_dir is not None and d.resolve() == model_dir.resolve():
+        return None, None
+    ours = _tokenizer_parts(model_dir) if model_dir is not None else {}
+    if ours.keys() == theirs.keys() and all(ours[k].read_bytes() == theirs[k].read_bytes() for k in ours):
+        return None, None  # (a copy of the model's: the import's, say)
+    return d, None
+
+
+def use_data_tokenizer(run: Path, out: Path, model_dir: Path | None, written: list[str], stream=None) -> list[str]:
+    """An export's tokenizer files: the data's tokenizer's (``data_tokenizer``) in place of the model's own,
+    with a note; ``written``: the files copied from ``model_dir``. Returns the files written now."""
+    d, gone = data_tokenizer(run, model_dir)
+    if gone is not None:
+        print(f"fuyou: note: the data was tokenized with {gone}, which is gone: the export carries "
+              + (f"the tokenizer files of {model_dir} (the same vocabulary; check that its chat template is the one "
+                 f"trained on)" if model_dir is not None and _tokenizer_parts(model_dir) else
+                 "no tokenizer files; add those of that tokenizer before loading it with one"),
+              file=stream or sys.stderr)
+        return []
+    if d is None:
+        return []
+    base = _tokenizer_parts(model_dir) if model_dir is not None else {}
+    for name in base:  # (a chat_template.jinja of the base's would win over the data tokenizer's own template)
+        if name in written:
+            (out / name).unlink(missing_ok=True)
+            written.remove(name)
+    names = []
+    for name, f in _tokenizer_parts(d).items():
+        shutil.copy2(f, out / name)
+        names.append(name)
+    print(f"fuyou: note: the tokenizer files are those of {d}, which the data was tokenized with"
+          + (f" (the base's own in {model_dir} differ)" if base else "")
+          + " (load the model with them: its chat template and special tokens are the ones trained on)",
+          file=stream or sys.stderr)
+    return names

@@ -975,6 +975,16 @@ def check_tokenizer(cfg: FuyouConfig, data) -> None:
                         f"but model.init_from={cfg.model.init_from} uses the tokenizer in {tok_dir} (vocabulary "
                         f"{want}); " + (f"prepare the data again with --tokenizer {tok_dir}" if cfg.data.source ==
                                         "prepared" else "leave data.tokenizer at 'auto' (the model's tokenizer)"))
+    theirs = Path(data.tokenizer.removeprefix("hf:"))  # the same vocabulary: another chat template is said (a pass)
+    if data.tokenizer.startswith("hf:") and theirs.is_dir() and distributed.current().is_main:
+        ours, other = HFTokenizer(tok_dir), HFTokenizer(theirs)
+        if (ours.chat_template, ours.eos_id) != (other.chat_template, other.eos_id):
+            what = " and ".join(w for w, differ in (("chat template", ours.chat_template != other.chat_template),
+                                                   ("EOS token", ours.eos_id != other.eos_id)) if differ)
+            verb = "differ" if " and " in what else "differs"
+            print(f"note: the data was tokenized with {theirs}, whose {what} {verb} from the tokenizer of "
+                  f"model.init_from ({tok_dir}): the model learns {theirs}'s, and `fuyou export` carries its files",
+                  file=sys.stderr)
 
 
 def check_vocabulary(run: dict, data, cfg: FuyouConfig) -> None:

@@ -207,3 +207,51 @@ def test_a_resume_after_the_source_checkpoint_is_gone_reads_the_runs_copy(hf_mod
     err = capsys.readouterr().err
     assert f"the run's tokenizer {src} no longer exists: reading the copy the run keeps" in err
     assert "done: steps 3-3 of 3" in err
+
+
+@pytest.mark.parametrize("base_tokenizer,lora,prepared", [(True, False, False), (False, False, False),
+                                                           (True, True, False), (True, False, True)])
+def test_the_export_carries_the_tokenizer_the_data_was_tokenized_with(tmp_path, capsys, base_tokenizer, lora,
+                                                                      prepared):
+    """A pass: a model trained on chats rendered with another tokenizer's template (data.tokenizer=DIR, or data
+    prepared with it) was exported with the base's tokenizer, its template the one not trained on; a base
+    without a tokenizer, trained with data.tokenizer=DIR as import's error advises, was exported with none. The
+    export carries the data's tokenizer files (a full model, a PEFT adapter), with a note."""
+    import json
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    src = make_hf_model(tmp_path / "base", "llama", tokenizer=base_tokenizer)
+    chatml = tmp_path / "chatml"
+    make_hf_model(tmp_path / "donor", "llama")
+    chatml.mkdir()
+    for f in (tmp_path / "donor").iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(f, chatml / f.name)
+    template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<eos>\n{% endfor %}"
+                "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    (chatml / "chat_template.jinja").write_text(template)
+    if base_tokenizer:
+        (src / "chat_template.jinja").write_text("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}"
+                                                 "<eos>{% endfor %}")
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"hello {i}"},
+                                                      {"role": "assistant", "content": f"hi there {i}"}]}) + "\n"
+                             for i in range(12)))
+    data = [f"data.path={chats}", f"data.tokenizer={chatml}"]
+    if prepared:  # (the tokenizer its meta.json records)
+        assert main(["data", "prepare", str(chats), "--out", str(tmp_path / "prep"), "--tokenizer", str(chatml)]) == 0
+        data = [f"data.path={tmp_path / 'prep'}"]
+    assert main(["train", "--init-from", str(src), "--out", str(tmp_path / "runs"), "--steps", "1", "run.name=r",
+                 *data, "data.seq_len=128", "train.micro_batch_size=2",
+                 "train.eval_every=0", *(["lora.rank=2"] if lora else [])]) == 0
+    err = capsys.readouterr().err
+    assert (f"note: the data was tokenized with {chatml}, whose chat template differs from" in err) == base_tokenizer
+    assert main(["export", str(tmp_path / "runs" / "r"), "--out", str(tmp_path / "out")]) == 0
+    assert f"the tokenizer files are those of {chatml}, which the data was tokenized with" in capsys.readouterr().err
+    tok = AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert tok.chat_template == template
+    made = tok.apply_chat_template([{"role": "user", "content": "hello 1"}], tokenize=False,
+                                   add_generation_prompt=True)
+    assert made == "<|im_start|>user\nhello 1<eos>\n<|im_start|>assistant\n"
