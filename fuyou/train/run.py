@@ -31,6 +31,20 @@ def recorded_data(run_dir: Path) -> dict | None:
         return None
 
 
+def taken(path: Path) -> str:
+    """Why a new run cannot have ``path``, and what the run there can do: the same command again after a crash
+    was told to choose another name, and nothing of the committed state that a resume continues (a pass)."""
+    said = f"run directory {path} already exists; choose another run.name"
+    if not (path / "config.toml").is_file():
+        return said
+    where = path.resolve()
+    if any((path / f).is_file() for f in ("model.safetensors", ADAPTER_FILE)):
+        return (f"{said} (it holds a finished run: `fuyou export {where}`, or --init-from it to train on from its "
+                f"weights)")
+    return (f"{said}, or continue the run it holds, which did not finish: `{resume_command(where)}` (from its last "
+            f"commit; a run without one says so, and what it kept)")
+
+
 def run_dir_path(cfg: FuyouConfig) -> Path:
     """The directory this run will write to (not created yet). Never an existing one."""
     parent = Path(cfg.run.out_dir)
@@ -38,7 +52,7 @@ def run_dir_path(cfg: FuyouConfig) -> Path:
     path = parent / name
     if cfg.run.name is not None:
         if path.exists():
-            raise ConfigError(f"run directory {path} already exists; choose another run.name")
+            raise ConfigError(taken(path))
         return path
     n = 1
     while path.exists():
@@ -54,7 +68,7 @@ def make_run_dir(cfg: FuyouConfig, path: Path | None = None, rid: str | None = N
         path.mkdir(parents=True, exist_ok=False)
     except FileExistsError:
         if not (path / "act-policy.json").is_file():  # made by --plan auto for its profile and policy
-            raise ConfigError(f"run directory {path} already exists; choose another run.name") from None
+            raise ConfigError(taken(path)) from None
     except OSError as e:
         raise ConfigError(f"cannot create run directory {path}: {e.strerror}; check run.out_dir") from e
     (path / "config.toml").write_text(to_toml(cfg))

@@ -187,3 +187,21 @@ def test_a_prepared_directory_under_home_is_prepared_data(tmp_path, monkeypatch)
     assert main(["data", "prepare", str(text), "--out", str(tmp_path / "prep")]) == 0
     cfg = load_config(overrides=["data.path=~/prep"])
     assert cfg.data.source == "prepared" and cfg.data.path == [str(tmp_path / "prep")]
+
+
+def test_the_same_command_again_names_what_the_run_directory_holds(tmp_path, monkeypatch, capsys):
+    """A pass ran the same command again after a crash and was told to choose another run.name, with nothing of
+    the committed state a resume continues (which a new name leaves on the SSD). Said now: a stopped run's
+    resume, a finished run's export."""
+    launch = _stopped_run(tmp_path, monkeypatch)
+    monkeypatch.chdir(launch)
+    again = ["train", "--offload", "ssd", "--ssd", "ssd", "--cpu-mem", "256MiB", "--out", "runs", "run.name=r",
+             "train.steps=4", *TINY]
+    capsys.readouterr()
+    assert main(again) == 2
+    run = launch / "runs" / "r"
+    assert f"or continue the run it holds, which did not finish: `fuyou train --resume {run}`" in capsys.readouterr().err
+    assert main(["train", "--resume", str(run)]) == 0
+    capsys.readouterr()
+    assert main(again) == 2
+    assert "(it holds a finished run: `fuyou export " in capsys.readouterr().err
