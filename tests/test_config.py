@@ -196,3 +196,15 @@ def test_a_warmup_given_takes_the_place_of_the_files(tmp_path):
     assert (t.warmup_ratio, t.warmup_steps, t.warmup) == (None, 1, 1)
     t = load_config(f, ["train.warmup_ratio=0.2"]).train
     assert (t.warmup_ratio, t.warmup, t.warmup_steps) == (0.2, 2, 20)  # (the file's steps kept: no invented change)
+
+
+def test_a_lora_base_named_by_its_dtype_says_which_value_is_that(tmp_path):
+    """lora.base=bf16 (the issue's own spelling) was refused with a bare list of the values, 'compute' among
+    them, which did not say it is the bf16 base."""
+    from fuyou.config import load_config
+    from fuyou.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"lora.base=bf16: the base in the run's compute precision is "
+                                          r"lora.base=compute"):
+        load_config(overrides=["lora.rank=2", "lora.base=bf16"])
+    assert load_config(overrides=["lora.rank=2", "lora.base=int8"]).lora.base == "int8"

@@ -131,6 +131,12 @@ def tokenize_records(paths: list[str], tokenizer_spec: str, fmt: str = "auto", t
         out = held_out(rendered, val_fraction)
         held = [r for r, o in zip(rendered, out) if o]
         rendered = [r for r, o in zip(rendered, out) if not o]
+        n = len(held) + len(rendered)
+        if held and len(held) / n > max(2 * val_fraction, 0.15):  # (half of two examples, in silence: a pass)
+            print(f"fuyou: note: {len(held)} of the {n} examples {'is' if len(held) == 1 else 'are'} held out for "
+                  f"evaluation ({len(held) / n:.0%}; data.val_fraction={val_fraction:g} of so few) and not trained "
+                  f"on; data.val_fraction=0 (--val-fraction 0) trains on every one, without evaluation, or give "
+                  f"held-out examples as data.eval_path (--eval)", file=sys.stderr)
     st = renderer.stats
     if st.fallback_chats and tok.name != "byte":
         print(f"fuyou: note: the tokenizer {tok.name} has no chat template: {st.fallback_chats} conversations were "
@@ -342,10 +348,10 @@ def _check_prepared_settings(cfg: DataConfig, data) -> None:
 
     fields = DataConfig.model_fields
     ignored = []
-    if cfg.format != "auto" and not cfg.eval_path:
-        ignored.append(f"data.format={cfg.format}")
+    if cfg.format != "auto" and not cfg.eval_path:  # (the option in brackets, as the error says: a pass)
+        ignored.append(f"data.format={cfg.format} (--format)")
     if cfg.jsonl_field != fields["jsonl_field"].default and not cfg.eval_path:
-        ignored.append(f"data.jsonl_field={cfg.jsonl_field}")
+        ignored.append(f"data.jsonl_field={cfg.jsonl_field} (--jsonl-field)")
     prepared = (data.info.get("val_fraction") if isinstance(data, ExampleData) else data.val_fraction)
     if prepared is not None:  # (recorded since 2026-12-05: the share it held out)
         if "val_fraction" in cfg.model_fields_set and cfg.val_fraction != prepared:

@@ -8,6 +8,7 @@ default run needs no download.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,6 +36,9 @@ def builtin_documents() -> list[str]:
     return [topics[k] for k in sorted(topics)]
 
 
+# A dataset's held-out split by its file's (or directory's) name: test.jsonl, validation-00000-of-00001.jsonl, dev/
+HELD_OUT_NAME = re.compile(r"(^|[/_.-])(test|testing|valid|validation|val|eval|evaluation|dev|heldout|held_out)"
+                           r"($|[/_.-])", re.IGNORECASE)
 # In a directory of structured records (JSON Lines), the text files a dataset's folder holds beside them (a
 # Hugging Face dataset card is README.md): not read, and listed as such. In a directory of text, they are
 # text like the others; given by name, such a file is read.
@@ -85,6 +89,10 @@ def iter_records(paths: list[str | Path], text_field: str = "text") -> Iterator[
                                    "train on it"))
             elif suffix in JSONL_SUFFIXES:
                 found = True
+                if p.is_dir() and HELD_OUT_NAME.search(f.relative_to(p).as_posix()):  # (trained on in silence: a pass)
+                    print(f"fuyou: note: {f} is named as a held-out split, and is trained on like every file of {p}; "
+                          f"to evaluate on it instead, give it as data.eval_path (`fuyou data prepare --eval`) and "
+                          f"the training files alone as data.path", file=sys.stderr)
                 yield from _jsonl_records(f)
             elif suffix == ".json":
                 if p.is_dir():  # (in a directory, .json files are often configs)

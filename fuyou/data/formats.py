@@ -40,8 +40,10 @@ renderings of a conversation's prefixes are prefixes of one another; templates t
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -156,6 +158,9 @@ class RenderStats:
     other_roles: Counter = field(default_factory=Counter)  # roles but KNOWN_ROLES: rendered as prompt (no loss)
     rewritten_weight0: int = 0  # train_on_prompt, a rewritten history with a weight-0 turn: its prompt has no loss
     first_rewritten_weight0: str = ""
+    no_stop: int = 0         # templated conversations whose answers hold no token that generation stops on
+    first_no_stop: str = ""
+    stop_said: str = ""      # what their answers end with, and the tokens generation stops on
 
     def empty_answer(self, where: str) -> None:
         """An answer with loss and no content (an assistant turn or a completion), counted for ``notes``."""
@@ -182,6 +187,12 @@ class RenderStats:
                        f"their prompt carries no loss despite data.train_on_prompt, so that the weight-0 turn carries "
                        f"none (those with no turn of weight 1 are left out), the first at "
                        f"{self.first_rewritten_weight0}")
+        if self.no_stop:
+            out.append(f"{self.no_stop} conversation(s)' answers hold no token generation stops on: {self.stop_said} "
+                       f"(the first at {self.first_no_stop}); the fine-tuned model would go on past the end of its "
+                       f"turn (a base model's tokenizer with an instruct template, say): set the tokenizer's "
+                       f"eos_token (tokenizer_config.json) and generation_config.json's eos_token_id to the token "
+                       f"that ends a turn")
         if self.ignored_keys:
             keys = ", ".join(f"{k!r} ({n}x)" for k, n in sorted(self.ignored_keys.items()))
             out.append(f"message keys the chat rendering writes nothing of were ignored: {keys} (every key goes to "
@@ -446,7 +457,37 @@ class Renderer:
             pieces.append((full[len(done):], self.train_on_prompt))
         out = Rendered()
         out.add_text(self.tok, pieces)
+        self._check_stop(out, where)
         return out
+
+    def _check_stop(self, out: Rendered, where: str) -> None:
+        """Counts a conversation whose answers (the tokens with loss) hold none of the tokens generation stops
+        on (the tokenizer's EOS; those its directory's generation_config.json lists): a template that ends a
+        turn with <|eot_id|> over a tokenizer whose EOS is <|end_of_text|> trained a model that never stops,
+        in silence (a pass)."""
+        answer = [i for i, loss in zip(out.ids, out.loss) if loss]
+        stops = self._stops()
+        if not answer or stops & set(answer):
+            return
+        self.stats.no_stop += 1
+        if not self.stats.first_no_stop:
+            self.stats.first_no_stop = where
+            names = ", ".join(repr(self.tok.decode([i])) for i in sorted(stops))
+            self.stats.stop_said = f"they end with {self.tok.decode(answer[-2:])!r}, generation stops on {names}"
+
+    def _stops(self) -> set[int]:
+        if not hasattr(self, "_stop_ids"):
+            self._stop_ids = {self.tok.eos_id}
+            name = getattr(self.tok, "name", "")
+            gen = Path(name.removeprefix("hf:")) / "generation_config.json" if name.startswith("hf:") else None
+            try:
+                listed = json.loads(gen.read_text()).get("eos_token_id") if gen is not None else None
+            except (OSError, ValueError, AttributeError):
+                listed = None
+            for i in listed if isinstance(listed, list) else [listed]:
+                if isinstance(i, int):
+                    self._stop_ids.add(i)
+        return self._stop_ids
 
     def _opening(self, full: str, m: dict, where: str) -> str:
         """The prompt before a conversation's opening assistant turn (there is no earlier turn to render it

@@ -63,6 +63,17 @@ class LoRAConfig(BaseModel):
         "an fp32 absmax per block of 64, about 0.56 bytes; 'nf4dq' NF4 with QLoRA's double quantisation of the "
         "absmax values (bitsandbytes' bnb_4bit_use_double_quant), about 0.516 bytes (fuyou/models/quant.py).")
 
+    @field_validator("base", mode="before")
+    @classmethod
+    def _base_by_dtype(cls, v):
+        """A dtype names no base format of its own: the compute precision's is 'compute' (refused with a bare
+        list of the values, which did not say which one is bf16: a pass)."""
+        if isinstance(v, str) and v.lower() in ("bf16", "bfloat16", "fp32", "float32", "fp16", "float16"):
+            raise ValueError(f"lora.base={v}: the base in the run's compute precision is lora.base=compute (the "
+                             f"default: bf16 with train.precision=bf16, fp32 with fp32); 'int8', 'nf4' and 'nf4dq' "
+                             f"store it smaller")
+        return v
+
     @field_validator("targets", mode="before")
     @classmethod
     def _one_target(cls, v):

@@ -753,3 +753,25 @@ def test_prepared_data_prepared_again_the_same_is_not_data_that_changed(tmp_path
     assert main(["train", "--resume", str(run), "train.steps=4"]) == 0
     err = capsys.readouterr().err
     assert "the data changed since the run started" in err and ", content " in err, err
+
+
+def test_a_test_split_in_a_dataset_folder_and_a_large_held_out_share_are_said(tmp_path, capsys):
+    """A pass: a dataset folder's test.jsonl was trained on in silence (and a random 5% held out instead), and
+    a file of 2-5 examples lost a third or half of them to the held-out set without a word."""
+    from fuyou.cli import main
+
+    folder = tmp_path / "dset"
+    folder.mkdir()
+    for name, n in (("train.jsonl", 20), ("test.jsonl", 5)):
+        (folder / name).write_text("".join(json.dumps({"prompt": f"{name} q{i}", "completion": f" a{i}"}) + "\n"
+                                           for i in range(n)))
+    assert main(["data", "prepare", str(folder), "--out", str(tmp_path / "p1")]) == 0
+    err = capsys.readouterr().err
+    assert f"note: {folder / 'test.jsonl'} is named as a held-out split, and is trained on" in err
+    assert "train.jsonl is named" not in err
+    three = tmp_path / "three.jsonl"
+    three.write_text("".join(json.dumps({"prompt": f"q{i}", "completion": f" a{i}"}) + "\n" for i in range(3)))
+    assert main(["data", "prepare", str(three), "--out", str(tmp_path / "p2")]) == 0
+    assert "1 of the 3 examples is held out for evaluation (33%" in capsys.readouterr().err
+    assert main(["data", "prepare", str(folder / "train.jsonl"), "--out", str(tmp_path / "p3")]) == 0
+    assert "held out for evaluation" not in capsys.readouterr().err  # (20 examples: the share asked for)

@@ -668,7 +668,8 @@ def test_settings_prepared_data_fixed_are_refused_not_ignored(tmp_path, capsys):
     load_data(DataConfig(path=[prep]))  # as prepared: fine, and the share of answer tokens is said
     assert "% of targets carry loss" in capsys.readouterr().err
     for extra, named in (({"train_on_prompt": True}, "data.train_on_prompt=true (prepared with false"),
-                         ({"val_fraction": 0.2}, "data.val_fraction=0.2"), ({"format": "alpaca"}, "data.format=alpaca"),
+                         ({"val_fraction": 0.2}, "data.val_fraction=0.2"),
+                         ({"format": "alpaca"}, "data.format=alpaca (--format)"),
                          ({"tokenizer": str(tmp_path)}, "data.tokenizer=")):
         with pytest.raises(DataError, match="prepared data: `fuyou data prepare` fixed these") as e:
             load_data(DataConfig(path=[prep], **extra))
@@ -904,3 +905,23 @@ def test_a_run_on_prepared_data_records_the_share_the_preparation_held_out(tmp_p
     assert main(["train", "--out", str(tmp_path / "runs"), f"data.path={tmp_path / 'p'}", "model.preset=gpt-test",
                  "data.seq_len=32", "train.steps=1", "run.name=r"]) == 0
     assert load_config(tmp_path / "runs" / "r" / "config.toml").data.val_fraction == 0.3
+
+
+def test_answers_that_hold_no_stop_token_are_said(tmp_path, hf_tok_dir, capsys):
+    """A pass: a template ending turns with <|eot_id|> over a tokenizer whose EOS is <|end_of_text|> (a base
+    model's tokenizer with an instruct template) trained answers the model never stops after, in silence.
+    The ChatML template here ends turns with text that holds no EOS; a template that ends them with the EOS
+    token is quiet."""
+    import shutil
+
+    tokenize_records([write_jsonl(tmp_path / "c.jsonl", CHAT)], str(hf_tok_dir), val_fraction=0)
+    err = capsys.readouterr().err
+    assert "2 conversation(s)' answers hold no token generation stops on: they end with" in err
+    assert "generation stops on '<eos>'" in err
+    good = tmp_path / "good"
+    shutil.copytree(hf_tok_dir, good)
+    cfg = json.loads((good / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = CHATML.replace("<|im_end|>\n", "{{ eos_token }}\n")
+    (good / "tokenizer_config.json").write_text(json.dumps(cfg))
+    tokenize_records([tmp_path / "c.jsonl"], str(good), val_fraction=0)
+    assert "generation stops on" not in capsys.readouterr().err

@@ -526,7 +526,7 @@ def test_stored_tensors_are_compared_a_block_of_rows_at_a_time(tmp_path):
     assert not _equal(a, "e", a, "short") and not _equal(a, "e", b, "e16")
 
 
-def test_an_fp16_export_of_weights_beyond_its_range_is_refused(tmp_path):
+def test_an_fp16_export_of_weights_beyond_its_range_is_refused(tmp_path, capsys):
     """`fuyou export --dtype fp16` of a model with a weight of 1e6 wrote inf, in silence."""
     from fuyou.models import ModelConfig, StageModel, preset
     from fuyou.hf.weights import write_safetensors
@@ -543,6 +543,9 @@ def test_an_fp16_export_of_weights_beyond_its_range_is_refused(tmp_path):
     with pytest.raises(ConfigError, match=f"{last} holds values up to 1e\\+06, beyond fp16's largest"):
         export_run(run, tmp_path / "ex", "fp16", shard_size=4096)  # several shards: the first ones written
     assert not (tmp_path / "ex").exists() or not list((tmp_path / "ex").iterdir())
+    capsys.readouterr()  # the command removes the directory it made (it said "nothing was written" beside it)
+    assert main(["export", str(run), "--out", str(tmp_path / "ex2"), "--dtype", "fp16"]) == 2
+    assert "nothing was written" in capsys.readouterr().err and not (tmp_path / "ex2").exists()
     export_run(run, tmp_path / "ex", "bf16")
 
 
