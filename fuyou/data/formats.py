@@ -158,6 +158,7 @@ class RenderStats:
     other_roles: Counter = field(default_factory=Counter)  # roles but KNOWN_ROLES: rendered as prompt (no loss)
     rewritten_weight0: int = 0  # train_on_prompt, a rewritten history with a weight-0 turn: its prompt has no loss
     first_rewritten_weight0: str = ""
+    mixed: Counter = field(default_factory=Counter)  # (format read, other formats whose keys it holds): records
     no_stop: int = 0         # templated conversations whose answers hold no token that generation stops on
     first_no_stop: str = ""
     stop_said: str = ""      # what their answers end with, and the tokens generation stops on
@@ -187,6 +188,9 @@ class RenderStats:
                        f"their prompt carries no loss despite data.train_on_prompt, so that the weight-0 turn carries "
                        f"none (those with no turn of weight 1 are left out), the first at "
                        f"{self.first_rewritten_weight0}")
+        for (read, *others), n in sorted(self.mixed.items()):
+            out.append(f"{n} record(s) hold the fields of {read} and of {' and '.join(others)}: read as {read}, the "
+                       f"others' fields ignored (data.format / --format reads them as another)")
         if self.no_stop:
             out.append(f"{self.no_stop} conversation(s)' answers hold no token generation stops on: {self.stop_said} "
                        f"(the first at {self.first_no_stop}); the fine-tuned model would go on past the end of its "
@@ -198,6 +202,12 @@ class RenderStats:
             out.append(f"message keys the chat rendering writes nothing of were ignored: {keys} (every key goes to "
                        f"the tokenizer's chat template; fuyou reads an assistant message's 'weight')")
         return out
+
+
+# The keys that make a record of each fine-tuning format (``detect`` picks the first that a record has)
+FORMAT_KEYS = {"messages": lambda r: "messages" in r, "sharegpt": lambda r: "conversations" in r,
+               "alpaca": lambda r: "instruction" in r and "output" in r,
+               "prompt_completion": lambda r: "prompt" in r and any(k in r for k in COMPLETION_KEYS)}
 
 
 def detect(rec: dict, text_field: str, where: str) -> str:
@@ -249,6 +259,10 @@ class Renderer:
             raise DataError(f"{where}: data.format={fmt} but this record is {detect(rec, self.text_field, where)}")
         self.stats.records += 1
         self.stats.formats[fmt] = self.stats.formats.get(fmt, 0) + 1
+        if self.fmt == "auto":  # (a record with messages and prompt/completion was read as messages in silence)
+            others = [k for k, keys in FORMAT_KEYS.items() if k != fmt and keys(rec)]
+            if others:
+                self.stats.mixed[(fmt, *others)] += 1
         if fmt == "text":
             out = Rendered()
             out.add(self.tok.encode(_string(rec, self.text_field, where)), True)

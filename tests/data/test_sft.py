@@ -925,3 +925,16 @@ def test_answers_that_hold_no_stop_token_are_said(tmp_path, hf_tok_dir, capsys):
     (good / "tokenizer_config.json").write_text(json.dumps(cfg))
     tokenize_records([tmp_path / "c.jsonl"], str(good), val_fraction=0)
     assert "generation stops on" not in capsys.readouterr().err
+
+
+def test_a_record_with_two_formats_fields_says_which_is_read(tmp_path, capsys):
+    """A record with messages and prompt/completion was read as messages, the others ignored, in silence."""
+    both = {"prompt": "q", "completion": " a", "messages": [{"role": "user", "content": "x"},
+                                                             {"role": "assistant", "content": "y"}]}
+    d = tokenize_records([write_jsonl(tmp_path / "m.jsonl", [both] * 3)], "byte", val_fraction=0)
+    assert d.info["formats"] == {"messages": 3}
+    assert ("3 record(s) hold the fields of messages and of prompt_completion: read as messages"
+            in capsys.readouterr().err)
+    tokenize_records([write_jsonl(tmp_path / "p.jsonl", [{"prompt": "q", "completion": " a"}] * 3)], "byte",
+                     val_fraction=0)
+    assert "hold the fields of" not in capsys.readouterr().err
