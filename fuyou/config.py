@@ -167,7 +167,13 @@ class FuyouConfig(BaseModel):
         """``data.tokenizer='auto'``: a model started from a checkpoint with a tokenizer reads its data
         through that tokenizer (with a note); otherwise bytes. An explicit 'byte' for such a model is
         refused: byte ids are not the model's vocabulary (``fuyou.data.batches.check_tokenizer``)."""
-        if self.data.tokenizer not in ("auto", "byte") or self.data.source not in ("builtin", "text"):
+        if self.data.tokenizer not in ("auto", "byte"):  # a directory: absolute, as the data's paths (an export
+            # read a relative one from its own working directory: a review)
+            given = Path(self.data.tokenizer).expanduser()
+            if not given.is_absolute():
+                self.data = self.data.model_copy(update={"tokenizer": str(given.absolute())})
+            return self
+        if self.data.source not in ("builtin", "text"):
             return self
         tok = None
         if self.model.init_from:

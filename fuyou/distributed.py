@@ -324,7 +324,8 @@ def init(cfg, resume_dir: Path | None = None, resumed_run: str | None = None) ->
         f"leaves this one waiting until offload.stall_timeout ({timeout.total_seconds():.0f} s)",
         file=sys.stderr, flush=True))
     late.daemon = True
-    late.start()
+    if local_rank == 0:  # (one line a machine, not one a rank: a review)
+        late.start()
     try:
         td.init_process_group(backend, timeout=timeout)
     except (RuntimeError, ValueError) as e:

@@ -135,6 +135,7 @@ def reshard(run_dir: str | Path, nproc: int, ssd_dirs: list[str] | None = None) 
                           f"(--init-from {run_dir})")  # "resume it as it is", which is refused: a pass)
     old_world = distributed.recorded_world(run_dir, dirs, name)
     if nproc == old_world:  # (it was refused: a script resharding for the launch it makes failed when N stayed)
+        _rank_states(run_dir, dirs, old_world)  # (the state the resume will need is there, and this run's: a review)
         return (f"nothing to do: {run_dir} was trained by {nproc} process(es) already; continue with "
                 + _resume_advice(run_dir, nproc, ssd_dirs))
     return _reshard(run_dir, cfg, old_world, nproc, ssd_dirs)
@@ -146,12 +147,34 @@ def _resume_advice(run_dir: Path, nproc: int, ssd_dirs: list[str] | None) -> str
             + "".join(f" --ssd {d}" for d in (ssd_dirs or [])) + "`")
 
 
+def _rank_states(run_dir: Path, dirs: list[Path], world: int) -> list[list[Path]]:
+    """Each of the run's ``world`` ranks' state directories in ``dirs``: refused when one is missing or is the
+    state of another run of the same name (``owner_mismatch``)."""
+    from fuyou.engine.state import owner_mismatch, run_id
+
+    name, rid, out = state_name(run_dir.name), run_id(run_dir), []
+    for r in range(world):
+        rank_name = distributed.rank_state_name(name, r)
+        found = [d / rank_name for d in dirs if (d / rank_name).is_dir()]
+        if not found:
+            raise ConfigError(f"rank {r}'s state ({rank_name}) is in none of {', '.join(map(str, dirs))}: the run "
+                              f"finished and its state was deleted, the SSD directories moved (give --ssd), or "
+                              f"that rank ran on another machine (fuyou reshard works on one machine's states)")
+        other = owner_mismatch(found[0], run_dir, rid)
+        if other is not None:  # (a resume of the other run refuses it: so does its reshard)
+            raise ConfigError(f"the SSD state {found[0]} is the state of another run named {run_dir.name!r} "
+                              f"(the run in {other}), not of {run_dir}: reshard that run, or give this run's "
+                              f"directory back its own state; nothing was changed")
+        out.append(found)
+    return out
+
+
 def _reshard(run_dir: Path, cfg, old_world: int, nproc: int, ssd_dirs: list[str] | None) -> str:
     import hashlib
 
     from fuyou.engine.commit import RECORD, read_record, step_tag, tagged_copy, write_record
     from fuyou.engine.layout import build_states
-    from fuyou.engine.state import owner_mismatch, run_id, write_owner
+    from fuyou.engine.state import run_id, write_owner
     from fuyou.models import StageModel
     from fuyou.store import TensorStore
     from fuyou.store.aligned import aligned_empty
@@ -177,18 +200,7 @@ def _reshard(run_dir: Path, cfg, old_world: int, nproc: int, ssd_dirs: list[str]
             shutil.rmtree(p)
     olds, stores, records = [], [], []
     try:
-        for r in range(old_world):
-            rank_name = distributed.rank_state_name(name, r)
-            found = [d / rank_name for d in dirs if (d / rank_name).is_dir()]
-            if not found:
-                raise ConfigError(f"rank {r}'s state ({rank_name}) is in none of {', '.join(map(str, dirs))}: the run "
-                                  f"finished and its state was deleted, the SSD directories moved (give --ssd), or "
-                                  f"that rank ran on another machine (fuyou reshard works on one machine's states)")
-            other = owner_mismatch(found[0], run_dir, rid)
-            if other is not None:  # (a resume of the other run refuses it: so does its reshard)
-                raise ConfigError(f"the SSD state {found[0]} is the state of another run named {run_dir.name!r} "
-                                  f"(the run in {other}), not of {run_dir}: reshard that run, or give this run's "
-                                  f"directory back its own state; nothing was changed")
+        for found in _rank_states(run_dir, dirs, old_world):
             try:
                 store = TensorStore.open(found)  # locked until the switch is done: no resume can open it meanwhile
             except StoreLockedError as e:

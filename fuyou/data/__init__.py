@@ -78,7 +78,7 @@ def tokenize_records(paths: list[str], tokenizer_spec: str, fmt: str = "auto", t
     noted = bool(eval_paths and note_overlap and _note_overlap(paths, eval_paths))
     same_files = bool(eval_paths) and list(map(str, eval_paths)) == list(map(str, paths))
     tok = load_tokenizer(tokenizer_spec)
-    records = iter_records(paths, text_field)  # streamed: the records are never all held as Python objects
+    records = iter_records(paths, text_field, held=same_files)  # streamed: never all held as Python objects
     head = next(records, None)
     if head is None:
         raise DataError(f"{', '.join(map(str, paths))} holds no records")
@@ -109,7 +109,7 @@ def tokenize_records(paths: list[str], tokenizer_spec: str, fmt: str = "auto", t
             return TokenData(train, val, tok.vocab_size, tok.eos_id, tok.name, tok.fingerprint, len(docs),
                              val_fraction=val_fraction)
         held = [_encode(tok, _text(rec, where, text_field, first_where))
-                for rec, where in iter_records(eval_paths, text_field)]
+                for rec, where in iter_records(eval_paths, text_field, held=True)]
         if not noted and not same_files:
             _note_shared_documents(held, docs, eval_paths)
         train, val = join_tokens(docs, tok.eos_id, tok.vocab_size), join_tokens(held, tok.eos_id, tok.vocab_size)
@@ -121,7 +121,7 @@ def tokenize_records(paths: list[str], tokenizer_spec: str, fmt: str = "auto", t
     if same_files:
         held = list(rendered)  # the same files (held-out files of prepared data): rendered once, counted once
     elif eval_paths:
-        held = _render_all(renderer, iter_records(eval_paths, text_field), first, head[1], text_field)
+        held = _render_all(renderer, iter_records(eval_paths, text_field, held=True), first, head[1], text_field)
     elif split == "shuffle":  # (fuyou before 2026-12-05: kept for the resumes of runs it started)
         order = np.random.default_rng(1234).permutation(len(rendered))
         n_val = max(1, int(round(len(rendered) * val_fraction))) if len(rendered) > 1 and val_fraction else 0

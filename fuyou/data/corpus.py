@@ -54,7 +54,7 @@ def json_type(v) -> str:
             dict: "object"}.get(type(v), type(v).__name__)
 
 
-def iter_records(paths: list[str | Path], text_field: str = "text") -> Iterator[tuple[dict, str]]:
+def iter_records(paths: list[str | Path], text_field: str = "text", held: bool = False) -> Iterator[tuple[dict, str]]:
     """(record, where) pairs from text files (one record ``{text_field: content}`` per file), JSON Lines
     files (``.jsonl``/``.ndjson``, one JSON object per line) and directories (searched recursively for
     those suffixes, in sorted order, hidden files and directories left out); ``where`` is "file:line"
@@ -89,7 +89,8 @@ def iter_records(paths: list[str | Path], text_field: str = "text") -> Iterator[
                                    "train on it"))
             elif suffix in JSONL_SUFFIXES:
                 found = True
-                if p.is_dir() and HELD_OUT_NAME.search(f.relative_to(p).as_posix()):  # (trained on in silence: a pass)
+                if not held and p.is_dir() and HELD_OUT_NAME.search(f.relative_to(p).as_posix()):  # (trained on in
+                    # silence: a pass; ``held``: the held-out files themselves)
                     print(f"fuyou: note: {f} is named as a held-out split, and is trained on like every file of {p}; "
                           f"to evaluate on it instead, give it as data.eval_path (`fuyou data prepare --eval`) and "
                           f"the training files alone as data.path", file=sys.stderr)

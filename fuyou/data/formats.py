@@ -40,10 +40,8 @@ renderings of a conversation's prefixes are prefixes of one another; templates t
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
@@ -212,14 +210,9 @@ FORMAT_KEYS = {"messages": lambda r: "messages" in r, "sharegpt": lambda r: "con
 
 def detect(rec: dict, text_field: str, where: str) -> str:
     """The format of one record, from its keys."""
-    if "messages" in rec:
-        return "messages"
-    if "conversations" in rec:
-        return "sharegpt"
-    if "instruction" in rec and "output" in rec:
-        return "alpaca"
-    if "prompt" in rec and any(k in rec for k in COMPLETION_KEYS):
-        return "prompt_completion"
+    found = next((fmt for fmt, holds in FORMAT_KEYS.items() if holds(rec)), None)
+    if found is not None:
+        return found
     if text_field in rec:
         return "text"
     raise DataError(
@@ -255,7 +248,7 @@ class Renderer:
         """The record's tokens and loss flags; None for a conversation with nothing to learn (skipped and
         counted in ``stats``)."""
         fmt = self.fmt if self.fmt != "auto" else detect(rec, self.text_field, where)
-        if self.fmt != "auto" and fmt != "text" and detect(rec, self.text_field, where) != fmt:
+        if self.fmt != "auto" and fmt != "text" and not FORMAT_KEYS[fmt](rec):  # (one of several it holds: taken)
             raise DataError(f"{where}: data.format={fmt} but this record is {detect(rec, self.text_field, where)}")
         self.stats.records += 1
         self.stats.formats[fmt] = self.stats.formats.get(fmt, 0) + 1
@@ -476,11 +469,10 @@ class Renderer:
 
     def _check_stop(self, out: Rendered, where: str) -> None:
         """Counts a conversation whose answers (the tokens with loss) hold none of the tokens generation stops
-        on (the tokenizer's EOS; those its directory's generation_config.json lists): a template that ends a
-        turn with <|eot_id|> over a tokenizer whose EOS is <|end_of_text|> trained a model that never stops,
-        in silence (a pass)."""
+        on (the tokenizer's ``stop_ids``): a template that ends a turn with <|eot_id|> over a tokenizer whose
+        EOS is <|end_of_text|> trained a model that never stops, in silence (a pass)."""
         answer = [i for i, loss in zip(out.ids, out.loss) if loss]
-        stops = self._stops()
+        stops = getattr(self.tok, "stop_ids", {self.tok.eos_id})
         if not answer or stops & set(answer):
             return
         self.stats.no_stop += 1
@@ -488,20 +480,6 @@ class Renderer:
             self.stats.first_no_stop = where
             names = ", ".join(repr(self.tok.decode([i])) for i in sorted(stops))
             self.stats.stop_said = f"they end with {self.tok.decode(answer[-2:])!r}, generation stops on {names}"
-
-    def _stops(self) -> set[int]:
-        if not hasattr(self, "_stop_ids"):
-            self._stop_ids = {self.tok.eos_id}
-            name = getattr(self.tok, "name", "")
-            gen = Path(name.removeprefix("hf:")) / "generation_config.json" if name.startswith("hf:") else None
-            try:
-                listed = json.loads(gen.read_text()).get("eos_token_id") if gen is not None else None
-            except (OSError, ValueError, AttributeError):
-                listed = None
-            for i in listed if isinstance(listed, list) else [listed]:
-                if isinstance(i, int):
-                    self._stop_ids.add(i)
-        return self._stop_ids
 
     def _opening(self, full: str, m: dict, where: str) -> str:
         """The prompt before a conversation's opening assistant turn (there is no earlier turn to render it

@@ -21,7 +21,7 @@ import torch
 
 from fuyou.errors import ConfigError
 from fuyou.hf.config_map import to_hf
-from fuyou.hf.source import copy_small_files, hf_files_dir, read_json, use_data_tokenizer
+from fuyou.hf.source import copy_small_files, data_tokenizer, hf_files_dir, read_json, use_data_tokenizer
 from fuyou.hf.weights import FuyouWeights, hf_name
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -120,7 +120,8 @@ def _export(weights, run: Path, out: Path, dtype: str, shard_size: int) -> list[
     template = read_json(meta_dir / "config.json") if meta_dir is not None else None
     config = to_hf(model, dtype, template)  # before any shard: a model no architecture computes is refused (it
     on_bytes = False                         # was refused after its weights were written: a pass)
-    if meta_dir is None:  # (an export without a tokenizer, and nothing said so: a new-user pass)
+    if meta_dir is None and data_tokenizer(run, None)[0] is None:  # (an export without a tokenizer, and nothing
+        # said so: a new-user pass; one that carries the data's tokenizer says that, ``use_data_tokenizer``)
         import sys
 
         on_bytes = _trained_on_bytes(run)

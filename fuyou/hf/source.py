@@ -249,9 +249,10 @@ def data_tokenizer(run: Path, model_dir: Path | None) -> tuple[Path | None, str 
     bytes), or one made of the same files. An export shipped the base's tokenizer beside a model trained on
     another's chat template, or none for a base without one trained with data.tokenizer=DIR (a pass)."""
     try:
-        data = read_toml(run / "config.toml").get("data", {})
+        raw = read_toml(run / "config.toml")
     except (OSError, ConfigError):
         return None, None
+    data, model = raw.get("data", {}), raw.get("model", {})
     spec = data.get("tokenizer", "auto") if isinstance(data, dict) else "auto"
     paths = data.get("path") if isinstance(data, dict) else None
     paths = [paths] if isinstance(paths, str) else paths or []
@@ -264,6 +265,10 @@ def data_tokenizer(run: Path, model_dir: Path | None) -> tuple[Path | None, str 
     if not isinstance(spec, str) or spec in ("auto", "byte"):
         return None, None
     d = Path(spec).expanduser()
+    base = model.get("init_from") if isinstance(model, dict) else None
+    if isinstance(base, str) and base and (Path(base).expanduser().absolute() == d.absolute()
+                                           or d.absolute().is_relative_to(Path(base).expanduser().absolute())):
+        return None, None  # the model's own ('auto' resolves to it): the copy the run keeps is the one trained
     if not d.is_dir():
         return None, spec
     theirs = _tokenizer_parts(d)
@@ -301,4 +306,28 @@ def use_data_tokenizer(run: Path, out: Path, model_dir: Path | None, written: li
           + (f" (the base's own in {model_dir} differ)" if base else "")
           + " (load the model with them: its chat template and special tokens are the ones trained on)",
           file=stream or sys.stderr)
+    _note_stop_token(d, out, stream)
     return names
+
+
+def _note_stop_token(tok_dir: Path, out: Path, stream=None) -> None:
+    """The data tokenizer's EOS (the token its answers end with) against the stop tokens the exported
+    generation_config.json names (the base's): generate() would not stop where the model learnt to (a review)."""
+    try:
+        listed = json.loads((out / "generation_config.json").read_text()).get("eos_token_id")
+    except (OSError, ValueError, AttributeError):
+        return
+    stops = {i for i in (listed if isinstance(listed, list) else [listed]) if isinstance(i, int)}
+    if not stops:
+        return
+    from fuyou.data.tokenizer import HFTokenizer
+    from fuyou.errors import DataError
+
+    try:
+        eos = HFTokenizer(tok_dir).eos_id
+    except DataError:  # (without transformers: not checked)
+        return
+    if eos not in stops:
+        print(f"fuyou: note: the data's tokenizer ends answers with its EOS token (id {eos}), which the exported "
+              f"generation_config.json does not stop on (eos_token_id {sorted(stops)}): add {eos} to its "
+              f"eos_token_id so that generate() stops where the model learnt to", file=stream or sys.stderr)

@@ -109,7 +109,7 @@ def summary(plan: Plan) -> dict:
         "busy_s": {k: v for k, v in sim.busy.items()}, "whatif_step_s": plan.whatif,
         "stages": len(w.numels), "cached_stages": len(ev.memory.cached_stages),
         "resident_stages": len(ev.memory.resident_all), "spare_stages": len(ev.memory.spare_all),
-        "resident_spare": off.resident_spare, "resident_mem": machine_cap(plan, "resident_mem"),
+        "resident_spare": off.resident_spare, "resident_mem": machine_cap(plan, "resident_mem"), "gpus": w.ranks,
         "clip_schedule": off.clip_schedule,
         "prefetch_depth": ev.policy.prefetch_depth,
         "evaluations": plan.evaluations})
@@ -215,12 +215,14 @@ def _wear(plan: Plan, step: float) -> dict:
             "ssd_life_hours": hw.ssd_tbw / per_hour if hw.ssd_tbw and per_hour else None}
 
 
-def _traffic_line(s: dict) -> str:
-    """What a step reads from and writes to the SSDs, by what moves (the engine's ``ssd r/w`` a step)."""
+def _traffic_line(s: dict, ranks: int = 1) -> str:
+    """What a step reads from and writes to the SSDs, by what moves (the engine's ``ssd r/w`` a step; with
+    several ranks, the machine's, all ranks' together, where train's progress line shows rank 0's)."""
     parts = [f"{k} {format_size(v['read'])}/{format_size(v['written'])}" for k, v in s["ssd_traffic_bytes"].items()
              if v["read"] or v["written"]]
     return (f"SSD traffic         {format_size(s['ssd_read_per_step_bytes'])} read, "
             f"{format_size(s['ssd_write_per_step_bytes'])} written per step"
+            + (f", the {ranks} ranks' together" if ranks > 1 else "")
             + (f" (read/written: {', '.join(parts)})" if parts else ""))
 
 
@@ -375,7 +377,7 @@ def text(plan: Plan) -> str:
            "what if             " + "; ".join(f"{k.replace('GPU', labels['compute'])}: {v:.3g} s "
                                                   f"({s['step_s'] / v:.2f}x)" for k, v in s["whatif_step_s"].items()),
            f"optimizer state     {s['state_format']}",
-           _traffic_line(s),
+           _traffic_line(s, plan.workload.ranks),
            _wear_line(s),
            f"SSD footprint       {format_size(s['ssd_bytes'])} (" + ", ".join(
                f"{k} {format_size(v)}" for k, v in s["ssd_parts_bytes"].items() if v) + ")",

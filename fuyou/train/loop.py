@@ -293,7 +293,8 @@ def _adopt_planned_settings(cfg: FuyouConfig, stream, main: bool) -> FuyouConfig
         was = planned_workload(where)
         differ = [f"{name} {was[k]} (this run: {now})" for k, name, now in (
             ("batch", "micro-batch", cfg.train.micro_batch_size), ("seq", "sequence", cfg.data.seq_len),
-            ("grad_accum", "grad_accum", cfg.train.grad_accum), ("lora", "LoRA", cfg.lora.enabled))
+            ("grad_accum", "grad_accum", cfg.train.grad_accum), ("lora", "LoRA", cfg.lora.enabled),
+            ("gpus", "processes (--gpus)", distributed.current().world))  # (its caps are shared among them)
             if k in was and was[k] != now]
         shape = was.get("model_shape")  # (a report from before it recorded the shape: not compared)
         if isinstance(shape, dict):
@@ -969,7 +970,8 @@ def check_tokenizer(cfg: FuyouConfig, data) -> None:
                         f"with the tokenizer in {tok_dir}; {how}")
     from fuyou.data.tokenizer import HFTokenizer
 
-    want = HFTokenizer(tok_dir).fingerprint
+    ours = HFTokenizer(tok_dir)
+    want = ours.fingerprint
     if data.fingerprint != want:
         raise DataError(f"the data was tokenized with {data.tokenizer} (vocabulary {data.fingerprint or 'unknown'}), "
                         f"but model.init_from={cfg.model.init_from} uses the tokenizer in {tok_dir} (vocabulary "
@@ -977,12 +979,12 @@ def check_tokenizer(cfg: FuyouConfig, data) -> None:
                                         "prepared" else "leave data.tokenizer at 'auto' (the model's tokenizer)"))
     theirs = Path(data.tokenizer.removeprefix("hf:"))  # the same vocabulary: another chat template is said (a pass)
     if data.tokenizer.startswith("hf:") and theirs.is_dir() and distributed.current().is_main:
-        ours, other = HFTokenizer(tok_dir), HFTokenizer(theirs)
+        other = HFTokenizer(theirs)
         if (ours.chat_template, ours.eos_id) != (other.chat_template, other.eos_id):
             what = " and ".join(w for w, differ in (("chat template", ours.chat_template != other.chat_template),
                                                    ("EOS token", ours.eos_id != other.eos_id)) if differ)
             verb = "differ" if " and " in what else "differs"
-            print(f"note: the data was tokenized with {theirs}, whose {what} {verb} from the tokenizer of "
+            print(f"fuyou: note: the data was tokenized with {theirs}, whose {what} {verb} from the tokenizer of "
                   f"model.init_from ({tok_dir}): the model learns {theirs}'s, and `fuyou export` carries its files",
                   file=sys.stderr)
 

@@ -38,11 +38,34 @@ def taken(path: Path) -> str:
     if not (path / "config.toml").is_file():
         return said
     where = path.resolve()
-    if any((path / f).is_file() for f in ("model.safetensors", ADAPTER_FILE)):
-        return (f"{said} (it holds a finished run: `fuyou export {where}`, or --init-from it to train on from its "
-                f"weights)")
-    return (f"{said}, or continue the run it holds, which did not finish: `{resume_command(where)}` (from its last "
-            f"commit; a run without one says so, and what it kept)")
+    if (path / ADAPTER_FILE).is_file():
+        return (f"{said} (it holds a finished LoRA run: `fuyou export {where} --out DIR`, then lora.init_from=DIR "
+                f"trains its adapters on)")
+    if (path / "model.safetensors").is_file():
+        return (f"{said} (it holds a finished run: `fuyou export {where} --out DIR`, or --init-from {where} to train "
+                f"on from its weights)")
+    try:
+        off = read_toml(path / "config.toml").get("offload", {})
+    except (OSError, ConfigError):
+        off = {}
+    resumable = isinstance(off, dict) and off.get("mode") == "ssd" and off.get("commit", "cow") == "cow"
+    if resumable and not _ended(path):
+        return (f"{said}, or continue the run it holds, which did not finish: `{resume_command(where)}` (from its "
+                f"last commit)")
+    return (f"{said} (the run it holds ended, or keeps no resumable state: in memory or offload.commit=none; its "
+            f"snapshots, if any, are in {where / 'snapshots'})")
+
+
+def _ended(path: Path) -> bool:
+    """The run's last launch finished (its metrics' summary, after any stop)."""
+    last = None
+    try:
+        for line in (path / "metrics.jsonl").read_text().splitlines():
+            if '"summary"' in line or '"stopped"' in line:
+                last = line
+    except OSError:
+        return False
+    return last is not None and '"summary"' in last
 
 
 def run_dir_path(cfg: FuyouConfig) -> Path:
@@ -490,7 +513,7 @@ def _unused_ssd(run: Path, name: str, ssd_dirs: list[str] | None, stream=None) -
     import sys
 
     if ssd_dirs:
-        print(f"fuyou: note: --ssd is not read: {run / name} holds the run's latest weights", file=stream or sys.stderr)
+        print(f"fuyou: note: --ssd is not read: the weights exported are {run / name}", file=stream or sys.stderr)
 
 
 EXPORT_ATTEMPTS = 5
@@ -558,7 +581,8 @@ def _committed_adapters(run: Path, stream=None, ssd_dirs: list[str] | None = Non
     from fuyou.engine.commit import RECORD
 
     state = Path(cfg.offload.ssd_dirs[0]) / state_name(run.name)
-    hint = f"resume it (fuyou train --resume {run}) or export a snapshot (RUN_DIR/snapshots/step-N)"
+    hint = (f"resume it (fuyou train --resume {run}{''.join(f' --ssd {d}' for d in ssd_dirs or [])}) or export a "
+            f"snapshot (RUN_DIR/snapshots/step-N)")
     for _ in range(3):  # a live run may replace its commit file between reading the record and the file
         try:
             rec = json.loads((state / RECORD).read_text())

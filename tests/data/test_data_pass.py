@@ -769,6 +769,12 @@ def test_a_test_split_in_a_dataset_folder_and_a_large_held_out_share_are_said(tm
     err = capsys.readouterr().err
     assert f"note: {folder / 'test.jsonl'} is named as a held-out split, and is trained on" in err
     assert "train.jsonl is named" not in err
+    held = tmp_path / "held"  # (the held-out files themselves, --eval: not said to be trained on, a review)
+    held.mkdir()
+    (held / "test.jsonl").write_text((folder / "test.jsonl").read_text())
+    assert main(["data", "prepare", str(folder / "train.jsonl"), "--eval", str(held), "--out",
+                 str(tmp_path / "p0")]) == 0
+    assert "is named as a held-out split" not in capsys.readouterr().err
     three = tmp_path / "three.jsonl"
     three.write_text("".join(json.dumps({"prompt": f"q{i}", "completion": f" a{i}"}) + "\n" for i in range(3)))
     assert main(["data", "prepare", str(three), "--out", str(tmp_path / "p2")]) == 0

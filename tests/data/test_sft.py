@@ -938,3 +938,6 @@ def test_a_record_with_two_formats_fields_says_which_is_read(tmp_path, capsys):
     tokenize_records([write_jsonl(tmp_path / "p.jsonl", [{"prompt": "q", "completion": " a"}] * 3)], "byte",
                      val_fraction=0)
     assert "hold the fields of" not in capsys.readouterr().err
+    # as the note says, data.format reads them as the other (it was refused: "but this record is messages")
+    d = tokenize_records([tmp_path / "m.jsonl"], "byte", fmt="prompt_completion", val_fraction=0)
+    assert d.info["formats"] == {"prompt_completion": 3}

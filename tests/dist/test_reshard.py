@@ -130,7 +130,9 @@ def test_what_reshard_refuses(tmp_path):
     resumable state, a directory that is not a run."""
     run = cut_after_step_2(tmp_path, "cut", (), 1)
     state = open_state(run)
-    cases = [(("--nproc", "3"), "not a multiple of 3"), (("--nproc", "0"), "1 or more")]
+    (tmp_path / "empty").mkdir()  # (the same N with --ssd where no state is: it said "nothing to do", a review)
+    cases = [(("--nproc", "3"), "not a multiple of 3"), (("--nproc", "0"), "1 or more"),
+             (("--nproc", "1", "--ssd", str(tmp_path / "empty")), "rank 0's state (cut.fuyou-state) is in none of")]
     for args, says in cases:
         r = fuyou("reshard", str(run), *args, check=False)
         assert r.returncode != 0 and says in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)

@@ -247,7 +247,8 @@ def test_the_export_carries_the_tokenizer_the_data_was_tokenized_with(tmp_path, 
                  *data, "data.seq_len=128", "train.micro_batch_size=2",
                  "train.eval_every=0", *(["lora.rank=2"] if lora else [])]) == 0
     err = capsys.readouterr().err
-    assert (f"note: the data was tokenized with {chatml}, whose chat template differs from" in err) == base_tokenizer
+    assert (f"fuyou: note: the data was tokenized with {chatml}, whose chat template differs from" in err) == \
+        base_tokenizer
     assert main(["export", str(tmp_path / "runs" / "r"), "--out", str(tmp_path / "out")]) == 0
     assert f"the tokenizer files are those of {chatml}, which the data was tokenized with" in capsys.readouterr().err
     tok = AutoTokenizer.from_pretrained(tmp_path / "out")
@@ -255,3 +256,33 @@ def test_the_export_carries_the_tokenizer_the_data_was_tokenized_with(tmp_path, 
     made = tok.apply_chat_template([{"role": "user", "content": "hello 1"}], tokenize=False,
                                    add_generation_prompt=True)
     assert made == "<|im_start|>user\nhello 1<eos>\n<|im_start|>assistant\n"
+
+
+def test_the_export_keeps_the_tokenizer_trained_when_the_base_changes_and_reads_no_relative_path(tmp_path, capsys,
+                                                                                                  monkeypatch):
+    """A review: data.tokenizer 'auto' resolves to the base's directory, which the export then took for another
+    tokenizer and shipped (edited since) over the copy the run trained with; a relative data.tokenizer was
+    read from export's working directory; a preset run with data.tokenizer=DIR got two contradicting notes."""
+    from fuyou.tomlfile import read_toml
+
+    src = make_hf_model(tmp_path / "base", "llama")
+    chats = tmp_path / "c.jsonl"
+    chats.write_text("".join(f'{{"prompt": "q{i}", "completion": " answer {i}"}}\n' for i in range(8)))
+    common = ["--out", str(tmp_path / "runs"), "--steps", "1", f"data.path={chats}", "data.seq_len=64",
+              "train.micro_batch_size=2", "train.eval_every=0"]
+    assert main(["train", "--init-from", str(src), *common, "run.name=auto"]) == 0
+    (src / "chat_template.jinja").write_text("{{ messages }}")  # the base edited after the run
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "runs" / "auto"), "--out", str(tmp_path / "e1")]) == 0
+    assert "tokenizer files are those of" not in capsys.readouterr().err
+    assert not (tmp_path / "e1" / "chat_template.jinja").exists()  # the copy the run trained with
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "model.preset=gpt-tiny", "model.vocab_size=512", "data.tokenizer=base", *common,
+                 "run.name=rel"]) == 0
+    assert read_toml(tmp_path / "runs" / "rel" / "config.toml")["data"]["tokenizer"] == str(src)
+    monkeypatch.chdir(tmp_path / "runs")
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "runs" / "rel"), "--out", str(tmp_path / "e2")]) == 0
+    err = capsys.readouterr().err
+    assert f"the tokenizer files are those of {src}" in err and "has no tokenizer files" not in err
+    assert (tmp_path / "e2" / "tokenizer.json").is_file()

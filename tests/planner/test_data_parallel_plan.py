@@ -210,7 +210,7 @@ def test_a_run_directory_is_planned_on_the_processes_that_trained_it(tmp_path, c
     assert f"train.grad_accum=2 (of {run}) does not divide among --gpus 7" in capsys.readouterr().err
 
 
-def test_the_plans_caps_are_the_machines_as_train_takes_them(capsys):
+def test_the_plans_caps_are_the_machines_as_train_takes_them(tmp_path, capsys):
     """A pass: --gpus 2 printed (and wrote in its JSON policy) one rank's offload.resident_mem, which train
     takes as the machine's and divides among its ranks (``Dist.rank_config``): half the planned state stayed on
     the SSD (28.64 MiB written a step against the plan's 84 B). The plan now writes the machine's caps, and a cap
@@ -225,11 +225,28 @@ def test_the_plans_caps_are_the_machines_as_train_takes_them(capsys):
     cap = p["policy"]["resident_mem"]
     assert cap and p["memory"]["resident_bytes"] <= cap // 2  # (each rank's resident state within its share)
     assert main(args) == 0
-    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("train as planned"))
+    out = capsys.readouterr().out
+    assert "written per step, the 2 ranks' together" in out  # (train's progress line shows rank 0's: a review)
+    line = next(x for x in out.splitlines() if x.startswith("train as planned"))
     assert f"offload.resident_mem={cap // 1024}KiB" in line and "--plan auto" not in line  # (one process's only)
     cfg = load_config(overrides=["model.preset=gpt-tiny", f"offload.resident_mem={cap}"])
     share = Dist(rank=1, world=2, local_rank=1, local_world=2).rank_config(cfg).offload
     assert share.resident_mem == cap // 2 >= p["memory"]["resident_bytes"]  # (train's rank 1, given the plan's cap)
+    # the plan, given to a run of another number of processes, is said to be another run's (its caps are shared
+    # among its ranks; a review)
+    import io
+
+    from fuyou.train.loop import _adopt_planned_settings
+
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps(p))
+    (tmp_path / "ssd").mkdir()
+    one = load_config(overrides=["model.preset=gpt-tiny", "offload.mode=ssd", f"offload.act_policy={plan}",
+                                 "train.micro_batch_size=2", "train.grad_accum=2", "data.seq_len=64"],
+                      flags={"offload.ssd_dirs": [str(tmp_path / "ssd")]})
+    said = io.StringIO()
+    _adopt_planned_settings(one, said, True)
+    assert "was made for another run: processes (--gpus) 2 (this run: 1)" in said.getvalue()
     # a cap given to plan is the machine's: each rank plans half of it
     assert main([*args, "--json", f"offload.resident_mem={8 * 2**20}"]) in (0, 1)
     assert json.loads(capsys.readouterr().out)["memory"]["resident_bytes"] <= 4 * 2**20

@@ -204,4 +204,14 @@ def test_the_same_command_again_names_what_the_run_directory_holds(tmp_path, mon
     assert main(["train", "--resume", str(run)]) == 0
     capsys.readouterr()
     assert main(again) == 2
-    assert "(it holds a finished run: `fuyou export " in capsys.readouterr().err
+    assert f"(it holds a finished run: `fuyou export {run} --out DIR`, or --init-from" in capsys.readouterr().err
+    # a finished run that saved no weights, and an in-memory run: nothing to resume (it said to resume them)
+    for name, extra in (("nw", ["--offload", "ssd", "--ssd", "ssd", "run.save_weights=false"]), ("mem", [])):
+        args = ["train", "--out", "runs", f"run.name={name}", "train.steps=1", *TINY, *extra]
+        assert main(args) == 0
+        if name == "mem":
+            (launch / "runs" / name / "model.safetensors").unlink()
+        capsys.readouterr()
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert "(the run it holds ended, or keeps no resumable state" in err and "--resume" not in err, err
