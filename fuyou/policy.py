@@ -290,7 +290,8 @@ def planned_settings(spec: str) -> dict:
     return {**out, "cpu_mem": given} if given is not None else out
 
 
-PLANNED_WORKLOAD = ("model", "batch", "seq", "grad_accum", "model_shape", "optim", "lora", "gpus")  # its workload
+PLANNED_WORKLOAD = ("model", "batch", "seq", "grad_accum", "model_shape", "optim", "lora", "gpus",
+                    "grad_clip")  # a plan report's workload
 
 
 def planned_workload(spec: str) -> dict:

@@ -472,6 +472,12 @@ def _plan(args) -> int:
                                       search_split)
     from fuyou.units import format_size, parse_size, unitless_hint
 
+    # plan's own flags for train settings, as train is given them (the "train as planned" line left them out, and
+    # that run clipped and committed otherwise than the plan: a pass)
+    as_train = [f"{key}={getattr(args, flag)}" for flag, key in (("grad_clip", "train.grad_clip"),
+                                                                 ("commit_every", "offload.commit_every"),
+                                                                 ("commit", "offload.commit"))
+                if getattr(args, flag) is not None]
     if args.plot:  # checked before planning: a plot asked for and silently skipped is a surprise
         import importlib.util
 
@@ -662,8 +668,8 @@ def _plan(args) -> int:
     # the settings given to plan that train must be given too to run this plan (its own choices, the policy and
     # the memory caps, are on the line already; the model's are the "..." of the line)
     mine = {"offload.cpu_mem", "offload.act_policy", "offload.mode", "offload.ssd_dirs"}
-    plan.train_settings = [o.strip() for o in args.overrides
-                           if not o.strip().startswith("model.") and o.partition("=")[0].strip() not in mine]
+    plan.train_settings = as_train + [o.strip() for o in args.overrides
+                                      if not o.strip().startswith("model.") and o.partition("=")[0].strip() not in mine]
     if plan.cpu_need:  # the fix in --cpu-mem's terms: the planned budget plus the reserve, per rank, for the machine
         reserved = args.cpu_reserve is not None  # (else the default reserve, which grows with the budget)
         per = (plan.cpu_need + reserve if reserved

@@ -280,6 +280,10 @@ def _note_budget_beyond_memory(cfg: FuyouConfig, stream) -> None:
               f"by the kernel); give at most what it can spare", file=stream)
 
 
+def _said(v) -> str:
+    return "none" if v is None else str(v)
+
+
 def _adopt_planned_settings(cfg: FuyouConfig, stream, main: bool) -> FuyouConfig:
     """A `fuyou plan --json` file as --act-policy: the prefetch depth and caps it was planned with, where
     the run does not set them (its memory holds at them; a pass found the file's depth ignored in silence).
@@ -291,10 +295,11 @@ def _adopt_planned_settings(cfg: FuyouConfig, stream, main: bool) -> FuyouConfig
     where = cfg.offload.act_policy
     if cfg.offload.mode == "ssd" and main:  # the workload it was planned for (a pass trained another in silence)
         was = planned_workload(where)
-        differ = [f"{name} {was[k]} (this run: {now})" for k, name, now in (
+        differ = [f"{name} {_said(was[k])} (this run: {_said(now)})" for k, name, now in (
             ("batch", "micro-batch", cfg.train.micro_batch_size), ("seq", "sequence", cfg.data.seq_len),
             ("grad_accum", "grad_accum", cfg.train.grad_accum), ("lora", "LoRA", cfg.lora.enabled),
-            ("gpus", "processes (--gpus)", distributed.current().world))  # (its caps are shared among them)
+            ("gpus", "processes (--gpus)", distributed.current().world),  # (its caps are shared among them)
+            ("grad_clip", "train.grad_clip", cfg.train.grad_clip))  # (exact clipping's writes and waits)
             if k in was and was[k] != now]
         shape = was.get("model_shape")  # (a report from before it recorded the shape: not compared)
         if isinstance(shape, dict):

@@ -1252,3 +1252,29 @@ def test_the_plans_ssd_traffic_is_what_train_reads_and_writes(tmp_path, capsys, 
     out = capsys.readouterr().out
     assert f"SSD traffic         {format_size(last['ssd_read_bytes'])} read" in out
     assert "activations 16.00 MiB/16.00 MiB" in out
+
+
+def test_plans_train_line_carries_its_clipping_and_commit_flags(tmp_path, capsys):
+    """A pass: --grad-clip none --commit-every 1 were planned and left off the "train as planned" line, whose run
+    then clipped (deferring, 17 % more reads) and committed every 10 minutes: another run than the plan's. The
+    flags are on the line as train takes them, and a plan's --json given to a run of another clipping says so."""
+    import io
+
+    from fuyou.config import load_config
+    from fuyou.train.loop import _adopt_planned_settings
+
+    args = ["plan", "--model", "gpt-tiny", "--batch", "4", "--seq", "128", "--profile", str(_cpu_profile(tmp_path)),
+            "--commit-every", "1", "--grad-clip", "none", "offload.cpu_mem=240MiB"]
+    assert main(args) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("train as planned"))
+    assert "train.grad_clip=none offload.commit_every=1" in line
+    assert main([*args, "--json"]) == 0
+    plan = tmp_path / "plan.json"
+    plan.write_text(capsys.readouterr().out)
+    (tmp_path / "ssd").mkdir()
+    cfg = load_config(overrides=["model.preset=gpt-tiny", "offload.mode=ssd", f"offload.act_policy={plan}",
+                                 "train.micro_batch_size=4", "data.seq_len=128"],
+                      flags={"offload.ssd_dirs": [str(tmp_path / "ssd")]})
+    said = io.StringIO()
+    _adopt_planned_settings(cfg, said, True)
+    assert "train.grad_clip none (this run: 1.0)" in said.getvalue()
