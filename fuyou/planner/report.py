@@ -210,7 +210,11 @@ def _wear(plan: Plan, step: float) -> dict:
     if amortized > 0.5:
         parts.setdefault("commits", {"read": 0.0, "written": 0.0})["written"] += amortized
     return {"state_format": fmt, "ssd_write_per_step_bytes": per_step, "ssd_write_per_hour_bytes": per_hour,
+            "ssd_step_write_bytes": ev.sim.step_written(),
             "ssd_read_per_step_bytes": ev.sim.step_read(), "ssd_traffic_bytes": parts,
+            "ssd_redo_read_bytes": ev.redo_read_bytes,
+            "ssd_clipping_step_bytes": ({"read": ev.clipping_traffic[0], "written": ev.clipping_traffic[1]}
+                                        if ev.clipping_traffic else None),
             "ssd_redo_write_bytes": ev.redo_write_bytes, "ssd_tbw_bytes": hw.ssd_tbw,
             "ssd_life_hours": hw.ssd_tbw / per_hour if hw.ssd_tbw and per_hour else None}
 
@@ -220,10 +224,15 @@ def _traffic_line(s: dict, ranks: int = 1) -> str:
     several ranks, the machine's, all ranks' together, where train's progress line shows rank 0's)."""
     parts = [f"{k} {format_size(v['read'])}/{format_size(v['written'])}" for k, v in s["ssd_traffic_bytes"].items()
              if v["read"] or v["written"]]
+    clipping = s.get("ssd_clipping_step_bytes")
+    keeps = (f"; a step after one that clipped, while the norm stays above train.grad_clip (a fine-tune's first "
+             f"steps, often): {format_size(clipping['read'])} read, {format_size(clipping['written'])} written"
+             if clipping and (clipping["read"], clipping["written"]) != (s["ssd_read_per_step_bytes"],
+                                                                        s["ssd_step_write_bytes"]) else "")
     return (f"SSD traffic         {format_size(s['ssd_read_per_step_bytes'])} read, "
             f"{format_size(s['ssd_write_per_step_bytes'])} written per step"
             + (f", the {ranks} ranks' together" if ranks > 1 else "")
-            + (f" (read/written: {', '.join(parts)})" if parts else ""))
+            + (f" (read/written: {', '.join(parts)})" if parts else "") + keeps)
 
 
 def _wear_line(s: dict) -> str:

@@ -105,9 +105,10 @@ class SimResult:
         return sum(t.nbytes for t in self.last_step_tasks() if t.resource == "ssd-read")
 
     def step_traffic(self) -> dict[str, tuple[float, float]]:
-        """The last step's SSD bytes (read, written) by what moves: the optimizer state (with the compute
-        weights its updates write), the weights streamed in, swapped activations, gradients saved for
-        exact clipping, a commit's resident state (every rank's)."""
+        """The last step's SSD bytes (read, written) by what moves: the optimizer's updates (their state, with
+        the compute weights an update writes and the gradients a deferred or redone one reads back), the
+        weights streamed in, swapped activations, gradients saved for exact clipping, a commit's resident
+        state (every rank's)."""
         parts: dict[str, list[float]] = {}
         for t in self.last_step_tasks():
             if t.resource not in ("ssd-read", "ssd-write"):
@@ -119,7 +120,7 @@ class SimResult:
 
 
 # Task names' prefixes by what an SSD task moves (``SimResult.step_traffic``)
-_TRAFFIC = (("adam ", "optimizer state"), ("read weights", "weights"), ("exchange:", "weights"),
+_TRAFFIC = (("adam ", "updates"), ("read weights", "weights"), ("exchange:", "weights"),
             ("read act", "activations"), ("write act", "activations"), ("write grad", "gradients"),
             ("commit", "commits"))
 

@@ -1454,6 +1454,7 @@ def _steps(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, sto
     tokens = written = read = commit_written = commits = 0
     overflow_said = False  # the note that the cpu tier's activations overflowed to the SSD, once a launch
     redone = 0  # steps that redid their updates for exact clipping: their writes are in the step's own bytes
+    deferred = 0  # steps that clipped after one that did, their updates waiting for the norm (clip_schedule=auto)
     step_s = 0.0  # the steps' own time (the wear's hours: evaluations and snapshots write nothing to the state)
     stats = None
     for step in range(start_step, t.steps):
@@ -1486,6 +1487,7 @@ def _steps(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, sto
             commits += counters.get("commits", 0)
             # (a deferred step waited for the norm, and LoRA's adapters clip in memory: neither redoes an update)
             redone += bool(counters.get("clipped")) and not counters.get("deferred") and not cfg.lora.enabled
+            deferred += bool(counters.get("clipped")) and bool(counters.get("deferred")) and not cfg.lora.enabled
             # this launch's running totals: a line's own counters are its step's, and the steps between two lines
             # (train.log_every) were in none (a pass summed the lines' commit bytes to a quarter of the summary's)
             record.update(ssd_read_bytes_total=read, ssd_write_bytes_total=written,
@@ -1656,9 +1658,12 @@ def _steps(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, sto
                     f"{format_decimal(wear['ssd_write_per_hour_bytes'])} per hour ({state}); this run's steps and "
                     f"commits {format_size(wear['ssd_written_bytes'])} in all (the initial state's write not counted)")
         if redone:  # (a short run's figure was above the plan's, with nothing to say why: a pass)
+            # (the steps that clipped after it and deferred were not said: "1 of the 4 steps clipped" where all had)
+            later = (f", {deferred} more clipped and deferred theirs until the norm was known (their bytes are "
+                     f"`fuyou plan`'s traffic of a step after one that clipped)" if deferred else "")
             summary += (f"; {redone} of the {steps_run} steps clipped and redid {'its' if redone == 1 else 'their'} "
-                        f"speculative updates (exact clipping): what that wrote again is in the steps' own bytes "
-                        f"(`fuyou plan`'s wear line gives it apart from a step's)")
+                        f"speculative updates (exact clipping){later}: what a redo wrote again is in the steps' own "
+                        f"bytes (`fuyou plan`'s wear line gives it apart from a step's)")
         if wear.get("ssd_life_hours"):
             summary += (f"; at this rate the drives' rated {tbw / 1e15:.3g} PB ({drives}) last "
                         f"{wear['ssd_life_hours']:,.0f} hours")

@@ -1224,7 +1224,7 @@ def test_activations_that_overflow_the_cpu_tier_are_said_by_plan_and_train(tmp_p
     assert err.count("of the cpu tier's activations overflowed to the SSD") == 1, err
 
 
-@pytest.mark.parametrize("clip,budget", [("none", "302MiB"), ("100", "312MiB")])
+@pytest.mark.parametrize("clip,budget", [("none", "302MiB"), ("100", "312MiB"), ("1.0", "312MiB")])
 def test_the_plans_ssd_traffic_is_what_train_reads_and_writes(tmp_path, capsys, clip, budget):
     """The plan gave SSD seconds and written bytes a step, not what a step reads. A run that streams its
     weights (one stage cached), swaps activations to the SSD and keeps its optimizer state there: the plan's
@@ -1242,6 +1242,10 @@ def test_the_plans_ssd_traffic_is_what_train_reads_and_writes(tmp_path, capsys, 
     assert main(["plan", "--model", str(run), "--profile", str(_cpu_profile(tmp_path)), "--json"]) == 0
     p = json.loads(capsys.readouterr().out)
     assert p["cached_stages"] == 1 and p["resident_stages"] == 0  # (the figures below move weights and state)
+    if clip == "1.0":  # every step clips (the norm stays above 1): after the first, they defer their updates
+        assert last["clipped"] and p["ssd_clipping_step_bytes"] == {"read": last["ssd_read_bytes"],
+                                                                     "written": last["ssd_write_bytes"]}
+        return
     assert p["ssd_read_per_step_bytes"] == last["ssd_read_bytes"]
     assert p["ssd_traffic_bytes"]["activations"] == {"read": last["act_ssd_read_bytes"],
                                                      "written": last["act_ssd_write_bytes"]}

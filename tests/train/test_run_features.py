@@ -906,11 +906,15 @@ def test_the_summary_says_which_steps_redid_their_updates(tmp_path, capsys):
     (tmp_path / "ssd").mkdir()
     common = ["train", "--offload", "ssd", "--ssd", str(tmp_path / "ssd"), "--out", str(tmp_path / "runs"),
               "--cpu-mem", "512MiB", "model.preset=gpt-tiny", "train.steps=3", "train.eval_every=0",
-              "train.grad_clip=1.0", "data.seq_len=64", "train.micro_batch_size=4"]
+              "train.grad_clip=1.0", "data.seq_len=64", "train.micro_batch_size=4", "train.log_every=1"]
     assert main([*common, "run.name=full", "offload.resident_mem=0"]) == 0
     metrics = [json.loads(x) for x in (tmp_path / "runs" / "full" / "metrics.jsonl").read_text().splitlines()]
     redone = sum(1 for m in metrics if m.get("clipped") and not m.get("deferred"))
-    assert redone >= 1 and f"; {redone} of the 3 steps clipped and redid" in capsys.readouterr().err
+    deferred = sum(1 for m in metrics if m.get("clipped") and m.get("deferred"))
+    err = capsys.readouterr().err
+    assert redone >= 1 and f"; {redone} of the 3 steps clipped and redid" in err
+    # (those that clipped after it and deferred were left unsaid: "1 of the 4 steps clipped" where all had, a pass)
+    assert (f", {deferred} more clipped and deferred theirs" in err) == bool(deferred)
     assert main([*common, "run.name=lora", "lora.rank=4"]) == 0
     assert "redid" not in capsys.readouterr().err
 
