@@ -255,7 +255,7 @@ def _spilled(plan: Plan) -> dict[int, set[str]]:
     """By block stage, what the policy puts in the cpu tier that overflows to the SSD in some micro-batch (the
     share, offload.act_cpu_mem, full by then: ``cost.kept_in_forward``, as the engine's swapper does)."""
     from fuyou.engine.budget import ACT_SHARE
-    from fuyou.planner.cost import kept_in_forward
+    from fuyou.planner.cost import FORWARD_ORDER, kept_in_forward
 
     w, mem = plan.workload, plan.best.memory
     if ACT_SHARE not in mem.cpu_items:
@@ -265,7 +265,11 @@ def _spilled(plan: Plan) -> dict[int, set[str]]:
     for (stage, _), items in kept.items():
         b = plan.best.policy.block(stage - 1)
         for what, tier, _ in items:
-            if tier == "ssd" and (b.checkpoint if what == "checkpoint" else getattr(b, what, None)) == "cpu":
+            if tier != "ssd":
+                continue
+            if what == "all":  # a block kept whole: its classes, each in the cpu tier (they were shown as "cpu": a pass)
+                out[stage].update(cls for cls in FORWARD_ORDER if getattr(b, cls) == "cpu")
+            elif (b.checkpoint if what == "checkpoint" else getattr(b, what, None)) == "cpu":
                 out[stage].add(what)
     return out
 

@@ -1216,6 +1216,12 @@ def test_activations_that_overflow_the_cpu_tier_are_said_by_plan_and_train(tmp_p
                  "128", *common, "--json"]) == 0
     blocks = [r for r in json.loads(capsys.readouterr().out)["schedule"] if "qkv" in r]
     assert all(r["qkv"] == "cpu" for r in blocks) and blocks[-1]["overflow_to_ssd"] == ["fc1", "qkv"], blocks
+    # a block kept whole in the cpu tier overflows as a whole (it was shown as "cpu": a pass)
+    whole = ["offload.cpu_mem=300MiB", "--act-policy", "fc2,proj,qkv,fc1=cpu", "offload.act_cpu_mem=3MiB"]
+    assert main(["plan", "--profile", str(_cpu_profile(tmp_path)), "--model", "gpt-tiny", "--batch", "4", "--seq",
+                 "128", *whole]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("block.")]
+    assert all(r[2:6] == ["cpu>ssd"] * 4 for r in rows), rows
     (tmp_path / "ssd").mkdir()
     assert main(["train", "--offload", "ssd", "--ssd", str(tmp_path / "ssd"), "--out", str(tmp_path / "runs"),
                  "model.preset=gpt-tiny", "data.seq_len=128", "train.micro_batch_size=8", "train.steps=2",
