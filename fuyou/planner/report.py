@@ -267,7 +267,7 @@ def _spilled(plan: Plan) -> dict[int, set[str]]:
         for what, tier, _ in items:
             if tier != "ssd":
                 continue
-            if what == "all":  # a block kept whole: its classes, each in the cpu tier (they were shown as "cpu": a pass)
+            if what == "all":  # a block kept whole: its classes, in the cpu tier (shown as "cpu" before: a pass)
                 out[stage].update(cls for cls in FORWARD_ORDER if getattr(b, cls) == "cpu")
             elif (b.checkpoint if what == "checkpoint" else getattr(b, what, None)) == "cpu":
                 out[stage].add(what)
