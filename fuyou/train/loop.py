@@ -298,7 +298,8 @@ def _adopt_planned_settings(cfg: FuyouConfig, stream, main: bool) -> FuyouConfig
         differ = [f"{name} {_said(was[k])} (this run: {_said(now)})" for k, name, now in (
             ("batch", "micro-batch", cfg.train.micro_batch_size), ("seq", "sequence", cfg.data.seq_len),
             ("grad_accum", "grad_accum", cfg.train.grad_accum), ("lora", "LoRA", cfg.lora.enabled),
-            ("gpus", "processes (--gpus)", distributed.current().world),  # (its caps are shared among them)
+            ("gpus", "processes on a machine (--gpus)", distributed.current().local_world),  # (its caps are shared
+            # among them: the planner models one machine)
             ("grad_clip", "train.grad_clip", cfg.train.grad_clip))  # (exact clipping's writes and waits)
             if k in was and was[k] != now]
         shape = was.get("model_shape")  # (a report from before it recorded the shape: not compared)

@@ -246,7 +246,7 @@ def test_the_plans_caps_are_the_machines_as_train_takes_them(tmp_path, capsys):
                       flags={"offload.ssd_dirs": [str(tmp_path / "ssd")]})
     said = io.StringIO()
     _adopt_planned_settings(one, said, True)
-    assert "was made for another run: processes (--gpus) 2 (this run: 1)" in said.getvalue()
+    assert "was made for another run: processes on a machine (--gpus) 2 (this run: 1)" in said.getvalue()
     # a cap given to plan is the machine's: each rank plans half of it
     assert main([*args, "--json", f"offload.resident_mem={8 * 2**20}"]) in (0, 1)
     assert json.loads(capsys.readouterr().out)["memory"]["resident_bytes"] <= 4 * 2**20
