@@ -1662,9 +1662,10 @@ def _steps(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, sto
             # (the steps that clipped after it and deferred were not said: "1 of the 4 steps clipped" where all had)
             later = (f", {deferred} more clipped and deferred theirs until the norm was known (their bytes are "
                      f"`fuyou plan`'s traffic of a step after one that clipped)" if deferred else "")
+            again = (": what a redo wrote again is in the steps' own bytes (`fuyou plan`'s wear line gives it apart "
+                     "from a step's)" if wear["ssd_step_write_bytes"] else "")  # (resident state: a redo writes none)
             summary += (f"; {redone} of the {steps_run} steps clipped and redid {'its' if redone == 1 else 'their'} "
-                        f"speculative updates (exact clipping){later}: what a redo wrote again is in the steps' own "
-                        f"bytes (`fuyou plan`'s wear line gives it apart from a step's)")
+                        f"speculative updates (exact clipping){later}{again}")
         if wear.get("ssd_life_hours"):
             summary += (f"; at this rate the drives' rated {tbw / 1e15:.3g} PB ({drives}) last "
                         f"{wear['ssd_life_hours']:,.0f} hours")
