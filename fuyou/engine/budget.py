@@ -176,17 +176,18 @@ def activation_bytes(cfg_model, batch: int, seq: int, frozen: bool = False) -> d
 
 def head_working_bytes(cfg_model, batch: int, seq: int, frozen: bool = False) -> int:
     """The head's forward+backward: its loss a slice of tokens at a time (``layers.linear_cross_entropy``):
-    about 8 B a logit of the slice at once (the matmul's bf16 output as it becomes the fp32 logits, which
-    then become the softmax in place; the softmax's bf16 copy and its transpose for the weight gradient's
-    matmul), the LM head's gradient (an fp32 sum and its copy in the weights' dtype, 6 B per parameter)
-    and the input's side (its gradient, its normed and cast copies: ~12 B per token and feature); 9 B a
+    about 6 B a logit of the slice at once (the matmul's bf16 output as it becomes the fp32 logits, which
+    then become the softmax in place, and its bf16 copy for the gradients' matmuls), the LM head's gradient
+    (an fp32 sum, added a block of rows at a time, and its copy in the weights' dtype: 6 B per parameter)
+    and the input's side (its gradient, its normed and cast copies: ~12 B per token and feature); 7 B a
     logit are charged. Calibrated against the CPU allocator's peak in bf16 (tests/engine/test_working_set.py:
-    measured / estimate 0.81-0.92; before the softmax was made in place, 3 fp32 slices: 0.93-0.96 of 12 B)."""
+    measured / estimate 0.81-0.90, a 128k vocabulary's 0.88; the weight gradient's product added whole with
+    its fp32 copy was 10 B per parameter, 1.5x this at a 128k vocabulary: a pass)."""
     from fuyou.models.layers import loss_chunk_tokens
 
     d, v, tokens = cfg_model.d_model, cfg_model.vocab_size, batch * seq
     head_grad = 0 if frozen else 6 * v * d  # ``frozen``: LoRA's head has no weight gradient
-    return 9 * min(tokens, loss_chunk_tokens(v)) * v + 12 * tokens * d + head_grad
+    return 7 * min(tokens, loss_chunk_tokens(v)) * v + 12 * tokens * d + head_grad
 
 
 def block_working_bytes(cfg_model, batch: int, seq: int, csize: int, stage_max: int,

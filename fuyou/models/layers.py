@@ -174,10 +174,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 g[torch.arange(g.shape[0], device=g.device), safe] -= 1.0
                 g *= (ok.float() * scale)[:, None]                # d(mean loss) / d(logits)
                 g = g.to(dt)
+                del logits  # (bf16: the fp32 slice, not needed by the matmuls below)
                 grad_h[a:a + chunk] = (g @ wc).to(h.dtype)
                 if want_w:
-                    grad_w += (g.t() @ rows).float()
-                del logits, g
+                    # a block of the vocabulary's rows at a time: the product and its fp32 copy, whole, were 6 B a
+                    # weight beside the fp32 sum, the head's peak 10 B a weight where 6 are planned (1.5x the plan
+                    # at a 128k vocabulary: a pass)
+                    step = max(1, LOSS_CHUNK_BYTES // (4 * grad_w.shape[1]))  # (fp32 rows of one slice's size)
+                    for v in range(0, grad_w.shape[0], step):
+                        grad_w[v:v + step] += (g[:, v:v + step].t() @ rows).float()
+                del g
             loss = total * scale
             if loss_tokens is None:
                 loss = torch.where(n > 0, loss, torch.full_like(total, float("nan")))

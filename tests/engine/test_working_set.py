@@ -41,6 +41,9 @@ CASES = {  # (family, d, ff, batch, seq, vocab, kv heads of 4): the llama ones' 
     "gpt": ("gpt", 256, 1024, 8, 128, 8192, 4),
     "llama-sliced-loss": ("llama", 256, 688, 8, 128, 32768, 4),
     "llama-gqa": ("llama", 256, 688, 8, 128, 32768, 2),
+    # the head's weight gradient over the logits: 1.5x the plan at a 128k vocabulary before it was summed a block
+    # of rows at a time (a pass)
+    "llama-large-vocab": ("llama", 256, 688, 8, 128, 131072, 2),
 }
 
 
