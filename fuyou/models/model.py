@@ -44,16 +44,18 @@ class StageModel:
     def matmul_params(self) -> int:
         return sum(s.matmul_params for s in self.stages)
 
-    def flops_per_token(self, seq_len: int) -> float:
+    def flops_per_token(self, seq_len: int, frozen: bool = False) -> float:
         """Model FLOPs of one token's forward and backward (no recomputation counted).
 
         ``6 * N + 12 * n_layer * q_width * seq_len``, where N counts the parameters used as matmul
         weights (every block matrix and the LM head; embedding look-ups are free), and the second
         term is attention's score and value matmuls (``q_width`` = heads x head width: d_model except
         for models such as Qwen3 that set the head width apart) (2 matmuls x 2 FLOPs x 3 for fwd+bwd, with the
-        causal mask's masked half counted, as in the PaLM paper's MFU formula).
+        causal mask's masked half counted, as in the PaLM paper's MFU formula). ``frozen``: a base whose
+        weights get no gradient (LoRA's), ``4 * N`` (forward, and the inputs' gradients; the adapters' few
+        FLOPs left out): 6 N made a LoRA plan's model TFLOPS exceed the GPU's sustained rate (a pass).
         """
-        return 6.0 * self.matmul_params + 12.0 * self.cfg.n_layer * self.cfg.q_width * seq_len
+        return (4.0 if frozen else 6.0) * self.matmul_params + 12.0 * self.cfg.n_layer * self.cfg.q_width * seq_len
 
     def state_bytes(self, compute_bytes: int = 2, fmt=None) -> dict[str, int]:
         """Bytes the training state needs: master weights, Adam m and v (with their int8 block scales),

@@ -113,7 +113,7 @@ class Workload:
     @property
     def model_flops(self) -> float:
         """Model FLOPs of one optimizer step (no recomputation), for TFLOPS and MFU."""
-        return self.stage_model.flops_per_token(self.seq) * self.tokens
+        return self.stage_model.flops_per_token(self.seq, frozen=self.lora_params is not None) * self.tokens
 
 
 @dataclass

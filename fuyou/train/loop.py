@@ -1403,7 +1403,7 @@ def _steps(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, sto
     from fuyou.engine.malloc import resident_bytes
 
     model = StageModel(cfg.model)
-    flops_per_token = model.flops_per_token(cfg.data.seq_len)
+    flops_per_token = model.flops_per_token(cfg.data.seq_len, frozen=cfg.lora.enabled)
     t = cfg.train
     progress = Progress(t.steps, t.log_every, stream)
     mode = "in memory" if cfg.offload.mode == "none" else f"SSD offload ({', '.join(cfg.offload.ssd_dirs)})"

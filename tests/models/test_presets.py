@@ -30,6 +30,8 @@ def test_every_preset_builds():
         m = StageModel(ModelConfig(**preset(name)))
         assert m.num_params > 0
         assert m.flops_per_token(1024) > 6 * m.matmul_params
+        # a frozen base (LoRA): no weight gradients, 4 N (its model TFLOPS read above the GPU's rate: a pass)
+        assert m.flops_per_token(1024) - m.flops_per_token(1024, frozen=True) == 2 * m.matmul_params
 
 
 def test_unknown_preset():
