@@ -564,6 +564,18 @@ def _fixes(w: Workload, hw: HardwareProfile, cpu_budget: int, failed: Evaluation
                 if need <= hw.ssd_capacity:
                     fixes.append(f"{what} needs {format_size(need)} of SSD space")
                     break
+        small = StateFormat(master="bf16", moments="int8")
+        if w.lora_params is None and w.fmt.exact:  # (a 175B model fits one drive so, and it went unoffered: a pass)
+            for change in ({}, dict(commit_every=1)):
+                if change and (off.commit != "cow" or off.commit_steps == 1):
+                    continue
+                w2 = dataclasses.replace(w, fmt=small, offload=off.model_copy(update=change))
+                need = memory_plan(w2, hw, stage_costs(w2), lean, cpu_budget)[1]
+                if need <= hw.ssd_capacity:
+                    fixes.append("optim.master=bf16 optim.moments=int8" + (" offload.commit_every=1" if change else "")
+                                 + f" (compressed optimizer state: measure its quality, bench/compressed_quality.py) "
+                                 f"needs {format_size(need)} of SSD space")
+                    break
         per = hw.ssd_capacity / hw.ssd_drives
         fixes.append(f"at least {format_size(ssd)} of SSD space: {math.ceil(ssd / per)} drives of this size "
                      f"(--ssd {math.ceil(ssd / per)}xNAME or --ssd-capacity)")

@@ -1199,7 +1199,7 @@ class _StopOnSignal:
 
 
 def _wear(cfg: FuyouConfig, written: int, commit_written: int, commits: int, steps_run: int,
-          step_s: float) -> dict:
+          step_s: float, read: int = 0) -> dict:
     """The SSD writes of a step at the run's commit cadence, the planner's model (planner.report._wear): the
     steps' own writes plus one commit's amortized over the steps between commits; per hour of the steps' own
     time (evaluations write nothing to the state); and what this run wrote in all. A short run's final commit
@@ -1213,7 +1213,7 @@ def _wear(cfg: FuyouConfig, written: int, commit_written: int, commits: int, ste
     per_step = own + (per_commit / every if every else 0.0)
     return {"ssd_write_per_step_bytes": per_step, "ssd_write_per_hour_bytes": per_step * 3600 / mean_step,
             "ssd_step_write_bytes": own, "ssd_commit_bytes": per_commit, "steps_per_commit": every,
-            "ssd_written_bytes": written}
+            "ssd_written_bytes": written, "ssd_step_read_bytes": read / steps_run}  # (`fuyou plan`'s traffic)
 
 
 def _wear_parts(cfg: FuyouConfig, wear: dict) -> str:
@@ -1587,6 +1587,7 @@ def _steps(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, sto
     tail = trainer.step_counters()  # what landed after the last step's record: its optimizer tail, this commit
     if tail is not None:
         written += tail.get("ssd_write_bytes", 0)
+        read += tail.get("ssd_read_bytes", 0)
         commit_written += tail.get("commit_write_bytes", 0)
         commits += tail.get("commits", 0)
     if dist.enabled:  # a machine's drives and memory serve all its ranks (a pass read rank 0's alone: half the wear);
@@ -1594,8 +1595,8 @@ def _steps(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, sto
         machines = max(1, dist.world // dist.local_world)
         peak_then = resident_bytes("VmHWM")
         shared = resident_bytes("RssShmem")  # the ranks' one weight cache (/dev/shm): in each rank's figure, once
-        written, commit_written, ranks_peak = (
-            v // machines for v in dist.reduce_ints([int(written), int(commit_written), peak_then - shared],
+        written, commit_written, read, ranks_peak = (
+            v // machines for v in dist.reduce_ints([int(written), int(commit_written), int(read), peak_then - shared],
                                                     "summing the ranks' SSD writes and memory"))
         ranks_peak += dist.reduce_ints([shared], "summing the ranks' SSD writes and memory", op="max")[0]
     elapsed = time.perf_counter() - start
@@ -1617,7 +1618,7 @@ def _steps(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, sto
     peak = resident_bytes("VmHWM")
     machine_peak = ranks_peak - peak_then + peak if dist.enabled else peak
     steps_run = max(1, t.steps - start_step)
-    wear = (_wear(cfg, written, commit_written, commits, steps_run, step_s)
+    wear = (_wear(cfg, written, commit_written, commits, steps_run, step_s, read)
             if cfg.offload.mode == "ssd" and ran else {})
     rated = _endurance(cfg)
     tbw, drives = rated if rated else (None, "")
