@@ -102,7 +102,7 @@ class HFTokenizer:
                   f"own", file=sys.stderr)
         pad = self._tok.pad_token_id
         self.pad_id = int(pad) if pad is not None else self.eos_id
-        self.stop_ids = {self.eos_id} | _generation_stops(path)
+        self.stop_ids = {self.eos_id} | generation_stops(path)
         self.chat_template = getattr(self._tok, "chat_template", None) or None
         # the special tokens it puts before a sequence (Llama's BOS), never its EOS
         self._prefix = [i for i in self._tok.encode("", add_special_tokens=True) if i != self.eos_id]
@@ -188,7 +188,7 @@ def load_tokenizer(spec: str) -> Tokenizer:
     return HFTokenizer(spec)
 
 
-def _generation_stops(path: Path) -> set[int]:
+def generation_stops(path: Path) -> set[int]:
     """The token ids generation stops on besides the EOS: those the directory's generation_config.json lists
     (a chat model's end of turn beside its end of text: Llama 3's <|eot_id|>, Gemma's <end_of_turn>)."""
     try:

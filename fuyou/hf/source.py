@@ -271,10 +271,9 @@ def data_tokenizer(run: Path, model_dir: Path | None) -> tuple[Path | None, str 
         return None, None  # the model's own ('auto' resolves to it): the copy the run keeps is the one trained
     if not d.is_dir():
         return None, spec
-    theirs = _tokenizer_parts(d)
     if model_dir is not None and d.resolve() == model_dir.resolve():
         return None, None
-    ours = _tokenizer_parts(model_dir) if model_dir is not None else {}
+    theirs, ours = _tokenizer_parts(d), _tokenizer_parts(model_dir) if model_dir is not None else {}
     if ours.keys() == theirs.keys() and all(ours[k].read_bytes() == theirs[k].read_bytes() for k in ours):
         return None, None  # (a copy of the model's: the import's, say)
     return d, None
@@ -313,15 +312,12 @@ def use_data_tokenizer(run: Path, out: Path, model_dir: Path | None, written: li
 def _note_stop_token(tok_dir: Path, out: Path, stream=None) -> None:
     """The data tokenizer's EOS (the token its answers end with) against the stop tokens the exported
     generation_config.json names (the base's): generate() would not stop where the model learnt to (a review)."""
-    try:
-        listed = json.loads((out / "generation_config.json").read_text()).get("eos_token_id")
-    except (OSError, ValueError, AttributeError):
-        return
-    stops = {i for i in (listed if isinstance(listed, list) else [listed]) if isinstance(i, int)}
+    from fuyou.data.tokenizer import HFTokenizer, generation_stops
+    from fuyou.errors import DataError
+
+    stops = generation_stops(out)
     if not stops:
         return
-    from fuyou.data.tokenizer import HFTokenizer
-    from fuyou.errors import DataError
 
     try:
         eos = HFTokenizer(tok_dir).eos_id
