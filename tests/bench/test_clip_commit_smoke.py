@@ -31,5 +31,8 @@ def test_tiny_run_reports_every_variant(tmp_path):
     assert "2 / 0 of 2" in rows["exact, triggering, redo from spare copies"]
     for name in ("none", "default 1.0 (auto)", "every step", "every 1s"):
         assert re.search(r"\*\*[0-9.]+\*\*", rows[name]), rows[name]
-    assert "python bench/clip_commit_bench.py" in report and "of the step (target <= 10 %)" in report
+    assert "python bench/clip_commit_bench.py" in report
+    # A tiny run's commit cost is noise-sized: the report reads it as a share of the step, or says it could not
+    # (a negative cost on a busy machine), never as a target met.
+    assert ("of the step (target <= 10 %)" in report) != ("**not measured**" in report), report
     assert not any(p.suffix == ".dat" for p in (tmp_path / "ssd").rglob("*"))  # runs deleted their state
