@@ -5,7 +5,8 @@ step) sends SIGKILL to this process: no cleanup, no flush, as a power cut or the
 Points: ``forward``, ``backward``, ``optimizer`` (between two chunks of a stage's AdamW), ``redo``
 (before a stage's update is redone under triggered exact clipping), ``commit``
 (after the record's temporary file is written, before the rename), ``map_cache`` (data parallel:
-once the ranks' shared weight cache is mapped, before its name is removed), ``saved`` (the run's end: its
+once the ranks' shared weight cache is mapped, before its name is removed), ``run_dir`` (a new
+run's directory and records made, before rank 0 tells the other ranks), ``saved`` (the run's end: its
 weights saved, before its SSD state is deleted), ``reshard_copy`` (fuyou
 reshard, while copying a tensor into the new state), ``reshard_switch`` (fuyou reshard, after its
 decision, before the renames). Unset, it costs one dict lookup.

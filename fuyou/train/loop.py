@@ -799,28 +799,32 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
             run_dir = run_path
         else:
             made: Path | ConfigError = run_path
+            committed = getattr(trainer, "last_commit_step", None) is not None  # step 0's, on every rank
             if dist.is_main:
-                try:
+                try:  # the directory and every record a resume reads, before the others hear of it
                     made = make_run_dir(cfg, run_path, rid)
+                    _record_run(made, cfg, vocabulary, dist)
+                    fault("run_dir")  # tests: rank 0 killed once its run directory is whole, before it says so
                 except ConfigError as e:
                     made = e
                 except (FuyouError, OSError) as e:  # (a full disk: the others waited out the collective's timeout)
                     made = ConfigError(f"making the run directory {run_path} failed: "
                                        f"{(e.strerror or e) if isinstance(e, OSError) else e}")
+                if committed and not isinstance(made, ConfigError):  # a peer lost from here on leaves a run to
+                    dist.run_dir = made  # resume (Dist._collective's advice): rank 0 said "nothing was started"
+                    # when a peer killed writing its step-0 record was gone before this broadcast (a racy test)
             try:  # every rank learns of it: under torchrun the others' states were left behind (a pass)
                 run_dir = Path(dist.broadcast(made if isinstance(made, ConfigError) else str(made),
-                                              "making the run directory", started=False))
+                                              "making the run directory", started=dist.run_dir is not None))
             except ConfigError:  # another process took the name meanwhile: the state made for it is no run's (it
                 trainer.abandoned = True  # was left committed, and later named as "another run's": a pass)
                 raise
-        if resume is None and dist.is_main:
-            record_data(run_dir, cfg, vocabulary=vocabulary)
-            if cfg.lora.enabled:
-                from fuyou.hf.peft import record_base
-
-                record_base(run_dir)  # export --merge checks the base is still the one trained over
-            if dist.enabled:
-                distributed.record_world(run_dir, dist)
+            except distributed.DistributedError as e:
+                if dist.is_main or not committed:
+                    raise
+                raise distributed.DistributedError(_rank_0_lost(e, run_path, dist)) from e
+            if committed:
+                dist.run_dir = run_dir
         if resume is not None and dist.is_main:  # (after every refusal: a refused resume deleted them: a review)
             from fuyou.train.run import prune_abandoned
 
@@ -843,6 +847,35 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
         trainer.close()
     dist.close()
     return result
+
+
+def _rank_0_lost(e: distributed.DistributedError, run_path: Path, dist: distributed.Dist) -> str:
+    """A rank's advice when rank 0 was lost after step 0's commit, before it said it had made the run directory:
+    made, the run resumes; not made, the same command starts it again (its SSD state, a run's that never was, is
+    removed then). Rank 1 said "nothing was started" either way (a racy test). A peer on another machine cannot
+    see rank 0's directory: it names both."""
+    why = str(e.__cause__ or e).splitlines()[0]
+    head = f"rank {dist.rank}: making the run directory failed ({why}): rank 0 stopped (its own error says why)"
+    resume = f"continue with `{distributed.resume_command(run_path, dist)}` ({dist.world} processes in all, as now)"
+    again = "fix the cause and start it again with the same command (the SSD state made for it is removed then)"
+    if dist.world > dist.local_world:
+        return (f"{head} after step 0's commit: if it made the run directory {run_path} (on its machine), {resume}; "
+                f"if not, {again}")
+    if (run_path / "config.toml").is_file():
+        return f"{head} after step 0's commit and after it made the run directory: fix the cause, then {resume}"
+    return f"{head} before it made the run directory {run_path}: {again}"
+
+
+def _record_run(run_dir: Path, cfg: FuyouConfig, vocabulary, dist: distributed.Dist) -> None:
+    """A new run's records beside its config: its data (``record_data``), a LoRA base's identity and, under
+    torchrun, its world; a resume reads them."""
+    record_data(run_dir, cfg, vocabulary=vocabulary)
+    if cfg.lora.enabled:
+        from fuyou.hf.peft import record_base
+
+        record_base(run_dir)  # export --merge checks the base is still the one trained over
+    if dist.enabled:
+        distributed.record_world(run_dir, dist)
 
 
 def _check_run_dir_space(cfg: FuyouConfig, run_path: Path) -> None:
@@ -1374,13 +1407,6 @@ def _loop(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, stream, trace, stop
           dist: distributed.Dist | None = None) -> RunResult:
     """Open the run's log (metrics.jsonl, TensorBoard, W&B) and train (``_steps``); a failure is its last line."""
     dist = dist or distributed.Dist()
-    if dist.run_dir is None and getattr(trainer, "last_commit_step", None) is not None:  # step 0's commit is
-        # written, and once rank 0 has made the run directory (after it) a peer lost leaves a run to resume
-        # (Dist._collective's advice): rank 0 knows it has; the others once it says so
-        if dist.is_main:
-            dist.run_dir = run_dir
-        dist.barrier("waiting for rank 0 to create the run directory")
-        dist.run_dir = run_dir
     tb = cfg.run.tensorboard
     # a resume from an earlier commit redoes steps already logged: TensorBoard drops its points from there
     # (purge_step), and the log says where the redone steps start (a "resumed" record)

@@ -444,6 +444,22 @@ def test_rank_0_killed_before_the_run_directory_leaves_a_run_that_starts_again(t
     assert "removing the initial (its run's directory was never made) SSD state" in r.stderr
 
 
+def test_rank_0_killed_after_the_run_directory_leaves_a_run_to_resume(tmp_path):
+    """Rank 0 killed once it made the run directory and its records, before it told rank 1: step 0 is committed
+    on every rank and the directory is whole, so rank 1 names the resume (it said "nothing was started"), and the
+    resume ends bit-identical to an uninterrupted run."""
+    torchrun(train_args(tmp_path, "whole", "train.grad_accum=2"))
+    args = train_args(tmp_path, "cut", "train.grad_accum=2")
+    procs = rank_procs(tmp_path, args, fault_rank=0, fault="run_dir")
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert procs[0].returncode == -signal.SIGKILL, outs[0][1][-2000:]
+    run = tmp_path / "runs" / "cut"
+    assert f"--resume {run}" in outs[1][1] and "after it made the run directory" in outs[1][1], outs[1][1][-2000:]
+    torchrun(["train", "--resume", str(run)])
+    a, b = load_file(tmp_path / "runs" / "whole" / "model.safetensors"), load_file(run / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_a_run_directory_taken_meanwhile_leaves_no_rank_s_state(tmp_path):
     """Another process makes the run's directory between rank 0's check and its own: every rank's state, made
     for a run that never was, is removed (rank 1's was left committed, named later as another run's: a pass),
