@@ -134,16 +134,23 @@ def test_sizes_in_exponent_form_and_fractions_of_a_byte():
 
 
 def test_a_cpu_budget_beyond_the_machines_memory_gets_a_note(tmp_path, capsys):
-    import os
-
     from fuyou.cli import main
 
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    from fuyou.planner.probe import cpu_memory
+
+    total = cpu_memory()
     (tmp_path / "ssd").mkdir()
-    assert main(["train", "--offload", "ssd", "--ssd", str(tmp_path / "ssd"), "--out", str(tmp_path / "runs"),
-                 "--cpu-mem", str(2 * total), "model.preset=gpt-test", "data.seq_len=32", "train.steps=1",
+    # twice the machine, and the machine's own figure: the fixed overhead comes on top (it was let through)
+    for n, budget in enumerate((2 * total, total)):
+        assert main(["train", "--offload", "ssd", "--ssd", str(tmp_path / "ssd"), "--out", str(tmp_path / f"r{n}"),
+                     "--cpu-mem", str(budget), "model.preset=gpt-test", "data.seq_len=32", "train.steps=1",
+                     "train.micro_batch_size=2", "train.eval_batches=1"]) == 0
+        err = capsys.readouterr().err
+        assert "and the process's fixed overhead (~384.00 MiB) are more than this machine's" in err, err
+    assert main(["train", "--offload", "ssd", "--ssd", str(tmp_path / "ssd"), "--out", str(tmp_path / "r2"),
+                 "--cpu-mem", "1GiB", "model.preset=gpt-test", "data.seq_len=32", "train.steps=1",
                  "train.micro_batch_size=2", "train.eval_batches=1"]) == 0
-    assert "is more than this machine's" in capsys.readouterr().err
+    assert "fixed overhead (~" not in capsys.readouterr().err
 
 
 def test_a_seed_beyond_32_bits_is_refused():

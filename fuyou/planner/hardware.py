@@ -47,20 +47,25 @@ LINK_EFFICIENCY = 0.8
 # GPUs: dense (no sparsity) bf16 tensor TFLOPS with fp32 accumulate, memory in bytes, host link, and
 # the direct GPU-to-GPU link per direction in GB/s (NVLink; absent: data parallelism's collectives go
 # through host memory over each GPU's PCIe link; GeForce cards have no NVLink and no peer-to-peer).
+# The memory is what CUDA reports as the card's total (torch.cuda.get_device_properties().total_memory, the
+# "total capacity" of PyTorch's out-of-memory errors), rounded down, not the marketed GB: RTX 3090 23.69 GiB,
+# RTX 4090 23.61-23.68 GiB by driver, A100 40 GB 39.39 GiB, A100 80 GB 79.15 GiB, H100 80 GB 79.11 GiB, H200
+# ~139 GiB. (The presets mixed 24 GiB for the GeForce cards, 0.35 GiB over what a 4090 has, with decimal GB for
+# the others, 4.7-8.5 GiB under.)
 GPUS: dict[str, dict] = {
     # NVIDIA Ampere GA102 whitepaper, table "RTX 3090": bf16 tensor with fp32 accumulate 71 TFLOPS dense.
-    "rtx3090": dict(tflops=71.0, mem=24 * GiB, pcie="gen4x16"),
+    "rtx3090": dict(tflops=71.0, mem=int(23.6 * GiB), pcie="gen4x16"),
     # NVIDIA Ada Lovelace whitepaper (AD102), RTX 4090: bf16 tensor, fp32 accumulate, 165.2 TFLOPS dense.
-    "rtx4090": dict(tflops=165.2, mem=24 * GiB, pcie="gen4x16"),
+    "rtx4090": dict(tflops=165.2, mem=int(23.6 * GiB), pcie="gen4x16"),
     # NVIDIA A100 datasheet: bf16 tensor 312 TFLOPS dense (624 with sparsity); 40 GB / 80 GB HBM2(e).
     # NVLink 3 (SXM): 600 GB/s total, 300 each way.
-    "a100-40gb": dict(tflops=312.0, mem=40 * GB, pcie="gen4x16", link=300.0),
-    "a100-80gb": dict(tflops=312.0, mem=80 * GB, pcie="gen4x16", link=300.0),
+    "a100-40gb": dict(tflops=312.0, mem=int(39.3 * GiB), pcie="gen4x16", link=300.0),
+    "a100-80gb": dict(tflops=312.0, mem=int(79.1 * GiB), pcie="gen4x16", link=300.0),
     # NVIDIA H100 datasheet (SXM): bf16 tensor 989 TFLOPS dense (1979 with sparsity), 80 GB HBM3.
     # NVLink 4 (SXM): 900 GB/s total, 450 each way.
-    "h100": dict(tflops=989.0, mem=80 * GB, pcie="gen5x16", link=450.0),
+    "h100": dict(tflops=989.0, mem=int(79.1 * GiB), pcie="gen5x16", link=450.0),
     # NVIDIA H200 datasheet (SXM): same compute as H100 SXM, 141 GB HBM3e, the same NVLink.
-    "h200": dict(tflops=989.0, mem=141 * GB, pcie="gen5x16", link=450.0),
+    "h200": dict(tflops=989.0, mem=139 * GiB, pcie="gen5x16", link=450.0),
 }
 
 # NVMe drives: sustained sequential read / write GB/s, capacity in bytes and rated endurance (bytes
@@ -240,7 +245,7 @@ def resolve(hw: HardwareConfig, gpu_budget: bool = False) -> HardwareProfile:
         if not (hw.ssd or "").strip() and (hw.ssd_read is None or hw.ssd_write is None):  # ("": 1 B/s: a pass)
             raise ConfigError("no SSD given: name one (--ssd 12xd7-p5510; presets: " + ", ".join(SSDS) + ") "
                               "or give --ssd-read and --ssd-write in GB/s")
-        gpu = gpu or dict(tflops=hw.gpu_tflops, mem=24 * GiB, pcie="gen4x16")
+        gpu = gpu or dict(tflops=hw.gpu_tflops, mem=GPUS["rtx4090"]["mem"], pcie="gen4x16")  # (--gpu-mem: a 24 GB card's)
         pcie = hw.pcie or gpu["pcie"]
         if pcie not in PCIE:
             raise ConfigError(f"unknown PCIe link {pcie!r}; choose one of: {', '.join(PCIE)}, or give --pcie-bw")

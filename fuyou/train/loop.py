@@ -268,16 +268,27 @@ def run_split(run_dir: Path) -> str:
 
 def _note_budget_beyond_memory(cfg: FuyouConfig, stream) -> None:
     """A CPU budget beyond the machine's memory is kept by the engine, but the machine cannot give it: the
-    kernel swaps or stops the run (a new-user pass gave --cpu-mem 1TiB on a 23 GiB machine, without a word)."""
-    try:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError):
-        return
+    kernel swaps or stops the run (a new-user pass gave --cpu-mem 1TiB on a 23 GiB machine, without a word).
+    The process's fixed overhead (torch, CUDA's context) comes on top of the budget: --cpu-mem equal to the
+    machine's memory was let through, with nothing left for the overhead or the system."""
+    from fuyou.planner.probe import cpu_memory
+    from fuyou.planner.search import CPU_RESERVE
+    from fuyou.train.reference import _available_memory, resolve_device
+
+    total, free = cpu_memory(), _available_memory()
     budget = cfg.offload.cpu_mem  # (given: the default's 8 GiB on a smaller machine is no one's mistake)
-    if cfg.offload.mode == "ssd" and "cpu_mem" in cfg.offload.model_fields_set and total > 0 and budget > total:
-        print(f"fuyou: note: offload.cpu_mem {format_size(budget)} is more than this machine's "
-              f"{format_size(total)} of memory: the run may use more than the machine has (swapping, or stopped "
-              f"by the kernel); give at most what it can spare", file=stream)
+    if cfg.offload.mode != "ssd" or "cpu_mem" not in cfg.offload.model_fields_set or total <= 0:
+        return
+    overhead = CPU_RESERVE["cuda" if resolve_device(cfg.train.device).type == "cuda" else "cpu"]
+    need = f"offload.cpu_mem {format_size(budget)} and the process's fixed overhead (~{format_size(overhead)})"
+    if budget + overhead > total:
+        print(f"fuyou: note: {need} are more than this machine's {format_size(total)} of memory: the run may use "
+              f"more than the machine has (swapping, or stopped by the kernel); give at most what it can spare "
+              f"(`fuyou plan --profile` gives a budget that leaves the overhead out)", file=stream)
+    elif free and budget + overhead > free:
+        print(f"fuyou: note: {need} are more than the {format_size(free)} this machine has available now (of "
+              f"{format_size(total)}; other processes hold the rest): the run may swap or be "
+              f"stopped by the kernel once its state fills the budget", file=stream)
 
 
 def _said(v) -> str:

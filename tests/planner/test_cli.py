@@ -381,15 +381,15 @@ def test_plans_keep_headroom_on_the_gpu(capsys):
     """The plan leaves the CUDA context and a margin unused, as the engine does by default; --gpu-reserve
     sets it; a reserve larger than the card is refused."""
     from fuyou.planner.config import HardwareConfig
-    from fuyou.planner.hardware import CUDA_CONTEXT, resolve
+    from fuyou.planner.hardware import CUDA_CONTEXT, GPUS, resolve
 
-    GiB = 1024**3
-    assert resolve(HardwareConfig(gpu="rtx4090", ssd="2x990-pro")).gpu_mem == int((24 * GiB - CUDA_CONTEXT) * 0.95)
-    assert resolve(HardwareConfig(gpu="rtx4090", ssd="2x990-pro", gpu_reserve="2GiB")).gpu_mem == 22 * GiB
+    GiB, card = 1024**3, GPUS["rtx4090"]["mem"]  # 23.6 GiB: what CUDA reports a 4090 has (not 24 GiB)
+    assert resolve(HardwareConfig(gpu="rtx4090", ssd="2x990-pro")).gpu_mem == int((card - CUDA_CONTEXT) * 0.95)
+    assert resolve(HardwareConfig(gpu="rtx4090", ssd="2x990-pro", gpu_reserve="2GiB")).gpu_mem == card - 2 * GiB
     flags = ["plan", "--model", "gpt3-1.3b", "--gpu", "rtx4090", "--ssd", "2x990-pro", "--batch", "4"]
-    assert main(flags) == 0 and "22.09 of 24.00 GiB usable" in capsys.readouterr().out
+    assert main(flags) == 0 and "21.71 of 23.60 GiB usable" in capsys.readouterr().out
     assert main(flags + ["--gpu-reserve", "30GiB"]) == 2
-    assert "leaves nothing of the GPU's 24.00 GiB" in capsys.readouterr().err
+    assert "leaves nothing of the GPU's 23.60 GiB" in capsys.readouterr().err
 
 
 def test_plan_chooses_checkpoint_dtypes(capsys):
