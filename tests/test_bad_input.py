@@ -443,3 +443,22 @@ def test_the_weights_kept_after_a_non_finite_loss_push_out_no_earlier_snapshot(t
     earlier = f"step-{step // 4 * 4:06d}"
     assert sorted(p.name for p in (out / "n" / "snapshots").iterdir()) == [earlier, f"step-{step:06d}"]
     assert f"start from an earlier snapshot (start a run with --init-from {out / 'n' / 'snapshots' / earlier})" in err
+
+
+def test_a_run_directory_whose_records_fail_is_removed_with_the_state(tmp_path, capsys, monkeypatch):
+    """Writing the run's records failed after its directory and config.toml were made (a full disk): the state,
+    made for a run that never was, was removed, but the directory stayed, and the same command was refused by it
+    with a resume that could not work (a review). Both go; the same command then starts the run."""
+    from fuyou.train import loop
+
+    real = loop.record_data
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(loop, "record_data", full)
+    err = _err(capsys, _offload(tmp_path, "rec"))
+    assert "making the run directory" in err and "No space left on device" in err, err
+    assert not (tmp_path / "runs" / "rec").exists() and not any((tmp_path / "ssd").iterdir())
+    monkeypatch.setattr(loop, "record_data", real)
+    assert main(_offload(tmp_path, "rec")) == 0

@@ -51,7 +51,7 @@ LINK_EFFICIENCY = 0.8
 # "total capacity" of PyTorch's out-of-memory errors), rounded down, not the marketed GB: RTX 3090 23.69 GiB,
 # RTX 4090 23.61-23.68 GiB by driver, A100 40 GB 39.39 GiB, A100 80 GB 79.15 GiB, H100 80 GB 79.11 GiB, H200
 # ~139 GiB. (The presets mixed 24 GiB for the GeForce cards, 0.35 GiB over what a 4090 has, with decimal GB for
-# the others, 4.7-8.5 GiB under.)
+# the others, 2.1-8.5 GiB under.)
 GPUS: dict[str, dict] = {
     # NVIDIA Ampere GA102 whitepaper, table "RTX 3090": bf16 tensor with fp32 accumulate 71 TFLOPS dense.
     "rtx3090": dict(tflops=71.0, mem=int(23.6 * GiB), pcie="gen4x16"),

@@ -266,11 +266,13 @@ def run_split(run_dir: Path) -> str:
     return rec.get("split", "shuffle") if isinstance(rec, dict) else "shuffle"
 
 
-def _note_budget_beyond_memory(cfg: FuyouConfig, stream) -> None:
+def _note_budget_beyond_memory(cfg: FuyouConfig, stream, processes: int = 1) -> None:
     """A CPU budget beyond the machine's memory is kept by the engine, but the machine cannot give it: the
     kernel swaps or stops the run (a new-user pass gave --cpu-mem 1TiB on a 23 GiB machine, without a word).
     The process's fixed overhead (torch, CUDA's context) comes on top of the budget: --cpu-mem equal to the
-    machine's memory was let through, with nothing left for the overhead or the system."""
+    machine's memory was let through, with nothing left for the overhead or the system. ``processes``: this
+    machine's ranks, each with its own overhead (``offload.cpu_mem`` is the machine's, shared among them). What
+    is available now is measured with this process's overhead already loaded: the budget alone is compared."""
     from fuyou.planner.probe import cpu_memory
     from fuyou.planner.search import CPU_RESERVE
     from fuyou.train.reference import _available_memory, resolve_device
@@ -279,14 +281,16 @@ def _note_budget_beyond_memory(cfg: FuyouConfig, stream) -> None:
     budget = cfg.offload.cpu_mem  # (given: the default's 8 GiB on a smaller machine is no one's mistake)
     if cfg.offload.mode != "ssd" or "cpu_mem" not in cfg.offload.model_fields_set or total <= 0:
         return
-    overhead = CPU_RESERVE["cuda" if resolve_device(cfg.train.device).type == "cuda" else "cpu"]
-    need = f"offload.cpu_mem {format_size(budget)} and the process's fixed overhead (~{format_size(overhead)})"
+    overhead = CPU_RESERVE["cuda" if resolve_device(cfg.train.device).type == "cuda" else "cpu"] * processes
+    whose = "the process's" if processes == 1 else f"the {processes} processes'"
+    need = f"offload.cpu_mem {format_size(budget)} and {whose} fixed overhead (~{format_size(overhead)})"
     if budget + overhead > total:
         print(f"fuyou: note: {need} are more than this machine's {format_size(total)} of memory: the run may use "
               f"more than the machine has (swapping, or stopped by the kernel); give at most what it can spare "
               f"(`fuyou plan --profile` gives a budget that leaves the overhead out)", file=stream)
-    elif free and budget + overhead > free:
-        print(f"fuyou: note: {need} are more than the {format_size(free)} this machine has available now (of "
+    elif free and budget > free:
+        print(f"fuyou: note: offload.cpu_mem {format_size(budget)} is more than the {format_size(free)} this machine "
+              f"has available now (of "
               f"{format_size(total)}; other processes hold the rest): the run may swap or be "
               f"stopped by the kernel once its state fills the budget", file=stream)
 
@@ -676,7 +680,7 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
         _refuse_others_state(cfg, run_path, recorded)
         _refuse_unlike_commit(cfg, run_path)
     if dist.is_main:
-        _note_budget_beyond_memory(cfg, stream or sys.stderr)
+        _note_budget_beyond_memory(cfg, stream or sys.stderr, dist.local_world)
     space = None
     if dist.is_main:  # (rank 0 saves; its refusal reaches every rank, none waits on it: ``Dist.broadcast``)
         try:
@@ -812,6 +816,7 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
             made: Path | ConfigError = run_path
             committed = getattr(trainer, "last_commit_step", None) is not None  # step 0's, on every rank
             if dist.is_main:
+                existed = run_path.exists()  # (--plan auto's, with its profile and policy)
                 try:  # the directory and every record a resume reads, before the others hear of it
                     made = make_run_dir(cfg, run_path, rid)
                     _record_run(made, cfg, vocabulary, dist)
@@ -821,6 +826,8 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
                 except (FuyouError, OSError) as e:  # (a full disk: the others waited out the collective's timeout)
                     made = ConfigError(f"making the run directory {run_path} failed: "
                                        f"{(e.strerror or e) if isinstance(e, OSError) else e}")
+                    if not existed:  # half made, it named a resume of the state this refusal removes (a review)
+                        shutil.rmtree(run_path, ignore_errors=True)
                 if committed and not isinstance(made, ConfigError):  # a peer lost from here on leaves a run to
                     dist.run_dir = made  # resume (Dist._collective's advice): rank 0 said "nothing was started"
                     # when a peer killed writing its step-0 record was gone before this broadcast (a racy test)
@@ -833,7 +840,8 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
             except distributed.DistributedError as e:
                 if dist.is_main or not committed:
                     raise
-                raise distributed.DistributedError(_rank_0_lost(e, run_path, dist)) from e
+                raise distributed.DistributedError(_rank_0_lost(e, run_path, dist, cfg.run.name is not None,
+                                                                trainer.state_location())) from e
             if committed:
                 dist.run_dir = run_dir
         if resume is not None and dist.is_main:  # (after every refusal: a refused resume deleted them: a review)
@@ -860,20 +868,29 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
     return result
 
 
-def _rank_0_lost(e: distributed.DistributedError, run_path: Path, dist: distributed.Dist) -> str:
+def _rank_0_lost(e: distributed.DistributedError, run_path: Path, dist: distributed.Dist, named: bool,
+                 state: str | None) -> str:
     """A rank's advice when rank 0 was lost after step 0's commit, before it said it had made the run directory:
-    made, the run resumes; not made, the same command starts it again (its SSD state, a run's that never was, is
-    removed then). Rank 1 said "nothing was started" either way (a racy test). A peer on another machine cannot
-    see rank 0's directory: it names both."""
-    why = str(e.__cause__ or e).splitlines()[0]
-    head = f"rank {dist.rank}: making the run directory failed ({why}): rank 0 stopped (its own error says why)"
+    made whole (``distributed.WORLD_FILE``, its last record, is there), the run resumes; not made, the same
+    command starts it again, and under the same ``run.name`` (``named``) this rank's ``state``, a run's that
+    never was, is removed then (a name drawn from the time is a new run's: delete it); half made, remove the
+    directory first. Rank 1 said "nothing was started" in every case (a racy test). A peer on another machine
+    cannot see rank 0's directory: it names both."""
+    cause = e.__cause__ or e
+    why = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
+    head = (f"rank {dist.rank}: making the run directory failed ({why}): rank 0 stopped or is stuck (its own error "
+            f"says why)")
     resume = f"continue with `{distributed.resume_command(run_path, dist)}` ({dist.world} processes in all, as now)"
-    again = "fix the cause and start it again with the same command (the SSD state made for it is removed then)"
+    left = (f"the SSD state made for it ({state}) is removed then" if named else
+            f"a run named by the time gets a new name: delete the SSD state made for this one ({state})")
+    again = f"fix the cause and start it again with the same command ({left})"
     if dist.world > dist.local_world:
-        return (f"{head} after step 0's commit: if it made the run directory {run_path} (on its machine), {resume}; "
-                f"if not, {again}")
-    if (run_path / "config.toml").is_file():
+        return (f"{head} after step 0's commit: if it made the run directory {run_path} (on its machine) whole, "
+                f"with its {distributed.WORLD_FILE}, {resume}; if not, remove what there is of it and {again}")
+    if (run_path / distributed.WORLD_FILE).is_file():
         return f"{head} after step 0's commit and after it made the run directory: fix the cause, then {resume}"
+    if run_path.exists():
+        return f"{head} while it made the run directory {run_path}: remove that directory, then {again}"
     return f"{head} before it made the run directory {run_path}: {again}"
 
 
