@@ -452,6 +452,15 @@ def class_widths(cfg_model) -> dict[str, int]:
             "fc1": cfg_model.ff_dim * (2 if cfg_model.family == "llama" else 1)}
 
 
+def class_parts(cfg_model) -> dict[str, tuple[int, ...]]:
+    """``class_widths`` by the tensors the swapper places one at a time, in the order the forward makes them:
+    Llama's qkv is three matmuls (q, k, v) and its fc1 two (gate, up); GPT's classes one each."""
+    if cfg_model.family != "llama":
+        return {k: (v,) for k, v in class_widths(cfg_model).items()}
+    d, kv = cfg_model.d_model, cfg_model.kv_heads * cfg_model.head_dim
+    return {"fc2": (d,), "proj": (d,), "qkv": (cfg_model.q_width, kv, kv), "fc1": (cfg_model.ff_dim,) * 2}
+
+
 def saved_block_bytes(cfg_model, batch: int, seq: int, csize: int, lora=None, packed: bool = False,
                       cuda: bool = False) -> int:
     """Bytes autograd saves in one block's forward for one micro-batch: what a block kept whole (policy

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fuyou.engine.budget import class_widths, device_working_bytes, saved_block_bytes
+from fuyou.engine.budget import class_parts, class_widths, device_working_bytes, saved_block_bytes
 from fuyou.engine.config import OffloadConfig
 from fuyou.models import ModelConfig, StageModel
 from fuyou.models.lora import LoRAConfig, attach
@@ -196,11 +196,15 @@ def kept_in_forward(w: Workload, costs: list[StageCost], policy: ActivationPolic
                     cuda: bool = True) -> dict[tuple[int, int], list[tuple[str, str, int]]]:
     """What each block stage keeps in each micro-batch's forward (``forward_keeps``), by (stage index,
     micro-batch), with the cpu tier's overflow: as the engine's swapper does, in the order of the
-    forward pass (layer-major), an item the cpu tier's ``share`` no longer has room for goes to the
-    SSD (on CUDA the share's pinned buffers round each to 4 KiB). ``share``: the plan's
-    ``activations (cpu tier share)``; None: unbounded."""
+    forward pass (layer-major), a tensor the cpu tier's ``share`` no longer has room for goes to the
+    SSD (on CUDA the share's pinned buffers round each to 4 KiB), and a later, smaller one may still fit.
+    A class is placed by its tensors (``class_parts``: Llama's q, k and v apart), and an item split
+    between the tiers is two entries, its cpu part first. A block kept whole is one item (its many
+    tensors are not listed: its overflow is the whole block, an overstatement once the share is partly
+    full). ``share``: the plan's ``activations (cpu tier share)``; None: unbounded."""
     used, out = 0, {}
     keep = to_keep(policy, w.model.n_layer, w.checkpoint_default)
+    widths = class_parts(w.model)
     for c in costs:
         if c.kind != "block":
             continue
@@ -212,13 +216,22 @@ def kept_in_forward(w: Workload, costs: list[StageCost], policy: ActivationPolic
                 continue
             items = []
             for what, tier, nbytes in keeps:
-                if tier == "cpu":
-                    size = -(-nbytes // 4096) * 4096 if cuda else nbytes
+                if tier != "cpu":
+                    items.append((what, tier, nbytes))
+                    continue
+                parts = [nbytes]
+                if what in widths and len(widths[what]) > 1:
+                    per = nbytes // sum(widths[what])  # bytes a feature: csize x tokens
+                    parts = [per * x for x in widths[what]]
+                kept = spilled = 0
+                for part in parts:
+                    size = -(-part // 4096) * 4096 if cuda else part
                     if used + size > share:
-                        tier = "ssd"
+                        spilled += part
                     else:
                         used += size
-                items.append((what, tier, nbytes))
+                        kept += part
+                items += [(what, t, b) for t, b in (("cpu", kept), ("ssd", spilled)) if b]
             out[(c.index, mb)] = items
     return out
 

@@ -393,7 +393,7 @@ def _simulate(w: Workload, costs: list[StageCost], hw: HardwareProfile, policy: 
                     deps = dep + [prev_compute[r]] + (pressure if mb == 0 else []) + [summed.get(mb)]
                     if c.kind == "block" and backward:  # bring swapped activations back, inside the same window
                         for cls, b, tier in swapped.pop((r, i, mb), []):
-                            d = [swap_done.get((r, i, mb, cls)), window]
+                            d = [swap_done.get((r, i, mb, cls, tier)), window]
                             if tier == "ssd":
                                 d = [g.io(f"read act {c.name} {cls}", "ssd-read", b, d, step, c.name, hw)]
                             if cuda:
@@ -421,7 +421,7 @@ def _simulate(w: Workload, costs: list[StageCost], hw: HardwareProfile, policy: 
                                                c.name, r)]
                                 if tier == "ssd":
                                     d = [g.io(f"write act {c.name} {cls}", "ssd-write", b, d, step, c.name, hw)]
-                                swap_done[(r, i, mb, cls)] = d[0]
+                                swap_done[(r, i, mb, cls, tier)] = d[0]  # (a class split between the tiers: two)
                                 out.append((cls, b, tier))
                         swapped[(r, i, mb)] = out
                 ends.append(t)

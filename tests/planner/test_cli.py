@@ -1230,6 +1230,26 @@ def test_activations_that_overflow_the_cpu_tier_are_said_by_plan_and_train(tmp_p
     assert err.count("of the cpu tier's activations overflowed to the SSD") == 1, err
 
 
+@pytest.mark.parametrize("share", ["200KiB", "280KiB", "330KiB"])
+def test_activations_that_overflow_in_part_are_planned_tensor_by_tensor(tmp_path, capsys, share):
+    """The cpu tier's share fills in the middle of a Llama block's q, k, v (or gate, up): the swapper places
+    each tensor, the plan placed the class whole, and said 688128 B a step went to the SSD where 638976 B did
+    (280KiB; 622592 for 589824 at 330KiB). Now the plan places the tensors: the engine's bytes, to the byte."""
+    (tmp_path / "ssd").mkdir()
+    assert main(["train", "--offload", "ssd", "--ssd", str(tmp_path / "ssd"), "--out", str(tmp_path / "runs"),
+                 "model.preset=llama-test", "model.n_layer=4", "data.seq_len=64", "train.micro_batch_size=4",
+                 "train.steps=1", "train.eval_every=0", "train.device=cpu", "run.name=t", "run.save_weights=false",
+                 "offload.keep_state=true", "offload.act_policy=qkv,fc1=cpu", f"offload.act_cpu_mem={share}",
+                 "--cpu-mem", "300MiB"]) == 0
+    run = tmp_path / "runs" / "t"
+    step = next(json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if "act_ssd_write_bytes" in x)
+    capsys.readouterr()
+    assert main(["plan", "--model", str(run), "--profile", str(_cpu_profile(tmp_path)), "--json"]) == 0
+    planned = json.loads(capsys.readouterr().out)["ssd_traffic_bytes"]["activations"]
+    assert planned == {"read": step["act_ssd_read_bytes"], "written": step["act_ssd_write_bytes"]} != {
+        "read": 0, "written": 0}, (planned, step)
+
+
 @pytest.mark.parametrize("clip,budget", [("none", "302MiB"), ("100", "312MiB"), ("1.0", "312MiB")])
 def test_the_plans_ssd_traffic_is_what_train_reads_and_writes(tmp_path, capsys, clip, budget):
     """The plan gave SSD seconds and written bytes a step, not what a step reads. A run that streams its
