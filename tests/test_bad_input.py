@@ -462,3 +462,31 @@ def test_a_run_directory_whose_records_fail_is_removed_with_the_state(tmp_path, 
     assert not (tmp_path / "runs" / "rec").exists() and not any((tmp_path / "ssd").iterdir())
     monkeypatch.setattr(loop, "record_data", real)
     assert main(_offload(tmp_path, "rec")) == 0
+
+
+def test_a_second_export_into_the_same_out_leaves_the_first_s_files(tmp_path, capsys):
+    """Two exports into one --out at once: the one refused ("not empty") deleted the other's finished export as
+    its own half-written files (a pass: the directory was gone). One export writes at a time (a lock beside
+    --out, held here as another export would hold it); a later one is refused and touches nothing."""
+    import fcntl
+
+    assert main(_offload(tmp_path, "ex")) == 0
+    out = tmp_path / "hf"
+    lock = tmp_path / ".hf.fuyou-export.lock"
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    os.pwrite(fd, b"4242\n", 0)
+    try:
+        err = _err(capsys, ["export", str(tmp_path / "runs" / "ex"), "--out", str(out)])
+        assert "another fuyou export is writing to" in err and "(process 4242)" in err, err
+        assert not out.exists()
+    finally:
+        os.close(fd)
+    assert main(["export", str(tmp_path / "runs" / "ex"), "--out", str(out)]) == 0
+    assert not lock.exists()  # (removed after the export)
+    written = sorted(p.name for p in out.iterdir())
+    assert "not empty" in _err(capsys, ["export", str(tmp_path / "runs" / "ex"), "--out", str(out)])
+    assert sorted(p.name for p in out.iterdir()) == written and "model.safetensors" in written
+    mask = os.umask(0o022)
+    os.umask(mask)  # every file of the export as the umask makes files (safetensors made the weights 0600: a pass)
+    assert {oct(p.stat().st_mode & 0o777) for p in out.iterdir() if p.is_file()} == {oct(0o666 & ~mask)}

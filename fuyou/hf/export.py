@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -40,6 +41,19 @@ def refuse_nonempty(out: Path) -> None:
                       " choose a new --out directory")
 
 
+def _umask() -> int:
+    """This process's umask, read without changing it where Linux says it (``/proc/self/status``)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def save_atomic(tensors: dict, path: Path) -> None:
     """safetensors' save_file to a temporary name, then renamed: a file under its own name is whole."""
     from safetensors.torch import save_file
@@ -47,6 +61,7 @@ def save_atomic(tensors: dict, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         save_file(tensors, str(tmp), metadata={"format": "pt"})
+        os.chmod(tmp, 0o666 & ~_umask())  # (safetensors makes its file 0600: an export others could not read)
         tmp.replace(path)
     except BaseException:
         tmp.unlink(missing_ok=True)
