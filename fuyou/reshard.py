@@ -90,8 +90,6 @@ def reshard(run_dir: str | Path, nproc: int, ssd_dirs: list[str] | None = None) 
     """Rewrite ``run_dir``'s last commit for ``nproc`` data-parallel ranks on this machine; returns
     what was done, in a sentence. ``ssd_dirs``: where the run's SSD directories are now, if they moved
     (give the resume the same ``--ssd``)."""
-    from fuyou.config import load_config
-
     run_dir = Path(run_dir).expanduser()
     weights = ("model.safetensors", "adapter.safetensors")
     if run_dir.parent.name == "snapshots" and any((run_dir / f).is_file() for f in weights):
@@ -106,6 +104,22 @@ def reshard(run_dir: str | Path, nproc: int, ssd_dirs: list[str] | None = None) 
         raise ConfigError("fuyou reshard runs once, as one process, between two launches: run it without torchrun")
     if nproc < 1:
         raise ConfigError(f"--nproc {nproc}: give the number of processes the resume will run (1 or more)")
+    from fuyou.store.lock import held
+
+    # one reshard of a run at a time: two at once told one of them a healthy state was "damaged" or "deleted" (each
+    # removed the other's working directories and read the world size while the other switched it: a pass)
+    with held(run_dir / RESHARD_LOCK, lambda pid: ConfigError(
+            f"another fuyou reshard of {run_dir} is running (process {pid}): wait for it to end, then give the "
+            f"resume it names; nothing was changed")):
+        return _reshard_run(run_dir, nproc, ssd_dirs)
+
+
+RESHARD_LOCK = ".fuyou-reshard.lock"
+
+
+def _reshard_run(run_dir: Path, nproc: int, ssd_dirs: list[str] | None) -> str:
+    from fuyou.config import load_config
+
     flags = {"offload.ssd_dirs": list(ssd_dirs)} if ssd_dirs else None
     cfg = load_config(run_dir / "config.toml", ["model.init_from=none"], flags)
     name = state_name(run_dir.name)

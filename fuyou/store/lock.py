@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import fcntl
 import os
+from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 from fuyou.store import layout as L
 from fuyou.store.errors import StoreLockedError, StoreUsageError, io_error_from_oserror
 
-__all__ = ["lock_dirs", "unlock"]
+__all__ = ["held", "lock_dirs", "unlock"]
 
 
 def lock_dirs(dirs: list[Path]) -> list[int]:
@@ -68,6 +70,34 @@ def lock_holder(d: Path) -> str | None:
 def _holder(fd: int) -> str:
     """The PID the lock's holder wrote into the lock file (``lock_dirs``)."""
     return os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+
+
+@contextmanager
+def held(path: Path, busy: Callable[[str], BaseException]):
+    """An exclusive ``flock`` on the file ``path`` (made), with this process's PID in it, for a ``with`` block;
+    removed after it. Taken at once or not at all: held by another process, ``busy(holder PID)`` is raised. A
+    process that opened the file before its removal and gets the lock then holds a lock on a file no one else
+    will open: what it guards must be checked again under the lock (``fuyou export`` checks its --out empty).
+    A file that cannot be made (no directory, a read-only one) takes no lock: what the block then does there
+    fails with its own error, which says what is wrong."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError:
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise busy(_holder(fd)) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)  # (while held)
+    finally:
+        os.close(fd)
 
 
 def unlock(fds: list[int]) -> None:

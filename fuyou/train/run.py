@@ -433,35 +433,16 @@ def export_run_dir(run_dir: str | Path, out_dir: str | Path, dtype: str = "fp32"
 
 @contextmanager
 def _export_lock(out: Path):
-    """One export into ``out`` at a time: an exclusive ``flock`` on ``.<name>.fuyou-export.lock`` beside it, held
-    for the export and removed after. Two exports into one --out raced: the one refused ("not empty") cleared
-    the other's finished files as its own half-written ones (a pass). The second is now refused while the first
+    """One export into ``out`` at a time: a lock (``fuyou.store.lock.held``) on ``.<name>.fuyou-export.lock``
+    beside it, for the export. Two exports into one --out raced: the one refused ("not empty") cleared the
+    other's finished files as its own half-written ones (a pass). The second is now refused while the first
     writes, and afterwards by the check of ``out`` it makes under the lock."""
-    import fcntl
+    from fuyou.store.lock import held
 
-    if not out.parent.is_dir():  # (the export says what is wrong with --out)
+    with held(out.parent / f".{out.name}.fuyou-export.lock",
+              lambda pid: ConfigError(f"another fuyou export is writing to {out} now (process {pid}): wait for it "
+                                      f"to end and use its export, or choose another --out")):
         yield
-        return
-    path = out.parent / f".{out.name}.fuyou-export.lock"
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-    except OSError:  # (a directory it cannot write: the export says so)
-        yield
-        return
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-            raise ConfigError(f"another fuyou export is writing to {out} now (process {holder}): wait for it to end "
-                              f"and use its export, or choose another --out") from None
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        try:
-            yield
-        finally:
-            path.unlink(missing_ok=True)  # (while held: a waiter that opened it before finds the export done)
-    finally:
-        os.close(fd)
 
 
 def _export_run_dir(run: Path, out: Path, dtype: str, shard_size: int, stream, merge: bool,

@@ -155,6 +155,14 @@ def test_what_reshard_refuses(tmp_path):
     with TensorStore.open([tmp_path / "ssd" / "cut.fuyou-state"]):  # as a training process holds it
         r = fuyou("reshard", str(run), "--nproc", "2", check=False)
     assert r.returncode != 0 and "being trained" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    from fuyou.errors import ConfigError
+    from fuyou.reshard import RESHARD_LOCK
+    from fuyou.store.lock import held
+
+    with held(run / RESHARD_LOCK, ConfigError):  # as another reshard of the run holds it (two at once said a
+        r = fuyou("reshard", str(run), "--nproc", "2", check=False)  # healthy state was damaged or gone: a pass)
+    assert r.returncode == 2 and "another fuyou reshard of" in r.stderr and "nothing was changed" in r.stderr, r.stderr
+    assert not (run / RESHARD_LOCK).exists()
     assert_states(state, open_state(run))
     # (plain kept no state: commit=none cannot be resumed, so its state went with its end)
     assert sorted(p.name for p in (tmp_path / "ssd").iterdir()) == ["cut.fuyou-state", "wide.fuyou-state"]
