@@ -490,3 +490,72 @@ def test_a_second_export_into_the_same_out_leaves_the_first_s_files(tmp_path, ca
     mask = os.umask(0o022)
     os.umask(mask)  # every file of the export as the umask makes files (safetensors made the weights 0600: a pass)
     assert {oct(p.stat().st_mode & 0o777) for p in out.iterdir() if p.is_file()} == {oct(0o666 & ~mask)}
+
+
+def test_a_new_run_named_as_one_still_training_is_not_told_to_resume_it(tmp_path, capsys):
+    """A second `train` with the name of a run still training was told to `--resume` it, which is refused while
+    it trains (a pass). It is told the run is training, by which process, and what to do."""
+    from fuyou.store import TensorStore
+
+    assert main(_offload(tmp_path, "live", "offload.keep_state=true", "run.save_weights=false")) == 0
+    metrics = tmp_path / "runs" / "live" / "metrics.jsonl"  # as a run that has not ended: no summary yet
+    metrics.write_text("".join(x + "\n" for x in metrics.read_text().splitlines() if '"summary"' not in x))
+    capsys.readouterr()
+    with TensorStore.open([tmp_path / "ssd" / "live.fuyou-state"]):  # as the training process holds it
+        err = _err(capsys, _offload(tmp_path, "live"))
+    assert f"it holds a run that is still training (process {os.getpid()})" in err, err
+    assert "--resume" in _err(capsys, _offload(tmp_path, "live"))  # stopped: it is told to continue it
+
+
+def test_runs_started_in_the_same_second_without_a_name_are_told_to_name_themselves(tmp_path, capsys, monkeypatch):
+    """Two runs started at once with no run.name drew the same name from the time (a job array, in a pass): the
+    second was told its state was in use "by another fuyou run, or a --resume of this one", or to resume the
+    other's run directory. It is told why, and to give each run its own run.name; the other's files stay."""
+    from fuyou.store.lock import lock_dirs, unlock
+    from fuyou.train import loop, run
+
+    monkeypatch.setattr(run.time, "strftime", lambda fmt, *a: "20260101-000000")
+    args = [a for a in _offload(tmp_path, "x") if a != "run.name=x"]
+    state = tmp_path / "ssd" / "gpt-test-20260101-000000.fuyou-state"  # the other run's, before its first commit
+    state.mkdir(parents=True)
+    (state / "fuyou-store.id").write_text("{}")
+    held = lock_dirs([state])
+    try:
+        err = _err(capsys, args)
+    finally:
+        unlock(held)
+    assert "drew it too: give each run started at once its own run.name" in err and "--resume" not in err, err
+    assert (state / "fuyou-store.id").is_file()
+    real = loop.make_run_dir
+
+    def made_meanwhile(cfg, path, rid):  # the other run makes the directory between the naming and this run's
+        path.mkdir(parents=True)
+        return real(cfg, path, rid)
+
+    monkeypatch.setattr(loop, "make_run_dir", made_meanwhile)
+    err = _err(capsys, args)
+    assert "made meanwhile by another run that drew the same name from the time" in err, err
+    assert list((tmp_path / "runs" / "gpt-test-20260101-000000").iterdir()) == []
+
+
+def test_a_state_held_by_an_export_is_not_called_a_run_still_training(tmp_path, capsys):
+    """An export holds the state's lock while it reads: a resume meanwhile was told the run "is still training",
+    and a second export called the stopped run so (a pass). They name the export."""
+    assert main(_offload(tmp_path, "held", "offload.keep_state=true", "run.save_weights=false",
+                         "train.steps=3")) == 0
+    run = tmp_path / "runs" / "held"
+    metrics = run / "metrics.jsonl"  # a run stopped before its end: resumable
+    metrics.write_text("".join(x + "\n" for x in metrics.read_text().splitlines() if '"summary"' not in x))
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom fuyou.store import TensorStore\n"
+                               "with TensorStore.open([sys.argv[1]]):\n    print('held', flush=True)\n"
+                               "    time.sleep(120)\n", str(tmp_path / "ssd" / "held.fuyou-state"), "-m", "fuyou.cli",
+                               "export"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        err = _err(capsys, ["train", "--resume", str(run)])
+        assert f"in use by process {holder.pid}, exporting it; wait for it to end" in err, err
+        assert main(["export", str(run), "--out", str(tmp_path / "hf")]) == 0
+        assert f"(stopped; process {holder.pid} is exporting it too)" in capsys.readouterr().err
+    finally:
+        holder.kill()
+        holder.wait()

@@ -24,6 +24,7 @@ from torch import Tensor
 from fuyou.engine.commit import RECORD, ResumeError, state_name
 from fuyou.errors import ConfigError, StoreError
 from fuyou.store.errors import StoreLockedError
+from fuyou.store.lock import lock_holder
 
 
 class CommitMoved(ConfigError):
@@ -122,6 +123,7 @@ class CommittedWeights:
         # Data parallel: each rank's state holds the stages it owns (its record's "owned"; fuyou/distributed.py)
         self.stores, self._records, self._raw, self._where = [], [], [], {}
         self.live = False  # the run is training: read without the lock (module docstring)
+        self.holder: str | None = None  # the process holding the lock (``holder_task``: training, or reading)
         try:
             for rank in range(world):
                 rank_name = rank_state_name(name, rank)
@@ -137,6 +139,7 @@ class CommittedWeights:
                 except StoreLockedError:
                     store = TensorStore.open(dirs, lock=False)
                     self.live = True
+                    self.holder = lock_holder(dirs[0])
                 self.stores.append(store)
                 raw = (dirs[0] / RECORD).read_bytes() if (dirs[0] / RECORD).is_file() else b""
                 try:

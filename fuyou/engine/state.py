@@ -34,7 +34,7 @@ from fuyou.engine.layout import StageState, build_states, dtype_size, store_marg
 from fuyou.errors import ConfigError, FuyouError
 from fuyou.optim.compressed import StateFormat, decode_state
 from fuyou.store import TensorStore
-from fuyou.store.errors import io_error_from_oserror
+from fuyou.store.errors import StoreLockedError, io_error_from_oserror
 from fuyou.store.lock import lock_holder
 
 
@@ -176,7 +176,16 @@ class TrainingState:
                                   f"directory holds only the store's files: move them away or choose another run.name")
         record = self.store_dirs[0] / RECORD
         refuse_committed_state(self.store_dirs, self.cfg, name)
-        locks = lock_dirs([d for d in present])  # refuses a state another process is using
+        try:
+            locks = lock_dirs([d for d in present])  # refuses a state another process is using
+        except StoreLockedError as e:
+            if self.cfg.run.name is not None:
+                raise
+            from fuyou.store.lock import lock_holder
+
+            holder = next((h for h in map(lock_holder, present) if h is not None), "unknown")
+            raise ConfigError(f"the SSD state {present[0]} is another run's, made by process {holder} for the same "
+                              f"name: {_another_name(self.cfg)}") from e
         try:
             what = ("never committed" if not record.exists() else "committed" if self.cfg.offload.replace_state
                     else "initial (its run's directory was never made)")
@@ -486,6 +495,15 @@ def resident_state(numel: int, fmt: StateFormat | None = None) -> tuple[Tensor, 
     return tuple(huge_empty(t.numel(numel) * t.itemsize).view(t.dtype)[:t.numel(numel)] for t in fmt.tensors)
 
 
+def _another_name(cfg) -> str:
+    """The advice to a new run whose state another run holds: with a name drawn from the time (no run.name), runs
+    started in the same second drew the same one (a pass: a job array's runs refused each other)."""
+    if cfg.run.name is None:
+        return ("this run's name was drawn from the time, and that run started in the same second drew it too: give "
+                "each run started at once its own run.name")
+    return "choose another run.name for this one"
+
+
 def refuse_committed_state(store_dirs: list[Path], cfg, name: str) -> None:
     """A new run whose state directory holds an earlier run's committed state is refused (resume it, or
     ``offload.replace_state``). Cheap: the engine asks before it loads the data, and again on opening."""
@@ -499,7 +517,7 @@ def refuse_committed_state(store_dirs: list[Path], cfg, name: str) -> None:
         live = lock_holder(store_dirs[0])
         if live is not None:  # (its advice was to resume a run that was still training)
             raise ConfigError(f"{store_dirs[0]} holds the SSD state of {run}, which is still training (process "
-                              f"{live}); choose another run.name for this one")
+                              f"{live}); {_another_name(cfg)}")
         raise ConfigError(f"{store_dirs[0]} holds the committed SSD state of {run}: continue it with `fuyou train "
                           f"--resume {owner or 'RUN_DIR'}`, or choose another run.name (offload.replace_state=true "
                           f"deletes that state, and that run could not be resumed again)")

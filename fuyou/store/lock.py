@@ -19,7 +19,7 @@ from pathlib import Path
 from fuyou.store import layout as L
 from fuyou.store.errors import StoreLockedError, StoreUsageError, io_error_from_oserror
 
-__all__ = ["held", "lock_dirs", "unlock"]
+__all__ = ["held", "holder_task", "lock_dirs", "unlock"]
 
 
 def lock_dirs(dirs: list[Path]) -> list[int]:
@@ -65,6 +65,18 @@ def lock_holder(d: Path) -> str | None:
         return _holder(fd)
     finally:
         os.close(fd)  # (releases the shared lock, if it was taken)
+
+
+def holder_task(pid: str) -> str:
+    """What the fuyou process ``pid`` that holds a state does with it, from its command line: "exporting",
+    "resharding", else "training" (an export holds the lock while it reads: a resume was told the run "is still
+    training", and a second export called a stopped run so: a pass)."""
+    try:
+        args = Path(f"/proc/{int(pid)}/cmdline").read_bytes().split(b"\0")
+    except (OSError, ValueError):
+        return "training"
+    command = next((args[i + 1] for i, a in enumerate(args[:-1]) if a.endswith((b"fuyou", b"fuyou.cli"))), b"")
+    return {b"export": "exporting", b"reshard": "resharding"}.get(command, "training")
 
 
 def _holder(fd: int) -> str:

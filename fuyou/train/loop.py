@@ -1362,7 +1362,7 @@ def _refuse_live(run_dir: Path, cfg: FuyouConfig) -> None:
     is checked: a resume with another count was advised to reshard, which then refused the state as locked (a
     pass). Every rank's state (``distributed.json``'s world size)."""
     from fuyou.engine.commit import state_name
-    from fuyou.store.lock import lock_holder
+    from fuyou.store.lock import holder_task, lock_holder
 
     try:
         world = int(json.loads((run_dir / distributed.WORLD_FILE).read_text())["world_size"])
@@ -1375,6 +1375,10 @@ def _refuse_live(run_dir: Path, cfg: FuyouConfig) -> None:
         for state in states:
             holder = lock_holder(state)
             if holder:
+                task = holder_task(holder)
+                if task != "training":
+                    raise ConfigError(f"{run_dir}'s state in {state} is in use by process {holder}, {task} it; wait "
+                                      f"for it to end, then resume the run")
                 raise ConfigError(f"{run_dir} is still training: its state in {state} is in use by process {holder}; "
                                   f"wait for it to end or stop it, then resume it")
 

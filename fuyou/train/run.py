@@ -51,10 +51,27 @@ def taken(path: Path) -> str:
         off = {}
     resumable = isinstance(off, dict) and off.get("mode") == "ssd" and off.get("commit", "cow") == "cow"
     if resumable and not _ended(path):
+        holder = _training(path, off)
+        if holder is not None:  # (it named the resume of a run still training, which is refused: a pass)
+            return (f"{said}: it holds a run that is still training (process {holder}); wait for it to end, or stop "
+                    f"it (Ctrl-C commits and stops) and continue it with `{resume_command(where)}`")
         return (f"{said}, or continue the run it holds, which did not finish: `{resume_command(where)}` (from its "
                 f"last commit)")
     return (f"{said} (the run it holds ended, or keeps no resumable state: in memory or offload.commit=none; its "
             f"snapshots, if any, are in {where / 'snapshots'})")
+
+
+def _training(path: Path, off: dict) -> str | None:
+    """The PID of a process holding the SSD state of the run in ``path`` (its config's ``offload.ssd_dirs``: rank
+    0's state, as every run has one), else None."""
+    from fuyou.store.lock import lock_holder
+
+    dirs = off.get("ssd_dirs") or []
+    for d in dirs if isinstance(dirs, list) else []:
+        holder = lock_holder(Path(str(d)) / state_name(path.name))
+        if holder is not None:
+            return holder
+    return None
 
 
 def _ended(path: Path) -> bool:
@@ -92,6 +109,10 @@ def make_run_dir(cfg: FuyouConfig, path: Path | None = None, rid: str | None = N
         path.mkdir(parents=True, exist_ok=False)
     except FileExistsError:
         if not (path / "act-policy.json").is_file():  # made by --plan auto for its profile and policy
+            if cfg.run.name is None:  # (it was told to resume the other run, or to choose a name it never gave)
+                raise ConfigError(f"run directory {path} was made meanwhile by another run that drew the same name "
+                                  f"from the time (started in the same second): give each run started at once "
+                                  f"its own run.name") from None
             raise ConfigError(taken(path)) from None
     except OSError as e:
         raise ConfigError(f"cannot create run directory {path}: {e.strerror}; check run.out_dir") from e
@@ -475,6 +496,7 @@ def _export_run_dir(run: Path, out: Path, dtype: str, shard_size: int, stream, m
         _say_newer_commit(run, "model.safetensors", stream)
         finished = run / "model.safetensors"
     from fuyou.engine.committed import CommitMoved, CommittedWeights
+    from fuyou.store.lock import holder_task
 
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"{out} exists and is not empty; choose a new --out directory")
@@ -483,6 +505,8 @@ def _export_run_dir(run: Path, out: Path, dtype: str, shard_size: int, stream, m
         try:
             with CommittedWeights(run, ssd_dirs) as weights:
                 state = "still training" if weights.live else "stopped"
+                if weights.live and weights.holder is not None and holder_task(weights.holder) != "training":
+                    state = f"stopped; process {weights.holder} is {holder_task(weights.holder)} it too"
                 c = weights.cfg
                 steps = c.train.steps
                 if c.train.epochs is not None:  # its steps are its epochs', recorded with its data (a review)
