@@ -9,6 +9,7 @@ from pathlib import Path
 
 from fuyou.config import FuyouConfig
 from fuyou.errors import BudgetError, ConfigError
+from fuyou.units import format_size
 
 
 def plan_config(cfg: FuyouConfig, run_dir: Path, stream=None) -> FuyouConfig:
@@ -28,10 +29,16 @@ def plan_config(cfg: FuyouConfig, run_dir: Path, stream=None) -> FuyouConfig:
                           f"given too: give one of them")
     hw_cfg = cfg.hardware
     if hw_cfg.profile is None and not (hw_cfg.gpu or hw_cfg.ssd):
-        print(f"fuyou: probing this machine (SSD {off.ssd_dirs[0]}); set hardware.profile to reuse a profile",
-              file=stream, flush=True)
+        _refuse_before_the_probe(cfg)
+        # its buffers sized to the budget (it held 3 x 128 MiB of I/O and a 256 MiB AdamW state beside a second
+        # interpreter whatever --cpu-mem said: a pass measured 826 MiB for a run of 250 MiB + a 250 MiB budget)
+        io_bytes = min(128 * 1024**2, max(16 * 1024**2, off.cpu_mem // 6))
+        adam_params = min(1 << 24, max(1 << 18, off.cpu_mem // 32))
+        print(f"fuyou: probing this machine (SSD {off.ssd_dirs[0]}) in a process of its own, before training "
+              f"(its buffers, about {format_size(3 * io_bytes + 16 * adam_params)}, and its interpreter beside this "
+              f"one's); set hardware.profile to reuse a profile", file=stream, flush=True)
         profile, measured = _probe_apart(off.ssd_dirs[0], model=cfg.model, batch=cfg.train.micro_batch_size,
-                                         seq=cfg.data.seq_len, io_bytes=128 * 1024**2, repeats=2,
+                                         seq=cfg.data.seq_len, io_bytes=io_bytes, repeats=2, adam_params=adam_params,
                                          device=cfg.train.device, optimizer_chunk=off.optimizer_chunk,
                                          optimizer_depth=off.optimizer_depth, precision=cfg.train.precision,
                                          gloo=False,  # one process: nothing between ranks to measure
@@ -73,6 +80,38 @@ def plan_config(cfg: FuyouConfig, run_dir: Path, stream=None) -> FuyouConfig:
                                           **{k: getattr(policy, k) for k in ("resident_mem", "act_cpu_mem")
                                              if getattr(policy, k) is not None}}),
     })
+
+
+def _refuse_before_the_probe(cfg: FuyouConfig) -> None:
+    """A CPU budget that even the leanest plan overflows is refused before the machine is probed: the probe took
+    seconds and its own process's memory (a second interpreter, its buffers) beside a run that was then refused
+    (a pass). The leanest plans are the planner's (``search._fixes``: every activation recomputed, checkpoints on
+    the SSD or the device, the least prefetch depth) on this run's device, with GPU memory left unbounded and
+    speeds that do not enter memory: a lower bound of what the search will need, so never a stricter refusal."""
+    import torch
+
+    from fuyou.planner.cost import Workload, stage_costs
+    from fuyou.planner.hardware import HardwareProfile
+    from fuyou.planner.search import memory_plan
+    from fuyou.policy import ActivationPolicy
+
+    device = cfg.train.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cuda", "cpu"):
+        return
+    hw = HardwareProfile(source="the budget's check before the probe", device=device, fwd_flops=1e12,
+                         bwd_flops=1e12, matmul_flops=1e12, gpu_mem=1 << 60, h2d=1e10, d2h=1e10, ssd_read=1e9,
+                         ssd_write=1e9, ssd_capacity=1 << 60, cpu_adam=1e9)
+    w = Workload.from_config(cfg)
+    costs, budget = stage_costs(w), cfg.offload.cpu_mem
+    least = min(memory_plan(w, hw, costs, ActivationPolicy.recompute_all(
+        w.model.n_layer, checkpoint=c, prefetch_depth=min(w.depths)), budget)[0].cpu_minimum for c in ("ssd", "gpu"))
+    if least > budget:
+        raise BudgetError(f"the CPU memory budget {format_size(budget)} cannot hold even the leanest plan of this "
+                          f"run (every activation recomputed): it needs at least {format_size(least, up=True)}; raise "
+                          f"offload.cpu_mem (--cpu-mem), or lower train.micro_batch_size or data.seq_len. Nothing was "
+                          f"probed or written")
 
 
 def _probe_apart(ssd_dir, **kw):

@@ -163,6 +163,15 @@ def test_train_plan_auto_keeps_the_budget_its_probe_included(tmp_path):
     assert peak <= overhead + 220, (peak, overhead)
     assert list((tmp_path / "ssd").iterdir()) == [] or all(p.name.endswith(".fuyou-state")
                                                             for p in (tmp_path / "ssd").iterdir())
+    # its buffers are sized to the budget, and a budget even the leanest plan overflows is refused before it (the
+    # probe's process, ~826 MiB with this run's, ran first and wrote its profile into the run directory: a pass)
+    assert "in a process of its own, before training (its buffers, about 220.00 MiB," in r.stderr, r.stderr[-3000:]
+    r = subprocess.run([sys.executable, "-m", "fuyou.cli", "train", "--model", "gpt-tiny", "--offload", "ssd", "--ssd",
+                        str(tmp_path / "ssd"), "--cpu-mem", "100MiB", "--plan", "auto", "--out", str(tmp_path / "r2"),
+                        "run.name=small", "train.steps=2", "data.seq_len=64", "train.micro_batch_size=4"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "needs at least 183.37 MiB" in r.stderr and "probing" not in r.stderr, r.stderr
+    assert not (tmp_path / "r2").exists()
 
 
 def test_train_plan_auto_splits_a_global_batch(tmp_path, capsys):
