@@ -286,6 +286,10 @@ def _export(args) -> int:
     except Exception as e:
         # a full or failing disk (OSError, or safetensors' own error for the same): a sentence, not a traceback,
         # and nothing half-written left in --out (it was new or empty: export_run_dir checks that first)
+        from fuyou.train.run import ExportBusy
+
+        if isinstance(e, ExportBusy):  # (the directory may be the other export's, still empty: a review)
+            raise
         if isinstance(e, FuyouError) and made and out.is_dir() and not any(out.iterdir()):
             out.rmdir()  # (a refusal said "nothing was written" and left the directory it made: a pass)
         if isinstance(e, FuyouError) or not (isinstance(e, OSError) or type(e).__name__ == "SafetensorError"):

@@ -464,7 +464,7 @@ def test_a_run_directory_whose_records_fail_is_removed_with_the_state(tmp_path, 
     assert main(_offload(tmp_path, "rec")) == 0
 
 
-def test_a_second_export_into_the_same_out_leaves_the_first_s_files(tmp_path, capsys):
+def test_a_second_export_into_the_same_out_leaves_the_first_s_files(tmp_path, capsys, monkeypatch):
     """Two exports into one --out at once: the one refused ("not empty") deleted the other's finished export as
     its own half-written files (a pass: the directory was gone). One export writes at a time (a lock beside
     --out, held here as another export would hold it); a later one is refused and touches nothing."""
@@ -490,6 +490,13 @@ def test_a_second_export_into_the_same_out_leaves_the_first_s_files(tmp_path, ca
     mask = os.umask(0o022)
     os.umask(mask)  # every file of the export as the umask makes files (safetensors made the weights 0600: a pass)
     assert {oct(p.stat().st_mode & 0o777) for p in out.iterdir() if p.is_file()} == {oct(0o666 & ~mask)}
+    # --out . (its lock beside it, not in it: "not empty", always), and a new nested --out (locked too)
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    assert main(["export", str(tmp_path / "runs" / "ex"), "--out", "."]) == 0
+    assert main(["export", str(tmp_path / "runs" / "ex"), "--out", str(tmp_path / "a" / "b" / "hf")]) == 0
+    assert sorted(p.name for p in (tmp_path / "here").iterdir()) == written
+    assert [p.name for p in (tmp_path / "a" / "b").iterdir()] == ["hf"]
 
 
 def test_a_new_run_named_as_one_still_training_is_not_told_to_resume_it(tmp_path, capsys):

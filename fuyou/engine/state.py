@@ -181,10 +181,8 @@ class TrainingState:
         except StoreLockedError as e:
             if self.cfg.run.name is not None:
                 raise
-            from fuyou.store.lock import lock_holder
-
             holder = next((h for h in map(lock_holder, present) if h is not None), "unknown")
-            raise ConfigError(f"the SSD state {present[0]} is another run's, made by process {holder} for the same "
+            raise ConfigError(f"the SSD state {present[0]} is another run's, held by process {holder}, of the same "
                               f"name: {_another_name(self.cfg)}") from e
         try:
             what = ("never committed" if not record.exists() else "committed" if self.cfg.offload.replace_state

@@ -9,7 +9,6 @@ from pathlib import Path
 
 from fuyou.config import FuyouConfig
 from fuyou.errors import BudgetError, ConfigError
-from fuyou.units import format_size
 
 
 def plan_config(cfg: FuyouConfig, run_dir: Path, stream=None) -> FuyouConfig:
@@ -33,10 +32,10 @@ def plan_config(cfg: FuyouConfig, run_dir: Path, stream=None) -> FuyouConfig:
         # its buffers sized to the budget (it held 3 x 128 MiB of I/O and a 256 MiB AdamW state beside a second
         # interpreter whatever --cpu-mem said: a pass measured 826 MiB for a run of 250 MiB + a 250 MiB budget)
         io_bytes = min(128 * 1024**2, max(16 * 1024**2, off.cpu_mem // 6))
-        adam_params = min(1 << 24, max(1 << 18, off.cpu_mem // 32))
-        print(f"fuyou: probing this machine (SSD {off.ssd_dirs[0]}) in a process of its own, before training "
-              f"(its buffers, about {format_size(3 * io_bytes + 16 * adam_params)}, and its interpreter beside this "
-              f"one's); set hardware.profile to reuse a profile", file=stream, flush=True)
+        adam_params = min(1 << 24, max(4 * off.optimizer_chunk, off.cpu_mem // 32))  # (no smaller than the cache)
+        print(f"fuyou: probing this machine (SSD {off.ssd_dirs[0]}) in a process of its own, before training (a "
+              f"second interpreter and the probe's buffers, sized to --cpu-mem where they can be, beside this "
+              f"process); set hardware.profile to reuse a profile", file=stream, flush=True)
         profile, measured = _probe_apart(off.ssd_dirs[0], model=cfg.model, batch=cfg.train.micro_batch_size,
                                          seq=cfg.data.seq_len, io_bytes=io_bytes, repeats=2, adam_params=adam_params,
                                          device=cfg.train.device, optimizer_chunk=off.optimizer_chunk,
@@ -94,12 +93,13 @@ def _refuse_before_the_probe(cfg: FuyouConfig) -> None:
     from fuyou.planner.hardware import HardwareProfile
     from fuyou.planner.search import memory_plan
     from fuyou.policy import ActivationPolicy
+    from fuyou.units import format_size
 
     device = cfg.train.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device not in ("cuda", "cpu"):
-        return
+    if device not in ("cuda", "cpu") or cfg.train._auto_split:  # (a split of train.global_batch is the search's:
+        return  # its micro-batch may be smaller than the one the config holds, and need less: a review)
     hw = HardwareProfile(source="the budget's check before the probe", device=device, fwd_flops=1e12,
                          bwd_flops=1e12, matmul_flops=1e12, gpu_mem=1 << 60, h2d=1e10, d2h=1e10, ssd_read=1e9,
                          ssd_write=1e9, ssd_capacity=1 << 60, cpu_adam=1e9)

@@ -91,24 +91,37 @@ def held(path: Path, busy: Callable[[str], BaseException]):
     process that opened the file before its removal and gets the lock then holds a lock on a file no one else
     will open: what it guards must be checked again under the lock (``fuyou export`` checks its --out empty).
     A file that cannot be made (no directory, a read-only one) takes no lock: what the block then does there
-    fails with its own error, which says what is wrong."""
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-    except OSError:
-        yield
-        return
-    try:
+    fails with its own error, which says what is wrong. A lock taken on a file removed meanwhile (its holder
+    done) is let go and taken again on the file now at ``path``: else two could hold "the" lock (a review)."""
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        except OSError:
+            yield
+            return
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise busy(_holder(fd)) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            holder = _holder(fd)
+            os.close(fd)
+            raise busy(holder) from None
         try:
-            yield
-        finally:
-            path.unlink(missing_ok=True)  # (while held)
+            now = os.stat(path)
+        except FileNotFoundError:
+            now = None
+        mine = os.fstat(fd)
+        if now is not None and (now.st_dev, now.st_ino) == (mine.st_dev, mine.st_ino):
+            break
+        os.close(fd)
+    try:
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError:  # (a full disk: the PID is a courtesy, the lock is the flock)
+            pass
+        yield
     finally:
+        path.unlink(missing_ok=True)  # (while held)
         os.close(fd)
 
 

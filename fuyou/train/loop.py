@@ -1378,7 +1378,9 @@ def _refuse_live(run_dir: Path, cfg: FuyouConfig) -> None:
                 task = holder_task(holder)
                 if task != "training":
                     raise ConfigError(f"{run_dir}'s state in {state} is in use by process {holder}, {task} it; wait "
-                                      f"for it to end, then resume the run")
+                                      f"for it to end, then " + ("run the resume it names (for the processes it "
+                                                                 "reshards the run for)" if task == "resharding" else
+                                                                 "resume the run"))
                 raise ConfigError(f"{run_dir} is still training: its state in {state} is in use by process {holder}; "
                                   f"wait for it to end or stop it, then resume it")
 

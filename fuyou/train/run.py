@@ -53,6 +53,13 @@ def taken(path: Path) -> str:
     if resumable and not _ended(path):
         holder = _training(path, off)
         if holder is not None:  # (it named the resume of a run still training, which is refused: a pass)
+            from fuyou.store.lock import holder_task
+
+            task = holder_task(holder)
+            if task != "training":
+                return (f"{said}: process {holder} is {task} the run it holds; once it ends, continue that run with "
+                        f"`{resume_command(where)}`" + (" (or the resume the reshard names)" if task == "resharding"
+                                                        else ""))
             return (f"{said}: it holds a run that is still training (process {holder}); wait for it to end, or stop "
                     f"it (Ctrl-C commits and stops) and continue it with `{resume_command(where)}`")
         return (f"{said}, or continue the run it holds, which did not finish: `{resume_command(where)}` (from its "
@@ -447,9 +454,13 @@ def export_run_dir(run_dir: str | Path, out_dir: str | Path, dtype: str = "fp32"
     last commit's adapters for one stopped before saving them) is written as a PEFT adapter directory,
     or with ``merge`` as the base with the adapters merged in (``fuyou.hf.peft``). ``ssd_dirs``: where
     the run's SSD state is now, if it moved (``fuyou export --ssd``)."""
-    out = Path(out_dir).expanduser()
+    out = Path(out_dir).expanduser().absolute()  # (--out .: its lock beside it, not in it: a review)
     with _export_lock(out):
         return _export_run_dir(Path(run_dir).expanduser(), out, dtype, shard_size, stream, merge, ssd_dirs)
+
+
+class ExportBusy(ConfigError):
+    """Another export is writing to the same --out: nothing of it is this one's to clean up."""
 
 
 @contextmanager
@@ -460,10 +471,22 @@ def _export_lock(out: Path):
     writes, and afterwards by the check of ``out`` it makes under the lock."""
     from fuyou.store.lock import held
 
-    with held(out.parent / f".{out.name}.fuyou-export.lock",
-              lambda pid: ConfigError(f"another fuyou export is writing to {out} now (process {pid}): wait for it "
-                                      f"to end and use its export, or choose another --out")):
-        yield
+    made = [q for q in [out.parent, *out.parent.parents] if not q.exists()]
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)  # (a new nested --out: its lock needs the parent)
+    except OSError:  # (the export says what is wrong with --out)
+        made = []
+    try:
+        with held(out.parent / f".{out.name}.fuyou-export.lock",
+                  lambda pid: ExportBusy(f"another fuyou export is writing to {out} now (process {pid}): wait for it "
+                                         f"to end and use its export, or choose another --out")):
+            yield
+    finally:
+        for q in made:  # the parents made for it, if the export left nothing there
+            try:
+                q.rmdir()
+            except OSError:
+                break
 
 
 def _export_run_dir(run: Path, out: Path, dtype: str, shard_size: int, stream, merge: bool,
@@ -505,8 +528,12 @@ def _export_run_dir(run: Path, out: Path, dtype: str, shard_size: int, stream, m
         try:
             with CommittedWeights(run, ssd_dirs) as weights:
                 state = "still training" if weights.live else "stopped"
-                if weights.live and weights.holder is not None and holder_task(weights.holder) != "training":
-                    state = f"stopped; process {weights.holder} is {holder_task(weights.holder)} it too"
+                task = holder_task(weights.holder) if weights.live and weights.holder is not None else "training"
+                if task == "resharding":  # (it renames and deletes the state being read: a review)
+                    raise ConfigError(f"{run}'s state is being resharded by process {weights.holder}: wait for it to "
+                                      f"end, then export")
+                if task != "training":
+                    state = f"stopped; process {weights.holder} is {task} it too"
                 c = weights.cfg
                 steps = c.train.steps
                 if c.train.epochs is not None:  # its steps are its epochs', recorded with its data (a review)
