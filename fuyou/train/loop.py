@@ -290,8 +290,7 @@ def _note_budget_beyond_memory(cfg: FuyouConfig, stream, processes: int = 1) -> 
               f"(`fuyou plan --profile` gives a budget that leaves the overhead out)", file=stream)
     elif free and budget > free:
         print(f"fuyou: note: offload.cpu_mem {format_size(budget)} is more than the {format_size(free)} this machine "
-              f"has available now (of "
-              f"{format_size(total)}; other processes hold the rest): the run may swap or be "
+              f"has available now (of {format_size(total)}; other processes hold the rest): the run may swap or be "
               f"stopped by the kernel once its state fills the budget", file=stream)
 
 

@@ -348,7 +348,7 @@ def test_a_new_run_over_a_live_runs_state_is_not_told_to_resume_it(tmp_path):
     d = tmp_path / "x.fuyou-state"
     d.mkdir()
     (d / RECORD).write_text("{}")
-    cfg = SimpleNamespace(offload=SimpleNamespace(replace_state=False))
+    cfg = SimpleNamespace(offload=SimpleNamespace(replace_state=False), run=SimpleNamespace(name="x"))
     fds = lock_dirs([d])
     try:
         assert lock_holder(d) == str(os.getpid())
