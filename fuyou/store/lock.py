@@ -42,8 +42,7 @@ def lock_dirs(dirs: list[Path]) -> list[int]:
                     f"the training state in {d} is in use by process {holder} (another fuyou run, or a --resume "
                     f"of this one); wait for it to end or stop it, then try again") from None
             try:
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+                _write_pid(fd)
             except OSError as exc:  # (a full disk: the first write to it; a new-user pass got a traceback)
                 raise io_error_from_oserror(exc, str(path), 0, 0, "writing the lock file") from exc
     except BaseException:
@@ -80,8 +79,16 @@ def holder_task(pid: str) -> str:
 
 
 def _holder(fd: int) -> str:
-    """The PID the lock's holder wrote into the lock file (``lock_dirs``)."""
-    return os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+    """The PID the lock's holder wrote into the lock file (``lock_dirs``): its first line."""
+    return (os.pread(fd, 64, 0).decode(errors="replace").split() or ["unknown"])[0]
+
+
+def _write_pid(fd: int) -> None:
+    """This process's PID into its lock file: written over the last holder's, then cut to its length (cut first, a
+    reader between the two read an empty file: "in use by process unknown", in a pass)."""
+    pid = f"{os.getpid()}\n".encode()
+    os.pwrite(fd, pid, 0)
+    os.ftruncate(fd, len(pid))
 
 
 @contextmanager
@@ -115,8 +122,7 @@ def held(path: Path, busy: Callable[[str], BaseException]):
         os.close(fd)
     try:
         try:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            _write_pid(fd)
         except OSError:  # (a full disk: the PID is a courtesy, the lock is the flock)
             pass
         yield
