@@ -62,6 +62,7 @@ from fuyou.units import format_size
 
 PENDING = distributed.RESHARD_PENDING  # (check_reshard_pending refuses a run while it exists)
 NEW_SUFFIX = ".reshard"
+RESHARD_LOCK = ".fuyou-reshard.lock"  # in the run directory while a reshard runs (``fuyou.store.lock.held``)
 OLD_SUFFIX = ".resharded"
 COPY_BYTES = 64 * 2**20  # one copy buffer: a multiple of every store's checksum block
 
@@ -112,9 +113,6 @@ def reshard(run_dir: str | Path, nproc: int, ssd_dirs: list[str] | None = None) 
             f"another fuyou reshard of {run_dir} is running (process {pid}): wait for it to end, then give the "
             f"resume it names; nothing was changed")):
         return _reshard_run(run_dir, nproc, ssd_dirs)
-
-
-RESHARD_LOCK = ".fuyou-reshard.lock"
 
 
 def _reshard_run(run_dir: Path, nproc: int, ssd_dirs: list[str] | None) -> str:

@@ -499,14 +499,19 @@ def test_a_second_export_into_the_same_out_leaves_the_first_s_files(tmp_path, ca
     assert [p.name for p in (tmp_path / "a" / "b").iterdir()] == ["hf"]
 
 
+def _unended(run) -> None:
+    """The run's metrics without their summary: a run that has not ended (training, or stopped before its end)."""
+    metrics = run / "metrics.jsonl"
+    metrics.write_text("".join(x + "\n" for x in metrics.read_text().splitlines() if '"summary"' not in x))
+
+
 def test_a_new_run_named_as_one_still_training_is_not_told_to_resume_it(tmp_path, capsys):
     """A second `train` with the name of a run still training was told to `--resume` it, which is refused while
     it trains (a pass). It is told the run is training, by which process, and what to do."""
     from fuyou.store import TensorStore
 
     assert main(_offload(tmp_path, "live", "offload.keep_state=true", "run.save_weights=false")) == 0
-    metrics = tmp_path / "runs" / "live" / "metrics.jsonl"  # as a run that has not ended: no summary yet
-    metrics.write_text("".join(x + "\n" for x in metrics.read_text().splitlines() if '"summary"' not in x))
+    _unended(tmp_path / "runs" / "live")
     capsys.readouterr()
     with TensorStore.open([tmp_path / "ssd" / "live.fuyou-state"]):  # as the training process holds it
         err = _err(capsys, _offload(tmp_path, "live"))
@@ -551,8 +556,7 @@ def test_a_state_held_by_an_export_is_not_called_a_run_still_training(tmp_path, 
     assert main(_offload(tmp_path, "held", "offload.keep_state=true", "run.save_weights=false",
                          "train.steps=3")) == 0
     run = tmp_path / "runs" / "held"
-    metrics = run / "metrics.jsonl"  # a run stopped before its end: resumable
-    metrics.write_text("".join(x + "\n" for x in metrics.read_text().splitlines() if '"summary"' not in x))
+    _unended(run)
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom fuyou.store import TensorStore\n"
                                "with TensorStore.open([sys.argv[1]]):\n    print('held', flush=True)\n"
                                "    time.sleep(120)\n", str(tmp_path / "ssd" / "held.fuyou-state"), "-m", "fuyou.cli",

@@ -26,9 +26,12 @@ def plan_config(cfg: FuyouConfig, run_dir: Path, stream=None) -> FuyouConfig:
         # default, is also what every saved config.toml holds)
         raise ConfigError(f"--plan auto chooses the activation policy; offload.act_policy={off.act_policy!r} was "
                           f"given too: give one of them")
+    import torch
+
+    device = cfg.train.device if cfg.train.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     hw_cfg = cfg.hardware
     if hw_cfg.profile is None and not (hw_cfg.gpu or hw_cfg.ssd):
-        _refuse_before_the_probe(cfg)
+        _refuse_before_the_probe(cfg, device)
         # its buffers sized to the budget (it held 3 x 128 MiB of I/O and a 256 MiB AdamW state beside a second
         # interpreter whatever --cpu-mem said: a pass measured 826 MiB for a run of 250 MiB + a 250 MiB budget)
         io_bytes = min(128 * 1024**2, max(16 * 1024**2, off.cpu_mem // 6))
@@ -48,9 +51,6 @@ def plan_config(cfg: FuyouConfig, run_dir: Path, stream=None) -> FuyouConfig:
         save_profile(profile, path, measured)
         hw_cfg = hw_cfg.model_copy(update={"profile": str(path.resolve())})  # (absolute: a resume from elsewhere)
     hw = resolve(hw_cfg)
-    import torch
-
-    device = cfg.train.device if cfg.train.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if device in ("cuda", "cpu") and hw.device != device:  # (the fake device models either)
         # (a pass: a GPU machine's profile planned 0.002 s steps for a run on the CPU, 2.1 s each, without a word)
         kind = {"cuda": "GPU", "cpu": "CPU"}
@@ -81,23 +81,18 @@ def plan_config(cfg: FuyouConfig, run_dir: Path, stream=None) -> FuyouConfig:
     })
 
 
-def _refuse_before_the_probe(cfg: FuyouConfig) -> None:
+def _refuse_before_the_probe(cfg: FuyouConfig, device: str) -> None:
     """A CPU budget that even the leanest plan overflows is refused before the machine is probed: the probe took
     seconds and its own process's memory (a second interpreter, its buffers) beside a run that was then refused
     (a pass). The leanest plans are the planner's (``search._fixes``: every activation recomputed, checkpoints on
     the SSD or the device, the least prefetch depth) on this run's device, with GPU memory left unbounded and
-    speeds that do not enter memory: a lower bound of what the search will need, so never a stricter refusal."""
-    import torch
-
+    speeds that do not enter memory: a lower bound of what the search will need, so never a stricter refusal.
+    ``device``: the run's ("auto" resolved)."""
     from fuyou.planner.cost import Workload, stage_costs
     from fuyou.planner.hardware import HardwareProfile
-    from fuyou.planner.search import memory_plan
-    from fuyou.policy import ActivationPolicy
+    from fuyou.planner.search import leanest, memory_plan
     from fuyou.units import format_size
 
-    device = cfg.train.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     if device not in ("cuda", "cpu") or cfg.train._auto_split:  # (a split of train.global_batch is the search's:
         return  # its micro-batch may be smaller than the one the config holds, and need less: a review)
     hw = HardwareProfile(source="the budget's check before the probe", device=device, fwd_flops=1e12,
@@ -105,8 +100,7 @@ def _refuse_before_the_probe(cfg: FuyouConfig) -> None:
                          ssd_write=1e9, ssd_capacity=1 << 60, cpu_adam=1e9)
     w = Workload.from_config(cfg)
     costs, budget = stage_costs(w), cfg.offload.cpu_mem
-    least = min(memory_plan(w, hw, costs, ActivationPolicy.recompute_all(
-        w.model.n_layer, checkpoint=c, prefetch_depth=min(w.depths)), budget)[0].cpu_minimum for c in ("ssd", "gpu"))
+    least = memory_plan(w, hw, costs, leanest(w, hw, costs, budget), budget)[0].cpu_minimum
     if least > budget:
         raise BudgetError(f"the CPU memory budget {format_size(budget)} cannot hold even the leanest plan of this "
                           f"run (every activation recomputed): it needs at least {format_size(least, up=True)}; raise "

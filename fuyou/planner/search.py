@@ -489,6 +489,19 @@ CPU_FIX = "a CPU memory budget of at least"
 DEFAULT_PREFETCH = OffloadConfig.model_fields["prefetch_depth"].default  # fuyou train's
 
 
+def leanest(w: Workload, hw: HardwareProfile, costs: list[StageCost], cpu_budget: int) -> ActivationPolicy:
+    """The leanest plan's policy: every activation recomputed, at the least prefetch depth, with checkpoints on
+    the SSD (staging buffers) or on the compute device (train's default), whichever fits the GPU (else needs the
+    least GPU memory: a pass was told of a GPU 3.6x the one that fits), then needs the least CPU memory."""
+    def need(pol: ActivationPolicy) -> tuple[bool, int, int]:
+        p = memory_plan(w, hw, costs, pol, cpu_budget)[0]
+        over = hw.device == "cuda" and p.device_required > hw.gpu_mem
+        return over, p.device_required if over else 0, p.cpu_minimum
+
+    return min((ActivationPolicy.recompute_all(w.model.n_layer, checkpoint=c, prefetch_depth=min(w.depths))
+                for c in ("ssd", "gpu")), key=need)
+
+
 def _fixes(w: Workload, hw: HardwareProfile, cpu_budget: int, failed: Evaluation,
            policy: ActivationPolicy | None = None) -> tuple[list[str], int | None, str]:
     """What would make an infeasible configuration fit: one sentence per way, the planned CPU budget (each
@@ -497,16 +510,7 @@ def _fixes(w: Workload, hw: HardwareProfile, cpu_budget: int, failed: Evaluation
     is the one planned; else the leanest."""
     costs = stage_costs(w)
     fixes = []
-    if policy is not None:
-        lean = policy
-    else:  # the leanest of checkpoints on the SSD (staging buffers) and on the compute device (train's default)
-        def need(pol: ActivationPolicy) -> tuple[bool, int, int]:  # fits the GPU first (else the least GPU memory:
-            # a pass was told of a GPU 3.6x the one that fits), then the least CPU memory
-            p = memory_plan(w, hw, costs, pol, cpu_budget)[0]
-            over = hw.device == "cuda" and p.device_required > hw.gpu_mem
-            return over, p.device_required if over else 0, p.cpu_minimum
-        lean = min((ActivationPolicy.recompute_all(w.model.n_layer, checkpoint=c, prefetch_depth=min(w.depths))
-                    for c in ("ssd", "gpu")), key=need)
+    lean = policy if policy is not None else leanest(w, hw, costs, cpu_budget)
     plan, ssd = memory_plan(w, hw, costs, lean, cpu_budget)
     gpu_need = min(plan.device_required, failed.memory.device_required)  # (the search's own plan may need less)
 

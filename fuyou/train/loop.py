@@ -7,7 +7,6 @@ owns the run directory, logging, evaluation cadence, tracing and saving.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -1360,28 +1359,20 @@ def _refuse_live(run_dir: Path, cfg: FuyouConfig) -> None:
     """A run whose state a process still holds (it is training) is refused as in use, before the process count
     is checked: a resume with another count was advised to reshard, which then refused the state as locked (a
     pass). Every rank's state (``distributed.json``'s world size)."""
-    from fuyou.engine.commit import state_name
-    from fuyou.store.lock import holder_task, lock_holder
+    from fuyou.store.lock import holder_task
+    from fuyou.train.run import state_holder
 
-    try:
-        world = int(json.loads((run_dir / distributed.WORLD_FILE).read_text())["world_size"])
-    except (OSError, ValueError, KeyError, TypeError):
-        world = 1
-    for r in range(world):
-        states = [Path(d) / distributed.rank_state_name(state_name(run_dir.name), r) for d in cfg.offload.ssd_dirs]
-        if not any(s.is_dir() for s in states):
-            break  # (no further rank's state: a damaged world size is not probed on)
-        for state in states:
-            holder = lock_holder(state)
-            if holder:
-                task = holder_task(holder)
-                if task != "training":
-                    raise ConfigError(f"{run_dir}'s state in {state} is in use by process {holder}, {task} it; wait "
-                                      f"for it to end, then " + ("run the resume it names (for the processes it "
-                                                                 "reshards the run for)" if task == "resharding" else
-                                                                 "resume the run"))
-                raise ConfigError(f"{run_dir} is still training: its state in {state} is in use by process {holder}; "
-                                  f"wait for it to end or stop it, then resume it")
+    held = state_holder(run_dir, cfg.offload.ssd_dirs)
+    if held is None:
+        return
+    state, holder = held
+    task = holder_task(holder)
+    if task != "training":
+        raise ConfigError(f"{run_dir}'s state in {state} is in use by process {holder}, {task} it; wait for it to "
+                          f"end, then " + ("run the resume it names (for the processes it reshards the run for)"
+                                           if task == "resharding" else "resume the run"))
+    raise ConfigError(f"{run_dir} is still training: its state in {state} is in use by process {holder}; wait for "
+                      f"it to end or stop it, then resume it")
 
 
 def _resume_advice(e: BaseException, trainer, run_path: Path) -> str | None:

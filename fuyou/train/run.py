@@ -17,7 +17,7 @@ from fuyou.config import (DATA_ORDER, DATA_POSITION, FIXED_ON_RESUME, NOT_COMPAR
                           orders_rows, to_toml)
 from fuyou.engine.commit import state_name
 from fuyou.errors import ConfigError, FuyouError
-from fuyou.distributed import resume_command
+from fuyou.distributed import WORLD_FILE, rank_state_name, resume_command
 from fuyou.hf.weights import write_safetensors
 
 
@@ -51,10 +51,12 @@ def taken(path: Path) -> str:
         off = {}
     resumable = isinstance(off, dict) and off.get("mode") == "ssd" and off.get("commit", "cow") == "cow"
     if resumable and not _ended(path):
-        holder = _training(path, off)
-        if holder is not None:  # (it named the resume of a run still training, which is refused: a pass)
+        dirs = off.get("ssd_dirs")
+        held = state_holder(path, [str(d) for d in dirs] if isinstance(dirs, list) else [])
+        if held is not None:  # (it named the resume of a run still training, which is refused: a pass)
             from fuyou.store.lock import holder_task
 
+            holder = held[1]
             task = holder_task(holder)
             if task != "training":
                 return (f"{said}: process {holder} is {task} the run it holds; once it ends, continue that run with "
@@ -68,16 +70,24 @@ def taken(path: Path) -> str:
             f"snapshots, if any, are in {where / 'snapshots'})")
 
 
-def _training(path: Path, off: dict) -> str | None:
-    """The PID of a process holding the SSD state of the run in ``path`` (its config's ``offload.ssd_dirs``: rank
-    0's state, as every run has one), else None."""
+def state_holder(run_dir: Path, ssd_dirs: list[str]) -> tuple[Path, str] | None:
+    """A state directory of the run in ``run_dir`` that a process holds (training it, or reading it: ``holder_task``),
+    and that process's PID; None when none is held. Every rank's state (``distributed.json``'s world size), in the
+    directories ``ssd_dirs``."""
     from fuyou.store.lock import lock_holder
 
-    dirs = off.get("ssd_dirs") or []
-    for d in dirs if isinstance(dirs, list) else []:
-        holder = lock_holder(Path(str(d)) / state_name(path.name))
-        if holder is not None:
-            return holder
+    try:
+        world = int(json.loads((run_dir / WORLD_FILE).read_text())["world_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        world = 1
+    for r in range(world):
+        states = [Path(d) / rank_state_name(state_name(run_dir.name), r) for d in ssd_dirs]
+        if not any(s.is_dir() for s in states):
+            break  # (no further rank's state: a damaged world size is not probed on)
+        for state in states:
+            holder = lock_holder(state)
+            if holder:
+                return state, holder
     return None
 
 
