@@ -522,7 +522,7 @@ def _read_only_fs(d) -> bool:
 
 def _files_digest(paths) -> str:
     """A digest of the files at ``paths`` (a directory: its files, by name under it), by content: which
-    held-out files a prepare read, wherever they sit (a resume compares it: train.loop.prepared_settings)."""
+    held-out files a prepare read, wherever they sit (a resume compares it: train.records.prepared_settings)."""
     import hashlib
     from pathlib import Path
 
@@ -576,7 +576,7 @@ def _prepare(args) -> int:
         raise DataError(f"no training example has a token to learn ({data.summary()}): every answer is empty or the "
                         f"examples are a single token; nothing was written to {out}")
     try:  # a new directory put in the old one's place (replace_prepared): the old data or the new, whole
-        # which held-out files: a resume compares them and names them (train.loop.prepared_settings)
+        # which held-out files: a resume compares them and names them (train.records.prepared_settings)
         extra = ({"eval_paths": [str(Path(e).resolve()) for e in args.eval], "eval_content": _files_digest(args.eval)}
                  if args.eval else None)
         replace_prepared(out, lambda d: (write_examples if isinstance(data, ExampleData) else write_prepared)(

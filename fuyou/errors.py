@@ -15,6 +15,11 @@ class ConfigError(FuyouError, ValueError):
     """A configuration value, file or override is invalid."""
 
 
+class NameTaken(ConfigError):
+    """A new run's name drawn from the time (no ``run.name``) is another run's, started in the same second: a
+    single process draws the next free name and goes on (``fuyou.train.loop``); torchrun's ranks stop with it."""
+
+
 class DataError(FuyouError):
     """A data path, corpus or token file is missing or malformed."""
 

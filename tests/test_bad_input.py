@@ -519,35 +519,69 @@ def test_a_new_run_named_as_one_still_training_is_not_told_to_resume_it(tmp_path
     assert "--resume" in _err(capsys, _offload(tmp_path, "live"))  # stopped: it is told to continue it
 
 
-def test_runs_started_in_the_same_second_without_a_name_are_told_to_name_themselves(tmp_path, capsys, monkeypatch):
-    """Two runs started at once with no run.name drew the same name from the time (a job array, in a pass): the
-    second was told its state was in use "by another fuyou run, or a --resume of this one", or to resume the
-    other's run directory. It is told why, and to give each run its own run.name; the other's files stay."""
+def test_runs_started_in_the_same_second_without_a_name_take_the_next_free_one(tmp_path, capsys, monkeypatch):
+    """Runs started at once with no run.name draw the same name from the time (a job array, in a pass): the second
+    was refused, told to give each its own run.name. A run whose name another run's live state holds, before or
+    after its first commit, takes the next free numbered name and trains; the other's files stay. An SSD run whose
+    run directory was made meanwhile (its state is named after it) is still refused, an in-memory one goes on."""
+    from fuyou.engine.commit import RECORD
     from fuyou.store.lock import lock_dirs, unlock
     from fuyou.train import loop, run
 
-    monkeypatch.setattr(run.time, "strftime", lambda fmt, *a: "20260101-000000")
-    args = [a for a in _offload(tmp_path, "x") if a != "run.name=x"]
-    state = tmp_path / "ssd" / "gpt-test-20260101-000000.fuyou-state"  # the other run's, before its first commit
-    state.mkdir(parents=True)
-    (state / "fuyou-store.id").write_text("{}")
-    held = lock_dirs([state])
-    try:
-        err = _err(capsys, args)
-    finally:
-        unlock(held)
-    assert "drew it too: give each run started at once its own run.name" in err and "--resume" not in err, err
-    assert (state / "fuyou-store.id").is_file()
+    args = [a for a in _offload(tmp_path, "x") if a != "run.name=x"] + ["train.steps=1", "offload.keep_state=true"]
+    ssd, runs = tmp_path / "ssd", tmp_path / "runs"
+    for i, committed in enumerate((False, True)):  # the other run's state before and after its first commit
+        monkeypatch.setattr(run.time, "strftime", lambda fmt, *a, i=i: f"2026010{i + 1}-000000")
+        drawn = f"gpt-test-2026010{i + 1}-000000"
+        state = ssd / f"{drawn}.fuyou-state"
+        state.mkdir(parents=True)
+        (state / "fuyou-store.id").write_text("{}")
+        if committed:
+            (state / RECORD).write_text("{}")
+        held = lock_dirs([state])
+        try:
+            assert main(args) == 0
+        finally:
+            unlock(held)
+        err = capsys.readouterr().err
+        assert f"is another run's, started in the same second: this run is {drawn}-2" in err, err
+        assert (state / "fuyou-store.id").read_text() == "{}" and not (runs / drawn).exists()
+        assert (runs / f"{drawn}-2" / "config.toml").is_file()
+        assert (ssd / f"{drawn}-2.fuyou-state" / RECORD).is_file()  # its own state, under its own name
     real = loop.make_run_dir
 
     def made_meanwhile(cfg, path, rid):  # the other run makes the directory between the naming and this run's
-        path.mkdir(parents=True)
+        if path.name == "gpt-test-20260202-000000":
+            path.mkdir(parents=True, exist_ok=True)
         return real(cfg, path, rid)
 
     monkeypatch.setattr(loop, "make_run_dir", made_meanwhile)
+    monkeypatch.setattr(run.time, "strftime", lambda fmt, *a: "20260202-000000")
     err = _err(capsys, args)
     assert "made meanwhile by another run that drew the same name from the time" in err, err
-    assert list((tmp_path / "runs" / "gpt-test-20260101-000000").iterdir()) == []
+    assert list((runs / "gpt-test-20260202-000000").iterdir()) == []
+    memory = ["train", "--out", str(runs), *TINY, "train.steps=1"]  # in memory: no state is named after it
+    assert main(memory) == 0, capsys.readouterr().err
+    assert (runs / "gpt-test-20260202-000000-2" / "model.safetensors").is_file()
+    assert list((runs / "gpt-test-20260202-000000").iterdir()) == []
+
+
+def test_runs_started_at_once_without_a_name_all_train(tmp_path):
+    """Three processes started at once, no run.name, one second on their clocks: each trains under its own name,
+    with its own state (the race itself, where the test above holds a lock for the other run)."""
+    ssd, runs = tmp_path / "ssd", tmp_path / "runs"
+    ssd.mkdir()
+    code = ("import sys, time\nreal = time.strftime\ntime.strftime = lambda f, *a: '20260101-000000' if "
+            "f == '%Y%m%d-%H%M%S' else real(f, *a)\nfrom fuyou.cli import main\nsys.exit(main(sys.argv[1:]))")
+    argv = [sys.executable, "-c", code, "train", "--offload", "ssd", "--ssd", str(ssd), "--cpu-mem", "256MiB", "--out",
+            str(runs), *TINY, "train.steps=1", "train.eval_every=0", "offload.keep_state=true"]
+    procs = [subprocess.Popen(argv, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    errs = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], errs
+    names = sorted(p.name for p in runs.iterdir())
+    assert names == [f"gpt-test-20260101-000000{s}" for s in ("", "-2", "-3")], names
+    for n in names:
+        assert (runs / n / "model.safetensors").is_file() and (ssd / f"{n}.fuyou-state" / "fuyou-commit.json").is_file()
 
 
 def test_a_state_held_by_an_export_is_not_called_a_run_still_training(tmp_path, capsys):

@@ -23,7 +23,7 @@ def check_sequence_length(cfg) -> None:
 def make_batches(cfg, data: TokenData | ExampleData | None, quiet: bool = False):
     """The training batches of a ``FuyouConfig`` (synthetic when ``data`` is None) and the evaluation
     batches (None when there are none), after checking that the sequence length and the vocabulary fit
-    the model (the tokenizer: ``fuyou.train.loop.check_tokenizer``)."""
+    the model (the tokenizer: ``fuyou.train.records.check_tokenizer``)."""
     t, seq = cfg.train, cfg.data.seq_len
     check_sequence_length(cfg)
     if data is None:

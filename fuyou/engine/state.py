@@ -31,7 +31,7 @@ from fuyou import distributed
 from fuyou.config import fixed_settings
 from fuyou.engine.exchange import wire
 from fuyou.engine.layout import StageState, build_states, dtype_size, store_margin
-from fuyou.errors import ConfigError, FuyouError
+from fuyou.errors import ConfigError, FuyouError, NameTaken
 from fuyou.optim.compressed import StateFormat, decode_state
 from fuyou.store import TensorStore
 from fuyou.store.errors import StoreLockedError, io_error_from_oserror
@@ -70,8 +70,13 @@ class TrainingState:
         else:
             self.clear_old(name)
             spread, head = self.ssd_margin()
-            self.store = TensorStore.create(self.store_dirs, self.store_cfg, capacity_hint_bytes=self.tensor_bytes()
-                                            + spread, head_bytes=head)
+            try:
+                self.store = TensorStore.create(self.store_dirs, self.store_cfg,
+                                                capacity_hint_bytes=self.tensor_bytes() + spread, head_bytes=head)
+            except StoreLockedError as e:  # another run made it after clear_old looked: of the same name
+                if self.cfg.run.name is not None:
+                    raise
+                raise NameTaken(f"{e}: {_another_name(self.cfg)}") from e
         return self.store
 
     def release_host_memory(self) -> None:
@@ -182,8 +187,8 @@ class TrainingState:
             if self.cfg.run.name is not None:
                 raise
             holder = next((h for h in map(lock_holder, present) if h is not None), "unknown")
-            raise ConfigError(f"the SSD state {present[0]} is another run's, held by process {holder}, of the same "
-                              f"name: {_another_name(self.cfg)}") from e
+            raise NameTaken(f"the SSD state {present[0]} is another run's, held by process {holder}, of the same "
+                            f"name: {_another_name(self.cfg)}") from e
         try:
             what = ("never committed" if not record.exists() else "committed" if self.cfg.offload.replace_state
                     else "initial (its run's directory was never made)")
@@ -514,8 +519,9 @@ def refuse_committed_state(store_dirs: list[Path], cfg, name: str) -> None:
         run = f"the run in {owner}" if owner else f"an earlier run named {name[:-len(STATE_SUFFIX)]!r}"
         live = lock_holder(store_dirs[0])
         if live is not None:  # (its advice was to resume a run that was still training)
-            raise ConfigError(f"{store_dirs[0]} holds the SSD state of {run}, which is still training (process "
-                              f"{live}); {_another_name(cfg)}")
+            taken = NameTaken if cfg.run.name is None else ConfigError
+            raise taken(f"{store_dirs[0]} holds the SSD state of {run}, which is still training (process {live}); "
+                        f"{_another_name(cfg)}")
         raise ConfigError(f"{store_dirs[0]} holds the committed SSD state of {run}: continue it with `fuyou train "
                           f"--resume {owner or 'RUN_DIR'}`, or choose another run.name (offload.replace_state=true "
                           f"deletes that state, and that run could not be resumed again)")

@@ -16,7 +16,7 @@ from fuyou.snapshots import snapshot_dirs, snapshot_path
 from fuyou.config import (DATA_ORDER, DATA_POSITION, FIXED_ON_RESUME, NOT_COMPARED, FuyouConfig, flat_settings,
                           orders_rows, to_toml)
 from fuyou.engine.commit import state_name
-from fuyou.errors import ConfigError, FuyouError
+from fuyou.errors import ConfigError, FuyouError, NameTaken
 from fuyou.distributed import WORLD_FILE, rank_state_name, resume_command
 from fuyou.hf.weights import write_safetensors
 
@@ -119,6 +119,21 @@ def run_dir_path(cfg: FuyouConfig) -> Path:
     return path
 
 
+def next_free_name(cfg: FuyouConfig, path: Path) -> Path:
+    """After ``path``, a name drawn from the time that another run took (``NameTaken``: started in the same
+    second), the next of ``run_dir_path``'s numbered names that no run directory in run.out_dir and no SSD
+    state has. Numbered from the name the runs drew, not drawn from the time again: runs retrying at once
+    take one number each (a second drawn later could be taken by them all again)."""
+    m = re.fullmatch(r"(.*-\d{8}-\d{6})(?:-(\d+))?", path.name)
+    base, n = (m.group(1), int(m.group(2) or 1)) if m else (path.name, 1)
+    ssd = cfg.offload.ssd_dirs if cfg.offload.mode == "ssd" else []
+    while True:
+        n += 1
+        path = path.parent / f"{base}-{n}"
+        if not path.exists() and not any(any(Path(d).glob(state_name(path.name) + "*")) for d in ssd):
+            return path
+
+
 def make_run_dir(cfg: FuyouConfig, path: Path | None = None, rid: str | None = None) -> Path:
     """Create the run directory and write the resolved config and the run's id ``rid`` into it."""
     path = path or run_dir_path(cfg)
@@ -127,9 +142,9 @@ def make_run_dir(cfg: FuyouConfig, path: Path | None = None, rid: str | None = N
     except FileExistsError:
         if not (path / "act-policy.json").is_file():  # made by --plan auto for its profile and policy
             if cfg.run.name is None:  # (it was told to resume the other run, or to choose a name it never gave)
-                raise ConfigError(f"run directory {path} was made meanwhile by another run that drew the same name "
-                                  f"from the time (started in the same second): give each run started at once "
-                                  f"its own run.name") from None
+                raise NameTaken(f"run directory {path} was made meanwhile by another run that drew the same name "
+                                f"from the time (started in the same second): give each run started at once "
+                                f"its own run.name") from None
             raise ConfigError(taken(path)) from None
     except OSError as e:
         raise ConfigError(f"cannot create run directory {path}: {e.strerror}; check run.out_dir") from e

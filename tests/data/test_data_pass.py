@@ -332,7 +332,7 @@ def test_a_run_started_before_examples_were_held_out_by_content_resumes_with_its
 
     from fuyou.config import load_config
     from fuyou.data import tokenize_records
-    from fuyou.train.loop import record_data, run_split
+    from fuyou.train.records import record_data, run_split
 
     recs = _jsonl(tmp_path / "r.jsonl", [{"prompt": f"q {i}", "completion": f" a {i}"} for i in range(50)])
     cfg = load_config(overrides=[f"data.path={recs}"],

@@ -90,14 +90,14 @@ def test_a_budget_that_cannot_fit_is_refused_before_the_data_is_tokenized(tmp_pa
     """``fuyou train`` on a text file with a CPU budget that cannot fit: the refusal comes from the memory
     plan before any token is made (a large corpus took its tokenization time to be told), and with the
     budget fixed the same command trains."""
-    import fuyou.train.loop as loop
+    import fuyou.train.records as records
 
     ssd, corpus = tmp_path / "ssd", tmp_path / "corpus.txt"
     ssd.mkdir()
     corpus.write_text("The quick brown fox jumps over the lazy dog. " * 400)
     tokenized = []
-    real = loop.load_data
-    monkeypatch.setattr(loop, "load_data", lambda cfg, **kw: tokenized.append(1) or real(cfg, **kw))
+    real = records.load_data
+    monkeypatch.setattr(records, "load_data", lambda cfg, **kw: tokenized.append(1) or real(cfg, **kw))
     args = ["train", "--offload", "ssd", "--ssd", str(ssd), "--out", str(tmp_path / "runs"), "data.source=text",
             f"data.path={corpus}", "model.preset=gpt-test", "model.n_layer=4", "data.seq_len=32", "train.steps=1", "train.eval_every=0"]
     assert main([*args, "--cpu-mem", "1MiB"]) == 2
@@ -305,7 +305,7 @@ def test_saved_weights_equal_reference(tmp_path):
 def test_an_earlier_runs_state_is_named_before_the_data_is_tokenized(tmp_path, capsys, monkeypatch):
     """A new run whose SSD directory holds an earlier run's committed state of the same name is refused
     before its data is tokenized (a new-user pass waited 6 s on a 28 MB chat file to be told)."""
-    import fuyou.train.loop as loop
+    import fuyou.train.records as records
 
     ssd, corpus = tmp_path / "ssd", tmp_path / "corpus.txt"
     ssd.mkdir()
@@ -314,8 +314,8 @@ def test_an_earlier_runs_state_is_named_before_the_data_is_tokenized(tmp_path, c
             "train.steps=1", "train.eval_every=0", "run.name=x"]
     assert main([*base, "--out", str(tmp_path / "a"), "offload.keep_state=true", "run.save_weights=false"]) == 0
     tokenized = []
-    real = loop.load_data
-    monkeypatch.setattr(loop, "load_data", lambda cfg: tokenized.append(1) or real(cfg))
+    real = records.load_data
+    monkeypatch.setattr(records, "load_data", lambda cfg: tokenized.append(1) or real(cfg))
     capsys.readouterr()
     assert main([*base, "--out", str(tmp_path / "b"), "data.source=text", f"data.path={corpus}"]) == 2
     assert f"holds the committed SSD state of the run in {(tmp_path / 'a' / 'x').resolve()}" in capsys.readouterr().err

@@ -146,12 +146,12 @@ def test_under_torchrun_a_sigterm_after_a_stop_is_the_same_stop(tmp_path):
 
 
 def test_a_ranks_own_copy_of_an_agreed_stop_is_the_same_stop(capfd):
-    """A rank stopped because another rank was (``_StopOnSignal.agree``) exited at once, without the stop's
+    """A rank stopped because another rank was (``StopOnSignal.agree``) exited at once, without the stop's
     commit, when its own copy of the same signal arrived later (signals that reach each process apart, as
     Slurm's; a review): it is the stop under way."""
-    from fuyou.train.loop import _StopOnSignal
+    from fuyou.train.signals import StopOnSignal
 
-    stop = _StopOnSignal()
+    stop = StopOnSignal()
     try:
         stop.requested, stop.from_other = "SIGINT", True  # as ``agree`` leaves a rank another rank's stop reached
         os.kill(os.getpid(), signal.SIGINT)

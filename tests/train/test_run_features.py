@@ -469,13 +469,13 @@ def test_unknown_hardware_presets_are_refused_by_train(tmp_path, capsys):
 
 
 def test_a_change_in_the_number_of_data_files_is_said(tmp_path):
-    from fuyou.train.loop import _data_files_change
+    from fuyou.train.records import data_files_change
 
     a, b = tmp_path / "a.txt", tmp_path / "b.txt"
     a.write_text("x")
     b.write_text("y")
     cfg = load_config(overrides=[f"data.path=[{str(a)!r}, {str(b)!r}]".replace("'", '"')])
-    text = _data_files_change(cfg, [[1, 10**18]], [[1, 10**18], [1, 10**18]])
+    text = data_files_change(cfg, [[1, 10**18]], [[1, 10**18], [1, 10**18]])
     assert f"{b}: not given -> 1 B, modified" in text, text  # (it printed "the data changed ... ()")
 
 
