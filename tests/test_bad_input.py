@@ -243,6 +243,45 @@ def test_a_non_finite_loss_stops_before_its_step_is_committed(tmp_path, capsys):
     assert rec["step"] >= 1
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_non_finite_gradient_norm_under_a_finite_loss_stops_before_its_step_is_committed(tmp_path, capsys,
+                                                                                          monkeypatch, precision):
+    """A finite loss whose gradient overflows (an inf in one parameter's norm, as fp32 backward or the sum of squares
+    can give): clipping by that norm would write NaN or zeroed weights into the commit. The step stops with the last
+    commit intact, and the resume from it is bit-exact with a run that never saw the overflow (nothing tested the
+    norm's check: every non-finite test made the loss non-finite, caught first; a mutation audit)."""
+    import fuyou.engine.engine as engine
+
+    args = ["model.preset=gpt-test", "model.n_layer=4", f"train.precision={precision}", "train.steps=4",
+            "data.seq_len=32", "train.micro_batch_size=2", "train.eval_every=0", "train.grad_clip=1.0",
+            "offload.commit_steps=1", "offload.resident_mem=0"]
+    ssd = tmp_path / "ssd"
+    ssd.mkdir()
+    base = ["train", "--offload", "ssd", "--ssd", str(ssd), "--out", str(tmp_path / "runs"), *args]
+    assert main([*base, "run.name=ref"]) == 0, capsys.readouterr().err
+    steps = []
+    real_step, real_norm, real_foreach = engine.Engine._train_step, engine.grad_norm, torch._foreach_norm
+
+    def train_step(self, step):
+        steps.append(step)
+        return real_step(self, step)
+
+    def overflow(norms):  # step 3's first parameter's norm: inf
+        return [torch.full_like(norms[0], float("inf")), *norms[1:]] if steps[-1] == 2 else norms
+    monkeypatch.setattr(engine.Engine, "_train_step", train_step)
+    monkeypatch.setattr(engine, "grad_norm", lambda g: overflow([real_norm(g)])[0])  # bf16: the kernel's norm
+    monkeypatch.setattr(torch, "_foreach_norm", lambda ts, *a: overflow(list(real_foreach(ts, *a))))  # fp32
+    err = _err(capsys, [*base, "run.name=of"])
+    assert "the gradient norm of step 3 is inf" in err and "the last commit is intact" in err, err
+    monkeypatch.undo()
+    rec = json.loads((ssd / "of.fuyou-state" / "fuyou-commit.json").read_text())
+    assert rec["step"] == 2
+    assert main(["train", "--resume", str(tmp_path / "runs" / "of")]) == 0, capsys.readouterr().err
+    want = load_file(str(tmp_path / "runs" / "ref" / "model.safetensors"))
+    got = load_file(str(tmp_path / "runs" / "of" / "model.safetensors"))
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
 @pytest.mark.parametrize("extra", [["train.grad_clip=1.0"], ["train.grad_clip=none"],
                                    ["lora.rank=2", "model.preset=llama-test"], ["optim.moments=int8"]])
 def test_an_in_memory_run_stops_at_a_non_finite_loss_and_keeps_the_weights_before_it(tmp_path, capsys, extra):
@@ -564,6 +603,24 @@ def test_runs_started_in_the_same_second_without_a_name_take_the_next_free_one(t
     assert main(memory) == 0, capsys.readouterr().err
     assert (runs / "gpt-test-20260202-000000-2" / "model.safetensors").is_file()
     assert list((runs / "gpt-test-20260202-000000").iterdir()) == []
+    # its records then fail (a full disk): the directory it made goes, not the other run's (a review: the other's
+    # was removed, named in the error)
+    monkeypatch.setattr(run.time, "strftime", lambda fmt, *a: "20260303-000000")
+
+    def made_with_metrics(cfg, path, rid):
+        if path.name == "gpt-test-20260303-000000":
+            path.mkdir(parents=True, exist_ok=True)
+            (path / "metrics.jsonl").write_text("{}\n")
+        return real(cfg, path, rid)
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(loop, "make_run_dir", made_with_metrics)
+    monkeypatch.setattr(loop, "_record_run", full)
+    err = _err(capsys, memory)
+    assert "making the run directory" in err and "gpt-test-20260303-000000-2 failed" in err, err
+    assert (runs / "gpt-test-20260303-000000" / "metrics.jsonl").is_file()
+    assert not (runs / "gpt-test-20260303-000000-2").exists()
 
 
 def test_runs_started_at_once_without_a_name_all_train(tmp_path):

@@ -512,6 +512,9 @@ def refuse_committed_state(store_dirs: list[Path], cfg, name: str) -> None:
     ``offload.replace_state``). Cheap: the engine asks before it loads the data, and again on opening."""
     from fuyou.engine.commit import RECORD
 
+    if cfg.run.name is None and lock_holder(store_dirs[0]) is not None:  # a run of the same second, live: said
+        raise NameTaken(f"the SSD state {store_dirs[0]} is another run's, held by process "  # before the data loads
+                        f"{lock_holder(store_dirs[0])}, of the same name: {_another_name(cfg)}")
     if (store_dirs[0] / RECORD).exists() and not cfg.offload.replace_state:
         owner = read_owner(store_dirs[0])
         if _unstarted(store_dirs[0], owner):

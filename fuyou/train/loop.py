@@ -7,6 +7,7 @@ owns the run directory, logging, evaluation cadence, tracing and saving.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
@@ -324,16 +325,22 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
         split = dist.broadcast(run_split(run_path) if dist.is_main else None, "agreeing on the held-out examples")
     if resume is None:
         agree_on_sources(cfg, dist)
-    drawn = resume is None and cfg.run.name is None and not dist.enabled  # a name from the time, one process
+    # a name drawn from the time, one process (--plan auto wrote its plan into the drawn directory already)
+    drawn = resume is None and cfg.run.name is None and not dist.enabled and not plan_auto
+    claimed = None  # the empty state directory that claims a name taken after another's (``next_free_name``)
     while True:
         vocabulary = run_vocabulary(run_path) if resume is not None else {}  # (filled in as the data loads)
         try:
             trainer = build_trainer(cfg, run_path.name, resume=resume is not None, split=split, vocabulary=vocabulary)
             break
-        except NameTaken:  # another run started in the same second drew the name (a job array's runs refused
-            if not drawn:  # each other: a pass): the next free one (torchrun: every rank stops with it)
-                raise
+        except BaseException as e:
+            if claimed is not None:  # (removed only while empty: the run stopped before its state was made there)
+                with contextlib.suppress(OSError):
+                    claimed.rmdir()
+            if not (drawn and isinstance(e, NameTaken)):  # another run started in the same second drew the name (a
+                raise  # job array's runs refused each other: a pass): the next free one (torchrun: ranks stop)
             taken, run_path = run_path, next_free_name(cfg, run_path)
+            claimed = (Path(cfg.offload.ssd_dirs[0]) / state_name(run_path.name)) if cfg.offload.mode == "ssd" else None
             print(f"fuyou: note: the name {taken.name}, drawn from the time, is another run's, started in the same "
                   f"second: this run is {run_path.name}", file=stream or sys.stderr)
     if resume is not None and dist.is_main and recorded is None:
@@ -375,18 +382,20 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
     return result
 
 
-def _make_dir(cfg: FuyouConfig, run_path: Path, rid: str, dist: distributed.Dist) -> Path:
-    """``make_run_dir``; one process in memory whose name drawn from the time another run took meanwhile takes the
-    next free one (an SSD run's state is named after its run: it stops, ``NameTaken``)."""
+def _make_dir(cfg: FuyouConfig, making: list[Path], rid: str, dist: distributed.Dist) -> Path:
+    """``make_run_dir`` of ``making[0]``; one process in memory whose name drawn from the time another run took
+    meanwhile takes the next free one, in ``making[0]`` (an SSD run's state is named after its run: it stops,
+    ``NameTaken``)."""
     while True:
         try:
-            return make_run_dir(cfg, run_path, rid)
+            return make_run_dir(cfg, making[0], rid)
         except NameTaken:
             if cfg.offload.mode == "ssd" or dist.enabled:
                 raise
-            taken, run_path = run_path, next_free_name(cfg, run_path)
+            taken = making[0]
+            making[0] = next_free_name(cfg, taken)
             print(f"fuyou: note: the name {taken.name}, drawn from the time, is another run's, started in the same "
-                  f"second: this run is {run_path.name}", file=sys.stderr)
+                  f"second: this run is {making[0].name}", file=sys.stderr)
 
 
 def _check_settings(cfg: FuyouConfig, new_run: bool, saved_hardware: dict) -> None:
@@ -598,17 +607,18 @@ def _make_run_dir_everywhere(cfg: FuyouConfig, run_path: Path, rid: str, trainer
     committed = getattr(trainer, "last_commit_step", None) is not None  # step 0's, on every rank
     if dist.is_main:
         existed = run_path.exists()  # (--plan auto's, with its profile and policy)
+        making = [run_path]  # the directory being made (in memory, another name if this one was taken meanwhile)
         try:  # the directory and every record a resume reads, before the others hear of it
-            made = _make_dir(cfg, run_path, rid, dist)
+            made = _make_dir(cfg, making, rid, dist)
             _record_run(made, cfg, vocabulary, dist)
             fault("run_dir")  # tests: rank 0 killed once its run directory is whole, before it says so
         except ConfigError as e:
             made = e
         except (FuyouError, OSError) as e:  # (a full disk: the others waited out the collective's timeout)
-            made = ConfigError(f"making the run directory {run_path} failed: "
+            made = ConfigError(f"making the run directory {making[0]} failed: "
                                f"{(e.strerror or e) if isinstance(e, OSError) else e}")
-            if not existed:  # half made, it named a resume of the state this refusal removes (a review)
-                shutil.rmtree(run_path, ignore_errors=True)
+            if making[0] != run_path or not existed:  # half made, it named a resume of the state this refusal
+                shutil.rmtree(making[0], ignore_errors=True)  # removes (a review); never another run's (a review)
         if committed and not isinstance(made, ConfigError):  # a peer lost from here on leaves a run to
             dist.run_dir = made  # resume (Dist._collective's advice): rank 0 said "nothing was started"
             # when a peer killed writing its step-0 record was gone before this broadcast (a racy test)

@@ -280,6 +280,14 @@ def test_epochs_cover_every_row_once_per_epoch(tmp_path):
     assert len(set(seen)) == n // 4 * 4  # no row twice within an epoch
     assert torch.equal(s.batch(5).tokens, s.batch(5).tokens) and s.epochs(n) == pytest.approx(4.0)
     assert s.steps_for(2.0, 8) == -(-2 * n // 8)
+    # each epoch is drawn again, as a function of (seed, epoch): the same rows in another order (the same order
+    # every epoch passed every test: a mutation audit)
+    def epoch(sampler, e):  # one sequence a batch: the epoch's rows in order
+        return [tuple(sampler.batch(i).tokens[0].tolist()) for i in range(e * n, (e + 1) * n)]
+    one = ExampleSampler(rows, 1, seed=3)
+    first, second = epoch(one, 0), epoch(one, 1)
+    assert sorted(first) == sorted(second) and first != second
+    assert epoch(ExampleSampler(rows, 1, seed=3), 1) == second and epoch(ExampleSampler(rows, 1, seed=4), 1) != second
 
 
 # -- prepared examples, CLI -----------------------------------------------------------------------------
@@ -414,7 +422,7 @@ def test_a_resume_refuses_data_of_another_vocabulary(tmp_path, capsys):
     from hf_testutil import make_hf_model
 
     from fuyou.cli import main
-    from fuyou.train.loop import DATA_FILES
+    from fuyou.train.run import DATA_FILES
 
     model = make_hf_model(tmp_path / "llama", "llama")
     src = write_jsonl(tmp_path / "qa.jsonl", qa_records(20))
