@@ -254,7 +254,7 @@ def test_a_non_finite_gradient_norm_under_a_finite_loss_stops_before_its_step_is
 
     args = ["model.preset=gpt-test", "model.n_layer=4", f"train.precision={precision}", "train.steps=4",
             "data.seq_len=32", "train.micro_batch_size=2", "train.eval_every=0", "train.grad_clip=1.0",
-            "offload.commit_steps=1", "offload.resident_mem=0"]
+            "offload.commit_every=1", "offload.resident_mem=0"]
     ssd = tmp_path / "ssd"
     ssd.mkdir()
     base = ["train", "--offload", "ssd", "--ssd", str(ssd), "--out", str(tmp_path / "runs"), *args]

@@ -91,7 +91,8 @@ class OffloadConfig(BaseModel):
         None, ge=0, description="CPU memory for activations of tier 'cpu' (bytes or '1GiB'); beyond it they "
         "overflow to SSD. Default: a quarter of cpu_mem when the policy uses the cpu tier, else 0.",
     )
-    act_chunk: int = Field(8 * 1024**2, ge=4096, description="Bytes per staging chunk of the activation swap pipeline.")
+    act_chunk: int = Field(8 * 1024**2, ge=4096, description="Bytes per staging chunk of the activation swap pipeline "
+                           "(rounded up to whole checksum blocks of the store, 1 MiB).")
     act_staging_chunks: int = Field(4, ge=1, description="Staging chunks of the activation swap pipeline (bounds its CPU memory).")
     act_prefetch_blocks: int = Field(2, ge=0, description="Blocks whose kept activations are fetched back ahead of backward.")
     io_threads: int = Field(8, ge=1, description="SSD I/O threads (requests in flight at the drives).")

@@ -66,7 +66,7 @@ class ActivationSwapper:
         self.store, self.dev, self.cpu_pool, self.pool = store, dev, cpu_pool, staging_pool
         self.cpu_bytes = cpu_pool.capacity if cpu_pool is not None else 0
         align = store.checksum_block
-        self.chunk_bytes = max(align, chunk_bytes // align * align)
+        self.chunk_bytes = -(-chunk_bytes // align) * align  # whole checksum blocks, as the budget counts them
         self.tracer, self._counters = tracer, counters_ref
         self.cpu_used = 0
         self._lock = threading.Lock()

@@ -50,6 +50,25 @@ def test_policy_equals_recompute_everything(tmp_path, policy, family):
         eng.close()
 
 
+@pytest.mark.parametrize("policy", ["all=ssd", "qkv,fc1=cpu", "fc2,proj=ssd;checkpoint=ssd"])
+def test_activations_swapped_in_many_chunks_equal_recompute(tmp_path, policy):
+    """Activations of several staging chunks (offload.act_chunk=1MiB, the least: the store's checksum block;
+    3-12 MiB each here): every chunk read back lands at its own offset. At the default 8 MiB every tested
+    activation was one chunk, and a read-back of every chunk to offset 0 passed (a mutation audit)."""
+    cfg = make_cfg(tmp_path, "model.preset=llama-test", "model.d_model=256", "model.d_ff=640", "data.seq_len=64",
+                   "train.micro_batch_size=48", "train.steps=2", f"offload.act_policy={policy}",
+                   "offload.act_cpu_mem=64KiB", "offload.act_chunk=1MiB", "train.grad_accum=2", "offload.cpu_mem=1GiB")
+    ref, eng, ref_stats, eng_stats = run_both(cfg)
+    try:
+        assert [s.loss for s in eng_stats] == [s.loss for s in ref_stats]
+        rw, ew = ref.state(), eng.state()
+        assert all(torch.equal(rw[k], ew[k]) for k in rw)
+        c = eng.counters
+        assert c.act_ssd_write_bytes > 16 * 2**20 and c.act_ssd_read_bytes == c.act_ssd_write_bytes
+    finally:
+        eng.close()
+
+
 @pytest.mark.parametrize("policy,replayed", [("recompute", 4), ("fc2=gpu", 3), ("fc2,proj,qkv=ssd", 1), ("all=gpu", 0)])
 def test_kept_matmuls_are_not_recomputed(tmp_path, monkeypatch, policy, replayed):
     calls = {"n": 0}
@@ -78,9 +97,9 @@ def test_kept_matmuls_are_not_recomputed(tmp_path, monkeypatch, policy, replayed
 
 
 def test_activations_beyond_the_cpu_budget_flow_through_ssd(tmp_path):
-    """Kept activations larger than the whole CPU budget: peak RSS stays under overhead + budget,
-    the overflow goes to SSD and comes back correctly (the run equals the reference, which it is
-    compared with in the test above; here the loss must match the recompute run's)."""
+    """Kept activations larger than the whole CPU budget: peak RSS stays under overhead + budget and the
+    overflow goes to SSD (that it comes back correctly, in many chunks as here, is
+    ``test_activations_swapped_in_many_chunks_equal_recompute``'s)."""
     ssd = tmp_path / "ssd"
     ssd.mkdir()
     script = textwrap.dedent(f"""
@@ -262,7 +281,10 @@ def test_what_the_cpu_tier_cannot_hold_is_counted_on_the_ssd(tmp_path, policy, s
     eng = Engine(cfg, load_data(cfg.data), "spill")
     try:
         eng.train_step(0)
-        c = eng.counters
+        first = (eng.counters.act_ssd_write_bytes, eng.counters.act_cpu_bytes, eng.counters.act_overflow_bytes)
+        eng.train_step(1)  # the share is given back after each step: the second places as the first (its release
+        c = eng.counters  # dropped, everything after step 1 overflowed and every test passed: a mutation audit)
+        assert (c.act_ssd_write_bytes, c.act_cpu_bytes, c.act_overflow_bytes) == first
     finally:
         eng.close()
     assert share is None or c.act_ssd_write_bytes > 0  # (the case overflows)

@@ -167,6 +167,36 @@ def test_a_copied_run_and_ssd_directory_resume_exactly(tmp_path, killed, capsys)
     assert all(torch.equal(got[k], want[k]) for k in want)
 
 
+@pytest.mark.parametrize("resign", [False, True])
+def test_a_record_edited_where_no_tag_looks_is_caught_by_its_checksum(tmp_path, killed, capsys, resign):
+    """An edit the store's tags cannot see (a field added, the recorded settings changed) is refused by the
+    record's checksum, the state as it was; re-signed, as a careful hand edit would, the same record resumes
+    exactly (the checksum alone refused it: a mutation audit found nothing that tested it apart)."""
+    src, want = killed
+    shutil.copytree(src / "ssd", tmp_path / "ssd", symlinks=True)
+    shutil.copytree(src / "runs" / "k", tmp_path / "runs" / "k", symlinks=True)
+    cfg = tmp_path / "runs" / "k" / "config.toml"
+    cfg.write_text(cfg.read_text().replace(str(src), str(tmp_path)))
+    state = tmp_path / "ssd" / "k.fuyou-state"
+    record = state / "fuyou-commit.json"
+    rec = json.loads(record.read_text())
+    rec["edited"] = "by hand"
+    if resign:
+        body = {k: v for k, v in rec.items() if k != "checksum"}
+        rec["checksum"] = hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    record.write_text(json.dumps(rec))
+    before = _digest(state)
+    rc = main(["train", "--resume", str(tmp_path / "runs" / "k")])
+    err = capsys.readouterr().err
+    if resign:
+        assert rc == 0, err
+        got = load_file(str(tmp_path / "runs" / "k" / "model.safetensors"))
+        assert all(torch.equal(got[k], want[k]) for k in want)
+    else:
+        assert rc == 2 and "is damaged or was edited" in err and "checksum" in err, err
+        assert _digest(state) == before
+
+
 @pytest.mark.slow
 def test_mutated_commit_records_and_manifests_many(tmp_path, killed, capsys):
     for seed in range(120, 600):

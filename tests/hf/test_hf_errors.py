@@ -316,6 +316,9 @@ def test_a_tied_checkpoint_may_carry_its_head_when_it_is_the_embedding(tmp_path)
     w["lm_head.weight"] = w["model.embed_tokens.weight"].clone()
     save_file(w, str(src / "model.safetensors"))
     import_checkpoint(src, tmp_path / "ok")
+    got = load_file(str(tmp_path / "ok" / "model.safetensors"))  # one tensor, the embedding, serves as the head
+    assert torch.equal(got["embed.wte"], w["model.embed_tokens.weight"]) and not any("lm_head" in k for k in got)
+    assert load_config(tmp_path / "ok" / "config.toml").model.tie_embeddings
 
 
 def test_without_an_index_model_safetensors_is_the_model(tmp_path):

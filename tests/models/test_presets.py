@@ -67,3 +67,20 @@ def test_todays_families_features():
     assert ModelConfig(**preset("mistral-7b-v0.1")).sliding_window == 4096
     assert ModelConfig(**preset("mistral-7b-v0.3")).sliding_window is None
     assert ModelConfig(**preset("qwen2.5-7b")).attn_bias
+
+
+@pytest.mark.parametrize("family,extra", [("gpt-test", {}), ("gpt-test", {"tie_embeddings": False}),
+                                          ("llama-test", {"attn_bias": True, "qk_norm": True}),
+                                          ("llama-test", {"tie_embeddings": True})])
+def test_weight_decay_applies_to_the_matmul_weights_only(family, extra):
+    """AdamW's decay: every matmul's weight (an untied LM head's too), never an embedding, a norm or a bias.
+    The engine and the reference trainer read the same flags, so only this pins them (a mutation audit: a norm's
+    bias set to decay passed every equivalence test)."""
+    model = StageModel(ModelConfig(**{**preset(family), **extra}))
+    seen = set()
+    for st in model.stages:
+        for name, spec in st.params.items():
+            matmul = len(spec.shape) == 2 and name not in ("wte", "wpe")
+            assert spec.decay == matmul, (st.name, name)
+            seen.add(name.rsplit(".", 1)[-1] if "." in name else name)
+    assert {"weight", "wte"} <= seen and ("bias" in seen) == (family == "gpt-test" or bool(extra.get("attn_bias")))

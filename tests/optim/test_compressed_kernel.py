@@ -130,6 +130,18 @@ def test_int8_codes():
     assert float(((w[big] - v[big]).abs() / v[big]).max()) <= 1 / 16
 
 
+def test_the_rounding_key_is_drawn_from_seed_step_and_stage():
+    """Each stage's rounding noise is its own, and each seed's: the engine and the reference share sr_key, so a
+    key blind to the stage (every stage rounding alike) passed every equivalence test (a mutation audit)."""
+    keys = {(seed, step, stage): sr_key(seed, step, stage) for seed in (0, 1, 2**31 + 5) for step in (1, 2, 1000)
+            for stage in (0, 1, 2, 97)}
+    assert len(set(keys.values())) == len(keys)
+    assert all(0 <= k < 2**32 for k in keys.values())
+    p = torch.full((4096,), 1.0 + 2.0**-9)
+    rounded = [stochastic_bf16(p, sr_key(1, 5, stage), 0) for stage in (0, 1)]
+    assert not torch.equal(rounded[0], rounded[1])
+
+
 def test_stochastic_rounding_is_unbiased_and_deterministic():
     p = torch.full((200_000,), 1.0 + 2.0**-9)  # a quarter of the way between two bf16 neighbours
     r1 = stochastic_bf16(p, sr_key(1, 5, 2), 0).float()

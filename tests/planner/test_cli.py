@@ -1260,14 +1260,18 @@ def test_activations_that_overflow_in_part_are_planned_tensor_by_tensor(tmp_path
         "read": 0, "written": 0}, (planned, step)
 
 
-@pytest.mark.parametrize("clip,budget", [("none", "302MiB"), ("100", "312MiB"), ("1.0", "312MiB")])
-def test_the_plans_ssd_traffic_is_what_train_reads_and_writes(tmp_path, capsys, clip, budget):
+@pytest.mark.parametrize("clip,budget,cache", [("none", "302MiB", True), ("100", "312MiB", True),
+                                               ("1.0", "312MiB", True), ("none", "302MiB", False)])
+def test_the_plans_ssd_traffic_is_what_train_reads_and_writes(tmp_path, capsys, clip, budget, cache):
     """The plan gave SSD seconds and written bytes a step, not what a step reads. A run that streams its
     weights (one stage cached), swaps activations to the SSD and keeps its optimizer state there: the plan's
     bytes read and written a step, and the activations' share, are the engine's counters of a step that did
-    not clip (grad_clip=100: the gradients are saved for a redo that never comes), to the byte."""
+    not clip (grad_clip=100: the gradients are saved for a redo that never comes), to the byte. Nothing cached
+    (offload.cache_weights=false), the tied embedding is read three times a step (forward, head, backward):
+    a plan that counted two passed while stage 0 was cached (a mutation audit)."""
     (tmp_path / "ssd").mkdir()
-    common = ["model.preset=gpt-tiny", f"train.grad_clip={clip}", "offload.act_policy=fc2,proj=ssd;0-3:checkpoint=ssd"]
+    common = ["model.preset=gpt-tiny", f"train.grad_clip={clip}", "offload.act_policy=fc2,proj=ssd;0-3:checkpoint=ssd",
+              f"offload.cache_weights={str(cache).lower()}"]
     assert main(["train", "--offload", "ssd", "--ssd", str(tmp_path / "ssd"), "--out", str(tmp_path / "runs"),
                  "--cpu-mem", budget, *common, "train.steps=3", "train.log_every=1", "train.eval_every=0",
                  "train.device=cpu", "offload.keep_state=true", "run.name=t", "run.save_weights=false"]) == 0
@@ -1281,7 +1285,7 @@ def test_the_plans_ssd_traffic_is_what_train_reads_and_writes(tmp_path, capsys, 
     capsys.readouterr()
     assert main(["plan", "--model", str(run), "--profile", str(_cpu_profile(tmp_path)), "--json"]) == 0
     p = json.loads(capsys.readouterr().out)
-    assert p["cached_stages"] == 1 and p["resident_stages"] == 0  # (the figures below move weights and state)
+    assert p["cached_stages"] == int(cache) and p["resident_stages"] == 0  # (the figures below move weights and state)
     if clip == "1.0":  # every step clips (the norm stays above 1): the first redoes its updates, the others defer
         assert all(x["clipped"] for x in records) and [x["deferred"] for x in records] == [False, True, True]
         clipping = p["ssd_clipping_step_bytes"]
