@@ -178,34 +178,64 @@ class Engine:
         self.completed = False
         self.abandoned = False              # the state belongs to no run (its directory was taken): close removes it
         self.tied = bool(self.model.stages[-1].shared)
-        self.act = keep_policies(off.act_policy, cfg.model.n_layer,
-                                 default_checkpoint_dtype(off.checkpoint_dtype, t.precision))
-        # what a block kept whole saves (budget.saved_block_bytes)
-        self.whole_block = saved_block_bytes(cfg.model, t.micro_batch_size, cfg.data.seq_len, dtype_size(self.cdtype),
-                                             cfg.lora, cfg.data.may_pack, self.device.type == "cuda")
-        self.act_cpu_mem, self.act_offtier = act_cpu_share(self.act, off, cpu_tier_need(
-            cfg.model, self.act, t.micro_batch_size, cfg.data.seq_len, dtype_size(self.cdtype), len(self.micro),
-            self.whole_block))
-        # Activations swapped to the cpu/ssd tiers are freed out of order, mid-heap, where glibc cannot
-        # return them: with such a policy every large block stays an mmap (bound_malloc's docstring).
-        if self.act_offtier:
-            bound_malloc(256 * 1024)
+        self._activation_memory()
+        self._load_fixed_overhead()
+        self._plan_memory(store_name)  # Budgets are promises: refused here, before creating anything
+        if not resume:  # an earlier run's committed state in the way: said before the data is tokenized too
+            refuse_committed_state(self.store_dirs, cfg, store_name)
+        data = data() if callable(data) else data
+        self._agree_on_data(data)
+        self.batches, self.eval_batches = make_batches(cfg, data)
+        self.fixed_overhead = resident_bytes()  # with the data: it is not the engine's to budget
+        if not self.dev.is_host:  # and kept: the device enforces the budget (the fake: item by item)
+            self.dev.set_plan(self.plan.device_items, self.plan.device_budget)
+        every_step = off.commit_steps == 1
+        for st in self.states:  # Note: [State copies] in layout
+            resident = st.index in self.plan.resident_stages
+            st.copies = st.copies[:copies_needed(off.commit, every_step, self.clipping and not resident)]
+            if (self.fmt.master_is_compute(self.cdtype) and not resident and st.index not in self.plan.cached_stages
+                    and st.owned):
+                st.read_weights_from_master()  # (a resident stage's master is in CPU memory: it keeps a copy)
+
+        state_cls = LoRATrainingState if self.lora else TrainingState
+        self.ts = state_cls(cfg, self.states, self.plan, self.store_dirs, self.store_cfg, self.chunk, self.cdtype,
+                            self.gdtype, self.clipping, self.dev)
+        if self.lora:  # the adapters and their optimizer, on the compute device (as the reference trainer's)
+            o = cfg.optim
+            self.adapters = self.ts.adapters = self.ts.new_adapters(t.seed, self.device, fresh=not resume)
+            self.lora_opt = self.ts.optimizer = torch.optim.AdamW(
+                [{"params": list(self.adapters.values()), "weight_decay": o.weight_decay}],
+                lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=True)
         else:
-            blocks, gsize = self.model.stages[1:-1], dtype_size(self.cdtype)
-            if self.lora:  # no weight gradients: a block's temporaries are its activations only
-                gsize = 0
-            largest = max((p.numel for b in blocks for p in b.params.values()), default=0)
-            thr = malloc_threshold(cfg.model, t.micro_batch_size, cfg.data.seq_len, gsize * largest)
-            bound_malloc(thr, thr + gsize * max((b.num_params for b in blocks), default=0))
-        adamw_backend()  # load (or build) the kernel library now: part of the fixed overhead
-        if self.lora:  # torch.optim imports its machinery on first use (~70 MiB): fixed overhead too
-            _warm_torch_optim(self.device)
-        if self.dev.kind == "cuda":
-            try:
-                self._warm_up()  # the CUDA context, cuBLAS and the kernels of a block: fixed overhead too
-            except torch.cuda.OutOfMemoryError:
-                pass  # one block does not fit at all: the memory plan refuses it below
-            torch.cuda.empty_cache()  # outside the except: its traceback no longer holds the tensors
+            self.adapters = {}
+        self.ts.sharded = self.sharded
+        self.store = self.ts.open_store(resume, store_name)
+        self._start_pipeline(resume)
+        self._pooled: dict[int, object] = {}    # stages' gradient-pool buffers (CPU device)
+        self._leaving = InFlight()              # gradients on their way to the host
+        self._held_events: dict[int, object] = {}  # resident stages' gradient copies into held_grad
+        self._spans: list = []                  # compute spans timed by device events (read after the step)
+        # On a device, references are dropped as soon as compute is done with them: each holds device
+        # memory the plan does not count twice. On the CPU the tensors are heap memory that glibc reuses
+        # for the next stage's (bound_malloc); freeing them early returns the heap to the OS and the next
+        # stage faults it back in (measured: GPT d=768 8 blocks b4 s256, 1.10 -> 1.46 s per step).
+        self._drop_early = not self.dev.is_host
+        # One micro-batch on an accelerator: each parameter's gradient is copied to the host as autograd
+        # made it, not flattened into a stage-sized device buffer first (that copy was a stage of memory).
+        # (Data parallel: the stage's gradient is summed over the ranks in one flat buffer.)
+        self._direct = not self.dev.is_host and t.grad_accum == 1 and not self.dist.enabled
+        self._norms: dict[str, Tensor] = {}
+        self._summing = None                    # data parallel: a stage's gradient being summed over the ranks
+        self._speculated: list[tuple[StageState, int, int]] = []  # this step's speculative updates (stage,
+        # source and target copy), redone if the norm exceeds the threshold
+        self._waiting: list[StageState] = []    # this step's stages updated once the norm is known
+        self.clipped = False                    # the last step's norm exceeded the threshold
+
+    def _plan_memory(self, store_name: str) -> None:
+        """The device budget, the store's settings and the memory plan (``_memory_plan``: data parallel, with
+        the ranks' shared weight cache where /dev/shm holds it), checked: a configuration that cannot fit is
+        refused before anything is created or the data is tokenized."""
+        off = self.cfg.offload
         self.gpu_mem = off.gpu_mem
         # a GPU's budget: with the compute on the CPU it held that device plan (items the CPU budget counts too)
         # to a second figure, in silence (a pass); it is ignored there, and the startup says so
@@ -239,35 +269,50 @@ class Engine:
                 self.plan = self._memory_plan()
         self.plan.local_ranks = self.dist.local_world if self.dist.enabled else 1  # (in the refusal's figures)
         self.plan.check()  # Budgets are promises: refuse before creating anything (or tokenizing the data).
-        if not resume:  # an earlier run's committed state in the way: said before the data is tokenized too
-            refuse_committed_state(self.store_dirs, cfg, store_name)
-        data = data() if callable(data) else data
-        self._agree_on_data(data)
-        self.batches, self.eval_batches = make_batches(cfg, data)
-        self.fixed_overhead = resident_bytes()  # with the data: it is not the engine's to budget
-        if not self.dev.is_host:  # and kept: the device enforces the budget (the fake: item by item)
-            self.dev.set_plan(self.plan.device_items, self.plan.device_budget)
-        every_step = off.commit_steps == 1
-        for st in self.states:  # Note: [State copies] in layout
-            resident = st.index in self.plan.resident_stages
-            st.copies = st.copies[:copies_needed(off.commit, every_step, self.clipping and not resident)]
-            if (self.fmt.master_is_compute(self.cdtype) and not resident and st.index not in self.plan.cached_stages
-                    and st.owned):
-                st.read_weights_from_master()  # (a resident stage's master is in CPU memory: it keeps a copy)
 
-        state_cls = LoRATrainingState if self.lora else TrainingState
-        self.ts = state_cls(cfg, self.states, self.plan, self.store_dirs, store_cfg, self.chunk, self.cdtype,
-                            self.gdtype, self.clipping, self.dev)
-        if self.lora:  # the adapters and their optimizer, on the compute device (as the reference trainer's)
-            o = cfg.optim
-            self.adapters = self.ts.adapters = self.ts.new_adapters(t.seed, self.device, fresh=not resume)
-            self.lora_opt = self.ts.optimizer = torch.optim.AdamW(
-                [{"params": list(self.adapters.values()), "weight_decay": o.weight_decay}],
-                lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=True)
+    def _activation_memory(self) -> None:
+        """The activation policy of each block, the cpu tier's share of the budget and the allocator's bounds
+        that follow from them."""
+        cfg, off, t = self.cfg, self.cfg.offload, self.cfg.train
+        self.act = keep_policies(off.act_policy, cfg.model.n_layer,
+                                 default_checkpoint_dtype(off.checkpoint_dtype, t.precision))
+        # what a block kept whole saves (budget.saved_block_bytes)
+        self.whole_block = saved_block_bytes(cfg.model, t.micro_batch_size, cfg.data.seq_len, dtype_size(self.cdtype),
+                                             cfg.lora, cfg.data.may_pack, self.device.type == "cuda")
+        self.act_cpu_mem, self.act_offtier = act_cpu_share(self.act, off, cpu_tier_need(
+            cfg.model, self.act, t.micro_batch_size, cfg.data.seq_len, dtype_size(self.cdtype), len(self.micro),
+            self.whole_block))
+        # Activations swapped to the cpu/ssd tiers are freed out of order, mid-heap, where glibc cannot
+        # return them: with such a policy every large block stays an mmap (bound_malloc's docstring).
+        if self.act_offtier:
+            bound_malloc(256 * 1024)
         else:
-            self.adapters = {}
-        self.ts.sharded = self.sharded
-        self.store = self.ts.open_store(resume, store_name)
+            blocks, gsize = self.model.stages[1:-1], dtype_size(self.cdtype)
+            if self.lora:  # no weight gradients: a block's temporaries are its activations only
+                gsize = 0
+            largest = max((p.numel for b in blocks for p in b.params.values()), default=0)
+            thr = malloc_threshold(cfg.model, t.micro_batch_size, cfg.data.seq_len, gsize * largest)
+            bound_malloc(thr, thr + gsize * max((b.num_params for b in blocks), default=0))
+
+    def _load_fixed_overhead(self) -> None:
+        """What a run holds whatever its budget, loaded before the budget is measured against the process: the
+        AdamW kernel library, torch.optim's machinery (LoRA), and on CUDA the context, cuBLAS and a block's kernels."""
+        adamw_backend()  # load (or build) the kernel library now: part of the fixed overhead
+        if self.lora:  # torch.optim imports its machinery on first use (~70 MiB): fixed overhead too
+            _warm_torch_optim(self.device)
+        if self.dev.kind == "cuda":
+            try:
+                self._warm_up()  # the CUDA context, cuBLAS and the kernels of a block: fixed overhead too
+            except torch.cuda.OutOfMemoryError:
+                pass  # one block does not fit at all: the memory plan refuses it below
+            torch.cuda.empty_cache()  # outside the except: its traceback no longer holds the tensors
+
+    def _start_pipeline(self, resume: bool) -> None:
+        """The buffers, threads and pipelines of a step, over the opened store: the pinned pools, the
+        out-of-core AdamW, the activation swapper, the weight streamer, the optimizer worker and (data parallel)
+        the weight exchange; the initial state written, or the committed one resumed. A failure stops the threads
+        started so far and closes the store."""
+        cfg, off, t = self.cfg, self.cfg.offload, self.cfg.train
         try:
             dev = None if self.dev.is_host else self.dev  # pools whose buffers the device copies from are pinned
             self.opt_pool = PinnedPool(max(self.plan.cpu_items["optimizer buffers"], 4096))  # never reaches the device
@@ -332,25 +377,6 @@ class Engine:
                         pass
             self.store.close(sync=not resume)  # a refused resume leaves the state exactly as it found it
             raise
-        self._pooled: dict[int, object] = {}    # stages' gradient-pool buffers (CPU device)
-        self._leaving = InFlight()              # gradients on their way to the host
-        self._held_events: dict[int, object] = {}  # resident stages' gradient copies into held_grad
-        self._spans: list = []                  # compute spans timed by device events (read after the step)
-        # On a device, references are dropped as soon as compute is done with them: each holds device
-        # memory the plan does not count twice. On the CPU the tensors are heap memory that glibc reuses
-        # for the next stage's (bound_malloc); freeing them early returns the heap to the OS and the next
-        # stage faults it back in (measured: GPT d=768 8 blocks b4 s256, 1.10 -> 1.46 s per step).
-        self._drop_early = not self.dev.is_host
-        # One micro-batch on an accelerator: each parameter's gradient is copied to the host as autograd
-        # made it, not flattened into a stage-sized device buffer first (that copy was a stage of memory).
-        # (Data parallel: the stage's gradient is summed over the ranks in one flat buffer.)
-        self._direct = not self.dev.is_host and t.grad_accum == 1 and not self.dist.enabled
-        self._norms: dict[str, Tensor] = {}
-        self._summing = None                    # data parallel: a stage's gradient being summed over the ranks
-        self._speculated: list[tuple[StageState, int, int]] = []  # this step's speculative updates (stage,
-        # source and target copy), redone if the norm exceeds the threshold
-        self._waiting: list[StageState] = []    # this step's stages updated once the norm is known
-        self.clipped = False                    # the last step's norm exceeded the threshold
 
     def _agree_on_data(self, data) -> None:
         """Data parallel: every rank reads the same data (each machine its own data.path; the settings the ranks
