@@ -382,22 +382,6 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
     return result
 
 
-def _make_dir(cfg: FuyouConfig, making: list[Path], rid: str, dist: distributed.Dist) -> Path:
-    """``make_run_dir`` of ``making[0]``; one process in memory whose name drawn from the time another run took
-    meanwhile takes the next free one, in ``making[0]`` (an SSD run's state is named after its run: it stops,
-    ``NameTaken``)."""
-    while True:
-        try:
-            return make_run_dir(cfg, making[0], rid)
-        except NameTaken:
-            if cfg.offload.mode == "ssd" or dist.enabled:
-                raise
-            taken = making[0]
-            making[0] = next_free_name(cfg, taken)
-            print(f"fuyou: note: the name {taken.name}, drawn from the time, is another run's, started in the same "
-                  f"second: this run is {making[0].name}", file=sys.stderr)
-
-
 def _check_settings(cfg: FuyouConfig, new_run: bool, saved_hardware: dict) -> None:
     """What a run is refused for before the ranks join: a logger that is not installed, an unknown hardware
     preset (``saved_hardware``: a resumed run's own config.toml names it), a kept state nothing could use."""
@@ -636,6 +620,22 @@ def _make_run_dir_everywhere(cfg: FuyouConfig, run_path: Path, rid: str, trainer
     if committed:
         dist.run_dir = run_dir
     return run_dir
+
+
+def _make_dir(cfg: FuyouConfig, making: list[Path], rid: str, dist: distributed.Dist) -> Path:
+    """``make_run_dir`` of ``making[0]``; one process in memory whose name drawn from the time another run took
+    meanwhile takes the next free one, in ``making[0]`` (an SSD run's state is named after its run: it stops,
+    ``NameTaken``)."""
+    while True:
+        try:
+            return make_run_dir(cfg, making[0], rid)
+        except NameTaken:
+            if cfg.offload.mode == "ssd" or dist.enabled:
+                raise
+            taken = making[0]
+            making[0] = next_free_name(cfg, taken)
+            print(f"fuyou: note: the name {taken.name}, drawn from the time, is another run's, started in the same "
+                  f"second: this run is {making[0].name}", file=sys.stderr)
 
 
 def _rank_0_lost(e: distributed.DistributedError, run_path: Path, dist: distributed.Dist, named: bool,
