@@ -70,3 +70,22 @@ def test_too_short_data_is_refused(tmp_path):
     d = load_data(DataConfig(source="text", path=[str(f)]))
     with pytest.raises(DataError, match="fewer than one sequence"):
         d.check_fits(128, 320)
+
+
+def test_windows_reach_the_last_token_and_data_one_window_long_trains():
+    """A window may start at the last place one fits (len - seq_len - 1), and data exactly one window long
+    gives that window; the held-out share is the joined tokens' tail, nothing shared or lost (a mutation audit:
+    the last window never drawn, and a token in both splits, passed)."""
+    from fuyou.data.dataset import join_tokens, split_tokens
+
+    tokens = np.arange(11, dtype=np.uint16)  # seq_len 8: windows start at 0, 1 or 2
+    s = BatchSampler(tokens, 8, 4, seed=0)
+    starts = {int(s.batch(i).tokens[j, 0]) for i in range(30) for j in range(4)}
+    assert starts == {0, 1, 2}
+    one = BatchSampler(np.arange(9, dtype=np.uint16), 8, 2, seed=0).batch(0)
+    assert one.tokens[0].tolist() == list(range(8)) and one.targets[0].tolist() == list(range(1, 9))
+    docs = [np.arange(1, 40, dtype=np.uint16), np.arange(5, 90, dtype=np.uint16)]
+    joined = join_tokens(docs, 0, 100, 1234)
+    train, val = split_tokens(docs, 0, 100, 0.1, 1234)
+    assert len(train) + len(val) == len(joined) and len(val) == int(len(joined) * 0.1)
+    assert np.array_equal(np.concatenate([train, val]), joined)

@@ -197,6 +197,29 @@ def test_a_record_edited_where_no_tag_looks_is_caught_by_its_checksum(tmp_path, 
         assert _digest(state) == before
 
 
+def test_a_record_one_generation_ahead_of_its_manifest_is_refused(tmp_path, killed, capsys):
+    """A commit record written after a manifest the store never got (its manifest lost, or restored from an older
+    copy): one generation ahead is enough to refuse it, signed as it is (the test of that check used a thousand,
+    and a check one generation too lax passed: a mutation audit)."""
+    src, _ = killed
+    shutil.copytree(src / "ssd", tmp_path / "ssd", symlinks=True)
+    shutil.copytree(src / "runs" / "k", tmp_path / "runs" / "k", symlinks=True)
+    cfg = tmp_path / "runs" / "k" / "config.toml"
+    cfg.write_text(cfg.read_text().replace(str(src), str(tmp_path)))
+    state = tmp_path / "ssd" / "k.fuyou-state"
+    generation = json.loads((state / "fuyou-store.json").read_text())["generation"]
+    rec = json.loads((state / "fuyou-commit.json").read_text())
+    assert rec["generation"] <= generation
+    body = {k: v for k, v in rec.items() if k != "checksum"}
+    body["generation"] = generation + 1
+    body["checksum"] = hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    (state / "fuyou-commit.json").write_text(json.dumps(body))
+    before = _digest(state)
+    assert main(["train", "--resume", str(tmp_path / "runs" / "k")]) == 2
+    assert f"names store generation {generation + 1}, newer than the store's {generation}" in capsys.readouterr().err
+    assert _digest(state) == before
+
+
 @pytest.mark.slow
 def test_mutated_commit_records_and_manifests_many(tmp_path, killed, capsys):
     for seed in range(120, 600):

@@ -79,3 +79,17 @@ def test_without_autograd_the_loss_alone_is_computed_and_is_the_same():
     assert torch.equal(with_grads.detach(), alone) and alone.grad_fn is None
     ref = torch.nn.functional.cross_entropy(h @ w.t(), t)
     assert torch.allclose(alone, ref, rtol=1e-6)
+
+
+def test_the_head_gradient_summed_over_several_blocks_of_the_vocabulary(monkeypatch):
+    """The weight's gradient is summed a block of the vocabulary's rows at a time (16M/d rows: 32 blocks for an
+    8B Llama's head); every test vocabulary fitted one block, and a loop that wrote each block's sum into the
+    first passed (a mutation audit). Blocks of 7 rows here, the last one short."""
+    from fuyou.models import layers
+
+    monkeypatch.setattr(layers, "LOSS_CHUNK_BYTES", 4 * 16 * 7)  # 7 fp32 rows of d=16
+    torch.manual_seed(0)
+    h, w, t = torch.randn(18, 16), torch.randn(50, 16) * 0.1, torch.randint(0, 50, (18,))
+    la, gha, gwa = _grads(lambda h, w, t: linear_cross_entropy(h, w, t, chunk_tokens=5), h, w, t)
+    lb, ghb, gwb = _grads(_full, h, w, t)
+    assert _rel(la, lb) < 1e-6 and _rel(gha, ghb) < 1e-5 and _rel(gwa, gwb) < 1e-5

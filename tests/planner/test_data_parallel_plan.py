@@ -47,6 +47,17 @@ def test_two_ranks_share_the_micro_batches_and_own_disjoint_stages():
     assert not workload(ranks=2, lora=None).lora_params  # full fine-tuning shards; LoRA replicates (below)
 
 
+def test_stage_owners_balance_the_ranks_parameters():
+    """Largest stages first, each to the least-loaded rank (the comparison above is the function with itself;
+    smallest-first passed it: a mutation audit)."""
+    assert stage_owners([10, 1, 1, 8], 2) == [0, 1, 1, 1]  # loads 10 and 10 (smallest first: 9 and 11)
+    numels = [50_000, 3_000, 3_000, 3_000, 3_000, 3_000, 3_000, 3_000, 3_000, 40_000]  # embedding, blocks, head
+    for world in (2, 3, 4):
+        owners = stage_owners(numels, world)
+        loads = [sum(n for n, r in zip(numels, owners) if r == rank) for rank in range(world)]
+        assert sorted(set(owners)) == list(range(world)) and max(loads) - min(loads) <= max(numels), (world, loads)
+
+
 def test_ssd_traffic_of_a_sharded_step_counts_every_ranks_weights_and_the_state_once():
     """No cache, no resident state, no clipping: each rank reads every stage's weights (forward and
     backward; the head once; the embedding a third time for a tied head); each stage's state is read

@@ -569,7 +569,7 @@ def test_snapshots_are_ordered_by_step_and_a_resume_sets_aside_the_later_ones(tm
     from fuyou.train.run import set_aside_later_snapshots, snapshot_dirs
 
     root = tmp_path / "run" / "snapshots"
-    for step in (999998, 999999, 1000000, 5, 20):
+    for step in (999998, 999999, 1000000, 5, 20, 10):
         (root / f"step-{step:06d}").mkdir(parents=True)
     (root / ".step-000030.tmp").mkdir()
     assert [p.name for p in snapshot_dirs(root)][-1] == "step-1000000"
@@ -577,7 +577,8 @@ def test_snapshots_are_ordered_by_step_and_a_resume_sets_aside_the_later_ones(tm
     moved, dropped = set_aside_later_snapshots(tmp_path / "run", 10)
     assert sorted(p.name for p in moved) == ["abandoned-step-000020", "abandoned-step-1000000",
                                              "abandoned-step-999998", "abandoned-step-999999"] and not dropped
-    assert [p.name for p in snapshot_dirs(root)] == ["step-000005"]
+    # the snapshot of the commit it resumes from is of its own trajectory: kept (a mutation audit: set aside too)
+    assert [p.name for p in snapshot_dirs(root)] == ["step-000005", "step-000010"]
     # killed and resumed again: the redone steps' snapshots are the same weights, and a copy piled up at every
     # kill (a new-user pass); one of another lineage (a resume that changed the learning rate) is kept beside,
     # and one without a record (older) is never taken for another
