@@ -59,8 +59,13 @@ def loss_text(ex, k: int, tok=ByteTokenizer()) -> str:
     ({"prompt": "Hi?", "completion": " Yes."}, "Hi?", " Yes."),
     ({"prompt": "Hi?", "response": " Yes."}, "Hi?", " Yes."),
     ({"prompt": "Hi?", "output": " Yes."}, "Hi?", " Yes."),
-    ({"instruction": "Add.", "input": "2 and 2", "output": "4"}, "### Input:\n2 and 2\n\n### Response:\n", "4"),
-    ({"instruction": "Say hi.", "output": "hi"}, "### Instruction:\nSay hi.\n\n### Response:\n", "hi"),
+    ({"instruction": "Add.", "input": "2 and 2", "output": "4"},
+     "Below is an instruction that describes a task, paired with an input that provides further context. Write a "
+     "response that appropriately completes the request.\n\n### Instruction:\nAdd.\n\n### Input:\n2 and 2\n\n"
+     "### Response:\n", "4"),
+    ({"instruction": "Say hi.", "output": "hi"},  # (Alpaca's own two headers, pinned: a mutation audit)
+     "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+     "### Instruction:\nSay hi.\n\n### Response:\n", "hi"),
 ])
 def test_only_the_completion_carries_loss(tmp_path, rec, prompt, answer):
     d = tokenize_records([write_jsonl(tmp_path / "d.jsonl", [rec])], "byte", val_fraction=0.5)
@@ -68,7 +73,7 @@ def test_only_the_completion_carries_loss(tmp_path, rec, prompt, answer):
     text, ids = loss_text(ex, 0)
     assert text == answer and ids[-1] == ByteTokenizer.eos_id  # the answer and its EOS, nothing else
     full = ByteTokenizer().decode([int(t) for t in ex.tokens])
-    assert full.startswith(prompt) if "instruction" not in rec else prompt in full
+    assert full.startswith(prompt)
     d2 = tokenize_records([tmp_path / "d.jsonl"], "byte", train_on_prompt=True, val_fraction=0.5)
     assert int(d2.train.loss[1:].sum()) == len(d2.train.tokens) - 1  # every target
 
@@ -597,10 +602,11 @@ def test_sharegpt_and_trl_conversations_read_as_messages(tmp_path):
     msgs = CHAT[0]["messages"]
     who = {"system": "system", "user": "human", "assistant": "gpt"}
     share = {"conversations": [{"from": who[m["role"]], "value": m["content"]} for m in msgs]}
+    shouted = {"conversations": [{"from": who[m["role"]].upper(), "value": m["content"]} for m in msgs]}  # ("Human")
     # TRL: the prompt's turns carry no loss, the completion's assistant turns do
     trl = {"prompt": msgs[:4], "completion": msgs[4:]}
     ref = tokenize_records([f := write_jsonl(tmp_path / "m.jsonl", [CHAT[0]])], "byte", eval_paths=[f])
-    for name, rec in (("s", share), ("t", trl)):
+    for name, rec in (("s", share), ("S", shouted), ("t", trl)):
         g = write_jsonl(tmp_path / f"{name}.jsonl", [rec])
         d = tokenize_records([g], "byte", eval_paths=[g])
         assert np.array_equal(np.asarray(d.train.tokens), np.asarray(ref.train.tokens)), name

@@ -179,3 +179,24 @@ def test_a_gpt2_checkpoint_of_few_positions_imports_and_plans_within_them(tmp_pa
     assert main(["plan", "--model", str(gpt2), "--gpu", "rtx4090", "--ssd", "1x990-pro", "--cpu-mem",
                  "4GiB", "--seq", "128"]) == 2
     assert "beyond the checkpoint's 64 learned positions" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arch,config_cls", [("LlamaForCausalLM", "LlamaConfig"), ("Qwen2ForCausalLM", "Qwen2Config"),
+                                             ("MistralForCausalLM", "MistralConfig")])
+def test_a_config_json_without_optional_keys_reads_as_transformers_does(arch, config_cls):
+    """Keys a config.json may leave out take transformers' defaults (rope_theta; Qwen2's max_window_layers,
+    from which layer on the sliding window applies): a default of ours that differed passed every test (a
+    mutation audit), and would train another model than the one transformers loads."""
+    transformers = pytest.importorskip("transformers")
+    defaults = getattr(transformers, config_cls)()
+    base = {"architectures": [arch], "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "intermediate_size": 128, "num_hidden_layers": 4, "vocab_size": 100, "max_position_embeddings": 64}
+    assert to_fuyou(base)["rope_theta"] == float(getattr(defaults, "rope_theta", None)
+                                                 or defaults.rope_parameters["rope_theta"])
+    if arch == "Qwen2ForCausalLM":  # the window from layer max_window_layers on: none of 4 layers, all of 40 but 28
+        windowed = {**base, "use_sliding_window": True, "sliding_window": 16}
+        assert defaults.max_window_layers == 28 and to_fuyou(windowed)["sliding_window"] is None
+        from fuyou.errors import ConfigError
+
+        with pytest.raises(ConfigError, match="12 of 40 layers use sliding-window attention"):
+            to_fuyou({**windowed, "num_hidden_layers": 40})

@@ -83,6 +83,16 @@ def test_import_then_train_from_its_config_then_export(hf_models, tmp_path, caps
     index = read_json(out / "model.safetensors.index.json")
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 1 and "lm_head.weight" not in index["weight_map"]  # tied: transformers ties it
+    # packed greedily, in order: a shard closes only when its next tensor would take it past 40 KiB (a shard a
+    # tensor after the first split passed: a mutation audit)
+    sizes = {}
+    for s in shards:
+        with safe_open(str(out / s), framework="pt") as f:
+            sizes[s] = {k: f.get_tensor(k).numel() * 2 for k in f.keys()}
+    order = list(index["weight_map"])
+    for a, b in zip(shards, shards[1:]):
+        first_next = min(sizes[b], key=order.index)
+        assert sum(sizes[a].values()) + sizes[b][first_next] > 40 * 1024, (a, b)
     with safe_open(str(out / shards[0]), framework="pt") as f:
         assert all(f.get_tensor(k).dtype == torch.bfloat16 for k in f.keys())
     assert (out / "tokenizer.json").is_file()  # found through the run's init_from chain

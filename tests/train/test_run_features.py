@@ -1015,3 +1015,23 @@ def test_weights_not_saved_are_said_at_the_start_and_at_export(tmp_path, capsys)
     assert "kept nowhere" not in capsys.readouterr().err
     assert main(["export", str(tmp_path / "runs" / "ssd"), "--out", str(tmp_path / "hf")]) == 0
     assert "(finished with run.save_weights=false): exporting its last commit (step 2)" in capsys.readouterr().err
+
+
+def test_a_data_directory_edited_inside_is_a_change(tmp_path):
+    """A directory of text files is fingerprinted by its count, size and newest modification: one file
+    rewritten at the same size later is seen (with the oldest time, as a mutation audit tried, it was not)."""
+    import os
+
+    from fuyou.config import load_config
+    from fuyou.train.records import data_fingerprint
+
+    d = tmp_path / "texts"
+    d.mkdir()
+    for name, when in (("a.txt", 1_000_000_000), ("b.txt", 1_100_000_000)):
+        (d / name).write_text("The quick brown fox. " * 20)
+        os.utime(d / name, (when, when))
+    cfg = load_config(overrides=["data.source=text", f"data.path={d}"])
+    before = data_fingerprint(cfg)
+    (d / "b.txt").write_text("The quick brown cat. " * 20)  # same size, newer
+    os.utime(d / "b.txt", (1_200_000_000, 1_200_000_000))
+    assert data_fingerprint(cfg) != before
