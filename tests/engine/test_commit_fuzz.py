@@ -154,14 +154,19 @@ def test_mutated_commit_records_and_manifests(tmp_path, killed, capsys):
     assert outcomes.count("refused") > 60 and outcomes.count("exact") >= 10, outcomes.count("exact")
 
 
-def test_a_copied_run_and_ssd_directory_resume_exactly(tmp_path, killed, capsys):
-    """A restored backup: the run directory and its SSD directory copied elsewhere. The state's owner file
-    names the original run, which still exists but uses another SSD directory: not a shared state."""
-    src, want = killed
+def _copy_killed(src, tmp_path) -> None:
+    """The killed run and its SSD directory, copied under ``tmp_path`` (its config.toml pointed there)."""
     shutil.copytree(src / "ssd", tmp_path / "ssd", symlinks=True)
     shutil.copytree(src / "runs" / "k", tmp_path / "runs" / "k", symlinks=True)
     cfg = tmp_path / "runs" / "k" / "config.toml"
     cfg.write_text(cfg.read_text().replace(str(src), str(tmp_path)))
+
+
+def test_a_copied_run_and_ssd_directory_resume_exactly(tmp_path, killed, capsys):
+    """A restored backup: the run directory and its SSD directory copied elsewhere. The state's owner file
+    names the original run, which still exists but uses another SSD directory: not a shared state."""
+    src, want = killed
+    _copy_killed(src, tmp_path)
     assert main(["train", "--resume", str(tmp_path / "runs" / "k")]) == 0, capsys.readouterr().err
     got = load_file(str(tmp_path / "runs" / "k" / "model.safetensors"))
     assert all(torch.equal(got[k], want[k]) for k in want)
@@ -173,10 +178,7 @@ def test_a_record_edited_where_no_tag_looks_is_caught_by_its_checksum(tmp_path, 
     record's checksum, the state as it was; re-signed, as a careful hand edit would, the same record resumes
     exactly (the checksum alone refused it: a mutation audit found nothing that tested it apart)."""
     src, want = killed
-    shutil.copytree(src / "ssd", tmp_path / "ssd", symlinks=True)
-    shutil.copytree(src / "runs" / "k", tmp_path / "runs" / "k", symlinks=True)
-    cfg = tmp_path / "runs" / "k" / "config.toml"
-    cfg.write_text(cfg.read_text().replace(str(src), str(tmp_path)))
+    _copy_killed(src, tmp_path)
     state = tmp_path / "ssd" / "k.fuyou-state"
     record = state / "fuyou-commit.json"
     rec = json.loads(record.read_text())
@@ -202,10 +204,7 @@ def test_a_record_one_generation_ahead_of_its_manifest_is_refused(tmp_path, kill
     copy): one generation ahead is enough to refuse it, signed as it is (the test of that check used a thousand,
     and a check one generation too lax passed: a mutation audit)."""
     src, _ = killed
-    shutil.copytree(src / "ssd", tmp_path / "ssd", symlinks=True)
-    shutil.copytree(src / "runs" / "k", tmp_path / "runs" / "k", symlinks=True)
-    cfg = tmp_path / "runs" / "k" / "config.toml"
-    cfg.write_text(cfg.read_text().replace(str(src), str(tmp_path)))
+    _copy_killed(src, tmp_path)
     state = tmp_path / "ssd" / "k.fuyou-state"
     generation = json.loads((state / "fuyou-store.json").read_text())["generation"]
     rec = json.loads((state / "fuyou-commit.json").read_text())
