@@ -97,3 +97,14 @@ def test_parser_does_not_import_torch():
             "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.'))[:3])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_no_two_test_modules_share_a_name():
+    """pytest imports test modules by their basename (no packages under tests/): a second test_lora.py stopped the
+    whole suite at collection, which CI would have run as a failure of everything."""
+    tests = Path(__file__).parent
+    seen: dict[str, Path] = {}
+    for p in sorted(tests.rglob("*.py")):
+        if p.name.startswith("test_") or p.name.endswith("_testutil.py"):  # (conftest.py: one a folder, by design)
+            assert p.name not in seen, f"{p} and {seen[p.name]} share a name"
+            seen[p.name] = p
