@@ -458,6 +458,20 @@ def test_a_run_starts_from_a_peft_adapter_offloaded_as_in_memory(hf_models, tmp_
     saved = load_file(str(still / "adapter.safetensors"))
     params = dict(theirs.named_parameters())
     assert saved and all(torch.equal(saved[k], params[peft_key("llama", k)].detach()) for k in saved)
+    # keys that carry the adapter's name ("lora_A.default.weight", as some PEFT versions save them) read the same
+    # (the fallback was never read by a test: a mutation audit)
+    import shutil
+
+    from safetensors.torch import save_file
+
+    shutil.copytree(tmp_path / "peft", tmp_path / "named")
+    raw = load_file(str(tmp_path / "named" / "adapter_model.safetensors"))
+    save_file({k.removesuffix(".weight") + ".default.weight": v for k, v in raw.items()},
+              str(tmp_path / "named" / "adapter_model.safetensors"))
+    named = lora_train(tmp_path, args[0], *args[1:-1], f"lora.init_from={tmp_path / 'named'}", "optim.lr=0",
+                       name="named", offload=True)
+    again = load_file(str(named / "adapter.safetensors"))
+    assert again.keys() == saved.keys() and all(torch.equal(again[k], saved[k]) for k in saved)
     x = tokens()
     ours, base = fuyou_lora_logits(still, open_checkpoint(src).init_values, x)
     assert float((ours - base).abs().max()) > 1e-2  # the adapter matters

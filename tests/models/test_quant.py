@@ -258,3 +258,17 @@ def test_double_quantised_absmax_is_close_and_deterministic():
     assert float(x[3].abs().max()) == 0.0
     plain = dequantise_nf4(codes, absmax, w.numel(), torch.float32).view_as(w)
     assert float((x - plain).norm() / (plain - w).norm()) < 0.05  # far below NF4's own error
+
+
+def test_nf4_values_halfway_between_two_levels_take_the_lower_one():
+    """A value exactly halfway between two NF4 levels goes to the lower (bitsandbytes compares x > midpoint),
+    in the torch path and the kernel's alike: random weights never land on a midpoint, and ties sent up passed
+    every test (a mutation audit)."""
+    levels = torch.tensor(NF4_LEVELS, dtype=torch.float32)
+    mids = (levels[1:] + levels[:-1]) / 2
+    w = torch.cat([torch.tensor([1.0]), mids, torch.zeros(64 - 1 - mids.numel())])  # absmax 1: x / absmax exact
+    for kernel in (False, True):
+        codes, am = quantise_nf4(w, kernel=kernel)
+        idx = torch.stack([codes & 15, codes >> 4], dim=1).reshape(-1)
+        assert float(am[0]) == 1.0
+        assert idx[1:1 + mids.numel()].tolist() == list(range(mids.numel())), kernel  # level i, not i + 1
