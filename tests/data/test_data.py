@@ -89,3 +89,20 @@ def test_windows_reach_the_last_token_and_data_one_window_long_trains():
     train, val = split_tokens(docs, 0, 100, 0.1, 1234)
     assert len(train) + len(val) == len(joined) and len(val) == int(len(joined) * 0.1)
     assert np.array_equal(np.concatenate([train, val]), joined)
+
+
+def test_the_data_fingerprint_the_ranks_compare_covers_the_held_out_split():
+    """Data-parallel ranks compare content_fingerprint: ranks whose held-out tokens differ evaluate different
+    data, as ranks with different training tokens train on it; both are seen (a fingerprint of the training split
+    alone passed every test: a mutation audit)."""
+    from fuyou.data.dataset import TokenData, content_fingerprint
+
+    rng = np.random.default_rng(0)
+    train, val = rng.integers(0, 300, 50_000).astype(np.uint16), rng.integers(0, 300, 5_000).astype(np.uint16)
+    base = content_fingerprint(TokenData(train, val, 320, 0, "byte"))
+    other_val, other_train = val.copy(), train.copy()
+    other_val[0] ^= 1
+    other_train[0] ^= 1
+    assert content_fingerprint(TokenData(train, other_val, 320, 0, "byte")) != base
+    assert content_fingerprint(TokenData(other_train, val, 320, 0, "byte")) != base
+    assert content_fingerprint(TokenData(train.copy(), val.copy(), 320, 0, "byte")) == base

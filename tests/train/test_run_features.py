@@ -1035,3 +1035,39 @@ def test_a_data_directory_edited_inside_is_a_change(tmp_path):
     (d / "b.txt").write_text("The quick brown cat. " * 20)  # same size, newer
     os.utime(d / "b.txt", (1_200_000_000, 1_200_000_000))
     assert data_fingerprint(cfg) != before
+
+
+def test_the_run_directorys_disk_is_judged_by_the_copies_it_will_hold(tmp_path, monkeypatch):
+    """check_run_dir_space counts the final weights and the snapshots train.save_every makes before the last step
+    (none at the last step itself), up to train.keep_snapshots, less the snapshots a resume finds there already:
+    the exact need is let through and a byte less refused (a mutation audit: one snapshot too many, or the held
+    ones not counted off, passed every test)."""
+    import shutil
+    from collections import namedtuple
+
+    from fuyou.config import load_config
+    from fuyou.errors import ConfigError
+    from fuyou.models import StageModel
+    from fuyou.train.guards import check_run_dir_space
+
+    usage = namedtuple("usage", "total used free")
+    cfg = load_config(overrides=["model.preset=gpt-test", "train.steps=10", "train.save_every=5",
+                                 "train.keep_snapshots=3", f"run.out_dir={tmp_path}"])
+    model = StageModel(cfg.model)
+    size = 4 * model.num_params + 256 * len(model.param_specs()) + 64 * 1024
+    run = tmp_path / "r"
+    run.mkdir()
+
+    def judged(free: int) -> bool:
+        monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**15, 0, free))
+        try:
+            check_run_dir_space(cfg, run)
+            return True
+        except ConfigError:
+            return False
+    need = 2 * size + 2**20  # the final weights and one snapshot (step 5; step 10 is the last)
+    assert judged(need) and not judged(need - 1)
+    snap = run / "snapshots" / "step-000005"
+    snap.mkdir(parents=True)
+    (snap / "model.safetensors").write_bytes(b"\0" * 1000)  # a resume finds it: its bytes are held already
+    assert judged(need - 1000) and not judged(need - 1001)
