@@ -512,19 +512,18 @@ def refuse_committed_state(store_dirs: list[Path], cfg, name: str) -> None:
     ``offload.replace_state``). Cheap: the engine asks before it loads the data, and again on opening."""
     from fuyou.engine.commit import RECORD
 
-    if cfg.run.name is None and lock_holder(store_dirs[0]) is not None:  # a run of the same second, live: said
-        raise NameTaken(f"the SSD state {store_dirs[0]} is another run's, held by process "  # before the data loads
-                        f"{lock_holder(store_dirs[0])}, of the same name: {_another_name(cfg)}")
+    live = lock_holder(store_dirs[0])
+    if cfg.run.name is None and live is not None:  # a run of the same second, live: said before the data loads
+        raise NameTaken(f"the SSD state {store_dirs[0]} is another run's, held by process {live}, of the same name: "
+                        f"{_another_name(cfg)}")
     if (store_dirs[0] / RECORD).exists() and not cfg.offload.replace_state:
         owner = read_owner(store_dirs[0])
         if _unstarted(store_dirs[0], owner):
             return  # the initial state of a run whose directory was never made: nothing to resume, it is removed
         run = f"the run in {owner}" if owner else f"an earlier run named {name[:-len(STATE_SUFFIX)]!r}"
-        live = lock_holder(store_dirs[0])
         if live is not None:  # (its advice was to resume a run that was still training)
-            taken = NameTaken if cfg.run.name is None else ConfigError
-            raise taken(f"{store_dirs[0]} holds the SSD state of {run}, which is still training (process {live}); "
-                        f"{_another_name(cfg)}")
+            raise ConfigError(f"{store_dirs[0]} holds the SSD state of {run}, which is still training (process "
+                              f"{live}); {_another_name(cfg)}")
         raise ConfigError(f"{store_dirs[0]} holds the committed SSD state of {run}: continue it with `fuyou train "
                           f"--resume {owner or 'RUN_DIR'}`, or choose another run.name (offload.replace_state=true "
                           f"deletes that state, and that run could not be resumed again)")

@@ -339,10 +339,7 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
                     claimed.rmdir()
             if not (drawn and isinstance(e, NameTaken)):  # another run started in the same second drew the name (a
                 raise  # job array's runs refused each other: a pass): the next free one (torchrun: ranks stop)
-            taken, run_path = run_path, next_free_name(cfg, run_path)
-            claimed = (Path(cfg.offload.ssd_dirs[0]) / state_name(run_path.name)) if cfg.offload.mode == "ssd" else None
-            print(f"fuyou: note: the name {taken.name}, drawn from the time, is another run's, started in the same "
-                  f"second: this run is {run_path.name}", file=stream or sys.stderr)
+            run_path, claimed = _next_name(cfg, run_path, stream or sys.stderr)
     if resume is not None and dist.is_main and recorded is None:
         write_run_id(run_path, rid)
     claim_state(trainer, run_path, rid)
@@ -632,10 +629,15 @@ def _make_dir(cfg: FuyouConfig, making: list[Path], rid: str, dist: distributed.
         except NameTaken:
             if cfg.offload.mode == "ssd" or dist.enabled:
                 raise
-            taken = making[0]
-            making[0] = next_free_name(cfg, taken)
-            print(f"fuyou: note: the name {taken.name}, drawn from the time, is another run's, started in the same "
-                  f"second: this run is {making[0].name}", file=sys.stderr)
+            making[0], _ = _next_name(cfg, making[0], sys.stderr)
+
+
+def _next_name(cfg: FuyouConfig, taken: Path, out) -> tuple[Path, Path | None]:
+    """``next_free_name`` after ``taken``, a name drawn from the time that another run took, said to ``out``."""
+    path, claim = next_free_name(cfg, taken)
+    print(f"fuyou: note: the name {taken.name}, drawn from the time, is another run's, started in the same second: "
+          f"this run is {path.name}", file=out)
+    return path, claim
 
 
 def _rank_0_lost(e: distributed.DistributedError, run_path: Path, dist: distributed.Dist, named: bool,

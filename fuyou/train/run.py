@@ -119,13 +119,14 @@ def run_dir_path(cfg: FuyouConfig) -> Path:
     return path
 
 
-def next_free_name(cfg: FuyouConfig, path: Path) -> Path:
+def next_free_name(cfg: FuyouConfig, path: Path) -> tuple[Path, Path | None]:
     """After ``path``, a name drawn from the time that another run took (``NameTaken``: started in the same
     second), the next of ``run_dir_path``'s numbered names that no run directory in run.out_dir and no SSD
     state has. Numbered from the name the runs drew (a second drawn later could be theirs too), and an SSD
     run's name is claimed: its state directory is made, empty, at once (``mkdir`` is atomic), so runs retrying
     at once take one number each (unclaimed, they met again at each number, and loaded their data each time:
-    a review). The caller removes the empty directory if the run stops before its state is made there."""
+    a review). Returns the name and the claim (None in memory); the caller removes the claim, empty, if the run
+    stops before its state is made there."""
     m = re.fullmatch(r"(.*-\d{8}-\d{6})(?:-(\d+))?", path.name)
     base, n = (m.group(1), int(m.group(2) or 1)) if m else (path.name, 1)
     ssd = cfg.offload.ssd_dirs if cfg.offload.mode == "ssd" else []
@@ -135,10 +136,11 @@ def next_free_name(cfg: FuyouConfig, path: Path) -> Path:
         if path.exists() or any(any(Path(d).glob(state_name(path.name) + "*")) for d in ssd):
             continue
         if not ssd:
-            return path
+            return path, None
+        claim = Path(ssd[0]) / state_name(path.name)
         try:
-            (Path(ssd[0]) / state_name(path.name)).mkdir()
-            return path
+            claim.mkdir()
+            return path, claim
         except FileExistsError:  # another run claimed it since the look above
             continue
 
