@@ -704,6 +704,17 @@ def test_a_long_document_is_encoded_in_pieces_with_the_same_ids(tmp_path, monkey
     rawt = HFTokenizer(tmp_path / "raw")
     odd = "c" * 700 + "a" * 400 + "\nb" + "c" * 3000
     assert rawt._cuts(odd) == [] and rawt.encode_np(odd).tolist() == rawt.encode(odd)
+    # a word starts after each line break, but a piece encoded alone gets a space in front (ByteLevel's
+    # add_prefix_space: "Line" alone is "ĠLine"): only the boundary's own encoding check sees it (an audit)
+    bl = Tokenizer(models.BPE())
+    bl.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    bl.train_from_iterator(lines, trainers.BpeTrainer(vocab_size=400, special_tokens=["</s>"], show_progress=False,
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    PreTrainedTokenizerFast(tokenizer_object=bl, eos_token="</s>").save_pretrained(tmp_path / "bl")
+    blt = HFTokenizer(tmp_path / "bl")
+    window = lines[1] + lines[2]
+    assert len(lines[1]) in {a for _, (a, _) in blt._tok.backend_tokenizer.pre_tokenizer.pre_tokenize_str(window)}
+    assert blt._cuts(text) == [] and blt.encode_np(text).tolist() == blt.encode(text)
 
 
 def test_prepared_data_prepared_again_the_same_is_not_data_that_changed(tmp_path, capsys):

@@ -172,6 +172,36 @@ def test_sentencepiece_style_tokens_are_the_ones_inference_sees(tmp_path):
         "<|im_end|>\n", add_special_tokens=False)["input_ids"]
 
 
+def test_a_tokenizer_that_ends_every_encoding_with_eos_starts_an_example_with_bos_only(tmp_path):
+    """A tokenizer whose post-processor adds BOS and EOS around every text (Llama's add_eos_token=True,
+    T5-like templates) gives [BOS, EOS] for the empty text: the prefix fuyou puts before a sequence keeps
+    the BOS and drops the EOS, or every example would start by ending (an audit: nothing tested it)."""
+    pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from fuyou.data import builtin_documents
+    from fuyou.data.formats import Renderer
+    from fuyou.data.tokenizer import HFTokenizer
+
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.train_from_iterator(builtin_documents()[:20], trainers.BpeTrainer(
+        vocab_size=400, show_progress=False, special_tokens=["<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    raw.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(tmp_path / "t")
+    assert fast.encode("", add_special_tokens=True) == [0, 1]
+    tok = HFTokenizer(tmp_path / "t")
+    assert tok.encode_prompt("Hi") == [0] + tok.encode("Hi")
+    out = Renderer(tok, "auto", False)({"prompt": "The capital of France is", "completion": " Paris."}, "x")
+    assert out.ids[0] == 0 and out.ids.count(tok.eos_id) == 1 and out.ids[-1] == tok.eos_id
+    chat = {"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]}
+    out = Renderer(tok, "auto", False)(chat, "y")  # no chat template: fuyou's fallback
+    assert out.ids[0] == 0 and tok.eos_id not in out.ids[:2]
+
+
 @pytest.mark.parametrize("trim", [False, True])
 def test_a_prompts_trailing_space_is_never_an_answer_token(tmp_path, trim):
     """A ByteLevel tokenizer that trims offsets (trim_offsets) gives a lone trailing space an empty span at the

@@ -116,6 +116,13 @@ def _committed(d) -> str:
     return h.hexdigest()
 
 
+def _parsed(text: str):
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
 def _check(tmp_path, killed, seed: int, capsys) -> str:
     src, want = killed
     rng = random.Random(seed)
@@ -126,11 +133,16 @@ def _check(tmp_path, killed, seed: int, capsys) -> str:
     cfg.write_text(cfg.read_text().replace(str(src), str(work)))
     state = work / "ssd" / "k.fuyou-state"
     target = state / rng.choice(["fuyou-commit.json", "fuyou-commit.json", "fuyou-store.json"])
-    target.write_text(mutate(target.read_text(), rng, resign=rng.random() < 0.5))
+    old = target.read_text()
+    resign = rng.random() < 0.5
+    target.write_text(mutate(old, rng, resign=resign))
+    # the commit record's checksum covers all of it: any change to what it says, not signed again, is refused
+    must_refuse = target.name == "fuyou-commit.json" and not resign and _parsed(target.read_text()) != _parsed(old)
     before, committed = _digest(state), _committed(state)
     capsys.readouterr()
     rc = main(["train", "--resume", str(work / "runs" / "k")])  # any exception fails the test: a traceback
     err = capsys.readouterr().err
+    assert rc != 0 or not must_refuse, (seed, "an edited record, not signed again, was resumed")
     if rc == 0:
         got = load_file(str(work / "runs" / "k" / "model.safetensors"))
         for k in want:
