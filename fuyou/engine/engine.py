@@ -82,6 +82,7 @@ GPU event's.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -147,10 +148,20 @@ class Engine:
         check_sequence_length(cfg)  # a config mistake, not a budget: before planning memory for that length
         self.cfg = cfg
         self.init_values = init_values or (lambda stage: stage.init_params(cfg.train.seed))
-        off, t = cfg.offload, cfg.train
+        t = cfg.train
         self.dist = distributed.current()  # data parallelism (fuyou/distributed.py); one process: no-ops
         self.micro = self.dist.micro_batches(t.grad_accum)  # the step's micro-batches this rank runs
         self.dev = make_device(t.device, self.dist.local_rank if self.dist.enabled else None)  # the device seam
+        try:
+            self._build(data, store_name, resume)
+        except BaseException:
+            self._undo_build()
+            raise
+
+    def _build(self, data, store_name: str, resume: bool) -> None:
+        """``__init__`` past the device: the model, its memory plan and check, the data, the state and the
+        pipeline."""
+        cfg, off, t = self.cfg, self.cfg.offload, self.cfg.train
         self.device = self.dev.torch
         self.model = StageModel(cfg.model)
         self.lora = attach(self.model, cfg.lora)  # LoRA: a frozen base, adapters on the device (lora_state.py)
@@ -230,6 +241,28 @@ class Engine:
         # source and target copy), redone if the norm exceeds the threshold
         self._waiting: list[StageState] = []    # this step's stages updated once the norm is known
         self.clipped = False                    # the last step's norm exceeded the threshold
+
+    def _undo_build(self) -> None:
+        """A failed ``__init__`` lets go of what outlives it: the device's thread (a CUDA device's lander, the
+        fake device's timer: one per failed build in a long-lived process, as a run that retries a name another
+        run took) and the page-locked memory, unless a loader abandoned by ``_start_pipeline`` may still copy
+        from it."""
+        busy = any(getattr(self, part, None) is not None and not getattr(self, part).idle()
+                   for part in ("streamer", "swapper"))
+        try:
+            if not busy:
+                self.dev.synchronize()
+                if getattr(self, "ts", None) is not None:
+                    self.ts.release_host_memory()
+                for name in ("weight_pool", "grad_pool", "cache_pool", "input_pool", "act_pool", "act_cpu_pool",
+                             "opt_pool", "shared_pool", "exchange_pool"):
+                    if getattr(self, name, None) is not None:
+                        getattr(self, name).close()
+        except Exception:  # noqa: BLE001 - the build's own error is the one raised
+            pass
+        finally:
+            with contextlib.suppress(Exception):
+                self.dev.close()
 
     def _plan_memory(self, store_name: str) -> None:
         """The device budget, the store's settings and the memory plan (``_memory_plan``: data parallel, with

@@ -188,6 +188,39 @@ def test_default_run_on_the_fake_device_finishes(tmp_path):
     assert "done: 3 steps" in r.stderr
 
 
+@pytest.mark.parametrize("where", ["data", "initial weights"])
+def test_a_build_that_fails_lets_go_of_the_device_and_its_page_locked_memory(tmp_path, monkeypatch, where):
+    """An engine whose build fails (the data refused; the initial weights failing once the pools and threads
+    are up) stops its device's thread and unregisters its pinned memory: a long-lived process (a run retrying a
+    name another run took, a notebook) kept one device thread per failed build."""
+    from fuyou.data import load_data
+    from fuyou.engine import engine as engine_mod
+    from fuyou.errors import DataError
+
+    made = []
+    monkeypatch.setattr(engine_mod, "make_device", lambda *a: made.append(device.make_device(*a)) or made[-1])
+    cfg = make_cfg(tmp_path, "train.device=fake", "model.n_layer=4")
+    data = load_data(cfg.data)
+
+    def refused():
+        raise DataError("no such data")
+
+    def failing(stage):
+        raise OSError("the checkpoint went away")
+
+    before = sum(t.name == "fuyou-fake-gpu" for t in threading.enumerate())
+    for _ in range(3):
+        with pytest.raises((DataError, OSError)):
+            engine_mod.Engine(cfg, refused if where == "data" else data, "state",
+                              init_values=failing if where != "data" else None)
+        assert made[-1]._closed and not made[-1]._pinned
+    for _ in range(100):  # (the timer sees the close within a quarter of its landing delay)
+        if sum(t.name == "fuyou-fake-gpu" for t in threading.enumerate()) <= before:
+            break
+        threading.Event().wait(0.05)
+    assert sum(t.name == "fuyou-fake-gpu" for t in threading.enumerate()) <= before
+
+
 def test_compute_time_comes_from_events_and_the_trace_has_device_rows(tmp_path):
     cfg = make_cfg(tmp_path, "train.device=fake", "offload.cache_weights=false")
     ref, eng, _, _ = run_both(cfg, steps=2)  # step 1 is the traced one
