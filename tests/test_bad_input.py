@@ -623,6 +623,34 @@ def test_runs_started_in_the_same_second_without_a_name_take_the_next_free_one(t
     assert not (runs / "gpt-test-20260303-000000-2").exists()
 
 
+def test_a_run_whose_store_another_run_made_after_its_data_loaded_loads_it_once(tmp_path, capsys, monkeypatch):
+    """The narrowest race of runs drawing one name: the other run makes its store between this run's look at the
+    state directory and its own store's creation, after this run's data loaded. It takes the next free name, with
+    the data it loaded: a retried build loaded the data again (a second tokenization, its notes said twice)."""
+    from fuyou.store import TensorStore
+    from fuyou.store.errors import StoreLockedError
+    from fuyou.train import loop, run
+
+    monkeypatch.setattr(run.time, "strftime", lambda fmt, *a: "20260404-000000")
+    drawn = "gpt-test-20260404-000000"
+    real_create, real_load = TensorStore.create.__func__, loop.load_training_data
+    loads = []
+
+    def create(cls, dirs, *a, **k):
+        if dirs[0].name == f"{drawn}.fuyou-state":
+            raise StoreLockedError(f"{dirs[0]} is locked by process 1")
+        return real_create(cls, dirs, *a, **k)
+
+    monkeypatch.setattr(TensorStore, "create", classmethod(create))
+    monkeypatch.setattr(loop, "load_training_data", lambda *a, **k: loads.append(1) or real_load(*a, **k))
+    args = [a for a in _offload(tmp_path, "x") if a != "run.name=x"] + ["train.steps=1"]
+    assert main(args) == 0, capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"this run is {drawn}-2" in err and len(loads) == 1, err
+    assert (tmp_path / "runs" / f"{drawn}-2" / "model.safetensors").is_file()
+    assert not (tmp_path / "runs" / drawn).exists()
+
+
 def test_runs_started_at_once_without_a_name_all_train(tmp_path):
     """Three processes started at once, no run.name, one second on their clocks: each trains under its own name,
     with its own state (the race itself, where the test above holds a lock for the other run)."""

@@ -54,11 +54,12 @@ class RunResult:
 
 
 def build_trainer(cfg: FuyouConfig, run_name: str, resume: bool = False, split: str = "content",
-                  vocabulary: dict | None = None) -> Trainer:
+                  vocabulary: dict | None = None, loaded: dict | None = None) -> Trainer:
     """The trainer for ``cfg``: the in-memory reference, or the engine (with data parallelism, this rank's
     share of the machine's budgets and its own state: fuyou/distributed.py). ``split``: how fine-tuning
     examples are held out (``fuyou.data.tokenize_records``; a resume keeps its run's). ``vocabulary``:
-    ``load_training_data``'s record of the data's vocabulary (a resume gives the run's)."""
+    ``load_training_data``'s record of the data's vocabulary (a resume gives the run's). ``loaded``: the data
+    a build before this one loaded, kept there (a build retried under another name loads it once)."""
     if cfg.train.epochs is not None and cfg.data.source == "synthetic":
         raise ConfigError("train.epochs needs real data (synthetic data has no epochs); give train.steps")
     init_values = None  # seeded random init
@@ -88,8 +89,15 @@ def build_trainer(cfg: FuyouConfig, run_name: str, resume: bool = False, split: 
     dist = distributed.current()
     # The engine loads the data once its memory plan has passed: a budget that cannot fit is refused
     # before a large dataset is tokenized. (rank_config shares cfg.train, so the epochs' steps reach it.)
-    return Engine(dist.rank_config(cfg), lambda: load_training_data(cfg, resume, split, vocabulary),
-                  store_name=dist.store_name(state_name(run_name)), resume=resume, init_values=init_values)
+    def data():
+        if loaded is None:
+            return load_training_data(cfg, resume, split, vocabulary)
+        if "data" not in loaded:
+            loaded["data"] = load_training_data(cfg, resume, split, vocabulary)
+        return loaded["data"]
+
+    return Engine(dist.rank_config(cfg), data, store_name=dist.store_name(state_name(run_name)), resume=resume,
+                  init_values=init_values)
 
 
 def _note_budget_beyond_memory(cfg: FuyouConfig, stream, processes: int = 1) -> None:
@@ -328,10 +336,13 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
     # a name drawn from the time, one process (--plan auto wrote its plan into the drawn directory already)
     drawn = resume is None and cfg.run.name is None and not dist.enabled and not plan_auto
     claimed = None  # the empty state directory that claims a name taken after another's (``next_free_name``)
+    vocabulary = run_vocabulary(run_path) if resume is not None else {}  # (filled in as the data loads)
+    loaded: dict = {}  # (the data, loaded once: a build retried under the next name takes it up)
     while True:
-        vocabulary = run_vocabulary(run_path) if resume is not None else {}  # (filled in as the data loads)
         try:
-            trainer = build_trainer(cfg, run_path.name, resume=resume is not None, split=split, vocabulary=vocabulary)
+            trainer = build_trainer(cfg, run_path.name, resume=resume is not None, split=split, vocabulary=vocabulary,
+                                    loaded=loaded)
+            loaded.clear()  # (the trainer holds what it uses of it)
             break
         except BaseException as e:
             if claimed is not None:  # (removed only while empty: the run stopped before its state was made there)
