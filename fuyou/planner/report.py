@@ -472,10 +472,20 @@ def _train_line(plan: Plan, s: dict) -> str:
     train refused at its default 2)."""
     pol = plan.best.policy
     n = plan.workload.model.n_layer
+    from fuyou.data.config import DataConfig
+    from fuyou.train.config import TrainConfig
+
     # fuyou train's --cpu-mem is the machine's, which torchrun's ranks share (this plan is one rank's)
     opts = [train_cpu_mem(s["cpu_budget_bytes"] * plan.workload.ranks)]
+    w = plan.workload
     if plan.split:  # the planner's split of --global-batch (following the line with train.global_batch was refused)
-        opts += [f"train.micro_batch_size={plan.workload.batch}", f"train.grad_accum={plan.workload.grad_accum}"]
+        opts += [f"train.micro_batch_size={w.batch}", f"train.grad_accum={w.grad_accum}"]
+    else:  # the batch and sequence planned, where train's defaults differ (a new-user pass: the line left out
+        # --batch 1 --seq 64, and train ran 16 x 128 at the same budget, refused)
+        opts += [f"train.micro_batch_size={w.batch}"] * (w.batch != TrainConfig.model_fields["micro_batch_size"].default)
+        opts += [f"train.grad_accum={w.grad_accum}"] * (w.grad_accum != 1)
+    if w.seq != DataConfig.model_fields["seq_len"].default:
+        opts.append(f"data.seq_len={w.seq}")
     if pol.prefetch_depth != 2:
         opts.append(f"offload.prefetch_depth={pol.prefetch_depth}")
     for k in ("resident_mem", "act_cpu_mem"):  # the plan's own caps (a pass: in --json, not on this line)

@@ -597,7 +597,7 @@ def test_plan_takes_the_offload_settings_train_takes(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "CPU memory 0.15 of 0.15 GiB planned" in out and "DOES NOT FIT" in out
     assert main([*args, "offload.cpu_mem=2GiB", "offload.prefetch_depth=1"]) == 0
-    assert "--cpu-mem 2.00GiB offload.prefetch_depth=1" in capsys.readouterr().out
+    assert "--cpu-mem 2.00GiB train.micro_batch_size=4 offload.prefetch_depth=1" in capsys.readouterr().out
     assert main([*args, "offload.cpu_mem=2GiB", "--cpu-mem", "4GiB"]) == 2
     assert "both set it; give one" in capsys.readouterr().err
     for bad, needle in (("offload.ssd_dirs=[/x]", "--ssd COUNTxPRESET"), ("offload.mode=none", "offload.mode=ssd")):
@@ -610,6 +610,30 @@ def test_plan_takes_the_offload_settings_train_takes(tmp_path, capsys):
     assert "a whole number of stages" in capsys.readouterr().err
     assert main([*args, "train.grad_clip=none"]) == 0  # a what-if, pasted back
     assert "clipping            none" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_the_train_line_runs_the_batch_and_sequence_planned(tmp_path, capsys, lora):
+    """A new-user pass: the "train as planned" line left out --batch 1 --seq 64 (and --grad-accum), so the line,
+    followed, trained 16 x 128 at the planned budget (refused there, or a job other than the one planned). It
+    names what train's defaults would change, and followed, trains the step planned."""
+    import re
+    import shlex
+
+    extra = ["lora.rank=4"] if lora else []
+    args = ["plan", "--model", "gpt-tiny", "--profile", str(_cpu_profile(tmp_path)), "--batch", "1", "--seq", "64",
+            "--grad-accum", "2", *extra]
+    assert main(args) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("train as planned"))
+    for opt in ("train.micro_batch_size=1", "train.grad_accum=2", "data.seq_len=64"):
+        assert f" {opt}" in line, line
+    given = shlex.split(re.search(r"fuyou train \.\.\. (.*?)(?: \(or --plan auto|$)", line).group(1))
+    ssd = tmp_path / "ssd"
+    ssd.mkdir()
+    assert main(["train", "--offload", "ssd", "--ssd", str(ssd), "--out", str(tmp_path / "runs"), *given,
+                 "model.preset=gpt-tiny", "train.steps=1", "train.eval_every=0", "run.name=r"]) == 0
+    saved = (tmp_path / "runs" / "r" / "config.toml").read_text()
+    assert "micro_batch_size = 1" in saved and "grad_accum = 2" in saved and "seq_len = 64" in saved
 
 
 def test_plan_defaults_to_the_memory_the_profile_measured(tmp_path, capsys):
