@@ -142,7 +142,9 @@ def tokenize_records(paths: list[str], tokenizer_spec: str, fmt: str = "auto", t
         print(f"fuyou: note: the tokenizer {tok.name} has no chat template: {st.fallback_chats} conversations were "
               f"rendered with fuyou's ChatML-style fallback (<|im_start|>ROLE ... <|im_end|>, each assistant turn "
               f"followed by the EOS token, which the model learns as its stop); prompt the fine-tuned model the same "
-              f"way, or give a tokenizer that has a chat template", file=sys.stderr)
+              f"way"
+              + (" (`fuyou export` writes it as the model's chat template)" if renderer.fallback_template else "")
+              + ", or give a tokenizer that has a chat template", file=sys.stderr)
     for note in st.notes():
         print(f"fuyou: note: {note}", file=sys.stderr)
     if not rendered:
@@ -151,6 +153,8 @@ def tokenize_records(paths: list[str], tokenizer_spec: str, fmt: str = "auto", t
             "formats": st.formats, "last_turn_only": st.last_turn_only,
             "train_on_prompt": train_on_prompt, "skipped_no_answer": st.no_answer,
             "val_fraction": None if eval_paths else val_fraction}
+    if st.fallback_chats and renderer.fallback_template:  # (what an export writes as the model's chat template)
+        info["chat_template"] = renderer.fallback_template
     top = max((int(ids.max()) for ids, _ in itertools.chain(rendered, held) if len(ids)), default=0)
     dtype = token_dtype(tok.vocab_size, top)  # one type for both splits (meta.json records one)
     data = ExampleData(Examples.from_arrays(rendered, dtype), Examples.from_arrays(held, dtype), tok.vocab_size,

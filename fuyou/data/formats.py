@@ -62,6 +62,22 @@ ALPACA_PAIRED = ", paired with an input that provides further context"
 # end; each assistant turn is followed by the tokenizer's EOS token (which carries loss).
 FALLBACK_TEMPLATE = "<|im_start|>{role}\n{content}<|im_end|>\n"
 FALLBACK_GENERATION = "<|im_start|>assistant\n"
+
+
+def fallback_chat_template(prefix: str, eos: str) -> str:
+    """The fallback as a Jinja chat template, for a Hugging Face tokenizer without one: ``prefix``, the text of
+    the special tokens it puts before a sequence (its BOS), and ``eos``, its EOS token's text. A conversation is
+    rendered with it and tokenized as one text, as a chat template's, and an export writes it as the model's
+    chat template (a new-user pass: an export of a model trained on this format carried none, and
+    ``apply_chat_template`` refused it), so inference prompts the model with the tokens it was trained on."""
+    for text in (prefix, eos):
+        if "{" in text or "}" in text or "%" in text:
+            raise ValueError(f"{text!r} cannot stand in a template's text")
+    # (no newline right after a tag: transformers renders with trim_blocks, which would drop it)
+    return (prefix + "{% for message in messages %}{% if message['role'] == 'assistant' %}"
+            + FALLBACK_GENERATION + "{{ message['content'] }}<|im_end|>\n" + eos
+            + "{% else %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endif %}"
+            "{% endfor %}{% if add_generation_prompt %}" + FALLBACK_GENERATION + "{% endif %}")
 CONTENT_MARK = "\ue000fuyou-content\ue000"  # (a private-use character: no template writes it of its own)
 
 # ShareGPT's speakers ("from") as chat roles
@@ -239,10 +255,14 @@ class Renderer:
         self.tok, self.fmt, self.train_on_prompt, self.text_field = tok, fmt, train_on_prompt, text_field
         self.stats = RenderStats()
         self.template = getattr(tok, "chat_template", None)
+        # a Hugging Face tokenizer without a chat template: the fallback as a template (``fallback_chat_template``;
+        # None where its BOS or EOS is no special token, and for the byte tokenizer: ``_fallback`` renders ids)
+        self.fallback_template = getattr(tok, "fallback_template", None) if self.template is None else None
         self._tools: list | None = None  # the record's tool schemas (OpenAI's "tools"), for its template
 
     def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
-        return self.tok.render_chat(messages, add_generation_prompt=add_generation_prompt, tools=self._tools)
+        return self.tok.render_chat(messages, add_generation_prompt=add_generation_prompt, tools=self._tools,
+                                    **({"template": self.fallback_template} if self.fallback_template else {}))
 
     def __call__(self, rec: dict, where: str) -> Rendered | None:
         """The record's tokens and loss flags; None for a conversation with nothing to learn (skipped and
@@ -350,7 +370,7 @@ class Renderer:
         extra = sorted({k for m in messages for k in m if k not in TEMPLATE_KEYS})
         if not extra:
             return
-        if self.template is not None:
+        if self.template is not None or self.fallback_template:
             full = self._render(messages, add_generation_prompt=False)
             extra = [k for k in extra if self._render([{q: v for q, v in m.items() if q != k} for m in messages],
                                                               add_generation_prompt=False) == full]
@@ -399,6 +419,8 @@ class Renderer:
                                 f"trained as an empty answer. Give data.tokenizer (or --init-from) a model whose chat "
                                 f"template renders tool calls, or leave these conversations out")
             self.stats.fallback_chats += 1
+            if self.fallback_template:
+                return self._templated(turns, where)
             return self._fallback(turns)
         if calls is not None:
             self._check_template_renders_calls([m for m, _ in turns], calls, where)

@@ -34,7 +34,8 @@ class Tokenizer(Protocol):
     def encode_prompt(self, text: str) -> list[int]:
         """``text`` as the start of a sequence: with the BOS token when the tokenizer adds one."""
 
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool, tools: list | None = None) -> str: ...
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool, tools: list | None = None,
+                    template: str | None = None) -> str: ...
 
     def decode(self, ids: list[int]) -> str: ...
 
@@ -106,8 +107,23 @@ class HFTokenizer:
         self.chat_template = getattr(self._tok, "chat_template", None) or None
         # the special tokens it puts before a sequence (Llama's BOS), never its EOS
         self._prefix = [i for i in self._tok.encode("", add_special_tokens=True) if i != self.eos_id]
+        self.fallback_template = self._fallback_template(eos is not None)
         vocab = json.dumps(sorted(self._tok.get_vocab().items()), ensure_ascii=False).encode()
         self.fingerprint = f"{self.vocab_size}:{hashlib.sha256(vocab).hexdigest()[:16]}"
+
+    def _fallback_template(self, has_eos: bool) -> str | None:
+        """fuyou's fallback chat format as this tokenizer's template (``formats.fallback_chat_template``), where
+        its text tokenizes back to the ids: its BOS and EOS special tokens; else None."""
+        from fuyou.data.formats import fallback_chat_template
+
+        special = set(self._tok.all_special_ids)
+        if not has_eos or not all(i in special for i in [*self._prefix, self.eos_id]):
+            return None
+        names = self._tok.convert_ids_to_tokens([*self._prefix, self.eos_id])
+        try:
+            return fallback_chat_template("".join(names[:-1]), names[-1])
+        except ValueError:
+            return None
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False)
@@ -170,10 +186,13 @@ class HFTokenizer:
         enc = self._tok(text, add_special_tokens=False, return_offsets_mapping=True)
         return enc["input_ids"], enc["offset_mapping"]
 
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool, tools: list | None = None) -> str:
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool, tools: list | None = None,
+                    template: str | None = None) -> str:
+        """``messages`` in the tokenizer's chat template (``template``: this one instead)."""
         try:
             return self._tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                                 **({"tools": tools} if tools else {}))
+                                                 **({"tools": tools} if tools else {}),
+                                                 **({"chat_template": template} if template else {}))
         except Exception as e:  # jinja raises its own kinds (a template that refuses a role order, ...)
             raise DataError(f"the chat template of {self.name} cannot render this conversation: {e}") from e
 

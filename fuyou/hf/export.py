@@ -22,7 +22,8 @@ import torch
 
 from fuyou.errors import ConfigError
 from fuyou.hf.config_map import to_hf
-from fuyou.hf.source import copy_small_files, data_tokenizer, hf_files_dir, read_json, use_data_tokenizer
+from fuyou.hf.source import (copy_small_files, data_tokenizer, hf_files_dir, read_json, use_data_tokenizer,
+                             use_run_chat_template)
 from fuyou.hf.weights import FuyouWeights, hf_name
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -151,6 +152,7 @@ def _export(weights, run: Path, out: Path, dtype: str, shard_size: int) -> list[
     out.mkdir(parents=True, exist_ok=True)
     written = copy_small_files(meta_dir, out, skip=("config.json",)) if meta_dir is not None else []
     written += use_data_tokenizer(run, out, meta_dir, written)
+    written += use_run_chat_template(run, out)
     weight_map: dict[str, str] = {}
     try:
         for keys, name in zip(shards, names):

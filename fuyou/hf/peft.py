@@ -43,7 +43,8 @@ from torch import Tensor
 from fuyou.errors import ConfigError
 from fuyou.tomlfile import read_toml
 from fuyou.hf.export import DTYPES, refuse_nonempty, save_atomic
-from fuyou.hf.source import copy_small_files, hf_files_dir, lora_run, snapshot_run, use_data_tokenizer
+from fuyou.hf.source import (copy_small_files, hf_files_dir, lora_run, snapshot_run, use_data_tokenizer,
+                             use_run_chat_template)
 from fuyou.hf.weights import hf_name
 
 ADAPTER_FILE = "adapter.safetensors"  # as fuyou.train.run.save_adapters names it
@@ -380,6 +381,7 @@ def write_peft_adapter(run_dir: str | Path, out_dir: str | Path, dtype: str = "f
     out.mkdir(parents=True, exist_ok=True)
     written = copy_small_files(meta_dir, out, skip=("config.json",)) if meta_dir is not None else []
     written += use_data_tokenizer(run, out, meta_dir, written, stream)
+    written += use_run_chat_template(run, out, stream)
     tensors = {keys[k]: v.to(DTYPES[dtype]).contiguous() for k, v in adapters.tensors.items()}
     save_atomic(tensors, out / PEFT_WEIGHTS)
     (out / PEFT_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -309,6 +309,46 @@ def use_data_tokenizer(run: Path, out: Path, model_dir: Path | None, written: li
     return names
 
 
+RUN_CHAT_TEMPLATE = "chat_template.jinja"  # in a run directory: the chat format its conversations were rendered in
+
+
+def has_chat_template(d: Path) -> bool:
+    """Whether the tokenizer files in ``d`` carry a chat template (a chat_template.jinja, or tokenizer_config.json's
+    chat_template, which older transformers read)."""
+    if (d / "chat_template.jinja").is_file() or (d / "chat_template.json").is_file():
+        return True
+    try:
+        return bool(json.loads((d / "tokenizer_config.json").read_text()).get("chat_template"))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def use_run_chat_template(run: Path, out: Path, stream=None) -> list[str]:
+    """An export's chat template where the run's conversations were rendered in fuyou's fallback format (its
+    tokenizer had none: ``fuyou.data.formats.fallback_chat_template``, kept in the run directory): written as
+    the model's, beside tokenizer files that carry none, so that ``apply_chat_template`` prompts the model with the
+    tokens it was trained on (a new-user pass: the export had no template, and the note said its chat template was
+    the one trained on). Returns the files written."""
+    run = Path(run)
+    kept = next((d / RUN_CHAT_TEMPLATE for d in (run, snapshot_run(run)) if d is not None
+                 and (d / RUN_CHAT_TEMPLATE).is_file()), None)
+    if kept is None or has_chat_template(out):
+        return []
+    template = kept.read_text()
+    (out / "chat_template.jinja").write_text(template)
+    config = out / "tokenizer_config.json"
+    try:  # (older transformers read the template there only)
+        tc = json.loads(config.read_text())
+        if isinstance(tc, dict):
+            config.write_text(json.dumps({**tc, "chat_template": template}, indent=2, ensure_ascii=False) + "\n")
+    except (OSError, ValueError):
+        pass
+    print("fuyou: note: the run's conversations were rendered in fuyou's ChatML-style fallback format (its tokenizer "
+          "has no chat template): the export carries it as its chat template (chat_template.jinja), so "
+          "apply_chat_template prompts the model as it was trained", file=stream or sys.stderr)
+    return ["chat_template.jinja"]
+
+
 def _note_stop_token(tok_dir: Path, out: Path, stream=None) -> None:
     """The data tokenizer's EOS (the token its answers end with) against the stop tokens the exported
     generation_config.json names (the base's): generate() would not stop where the model learnt to (a review)."""

@@ -27,8 +27,8 @@ from fuyou.train.reference import ReferenceTrainer
 from fuyou.engine.state import run_id, write_run_id
 from fuyou.train.guards import (agree_on_sources, check_run_dir_space, claim_state, refuse_finished, refuse_live,
                                 refuse_others_state, refuse_renamed, refuse_unlike_commit)
-from fuyou.train.records import (data_files_change, data_fingerprint, load_training_data, record_data, run_split,
-                                 run_vocabulary, user_paths)
+from fuyou.train.records import (data_files_change, data_fingerprint, load_training_data, record_chat_template,
+                                 record_data, run_split, run_vocabulary, user_paths)
 from fuyou.train.signals import StopOnSignal, stop_status
 from fuyou.train.wear import endurance, step_wear, wear_parts
 from fuyou.train.run import (SaveError, make_run_dir, next_free_name, record_resume, recorded_data, resume_changes,
@@ -681,6 +681,7 @@ def _record_run(run_dir: Path, cfg: FuyouConfig, vocabulary, dist: distributed.D
     """A new run's records beside its config: its data (``record_data``), a LoRA base's identity and, under
     torchrun, its world; a resume reads them."""
     record_data(run_dir, cfg, vocabulary=vocabulary)
+    record_chat_template(run_dir, vocabulary)
     if cfg.lora.enabled:
         from fuyou.hf.peft import record_base
 

@@ -88,8 +88,19 @@ def record_data(run_dir: Path, cfg: FuyouConfig, fp: dict | None = None, split: 
     import json
 
     fp = fp or data_fingerprint(cfg)
-    if cfg.offload.mode == "ssd" and (fp["files"] or (vocabulary or {}).get("vocabulary")):  # (builtin: its vocabulary)
-        (run_dir / DATA_FILES).write_text(json.dumps({**fp, "split": split, **(vocabulary or {})}) + "\n")
+    vocabulary = {k: v for k, v in (vocabulary or {}).items() if k != "chat_template"}  # (its own file)
+    if cfg.offload.mode == "ssd" and (fp["files"] or vocabulary.get("vocabulary")):  # (builtin: its vocabulary)
+        (run_dir / DATA_FILES).write_text(json.dumps({**fp, "split": split, **vocabulary}) + "\n")
+
+
+def record_chat_template(run_dir: Path, vocabulary: dict | None) -> None:
+    """The chat template of fuyou's fallback format (``fuyou.data.formats.fallback_chat_template``), where the
+    run's conversations were rendered in it, kept in the run directory: an export writes it as the model's."""
+    from fuyou.hf.source import RUN_CHAT_TEMPLATE
+
+    template = (vocabulary or {}).get("chat_template")
+    if isinstance(template, str):
+        (run_dir / RUN_CHAT_TEMPLATE).write_text(template)
 
 
 def run_vocabulary(run_dir: Path) -> dict:
@@ -215,6 +226,9 @@ def load_training_data(cfg: FuyouConfig, resume: bool = False, split: str = "con
             check_vocabulary(vocabulary, data, cfg)
             vocabulary.pop("copy", None)
             vocabulary.update(vocabulary=data.fingerprint, tokenizer=data.tokenizer)
+            template = (getattr(data, "info", None) or {}).get("chat_template")
+            if isinstance(template, str):  # fuyou's fallback chat format, as a template (``record_chat_template``)
+                vocabulary["chat_template"] = template
         if vocabulary is not None and cfg.data.source == "prepared":
             settings = prepared_settings(cfg.data.path[0])
             check_prepared_settings(vocabulary, settings, cfg)

@@ -202,6 +202,61 @@ def test_a_tokenizer_that_ends_every_encoding_with_eos_starts_an_example_with_bo
     assert out.ids[0] == 0 and tok.eos_id not in out.ids[:2]
 
 
+@pytest.mark.parametrize("kind", ["bpe-bos", "bpe", "sentencepiece"])
+def test_the_fallback_chat_format_is_a_template_that_gives_the_trained_tokens(tmp_path, kind):
+    """A tokenizer without a chat template gets fuyou's ChatML-style fallback. It is a Jinja template now, which
+    an export writes as the model's: apply_chat_template with it gives exactly the tokens trained on, answers
+    (content, <|im_end|>, EOS) with loss, the rest without (a new-user pass: the export carried no template)."""
+    pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    from fuyou.data import builtin_documents
+    from fuyou.data.formats import Renderer
+    from fuyou.data.tokenizer import HFTokenizer
+
+    sys.path.insert(0, str(Path(__file__).parents[2] / "tools"))
+    from make_tiny_checkpoint import make_tokenizer
+
+    if kind == "sentencepiece":
+        raw = Tokenizer(models.BPE(unk_token="<unk>"))
+        raw.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+        raw.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
+        raw.train_from_iterator(builtin_documents()[:20], trainers.BpeTrainer(
+            vocab_size=400, show_progress=False, special_tokens=["<unk>", "<s>", "</s>"]))
+        from tokenizers import processors
+
+        raw.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+        PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>",
+                                unk_token="<unk>").save_pretrained(tmp_path / "t")
+    else:
+        fast = make_tokenizer("llama3.1" if kind == "bpe-bos" else "qwen2.5", tmp_path / "t")
+        fast.chat_template = None
+        (tmp_path / "t" / "chat_template.jinja").unlink(missing_ok=True)
+        cfg = json.loads((tmp_path / "t" / "tokenizer_config.json").read_text())
+        cfg.pop("chat_template", None)
+        (tmp_path / "t" / "tokenizer_config.json").write_text(json.dumps(cfg))
+    tok = HFTokenizer(tmp_path / "t")
+    assert tok.chat_template is None and tok.fallback_template
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of France?"},
+                {"role": "assistant", "content": "Paris."}, {"role": "user", "content": "And of Italy?"},
+                {"role": "assistant", "content": "Rome."}]
+    r = Renderer(tok, "auto", False)
+    out = r({"messages": messages}, "x")
+    assert r.stats.fallback_chats == 1
+    hf = AutoTokenizer.from_pretrained(tmp_path / "t")
+    assert out.ids == hf.apply_chat_template(messages, chat_template=tok.fallback_template, tokenize=True,
+                                             return_dict=False)
+    eos = tok.decode([tok.eos_id])
+    assert tok.decode([i for i, f in zip(out.ids, out.loss) if f]).replace(" ", "") == \
+        f"Paris.<|im_end|>\n{eos}Rome.<|im_end|>\n{eos}".replace(" ", "")
+    text = hf.apply_chat_template(messages[:2], chat_template=tok.fallback_template, tokenize=False,
+                                  add_generation_prompt=True)
+    assert text.endswith("<|im_start|>user\nCapital of France?<|im_end|>\n<|im_start|>assistant\n"), text
+    assert text.startswith("<|begin_of_text|><|im_start|>system\n" if kind == "bpe-bos" else
+                           "<s><|im_start|>system\n" if kind == "sentencepiece" else "<|im_start|>system\n"), text
+
+
 @pytest.mark.parametrize("trim", [False, True])
 def test_a_prompts_trailing_space_is_never_an_answer_token(tmp_path, trim):
     """A ByteLevel tokenizer that trims offsets (trim_offsets) gives a lone trailing space an empty span at the

@@ -262,7 +262,7 @@ def test_the_export_carries_the_tokenizer_the_data_was_tokenized_with(tmp_path, 
     assert main(["export", str(tmp_path / "runs" / "r"), "--out", str(tmp_path / "out")]) == 0
     assert f"the tokenizer files are those of {chatml}, which the data was tokenized with" in capsys.readouterr().err
     tok = AutoTokenizer.from_pretrained(tmp_path / "out")
-    assert tok.chat_template == template
+    assert tok.chat_template == template and not (tmp_path / "runs" / "r" / "chat_template.jinja").exists()
     made = tok.apply_chat_template([{"role": "user", "content": "hello 1"}], tokenize=False,
                                    add_generation_prompt=True)
     assert made == "<|im_start|>user\nhello 1<eos>\n<|im_start|>assistant\n"
@@ -296,3 +296,50 @@ def test_the_export_keeps_the_tokenizer_trained_when_the_base_changes_and_reads_
     err = capsys.readouterr().err
     assert f"the tokenizer files are those of {src}" in err and "has no tokenizer files" not in err
     assert (tmp_path / "e2" / "tokenizer.json").is_file()
+
+
+@pytest.mark.parametrize("lora,prepared,offload", [(False, False, False), (True, False, True), (False, True, True)])
+def test_a_model_trained_on_the_fallback_chat_format_exports_it_as_its_chat_template(tmp_path, capsys, lora,
+                                                                                     prepared, offload):
+    """A new-user pass: chats over a tokenizer without a chat template are rendered in fuyou's ChatML-style
+    fallback, and the export carried no template (apply_chat_template refused the model), while its note said
+    the chat template was the one trained on. The run keeps the fallback as a template, and the export (a full
+    model, a PEFT adapter; from data tokenized in the run or prepared) writes it: apply_chat_template then gives
+    the tokens trained on."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from fuyou.data import tokenize_records
+
+    src = make_hf_model(tmp_path / "base", "llama")  # its tokenizer has no chat template
+    chats = tmp_path / "chats.jsonl"
+    records = [{"messages": [{"role": "user", "content": f"hello {i}"},
+                             {"role": "assistant", "content": f"hi there {i}"}]} for i in range(12)]
+    chats.write_text("".join(json.dumps(r) + "\n" for r in records))
+    data = [f"data.path={chats}"]
+    if prepared:
+        assert main(["data", "prepare", str(chats), "--out", str(tmp_path / "prep"), "--tokenizer", str(src)]) == 0
+        data = [f"data.path={tmp_path / 'prep'}"]
+    ssd = tmp_path / "ssd"
+    ssd.mkdir()
+    assert main(["train", "--init-from", str(src), "--out", str(tmp_path / "runs"), "--steps", "1", "run.name=r",
+                 *data, "data.seq_len=64", "train.micro_batch_size=2", "train.eval_every=0",
+                 *(["lora.rank=2"] if lora else []),
+                 *(["--offload", "ssd", "--ssd", str(ssd), "offload.cpu_mem=256MiB"] if offload else [])]) == 0
+    assert "`fuyou export` writes it as the model's chat template" in capsys.readouterr().err
+    assert main(["export", str(tmp_path / "runs" / "r"), "--out", str(tmp_path / "out")]) == 0
+    assert "the export carries it as its chat template" in capsys.readouterr().err
+    tok = AutoTokenizer.from_pretrained(tmp_path / "out")
+    trained = tokenize_records([chats], str(src), val_fraction=0.0).train
+    first = [int(t) for t in trained.tokens[int(trained.offsets[0]):int(trained.offsets[1])]]
+    assert tok.apply_chat_template(records[0]["messages"], tokenize=True, return_dict=False) == first
+    assert json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())["chat_template"] == tok.chat_template
+    # tokenizer files that carry a template keep it: the run's is written only where there is none
+    from fuyou.hf.source import HF_META
+
+    own = "{% for m in messages %}{{ m['content'] }}<eos>{% endfor %}"
+    (tmp_path / "runs" / "r" / HF_META / "chat_template.jinja").write_text(own)
+    assert main(["export", str(tmp_path / "runs" / "r"), "--out", str(tmp_path / "out2")]) == 0
+    assert "the export carries it as its chat template" not in capsys.readouterr().err
+    assert AutoTokenizer.from_pretrained(tmp_path / "out2").chat_template == own
