@@ -388,6 +388,14 @@ def test_cli_mistakes_found_by_a_new_user_pass(tmp_path, capsys):
     assert main(["train", "--out", str(tmp_path / "r"), "model.preset=gpt-tiny", "lora.rank=2", "train.steps=1",
                  "train.eval_batches=1"]) == 0
     assert "note: LoRA over a base drawn at random" in capsys.readouterr().err
+    # full fine-tuning's optimizer settings with LoRA are said to be unused (a pass: taken in silence)
+    assert main(["train", "--out", str(tmp_path / "r"), "--offload", "ssd", "--ssd", str(ssd), "model.preset=gpt-tiny",
+                 "lora.rank=2", "train.steps=1", "train.eval_batches=1", "offload.resident_mem=1GiB",
+                 "offload.clip_schedule=defer", "offload.prefetch_depth=1"]) == 0
+    err = capsys.readouterr().err
+    assert ("note: offload.resident_mem, offload.clip_schedule set full fine-tuning's CPU optimizer and are not used "
+            "with LoRA (lora.rank=2)") in err, err
+    assert "offload.prefetch_depth" not in err.split("not used with LoRA")[0]
 
 
 def test_import_to_a_file_is_refused_with_a_sentence(tmp_path, capsys):

@@ -217,6 +217,21 @@ def _offload_ignored_in_memory(cfg) -> list[str]:
                 call_default_factory=True)]
 
 
+# full fine-tuning's optimizer settings: with LoRA the base has no optimizer state and the adapters' AdamW runs on
+# the compute device after backward, so none of them applies
+FULL_OPTIMIZER_SETTINGS = ("resident_mem", "resident_spare", "optimizer_chunk", "optimizer_depth", "optimizer_threads",
+                           "max_pending_updates", "clip_schedule")
+
+
+def _offload_ignored_by_lora(cfg) -> list[str]:
+    """``FULL_OPTIMIZER_SETTINGS`` given a value other than their default in a LoRA run (a new-user pass: they were
+    taken in silence, where optim.master and optim.moments are refused)."""
+    if not cfg.lora.enabled or cfg.offload.mode != "ssd":
+        return []
+    fields = type(cfg.offload).model_fields
+    return [f"offload.{k}" for k in FULL_OPTIMIZER_SETTINGS if getattr(cfg.offload, k) != fields[k].default]
+
+
 STOP_WRITE_RATE = 1e9  # bytes/s a stop's commit is assumed to write at (a consumer NVMe drive, with its fsyncs)
 
 
@@ -568,6 +583,12 @@ def _notes_on_the_settings(cfg: FuyouConfig, new_run: bool, out) -> None:
         print(f"note: {', '.join(ignored)} {'applies' if one else 'apply'} to SSD offload (--offload ssd) and "
               f"{'is' if one else 'are'} ignored in memory (offload.mode=none): the whole training state is held, "
               f"and a model that does not fit the machine is refused", file=out)
+    ignored = _offload_ignored_by_lora(cfg)
+    if ignored and new_run:
+        one = len(ignored) == 1
+        print(f"note: {', '.join(ignored)} {'sets' if one else 'set'} full fine-tuning's CPU optimizer and "
+              f"{'is' if one else 'are'} not used with LoRA (lora.rank={cfg.lora.rank}): the base has no optimizer "
+              f"state, and the adapters' AdamW runs on the compute device after backward", file=out)
     if cfg.lora.enabled and not cfg.model.init_from and new_run:
         print(f"note: LoRA over a base drawn at random (train.seed={cfg.train.seed}; no --init-from): the adapters "
               f"learn to correct noise, which suits a test, not a fine-tune; give --init-from HF_DIR for a "
