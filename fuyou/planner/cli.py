@@ -622,6 +622,10 @@ def _plan(args) -> int:
                  csize=2 if precision == "bf16" else 4, fmt=fmt, lora=lora, ranks=gpus, cuda=hw.device == "cuda",
                  packed=packed, store=off.store_config(),  # (the store train builds: its bounce buffers)
                  **({"depths": (args.prefetch_depth,)} if args.prefetch_depth is not None else {}))
+    if lora.enabled and lora.init_from:  # the adapter train starts from fits these settings (refused there, taken
+        from fuyou.hf.peft import load_peft_adapter  # here for a plan of them: a new-user pass)
+
+        load_peft_adapter(lora.init_from, w.stage_model.stages, cfg.family, lora)
     if w.sharded and gpus > len(w.numels):
         raise ConfigError(f"--gpus {gpus} for a model of {len(w.numels)} stages: each rank owns the optimizer state of "
                           f"whole stages, so use at most {len(w.numels)} GPUs")

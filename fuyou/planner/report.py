@@ -172,8 +172,9 @@ def lora_line(w) -> str:
     from fuyou.units import format_size
 
     names = resolve_targets(w.model.family, w.lora.targets)
+    where = "on the GPU" if w.cuda else "in CPU memory, where the compute is"  # (a CPU profile's plan said GPU: a pass)
     return (f"LoRA rank {w.lora.rank} on {', '.join(names)}: {_si(w.lora_params)} adapter parameters "
-            f"({format_size(16 * w.lora_params)} with gradients and AdamW moments, on the GPU); the base is read-only "
+            f"({format_size(16 * w.lora_params)} with gradients and AdamW moments, {where}); the base is read-only "
             f"(no master, moments or gradients), {base_line(w)}")
 
 

@@ -92,3 +92,26 @@ def test_a_lora_plans_footprint_holds_the_disk_its_run_uses(tmp_path, capsys):
         one = parts["adapter commits"] // 2  # (between commits one file is there: the plan counts the peak's two)
         body = planned["ssd_bytes"] - parts["store margin"]  # (the margin: padding and manifests, at most)
         assert body - one <= used <= planned["ssd_bytes"], (used, parts)
+
+
+def test_a_lora_plan_checks_the_adapter_it_starts_from_and_says_where_the_adapters_are(tmp_path, capsys):
+    """A new-user pass: plan took lora.init_from=nowhere (train refuses it), and a CPU profile's plan said the
+    adapters were on the GPU. The adapter is checked against the plan's settings, as train checks it."""
+    from fuyou.planner.hardware import HardwareProfile, save_profile
+
+    assert main(["train", "--out", str(tmp_path / "runs"), "model.preset=gpt-tiny", "lora.rank=2", "train.steps=1",
+                 "train.eval_batches=1", "run.name=a"]) == 0
+    assert main(["export", str(tmp_path / "runs" / "a"), "--out", str(tmp_path / "adapter")]) == 0
+    profile = tmp_path / "cpu.json"
+    save_profile(HardwareProfile(source="fuyou probe on vm (cpu)", device="cpu", fwd_flops=1e11, bwd_flops=1e11,
+                                 matmul_flops=2e11, gpu_mem=2**34, h2d=1e15, d2h=1e15, ssd_read=2e9, ssd_write=2e9,
+                                 ssd_capacity=2**40, cpu_adam=1e9), profile)
+    capsys.readouterr()
+    args = ["plan", "--model", "gpt-tiny", "--profile", str(profile), "--batch", "2", "--seq", "64", "--cpu-mem", "4GiB"]
+    assert main([*args, "lora.rank=2", f"lora.init_from={tmp_path / 'nowhere'}"]) == 2
+    assert "not a PEFT LoRA adapter directory" in capsys.readouterr().err
+    assert main([*args, "lora.rank=4", f"lora.init_from={tmp_path / 'adapter'}"]) == 2
+    assert "the adapter was trained with other settings (lora.rank" in capsys.readouterr().err
+    assert main([*args, "lora.rank=2", f"lora.init_from={tmp_path / 'adapter'}"]) == 0
+    out = capsys.readouterr().out
+    assert "AdamW moments, in CPU memory, where the compute is)" in out and "on the GPU" not in out
