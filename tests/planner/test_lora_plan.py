@@ -107,7 +107,8 @@ def test_a_lora_plan_checks_the_adapter_it_starts_from_and_says_where_the_adapte
                                  matmul_flops=2e11, gpu_mem=2**34, h2d=1e15, d2h=1e15, ssd_read=2e9, ssd_write=2e9,
                                  ssd_capacity=2**40, cpu_adam=1e9), profile)
     capsys.readouterr()
-    args = ["plan", "--model", "gpt-tiny", "--profile", str(profile), "--batch", "2", "--seq", "64", "--cpu-mem", "4GiB"]
+    args = ["plan", "--model", "gpt-tiny", "--profile", str(profile), "--batch", "2", "--seq", "64",
+            "--cpu-mem", "4GiB"]
     assert main([*args, "lora.rank=2", f"lora.init_from={tmp_path / 'nowhere'}"]) == 2
     assert "not a PEFT LoRA adapter directory" in capsys.readouterr().err
     assert main([*args, "lora.rank=4", f"lora.init_from={tmp_path / 'adapter'}"]) == 2
