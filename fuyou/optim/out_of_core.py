@@ -265,24 +265,34 @@ class OutOfCoreAdamW:
         master, m, v = resident
         gkey = grad if isinstance(grad, str) else None
         wdtype = lowp_out.dtype if lowp_out is not None else lowp_dtype
-        pending: list = []  # (future, buffer or None)
+        pending: list = []  # (future, buffer or None): the compute weights' writes, at most ``depth`` at once
         try:
             for s in range(0, numel, self.chunk):
                 e = min(s + self.chunk, numel)
                 gbuf = wbuf = None
-                if gkey:
-                    gbuf = self.pool.acquire((e - s) * _size(grad_dtype), grad_dtype)
-                    pending.append((self._read(gkey, gbuf.tensor, start=s), gbuf))
-                    pending[-1][0].result()
-                    stats.read_bytes += (e - s) * _size(grad_dtype)
-                g = gbuf.tensor if gbuf is not None else grad[s:e]
-                if lowp_out is None:
-                    wbuf = self.pool.acquire((e - s) * _size(wdtype), wdtype)
-                lowp = wbuf.tensor if wbuf is not None else lowp_out[s:e]
-                self._step_chunk(s, e, segments, resident, 0, g, lowp, lr, step, grad_scale, stats, src=src)
-                if wbuf is not None:
-                    pending.append((self.store.write_from(out_keys.weights, lowp, start=s), wbuf))
-                    stats.written_bytes += (e - s) * _size(wdtype)
+                while len(pending) >= self.depth:  # each chunk's buffers go back as its write lands: held to the
+                    f, buf = pending.pop(0)        # end, a stage larger than the pool waited on itself for ever (an
+                    f.result()                     # audit: resident state, weights not cached, 51M parameters)
+                    buf.release()
+                try:
+                    if gkey:
+                        gbuf = self.pool.acquire((e - s) * _size(grad_dtype), grad_dtype)
+                        self._read(gkey, gbuf.tensor, start=s).result()
+                        stats.read_bytes += (e - s) * _size(grad_dtype)
+                    g = gbuf.tensor if gbuf is not None else grad[s:e]
+                    if lowp_out is None:
+                        wbuf = self.pool.acquire((e - s) * _size(wdtype), wdtype)
+                    lowp = wbuf.tensor if wbuf is not None else lowp_out[s:e]
+                    self._step_chunk(s, e, segments, resident, 0, g, lowp, lr, step, grad_scale, stats, src=src)
+                    if wbuf is not None:
+                        pending.append((self.store.write_from(out_keys.weights, lowp, start=s), wbuf))
+                        wbuf = None
+                        stats.written_bytes += (e - s) * _size(wdtype)
+                finally:
+                    if gbuf is not None:  # (its read has landed, and the kernel is done with it)
+                        gbuf.release()
+                    if wbuf is not None:  # (no write took it: the kernel failed)
+                        wbuf.release()
                 fault("optimizer", step - 1)
             for f, buf in pending:  # the compute weights are in place before the forward is told so
                 f.result()

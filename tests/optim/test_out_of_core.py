@@ -175,3 +175,37 @@ def test_the_pool_bound_holds_every_format(tmp_path, fmt, wdtype, depth):
         t.start()
         t.join(60)
         assert done, f"the update blocked on the pool ({pool.capacity} bytes)"
+
+
+@pytest.mark.parametrize("grad_in_store", [True, False])
+def test_resident_state_of_a_stage_larger_than_the_pool_is_updated(tmp_path, grad_in_store):
+    """State held in CPU memory, the compute weights written to the store: each chunk's weight buffer (and its
+    gradient read back) was held to the end of the stage, so a stage of more chunks than the pool holds waited on
+    itself for ever (an audit: a 51M-parameter block with resident state and offload.cache_weights=false hung).
+    With a pool of exactly the planned bound, it finishes, bit-identical to the in-memory kernel."""
+    from fuyou.optim.compressed import StateFormat
+    from fuyou.optim.out_of_core import optimizer_buffer_bytes
+
+    chunk, n = 262_144, 30 * 262_144 + 1000
+    gen = torch.Generator().manual_seed(3)
+    seg = [Segment(0, n, 0.1)]
+    with TensorStore.create([tmp_path / "s"]) as store:
+        keys, state = setup_layer(store, "l", n, gen)
+        g = torch.randn(n, generator=gen).bfloat16()
+        if grad_in_store:
+            store.allocate("l/g", (n,), torch.bfloat16)
+            store.write_from("l/g", g).result()
+        pool = PinnedPool(optimizer_buffer_bytes(StateFormat(), chunk, 2, 2, 2, n))
+        opt = OutOfCoreAdamW(store, pool, CFG, chunk_numel=chunk, depth=2)
+        resident = tuple(t.clone() for t in state)
+        done = []
+        t = threading.Thread(target=lambda: done.append(opt.update(
+            keys, "l/g" if grad_in_store else g, numel=n, segments=seg, lr=CFG.lr, step=1, resident=resident,
+            grad_dtype=torch.bfloat16)), daemon=True)
+        t.start()
+        t.join(120)
+        assert done, f"the update blocked on the pool ({pool.capacity} bytes, {pool.in_use} in use)"
+        p, m, v, lowp = in_memory(state, [g], seg, 1)
+        assert torch.equal(resident[0], p) and torch.equal(resident[1], m) and torch.equal(resident[2], v)
+        assert torch.equal(read(store, keys.weights, n, torch.bfloat16), lowp)
+        assert pool.in_use == 0
