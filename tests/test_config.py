@@ -218,3 +218,19 @@ def test_a_lora_base_named_by_its_dtype_says_which_value_is_that(tmp_path):
                                           r"lora.base=compute"):
         load_config(overrides=["lora.rank=2", "lora.base=bf16"])
     assert load_config(overrides=["lora.rank=2", "lora.base=int8"]).lora.base == "int8"
+
+
+def test_a_warmup_ratio_rounds_its_steps_up():
+    """A mutation audit: 3% of 10 steps is 0.3 of a step; the warm-up takes one step (rounded down it had none)."""
+    from fuyou.train.config import TrainConfig
+
+    assert TrainConfig(steps=10, warmup_ratio=0.03).warmup == 1
+    assert TrainConfig(steps=100, warmup_ratio=0.031).warmup == 4
+
+
+def test_a_boolean_for_a_number_is_refused():
+    """A mutation audit: pydantic reads true as 1, so train.steps=true would train one step; it is refused."""
+    with pytest.raises(ConfigError, match="train.steps is a number"):
+        load_config(overrides=["train.steps=true"])
+    with pytest.raises(ConfigError, match="optim.lr is a number"):
+        load_config(overrides=["optim.lr=false"])

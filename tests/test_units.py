@@ -48,3 +48,27 @@ def test_the_unitless_hint_is_for_sizes_given_without_a_unit():
     assert "did you mean 12GiB?" in unitless_hint(12, "12")
     assert unitless_hint(512, "0.5KiB") == ""  # it asked whether 0.5KiB meant 512GiB
     assert unitless_hint(2 * 1024**3, "2GiB") == ""
+
+
+def test_every_size_unit_is_its_power_of_1000_or_1024():
+    """A mutation audit: decimal units (KB..TB) are powers of 1000 and binary ones (KiB..TiB) of 1024, every spelling
+    of each, in either case (a terabyte read as a tebibyte was 10% too large)."""
+    from fuyou.units import parse_size
+
+    for k, (dec, binary) in enumerate((("k", "ki"), ("m", "mi"), ("g", "gi"), ("t", "ti")), start=1):
+        for spelled in (dec, dec + "b", dec.upper() + "B"):
+            assert parse_size(f"2{spelled}") == 2 * 1000**k, spelled
+        for spelled in (binary, binary + "b", binary[0].upper() + "iB"):
+            assert parse_size(f"2{spelled}") == 2 * 1024**k, spelled
+    assert parse_size("2") == parse_size("2b") == parse_size("2 B") == 2
+
+
+def test_every_hour_spelling_is_3600_seconds():
+    """A mutation audit: each unit of a duration counts its own seconds (an hour read as a minute made a 1h
+    interval 60 s)."""
+    from fuyou.units import parse_duration
+
+    for spelled in ("h", "hr", "hour", "hours", "H"):
+        assert parse_duration(f"1{spelled}") == 3600, spelled
+    assert parse_duration("1.5h") == 5400 and parse_duration("2 min") == parse_duration("2m") == 120
+    assert parse_duration("30s") == parse_duration("30sec") == parse_duration("30secs") == 30

@@ -747,3 +747,15 @@ def test_a_rank_waiting_for_one_that_never_joins_says_so(tmp_path, monkeypatch, 
         distributed.init(cfg, None, None)
     assert time.monotonic() - t0 < 60
     assert "still waiting for the other ranks to join after 0 s" in capsys.readouterr().err
+
+
+def test_ranks_with_different_optimizer_chunks_do_not_agree(tmp_path):
+    """A mutation audit: the weight exchange sends a stage chunk by chunk, so offload.optimizer_chunk is one of the
+    settings every rank must share (two chunk sizes passed the comparison, then hung in the exchange)."""
+    from fuyou import distributed
+    from fuyou.config import load_config
+
+    a, b = (distributed.agreed_settings(load_config(overrides=["offload.mode=ssd", f"offload.optimizer_chunk={c}"],
+                                                    flags={"offload.ssd_dirs": [str(tmp_path)]}))
+            for c in (1 << 20, 1 << 21))
+    assert a != b and a["offload.optimizer_chunk"] != b["offload.optimizer_chunk"]

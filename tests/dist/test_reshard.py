@@ -255,3 +255,70 @@ def test_a_reshard_keeps_whose_state_it_is(tmp_path):
     for n in ("2", "1"):  # ("1" said "resume it as it is", which is refused as finished: a pass)
         r = fuyou("reshard", str(run), "--nproc", n, check=False)
         assert r.returncode != 0 and "finished" in r.stderr and "--init-from" in r.stderr, r.stderr
+
+
+def test_a_tensor_bigger_than_the_copy_unit_is_copied_whole(tmp_path, monkeypatch):
+    """A mutation audit: reshard copies a tensor in units of COPY_BYTES; each unit must land at its own offset in
+    the new store (every unit written at offset 0 left all but the last unit's bytes out)."""
+    from fuyou import reshard
+    from fuyou.store import TensorStore
+    from fuyou.store.aligned import aligned_empty
+
+    monkeypatch.setattr(reshard, "COPY_BYTES", 2**20)
+    t = torch.randn(7 * 2**20 // 8 + 5, generator=torch.Generator().manual_seed(0))  # 3.5 MiB of fp32, and a tail
+    with TensorStore.create([tmp_path / "a"]) as src, TensorStore.create([tmp_path / "b"]) as dst:
+        src.allocate("w", t.shape, t.dtype)
+        src.write_from("w", t).result()
+        dst.allocate("w", t.shape, t.dtype)
+        assert reshard._copy(src, dst, "w", aligned_empty(2**20)) == t.numel() * 4
+        out = torch.empty_like(t)
+        dst.read_into("w", out).result()
+    assert torch.equal(out, t)
+
+
+@pytest.mark.parametrize("killed_at", ["rename", "removal"])
+def test_a_reshard_interrupted_between_its_renames_is_finished_by_running_it_again(tmp_path, monkeypatch, killed_at):
+    """A mutation audit: the rerun of an interrupted switch moves aside only directories that still hold an old
+    state (by the stores' ids); the new rank-0 state, already under the old name, must be neither moved nor deleted."""
+    import os
+    import shutil
+
+    from fuyou import reshard
+    from fuyou.store.layout import MARKER
+
+    run, ssd = tmp_path / "run", tmp_path / "ssd"
+    run.mkdir()
+    ssd.mkdir()
+    rank0, rank1 = ssd / "cut.fuyou-state", ssd / "cut.fuyou-state.rank1"
+    for d, uid in ((rank0, "old"), (ssd / "cut.fuyou-state.reshard", "new0"), (ssd / "cut.fuyou-state.rank1.reshard",
+                                                                               "new1")):
+        d.mkdir()
+        (d / MARKER).write_text(json.dumps({"uuid": uid}))
+        (d / "data").write_text(uid)
+    plan = {"world_from": 1, "world_to": 2, "step": 2, "backend": None, "old": [[str(rank0)]], "old_uuids": ["old"],
+            "new": [[str(rank0)], [str(rank1)]], "new_uuids": ["new0", "new1"]}
+    (run / reshard.PENDING).write_text(json.dumps(plan))
+    renames = []
+
+    class Killed(Exception):
+        pass
+
+    def replace(a, b):  # "rename": killed at the third rename (the old state aside, the new rank 0 in place)
+        if killed_at == "rename" and len(renames) == 2:
+            raise Killed
+        renames.append((a, b))
+        os.rename(a, b)
+
+    def rmtree(d):  # "removal": killed once the old state is deleted, before the decision is
+        shutil.rmtree(d)
+        raise Killed
+
+    with monkeypatch.context() as mp, pytest.raises(Killed):
+        mp.setattr(reshard, "os", type("OS", (), {"replace": staticmethod(replace)}))
+        mp.setattr(reshard, "shutil", type("SH", (), {"rmtree": staticmethod(rmtree)}))
+        reshard._switch(run, plan)
+    reshard._switch(run, json.loads((run / reshard.PENDING).read_text()))
+    assert sorted(p.name for p in ssd.iterdir()) == ["cut.fuyou-state", "cut.fuyou-state.rank1"]
+    assert (rank0 / "data").read_text() == "new0" and (rank1 / "data").read_text() == "new1"
+    assert json.loads((run / "distributed.json").read_text())["world_size"] == 2
+    assert not (run / reshard.PENDING).exists()

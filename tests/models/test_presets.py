@@ -84,3 +84,20 @@ def test_weight_decay_applies_to_the_matmul_weights_only(family, extra):
             assert spec.decay == matmul, (st.name, name)
             seen.add(name.rsplit(".", 1)[-1] if "." in name else name)
     assert {"weight", "wte"} <= seen and ("bias" in seen) == (family == "gpt-test" or bool(extra.get("attn_bias")))
+
+
+def test_llama_widths_odd_head_dims_and_rope_factors():
+    """A mutation audit: Llama's feed-forward width is 8d/3 rounded up to a multiple of 256 (d=384 gives exactly
+    1024, not 1280); an odd head dimension (RoPE rotates pairs) and equal llama3 rope frequency factors (its
+    interpolation divides by their difference) are refused."""
+    from pydantic import ValidationError
+
+    from fuyou.models.config import RopeScaling
+
+    assert ModelConfig(family="llama", d_model=384, n_head=6).ff_dim == 1024
+    assert ModelConfig(family="llama", d_model=400, n_head=8).ff_dim == 1280  # (8*400//3 = 1066: rounded up)
+    with pytest.raises(ValidationError, match="RoPE needs an even head dimension, got d_model/n_head = 15"):
+        ModelConfig(family="llama", d_model=60, n_head=4)
+    with pytest.raises(ValidationError, match="high_freq_factor must exceed low_freq_factor"):
+        RopeScaling(type="llama3", factor=8.0, low_freq_factor=2.0, high_freq_factor=2.0)
+    RopeScaling(type="llama3", factor=8.0, low_freq_factor=2.0, high_freq_factor=2.5)

@@ -65,3 +65,50 @@ def test_loss_starts_near_uniform():
     y = torch.randint(0, cfg.vocab_size, (4, 32))
     loss = model.forward_loss(params, x, y)
     assert abs(float(loss) - torch.log(torch.tensor(float(cfg.vocab_size)))) < 0.2
+
+
+def test_blocks_start_from_different_weights():
+    """A mutation audit: a stage generator seeded from the seed alone (not the stage index) would start every
+    block with the same weights."""
+    model = StageModel(ModelConfig(**preset("gpt-test")))
+    params = model.init_params(seed=7)
+    assert not torch.equal(params["block.0.qkv.weight"], params["block.1.qkv.weight"])
+    assert not torch.equal(params["block.0.fc1.weight"], params["block.1.fc1.weight"])
+
+
+def _reference_attention(q, k, v, allowed):
+    """Plain softmax attention, each k/v head shared by ``groups`` consecutive query heads (GQA)."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = (q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5
+    return scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v
+
+
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_grouped_query_attention_without_the_kernel_shares_each_kv_head_with_consecutive_query_heads(
+        monkeypatch, with_mask):
+    """A mutation audit: the fallback that expands k/v per query head (taken on CUDA with a mask or fp32) must
+    interleave the heads (query heads 0,1 -> kv head 0), not tile them (query heads 0,2 -> kv head 0)."""
+    from fuyou.models import layers
+    monkeypatch.setattr(layers, "kernel_gqa", lambda *a: False)
+    gen = torch.Generator().manual_seed(0)
+    B, T, D = 2, 6, 8
+    q = torch.randn(B, 4, T, D, generator=gen)
+    k, v = torch.randn(B, 2, T, D, generator=gen), torch.randn(B, 2, T, D, generator=gen)
+    allowed = torch.ones(T, T, dtype=torch.bool).tril()[None, None].expand(B, 1, T, T).clone()
+    if with_mask:
+        allowed[:, :, 4:, :2] = False
+    out = layers.causal_attention(q, k, v, allowed if with_mask else None)
+    torch.testing.assert_close(out, _reference_attention(q, k, v, allowed), rtol=1e-5, atol=1e-6)
+
+
+def test_a_sliding_window_one_shorter_than_the_sequence_masks_the_first_key():
+    """A mutation audit: a window one token shorter than the sequence still hides the first token from the
+    last; treating it as no window (plain causal) would let the last query see it."""
+    from fuyou.models.layers import attention_mask
+    T = 8
+    mask = attention_mask(None, T, T - 1, torch.device("cpu"))
+    assert mask is not None
+    idx = torch.arange(T)
+    expected = (idx[None, :] <= idx[:, None]) & (idx[None, :] > idx[:, None] - (T - 1))
+    assert torch.equal(mask[0, 0], expected) and not bool(mask[0, 0, T - 1, 0])

@@ -223,3 +223,36 @@ def test_an_int8_tie_rounds_up():
     assert y[1].item() == 0.5625 and y[2].item() == -0.5625 and y[3].item() == 0.5
     w = decode_v(*encode_v(x.abs()))
     assert w[1].item() == 0.5625 and w[3].item() == 0.5
+
+
+@pytest.mark.parametrize("fmt", [StateFormat("bf16", "int8"), StateFormat("bf16", "bf16")],
+                         ids=lambda f: f"{f.master}-{f.moments}")
+def test_an_out_of_core_update_in_chunks_equals_one_update_of_the_whole_tensor(tmp_path, fmt):
+    """A mutation audit: the out-of-core optimizer gives each chunk the stage index of its first element, so a bf16
+    master's stochastic rounding noise runs on across chunks (index 0 for every chunk repeated the first's noise)."""
+    from fuyou.optim.config import AdamWConfig
+    from fuyou.optim.out_of_core import OutOfCoreAdamW, Segment, StateKeys
+    from fuyou.store import PinnedPool, TensorStore
+    from fuyou.store.config import StoreConfig
+
+    cfg = AdamWConfig(lr=3e-3, beta1=0.9, beta2=0.95, weight_decay=0.1, master=fmt.master, moments=fmt.moments)
+    n = 5 * 16384 + 1000
+    init = _state(fmt, n, seed=4)
+    grad = torch.randn(n, generator=torch.Generator().manual_seed(5))
+    keys = StateKeys("l/master", "l/m", "l/v", None, *(("l/ms", "l/vs") if fmt.moments == "int8" else ()))
+    store_cfg = StoreConfig(block_size="16KiB", checksum_block="16KiB", stripe_unit="64KiB", queue_depth=4)
+    with TensorStore.create([tmp_path / "s"], store_cfg) as store:
+        for k, t in zip(keys.state, fmt.tensors):
+            store.allocate(k, (t.numel(n),), t.dtype)
+            store.write_from(k, init[t.role]).result()
+        opt = OutOfCoreAdamW(store, PinnedPool(64 * 2**20), cfg, chunk_numel=16384, depth=2, seed=9)
+        assert opt.chunk < n // 4
+        lowp = torch.empty(n, dtype=torch.bfloat16)
+        opt.update(keys, grad, numel=n, segments=[Segment(0, n, 0.1)], lr=cfg.lr, step=2, lowp_out=lowp, stage=3)
+        got = {t.role: torch.empty(t.numel(n), dtype=t.dtype) for t in fmt.tensors}
+        for k, t in zip(keys.state, fmt.tensors):
+            store.read_into(k, got[t.role]).result()
+    ref, ref_lowp = _clone(init), torch.empty(n, dtype=torch.bfloat16)
+    reference_adamw_(fmt, ref, grad, segments=[(0, n, 0.1)], lr=cfg.lr, beta1=0.9, beta2=0.95, eps=cfg.eps, step=2,
+                     key=sr_key(9, 2, 3), out_lowp=ref_lowp)
+    assert _equal(got, ref) and torch.equal(lowp, ref_lowp)

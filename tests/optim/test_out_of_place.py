@@ -65,3 +65,17 @@ def test_out_of_place_refuses_an_overlapping_or_unlike_source():
         fused_adamw_(p, g, m, v, weight_decay=0.0, src=(p, m.clone(), v.clone()), **HP)
     with pytest.raises(ValueError, match="like its destination"):
         fused_adamw_(p, g, m, v, weight_decay=0.0, src=(p.clone(), m.double(), v.clone()), **HP)
+
+
+@pytest.mark.parametrize("shift", [1, -1])
+def test_a_source_one_element_off_its_destination_is_refused_as_overlapping(shift):
+    """A mutation audit: a source that shares all but one element's bytes with its destination (the two views of one
+    buffer one element apart) overlaps it, though their first elements differ; only a source that starts where the
+    destination ends is apart."""
+    buf = torch.zeros(1025)
+    p, src_p = (buf[1:], buf[:1024]) if shift == 1 else (buf[:1024], buf[1:])
+    m, v, g = torch.zeros(1024), torch.ones(1024), torch.zeros(1024)
+    with pytest.raises(ValueError, match="overlaps"):
+        fused_adamw_(p, g, m, v, weight_decay=0.0, src=(src_p, m.clone(), v.clone()), **HP)
+    apart = torch.zeros(2048)
+    fused_adamw_(apart[1024:], g, m, v, weight_decay=0.0, src=(apart[:1024], m.clone(), v.clone()), **HP)

@@ -47,3 +47,25 @@ def test_describe_reads_back_to_the_same_policy():
     assert parse_act_policy("fc2,proj=gpu;0-11:all=gpu", 24).describe(24) == \
         "0-11:fc2,proj,qkv,fc1=gpu;12-23:fc2,proj=gpu"
     assert ActivationPolicy.recompute_all(4).describe(4) == "recompute"
+
+
+def test_a_block_keeping_its_classes_in_different_tiers_is_not_kept_whole():
+    """A mutation audit: a block is kept whole (one graph in one tier) only when all its classes share one tier;
+    every class kept, but in three tiers, stays a per-class policy."""
+    from fuyou.policy import KeepPolicy, to_keep
+
+    mixed = to_keep(parse_act_policy("fc2=gpu;proj=cpu;qkv=ssd;fc1=gpu", 1), 1)[0]
+    assert mixed.all is None and mixed.classes == {"fc2": "gpu", "proj": "cpu", "qkv": "ssd", "fc1": "gpu"}
+    assert to_keep(parse_act_policy("all=cpu", 1), 1)[0] == KeepPolicy(all="cpu")
+
+
+@pytest.mark.parametrize("make,says", [
+    (lambda: parse_act_policy("3-1:fc2=cpu", 8), "runs backwards; write it 1-3"),
+    (lambda: ActivationPolicy(blocks={4: BlockPolicy()}).check_layers(4), "names block 4 but the model has 4 blocks"),
+    (lambda: ActivationPolicy.from_json('{"blocks": {"-1": {}}}'), "block keys are block indices"),
+])
+def test_a_backward_range_a_block_past_the_last_and_a_negative_block_are_refused(make, says):
+    """A mutation audit: a range written backwards, a block index equal to the model's block count and a negative
+    block key are each refused, naming what is wrong."""
+    with pytest.raises(ConfigError, match=says):
+        make()

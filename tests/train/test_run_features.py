@@ -1071,3 +1071,51 @@ def test_the_run_directorys_disk_is_judged_by_the_copies_it_will_hold(tmp_path, 
     snap.mkdir(parents=True)
     (snap / "model.safetensors").write_bytes(b"\0" * 1000)  # a resume finds it: its bytes are held already
     assert judged(need - 1000) and not judged(need - 1001)
+
+
+def test_a_warm_up_longer_than_the_run_reaches_the_peak_at_the_last_step():
+    """A mutation audit: a warm-up longer than the run is cut to the run's steps, so the learning rate reaches its
+    peak at the last step (not halfway up a 20-step ramp)."""
+    lrs = [lr_at(s, 1.0, 10, 20, 0.1) for s in range(10)]
+    assert lrs[-1] == 1.0 and lrs[0] == pytest.approx(0.1)
+
+
+def _tiny_run(tmp_path, *extra):
+    from fuyou.train.loop import run_training
+
+    cfg = load_config(overrides=["model.preset=gpt-test", "data.seq_len=32", "train.eval_every=0",
+                                 "train.micro_batch_size=2", "train.eval_batches=1", f"run.out_dir={tmp_path}",
+                                 "run.name=m", *extra])
+    res = run_training(cfg)
+    return cfg, [json.loads(x) for x in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_the_last_step_is_logged_whatever_the_logging_interval(tmp_path):
+    """A mutation audit: a run of 3 steps logging every 2 writes steps 1 (the first), 2 and 3 (the last, which is
+    no multiple of the interval)."""
+    _, lines = _tiny_run(tmp_path, "train.steps=3", "train.log_every=2")
+    assert [x["step"] for x in lines if "loss" in x and "eval_loss" not in x] == [1, 2, 3]
+
+
+def test_a_steps_tflops_are_its_tokens_per_second_times_the_flops_per_token(tmp_path):
+    """A mutation audit: the logged TFLOPS are tokens/s x the model's FLOPs per token / 1e12 (not 1e9)."""
+    from fuyou.models import StageModel
+
+    cfg, lines = _tiny_run(tmp_path, "train.steps=2", "train.log_every=1")
+    per_token = StageModel(cfg.model).flops_per_token(cfg.data.seq_len, frozen=False)
+    steps = [x for x in lines if "tflops" in x and "summary" not in x]
+    assert len(steps) == 2 and per_token > 0
+    for x in steps:
+        assert x["tflops"] == pytest.approx(x["tokens_per_s"] * per_token / 1e12, rel=1e-6)
+
+
+def test_an_infinite_gradient_norm_is_logged_as_null(tmp_path):
+    """A mutation audit: every non-finite number (inf and -inf as well as NaN) is written as null, so the line stays
+    strict JSON (json.dumps refuses inf)."""
+    from fuyou.train.metrics import MetricsLog
+
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+    log.write({"step": 1, "loss": float("nan"), "grad_norm": float("inf"), "lr": -float("inf"), "tokens": 64})
+    log.close()
+    rec = json.loads((tmp_path / "metrics.jsonl").read_text(), parse_constant=lambda c: pytest.fail(c))
+    assert (rec["loss"], rec["grad_norm"], rec["lr"], rec["tokens"]) == (None, None, None, 64)

@@ -174,3 +174,23 @@ def test_online_that_cannot_reach_wandb_logs_offline_and_trains(tmp_path, monkey
     assert "W&B could not be reached" in err and "wandb sync" in err
     [run] = logged(res.run_dir)
     assert [r["step"] for r in run["rows"] if "train/loss" in r] == [1, 2]
+
+
+def test_a_non_finite_stop_is_a_failed_wandb_run(tmp_path):
+    """A mutation audit: a run stopped by a non-finite loss finishes its W&B run with a non-zero exit code (a stop
+    by a signal, which resumes, finishes it with 0)."""
+    import sys
+
+    from fuyou.train.metrics import MetricsLog, WandbLog
+
+    exits = {}
+    for stop in ("non-finite", "SIGINT"):
+        run_dir = tmp_path / stop
+        run_dir.mkdir()
+        log = MetricsLog(run_dir / "metrics.jsonl", wandb=WandbLog(run_dir, "offline", "p", None, {}, sys.stderr))
+        log.write({"step": 1, "loss": 2.0})
+        log.write({"stopped": stop, "step": 1})
+        log.close()
+        [run] = logged(run_dir)
+        exits[stop] = run["exit"]
+    assert exits["non-finite"] not in (0, None) and exits["SIGINT"] == 0
