@@ -62,6 +62,18 @@ ALPACA_PAIRED = ", paired with an input that provides further context"
 # end; each assistant turn is followed by the tokenizer's EOS token (which carries loss).
 FALLBACK_TEMPLATE = "<|im_start|>{role}\n{content}<|im_end|>\n"
 FALLBACK_GENERATION = "<|im_start|>assistant\n"
+CONTENT_MARK = "\ue000fuyou-content\ue000"  # (a private-use character: no template writes it of its own)
+
+# ShareGPT's speakers ("from") as chat roles
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
+                  "model": "assistant", "function_call": "assistant", "system": "system", "tool": "tool",
+                  "function": "tool", "observation": "tool", "ipython": "tool"}
+# (LLaMA-Factory's "function_call" is the assistant's call written as text, "observation" the tool's answer)
+# the roles of chat messages fuyou knows; a message of another role is prompt, and counted (``RenderStats``)
+KNOWN_ROLES = ("system", "developer", "user", "assistant", "tool", "function", "ipython")
+# message keys every chat rendering reads; any other key (but ``weight``, read here) goes to the chat template
+# too, and is counted as ignored where the rendering writes nothing of it
+TEMPLATE_KEYS = ("role", "content", "tool_calls", "tool_call_id", "name")
 
 
 def fallback_chat_template(prefix: str, eos: str) -> str:
@@ -78,18 +90,6 @@ def fallback_chat_template(prefix: str, eos: str) -> str:
             + FALLBACK_GENERATION + "{{ message['content'] }}<|im_end|>\n" + eos
             + "{% else %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endif %}"
             "{% endfor %}{% if add_generation_prompt %}" + FALLBACK_GENERATION + "{% endif %}")
-CONTENT_MARK = "\ue000fuyou-content\ue000"  # (a private-use character: no template writes it of its own)
-
-# ShareGPT's speakers ("from") as chat roles
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
-                  "model": "assistant", "function_call": "assistant", "system": "system", "tool": "tool",
-                  "function": "tool", "observation": "tool", "ipython": "tool"}
-# (LLaMA-Factory's "function_call" is the assistant's call written as text, "observation" the tool's answer)
-# the roles of chat messages fuyou knows; a message of another role is prompt, and counted (``RenderStats``)
-KNOWN_ROLES = ("system", "developer", "user", "assistant", "tool", "function", "ipython")
-# message keys every chat rendering reads; any other key (but ``weight``, read here) goes to the chat template
-# too, and is counted as ignored where the rendering writes nothing of it
-TEMPLATE_KEYS = ("role", "content", "tool_calls", "tool_call_id", "name")
 
 
 @dataclass
