@@ -90,8 +90,9 @@ def add_parsers(sub) -> None:
                     "at least 65536; the out-of-core job beside it updates one block of --model)")
     pr.add_argument("--repeats", type=int, default=3, help="timed repetitions, their median kept (default 3, at "
                     "least 1)")
-    pr.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
-                    help="compute dtype the block is timed in, as train.precision (default bf16)")
+    pr.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                    help="compute dtype the block is timed in, as train.precision (default auto: bf16 where the "
+                    "device computes it natively, else fp32, as train resolves it)")
     pr.set_defaults(func=_probe)
 
 
@@ -597,9 +598,11 @@ def _plan(args) -> int:
         raise
     except ValueError as e:
         raise ConfigError(f"invalid --commit-every, --grad-clip or offload override: {e}") from None
-    precision = other.get("train", {}).get("precision", "bf16")
-    if precision not in ("bf16", "fp32"):
-        raise ConfigError(f"train.precision={precision}: bf16 or fp32")
+    precision = other.get("train", {}).get("precision", "auto")
+    if precision not in ("auto", "bf16", "fp32"):
+        raise ConfigError(f"train.precision={precision}: auto, bf16 or fp32")
+    if precision == "auto":  # as train resolves it on the planned device
+        precision = "bf16" if hw.computes_bf16() else "fp32"
     if clip is not None and not (0 < clip < float("inf")):
         raise ConfigError(f"--grad-clip must be a positive number or none, got {args.grad_clip}")
     from fuyou.optim.compressed import StateFormat

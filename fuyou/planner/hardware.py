@@ -167,6 +167,10 @@ class HardwareProfile(BaseModel):
     compute_precision: Literal["bf16", "fp32"] | None = Field(
         None, description="The dtype the probe timed its block in (probe --precision); a plan of the other "
         "precision says its compute times are the probe's other dtype's. None: presets, or older profiles.")
+    bf16_native: bool | None = Field(
+        None, description="Whether the compute device multiplies bf16 natively (``fuyou.models.precision.bf16_native``"
+        "): what train.precision=auto computes in there. None: presets (GPUs: yes), or older profiles (a CPU's: "
+        "this machine's).")
     gpu_link: float | None = Field(None, gt=0, description="Data parallel: GPU-to-GPU bandwidth per direction for "
                                    "NCCL's gradient sums, bytes/s (NVLink); None: through host memory over each "
                                    "GPU's PCIe link.")
@@ -179,7 +183,7 @@ class HardwareProfile(BaseModel):
     @classmethod
     def _no_booleans(cls, v, info):
         """``true`` is not a figure (``"ssd_read": true`` was taken as 1 B/s: a pass)."""
-        if isinstance(v, bool) and info.field_name != "gpu_budget":
+        if isinstance(v, bool) and info.field_name not in ("gpu_budget", "bf16_native"):
             raise ValueError("a number is expected, not true/false")
         return v
 
@@ -189,6 +193,16 @@ class HardwareProfile(BaseModel):
         if v is not None and min(v) < 1:  # (a hand-edited [0, 1024] divided by zero in the report: a pass)
             raise ValueError("compute_block is [d_model, tokens], both at least 1")
         return v
+
+    def computes_bf16(self) -> bool:
+        """Whether train.precision=auto computes in bf16 on this profile's device (``bf16_native``)."""
+        if self.bf16_native is not None:
+            return self.bf16_native
+        if self.device == "cuda":  # (the presets' GPUs: Ampere on)
+            return True
+        from fuyou.models.precision import bf16_native
+
+        return bf16_native("cpu")  # (a CPU profile from before the field: this machine's, which probed it)
 
 
 def _ssd_preset(spec: str) -> tuple[int, dict]:

@@ -43,7 +43,7 @@ from fuyou.planner.cost import StageCost
 from fuyou.planner.hardware import HardwareProfile
 from fuyou.planner.simulate import simulate_job
 from fuyou.store import PinnedPool, StoreConfig, TensorStore
-from fuyou.models.precision import autocast
+from fuyou.models.precision import autocast, bf16_native
 
 NOT_USED = 1e15  # bandwidth of a link a CPU-only machine does not have (never the bottleneck)
 #: The largest job the probe times (parameters; 12 B each of SSD state, written before): a larger
@@ -445,10 +445,11 @@ def cpu_memory() -> int:
 def probe(ssd_dir: str | Path, *, model: str | ModelConfig | None = None, batch: int | None = None,
           seq: int | None = None, io_bytes: int = 256 * 1024**2, adam_params: int = 1 << 24, repeats: int = 3,
           device: str = "auto", store_cfg: StoreConfig | None = None, optimizer_chunk: int = 1 << 20,
-          optimizer_depth: int = 2, precision: str = "bf16", gloo: bool = True,
+          optimizer_depth: int = 2, precision: str = "auto", gloo: bool = True,
           lora: LoRAConfig | None = None, space_advice: str | None = None) -> tuple[HardwareProfile, dict]:
     """Measure this machine (module docstring); returns the profile and the raw measurements.
-    ``precision``: the compute dtype the block is timed in (``train.precision``); ``gloo``: measure the
+    ``precision``: the compute dtype the block is timed in (``train.precision``; auto as train resolves it here);
+    ``gloo``: measure the
     transfers between two processes (data parallelism; else the profile keeps the defaults); ``lora``:
     the adapters to time the LoRA rates with (``probe_compute``)."""
     d = Path(ssd_dir)
@@ -472,6 +473,9 @@ def probe(ssd_dir: str | Path, *, model: str | ModelConfig | None = None, batch:
         cfg = ModelConfig(**{**preset("gpt3-1.3b"), "family": cfg.family})
         print(f"fuyou probe: note: the model's block (d={big}) is too large to time on the CPU in seconds: timing "
               f"a block of d={cfg.d_model}; a plan of the model extrapolates its rates, and says so", file=sys.stderr)
+    native = bf16_native(dev.type)
+    if precision == "auto":  # (as train.precision=auto resolves on this device)
+        precision = "bf16" if native else "fp32"
     meas: dict = {"device": str(dev), "torch": torch.__version__, "threads": torch.get_num_threads(),
                   "compute": probe_compute(cfg, batch, seq, dev, repeats,
                                            torch.bfloat16 if precision == "bf16" else torch.float32, lora)}
@@ -502,7 +506,7 @@ def probe(ssd_dir: str | Path, *, model: str | ModelConfig | None = None, batch:
         ssd_mixed_factor=s["mixed_factor"], ssd_capacity=shutil.disk_usage(d).free, ssd_drives=1,
         ssd_cpu_s_per_gb=s["cpu_s_per_byte"] * 1e9,
         cpu_adam=meas["adam_params_per_s"], cpu_mem=cpu_memory(), compute_block=[c["d_model"], c["tokens"]],
-        compute_precision=precision,
+        compute_precision=precision, bf16_native=native,
         **({"gloo_broadcast": meas["gloo"]["broadcast"], "gloo_reduce": meas["gloo"]["reduce"]} if gloo else {}))
     j = meas["adam_job"]
     j["predicted_s"] = simulate_job(j["params"], prof, j["chunk"], j["depth"])

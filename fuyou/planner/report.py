@@ -98,6 +98,7 @@ def summary(plan: Plan) -> dict:
         "gpu_peak_bytes": ev.memory.device_required if hw.device == "cuda" else 0,
         "step_s": step, "tokens_per_s": w.tokens / step,
         "model_tflops": w.model_flops / step / 1e12, "gpu_busy": busy_gpu / step,
+        "precision": "bf16" if w.csize == 2 else "fp32",  # (train.precision; auto resolved on the device)
         "grad_clip": w.grad_clip, "lora": w.lora_params is not None,
         "lora_base": w.lora.base if w.lora_params is not None else None, "base_bytes": sum(w.weight_bytes),
         "triggered_step_s": ev.triggered_step, "clipping_step_s": ev.clipping_step,
@@ -390,7 +391,7 @@ def text(plan: Plan) -> str:
            _commit_line(s),
            "what if             " + "; ".join(f"{k.replace('GPU', labels['compute'])}: {v:.3g} s "
                                                   f"({s['step_s'] / v:.2f}x)" for k, v in s["whatif_step_s"].items()),
-           f"optimizer state     {s['state_format']}",
+           f"optimizer state     {s['state_format']}; compute in {s['precision']} (train.precision)",
            _traffic_line(s, plan.workload.ranks),
            _wear_line(s),
            f"SSD footprint       {format_size(s['ssd_bytes'])} (" + ", ".join(

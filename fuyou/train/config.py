@@ -35,8 +35,11 @@ class TrainConfig(BaseModel):
     grad_clip: float | None = Field(
         1.0, gt=0, description="Global gradient-norm clipping threshold; unset (or 'none' on the CLI) disables it."
     )
-    precision: Literal["fp32", "bf16"] = Field(
-        "bf16", description="Compute precision: 'bf16' (autocast, fp32 master weights and moments) or 'fp32'."
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="Compute precision: 'bf16' (autocast, fp32 master weights and moments), 'fp32', or "
+        "'auto': bf16 where the compute device multiplies bf16 natively (a GPU from Ampere on, a CPU with AVX-512 "
+        "or AMX), else fp32 (bf16 on an AVX2 CPU runs ~75x slower). Resolved when the config is read: the run's "
+        "config.toml records the precision it trained in."
     )
     device: Literal["auto", "cpu", "cuda", "fake"] = Field(
         "auto", description="Compute device; 'auto' picks CUDA when available, else the CPU. 'fake' (for "
@@ -64,6 +67,21 @@ class TrainConfig(BaseModel):
         if self.warmup_ratio is not None:
             return math.ceil(self.warmup_ratio * self.steps)
         return self.warmup_steps
+
+    @model_validator(mode="after")
+    def _resolve_precision(self):
+        if self.precision == "auto":  # (in place, and not counted as given: ``precision_chosen``)
+            from fuyou.models.precision import auto_precision
+
+            self.__dict__["precision"] = auto_precision(self.device)
+            self.model_fields_set.discard("precision")
+        return self
+
+    @property
+    def precision_chosen(self) -> bool:
+        """Whether ``precision`` is auto's choice on this machine rather than a value given (a config a run
+        wrote gives the one it chose)."""
+        return "precision" not in self.model_fields_set
 
     @model_validator(mode="after")
     def _steps_or_epochs(self):

@@ -89,6 +89,10 @@ def test_probe_smoke_writes_a_profile_plan_can_use(tmp_path, capsys):
     # a real job on the store, against the model's own prediction of it: a sanity bound (units, not speed: on a
     # shared 2-core machine under a concurrent benchmark it measured 0.13)
     assert 0.02 < p.adam_io_efficiency < 50
+    from fuyou.models.precision import bf16_native
+
+    # timed in the precision train.precision=auto computes in here, and the device's bf16 recorded for plans
+    assert p.bf16_native == bf16_native("cpu") and p.compute_precision == ("bf16" if p.bf16_native else "fp32")
     out = capsys.readouterr()
     assert "out-of-core AdamW job" in out.out and "with LoRA (rank" in out.out and "the head" in out.out
     assert "--repeats 1: each figure is one timing" in out.err
@@ -169,7 +173,8 @@ def test_train_plan_auto_keeps_the_budget_its_probe_included(tmp_path):
         in r.stderr, r.stderr[-3000:]
     r = subprocess.run([sys.executable, "-m", "fuyou.cli", "train", "--model", "gpt-tiny", "--offload", "ssd", "--ssd",
                         str(tmp_path / "ssd"), "--cpu-mem", "100MiB", "--plan", "auto", "--out", str(tmp_path / "r2"),
-                        "run.name=small", "train.steps=2", "data.seq_len=64", "train.micro_batch_size=4"],
+                        "run.name=small", "train.steps=2", "data.seq_len=64", "train.micro_batch_size=4",
+                        "train.precision=bf16"],  # (bf16 compute weights: the figure below, on any CPU)
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "needs at least 183.37 MiB" in r.stderr and "probing" not in r.stderr, r.stderr
     assert not (tmp_path / "r2").exists()
@@ -703,12 +708,42 @@ def test_plan_flags_a_profile_would_ignore_and_preset_spellings(tmp_path, capsys
 
 
 def test_a_plan_in_another_precision_than_the_probe_says_so(tmp_path, capsys):
-    args = ["plan", "--model", "gpt-tiny", "--profile", str(_cpu_profile(tmp_path, compute_precision="fp32")),
+    args = ["plan", "--model", "gpt-tiny", "--profile",
+            str(_cpu_profile(tmp_path, compute_precision="fp32", bf16_native=True)),
             "--seq", "128", "--batch", "4", "--cpu-mem", "2GiB"]
     main(args)
     assert "the probe timed its block in fp32, this plan computes in bf16" in capsys.readouterr().out
     main([*args, "train.precision=fp32"])
     assert "the probe timed its block in" not in capsys.readouterr().out
+
+
+def test_a_plans_precision_auto_is_the_one_train_chooses_on_the_profiles_device(tmp_path, capsys, monkeypatch):
+    """train.precision=auto: bf16 where the profile's device multiplies it natively (the probe records it; a GPU
+    preset's does), else fp32, as train chooses it there; a CPU profile from before the record: this machine's."""
+    from fuyou.models import precision
+
+    def planned(profile, *extra):
+        assert main(["plan", "--model", "gpt-tiny", "--profile", str(profile), "--seq", "128", "--batch", "4",
+                     "--cpu-mem", "2GiB", *extra]) == 0
+        out = capsys.readouterr().out
+        said = re.search(r"this plan computes in (\w+)", out)
+        return said.group(1) if said else None
+
+    import re
+
+    timed_bf16 = dict(compute_precision="bf16")
+    assert planned(_cpu_profile(tmp_path, bf16_native=False, **timed_bf16)) == "fp32"  # (an AVX2 CPU's)
+    assert planned(_cpu_profile(tmp_path, bf16_native=False, **timed_bf16), "train.precision=bf16") is None
+    assert planned(_cpu_profile(tmp_path, bf16_native=True, compute_precision="fp32")) == "bf16"
+    for native in (True, False):  # a profile without the record: this machine's CPU
+        monkeypatch.setattr(precision, "bf16_native", lambda kind: native)
+        assert planned(_cpu_profile(tmp_path, **timed_bf16)) == (None if native else "fp32")
+    for native in (True, False):  # a GPU preset's: bf16, whatever this machine's CPU
+        monkeypatch.setattr(precision, "bf16_native", lambda kind: native)
+        assert main(["plan", "--model", "gpt-tiny", "--gpu", "rtx4090", "--ssd", "990-pro", "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["precision"] == "bf16"
+    assert main(["plan", "--model", "gpt-tiny", "--gpu", "rtx4090", "--ssd", "990-pro", "train.precision=fp32"]) == 0
+    assert "compute in fp32 (train.precision)" in capsys.readouterr().out
 
 
 def test_plan_takes_overrides_among_its_options(capsys):
@@ -1219,7 +1254,7 @@ def test_a_device_budget_too_small_is_told_as_the_budget_at_trains_depth(tmp_pat
     (tmp_path / "ssd").mkdir()
     for layers, seq, budget in ((4, 64, "200MiB"), (24, 256, "250MiB")):
         common = ["--model", "gpt-tiny", "--batch", "8", "--seq", str(seq), f"model.n_layer={layers}",
-                  "offload.cpu_mem=2GiB"]
+                  "offload.cpu_mem=2GiB", "train.precision=fp32"]  # (as train computes on any CPU)
         assert main(["plan", "--gpu", "rtx4090", "--ssd", "1x990-pro", *common, f"offload.gpu_mem={budget}"]) == 1
         out = capsys.readouterr().out
         assert f"the device budget (offload.gpu_mem) is {budget[:-3]}.00 MiB" in out and "a GPU with" not in out
@@ -1229,7 +1264,7 @@ def test_a_device_budget_too_small_is_told_as_the_budget_at_trains_depth(tmp_pat
         train = ["train", "--offload", "ssd", "--ssd", str(tmp_path / "ssd"), "--out", str(tmp_path / "runs"),
                  "model.preset=gpt-tiny", f"model.n_layer={layers}", f"data.seq_len={seq}", "train.micro_batch_size=8",
                  "train.steps=1", "train.device=fake", "offload.cpu_mem=2GiB", "train.eval_every=0",
-                 "run.save_weights=false"]
+                 "run.save_weights=false", "train.precision=fp32"]
         assert main([*train, f"run.name=plain{layers}", f"offload.gpu_mem={float(m.group(1)) + 0.01}MiB"]) == 0
         assert main([*train, f"run.name=lean{layers}", f"offload.gpu_mem={float(m.group(2)) + 0.01}MiB",
                      "offload.prefetch_depth=1", "--act-policy", m.group(3)]) == 0
@@ -1239,7 +1274,8 @@ def test_a_device_budget_too_small_is_told_as_the_budget_at_trains_depth(tmp_pat
 def test_activations_that_overflow_the_cpu_tier_are_said_by_plan_and_train(tmp_path, capsys):
     """A pass: with offload.act_cpu_mem=4MiB the plan's schedule said "cpu" for qkv and fc1 in every block while its
     footprint put 11 of 14.5 MiB on the SSD, and train said nothing of it."""
-    common = ["offload.cpu_mem=300MiB", "--act-policy", "qkv,fc1=cpu", "offload.act_cpu_mem=4MiB"]
+    common = ["offload.cpu_mem=400MiB", "--act-policy", "qkv,fc1=cpu", "offload.act_cpu_mem=8MiB",
+              "train.precision=fp32"]  # (fp32 activations, on any CPU)
     assert main(["plan", "--profile", str(_cpu_profile(tmp_path)), "--model", "gpt-tiny", "--batch", "8", "--seq",
                  "128", *common]) == 0
     out = capsys.readouterr().out
@@ -1251,7 +1287,8 @@ def test_activations_that_overflow_the_cpu_tier_are_said_by_plan_and_train(tmp_p
     blocks = [r for r in json.loads(capsys.readouterr().out)["schedule"] if "qkv" in r]
     assert all(r["qkv"] == "cpu" for r in blocks) and blocks[-1]["overflow_to_ssd"] == ["fc1", "qkv"], blocks
     # a block kept whole in the cpu tier overflows as a whole (it was shown as "cpu": a pass)
-    whole = ["offload.cpu_mem=300MiB", "--act-policy", "fc2,proj,qkv,fc1=cpu", "offload.act_cpu_mem=3MiB"]
+    whole = ["offload.cpu_mem=400MiB", "--act-policy", "fc2,proj,qkv,fc1=cpu", "offload.act_cpu_mem=6MiB",
+             "train.precision=fp32"]
     assert main(["plan", "--profile", str(_cpu_profile(tmp_path)), "--model", "gpt-tiny", "--batch", "4", "--seq",
                  "128", *whole]) == 0
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("block.")]
@@ -1284,8 +1321,8 @@ def test_activations_that_overflow_in_part_are_planned_tensor_by_tensor(tmp_path
         "read": 0, "written": 0}, (planned, step)
 
 
-@pytest.mark.parametrize("clip,budget,cache", [("none", "302MiB", True), ("100", "312MiB", True),
-                                               ("1.0", "312MiB", True), ("none", "302MiB", False)])
+@pytest.mark.parametrize("clip,budget,cache", [("none", "330.5MiB", True), ("100", "350.5MiB", True),
+                                               ("1.0", "350.5MiB", True), ("none", "330.5MiB", False)])
 def test_the_plans_ssd_traffic_is_what_train_reads_and_writes(tmp_path, capsys, clip, budget, cache):
     """The plan gave SSD seconds and written bytes a step, not what a step reads. A run that streams its
     weights (one stage cached), swaps activations to the SSD and keeps its optimizer state there: the plan's
@@ -1295,7 +1332,7 @@ def test_the_plans_ssd_traffic_is_what_train_reads_and_writes(tmp_path, capsys, 
     a plan that counted two passed while stage 0 was cached (a mutation audit)."""
     (tmp_path / "ssd").mkdir()
     common = ["model.preset=gpt-tiny", f"train.grad_clip={clip}", "offload.act_policy=fc2,proj=ssd;0-3:checkpoint=ssd",
-              f"offload.cache_weights={str(cache).lower()}"]
+              f"offload.cache_weights={str(cache).lower()}", "train.precision=fp32"]  # (its budgets: on any CPU)
     assert main(["train", "--offload", "ssd", "--ssd", str(tmp_path / "ssd"), "--out", str(tmp_path / "runs"),
                  "--cpu-mem", budget, *common, "train.steps=3", "train.log_every=1", "train.eval_every=0",
                  "train.device=cpu", "offload.keep_state=true", "run.name=t", "run.save_weights=false"]) == 0
@@ -1325,7 +1362,8 @@ def test_the_plans_ssd_traffic_is_what_train_reads_and_writes(tmp_path, capsys, 
     assert main(["plan", "--model", str(run), "--profile", str(_cpu_profile(tmp_path))]) == 0
     out = capsys.readouterr().out
     assert f"SSD traffic         {format_size(read / 3)} read" in out
-    assert "activations 16.00 MiB/16.00 MiB" in out
+    acts = p["ssd_traffic_bytes"]["activations"]  # (the engine's, above)
+    assert f"activations {format_size(acts['read'])}/{format_size(acts['written'])}" in out
 
 
 def test_plans_train_line_carries_its_clipping_and_commit_flags(tmp_path, capsys):

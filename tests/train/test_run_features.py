@@ -1119,3 +1119,32 @@ def test_an_infinite_gradient_norm_is_logged_as_null(tmp_path):
     log.close()
     rec = json.loads((tmp_path / "metrics.jsonl").read_text(), parse_constant=lambda c: pytest.fail(c))
     assert (rec["loss"], rec["grad_norm"], rec["lr"], rec["tokens"]) == (None, None, None, 64)
+
+
+def test_precision_auto_says_what_it_chose_and_a_resume_elsewhere_keeps_the_runs(tmp_path, capsys, monkeypatch):
+    """train.precision=auto (the default) on a CPU without native bf16 computes in fp32 and says so; bf16 given
+    there is warned about (tens of times slower); a run started where bf16 is native and resumed on such a CPU
+    keeps its bf16 (its config.toml gives it) and is not refused as a change of precision."""
+    from fuyou.models import precision
+
+    ssd = tmp_path / "ssd"
+    ssd.mkdir()
+    base = [f"--ssd={ssd}", "--offload=ssd", f"--out={tmp_path / 'runs'}",
+            *[o for o in SSD_RUN if "precision" not in o]]
+    monkeypatch.setattr(precision, "bf16_native", lambda kind: False)
+    assert main(["train", *base, "run.name=slow", "train.steps=1"]) == 0
+    err = capsys.readouterr().err
+    assert "note: train.precision=auto computes in fp32 here: this CPU" in err and ", fp32 (auto), 1 step" in err
+    assert 'precision = "fp32"' in (tmp_path / "runs" / "slow" / "config.toml").read_text()
+    assert main(["train", *base, "run.name=forced", "train.steps=1", "train.precision=bf16"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: train.precision=bf16 on a CPU without native bf16 matmul" in err and ", bf16, 1 step" in err
+    assert "train.precision=fp32 (or auto, which chooses it here)" in err
+    monkeypatch.setattr(precision, "bf16_native", lambda kind: True)
+    assert main(["train", *base, "run.name=fast", "train.steps=1", "offload.keep_state=true"]) == 0
+    err = capsys.readouterr().err
+    assert "native bf16" not in err and ", bf16 (auto), 1 step" in err
+    monkeypatch.setattr(precision, "bf16_native", lambda kind: False)
+    assert main(["train", "--resume", str(tmp_path / "runs" / "fast"), "train.steps=2"]) == 0
+    err = capsys.readouterr().err
+    assert "a resumed run keeps the precision it started in" in err and ", bf16, 2 steps" in err, err
