@@ -701,3 +701,19 @@ def test_a_state_held_by_an_export_is_not_called_a_run_still_training(tmp_path, 
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_an_empty_data_file_is_refused_by_plan_and_train_alike(tmp_path, capsys):
+    """`fuyou plan` planned a data.path of 0 bytes that train then refused while loading it: both refuse it now,
+    before anything is built, for the training data and the held-out data."""
+    from fuyou.cli import main
+
+    empty, text = tmp_path / "empty.txt", tmp_path / "text.txt"
+    empty.write_text("")
+    text.write_text("some text " * 50)
+    assert main(["plan", "--model", "gpt-tiny", "--gpu", "rtx4090", "--ssd", "990-pro", f"data.path={empty}"]) == 2
+    assert "data.path" in capsys.readouterr().err
+    for given in ([f"data.path={empty}"], [f"data.path={text}", f"data.eval_path={empty}"]):
+        assert main(["train", "--out", str(tmp_path / "runs"), *given, "train.steps=1"]) == 2
+        assert f"{given[-1].split('=')[0]} '{empty}' is an empty file" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()

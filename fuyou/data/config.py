@@ -179,6 +179,11 @@ class DataConfig(BaseModel):
                                          f"prepare the data again)")
                     raise ValueError(f"data path {p!r} does not exist; check the path (data.path=WHERE_IT_IS, also "
                                      f"with --resume)")
+            for key, paths in (("data.path", self.path), ("data.eval_path", self.eval_path)):
+                empty = [p for p in paths if Path(p).is_file() and Path(p).stat().st_size == 0]
+                if empty:  # (refused by train's loading only: `fuyou plan` planned it, a pass)
+                    raise ValueError(f"{key} {empty[0]!r} is an empty file: no text to "
+                                     f"{'train' if key == 'data.path' else 'evaluate'} on; check the file")
             if self.source == "prepared" and len(self.path) != 1:
                 raise ValueError("data.source='prepared' takes exactly one directory in data.path")
         return self

@@ -25,7 +25,12 @@ def bf16_native(device_type: str) -> bool:
         if not torch.cuda.is_available():  # (train.device=cuda without a GPU is refused where the device is made)
             return True
         return torch.cuda.get_device_capability()[0] >= 8
-    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # (a torch without the query: what it was built to dispatch to)
+        return torch.backends.cpu.get_cpu_capability().startswith(("AVX512", "AMX"))
 
 
 def compute_device_type(device: str) -> str:
