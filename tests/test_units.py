@@ -1,8 +1,11 @@
 """The figures people read: sizes, decimal bytes and the progress line's counts round before their unit is
 chosen, so a value just under a unit's boundary never prints as "1e+03" of the smaller one."""
 
+import pytest
+
+from fuyou.errors import ConfigError
 from fuyou.train.metrics import si
-from fuyou.units import format_decimal, format_size
+from fuyou.units import format_decimal, format_size, parse_size
 
 
 def test_counts_round_before_their_unit_is_chosen():
@@ -72,3 +75,27 @@ def test_every_hour_spelling_is_3600_seconds():
         assert parse_duration(f"1{spelled}") == 3600, spelled
     assert parse_duration("1.5h") == 5400 and parse_duration("2 min") == parse_duration("2m") == 120
     assert parse_duration("30s") == parse_duration("30sec") == parse_duration("30secs") == 30
+
+
+@pytest.mark.parametrize("value", [-1, -0.5, -(2**40)])
+def test_a_negative_number_of_bytes_is_no_size(value):
+    """A mutation audit: -1 bytes passed a check moved by one."""
+    with pytest.raises(ConfigError, match="cannot be negative"):
+        parse_size(value)
+    assert parse_size(0) == 0 and parse_size(1) == 1
+
+
+def test_a_resumed_runs_eta_counts_only_the_steps_this_process_ran(monkeypatch):
+    """A mutation audit: the ETA of a run resumed at step 6 divided this process's time by all 8 steps done,
+    four times too soon."""
+    import io
+
+    from fuyou.train import metrics
+
+    clock = iter([100.0, 160.0])  # the progress made at 100 s; steps 7 and 8 done 60 s later
+    monkeypatch.setattr(metrics.time, "perf_counter", lambda: next(clock))
+    out = io.StringIO()
+    progress = metrics.Progress(total=10, log_every=1, stream=out)
+    progress.done = 6
+    progress.update(7, {"loss": "1.0"})
+    assert "step 8/10" in out.getvalue() and "eta 1:00" in out.getvalue()  # 30 s a step, 2 steps to go

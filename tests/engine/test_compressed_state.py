@@ -270,3 +270,30 @@ def test_the_final_commit_is_not_charged_to_a_short_runs_steps(tmp_path, every):
     assert s["ssd_write_per_step_bytes"] == pytest.approx(state / every_steps, rel=0.02)
     step_s = sum(x["step_time_s"] for x in lines if "step_time_s" in x) / steps
     assert s["ssd_write_per_hour_bytes"] == pytest.approx(s["ssd_write_per_step_bytes"] * 3600 / step_s, rel=0.01)
+
+
+@pytest.mark.parametrize("resident", ["0", "64MiB"])
+def test_a_bf16_master_starts_from_the_weights_rounded_to_nearest(tmp_path, resident):
+    """A mutation audit: the initial bf16 master rounded stochastically (as an update is) passed every test. The
+    initial values are not an update: the engine's master, on the SSD or resident, and the reference's are the
+    seeded fp32 weights rounded to nearest even."""
+    from fuyou.data import load_data
+    from fuyou.engine.engine import Engine
+    from fuyou.models import StageModel
+    from fuyou.train.reference import ReferenceTrainer
+
+    cfg = make_cfg(tmp_path, *FOUR_BLOCKS, "offload.mode=ssd", "optim.master=bf16", "optim.moments=int8",
+                   f"offload.resident_mem={resident}", "offload.cache_weights=false")
+    init = StageModel(cfg.model).init_params(cfg.train.seed)
+    want = {k: v.to(torch.bfloat16).float() for k, v in init.items()}
+    assert any(not torch.equal(want[k], v) for k, v in init.items())  # (rounding changes the weights)
+    data = load_data(cfg.data)
+    ref = ReferenceTrainer(cfg.model_copy(update={"offload": cfg.offload.model_copy(update={"mode": "none"})}), data)
+    eng = Engine(cfg, data, "state")
+    try:
+        for got in (ref.state(), eng.state()):
+            assert sorted(got) == sorted(want)
+            assert all(torch.equal(got[k].float(), want[k]) for k in want), [k for k in want
+                                                                             if not torch.equal(got[k].float(), want[k])]
+    finally:
+        eng.close()

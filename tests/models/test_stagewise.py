@@ -76,6 +76,24 @@ def test_blocks_start_from_different_weights():
     assert not torch.equal(params["block.0.fc1.weight"], params["block.1.fc1.weight"])
 
 
+@pytest.mark.parametrize("name,resid", [("gpt-test", ("proj", "fc2")), ("llama-test", ("o", "down"))])
+def test_residual_projections_start_at_the_scaled_std(name, resid):
+    """GPT-2's init (a mutation audit left it untested): the matmuls that write into the residual stream start
+    at init_std / sqrt(2 n_layer), the others at init_std, biases at zero."""
+    import math
+
+    cfg = ModelConfig(**{**preset(name), "n_layer": 8, "d_model": 256, "n_head": 4, **(
+        {"n_kv_head": 4} if name == "llama-test" else {})})
+    params = StageModel(cfg).init_params(seed=3)
+    scaled = cfg.init_std / math.sqrt(2 * cfg.n_layer)
+    for key, t in params.items():
+        if not key.startswith("block.") or not key.endswith(".weight") or t.dim() != 2:
+            continue
+        want = scaled if key.split(".")[2] in resid else cfg.init_std
+        assert abs(float(t.std()) - want) < 0.05 * want, (key, float(t.std()), want)
+    assert all(float(t.abs().max()) == 0 for k, t in params.items() if k.startswith("block.") and k.endswith(".bias"))
+
+
 def _reference_attention(q, k, v, allowed):
     """Plain softmax attention, each k/v head shared by ``groups`` consecutive query heads (GQA)."""
     groups = q.shape[1] // k.shape[1]

@@ -315,3 +315,17 @@ def test_config_model():
     with pytest.raises(ValidationError):
         AdamWConfig(momentum=0.9)
     assert all(f.description for f in AdamWConfig.model_fields.values())
+
+
+@pytest.mark.parametrize("bad", [dict(beta1=1.0), dict(beta2=1.0), dict(beta1=-0.1), dict(eps=0.0), dict(lr=-1e-3),
+                                 dict(weight_decay=-0.1), dict(step=0)])
+def test_the_kernel_refuses_hyperparameters_out_of_range_and_leaves_the_state(bad):
+    """A mutation audit: beta1 = 1 passed the kernel's own check (the config refuses it, the kernel is called by
+    others too); it divides by a zero bias correction. Nothing is updated."""
+    p, m, v = _state(1000)
+    before = [t.clone() for t in (p, m, v)]
+    hp = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, step=1)
+    hp.update(bad)
+    with pytest.raises(ConfigError):
+        fused_adamw_(p, torch.ones_like(p), m, v, **hp)
+    assert all(torch.equal(a, b) for a, b in zip((p, m, v), before))
