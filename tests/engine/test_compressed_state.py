@@ -293,7 +293,7 @@ def test_a_bf16_master_starts_from_the_weights_rounded_to_nearest(tmp_path, resi
     try:
         for got in (ref.state(), eng.state()):
             assert sorted(got) == sorted(want)
-            assert all(torch.equal(got[k].float(), want[k]) for k in want), [k for k in want
-                                                                             if not torch.equal(got[k].float(), want[k])]
+            differ = [k for k in want if not torch.equal(got[k].float(), want[k])]
+            assert not differ, differ
     finally:
         eng.close()
