@@ -128,7 +128,7 @@ def main(argv=None) -> int:
         for _ in range(args.repeats):
             hw, meas = probe(ssd, model=cfg.model, batch=w.batch, seq=w.seq, io_bytes=parse_size(args.io_bytes),
                              device=args.device, store_cfg=w.store, optimizer_chunk=cfg.offload.optimizer_chunk,
-                             optimizer_depth=cfg.offload.optimizer_depth)
+                             optimizer_depth=cfg.offload.optimizer_depth, precision=cfg.train.precision)
             plan, _ = memory_plan(w, hw, costs, policy, cfg.offload.cpu_mem)
             sim = simulate_plan(w, costs, hw, policy, plan, steps=args.steps)
             preds.append(sim.makespan / args.steps)
