@@ -47,7 +47,8 @@ CASES = {  # (family, d, ff, batch, seq, vocab, kv heads of 4): the llama ones' 
     # seconds where bf16 is slow (8 sequences took 403 s on an AVX2 CPU)
     "llama-large-vocab": ("llama", 256, 688, 1, 128, 131072, 2),
 }
-HEAD_ONLY = {"llama-large-vocab"}  # (one sequence: a block's fixed costs are over its estimate by 6 %, within the slack)
+# (at one sequence a block's fixed costs are over its estimate by 6 %, within the heap's slack)
+HEAD_ONLY = {"llama-large-vocab"}
 
 
 def _stage_params(stage, device, dtype=torch.bfloat16, shared_from=None):
