@@ -38,7 +38,7 @@ class TrainConfig(BaseModel):
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="Compute precision: 'bf16' (autocast, fp32 master weights and moments), 'fp32', or "
         "'auto': bf16 where the compute device multiplies bf16 natively (a GPU from Ampere on, a CPU with AVX-512 "
-        "or AMX), else fp32 (bf16 on an AVX2 CPU runs ~75x slower). Resolved when the config is read: the run's "
+        "or AMX), else fp32 (bf16 on an AVX2 CPU runs ~40x slower). Resolved when the config is read: the run's "
         "config.toml records the precision it trained in."
     )
     device: Literal["auto", "cpu", "cuda", "fake"] = Field(
