@@ -372,6 +372,9 @@ def agreed_settings(cfg) -> dict:
     return out
 
 
+AUTO_PRECISION = "train.precision chosen by auto"
+
+
 def _refuse_unlike_ranks(cfg, dist: Dist, resumed_run: str | None = None) -> None:
     """Ranks started with different settings (each machine its own command line or config file) trained in
     silence to other weights (each rank updates the stages it owns with its own settings), or hung (another
@@ -383,9 +386,11 @@ def _refuse_unlike_ranks(cfg, dist: Dist, resumed_run: str | None = None) -> Non
     # every rank resumes one run (each from its machine's path): a pass resumed two runs' states as one, and
     # a rank resuming beside ranks starting afresh broadcast past them
     mine["--resume"] = resumed_run
+    mine[AUTO_PRECISION] = cfg.train.precision_chosen  # (not compared: said in the refusal)
     every: list = [None] * dist.world
     with dist._collective("comparing the ranks' settings", started=False):  # (a peer gone: a sentence)
         td.all_gather_object(every, mine, group=dist._commit_group)
+    chosen = any([theirs.pop(AUTO_PRECISION, False) for theirs in every])
     unlike = [f"rank {r}: " + ", ".join(f"{k}={theirs.get(k)!r} (rank 0: {every[0].get(k)!r})"
                                         for k in sorted(set(theirs) | set(every[0]))
                                         if theirs.get(k) != every[0].get(k))
@@ -395,7 +400,11 @@ def _refuse_unlike_ranks(cfg, dist: Dist, resumed_run: str | None = None) -> Non
         raise ConfigError("the ranks were started with different settings: " + "; ".join(unlike) + ". Give every "
                           "rank the same command line and config (paths, budgets and threads may differ)"
                           + ("; every rank resumes the same run (--resume RUN_DIR, each machine's copy of it), or none"
-                             if runs else ""))
+                             if runs else "")
+                          # (ranks given the same command on machines of other kinds were told they were not: a pass)
+                          + ("; train.precision=auto chooses by each machine's device (bf16 where it computes it "
+                             "natively, else fp32): give every rank train.precision=bf16 or fp32" if chosen and any(
+                                 t.get("train.precision") != every[0].get("train.precision") for t in every) else ""))
 
 
 def stage_owners(numels: list[int], world: int) -> list[int]:

@@ -713,6 +713,10 @@ def test_an_empty_data_file_is_refused_by_plan_and_train_alike(tmp_path, capsys)
     text.write_text("some text " * 50)
     assert main(["plan", "--model", "gpt-tiny", "--gpu", "rtx4090", "--ssd", "990-pro", f"data.path={empty}"]) == 2
     assert "data.path" in capsys.readouterr().err
+    # an empty file beside one with text is only its share of the data, nothing (refused at first: a review)
+    assert main(["plan", "--model", "gpt-tiny", "--gpu", "rtx4090", "--ssd", "990-pro",
+                 f'data.path=["{empty}", "{text}"]']) == 0
+    capsys.readouterr()
     for given in ([f"data.path={empty}"], [f"data.path={text}", f"data.eval_path={empty}"]):
         assert main(["train", "--out", str(tmp_path / "runs"), *given, "train.steps=1"]) == 2
         assert f"{given[-1].split('=')[0]} '{empty}' is an empty file" in capsys.readouterr().err

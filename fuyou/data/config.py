@@ -181,8 +181,10 @@ class DataConfig(BaseModel):
                                      f"with --resume)")
             for key, paths in (("data.path", self.path), ("data.eval_path", self.eval_path)):
                 empty = [p for p in paths if Path(p).is_file() and Path(p).stat().st_size == 0]
-                if empty:  # (refused by train's loading only: `fuyou plan` planned it, a pass)
-                    raise ValueError(f"{key} {empty[0]!r} is an empty file: no text to "
+                if paths and len(empty) == len(paths):  # (refused by train's loading only: `fuyou plan` planned
+                    # it, a pass; an empty file beside others with text is only their share, nothing)
+                    what = "and the others are empty files" if len(empty) > 1 else "is an empty file"
+                    raise ValueError(f"{key} {empty[0]!r} {what}: no text to "
                                      f"{'train' if key == 'data.path' else 'evaluate'} on; check the file")
             if self.source == "prepared" and len(self.path) != 1:
                 raise ValueError("data.source='prepared' takes exactly one directory in data.path")

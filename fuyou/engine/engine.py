@@ -126,7 +126,7 @@ from fuyou.store.shared import SHM_DIR, SHM_MARGIN, SharedSegment, shm_free, swe
 from fuyou.store.aligned import huge_empty
 from fuyou.units import format_size
 from fuyou.data.batches import check_sequence_length, make_batches
-from fuyou.models.precision import autocast
+from fuyou.models.precision import auto_fp32_clause, autocast
 from fuyou.trainer import EvaluationStopped, StepStats
 from fuyou.optim.schedule import lr_of
 from fuyou.models.lora import attach, dropout_key
@@ -301,7 +301,10 @@ class Engine:
                 self.cache_share = 1
                 self.plan = self._memory_plan()
         self.plan.local_ranks = self.dist.local_world if self.dist.enabled else 1  # (in the refusal's figures)
-        self.plan.check()  # Budgets are promises: refuse before creating anything (or tokenizing the data).
+        try:
+            self.plan.check()  # Budgets are promises: refuse before creating anything (or tokenizing the data).
+        except BudgetError as e:
+            raise BudgetError(f"{e}{auto_fp32_clause(self.cfg.train)}") from None
 
     def _activation_memory(self) -> None:
         """The activation policy of each block, the cpu tier's share of the budget and the allocator's bounds

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 from contextlib import nullcontext
 
 import torch
@@ -24,7 +25,9 @@ def bf16_native(device_type: str) -> bool:
     if device_type == "cuda":
         if not torch.cuda.is_available():  # (train.device=cuda without a GPU is refused where the device is made)
             return True
-        return torch.cuda.get_device_capability()[0] >= 8
+        # (under torchrun the config is read before the rank takes its GPU: the rank's own, not GPU 0)
+        rank = int(os.environ.get("LOCAL_RANK", "0") or 0)
+        return torch.cuda.get_device_capability(rank if rank < torch.cuda.device_count() else 0)[0] >= 8
     if not torch.backends.mkldnn.is_available():
         return False
     try:
@@ -44,6 +47,17 @@ def auto_precision(device: str) -> str:
     """``train.precision=auto`` on ``train.device`` ``device``: bf16 where the device computes it natively
     (``bf16_native``), else fp32."""
     return "bf16" if bf16_native(compute_device_type(device)) else "fp32"
+
+
+def auto_fp32_clause(train) -> str:
+    """For a refused budget of a run whose ``train`` (a ``TrainConfig``) computes in fp32 because auto chose it
+    (``precision_chosen``): why its bytes are fp32's (a refusal named no precision, and the same command had fit
+    under the old bf16 default: a pass); else ""."""
+    if train.precision != "fp32" or not train.precision_chosen:
+        return ""
+    return ("; it computes in fp32 (train.precision=auto: this device has no native bf16), whose weights and "
+            "activations take twice bf16's bytes: train.precision=bf16 needs less memory but runs tens of times "
+            "slower here")
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

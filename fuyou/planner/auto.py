@@ -88,6 +88,7 @@ def _refuse_before_the_probe(cfg: FuyouConfig, device: str) -> None:
     the SSD or the device, the least prefetch depth) on this run's device, with GPU memory left unbounded and
     speeds that do not enter memory: a lower bound of what the search will need, so never a stricter refusal.
     ``device``: the run's ("auto" resolved)."""
+    from fuyou.models.precision import auto_fp32_clause
     from fuyou.planner.cost import Workload, stage_costs
     from fuyou.planner.hardware import HardwareProfile
     from fuyou.planner.search import leanest, memory_plan
@@ -104,8 +105,8 @@ def _refuse_before_the_probe(cfg: FuyouConfig, device: str) -> None:
     if least > budget:
         raise BudgetError(f"the CPU memory budget {format_size(budget)} cannot hold even the leanest plan of this "
                           f"run (every activation recomputed): it needs at least {format_size(least, up=True)}; raise "
-                          f"offload.cpu_mem (--cpu-mem), or lower train.micro_batch_size or data.seq_len. Nothing was "
-                          f"probed or written")
+                          f"offload.cpu_mem (--cpu-mem), or lower train.micro_batch_size or data.seq_len"
+                          f"{auto_fp32_clause(cfg.train)}. Nothing was probed or written")
 
 
 def _probe_apart(ssd_dir, **kw):

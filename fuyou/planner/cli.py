@@ -770,7 +770,12 @@ def _probe(args) -> int:
         raise ConfigError(f"writing --out {args.out} failed ({e.strerror or e}); the profile is printed above: save "
                           f"it to a file and give that to --profile") from e
     c = meas["compute"]
-    print(f"compute ({prof.device}, {c['block_shape']}): block forward {prof.fwd_flops / 1e12:.3g} TFLOPS, "
+    chosen = " (--precision auto)" if args.precision == "auto" else ""
+    if prof.compute_precision == "bf16" and prof.bf16_native is False:
+        print(f"fuyou probe: warning: --precision bf16 on a {prof.device} without native bf16: it computes bf16 tens "
+              f"of times slower than fp32, and train.precision=auto computes in fp32 there", file=sys.stderr)
+    print(f"compute ({prof.device}, {c['block_shape']}, {prof.compute_precision}{chosen}): block forward "
+          f"{prof.fwd_flops / 1e12:.3g} TFLOPS, "
           f"recompute+backward {prof.bwd_flops / 1e12:.3g}, matmuls {prof.matmul_flops / 1e12:.3g}; with LoRA "
           f"({c['lora']}) {prof.lora_fwd_flops / 1e12:.3g} and {prof.lora_bwd_flops / 1e12:.3g}; the head "
           f"{prof.head_flops / 1e12:.3g} ({prof.lora_head_flops / 1e12:.3g} frozen)")

@@ -350,8 +350,10 @@ def _probe_shape_note(plan: Plan) -> str:
     probe of a 64-wide block at 128 tokens)."""
     w = plan.workload
     timed, planned = plan.hardware.compute_precision, "bf16" if w.csize == 2 else "fp32"
+    slow = ("; this device has no native bf16, where bf16 runs tens of times slower than fp32"
+            if planned == "bf16" and plan.hardware.bf16_native is False else "")
     dtype = (f"\nnote: the probe timed its block in {timed}, this plan computes in {planned} (train.precision): its "
-             f"compute times are {timed}'s; for a faithful plan run `fuyou probe ... --precision {planned}`"
+             f"compute times are {timed}'s{slow}; for a faithful plan run `fuyou probe ... --precision {planned}`"
              if timed and timed != planned else "")
     probed = plan.hardware.compute_block
     if not probed:

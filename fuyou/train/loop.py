@@ -22,6 +22,7 @@ from fuyou.tomlfile import read_toml
 from fuyou.config import FuyouConfig
 from fuyou.engine.commit import state_name
 from fuyou.models import StageModel
+from fuyou.models import precision
 from fuyou.train.metrics import MetricsLog, Progress, WandbLog, check_wandb, si, tensorboard_available
 from fuyou.train.reference import ReferenceTrainer
 from fuyou.engine.state import run_id, write_run_id
@@ -282,6 +283,10 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
     def saved_section(name: str) -> dict:
         return saved_raw.get(name) if isinstance(saved_raw.get(name), dict) else {}
 
+    if resume is not None and cfg.train.precision_chosen:  # auto given to a resume: the run's own precision (it
+        saved = saved_section("train").get("precision")  # was refused as a change to this machine's choice: a pass)
+        if saved in ("bf16", "fp32"):
+            cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"precision": saved})})
     _check_settings(cfg, resume is None, saved_section("hardware"))
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -594,9 +599,19 @@ def _notes_on_the_settings(cfg: FuyouConfig, new_run: bool, out) -> None:
               f"learn to correct noise, which suits a test, not a fine-tune; give --init-from HF_DIR for a "
               f"pretrained base", file=out)
     if cfg.optim.master == "bf16" and cfg.train.precision == "fp32" and cfg.offload.mode == "ssd" and new_run:
-        print("note: optim.master=bf16 with train.precision=fp32: every update rounds the weights to bf16, but they "
+        # (auto's fp32 was told as the user's, with advice of bf16 where it runs tens of times slower: a pass)
+        chosen = " (train.precision=auto's choice here)" if cfg.train.precision_chosen else ""
+        slow = not precision.bf16_native(precision.compute_device_type(cfg.train.device))
+        print(f"note: optim.master=bf16 with fp32 compute{chosen}: every update rounds the weights to bf16, but they "
               "are computed in fp32 from a separate fp32 copy (4 B a parameter more to store and stream); with "
-              "train.precision=bf16 the bf16 master is the compute weights", file=out)
+              "train.precision=bf16 the bf16 master is the compute weights"
+              + (", but this device computes bf16 tens of times slower" if slow else ""), file=out)
+    if cfg.offload.checkpoint_dtype == "compute" and cfg.train.precision == "fp32" and new_run:
+        # (auto's fp32 made it store fp32 checkpoints, the README's "half the bytes" unsaid: a pass)
+        print("note: offload.checkpoint_dtype=compute stores the block inputs in the compute dtype, fp32 here"
+              + (" (train.precision=auto's choice)" if cfg.train.precision_chosen else "")
+              + ": no bytes saved; `--act-policy checkpoint_dtype=bf16` rounds them to bf16 (half the bytes)",
+              file=out)
     t = cfg.train
     _note_cpu_bf16(t, new_run, out)
     if cfg.offload.mode == "none" and not cfg.run.save_weights and new_run:
@@ -615,9 +630,7 @@ def _notes_on_the_settings(cfg: FuyouConfig, new_run: bool, out) -> None:
 def _note_cpu_bf16(t, new_run: bool, out) -> None:
     """On a CPU without native bf16 (``bf16_native``), what train.precision does there: auto computes in fp32,
     bf16 crawls (the default run took 14.6 s a step in bf16 on an AVX2 host, 0.37 s in fp32)."""
-    from fuyou.models.precision import bf16_native, compute_device_type
-
-    if compute_device_type(t.device) != "cpu" or bf16_native("cpu"):
+    if precision.compute_device_type(t.device) != "cpu" or precision.bf16_native("cpu"):
         return
     cap = torch.backends.cpu.get_cpu_capability()
     if t.precision == "fp32" and t.precision_chosen and new_run:

@@ -274,6 +274,29 @@ def test_ranks_started_with_different_settings_are_refused(tmp_path):
     assert not (tmp_path / "runs" / "unlike").exists()  # refused before anything was written
 
 
+def test_ranks_whose_devices_auto_resolves_differently_are_told_so(tmp_path):
+    """The same command on two machines, one computing bf16 natively (simulated: its bf16_native patched), one
+    not: train.precision=auto chose bf16 on one and fp32 on the other, and the refusal said the ranks had been
+    given different settings, which they had not (a pass). It says auto chose by the device, and what to give."""
+    port = free_port()
+    procs = []
+    for node, native in enumerate((False, True)):  # (rank 0's machine without native bf16, whatever this one is)
+        script = tmp_path / f"native_{native}.py"
+        script.write_text(f"import sys\nfrom fuyou.models import precision\nprecision.bf16_native = lambda kind: "
+                          f"{native}\nfrom fuyou.cli import main\nsys.exit(main(sys.argv[1:]))\n")
+        args = train_args(tmp_path, "mixed", "train.grad_accum=2", "train.steps=1", ssd=(f"ssd{node}",))
+        args = [a for a in args if not a.startswith("train.precision=")]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}", "--nproc_per_node=1",
+               "--master_addr=127.0.0.1", f"--master_port={port}", str(script), *args]
+        procs.append(subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] != [0, 0]
+    for _, err in outs:
+        assert "rank 1: train.precision='bf16' (rank 0: 'fp32')" in err, err[-3000:]
+        assert "train.precision=auto chooses by each machine's device" in err, err[-3000:]
+    assert not (tmp_path / "runs" / "mixed").exists()
+
+
 def test_ranks_that_read_different_data_are_refused_and_equal_spellings_are_not(tmp_path):
     """data.path may differ between machines (each has its own copy), so the settings did not catch two
     different files: each rank trained on its own in silence. The ranks now compare the data's fingerprint.

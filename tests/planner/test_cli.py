@@ -735,6 +735,11 @@ def test_a_plans_precision_auto_is_the_one_train_chooses_on_the_profiles_device(
     assert planned(_cpu_profile(tmp_path, bf16_native=False, **timed_bf16)) == "fp32"  # (an AVX2 CPU's)
     assert planned(_cpu_profile(tmp_path, bf16_native=False, **timed_bf16), "train.precision=bf16") is None
     assert planned(_cpu_profile(tmp_path, bf16_native=True, compute_precision="fp32")) == "bf16"
+    # bf16 planned on a device without it, from fp32 timings: the plan says what bf16 costs there
+    assert main(["plan", "--model", "gpt-tiny", "--profile", str(_cpu_profile(tmp_path, bf16_native=False,
+                 compute_precision="fp32")), "--seq", "128", "--batch", "4", "--cpu-mem", "2GiB",
+                 "train.precision=bf16"]) == 0
+    assert "this device has no native bf16, where bf16 runs tens of times slower" in capsys.readouterr().out
     for native in (True, False):  # a profile without the record: this machine's CPU
         monkeypatch.setattr(precision, "bf16_native", lambda kind: native)
         assert planned(_cpu_profile(tmp_path, **timed_bf16)) == (None if native else "fp32")

@@ -1148,3 +1148,28 @@ def test_precision_auto_says_what_it_chose_and_a_resume_elsewhere_keeps_the_runs
     assert main(["train", "--resume", str(tmp_path / "runs" / "fast"), "train.steps=2"]) == 0
     err = capsys.readouterr().err
     assert "a resumed run keeps the precision it started in" in err and ", bf16, 2 steps" in err, err
+    # auto given to a resume is the run's own precision, not this machine's choice (refused as a change: a pass)
+    assert main(["train", "--resume", str(tmp_path / "runs" / "fast"), "train.steps=3", "train.precision=auto"]) == 0
+    assert ", bf16, 3 steps" in capsys.readouterr().err
+
+
+def test_what_auto_chose_is_said_where_it_matters(tmp_path, capsys, monkeypatch):
+    """A hostile pass over train.precision=auto: a budget refused for fp32's bytes named no precision (the same
+    command fit under the old bf16 default); optim.master=bf16's note called auto's fp32 the user's and advised
+    bf16 where it crawls; offload.checkpoint_dtype=compute saved nothing in fp32, unsaid."""
+    from fuyou.models import precision
+
+    ssd = tmp_path / "ssd"
+    ssd.mkdir()
+    base = ["train", f"--ssd={ssd}", "--offload=ssd", f"--out={tmp_path / 'runs'}", "model.preset=gpt-tiny",
+            "data.seq_len=64", "train.micro_batch_size=2", "train.steps=1", "train.eval_every=0"]
+    monkeypatch.setattr(precision, "bf16_native", lambda kind: False)
+    assert main([*base, "--cpu-mem", "200MiB"]) == 2
+    assert "it computes in fp32 (train.precision=auto: this device has no native bf16)" in capsys.readouterr().err
+    assert main([*base, "--cpu-mem", "200MiB", "train.precision=fp32"]) == 2  # (given: no word of auto)
+    assert "train.precision=auto" not in capsys.readouterr().err
+    assert main([*base, "--cpu-mem", "1GiB", "optim.master=bf16", "offload.checkpoint_dtype=compute"]) == 0
+    err = capsys.readouterr().err
+    assert "optim.master=bf16 with fp32 compute (train.precision=auto's choice here)" in err
+    assert "but this device computes bf16 tens of times slower" in err
+    assert "offload.checkpoint_dtype=compute stores the block inputs in the compute dtype, fp32 here" in err
