@@ -606,7 +606,8 @@ def _notes_on_the_settings(cfg: FuyouConfig, new_run: bool, out) -> None:
               "are computed in fp32 from a separate fp32 copy (4 B a parameter more to store and stream); with "
               "train.precision=bf16 the bf16 master is the compute weights"
               + (", but this device computes bf16 tens of times slower" if slow else ""), file=out)
-    if cfg.offload.checkpoint_dtype == "compute" and cfg.train.precision == "fp32" and new_run:
+    if cfg.offload.checkpoint_dtype == "compute" and cfg.train.precision == "fp32" and cfg.offload.mode == "ssd" \
+            and new_run:
         # (auto's fp32 made it store fp32 checkpoints, the README's "half the bytes" unsaid: a pass)
         print("note: offload.checkpoint_dtype=compute stores the block inputs in the compute dtype, fp32 here"
               + (" (train.precision=auto's choice)" if cfg.train.precision_chosen else "")
