@@ -372,9 +372,6 @@ def agreed_settings(cfg) -> dict:
     return out
 
 
-AUTO_PRECISION = "train.precision chosen by auto"
-
-
 def _refuse_unlike_ranks(cfg, dist: Dist, resumed_run: str | None = None) -> None:
     """Ranks started with different settings (each machine its own command line or config file) trained in
     silence to other weights (each rank updates the stages it owns with its own settings), or hung (another
@@ -386,11 +383,10 @@ def _refuse_unlike_ranks(cfg, dist: Dist, resumed_run: str | None = None) -> Non
     # every rank resumes one run (each from its machine's path): a pass resumed two runs' states as one, and
     # a rank resuming beside ranks starting afresh broadcast past them
     mine["--resume"] = resumed_run
-    mine[AUTO_PRECISION] = cfg.train.precision_chosen  # (not compared: said in the refusal)
-    every: list = [None] * dist.world
+    gathered: list = [None] * dist.world  # each rank's settings, and whether auto chose its precision (said below)
     with dist._collective("comparing the ranks' settings", started=False):  # (a peer gone: a sentence)
-        td.all_gather_object(every, mine, group=dist._commit_group)
-    chosen = any([theirs.pop(AUTO_PRECISION, False) for theirs in every])
+        td.all_gather_object(gathered, (mine, cfg.train.precision_chosen), group=dist._commit_group)
+    every, chosen = [s for s, _ in gathered], any(c for _, c in gathered)
     unlike = [f"rank {r}: " + ", ".join(f"{k}={theirs.get(k)!r} (rank 0: {every[0].get(k)!r})"
                                         for k in sorted(set(theirs) | set(every[0]))
                                         if theirs.get(k) != every[0].get(k))

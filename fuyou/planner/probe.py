@@ -449,9 +449,8 @@ def probe(ssd_dir: str | Path, *, model: str | ModelConfig | None = None, batch:
           lora: LoRAConfig | None = None, space_advice: str | None = None) -> tuple[HardwareProfile, dict]:
     """Measure this machine (module docstring); returns the profile and the raw measurements.
     ``precision``: the compute dtype the block is timed in (``train.precision``; auto as train resolves it here);
-    ``gloo``: measure the
-    transfers between two processes (data parallelism; else the profile keeps the defaults); ``lora``:
-    the adapters to time the LoRA rates with (``probe_compute``)."""
+    ``gloo``: measure the transfers between two processes (data parallelism; else the profile keeps the
+    defaults); ``lora``: the adapters to time the LoRA rates with (``probe_compute``)."""
     d = Path(ssd_dir)
     if not d.is_dir():
         raise ConfigError(f"--ssd {d} is not a directory; create it on the SSD you want to measure")
