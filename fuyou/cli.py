@@ -157,6 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "(optim.master) the byte columns assume")
     m.add_argument("--moments", choices=["fp32", "bf16", "int8"], default="fp32", help="Adam moments' format "
                    "(optim.moments) the byte columns assume")
+    m.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="the compute precision "
+                   "(train.precision) the byte columns assume: the weights streamed to the device are a copy in it, "
+                   "apart from a bf16 master under bf16 (default: bf16, what train.precision=auto takes on a GPU of "
+                   "compute capability 8.0 or later)")
     m.set_defaults(func=_models)
 
     d = sub.add_parser("data", help="data tools")
@@ -453,6 +457,8 @@ def _run_tokenizer(run, overrides: list[str]) -> list[str]:
 
 
 def _models(args) -> int:
+    import torch
+
     from fuyou.models import PRESETS, ModelConfig, StageModel, preset
     from fuyou.optim.compressed import StateFormat
     from fuyou.train.metrics import si
@@ -460,30 +466,43 @@ def _models(args) -> int:
 
     fmt = StateFormat(args.master, args.moments)
     small = StateFormat("bf16", "int8")
+    csize = {"bf16": 2, "fp32": 4}[args.precision]
+    compute = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.precision]
+
+    def total(f: StateFormat, n: int) -> int:  # one copy of the state, and the compute copy where it is apart
+        return f.state_bytes(n) + (0 if f.master_is_compute(compute) else csize * n)
+
     w = max(len(name) for name in PRESETS)
     header = f"{'preset':<{w}} {'family':<6} {'layers':>6} {'width':>6} {'heads':>9} {'params':>10}  " \
-             f"{args.master + ' master':>12} {'Adam m+v':>12} {'bf16 weights':>12} {'total':>12} {'bf16/int8':>12}"
+             f"{args.master + ' master':>12} {'Adam m+v':>12} {args.precision + ' weights':>12} {'total':>12} " \
+             f"{'bf16/int8':>12}"
     print(header)
     print("-" * len(header))
     for name in PRESETS:
         cfg = ModelConfig(**preset(name))
         model = StageModel(cfg)
         n = model.num_params
-        b = model.state_bytes(fmt=fmt)
-        if fmt.master == "bf16":  # the bf16 master is the compute copy: stored once, counted once
+        b = model.state_bytes(compute_bytes=csize, fmt=fmt)
+        if fmt.master_is_compute(compute):  # the bf16 master is the compute copy: stored once, counted once
             b["compute_weights"] = 0
         heads = f"{cfg.n_head}" + (f"/{cfg.kv_heads}kv" if cfg.kv_heads != cfg.n_head else "")
         weights = format_size(b["compute_weights"]) if b["compute_weights"] else "(master)"
         print(f"{name:<{w}} {cfg.family:<6} {cfg.n_layer:>6} {cfg.d_model:>6} {heads:>9} {si(n).replace('G', 'B'):>10}  "
               f"{format_size(b['master']):>12} {format_size(b['moments']):>12} "
               f"{weights:>12} {format_size(sum(b.values())):>12} "
-              f"{format_size(small.state_bytes(n)):>12}")
-    print(f"\nTraining state per parameter: {fmt.describe()}, plus a bf16 compute copy of 2 B"
-          + (" (the bf16 master is it, where the weights are not cached)" if fmt.master == "bf16" else "")
-          + " (activations and gradients in flight come on top). The last column: optim.master=bf16 "
-          f"optim.moments=int8, {small.bytes_per_param():.3g} B, the master being the compute weights "
-          "(fuyou/optim/compressed.py). These are one copy of the state; an SSD-offloaded run keeps more on its "
-          "drives (the crash-safe commit's copies of the master and moments): `fuyou plan` gives that footprint.")
+              f"{format_size(total(small, n)):>12}")
+    # (fp32 compute was counted with bf16's 2 B copy, the default's, though auto takes fp32 on most CPUs: a pass)
+    copy = f"a {args.precision} compute copy of {csize} B"
+    if fmt.master_is_compute(compute):
+        copy += " (the bf16 master is it, where the weights are not cached)"
+    small_note = (f"{small.bytes_per_param():.3g} B, the master being the compute weights" if args.precision == "bf16"
+                  else f"{small.bytes_per_param():.3g} B and the fp32 compute copy's 4 B: under fp32 compute a bf16 "
+                  "master is not the compute weights")
+    print(f"\nTraining state per parameter: {fmt.describe()}, plus {copy} (activations and gradients in flight come "
+          f"on top). The last column: optim.master=bf16 optim.moments=int8 under {args.precision} compute, "
+          f"{small_note} (fuyou/optim/compressed.py). These are one copy of the state; an SSD-offloaded run keeps "
+          "more on its drives (the crash-safe commit's copies of the master and moments): `fuyou plan` gives that "
+          "footprint.")
     return 0
 
 
