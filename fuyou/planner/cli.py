@@ -90,10 +90,19 @@ def add_parsers(sub) -> None:
                     "at least 65536; the out-of-core job beside it updates one block of --model)")
     pr.add_argument("--repeats", type=int, default=3, help="timed repetitions, their median kept (default 3, at "
                     "least 1)")
-    pr.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+    pr.add_argument("--precision", choices=_precisions(), default="auto",
                     help="compute dtype the block is timed in, as train.precision (default auto: bf16 where the "
                     "device computes it natively, else fp32, as train resolves it)")
     pr.set_defaults(func=_probe)
+
+
+def _precisions() -> tuple[str, ...]:
+    """train.precision's values, as its config declares them."""
+    import typing
+
+    from fuyou.train.config import TrainConfig
+
+    return typing.get_args(TrainConfig.model_fields["precision"].annotation)
 
 
 def _token_count(text: str) -> int:
@@ -599,8 +608,8 @@ def _plan(args) -> int:
     except ValueError as e:
         raise ConfigError(f"invalid --commit-every, --grad-clip or offload override: {e}") from None
     precision = other.get("train", {}).get("precision", "auto")
-    if precision not in ("auto", "bf16", "fp32"):
-        raise ConfigError(f"train.precision={precision}: auto, bf16 or fp32")
+    if precision not in _precisions():
+        raise ConfigError(f"train.precision={precision}: one of {', '.join(_precisions())}")
     if precision == "auto":  # as train resolves it on the planned device
         precision = "bf16" if hw.computes_bf16() else "fp32"
     if clip is not None and not (0 < clip < float("inf")):

@@ -428,7 +428,7 @@ def test_plan_chooses_checkpoint_dtypes(capsys):
     assert plans["compute"]["ssd_bytes"] < plans["fp32"]["ssd_bytes"]
     assert plans["compute"]["step_s"] <= plans["fp32"]["step_s"]
     for bad, says in (("offload.checkpoint_dtype=fp16", "checkpoint_dtype"), ("optim.lr=1", "offload.KEY=VALUE"),
-                      ("train.precision=fp8", "bf16 or fp32")):
+                      ("train.precision=fp8", "one of auto, fp32, bf16")):
         assert main(flags + [bad]) == 2
         assert says in capsys.readouterr().err
 
