@@ -169,22 +169,31 @@ def refuse_others_state(cfg: FuyouConfig, run_path: Path, rid: str | None) -> No
                           f"give this run's directory back its own state; nothing was changed")
 
 
-def refuse_unlike_commit(cfg: FuyouConfig, run_path: Path) -> None:
-    """The settings a resume may not change, against those the last commit recorded (``fixed_settings``):
-    the check against config.toml (``resume_changes``) misses a config.toml that was edited (a new-user
-    pass doubled train.micro_batch_size there and resumed at the wrong place in the data, in silence)."""
+def committed_settings(cfg: FuyouConfig, run_path: Path) -> dict | None:
+    """The settings the last commit of an offloaded run recorded (``fixed_settings``), or None: no record, a
+    damaged one, or one written before records kept the settings."""
     import json
 
-    from fuyou.config import DATA_ORDER, fixed_settings, orders_rows
     from fuyou.engine.commit import RECORD
 
     dirs = state_dirs(cfg, run_path.name)
     try:
         then = json.loads((dirs[0] / RECORD).read_text()).get("settings") if dirs else None
     except (OSError, ValueError, AttributeError):
-        return  # no record, or a damaged one: opening the state says so
-    if not isinstance(then, dict):
-        return  # a record written before records kept the settings
+        return None
+    return then if isinstance(then, dict) else None
+
+
+def refuse_unlike_commit(cfg: FuyouConfig, run_path: Path) -> None:
+    """The settings a resume may not change, against those the last commit recorded (``fixed_settings``):
+    the check against config.toml (``resume_changes``) misses a config.toml that was edited (a new-user
+    pass doubled train.micro_batch_size there and resumed at the wrong place in the data, in silence)."""
+
+    from fuyou.config import DATA_ORDER, fixed_settings, orders_rows
+
+    then = committed_settings(cfg, run_path)
+    if then is None:
+        return  # no record, a damaged one (opening the state says so), or one from before records kept the settings
     now = fixed_settings(cfg)  # (settings fixed then and now: one freed, or renamed, since is not compared)
 
     def same(k: str) -> bool:

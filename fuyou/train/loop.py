@@ -27,7 +27,7 @@ from fuyou.train.metrics import MetricsLog, Progress, WandbLog, check_wandb, si,
 from fuyou.train.reference import ReferenceTrainer
 from fuyou.engine.state import run_id, write_run_id
 from fuyou.train.guards import (agree_on_sources, check_run_dir_space, claim_state, refuse_finished, refuse_live,
-                                refuse_others_state, refuse_renamed, refuse_unlike_commit)
+                                refuse_others_state, refuse_renamed, refuse_unlike_commit, committed_settings)
 from fuyou.train.records import (data_files_change, data_fingerprint, load_training_data, record_chat_template,
                                  record_data, run_split, run_vocabulary, user_paths)
 from fuyou.train.signals import StopOnSignal, stop_status
@@ -285,6 +285,8 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
 
     if resume is not None and cfg.train.precision_chosen:  # auto given to a resume: the run's own precision (it
         saved = saved_section("train").get("precision")  # was refused as a change to this machine's choice: a pass)
+        if saved not in ("bf16", "fp32") and cfg.offload.mode == "ssd":  # (config.toml edited to auto: what the
+            saved = (committed_settings(cfg, Path(resume)) or {}).get("train.precision")  # commit was made in)
         if saved in ("bf16", "fp32"):
             cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"precision": saved})})
     _check_settings(cfg, resume is None, saved_section("hardware"))
@@ -469,8 +471,13 @@ def _resume_changes(run_path: Path, cfg: FuyouConfig, saved_section) -> tuple[di
     dirs = {"offload.ssd_dirs": list(cfg.offload.ssd_dirs), "data.path": list(cfg.data.path),
             "data.eval_path": list(cfg.data.eval_path)}
     # (model.init_from is not compared, and the checkpoint it names may be gone: the shape is in the file)
+    flags = {**dirs, "model.init_from": None}
+    if saved_section("train").get("precision") == "auto" and cfg.offload.mode == "ssd":  # (edited to auto: this
+        made = (committed_settings(cfg, run_path) or {}).get("train.precision")  # machine's choice is not the run's)
+        if made in ("bf16", "fp32"):
+            flags["train.precision"] = made
     try:
-        saved_cfg = load_config(run_path / "config.toml", flags={**dirs, "model.init_from": None})
+        saved_cfg = load_config(run_path / "config.toml", flags=flags)
     except ConfigError as e:  # (one an earlier fuyou took, such as commit_every='0s': the override did not mend it)
         raise ConfigError(f"{run_path / 'config.toml'}, the run's config as it was, is not valid now: {e}. Edit "
                           f"those values there (to the run's own, where a resume cannot change them) and resume"

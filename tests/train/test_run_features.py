@@ -1151,6 +1151,13 @@ def test_precision_auto_says_what_it_chose_and_a_resume_elsewhere_keeps_the_runs
     # auto given to a resume is the run's own precision, not this machine's choice (refused as a change: a pass)
     assert main(["train", "--resume", str(tmp_path / "runs" / "fast"), "train.steps=3", "train.precision=auto"]) == 0
     assert ", bf16, 3 steps" in capsys.readouterr().err
+    # and so is auto written into its config.toml by hand: the commit's precision (it was refused as an edit)
+    toml = tmp_path / "runs" / "fast" / "config.toml"
+    toml.write_text(toml.read_text().replace('precision = "bf16"', 'precision = "auto"'))
+    assert main(["train", "--resume", str(tmp_path / "runs" / "fast"), "train.steps=4", "train.precision=fp32"]) == 2
+    assert "cannot change train.precision ('bf16' -> 'fp32')" in capsys.readouterr().err  # (given: still a change)
+    assert main(["train", "--resume", str(tmp_path / "runs" / "fast"), "train.steps=4"]) == 0
+    assert ", bf16, 4 steps" in capsys.readouterr().err
 
 
 def test_what_auto_chose_is_said_where_it_matters(tmp_path, capsys, monkeypatch):
