@@ -188,7 +188,6 @@ def refuse_unlike_commit(cfg: FuyouConfig, run_path: Path) -> None:
     """The settings a resume may not change, against those the last commit recorded (``fixed_settings``):
     the check against config.toml (``resume_changes``) misses a config.toml that was edited (a new-user
     pass doubled train.micro_batch_size there and resumed at the wrong place in the data, in silence)."""
-
     from fuyou.config import DATA_ORDER, fixed_settings, orders_rows
 
     then = committed_settings(cfg, run_path)
