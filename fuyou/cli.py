@@ -159,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(optim.moments) the byte columns assume")
     m.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="the compute precision "
                    "(train.precision) the byte columns assume: the weights streamed to the device are a copy in it, "
-                   "apart from a bf16 master under bf16 (default: bf16, what train.precision=auto takes on a GPU of "
+                   "unless the master is in it too (default: bf16, what train.precision=auto takes on a GPU of "
                    "compute capability 8.0 or later)")
     m.set_defaults(func=_models)
 
@@ -483,7 +483,7 @@ def _models(args) -> int:
         model = StageModel(cfg)
         n = model.num_params
         b = model.state_bytes(compute_bytes=csize, fmt=fmt)
-        if fmt.master_is_compute(compute):  # the bf16 master is the compute copy: stored once, counted once
+        if fmt.master_is_compute(compute):  # the master is the compute copy: stored once, counted once
             b["compute_weights"] = 0
         heads = f"{cfg.n_head}" + (f"/{cfg.kv_heads}kv" if cfg.kv_heads != cfg.n_head else "")
         weights = format_size(b["compute_weights"]) if b["compute_weights"] else "(master)"
@@ -494,7 +494,7 @@ def _models(args) -> int:
     # (fp32 compute was counted with bf16's 2 B copy, the default's, though auto takes fp32 on most CPUs: a pass)
     copy = f"a {args.precision} compute copy of {csize} B"
     if fmt.master_is_compute(compute):
-        copy += " (the bf16 master is it, where the weights are not cached)"
+        copy += f" (the {fmt.master} master is it, where the weights are not cached)"
     small_note = (f"{small.bytes_per_param():.3g} B, the master being the compute weights" if args.precision == "bf16"
                   else f"{small.bytes_per_param():.3g} B and the fp32 compute copy's 4 B: under fp32 compute a bf16 "
                   "master is not the compute weights")

@@ -1023,7 +1023,7 @@ class Engine:
         if self.clipping:
             self._speculated.append((st, job.src, job.dst))
         self.worker.submit(job)
-        st.cur = dst  # after submit's begin_update: a load reading copies[cur] (a bf16 master) waits for it
+        st.cur = dst  # after submit's begin_update: a load reading copies[cur] (the master as weights) waits for it
 
     def _start_sum(self, st: StageState, t: Tensor, what: str):
         """Start summing a gradient of stage ``st`` over the ranks: into its owner (sharded state), or

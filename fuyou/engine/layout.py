@@ -126,7 +126,7 @@ class StageState:
                 self.updated.set()
 
     def read_weights_from_master(self) -> None:
-        """A bf16 master under bf16 compute is the compute weights (``fuyou.optim.compressed``): this
+        """A master in the compute dtype is the compute weights (``StateFormat.master_is_compute``): this
         stage's loads read the current copy's master, and no separate weights copy is stored."""
         self.copies = tuple(replace(k, weights=k.master) for k in self.copies)
 

@@ -127,7 +127,7 @@ class TrainingState:
             if s.index in self.plan.cached_stages:
                 s.cache = self.cache_buffer(s)
                 s.cache.copy_(master)
-            elif s.keys.weights != s.keys.master:  # else the bf16 master is the compute weights
+            elif s.keys.weights != s.keys.master:  # else the master is the compute weights
                 futs.append(self.store.write_from(s.keys.weights, master.to(self.cdtype)))
             if s.index in self.plan.resident_stages:
                 s.resident = resident_state(s.numel, fmt)
@@ -367,7 +367,7 @@ class TrainingState:
             if not s.owned:
                 continue
             if c >= len(s.copies):  # the record names a copy this configuration does not keep
-                from_master = s.keys.weights == s.keys.master  # a bf16 master is the compute weights (engine)
+                from_master = s.keys.weights == s.keys.master  # the master is the compute weights (engine)
                 s.copies = build_states([s.stage], self.cfg.optim.weight_decay, n_copies=c + 1,
                                         int8=self.fmt.moments == "int8")[0].copies
                 if from_master:
@@ -401,7 +401,7 @@ class TrainingState:
                     self.store.read_into(s.keys.master, buf.tensor, start=a).result()  # CRC-checked
                     if s.cache is not None:
                         s.cache[a:a + n].copy_(buf.tensor)
-                    elif s.keys.weights != s.keys.master:  # else the bf16 master is the compute weights
+                    elif s.keys.weights != s.keys.master:  # else the master is the compute weights
                         self.store.write_from(s.keys.weights, buf.tensor.to(self.cdtype), start=a).result()
 
     # -- one optimizer step ----------------------------------------------------------------------

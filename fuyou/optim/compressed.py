@@ -143,8 +143,10 @@ class StateFormat:
         return sum(t.itemsize / (QBLOCK if t.per_block else 1) for t in self.tensors)
 
     def master_is_compute(self, compute_dtype: torch.dtype) -> bool:
-        """The master weights are the compute weights (no separate compute copy is stored)."""
-        return self.master == "bf16" and compute_dtype == torch.bfloat16
+        """The master weights are the compute weights (no separate compute copy is stored): a bf16 master under
+        bf16 compute, an fp32 master under fp32 compute (whose copy was the master's bytes again, written and
+        read each step)."""
+        return (self.master, compute_dtype) in (("bf16", torch.bfloat16), ("fp32", torch.float32))
 
     def align(self, checksum_block: int) -> int:
         """Chunk starts, in elements, that fall on a checksum block of every chunked tensor (and of

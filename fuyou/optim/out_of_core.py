@@ -200,13 +200,13 @@ class OutOfCoreAdamW:
                     raise
                 master, m, v = (b.tensor for b in bufs[:3])
                 g = bufs[3].tensor if gkey else grad[s:e]
-                wbuf = None
-                if lowp_out is None:
+                wbuf = lowp = None
+                if lowp_out is not None:
+                    lowp = lowp_out[s:e]
+                elif out_keys.weights != out_keys.master:  # else the new fp32 master is the compute weights
                     wbuf = self.pool.acquire((e - s) * _size(wdtype), wdtype)
                     bufs.append(wbuf)
                     lowp = wbuf.tensor
-                else:
-                    lowp = lowp_out[s:e]
                 self._step_chunk(s, e, segments, (master, m, v), s, g, lowp, lr, step, grad_scale, stats)
                 wf = [self.store.write_from(k, t, start=s)
                       for k, t in zip(out_keys.state, (master, m, v))]
@@ -229,15 +229,17 @@ class OutOfCoreAdamW:
         return stats
 
     def _step_chunk(self, s: int, e: int, segments: list[Segment], state, state_start: int, g: torch.Tensor,
-                    lowp: torch.Tensor, lr: float, step: int, grad_scale: float, stats: UpdateStats,
+                    lowp: torch.Tensor | None, lr: float, step: int, grad_scale: float, stats: UpdateStats,
                     src=None) -> None:
         """The fused kernel over elements ``[s, e)``, one call per weight-decay segment. ``state`` is
         (master, m, v) holding elements from ``state_start`` on (a chunk buffer: ``s``; resident
-        state: 0); ``g`` and ``lowp`` hold elements ``[s, e)``. ``src``: out of place, the state read
+        state: 0); ``g`` and ``lowp`` hold elements ``[s, e)`` (``lowp`` None: the master is the compute weights,
+        no copy is made). ``src``: out of place, the state read
         (laid out as ``state``)."""
         c = self.cfg
         master, m, v = state
-        fp32_copy = lowp.dtype == torch.float32  # fp32 training: the compute copy is the master
+        fp32_copy = lowp is not None and lowp.dtype == torch.float32  # fp32 training: the compute copy is the master
+        # (lowp None: no copy at all, the master being the compute weights)
         t0 = time.perf_counter()
         for seg in segments:
             a, b = max(seg.start, s), min(seg.end, e)
@@ -246,7 +248,7 @@ class OutOfCoreAdamW:
             st, ch = slice(a - state_start, b - state_start), slice(a - s, b - s)
             fused_adamw_(master[st], g[ch], m[st], v[st], lr=lr, beta1=c.beta1, beta2=c.beta2, eps=c.eps,
                          weight_decay=seg.weight_decay, step=step, grad_scale=grad_scale,
-                         out_lowp=None if fp32_copy else lowp[ch], num_threads=self.num_threads,
+                         out_lowp=None if fp32_copy or lowp is None else lowp[ch], num_threads=self.num_threads,
                          src=None if src is None else tuple(t[st] for t in src), torch_tail=seg.torch_tail)
             if fp32_copy:
                 lowp[ch].copy_(master[st])

@@ -88,7 +88,7 @@ class Workload:
 
     @property
     def master_is_weights(self) -> bool:
-        """A bf16 master under bf16 compute is the compute weights: stages neither cached nor resident
+        """A master in the compute dtype is the compute weights: stages neither cached nor resident
         store no separate copy (the engine reads the master)."""
         return self.fmt.master_is_compute(torch.bfloat16 if self.csize == 2 else torch.float32)
 

@@ -85,13 +85,14 @@ def test_models_counts_a_bf16_master_once(capsys):
 
 
 def test_models_counts_the_compute_copy_in_the_precision_given(capsys):
-    """--precision fp32 (what train.precision=auto takes on most CPUs): the compute copy is 4 B a parameter, and
-    a bf16 master is not it (the table counted bf16's 2 B whatever the run would compute in)."""
+    """--precision fp32 (what train.precision=auto takes on most CPUs): the fp32 master is the compute weights,
+    and a bf16 master is not, its compute copy 4 B a parameter (the table counted bf16's 2 B whatever the run
+    would compute in)."""
     assert main(["models", "--precision", "fp32"]) == 0
     out = capsys.readouterr().out
     row = next(line for line in out.splitlines() if line.startswith("gpt3-13b "))
-    assert "fp32 weights" in out and "fp32 compute copy of 4 B" in out
-    assert row.count("47.88 GiB") == 2 and "191.53 GiB" in row and row.endswith("96.14 GiB"), row  # 16 B; 4.03 + 4
+    assert "fp32 weights" in out and "fp32 compute copy of 4 B (the fp32 master is it" in out
+    assert "(master)" in row and "143.65 GiB" in row and row.endswith("96.14 GiB"), row  # 12 B; 4.03 + 4
     assert main(["models", "--precision", "fp32", "--master", "bf16", "--moments", "int8"]) == 0
     row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("gpt3-13b "))
     assert "(master)" not in row and "47.88 GiB" in row and row.count("96.14 GiB") == 2, row
