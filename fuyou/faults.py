@@ -12,7 +12,8 @@ reshard, while copying a tensor into the new state), ``reshard_switch`` (fuyou r
 decision, before the renames). Unset, it costs one dict lookup.
 
 ``FUYOU_FAULT=sigint:name`` (or ``sigint:name@step``) sends SIGINT instead, as Ctrl-C would, at a point
-reached in the main thread. Points for it too: ``evaluation`` (before the second held-out batch of an
+reached in the main thread, once a process (a point reached once a stage, as ``backward`` is, sent one a
+stage, and one more than half a second after the first is a second Ctrl-C, "exit at once": an audit). Points for it too: ``evaluation`` (before the second held-out batch of an
 evaluation, before its only one if it has one round of batches; its step: which evaluation of this process,
 0 the first), ``loop_start`` (after the evaluation before the first step, before the ranks agree on a stop).
 
@@ -39,15 +40,22 @@ def _this_rank() -> bool:
     return want is None or want == os.environ.get("RANK", "0")
 
 
+_interrupted = False  # a SIGINT was sent (once a process)
+
+
 def fault(name: str, step: int | None = None) -> None:
+    global _interrupted
     want = os.environ.get(FAULT_ENV)
     if not want or not _this_rank():
         return
     sig = signal.SIGKILL
     if want.startswith("sigint:"):
+        if _interrupted:
+            return
         sig, want = signal.SIGINT, want[len("sigint:"):]
     point, _, at = want.partition("@")
     if point == name and (not at or (step is not None and int(at) == step)):
+        _interrupted = sig == signal.SIGINT
         os.kill(os.getpid(), sig)
 
 

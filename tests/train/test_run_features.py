@@ -398,6 +398,36 @@ def test_a_stopped_run_without_commits_keeps_its_weights_and_says_how_to_go_on(t
     assert (go_on.run_dir / "model.safetensors").is_file()
 
 
+def test_one_ctrl_c_in_backward_stops_at_the_steps_end_with_a_commit(tmp_path):
+    """FUYOU_FAULT=sigint:backward@1 sent SIGINT at every stage's backward: one more than half a second after the
+    first was a second Ctrl-C ("exit at once"), and the run kept only its step-0 commit (an audit). One Ctrl-C
+    in backward finishes the step, commits it, and the resume from there ends with an uninterrupted run's
+    weights."""
+    import signal
+
+    from safetensors.torch import load_file
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
+    (tmp_path / "ssd").mkdir()
+
+    def train(name, *extra, fault=None):
+        cmd = [sys.executable, "-m", "fuyou.cli", "train", "--offload", "ssd", "--ssd", str(tmp_path / "ssd"),
+               *SSD_RUN, "model.preset=gpt-tiny", "model.n_layer=8", "data.seq_len=256",  # (a backward far longer
+               "train.micro_batch_size=16", "optim.moments=int8", "offload.commit_every=2", "train.steps=4",  # than
+               f"run.out_dir={tmp_path / 'runs'}", f"run.name={name}", *extra]  # the 0.5 s of a repeated signal)
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                              env={**env, "FUYOU_FAULT": fault} if fault else env)
+
+    r = train("cut", fault="sigint:backward@1")
+    assert r.returncode == 128 + signal.SIGINT and "after step 2 (committed)" in r.stderr, r.stderr[-2000:]
+    r = subprocess.run([sys.executable, "-m", "fuyou.cli", "train", "--resume", str(tmp_path / "runs" / "cut")],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0 and "resuming at step 2" in r.stderr, r.stderr[-2000:]
+    assert train("whole").returncode == 0
+    cut, whole = (load_file(tmp_path / "runs" / n / "model.safetensors") for n in ("cut", "whole"))
+    assert all(torch.equal(cut[k], whole[k]) for k in whole)
+
+
 def test_the_resume_schedule_note_counts_steps_as_the_progress_line_does():
     """It said "learning rate at step 5 0.00708 -> 0" resuming a finished 5-step run at train.steps=5 (no step
     left to run; the old schedule read past its end) and counted steps from 0."""
