@@ -13,9 +13,10 @@ decision, before the renames). Unset, it costs one dict lookup.
 
 ``FUYOU_FAULT=sigint:name`` (or ``sigint:name@step``) sends SIGINT instead, as Ctrl-C would, at a point
 reached in the main thread, once a process (a point reached once a stage, as ``backward`` is, sent one a
-stage, and one more than half a second after the first is a second Ctrl-C, "exit at once": an audit). Points for it too: ``evaluation`` (before the second held-out batch of an
-evaluation, before its only one if it has one round of batches; its step: which evaluation of this process,
-0 the first), ``loop_start`` (after the evaluation before the first step, before the ranks agree on a stop).
+stage, and one more than half a second after the first is a second Ctrl-C, "exit at once": an audit).
+Points for it too: ``evaluation`` (before the second held-out batch of an evaluation, before its only one if
+it has one round of batches; its step: which evaluation of this process, 0 the first), ``loop_start`` (after
+the evaluation before the first step, before the ranks agree on a stop).
 
 ``FUYOU_FAULT=stall:name`` (or ``stall:name@step``) instead makes the thread reaching ``stall(name)``
 hang for an hour, as a stuck disk or driver would: the engine's deadlines (``fuyou.watchdog``) must
