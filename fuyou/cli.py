@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"fuyou: error{_rank_tag()}: {e}\n")  # one write: torchrun's ranks print beside each other
         sys.stderr.flush()
         _leave_ranks()
-        return 2
+        return e.exit_status  # 2 a mistake, 3 divergence, 4 a failure while running (fuyou/errors.py)
     except KeyboardInterrupt:
         print("fuyou: interrupted", file=sys.stderr)
         return 130

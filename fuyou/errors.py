@@ -1,7 +1,22 @@
 """Typed errors a user can cause. Each message says what is wrong and what to do about it.
 
 ``assert`` is reserved for our own invariants; anything a user's input, disk or budget can trigger
-raises one of these. The CLI prints the message and exits with status 2.
+raises one of these. The CLI prints the message and exits with the error's ``exit_status``, so that a script
+or a scheduler can tell what to do without reading the message:
+
+- 2: the command, its configuration, data or budgets are wrong (a place that cannot be written included), or a
+  state cannot be resumed as asked (argparse's usage errors are 2 as well): nothing was started, or nothing
+  was lost; fix the command. Running it again as it is fails again.
+- 3: training diverged (a non-finite loss or gradient norm): the state before that step is kept; running it
+  again as it is diverges again.
+- 4: the run failed while running (the SSD's I/O, a full disk, a stall, a failed commit or save, another
+  rank's failure): the last commit is intact; once the cause is fixed, ``--resume`` goes on.
+- 5: the SSD state is damaged (a checksum, the manifest, the commit record or a file's length is not what was
+  written): it cannot be trusted, and a resume of it fails again; start anew (from a snapshot or exported
+  weights).
+
+A signal's stop is 128 + the signal's number (130 for Ctrl-C), as a shell reports it; 1 is a bug (a
+traceback).
 """
 
 from __future__ import annotations
@@ -10,9 +25,13 @@ from __future__ import annotations
 class FuyouError(Exception):
     """Base class of every error fuyou raises on purpose."""
 
+    exit_status = 4  # (the module's docstring) failed while running; subclasses say otherwise
+
 
 class ConfigError(FuyouError, ValueError):
     """A configuration value, file or override is invalid."""
+
+    exit_status = 2
 
 
 class NameTaken(ConfigError):
@@ -23,11 +42,15 @@ class NameTaken(ConfigError):
 class DataError(FuyouError):
     """A data path, corpus or token file is missing or malformed."""
 
+    exit_status = 2
+
 
 class NonFiniteError(FuyouError):
     """The loss or the gradient norm of a step is not finite: the step's update is not kept (the engine
     commits nothing of it; an in-memory run applies none, and keeps the weights before it as a snapshot).
     ``step``: the step's number, from 1."""
+
+    exit_status = 3
 
     def __init__(self, message: str, step: int):
         super().__init__(message)
@@ -40,6 +63,8 @@ class NonFiniteError(FuyouError):
 
 class BudgetError(FuyouError):
     """A memory or disk budget cannot hold what the configuration needs."""
+
+    exit_status = 2
 
 
 class StoreError(FuyouError):

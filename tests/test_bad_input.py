@@ -22,10 +22,12 @@ TINY = ["model.preset=gpt-test", "model.n_layer=4", "train.precision=fp32", "tra
         "train.micro_batch_size=2", "train.eval_batches=1", "train.eval_every=0"]
 
 
-def _err(capsys, argv) -> str:
+def _err(capsys, argv, status: int = 2) -> str:
+    """The error of ``argv``, which exits with ``status`` (2 a mistake, 3 divergence, 4 a failure while running, 5
+    a damaged state: fuyou/errors.py)."""
     rc = main(argv)
     err = capsys.readouterr().err
-    assert rc == 2, err
+    assert rc == status, err
     assert "fuyou: error:" in err and "Traceback" not in err
     return err
 
@@ -227,13 +229,14 @@ def test_a_non_finite_loss_stops_before_its_step_is_committed(tmp_path, capsys):
     non-finite loss, which stops the run with the last commit intact, and the metrics stay JSON."""
     assert "finite number" in _err(capsys, _offload(tmp_path, "i", "optim.lr=inf"))
     err = _err(capsys, _offload(tmp_path, "n", "optim.lr=1e35", "train.steps=6", "train.grad_clip=none",
-                                "offload.commit_every=1", "train.log_every=1", "train.warmup_steps=0"))
+                                "offload.commit_every=1", "train.log_every=1", "train.warmup_steps=0"), 3)
     assert "is nan" in err.lower() or "is inf" in err.lower()
     assert "the last commit is intact" in err
-    first = _err(capsys, _offload(tmp_path, "n1", "model.init_std=1e30", "train.steps=2"))  # (lower-lr advice looped)
+    first = _err(capsys, _offload(tmp_path, "n1", "model.init_std=1e30", "train.steps=2"), 3)  # (lower-lr advice
+    # looped)
     assert "no update had been made yet" in first and "optim.lr=" not in first, first
     first = _err(capsys, ["train", "--out", str(tmp_path / "runs"), "run.name=m1", *TINY, "model.init_std=1e30",
-                          "train.steps=2"])
+                          "train.steps=2"], 3)
     assert "no update had been made yet" in first and not (tmp_path / "runs" / "m1" / "snapshots").exists(), first
     run_dir = tmp_path / "runs" / "n"  # (a plain resume, as the advice said, read lr=1e35 again: a pass)
     assert f"`fuyou train --resume {run_dir} optim.lr=1e+34`; it is 1e+35 now" in err, err
@@ -271,7 +274,7 @@ def test_a_non_finite_gradient_norm_under_a_finite_loss_stops_before_its_step_is
     monkeypatch.setattr(engine.Engine, "_train_step", train_step)
     monkeypatch.setattr(engine, "grad_norm", lambda g: overflow([real_norm(g)])[0])  # bf16: the kernel's norm
     monkeypatch.setattr(torch, "_foreach_norm", lambda ts, *a: overflow(list(real_foreach(ts, *a))))  # fp32
-    err = _err(capsys, [*base, "run.name=of"])
+    err = _err(capsys, [*base, "run.name=of"], 3)
     assert "the gradient norm of step 3 is inf" in err and "the last commit is intact" in err, err
     monkeypatch.undo()
     rec = json.loads((ssd / "of.fuyou-state" / "fuyou-commit.json").read_text())
@@ -292,7 +295,7 @@ def test_an_in_memory_run_stops_at_a_non_finite_loss_and_keeps_the_weights_befor
     out = tmp_path / "runs"
     base = ["train", "--out", str(out), *TINY, "optim.lr=1e12", "train.warmup_steps=0", "train.lr_schedule=constant",
             "train.save_every=1", "train.keep_snapshots=2", *extra]
-    err = _err(capsys, [*base, "train.steps=6", "run.name=m"])
+    err = _err(capsys, [*base, "train.steps=6", "run.name=m"], 3)
     assert " is nan" in err or " is inf" in err, err
     run_dir = out / "m"
     stopped = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
@@ -484,11 +487,11 @@ def test_the_weights_kept_after_a_non_finite_loss_push_out_no_earlier_snapshot(t
     out = tmp_path / "runs"
     args = ["train", "--out", str(out), "model.preset=gpt-test", "data.seq_len=32", "train.steps=20", "optim.lr=1e3",
             "train.keep_snapshots=1"]
-    _err(capsys, [*args, "run.name=probe"])  # where it diverges (it moved with the machine's arithmetic: a test
+    _err(capsys, [*args, "run.name=probe"], 3)  # where it diverges (it moved with the machine's arithmetic: a test
     step = json.loads((out / "probe" / "metrics.jsonl").read_text().splitlines()[-1])["step"]  # that failed here)
     assert step >= 3
     every = step - 1  # (the case: a step between saves, after one)
-    err = _err(capsys, [*args, "run.name=n", f"train.save_every={every}"])
+    err = _err(capsys, [*args, "run.name=n", f"train.save_every={every}"], 3)
     stopped = json.loads((out / "n" / "metrics.jsonl").read_text().splitlines()[-1])
     assert stopped["stopped"] == "non-finite" and stopped["step"] == step, (stopped, err)
     earlier = f"step-{every:06d}"
@@ -721,3 +724,23 @@ def test_an_empty_data_file_is_refused_by_plan_and_train_alike(tmp_path, capsys)
         assert main(["train", "--out", str(tmp_path / "runs"), *given, "train.steps=1"]) == 2
         assert f"{given[-1].split('=')[0]} '{empty}' is an empty file" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def test_every_error_class_exits_with_the_status_of_what_to_do():
+    """Every error exited 2, so a scheduler could not tell a retry (a disk or a rank that failed mid-run) from
+    a command that fails again as it is (a mistake, a divergence): 2 a mistake or a state that cannot be resumed
+    as asked, 3 divergence, 4 a failure while running, 5 a damaged state (fuyou/errors.py)."""
+    from fuyou.distributed import DistributedError
+    from fuyou.engine.commit import CommitError, DamagedStateError, ResumeError
+    from fuyou.engine.committed import CommitMoved
+    from fuyou.errors import BudgetError, ConfigError, DataError, FuyouError, NonFiniteError
+    from fuyou.store.errors import (StoreCorruptError, StoreFullError, StoreIOError, StoreLockedError,
+                                    StorePermissionError, StoreSpaceError)
+    from fuyou.train.run import ExportBusy, SaveError
+    from fuyou.watchdog import StallError
+
+    want = {ConfigError: 2, DataError: 2, BudgetError: 2, StoreSpaceError: 2, StoreLockedError: 2, ResumeError: 2,
+            StorePermissionError: 2, CommitMoved: 2, ExportBusy: 2, NonFiniteError: 3, StoreIOError: 4,
+            StoreFullError: 4, StallError: 4, CommitError: 4, SaveError: 4, DistributedError: 4, FuyouError: 4,
+            StoreCorruptError: 5, DamagedStateError: 5}
+    assert {c: c.exit_status for c in want} == want

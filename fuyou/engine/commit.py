@@ -49,7 +49,16 @@ def state_name(run_name: str) -> str:
 
 
 class ResumeError(StoreError):
-    """The saved state cannot be resumed (missing, corrupt or from another run)."""
+    """The saved state cannot be resumed as asked (never committed, another world size or kind of run)."""
+
+    exit_status = 2  # (a resume of it as asked fails again: the message says what to do instead)
+
+
+class DamagedStateError(ResumeError):
+    """The saved state is damaged or was edited (its commit record, or what the record names, is not what was
+    written): it cannot be trusted; a new run starts afresh."""
+
+    exit_status = 5  # (fuyou/errors.py, as StoreCorruptError's)
 
 
 class CommitError(StoreError):
@@ -137,14 +146,14 @@ def read_record(directory: Path, store, n_stages: int, n_copies: int = 3) -> dic
               and not isinstance(step, bool) and step >= 0 and isinstance(copies, list)
               and all(isinstance(c, int) and not isinstance(c, bool) for c in copies))
     except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
-        raise ResumeError(f"{bad} ({e!r})") from e
+        raise DamagedStateError(f"{bad} ({e!r})") from e
     if not ok:
-        raise ResumeError(f"{bad} (its checksum or fields do not match)")
+        raise DamagedStateError(f"{bad} (its checksum or fields do not match)")
     if rec.get("store_uuid") != store.uuid or len(copies) != n_stages or any(not 0 <= c < n_copies for c in copies):
-        raise ResumeError(f"the commit record {path} does not belong to the store beside it (or to this model); "
-                          f"nothing was overwritten")
+        raise DamagedStateError(f"the commit record {path} does not belong to the store beside it (or to this "
+                                f"model); nothing was overwritten")
     gen = rec.get("generation")
     if not isinstance(gen, int) or gen > store.generation:
-        raise ResumeError(f"the commit record {path} names store generation {gen}, newer than the store's "
-                          f"{store.generation}: the store's manifest is older than the commit; start a new run")
+        raise DamagedStateError(f"the commit record {path} names store generation {gen}, newer than the store's "
+                                f"{store.generation}: the store's manifest is older than the commit; start a new run")
     return {"step": step, "copies": copies}

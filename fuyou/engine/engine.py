@@ -108,7 +108,7 @@ from fuyou.engine.malloc import bound_malloc, malloc_threshold, resident_bytes, 
 from fuyou.engine.layout import StageState, build_states, copies_needed, dtype_size
 from fuyou.engine.state import TrainingState, grad_key, refuse_committed_state
 from fuyou.errors import BudgetError, ConfigError, FuyouError, NonFiniteError, StoreError
-from fuyou.engine.commit import RECORD, ResumeError
+from fuyou.engine.commit import RECORD, DamagedStateError
 from fuyou.faults import fault
 from fuyou.distributed import resume_command
 from fuyou.engine.trace import StepCounters, Tracer
@@ -458,11 +458,11 @@ class Engine:
         s = self.ts.start_step
         lo, hi = self.dist.min_max(s, "comparing the ranks' last commits")
         if lo != hi:
-            raise ResumeError(f"the ranks' last commits differ (steps {lo} to {hi}; this rank, {self.dist.rank}, "
-                              f"has step {s}), and the ranks behind do not hold the newer step's state (a store "
-                              f"replaced or damaged since); each rank holds only its own part of the state, so the "
-                              f"parts cannot be combined. Nothing was overwritten; start a new run (from the run's "
-                              f"last snapshot, if any)")
+            raise DamagedStateError(f"the ranks' last commits differ (steps {lo} to {hi}; this rank, "
+                                    f"{self.dist.rank}, has step {s}), and the ranks behind do not hold the newer "
+                                    f"step's state (a store replaced or damaged since); each rank holds only its own "
+                                    f"part of the state, so the parts cannot be combined. Nothing was overwritten; "
+                                    f"start a new run (from the run's last snapshot, if any)")
 
     def _warm_up(self) -> None:
         """Create what CUDA creates on first use before the fixed overhead is measured (audit item 2):

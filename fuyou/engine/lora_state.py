@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from fuyou import watchdog
-from fuyou.engine.commit import RECORD, ResumeError, read_record, write_record
+from fuyou.engine.commit import RECORD, DamagedStateError, ResumeError, read_record, write_record
 from fuyou import distributed
 from fuyou.config import fixed_settings
 from fuyou.engine.state import TrainingState
@@ -188,8 +188,8 @@ class LoRATrainingState(TrainingState):
         path = directory / name
         data = path.read_bytes() if path.is_file() else b""
         if hashlib.sha256(data).hexdigest() != full.get("lora_sha256"):
-            raise ResumeError(f"{path} is missing or damaged (its SHA-256 does not match the commit record); the "
-                              f"state cannot be trusted, start a new run")
+            raise DamagedStateError(f"{path} is missing or damaged (its SHA-256 does not match the commit record); the "
+                                    f"state cannot be trusted, start a new run")
         tensors = load(data)
         step = int(_metadata(data).get("optimizer_step", 0))
         with torch.no_grad():

@@ -26,7 +26,8 @@ import torch
 from torch import Tensor
 
 from fuyou import watchdog
-from fuyou.engine.commit import STATE_SUFFIX, ResumeError, read_record, step_tag, tagged_copy, write_record
+from fuyou.engine.commit import (STATE_SUFFIX, DamagedStateError, ResumeError, read_record, step_tag, tagged_copy,
+                                 write_record)
 from fuyou import distributed
 from fuyou.config import fixed_settings
 from fuyou.engine.exchange import wire
@@ -376,9 +377,10 @@ class TrainingState:
             for key in s.keys.state:
                 tag = self.store.record(key).tag if key in self.store else None
                 if tag != step_tag(rec["step"]):
-                    raise ResumeError(f"the commit record names {key} as the state of step {rec['step']}, but the "
-                                      f"store holds {tag or 'no committed state'} there: the record was edited or "
-                                      f"damaged; start a new run (nothing was overwritten)")
+                    raise DamagedStateError(f"the commit record names {key} as the state of step "
+                                            f"{rec['step']}, but the store holds {tag or 'no committed state'} "
+                                            f"there: the record was edited or damaged; start a new run (nothing "
+                                            f"was overwritten)")
         self.start_step = self.last_commit_step = self.durable_step = rec["step"]
         missing = [spec for spec in self.specs() if spec[0] not in self.store]
         if missing:

@@ -69,6 +69,7 @@ class StorePermissionError(StoreIOError):
     """EACCES, EPERM or EROFS on a store file or directory."""
 
     hint = "make the directory writable by this user, or choose another directory"
+    exit_status = 2  # (fuyou/errors.py: a place given that cannot be written; as it is, it fails again)
 
 
 def io_error_from_oserror(exc: OSError, path: str, offset: int, length: int, op: str,
@@ -102,6 +103,8 @@ def _beyond_file_size_limit(end: int) -> bool:
 class StoreCorruptError(StoreError):
     """Stored data or metadata failed validation: checksum mismatch, truncated file, bad manifest."""
 
+    exit_status = 5  # (fuyou/errors.py: a damaged state; a resume of it fails again)
+
     def __init__(self, key: str | None, path: str, what: str):
         self.key, self.path, self.what = key, str(path), what
         who = f"tensor {key!r} in {path}" if key else str(path)
@@ -122,6 +125,8 @@ class StoreUsageError(StoreError, ValueError):
 
 class StoreLockedError(StoreUsageError):
     """Another live process holds the store (one owner per state: ``store.lock``)."""
+
+    exit_status = 2  # (nothing was started: the command waits for the holder, or names another state)
 
 
 class StoreSpaceError(StoreError, BudgetError):

@@ -207,7 +207,7 @@ def test_a_record_edited_where_no_tag_looks_is_caught_by_its_checksum(tmp_path, 
         got = load_file(str(tmp_path / "runs" / "k" / "model.safetensors"))
         assert all(torch.equal(got[k], want[k]) for k in want)
     else:
-        assert rc == 2 and "is damaged or was edited" in err and "checksum" in err, err
+        assert rc == 5 and "is damaged or was edited" in err and "checksum" in err, err
         assert _digest(state) == before
 
 
@@ -226,7 +226,7 @@ def test_a_record_one_generation_ahead_of_its_manifest_is_refused(tmp_path, kill
     body["checksum"] = hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
     (state / "fuyou-commit.json").write_text(json.dumps(body))
     before = _digest(state)
-    assert main(["train", "--resume", str(tmp_path / "runs" / "k")]) == 2
+    assert main(["train", "--resume", str(tmp_path / "runs" / "k")]) == 5
     assert f"names store generation {generation + 1}, newer than the store's {generation}" in capsys.readouterr().err
     assert _digest(state) == before
 

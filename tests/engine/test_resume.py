@@ -127,7 +127,7 @@ def test_damaged_state_is_refused_and_left_untouched(tmp_path, capsys, damage):
             fh.truncate(data.stat().st_size // 2)
     before = _digest([p for p in state.iterdir() if p.is_file()])
     rc = main(["train", "--resume", str(tmp_path / "runs" / "d")])
-    assert rc == 2
+    assert rc == 5
     err = capsys.readouterr().err
     named = {"commit-record": "fuyou-commit.json", "store-manifest": "fuyou-store.json", "truncated-extent": ".dat"}
     assert "fuyou: error:" in err and named[damage] in err, err

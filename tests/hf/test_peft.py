@@ -596,7 +596,7 @@ def test_an_export_onto_a_full_disk_is_a_sentence_and_leaves_nothing(hf_models, 
             out.mkdir()
         r = subprocess.run([sys.executable, "-c", FULL_DISK_EXPORT, str(run), "--out", str(out),
                             *(["--merge"] if merge else [])], capture_output=True, text=True, timeout=300)
-        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert r.returncode == 4 and "Traceback" not in r.stderr, r.stderr
         assert f"the export to {out} failed" in r.stderr and "export again" in r.stderr, r.stderr
         assert (not out.exists()) if out.name == "new" else list(out.iterdir()) == []
     assert main(["export", str(run), "--out", str(tmp_path / "empty"), *(["--merge"] if merge else [])]) == 0

@@ -34,7 +34,7 @@ def test_a_failed_final_save_keeps_the_state_and_resume_saves_it(tmp_path, monke
         return real(path, shapes, failing(), metadata)
 
     monkeypatch.setattr(run, "write_safetensors", full_disk)
-    assert _train(tmp_path, "r") == 2
+    assert _train(tmp_path, "r") == 4
     err = capsys.readouterr().err
     assert "No space left" in err and "The trained state is kept on the SSD" in err and "--resume" in err
     state = tmp_path / "ssd" / "r.fuyou-state"
@@ -136,7 +136,7 @@ def test_a_run_whose_final_commit_fails_still_saves_what_it_trained(tmp_path, mo
 
     monkeypatch.setattr(Engine, "train_step", train_step)
     capsys.readouterr()
-    assert _train(tmp_path, "gone", *steps) == 2
+    assert _train(tmp_path, "gone", *steps) == 4
     err = capsys.readouterr().err
     assert "The run had trained all 4 steps: their weights are saved in" in err
     assert "holds no commit of step 4: a --resume would go back to an earlier one" in err
@@ -165,7 +165,7 @@ def test_a_disk_that_fills_during_training_names_the_intact_commit_and_the_resum
 
     monkeypatch.setattr(TrainingState, "write_commit", write_commit)
     capsys.readouterr()
-    assert _train(tmp_path, "full", *steps) == 2
+    assert _train(tmp_path, "full", *steps) == 4
     err = capsys.readouterr().err
     assert "No space left on device" in err and "raise the quota / file-size limit (ulimit -f)" in err
     run_dir = tmp_path / "runs" / "full"
@@ -216,7 +216,7 @@ def test_a_disk_error_while_a_commit_is_queued_says_that_commit_may_be_the_resum
     monkeypatch.setattr(Engine, "train_step", train_step)
     monkeypatch.setattr(loop, "_resume_advice", resume_advice)
     capsys.readouterr()
-    assert _train(tmp_path, "q", *steps) == 2
+    assert _train(tmp_path, "q", *steps) == 4
     err = capsys.readouterr().err
     run_dir = tmp_path / "runs" / "q"
     assert ("the commit of step 2 is intact (step 3's, still being written then, may be too: a resume starts at "
