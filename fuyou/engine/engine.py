@@ -205,7 +205,7 @@ class Engine:
             resident = st.index in self.plan.resident_stages
             st.copies = st.copies[:copies_needed(off.commit, every_step, self.clipping and not resident)]
             if (self.fmt.master_is_compute(self.cdtype) and not resident and st.index not in self.plan.cached_stages
-                    and st.owned):
+                    and st.owned and not self.lora):  # (LoRA's base has no master: its weights are all it stores)
                 st.read_weights_from_master()  # (a resident stage's master is in CPU memory: it keeps a copy)
 
         state_cls = LoRATrainingState if self.lora else TrainingState

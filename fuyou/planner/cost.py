@@ -89,8 +89,9 @@ class Workload:
     @property
     def master_is_weights(self) -> bool:
         """A master in the compute dtype is the compute weights: stages neither cached nor resident
-        store no separate copy (the engine reads the master)."""
-        return self.fmt.master_is_compute(torch.bfloat16 if self.csize == 2 else torch.float32)
+        store no separate copy (the engine reads the master). LoRA's base has no master."""
+        return self.lora_params is None and self.fmt.master_is_compute(torch.bfloat16 if self.csize == 2 else
+                                                                          torch.float32)
 
     @property
     def state_bpp(self) -> float:

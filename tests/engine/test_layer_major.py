@@ -78,7 +78,8 @@ def test_weights_and_state_move_once_per_step(tmp_path, device):
         c["state_read"] = c["ssd_read_bytes"] - c["act_ssd_read_bytes"]
         c["state_write"] = c["ssd_write_bytes"] - c["act_ssd_write_bytes"]
     assert four["state_read"] == one["state_read"] > 3 * 12 * meta["numel"]
-    assert four["state_write"] == one["state_write"] > 3 * 12 * meta["numel"]
+    # (fp32 compute: the master is the compute weights, so the state is all a step writes)
+    assert four["state_write"] == one["state_write"] == 3 * 12 * meta["numel"]
     assert four["act_ssd_write_bytes"] == 4 * one["act_ssd_write_bytes"] > 0
     if device == "fake":
         # weights cross to the device once per use (forward, backward, the tied head), not per micro-batch
