@@ -735,12 +735,12 @@ def test_every_error_class_exits_with_the_status_of_what_to_do():
     from fuyou.engine.committed import CommitMoved
     from fuyou.errors import BudgetError, ConfigError, DataError, FuyouError, NonFiniteError
     from fuyou.store.errors import (StoreCorruptError, StoreFullError, StoreIOError, StoreLockedError,
-                                    StorePermissionError, StoreSpaceError)
+                                    StorePermissionError, StoreSpaceError, StoreUsageError)
     from fuyou.train.run import ExportBusy, SaveError
     from fuyou.watchdog import StallError
 
     want = {ConfigError: 2, DataError: 2, BudgetError: 2, StoreSpaceError: 2, StoreLockedError: 2, ResumeError: 2,
-            StorePermissionError: 2, CommitMoved: 2, ExportBusy: 2, NonFiniteError: 3, StoreIOError: 4,
-            StoreFullError: 4, StallError: 4, CommitError: 4, SaveError: 4, DistributedError: 4, FuyouError: 4,
-            StoreCorruptError: 5, DamagedStateError: 5}
+            StorePermissionError: 2, StoreUsageError: 2, CommitMoved: 2, ExportBusy: 2, NonFiniteError: 3,
+            StoreIOError: 4, StoreFullError: 4, StallError: 4, CommitError: 4, SaveError: 4, DistributedError: 4,
+            FuyouError: 4, StoreCorruptError: 5, DamagedStateError: 5}
     assert {c: c.exit_status for c in want} == want

@@ -122,6 +122,8 @@ class StoreNotFoundError(StoreError, FileNotFoundError):
 class StoreUsageError(StoreError, ValueError):
     """A call broke the store's documented rules (unknown key, wrong dtype, misaligned chunk)."""
 
+    exit_status = 2  # (fuyou/errors.py: a store of another format or settings than the run's: it fails again)
+
 
 class StoreLockedError(StoreUsageError):
     """Another live process holds the store (one owner per state: ``store.lock``)."""
