@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"fuyou: error{_rank_tag()}: {e}\n")  # one write: torchrun's ranks print beside each other
         sys.stderr.flush()
         _leave_ranks()
-        return e.exit_status  # 2 a mistake, 3 divergence, 4 a failure while running (fuyou/errors.py)
+        return e.exit_status  # what to do next, 2 to 5 (fuyou/errors.py)
     except KeyboardInterrupt:
         print("fuyou: interrupted", file=sys.stderr)
         return 130
@@ -457,17 +457,16 @@ def _run_tokenizer(run, overrides: list[str]) -> list[str]:
 
 
 def _models(args) -> int:
-    import torch
-
     from fuyou.models import PRESETS, ModelConfig, StageModel, preset
+    from fuyou.models.precision import DTYPES
     from fuyou.optim.compressed import StateFormat
     from fuyou.train.metrics import si
     from fuyou.units import format_size
 
     fmt = StateFormat(args.master, args.moments)
     small = StateFormat("bf16", "int8")
-    csize = {"bf16": 2, "fp32": 4}[args.precision]
-    compute = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.precision]
+    compute = DTYPES[args.precision]
+    csize = compute.itemsize
 
     def total(f: StateFormat, n: int) -> int:  # one copy of the state, and the compute copy where it is apart
         return f.state_bytes(n) + (0 if f.master_is_compute(compute) else csize * n)
@@ -495,8 +494,9 @@ def _models(args) -> int:
     copy = f"a {args.precision} compute copy of {csize} B"
     if fmt.master_is_compute(compute):
         copy += f" (the {fmt.master} master is it, where the weights are not cached)"
-    small_note = (f"{small.bytes_per_param():.3g} B, the master being the compute weights" if args.precision == "bf16"
-                  else f"{small.bytes_per_param():.3g} B and the fp32 compute copy's 4 B: under fp32 compute a bf16 "
+    small_note = (f"{small.bytes_per_param():.3g} B, the master being the compute weights"
+                  if small.master_is_compute(compute) else
+                  f"{small.bytes_per_param():.3g} B and the fp32 compute copy's 4 B: under fp32 compute a bf16 "
                   "master is not the compute weights")
     print(f"\nTraining state per parameter: {fmt.describe()}, plus {copy} (activations and gradients in flight come "
           f"on top). The last column: optim.master=bf16 optim.moments=int8 under {args.precision} compute, "

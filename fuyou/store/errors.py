@@ -128,8 +128,6 @@ class StoreUsageError(StoreError, ValueError):
 class StoreLockedError(StoreUsageError):
     """Another live process holds the store (one owner per state: ``store.lock``)."""
 
-    exit_status = 2  # (nothing was started: the command waits for the holder, or names another state)
-
 
 class StoreSpaceError(StoreError, BudgetError):
     """Preflight: the directories lack the space the requested allocations need."""

@@ -283,12 +283,10 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
     def saved_section(name: str) -> dict:
         return saved_raw.get(name) if isinstance(saved_raw.get(name), dict) else {}
 
-    if resume is not None and cfg.train.precision_chosen:  # auto given to a resume: the run's own precision (it
-        saved = saved_section("train").get("precision")  # was refused as a change to this machine's choice: a pass)
-        if saved not in ("bf16", "fp32") and cfg.offload.mode == "ssd":  # (config.toml edited to auto: what the
-            saved = (committed_settings(cfg, Path(resume)) or {}).get("train.precision")  # commit was made in)
-        if saved in ("bf16", "fp32"):
-            cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"precision": saved})})
+    run_precision = _run_precision(Path(resume), cfg, saved_section) if resume is not None else None
+    if run_precision is not None and cfg.train.precision_chosen:  # auto given to a resume: the run's own precision
+        # (it was refused as a change to this machine's choice: a pass)
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"precision": run_precision})})
     _check_settings(cfg, resume is None, saved_section("hardware"))
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -334,7 +332,8 @@ def run_training(cfg: FuyouConfig, stream=None, trace: str | Path | None = None,
         cfg = _adopt_planned_settings(cfg, stream or sys.stderr, dist.is_main)
     if resume is not None:
         _refuse_unresumable(run_path, cfg, saved_section("offload"), saved_section("lora"))
-    changed, dirs = _resume_changes(run_path, cfg, saved_section) if resume is not None else (None, None)
+    changed, dirs = (_resume_changes(run_path, cfg, saved_section, run_precision) if resume is not None
+                     else (None, None))
     if resume is not None:
         refuse_finished(run_path, cfg, dist)
         refuse_renamed(run_path, cfg)
@@ -460,10 +459,21 @@ def _refuse_unresumable(run_path: Path, cfg: FuyouConfig, saved_off: dict, saved
                       + "; nothing was changed")  # (it said "never committed ... or moved (resume with --ssd)")
 
 
-def _resume_changes(run_path: Path, cfg: FuyouConfig, saved_section) -> tuple[dict, dict]:
+def _run_precision(run_path: Path, cfg: FuyouConfig, saved_section) -> str | None:
+    """The precision a run trained in: its config.toml's, or where that was edited to auto, the one its last
+    commit was made in (offloaded runs; this machine's auto may choose another); None where neither says."""
+    saved = saved_section("train").get("precision")
+    if saved not in ("bf16", "fp32") and cfg.offload.mode == "ssd":
+        saved = (committed_settings(cfg, run_path) or {}).get("train.precision")
+    return saved if saved in ("bf16", "fp32") else None
+
+
+def _resume_changes(run_path: Path, cfg: FuyouConfig, saved_section, run_precision: str | None
+                    ) -> tuple[dict, dict]:
     """What a resume changes of the run's saved config (``resume_changes``), refusing what it cannot change,
     before the state is opened; and the resume's SSD directories and data files by key (the saved ones may
-    have moved). ``saved_section``: a section of the run's config.toml as written."""
+    have moved). ``saved_section``: a section of the run's config.toml as written; ``run_precision``: the
+    precision the run trained in (``_run_precision``)."""
     from fuyou.config import load_config
 
     # the saved config as it was, but over this resume's SSD directories and data files (the saved
@@ -472,10 +482,8 @@ def _resume_changes(run_path: Path, cfg: FuyouConfig, saved_section) -> tuple[di
             "data.eval_path": list(cfg.data.eval_path)}
     # (model.init_from is not compared, and the checkpoint it names may be gone: the shape is in the file)
     flags = {**dirs, "model.init_from": None}
-    if saved_section("train").get("precision") == "auto" and cfg.offload.mode == "ssd":  # (edited to auto: this
-        made = (committed_settings(cfg, run_path) or {}).get("train.precision")  # machine's choice is not the run's)
-        if made in ("bf16", "fp32"):
-            flags["train.precision"] = made
+    if saved_section("train").get("precision") == "auto" and run_precision is not None:  # (edited to auto: this
+        flags["train.precision"] = run_precision  # machine's choice is not the run's)
     try:
         saved_cfg = load_config(run_path / "config.toml", flags=flags)
     except ConfigError as e:  # (one an earlier fuyou took, such as commit_every='0s': the override did not mend it)
