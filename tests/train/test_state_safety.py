@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 
 import pytest
 import torch
@@ -145,29 +146,35 @@ def test_a_run_whose_final_commit_fails_still_saves_what_it_trained(tmp_path, mo
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
 
-def test_a_disk_that_fills_during_training_names_the_intact_commit_and_the_resume(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("cause", ["full", "read-only"])
+def test_a_disk_that_fills_during_training_names_the_intact_commit_and_the_resume(tmp_path, monkeypatch, capsys,
+                                                                                  cause):
     """A pass: a full SSD at a commit mid-run said to free space and nothing of the commit that is intact or how
     to go on. The commit of step 3 fails (ENOSPC); the error names step 2's, and the resume from it ends as an
-    undisturbed run."""
+    undisturbed run. A directory that stops taking writes mid-run (remounted read-only) is the same: a failure
+    while running (4, once mended a resume goes on), not a mistake in the command (2, which a permission error
+    at the start is)."""
     import errno as _errno
 
     from fuyou.engine.state import TrainingState
-    from fuyou.store.errors import StoreFullError
+    from fuyou.store.errors import StoreFullError, StorePermissionError
 
     steps = ["train.steps=4", "offload.commit_every=1"]
     assert _train(tmp_path, "ref", *steps) == 0
     real = TrainingState.write_commit
+    error, code, said = {"full": (StoreFullError, _errno.ENOSPC, "raise the quota / file-size limit (ulimit -f)"),
+                         "read-only": (StorePermissionError, _errno.EROFS, "make the directory writable")}[cause]
 
     def write_commit(self, steps_done, copies):
         if steps_done == 3:
-            raise StoreFullError(str(tmp_path / "ssd"), 0, 0, _errno.ENOSPC, "manifest write")
+            raise error(str(tmp_path / "ssd"), 0, 0, code, "manifest write")
         return real(self, steps_done, copies)
 
     monkeypatch.setattr(TrainingState, "write_commit", write_commit)
     capsys.readouterr()
     assert _train(tmp_path, "full", *steps) == 4
     err = capsys.readouterr().err
-    assert "No space left on device" in err and "raise the quota / file-size limit (ulimit -f)" in err
+    assert os.strerror(code) in err and said in err
     run_dir = tmp_path / "runs" / "full"
     assert f"the commit of step 2 is intact, and once that is mended `fuyou train --resume {run_dir}`" in err
     monkeypatch.undo()
