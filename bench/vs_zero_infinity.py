@@ -2,8 +2,8 @@
 
 For one model preset, micro-batch, sequence length, SSD directory and CPU memory budget it trains
 the same model (``StageModel``, same initial weights from ``init_params(seed)``, same batches, constant
-learning rate, AdamW with the same hyper-parameters, bf16, global-norm clipping at ``--clip`` on both
-sides or none) for a few steps with
+learning rate, AdamW with the same hyper-parameters, the same ``--precision``, global-norm clipping at
+``--clip`` on both sides or none) for a few steps with
 
 1. **fuyou**: the three-tier engine, ``offload.mode=ssd``; fp32 master weights, Adam moments and
    activations the policy spills live in ``--ssd``; ``offload.cpu_mem`` = ``--cpu-mem``;
@@ -68,7 +68,7 @@ def overrides_for(args, data: str, system: str, ssd: Path | None) -> list[str]:
     """fuyou config for one run: constant learning rate and the clipping of the DeepSpeed side."""
     o = [f"model.preset={args.model}", f"data.source={data}", f"data.seq_len={args.seq}",
          f"train.micro_batch_size={args.batch}", f"train.grad_accum={args.grad_accum}",
-         f"train.grad_clip={args.clip}", "train.precision=bf16",
+         f"train.grad_clip={args.clip}", f"train.precision={args.precision}",
          "train.warmup_steps=0", "train.min_lr_ratio=1.0", "train.eval_every=0", f"train.seed={args.seed}",
          f"train.steps={args.warmup + args.steps}", f"train.device={args.device}"]
     if args.lr is not None:
@@ -162,7 +162,7 @@ def run_deepspeed(args, data: str, ssd: Path) -> dict:
                "--grad-accum", str(args.grad_accum),
                "--steps", str(args.warmup + args.steps), "--warmup", str(args.warmup), "--data", data,
                "--seed", str(args.seed), "--nvme-dir", str(nvme), "--cpu-mem-note", args.cpu_mem,
-               "--no-reference-loss", "--json", str(out_json)]
+               "--precision", args.precision, "--no-reference-loss", "--json", str(out_json)]
         if args.lr is not None:
             cmd += ["--lr", str(args.lr)]
         if args.clip != "none":
@@ -259,6 +259,10 @@ def main(argv=None) -> int:
     p.add_argument("--inmemory", choices=("auto", "yes", "no"), default="auto")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="compute precision of every system: bf16 mixed precision, fp32, or auto (default): bf16 where "
+                        "the device multiplies bf16 at full speed (a GPU from Ampere on, an AVX-512 or AMX CPU), else "
+                        "fp32 (on an AVX2 CPU bf16 runs a scalar path, about 130x slower, and every system crawls)")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: AdamWConfig's)")
     p.add_argument("--clip", default="none",
                    help="global-norm clipping threshold on both sides (fuyou: exact, speculative; ZeRO-Infinity: "
@@ -276,6 +280,10 @@ def main(argv=None) -> int:
     if not 0 <= args.warmup and args.steps >= 1:
         p.error("need --steps >= 1 and --warmup >= 0")
     use_ds = not args.no_deepspeed
+    if args.precision == "auto":
+        from fuyou.models.precision import bf16_native, compute_device_type
+
+        args.precision = "bf16" if bf16_native(compute_device_type(args.device)) else "fp32"
     if use_ds and not args.ds_python:
         p.error("no interpreter with deepspeed found: pass --ds-python or --no-deepspeed")
     if use_ds:  # (an interpreter without it ran every fuyou side, then reported "loss check: FAILED": a pass)
@@ -291,7 +299,7 @@ def main(argv=None) -> int:
     systems = ["fuyou", *variants(args)] + (["zero-infinity"] if use_ds else []) + (["in-memory"] if inmem else [])
     command = "python bench/vs_zero_infinity.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     results: dict = {"command": command, "model": args.model, "num_params": model.num_params, "batch": args.batch,
-                     "grad_accum": args.grad_accum,
+                     "grad_accum": args.grad_accum, "precision": args.precision,
                      "seq": args.seq, "cpu_mem": args.cpu_mem, "policy": args.policy, "rows": {}}
     ok = True
     for data in args.data:
@@ -346,7 +354,7 @@ def main(argv=None) -> int:
              machine_header(f"device {fuyou_run['device']}", f"deepspeed {ds_ver}",
                             f"fuyou {getattr(fuyou, '__version__', '?')}") + f"; SSD directory {args.ssd}. "
              f"{args.repeats} runs per system alternating, {args.warmup} warm-up + {args.steps} timed steps each. "
-             f"clipping: {args.clip}; fuyou commits: every "
+             f"precision: {args.precision}; clipping: {args.clip}; fuyou commits: every "
              f"{_fuyou_commit(args)}; fuyou policy: {args.policy}" + (f" ({_policy_text(fuyou_run['policy'], args.model)})"
                                                if args.policy == "auto" else "") +
              (f"; ZeRO-Infinity options: {' '.join(args.ds_arg)}" if args.ds_arg else ""), "",

@@ -1,11 +1,12 @@
 """The ZeRO-Infinity peer: train a fuyou model preset with DeepSpeed ZeRO-3, parameters and optimizer
-state offloaded to NVMe, bf16, one process on whatever accelerator DeepSpeed finds (CPU here).
+state offloaded to NVMe, bf16 (or fp32 with ``--precision fp32``), one process on whatever accelerator DeepSpeed
+finds (CPU here).
 
 Same model, same initial weights, same batches as fuyou: the ``nn.Module`` below is a thin wrapper
 around ``fuyou.models.StageModel`` (one submodule per stage, one ``nn.Parameter`` per owned parameter,
 initialised from ``StageModel.init_params(seed)``; its forward binds them and calls the stages'
 stateless ``forward``), and batch ``i`` is ``fuyou.data`` batch ``i``. Step 0's loss therefore equals
-``StageModel.forward_loss`` on the same batch within bf16 rounding (tests/bench/test_zero_infinity_smoke.py).
+``StageModel.forward_loss`` on the same batch within bf16 rounding (fp32's: within fp32's) (tests/bench/test_zero_infinity_smoke.py).
 
 Under torchrun (``WORLD_SIZE`` > 1) it is ZeRO-Infinity data parallel: ``--grad-accum`` stays the global
 batch's micro-batches, each rank runs its contiguous share of them (as fuyou's ranks do), and rank 0
@@ -142,7 +143,7 @@ def ds_config(model: StageModel, args: argparse.Namespace, opt: AdamWConfig) -> 
         "gradient_clipping": args.grad_clip,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
-        "bf16": {"enabled": True},
+        "bf16": {"enabled": args.precision == "bf16"},  # fp32: no mixed precision, fp32 parameters on the NVMe
         "optimizer": {"type": "AdamW", "params": {"lr": opt.lr, "betas": [opt.beta1, opt.beta2], "eps": opt.eps,
                                                   "weight_decay": opt.weight_decay}},
         "zero_optimization": {
@@ -193,9 +194,10 @@ def batches(args: argparse.Namespace, vocab: int):
     return BatchSampler(data.train, args.seq, args.batch, args.seed)
 
 
-def reference_loss(model: StageModel, init: dict, x, y) -> float:
-    """fuyou's reference loss of ``init`` on one batch (fp32 weights, bf16 autocast, as the reference trainer)."""
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+def reference_loss(model: StageModel, init: dict, x, y, precision: str = "bf16") -> float:
+    """fuyou's reference loss of ``init`` on one batch (fp32 weights, under bf16 autocast for ``precision``
+    bf16, as the reference trainer)."""
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
         return float(model.forward_loss(init, x, y))
 
 
@@ -233,7 +235,7 @@ def run(args: argparse.Namespace) -> dict:
 
     t_init = time.perf_counter()
     init = model.init_params(args.seed)  # outside zero.Init: fp32 values exactly as fuyou draws them
-    ref0 = reference_loss(model, init, x0, y0) if args.reference_loss else None
+    ref0 = reference_loss(model, init, x0, y0, args.precision) if args.reference_loss else None
     with deepspeed.zero.Init(config_dict_or_path=config):
         net = FuyouAsModule(model, init, args.checkpoint)
     net.tie(deepspeed.zero.register_external_parameter)
@@ -280,7 +282,7 @@ def run(args: argparse.Namespace) -> dict:
     return {
         "peer": "deepspeed-zero-infinity", "world_size": world, "rank": rank,
         "model": args.model, "num_params": model.num_params, "batch": args.batch, "seq": args.seq,
-        "steps": args.steps, "warmup": args.warmup, "data": args.data, "seed": args.seed,
+        "steps": args.steps, "warmup": args.warmup, "data": args.data, "seed": args.seed, "precision": args.precision,
         "step_times_s": times, "losses": losses, "reference_loss_step0": ref0,
         "median_step_s": med, "tokens_per_s": tokens_per_step / med,
         "model_tflops": flops_per_step / med / 1e12, "flops_per_token": model.flops_per_token(args.seq),
@@ -318,6 +320,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", choices=("synthetic", "builtin"), default="synthetic",
                    help="fuyou's SyntheticBatches or the builtin corpus with BatchSampler")
     p.add_argument("--seed", type=int, default=1234, help="weight-init and data seed (fuyou's default 1234)")
+    p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
+                   help="bf16 mixed precision (DeepSpeed's bf16 section), or fp32 throughout (default %(default)s)")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: AdamWConfig's)")
     p.add_argument("--grad-clip", type=float, default=0.0, help="global-norm clipping; 0 = off (default)")
     p.add_argument("--offload", choices=("nvme", "cpu"), default="nvme",

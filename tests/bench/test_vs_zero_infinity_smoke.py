@@ -47,6 +47,10 @@ def test_fuyou_and_inmemory(tmp_path):
     assert row["ratio_fuyou_vs_zinf"] is None
     assert row["summary"]["fuyou"]["write_per_step"] > 0  # moments and master weights went to the SSD
     assert row["runs"]["fuyou"][0]["counters"]["ssd_write_bytes"] > 0
+    # --precision auto: bf16 only where this machine multiplies it at full speed (an AVX2 CPU crawls in it)
+    from fuyou.models.precision import bf16_native
+
+    assert res["precision"] == ("bf16" if bf16_native("cpu") else "fp32")
 
 
 def test_with_zero_infinity(tmp_path):

@@ -60,16 +60,18 @@ def test_config_buffers_cover_the_largest_parameter():
     assert cfg["offload_param"]["buffer_count"] >= 16 and cfg["offload_optimizer"]["buffer_count"] >= 12
 
 
-@pytest.mark.parametrize("name", ["gpt-test", "gpt-tiny"])
-def test_two_steps_start_from_fuyous_loss(tmp_path, name):
+@pytest.mark.parametrize("name,precision", [("gpt-test", "bf16"), ("gpt-tiny", "bf16"), ("gpt-tiny", "fp32")])
+def test_two_steps_start_from_fuyous_loss(tmp_path, name, precision):
     """gpt-test is the model of the brief; DeepSpeed never swaps a tensor under 1 MiB (MIN_AIO_BYTES),
-    so only gpt-tiny's optimizer state really goes through the NVMe directory."""
+    so only gpt-tiny's optimizer state really goes through the NVMe directory. In fp32 (no bf16 section)
+    step 0's loss is fuyou's within fp32 rounding."""
     pytest.importorskip("deepspeed")
     out_json = tmp_path / "zinf.json"
     batch, seq = 2, 32
     proc = subprocess.run(
         [sys.executable, str(BENCH), "--model", name, "--batch", str(batch), "--seq", str(seq),
-         "--steps", "2", "--warmup", "1", "--nvme-dir", str(tmp_path / "nvme"), "--json", str(out_json)],
+         "--steps", "2", "--warmup", "1", "--nvme-dir", str(tmp_path / "nvme"), "--json", str(out_json),
+         "--precision", precision],
         capture_output=True, text=True, timeout=900, cwd=tmp_path)  # ops are built on first use (minutes)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads(out_json.read_text())
@@ -78,8 +80,10 @@ def test_two_steps_start_from_fuyous_loss(tmp_path, name):
     with torch.no_grad():
         ref = float(model.forward_loss(model.init_params(SEED), x, y))
     assert len(res["losses"]) == 2 and all(math.isfinite(v) for v in res["losses"])
-    assert res["losses"][0] == pytest.approx(ref, abs=0.03)  # bf16 weights and compute vs fp32
-    assert res["reference_loss_step0"] == pytest.approx(ref, abs=0.03)
+    tol = 0.03 if precision == "bf16" else 1e-4  # bf16 weights and compute vs fp32; fp32 vs fp32
+    assert res["losses"][0] == pytest.approx(ref, abs=tol) and res["precision"] == precision
+    assert res["reference_loss_step0"] == pytest.approx(ref, abs=tol)
+    assert res["settings"]["deepspeed_config"]["bf16"]["enabled"] == (precision == "bf16")
     if name == "gpt-tiny":  # the timed step read and wrote optimizer state in the NVMe directory
         assert res["write_bytes_timed"] > 0 and res["read_bytes_timed"] > 0
     assert res["tokens_per_s"] > 0 and res["peak_rss_bytes"] > 0
