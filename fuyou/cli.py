@@ -10,6 +10,9 @@ from fuyou.planner.cli import add_parsers as add_planner_parsers
 
 
 def main(argv: list[str] | None = None) -> int:
+    given = sys.argv[1:] if argv is None else argv
+    if given[:1] == ["launch"] and not set(given[1:2]) & {"-h", "--help"}:  # torchrun's options, not ours
+        return _guarded(lambda: _launch(given[1:]))
     parser = build_parser()
     # key=value overrides may come before or after options: collect the ones argparse left over.
     args, extra = parser.parse_known_args(argv)
@@ -29,9 +32,14 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(args, "func"):
         parser.print_help()
         return 2
+    return _guarded(lambda: args.func(args) or 0)
+
+
+def _guarded(command) -> int:
+    """Run ``command`` and turn fuyou's errors, Ctrl-C and a closed pipe into exit statuses."""
     try:
         _quiet_other_ranks()  # (it imports torch: a Ctrl-C then was a traceback, not "interrupted": a pass)
-        return args.func(args) or 0
+        return command()
     except FuyouError as e:
         sys.stderr.write(f"fuyou: error{_rank_tag()}: {e}\n")  # one write: torchrun's ranks print beside each other
         sys.stderr.flush()
@@ -238,12 +246,24 @@ def _add_hf_parsers(sub) -> None:
                     "them; train --resume and reshard take the same)")
     ex.set_defaults(func=_export)
 
+    la = sub.add_parser("launch", help="train on several processes (data parallel): torchrun, exiting with the "
+                        "ranks' status", usage="fuyou launch [TORCHRUN OPTIONS] train [TRAIN ARGUMENTS]",
+                        description="Starts `fuyou train` on several processes through torchrun's launcher "
+                        "(torch.distributed.run, with its options: --nproc_per_node, --nnodes, --node_rank, "
+                        "--master_addr, --rdzv_endpoint, ...; `torchrun --help` lists them) and exits with the "
+                        "ranks' status (fuyou/errors.py), which torchrun reduces to 1: 0 when every rank finished, "
+                        "else the failed ranks' (one that a retry cannot mend first: 1, 2, 3, 5; then 4 or "
+                        "128 + a signal's number), 128 + N when signal N stopped it. Example: fuyou launch "
+                        "--nproc_per_node=2 train --offload ssd --ssd /nvme0 --ssd /nvme1 --cpu-mem 64GiB "
+                        "train.grad_accum=8")
+    la.set_defaults(func=lambda args: la.print_help() or 2)
+
     rs = sub.add_parser("reshard", help="rewrite a stopped run's state for another number of data-parallel "
-                        "processes (torchrun --nproc_per_node) before resuming it",
+                        "processes (fuyou launch / torchrun --nproc_per_node) before resuming it",
                         description="A run trained by N processes keeps one state per rank (full fine-tuning: "
                         "each rank the optimizer state of the stages it owns). Run this once, without torchrun, "
                         "between two launches to continue the run's last commit on another number of processes "
-                        "of this machine; then `torchrun --nproc_per_node=M -m fuyou.cli train --resume RUN_DIR` "
+                        "of this machine; then `fuyou launch --nproc_per_node=M train --resume RUN_DIR` "
                         "(M=1: `fuyou train --resume RUN_DIR`). The old state is replaced only once the new one is "
                         "complete; an interrupted reshard is finished by running it again.")
     rs.add_argument("run_dir", metavar="RUN_DIR", help="a stopped run directory")
@@ -252,6 +272,12 @@ def _add_hf_parsers(sub) -> None:
     rs.add_argument("--ssd", action="append", metavar="DIR",
                     help="the run's SSD directories, if they moved (repeat for several; give the resume the same)")
     rs.set_defaults(func=_reshard)
+
+
+def _launch(argv: list[str]) -> int:
+    from fuyou.launch import launch
+
+    return launch(argv)
 
 
 def _reshard(args) -> int:

@@ -56,6 +56,7 @@ from pathlib import Path
 import torch
 
 from fuyou.errors import ConfigError, FuyouError
+from fuyou.launch import LAUNCHER_ENV
 
 WORLD_FILE = "distributed.json"
 RESHARD_PENDING = "reshard.json"  # fuyou/reshard.py's decision, until its switch is done
@@ -252,14 +253,17 @@ def current() -> Dist:
 
 
 def resume_command(run_dir=None, d: Dist | None = None, extra: str = "") -> str:
-    """The command that resumes this run as it runs now (torchrun's, under torchrun): errors' advice (a pass
+    """The command that resumes this run as it runs now (torchrun's under torchrun, ``fuyou launch``'s under
+    it): errors' advice (a pass
     was told `fuyou train --resume`, which a run of several ranks refuses). ``d``: the ranks (this process's).
     ``extra``: overrides to add to the command (before any words about it)."""
     d = d or _DIST
     where = f"{run_dir or d.run_dir or 'RUN_DIR'}{extra}"
     if not d.enabled:
         return f"fuyou train --resume {where}"
-    return (f"torchrun --nproc_per_node={d.local_world} -m fuyou.cli train --resume {where}"
+    launcher = ("fuyou launch --nproc_per_node={n} train" if os.environ.get(LAUNCHER_ENV) == "fuyou launch"
+                else "torchrun --nproc_per_node={n} -m fuyou.cli train")  # (as it was launched: fuyou.launch)
+    return (launcher.format(n=d.local_world) + f" --resume {where}"
             + (" (on each machine, with its --nnodes and rendezvous)" if d.world > d.local_world else ""))
 
 

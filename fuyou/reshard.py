@@ -7,7 +7,7 @@ trained by N processes resumes with N, and ``fuyou reshard`` rewrites the last c
 between two launches::
 
     fuyou reshard RUN_DIR --nproc 2                                   # trained by one process so far
-    torchrun --nproc_per_node=2 -m fuyou.cli train --resume RUN_DIR
+    fuyou launch --nproc_per_node=2 train --resume RUN_DIR          # or torchrun ... -m fuyou.cli train
 
 What it writes, for every new rank, in that rank's SSD directories (``Dist.rank_config``: the split
 training uses): a new store holding the committed copy of every stage the rank will own (full
@@ -155,7 +155,7 @@ def _reshard_run(run_dir: Path, nproc: int, ssd_dirs: list[str] | None) -> str:
 
 def _resume_advice(run_dir: Path, nproc: int, ssd_dirs: list[str] | None) -> str:
     return ((f"`fuyou train --resume {run_dir}" if nproc == 1 else
-             f"`torchrun --nproc_per_node={nproc} -m fuyou.cli train --resume {run_dir}")
+             f"`fuyou launch --nproc_per_node={nproc} train --resume {run_dir}")
             + "".join(f" --ssd {d}" for d in (ssd_dirs or [])) + "`")
 
 

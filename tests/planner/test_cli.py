@@ -677,7 +677,7 @@ def test_the_train_line_of_a_data_parallel_plan_gives_the_machines_budget(capsys
     import re
 
     shared = re.search(r"give fuyou train --cpu-mem (\S+), which torchrun", out).group(1)
-    line = re.search(r"train as planned +torchrun --nproc_per_node=2 -m fuyou.cli train \.\.\. --cpu-mem (\S+)",
+    line = re.search(r"train as planned +fuyou launch --nproc_per_node=2 train \.\.\. --cpu-mem (\S+)",
                      out).group(1)
     assert line == shared  # (the header rounded to the nearest, 0.01 GiB under the line's: a pass)
 

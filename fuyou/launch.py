@@ -1,0 +1,111 @@
+"""``fuyou launch``: torchrun, with the ranks' exit status (fuyou/errors.py) as its own.
+
+torchrun exits 1 whatever its workers exited with (a refused config's 2, a damaged state's 5, a failure a
+retry mends, 4): a scheduler that launches data-parallel training through it cannot tell a retry from a
+dead end. ``fuyou launch [TORCHRUN OPTIONS] train ARGS`` starts the same processes through the same
+launcher (``torch.distributed.run``, in this process, with torchrun's own options and defaults) and exits
+with what its ranks say:
+
+- 0 when every rank finished;
+- else the status of the ranks that failed, one that says a retry cannot help first: a bug's 1, a
+  mistake's 2, a divergence's 3, a damaged state's 5 (of several, the first seen to fail's), then
+  128 + a signal's number (a rank killed outright), 4 (a rank that failed while running, or stopped by
+  another's failure), and last the SIGTERM the launcher ends the other ranks with once one has failed;
+- 128 + N when signal N stopped the launcher (Ctrl-C: every rank commits its step and stops, as under
+  torchrun).
+
+The ranks' advice names the command that resumes the run as it was launched (``fuyou launch
+--nproc_per_node=N train --resume RUN``: ``LAUNCHER_ENV``).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+from fuyou.errors import ConfigError
+
+#: set in the ranks' environment by ``fuyou launch``: their resume advice names it (fuyou.distributed)
+LAUNCHER_ENV = "FUYOU_LAUNCHER"
+
+#: the ranks' statuses that a retry cannot mend (fuyou/errors.py; 1: a traceback, a bug)
+FINAL = (1, 2, 3, 5)
+
+USAGE = ("fuyou launch [TORCHRUN OPTIONS] train [TRAIN ARGUMENTS], e.g. fuyou launch --nproc_per_node=2 train "
+         "--offload ssd --ssd /nvme0 --ssd /nvme1 --cpu-mem 64GiB train.grad_accum=8")
+
+
+def split(argv: list[str]) -> tuple[list[str], list[str]]:
+    """torchrun's options and the fuyou command (from its first ``train``)."""
+    if "train" not in argv:
+        raise ConfigError(f"fuyou launch runs `fuyou train` on several processes: {USAGE} (the other commands "
+                          f"run once, without it)")
+    i = argv.index("train")
+    return argv[:i], argv[i:]
+
+
+def torchrun_args(argv: list[str]):
+    """torchrun's parsed arguments for ``argv`` (``split``), its program fuyou's train: an option that names
+    another program, or a program given, is refused."""
+    from torch.distributed.run import get_args_parser
+
+    opts, command = split(argv)
+    for_program = [a for a in opts if a.split("=")[0] in ("-m", "--module", "--no-python", "--no_python",
+                                                          "--run-path", "--run_path")]
+    if for_program:
+        raise ConfigError(f"fuyou launch names the program itself (fuyou's train); drop {' '.join(for_program)}: "
+                          f"{USAGE}")
+    args = get_args_parser().parse_args([*opts, "-m", "fuyou.cli", *command])
+    if args.training_script != "fuyou.cli" or list(args.training_script_args) != command:
+        raise ConfigError(f"fuyou launch names the program itself (fuyou's train), but {args.training_script} "
+                          f"was given as one: {USAGE}")
+    return args
+
+
+def exit_status(failures: dict[int, object]) -> tuple[int, int]:
+    """(rank, status) of a failed launch from torchrun's ``ProcessFailure`` per global rank (``exitcode``:
+    the status, or minus the signal that killed it; ``timestamp``: when it was seen to fail): the module
+    docstring's order. Of the statuses a retry may mend, a rank killed outright (SIGKILL: the out-of-memory
+    killer, a user) comes first, before the others' 4 (another rank stopped), and one killed by SIGTERM last:
+    the launcher sends it to the ranks still running once one has failed, and they are seen to fail at the
+    same moment."""
+    def status(f) -> int:
+        return 128 - f.exitcode if f.exitcode < 0 else f.exitcode
+
+    def order(r):
+        f = failures[r]
+        kind = (0 if status(f) in FINAL else 3 if f.exitcode == -signal.SIGTERM else 1 if f.exitcode < 0 else 2)
+        return kind, f.timestamp, r
+
+    rank = min(failures, key=order)
+    return rank, status(failures[rank])
+
+
+def launch(argv: list[str]) -> int:
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import run
+
+    args = torchrun_args(argv)
+    os.environ[LAUNCHER_ENV] = "fuyou launch"  # (the ranks inherit it: their resume advice names it)
+    try:
+        run(args)
+    except ChildFailedError as e:
+        rank, status = exit_status(e.failures)
+        codes = ", ".join(f"rank {r}: {_said(f.exitcode)}" for r, f in sorted(e.failures.items()))
+        print(f"fuyou launch: the ranks failed ({codes}); exit status {status}, rank {rank}'s "
+              f"(fuyou/errors.py says what each means)", file=sys.stderr)
+        return status
+    except SignalException as e:
+        return 128 + int(e.sigval)
+    return 0
+
+
+def _said(code: int) -> str:
+    if code >= 0:
+        return f"status {code}"
+    try:
+        return signal.Signals(-code).name
+    except ValueError:
+        return f"signal {-code}"
