@@ -270,7 +270,7 @@ def _note_torchrun_shutdown(trainer, dist: distributed.Dist, stream) -> None:
     if need > timeout:
         print(f"fuyou: note: a stop (Ctrl-C, SIGTERM) commits the {format_size(plan.resident_bytes)} of optimizer "
               f"state this rank holds in CPU memory (~{need:.0f} s at 1 GB/s), and torchrun kills its workers "
-              f"{timeout:g} s after passing a stop on: launch torchrun with --shutdown-timeout "
+              f"{timeout:g} s after passing a stop on: launch it (torchrun or fuyou launch) with --shutdown-timeout "
               f"{max(60, int(2 * need))} (else a stop keeps the previous commit), or cap offload.resident_mem",
               file=stream)
 
