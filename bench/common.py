@@ -49,7 +49,9 @@ def require_deepspeed(what: str, python: str | None = None, skip: str = "") -> N
     leaves the peer out."""
     import importlib.util
 
-    if python is None or Path(python).resolve() == Path(sys.executable).resolve():
+    # (not resolved: a venv's python is a link to its base interpreter, which has no deepspeed: /tmp/dsvenv's
+    # peer was refused)
+    if python is None or Path(python).absolute() == Path(sys.executable).absolute():
         ok, where = importlib.util.find_spec("deepspeed") is not None, sys.executable
     else:
         ok, where = Path(python).exists() and subprocess.run(

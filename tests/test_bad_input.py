@@ -735,12 +735,72 @@ def test_every_error_class_exits_with_the_status_of_what_to_do():
     from fuyou.engine.committed import CommitMoved
     from fuyou.errors import BudgetError, ConfigError, DataError, FuyouError, NonFiniteError
     from fuyou.store.errors import (StoreCorruptError, StoreFullError, StoreIOError, StoreLockedError,
-                                    StorePermissionError, StoreSpaceError, StoreUsageError)
+                                    StoreNotFoundError, StorePermissionError, StoreSpaceError, StoreUsageError)
     from fuyou.train.run import ExportBusy, SaveError
     from fuyou.watchdog import StallError
 
     want = {ConfigError: 2, DataError: 2, BudgetError: 2, StoreSpaceError: 2, StoreLockedError: 2, ResumeError: 2,
-            StorePermissionError: 2, StoreUsageError: 2, CommitMoved: 2, ExportBusy: 2, NonFiniteError: 3,
+            StorePermissionError: 2, StoreUsageError: 2, StoreNotFoundError: 2, CommitMoved: 2, ExportBusy: 2,
+            NonFiniteError: 3,
             StoreIOError: 4, StoreFullError: 4, StallError: 4, CommitError: 4, SaveError: 4, DistributedError: 4,
             FuyouError: 4, StoreCorruptError: 5, DamagedStateError: 5}
     assert {c: c.exit_status for c in want} == want
+
+
+@pytest.fixture(scope="module")
+def exported_adapter(tmp_path_factory):
+    """A PEFT adapter directory: a one-step gpt-test LoRA run's ``fuyou export``."""
+    d = tmp_path_factory.mktemp("adapter")
+    assert main(["train", "--model", "gpt-test", "--out", str(d / "runs"), "run.name=src", *ADAPTED,
+                 "train.steps=1"]) == 0
+    assert main(["export", str(d / "runs" / "src"), "--out", str(d / "ad")]) == 0
+    return d / "ad"
+
+
+ADAPTED = ["train.precision=fp32", "data.seq_len=32", "train.eval_every=0", "lora.rank=4", "lora.targets=[c_attn]"]
+
+
+@pytest.mark.parametrize("edit, said", [
+    (lambda c: [1, 2], "holds a JSON list, not the object of fields"),
+    (lambda c: None, "holds a JSON NoneType"),
+    (lambda c: {**c, "target_modules": "(c_attn"}, "its target_modules is '(c_attn', not a module name list or a "
+                                                   "regular expression"),
+    (lambda c: {**c, "target_modules": [1, 2]}, "its target_modules is [1, 2], not a list of module names"),
+    (lambda c: {**c, "target_modules": 5}, "its target_modules is 5"),
+    (lambda c: {**c, "r": "4"}, "its r is '4', not a rank"),
+    (lambda c: {**c, "lora_alpha": "x"}, "its lora_alpha is 'x', not a number"),
+    (lambda c: {**c, "layers_to_transform": "0"}, "its layers_to_transform is '0', not a layer number"),
+    (lambda c: {**c, "peft_type": None}, "its peft_type is None, not a name"),
+    # PEFT's default rank (8) where the file gives none: the run's 4 differs, and the advice is a rank, not None
+    (lambda c: {k: v for k, v in c.items() if k != "r"}, "train it with its own: lora.rank=8 "),
+])
+def test_a_malformed_adapter_config_is_a_sentence(exported_adapter, tmp_path, capsys, edit, said):
+    """An audit: a hand-edited adapter_config.json (a list, a number or a broken regular expression for
+    target_modules) ended in a traceback (exit 1); a rank written as a string was "lora.rank differ", with the
+    value given as the fix."""
+    import shutil
+
+    ad = tmp_path / "ad"
+    shutil.copytree(exported_adapter, ad)
+    conf = json.loads((ad / "adapter_config.json").read_text())
+    (ad / "adapter_config.json").write_text(json.dumps(edit(conf)))
+    err = _err(capsys, ["train", "--model", "gpt-test", "--out", str(tmp_path / "runs"), *ADAPTED,
+                        f"lora.init_from={ad}"])
+    assert said in err, err
+
+
+def test_an_adapter_with_non_finite_values_is_refused_by_name(exported_adapter, tmp_path, capsys):
+    """An audit: NaN in the adapter trained, then stopped at step 1 naming the initial weights and the data."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    ad = tmp_path / "ad"
+    shutil.copytree(exported_adapter, ad)
+    weights = load_file(str(ad / "adapter_model.safetensors"))
+    name = sorted(weights)[0]
+    weights[name][0, 0] = float("nan")
+    save_file(weights, str(ad / "adapter_model.safetensors"))
+    err = _err(capsys, ["train", "--model", "gpt-test", "--out", str(tmp_path / "runs"), *ADAPTED,
+                        f"lora.init_from={ad}"])
+    assert f"{name} in {ad / 'adapter_model.safetensors'} holds non-finite values" in err, err

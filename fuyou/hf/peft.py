@@ -34,10 +34,12 @@ PEFT's conventions, as checked against peft 0.21 (``tests/hf/test_peft.py`` load
 from __future__ import annotations
 
 import json
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch import Tensor
 
 from fuyou.errors import ConfigError
@@ -443,6 +445,44 @@ def _check_empty(out: Path) -> None:
     refuse_nonempty(out)
 
 
+def _checked_config(conf, conf_file: Path) -> dict:
+    """An adapter config's fields fuyou reads, each of the type PEFT writes (a hand-edited or foreign file
+    crashed with a traceback: a list for the file, a number for target_modules, a regular expression that does
+    not compile: an audit), with PEFT's defaults for a rank and alpha not given (``LoraConfig``'s 8 and 8, as
+    PEFT loads such a file)."""
+    import re
+
+    def bad(field: str, what: str):
+        return ConfigError(f"lora.init_from: {conf_file} is not a PEFT LoRA config: its {field} is "
+                           f"{conf.get(field)!r}, not {what}; write the adapter again with peft's save_pretrained "
+                           f"or `fuyou export`")
+
+    if not isinstance(conf, dict):
+        raise ConfigError(f"lora.init_from: {conf_file} holds a JSON {type(conf).__name__}, not the object of fields "
+                          f"peft's save_pretrained writes")
+    conf = {"r": 8, "lora_alpha": 8, **conf}
+    if not isinstance(conf.get("peft_type", "LORA"), str):
+        raise bad("peft_type", "a name (\"LORA\")")
+    if not isinstance(conf["r"], int) or isinstance(conf["r"], bool) or conf["r"] < 1:
+        raise bad("r", "a rank (a whole number from 1)")
+    alpha = conf["lora_alpha"]
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
+        raise bad("lora_alpha", "a number")
+    targets = conf.get("target_modules")
+    if isinstance(targets, str):
+        try:
+            re.compile(targets)
+        except re.error as e:
+            raise bad("target_modules", f"a module name list or a regular expression ({e})") from None
+    elif targets is not None and not (isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
+        raise bad("target_modules", "a list of module names or a regular expression")
+    only = conf.get("layers_to_transform")
+    if only is not None and not (isinstance(only, int) and not isinstance(only, bool) or isinstance(only, list)
+                                 and all(isinstance(i, int) and not isinstance(i, bool) for i in only)):
+        raise bad("layers_to_transform", "a layer number or a list of them")
+    return conf
+
+
 def load_peft_adapter(path: str | Path, stages, family: str, cfg) -> dict[str, Tensor]:
     """``lora.init_from``: the adapters of a PEFT LoRA directory (``adapter_config.json``,
     ``adapter_model.safetensors``; the old ``.bin`` is not read) by fuyou global key, fp32, for
@@ -466,6 +506,7 @@ def load_peft_adapter(path: str | Path, stages, family: str, cfg) -> dict[str, T
         conf = json.loads(conf_file.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ConfigError(f"lora.init_from: {conf_file} is not JSON ({e})") from None
+    conf = _checked_config(conf, conf_file)
     if conf.get("peft_type", "LORA") != "LORA":
         raise ConfigError(f"lora.init_from: {d} is a {conf.get('peft_type')} adapter; fuyou trains LoRA")
     unsupported = [k for k in ("rank_pattern", "alpha_pattern") if conf.get(k)] + [
@@ -511,6 +552,9 @@ def load_peft_adapter(path: str | Path, stages, family: str, cfg) -> dict[str, T
             if tuple(t.shape) != tuple(spec.shape):
                 raise ConfigError(f"lora.init_from: {name} in {weights} is {tuple(t.shape)}, the run's {key} is "
                                   f"{tuple(spec.shape)}: the adapter was trained on a model of another shape")
+            if not torch.isfinite(t).all():  # (it trained, then failed at step 1 naming the initial weights: an audit)
+                raise ConfigError(f"lora.init_from: {name} in {weights} holds non-finite values (NaN or inf): the "
+                                  f"adapter was saved from a run that diverged; start from an earlier one")
             out[key] = t.float()
             used.add(name)
     extra = sorted(k for k in found if k not in used)

@@ -118,6 +118,8 @@ class StoreCorruptError(StoreError):
 class StoreNotFoundError(StoreError, FileNotFoundError):
     """There is no store (manifest) in the given directories."""
 
+    exit_status = 2  # (fuyou/errors.py: a resume given directories without its state fails again: an audit saw 4)
+
 
 class StoreUsageError(StoreError, ValueError):
     """A call broke the store's documented rules (unknown key, wrong dtype, misaligned chunk)."""

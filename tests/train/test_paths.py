@@ -177,6 +177,20 @@ def test_a_resume_with_the_same_relative_ssd_is_no_change(tmp_path, monkeypatch,
     assert "resumed with changes" not in capsys.readouterr().err
 
 
+def test_a_resume_given_an_ssd_directory_without_its_state_exits_2_and_the_right_one_resumes(tmp_path, monkeypatch,
+                                                                                            capsys):
+    """An audit: `--resume RUN --ssd EMPTY` exited 4 ("a retry mends it"), every time: a scheduler would retry it
+    forever. It is a resume that cannot go on as asked (2), and names where the state may be."""
+    launch = _stopped_run(tmp_path, monkeypatch)
+    monkeypatch.chdir(launch)
+    os.makedirs("empty")
+    capsys.readouterr()
+    assert main(["train", "--resume", "runs/r", "--ssd", "empty"]) == 2
+    err = capsys.readouterr().err
+    assert "no training state in" in err and "resume with --ssd giving where its directories are now" in err, err
+    assert main(["train", "--resume", "runs/r"]) == 0
+
+
 def test_a_prepared_directory_under_home_is_prepared_data(tmp_path, monkeypatch):
     """A review: `data.path=~/prep` was read as text, its ~ expanded after the prepared-or-text decision."""
     from fuyou.config import load_config
