@@ -254,9 +254,8 @@ def current() -> Dist:
 
 def resume_command(run_dir=None, d: Dist | None = None, extra: str = "") -> str:
     """The command that resumes this run as it runs now (torchrun's under torchrun, ``fuyou launch``'s under
-    it): errors' advice (a pass
-    was told `fuyou train --resume`, which a run of several ranks refuses). ``d``: the ranks (this process's).
-    ``extra``: overrides to add to the command (before any words about it)."""
+    it): errors' advice (a pass was told `fuyou train --resume`, which a run of several ranks refuses). ``d``:
+    the ranks (this process's). ``extra``: overrides to add to the command (before any words about it)."""
     d = d or _DIST
     where = f"{run_dir or d.run_dir or 'RUN_DIR'}{extra}"
     if not d.enabled:
