@@ -10,12 +10,23 @@ from fuyou.planner.cli import add_parsers as add_planner_parsers
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # (before the command started: building the parser, importing; a traceback: a pass)
+        print("fuyou: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     given = sys.argv[1:] if argv is None else argv
-    if given[:1] == ["launch"] and not set(given[1:2]) & {"-h", "--help"}:  # torchrun's options, not ours
-        return _guarded(lambda: _launch(given[1:]))
+    if given[:1] == ["launch"]:  # torchrun's options, not ours; its help is ours (before the command's train)
+        own = given[1:given.index("train")] if "train" in given else given[1:]
+        if not {"-h", "--help"} & set(own):
+            return _guarded(lambda: _launch(given[1:]))
+        given = ["launch", "--help"]
     parser = build_parser()
     # key=value overrides may come before or after options: collect the ones argparse left over.
-    args, extra = parser.parse_known_args(argv)
+    args, extra = parser.parse_known_args(given)
     if extra:
         takes = isinstance(getattr(args, "overrides", None), list)  # (train and plan)
         if takes and all("=" in e and not e.startswith("-") for e in extra):

@@ -482,7 +482,10 @@ def check_world(run_dir: Path, now: int) -> None:
         grad_accum = int(saved["train"]["grad_accum"])
     except (KeyError, ValueError, TypeError):
         grad_accum = now
-    how = "without torchrun" if world == 1 else f"with torchrun --nproc_per_node={world} (or its nodes)"
+    launcher = ("fuyou launch" if os.environ.get(LAUNCHER_ENV) == "fuyou launch" else "torchrun")  # (a pass: it
+    # named torchrun under fuyou launch, whose statuses torchrun loses)
+    how = ("as one process (`fuyou train --resume`)" if world == 1
+           else f"with {launcher} --nproc_per_node={world} (or its nodes)")
     if grad_accum % now == 0:
         other = f"or first rewrite the state for {now} with `fuyou reshard {run_dir} --nproc {now}` (one machine)"
     else:

@@ -24,7 +24,7 @@ import os
 import signal
 import sys
 
-from fuyou.errors import ConfigError
+from fuyou.errors import ConfigError, FuyouError
 
 #: set in the ranks' environment by ``fuyou launch``: their resume advice names it (fuyou.distributed)
 LAUNCHER_ENV = "FUYOU_LAUNCHER"
@@ -36,27 +36,45 @@ USAGE = ("fuyou launch [TORCHRUN OPTIONS] train [TRAIN ARGUMENTS], e.g. fuyou la
          "--offload ssd --ssd /nvme0 --ssd /nvme1 --cpu-mem 64GiB train.grad_accum=8")
 
 
+def _parser():
+    """torchrun's parser, under this command's name and usage (its errors said "usage: fuyou ...
+    training_script", a script this command refuses: a pass)."""
+    from torch.distributed.run import get_args_parser
+
+    parser = get_args_parser()
+    parser.prog, parser.usage = "fuyou launch", USAGE.split(", e.g.")[0]
+    return parser
+
+
 def split(argv: list[str]) -> tuple[list[str], list[str]]:
-    """torchrun's options and the fuyou command (from its first ``train``)."""
-    if "train" not in argv:
-        raise ConfigError(f"fuyou launch runs `fuyou train` on several processes: {USAGE} (the other commands "
-                          f"run once, without it)")
-    i = argv.index("train")
-    return argv[:i], argv[i:]
+    """torchrun's options and the fuyou command: from the first ``train`` that is not an option's value
+    (``--role train``: a pass)."""
+    takes_value = {o for a in _parser()._actions if a.nargs != 0 for o in a.option_strings}
+    skip = False
+    for i, a in enumerate(argv):
+        if skip:
+            skip = False
+        elif a == "train":
+            return argv[:i], argv[i:]
+        else:
+            skip = a in takes_value
+    raise ConfigError(f"fuyou launch runs `fuyou train` on several processes: {USAGE} (the other commands run "
+                      f"once, without it)")
 
 
 def torchrun_args(argv: list[str]):
     """torchrun's parsed arguments for ``argv`` (``split``), its program fuyou's train: an option that names
-    another program, or a program given, is refused."""
-    from torch.distributed.run import get_args_parser
-
+    another program (however abbreviated, or set in torchrun's environment form), or a program given, is
+    refused."""
     opts, command = split(argv)
-    for_program = [a for a in opts if a.split("=")[0] in ("-m", "--module", "--no-python", "--no_python",
-                                                          "--run-path", "--run_path")]
-    if for_program:
-        raise ConfigError(f"fuyou launch names the program itself (fuyou's train); drop {' '.join(for_program)}: "
-                          f"{USAGE}")
-    args = get_args_parser().parse_args([*opts, "-m", "fuyou.cli", *command])
+    args = _parser().parse_args([*opts, "-m", "fuyou.cli", *command])
+    named = [a for a in opts if a.split("=")[0] in ("-m", "--module")]
+    if args.no_python or args.run_path or named:
+        given = named or [a for a in opts if a.startswith("--")
+                          and any(o.startswith(a.split("=")[0]) for o in ("--no-python", "--no_python", "--run-path",
+                                                                          "--run_path"))]
+        raise ConfigError(f"fuyou launch names the program itself (fuyou's train); drop "
+                          f"{' '.join(given) or 'PET_NO_PYTHON / PET_RUN_PATH from the environment'}: {USAGE}")
     if args.training_script != "fuyou.cli" or list(args.training_script_args) != command:
         raise ConfigError(f"fuyou launch names the program itself (fuyou's train), but {args.training_script} "
                           f"was given as one: {USAGE}")
@@ -83,14 +101,23 @@ def exit_status(failures: dict[int, object]) -> tuple[int, int]:
 
 
 def launch(argv: list[str]) -> int:
+    from torch.distributed import DistError
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousError
     from torch.distributed.run import run
 
     args = torchrun_args(argv)
     os.environ[LAUNCHER_ENV] = "fuyou launch"  # (the ranks inherit it: their resume advice names it)
     try:
         run(args)
+    except ValueError as e:  # torchrun's reading of its options (--nproc_per_node=abc: a traceback, 1: a pass)
+        raise ConfigError(f"a torchrun option of fuyou launch: {e}: {USAGE}") from None
+    except (DistError, RendezvousError) as e:  # the launcher could not meet the others: a retry may
+        said = (str(e.args[0]) if e.args else repr(e)).strip().splitlines() or [""]
+        raise FuyouError(f"fuyou launch could not start or meet the other machines' launchers "
+                         f"({type(e).__name__}: {said[0]}): a port taken, a machine not started or not reachable; "
+                         f"once mended, the same command starts again") from None
     except ChildFailedError as e:
         rank, status = exit_status(e.failures)
         codes = ", ".join(f"rank {r}: {_said(f.exitcode)}" for r, f in sorted(e.failures.items()))

@@ -95,15 +95,82 @@ def test_the_status_of_a_failed_launch_prefers_what_a_retry_cannot_mend():
     (["launch", "--nproc_per_node=2"], "fuyou launch runs `fuyou train` on several processes"),
     (["launch", "--nproc_per_node=2", "-m", "fuyou.cli", "train"], "fuyou launch names the program itself"),
     (["launch", "--nproc_per_node=2", "--no-python", "train"], "drop --no-python"),
+    # (abbreviated, as argparse takes them: a pass ran them into a traceback and a rank's FileNotFoundError)
+    (["launch", "--nproc_per_node=2", "--no-py", "train"], "drop --no-py"),
+    (["launch", "--nproc_per_node=2", "--run_p", "train"], "drop --run_p"),
     (["launch", "--nproc_per_node=2", "script.py", "train"], "script.py was given as one"),
+    # torchrun's reading of its own values (a traceback and 1: a pass)
+    (["launch", "--nproc_per_node=abc", "train"], "a torchrun option of fuyou launch: Unsupported nproc_per_node value: abc"),
+    (["launch", "--nnodes=abc", "train"], "a torchrun option of fuyou launch: invalid literal for int()"),
 ])
 def test_what_fuyou_launch_refuses(capsys, argv, said):
     assert main(argv) == 2
-    assert said in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert said in err and "Traceback" not in err, err
 
 
-def test_fuyou_launch_help_is_its_own(capsys):
+def test_a_port_taken_is_a_sentence_and_a_retry(tmp_path, capsys):
+    """A pass: the launcher's own failure to start (its rendezvous port taken; likewise a machine that never
+    joins) was a traceback and 1, "a bug"; it is 4, a retry once mended."""
+    import socket
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        assert main(["launch", "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={port}",
+                     *train_args(tmp_path, "port")]) == 4
+    err = capsys.readouterr().err
+    assert "fuyou launch could not start or meet the other machines' launchers (DistNetworkError" in err, err
+    assert "Traceback" not in err and not (tmp_path / "runs" / "port").exists()
+
+
+def test_the_command_starts_at_the_first_train_that_is_no_options_value():
+    from fuyou.launch import split
+
+    assert split(["--role", "train", "--nproc_per_node", "2", "train", "a=1"]) == (
+        ["--role", "train", "--nproc_per_node", "2"], ["train", "a=1"])
+    assert split(["--role=train", "train"]) == (["--role=train"], ["train"])
+
+
+@pytest.mark.parametrize("argv", [["launch", "--help"], ["launch", "--nproc_per_node=2", "--help"],
+                                  ["launch", "-h", "train"]])
+def test_fuyou_launch_help_is_its_own(capsys, argv):
     with pytest.raises(SystemExit) as e:
-        main(["launch", "--help"])
+        main(argv)
     assert e.value.code == 0
     assert "exits with the ranks' status" in capsys.readouterr().out
+
+
+def test_a_world_size_refusal_under_fuyou_launch_names_it(tmp_path, monkeypatch):
+    """A pass: a resume with another number of processes, launched by fuyou launch, was told to resume with
+    torchrun (whose statuses are 1)."""
+    import json
+
+    from fuyou.distributed import check_world
+    from fuyou.errors import ConfigError
+    from fuyou.launch import LAUNCHER_ENV
+
+    (tmp_path / "distributed.json").write_text(json.dumps({"world_size": 2, "backend": "gloo"}))
+    (tmp_path / "config.toml").write_text("[train]\ngrad_accum = 2\n")
+    monkeypatch.setenv(LAUNCHER_ENV, "fuyou launch")
+    with pytest.raises(ConfigError, match="resume with fuyou launch --nproc_per_node=2 "):
+        check_world(tmp_path, 3)
+    monkeypatch.delenv(LAUNCHER_ENV)
+    with pytest.raises(ConfigError, match="resume with torchrun --nproc_per_node=2 "):
+        check_world(tmp_path, 3)
+
+
+def test_a_machine_that_never_joins_is_a_retry(tmp_path, monkeypatch, capsys):
+    """The rendezvous of several machines timing out (one never started) is 4, as a port taken is (a pass
+    waited for one: a traceback and 1). Here torchrun's run raises what its rendezvous raises then."""
+    import torch.distributed.run as torchrun_module
+    from torch.distributed.elastic.rendezvous.api import RendezvousTimeoutError
+
+    def run(args):
+        raise RendezvousTimeoutError("The node did not join the rendezvous in time")
+
+    monkeypatch.setattr(torchrun_module, "run", run)
+    assert main(["launch", "--nnodes=2", "--nproc_per_node=1", *train_args(tmp_path, "never")]) == 4
+    err = capsys.readouterr().err
+    assert "(RendezvousTimeoutError: The node did not join the rendezvous in time)" in err, err
