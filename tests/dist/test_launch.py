@@ -100,7 +100,8 @@ def test_the_status_of_a_failed_launch_prefers_what_a_retry_cannot_mend():
     (["launch", "--nproc_per_node=2", "--run_p", "train"], "drop --run_p"),
     (["launch", "--nproc_per_node=2", "script.py", "train"], "script.py was given as one"),
     # torchrun's reading of its own values (a traceback and 1: a pass)
-    (["launch", "--nproc_per_node=abc", "train"], "a torchrun option of fuyou launch: Unsupported nproc_per_node value: abc"),
+    (["launch", "--nproc_per_node=abc", "train"],
+     "a torchrun option of fuyou launch: Unsupported nproc_per_node value: abc"),
     (["launch", "--nnodes=abc", "train"], "a torchrun option of fuyou launch: invalid literal for int()"),
 ])
 def test_what_fuyou_launch_refuses(capsys, argv, said):
