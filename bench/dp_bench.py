@@ -12,7 +12,7 @@ on the same model, data, global batch and SSD directory, alternating one process
 ``--repeats`` times. Reported per configuration (medians over the runs): tokens/s over the steps after
 the first, the SSD bytes per step rank 0 reads and writes (its optimizer state and, with sharding, the
 compute weights it receives), and the size of each rank's state on the SSD. The weights both end with
-are compared (they are the same model: tests/dist/test_data_parallel.py checks how exactly).
+are compared (they are the same model: tests/distributed/test_data_parallel.py checks how exactly).
 
 On a CPU-only machine the ranks share the cores (torchrun gives each one thread; the single process
 gets ``--threads``), so tokens/s says little about GPUs; the per-rank SSD traffic (1/N of the

@@ -17,7 +17,7 @@ commit record naming them. Everything else (the compute weights, the other copie
 saved for exact clipping) is rebuilt by the resume, as after any resume. The step, the data order,
 the learning rate and Adam's step count do not change, so a run resharded from two ranks to one
 continues as if one process had trained it all along: bit-identical where the ranks' sum of
-gradients is (one micro-batch per rank, two ranks; tests/dist/test_reshard.py).
+gradients is (one micro-batch per rank, two ranks; tests/distributed/test_reshard.py).
 
 Crash safety. The new stores are written beside the old ones (``<state>.reshard``), each synced with
 its record. Only then is ``RUN_DIR/reshard.json`` written, atomically: that is the decision. After it

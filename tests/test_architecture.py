@@ -108,3 +108,16 @@ def test_no_two_test_modules_share_a_name():
         if p.name.startswith("test_") or p.name.endswith("_testutil.py"):  # (conftest.py: one a folder, by design)
             assert p.name not in seen, f"{p} and {seen[p.name]} share a name"
             seen[p.name] = p
+
+
+def test_every_test_directory_is_collected(pytestconfig):
+    """pytest skips directories named as its ``norecursedirs`` (``dist``, ``build``, ``venv``, ...) without a
+    word: tests/dist, the data-parallel tests, ran in no suite for as long as it had that name (found in
+    session 27; it is tests/distributed now). Every directory holding test files must be one pytest enters."""
+    import fnmatch
+
+    skipped = pytestconfig.getini("norecursedirs")
+    tests = Path(__file__).parent
+    hidden = sorted(str(d.relative_to(tests)) for d in tests.rglob("*") if d.is_dir() and any(d.glob("test_*.py"))
+                    and any(fnmatch.fnmatch(part, pat) for part in d.relative_to(tests).parts for pat in skipped))
+    assert not hidden, f"test directories pytest never collects (norecursedirs {skipped}): {hidden}"

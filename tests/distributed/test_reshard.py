@@ -4,7 +4,7 @@
 The reference is always one process that trains the whole run uninterrupted. A run cut after step 2
 (its commit of step 2 is the state of record), resharded and resumed at the other world size must
 end bit-identical to it: with one micro-batch per rank and two ranks, the two ranks' gradient sum is
-the one-process sum (tests/dist/test_data_parallel.py), and the state moves bit for bit.
+the one-process sum (tests/distributed/test_data_parallel.py), and the state moves bit for bit.
 """
 
 from __future__ import annotations
