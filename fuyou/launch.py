@@ -101,14 +101,31 @@ def exit_status(failures: dict[int, object]) -> tuple[int, int]:
 
 
 def launch(argv: list[str]) -> int:
+    from torch.distributed.run import run
+
+    args = torchrun_args(argv)
+    # torchrun's launcher sets this process's environment (OMP_NUM_THREADS=1, its signals) and signal handlers
+    # for its workers; they are put back once it is done, for a caller in the same process (a test run in
+    # process after one left a later training on one thread: its weights then differed in the last bits)
+    environ, handlers = dict(os.environ), {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM,
+                                                                             signal.SIGHUP, signal.SIGQUIT)}
+    os.environ[LAUNCHER_ENV] = "fuyou launch"  # (the ranks inherit it: their resume advice names it)
+    try:
+        return _run(run, args)
+    finally:
+        os.environ.clear()
+        os.environ.update(environ)
+        for s, h in handlers.items():
+            if h is not None:
+                signal.signal(s, h)
+
+
+def _run(run, args) -> int:
     from torch.distributed import DistError
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.rendezvous.api import RendezvousError
-    from torch.distributed.run import run
 
-    args = torchrun_args(argv)
-    os.environ[LAUNCHER_ENV] = "fuyou launch"  # (the ranks inherit it: their resume advice names it)
     try:
         run(args)
     except ValueError as e:  # torchrun's reading of its options (--nproc_per_node=abc: a traceback, 1: a pass)
