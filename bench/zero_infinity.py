@@ -6,7 +6,8 @@ Same model, same initial weights, same batches as fuyou: the ``nn.Module`` below
 around ``fuyou.models.StageModel`` (one submodule per stage, one ``nn.Parameter`` per owned parameter,
 initialised from ``StageModel.init_params(seed)``; its forward binds them and calls the stages'
 stateless ``forward``), and batch ``i`` is ``fuyou.data`` batch ``i``. Step 0's loss therefore equals
-``StageModel.forward_loss`` on the same batch within bf16 rounding (fp32's: within fp32's) (tests/bench/test_zero_infinity_smoke.py).
+``StageModel.forward_loss`` on the same batch within bf16 rounding (fp32's under ``--precision fp32``;
+tests/bench/test_zero_infinity_smoke.py).
 
 Under torchrun (``WORLD_SIZE`` > 1) it is ZeRO-Infinity data parallel: ``--grad-accum`` stays the global
 batch's micro-batches, each rank runs its contiguous share of them (as fuyou's ranks do), and rank 0

@@ -20,8 +20,9 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None) -> int:
     given = sys.argv[1:] if argv is None else argv
     if given[:1] == ["launch"]:  # torchrun's options, not ours; its help is ours (before the command's train)
-        own = given[1:given.index("train")] if "train" in given else given[1:]
-        if not {"-h", "--help"} & set(own):
+        from fuyou.launch import wants_help
+
+        if not wants_help(given[1:]):
             return _guarded(lambda: _launch(given[1:]))
         given = ["launch", "--help"]
     parser = build_parser()

@@ -56,7 +56,7 @@ from pathlib import Path
 import torch
 
 from fuyou.errors import ConfigError, FuyouError
-from fuyou.launch import LAUNCHER_ENV
+from fuyou import launch
 
 WORLD_FILE = "distributed.json"
 RESHARD_PENDING = "reshard.json"  # fuyou/reshard.py's decision, until its switch is done
@@ -260,9 +260,9 @@ def resume_command(run_dir=None, d: Dist | None = None, extra: str = "") -> str:
     where = f"{run_dir or d.run_dir or 'RUN_DIR'}{extra}"
     if not d.enabled:
         return f"fuyou train --resume {where}"
-    launcher = ("fuyou launch --nproc_per_node={n} train" if os.environ.get(LAUNCHER_ENV) == "fuyou launch"
-                else "torchrun --nproc_per_node={n} -m fuyou.cli train")  # (as it was launched: fuyou.launch)
-    return (launcher.format(n=d.local_world) + f" --resume {where}"
+    launcher = (launch.command(d.local_world) if launch.launched()  # (as it was launched)
+                else f"torchrun --nproc_per_node={d.local_world} -m fuyou.cli train")
+    return (f"{launcher} --resume {where}"
             + (" (on each machine, with its --nnodes and rendezvous)" if d.world > d.local_world else ""))
 
 
@@ -482,8 +482,8 @@ def check_world(run_dir: Path, now: int) -> None:
         grad_accum = int(saved["train"]["grad_accum"])
     except (KeyError, ValueError, TypeError):
         grad_accum = now
-    launcher = ("fuyou launch" if os.environ.get(LAUNCHER_ENV) == "fuyou launch" else "torchrun")  # (a pass: it
-    # named torchrun under fuyou launch, whose statuses torchrun loses)
+    launcher = "fuyou launch" if launch.launched() else "torchrun"  # (a pass: it named torchrun under fuyou
+    # launch, whose statuses torchrun loses)
     how = ("as one process (`fuyou train --resume`)" if world == 1
            else f"with {launcher} --nproc_per_node={world} (or its nodes)")
     if grad_accum % now == 0:

@@ -46,28 +46,53 @@ def _parser():
     return parser
 
 
-def split(argv: list[str]) -> tuple[list[str], list[str]]:
-    """torchrun's options and the fuyou command: from the first ``train`` that is not an option's value
-    (``--role train``: a pass)."""
-    takes_value = {o for a in _parser()._actions if a.nargs != 0 for o in a.option_strings}
+def _command_start(argv: list[str], parser) -> int | None:
+    """Where the fuyou command starts in ``argv``: its first ``train`` that is not an option's value
+    (``--role train``: a pass); None: no command."""
+    takes_value = {o for a in parser._actions if a.nargs != 0 for o in a.option_strings}
     skip = False
     for i, a in enumerate(argv):
         if skip:
             skip = False
         elif a == "train":
-            return argv[:i], argv[i:]
+            return i
         else:
             skip = a in takes_value
-    raise ConfigError(f"fuyou launch runs `fuyou train` on several processes: {USAGE} (the other commands run "
-                      f"once, without it)")
+    return None
+
+
+def split(argv: list[str], parser=None) -> tuple[list[str], list[str]]:
+    """torchrun's options and the fuyou command (``_command_start``)."""
+    i = _command_start(argv, parser or _parser())
+    if i is None:
+        raise ConfigError(f"fuyou launch runs `fuyou train` on several processes: {USAGE} (the other commands run "
+                          f"once, without it)")
+    return argv[:i], argv[i:]
+
+
+def wants_help(argv: list[str]) -> bool:
+    """Whether torchrun's options in ``argv`` (all of it, without a command) ask for help: this command's."""
+    i = _command_start(argv, _parser())
+    return bool({"-h", "--help"} & set(argv[:i]))
+
+
+def command(nproc: int) -> str:
+    """The command that trains on ``nproc`` processes of a machine (advice: the resume, the plan's line)."""
+    return f"fuyou launch --nproc_per_node={nproc} train"
+
+
+def launched() -> bool:
+    """Whether this process is a rank ``fuyou launch`` started (its advice then names it, not torchrun)."""
+    return os.environ.get(LAUNCHER_ENV) == "fuyou launch"
 
 
 def torchrun_args(argv: list[str]):
     """torchrun's parsed arguments for ``argv`` (``split``), its program fuyou's train: an option that names
     another program (however abbreviated, or set in torchrun's environment form), or a program given, is
     refused."""
-    opts, command = split(argv)
-    args = _parser().parse_args([*opts, "-m", "fuyou.cli", *command])
+    parser = _parser()
+    opts, given = split(argv, parser)
+    args = parser.parse_args([*opts, "-m", "fuyou.cli", *given])
     named = [a for a in opts if a.split("=")[0] in ("-m", "--module")]
     if args.no_python or args.run_path or named:
         given = named or [a for a in opts if a.startswith("--")
@@ -75,7 +100,7 @@ def torchrun_args(argv: list[str]):
                                                                           "--run_path"))]
         raise ConfigError(f"fuyou launch names the program itself (fuyou's train); drop "
                           f"{' '.join(given) or 'PET_NO_PYTHON / PET_RUN_PATH from the environment'}: {USAGE}")
-    if args.training_script != "fuyou.cli" or list(args.training_script_args) != command:
+    if args.training_script != "fuyou.cli" or list(args.training_script_args) != given:
         raise ConfigError(f"fuyou launch names the program itself (fuyou's train), but {args.training_script} "
                           f"was given as one: {USAGE}")
     return args

@@ -57,6 +57,7 @@ from fuyou.engine.commit import state_name
 from fuyou.engine.layout import store_margin
 from fuyou.errors import ConfigError
 from fuyou.faults import fault
+from fuyou.launch import command as launch_command
 from fuyou.store.layout import fsync_dir, write_json_atomic
 from fuyou.units import format_size
 
@@ -155,7 +156,7 @@ def _reshard_run(run_dir: Path, nproc: int, ssd_dirs: list[str] | None) -> str:
 
 def _resume_advice(run_dir: Path, nproc: int, ssd_dirs: list[str] | None) -> str:
     return ((f"`fuyou train --resume {run_dir}" if nproc == 1 else
-             f"`fuyou launch --nproc_per_node={nproc} train --resume {run_dir}")
+             f"`{launch_command(nproc)} --resume {run_dir}")
             + "".join(f" --ssd {d}" for d in (ssd_dirs or [])) + "`")
 
 

@@ -7,6 +7,7 @@ import shlex
 
 from collections import defaultdict
 
+from fuyou.launch import command as launch_command
 from fuyou.policy import CLASSES
 from fuyou.planner.search import Plan, ssd_parts, state_ssd_bytes
 from fuyou.planner.simulate import Task
@@ -505,7 +506,7 @@ def _train_line(plan: Plan, s: dict) -> str:
     if human != "recompute":
         opts.append(f"--act-policy {shlex.quote(human)}" if len(human) <= 120 else "--act-policy FILE (fuyou plan ... "
                                                                                     "--json > FILE)")
-    launch = (f"fuyou launch --nproc_per_node={plan.workload.ranks} train ..." if plan.workload.ranks > 1
+    launch = (f"{launch_command(plan.workload.ranks)} ..." if plan.workload.ranks > 1
               else "fuyou train ...")  # (a pass: --gpus 2's line named no torchrun)
     auto = " (or --plan auto, which measures this machine)" if plan.workload.ranks == 1 else ""  # (one process's)
     return f"train as planned    {launch} " + " ".join(opts) + auto
