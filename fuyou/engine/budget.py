@@ -3,7 +3,9 @@
 CPU budget (``offload.cpu_mem``) covers everything the engine allocates in CPU memory:
 
 * ``optimizer buffers``: the out-of-core AdamW's chunk buffers (``OutOfCoreAdamW.max_buffer_bytes``);
-* ``weight buffers``: ``prefetch_depth + 1`` stages' compute weights read from SSD (stages not cached);
+* ``weight buffers``: ``prefetch_depth + 1`` stages' compute weights read from SSD (stages not cached), and
+  where the master is the compute weights ``handoff_slots`` more: backward's, kept for their update
+  (engine.py, Note: [Master in memory]);
 * ``gradients in flight``: ``max_pending + 2`` stages' flattened gradients on their way to the optimizer
   (pool buffers, each rounded up to 4 KiB);
 * on a CPU compute device, what a GPU would otherwise hold: stage-input checkpoints, the working
@@ -74,6 +76,7 @@ class MemoryPlan:
     spare_elsewhere: list[int] = field(default_factory=list)     # ... and those of them with a spare copy
     act_share_cap: int | None = None  # the cpu tier's share is the default quarter of the budget, up to this
     first_cached_delta: int = 0  # with nothing cached: what caching the first stage changes (cache + buffers)
+    handoff: int = 0  # streamed stages' weights kept for their update (``handoff_slots``); 0: none is
 
     @property
     def resident_all(self) -> list[int]:
@@ -258,14 +261,47 @@ def device_working_bytes(cfg_model, batch: int, seq: int, csize: int, stage_max:
 HEAP_SLACK = 3  # CPU compute: a third of the working set for the heap's fragmentation (plan_memory)
 
 
-def plan_memory(stage_numels: list[int], off, *, chunk: int, io_buffer_bytes: int, act: dict[str, int],
+def plan_memory(stage_numels: list[int], off, *, handoff: int = 0, **kw) -> MemoryPlan:
+    """The memory plan (``_plan_memory``), with ``handoff`` slots for backward's weights (``handoff_slots``) where
+    they pay: they take memory the weight cache and the resident state would have, so the plan is made with
+    and without them and the one whose step moves fewer SSD bytes wins (``_ssd_bytes``; a tie, or slots the
+    budget cannot hold, go without: the least budget stays what it was)."""
+    plan = _plan_memory(stage_numels, off, **kw)
+    if handoff:
+        other = _plan_memory(stage_numels, off, handoff=handoff, **kw)
+        fits = other.cpu_required <= other.cpu_budget
+        if fits and _ssd_bytes(other, stage_numels, kw) < _ssd_bytes(plan, stage_numels, kw):
+            return other
+    return plan
+
+
+def _ssd_bytes(plan: MemoryPlan, stage_numels: list[int], kw: dict) -> int:
+    """SSD bytes of a step under ``plan`` where plans differ (``handoff_slots``' choice): the weights' reads of
+    stages not cached (forward and backward; the head once), the optimizer state of stages not resident (read
+    and written; a master that is the weights read only where it is not in memory: cached, or handed over)."""
+    from fuyou.optim.compressed import StateFormat
+
+    fmt, csize, tied, owned = kw.get("fmt") or StateFormat(), kw["csize"], kw["tied"], kw.get("owned")
+    wb = kw.get("weight_bytes") or [n * csize for n in stage_numels]
+    last = len(stage_numels) - 1
+    total = 0
+    for i, n in enumerate(stage_numels):
+        if i not in plan.cached_stages:
+            total += wb[i] * (1 if i == last else 3 if i == 0 and tied else 2)
+        if i not in plan.resident_stages and (owned is None or i in owned):
+            master = n * fmt.master_dtype.itemsize if (i in plan.cached_stages or plan.handoff) else 0
+            total += 2 * fmt.state_bytes(n) - master
+    return total
+
+
+def _plan_memory(stage_numels: list[int], off, *, chunk: int, io_buffer_bytes: int, act: dict[str, int],
                 csize: int, gsize: int, deferred: bool, micro_batches: int, tied: bool, compute_on_cpu: bool,
                 checkpoint_bytes: int | None = None, working_bytes: int | None = None,
                 extra_cpu: dict[str, int] | None = None, extra_device: dict[str, int] | None = None,
                 device_budget: int | None = None, offtier_bytes: int = 0, fmt=None,
                 lora_params: int | None = None, owned: set[int] | None = None, cache_share: int = 1,
                 weight_bytes: list[int] | None = None, dequant_bytes: int = 0,
-                share_cap: int | None = None) -> MemoryPlan:
+                share_cap: int | None = None, handoff: int = 0) -> MemoryPlan:
     """The memory plan of the engine (module docstring) from shapes and settings, allocating nothing.
 
     ``stage_numels``: parameters owned by each stage, in stage order. ``off``: an ``OffloadConfig``.
@@ -290,7 +326,8 @@ def plan_memory(stage_numels: list[int], off, *, chunk: int, io_buffer_bytes: in
     this rank's share; ``shared_cache_layout`` gives the whole). ``weight_bytes``: each stage's compute
     weights as stored, cached and streamed (default: its parameters in the compute dtype; LoRA's int8 or
     NF4 base packs its blocks smaller, ``fuyou.models.quant``), and ``dequant_bytes`` the largest stage's
-    dequantised weights, which its compute holds beside the packed ones.
+    dequantised weights, which its compute holds beside the packed ones. ``handoff``: streamed stages' weights
+    the weight pool holds beyond the window, for their updates (``handoff_slots``).
     """
     from fuyou.optim.compressed import StateFormat
     from fuyou.optim.out_of_core import optimizer_buffer_bytes
@@ -299,7 +336,7 @@ def plan_memory(stage_numels: list[int], off, *, chunk: int, io_buffer_bytes: in
     # (compute on the CPU: a GPU's budget does not apply, the CPU budget counts its compute: the engine says so)
     given = off.gpu_mem if off.gpu_mem is not None else device_budget
     plan = MemoryPlan(off.cpu_mem, device_budget=None if compute_on_cpu else given,
-                      cache_share=cache_share, act_share_cap=share_cap)  # (``act_share_cap``)
+                      cache_share=cache_share, act_share_cap=share_cap, handoff=handoff)  # (``act_share_cap``)
     stage_max = max(stage_numels)
     wb = weight_bytes or [n * csize for n in stage_numels]
     opt_lowp = csize  # a stage the cache does not hold writes its compute weights through these buffers
@@ -364,16 +401,16 @@ def plan_memory(stage_numels: list[int], off, *, chunk: int, io_buffer_bytes: in
     if off.cache_weights:
         for index, nbytes in enumerate(wb):
             need = cached(nbytes)
-            if spare - need < weight_buffer_need(wb, plan.cached_stages + [index], off.prefetch_depth, tied):
+            if spare - need < weight_buffer_need(wb, plan.cached_stages + [index], off.prefetch_depth, tied, handoff):
                 break
             plan.cached_stages.append(index)
             plan.cache_bytes += need
             spare -= need
-    need = weight_buffer_need(wb, plan.cached_stages, off.prefetch_depth, tied)
+    need = weight_buffer_need(wb, plan.cached_stages, off.prefetch_depth, tied, handoff)
     if need:
         plan.cpu_items["weight buffers"] = need
     if off.cache_weights and wb and not plan.cached_stages:  # (cpu_minimum: the first stage cached instead)
-        plan.first_cached_delta = cached(wb[0]) + weight_buffer_need(wb, [0], off.prefetch_depth, tied) - need
+        plan.first_cached_delta = cached(wb[0]) + weight_buffer_need(wb, [0], off.prefetch_depth, tied, handoff) - need
     # Optimizer state kept in CPU memory gets what the cache leaves (module docstring). Its updates
     # read nothing from the SSD; the state is still written there every step (crash-safe commits).
     spare = off.cpu_mem - sum(plan.cpu_items.values()) - plan.cache_bytes
@@ -432,15 +469,36 @@ def shared_cache_layout(stage_numels: list[int], cached: list[int], csize: int) 
     return offsets, at
 
 
-def weight_buffer_need(stage_bytes: list[int], cached: list[int], prefetch_depth: int, tied: bool) -> int:
+def weight_buffer_need(stage_bytes: list[int], cached: list[int], prefetch_depth: int, tied: bool,
+                       handoff: int = 0) -> int:
     """Pool bytes for the loads in the prefetch window: ``depth + 1`` positions, one more when the
-    tied head holds the embedding's weights too, each rounded up to the 4 KiB pool granule.
+    tied head holds the embedding's weights too, each rounded up to the 4 KiB pool granule; and those of
+    ``handoff`` stages kept for their updates (``handoff_slots``): the most any ``handoff`` stages take that
+    follow one another in backward (the updates finish in that order; a window of the largest stage each
+    made the hand-off cost a head four times, and the cache it displaced worth more than the reads it saved).
     ``stage_bytes``: each stage's stored compute weights."""
     rest = [n for i, n in enumerate(stage_bytes) if i not in cached]
     if not rest:
         return 0
-    window = prefetch_depth + 1 + (1 if tied else 0)
-    return window * (-(-max(rest) // 4096) * 4096)
+    page = lambda n: -(-n // 4096) * 4096  # noqa: E731
+    need = (prefetch_depth + 1 + (1 if tied else 0)) * page(max(rest))
+    if handoff:  # the updates run in backward's order (the head's first): at most ``handoff`` consecutive ones
+        order = rest[::-1]
+        need += max(sum(page(n) for n in order[k:k + handoff]) for k in range(len(order)))
+    return need
+
+
+def handoff_slots(off, master_is_weights: bool, data_parallel: bool) -> int:
+    """Streamed stages' weights the weight pool holds beyond the prefetch window: read by backward, kept
+    for their update when the master is the compute weights (``master_is_weights``: engine.py, Note:
+    [Master in memory]). One for the update running, ``max_pending_updates`` queued, one being submitted
+    (the submit waits for room in the queue with it); data parallel, one more waiting for its sum over
+    the ranks. None when every update waits for the norm (``clip_schedule='defer'``), or ``handoff_weights`` is
+    off."""
+    if (not master_is_weights or getattr(off, "clip_schedule", "auto") == "defer"
+            or not getattr(off, "handoff_weights", True)):
+        return 0
+    return off.max_pending_updates + 2 + (1 if data_parallel else 0)
 
 
 def class_widths(cfg_model) -> dict[str, int]:

@@ -53,6 +53,12 @@ class OffloadConfig(BaseModel):
     cache_weights: bool = Field(
         True, description="Keep compute-precision weights in CPU memory as far as the budget allows (else SSD)."
     )
+    handoff_weights: bool = Field(
+        True, description="Where the master weights are the compute weights (optim.master=bf16 under bf16, fp32 under "
+        "fp32), keep the weights a streamed stage's backward read for its update, which then reads no master from the "
+        "SSD: when the memory plan finds the buffers (max_pending_updates + 2 stages) save more SSD bytes than the "
+        "weight cache would in their place. false: updates read every master the cache does not hold from the SSD.",
+    )
     resident_mem: int | None = Field(
         None, ge=0, description="CPU memory (bytes or '2GiB') for fp32 master weights and Adam moments of the stages "
         "updated last (embedding, first blocks), kept resident after the weight cache: their updates read nothing "

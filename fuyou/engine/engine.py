@@ -53,6 +53,22 @@ Note: [Spare copies]
     place as the others do. A commit claims the tensors it flushes when it is queued: the next step's
     swap may come before the worker reaches it.
 
+Note: [Master in memory]
+    A master in the compute dtype is the compute weights (``StateFormat.master_is_compute``: a bf16 master
+    under bf16, an fp32 master under fp32). Where it is in memory already as the weights of the copy an
+    update reads, the update does not read it from the store (``OutOfCoreAdamW.update``'s ``master_in``):
+    * a cached stage: the weight cache holds it, and its update wrote the cache anyway; it now updates the
+      master in place there and writes it to the store from there. No memory, no read;
+    * a stage neither cached nor resident: backward read it from the store as its weights. The streamer
+      keeps that buffer (``WeightStreamer.release(take=True)``) and this stage's update takes it, updates
+      it in place, writes it and frees it (on CUDA, once the buffer's copy to the GPU has completed). The
+      weight pool holds ``budget.handoff_slots`` such buffers beyond the prefetch window, where the memory plan
+      finds they save more SSD bytes than the cache and resident state they displace (``plan_memory``).
+    Not for a redo (the cache then holds the speculative update, backward's copy is gone), nor for a
+    streamed stage's update deferred to the norm (its buffer would be held through backward), nor LoRA
+    (no master). A buffer read from a key other than the copy the update reads is freed and the store
+    read (loads wait for a stage's updates, so none is). The arithmetic is the same: bit-identical.
+
 Crash-safe commits (``offload.commit='cow'``) happen every ``offload.commit_every`` steps or minutes
 (``commit.py``): the commit writes the resident stages' state to a store copy, fsyncs, and names the
 copies in the commit record. A run commits when it ends or is stopped, too.
@@ -98,7 +114,7 @@ from torch import Tensor
 from fuyou.config import FuyouConfig
 from fuyou.data import TokenData
 from fuyou.engine.budget import (D2H_DEPTH, MemoryPlan, act_cpu_share, activation_bytes, cpu_tier_need,
-                                 device_working_bytes, exchange_buffer_bytes, shared_cache_layout,
+                                 device_working_bytes, exchange_buffer_bytes, handoff_slots, shared_cache_layout,
                                  offtier_bytes, plan_memory, policy_memory, saved_block_bytes)
 from fuyou.engine.device import InFlight, make_device
 from fuyou.engine.recompute import BlockState, backward_block, forward_block, leaves, weight_bases
@@ -112,7 +128,7 @@ from fuyou.engine.commit import RECORD, DamagedStateError
 from fuyou.faults import fault
 from fuyou.distributed import resume_command
 from fuyou.engine.trace import StepCounters, Tracer
-from fuyou.engine.weights import WeightStreamer
+from fuyou.engine.weights import Handed, WeightStreamer
 from fuyou.engine.exchange import WeightExchange
 from fuyou.engine.worker import OptimizerWorker, UpdateJob
 from fuyou.models import StageModel
@@ -169,6 +185,8 @@ class Engine:
         self.clipping = t.grad_clip is not None
         self.gdtype = torch.float32 if t.grad_accum > 1 else self.cdtype  # micro-batches are summed in fp32
         self.fmt = StateFormat.of(cfg.optim)  # how the optimizer state is stored (fuyou/optim/compressed.py)
+        # the master is the compute weights: updates take it from memory where it is (Note: [Master in memory])
+        self.handoff = self.fmt.master_is_compute(self.cdtype) and not self.lora
         self.states = build_states(self.model.stages, cfg.optim.weight_decay, n_copies=3,
                                    int8=self.fmt.moments == "int8")
         if self.lora and cfg.lora.base != "compute":  # the blocks' base streams as int8 or NF4 codes and scales
@@ -237,6 +255,8 @@ class Engine:
         self._direct = not self.dev.is_host and t.grad_accum == 1 and not self.dist.enabled
         self._norms: dict[str, Tensor] = {}
         self._summing = None                    # data parallel: a stage's gradient being summed over the ranks
+        self._handed: dict[int, Handed] = {}    # backward's weights on their way to their update (Note: [Master
+        # in memory])
         self._speculated: list[tuple[StageState, int, int]] = []  # this step's speculative updates (stage,
         # source and target copy), redone if the norm exceeds the threshold
         self._waiting: list[StageState] = []    # this step's stages updated once the norm is known
@@ -513,7 +533,7 @@ class Engine:
             dequant_bytes=max((s.numel for s in self.states if s.packing is not None), default=0) * dtype_size(self.cdtype),
             offtier_bytes=offtier_bytes(self.cfg.model, self.act, t.micro_batch_size, self.cfg.data.seq_len,
                                         dtype_size(self.cdtype)),
-            share_cap=share_cap)
+            share_cap=share_cap, handoff=handoff_slots(off, self.handoff, self.dist.enabled))
 
     def _shared_cache(self) -> SharedSegment | None:
         """The ranks' one weight cache (``cache_share`` > 1): rank 0 makes it, the others map it, then its
@@ -610,12 +630,13 @@ class Engine:
         lr = lr_of(self.cfg, step)
         self._spans.clear()
         anchor, anchor_t = self.dev.event(timing=True).record(), time.perf_counter()  # device time -> host time
-        self.streamer.plan(self.step_order(), step)
+        self.streamer.plan(self.step_order(), step, keep=self._handoff_positions())
         self._pos = 0
         try:
             total = self._step(step, lr)
         except BaseException as e:
             self._summing = None
+            self._drop_handed()
             self.streamer.drain(patient=not isinstance(e, watchdog.StallError))
             raise
         if self.lora:
@@ -641,6 +662,35 @@ class Engine:
             self.ts.submit_commit(step + 1)
         tokens = t.grad_accum * t.micro_batch_size * self.cfg.data.seq_len
         return StepStats(loss, lr, grad_norm, tokens, self._loss_tokens)
+
+    def _handoff_positions(self) -> set[int]:
+        """Positions of this step's loads whose weights go on to their stage's update (Note: [Master in
+        memory]): each streamed stage's last load (its backward's; the head's only one) whose master is
+        its weights, unless updates wait for the norm."""
+        if self._defer or not self.plan.handoff:
+            return set()
+        last = {i: p for p, i in enumerate(self.step_order())}
+        return {p for i, p in last.items()
+                if self.states[i].cache is None and self.states[i].keys.weights == self.states[i].keys.master}
+
+    def _drop_handed(self) -> None:
+        for h in self._handed.values():
+            h.drop(self.dev)
+        self._handed.clear()
+
+    def _master_in(self, st: StageState) -> dict:
+        """``UpdateJob``'s master fields for a stage's update that reads its copy ``cur`` (Note: [Master in
+        memory]): its weight cache, or the weights its backward read; none else."""
+        handed = self._handed.pop(st.index, None)
+        if not self.handoff or st.resident is not None or not st.owned:
+            pass
+        elif st.cache is not None:
+            return {"master_in": st.cache}
+        elif handed is not None and handed.key == st.keys.master:
+            return {"master_in": handed.tensor, "master_release": handed.release, "master_event": handed.event}
+        if handed is not None:
+            handed.drop(self.dev)
+        return {}
 
     trace_step = 1  # which step's tasks ``--trace`` records (the second: the first warms caches)
     _evaluations = 0  # evaluations run by this process (faults.py's ``evaluation`` point)
@@ -744,7 +794,7 @@ class Engine:
         self._compute("forward+backward head", t0)
         self._trim_heap()  # the head's slices, a vocabulary wide, freed: the blocks' backward must not lie beside them
         own = shared = w = emb = None  # before the release, as above
-        self.streamer.release(self._pos)
+        self._hand_on(head, self.streamer.release(self._pos, take=True))
         self._pos += 1
         if emb_pos is not None:
             self.streamer.release(emb_pos)
@@ -789,7 +839,7 @@ class Engine:
                 gmap = None
             self._compute(f"backward {st.stage.name}", t0)
             w = params = bases = None  # before the release, as above
-            self.streamer.release(self._pos)
+            self._hand_on(st, self.streamer.release(self._pos, take=True))
             self._pos += 1
             fault("backward", step)
             if i == 0 and shared_out is not None:
@@ -814,6 +864,11 @@ class Engine:
                 acc = None
         self._finish_sum()  # the last stage's sum over the ranks
         return total
+
+    def _hand_on(self, st: StageState, handed: Handed | None) -> None:
+        """Backward's weights of ``st``, kept for its update (Note: [Master in memory]), until ``_master_in``."""
+        if handed is not None:
+            self._handed[st.index] = handed
 
     def _lora_grads(self, i: int, gmap: dict[str, Tensor]) -> None:
         """Add a micro-batch's adapter gradients of stage ``i`` into their ``.grad`` (the first assigned,
@@ -967,6 +1022,7 @@ class Engine:
             self._summing = (st, flat, lr, step, self._start_sum(st, flat, f"{st.stage.name}'s gradient"))
             return
         pooled = self._pooled.pop(st.index, None)
+        master = self._master_in(st)  # (the hand-off, taken on every path: Note: [Master in memory])
         if self.sharded and st.owned:  # its last weights must have gone to the other ranks (exchange.py)
             watchdog.wait_event(st.exchanged, f"the exchange of {st.stage.name}'s weights (before its next update)")
         if not st.owned:  # data parallel, sharded: its owner updates it; this rank's share of the norm is 0
@@ -1011,6 +1067,8 @@ class Engine:
             release = pooled.release
         if self._defer and st.resident is None:
             # Deferred: the worker only saves the gradient now; the update follows the norm.
+            if "master_release" in master:  # (none is kept in defer mode: _handoff_positions)
+                Handed(master["master_in"], "", master["master_release"], master["master_event"]).drop(self.dev)
             self.worker.submit(UpdateJob(st, host, self.gdtype, lr, step + 1, 1.0, src=st.cur, dst=st.cur,
                                          release=release, event=event, save_grad=grad_key(st), update=False))
             self._waiting.append(st)
@@ -1018,7 +1076,7 @@ class Engine:
         # A resident stage is updated in CPU memory; its store copy is chosen when it is flushed.
         dst = st.cur if st.resident is not None else st.target(keep_source=self.clipping)
         job = UpdateJob(st, host, self.gdtype, lr, step + 1, 1.0, src=st.cur, dst=dst, release=release,
-                        event=event, save_grad=grad_key(st) if self.clipping else None)
+                        event=event, save_grad=grad_key(st) if self.clipping else None, **master)
         st.dirty = st.resident is not None
         if self.clipping:
             self._speculated.append((st, job.src, job.dst))
@@ -1123,10 +1181,10 @@ class Engine:
                                              dst=st.cur, event=self._held_events.pop(st.index, None),
                                              state_out=st.resident))
                 st.dirty = True
-            else:  # deferred: its gradient is on the SSD
+            else:  # deferred: its gradient is on the SSD (a cached master is read from the cache)
                 dst = st.target(keep_source=False)
                 self.worker.submit(UpdateJob(st, grad_key(st), self.gdtype, lr, step + 1, clip, src=st.cur,
-                                             dst=dst))
+                                             dst=dst, **self._master_in(st)))
                 st.cur = dst
         if self.clipped:
             for st, src, dst in sorted(self._speculated, key=lambda j: j[0].index):
@@ -1250,6 +1308,8 @@ class Engine:
                 lines.append(f"exact clipping at {t.grad_clip} of the adapters' gradients, after backward")
         elif self.clipping:
             lines.append(self._clipping_line())
+        if self.handoff and any(st.owned and st.resident is None for st in self.states):
+            lines.append(self._master_line())
         if off.act_cpu_mem and not self.act_cpu_mem:
             lines.append(f"note: offload.act_cpu_mem={format_size(off.act_cpu_mem)} is unused: the activation policy "
                          f"keeps nothing in the cpu tier (offload.act_policy), so the budget holds no share for it")
@@ -1258,6 +1318,23 @@ class Engine:
             f"every {off.commit_every} step(s)" if off.commit_steps else f"every {off.commit_every}") +
             ("" if off.commit != "cow" else ", and when the run ends or is stopped"))
         return lines
+
+    def _master_line(self) -> str:
+        """Where the updates take a master that is the compute weights from (Note: [Master in memory])."""
+        mine = [st for st in self.states if st.owned and st.resident is None]
+        cached = sum(st.cache is not None for st in mine)
+        streamed = sum(st.cache is None for st in mine)
+        parts = [f"{cached} from the weight cache"] if cached else []
+        if streamed and self.plan.handoff:
+            parts.append(f"{streamed} from the weights their backward read (the weight buffers hold "
+                         f"{self.plan.handoff} stages more for them)")
+        elif streamed:
+            parts.append(f"{streamed} from the SSD (holding backward's weights for them would take cache that "
+                         f"saves more)")
+        line = (f"{self.fmt.master} master = the compute weights: the updates of the {len(mine)} stages whose state is "
+                f"on the SSD take it " + ", ".join(parts))
+        return line + ("; a redo reads it from the SSD" + (", as does a streamed stage's update deferred to the norm"
+                                                           if self.plan.handoff else "") if self.clipping else "")
 
     def _clipping_line(self) -> str:
         """What exact clipping does to this run's updates (Note: [Spare copies]): which stages speculate,

@@ -17,6 +17,9 @@ Note: [Stream hand-offs]
     than the plan counts (the one computing and ``prefetch_depth`` ahead); ``release`` drops the
     position's tensor before it records that event, so nothing the loader threads hold keeps it alive.
     On a host device the loaded tensor is the cache entry or the pool buffer itself; no copy, no events. All of it goes through the device seam (``fuyou.engine.device``).
+    A position ``plan`` names in ``keep`` (a streamed stage's backward, whose master is its weights) keeps its
+    pool buffer past ``release(take=True)``, which hands it to the stage's update with the copy's event
+    (engine.py, Note: [Master in memory]); the pool's capacity counts such buffers (``budget.handoff_slots``).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -44,8 +48,29 @@ class Loaded:
     flat: Tensor
     ready_at: float            # perf_counter when the stage became current (update finished)
     done_at: float             # perf_counter when the load finished
-    buffer: object | None = None   # pool buffer to release (CPU device, weights read from SSD)
+    buffer: object | None = None   # pool buffer to release (CPU device, weights read from SSD; or kept)
     event: object | None = None    # CUDA event recorded after the H2D copy
+    key: str | None = None         # the store key read (None: the weight cache)
+    kept: bool = False             # ``buffer`` is kept for the stage's update (``release(take=True)``)
+
+
+@dataclass
+class Handed:
+    """A stage's weights as backward read them from the store, handed to its update: a master in the compute
+    dtype is the compute weights (engine.py, Note: [Master in memory]). ``release`` frees the pool buffer
+    once ``event`` (the copy to the GPU that read it; None on a host device) has completed."""
+
+    tensor: Tensor
+    key: str
+    release: Callable[[], None]
+    event: object | None = None
+
+    def drop(self, dev) -> None:
+        """Not used after all (a step that failed): back to the pool once the device is done with it."""
+        if self.event is not None:
+            dev.after(self.event, self.release)
+        else:
+            self.release()
 
 
 class WeightStreamer:
@@ -58,6 +83,7 @@ class WeightStreamer:
         self._counters = counters_ref  # callable returning the current StepCounters
         self._exec = DaemonExecutor(depth, "fuyou-load")  # a load stuck in a driver call never holds the exit
         self._order: list[int] = []
+        self._keep: frozenset[int] = frozenset()  # positions whose buffer goes to the stage's update
         self._futures: dict[int, Future] = {}
         self._abandoned: list[Future] = []       # loads a failed step's drain left running (``drain``)
         self._next = 0
@@ -68,11 +94,13 @@ class WeightStreamer:
         self._streams: list = []
 
     # -- the window ------------------------------------------------------------------------------
-    def plan(self, order: list[int], step: int | None = None) -> None:
+    def plan(self, order: list[int], step: int | None = None, keep=frozenset()) -> None:
         """The stage indices this step will request, in order (repeats allowed); starts prefetching.
-        ``step``: the training step they are for (None: an evaluation), for ``faults.stall``."""
+        ``step``: the training step they are for (None: an evaluation), for ``faults.stall``. ``keep``: the
+        positions whose weights, when read from the store, ``release(pos, take=True)`` hands over instead
+        of freeing (engine.py, Note: [Master in memory])."""
         assert not self._futures, "plan() while loads from the previous plan are outstanding"
-        self._order, self._next, self._step = order, 0, step
+        self._order, self._next, self._step, self._keep = order, 0, step, frozenset(keep)
         self._released.clear()
         self._fill(0)
 
@@ -98,24 +126,33 @@ class WeightStreamer:
             self.dev.record_stream(loaded.flat, compute)
         return loaded
 
-    def release(self, pos: int) -> None:
-        """Done computing with ``order[pos]``: free its buffer and let the window move on."""
+    def release(self, pos: int, take: bool = False) -> Handed | None:
+        """Done computing with ``order[pos]``: free its buffer and let the window move on. ``take``: a buffer
+        kept for the stage's update (``plan``'s ``keep``) is returned instead, for the caller to free."""
         loaded = self._futures.pop(pos).result()
-        if loaded.buffer is not None and loaded.event is None:
+        handed = None
+        if loaded.kept:
+            buf = loaded.buffer
+            if take:
+                handed = Handed(buf.tensor, loaded.key, buf.release, loaded.event)
+            else:
+                Handed(buf.tensor, loaded.key, buf.release, loaded.event).drop(self.dev)
+        elif loaded.buffer is not None and loaded.event is None:
             loaded.buffer.release()
         # The future (and the executor's work item, for a moment after the load) still refers to this
         # object: the device memory is let go here, before the gate below lets the next load allocate.
-        loaded.flat = None
+        loaded.flat = loaded.buffer = None
         if not self.dev.is_host:  # where compute is when it is done with this position (the loads' gate)
             self._released[pos] = self.dev.event().record(self.dev.compute)
         self._fill(pos + 1)
+        return handed
 
     def _fill(self, pos: int) -> None:
         with self._lock:
             while self._next < len(self._order) and self._next < pos + self.depth + 1:
                 i = self._order[self._next]
                 gate = self._released.pop(self._next - self.depth - 1, None)
-                self._futures[self._next] = self._exec.submit(self._load, i, gate, self._step)
+                self._futures[self._next] = self._exec.submit(self._load, i, gate, self._step, self._next in self._keep)
                 self._next += 1
 
     # -- one load (loader thread) ----------------------------------------------------------------
@@ -129,7 +166,7 @@ class WeightStreamer:
                 self._streams.append(s)
         return s
 
-    def _load(self, i: int, gate=None, step: int | None = None) -> Loaded:
+    def _load(self, i: int, gate=None, step: int | None = None, keep: bool = False) -> Loaded:
         st = self.states[i]
         stall("load", step)  # (the step was never given: stall:load@N did not fire)
         watchdog.wait_event(st.updated, f"the optimizer update of {st.stage.name} (its weights are loaded next)")
@@ -137,16 +174,16 @@ class WeightStreamer:
         if st.error is not None:
             raise FuyouError(f"the optimizer update of {st.stage.name} failed, its weights are not usable: {st.error}")
         c: StepCounters = self._counters()
-        buf = None
+        buf = key = None
         if st.cache is not None:
             host = st.cache
             c.add(cache_hits=1)
         else:
             buf = watchdog.acquire(self.pool, st.wnumel * dtype_size(self.dtype), self.dtype,
                                    f"a buffer to load {st.stage.name}'s weights")
-            t0 = time.perf_counter()
+            t0, key = time.perf_counter(), st.keys.weights
             try:
-                watchdog.result(self.store.read_into(st.keys.weights, buf.tensor), f"the read of {st.stage.name}'s weights")
+                watchdog.result(self.store.read_into(key, buf.tensor), f"the read of {st.stage.name}'s weights")
             except BaseException:
                 buf.release()
                 raise
@@ -154,8 +191,9 @@ class WeightStreamer:
             nbytes = st.wnumel * dtype_size(self.dtype)
             c.add(ssd_read_bytes=nbytes)
             self.tracer.add(f"read weights {st.stage.name}", "ssd-read", t0, time.perf_counter(), bytes=nbytes)
+        keep = keep and buf is not None
         if self.dev.is_host:
-            return Loaded(host, ready, time.perf_counter(), buffer=buf)
+            return Loaded(host, ready, time.perf_counter(), buffer=buf, key=key, kept=keep)
         if gate is not None:
             # The GPU runs behind the host: wait until compute is done with the position depth + 1 back,
             # so the device never holds more stages than the plan counts (prefetch_depth + 1).
@@ -168,11 +206,11 @@ class WeightStreamer:
             ev = self.dev.event(timing=timed).record(h2d)
         nbytes = st.wnumel * dtype_size(self.dtype)
         c.add(h2d_bytes=nbytes)
-        if buf is not None:
+        if buf is not None and not keep:
             self.dev.after(ev, buf.release)  # the host buffer is reused only once the copy has landed
         if timed:
             self.tracer.add_gpu(f"h2d weights {st.stage.name}", "h2d", start, ev, bytes=nbytes)
-        return Loaded(flat, ready, time.perf_counter(), event=ev)
+        return Loaded(flat, ready, time.perf_counter(), event=ev, buffer=buf if keep else None, key=key, kept=keep)
 
     def idle(self) -> bool:
         """No load is running (after ``close(wait=False)``, before its memory may be freed)."""

@@ -52,6 +52,24 @@ class UpdateJob:
     update: bool = True             # False: only save the gradient (deferred clipping; the update follows)
     state_in: tuple | None = None   # a resident stage with a spare copy: the state tensors read ...
     state_out: tuple | None = None  # ... and those written (engine.py, Note: [Spare copies]); None: in place
+    master_in: torch.Tensor | None = None  # the master of copy ``src``, in memory (engine.py, Note: [Master in
+    master_release: object | None = None   # memory]); freed by this callable after the update, once
+    master_event: object | None = None     # this event (its copy to the GPU) has completed
+
+
+def _let_go(job: UpdateJob) -> None:
+    """Free a job's gradient buffer and its master's (``release``, ``master_release``), each once the copy that
+    filled or read it has run (a job skipped, or failed before it waited, may have its copies still running)."""
+    for release, event in ((job.release, job.event), (job.master_release, job.master_event)):
+        if release is None:
+            continue
+        if event is not None:
+            try:
+                event.synchronize()
+            except BaseException:  # noqa: BLE001 - the first error is already recorded
+                pass
+        release()
+    job.release = job.master_release = None
 
 
 class Outstanding:
@@ -90,10 +108,19 @@ class OptimizerWorker:
         self._thread.start()
 
     def submit(self, job: UpdateJob) -> None:
-        self.check()
+        try:
+            self.check()
+        except BaseException:
+            _let_go(job)  # never queued: its buffers are the caller's no more
+            raise
         job.state.begin_update()
         t0 = time.perf_counter()
-        self._put(job, f"room in the optimizer queue (to update {job.state.stage.name})")
+        try:
+            self._put(job, f"room in the optimizer queue (to update {job.state.stage.name})")
+        except BaseException:
+            job.state.end_update()
+            _let_go(job)
+            raise
         waited = time.perf_counter() - t0
         if waited > 1e-4:
             self._counters().add(wait_optimizer_s=waited)
@@ -155,6 +182,8 @@ class OptimizerWorker:
                         fault("redo", job.step - 1)  # tests: killed while a clipped step is redone
                     if job.event is not None:
                         job.event.synchronize()  # see Note: [Gradient hand-off]
+                    if job.master_event is not None:  # the master is updated in place: its copy to the GPU first
+                        job.master_event.synchronize()
                     if job.save_grad is not None:
                         saving = self.opt.store.write_from(job.save_grad, job.grad)
                     if not job.update:
@@ -164,8 +193,9 @@ class OptimizerWorker:
                         continue
                     stats = self.opt.update(
                         st.copies[job.src], job.grad, numel=st.numel, segments=st.segments, lr=job.lr,
-                        step=job.step, grad_scale=job.grad_scale, lowp_out=st.cache, lowp_dtype=self.lowp_dtype,
+                        step=job.step, grad_scale=job.grad_scale, lowp_dtype=self.lowp_dtype,
                         grad_dtype=job.grad_dtype, out_keys=st.copies[job.dst], stage=st.index,
+                        master_in=job.master_in, lowp_out=st.cache if job.master_in is None else None,
                         resident=job.state_out if job.state_out is not None else st.resident,
                         resident_src=job.state_in,
                         on_weights_ready=st.weights_ready if st.cache is not None else None)
@@ -191,13 +221,7 @@ class OptimizerWorker:
                         saving.result(watchdog.limit())
                     except BaseException:  # noqa: BLE001 - the first error is already recorded
                         pass
-                if job.release is not None:
-                    if job.event is not None:  # skipped or failed before it waited: the copy may still run
-                        try:
-                            job.event.synchronize()
-                        except BaseException:  # noqa: BLE001 - the first error is already recorded
-                            pass
-                    job.release()
+                _let_go(job)
                 self._running = "nothing"
                 st.end_update()
                 self._done()

@@ -8,7 +8,9 @@ walks them in chunks through a bounded set of pool buffers, as a pipeline::
 so the disk reads, the kernel and the disk writes overlap. The fused kernel also emits the new
 compute-precision (bf16/fp16, or fp32) weights, into a caller's tensor (the CPU weight cache) or back
 to the store. The gradient comes either as a CPU tensor (the normal, overlapped path) or as a store
-key (the deferred path used by exact gradient clipping, where gradients wait on SSD for the norm).
+key (the deferred path used by exact gradient clipping, where gradients wait on SSD for the norm). A
+master already in memory (``update``'s ``master_in``: the compute weights, where the master is them) is
+updated where it is, and only the moments are read.
 
 Buffers: at most ``(2 * depth + 1)`` chunks are held at once (``depth`` being read, one being
 updated, ``depth`` being written), each chunk needing 12 bytes per element for master, m and v, plus
@@ -125,7 +127,7 @@ class OutOfCoreAdamW:
                lowp_dtype: torch.dtype = torch.bfloat16, grad_dtype: torch.dtype | None = None,
                out_keys: StateKeys | None = None, resident: tuple[torch.Tensor, ...] | None = None,
                resident_src: tuple[torch.Tensor, ...] | None = None, on_weights_ready=None,
-               stage: int = 0) -> UpdateStats:
+               stage: int = 0, master_in: torch.Tensor | None = None) -> UpdateStats:
         """One AdamW step of one stage; returns its stats. Blocks until every write is done.
 
         The state is read from ``keys`` and written to ``out_keys`` (default: the same, in place; a
@@ -143,12 +145,21 @@ class OutOfCoreAdamW:
         that speculates under exact clipping: adamw.cpp, Note: [Out of place]). ``on_weights_ready()``
         is called once the new compute weights are in ``lowp_out`` / the store. ``stage``: the stage's
         index (a bf16 master's stochastic rounding depends on it).
+
+        ``master_in``: the stage's master as ``keys`` hold it, already in CPU memory (a master in the compute
+        dtype is the compute weights: the weight cache, or the weights backward read: Note: [Master in
+        memory] in fuyou/engine/engine.py). Nothing of the master is read from the store: the kernel
+        updates it in place there, the new master is written to ``out_keys`` from there, and it is the
+        new compute weights (no ``lowp_out``).
         """
+        if master_in is not None:
+            assert resident is None and lowp_out is None and master_in.numel() == numel, "master_in: streamed state"
+            assert master_in.dtype == self.fmt.master_dtype, (master_in.dtype, self.fmt.master_dtype)
         if not self.fmt.exact:
             return self._update_q(keys, grad, numel=numel, segments=segments, lr=lr, step=step, grad_scale=grad_scale,
                                   lowp_out=lowp_out, lowp_dtype=lowp_dtype, grad_dtype=grad_dtype,
                                   out_keys=out_keys or keys, resident=resident, resident_src=resident_src,
-                                  on_weights_ready=on_weights_ready, stage=stage)
+                                  on_weights_ready=on_weights_ready, stage=stage, master_in=master_in)
         if resident is not None:
             return self._update_resident(keys, grad, resident, numel=numel, segments=segments, lr=lr, step=step,
                                          grad_scale=grad_scale, lowp_out=lowp_out, lowp_dtype=lowp_dtype,
@@ -164,11 +175,13 @@ class OutOfCoreAdamW:
         reading: deque = deque()
         writing: deque = deque()
 
+        held = 0 if master_in is None else 1  # the master is in memory: m and v only are read
+
         def issue_read(span):
             s, e = span
             n = e - s
-            bufs = [self.pool.acquire(4 * n, torch.float32) for _ in range(3)]
-            futs = [self._read(k, b.tensor, start=s) for k, b in zip(keys.state, bufs)]
+            bufs = [self.pool.acquire(4 * n, torch.float32) for _ in range(3 - held)]
+            futs = [self._read(k, b.tensor, start=s) for k, b in zip(keys.state[held:], bufs)]
             if gkey:
                 gb = self.pool.acquire(n * _size(gdtype), gdtype)
                 bufs.append(gb)
@@ -198,12 +211,13 @@ class OutOfCoreAdamW:
                     for b in bufs:
                         b.release()
                     raise
-                master, m, v = (b.tensor for b in bufs[:3])
-                g = bufs[3].tensor if gkey else grad[s:e]
+                m, v = (b.tensor for b in bufs[1 - held:3 - held])
+                master = master_in[s:e] if held else bufs[0].tensor
+                g = bufs[3 - held].tensor if gkey else grad[s:e]
                 wbuf = lowp = None
                 if lowp_out is not None:
                     lowp = lowp_out[s:e]
-                elif out_keys.weights != out_keys.master:  # else the new fp32 master is the compute weights
+                elif master_in is None and out_keys.weights != out_keys.master:  # else the new master is the weights
                     wbuf = self.pool.acquire((e - s) * _size(wdtype), wdtype)
                     bufs.append(wbuf)
                     lowp = wbuf.tensor
@@ -320,11 +334,12 @@ class OutOfCoreAdamW:
 
     # -- compressed state (fuyou/optim/compressed.py) ---------------------------------------------
     def _update_q(self, keys: StateKeys, grad, *, numel, segments, lr, step, grad_scale, lowp_out, lowp_dtype,
-                  grad_dtype, out_keys, resident, on_weights_ready, stage, resident_src=None) -> UpdateStats:
+                  grad_dtype, out_keys, resident, on_weights_ready, stage, resident_src=None,
+                  master_in=None) -> UpdateStats:
         """``update`` for a compressed state: the same pipeline with the format's tensors (the chunked
         ones chunk by chunk; int8 block scales read whole first and written whole last, 1/64 of the
         moments' bytes) and the compressed kernel. Resident state is updated in place, or from
-        ``resident_src``."""
+        ``resident_src``; ``master_in`` as ``update``'s."""
         t_start = time.perf_counter()
         fmt, stats = self.fmt, UpdateStats(params=numel)
         src, dst = dict(zip(fmt.roles, keys.state)), dict(zip(fmt.roles, out_keys.state))
@@ -335,6 +350,7 @@ class OutOfCoreAdamW:
         wdtype = lowp_out.dtype if lowp_out is not None else lowp_dtype
         key = sr_key(self.seed, step, stage)
         chunked, scaled = fmt.chunked, [t for t in fmt.tensors if t.per_block]
+        read = [t for t in chunked if not (master_in is not None and t.role == "master")]  # from the store
         chunks = [(s, min(s + self.chunk, numel)) for s in range(0, numel, self.chunk)]
         reading: deque = deque()
         writing: deque = deque()
@@ -345,7 +361,7 @@ class OutOfCoreAdamW:
             s, e = span
             n, bufs, futs = e - s, [], []
             if held is None:
-                for t in chunked:
+                for t in read:
                     bufs.append(self.pool.acquire(n * t.itemsize, t.dtype))
                     futs.append(self._read(src[t.role], bufs[-1].tensor, start=s))
             if gkey:
@@ -389,21 +405,23 @@ class OutOfCoreAdamW:
                 wf: list = []
                 try:
                     if held is None:
-                        state = {t.role: b.tensor for t, b in zip(chunked, bufs)}
+                        state = {t.role: b.tensor for t, b in zip(read, bufs)}
+                        if master_in is not None:
+                            state["master"] = master_in[s:e]
                     else:
                         state = {t.role: held[t.role][s:e] for t in chunked}
                     for t in scaled:
                         whole = scales[t.role] if held is not None else scales[t.role].tensor
                         state[t.role] = whole[s // QBLOCK: -(-e // QBLOCK)]
-                    read = None  # out of place: the resident copy read (``resident_src``)
+                    out_of_place = None  # the resident copy read (``resident_src``)
                     if held_src is not None:
-                        read = {t.role: held_src[t.role][s:e] for t in chunked}
-                        read.update({t.role: held_src[t.role][s // QBLOCK: -(-e // QBLOCK)] for t in scaled})
+                        out_of_place = {t.role: held_src[t.role][s:e] for t in chunked}
+                        out_of_place.update({t.role: held_src[t.role][s // QBLOCK: -(-e // QBLOCK)] for t in scaled})
                     g = bufs[-1].tensor if gkey else grad[s:e]
                     wbuf = lowp = None
                     if lowp_out is not None:
                         lowp = lowp_out[s:e]
-                    elif out_keys.weights != out_keys.master:  # else the new master is the compute weights
+                    elif master_in is None and out_keys.weights != out_keys.master:  # else the master is the weights
                         wbuf = self.pool.acquire((e - s) * _size(wdtype), wdtype)
                         bufs.append(wbuf)
                         lowp = wbuf.tensor
@@ -413,7 +431,7 @@ class OutOfCoreAdamW:
                     t0 = time.perf_counter()
                     fused_adamw_q_(fmt, state, g, segments=segs, lr=lr, beta1=c.beta1, beta2=c.beta2, eps=c.eps, step=step,
                                    grad_scale=grad_scale, key=key, index0=s, out_lowp=lowp, num_threads=self.num_threads,
-                                   src=read)
+                                   src=out_of_place)
                     t1 = time.perf_counter()
                     beat()
                     stats.kernel_s += t1 - t0

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fuyou.engine.budget import class_parts, class_widths, device_working_bytes, saved_block_bytes
+from fuyou.engine.budget import class_parts, class_widths, device_working_bytes, handoff_slots, saved_block_bytes
 from fuyou.engine.config import OffloadConfig
 from fuyou.models import ModelConfig, StageModel
 from fuyou.models.lora import LoRAConfig, attach
@@ -92,6 +92,18 @@ class Workload:
         store no separate copy (the engine reads the master). LoRA's base has no master."""
         return self.lora_params is None and self.fmt.master_is_compute(torch.bfloat16 if self.csize == 2 else
                                                                           torch.float32)
+
+    @property
+    def handoff(self) -> int:
+        """Streamed stages' weights kept for their update (``budget.handoff_slots``)."""
+        return handoff_slots(self.offload, self.master_is_weights, self.ranks > 1)
+
+    def master_from_memory(self, i: int, resident, cached, handoff: bool) -> bool:
+        """Stage ``i``'s update takes its master from memory, not the SSD: the master is its weights, in
+        the cache, or handed over by its backward where the plan keeps them (``handoff``: engine.py, Note:
+        [Master in memory]). Not a redo's, nor a streamed stage's update deferred to the norm (the caller's
+        to say)."""
+        return self.master_is_weights and i not in resident and (i in cached or handoff)
 
     @property
     def state_bpp(self) -> float:
@@ -248,12 +260,15 @@ def placement_bytes(w: Workload, costs: list[StageCost], policy: ActivationPolic
     return out
 
 
-def step_bytes(w: Workload, cached: set[int], resident: set[int] | frozenset = frozenset()) -> dict[str, int]:
+def step_bytes(w: Workload, cached: set[int], resident: set[int] | frozenset = frozenset(),
+               handoff: bool = False) -> dict[str, int]:
     """Optimizer and weight bytes of one step (activations excluded): SSD read/write, H2D, D2H; the
     same whatever the number of micro-batches (layer-major: each stage is loaded and updated once).
     A ``resident`` stage's optimizer state is read from CPU memory (and written to SSD only by a
     commit, not counted here); exact clipping saves the gradients of the other stages to SSD (a
-    triggered step's redo is not counted)."""
+    triggered step's redo is not counted). A master that is the compute weights is not read by its update
+    where it is cached or (``handoff``, ``MemoryPlan.handoff``) backward's copy is handed over (engine.py,
+    Note: [Master in memory])."""
     reads = writes = h2d = d2h = 0
     uses = {i: 2 for i in range(len(w.numels) - 1)}  # forward and backward, once per step (layer-major)
     uses[len(w.numels) - 1] = 1
@@ -267,7 +282,8 @@ def step_bytes(w: Workload, cached: set[int], resident: set[int] | frozenset = f
         h2d += uses[i] * n * w.csize
         clip = w.grad_clip is not None
         state = w.fmt.state_bytes(n)
-        reads += (0 if i in resident else state) + (0 if i in cached else uses[i] * n * w.csize)
+        master = n * w.fmt.master_dtype.itemsize if w.master_from_memory(i, resident, cached, handoff) else 0
+        reads += (0 if i in resident else state - master) + (0 if i in cached else uses[i] * n * w.csize)
         separate = i not in cached and not (w.master_is_weights and i not in resident)
         writes += (0 if i in resident else state) + (n * w.csize if separate else 0) + (
             n * w.gsize if clip and i not in resident else 0)

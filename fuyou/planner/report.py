@@ -111,6 +111,7 @@ def summary(plan: Plan) -> dict:
         "busy_s": {k: v for k, v in sim.busy.items()}, "whatif_step_s": plan.whatif,
         "stages": len(w.numels), "cached_stages": len(ev.memory.cached_stages),
         "resident_stages": len(ev.memory.resident_all), "spare_stages": len(ev.memory.spare_all),
+        "handoff_stages": ev.memory.handoff,
         "resident_spare": off.resident_spare, "resident_mem": machine_cap(plan, "resident_mem"), "gpus": w.ranks,
         "clip_schedule": off.clip_schedule,
         "prefetch_depth": ev.policy.prefetch_depth,
@@ -403,7 +404,9 @@ def text(plan: Plan) -> str:
             if plan.workload.ranks == 1 else
             f"CPU peak per rank   {format_size(s['cpu_peak_bytes'])} (weight cache: {s['cached_stages']} of ")
            + f"{len(plan.costs)} stages; optimizer state resident: {s['resident_stages']}"
-           + (" on their owners)" if plan.workload.ranks > 1 else ")"),
+           + (" on their owners" if plan.workload.ranks > 1 else "")
+           + (f"; {s['handoff_stages']} stages' weights kept from backward for their updates, which then read no "
+              f"master" if s.get("handoff_stages") else "") + ")",
            f"GPU peak            {format_size(s['gpu_peak_bytes'])}" if plan.hardware.device == "cuda" else
            "GPU peak            - (CPU compute device: its memory is in the CPU figure)",
            f"prefetch depth      {s['prefetch_depth']}   ({s['evaluations']} configurations simulated)",

@@ -136,7 +136,7 @@ def _rank_plan(w: Workload, hw: HardwareProfile, policy: ActivationPolicy, cpu_b
         offtier_bytes=offtier_bytes(w.model, keep, w.batch, w.seq, w.csize), fmt=w.fmt, lora_params=w.lora_params,
         owned=owned, cache_share=w.ranks,  # one weight cache per machine (sharded state or LoRA's base)
         weight_bytes=w.weight_bytes, dequant_bytes=w.dequant_bytes,
-        share_cap=share_cap)
+        share_cap=share_cap, handoff=w.handoff)
 
 
 def state_ssd_bytes(w: Workload, plan: MemoryPlan) -> dict[str, int]:

@@ -264,12 +264,14 @@ def _resident_job(g: _Graph, c: StageCost, w: Workload, hw: HardwareProfile, cac
 
 def _streamed_update(g: _Graph, c: StageCost, w: Workload, hw: HardwareProfile, cached: set[int], first: list,
                      q_adam: str, max_chunks: int, step: int, job_ends: list, updated: dict,
-                     extra_deps: list | None = None, grad_read: bool = False) -> None:
-    """An update whose state is on SSD (``grad_read``: a redo, which reads the saved gradient too)."""
+                     extra_deps: list | None = None, grad_read: bool = False, master_read: bool = True) -> None:
+    """An update whose state is on SSD (``grad_read``: a redo, which reads the saved gradient too;
+    ``master_read`` false: its master is in memory, engine.py's Note: [Master in memory])."""
     n = _chunk_count(c.numel, w.chunk, max_chunks)
     wbytes = w.state_bpp + (0 if c.index in cached or w.master_is_weights else w.csize)
+    rbytes = w.state_bpp - (0 if master_read else w.fmt.master_dtype.itemsize) + (w.gsize if grad_read else 0)
     writes = _streamed_job(g, c.name, c.numel, n, wbytes, first, hw, q_adam, w.offload.optimizer_depth, step,
-                           rbytes=w.state_bpp + (w.gsize if grad_read else 0), speed=w.fmt.kernel_speed)
+                           rbytes=rbytes, speed=w.fmt.kernel_speed)
     end = g.add(f"updated {c.name}", "cpu-adam", "marker", 0.0, writes + (extra_deps or []), step, c.name)
     job_ends.append(end)
     updated[c.index] = end
@@ -294,13 +296,15 @@ def simulate_plan(w: Workload, costs: list[StageCost], hw: HardwareProfile, poli
     """``simulate`` for a memory plan (``fuyou.engine.budget.MemoryPlan``): its cached stages, resident
     stages and spare copies (every rank's), so that no caller simulates a plan other than the one it made."""
     return simulate(w, costs, hw, policy, set(plan.cached_stages), resident=set(plan.resident_all),
-                    spare=set(plan.spare_all), act_share=plan.cpu_items.get(ACT_SHARE, 0), **kwargs)
+                    spare=set(plan.spare_all), act_share=plan.cpu_items.get(ACT_SHARE, 0),
+                    handoff=plan.handoff > 0, **kwargs)
 
 
 def _simulate(w: Workload, costs: list[StageCost], hw: HardwareProfile, policy: ActivationPolicy,
               cached: set[int], steps: int = 3, max_chunks: int = MAX_ADAM_CHUNKS,
               resident: set[int] | frozenset = frozenset(), commit: bool = False, clip_mode: str = "speculate",
-              spare: set[int] | frozenset = frozenset(), act_share: int | None = None) -> SimResult:
+              spare: set[int] | frozenset = frozenset(), act_share: int | None = None,
+              handoff: bool = False) -> SimResult:
     """Simulate ``steps`` optimizer steps from an idle machine; see the module docstring.
 
     ``cached``: stages whose compute weights are in CPU memory (on every rank); ``resident``: stages
@@ -311,7 +315,8 @@ def _simulate(w: Workload, costs: list[StageCost], hw: HardwareProfile, policy: 
     stages with a spare copy of their state, which speculate as streamed stages do but in CPU memory
     (engine.py, Note: [Spare copies]), and wait for the norm only in 'defer'; ``act_share``: the cpu
     tier's share of activations, what does not fit it going to the SSD (``cost.kept_in_forward``; None:
-    unbounded)."""
+    unbounded); ``handoff``: streamed stages' updates take the master backward read (``MemoryPlan.handoff``:
+    engine.py, Note: [Master in memory])."""
     g = _Graph()
     cuda = hw.device == "cuda"
     placed = kept_in_forward(w, costs, policy, act_share, cuda)
@@ -454,7 +459,7 @@ def _simulate(w: Workload, costs: list[StageCost], hw: HardwareProfile, policy: 
                 _resident_job(g, c, w, hw, cached, first, q_adam, max_chunks, step, job_ends[o], updated)
                 continue
             _streamed_update(g, c, w, hw, cached, first, q_adam, max_chunks, step, job_ends[o], updated,
-                             extra_deps=[gsave])
+                             extra_deps=[gsave], master_read=not w.master_from_memory(i, resident, cached, handoff))
         # End of backward: the global norm is known (exact clipping; data parallel: every rank's, summed).
         step_end = join("end of step", [ends[-1] for ends in pos_ends], step, "step")
         norm = join("global norm", [step_end] + sums[-1:], step, "step")
@@ -465,7 +470,7 @@ def _simulate(w: Workload, costs: list[StageCost], hw: HardwareProfile, policy: 
                 _resident_job(g, costs[i], w, hw, cached, first, q_adam, max_chunks, step, job_ends[o], updated)
             else:
                 _streamed_update(g, costs[i], w, hw, cached, first, q_adam, max_chunks, step, job_ends[o], updated,
-                                 grad_read=True)
+                                 grad_read=True, master_read=not w.master_from_memory(i, resident, cached, False))
         if clip_mode == "redo":
             for i in sorted(speculated):
                 o = owner[i]

@@ -221,7 +221,7 @@ def _offload_ignored_in_memory(cfg) -> list[str]:
 # full fine-tuning's optimizer settings: with LoRA the base has no optimizer state and the adapters' AdamW runs on
 # the compute device after backward, so none of them applies
 FULL_OPTIMIZER_SETTINGS = ("resident_mem", "resident_spare", "optimizer_chunk", "optimizer_depth", "optimizer_threads",
-                           "max_pending_updates", "clip_schedule")
+                           "max_pending_updates", "clip_schedule", "handoff_weights")
 
 
 def _offload_ignored_by_lora(cfg) -> list[str]:

@@ -236,7 +236,10 @@ def test_trace_and_metrics_from_the_cli(tmp_path, capsys, precision):
     names = sorted(e["name"] for e in reads)
     assert any(n.startswith("read weights ") for n in names), names
     for part in ("master", "exp_avg", "exp_avg_sq"):  # a stage's state is "STAGE/PART.COPY" in the store
-        assert any(re.fullmatch(rf"read [\w.]+/{part}\.\d", n) for n in names), (part, names)
+        # in fp32 the master is the weights, which backward read and handed to the update: no update reads it
+        # (engine.py, Note: [Master in memory]); under bf16 the fp32 master is read
+        want = part != "master" or precision == "bf16"
+        assert any(re.fullmatch(rf"read [\w.]+/{part}\.\d", n) for n in names) == want, (part, names)
     rows: dict = {}  # a row's events apart in time: overlapping ones (threads writing at once) were dropped or
     for e in sorted((e for e in events if e["ph"] == "X"), key=lambda e: e["ts"]):  # garbled by Perfetto (a pass)
         assert e["ts"] >= rows.get(e["tid"], float("-inf")) - 1e-3, e

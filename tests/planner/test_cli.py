@@ -1326,9 +1326,10 @@ def test_activations_that_overflow_in_part_are_planned_tensor_by_tensor(tmp_path
         "read": 0, "written": 0}, (planned, step)
 
 
-@pytest.mark.parametrize("clip,budget,cache", [("none", "330.5MiB", True), ("100", "350.5MiB", True),
-                                               ("1.0", "350.5MiB", True), ("none", "330.5MiB", False)])
-def test_the_plans_ssd_traffic_is_what_train_reads_and_writes(tmp_path, capsys, clip, budget, cache):
+@pytest.mark.parametrize("clip,budget,cache,handoff", [("none", "330.5MiB", True, 0), ("100", "350.5MiB", True, 0),
+                                                       ("1.0", "350.5MiB", True, 0), ("none", "330.5MiB", False, 0),
+                                                       ("100", "400MiB", False, 4)])
+def test_the_plans_ssd_traffic_is_what_train_reads_and_writes(tmp_path, capsys, clip, budget, cache, handoff):
     """The plan gave SSD seconds and written bytes a step, not what a step reads. A run that streams its
     weights (one stage cached), swaps activations to the SSD and keeps its optimizer state there: the plan's
     bytes read and written a step, and the activations' share, are the engine's counters of a step that did
@@ -1337,7 +1338,8 @@ def test_the_plans_ssd_traffic_is_what_train_reads_and_writes(tmp_path, capsys, 
     a plan that counted two passed while stage 0 was cached (a mutation audit)."""
     (tmp_path / "ssd").mkdir()
     common = ["model.preset=gpt-tiny", f"train.grad_clip={clip}", "offload.act_policy=fc2,proj=ssd;0-3:checkpoint=ssd",
-              f"offload.cache_weights={str(cache).lower()}", "train.precision=fp32"]  # (its budgets: on any CPU)
+              f"offload.cache_weights={str(cache).lower()}", "train.precision=fp32",  # (its budgets: on any CPU)
+              "offload.resident_mem=0"]
     assert main(["train", "--offload", "ssd", "--ssd", str(tmp_path / "ssd"), "--out", str(tmp_path / "runs"),
                  "--cpu-mem", budget, *common, "train.steps=3", "train.log_every=1", "train.eval_every=0",
                  "train.device=cpu", "offload.keep_state=true", "run.name=t", "run.save_weights=false"]) == 0
@@ -1352,6 +1354,10 @@ def test_the_plans_ssd_traffic_is_what_train_reads_and_writes(tmp_path, capsys, 
     assert main(["plan", "--model", str(run), "--profile", str(_cpu_profile(tmp_path)), "--json"]) == 0
     p = json.loads(capsys.readouterr().out)
     assert p["cached_stages"] == int(cache) and p["resident_stages"] == 0  # (the figures below move weights and state)
+    # fp32: the master is the weights; streamed stages' updates take backward's copy (engine.py, Note: [Master in
+    # memory]) where the plan keeps the buffers for it, as the engine's plan does: its bytes are the counters' below
+    assert p["handoff_stages"] == handoff  # (at 330.5 MiB there is no room for them; with the cache, too few
+    # stages stream for them to pay)
     if clip == "1.0":  # every step clips (the norm stays above 1): the first redoes its updates, the others defer
         assert all(x["clipped"] for x in records) and [x["deferred"] for x in records] == [False, True, True]
         clipping = p["ssd_clipping_step_bytes"]
