@@ -103,12 +103,12 @@ def wait_for(cond: threading.Condition, predicate, what: str) -> None:
     _wait(lambda s: (cond.wait_for(predicate, s), None), what)
 
 
-def acquire(pool, nbytes: int, dtype, what: str):
-    """A buffer from a ``PinnedPool`` with the deadline."""
+def acquire(pool, nbytes: int, dtype, what: str, exact: bool = False):
+    """A buffer from a ``PinnedPool`` with the deadline (``exact``: as ``PinnedPool.acquire``'s)."""
 
     def poll(s):
         try:
-            return True, pool.acquire(nbytes, dtype, timeout=s)
+            return True, pool.acquire(nbytes, dtype, timeout=s, exact=exact)
         except TimeoutError:
             return False, None
 

@@ -265,9 +265,11 @@ def plan_memory(stage_numels: list[int], off, *, handoff: int = 0, **kw) -> Memo
     """The memory plan (``_plan_memory``), with ``handoff`` slots for backward's weights (``handoff_slots``) where
     they pay: they take memory the weight cache and the resident state would have, so the plan is made with
     and without them and the one whose step moves fewer SSD bytes wins (``_ssd_bytes``; a tie, or slots the
-    budget cannot hold, go without: the least budget stays what it was)."""
+    budget cannot hold, go without: the least budget stays what it was). Not with data parallelism (``owned``)."""
     plan = _plan_memory(stage_numels, off, **kw)
-    if handoff:
+    # (data parallel: each rank's bytes are its own stages' state, so equal budgets could choose apart, and the
+    # ranks' shared weight cache needs one plan: none there)
+    if handoff and kw.get("owned") is None:
         other = _plan_memory(stage_numels, off, handoff=handoff, **kw)
         fits = other.cpu_required <= other.cpu_budget
         if fits and _ssd_bytes(other, stage_numels, kw) < _ssd_bytes(plan, stage_numels, kw):

@@ -634,6 +634,7 @@ class Engine:
         self._pos = 0
         try:
             total = self._step(step, lr)
+            self._drop_handed()  # (none is left: each stage kept for its update was updated)
         except BaseException as e:
             self._summing = None
             self._drop_handed()
@@ -1022,7 +1023,6 @@ class Engine:
             self._summing = (st, flat, lr, step, self._start_sum(st, flat, f"{st.stage.name}'s gradient"))
             return
         pooled = self._pooled.pop(st.index, None)
-        master = self._master_in(st)  # (the hand-off, taken on every path: Note: [Master in memory])
         if self.sharded and st.owned:  # its last weights must have gone to the other ranks (exchange.py)
             watchdog.wait_event(st.exchanged, f"the exchange of {st.stage.name}'s weights (before its next update)")
         if not st.owned:  # data parallel, sharded: its owner updates it; this rank's share of the norm is 0
@@ -1067,16 +1067,16 @@ class Engine:
             release = pooled.release
         if self._defer and st.resident is None:
             # Deferred: the worker only saves the gradient now; the update follows the norm.
-            if "master_release" in master:  # (none is kept in defer mode: _handoff_positions)
-                Handed(master["master_in"], "", master["master_release"], master["master_event"]).drop(self.dev)
             self.worker.submit(UpdateJob(st, host, self.gdtype, lr, step + 1, 1.0, src=st.cur, dst=st.cur,
                                          release=release, event=event, save_grad=grad_key(st), update=False))
             self._waiting.append(st)
             return
         # A resident stage is updated in CPU memory; its store copy is chosen when it is flushed.
         dst = st.cur if st.resident is not None else st.target(keep_source=self.clipping)
+        # (the hand-off taken here, where nothing but the submit comes before the worker has it: a stage without
+        # one leaves nothing, and one left by an error on the way is dropped with the step)
         job = UpdateJob(st, host, self.gdtype, lr, step + 1, 1.0, src=st.cur, dst=dst, release=release,
-                        event=event, save_grad=grad_key(st) if self.clipping else None, **master)
+                        event=event, save_grad=grad_key(st) if self.clipping else None, **self._master_in(st))
         st.dirty = st.resident is not None
         if self.clipping:
             self._speculated.append((st, job.src, job.dst))

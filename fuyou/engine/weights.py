@@ -179,8 +179,9 @@ class WeightStreamer:
             host = st.cache
             c.add(cache_hits=1)
         else:
+            # (kept for the update: a buffer of its own size, as the plan counts those, not a larger one reused)
             buf = watchdog.acquire(self.pool, st.wnumel * dtype_size(self.dtype), self.dtype,
-                                   f"a buffer to load {st.stage.name}'s weights")
+                                   f"a buffer to load {st.stage.name}'s weights", exact=keep)
             t0, key = time.perf_counter(), st.keys.weights
             try:
                 watchdog.result(self.store.read_into(key, buf.tensor), f"the read of {st.stage.name}'s weights")

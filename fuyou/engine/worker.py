@@ -117,7 +117,7 @@ class OptimizerWorker:
         t0 = time.perf_counter()
         try:
             self._put(job, f"room in the optimizer queue (to update {job.state.stage.name})")
-        except BaseException:
+        except watchdog.StallError:  # never queued (any other error may come once it is: the worker has it)
             job.state.end_update()
             _let_go(job)
             raise

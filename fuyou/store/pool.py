@@ -105,11 +105,14 @@ class PinnedPool:
         self.peak = 0       # highest in_use seen
         self._closed = False
 
-    def acquire(self, nbytes: int, dtype: torch.dtype = torch.uint8, timeout: float | None = None) -> PinnedBuffer:
+    def acquire(self, nbytes: int, dtype: torch.dtype = torch.uint8, timeout: float | None = None,
+                exact: bool = False) -> PinnedBuffer:
         """Lend a buffer holding at least ``nbytes`` bytes, viewed as ``nbytes // itemsize`` elements of ``dtype``.
 
         Waits up to ``timeout`` seconds (forever when None) for other buffers to be released; raises
         ``TimeoutError`` when it runs out, :class:`PoolBudgetError` when ``nbytes`` exceeds the capacity.
+        ``exact``: a block of the rounded size itself, never a larger cached one (which counts at its own size:
+        a caller whose buffers the budget counts at their sizes, ``fuyou.engine.budget.weight_buffer_need``).
         """
         itemsize = torch.empty((), dtype=dtype).element_size()
         if nbytes < 0 or nbytes % itemsize:
@@ -122,7 +125,7 @@ class PinnedPool:
             while True:
                 if self._closed:
                     raise RuntimeError("the pinned pool is closed")
-                block = self._take(size)
+                block = self._take(size, exact)
                 if block is not None:
                     break
                 left = None if deadline is None else deadline - time.monotonic()
@@ -135,14 +138,14 @@ class PinnedPool:
             self.peak = max(self.peak, self.in_use)
         return PinnedBuffer(self, block, block.raw[:nbytes].view(dtype))
 
-    def _take(self, size: int) -> _Block | None:
+    def _take(self, size: int, exact: bool = False) -> _Block | None:
         """Reuse a cached block of this size, or allocate one after evicting cache; None if it can't fit now."""
         cached = self._free.get(size)
         if cached:
             return cached.pop()
         # A cached block up to twice the size serves too: no unregister/register churn when sizes vary
         # (stages of different sizes share the weight pool). It counts at its own size.
-        bigger = [sz for sz, blocks in self._free.items() if blocks and size < sz <= 2 * size]
+        bigger = [] if exact else [sz for sz, blocks in self._free.items() if blocks and size < sz <= 2 * size]
         if bigger:
             return self._free[min(bigger)].pop()
         if self._held + size > self.capacity:
