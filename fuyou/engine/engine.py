@@ -1332,7 +1332,7 @@ class Engine:
             parts.append(f"{streamed} from the SSD (holding backward's weights for them would take cache that "
                          f"saves more)")
         line = (f"{self.fmt.master} master = the compute weights: the updates of the {len(mine)} stages whose state is "
-                f"on the SSD take it " + ", ".join(parts))
+                f"on the SSD take it: " + ", ".join(parts))
         return line + ("; a redo reads it from the SSD" + (", as does a streamed stage's update deferred to the norm"
                                                            if self.plan.handoff else "") if self.clipping else "")
 
