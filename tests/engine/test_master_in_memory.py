@@ -108,7 +108,8 @@ def test_bf16_master_from_memory_trains_the_bits_the_store_would(tmp_path, monke
     """bf16 compute with a bf16 master and int8 moments (issue 19's configuration), weights cached in part:
     the same bits as the same run whose updates read every master from the store."""
     opts = [*FOUR_BLOCKS, "train.precision=bf16", "optim.master=bf16", "optim.moments=int8", "train.grad_clip=1.0",
-            "model.n_layer=12", "offload.cpu_mem=117500KiB", "offload.resident_mem=0", "offload.mode=ssd", "train.steps=3"]
+            "model.n_layer=12", "offload.cpu_mem=117500KiB", "offload.resident_mem=0", "offload.mode=ssd",
+            "train.steps=3"]
 
     def train(d):
         d.mkdir()
