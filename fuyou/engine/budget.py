@@ -283,14 +283,14 @@ def _ssd_bytes(plan: MemoryPlan, stage_numels: list[int], kw: dict) -> int:
     and written; a master that is the weights read only where it is not in memory: cached, or handed over)."""
     from fuyou.optim.compressed import StateFormat
 
-    fmt, csize, tied, owned = kw.get("fmt") or StateFormat(), kw["csize"], kw["tied"], kw.get("owned")
+    fmt, csize, tied = kw.get("fmt") or StateFormat(), kw["csize"], kw["tied"]
     wb = kw.get("weight_bytes") or [n * csize for n in stage_numels]
     last = len(stage_numels) - 1
     total = 0
     for i, n in enumerate(stage_numels):
         if i not in plan.cached_stages:
             total += wb[i] * (1 if i == last else 3 if i == 0 and tied else 2)
-        if i not in plan.resident_stages and (owned is None or i in owned):
+        if i not in plan.resident_stages:  # (one process: every stage's state is this plan's)
             master = n * fmt.master_dtype.itemsize if (i in plan.cached_stages or plan.handoff) else 0
             total += 2 * fmt.state_bytes(n) - master
     return total

@@ -186,7 +186,7 @@ class Engine:
         self.gdtype = torch.float32 if t.grad_accum > 1 else self.cdtype  # micro-batches are summed in fp32
         self.fmt = StateFormat.of(cfg.optim)  # how the optimizer state is stored (fuyou/optim/compressed.py)
         # the master is the compute weights: updates take it from memory where it is (Note: [Master in memory])
-        self.handoff = self.fmt.master_is_compute(self.cdtype) and not self.lora
+        self.master_is_weights = self.fmt.master_is_compute(self.cdtype) and not self.lora
         self.states = build_states(self.model.stages, cfg.optim.weight_decay, n_copies=3,
                                    int8=self.fmt.moments == "int8")
         if self.lora and cfg.lora.base != "compute":  # the blocks' base streams as int8 or NF4 codes and scales
@@ -533,7 +533,7 @@ class Engine:
             dequant_bytes=max((s.numel for s in self.states if s.packing is not None), default=0) * dtype_size(self.cdtype),
             offtier_bytes=offtier_bytes(self.cfg.model, self.act, t.micro_batch_size, self.cfg.data.seq_len,
                                         dtype_size(self.cdtype)),
-            share_cap=share_cap, handoff=handoff_slots(off, self.handoff, self.dist.enabled))
+            share_cap=share_cap, handoff=handoff_slots(off, self.master_is_weights, self.dist.enabled))
 
     def _shared_cache(self) -> SharedSegment | None:
         """The ranks' one weight cache (``cache_share`` > 1): rank 0 makes it, the others map it, then its
@@ -683,15 +683,16 @@ class Engine:
         """``UpdateJob``'s master fields for a stage's update that reads its copy ``cur`` (Note: [Master in
         memory]): its weight cache, or the weights its backward read; none else."""
         handed = self._handed.pop(st.index, None)
-        if not self.handoff or st.resident is not None or not st.owned:
-            pass
-        elif st.cache is not None:
-            return {"master_in": st.cache}
-        elif handed is not None and handed.key == st.keys.master:
-            return {"master_in": handed.tensor, "master_release": handed.release, "master_event": handed.event}
-        if handed is not None:
+        fields = {}
+        if self.master_is_weights and st.resident is None and st.owned:
+            if st.cache is not None:
+                fields = {"master_in": st.cache}
+            elif handed is not None and handed.key == st.keys.master:
+                fields, handed = {"master_in": handed.tensor, "master_release": handed.release,
+                                  "master_event": handed.event}, None
+        if handed is not None:  # not the update's to take: back to the pool
             handed.drop(self.dev)
-        return {}
+        return fields
 
     trace_step = 1  # which step's tasks ``--trace`` records (the second: the first warms caches)
     _evaluations = 0  # evaluations run by this process (faults.py's ``evaluation`` point)
@@ -1308,7 +1309,7 @@ class Engine:
                 lines.append(f"exact clipping at {t.grad_clip} of the adapters' gradients, after backward")
         elif self.clipping:
             lines.append(self._clipping_line())
-        if self.handoff and any(st.owned and st.resident is None for st in self.states):
+        if self.master_is_weights and any(st.owned and st.resident is None for st in self.states):
             lines.append(self._master_line())
         if off.act_cpu_mem and not self.act_cpu_mem:
             lines.append(f"note: offload.act_cpu_mem={format_size(off.act_cpu_mem)} is unused: the activation policy "

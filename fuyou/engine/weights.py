@@ -132,11 +132,10 @@ class WeightStreamer:
         loaded = self._futures.pop(pos).result()
         handed = None
         if loaded.kept:
-            buf = loaded.buffer
-            if take:
-                handed = Handed(buf.tensor, loaded.key, buf.release, loaded.event)
-            else:
-                Handed(buf.tensor, loaded.key, buf.release, loaded.event).drop(self.dev)
+            handed = Handed(loaded.buffer.tensor, loaded.key, loaded.buffer.release, loaded.event)
+            if not take:
+                handed.drop(self.dev)
+                handed = None
         elif loaded.buffer is not None and loaded.event is None:
             loaded.buffer.release()
         # The future (and the executor's work item, for a moment after the load) still refers to this

@@ -175,13 +175,13 @@ class OutOfCoreAdamW:
         reading: deque = deque()
         writing: deque = deque()
 
-        held = 0 if master_in is None else 1  # the master is in memory: m and v only are read
+        read = keys.state if master_in is None else keys.state[1:]  # (the master in memory: m and v only)
 
         def issue_read(span):
             s, e = span
             n = e - s
-            bufs = [self.pool.acquire(4 * n, torch.float32) for _ in range(3 - held)]
-            futs = [self._read(k, b.tensor, start=s) for k, b in zip(keys.state[held:], bufs)]
+            bufs = [self.pool.acquire(4 * n, torch.float32) for _ in read]
+            futs = [self._read(k, b.tensor, start=s) for k, b in zip(read, bufs)]
             if gkey:
                 gb = self.pool.acquire(n * _size(gdtype), gdtype)
                 bufs.append(gb)
@@ -211,9 +211,9 @@ class OutOfCoreAdamW:
                     for b in bufs:
                         b.release()
                     raise
-                m, v = (b.tensor for b in bufs[1 - held:3 - held])
-                master = master_in[s:e] if held else bufs[0].tensor
-                g = bufs[3 - held].tensor if gkey else grad[s:e]
+                *master, m, v = (b.tensor for b in bufs[:len(read)])
+                master = master[0] if master else master_in[s:e]
+                g = bufs[len(read)].tensor if gkey else grad[s:e]
                 wbuf = lowp = None
                 if lowp_out is not None:
                     lowp = lowp_out[s:e]
