@@ -278,22 +278,47 @@ def plan_memory(stage_numels: list[int], off, *, handoff: int = 0, **kw) -> Memo
 
 
 def _ssd_bytes(plan: MemoryPlan, stage_numels: list[int], kw: dict) -> int:
-    """SSD bytes of a step under ``plan`` where plans differ (``handoff_slots``' choice): the weights' reads of
-    stages not cached (forward and backward; the head once), the optimizer state of stages not resident (read
-    and written; a master that is the weights read only where it is not in memory: cached, or handed over)."""
+    """SSD bytes of a step under ``plan``, read and written (``stage_ssd_bytes``, the planner's figure too), one
+    process: every stage's state is this plan's."""
+    import torch
+
     from fuyou.optim.compressed import StateFormat
 
     fmt, csize, tied = kw.get("fmt") or StateFormat(), kw["csize"], kw["tied"]
     wb = kw.get("weight_bytes") or [n * csize for n in stage_numels]
-    last = len(stage_numels) - 1
-    total = 0
-    for i, n in enumerate(stage_numels):
-        if i not in plan.cached_stages:
-            total += wb[i] * (1 if i == last else 3 if i == 0 and tied else 2)
-        if i not in plan.resident_stages:  # (one process: every stage's state is this plan's)
-            master = n * fmt.master_dtype.itemsize if (i in plan.cached_stages or plan.handoff) else 0
-            total += 2 * fmt.state_bytes(n) - master
-    return total
+    master_is_weights = fmt.master_is_compute(torch.bfloat16 if csize == 2 else torch.float32)
+    return sum(sum(stage_ssd_bytes(n, wb[i], stage_uses(i, len(stage_numels), tied), fmt, csize, kw["gsize"],
+                                   kw["deferred"], i in plan.cached_stages, i in plan.resident_stages,
+                                   master_is_weights, bool(plan.handoff)))
+               for i, n in enumerate(stage_numels))
+
+
+def stage_uses(i: int, stages: int, tied: bool) -> int:
+    """Times a step loads stage ``i``'s weights: forward and backward, the head once (layer-major), and a tied
+    embedding once more for the head."""
+    return (1 if i == stages - 1 else 2) + (1 if i == 0 and tied else 0)
+
+
+def stage_ssd_bytes(numel: int, weight_bytes: int, uses: int, fmt, csize: int, gsize: int, clip: bool, cached: bool,
+                    resident: bool, master_is_weights: bool, handoff: bool) -> tuple[int, int]:
+    """SSD bytes (read, written) of one stage's step, full fine-tuning: its weights where the cache does not hold
+    them, at each of ``uses``; its optimizer state where it is not resident (read and written; a master that
+    is the weights not read where it is in memory: ``master_from_memory``); compute weights apart from the
+    master, where they are not cached; with exact clipping (``clip``), its gradient saved in case the step is
+    redone (the redo's reads not counted). A resident stage's state goes to the SSD by commits only."""
+    state = fmt.state_bytes(numel)
+    master = numel * fmt.master_dtype.itemsize if master_from_memory(master_is_weights, resident, cached, handoff) else 0
+    read = (0 if resident else state - master) + (0 if cached else uses * weight_bytes)
+    separate = not cached and not (master_is_weights and not resident)
+    written = (0 if resident else state + (numel * gsize if clip else 0)) + (numel * csize if separate else 0)
+    return read, written
+
+
+def master_from_memory(master_is_weights: bool, resident: bool, cached: bool, handoff: bool) -> bool:
+    """A stage's update takes its master from memory, not the SSD: the master is its weights (``master_is_weights``),
+    in the cache, or handed over by its backward where the plan keeps them (``handoff``: engine.py, Note: [Master in
+    memory]). Not a redo's, nor a streamed stage's update deferred to the norm (the caller's to say)."""
+    return master_is_weights and not resident and (cached or handoff)
 
 
 def _plan_memory(stage_numels: list[int], off, *, chunk: int, io_buffer_bytes: int, act: dict[str, int],

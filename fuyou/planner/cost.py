@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fuyou.engine.budget import class_parts, class_widths, device_working_bytes, handoff_slots, saved_block_bytes
+from fuyou.engine.budget import (class_parts, class_widths, device_working_bytes, handoff_slots, master_from_memory,
+                                 saved_block_bytes, stage_ssd_bytes, stage_uses)
 from fuyou.engine.config import OffloadConfig
 from fuyou.models import ModelConfig, StageModel
 from fuyou.models.lora import LoRAConfig, attach
@@ -99,11 +100,8 @@ class Workload:
         return handoff_slots(self.offload, self.master_is_weights, self.ranks > 1)
 
     def master_from_memory(self, i: int, resident, cached, handoff: bool) -> bool:
-        """Stage ``i``'s update takes its master from memory, not the SSD: the master is its weights, in
-        the cache, or handed over by its backward where the plan keeps them (``handoff``: engine.py, Note:
-        [Master in memory]). Not a redo's, nor a streamed stage's update deferred to the norm (the caller's
-        to say)."""
-        return self.master_is_weights and i not in resident and (i in cached or handoff)
+        """Stage ``i``'s update takes its master from memory, not the SSD (``budget.master_from_memory``)."""
+        return master_from_memory(self.master_is_weights, i in resident, i in cached, handoff)
 
     @property
     def state_bpp(self) -> float:
@@ -270,23 +268,16 @@ def step_bytes(w: Workload, cached: set[int], resident: set[int] | frozenset = f
     where it is cached or (``handoff``, ``MemoryPlan.handoff``) backward's copy is handed over (engine.py,
     Note: [Master in memory])."""
     reads = writes = h2d = d2h = 0
-    uses = {i: 2 for i in range(len(w.numels) - 1)}  # forward and backward, once per step (layer-major)
-    uses[len(w.numels) - 1] = 1
-    if w.tied:
-        uses[0] += 1
     for i, n in enumerate(w.numels):
+        uses = stage_uses(i, len(w.numels), w.tied)
         if w.lora_params is not None:  # LoRA: the base (as stored, packed if quantised) is only read; nothing is
-            h2d += uses[i] * w.weight_bytes[i]  # written or leaves the device
-            reads += 0 if i in cached else uses[i] * w.weight_bytes[i]
+            h2d += uses * w.weight_bytes[i]  # written or leaves the device
+            reads += 0 if i in cached else uses * w.weight_bytes[i]
             continue
-        h2d += uses[i] * n * w.csize
-        clip = w.grad_clip is not None
-        state = w.fmt.state_bytes(n)
-        master = n * w.fmt.master_dtype.itemsize if w.master_from_memory(i, resident, cached, handoff) else 0
-        reads += (0 if i in resident else state - master) + (0 if i in cached else uses[i] * n * w.csize)
-        separate = i not in cached and not (w.master_is_weights and i not in resident)
-        writes += (0 if i in resident else state) + (n * w.csize if separate else 0) + (
-            n * w.gsize if clip and i not in resident else 0)
+        h2d += uses * n * w.csize
+        r, wr = stage_ssd_bytes(n, w.weight_bytes[i], uses, w.fmt, w.csize, w.gsize, w.grad_clip is not None,
+                                i in cached, i in resident, w.master_is_weights, handoff)
+        reads, writes = reads + r, writes + wr
         d2h += n * w.gsize
     return {"ssd_read": reads, "ssd_write": writes, "h2d": h2d, "d2h": d2h}
 
