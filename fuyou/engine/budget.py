@@ -307,7 +307,8 @@ def stage_ssd_bytes(numel: int, weight_bytes: int, uses: int, fmt, csize: int, g
     master, where they are not cached; with exact clipping (``clip``), its gradient saved in case the step is
     redone (the redo's reads not counted). A resident stage's state goes to the SSD by commits only."""
     state = fmt.state_bytes(numel)
-    master = numel * fmt.master_dtype.itemsize if master_from_memory(master_is_weights, resident, cached, handoff) else 0
+    in_memory = master_from_memory(master_is_weights, resident, cached, handoff)
+    master = numel * fmt.master_dtype.itemsize if in_memory else 0
     read = (0 if resident else state - master) + (0 if cached else uses * weight_bytes)
     separate = not cached and not (master_is_weights and not resident)
     written = (0 if resident else state + (numel * gsize if clip else 0)) + (numel * csize if separate else 0)
