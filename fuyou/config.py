@@ -451,6 +451,10 @@ def _parse_value(text: str) -> Any:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         pass
+    if text.startswith("[") and text.endswith("]") and "[" not in text[1:-1]:
+        # a list of bare words (offload.ssd_dirs=[/nvme0,/nvme1], as lora.targets=[q_proj,v_proj] is written):
+        # each item as a value of its own, not the whole as one path '[/nvme0,/nvme1]' (a hostile pass)
+        return [_parse_value(t.strip()) for t in text[1:-1].split(",") if t.strip()]
     try:  # a number TOML spells otherwise (.0001, 5.): a number all the same, as a user means it
         return float(text) if any(c.isdigit() for c in text) and text.lower() not in ("nan", "inf") else text
     except ValueError:

@@ -103,7 +103,33 @@ def torchrun_args(argv: list[str]):
     if args.training_script != "fuyou.cli" or list(args.training_script_args) != given:
         raise ConfigError(f"fuyou launch names the program itself (fuyou's train), but {args.training_script} "
                           f"was given as one: {USAGE}")
+    _check_counts(args)
     return args
+
+
+def _check_counts(args) -> None:
+    """Refuse counts torchrun takes only to fail on (an AssertionError's traceback: --nproc_per_node=0, --nnodes=2:1,
+    --max_restarts=-1) or to wait on for ever (--node_rank=5 of --nnodes=2: no rendezvous completes). Words
+    torchrun reads itself (--nproc_per_node=gpu, auto) are its own to check."""
+    def count(name: str, value: str) -> int | None:
+        try:
+            n = int(value)
+        except (TypeError, ValueError):
+            return None
+        if n < 1:
+            raise ConfigError(f"{name}={value}: it counts, so it is at least 1: {USAGE}")
+        return n
+
+    count("--nproc_per_node", args.nproc_per_node)
+    low, _, high = str(args.nnodes).partition(":")
+    least, most = count("--nnodes", low), count("--nnodes", high or low)
+    if least is not None and most is not None and least > most:
+        raise ConfigError(f"--nnodes={args.nnodes}: a range MIN:MAX with MIN at most MAX: {USAGE}")
+    if args.max_restarts < 0:
+        raise ConfigError(f"--max_restarts={args.max_restarts}: it is 0 or more: {USAGE}")
+    if args.node_rank < 0 or (most is not None and args.node_rank >= most):
+        raise ConfigError(f"--node_rank={args.node_rank}: this machine's place among the --nnodes={args.nnodes} machines, "
+                          f"0 to {'N - 1' if most is None else most - 1}: {USAGE}")
 
 
 def exit_status(failures: dict[int, object]) -> tuple[int, int]:

@@ -804,3 +804,54 @@ def test_an_adapter_with_non_finite_values_is_refused_by_name(exported_adapter, 
     err = _err(capsys, ["train", "--model", "gpt-test", "--out", str(tmp_path / "runs"), *ADAPTED,
                         f"lora.init_from={ad}"])
     assert f"{name} in {ad / 'adapter_model.safetensors'} holds non-finite values" in err, err
+
+
+def test_a_state_directory_not_there_or_a_data_file_missing_is_said_as_such(tmp_path, capsys):
+    """A hostile pass: a two-drive run's first directory gone said it was "directory 1 listed at position 1", the
+    second's gone "not part of this store" (and its export "1 were given", where none was); a data file deleted was
+    exit 4, "deleted while in use", a retry that fails for ever: it is a damaged state (5). Each time the state,
+    put back, resumes."""
+    import shutil
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    argv = ["train", "--offload", "ssd", "--ssd", str(a), "--ssd", str(b), "--cpu-mem", "256MiB", "--out",
+            str(tmp_path / "runs"), "run.name=two", "offload.keep_state=true", *TINY]
+    assert main(argv) == 0
+    run, state = tmp_path / "runs" / "two", "two.fuyou-state"
+    resume = ["train", "--resume", str(run), "train.steps=3"]
+    capsys.readouterr()
+    shutil.move(a / state, tmp_path / "away")
+    err = _err(capsys, resume)
+    assert f"{a / state} holds none of the training state's files" in err and "not mounted" in err, err
+    shutil.move(tmp_path / "away", a / state)
+    shutil.move(b / state, tmp_path / "away")
+    err = _err(capsys, resume)
+    assert f"{b / state} holds none of the training state's files: directory 1 of" in err, err
+    (run / "model.safetensors").unlink()
+    err = _err(capsys, ["export", str(run), "--out", str(tmp_path / "e")])
+    assert f"{b / state} is not there" in err and "--ssd" in err, err
+    shutil.move(tmp_path / "away", b / state)
+    data = next((b / state).glob("fuyou-store.*.dat"))
+    data.rename(tmp_path / "data")
+    err = _err(capsys, resume, status=5)
+    assert f"{data}: the store's data file is missing" in err, err
+    (tmp_path / "data").rename(data)
+    assert main(resume) == 0
+
+
+def test_a_list_of_bare_paths_is_a_list_and_a_gone_run_directory_is_not_offered_for_resume(tmp_path, capsys):
+    """A hostile pass: offload.ssd_dirs=[/a,/b] (written as lora.targets=[q_proj,v_proj] is) was one directory
+    named '[/a,/b]', "create it first"; a committed state whose run directory was deleted was refused with the
+    advice to resume that directory, which fails."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    argv = ["train", "--offload", "ssd", f"offload.ssd_dirs=[{a},{b}]", "--cpu-mem", "256MiB", "--out",
+            str(tmp_path / "runs"), "run.name=l", "run.save_weights=false", *TINY]
+    assert main(argv) == 0
+    assert (a / "l.fuyou-state").is_dir() and (b / "l.fuyou-state").is_dir()
+    import shutil
+
+    shutil.rmtree(tmp_path / "runs" / "l")
+    err = _err(capsys, argv)
+    assert "whose run directory is no longer there" in err and "--resume" not in err, err

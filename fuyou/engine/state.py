@@ -526,6 +526,12 @@ def refuse_committed_state(store_dirs: list[Path], cfg, name: str) -> None:
         if live is not None:  # (its advice was to resume a run that was still training)
             raise ConfigError(f"{store_dirs[0]} holds the SSD state of {run}, which is still training (process "
                               f"{live}); {_another_name(cfg)}")
+        if owner and not (Path(owner) / "config.toml").is_file():  # (a hostile pass: its advice was a resume of a
+            # directory that was gone, which fails)
+            raise ConfigError(f"{store_dirs[0]} holds the committed SSD state of {run}, whose run directory is no "
+                              f"longer there (moved? resume it where it is now; deleted: its state cannot be resumed "
+                              f"without it): choose another run.name, or offload.replace_state=true to delete that "
+                              f"state")
         raise ConfigError(f"{store_dirs[0]} holds the committed SSD state of {run}: continue it with `fuyou train "
                           f"--resume {owner or 'RUN_DIR'}`, or choose another run.name (offload.replace_state=true "
                           f"deletes that state, and that run could not be resumed again)")

@@ -37,6 +37,10 @@ def _well_formed(m: dict) -> bool:
             and all(ints(x) for x in m["next_offsets"]) and ints(m.get("generation", 0)))
 
 
+_GONE = ("Is a drive not mounted, or was the directory moved or deleted? Mount it, or resume (or export) with --ssd "
+         "giving where the state's directories are now, in the run's order; else start a new run")
+
+
 def read_manifest(paths: list[Path]) -> dict:
     mpath = paths[0] / L.MANIFEST
     if not mpath.exists():
@@ -48,6 +52,9 @@ def read_manifest(paths: list[Path]) -> dict:
             if isinstance(marker, dict) and marker.get("index") == i == 0:  # in its place, the manifest gone
                 raise StoreCorruptError(None, str(mpath), f"the store's manifest is missing (deleted?) from {d}, "
                                         f"which holds the store's other files")
+            if isinstance(marker, dict) and marker.get("index") == i:  # the others in place, the first not there
+                raise StoreNotFoundError(f"{paths[0]} holds none of the training state's files while {d} is "
+                                         f"directory {i} of it: the first directory is not there. {_GONE}")
             raise StoreUsageError(f"{d} is directory {marker.get('index')} of a store but was listed at position "
                                   f"{i}; list the store's directories in their original order (the first one "
                                   f"holds {L.MANIFEST})")
@@ -64,6 +71,10 @@ def read_manifest(paths: list[Path]) -> dict:
     if not ok:
         raise StoreCorruptError(None, str(mpath), f"manifest format {manifest.get('format')!r} is not "
                                 f"{L.FORMAT_VERSION} or its directory list is inconsistent")
+    gone = [str(d) for d in manifest["dirs"] if not Path(d).is_dir()]
+    if len(manifest["dirs"]) != len(paths) and gone:  # a caller that kept the directories it found
+        raise StoreNotFoundError(f"the training state's directories are {manifest['dirs']}; {', '.join(gone)} "
+                                 f"{'is' if len(gone) == 1 else 'are'} not there. {_GONE}")
     if len(manifest["dirs"]) != len(paths):
         raise StoreUsageError(f"the store was created over {len(manifest['dirs'])} directories "
                               f"{manifest['dirs']}; {len(paths)} were given. List them all, in order.")
@@ -71,6 +82,9 @@ def read_manifest(paths: list[Path]) -> dict:
         try:
             marker = json.loads((d / L.MARKER).read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
+            if not d.is_dir() or not any(d.iterdir()):
+                raise StoreNotFoundError(f"{d} holds none of the training state's files: directory {i} of "
+                                         f"{manifest['dirs']} is not there. {_GONE}") from exc
             raise StoreUsageError(f"{d} has no readable {L.MARKER}: it is not part of this store ({exc})") from exc
         if marker.get("uuid") != manifest["uuid"] or marker.get("index") != i:
             raise StoreUsageError(f"{d} belongs to another store or to position {marker.get('index')} of this "

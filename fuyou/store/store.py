@@ -489,7 +489,7 @@ def _open_data_file(d: Path, path: str, direct: bool, create: bool) -> tuple[int
             return os.open(path, flags | os.O_DIRECT, 0o644), True
         except OSError as exc:
             if exc.errno != errno.EINVAL:
-                raise _open_error(exc, path) from exc
+                raise _open_error(exc, path, create) from exc
             if create:  # Linux makes the file before it refuses O_DIRECT (O_EXCL passed: the file is this call's),
                 # and the buffered open's O_EXCL then called it a file the store did not make (a hostile pass on ramfs)
                 try:
@@ -504,12 +504,15 @@ def _open_data_file(d: Path, path: str, direct: bool, create: bool) -> tuple[int
     try:
         return os.open(path, flags, 0o644), False
     except OSError as exc:
-        raise _open_error(exc, path) from exc
+        raise _open_error(exc, path, create) from exc
 
 
-def _open_error(exc: OSError, path: str) -> Exception:
+def _open_error(exc: OSError, path: str, create: bool) -> Exception:
     if exc.errno in (errno.EEXIST, errno.ELOOP):
         what = "a symlink" if os.path.islink(path) else "a file"
         return StoreUsageError(f"{path} is {what} the store did not make: a state directory holds only the store's "
                                f"own files. Remove it (or choose another run name) and try again")
+    if exc.errno == errno.ENOENT and not create:  # the manifest and the directory's marker were there: damaged
+        return StoreCorruptError(None, path, "the store's data file is missing (deleted?) beside the store's other "
+                                             "files: the state is incomplete; restore the file, or start a new run")
     return io_error_from_oserror(exc, path, 0, 0, "open")

@@ -104,6 +104,12 @@ def test_the_status_of_a_failed_launch_prefers_what_a_retry_cannot_mend():
     (["launch", "--nproc_per_node=abc", "train"],
      "a torchrun option of fuyou launch: Unsupported nproc_per_node value: abc"),
     (["launch", "--nnodes=abc", "train"], "a torchrun option of fuyou launch: invalid literal for int()"),
+    # counts torchrun takes and then fails on with an AssertionError's traceback, or waits on for ever (a hostile pass)
+    (["launch", "--nproc_per_node=0", "train"], "--nproc_per_node=0: it counts, so it is at least 1"),
+    (["launch", "--nnodes=0", "train"], "--nnodes=0: it counts"),
+    (["launch", "--nnodes=2:1", "train"], "--nnodes=2:1: a range MIN:MAX with MIN at most MAX"),
+    (["launch", "--max_restarts=-1", "train"], "--max_restarts=-1: it is 0 or more"),
+    (["launch", "--nnodes=2", "--node_rank=5", "train"], "--node_rank=5: this machine's place among the --nnodes=2"),
 ])
 def test_what_fuyou_launch_refuses(capsys, argv, said):
     assert main(argv) == 2
