@@ -128,8 +128,8 @@ def _check_counts(args) -> None:
     if args.max_restarts < 0:
         raise ConfigError(f"--max_restarts={args.max_restarts}: it is 0 or more: {USAGE}")
     if args.node_rank < 0 or (most is not None and args.node_rank >= most):
-        raise ConfigError(f"--node_rank={args.node_rank}: this machine's place among the --nnodes={args.nnodes} machines, "
-                          f"0 to {'N - 1' if most is None else most - 1}: {USAGE}")
+        raise ConfigError(f"--node_rank={args.node_rank}: this machine's place among the --nnodes={args.nnodes} "
+                          f"machines, 0 to {'N - 1' if most is None else most - 1}: {USAGE}")
 
 
 def exit_status(failures: dict[int, object]) -> tuple[int, int]:
