@@ -380,6 +380,9 @@ def _train(args) -> int:
         resume = given_run_dir(args.resume)  # (`--resume .` looked for the state ".fuyou-state": a pass)
         if resume.is_file() and resume.name == "config.toml":
             raise ConfigError(f"--resume takes the run directory, not its config.toml: --resume {resume.parent}")
+        if not resume.exists():
+            raise ConfigError(f"{resume} does not exist; --resume takes the run directory a run printed (`run "
+                              f"directory: ...`)")
         if not (resume / "config.toml").is_file():
             raise ConfigError(f"{resume} is not a run directory (no config.toml); give the directory a run printed")
         from fuyou.hf.source import snapshot_run
@@ -396,8 +399,15 @@ def _train(args) -> int:
         saved = read_toml(resume / "config.toml")  # (read once, for the refusals below that name its values)
         model, lora = (saved.get(k) if isinstance(saved.get(k), dict) else None for k in ("model", "lora"))
         given = [o.partition("=")[2] for o in args.overrides if o.partition("=")[0].strip() == "model.init_from"]
+        start = (model or {}).get("init_from")
+        if (args.init_from or given) and _same_place(args.init_from or given[-1], start):  # (a hostile pass: the
+            # run's own start was "cannot change that")
+            print(f"fuyou: note: --init-from / model.init_from is where {resume} started; a resume continues from its "
+                  f"committed state", file=sys.stderr)
+            args.init_from, given = None, []
+            args.overrides = [o for o in args.overrides if o.partition("=")[0].strip() != "model.init_from"]
         if args.init_from or given:
-            start, adapted = (model or {}).get("init_from"), ((lora or {}).get("rank") or 0) > 0
+            adapted = ((lora or {}).get("rank") or 0) > 0
             raise ConfigError(f"a resume continues from {resume}'s committed state, which started from "
                               f"{start or 'a random initialisation'}; --init-from / model.init_from "
                               f"({args.init_from or given[-1]}) cannot change that. Drop it, or start a new run from "
@@ -674,3 +684,15 @@ def _prepare(args) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _same_place(given: str, start) -> bool:
+    """Whether an ``--init-from`` names the place a run started from (its config's ``model.init_from``)."""
+    from pathlib import Path
+
+    if not isinstance(start, str) or not given or given.strip() in ("none", ""):
+        return False
+    try:
+        return Path(given.strip().strip("'\"")).expanduser().resolve() == Path(start).expanduser().resolve()
+    except (OSError, RuntimeError):
+        return False

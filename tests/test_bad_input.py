@@ -855,3 +855,18 @@ def test_a_list_of_bare_paths_is_a_list_and_a_gone_run_directory_is_not_offered_
     shutil.rmtree(tmp_path / "runs" / "l")
     err = _err(capsys, argv)
     assert "whose run directory is no longer there" in err and "--resume" not in err, err
+
+
+def test_a_resume_given_its_own_start_goes_on_and_one_of_nothing_says_so(tmp_path, capsys):
+    """A hostile pass: `--resume RUN --init-from` the run's own start was refused as a change ("cannot change
+    that"); a --resume of a path that does not exist said it had no config.toml."""
+    out = tmp_path / "runs"
+    assert main(["train", "--out", str(out), "run.name=base", *TINY]) == 0
+    argv = _offload(tmp_path, "b", "offload.keep_state=true", "--init-from", str(out / "base"))
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", str(out / "b"), "--init-from", str(out / "base"), "train.steps=3"]) == 0
+    assert "is where" in capsys.readouterr().err
+    err = _err(capsys, ["train", "--resume", str(out / "b"), "--init-from", str(out / "b"), "train.steps=4"])
+    assert "cannot change that" in err, err
+    assert f"{tmp_path / 'nope'} does not exist" in _err(capsys, ["train", "--resume", str(tmp_path / "nope")])
