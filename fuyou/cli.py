@@ -414,9 +414,13 @@ def _train(args) -> int:
                               f"it" + (" (with lora.init_from the run's exported adapter, to keep the adapters)"
                                        if adapted else ""))
         # (before the config's own checks, which blamed the preset's family: a pass; [model] no table: they say so)
-        if args.model and model is not None and args.model != model.get("preset"):
-            raise ConfigError(f"a resumed run cannot change model.preset ({model.get('preset')!r} -> {args.model!r}): "
-                              f"its committed state has the run's model. Drop --model, or start a new run")
+        presets = [o.partition("=")[2].strip().strip("'\"") for o in args.overrides
+                   if o.partition("=")[0].strip() == "model.preset"]  # (as an override it was blamed on n_kv_head)
+        preset = args.model or (presets[-1] if presets else None)
+        if preset and model is not None and preset != model.get("preset"):
+            raise ConfigError(f"a resumed run cannot change model.preset ({model.get('preset')!r} -> {preset!r}): "
+                              f"its committed state has the run's model. Drop "
+                              f"{'--model' if args.model else 'model.preset'}, or start a new run")
         placed = [o.partition("=")[0].strip() for o in args.overrides
                   if o.partition("=")[0].strip() in ("run.out_dir", "run.name")] + (["--out"] if args.out else [])
         if placed:  # (ignored in silence: a pass)

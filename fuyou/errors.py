@@ -74,6 +74,12 @@ class StoreError(FuyouError):
 def encoding_advice(raw: bytes) -> str:
     """How to convert a file that is not UTF-8, from its first bytes: UTF-16 (a byte-order mark, or NUL bytes
     between ASCII characters) has its own command (Latin-1's, followed, filled the text with NULs: a pass)."""
-    if raw[:2] in (b"\xff\xfe", b"\xfe\xff") or raw[:200].count(b"\x00") > len(raw[:200]) // 4:
+    head = raw[:200]
+    odd, even = head[1::2], head[0::2]  # UTF-16's ASCII: a NUL every other byte, on one side only
+    halves = (odd.count(0) > len(odd) * 0.8 and even.count(0) < len(even) * 0.2) or (
+        even.count(0) > len(even) * 0.8 and odd.count(0) < len(odd) * 0.2)
+    if raw[:2] in (b"\xff\xfe", b"\xfe\xff") or halves:
         return "it looks like UTF-16: convert it with `iconv -f utf-16 -t utf-8`"
+    if b"\x00" in head:  # (an executable read as UTF-16: a hostile pass)
+        return "it looks like a binary file, not text: give text, JSONL or JSON files (or a prepared dataset)"
     return "save the file as UTF-8 (for example `iconv -f latin1 -t utf-8` for Latin-1)"

@@ -211,6 +211,8 @@ def test_resume_with_another_shape_is_refused_and_optimizer_changes_are_recorded
     assert "unknown GPU hardware.gpu='foo'" in err and "config.toml names it" not in err, err
     err = _err(capsys, ["train", "--resume", str(run_dir), "--model", "llama-test"])  # (it blamed the family)
     assert "cannot change model.preset ('gpt-test' -> 'llama-test')" in err, err
+    err = _err(capsys, ["train", "--resume", str(run_dir), "model.preset=llama-test"])  # (it blamed n_kv_head)
+    assert "cannot change model.preset ('gpt-test' -> 'llama-test'): its committed state" in err, err
     err = _err(capsys, ["train", "--resume", str(run_dir), "--out", str(tmp_path / "elsewhere"), "run.name=x",
                         "optim.moments=int8"])  # (ignored in silence)
     assert "note: run.name, --out name a new run's directory; a resume continues in" in err, err
@@ -407,6 +409,11 @@ def test_import_to_a_file_is_refused_with_a_sentence(tmp_path, capsys):
     f.write_text("x")
     assert "is a file; give a directory" in _err(capsys, ["import", str(tmp_path), "--out", str(f)])
     assert "is a file, not a directory" in _err(capsys, ["import", str(tmp_path), "--out", str(f / "sub")])
+    adapter = tmp_path / "adapter"  # (a hostile pass: "no config.json", where train and export name an adapter)
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    err = _err(capsys, ["import", str(adapter), "--out", str(tmp_path / "imported")])
+    assert "is a PEFT adapter (adapter_config.json), not a model" in err, err
 
 
 def test_a_toml_file_that_is_not_utf8_is_a_sentence_and_a_byte_order_mark_is_read(tmp_path, capsys):
@@ -463,6 +470,10 @@ def test_cli_mistakes_found_by_a_second_new_user_pass(tmp_path, capsys):
     (tmp_path / "u16.txt").write_bytes("hello world\n".encode("utf-16"))
     err = _err(capsys, ["data", "prepare", str(tmp_path / "u16.txt"), "--out", str(tmp_path / "x")])
     assert "iconv -f utf-16" in err
+    # (an executable read as UTF-16: a hostile pass)
+    (tmp_path / "exe.txt").write_bytes(b"\x7fELF\x02\x01\x01" + bytes(9) + bytes(range(256)) * 2)
+    err = _err(capsys, ["data", "prepare", str(tmp_path / "exe.txt"), "--out", str(tmp_path / "x")])
+    assert "a binary file, not text" in err and "utf-16" not in err, err
     docs = tmp_path / "docs"
     docs.mkdir()
     _write(docs / "one.txt", "first document " * 20)

@@ -37,6 +37,9 @@ def convert_checkpoint(hf_dir: str | Path, out_dir: str | Path) -> Path:
     if not (src / "config.json").is_file() and (src / "config.toml").is_file():
         raise ConfigError(f"{src} is a fuyou run directory, which needs no import: train from it with fuyou train "
                           f"--init-from {src}, or write it for transformers with fuyou export {src} --out DIR")
+    if not (src / "config.json").is_file() and (src / "adapter_config.json").is_file():  # (a hostile pass)
+        raise ConfigError(f"{src} is a PEFT adapter (adapter_config.json), not a model: import its base model, "
+                          f"and train the adapter on with --init-from BASE lora.init_from={src}")
     if not (src / "config.json").is_file():
         raise ConfigError(f"{src} is not a Hugging Face model directory (no config.json); `fuyou import` reads "
                           f"a local directory with config.json, *.safetensors and tokenizer files")
