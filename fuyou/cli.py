@@ -686,10 +686,6 @@ def _prepare(args) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 def _same_place(given: str, start) -> bool:
     """Whether an ``--init-from`` names the place a run started from (its config's ``model.init_from``)."""
     from pathlib import Path
@@ -700,3 +696,8 @@ def _same_place(given: str, start) -> bool:
         return Path(given.strip().strip("'\"")).expanduser().resolve() == Path(start).expanduser().resolve()
     except (OSError, RuntimeError):
         return False
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

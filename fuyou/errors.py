@@ -76,8 +76,9 @@ def encoding_advice(raw: bytes) -> str:
     between ASCII characters) has its own command (Latin-1's, followed, filled the text with NULs: a pass)."""
     head = raw[:200]
     odd, even = head[1::2], head[0::2]  # UTF-16's ASCII: a NUL every other byte, on one side only
-    halves = (odd.count(0) > len(odd) * 0.8 and even.count(0) < len(even) * 0.2) or (
-        even.count(0) > len(even) * 0.8 and odd.count(0) < len(odd) * 0.2)
+    # (CJK between the ASCII leaves fewer NULs on that side, but none on the other; a binary has them on both)
+    halves = (odd.count(0) > len(odd) * 0.25 and even.count(0) < len(even) * 0.05) or (
+        even.count(0) > len(even) * 0.25 and odd.count(0) < len(odd) * 0.05)
     if raw[:2] in (b"\xff\xfe", b"\xfe\xff") or halves:
         return "it looks like UTF-16: convert it with `iconv -f utf-16 -t utf-8`"
     if b"\x00" in head:  # (an executable read as UTF-16: a hostile pass)

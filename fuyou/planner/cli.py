@@ -290,7 +290,7 @@ def _plan_model_fields(model: str, overrides: list[str], base: dict | None = Non
     import json
     from pathlib import Path
 
-    from fuyou.config import SECTIONS, _parse_value, refuse_implicit
+    from fuyou.config import SECTIONS, _parse_value, _text_field, refuse_implicit
     from fuyou.errors import ConfigError
     from fuyou.models import PRESETS, preset
 
@@ -345,6 +345,8 @@ def _plan_model_fields(model: str, overrides: list[str], base: dict | None = Non
                               f"data.KEY=VALUE, train.precision, train.grad_clip, optim.master and optim.moments "
                               f"overrides (the batch (--batch, --grad-accum) and hardware have their own flags)")
         value = _parse_value(text.strip())
+        if not isinstance(value, str) and _text_field(key.strip()):  # (as train reads it: a path is its text)
+            value = text.strip()
         if section in SECTIONS:
             refuse_implicit(SECTIONS[section], section, name, value)
         if section == "model":

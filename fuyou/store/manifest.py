@@ -41,6 +41,13 @@ _GONE = ("Is a drive not mounted, or was the directory moved or deleted? Mount i
          "giving where the state's directories are now, in the run's order; else start a new run")
 
 
+def _holds_anything(d: Path) -> bool:
+    try:
+        return any(d.iterdir())
+    except OSError:  # (unreadable: it is there, and the marker's own error says why)
+        return True
+
+
 def read_manifest(paths: list[Path]) -> dict:
     mpath = paths[0] / L.MANIFEST
     if not mpath.exists():
@@ -71,8 +78,8 @@ def read_manifest(paths: list[Path]) -> dict:
     if not ok:
         raise StoreCorruptError(None, str(mpath), f"manifest format {manifest.get('format')!r} is not "
                                 f"{L.FORMAT_VERSION} or its directory list is inconsistent")
-    gone = [str(d) for d in manifest["dirs"] if not Path(d).is_dir()]
-    if len(manifest["dirs"]) != len(paths) and gone:  # a caller that kept the directories it found
+    gone = [str(d) for d in manifest["dirs"] if not (isinstance(d, str) and Path(d).is_dir())]
+    if len(paths) < len(manifest["dirs"]) and gone:  # a caller that kept the directories it found
         raise StoreNotFoundError(f"the training state's directories are {manifest['dirs']}; {', '.join(gone)} "
                                  f"{'is' if len(gone) == 1 else 'are'} not there. {_GONE}")
     if len(manifest["dirs"]) != len(paths):
@@ -82,7 +89,7 @@ def read_manifest(paths: list[Path]) -> dict:
         try:
             marker = json.loads((d / L.MARKER).read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
-            if not d.is_dir() or not any(d.iterdir()):
+            if not d.is_dir() or not _holds_anything(d):
                 raise StoreNotFoundError(f"{d} holds none of the training state's files: directory {i} of "
                                          f"{manifest['dirs']} is not there. {_GONE}") from exc
             raise StoreUsageError(f"{d} has no readable {L.MARKER}: it is not part of this store ({exc})") from exc

@@ -55,6 +55,21 @@ def test_a_deleted_manifest_is_named(tmp_path, cfg):
     assert "original order" not in str(e.value)
 
 
+def test_a_moved_store_given_too_many_directories_is_told_the_count(tmp_path, cfg):
+    """A review: where the manifest's directories are gone (the state moved), more directories given than it has
+    was "X is not there" (a drive not mounted), with --ssd as the fix, which the user had given: it is the count."""
+    from fuyou.store import StoreUsageError
+
+    a, c, d = tmp_path / "a", tmp_path / "c", tmp_path / "d"
+    a.mkdir(), d.mkdir()
+    _store_with(a, cfg, torch.randn(100))
+    a.rename(c)
+    with pytest.raises(StoreUsageError, match="created over 1 directories .*; 2 were given"):
+        TensorStore.open([c, d], cfg)
+    with TensorStore.open([c], cfg):  # where it is now: it opens
+        pass
+
+
 def test_truncated_file_detected_at_open_and_at_read(tmp_path, cfg):
     t = torch.randn(20_000)
     ext, path = _store_with(tmp_path, cfg, t)
