@@ -33,7 +33,7 @@ from fuyou.train.records import (data_files_change, data_fingerprint, load_train
 from fuyou.train.signals import StopOnSignal, stop_status
 from fuyou.train.wear import endurance, step_wear, wear_parts
 from fuyou.train.run import (SaveError, make_run_dir, next_free_name, record_resume, recorded_data, resume_changes,
-                             run_dir_path, save_snapshot, save_weights)
+                             run_dir_path, run_ended, save_snapshot, save_weights)
 from fuyou.errors import ConfigError, FuyouError, NameTaken, NonFiniteError
 from fuyou.trainer import EvaluationStopped, Trainer
 from fuyou.units import format_decimal, format_size
@@ -1203,6 +1203,9 @@ def _summarise(cfg: FuyouConfig, trainer: Trainer, run_dir: Path, log: MetricsLo
                    "elapsed_s": elapsed, "tokens_per_s": done.tokens / elapsed,
                    "peak_rss_bytes": peak, **({"machine_peak_rss_bytes": machine_peak} if dist.enabled else {}),
                    **wear})
+    elif not run_ended(run_dir):  # a stopped run resumed at its last step ends here: its summary says it completed (no
+        # figures of a launch that ran nothing; a hostile pass found such a finished run without one)
+        log.write({"summary": True, "steps": t.steps, "resumed_from": start_step, "steps_run": 0})
     log.close()
     mean_tps = done.tokens / elapsed
     if not ran:

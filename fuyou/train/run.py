@@ -50,7 +50,7 @@ def taken(path: Path) -> str:
     except (OSError, ConfigError):
         off = {}
     resumable = isinstance(off, dict) and off.get("mode") == "ssd" and off.get("commit", "cow") == "cow"
-    if resumable and not _ended(path):
+    if resumable and not run_ended(path):
         dirs = off.get("ssd_dirs")
         held = state_holder(path, [str(d) for d in dirs] if isinstance(dirs, list) else [])
         if held is not None:  # (it named the resume of a run still training, which is refused: a pass)
@@ -91,7 +91,7 @@ def state_holder(run_dir: Path, ssd_dirs: list[str]) -> tuple[Path, str] | None:
     return None
 
 
-def _ended(path: Path) -> bool:
+def run_ended(path: Path) -> bool:
     """The run's last launch finished (its metrics' summary, after any stop)."""
     last = None
     try:

@@ -910,6 +910,25 @@ def test_a_resume_logs_each_evaluation_once(tmp_path, capsys):
         assert sorted(e.step for e in acc.Scalars("eval/eval_loss")) == [0, 2, 4]
 
 
+def test_a_stopped_run_resumed_at_its_last_commit_ends_with_a_summary(tmp_path, capsys):
+    """A hostile pass: a run stopped at step 4 of 8, resumed with train.steps=4 (what the refusal of 3 offers: end
+    the run there), saved its weights but logged no summary, so a reader of metrics.jsonl took it for unfinished."""
+    ssd = tmp_path / "ssd"
+    ssd.mkdir()
+    args = ["train", "--offload", "ssd", "--ssd", str(ssd), "--cpu-mem", "256MiB", "--out", str(tmp_path / "runs"),
+            "model.preset=gpt-test", "data.seq_len=32", "train.micro_batch_size=2", "train.eval_batches=1",
+            "offload.commit_every=1"]
+    env = {**os.environ, "FUYOU_FAULT": "sigint:forward@3"}  # Ctrl-C in step 4: it commits step 4 and stops
+    r = subprocess.run([sys.executable, "-m", "fuyou.cli", *args, "run.name=s", "train.steps=8"], env=env,
+                       capture_output=True, text=True, timeout=240)
+    assert r.returncode == 130, r.stderr
+    run = tmp_path / "runs" / "s"
+    assert main(["train", "--resume", str(run), "train.steps=4"]) == 0
+    assert "no step left to run (4 committed" in capsys.readouterr().err and (run / "model.safetensors").is_file()
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1].get("summary") and records[-1]["steps"] == 4 and records[-1]["steps_run"] == 0, records[-1]
+
+
 def test_a_lora_run_without_commits_names_its_adapters_to_start_from(tmp_path, capsys):
     """--resume of a finished in-memory LoRA run said it "saved no weights" (its adapter.safetensors was not
     counted), and of a stopped one "--init-from SNAPSHOT", which refuses a LoRA run's adapters: the advice is
