@@ -446,11 +446,14 @@ def _cpu_head(plan: Plan, s: dict) -> str:
 
 
 def train_cpu_mem(nbytes: int) -> str:
-    """fuyou train's --cpu-mem for a planned budget, rounded up: the plan's budget given back must be enough
-    (188MiB was printed for a plan of 188.86 MiB; the header rounded to the nearest, 0.01 GiB under the
-    "train as planned" line's: a pass)."""
-    return (f"--cpu-mem {math.ceil(nbytes / 2**30 * 100) / 100:.2f}GiB" if nbytes >= 2**30
-            else f"--cpu-mem {-(-nbytes // 2**20)}MiB")
+    """fuyou train's --cpu-mem for a planned budget: enough (188MiB was printed for a plan of 188.86 MiB; the
+    header rounded to the nearest, 0.01 GiB under the "train as planned" line's: a pass), and no more than a KiB
+    over, in the largest unit that says it exactly: the engine gives what a budget has spare to the weight cache
+    and the resident state, so a budget rounded up to the MiB ran another layout than the plan's (a hostile pass:
+    226.54 MiB planned one resident stage, 227MiB ran two)."""
+    kib = -(-nbytes // 2**10)
+    unit, size = next((u, f) for u, f in (("GiB", 2**20), ("MiB", 2**10), ("KiB", 1)) if kib % f == 0)
+    return f"--cpu-mem {kib // size}{unit}"
 
 
 def _split_lines(s: dict) -> list[str]:

@@ -670,6 +670,27 @@ def test_a_minimum_the_plan_gives_fits_when_given_back(tmp_path, capsys):
                                                     else [])]) == 0, cpu
 
 
+def test_the_budget_the_train_line_gives_plans_the_same_layout(tmp_path, capsys):
+    """A hostile pass: 226.54 MiB planned one resident stage and told train --cpu-mem 227MiB, where the engine gave
+    the half MiB over to a second resident stage and a spare copy: another layout, other bytes than the plan's."""
+    import json
+    import re
+
+    args = ["plan", "--profile", str(_cpu_profile(tmp_path)), "--model", "llama-test", "--batch", "4", "--seq", "64",
+            "--grad-accum", "2", "train.precision=bf16", "optim.master=bf16", "optim.moments=int8"]
+    keys = ("cached_stages", "resident_stages", "spare_stages", "ssd_read_per_step_bytes")
+    for mem in ("623MiB", "1GiB"):
+        assert main([*args, "--cpu-mem", mem]) == 0
+        out = capsys.readouterr().out
+        cpu = re.search(r"train as planned +fuyou train \.\.\. --cpu-mem (\S+)", out).group(1)
+        assert main([*args, "--cpu-mem", mem, "--json"]) == 0
+        planned = json.loads(capsys.readouterr().out)
+        assert main([*args, f"offload.cpu_mem={cpu}", "--json"]) == 0
+        given = json.loads(capsys.readouterr().out)
+        assert [planned[k] for k in keys] == [given[k] for k in keys], (mem, cpu)
+        assert 0 <= given["cpu_budget_bytes"] - planned["cpu_budget_bytes"] < 1024
+
+
 def test_the_train_line_of_a_data_parallel_plan_gives_the_machines_budget(capsys):
     assert main(["plan", "--model", "gpt3-13b", "--gpu", "rtx4090", "--ssd", "2x990-pro", "--cpu-mem", "256GiB",
                  "--batch", "8", "--gpus", "2", "--grad-accum", "4"]) == 0
