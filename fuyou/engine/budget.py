@@ -547,6 +547,18 @@ def class_parts(cfg_model) -> dict[str, tuple[int, ...]]:
     return {"fc2": (d,), "proj": (d,), "qkv": (cfg_model.q_width, kv, kv), "fc1": (cfg_model.ff_dim,) * 2}
 
 
+def largest_saved_tensor(cfg_model, batch: int, seq: int, csize: int, packed: bool = False, cuda: bool = False) -> int:
+    """Bytes of the largest tensor a block's forward saves, one micro-batch (``saved_block_bytes`` lists them), at
+    most: the widest matmul input or output (the MLP's hidden width, the queries' and the keys' and values'), an
+    fp32 residual or normalised input, or the attention mask. A block kept whole reaches the swapper tensor by
+    tensor, so where the cpu tier's share cannot take all of it, no more than this is left of the share unused
+    (``planner.cost.kept_in_forward``)."""
+    N = batch * seq
+    mask, kv = attention_saves(cfg_model, batch, seq, csize, packed, cuda)
+    width = max(cfg_model.ff_dim, cfg_model.q_width, kv, cfg_model.d_model)
+    return max(csize * width * N, 4 * cfg_model.d_model * N, csize * mask)
+
+
 def saved_block_bytes(cfg_model, batch: int, seq: int, csize: int, lora=None, packed: bool = False,
                       cuda: bool = False) -> int:
     """Bytes autograd saves in one block's forward for one micro-batch: what a block kept whole (policy

@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fuyou.engine.budget import (class_parts, class_widths, device_working_bytes, handoff_slots, master_from_memory,
-                                 saved_block_bytes, stage_ssd_bytes, stage_uses)
+from fuyou.engine.budget import (class_parts, class_widths, device_working_bytes, handoff_slots,
+                                 largest_saved_tensor, master_from_memory, saved_block_bytes, stage_ssd_bytes,
+                                 stage_uses)
 from fuyou.engine.config import OffloadConfig
 from fuyou.models import ModelConfig, StageModel
 from fuyou.models.lora import LoRAConfig, attach
@@ -62,6 +63,7 @@ class Workload:
         self.chunk = self.fmt.chunk_elements(self.offload.optimizer_chunk, self.store.checksum_block)
         # what a block kept whole (its four classes in one tier) saves, one micro-batch: the engine's figure
         self.whole = saved_block_bytes(self.model, self.batch, self.seq, self.csize, self.lora, self.packed, self.cuda)
+        self.largest_saved = largest_saved_tensor(self.model, self.batch, self.seq, self.csize, self.packed, self.cuda)
         if self.ranks < 1 or self.grad_accum % self.ranks:
             raise ValueError(f"{self.grad_accum} micro-batches do not divide among {self.ranks} ranks")
         # data parallel with full fine-tuning: each stage's optimizer state on one rank (the engine's rule)
@@ -201,6 +203,9 @@ def forward_keeps(w: Workload, c: StageCost, b: BlockPolicy, keep=None) -> list[
 
 
 FORWARD_ORDER = ("qkv", "proj", "fc1", "fc2")  # the classes in the order a block's forward produces them
+# on CUDA the cpu tier's share rounds each tensor to 4 KiB: a block kept whole (some twenty saved tensors) loses up
+# to this much of it to the rounding (``kept_in_forward``)
+WHOLE_PAGES = 32 * 4096
 
 
 def kept_in_forward(w: Workload, costs: list[StageCost], policy: ActivationPolicy, share: int | None,
@@ -210,9 +215,12 @@ def kept_in_forward(w: Workload, costs: list[StageCost], policy: ActivationPolic
     forward pass (layer-major), a tensor the cpu tier's ``share`` no longer has room for goes to the
     SSD (on CUDA the share's pinned buffers round each to 4 KiB), and a later, smaller one may still fit.
     A class is placed by its tensors (``class_parts``: Llama's q, k and v apart), and an item split
-    between the tiers is two entries, its cpu part first. A block kept whole is one item (its many
-    tensors are not listed: its overflow is the whole block, an overstatement once the share is partly
-    full). ``share``: the plan's ``activations (cpu tier share)``; None: unbounded."""
+    between the tiers is two entries, its cpu part first. A block kept whole reaches the swapper as its many
+    tensors, which are not listed here: where the share cannot take all of it, the share is taken to be
+    full but for its largest tensor (``Workload.largest_saved``: the swapper's leftover is no larger), the
+    rest on the SSD, and nothing after it in the cpu tier (an overstatement of at most that tensor; as one
+    item, a whole block overflowed, 31 % over the engine's spill in a hostile pass). ``share``: the plan's
+    ``activations (cpu tier share)``; None: unbounded."""
     used, out = 0, {}
     keep = to_keep(policy, w.model.n_layer, w.checkpoint_default)
     widths = class_parts(w.model)
@@ -237,11 +245,14 @@ def kept_in_forward(w: Workload, costs: list[StageCost], policy: ActivationPolic
                 kept = spilled = 0
                 for part in parts:
                     size = -(-part // 4096) * 4096 if cuda else part
-                    if used + size > share:
-                        spilled += part
-                    else:
+                    if used + size <= share:
                         used += size
                         kept += part
+                    elif what == "all":  # (its tensors: all but the largest's room of the share taken, at least)
+                        kept = max(0, min(part, share - used - w.largest_saved - (WHOLE_PAGES if cuda else 0)))
+                        spilled, used = part - kept, share
+                    else:
+                        spilled += part
                 items += [(what, t, b) for t, b in (("cpu", kept), ("ssd", spilled)) if b]
             out[(c.index, mb)] = items
     return out

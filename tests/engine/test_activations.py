@@ -270,7 +270,8 @@ def test_what_the_cpu_tier_cannot_hold_is_counted_on_the_ssd(tmp_path, policy, s
     """The cpu tier is a share of the budget (offload.act_cpu_mem); what overflows it goes to the SSD,
     in forward order. The planner counted the whole policy's cpu items in CPU memory (a pass measured
     141 MiB/step written where the plan said 82); it now overflows the same items. A block kept whole is
-    one item to the planner and tensor by tensor to the engine: they agree within that block."""
+    tensor by tensor to the engine and, where the share cannot take all of it, to the planner the share less its
+    largest tensor: they agree within that tensor (the whole block, as one item: a hostile pass saw 31 % over)."""
     from fuyou.data import load_data
     from fuyou.engine.engine import Engine
     from fuyou.planner.cost import Workload, placement_bytes, stage_costs
@@ -293,8 +294,9 @@ def test_what_the_cpu_tier_cannot_hold_is_counted_on_the_ssd(tmp_path, policy, s
     placed = placement_bytes(w, stage_costs(w), read_act_policy(policy, 4), eng.act_cpu_mem, cuda=False)
     total = c.act_ssd_write_bytes + c.act_cpu_bytes
     assert placed["ssd"] + placed["ckpt_ssd"] + placed["cpu"] + placed["ckpt_cpu"] == total
-    boundary = w.whole if policy.startswith("all") else 0
-    assert abs(placed["ssd"] + placed["ckpt_ssd"] - c.act_ssd_write_bytes) <= boundary
+    boundary = w.largest_saved if policy.startswith("all") else 0
+    assert 0 <= placed["ssd"] + placed["ckpt_ssd"] - c.act_ssd_write_bytes <= boundary  # (never under the engine's)
+    assert boundary < w.whole / 4
 
 
 @pytest.mark.parametrize("policy", ["qkv,fc1=cpu", "checkpoint=cpu"])
