@@ -700,4 +700,3 @@ def _same_place(given: str, start) -> bool:
 
 if __name__ == "__main__":
     sys.exit(main())
-

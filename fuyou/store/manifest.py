@@ -78,8 +78,9 @@ def read_manifest(paths: list[Path]) -> dict:
     if not ok:
         raise StoreCorruptError(None, str(mpath), f"manifest format {manifest.get('format')!r} is not "
                                 f"{L.FORMAT_VERSION} or its directory list is inconsistent")
-    gone = [str(d) for d in manifest["dirs"] if not (isinstance(d, str) and Path(d).is_dir())]
-    if len(paths) < len(manifest["dirs"]) and gone:  # a caller that kept the directories it found
+    gone = ([str(d) for d in manifest["dirs"] if not (isinstance(d, str) and Path(d).is_dir())]
+            if len(paths) < len(manifest["dirs"]) else [])  # (a caller that kept the directories it found)
+    if gone:
         raise StoreNotFoundError(f"the training state's directories are {manifest['dirs']}; {', '.join(gone)} "
                                  f"{'is' if len(gone) == 1 else 'are'} not there. {_GONE}")
     if len(manifest["dirs"]) != len(paths):
