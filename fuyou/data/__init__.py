@@ -110,6 +110,9 @@ def tokenize_records(paths: list[str], tokenizer_spec: str, fmt: str = "auto", t
                              val_fraction=val_fraction)
         held = [_encode(tok, _text(rec, where, text_field, first_where))
                 for rec, where in iter_records(eval_paths, text_field, held=True)]
+        if not any(len(d) for d in held):  # (prepared as "1 val token", evaluation then off, in silence: a pass)
+            raise DataError(f"{', '.join(map(str, eval_paths))} holds no text to evaluate on; check the file "
+                            f"(--eval, data.eval_path)")
         if not noted and not same_files:
             _note_shared_documents(held, docs, eval_paths)
         train, val = join_tokens(docs, tok.eos_id, tok.vocab_size), join_tokens(held, tok.eos_id, tok.vocab_size)
@@ -122,6 +125,9 @@ def tokenize_records(paths: list[str], tokenizer_spec: str, fmt: str = "auto", t
         held = list(rendered)  # the same files (held-out files of prepared data): rendered once, counted once
     elif eval_paths:
         held = _render_all(renderer, iter_records(eval_paths, text_field, held=True), first, head[1], text_field)
+        if not held:  # (prepared as "0 held-out examples", evaluation then off, in silence: a pass)
+            raise DataError(f"{', '.join(map(str, eval_paths))} holds no example to evaluate on (no record, or none "
+                            f"with a token to learn); check the file (--eval, data.eval_path)")
     elif split == "shuffle":  # (fuyou before 2026-12-05: kept for the resumes of runs it started)
         order = np.random.default_rng(1234).permutation(len(rendered))
         n_val = max(1, int(round(len(rendered) * val_fraction))) if len(rendered) > 1 and val_fraction else 0
@@ -303,10 +309,12 @@ def _meta_problem(meta) -> str | None:
 
 
 def load_data(cfg: DataConfig, tokenizer: str | None = None, check_prepared: bool = True,
-              split: str = "content") -> TokenData | ExampleData | None:
+              split: str = "content", model_tokenizer: str | None = None) -> TokenData | ExampleData | None:
     """Tokens or examples for ``cfg`` (None for synthetic data, which needs no tokens). ``tokenizer``:
     the resolved ``data.tokenizer`` (``resolve_tokenizer``). ``check_prepared``: refuse settings prepared
-    data fixed (``_check_prepared_settings``; a resume keeps the run's own config, whatever it says)."""
+    data fixed (``_check_prepared_settings``; a resume keeps the run's own config, whatever it says).
+    ``model_tokenizer``: the tokenizer of ``model.init_from``, which may tokenize prepared data's
+    ``data.eval_path`` where it has the data's vocabulary (``_eval_tokenizer``)."""
     if cfg.source == "synthetic":
         return None
     from fuyou.data.examples import ExampleData
@@ -320,7 +328,8 @@ def load_data(cfg: DataConfig, tokenizer: str | None = None, check_prepared: boo
             if prepared is not None and "val_fraction" not in cfg.model_fields_set:  # the run's config says what acts
                 object.__setattr__(cfg, "val_fraction", prepared)
         if cfg.eval_path:  # held-out files, tokenized with the tokenizer the data was prepared with
-            held = tokenize_records(cfg.eval_path, _eval_tokenizer(data, tokenizer, cfg.tokenizer), cfg.format,
+            held = tokenize_records(cfg.eval_path, _eval_tokenizer(data, tokenizer, cfg.tokenizer, model_tokenizer),
+                                    cfg.format,
                                     _prepared_on_prompt(data), 0.5,
                                     cfg.jsonl_field, eval_paths=cfg.eval_path, note_overlap=False)
             if isinstance(held, ExampleData) != isinstance(data, ExampleData):

@@ -66,6 +66,14 @@ def iter_records(paths: list[str | Path], text_field: str = "text", held: bool =
         if p.is_dir() and is_prepared(p):
             raise DataError(f"{p} is data `fuyou data prepare` wrote: train on it as the only data.path (not among "
                             f"others), and prepare again from the original files, not from it")
+        if not p.is_dir() and is_prepared(p.parent):  # (its train.bin "is not text", its meta.json "none of the
+            # formats": a pass)
+            raise DataError(f"{p} is a file of the data `fuyou data prepare` wrote in {p.parent}: give that directory "
+                            f"as data.path")
+        tokens = ("train.idx.bin", "val.bin")  # (beside train.bin: examples, or text's split; "holds no usable files")
+        if p.is_dir() and (p / "train.bin").is_file() and any((p / n).is_file() for n in tokens):
+            raise DataError(f"{p} looks like data `fuyou data prepare` wrote, but its meta.json is missing: prepare "
+                            f"the data again (`fuyou data prepare FILES --out {p}`)")
         files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
         records = p.is_dir() and any(f.suffix.lower() in JSONL_SUFFIXES for f in files)
         found, skipped = False, []
@@ -100,7 +108,7 @@ def iter_records(paths: list[str | Path], text_field: str = "text", held: bool =
                     skipped.append((f, "a directory's .json files are not read: give such a file itself"))
                     continue
                 found = True
-                yield from _json_records(f)
+                yield from _json_records(f, text_field)
             elif suffix in BINARY_SUFFIXES:
                 if p.is_dir():
                     skipped.append((f, BINARY_SUFFIXES[suffix]))
@@ -137,7 +145,7 @@ def _json_lines_as_text(f: Path, text: str) -> str | None:
         return None
     try:
         rec = json.loads(first)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # (not JSON, or JSON too deep or too long to parse)
         return None
     if isinstance(rec, dict):
         name = f"ends in {f.suffix!r}" if f.suffix else "has no extension"
@@ -156,17 +164,42 @@ def _read_text(f: Path) -> str:
                         f"or, if it is not text, convert it") from None
 
 
-def _json_records(path: Path) -> Iterator[tuple[dict, str]]:
-    """A ``.json`` file: an array of objects (as Alpaca's ``alpaca_data.json``), or JSON Lines under
-    that name."""
+def _parse_json(text: str, where: str):
+    """``json.loads``, its every failure a DataError naming ``where``: besides a syntax error, nesting too
+    deep for the parser (RecursionError) and an integer of more than 4,300 digits (ValueError) were
+    tracebacks."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        raise
+    except RecursionError:
+        raise DataError(f"{where}: nested too deeply to parse (lists or objects inside each other by the "
+                        f"thousand); remove or flatten that field") from None
+    except ValueError as e:  # (Python's own advice, sys.set_int_max_str_digits, is not the user's to take)
+        why = str(e).split("; use sys.")[0]
+        raise DataError(f"{where}: cannot be parsed ({why}); remove or shorten that value") from None
+
+
+def _json_records(path: Path, text_field: str = "text") -> Iterator[tuple[dict, str]]:
+    """A ``.json`` file: an array of objects (as Alpaca's ``alpaca_data.json``), one example object, or
+    JSON Lines under that name."""
     text = _read_text(path)
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError:
+        data = _parse_json(text, str(path))
+    except json.JSONDecodeError as e:
+        if text.lstrip().startswith("["):  # an array, broken: its own error, where it is (read as lines, it
+            # was "line 1: each line must be one JSON object" for a trailing comma at line 4; a pass)
+            short = e.pos >= len(text.rstrip()) or (e.msg.startswith("Unterminated string")
+                                                    and '"' not in text[e.pos + 1:])
+            raise DataError(f"{path}:{e.lineno}:{e.colno}: not valid JSON ({e.msg}) in the array the file holds"
+                            + ("; the file ends before the array does: it may be cut short (an interrupted "
+                               "download or copy)" if short else "")) from None
         yield from _jsonl_records(path)  # one object a line, named .json
         return
     arrays = ([k for k, v in data.items() if isinstance(v, list) and k not in RECORD_LISTS]
               if isinstance(data, dict) else [])
+    if isinstance(data, dict) and arrays and _is_record(data, text_field):  # an example with a list field of its own
+        arrays = []  # ({"prompt", "completion", "tags": [...]}, read as a wrapper of 'tags': a pass)
     if isinstance(data, dict) and not arrays:  # one example (one object a line, of one line)
         _check_text(data, text, str(path))
         yield data, str(path)
@@ -204,13 +237,20 @@ def _jsonl_records(path: Path) -> Iterator[tuple[dict, str]]:
             if not line.strip():
                 continue
             try:
-                rec = json.loads(line)
+                rec = _parse_json(line, f"{path}:{lineno}")
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg}); each line must be one JSON object") from e
             if not isinstance(rec, dict):
                 raise DataError(f"{path}:{lineno}: expected a JSON object, got a JSON {json_type(rec)}")
             _check_text(rec, line, f"{path}:{lineno}")
             yield rec, f"{path}:{lineno}"
+
+
+def _is_record(data: dict, text_field: str) -> bool:
+    """An object with the keys of one of the formats (``formats.FORMAT_KEYS``, which imports this module)."""
+    from fuyou.data.formats import FORMAT_KEYS
+
+    return text_field in data or any(holds(data) for holds in FORMAT_KEYS.values())
 
 
 def _check_text(rec, raw: str, where: str) -> None:

@@ -176,6 +176,7 @@ class RenderStats:
     no_stop: int = 0         # templated conversations whose answers hold no token that generation stops on
     first_no_stop: str = ""
     stop_said: str = ""      # what their answers end with, and the tokens generation stops on
+    train_on_prompt: bool = False  # (the prompt carries loss: so do other roles' messages; the note said not)
 
     def empty_answer(self, where: str) -> None:
         """An answer with loss and no content (an assistant turn or a completion), counted for ``notes``."""
@@ -194,7 +195,8 @@ class RenderStats:
                        f"them (or give an assistant turn \"weight\": 0), if that is not what you want")
         if self.other_roles:
             roles = ", ".join(f"{k!r} ({n}x)" for k, n in sorted(self.other_roles.items()))
-            out.append(f"messages of roles other than {', '.join(KNOWN_ROLES)} are prompt, without loss: {roles}; "
+            loss = "with loss as all prompt (data.train_on_prompt)" if self.train_on_prompt else "without loss"
+            out.append(f"messages of roles other than {', '.join(KNOWN_ROLES)} are prompt, {loss}: {roles}; "
                        f"if they are the model's answers, name their role 'assistant'")
         if self.rewritten_weight0:
             out.append(f"{self.rewritten_weight0} conversation(s) hold an assistant turn of weight 0 in a history the "
@@ -253,7 +255,7 @@ class Renderer:
 
     def __init__(self, tok, fmt: str, train_on_prompt: bool, text_field: str = "text"):
         self.tok, self.fmt, self.train_on_prompt, self.text_field = tok, fmt, train_on_prompt, text_field
-        self.stats = RenderStats()
+        self.stats = RenderStats(train_on_prompt=train_on_prompt)
         self.template = getattr(tok, "chat_template", None)
         # a Hugging Face tokenizer without a chat template: the fallback as a template (``fallback_chat_template``;
         # None where its BOS or EOS is no special token, and for the byte tokenizer: ``_fallback`` renders ids)
@@ -327,7 +329,7 @@ class Renderer:
 
             try:
                 tools = json.loads(tools) if tools.strip() else None
-            except ValueError:
+            except (ValueError, RecursionError):
                 raise DataError(f"{where}: 'tools' is a string that is not JSON; give a list of tool schemas") from None
         if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
             raise DataError(f"{where}: 'tools' must be a list of tool schemas (objects)")

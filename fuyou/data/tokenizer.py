@@ -75,8 +75,11 @@ class HFTokenizer:
     def __init__(self, path: str | Path):
         path = Path(path)
         if path.is_file():
-            raise DataError(f"{path} is a file: give the directory that holds it (a tokenizer is its files together: "
-                            f"tokenizer.json, tokenizer_config.json, ...), {path.parent}")
+            parent = path.resolve().parent  # (named only where it holds a tokenizer: a data file's directory, named,
+            holds = any(f.is_file() for pattern in TOKENIZER_FILES for f in parent.glob(pattern))  # was "." : a pass)
+            raise DataError(f"{path} is a file: give the directory that holds a tokenizer's files together "
+                            f"(tokenizer.json, tokenizer_config.json, ...)" + (f", {parent}" if holds else
+                                                                              "; its directory holds none"))
         if not path.is_dir():
             raise DataError(f"tokenizer directory {path} does not exist; give a local Hugging Face model directory")
         if not any(f.is_file() for pattern in TOKENIZER_FILES for f in path.glob(pattern)):

@@ -219,7 +219,12 @@ def load_training_data(cfg: FuyouConfig, resume: bool = False, split: str = "con
     refuse what its saved config says of prepared data (``fuyou.data.load_data``). ``vocabulary``: the
     run's record of its data's vocabulary, which the data must share (a resume: ``run_vocabulary``;
     its checkpoint, which ``check_tokenizer`` compares with, is not read again), else filled in with it."""
-    data = load_data(cfg.data, check_prepared=not resume, split=split)
+    from fuyou.hf.source import tokenizer_dir
+
+    model_tok = tokenizer_dir(cfg.model.init_from) if cfg.model.init_from else None  # (for a held-out file of
+    # prepared data whose tokenizer has gone: the error advised model.init_from, which was never tried; a pass)
+    data = load_data(cfg.data, check_prepared=not resume, split=split,
+                     model_tokenizer=str(model_tok) if model_tok is not None else None)
     if data is not None:
         check_tokenizer(cfg, data)
         if vocabulary is not None and data.fingerprint:

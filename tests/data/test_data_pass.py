@@ -114,8 +114,11 @@ def test_held_out_files_of_moved_prepared_data_use_the_tokenizer_given(tmp_path,
 def test_tokenizer_paths_that_are_not_tokenizer_directories(tmp_path, big_vocab):
     from fuyou.data.tokenizer import load_tokenizer
 
-    with pytest.raises(DataError, match="is a file: give the directory that holds it"):
+    with pytest.raises(DataError, match=f"is a file: give the directory that holds a tokenizer's files.*, {big_vocab}"):
         load_tokenizer(str(big_vocab / "tokenizer.json"))
+    _jsonl(tmp_path / "x.jsonl", [{"text": "a"}])  # (its directory named as the one to give, where it held none)
+    with pytest.raises(DataError, match="is a file: .*; its directory holds none"):
+        load_tokenizer(str(tmp_path / "x.jsonl"))
     (tmp_path / "data").mkdir()
     _jsonl(tmp_path / "data" / "x.jsonl", [{"text": "a"}])
     with pytest.raises(DataError, match="holds no tokenizer"):
@@ -792,3 +795,62 @@ def test_a_test_split_in_a_dataset_folder_and_a_large_held_out_share_are_said(tm
     assert "1 of the 3 examples is held out for evaluation (33%" in capsys.readouterr().err
     assert main(["data", "prepare", str(folder / "train.jsonl"), "--out", str(tmp_path / "p3")]) == 0
     assert "held out for evaluation" not in capsys.readouterr().err  # (20 examples: the share asked for)
+
+
+def test_inputs_a_data_pass_found_2026_12_08(tmp_path, capsys):
+    """JSON the parser fails on other than by syntax, a broken array's own error, an example object with a list
+    field, held-out files with nothing to evaluate, and files of prepared data given in its place."""
+    deep = tmp_path / "deep.jsonl"
+    deep.write_text('{"prompt": "a", "completion": "b", "x": ' + "[" * 1000 + "]" * 1000 + "}\n")
+    with pytest.raises(DataError, match="deep.jsonl:1: nested too deeply to parse"):  # (a RecursionError traceback)
+        tokenize_records([deep], "byte")
+    big = tmp_path / "big.json"
+    big.write_text('[{"prompt": "a", "completion": "b", "id": ' + "7" * 5000 + "}]")
+    with pytest.raises(DataError, match=r"big.json: cannot be parsed \(Exceeds the limit \(4300 digits\).*\); remove"):
+        tokenize_records([big], "byte")  # (a ValueError traceback)
+    arr = tmp_path / "a.json"  # a trailing comma at line 4 was "a.json:1: ... each line must be one JSON object"
+    arr.write_text('[\n  {"prompt": "q", "completion": "a"},\n  {"prompt": "r", "completion": "b"},\n]\n')
+    with pytest.raises(DataError, match=r"a.json:4:1: not valid JSON \(Expecting value\) in the array the file holds$"):
+        tokenize_records([arr], "byte")
+    arr.write_text('[\n  {"prompt": "q", "completion": "a"},\n  {"prompt": "r", "compl')
+    with pytest.raises(DataError, match="a.json:3:.*the file ends before the array does: it may be cut short"):
+        tokenize_records([arr], "byte")
+    one = tmp_path / "one.json"  # an example with a list of its own was taken for a wrapper of that list
+    one.write_text('{"prompt": "2+2=", "completion": " 4", "tags": ["math"]}')
+    assert tokenize_records([one], "byte").info["records"] == 1
+    train = _jsonl(tmp_path / "t.jsonl", [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(4)])
+    for name, body in (("e.jsonl", ""), ("b.jsonl", "\n\n"), ("n.jsonl", '{"messages": [{"role": "user", "content": '
+                                                                          '"hi"}]}\n')):
+        (tmp_path / name).write_text(body)  # (prepared as "0 held-out examples": evaluation off, in silence)
+        with pytest.raises(DataError, match=f"{name} holds no example to evaluate on"):
+            tokenize_records([train], "byte", eval_paths=[tmp_path / name])
+    (tmp_path / "e.txt").write_text("")
+    (tmp_path / "d.txt").write_text("some text")
+    with pytest.raises(DataError, match="e.txt holds no text to evaluate on"):
+        tokenize_records([tmp_path / "d.txt"], "byte", eval_paths=[tmp_path / "e.txt"])
+    wizard = _jsonl(tmp_path / "w.jsonl", [{"messages": [{"role": "wizard", "content": "hi"},
+                                                         {"role": "assistant", "content": "a"}]}])
+    capsys.readouterr()
+    tokenize_records([wizard], "byte", train_on_prompt=True, val_fraction=0)
+    assert "are prompt, with loss as all prompt (data.train_on_prompt): 'wizard'" in capsys.readouterr().err
+    write_examples(tmp_path / "p", tokenize_records([train], "byte", val_fraction=0))
+    for f in ("train.bin", "meta.json"):  # (".bin ... is not text"; "a record with keys ... is none of the formats")
+        with pytest.raises(DataError, match=f"p/{f} is a file of the data `fuyou data prepare` wrote in .*/p: give"):
+            tokenize_records([tmp_path / "p" / f], "byte")
+    (tmp_path / "p" / "meta.json").unlink()  # ("holds no usable files")
+    with pytest.raises(DataError, match="looks like data `fuyou data prepare` wrote, but its meta.json is missing"):
+        tokenize_records([tmp_path / "p"], "byte")
+
+
+def test_held_out_files_of_prepared_data_take_the_models_tokenizer_when_its_own_is_gone(tmp_path, big_vocab):
+    """The refusal advised model.init_from, which was never tried (a pass)."""
+    import shutil
+
+    tok = tmp_path / "tokB"
+    shutil.copytree(big_vocab, tok)
+    train = _jsonl(tmp_path / "train.jsonl", [{"prompt": "w1", "completion": f"w{i} w{i + 1}"} for i in range(20)])
+    held = _jsonl(tmp_path / "held.jsonl", [{"prompt": "w1", "completion": "w7 w8"}])
+    write_examples(tmp_path / "p", tokenize_records([train], str(tok), val_fraction=0))
+    shutil.rmtree(tok)
+    cfg = DataConfig(path=[str(tmp_path / "p")], eval_path=[str(held)])
+    assert len(load_data(cfg, model_tokenizer=str(big_vocab)).val) == 1
