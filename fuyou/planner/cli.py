@@ -12,9 +12,11 @@ def add_parsers(sub) -> None:
                         description="Plan a run: bytes per tier, predicted step time and bottleneck, the swap "
                         "schedule and a timeline of one step. Hardware by preset (--gpu, --ssd NxNAME, --pcie), by "
                         "numbers, or --profile FILE from `fuyou probe`.")
-    pl.add_argument("--model", help="model preset (see `fuyou models`), or a path: a Hugging Face config.json or "
-                    "model directory, or a fuyou run directory (planned as its config.toml trains it, as --config "
-                    "plans a file; no weights are read); default: --config's model, else gpt3-13b")
+    pl.add_argument("--model", "--init-from", help="model preset (see `fuyou models`), or a path: a "
+                    "Hugging Face config.json or model directory, or a fuyou run directory (planned as its config.toml "
+                    "trains it, as --config plans a file; no weights are read); default: --config's model, else "
+                    "gpt3-13b. --init-from DIR, model.init_from=DIR and model.preset=NAME, as train takes them, "
+                    "are the same")
     pl.add_argument("--config", help="a fuyou train config file (see configs/): plan the run it describes (its model, "
                     "sequence, batch, precision, clipping, optimizer state, LoRA, offload settings and hardware "
                     "section); flags and overrides given here win over it")
@@ -469,6 +471,28 @@ def _plan_offload_flags(args, given: dict) -> None:
                           "measured: --profile FILE from `fuyou probe --ssd DIR`")
 
 
+def _model_from_overrides(args) -> None:
+    """``model.preset=NAME`` or ``model.init_from=DIR``, as train takes them, choose the model as --model does
+    (they were model fields plan did not read: gpt3-13b was planned, as "gpt-tiny" for model.preset=gpt-tiny)."""
+    from fuyou.errors import ConfigError
+
+    chosen = [o for o in args.overrides if o.partition("=")[0].strip() in ("model.preset", "model.init_from")]
+    if not chosen:
+        return
+    if len(chosen) > 1 or args.model is not None:
+        given = ([f"--model {args.model}"] if args.model is not None else []) + chosen
+        raise ConfigError(f"{' and '.join(given)} each name the model to plan; give one")
+    from pathlib import Path
+
+    args.overrides = [o for o in args.overrides if o not in chosen]
+    key, _, args.model = (part.strip() for part in chosen[0].partition("="))
+    if not args.model:
+        raise ConfigError(f"{chosen[0]}: give the model (a preset, or a model directory)")
+    if key == "model.init_from" and not Path(args.model).expanduser().exists():
+        raise ConfigError(f"{chosen[0]}: no such file or directory; give a Hugging Face model directory or a fuyou "
+                          f"run directory")
+
+
 def _plan(args) -> int:
     import json
     import math
@@ -495,6 +519,7 @@ def _plan(args) -> int:
 
         if importlib.util.find_spec("matplotlib") is None:
             raise ConfigError("--plot needs matplotlib: pip install 'fuyou[plot]'")
+    _model_from_overrides(args)
     if args.config is None and args.model and (Path(args.model).expanduser() / "config.toml").is_file():
         # a run directory: the run as its config.toml trains it, as --config plans a file (its shape, batch and
         # state format were taken; its clipping, commits, policy and budget were plan's defaults: a pass)

@@ -1,4 +1,5 @@
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -323,6 +324,17 @@ def test_plan_an_imported_model_by_path_without_its_weights(tmp_path, capsys):
         assert "llama 8x1024" in capsys.readouterr().out
     assert main(["plan", "--model", str(tmp_path / "hf"), *flags, "model.n_layer=4"]) == 0
     assert "llama 4x1024" in capsys.readouterr().out
+    # as train names the model: --init-from, model.init_from, model.preset (they planned gpt3-13b, the last one
+    # under the preset's name: a pass)
+    for how in (["--init-from", str(tmp_path / "hf")], [f"model.init_from={tmp_path / 'hf'}"]):
+        assert main(["plan", *how, *flags]) == 0
+        assert "llama 8x1024" in capsys.readouterr().out
+    assert main(["plan", "model.preset=gpt3-125m", *flags]) == 0
+    assert "gpt3-125m (125.23M parameters)" in capsys.readouterr().out
+    for bad, says in ((["--model", "gpt3-125m", "model.preset=gpt-tiny"], "each name the model to plan; give one"),
+                      ([f"model.init_from={tmp_path / 'gone'}"], "model.init_from=.*gone: no such file or directory")):
+        assert main(["plan", *bad, *flags]) == 2
+        assert re.search(says, capsys.readouterr().err)
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.toml").write_text('[model]\nfamily = "gpt"\nn_layer = 6\nd_model = 512\nn_head = 8\n'
