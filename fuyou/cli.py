@@ -225,8 +225,9 @@ def _own_usage(parser: argparse.ArgumentParser) -> None:
 def _add_hf_parsers(sub) -> None:
     im = sub.add_parser("import", help="convert a local Hugging Face model into a run directory to train from",
                         description="Read a local Hugging Face model directory (config.json, *.safetensors, tokenizer "
-                        "files; LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, GPT2LMHeadModel) and write "
-                        "RUN_DIR/model.safetensors (fp32, fuyou's names, streamed tensor by tensor), RUN_DIR/hf/ "
+                        "files; LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, "
+                        "GPT2LMHeadModel) and write RUN_DIR/model.safetensors (fp32, fuyou's names, streamed tensor "
+                        "by tensor), RUN_DIR/hf/ "
                         "(config and tokenizer) and RUN_DIR/config.toml; then: fuyou train --config "
                         "RUN_DIR/config.toml. The SSD training state is built from these weights when training starts.")
     im.add_argument("hf_dir", metavar="HF_DIR", help="local Hugging Face model directory")
@@ -568,6 +569,9 @@ def _check_out_dir(out: str) -> None:
     p = Path(out)
     if p.exists() and not p.is_dir():
         raise ConfigError(f"--out {p} is a file; give a directory (new, or one to write into)")
+    if p.is_symlink() and not p.exists():  # (was "cannot be made (File exists)": a pass)
+        raise ConfigError(f"--out {p} is a link to {os.readlink(p)}, which does not exist; remove the link or make "
+                          f"its target, or choose another place")
     parent = next((q for q in [p, *p.parents] if q.exists()), Path("."))
     if not parent.is_dir():  # (afile/sub: was "cannot be written (read-only or no permission)")
         raise ConfigError(f"--out {p}: {parent} is a file, not a directory; choose another place")

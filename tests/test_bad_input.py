@@ -157,6 +157,18 @@ def test_run_name_outside_the_out_dir(tmp_path, capsys):
     assert "plain directory name" in _err(capsys, ["train", *TINY, "run.name=../x", f"--out={tmp_path / 'runs'}"])
 
 
+@pytest.mark.timeout(120)
+def test_an_out_dir_that_is_a_link_to_nothing(tmp_path, capsys):
+    """`--out LINK`, its target gone: train took the failed mkdir for a name another run took and tried the next
+    names for ever (a pass); export said "cannot be made (File exists)"."""
+    (tmp_path / "runs").symlink_to(tmp_path / "gone")
+    err = _err(capsys, ["train", *TINY, f"--out={tmp_path / 'runs'}"])
+    assert f"{tmp_path / 'runs'} is a link to {tmp_path / 'gone'}, which does not exist; check run.out_dir" in err, err
+    assert main(["train", *TINY, f"--out={tmp_path / 'ok'}", "run.name=r"]) == 0
+    err = _err(capsys, ["export", str(tmp_path / "ok" / "r"), "--out", str(tmp_path / "runs")])
+    assert "is a link to" in err and "which does not exist; remove the link or make its target" in err, err
+
+
 def test_rerun_after_a_kill_before_the_first_commit(tmp_path, capsys):
     """A state that was never committed is replaced with a message; a committed one is refused with
     the way to resume it, or replaced with offload.replace_state=true."""

@@ -108,7 +108,7 @@ class CommittedWeights:
 
             snaps = snapshot_dirs(run_dir / "snapshots")
             kept = (f"its last snapshot is {snaps[-1]} (a stopped in-memory run keeps its weights there): `fuyou "
-                    f"export {snaps[-1]}`" if snaps else "nothing of it was kept; export a finished run")
+                    f"export {snaps[-1]} --out DIR`" if snaps else "nothing of it was kept; export a finished run")
             raise ConfigError(f"{run_dir} has no model.safetensors and trained in memory (offload.mode="
                               f"{cfg.offload.mode}): {kept}")
         self.cfg = cfg

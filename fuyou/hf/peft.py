@@ -109,17 +109,35 @@ def base_path(run: Path) -> Path | None:
     ``init_from`` is their run directory) and LoRA runs (which hold no weights) to a Hugging Face
     directory or a fuyou directory with ``model.safetensors``. None: the run started from a seeded
     random base. The path is returned even if it no longer exists (the adapter names it)."""
-    p = run
+    return _base_chain(run)[1]
+
+
+def _base_chain(run: Path) -> tuple[list[Path], Path | None]:
+    """The directories ``base_path`` passes through from ``run`` (run first), and the base it ends at. A
+    directory without config.toml whose ``base.json`` names the base (a run directory whose config was lost)
+    ends there: it was merged over a seeded random base, in silence (a pass)."""
+    p, passed = run, []
     for _ in range(16):
+        passed.append(p)
         init = snapshot_run(p) or _run_config(p).get("model", {}).get("init_from")
         if not init:
-            return None
+            recorded = _recorded_base(p) if not (p / "config.toml").is_file() else None
+            return passed, (Path(recorded["path"]) if recorded is not None else None)
         q = Path(init).expanduser()
         if (q / "config.json").is_file() or (q / "model.safetensors").is_file() or not q.is_dir() \
                 or q.resolve() == p.resolve():
-            return q
+            return passed, q
         p = q
     raise ConfigError(f"{run}: model.init_from leads through more than 16 run directories; export from the base")
+
+
+def _recorded_base(p: Path) -> dict | None:
+    """``p``'s ``base.json`` (``record_base``), or None where it has none or it cannot be read."""
+    try:
+        want = json.loads((p / BASE_RECORD).read_text())
+        return want if isinstance(want.get("path"), str) and isinstance(want.get("fingerprint"), str) else None
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 BASE_RECORD = "base.json"  # a LoRA run's record of the base it adapts (``record_base``)
@@ -188,16 +206,16 @@ def record_base(run: Path) -> None:
 
 
 def base_changed(run: Path, base: Path | None) -> str | None:
-    """Why ``base`` is not the base ``run`` recorded at its start (None: it is, or nothing was recorded)."""
-    homes = [run] + ([run.parent.parent] if run.parent.name == "snapshots" else [])  # a snapshot: its run's record
-    rec = next((p / BASE_RECORD for p in homes if (p / BASE_RECORD).is_file()), None)
+    """Why ``base`` is not the base ``run`` recorded at its start (None: it is, or nothing was recorded). The
+    record is looked for along the way ``base_path`` goes: a snapshot's run, a LoRA run it started from (a
+    snapshot copied out of its run was merged over a changed base without a word: a pass)."""
+    homes = _base_chain(run)[0]
+    if run.parent.name == "snapshots":  # (a snapshot whose run has lost its config.toml)
+        homes.append(run.parent.parent)
+    rec = next((p / BASE_RECORD for p in homes if _recorded_base(p) is not None), None)
     if rec is None:
         return None
-    try:
-        want = json.loads(rec.read_text())
-        want["path"], want["fingerprint"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    want = _recorded_base(rec.parent)
     if base is None or not base.is_dir():
         return f"the run's base model {want['path']} is gone"
     if base_fingerprint(base) != want["fingerprint"]:
@@ -528,7 +546,7 @@ def load_peft_adapter(path: str | Path, stages, family: str, cfg) -> dict[str, T
                    f"lora.use_rslora={str(bool(conf.get('use_rslora', False))).lower()} "
                    f"lora.targets=[{','.join(hf_targets(family, their_matmuls))}]")
         raise ConfigError(f"lora.init_from={path}: the adapter was trained with other settings ({', '.join(differ)} "
-                          f"differ); train it with its own: {suggest}")
+                          f"{'differs' if len(differ) == 1 else 'differ'}); train it with its own: {suggest}")
     if conf.get("modules_to_save") or conf.get("bias", "none") != "none":
         raise ConfigError(f"lora.init_from={path}: the adapter also trains modules_to_save or biases, which fuyou "
                           f"does not; only LoRA's A and B matrices can be continued")

@@ -86,8 +86,9 @@ class LoRAConfig(BaseModel):
     def _init_from_needs_lora(self):
         if self.init_from and not self.rank:
             raise ValueError(f"lora.init_from={self.init_from} is set but lora.rank is 0 (LoRA off): give the adapter's "
-                             f"own settings too (lora.rank, lora.alpha, lora.targets: its adapter_config.json's r, "
-                             f"lora_alpha and target_modules)")
+                             f"own settings too" + (f": {own}" if (own := _adapter_settings(self.init_from)) else
+                                                    " (lora.rank, lora.alpha, lora.targets: its adapter_config.json's "
+                                                    "r, lora_alpha and target_modules)"))
         fields = LoRAConfig.model_fields
         adapter = [f"lora.{k}" for k in ("targets", "dropout", "alpha", "use_rslora", "init")
                    if getattr(self, k) != fields[k].default]
@@ -125,6 +126,23 @@ HF_MODULE = {
               "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"},
     "gpt": {"qkv": "attn.c_attn", "proj": "attn.c_proj", "fc1": "mlp.c_fc", "fc2": "mlp.c_proj"},
 }
+
+
+def _adapter_settings(path: str) -> str | None:
+    """The lora.* settings of the PEFT adapter in ``path`` (its adapter_config.json), as overrides; None where
+    it cannot be read (advice that was refused for lora.rank=0 now gives them: a pass)."""
+    import json
+    from pathlib import Path
+
+    try:
+        conf = json.loads((Path(path).expanduser() / "adapter_config.json").read_text())
+        r, alpha, targets = conf["r"], conf.get("lora_alpha", conf["r"]), conf["target_modules"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+        return None
+    rs = " lora.use_rslora=true" if conf.get("use_rslora") else ""
+    return f"lora.rank={r} lora.alpha={alpha} lora.targets=[{','.join(targets)}]{rs}"
 
 
 DEFAULT_TARGETS = {"llama": ["q_proj", "v_proj"], "gpt": ["c_attn"]}  # PEFT's for these architectures

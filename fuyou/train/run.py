@@ -145,12 +145,26 @@ def next_free_name(cfg: FuyouConfig, path: Path) -> tuple[Path, Path | None]:
             continue
 
 
+def _blocking(path: Path) -> str:
+    """What stops ``path``'s directories from being made, where one above it exists and is no directory."""
+    for q in reversed(path.parents):
+        if q.is_symlink() and not q.exists():
+            return f"{q} is a link to {os.readlink(q)}, which does not exist"
+        if q.exists() and not q.is_dir():
+            return f"{q} is a file, not a directory"
+    return "a directory above it cannot be made"
+
+
 def make_run_dir(cfg: FuyouConfig, path: Path | None = None, rid: str | None = None) -> Path:
     """Create the run directory and write the resolved config and the run's id ``rid`` into it."""
     path = path or run_dir_path(cfg)
     try:
         path.mkdir(parents=True, exist_ok=False)
     except FileExistsError:
+        if not path.is_dir():  # a directory above it that is a link to nothing, or a file: taken for a name another
+            # run took, and the next names tried for ever (`--out LINK`, its target gone: a pass)
+            raise ConfigError(f"cannot create run directory {path}: {_blocking(path)}; check run.out_dir (--out)") \
+                from None
         if not (path / "act-policy.json").is_file():  # made by --plan auto for its profile and policy
             if cfg.run.name is None:  # (it was told to resume the other run, or to choose a name it never gave)
                 raise NameTaken(f"run directory {path} was made meanwhile by another run that drew the same name "
@@ -410,6 +424,18 @@ class SaveError(FuyouError):
     """The final weights could not be written (nothing trained is lost with SSD offload)."""
 
 
+ADAPTER_SHAPE = ("lora.rank", "lora.alpha", "lora.use_rslora", "lora.targets")  # an adapter's own (``lora.init_from``)
+
+
+def _shown(saved: FuyouConfig, key: str, value):
+    """A saved setting as a refusal names it: lora.targets unset as the targets it means (it read "None")."""
+    if key == "lora.targets" and value is None and saved.lora.enabled:
+        from fuyou.models.lora import DEFAULT_TARGETS
+
+        return DEFAULT_TARGETS[saved.model.family]
+    return value
+
+
 def resume_changes(saved: FuyouConfig, cfg: FuyouConfig) -> dict[str, tuple]:
     """Fields that differ between the run's committed config and the resumed one, ``{key: (old,
     new)}``; raises ConfigError naming the fields a resume cannot change."""
@@ -449,8 +475,12 @@ def resume_changes(saved: FuyouConfig, cfg: FuyouConfig) -> dict[str, tuple]:
                "they fix the shape, place or format of its committed state"
                + (" (lora.alpha and lora.use_rslora: the scale its adapters were trained at)" if scale & set(fixed)
                   else ""))
-        raise ConfigError("a resumed run cannot change " + ", ".join(f"{k} ({changed[k][0]!r} -> {changed[k][1]!r})"
-                                                                 for k in fixed)
+        if saved.lora.enabled and any(k in ADAPTER_SHAPE for k in fixed):  # (lora.init_from refuses an adapter of
+            # other settings: the advice led to a second refusal; a pass)
+            new_run = ("train new adapters with the new values: over the same base (--init-from BASE), or over this "
+                       "run's weights merged (`fuyou export RUN --out DIR --merge`, then --init-from DIR)")
+        raise ConfigError("a resumed run cannot change " + ", ".join(f"{k} ({_shown(saved, k, changed[k][0])!r} -> "
+                                                                 f"{changed[k][1]!r})" for k in fixed)
                           + f": {why}. Resume with the run's own values, or {new_run}")
     return changed
 
@@ -677,10 +707,10 @@ def _committed_adapters(run: Path, stream=None, ssd_dirs: list[str] | None = Non
                f"{run} is a LoRA run without {ADAPTER_FILE} (still training, or stopped before saving its adapters)")
     if cfg.offload.mode != "ssd" or cfg.offload.commit != "cow":
         snaps = snapshot_dirs(run / "snapshots")  # (named, as a full fine-tuning run's error does: a pass)
+        kept = (f"its last snapshot is {snaps[-1]} (a stopped run keeps its adapters there): `fuyou export "
+                f"{snaps[-1]} --out DIR`" if snaps else "it wrote no snapshot, so nothing of it was kept")
         raise ConfigError(f"{missing} and kept no commits (offload.mode={cfg.offload.mode}, offload.commit="
-                          f"{cfg.offload.commit}): " + (f"its last snapshot is {snaps[-1]} (a stopped run keeps its "
-                                                        f"adapters there): `fuyou export {snaps[-1]}`" if snaps else
-                                                        "it wrote no snapshot, so nothing of it was kept"))
+                          f"{cfg.offload.commit}): {kept}")
     from fuyou.engine.commit import RECORD
 
     state = Path(cfg.offload.ssd_dirs[0]) / state_name(run.name)

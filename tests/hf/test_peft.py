@@ -365,17 +365,26 @@ def test_a_base_that_changed_or_went_is_not_merged_over_silently(hf_models, tmp_
 
     base = tmp_path / "base"
     shutil.copytree(hf_models["llama"], base)
-    run = lora_train(tmp_path, ["--init-from", str(base)])
+    run = lora_train(tmp_path, ["--init-from", str(base)], "train.save_every=1")
     assert json.loads((run / BASE_RECORD).read_text())["path"] == str(base.resolve())
     export_run_dir(run, tmp_path / "ok", merge=True)  # unchanged: merged
+    # a snapshot copied out of its run finds the record through the run its config names; a run directory that
+    # lost its config.toml, through its own record (it was merged over a seeded random base: a pass)
+    shutil.copytree(run / "snapshots" / "step-000001", tmp_path / "snap-copy")
+    shutil.copytree(run, tmp_path / "no-config")
+    (tmp_path / "no-config" / "config.toml").unlink()
+    export_run_dir(tmp_path / "no-config", tmp_path / "ok2", merge=True)
+    assert torch.equal(load_file(str(tmp_path / "ok2" / "model.safetensors"))["lm_head.weight"],
+                       load_file(str(tmp_path / "ok" / "model.safetensors"))["lm_head.weight"])
     other = make_hf_model(tmp_path / "other", "llama", n_layer=N_LAYER, seed=5)
     for f in base.glob("*.safetensors"):
         f.unlink()
     for f in other.glob("*.safetensors"):
         shutil.copy(f, base / f.name)  # the same shapes, other values
     capsys.readouterr()
-    with pytest.raises(ConfigError, match="are not the ones the run trained over .* --merge would add"):
-        export_run_dir(run, tmp_path / "merged", merge=True)
+    for src in (run, tmp_path / "snap-copy", tmp_path / "no-config"):
+        with pytest.raises(ConfigError, match="are not the ones the run trained over .* --merge would add"):
+            export_run_dir(src, tmp_path / "merged", merge=True)
     assert not (tmp_path / "merged").exists()
     export_run_dir(run, tmp_path / "adapter")  # the adapter alone is written, with a note
     assert "whose weights are not the ones it was trained for" in capsys.readouterr().err
@@ -571,6 +580,19 @@ def test_lora_settings_without_a_rank_are_refused():
     load_config(overrides=["lora.rank=0"])  # LoRA off, said plainly
     # ... as a config file keeps its [lora] for later, and as a run's saved config.toml says it
     assert not load_config(overrides=["lora.rank=0", "lora.alpha=32", "lora.targets=[q_proj]"]).lora.enabled
+
+
+def test_lora_init_from_without_a_rank_names_the_adapters_settings(tmp_path):
+    """`fuyou import ADAPTER` and a resume advise --init-from BASE lora.init_from=DIR; run as given it was refused
+    for lora.rank=0 without the settings to give (a pass): they are read from its adapter_config.json."""
+    (tmp_path / "ad").mkdir()
+    (tmp_path / "ad" / "adapter_config.json").write_text(json.dumps(
+        {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"], "use_rslora": True}))
+    with pytest.raises(ConfigError, match=r"give the adapter's own settings too: lora.rank=8 lora.alpha=16 "
+                                          r"lora.targets=\[q_proj,v_proj\] lora.use_rslora=true$"):
+        load_config(overrides=[f"lora.init_from={tmp_path / 'ad'}"])
+    with pytest.raises(ConfigError, match="own settings too \\(lora.rank, lora.alpha, lora.targets: its adapter_"):
+        load_config(overrides=[f"lora.init_from={tmp_path / 'nothing'}"])
 
 
 FULL_DISK_EXPORT = """

@@ -464,8 +464,16 @@ def test_a_resume_that_changes_the_adapters_scale_says_so():
     from fuyou.train.run import resume_changes
 
     saved = load_config(overrides=["lora.rank=4", "lora.alpha=8"])
-    with pytest.raises(ConfigError, match=r"lora.alpha \(8.0 -> 16.0\): they set the scale its committed adapters"):
+    with pytest.raises(ConfigError, match=r"lora.alpha \(8.0 -> 16.0\): they set the scale its committed adapters"
+                                          r".*or train new adapters with the new values: .*--merge"):
         resume_changes(saved, load_config(overrides=["lora.rank=4", "lora.alpha=16"]))
+    # the default targets named as such (they read None), and no advice of lora.init_from, which refuses an adapter
+    # of other settings (a pass followed it into a second refusal)
+    with pytest.raises(ConfigError, match=r"lora.targets \(\['c_attn'\] -> \['c_attn', 'c_proj'\]\)") as e:
+        resume_changes(saved, load_config(overrides=["lora.rank=4", "lora.alpha=8", "lora.targets=[c_attn,c_proj]"]))
+    assert "lora.init_from" not in str(e.value)
+    with pytest.raises(ConfigError, match="start a new run with lora.init_from its exported adapter"):  # lora.base: it
+        resume_changes(saved, load_config(overrides=["lora.rank=4", "lora.alpha=8", "lora.base=int8"]))  # works
 
 
 @pytest.mark.parametrize("hw, says", [
