@@ -45,6 +45,7 @@ HELD_OUT_NAME = re.compile(r"(^|[/_.-])(test|testing|valid|validation|val|eval|e
 NOT_DATA_STEMS = {"readme", "license", "licence"}
 
 
+PREPARED_FILE = re.compile(r"meta\.json|(train|val)(\.idx|\.loss)?\.bin")  # what `fuyou data prepare` writes
 RECORD_LISTS = {"messages", "conversations", "prompt", "completion", "tools"}  # a record's own list fields
 
 
@@ -66,14 +67,10 @@ def iter_records(paths: list[str | Path], text_field: str = "text", held: bool =
         if p.is_dir() and is_prepared(p):
             raise DataError(f"{p} is data `fuyou data prepare` wrote: train on it as the only data.path (not among "
                             f"others), and prepare again from the original files, not from it")
-        if not p.is_dir() and is_prepared(p.parent):  # (its train.bin "is not text", its meta.json "none of the
-            # formats": a pass)
+        if not p.is_dir() and PREPARED_FILE.fullmatch(p.name) and is_prepared(p.parent):  # (its train.bin "is not
+            # text", its meta.json "none of the formats": a pass; the user's own files beside it, `--out .`, are data)
             raise DataError(f"{p} is a file of the data `fuyou data prepare` wrote in {p.parent}: give that directory "
                             f"as data.path")
-        tokens = ("train.idx.bin", "val.bin")  # (beside train.bin: examples, or text's split; "holds no usable files")
-        if p.is_dir() and (p / "train.bin").is_file() and any((p / n).is_file() for n in tokens):
-            raise DataError(f"{p} looks like data `fuyou data prepare` wrote, but its meta.json is missing: prepare "
-                            f"the data again (`fuyou data prepare FILES --out {p}`)")
         files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
         records = p.is_dir() and any(f.suffix.lower() in JSONL_SUFFIXES for f in files)
         found, skipped = False, []
@@ -130,6 +127,12 @@ def iter_records(paths: list[str | Path], text_field: str = "text", held: bool =
             listed = "; ".join(f"{f.relative_to(p)} ({why})" for f, why in skipped[:6])
             more = f"; and {len(skipped) - 6} more" if len(skipped) > 6 else ""
             print(f"fuyou: note: {p}: {len(skipped)} file(s) not read: {listed}{more}", file=sys.stderr)
+        tokens = ("train.idx.bin", "val.bin")  # (beside train.bin: examples, or text's split)
+        if not found and (p / "train.bin").is_file() and any((p / n).is_file() for n in tokens):  # ("holds no usable
+            # files": a pass. Only where nothing else is read: nanoGPT's data directories hold train.bin and val.bin
+            # beside the text they were made of)
+            raise DataError(f"{p} looks like data `fuyou data prepare` wrote, but its meta.json is missing: prepare "
+                            f"the data again (`fuyou data prepare FILES --out {p}`)")
         if not found:
             raise DataError(
                 f"{p} holds no usable files; expected {', '.join(sorted(TEXT_SUFFIXES | JSONL_SUFFIXES))} files "

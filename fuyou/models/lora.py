@@ -136,11 +136,13 @@ def _adapter_settings(path: str) -> str | None:
 
     try:
         conf = json.loads((Path(path).expanduser() / "adapter_config.json").read_text())
-        r, alpha, targets = conf["r"], conf.get("lora_alpha", conf["r"]), conf["target_modules"]
-    except (OSError, ValueError, KeyError, TypeError):
+        r, alpha, targets = conf["r"], conf.get("lora_alpha", 8), conf["target_modules"]  # (8: PEFT's default alpha)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
+    if targets == "all-linear":
+        targets = [targets]
     if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
-        return None
+        return None  # (a regular expression: the generic advice)
     rs = " lora.use_rslora=true" if conf.get("use_rslora") else ""
     return f"lora.rank={r} lora.alpha={alpha} lora.targets=[{','.join(targets)}]{rs}"
 

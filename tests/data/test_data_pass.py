@@ -837,9 +837,19 @@ def test_inputs_a_data_pass_found_2026_12_08(tmp_path, capsys):
     for f in ("train.bin", "meta.json"):  # (".bin ... is not text"; "a record with keys ... is none of the formats")
         with pytest.raises(DataError, match=f"p/{f} is a file of the data `fuyou data prepare` wrote in .*/p: give"):
             tokenize_records([tmp_path / "p" / f], "byte")
+    # the user's own data beside prepared data (`fuyou data prepare ... --out .`) is data (the review of the fix)
+    mine = _jsonl(tmp_path / "p" / "mine.jsonl", [{"prompt": "q", "completion": "a"}])
+    assert tokenize_records([mine], "byte", val_fraction=0).info["records"] == 1
+    mine.unlink()
     (tmp_path / "p" / "meta.json").unlink()  # ("holds no usable files")
     with pytest.raises(DataError, match="looks like data `fuyou data prepare` wrote, but its meta.json is missing"):
         tokenize_records([tmp_path / "p"], "byte")
+    nano = tmp_path / "shakespeare"  # nanoGPT's data directory: train.bin and val.bin beside the text: the text is read
+    nano.mkdir()
+    for name in ("train.bin", "val.bin"):
+        (nano / name).write_bytes(b"\0" * 64)
+    (nano / "input.txt").write_text("to be or not to be")
+    assert tokenize_records([nano], "byte", val_fraction=0).documents == 1
 
 
 def test_held_out_files_of_prepared_data_take_the_models_tokenizer_when_its_own_is_gone(tmp_path, big_vocab):
