@@ -164,6 +164,11 @@ def test_an_out_dir_that_is_a_link_to_nothing(tmp_path, capsys):
     (tmp_path / "runs").symlink_to(tmp_path / "gone")
     err = _err(capsys, ["train", *TINY, f"--out={tmp_path / 'runs'}"])
     assert f"{tmp_path / 'runs'} is a link to {tmp_path / 'gone'}, which does not exist; check run.out_dir" in err, err
+    (tmp_path / "ok").mkdir()  # the run directory itself a link to nothing: named as such (a review)
+    (tmp_path / "ok" / "r").symlink_to(tmp_path / "gone2")
+    err = _err(capsys, ["train", *TINY, f"--out={tmp_path / 'ok'}", "run.name=r"])
+    assert f"{tmp_path / 'ok' / 'r'} is a link to {tmp_path / 'gone2'}, which does not exist" in err, err
+    (tmp_path / "ok" / "r").unlink()
     assert main(["train", *TINY, f"--out={tmp_path / 'ok'}", "run.name=r"]) == 0
     err = _err(capsys, ["export", str(tmp_path / "ok" / "r"), "--out", str(tmp_path / "runs")])
     assert "is a link to" in err and "which does not exist; remove the link or make its target" in err, err

@@ -328,7 +328,7 @@ def load_data(cfg: DataConfig, tokenizer: str | None = None, check_prepared: boo
             if prepared is not None and "val_fraction" not in cfg.model_fields_set:  # the run's config says what acts
                 object.__setattr__(cfg, "val_fraction", prepared)
         if cfg.eval_path:  # held-out files, tokenized with the tokenizer the data was prepared with
-            held = tokenize_records(cfg.eval_path, _eval_tokenizer(data, tokenizer, cfg.tokenizer, model_tokenizer),
+            held = tokenize_records(cfg.eval_path, _eval_tokenizer(data, tokenizer, cfg.tokenizer, model=model_tokenizer),
                                     cfg.format,
                                     _prepared_on_prompt(data), 0.5,
                                     cfg.jsonl_field, eval_paths=cfg.eval_path, note_overlap=False)
@@ -400,14 +400,19 @@ def _same_vocabulary(spec: str, fingerprint: str) -> bool:
         return False
 
 
-def _eval_tokenizer(data, *given: str | None) -> str:
+def _eval_tokenizer(data, *given: str | None, model: str | None = None) -> str:
     """The tokenizer for prepared data's held-out files: the one it was prepared with, or a given one with its
-    vocabulary (a copy elsewhere: the data and the model moved to another machine, say)."""
+    vocabulary (a copy elsewhere: the data and the model moved to another machine, say); ``model``'s (the
+    --init-from tokenizer), with its vocabulary, only where the data's own is gone (the vocabulary is compared, not
+    the chat template or end of turn: a review)."""
     tried = [spec for spec in given if spec and spec not in ("auto", "byte")]
     for spec in tried:
         if _same_vocabulary(spec, data.fingerprint):
             return spec
     spec = _spec_of(data)
+    if spec != "byte" and not Path(spec).is_dir() and model and _same_vocabulary(model, data.fingerprint):
+        return model
+    tried += [model] if model else []
     if spec != "byte" and not Path(spec).is_dir():
         other = (f" ({', '.join(dict.fromkeys(tried))} has another vocabulary)" if tried else "")
         raise DataError(f"data.eval_path is tokenized with the tokenizer the data was prepared with, {spec}, which is "

@@ -132,7 +132,8 @@ def iter_records(paths: list[str | Path], text_field: str = "text", held: bool =
             # files": a pass. Only where nothing else is read: nanoGPT's data directories hold train.bin and val.bin
             # beside the text they were made of)
             raise DataError(f"{p} looks like data `fuyou data prepare` wrote, but its meta.json is missing: prepare "
-                            f"the data again (`fuyou data prepare FILES --out {p}`)")
+                            f"the data again into a new directory (`fuyou data prepare FILES --out NEW_DIR`; or remove "
+                            f"{p} first)")
         if not found:
             raise DataError(
                 f"{p} holds no usable files; expected {', '.join(sorted(TEXT_SUFFIXES | JSONL_SUFFIXES))} files "
@@ -201,8 +202,10 @@ def _json_records(path: Path, text_field: str = "text") -> Iterator[tuple[dict, 
         return
     arrays = ([k for k, v in data.items() if isinstance(v, list) and k not in RECORD_LISTS]
               if isinstance(data, dict) else [])
-    if isinstance(data, dict) and arrays and _is_record(data, text_field):  # an example with a list field of its own
-        arrays = []  # ({"prompt", "completion", "tags": [...]}, read as a wrapper of 'tags': a pass)
+    if isinstance(data, dict) and arrays and _is_record(data, text_field) and not any(
+            isinstance(x, dict) for k in arrays for x in data[k]):  # an example with a list field of its own
+        arrays = []  # ({"prompt", "completion", "tags": [...]}, read as a wrapper of 'tags': a pass; a list of objects
+        # beside a "text" is a wrapper's, refused as before: a review)
     if isinstance(data, dict) and not arrays:  # one example (one object a line, of one line)
         _check_text(data, text, str(path))
         yield data, str(path)

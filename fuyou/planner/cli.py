@@ -184,6 +184,14 @@ def _plan_config_file(args) -> dict:
                                                         "hardware")}
     out: dict[str, dict] = {}
     model = sec["model"]
+    if getattr(args, "model_override", None) or getattr(args, "unset_init_from", False):  # model.preset=/init_from=
+        # given beside --config: the file's model with that one field replaced (``_model_from_overrides``)
+        key, value = getattr(args, "model_override", None) or ("init_from", None)
+        model.pop("init_from", None)
+        if key == "init_from" and value is not None:
+            model.pop("preset", None)
+        if value is not None:
+            model[key] = value
     if args.model is None:  # (--model replaces the file's model, its fields too)
         init = model.pop("init_from", None)
         args.model = str(Path(init).expanduser()) if init else str(model.pop("preset", "gpt-tiny"))
@@ -484,13 +492,24 @@ def _model_from_overrides(args) -> None:
         raise ConfigError(f"{' and '.join(given)} each name the model to plan; give one")
     from pathlib import Path
 
+    from fuyou.config import _parse_value
+
     args.overrides = [o for o in args.overrides if o not in chosen]
-    key, _, args.model = (part.strip() for part in chosen[0].partition("="))
-    if not args.model:
+    key, _, text = (part.strip() for part in chosen[0].partition("="))
+    value = _parse_value(text)  # (as train reads it: "gpt3-125m" quoted, none)
+    if value is None or (key == "model.init_from" and str(value).lower() in ("none", "null")):  # (model.init_from=none: train's way to unset a file's; the file's model, or the default)
+        args.unset_init_from = key == "model.init_from"
+        return
+    model = str(value)
+    if not model:
         raise ConfigError(f"{chosen[0]}: give the model (a preset, or a model directory)")
-    if key == "model.init_from" and not Path(args.model).expanduser().exists():
+    if key == "model.init_from" and not Path(model).expanduser().exists():
         raise ConfigError(f"{chosen[0]}: no such file or directory; give a Hugging Face model directory or a fuyou "
                           f"run directory")
+    if args.config is not None:  # the file's other model fields still apply, as in train (n_layer=2 over a preset)
+        args.model_override = (key.partition(".")[2], model)
+        return
+    args.model = model
 
 
 def _plan(args) -> int:

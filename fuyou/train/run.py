@@ -145,14 +145,15 @@ def next_free_name(cfg: FuyouConfig, path: Path) -> tuple[Path, Path | None]:
             continue
 
 
-def _blocking(path: Path) -> str:
-    """What stops ``path``'s directories from being made, where one above it exists and is no directory."""
-    for q in reversed(path.parents):
+def _blocking(path: Path) -> str | None:
+    """What stops ``path`` (or a directory above it) from being made: a link to nothing, or a file; None: nothing
+    of that (another run made it, and may have removed it again)."""
+    for q in [*reversed(path.parents), path]:
         if q.is_symlink() and not q.exists():
             return f"{q} is a link to {os.readlink(q)}, which does not exist"
         if q.exists() and not q.is_dir():
             return f"{q} is a file, not a directory"
-    return "a directory above it cannot be made"
+    return None
 
 
 def make_run_dir(cfg: FuyouConfig, path: Path | None = None, rid: str | None = None) -> Path:
@@ -161,10 +162,11 @@ def make_run_dir(cfg: FuyouConfig, path: Path | None = None, rid: str | None = N
     try:
         path.mkdir(parents=True, exist_ok=False)
     except FileExistsError:
-        if not path.is_dir():  # a directory above it that is a link to nothing, or a file: taken for a name another
+        blocked = _blocking(path) if not path.is_dir() else None
+        if blocked is not None:  # it, or a directory above it, a link to nothing or a file: taken for a name another
             # run took, and the next names tried for ever (`--out LINK`, its target gone: a pass)
-            raise ConfigError(f"cannot create run directory {path}: {_blocking(path)}; check run.out_dir (--out)") \
-                from None
+            raise ConfigError(f"cannot create run directory {path}: {blocked}; check run.out_dir (--out) and "
+                              f"run.name") from None
         if not (path / "act-policy.json").is_file():  # made by --plan auto for its profile and policy
             if cfg.run.name is None:  # (it was told to resume the other run, or to choose a name it never gave)
                 raise NameTaken(f"run directory {path} was made meanwhile by another run that drew the same name "

@@ -818,6 +818,9 @@ def test_inputs_a_data_pass_found_2026_12_08(tmp_path, capsys):
     one = tmp_path / "one.json"  # an example with a list of its own was taken for a wrapper of that list
     one.write_text('{"prompt": "2+2=", "completion": " 4", "tags": ["math"]}')
     assert tokenize_records([one], "byte").info["records"] == 1
+    one.write_text('{"text": "QA pairs", "data": [{"prompt": "q", "completion": "a"}]}')  # a wrapper, refused as before
+    with pytest.raises(DataError, match=r"give the array inside it \('data'\) as its own file"):
+        tokenize_records([one], "byte")
     train = _jsonl(tmp_path / "t.jsonl", [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(4)])
     for name, body in (("e.jsonl", ""), ("b.jsonl", "\n\n"), ("n.jsonl", '{"messages": [{"role": "user", "content": '
                                                                           '"hi"}]}\n')):
@@ -864,3 +867,7 @@ def test_held_out_files_of_prepared_data_take_the_models_tokenizer_when_its_own_
     shutil.rmtree(tok)
     cfg = DataConfig(path=[str(tmp_path / "p")], eval_path=[str(held)])
     assert len(load_data(cfg, model_tokenizer=str(big_vocab)).val) == 1
+    from fuyou.data import _eval_tokenizer  # the data's own tokenizer first, where it is there (a review: the
+    data = read_data(tmp_path / "p")        # model's, of the same vocabulary, may render another chat template)
+    shutil.copytree(big_vocab, tok)
+    assert _eval_tokenizer(data, None, "auto", model=str(big_vocab)) == str(tok)

@@ -331,6 +331,16 @@ def test_plan_an_imported_model_by_path_without_its_weights(tmp_path, capsys):
         assert "llama 8x1024" in capsys.readouterr().out
     assert main(["plan", "model.preset=gpt3-125m", *flags]) == 0
     assert "gpt3-125m (125.23M parameters)" in capsys.readouterr().out
+    # beside --config, as train: the file's other model fields apply; model.init_from=none unsets the file's (a review)
+    (tmp_path / "c.toml").write_text(f'[model]\ninit_from = "{tmp_path / "hf"}"\nn_layer = 2\n')
+    assert main(["plan", "--config", str(tmp_path / "c.toml"), 'model.preset="gpt3-125m"', "model.init_from=none",
+                 *flags]) == 2  # (two models named: refused)
+    capsys.readouterr()
+    assert main(["plan", "--config", str(tmp_path / "c.toml"), "model.init_from=none", *flags]) == 0
+    assert "gpt-tiny" in capsys.readouterr().out
+    (tmp_path / "c2.toml").write_text('[model]\npreset = "gpt3-125m"\nn_layer = 2\n')
+    assert main(["plan", "--config", str(tmp_path / "c2.toml"), 'model.preset="gpt3-350m"', *flags]) == 0
+    assert "gpt3-350m (78.75M parameters)" in capsys.readouterr().out
     for bad, says in ((["--model", "gpt3-125m", "model.preset=gpt-tiny"], "each name the model to plan; give one"),
                       ([f"model.init_from={tmp_path / 'gone'}"], "model.init_from=.*gone: no such file or directory")):
         assert main(["plan", *bad, *flags]) == 2
