@@ -328,8 +328,8 @@ def load_data(cfg: DataConfig, tokenizer: str | None = None, check_prepared: boo
             if prepared is not None and "val_fraction" not in cfg.model_fields_set:  # the run's config says what acts
                 object.__setattr__(cfg, "val_fraction", prepared)
         if cfg.eval_path:  # held-out files, tokenized with the tokenizer the data was prepared with
-            held = tokenize_records(cfg.eval_path, _eval_tokenizer(data, tokenizer, cfg.tokenizer, model=model_tokenizer),
-                                    cfg.format,
+            eval_spec = _eval_tokenizer(data, tokenizer, cfg.tokenizer, model=model_tokenizer)
+            held = tokenize_records(cfg.eval_path, eval_spec, cfg.format,
                                     _prepared_on_prompt(data), 0.5,
                                     cfg.jsonl_field, eval_paths=cfg.eval_path, note_overlap=False)
             if isinstance(held, ExampleData) != isinstance(data, ExampleData):

@@ -497,7 +497,8 @@ def _model_from_overrides(args) -> None:
     args.overrides = [o for o in args.overrides if o not in chosen]
     key, _, text = (part.strip() for part in chosen[0].partition("="))
     value = _parse_value(text)  # (as train reads it: "gpt3-125m" quoted, none)
-    if value is None or (key == "model.init_from" and str(value).lower() in ("none", "null")):  # (model.init_from=none: train's way to unset a file's; the file's model, or the default)
+    if value is None or (key == "model.init_from" and str(value).lower() in ("none", "null")):
+        # (model.init_from=none: train's way to unset a file's; the file's model, or the default)
         args.unset_init_from = key == "model.init_from"
         return
     model = str(value)
