@@ -569,9 +569,10 @@ def _check_out_dir(out: str) -> None:
     p = Path(out)
     if p.exists() and not p.is_dir():
         raise ConfigError(f"--out {p} is a file; give a directory (new, or one to write into)")
-    if p.is_symlink() and not p.exists():  # (was "cannot be made (File exists)": a pass)
-        raise ConfigError(f"--out {p} is a link to {os.readlink(p)}, which does not exist; remove the link or make "
-                          f"its target, or choose another place")
+    dead = next((q for q in [p, *p.parents] if q.is_symlink() and not q.exists()), None)
+    if dead is not None:  # (was "cannot be made (File exists)": a pass; DEADLINK/sub too: a review)
+        raise ConfigError(f"--out {p}: {dead} is a link to {os.readlink(dead)}, which does not exist; remove the link "
+                          f"or make its target, or choose another place")
     parent = next((q for q in [p, *p.parents] if q.exists()), Path("."))
     if not parent.is_dir():  # (afile/sub: was "cannot be written (read-only or no permission)")
         raise ConfigError(f"--out {p}: {parent} is a file, not a directory; choose another place")

@@ -170,8 +170,9 @@ def test_an_out_dir_that_is_a_link_to_nothing(tmp_path, capsys):
     assert f"{tmp_path / 'ok' / 'r'} is a link to {tmp_path / 'gone2'}, which does not exist" in err, err
     (tmp_path / "ok" / "r").unlink()
     assert main(["train", *TINY, f"--out={tmp_path / 'ok'}", "run.name=r"]) == 0
-    err = _err(capsys, ["export", str(tmp_path / "ok" / "r"), "--out", str(tmp_path / "runs")])
-    assert "is a link to" in err and "which does not exist; remove the link or make its target" in err, err
+    for out in (tmp_path / "runs", tmp_path / "runs" / "sub"):
+        err = _err(capsys, ["export", str(tmp_path / "ok" / "r"), "--out", str(out)])
+        assert f"{tmp_path / 'runs'} is a link to" in err and "which does not exist; remove the link" in err, err
 
 
 def test_rerun_after_a_kill_before_the_first_commit(tmp_path, capsys):
