@@ -69,6 +69,10 @@ class ByteTokenizer:
 TOKENIZER_FILES = ("tokenizer*", "vocab*", "*.model", "*.tiktoken")  # what a tokenizer directory holds, one of
 
 
+def _holds_tokenizer(d: Path) -> bool:
+    return any(f.is_file() for pattern in TOKENIZER_FILES for f in d.glob(pattern))
+
+
 class HFTokenizer:
     """A tokenizer loaded from a local Hugging Face directory (needs the ``hf`` extra)."""
 
@@ -76,13 +80,13 @@ class HFTokenizer:
         path = Path(path)
         if path.is_file():
             parent = path.resolve().parent  # (named only where it holds a tokenizer: a data file's directory, named,
-            holds = any(f.is_file() for pattern in TOKENIZER_FILES for f in parent.glob(pattern))  # was "." : a pass)
+            # was "." : a pass)
             raise DataError(f"{path} is a file: give the directory that holds a tokenizer's files together "
-                            f"(tokenizer.json, tokenizer_config.json, ...)" + (f", {parent}" if holds else
-                                                                              "; its directory holds none"))
+                            f"(tokenizer.json, tokenizer_config.json, ...)" + (f", {parent}" if _holds_tokenizer(parent)
+                                                                              else "; its directory holds none"))
         if not path.is_dir():
             raise DataError(f"tokenizer directory {path} does not exist; give a local Hugging Face model directory")
-        if not any(f.is_file() for pattern in TOKENIZER_FILES for f in path.glob(pattern)):
+        if not _holds_tokenizer(path):
             raise DataError(f"{path} holds no tokenizer (no {', '.join(TOKENIZER_FILES)}); give the directory of a "
                             f"Hugging Face model or tokenizer, or 'byte'")
         try:

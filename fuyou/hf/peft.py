@@ -212,10 +212,9 @@ def base_changed(run: Path, base: Path | None) -> str | None:
     homes = _base_chain(run)[0]
     if run.parent.name == "snapshots":  # (a snapshot whose run has lost its config.toml)
         homes.append(run.parent.parent)
-    rec = next((p / BASE_RECORD for p in homes if _recorded_base(p) is not None), None)
+    rec, want = next(((p / BASE_RECORD, w) for p in homes if (w := _recorded_base(p)) is not None), (None, None))
     if rec is None:
         return None
-    want = _recorded_base(rec.parent)
     if base is None or not base.is_dir():
         return f"the run's base model {want['path']} is gone"
     if base_fingerprint(base) != want["fingerprint"]:
